@@ -1,0 +1,90 @@
+"""The ``snnet`` command line: a table of plain typed functions, one per verb.
+
+Every command validates its input before doing any work; an error a user can cause
+(:class:`~snnet.errors.SnnetError`) is printed as one clear message and exits with status 2,
+never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import SnnetError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Stitchable Neural Networks: one network, many accuracy/cost budgets.",
+)
+
+# The shipped Fashion-MNIST family: the default wherever anchors can be omitted.
+DEFAULT_ANCHORS = "fmnist_vit_ti,fmnist_vit_s,fmnist_vit_b"
+
+
+
+@app.callback()
+def _root() -> None:
+    """Stitchable Neural Networks: one network, many accuracy/cost budgets."""
+
+
+
+@app.callback()
+def _root() -> None:
+    """Stitchable Neural Networks: one network, many accuracy/cost budgets."""
+
+
+AnchorsOpt = Annotated[str, typer.Option("--anchors", "-a", help="Comma-separated timm model names, cheapest first or in any order.")]
+ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Input resolution (default: the anchors' own).")]
+
+
+def split_names(anchors: str) -> list[str]:
+    names = [a.strip() for a in anchors.split(",") if a.strip()]
+    if len(names) < 2:
+        raise SnnetError(f"--anchors needs at least two comma-separated model names, got {anchors!r}")
+    return names
+
+
+@app.command()
+def stitches(
+    anchors: AnchorsOpt = DEFAULT_ANCHORS,
+    img_size: ImgSizeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    kernel_size: Annotated[int, typer.Option(help="Sliding-window size of paired stitching.")] = 2,
+    stride: Annotated[int, typer.Option(help="Sliding-window stride of paired stitching.")] = 1,
+    all_pairs: Annotated[bool, typer.Option("--all-pairs", help="Stitch every pair of anchors, not only nearest neighbours in cost.")] = False,
+) -> None:
+    """List the stitch space with params and FLOPs of every stitch (random init, no weights needed)."""
+    from .model import create_snnet
+    from .report import human, table
+
+    net = create_snnet(split_names(anchors), img_size=img_size, kernel_size=kernel_size, stride=stride, nearest=not all_pairs)
+    costs = net.costs()
+    rows = [c.to_dict() for c in costs]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    size = "x".join(str(s) for s in net.input_size[1:])
+    typer.echo(table(rows, [("id", "id"), ("name", "stitch"), ("params", "params"), ("flops", "FLOPs"), ("is_anchor", "anchor")],
+                     {"params": human, "flops": human}))
+    flops = [c.flops for c in costs]
+    typer.echo(f"\n{len(costs)} networks ({len(net.anchors)} anchors, {len(costs) - len(net.anchors)} stitches, "
+               f"{len(net.stitch_layers)} stitching layers), {human(min(flops))}–{human(max(flops))} FLOPs at {size}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning user errors into a message and exit status 2."""
+    try:
+        app(args=argv, prog_name="snnet")
+    except (SnnetError, FileNotFoundError, PermissionError) as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""Datasets and data loaders.
+
+Two kinds of data are supported:
+
+* **Fashion-MNIST**, read straight from the four IDX files (gzipped or not) that
+  the Debian package ``dataset-fashion-mnist`` installs. The whole split is held
+  in memory as one ``uint8`` tensor, so there is no per-sample file I/O or PIL
+  decoding; this is what makes CPU-only training of the shipped family practical.
+* **Anything timm can read**: a folder in ImageFolder layout, or a timm dataset
+  name such as ``torch/cifar10``, transformed with the anchors' own data config
+  (input size, mean/std, interpolation, crop_pct) via ``timm.data.create_transform``.
+
+This module deliberately depends only on ``snnet.errors``, so data can be loaded
+without the stitching core.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from .errors import SnnetError
+
+__all__ = [
+    "DatasetError",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "FASHION_MNIST_CLASSES",
+    "FashionMNIST",
+    "default_fashion_mnist_root",
+    "read_idx",
+    "build_dataset",
+    "num_classes",
+    "make_loader",
+    "set_epoch",
+]
+
+FASHION_MNIST_MEAN: tuple[float] = (0.2860,)
+FASHION_MNIST_STD: tuple[float] = (0.3530,)
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+FASHION_MNIST_NAMES = frozenset({"fashion-mnist", "fashion_mnist", "fashionmnist", "fmnist"})
+_DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_SPLIT_ALIASES = {"train": "train", "training": "train", "test": "test", "val": "test",
+                  "validation": "test", "eval": "test"}
+_TIMM_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
+# IDX type code -> (torch dtype, bytes per element); Fashion-MNIST only uses 0x08.
+_IDX_TYPES = {0x08: (torch.uint8, 1)}
+
+
+class DatasetError(SnnetError):
+    """A dataset is missing, empty or corrupt. The message says how to fix it."""
+
+
+def _how_to_get_fashion_mnist(root: Path) -> str:
+    return (
+        f"Fashion-MNIST was not found in {root}. Get it with one of:\n"
+        "  * apt-get install dataset-fashion-mnist   (Debian/Ubuntu; installs to "
+        f"{_DEBIAN_ROOT})\n"
+        "  * --data DIR  (or env SNNET_FASHION_MNIST=DIR) pointing to a folder with the four IDX "
+        "files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+        "t10k-labels-idx1-ubyte (optionally .gz)\n"
+        "  * --download  (download=True in Python) to fetch it from the internet with "
+        "torchvision's downloader"
+    )
+
+
+def default_fashion_mnist_root() -> Path:
+    """Where Fashion-MNIST is looked for when no folder is given.
+
+    ``$SNNET_FASHION_MNIST`` wins; otherwise the Debian package's folder if it
+    exists, else the user cache (which is also where ``download=True`` puts it).
+    """
+    env = os.environ.get("SNNET_FASHION_MNIST")
+    if env:
+        return Path(env).expanduser()
+    if _DEBIAN_ROOT.is_dir():
+        return _DEBIAN_ROOT
+    return Path("~/.cache/snnet/fashion-mnist").expanduser()
+
+
+def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> torch.Tensor:
+    """Read one IDX file (optionally gzipped) into a tensor, validating its header.
+
+    The IDX format is a 4-byte magic (two zero bytes, a type code, the number of
+    dimensions), the big-endian int32 dimensions, then the raw data. A truncated
+    download is the common failure, so the payload size is checked exactly.
+    """
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DatasetError(f"cannot read IDX file {path}: {e}") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DatasetError(f"{path} is not an IDX file (bad magic number); delete it and re-fetch it")
+    type_code, ndim = raw[2], raw[3]
+    if type_code not in _IDX_TYPES:
+        raise DatasetError(f"{path}: unsupported IDX element type 0x{type_code:02x}")
+    if expected_ndim is not None and ndim != expected_ndim:
+        raise DatasetError(f"{path}: expected a {expected_ndim}-d IDX file, header says {ndim}-d")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{path}: IDX header is truncated")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype, itemsize = _IDX_TYPES[type_code]
+    expected = itemsize * int(torch.tensor(shape, dtype=torch.int64).prod().item())
+    if len(raw) - header != expected:
+        raise DatasetError(
+            f"{path}: IDX payload is {len(raw) - header} bytes but the header {tuple(shape)} "
+            f"needs {expected}; the file is corrupt or truncated, re-fetch it"
+        )
+    # bytearray -> writable buffer, so torch does not warn about read-only memory.
+    return torch.frombuffer(bytearray(raw[header:]), dtype=dtype).reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx")):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def _download_fashion_mnist(root: Path) -> None:
+    """Fetch the IDX files with torchvision's downloader and copy them flat into ``root``."""
+    from torchvision.datasets import FashionMNIST as TVFashionMNIST
+
+    try:
+        # torchvision keeps them under <root>/FashionMNIST/raw/
+        TVFashionMNIST(str(root), train=True, download=True)
+        TVFashionMNIST(str(root), train=False, download=True)
+    except Exception as e:  # network errors come in many types (URLError, OSError, RuntimeError)
+        raise DatasetError(f"downloading Fashion-MNIST into {root} failed: {e}\n"
+                           + _how_to_get_fashion_mnist(root)) from e
+    raw = root / "FashionMNIST" / "raw"
+    for stems in _FILES.values():
+        for stem in stems:
+            src = _find_idx(raw, stem)
+            if src is not None and _find_idx(root, stem) is None:
+                shutil.copyfile(src, root / src.name)
+
+
+@dataclass(frozen=True)
+class _Augment:
+    """Train-time augmentation: random crop from a zero-padded image + horizontal flip."""
+
+    padding: int = 2
+    hflip: float = 0.5
+
+
+class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
+    """Fashion-MNIST from IDX files, entirely in memory.
+
+    Items are ``(image, label)`` with ``image`` a float tensor ``1x28x28``
+    normalized with ``mean``/``std`` and ``label`` an int in ``[0, 10)``.
+
+    Augmentation parameters (crop offsets, flips) are drawn for the whole split
+    at once in :meth:`set_epoch` from a generator seeded with ``(seed, epoch)``,
+    so an epoch's augmentations do not depend on the number of loader workers or
+    on iteration order: the same seed and epoch always give the same images.
+    """
+
+    num_classes = 10
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        split: str = "train",
+        *,
+        mean: tuple[float, ...] = FASHION_MNIST_MEAN,
+        std: tuple[float, ...] = FASHION_MNIST_STD,
+        limit: int | None = None,
+        augment: bool = False,
+        seed: int = 0,
+        download: bool = False,
+    ) -> None:
+        if split not in _SPLIT_ALIASES:
+            raise DatasetError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
+        self.split = _SPLIT_ALIASES[split]
+        self.root = Path(root).expanduser() if root is not None else default_fashion_mnist_root()
+        image_stem, label_stem = _FILES[self.split]
+        paths = [_find_idx(self.root, image_stem), _find_idx(self.root, label_stem)]
+        if None in paths and download:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _download_fashion_mnist(self.root)
+            paths = [_find_idx(self.root, image_stem), _find_idx(self.root, label_stem)]
+        if None in paths:
+            missing = [s for s, p in zip((image_stem, label_stem), paths) if p is None]
+            raise DatasetError(f"missing {', '.join(missing)}[.gz]. " + _how_to_get_fashion_mnist(self.root))
+        images = read_idx(paths[0], expected_ndim=3)
+        labels = read_idx(paths[1], expected_ndim=1)
+        if images.shape[0] != labels.shape[0] or tuple(images.shape[1:]) != (28, 28):
+            raise DatasetError(
+                f"{paths[0]} / {paths[1]}: {tuple(images.shape)} images do not match "
+                f"{tuple(labels.shape)} labels of 28x28 Fashion-MNIST; re-fetch the files"
+            )
+        if labels.numel() and int(labels.max()) >= self.num_classes:
+            raise DatasetError(f"{paths[1]}: label {int(labels.max())} is out of range [0, 10)")
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        self.images = images.unsqueeze(1).contiguous()  # N x 1 x 28 x 28, uint8
+        self.labels = labels.long()
+        # Folding 1/255 into the normalization lets __getitem__ do one fused affine op.
+        self._scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(-1, 1, 1)
+        self._shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
+        self.augment = _Augment() if augment else None
+        self.seed = seed
+        if self.augment is not None:
+            p = self.augment.padding
+            # Pad once up front: a random crop is then just a slice of the padded image.
+            self._padded = torch.nn.functional.pad(self.images, (p, p, p, p))
+            self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's augmentation parameters (no-op without augmentation)."""
+        if self.augment is None:
+            return
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = len(self)
+        self._offsets = torch.randint(0, 2 * self.augment.padding + 1, (n, 2), generator=g)
+        self._flips = torch.rand(n, generator=g) < self.augment.hflip
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.augment is None:
+            image = self.images[index]
+        else:
+            dy, dx = self._offsets[index].tolist()
+            image = self._padded[index, :, dy:dy + 28, dx:dx + 28]
+            if self._flips[index]:
+                image = image.flip(-1)
+        return image.float() * self._scale - self._shift, int(self.labels[index])
+
+    def __repr__(self) -> str:
+        return (f"FashionMNIST(split={self.split!r}, n={len(self)}, root='{self.root}', "
+                f"augment={self.augment is not None})")
+
+
+def _image_folder_root(root: Path, split: str) -> Path:
+    """Pick ``root/train`` or ``root/val`` (and synonyms) if present, else ``root`` itself."""
+    names = ("train", "training") if _SPLIT_ALIASES.get(split, split) == "train" \
+        else ("val", "validation", "test", "eval")
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    return root
+
+
+def build_dataset(
+    name_or_path: str | os.PathLike[str],
+    split: str = "train",
+    data_config: Mapping[str, Any] | None = None,
+    *,
+    augment: bool = False,
+    limit: int | None = None,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    seed: int = 0,
+) -> Dataset:
+    """Build a dataset by name or path.
+
+    Args:
+        name_or_path: ``'fashion-mnist'`` (aliases ``fmnist``, ``fashion_mnist``); a
+            folder in ImageFolder layout (``root/train/<class>/*``, ``root/val/<class>/*``
+            or just ``root/<class>/*``); or any other ``timm.data.create_dataset`` name,
+            e.g. ``'torch/cifar10'`` (then ``root`` is where it lives / is downloaded to).
+        split: ``'train'`` or ``'test'``/``'val'``.
+        data_config: the anchors' data config from ``timm.data.resolve_data_config``
+            (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``...). For
+            Fashion-MNIST only ``mean``/``std`` are used.
+        augment: apply train-time augmentation (timm's training transform for
+            folders and named datasets; crop+flip for Fashion-MNIST).
+        limit: keep only the first ``limit`` samples (quick modes, tests).
+        root: data folder for Fashion-MNIST / named datasets.
+        download: allow downloading when the data is not on disk.
+        seed: seed of the Fashion-MNIST augmentation.
+
+    Raises:
+        DatasetError: the dataset is missing or empty.
+    """
+    config = dict(data_config or {})
+    name = str(name_or_path)
+    if name.lower() in FASHION_MNIST_NAMES:
+        stats = {k: tuple(config[k]) for k in ("mean", "std") if k in config}
+        return FashionMNIST(root, split, limit=limit, augment=augment, seed=seed, download=download, **stats)
+
+    from timm.data import create_dataset, create_transform
+
+    transform_args = {k: config[k] for k in
+                      ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode") if k in config}
+    transform = create_transform(**transform_args, is_training=augment)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        from torchvision.datasets import ImageFolder
+
+        folder = _image_folder_root(path, split)
+        try:
+            dataset: Dataset = ImageFolder(str(folder), transform=transform)
+        except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
+            raise DatasetError(f"{folder} is not a usable ImageFolder dataset ({e}); expected "
+                               f"{folder}/<class name>/<image files>") from e
+    elif name.startswith(_TIMM_PREFIXES) or (os.sep not in name and "/" not in name):
+        dataset = _timm_dataset(create_dataset, name, root, split, augment, download, transform)
+    else:
+        raise DatasetError(f"dataset folder {path} does not exist (expected an ImageFolder tree, "
+                           "'fashion-mnist', or a timm dataset name such as 'torch/cifar10')")
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise DatasetError(f"dataset {name} ({split}) is empty")
+    if limit is not None and limit < len(dataset):  # type: ignore[arg-type]
+        dataset = Subset(dataset, range(limit))
+    return dataset
+
+
+def _timm_dataset(create_dataset: Any, name: str, root: str | os.PathLike[str] | None, split: str,
+                  augment: bool, download: bool, transform: Any) -> Dataset:
+    timm_split = "train" if _SPLIT_ALIASES.get(split, split) == "train" else "validation"
+    try:
+        return create_dataset(name, root=str(root) if root is not None else None, split=timm_split,
+                              is_training=augment, download=download, transform=transform)
+    except (FileNotFoundError, RuntimeError, AssertionError, ValueError) as e:
+        hint = "" if download else " (pass download=True / --download to fetch it, if it can be downloaded)"
+        raise DatasetError(f"cannot open dataset {name!r} (root={root}, split={timm_split}): {e}{hint}") from e
+
+
+def num_classes(dataset: Dataset) -> int:
+    """Number of classes of a dataset built by :func:`build_dataset` (``Subset`` is unwrapped)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    n = getattr(dataset, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    for holder in (dataset, getattr(dataset, "reader", None)):
+        if holder is None:
+            continue
+        classes = getattr(holder, "classes", None) or getattr(holder, "class_to_idx", None)
+        if classes:
+            return len(classes)
+    raise DatasetError(f"cannot tell the number of classes of {type(dataset).__name__}")
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each worker's torch seed is derived from the loader generator; propagate it to
+    # numpy/random, which timm/PIL transforms use.
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    distributed: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader whose order is a pure function of ``seed`` (and the epoch).
+
+    With ``distributed=True`` a :class:`DistributedSampler` splits the data
+    across ranks; call :func:`set_epoch` before each epoch so that it, and the
+    dataset's augmentation, reshuffle.
+    """
+    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last) if distributed else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        persistent_workers=False,  # workers must see the dataset state set by set_epoch
+        pin_memory=False,
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell the loader's sampler and dataset which epoch starts (reshuffle + re-augment)."""
+    for obj in (loader.sampler, loader.dataset):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+    dataset = loader.dataset
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)

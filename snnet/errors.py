@@ -1,0 +1,33 @@
+"""Errors snnet raises on bad input.
+
+Every error a user can cause derives from :class:`SnnetError`, so the CLI can print the
+message (which says what was wrong and what to do) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class SnnetError(Exception):
+    """Base class of every error caused by bad input to snnet."""
+
+
+class UnknownModelError(SnnetError, KeyError):
+    """A model name that neither timm nor snnet knows."""
+
+    def __str__(self) -> str:  # KeyError would wrap the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class NotStitchableError(SnnetError, ValueError):
+    """Anchors that cannot be stitched together (or fewer than two of them)."""
+
+
+class StitchNotFoundError(SnnetError, KeyError):
+    """A stitch id or name that is not in the stitch space."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(SnnetError, ValueError):
+    """A checkpoint that is corrupt, incomplete, or made for another network."""

@@ -1,0 +1,137 @@
+"""FLOPs and parameter counts, per part, in the paper's convention.
+
+SN-Net reports fvcore's numbers: one multiply-accumulate counts as one FLOP, attention
+matmuls included, and normalisation layers count ~5 FLOPs per element (fvcore's rough
+estimate). torch's FlopCounterMode counts a multiply-accumulate as two FLOPs, does not count
+normalisation, and does not see inside the fused attention kernel timm uses on the CPU; so we
+halve its count, add fvcore's rules for norms and average pooling, and switch fused attention
+off while counting. DeiT-Ti/S/B then come out at the paper's 1.258 / 4.608 / 17.583 G.
+
+A stitch's cost is the sum of the costs of the parts on its route, so the whole space is
+priced from one pass over each anchor's parts, never by running every stitch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@contextlib.contextmanager
+def unfused_attention(module: nn.Module) -> Iterator[None]:
+    """Temporarily make timm attention modules use explicit matmuls, which can be counted."""
+    saved = [(m, m.fused_attn) for m in module.modules() if hasattr(m, "fused_attn")]
+    try:
+        for m, _ in saved:
+            m.fused_attn = False
+        yield
+    finally:
+        for m, v in saved:
+            m.fused_attn = v
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# fvcore's rules, doubled because the total is halved (FlopCounterMode counts 2 per MAC)
+def _layer_norm_flops(x_shape, normalized_shape, weight=None, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _numel(x_shape) * (5 if weight is not None else 4)
+
+
+def _group_norm_flops(x_shape, weight=None, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _numel(x_shape) * (5 if weight is not None else 4)
+
+
+def _bn_eval_flops(x_shape, weight=None, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _numel(x_shape) * (2 if weight is not None else 1)
+
+
+def _pool_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _numel(x_shape)
+
+
+def _fvcore_mapping() -> dict:
+    aten = torch.ops.aten
+    mapping = {
+        aten.native_layer_norm: _layer_norm_flops,
+        aten.native_group_norm: _group_norm_flops,
+        aten._native_batch_norm_legit_no_training: _bn_eval_flops,
+        aten._adaptive_avg_pool2d: _pool_flops,
+    }
+    return mapping
+
+
+def count_macs(fn, *args) -> tuple[int, object]:
+    """Multiply-accumulates of one call (and its result), in fvcore's convention."""
+    with FlopCounterMode(display=False, custom_mapping=_fvcore_mapping()) as counter:
+        out = fn(*args)
+    return counter.get_total_flops() // 2, out
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class PartCosts:
+    """MACs (at one input size, batch 1) and parameters of an anchor's parts."""
+
+    stem_flops: int
+    block_flops: tuple[int, ...]
+    head_flops: int
+    stem_params: int
+    block_params: tuple[int, ...]
+    head_params: int
+
+    def route(self, start: int, stop: int, stem: bool, head: bool) -> tuple[int, int]:
+        """(flops, params) of blocks start..stop-1, plus the stem and/or head."""
+        flops = sum(self.block_flops[start:stop]) + (self.stem_flops if stem else 0) + (self.head_flops if head else 0)
+        params = sum(self.block_params[start:stop]) + (self.stem_params if stem else 0) + (self.head_params if head else 0)
+        return flops, params
+
+    @property
+    def total(self) -> tuple[int, int]:
+        return self.route(0, len(self.block_flops), True, True)
+
+
+@torch.no_grad()
+def part_costs(parts: nn.Module, input_size: tuple[int, ...]) -> PartCosts:
+    """Count every part of an :class:`~snnet.anchors.AnchorParts` on one zero image."""
+    was_training = parts.training
+    parts.eval()
+    p = next(parts.parameters())
+    x = torch.zeros(1, *input_size, device=p.device, dtype=p.dtype)
+    try:
+        with unfused_attention(parts):
+            stem_flops, h = count_macs(parts.stem, x)
+            block_flops = []
+            for blk in parts.blocks:
+                f, h = count_macs(blk, h)
+                block_flops.append(f)
+            head_flops, _ = count_macs(parts.head, h)
+    finally:
+        parts.train(was_training)
+    return PartCosts(
+        stem_flops, tuple(block_flops), head_flops,
+        num_params(parts.stem), tuple(num_params(b) for b in parts.blocks), num_params(parts.head),
+    )
+
+
+@torch.no_grad()
+def layer_flops(layer: nn.Module, spec) -> int:
+    """MACs of a stitching layer on one activation of the given spec."""
+    p = next(layer.parameters())
+    if spec.layout == "nchw":
+        shape = (1, spec.channels, *spec.spatial)
+    else:
+        shape = (1, *spec.spatial, spec.channels)
+    return count_macs(layer, torch.zeros(shape, device=p.device, dtype=p.dtype))[0]

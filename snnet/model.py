@@ -1,0 +1,387 @@
+"""The stitched network: every anchor and stitching layer in one switchable nn.Module.
+
+``StitchedNet.forward`` runs exactly one route — the active stitch — and the stitch is chosen
+outside forward with :meth:`StitchedNet.select` (by a sampler during training, by a budget at
+deployment). Switching only changes which modules the next forward calls: no weight is
+copied or reloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .anchors import AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, anchor_label, as_rows, build_parts, create_anchor
+from .errors import CheckpointError, NotStitchableError
+from .flops import PartCosts, layer_flops, num_params, part_costs
+from .space import AnchorInfo, SpaceConfig, Stitch, StitchSpace
+from .stitching import LeastSquares, StitchingLayer
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StitchCost:
+    """Cost of one network of the space at one input size (batch 1)."""
+
+    id: int
+    name: str
+    flops: int  # multiply-accumulates, the paper's "FLOPs"
+    params: int
+    is_anchor: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "flops": self.flops, "params": self.params, "is_anchor": self.is_anchor}
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """What the least-squares initialisation did."""
+
+    images: int
+    layers: int
+    seconds: float
+
+
+class StitchedNet(nn.Module):
+    """Anchors ordered by cost, the stitching layers between them, and the stitch space."""
+
+    def __init__(
+        self,
+        anchors: Sequence[AnchorParts],
+        labels: Sequence[str],
+        *,
+        config: SpaceConfig = SpaceConfig(),
+        input_size: Sequence[int] | None = None,
+        specs: Sequence[AnchorSpec | None] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(anchors) < 2:
+            raise NotStitchableError(f"a family needs at least two anchors to stitch, got {len(anchors)}")
+        specs = list(specs) if specs is not None else [None] * len(anchors)
+        self.input_size = tuple(input_size) if input_size is not None else _common_input_size(anchors, labels)
+        probes = [_probe(p, lab, self.input_size) for p, lab in zip(anchors, labels)]
+        outputs = {lab: n for lab, (_, n) in zip(labels, probes)}
+        if len(set(outputs.values())) > 1:
+            raise NotStitchableError(
+                f"anchors' heads have different numbers of classes {outputs}: a stitch ends in another "
+                "anchor's head, so all heads must predict the same classes (pass num_classes=...)")
+        costs = [part_costs(p, self.input_size) for p in anchors]
+        # anchors in order of cost: stitches go from the cheaper to the dearer neighbour
+        order = sorted(range(len(anchors)), key=lambda k: (costs[k].total[0], costs[k].total[1]))
+        self.anchors = nn.ModuleList([anchors[k] for k in order])
+        self.labels = tuple(labels[k] for k in order)
+        self.specs = tuple(specs[k] for k in order)
+        self.num_classes = next(iter(outputs.values()))
+        self._costs: dict[tuple[int, ...], list[StitchCost]] = {}
+        self._part_costs = {self.input_size: [costs[k] for k in order]}
+        infos = [
+            AnchorInfo(self.labels[i], p.stages, p.stitch_stages, tuple(probes[order[i]][0]))
+            for i, p in enumerate(self.anchors)
+        ]
+        self.space = StitchSpace(infos, config)
+        self.stitch_layers = nn.ModuleList([StitchingLayer(s.src_spec, s.dst_spec) for s in self.space.layers])
+        self._active: Stitch = self.space.stitches[len(self.anchors) - 1]  # the largest anchor
+
+    # ------------------------------------------------------------------ switching
+    @property
+    def active(self) -> Stitch:
+        return self._active
+
+    @property
+    def stitches(self) -> tuple[Stitch, ...]:
+        return self.space.stitches
+
+    def stitch(self, key: int | str | Stitch) -> Stitch:
+        """Look a stitch up by id, name or value (raises with the valid range or close names)."""
+        return self.space[key]
+
+    def select(self, stitch: int | str | Stitch) -> Stitch:
+        """Make ``stitch`` the route the next forward runs. O(1); no weight moves."""
+        self._active = self.space[stitch]
+        return self._active
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._active
+        src = self.anchors[s.src]
+        h = src.run(src.stem(x), 0, s.src_end)
+        if s.is_anchor:
+            return src.head(h)
+        h = self.stitch_layers[s.layer](h)
+        dst = self.anchors[s.dst]
+        return dst.head(dst.run(h, s.dst_start))
+
+    # ------------------------------------------------------------------ costs
+    def part_costs(self, input_size: Sequence[int] | None = None) -> list[PartCosts]:
+        size = tuple(input_size) if input_size is not None else self.input_size
+        if size not in self._part_costs:
+            for p, lab in zip(self.anchors, self.labels):
+                _probe(p, lab, size)
+            self._part_costs[size] = [part_costs(p, size) for p in self.anchors]
+        return self._part_costs[size]
+
+    def costs(self, input_size: Sequence[int] | None = None) -> list[StitchCost]:
+        """FLOPs (multiply-accumulates) and params of every stitch, summed from part costs."""
+        size = tuple(input_size) if input_size is not None else self.input_size
+        if size not in self._costs:
+            pcs = self.part_costs(size)
+            specs = {k: p.probe(size)[0] for k, p in enumerate(self.anchors)} if size != self.input_size else None
+            lflops = []
+            for slot, layer in zip(self.space.layers, self.stitch_layers):
+                spec = specs[slot.src][self._slot_cut(slot.index)] if specs else slot.src_spec
+                lflops.append(layer_flops(layer, spec))
+            out = []
+            for s in self.space:
+                if s.is_anchor:
+                    flops, params = pcs[s.src].total
+                else:
+                    f1, p1 = pcs[s.src].route(0, s.src_end, stem=True, head=False)
+                    f2, p2 = pcs[s.dst].route(s.dst_start, self.anchors[s.dst].depth, stem=False, head=True)
+                    flops = f1 + f2 + lflops[s.layer]
+                    params = p1 + p2 + num_params(self.stitch_layers[s.layer])
+                out.append(StitchCost(s.id, s.name, flops, params, s.is_anchor))
+            self._costs[size] = out
+        return self._costs[size]
+
+    def _slot_cut(self, layer: int) -> int:
+        return next(s.src_end for s in self.space if s.layer == layer)
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def activations(self, anchor: int, x: torch.Tensor) -> list[torch.Tensor]:
+        """The input of every block of one anchor, then its last block's output."""
+        parts = self.anchors[anchor]
+        h = parts.stem(x)
+        acts = [h]
+        for blk in parts.blocks:
+            h = blk(h)
+            acts.append(h)
+        return acts
+
+    @torch.no_grad()
+    def init_stitching(self, batches: Iterable[Any], max_images: int = 100, progress: bool = False) -> InitReport:
+        """Fit every stitching layer by least squares on a few calibration images.
+
+        A layer maps what the source anchor outputs after its last block on the route onto
+        what the target anchor feeds into its first block on the route (for the target's
+        block 0 that is its stem output). A layer shared by several block pairs gets one fit
+        over the features of all of them.
+        """
+        t0 = time.perf_counter()
+        fits = [LeastSquares(s.src_spec.channels, s.dst_spec.channels) for s in self.space.layers]
+        routes = [s for s in self.space if not s.is_anchor]
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        seen = 0
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=max_images, desc="least-squares init", unit="img")
+        try:
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                x = x[: max_images - seen].to(device)
+                if len(x) == 0:
+                    break
+                acts = [self.activations(k, x) for k in range(len(self.anchors))]
+                for s in routes:
+                    src_layout = self.anchors[s.src].layout
+                    dst_layout = self.anchors[s.dst].layout
+                    fits[s.layer].update(as_rows(acts[s.src][s.src_end], src_layout), as_rows(acts[s.dst][s.dst_start], dst_layout))
+                seen += len(x)
+                if bar is not None:
+                    bar.update(len(x))
+                if seen >= max_images:
+                    break
+        finally:
+            self.train(was_training)
+            if bar is not None:
+                bar.close()
+        if seen == 0:
+            raise ValueError("no calibration images: the loader given to init_stitching yielded nothing")
+        for layer, fit in zip(self.stitch_layers, fits):
+            layer.set_affine(*fit.solve())
+        return InitReport(seen, len(fits), time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ save / load
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "format": "snnet",
+            "version": FORMAT_VERSION,
+            "anchors": [
+                {"label": lab, "kind": p.kind, "spec": spec.to_dict() if spec else None}
+                for lab, p, spec in zip(self.labels, self.anchors, self.specs)
+            ],
+            "space": self.space.config.to_dict(),
+            "input_size": list(self.input_size),
+            "num_classes": self.num_classes,
+            "stitches": [s.name for s in self.space],
+            "active": self._active.name,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (every anchor and stitching layer).
+
+        Both files are written to temporary names and renamed into place, so an interrupted
+        save never leaves a half-written network behind.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(self.config_dict(), indent=2)))
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, anchors: Sequence[nn.Module | AnchorParts] | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> "StitchedNet":
+        """Rebuild a network saved by :meth:`save_pretrained`.
+
+        Anchors built from model names are rebuilt from the config; anchors that were the
+        user's own modules must be passed again (freshly constructed, in the saved order).
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise CheckpointError(f"{directory} is not a saved stitched network: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+            entries = cfg["anchors"]
+            if cfg.get("format") != "snnet":
+                raise KeyError("format")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{cfg_path} is corrupt or not an snnet config ({e})") from e
+        if cfg.get("version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{cfg_path} was written by a newer snnet (format {cfg['version']}); upgrade snnet")
+        specs = [AnchorSpec.from_dict(e["spec"]) if e.get("spec") else None for e in entries]
+        custom = [k for k, s in enumerate(specs) if s is None]
+        if custom and anchors is None:
+            raise CheckpointError(
+                f"anchors {[entries[k]['label'] for k in custom]} were your own modules: pass them again "
+                "with from_pretrained(directory, anchors=[...])")
+        if anchors is not None and len(anchors) != len(entries):
+            raise CheckpointError(f"the checkpoint holds {len(entries)} anchors, {len(anchors)} were given")
+        parts = []
+        for k, (entry, spec) in enumerate(zip(entries, specs)):
+            if anchors is not None:
+                module = anchors[k]
+            else:  # random init: the weights come from the file below
+                module = create_anchor(AnchorSpec(spec.name, False, None, spec.kwargs))
+            parts.append(_split(module))
+        net = cls(parts, [e["label"] for e in entries], config=SpaceConfig.from_dict(cfg["space"]),
+                  input_size=cfg["input_size"], specs=specs)
+        if [s.name for s in net.space] != cfg.get("stitches"):
+            raise CheckpointError(f"{directory} was saved with a different stitch space than these anchors give")
+        try:
+            state = load_file(str(w_path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{w_path} is corrupt or unreadable ({e}); re-save it or restore a backup") from e
+        net.load_weights(state, source=str(w_path))
+        net.select(cfg.get("active", net.active.name))
+        return net
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load a full state dict, failing with a readable summary if it does not fit."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            def few(keys: list[str]) -> str:
+                return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+            parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+                     f"wrong shape {few(wrong)}" if wrong else ""]
+            raise CheckpointError(f"{source} does not match this network: " + "; ".join(p for p in parts if p))
+        self.load_state_dict(state)
+
+
+def _split(module: nn.Module | AnchorParts) -> AnchorParts:
+    from .anchors import split_model
+
+    return split_model(module)
+
+
+def _common_input_size(anchors: Sequence[AnchorParts], labels: Sequence[str]) -> tuple[int, ...]:
+    sizes = {lab: tuple(p.data_config.get("input_size", ())) for p, lab in zip(anchors, labels)}
+    known = {s for s in sizes.values() if s}
+    if not known:
+        raise NotStitchableError("the anchors do not say their input size: pass input_size=(C, H, W)")
+    if len(known) > 1:
+        raise NotStitchableError(
+            f"anchors expect different input sizes {sizes}; stitching needs one input for all: "
+            "build them at one img_size (or pass input_size=...)")
+    return known.pop()
+
+
+def _probe(parts: AnchorParts, label: str, input_size: tuple[int, ...]) -> tuple[list[ActivationSpec], int]:
+    try:
+        return parts.probe(input_size)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise NotStitchableError(f"anchor {label!r} cannot take an input of size {tuple(input_size)}: {e}") from e
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def create_snnet(
+    anchors: Sequence[AnchorLike],
+    *,
+    pretrained: bool = False,
+    files: Sequence[str | None] | None = None,
+    img_size: int | None = None,
+    num_classes: int | None = None,
+    labels: Sequence[str] | None = None,
+    kernel_size: int = 2,
+    stride: int = 1,
+    nearest: bool = True,
+    stages: Sequence[int] | None = None,
+) -> StitchedNet:
+    """Stitch a family of anchors into one switchable network.
+
+    ``anchors`` are timm model names (snnet's shipped ``fmnist-vit-*`` included), or your own
+    modules of a kind an adapter knows. Names get weights from the internet with
+    ``pretrained=True``, from local files with ``files=[...]`` (one per anchor, through
+    timm's pretrained path), or random init for planning.
+    """
+    config = SpaceConfig(kernel_size, stride, nearest, tuple(stages) if stages is not None else None)
+    kwargs: dict[str, Any] = {}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    parts, specs = build_parts(anchors, pretrained=pretrained, files=files, model_kwargs=kwargs)
+    if labels is None:
+        labels = [anchor_label(a, k) for k, a in enumerate(anchors)]
+    input_size = None
+    if img_size is not None:
+        chans = parts[0].data_config.get("input_size", (3,))[0]
+        input_size = (chans, img_size, img_size)
+    return StitchedNet(parts, labels, config=config, input_size=input_size, specs=specs)

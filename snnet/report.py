@@ -1,0 +1,46 @@
+"""Plain-text tables and human-readable numbers, shared by every command that prints results."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' (with an optional unit: '1.23 GFLOPs')."""
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{' ' if unit else ''}{suffix}{unit}"
+    return f"{n:.0f}{' ' if unit else ''}{unit}"
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], formats: dict[str, Any] | None = None) -> str:
+    """Render rows as an aligned text table.
+
+    ``columns`` are (key, header) pairs; ``formats`` maps a key to a function that turns the
+    value into text (default ``str``). Numbers are right-aligned, text left-aligned.
+    """
+    formats = formats or {}
+    cells = [[formats.get(k, _default)(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(columns)]
+    numeric = [all(_is_number(r.get(k)) for r in rows) if rows else False for k, _ in columns]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    out = [line([h for _, h in columns]), line(["-" * w for w in widths])]
+    out += [line(c) for c in cells]
+    return "\n".join(out)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _default(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)

@@ -1,0 +1,203 @@
+"""Tests of snnet.data: IDX parsing, error messages, the real Fashion-MNIST split, loaders."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from snnet.data import (
+    DatasetError,
+    FashionMNIST,
+    build_dataset,
+    make_loader,
+    num_classes,
+    read_idx,
+    set_epoch,
+)
+from snnet.errors import SnnetError
+
+DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
+requires_fmnist = pytest.mark.skipif(
+    not (DEBIAN_ROOT / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist is not installed",
+)
+
+
+def idx_bytes(data: torch.Tensor) -> bytes:
+    """Encode a uint8 tensor in the IDX format (type 0x08)."""
+    header = bytes([0, 0, 0x08, data.dim()]) + struct.pack(f">{data.dim()}I", *data.shape)
+    return header + data.numpy().tobytes()
+
+
+def write_fake_fmnist(root: Path, n: int = 8, gz: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tiny Fashion-MNIST test split: image i is filled with the value 10 * i."""
+    images = (torch.arange(n, dtype=torch.uint8) * 10).view(n, 1, 1).expand(n, 28, 28).contiguous()
+    labels = torch.arange(n, dtype=torch.uint8) % 10
+    for stem, data in (("t10k-images-idx3-ubyte", images), ("t10k-labels-idx1-ubyte", labels)):
+        raw = idx_bytes(data)
+        if gz:
+            (root / f"{stem}.gz").write_bytes(gzip.compress(raw))
+        else:
+            (root / stem).write_bytes(raw)
+    return images, labels
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_roundtrip(tmp_path: Path, gz: bool) -> None:
+    images, labels = write_fake_fmnist(tmp_path, gz=gz)
+    ds = FashionMNIST(tmp_path, "test", mean=(0.0,), std=(1.0,))
+    assert len(ds) == 8 and num_classes(ds) == 10
+    image, label = ds[3]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert label == 3
+    torch.testing.assert_close(image, torch.full((1, 28, 28), 30 / 255))
+
+
+def test_normalization_and_limit(tmp_path: Path) -> None:
+    write_fake_fmnist(tmp_path)
+    ds = FashionMNIST(tmp_path, "test", mean=(0.5,), std=(0.25,), limit=5)
+    assert len(ds) == 5
+    torch.testing.assert_close(ds[0][0], torch.full((1, 28, 28), -2.0))
+
+
+def test_read_idx_shape(tmp_path: Path) -> None:
+    data = torch.arange(24, dtype=torch.uint8).view(2, 3, 4)
+    (tmp_path / "x").write_bytes(idx_bytes(data))
+    assert torch.equal(read_idx(tmp_path / "x"), data)
+    with pytest.raises(DatasetError, match="expected a 1-d"):
+        read_idx(tmp_path / "x", expected_ndim=1)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda raw: raw[:-5], "truncated|corrupt"),
+        (lambda raw: b"\x12\x34" + raw[2:], "bad magic"),
+        (lambda raw: b"not gzip at all", "cannot read|bad magic"),
+    ],
+)
+def test_corrupt_file(tmp_path: Path, corrupt, message: str) -> None:
+    write_fake_fmnist(tmp_path, gz=False)
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(DatasetError, match=message) as info:
+        FashionMNIST(tmp_path, "test")
+    assert str(path) in str(info.value)
+
+
+def test_corrupt_gzip(tmp_path: Path) -> None:
+    write_fake_fmnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(DatasetError, match="cannot read IDX file"):
+        FashionMNIST(tmp_path, "test")
+
+
+def test_label_count_mismatch(tmp_path: Path) -> None:
+    write_fake_fmnist(tmp_path, gz=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(torch.zeros(3, dtype=torch.uint8)))
+    with pytest.raises(DatasetError, match="do not match"):
+        FashionMNIST(tmp_path, "test")
+
+
+def test_missing_folder_explains_how_to_get_it(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError) as info:
+        FashionMNIST(tmp_path / "nowhere", "train")
+    message = str(info.value)
+    assert isinstance(info.value, SnnetError)
+    assert "train-images-idx3-ubyte" in message
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "--data DIR" in message and "--download" in message
+
+
+def test_env_var_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_fake_fmnist(tmp_path)
+    monkeypatch.setenv("SNNET_FASHION_MNIST", str(tmp_path))
+    assert len(build_dataset("fashion-mnist", "test")) == 8
+
+
+def test_augmentation_is_seeded(tmp_path: Path) -> None:
+    images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(torch.zeros(16, dtype=torch.uint8)))
+    a = FashionMNIST(tmp_path, "test", augment=True, seed=1)
+    b = FashionMNIST(tmp_path, "test", augment=True, seed=1)
+    plain = FashionMNIST(tmp_path, "test")
+    stack = lambda ds: torch.stack([ds[i][0] for i in range(len(ds))])  # noqa: E731
+    first = stack(a)
+    assert torch.equal(first, stack(b))
+    assert not torch.equal(first, stack(plain))
+    a.set_epoch(1)
+    assert not torch.equal(first, stack(a))
+    assert first.shape == (16, 1, 28, 28)
+
+
+def test_loader_is_reproducible(tmp_path: Path) -> None:
+    write_fake_fmnist(tmp_path, n=20)
+    ds = FashionMNIST(tmp_path, "test", augment=True, seed=0)
+
+    def run(seed: int) -> list[torch.Tensor]:
+        loader = make_loader(ds, batch_size=6, shuffle=True, seed=seed)
+        out = []
+        for epoch in range(2):
+            set_epoch(loader, epoch)
+            out += [torch.cat([x.flatten(), y.float()]) for x, y in loader]
+        return out
+
+    first, second, other = run(0), run(0), run(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    # Each epoch is a permutation of the data set.
+    epoch0 = torch.cat([make_loader(ds, 6, shuffle=True, seed=3).__iter__().__next__()[1]])
+    assert epoch0.numel() == 6
+
+
+def test_distributed_sampler_splits(tmp_path: Path) -> None:
+    write_fake_fmnist(tmp_path, n=10)
+    ds = FashionMNIST(tmp_path, "test")
+    from torch.utils.data import DistributedSampler
+
+    seen = []
+    for rank in range(2):
+        loader = make_loader(ds, 5, shuffle=True, seed=0)
+        loader = torch.utils.data.DataLoader(ds, batch_size=5, sampler=DistributedSampler(
+            ds, num_replicas=2, rank=rank, seed=0))
+        seen += [y for _, ys in loader for y in ys.tolist()]
+    assert sorted(seen) == sorted(ds.labels.tolist())
+
+
+def test_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog", "eel"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / split / cls / "0.png")
+    config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+              "interpolation": "bilinear", "crop_pct": 1.0}
+    ds = build_dataset(tmp_path, "val", config)
+    assert num_classes(ds) == 3 and len(ds) == 3
+    image, label = ds[2]
+    assert image.shape == (3, 32, 32) and label == 2
+    assert len(build_dataset(tmp_path, "train", config, augment=True, limit=2)) == 2
+
+
+def test_empty_or_missing_dataset(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="ImageFolder"):
+        build_dataset(tmp_path / "empty", "train")
+    with pytest.raises(DatasetError, match="does not exist"):
+        build_dataset(str(tmp_path / "missing" / "dir"), "train")
+
+
+@requires_fmnist
+def test_real_fashion_mnist_test_split() -> None:
+    ds = build_dataset("fashion-mnist", "test")
+    assert len(ds) == 10_000 and num_classes(ds) == 10
+    x, y = ds[0]
+    assert x.shape == (1, 28, 28) and 0 <= y < 10
+    labels = torch.bincount(ds.labels, minlength=10)
+    assert labels.tolist() == [1000] * 10
