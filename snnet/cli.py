@@ -77,6 +77,11 @@ def stitches(
                f"{len(net.stitch_layers)} stitching layers), {human(min(flops))}–{human(max(flops))} FLOPs at {size}")
 
 
+# ---- commands defined in snnet/commands/*.py are registered here, one line each ----
+# (keep this block: each area adds `app.command("name")(module.function)` below)
+# ---- end of registered commands ----
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into a message and exit status 2."""
     try:
