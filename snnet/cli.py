@@ -63,7 +63,9 @@ def stitches(
     from .model import create_snnet
     from .report import human, table
 
-    net = create_snnet(split_names(anchors), img_size=img_size, kernel_size=kernel_size, stride=stride, nearest=not all_pairs)
+    # the meta device builds the anchors without allocating or initialising weights
+    net = create_snnet(split_names(anchors), img_size=img_size, kernel_size=kernel_size, stride=stride,
+                       nearest=not all_pairs, device="meta")
     costs = net.costs()
     rows = [c.to_dict() for c in costs]
     if as_json:
@@ -79,6 +81,8 @@ def stitches(
 
 # ---- commands defined in snnet/commands/*.py are registered here, one line each ----
 # (keep this block: each area adds `app.command("name")(module.function)` below)
+from .commands import evaluate as _evaluate_cmd  # noqa: E402
+app.command("eval")(_evaluate_cmd.evaluate)
 # ---- end of registered commands ----
 
 
@@ -86,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into a message and exit status 2."""
     try:
         app(args=argv, prog_name="snnet")
+    except SystemExit as e:  # click exits even on success; return instead, so main() can be called
+        if e.code not in (0, None):
+            raise
     except (SnnetError, FileNotFoundError, PermissionError) as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         sys.exit(2)

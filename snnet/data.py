@@ -334,7 +334,7 @@ def _timm_dataset(create_dataset: Any, name: str, root: str | os.PathLike[str] |
     try:
         return create_dataset(name, root=str(root) if root is not None else None, split=timm_split,
                               is_training=augment, download=download, transform=transform)
-    except (FileNotFoundError, RuntimeError, AssertionError, ValueError) as e:
+    except (FileNotFoundError, RuntimeError, AssertionError, ValueError, TypeError) as e:
         hint = "" if download else " (pass download=True / --download to fetch it, if it can be downloaded)"
         raise DatasetError(f"cannot open dataset {name!r} (root={root}, split={timm_split}): {e}{hint}") from e
 

@@ -31,3 +31,11 @@ class StitchNotFoundError(SnnetError, KeyError):
 
 class CheckpointError(SnnetError, ValueError):
     """A checkpoint that is corrupt, incomplete, or made for another network."""
+
+
+class ResultsError(SnnetError, ValueError):
+    """A results file that is missing, corrupt, or was not written by ``snnet eval``."""
+
+
+class TrainingError(SnnetError, RuntimeError):
+    """Training cannot go on as configured (e.g. a batch that does not fit in device memory)."""

@@ -363,14 +363,22 @@ def create_snnet(
     stride: int = 1,
     nearest: bool = True,
     stages: Sequence[int] | None = None,
+    device: str | torch.device | None = None,
 ) -> StitchedNet:
     """Stitch a family of anchors into one switchable network.
 
     ``anchors`` are timm model names (snnet's shipped ``fmnist-vit-*`` included), or your own
     modules of a kind an adapter knows. Names get weights from the internet with
     ``pretrained=True``, from local files with ``files=[...]`` (one per anchor, through
-    timm's pretrained path), or random init for planning.
+    timm's pretrained path), or random init for planning. ``device="meta"`` builds the
+    network without allocating weights: enough to enumerate and price the space instantly.
     """
+    if device is not None and torch.device(device).type == "meta":
+        if pretrained or files:
+            raise ValueError("a network on the meta device holds no weights: drop pretrained/files")
+        with torch.device("meta"):
+            return create_snnet(anchors, img_size=img_size, num_classes=num_classes, labels=labels,
+                                kernel_size=kernel_size, stride=stride, nearest=nearest, stages=stages)
     config = SpaceConfig(kernel_size, stride, nearest, tuple(stages) if stages is not None else None)
     kwargs: dict[str, Any] = {}
     if img_size is not None:
@@ -384,4 +392,5 @@ def create_snnet(
     if img_size is not None:
         chans = parts[0].data_config.get("input_size", (3,))[0]
         input_size = (chans, img_size, img_size)
-    return StitchedNet(parts, labels, config=config, input_size=input_size, specs=specs)
+    net = StitchedNet(parts, labels, config=config, input_size=input_size, specs=specs)
+    return net.to(device) if device is not None else net

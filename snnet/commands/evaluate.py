@@ -1,0 +1,71 @@
+"""``snnet eval``: accuracy and cost of every network of a stitched family, and its Pareto frontier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import SnnetError
+
+
+def evaluate(
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="A saved stitched network (folder with config.json "
+                                                  "and model.safetensors). Default: the shipped Fashion-MNIST family, "
+                                                  "stitching layers fitted by least squares.")] = None,
+    data: Annotated[str, typer.Option(help="'fashion-mnist', an ImageFolder folder, or a timm dataset name.")] = "fashion-mnist",
+    split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")] = 256,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on the first N images only.")] = None,
+    stitches: Annotated[Optional[str], typer.Option(help="Comma-separated stitch ids or names (default: all).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, results.csv, pareto.html, pareto.png.")]
+    = Path("snnet-eval"),
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1... (default: cuda if available).")] = None,
+    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU).")] = False,
+    workers: Annotated[int, typer.Option(min=0, help="Data loader worker processes.")] = 0,
+    calib_images: Annotated[int, typer.Option("--calib-images", min=1, help="Training images for the least-squares "
+                                              "fit of the stitching layers (only without --model).")] = 100,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Evaluate every stitch (top-1/top-5, loss, FLOPs, params), print a table, write results and Pareto plots."""
+    import torch
+
+    from .. import data as sndata
+    from ..cli import DEFAULT_ANCHORS, split_names
+    from ..evaluate import check_writable, evaluate as run_eval, format_results, write_results
+    from ..model import StitchedNet, create_snnet
+    from ..plot import plot_pareto
+
+    # everything a user can get wrong is checked before the first forward
+    out = check_writable(out)
+    keys = [k.strip() for k in stitches.split(",") if k.strip()] if stitches is not None else None
+    if keys is not None and not keys:
+        raise SnnetError(f"--stitches {stitches!r} names no stitch: give comma-separated ids or names")
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if model is not None:
+        net = StitchedNet.from_pretrained(model)
+    else:
+        net = create_snnet(split_names(DEFAULT_ANCHORS), pretrained=True)
+    chosen = [net.stitch(k) for k in keys] if keys is not None else None
+    data_config = net.anchors[0].data_config
+    dataset = sndata.build_dataset(data, split, data_config, limit=limit)
+    classes = sndata.num_classes(dataset)
+    if classes != net.num_classes:
+        raise SnnetError(f"{data} has {classes} classes but the network predicts {net.num_classes}: "
+                         "evaluate on the data the network was trained for")
+    shape = tuple(dataset[0][0].shape)
+    if shape != tuple(net.input_size):
+        raise SnnetError(f"{data} gives images of shape {shape}, the network takes {tuple(net.input_size)}")
+    net.to(dev)
+    if model is None:
+        calib = sndata.build_dataset(data, "train", data_config, limit=calib_images)
+        report = net.init_stitching(sndata.make_loader(calib, min(batch_size, calib_images), shuffle=False),
+                                    max_images=calib_images, progress=progress)
+        typer.echo(f"fitted {report.layers} stitching layers by least squares on {report.images} training images "
+                   f"({report.seconds:.1f}s)", err=True)
+    loader = sndata.make_loader(dataset, batch_size, shuffle=False, num_workers=workers)
+    results = run_eval(net, loader, chosen, device=dev, progress=progress, amp=amp)
+    typer.echo(format_results(results))
+    paths = [*write_results(results, out), *plot_pareto(results, out / "pareto.html", out / "pareto.png")]
+    typer.echo("\nwrote " + ", ".join(str(p) for p in paths))

@@ -1,0 +1,60 @@
+"""Tests of snnet.zoo: registry names, aliases, and the shipped pretrained weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from snnet import zoo
+from snnet.data import FashionMNIST, make_loader
+
+FAMILY_JSON = zoo.WEIGHTS_DIR / "family.json"
+DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_hyphen_alias() -> None:
+    assert zoo.normalize_name("fmnist-vit-ti") == "fmnist_vit_ti"
+    assert zoo.normalize_name("FMNIST-ViT-B") == "fmnist_vit_b"
+    assert zoo.normalize_name("fmnist_vit_s") == "fmnist_vit_s"
+    assert zoo.normalize_name("fmnist-vit-s.some-tag") == "fmnist_vit_s.some-tag"
+
+
+def test_registered_in_timm() -> None:
+    assert set(zoo.FMNIST_FAMILY) <= set(timm.list_models("fmnist_vit_*"))
+    cfg = timm.models.get_pretrained_cfg("fmnist_vit_ti")
+    assert Path(cfg.file) == zoo.WEIGHTS_DIR / "fmnist_vit_ti.safetensors"
+    assert cfg.input_size == (1, 28, 28) and cfg.num_classes == 10
+    assert cfg.mean == (0.2860,) and cfg.std == (0.3530,) and cfg.crop_pct == 1.0
+
+
+@pytest.mark.parametrize("name, width", [("fmnist_vit_ti", 48), ("fmnist_vit_s", 96), ("fmnist_vit_b", 192)])
+def test_architecture(name: str, width: int) -> None:
+    model = timm.create_model(name)
+    assert model.embed_dim == width and len(model.blocks) == 6
+    assert model.blocks[0].attn.num_heads == width // 16
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    data_config = timm.data.resolve_data_config({}, model=model)
+    assert data_config["input_size"] == (1, 28, 28)
+
+
+@pytest.mark.skipif(not FAMILY_JSON.is_file() or not zoo.weights_path("fmnist_vit_s").is_file(),
+                    reason="shipped weights not built yet (python scripts/train_fmnist_family.py)")
+@pytest.mark.skipif(not DEBIAN_ROOT.is_dir(), reason="Debian package dataset-fashion-mnist is not installed")
+def test_pretrained_weights_match_family_json() -> None:
+    expected = json.loads(FAMILY_JSON.read_text())["models"]["fmnist_vit_s"]["top1"]
+    model = timm.create_model("fmnist_vit_s", pretrained=True).eval()
+    assert model.patch_embed.proj.weight.dtype == torch.float32  # fp16 file upcast into fp32 params
+    # A strided sample spans every class (the test split is not sorted, but be safe).
+    data = FashionMNIST(DEBIAN_ROOT, "test")
+    data.images, data.labels = data.images[::10], data.labels[::10]
+    correct = 0
+    with torch.no_grad():
+        for images, labels in make_loader(data, batch_size=500, shuffle=False):
+            correct += int((model(images).argmax(-1) == labels).sum())
+    accuracy = 100.0 * correct / len(data)
+    assert len(data) == 1000
+    assert abs(accuracy - expected) < 3.0, f"{accuracy:.1f}% on 1,000 test images vs {expected}% in family.json"
