@@ -80,7 +80,8 @@ class AnchorParts(nn.Module):
 
     The parts share their parameters with the model they were split from (no copy). ``stages``
     gives the number of blocks in each stage (one stage for a plain ViT); ``stitch_stages`` the
-    stages in which the paper's recipe stitches this kind of model by default.
+    stages in which the paper's recipe stitches this kind of model by default, and
+    ``stitch_rule`` how block pairs are enumerated in them (``snnet.space.RULES``).
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class AnchorParts(nn.Module):
         stitch_stages: Sequence[int] | None = None,
         kind: str = "custom",
         data_config: dict[str, Any] | None = None,
+        stitch_rule: str = "window",
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
@@ -106,6 +108,7 @@ class AnchorParts(nn.Module):
         if sum(self.stages) != len(self.blocks):
             raise ValueError(f"stages {self.stages} do not add up to {len(self.blocks)} blocks")
         self.stitch_stages = tuple(stitch_stages) if stitch_stages is not None else tuple(range(len(self.stages)))
+        self.stitch_rule = stitch_rule
         self.kind = kind
         self.data_config = dict(data_config or {})
 

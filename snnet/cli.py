@@ -24,7 +24,7 @@ app = typer.Typer(
 )
 
 # The shipped Fashion-MNIST family: the default wherever anchors can be omitted.
-DEFAULT_ANCHORS = "fmnist_vit_ti,fmnist_vit_s,fmnist_vit_b"
+DEFAULT_ANCHORS = "fmnist"
 
 
 
@@ -39,15 +39,16 @@ def _root() -> None:
     """Stitchable Neural Networks: one network, many accuracy/cost budgets."""
 
 
-AnchorsOpt = Annotated[str, typer.Option("--anchors", "-a", help="Comma-separated timm model names, cheapest first or in any order.")]
+AnchorsOpt = Annotated[str, typer.Option(
+    "--anchors", "-a", help="A family (fmnist, deit, swin, resnet, resnet18-swin_t, convnext) or comma-separated timm model names, in any order.")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Input resolution (default: the anchors' own).")]
 
 
 def split_names(anchors: str) -> list[str]:
-    names = [a.strip() for a in anchors.split(",") if a.strip()]
-    if len(names) < 2:
-        raise SnnetError(f"--anchors needs at least two comma-separated model names, got {anchors!r}")
-    return names
+    """``--anchors``: a family name (deit, swin, resnet, ...) or comma-separated model names."""
+    from .model import expand_family
+
+    return expand_family(anchors)
 
 
 @app.command()
@@ -83,6 +84,12 @@ def stitches(
 # (keep this block: each area adds `app.command("name")(module.function)` below)
 from .commands import evaluate as _evaluate_cmd  # noqa: E402
 app.command("eval")(_evaluate_cmd.evaluate)
+from .commands import train as _train_cmd  # noqa: E402
+app.command("train")(_train_cmd.train)
+from .commands import deploy as _deploy_cmd  # noqa: E402
+app.command("profile")(_deploy_cmd.profile)
+app.command("select")(_deploy_cmd.select)
+app.command("export")(_deploy_cmd.export)
 # ---- end of registered commands ----
 
 

@@ -14,6 +14,14 @@ anchor ``dst`` from block ``dst_start`` to its head. The rules (SN-Net, Sec. 3):
 * only positions whose activations line up (same tokens or the same H×W) are kept.
 
 With the defaults, DeiT-Ti/S/B gives 3 anchors + 2 × 34 stitches = 71 networks.
+
+Those are the rules of the official DeiT code (``rule="window"``). The official code for the
+hierarchical families (Swin, ResNet) stitches only *forward* in depth (``rule="forward"``):
+within a window only the pairs whose target block comes after the source block (depth 2:
+source through block 0, target from block 1), and, where depths differ, every target block
+after the first is a resume point, reached after the source block nearest interpolation maps
+it to. Each adapter says which rule its kind of model uses (``AnchorParts.stitch_rule``);
+with them Swin-T/S/B gives 41 networks and ResNet-18/50 10, as in the paper.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ from typing import Any, Iterator, Sequence
 from .anchors import ActivationSpec, stitchable
 from .errors import NotStitchableError, StitchNotFoundError
 
+# How block pairs are enumerated inside a stage (see the module docstring).
+RULES = ("window", "forward")
+
 
 @dataclass(frozen=True)
 class SpaceConfig:
@@ -33,10 +44,13 @@ class SpaceConfig:
     stride: int = 1
     nearest: bool = True  # stitch each anchor only to the next one in cost
     stages: tuple[int, ...] | None = None  # stages that may be stitched; None: each adapter's default
+    rule: str | None = None  # "window" | "forward" (see the module doc); None: each adapter's default
 
     def __post_init__(self) -> None:
         if self.kernel_size < 1 or self.stride < 1:
             raise ValueError(f"kernel_size and stride must be >= 1, got {self.kernel_size}, {self.stride}")
+        if self.rule is not None and self.rule not in RULES:
+            raise ValueError(f"unknown stitching rule {self.rule!r}; expected one of {RULES}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,7 +58,8 @@ class SpaceConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SpaceConfig":
         stages = d.get("stages")
-        return cls(int(d["kernel_size"]), int(d["stride"]), bool(d["nearest"]), tuple(stages) if stages is not None else None)
+        return cls(int(d["kernel_size"]), int(d["stride"]), bool(d["nearest"]), tuple(stages) if stages is not None else None,
+                   d.get("rule"))
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,7 @@ class AnchorInfo:
     stages: tuple[int, ...]
     stitch_stages: tuple[int, ...]
     specs: tuple[ActivationSpec, ...]  # input of each block, then the final output
+    rule: str = "window"  # the adapter's stitching rule (AnchorParts.stitch_rule)
 
     @property
     def depth(self) -> int:
@@ -136,6 +152,23 @@ def unpaired_pairs(src_depth: int, dst_depth: int) -> list[list[tuple[int, int]]
     return groups
 
 
+def forward_unpaired_pairs(src_depth: int, dst_depth: int) -> list[list[tuple[int, int]]]:
+    """Block pairs of unpaired stitching under the ``forward`` rule, one layer each.
+
+    Nearest interpolation maps every block ``k`` of the deeper anchor to block
+    ``floor(k * shallow / deep)`` of the shallower. Every block of the deeper anchor but the
+    first is one stitch: shallow→deep, the source runs through the block mapped to target
+    block ``k`` and the target resumes at ``k`` (the official Swin/ResNet code: depths 6 and
+    18 give 17 stitches); deep→shallow, the same relation transposed (the source runs
+    through block ``k - 1``, the target resumes after the block mapped to ``k``).
+    """
+    shallow, deep = sorted((src_depth, dst_depth))
+    mapped = [k * shallow // deep for k in range(deep)]
+    if src_depth <= dst_depth:
+        return [[(mapped[k], k)] for k in range(1, deep)]
+    return [[(k - 1, mapped[k] + 1)] for k in range(1, deep) if mapped[k] + 1 < shallow]
+
+
 class StitchSpace:
     """The anchors, every stitch between them, and the stitching layers those stitches use."""
 
@@ -164,13 +197,28 @@ class StitchSpace:
             return [s for s in self.config.stages if s < len(a.stages) and s < len(b.stages)]
         return [s for s in a.stitch_stages if s in b.stitch_stages and s < len(b.stages)]
 
+    def _rule(self, a: AnchorInfo, b: AnchorInfo) -> str:
+        if self.config.rule is not None:
+            return self.config.rule
+        return a.rule if a.rule == b.rule else "window"  # kinds that disagree: the paper's general rule
+
+    def _groups(self, na: int, nb: int, rule: str) -> list[list[tuple[int, int]]]:
+        """Block pairs (i, j) of one stage, grouped by shared layer: source through i, target from j."""
+        if na != nb:
+            return unpaired_pairs(na, nb) if rule == "window" else forward_unpaired_pairs(na, nb)
+        groups = paired_pairs(na, self.config.kernel_size, self.config.stride)
+        if rule == "forward":
+            groups = [g for g in ([(i, j) for i, j in g if j > i] for g in groups) if g]
+        return groups
+
     def _stitch_pair(self, a: int, b: int, stitches: list[Stitch], layers: list[LayerSlot]) -> int:
         A, B = self.anchors[a], self.anchors[b]
         found = 0
+        rule = self._rule(A, B)
         for s in self._stages(A, B):
             a0, b0 = sum(A.stages[:s]), sum(B.stages[:s])
             na, nb = A.stages[s], B.stages[s]
-            groups = paired_pairs(na, self.config.kernel_size, self.config.stride) if na == nb else unpaired_pairs(na, nb)
+            groups = self._groups(na, nb, rule)
             for group in groups:
                 # global indices: source runs blocks 0..a0+i, target starts at block b0+j
                 cuts = [(a0 + i + 1, b0 + j) for i, j in group]
@@ -195,8 +243,14 @@ class StitchSpace:
     def _why_not(self, a: int, b: int) -> str:
         A, B = self.anchors[a], self.anchors[b]
         stages = self._stages(A, B)
-        reasons = sorted({stitchable(A.specs[e], B.specs[st]) or "" for e in range(1, A.depth + 1) for st in range(B.depth)} - {""})
-        detail = "; ".join(reasons[:3]) if stages else f"they share no stitchable stage (stages {A.stitch_stages} vs {B.stitch_stages})"
+        reasons: list[str] = []
+        for s in stages:  # the positions inside each stage that may be stitched
+            a0, b0 = sum(A.stages[:s]), sum(B.stages[:s])
+            found = sorted({stitchable(A.specs[e], B.specs[st]) or "" for e in range(a0 + 1, a0 + A.stages[s] + 1)
+                            for st in range(b0, b0 + B.stages[s])} - {""})
+            where = f"in stage {s}, " if len(A.stages) > 1 or len(B.stages) > 1 else ""
+            reasons += [where + r for r in found[:2]]
+        detail = "; ".join(reasons[:4]) if stages else f"they share no stitchable stage (stages {A.stitch_stages} vs {B.stitch_stages})"
         return (f"anchors {A.label!r} and {B.label!r} cannot be stitched anywhere: {detail}. "
                 "Stitching maps activations position by position, so both anchors need the same "
                 "token count (same patch size and input size) or the same feature-map size somewhere.")

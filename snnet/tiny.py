@@ -55,3 +55,102 @@ def snnet_tiny_vit_b(pretrained: bool = False, **kwargs: Any) -> VisionTransform
 def snnet_tiny_vit_deep(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """8 blocks, width 48: an anchor of unequal depth, for unpaired stitching."""
     return _tiny_vit("snnet_tiny_vit_deep", pretrained, **kwargs)
+
+
+# --------------------------------------------------------------------------- hierarchical kinds
+# Tiny stand-ins for the paper's other families, laid out like the real ones (four stages,
+# strides 4/8/16/32, so on a 32x32 image the stages are 8x8, 4x4, 2x2, 1x1): Swin-T/S/B,
+# ResNet-18/50 and ConvNeXt-T/S/B, with the same depth pattern per stage (equal early stages,
+# a deeper third stage) at a few channels.
+from timm.models.convnext import ConvNeXt  # noqa: E402
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet  # noqa: E402
+from timm.models.swin_transformer import SwinTransformer  # noqa: E402
+
+_TINY_CFG = {"num_classes": 10, "input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+             "crop_pct": 1.0, "interpolation": "bilinear"}
+
+# name: (embed_dim, depths)
+_TINY_SWINS = {
+    "snnet_tiny_swin_t": (8, (2, 2, 2, 2)),
+    "snnet_tiny_swin_s": (12, (2, 2, 6, 2)),
+    "snnet_tiny_swin_b": (16, (2, 2, 6, 2)),
+}
+# name: (block, layers, channels)
+_TINY_RESNETS = {
+    "snnet_tiny_resnet18": (BasicBlock, (2, 2, 2, 2), (4, 8, 16, 32)),
+    "snnet_tiny_resnet50": (Bottleneck, (1, 3, 4, 1), (8, 16, 32, 64)),
+}
+# name: (dims, depths)
+_TINY_CONVNEXTS = {
+    "snnet_tiny_convnext_t": ((8, 16, 32, 64), (1, 2, 2, 1)),
+    "snnet_tiny_convnext_s": ((8, 16, 32, 64), (1, 2, 4, 1)),
+}
+
+default_cfgs.update(generate_default_cfgs({
+    **{n: dict(_TINY_CFG, first_conv="patch_embed.proj", classifier="head.fc") for n in _TINY_SWINS},
+    **{n: dict(_TINY_CFG, first_conv="conv1", classifier="fc") for n in _TINY_RESNETS},
+    **{n: dict(_TINY_CFG, first_conv="stem.0", classifier="head.fc") for n in _TINY_CONVNEXTS},
+}))
+
+
+def _tiny_swin(name: str, pretrained: bool, **kwargs: Any) -> SwinTransformer:
+    dim, depths = _TINY_SWINS[name]
+    heads = tuple(dim * 2**i // 4 for i in range(4))  # head width 4 in every stage
+    args = dict(img_size=32, patch_size=4, window_size=2, num_classes=10, embed_dim=dim, depths=depths,
+                num_heads=heads, mlp_ratio=2.0)
+    return build_model_with_cfg(SwinTransformer, name, pretrained, **dict(args, **kwargs))
+
+
+def _tiny_resnet(name: str, pretrained: bool, **kwargs: Any) -> ResNet:
+    block, layers, channels = _TINY_RESNETS[name]
+    # a deep stem of width 4 (8 channels out) instead of ResNet's fixed 64-channel 7x7 conv
+    args = dict(block=block, layers=layers, channels=channels, stem_type="deep", stem_width=4, num_classes=10)
+    return build_model_with_cfg(ResNet, name, pretrained, **dict(args, **kwargs))
+
+
+def _tiny_convnext(name: str, pretrained: bool, **kwargs: Any) -> ConvNeXt:
+    dims, depths = _TINY_CONVNEXTS[name]
+    args = dict(dims=dims, depths=depths, num_classes=10)
+    return build_model_with_cfg(ConvNeXt, name, pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def snnet_tiny_swin_t(pretrained: bool = False, **kwargs: Any) -> SwinTransformer:
+    """Swin, depths (2, 2, 2, 2), width 8, window 2, 32x32 input: a stand-in for Swin-T."""
+    return _tiny_swin("snnet_tiny_swin_t", pretrained, **kwargs)
+
+
+@register_model
+def snnet_tiny_swin_s(pretrained: bool = False, **kwargs: Any) -> SwinTransformer:
+    """Swin, depths (2, 2, 6, 2), width 12: a stand-in for Swin-S (deeper third stage)."""
+    return _tiny_swin("snnet_tiny_swin_s", pretrained, **kwargs)
+
+
+@register_model
+def snnet_tiny_swin_b(pretrained: bool = False, **kwargs: Any) -> SwinTransformer:
+    """Swin, depths (2, 2, 6, 2), width 16: a stand-in for Swin-B."""
+    return _tiny_swin("snnet_tiny_swin_b", pretrained, **kwargs)
+
+
+@register_model
+def snnet_tiny_resnet18(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """BasicBlock ResNet, layers (2, 2, 2, 2), widths 4..32: a stand-in for ResNet-18."""
+    return _tiny_resnet("snnet_tiny_resnet18", pretrained, **kwargs)
+
+
+@register_model
+def snnet_tiny_resnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """Bottleneck ResNet, layers (1, 3, 4, 1), widths 32..256 out: a stand-in for ResNet-50."""
+    return _tiny_resnet("snnet_tiny_resnet50", pretrained, **kwargs)
+
+
+@register_model
+def snnet_tiny_convnext_t(pretrained: bool = False, **kwargs: Any) -> ConvNeXt:
+    """ConvNeXt, depths (1, 2, 2, 1), widths 8..64: a stand-in for ConvNeXt-T."""
+    return _tiny_convnext("snnet_tiny_convnext_t", pretrained, **kwargs)
+
+
+@register_model
+def snnet_tiny_convnext_s(pretrained: bool = False, **kwargs: Any) -> ConvNeXt:
+    """ConvNeXt, depths (1, 2, 4, 1): a stand-in for ConvNeXt-S (deeper third stage)."""
+    return _tiny_convnext("snnet_tiny_convnext_s", pretrained, **kwargs)
