@@ -8,6 +8,7 @@
 """
 
 from . import tiny, zoo  # noqa: F401  (register the shipped and the tiny test families with timm)
+from . import adapters  # noqa: F401  (register the Swin, ResNet and ConvNeXt adapters)
 from .anchors import ActivationSpec, Adapter, AnchorParts, AnchorSpec, register_adapter, split_model
 from .errors import CheckpointError, NotStitchableError, SnnetError, StitchNotFoundError, UnknownModelError
 from .model import InitReport, StitchCost, StitchedNet, create_snnet

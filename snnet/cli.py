@@ -34,11 +34,6 @@ def _root() -> None:
 
 
 
-@app.callback()
-def _root() -> None:
-    """Stitchable Neural Networks: one network, many accuracy/cost budgets."""
-
-
 AnchorsOpt = Annotated[str, typer.Option(
     "--anchors", "-a", help="A family (fmnist, deit, swin, resnet, resnet18-swin_t, convnext) or comma-separated timm model names, in any order.")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Input resolution (default: the anchors' own).")]
@@ -90,6 +85,8 @@ from .commands import deploy as _deploy_cmd  # noqa: E402
 app.command("profile")(_deploy_cmd.profile)
 app.command("select")(_deploy_cmd.select)
 app.command("export")(_deploy_cmd.export)
+from .commands import demo as _demo_cmd  # noqa: E402
+app.command("demo")(_demo_cmd.demo)
 # ---- end of registered commands ----
 
 

@@ -166,7 +166,9 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
     """Fashion-MNIST from IDX files, entirely in memory.
 
     Items are ``(image, label)`` with ``image`` a float tensor ``1x28x28``
-    normalized with ``mean``/``std`` and ``label`` an int in ``[0, 10)``.
+    normalized with ``mean``/``std`` and ``label`` an int in ``[0, 10)``. Passing a
+    3-value ``mean``/``std`` (an RGB anchor's data config) yields ``3x28x28`` images
+    with the gray channel repeated.
 
     Augmentation parameters (crop offsets, flips) are drawn for the whole split
     at once in :meth:`set_epoch` from a generator seeded with ``(seed, epoch)``,
@@ -336,7 +338,8 @@ def _timm_dataset(create_dataset: Any, name: str, root: str | os.PathLike[str] |
                               is_training=augment, download=download, transform=transform)
     except (FileNotFoundError, RuntimeError, AssertionError, ValueError, TypeError) as e:
         hint = "" if download else " (pass download=True / --download to fetch it, if it can be downloaded)"
-        raise DatasetError(f"cannot open dataset {name!r} (root={root}, split={timm_split}): {e}{hint}") from e
+        reason = str(e) or type(e).__name__
+        raise DatasetError(f"cannot open dataset {name!r} (root={root}, split={timm_split}): {reason}{hint}") from e
 
 
 def num_classes(dataset: Dataset) -> int:

@@ -39,3 +39,11 @@ class ResultsError(SnnetError, ValueError):
 
 class TrainingError(SnnetError, RuntimeError):
     """Training cannot go on as configured (e.g. a batch that does not fit in device memory)."""
+
+
+class BudgetError(SnnetError, ValueError):
+    """A budget that cannot be read, or that no stitch of the space fits."""
+
+
+class ExportError(SnnetError, RuntimeError):
+    """A stitch that cannot be exported: unwritable path, failed trace, or failed verification."""

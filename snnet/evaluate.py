@@ -86,7 +86,7 @@ class StitchResult:
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
             raise KeyError(f"missing {', '.join(missing)}")
-        known = {k: _convert(k, d[k]) for k in _TYPES if k in d}
+        known = {k: _convert(k, d.get(k)) for k in _TYPES if k in d or k in _DEFAULTS}
         extra = {k: v for k, v in d.items() if k not in _TYPES}
         return cls(**known, extra=extra)
 
@@ -103,31 +103,29 @@ _TYPES: dict[str, type] = {"id": int, "name": str, "flops": int, "params": int, 
                            "latency_ms": float, "peak_mem_mb": float}
 _OPTIONAL = ("latency_ms", "peak_mem_mb")
 _REQUIRED = ("id", "name", "flops", "params", "acc1", "acc5", "is_anchor")
+# what a file may leave out (or leave empty, in CSV)
+_DEFAULTS: dict[str, Any] = {"loss": math.nan, "images": 0, "pareto": False, "latency_ms": None, "peak_mem_mb": None}
 
 
 def _convert(key: str, v: Any) -> Any:
     kind = _TYPES[key]
     if v is None or v == "":
-        if key in _OPTIONAL:
-            return None
-        if key in ("loss",):
-            return math.nan
-        if key in ("images",):
-            return 0
-        if key == "pareto":
-            return False
+        if key in _DEFAULTS:
+            return _DEFAULTS[key]
         raise ValueError(f"{key} is empty")
     if kind is bool:
         if isinstance(v, str):
-            if v.lower() not in ("true", "false", "1", "0", "yes", "no", ""):
+            if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(f"{key}={v!r} is not a boolean")
             return v.lower() in ("true", "1", "yes")
         return bool(v)
     if kind is int:
-        f = float(v)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        f = float(v)  # "12.0" from a spreadsheet is fine, 12.5 is not
         if not f.is_integer():
             raise ValueError(f"{key}={v!r} is not an integer")
-        return int(f)
+        return int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else int(f)
     return kind(v)
 
 
@@ -233,8 +231,9 @@ def evaluate(
                 x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
                 if input_size is None:
                     input_size = _check_batch(net, x)
-                if len(y) and (int(y.min()) < 0 or int(y.max()) >= net.num_classes):
-                    raise SnnetError(f"label {int(y.max())} is outside the network's {net.num_classes} classes: "
+                bad = y[(y < 0) | (y >= net.num_classes)]
+                if len(bad):  # cross_entropy would fail with an index error (or a CUDA assert)
+                    raise SnnetError(f"label {int(bad[0])} is outside the network's {net.num_classes} classes: "
                                      "the data does not match this network's head")
                 for s, logits in forward_stitches(net, x, chosen):
                     tallies[s.id].update(logits, y)
@@ -295,8 +294,11 @@ def mark_pareto(results: Sequence[StitchResult], x: str = "flops", y: str = "acc
 # ---------------------------------------------------------------------------------- files
 
 
-def check_writable(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` and prove a file can be written there, so a long run cannot fail at the end."""
+def check_writable(out_dir: str | os.PathLike, error: type[SnnetError] = SnnetError) -> Path:
+    """Create ``out_dir`` and prove a file can be written there, so a long run cannot fail at the end.
+
+    Raises ``error`` (any :class:`SnnetError` subclass, so each command keeps its own) if it cannot.
+    """
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -304,7 +306,7 @@ def check_writable(out_dir: str | os.PathLike) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise SnnetError(f"cannot write results to {out}: {e.strerror or e}. Choose a writable folder with --out") from e
+        raise error(f"cannot write to {out}: {e.strerror or e}. Choose a writable folder with --out") from e
     return out
 
 
@@ -339,7 +341,9 @@ def load_results(path: str | os.PathLike) -> list[StitchResult]:
     try:
         text = path.read_text()
         if path.suffix.lower() == ".csv":
-            rows: Any = list(csv.DictReader(io.StringIO(text)))
+            # CSV has no types and no "absent": empty cells are absent, extra columns numbers where they parse
+            rows: Any = [{k: _from_text(v) if k not in _TYPES else v for k, v in row.items() if v not in ("", None)}
+                         for row in csv.DictReader(io.StringIO(text))]
         else:
             rows = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
@@ -353,7 +357,19 @@ def load_results(path: str | os.PathLike) -> list[StitchResult]:
         except (KeyError, ValueError, TypeError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise ResultsError(f"{path} is not an snnet results file: entry {k} is invalid ({msg})") from e
+    ids = [r.id for r in out]
+    if len(set(ids)) != len(ids):
+        raise ResultsError(f"{path} holds some stitch ids twice: results of different runs were mixed; re-run `snnet eval`")
     return out
+
+
+def _from_text(v: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
 
 
 def format_results(results: Sequence[StitchResult], x: str = "flops") -> str:

@@ -86,7 +86,7 @@ class StitchedNet(nn.Module):
         self._costs: dict[tuple[int, ...], list[StitchCost]] = {}
         self._part_costs = {self.input_size: [costs[k] for k in order]}
         infos = [
-            AnchorInfo(self.labels[i], p.stages, p.stitch_stages, tuple(probes[order[i]][0]))
+            AnchorInfo(self.labels[i], p.stages, p.stitch_stages, tuple(probes[order[i]][0]), p.stitch_rule)
             for i, p in enumerate(self.anchors)
         ]
         self.space = StitchSpace(infos, config)
@@ -106,8 +106,24 @@ class StitchedNet(nn.Module):
         """Look a stitch up by id, name or value (raises with the valid range or close names)."""
         return self.space[key]
 
-    def select(self, stitch: int | str | Stitch) -> Stitch:
-        """Make ``stitch`` the route the next forward runs. O(1); no weight moves."""
+    def select(self, stitch: int | str | Stitch | None = None, *, budget: Any = None, results: Any = None) -> Any:
+        """Make ``stitch`` the route the next forward runs. O(1); no weight moves.
+
+        Or pass ``budget=`` (``"flops<=2G"``, ``"latency=30ms,memory=200MB"``, a
+        :class:`snnet.deploy.Budget`) to select the most accurate stitch within it — measured
+        top-1 from ``results`` (rows or a ``results.json`` path) when given, else cost as the
+        proxy — and get back the :class:`snnet.deploy.Selection`, which says which and why.
+        """
+        if budget is not None:
+            if stitch is not None:
+                raise ValueError("select takes a stitch or a budget, not both")
+            from .deploy import select_stitch
+
+            chosen = select_stitch(self, budget, results)
+            self._active = chosen.stitch
+            return chosen
+        if stitch is None:
+            raise TypeError("select needs a stitch (id, name or Stitch) or budget=...")
         self._active = self.space[stitch]
         return self._active
 
@@ -315,6 +331,20 @@ class StitchedNet(nn.Module):
         self.load_state_dict(state)
 
 
+def expand_family(name: str) -> list[str]:
+    """A family name (``"swin"``) as its anchors' model names; a comma list as its names."""
+    from .adapters import FAMILIES, family
+
+    names = family(name)
+    if names is not None:
+        return names
+    names = [n.strip() for n in name.split(",") if n.strip()]
+    if len(names) < 2:
+        raise NotStitchableError(
+            f"{name!r} is neither a family ({', '.join(FAMILIES)}) nor a list of at least two model names")
+    return names
+
+
 def _split(module: nn.Module | AnchorParts) -> AnchorParts:
     from .anchors import split_model
 
@@ -340,11 +370,16 @@ def _probe(parts: AnchorParts, label: str, input_size: tuple[int, ...]) -> tuple
         raise NotStitchableError(f"anchor {label!r} cannot take an input of size {tuple(input_size)}: {e}") from e
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask (the call sets it, so set it back)
+
+
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private (0600); give them the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -363,12 +398,14 @@ def create_snnet(
     stride: int = 1,
     nearest: bool = True,
     stages: Sequence[int] | None = None,
+    rule: str | None = None,
     device: str | torch.device | None = None,
 ) -> StitchedNet:
     """Stitch a family of anchors into one switchable network.
 
-    ``anchors`` are timm model names (snnet's shipped ``fmnist-vit-*`` included), or your own
-    modules of a kind an adapter knows. Names get weights from the internet with
+    ``anchors`` are timm model names (snnet's shipped ``fmnist-vit-*`` included), the name of
+    a family in :data:`snnet.adapters.FAMILIES` (``"deit"``, ``"swin"``, ``"resnet"``, ...), or
+    your own modules of a kind an adapter knows. Names get weights from the internet with
     ``pretrained=True``, from local files with ``files=[...]`` (one per anchor, through
     timm's pretrained path), or random init for planning. ``device="meta"`` builds the
     network without allocating weights: enough to enumerate and price the space instantly.
@@ -378,8 +415,10 @@ def create_snnet(
             raise ValueError("a network on the meta device holds no weights: drop pretrained/files")
         with torch.device("meta"):
             return create_snnet(anchors, img_size=img_size, num_classes=num_classes, labels=labels,
-                                kernel_size=kernel_size, stride=stride, nearest=nearest, stages=stages)
-    config = SpaceConfig(kernel_size, stride, nearest, tuple(stages) if stages is not None else None)
+                                kernel_size=kernel_size, stride=stride, nearest=nearest, stages=stages, rule=rule)
+    if isinstance(anchors, str):
+        anchors = expand_family(anchors)
+    config = SpaceConfig(kernel_size, stride, nearest, tuple(stages) if stages is not None else None, rule)
     kwargs: dict[str, Any] = {}
     if img_size is not None:
         kwargs["img_size"] = img_size

@@ -101,7 +101,7 @@ def _png(anchors: list[StitchResult], stitches: list[StitchResult], frontier: li
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import EngFormatter
 
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     try:
@@ -114,7 +114,7 @@ def _png(anchors: list[StitchResult], stitches: list[StitchResult], frontier: li
         for r in anchors:
             ax.annotate(r.name, (r.value(x), r.acc1), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=8)
         if x in ("flops", "params"):
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 10M, 2.5G: like the HTML's SI ticks
         ax.set(xlabel=xlabel, ylabel="top-1 accuracy (%)", title=title)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")

@@ -28,6 +28,7 @@ at the price of fewer stitches visited per step.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
@@ -276,10 +277,12 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+def default_device(name: str | torch.device | None = None) -> torch.device:
+    """``name``, else CUDA if there is one, else CPU; a bare 'cuda' becomes this process's GPU (LOCAL_RANK)."""
+    device = torch.device(name) if name is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
 
 
 class Trainer:
@@ -294,7 +297,7 @@ class Trainer:
                  device: str | torch.device | None = None) -> None:
         self.net, self.config, self.optim = net, config, optim
         self.rank, self.world_size = _dist()
-        self.device = torch.device(device or config.device or default_device())
+        self.device = default_device(device or config.device)
         net.to(self.device)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         self.total_steps = total_steps
@@ -488,9 +491,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _gather(obj: Any, world_size: int) -> list[Any]:
     if world_size == 1:
         return [obj]
+    # tensors inside all_gather_object do not survive its pickling: send torch.save bytes instead
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     out: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
+    torch.distributed.all_gather_object(out, buf.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in out]
 
 
 def resolve_resume(resume: str | None, out_dir: str | os.PathLike) -> Path | None:
@@ -577,7 +583,7 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
 
     if teacher is None and config.distill is not None:
         teacher = build_teacher(net, config.distill)
-    device = torch.device(config.device or default_device())
+    device = default_device(config.device)
     net.to(device)
     if ckpt is None and config.init_images > 0 and rank == 0:
         # rank 0 fits; DDP broadcasts rank 0's weights when it wraps the network

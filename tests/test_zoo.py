@@ -48,9 +48,9 @@ def test_pretrained_weights_match_family_json() -> None:
     expected = json.loads(FAMILY_JSON.read_text())["models"]["fmnist_vit_s"]["top1"]
     model = timm.create_model("fmnist_vit_s", pretrained=True).eval()
     assert model.patch_embed.proj.weight.dtype == torch.float32  # fp16 file upcast into fp32 params
-    # A strided sample spans every class (the test split is not sorted, but be safe).
-    data = FashionMNIST(DEBIAN_ROOT, "test")
-    data.images, data.labels = data.images[::10], data.labels[::10]
+    # The test split is shuffled, so its first 1,000 images are a fair sample
+    # (binomial std ~1.4 points, hence the 3-point tolerance).
+    data = FashionMNIST(DEBIAN_ROOT, "test", limit=1000)
     correct = 0
     with torch.no_grad():
         for images, labels in make_loader(data, batch_size=500, shuffle=False):

@@ -1,0 +1,35 @@
+"""``snnet demo``: the README's main command."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..demo import DemoConfig, run_demo
+
+_D = DemoConfig()
+
+
+def demo(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for results.json, results.csv, pareto.html, pareto.png, summary.json.")] = _D.out,
+    steps: Annotated[int, typer.Option(help="Joint training steps (one sampled stitch each); more steps, better stitches.")] = _D.steps,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = _D.batch_size,
+    lr: Annotated[float, typer.Option(help="Learning rate of the stitching layers.")] = _D.lr,
+    anchor_lr_scale: Annotated[float, typer.Option(help="The anchors' learning rate as a fraction of --lr.")] = _D.anchor_lr_scale,
+    data_dir: Annotated[Optional[str], typer.Option("--data", help="Folder with the four Fashion-MNIST IDX files (default: Debian's).")] = None,
+    download: Annotated[bool, typer.Option(help="Download Fashion-MNIST with torchvision if it is not on disk.")] = False,
+    eval_limit: Annotated[Optional[int], typer.Option(help="Evaluate on the first N test images (default: all 10,000).")] = None,
+    train_limit: Annotated[Optional[int], typer.Option(help="Train on the first N training images (default: all 60,000).")] = None,
+    quick: Annotated[bool, typer.Option(help="A smoke run in seconds: 20 steps, 1,000 test images.")] = False,
+    seed: int = _D.seed,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Build an SN-Net from the shipped Fashion-MNIST family, train it briefly, evaluate every stitch, plot the Pareto frontier and switch stitches by budget."""
+    if quick:
+        steps, eval_limit, train_limit = min(steps, 20), eval_limit or 1000, train_limit or 5000
+    cfg = DemoConfig(out=out, data_dir=data_dir, download=download, steps=steps, batch_size=batch_size, lr=lr,
+                     anchor_lr_scale=anchor_lr_scale, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
+                     device=device, progress=progress)
+    run_demo(cfg, echo=typer.echo)

@@ -1,0 +1,157 @@
+"""``snnet profile``, ``snnet select`` and ``snnet export``: choose a stitch for this device and ship it alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+ModelOpt = Annotated[Optional[Path], typer.Option(
+    "--model", "-m", help="A saved stitched network (folder with config.json and model.safetensors). "
+                          "Default: the shipped Fashion-MNIST family.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+
+
+def _load(model: Path | None, trained: bool) -> Any:
+    """The network of ``--model``, or the shipped family: its trained anchors with stitching layers
+    fitted by least squares on 100 training images when weights matter (``trained``), else at
+    random init (latency, memory and FLOPs do not depend on weights)."""
+    from ..cli import DEFAULT_ANCHORS, split_names
+    from ..model import StitchedNet, create_snnet
+
+    if model is not None:
+        return StitchedNet.from_pretrained(model)
+    net = create_snnet(split_names(DEFAULT_ANCHORS), pretrained=trained)
+    if trained:
+        from .. import data as sndata
+
+        calib = sndata.build_dataset("fashion-mnist", "train", net.anchors[0].data_config, limit=100)
+        net.init_stitching(sndata.make_loader(calib, 100, shuffle=False), max_images=100)
+    return net
+
+
+def profile(
+    model: ModelOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward.")] = 1,
+    img_size: Annotated[Optional[int], typer.Option("--img-size", min=1, help="Input resolution (default: the network's).")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed forwards per stitch (median and p90 are reported).")] = 30,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed forwards per stitch first.")] = 5,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: torch's).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1... (default: cuda if available).")] = None,
+    stitches: Annotated[Optional[str], typer.Option(help="Comma-separated stitch ids or names (default: all).")] = None,
+    out: OutOpt = Path("snnet-eval"),
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Measure every stitch's latency (median, p90) and peak memory on this device; add them to results.json.
+
+    If --out already holds results.json from `snnet eval`, the measurements are added to it and the
+    accuracy/latency frontier is drawn (pareto_latency.html/.png); otherwise a results.json with
+    FLOPs, params, latency and memory (accuracy empty) is written.
+    """
+    import torch
+
+    from ..deploy import merge_profile, profile as run_profile, read_rows
+    from ..evaluate import RESULTS_JSON, StitchResult, check_writable, write_results
+    from ..model import _atomic_write
+    from ..report import human, table
+
+    out = check_writable(out)
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    existing = read_rows(out / RESULTS_JSON) if (out / RESULTS_JSON).is_file() else None  # a broken file fails now
+    net = _load(model, trained=False)
+    keys = [k.strip() for k in stitches.split(",") if k.strip()] if stitches else None
+    for k in keys or []:
+        net.stitch(k)  # unknown names fail before any measuring
+    size = (net.input_size[0], img_size, img_size) if img_size else None
+    measured, settings = run_profile(net, batch_size, size, warmup, repeats, dev, threads, keys, progress)
+    rows = merge_profile(existing, net.costs(size) if existing is None else [], measured, settings)
+    shown = [r for r in rows if r.get("latency_ms") is not None]
+    typer.echo(table(shown, [("id", "id"), ("name", "stitch"), ("params", "params"), ("flops", "FLOPs"),
+                             ("latency_ms", "median ms"), ("latency_p90_ms", "p90 ms"), ("peak_mem_mb", "peak MB"),
+                             ("acc1", "top-1 %")],
+                     {"params": human, "flops": human, "latency_ms": lambda v: f"{v:.3f}",
+                      "latency_p90_ms": lambda v: f"{v:.3f}"}))
+    typer.echo(f"\n{len(measured)} networks on {settings.device} (threads={settings.threads}), batch {batch_size}, "
+               f"input {'x'.join(map(str, settings.input_size))}, {repeats} timed runs after {warmup} warm-up. "
+               "Peak MB = route weights + input + peak live intermediate tensors.")
+    import json
+
+    if all(r.get("acc1") is not None for r in rows):
+        from ..plot import plot_pareto
+
+        results = [StitchResult.from_dict(r) for r in rows]
+        paths = list(write_results(results, out))
+        if all(r.latency_ms is not None for r in results):
+            paths += plot_pareto(results, out / "pareto_latency.html", out / "pareto_latency.png", x="latency_ms")
+        else:
+            typer.echo("(profile every stitch to draw the latency frontier)")
+    else:
+        path = out / RESULTS_JSON
+        _atomic_write(path, lambda p: p.write_text(json.dumps(rows, indent=2) + "\n"))
+        paths = [path]
+        typer.echo("(no accuracy yet: run `snnet eval --out` into the same folder, then profile again, to draw the "
+                   "accuracy/latency frontier)")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+def select(
+    budget: Annotated[list[str], typer.Argument(help="Bounds such as flops<=2G, params=5M, latency=30ms, memory=200MB.")],
+    model: ModelOpt = None,
+    results: Annotated[Optional[Path], typer.Option(
+        "--results", "-r", help="results.json (or its folder) from `snnet eval`/`snnet profile`: measured accuracy, "
+                                "latency and memory. Needed for latency/memory budgets.")] = None,
+) -> None:
+    """Pick the most accurate stitch within a budget, and say which and why.
+
+    Accuracy comes from --results when they hold it; otherwise the stitch with the most FLOPs within the
+    budget is taken (more compute buys accuracy along the SN-Net frontier). Without --model,
+    the stitches of --results are used, or else the shipped family's space.
+    """
+    from ..deploy import parse_budget, select_stitch
+
+    parsed = parse_budget(budget)  # bad units fail before anything is built
+    if model is None and results is not None:
+        chosen = select_stitch(results, parsed)
+    else:
+        from ..cli import DEFAULT_ANCHORS, split_names
+        from ..model import StitchedNet, create_snnet
+
+        net = StitchedNet.from_pretrained(model) if model is not None else create_snnet(split_names(DEFAULT_ANCHORS), device="meta")
+        chosen = select_stitch(net, parsed, results)
+    typer.echo(f"{chosen.name}\n  id {chosen.id}; why: {chosen.reason}")
+
+
+def export(
+    stitch: Annotated[str, typer.Option("--stitch", "-s", help="Stitch id or name (`snnet stitches` lists them).")],
+    model: ModelOpt = None,
+    formats: Annotated[str, typer.Option("--format", "-f", help="Comma-separated: safetensors, pt2, onnx.")] = "safetensors,pt2,onnx",
+    out: OutOpt = Path("snnet-export"),
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch of the example input used to trace and verify.")] = 2,
+) -> None:
+    """Export one stitch alone: only the weights its route uses, as safetensors + config, torch.export and ONNX.
+
+    Every file is verified (outputs equal to the stitch inside the stitched network) before it is moved
+    into --out; if any format fails, nothing is written.
+    """
+    from ..deploy import _check_dir, _check_formats, export_stitch
+
+    chosen_formats = _check_formats(formats)
+    # a bad stitch name fails before anything is loaded or written (the space needs no weights)
+    if model is not None:
+        from ..model import StitchedNet
+
+        net = StitchedNet.from_pretrained(model)
+        net.stitch(stitch)
+    else:
+        from ..cli import DEFAULT_ANCHORS, split_names
+        from ..model import create_snnet
+
+        create_snnet(split_names(DEFAULT_ANCHORS), device="meta").stitch(stitch)
+    out = _check_dir(out)
+    if model is None:
+        net = _load(None, trained=True)
+    paths = export_stitch(net, stitch, out, chosen_formats, batch_size)
+    for name, p in paths.items():
+        typer.echo(f"{p}  {p.stat().st_size / 1024:.1f} KiB")
+    typer.echo(f"exported {net.stitch(stitch).name} (verified: outputs match the stitched network's)")

@@ -1,0 +1,188 @@
+"""The demo: the whole SN-Net idea on the shipped Fashion-MNIST family, on a laptop CPU.
+
+One network, many budgets, switched instantly:
+
+1. build the SN-Net from the three shipped anchors (``fmnist_vit_ti/s/b``) and measure each
+   anchor alone on the test set;
+2. initialise every stitching layer by least squares on 100 training images, then train the
+   whole network briefly, sampling one stitch per step;
+3. evaluate every stitch on the test set (shared prefixes), print the table with the Pareto
+   frontier, write ``results.json``, ``pareto.html`` and ``pareto.png``;
+4. check the paper's claim at this scale: the stitches fill the FLOPs range between the
+   anchors with accuracy rising with cost, and the anchors keep their accuracy;
+5. for a few FLOPs budgets, select the best stitch and time the switch.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .evaluate import StitchResult, check_writable, evaluate, format_results, write_results
+from .model import StitchedNet, create_snnet
+from .report import human, table
+from .train import OptimConfig, TrainConfig, train
+
+FAMILY = "fmnist"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs. The defaults take a few minutes on a 2-core CPU."""
+
+    out: str = "snnet-demo"
+    data_dir: str | None = None  # folder with the Fashion-MNIST IDX files (default: Debian's)
+    download: bool = False  # fetch Fashion-MNIST with torchvision when it is not on disk
+    steps: int = 400  # joint training steps, one sampled stitch each
+    batch_size: int = 128
+    lr: float = 1e-3  # stitching layers
+    anchor_lr_scale: float = 0.05  # anchors learn 20x slower: they are already trained
+    train_limit: int | None = None  # first N training images (quick runs)
+    eval_limit: int | None = None  # first N test images (default: all 10,000)
+    eval_batch_size: int = 500
+    budgets: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)  # FLOPs budgets, as fractions of the largest anchor's
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One budget, the stitch it selects, and how long switching to it takes."""
+
+    budget_flops: int
+    id: int
+    name: str
+    flops: int
+    acc1: float
+    select_us: float
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    results: list[StitchResult]
+    anchors_before: dict[str, float]  # anchor name -> top-1 before stitching
+    anchors_after: dict[str, float]
+    max_frontier_gap: float  # widest gap between consecutive frontier points, as a share of the anchors' FLOPs range
+    frontier_size: int
+    switches: list[Switch]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def anchors_kept(self) -> bool:
+        return all(abs(self.anchors_after[k] - v) <= 1.0 for k, v in self.anchors_before.items())
+
+    @property
+    def frontier_filled(self) -> bool:
+        return self.max_frontier_gap <= 0.2
+
+
+def frontier_gap(results: list[StitchResult]) -> float:
+    """Widest FLOPs gap between consecutive Pareto-frontier points inside the anchors' range,
+    as a fraction of that range (cheapest to dearest anchor)."""
+    anchors = [r.flops for r in results if r.is_anchor]
+    lo, hi = min(anchors), max(anchors)
+    xs = sorted({lo, hi} | {r.flops for r in results if r.pareto and lo <= r.flops <= hi})
+    return max(b - a for a, b in zip(xs, xs[1:])) / (hi - lo)
+
+
+def time_switch(net: StitchedNet, stitch_id: int, reps: int = 1000) -> float:
+    """Median microseconds of ``net.select`` to a stitch (from another stitch)."""
+    other = 0 if stitch_id != 0 else 1
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            net.select(other)
+            net.select(stitch_id)
+        samples.append((time.perf_counter() - t0) / (2 * reps) * 1e6)
+    return statistics.median(samples)
+
+
+def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print) -> DemoResult:
+    """Run the demo end to end and write its files into ``cfg.out``."""
+    from torch.utils.data import DataLoader
+
+    from .data import FashionMNIST
+
+    t0 = time.perf_counter()
+    out = check_writable(cfg.out)  # before any work: a run must not fail at its end
+    torch.manual_seed(cfg.seed)
+    net = create_snnet(FAMILY, pretrained=True)  # the shipped weights, through timm's pretrained path
+    mean, std = tuple(net.anchors[0].data_config["mean"]), tuple(net.anchors[0].data_config["std"])
+    data = dict(root=cfg.data_dir, mean=mean, std=std, download=cfg.download)
+    test = FashionMNIST(split="test", limit=cfg.eval_limit, **data)
+    train_set = FashionMNIST(split="train", limit=cfg.train_limit, augment=True, seed=cfg.seed, **data)
+    test_loader = DataLoader(test, batch_size=cfg.eval_batch_size)
+    costs = net.costs()
+    echo(f"SN-Net from {', '.join(net.labels)}: {len(net.space)} networks, "
+         f"{human(min(c.flops for c in costs))}–{human(max(c.flops for c in costs))} FLOPs, "
+         f"{len(net.stitch_layers)} stitching layers")
+    seconds: dict[str, float] = {"build": time.perf_counter() - t0}
+
+    t = time.perf_counter()
+    anchors = [s.id for s in net.space.anchor_stitches()]
+    before = {r.name: r.acc1 for r in evaluate(net, test_loader, anchors, device=cfg.device, progress=cfg.progress)}
+    echo("anchors before stitching: " + ", ".join(f"{k} {v:.2f}%" for k, v in before.items()))
+    seconds["anchors_before"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tcfg = TrainConfig(epochs=1_000_000, max_steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                       out_dir=str(out / "train"), ckpt_every=0, init_images=100, device=cfg.device,
+                       progress=cfg.progress, tensorboard=False, log_every=10)
+    ocfg = OptimConfig(lr=cfg.lr, anchor_lr_scale=cfg.anchor_lr_scale, warmup_steps=max(cfg.steps // 20, 1),
+                       min_lr=cfg.lr / 100)
+    res = train(net, train_set, tcfg, ocfg)
+    echo(f"trained {res.step} steps in {res.seconds:.0f}s ({res.images_per_second:.0f} img/s), last loss {res.loss:.3f}")
+    seconds["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    results = evaluate(net, test_loader, device=cfg.device, progress=cfg.progress)
+    seconds["evaluate"] = time.perf_counter() - t
+    write_results(results, out)
+    echo("\n" + format_results(results))
+
+    from .plot import plot_pareto
+
+    plot_pareto(results, out / "pareto.html", out / "pareto.png",
+                title=f"SN-Net on Fashion-MNIST: {len(results)} networks from 3 anchors")
+
+    after = {r.name: r.acc1 for r in results if r.is_anchor}
+    gap = frontier_gap(results)
+    switches = []
+    largest = max(r.flops for r in results if r.is_anchor)
+    for frac in cfg.budgets:
+        bound = int(frac * largest)
+        if bound < min(r.flops for r in results):
+            continue
+        sel = net.select(budget=f"flops<={bound}", results=[r.to_dict() for r in results])
+        row = next(r for r in results if r.id == sel.id)
+        switches.append(Switch(bound, sel.id, sel.name, row.flops, row.acc1, time_switch(net, sel.id)))
+    summary = DemoResult(results, before, after, gap, sum(r.pareto for r in results), switches,
+                         {**seconds, "total": time.perf_counter() - t0})
+    _report(summary, out, echo)
+    return summary
+
+
+def _report(s: DemoResult, out: Path, echo: Callable[[str], Any]) -> None:
+    echo("\nThe paper's claim at this scale:")
+    echo(f"  stitches fill the range: {s.frontier_size} Pareto-optimal networks; widest FLOPs gap between "
+         f"them {s.max_frontier_gap:.1%} of the anchors' range (needs <= 20%): {'yes' if s.frontier_filled else 'NO'}")
+    kept = ", ".join(f"{k} {s.anchors_before[k]:.2f}% -> {s.anchors_after[k]:.2f}%" for k in s.anchors_before)
+    echo(f"  anchors keep their accuracy (within 1 point): {kept}: {'yes' if s.anchors_kept else 'NO'}")
+    echo("\nRun-time switching: the most accurate stitch within each FLOPs budget")
+    rows = [{"budget": human(w.budget_flops), "id": w.id, "name": w.name, "flops": human(w.flops), "acc1": w.acc1,
+             "us": f"{w.select_us:.2f}"} for w in s.switches]
+    echo(table(rows, [("budget", "budget"), ("id", "id"), ("name", "stitch"), ("flops", "FLOPs"),
+                      ("acc1", "top-1 %"), ("us", "switch (us)")]))
+    summary = {k: v for k, v in asdict(s).items() if k != "results"}
+    summary |= {"anchors_kept": s.anchors_kept, "frontier_filled": s.frontier_filled}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    echo(f"\nwrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'pareto.html'}, {out / 'pareto.png'}, "
+         f"{out / 'summary.json'} in {s.seconds['total']:.0f}s")

@@ -1,0 +1,279 @@
+"""Deployment: budgets and selection, standalone export of one stitch (every family kind), profiling."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+
+import snnet
+from snnet import deploy
+from snnet.deploy import Budget, parse_budget, select_stitch
+from snnet.errors import BudgetError, ExportError, StitchNotFoundError
+
+from .conftest import TINY_VITS
+
+# One family per kind of model snnet supports, including the cross-kind and unpaired cases.
+FAMILIES = {
+    "vit": TINY_VITS,
+    "vit_unpaired": ["snnet_tiny_vit_ti", "snnet_tiny_vit_deep"],
+    "swin": ["snnet_tiny_swin_t", "snnet_tiny_swin_s", "snnet_tiny_swin_b"],
+    "resnet": ["snnet_tiny_resnet18", "snnet_tiny_resnet50"],
+    "resnet_to_swin": ["snnet_tiny_resnet18", "snnet_tiny_swin_t"],
+    "convnext": ["snnet_tiny_convnext_t", "snnet_tiny_convnext_s"],
+}
+
+
+def _net(names: list[str]) -> snnet.StitchedNet:
+    torch.manual_seed(0)
+    return snnet.create_snnet(names).eval()
+
+
+def _in_network(net: snnet.StitchedNet, stitch: snnet.Stitch, x: torch.Tensor) -> torch.Tensor:
+    net.select(stitch)
+    with torch.inference_mode():
+        return net(x)
+
+
+def _routes(net: snnet.StitchedNet) -> list[snnet.Stitch]:
+    """The smallest anchor, the largest, and a stitch through a stitching layer."""
+    stitched = [s for s in net.space if not s.is_anchor]
+    return [net.space[0], net.space[len(net.anchors) - 1], stitched[len(stitched) // 2]]
+
+
+# ------------------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("flops<=2G", Budget(flops=2e9)),
+    ("2GFLOPs", Budget(flops=2e9)),
+    ("flops=1.5m", Budget(flops=1.5e6)),
+    ("300 MACs", Budget(flops=300)),
+    ("params=5M", Budget(params=5e6)),
+    ("latency=30ms", Budget(latency_ms=30)),
+    ("latency<0.5s", Budget(latency_ms=500)),
+    ("250us", Budget(latency_ms=0.25)),
+    ("memory=200MB", Budget(memory_mb=200)),
+    ("mem:1GB", Budget(memory_mb=1024)),
+    ("flops<=2G, latency=30ms", Budget(flops=2e9, latency_ms=30)),
+])
+def test_budget_parsing(text: str, expected: Budget) -> None:
+    assert parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("text, words", [
+    ("flops<=2Q", ["unknown unit 'q'", "K, M, G, T"]),
+    ("latency=30min", ["unknown unit 'min'", "us, ms, s"]),
+    ("memory=200", ["memory", "KB, MB, GB"]),
+    ("speed<=3", ["unknown cost 'speed'", "flops, params, latency, memory"]),
+    ("2G", ["does not say which cost"]),
+    ("flops<=2G,flops<=3G", ["twice"]),
+    ("", ["empty budget"]),
+    ("flops<=-1G", ["cannot read"]),
+])
+def test_bad_budgets_say_what_is_accepted(text: str, words: list[str]) -> None:
+    with pytest.raises(BudgetError) as e:
+        parse_budget(text)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+# ------------------------------------------------------------------------- selection
+
+
+def _fake_results(net: snnet.StitchedNet) -> list[dict]:
+    """Accuracies that are NOT monotone in FLOPs, so accuracy and the proxy disagree."""
+    rows = []
+    for c in net.costs():
+        acc = 50.0 + (c.id * 37 % 11)  # a deterministic scramble
+        rows.append(dict(c.to_dict(), acc1=acc, acc5=90.0, latency_ms=c.flops / 1e5, peak_mem_mb=c.params / 1e5))
+    return rows
+
+
+def test_select_by_measured_accuracy_within_budget(tiny_net: snnet.StitchedNet) -> None:
+    results = _fake_results(tiny_net)
+    costs = tiny_net.costs()
+    bound = sorted(c.flops for c in costs)[len(costs) // 2]
+    chosen = tiny_net.select(budget=f"flops<={bound}", results=results)
+    within = [r for r in results if r["flops"] <= bound]
+    best = max(within, key=lambda r: (r["acc1"], -r["flops"], -r["id"]))
+    assert chosen.id == best["id"] and tiny_net.active.id == best["id"]
+    assert chosen.ranked_by == "acc1" and set(chosen.candidates) == {r["id"] for r in within}
+    assert best["name"] in chosen.reason and f"top-1 {best['acc1']:.2f}%" in chosen.reason
+    # latency and memory budgets use the measured columns
+    lat = tiny_net.select(budget=f"latency<={bound / 1e5}ms,memory=100MB", results=results)
+    assert lat.id == best["id"]
+
+
+def test_select_by_proxy_without_accuracy(tiny_net: snnet.StitchedNet) -> None:
+    costs = tiny_net.costs()
+    bound = sorted(c.flops for c in costs)[len(costs) // 2]
+    chosen = select_stitch(tiny_net, Budget(flops=bound))
+    dearest = max((c for c in costs if c.flops <= bound), key=lambda c: c.flops)
+    assert chosen.id == dearest.id and chosen.ranked_by == "flops" and "proxy" in chosen.reason
+    # a plain list of cost rows works as well as the network
+    assert select_stitch([c.to_dict() for c in costs], f"flops<={bound}").id == dearest.id
+    # FLOPs stay the proxy under a params budget
+    pb = sorted(c.params for c in costs)[3]
+    assert select_stitch(tiny_net, f"params<={pb}").id == max((c for c in costs if c.params <= pb), key=lambda c: c.flops).id
+
+
+def test_budget_below_the_cheapest_names_it(tiny_net: snnet.StitchedNet) -> None:
+    cheapest = min(tiny_net.costs(), key=lambda c: c.flops)
+    with pytest.raises(BudgetError) as e:
+        tiny_net.select(budget=f"flops<={cheapest.flops - 1}")
+    assert cheapest.name in str(e.value) and "cheapest" in str(e.value)
+    active = tiny_net.active
+    with pytest.raises(BudgetError, match="snnet profile"):
+        tiny_net.select(budget="latency<=30ms")  # no profile: says how to get one
+    assert tiny_net.active == active  # a failed selection changes nothing
+    assert tiny_net.select(3).id == 3  # select(key) is unchanged
+
+
+def test_results_of_another_network_are_refused(tiny_net: snnet.StitchedNet) -> None:
+    rows = _fake_results(tiny_net)
+    rows[1]["name"] = "someone_else"
+    with pytest.raises(snnet.SnnetError, match="do not belong"):
+        tiny_net.select(budget="flops<=1G", results=rows)
+
+
+# ------------------------------------------------------------------------- export
+
+
+def test_every_tiny_family_is_covered() -> None:
+    """New tiny model families must be added to FAMILIES so the export tests cover their kind."""
+    covered = {n for names in FAMILIES.values() for n in names}
+    assert set(timm.list_models("snnet_tiny_*")) <= covered
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_extracted_and_reloaded_stitch_equals_the_stitched_network(family: str, tmp_path: Path, images: torch.Tensor) -> None:
+    net = _net(FAMILIES[family])
+    whole = sum(v.numel() for v in net.state_dict().values())
+    for s in _routes(net):
+        want = _in_network(net, s, images)
+        route = deploy.extract(net, s)
+        assert type(route) is deploy.StitchRoute
+        with torch.inference_mode():
+            assert (route(images) - want).abs().max() <= 1e-5
+        out = tmp_path / str(s.id)
+        deploy.save_stitch(route, out, deploy.stitch_config(net, s))
+        loaded = deploy.load_stitch(out)  # rebuilt from config.json alone
+        with torch.inference_mode():
+            assert (loaded(images) - want).abs().max() <= 1e-5
+        # the file holds exactly the route's tensors: no other anchor, no unused block
+        with safe_open(str(out / deploy.STITCH_WEIGHTS), "pt") as f:
+            keys = set(f.keys())
+            numel = sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
+        assert keys == set(route.state_dict())
+        route_numel = sum(v.numel() for v in deploy._route_view(net, s).state_dict().values())
+        assert numel == route_numel < whole
+        assert (out / deploy.STITCH_WEIGHTS).stat().st_size < 4 * whole
+        n_blocks = len(route.src_blocks) + len(route.dst_blocks)
+        if s.is_anchor:
+            assert n_blocks == net.anchors[s.src].depth and not any(k.startswith("stitch.") for k in keys)
+        else:
+            assert n_blocks == s.src_end + net.anchors[s.dst].depth - s.dst_start
+            assert any(k.startswith("stitch.") for k in keys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_torch_export_and_onnx_equal_the_stitched_network(family: str, tmp_path: Path, images: torch.Tensor) -> None:
+    """torch.export (.pt2) and ONNX (run by onnxruntime) of a stitch through a stitching layer."""
+    pytest.importorskip("onnxruntime")
+    net = _net(FAMILIES[family])
+    s = _routes(net)[2]
+    paths = deploy.export_stitch(net, s, tmp_path, formats=["pt2", "onnx"])
+    assert sorted(paths) == ["model.onnx", "model.pt2"]
+    want = _in_network(net, s, images)  # 6 images: the export traced a batch of 2, the batch stays dynamic
+    with torch.inference_mode():
+        got = torch.export.load(str(paths["model.pt2"])).module()(images)
+    assert (got - want).abs().max() <= 1e-5
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(paths["model.onnx"]), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: images.numpy()})[0])
+    assert (got - want).abs().max() <= 1e-5
+    assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_unwritable_export_path_fails_before_work_and_leaves_nothing(tiny_net: snnet.StitchedNet, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    # root ignores permissions; nobody can create folders in /proc
+    target = locked / "out" if os.geteuid() != 0 else Path("/proc/snnet-test-export")
+    try:
+        with pytest.raises(ExportError, match="cannot write"):
+            deploy.export_stitch(tiny_net, 4, target)
+    finally:
+        locked.chmod(stat.S_IRWXU)
+    assert list(locked.iterdir()) == [] and not target.exists()
+
+
+def test_unwritable_file_path_is_a_clear_error(tiny_net: snnet.StitchedNet, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ExportError, match="cannot write"):
+        deploy.export_stitch(tiny_net, 4, blocker / "out")
+    with pytest.raises(StitchNotFoundError):
+        deploy.export_stitch(tiny_net, "no_such_stitch", tmp_path / "x")
+    with pytest.raises(ExportError, match="unknown export format"):
+        deploy.export_stitch(tiny_net, 4, tmp_path / "y", formats=["tflite"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.slow
+def test_failed_verification_leaves_no_file(tiny_net: snnet.StitchedNet, tmp_path: Path, monkeypatch) -> None:
+    """An ONNX file whose outputs differ is deleted, and the formats already staged are not moved in."""
+    real = deploy._max_diff
+    monkeypatch.setattr(deploy, "_max_diff", lambda a, b: real(a, b) + 1.0)  # as if onnxruntime disagreed
+    with pytest.raises(ExportError, match="differ"):
+        deploy.export_stitch(tiny_net, 4, tmp_path, formats=["safetensors", "onnx"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_stitch_rejects_what_it_cannot_rebuild(tmp_path: Path) -> None:
+    with pytest.raises(snnet.CheckpointError, match="not an exported stitch"):
+        deploy.load_stitch(tmp_path)
+    (tmp_path / deploy.STITCH_CONFIG).write_text(json.dumps({"format": "something else"}))
+    (tmp_path / deploy.STITCH_WEIGHTS).write_bytes(b"junk")
+    with pytest.raises(snnet.CheckpointError, match="corrupt"):
+        deploy.load_stitch(tmp_path)
+
+
+# ------------------------------------------------------------------------- profile
+
+
+def test_profile_measures_sane_numbers(tiny_net: snnet.StitchedNet) -> None:
+    tiny_net.select(1)
+    measured, settings = deploy.profile(tiny_net, batch_size=2, warmup=1, repeats=3, stitches=[0, 2, 5], progress=False)
+    assert [r.id for r in measured] == [0, 2, 5] and tiny_net.active.id == 1  # the active stitch is restored
+    costs = tiny_net.costs()
+    for r in measured:
+        assert 0 < r.latency_ms <= r.latency_p90_ms < 10_000
+        weights = deploy.route_bytes(deploy._route_view(tiny_net, tiny_net.stitch(r.id))) / deploy.MB
+        assert r.peak_mem_mb > weights  # weights + input + activations
+        assert r.peak_mem_mb < weights + 5  # a tiny route at batch 2 needs far less than 5 MB of activations
+    # the largest anchor needs more memory than the smallest
+    assert measured[1].peak_mem_mb > measured[0].peak_mem_mb
+    assert settings.batch_size == 2 and settings.repeats == 3
+    rows = deploy.merge_profile(None, costs, measured, settings)
+    assert len(rows) == len(costs) and rows[5]["latency_ms"] == measured[2].latency_ms and rows[1].get("latency_ms") is None
+    assert rows[0]["acc1"] is None and rows[0]["profile"]["device"] == "cpu"
+
+
+def test_activation_memory_tracker_counts_live_tensors() -> None:
+    m = torch.nn.Sequential(torch.nn.Linear(10, 1000), torch.nn.ReLU(), torch.nn.Linear(1000, 10)).eval()
+    x = torch.randn(4, 10)
+    with torch.inference_mode():
+        peak = deploy._peak_activation_bytes(m, x)
+    # Linear's output (4x1000 floats) and ReLU's output are alive together; the input and weights are not counted
+    assert peak == 2 * 4 * 1000 * 4

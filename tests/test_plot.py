@@ -1,0 +1,73 @@
+"""Pareto plots: an offline interactive HTML with one trace per legend group, and a valid PNG."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from snnet.errors import ResultsError
+from snnet.evaluate import StitchResult, mark_pareto
+from snnet.plot import plot_pareto
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _results(latency: bool = False) -> list[StitchResult]:
+    rows = [  # id, name, flops, acc1: two anchors, four stitches (two of them on the frontier)
+        (0, "ti", 100, 60.0), (1, "b", 400, 80.0), (2, "ti[:1]+b[1:]", 350, 79.0),
+        (3, "ti[:2]+b[2:]", 250, 75.0), (4, "ti[:3]+b[3:]", 200, 55.0), (5, "ti[:3]+b[2:]", 300, 70.0),
+    ]
+    return mark_pareto([
+        StitchResult(i, n, f, 10 * f, a, a + 10, 1.0, 50, i < 2, latency_ms=f / 100 if latency else None)
+        for i, n, f, a in rows])
+
+
+def _traces(html: str) -> list[dict]:
+    """The figure's traces, as plotly wrote them into the page."""
+    start = re.search(r'Plotly\.newPlot\(\s*"[^"]+",\s*', html)
+    assert start, "no Plotly.newPlot call in the HTML"
+    data, _ = json.JSONDecoder().raw_decode(html, start.end())
+    return data
+
+
+def test_html_has_one_trace_per_legend_group_with_hover(tmp_path: Path) -> None:
+    results = _results()
+    html_path, png_path = plot_pareto(results, tmp_path / "p.html", tmp_path / "p.png")
+    html = html_path.read_text()
+    traces = _traces(html)
+    by_name = {t["name"]: t for t in traces}
+    assert list(by_name) == ["stitches", "anchors", "Pareto frontier"]
+    assert len({t["legendgroup"] for t in traces}) == 3  # a legend click hides exactly one group
+    assert len(by_name["anchors"]["x"]) == 2 and len(by_name["stitches"]["x"]) == 4
+    # frontier: ti (100, 60) -> ti[:2]+b[2:] (250, 75) -> ti[:1]+b[1:] (350, 79) -> b (400, 80), by cost
+    assert by_name["Pareto frontier"]["x"] == [100, 250, 350, 400]
+    assert by_name["Pareto frontier"]["y"] == [60.0, 75.0, 79.0, 80.0]
+    hover = " ".join(by_name["stitches"]["text"])
+    for r in results[2:]:
+        assert r.name in hover and f"id {r.id}" in hover
+    assert "params 3.50K" in hover and "FLOPs 350" in hover and "top-5 89.00%" in hover
+    # plotly.js is embedded, so the page works offline
+    assert not re.search(r"<script[^>]*src=", html) and "plotly.js v" in html and len(html) > 1_000_000
+    assert png_path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_png_is_a_readable_image(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    (_, png_path) = plot_pareto(_results(), tmp_path / "p.html", tmp_path / "sub" / "p.png")
+    image = matplotlib.image.imread(png_path)
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 300
+    assert image.std() > 0  # something was drawn
+
+
+def test_latency_axis(tmp_path: Path) -> None:
+    (html_path,) = plot_pareto(_results(latency=True), tmp_path / "p.html", x="latency_ms")
+    traces = {t["name"]: t for t in _traces(html_path.read_text())}
+    assert traces["anchors"]["x"] == [1.0, 4.0]
+    assert "latency 1.000 ms" in " ".join(traces["anchors"]["text"])
+    with pytest.raises(ResultsError, match="latency_ms"):
+        plot_pareto(_results(), tmp_path / "q.html", x="latency_ms")
+    assert not (tmp_path / "q.html").exists()

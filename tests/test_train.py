@@ -1,0 +1,274 @@
+"""Training engine: learning, stitch sampling, exact resume, atomic checkpoints, input checks."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import snnet
+from snnet.data import DatasetError
+from snnet.errors import CheckpointError
+from snnet.train import (
+    CHECKPOINT_NAME, EpochSampler, FlopsBucketSampler, OptimConfig, StitchSampler, TrainConfig, load_checkpoint,
+    save_checkpoint, train,
+)
+
+from .conftest import TINY_VITS
+
+
+class Synthetic(TensorDataset):
+    """A learnable task: each class is a fixed random template plus noise."""
+
+    def __init__(self, n: int = 96, classes: int = 10, size: tuple[int, ...] = (3, 32, 32), seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        templates = torch.randn(classes, *size, generator=g)
+        y = torch.arange(n) % classes
+        super().__init__(templates[y] + 0.5 * torch.randn(n, *size, generator=g), y)
+        self.num_classes = classes
+
+
+def cfg(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(epochs=1, batch_size=8, out_dir=str(tmp_path / "run"), progress=False, tensorboard=False,
+                init_images=16, log_every=5)
+    return TrainConfig(**{**base, **kw})
+
+
+def fresh_net(seed: int = 0) -> snnet.StitchedNet:
+    torch.manual_seed(seed)
+    return snnet.create_snnet(TINY_VITS[:2])
+
+
+@torch.no_grad()
+def mean_loss(net: snnet.StitchedNet, x: torch.Tensor, y: torch.Tensor) -> float:
+    net.eval()
+    losses = []
+    for s in net.space:
+        net.select(s)
+        losses.append(torch.nn.functional.cross_entropy(net(x), y).item())
+    net.train()
+    return sum(losses) / len(losses)
+
+
+def test_loss_falls_over_every_stitch(tmp_path):
+    data = Synthetic(96)
+    net = fresh_net()
+    x, y = data.tensors[0][:48], data.tensors[1][:48]
+    before = mean_loss(net, x, y)
+    result = train(net, data, cfg(tmp_path, epochs=4, init_images=0, label_smoothing=0.0),
+                   OptimConfig(lr=1e-2, warmup_steps=2, weight_decay=0.0))
+    after = mean_loss(net, x, y)
+    assert result.finished and result.step == result.total_steps == 4 * (96 // 8)
+    # averaged over *every* network of the space, not only the sampled ones
+    assert after < 0.75 * before, (before, after)
+
+
+def test_uniform_sampler_visits_every_stitch_and_restores_state():
+    s = StitchSampler(23, seed=1)
+    seen = Counter(s.sample() for _ in range(600))
+    assert set(seen) == set(range(23))
+    state = s.state_dict()
+    a = [s.sample() for _ in range(20)]
+    s2 = StitchSampler(23, seed=999)
+    s2.load_state_dict(state)
+    assert [s2.sample() for _ in range(20)] == a
+    with pytest.raises(CheckpointError):
+        StitchSampler(5).load_state_dict(state)
+
+
+def test_flops_bucket_sampler_covers_buckets_evenly():
+    # many cheap stitches, few dear ones: uniform over stitches would rarely pick the dear end
+    flops = [1] * 20 + [50] * 3 + [100] * 2
+    s = FlopsBucketSampler(flops, num_buckets=4, seed=0)
+    assert [len(b) for b in s.buckets] == [20, 3, 2]  # the empty bucket (51..75) is dropped
+    picks = Counter(s.sample() for _ in range(3000))
+    assert set(picks) == set(range(25))
+    share_dear = sum(picks[i] for i in (23, 24)) / 3000
+    assert abs(share_dear - 1 / 3) < 0.05  # one bucket in three, though only 2 of 25 stitches
+    q = FlopsBucketSampler(flops, num_buckets=2, seed=0, quantile=True)
+    assert sum(len(b) for b in q.buckets) == 25
+
+
+def test_epoch_sampler_shards_and_skips():
+    full = list(EpochSampler(10, seed=3))
+    assert sorted(full) == list(range(10))
+    ranks = [list(EpochSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(r) == 4 for r in ranks) and set(sum(ranks, [])) == set(range(10))
+    s = EpochSampler(10, seed=3)
+    s.start = 4
+    assert list(s) == full[4:]
+    s.set_epoch(1)
+    assert list(s) != full and sorted(s) == list(range(10))
+
+
+def _params(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "flops_bucketed"])
+def test_resume_equals_uninterrupted(tmp_path, sampler):
+    data = Synthetic(40)  # 5 batches an epoch: the interruption falls mid-epoch
+    conf = dict(epochs=3, sampler=sampler, ckpt_every=4)
+    optim = OptimConfig(lr=1e-3, warmup_steps=3)
+    a = fresh_net()
+    full = train(a, data, cfg(tmp_path / "a", **conf), optim)
+    b = fresh_net()
+    part = train(b, data, cfg(tmp_path / "b", **conf), optim, stop_after=7)
+    assert not part.finished and part.step == 7 and part.final_dir is None
+    ckpt = load_checkpoint(part.checkpoint)
+    assert (ckpt["epoch"], ckpt["epoch_step"]) == (1, 2)
+    c = fresh_net(seed=123)  # different init: everything must come from the checkpoint
+    rest = train(c, data, cfg(tmp_path / "b", resume="auto", **conf), optim)
+    assert rest.finished and rest.step == full.step == 15
+    assert part.stitches + rest.stitches == full.stitches
+    pa, pc = _params(a), _params(c)
+    assert all(torch.equal(pa[k], pc[k]) for k in pa)
+    rows = [json.loads(ln) for ln in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 16))
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint(path, {"x": torch.arange(3)})
+
+    def torn_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"x": torch.arange(5)})
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temp file left behind
+
+
+def test_failure_mid_run_keeps_last_good_checkpoint(tmp_path):
+    class Breaks(Synthetic):
+        armed = False
+
+        def __getitem__(self, i):
+            if self.armed:
+                raise RuntimeError("disk went away")
+            return super().__getitem__(i)
+
+    data = Breaks(40)
+    net = fresh_net()
+    conf = cfg(tmp_path, epochs=2, ckpt_every=3)
+    train(net, data, conf, stop_after=3)
+    data.armed = True
+    with pytest.raises(RuntimeError, match="disk went away"):
+        train(fresh_net(), data, replace(conf, resume="auto"))
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["step"] == 3
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path):
+    data = Synthetic(16)
+    conf = cfg(tmp_path, max_steps=1)
+    train(fresh_net(), data, conf)
+    ckpt = tmp_path / "run" / CHECKPOINT_NAME
+    # another stitch space (three anchors instead of two)
+    torch.manual_seed(0)
+    other = snnet.create_snnet(TINY_VITS)
+    with pytest.raises(CheckpointError, match="another stitch space"):
+        train(other, data, replace(conf, resume=str(ckpt)))
+    with pytest.raises(CheckpointError, match="batch_size"):
+        train(fresh_net(), data, replace(conf, resume=str(ckpt), batch_size=4))
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(fresh_net(), data, replace(conf, resume="auto"))
+    with pytest.raises(CheckpointError, match="does not exist|no checkpoint"):
+        train(fresh_net(), data, replace(conf, resume=str(tmp_path / "nope.pt")))
+
+
+def test_bad_datasets_fail_before_training(tmp_path):
+    net = fresh_net()
+    with pytest.raises(DatasetError, match="empty"):
+        train(net, Synthetic(0), cfg(tmp_path))
+    with pytest.raises(DatasetError, match="5 classes but the network predicts 10"):
+        train(net, Synthetic(20, classes=5), cfg(tmp_path))
+    with pytest.raises(DatasetError, match=r"\(1, 28, 28\) but the network takes \(3, 32, 32\)"):
+        train(net, Synthetic(20, size=(1, 28, 28)), cfg(tmp_path))
+    with pytest.raises(DatasetError, match="fewer than one batch"):
+        train(net, Synthetic(4), cfg(tmp_path))
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_distill_from_largest_anchor_runs(tmp_path):
+    result = train(fresh_net(), Synthetic(16), cfg(tmp_path, max_steps=2, distill="largest", distill_alpha=0.5))
+    assert result.finished and torch.isfinite(torch.tensor(result.loss))
+
+
+def test_oom_becomes_clear_error(tmp_path, monkeypatch):
+    from snnet import train as train_mod
+
+    def oom(self, x, y, stitch):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_mod.Trainer, "backward", oom)
+    with pytest.raises(snnet.SnnetError, match="--batch-size 4"):
+        train(fresh_net(), Synthetic(16), cfg(tmp_path, init_images=0))
+
+
+def _image_folder(root: Path, classes: int = 10, per_class: int = 2) -> Path:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def _cli(*args: str) -> int:
+    from snnet.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def test_cli_train_writes_everything(tmp_path, capsys):
+    data = _image_folder(tmp_path / "imgs")
+    out = tmp_path / "out"
+    anchors = ",".join(TINY_VITS[:2])
+    code = _cli("train", "--anchors", anchors, "--data", str(data), "--max-steps", "3", "--batch-size", "4",
+                "--ckpt-every", "2", "--init-images", "8", "--lr", "1e-3", "--out", str(out), "--no-progress",
+                "--device", "cpu", "--sampler", "flops_bucketed")
+    assert code == 0, capsys.readouterr().err
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all({"loss", "lr", "stitch", "stitch_name", "img_per_s", "epoch"} <= set(r) for r in rows)
+    assert all(r["loss"] > 0 and r["lr"] > 0 for r in rows)
+    ckpt = load_checkpoint(out / CHECKPOINT_NAME)
+    assert ckpt["step"] == 3 and ckpt["config"]["sampler"] == "flops_bucketed"
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["stitches"] == ckpt["stitches"] and len(config["stitches"]) == len(fresh_net().space)
+    net = snnet.load(out / "final")
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in ckpt["model"].items())
+    assert json.loads((out / "train_config.json").read_text())["train"]["max_steps"] == 3
+    assert "saved to" in capsys.readouterr().out
+    # continue from the saved network (no least-squares init, same weights to start)
+    code = _cli("train", "--init", str(out / "final"), "--data", str(data), "--max-steps", "1", "--batch-size", "4",
+                "--out", str(tmp_path / "out2"), "--no-progress")
+    assert code == 0 and (tmp_path / "out2" / "final" / "model.safetensors").is_file()
+
+
+def test_cli_train_bad_input_is_a_clear_error(tmp_path, capsys):
+    anchors = ",".join(TINY_VITS[:2])
+    assert _cli("train", "--anchors", anchors, "--sampler", "fancy", "--out", str(tmp_path / "o")) == 2
+    assert "unknown sampler 'fancy'" in capsys.readouterr().err
+    data = _image_folder(tmp_path / "five", classes=5)
+    assert _cli("train", "--anchors", anchors, "--data", str(data), "--out", str(tmp_path / "o"), "-b", "4",
+                "--no-progress") == 2
+    assert "5 classes but the network predicts 10" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
