@@ -4,40 +4,26 @@
     python benchmarks/bench_core.py --quick    # the tiny test family, seconds
 
 1. ``select`` vs load: the same stitch made active in the stitched network (``net.select``)
-   and loaded as a standalone model from a safetensors file (read the file, load the state
-   into a ready-built module of the route) — measured side by side, interleaved, medians.
+   and loaded as a standalone model from disk with ``snnet.deploy.load_stitch`` (build the
+   route's modules, read the safetensors file into them) — measured side by side,
+   interleaved, medians.
 2. Least-squares initialisation of every stitching layer on 100 calibration images.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import snnet
 
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 TINY = ["snnet_tiny_vit_ti", "snnet_tiny_vit_s", "snnet_tiny_vit_b"]
-
-
-def route_module(net: snnet.StitchedNet, stitch: snnet.Stitch) -> nn.Module:
-    """The stitch's route as a plain module holding only the weights it uses."""
-    src = net.anchors[stitch.src]
-    mods = {"stem": src.stem, "src": nn.Sequential(*src.blocks[: stitch.src_end])}
-    if not stitch.is_anchor:
-        dst = net.anchors[stitch.dst]
-        mods |= {"stitch": net.stitch_layers[stitch.layer], "dst": nn.Sequential(*dst.blocks[stitch.dst_start:]),
-                 "head": dst.head}
-    else:
-        mods["head"] = src.head
-    return copy.deepcopy(nn.ModuleDict(mods))
 
 
 def median_seconds(fn, reps: int) -> float:
@@ -66,12 +52,10 @@ def main() -> None:
     # 1. switching vs loading, on the stitch whose standalone file is largest
     costs = net.costs()
     stitch = net.stitch(max((c for c in costs if not c.is_anchor), key=lambda c: c.params).id)
-    from safetensors.torch import load_file, save_file
+    from snnet.deploy import extract, load_stitch, save_stitch, stitch_config
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "stitch.safetensors"
-        standalone = route_module(net, stitch)
-        save_file({k: v.contiguous() for k, v in standalone.state_dict().items()}, str(path))
+        folder = save_stitch(extract(net, stitch), Path(tmp) / "stitch", stitch_config(net, stitch))
         other = net.space.stitches[0]
 
         def switch() -> None:
@@ -79,14 +63,14 @@ def main() -> None:
             net.select(stitch)
 
         def load() -> None:
-            standalone.load_state_dict(load_file(str(path)))
+            load_stitch(folder)
 
         select_s, load_s = [], []
-        for _ in range(args.reps):  # interleaved so both see the same machine state
+        for _ in range(args.reps if args.quick else max(args.reps // 4, 3)):  # interleaved so both see the same machine state
             select_s.append(median_seconds(switch, 50) / 2)
             load_s.append(median_seconds(load, 1))
         sel, ld = statistics.median(select_s), statistics.median(load_s)
-        size_mb = path.stat().st_size / 2**20
+        size_mb = sum(p.stat().st_size for p in Path(folder).iterdir()) / 2**20
     print(f"\nstitch {stitch.name} ({size_mb:.1f} MB standalone)")
     print(f"  select():               {sel * 1e6:10.2f} us")
     print(f"  load from disk:         {ld * 1e6:10.2f} us")

@@ -32,7 +32,7 @@ from torch import nn
 
 from .anchors import ActivationSpec, AnchorSpec, create_anchor, split_model
 from .errors import BudgetError, CheckpointError, ExportError, SnnetError
-from .model import _atomic_write
+from .io import atomic_write
 from .space import Stitch
 from .stitching import StitchingLayer
 
@@ -421,8 +421,8 @@ def save_stitch(route: StitchRoute, directory: str | os.PathLike, config: Mappin
         save_file(state, str(p), metadata={"format": "pt", "snnet": STITCH_FORMAT})
         verify(p)
 
-    _atomic_write(out / STITCH_WEIGHTS, write)
-    _atomic_write(out / STITCH_CONFIG, lambda p: p.write_text(json.dumps(dict(config), indent=2) + "\n"))
+    atomic_write(out / STITCH_WEIGHTS, write)
+    atomic_write(out / STITCH_CONFIG, lambda p: p.write_text(json.dumps(dict(config), indent=2) + "\n"))
     return out
 
 
@@ -517,7 +517,7 @@ def export_program(route: nn.Module, example: torch.Tensor, path: str | os.PathL
     diff = _max_diff(got, want)
     if not diff <= atol:
         raise ExportError(f"the torch.export program's outputs differ from the stitch's by {diff:.3g} (> {atol}); not saved")
-    _atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
+    atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
     return path
 
 
@@ -558,7 +558,7 @@ def export_onnx(route: nn.Module, example: torch.Tensor, path: str | os.PathLike
         if not diff <= atol:
             raise ExportError(f"onnxruntime's outputs differ from the stitch's by {diff:.3g} (> {atol}); ONNX file not saved")
 
-    _atomic_write(path, write_and_verify)  # a file that fails verification is deleted, never renamed into place
+    atomic_write(path, write_and_verify)  # a file that fails verification is deleted, never renamed into place
     return path
 
 

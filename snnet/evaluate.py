@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ResultsError, SnnetError
-from .model import StitchedNet, _atomic_write
+from .io import atomic_write
+from .model import StitchedNet
 from .report import human, table
 from .space import Stitch
 
@@ -322,12 +323,12 @@ def write_results(results: Sequence[StitchResult], out_dir: str | os.PathLike) -
     out = check_writable(out_dir)
     rows = [r.to_dict() for r in results]
     json_path, csv_path = out / RESULTS_JSON, out / RESULTS_CSV
-    _atomic_write(json_path, lambda p: p.write_text(json.dumps(rows, indent=2) + "\n"))
+    atomic_write(json_path, lambda p: p.write_text(json.dumps(rows, indent=2) + "\n"))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=_columns(results), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(csv_path, lambda p: p.write_text(buf.getvalue()))
+    atomic_write(csv_path, lambda p: p.write_text(buf.getvalue()))
     return json_path, csv_path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from .anchors import AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, anchor_label, as_rows, build_parts, create_anchor
 from .errors import CheckpointError, NotStitchableError
+from .io import atomic_write
 from .flops import PartCosts, layer_flops, num_params, part_costs
 from .space import AnchorInfo, SpaceConfig, Stitch, StitchSpace
 from .stitching import LeastSquares, StitchingLayer
@@ -259,8 +259,8 @@ class StitchedNet(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(self.config_dict(), indent=2)))
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(self.config_dict(), indent=2)))
         return directory
 
     @classmethod
@@ -368,22 +368,6 @@ def _probe(parts: AnchorParts, label: str, input_size: tuple[int, ...]) -> tuple
         return parts.probe(input_size)
     except (RuntimeError, AssertionError, ValueError) as e:
         raise NotStitchableError(f"anchor {label!r} cannot take an input of size {tuple(input_size)}: {e}") from e
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read the process umask (the call sets it, so set it back)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private (0600); give them the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def create_snnet(

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from .errors import ResultsError
 from .evaluate import StitchResult, pareto_front
-from .model import _atomic_write
+from .io import atomic_write
 from .report import human
 
 __all__ = ["plot_pareto", "AXES"]
@@ -29,7 +29,7 @@ def _groups(results: Sequence[StitchResult], x: str) -> tuple[list[StitchResult]
     """Anchors, stitches, and the frontier sorted by cost (the three legend entries)."""
     missing = [r.name for r in results if r.value(x) is None]
     if missing:
-        hint = " (measure it first, e.g. with `snnet bench`)" if x in ("latency_ms", "peak_mem_mb") else ""
+        hint = " (measure it first, e.g. with `snnet profile`)" if x in ("latency_ms", "peak_mem_mb") else ""
         raise ResultsError(f"{len(missing)} results have no {x!r}, e.g. {missing[0]!r}: cannot plot against it{hint}")
     if not results:
         raise ResultsError("no results to plot")
@@ -88,7 +88,7 @@ def plot_pareto(
         fig.update_xaxes(tickformat="~s")
     html_path = Path(html_path)
     html_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(html_path, lambda p: fig.write_html(str(p), include_plotlyjs=True, full_html=True))
+    atomic_write(html_path, lambda p: fig.write_html(str(p), include_plotlyjs=True, full_html=True))
     written = [html_path]
     if png_path is not None:
         written.append(_png(anchors, stitches, frontier, Path(png_path), x, xlabel, title))
@@ -120,7 +120,7 @@ def _png(anchors: list[StitchResult], stitches: list[StitchResult], frontier: li
         ax.legend(loc="lower right")
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda p: fig.savefig(p, format="png"))
+        atomic_write(path, lambda p: fig.savefig(p, format="png"))
     finally:
         plt.close(fig)
     return path

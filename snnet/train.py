@@ -46,7 +46,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import DatasetError, num_classes as dataset_classes
 from .errors import CheckpointError, SnnetError, TrainingError
-from .model import StitchedNet, _atomic_write
+from .io import atomic_write
+from .model import StitchedNet
 from .space import Stitch
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -435,19 +436,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
 
-    _atomic_write(path, write)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
