@@ -14,7 +14,7 @@ Everything is seeded and the data order is a function of ``--seed``, so a rerun
 with the same command and library versions reproduces the numbers up to
 floating-point nondeterminism of the CPU kernels.
 
-    python scripts/train_fmnist_family.py                 # the shipped run
+    python scripts/train_fmnist_family.py                 # the shipped recipe, one model after another
     python scripts/train_fmnist_family.py --card-only     # regenerate MODEL_CARD.md
 """
 
@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +53,7 @@ from snnet.zoo import FMNIST_FAMILY  # noqa: E402  (registers the models in timm
 class Recipe:
     """The training recipe shared by every member of the family."""
 
-    epochs: int = 5
+    epochs: int = 3
     batch_size: int = 256
     lr: float = 2e-3
     min_lr: float = 1e-5
@@ -67,23 +66,12 @@ class Recipe:
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass on one image.
+    """Multiply-accumulates of one forward pass on one image, in snnet's (the paper's, fvcore's)
+    convention: the same counter ``snnet stitches`` uses, so the card and the CLI agree."""
+    from snnet.flops import count_macs as macs_of, unfused_attention
 
-    timm attention uses ``F.scaled_dot_product_attention`` when ``fused_attn`` is
-    set, which FlopCounterMode does not count on CPU, so it is switched to the
-    explicit matmul path for counting. FlopCounterMode reports FLOPs = 2 * MACs.
-    """
-    saved = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
-    try:
-        for m in saved:
-            m.fused_attn = False
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model.eval()(torch.zeros(1, *input_size))
-        return counter.get_total_flops() // 2
-    finally:
-        for m, fused in saved.items():
-            m.fused_attn = fused
+    with unfused_attention(model), torch.no_grad():
+        return macs_of(model.eval(), torch.zeros(1, *input_size))[0]
 
 
 def lr_lambda(recipe: Recipe, steps_per_epoch: int):
@@ -207,8 +195,9 @@ pooling, pre-norm blocks, MLP ratio 4, head dim 16, 10 classes.
 |---|---|---|---|---|---|---|---|
 {rows}
 
-MACs are counted with `torch.utils.flop_counter.FlopCounterMode` (with timm's fused attention
-disabled so attention matmuls are counted) and halved. Test top-1 is measured on the full
+MACs are counted as `snnet stitches` counts them (the SN-Net paper's fvcore convention: one
+multiply-accumulate is one FLOP, attention matmuls and normalisation included), with
+`torch.utils.flop_counter.FlopCounterMode` and timm's fused attention disabled. Test top-1 is measured on the full
 10,000-image test split **after** reloading the shipped float16 weights through
 `timm.create_model(..., pretrained=True)`. Time per epoch is wall time on
 {family['machine']} (torch threads as listed below, on a machine shared with other jobs, so
@@ -238,6 +227,7 @@ count was set by the CPU time available on a shared machine.
 {commands}
 ```
 
+Each command writes into `--out` (default `snnet/weights/`, where the shipped files live).
 torch {family['torch']}, timm {family['timm']}, Python {family['python']}. Models trained
 by a command that names several of them are trained one after the other; separate commands
 may run in parallel (one per core). Training time (excluding evaluation): {times}.
@@ -265,14 +255,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "snnet" / "weights")
     p.add_argument("--card-only", action="store_true", help="only regenerate MODEL_CARD.md from family.json")
+    p.add_argument("--recount", action="store_true",
+                   help="recount params and MACs of the shipped weights into family.json and the card (no training)")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.card_only:
-        write_model_card(json.loads((args.out / "family.json").read_text()), args.out)
+    if args.card_only or args.recount:
+        family = json.loads((args.out / "family.json").read_text())
+        for name, entry in family["models"].items() if args.recount else ():
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(args.out / entry["file"])))
+            entry["params"] = sum(p.numel() for p in model.parameters())
+            entry["macs"] = count_macs(model, (1, 28, 28))
+        (args.out / "family.json").write_text(json.dumps(family, indent=2) + "\n")
+        write_model_card(family, args.out)
         return
     torch.set_num_threads(args.threads)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
