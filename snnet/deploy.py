@@ -33,6 +33,7 @@ from torch import nn
 from .anchors import ActivationSpec, AnchorSpec, create_anchor, split_model
 from .errors import BudgetError, CheckpointError, ExportError, SnnetError
 from .io import atomic_write
+from .report import progress as report_progress
 from .space import Stitch
 from .stitching import StitchingLayer
 
@@ -743,11 +744,7 @@ def profile(
     active, was_training, old_threads = net.active, net.training, torch.get_num_threads()
     settings = ProfileSettings(str(dev), batch_size, size, threads if threads is not None else old_threads, warmup, repeats,
                                "cuda allocator peak" if dev.type == "cuda" else "live tensor bytes (torch dispatch)")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(chosen), desc=f"profile on {dev}", unit="stitch", dynamic_ncols=True)
+    bar = report_progress(len(chosen), f"profile on {dev}", "stitch", progress)
     out = []
     net.eval()
     try:
@@ -768,14 +765,12 @@ def profile(
                 act = _peak_activation_bytes(net, x)
                 mem = (route_bytes(_route_view(net, s)) + x.numel() * x.element_size() + act) / MB
                 out.append(ProfileResult(s.id, s.name, _percentile(times, 0.5), _percentile(times, 0.9), mem))
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
     finally:
         torch.set_num_threads(old_threads)
         net.select(active)
         net.train(was_training)
-        if bar is not None:
-            bar.close()
+        bar.close()
     return out, settings
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .errors import ResultsError, SnnetError
 from .io import atomic_write
 from .model import StitchedNet
-from .report import human, table
+from .report import human, progress as report_progress, table
 from .space import Stitch
 
 __all__ = [
@@ -216,12 +216,8 @@ def evaluate(
     net.to(dev)
     tallies = {s.id: _Tally(dev) for s in chosen}
     seen, input_size = 0, None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = len(loader.dataset) if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__") else None
-        bar = tqdm(total=total, unit="img", desc=f"eval {len(chosen)} networks", dynamic_ncols=True)
+    total = len(loader.dataset) if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__") else None
+    bar = report_progress(total, f"eval {len(chosen)} networks", "img", progress)
     was_training = net.training
     net.eval()
     try:
@@ -239,12 +235,10 @@ def evaluate(
                 for s, logits in forward_stitches(net, x, chosen):
                     tallies[s.id].update(logits, y)
                 seen += len(y)
-                if bar is not None:
-                    bar.update(len(y))
+                bar.update(len(y))
     finally:
         net.train(was_training)
-        if bar is not None:
-            bar.close()
+        bar.close()
     if seen == 0:
         raise SnnetError("the loader yielded no images: nothing to evaluate (is the dataset or --limit empty?)")
     costs = net.costs(input_size)

@@ -21,6 +21,7 @@ from torch import nn
 from .anchors import AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, anchor_label, as_rows, build_parts, create_anchor
 from .errors import CheckpointError, NotStitchableError
 from .io import atomic_write
+from .report import progress as report_progress
 from .flops import PartCosts, layer_flops, num_params, part_costs
 from .space import AnchorInfo, SpaceConfig, Stitch, StitchSpace
 from .stitching import LeastSquares, StitchingLayer
@@ -201,11 +202,7 @@ class StitchedNet(nn.Module):
         was_training = self.training
         self.eval()
         seen = 0
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=max_images, desc="least-squares init", unit="img")
+        bar = report_progress(max_images, "least-squares init", "img", progress)
         try:
             for batch in batches:
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -218,14 +215,12 @@ class StitchedNet(nn.Module):
                     dst_layout = self.anchors[s.dst].layout
                     fits[s.layer].update(as_rows(acts[s.src][s.src_end], src_layout), as_rows(acts[s.dst][s.dst_start], dst_layout))
                 seen += len(x)
-                if bar is not None:
-                    bar.update(len(x))
+                bar.update(len(x))
                 if seen >= max_images:
                     break
         finally:
             self.train(was_training)
-            if bar is not None:
-                bar.close()
+            bar.close()
         if seen == 0:
             raise ValueError("no calibration images: the loader given to init_stitching yielded nothing")
         for layer, fit in zip(self.stitch_layers, fits):

@@ -44,3 +44,10 @@ def _default(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.2f}"
     return str(v)
+
+
+def progress(total: int | None, desc: str, unit: str, enabled: bool = True, initial: int = 0):
+    """A progress bar with throughput and ETA (tqdm); a silent no-op bar when ``enabled`` is False."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .data import DatasetError, num_classes as dataset_classes
 from .errors import CheckpointError, SnnetError, TrainingError
 from .io import atomic_write
+from .report import progress as report_progress
 from .model import StitchedNet
 from .space import Stitch
 
@@ -607,11 +608,7 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
             save_checkpoint(path, state)
         return path
 
-    bar = None
-    if config.progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True)
+    bar = report_progress(total, "train", "step", config.progress and rank == 0, initial=step)
     last_ckpt: Path | None = resume_path
     history: list[int] = []
     window: list[float] = []
@@ -645,11 +642,10 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
                 lr = trainer.scheduler.get_last_lr()[0]
                 log.write({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "stitch": stitch.id,
                            "stitch_name": stitch.name, "img_per_s": len(x) * world / dt, "time": time.time()})
-                if bar is not None:
-                    bar.update(1)
-                    if step % config.log_every == 0 or step == total:
-                        bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{lr:.2e}", stitch=stitch.id,
-                                        img_s=f"{images / (time.perf_counter() - t_loop):.0f}")
+                bar.update(1)
+                if config.progress and (step % config.log_every == 0 or step == total):
+                    bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{lr:.2e}", stitch=stitch.id,
+                                    img_s=f"{images / (time.perf_counter() - t_loop):.0f}")
                 if stop_after is not None and step >= stop_after:
                     break
                 if config.ckpt_every and step % config.ckpt_every == 0 and step < total:
@@ -661,8 +657,7 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
                 epoch, epoch_step = epoch + 1, 0
             break
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         log.close()
     last_ckpt = checkpoint()
     finished = step >= total
