@@ -53,7 +53,7 @@ from snnet.zoo import FMNIST_FAMILY  # noqa: E402  (registers the models in timm
 class Recipe:
     """The training recipe shared by every member of the family."""
 
-    epochs: int = 3
+    epochs: int = 6
     batch_size: int = 256
     lr: float = 2e-3
     min_lr: float = 1e-5
@@ -189,7 +189,7 @@ model = timm.create_model("{names[0]}", pretrained=True)  # loads snnet/weights/
 ## Architecture
 
 timm `VisionTransformer`, 28x28x1 input, 7x7 patches (16 tokens + class token), class-token
-pooling, pre-norm blocks, MLP ratio 4, head dim 16, 10 classes.
+pooling, pre-norm blocks, MLP ratio 4, 10 classes; widths and heads as listed.
 
 | model | width | heads | depth | params | MACs (1 image) | test top-1 | train time / epoch |
 |---|---|---|---|---|---|---|---|

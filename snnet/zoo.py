@@ -1,7 +1,7 @@
 """The shipped Fashion-MNIST anchor family, registered into timm's model registry.
 
 Three DeiT-style ViTs (tiny / small / base widths, shallow enough to train on a
-CPU) that differ ~16x in FLOPs. They are ordinary timm models: once this module
+CPU) that differ ~13x in FLOPs. They are ordinary timm models: once this module
 is imported, ``timm.create_model('fmnist_vit_ti', pretrained=True)`` builds the
 model and loads the weights shipped in ``snnet/weights/`` through timm's own
 pretrained path (``pretrained_cfg['file']`` -> ``timm.models.load_state_dict``,
@@ -38,12 +38,13 @@ class FmnistVitSpec:
     mlp_ratio: float = 4.0
 
 
-# Widths/heads follow DeiT-Ti/S/B divided by 4, so head_dim is 16 for all three
-# and FLOPs grow ~4x per step, like the original DeiT family.
+# Widths double per step like DeiT-Ti/S/B (192/384/768), scaled to Fashion-MNIST: FLOPs grow
+# ~3.5x per step. Width 192 was tried first and was no more accurate than 96 on this data
+# (84.46 % vs 84.55 % after 6 epochs), so the family stops at 96, where width still pays.
 FMNIST_FAMILY: dict[str, FmnistVitSpec] = {
-    "fmnist_vit_ti": FmnistVitSpec(embed_dim=48, num_heads=3),
-    "fmnist_vit_s": FmnistVitSpec(embed_dim=96, num_heads=6),
-    "fmnist_vit_b": FmnistVitSpec(embed_dim=192, num_heads=12),
+    "fmnist_vit_ti": FmnistVitSpec(embed_dim=24, num_heads=3),
+    "fmnist_vit_s": FmnistVitSpec(embed_dim=48, num_heads=3),
+    "fmnist_vit_b": FmnistVitSpec(embed_dim=96, num_heads=6),
 }
 
 
@@ -116,17 +117,17 @@ def _create(name: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
 
 @register_model
 def fmnist_vit_ti(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT-Ti/7 for 28x28 Fashion-MNIST: width 48, 3 heads, depth 6."""
+    """ViT-Ti/7 for 28x28 Fashion-MNIST: width 24, 3 heads, depth 6."""
     return _create("fmnist_vit_ti", pretrained, **kwargs)
 
 
 @register_model
 def fmnist_vit_s(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT-S/7 for 28x28 Fashion-MNIST: width 96, 6 heads, depth 6."""
+    """ViT-S/7 for 28x28 Fashion-MNIST: width 48, 3 heads, depth 6."""
     return _create("fmnist_vit_s", pretrained, **kwargs)
 
 
 @register_model
 def fmnist_vit_b(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT-B/7 for 28x28 Fashion-MNIST: width 192, 12 heads, depth 6."""
+    """ViT-B/7 for 28x28 Fashion-MNIST: width 96, 6 heads, depth 6."""
     return _create("fmnist_vit_b", pretrained, **kwargs)

@@ -17,6 +17,7 @@ def demo(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = _D.batch_size,
     lr: Annotated[float, typer.Option(help="Learning rate of the stitching layers.")] = _D.lr,
     anchor_lr_scale: Annotated[float, typer.Option(help="The anchors' learning rate as a fraction of --lr.")] = _D.anchor_lr_scale,
+    augment: Annotated[bool, typer.Option(help="Random crops and flips while training.")] = _D.augment,
     data_dir: Annotated[Optional[str], typer.Option("--data", help="Folder with the four Fashion-MNIST IDX files (default: Debian's).")] = None,
     download: Annotated[bool, typer.Option(help="Download Fashion-MNIST with torchvision if it is not on disk.")] = False,
     eval_limit: Annotated[Optional[int], typer.Option(help="Evaluate on the first N test images (default: all 10,000).")] = None,
@@ -30,6 +31,6 @@ def demo(
     if quick:
         steps, eval_limit, train_limit = min(steps, 20), eval_limit or 1000, train_limit or 5000
     cfg = DemoConfig(out=out, data_dir=data_dir, download=download, steps=steps, batch_size=batch_size, lr=lr,
-                     anchor_lr_scale=anchor_lr_scale, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
+                     anchor_lr_scale=anchor_lr_scale, augment=augment, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
                      device=device, progress=progress)
     run_demo(cfg, echo=typer.echo)
