@@ -328,12 +328,7 @@ class StitchRoute(nn.Module):
 
 def _route_view(net: "StitchedNet", stitch: Stitch) -> StitchRoute:
     """A route sharing the network's modules (no copy): for counting bytes and for :func:`extract`."""
-    src = net.anchors[stitch.src]
-    if stitch.is_anchor:
-        return StitchRoute(src.stem, list(src.blocks), None, [], src.head)
-    dst = net.anchors[stitch.dst]
-    return StitchRoute(src.stem, list(src.blocks[: stitch.src_end]), net.stitch_layers[stitch.layer],
-                       list(dst.blocks[stitch.dst_start:]), dst.head)
+    return StitchRoute(*net.route(stitch))
 
 
 def route_bytes(module: nn.Module) -> int:
@@ -366,10 +361,7 @@ def _check_dir(out: str | os.PathLike) -> Path:
     """Create ``out`` and prove a file can be written there, before any work."""
     from .evaluate import check_writable
 
-    try:
-        return check_writable(out)
-    except SnnetError as e:
-        raise ExportError(str(e)) from e
+    return check_writable(out, error=ExportError)
 
 
 def stitch_config(net: "StitchedNet", stitch: int | str | Stitch) -> dict[str, Any]:

@@ -86,6 +86,7 @@ class StitchedNet(nn.Module):
         self.num_classes = next(iter(outputs.values()))
         self._costs: dict[tuple[int, ...], list[StitchCost]] = {}
         self._part_costs = {self.input_size: [costs[k] for k in order]}
+        self._specs = {self.input_size: [probes[k][0] for k in order]}  # activation specs per input size
         infos = [
             AnchorInfo(self.labels[i], p.stages, p.stitch_stages, tuple(probes[order[i]][0]), p.stitch_rule)
             for i, p in enumerate(self.anchors)
@@ -128,6 +129,18 @@ class StitchedNet(nn.Module):
         self._active = self.space[stitch]
         return self._active
 
+    def route(self, stitch: int | str | Stitch) -> tuple[nn.Module, list[nn.Module], nn.Module | None, list[nn.Module], nn.Module]:
+        """The network's own modules (no copy) that the route of ``stitch`` runs, in order:
+        source stem, source blocks, stitching layer (None for an anchor), target blocks, head.
+        It is what :meth:`forward` runs; training, profiling and export work from it."""
+        s = self.space[stitch]
+        src = self.anchors[s.src]
+        if s.is_anchor:
+            return src.stem, list(src.blocks), None, [], src.head
+        dst = self.anchors[s.dst]
+        return (src.stem, list(src.blocks[: s.src_end]), self.stitch_layers[s.layer],
+                list(dst.blocks[s.dst_start:]), dst.head)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self._active
@@ -143,8 +156,8 @@ class StitchedNet(nn.Module):
     def part_costs(self, input_size: Sequence[int] | None = None) -> list[PartCosts]:
         size = tuple(input_size) if input_size is not None else self.input_size
         if size not in self._part_costs:
-            for p, lab in zip(self.anchors, self.labels):
-                _probe(p, lab, size)
+            # probing first turns an input the anchors cannot take into a clear error
+            self._specs[size] = [_probe(p, lab, size)[0] for p, lab in zip(self.anchors, self.labels)]
             self._part_costs[size] = [part_costs(p, size) for p in self.anchors]
         return self._part_costs[size]
 
@@ -153,11 +166,9 @@ class StitchedNet(nn.Module):
         size = tuple(input_size) if input_size is not None else self.input_size
         if size not in self._costs:
             pcs = self.part_costs(size)
-            specs = {k: p.probe(size)[0] for k, p in enumerate(self.anchors)} if size != self.input_size else None
-            lflops = []
-            for slot, layer in zip(self.space.layers, self.stitch_layers):
-                spec = specs[slot.src][self._slot_cut(slot.index)] if specs else slot.src_spec
-                lflops.append(layer_flops(layer, spec))
+            specs = self._specs[size]
+            lflops = [layer_flops(layer, specs[slot.src][self._slot_cut(slot.index)])
+                      for slot, layer in zip(self.space.layers, self.stitch_layers)]
             out = []
             for s in self.space:
                 if s.is_anchor:

@@ -264,13 +264,9 @@ class EpochSampler(Sampler[int]):
 
 
 def route_modules(net: StitchedNet, stitch: Stitch) -> list[nn.Module]:
-    """The modules the route of ``stitch`` runs (exactly what :meth:`StitchedNet.forward` calls)."""
-    src = net.anchors[stitch.src]
-    mods: list[nn.Module] = [src.stem, *src.blocks[: stitch.src_end]]
-    if stitch.is_anchor:
-        return mods + [src.head]
-    dst = net.anchors[stitch.dst]
-    return mods + [net.stitch_layers[stitch.layer], *dst.blocks[stitch.dst_start:], dst.head]
+    """The modules the route of ``stitch`` runs, flat (exactly what :meth:`StitchedNet.forward` calls)."""
+    stem, src_blocks, layer, dst_blocks, head = net.route(stitch)
+    return [stem, *src_blocks, *([layer] if layer is not None else []), *dst_blocks, head]
 
 
 def _dist() -> tuple[int, int]:
