@@ -49,6 +49,9 @@ from snnet.data import FASHION_MNIST_CLASSES, FashionMNIST, make_loader, set_epo
 from snnet.zoo import FMNIST_FAMILY  # noqa: E402  (registers the models in timm)
 
 
+AUGMENT, NO_AUGMENT = "random crop (2px zero padding) + horizontal flip", "none"
+
+
 @dataclass(frozen=True)
 class Recipe:
     """The training recipe shared by every member of the family."""
@@ -61,7 +64,7 @@ class Recipe:
     warmup_epochs: float = 0.5
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
-    augment: str = "random crop (2px zero padding) + horizontal flip"
+    augment: str = AUGMENT
     seed: int = 0
 
 
@@ -250,6 +253,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=defaults.augment != NO_AUGMENT,
+                   help="random crops and flips (default: on)")
     p.add_argument("--data", type=Path, default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only (smoke test)")
     p.add_argument("--threads", type=int, default=2)
@@ -274,8 +279,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                    weight_decay=args.weight_decay, seed=args.seed)
-    train_set = FashionMNIST(args.data, "train", augment=True, seed=recipe.seed, limit=args.limit)
+                    weight_decay=args.weight_decay, seed=args.seed, augment=AUGMENT if args.augment else NO_AUGMENT)
+    train_set = FashionMNIST(args.data, "train", augment=args.augment, seed=recipe.seed, limit=args.limit)
     test_loader = make_loader(FashionMNIST(args.data, "test"), 1000, shuffle=False)
     run = {"command": "python " + shlex.join([str(Path(sys.argv[0]))] + sys.argv[1:]),
            "threads": args.threads}

@@ -54,3 +54,12 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "dataset-fashion-mnist" in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("args, says", [(["--sampler", "by-luck"], "unknown sampler 'by-luck'"),
+                                        (["--steps", "0"], "steps and batch sizes must be >= 1"),
+                                        (["--lr", "-1"], "lr must be > 0")])
+def test_bad_demo_settings_are_refused_before_any_work(tmp_path: Path, args: list[str], says: str) -> None:
+    proc = _run("demo", "--quick", "--out", str(tmp_path / "out"), *args)
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
