@@ -17,6 +17,7 @@ One network, many budgets, switched instantly:
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -209,6 +210,10 @@ def _report(s: DemoResult, out: Path, echo: Callable[[str], Any]) -> None:
     echo(f"  anchors before -> after: {kept}")
     echo(f"    no anchor loses more than 1 point: {'yes' if s.anchors_not_hurt else 'NO'}; "
          f"every anchor within 1 point either way: {'yes' if s.anchors_kept else 'NO'}")
+    # Differences below ~2 standard errors are noise: say how large that is on this test set.
+    best = max(s.results, key=lambda r: r.acc1)
+    p, n = best.acc1 / 100, best.images
+    echo(f"  (one top-1 on {n:,} test images has a binomial standard error of {100 * math.sqrt(p * (1 - p) / n):.2f} points)")
     echo("\nRun-time switching: the most accurate stitch within each FLOPs budget")
     rows = [{"budget": human(w.budget_flops), "id": w.id, "name": w.name, "flops": human(w.flops), "acc1": w.acc1,
              "us": f"{w.select_us:.2f}"} for w in s.switches]

@@ -30,7 +30,7 @@ def test_quick_demo_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixt
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["anchors_before"]) == {"fmnist_vit_ti", "fmnist_vit_s", "fmnist_vit_b"}
     assert summary["switches"] and all(s["flops"] <= s["budget_flops"] for s in summary["switches"])
-    assert "Run-time switching" in printed and "Pareto" in printed
+    assert "Run-time switching" in printed and "Pareto" in printed and "standard error" in printed
     # the training run's own files
     assert (out / "train" / "metrics.jsonl").read_text().count("\n") == 6
     assert (out / "train" / "final" / "model.safetensors").is_file()
