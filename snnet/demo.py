@@ -30,7 +30,7 @@ from .errors import SnnetError
 from .evaluate import StitchResult, check_writable, evaluate, format_results, write_results
 from .model import StitchedNet, create_snnet
 from .report import human, table
-from .train import SAMPLERS, OptimConfig, TrainConfig, train
+from .train import OptimConfig, TrainConfig, train
 
 FAMILY = "fmnist"
 
@@ -66,14 +66,21 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:  # refuse bad settings before minutes of work, not after
-        if self.sampler not in SAMPLERS:
-            raise SnnetError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
         if self.steps < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise SnnetError(f"steps and batch sizes must be >= 1 (steps={self.steps}, batch_size={self.batch_size})")
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            raise SnnetError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
         if self.lr <= 0 or self.anchor_lr_scale < 0:
             raise SnnetError(f"lr must be > 0 and anchor_lr_scale >= 0 (lr={self.lr}, anchor_lr_scale={self.anchor_lr_scale})")
+        self.train_configs()  # the training configs check the rest (sampler, distillation weight, ...)
+
+    def train_configs(self) -> tuple[TrainConfig, OptimConfig]:
+        """The joint training the demo runs, as ``snnet.train`` configs."""
+        tcfg = TrainConfig(epochs=1_000_000, max_steps=self.steps, batch_size=self.batch_size, seed=self.seed,
+                           out_dir=str(Path(self.out) / "train"), ckpt_every=0, init_images=100, device=self.device,
+                           progress=self.progress, tensorboard=False, log_every=10, sampler=self.sampler,
+                           distill="largest" if self.distill else None, distill_alpha=self.distill_alpha)
+        ocfg = OptimConfig(lr=self.lr, anchor_lr_scale=self.anchor_lr_scale, warmup_steps=max(self.steps // 20, 1),
+                           min_lr=self.lr / 100)
+        return tcfg, ocfg
 
 
 @dataclass(frozen=True)
@@ -163,12 +170,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print)
     seconds["anchors_before"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tcfg = TrainConfig(epochs=1_000_000, max_steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                       out_dir=str(out / "train"), ckpt_every=0, init_images=100, device=cfg.device,
-                       progress=cfg.progress, tensorboard=False, log_every=10, sampler=cfg.sampler,
-                       distill="largest" if cfg.distill else None, distill_alpha=cfg.distill_alpha)
-    ocfg = OptimConfig(lr=cfg.lr, anchor_lr_scale=cfg.anchor_lr_scale, warmup_steps=max(cfg.steps // 20, 1),
-                       min_lr=cfg.lr / 100)
+    tcfg, ocfg = cfg.train_configs()
     res = train(net, train_set, tcfg, ocfg)
     echo(f"trained {res.step} steps in {res.seconds:.0f}s ({res.images_per_second:.0f} img/s), last loss {res.loss:.3f}")
     seconds["train"] = time.perf_counter() - t

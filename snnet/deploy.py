@@ -33,7 +33,7 @@ from torch import nn
 from .anchors import ActivationSpec, AnchorSpec, create_anchor, split_model
 from .errors import BudgetError, CheckpointError, ExportError, SnnetError
 from .io import atomic_write
-from .report import progress as report_progress
+from .report import human, progress as report_progress
 from .space import Stitch
 from .stitching import StitchingLayer
 
@@ -51,8 +51,8 @@ MB = 2 ** 20  # memory is reported in MiB (what nvidia-smi and torch call "MB")
 
 # Budget field -> (the results/cost row key it limits, how to print a value)
 _METRICS: dict[str, tuple[str, Callable[[float], str]]] = {
-    "flops": ("flops", lambda v: f"{_si(v)} FLOPs"),
-    "params": ("params", lambda v: f"{_si(v)} params"),
+    "flops": ("flops", lambda v: f"{human(v)} FLOPs"),
+    "params": ("params", lambda v: f"{human(v)} params"),
     "latency_ms": ("latency_ms", lambda v: f"{v:.3g} ms"),
     "memory_mb": ("peak_mem_mb", lambda v: f"{v:.3g} MB"),
 }
@@ -66,12 +66,6 @@ _MEMORY = {"b": 1 / MB, "kb": 1 / 1024, "kib": 1 / 1024, "mb": 1.0, "mib": 1.0, 
 _ACCEPTED = ("flops<=2G (K/M/G/T, optional FLOPs/MACs), params<=5M (K/M/G/T), latency<=30ms (us/ms/s), "
              "memory<=200MB (B/KB/MB/GB, binary); the unit alone also says the cost: 2GFLOPs, 30ms, 200MB")
 _ITEM = re.compile(r"^\s*(?:(?P<key>[a-z_]+)\s*(?P<op><=|<|=|:)\s*)?(?P<num>\d+(?:\.\d*)?(?:e[+-]?\d+)?|\.\d+)\s*(?P<unit>[a-zµ]*)\s*$")
-
-
-def _si(v: float) -> str:
-    from .report import human
-
-    return human(v)
 
 
 @dataclass(frozen=True)

@@ -277,3 +277,16 @@ def test_activation_memory_tracker_counts_live_tensors() -> None:
         peak = deploy._peak_activation_bytes(m, x)
     # Linear's output (4x1000 floats) and ReLU's output are alive together; the input and weights are not counted
     assert peak == 2 * 4 * 1000 * 4
+
+
+def test_profile_command_writes_results_without_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The real `snnet profile` on the shipped family, before any evaluation: latency and memory, accuracy empty."""
+    from snnet.cli import main
+
+    main(["profile", "--stitches", "0,3", "--repeats", "2", "--warmup", "0", "--out", str(tmp_path), "--no-progress"])
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert len(rows) == 35 and all(r["acc1"] is None for r in rows)
+    timed = [r for r in rows if r.get("latency_ms") is not None]
+    assert [r["id"] for r in timed] == [0, 3]
+    assert all(r["latency_p90_ms"] >= r["latency_ms"] > 0 and r["peak_mem_mb"] > 0 for r in timed)
+    assert "no accuracy yet" in capsys.readouterr().out

@@ -49,15 +49,14 @@ def profile(
     accuracy/latency frontier is drawn (pareto_latency.html/.png); otherwise a results.json with
     FLOPs, params, latency and memory (accuracy empty) is written.
     """
-    import torch
-
     from ..deploy import merge_profile, profile as run_profile, read_rows
     from ..evaluate import RESULTS_JSON, StitchResult, check_writable, write_results
-    from ..model import _atomic_write
+    from ..io import atomic_write
     from ..report import human, table
+    from ..train import default_device
 
     out = check_writable(out)
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = default_device(device)
     existing = read_rows(out / RESULTS_JSON) if (out / RESULTS_JSON).is_file() else None  # a broken file fails now
     net = _load(model, trained=False)
     keys = [k.strip() for k in stitches.split(",") if k.strip()] if stitches else None
@@ -88,7 +87,7 @@ def profile(
             typer.echo("(profile every stitch to draw the latency frontier)")
     else:
         path = out / RESULTS_JSON
-        _atomic_write(path, lambda p: p.write_text(json.dumps(rows, indent=2) + "\n"))
+        atomic_write(path, lambda p: p.write_text(json.dumps(rows, indent=2) + "\n"))
         paths = [path]
         typer.echo("(no accuracy yet: run `snnet eval --out` into the same folder, then profile again, to draw the "
                    "accuracy/latency frontier)")

@@ -29,20 +29,19 @@ def evaluate(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
     """Evaluate every stitch (top-1/top-5, loss, FLOPs, params), print a table, write results and Pareto plots."""
-    import torch
-
     from .. import data as sndata
     from ..cli import DEFAULT_ANCHORS, split_names
     from ..evaluate import check_writable, evaluate as run_eval, format_results, write_results
     from ..model import StitchedNet, create_snnet
     from ..plot import plot_pareto
+    from ..train import default_device
 
     # everything a user can get wrong is checked before the first forward
     out = check_writable(out)
     keys = [k.strip() for k in stitches.split(",") if k.strip()] if stitches is not None else None
     if keys is not None and not keys:
         raise SnnetError(f"--stitches {stitches!r} names no stitch: give comma-separated ids or names")
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = default_device(device)
     if model is not None:
         net = StitchedNet.from_pretrained(model)
     else:
