@@ -41,8 +41,8 @@ class FmnistVitSpec:
 # DeiT-Ti/S/B-like widths scaled to Fashion-MNIST. Width stops paying at 96 on this data (192
 # was no more accurate: 84.46 % vs 84.55 % after 6 epochs), so B is 96. S is 32 rather than the
 # doubling's 48: a 48-wide S sits within ~1 point of B once trained, and the S->B stitches, which
-# span ~90 % of the FLOPs range, were then flat within the test set's noise; at 32 the accuracy
-# steps are ~2.5 (Ti->S) and ~3.5 points (S->B), and FLOPs grow ~3.6x and ~8.3x.
+# span most of the FLOPs range, were then flat within the test set's noise; at 32 the accuracy
+# steps are ~2.5 (Ti->S) and ~3.6 points (S->B), and FLOPs grow ~3.6x and ~8.3x.
 FMNIST_FAMILY: dict[str, FmnistVitSpec] = {
     "fmnist_vit_ti": FmnistVitSpec(embed_dim=16, num_heads=2),
     "fmnist_vit_s": FmnistVitSpec(embed_dim=32, num_heads=2),
