@@ -70,9 +70,7 @@ class DemoConfig:
     def __post_init__(self) -> None:  # refuse bad settings before minutes of work, not after
         if self.steps < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise SnnetError(f"steps and batch sizes must be >= 1 (steps={self.steps}, batch_size={self.batch_size})")
-        if self.lr <= 0 or self.anchor_lr_scale < 0:
-            raise SnnetError(f"lr must be > 0 and anchor_lr_scale >= 0 (lr={self.lr}, anchor_lr_scale={self.anchor_lr_scale})")
-        self.train_configs()  # the training configs check the rest (sampler, distillation weight, ...)
+        self.train_configs()  # the training configs check the rest (learning rates, sampler, distillation weight, ...)
 
     def train_configs(self) -> tuple[TrainConfig, OptimConfig]:
         """The joint training the demo runs, as ``snnet.train`` configs."""

@@ -85,8 +85,8 @@ class StitchedNet(nn.Module):
         self.specs = tuple(specs[k] for k in order)
         self.num_classes = next(iter(outputs.values()))
         self._costs: dict[tuple[int, ...], list[StitchCost]] = {}
-        self._part_costs = {self.input_size: [costs[k] for k in order]}
-        self._specs = {self.input_size: [probes[k][0] for k in order]}  # activation specs per input size
+        # per input size: every anchor's activation specs and part costs (filled by _measure)
+        self._measured = {self.input_size: ([probes[k][0] for k in order], [costs[k] for k in order])}
         infos = [
             AnchorInfo(self.labels[i], p.stages, p.stitch_stages, tuple(probes[order[i]][0]), p.stitch_rule)
             for i, p in enumerate(self.anchors)
@@ -153,20 +153,22 @@ class StitchedNet(nn.Module):
         return dst.head(dst.run(h, s.dst_start))
 
     # ------------------------------------------------------------------ costs
-    def part_costs(self, input_size: Sequence[int] | None = None) -> list[PartCosts]:
-        size = tuple(input_size) if input_size is not None else self.input_size
-        if size not in self._part_costs:
+    def _measure(self, size: tuple[int, ...]) -> tuple[list[list[ActivationSpec]], list[PartCosts]]:
+        """Every anchor's activation specs and part costs at one input size (cached)."""
+        if size not in self._measured:
             # probing first turns an input the anchors cannot take into a clear error
-            self._specs[size] = [_probe(p, lab, size)[0] for p, lab in zip(self.anchors, self.labels)]
-            self._part_costs[size] = [part_costs(p, size) for p in self.anchors]
-        return self._part_costs[size]
+            specs = [_probe(p, lab, size)[0] for p, lab in zip(self.anchors, self.labels)]
+            self._measured[size] = (specs, [part_costs(p, size) for p in self.anchors])
+        return self._measured[size]
+
+    def part_costs(self, input_size: Sequence[int] | None = None) -> list[PartCosts]:
+        return self._measure(tuple(input_size) if input_size is not None else self.input_size)[1]
 
     def costs(self, input_size: Sequence[int] | None = None) -> list[StitchCost]:
         """FLOPs (multiply-accumulates) and params of every stitch, summed from part costs."""
         size = tuple(input_size) if input_size is not None else self.input_size
         if size not in self._costs:
-            pcs = self.part_costs(size)
-            specs = self._specs[size]
+            specs, pcs = self._measure(size)
             lflops = [layer_flops(layer, specs[slot.src][self._slot_cut(slot.index)])
                       for slot, layer in zip(self.space.layers, self.stitch_layers)]
             out = []

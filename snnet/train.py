@@ -84,8 +84,12 @@ class OptimConfig:
     clip_grad: float | None = 5.0
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.anchor_lr_scale < 0 or self.weight_decay < 0 or self.min_lr < 0:
-            raise SnnetError(f"learning rates, their scale and weight decay must be positive: {self}")
+        if self.lr <= 0:
+            raise SnnetError(f"lr must be > 0, got {self.lr}")
+        bad = {k: v for k, v in (("anchor_lr_scale", self.anchor_lr_scale), ("weight_decay", self.weight_decay),
+                                 ("min_lr", self.min_lr)) if v < 0}
+        if bad:
+            raise SnnetError(f"{', '.join(bad)} must be >= 0, got {', '.join(f'{k}={v}' for k, v in bad.items())}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise SnnetError(f"clip_grad must be positive or None, got {self.clip_grad}")
 
