@@ -16,7 +16,7 @@ import time
 import torch
 
 import snnet
-from snnet.cli import DEFAULT_ANCHORS, split_names
+from snnet.commands.options import DEFAULT_ANCHORS, split_names
 from snnet.evaluate import evaluate
 
 

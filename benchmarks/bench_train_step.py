@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import snnet
-from snnet.cli import DEFAULT_ANCHORS, split_names
+from snnet.commands.options import DEFAULT_ANCHORS, split_names
 from snnet.train import route_modules
 
 

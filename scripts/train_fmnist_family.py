@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the shipped Fashion-MNIST anchor family from scratch and write its artifacts.
 
-Trains ``fmnist_vit_ti``, ``fmnist_vit_s`` and ``fmnist_vit_b`` (see ``snnet/zoo.py``)
+Trains ``fmnist_vit_ti``, ``fmnist_vit_s`` and ``fmnist_vit_b`` (see ``snnet/pretrained.py``)
 with one shared recipe on the 60k training images, evaluates on the 10k test
 images, and writes into ``--out`` (default ``snnet/weights``):
 
@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from snnet.data import FASHION_MNIST_CLASSES, FashionMNIST, make_loader, set_epoch  # noqa: E402
-from snnet.zoo import FMNIST_FAMILY  # noqa: E402  (registers the models in timm)
+from snnet.pretrained import FMNIST_FAMILY  # noqa: E402  (registers the models in timm)
 
 
 AUGMENT, NO_AUGMENT = "random crop (2px zero padding) + horizontal flip", "none"

@@ -7,7 +7,7 @@
     logits = net(images)
 """
 
-from . import tiny, zoo  # noqa: F401  (register the shipped and the tiny test families with timm)
+from . import pretrained, tiny  # noqa: F401  (register the shipped and the tiny test families with timm)
 from . import adapters  # noqa: F401  (register the Swin, ResNet and ConvNeXt adapters)
 from .anchors import ActivationSpec, Adapter, AnchorParts, AnchorSpec, register_adapter, split_model
 from .errors import CheckpointError, NotStitchableError, SnnetError, StitchNotFoundError, UnknownModelError

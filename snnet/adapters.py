@@ -29,7 +29,7 @@ from .anchors import Adapter, AnchorParts, _data_config, register_adapter
 # training recipe (torchvision's for ResNet, Microsoft's ImageNet-1k for Swin, Facebook's for
 # ConvNeXt and DeiT).
 FAMILIES: dict[str, list[str]] = {
-    "fmnist": ["fmnist_vit_ti", "fmnist_vit_s", "fmnist_vit_b"],  # shipped with snnet (snnet/zoo.py)
+    "fmnist": ["fmnist_vit_ti", "fmnist_vit_s", "fmnist_vit_b"],  # shipped with snnet (snnet/pretrained.py)
     "deit": ["deit_tiny_patch16_224.fb_in1k", "deit_small_patch16_224.fb_in1k", "deit_base_patch16_224.fb_in1k"],
     "swin": ["swin_tiny_patch4_window7_224.ms_in1k", "swin_small_patch4_window7_224.ms_in1k",
              "swin_base_patch4_window7_224.ms_in1k"],

@@ -319,7 +319,7 @@ def resolve_name(name: str) -> str:
     """
     import timm
 
-    from . import tiny, zoo  # noqa: F401  (register snnet's families with timm)
+    from . import pretrained, tiny  # noqa: F401  (register snnet's families with timm)
 
     candidates = [name, name.replace("-", "_")]
     for cand in candidates:

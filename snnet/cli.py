@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+from .commands.options import DEFAULT_ANCHORS, AnchorsOpt, ImgSizeOpt, split_names
 from .errors import SnnetError
 
 app = typer.Typer(
@@ -23,27 +23,10 @@ app = typer.Typer(
     help="Stitchable Neural Networks: one network, many accuracy/cost budgets.",
 )
 
-# The shipped Fashion-MNIST family: the default wherever anchors can be omitted.
-DEFAULT_ANCHORS = "fmnist"
-
-
-
 @app.callback()
 def _root() -> None:
     """Stitchable Neural Networks: one network, many accuracy/cost budgets."""
 
-
-
-AnchorsOpt = Annotated[str, typer.Option(
-    "--anchors", "-a", help="A family (fmnist, deit, swin, resnet, resnet18-swin_t, convnext) or comma-separated timm model names, in any order.")]
-ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Input resolution (default: the anchors' own).")]
-
-
-def split_names(anchors: str) -> list[str]:
-    """``--anchors``: a family name (deit, swin, resnet, ...) or comma-separated model names."""
-    from .model import expand_family
-
-    return expand_family(anchors)
 
 
 @app.command()

@@ -27,7 +27,8 @@ from typing import Any, Callable
 import torch
 
 from .errors import SnnetError
-from .evaluate import StitchResult, check_writable, evaluate, format_results, write_results
+from .evaluate import evaluate
+from .results import StitchResult, check_writable, format_results, write_results
 from .model import StitchedNet, create_snnet
 from .report import human, table
 from .train import OptimConfig, TrainConfig, train

@@ -112,14 +112,14 @@ class StitchedNet(nn.Module):
         """Make ``stitch`` the route the next forward runs. O(1); no weight moves.
 
         Or pass ``budget=`` (``"flops<=2G"``, ``"latency=30ms,memory=200MB"``, a
-        :class:`snnet.deploy.Budget`) to select the most accurate stitch within it — measured
+        :class:`snnet.budget.Budget`) to select the most accurate stitch within it — measured
         top-1 from ``results`` (rows or a ``results.json`` path) when given, else cost as the
-        proxy — and get back the :class:`snnet.deploy.Selection`, which says which and why.
+        proxy — and get back the :class:`snnet.budget.Selection`, which says which and why.
         """
         if budget is not None:
             if stitch is not None:
                 raise ValueError("select takes a stitch or a budget, not both")
-            from .deploy import select_stitch
+            from .budget import select_stitch
 
             chosen = select_stitch(self, budget, results)
             self._active = chosen.stitch

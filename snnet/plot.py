@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ResultsError
-from .evaluate import StitchResult, pareto_front
+from .results import StitchResult, pareto_front
 from .io import atomic_write
 from .report import human
 

@@ -32,29 +32,26 @@ import io
 import json
 import math
 import os
-import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from .data import DatasetError, num_classes as dataset_classes
 from .errors import CheckpointError, SnnetError, TrainingError
-from .io import atomic_write
 from .report import progress as report_progress
+from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, load_checkpoint, resolve_resume, rng_state,
+                         save_checkpoint, set_rng_state)
 from .model import StitchedNet
+from .sampling import SAMPLERS, EpochSampler, make_stitch_sampler
 from .space import Stitch
 
-CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
-CHECKPOINT_VERSION = 1
-SAMPLERS = ("uniform", "flops_bucketed")
 STITCH_SYNC = ("per_rank", "shared")
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 # Config fields that must not change when a run is resumed: they decide which batches and
@@ -167,103 +164,6 @@ class TrainResult:
     stitches: tuple[int, ...] = field(default=(), repr=False)  # stitch id of every step this call ran (this rank)
 
 
-# ---------------------------------------------------------------------------- stitch samplers
-
-
-class StitchSampler:
-    """Uniform over the stitch space, with its own generator (so resuming restores it exactly)."""
-
-    kind = "uniform"
-
-    def __init__(self, num_stitches: int, seed: int = 0) -> None:
-        if num_stitches < 1:
-            raise SnnetError("the stitch space is empty")
-        self.num_stitches = num_stitches
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def sample(self) -> int:
-        return int(torch.randint(self.num_stitches, (1,), generator=self.generator))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "num_stitches": self.num_stitches, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != self.kind or state.get("num_stitches") != self.num_stitches:
-            raise CheckpointError(
-                f"the checkpoint's stitch sampler ({state.get('kind')}, {state.get('num_stitches')} stitches) does not "
-                f"match this one ({self.kind}, {self.num_stitches})")
-        self.generator.set_state(state["generator"])
-
-
-class FlopsBucketSampler(StitchSampler):
-    """Pick a FLOPs bucket uniformly, then a stitch in it uniformly.
-
-    The space has many more mid-cost stitches than cheap or dear ones, so uniform sampling
-    over stitches trains the middle of the curve most; bucketing by cost gives every part of
-    the FLOPs range the same share of steps. Buckets are ``num_buckets`` equal-width FLOPs
-    intervals (``quantile=True``: equal-count), empty ones dropped.
-    """
-
-    kind = "flops_bucketed"
-
-    def __init__(self, flops: Sequence[int], num_buckets: int = 4, seed: int = 0, quantile: bool = False) -> None:
-        super().__init__(len(flops), seed)
-        f = np.asarray(flops, dtype=np.float64)
-        if quantile:
-            edges = np.quantile(f, np.linspace(0, 1, num_buckets + 1))
-        else:
-            edges = np.linspace(f.min(), f.max(), num_buckets + 1)
-        which = np.clip(np.searchsorted(edges, f, side="right") - 1, 0, num_buckets - 1)
-        self.buckets: list[list[int]] = [b for b in ([int(i) for i in np.flatnonzero(which == k)] for k in range(num_buckets)) if b]
-
-    def sample(self) -> int:
-        bucket = self.buckets[int(torch.randint(len(self.buckets), (1,), generator=self.generator))]
-        return bucket[int(torch.randint(len(bucket), (1,), generator=self.generator))]
-
-
-def make_stitch_sampler(net: StitchedNet, config: TrainConfig, seed: int) -> StitchSampler:
-    if config.sampler == "flops_bucketed":
-        return FlopsBucketSampler([c.flops for c in net.costs()], config.num_buckets, seed)
-    return StitchSampler(len(net.space), seed)
-
-
-# ---------------------------------------------------------------------------- data order
-
-
-class EpochSampler(Sampler[int]):
-    """A shuffle that is a pure function of (seed, epoch), sharded over ranks, resumable mid-epoch.
-
-    Like :class:`~torch.utils.data.DistributedSampler` (pad to a multiple of the world size,
-    take every ``world``-th index), plus ``start``: the number of leading indices of this
-    epoch's shard to skip, so a resumed run continues with exactly the next unseen batch.
-    """
-
-    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.epoch = 0
-        self.start = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.start = 0
-
-    def shard_size(self) -> int:
-        return math.ceil(self.size / self.world_size)
-
-    def _indices(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()
-        total = self.shard_size() * self.world_size
-        order += order[: total - len(order)]
-        return order[self.rank:total:self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.start:])
-
-    def __len__(self) -> int:
-        return self.shard_size() - self.start
-
-
 # ---------------------------------------------------------------------------- the step engine
 
 
@@ -305,7 +205,8 @@ class Trainer:
         self.total_steps = total_steps
         # per_rank: every rank its own stream of stitches; shared: one stream for all ranks
         seed = config.seed + (self.rank if config.stitch_sync == "per_rank" else 0)
-        self.sampler = make_stitch_sampler(net, config, seed + 7919)
+        flops = [c.flops for c in net.costs()] if config.sampler == "flops_bucketed" else None
+        self.sampler = make_stitch_sampler(config.sampler, len(net.space), seed + 7919, flops, config.num_buckets)
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(_param_groups(net, optim), lr=optim.lr, betas=optim.betas)
         warm = warmup_steps if warmup_steps is not None else optim.warmup_steps
@@ -423,60 +324,7 @@ def build_teacher(net: StitchedNet, distill: str | None, pretrained: bool = True
     return model.eval().requires_grad_(False)
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` atomically: temp file in the same folder, fsync, rename over the old one.
-
-    A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-
-    return atomic_write(path, write)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a training checkpoint, raising :class:`CheckpointError` if it is missing or corrupt."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError...)
-        raise CheckpointError(f"checkpoint {path} is corrupt or not an snnet training checkpoint ({type(e).__name__}: "
-                              f"{e}); resume from an earlier one or start again") from e
-    need = {"version", "model", "trainer", "sampler", "rng", "epoch", "epoch_step", "step", "config", "stitches"}
-    if not isinstance(state, dict) or not need <= set(state):
-        raise CheckpointError(f"checkpoint {path} is incomplete: it lacks "
-                              f"{sorted(need - set(state)) if isinstance(state, dict) else 'everything'}")
-    if state["version"] > CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint {path} was written by a newer snnet (version {state['version']})")
-    return state
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# ---------------------------------------------------------------------------- DDP helpers
 
 
 def _gather(obj: Any, world_size: int) -> list[Any]:
@@ -488,21 +336,6 @@ def _gather(obj: Any, world_size: int) -> list[Any]:
     out: list[Any] = [None] * world_size
     torch.distributed.all_gather_object(out, buf.getvalue())
     return [torch.load(io.BytesIO(b), weights_only=True) for b in out]
-
-
-def resolve_resume(resume: str | None, out_dir: str | os.PathLike) -> Path | None:
-    """``'auto'`` -> ``out_dir/checkpoint.pt`` if it exists (else a fresh start); a path must exist."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        path = Path(out_dir) / CHECKPOINT_NAME
-        return path if path.is_file() else None
-    path = Path(resume)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise CheckpointError(f"--resume {resume}: no checkpoint there (expected a file or a folder with {CHECKPOINT_NAME})")
-    return path
 
 
 # ---------------------------------------------------------------------------- checks
@@ -589,7 +422,7 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
     if ckpt is not None:
         trainer.load_state_dict(ckpt["trainer"])
         trainer.sampler.load_state_dict(ckpt["sampler"][rank])
-        _set_rng_state(ckpt["rng"][rank])
+        set_rng_state(ckpt["rng"][rank])
         step, epoch, epoch_step = ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]
 
     if rank == 0:
@@ -601,7 +434,7 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
     def checkpoint() -> Path:
         state = {"version": CHECKPOINT_VERSION, "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                  "trainer": trainer.state_dict(), "sampler": _gather(trainer.sampler.state_dict(), world),
-                 "rng": _gather(_rng_state(), world), "step": step, "epoch": epoch, "epoch_step": epoch_step,
+                 "rng": _gather(rng_state(), world), "step": step, "epoch": epoch, "epoch_step": epoch_step,
                  "world_size": world, "config": asdict(config), "optim": asdict(optim), "stitches": stitch_names}
         path = out_dir / CHECKPOINT_NAME
         if rank == 0:

@@ -15,6 +15,8 @@ from safetensors import safe_open
 
 import snnet
 from snnet import deploy
+from snnet.budget import MB
+from snnet.deploy import export as deploy_export, profiling as deploy_profile
 from snnet.deploy import Budget, parse_budget, select_stitch
 from snnet.errors import BudgetError, ExportError, StitchNotFoundError
 
@@ -172,7 +174,7 @@ def test_extracted_and_reloaded_stitch_equals_the_stitched_network(family: str, 
             keys = set(f.keys())
             numel = sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
         assert keys == set(route.state_dict())
-        route_numel = sum(v.numel() for v in deploy._route_view(net, s).state_dict().values())
+        route_numel = sum(v.numel() for v in deploy_export._route_view(net, s).state_dict().values())
         assert numel == route_numel < whole
         assert (out / deploy.STITCH_WEIGHTS).stat().st_size < 4 * whole
         n_blocks = len(route.src_blocks) + len(route.dst_blocks)
@@ -233,8 +235,8 @@ def test_unwritable_file_path_is_a_clear_error(tiny_net: snnet.StitchedNet, tmp_
 @pytest.mark.slow
 def test_failed_verification_leaves_no_file(tiny_net: snnet.StitchedNet, tmp_path: Path, monkeypatch) -> None:
     """An ONNX file whose outputs differ is deleted, and the formats already staged are not moved in."""
-    real = deploy._max_diff
-    monkeypatch.setattr(deploy, "_max_diff", lambda a, b: real(a, b) + 1.0)  # as if onnxruntime disagreed
+    real = deploy_export._max_diff
+    monkeypatch.setattr(deploy_export, "_max_diff", lambda a, b: real(a, b) + 1.0)  # as if onnxruntime disagreed
     with pytest.raises(ExportError, match="differ"):
         deploy.export_stitch(tiny_net, 4, tmp_path, formats=["safetensors", "onnx"])
     assert list(tmp_path.iterdir()) == []
@@ -259,7 +261,7 @@ def test_profile_measures_sane_numbers(tiny_net: snnet.StitchedNet) -> None:
     costs = tiny_net.costs()
     for r in measured:
         assert 0 < r.latency_ms <= r.latency_p90_ms < 10_000
-        weights = deploy.route_bytes(deploy._route_view(tiny_net, tiny_net.stitch(r.id))) / deploy.MB
+        weights = deploy.route_bytes(deploy_export._route_view(tiny_net, tiny_net.stitch(r.id))) / MB
         assert r.peak_mem_mb > weights  # weights + input + activations
         assert r.peak_mem_mb < weights + 5  # a tiny route at batch 2 needs far less than 5 MB of activations
     # the largest anchor needs more memory than the smallest
@@ -274,7 +276,7 @@ def test_activation_memory_tracker_counts_live_tensors() -> None:
     m = torch.nn.Sequential(torch.nn.Linear(10, 1000), torch.nn.ReLU(), torch.nn.Linear(1000, 10)).eval()
     x = torch.randn(4, 10)
     with torch.inference_mode():
-        peak = deploy._peak_activation_bytes(m, x)
+        peak = deploy_profile._peak_activation_bytes(m, x)
     # Linear's output (4x1000 floats) and ReLU's output are alive together; the input and weights are not counted
     assert peak == 2 * 4 * 1000 * 4
 

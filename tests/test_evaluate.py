@@ -279,7 +279,7 @@ def test_cli_eval_default_family_fits_stitching_layers(tmp_path: Path, capsys: p
     """Without --model the default family is built and its stitching layers fitted on training images."""
     from PIL import Image
 
-    monkeypatch.setattr("snnet.cli.DEFAULT_ANCHORS", "snnet_tiny_vit_ti,snnet_tiny_vit_s")  # 10 classes
+    monkeypatch.setattr("snnet.commands.options.DEFAULT_ANCHORS", "snnet_tiny_vit_ti,snnet_tiny_vit_s")  # 10 classes
     built = []
     create = snnet.model.create_snnet
 

@@ -14,10 +14,9 @@ from torch.utils.data import TensorDataset
 import snnet
 from snnet.data import DatasetError
 from snnet.errors import CheckpointError
-from snnet.train import (
-    CHECKPOINT_NAME, EpochSampler, FlopsBucketSampler, OptimConfig, StitchSampler, TrainConfig, load_checkpoint,
-    save_checkpoint, train,
-)
+from snnet.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from snnet.sampling import EpochSampler, FlopsBucketSampler, StitchSampler
+from snnet.train import OptimConfig, TrainConfig, train
 
 from .conftest import TINY_VITS
 

@@ -17,7 +17,7 @@ def _load(model: Path | None, trained: bool) -> Any:
     """The network of ``--model``, or the shipped family: its trained anchors with stitching layers
     fitted by least squares on 100 training images when weights matter (``trained``), else at
     random init (latency, memory and FLOPs do not depend on weights)."""
-    from ..cli import DEFAULT_ANCHORS, split_names
+    from .options import DEFAULT_ANCHORS, split_names
     from ..model import StitchedNet, create_snnet
 
     if model is not None:
@@ -50,7 +50,7 @@ def profile(
     FLOPs, params, latency and memory (accuracy empty) is written.
     """
     from ..deploy import merge_profile, profile as run_profile, read_rows
-    from ..evaluate import RESULTS_JSON, StitchResult, check_writable, write_results
+    from ..results import RESULTS_JSON, StitchResult, check_writable, write_results
     from ..io import atomic_write
     from ..report import human, table
     from ..train import default_device
@@ -107,13 +107,13 @@ def select(
     budget is taken (more compute buys accuracy along the SN-Net frontier). Without --model,
     the stitches of --results are used, or else the shipped family's space.
     """
-    from ..deploy import parse_budget, select_stitch
+    from ..budget import parse_budget, select_stitch
 
     parsed = parse_budget(budget)  # bad units fail before anything is built
     if model is None and results is not None:
         chosen = select_stitch(results, parsed)
     else:
-        from ..cli import DEFAULT_ANCHORS, split_names
+        from .options import DEFAULT_ANCHORS, split_names
         from ..model import StitchedNet, create_snnet
 
         net = StitchedNet.from_pretrained(model) if model is not None else create_snnet(split_names(DEFAULT_ANCHORS), device="meta")
@@ -133,7 +133,7 @@ def export(
     Every file is verified (outputs equal to the stitch inside the stitched network) before it is moved
     into --out; if any format fails, nothing is written.
     """
-    from ..deploy import _check_dir, _check_formats, export_stitch
+    from ..deploy.export import _check_dir, _check_formats, export_stitch
 
     chosen_formats = _check_formats(formats)
     # a bad stitch name fails before anything is loaded or written (the space needs no weights)
@@ -143,7 +143,7 @@ def export(
         net = StitchedNet.from_pretrained(model)
         net.stitch(stitch)
     else:
-        from ..cli import DEFAULT_ANCHORS, split_names
+        from .options import DEFAULT_ANCHORS, split_names
         from ..model import create_snnet
 
         create_snnet(split_names(DEFAULT_ANCHORS), device="meta").stitch(stitch)

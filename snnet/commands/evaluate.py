@@ -30,7 +30,7 @@ def evaluate(
 ) -> None:
     """Evaluate every stitch (top-1/top-5, loss, FLOPs, params), print a table, write results and Pareto plots."""
     from .. import data as sndata
-    from ..cli import DEFAULT_ANCHORS, split_names
+    from .options import DEFAULT_ANCHORS, split_names
     from ..evaluate import check_writable, evaluate as run_eval, format_results, write_results
     from ..model import StitchedNet, create_snnet
     from ..plot import plot_pareto

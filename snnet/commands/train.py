@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..cli import DEFAULT_ANCHORS, AnchorsOpt, split_names
+from .options import DEFAULT_ANCHORS, AnchorsOpt, split_names
 from ..errors import SnnetError
 
 
@@ -84,7 +84,7 @@ def train(
 def _specs(names: list[str], pretrained: bool | None, files: list[str] | None):
     """One AnchorSpec per name: shipped fmnist weights by default, timm downloads with --pretrained."""
     from ..anchors import AnchorSpec
-    from ..zoo import FMNIST_FAMILY, normalize_name
+    from ..pretrained import FMNIST_FAMILY, normalize_name
 
     specs = []
     for k, name in enumerate(names):

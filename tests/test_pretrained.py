@@ -1,4 +1,4 @@
-"""Tests of snnet.zoo: registry names, aliases, and the shipped pretrained weights."""
+"""Tests of snnet.pretrained: registry names, aliases, and the shipped pretrained weights."""
 
 from __future__ import annotations
 
@@ -9,24 +9,24 @@ import pytest
 import timm
 import torch
 
-from snnet import zoo
+from snnet import pretrained
 from snnet.data import FashionMNIST, make_loader
 
-FAMILY_JSON = zoo.WEIGHTS_DIR / "family.json"
+FAMILY_JSON = pretrained.WEIGHTS_DIR / "family.json"
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 
 def test_hyphen_alias() -> None:
-    assert zoo.normalize_name("fmnist-vit-ti") == "fmnist_vit_ti"
-    assert zoo.normalize_name("FMNIST-ViT-B") == "fmnist_vit_b"
-    assert zoo.normalize_name("fmnist_vit_s") == "fmnist_vit_s"
-    assert zoo.normalize_name("fmnist-vit-s.some-tag") == "fmnist_vit_s.some-tag"
+    assert pretrained.normalize_name("fmnist-vit-ti") == "fmnist_vit_ti"
+    assert pretrained.normalize_name("FMNIST-ViT-B") == "fmnist_vit_b"
+    assert pretrained.normalize_name("fmnist_vit_s") == "fmnist_vit_s"
+    assert pretrained.normalize_name("fmnist-vit-s.some-tag") == "fmnist_vit_s.some-tag"
 
 
 def test_registered_in_timm() -> None:
-    assert set(zoo.FMNIST_FAMILY) <= set(timm.list_models("fmnist_vit_*"))
+    assert set(pretrained.FMNIST_FAMILY) <= set(timm.list_models("fmnist_vit_*"))
     cfg = timm.models.get_pretrained_cfg("fmnist_vit_ti")
-    assert Path(cfg.file) == zoo.WEIGHTS_DIR / "fmnist_vit_ti.safetensors"
+    assert Path(cfg.file) == pretrained.WEIGHTS_DIR / "fmnist_vit_ti.safetensors"
     assert cfg.input_size == (1, 28, 28) and cfg.num_classes == 10
     assert cfg.mean == (0.2860,) and cfg.std == (0.3530,) and cfg.crop_pct == 1.0
 
@@ -41,7 +41,7 @@ def test_architecture(name: str, width: int, heads: int) -> None:
     assert data_config["input_size"] == (1, 28, 28)
 
 
-@pytest.mark.skipif(not FAMILY_JSON.is_file() or not zoo.weights_path("fmnist_vit_s").is_file(),
+@pytest.mark.skipif(not FAMILY_JSON.is_file() or not pretrained.weights_path("fmnist_vit_s").is_file(),
                     reason="shipped weights not built yet (python scripts/train_fmnist_family.py)")
 @pytest.mark.skipif(not DEBIAN_ROOT.is_dir(), reason="Debian package dataset-fashion-mnist is not installed")
 def test_pretrained_weights_match_family_json() -> None:

@@ -1,0 +1,332 @@
+"""One stitch as a standalone model: extract its route, save it, export it.
+
+:func:`extract` turns one stitch into a plain :class:`StitchRoute` module holding only the
+weights its route uses; :func:`save_stitch`/:func:`load_stitch` (safetensors + config, rebuilt
+without the stitched network), :func:`export_program` (``torch.export``) and :func:`export_onnx`
+(verified with onnxruntime) write it. Every file is written to a temporary name, verified, then
+renamed into place; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..anchors import ActivationSpec, AnchorSpec, create_anchor, split_model
+from ..errors import CheckpointError, ExportError
+from ..io import atomic_write
+from ..results import check_writable
+from ..space import Stitch
+from ..stitching import StitchingLayer
+
+if TYPE_CHECKING:
+    from ..model import StitchedNet
+
+__all__ = ["FORMATS", "STITCH_CONFIG", "STITCH_WEIGHTS", "StitchRoute", "export_onnx", "export_program", "export_stitch", "extract", "load_stitch",
+           "route_bytes", "save_stitch", "stitch_config"]
+
+class StitchRoute(nn.Module):
+    """One stitch as a plain module: source stem and blocks, stitching layer, target blocks, head.
+
+    An anchor is a route with an identity stitch and no target blocks. ``forward`` runs the
+    same modules in the same order as :meth:`StitchedNet.forward` does for that stitch.
+    """
+
+    def __init__(self, src_stem: nn.Module, src_blocks: Sequence[nn.Module], stitch: nn.Module | None,
+                 dst_blocks: Sequence[nn.Module], head: nn.Module) -> None:
+        super().__init__()
+        self.src_stem = src_stem
+        self.src_blocks = nn.ModuleList(src_blocks)
+        self.stitch = stitch if stitch is not None else nn.Identity()
+        self.dst_blocks = nn.ModuleList(dst_blocks)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.src_stem(x)
+        for blk in self.src_blocks:
+            h = blk(h)
+        h = self.stitch(h)
+        for blk in self.dst_blocks:
+            h = blk(h)
+        return self.head(h)
+
+
+def _route_view(net: "StitchedNet", stitch: Stitch) -> StitchRoute:
+    """A route sharing the network's modules (no copy): for counting bytes and for :func:`extract`."""
+    return StitchRoute(*net.route(stitch))
+
+
+def route_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each storage counted once)."""
+    seen: dict[int, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def extract(net: "StitchedNet", stitch: int | str | Stitch) -> StitchRoute:
+    """A standalone copy of one stitch: deep copies of only the modules on its route, in eval mode."""
+    s = net.space[stitch]
+    route = copy.deepcopy(_route_view(net, s))  # one deepcopy keeps weights shared within the route shared
+    route.snnet_stitch = s.name  # type: ignore[assignment]  # plain attribute: where it came from
+    return route.eval()
+
+
+# ====================================================================================== files
+
+STITCH_CONFIG = "config.json"
+STITCH_WEIGHTS = "model.safetensors"
+STITCH_FORMAT = "snnet-stitch"
+STITCH_VERSION = 1
+FORMATS = ("safetensors", "pt2", "onnx")
+
+
+def _check_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` and prove a file can be written there, before any work."""
+    return check_writable(out, error=ExportError)
+
+
+def stitch_config(net: "StitchedNet", stitch: int | str | Stitch) -> dict[str, Any]:
+    """Everything :func:`load_stitch` needs to rebuild a stitch without the stitched network."""
+    s = net.space[stitch]
+
+    def anchor(k: int) -> dict[str, Any]:
+        spec = net.specs[k]
+        if spec is not None:  # rebuilt from its timm name at random init; the weights come from the file
+            spec = AnchorSpec(spec.name, False, None, spec.kwargs).to_dict()
+        return {"label": net.labels[k], "kind": net.anchors[k].kind, "spec": spec}
+
+    layer = None
+    if not s.is_anchor:
+        slot = net.space.layers[s.layer]
+        layer = {"src_spec": asdict(slot.src_spec), "dst_spec": asdict(slot.dst_spec)}
+    src = net.anchors[s.src]
+    return {
+        "format": STITCH_FORMAT, "version": STITCH_VERSION, "id": s.id, "name": s.name,
+        "src": anchor(s.src), "src_end": s.src_end,
+        "dst": anchor(s.dst) if s.dst is not None else None, "dst_start": s.dst_start, "stitching_layer": layer,
+        "input_size": list(net.input_size), "num_classes": net.num_classes,
+        "data_config": {k: v for k, v in src.data_config.items() if k != "num_classes"},
+    }
+
+
+def save_stitch(route: StitchRoute, directory: str | os.PathLike, config: Mapping[str, Any]) -> Path:
+    """Write ``model.safetensors`` (the route's weights only) and ``config.json``, each atomically.
+
+    ``config`` is :func:`stitch_config` of the stitch the route was extracted from.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = _check_dir(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in route.state_dict().items()}
+    # safetensors refuses tensors sharing memory; clone the rare shared ones
+    seen: set[int] = set()
+    for k, v in state.items():
+        if v.untyped_storage().data_ptr() in seen:
+            state[k] = v.clone()
+        seen.add(state[k].untyped_storage().data_ptr())
+
+    def verify(p: Path) -> None:
+        with safe_open(str(p), "pt") as f:
+            if set(f.keys()) != set(state):
+                raise ExportError(f"{p} does not hold the route's tensors after writing: disk full or filesystem error?")
+
+    def write(p: Path) -> None:
+        save_file(state, str(p), metadata={"format": "pt", "snnet": STITCH_FORMAT})
+        verify(p)
+
+    atomic_write(out / STITCH_WEIGHTS, write)
+    atomic_write(out / STITCH_CONFIG, lambda p: p.write_text(json.dumps(dict(config), indent=2) + "\n"))
+    return out
+
+
+def _spec(d: Mapping[str, Any]) -> ActivationSpec:
+    return ActivationSpec(d["layout"], int(d["channels"]), tuple(d["spatial"]))
+
+
+def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | None = None,
+                map_location: str | torch.device = "cpu") -> StitchRoute:
+    """Rebuild a stitch saved by :func:`save_stitch`, without its stitched network.
+
+    The route's anchors are built from their timm names at random init, cut to the route, and
+    the saved weights loaded (strictly). Anchors that were your own modules must be passed
+    again as ``anchors`` (source, then target for a stitch), freshly constructed.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg_path, w_path = directory / STITCH_CONFIG, directory / STITCH_WEIGHTS
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise CheckpointError(f"{directory} is not an exported stitch: it needs {STITCH_CONFIG} and {STITCH_WEIGHTS} "
+                              "(written by `snnet export --format safetensors`)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("format") != STITCH_FORMAT:
+            raise KeyError("format")
+        ends = [cfg["src"]] + ([cfg["dst"]] if cfg["dst"] is not None else [])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path} is corrupt or not an exported snnet stitch ({e})") from e
+    if cfg.get("version", 0) > STITCH_VERSION:
+        raise CheckpointError(f"{cfg_path} was written by a newer snnet (format {cfg['version']}); upgrade snnet")
+    if anchors is not None and len(anchors) != len(ends):
+        raise CheckpointError(f"this stitch uses {len(ends)} anchors, {len(anchors)} were given")
+    parts = []
+    for k, end in enumerate(ends):
+        if anchors is not None:
+            module = anchors[k]
+        elif end["spec"] is None:
+            raise CheckpointError(f"anchor {end['label']!r} was your own module: pass it again with load_stitch(dir, anchors=[...])")
+        else:
+            module = create_anchor(AnchorSpec.from_dict(end["spec"]))
+        parts.append(split_model(module))
+    src = parts[0]
+    if cfg["dst"] is None:
+        route = StitchRoute(src.stem, list(src.blocks), None, [], src.head)
+    else:
+        layer = cfg["stitching_layer"]
+        dst = parts[1]
+        route = StitchRoute(src.stem, list(src.blocks[: cfg["src_end"]]),
+                            StitchingLayer(_spec(layer["src_spec"]), _spec(layer["dst_spec"])),
+                            list(dst.blocks[cfg["dst_start"]:]), dst.head)
+    try:
+        state = load_file(str(w_path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{w_path} is corrupt or unreadable ({e}); export the stitch again") from e
+    own = route.state_dict()
+    bad = sorted(set(own) ^ set(state)) + sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if bad:
+        raise CheckpointError(f"{w_path} does not match the route its config describes (first mismatches: "
+                              f"{', '.join(bad[:3])}); export the stitch again")
+    route.load_state_dict(state)
+    route.snnet_stitch = cfg["name"]  # type: ignore[assignment]
+    return route.to(map_location).eval()
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+def _batch_dim() -> dict[str, dict[int, Any]]:
+    # the batch size stays free in the exported graph (AUTO keeps it static if the model pins it)
+    return {"x": {0: torch.export.Dim.AUTO}}
+
+
+def export_program(route: nn.Module, example: torch.Tensor, path: str | os.PathLike, atol: float = 1e-5) -> Path:
+    """Export with ``torch.export`` and save a ``.pt2`` program; verified by reloading and comparing outputs."""
+    path = Path(path)
+    _check_dir(path.parent)
+    route = route.eval()
+    with torch.inference_mode():
+        want = route(example)
+    try:
+        program = torch.export.export(route, (example,), dynamic_shapes=_batch_dim())
+    except Exception as e:  # torch raises many kinds here; say which model part failed
+        raise ExportError(f"torch.export could not trace this stitch: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    with torch.inference_mode():
+        got = torch.export.load(io.BytesIO(buffer.getvalue())).module()(example)
+    diff = _max_diff(got, want)
+    if not diff <= atol:
+        raise ExportError(f"the torch.export program's outputs differ from the stitch's by {diff:.3g} (> {atol}); not saved")
+    atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
+    return path
+
+
+def export_onnx(route: nn.Module, example: torch.Tensor, path: str | os.PathLike, atol: float = 1e-5) -> Path:
+    """Export to ONNX (torch's dynamo exporter) and verify with onnxruntime on CPU.
+
+    The file is written to a temporary name, run with onnxruntime on ``example``, and renamed
+    into place only if its outputs are within ``atol`` of PyTorch's; otherwise it is deleted
+    and :class:`~snnet.errors.ExportError` raised.
+    """
+    path = Path(path)
+    _check_dir(path.parent)
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'snnet[export]'") from e
+    route = route.eval()
+    with torch.inference_mode():
+        want = route(example).cpu()
+
+    def write_and_verify(p: Path) -> None:
+        import warnings
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(route, (example,), dynamo=True, input_names=["x"], output_names=["logits"],
+                                            dynamic_shapes=_batch_dim(), verbose=False)
+        except Exception as e:
+            raise ExportError(f"ONNX export of this stitch failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        program.save(str(p), external_data=False)  # one self-contained file
+        try:
+            sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: example.detach().cpu().numpy()})[0])
+        except Exception as e:
+            raise ExportError(f"onnxruntime cannot run the exported ONNX file ({type(e).__name__}: {e}); not saved") from e
+        diff = _max_diff(got, want)
+        if not diff <= atol:
+            raise ExportError(f"onnxruntime's outputs differ from the stitch's by {diff:.3g} (> {atol}); ONNX file not saved")
+
+    atomic_write(path, write_and_verify)  # a file that fails verification is deleted, never renamed into place
+    return path
+
+
+def export_stitch(net: "StitchedNet", stitch: int | str | Stitch, out: str | os.PathLike,
+                  formats: Sequence[str] = FORMATS, batch_size: int = 2, atol: float = 1e-5) -> dict[str, Path]:
+    """Extract one stitch and write it in each of ``formats`` into ``out``, all or nothing.
+
+    Formats: ``safetensors`` (``model.safetensors`` + ``config.json``, :func:`load_stitch`),
+    ``pt2`` (``model.pt2``, ``torch.export.load``), ``onnx`` (``model.onnx``). Every file is
+    staged in a temporary folder inside ``out`` and verified; the files move into ``out`` only
+    when every format succeeded, so a failure leaves ``out`` as it was. The example input is a
+    random batch at the network's input size.
+    """
+    formats = _check_formats(formats)
+    s = net.space[stitch]  # unknown stitch: fails before any work
+    out = _check_dir(out)
+    route = extract(net, s).cpu()
+    example = torch.randn(batch_size, *net.input_size, generator=torch.Generator().manual_seed(0))
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".snnet-export-"))
+    try:
+        written: list[Path] = []
+        if "safetensors" in formats:
+            save_stitch(route, stage, stitch_config(net, s))
+            written += [stage / STITCH_WEIGHTS, stage / STITCH_CONFIG]
+        if "pt2" in formats:
+            written.append(export_program(route, example, stage / "model.pt2", atol))
+        if "onnx" in formats:
+            written.append(export_onnx(route, example, stage / "model.onnx", atol))
+        paths = {}
+        for p in written:
+            os.replace(p, out / p.name)
+            paths[p.name] = out / p.name
+        return paths
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
+    if isinstance(formats, str):
+        formats = formats.split(",")
+    chosen = tuple(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
+    bad = [f for f in chosen if f not in FORMATS]
+    if bad or not chosen:
+        raise ExportError(f"unknown export format {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+    return chosen

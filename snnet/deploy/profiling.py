@@ -1,0 +1,204 @@
+"""Latency and peak memory of every stitch, measured on this device.
+
+:func:`profile` times every stitch's forward (median and p90 after warm-up) and measures its peak
+memory; :func:`merge_profile` stores the figures beside FLOPs, params and accuracy in the result
+rows, so budgets in milliseconds or megabytes can be met (:mod:`snnet.budget`).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..budget import MB
+from ..errors import SnnetError
+from ..report import progress as report_progress
+from ..results import _row, merge_rows, read_rows
+from ..space import Stitch
+from .export import _route_view, route_bytes
+
+if TYPE_CHECKING:
+    from ..model import StitchedNet
+
+__all__ = ["ProfileResult", "ProfileSettings", "merge_profile", "profile"]
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """Latency and peak memory of one stitch on one device.
+
+    ``latency_ms`` is the median and ``latency_p90_ms`` the 90th percentile of ``repeats``
+    timed forwards after warm-up. ``peak_mem_mb`` (MiB) is what running this stitch alone
+    needs at once: its weights, the input batch and the peak of intermediate tensors alive
+    during one forward (see :func:`profile`).
+    """
+
+    id: int
+    name: str
+    latency_ms: float
+    latency_p90_ms: float
+    peak_mem_mb: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """How a profile was measured; stored with every row so numbers are never read out of context."""
+
+    device: str
+    batch_size: int
+    input_size: tuple[int, ...]
+    threads: int | None
+    warmup: int
+    repeats: int
+    memory: str  # how peak_mem_mb was measured
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), input_size=list(self.input_size))
+
+
+class _LiveTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Tracks the bytes of tensor storages created by ops and still alive, and their peak.
+
+    Every op's outputs are recorded by storage (views share their base's storage, so they
+    add nothing); a storage is released when the last tensor seen using it is garbage
+    collected. Storages that existed before (weights, the input) are excluded. What this does
+    not see: scratch memory inside a kernel (e.g. a fused attention's workspace) and the
+    allocator's rounding and caching, so it is a lower bound of the process's real growth.
+    """
+
+    def __init__(self, exclude: Iterable[int]) -> None:
+        super().__init__()
+        self.exclude = set(exclude)
+        self.refs: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key in self.exclude or st.nbytes() == 0:
+            return
+        if key not in self.refs:
+            self.refs[key], self.sizes[key] = 0, st.nbytes()
+            self.live += st.nbytes()
+            self.peak = max(self.peak, self.live)
+        self.refs[key] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            del self.refs[key]
+            self.live -= self.sizes.pop(key)
+
+
+def _peak_activation_bytes(net: nn.Module, x: torch.Tensor) -> int:
+    """Peak bytes of intermediate tensors alive during one forward (beyond weights and input)."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        net(x)
+        torch.cuda.synchronize(x.device)
+        return torch.cuda.max_memory_allocated(x.device) - base
+    exclude = {t.untyped_storage().data_ptr() for t in list(net.parameters()) + list(net.buffers()) + [x]}
+    with _LiveTensors(exclude) as mode:
+        net(x)
+    return mode.peak
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).quantile(q))
+
+
+def profile(
+    net: "StitchedNet",
+    batch_size: int = 1,
+    input_size: Sequence[int] | None = None,
+    warmup: int = 5,
+    repeats: int = 30,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+    stitches: Sequence[int | str | Stitch] | None = None,
+    progress: bool = True,
+) -> tuple[list[ProfileResult], ProfileSettings]:
+    """Measure latency and peak memory of every stitch (or of ``stitches``) on one device.
+
+    Each stitch is selected and run ``warmup`` times, then timed over ``repeats`` forwards
+    under ``torch.inference_mode`` on a random batch (CUDA is synchronised around each one).
+    ``threads`` sets torch's CPU threads for the run. ``device`` moves the network there.
+
+    Peak memory (MiB) = the route's weight bytes + the input batch + the peak of intermediate
+    tensors alive during one forward: on CUDA from the allocator's peak statistics (above
+    what was allocated before the forward), on CPU by tracking every tensor ops create until
+    it is freed (:class:`_LiveTensors`). It is what this stitch alone needs, not the whole
+    stitched network (whose other anchors are resident too).
+    """
+    if batch_size < 1 or warmup < 0 or repeats < 1:
+        raise SnnetError(f"need batch_size >= 1, warmup >= 0 and repeats >= 1 (got {batch_size}, {warmup}, {repeats})")
+    if threads is not None and threads < 1:
+        raise SnnetError(f"--threads must be >= 1, got {threads}")
+    chosen = sorted({net.space[k].id for k in stitches}) if stitches is not None else [s.id for s in net.space]
+    size = tuple(input_size) if input_size is not None else tuple(net.input_size)
+    dev = torch.device(device) if device is not None else next(net.parameters()).device
+    net.to(dev)
+    x = torch.randn(batch_size, *size, generator=torch.Generator().manual_seed(0)).to(dev)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    active, was_training, old_threads = net.active, net.training, torch.get_num_threads()
+    settings = ProfileSettings(str(dev), batch_size, size, threads if threads is not None else old_threads, warmup, repeats,
+                               "cuda allocator peak" if dev.type == "cuda" else "live tensor bytes (torch dispatch)")
+    bar = report_progress(len(chosen), f"profile on {dev}", "stitch", progress)
+    out = []
+    net.eval()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with torch.inference_mode():
+            for k in chosen:
+                s = net.select(k)
+                for _ in range(warmup):
+                    net(x)
+                sync()
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    net(x)
+                    sync()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                act = _peak_activation_bytes(net, x)
+                mem = (route_bytes(_route_view(net, s)) + x.numel() * x.element_size() + act) / MB
+                out.append(ProfileResult(s.id, s.name, _percentile(times, 0.5), _percentile(times, 0.9), mem))
+                bar.update(1)
+    finally:
+        torch.set_num_threads(old_threads)
+        net.select(active)
+        net.train(was_training)
+        bar.close()
+    return out, settings
+
+
+def merge_profile(rows: Sequence[Any] | None, costs: Sequence[Any], measured: Sequence[ProfileResult],
+                  settings: ProfileSettings) -> list[dict[str, Any]]:
+    """Results rows with the profile added: ``rows`` (e.g. from ``snnet eval``) when given, else
+    ``costs`` rows (id/name/flops/params) with accuracy null. Each row gets ``latency_ms``,
+    ``latency_p90_ms``, ``peak_mem_mb`` and the ``profile`` settings."""
+    base = read_rows(rows) if rows is not None else [dict(_row(c), acc1=None, acc5=None) for c in costs]
+    extra = [dict(r.to_dict(), profile=settings.to_dict()) for r in measured]
+    ids = {int(r["id"]) for r in base}
+    if any(r["id"] not in ids for r in extra):
+        raise SnnetError("the results file lists fewer stitches than this network has: profile the network it was written for")
+    return merge_rows(base, extra, "the results")
