@@ -279,7 +279,9 @@ class Trainer:
         """Turn DDP's mean over all ranks into the mean over the ranks that used each parameter."""
         if self.config.stitch_sync == "shared":
             return  # every rank ran the same route: DDP's mean is already the right one
-        count = self._used(s).to(self.device)
+        # a copy: all_reduce works in place, and on CPU .to() would hand back the cached tensor
+        # itself, so every later step on this stitch would sum ever larger counts
+        count = self._used(s).to(self.device, copy=True)
         torch.distributed.all_reduce(count)
         scale = (self.world_size / count.clamp(min=1)).tolist()
         for p, n, k in zip(self.params, count.tolist(), scale):

@@ -2,12 +2,15 @@
 
 The rule (snnet/train.py): with ``stitch_sync='per_rank'`` every parameter gets the mean of
 the gradients of the ranks whose route used it; a parameter used by one rank gets exactly the
-gradient single-process training would give it on that rank's batch.
+gradient single-process training would give it on that rank's batch — on every step, not only
+the first. A run whose rank 1 is killed mid-run and resumed from its last checkpoint ends with
+the very weights of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -46,9 +49,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         net = _net()
         trainer = Trainer(net, TrainConfig(progress=False), total_steps=1)
-        trainer.backward(*_batch(rank), STITCHES[rank])
-        grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in net.named_parameters()}
-        torch.save(grads, Path(out) / f"grads{rank}.pt")
+        for k in range(2):  # the second time on the same stitch must give the same gradients
+            trainer.backward(*_batch(rank), STITCHES[rank])
+            grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in net.named_parameters()}
+            torch.save(grads, Path(out) / f"grads{rank}{'' if k == 0 else '_again'}.pt")
         for mode in ("per_rank", "shared"):
             net = _net()
             conf = TrainConfig(max_steps=6, batch_size=4, stitch_sync=mode, out_dir=str(Path(out) / mode),
@@ -65,19 +69,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ddp_out(tmp_path_factory) -> Path:
-    """Run the two-process job once (with a timeout, so a DDP hang fails instead of blocking)."""
-    out = tmp_path_factory.mktemp("ddp")
+def _spawn(worker, *args) -> None:
+    """Run ``worker(rank, 2, port, *args)`` on two processes (with a timeout, so a DDP hang fails instead of blocking)."""
     world = 2
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out)), nprocs=world,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(worker, args=(world, _free_port(), *args), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT
     while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"two-process DDP run hung for {TIMEOUT}s")
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory) -> Path:
+    """Run the two-process job once."""
+    out = tmp_path_factory.mktemp("ddp")
+    _spawn(_worker, str(out))
+    return out
+
+
+class _DiesAt(Synthetic):
+    """Rank 1 kills itself with SIGKILL (no clean-up of any kind) while fetching the batch of step ``step``."""
+
+    def __init__(self, n: int, step: int, batch_size: int) -> None:
+        super().__init__(n)
+        self.fetches_before_death = (step - 1) * batch_size
+        self.fetched = 0
+
+    def __getitem__(self, i):
+        if torch.distributed.get_rank() == 1:
+            self.fetched += 1
+            if self.fetched > self.fetches_before_death:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(i)
+
+
+def _killed_or_resumed(rank: int, world: int, port: int, out: str, resume: bool) -> None:
+    """The per_rank run of _worker, into ``out/per_rank``: rank 1 killed at step 5 (its last checkpoint:
+    step 3), or that run resumed."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        net = _net()
+        conf = TrainConfig(max_steps=6, batch_size=4, out_dir=str(Path(out) / "per_rank"), progress=False,
+                           tensorboard=False, init_images=8, ckpt_every=3, resume="auto" if resume else None)
+        data = Synthetic(48) if resume else _DiesAt(48, step=5, batch_size=4)
+        result = train(net, data, conf, OptimConfig(lr=1e-3))
+        torch.save({"state": net.state_dict(), "stitches": result.stitches}, Path(out) / f"resumed{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_resumed(tmp_path_factory) -> Path:
+    """The two-process per_rank run, rank 1 killed with SIGKILL at step 5, then resumed from step 3."""
+    out = tmp_path_factory.mktemp("ddp_kill")
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL|signal"):
+        _spawn(_killed_or_resumed, str(out), False)
+    _spawn(_killed_or_resumed, str(out), True)
     return out
 
 
@@ -87,8 +138,9 @@ def _single_grads(rank: int) -> dict[str, torch.Tensor | None]:
     return {n: (p.grad.clone() if p.grad is not None else None) for n, p in net.named_parameters()}
 
 
-def test_grads_are_mean_over_ranks_that_used_each_parameter(ddp_out):
-    g0, g1 = (torch.load(ddp_out / f"grads{r}.pt", weights_only=True) for r in range(2))
+@pytest.mark.parametrize("again", ["", "_again"])
+def test_grads_are_mean_over_ranks_that_used_each_parameter(ddp_out, again):
+    g0, g1 = (torch.load(ddp_out / f"grads{r}{again}.pt", weights_only=True) for r in range(2))
     ref = [_single_grads(0), _single_grads(1)]
     kinds = set()
     for name in g0:
@@ -122,3 +174,18 @@ def test_two_process_training_ends_with_identical_weights(ddp_out, mode):
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["sampler"]) == 2 and ckpt["step"] == 6
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.slow
+def test_kill_and_resume_ends_with_the_uninterrupted_weights(ddp_out, ddp_resumed):
+    """Rank 1 killed at step 5 and the job resumed from step 3: to the bit the weights of _worker's uninterrupted run."""
+    ckpt = torch.load(ddp_resumed / "per_rank" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["world_size"] == 2
+    for rank in range(2):
+        full = torch.load(ddp_out / f"per_rank{rank}.pt", weights_only=True)
+        resumed = torch.load(ddp_resumed / f"resumed{rank}.pt", weights_only=True)
+        assert resumed["stitches"] == full["stitches"][3:]  # steps 4-6, drawn again from the checkpoint's sampler
+        assert all(torch.equal(full["state"][k], resumed["state"][k]) for k in full["state"])
+    steps = [int(ln.split('"step": ')[1].split(",")[0]) for ln in
+             (ddp_resumed / "per_rank" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))  # the killed run's step 4 was dropped and redone
