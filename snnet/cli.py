@@ -74,15 +74,38 @@ app.command("demo")(_demo_cmd.demo)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning user errors into a message and exit status 2."""
+    """Entry point: run the app, turning user errors into one line and exit status 2.
+
+    Bad option values that click itself catches (a word for a number, a value out of its range,
+    an unknown option) are printed the same way, in one line, instead of click's boxed usage.
+    """
+    try:  # typer >= 0.22 carries its own copy of click; older ones use click itself
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
     try:
-        app(args=argv, prog_name="snnet")
-    except SystemExit as e:  # click exits even on success; return instead, so main() can be called
-        if e.code not in (0, None):
-            raise
-    except (SnnetError, FileNotFoundError, PermissionError) as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        code = app(args=argv, prog_name="snnet", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:  # bare `snnet`: the help, as before
+        e.show()
         sys.exit(2)
+    except click_errors.ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "snnet"
+        _fail(f"{e.format_message()} (`{where} --help` lists the options)", e.exit_code)
+    except typer.Abort:
+        _fail("aborted", 1)
+    except (SnnetError, FileNotFoundError, PermissionError) as e:
+        _fail(str(e), 2)
+    if isinstance(code, int) and code != 0:  # typer.Exit(code) and Ctrl-C (130) end here
+        if code == 130:
+            typer.secho("interrupted", err=True, fg=typer.colors.RED)
+        sys.exit(code)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ __all__ = [
     "read_idx",
     "build_dataset",
     "num_classes",
+    "check_source",
     "make_loader",
     "set_epoch",
 ]
@@ -68,15 +69,12 @@ class DatasetError(SnnetError):
 
 
 def _how_to_get_fashion_mnist(root: Path) -> str:
+    # one line, and each option named with the command that has it (`snnet train` has no --download)
     return (
-        f"Fashion-MNIST was not found in {root}. Get it with one of:\n"
-        "  * apt-get install dataset-fashion-mnist   (Debian/Ubuntu; installs to "
-        f"{_DEBIAN_ROOT})\n"
-        "  * --data DIR  (or env SNNET_FASHION_MNIST=DIR) pointing to a folder with the four IDX "
-        "files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-        "t10k-labels-idx1-ubyte (optionally .gz)\n"
-        "  * --download  (download=True in Python) to fetch it from the internet with "
-        "torchvision's downloader"
+        f"Fashion-MNIST was not found in {root}: `apt-get install dataset-fashion-mnist` (installs to {_DEBIAN_ROOT}), "
+        "or give a folder with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+        "t10k-labels-idx1-ubyte (optionally .gz) as `snnet train --data-dir DIR`, `snnet demo --data DIR` or env "
+        "SNNET_FASHION_MNIST=DIR; `snnet demo --download` (download=True in Python) fetches it with torchvision"
     )
 
 
@@ -144,7 +142,7 @@ def _download_fashion_mnist(root: Path) -> None:
         TVFashionMNIST(str(root), train=True, download=True)
         TVFashionMNIST(str(root), train=False, download=True)
     except Exception as e:  # network errors come in many types (URLError, OSError, RuntimeError)
-        raise DatasetError(f"downloading Fashion-MNIST into {root} failed: {e}\n"
+        raise DatasetError(f"downloading Fashion-MNIST into {root} failed: {e}; "
                            + _how_to_get_fashion_mnist(root)) from e
     raw = root / "FashionMNIST" / "raw"
     for stems in _FILES.values():
@@ -178,6 +176,8 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
 
     num_classes = 10
     classes = FASHION_MNIST_CLASSES
+    # __getitem__ draws no random numbers (set_epoch does): training need not seed each item
+    deterministic_items = True
 
     def __init__(
         self,
@@ -191,19 +191,13 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
         seed: int = 0,
         download: bool = False,
     ) -> None:
-        if split not in _SPLIT_ALIASES:
-            raise DatasetError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
-        self.split = _SPLIT_ALIASES[split]
+        self.split = _fashion_mnist_split(split)
         self.root = Path(root).expanduser() if root is not None else default_fashion_mnist_root()
-        image_stem, label_stem = _FILES[self.split]
-        paths = [_find_idx(self.root, image_stem), _find_idx(self.root, label_stem)]
-        if None in paths and download:
+        _check_limit(limit)
+        if download and _fashion_mnist_missing(self.root, self.split):
             self.root.mkdir(parents=True, exist_ok=True)
             _download_fashion_mnist(self.root)
-            paths = [_find_idx(self.root, image_stem), _find_idx(self.root, label_stem)]
-        if None in paths:
-            missing = [s for s, p in zip((image_stem, label_stem), paths) if p is None]
-            raise DatasetError(f"missing {', '.join(missing)}[.gz]. " + _how_to_get_fashion_mnist(self.root))
+        paths = _locate_fashion_mnist(self.root, self.split)
         images = read_idx(paths[0], expected_ndim=3)
         labels = read_idx(paths[1], expected_ndim=1)
         if images.shape[0] != labels.shape[0] or tuple(images.shape[1:]) != (28, 28):
@@ -255,6 +249,49 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
                 f"augment={self.augment is not None})")
 
 
+def _fashion_mnist_split(split: str) -> str:
+    if split not in _SPLIT_ALIASES:
+        raise DatasetError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
+    return _SPLIT_ALIASES[split]
+
+
+def _fashion_mnist_missing(root: Path, split: str) -> list[str]:
+    return [stem for stem in _FILES[split] if _find_idx(root, stem) is None]
+
+
+def _locate_fashion_mnist(root: Path, split: str) -> list[Path]:
+    """The split's image and label files in ``root``, or a DatasetError saying how to get them."""
+    missing = _fashion_mnist_missing(root, split)
+    if missing:
+        raise DatasetError(f"missing {', '.join(missing)}[.gz]. " + _how_to_get_fashion_mnist(root))
+    return [_find_idx(root, stem) for stem in _FILES[split]]  # type: ignore[misc]
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise DatasetError(f"a dataset limit must be >= 1 image, got {limit}")
+
+
+def _missing_folder(path: Path) -> DatasetError:
+    return DatasetError(f"dataset folder {path} does not exist (expected an ImageFolder tree, "
+                        "'fashion-mnist', or a timm dataset name such as 'torch/cifar10')")
+
+
+def check_source(name_or_path: str | os.PathLike[str], split: str = "train",
+                 root: str | os.PathLike[str] | None = None) -> None:
+    """Fail fast — before any model is built — if a dataset is plainly not there (nothing is read or downloaded)."""
+    name = str(name_or_path)
+    if name.lower() in FASHION_MNIST_NAMES:
+        _locate_fashion_mnist(Path(root).expanduser() if root is not None else default_fashion_mnist_root(),
+                              _fashion_mnist_split(split))
+    elif not (_is_timm_name(name) or Path(name).expanduser().is_dir()):
+        raise _missing_folder(Path(name).expanduser())
+
+
+def _is_timm_name(name: str) -> bool:
+    return name.startswith(_TIMM_PREFIXES) or (os.sep not in name and "/" not in name)
+
+
 def _image_folder_root(root: Path, split: str) -> Path:
     """Pick ``root/train`` or ``root/val`` (and synonyms) if present, else ``root`` itself."""
     names = ("train", "training") if _SPLIT_ALIASES.get(split, split) == "train" \
@@ -299,6 +336,7 @@ def build_dataset(
     """
     config = dict(data_config or {})
     name = str(name_or_path)
+    _check_limit(limit)
     if name.lower() in FASHION_MNIST_NAMES:
         stats = {k: tuple(config[k]) for k in ("mean", "std") if k in config}
         return FashionMNIST(root, split, limit=limit, augment=augment, seed=seed, download=download, **stats)
@@ -318,11 +356,10 @@ def build_dataset(
         except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
             raise DatasetError(f"{folder} is not a usable ImageFolder dataset ({e}); expected "
                                f"{folder}/<class name>/<image files>") from e
-    elif name.startswith(_TIMM_PREFIXES) or (os.sep not in name and "/" not in name):
+    elif _is_timm_name(name):
         dataset = _timm_dataset(create_dataset, name, root, split, augment, download, transform)
     else:
-        raise DatasetError(f"dataset folder {path} does not exist (expected an ImageFolder tree, "
-                           "'fashion-mnist', or a timm dataset name such as 'torch/cifar10')")
+        raise _missing_folder(path)
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DatasetError(f"dataset {name} ({split}) is empty")
     if limit is not None and limit < len(dataset):  # type: ignore[arg-type]
@@ -337,7 +374,7 @@ def _timm_dataset(create_dataset: Any, name: str, root: str | os.PathLike[str] |
         return create_dataset(name, root=str(root) if root is not None else None, split=timm_split,
                               is_training=augment, download=download, transform=transform)
     except (FileNotFoundError, RuntimeError, AssertionError, ValueError, TypeError) as e:
-        hint = "" if download else " (pass download=True / --download to fetch it, if it can be downloaded)"
+        hint = "" if download else " (download=True in Python fetches it, if it can be downloaded)"
         reason = str(e) or type(e).__name__
         raise DatasetError(f"cannot open dataset {name!r} (root={root}, split={timm_split}): {reason}{hint}") from e
 

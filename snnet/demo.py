@@ -71,6 +71,9 @@ class DemoConfig:
     def __post_init__(self) -> None:  # refuse bad settings before minutes of work, not after
         if self.steps < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise SnnetError(f"steps and batch sizes must be >= 1 (steps={self.steps}, batch_size={self.batch_size})")
+        for name, limit in (("train_limit", self.train_limit), ("eval_limit", self.eval_limit)):
+            if limit is not None and limit < 1:
+                raise SnnetError(f"{name} must be >= 1 image, got {limit}")
         self.train_configs()  # the training configs check the rest (learning rates, sampler, distillation weight, ...)
 
     def train_configs(self) -> tuple[TrainConfig, OptimConfig]:
@@ -78,7 +81,8 @@ class DemoConfig:
         tcfg = TrainConfig(epochs=1_000_000, max_steps=self.steps, batch_size=self.batch_size, seed=self.seed,
                            out_dir=str(Path(self.out) / "train"), ckpt_every=0, init_images=100, device=self.device,
                            progress=self.progress, tensorboard=False, log_every=10, sampler=self.sampler,
-                           distill="largest" if self.distill else None, distill_alpha=self.distill_alpha)
+                           distill="largest" if self.distill else None, distill_alpha=self.distill_alpha,
+                           overwrite=True)  # out/train is the demo's scratch run: each demo replaces it
         ocfg = OptimConfig(lr=self.lr, anchor_lr_scale=self.anchor_lr_scale, warmup_steps=max(self.steps // 20, 1),
                            min_lr=self.lr / 100)
         return tcfg, ocfg
@@ -147,10 +151,13 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print)
     """Run the demo end to end and write its files into ``cfg.out``."""
     from torch.utils.data import DataLoader
 
-    from .data import FashionMNIST
+    from .data import FashionMNIST, check_source
 
     t0 = time.perf_counter()
     out = check_writable(cfg.out)  # before any work: a run must not fail at its end
+    if not cfg.download:  # missing data fails before the network is built
+        for split in ("train", "test"):
+            check_source("fashion-mnist", split, cfg.data_dir)
     torch.manual_seed(cfg.seed)
     net = create_snnet(FAMILY, pretrained=True)  # the shipped weights, through timm's pretrained path
     mean, std = tuple(net.anchors[0].data_config["mean"]), tuple(net.anchors[0].data_config["std"])

@@ -47,3 +47,22 @@ class BudgetError(SnnetError, ValueError):
 
 class ExportError(SnnetError, RuntimeError):
     """A stitch that cannot be exported: unwritable path, failed trace, or failed verification."""
+
+
+class ConfigError(SnnetError, ValueError):
+    """An option value that cannot work (a negative count, a NaN learning rate, an unknown device...)."""
+
+
+class RunFolderError(SnnetError):
+    """An output folder that holds another run, is in use by a live run, or cannot be written."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (SIGINT) or SIGTERM after writing a checkpoint; resume from it.
+
+    A KeyboardInterrupt, so code that handles Ctrl-C keeps working; it says where to resume.
+    """
+
+    def __init__(self, step: int, total: int, checkpoint: object, signal_name: str = "SIGINT") -> None:
+        super().__init__(f"training interrupted by {signal_name} at step {step} of {total}; checkpoint {checkpoint}")
+        self.step, self.total, self.checkpoint, self.signal_name = step, total, checkpoint, signal_name

@@ -2,16 +2,24 @@
 
 Every file snnet writes (networks, checkpoints, results, plots, exports) goes through
 :func:`atomic_write`: the content is written to a temporary file in the same folder, flushed
-to disk, and renamed over the target in one step.
+to disk, and renamed over the target in one step. A process killed mid-write leaves its
+temporary file behind; :func:`remove_stale_temps` clears those once no writer can be alive.
+Weight files are checksummed (:func:`sha256_file`) so damaged bytes are refused on reading.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
+from .errors import SnnetError
+
+_TMP_SUFFIX = ".tmp"
+# where a saved network's or stitch's config.json records its files' checksums: name -> SHA-256 hex
+CHECKSUMS_KEY = "sha256"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # reading the umask sets it: set it back
 
@@ -22,7 +30,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], durab
     ``durable`` also fsyncs the file and its folder, so the rename survives a power cut.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -45,3 +53,80 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], durab
         except OSError:  # some filesystems cannot fsync a folder; the rename is still atomic
             pass
     return path
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` left for ``names`` in ``folder`` (a killed writer's).
+
+    Only safe when no writer of those files can be running (e.g. while holding the run's lock):
+    a live writer's temporary file would be deleted under it. Returns the files removed.
+    """
+    folder = Path(folder)
+    removed = []
+    for name in names:
+        for tmp in folder.glob(f".{name}.*{_TMP_SUFFIX}"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, as hex (read in chunks: weight files can be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_checksum(config: dict, name: str, path: str | os.PathLike) -> None:
+    """Note in ``config`` (a config.json's content) the SHA-256 of the file ``path`` that will be called ``name``."""
+    config[CHECKSUMS_KEY] = {**(config.get(CHECKSUMS_KEY) or {}), name: sha256_file(path)}
+
+
+def verify_checksum(path: str | os.PathLike, config: Mapping, record: str | os.PathLike, fix: str,
+                    error: type[SnnetError] = SnnetError) -> bool:
+    """Check file ``path`` against the SHA-256 that ``config`` (read from ``record``) holds for its name.
+
+    A config without one (written before snnet recorded checksums) is accepted unverified:
+    returns False. A mismatch raises ``error`` in one line naming the file; ``fix`` says what to do.
+    """
+    path = Path(path)
+    expected = (config.get(CHECKSUMS_KEY) or {}).get(path.name)
+    if expected is None:
+        return False
+    if sha256_file(path) != expected:
+        raise error(f"{path} is damaged: its SHA-256 differs from the one recorded in {record} "
+                    f"(bytes changed on disk or in transfer); {fix}")
+    return True
+
+
+def check_creatable(path: str | os.PathLike, what: str = "--out", error: type[SnnetError] = SnnetError) -> Path:
+    """Prove that folder ``path`` exists and is writable, or can be created, without creating it.
+
+    A temporary file is made and removed in ``path`` or, if it does not exist yet, in its
+    nearest existing parent (where it would be created). Raises ``error`` with one line.
+    """
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise error(f"{what} {path}: {probe} is a file, not a folder; choose a folder")
+    try:
+        probe_write(probe)
+    except OSError as e:
+        raise error(f"{what} {path}: cannot write in {probe} ({e.strerror or e}); choose a writable folder") from e
+    return path
+
+
+def probe_write(folder: str | os.PathLike) -> None:
+    """Create and delete a temporary file in ``folder``: raises OSError if files cannot be written there."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".snnet-write-test.")
+    os.close(fd)
+    os.unlink(name)

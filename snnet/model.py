@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .anchors import AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, anchor_label, as_rows, build_parts, create_anchor
-from .errors import CheckpointError, NotStitchableError
-from .io import atomic_write
+from .errors import CheckpointError, ConfigError, NotStitchableError
+from .io import atomic_write, record_checksum, verify_checksum
 from .report import progress as report_progress
 from .flops import PartCosts, layer_flops, num_params, part_costs
 from .space import AnchorInfo, SpaceConfig, Stitch, StitchSpace
@@ -260,15 +260,22 @@ class StitchedNet(nn.Module):
         """Write ``config.json`` and ``model.safetensors`` (every anchor and stitching layer).
 
         Both files are written to temporary names and renamed into place, so an interrupted
-        save never leaves a half-written network behind.
+        save never leaves a half-written network behind. ``config.json`` records the SHA-256 of
+        ``model.safetensors``; :meth:`from_pretrained` refuses a weights file that does not match.
         """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-        atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(self.config_dict(), indent=2)))
+        config = self.config_dict()
+
+        def write_weights(p: Path) -> None:
+            save_file(state, str(p), metadata={"format": "pt"})
+            record_checksum(config, WEIGHTS_NAME, p)  # of the very bytes renamed into place
+
+        atomic_write(directory / WEIGHTS_NAME, write_weights)
+        atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
         return directory
 
     @classmethod
@@ -297,6 +304,8 @@ class StitchedNet(nn.Module):
             raise CheckpointError(f"{cfg_path} is corrupt or not an snnet config ({e})") from e
         if cfg.get("version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{cfg_path} was written by a newer snnet (format {cfg['version']}); upgrade snnet")
+        # damaged weights fail before the anchors are built (files saved before checksums load unverified)
+        verify_checksum(w_path, cfg, cfg_path, "restore it from a backup or save the network again", error=CheckpointError)
         specs = [AnchorSpec.from_dict(e["spec"]) if e.get("spec") else None for e in entries]
         custom = [k for k, s in enumerate(specs) if s is None]
         if custom and anchors is None:
@@ -402,6 +411,9 @@ def create_snnet(
     timm's pretrained path), or random init for planning. ``device="meta"`` builds the
     network without allocating weights: enough to enumerate and price the space instantly.
     """
+    for name, value in (("img_size", img_size), ("num_classes", num_classes)):
+        if value is not None and value < 1:  # timm would build a headless or empty model, or fail deep inside
+            raise ConfigError(f"{name} must be >= 1, got {value}")
     if device is not None and torch.device(device).type == "meta":
         if pretrained or files:
             raise ValueError("a network on the meta device holds no weights: drop pretrained/files")

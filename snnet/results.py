@@ -13,13 +13,12 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import ResultsError, SnnetError
-from .io import atomic_write
+from .io import atomic_write, probe_write
 from .report import human, table
 
 __all__ = [
@@ -157,9 +156,7 @@ def check_writable(out_dir: str | os.PathLike, error: type[SnnetError] = SnnetEr
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".snnet-write-test.")
-        os.close(fd)
-        os.unlink(probe)
+        probe_write(out)
     except OSError as e:
         raise error(f"cannot write to {out}: {e.strerror or e}. Choose a writable folder with --out") from e
     return out

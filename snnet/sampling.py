@@ -5,20 +5,27 @@
   checkpoints, so a resumed run draws the same stitches.
 * :class:`EpochSampler` orders the images: a shuffle that is a pure function of (seed, epoch),
   sharded over ranks and resumable mid-epoch.
+* :class:`SeededItems` makes each image's random augmentation a pure function of (seed, epoch,
+  index): the same in every run, with any number of loader workers, and after a resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import random
+import signal
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler, Subset, get_worker_info
 
 from .errors import CheckpointError, SnnetError
 
-__all__ = ["SAMPLERS", "EpochSampler", "FlopsBucketSampler", "StitchSampler", "make_stitch_sampler"]
+__all__ = ["SAMPLERS", "EpochSampler", "FlopsBucketSampler", "SeededItems", "StitchSampler", "make_stitch_sampler",
+           "mix_seed"]
 
 SAMPLERS = ("uniform", "flops_bucketed")
 
@@ -121,3 +128,87 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.shard_size() - self.start
+
+
+# ---------------------------------------------------------------------------- augmentation draws
+
+
+def mix_seed(*parts: int) -> int:
+    """One well-mixed 63-bit seed from a few integers (splitmix64 over each), so that nearby
+    (seed, epoch, index) tuples give unrelated random streams."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x >> 1
+
+
+def _seed_all(seed: int) -> None:
+    """Seed torch's CPU generator (not CUDA's: data loading never draws there), numpy and ``random``."""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+@contextlib.contextmanager
+def _isolated_rng(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator, numpy and ``random`` for a block, then put their states back,
+    so the draws inside depend on ``seed`` alone and nothing outside sees them."""
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    _seed_all(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class SeededItems(Subset):
+    """A dataset whose item ``i`` is drawn with every global generator seeded from (seed, epoch, i).
+
+    Transforms that draw from torch, numpy or ``random`` (timm's random crops, flips,
+    RandAugment) then give an image the same augmentation in every run with the same seed,
+    whichever loader worker fetches it and however many there are, and a run resumed
+    mid-epoch sees exactly the images an uninterrupted one would. The global generators
+    are restored after each item, so loading data never moves the training's own RNG.
+
+    A :class:`~torch.utils.data.Subset` of every index, so ``snnet.data.set_epoch`` reaches
+    the dataset inside (and its own per-epoch draws). Use :meth:`wrap`, which leaves alone
+    datasets that say (``deterministic_items = True``) that their items draw nothing.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        super().__init__(dataset, range(len(dataset)))  # type: ignore[arg-type]
+        self.seed, self.epoch = seed, 0
+
+    @classmethod
+    def wrap(cls, dataset: Dataset, seed: int) -> Dataset:
+        """``dataset`` itself if its items draw no random numbers, else it wrapped."""
+        return dataset if getattr(dataset, "deterministic_items", False) else cls(dataset, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> Any:
+        seed = mix_seed(self.seed, self.epoch, index)
+        if get_worker_info() is not None:  # a loader worker: its generators serve nothing else, no need to restore
+            _seed_all(seed)
+            return self.dataset[index]
+        with _isolated_rng(seed):  # the main process: training draws from the same generators
+            return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:  # Subset's batched fetch would skip the seeding
+        return [self[i] for i in indices]
+
+
+def seed_worker(seed: int, epoch: int) -> Any:
+    """A DataLoader ``worker_init_fn``: each worker's generators seeded from (seed, epoch, worker),
+    and Ctrl-C left to the main process (which stops at a step boundary and checkpoints)."""
+    return functools.partial(_init_worker, seed, epoch)  # a partial, not a closure: spawned workers pickle it
+
+
+def _init_worker(seed: int, epoch: int, worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _seed_all(mix_seed(seed, epoch, worker_id))

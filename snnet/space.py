@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
 from .anchors import ActivationSpec, stitchable
-from .errors import NotStitchableError, StitchNotFoundError
+from .errors import ConfigError, NotStitchableError, StitchNotFoundError
 
 # How block pairs are enumerated inside a stage (see the module docstring).
 RULES = ("window", "forward")
@@ -48,9 +48,9 @@ class SpaceConfig:
 
     def __post_init__(self) -> None:
         if self.kernel_size < 1 or self.stride < 1:
-            raise ValueError(f"kernel_size and stride must be >= 1, got {self.kernel_size}, {self.stride}")
+            raise ConfigError(f"kernel_size and stride must be >= 1, got {self.kernel_size}, {self.stride}")
         if self.rule is not None and self.rule not in RULES:
-            raise ValueError(f"unknown stitching rule {self.rule!r}; expected one of {RULES}")
+            raise ConfigError(f"unknown stitching rule {self.rule!r}; expected one of {RULES}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -43,15 +43,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .data import DatasetError, num_classes as dataset_classes
-from .errors import CheckpointError, SnnetError, TrainingError
+from .errors import CheckpointError, ConfigError, RunFolderError, SnnetError, TrainingError, TrainingInterrupted
 from .report import progress as report_progress
 from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, load_checkpoint, resolve_resume, rng_state,
-                         save_checkpoint, set_rng_state)
-from .model import StitchedNet
-from .sampling import SAMPLERS, EpochSampler, make_stitch_sampler
+                         save_checkpoint, seed_everything, set_rng_state)
+from .io import remove_stale_temps
+from .model import WEIGHTS_NAME, StitchedNet
+from .runlock import (FINAL_NAME, METRICS_NAME, RUN_ENTRIES, TRAIN_CONFIG_NAME, RunLock, StopSignals,
+                      claim_run_folder)
+from .sampling import SAMPLERS, EpochSampler, SeededItems, make_stitch_sampler, seed_worker
 from .space import Stitch
 
-METRICS_NAME = "metrics.jsonl"
 STITCH_SYNC = ("per_rank", "shared")
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 # Config fields that must not change when a run is resumed: they decide which batches and
@@ -81,14 +83,20 @@ class OptimConfig:
     clip_grad: float | None = 5.0
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise SnnetError(f"lr must be > 0, got {self.lr}")
+        # isfinite: NaN passes every `x < 0` test, and an infinite rate only shows up as a NaN loss later
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
         bad = {k: v for k, v in (("anchor_lr_scale", self.anchor_lr_scale), ("weight_decay", self.weight_decay),
-                                 ("min_lr", self.min_lr)) if v < 0}
+                                 ("min_lr", self.min_lr), ("warmup_epochs", self.warmup_epochs))
+               if not (math.isfinite(v) and v >= 0)}
         if bad:
-            raise SnnetError(f"{', '.join(bad)} must be >= 0, got {', '.join(f'{k}={v}' for k, v in bad.items())}")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise SnnetError(f"clip_grad must be positive or None, got {self.clip_grad}")
+            raise ConfigError(f"{', '.join(bad)} must be finite and >= 0, got {', '.join(f'{k}={v}' for k, v in bad.items())}")
+        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.clip_grad is not None and not (math.isfinite(self.clip_grad) and self.clip_grad > 0):
+            raise ConfigError(f"clip_grad must be a finite number > 0, or None, got {self.clip_grad}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,10 @@ class TrainConfig:
     or a timm model name (built pretrained, with the network's number of classes).
     ``ckpt_every``: steps between checkpoints (0 = only at the end).
     ``resume``: a checkpoint path, ``'auto'`` (``out_dir/checkpoint.pt`` if it exists) or None.
+    ``overwrite``: delete a run already in ``out_dir`` and start afresh (without it, and without
+    ``resume``, a folder holding a run is refused: see :mod:`snnet.runlock`).
+    ``seed`` decides the data order, the stitches, each image's augmentation and, at the start of
+    a fresh run, the global torch/numpy/random generators (rank r: ``seed + r``).
     ``init_images``: calibration images for the least-squares init of the stitching layers
     (0 = keep the layers as they are, e.g. when starting from a saved stitched network).
     """
@@ -128,11 +140,12 @@ class TrainConfig:
     device: str | None = None
     progress: bool = True
     tensorboard: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise SnnetError(msg)
+                raise ConfigError(msg)
 
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
@@ -146,6 +159,11 @@ class TrainConfig:
         need(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         need(self.ckpt_every >= 0 and self.log_every >= 1 and self.init_images >= 0,
              "ckpt_every and init_images must be >= 0 and log_every >= 1")
+        need(self.num_workers >= 0, f"the number of data loader workers must be >= 0, got {self.num_workers}")
+        need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
+        need(not (self.overwrite and self.resume is not None),
+             "--overwrite deletes the run that --resume would continue: give one of them")
+        default_device(self.device)  # an unknown or absent device fails now, not after the set-up
 
 
 @dataclass(frozen=True)
@@ -180,10 +198,25 @@ def _dist() -> tuple[int, int]:
 
 
 def default_device(name: str | torch.device | None = None) -> torch.device:
-    """``name``, else CUDA if there is one, else CPU; a bare 'cuda' becomes this process's GPU (LOCAL_RANK)."""
-    device = torch.device(name) if name is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    """``name``, else CUDA if there is one, else CPU; a bare 'cuda' becomes this process's GPU (LOCAL_RANK).
+
+    A name torch does not know, or a device this machine does not have, raises :class:`ConfigError`.
+    """
+    try:
+        device = torch.device(name) if name is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: torch sees no CUDA GPU here; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r}: snnet runs on cpu, cuda or mps")
     return device
 
 
@@ -329,6 +362,18 @@ def build_teacher(net: StitchedNet, distill: str | None, pretrained: bool = True
 # ---------------------------------------------------------------------------- DDP helpers
 
 
+def _stop_requested(stops: StopSignals, world_size: int, device: torch.device) -> bool:
+    """Whether any rank got Ctrl-C/SIGTERM; every rank asks after every step, so all stop at the same one."""
+    if world_size == 1:
+        return stops.received is not None
+    flag = torch.tensor([float(stops.received is not None)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    anyone = bool(flag.item())
+    if anyone and stops.received is None:
+        stops.received = "a signal to another process"
+    return anyone
+
+
 def _gather(obj: Any, world_size: int) -> list[Any]:
     if world_size == 1:
         return [obj]
@@ -384,18 +429,57 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
     then runs ``epochs`` epochs (or ``max_steps`` steps), checkpointing every ``ckpt_every``
     steps and at the end, and saves the final network with ``save_pretrained(out_dir/'final')``.
     ``stop_after`` ends the call after that global step with a checkpoint, without changing
-    the schedule (a planned interruption; resume with ``resume='auto'``).
+    the schedule (a planned interruption; resume with ``resume='auto'``). Ctrl-C (SIGINT) or
+    SIGTERM does the same after the step in progress, then raises :class:`TrainingInterrupted`.
     Under ``torch.distributed`` (e.g. torchrun) it trains with DDP; see the module docstring.
+
+    The run holds a lock on ``out_dir`` while it lasts; a folder holding another run, live or
+    not, is refused unless resumed or overwritten (:mod:`snnet.runlock`).
     """
+    n = check_dataset(net, train_data, config.batch_size)  # before the folder is touched
+    lock = _claim_run_folder(config)
+    try:
+        return _train(net, train_data, n, config, optim, teacher, stop_after)
+    except BaseException:
+        if lock is not None:  # no writer is left: nothing a failed write left behind can be in use
+            remove_stale_temps(config.out_dir, RUN_ENTRIES)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim_run_folder(config: TrainConfig) -> RunLock | None:
+    """Rank 0 locks and readies ``out_dir``; every rank gets its verdict, so a refusal stops all of them."""
+    rank, world = _dist()
+    lock, problem = None, None
+    if rank == 0:
+        try:
+            lock = claim_run_folder(config.out_dir, config.resume, config.overwrite)
+        except SnnetError as e:
+            problem = e
+    if world > 1:
+        verdict = _gather(str(problem) if problem is not None else None, world)[0]
+        if verdict is not None and problem is None:
+            problem = RunFolderError(verdict)
+    if problem is not None:
+        raise problem
+    return lock
+
+
+def _train(net: StitchedNet, train_data: Dataset, n: int, config: TrainConfig, optim: OptimConfig,
+           teacher: nn.Module | None, stop_after: int | None) -> TrainResult:
     t_start = time.perf_counter()
     rank, world = _dist()
     out_dir = Path(config.out_dir)
-    n = check_dataset(net, train_data, config.batch_size)
     resume_path = resolve_resume(config.resume, out_dir)
     ckpt = load_checkpoint(resume_path) if resume_path is not None else None
     stitch_names = [s.name for s in net.space]
     if ckpt is not None:
         _check_resumable(ckpt, stitch_names, config, world, resume_path)
+    else:  # a fresh run: everything drawn outside snnet's own generators (dropout, ...) follows the seed
+        seed_everything(config.seed + rank)
+    train_data = SeededItems.wrap(train_data, config.seed)
 
     order = EpochSampler(n, config.seed, rank, world)
     steps_per_epoch = order.shard_size() // config.batch_size
@@ -406,6 +490,12 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     warmup = optim.warmup_steps or round(optim.warmup_epochs * steps_per_epoch)
+    if ckpt is not None and ckpt["step"] >= total:  # a finished run: nothing to train, nothing rewritten
+        final = out_dir / FINAL_NAME
+        if rank == 0 and not (final / WEIGHTS_NAME).is_file():  # only if someone deleted it
+            net.load_weights(ckpt["model"], source=str(resume_path))
+            net.save_pretrained(final)
+        return TrainResult(ckpt["step"], total, True, float("nan"), 0.0, 0.0, out_dir, resume_path, final)
 
     if teacher is None and config.distill is not None:
         teacher = build_teacher(net, config.distill)
@@ -429,7 +519,7 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
 
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps({"train": asdict(config), "optim": asdict(optim),
+        (out_dir / TRAIN_CONFIG_NAME).write_text(json.dumps({"train": asdict(config), "optim": asdict(optim),
                                                                "world_size": world}, indent=2))
     log = _Log(out_dir, rank == 0, step, config.tensorboard)
 
@@ -451,6 +541,7 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
     net.train()
     if teacher is not None:
         teacher.eval()
+    stops = StopSignals().start()  # Ctrl-C: finish the step, checkpoint, then stop
     try:
         while step < total and epoch < config.epochs:
             loader = _epoch_loader(train_data, order, epoch, epoch_step, config)
@@ -467,8 +558,9 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
                             f"try --batch-size {max(config.batch_size // 2, 1)}") from e
                     raise
                 if not math.isfinite(loss):
+                    clip = "" if optim.clip_grad is not None else " or enable gradient clipping"
                     raise TrainingError(f"the loss became {loss} at step {step + 1} (stitch {stitch.name}); "
-                                        "lower --lr or enable gradient clipping. The last checkpoint is kept.")
+                                        f"lower --lr{clip}. The last checkpoint is kept.")
                 step, epoch_step = step + 1, epoch_step + 1
                 dt = time.perf_counter() - t0
                 images += len(x) * world
@@ -481,7 +573,7 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
                 if config.progress and (step % config.log_every == 0 or step == total):
                     bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{lr:.2e}", stitch=stitch.id,
                                     img_s=f"{images / (time.perf_counter() - t_loop):.0f}")
-                if stop_after is not None and step >= stop_after:
+                if (stop_after is not None and step >= stop_after) or _stop_requested(stops, world, device):
                     break
                 if config.ckpt_every and step % config.ckpt_every == 0 and step < total:
                     last_ckpt = checkpoint()
@@ -492,9 +584,12 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
                 epoch, epoch_step = epoch + 1, 0
             break
     finally:
+        stops.stop()
         bar.close()
         log.close()
     last_ckpt = checkpoint()
+    if stops.received is not None and step < total:
+        raise TrainingInterrupted(step, total, last_ckpt, stops.received)
     finished = step >= total
     final_dir = None
     if finished and rank == 0:
@@ -511,7 +606,8 @@ def _epoch_loader(data: Dataset, order: EpochSampler, epoch: int, start_batch: i
     loader = DataLoader(data, batch_size=config.batch_size, sampler=order, drop_last=True,
                         num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
                         # own generator: creating an iterator must not touch the global RNG
-                        generator=torch.Generator().manual_seed(config.seed * 7 + epoch))
+                        generator=torch.Generator().manual_seed(config.seed * 7 + epoch),
+                        worker_init_fn=seed_worker(config.seed, epoch) if config.num_workers else None)
     set_epoch(loader, epoch)
     order.start = start_batch * config.batch_size
     return loader

@@ -135,7 +135,11 @@ def export(
     """
     from ..deploy.export import _check_dir, _check_formats, export_stitch
 
+    from ..errors import ExportError
+    from ..io import check_creatable
+
     chosen_formats = _check_formats(formats)
+    check_creatable(out, error=ExportError)  # an unwritable --out fails before any network is built
     # a bad stitch name fails before anything is loaded or written (the space needs no weights)
     if model is not None:
         from ..model import StitchedNet

@@ -42,6 +42,9 @@ def evaluate(
     if keys is not None and not keys:
         raise SnnetError(f"--stitches {stitches!r} names no stitch: give comma-separated ids or names")
     dev = default_device(device)
+    sndata.check_source(data, split)  # missing data fails before the network is built
+    if model is None:
+        sndata.check_source(data, "train")  # the least-squares fit reads training images
     if model is not None:
         net = StitchedNet.from_pretrained(model)
     else:

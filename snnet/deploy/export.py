@@ -24,7 +24,7 @@ from torch import nn
 
 from ..anchors import ActivationSpec, AnchorSpec, create_anchor, split_model
 from ..errors import CheckpointError, ExportError
-from ..io import atomic_write
+from ..io import atomic_write, record_checksum, verify_checksum
 from ..results import check_writable
 from ..space import Stitch
 from ..stitching import StitchingLayer
@@ -124,7 +124,8 @@ def stitch_config(net: "StitchedNet", stitch: int | str | Stitch) -> dict[str, A
 def save_stitch(route: StitchRoute, directory: str | os.PathLike, config: Mapping[str, Any]) -> Path:
     """Write ``model.safetensors`` (the route's weights only) and ``config.json``, each atomically.
 
-    ``config`` is :func:`stitch_config` of the stitch the route was extracted from.
+    ``config`` is :func:`stitch_config` of the stitch the route was extracted from; the saved
+    config also records the weights file's SHA-256, which :func:`load_stitch` checks.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -143,12 +144,15 @@ def save_stitch(route: StitchRoute, directory: str | os.PathLike, config: Mappin
             if set(f.keys()) != set(state):
                 raise ExportError(f"{p} does not hold the route's tensors after writing: disk full or filesystem error?")
 
+    saved = dict(config)
+
     def write(p: Path) -> None:
         save_file(state, str(p), metadata={"format": "pt", "snnet": STITCH_FORMAT})
         verify(p)
+        record_checksum(saved, STITCH_WEIGHTS, p)
 
     atomic_write(out / STITCH_WEIGHTS, write)
-    atomic_write(out / STITCH_CONFIG, lambda p: p.write_text(json.dumps(dict(config), indent=2) + "\n"))
+    atomic_write(out / STITCH_CONFIG, lambda p: p.write_text(json.dumps(saved, indent=2) + "\n"))
     return out
 
 
@@ -183,6 +187,7 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
         raise CheckpointError(f"{cfg_path} was written by a newer snnet (format {cfg['version']}); upgrade snnet")
     if anchors is not None and len(anchors) != len(ends):
         raise CheckpointError(f"this stitch uses {len(ends)} anchors, {len(anchors)} were given")
+    verify_checksum(w_path, cfg, cfg_path, "export the stitch again", error=CheckpointError)
     parts = []
     for k, end in enumerate(ends):
         if anchors is not None:

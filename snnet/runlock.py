@@ -1,0 +1,230 @@
+"""One run per output folder, and no run lost by accident.
+
+* A folder that holds a training run (finished or stopped) is never written over unless asked:
+  continue it with ``resume``, or replace it with ``overwrite`` (which deletes that run's files,
+  and only those).
+* A live run holds an OS file lock (``fcntl.flock`` on ``.snnet-run.lock`` in the folder). The
+  kernel drops it when the process ends however it ends, so ``kill -9`` leaves nothing stale;
+  a second run on the same folder is refused with the first one's PID.
+* Ctrl-C (SIGINT) or SIGTERM during training becomes a request to stop after the current step
+  (:class:`StopSignals`), so the run can write a consistent checkpoint before it exits.
+
+:func:`check_run_folder` is the read-only check a command runs before any work;
+:func:`claim_run_folder` takes the lock for the length of a run.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from .checkpoint import CHECKPOINT_NAME, resolve_resume
+from .errors import ConfigError, RunFolderError
+from .io import check_creatable, remove_stale_temps
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are then not locked (the other checks still hold)
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["LOCK_NAME", "METRICS_NAME", "RUN_ENTRIES", "RunLock", "StopSignals", "check_run_folder", "claim_run_folder",
+           "run_entries"]
+
+LOCK_NAME = ".snnet-run.lock"
+METRICS_NAME = "metrics.jsonl"
+TRAIN_CONFIG_NAME = "train_config.json"
+FINAL_NAME = "final"
+# everything a training run writes into its folder (and all that --overwrite deletes)
+RUN_ENTRIES = (CHECKPOINT_NAME, METRICS_NAME, TRAIN_CONFIG_NAME, FINAL_NAME, "tb")
+_LOCK_RETRY_SECONDS = 0.5  # a concurrent check_run_folder holds the lock shared for microseconds
+
+
+def run_entries(folder: str | os.PathLike) -> list[str]:
+    """The names of a training run's files present in ``folder`` (empty: no run there)."""
+    folder = Path(folder)
+    return [name for name in RUN_ENTRIES if (folder / name).exists()]
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``folder/.snnet-run.lock``, holding the owner's PID; see :meth:`acquire`."""
+
+    def __init__(self, fd: int | None, path: Path) -> None:
+        self.fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, folder: str | os.PathLike) -> "RunLock":
+        """Lock ``folder`` for this process, or raise :class:`RunFolderError` naming the holder's PID."""
+        path = Path(folder) / LOCK_NAME
+        if fcntl is None:
+            return cls(None, path)
+        deadline = time.monotonic() + _LOCK_RETRY_SECONDS
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise RunFolderError(f"cannot lock {path} ({e.strerror}); choose another --out") from e
+                pid = _read_pid(fd)
+                os.close(fd)
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise RunFolderError(_busy_message(Path(folder), pid)) from None
+            # The previous holder deletes the file when it ends; if it did so between our open and
+            # our lock, we hold a lock on a deleted file that nobody else can see: start over.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd, path)
+
+    def release(self) -> None:
+        """Delete the lock file and drop the lock (the file goes first, while still locked: see acquire)."""
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or "x")
+    except (OSError, ValueError):
+        return None
+
+
+def _busy_message(folder: Path, pid: int | None) -> str:
+    who = f"a running snnet train (PID {pid})" if pid else "another running snnet train"
+    return f"{folder} is in use by {who}; wait for it to end or stop it, or choose another --out"
+
+
+def lock_holder(folder: str | os.PathLike) -> int | None:
+    """The PID of the live run holding ``folder`` (0 if unknown), or None if no run holds it. Read-only."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: no run (an unreadable one: claim_run_folder will say)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: two checks never block each other
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return _read_pid(fd) or 0
+            return None
+        return None
+    finally:
+        os.close(fd)  # drops the shared lock at once
+
+
+def check_run_folder(out: str | os.PathLike, resume: str | None = None, overwrite: bool = False) -> Path | None:
+    """Everything about ``out`` that can stop a run, checked before any work; creates nothing.
+
+    Refuses (one line each) ``resume`` with ``overwrite``; an ``out`` that is a file or cannot be
+    written; a folder a live run holds; a missing ``resume`` checkpoint; and a folder that holds a
+    run which neither ``resume`` continues nor ``overwrite`` replaces. Returns the checkpoint to
+    resume from (None: a fresh start).
+    """
+    return _check(Path(out), resume, overwrite, locked=False)
+
+
+def _check(out: Path, resume: str | None, overwrite: bool, locked: bool) -> Path | None:
+    if overwrite and resume is not None:
+        raise ConfigError("--overwrite deletes the run that --resume would continue: give one of them")
+    check_creatable(out, error=RunFolderError)
+    holder = None if locked else lock_holder(out)  # our own lock would look busy
+    if holder is not None:
+        raise RunFolderError(_busy_message(out, holder))
+    resume_path = resolve_resume(resume, out)
+    present = run_entries(out) if out.is_dir() else []
+    continues = resume == "auto" or (resume_path is not None and resume_path.parent.resolve() == out.resolve())
+    if present and not overwrite and not continues:
+        finished = FINAL_NAME in present
+        what = "a finished" if finished else "an unfinished"
+        go_on = (f"train further from its network with --init {out / FINAL_NAME} and a new --out" if finished
+                 else "continue it with --resume auto")
+        raise RunFolderError(f"{out} already holds {what} training run ({', '.join(present)}): {go_on}, replace it "
+                             "with --overwrite (deletes those files), or choose another --out")
+    return resume_path
+
+
+def claim_run_folder(out: str | os.PathLike, resume: str | None = None, overwrite: bool = False) -> RunLock:
+    """Create ``out``, lock it for this run, and make it ready: :func:`check_run_folder` again under
+    the lock (nothing can change in between), the old run's files deleted if ``overwrite``, and the
+    temporary files of writers killed mid-write removed. Release the lock when the run ends."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunFolderError(f"--out {out}: cannot create it ({e.strerror or e}); choose a writable folder") from e
+    lock = RunLock.acquire(out)
+    try:
+        _check(out, resume, overwrite, locked=True)
+        if overwrite:
+            for name in run_entries(out):
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        remove_stale_temps(out, RUN_ENTRIES)
+        remove_stale_temps(out / FINAL_NAME, ("model.safetensors", "config.json"))  # save_pretrained's files
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM, while active, only set :attr:`received`; the training loop stops
+    after the step in progress and writes a checkpoint. The same signal a second time acts at once,
+    as usual; the other one stays deferred (torchrun answers Ctrl-C with SIGTERM to its workers,
+    which must not cut their checkpoint short).
+
+    Signal handlers can only be set from the main thread; elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = self.received or signal.Signals(signum).name
+        signal.signal(signum, self._old.pop(signum))  # type: ignore[arg-type]
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+        self._old = {}
+
+    def start(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def stop(self) -> None:
+        self._restore()

@@ -1,0 +1,287 @@
+"""Run safety: one run per folder, Ctrl-C, seeds that reproduce a run, checksummed weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import snnet
+from snnet.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from snnet.data import build_dataset
+from snnet.deploy import export_stitch, load_stitch
+from snnet.errors import CheckpointError, TrainingInterrupted
+from snnet.train import OptimConfig, train
+
+from .conftest import TINY_VITS
+from .test_train import Synthetic, _cli, _image_folder, cfg, fresh_net
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ",".join(TINY_VITS[:2])
+OPT = OptimConfig(lr=1e-3, warmup_steps=2)
+
+
+def _train_args(data: Path, out: Path, *more: str) -> list[str]:
+    return ["train", "--anchors", TINY, "--data", str(data), "--batch-size", "4", "--init-images", "4",
+            "--no-progress", "--device", "cpu", "--out", str(out), *more]
+
+
+def _steps(out: Path) -> list[int]:
+    return [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*.tmp"))
+
+
+def _same_weights(a: snnet.StitchedNet, b: snnet.StitchedNet) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------- one run per folder
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_live_folder_is_refused_and_ctrl_c_leaves_the_first_intact(tmp_path):
+    """Two real `snnet train` processes on one --out: the second is refused with the first's PID;
+    Ctrl-C then stops the first with a checkpoint, the resume command and exit status 130."""
+    data, out = _image_folder(tmp_path / "imgs"), tmp_path / "run"
+    args = [sys.executable, "-m", "snnet", *_train_args(data, out, "--epochs", "100000", "--ckpt-every", "5")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").is_file() and len(_steps(out)) >= 3):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.2)
+        second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        assert second.returncode == 2
+        assert f"in use by a running snnet train (PID {first.pid})" in _one_line(second.stderr)
+        assert first.poll() is None  # still training, untouched
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, err
+    line = _one_line(err)
+    assert line.startswith("stopped by SIGINT at step ")
+    command = shlex.split(line.split("Resume with: ")[1])
+    assert command[:2] == ["snnet", "train"] and command[-2:] == ["--resume", "auto"]
+    assert sorted(command[2:-2]) == sorted(args[4:])  # the same options and values
+    steps = _steps(out)
+    assert steps == list(range(1, len(steps) + 1))  # one run's rows, in order: nothing interleaved
+    assert load_checkpoint(out / CHECKPOINT_NAME)["step"] == steps[-1]  # Ctrl-C checkpointed the last step
+    assert _temps(out) == [] and not (out / ".snnet-run.lock").exists()
+
+
+def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path, capsys):
+    data, out = _image_folder(tmp_path / "imgs"), tmp_path / "run"
+    assert _cli(*_train_args(data, out, "--max-steps", "2")) == 0
+    run_files = [out / "metrics.jsonl", out / CHECKPOINT_NAME, out / "final" / "model.safetensors"]
+    before = [p.read_bytes() for p in run_files]
+    capsys.readouterr()
+
+    # neither --resume nor --overwrite: refused in one line, nothing touched
+    assert _cli(*_train_args(data, out, "--max-steps", "2")) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "already holds a finished training run" in line and "--overwrite" in line
+    assert [p.read_bytes() for p in run_files] == before
+
+    # resuming the finished run says so (not "0 img/s, last loss nan"), rewrites nothing, and clears the
+    # temporary files of a writer killed mid-write
+    (out / f".{CHECKPOINT_NAME}.k3j4h5g6.tmp").write_bytes(b"torn")
+    (out / "final" / ".model.safetensors.abcdefgh.tmp").write_bytes(b"torn")
+    assert _cli(*_train_args(data, out, "--max-steps", "2", "--resume", "auto")) == 0
+    said = capsys.readouterr().out
+    assert "had already finished (2 of 2 steps)" in said and "nan" not in said and "img/s" not in said
+    assert [p.read_bytes() for p in run_files] == before and _temps(out) == []
+
+    # --overwrite deletes the old run's files on purpose (and only those)
+    (out / "notes.txt").write_text("mine")
+    assert _cli(*_train_args(data, out, "--max-steps", "3", "--overwrite")) == 0
+    assert _steps(out) == [1, 2, 3] and load_checkpoint(out / CHECKPOINT_NAME)["step"] == 3
+    assert (out / "notes.txt").read_text() == "mine"
+
+    # --resume auto where there is no checkpoint says it starts afresh
+    capsys.readouterr()
+    assert _cli(*_train_args(data, tmp_path / "new", "--max-steps", "1", "--resume", "auto")) == 0
+    assert "--resume auto starts a fresh run" in capsys.readouterr().err
+
+
+class _CtrlCAt(Synthetic):
+    """Sends Ctrl-C (SIGINT) to this process while the batch of step ``step`` is fetched."""
+
+    def __init__(self, n: int, step: int, batch_size: int) -> None:
+        super().__init__(n)
+        self.signal_at, self.fetched = (step - 1) * batch_size + 1, -1  # -1: train() first looks at item 0
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        if self.fetched == self.signal_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().__getitem__(i)
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path):
+    conf = dict(epochs=2, init_images=0)  # 5 steps an epoch: step 4 is mid-epoch
+    a = fresh_net()
+    train(a, Synthetic(40), cfg(tmp_path / "a", **conf), OPT)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(fresh_net(), _CtrlCAt(40, step=4, batch_size=8), cfg(tmp_path / "b", **conf), OPT)
+    assert isinstance(stopped.value, KeyboardInterrupt) and (stopped.value.step, stopped.value.total) == (4, 10)
+    assert load_checkpoint(tmp_path / "b" / "run" / CHECKPOINT_NAME)["step"] == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C acts at once again
+    c = fresh_net(seed=9)
+    train(c, Synthetic(40), cfg(tmp_path / "b", resume="auto", **conf), OPT)
+    assert _same_weights(a, c)
+
+
+# ---------------------------------------------------------------------------- --seed
+
+
+def test_the_same_arguments_give_the_same_losses_from_step_one(tmp_path):
+    """Random-init anchors and timm's random augmentation both follow --seed."""
+    data = _image_folder(tmp_path / "imgs")
+
+    def losses(name: str, seed: int) -> list[float]:
+        out = tmp_path / name
+        assert _cli(*_train_args(data, out, "--max-steps", "3", "--augment", "--seed", str(seed))) == 0
+        return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+    first = losses("a", 0)
+    torch.rand(7), random.random(), np.random.rand()  # whatever ran before must not matter
+    assert losses("b", 0) == first
+    assert losses("c", 1)[0] != first[0]
+
+
+def test_mid_epoch_resume_with_loader_workers_is_exact(tmp_path):
+    """Each image's augmentation is a function of (seed, epoch, index): a run with 2 workers resumed
+    mid-epoch equals one uninterrupted, and both equal a run with no workers."""
+    folder = _image_folder(tmp_path / "imgs")  # 20 images: 5 steps an epoch of 4
+    data = build_dataset(str(folder), "train", fresh_net().anchors[0].data_config, augment=True)
+    conf = dict(epochs=2, batch_size=4, init_images=8, num_workers=2)
+    a = fresh_net()
+    train(a, data, cfg(tmp_path / "a", **conf), OPT)
+    part = train(fresh_net(), data, cfg(tmp_path / "b", **conf), OPT, stop_after=3)
+    assert (load_checkpoint(part.checkpoint)["epoch"], load_checkpoint(part.checkpoint)["epoch_step"]) == (0, 3)
+    b = fresh_net(seed=7)
+    train(b, data, cfg(tmp_path / "b", resume="auto", **conf), OPT)
+    assert _same_weights(a, b)
+    c = fresh_net()
+    train(c, data, cfg(tmp_path / "c", **{**conf, "num_workers": 0}), OPT)
+    assert _same_weights(a, c)
+
+
+# ---------------------------------------------------------------------------- checksums
+
+
+def _flip(raw: bytearray, at: int) -> bytearray:
+    raw[at:at + 4] = bytes(b ^ 0x5A for b in raw[at:at + 4])
+    return raw
+
+
+def _flip_checkpoint_tensor(path: Path) -> None:
+    """Flip bytes in the middle of the largest tensor stored in a torch.save zip file."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len  # the local header's own lengths (torch pads it)
+    path.write_bytes(_flip(raw, start + info.file_size // 2))
+
+
+def _flip_safetensors_tensor(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    data_start = 8 + struct.unpack("<Q", raw[:8])[0]
+    path.write_bytes(_flip(raw, (data_start + len(raw)) // 2))
+
+
+@pytest.fixture
+def finished_run(tmp_path) -> tuple[Path, Path]:
+    data, out = _image_folder(tmp_path / "imgs"), tmp_path / "run"
+    assert _cli(*_train_args(data, out, "--max-steps", "2")) == 0
+    return data, out
+
+
+def test_flipped_bytes_in_a_checkpoint_are_refused(finished_run, capsys):
+    data, out = finished_run
+    ckpt = out / CHECKPOINT_NAME
+    _flip_checkpoint_tensor(ckpt)
+    torch.load(ckpt, weights_only=True)  # torch itself notices nothing
+    with pytest.raises(CheckpointError, match="is damaged"):
+        load_checkpoint(ckpt)
+    capsys.readouterr()
+    assert _cli(*_train_args(data, out, "--max-steps", "4", "--resume", "auto")) == 2
+    assert f"checkpoint {ckpt} is damaged" in _one_line(capsys.readouterr().err)
+
+
+def test_flipped_bytes_in_saved_weights_are_refused_by_every_loader(finished_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    data, out = finished_run
+    final = out / "final"
+    stitch = export_stitch(snnet.load(final), 3, tmp_path / "stitch", ["safetensors"])["model.safetensors"]
+    weights = final / "model.safetensors"
+    _flip_safetensors_tensor(weights)
+    _flip_safetensors_tensor(stitch)
+    load_file(str(weights))  # safetensors itself notices nothing
+    with pytest.raises(CheckpointError, match=f"{weights} is damaged"):
+        snnet.load(final)
+    with pytest.raises(CheckpointError, match=f"{stitch} is damaged"):
+        load_stitch(stitch.parent)
+    capsys.readouterr()
+    for args in (["eval", "--model", str(final), "--data", str(data), "--out", str(tmp_path / "e")],
+                 ["export", "--model", str(final), "--stitch", "1", "--format", "safetensors", "--out", str(tmp_path / "x")],
+                 ["select", "flops<=1G", "--model", str(final)],
+                 ["profile", "--model", str(final), "--out", str(tmp_path / "p")],
+                 _train_args(data, tmp_path / "again", "--init", str(final))):
+        assert _cli(*args) == 2, args
+        assert f"{weights} is damaged" in _one_line(capsys.readouterr().err), args
+
+
+def test_files_written_before_checksums_still_load(finished_run, tmp_path):
+    """No checksum, no claim of verification: the file loads as it did."""
+    _, out = finished_run
+    final = out / "final"
+    stitch = export_stitch(snnet.load(final), 3, tmp_path / "stitch", ["safetensors"])["model.safetensors"]
+    for config in (final / "config.json", stitch.parent / "config.json"):
+        cfg_ = json.loads(config.read_text())
+        assert set(cfg_.pop("sha256")) == {"model.safetensors"}
+        config.write_text(json.dumps(cfg_))
+    snnet.load(final)
+    load_stitch(stitch.parent)
+    ckpt = out / CHECKPOINT_NAME
+    state = torch.load(ckpt, weights_only=True)
+    del state["sha256"]
+    torch.save(state, ckpt)
+    assert load_checkpoint(ckpt)["step"] == 2
+
+
+def test_a_damaged_checkpoint_header_is_one_line_without_unsafe_advice(finished_run, capsys):
+    data, out = finished_run
+    ckpt = out / CHECKPOINT_NAME
+    ckpt.write_bytes(b"\0" * 64 + ckpt.read_bytes()[64:])
+    capsys.readouterr()
+    assert _cli(*_train_args(data, out, "--max-steps", "4", "--resume", "auto")) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"checkpoint {ckpt} is corrupt" in line and "weights_only" not in line
