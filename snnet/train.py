@@ -85,18 +85,18 @@ class OptimConfig:
     def __post_init__(self) -> None:
         # isfinite: NaN passes every `x < 0` test, and an infinite rate only shows up as a NaN loss later
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+            raise ConfigError(f"lr must be > 0 and finite, got {self.lr}")
         bad = {k: v for k, v in (("anchor_lr_scale", self.anchor_lr_scale), ("weight_decay", self.weight_decay),
                                  ("min_lr", self.min_lr), ("warmup_epochs", self.warmup_epochs))
                if not (math.isfinite(v) and v >= 0)}
         if bad:
-            raise ConfigError(f"{', '.join(bad)} must be finite and >= 0, got {', '.join(f'{k}={v}' for k, v in bad.items())}")
+            raise ConfigError(f"{', '.join(bad)} must be >= 0 and finite, got {', '.join(f'{k}={v}' for k, v in bad.items())}")
         if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.clip_grad is not None and not (math.isfinite(self.clip_grad) and self.clip_grad > 0):
-            raise ConfigError(f"clip_grad must be a finite number > 0, or None, got {self.clip_grad}")
+            raise ConfigError(f"clip_grad must be > 0 and finite, or None, got {self.clip_grad}")
 
 
 @dataclass(frozen=True)
