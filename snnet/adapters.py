@@ -67,7 +67,7 @@ def _stage_units(stage: nn.Module) -> list[nn.Module]:
     """A stage that downsamples at its start as units: its downsampling folded into block 0."""
     blocks = list(stage.blocks)
     if not blocks:
-        raise ValueError(f"a {type(stage).__name__} without blocks cannot be split into units")
+        raise ValueError(f"{type(stage).__name__} has no blocks: it cannot be split into units")
     if not isinstance(stage.downsample, nn.Identity):
         blocks[0] = nn.Sequential(stage.downsample, blocks[0])
     return blocks
@@ -310,24 +310,22 @@ class RopeBlock(nn.Module):
 
     timm's Eva computes the rope in ``_pos_embed`` and passes it to every block; a unit has to
     run on the activation alone, so each block recomputes it from the model's own rope module
-    (shared, not copied; a few sines and cosines, no FLOPs). A stitched route thus gives the
-    target's blocks the target's rope, which the source's stem never computed.
+    (shared, not copied: it holds only non-persistent buffers; a few sines and cosines, no
+    FLOPs). A stitched route thus gives the target's blocks the target's rope, which the
+    source's stem never computed.
     """
 
-    def __init__(self, block: nn.Module, rope: nn.Module | None, grid: tuple[int, int], index: int | None) -> None:
+    def __init__(self, block: nn.Module, rope: nn.Module | None, grid: tuple[int, int]) -> None:
         super().__init__()
         self.block = block
         self.rope = rope
         self.grid = tuple(grid)
-        self.index = index  # depth index into a per-block ("mixed") rope, else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rope = None
         if self.rope is not None:
             # as Eva._pos_embed does for a fixed image size
             rope = self.rope.get_embed() if hasattr(self.rope, "feat_shape") else self.rope.get_embed(shape=self.grid)
-            if self.index is not None:
-                rope = rope[self.index]
         return self.block(x, rope=rope)
 
 
@@ -358,9 +356,12 @@ class EvaAdapter(Adapter):
             raise NotStitchableError(
                 f"{type(model).__name__} built with patch_drop_rate > 0: patch dropout reorders the rotary "
                 "embedding per image, which a block alone cannot see; build it with patch_drop_rate=0")
-        mixed = bool(getattr(model, "rope_mixed", False)) and model.rope is not None
-        blocks = [RopeBlock(b, model.rope, model.patch_embed.grid_size, k if mixed else None)
-                  for k, b in enumerate(model.blocks)]
+        if model.rope is not None and (any(True for _ in model.rope.parameters()) or model.rope.state_dict()):
+            raise NotStitchableError(
+                f"{type(model).__name__} learns its rotary embedding (rope_mixed): one set of weights computes the "
+                "rope of every block, so no block can be cut out with its own; stitch models with a fixed rope "
+                "(EVA-02, vit_base_patch16_rope_224)")
+        blocks = [RopeBlock(b, model.rope, model.patch_embed.grid_size) for b in model.blocks]
         stem = TimmPart(model, ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_drop", "rope", "norm_pre"),
                         eva_stem)
         head = TimmPart(model, ("norm", "attn_pool", "fc_norm", "head_drop", "head"), norm_then_head)

@@ -459,6 +459,28 @@ def test_new_kinds_stitch_end_to_end(fam: str) -> None:
                 assert count_macs(net, x[:1])[0] == costs[s.id].flops, s.name
 
 
+@pytest.mark.parametrize("fam", ["eva02", "levit"])
+def test_new_kinds_save_load_and_export(fam: str, tmp_path) -> None:
+    """Parts that run timm's own methods (TimmPart) or carry the rope (RopeBlock) survive
+    save/load and a standalone exported stitch rebuilt from its config alone."""
+    from snnet import deploy
+
+    names, size = SMALL_FAMILIES[fam]
+    torch.manual_seed(0)
+    net = snnet.create_snnet(names, img_size=size).eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    s = net.select(net.space.layer_stitches(0)[0])
+    with torch.no_grad():
+        want = net(x)
+    net.save_pretrained(tmp_path / "net")
+    back = snnet.load(tmp_path / "net").eval()
+    deploy.save_stitch(deploy.extract(net, s), tmp_path / "stitch", deploy.stitch_config(net, s))
+    alone = deploy.load_stitch(tmp_path / "stitch")
+    with torch.no_grad():
+        assert back.active.name == s.name and torch.equal(back(x), want)
+        assert torch.equal(alone(x), want)
+
+
 def test_cnn_stages_are_numbered_by_resolution() -> None:
     """EfficientNet's blocks at 1/2 join the stem and its 1/16 stage runs two channel counts,
     so its stage 2 lines up with Swin's: the reference's CNN-into-Swin rule holds for it too."""
@@ -487,6 +509,7 @@ def test_kinds_that_cannot_feed_each_other_are_refused(names: list[str], reason:
 
 @pytest.mark.parametrize("name, kwargs, reason", [
     ("eva02_tiny_patch14_224", {"dynamic_img_size": True}, "build it with dynamic_img_size=False"),
+    ("vit_small_patch16_rope_mixed_224", {}, r"learns its rotary embedding \(rope_mixed\)"),
     ("efficientnet_b0", {"output_stride": 16}, "default output_stride"),
     ("mixer_s16_224", {}, "no adapter knows how to split MlpMixer models"),
 ])
