@@ -35,23 +35,24 @@ class ActivationSpec:
     """Shape of one activation between blocks, without the batch dimension.
 
     ``spatial`` is the token count for ``tokens`` and ``(H, W)`` for feature maps; two
-    activations can be stitched when their positions line up one to one.
+    activations can be stitched when their positions line up one to one. ``prefix`` is how
+    many of the tokens are not patches (class, distillation, register tokens): a position of
+    one anchor can only stand for the same kind of position in another.
     """
 
     layout: str
     channels: int
     spatial: tuple[int, ...]
+    prefix: int = 0
 
     @classmethod
-    def of(cls, layout: str, t: torch.Tensor) -> "ActivationSpec":
+    def of(cls, layout: str, t: torch.Tensor, prefix: int = 0) -> "ActivationSpec":
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
         shape = tuple(t.shape[1:])
-        if layout == "tokens":
-            return cls(layout, shape[-1], shape[:-1])
-        if layout == "nhwc":
-            return cls(layout, shape[-1], shape[:-1])
-        return cls(layout, shape[0], shape[1:])
+        if layout == "nchw":
+            return cls(layout, shape[0], shape[1:])
+        return cls(layout, shape[-1], shape[:-1], prefix if layout == "tokens" else 0)
 
     @property
     def positions(self) -> int:
@@ -65,10 +66,30 @@ class ActivationSpec:
         return f"{self.layout}[{dims}, C={self.channels}]"
 
 
+def _feeds(src_layout: str, dst_layout: str, src_prefix: int = 0, dst_prefix: int = 0) -> str | None:
+    """Why activations of one layout (and extra-token count) cannot feed another's, or None.
+
+    Feature maps (NCHW, NHWC) feed each other through a permute. Tokens are refused from and
+    into maps: a ViT's class token has no counterpart in a feature map, and snnet does not
+    invent one (the paper stitches CNNs only into hierarchical transformers).
+    """
+    if (src_layout == "tokens") != (dst_layout == "tokens"):
+        if dst_layout == "tokens":
+            return ("a feature map cannot feed tokens, nor tokens a feature map (stitch a CNN into a model that keeps "
+                    "feature maps: Swin, ConvNeXt, another CNN)")
+        return ("tokens cannot feed a feature map, nor a feature map tokens (stitch a transformer on tokens only with "
+                "another one on tokens)")
+    if src_prefix != dst_prefix:
+        return (f"the tokens carry {src_prefix} vs {dst_prefix} extra tokens besides the patches (class, distillation, "
+                "register tokens): stitch anchors with the same extra tokens, e.g. distilled DeiTs only with distilled ones")
+    return None
+
+
 def stitchable(src: ActivationSpec, dst: ActivationSpec) -> str | None:
     """Why ``src`` cannot be mapped onto ``dst`` position by position, or None if it can."""
-    if src.layout == "tokens" and dst.layout != "tokens" or dst.layout == "tokens" and src.layout != "tokens":
-        return f"a {src.layout} activation cannot feed a {dst.layout} one"
+    why = _feeds(src.layout, dst.layout, src.prefix, dst.prefix)
+    if why is not None:
+        return why
     if src.spatial != dst.spatial:
         what = "token counts" if src.layout == "tokens" else "spatial sizes"
         return f"{what} differ ({src} vs {dst})"
@@ -81,7 +102,8 @@ class AnchorParts(nn.Module):
     The parts share their parameters with the model they were split from (no copy). ``stages``
     gives the number of blocks in each stage (one stage for a plain ViT); ``stitch_stages`` the
     stages in which the paper's recipe stitches this kind of model by default, and
-    ``stitch_rule`` how block pairs are enumerated in them (``snnet.space.RULES``).
+    ``stitch_rule`` how block pairs are enumerated in them (``snnet.space.RULES``);
+    ``prefix_tokens`` how many leading tokens are not patches (ViT's class token: 1).
     """
 
     def __init__(
@@ -96,6 +118,7 @@ class AnchorParts(nn.Module):
         kind: str = "custom",
         data_config: dict[str, Any] | None = None,
         stitch_rule: str = "window",
+        prefix_tokens: int = 0,
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
@@ -110,6 +133,7 @@ class AnchorParts(nn.Module):
         self.stitch_stages = tuple(stitch_stages) if stitch_stages is not None else tuple(range(len(self.stages)))
         self.stitch_rule = stitch_rule
         self.kind = kind
+        self.prefix_tokens = prefix_tokens if layout == "tokens" else 0
         self.data_config = dict(data_config or {})
 
     @property
@@ -145,10 +169,10 @@ class AnchorParts(nn.Module):
         try:
             p = next(self.parameters())
             h = self.stem(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
-            specs = [ActivationSpec.of(self.layout, h)]
+            specs = [ActivationSpec.of(self.layout, h, self.prefix_tokens)]
             for blk in self.blocks:
                 h = blk(h)
-                specs.append(ActivationSpec.of(self.layout, h))
+                specs.append(ActivationSpec.of(self.layout, h, self.prefix_tokens))
             out = self.head(h)
         finally:
             self.train(was_training)
@@ -158,18 +182,37 @@ class AnchorParts(nn.Module):
 # --------------------------------------------------------------------------- adapters
 
 
+def timm_class(path: str) -> type:
+    """A timm model class from ``"module.Class"`` (a module under ``timm.models``)."""
+    import importlib
+
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(f"timm.models.{module}"), name)
+
+
 class Adapter:
     """Knows how one kind of model splits into :class:`AnchorParts`.
 
-    Subclass, implement :meth:`matches` and :meth:`split`, and decorate with
-    :func:`register_adapter`; nothing else in snnet needs to change.
+    Subclass, name the timm classes it handles in ``model_classes`` (or override
+    :meth:`matches`), implement :meth:`split`, and decorate with :func:`register_adapter`;
+    nothing else in snnet needs to change.
+
+    An adapter matches its classes *exactly*: a subclass may change the forward pass (DeiT's
+    distilled ViT adds a token and a head), and splitting it as its base would give parts
+    that silently compute something else. Such a subclass is refused by :func:`split_model`
+    until an adapter lists it.
     """
 
     kind: ClassVar[str] = "?"
+    model_classes: ClassVar[tuple[str, ...]] = ()  # "module.Class" under timm.models, matched exactly
+
+    @classmethod
+    def classes(cls) -> tuple[type, ...]:
+        return tuple(timm_class(p) for p in cls.model_classes)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        raise NotImplementedError
+        return type(model) in cls.classes()
 
     @classmethod
     def split(cls, model: nn.Module) -> AnchorParts:
@@ -189,16 +232,40 @@ def adapters() -> list[type[Adapter]]:
     return list(_ADAPTERS)
 
 
+def _overridden(model_cls: type, base: type) -> list[str]:
+    """Methods of ``base`` that ``model_cls`` (a subclass) redefines."""
+    names: set[str] = set()
+    for c in model_cls.__mro__:
+        if c is base:
+            break
+        names |= {k for k, v in vars(c).items() if callable(v) and hasattr(base, k) and not k.startswith("__")}
+    return sorted(names)
+
+
 def split_model(model: nn.Module) -> AnchorParts:
-    """Split a model with the first adapter that knows its kind."""
+    """Split a model with the first adapter that knows its kind.
+
+    A subclass of a class an adapter knows is refused here, before anything runs: the
+    adapter reproduces only its own classes' forward passes.
+    """
     if isinstance(model, AnchorParts):
         return model
     for adapter in _ADAPTERS:
         if adapter.matches(model):
             return adapter.split(model)
+    name = type(model).__name__
+    for adapter in _ADAPTERS:
+        base = next((c for c in adapter.classes() if isinstance(model, c)), None)
+        if base is not None:
+            changed = _overridden(type(model), base)
+            what = f"redefines {', '.join(changed)}" if changed else "may build different modules"
+            raise NotStitchableError(
+                f"{name} subclasses timm's {base.__name__} and {what}; snnet's {adapter.kind} adapter reproduces "
+                f"only {base.__name__}'s own forward, so it would split {name} wrongly. Register an Adapter that "
+                "lists this class (see snnet.anchors.Adapter).")
     known = ", ".join(a.kind for a in _ADAPTERS)
     raise NotStitchableError(
-        f"no adapter knows how to split a {type(model).__name__}; snnet knows: {known}. "
+        f"no adapter knows how to split {name} models; snnet knows: {known}. "
         "Pass an AnchorParts(stem, blocks, head, layout=...) built by hand, or register an "
         "Adapter for this kind of model (see snnet.anchors.Adapter)."
     )
@@ -210,81 +277,83 @@ def _data_config(model: nn.Module) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k in keys}
 
 
-class _ViTStem(nn.Module):
-    """Patch embedding, class/register tokens and position embedding of a timm ViT.
+_SETTING = (bool, int, float, str, tuple, type(None))
 
-    Holds only those weights; the position-embedding logic is timm's own method, called on
-    this module (it reads the same attribute names), so it stays exactly timm's.
+
+class TimmPart(nn.Module):
+    """A piece of a timm model that runs the model class's own code.
+
+    It holds the named submodules and parameters of the model (shared, not copied) and its
+    plain settings (pooling type, prefix-token count, flags), and ``fn(part, x)`` computes
+    the piece by calling the class's methods on the part: ``self.pool(...)`` inside a timm
+    method finds the class's ``pool``. So a stem or head computes exactly what timm does,
+    and a timm method reading a module the part does not hold fails loudly.
     """
 
-    def __init__(self, vit: nn.Module) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str], fn: Any) -> None:
         super().__init__()
-        self.patch_embed = vit.patch_embed
-        self.cls_token = vit.cls_token
-        self.reg_token = vit.reg_token
-        self.pos_embed = vit.pos_embed
-        self.pos_drop = vit.pos_drop
-        self.patch_drop = vit.patch_drop
-        self.norm_pre = vit.norm_pre
-        self.no_embed_class = vit.no_embed_class
-        self.dynamic_img_size = vit.dynamic_img_size
-        self.num_prefix_tokens = vit.num_prefix_tokens
+        for k, v in vars(model).items():
+            if not k.startswith("_") and k != "training" and isinstance(v, _SETTING):
+                object.__setattr__(self, k, v)
+        for n in names:
+            setattr(self, n, getattr(model, n))
+        object.__setattr__(self, "model_class", type(model))
+        object.__setattr__(self, "fn", fn)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            method = getattr(self.__dict__.get("model_class"), name, None)
+            if callable(method) and not isinstance(method, type):
+                return method.__get__(self)
+            raise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from timm.models.vision_transformer import VisionTransformer
+        return self.fn(self, x)
 
-        x = self.patch_embed(x)
-        x = VisionTransformer._pos_embed(self, x)  # type: ignore[arg-type]
-        x = self.patch_drop(x)
-        return self.norm_pre(x)
+    def extra_repr(self) -> str:
+        return f"{self.model_class.__name__}: {getattr(self.fn, '__name__', self.fn)}"
 
 
-class _ViTHead(nn.Module):
-    """Final norm, pooling and classifier of a timm ViT (timm's own pooling code)."""
+def vit_stem(part: TimmPart, x: torch.Tensor) -> torch.Tensor:
+    """timm ViT's forward_features up to the first block (its own ``_pos_embed``)."""
+    x = part.patch_embed(x)
+    x = part._pos_embed(x)
+    x = part.patch_drop(x)
+    return part.norm_pre(x)
 
-    def __init__(self, vit: nn.Module) -> None:
-        super().__init__()
-        self.norm = vit.norm
-        self.attn_pool = vit.attn_pool
-        self.fc_norm = vit.fc_norm
-        self.head_drop = vit.head_drop
-        self.head = vit.head
-        self.global_pool = vit.global_pool
-        self.num_prefix_tokens = vit.num_prefix_tokens
-        self.pool_include_prefix = getattr(vit, "pool_include_prefix", False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from timm.models.vision_transformer import VisionTransformer
+def norm_then_head(part: TimmPart, x: torch.Tensor) -> torch.Tensor:
+    """The final norm of forward_features, then the class's own forward_head."""
+    return part.forward_head(part.norm(x))
 
-        x = self.norm(x)
-        x = VisionTransformer.pool(self, x)  # type: ignore[arg-type]
-        x = self.fc_norm(x)
-        x = self.head_drop(x)
-        return self.head(x)
+
+def timm_head(part: TimmPart, x: torch.Tensor) -> torch.Tensor:
+    """The class's own forward_head."""
+    return part.forward_head(x)
+
+
+_VIT_STEM = ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_drop", "patch_drop", "norm_pre")
+_VIT_HEAD = ("norm", "attn_pool", "fc_norm", "head_drop", "head")
 
 
 @register_adapter
 class ViTAdapter(Adapter):
-    """timm's VisionTransformer (ViT, DeiT, and the shipped Fashion-MNIST family)."""
+    """timm's VisionTransformer (ViT, DeiT, the shipped Fashion-MNIST family) and DeiT's
+    distilled ViT: a distillation token after the class token, and two heads whose outputs
+    are averaged, as timm does at inference."""
 
     kind = "vit"
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        from timm.models.vision_transformer import VisionTransformer
-
-        return isinstance(model, VisionTransformer)
+    model_classes = ("vision_transformer.VisionTransformer", "deit.VisionTransformerDistilled")
 
     @classmethod
     def split(cls, model: nn.Module) -> AnchorParts:
-        return AnchorParts(
-            _ViTStem(model),
-            list(model.blocks),
-            _ViTHead(model),
-            layout="tokens",
-            kind=cls.kind,
-            data_config=_data_config(model),
-        )
+        distilled = hasattr(model, "dist_token")
+        stem = TimmPart(model, _VIT_STEM + (("dist_token",) if distilled else ()), vit_stem)
+        head = TimmPart(model, _VIT_HEAD + (("head_dist",) if distilled else ()), norm_then_head)
+        return AnchorParts(stem, list(model.blocks), head, layout="tokens", kind=cls.kind,
+                           data_config=_data_config(model), prefix_tokens=model.num_prefix_tokens)
 
 
 # --------------------------------------------------------------------------- building
@@ -327,10 +396,26 @@ def resolve_name(name: str) -> str:
         if timm.is_model(arch):
             return cand
     arch = candidates[-1].split(".", 1)[0]
-    known = timm.list_models()
-    close = [n for n in known if n.startswith(arch)][:5] or difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
+    close = near_names(arch, timm.list_models())
     hint = f" Did you mean: {', '.join(close)}?" if close else " `timm.list_models('*pattern*')` lists the names."
     raise UnknownModelError(f"unknown model name {name!r}: neither timm nor snnet knows it.{hint}")
+
+
+def near_names(arch: str, known: Sequence[str], n: int = 5) -> list[str]:
+    """Known names close to a mistyped one, its own family first.
+
+    The family is the name's leading letters (``deit``, ``levit``, ``eva``, ``swinv``): names
+    it starts, then that family's names by similarity, then any close name.
+    """
+    import re
+
+    arch = arch.lower()
+    fam = re.match(r"[a-z]+", arch)
+    same = [k for k in known if fam and k.startswith(fam.group())]
+    ordered = sorted((k for k in known if k.startswith(arch)), key=lambda k: (len(k), k))
+    ordered += difflib.get_close_matches(arch, same, n=n, cutoff=0.0)
+    ordered += difflib.get_close_matches(arch, known, n=n, cutoff=0.6)
+    return list(dict.fromkeys(ordered))[:n]
 
 
 def create_anchor(spec: AnchorSpec) -> nn.Module:
@@ -389,7 +474,33 @@ def build_parts(anchors: Sequence[AnchorLike], *, pretrained: bool = False, file
         if s is not None:
             resolve_name(s.name)
     parts = [split_model(create_anchor(s) if s is not None else a) for s, a in zip(specs, anchors)]
+    check_kinds(parts, [anchor_label(a, k) for k, a in enumerate(anchors)])
     return parts, specs
+
+
+def check_kinds(parts: Sequence[AnchorParts], labels: Sequence[str]) -> None:
+    """Refuse, before anything runs, anchors whose activations can never feed each other.
+
+    A family mixing tokens and feature maps, or ViTs with different extra tokens, has at
+    least one such pair among neighbours in cost, so the whole family is refused here with
+    the reason rather than later with shapes.
+    """
+    for i in range(len(parts)):
+        for j in range(i + 1, len(parts)):
+            # the feature map first: either way round it cannot feed the other
+            x, y = (j, i) if parts[i].layout == "tokens" and parts[j].layout != "tokens" else (i, j)
+            a, b = parts[x], parts[y]
+            why = _feeds(a.layout, b.layout, a.prefix_tokens, b.prefix_tokens)
+            if why is not None:
+                raise NotStitchableError(
+                    f"anchors {labels[x]!r} ({a.kind}, {_kind_of(a)}) and {labels[y]!r} ({b.kind}, {_kind_of(b)}) "
+                    f"cannot be stitched: {why}")
+
+
+def _kind_of(p: AnchorParts) -> str:
+    if p.layout != "tokens":
+        return f"{p.layout} feature maps"
+    return f"tokens, {p.prefix_tokens} extra" if p.prefix_tokens else "tokens"
 
 
 def as_rows(h: torch.Tensor, layout: str) -> torch.Tensor:

@@ -1,11 +1,21 @@
 """FLOPs and parameter counts, per part, in the paper's convention.
 
 SN-Net reports fvcore's numbers: one multiply-accumulate counts as one FLOP, attention
-matmuls included, and normalisation layers count ~5 FLOPs per element (fvcore's rough
-estimate). torch's FlopCounterMode counts a multiply-accumulate as two FLOPs, does not count
-normalisation, and does not see inside the fused attention kernel timm uses on the CPU; so we
-halve its count, add fvcore's rules for norms and average pooling, and switch fused attention
-off while counting. DeiT-Ti/S/B then come out at the paper's 1.258 / 4.608 / 17.583 G.
+matmuls included, normalisation layers count ~5 FLOPs per element (fvcore's rough estimate),
+and a 2-D adaptive average pool one FLOP per input element. torch's FlopCounterMode counts a
+multiply-accumulate as two FLOPs, does not count normalisation, and does not see inside the
+fused attention kernel timm uses on the CPU; so we halve its count, add fvcore's rules for
+norms, switch fused attention off while counting, and count 2-D adaptive average pools where
+fvcore sees them.
+
+That last point is why a ResNet's head used to come out short: fvcore traces the model and
+counts the call ``aten::adaptive_avg_pool2d`` (512 x 7 x 7 = 25,088 FLOPs for ResNet-18),
+while torch rewrites a pool to 1x1 as a ``mean`` before FlopCounterMode sees any op. So the
+pool is counted at the call (a torch-function mode), before that rewrite. Plain ``mean``
+calls stay uncounted, as in fvcore: Swin's and LeViT's token average, squeeze-excitation.
+With that, snnet's count equals fvcore 0.1.5's on timm's models of every supported family
+(``scripts/fvcore_check.py``): DeiT-Ti/S/B 1.258 / 4.608 / 17.583 G, Swin-T 4,509,194,496,
+ResNet-18 1,819,065,856, LeViT-192 661,663,808 — the numbers the reference code reports.
 
 A stitch's cost is the sum of the costs of the parts on its route, so the whole space is
 priced from one pass over each anchor's parts, never by running every stitch.
@@ -19,6 +29,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -55,26 +67,36 @@ def _bn_eval_flops(x_shape, weight=None, *args, out_shape=None, **kwargs) -> int
     return 2 * _numel(x_shape) * (2 if weight is not None else 1)
 
 
-def _pool_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _numel(x_shape)
-
-
 def _fvcore_mapping() -> dict:
     aten = torch.ops.aten
     mapping = {
         aten.native_layer_norm: _layer_norm_flops,
         aten.native_group_norm: _group_norm_flops,
         aten._native_batch_norm_legit_no_training: _bn_eval_flops,
-        aten._adaptive_avg_pool2d: _pool_flops,
     }
     return mapping
 
 
+class _CountPools(TorchFunctionMode):
+    """Counts 2-D adaptive average pools at the call, as fvcore does (one FLOP per input
+    element), before torch turns a pool to 1x1 into a ``mean`` that no counter can tell
+    from any other mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d):
+            self.flops += args[0].numel()
+        return func(*args, **(kwargs or {}))
+
+
 def count_macs(fn, *args) -> tuple[int, object]:
     """Multiply-accumulates of one call (and its result), in fvcore's convention."""
-    with FlopCounterMode(display=False, custom_mapping=_fvcore_mapping()) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_fvcore_mapping()) as counter, _CountPools() as pools:
         out = fn(*args)
-    return counter.get_total_flops() // 2, out
+    return counter.get_total_flops() // 2 + pools.flops, out
 
 
 def num_params(module: nn.Module) -> int:

@@ -1,20 +1,27 @@
-"""Hierarchical and convolutional families (Swin, ResNet, ConvNeXt, CNN → transformer).
+"""Families of models: every adapter on timm's real architectures, the paper's spaces, refusals.
 
-Tiny random-init stand-ins registered in snnet/tiny.py exercise the real name-based paths;
-the paper's counts for the real families are checked on the stitch space alone, from the
-shapes their stages have at 224x224 (building Swin-B just to count would take seconds).
+Real timm architectures (random weights) are split by the adapters: at a small image size
+where a forward is needed (anchors must equal timm's output), on the meta device where only
+shapes and FLOPs are (the paper's stitch counts and fvcore FLOPs, which snnet must reproduce).
+Tiny random-init stand-ins registered in snnet/tiny.py exercise training, least squares and
+save/load on the hierarchical kinds in milliseconds.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import pytest
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 import snnet
 from snnet.adapters import FAMILIES, family
 from snnet.anchors import ActivationSpec, split_model
-from snnet.errors import NotStitchableError
+from snnet.errors import NotStitchableError, UnknownModelError
 from snnet.flops import count_macs, num_params, unfused_attention
 from snnet.space import AnchorInfo, SpaceConfig, StitchSpace, forward_unpaired_pairs
 from snnet.stitching import StitchingLayer
@@ -228,7 +235,7 @@ def test_named_families_are_pinned_timm_models() -> None:
         for n in names:
             arch, tag = n.split(".")
             assert timm.is_model(arch) and n in timm.list_pretrained(arch + ".*"), n
-    for name in ("deit", "swin", "resnet", "convnext"):  # one training recipe per family
+    for name in set(FAMILIES) - {"fmnist", "resnet18-swin_t"}:  # one training recipe per family of one kind
         assert len({n.split(".")[1] for n in FAMILIES[name]}) == 1, name
     assert family("ResNet18_Swin-T") == FAMILIES["resnet18-swin_t"] and family("vit") is None
 
@@ -264,3 +271,263 @@ def test_cnn_to_swin_trains_and_evaluates(tmp_path) -> None:
     assert [r.name for r in results] == [s.name for s in net.space]
     assert all(0.0 <= r.acc1 <= 100.0 for r in results)
     assert (tmp_path / "final" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------ real timm architectures
+
+# The smallest timm model of every class an adapter knows, and an image size at which it runs
+# in well under a second on one core (at least one token or pixel per stage).
+REAL_MODELS = {
+    "deit_tiny_patch16_224": (32, "vit"),
+    "deit_tiny_distilled_patch16_224": (32, "vit"),
+    "swin_tiny_patch4_window7_224": (64, "swin"),
+    "swinv2_tiny_window8_256": (64, "swinv2"),
+    "swinv2_cr_tiny_224": (64, "swinv2_cr"),
+    "resnet18": (64, "resnet"),
+    "convnext_atto": (64, "convnext"),
+    "levit_128s": (64, "levit"),
+    "levit_conv_128s": (64, "levit"),
+    "eva02_tiny_patch14_224": (28, "eva"),
+    "regnetx_002": (64, "regnet"),
+    "efficientnet_b0": (64, "efficientnet"),
+    "mobilenetv3_small_100": (64, "mobilenetv3"),
+}
+
+
+def _real(name: str, size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    try:
+        return timm.create_model(name, img_size=size).eval()
+    except TypeError:  # CNNs take any size and have no img_size argument
+        return timm.create_model(name).eval()
+
+
+@pytest.mark.parametrize("name", list(REAL_MODELS))
+def test_real_anchor_equals_timm(name: str) -> None:
+    size, kind = REAL_MODELS[name]
+    model = _real(name, size)
+    parts = split_model(model)
+    assert parts.kind == kind
+    assert num_params(parts.stem) + sum(num_params(b) for b in parts.blocks) + num_params(parts.head) == num_params(model)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(parts(x), model(x))  # timm's own code on the same modules: bit for bit
+    specs, _ = parts.probe((3, size, size))
+    if len(parts.stages) > 1:
+        # one resolution per stage, halving from stage to stage: 1/4 of the input in stage 0
+        # (LeViT's convolutional stem reduces by 16)
+        first = 16 if kind == "levit" else 4
+        for s, blocks in enumerate(parts.stage_ranges()):
+            side = -(-size // (first << s))  # strided layers round up
+            assert {specs[k + 1].positions for k in blocks} == {side * side}, s
+
+
+def test_distilled_deit_averages_both_heads() -> None:
+    """The distillation token is in the stem and the head averages the class and distillation heads, as timm does."""
+    model = _real("deit_tiny_distilled_patch16_224", 32)
+    parts = split_model(model)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = parts.run(parts.stem(x))
+        assert tokens.shape[1] == 2 + 4 and parts.prefix_tokens == 2  # class + distillation + 2x2 patches
+        h = model.norm(tokens)
+        assert torch.equal(parts.head(tokens), (model.head(h[:, 0]) + model.head_dist(h[:, 1])) / 2)
+
+
+def test_eva_blocks_get_the_models_rope() -> None:
+    model = _real("eva02_tiny_patch14_224", 28)
+    parts = split_model(model)
+    assert all(b.rope is model.rope for b in parts.blocks)  # shared, not copied
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        h = parts.stem(x)
+        with_rope = parts.blocks[0](h)
+        without = parts.blocks[0].block(h)  # the same block without the rotary embedding
+    assert not torch.allclose(with_rope, without)
+
+
+class _ViTWithOwnFeatures(VisionTransformer):
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # what the ViT adapter would not reproduce
+        raise AssertionError("never run: the adapter must refuse before probing")
+
+
+def test_subclass_is_refused_before_probing() -> None:
+    odd = _ViTWithOwnFeatures(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=10)
+    with pytest.raises(NotStitchableError, match=r"_ViTWithOwnFeatures subclasses timm's VisionTransformer and "
+                                                 r"redefines forward_features; snnet's vit adapter"):
+        snnet.create_snnet([odd, timm.create_model("snnet_tiny_vit_s")])
+
+
+# ------------------------------------------------------------------ the paper's spaces on real models
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "sn_net_reference_flops.json").read_text())["flops"]
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_family(fam: str) -> snnet.StitchedNet:
+    """A named family split from the real timm models on the meta device (no weights), built once."""
+    return snnet.create_snnet(fam, device="meta")
+
+
+@pytest.mark.parametrize("fam", ["swin", "resnet", "resnet18-swin_t", "deit", "levit"])
+def test_paper_family_flops_equal_the_reference(fam: str) -> None:
+    """Every network's FLOPs, split from the real timm models on the meta device, against the
+    official code's results files (fvcore at 224)."""
+    net = _meta_family(fam)
+    costs = net.costs()
+    assert len(net.space) == {"swin": 41, "resnet": 10, "resnet18-swin_t": 8, "deit": 71, "levit": 8}[fam]
+    flops = [c.flops for c in costs]
+    if fam == "deit":
+        # The official DeiT code runs a stitch's head without the target's final LayerNorm
+        # (stitching_deit/snnet.py calls forward_head, not forward_norm_head), so each of its
+        # stitches counts fvcore's 5 FLOPs x 197 tokens x the target's width less than snnet,
+        # whose stitches end in the target's own head, norm included.
+        flops = [c.flops - (0 if s.is_anchor else 5 * 197 * net.space.layers[s.layer].dst_spec.channels)
+                 for s, c in zip(net.space, costs)]
+        assert len(net.stitch_layers) == 22
+    assert sorted(flops) == REFERENCE[fam]
+
+
+def test_paper_anchor_flops() -> None:
+    """The anchors' FLOPs as the reference lists them (fvcore: adaptive average pools counted)."""
+    swin, resnet = _meta_family("swin").costs(), _meta_family("resnet").costs()
+    assert (swin[0].flops, swin[2].flops) == (4_509_194_496, 15_467_826_176)
+    assert (resnet[0].flops, resnet[1].flops) == (1_819_065_856, 4_111_512_576)
+
+
+# Every named family on the meta device: its count follows the paper's rules, worked by hand.
+#   ViT-like, 12 blocks, window rule: 34 stitches per neighbouring pair.
+#   hierarchical, forward rule: per stitched stage, (deeper depth - 1) stitches.
+NAMED_COUNTS = {
+    "deit": 3 + 2 * 34,
+    "deit-distilled": 3 + 2 * 34,
+    "eva02": 2 + 34,
+    "swin": 3 + 2 * (1 + 1 + 17),  # depths (2, 2, 6|18, 2); stages 0-2
+    "swinv2": 3 + 2 * (1 + 1 + 17),
+    "convnext": 3 + 2 * (2 + 2 + 26),  # depths (3, 3, 9|27, 3); stages 0-2
+    "resnet": 2 + (4 - 1) + (6 - 1),  # depths (2, 2, 2, 2) and (3, 4, 6, 3); stages 1-2
+    "resnet18-swin_t": 2 + (2 - 1) + (6 - 1),
+    "levit": 2 + 3 + 3,  # depths (4, 4, 4); stages 0-1
+    "regnety": 3 + (2 + 7) + (5 + 16),  # stage depths 1-2: (3, 6), (3, 8), (6, 17)
+    "mobilenetv3": 2 + 2 + 5,  # stage depths 1-2: small (2, 5), large (3, 6)
+}
+
+
+@pytest.mark.parametrize("fam", list(NAMED_COUNTS))
+def test_named_family_counts(fam: str) -> None:
+    net = _meta_family(fam)
+    assert len(net.space) == NAMED_COUNTS[fam]
+    assert [s.name for s in net.space.anchor_stitches()] == list(net.labels)
+
+
+def test_every_named_family_is_counted() -> None:
+    assert set(FAMILIES) - {"fmnist"} == set(NAMED_COUNTS)
+
+
+# ------------------------------------------------------------------ new kinds stitched end to end
+
+# Two real anchors of each new kind at a small size: every layer's first stitch runs after
+# least squares, and a stitch's cost is what counting its running route gives.
+SMALL_FAMILIES = {
+    "deit-distilled": (["deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224"], 32),
+    "levit": (["levit_128s", "levit_128"], 64),
+    "eva02": (["eva02_tiny_patch14_336", "eva02_small_patch14_336"], 28),
+    "regnet": (["regnetx_002", "regnety_004"], 64),
+    "efficientnet": (["efficientnet_b0", "efficientnet_b1"], 64),
+    "mobilenetv3": (["mobilenetv3_small_100", "mobilenetv3_large_100"], 64),
+    "efficientnet-swin": (["efficientnet_b0", "swin_tiny_patch4_window7_224"], 64),
+}
+
+
+@pytest.mark.parametrize("fam", list(SMALL_FAMILIES))
+def test_new_kinds_stitch_end_to_end(fam: str) -> None:
+    names, size = SMALL_FAMILIES[fam]
+    torch.manual_seed(0)
+    net = snnet.create_snnet(names, img_size=size).eval()
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+    net.init_stitching([x])
+    routes = net.space.anchor_stitches() + [net.space.layer_stitches(k)[0] for k in range(len(net.space.layers))]
+    costs = net.costs()
+    with torch.no_grad():
+        for s in routes:
+            net.select(s)
+            y = net(x)
+            assert y.shape == (4, net.num_classes) and torch.isfinite(y).all(), s.name
+        for s in routes[len(net.anchors) - 1:len(net.anchors) + 1]:  # the largest anchor and a stitch
+            net.select(s)
+            with unfused_attention(net):
+                assert count_macs(net, x[:1])[0] == costs[s.id].flops, s.name
+
+
+@pytest.mark.parametrize("fam", ["eva02", "levit"])
+def test_new_kinds_save_load_and_export(fam: str, tmp_path) -> None:
+    """Parts that run timm's own methods (TimmPart) or carry the rope (RopeBlock) survive
+    save/load and a standalone exported stitch rebuilt from its config alone."""
+    from snnet import deploy
+
+    names, size = SMALL_FAMILIES[fam]
+    torch.manual_seed(0)
+    net = snnet.create_snnet(names, img_size=size).eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    s = net.select(net.space.layer_stitches(0)[0])
+    with torch.no_grad():
+        want = net(x)
+    net.save_pretrained(tmp_path / "net")
+    back = snnet.load(tmp_path / "net").eval()
+    deploy.save_stitch(deploy.extract(net, s), tmp_path / "stitch", deploy.stitch_config(net, s))
+    alone = deploy.load_stitch(tmp_path / "stitch")
+    with torch.no_grad():
+        assert back.active.name == s.name and torch.equal(back(x), want)
+        assert torch.equal(alone(x), want)
+
+
+def test_cnn_stages_are_numbered_by_resolution() -> None:
+    """EfficientNet's blocks at 1/2 join the stem and its 1/16 stage runs two channel counts,
+    so its stage 2 lines up with Swin's: the reference's CNN-into-Swin rule holds for it too."""
+    with torch.device("meta"):
+        eff = split_model(timm.create_model("efficientnet_b0"))
+        swin = split_model(timm.create_model("swin_tiny_patch4_window7_224"))
+    e_specs, s_specs = eff.probe((3, 224, 224))[0], swin.probe((3, 224, 224))[0]
+    r16 = eff.stage_ranges()[2]
+    assert {e_specs[k + 1].spatial for k in r16} == {(14, 14)} == {s_specs[k + 1].spatial for k in swin.stage_ranges()[2]}
+    assert [e_specs[k + 1].channels for k in r16] == [80, 80, 80, 112, 112, 112]
+
+
+# ------------------------------------------------------------------ refusals say why
+
+
+@pytest.mark.parametrize("names, reason", [
+    (["resnet18", "deit_tiny_patch16_224"], "a feature map cannot feed tokens"),
+    (["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"], "a feature map cannot feed tokens"),
+    (["deit_tiny_distilled_patch16_224", "deit_small_patch16_224"], "2 vs 1 extra tokens"),
+])
+def test_kinds_that_cannot_feed_each_other_are_refused(names: list[str], reason: str) -> None:
+    with pytest.raises(NotStitchableError, match=reason) as e:
+        snnet.create_snnet(names, device="meta")
+    assert "token counts" not in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, kwargs, reason", [
+    ("eva02_tiny_patch14_224", {"dynamic_img_size": True}, "build it with dynamic_img_size=False"),
+    ("vit_small_patch16_rope_mixed_224", {}, r"learns its rotary embedding \(rope_mixed\)"),
+    ("efficientnet_b0", {"output_stride": 16}, "default output_stride"),
+    ("mixer_s16_224", {}, "no adapter knows how to split MlpMixer models"),
+])
+def test_unsupported_builds_are_refused(name: str, kwargs: dict, reason: str) -> None:
+    with torch.device("meta"):
+        model = timm.create_model(name, **kwargs)
+    with pytest.raises(NotStitchableError, match=reason):
+        split_model(model)
+
+
+@pytest.mark.parametrize("typo, first", [
+    ("deit_tiny_distiled_patch16_224", "deit_tiny_distilled_patch16_224"),
+    ("levit192", "levit_192"),
+    ("eva02_tinny_patch14_224", "eva02_tiny_patch14_224"),
+    ("resnet_18", "resnet18"),
+])
+def test_unknown_names_suggest_the_same_family_first(typo: str, first: str) -> None:
+    with pytest.raises(UnknownModelError, match=rf"Did you mean: {first}, ") as e:
+        snnet.create_snnet([typo, "resnet50"], device="meta")
+    fam = first[:3]
+    assert all(n.strip().startswith(fam) for n in str(e.value).split("Did you mean:")[1].rstrip("?").split(","))

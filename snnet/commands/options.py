@@ -12,7 +12,7 @@ __all__ = ["DEFAULT_ANCHORS", "AnchorsOpt", "ImgSizeOpt", "split_names"]
 DEFAULT_ANCHORS = "fmnist"
 
 AnchorsOpt = Annotated[str, typer.Option(
-    "--anchors", "-a", help="A family (fmnist, deit, swin, resnet, resnet18-swin_t, convnext) or comma-separated timm model names, in any order.")]
+    "--anchors", "-a", help="A family (fmnist, deit, deit-distilled, eva02, swin, swinv2, convnext, levit, resnet, resnet18-swin_t, regnety, mobilenetv3: snnet.adapters.FAMILIES) or comma-separated timm model names, in any order.")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Input resolution (default: the anchors' own).")]
 
 
