@@ -47,3 +47,7 @@ class BudgetError(SnnetError, ValueError):
 
 class ExportError(SnnetError, RuntimeError):
     """A stitch that cannot be exported: unwritable path, failed trace, or failed verification."""
+
+
+class ServeError(SnnetError, ValueError):
+    """A server that cannot start as configured: no latency table for the stitches to serve, a bad SLO..."""
