@@ -26,6 +26,7 @@ image of another size or channel count is refused instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -36,7 +37,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 from fastapi import FastAPI, Request
@@ -68,7 +69,7 @@ class ServeConfig:
     slo_ms: float = 50.0  # p95 end-to-end latency target
     max_batch: int = 16  # images per model batch; also the most images one request may carry
     max_wait_ms: float = 2.0  # how long a batch waits to fill after its first request arrived
-    max_queue: int = 256  # images waiting at most; past it, 503 with Retry-After
+    max_queue: int = 256  # images queued (plus requests still being read or decoded) at most; past it, 503
     max_upload_bytes: int = 4 * 2 ** 20
     max_pixels: int = 4096 * 4096  # per image, checked from the header before decoding
     resize: bool = True  # resize/convert any image to the network's input (False: refuse other sizes)
@@ -262,6 +263,7 @@ class Batcher:
         self.config = service.config
         self.jobs: deque[_Job] = deque()
         self.waiting = 0  # images queued, not yet in a batch
+        self.reading = 0  # requests admitted and still being read or decoded
         self.batches = 0
         self.recent: deque[tuple[float, float]] = deque(maxlen=2000)  # (finished at, end-to-end ms)
         self._wake: asyncio.Event | None = None
@@ -280,6 +282,18 @@ class Batcher:
         if self._closing or self.waiting + images > self.config.max_queue:
             raise Rejected(503, f"server is at capacity ({self.waiting} images queued, limit {self.config.max_queue}): retry later",
                            "queue_full", {"Retry-After": str(self.retry_after())})
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Admit a request before its body is read, counting it as at least one image until it is
+        queued, so that requests still being read or decoded are bounded too (when decoding, not
+        the model, is what cannot keep up, they would otherwise pile up unbounded)."""
+        self.check_room(1 + self.reading)
+        self.reading += 1
+        try:
+            yield
+        finally:
+            self.reading -= 1
 
     def retry_after(self) -> int:
         """Seconds until the queue should have drained, at the current stitch's speed (at least 1)."""
@@ -478,16 +492,16 @@ def create_app(config_or_service: ServeConfig | Service) -> FastAPI:
         svc = holder["svc"]
         c = svc.config
         try:
-            svc.batcher.check_room(1)  # a full queue refuses before anything is read or decoded
-            body = await _read_body(request, c.max_upload_bytes)
-            if not body:
-                raise Rejected(400, "empty body: send a PNG or JPEG as the body, or as multipart file part(s) named `file`", "empty")
-            if request.headers.get("content-type", "").lower().startswith("multipart/"):
-                blobs = await _image_parts(request, body, c.max_batch)
-            else:
-                blobs = [body]
-            x = await run_in_threadpool(svc.decode, blobs)
-            future = svc.batcher.submit(x, arrived)
+            with svc.batcher.admit():  # a full server refuses before anything is read or decoded
+                body = await _read_body(request, c.max_upload_bytes)
+                if not body:
+                    raise Rejected(400, "empty body: send a PNG or JPEG as the body, or as multipart file part(s) named `file`", "empty")
+                if request.headers.get("content-type", "").lower().startswith("multipart/"):
+                    blobs = await _image_parts(request, body, c.max_batch)
+                else:
+                    blobs = [body]
+                x = await run_in_threadpool(svc.decode, blobs)
+                future = svc.batcher.submit(x, arrived)
         except Rejected as e:
             return _reject(e, svc.metrics)
         result: BatchResult = await future
