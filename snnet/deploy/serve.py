@@ -427,7 +427,8 @@ class Service:
             sizes = sorted({min(2 ** k, config.max_batch) for k in range(int(math.log2(config.max_batch)) + 2)})
             log.info("profiling %d stitches at batch sizes %s (%d threads): %s has no latency_by_batch for them "
                      "(`snnet profile --batch-sizes` writes it)", len(todo), sizes, config.threads, config.results or "no results file")
-            measured, settings = profile(net, 1, None, 3, config.profile_repeats, "cpu", config.threads, todo, False, sizes)
+            measured, settings = profile(net, batch_size=1, warmup=3, repeats=config.profile_repeats, device="cpu",
+                                         threads=config.threads, stitches=todo, progress=False, batch_sizes=sizes)
             extra = [dict(r.to_dict(), profile=settings.to_dict()) for r in measured]
             rows = merge_rows(rows, extra, "the profile")
         return cls(config, net, rows)
@@ -502,9 +503,12 @@ def create_app(config_or_service: ServeConfig | Service) -> FastAPI:
                     blobs = [body]
                 x = await run_in_threadpool(svc.decode, blobs)
                 future = svc.batcher.submit(x, arrived)
+            try:
+                result: BatchResult = await future
+            except Exception as e:  # noqa: BLE001 - the model failed on this batch (logged with its traceback)
+                raise Rejected(500, f"the model failed on this batch ({type(e).__name__}); the server goes on", "model_error") from e
         except Rejected as e:
             return _reject(e, svc.metrics)
-        result: BatchResult = await future
         d = result.decision
         latency = time.perf_counter() - arrived
         svc.metrics.latency.observe(latency)
