@@ -95,7 +95,8 @@ def profile_table(model: str, results: str, batch_sizes: list[int], out: Path) -
     rows = merge_rows_with_costs(net, read_rows(results))
     ids = sorted({r.id for r in ladder(rows)} | {s.id for s in net.space.anchor_stitches()})
     torch.set_num_threads(1)
-    measured, settings = profile(net, 1, None, 5, 20, "cpu", 1, ids, False, batch_sizes)
+    measured, settings = profile(net, batch_size=1, warmup=3, repeats=15, device="cpu", threads=1, stitches=ids,
+                                 progress=False, batch_sizes=batch_sizes)
     rows = merge_profile(rows, [], measured, settings)
     path = out / "bench_serve_results.json"
     path.write_text(json.dumps(rows, indent=1))
@@ -304,6 +305,7 @@ def main() -> None:
     ap.add_argument("--slo-ms", type=float, default=None, help="an explicit SLO instead of --slo-x")
     ap.add_argument("--max-in-flight", type=int, default=128)
     ap.add_argument("--modes", default="largest,smallest,adaptive")
+    ap.add_argument("--table", default=None, help="results rows already profiled by this script (skip profiling)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +325,10 @@ def main() -> None:
 
     sizes = sorted({min(2 ** k, args.max_batch) for k in range(int(math.log2(args.max_batch)) + 1)} | {args.max_batch})
     t = time.perf_counter()
-    results, rows = profile_table(args.model, args.results, sizes, out)
+    if args.table:
+        results, rows = Path(args.table), json.loads(Path(args.table).read_text())
+    else:
+        results, rows = profile_table(args.model, args.results, sizes, out)
     by_id = {int(r["id"]): r for r in rows}
     anchors = sorted((r for r in rows if r["is_anchor"]), key=lambda r: r["flops"])
     small, large = anchors[0], anchors[-1]

@@ -162,14 +162,13 @@ def _multipart(parts: list[tuple[str, bytes, str | None]]) -> tuple[bytes, str]:
 
 
 def test_decode_refuses_other_sizes_when_not_resizing() -> None:
-    t = lambda img: torch.zeros(3, 32, 32)  # noqa: E731
-    assert decode_image(_png(), (3, 32, 32), t, resize=False).shape == (3, 32, 32)
+    assert decode_image(_png(), (3, 32, 32), resize=False).size == (32, 32)
     for data in (_png((40, 32)), _png(mode="L")):
         with pytest.raises(Rejected) as e:
-            decode_image(data, (3, 32, 32), t, resize=False)
+            decode_image(data, (3, 32, 32), resize=False)
         assert e.value.status == 422 and "--no-resize" in e.value.reason
     with pytest.raises(Rejected) as e:
-        decode_image(_png((64, 64)), (3, 32, 32), t, max_pixels=1000)
+        decode_image(_png((64, 64)), (3, 32, 32), max_pixels=1000)
     assert e.value.status == 413 and "4096 pixels" in e.value.reason
 
 
@@ -239,8 +238,9 @@ def client(server: _Server) -> Iterator[httpx.Client]:
 
 
 def _expected(service: Service, data: bytes, stitch: int) -> torch.Tensor:
-    """What the network gives the image on that stitch, computed here without the server."""
-    x = service.transform(Image.open(io.BytesIO(data)).convert("RGB"))[None]
+    """What the network gives the image on that stitch, computed here without the server (and
+    without its fast path for images of the input size)."""
+    x = service.preprocess.transform(Image.open(io.BytesIO(data)).convert("RGB"))[None]  # timm's transform alone
     net = service.net
     with torch.inference_mode():
         net.select(stitch)
@@ -253,7 +253,7 @@ def _ok(client: httpx.Client) -> None:
 
 
 def test_predict_raw_body_file_field_and_batch(server: _Server, client: httpx.Client) -> None:
-    images = [_png(seed=1), _png((48, 40), "L", seed=2), _jpeg()]  # other sizes and channels are resized/converted
+    images = [_png(seed=1), _png((48, 40), "L", seed=2), _jpeg(), _png(seed=3)]  # other sizes and channels are resized/converted
     r = client.post("/predict", content=images[0], headers={"content-type": "image/png"})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -268,7 +268,7 @@ def test_predict_raw_body_file_field_and_batch(server: _Server, client: httpx.Cl
     r = client.post("/predict", files=[("file", (f"{k}.img", d, "application/octet-stream")) for k, d in enumerate(images)])
     assert r.status_code == 200, r.text
     body = r.json()
-    assert len(body["predictions"]) == 3 and body["batch"]["size"] >= 3
+    assert len(body["predictions"]) == 4 and body["batch"]["size"] >= 4
     for data, pred in zip(images, body["predictions"]):  # in the order sent
         assert torch.allclose(torch.tensor(pred["probs"]), _expected(server.service, data, body["stitch"]["id"]), atol=1e-5)
 

@@ -37,8 +37,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -113,9 +114,8 @@ _FORMATS = ("PNG", "JPEG")
 _MODES = {1: "L", 3: "RGB"}
 
 
-def decode_image(data: bytes, input_size: Sequence[int], transform: Callable[[Image.Image], torch.Tensor], *,
-                 resize: bool = True, max_pixels: int = 4096 * 4096) -> torch.Tensor:
-    """One PNG/JPEG as the network's normalised ``(C, H, W)`` input, or :class:`Rejected` saying why not."""
+def decode_image(data: bytes, input_size: Sequence[int], *, resize: bool = True, max_pixels: int = 4096 * 4096) -> Image.Image:
+    """One PNG/JPEG decoded, in the network's channels (L or RGB), or :class:`Rejected` saying why not."""
     if not data:
         raise Rejected(400, "an image is empty (0 bytes): send the bytes of a PNG or JPEG", "empty")
     channels, height, width = (int(v) for v in input_size)
@@ -140,7 +140,35 @@ def decode_image(data: bytes, input_size: Sequence[int], transform: Callable[[Im
                             "send the whole file", "truncated") from e
     if mode is None:
         raise Rejected(422, f"this network takes {channels}-channel input; only 1 (grayscale) or 3 (RGB) can be served", "wrong_size")
-    return transform(img.convert(mode) if img.mode != mode else img)
+    return img.convert(mode) if img.mode != mode else img
+
+
+class Preprocess:
+    """Decoded images -> the network's normalised input batch, as ``snnet eval`` reads an image
+    folder: timm's eval transform for the network's data config. An image already of the input
+    size skips the (identity) resize and crop and is normalised with the rest of its request in
+    one tensor operation: the same numbers, without four tensor ops per image (a 28x28 image
+    costs less to classify than to push through the transform one by one)."""
+
+    def __init__(self, data_config: dict[str, Any], input_size: Sequence[int]) -> None:
+        self.input_size = tuple(int(v) for v in input_size)
+        self.transform = image_transform(dict(data_config, input_size=self.input_size))
+        c = self.input_size[0]
+        mean = torch.tensor(data_config.get("mean", (0.0,) * c), dtype=torch.float32).expand(c).reshape(1, c, 1, 1)
+        std = torch.tensor(data_config.get("std", (1.0,) * c), dtype=torch.float32).expand(c).reshape(1, c, 1, 1)
+        self.shift, self.scale = mean * 255, std * 255  # (x / 255 - mean) / std = (x - 255 mean) / (255 std)
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        c, h, w = self.input_size
+        exact = [k for k, img in enumerate(images) if img.size == (w, h)]
+        out = torch.empty(len(images), c, h, w)
+        if exact:
+            raw = torch.from_numpy(np.stack([np.asarray(images[k]) for k in exact])).reshape(len(exact), h, w, c)
+            out[exact] = (raw.permute(0, 3, 1, 2).float() - self.shift) / self.scale
+        for k, img in enumerate(images):
+            if img.size != (w, h):
+                out[k] = self.transform(img)
+        return out
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -403,8 +431,7 @@ class Service:
         self.net = net.eval()
         self.rows = {int(r["id"]): r for r in rows}
         self.input_size = tuple(net.input_size)
-        data_config = dict(net.anchors[0].data_config, input_size=self.input_size)
-        self.transform = image_transform(data_config)
+        self.preprocess = Preprocess(net.anchors[0].data_config, self.input_size)
         table = LatencyTable.from_rows(rows)
         self.controller = StitchController(ladder(rows), table, ControllerConfig(config.slo_ms, config.max_batch, up_after=config.up_after))
         if config.stitch not in (None, "auto"):
@@ -450,8 +477,7 @@ class Service:
 
     def decode(self, blobs: Sequence[bytes]) -> torch.Tensor:
         c = self.config
-        return torch.stack([decode_image(b, self.input_size, self.transform, resize=c.resize, max_pixels=c.max_pixels)
-                            for b in blobs])
+        return self.preprocess([decode_image(b, self.input_size, resize=c.resize, max_pixels=c.max_pixels) for b in blobs])
 
 
 # =============================================================================== the app
