@@ -10,18 +10,19 @@ served (weighted by images, from the results file's measured accuracies); it wri
 ``bench_serve.json`` and one figure (``bench_serve.png`` and interactive ``bench_serve.html``) of
 latency, offered load and the stitch in use over time.
 
-The offered load and the SLO are set from the latency table measured here first (at the
-server's batch sizes, one thread), so the test means the same on a faster or busier machine:
-the stages are fractions of the largest anchor's capacity (images per second at the full batch),
-and the SLO is a multiple of its full-batch time, between what the smallest and the largest
-anchor need when the load peaks.
+The offered load and the SLO are set from what is measured here first, so the test means the
+same on a faster or busier machine: the SLO is ``--slo-x`` times the largest anchor's time for a
+full batch in the latency table (measured at the server's batch sizes, one thread), and the
+stages are fractions of the requests per second the largest-anchor server answers end to end
+(HTTP and decoding included) in a closed-loop probe before its run. Past 1.0 the largest anchor
+cannot keep up and must queue and refuse; a cheaper stitch can.
 
     nice -n 10 python benchmarks/bench_serve.py                  # see --model and --results
     nice -n 10 python benchmarks/bench_serve.py --model DIR --results DIR/results.json --out bench/
 
 Without --model it serves the demo's trained network (snnet-demo/train/final, with
 snnet-demo/results.json) when `snnet demo` has been run here; otherwise the shipped family with its
-stitching layers fitted by least squares (the demo's starting point, saved into --out), with the
+stitching layers fitted by least squares (the demo's starting point, in a temporary folder), with the
 top-1 of each stitch taken from docs/demo/results.json: what the demo measured for the same
 architecture after training. Latency does not depend on the weights, so the load test is the same;
 the accuracies are those a deployment of the demo's trained network would serve.
@@ -39,6 +40,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,7 +111,24 @@ def merge_rows_with_costs(net: Any, rows: list[dict[str, Any]]) -> list[dict[str
     return merge_rows([c.to_dict() for c in net.costs()], rows, "the results")
 
 
-async def drive(url: str, images: list[bytes], per_request: int, stages: list[float], stage_s: float,
+def request_bodies(images: list[bytes], per_request: int, count: int = 32) -> list[tuple[bytes, str]]:
+    """``count`` multipart bodies of ``per_request`` images each, encoded once (by httpx, as a
+    client would send them), so the load generator spends next to nothing per request."""
+    import httpx
+
+    bodies = []
+    for k in range(count):
+        files = [("file", (f"{j}.png", images[(k * per_request + j) % len(images)], "image/png")) for j in range(per_request)]
+        req = httpx.Request("POST", "http://x/predict", files=files)
+        bodies.append((req.read(), req.headers["content-type"]))
+    return bodies
+
+
+async def post(client: Any, body: tuple[bytes, str]) -> Any:
+    return await client.post("/predict", content=body[0], headers={"content-type": body[1]})
+
+
+async def drive(url: str, bodies: list[tuple[bytes, str]], per_request: int, stages: list[float], stage_s: float,
                 max_in_flight: int, seed: int) -> list[Sample]:
     """Open-loop Poisson arrivals at each stage's rate (requests/s); at most ``max_in_flight`` at once
     (an arrival beyond that is recorded as a client-side drop, status -1)."""
@@ -124,11 +143,10 @@ async def drive(url: str, images: list[bytes], per_request: int, stages: list[fl
 
         async def one(stage: int, k: int) -> None:
             nonlocal in_flight
-            files = [("file", (f"{j}.png", images[(k * per_request + j) % len(images)], "image/png")) for j in range(per_request)]
             sent = time.perf_counter()
             status, stitch = 0, None
             try:
-                r = await client.post("/predict", files=files)
+                r = await post(client, bodies[k % len(bodies)])
                 status = r.status_code
                 if status == 200:
                     stitch = r.json()["stitch"]["id"]
@@ -156,6 +174,28 @@ async def drive(url: str, images: list[bytes], per_request: int, stages: list[fl
                 k += 1
         await asyncio.gather(*tasks)
     return sorted(samples, key=lambda s: s.t)
+
+
+async def closed_loop(url: str, bodies: list[tuple[bytes, str]], clients: int, seconds: float) -> float:
+    """Requests per second answered (200) by ``clients`` clients that each send the next request
+    as soon as the last is answered: the server's capacity (after one second of warm-up)."""
+    import httpx
+
+    done = 0
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        t0 = time.perf_counter()
+
+        async def loop(c: int) -> None:
+            nonlocal done
+            k = c
+            while time.perf_counter() - t0 < seconds:
+                r = await post(client, bodies[k % len(bodies)])
+                if r.status_code == 200 and time.perf_counter() - t0 > 1.0:
+                    done += 1
+                k += clients
+
+        await asyncio.gather(*(loop(c) for c in range(clients)))
+    return done / (seconds - 1.0)
 
 
 def start_server(args: argparse.Namespace, results: Path, port: int, pin: str | None) -> subprocess.Popen:
@@ -294,12 +334,12 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="saved network (default: see above)")
     ap.add_argument("--results", default=None, help="results.json with measured top-1 (default: see above)")
     ap.add_argument("--out", default="bench-serve", help="folder for the JSON and the figure")
-    ap.add_argument("--images-per-request", type=int, default=8)
+    ap.add_argument("--images-per-request", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-queue", type=int, default=256)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
-    ap.add_argument("--stages", default="0.2,0.5,0.9,1.4,0.9,0.5,0.2",
-                    help="offered load per stage, as fractions of the largest anchor's capacity")
+    ap.add_argument("--stages", default="0.3,0.6,1.0,1.5,1.0,0.6,0.3",
+                    help="offered load per stage, as fractions of the largest anchor's measured capacity (req/s)")
     ap.add_argument("--stage-seconds", type=float, default=8.0)
     ap.add_argument("--slo-x", type=float, default=4.0, help="SLO = this x the largest anchor's full-batch time")
     ap.add_argument("--slo-ms", type=float, default=None, help="an explicit SLO instead of --slo-x")
@@ -316,7 +356,8 @@ def main() -> None:
         else:
             from snnet.commands.deploy import _load
 
-            args.model = str(_load(None, trained=True).save_pretrained(out / "model"))
+            tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")  # removed at exit
+            args.model = str(_load(None, trained=True).save_pretrained(Path(tmp.name) / "model"))
             args.results = args.results or str(ROOT / "docs" / "demo" / "results.json")
             print(f"no snnet-demo/ here: serving the shipped family with least-squares stitching layers ({args.model}); "
                   f"top-1 per stitch from {args.results}")
@@ -336,30 +377,37 @@ def main() -> None:
     def full_batch_ms(r: dict[str, Any]) -> float:
         return next(p["latency_ms"] for p in r["latency_by_batch"] if p["batch_size"] == args.max_batch)
 
-    cap_img_s = args.max_batch / full_batch_ms(large) * 1e3  # the largest anchor's images per second at the full batch
-    cap_rps = cap_img_s / args.images_per_request
-    stages = [round(float(f) * cap_rps, 1) for f in args.stages.split(",")]
     if args.slo_ms is None:
         args.slo_ms = args.slo_x * full_batch_ms(large)
     acc = {k: float(r["acc1"]) for k, r in by_id.items() if r.get("acc1") is not None}
     print(f"profiled in {time.perf_counter() - t:.0f}s: full batch ({args.max_batch}) {small['name']} {full_batch_ms(small):.1f} ms, "
-          f"{large['name']} {full_batch_ms(large):.1f} ms -> the largest anchor serves at most {cap_img_s:.0f} img/s "
-          f"= {cap_rps:.1f} req/s of {args.images_per_request} images")
-    print(f"SLO {args.slo_ms:.1f} ms (p95); offered load per {args.stage_seconds:g}s stage (req/s): {stages}; "
+          f"{large['name']} {full_batch_ms(large):.1f} ms; SLO {args.slo_ms:.1f} ms (p95) = {args.slo_x:g} x the latter; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
-    images = test_images(256)
+    bodies = request_bodies(test_images(512), args.images_per_request)
     pins = {"largest": str(large["id"]), "smallest": str(small["id"]), "adaptive": None}
+    modes = args.modes.split(",")
+    if modes[0] != "largest":
+        raise SystemExit("--modes must start with largest: its measured capacity sets the offered load")
     runs: dict[str, dict[str, Any]] = {}
-    for mode in args.modes.split(","):
+    stages: list[float] = []
+    capacity = math.nan
+    for mode in modes:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(args, results, port, pins[mode])
         try:
             wait_ready(url, proc)
-            asyncio.run(drive(url, images, args.images_per_request, [max(stages[0], 1.0)], 2.0, args.max_in_flight, 99))  # warm-up
+            if not stages:
+                # the largest anchor's end-to-end capacity, HTTP and decoding included, as the machine is now
+                capacity = asyncio.run(closed_loop(url, bodies, 2 * args.max_batch // args.images_per_request, 6.0))
+                stages = [round(float(f) * capacity, 1) for f in args.stages.split(",")]
+                print(f"{large['name']} pinned answers at most {capacity:.1f} req/s of {args.images_per_request} images "
+                      f"(closed loop); offered load per {args.stage_seconds:g}s stage (req/s): {stages}")
+            else:
+                asyncio.run(closed_loop(url, bodies, 2, 2.0))  # the same warm-up for every server
             load0 = os.getloadavg()[0]
-            samples = asyncio.run(drive(url, images, args.images_per_request, stages, args.stage_seconds, args.max_in_flight, 0))
+            samples = asyncio.run(drive(url, bodies, args.images_per_request, stages, args.stage_seconds, args.max_in_flight, 0))
             import httpx
 
             metrics = httpx.get(url + "/metrics", timeout=10).text
@@ -385,7 +433,8 @@ def main() -> None:
     print("\n" + "\n".join(lines))
     settings = {k: v for k, v in vars(args).items()}
     (out / "bench_serve.json").write_text(json.dumps({
-        "settings": settings, "stages_rps": stages, "results_file": str(results), "accuracy_from": args.results,
+        "settings": settings, "stages_rps": stages, "largest_capacity_rps": capacity, "results_file": str(results),
+        "accuracy_from": args.results,
         "largest": large["name"], "smallest": small["name"], "cpus": os.cpu_count(),
         "summaries": {mode: run["summary"] for mode, run in runs.items()}}, indent=1) + "\n")
     (out / "bench_serve_samples.json").write_text(json.dumps({mode: run["samples"] for mode, run in runs.items()}))

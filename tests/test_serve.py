@@ -108,6 +108,15 @@ def test_controller_scales_the_table_by_measured_batch_times() -> None:
     assert ctl.decide(2).stitch == 1
 
 
+def test_controller_steps_down_on_observed_latency_the_table_does_not_see() -> None:
+    ctl = _controller()
+    assert ctl.decide(1).stitch == 2
+    assert ctl.decide(1, recent_ms=[60.0] * 4).stitch == 2  # too few latencies to act on
+    d = ctl.decide(1, recent_ms=[60.0] * 10)  # the queue fits, but requests take 60 ms > 0.8 x 50
+    assert d.stitch == 1 and "recent p95" in d.reason
+    assert ctl.decide(1, recent_ms=[]).stitch == 1  # the server clears the window on a switch: no second step yet
+
+
 def test_a_pinned_stitch_stays_pinned() -> None:
     ctl = _controller()
     ctl.pin(RUNGS[2])

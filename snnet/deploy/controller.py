@@ -107,7 +107,10 @@ class ControllerConfig:
     decoding time, requests that arrive while a batch runs, and noise in the p95).
     ``up_headroom`` and ``up_after``: a more accurate stitch is taken only when it fits within
     this stricter share, the recent p95 is under it too, and that held for ``up_after``
-    decisions in a row. ``calibration``: weight of each new measured/table ratio in the running
+    decisions in a row. ``evidence``: when at least this many recent latencies have a p95 over
+    ``headroom`` x SLO although the prediction fits, the controller steps one rung down (the
+    server passes only latencies of requests answered since the last switch, so each step waits
+    for new evidence). ``calibration``: weight of each new measured/table ratio in the running
     slowdown factor that scales the table (the machine may be busier than when it was profiled).
     """
 
@@ -117,6 +120,7 @@ class ControllerConfig:
     up_headroom: float = 0.6
     up_after: int = 5
     calibration: float = 0.2
+    evidence: int = 8  # recent latencies needed before their p95 alone moves the controller down
 
     def __post_init__(self) -> None:
         if not self.slo_ms > 0 or self.max_batch < 1 or self.up_after < 1:
@@ -217,7 +221,8 @@ class StitchController:
     # ------------------------------------------------------------------ the decision
     def decide(self, queue: int, oldest_wait_ms: float = 0.0, recent_ms: Sequence[float] = ()) -> Decision:
         """The stitch for the next batch, given ``queue`` images waiting (the batch included),
-        how long the oldest has waited, and recent end-to-end latencies (ms)."""
+        how long the oldest has waited, and recent end-to-end latencies (ms) of requests answered
+        since the last switch."""
         c = self.config
         if self._pinned is not None:
             s = self._pinned
@@ -234,6 +239,13 @@ class StitchController:
                    + ("stepped down to the most accurate that fits" if fits else "nothing fits: the fastest"))
             return self._record(self.rungs[self._rung], preds[self._rung], False, why)
         p95 = _p95(recent_ms)
+        if p95 is not None and len(recent_ms) >= c.evidence and p95 > c.headroom * c.slo_ms and cur > 0:
+            # The table says the queue fits, but requests are slower than that: time the table does not
+            # see (HTTP, decoding, other processes on the CPU). A cheaper stitch leaves more CPU for it.
+            self._streak = 0
+            self._rung = max([k for k in fits if k < cur] or [cur - 1])
+            return self._record(self.rungs[self._rung], preds[self._rung], False,
+                                f"recent p95 {p95:.1f} ms > {c.headroom:g} x SLO: stepped down a rung")
         roomy = [k for k, p in enumerate(preds) if k > cur and p <= c.up_headroom * c.slo_ms]
         if roomy and (p95 is None or p95 <= c.up_headroom * c.slo_ms):
             self._streak += 1

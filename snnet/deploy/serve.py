@@ -382,6 +382,8 @@ class Batcher:
             now = time.perf_counter()
             n = sum(len(j.x) for j in batch)
             decision = ctl.decide(self.waiting, (now - batch[0].arrived) * 1e3, self._recent_ms(now))
+            if decision.switched:  # the latencies seen so far were another stitch's
+                self.recent.clear()
             self.waiting -= n
             m.queue.set(self.waiting)
             x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
