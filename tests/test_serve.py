@@ -81,10 +81,14 @@ def test_controller_steps_down_as_the_queue_grows_and_back_when_it_falls() -> No
     assert ctl.decide(1).stitch == 2  # idle: the most accurate
     seen = [ctl.decide(q).stitch for q in (8, 16, 32, 64)]
     assert seen[-1] == 0 and seen == sorted(seen, reverse=True)  # cheaper as the queue grows, never dearer
-    # while the queue is short again, it waits up_after decisions before stepping up
-    back = [ctl.decide(1, recent_ms=[5.0] * 20).stitch for _ in range(3)]
-    assert back[:2] == [0, 0] and back[2] == 2
-    assert ctl.switches >= 2
+    # while the queue is short again, it waits up_after decisions before each step up, one rung at a time
+    back = [ctl.decide(1, recent_ms=[5.0] * 20).stitch for _ in range(6)]
+    assert back == [0, 0, 1, 1, 1, 2]
+    assert [ctl.decide(1, recent_ms=[5.0] * 20).stitch for _ in range(5)] == [2] * 5  # and stays on the top
+    # with too few latencies measured since the last switch it does not climb
+    ctl2 = _controller(up_after=1)
+    ctl2.decide(64)
+    assert [ctl2.decide(1, recent_ms=[5.0] * 3).stitch for _ in range(5)] == [0] * 5
 
 
 def test_controller_does_not_flap_near_a_threshold() -> None:

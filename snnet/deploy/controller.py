@@ -10,9 +10,10 @@ A plain object with no HTTP or threads in it, so it can be tested with a synthet
 * :class:`StitchController` is asked, before each batch, for the stitch to run it with, given
   the queue and the recent end-to-end latencies. It predicts the latency each rung of the
   ladder would give the queued requests and picks the most accurate rung that fits within a
-  share of the SLO. It steps down at once when the rung in use no longer fits, and steps up only
-  after several decisions in a row with room to spare (a stricter share of the SLO, and the
-  recent p95 under it too): hysteresis, so that a load near a threshold does not make it flap.
+  share of the SLO. It steps down at once when the rung in use no longer fits (or, a rung, when the
+  recent p95 is over that share although the queue fits), and up one rung at a time, only after
+  several decisions in a row with room to spare (a stricter share of the SLO, and the recent p95
+  measured under it too): hysteresis, so that a load near a threshold does not make it flap.
 
 The controller only names a stitch; the server runs each batch wholly on the stitch named for
 it, one batch after another, so switching never drops or reorders a request.
@@ -105,9 +106,9 @@ class ControllerConfig:
 
     ``headroom``: predictions must fit within this share of the SLO (the rest absorbs HTTP and
     decoding time, requests that arrive while a batch runs, and noise in the p95).
-    ``up_headroom`` and ``up_after``: a more accurate stitch is taken only when it fits within
-    this stricter share, the recent p95 is under it too, and that held for ``up_after``
-    decisions in a row. ``evidence``: when at least this many recent latencies have a p95 over
+    ``up_headroom`` and ``up_after``: the next more accurate stitch is taken only when it fits
+    within this stricter share, at least ``evidence`` recent latencies have a p95 under it too,
+    and that held for ``up_after`` decisions in a row. ``evidence``: when at least this many recent latencies have a p95 over
     ``headroom`` x SLO although the prediction fits, the controller steps one rung down (the
     server passes only latencies of requests answered since the last switch, so each step waits
     for new evidence). ``calibration``: weight of each new measured/table ratio in the running
@@ -247,13 +248,16 @@ class StitchController:
             return self._record(self.rungs[self._rung], preds[self._rung], False,
                                 f"recent p95 {p95:.1f} ms > {c.headroom:g} x SLO: stepped down a rung")
         roomy = [k for k, p in enumerate(preds) if k > cur and p <= c.up_headroom * c.slo_ms]
-        if roomy and (p95 is None or p95 <= c.up_headroom * c.slo_ms):
+        calm = p95 is not None and len(recent_ms) >= c.evidence and p95 <= c.up_headroom * c.slo_ms
+        if roomy and calm:
             self._streak += 1
             if self._streak >= c.up_after:
+                # one rung at a time, each on the evidence of its own latencies: climbing straight
+                # back to where the latency was too high would make it oscillate
                 self._streak = 0
-                self._rung = roomy[-1]
+                self._rung = roomy[0]
                 return self._record(self.rungs[self._rung], preds[self._rung], False,
-                                    f"room for {c.up_after} decisions in a row: stepped up")
+                                    f"room for {c.up_after} decisions in a row: stepped up a rung")
         else:
             self._streak = 0
         return self._record(self.rungs[cur], preds[cur], False, "fits")
