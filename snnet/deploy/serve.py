@@ -4,7 +4,7 @@ The pieces, outermost first:
 
 * :func:`create_app` — a FastAPI app (run by uvicorn): ``POST /predict``, ``GET /health``,
   ``GET /metrics`` (Prometheus text), ``GET``/``PUT /stitch``. Handlers only read and check the
-  request, decode images (in a thread pool, off the event loop) and wait for their batch.
+  request, decode images (on one decoding thread, off the event loop) and wait for their batch.
 * :class:`Batcher` — dynamic batching on the event loop: requests queue in arrival order (a
   bounded queue: past ``max_queue`` images a request gets 503 at once); a batch closes when it
   holds ``max_batch`` images or ``max_wait_ms`` after its first request arrived; the
@@ -45,7 +45,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..data import image_transform
@@ -70,7 +69,7 @@ class ServeConfig:
     slo_ms: float = 50.0  # p95 end-to-end latency target
     max_batch: int = 16  # images per model batch; also the most images one request may carry
     max_wait_ms: float = 2.0  # how long a batch waits to fill after its first request arrived
-    max_queue: int = 256  # images queued (plus requests still being read or decoded) at most; past it, 503
+    max_queue: int = 256  # images held at most (queued, being decoded, requests being read as one each); past it, 503
     max_upload_bytes: int = 4 * 2 ** 20
     max_pixels: int = 4096 * 4096  # per image, checked from the header before decoding
     resize: bool = True  # resize/convert any image to the network's input (False: refuse other sizes)
@@ -291,7 +290,8 @@ class Batcher:
         self.config = service.config
         self.jobs: deque[_Job] = deque()
         self.waiting = 0  # images queued, not yet in a batch
-        self.reading = 0  # requests admitted and still being read or decoded
+        self.reading = 0  # requests admitted whose images are not counted yet (being read or parsed)
+        self.decoding = 0  # images of admitted requests being decoded, or waiting to be
         self.batches = 0
         self.recent: deque[tuple[float, float]] = deque(maxlen=2000)  # (finished at, end-to-end ms)
         self._wake: asyncio.Event | None = None
@@ -300,28 +300,44 @@ class Batcher:
         # torch's thread count is per calling thread: set it in the one thread that runs the model
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snnet-model",
                                             initializer=torch.set_num_threads, initargs=(service.config.threads,))
+        # One decoding thread: decoding holds the GIL much of the time, and more threads only
+        # contend with the event loop and the model thread (under overload, a pool of 40 threads
+        # decoding at once slowed the whole server until the backlog could not drain).
+        self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snnet-decode",
+                                          initializer=torch.set_num_threads, initargs=(1,))
 
     def start(self) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="snnet-batcher")
 
     def check_room(self, images: int) -> None:
-        """:class:`Rejected` (503 with Retry-After) when ``images`` more would overfill the queue."""
-        if self._closing or self.waiting + images > self.config.max_queue:
-            raise Rejected(503, f"server is at capacity ({self.waiting} images queued, limit {self.config.max_queue}): retry later",
+        """:class:`Rejected` (503 with Retry-After) when ``images`` more would overfill the server:
+        images queued, being decoded, and requests still being read (one image each) all count."""
+        held = self.waiting + self.decoding + self.reading
+        if self._closing or held + images > self.config.max_queue:
+            raise Rejected(503, f"server is at capacity ({held} images held, limit {self.config.max_queue}): retry later",
                            "queue_full", {"Retry-After": str(self.retry_after())})
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
-        """Admit a request before its body is read, counting it as at least one image until it is
-        queued, so that requests still being read or decoded are bounded too (when decoding, not
-        the model, is what cannot keep up, they would otherwise pile up unbounded)."""
-        self.check_room(1 + self.reading)
+        """Admit a request before its body is read (refused at once when the server is full)."""
+        self.check_room(1)
         self.reading += 1
         try:
             yield
         finally:
             self.reading -= 1
+
+    @contextlib.contextmanager
+    def reserve(self, images: int) -> Iterator[None]:
+        """Hold room for a request's images while they are decoded, so that a backlog waits as
+        bounded images, not as an unbounded pile of requests in front of the decoder."""
+        self.check_room(images)
+        self.decoding += images
+        try:
+            yield
+        finally:
+            self.decoding -= images
 
     def retry_after(self) -> int:
         """Seconds until the queue should have drained, at the current stitch's speed (at least 1)."""
@@ -331,8 +347,7 @@ class Batcher:
         return max(1, math.ceil(self.waiting / c.max_batch * per_batch / 1000))
 
     def submit(self, x: torch.Tensor, arrived: float) -> asyncio.Future:
-        """Queue a request's images; :class:`Rejected` (503, Retry-After) when the queue is full."""
-        self.check_room(len(x))
+        """Queue a request's decoded images (their room was held by :meth:`reserve`)."""
         job = _Job(x, arrived, asyncio.get_running_loop().create_future())
         self.jobs.append(job)
         self.waiting += len(x)
@@ -423,6 +438,7 @@ class Batcher:
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
+        self.decoder.shutdown(wait=True)
 
 
 class Service:
@@ -529,8 +545,9 @@ def create_app(config_or_service: ServeConfig | Service) -> FastAPI:
                     blobs = await _image_parts(request, body, c.max_batch)
                 else:
                     blobs = [body]
-                x = await run_in_threadpool(svc.decode, blobs)
-                future = svc.batcher.submit(x, arrived)
+                with svc.batcher.reserve(len(blobs)):
+                    x = await asyncio.get_running_loop().run_in_executor(svc.batcher.decoder, svc.decode, blobs)
+                future = svc.batcher.submit(x, arrived)  # no await since the room was released: it is still there
             try:
                 result: BatchResult = await future
             except Exception as e:  # noqa: BLE001 - the model failed on this batch (logged with its traceback)
