@@ -412,10 +412,18 @@ def test_sigterm_drains_requests_in_flight(saved: tuple[Path, Path]) -> None:
     assert "Traceback" not in output, output
 
 
-def test_serve_command_refuses_bad_settings_in_one_line(capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("args, words", [
+    (["--slo-ms", "0"], "--slo-ms must be > 0"),
+    (["--max-batch", "8", "--max-queue", "4"], "--max-queue must be at least --max-batch"),
+    (["--model", "{tmp}/nothing-here"], "is not a saved stitched network"),
+    (["--model", "{model}", "--stitch", "nope"], "no stitch named 'nope'"),
+    (["--model", "{model}", "--results", "{tmp}/missing.json"], "missing.json"),
+])
+def test_serve_command_refuses_bad_settings_in_one_line(capsys: pytest.CaptureFixture, saved: tuple[Path, Path],
+                                                       tmp_path: Path, args: list[str], words: str) -> None:
     from snnet.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["serve", "--slo-ms", "0"])
+        main(["serve"] + [a.format(tmp=tmp_path, model=saved[0]) for a in args])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "--slo-ms must be > 0" in err and "Traceback" not in err
+    assert e.value.code == 2 and words in err and "Traceback" not in err, err

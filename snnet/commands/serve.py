@@ -87,7 +87,7 @@ def serve(
         results = results or default_results
         typer.echo(f"serving {what}" + (f" with results {results}" if results else ""))
         config = replace(config, model=str(model), results=str(results) if results else None)
-        service = Service.load(config)  # bad model/results fail here with one line; stitches without a table are profiled
+        service = Service.load(config, typer.echo)  # bad model/results fail here with one line; stitches without a table are profiled
         if workers == 1:
             uvicorn.run(create_app(service), host=host, port=port, timeout_graceful_shutdown=timeout_graceful_shutdown,
                         log_level=log_level)

@@ -37,7 +37,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -458,9 +458,9 @@ class Service:
         self.batcher = Batcher(self)
 
     @classmethod
-    def load(cls, config: ServeConfig) -> "Service":
+    def load(cls, config: ServeConfig, say: Callable[[str], Any] = log.info) -> "Service":
         """Load the network and results; profile at start the stitches to serve that the results
-        hold no latency table for (at batch sizes 1, 2, 4, ... up to ``max_batch``)."""
+        hold no latency table for (at batch sizes 1, 2, 4, ... up to ``max_batch``), saying so."""
         torch.set_num_threads(config.threads)
         net = StitchedNet.from_pretrained(config.model).eval()
         rows = [c.to_dict() for c in net.costs()]
@@ -470,8 +470,8 @@ class Service:
         todo = [r.id for r in ladder(rows) if r.id not in table or len(table.batch_sizes(r.id)) < 2]
         if todo:
             sizes = sorted({min(2 ** k, config.max_batch) for k in range(int(math.log2(config.max_batch)) + 2)})
-            log.info("profiling %d stitches at batch sizes %s (%d threads): %s has no latency_by_batch for them "
-                     "(`snnet profile --batch-sizes` writes it)", len(todo), sizes, config.threads, config.results or "no results file")
+            say(f"profiling {len(todo)} stitches at batch sizes {sizes} ({config.threads} threads): "
+                f"{config.results or 'no results file'} has no latency_by_batch for them (`snnet profile --batch-sizes` writes it)")
             measured, settings = profile(net, batch_size=1, warmup=3, repeats=config.profile_repeats, device="cpu",
                                          threads=config.threads, stitches=todo, progress=False, batch_sizes=sizes)
             extra = [dict(r.to_dict(), profile=settings.to_dict()) for r in measured]
