@@ -39,6 +39,7 @@ __all__ = [
     "default_fashion_mnist_root",
     "read_idx",
     "build_dataset",
+    "image_transform",
     "num_classes",
     "check_source",
     "make_loader",
@@ -302,6 +303,17 @@ def _image_folder_root(root: Path, split: str) -> Path:
     return root
 
 
+def image_transform(data_config: Mapping[str, Any], augment: bool = False) -> Any:
+    """timm's transform from a PIL image to a normalised tensor for a data config (``input_size``,
+    ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``): what folders and named
+    datasets are read with here, and what ``snnet serve`` applies to an uploaded image."""
+    from timm.data import create_transform
+
+    args = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+            if k in data_config}
+    return create_transform(**args, is_training=augment)
+
+
 def build_dataset(
     name_or_path: str | os.PathLike[str],
     split: str = "train",
@@ -341,11 +353,9 @@ def build_dataset(
         stats = {k: tuple(config[k]) for k in ("mean", "std") if k in config}
         return FashionMNIST(root, split, limit=limit, augment=augment, seed=seed, download=download, **stats)
 
-    from timm.data import create_dataset, create_transform
+    from timm.data import create_dataset
 
-    transform_args = {k: config[k] for k in
-                      ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode") if k in config}
-    transform = create_transform(**transform_args, is_training=augment)
+    transform = image_transform(config, augment)
     path = Path(name).expanduser()
     if path.is_dir():
         from torchvision.datasets import ImageFolder

@@ -66,3 +66,7 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, step: int, total: int, checkpoint: object, signal_name: str = "SIGINT") -> None:
         super().__init__(f"training interrupted by {signal_name} at step {step} of {total}; checkpoint {checkpoint}")
         self.step, self.total, self.checkpoint, self.signal_name = step, total, checkpoint, signal_name
+
+
+class ServeError(SnnetError, ValueError):
+    """A server that cannot start as configured: no latency table for the stitches to serve, a bad SLO..."""

@@ -272,6 +272,30 @@ def test_profile_measures_sane_numbers(tiny_net: snnet.StitchedNet) -> None:
     assert rows[0]["acc1"] is None and rows[0]["profile"]["device"] == "cpu"
 
 
+def test_profile_by_batch_size_is_stored_and_read_back(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`snnet profile --batch-sizes`: every stitch timed at each size, stored as latency_by_batch, read by the server's table."""
+    from snnet.cli import main
+    from snnet.deploy.controller import LatencyTable
+
+    main(["profile", "--stitches", "0,2", "--batch-sizes", "4,1,16", "--repeats", "3", "--warmup", "1", "--threads", "1",
+          "--out", str(tmp_path), "--no-progress"])
+    assert "batch 16 ms" in capsys.readouterr().out
+    rows = {r["id"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    for k in (0, 2):
+        table = rows[k]["latency_by_batch"]
+        assert [p["batch_size"] for p in table] == [1, 4, 16]
+        assert all(0 < p["latency_ms"] <= p["latency_p90_ms"] for p in table)
+        assert table[0]["latency_ms"] == rows[k]["latency_ms"]  # the headline figure is --batch-size's (1)
+        assert rows[k]["profile"]["batch_sizes"] == [1, 4, 16]
+    assert "latency_by_batch" not in rows[1]
+    table = LatencyTable.from_rows(list(rows.values()))
+    assert table.batch_sizes(2) == (1, 4, 16) and 1 not in table
+    # 16 images of the largest anchor cost more than one: compute, not only per-call overhead
+    assert rows[2]["latency_by_batch"][2]["latency_ms"] > rows[2]["latency_by_batch"][0]["latency_ms"]
+    with pytest.raises(SystemExit):
+        main(["profile", "--batch-sizes", "1,0", "--out", str(tmp_path)])
+
+
 def test_activation_memory_tracker_counts_live_tensors() -> None:
     m = torch.nn.Sequential(torch.nn.Linear(10, 1000), torch.nn.ReLU(), torch.nn.Linear(1000, 10)).eval()
     x = torch.randn(4, 10)

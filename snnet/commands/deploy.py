@@ -34,6 +34,9 @@ def _load(model: Path | None, trained: bool) -> Any:
 def profile(
     model: ModelOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward.")] = 1,
+    batch_sizes: Annotated[Optional[str], typer.Option(
+        "--batch-sizes", help="Also time every stitch at each of these batch sizes, e.g. 1,2,4,8,16 (stored as "
+                              "latency_by_batch in results.json; `snnet serve` plans its batches with it).")] = None,
     img_size: Annotated[Optional[int], typer.Option("--img-size", min=1, help="Input resolution (default: the network's).")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed forwards per stitch (median and p90 are reported).")] = 30,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed forwards per stitch first.")] = 5,
@@ -49,12 +52,14 @@ def profile(
     accuracy/latency frontier is drawn (pareto_latency.html/.png); otherwise a results.json with
     FLOPs, params, latency and memory (accuracy empty) is written.
     """
+    from .options import split_ints
     from ..deploy import merge_profile, profile as run_profile, read_rows
     from ..results import RESULTS_JSON, StitchResult, check_writable, write_results
     from ..io import atomic_write
     from ..report import human, table
     from ..train import default_device
 
+    sizes = split_ints(batch_sizes, "--batch-sizes") if batch_sizes else None
     out = check_writable(out)
     dev = default_device(device)
     existing = read_rows(out / RESULTS_JSON) if (out / RESULTS_JSON).is_file() else None  # a broken file fails now
@@ -63,7 +68,7 @@ def profile(
     for k in keys or []:
         net.stitch(k)  # unknown names fail before any measuring
     size = (net.input_size[0], img_size, img_size) if img_size else None
-    measured, settings = run_profile(net, batch_size, size, warmup, repeats, dev, threads, keys, progress)
+    measured, settings = run_profile(net, batch_size, size, warmup, repeats, dev, threads, keys, progress, sizes)
     rows = merge_profile(existing, net.costs(size) if existing is None else [], measured, settings)
     shown = [r for r in rows if r.get("latency_ms") is not None]
     typer.echo(table(shown, [("id", "id"), ("name", "stitch"), ("params", "params"), ("flops", "FLOPs"),
@@ -71,6 +76,10 @@ def profile(
                              ("acc1", "top-1 %")],
                      {"params": human, "flops": human, "latency_ms": lambda v: f"{v:.3f}",
                       "latency_p90_ms": lambda v: f"{v:.3f}"}))
+    if sizes:
+        typer.echo(table([dict(id=r.id, name=r.name, **{f"b{b.batch_size}": b.latency_ms for b in r.by_batch}) for r in measured],
+                         [("id", "id"), ("name", "stitch")] + [(f"b{b}", f"batch {b} ms") for b in settings.batch_sizes],
+                         {f"b{b}": (lambda v: f"{v:.3f}") for b in settings.batch_sizes}))
     typer.echo(f"\n{len(measured)} networks on {settings.device} (threads={settings.threads}), batch {batch_size}, "
                f"input {'x'.join(map(str, settings.input_size))}, {repeats} timed runs after {warmup} warm-up. "
                "Peak MB = route weights + input + peak live intermediate tensors.")

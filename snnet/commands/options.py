@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-__all__ = ["DEFAULT_ANCHORS", "AnchorsOpt", "ImgSizeOpt", "split_names"]
+__all__ = ["DEFAULT_ANCHORS", "AnchorsOpt", "ImgSizeOpt", "split_ints", "split_names"]
 
 # The shipped Fashion-MNIST family: the default wherever anchors can be omitted.
 DEFAULT_ANCHORS = "fmnist"
@@ -21,3 +21,16 @@ def split_names(anchors: str) -> list[str]:
     from ..model import expand_family
 
     return expand_family(anchors)
+
+
+def split_ints(text: str, option: str) -> list[int]:
+    """A comma-separated list of positive integers (``--batch-sizes 1,2,4``)."""
+    from ..errors import SnnetError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SnnetError(f"{option} takes comma-separated whole numbers >= 1 such as 1,2,4,8,16; got {text!r}")
+    return values

@@ -4,7 +4,10 @@
 * :mod:`snnet.budget` (re-exported here) picks the most accurate stitch within a budget in
   FLOPs, params, latency or memory (``StitchedNet.select(budget=...)``);
 * :mod:`snnet.deploy.export` writes one stitch as a standalone model (safetensors + config,
-  ``torch.export``, ONNX).
+  ``torch.export``, ONNX);
+* :mod:`snnet.deploy.controller` picks the stitch for each batch of a server under a latency SLO
+  (plain, no HTTP), and :mod:`snnet.deploy.serve` is that server (FastAPI + uvicorn; imported
+  only by ``snnet serve``, since its packages are the optional ``serve`` extra).
 """
 
 from ..budget import Budget, Selection, parse_budget, select_stitch

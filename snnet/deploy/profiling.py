@@ -25,7 +25,17 @@ from .export import _route_view, route_bytes
 if TYPE_CHECKING:
     from ..model import StitchedNet
 
-__all__ = ["ProfileResult", "ProfileSettings", "merge_profile", "profile"]
+__all__ = ["BatchLatency", "ProfileResult", "ProfileSettings", "merge_profile", "profile"]
+
+
+@dataclass(frozen=True)
+class BatchLatency:
+    """Median and p90 milliseconds of one forward of ``batch_size`` images."""
+
+    batch_size: int
+    latency_ms: float
+    latency_p90_ms: float
+
 
 @dataclass(frozen=True)
 class ProfileResult:
@@ -34,7 +44,10 @@ class ProfileResult:
     ``latency_ms`` is the median and ``latency_p90_ms`` the 90th percentile of ``repeats``
     timed forwards after warm-up. ``peak_mem_mb`` (MiB) is what running this stitch alone
     needs at once: its weights, the input batch and the peak of intermediate tensors alive
-    during one forward (see :func:`profile`).
+    during one forward (see :func:`profile`). All three are at the profile's ``batch_size``.
+    ``by_batch`` holds the latency at every size of ``batch_sizes`` when several were asked
+    for (what ``snnet serve`` plans its batches with); in ``results.json`` it is the row's
+    ``latency_by_batch`` list of ``{"batch_size", "latency_ms", "latency_p90_ms"}``.
     """
 
     id: int
@@ -42,9 +55,14 @@ class ProfileResult:
     latency_ms: float
     latency_p90_ms: float
     peak_mem_mb: float
+    by_batch: tuple[BatchLatency, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        del d["by_batch"]
+        if self.by_batch:
+            d["latency_by_batch"] = [asdict(b) for b in self.by_batch]
+        return d
 
 
 @dataclass(frozen=True)
@@ -52,15 +70,16 @@ class ProfileSettings:
     """How a profile was measured; stored with every row so numbers are never read out of context."""
 
     device: str
-    batch_size: int
+    batch_size: int  # of latency_ms, latency_p90_ms and peak_mem_mb
     input_size: tuple[int, ...]
     threads: int | None
     warmup: int
     repeats: int
     memory: str  # how peak_mem_mb was measured
+    batch_sizes: tuple[int, ...] = ()  # of latency_by_batch (empty: only batch_size was measured)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(asdict(self), input_size=list(self.input_size))
+        return dict(asdict(self), input_size=list(self.input_size), batch_sizes=list(self.batch_sizes))
 
 
 class _LiveTensors(torch.utils._python_dispatch.TorchDispatchMode):
@@ -125,6 +144,20 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(torch.tensor(values, dtype=torch.float64).quantile(q))
 
 
+def _timed(net: nn.Module, x: torch.Tensor, warmup: int, repeats: int, sync: Any) -> list[float]:
+    """Milliseconds of ``repeats`` forwards of ``x`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        net(x)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        net(x)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def profile(
     net: "StitchedNet",
     batch_size: int = 1,
@@ -135,12 +168,16 @@ def profile(
     threads: int | None = None,
     stitches: Sequence[int | str | Stitch] | None = None,
     progress: bool = True,
+    batch_sizes: Sequence[int] | None = None,
 ) -> tuple[list[ProfileResult], ProfileSettings]:
     """Measure latency and peak memory of every stitch (or of ``stitches``) on one device.
 
     Each stitch is selected and run ``warmup`` times, then timed over ``repeats`` forwards
     under ``torch.inference_mode`` on a random batch (CUDA is synchronised around each one).
     ``threads`` sets torch's CPU threads for the run. ``device`` moves the network there.
+    ``batch_sizes`` also times every stitch at each of these batch sizes (and ``batch_size``),
+    into :attr:`ProfileResult.by_batch`: a server batches requests, and a stitch's cost grows
+    with the batch at a rate of its own (fixed per-call overhead dominates small batches).
 
     Peak memory (MiB) = the route's weight bytes + the input batch + the peak of intermediate
     tensors alive during one forward: on CUDA from the allocator's peak statistics (above
@@ -152,15 +189,20 @@ def profile(
         raise SnnetError(f"need batch_size >= 1, warmup >= 0 and repeats >= 1 (got {batch_size}, {warmup}, {repeats})")
     if threads is not None and threads < 1:
         raise SnnetError(f"--threads must be >= 1, got {threads}")
+    if batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1):
+        raise SnnetError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    sizes = tuple(sorted(set(batch_sizes) | {batch_size})) if batch_sizes is not None else ()
     chosen = sorted({net.space[k].id for k in stitches}) if stitches is not None else [s.id for s in net.space]
     size = tuple(input_size) if input_size is not None else tuple(net.input_size)
     dev = torch.device(device) if device is not None else next(net.parameters()).device
     net.to(dev)
-    x = torch.randn(batch_size, *size, generator=torch.Generator().manual_seed(0)).to(dev)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {b: torch.randn(b, *size, generator=gen).to(dev) for b in sizes or (batch_size,)}
+    x = inputs[batch_size]
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     active, was_training, old_threads = net.active, net.training, torch.get_num_threads()
     settings = ProfileSettings(str(dev), batch_size, size, threads if threads is not None else old_threads, warmup, repeats,
-                               "cuda allocator peak" if dev.type == "cuda" else "live tensor bytes (torch dispatch)")
+                               "cuda allocator peak" if dev.type == "cuda" else "live tensor bytes (torch dispatch)", sizes)
     bar = report_progress(len(chosen), f"profile on {dev}", "stitch", progress)
     out = []
     net.eval()
@@ -170,18 +212,12 @@ def profile(
         with torch.inference_mode():
             for k in chosen:
                 s = net.select(k)
-                for _ in range(warmup):
-                    net(x)
-                sync()
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    net(x)
-                    sync()
-                    times.append((time.perf_counter() - t0) * 1e3)
+                by_batch = {b: _timed(net, xb, warmup, repeats, sync) for b, xb in inputs.items()}
+                times = by_batch[batch_size]
                 act = _peak_activation_bytes(net, x)
                 mem = (route_bytes(_route_view(net, s)) + x.numel() * x.element_size() + act) / MB
-                out.append(ProfileResult(s.id, s.name, _percentile(times, 0.5), _percentile(times, 0.9), mem))
+                table = tuple(BatchLatency(b, _percentile(t, 0.5), _percentile(t, 0.9)) for b, t in by_batch.items()) if sizes else ()
+                out.append(ProfileResult(s.id, s.name, _percentile(times, 0.5), _percentile(times, 0.9), mem, table))
                 bar.update(1)
     finally:
         torch.set_num_threads(old_threads)
