@@ -14,15 +14,22 @@ the weights an uninterrupted run would have.
 
 Many processes (``torchrun --nproc_per_node N -m snnet train ...``): every rank samples its own
 stitch per step, as in the paper. DistributedDataParallel averages gradients over all N ranks,
-so a parameter on the route of only k of the N ranks would get k/N of its mean gradient — the
-stitching layers (each on few routes) would learn N times slower than the anchors' shared early
-blocks. snnet corrects this: after backward it all-reduces a per-parameter count of the ranks
-whose route used it and rescales each gradient by N/count, so every parameter gets the *mean over
-the ranks that used it* (a parameter used by one rank gets exactly the gradient that rank computed,
-as in single-process training); a parameter no rank used gets no gradient (AdamW leaves it and its
-moments untouched, as in single-process training). ``stitch_sync='shared'`` instead makes all
-ranks use one stitch per step (same sampler seed everywhere): plain DDP averaging is then exact,
-at the price of fewer stitches visited per step.
+so a parameter on the route of k of the N ranks gets the sum of those k gradients divided by N:
+exactly the gradient one process would compute on the global batch, each rank's share through
+its own stitch (the mean loss over the N (stitch, batch) pairs). That is the default
+(``ddp_grads='mean'``, what the reference code does); with the linear scaling rule, SGD then moves
+every parameter, to first order, as N single-process steps on the same images would. A parameter on no
+rank's route gets no gradient at all (DDP leaves it None; snnet makes sure), so AdamW leaves it
+and its moments untouched, as in single-process training.
+
+``ddp_grads='users'`` rescales each gradient by N/k to the mean over the ranks that used it.
+That is not a fix for "slow" stitching layers: AdamW's update does not change when a gradient
+is multiplied by a constant, and where k varies from step to step the rescale re-weights steps
+and distorts the balance between often- and rarely-used parameters; with SGD (and its L2 weight
+decay) it makes a parameter used by one of N ranks step N times further than one process would
+on the same images. ``benchmarks/bench_ddp_grads.py`` measures both against single-process runs.
+``stitch_sync='shared'`` instead makes all ranks use one stitch per step (same sampler seed
+everywhere), at the price of fewer stitches visited per step.
 """
 
 from __future__ import annotations
