@@ -70,6 +70,8 @@ app.command("select")(_deploy_cmd.select)
 app.command("export")(_deploy_cmd.export)
 from .commands import demo as _demo_cmd  # noqa: E402
 app.command("demo")(_demo_cmd.demo)
+from .commands import convert as _convert_cmd  # noqa: E402
+app.command("convert")(_convert_cmd.convert)
 # ---- end of registered commands ----
 
 
