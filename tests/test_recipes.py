@@ -241,12 +241,12 @@ def test_bad_recipe_options_are_one_line_errors(tmp_path, capsys, args, message)
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_recipe_trains_with_mixup_erasing_and_drop_path(tmp_path, capsys):
+def test_cli_recipe_trains_with_mixup_erasing_drop_path_and_a_new_head(tmp_path, capsys):
     from snnet.cli import main
 
-    data = _image_folder(tmp_path / "imgs")
+    data = _image_folder(tmp_path / "imgs", classes=4, per_class=5)
     out = tmp_path / "out"
-    main(["train", "--recipe", "deit", "--anchors", ",".join(TINY_VITS[:2]), "--data", str(data), "-b", "4",
+    main(["train", "--recipe", "deit", "--anchors", ",".join(TINY_VITS[:2]), "--num-classes", "4", "--data", str(data), "-b", "4",
           "--max-steps", "2", "--init-images", "8", "--distill", "largest", "--set", "repeated_aug=2",
           "--out", str(out), "--no-progress", "--device", "cpu"])
     printed = capsys.readouterr().out
@@ -255,7 +255,8 @@ def test_cli_recipe_trains_with_mixup_erasing_and_drop_path(tmp_path, capsys):
     assert (config["train"]["mixup"], config["train"]["distill_type"], config["train"]["repeated_aug"]) == (0.8, "hard", 2)
     assert config["optim"]["warmup_lr"] == 1e-7 and config["optim"]["schedule_unit"] == "epoch"
     saved = json.loads((out / "final" / "config.json").read_text())
-    assert all(a["spec"]["kwargs"] == {"drop_path_rate": 0.1} for a in saved["anchors"])
+    assert all(a["spec"]["kwargs"] == {"drop_path_rate": 0.1, "num_classes": 4} for a in saved["anchors"])
+    assert saved["num_classes"] == 4
 
 
 # ------------------------------------------------------------------ regularisers

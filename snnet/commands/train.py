@@ -76,9 +76,10 @@ def train(
     if print_recipe:
         typer.echo(rec.describe(world))
         return
-    if rec.drop_path > 0 and init is not None:
-        raise RecipeError("drop-path is set when the anchors are built; a network loaded with --init keeps its own. "
-                          "Give --drop-path 0 (--set drop_path=0) with --init")
+    asked_drop_path = "drop_path" in given or any(f.replace("-", "_").startswith("drop_path=") for f in set_fields or [])
+    if init is not None and asked_drop_path and rec.drop_path > 0:
+        raise RecipeError("drop-path is set when the anchors are built; a network loaded with --init keeps its own: "
+                          "drop --drop-path / --set drop_path")
     if init is not None:
         net = StitchedNet.from_pretrained(init)
     else:
@@ -86,7 +87,12 @@ def train(
         files = [w.strip() for w in weights.split(",")] if weights else None
         if files is not None and len(files) != len(names):
             raise SnnetError(f"--weights gives {len(files)} files for {len(names)} anchors; give one per anchor")
-        net = create_snnet(_specs(names, pretrained, files, rec.anchor_kwargs()), num_classes=num_classes)
+        # a spec carries its own model arguments: create_snnet's num_classes applies to bare names only
+        kwargs = tuple(sorted(rec.anchor_kwargs() + ((("num_classes", num_classes),) if num_classes else ())))
+        specs = _specs(names, pretrained, files, kwargs)
+        if any(s.pretrained for s in specs):  # anchors snnet cannot split fail here, before any download
+            create_snnet([s.name for s in specs], num_classes=num_classes, device="meta")
+        net = create_snnet(specs)
 
     started = _init_distributed(device)
     try:
