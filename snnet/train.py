@@ -575,8 +575,9 @@ def _check_resumable(ckpt: dict[str, Any], stitch_names: list[str], config: Trai
         raise CheckpointError(
             f"checkpoint {path} was made for another stitch space ({len(theirs)} stitches, e.g. {theirs[:2]}) than this "
             f"network's ({len(ours)} stitches, e.g. {ours[:2]}); resume with the same anchors and space options")
-    changed = [f"{k}: {ckpt['config'].get(k)!r} -> {getattr(config, k)!r}" for k in _RESUME_FIXED
-               if ckpt["config"].get(k) != getattr(config, k)]
+    # a field missing from an older checkpoint had its default then (e.g. repeated_aug: 1)
+    saved = {k: ckpt["config"].get(k, getattr(TrainConfig, k)) for k in _RESUME_FIXED}
+    changed = [f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in _RESUME_FIXED if saved[k] != getattr(config, k)]
     if changed:
         raise CheckpointError(f"cannot resume {path} with different settings ({'; '.join(changed)}): they decide which "
                               "batches and stitches come next. Use the original values or start a new --out")

@@ -333,3 +333,17 @@ def test_recipe_overrides_are_checked():
         deit.override(epoch=3)
     assert deit.override_text(["warmup_lr=none", "clip_grad=1", "nesterov=false"]).warmup_lr is None
     assert deit.override_text(["betas=0.9,0.95"]).betas == (0.9, 0.95)
+
+
+def test_checkpoints_from_before_repeated_aug_still_resume(tmp_path):
+    from snnet.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+
+    conf = cfg(tmp_path, epochs=2, init_images=0)
+    train(tiny(), Synthetic(16), conf, stop_after=1)
+    path = tmp_path / "run" / CHECKPOINT_NAME
+    ckpt = load_checkpoint(path)
+    del ckpt["config"]["repeated_aug"]  # written by a version without the field
+    save_checkpoint(path, ckpt)
+    assert train(tiny(), Synthetic(16), replace(conf, resume="auto")).finished
+    with pytest.raises(snnet.SnnetError, match="repeated_aug: 1 -> 2"):
+        train(tiny(), Synthetic(16), replace(conf, resume=str(path), repeated_aug=2))
