@@ -72,6 +72,8 @@ from .commands import demo as _demo_cmd  # noqa: E402
 app.command("demo")(_demo_cmd.demo)
 from .commands import serve as _serve_cmd  # noqa: E402
 app.command("serve")(_serve_cmd.serve)
+from .commands import convert as _convert_cmd  # noqa: E402
+app.command("convert")(_convert_cmd.convert)
 # ---- end of registered commands ----
 
 

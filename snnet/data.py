@@ -32,6 +32,7 @@ from .errors import SnnetError
 
 __all__ = [
     "DatasetError",
+    "TRANSFORM_OPTIONS",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "FASHION_MNIST_CLASSES",
@@ -63,6 +64,11 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "test": "test", "val": 
 _TIMM_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
 # IDX type code -> (torch dtype, bytes per element); Fashion-MNIST only uses 0x08.
 _IDX_TYPES = {0x08: (torch.uint8, 1)}
+
+
+# Arguments of timm.data.create_transform a training recipe may set (build_dataset's transform_options).
+TRANSFORM_OPTIONS = ("auto_augment", "re_prob", "re_mode", "re_count", "color_jitter", "interpolation", "scale", "ratio",
+                     "hflip", "vflip")
 
 
 class DatasetError(SnnetError):
@@ -303,15 +309,22 @@ def _image_folder_root(root: Path, split: str) -> Path:
     return root
 
 
-def image_transform(data_config: Mapping[str, Any], augment: bool = False) -> Any:
+def image_transform(data_config: Mapping[str, Any], augment: bool = False,
+                    options: Mapping[str, Any] | None = None) -> Any:
     """timm's transform from a PIL image to a normalised tensor for a data config (``input_size``,
     ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``): what folders and named
-    datasets are read with here, and what ``snnet serve`` applies to an uploaded image."""
+    datasets are read with here, and what ``snnet serve`` applies to an uploaded image.
+    ``options`` (RandAugment, random erasing...: :data:`TRANSFORM_OPTIONS`) apply when ``augment``."""
     from timm.data import create_transform
 
     args = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
             if k in data_config}
-    return create_transform(**args, is_training=augment)
+    if augment and options:
+        args.update(options)
+    try:
+        return create_transform(**args, is_training=augment)
+    except (ValueError, AssertionError, KeyError, TypeError) as e:  # e.g. a malformed RandAugment string
+        raise DatasetError(f"timm cannot build the training transform from {dict(options or {})}: {e}") from e
 
 
 def build_dataset(
@@ -324,6 +337,7 @@ def build_dataset(
     root: str | os.PathLike[str] | None = None,
     download: bool = False,
     seed: int = 0,
+    transform_options: Mapping[str, Any] | None = None,
 ) -> Dataset:
     """Build a dataset by name or path.
 
@@ -342,20 +356,32 @@ def build_dataset(
         root: data folder for Fashion-MNIST / named datasets.
         download: allow downloading when the data is not on disk.
         seed: seed of the Fashion-MNIST augmentation.
+        transform_options: more arguments of ``timm.data.create_transform`` for the training
+            transform (``augment=True``): ``auto_augment`` (RandAugment, e.g.
+            ``'rand-m9-mstd0.5-inc1'``), ``re_prob``/``re_mode``/``re_count`` (random erasing),
+            ``color_jitter``, ``interpolation``, ``scale``, ``ratio``, ``hflip``, ``vflip``.
 
     Raises:
-        DatasetError: the dataset is missing or empty.
+        DatasetError: the dataset is missing or empty, or the transform options are not usable.
     """
     config = dict(data_config or {})
+    options = dict(transform_options or {})
+    unknown = sorted(set(options) - set(TRANSFORM_OPTIONS))
+    if unknown:
+        raise DatasetError(f"unknown transform option(s) {', '.join(unknown)}; use {', '.join(TRANSFORM_OPTIONS)}")
     name = str(name_or_path)
     _check_limit(limit)
     if name.lower() in FASHION_MNIST_NAMES:
+        if options and augment:
+            raise DatasetError(f"Fashion-MNIST is augmented by its own crop and flip, not timm's transform: drop "
+                               f"{', '.join(sorted(options))} (e.g. --set auto_augment=none --set re_prob=0) or use "
+                               "an ImageFolder / timm dataset")
         stats = {k: tuple(config[k]) for k in ("mean", "std") if k in config}
         return FashionMNIST(root, split, limit=limit, augment=augment, seed=seed, download=download, **stats)
 
     from timm.data import create_dataset
 
-    transform = image_transform(config, augment)
+    transform = image_transform(config, augment, options)
     path = Path(name).expanduser()
     if path.is_dir():
         from torchvision.datasets import ImageFolder

@@ -400,6 +400,7 @@ def create_snnet(
     nearest: bool = True,
     stages: Sequence[int] | None = None,
     rule: str | None = None,
+    unpaired: str = "reference",
     device: str | torch.device | None = None,
 ) -> StitchedNet:
     """Stitch a family of anchors into one switchable network.
@@ -419,10 +420,11 @@ def create_snnet(
             raise ValueError("a network on the meta device holds no weights: drop pretrained/files")
         with torch.device("meta"):
             return create_snnet(anchors, img_size=img_size, num_classes=num_classes, labels=labels,
-                                kernel_size=kernel_size, stride=stride, nearest=nearest, stages=stages, rule=rule)
+                                kernel_size=kernel_size, stride=stride, nearest=nearest, stages=stages, rule=rule,
+                                unpaired=unpaired)
     if isinstance(anchors, str):
         anchors = expand_family(anchors)
-    config = SpaceConfig(kernel_size, stride, nearest, tuple(stages) if stages is not None else None, rule)
+    config = SpaceConfig(kernel_size, stride, nearest, tuple(stages) if stages is not None else None, rule, unpaired)
     kwargs: dict[str, Any] = {}
     if img_size is not None:
         kwargs["img_size"] = img_size

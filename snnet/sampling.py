@@ -102,10 +102,17 @@ class EpochSampler(Sampler[int]):
     Like :class:`~torch.utils.data.DistributedSampler` (pad to a multiple of the world size,
     take every ``world``-th index), plus ``start``: the number of leading indices of this
     epoch's shard to skip, so a resumed run continues with exactly the next unseen batch.
+
+    ``repeats > 1`` is repeated augmentation (DeiT's RASampler, timm's RepeatAugSampler): each
+    shuffled index is repeated ``repeats`` times in a row before sharding, so consecutive copies
+    of an image land on different ranks (each augmented differently), and every rank keeps the
+    first ``ceil(size / world)`` indices of its shard, so an epoch still has ``size`` images.
     """
 
-    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, repeats: int = 1) -> None:
+        if repeats < 1:
+            raise SnnetError(f"repeats must be >= 1, got {repeats}")
+        self.size, self.seed, self.rank, self.world_size, self.repeats = size, seed, rank, world_size, repeats
         self.epoch = 0
         self.start = 0
 
@@ -119,9 +126,11 @@ class EpochSampler(Sampler[int]):
     def _indices(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=g).tolist()
-        total = self.shard_size() * self.world_size
+        if self.repeats > 1:
+            order = [i for i in order for _ in range(self.repeats)]
+        total = math.ceil(len(order) / self.world_size) * self.world_size
         order += order[: total - len(order)]
-        return order[self.rank:total:self.world_size]
+        return order[self.rank:total:self.world_size][: self.shard_size()]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices()[self.start:])

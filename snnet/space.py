@@ -8,9 +8,11 @@ anchor ``dst`` from block ``dst_start`` to its head. The rules (SN-Net, Sec. 3):
   window of ``kernel_size`` blocks slides with ``stride``; every (i, j) pair of blocks in a
   window is a stitch (source up to and including block i, target from block j), and all the
   new pairs of one window share one stitching layer;
-* where the depths differ (e.g. 12 and 24 blocks), *unpaired stitching*: each source block
-  is mapped to the target block that nearest-neighbour interpolation of the shallower depth
-  onto the deeper one assigns to it, and each such stitch has its own layer;
+* where the depths differ (e.g. 12 and 24 blocks), *unpaired stitching*: nearest interpolation
+  maps every block ``k`` of the deeper anchor to block ``floor(k * shallow / deep)`` of the
+  shallower, and every block of the deeper anchor but the first is a stitch (source through
+  the block mapped to it, target from it), each with its own layer: the authors' rule
+  (``unpaired_stitching`` in their code), 23 stitches for 12→24 blocks;
 * only positions whose activations line up (same tokens or the same H×W) are kept.
 
 With the defaults, DeiT-Ti/S/B gives 3 anchors + 2 × 34 stitches = 71 networks.
@@ -18,10 +20,15 @@ With the defaults, DeiT-Ti/S/B gives 3 anchors + 2 × 34 stitches = 71 networks.
 Those are the rules of the official DeiT code (``rule="window"``). The official code for the
 hierarchical families (Swin, ResNet) stitches only *forward* in depth (``rule="forward"``):
 within a window only the pairs whose target block comes after the source block (depth 2:
-source through block 0, target from block 1), and, where depths differ, every target block
-after the first is a resume point, reached after the source block nearest interpolation maps
-it to. Each adapter says which rule its kind of model uses (``AnchorParts.stitch_rule``);
-with them Swin-T/S/B gives 41 networks and ResNet-18/50 10, as in the paper.
+source through block 0, target from block 1); where depths differ both rules use the authors'
+unpaired mapping above. Each adapter says which rule its kind of model uses
+(``AnchorParts.stitch_rule``); with them Swin-T/S/B gives 41 networks and ResNet-18/50 10, as
+in the paper.
+
+``SpaceConfig(unpaired="progress")`` selects snnet's earlier unpaired rule for plain ViTs
+instead (a source cut after block ``i`` resumes the deeper target where it has done the same
+share of its depth: 11 stitches for 12→24); networks saved before the option existed load
+with it.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from .errors import ConfigError, NotStitchableError, StitchNotFoundError
 
 # How block pairs are enumerated inside a stage (see the module docstring).
 RULES = ("window", "forward")
+# How plain (window-rule) anchors of different depths are stitched (see the module doc).
+UNPAIRED = ("reference", "progress")
 
 
 @dataclass(frozen=True)
@@ -45,12 +54,15 @@ class SpaceConfig:
     nearest: bool = True  # stitch each anchor only to the next one in cost
     stages: tuple[int, ...] | None = None  # stages that may be stitched; None: each adapter's default
     rule: str | None = None  # "window" | "forward" (see the module doc); None: each adapter's default
+    unpaired: str = "reference"  # "reference" (the authors') | "progress" (snnet's earlier rule)
 
     def __post_init__(self) -> None:
         if self.kernel_size < 1 or self.stride < 1:
             raise ConfigError(f"kernel_size and stride must be >= 1, got {self.kernel_size}, {self.stride}")
         if self.rule is not None and self.rule not in RULES:
             raise ConfigError(f"unknown stitching rule {self.rule!r}; expected one of {RULES}")
+        if self.unpaired not in UNPAIRED:
+            raise ConfigError(f"unknown unpaired rule {self.unpaired!r}; expected one of {UNPAIRED}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,8 +70,9 @@ class SpaceConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SpaceConfig":
         stages = d.get("stages")
+        # a config saved before the unpaired option existed was built with the "progress" rule
         return cls(int(d["kernel_size"]), int(d["stride"]), bool(d["nearest"]), tuple(stages) if stages is not None else None,
-                   d.get("rule"))
+                   d.get("rule"), d.get("unpaired", "progress"))
 
 
 @dataclass(frozen=True)
@@ -127,13 +140,20 @@ def paired_pairs(depth: int, kernel_size: int = 2, stride: int = 1) -> list[list
     return groups
 
 
-def unpaired_pairs(src_depth: int, dst_depth: int) -> list[list[tuple[int, int]]]:
-    """Block pairs of unpaired stitching, one layer each.
+def unpaired_pairs(src_depth: int, dst_depth: int, mapping: str = "reference") -> list[list[tuple[int, int]]]:
+    """Block pairs of unpaired stitching (anchors of different depths), one layer each.
 
-    Nearest interpolation maps every block of the deeper anchor to a block of the shallower;
-    a source cut after block ``i`` resumes the target at the first block not mapped to
-    ``0..i`` (so the stitched network keeps the anchors' relative progress through depth).
+    ``mapping="reference"``: the authors' rule (their ``unpaired_stitching``), the same as
+    :func:`forward_unpaired_pairs`: 23 stitches for 12→24 blocks.
+    ``mapping="progress"``: snnet's earlier rule. Nearest interpolation maps every block of the
+    deeper anchor to a block of the shallower; a source cut after block ``i`` resumes the
+    target at the first block not mapped to ``0..i`` (the anchors' relative progress through
+    depth kept): 11 stitches for 12→24.
     """
+    if mapping == "reference":
+        return forward_unpaired_pairs(src_depth, dst_depth)
+    if mapping != "progress":
+        raise ValueError(f"unknown unpaired rule {mapping!r}; expected one of {UNPAIRED}")
     groups = []
     if src_depth <= dst_depth:
         # target block k plays source block floor(k * src/dst)
@@ -205,7 +225,7 @@ class StitchSpace:
     def _groups(self, na: int, nb: int, rule: str) -> list[list[tuple[int, int]]]:
         """Block pairs (i, j) of one stage, grouped by shared layer: source through i, target from j."""
         if na != nb:
-            return unpaired_pairs(na, nb) if rule == "window" else forward_unpaired_pairs(na, nb)
+            return unpaired_pairs(na, nb, self.config.unpaired) if rule == "window" else forward_unpaired_pairs(na, nb)
         groups = paired_pairs(na, self.config.kernel_size, self.config.stride)
         if rule == "forward":
             groups = [g for g in ([(i, j) for i, j in g if j > i] for g in groups) if g]

@@ -14,20 +14,26 @@ the weights an uninterrupted run would have.
 
 Many processes (``torchrun --nproc_per_node N -m snnet train ...``): every rank samples its own
 stitch per step, as in the paper. DistributedDataParallel averages gradients over all N ranks,
-so a parameter on the route of only k of the N ranks would get k/N of its mean gradient — the
-stitching layers (each on few routes) would learn N times slower than the anchors' shared early
-blocks. snnet corrects this: after backward it all-reduces a per-parameter count of the ranks
-whose route used it and rescales each gradient by N/count, so every parameter gets the *mean over
-the ranks that used it* (a parameter used by one rank gets exactly the gradient that rank computed,
-as in single-process training); a parameter no rank used gets no gradient (AdamW leaves it and its
-moments untouched, as in single-process training). ``stitch_sync='shared'`` instead makes all
-ranks use one stitch per step (same sampler seed everywhere): plain DDP averaging is then exact,
-at the price of fewer stitches visited per step.
+so a parameter on the route of k of the N ranks gets the sum of those k gradients divided by N:
+exactly the gradient one process would compute on the global batch, each rank's share through
+its own stitch (the mean loss over the N (stitch, batch) pairs). That is the default
+(``ddp_grads='mean'``, what the reference code does); with the linear scaling rule, SGD then moves
+every parameter, to first order, as N single-process steps on the same images would. A parameter on no
+rank's route gets no gradient at all (DDP leaves it None; snnet makes sure), so AdamW leaves it
+and its moments untouched, as in single-process training.
+
+``ddp_grads='users'`` rescales each gradient by N/k to the mean over the ranks that used it.
+That is not a fix for "slow" stitching layers: AdamW's update does not change when a gradient
+is multiplied by a constant, and where k varies from step to step the rescale re-weights steps
+and distorts the balance between often- and rarely-used parameters; with SGD (and its L2 weight
+decay) it makes a parameter used by one of N ranks step N times further than one process would
+on the same images. ``benchmarks/bench_ddp_grads.py`` measures both against single-process runs.
+``stitch_sync='shared'`` instead makes all ranks use one stitch per step (same sampler seed
+everywhere), at the price of fewer stitches visited per step.
 """
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import math
@@ -38,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -47,8 +52,10 @@ from .errors import CheckpointError, ConfigError, RunFolderError, SnnetError, Tr
 from .report import progress as report_progress
 from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, load_checkpoint, resolve_resume, rng_state,
                          save_checkpoint, seed_everything, set_rng_state)
+from .distill import DISTILL_TYPES, build_teacher, check_teacher, distill_loss, teacher_logits
 from .io import remove_stale_temps
 from .model import WEIGHTS_NAME, StitchedNet
+from .optim import OPTIMIZERS, SCHEDULE_UNITS, build_optimizer, lr_factor
 from .runlock import (FINAL_NAME, METRICS_NAME, RUN_ENTRIES, TRAIN_CONFIG_NAME, RunLock, StopSignals,
                       claim_run_folder)
 from .sampling import SAMPLERS, EpochSampler, SeededItems, make_stitch_sampler, seed_worker
@@ -56,9 +63,12 @@ from .space import Stitch
 
 STITCH_SYNC = ("per_rank", "shared")
 AMP_MODES = ("auto", "off", "fp16", "bf16")
+MIXUP_MODES = ("batch", "pair", "elem")
+DDP_GRADS = ("mean", "users")
+CLIP_MODES = ("norm", "value", "agc")
 # Config fields that must not change when a run is resumed: they decide which batches and
 # stitches come next, so changing them would silently make a different run.
-_RESUME_FIXED = ("batch_size", "seed", "sampler", "num_buckets", "stitch_sync")
+_RESUME_FIXED = ("batch_size", "seed", "sampler", "num_buckets", "stitch_sync", "repeated_aug")
 
 
 # ---------------------------------------------------------------------------- configs
@@ -66,11 +76,17 @@ _RESUME_FIXED = ("batch_size", "seed", "sampler", "num_buckets", "stitch_sync")
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay (the DeiT/SN-Net recipe).
+    """AdamW or SGD, linear warm-up then cosine decay (the DeiT/SN-Net recipe; see snnet.optim).
 
-    ``anchor_lr_scale`` multiplies the learning rate of the anchors' own parameters: the
-    stitching layers start from a least-squares fit and need to move, the pretrained anchors
-    less so (1.0 = the paper's single learning rate).
+    ``lr`` is the rate the stitching layers get (as used: the linear scaling rule is applied by
+    :mod:`snnet.recipes` and the CLI). ``anchor_lr_scale`` multiplies the learning rate of
+    the anchors' own parameters: the stitching layers start from a least-squares fit and need
+    to move, the pretrained anchors less so (1.0 = one learning rate, as the DeiT reference;
+    0.1 in the reference Swin code). ``warmup_lr`` is the rate at the first step of the
+    warm-up (None: snnet's ramp ``lr * (k + 1) / (warmup + 1)``); ``warmup_prefix`` starts the
+    cosine after the warm-up instead of spanning the whole run; ``schedule_unit='epoch'``
+    changes the rate once an epoch, as the reference's per-epoch schedulers. ``momentum`` and
+    ``nesterov`` are SGD's; ``clip_mode`` is timm's (``norm``, ``value`` or ``agc``).
     """
 
     lr: float = 5e-5
@@ -81,13 +97,22 @@ class OptimConfig:
     warmup_epochs: float = 0.0  # used when warmup_steps is 0
     min_lr: float = 1e-6
     clip_grad: float | None = 5.0
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    nesterov: bool = True
+    eps: float = 1e-8
+    warmup_lr: float | None = None
+    warmup_prefix: bool = True
+    schedule_unit: str = "step"
+    clip_mode: str = "norm"
 
     def __post_init__(self) -> None:
         # isfinite: NaN passes every `x < 0` test, and an infinite rate only shows up as a NaN loss later
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be > 0 and finite, got {self.lr}")
         bad = {k: v for k, v in (("anchor_lr_scale", self.anchor_lr_scale), ("weight_decay", self.weight_decay),
-                                 ("min_lr", self.min_lr), ("warmup_epochs", self.warmup_epochs))
+                                 ("min_lr", self.min_lr), ("momentum", self.momentum), ("eps", self.eps),
+                                 ("warmup_epochs", self.warmup_epochs), ("warmup_lr", self.warmup_lr or 0.0))
                if not (math.isfinite(v) and v >= 0)}
         if bad:
             raise ConfigError(f"{', '.join(bad)} must be >= 0 and finite, got {', '.join(f'{k}={v}' for k, v in bad.items())}")
@@ -97,6 +122,11 @@ class OptimConfig:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.clip_grad is not None and not (math.isfinite(self.clip_grad) and self.clip_grad > 0):
             raise ConfigError(f"clip_grad must be > 0 and finite, or None, got {self.clip_grad}")
+        for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("schedule_unit", self.schedule_unit, SCHEDULE_UNITS),
+                                     ("clip_mode", self.clip_mode, CLIP_MODES)):
+            if value not in allowed:
+                raise ConfigError(f"unknown {name} {value!r}; use one of {allowed}")
 
 
 @dataclass(frozen=True)
@@ -108,7 +138,16 @@ class TrainConfig:
     ``amp``: ``'auto'`` = float16 autocast + GradScaler on CUDA, off on CPU; ``'bf16'``
     autocasts to bfloat16 on any device; ``'off'``.
     ``distill``: None, ``'largest'`` (a frozen copy of the largest anchor, taken at the start)
-    or a timm model name (built pretrained, with the network's number of classes).
+    or a timm model name (built pretrained with its own head, whose classes must be the
+    network's); ``distill_type``: ``'soft'`` (KL at ``distill_temperature``) or ``'hard'``
+    (cross-entropy on the teacher's top class, DeiT's); weight ``distill_alpha``.
+    ``mixup``/``cutmix``: the alphas of timm's Mixup (0: off); with either on, the loss is
+    timm's SoftTargetCrossEntropy on mixed, label-smoothed targets.
+    ``repeated_aug``: copies of each image per epoch, consecutive copies on different ranks
+    (DeiT's repeated augmentation; 1 = off). The epoch keeps its length in images.
+    ``ddp_grads``: under several processes with ``stitch_sync='per_rank'``, ``'mean'`` keeps
+    DDP's mean over all ranks, ``'users'`` rescales each gradient to the mean over the ranks
+    whose route used it (see the module docstring).
     ``ckpt_every``: steps between checkpoints (0 = only at the end).
     ``resume``: a checkpoint path, ``'auto'`` (``out_dir/checkpoint.pt`` if it exists) or None.
     ``overwrite``: delete a run already in ``out_dir`` and start afresh (without it, and without
@@ -130,6 +169,14 @@ class TrainConfig:
     distill: str | None = None
     distill_alpha: float = 0.5
     distill_temperature: float = 1.0
+    distill_type: str = "soft"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    repeated_aug: int = 1
+    ddp_grads: str = "mean"
     ckpt_every: int = 0
     out_dir: str = "runs/snnet"
     resume: str | None = None
@@ -163,7 +210,22 @@ class TrainConfig:
         need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         need(not (self.overwrite and self.resume is not None),
              "--overwrite deletes the run that --resume would continue: give one of them")
+        need(self.distill_type in DISTILL_TYPES, f"unknown distill_type {self.distill_type!r}; use one of {DISTILL_TYPES}")
+        need(math.isfinite(self.mixup) and math.isfinite(self.cutmix) and self.mixup >= 0 and self.cutmix >= 0,
+             f"mixup and cutmix must be >= 0 and finite, got {self.mixup}, {self.cutmix}")
+        need(0.0 <= self.mixup_prob <= 1.0 and 0.0 <= self.mixup_switch_prob <= 1.0,
+             f"mixup_prob and mixup_switch_prob must be in [0, 1], got {self.mixup_prob}, {self.mixup_switch_prob}")
+        need(self.mixup_mode in MIXUP_MODES, f"unknown mixup_mode {self.mixup_mode!r}; use one of {MIXUP_MODES}")
+        need(not self.mixing or self.batch_size % 2 == 0,
+             f"mixup/cutmix need an even batch size (timm's Mixup pairs images), got {self.batch_size}")
+        need(self.repeated_aug >= 1, f"repeated_aug must be >= 1 (1 = off), got {self.repeated_aug}")
+        need(self.ddp_grads in DDP_GRADS, f"unknown ddp_grads {self.ddp_grads!r}; use one of {DDP_GRADS}")
         default_device(self.device)  # an unknown or absent device fails now, not after the set-up
+
+    @property
+    def mixing(self) -> bool:
+        """Whether mixup or CutMix is on."""
+        return self.mixup > 0 or self.cutmix > 0
 
 
 @dataclass(frozen=True)
@@ -221,15 +283,16 @@ def default_device(name: str | torch.device | None = None) -> torch.device:
 
 
 class Trainer:
-    """One optimisation step at a time: stitch sampling, AMP, DDP with gradient correction, AdamW.
+    """One optimisation step at a time: stitch sampling, mixup, AMP, distillation, DDP, the optimizer.
 
     :func:`train` drives it over a dataset with checkpoints and logs; use it directly for a
-    custom loop. ``total_steps`` sizes the LR schedule.
+    custom loop. ``total_steps`` sizes the LR schedule; ``steps_per_epoch`` is needed by the
+    per-epoch schedule (``OptimConfig.schedule_unit='epoch'``).
     """
 
     def __init__(self, net: StitchedNet, config: TrainConfig = TrainConfig(), optim: OptimConfig = OptimConfig(), *,
                  total_steps: int, warmup_steps: int | None = None, teacher: nn.Module | None = None,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, steps_per_epoch: int | None = None) -> None:
         self.net, self.config, self.optim = net, config, optim
         self.rank, self.world_size = _dist()
         self.device = default_device(device or config.device)
@@ -241,23 +304,27 @@ class Trainer:
         flops = [c.flops for c in net.costs()] if config.sampler == "flops_bucketed" else None
         self.sampler = make_stitch_sampler(config.sampler, len(net.space), seed + 7919, flops, config.num_buckets)
         self.params = [p for p in net.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(_param_groups(net, optim), lr=optim.lr, betas=optim.betas)
+        self.optimizer = build_optimizer(net, optim)
         warm = warmup_steps if warmup_steps is not None else optim.warmup_steps
-        min_ratio = min(optim.min_lr / optim.lr, 1.0)
-
-        def lr_factor(step: int) -> float:  # linear warm-up, then cosine down to min_lr
-            if step < warm:
-                return (step + 1) / (warm + 1)
-            progress = min((step - warm) / max(total_steps - warm, 1), 1.0)
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, optim, total_steps, warm, steps_per_epoch))
         amp = config.amp
         if amp == "auto":
             amp = "fp16" if self.device.type == "cuda" else "off"
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.mixup = None
+        if config.mixing:
+            from timm.data import Mixup
+            from timm.loss import SoftTargetCrossEntropy
+
+            # timm's Mixup smooths the labels itself and yields soft targets
+            self.mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=config.mixup_prob,
+                               switch_prob=config.mixup_switch_prob, mode=config.mixup_mode,
+                               label_smoothing=config.label_smoothing, num_classes=net.num_classes)
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        else:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.model: nn.Module = net
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -269,24 +336,27 @@ class Trainer:
         self._route_cache: dict[int, torch.Tensor] = {}
 
     # -- the step
+    def loss(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of logits ``out`` on (possibly mixed) images ``x`` with targets ``y``."""
+        loss = self.criterion(out, y)
+        if self.teacher is not None:
+            kd = distill_loss(out.float(), teacher_logits(self.teacher, x).float(), self.config.distill_type,
+                              self.config.distill_temperature)
+            loss = (1 - self.config.distill_alpha) * loss + self.config.distill_alpha * kd
+        return loss
+
     def backward(self, x: torch.Tensor, y: torch.Tensor, stitch: int | str | Stitch) -> float:
         """Forward + loss + backward on ``stitch``; leaves synchronised, corrected gradients."""
         s = self.net.select(stitch)
         self.optimizer.zero_grad(set_to_none=True)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            out = self.model(x)
-            loss = self.criterion(out, y)
-            if self.teacher is not None:
-                with torch.no_grad():
-                    t_out = self.teacher(x)
-                temp, alpha = self.config.distill_temperature, self.config.distill_alpha
-                kd = F.kl_div(F.log_softmax(out.float() / temp, -1), F.log_softmax(t_out.float() / temp, -1),
-                              log_target=True, reduction="batchmean") * temp * temp
-                loss = (1 - alpha) * loss + alpha * kd
+            loss = self.loss(self.model(x), x, y)
         self.scaler.scale(loss).backward()
         if self.world_size > 1:
-            self._correct_grads(s)
+            self._sync_grads(s)
         return float(loss.detach())
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, Stitch]:
@@ -294,8 +364,11 @@ class Trainer:
         stitch = self.net.space[self.sampler.sample()]
         loss = self.backward(x, y, stitch)
         if self.optim.clip_grad is not None:
+            from timm.utils import dispatch_clip_grad
+
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.optim.clip_grad)
+            dispatch_clip_grad([p for p in self.params if p.grad is not None], self.optim.clip_grad,
+                               mode=self.optim.clip_mode)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -308,19 +381,21 @@ class Trainer:
             self._route_cache[s.id] = torch.tensor([float(id(p) in on_route) for p in self.params])
         return self._route_cache[s.id]
 
-    def _correct_grads(self, s: Stitch) -> None:
-        """Turn DDP's mean over all ranks into the mean over the ranks that used each parameter."""
+    def _sync_grads(self, s: Stitch) -> None:
+        """After DDP's all-reduce: parameters no rank used get no gradient (as in one process);
+        with ``ddp_grads='users'`` the others get the mean over the ranks that used them."""
         if self.config.stitch_sync == "shared":
             return  # every rank ran the same route: DDP's mean is already the right one
         # a copy: all_reduce works in place, and on CPU .to() would hand back the cached tensor
         # itself, so every later step on this stitch would sum ever larger counts
         count = self._used(s).to(self.device, copy=True)
         torch.distributed.all_reduce(count)
+        rescale = self.config.ddp_grads == "users"
         scale = (self.world_size / count.clamp(min=1)).tolist()
         for p, n, k in zip(self.params, count.tolist(), scale):
             if n == 0:
                 p.grad = None  # on no rank's route: untouched, like single-process training
-            elif p.grad is not None and k != 1.0:
+            elif rescale and p.grad is not None and k != 1.0:
                 p.grad.mul_(k)
 
     # -- state
@@ -332,31 +407,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-
-
-def _param_groups(net: StitchedNet, optim: OptimConfig) -> list[dict[str, Any]]:
-    """Stitching layers vs anchors (lr scale) x decay vs no decay (biases, norms, embeddings)."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in net.named_parameters():
-        if not p.requires_grad:
-            continue
-        anchor = not name.startswith("stitch_layers.")
-        decay = p.ndim > 1 and not name.endswith(("pos_embed", "cls_token", "reg_token", "dist_token"))
-        groups.setdefault((anchor, decay), []).append(p)
-    return [{"params": ps, "lr": optim.lr * (optim.anchor_lr_scale if anchor else 1.0),
-             "weight_decay": optim.weight_decay if decay else 0.0} for (anchor, decay), ps in groups.items()]
-
-
-def build_teacher(net: StitchedNet, distill: str | None, pretrained: bool = True) -> nn.Module | None:
-    """The distillation teacher: a frozen copy of the largest anchor, or a timm model by name."""
-    if distill is None:
-        return None
-    if distill == "largest":
-        return copy.deepcopy(net.anchors[-1]).eval().requires_grad_(False)
-    from .anchors import AnchorSpec, create_anchor
-
-    model = create_anchor(AnchorSpec(distill, pretrained, None, (("num_classes", net.num_classes),)))
-    return model.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------- DDP helpers
@@ -481,7 +531,7 @@ def _train(net: StitchedNet, train_data: Dataset, n: int, config: TrainConfig, o
         seed_everything(config.seed + rank)
     train_data = SeededItems.wrap(train_data, config.seed)
 
-    order = EpochSampler(n, config.seed, rank, world)
+    order = EpochSampler(n, config.seed, rank, world, repeats=config.repeated_aug)
     steps_per_epoch = order.shard_size() // config.batch_size
     if steps_per_epoch == 0:
         raise DatasetError(f"each of the {world} processes gets {order.shard_size()} images, fewer than one batch "
@@ -497,8 +547,11 @@ def _train(net: StitchedNet, train_data: Dataset, n: int, config: TrainConfig, o
             net.save_pretrained(final)
         return TrainResult(ckpt["step"], total, True, float("nan"), 0.0, 0.0, out_dir, resume_path, final)
 
+    # the teacher is built and checked before any work: a wrong one must not cost a run
     if teacher is None and config.distill is not None:
         teacher = build_teacher(net, config.distill)
+    elif teacher is not None:
+        check_teacher(teacher, net)
     device = default_device(config.device)
     net.to(device)
     if ckpt is None and config.init_images > 0 and rank == 0:
@@ -509,7 +562,8 @@ def _train(net: StitchedNet, train_data: Dataset, n: int, config: TrainConfig, o
     if ckpt is not None:
         net.load_weights(ckpt["model"], source=str(resume_path))
 
-    trainer = Trainer(net, config, optim, total_steps=total, warmup_steps=warmup, teacher=teacher, device=device)
+    trainer = Trainer(net, config, optim, total_steps=total, warmup_steps=warmup, teacher=teacher, device=device,
+                      steps_per_epoch=steps_per_epoch)
     step, epoch, epoch_step = 0, 0, 0
     if ckpt is not None:
         trainer.load_state_dict(ckpt["trainer"])
@@ -619,8 +673,9 @@ def _check_resumable(ckpt: dict[str, Any], stitch_names: list[str], config: Trai
         raise CheckpointError(
             f"checkpoint {path} was made for another stitch space ({len(theirs)} stitches, e.g. {theirs[:2]}) than this "
             f"network's ({len(ours)} stitches, e.g. {ours[:2]}); resume with the same anchors and space options")
-    changed = [f"{k}: {ckpt['config'].get(k)!r} -> {getattr(config, k)!r}" for k in _RESUME_FIXED
-               if ckpt["config"].get(k) != getattr(config, k)]
+    # a field missing from an older checkpoint had its default then (e.g. repeated_aug: 1)
+    saved = {k: ckpt["config"].get(k, getattr(TrainConfig, k)) for k in _RESUME_FIXED}
+    changed = [f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in _RESUME_FIXED if saved[k] != getattr(config, k)]
     if changed:
         raise CheckpointError(f"cannot resume {path} with different settings ({'; '.join(changed)}): they decide which "
                               "batches and stitches come next. Use the original values or start a new --out")

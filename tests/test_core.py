@@ -37,14 +37,34 @@ def test_window_options_change_the_space() -> None:
     assert sum(len(g) for g in paired_pairs(4, kernel_size=3, stride=1)) == 4 * 4 - 2  # |i-j|<=2
 
 
-def test_unpaired_mapping_is_nearest_interpolation() -> None:
+def _authors_unpaired(front: int, end: int) -> list[tuple[int, int]]:
+    """The authors' unpaired rule, rebuilt from its definition: torch's nearest interpolation
+    maps each of the ``end`` target blocks to a front block; every target block mapped to
+    front block ``i`` and lying after it is a stitch (front through ``i``, target from it)."""
+    mapped = torch.nn.functional.interpolate(torch.arange(front, dtype=torch.float)[None, None], end)[0, 0].long().tolist()
+    return [(i, k) for i in range(front) for k, m in enumerate(mapped) if m == i and k > i]
+
+
+def test_unpaired_default_is_the_authors_rule() -> None:
     pairs = [p for g in unpaired_pairs(12, 24) for p in g]
-    # source cut after block i resumes the deeper target where it has done the same share
-    assert pairs[:3] == [(0, 2), (1, 4), (2, 6)]
+    assert pairs == _authors_unpaired(12, 24)
+    assert len(pairs) == 23 and pairs[:4] == [(0, 1), (1, 2), (1, 3), (2, 4)]
     assert all(len(g) == 1 for g in unpaired_pairs(12, 24))  # one layer each
-    assert all(j == 2 * (i + 1) for i, j in pairs)
+    assert [p for g in unpaired_pairs(6, 18) for p in g] == _authors_unpaired(6, 18)
+    # a deeper source: the same relation transposed, the target resuming inside its depth
     deeper_first = [p for g in unpaired_pairs(8, 4) for p in g]
     assert deeper_first[0] == (0, 1) and all(0 < j < 4 for _, j in deeper_first)
+
+
+def test_unpaired_progress_rule_is_still_selectable() -> None:
+    pairs = [p for g in unpaired_pairs(12, 24, "progress") for p in g]
+    # source cut after block i resumes the deeper target where it has done the same share
+    assert len(pairs) == 11 and pairs[:3] == [(0, 2), (1, 4), (2, 6)]
+    assert all(j == 2 * (i + 1) for i, j in pairs)
+    deeper_first = [p for g in unpaired_pairs(8, 4, "progress") for p in g]
+    assert deeper_first[0] == (0, 1) and all(0 < j < 4 for _, j in deeper_first)
+    with pytest.raises(ValueError, match="unknown unpaired rule"):
+        unpaired_pairs(4, 8, "fancy")
 
 
 def test_tiny_family_space(tiny_net: snnet.StitchedNet) -> None:
@@ -67,11 +87,20 @@ def test_all_pairs_option_adds_ti_to_b() -> None:
     assert len(net.space) == 3 + 3 * 10
 
 
-def test_unequal_depths_use_nearest_mapping() -> None:
+def test_unequal_depths_use_the_authors_mapping(tmp_path) -> None:
     net = snnet.create_snnet(["snnet_tiny_vit_s", "snnet_tiny_vit_deep"])
     routes = [(s.src_end, s.dst_start) for s in net.space if not s.is_anchor]
-    assert routes == [(1, 2), (2, 4), (3, 6)]
-    assert len(net.stitch_layers) == 3
+    assert routes == [(i + 1, j) for i, j in _authors_unpaired(4, 8)]
+    assert routes == [(1, 1), (2, 2), (2, 3), (3, 4), (3, 5), (4, 6), (4, 7)]
+    assert len(net.stitch_layers) == 7
+    old = snnet.create_snnet(["snnet_tiny_vit_s", "snnet_tiny_vit_deep"], unpaired="progress")
+    assert [(s.src_end, s.dst_start) for s in old.space if not s.is_anchor] == [(1, 2), (2, 4), (3, 6)]
+    # a network saved before the option existed (no "unpaired" key) loads with the rule it was built with
+    old.save_pretrained(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    del cfg["space"]["unpaired"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    assert len(snnet.load(tmp_path / "old").space) == len(old.space)
 
 
 def test_anchors_are_ordered_by_cost_and_stitch_ids_are_stable() -> None:

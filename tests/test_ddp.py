@@ -1,10 +1,11 @@
 """Two CPU processes with gloo: DDP training does not hang, gradients follow the documented rule.
 
-The rule (snnet/train.py): with ``stitch_sync='per_rank'`` every parameter gets the mean of
-the gradients of the ranks whose route used it; a parameter used by one rank gets exactly the
-gradient single-process training would give it on that rank's batch — on every step, not only
-the first. A run whose rank 1 is killed mid-run and resumed from its last checkpoint ends with
-the very weights of an uninterrupted run.
+The rule (snnet/train.py): with ``stitch_sync='per_rank'`` and ``ddp_grads='mean'`` (the
+default) every parameter gets DDP's mean over all ranks, i.e. the gradient one process computes
+on the global batch with each rank's share through its own stitch; a parameter no rank used gets
+none. ``ddp_grads='users'`` gives each parameter the mean over the ranks whose route used it —
+on every step, not only the first. A run whose rank 1 is killed mid-run and resumed from its
+last checkpoint ends with the very weights of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        net = _net()
-        trainer = Trainer(net, TrainConfig(progress=False), total_steps=1)
-        for k in range(2):  # the second time on the same stitch must give the same gradients
-            trainer.backward(*_batch(rank), STITCHES[rank])
-            grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in net.named_parameters()}
-            torch.save(grads, Path(out) / f"grads{rank}{'' if k == 0 else '_again'}.pt")
+        for grads_mode in ("mean", "users"):
+            net = _net()
+            trainer = Trainer(net, TrainConfig(progress=False, ddp_grads=grads_mode), total_steps=1)
+            for k in range(2):  # the second time on the same stitch must give the same gradients
+                trainer.backward(*_batch(rank), STITCHES[rank])
+                grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in net.named_parameters()}
+                torch.save(grads, Path(out) / f"grads_{grads_mode}{rank}{'' if k == 0 else '_again'}.pt")
         for mode in ("per_rank", "shared"):
             net = _net()
             conf = TrainConfig(max_steps=6, batch_size=4, stitch_sync=mode, out_dir=str(Path(out) / mode),
@@ -139,8 +141,9 @@ def _single_grads(rank: int) -> dict[str, torch.Tensor | None]:
 
 
 @pytest.mark.parametrize("again", ["", "_again"])
-def test_grads_are_mean_over_ranks_that_used_each_parameter(ddp_out, again):
-    g0, g1 = (torch.load(ddp_out / f"grads{r}{again}.pt", weights_only=True) for r in range(2))
+@pytest.mark.parametrize("grads_mode", ["mean", "users"])
+def test_grads_follow_the_documented_rule(ddp_out, grads_mode, again):
+    g0, g1 = (torch.load(ddp_out / f"grads_{grads_mode}{r}{again}.pt", weights_only=True) for r in range(2))
     ref = [_single_grads(0), _single_grads(1)]
     kinds = set()
     for name in g0:
@@ -148,11 +151,13 @@ def test_grads_are_mean_over_ranks_that_used_each_parameter(ddp_out, again):
         if a is not None and b is not None:
             want, kind = (a + b) / 2, "both"
         elif a is not None or b is not None:
-            want, kind = (a if a is not None else b), "one"
+            one = a if a is not None else b
+            # 'mean': the global batch's gradient (the other rank contributed zero); 'users': that rank's own
+            want, kind = (one / 2 if grads_mode == "mean" else one), "one"
         else:
             want, kind = None, "none"
         kinds.add(kind)
-        for got in (g0[name], g1[name]):  # both ranks hold the same corrected gradient
+        for got in (g0[name], g1[name]):  # both ranks hold the same gradient
             if want is None:
                 assert got is None, name
             else:

@@ -531,3 +531,50 @@ def test_unknown_names_suggest_the_same_family_first(typo: str, first: str) -> N
         snnet.create_snnet([typo, "resnet50"], device="meta")
     fam = first[:3]
     assert all(n.strip().startswith(fam) for n in str(e.value).split("Did you mean:")[1].rstrip("?").split(","))
+
+# ------------------------------------------------------------------ params, counted by hand
+
+
+def _n(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def _swin_route_params(a, b, st: int, i: int, j: int) -> int:
+    """Source through block i of stage st, a Linear, target from block j of stage st: timm's Swin modules."""
+    src = _n(a.patch_embed, *a.layers[:st], a.layers[st].downsample, *a.layers[st].blocks[:i + 1])
+    c_in, c_out = a.layers[st].blocks[0].dim, b.layers[st].blocks[0].dim
+    return src + c_in * c_out + c_out + _n(*b.layers[st].blocks[j:], *b.layers[st + 1:], b.norm, b.head)
+
+
+def _resnet_units(m) -> list[torch.nn.Module]:
+    return [*m.layer1, *m.layer2, *m.layer3, *m.layer4]
+
+
+@pytest.mark.parametrize("fam", ["swin", "resnet", "resnet18-swin_t"])
+def test_stitched_params_match_a_count_of_the_route_modules(nets, fam: str) -> None:
+    net = nets[fam]
+    models = {n: timm.create_model(n) for n in TINY_FAMILIES[fam]}  # same architectures, own modules
+    ms = [models[next(n for n in models if n.startswith(label))] for label in net.labels]
+    costs = net.costs()
+    for s in net.space:
+        if s.is_anchor:
+            assert costs[s.id].params == _n(ms[s.src]), s.name
+            continue
+        a, b = ms[s.src], ms[s.dst]
+        A, B = net.anchors[s.src].stages, net.anchors[s.dst].stages
+        st = next(k for k in range(4) if sum(A[:k]) < s.src_end <= sum(A[:k + 1]))
+        i, j = s.src_end - sum(A[:st]) - 1, s.dst_start - sum(B[:st])
+        if fam == "swin":
+            want = _swin_route_params(a, b, st, i, j)
+        else:  # a ResNet source: stem, its units, a 1x1 conv, then the target's units and head
+            src = _n(a.conv1, a.bn1, *_resnet_units(a)[:s.src_end])
+            c_in = getattr(_resnet_units(a)[s.src_end - 1], "bn3", _resnet_units(a)[s.src_end - 1].bn2).num_features
+            if fam == "resnet":  # the target resumes inside a stage: its input has the previous unit's channels
+                prev = _resnet_units(b)[s.dst_start - 1]
+                c_out = getattr(prev, "bn3", prev.bn2).num_features
+                dst = _n(*_resnet_units(b)[s.dst_start:], b.fc)
+            else:  # into Swin: the target's blocks j.. of the stage, later stages, norm, head
+                c_out = b.layers[st].blocks[0].dim
+                dst = _n(*b.layers[st].blocks[j:], *b.layers[st + 1:], b.norm, b.head)
+            want = src + c_in * c_out + c_out + dst
+        assert costs[s.id].params == want, s.name

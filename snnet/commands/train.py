@@ -21,7 +21,7 @@ def train(
     epochs: Annotated[int, typer.Option(help="Epochs over the training set.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many steps (the LR schedule spans them).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step and process.")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 5e-5,
+    lr: Annotated[float, typer.Option(help="Base learning rate at a global batch of 512: the rate used is lr x batch x processes / 512 (printed at start). 4e-4 = 5e-5 at batch 64.")] = 4e-4,
     anchor_lr_scale: Annotated[float, typer.Option("--anchor-lr-scale", help="LR multiplier for the anchors' own parameters.")] = 1.0,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.05,
     warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up steps before the cosine decay.")] = 0,
@@ -45,6 +45,14 @@ def train(
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Train-time augmentation.")] = True,
     workers: Annotated[int, typer.Option("--workers", help="Data loader worker processes.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    # ---- recipes, distillation and regularisers (snnet/recipes.py); a recipe sets every option above you do not give
+    recipe: Annotated[Optional[str], typer.Option(help="The paper's recipe for a family: deit, swin, resnet, resnet-swin, levit (every value and its source: --print-recipe).")] = None,
+    print_recipe: Annotated[bool, typer.Option("--print-recipe", help="Print the resolved recipe and learning rates, then exit.")] = False,
+    set_fields: Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe field: --set mixup=0 --set warmup_lr=none (repeatable).")] = None,
+    distill_type: Annotated[Optional[str], typer.Option("--distill-type", help="'hard' (cross-entropy on the teacher's top class, DeiT) or 'soft' (KL). Default: the recipe's.")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warm-up in epochs (used when --warmup-steps is 0). Default: the recipe's.")] = None,
+    drop_path: Annotated[Optional[float], typer.Option("--drop-path", help="Stochastic depth rate of the anchors (timm's drop_path_rate). Default: the recipe's.")] = None,
+    ddp_grads: Annotated[str, typer.Option("--ddp-grads", help="Under torchrun with per-rank stitches: 'mean' (DDP's mean over all processes) or 'users' (mean over the processes whose route used each parameter).")] = "mean",
 ) -> None:
     """Train all stitches of a family jointly (SN-Net); checkpoints resume to the identical run.
 
@@ -57,32 +65,51 @@ def train(
     from ..data import build_dataset
     from ..errors import TrainingInterrupted
     from ..model import StitchedNet, create_snnet
+    from ..recipes import RecipeError, get_recipe
     from ..runlock import check_run_folder
-    from ..train import OptimConfig, TrainConfig, train as run
+    from ..train import train as run
 
-    # validate every option before building anything
-    tconf = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, sampler=sampler, num_buckets=num_buckets,
-                        seed=seed, amp=amp, distill=distill, ckpt_every=ckpt_every, out_dir=str(out), resume=resume,
-                        stitch_sync=stitch_sync, init_images=0 if init is not None else init_images, num_workers=workers,
-                        device=device, progress=progress, overwrite=overwrite)
-    oconf = OptimConfig(lr=lr, anchor_lr_scale=anchor_lr_scale, weight_decay=weight_decay, warmup_steps=warmup_steps)
-    _check_inputs(data, data_dir, limit_train, num_classes, weights, distill)
+    # validate every option before building anything: the recipe, what the command line changes, the configs
+    given = {name: value for name, value in ctx.params.items()
+             if name in _RECIPE_OPTIONS and _from_command_line(ctx, name)}
+    rec = get_recipe(recipe).override(**{_RECIPE_OPTIONS[k]: v for k, v in given.items()})
+    rec = rec.override_text(set_fields or [])
+    world = _world_size()
+    tconf, oconf = rec.configs(world_size=world, max_steps=max_steps, seed=seed, ckpt_every=ckpt_every, out_dir=str(out),
+                               resume=resume, stitch_sync=stitch_sync, num_buckets=num_buckets,
+                               init_images=0 if init is not None else rec.init_images, num_workers=workers,
+                               device=device, progress=progress, ddp_grads=ddp_grads, overwrite=overwrite)
+    if print_recipe:
+        typer.echo(rec.describe(world))
+        return
+    asked_drop_path = "drop_path" in given or any(f.replace("-", "_").startswith("drop_path=") for f in set_fields or [])
+    if init is not None and asked_drop_path and rec.drop_path > 0:
+        raise RecipeError("drop-path is set when the anchors are built; a network loaded with --init keeps its own: "
+                          "drop --drop-path / --set drop_path")
+    _check_inputs(data, data_dir, limit_train, num_classes, weights, rec.distill)
     if check_run_folder(out, resume, overwrite) is None and resume == "auto":
         typer.echo(f"no checkpoint in {out}: --resume auto starts a fresh run", err=True)
     seed_everything(seed)  # random-init anchors and heads follow --seed
     if init is not None:
         net = StitchedNet.from_pretrained(init)
     else:
-        names = split_names(anchors)
+        names = split_names(rec.anchors)
         files = [w.strip() for w in weights.split(",")] if weights else None
         if files is not None and len(files) != len(names):
             raise SnnetError(f"--weights gives {len(files)} files for {len(names)} anchors; give one per anchor")
-        net = create_snnet(_specs(names, pretrained, files), num_classes=num_classes)
+        # a spec carries its own model arguments: create_snnet's num_classes applies to bare names only
+        kwargs = tuple(sorted(rec.anchor_kwargs() + ((("num_classes", num_classes),) if num_classes else ())))
+        specs = _specs(names, pretrained, files, kwargs)
+        if any(s.pretrained for s in specs):  # anchors snnet cannot split fail here, before any download
+            create_snnet([s.name for s in specs], num_classes=num_classes, device="meta")
+        net = create_snnet(specs)
 
     started = _init_distributed(device)
     try:
-        dataset = build_dataset(data, "train", net.anchors[0].data_config, augment=augment, limit=limit_train,
-                                root=data_dir, seed=seed)
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(f"{rec.name}: {rec.rates(world, oconf)}")
+        dataset = build_dataset(data, "train", net.anchors[0].data_config, augment=rec.augment, limit=limit_train,
+                                root=data_dir, seed=seed, transform_options=rec.transform_options() if rec.augment else None)
         result = run(net, dataset, tconf, oconf)
     except TrainingInterrupted as e:
         if int(os.environ.get("RANK", "0")) == 0:  # one message, not one per process
@@ -142,7 +169,31 @@ def _resume_command(ctx: typer.Context) -> str:
     return shlex.join([*launcher, ctx.info_name or "train", *words, "--resume", "auto"])
 
 
-def _specs(names: list[str], pretrained: bool | None, files: list[str] | None):
+# Options of `snnet train` that are recipe fields: given on the command line, they override the recipe.
+_RECIPE_OPTIONS = {"anchors": "anchors", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+                   "anchor_lr_scale": "anchor_lr_scale", "weight_decay": "weight_decay", "warmup_steps": "warmup_steps",
+                   "sampler": "sampler", "distill": "distill", "amp": "amp", "init_images": "init_images",
+                   "augment": "augment", "distill_type": "distill_type", "warmup_epochs": "warmup_epochs",
+                   "drop_path": "drop_path"}
+
+
+def _from_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not left at its default).
+
+    Compared by name: typer ships its own copy of click, whose ParameterSource is another class."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _world_size() -> int:
+    """Processes of this run (torchrun's WORLD_SIZE), for the linear scaling rule."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise SnnetError(f"WORLD_SIZE={text!r} is not a number of processes")
+    return int(text)
+
+
+def _specs(names: list[str], pretrained: bool | None, files: list[str] | None, kwargs: tuple = ()):
     """One AnchorSpec per name: shipped fmnist weights by default, timm downloads with --pretrained."""
     from ..anchors import AnchorSpec
     from ..pretrained import FMNIST_FAMILY, normalize_name
@@ -151,7 +202,7 @@ def _specs(names: list[str], pretrained: bool | None, files: list[str] | None):
     for k, name in enumerate(names):
         shipped = normalize_name(name).partition(".")[0] in FMNIST_FAMILY
         want = pretrained if pretrained is not None else shipped
-        specs.append(AnchorSpec(name, want and not files, files[k] if files else None))
+        specs.append(AnchorSpec(name, want and not files, files[k] if files else None, kwargs))
     return specs
 
 

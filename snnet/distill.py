@@ -1,0 +1,103 @@
+"""Knowledge distillation while training a stitched network: the teacher and the two losses.
+
+* ``soft``: KL divergence between the temperature-softened distributions of the student and
+  the teacher, times ``T²`` (Hinton et al.; averaged over the batch).
+* ``hard``: cross-entropy on the teacher's top class (DeiT's hard distillation, which the
+  SN-Net reference code uses for every family, with weight 0.5 and a RegNetY-160 teacher).
+
+The total loss is ``(1 - alpha) * base + alpha * distillation``. The teacher is either the
+SN-Net's own largest anchor (a frozen copy, ``'largest'``) or a timm model with its *own*
+pretrained head: a teacher whose classes are not the network's is refused before training,
+since a head replaced to fit the dataset would be random and its targets noise. The teacher
+always runs in eval mode without gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SnnetError
+
+if TYPE_CHECKING:
+    from .model import StitchedNet
+
+__all__ = ["DISTILL_TYPES", "TeacherError", "build_teacher", "check_teacher", "distill_loss", "teacher_classes",
+           "teacher_logits"]
+
+DISTILL_TYPES = ("soft", "hard")
+
+
+class TeacherError(SnnetError, ValueError):
+    """A distillation teacher that cannot teach this network."""
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float = 1.0) -> torch.Tensor:
+    """The distillation term for logits ``student`` and ``teacher`` (both ``batch x classes``)."""
+    if kind == "hard":
+        return F.cross_entropy(student, teacher.argmax(dim=-1))
+    if kind == "soft":
+        t = temperature
+        return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                        reduction="batchmean") * t * t
+    raise TeacherError(f"unknown distillation type {kind!r}; use one of {DISTILL_TYPES}")
+
+
+def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The teacher's output on ``x``: always in eval mode (a teacher that is a submodule of the
+    network would otherwise follow ``net.train()``) and without building a graph."""
+    teacher.eval()
+    with torch.no_grad():
+        return teacher(x)
+
+
+def teacher_classes(teacher: nn.Module, input_size: tuple[int, ...]) -> int:
+    """How many classes ``teacher`` predicts: timm's ``num_classes``, else one probe forward."""
+    n = getattr(teacher, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    param = next(teacher.parameters(), None)
+    x = torch.zeros(1, *input_size, device=param.device if param is not None else "cpu")
+    out = teacher_logits(teacher, x)
+    return int(out.shape[-1])
+
+
+def check_teacher(teacher: nn.Module, net: "StitchedNet", name: str = "the teacher") -> None:
+    """Refuse a teacher whose classes are not the network's (its targets would mean nothing),
+    or one that shares weights with the network (training would move the teacher too)."""
+    if {id(p) for p in teacher.parameters()} & {id(p) for p in net.parameters()}:
+        raise TeacherError(f"{name} shares weights with the network being trained: pass a frozen copy "
+                           "(distill='largest' makes one of the largest anchor)")
+    classes = teacher_classes(teacher, tuple(net.input_size))
+    if classes != net.num_classes:
+        raise TeacherError(
+            f"{name} predicts {classes} classes but the network predicts {net.num_classes}: its targets would be "
+            "noise. Distil from the network's own largest anchor (--distill largest) or from a teacher trained on "
+            "these classes")
+
+
+def build_teacher(net: "StitchedNet", distill: str | None, pretrained: bool = True,
+                  file: str | None = None) -> nn.Module | None:
+    """The distillation teacher, frozen and checked: a copy of the largest anchor, or a timm model.
+
+    A timm teacher keeps its own pretrained head (``pretrained=True`` downloads its weights,
+    ``file`` loads them from disk); :func:`check_teacher` then insists its classes match.
+    """
+    if distill is None:
+        return None
+    if distill == "largest":
+        teacher: nn.Module = copy.deepcopy(net.anchors[-1])
+    else:
+        from .anchors import AnchorSpec, create_anchor
+
+        if not pretrained and file is None:
+            raise TeacherError(f"teacher {distill!r} would have random weights: let it load its pretrained weights "
+                               "or give a weights file")
+        teacher = create_anchor(AnchorSpec(distill, pretrained and file is None, file))
+    teacher = teacher.eval().requires_grad_(False)
+    check_teacher(teacher, net, "the SN-Net's largest anchor" if distill == "largest" else f"teacher {distill!r}")
+    return teacher
