@@ -319,8 +319,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         cutmix=1.0, auto_augment="rand-m9-mstd0.5-inc1", train_interpolation="bicubic", re_prob=0.25,
         re_mode="pixel", repeated_aug=3, drop_path=0.0, distill="regnety_160.deit_in1k", distill_type="hard",
         distill_alpha=0.5, init_images=100,
-        notes=("snnet has no LeViT adapter yet: the values are here, training LeViT anchors is refused",
-               *_DEIT_NOTES)),
+        notes=_DEIT_NOTES),
 )}
 
 

@@ -487,6 +487,8 @@ def train(net: StitchedNet, train_data: Dataset, config: TrainConfig = TrainConf
     not, is refused unless resumed or overwritten (:mod:`snnet.runlock`).
     """
     n = check_dataset(net, train_data, config.batch_size)  # before the folder is touched
+    if teacher is not None:
+        check_teacher(teacher, net)  # a teacher that cannot teach must not cost a run, nor touch its folder
     lock = _claim_run_folder(config)
     try:
         return _train(net, train_data, n, config, optim, teacher, stop_after)
@@ -547,11 +549,9 @@ def _train(net: StitchedNet, train_data: Dataset, n: int, config: TrainConfig, o
             net.save_pretrained(final)
         return TrainResult(ckpt["step"], total, True, float("nan"), 0.0, 0.0, out_dir, resume_path, final)
 
-    # the teacher is built and checked before any work: a wrong one must not cost a run
+    # a named teacher is built (and checked) before any work: a wrong one must not cost a run
     if teacher is None and config.distill is not None:
         teacher = build_teacher(net, config.distill)
-    elif teacher is not None:
-        check_teacher(teacher, net)
     device = default_device(config.device)
     net.to(device)
     if ckpt is None and config.init_images > 0 and rank == 0:
