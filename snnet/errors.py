@@ -47,3 +47,7 @@ class BudgetError(SnnetError, ValueError):
 
 class ExportError(SnnetError, RuntimeError):
     """A stitch that cannot be exported: unwritable path, failed trace, or failed verification."""
+
+
+class ZooError(SnnetError, ValueError):
+    """A zoo of comparison networks that is missing or malformed, or a zoo filter that cannot be read."""
