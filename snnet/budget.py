@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 from torch import nn
 
 from .errors import BudgetError
-from .report import human
-from .results import merge_rows, read_rows
+from .report import COUNT_PREFIXES as _COUNT, human
+from .results import merge_rows, network_rows, read_rows
 from .space import Stitch
 
 __all__ = ["Budget", "MB", "Selection", "parse_budget", "select_stitch"]
@@ -37,7 +37,6 @@ _KEYS = {"flops": "flops", "flop": "flops", "macs": "flops", "mac": "flops",
          "params": "params", "param": "params", "parameters": "params",
          "latency": "latency_ms", "latency_ms": "latency_ms", "lat": "latency_ms", "time": "latency_ms",
          "memory": "memory_mb", "memory_mb": "memory_mb", "mem": "memory_mb", "peak_mem_mb": "memory_mb"}
-_COUNT = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _TIME = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3}
 _MEMORY = {"b": 1 / MB, "kb": 1 / 1024, "kib": 1 / 1024, "mb": 1.0, "mib": 1.0, "gb": 1024.0, "gib": 1024.0}
 _ACCEPTED = ("flops<=2G (K/M/G/T, optional FLOPs/MACs), params<=5M (K/M/G/T), latency<=30ms (us/ms/s), "
@@ -170,6 +169,7 @@ def select_stitch(net_or_costs: Any, budget: Any, results: Any = None) -> Select
     rows = [c.to_dict() for c in net.costs()] if net is not None else read_rows(net_or_costs)
     if results is not None:
         rows = merge_rows(rows, read_rows(results), "the results")
+    rows = network_rows(rows)  # zoo models in a results file are for comparison: never a choice
     if not rows:
         raise BudgetError("no stitches to select from")
     for name, bound in budget.limits():

@@ -70,3 +70,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class ServeError(SnnetError, ValueError):
     """A server that cannot start as configured: no latency table for the stitches to serve, a bad SLO..."""
+
+
+class ZooError(SnnetError, ValueError):
+    """A zoo of comparison networks that is missing or malformed, or a zoo filter that cannot be read."""

@@ -125,23 +125,50 @@ class PartCosts:
         return self.route(0, len(self.block_flops), True, True)
 
 
+@contextlib.contextmanager
+def _counting(module: nn.Module, input_size: tuple[int, ...]) -> Iterator[torch.Tensor]:
+    """Eval mode, unfused attention and one zero image (batch 1) on the module's device and dtype.
+
+    Eval mode because training-mode batch norm and dropout are not what inference costs; the
+    device may be ``meta``, where shapes propagate and nothing is computed. Parameters stop
+    requiring grad meanwhile: a view of a parameter taken under no_grad (CaiT's expanded class
+    token) would otherwise require grad without a grad_fn, which the counter's module tracker
+    rejects.
+    """
+    was_training = module.training
+    module.eval()
+    grads = [(q, q.requires_grad) for q in module.parameters()]
+    p = grads[0][0]
+    try:
+        for q, _ in grads:
+            q.requires_grad_(False)
+        with unfused_attention(module):
+            yield torch.zeros(1, *input_size, device=p.device, dtype=p.dtype)
+    finally:
+        module.train(was_training)
+        for q, g in grads:
+            q.requires_grad_(g)
+
+
+@torch.no_grad()
+def model_costs(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, int]:
+    """(MACs, params) of a whole model on one image of ``input_size`` (C, H, W): the convention of
+    :func:`part_costs`, so a network counted here and a stitch are priced alike."""
+    with _counting(model, input_size) as x:
+        flops, _ = count_macs(model, x)
+    return flops, num_params(model)
+
+
 @torch.no_grad()
 def part_costs(parts: nn.Module, input_size: tuple[int, ...]) -> PartCosts:
     """Count every part of an :class:`~snnet.anchors.AnchorParts` on one zero image."""
-    was_training = parts.training
-    parts.eval()
-    p = next(parts.parameters())
-    x = torch.zeros(1, *input_size, device=p.device, dtype=p.dtype)
-    try:
-        with unfused_attention(parts):
-            stem_flops, h = count_macs(parts.stem, x)
-            block_flops = []
-            for blk in parts.blocks:
-                f, h = count_macs(blk, h)
-                block_flops.append(f)
-            head_flops, _ = count_macs(parts.head, h)
-    finally:
-        parts.train(was_training)
+    with _counting(parts, input_size) as x:
+        stem_flops, h = count_macs(parts.stem, x)
+        block_flops = []
+        for blk in parts.blocks:
+            f, h = count_macs(blk, h)
+            block_flops.append(f)
+        head_flops, _ = count_macs(parts.head, h)
     return PartCosts(
         stem_flops, tuple(block_flops), head_flops,
         num_params(parts.stem), tuple(num_params(b) for b in parts.blocks), num_params(parts.head),

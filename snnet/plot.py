@@ -5,16 +5,24 @@ looked at on machines without internet (clusters, this project's CI), and a sing
 self-contained file can be copied or attached on its own — ``include_plotlyjs='directory'`` would
 save space per extra plot but breaks as soon as the HTML is moved without its ``plotly.min.js``.
 The PNG is drawn with matplotlib (plotly's own image export needs kaleido and a browser).
+
+Zoo rows (individually trained networks, :mod:`snnet.zoo`) are drawn beside the stitches: one
+legend entry per zoo family (a click hides it; a click on the group's title hides the whole zoo),
+muted and beneath the stitched network's points, with the zoo's own frontier as a dashed line.
+With a zoo every dot's area is proportional to the network's parameters, and a cost axis
+that spans more than two decades turns logarithmic. Zoo models have no latency or memory measured
+on this device, so a plot against those leaves them out and says so in its title.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 from .errors import ResultsError
-from .results import StitchResult, pareto_front
+from .results import StitchResult, frontier, network_rows
 from .io import atomic_write
 from .report import human
 
@@ -25,29 +33,74 @@ AXES = {"flops": "FLOPs (multiply-accumulates)", "params": "parameters", "latenc
         "peak_mem_mb": "peak memory (MB)"}
 
 
-def _groups(results: Sequence[StitchResult], x: str) -> tuple[list[StitchResult], list[StitchResult], list[StitchResult]]:
-    """Anchors, stitches, and the frontier sorted by cost (the three legend entries)."""
-    missing = [r.name for r in results if r.value(x) is None]
-    if missing:
-        hint = " (measure it first, e.g. with `snnet profile`)" if x in ("latency_ms", "peak_mem_mb") else ""
-        raise ResultsError(f"{len(missing)} results have no {x!r}, e.g. {missing[0]!r}: cannot plot against it{hint}")
-    if not results:
-        raise ResultsError("no results to plot")
-    front = pareto_front(results, x)
-    anchors = [r for r in results if r.is_anchor]
-    stitches = [r for r in results if not r.is_anchor]
-    frontier = sorted((r for r in results if r.id in front), key=lambda r: (r.value(x), r.id))
-    return anchors, stitches, frontier
+# colours: the stitched network's stand out, the zoo's are muted and drawn beneath them
+STITCH, ANCHOR, FRONT = "#1f77b4", "#d62728", "#2ca02c"
+ZOO_FRONT = "#444444"
+_LOG_SPAN = 100  # a cost axis spanning more than this factor is drawn logarithmic
+_MAX_DOT = 40  # px: the largest network's dot (area proportional to params)
+
+
+class _Groups:
+    """The plot's groups: anchors, stitches and their frontier; the zoo by family, and its frontier."""
+
+    def __init__(self, results: Sequence[StitchResult], x: str) -> None:
+        network = network_rows(results)
+        missing = [r.name for r in network if r.value(x) is None]
+        if missing:
+            hint = " (measure it first, e.g. with `snnet profile`)" if x in ("latency_ms", "peak_mem_mb") else ""
+            raise ResultsError(f"{len(missing)} results have no {x!r}, e.g. {missing[0]!r}: cannot plot against it{hint}")
+        zoo = [r for r in results if r.is_zoo]
+        self.zoo = [r for r in zoo if r.value(x) is not None]
+        self.zoo_omitted = len(zoo) - len(self.zoo)  # e.g. no latency measured on this device
+        if not network and not self.zoo:
+            raise ResultsError("no results to plot")
+        self.anchors = [r for r in network if r.is_anchor]
+        self.stitches = [r for r in network if not r.is_anchor]
+        self.frontier = frontier(network, x) if network else []
+        self.zoo_frontier = frontier(self.zoo, x) if self.zoo else []
+        self.families: dict[str, list[StitchResult]] = {}
+        for r in sorted(self.zoo, key=lambda r: str(r.value("family"))):
+            self.families.setdefault(str(r.value("family")), []).append(r)
+        self.sources = sorted({str(r.value("source")) for r in zoo})
+        shown = [r.value(x) for r in [*network, *self.zoo] if r.value(x) is not None and r.value(x) > 0]
+        self.log_x = bool(self.zoo) and bool(shown) and max(shown) > _LOG_SPAN * min(shown)
+        self.max_params = max((r.params for r in [*network, *self.zoo]), default=1) or 1
+
+    def title(self, x: str, xlabel: str, n_network: int) -> str:
+        if not self.sources:
+            return f"SN-Net: top-1 accuracy vs {xlabel} ({n_network} networks)"
+        text = (f"SN-Net ({n_network} networks) vs zoo {', '.join(self.sources)} ({len(self.zoo)} models): "
+                f"top-1 accuracy vs {xlabel}")
+        if self.zoo_omitted:
+            text += f" - {self.zoo_omitted} zoo models left out: no {x} measured for them on this device"
+        return text
 
 
 def _hover(r: StitchResult, x: str) -> str:
-    lines = [f"<b>{r.name}</b>", f"id {r.id}{' (anchor)' if r.is_anchor else ''}",
-             f"FLOPs {human(r.flops)}", f"params {human(r.params)}", f"top-1 {r.acc1:.2f}%  top-5 {r.acc5:.2f}%"]
+    if r.is_zoo:
+        lines = [f"<b>{r.name}</b>", f"zoo {r.value('source')}, family {r.value('family')}"]
+    else:
+        lines = [f"<b>{r.name}</b>", f"id {r.id}{' (anchor)' if r.is_anchor else ''}"]
+    lines += [f"FLOPs {human(r.flops)}", f"params {human(r.params)}",
+              f"top-1 {r.acc1:.2f}%" + (f"  top-5 {r.acc5:.2f}%" if not math.isnan(r.acc5) else "")]
+    if r.is_zoo and r.value("img_size") is not None:
+        lines.append(f"image size {r.value('img_size')}")
+    if r.is_zoo and r.value("flops_from") == "timm GMACs":
+        lines.append("FLOPs: timm's GMACs (snnet could not count this model)")
     if r.latency_ms is not None:
         lines.append(f"latency {r.latency_ms:.3f} ms")
     if x not in ("flops", "params", "latency_ms"):
         lines.append(f"{x} {r.value(x)}")
     return "<br>".join(lines)
+
+
+def _zoo_colours(families: Sequence[str]) -> dict[str, str]:
+    from plotly.colors import qualitative, unlabel_rgb
+
+    # muted, so the stitches stand out; as hex, which both plotly and matplotlib read
+    palette = ["#%02x%02x%02x" % tuple(int(v) for v in unlabel_rgb(c))
+               for c in qualitative.Set2 + qualitative.Pastel1 + qualitative.Set3]
+    return {f: palette[k % len(palette)] for k, f in enumerate(families)}
 
 
 def plot_pareto(
@@ -61,29 +114,53 @@ def plot_pareto(
 
     Anchors, stitches and the Pareto frontier are separate traces, so clicking a legend entry
     hides that group; hovering a point shows the stitch's name, id, params, FLOPs and accuracies.
+    Zoo rows among ``results`` add one trace per zoo family and the zoo's frontier (module docstring).
     """
     import plotly.graph_objects as go
 
     results = list(results)
-    anchors, stitches, frontier = _groups(results, x)
+    g = _Groups(results, x)
     xlabel = AXES.get(x, x)
-    title = title or f"SN-Net: top-1 accuracy vs {xlabel} ({len(results)} networks)"
+    title = title or g.title(x, xlabel, len(results) - len(g.zoo) - g.zoo_omitted)
+    sized = bool(g.zoo)  # with a zoo, a larger dot is a larger network
 
-    def scatter(rows: list[StitchResult], name: str, **style) -> go.Scatter:
-        return go.Scatter(x=[r.value(x) for r in rows], y=[r.acc1 for r in rows], name=name, legendgroup=name,
+    def marker(rows: list[StitchResult], size: float, **style: Any) -> dict[str, Any]:
+        if not sized:
+            return dict(size=size, **style)
+        # area proportional to params, on one scale for every trace
+        return dict(size=[r.params for r in rows], sizemode="area", sizeref=2 * g.max_params / _MAX_DOT ** 2,
+                    sizemin=size / 2, **style)
+
+    def scatter(rows: list[StitchResult], name: str, rank: int, group: str | None = None, **style: Any) -> go.Scatter:
+        return go.Scatter(x=[r.value(x) for r in rows], y=[r.acc1 for r in rows], name=name,
+                          legendgroup=group or name, legendrank=rank,
                           text=[_hover(r, x) for r in rows], hovertemplate="%{text}<extra></extra>", **style)
 
-    fig = go.Figure([
-        scatter(stitches, "stitches", mode="markers", marker=dict(size=8, color="#1f77b4", opacity=0.75)),
+    traces = []
+    if g.zoo:
+        zoo_title = dict(text=f"zoo: {', '.join(g.sources)} (click a family to hide it)")
+        traces.append(scatter(g.zoo_frontier, "zoo frontier", 10, "zoo", legendgrouptitle=zoo_title, mode="lines",
+                              line=dict(color=ZOO_FRONT, width=2, dash="dash", shape="hv")))
+        colours = _zoo_colours(list(g.families))
+        for k, (fam, rows) in enumerate(g.families.items()):
+            traces.append(scatter(rows, fam, 20 + k, "zoo", mode="markers", marker=marker(
+                rows, 7, color=colours[fam], opacity=0.6, line=dict(width=0.5, color="#777777"))))
+    traces += [
+        scatter(g.stitches, "stitches", 1, mode="markers", marker=marker(g.stitches, 8, color=STITCH, opacity=0.8)),
         # anchors are also labelled on the plot itself (the hover text stays the full description)
-        scatter(anchors, "anchors", mode="markers+text", textposition="top center", texttemplate=[r.name for r in anchors],
-                marker=dict(size=14, color="#d62728", symbol="star", line=dict(width=1, color="black"))),
+        scatter(g.anchors, "anchors", 2, mode="markers+text", textposition="top center",
+                texttemplate=[r.name for r in g.anchors],
+                marker=marker(g.anchors, 14, color=ANCHOR, symbol="star", line=dict(width=1, color="black"))),
         # the frontier's members get a ring, so a one-point frontier still shows
-        scatter(frontier, "Pareto frontier", mode="lines+markers", line=dict(color="#2ca02c", width=2, shape="hv"),
-                marker=dict(size=16, color="rgba(0,0,0,0)", line=dict(width=2, color="#2ca02c"))),
-    ])
+        scatter(g.frontier, "Pareto frontier", 3, mode="lines+markers", line=dict(color=FRONT, width=3, shape="hv"),
+                marker=dict(size=16, color="rgba(0,0,0,0)", line=dict(width=2, color=FRONT))),
+    ]
+    fig = go.Figure(traces)
     fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title="top-1 accuracy (%)", template="plotly_white",
-                      hovermode="closest", legend=dict(itemclick="toggle", itemdoubleclick="toggleothers"))
+                      hovermode="closest", legend=dict(itemclick="toggle", itemdoubleclick="toggleothers",
+                                                       groupclick="toggleitem"))
+    if g.log_x:
+        fig.update_xaxes(type="log")
     if x in ("flops", "params"):
         fig.update_xaxes(tickformat="~s")
     html_path = Path(html_path)
@@ -91,33 +168,62 @@ def plot_pareto(
     atomic_write(html_path, lambda p: fig.write_html(str(p), include_plotlyjs=True, full_html=True))
     written = [html_path]
     if png_path is not None:
-        written.append(_png(anchors, stitches, frontier, Path(png_path), x, xlabel, title))
+        written.append(_png(g, Path(png_path), x, xlabel, title))
     return written
 
 
-def _png(anchors: list[StitchResult], stitches: list[StitchResult], frontier: list[StitchResult], path: Path,
-         x: str, xlabel: str, title: str) -> Path:
+_PNG_FAMILIES = 12  # more zoo families than this share one colour and one legend entry in the PNG
+
+
+def _png(g: _Groups, path: Path, x: str, xlabel: str, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
 
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    def area(rows: list[StitchResult], fixed: float) -> Any:
+        """Marker areas (pt^2): proportional to params when a zoo is drawn, at least ``fixed`` / 4."""
+        return [max(fixed / 4, 600 * r.params / g.max_params) for r in rows] if g.zoo else fixed
+
+    fig, ax = plt.subplots(figsize=(12, 6.5) if g.zoo else (9, 6), dpi=120)
     try:
-        ax.scatter([r.value(x) for r in stitches], [r.acc1 for r in stitches], s=24, c="#1f77b4", alpha=0.75,
-                   label="stitches", zorder=2)
-        ax.step([r.value(x) for r in frontier], [r.acc1 for r in frontier], where="post", c="#2ca02c", lw=2,
-                label="Pareto frontier", zorder=1, marker="o", markersize=11, markerfacecolor="none")
-        ax.scatter([r.value(x) for r in anchors], [r.acc1 for r in anchors], s=160, c="#d62728", marker="*",
-                   edgecolors="black", linewidths=0.6, label="anchors", zorder=3)
-        for r in anchors:
+        if g.zoo:
+            colours = _zoo_colours(list(g.families))
+            if len(g.families) <= _PNG_FAMILIES:
+                for fam, rows in g.families.items():
+                    ax.scatter([r.value(x) for r in rows], [r.acc1 for r in rows], s=area(rows, 20), c=colours[fam],
+                               alpha=0.6, edgecolors="#777777", linewidths=0.4, label=f"zoo: {fam}", zorder=1)
+            else:
+                ax.scatter([r.value(x) for r in g.zoo], [r.acc1 for r in g.zoo], s=area(g.zoo, 20), c="#bbbbbb",
+                           alpha=0.6, edgecolors="#777777", linewidths=0.4, zorder=1,
+                           label=f"zoo: {len(g.zoo)} models, {len(g.families)} families")
+            ax.step([r.value(x) for r in g.zoo_frontier], [r.acc1 for r in g.zoo_frontier], where="post",
+                    c=ZOO_FRONT, lw=1.5, ls="--", label="zoo frontier", zorder=1)
+        ax.scatter([r.value(x) for r in g.stitches], [r.acc1 for r in g.stitches], s=area(g.stitches, 60 if g.zoo else 24),
+                   c=STITCH, alpha=0.8, edgecolors="#0b3c5d" if g.zoo else "none", linewidths=0.5, label="stitches",
+                   zorder=3)
+        ax.step([r.value(x) for r in g.frontier], [r.acc1 for r in g.frontier], where="post", c=FRONT, lw=2.5,
+                label="Pareto frontier", zorder=2, marker="o", markersize=11, markerfacecolor="none")
+        stars = [max(160, a) for a in area(g.anchors, 160)] if g.zoo else 160  # a star never smaller than unsized
+        ax.scatter([r.value(x) for r in g.anchors], [r.acc1 for r in g.anchors], s=stars, c=ANCHOR, marker="*",
+                   edgecolors="black", linewidths=0.6, label="anchors", zorder=4)
+        for r in g.anchors:
             ax.annotate(r.name, (r.value(x), r.acc1), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=8)
+        if g.log_x:
+            ax.set_xscale("log")
         if x in ("flops", "params"):
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 10M, 2.5G: like the HTML's SI ticks
-        ax.set(xlabel=xlabel, ylabel="top-1 accuracy (%)", title=title)
+        ax.set(xlabel=xlabel, ylabel="top-1 accuracy (%)")
+        ax.set_title(title, fontsize=10 if g.zoo else None, wrap=True)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        if g.zoo:
+            legend = ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+            for handle in legend.legend_handles:  # one marker size in the legend, whatever the dots' sizes
+                if hasattr(handle, "set_sizes"):
+                    handle.set_sizes([40])
+        else:
+            ax.legend(loc="lower right")
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda p: fig.savefig(p, format="png"))

@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 
+# what human() writes, read back: lower-case SI prefix -> factor (budgets and zoo filters parse counts with it)
+COUNT_PREFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
 def human(n: float, unit: str = "") -> str:
     """1234567 -> '1.23M' (with an optional unit: '1.23 GFLOPs')."""
     for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):

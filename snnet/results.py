@@ -1,9 +1,16 @@
 """Result rows of a stitch space: what each network scored and cost, on disk and on a frontier.
 
-:class:`StitchResult` is one row (a stitch, an anchor, or a comparison network); rows are written
-as ``results.json`` (a list of objects) and ``results.csv`` by :func:`write_results` and read back
-by :func:`load_results`. :func:`pareto_front` finds the accuracy/cost frontier and
+:class:`StitchResult` is one row: an anchor, a stitch, or a *zoo* model (an individually trained
+network plotted beside the stitches for comparison, see :mod:`snnet.zoo`); its ``kind`` says which.
+Rows are written as ``results.json`` (a list of objects) and ``results.csv`` by
+:func:`write_results` and read back by :func:`load_results`. :func:`pareto_front` finds the
+stitched network's accuracy/cost frontier, :func:`frontier` that of any rows (a zoo's), and
 :func:`format_results` prints the table. Evaluation itself lives in :mod:`snnet.evaluate`.
+
+A zoo model is not a network of the stitch space: it cannot be selected or exported, so it has no
+stitch ``id`` (``None``; null in JSON, empty in CSV) and is known by its ``name`` (unique within
+its ``source``). Whatever works on stitches by id (frontier ids, budgets, merging profiles) leaves
+zoo rows aside: :func:`network_rows` keeps the rest.
 """
 
 from __future__ import annotations
@@ -22,12 +29,13 @@ from .io import atomic_write, probe_write
 from .report import human, table
 
 __all__ = [
-    "RESULTS_JSON", "RESULTS_CSV", "StitchResult", "check_writable", "format_results", "load_results", "mark_pareto",
-    "pareto_front", "merge_rows", "read_rows", "write_results",
+    "KINDS", "RESULTS_JSON", "RESULTS_CSV", "StitchResult", "check_writable", "format_results", "frontier", "is_zoo",
+    "load_results", "mark_pareto", "network_rows", "pareto_front", "merge_rows", "read_rows", "write_results",
 ]
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
+KINDS = ("anchor", "stitch", "zoo")
 
 
 @dataclass(frozen=True)
@@ -38,9 +46,13 @@ class StitchResult:
     accuracies are percentages. ``latency_ms``/``peak_mem_mb`` are filled in by benchmarking
     tools when measured; ``extra`` keeps any further field (saved and loaded unchanged), so
     results files stay readable when tools add columns.
+
+    ``kind`` is "anchor", "stitch" or "zoo"; left empty it follows ``is_anchor`` (files written
+    before zoo rows existed load unchanged). A zoo row has ``id`` None, ``is_anchor`` False, NaN
+    where nothing was reported (top-5, loss), and its ``source`` and ``family`` in ``extra``.
     """
 
-    id: int
+    id: int | None
     name: str
     flops: int
     params: int
@@ -52,13 +64,31 @@ class StitchResult:
     pareto: bool = False
     latency_ms: float | None = None
     peak_mem_mb: float | None = None
+    kind: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
+    def __post_init__(self) -> None:
+        kind = self.kind or ("anchor" if self.is_anchor else "stitch")
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
+        if self.is_anchor != (kind == "anchor"):
+            raise ValueError(f"is_anchor={self.is_anchor} contradicts kind={kind!r}")
+        if (self.id is None) != (kind == "zoo"):
+            raise ValueError("a zoo row has no stitch id (id null) and every other row has one"
+                             if kind == "zoo" else f"a {kind} row needs a stitch id")
+        object.__setattr__(self, "kind", kind)  # frozen: the derived kind is set once, here
+
+    @property
+    def is_zoo(self) -> bool:
+        return self.kind == "zoo"
+
     def to_dict(self) -> dict[str, Any]:
-        """A flat JSON-ready dict: the fields (optional ones only when set), then ``extra``."""
-        d: dict[str, Any] = {}
+        """A flat JSON-ready dict: the fields (optional ones only when set), then ``extra``.
+
+        ``kind`` comes right after ``name``, where a reader of the CSV looks for it."""
+        d: dict[str, Any] = {"id": self.id, "name": self.name, "kind": self.kind}
         for f in fields(self):
-            if f.name == "extra":
+            if f.name == "extra" or f.name in d:
                 continue
             v = getattr(self, f.name)
             if v is None and f.name in _OPTIONAL:
@@ -70,10 +100,12 @@ class StitchResult:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StitchResult":
         """Inverse of :meth:`to_dict`; unknown keys go to ``extra``. Raises KeyError/ValueError/TypeError."""
-        missing = [k for k in _REQUIRED if k not in d]
+        zoo = d.get("kind") == "zoo"
+        missing = [k for k in (_REQUIRED_ZOO if zoo else _REQUIRED) if k not in d]
         if missing:
             raise KeyError(f"missing {', '.join(missing)}")
-        known = {k: _convert(k, d.get(k)) for k in _TYPES if k in d or k in _DEFAULTS}
+        defaults = _ZOO_DEFAULTS if zoo else _DEFAULTS
+        known = {k: _convert(k, d.get(k), defaults) for k in _TYPES if k in d or k in defaults}
         extra = {k: v for k, v in d.items() if k not in _TYPES}
         return cls(**known, extra=extra)
 
@@ -87,18 +119,22 @@ class StitchResult:
 # field name -> type used to read it back from JSON/CSV text
 _TYPES: dict[str, type] = {"id": int, "name": str, "flops": int, "params": int, "acc1": float, "acc5": float,
                            "loss": float, "images": int, "is_anchor": bool, "pareto": bool,
-                           "latency_ms": float, "peak_mem_mb": float}
+                           "latency_ms": float, "peak_mem_mb": float, "kind": str}
 _OPTIONAL = ("latency_ms", "peak_mem_mb")
 _REQUIRED = ("id", "name", "flops", "params", "acc1", "acc5", "is_anchor")
-# what a file may leave out (or leave empty, in CSV)
-_DEFAULTS: dict[str, Any] = {"loss": math.nan, "images": 0, "pareto": False, "latency_ms": None, "peak_mem_mb": None}
+_REQUIRED_ZOO = ("name", "flops", "params", "acc1")
+# what a file may leave out (or leave empty, in CSV); an empty kind is derived from is_anchor
+_DEFAULTS: dict[str, Any] = {"loss": math.nan, "images": 0, "pareto": False, "latency_ms": None, "peak_mem_mb": None,
+                             "kind": ""}
+# a zoo model reports what its source published: no stitch id, often no top-5 or loss
+_ZOO_DEFAULTS: dict[str, Any] = dict(_DEFAULTS, id=None, acc5=math.nan, is_anchor=False)
 
 
-def _convert(key: str, v: Any) -> Any:
+def _convert(key: str, v: Any, defaults: Mapping[str, Any] = _DEFAULTS) -> Any:
     kind = _TYPES[key]
     if v is None or v == "":
-        if key in _DEFAULTS:
-            return _DEFAULTS[key]
+        if key in defaults:
+            return defaults[key]
         raise ValueError(f"{key} is empty")
     if kind is bool:
         if isinstance(v, str):
@@ -119,30 +155,58 @@ def _convert(key: str, v: Any) -> Any:
 # ---------------------------------------------------------------------------------- frontier
 
 
-def pareto_front(results: Iterable[StitchResult], x: str = "flops", y: str = "acc1") -> set[int]:
-    """Ids of the results no other result beats: nothing costs as little or less and is more accurate.
+def is_zoo(row: StitchResult | Mapping[str, Any]) -> bool:
+    """Whether a result row (object or dict) is a zoo model rather than a network of the stitch space."""
+    return (row.get("kind") if isinstance(row, Mapping) else row.kind) == "zoo"
 
-    Strict staircase: sweeping by cost (ties: higher accuracy, then lower id first), a result is on
-    the frontier if it is more accurate than everything before it. So of two results with equal cost
-    and accuracy only the lower id is kept, and a dearer result with merely equal accuracy is not on it.
-    """
-    rows = list(results)
+
+def network_rows(rows: Iterable[Any]) -> list[Any]:
+    """The rows of the stitched network (anchors and stitches): zoo rows left out."""
+    return [r for r in rows if not is_zoo(r)]
+
+
+def _front_positions(rows: Sequence[StitchResult], x: str, y: str) -> list[int]:
+    """Positions in ``rows`` of the frontier's members, by increasing cost (see :func:`frontier`)."""
     for r in rows:
         if r.value(x) is None or r.value(y) is None:
             raise ResultsError(f"result {r.name!r} has no {x if r.value(x) is None else y}: "
                                f"cannot place it on a {y}/{x} frontier")
-    front, best = set(), -math.inf
-    for r in sorted(rows, key=lambda r: (r.value(x), -r.value(y), r.id)):
-        if r.value(y) > best:
-            front.add(r.id)
-            best = r.value(y)
+    order = sorted(range(len(rows)), key=lambda k: (rows[k].value(x), -rows[k].value(y), rows[k].id is None,
+                                                    rows[k].id or 0, rows[k].name))
+    front, best = [], -math.inf
+    for k in order:
+        if rows[k].value(y) > best:
+            front.append(k)
+            best = rows[k].value(y)
     return front
 
 
+def frontier(rows: Iterable[StitchResult], x: str = "flops", y: str = "acc1") -> list[StitchResult]:
+    """The rows no other of them beats (nothing costs as little or less and is more accurate), by cost.
+
+    Strict staircase: sweeping by cost (ties: higher accuracy, then lower id, then name first), a row
+    is on the frontier if it is more accurate than everything before it. So of two rows with equal
+    cost and accuracy only the first is kept, and a dearer row with merely equal accuracy is not on it.
+    Works on any rows: pass one kind at a time (the stitched network's, or a zoo's) for a meaningful line.
+    """
+    rows = list(rows)
+    return [rows[k] for k in _front_positions(rows, x, y)]
+
+
+def pareto_front(results: Iterable[StitchResult], x: str = "flops", y: str = "acc1") -> set[int]:
+    """Ids of the stitched network's rows on its frontier (:func:`frontier`); zoo rows are left aside."""
+    return {r.id for r in frontier(network_rows(results), x, y)}
+
+
 def mark_pareto(results: Sequence[StitchResult], x: str = "flops", y: str = "acc1") -> list[StitchResult]:
-    """The results with ``pareto`` set from :func:`pareto_front`."""
-    front = pareto_front(results, x, y)
-    return [replace(r, pareto=r.id in front) for r in results]
+    """The results with ``pareto`` set: the stitched network's rows on its own frontier, zoo rows
+    on the zoo's (each group is compared only with itself)."""
+    results = list(results)
+    on: set[int] = set()
+    for zoo in (False, True):
+        group = [k for k, r in enumerate(results) if r.is_zoo == zoo]
+        on.update(group[j] for j in _front_positions([results[k] for k in group], x, y))
+    return [replace(r, pareto=k in on) for k, r in enumerate(results)]
 
 
 # ---------------------------------------------------------------------------------- files
@@ -209,9 +273,14 @@ def load_results(path: str | os.PathLike) -> list[StitchResult]:
         except (KeyError, ValueError, TypeError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise ResultsError(f"{path} is not an snnet results file: entry {k} is invalid ({msg})") from e
-    ids = [r.id for r in out]
+    ids = [r.id for r in network_rows(out)]
     if len(set(ids)) != len(ids):
         raise ResultsError(f"{path} holds some stitch ids twice: results of different runs were mixed; re-run `snnet eval`")
+    zoo = [(r.value("source"), r.name) for r in out if r.is_zoo]
+    if len(set(zoo)) != len(zoo):
+        twice = next(k for k in zoo if zoo.count(k) > 1)
+        raise ResultsError(f"{path} holds zoo model {twice[1]!r} (source {twice[0]}) twice: re-write it with "
+                           "`snnet eval --results ... --zoo ...`")
     return out
 
 
@@ -225,7 +294,12 @@ def _from_text(v: str) -> Any:
 
 
 def format_results(results: Sequence[StitchResult], x: str = "flops") -> str:
-    """A text table sorted by cost, the Pareto frontier (top-1 vs ``x``) marked with ``*``."""
+    """A text table of the stitched network's rows sorted by cost, its Pareto frontier (top-1 vs ``x``)
+    marked with ``*``. Zoo rows are counted in a last line, not listed (a zoo can hold a thousand)."""
+    zoo = [r for r in results if r.is_zoo]
+    results = network_rows(results)
+    if not results:
+        return f"no stitched networks; {len(zoo)} zoo models"
     front = pareto_front(results, x)
     rows = [dict(r.to_dict(), pareto=r.id in front) for r in sorted(results, key=lambda r: (r.value(x), r.id))]
     columns = [("id", "id"), ("name", "stitch"), ("params", "params"), ("flops", "FLOPs")]
@@ -234,8 +308,12 @@ def format_results(results: Sequence[StitchResult], x: str = "flops") -> str:
     text = table(rows, columns, {"params": human, "flops": human, "loss": lambda v: f"{v:.4f}",
                                  "pareto": lambda v: "*" if v else ""})
     best = max(results, key=lambda r: (r.acc1, -r.id))
+    zoo_line = ""
+    if zoo:
+        sources = sorted({str(r.value("source")) for r in zoo})
+        zoo_line = f"\n(and {len(zoo)} zoo models from {', '.join(sources)} in the results, not listed: see the plot)"
     return (f"{text}\n\n{len(results)} networks on {results[0].images} images; {len(front)} on the Pareto "
-            f"frontier (*); best top-1 {best.acc1:.2f}% ({best.name})")
+            f"frontier (*); best top-1 {best.acc1:.2f}% ({best.name}){zoo_line}")
 
 
 # ---------------------------------------------------------------------------------- rows as dicts
@@ -280,13 +358,16 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]] | None:
 
 
 def merge_rows(base: list[dict[str, Any]], extra: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
-    """``base`` rows updated by id with ``extra`` rows' non-null fields; names must agree."""
-    by_id = {int(r["id"]): dict(r) for r in base}
-    for r in extra:
+    """``base`` rows updated by id with ``extra`` rows' non-null fields; names must agree.
+
+    Zoo rows have no id: those of ``base`` are kept as they are (after the others), those of
+    ``extra`` are ignored (a profile or a new evaluation measures the stitched network only)."""
+    by_id = {int(r["id"]): dict(r) for r in network_rows(base)}
+    for r in network_rows(extra):
         k = int(r["id"])
         if k in by_id and by_id[k]["name"] != r["name"]:
             raise SnnetError(f"{what} do not belong to this network: stitch {k} is {by_id[k]['name']!r} here but "
                              f"{r['name']!r} there. Use the results written for this network.")
         if k in by_id:
             by_id[k].update({key: v for key, v in r.items() if v is not None and key not in ("flops", "params")})
-    return [by_id[k] for k in sorted(by_id)]
+    return [by_id[k] for k in sorted(by_id)] + [dict(r) for r in base if is_zoo(r)]

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import SnnetError
+from .options import ZooFamilyOpt, ZooFlopsOpt, ZooImgSizeOpt, ZooOpt, ZooParamsOpt
 
 
 def evaluate(
@@ -27,17 +28,65 @@ def evaluate(
     calib_images: Annotated[int, typer.Option("--calib-images", min=1, help="Training images for the least-squares "
                                               "fit of the stitching layers (only without --model).")] = 100,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    results: Annotated[Optional[Path], typer.Option(
+        "--results", "-r", help="Plot an existing results.json/.csv (or its folder) again instead of evaluating, "
+                                "e.g. with --zoo; writes results and plots into --out.")] = None,
+    zoo: ZooOpt = None,
+    zoo_family: ZooFamilyOpt = None,
+    zoo_img_size: ZooImgSizeOpt = None,
+    zoo_params: ZooParamsOpt = None,
+    zoo_flops: ZooFlopsOpt = None,
 ) -> None:
-    """Evaluate every stitch (top-1/top-5, loss, FLOPs, params), print a table, write results and Pareto plots."""
-    from .. import data as sndata
-    from .options import DEFAULT_ANCHORS, split_names
-    from ..evaluate import check_writable, evaluate as run_eval, format_results, write_results
-    from ..model import StitchedNet, create_snnet
-    from ..plot import plot_pareto
-    from ..train import default_device
+    """Evaluate every stitch (top-1/top-5, loss, FLOPs, params), print a table, write results and Pareto plots.
+
+    With --zoo, individually trained networks (e.g. timm's ImageNet models) are plotted beside the stitches
+    and written into results.json/csv as rows of kind 'zoo' (replacing zoo rows already there). With
+    --results, an existing results file is plotted again without evaluating anything.
+    """
+    from .options import read_zoo_options
+    from ..evaluate import check_writable, format_results, load_results
+    from ..results import mark_pareto, network_rows
 
     # everything a user can get wrong is checked before the first forward
     out = check_writable(out)
+    chosen_zoo = read_zoo_options(zoo, zoo_family, zoo_img_size, zoo_params, zoo_flops, split)
+    if results is not None:
+        given = [o for o, v in (("--model", model), ("--stitches", stitches), ("--limit", limit)) if v is not None]
+        if given:
+            raise SnnetError(f"--results plots results that exist; {', '.join(given)} would evaluate: drop one or the other")
+        rows = load_results(results)
+    else:
+        rows = _evaluate(model, data, split, batch_size, limit, stitches, device, amp, workers, calib_images, progress)
+    if chosen_zoo is not None:
+        rows = mark_pareto(network_rows(rows) + chosen_zoo.rows())  # a new zoo replaces the one already there
+    typer.echo(format_results(rows))
+    if chosen_zoo is not None:
+        typer.echo(chosen_zoo.describe())
+    typer.echo("\nwrote " + ", ".join(str(p) for p in write_plots(rows, out)))
+
+
+def write_plots(rows: list, out: Path) -> list[Path]:
+    """results.json/csv and pareto.html/png into ``out``; pareto_latency.html/png too when every network of the
+    results has a measured latency (`snnet profile`). Zoo models have none on this device: left out of that plot."""
+    from ..plot import plot_pareto
+    from ..results import network_rows, write_results
+
+    paths = [*write_results(rows, out), *plot_pareto(rows, out / "pareto.html", out / "pareto.png")]
+    network = network_rows(rows)
+    if network and all(r.latency_ms is not None for r in network):
+        paths += plot_pareto(rows, out / "pareto_latency.html", out / "pareto_latency.png", x="latency_ms")
+    return paths
+
+
+def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit: int | None, stitches: str | None,
+              device: str | None, amp: bool, workers: int, calib_images: int, progress: bool) -> list:
+    """Build or load the network, check the data against it, evaluate every chosen stitch."""
+    from .. import data as sndata
+    from .options import DEFAULT_ANCHORS, split_names
+    from ..evaluate import evaluate as run_eval
+    from ..model import StitchedNet, create_snnet
+    from ..train import default_device
+
     keys = [k.strip() for k in stitches.split(",") if k.strip()] if stitches is not None else None
     if keys is not None and not keys:
         raise SnnetError(f"--stitches {stitches!r} names no stitch: give comma-separated ids or names")
@@ -67,7 +116,4 @@ def evaluate(
         typer.echo(f"fitted {report.layers} stitching layers by least squares on {report.images} training images "
                    f"({report.seconds:.1f}s)", err=True)
     loader = sndata.make_loader(dataset, batch_size, shuffle=False, num_workers=workers)
-    results = run_eval(net, loader, chosen, device=dev, progress=progress, amp=amp)
-    typer.echo(format_results(results))
-    paths = [*write_results(results, out), *plot_pareto(results, out / "pareto.html", out / "pareto.png")]
-    typer.echo("\nwrote " + ", ".join(str(p) for p in paths))
+    return run_eval(net, loader, chosen, device=dev, progress=progress, amp=amp)

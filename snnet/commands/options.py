@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-__all__ = ["DEFAULT_ANCHORS", "AnchorsOpt", "ImgSizeOpt", "split_ints", "split_names"]
+__all__ = ["DEFAULT_ANCHORS", "AnchorsOpt", "ImgSizeOpt", "ZooFamilyOpt", "ZooFlopsOpt", "ZooImgSizeOpt", "ZooOpt",
+           "ZooParamsOpt", "read_zoo_options", "split_ints", "split_names"]
 
 # The shipped Fashion-MNIST family: the default wherever anchors can be omitted.
 DEFAULT_ANCHORS = "fmnist"
@@ -14,6 +15,21 @@ DEFAULT_ANCHORS = "fmnist"
 AnchorsOpt = Annotated[str, typer.Option(
     "--anchors", "-a", help="A family (fmnist, deit, deit-distilled, eva02, swin, swinv2, convnext, levit, resnet, resnet18-swin_t, regnety, mobilenetv3: snnet.adapters.FAMILIES) or comma-separated timm model names, in any order.")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Input resolution (default: the anchors' own).")]
+
+# A zoo of individually trained networks to plot beside the stitches (snnet.zoo), and its filters.
+ZooOpt = Annotated[Optional[str], typer.Option(
+    "--zoo", help="Plot a zoo of individually trained networks beside the stitches: timm-in1k (timm's ImageNet "
+                  "models), fmnist (the Fashion-MNIST zoo), or a zoo JSON file. Its rows go into the results with "
+                  "kind 'zoo'.")]
+ZooFamilyOpt = Annotated[Optional[str], typer.Option(
+    "--zoo-family", help="Only these zoo families, comma-separated (timm-in1k: deit, vit, swin, resnet, convnext, "
+                         "levit, efficientnet, mobilenet, regnet, ...).")]
+ZooImgSizeOpt = Annotated[Optional[str], typer.Option(
+    "--zoo-img-size", help="Only zoo models evaluated at these image sizes, e.g. 224 or 224,384.")]
+ZooParamsOpt = Annotated[Optional[str], typer.Option(
+    "--zoo-params", help="Only zoo models with parameters in this range, e.g. 5M-100M, 5M- or -100M.")]
+ZooFlopsOpt = Annotated[Optional[str], typer.Option(
+    "--zoo-flops", help="Only zoo models with FLOPs (multiply-accumulates) in this range, e.g. 1G-20G.")]
 
 
 def split_names(anchors: str) -> list[str]:
@@ -34,3 +50,20 @@ def split_ints(text: str, option: str) -> list[int]:
     if not values or min(values) < 1:
         raise SnnetError(f"{option} takes comma-separated whole numbers >= 1 such as 1,2,4,8,16; got {text!r}")
     return values
+
+
+def read_zoo_options(zoo: str | None, family: str | None, img_size: str | None, params: str | None,
+                     flops: str | None, split: str | None = None):
+    """The :class:`~snnet.zoo.Zoo` the ``--zoo*`` options ask for (filtered), or None without ``--zoo``.
+
+    Filters without ``--zoo`` are an error rather than silently ignored."""
+    from ..errors import ZooError
+    from ..zoo import ZooFilter, read_zoo
+
+    where = ZooFilter.parse(family, img_size, params, flops)  # bad filter text fails even without a zoo
+    if zoo is None:
+        if where:
+            raise ZooError("--zoo-family/--zoo-img-size/--zoo-params/--zoo-flops filter a zoo: add --zoo timm-in1k "
+                           "(or fmnist, or a zoo file)")
+        return None
+    return read_zoo(zoo, split).select(where)

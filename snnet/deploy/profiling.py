@@ -18,7 +18,7 @@ from torch import nn
 from ..budget import MB
 from ..errors import SnnetError
 from ..report import progress as report_progress
-from ..results import _row, merge_rows, read_rows
+from ..results import _row, merge_rows, network_rows, read_rows
 from ..space import Stitch
 from .export import _route_view, route_bytes
 
@@ -234,7 +234,7 @@ def merge_profile(rows: Sequence[Any] | None, costs: Sequence[Any], measured: Se
     ``latency_p90_ms``, ``peak_mem_mb`` and the ``profile`` settings."""
     base = read_rows(rows) if rows is not None else [dict(_row(c), acc1=None, acc5=None) for c in costs]
     extra = [dict(r.to_dict(), profile=settings.to_dict()) for r in measured]
-    ids = {int(r["id"]) for r in base}
+    ids = {int(r["id"]) for r in network_rows(base)}
     if any(r["id"] not in ids for r in extra):
         raise SnnetError("the results file lists fewer stitches than this network has: profile the network it was written for")
     return merge_rows(base, extra, "the results")
