@@ -60,6 +60,8 @@ class DemoConfig:
     # stitches towards it in a brief run, and keep the anchors close to where they were.
     distill: bool = True
     distill_alpha: float = 0.9  # weight of the distillation term (the rest is cross-entropy)
+    two_way: bool = False  # SN-Netv2's space (small->large, large->small, round trips) instead of SN-Net's
+    lora_rank: int = 0  # SN-Netv2's low-rank stitching layers (0: full layers, SN-Net's)
     train_limit: int | None = None  # first N training images (quick runs)
     eval_limit: int | None = None  # first N test images (default: all 10,000)
     eval_batch_size: int = 500
@@ -71,6 +73,8 @@ class DemoConfig:
     def __post_init__(self) -> None:  # refuse bad settings before minutes of work, not after
         if self.steps < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise SnnetError(f"steps and batch sizes must be >= 1 (steps={self.steps}, batch_size={self.batch_size})")
+        if self.lora_rank < 0:
+            raise SnnetError(f"lora_rank must be >= 0 (0: full stitching layers), got {self.lora_rank}")
         self.train_configs()  # the training configs check the rest (learning rates, sampler, distillation weight, ...)
 
     def train_configs(self) -> tuple[TrainConfig, OptimConfig]:
@@ -152,7 +156,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print)
     t0 = time.perf_counter()
     out = check_writable(cfg.out)  # before any work: a run must not fail at its end
     torch.manual_seed(cfg.seed)
-    net = create_snnet(FAMILY, pretrained=True)  # the shipped weights, through timm's pretrained path
+    # the shipped weights, through timm's pretrained path
+    net = create_snnet(FAMILY, pretrained=True, two_way=cfg.two_way, lora_rank=cfg.lora_rank)
     mean, std = tuple(net.anchors[0].data_config["mean"]), tuple(net.anchors[0].data_config["std"])
     data = dict(root=cfg.data_dir, mean=mean, std=std, download=cfg.download)
     test = FashionMNIST(split="test", limit=cfg.eval_limit, **data)
