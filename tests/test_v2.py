@@ -61,6 +61,9 @@ def test_deit3_small_large_space_matches_snnetv2() -> None:
     assert Counter(_kind(net, s) for s in net.space) == {"S": 1, "L": 1, "S-L": 11, "L-S": 11, "L-S-L": 55, "S-L-S": 55}
     assert (round(min(flops) / 1e9, 2), round(max(flops) / 1e9, 2)) == (4.61, 61.60)
     assert len(net.stitch_layers) == 22  # 11 per direction; round trips reuse them
+    # ROS's default gap (a share of the range) groups this space as the authors' 1 GFLOP does: 13 groups
+    ros = make_stitch_sampler("ros", len(flops), 0, flops)
+    assert ros.groups == ros_groups(flops, 1e9) and len(ros.groups) == 13
     assert net.stitch("deit3_small_patch16_224[:4]+deit3_large_patch16_224[8:16]+deit3_small_patch16_224[8:]").layers \
         == (3, 11 + 7)
 
@@ -451,3 +454,30 @@ def test_cli_stitches_two_way_and_klas(capsys, tmp_path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["stitches", "--anchors", ",".join(TINY_VITS), "--select", "kl"])
     assert e.value.code == 2 and "klas" in capsys.readouterr().err
+
+
+def test_profile_of_v2_routes() -> None:
+    net = _net(two_way=True, lora_rank=2)
+    names = ["snnet_tiny_vit_b[:2]+snnet_tiny_vit_s[2:]", "snnet_tiny_vit_s[:1]+snnet_tiny_vit_b[1:3]+snnet_tiny_vit_s[3:]"]
+    measured, _ = deploy.profile(net, warmup=0, repeats=2, stitches=names, progress=False)
+    assert [m.name for m in measured] == names and all(m.latency_ms > 0 and m.peak_mem_mb > 0 for m in measured)
+    s = net.stitch(names[1])
+    weights = sum(p.numel() * p.element_size() for m in route_modules(net, s) for p in m.parameters())
+    assert deploy.route_bytes(deploy_export._route_view(net, s)) == weights + sum(
+        b.numel() * b.element_size() for m in route_modules(net, s) for b in m.buffers())
+
+
+def test_routes_files(tmp_path) -> None:
+    from snnet.commands.options import read_routes
+
+    names = ["snnet_tiny_vit_ti[:1]+snnet_tiny_vit_s[1:]", "snnet_tiny_vit_b[:2]+snnet_tiny_vit_ti[2:]"]
+    (tmp_path / "klas.json").write_text(json.dumps({"routes": names, "candidates": []}))
+    (tmp_path / "list.json").write_text(json.dumps(names))
+    (tmp_path / "routes.txt").write_text("# kept by hand\n" + "\n".join(names) + "\n")
+    for f in ("klas.json", "list.json", "routes.txt"):
+        assert read_routes(tmp_path / f) == tuple(names)
+    assert [s.name for s in _net(routes=read_routes(tmp_path / "routes.txt")).space][3:] == names
+    (tmp_path / "bad.json").write_text(json.dumps({"stitches": []}))
+    for bad in ("bad.json", "missing.json"):
+        with pytest.raises(snnet.SnnetError, match="--routes"):
+            read_routes(tmp_path / bad)
