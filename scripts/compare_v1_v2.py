@@ -44,6 +44,7 @@ from snnet.klas import klas
 from snnet.model import StitchedNet, create_snnet
 from snnet.report import table
 from snnet.results import load_results, write_results
+from snnet.sampling import ROS_GAP
 from snnet.train import train
 
 OPTIONS = ("2way", "lora", "ros")
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-rank", type=int, default=4, help="rank of the low-rank stitching layers (lora variants)")
     p.add_argument("--lora-alpha", type=float, default=1.0, help="the low-rank update is scaled by alpha / rank")
-    p.add_argument("--ros-gap", type=float, default=0.0175, help="ROS group gap, as a share of the space's FLOPs range")
+    p.add_argument("--ros-gap", type=float, default=ROS_GAP, help="ROS group gap, as a share of the space's FLOPs range")
     p.add_argument("--klas-images", type=int, default=256, help="calibration images KLAS scores on")
     p.add_argument("--train-limit", type=int, default=None, help="train on the first N training images")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N images of the split")

@@ -48,7 +48,7 @@ from .report import progress as report_progress
 from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, load_checkpoint, resolve_resume, rng_state,
                          save_checkpoint, set_rng_state)
 from .model import StitchedNet
-from .sampling import SAMPLERS, EpochSampler, make_stitch_sampler
+from .sampling import ROS_GAP, SAMPLERS, EpochSampler, make_stitch_sampler
 from .space import Stitch
 
 METRICS_NAME = "metrics.jsonl"
@@ -112,7 +112,7 @@ class TrainConfig:
     batch_size: int = 64
     sampler: str = "uniform"
     num_buckets: int = 4
-    ros_gap: float = 0.0175  # ROS (SN-Netv2): FLOPs gap between groups, as a share of the space's FLOPs range
+    ros_gap: float = ROS_GAP  # ROS (SN-Netv2): FLOPs gap between groups, as a share of the space's FLOPs range
     ros_ramp: float | None = None  # ROS: None draws groups uniformly; k weights the i-th cheapest i/k + 1/G
     seed: int = 0
     amp: str = "auto"

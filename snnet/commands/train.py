@@ -10,6 +10,7 @@ import typer
 
 from .options import DEFAULT_ANCHORS, AnchorsOpt, read_routes, split_names
 from ..errors import SnnetError
+from ..sampling import ROS_GAP
 
 
 def train(
@@ -25,11 +26,11 @@ def train(
     warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up steps before the cosine decay.")] = 0,
     sampler: Annotated[str, typer.Option(help="Stitch sampling: 'uniform', 'flops_bucketed' or 'ros' (SN-Netv2's resource-constrained sampling).")] = "uniform",
     num_buckets: Annotated[int, typer.Option("--num-buckets", help="FLOPs buckets of the flops_bucketed sampler.")] = 4,
-    ros_gap: Annotated[float, typer.Option("--ros-gap", help="ROS: FLOPs gap that opens a new group, as a share of the space's FLOPs range.")] = 0.0175,
+    ros_gap: Annotated[float, typer.Option("--ros-gap", help="ROS: FLOPs gap that opens a new group, as a share of the space's FLOPs range.")] = ROS_GAP,
     ros_ramp: Annotated[Optional[float], typer.Option("--ros-ramp", help="ROS: draw the i-th cheapest of G groups with weight i/K + 1/G (default: uniformly).")] = None,
     two_way: Annotated[bool, typer.Option("--two-way", help="SN-Netv2's space: small->large, large->small and round trips.")] = False,
     routes: Annotated[Optional[Path], typer.Option("--routes", help="Train exactly these stitches: `snnet stitches --select klas --json` output, or one route name per line.")] = None,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", help="Low-rank stitching layers (SN-Netv2): rank of the trained update on the frozen least-squares weight (0: full layers).")] = 0,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="Low-rank stitching layers (SN-Netv2): rank of the trained update on the frozen least-squares weight (0: full layers; default 0, or as saved with --init).")] = None,
     lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="Scale of the low-rank update is alpha / rank.")] = 1.0,
     distill: Annotated[Optional[str], typer.Option(help="Distil from 'largest' (the largest anchor, frozen) or a timm model name.")] = None,
     ckpt_every: Annotated[int, typer.Option("--ckpt-every", help="Steps between checkpoints (0: only at the end).")] = 500,
@@ -70,15 +71,15 @@ def train(
         if two_way or route_names is not None:
             raise SnnetError("--init starts from a saved network, whose stitch space is fixed: drop --two-way/--routes")
         net = StitchedNet.from_pretrained(init)
-        if lora_rank != net.lora_rank or (lora_rank and lora_alpha != net.lora_alpha):
-            net.set_lora_rank(lora_rank, lora_alpha)
+        if lora_rank is not None and (lora_rank, lora_alpha) != (net.lora_rank, net.lora_alpha):
+            net.set_lora_rank(lora_rank, lora_alpha)  # a new rank: the saved layers' map is kept, merged if 0
     else:
         names = split_names(anchors)
         files = [w.strip() for w in weights.split(",")] if weights else None
         if files is not None and len(files) != len(names):
             raise SnnetError(f"--weights gives {len(files)} files for {len(names)} anchors; give one per anchor")
         net = create_snnet(_specs(names, pretrained, files), num_classes=num_classes, two_way=two_way, routes=route_names,
-                           lora_rank=lora_rank, lora_alpha=lora_alpha)
+                           lora_rank=lora_rank or 0, lora_alpha=lora_alpha)
 
     started = _init_distributed(device)
     try:
