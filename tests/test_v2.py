@@ -481,3 +481,16 @@ def test_routes_files(tmp_path) -> None:
     for bad in ("bad.json", "missing.json"):
         with pytest.raises(snnet.SnnetError, match="--routes"):
             read_routes(tmp_path / bad)
+
+
+def test_two_way_across_kinds_of_model(images: torch.Tensor) -> None:
+    """ResNet-18 <-> Swin-T: two directions through layouts (NCHW maps, NHWC maps), per stage."""
+    net = _net(anchors=["snnet_tiny_resnet18", "snnet_tiny_swin_t"], two_way=True)
+    net.init_stitching([images], max_images=6)
+    net.eval()
+    assert {s.anchors for s in net.space} >= {(0, 1), (1, 0), (0, 1, 0), (1, 0, 1)}
+    with torch.no_grad():
+        for s in net.space:
+            net.select(s)
+            out = net(images)
+            assert out.shape == (6, 10) and torch.isfinite(out).all() and torch.equal(out, _by_hand(net, s, images)), s.name
