@@ -12,13 +12,13 @@ from . import adapters  # noqa: F401  (register the Swin, ResNet and ConvNeXt ad
 from .anchors import ActivationSpec, Adapter, AnchorParts, AnchorSpec, register_adapter, split_model
 from .errors import CheckpointError, NotStitchableError, SnnetError, StitchNotFoundError, UnknownModelError
 from .model import InitReport, StitchCost, StitchedNet, create_snnet
-from .space import SpaceConfig, Stitch, StitchSpace
+from .space import Segment, SpaceConfig, Stitch, StitchSpace
 
 load = StitchedNet.from_pretrained
 
 __all__ = [
     "ActivationSpec", "Adapter", "AnchorParts", "AnchorSpec", "CheckpointError", "InitReport", "NotStitchableError",
-    "SnnetError", "SpaceConfig", "Stitch", "StitchCost", "StitchNotFoundError", "StitchSpace", "StitchedNet",
+    "Segment", "SnnetError", "SpaceConfig", "Stitch", "StitchCost", "StitchNotFoundError", "StitchSpace", "StitchedNet",
     "UnknownModelError", "create_snnet", "load", "register_adapter", "split_model",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -33,29 +34,81 @@ def _root() -> None:
 def stitches(
     anchors: AnchorsOpt = DEFAULT_ANCHORS,
     img_size: ImgSizeOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table (with --select klas: an object with the routes and every candidate's score).")] = False,
     kernel_size: Annotated[int, typer.Option(help="Sliding-window size of paired stitching.")] = 2,
     stride: Annotated[int, typer.Option(help="Sliding-window stride of paired stitching.")] = 1,
     all_pairs: Annotated[bool, typer.Option("--all-pairs", help="Stitch every pair of anchors, not only nearest neighbours in cost.")] = False,
+    two_way: Annotated[bool, typer.Option("--two-way", help="SN-Netv2's space: small->large, large->small and the round trips S->L->S, L->S->L.")] = False,
+    chains: Annotated[bool, typer.Option("--chains", help="Add routes through three anchors (Ti->S->B), as the SN-Net reference.")] = False,
+    select: Annotated[Optional[str], typer.Option("--select", help="'klas': score every candidate stitch by KL divergence between the anchors' representations and keep --keep of them (needs weights and calibration images).")] = None,
+    keep: Annotated[int, typer.Option("--keep", help="How many stitches KLAS keeps (besides the anchors).")] = 20,
+    calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images KLAS scores on.")] = 256,
+    data: Annotated[str, typer.Option("--data", help="KLAS's calibration data: 'fashion-mnist', an ImageFolder directory, or a timm dataset name.")] = "fashion-mnist",
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Where the calibration dataset lives.")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="KLAS: download timm weights (default: only snnet's shipped fmnist family loads its weights).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="KLAS: comma-separated local weight files, one per anchor.")] = None,
+    seed: Annotated[int, typer.Option(help="KLAS: seed of the calibration images' order.")] = 0,
 ) -> None:
-    """List the stitch space with params and FLOPs of every stitch (random init, no weights needed)."""
+    """List the stitch space with params and FLOPs of every stitch (random init, no weights needed).
+
+    With --select klas, score every candidate stitch on calibration images and list the kept ones
+    (pass the printed routes to `snnet train --routes`).
+    """
     from .model import create_snnet
     from .report import human, table
 
-    # the meta device builds the anchors without allocating or initialising weights
-    net = create_snnet(split_names(anchors), img_size=img_size, kernel_size=kernel_size, stride=stride,
-                       nearest=not all_pairs, device="meta")
+    names = split_names(anchors)
+    space = dict(kernel_size=kernel_size, stride=stride, nearest=not all_pairs, two_way=two_way, chains=chains)
+    result = None
+    if select is not None:
+        if select != "klas":
+            raise SnnetError(f"unknown --select {select!r}: the one selection method is 'klas'")
+        net, result = _klas(names, img_size, keep, calib_images, data, data_dir, pretrained, weights, seed)
+    else:
+        # the meta device builds the anchors without allocating or initialising weights
+        net = create_snnet(names, img_size=img_size, device="meta", **space)
     costs = net.costs()
     rows = [c.to_dict() for c in costs]
+    if result is not None:
+        kl = {s.name: s.kl for s in result.scores}
+        rows = [dict(r, kl=kl.get(r["name"])) for r in rows]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        out: Any = rows if result is None else {"routes": list(result.routes), "stitches": rows, **result.to_dict()}
+        typer.echo(json.dumps(out, indent=2))
         return
     size = "x".join(str(s) for s in net.input_size[1:])
-    typer.echo(table(rows, [("id", "id"), ("name", "stitch"), ("params", "params"), ("flops", "FLOPs"), ("is_anchor", "anchor")],
-                     {"params": human, "flops": human}))
+    columns = [("id", "id"), ("name", "stitch"), ("params", "params"), ("flops", "FLOPs"), ("is_anchor", "anchor")]
+    formats: dict[str, Any] = {"params": human, "flops": human}
+    if result is not None:
+        columns.append(("kl", "KL"))
+        formats["kl"] = lambda v: "" if v is None else f"{v:.4f}"
+    typer.echo(table(rows, columns, formats))
     flops = [c.flops for c in costs]
     typer.echo(f"\n{len(costs)} networks ({len(net.anchors)} anchors, {len(costs) - len(net.anchors)} stitches, "
                f"{len(net.stitch_layers)} stitching layers), {human(min(flops))}–{human(max(flops))} FLOPs at {size}")
+    if result is not None:
+        typer.echo(f"KLAS scored {len(result.scores)} candidate stitches on {result.images} images and kept "
+                   f"{len(result.routes)} (lowest KL per FLOPs interval); --json lists every candidate's score. "
+                   "Train this space with `snnet train --routes FILE` (FILE: this command's --json output).")
+
+
+def _klas(names: list[str], img_size: int | None, keep: int, calib_images: int, data: str, data_dir: Path | None,
+          pretrained: bool | None, weights: str | None, seed: int) -> Any:
+    """The anchors with weights, KLAS's scores on calibration images, and the network of the kept stitches."""
+    from .commands.train import _specs
+    from .data import build_dataset, make_loader
+    from .klas import klas, klas_net
+    from .model import create_snnet
+
+    if calib_images < 2:
+        raise SnnetError(f"--calib-images must be >= 2 (KLAS compares images with each other), got {calib_images}")
+    files = [w.strip() for w in weights.split(",")] if weights else None
+    if files is not None and len(files) != len(names):
+        raise SnnetError(f"--weights gives {len(files)} files for {len(names)} anchors; give one per anchor")
+    net = create_snnet(_specs(names, pretrained, files), img_size=img_size)
+    calib = build_dataset(data, "train", net.anchors[0].data_config, limit=calib_images, root=data_dir, seed=seed)
+    result = klas(net, make_loader(calib, min(64, calib_images), shuffle=True, seed=seed), keep, max_images=calib_images)
+    return klas_net(net, result.routes), result
 
 
 # ---- commands defined in snnet/commands/*.py are registered here, one line each ----

@@ -60,6 +60,8 @@ class DemoConfig:
     # stitches towards it in a brief run, and keep the anchors close to where they were.
     distill: bool = True
     distill_alpha: float = 0.9  # weight of the distillation term (the rest is cross-entropy)
+    two_way: bool = False  # SN-Netv2's space (small->large, large->small, round trips) instead of SN-Net's
+    lora_rank: int = 0  # SN-Netv2's low-rank stitching layers (0: full layers, SN-Net's)
     train_limit: int | None = None  # first N training images (quick runs)
     eval_limit: int | None = None  # first N test images (default: all 10,000)
     eval_batch_size: int = 500
@@ -74,6 +76,8 @@ class DemoConfig:
         for name, limit in (("train_limit", self.train_limit), ("eval_limit", self.eval_limit)):
             if limit is not None and limit < 1:
                 raise SnnetError(f"{name} must be >= 1 image, got {limit}")
+        if self.lora_rank < 0:
+            raise SnnetError(f"lora_rank must be >= 0 (0: full stitching layers), got {self.lora_rank}")
         self.train_configs()  # the training configs check the rest (learning rates, sampler, distillation weight, ...)
 
     def train_configs(self) -> tuple[TrainConfig, OptimConfig]:
@@ -159,7 +163,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print)
         for split in ("train", "test"):
             check_source("fashion-mnist", split, cfg.data_dir)
     torch.manual_seed(cfg.seed)
-    net = create_snnet(FAMILY, pretrained=True)  # the shipped weights, through timm's pretrained path
+    # the shipped weights, through timm's pretrained path
+    net = create_snnet(FAMILY, pretrained=True, two_way=cfg.two_way, lora_rank=cfg.lora_rank)
     mean, std = tuple(net.anchors[0].data_config["mean"]), tuple(net.anchors[0].data_config["std"])
     data = dict(root=cfg.data_dir, mean=mean, std=std, download=cfg.download)
     test = FashionMNIST(split="test", limit=cfg.eval_limit, **data)

@@ -8,6 +8,11 @@ suffix and head. An anchor is free: it is the end of its own prefix run. Evaluat
 space then costs the anchors' forwards plus the suffixes, not ``len(space)`` full forwards
 (``benchmarks/bench_eval.py`` measures the difference).
 
+Routes of more than two segments (SN-Netv2's round trips, three-anchor routes) share the same
+way, level by level: the routes form a trie over their segments, and every segment that starts
+from the same activation (same anchor, same start, same stitching layer before it) is run once
+up to each place where one of its routes leaves it.
+
 Results are :class:`StitchResult` rows, written as ``results.json`` (a list of objects that other
 tools read back with :func:`load_results`) and ``results.csv``.
 """
@@ -37,32 +42,61 @@ __all__ = [
 # ---------------------------------------------------------------------------------- evaluation
 
 
+class _Node:
+    """Routes that run one anchor from block ``start`` on the same input activation.
+
+    ``cuts`` maps each place a route leaves the anchor to: the routes that end there (head), and
+    per stitching layer, per (next anchor, its start), the node that continues them.
+    """
+
+    def __init__(self, anchor: int, start: int) -> None:
+        self.anchor, self.start = anchor, start
+        self.ends: dict[int, list[Stitch]] = defaultdict(list)
+        self.hops: dict[int, dict[int, dict[tuple[int, int], _Node]]] = defaultdict(lambda: defaultdict(dict))
+
+    def add(self, s: Stitch, k: int) -> None:
+        seg = s.segments[k]
+        if k == len(s.segments) - 1:
+            self.ends[seg.stop].append(s)
+            return
+        nxt = s.segments[k + 1]
+        children = self.hops[seg.stop][s.layers[k]]
+        node = children.setdefault((nxt.anchor, nxt.start), _Node(nxt.anchor, nxt.start))
+        node.add(s, k + 1)
+
+    def run(self, net: StitchedNet, h: torch.Tensor) -> Iterator[tuple[Stitch, torch.Tensor]]:
+        parts, done = net.anchors[self.anchor], self.start
+        for cut in sorted(set(self.ends) | set(self.hops)):
+            h, done = parts.run(h, done, cut), cut
+            for s in self.ends.get(cut, ()):
+                yield s, parts.head(h)
+            for layer, children in self.hops.get(cut, {}).items():
+                mapped = net.stitch_layers[layer](h)  # once per layer, whatever follows it
+                for child in children.values():
+                    yield from child.run(net, mapped)
+
+
+def route_trie(stitches: Iterable[Stitch]) -> dict[int, _Node]:
+    """The routes as a trie over their segments: one root per first anchor."""
+    roots: dict[int, _Node] = {}
+    for s in stitches:
+        roots.setdefault(s.src, _Node(s.src, 0)).add(s, 0)
+    return roots
+
+
 def forward_stitches(net: StitchedNet, x: torch.Tensor, stitches: Iterable[Stitch]) -> Iterator[tuple[Stitch, torch.Tensor]]:
     """Yield ``(stitch, logits)`` for every stitch on one batch, sharing the work they have in common.
 
-    Each source anchor runs its stem and blocks once, up to its deepest needed cut. At each cut,
-    the stitches leaving there take the activation; stitches that also share the stitching layer
-    share its output. Only one cut activation per anchor is alive at a time, so memory stays at
-    one forward plus one suffix. The numbers equal ``net.select(s); net(x)`` exactly: the same
-    modules run on the same tensors.
+    Each first anchor runs its stem and blocks once, up to its deepest needed cut. At each cut,
+    the routes leaving there take the activation; routes that also share the stitching layer
+    share its output, and routes that then also resume at the same block share the next segment
+    in the same way (:func:`route_trie`). Only one activation per trie level is alive at a time,
+    so memory stays at one forward plus one suffix per level. The numbers equal
+    ``net.select(s); net(x)`` exactly: the same modules run on the same tensors.
     """
-    by_src: dict[int, dict[int, list[Stitch]]] = defaultdict(lambda: defaultdict(list))
-    for s in stitches:
-        by_src[s.src][s.src_end].append(s)
-    for a in sorted(by_src):
-        src = net.anchors[a]
-        h, done = src.stem(x), 0
-        for cut in sorted(by_src[a]):
-            h, done = src.run(h, done, cut), cut
-            mapped: dict[int, torch.Tensor] = {}
-            for s in by_src[a][cut]:
-                if s.is_anchor:
-                    yield s, src.head(h)
-                    continue
-                if s.layer not in mapped:
-                    mapped[s.layer] = net.stitch_layers[s.layer](h)
-                dst = net.anchors[s.dst]
-                yield s, dst.head(dst.run(mapped[s.layer], s.dst_start))
+    roots = route_trie(stitches)
+    for a in sorted(roots):
+        yield from roots[a].run(net, net.anchors[a].stem(x))
 
 
 class _Tally:

@@ -4,6 +4,11 @@
 outside forward with :meth:`StitchedNet.select` (by a sampler during training, by a budget at
 deployment). Switching only changes which modules the next forward calls: no weight is
 copied or reloaded.
+
+:meth:`StitchedNet.route` is the one definition of what a stitch runs (stem, each segment's
+blocks, the stitching layer between segments, head); forward, costs, least-squares init,
+training, evaluation, profiling and export all read a route from it or from the same
+:class:`~snnet.space.Stitch` segments.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +33,9 @@ from .stitching import LeastSquares, StitchingLayer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+# 1: SN-Net's spaces; 2: also two-way/chained/explicit routes and low-rank stitching layers.
+# A network that uses none of version 2's options is still written as version 1.
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,25 @@ class StitchCost:
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "flops": self.flops, "params": self.params, "is_anchor": self.is_anchor}
+
+
+@dataclass(frozen=True)
+class Route:
+    """The network's own modules (no copies) that one stitch runs, by segment."""
+
+    stem: nn.Module
+    blocks: tuple[tuple[nn.Module, ...], ...]  # the blocks of each segment
+    layers: tuple[nn.Module, ...]  # the stitching layer after each segment but the last
+    head: nn.Module
+
+    def modules(self) -> tuple[nn.Module, ...]:
+        """Everything in the order forward calls it: stem, blocks, layer, blocks, ..., head."""
+        out: list[nn.Module] = [self.stem]
+        for k, blocks in enumerate(self.blocks):
+            if k:
+                out.append(self.layers[k - 1])
+            out += blocks
+        return (*out, self.head)
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,8 @@ class StitchedNet(nn.Module):
         config: SpaceConfig = SpaceConfig(),
         input_size: Sequence[int] | None = None,
         specs: Sequence[AnchorSpec | None] | None = None,
+        lora_rank: int = 0,
+        lora_alpha: float = 1.0,
     ) -> None:
         super().__init__()
         if len(anchors) < 2:
@@ -92,7 +120,10 @@ class StitchedNet(nn.Module):
             for i, p in enumerate(self.anchors)
         ]
         self.space = StitchSpace(infos, config)
-        self.stitch_layers = nn.ModuleList([StitchingLayer(s.src_spec, s.dst_spec) for s in self.space.layers])
+        self.lora_rank, self.lora_alpha = int(lora_rank), float(lora_alpha)
+        self.stitch_layers = nn.ModuleList([StitchingLayer(s.src_spec, s.dst_spec, lora_rank, lora_alpha)
+                                            for s in self.space.layers])
+        self._routes: dict[int, tuple[nn.Module, ...]] = {}  # stitch id -> Route.modules(), filled on first use
         self._active: Stitch = self.space.stitches[len(self.anchors) - 1]  # the largest anchor
 
     # ------------------------------------------------------------------ switching
@@ -129,28 +160,34 @@ class StitchedNet(nn.Module):
         self._active = self.space[stitch]
         return self._active
 
-    def route(self, stitch: int | str | Stitch) -> tuple[nn.Module, list[nn.Module], nn.Module | None, list[nn.Module], nn.Module]:
-        """The network's own modules (no copy) that the route of ``stitch`` runs, in order:
-        source stem, source blocks, stitching layer (None for an anchor), target blocks, head.
-        It is what :meth:`forward` runs; training, profiling and export work from it."""
+    def route(self, stitch: int | str | Stitch) -> Route:
+        """The network's own modules (no copy) that the route of ``stitch`` runs: the first
+        anchor's stem, each segment's blocks with the stitching layer between segments, the last
+        anchor's head. It is what :meth:`forward` runs; training, profiling and export work from it."""
         s = self.space[stitch]
-        src = self.anchors[s.src]
-        if s.is_anchor:
-            return src.stem, list(src.blocks), None, [], src.head
-        dst = self.anchors[s.dst]
-        return (src.stem, list(src.blocks[: s.src_end]), self.stitch_layers[s.layer],
-                list(dst.blocks[s.dst_start:]), dst.head)
+        return Route(self.anchors[s.src].stem,
+                     tuple(tuple(self.anchors[seg.anchor].blocks[seg.start:seg.stop]) for seg in s.segments),
+                     tuple(self.stitch_layers[k] for k in s.layers), self.anchors[s.anchors[-1]].head)
+
+    def set_lora_rank(self, rank: int, alpha: float = 1.0) -> None:
+        """Make every stitching layer low-rank (``rank`` > 0) or plain (0), keeping the map it computes.
+
+        A low-rank layer takes the current weight as its frozen base and starts a fresh update
+        at zero; going to 0 merges the update in. Do it before building the optimizer.
+        """
+        self.stitch_layers = nn.ModuleList([layer.with_rank(rank, alpha) for layer in self.stitch_layers])
+        self.lora_rank, self.lora_alpha = int(rank), float(alpha)
+        self._routes.clear()  # routes hold the replaced layers
+        self._costs.clear()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self._active
-        src = self.anchors[s.src]
-        h = src.run(src.stem(x), 0, s.src_end)
-        if s.is_anchor:
-            return src.head(h)
-        h = self.stitch_layers[s.layer](h)
-        dst = self.anchors[s.dst]
-        return dst.head(dst.run(h, s.dst_start))
+        modules = self._routes.get(self._active.id)
+        if modules is None:  # once per stitch: the hot path only walks a cached tuple
+            modules = self._routes[self._active.id] = self.route(self._active).modules()
+        for m in modules:
+            x = m(x)
+        return x
 
     # ------------------------------------------------------------------ costs
     def _measure(self, size: tuple[int, ...]) -> tuple[list[list[ActivationSpec]], list[PartCosts]]:
@@ -169,23 +206,22 @@ class StitchedNet(nn.Module):
         size = tuple(input_size) if input_size is not None else self.input_size
         if size not in self._costs:
             specs, pcs = self._measure(size)
-            lflops = [layer_flops(layer, specs[slot.src][self._slot_cut(slot.index)])
-                      for slot, layer in zip(self.space.layers, self.stitch_layers)]
+            # a low-rank layer is priced as what it deploys as: one plain layer (merged)
+            plain = [layer.merged() for layer in self.stitch_layers]
+            lflops = [layer_flops(layer, specs[slot.src][slot.joins[0][0]]) for slot, layer in zip(self.space.layers, plain)]
+            lparams = [num_params(layer) for layer in plain]
             out = []
             for s in self.space:
-                if s.is_anchor:
-                    flops, params = pcs[s.src].total
-                else:
-                    f1, p1 = pcs[s.src].route(0, s.src_end, stem=True, head=False)
-                    f2, p2 = pcs[s.dst].route(s.dst_start, self.anchors[s.dst].depth, stem=False, head=True)
-                    flops = f1 + f2 + lflops[s.layer]
-                    params = p1 + p2 + num_params(self.stitch_layers[s.layer])
+                last = len(s.segments) - 1
+                flops = params = 0
+                for k, seg in enumerate(s.segments):
+                    f, p = pcs[seg.anchor].route(seg.start, seg.stop, stem=k == 0, head=k == last)
+                    flops, params = flops + f, params + p
+                flops += sum(lflops[k] for k in s.layers)
+                params += sum(lparams[k] for k in s.layers)
                 out.append(StitchCost(s.id, s.name, flops, params, s.is_anchor))
             self._costs[size] = out
         return self._costs[size]
-
-    def _slot_cut(self, layer: int) -> int:
-        return next(s.src_end for s in self.space if s.layer == layer)
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
@@ -206,34 +242,21 @@ class StitchedNet(nn.Module):
         A layer maps what the source anchor outputs after its last block on the route onto
         what the target anchor feeds into its first block on the route (for the target's
         block 0 that is its stem output). A layer shared by several block pairs gets one fit
-        over the features of all of them.
+        over the features of all of them. Every layer is fitted, whichever direction it maps
+        (SN-Netv2's large-to-small layers too); round trips reuse the layers of one-way joins.
+        A low-rank layer takes the fit as its frozen base, its update restarting at zero.
         """
         t0 = time.perf_counter()
         fits = [LeastSquares(s.src_spec.channels, s.dst_spec.channels) for s in self.space.layers]
-        routes = [s for s in self.space if not s.is_anchor]
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
+        used = sorted({k for slot in self.space.layers for k in (slot.src, slot.dst)})
         seen = 0
-        bar = report_progress(max_images, "least-squares init", "img", progress)
-        try:
-            for batch in batches:
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                x = x[: max_images - seen].to(device)
-                if len(x) == 0:
-                    break
-                acts = [self.activations(k, x) for k in range(len(self.anchors))]
-                for s in routes:
-                    src_layout = self.anchors[s.src].layout
-                    dst_layout = self.anchors[s.dst].layout
-                    fits[s.layer].update(as_rows(acts[s.src][s.src_end], src_layout), as_rows(acts[s.dst][s.dst_start], dst_layout))
-                seen += len(x)
-                bar.update(len(x))
-                if seen >= max_images:
-                    break
-        finally:
-            self.train(was_training)
-            bar.close()
+        for x in calibration_images(self, batches, max_images, "least-squares init", progress):
+            acts = {k: self.activations(k, x) for k in used}
+            for slot, fit in zip(self.space.layers, fits):
+                src_layout, dst_layout = self.anchors[slot.src].layout, self.anchors[slot.dst].layout
+                for e, st in slot.joins:
+                    fit.update(as_rows(acts[slot.src][e], src_layout), as_rows(acts[slot.dst][st], dst_layout))
+            seen += len(x)
         if seen == 0:
             raise ValueError("no calibration images: the loader given to init_stitching yielded nothing")
         for layer, fit in zip(self.stitch_layers, fits):
@@ -242,9 +265,10 @@ class StitchedNet(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def config_dict(self) -> dict[str, Any]:
+        v1 = self.space.config.is_v1 and self.lora_rank == 0
         return {
             "format": "snnet",
-            "version": FORMAT_VERSION,
+            "version": 1 if v1 else FORMAT_VERSION,
             "anchors": [
                 {"label": lab, "kind": p.kind, "spec": spec.to_dict() if spec else None}
                 for lab, p, spec in zip(self.labels, self.anchors, self.specs)
@@ -254,6 +278,7 @@ class StitchedNet(nn.Module):
             "num_classes": self.num_classes,
             "stitches": [s.name for s in self.space],
             "active": self._active.name,
+            **({} if self.lora_rank == 0 else {"stitching": {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}}),
         }
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
@@ -321,8 +346,10 @@ class StitchedNet(nn.Module):
             else:  # random init: the weights come from the file below
                 module = create_anchor(AnchorSpec(spec.name, False, None, spec.kwargs))
             parts.append(_split(module))
+        layers = cfg.get("stitching", {})
         net = cls(parts, [e["label"] for e in entries], config=SpaceConfig.from_dict(cfg["space"]),
-                  input_size=cfg["input_size"], specs=specs)
+                  input_size=cfg["input_size"], specs=specs, lora_rank=int(layers.get("lora_rank", 0)),
+                  lora_alpha=float(layers.get("lora_alpha", 1.0)))
         if [s.name for s in net.space] != cfg.get("stitches"):
             raise CheckpointError(f"{directory} was saved with a different stitch space than these anchors give")
         try:
@@ -346,6 +373,32 @@ class StitchedNet(nn.Module):
                      f"wrong shape {few(wrong)}" if wrong else ""]
             raise CheckpointError(f"{source} does not match this network: " + "; ".join(p for p in parts if p))
         self.load_state_dict(state)
+
+
+def calibration_images(net: nn.Module, batches: Iterable[Any], max_images: int, desc: str, progress: bool = False,
+                       min_batch: int = 1) -> Iterator[torch.Tensor]:
+    """The images of ``batches`` (tensors or ``(images, labels)``) on the network's device, at
+    most ``max_images`` in all, while the network is in eval mode (its mode is restored after);
+    batches smaller than ``min_batch`` are skipped. Shows progress."""
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    seen = 0
+    bar = report_progress(max_images, desc, "img", progress)
+    try:
+        for batch in batches:
+            if seen >= max_images:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = x[: max_images - seen].to(device)
+            if len(x) < max(min_batch, 1):
+                continue
+            yield x
+            seen += len(x)
+            bar.update(len(x))
+    finally:
+        net.train(was_training)
+        bar.close()
 
 
 def expand_family(name: str) -> list[str]:
@@ -401,6 +454,11 @@ def create_snnet(
     stages: Sequence[int] | None = None,
     rule: str | None = None,
     unpaired: str = "reference",
+    two_way: bool = False,
+    chains: bool = False,
+    routes: Sequence[str] | None = None,
+    lora_rank: int = 0,
+    lora_alpha: float = 1.0,
     device: str | torch.device | None = None,
 ) -> StitchedNet:
     """Stitch a family of anchors into one switchable network.
@@ -411,6 +469,11 @@ def create_snnet(
     ``pretrained=True``, from local files with ``files=[...]`` (one per anchor, through
     timm's pretrained path), or random init for planning. ``device="meta"`` builds the
     network without allocating weights: enough to enumerate and price the space instantly.
+
+    SN-Netv2 and KLAS options (see :mod:`snnet.space`): ``two_way=True`` for SN-Netv2's space
+    (S->L, L->S and the round trips), ``chains=True`` for three-anchor routes, ``routes=[...]``
+    for an explicit list of stitches (e.g. :func:`snnet.klas.select_klas`'s), and
+    ``lora_rank=r`` for low-rank stitching layers (0: full layers, SN-Net's).
     """
     for name, value in (("img_size", img_size), ("num_classes", num_classes)):
         if value is not None and value < 1:  # timm would build a headless or empty model, or fail deep inside
@@ -421,10 +484,12 @@ def create_snnet(
         with torch.device("meta"):
             return create_snnet(anchors, img_size=img_size, num_classes=num_classes, labels=labels,
                                 kernel_size=kernel_size, stride=stride, nearest=nearest, stages=stages, rule=rule,
-                                unpaired=unpaired)
+                                unpaired=unpaired, two_way=two_way, chains=chains, routes=routes, lora_rank=lora_rank,
+                                lora_alpha=lora_alpha)
     if isinstance(anchors, str):
         anchors = expand_family(anchors)
-    config = SpaceConfig(kernel_size, stride, nearest, tuple(stages) if stages is not None else None, rule, unpaired)
+    config = SpaceConfig(kernel_size, stride, nearest, tuple(stages) if stages is not None else None, rule, unpaired,
+                         two_way, chains, tuple(routes) if routes is not None else None)
     kwargs: dict[str, Any] = {}
     if img_size is not None:
         kwargs["img_size"] = img_size
@@ -437,5 +502,6 @@ def create_snnet(
     if img_size is not None:
         chans = parts[0].data_config.get("input_size", (3,))[0]
         input_size = (chans, img_size, img_size)
-    net = StitchedNet(parts, labels, config=config, input_size=input_size, specs=specs)
+    net = StitchedNet(parts, labels, config=config, input_size=input_size, specs=specs, lora_rank=lora_rank,
+                      lora_alpha=lora_alpha)
     return net.to(device) if device is not None else net

@@ -1,7 +1,10 @@
 """The stitch space: which networks a family of anchors yields, by the paper's rules.
 
-A :class:`Stitch` runs the first ``src_end`` blocks of anchor ``src``, a stitching layer, then
-anchor ``dst`` from block ``dst_start`` to its head. The rules (SN-Net, Sec. 3):
+A :class:`Stitch` is a *route*: a list of :class:`Segment` s — (anchor, block range) — joined
+by stitching layers. An anchor alone is one segment (``deit_small``); SN-Net's stitches are two
+(``deit_tiny[:4]+deit_small[3:]``: DeiT-Ti's stem and blocks 0–3, a stitching layer, then DeiT-S
+from block 3 to its head); SN-Netv2's round trips and the v1 reference's three-anchor routes
+are three (``deit3_small[:4]+deit3_large[8:16]+deit3_small[8:]``). The rules (SN-Net, Sec. 3):
 
 * anchors are ordered by cost and each is stitched to its nearest neighbour (Ti→S, S→B);
 * within a stage where both anchors have the same number of blocks, *paired stitching*: a
@@ -29,10 +32,25 @@ in the paper.
 instead (a source cut after block ``i`` resumes the deeper target where it has done the same
 share of its depth: 11 stitches for 12→24); networks saved before the option existed load
 with it.
+
+Options beyond SN-Net (``SpaceConfig``):
+
+* ``two_way=True`` — SN-Netv2's space (Pan et al., ECCV 2024) in place of the rules above:
+  for each stitched pair of anchors (small S, large L), the *matched positions* ``k = 1 ..
+  d-1`` of the shallower depth ``d`` (cut S after ``k`` blocks, L after ``k·D/d``); at each, a
+  one-way stitch S→L and L→S, each direction with its own stitching layer per position; and
+  the round trips S→L→S and L→S→L through any two positions ``k1 < k2``, which reuse those
+  layers. DeiT3-S/L (12 and 24 blocks): 2 + 11 + 11 + 55 + 55 = 134 networks, as the paper.
+* ``chains=True`` — the SN-Net reference's three-anchor routes (Ti→S→B, two stitching
+  layers): a Ti→S stitch followed by an S→B stitch whose cut comes after the S resume.
+* ``routes=(...)`` — an explicit list of route names (e.g. the stitches KLAS chose,
+  :mod:`snnet.klas`) replaces the rules; every distinct join gets its own layer. Because the
+  names are saved with the network, save/load/export rebuild exactly that space.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
@@ -47,7 +65,7 @@ UNPAIRED = ("reference", "progress")
 
 @dataclass(frozen=True)
 class SpaceConfig:
-    """Options of the stitch space (the paper's defaults)."""
+    """Options of the stitch space (the paper's defaults; see the module doc for the others)."""
 
     kernel_size: int = 2
     stride: int = 1
@@ -55,6 +73,9 @@ class SpaceConfig:
     stages: tuple[int, ...] | None = None  # stages that may be stitched; None: each adapter's default
     rule: str | None = None  # "window" | "forward" (see the module doc); None: each adapter's default
     unpaired: str = "reference"  # "reference" (the authors') | "progress" (snnet's earlier rule)
+    two_way: bool = False  # SN-Netv2: S->L, L->S and the round trips, at matched positions
+    chains: bool = False  # the v1 reference's three-anchor routes (Ti->S->B)
+    routes: tuple[str, ...] | None = None  # explicit route names (KLAS's choice): replace the rules
 
     def __post_init__(self) -> None:
         if self.kernel_size < 1 or self.stride < 1:
@@ -63,48 +84,108 @@ class SpaceConfig:
             raise ConfigError(f"unknown stitching rule {self.rule!r}; expected one of {RULES}")
         if self.unpaired not in UNPAIRED:
             raise ConfigError(f"unknown unpaired rule {self.unpaired!r}; expected one of {UNPAIRED}")
+        if self.routes is not None:
+            object.__setattr__(self, "routes", tuple(self.routes))
+            if not self.routes:
+                raise NotStitchableError("an explicit list of routes must name at least one stitch")
+
+    @property
+    def is_v1(self) -> bool:
+        """True when the space is SN-Net's own (what snnet before v2 could save and read)."""
+        return not (self.two_way or self.chains or self.routes is not None)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["routes"] = list(self.routes) if self.routes is not None else None
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SpaceConfig":
-        stages = d.get("stages")
+        stages, routes = d.get("stages"), d.get("routes")
         # a config saved before the unpaired option existed was built with the "progress" rule
         return cls(int(d["kernel_size"]), int(d["stride"]), bool(d["nearest"]), tuple(stages) if stages is not None else None,
-                   d.get("rule"), d.get("unpaired", "progress"))
+                   d.get("rule"), d.get("unpaired", "progress"), bool(d.get("two_way", False)),
+                   bool(d.get("chains", False)), tuple(routes) if routes is not None else None)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Blocks ``start .. stop-1`` of one anchor, run in a row."""
+
+    anchor: int
+    start: int
+    stop: int
 
 
 @dataclass(frozen=True)
 class Stitch:
-    """One network of the space: an anchor alone (``dst is None``) or a stitched route."""
+    """One network of the space: a route of segments joined by stitching layers.
+
+    ``layers[k]`` joins ``segments[k]`` to ``segments[k+1]``; an anchor is one segment and no
+    layer. The first segment starts with its anchor's stem, the last ends with its head.
+    ``src``/``src_end``/``dst``/``dst_start``/``layer`` are SN-Net's view of a route: where it
+    leaves its first anchor, and where (and through which layer) it enters its last.
+    """
 
     id: int
     name: str
-    src: int
-    src_end: int
-    dst: int | None = None
-    dst_start: int = 0
-    layer: int | None = None
+    segments: tuple[Segment, ...]
+    layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.layers) != len(self.segments) - 1:
+            raise ValueError(f"a route of {len(self.segments)} segments needs {len(self.segments) - 1} layers, got {self.layers}")
 
     @property
     def is_anchor(self) -> bool:
-        return self.dst is None
+        return len(self.segments) == 1
+
+    @property
+    def src(self) -> int:
+        return self.segments[0].anchor
+
+    @property
+    def src_end(self) -> int:
+        return self.segments[0].stop
+
+    @property
+    def dst(self) -> int | None:
+        return None if self.is_anchor else self.segments[-1].anchor
+
+    @property
+    def dst_start(self) -> int:
+        return 0 if self.is_anchor else self.segments[-1].start
+
+    @property
+    def layer(self) -> int | None:
+        """The first stitching layer (a two-segment stitch's only one); None for an anchor."""
+        return self.layers[0] if self.layers else None
 
     @property
     def anchors(self) -> tuple[int, ...]:
-        return (self.src,) if self.dst is None else (self.src, self.dst)
+        """The anchor of every segment, in route order (a round trip names one twice)."""
+        return tuple(seg.anchor for seg in self.segments)
+
+    def joins(self) -> Iterator[tuple[Segment, int, Segment]]:
+        """(segment before, layer, segment after) for every stitching layer on the route."""
+        for k, layer in enumerate(self.layers):
+            yield self.segments[k], layer, self.segments[k + 1]
 
 
 @dataclass(frozen=True)
 class LayerSlot:
-    """One stitching layer: which anchors it joins, the shapes it maps, the stitches it serves."""
+    """One stitching layer: which anchors it joins, the shapes it maps, the cuts it serves.
+
+    ``joins`` are the (source cut, target resume) block pairs the layer serves — several when
+    a window shares one layer — and what its least-squares fit is computed on.
+    """
 
     index: int
     src: int
     dst: int
     src_spec: ActivationSpec
     dst_spec: ActivationSpec
+    joins: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,6 +201,68 @@ class AnchorInfo:
     @property
     def depth(self) -> int:
         return len(self.specs) - 1
+
+
+def route_name(labels: Sequence[str], segments: Sequence[Segment]) -> str:
+    """A route's readable name: ``a[:4]+b[8:16]+a[8:]`` (an anchor alone: its label)."""
+    if len(segments) == 1:
+        return labels[segments[0].anchor]
+    parts = []
+    for k, seg in enumerate(segments):
+        lo = "" if k == 0 else str(seg.start)
+        hi = "" if k == len(segments) - 1 else str(seg.stop)
+        parts.append(f"{labels[seg.anchor]}[{lo}:{hi}]")
+    return "+".join(parts)
+
+
+_PART = re.compile(r"(.+?)\[(\d*):(\d*)\]")
+
+
+def parse_route(name: str, labels: Sequence[str], depths: Sequence[int]) -> tuple[Segment, ...]:
+    """The segments a route name describes (the inverse of :func:`route_name`), checked."""
+    if name in labels:
+        k = list(labels).index(name)
+        return (Segment(k, 0, depths[k]),)
+    parts, pos = [], 0
+    while pos < len(name):
+        m = _PART.match(name, pos)
+        if m is None or m.group(1) not in labels:
+            raise StitchNotFoundError(
+                f"cannot read route {name!r}: expected anchor[:i]+anchor[j:k]+...+anchor[l:] with anchors "
+                f"from {', '.join(labels)} (e.g. {labels[0]}[:2]+{labels[-1]}[2:])")
+        parts.append(m.groups())
+        pos = m.end()
+        if pos < len(name):
+            if name[pos] != "+":
+                raise StitchNotFoundError(f"cannot read route {name!r}: segments are joined by '+'")
+            pos += 1
+    segments = []
+    for k, (label, lo, hi) in enumerate(parts):
+        a = list(labels).index(label)
+        first, last = k == 0, k == len(parts) - 1
+        if (lo != "") == first or (hi != "") == last:
+            raise StitchNotFoundError(
+                f"route {name!r}: the first segment reads [:stop], the last [start:], the ones between [start:stop]")
+        start, stop = (0 if first else int(lo)), (depths[a] if last else int(hi))
+        if not 0 <= start < stop <= depths[a]:
+            raise StitchNotFoundError(f"route {name!r}: {label}[{lo}:{hi}] is not a non-empty block range of its "
+                                      f"{depths[a]} blocks")
+        segments.append(Segment(a, start, stop))
+    if len(segments) < 2:
+        raise StitchNotFoundError(f"route {name!r} has one segment: name the anchor alone ({parts[0][0]})")
+    return tuple(segments)
+
+
+def two_way_positions(na: int, nb: int) -> list[tuple[int, int]]:
+    """SN-Netv2's matched positions of one stage: (blocks of A, blocks of B) at the same share of depth.
+
+    With ``d`` the shallower depth, position ``k = 1 .. d-1`` cuts the shallower anchor after
+    ``k`` blocks and the deeper after ``k * D // d`` (12 and 24 blocks: (1, 2), (2, 4) ...
+    (11, 22); equal depths: (k, k)). A route may leave either anchor at a position and enter the
+    other at the same one, so both directions and the round trips share one set of cut points.
+    """
+    d = min(na, nb)
+    return [(k * na // d, k * nb // d) for k in range(1, d)]
 
 
 def paired_pairs(depth: int, kernel_size: int = 2, stride: int = 1) -> list[list[tuple[int, int]]]:
@@ -197,21 +340,47 @@ class StitchSpace:
             raise NotStitchableError(f"a family needs at least two anchors to stitch, got {len(anchors)}")
         self.anchors = tuple(anchors)
         self.config = config
-        stitches = [Stitch(k, a.label, k, a.depth) for k, a in enumerate(anchors)]
-        layers: list[LayerSlot] = []
-        pairs = [(a, a + 1) for a in range(len(anchors) - 1)] if config.nearest else [
-            (a, b) for a in range(len(anchors)) for b in range(a + 1, len(anchors))]
-        for a, b in pairs:
-            found = self._stitch_pair(a, b, stitches, layers)
-            if not found:
-                raise NotStitchableError(self._why_not(a, b))
-        self.stitches: tuple[Stitch, ...] = tuple(stitches)
-        self.layers: tuple[LayerSlot, ...] = tuple(layers)
-        self._by_name = {s.name: s for s in stitches}
-        if len(self._by_name) != len(stitches):
+        labels = [a.label for a in anchors]
+        if len(set(labels)) != len(labels):
             raise NotStitchableError("two anchors have the same name; give each anchor a distinct label")
+        self._stitches = [Stitch(k, a.label, (Segment(k, 0, a.depth),)) for k, a in enumerate(anchors)]
+        self._layers: list[LayerSlot] = []
+        self._join_layer: dict[tuple[int, int, int, int], int] = {}  # (src, cut, dst, resume) -> layer
+        if config.routes is not None:
+            self._explicit(config.routes)
+        else:
+            pairs = [(a, a + 1) for a in range(len(anchors) - 1)] if config.nearest else [
+                (a, b) for a in range(len(anchors)) for b in range(a + 1, len(anchors))]
+            for a, b in pairs:
+                found = self._two_way_pair(a, b) if config.two_way else self._stitch_pair(a, b)
+                if not found:
+                    raise NotStitchableError(self._why_not(a, b))
+            if config.chains:
+                self._chains(pairs)
+        self.stitches: tuple[Stitch, ...] = tuple(self._stitches)
+        self.layers: tuple[LayerSlot, ...] = tuple(self._layers)
+        self._by_name = {s.name: s for s in self.stitches}
+        if len(self._by_name) != len(self.stitches):
+            dup = next(s.name for s in self.stitches if sum(t.name == s.name for t in self.stitches) > 1)
+            raise NotStitchableError(f"the route {dup!r} is listed twice; name each stitch once")
 
-    # -- enumeration
+    # -- building blocks: one definition of a layer and of a route
+    def _add_layer(self, a: int, b: int, joins: Sequence[tuple[int, int]]) -> int:
+        """A new stitching layer from anchor ``a`` to ``b`` serving the (cut, resume) pairs ``joins``."""
+        A, B = self.anchors[a], self.anchors[b]
+        slot = LayerSlot(len(self._layers), a, b, A.specs[joins[0][0]], B.specs[joins[0][1]], tuple(joins))
+        self._layers.append(slot)
+        for e, st in joins:
+            self._join_layer[(a, e, b, st)] = slot.index
+        return slot.index
+
+    def _add_route(self, segments: Sequence[Segment], layers: Sequence[int]) -> Stitch:
+        labels = [a.label for a in self.anchors]
+        s = Stitch(len(self._stitches), route_name(labels, segments), tuple(segments), tuple(layers))
+        self._stitches.append(s)
+        return s
+
+    # -- SN-Net's rules
     def _stages(self, a: AnchorInfo, b: AnchorInfo) -> list[int]:
         if self.config.stages is not None:
             return [s for s in self.config.stages if s < len(a.stages) and s < len(b.stages)]
@@ -231,7 +400,7 @@ class StitchSpace:
             groups = [g for g in ([(i, j) for i, j in g if j > i] for g in groups) if g]
         return groups
 
-    def _stitch_pair(self, a: int, b: int, stitches: list[Stitch], layers: list[LayerSlot]) -> int:
+    def _stitch_pair(self, a: int, b: int) -> int:
         A, B = self.anchors[a], self.anchors[b]
         found = 0
         rule = self._rule(A, B)
@@ -252,13 +421,88 @@ class StitchSpace:
                 else:
                     groups_of = [cuts]
                 for cut_group in groups_of:
-                    slot = LayerSlot(len(layers), a, b, A.specs[cut_group[0][0]], B.specs[cut_group[0][1]])
-                    layers.append(slot)
+                    layer = self._add_layer(a, b, cut_group)
                     for e, st in cut_group:
-                        name = f"{A.label}[:{e}]+{B.label}[{st}:]"
-                        stitches.append(Stitch(len(stitches), name, a, e, b, st, slot.index))
+                        self._add_route((Segment(a, 0, e), Segment(b, st, B.depth)), (layer,))
                         found += 1
         return found
+
+    # -- SN-Netv2's two-way space
+    def _two_way_pair(self, a: int, b: int) -> int:
+        """S->L and L->S at every matched position, then L->S->L and S->L->S through two of them.
+
+        The order (and the layer banks: every S->L layer, then every L->S one) follows the
+        authors' code, so stitch ids line up with theirs but for the S->L stitch at the last
+        block, which they list and never use and snnet does not list.
+        """
+        A, B = self.anchors[a], self.anchors[b]
+        positions: list[tuple[int, int]] = []
+        for s in self._stages(A, B):
+            a0, b0 = sum(A.stages[:s]), sum(B.stages[:s])
+            positions += [(a0 + ka, b0 + kb) for ka, kb in two_way_positions(A.stages[s], B.stages[s])]
+        up = {k: self._add_layer(a, b, [(ea, eb)]) for k, (ea, eb) in enumerate(positions)
+              if stitchable(A.specs[ea], B.specs[eb]) is None}
+        down = {k: self._add_layer(b, a, [(eb, ea)]) for k, (ea, eb) in enumerate(positions)
+                if stitchable(B.specs[eb], A.specs[ea]) is None}
+        before = len(self._stitches)
+        for k, layer in up.items():  # S -> L
+            ea, eb = positions[k]
+            self._add_route((Segment(a, 0, ea), Segment(b, eb, B.depth)), (layer,))
+        for k, layer in down.items():  # L -> S
+            ea, eb = positions[k]
+            self._add_route((Segment(b, 0, eb), Segment(a, ea, A.depth)), (layer,))
+        for k1, l1 in down.items():  # L -> S -> L: leave L at k1, come back at a later k2
+            for k2, l2 in up.items():
+                if k2 > k1:
+                    (ea1, eb1), (ea2, eb2) = positions[k1], positions[k2]
+                    self._add_route((Segment(b, 0, eb1), Segment(a, ea1, ea2), Segment(b, eb2, B.depth)), (l1, l2))
+        for k1, l1 in up.items():  # S -> L -> S
+            for k2, l2 in down.items():
+                if k2 > k1:
+                    (ea1, eb1), (ea2, eb2) = positions[k1], positions[k2]
+                    self._add_route((Segment(a, 0, ea1), Segment(b, eb1, eb2), Segment(a, ea2, A.depth)), (l1, l2))
+        return len(self._stitches) - before
+
+    # -- the v1 reference's three-anchor routes
+    def _chains(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """A->B->C for stitched pairs (A, B) and (B, C): an A->B stitch, then a B->C stitch that
+        leaves B after it was entered (at least one block of B), through both stitches' layers."""
+        by_pair: dict[tuple[int, int], list[Stitch]] = {}
+        for s in self._stitches:
+            if len(s.segments) == 2:
+                by_pair.setdefault((s.src, s.dst), []).append(s)  # type: ignore[arg-type]
+        for a, b in pairs:
+            for b2, c in pairs:
+                if b2 != b:
+                    continue
+                for s1 in by_pair.get((a, b), []):
+                    for s2 in by_pair.get((b, c), []):
+                        if s2.src_end > s1.dst_start:
+                            self._add_route((s1.segments[0], Segment(b, s1.dst_start, s2.src_end), s2.segments[1]),
+                                            (s1.layers[0], s2.layers[0]))
+
+    # -- an explicit list of routes
+    def _explicit(self, routes: Sequence[str]) -> None:
+        labels = [a.label for a in self.anchors]
+        depths = [a.depth for a in self.anchors]
+        for name in routes:
+            segments = parse_route(name, labels, depths)
+            if len(segments) == 1:
+                continue  # an anchor: always in the space
+            layers = []
+            for s1, s2 in zip(segments, segments[1:]):
+                A, B = self.anchors[s1.anchor], self.anchors[s2.anchor]
+                if s1.anchor == s2.anchor:
+                    raise NotStitchableError(f"route {name!r} stitches {A.label} to itself; a join must change anchor")
+                why = stitchable(A.specs[s1.stop], B.specs[s2.start])
+                if why is not None:
+                    raise NotStitchableError(f"route {name!r} cannot join {A.label} after block {s1.stop} to "
+                                             f"{B.label} at block {s2.start}: {why}")
+                key = (s1.anchor, s1.stop, s2.anchor, s2.start)
+                if key not in self._join_layer:
+                    self._add_layer(s1.anchor, s2.anchor, [(s1.stop, s2.start)])
+                layers.append(self._join_layer[key])
+            self._add_route(segments, layers)
 
     def _why_not(self, a: int, b: int) -> str:
         A, B = self.anchors[a], self.anchors[b]
@@ -307,4 +551,5 @@ class StitchSpace:
         return [s for s in self.stitches if s.is_anchor]
 
     def layer_stitches(self, layer: int) -> list[Stitch]:
-        return [s for s in self.stitches if s.layer == layer]
+        """The stitches whose route passes through stitching layer ``layer``."""
+        return [s for s in self.stitches if layer in s.layers]

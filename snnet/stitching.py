@@ -5,11 +5,21 @@ A stitching layer is a linear map on channels applied at every position: a Linea
 change of layout when a CNN feeds a transformer. Before any training it is fitted in closed
 form to map what the source anchor computes onto what the target anchor expects, on the
 features of a few calibration images (the paper uses 100).
+
+With ``rank > 0`` a layer is SN-Netv2's *low-rank* stitching layer: the least-squares weight
+``W`` is frozen and training learns a LoRA update, ``W + (alpha / rank) * B @ A`` with ``A``
+(rank x in) Kaiming-initialised and ``B`` (out x rank) zero, so training starts exactly at the
+least-squares fit. The bias stays trainable, as in the authors' code. :meth:`StitchingLayer.merged`
+folds the update into one plain layer (what export writes); the forward computes the same
+merged weight, so a network evaluates exactly as its merged export.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .anchors import ActivationSpec, as_rows, stitchable
@@ -17,21 +27,48 @@ from .errors import NotStitchableError
 
 
 class StitchingLayer(nn.Module):
-    """Maps a source activation onto a target activation, position by position."""
+    """Maps a source activation onto a target activation, position by position.
 
-    def __init__(self, src: ActivationSpec, dst: ActivationSpec) -> None:
+    ``rank`` > 0 makes it low-rank (see the module doc); ``alpha`` scales the update by
+    ``alpha / rank`` (the authors' code uses 1).
+    """
+
+    def __init__(self, src: ActivationSpec, dst: ActivationSpec, rank: int = 0, alpha: float = 1.0) -> None:
         super().__init__()
         why = stitchable(src, dst)
         if why is not None:
             raise NotStitchableError(f"cannot build a stitching layer from {src} to {dst}: {why}")
+        if rank < 0 or rank != int(rank):
+            raise NotStitchableError(f"the rank of a low-rank stitching layer must be an integer >= 0, got {rank}")
+        if rank and alpha <= 0:
+            raise NotStitchableError(f"lora alpha must be > 0, got {alpha}")
+        self.src_spec, self.dst_spec = src, dst
         self.src_layout, self.dst_layout = src.layout, dst.layout
         if src.layout == "nchw":
             self.proj: nn.Module = nn.Conv2d(src.channels, dst.channels, kernel_size=1)
         else:
             self.proj = nn.Linear(src.channels, dst.channels)
+        self.rank, self.alpha = int(rank), float(alpha)
+        if self.rank:
+            self.proj.weight.requires_grad_(False)  # the least-squares fit stays; the update learns
+            self.lora_a = nn.Parameter(torch.empty(self.rank, src.channels, device=self.proj.weight.device))
+            self.lora_b = nn.Parameter(torch.zeros(dst.channels, self.rank, device=self.proj.weight.device))
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    def weight(self) -> torch.Tensor:
+        """The weight the layer applies (base + low-rank update), in ``proj.weight``'s shape."""
+        w = self.proj.weight
+        if not self.rank:
+            return w
+        return w + ((self.alpha / self.rank) * (self.lora_b @ self.lora_a)).reshape(w.shape)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.proj(h)
+        if not self.rank:
+            h = self.proj(h)
+        elif self.src_layout == "nchw":
+            h = F.conv2d(h, self.weight(), self.proj.bias)
+        else:
+            h = F.linear(h, self.weight(), self.proj.bias)
         if self.src_layout == "nchw" and self.dst_layout == "nhwc":
             h = h.permute(0, 2, 3, 1)
         elif self.src_layout == "nhwc" and self.dst_layout == "nchw":
@@ -40,10 +77,31 @@ class StitchingLayer(nn.Module):
 
     @torch.no_grad()
     def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        """Load ``y = x @ weight + bias`` (weight is in_channels x out_channels)."""
+        """Load ``y = x @ weight + bias`` (weight is in_channels x out_channels).
+
+        A low-rank layer takes it as its frozen base and restarts its update at zero.
+        """
         w = weight.t().to(self.proj.weight.dtype)
         self.proj.weight.copy_(w.reshape(self.proj.weight.shape))
         self.proj.bias.copy_(bias.to(self.proj.bias.dtype))
+        if self.rank:
+            self.lora_b.zero_()
+
+    @torch.no_grad()
+    def with_rank(self, rank: int, alpha: float = 1.0) -> "StitchingLayer":
+        """A new layer computing the same map, with a fresh low-rank update of ``rank`` (0: plain)."""
+        out = StitchingLayer(self.src_spec, self.dst_spec, rank, alpha).to(self.proj.weight.device, self.proj.weight.dtype)
+        out.proj.weight.copy_(self.weight())
+        out.proj.bias.copy_(self.proj.bias)
+        out.train(self.training)
+        return out
+
+    def merged(self) -> "StitchingLayer":
+        """One plain layer with the low-rank update folded in (itself when already plain)."""
+        return self.with_rank(0) if self.rank else self
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}" if self.rank else ""
 
 
 class LeastSquares:

@@ -2,7 +2,7 @@
 
 Every step samples one stitch (``net.select`` happens *outside* forward), runs that route on a
 batch, and updates only the parameters on the route: the anchors' blocks it passes through and
-at most one stitching layer. Over many steps every network of the space gets trained, which is
+the stitching layers between them. Over many steps every network of the space gets trained, which is
 what makes all of them usable at once.
 
     from snnet.train import TrainConfig, OptimConfig, train
@@ -58,7 +58,7 @@ from .model import WEIGHTS_NAME, StitchedNet
 from .optim import OPTIMIZERS, SCHEDULE_UNITS, build_optimizer, lr_factor
 from .runlock import (FINAL_NAME, METRICS_NAME, RUN_ENTRIES, TRAIN_CONFIG_NAME, RunLock, StopSignals,
                       claim_run_folder)
-from .sampling import SAMPLERS, EpochSampler, SeededItems, make_stitch_sampler, seed_worker
+from .sampling import ROS_GAP, SAMPLERS, EpochSampler, SeededItems, make_stitch_sampler, seed_worker
 from .space import Stitch
 
 STITCH_SYNC = ("per_rank", "shared")
@@ -68,7 +68,7 @@ DDP_GRADS = ("mean", "users")
 CLIP_MODES = ("norm", "value", "agc")
 # Config fields that must not change when a run is resumed: they decide which batches and
 # stitches come next, so changing them would silently make a different run.
-_RESUME_FIXED = ("batch_size", "seed", "sampler", "num_buckets", "stitch_sync", "repeated_aug")
+_RESUME_FIXED = ("batch_size", "seed", "sampler", "num_buckets", "ros_gap", "ros_ramp", "stitch_sync", "repeated_aug")
 
 
 # ---------------------------------------------------------------------------- configs
@@ -163,6 +163,8 @@ class TrainConfig:
     batch_size: int = 64
     sampler: str = "uniform"
     num_buckets: int = 4
+    ros_gap: float = ROS_GAP  # ROS (SN-Netv2): FLOPs gap between groups, as a share of the space's FLOPs range
+    ros_ramp: float | None = None  # ROS: None draws groups uniformly; k weights the i-th cheapest i/k + 1/G
     seed: int = 0
     amp: str = "auto"
     label_smoothing: float = 0.1
@@ -199,6 +201,8 @@ class TrainConfig:
         need(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         need(self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; use one of {SAMPLERS}")
         need(self.num_buckets >= 1, f"num_buckets must be >= 1, got {self.num_buckets}")
+        need(self.ros_gap >= 0 and (self.ros_ramp is None or self.ros_ramp > 0),
+             f"ros_gap must be >= 0 and ros_ramp > 0 (or None), got {self.ros_gap}, {self.ros_ramp}")
         need(self.amp in AMP_MODES, f"unknown amp mode {self.amp!r}; use one of {AMP_MODES}")
         need(self.stitch_sync in STITCH_SYNC, f"unknown stitch_sync {self.stitch_sync!r}; use one of {STITCH_SYNC}")
         need(0.0 <= self.distill_alpha <= 1.0, f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
@@ -249,8 +253,7 @@ class TrainResult:
 
 def route_modules(net: StitchedNet, stitch: Stitch) -> list[nn.Module]:
     """The modules the route of ``stitch`` runs, flat (exactly what :meth:`StitchedNet.forward` calls)."""
-    stem, src_blocks, layer, dst_blocks, head = net.route(stitch)
-    return [stem, *src_blocks, *([layer] if layer is not None else []), *dst_blocks, head]
+    return list(net.route(stitch).modules())
 
 
 def _dist() -> tuple[int, int]:
@@ -301,8 +304,9 @@ class Trainer:
         self.total_steps = total_steps
         # per_rank: every rank its own stream of stitches; shared: one stream for all ranks
         seed = config.seed + (self.rank if config.stitch_sync == "per_rank" else 0)
-        flops = [c.flops for c in net.costs()] if config.sampler == "flops_bucketed" else None
-        self.sampler = make_stitch_sampler(config.sampler, len(net.space), seed + 7919, flops, config.num_buckets)
+        flops = [c.flops for c in net.costs()] if config.sampler in ("flops_bucketed", "ros") else None
+        self.sampler = make_stitch_sampler(config.sampler, len(net.space), seed + 7919, flops, config.num_buckets,
+                                           config.ros_gap, config.ros_ramp)
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(net, optim)
         warm = warmup_steps if warmup_steps is not None else optim.warmup_steps
@@ -673,8 +677,8 @@ def _check_resumable(ckpt: dict[str, Any], stitch_names: list[str], config: Trai
         raise CheckpointError(
             f"checkpoint {path} was made for another stitch space ({len(theirs)} stitches, e.g. {theirs[:2]}) than this "
             f"network's ({len(ours)} stitches, e.g. {ours[:2]}); resume with the same anchors and space options")
-    # a field missing from an older checkpoint had its default then (e.g. repeated_aug: 1)
-    saved = {k: ckpt["config"].get(k, getattr(TrainConfig, k)) for k in _RESUME_FIXED}
+    default = TrainConfig()  # a field newer than the checkpoint had its default then
+    saved = {k: ckpt["config"].get(k, getattr(default, k)) for k in _RESUME_FIXED}
     changed = [f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in _RESUME_FIXED if saved[k] != getattr(config, k)]
     if changed:
         raise CheckpointError(f"cannot resume {path} with different settings ({'; '.join(changed)}): they decide which "

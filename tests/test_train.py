@@ -38,9 +38,9 @@ def cfg(tmp_path: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def fresh_net(seed: int = 0) -> snnet.StitchedNet:
+def fresh_net(seed: int = 0, **space) -> snnet.StitchedNet:
     torch.manual_seed(seed)
-    return snnet.create_snnet(TINY_VITS[:2])
+    return snnet.create_snnet(TINY_VITS[:2], **space)
 
 
 @torch.no_grad()
@@ -109,22 +109,29 @@ def _params(net):
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-@pytest.mark.parametrize("sampler", ["uniform", "flops_bucketed"])
-def test_resume_equals_uninterrupted(tmp_path, sampler):
+# SN-Netv2: two-way space (round trips), low-rank stitching layers, ROS
+V2 = {"two_way": True, "lora_rank": 2}
+
+
+@pytest.mark.parametrize("sampler, space", [("uniform", {}), ("flops_bucketed", {}), ("ros", V2)],
+                         ids=["uniform", "flops_bucketed", "v2-ros"])
+def test_resume_equals_uninterrupted(tmp_path, sampler, space):
     data = Synthetic(40)  # 5 batches an epoch: the interruption falls mid-epoch
-    conf = dict(epochs=3, sampler=sampler, ckpt_every=4)
+    conf = dict(epochs=3, sampler=sampler, ckpt_every=4, ros_gap=0.1)
     optim = OptimConfig(lr=1e-3, warmup_steps=3)
-    a = fresh_net()
+    a = fresh_net(**space)
     full = train(a, data, cfg(tmp_path / "a", **conf), optim)
-    b = fresh_net()
+    b = fresh_net(**space)
     part = train(b, data, cfg(tmp_path / "b", **conf), optim, stop_after=7)
     assert not part.finished and part.step == 7 and part.final_dir is None
     ckpt = load_checkpoint(part.checkpoint)
     assert (ckpt["epoch"], ckpt["epoch_step"]) == (1, 2)
-    c = fresh_net(seed=123)  # different init: everything must come from the checkpoint
+    c = fresh_net(seed=123, **space)  # different init: everything must come from the checkpoint
     rest = train(c, data, cfg(tmp_path / "b", resume="auto", **conf), optim)
     assert rest.finished and rest.step == full.step == 15
     assert part.stitches + rest.stitches == full.stitches
+    if space:  # the run went through round trips (three segments, two low-rank layers)
+        assert any(len(a.space[k].segments) == 3 for k in full.stitches)
     pa, pc = _params(a), _params(c)
     assert all(torch.equal(pa[k], pc[k]) for k in pa)
     rows = [json.loads(ln) for ln in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -21,6 +21,8 @@ def demo(
     sampler: Annotated[str, typer.Option(help="How each step picks its stitch: uniform, or flops_bucketed (every part of the FLOPs range gets the same share of steps).")] = _D.sampler,
     distill: Annotated[bool, typer.Option(help="Distil from a frozen copy of the largest anchor while training.")] = _D.distill,
     distill_alpha: Annotated[float, typer.Option(help="Weight of the distillation loss (0..1; the rest is cross-entropy).")] = _D.distill_alpha,
+    two_way: Annotated[bool, typer.Option("--two-way", help="SN-Netv2's space: also large->small stitches and round trips.")] = _D.two_way,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="SN-Netv2's low-rank stitching layers of this rank (0: full layers).")] = _D.lora_rank,
     data_dir: Annotated[Optional[str], typer.Option("--data", help="Folder with the four Fashion-MNIST IDX files (default: Debian's).")] = None,
     download: Annotated[bool, typer.Option(help="Download Fashion-MNIST with torchvision if it is not on disk.")] = False,
     eval_limit: Annotated[Optional[int], typer.Option(help="Evaluate on the first N test images (default: all 10,000).")] = None,
@@ -34,6 +36,6 @@ def demo(
     if quick:
         steps, eval_limit, train_limit = min(steps, 20), eval_limit or 1000, train_limit or 5000
     cfg = DemoConfig(out=out, data_dir=data_dir, download=download, steps=steps, batch_size=batch_size, lr=lr,
-                     anchor_lr_scale=anchor_lr_scale, augment=augment, sampler=sampler, distill=distill, distill_alpha=distill_alpha, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
+                     anchor_lr_scale=anchor_lr_scale, augment=augment, sampler=sampler, distill=distill, distill_alpha=distill_alpha, two_way=two_way, lora_rank=lora_rank, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
                      device=device, progress=progress)
     run_demo(cfg, echo=typer.echo)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
 
 __all__ = ["DEFAULT_ANCHORS", "AnchorsOpt", "ImgSizeOpt", "ZooFamilyOpt", "ZooFlopsOpt", "ZooImgSizeOpt", "ZooOpt",
-           "ZooParamsOpt", "read_zoo_options", "split_ints", "split_names"]
+           "ZooParamsOpt", "read_routes", "read_zoo_options", "split_ints", "split_names"]
 
 # The shipped Fashion-MNIST family: the default wherever anchors can be omitted.
 DEFAULT_ANCHORS = "fmnist"
@@ -67,3 +68,26 @@ def read_zoo_options(zoo: str | None, family: str | None, img_size: str | None, 
                            "(or fmnist, or a zoo file)")
         return None
     return read_zoo(zoo, split).select(where)
+
+
+def read_routes(path: "os.PathLike[str] | str") -> tuple[str, ...]:
+    """``--routes``: the JSON ``snnet stitches --select klas --json`` prints (its ``routes``), a
+    JSON list of route names, or a text file with one route name per line."""
+    import json
+    from pathlib import Path
+
+    from ..errors import SnnetError
+
+    p = Path(path)
+    if not p.is_file():
+        raise SnnetError(f"--routes {p}: no such file (write one with `snnet stitches --select klas --json > {p.name}`)")
+    text = p.read_text()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if isinstance(data, dict):
+        data = data.get("routes")
+    if not isinstance(data, list) or not data or not all(isinstance(n, str) for n in data):
+        raise SnnetError(f"--routes {p}: expected a list of route names (or `snnet stitches --select klas --json` output)")
+    return tuple(data)

@@ -9,8 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import DEFAULT_ANCHORS, AnchorsOpt, split_names
+from .options import DEFAULT_ANCHORS, AnchorsOpt, read_routes, split_names
 from ..errors import SnnetError
+from ..sampling import ROS_GAP
 
 
 def train(
@@ -25,8 +26,14 @@ def train(
     anchor_lr_scale: Annotated[float, typer.Option("--anchor-lr-scale", help="LR multiplier for the anchors' own parameters.")] = 1.0,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.05,
     warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up steps before the cosine decay.")] = 0,
-    sampler: Annotated[str, typer.Option(help="Stitch sampling: 'uniform' or 'flops_bucketed'.")] = "uniform",
+    sampler: Annotated[str, typer.Option(help="Stitch sampling: 'uniform', 'flops_bucketed' or 'ros' (SN-Netv2's resource-constrained sampling).")] = "uniform",
     num_buckets: Annotated[int, typer.Option("--num-buckets", help="FLOPs buckets of the flops_bucketed sampler.")] = 4,
+    ros_gap: Annotated[float, typer.Option("--ros-gap", help="ROS: FLOPs gap that opens a new group, as a share of the space's FLOPs range.")] = ROS_GAP,
+    ros_ramp: Annotated[Optional[float], typer.Option("--ros-ramp", help="ROS: draw the i-th cheapest of G groups with weight i/K + 1/G (default: uniformly).")] = None,
+    two_way: Annotated[bool, typer.Option("--two-way", help="SN-Netv2's space: small->large, large->small and round trips.")] = False,
+    routes: Annotated[Optional[Path], typer.Option("--routes", help="Train exactly these stitches: `snnet stitches --select klas --json` output, or one route name per line.")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="Low-rank stitching layers (SN-Netv2): rank of the trained update on the frozen least-squares weight (0: full layers; default 0, or as saved with --init).")] = None,
+    lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="Scale of the low-rank update is alpha / rank.")] = 1.0,
     distill: Annotated[Optional[str], typer.Option(help="Distil from 'largest' (the largest anchor, frozen) or a timm model name.")] = None,
     ckpt_every: Annotated[int, typer.Option("--ckpt-every", help="Steps between checkpoints (0: only at the end).")] = 500,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (checkpoint.pt, metrics.jsonl, final/).")] = Path("runs/snnet"),
@@ -77,6 +84,7 @@ def train(
     world = _world_size()
     tconf, oconf = rec.configs(world_size=world, max_steps=max_steps, seed=seed, ckpt_every=ckpt_every, out_dir=str(out),
                                resume=resume, stitch_sync=stitch_sync, num_buckets=num_buckets,
+                               ros_gap=ros_gap, ros_ramp=ros_ramp,
                                init_images=0 if init is not None else rec.init_images, num_workers=workers,
                                device=device, progress=progress, ddp_grads=ddp_grads, overwrite=overwrite)
     if print_recipe:
@@ -89,9 +97,14 @@ def train(
     _check_inputs(data, data_dir, limit_train, num_classes, weights, rec.distill)
     if check_run_folder(out, resume, overwrite) is None and resume == "auto":
         typer.echo(f"no checkpoint in {out}: --resume auto starts a fresh run", err=True)
+    route_names = read_routes(routes) if routes is not None else None
     seed_everything(seed)  # random-init anchors and heads follow --seed
     if init is not None:
+        if two_way or route_names is not None:
+            raise SnnetError("--init starts from a saved network, whose stitch space is fixed: drop --two-way/--routes")
         net = StitchedNet.from_pretrained(init)
+        if lora_rank is not None and (lora_rank, lora_alpha) != (net.lora_rank, net.lora_alpha):
+            net.set_lora_rank(lora_rank, lora_alpha)  # a new rank: the saved layers' map is kept, merged if 0
     else:
         names = split_names(rec.anchors)
         files = [w.strip() for w in weights.split(",")] if weights else None
@@ -102,7 +115,8 @@ def train(
         specs = _specs(names, pretrained, files, kwargs)
         if any(s.pretrained for s in specs):  # anchors snnet cannot split fail here, before any download
             create_snnet([s.name for s in specs], num_classes=num_classes, device="meta")
-        net = create_snnet(specs)
+        net = create_snnet(specs, two_way=two_way, routes=route_names, lora_rank=lora_rank or 0,
+                           lora_alpha=lora_alpha)
 
     started = _init_distributed(device)
     try:

@@ -30,32 +30,58 @@ from ..space import Stitch
 from ..stitching import StitchingLayer
 
 if TYPE_CHECKING:
-    from ..model import StitchedNet
+    from ..model import Route, StitchedNet
 
 __all__ = ["FORMATS", "STITCH_CONFIG", "STITCH_WEIGHTS", "StitchRoute", "export_onnx", "export_program", "export_stitch", "extract", "load_stitch",
            "route_bytes", "save_stitch", "stitch_config"]
 
+class _Hop(nn.Module):
+    """A middle segment of a longer route: its blocks, then the stitching layer out of it."""
+
+    def __init__(self, blocks: Sequence[nn.Module], stitch: nn.Module) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.stitch = stitch
+
+
 class StitchRoute(nn.Module):
     """One stitch as a plain module: source stem and blocks, stitching layer, target blocks, head.
 
-    An anchor is a route with an identity stitch and no target blocks. ``forward`` runs the
-    same modules in the same order as :meth:`StitchedNet.forward` does for that stitch.
+    An anchor is a route with an identity stitch and no target blocks. A route of more than two
+    segments (SN-Netv2's round trips, three-anchor routes) keeps each middle segment and the
+    layer after it in ``via`` (so a two-segment route has exactly the tensors it always had).
+    ``forward`` runs the same modules in the same order as :meth:`StitchedNet.forward` does.
     """
 
     def __init__(self, src_stem: nn.Module, src_blocks: Sequence[nn.Module], stitch: nn.Module | None,
-                 dst_blocks: Sequence[nn.Module], head: nn.Module) -> None:
+                 dst_blocks: Sequence[nn.Module], head: nn.Module,
+                 via: Sequence[tuple[Sequence[nn.Module], nn.Module]] = ()) -> None:
         super().__init__()
         self.src_stem = src_stem
         self.src_blocks = nn.ModuleList(src_blocks)
         self.stitch = stitch if stitch is not None else nn.Identity()
+        self.via = nn.ModuleList([_Hop(blocks, layer) for blocks, layer in via])
         self.dst_blocks = nn.ModuleList(dst_blocks)
         self.head = head
+
+    @classmethod
+    def of(cls, route: "Route") -> "StitchRoute":
+        """From a :class:`snnet.model.Route` (segments' blocks and the layers between them)."""
+        blocks, layers = route.blocks, route.layers
+        if len(blocks) == 1:
+            return cls(route.stem, blocks[0], None, [], route.head)
+        via = [(blocks[k], layers[k]) for k in range(1, len(blocks) - 1)]
+        return cls(route.stem, blocks[0], layers[0], blocks[-1], route.head, via)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.src_stem(x)
         for blk in self.src_blocks:
             h = blk(h)
         h = self.stitch(h)
+        for hop in self.via:
+            for blk in hop.blocks:
+                h = blk(h)
+            h = hop.stitch(h)
         for blk in self.dst_blocks:
             h = blk(h)
         return self.head(h)
@@ -63,7 +89,7 @@ class StitchRoute(nn.Module):
 
 def _route_view(net: "StitchedNet", stitch: Stitch) -> StitchRoute:
     """A route sharing the network's modules (no copy): for counting bytes and for :func:`extract`."""
-    return StitchRoute(*net.route(stitch))
+    return StitchRoute.of(net.route(stitch))
 
 
 def route_bytes(module: nn.Module) -> int:
@@ -79,6 +105,10 @@ def extract(net: "StitchedNet", stitch: int | str | Stitch) -> StitchRoute:
     """A standalone copy of one stitch: deep copies of only the modules on its route, in eval mode."""
     s = net.space[stitch]
     route = copy.deepcopy(_route_view(net, s))  # one deepcopy keeps weights shared within the route shared
+    if not s.is_anchor:  # low-rank stitching layers ship merged: one plain layer, the map the network computes
+        route.stitch = route.stitch.merged()
+        for hop in route.via:
+            hop.stitch = hop.stitch.merged()
     route.snnet_stitch = s.name  # type: ignore[assignment]  # plain attribute: where it came from
     return route.eval()
 
@@ -88,7 +118,9 @@ def extract(net: "StitchedNet", stitch: int | str | Stitch) -> StitchRoute:
 STITCH_CONFIG = "config.json"
 STITCH_WEIGHTS = "model.safetensors"
 STITCH_FORMAT = "snnet-stitch"
-STITCH_VERSION = 1
+# 1: one source, one stitching layer, one target (src/src_end/dst/dst_start/stitching_layer);
+# 2: any route: "anchors" and "segments" (+ "stitching_layers", one between two segments)
+STITCH_VERSION = 2
 FORMATS = ("safetensors", "pt2", "onnx")
 
 
@@ -107,18 +139,25 @@ def stitch_config(net: "StitchedNet", stitch: int | str | Stitch) -> dict[str, A
             spec = AnchorSpec(spec.name, False, None, spec.kwargs).to_dict()
         return {"label": net.labels[k], "kind": net.anchors[k].kind, "spec": spec}
 
-    layer = None
-    if not s.is_anchor:
-        slot = net.space.layers[s.layer]
-        layer = {"src_spec": asdict(slot.src_spec), "dst_spec": asdict(slot.dst_spec)}
-    src = net.anchors[s.src]
+    used = list(dict.fromkeys(s.anchors))  # each anchor once, in the order the route first enters it
+    layers = [{"src_spec": asdict(net.space.layers[k].src_spec), "dst_spec": asdict(net.space.layers[k].dst_spec)}
+              for k in s.layers]  # plain layers: a low-rank layer is exported merged
     return {
         "format": STITCH_FORMAT, "version": STITCH_VERSION, "id": s.id, "name": s.name,
-        "src": anchor(s.src), "src_end": s.src_end,
-        "dst": anchor(s.dst) if s.dst is not None else None, "dst_start": s.dst_start, "stitching_layer": layer,
+        "anchors": [anchor(k) for k in used],
+        "segments": [{"anchor": used.index(seg.anchor), "start": seg.start, "stop": seg.stop} for seg in s.segments],
+        "stitching_layers": layers,
         "input_size": list(net.input_size), "num_classes": net.num_classes,
-        "data_config": {k: v for k, v in src.data_config.items() if k != "num_classes"},
+        "data_config": {k: v for k, v in net.anchors[s.src].data_config.items() if k != "num_classes"},
     }
+
+
+def _v2_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A version-1 stitch config (source, one layer, target) in version 2's terms."""
+    if cfg["dst"] is None:
+        return dict(cfg, anchors=[cfg["src"]], segments=[{"anchor": 0, "start": 0, "stop": None}], stitching_layers=[])
+    return dict(cfg, anchors=[cfg["src"], cfg["dst"]], stitching_layers=[cfg["stitching_layer"]],
+                segments=[{"anchor": 0, "start": 0, "stop": cfg["src_end"]}, {"anchor": 1, "start": cfg["dst_start"], "stop": None}])
 
 
 def save_stitch(route: StitchRoute, directory: str | os.PathLike, config: Mapping[str, Any]) -> Path:
@@ -166,7 +205,8 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
 
     The route's anchors are built from their timm names at random init, cut to the route, and
     the saved weights loaded (strictly). Anchors that were your own modules must be passed
-    again as ``anchors`` (source, then target for a stitch), freshly constructed.
+    again as ``anchors`` (each anchor the route uses once, in the order it first enters them:
+    source, then target for a two-segment stitch), freshly constructed.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -180,7 +220,11 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
         cfg = json.loads(cfg_path.read_text())
         if cfg.get("format") != STITCH_FORMAT:
             raise KeyError("format")
-        ends = [cfg["src"]] + ([cfg["dst"]] if cfg["dst"] is not None else [])
+        if cfg.get("version", 0) <= 1:
+            cfg = _v2_config(cfg)
+        ends, segments = cfg["anchors"], cfg["segments"]
+        if not segments or len(cfg["stitching_layers"]) != len(segments) - 1:
+            raise KeyError("stitching_layers")
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{cfg_path} is corrupt or not an exported snnet stitch ({e})") from e
     if cfg.get("version", 0) > STITCH_VERSION:
@@ -197,15 +241,11 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
         else:
             module = create_anchor(AnchorSpec.from_dict(end["spec"]))
         parts.append(split_model(module))
-    src = parts[0]
-    if cfg["dst"] is None:
-        route = StitchRoute(src.stem, list(src.blocks), None, [], src.head)
-    else:
-        layer = cfg["stitching_layer"]
-        dst = parts[1]
-        route = StitchRoute(src.stem, list(src.blocks[: cfg["src_end"]]),
-                            StitchingLayer(_spec(layer["src_spec"]), _spec(layer["dst_spec"])),
-                            list(dst.blocks[cfg["dst_start"]:]), dst.head)
+    blocks = [list(parts[seg["anchor"]].blocks[seg["start"]:seg["stop"]]) for seg in segments]
+    layers = [StitchingLayer(_spec(d["src_spec"]), _spec(d["dst_spec"])) for d in cfg["stitching_layers"]]
+    first, last = parts[segments[0]["anchor"]], parts[segments[-1]["anchor"]]
+    route = StitchRoute(first.stem, blocks[0], layers[0] if layers else None, blocks[-1] if layers else [], last.head,
+                        [(blocks[k], layers[k]) for k in range(1, len(blocks) - 1)])
     try:
         state = load_file(str(w_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
