@@ -355,7 +355,10 @@ def test_503_with_retry_after_past_the_queue_bound(saved: tuple[Path, Path]) -> 
         t0 = time.perf_counter()
         responses = list(pool.map(lambda k: (c.post("/predict", content=_png(seed=k)), time.perf_counter() - t0), range(16)))
         codes = [r.status_code for r, _ in responses]
-        assert set(codes) == {200, 503} and codes.count(200) >= 4
+        # How many get in depends on how the 16 arrivals interleave with the reads (a request being
+        # read holds a slot too), so only the bound's sure consequences are asserted: at least one
+        # full batch served, the rest refused, nobody left waiting.
+        assert set(codes) == {200, 503} and codes.count(200) >= 2
         refused = [(r, t) for r, t in responses if r.status_code == 503]
         assert all(int(r.headers["Retry-After"]) >= 1 and "capacity" in r.json()["error"] for r, _ in refused)
         assert min(t for _, t in refused) < 0.3  # refused at once, not after waiting for a batch
