@@ -22,6 +22,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,18 @@ def cost_table(demo: Path, summary: dict[str, Any], results: list, zoo: list[dic
                         ("macs", "compute (MACs, est.)")])
 
 
+def joint_training(demo: Path, summary: dict[str, Any], results: list) -> str:
+    """What the joint training gave each stitch (steps drawn, from metrics.jsonl) and did to the anchors."""
+    steps = Counter(json.loads(line)["stitch"] for line in (demo / "train" / "metrics.jsonl").open() if line.strip())
+    counts = [steps.get(r.id, 0) for r in results]
+    per = summary["config"]["batch_size"]
+    drift = ", ".join(f"{k} {v:.2f} -> {summary['anchors_after'][k]:.2f} ({summary['anchors_after'][k] - v:+.2f})"
+                      for k, v in summary["anchors_before"].items())
+    return (f"Joint training: {sum(counts)} steps over {len(results)} networks: {min(counts)}-{max(counts)} steps "
+            f"(median {statistics.median(counts):.0f}, {statistics.median(counts) * per:,.0f} images) per network\n"
+            f"Anchors before -> after joint training: {drift}")
+
+
 def _front_names(rows: list[dict[str, Any]]) -> set[str]:
     return {r["name"] for r in front_rows(rows)}
 
@@ -104,12 +117,23 @@ def main() -> None:
           + ", ".join(f"{r.name} {r.acc1:.2f}%" for r in results if r.is_anchor))
     c = compare_fronts(results, zoo, lo=lo, hi=hi)
     print("\n" + c.describe("SN-Net stitches", "zoo"))
+    ordered = sorted((r for r in results if r.is_anchor), key=lambda r: r.flops)
+    regions = []
+    for a, b in zip(ordered, ordered[1:]):
+        part = compare_fronts(results, zoo, lo=a.flops, hi=b.flops)
+        regions.append({"region": f"{a.name} -> {b.name}", "range": f"{human(a.flops)}-{human(b.flops)}",
+                        "mean": f"{part.mean:+.2f}", "worst": f"{part.worst.diff:+.2f} at {human(part.worst.start)}",
+                        "ahead": f"{part.ahead:.0%}"})
+    print("\nBetween each pair of neighbouring anchors:")
+    print(table(regions, [("region", "anchors"), ("range", "FLOPs"), ("mean", "mean diff"), ("worst", "worst"),
+                          ("ahead", "SN-Net ahead on")]))
     print("\nPiece by piece (the best network of each side costing at most the piece's start):")
     print(table([{"range": f"{human(s.start)}-{human(s.end)}" if s.end > s.start else human(s.start),
                   "ours": s.ours, "oy": f"{s.ours_y:.2f}", "theirs": s.theirs, "ty": f"{s.theirs_y:.2f}",
                   "d": f"{s.diff:+.2f}"} for s in c.steps],
                 [("range", "FLOPs"), ("ours", "SN-Net best"), ("oy", "top-1"), ("theirs", "zoo best"),
                  ("ty", "top-1"), ("d", "diff")]))
+    print("\n" + joint_training(args.demo, summary, results))
     print("\nTraining cost:")
     print(cost_table(args.demo, summary, results, zoo, lo, hi))
 
