@@ -2,8 +2,9 @@
 """Train the shipped Fashion-MNIST anchor family from scratch and write its artifacts.
 
 Trains ``fmnist_vit_ti``, ``fmnist_vit_s`` and ``fmnist_vit_b`` (see ``snnet/pretrained.py``)
-with one shared recipe on the 60k training images, evaluates on the 10k test
-images, and writes into ``--out`` (default ``snnet/weights``):
+with one shared recipe on the 60k training images (``--split train``: the 50k outside the
+validation split), evaluates on the 10k test images, and writes into ``--out`` (default
+``snnet/weights``):
 
 * ``<model>.safetensors`` -- float16 weights (timm upcasts them into float32 params);
 * ``family.json``         -- measured params, MACs, test accuracy *after* the fp16
@@ -16,6 +17,9 @@ floating-point nondeterminism of the CPU kernels.
 
     python scripts/train_fmnist_family.py                 # the shipped recipe, one model after another
     python scripts/train_fmnist_family.py --card-only     # regenerate MODEL_CARD.md
+
+The recipe and training loop (``Recipe``, ``fit``, ``train_one``) also train the zoo of
+``scripts/train_fmnist_zoo.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,20 +109,27 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader) -> float:
     return 100.0 * correct / total
 
 
-def train_one(name: str, recipe: Recipe, train_set: FashionMNIST, test_loader, out: Path) -> dict[str, Any]:
-    torch.manual_seed(recipe.seed)  # same init stream for every member
-    model = timm.create_model(name)
+def create_model(name: str, kwargs: dict[str, Any], file: Path | None = None) -> nn.Module:
+    """A timm model, randomly initialised or (``file``) loaded through timm's pretrained path."""
+    if file is None:
+        return timm.create_model(name, **kwargs)
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(file)}, **kwargs)
+
+
+def fit(model: nn.Module, label: str, recipe: Recipe, train_set: FashionMNIST) -> tuple[list[float], int]:
+    """Train ``model`` with the recipe; return each epoch's wall seconds and the optimizer steps taken."""
     optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=recipe.lr, weight_decay=recipe.weight_decay)
     loader = make_loader(train_set, recipe.batch_size, shuffle=True, seed=recipe.seed, drop_last=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, len(loader)))
 
     epoch_seconds: list[float] = []
+    steps = 0
     for epoch in range(recipe.epochs):
         set_epoch(loader, epoch)
         model.train()
         start = time.perf_counter()
         seen = 0
-        bar = tqdm(loader, desc=f"{name} {epoch + 1}/{recipe.epochs}", unit="batch", file=sys.stdout,
+        bar = tqdm(loader, desc=f"{label} {epoch + 1}/{recipe.epochs}", unit="batch", file=sys.stdout,
                    mininterval=10, dynamic_ncols=False, ncols=110)
         for images, labels in bar:
             loss = F.cross_entropy(model(images), labels, label_smoothing=recipe.label_smoothing)
@@ -125,37 +138,48 @@ def train_one(name: str, recipe: Recipe, train_set: FashionMNIST, test_loader, o
             nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             optimizer.step()
             scheduler.step()
+            steps += 1
             seen += labels.numel()
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}",
                             img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
         bar.close()
         epoch_seconds.append(time.perf_counter() - start)
-        print(f"{name} epoch {epoch + 1}: {epoch_seconds[-1]:.1f} s, "
+        print(f"{label} epoch {epoch + 1}: {epoch_seconds[-1]:.1f} s, "
               f"{len(train_set) / epoch_seconds[-1]:.0f} img/s, last loss {loss.item():.3f}", flush=True)
+    return epoch_seconds, steps
 
-    acc_fp32 = evaluate(model, test_loader)
-    path = out / f"{name}.safetensors"
+
+def train_one(label: str, name: str, kwargs: dict[str, Any], recipe: Recipe, train_set: FashionMNIST,
+              eval_loaders: dict[str, torch.utils.data.DataLoader], out: Path) -> dict[str, Any]:
+    """Train one model (timm ``name`` with ``kwargs``) from scratch, save it as ``out/<label>.safetensors``
+    in float16, and measure it on every loader in ``eval_loaders`` after reloading that file."""
+    torch.manual_seed(recipe.seed)  # same init stream for every model
+    model = create_model(name, kwargs)
+    epoch_seconds, steps = fit(model, label, recipe, train_set)
+    acc_fp32 = {split: evaluate(model, loader) for split, loader in eval_loaders.items()}
+    path = out / f"{label}.safetensors"
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "arch": name, "dtype": "float16"})
+    save_file(state, str(path), metadata={"format": "pt", "arch": label, "dtype": "float16"})
     path.chmod(0o644)  # safetensors writes 0600; the file ships in the wheel
 
     # Measure what users get: the fp16 file loaded through timm's pretrained path.
-    reloaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-    acc = evaluate(reloaded, test_loader)
-    spec = FMNIST_FAMILY[name]
+    reloaded = create_model(name, kwargs, path)
+    acc = {split: evaluate(reloaded, loader) for split, loader in eval_loaders.items()}
     result = {
-        "arch": asdict(spec),
         "params": sum(p.numel() for p in reloaded.parameters()),
         "macs": count_macs(reloaded, (1, 28, 28)),
-        "top1": round(acc, 2),
-        "top1_fp32_before_export": round(acc_fp32, 2),
+        "acc": {k: round(v, 2) for k, v in acc.items()},
+        "acc_fp32": {k: round(v, 2) for k, v in acc_fp32.items()},
         "epochs": recipe.epochs,
+        "steps": steps,
+        "image_steps": steps * recipe.batch_size,
         "seconds": round(sum(epoch_seconds), 1),
         "seconds_per_epoch": round(sum(epoch_seconds) / len(epoch_seconds), 1),
         "file": path.name,
         "file_bytes": path.stat().st_size,
     }
-    print(f"{name}: top-1 {acc:.2f}% (fp32 {acc_fp32:.2f}%), {result['params']:,} params, "
+    print(f"{label}: top-1 " + ", ".join(f"{k} {v:.2f}%" for k, v in acc.items())
+          + f" (fp32 {', '.join(f'{v:.2f}%' for v in acc_fp32.values())}), {result['params']:,} params, "
           f"{result['macs'] / 1e6:.2f} M MACs", flush=True)
     return result
 
@@ -246,10 +270,9 @@ Fashion-MNIST classifiers (longer training improves all three).
     (out / "MODEL_CARD.md").write_text(card)
 
 
-def parse_args() -> argparse.Namespace:
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """The recipe's command-line options (shared by the family and the zoo script)."""
     defaults = Recipe()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(FMNIST_FAMILY), choices=list(FMNIST_FAMILY))
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
@@ -260,6 +283,26 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only (smoke test)")
     p.add_argument("--threads", type=int, default=2)
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    return Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                  seed=args.seed, augment=AUGMENT if args.augment else NO_AUGMENT)
+
+
+def command_line() -> str:
+    """The command that is running, as recorded next to its results."""
+    return "python " + shlex.join([str(Path(sys.argv[0]))] + sys.argv[1:])
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(FMNIST_FAMILY), choices=list(FMNIST_FAMILY))
+    add_recipe_args(p)
+    # The shipped family was trained on the whole training file; "train" leaves the validation
+    # split out (snnet.data.SPLITS).
+    p.add_argument("--split", choices=("train+val", "train"), default="train+val",
+                   help="training images: all 60,000 (default, as shipped) or the 50,000 outside the validation split")
     p.add_argument("--out", type=Path, default=REPO / "snnet" / "weights")
     p.add_argument("--card-only", action="store_true", help="only regenerate MODEL_CARD.md from family.json")
     p.add_argument("--recount", action="store_true",
@@ -273,41 +316,51 @@ def main() -> None:
     if args.card_only or args.recount:
         family = json.loads((args.out / "family.json").read_text())
         for name, entry in family["models"].items() if args.recount else ():
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(args.out / entry["file"])))
+            model = create_model(name, {}, args.out / entry["file"])
             entry["params"] = sum(p.numel() for p in model.parameters())
             entry["macs"] = count_macs(model, (1, 28, 28))
         (args.out / "family.json").write_text(json.dumps(family, indent=2) + "\n")
         write_model_card(family, args.out)
         return
     torch.set_num_threads(args.threads)
-    recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                    weight_decay=args.weight_decay, seed=args.seed, augment=AUGMENT if args.augment else NO_AUGMENT)
-    train_set = FashionMNIST(args.data, "train", augment=args.augment, seed=recipe.seed, limit=args.limit)
+    recipe = recipe_from_args(args)
+    train_set = FashionMNIST(args.data, args.split, augment=args.augment, seed=recipe.seed, limit=args.limit)
     test_loader = make_loader(FashionMNIST(args.data, "test"), 1000, shuffle=False)
-    run = {"command": "python " + shlex.join([str(Path(sys.argv[0]))] + sys.argv[1:]),
-           "threads": args.threads}
+    run = {"command": command_line(), "threads": args.threads}
     start = time.perf_counter()
     for name in args.models:
-        result = train_one(name, recipe, train_set, test_loader, args.out)
+        r = train_one(name, name, {}, recipe, train_set, {"test": test_loader}, args.out)
+        result = {"arch": asdict(FMNIST_FAMILY[name]), "params": r["params"], "macs": r["macs"],
+                  "top1": r["acc"]["test"], "top1_fp32_before_export": r["acc_fp32"]["test"]}
+        result |= {k: r[k] for k in ("epochs", "seconds", "seconds_per_epoch", "file", "file_bytes")}
         # Written after every model so an interrupted run keeps what it finished.
         update_family(args.out, name, dict(result, **run), recipe, len(train_set), len(test_loader.dataset))
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min -> {args.out}", flush=True)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for a read-modify-write of ``path``.
+
+    Models may be trained by separate processes running at the same time (one per core is
+    the fastest way to train on a busy machine), each recording its result in one JSON
+    file. The lock lives outside the file's folder so that nothing but artifacts lands in
+    the package.
+    """
+    lock_path = Path(tempfile.gettempdir()) / f"snnet-{hashlib.sha1(bytes(path.resolve())).hexdigest()[:12]}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def update_family(out: Path, name: str, result: dict[str, Any], recipe: Recipe,
                   train_images: int, test_images: int) -> None:
     """Record one model in family.json (and re-render the card), keeping the other members.
 
-    Members may be trained by separate processes running at the same time (one per
-    core is the fastest way to train the family on a busy machine), so the
-    read-modify-write happens under an exclusive lock. Entries trained with a
-    different recipe are dropped: the family must share one recipe.
+    Entries trained with a different recipe are dropped: the family must share one recipe.
     """
-    # The lock lives outside ``out`` so that nothing but artifacts lands in the package.
-    lock_path = Path(tempfile.gettempdir()) / f"snnet-family-{hashlib.sha1(bytes(out.resolve())).hexdigest()[:12]}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        path = out / "family.json"
+    path = out / "family.json"
+    with locked(path):
         family = json.loads(path.read_text()) if path.is_file() else {}
         if family.get("recipe") != asdict(recipe) or family.get("train_images") != train_images:
             family = {}

@@ -37,7 +37,10 @@ __all__ = [
     "FASHION_MNIST_STD",
     "FASHION_MNIST_CLASSES",
     "FashionMNIST",
+    "SPLITS",
+    "VAL_SPLIT_HOW",
     "default_fashion_mnist_root",
+    "validation_indices",
     "read_idx",
     "build_dataset",
     "image_transform",
@@ -59,8 +62,20 @@ _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_SPLIT_ALIASES = {"train": "train", "training": "train", "test": "test", "val": "test",
-                  "validation": "test", "eval": "test"}
+_FILE_OF_SPLIT = {"train": "train", "val": "train", "train+val": "train", "test": "test"}
+# Fashion-MNIST ships a training file (60,000 images) and a test file (10,000). snnet carves a
+# fixed validation split out of the training file so that choices (widths, epochs, demo steps,
+# learning rates) are made without looking at the test set:
+#   "train"     the training file minus the validation images (50,000)
+#   "val"       a sixth of every class of the training file (10,000: 1,000 per class)
+#   "train+val" the whole training file (60,000; what the shipped family was trained on)
+#   "test"      the test file (10,000), to be reported once
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "validation": "val",
+                  "train+val": "train+val", "full-train": "train+val", "test": "test", "eval": "test"}
+SPLITS = ("train", "val", "train+val", "test")
+# The validation split is a pure function of the labels and this seed (see validation_indices).
+VAL_SEED = 0
+VAL_FRACTION = 6  # one image in six of each class
 _TIMM_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
 # IDX type code -> (torch dtype, bytes per element); Fashion-MNIST only uses 0x08.
 _IDX_TYPES = {0x08: (torch.uint8, 1)}
@@ -159,6 +174,39 @@ def _download_fashion_mnist(root: Path) -> None:
                 shutil.copyfile(src, root / src.name)
 
 
+VAL_SPLIT_HOW = (f"stratified: one image in {VAL_FRACTION} of each class of the 60,000 training images (1,000 of "
+                 f"6,000), those whose blake2b digest of '{VAL_SEED}:<index in the IDX file>' sorts first")
+
+
+def validation_indices(labels: torch.Tensor, seed: int = VAL_SEED) -> torch.Tensor:
+    """Indices (ascending) of the validation images among the training file's ``labels``.
+
+    Stratified: each class gives ``round(n_c / 6)`` images, those whose blake2b digest of
+    ``"<seed>:<index>"`` sorts first. A hash rather than a random generator makes the split a
+    pure function of the data and the seed, the same on every machine and every torch version.
+    """
+    import hashlib
+
+    chosen: list[int] = []
+    for c in torch.unique(labels).tolist():
+        members = (labels == c).nonzero().flatten().tolist()
+        members.sort(key=lambda i: hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest())
+        chosen += members[:round(len(members) / VAL_FRACTION)]
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+def _select_split(split: str, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of the training file that belong to ``split`` (original order kept)."""
+    if split in ("train+val", "test"):
+        return images, labels
+    val = validation_indices(labels)
+    if split == "val":
+        return images[val], labels[val]
+    keep = torch.ones(labels.shape[0], dtype=torch.bool)
+    keep[val] = False
+    return images[keep], labels[keep]
+
+
 @dataclass(frozen=True)
 class _Augment:
     """Train-time augmentation: random crop from a zero-padded image + horizontal flip."""
@@ -214,6 +262,7 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
             )
         if labels.numel() and int(labels.max()) >= self.num_classes:
             raise DatasetError(f"{paths[1]}: label {int(labels.max())} is out of range [0, 10)")
+        images, labels = _select_split(self.split, images, labels)
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
         self.images = images.unsqueeze(1).contiguous()  # N x 1 x 28 x 28, uint8
@@ -258,12 +307,12 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
 
 def _fashion_mnist_split(split: str) -> str:
     if split not in _SPLIT_ALIASES:
-        raise DatasetError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
+        raise DatasetError(f"unknown Fashion-MNIST split {split!r}; use one of {', '.join(SPLITS)}")
     return _SPLIT_ALIASES[split]
 
 
 def _fashion_mnist_missing(root: Path, split: str) -> list[str]:
-    return [stem for stem in _FILES[split] if _find_idx(root, stem) is None]
+    return [stem for stem in _FILES[_FILE_OF_SPLIT[split]] if _find_idx(root, stem) is None]
 
 
 def _locate_fashion_mnist(root: Path, split: str) -> list[Path]:
@@ -271,7 +320,7 @@ def _locate_fashion_mnist(root: Path, split: str) -> list[Path]:
     missing = _fashion_mnist_missing(root, split)
     if missing:
         raise DatasetError(f"missing {', '.join(missing)}[.gz]. " + _how_to_get_fashion_mnist(root))
-    return [_find_idx(root, stem) for stem in _FILES[split]]  # type: ignore[misc]
+    return [_find_idx(root, stem) for stem in _FILES[_FILE_OF_SPLIT[split]]]  # type: ignore[misc]
 
 
 def _check_limit(limit: int | None) -> None:
@@ -299,9 +348,15 @@ def _is_timm_name(name: str) -> bool:
     return name.startswith(_TIMM_PREFIXES) or (os.sep not in name and "/" not in name)
 
 
+def _is_train(split: str) -> bool:
+    """Whether a split name means training data, for datasets other than Fashion-MNIST (which
+    have their own train/validation folders or splits and no carved validation split)."""
+    return _SPLIT_ALIASES.get(split, split) in ("train", "train+val")
+
+
 def _image_folder_root(root: Path, split: str) -> Path:
     """Pick ``root/train`` or ``root/val`` (and synonyms) if present, else ``root`` itself."""
-    names = ("train", "training") if _SPLIT_ALIASES.get(split, split) == "train" \
+    names = ("train", "training") if _is_train(split) \
         else ("val", "validation", "test", "eval")
     for name in names:
         if (root / name).is_dir():
@@ -346,7 +401,9 @@ def build_dataset(
             folder in ImageFolder layout (``root/train/<class>/*``, ``root/val/<class>/*``
             or just ``root/<class>/*``); or any other ``timm.data.create_dataset`` name,
             e.g. ``'torch/cifar10'`` (then ``root`` is where it lives / is downloaded to).
-        split: ``'train'`` or ``'test'``/``'val'``.
+        split: for Fashion-MNIST one of :data:`SPLITS` (``'train'``: 50,000 images, ``'val'``:
+            the 10,000 carved from the training file, ``'train+val'``: all 60,000, ``'test'``);
+            for folders and other datasets ``'train'`` or ``'val'``/``'test'``.
         data_config: the anchors' data config from ``timm.data.resolve_data_config``
             (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``...). For
             Fashion-MNIST only ``mean``/``std`` are used.
@@ -405,7 +462,7 @@ def build_dataset(
 
 def _timm_dataset(create_dataset: Any, name: str, root: str | os.PathLike[str] | None, split: str,
                   augment: bool, download: bool, transform: Any) -> Dataset:
-    timm_split = "train" if _SPLIT_ALIASES.get(split, split) == "train" else "validation"
+    timm_split = "train" if _is_train(split) else "validation"
     try:
         return create_dataset(name, root=str(root) if root is not None else None, split=timm_split,
                               is_training=augment, download=download, transform=transform)

@@ -2,13 +2,14 @@
 
 One network, many budgets, switched instantly:
 
-1. build the SN-Net from the three shipped anchors (``fmnist_vit_ti/s/b``) and measure each
-   anchor alone on the test set;
+1. build the SN-Net from the three shipped anchors (``fmnist_vit_ti/s/b``; or anchors of the same
+   design from ``--weights``) and measure each anchor alone on the evaluation split (the test
+   set; ``--eval-split val`` for research runs that choose settings);
 2. initialise every stitching layer by least squares on 100 training images, then train the
-   whole network briefly, sampling one stitch per step (uniformly) and distilling from a
-   frozen copy of the largest anchor;
-3. evaluate every stitch on the test set (shared prefixes), print the table with the Pareto
-   frontier, write ``results.json``, ``pareto.html`` and ``pareto.png``;
+   whole network briefly on the 50,000 training images outside the validation split, sampling
+   one stitch per step (uniformly) and distilling from a frozen copy of the largest anchor;
+3. evaluate every stitch on the evaluation split (shared prefixes), print the table with the
+   Pareto frontier, write ``results.json``, ``pareto.html`` and ``pareto.png``;
 4. check the paper's claim at this scale: the stitches fill the FLOPs range between the
    anchors with accuracy rising with cost, and the anchors keep their accuracy;
 5. for a few FLOPs budgets, select the best stitch and time the switch.
@@ -26,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from .anchors import AnchorSpec
 from .errors import SnnetError
 from .evaluate import evaluate
 from .results import StitchResult, check_writable, format_results, write_results
@@ -34,6 +36,36 @@ from .report import human, table
 from .train import OptimConfig, TrainConfig, train
 
 FAMILY = "fmnist"
+EVAL_SPLITS = ("test", "val")  # snnet.data's Fashion-MNIST splits the demo may measure on
+
+
+def anchor_specs(weights: tuple[str, ...]) -> list[tuple[str, AnchorSpec]]:
+    """(label, spec) of each anchor whose weights are given: one folder (its ``*.safetensors``) or
+    files, each named after its architecture as the family and zoo scripts write them
+    (``fmnist_vit_s.safetensors``, ``fmnist_vit_w24_d6_p7.safetensors``)."""
+    from .pretrained import FMNIST_FAMILY, FmnistVitSpec
+
+    paths = [Path(w).expanduser() for w in weights]
+    if len(paths) == 1 and paths[0].is_dir():
+        paths = sorted(paths[0].glob("*.safetensors"))
+        if len(paths) < 2:
+            raise SnnetError(f"--weights {weights[0]}: the folder holds {len(paths)} .safetensors file(s); "
+                             "an SN-Net needs at least two anchors")
+    out = []
+    for path in paths:
+        if not path.is_file():
+            raise SnnetError(f"--weights: {path} is not a file (give a folder of .safetensors files or the files)")
+        try:
+            spec = FmnistVitSpec.parse(path.stem)
+        except SnnetError as e:
+            raise SnnetError(f"--weights: cannot tell the architecture of {path}: {e}") from None
+        if path.stem in FMNIST_FAMILY:  # the shipped names rebuild as themselves
+            out.append((path.stem, AnchorSpec(path.stem, file=str(path))))
+        else:
+            out.append((spec.name, AnchorSpec("fmnist_vit", file=str(path), kwargs=tuple(sorted(spec.model_kwargs().items())))))
+    if len(out) < 2:
+        raise SnnetError(f"--weights gives {len(out)} anchor(s); an SN-Net needs at least two")
+    return out
 
 
 @dataclass(frozen=True)
@@ -41,6 +73,11 @@ class DemoConfig:
     """What the demo runs. The defaults take a few minutes on a 2-core CPU."""
 
     out: str = "snnet-demo"
+    # The anchors' weights: one folder or files (see anchor_specs); empty = the shipped family.
+    weights: tuple[str, ...] = ()
+    # Where stitches are measured. Choices (steps, learning rates, anchors) are made on "val", the
+    # validation split carved from the training images; "test" is for reporting a chosen setting.
+    eval_split: str = "test"
     data_dir: str | None = None  # folder with the Fashion-MNIST IDX files (default: Debian's)
     download: bool = False  # fetch Fashion-MNIST with torchvision when it is not on disk
     steps: int = 3500  # joint training steps, one sampled stitch each
@@ -63,7 +100,7 @@ class DemoConfig:
     two_way: bool = False  # SN-Netv2's space (small->large, large->small, round trips) instead of SN-Net's
     lora_rank: int = 0  # SN-Netv2's low-rank stitching layers (0: full layers, SN-Net's)
     train_limit: int | None = None  # first N training images (quick runs)
-    eval_limit: int | None = None  # first N test images (default: all 10,000)
+    eval_limit: int | None = None  # first N evaluation images (default: all 10,000)
     eval_batch_size: int = 500
     budgets: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)  # FLOPs budgets, as fractions of the largest anchor's
     seed: int = 0
@@ -78,6 +115,10 @@ class DemoConfig:
                 raise SnnetError(f"{name} must be >= 1 image, got {limit}")
         if self.lora_rank < 0:
             raise SnnetError(f"lora_rank must be >= 0 (0: full stitching layers), got {self.lora_rank}")
+        if self.eval_split not in EVAL_SPLITS:
+            raise SnnetError(f"unknown evaluation split {self.eval_split!r}; use {' or '.join(EVAL_SPLITS)}")
+        if self.weights:
+            anchor_specs(self.weights)  # files exist and name an architecture
         self.train_configs()  # the training configs check the rest (learning rates, sampler, distillation weight, ...)
 
     def train_configs(self) -> tuple[TrainConfig, OptimConfig]:
@@ -113,6 +154,8 @@ class DemoResult:
     frontier_size: int
     switches: list[Switch]
     seconds: dict[str, float] = field(default_factory=dict)
+    eval_split: str = "test"  # the Fashion-MNIST split every accuracy was measured on
+    config: dict[str, Any] = field(default_factory=dict)  # the DemoConfig that ran (steps, batch size, weights...)
 
     @property
     def anchors_kept(self) -> bool:
@@ -163,13 +206,17 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print)
         for split in ("train", "test"):
             check_source("fashion-mnist", split, cfg.data_dir)
     torch.manual_seed(cfg.seed)
-    # the shipped weights, through timm's pretrained path
-    net = create_snnet(FAMILY, pretrained=True, two_way=cfg.two_way, lora_rank=cfg.lora_rank)
+    if cfg.weights:  # weights through timm's pretrained path, as for the shipped family
+        labels, specs = zip(*anchor_specs(cfg.weights))
+        net = create_snnet(list(specs), labels=list(labels), two_way=cfg.two_way, lora_rank=cfg.lora_rank)
+    else:
+        net = create_snnet(FAMILY, pretrained=True, two_way=cfg.two_way, lora_rank=cfg.lora_rank)  # the shipped weights
     mean, std = tuple(net.anchors[0].data_config["mean"]), tuple(net.anchors[0].data_config["std"])
     data = dict(root=cfg.data_dir, mean=mean, std=std, download=cfg.download)
-    test = FashionMNIST(split="test", limit=cfg.eval_limit, **data)
+    eval_set = FashionMNIST(split=cfg.eval_split, limit=cfg.eval_limit, **data)
+    # "train" leaves the validation split out, so a run measured on "val" never trained on it.
     train_set = FashionMNIST(split="train", limit=cfg.train_limit, augment=cfg.augment, seed=cfg.seed, **data)
-    test_loader = DataLoader(test, batch_size=cfg.eval_batch_size)
+    eval_loader = DataLoader(eval_set, batch_size=cfg.eval_batch_size)
     costs = net.costs()
     echo(f"SN-Net from {', '.join(net.labels)}: {len(net.space)} networks, "
          f"{human(min(c.flops for c in costs))}–{human(max(c.flops for c in costs))} FLOPs, "
@@ -178,7 +225,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print)
 
     t = time.perf_counter()
     anchors = [s.id for s in net.space.anchor_stitches()]
-    before = {r.name: r.acc1 for r in evaluate(net, test_loader, anchors, device=cfg.device, progress=cfg.progress)}
+    before = {r.name: r.acc1 for r in evaluate(net, eval_loader, anchors, device=cfg.device, progress=cfg.progress)}
     echo("anchors before stitching: " + ", ".join(f"{k} {v:.2f}%" for k, v in before.items()))
     seconds["anchors_before"] = time.perf_counter() - t
 
@@ -189,7 +236,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print)
     seconds["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    results = evaluate(net, test_loader, device=cfg.device, progress=cfg.progress)
+    results = evaluate(net, eval_loader, device=cfg.device, progress=cfg.progress)
     seconds["evaluate"] = time.perf_counter() - t
     write_results(results, out)
     echo("\n" + format_results(results))
@@ -197,7 +244,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print)
     from .plot import plot_pareto
 
     plot_pareto(results, out / "pareto.html", out / "pareto.png",
-                title=f"SN-Net on Fashion-MNIST: {len(results)} networks from 3 anchors")
+                title=f"SN-Net on Fashion-MNIST: {len(results)} networks from {len(net.anchors)} anchors")
 
     after = {r.name: r.acc1 for r in results if r.is_anchor}
     gap = frontier_gap(results)
@@ -211,7 +258,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print)
         row = next(r for r in results if r.id == sel.id)
         switches.append(Switch(bound, sel.id, sel.name, row.flops, row.acc1, time_switch(net, sel.id)))
     summary = DemoResult(results, before, after, gap, sum(r.pareto for r in results), switches,
-                         {**seconds, "total": time.perf_counter() - t0})
+                         {**seconds, "total": time.perf_counter() - t0}, cfg.eval_split, asdict(cfg))
     _report(summary, out, echo)
     return summary
 
@@ -225,10 +272,11 @@ def _report(s: DemoResult, out: Path, echo: Callable[[str], Any]) -> None:
     echo(f"  anchors before -> after: {kept}")
     echo(f"    no anchor loses more than 1 point: {'yes' if s.anchors_not_hurt else 'NO'}; "
          f"every anchor within 1 point either way: {'yes' if s.anchors_kept else 'NO'}")
-    # Differences below ~2 standard errors are noise: say how large that is on this test set.
+    # Differences below ~2 standard errors are noise: say how large that is on this evaluation set.
     best = max(s.results, key=lambda r: r.acc1)
     p, n = best.acc1 / 100, best.images
-    echo(f"  (one top-1 on {n:,} test images has a binomial standard error of {100 * math.sqrt(p * (1 - p) / n):.2f} points)")
+    echo(f"  (one top-1 on {n:,} {s.eval_split} images has a binomial standard error of "
+         f"{100 * math.sqrt(p * (1 - p) / n):.2f} points)")
     echo("\nRun-time switching: the most accurate stitch within each FLOPs budget")
     rows = [{"budget": human(w.budget_flops), "id": w.id, "name": w.name, "flops": human(w.flops), "acc1": w.acc1,
              "us": f"{w.select_us:.2f}"} for w in s.switches]

@@ -9,11 +9,17 @@ which reads ``.safetensors``), so every timm tool (data config resolution,
 ``features_only``, ``num_classes`` override...) works on them unchanged.
 
 The weights are produced by ``scripts/train_fmnist_family.py``.
+
+Any other member of the same design (another width, depth, patch size: the Fashion-MNIST
+*zoo* of ``scripts/train_fmnist_zoo.py``) is ``timm.create_model('fmnist_vit', embed_dim=...,
+...)``, with weights from a file (``pretrained_cfg_overlay=dict(file=...)``); its canonical
+name, e.g. ``fmnist_vit_w24_d6_p7``, is :attr:`FmnistVitSpec.name`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +28,65 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from .errors import SnnetError
 
-__all__ = ["FMNIST_FAMILY", "FmnistVitSpec", "WEIGHTS_DIR", "normalize_name", "weights_path"]
+__all__ = ["FMNIST_FAMILY", "FmnistVitSpec", "WEIGHTS_DIR", "default_heads", "normalize_name", "weights_path"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
+IMG_SIZE = 28
+_SPEC_NAME = re.compile(r"fmnist_vit_w(\d+)_d(\d+)_p(\d+)(?:_h(\d+))?(?:_m(\d+(?:\.\d+)?))?")
+
+
+def default_heads(embed_dim: int) -> int:
+    """The family's head count for a width: heads of 16 channels, at least two (16 -> 2, 96 -> 6)."""
+    return max(2, embed_dim // 16)
+
+
 @dataclass(frozen=True)
 class FmnistVitSpec:
-    """Architecture of one Fashion-MNIST anchor (everything else is shared)."""
+    """Architecture of one Fashion-MNIST ViT of the family's design (everything else is shared)."""
 
     embed_dim: int
     num_heads: int
     depth: int = 6
     patch_size: int = 7
     mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if min(self.embed_dim, self.num_heads, self.depth, self.patch_size) < 1 or self.mlp_ratio <= 0:
+            raise SnnetError(f"every size of a Fashion-MNIST ViT must be positive: {self}")
+        if self.embed_dim % self.num_heads:
+            raise SnnetError(f"width {self.embed_dim} does not split into {self.num_heads} heads; pick a head count "
+                             f"that divides it (a name takes one as _h<N>, e.g. fmnist_vit_w{self.embed_dim}_d6_p7_h2)")
+        if IMG_SIZE % self.patch_size:
+            raise SnnetError(f"patch size {self.patch_size} does not tile a {IMG_SIZE}x{IMG_SIZE} image; use 2, 4, 7 or 14")
+
+    @property
+    def name(self) -> str:
+        """``fmnist_vit_w<width>_d<depth>_p<patch>``, plus ``_h<heads>`` / ``_m<mlp ratio>`` where they
+        differ from the family's rule (:func:`default_heads`, ratio 4)."""
+        name = f"fmnist_vit_w{self.embed_dim}_d{self.depth}_p{self.patch_size}"
+        if self.num_heads != default_heads(self.embed_dim):
+            name += f"_h{self.num_heads}"
+        return name + (f"_m{self.mlp_ratio:g}" if self.mlp_ratio != 4.0 else "")
+
+    @classmethod
+    def parse(cls, name: str) -> "FmnistVitSpec":
+        """The spec a name stands for: a shipped member (``fmnist_vit_s``) or ``fmnist_vit_w24_d6_p7[_h2][_m4]``."""
+        name = normalize_name(name).partition(".")[0]
+        if name in FMNIST_FAMILY:
+            return FMNIST_FAMILY[name]
+        m = _SPEC_NAME.fullmatch(name)
+        if m is None:
+            raise SnnetError(f"{name!r} is not a Fashion-MNIST ViT name; write fmnist_vit_w<width>_d<depth>_p<patch> "
+                             "(optionally _h<heads>, _m<mlp ratio>), e.g. fmnist_vit_w24_d6_p7")
+        width, depth, patch = int(m[1]), int(m[2]), int(m[3])
+        heads = int(m[4]) if m[4] else default_heads(width)
+        return cls(width, heads, depth, patch, float(m[5]) if m[5] else 4.0)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``timm.create_model('fmnist_vit', ...)`` for this architecture."""
+        return asdict(self)
 
 
 # DeiT-Ti/S/B-like widths scaled to Fashion-MNIST. Width stops paying at 96 on this data (192
@@ -84,20 +135,25 @@ def _cfg(name: str) -> dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({name: _cfg(name) for name in FMNIST_FAMILY})
+# ``fmnist_vit`` (any architecture of the design) has no shipped weights: only a file overlay.
+default_cfgs = generate_default_cfgs({name: _cfg(name) for name in FMNIST_FAMILY} | {"fmnist_vit": dict(
+    _cfg("fmnist_vit"), file=None, notes="Any width/depth/patch of the Fashion-MNIST ViT design; weights from a "
+                                          "file written by scripts/train_fmnist_zoo.py")})
 
 
-def _create(name: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
+def _create(name: str, pretrained: bool, spec: FmnistVitSpec, **kwargs: Any) -> VisionTransformer:
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if pretrained and not overlay and not weights_path(name).is_file():
         # timm would raise a bare FileNotFoundError; say where the weights come from.
+        if name not in FMNIST_FAMILY:
+            raise SnnetError(f"{name} has no shipped weights; pass a file written by scripts/train_fmnist_zoo.py "
+                             "(pretrained_cfg_overlay=dict(file=...))")
         raise SnnetError(
             f"pretrained weights for {name} are missing ({weights_path(name)}); they are shipped with "
             "snnet and built by `python scripts/train_fmnist_family.py`"
         )
-    spec = FMNIST_FAMILY[name]
     model_args: dict[str, Any] = dict(
-        img_size=28,
+        img_size=IMG_SIZE,
         patch_size=spec.patch_size,
         in_chans=1,
         num_classes=10,
@@ -118,18 +174,26 @@ def _create(name: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
 
 
 @register_model
+def fmnist_vit(pretrained: bool = False, embed_dim: int = 16, num_heads: int | None = None, depth: int = 6,
+               patch_size: int = 7, mlp_ratio: float = 4.0, **kwargs: Any) -> VisionTransformer:
+    """Any Fashion-MNIST ViT of the family's design (heads default to :func:`default_heads`)."""
+    spec = FmnistVitSpec(embed_dim, num_heads or default_heads(embed_dim), depth, patch_size, mlp_ratio)
+    return _create("fmnist_vit", pretrained, spec, **kwargs)
+
+
+@register_model
 def fmnist_vit_ti(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT-Ti/7 for 28x28 Fashion-MNIST: width 16, 2 heads, depth 6."""
-    return _create("fmnist_vit_ti", pretrained, **kwargs)
+    return _create("fmnist_vit_ti", pretrained, FMNIST_FAMILY["fmnist_vit_ti"], **kwargs)
 
 
 @register_model
 def fmnist_vit_s(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT-S/7 for 28x28 Fashion-MNIST: width 32, 2 heads, depth 6."""
-    return _create("fmnist_vit_s", pretrained, **kwargs)
+    return _create("fmnist_vit_s", pretrained, FMNIST_FAMILY["fmnist_vit_s"], **kwargs)
 
 
 @register_model
 def fmnist_vit_b(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT-B/7 for 28x28 Fashion-MNIST: width 96, 6 heads, depth 6."""
-    return _create("fmnist_vit_b", pretrained, **kwargs)
+    return _create("fmnist_vit_b", pretrained, FMNIST_FAMILY["fmnist_vit_b"], **kwargs)

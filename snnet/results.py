@@ -4,8 +4,9 @@
 network plotted beside the stitches for comparison, see :mod:`snnet.zoo`); its ``kind`` says which.
 Rows are written as ``results.json`` (a list of objects) and ``results.csv`` by
 :func:`write_results` and read back by :func:`load_results`. :func:`pareto_front` finds the
-stitched network's accuracy/cost frontier, :func:`frontier` that of any rows (a zoo's), and
-:func:`format_results` prints the table. Evaluation itself lives in :mod:`snnet.evaluate`.
+stitched network's accuracy/cost frontier, :func:`frontier` that of any rows (a zoo's),
+:func:`compare_fronts` compares two sets' frontiers at matched cost, and :func:`format_results`
+prints the table. Evaluation itself lives in :mod:`snnet.evaluate`.
 
 A zoo model is not a network of the stitch space: it cannot be selected or exported, so it has no
 stitch ``id`` (``None``; null in JSON, empty in CSV) and is known by its ``name`` (unique within
@@ -29,8 +30,9 @@ from .io import atomic_write, probe_write
 from .report import human, table
 
 __all__ = [
-    "KINDS", "RESULTS_JSON", "RESULTS_CSV", "StitchResult", "check_writable", "format_results", "frontier", "is_zoo",
-    "load_results", "mark_pareto", "network_rows", "pareto_front", "merge_rows", "read_rows", "write_results",
+    "KINDS", "RESULTS_JSON", "RESULTS_CSV", "FrontComparison", "FrontStep", "StitchResult", "binomial_se",
+    "check_writable", "compare_fronts", "format_results", "front_rows", "frontier", "is_zoo", "load_results",
+    "mark_pareto", "network_rows", "pareto_front", "merge_rows", "read_rows", "write_results",
 ]
 
 RESULTS_JSON = "results.json"
@@ -207,6 +209,122 @@ def mark_pareto(results: Sequence[StitchResult], x: str = "flops", y: str = "acc
         group = [k for k, r in enumerate(results) if r.is_zoo == zoo]
         on.update(group[j] for j in _front_positions([results[k] for k in group], x, y))
     return [replace(r, pareto=k in on) for k, r in enumerate(results)]
+
+
+# ---------------------------------------------------------------------------------- two frontiers
+
+
+def binomial_se(acc: float, images: int) -> float:
+    """Standard error, in points, of a top-1 of ``acc`` percent measured on ``images`` images:
+    ``sqrt(p (1 - p) / n)``. Two models' accuracies differ by noise of about ``sqrt(2)`` times this."""
+    p = acc / 100
+    return 100 * math.sqrt(p * (1 - p) / images)
+
+
+@dataclass(frozen=True)
+class FrontStep:
+    """One piece of the cost range on which both frontiers' best networks stay the same:
+    ``ours`` and ``theirs`` are the most accurate networks costing at most ``start``."""
+
+    start: float
+    end: float
+    ours: str
+    ours_y: float
+    theirs: str
+    theirs_y: float
+
+    @property
+    def diff(self) -> float:
+        return self.ours_y - self.theirs_y
+
+
+@dataclass(frozen=True)
+class FrontComparison:
+    """Two frontiers compared at matched cost over ``[lo, hi]`` (see :func:`compare_fronts`)."""
+
+    x: str
+    y: str
+    lo: float
+    hi: float
+    steps: tuple[FrontStep, ...]
+    mean: float  # ours - theirs, averaged over log(cost) on [lo, hi]
+    worst: FrontStep  # where ours trails most (or leads least)
+    best: FrontStep  # where ours leads most (or trails least)
+    ahead: float  # share of the log-cost range where ours is more accurate
+    se: float | None  # binomial standard error of one accuracy on the frontiers (largest), if rows say their images
+
+    def describe(self, ours: str = "ours", theirs: str = "theirs") -> str:
+        """The comparison in plain words."""
+        def at(step: FrontStep) -> str:
+            where = human(step.start) if step.end == step.start else f"{human(step.start)}-{human(step.end)}"
+            return f"{step.diff:+.2f} points at {where} {self.x} ({step.ours} {step.ours_y:.2f} vs {step.theirs} {step.theirs_y:.2f})"
+        lines = [f"{ours} vs {theirs}, best {self.y} at matched {self.x}, over {human(self.lo)}-{human(self.hi)}:",
+                 f"  mean {self.mean:+.2f} points (averaged over log {self.x}); {ours} ahead on {self.ahead:.0%} of the range",
+                 f"  worst {at(self.worst)}",
+                 f"  best  {at(self.best)}"]
+        if self.se is not None:
+            lines.append(f"  (one {self.y} has a binomial standard error of {self.se:.2f} points; a difference of two, "
+                         f"{math.sqrt(2) * self.se:.2f})")
+        return "\n".join(lines)
+
+
+def front_rows(rows: Iterable[Any], x: str = "flops", y: str = "acc1", side: str = "rows") -> list[dict[str, Any]]:
+    """The rows (mappings or result objects, as dicts) on the Pareto staircase, cheapest first: each
+    more accurate than every cheaper one (the rule of :func:`pareto_front`, for rows without ids)."""
+    rows = [_row(r) for r in rows]
+    for r in rows:
+        if r.get(x) is None or r.get(y) is None:
+            raise ResultsError(f"{side}: row {r.get('name')!r} has no {x if r.get(x) is None else y}")
+    front: list[dict[str, Any]] = []
+    for r in sorted(rows, key=lambda r: (r[x], -r[y])):
+        if not front or r[y] > front[-1][y]:
+            front.append(r)
+    return front
+
+
+def compare_fronts(ours: Iterable[Any], theirs: Iterable[Any], x: str = "flops", y: str = "acc1",
+                   lo: float | None = None, hi: float | None = None) -> FrontComparison:
+    """Compare two sets of networks at matched cost: each set's Pareto frontier as a step function
+    (the best ``y`` among its rows costing at most ``x``), ours minus theirs, over ``[lo, hi]``.
+
+    Both step functions change only at frontier points, so the range splits into pieces on which
+    the difference is constant (:class:`FrontStep`); the comparison is exact, with no grid. The mean
+    weighs each piece by its length in log(cost), so every factor of cost counts alike however
+    densely either side samples it; the worst and best are over the pieces and the point ``hi``.
+    ``lo``/``hi`` default to the range of ``ours``; ``lo`` is raised to the cheapest row of
+    ``theirs`` if that is dearer (below it they have nothing to compare with).
+
+    Rows are mappings or result objects with ``name``, ``x``, ``y`` and, for the standard error,
+    ``images`` (the number of images the accuracy was measured on).
+    """
+    sides = {"ours": [_row(r) for r in ours], "theirs": [_row(r) for r in theirs]}
+    for side, rows in sides.items():
+        if not rows:
+            raise ResultsError(f"{side}: no rows to compare")
+    fronts = {side: front_rows(rows, x, y, side) for side, rows in sides.items()}
+    lo = max(min(r[x] for r in sides["ours"]) if lo is None else lo, fronts["theirs"][0][x], fronts["ours"][0][x])
+    hi = max(r[x] for r in sides["ours"]) if hi is None else hi
+    if lo <= 0 or hi < lo:
+        raise ResultsError(f"cannot compare over {x} {lo}..{hi}: the range must be positive and hi >= lo "
+                           "(and both sides need a row costing at most hi)")
+
+    def best(front: list[dict[str, Any]], at: float) -> dict[str, Any]:
+        return [r for r in front if r[x] <= at][-1]
+
+    cuts = sorted({lo, hi} | {r[x] for f in fronts.values() for r in f if lo < r[x] < hi})
+    pieces = list(zip(cuts, cuts[1:])) + [(hi, hi)]  # the last, empty piece is the point hi itself
+    steps, used = [], []
+    for a, b in pieces:
+        o, t = best(fronts["ours"], a), best(fronts["theirs"], a)
+        steps.append(FrontStep(a, b, str(o.get("name")), float(o[y]), str(t.get("name")), float(t[y])))
+        used += [r for r in (o, t) if r.get("images")]
+    span = math.log(hi / lo)
+    weights = [math.log(s.end / s.start) / span for s in steps] if span > 0 else [0.0] * (len(steps) - 1) + [1.0]
+    se = max((binomial_se(r[y], int(r["images"])) for r in used), default=None)
+    return FrontComparison(
+        x, y, lo, hi, tuple(steps), mean=sum(w * s.diff for w, s in zip(weights, steps)),
+        worst=min(steps, key=lambda s: s.diff), best=max(steps, key=lambda s: s.diff),
+        ahead=sum(w for w, s in zip(weights, steps) if s.diff > 0), se=se)
 
 
 # ---------------------------------------------------------------------------------- files

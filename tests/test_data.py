@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from snnet.data import (
+    SPLITS,
     DatasetError,
     FashionMNIST,
     build_dataset,
@@ -17,6 +18,7 @@ from snnet.data import (
     num_classes,
     read_idx,
     set_epoch,
+    validation_indices,
 )
 from snnet.errors import SnnetError
 
@@ -189,3 +191,57 @@ def test_real_fashion_mnist_test_split() -> None:
     assert x.shape == (1, 28, 28) and 0 <= y < 10
     labels = torch.bincount(ds.labels, minlength=10)
     assert labels.tolist() == [1000] * 10
+
+
+def write_fake_train_file(root: Path, counts: list[int]) -> torch.Tensor:
+    """A fake Fashion-MNIST training file with ``counts[c]`` images of class c, classes interleaved;
+    image i is filled with i % 256 (so images can be told apart). Returns the labels."""
+    labels = torch.cat([torch.full((n,), c, dtype=torch.uint8) for c, n in enumerate(counts)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    images = (torch.arange(len(labels)) % 256).to(torch.uint8).view(-1, 1, 1).expand(-1, 28, 28).contiguous()
+    (root / "train-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    (root / "train-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    return labels.long()
+
+
+def test_validation_split_is_disjoint_stratified_and_deterministic(tmp_path: Path) -> None:
+    counts = [48, 30, 12, 6, 18, 24, 36, 7, 11, 54]  # 246 images: fewer than 256, see below
+    labels = write_fake_train_file(tmp_path, counts)
+    train, val, full = (FashionMNIST(tmp_path, s) for s in ("train", "val", "train+val"))
+    assert len(full) == sum(counts) and len(train) + len(val) == len(full)
+    # One image in six of every class, the rest in train.
+    assert torch.bincount(val.labels, minlength=10).tolist() == [round(n / 6) for n in counts]
+    assert torch.bincount(train.labels, minlength=10).tolist() == [n - round(n / 6) for n in counts]
+    # Disjoint, and together exactly the training file (image i holds the value i % 256; with
+    # fewer than 256 images that value identifies it).
+    ids = lambda ds: set(ds.images[:, 0, 0, 0].tolist())  # noqa: E731
+    assert ids(train).isdisjoint(ids(val)) and ids(train) | ids(val) == ids(full) == set(range(len(full)))
+    # A pure function of the labels and the seed: rebuilding gives the same images, another
+    # seed another (still stratified) choice.
+    assert torch.equal(FashionMNIST(tmp_path, "val").images, val.images)
+    assert torch.equal(validation_indices(labels), validation_indices(labels.clone()))
+    other = validation_indices(labels, seed=1)
+    assert not torch.equal(other, validation_indices(labels))
+    assert torch.bincount(labels[other], minlength=10).tolist() == [round(n / 6) for n in counts]
+
+
+def test_split_names(tmp_path: Path) -> None:
+    write_fake_train_file(tmp_path, [6] * 10)
+    assert len(FashionMNIST(tmp_path, "validation")) == len(FashionMNIST(tmp_path, "val")) == 10
+    assert len(FashionMNIST(tmp_path, "full-train")) == 60
+    assert len(FashionMNIST(tmp_path, "train", limit=7)) == 7
+    with pytest.raises(DatasetError, match="unknown Fashion-MNIST split 'dev'; use one of train, val, train\\+val, test"):
+        FashionMNIST(tmp_path, "dev")
+    assert SPLITS == ("train", "val", "train+val", "test")
+
+
+@requires_fmnist
+def test_real_fashion_mnist_validation_split() -> None:
+    train, val = build_dataset("fashion-mnist", "train"), build_dataset("fashion-mnist", "val")
+    assert (len(train), len(val)) == (50_000, 10_000)
+    assert torch.bincount(val.labels, minlength=10).tolist() == [1_000] * 10
+    assert torch.bincount(train.labels, minlength=10).tolist() == [5_000] * 10
+    # Pinned: the split must be the same on every machine and every library version, since
+    # results measured on it are compared across runs.
+    chosen = validation_indices(build_dataset("fashion-mnist", "train+val").labels)
+    assert chosen[:5].tolist() == [3, 7, 9, 18, 23] and int(chosen.sum()) == 300_503_501

@@ -58,8 +58,57 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, says", [(["--sampler", "by-luck"], "unknown sampler 'by-luck'"),
                                         (["--steps", "0"], "steps and batch sizes must be >= 1"),
-                                        (["--lr", "-1"], "lr must be > 0")])
+                                        (["--lr", "-1"], "lr must be > 0"),
+                                        (["--eval-split", "dev"], "unknown evaluation split 'dev'; use test or val"),
+                                        (["--weights", "{tmp}/nowhere.safetensors,{tmp}/b.safetensors"], "is not a file"),
+                                        (["--weights", "{tmp}/weights"], "holds 1 .safetensors file(s)"),
+                                        (["--weights", "{tmp}/weights/resnet9.safetensors,{tmp}/weights/resnet9.safetensors"],
+                                         "cannot tell the architecture of")])
 def test_bad_demo_settings_are_refused_before_any_work(tmp_path: Path, args: list[str], says: str) -> None:
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "resnet9.safetensors").write_bytes(b"")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     proc = _run("demo", "--quick", "--out", str(tmp_path / "out"), *args)
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_takes_anchor_weights_and_measures_on_val(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Anchors from files of zoo architectures, measured on the validation split."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from snnet.data import FashionMNIST
+    from snnet.pretrained import FmnistVitSpec
+
+    weights = tmp_path / "anchors"
+    weights.mkdir()
+    torch.manual_seed(123)  # not the demo's seed: the anchors must come from the files, not from init
+    files = {}
+    for name in ("fmnist_vit_w24_d2_p7", "fmnist_vit_w16_d2_p7"):
+        model = timm.create_model("fmnist_vit", **FmnistVitSpec.parse(name).model_kwargs())
+        files[name] = weights / f"{name}.safetensors"
+        save_file(model.state_dict(), str(files[name]))
+    out = tmp_path / "demo"
+    main(["demo", "--weights", str(weights), "--eval-split", "val", "--steps", "3", "--eval-limit", "200",
+          "--train-limit", "500", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_split"] == "val" and "on 200 val images" in printed
+    # Before training, each anchor scores what its file scores on the same 200 validation images.
+    val = FashionMNIST(split="val", limit=200)
+    for name, file in files.items():
+        model = timm.create_model("fmnist_vit", pretrained=True, pretrained_cfg_overlay={"file": str(file)},
+                                  **FmnistVitSpec.parse(name).model_kwargs()).eval()
+        with torch.no_grad():
+            acc = 100 * float((model(torch.stack([x for x, _ in val])).argmax(-1) == val.labels).float().mean())
+        assert summary["anchors_before"][name] == pytest.approx(acc, abs=1e-6)
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in rows if r["is_anchor"]] == ["fmnist_vit_w16_d2_p7", "fmnist_vit_w24_d2_p7"]
+    assert all(r["images"] == 200 for r in rows)
+    # The same files given one by one build the same network.
+    main(["demo", "--weights", ",".join(str(f) for f in files.values()), "--eval-split", "val", "--steps", "3",
+          "--eval-limit", "200", "--train-limit", "500", "--out", str(tmp_path / "again"), "--no-progress"])
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert [(r["name"], r["acc1"]) for r in again] == [(r["name"], r["acc1"]) for r in rows]

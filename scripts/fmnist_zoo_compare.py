@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Compare a Fashion-MNIST SN-Net (one ``snnet demo`` run) with the zoo of individually trained
+networks, at matched FLOPs over the range its anchors span, and what each side cost to train.
+
+    python scripts/fmnist_zoo_compare.py runs/demo-val-16-32-96          # a demo's --out folder
+    python scripts/fmnist_zoo_compare.py runs/demo-val-16-32-96 --zoo snnet/weights/fmnist_zoo.json
+
+The accuracies compared are on the split the demo measured (``summary.json``'s ``eval_split``:
+``val`` for research runs) and the zoo's column of the same split. Frontiers are compared with
+:func:`snnet.results.compare_fronts` (exact step functions, mean over log FLOPs).
+
+Training cost is given three ways: wall seconds (as measured, on a shared machine: indicative),
+image-steps (images seen, = steps x batch), and an estimate of training compute in MACs: a
+forward and a backward pass cost about 3x the forward's MACs, so a zoo member costs
+``3 x flops x image_steps``; the joint training costs ``image_steps x (3 x the mean FLOPs of the
+stitches it samples uniformly + the forward of the distillation teacher)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from snnet.pretrained import FmnistVitSpec  # noqa: E402
+from snnet.report import human, table  # noqa: E402
+from snnet.results import compare_fronts, front_rows, load_results, pareto_front  # noqa: E402
+
+
+def zoo_rows(zoo: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    """The zoo's models as rows with the accuracy of ``split`` as ``acc1``."""
+    return sorted(({"name": m["name"], "flops": m["flops"], "params": m["params"], "acc1": m[f"{split}_acc1"],
+                    "images": zoo["split"][split], "seconds": m["seconds"], "image_steps": m["image_steps"]}
+                   for m in zoo["models"]), key=lambda r: r["flops"])
+
+
+def zoo_name(label: str) -> str:
+    """The zoo name of an anchor label (``fmnist_vit_s`` -> ``fmnist_vit_w32_d6_p7``)."""
+    return FmnistVitSpec.parse(label).name
+
+
+def cost_table(demo: Path, summary: dict[str, Any], results: list, zoo: list[dict[str, Any]],
+               lo: float, hi: float) -> str:
+    cfg = summary["config"]
+    by_name = {z["name"]: z for z in zoo}
+    anchors = [by_name[zoo_name(r.name)] for r in results if r.is_anchor]
+    joint_images = cfg["steps"] * cfg["batch_size"]
+    mean_flops = statistics.mean(r.flops for r in results)
+    teacher = max(r.flops for r in results if r.is_anchor) if cfg["distill"] else 0
+    in_range = [z for z in zoo if lo <= z["flops"] <= hi]
+
+    def side(what: str, models: list[dict[str, Any]], extra_s: float = 0, extra_img: int = 0,
+             extra_macs: float = 0) -> dict[str, Any]:
+        return {"what": what, "n": len(models) if not extra_img else f"{len(models)} + joint",
+                "s": f"{sum(m['seconds'] for m in models) + extra_s:.0f}",
+                "img": human(sum(m["image_steps"] for m in models) + extra_img),
+                "macs": human(sum(3 * m["flops"] * m["image_steps"] for m in models) + extra_macs)}
+
+    rows = [side("SN-Net: its anchors' training", anchors),
+            {"what": f"SN-Net: joint training ({cfg['steps']} steps x {cfg['batch_size']})", "n": "-",
+             "s": f"{summary['seconds']['train']:.0f}", "img": human(joint_images),
+             "macs": human(joint_images * (3 * mean_flops + teacher))},
+            side("SN-Net: total", anchors, summary["seconds"]["train"], joint_images,
+                 joint_images * (3 * mean_flops + teacher)),
+            side(f"zoo: every member in {human(lo)}-{human(hi)} FLOPs", in_range),
+            side("zoo: the members on its frontier there", [z for z in in_range if z["name"] in _front_names(in_range)])]
+    return table(rows, [("what", "training"), ("n", "models"), ("s", "wall s"), ("img", "image-steps"),
+                        ("macs", "compute (MACs, est.)")])
+
+
+def joint_training(demo: Path, summary: dict[str, Any], results: list) -> str:
+    """What the joint training gave each stitch (steps drawn, from metrics.jsonl) and did to the anchors."""
+    steps = Counter(json.loads(line)["stitch"] for line in (demo / "train" / "metrics.jsonl").open() if line.strip())
+    counts = [steps.get(r.id, 0) for r in results]
+    per = summary["config"]["batch_size"]
+    drift = ", ".join(f"{k} {v:.2f} -> {summary['anchors_after'][k]:.2f} ({summary['anchors_after'][k] - v:+.2f})"
+                      for k, v in summary["anchors_before"].items())
+    return (f"Joint training: {sum(counts)} steps over {len(results)} networks: {min(counts)}-{max(counts)} steps "
+            f"(median {statistics.median(counts):.0f}, {statistics.median(counts) * per:,.0f} images) per network\n"
+            f"Anchors before -> after joint training: {drift}")
+
+
+def _front_names(rows: list[dict[str, Any]]) -> set[str]:
+    return {r["name"] for r in front_rows(rows)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("demo", type=Path, help="a folder written by `snnet demo --out` (results.json, summary.json)")
+    p.add_argument("--zoo", type=Path, default=REPO / "snnet" / "weights" / "fmnist_zoo.json")
+    p.add_argument("--lo", type=float, default=None, help="compare from this many FLOPs (default: the cheapest anchor)")
+    p.add_argument("--hi", type=float, default=None, help="compare up to this many FLOPs (default: the dearest anchor)")
+    args = p.parse_args()
+
+    results = load_results(args.demo / "results.json")
+    summary = json.loads((args.demo / "summary.json").read_text())
+    split = summary.get("eval_split", "test")
+    zoo = zoo_rows(json.loads(args.zoo.read_text()), split)
+    anchors = [r.flops for r in results if r.is_anchor]
+    lo, hi = args.lo or min(anchors), args.hi or max(anchors)
+
+    front = _front_names(zoo)
+    print(f"The zoo on {split} ({args.zoo.name}; * = on its frontier):")
+    print(table([{"name": z["name"], "params": human(z["params"]), "flops": human(z["flops"]), "acc1": f"{z['acc1']:.2f}",
+                  "f": "*" if z["name"] in front else ""} for z in zoo],
+                [("name", "model"), ("params", "params"), ("flops", "FLOPs"), ("acc1", f"{split} top-1 %"), ("f", "")]))
+
+    n_front = len(pareto_front(results))
+    print(f"\nThe SN-Net ({args.demo}): {len(results)} networks, {n_front} on its frontier; anchors "
+          + ", ".join(f"{r.name} {r.acc1:.2f}%" for r in results if r.is_anchor))
+    c = compare_fronts(results, zoo, lo=lo, hi=hi)
+    print("\n" + c.describe("SN-Net stitches", "zoo"))
+    ordered = sorted((r for r in results if r.is_anchor), key=lambda r: r.flops)
+    regions = []
+    for a, b in zip(ordered, ordered[1:]):
+        part = compare_fronts(results, zoo, lo=a.flops, hi=b.flops)
+        regions.append({"region": f"{a.name} -> {b.name}", "range": f"{human(a.flops)}-{human(b.flops)}",
+                        "mean": f"{part.mean:+.2f}", "worst": f"{part.worst.diff:+.2f} at {human(part.worst.start)}",
+                        "ahead": f"{part.ahead:.0%}"})
+    print("\nBetween each pair of neighbouring anchors:")
+    print(table(regions, [("region", "anchors"), ("range", "FLOPs"), ("mean", "mean diff"), ("worst", "worst"),
+                          ("ahead", "SN-Net ahead on")]))
+    print("\nPiece by piece (the best network of each side costing at most the piece's start):")
+    print(table([{"range": f"{human(s.start)}-{human(s.end)}" if s.end > s.start else human(s.start),
+                  "ours": s.ours, "oy": f"{s.ours_y:.2f}", "theirs": s.theirs, "ty": f"{s.theirs_y:.2f}",
+                  "d": f"{s.diff:+.2f}"} for s in c.steps],
+                [("range", "FLOPs"), ("ours", "SN-Net best"), ("oy", "top-1"), ("theirs", "zoo best"),
+                 ("ty", "top-1"), ("d", "diff")]))
+    print("\n" + joint_training(args.demo, summary, results))
+    print("\nTraining cost:")
+    print(cost_table(args.demo, summary, results, zoo, lo, hi))
+
+
+if __name__ == "__main__":
+    main()
