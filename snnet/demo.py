@@ -12,7 +12,10 @@ One network, many budgets, switched instantly:
    Pareto frontier, write ``results.json``, ``pareto.html`` and ``pareto.png``;
 4. check the paper's claim at this scale: the stitches fill the FLOPs range between the
    anchors with accuracy rising with cost, and the anchors keep their accuracy;
-5. for a few FLOPs budgets, select the best stitch and time the switch.
+5. set the stitches beside the *zoo* (``snnet/weights/fmnist_zoo.json``: ViTs of the same design
+   trained one by one with the anchors' recipe) and say how the two frontiers compare at matched
+   FLOPs over the anchors' range, with what each side cost to train;
+6. for a few FLOPs budgets, select the best stitch and time the switch.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from .anchors import AnchorSpec
 from .errors import SnnetError
 from .evaluate import evaluate
-from .results import StitchResult, check_writable, format_results, write_results
+from .results import FrontComparison, StitchResult, check_writable, compare_fronts, format_results, mark_pareto, write_results
 from .model import StitchedNet, create_snnet
 from .report import human, table
 from .train import OptimConfig, TrainConfig, train
@@ -99,6 +102,9 @@ class DemoConfig:
     distill_alpha: float = 0.9  # weight of the distillation term (the rest is cross-entropy)
     two_way: bool = False  # SN-Netv2's space (small->large, large->small, round trips) instead of SN-Net's
     lora_rank: int = 0  # SN-Netv2's low-rank stitching layers (0: full layers, SN-Net's)
+    # Individually trained networks of the same design, beside the stitches: the question the
+    # paper's "one SN-Net vs the timm zoo" figure answers, at this scale.
+    zoo: bool = True
     train_limit: int | None = None  # first N training images (quick runs)
     eval_limit: int | None = None  # first N evaluation images (default: all 10,000)
     eval_batch_size: int = 500
@@ -146,6 +152,44 @@ class Switch:
 
 
 @dataclass(frozen=True)
+class ZooVerdict:
+    """The stitches' frontier against the zoo's, at matched FLOPs over the anchors' range, and
+    what each side cost to train (image-steps: images seen, steps x batch)."""
+
+    comparison: FrontComparison
+    zoo_models: int  # zoo members compared (all of the zoo's rows)
+    zoo_front: tuple[str, ...]  # the zoo's frontier members inside the anchors' range
+    zoo_front_image_steps: int  # what training those alone cost
+    zoo_front_seconds: float
+    joint_image_steps: int  # the SN-Net's joint training (its anchors are zoo members, trained once)
+    joint_seconds: float
+    eval_images: int  # the stitches' evaluation images (the zoo's are the split's 10,000)
+
+    @property
+    def noise(self) -> float:
+        """Two standard errors of a difference of two accuracies: smaller gaps are not evidence."""
+        return 2 * math.sqrt(2) * (self.comparison.se or 0.0)
+
+    def verdict(self) -> str:
+        c = self.comparison
+        if abs(c.mean) <= self.noise:
+            return "on par with"
+        return "ahead of" if c.mean > 0 else "behind"
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.comparison
+        def step(s: Any) -> dict[str, Any]:
+            return {"from_flops": s.start, "to_flops": s.end, "stitch": s.ours, "stitch_acc1": s.ours_y,
+                    "zoo": s.theirs, "zoo_acc1": s.theirs_y, "diff": round(s.diff, 4)}
+        return {"verdict": self.verdict(), "flops_range": [c.lo, c.hi], "mean_diff": round(c.mean, 4),
+                "worst": step(c.worst), "best": step(c.best), "stitches_ahead_share": round(c.ahead, 4),
+                "binomial_se": c.se, "noise_2se_of_diff": round(self.noise, 4), "zoo_models": self.zoo_models,
+                "zoo_front_in_range": list(self.zoo_front), "zoo_front_image_steps": self.zoo_front_image_steps,
+                "zoo_front_seconds": self.zoo_front_seconds, "joint_image_steps": self.joint_image_steps,
+                "joint_seconds": round(self.joint_seconds, 1), "eval_images": self.eval_images}
+
+
+@dataclass(frozen=True)
 class DemoResult:
     results: list[StitchResult]
     anchors_before: dict[str, float]  # anchor name -> top-1 before stitching
@@ -156,6 +200,7 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
     eval_split: str = "test"  # the Fashion-MNIST split every accuracy was measured on
     config: dict[str, Any] = field(default_factory=dict)  # the DemoConfig that ran (steps, batch size, weights...)
+    zoo: ZooVerdict | None = None  # the stitches against the zoo (None: run without it)
 
     @property
     def anchors_kept(self) -> bool:
@@ -179,6 +224,23 @@ def frontier_gap(results: list[StitchResult]) -> float:
     lo, hi = min(anchors), max(anchors)
     xs = sorted({lo, hi} | {r.flops for r in results if r.pareto and lo <= r.flops <= hi})
     return max(b - a for a, b in zip(xs, xs[1:])) / (hi - lo)
+
+
+def compare_with_zoo(results: list[StitchResult], zoo: list[StitchResult], joint_image_steps: int,
+                     joint_seconds: float) -> ZooVerdict | None:
+    """The stitched network's frontier against the zoo's over the anchors' FLOPs range (from the
+    zoo's cheapest model, if that is dearer); None if the zoo has nothing that cheap."""
+    from .results import frontier
+
+    anchors = [r.flops for r in results if r.is_anchor]
+    lo, hi = min(anchors), max(anchors)
+    if not zoo or min(z.flops for z in zoo) > hi:
+        return None
+    front = [z for z in frontier(zoo) if lo <= z.flops <= hi]
+    return ZooVerdict(compare_fronts(results, zoo, lo=lo, hi=hi), len(zoo), tuple(z.name for z in front),
+                      sum(int(z.extra.get("image_steps", 0)) for z in front),
+                      sum(float(z.extra.get("seconds", 0.0)) for z in front),
+                      joint_image_steps, joint_seconds, max(r.images for r in results))
 
 
 def time_switch(net: StitchedNet, stitch_id: int, reps: int = 1000) -> float:
@@ -238,13 +300,24 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print)
     t = time.perf_counter()
     results = evaluate(net, eval_loader, device=cfg.device, progress=cfg.progress)
     seconds["evaluate"] = time.perf_counter() - t
-    write_results(results, out)
     echo("\n" + format_results(results))
+    zoo_rows: list[StitchResult] = []
+    verdict = None
+    if cfg.zoo:
+        from .zoo import load_zoo
+
+        zoo_rows = load_zoo("fmnist", split=cfg.eval_split)
+        verdict = compare_with_zoo(results, zoo_rows, res.step * cfg.batch_size, seconds["train"])
+        if verdict is None:
+            echo("(the zoo's models all cost more than the largest anchor: no comparison)")
+    rows = mark_pareto(results + zoo_rows)  # each kind on its own frontier
+    write_results(rows, out)
 
     from .plot import plot_pareto
 
-    plot_pareto(results, out / "pareto.html", out / "pareto.png",
-                title=f"SN-Net on Fashion-MNIST: {len(results)} networks from {len(net.anchors)} anchors")
+    title = f"SN-Net on Fashion-MNIST: {len(results)} networks from {len(net.anchors)} anchors"
+    plot_pareto(rows, out / "pareto.html", out / "pareto.png",
+                title=title + (f", beside {len(zoo_rows)} ViTs trained alone" if zoo_rows else ""))
 
     after = {r.name: r.acc1 for r in results if r.is_anchor}
     gap = frontier_gap(results)
@@ -258,7 +331,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print)
         row = next(r for r in results if r.id == sel.id)
         switches.append(Switch(bound, sel.id, sel.name, row.flops, row.acc1, time_switch(net, sel.id)))
     summary = DemoResult(results, before, after, gap, sum(r.pareto for r in results), switches,
-                         {**seconds, "total": time.perf_counter() - t0}, cfg.eval_split, asdict(cfg))
+                         {**seconds, "total": time.perf_counter() - t0}, cfg.eval_split, asdict(cfg), verdict)
     _report(summary, out, echo)
     return summary
 
@@ -277,14 +350,38 @@ def _report(s: DemoResult, out: Path, echo: Callable[[str], Any]) -> None:
     p, n = best.acc1 / 100, best.images
     echo(f"  (one top-1 on {n:,} {s.eval_split} images has a binomial standard error of "
          f"{100 * math.sqrt(p * (1 - p) / n):.2f} points)")
+    if s.zoo is not None:
+        _report_zoo(s.zoo, s.eval_split, echo)
     echo("\nRun-time switching: the most accurate stitch within each FLOPs budget")
     rows = [{"budget": human(w.budget_flops), "id": w.id, "name": w.name, "flops": human(w.flops), "acc1": w.acc1,
              "us": f"{w.select_us:.2f}"} for w in s.switches]
     echo(table(rows, [("budget", "budget"), ("id", "id"), ("name", "stitch"), ("flops", "FLOPs"),
                       ("acc1", "top-1 %"), ("us", "switch (us)")]))
-    summary = {k: v for k, v in asdict(s).items() if k != "results"}
+    summary = {k: v for k, v in asdict(s).items() if k not in ("results", "zoo")}
+    summary["zoo"] = s.zoo.to_dict() if s.zoo is not None else None
     summary |= {"anchors_kept": s.anchors_kept, "anchors_not_hurt": s.anchors_not_hurt,
                 "frontier_filled": s.frontier_filled}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     echo(f"\nwrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'pareto.html'}, {out / 'pareto.png'}, "
          f"{out / 'summary.json'} in {s.seconds['total']:.0f}s")
+
+
+def _report_zoo(z: ZooVerdict, split: str, echo: Callable[[str], Any]) -> None:
+    c = z.comparison
+    echo(f"\nAgainst the zoo ({z.zoo_models} ViTs of the same design, each trained alone with the anchors' recipe; "
+         f"{split} top-1):")
+    echo(f"  over the anchors' FLOPs range {human(c.lo)}-{human(c.hi)}, the stitches' frontier is {z.verdict()} "
+         f"the zoo's: {c.mean:+.2f} points on average at matched FLOPs (ahead on {c.ahead:.0%} of the range)")
+    worst, best = c.worst, c.best
+    echo(f"  worst {worst.diff:+.2f} at {human(worst.start)} FLOPs ({worst.ours} {worst.ours_y:.2f} vs "
+         f"{worst.theirs} {worst.theirs_y:.2f}); best {best.diff:+.2f} at {human(best.start)} FLOPs "
+         f"({best.ours} {best.ours_y:.2f} vs {best.theirs} {best.theirs_y:.2f})")
+    if c.se is not None:
+        echo(f"  noise: one top-1 has a binomial standard error of {c.se:.2f} points, a difference of two "
+             f"{math.sqrt(2) * c.se:.2f}; gaps under {z.noise:.2f} (two of those) are not evidence either way")
+    if z.eval_images != 10_000:
+        echo(f"  (the stitches were measured on {z.eval_images:,} images, the zoo on all 10,000: a smoke run, "
+             "not a comparison)")
+    echo(f"  training: the joint training saw {human(z.joint_image_steps)} image-steps in {z.joint_seconds:.0f} s "
+         f"on top of the anchors; the {len(z.zoo_front)} zoo networks on its frontier in this range took "
+         f"{human(z.zoo_front_image_steps)} image-steps, {z.zoo_front_seconds:.0f} s as recorded in the zoo table")

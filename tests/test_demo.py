@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import snnet
 from snnet.cli import main
 
 
@@ -19,15 +20,32 @@ def test_quick_demo_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixt
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
         "pareto.html", "pareto.png", "results.csv", "results.json", "summary.json"]
-    rows = json.loads((out / "results.json").read_text())
-    assert len(rows) == 35 and [r["id"] for r in rows] == list(range(35))
+    all_rows = json.loads((out / "results.json").read_text())
+    space = len(snnet.create_snnet("fmnist").space)
+    rows = [r for r in all_rows if r["kind"] != "zoo"]
+    assert len(rows) == space and [r["id"] for r in rows] == list(range(space))
+    assert [r["kind"] for r in rows] == ["anchor" if r["is_anchor"] else "stitch" for r in rows]
     assert all({"id", "name", "flops", "params", "acc1", "acc5", "is_anchor", "pareto"} <= set(r) for r in rows)
     assert sum(r["is_anchor"] for r in rows) == 3 and any(r["pareto"] for r in rows)
     assert all(0 <= r["acc1"] <= 100 and r["images"] == 300 for r in rows)
+    # the zoo beside them: every model of the shipped zoo table, with its test top-1, on its own frontier
+    zoo_table = json.loads((Path(snnet.__file__).parent / "weights" / "fmnist_zoo.json").read_text())["models"]
+    zoo = {r["name"]: r for r in all_rows if r["kind"] == "zoo"}
+    assert set(zoo) == {m["name"] for m in zoo_table} and all(zoo[m["name"]]["acc1"] == m["test_acc1"] for m in zoo_table)
+    assert all(r["id"] is None and r["images"] == 10_000 for r in zoo.values()) and any(r["pareto"] for r in zoo.values())
+    csv_kinds = [line.split(",")[2] for line in (out / "results.csv").read_text().splitlines()[1:]]
+    assert csv_kinds.count("zoo") == len(zoo) and len(csv_kinds) == len(all_rows)
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "pareto.html").read_text()
-    assert "plotly" in html.lower() and "fmnist_vit_ti[:" in html
+    assert "plotly" in html.lower() and "fmnist_vit_ti[:" in html and "fmnist_vit_w32_d12_p7" in html
     summary = json.loads((out / "summary.json").read_text())
+    verdict = summary["zoo"]
+    assert verdict["verdict"] in ("ahead of", "on par with", "behind") and verdict["zoo_models"] == len(zoo)
+    anchor_flops = [r["flops"] for r in rows if r["is_anchor"]]
+    assert verdict["flops_range"] == [min(anchor_flops), max(anchor_flops)]
+    assert verdict["worst"]["diff"] <= verdict["mean_diff"] <= verdict["best"]["diff"]
+    assert verdict["joint_image_steps"] == 6 * summary["config"]["batch_size"]
+    assert "Against the zoo" in printed and "a smoke run, not a comparison" in printed
     assert set(summary["anchors_before"]) == {"fmnist_vit_ti", "fmnist_vit_s", "fmnist_vit_b"}
     assert summary["switches"] and all(s["flops"] <= s["budget_flops"] for s in summary["switches"])
     assert "Run-time switching" in printed and "Pareto" in printed and "standard error" in printed
@@ -106,9 +124,17 @@ def test_demo_takes_anchor_weights_and_measures_on_val(tmp_path: Path, capsys: p
         assert summary["anchors_before"][name] == pytest.approx(acc, abs=1e-6)
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows if r["is_anchor"]] == ["fmnist_vit_w16_d2_p7", "fmnist_vit_w24_d2_p7"]
-    assert all(r["images"] == 200 for r in rows)
+    assert all(r["images"] == 200 for r in rows if r["kind"] != "zoo")
     # The same files given one by one build the same network.
     main(["demo", "--weights", ",".join(str(f) for f in files.values()), "--eval-split", "val", "--steps", "3",
           "--eval-limit", "200", "--train-limit", "500", "--out", str(tmp_path / "again"), "--no-progress"])
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert [(r["name"], r["acc1"]) for r in again] == [(r["name"], r["acc1"]) for r in rows]
+
+
+def test_demo_without_the_zoo(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    main(["demo", "--quick", "--steps", "2", "--eval-limit", "100", "--train-limit", "500", "--no-zoo", "--out", str(out),
+          "--no-progress"])
+    assert {r["kind"] for r in json.loads((out / "results.json").read_text())} == {"anchor", "stitch"}
+    assert json.loads((out / "summary.json").read_text())["zoo"] is None

@@ -25,6 +25,7 @@ def demo(
     distill_alpha: Annotated[float, typer.Option(help="Weight of the distillation loss (0..1; the rest is cross-entropy).")] = _D.distill_alpha,
     two_way: Annotated[bool, typer.Option("--two-way", help="SN-Netv2's space: also large->small stitches and round trips.")] = _D.two_way,
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="SN-Netv2's low-rank stitching layers of this rank (0: full layers).")] = _D.lora_rank,
+    zoo: Annotated[bool, typer.Option(help="Compare with the Fashion-MNIST zoo (ViTs of the same design trained alone): rows, plot and verdict.")] = _D.zoo,
     data_dir: Annotated[Optional[str], typer.Option("--data", help="Folder with the four Fashion-MNIST IDX files (default: Debian's).")] = None,
     download: Annotated[bool, typer.Option(help="Download Fashion-MNIST with torchvision if it is not on disk.")] = False,
     eval_limit: Annotated[Optional[int], typer.Option(help="Evaluate on the first N images of --eval-split (default: all 10,000).")] = None,
@@ -39,6 +40,6 @@ def demo(
         steps, eval_limit, train_limit = min(steps, 20), eval_limit or 1000, train_limit or 5000
     files = tuple(w.strip() for w in weights.split(",") if w.strip()) if weights else ()
     cfg = DemoConfig(out=out, weights=files, eval_split=eval_split, data_dir=data_dir, download=download, steps=steps, batch_size=batch_size, lr=lr,
-                     anchor_lr_scale=anchor_lr_scale, augment=augment, sampler=sampler, distill=distill, distill_alpha=distill_alpha, two_way=two_way, lora_rank=lora_rank, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
+                     anchor_lr_scale=anchor_lr_scale, augment=augment, sampler=sampler, distill=distill, distill_alpha=distill_alpha, two_way=two_way, lora_rank=lora_rank, zoo=zoo, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
                      device=device, progress=progress)
     run_demo(cfg, echo=typer.echo)
