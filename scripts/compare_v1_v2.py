@@ -15,7 +15,9 @@ same number of steps, batch size, learning rate and seed. The variants:
 Each is evaluated on ``--split`` (all its networks, shared prefixes); the script writes one
 plot with every variant's Pareto frontier (``frontiers.png``), a table (``summary.md``,
 ``summary.json``: frontier size, widest frontier gap as a share of the anchors' FLOPs range,
-each anchor's drift from before training) and each variant's ``results.json``. A variant whose
+the mean difference of its frontier from v1's and from the Fashion-MNIST zoo's at matched FLOPs
+over the anchors' range (:func:`snnet.results.compare_fronts`), each anchor's drift from before
+training) and each variant's ``results.json``. A variant whose
 ``results.json`` exists is read back, not retrained (delete it to redo).
 
     python scripts/compare_v1_v2.py --out runs/compare                       # the full comparison
@@ -43,7 +45,7 @@ from snnet.evaluate import evaluate
 from snnet.klas import klas
 from snnet.model import StitchedNet, create_snnet
 from snnet.report import table
-from snnet.results import load_results, write_results
+from snnet.results import compare_fronts, load_results, write_results
 from snnet.sampling import ROS_GAP
 from snnet.train import train
 
@@ -136,7 +138,29 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, float
         rows.append({**info, "variant": variant, "networks": len(results), "frontier": sum(r.pareto for r in results),
                      "gap": frontier_gap(results), "best": max(r.acc1 for r in results),
                      "drift": {k: after[k] - before[k] for k in before}, "results": results})
+    _compare(rows, args)
     return rows, before
+
+
+def _compare(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Each variant's frontier against v1's and the zoo's at matched FLOPs, over the anchors' range."""
+    zoo = None
+    if args.family == "fmnist" and args.data == "fashion-mnist" and args.split in ("val", "test") and not args.eval_limit:
+        from snnet.zoo import load_zoo
+
+        zoo = load_zoo("fmnist", split=args.split)
+    v1 = next((row["results"] for row in rows if row["variant"] == "v1"), None)
+    for row in rows:
+        anchors = [r.flops for r in row["results"] if r.is_anchor]
+        lo, hi = min(anchors), max(anchors)
+        row["vs_v1"] = compare_fronts(row["results"], v1, lo=lo, hi=hi).mean if v1 is not None else None
+        if zoo is not None:
+            c = compare_fronts(row["results"], zoo, lo=lo, hi=hi)
+            row["vs_zoo"], row["vs_zoo_worst"], row["vs_zoo_ahead"] = c.mean, c.worst.diff, c.ahead
+
+
+def _signed(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.2f}"
 
 
 def plot(rows: list[dict[str, Any]], before: dict[str, float], path: Path, title: str) -> None:
@@ -171,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     rows, before = run(args)
     out = Path(args.out)
     table_rows = [{"variant": row["variant"], "networks": row["networks"], "frontier": row["frontier"],
-                   "gap": f"{row['gap']:.1%}", "best": f"{row['best']:.2f}",
+                   "gap": f"{row['gap']:.1%}", "best": f"{row['best']:.2f}", "vs_v1": _signed(row.get("vs_v1")),
+                   "vs_zoo": _signed(row.get("vs_zoo")), "vs_zoo_worst": _signed(row.get("vs_zoo_worst")),
                    **{f"d_{n}": f"{row['drift'][n]:+.2f}" for n in before}} for row in rows]
     columns = [("variant", "variant"), ("networks", "networks"), ("frontier", "on frontier"), ("gap", "widest gap"),
-               ("best", "best top-1 %")] + [(f"d_{n}", f"{n} drift") for n in before]
+               ("best", "best top-1 %"), ("vs_v1", "vs v1 (mean)"), ("vs_zoo", "vs zoo (mean)"),
+               ("vs_zoo_worst", "vs zoo (worst)")] + [(f"d_{n}", f"{n} drift") for n in before]
     text = table(table_rows, columns)
     settings = (f"family {args.family}, {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
                 f"evaluated on {args.split} ({rows[0]['results'][0].images} images), lora rank {args.lora_rank} "

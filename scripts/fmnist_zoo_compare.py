@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from snnet.pretrained import FmnistVitSpec  # noqa: E402
 from snnet.report import human, table  # noqa: E402
-from snnet.results import compare_fronts, front_rows, load_results, pareto_front  # noqa: E402
+from snnet.results import compare_fronts, front_rows, load_results, network_rows, pareto_front  # noqa: E402
 
 
 def zoo_rows(zoo: dict[str, Any], split: str) -> list[dict[str, Any]]:
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--hi", type=float, default=None, help="compare up to this many FLOPs (default: the dearest anchor)")
     args = p.parse_args()
 
-    results = load_results(args.demo / "results.json")
+    results = network_rows(load_results(args.demo / "results.json"))  # the demo writes the zoo's rows too
     summary = json.loads((args.demo / "summary.json").read_text())
     split = summary.get("eval_split", "test")
     zoo = zoo_rows(json.loads(args.zoo.read_text()), split)

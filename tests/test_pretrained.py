@@ -31,10 +31,10 @@ def test_registered_in_timm() -> None:
     assert cfg.mean == (0.2860,) and cfg.std == (0.3530,) and cfg.crop_pct == 1.0
 
 
-@pytest.mark.parametrize("name, width, heads", [("fmnist_vit_ti", 16, 2), ("fmnist_vit_s", 32, 2), ("fmnist_vit_b", 96, 6)])
+@pytest.mark.parametrize("name, width, heads", [("fmnist_vit_ti", 24, 2), ("fmnist_vit_s", 48, 3), ("fmnist_vit_b", 96, 6)])
 def test_architecture(name: str, width: int, heads: int) -> None:
     model = timm.create_model(name)
-    assert model.embed_dim == width and len(model.blocks) == 6
+    assert model.embed_dim == width and len(model.blocks) == 3
     assert model.blocks[0].attn.num_heads == heads
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     data_config = timm.data.resolve_data_config({}, model=model)
