@@ -117,6 +117,18 @@ def main() -> None:
           + ", ".join(f"{r.name} {r.acc1:.2f}%" for r in results if r.is_anchor))
     c = compare_fronts(results, zoo, lo=lo, hi=hi)
     print("\n" + c.describe("SN-Net stitches", "zoo"))
+    # How much of the difference is the anchors' design: the zoo's members of the anchors' depth
+    # against the whole zoo, and the stitches against those members alone.
+    depths = {FmnistVitSpec.parse(r.name).depth for r in results if r.is_anchor}
+    same = [z for z in zoo if FmnistVitSpec.parse(z["name"]).depth in depths]
+    if len(depths) == 1 and same and len(same) < len(zoo) and min(z["flops"] for z in same) <= hi:
+        d = depths.pop()
+        design = compare_fronts(same, zoo, lo=lo, hi=hi)
+        print(f"\nThe anchors' design: the zoo's {len(same)} depth-{d} members against the whole zoo over "
+              f"{human(design.lo)}-{human(design.hi)}: mean {design.mean:+.2f} points, worst {design.worst.diff:+.2f}")
+        alone = compare_fronts(results, same, lo=lo, hi=hi)
+        print(f"The SN-Net stitches against the depth-{d} members alone over {human(alone.lo)}-{human(alone.hi)}: "
+              f"mean {alone.mean:+.2f} points, worst {alone.worst.diff:+.2f}, ahead on {alone.ahead:.0%}")
     ordered = sorted((r for r in results if r.is_anchor), key=lambda r: r.flops)
     regions = []
     for a, b in zip(ordered, ordered[1:]):
