@@ -20,6 +20,12 @@ member's own training), so the comparison script reads it as a zoo:
 
 By default the members are the zoo's validation frontier between the shipped family's
 smallest and largest anchor, the teacher excluded (it is kept as it is, undistilled).
+``--alpha 0`` is the control without a teacher: the same fine-tuning, cross-entropy only (the
+teacher may then be fine-tuned too). ``--save-dir`` keeps the fine-tuned weights, named like the
+zoo's, so that ``snnet demo --weights`` can stitch them:
+
+    python scripts/distill_fmnist_zoo.py --alpha 0 --members fmnist_vit_w24_d3_p7 ... fmnist_vit_w96_d3_p7 \
+        --save-dir runs/fmnist_zoo_ft --out runs/fmnist_zoo_ft.json
 """
 
 from __future__ import annotations
@@ -86,8 +92,10 @@ def fine_tune(student: torch.nn.Module, teacher: torch.nn.Module, train_set: Fas
                 g["lr"] = lr * f
             out = student(x)
             ce = F.cross_entropy(out, y, label_smoothing=tcfg.label_smoothing)
-            kd = distill_loss(out, teacher_logits(teacher, x), tcfg.distill_type, tcfg.distill_temperature)
-            loss = (1 - tcfg.distill_alpha) * ce + tcfg.distill_alpha * kd
+            loss = ce
+            if tcfg.distill_alpha > 0:  # alpha 0: the same fine-tuning without a teacher
+                kd = distill_loss(out, teacher_logits(teacher, x), tcfg.distill_type, tcfg.distill_temperature)
+                loss = (1 - tcfg.distill_alpha) * ce + tcfg.distill_alpha * kd
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), ocfg.clip_grad)
@@ -108,8 +116,12 @@ def main() -> None:
     p.add_argument("--teacher", default=None, help="zoo name of the teacher (default: the family's largest anchor)")
     p.add_argument("--lr", type=float, default=DemoConfig.lr, help="the demo's --lr (members train at lr x anchor_lr_scale)")
     p.add_argument("--steps", type=int, default=DemoConfig.steps)
+    p.add_argument("--alpha", type=float, default=DemoConfig.distill_alpha,
+                   help="weight of the distillation term (0: the same fine-tuning without a teacher, a control)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "fmnist_zoo_distilled.json")
+    p.add_argument("--save-dir", type=Path, default=None,
+                   help="also save each fine-tuned member as <name>.safetensors here (e.g. to use them as demo anchors)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -121,25 +133,33 @@ def main() -> None:
     if args.members is None:
         rows = [{"name": m["name"], "flops": m["flops"], "acc1": m["val_acc1"]} for m in zoo["models"]]
         args.members = [r["name"] for r in front_rows(rows) if lo <= r["flops"] <= hi and r["name"] != teacher_name]
-    cfg = DemoConfig(out="/tmp/unused", lr=args.lr, steps=args.steps, progress=True)
+    cfg = DemoConfig(out="/tmp/unused", lr=args.lr, steps=args.steps, distill_alpha=args.alpha, progress=True)
     teacher = load(teacher_name, args.weights_dir).eval()
     data = dict(mean=(0.2860,), std=(0.3530,))
     train_set = FashionMNIST(split="train", **data)
     val = make_loader(FashionMNIST(split="val", **data), 1000, shuffle=False)
-    out_models = [dict(models[teacher_name], distilled=False)]
+    # the teacher as it is, unless it is fine-tuned itself (possible without distillation)
+    out_models = [] if teacher_name in args.members else [dict(models[teacher_name], distilled=False)]
     for name in args.members:
         torch.manual_seed(cfg.seed)
         student = load(name, args.weights_dir)
         before = accuracy(student, val)
         seconds, steps = fine_tune(student, teacher, train_set, cfg, name)
         after = accuracy(student, val)
-        print(f"{name}: val {before:.2f}% -> {after:.2f}% ({after - before:+.2f}) after {steps} distilled steps "
-              f"in {seconds:.0f}s", flush=True)
+        print(f"{name}: val {before:.2f}% -> {after:.2f}% ({after - before:+.2f}) after {steps} steps "
+              f"(distillation weight {cfg.distill_alpha:g}) in {seconds:.0f}s", flush=True)
+        if args.save_dir is not None:
+            from safetensors.torch import save_file
+
+            args.save_dir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().contiguous() for k, v in student.state_dict().items()},
+                      str(args.save_dir / f"{name}.safetensors"))
         m = models[name]
         out_models.append({**m, "val_acc1": round(after, 2), "test_acc1": None, "val_acc1_before": m["val_acc1"],
+                           "val_acc1_measured_before": round(before, 2),
                            "image_steps": m["image_steps"] + steps * cfg.batch_size,
-                           "seconds": round(m["seconds"] + seconds, 1), "distilled": True,
-                           "distill": {"teacher": teacher_name, "steps": steps, "batch_size": cfg.batch_size,
+                           "seconds": round(m["seconds"] + seconds, 1), "distilled": cfg.distill_alpha > 0,
+                           "distill": {"teacher": teacher_name if cfg.distill_alpha > 0 else None, "steps": steps, "batch_size": cfg.batch_size,
                                        "lr": cfg.lr * cfg.anchor_lr_scale, "alpha": cfg.distill_alpha,
                                        "seconds": round(seconds, 1)}})
         result = {**{k: v for k, v in zoo.items() if k != "models"}, "models": out_models,
