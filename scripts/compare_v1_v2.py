@@ -154,6 +154,10 @@ def _compare(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         anchors = [r.flops for r in row["results"] if r.is_anchor]
         lo, hi = min(anchors), max(anchors)
         row["vs_v1"] = compare_fronts(row["results"], v1, lo=lo, hi=hi).mean if v1 is not None else None
+        # and between each pair of neighbouring anchors: where a variant fills what v1 leaves thin
+        cuts = sorted(anchors)
+        row["vs_v1_by_region"] = [compare_fronts(row["results"], v1, lo=a, hi=b).mean
+                                  for a, b in zip(cuts, cuts[1:])] if v1 is not None else None
         if zoo is not None:
             c = compare_fronts(row["results"], zoo, lo=lo, hi=hi)
             row["vs_zoo"], row["vs_zoo_worst"], row["vs_zoo_ahead"] = c.mean, c.worst.diff, c.ahead
@@ -196,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     table_rows = [{"variant": row["variant"], "networks": row["networks"], "frontier": row["frontier"],
                    "gap": f"{row['gap']:.1%}", "best": f"{row['best']:.2f}", "vs_v1": _signed(row.get("vs_v1")),
-                   "vs_zoo": _signed(row.get("vs_zoo")), "vs_zoo_worst": _signed(row.get("vs_zoo_worst")),
+                   "vs_zoo": _signed(row.get("vs_zoo")),
+                   "vs_v1_regions": " / ".join(_signed(v) for v in row.get("vs_v1_by_region") or []) or "-", "vs_zoo_worst": _signed(row.get("vs_zoo_worst")),
                    **{f"d_{n}": f"{row['drift'][n]:+.2f}" for n in before}} for row in rows]
     columns = [("variant", "variant"), ("networks", "networks"), ("frontier", "on frontier"), ("gap", "widest gap"),
-               ("best", "best top-1 %"), ("vs_v1", "vs v1 (mean)"), ("vs_zoo", "vs zoo (mean)"),
+               ("best", "best top-1 %"), ("vs_v1", "vs v1 (mean)"), ("vs_v1_regions", "vs v1 by anchor pair"), ("vs_zoo", "vs zoo (mean)"),
                ("vs_zoo_worst", "vs zoo (worst)")] + [(f"d_{n}", f"{n} drift") for n in before]
     text = table(table_rows, columns)
     settings = (f"family {args.family}, {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
