@@ -142,6 +142,21 @@ default_cfgs = generate_default_cfgs({name: _cfg(name) for name in FMNIST_FAMILY
                                           "file written by scripts/train_fmnist_zoo.py")})
 
 
+def _check_shipped(name: str) -> None:
+    """Refuse a shipped weights file whose bytes are not those ``family.json`` records (a damaged
+    install or a half-copied file would otherwise load as a network that is silently wrong)."""
+    import json
+
+    from .io import sha256_file
+
+    family = WEIGHTS_DIR / "family.json"
+    recorded = json.loads(family.read_text()).get("models", {}).get(name, {}).get("sha256") if family.is_file() else None
+    if recorded and sha256_file(weights_path(name)) != recorded:
+        raise SnnetError(f"the shipped weights {weights_path(name)} are damaged (their SHA-256 is not the one "
+                         f"{family.name} records): reinstall snnet, or rebuild them with "
+                         "`python scripts/train_fmnist_family.py`")
+
+
 def _create(name: str, pretrained: bool, spec: FmnistVitSpec, **kwargs: Any) -> VisionTransformer:
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if pretrained and not overlay and not weights_path(name).is_file():
@@ -153,6 +168,8 @@ def _create(name: str, pretrained: bool, spec: FmnistVitSpec, **kwargs: Any) -> 
             f"pretrained weights for {name} are missing ({weights_path(name)}); they are shipped with "
             "snnet and built by `python scripts/train_fmnist_family.py`"
         )
+    if pretrained and not overlay and name in FMNIST_FAMILY:
+        _check_shipped(name)
     model_args: dict[str, Any] = dict(
         img_size=IMG_SIZE,
         patch_size=spec.patch_size,

@@ -53,7 +53,7 @@ from .report import progress as report_progress
 from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, load_checkpoint, resolve_resume, rng_state,
                          save_checkpoint, seed_everything, set_rng_state)
 from .distill import DISTILL_TYPES, build_teacher, check_teacher, distill_loss, teacher_logits
-from .io import remove_stale_temps
+from .io import atomic_write, remove_stale_temps
 from .model import WEIGHTS_NAME, StitchedNet
 from .optim import OPTIMIZERS, SCHEDULE_UNITS, build_optimizer, lr_factor
 from .runlock import (FINAL_NAME, METRICS_NAME, RUN_ENTRIES, TRAIN_CONFIG_NAME, RunLock, StopSignals,
@@ -577,8 +577,9 @@ def _train(net: StitchedNet, train_data: Dataset, n: int, config: TrainConfig, o
 
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / TRAIN_CONFIG_NAME).write_text(json.dumps({"train": asdict(config), "optim": asdict(optim),
-                                                               "world_size": world}, indent=2))
+        text = json.dumps({"train": asdict(config), "optim": asdict(optim), "world_size": world}, indent=2)
+        # atomically, like every other file of a run: an interrupted write never leaves half a config
+        atomic_write(out_dir / TRAIN_CONFIG_NAME, lambda tmp: tmp.write_text(text), durable=False)
     log = _Log(out_dir, rank == 0, step, config.tensorboard)
 
     def checkpoint() -> Path:

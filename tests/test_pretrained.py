@@ -58,3 +58,22 @@ def test_pretrained_weights_match_family_json() -> None:
     accuracy = 100.0 * correct / len(data)
     assert len(data) == 1000
     assert abs(accuracy - expected) < 3.0, f"{accuracy:.1f}% on 1,000 test images vs {expected}% in family.json"
+
+
+def test_damaged_shipped_weights_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shipped file whose bytes differ from family.json's SHA-256 is refused with one clear line;
+    the intact file loads."""
+    from snnet.errors import SnnetError
+
+    shipped = pretrained.weights_path("fmnist_vit_ti")
+    assert json.loads(FAMILY_JSON.read_text())["models"]["fmnist_vit_ti"]["sha256"]
+    timm.create_model("fmnist_vit_ti", pretrained=True)  # the intact file passes the check
+    copy = tmp_path / "weights"
+    copy.mkdir()
+    (copy / "family.json").write_bytes(FAMILY_JSON.read_bytes())
+    damaged = bytearray(shipped.read_bytes())
+    damaged[-1] ^= 0xFF  # one flipped byte: still a loadable safetensors file, silently wrong weights
+    (copy / shipped.name).write_bytes(bytes(damaged))
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", copy)
+    with pytest.raises(SnnetError, match="damaged.*reinstall snnet"):
+        timm.create_model("fmnist_vit_ti", pretrained=True)
