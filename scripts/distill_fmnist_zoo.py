@@ -50,7 +50,8 @@ from snnet.distill import distill_loss, teacher_logits  # noqa: E402
 from snnet.optim import build_optimizer, lr_factor  # noqa: E402
 from snnet.pretrained import FMNIST_FAMILY, FmnistVitSpec  # noqa: E402
 from snnet.report import progress  # noqa: E402
-from snnet.results import front_rows  # noqa: E402
+from snnet.results import frontier  # noqa: E402
+from snnet.zoo import load_zoo  # noqa: E402
 
 
 def load(name: str, weights_dir: Path) -> torch.nn.Module:
@@ -131,8 +132,7 @@ def main() -> None:
     teacher_name = args.teacher or family[-1]
     lo, hi = models[family[0]]["flops"], models[family[-1]]["flops"]
     if args.members is None:
-        rows = [{"name": m["name"], "flops": m["flops"], "acc1": m["val_acc1"]} for m in zoo["models"]]
-        args.members = [r["name"] for r in front_rows(rows) if lo <= r["flops"] <= hi and r["name"] != teacher_name]
+        args.members = [r.name for r in frontier(load_zoo(args.zoo, "val")) if lo <= r.flops <= hi and r.name != teacher_name]
     cfg = DemoConfig(out="/tmp/unused", lr=args.lr, steps=args.steps, distill_alpha=args.alpha, progress=True)
     teacher = load(teacher_name, args.weights_dir).eval()
     data = dict(mean=(0.2860,), std=(0.3530,))

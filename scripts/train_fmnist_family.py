@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from snnet.data import FASHION_MNIST_CLASSES, FashionMNIST, make_loader, set_epoch  # noqa: E402
-from snnet.io import sha256_file  # noqa: E402
+from snnet.io import record_checksum  # noqa: E402
 from snnet.pretrained import FMNIST_FAMILY  # noqa: E402  (registers the models in timm)
 
 
@@ -334,7 +334,8 @@ def main() -> None:
             model = create_model(name, {}, args.out / entry["file"])
             entry["params"] = sum(p.numel() for p in model.parameters())
             entry["macs"] = count_macs(model, (1, 28, 28))
-            entry["sha256"] = sha256_file(args.out / entry["file"])
+            entry.pop("sha256", None)  # recorded by file name, as snnet records every checksum
+            record_checksum(family, entry["file"], args.out / entry["file"])
         (args.out / "family.json").write_text(json.dumps(family, indent=2) + "\n")
         write_model_card(family, args.out)
         return
@@ -353,7 +354,6 @@ def main() -> None:
                   "top1": r["acc"]["test"], "val_top1": r["acc"].get("val"),
                   "top1_fp32_before_export": r["acc_fp32"]["test"]}
         result |= {k: r[k] for k in ("epochs", "image_steps", "seconds", "seconds_per_epoch", "file", "file_bytes")}
-        result["sha256"] = sha256_file(args.out / r["file"])  # snnet.pretrained refuses a file that differs
         # Written after every model so an interrupted run keeps what it finished.
         update_family(args.out, name, dict(result, **run), recipe, len(train_set), len(test_loader.dataset))
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min -> {args.out}", flush=True)
@@ -397,6 +397,7 @@ def update_family(out: Path, name: str, result: dict[str, Any], recipe: Recipe,
         })
         models = family.setdefault("models", {})
         models[name] = result
+        record_checksum(family, result["file"], out / result["file"])  # snnet.pretrained refuses a file that differs
         family["models"] = {n: models[n] for n in FMNIST_FAMILY if n in models}  # size order
         path.write_text(json.dumps(family, indent=2) + "\n")
         if len(family["models"]) > 1:

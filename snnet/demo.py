@@ -33,7 +33,8 @@ import torch
 from .anchors import AnchorSpec
 from .errors import SnnetError
 from .evaluate import evaluate
-from .results import FrontComparison, StitchResult, check_writable, compare_fronts, format_results, mark_pareto, write_results
+from .results import (FrontComparison, StitchResult, check_writable, compare_fronts, format_results, frontier, mark_pareto,
+                      write_results)
 from .model import StitchedNet, create_snnet
 from .report import human, table
 from .train import OptimConfig, TrainConfig, train
@@ -235,8 +236,6 @@ def compare_with_zoo(results: list[StitchResult], zoo: list[StitchResult], joint
                      joint_seconds: float) -> ZooVerdict | None:
     """The stitched network's frontier against the zoo's over the anchors' FLOPs range (from the
     zoo's cheapest model, if that is dearer); None if the zoo has nothing that cheap."""
-    from .results import frontier
-
     anchors = [r.flops for r in results if r.is_anchor]
     lo, hi = min(anchors), max(anchors)
     if not zoo or min(z.flops for z in zoo) > hi:

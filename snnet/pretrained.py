@@ -147,14 +147,12 @@ def _check_shipped(name: str) -> None:
     install or a half-copied file would otherwise load as a network that is silently wrong)."""
     import json
 
-    from .io import sha256_file
+    from .io import verify_checksum
 
     family = WEIGHTS_DIR / "family.json"
-    recorded = json.loads(family.read_text()).get("models", {}).get(name, {}).get("sha256") if family.is_file() else None
-    if recorded and sha256_file(weights_path(name)) != recorded:
-        raise SnnetError(f"the shipped weights {weights_path(name)} are damaged (their SHA-256 is not the one "
-                         f"{family.name} records): reinstall snnet, or rebuild them with "
-                         "`python scripts/train_fmnist_family.py`")
+    if family.is_file():
+        verify_checksum(weights_path(name), json.loads(family.read_text()), family,
+                        "reinstall snnet, or rebuild the weights with `python scripts/train_fmnist_family.py`")
 
 
 def _create(name: str, pretrained: bool, spec: FmnistVitSpec, **kwargs: Any) -> VisionTransformer:

@@ -145,20 +145,13 @@ class Recipe:
             raise RecipeError(f"world_size must be >= 1, got {world_size}")
         scale = self.lr_scale(self.batch_size * world_size)
         bound = scale if self.scale_lr_bounds else 1.0
-        train = TrainConfig(**{"epochs": self.epochs, "batch_size": self.batch_size, "sampler": self.sampler,
-                               "amp": self.amp, "label_smoothing": self.label_smoothing, "distill": self.distill,
-                               "distill_alpha": self.distill_alpha, "distill_temperature": self.distill_temperature,
-                               "distill_type": self.distill_type, "mixup": self.mixup, "cutmix": self.cutmix,
-                               "mixup_prob": self.mixup_prob, "mixup_switch_prob": self.mixup_switch_prob,
-                               "mixup_mode": self.mixup_mode, "repeated_aug": self.repeated_aug,
-                               "init_images": self.init_images, **run})
-        optim = OptimConfig(lr=self.lr * scale, anchor_lr_scale=self.anchor_lr_scale, weight_decay=self.weight_decay,
-                            betas=tuple(self.betas), warmup_steps=self.warmup_steps, warmup_epochs=self.warmup_epochs,
-                            min_lr=self.min_lr * bound, clip_grad=self.clip_grad, optimizer=self.optimizer,
-                            momentum=self.momentum, nesterov=self.nesterov, eps=self.eps,
-                            warmup_lr=None if self.warmup_lr is None else self.warmup_lr * bound,
-                            warmup_prefix=self.warmup_prefix, schedule_unit=self.schedule_unit,
-                            clip_mode=self.clip_mode)
+        def shared(config: type) -> dict[str, Any]:  # the fields a config has under the recipe's names
+            return {f.name: getattr(self, f.name) for f in dataclasses.fields(config) if f.name in _FIELDS}
+
+        train = TrainConfig(**{**shared(TrainConfig), **run})
+        optim = OptimConfig(**{**shared(OptimConfig), "lr": self.lr * scale, "min_lr": self.min_lr * bound,
+                               "warmup_lr": None if self.warmup_lr is None else self.warmup_lr * bound,
+                               "betas": tuple(self.betas)})
         return train, optim
 
     def transform_options(self) -> dict[str, Any]:

@@ -167,20 +167,26 @@ def network_rows(rows: Iterable[Any]) -> list[Any]:
     return [r for r in rows if not is_zoo(r)]
 
 
+def _staircase(points: Sequence[tuple[float, float, tuple]]) -> list[int]:
+    """Positions of the frontier among ``(cost, accuracy, tie-break)`` points, by increasing cost:
+    sweeping by cost (ties: higher accuracy, then the tie-break), each point more accurate than
+    everything before it. The one rule behind :func:`frontier` and :func:`front_rows`."""
+    order = sorted(range(len(points)), key=lambda k: (points[k][0], -points[k][1], points[k][2]))
+    front, best = [], -math.inf
+    for k in order:
+        if points[k][1] > best:
+            front.append(k)
+            best = points[k][1]
+    return front
+
+
 def _front_positions(rows: Sequence[StitchResult], x: str, y: str) -> list[int]:
     """Positions in ``rows`` of the frontier's members, by increasing cost (see :func:`frontier`)."""
     for r in rows:
         if r.value(x) is None or r.value(y) is None:
             raise ResultsError(f"result {r.name!r} has no {x if r.value(x) is None else y}: "
                                f"cannot place it on a {y}/{x} frontier")
-    order = sorted(range(len(rows)), key=lambda k: (rows[k].value(x), -rows[k].value(y), rows[k].id is None,
-                                                    rows[k].id or 0, rows[k].name))
-    front, best = [], -math.inf
-    for k in order:
-        if rows[k].value(y) > best:
-            front.append(k)
-            best = rows[k].value(y)
-    return front
+    return _staircase([(r.value(x), r.value(y), (r.id is None, r.id or 0, r.name)) for r in rows])
 
 
 def frontier(rows: Iterable[StitchResult], x: str = "flops", y: str = "acc1") -> list[StitchResult]:
@@ -275,11 +281,7 @@ def front_rows(rows: Iterable[Any], x: str = "flops", y: str = "acc1", side: str
     for r in rows:
         if r.get(x) is None or r.get(y) is None:
             raise ResultsError(f"{side}: row {r.get('name')!r} has no {x if r.get(x) is None else y}")
-    front: list[dict[str, Any]] = []
-    for r in sorted(rows, key=lambda r: (r[x], -r[y])):
-        if not front or r[y] > front[-1][y]:
-            front.append(r)
-    return front
+    return [rows[k] for k in _staircase([(r[x], r[y], ()) for r in rows])]
 
 
 def compare_fronts(ours: Iterable[Any], theirs: Iterable[Any], x: str = "flops", y: str = "acc1",

@@ -66,7 +66,7 @@ def test_damaged_shipped_weights_are_refused(tmp_path: Path, monkeypatch: pytest
     from snnet.errors import SnnetError
 
     shipped = pretrained.weights_path("fmnist_vit_ti")
-    assert json.loads(FAMILY_JSON.read_text())["models"]["fmnist_vit_ti"]["sha256"]
+    assert json.loads(FAMILY_JSON.read_text())["sha256"][shipped.name]
     timm.create_model("fmnist_vit_ti", pretrained=True)  # the intact file passes the check
     copy = tmp_path / "weights"
     copy.mkdir()
