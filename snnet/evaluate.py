@@ -69,7 +69,7 @@ class _Node:
         for cut in sorted(set(self.ends) | set(self.hops)):
             h, done = parts.run(h, done, cut), cut
             for s in self.ends.get(cut, ()):
-                yield s, parts.head(h)
+                yield s, net.head_of(s)(h)
             for layer, children in self.hops.get(cut, {}).items():
                 mapped = net.stitch_layers[layer](h)  # once per layer, whatever follows it
                 for child in children.values():

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 from .space import AnchorInfo, Segment, StitchSpace, paired_pairs
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LAYOUTS", "PAPER_EVAL", "PUBLISHED", "Published", "SOURCES", "Source",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LAYOUTS", "PAPER_EVAL", "PUBLISHED", "Published", "SKIPS_FINAL_NORM",
+           "SOURCES", "Source",
            "layout_of", "net_reference_ids", "reference_ids", "reference_routes"]
 
 
@@ -70,6 +71,10 @@ PAPER_EVAL: dict[str, dict[str, Any]] = {
     for layout, crop_pct in (("deit", 0.875), ("swin", 0.875), ("resnet_swin", 0.875), ("levit", 0.875),
                              ("snnetv2", 1.0))
 }
+# Layouts whose stitched routes end with the target's forward_head alone, skipping the final norm
+# that the anchors run whole apply (stitching_deit's SNNet.forward; every other folder runs the
+# target's own tail, norm included, and SN-Netv2 its forward_norm_head).
+SKIPS_FINAL_NORM = frozenset({"deit"})
 # the stages each hierarchical layout stitches (the reference loops over them in this order)
 _STAGES = {"swin": (0, 1, 2), "resnet_swin": (1, 2), "levit": (0, 1)}
 
