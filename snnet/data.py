@@ -43,6 +43,7 @@ __all__ = [
     "validation_indices",
     "read_idx",
     "build_dataset",
+    "describe_transform",
     "image_transform",
     "num_classes",
     "check_source",
@@ -267,6 +268,7 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
             images, labels = images[:limit], labels[:limit]
         self.images = images.unsqueeze(1).contiguous()  # N x 1 x 28 x 28, uint8
         self.labels = labels.long()
+        self.mean, self.std = tuple(mean), tuple(std)
         # Folding 1/255 into the normalization lets __getitem__ do one fused affine op.
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(-1, 1, 1)
         self._shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
@@ -380,6 +382,36 @@ def image_transform(data_config: Mapping[str, Any], augment: bool = False,
         return create_transform(**args, is_training=augment)
     except (ValueError, AssertionError, KeyError, TypeError) as e:  # e.g. a malformed RandAugment string
         raise DatasetError(f"timm cannot build the training transform from {dict(options or {})}: {e}") from e
+
+
+def describe_transform(dataset: Dataset) -> str:
+    """What an evaluation dataset does to an image before the network sees it, in words (resize,
+    crop, interpolation, mean/std): what a results file records beside the accuracy it gave."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, FashionMNIST):
+        return (f"none ({'x'.join(map(str, dataset.images.shape[-2:]))} as stored), "
+                f"mean {_numbers(dataset.mean)}, std {_numbers(dataset.std)}")
+    transform = getattr(dataset, "transform", None)
+    if transform is None:
+        return "none"
+    parts = []
+    for t in getattr(transform, "transforms", [transform]):
+        size, mode = getattr(t, "size", None), getattr(t, "interpolation", None)
+        if mode is not None and size is not None:  # torchvision's Resize: an int is the shorter side
+            side = f"shorter side to {size}" if isinstance(size, int) else f"to {'x'.join(map(str, size))}"
+            parts.append(f"resize {side} ({getattr(mode, 'value', mode)})")
+        elif type(t).__name__ == "CenterCrop":
+            parts.append(f"centre crop {'x'.join(map(str, t.size))}")
+        elif type(t).__name__ == "Normalize":
+            parts.append(f"mean {_numbers(t.mean)}, std {_numbers(t.std)}")
+        elif type(t).__name__ not in ("ToTensor", "MaybeToTensor", "PILToTensor", "MaybePILToTensor"):
+            parts.append(type(t).__name__)
+    return ", ".join(parts) or "none"
+
+
+def _numbers(values: Any) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
 def build_dataset(

@@ -21,14 +21,18 @@ the blocks each anchor runs — not on any numbering.
 from __future__ import annotations
 
 import itertools
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import ResultsError
 from .space import AnchorInfo, Segment, StitchSpace, paired_pairs
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LAYOUTS", "PAPER_EVAL", "PUBLISHED", "Published", "SKIPS_FINAL_NORM",
-           "SOURCES", "Source",
-           "layout_of", "net_reference_ids", "reference_ids", "reference_routes"]
+           "SOURCES", "Source", "layout_of", "net_reference_ids", "paper_data_config", "published_rows", "read_published",
+           "reference_ids", "reference_routes", "table_name"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,22 @@ SKIPS_FINAL_NORM = frozenset({"deit"})
 _STAGES = {"swin": (0, 1, 2), "resnet_swin": (1, 2), "levit": (0, 1)}
 
 Route = tuple[Segment, ...]
+
+
+def paper_data_config(kinds: set[str], two_way: bool, data_config: dict[str, Any]) -> dict[str, Any] | None:
+    """``data_config`` with the reference's evaluation transform (:data:`PAPER_EVAL`: crop, interpolation,
+    mean/std) for anchors of a family the paper trained, or None: no reference code builds an SN-Net of
+    these kinds, or the anchors were trained with another normalisation than the reference's (then the
+    paper's protocol is not theirs)."""
+    layout = layout_of(kinds, two_way)
+    if layout is None:
+        return None
+    paper = PAPER_EVAL[layout]
+    for key in ("mean", "std"):
+        own = tuple(data_config.get(key, ()))
+        if len(own) != len(paper[key]) or not all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(own, paper[key])):
+            return None
+    return {**data_config, **paper}
 
 
 @dataclass(frozen=True)
@@ -271,3 +291,52 @@ def reference_ids(space: StitchSpace, kinds: set[str], order: Sequence[int] | No
 def net_reference_ids(net: Any, order: Sequence[int] | None = None) -> dict[int, int]:
     """:func:`reference_ids` of a :class:`~snnet.model.StitchedNet` (its space and anchors' kinds)."""
     return reference_ids(net.space, {p.kind for p in net.anchors}, order)
+
+
+# ------------------------------------------------------------------ the published tables, as results rows
+
+_TABLES = Path(__file__).resolve().parent / "data_files" / "reference"
+PREFIX = "reference:"
+
+
+def table_name(text: str) -> str | None:
+    """The table a ``reference:<name>`` argument names (``reference:deit`` -> ``deit``), or None for anything else."""
+    return text[len(PREFIX):] if text.startswith(PREFIX) else None
+
+
+def read_published(name: str) -> dict[str, Any]:
+    """A shipped table (``snnet/data_files/reference/<name>.json``) by name: ``deit``, ``swin``, ...;
+    an unknown name raises with the names there are."""
+    name = table_name(name) or name
+    if name not in PUBLISHED:
+        raise ResultsError(f"no reference table {name!r}: snnet ships "
+                           + ", ".join(PREFIX + n for n in PUBLISHED) + " (the SN-Net authors' published results)")
+    path = _TABLES / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ResultsError(f"the reference table {path} is missing or damaged ({e}); reinstall snnet") from e
+
+
+def published_rows(name: str, kind: str = "network") -> list[Any]:
+    """A shipped table as results rows (:class:`~snnet.results.StitchResult`): FLOPs, top-1 and what
+    else the authors published, under snnet's id and name of each network, with the reference's id
+    (``ref_id``) and the table (``source``) in ``extra``. ``kind="network"`` gives anchor and stitch
+    rows (the table is the network plotted: the paper's figure); ``kind="reference"`` gives rows of
+    kind "reference", drawn beside a run of snnet. Where the authors published no parameter count,
+    snnet's own count of the network stands in (``params_from: snnet``)."""
+    from .results import StitchResult, mark_pareto
+
+    if kind not in ("network", "reference"):
+        raise ValueError(f"kind must be 'network' or 'reference', not {kind!r}")
+    data = read_published(name)
+    rows = []
+    for r in data["rows"]:
+        extra = {"ref_id": r["ref_id"], "source": data["name"]}
+        if "params" not in r:
+            extra["params_from"] = "snnet"
+        row_kind = ("anchor" if r["is_anchor"] else "stitch") if kind == "network" else "reference"
+        rows.append(StitchResult(r["id"], r["name"], r["flops"], r.get("params", r["snnet_params"]), r["acc1"],
+                                 r.get("acc5", math.nan), r.get("loss", math.nan), data["images"], r["is_anchor"],
+                                 kind=row_kind, extra=extra))
+    return mark_pareto(rows)
