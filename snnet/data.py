@@ -47,8 +47,10 @@ __all__ = [
     "image_transform",
     "num_classes",
     "check_source",
+    "erasing_collate",
     "make_loader",
     "set_epoch",
+    "split_batch_erasing",
 ]
 
 FASHION_MNIST_MEAN: tuple[float] = (0.2860,)
@@ -518,6 +520,38 @@ def num_classes(dataset: Dataset) -> int:
         if classes:
             return len(classes)
     raise DatasetError(f"cannot tell the number of classes of {type(dataset).__name__}")
+
+
+def split_batch_erasing(re_prob: float, re_mode: str = "pixel", re_count: int = 1, splits: int = 2,
+                        device: str | torch.device = "cpu") -> Any:
+    """Random erasing of a normalised batch that leaves its first ``1/splits`` of images clean.
+
+    This is how the reference's ResNet and ResNet->Swin runs erase (timm's loader with ``--resplit``:
+    its prefetcher erases each image of the rest of the batch with probability ``re_prob``, after
+    normalisation, and the clean half is what split batch norm's main statistics see); a per-image
+    transform with ``re_prob`` erases every image instead. timm's own ``RandomErasing`` in batch mode;
+    build the training transform without erasing and call the result on each batch (or collate with
+    :func:`erasing_collate`). Draws from Python's ``random``, as timm does.
+    """
+    from timm.data.random_erasing import RandomErasing
+
+    if not 0.0 <= re_prob <= 1.0 or splits < 1 or re_count < 1:
+        raise DatasetError(f"split-batch erasing needs 0 <= re_prob <= 1, splits >= 1 and re_count >= 1; got "
+                           f"{re_prob}, {splits}, {re_count}")
+    return RandomErasing(probability=re_prob, mode=re_mode, max_count=re_count, num_splits=splits, device=str(device))
+
+
+def erasing_collate(erase: Any) -> Any:
+    """A DataLoader ``collate_fn``: PyTorch's default collation, then ``erase`` (e.g. :func:`split_batch_erasing`)
+    on the batch's images, in place."""
+    from torch.utils.data import default_collate
+
+    def collate(items: list[Any]) -> Any:
+        batch = default_collate(items)
+        erase(batch[0])
+        return batch
+
+    return collate
 
 
 def _seed_worker(worker_id: int) -> None:

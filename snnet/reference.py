@@ -32,7 +32,7 @@ from .space import AnchorInfo, Segment, StitchSpace, paired_pairs
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LAYOUTS", "PAPER_EVAL", "PUBLISHED", "Published", "SKIPS_FINAL_NORM",
            "SOURCES", "Source", "layout_of", "net_reference_ids", "paper_data_config", "published_rows", "read_published",
-           "reference_ids", "reference_routes", "table_name"]
+           "reference_ids", "reference_routes", "stale_zero_grads", "table_name"]
 
 
 @dataclass(frozen=True)
@@ -340,3 +340,30 @@ def published_rows(name: str, kind: str = "network") -> list[Any]:
                                  r.get("acc5", math.nan), r.get("loss", math.nan), data["images"], r["is_anchor"],
                                  kind=row_kind, extra=extra))
     return mark_pareto(rows)
+
+
+# ------------------------------------------------------------------ the reference's optimizer steps
+
+
+def stale_zero_grads(optimizer: Any) -> int:
+    """Give every parameter that the optimizer has stepped before but that has no gradient now (no route
+    used it in this step) a zero gradient, so the coming step updates it — as the reference's steps do.
+
+    The reference code runs on PyTorch 1.10, whose ``optimizer.zero_grad()`` fills gradients with zeros
+    rather than dropping them (``set_to_none=False`` was the default until 2.0), and its DDP leaves the
+    gradient of a parameter no process used untouched. So once a stitching layer or block has been on a
+    route, every later step updates it: AdamW decays it and moves it on its momentum, SGD adds its L2
+    weight decay and momentum. snnet drops those gradients (``set_to_none=True``, and the same after
+    DDP's all-reduce), so a step moves only what its route used. Call this between the backward pass
+    and ``optimizer.step()`` to train as the reference does. Returns how many parameters it gave a zero
+    gradient.
+    """
+    import torch
+
+    filled = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None and optimizer.state.get(p):
+                p.grad = torch.zeros_like(p)
+                filled += 1
+    return filled

@@ -197,3 +197,81 @@ def test_reference_route_mode_is_the_default_elsewhere_and_refused_without_a_ref
         snnet.create_snnet(["snnet_tiny_convnext_t", "snnet_tiny_convnext_s"], route_mode="reference")
     with pytest.raises(ConfigError, match="unknown route mode"):
         snnet.create_snnet(TINY_VITS, route_mode="paper")
+
+
+# ------------------------------------------------------------------ training as the reference trains
+
+
+def test_levit_heads_are_trained_apart_as_the_reference_does() -> None:
+    """stitching_levit's DistillationLoss: the class head on the labels, the distillation head on the teacher."""
+    import torch.nn.functional as F
+
+    from snnet.distill import set_two_head_training, two_head_loss
+
+    torch.manual_seed(0)
+    net = snnet.create_snnet(["snnet_tiny_levit_a", "snnet_tiny_levit_b"], route_mode="reference").train()
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([1, 2, 3, 4])
+    teacher = torch.randn(4, 10)
+    net.select(4)  # a stitched route
+    assert isinstance(net(x), torch.Tensor)  # timm's default: one averaged output, also in training
+    assert set_two_head_training(net) == 2
+    cls, dist = net(x)
+    set_two_head_training(net, False)
+    torch.testing.assert_close(net(x), (cls + dist) / 2)  # what the network gives when not trained two ways
+    set_two_head_training(net)
+    loss = two_head_loss((cls, dist), y, F.cross_entropy, teacher, "hard", 0.5)
+    want = 0.5 * F.cross_entropy(cls, y) + 0.5 * F.cross_entropy(dist, teacher.argmax(-1))
+    torch.testing.assert_close(loss, want)
+    head = net.head_of(net.active)
+    for with_teacher, dist_learns in ((None, False), (teacher, True)):
+        net.zero_grad()
+        two_head_loss(net(x), y, F.cross_entropy, with_teacher).backward()
+        assert (head.head_dist.linear.weight.grad is not None) == dist_learns  # labels never reach head_dist
+        assert head.head.linear.weight.grad.abs().sum() > 0
+    net.eval()
+    assert isinstance(net(x), torch.Tensor)  # inference: the average, as always
+    with pytest.raises(Exception, match="set_two_head_training"):
+        two_head_loss(cls, y, F.cross_entropy, teacher)
+
+
+def test_split_batch_erasing_leaves_the_first_half_clean() -> None:
+    """The reference ResNet loader (--resplit) erases only the second half of every batch."""
+    import random
+
+    from snnet.data import erasing_collate, split_batch_erasing
+
+    random.seed(0)
+    batch = torch.zeros(8, 3, 16, 16)
+    split_batch_erasing(1.0)(batch)
+    erased = [bool((img != 0).any()) for img in batch]
+    assert erased == [False] * 4 + [True] * 4
+    collate = erasing_collate(split_batch_erasing(1.0, splits=1))  # no split: every image, as a per-image transform
+    images, labels = collate([(torch.zeros(3, 16, 16), k) for k in range(4)])
+    assert all(bool((img != 0).any()) for img in images) and labels.tolist() == [0, 1, 2, 3]
+    assert not split_batch_erasing(0.0)(torch.zeros(4, 3, 8, 8)).any()
+
+
+def test_stale_zero_grads_update_what_the_route_did_not_use_as_the_reference_does() -> None:
+    """PyTorch 1.10's zero_grad kept zero gradients: parameters used once keep being decayed and moved on
+    their momentum; snnet's steps leave them alone unless asked to step as the reference does."""
+    from snnet.reference import stale_zero_grads
+
+    torch.manual_seed(0)
+    net = snnet.create_snnet(TINY_VITS)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.05)
+    x = torch.randn(4, 3, 32, 32)
+
+    def step(stitch: int, reference: bool) -> int:
+        opt.zero_grad(set_to_none=True)
+        net.select(stitch)
+        net(x).sum().backward()
+        filled = stale_zero_grads(opt) if reference else 0
+        opt.step()
+        return filled
+
+    step(0, False)  # the smallest anchor learns once
+    layer = net.anchors[0].blocks[0].attn.qkv.weight
+    before = layer.detach().clone()
+    assert step(2, False) == 0 and torch.equal(layer, before)  # snnet: a route that does not use it leaves it
+    filled = step(2, True)  # the reference: decayed and moved on its momentum
+    assert filled == sum(1 for p in net.anchors[0].parameters()) and not torch.equal(layer, before)
