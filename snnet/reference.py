@@ -123,8 +123,9 @@ class Published:
 
 
 _DEIT = ("deit_tiny_patch16_224.fb_in1k", "deit_small_patch16_224.fb_in1k", "deit_base_patch16_224.fb_in1k")
-_SWIN = ("swin_tiny_patch4_window7_224.ms_in1k", "swin_small_patch4_window7_224.ms_in1k",
-         "swin_base_patch4_window7_224.ms_in1k")
+# the Swin folder's config (configs/snnet/stitch_swin_ti_s_b.yaml) starts from Microsoft's ImageNet-22k -> 1k weights
+_SWIN = ("swin_tiny_patch4_window7_224.ms_in22k_ft_in1k", "swin_small_patch4_window7_224.ms_in22k_ft_in1k",
+         "swin_base_patch4_window7_224.ms_in22k_ft_in1k")
 PUBLISHED: dict[str, Published] = {p.name: p for p in (
     Published("deit", "v1", "stitching_deit/results/stitches_res.txt", _DEIT),
     Published("swin", "v1", "stitching_swin/results/stitches_res.txt", _SWIN),
