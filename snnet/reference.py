@@ -14,6 +14,13 @@ the commits in :data:`SOURCES`; no code copied) and writes every listed network 
 :class:`~snnet.space.Segment` s, so a reference id and an snnet id meet on the route itself —
 the blocks each anchor runs — not on any numbering.
 
+The rest of what snnet takes from the reference lives here too: the published per-network tables
+(:data:`PUBLISHED`, shipped as ``snnet/data_files/reference/*.json``; :func:`published_rows`), how
+each folder evaluates (:data:`PAPER_EVAL`, :func:`paper_data_config`), which folders end stitched
+routes without the final norm (:data:`SKIPS_FINAL_NORM`, used by the reference route mode of
+:class:`~snnet.model.StitchedNet`), and the reference's optimizer steps on parameters no route used
+(:func:`stale_zero_grads`). ``docs/differences.md`` lists every difference from the reference.
+
 .. _ziplab/SN-Net: https://github.com/ziplab/SN-Net
 .. _ziplab/SN-Netv2: https://github.com/ziplab/SN-Netv2
 """

@@ -28,13 +28,16 @@ from .test_evaluate import _run
 def test_every_published_row_names_the_same_network_in_snnet(name: str) -> None:
     """The shipped table agrees with the code that made it: the reference's id maps to the row's snnet id
     and name, snnet prices that network as the table says, and the published FLOPs agree with snnet's
-    count of it (fvcore's convention both; DeiT's stitched routes differ by the final LayerNorm)."""
+    count of it — exactly, for the route as the reference runs it (fvcore's convention both; snnet's own
+    DeiT routes add the final LayerNorm)."""
     data = read_published(name)
     table = PUBLISHED[name]
     net = snnet.create_snnet(list(table.anchors), device="meta", two_way=table.two_way)
     ids = net_reference_ids(net)
     by_ref = {r: s for s, r in ids.items()}
     costs = net.costs()
+    as_theirs = snnet.create_snnet(list(table.anchors), device="meta", two_way=table.two_way,
+                                   route_mode="reference").costs()
     assert data["source"]["commit"] and data["license"].startswith("Apache-2.0") and data["images"] == 50_000
     assert len(data["rows"]) == len(net.space) == data["networks"]
     for row in data["rows"]:
@@ -42,6 +45,7 @@ def test_every_published_row_names_the_same_network_in_snnet(name: str) -> None:
         assert (row["id"], row["name"], row["is_anchor"]) == (s.id, s.name, s.is_anchor)
         assert (row["snnet_flops"], row["snnet_params"]) == (costs[s.id].flops, costs[s.id].params)
         assert abs(row["snnet_flops"] / row["flops"] - 1) < 3e-4
+        assert as_theirs[s.id].flops == row["flops"]
         assert 0 < row["acc1"] < 100
 
 
