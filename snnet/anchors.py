@@ -312,6 +312,22 @@ class TimmPart(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(self, x)
 
+    @classmethod
+    def like(cls, part: "TimmPart", fn: Any, drop: Sequence[str] = ()) -> "TimmPart":
+        """Another piece of the same model: ``part``'s settings and submodules (shared, not copied),
+        but those named in ``drop``, computed by ``fn``."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for k, v in vars(part).items():
+            if not k.startswith("_") and k not in ("training", "model_class", "fn") and isinstance(v, _SETTING):
+                object.__setattr__(new, k, v)
+        for name, value in [*part._modules.items(), *part._parameters.items()]:
+            if name not in drop:
+                setattr(new, name, value)
+        object.__setattr__(new, "model_class", part.model_class)
+        object.__setattr__(new, "fn", fn)
+        return new
+
     def extra_repr(self) -> str:
         return f"{self.model_class.__name__}: {getattr(self.fn, '__name__', self.fn)}"
 
@@ -332,6 +348,19 @@ def norm_then_head(part: TimmPart, x: torch.Tensor) -> torch.Tensor:
 def timm_head(part: TimmPart, x: torch.Tensor) -> torch.Tensor:
     """The class's own forward_head."""
     return part.forward_head(x)
+
+
+def without_final_norm(head: nn.Module) -> nn.Module | None:
+    """A ViT-like head without the final norm of forward_features (the class's forward_head alone),
+    sharing the head's modules; None when the head has no such norm.
+
+    The reference DeiT code ends its stitched routes so (``forward_head`` on the target's last
+    block output), while the anchors run whole apply the norm: :mod:`snnet.model`'s reference
+    route mode uses this head on stitched routes.
+    """
+    if not (isinstance(head, TimmPart) and head.fn is norm_then_head):
+        return None
+    return TimmPart.like(head, timm_head, drop=("norm",))
 
 
 _VIT_STEM = ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_drop", "patch_drop", "norm_pre")

@@ -67,8 +67,11 @@ def stitches(
     else:
         # the meta device builds the anchors without allocating or initialising weights
         net = create_snnet(names, img_size=img_size, device="meta", **space)
+    from .reference import net_reference_ids
+
     costs = net.costs()
-    rows = [c.to_dict() for c in costs]
+    ref = net_reference_ids(net)  # the SN-Net authors' id of every network their code lists (Swin's differ)
+    rows = [dict(c.to_dict(), ref_id=ref.get(c.id)) for c in costs]
     if result is not None:
         kl = {s.name: s.kl for s in result.scores}
         rows = [dict(r, kl=kl.get(r["name"])) for r in rows]
@@ -77,7 +80,8 @@ def stitches(
         typer.echo(json.dumps(out, indent=2))
         return
     size = "x".join(str(s) for s in net.input_size[1:])
-    columns = [("id", "id"), ("name", "stitch"), ("params", "params"), ("flops", "FLOPs"), ("is_anchor", "anchor")]
+    columns = [("id", "id")] + [("ref_id", "ref id")] * bool(ref)
+    columns += [("name", "stitch"), ("params", "params"), ("flops", "FLOPs"), ("is_anchor", "anchor")]
     formats: dict[str, Any] = {"params": human, "flops": human}
     if result is not None:
         columns.append(("kl", "KL"))
@@ -86,6 +90,9 @@ def stitches(
     flops = [c.flops for c in costs]
     typer.echo(f"\n{len(costs)} networks ({len(net.anchors)} anchors, {len(costs) - len(net.anchors)} stitches, "
                f"{len(net.stitch_layers)} stitching layers), {human(min(flops))}–{human(max(flops))} FLOPs at {size}")
+    if ref:
+        typer.echo(f"ref id: the SN-Net authors' code's id of the same network ({len(ref)} of {len(costs)}; "
+                   f"{sum(s != r for s, r in ref.items())} differ from snnet's)")
     if result is not None:
         typer.echo(f"KLAS scored {len(result.scores)} candidate stitches on {result.images} images and kept "
                    f"{len(result.routes)} (lowest KL per FLOPs interval); --json lists every candidate's score. "

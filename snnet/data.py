@@ -43,11 +43,14 @@ __all__ = [
     "validation_indices",
     "read_idx",
     "build_dataset",
+    "describe_transform",
     "image_transform",
     "num_classes",
     "check_source",
+    "erasing_collate",
     "make_loader",
     "set_epoch",
+    "split_batch_erasing",
 ]
 
 FASHION_MNIST_MEAN: tuple[float] = (0.2860,)
@@ -267,6 +270,7 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
             images, labels = images[:limit], labels[:limit]
         self.images = images.unsqueeze(1).contiguous()  # N x 1 x 28 x 28, uint8
         self.labels = labels.long()
+        self.mean, self.std = tuple(mean), tuple(std)
         # Folding 1/255 into the normalization lets __getitem__ do one fused affine op.
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(-1, 1, 1)
         self._shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
@@ -382,6 +386,36 @@ def image_transform(data_config: Mapping[str, Any], augment: bool = False,
         raise DatasetError(f"timm cannot build the training transform from {dict(options or {})}: {e}") from e
 
 
+def describe_transform(dataset: Dataset) -> str:
+    """What an evaluation dataset does to an image before the network sees it, in words (resize,
+    crop, interpolation, mean/std): what a results file records beside the accuracy it gave."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, FashionMNIST):
+        return (f"none ({'x'.join(map(str, dataset.images.shape[-2:]))} as stored), "
+                f"mean {_numbers(dataset.mean)}, std {_numbers(dataset.std)}")
+    transform = getattr(dataset, "transform", None)
+    if transform is None:
+        return "none"
+    parts = []
+    for t in getattr(transform, "transforms", [transform]):
+        size, mode = getattr(t, "size", None), getattr(t, "interpolation", None)
+        if mode is not None and size is not None:  # torchvision's Resize: an int is the shorter side
+            side = f"shorter side to {size}" if isinstance(size, int) else f"to {'x'.join(map(str, size))}"
+            parts.append(f"resize {side} ({getattr(mode, 'value', mode)})")
+        elif type(t).__name__ == "CenterCrop":
+            parts.append(f"centre crop {'x'.join(map(str, t.size))}")
+        elif type(t).__name__ == "Normalize":
+            parts.append(f"mean {_numbers(t.mean)}, std {_numbers(t.std)}")
+        elif type(t).__name__ not in ("ToTensor", "MaybeToTensor", "PILToTensor", "MaybePILToTensor"):
+            parts.append(type(t).__name__)
+    return ", ".join(parts) or "none"
+
+
+def _numbers(values: Any) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
 def build_dataset(
     name_or_path: str | os.PathLike[str],
     split: str = "train",
@@ -486,6 +520,38 @@ def num_classes(dataset: Dataset) -> int:
         if classes:
             return len(classes)
     raise DatasetError(f"cannot tell the number of classes of {type(dataset).__name__}")
+
+
+def split_batch_erasing(re_prob: float, re_mode: str = "pixel", re_count: int = 1, splits: int = 2,
+                        device: str | torch.device = "cpu") -> Any:
+    """Random erasing of a normalised batch that leaves its first ``1/splits`` of images clean.
+
+    This is how the reference's ResNet and ResNet->Swin runs erase (timm's loader with ``--resplit``:
+    its prefetcher erases each image of the rest of the batch with probability ``re_prob``, after
+    normalisation, and the clean half is what split batch norm's main statistics see); a per-image
+    transform with ``re_prob`` erases every image instead. timm's own ``RandomErasing`` in batch mode;
+    build the training transform without erasing and call the result on each batch (or collate with
+    :func:`erasing_collate`). Draws from Python's ``random``, as timm does.
+    """
+    from timm.data.random_erasing import RandomErasing
+
+    if not 0.0 <= re_prob <= 1.0 or splits < 1 or re_count < 1:
+        raise DatasetError(f"split-batch erasing needs 0 <= re_prob <= 1, splits >= 1 and re_count >= 1; got "
+                           f"{re_prob}, {splits}, {re_count}")
+    return RandomErasing(probability=re_prob, mode=re_mode, max_count=re_count, num_splits=splits, device=str(device))
+
+
+def erasing_collate(erase: Any) -> Any:
+    """A DataLoader ``collate_fn``: PyTorch's default collation, then ``erase`` (e.g. :func:`split_batch_erasing`)
+    on the batch's images, in place."""
+    from torch.utils.data import default_collate
+
+    def collate(items: list[Any]) -> Any:
+        batch = default_collate(items)
+        erase(batch[0])
+        return batch
+
+    return collate
 
 
 def _seed_worker(worker_id: int) -> None:

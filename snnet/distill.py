@@ -5,7 +5,11 @@
 * ``hard``: cross-entropy on the teacher's top class (DeiT's hard distillation, which the
   SN-Net reference code uses for every family, with weight 0.5 and a RegNetY-160 teacher).
 
-The total loss is ``(1 - alpha) * base + alpha * distillation``. The teacher is either the
+The total loss is ``(1 - alpha) * base + alpha * distillation``. Networks with a distillation head
+(LeViT, distilled DeiT) are trained as DeiT and the SN-Net reference's LeViT code train them
+(:func:`two_head_loss`): the class head on the labels, the distillation head on the teacher;
+:func:`set_two_head_training` makes their heads return both logits in training mode (they are
+averaged at inference, as timm does). The teacher is either the
 SN-Net's own largest anchor (a frozen copy, ``'largest'``) or a timm model with its *own*
 pretrained head: a teacher whose classes are not the network's is refused before training,
 since a head replaced to fit the dataset would be random and its targets noise. The teacher
@@ -15,7 +19,7 @@ always runs in eval mode without gradients.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +30,8 @@ from .errors import SnnetError
 if TYPE_CHECKING:
     from .model import StitchedNet
 
-__all__ = ["DISTILL_TYPES", "TeacherError", "build_teacher", "check_teacher", "distill_loss", "teacher_classes",
-           "teacher_logits"]
+__all__ = ["DISTILL_TYPES", "TeacherError", "build_teacher", "check_teacher", "distill_loss", "set_two_head_training",
+           "teacher_classes", "teacher_logits", "two_head_loss"]
 
 DISTILL_TYPES = ("soft", "hard")
 
@@ -45,6 +49,37 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temper
         return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
                         reduction="batchmean") * t * t
     raise TeacherError(f"unknown distillation type {kind!r}; use one of {DISTILL_TYPES}")
+
+
+def two_head_loss(outputs: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor, base: Callable[..., torch.Tensor],
+                  teacher: torch.Tensor | None, kind: str = "hard", alpha: float = 0.5,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """The loss of a network with a class head and a distillation head, as DeiT's ``DistillationLoss``
+    (which the reference's ``stitching_levit`` uses) computes it: ``base(class logits, target)``
+    (labels, or mixup's soft targets) on the class head alone, the distillation term (:func:`distill_loss`)
+    on the distillation head alone, ``(1 - alpha) * base + alpha * distillation``. Without a teacher
+    (``teacher`` None) the base loss alone, on the class head.
+    """
+    if not isinstance(outputs, (tuple, list)) or len(outputs) != 2:
+        raise TeacherError("two_head_loss needs (class logits, distillation logits): call set_two_head_training(net) "
+                           "and keep the network in training mode")
+    cls, dist = outputs
+    loss = base(cls, target)
+    if teacher is None:
+        return loss
+    return (1 - alpha) * loss + alpha * distill_loss(dist, teacher, kind, temperature)
+
+
+def set_two_head_training(net: "StitchedNet", enabled: bool = True) -> int:
+    """Make every head with a distillation head (LeViT, distilled DeiT) return ``(class, distillation)``
+    logits in training mode, as timm's ``set_distilled_training`` does for a whole model (in eval mode
+    they still return the average). Every head a route can end with is set, the reference route mode's
+    too. Returns how many heads have a distillation head (0: nothing to train two ways)."""
+    heads = {id(h): h for h in (net.head_of(s) for s in net.space)}
+    two = [h for h in heads.values() if hasattr(h, "distilled_training") and hasattr(h, "head_dist")]
+    for h in two:
+        h.distilled_training = enabled
+    return len(two)
 
 
 def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .errors import SnnetError
 from .model import StitchedNet
+from .reference import net_reference_ids
 from .report import progress as report_progress
 from .results import (RESULTS_CSV, RESULTS_JSON, StitchResult, check_writable, format_results, load_results,
                       mark_pareto, pareto_front, write_results)
@@ -69,7 +70,7 @@ class _Node:
         for cut in sorted(set(self.ends) | set(self.hops)):
             h, done = parts.run(h, done, cut), cut
             for s in self.ends.get(cut, ()):
-                yield s, parts.head(h)
+                yield s, net.head_of(s)(h)
             for layer, children in self.hops.get(cut, {}).items():
                 mapped = net.stitch_layers[layer](h)  # once per layer, whatever follows it
                 for child in children.values():
@@ -147,7 +148,8 @@ def evaluate(
     ``loader`` yields ``(images, labels)`` batches; ``stitches`` are ids/names (default: the whole
     space). ``device`` moves the network there (default: where it is). The network's train/eval
     mode and active stitch are left as they were. Results come back in id order, with ``pareto``
-    marking the top-1/FLOPs frontier of the evaluated set.
+    marking the top-1/FLOPs frontier of the evaluated set. A network the SN-Net authors' code also
+    lists carries their id for it as ``ref_id`` (:mod:`snnet.reference`).
     """
     chosen = _select(net, stitches)  # bad ids fail here, before any work
     dev = torch.device(device) if device is not None else next(net.parameters()).device
@@ -180,11 +182,13 @@ def evaluate(
     if seen == 0:
         raise SnnetError("the loader yielded no images: nothing to evaluate (is the dataset or --limit empty?)")
     costs = net.costs(input_size)
+    ref = net_reference_ids(net)  # the authors' id of each network they list, to set a row beside their table
     out = []
     for s in chosen:
         t, c = tallies[s.id], costs[s.id]
         out.append(StitchResult(s.id, s.name, c.flops, c.params, 100.0 * t.hits1.item() / seen,
-                                100.0 * t.hits5.item() / seen, t.loss.item() / seen, seen, s.is_anchor))
+                                100.0 * t.hits5.item() / seen, t.loss.item() / seen, seen, s.is_anchor,
+                                extra={"ref_id": ref[s.id]} if s.id in ref else {}))
     return mark_pareto(out)
 
 

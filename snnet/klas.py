@@ -174,6 +174,7 @@ def klas(net: StitchedNet, batches: Iterable[Any], keep: int, *, max_images: int
 
 def klas_net(net: StitchedNet, routes: Sequence[str]) -> StitchedNet:
     """A new network of copies of ``net``'s anchors whose space is exactly ``routes`` (plus the
-    anchors), with fresh stitching layers of ``net``'s rank: fit them with ``init_stitching``."""
+    anchors), with fresh stitching layers of ``net``'s rank and its route mode: fit them with ``init_stitching``."""
     return StitchedNet([copy.deepcopy(a) for a in net.anchors], net.labels, config=SpaceConfig(routes=tuple(routes)),
-                       input_size=net.input_size, specs=net.specs, lora_rank=net.lora_rank, lora_alpha=net.lora_alpha)
+                       input_size=net.input_size, specs=net.specs, lora_rank=net.lora_rank, lora_alpha=net.lora_alpha,
+                       route_mode=net.route_mode)

@@ -23,19 +23,23 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .anchors import AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, anchor_label, as_rows, build_parts, create_anchor
+from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, anchor_label, as_rows, build_parts, create_anchor,
+                      without_final_norm)
 from .errors import CheckpointError, ConfigError, NotStitchableError
 from .io import atomic_write, record_checksum, verify_checksum
 from .report import progress as report_progress
-from .flops import PartCosts, layer_flops, num_params, part_costs
+from .flops import PartCosts, count_macs, layer_flops, num_params, part_costs
 from .space import AnchorInfo, SpaceConfig, Stitch, StitchSpace
 from .stitching import LeastSquares, StitchingLayer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# 1: SN-Net's spaces; 2: also two-way/chained/explicit routes and low-rank stitching layers.
-# A network that uses none of version 2's options is still written as version 1.
-FORMAT_VERSION = 2
+# 1: SN-Net's spaces; 2: also two-way/chained/explicit routes and low-rank stitching layers;
+# 3: also the reference route mode. A network is written with the lowest version that holds it.
+FORMAT_VERSION = 3
+# How stitched routes end (see StitchedNet): "snnet", with the target anchor's own tail; "reference",
+# as the authors' code runs them (the DeiT code skips the final norm on stitched routes).
+ROUTE_MODES = ("snnet", "reference")
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,11 @@ class StitchedNet(nn.Module):
         specs: Sequence[AnchorSpec | None] | None = None,
         lora_rank: int = 0,
         lora_alpha: float = 1.0,
+        route_mode: str = "snnet",
     ) -> None:
         super().__init__()
+        if route_mode not in ROUTE_MODES:
+            raise ConfigError(f"unknown route mode {route_mode!r}; expected one of {ROUTE_MODES}")
         if len(anchors) < 2:
             raise NotStitchableError(f"a family needs at least two anchors to stitch, got {len(anchors)}")
         specs = list(specs) if specs is not None else [None] * len(anchors)
@@ -123,6 +130,8 @@ class StitchedNet(nn.Module):
         self.lora_rank, self.lora_alpha = int(lora_rank), float(lora_alpha)
         self.stitch_layers = nn.ModuleList([StitchingLayer(s.src_spec, s.dst_spec, lora_rank, lora_alpha)
                                             for s in self.space.layers])
+        self.route_mode = route_mode
+        self._stitched_heads = self._reference_heads() if route_mode == "reference" else {}
         self._routes: dict[int, tuple[nn.Module, ...]] = {}  # stitch id -> Route.modules(), filled on first use
         self._active: Stitch = self.space.stitches[len(self.anchors) - 1]  # the largest anchor
 
@@ -163,11 +172,33 @@ class StitchedNet(nn.Module):
     def route(self, stitch: int | str | Stitch) -> Route:
         """The network's own modules (no copy) that the route of ``stitch`` runs: the first
         anchor's stem, each segment's blocks with the stitching layer between segments, the last
-        anchor's head. It is what :meth:`forward` runs; training, profiling and export work from it."""
+        anchor's head (:meth:`head_of`). It is what :meth:`forward` runs; training, profiling and
+        export work from it."""
         s = self.space[stitch]
         return Route(self.anchors[s.src].stem,
                      tuple(tuple(self.anchors[seg.anchor].blocks[seg.start:seg.stop]) for seg in s.segments),
-                     tuple(self.stitch_layers[k] for k in s.layers), self.anchors[s.anchors[-1]].head)
+                     tuple(self.stitch_layers[k] for k in s.layers), self.head_of(s))
+
+    def head_of(self, stitch: int | str | Stitch) -> nn.Module:
+        """The head that ends the route of ``stitch``: its last anchor's own (norm, pooling, classifier),
+        but in the reference route mode a stitched route into an anchor the reference ends without
+        its final norm (DeiT) ends as the reference's does, sharing the anchor's modules."""
+        s = self.space[stitch]
+        last = s.anchors[-1]
+        return self._stitched_heads[last] if not s.is_anchor and last in self._stitched_heads else self.anchors[last].head
+
+    def _reference_heads(self) -> dict[int, nn.Module]:
+        """Per anchor, the head the reference code ends stitched routes with, where it is not the anchor's own."""
+        from .reference import SKIPS_FINAL_NORM, layout_of
+
+        layout = layout_of({p.kind for p in self.anchors}, self.space.config.two_way)
+        if layout is None:
+            raise ConfigError(f"route_mode='reference': the authors' code builds no SN-Net of {', '.join(self.labels)} "
+                              "(it has DeiT, Swin, ResNet, ResNet->Swin, LeViT and SN-Netv2 ViTs); use route_mode='snnet'")
+        if layout not in SKIPS_FINAL_NORM:
+            return {}
+        heads = {k: without_final_norm(p.head) for k, p in enumerate(self.anchors)}
+        return {k: h for k, h in heads.items() if h is not None}
 
     def set_lora_rank(self, rank: int, alpha: float = 1.0) -> None:
         """Make every stitching layer low-rank (``rank`` > 0) or plain (0), keeping the map it computes.
@@ -219,9 +250,21 @@ class StitchedNet(nn.Module):
                     flops, params = flops + f, params + p
                 flops += sum(lflops[k] for k in s.layers)
                 params += sum(lparams[k] for k in s.layers)
+                if not s.is_anchor and s.anchors[-1] in self._stitched_heads:  # the reference's head, not the anchor's
+                    f, p = self._stitched_head_costs(s.anchors[-1], specs)
+                    flops, params = flops + f - pcs[s.anchors[-1]].head_flops, params + p - pcs[s.anchors[-1]].head_params
                 out.append(StitchCost(s.id, s.name, flops, params, s.is_anchor))
             self._costs[size] = out
         return self._costs[size]
+
+    @torch.no_grad()
+    def _stitched_head_costs(self, anchor: int, specs: list[list[ActivationSpec]]) -> tuple[int, int]:
+        """(MACs, params) of the head stitched routes into ``anchor`` end with, on its last block's output."""
+        head, spec = self._stitched_heads[anchor], specs[anchor][-1]
+        p = next(self.anchors[anchor].parameters())
+        shape = (1, spec.channels, *spec.spatial) if spec.layout == "nchw" else (1, *spec.spatial, spec.channels)
+        flops, _ = count_macs(head, torch.zeros(shape, device=p.device, dtype=p.dtype))
+        return flops, num_params(head)
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
@@ -268,7 +311,7 @@ class StitchedNet(nn.Module):
         v1 = self.space.config.is_v1 and self.lora_rank == 0
         return {
             "format": "snnet",
-            "version": 1 if v1 else FORMAT_VERSION,
+            "version": 3 if self.route_mode != "snnet" else 1 if v1 else 2,
             "anchors": [
                 {"label": lab, "kind": p.kind, "spec": spec.to_dict() if spec else None}
                 for lab, p, spec in zip(self.labels, self.anchors, self.specs)
@@ -279,6 +322,7 @@ class StitchedNet(nn.Module):
             "stitches": [s.name for s in self.space],
             "active": self._active.name,
             **({} if self.lora_rank == 0 else {"stitching": {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}}),
+            **({} if self.route_mode == "snnet" else {"route_mode": self.route_mode}),
         }
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
@@ -349,7 +393,7 @@ class StitchedNet(nn.Module):
         layers = cfg.get("stitching", {})
         net = cls(parts, [e["label"] for e in entries], config=SpaceConfig.from_dict(cfg["space"]),
                   input_size=cfg["input_size"], specs=specs, lora_rank=int(layers.get("lora_rank", 0)),
-                  lora_alpha=float(layers.get("lora_alpha", 1.0)))
+                  lora_alpha=float(layers.get("lora_alpha", 1.0)), route_mode=cfg.get("route_mode", "snnet"))
         if [s.name for s in net.space] != cfg.get("stitches"):
             raise CheckpointError(f"{directory} was saved with a different stitch space than these anchors give")
         try:
@@ -459,6 +503,7 @@ def create_snnet(
     routes: Sequence[str] | None = None,
     lora_rank: int = 0,
     lora_alpha: float = 1.0,
+    route_mode: str = "snnet",
     device: str | torch.device | None = None,
 ) -> StitchedNet:
     """Stitch a family of anchors into one switchable network.
@@ -474,6 +519,11 @@ def create_snnet(
     (S->L, L->S and the round trips), ``chains=True`` for three-anchor routes, ``routes=[...]``
     for an explicit list of stitches (e.g. :func:`snnet.klas.select_klas`'s), and
     ``lora_rank=r`` for low-rank stitching layers (0: full layers, SN-Net's).
+
+    ``route_mode="reference"`` runs the stitched routes exactly as the authors' code does (its DeiT
+    code ends them without the target's final LayerNorm; snnet's default, ``"snnet"``, ends every
+    route with its last anchor's own tail): what ``snnet convert --from-reference`` sets, so a
+    converted network's networks are the paper's.
     """
     for name, value in (("img_size", img_size), ("num_classes", num_classes)):
         if value is not None and value < 1:  # timm would build a headless or empty model, or fail deep inside
@@ -485,7 +535,7 @@ def create_snnet(
             return create_snnet(anchors, img_size=img_size, num_classes=num_classes, labels=labels,
                                 kernel_size=kernel_size, stride=stride, nearest=nearest, stages=stages, rule=rule,
                                 unpaired=unpaired, two_way=two_way, chains=chains, routes=routes, lora_rank=lora_rank,
-                                lora_alpha=lora_alpha)
+                                lora_alpha=lora_alpha, route_mode=route_mode)
     if isinstance(anchors, str):
         anchors = expand_family(anchors)
     config = SpaceConfig(kernel_size, stride, nearest, tuple(stages) if stages is not None else None, rule, unpaired,
@@ -503,5 +553,5 @@ def create_snnet(
         chans = parts[0].data_config.get("input_size", (3,))[0]
         input_size = (chans, img_size, img_size)
     net = StitchedNet(parts, labels, config=config, input_size=input_size, specs=specs, lora_rank=lora_rank,
-                      lora_alpha=lora_alpha)
+                      lora_alpha=lora_alpha, route_mode=route_mode)
     return net.to(device) if device is not None else net

@@ -12,6 +12,9 @@ muted and beneath the stitched network's points, with the zoo's own frontier as 
 With a zoo every dot's area is proportional to the network's parameters, and a cost axis
 that spans more than two decades turns logarithmic. Zoo models have no latency or memory measured
 on this device, so a plot against those leaves them out and says so in its title.
+
+Reference rows (the SN-Net authors' published results, :mod:`snnet.reference`) are drawn beside a
+run the same way, as open diamonds with their own dotted frontier, one group per published table.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ AXES = {"flops": "FLOPs (multiply-accumulates)", "params": "parameters", "latenc
 # colours: the stitched network's stand out, the zoo's are muted and drawn beneath them
 STITCH, ANCHOR, FRONT = "#1f77b4", "#d62728", "#2ca02c"
 ZOO_FRONT = "#444444"
+REFERENCE = "#9467bd"  # the authors' published networks, beside a run
 _LOG_SPAN = 100  # a cost axis spanning more than this factor is drawn logarithmic
 _MAX_DOT = 40  # px: the largest network's dot (area proportional to params)
 
@@ -52,7 +56,14 @@ class _Groups:
         zoo = [r for r in results if r.is_zoo]
         self.zoo = [r for r in zoo if r.value(x) is not None]
         self.zoo_omitted = len(zoo) - len(self.zoo)  # e.g. no latency measured on this device
-        if not network and not self.zoo:
+        reference = [r for r in results if r.kind == "reference"]
+        self.references: dict[str, list[StitchResult]] = {}
+        for r in reference:
+            if r.value(x) is not None:
+                self.references.setdefault(str(r.value("source")), []).append(r)
+        self.reference_omitted = len(reference) - sum(map(len, self.references.values()))
+        self.reference_fronts = {src: frontier(rows, x) for src, rows in self.references.items()}
+        if not network and not self.zoo and not self.references:
             raise ResultsError("no results to plot")
         self.anchors = [r for r in network if r.is_anchor]
         self.stitches = [r for r in network if not r.is_anchor]
@@ -62,23 +73,36 @@ class _Groups:
         for r in sorted(self.zoo, key=lambda r: str(r.value("family"))):
             self.families.setdefault(str(r.value("family")), []).append(r)
         self.sources = sorted({str(r.value("source")) for r in zoo})
-        shown = [r.value(x) for r in [*network, *self.zoo] if r.value(x) is not None and r.value(x) > 0]
-        self.log_x = bool(self.zoo) and bool(shown) and max(shown) > _LOG_SPAN * min(shown)
+        compared = [r for rows in self.references.values() for r in rows]
+        shown = [r.value(x) for r in [*network, *self.zoo, *compared] if r.value(x) is not None and r.value(x) > 0]
+        self.log_x = bool(self.zoo or self.references) and bool(shown) and max(shown) > _LOG_SPAN * min(shown)
         self.max_params = max((r.params for r in [*network, *self.zoo]), default=1) or 1
 
     def title(self, x: str, xlabel: str, n_network: int) -> str:
-        if not self.sources:
+        beside = [f"the authors' {src} ({len(rows)} networks)" for src, rows in self.references.items()]
+        beside += [f"zoo {', '.join(self.sources)} ({len(self.zoo)} models)"] if self.sources else []
+        # a published table plotted as the network (`snnet eval --results reference:deit`): the paper's figure
+        sources = {str(r.value("source")) for r in [*self.anchors, *self.stitches]}
+        published = sources.pop() if len(sources) == 1 and next(iter(sources)).startswith("reference:") else None
+        if published:
+            net = f"SN-Net as its authors published it ({published}, {n_network} networks)"
+        elif not beside:
             return f"SN-Net: top-1 accuracy vs {xlabel} ({n_network} networks)"
-        text = (f"SN-Net ({n_network} networks) vs zoo {', '.join(self.sources)} ({len(self.zoo)} models): "
-                f"top-1 accuracy vs {xlabel}")
-        if self.zoo_omitted:
-            text += f" - {self.zoo_omitted} zoo models left out: no {x} measured for them on this device"
+        else:
+            net = f"SN-Net ({n_network} networks)"
+        text = f"{net} vs {' and '.join(beside)}: top-1 accuracy vs {xlabel}" if beside else f"{net}: top-1 accuracy vs {xlabel}"
+        omitted = [f"{n} {what}" for n, what in ((self.zoo_omitted, "zoo models"),
+                                                  (self.reference_omitted, "reference networks")) if n]
+        if omitted:
+            text += f" - {' and '.join(omitted)} left out: no {x} measured for them on this device"
         return text
 
 
 def _hover(r: StitchResult, x: str) -> str:
     if r.is_zoo:
         lines = [f"<b>{r.name}</b>", f"zoo {r.value('source')}, family {r.value('family')}"]
+    elif r.kind == "reference":
+        lines = [f"<b>{r.name}</b>", f"{r.value('source')}: the authors' id {r.value('ref_id')} (snnet id {r.id})"]
     else:
         lines = [f"<b>{r.name}</b>", f"id {r.id}{' (anchor)' if r.is_anchor else ''}"]
     lines += [f"FLOPs {human(r.flops)}", f"params {human(r.params)}",
@@ -121,7 +145,7 @@ def plot_pareto(
     results = list(results)
     g = _Groups(results, x)
     xlabel = AXES.get(x, x)
-    title = title or g.title(x, xlabel, len(results) - len(g.zoo) - g.zoo_omitted)
+    title = title or g.title(x, xlabel, len(network_rows(results)))
     sized = bool(g.zoo)  # with a zoo, a larger dot is a larger network
 
     def marker(rows: list[StitchResult], size: float, **style: Any) -> dict[str, Any]:
@@ -145,6 +169,14 @@ def plot_pareto(
         for k, (fam, rows) in enumerate(g.families.items()):
             traces.append(scatter(rows, fam, 20 + k, "zoo", mode="markers", marker=marker(
                 rows, 7, color=colours[fam], opacity=0.6, line=dict(width=0.5, color="#777777"))))
+    for k, (src, rows) in enumerate(g.references.items()):
+        group = dict(text=f"the authors' published results: {src}")
+        traces += [
+            scatter(rows, f"{src}", 5 + 2 * k, src, legendgrouptitle=group, mode="markers",
+                    marker=marker(rows, 9, color=REFERENCE, symbol="diamond-open", line=dict(width=1.5))),
+            scatter(g.reference_fronts[src], f"{src} frontier", 6 + 2 * k, src, mode="lines",
+                    line=dict(color=REFERENCE, width=2, dash="dot", shape="hv")),
+        ]
     traces += [
         scatter(g.stitches, "stitches", 1, mode="markers", marker=marker(g.stitches, 8, color=STITCH, opacity=0.8)),
         # anchors are also labelled on the plot itself (the hover text stays the full description)
@@ -200,6 +232,12 @@ def _png(g: _Groups, path: Path, x: str, xlabel: str, title: str) -> Path:
                            label=f"zoo: {len(g.zoo)} models, {len(g.families)} families")
             ax.step([r.value(x) for r in g.zoo_frontier], [r.acc1 for r in g.zoo_frontier], where="post",
                     c=ZOO_FRONT, lw=1.5, ls="--", label="zoo frontier", zorder=1)
+        for src, rows in g.references.items():
+            ax.scatter([r.value(x) for r in rows], [r.acc1 for r in rows], s=area(rows, 40), marker="D",
+                       facecolors="none", edgecolors=REFERENCE, linewidths=1.2, label=f"the authors': {src}", zorder=2)
+            front = g.reference_fronts[src]
+            ax.step([r.value(x) for r in front], [r.acc1 for r in front], where="post", c=REFERENCE, lw=1.5, ls=":",
+                    label=f"{src} frontier", zorder=2)
         ax.scatter([r.value(x) for r in g.stitches], [r.acc1 for r in g.stitches], s=area(g.stitches, 60 if g.zoo else 24),
                    c=STITCH, alpha=0.8, edgecolors="#0b3c5d" if g.zoo else "none", linewidths=0.5, label="stitches",
                    zorder=3)

@@ -1,7 +1,9 @@
 """Result rows of a stitch space: what each network scored and cost, on disk and on a frontier.
 
-:class:`StitchResult` is one row: an anchor, a stitch, or a *zoo* model (an individually trained
-network plotted beside the stitches for comparison, see :mod:`snnet.zoo`); its ``kind`` says which.
+:class:`StitchResult` is one row: an anchor, a stitch, a *zoo* model (an individually trained
+network plotted beside the stitches for comparison, see :mod:`snnet.zoo`), or a *reference* row (a
+network of the same space as the authors published it, see :mod:`snnet.reference`, plotted beside
+a run of snnet); its ``kind`` says which.
 Rows are written as ``results.json`` (a list of objects) and ``results.csv`` by
 :func:`write_results` and read back by :func:`load_results`. :func:`pareto_front` finds the
 stitched network's accuracy/cost frontier, :func:`frontier` that of any rows (a zoo's),
@@ -10,8 +12,10 @@ prints the table. Evaluation itself lives in :mod:`snnet.evaluate`.
 
 A zoo model is not a network of the stitch space: it cannot be selected or exported, so it has no
 stitch ``id`` (``None``; null in JSON, empty in CSV) and is known by its ``name`` (unique within
-its ``source``). Whatever works on stitches by id (frontier ids, budgets, merging profiles) leaves
-zoo rows aside: :func:`network_rows` keeps the rest.
+its ``source``). A reference row keeps the stitch ``id`` of the same network in snnet's space, its
+``source`` (``reference:deit``) and the reference's own id (``ref_id``). Whatever works on stitches by
+id (frontier ids, budgets, merging profiles) leaves zoo and reference rows aside — they are there to
+compare with (:func:`is_comparison`): :func:`network_rows` keeps the rest.
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ from .report import human, table
 
 __all__ = [
     "KINDS", "RESULTS_JSON", "RESULTS_CSV", "FrontComparison", "FrontStep", "StitchResult", "binomial_se",
-    "check_writable", "compare_fronts", "format_results", "front_rows", "frontier", "is_zoo", "load_results",
+    "check_writable", "compare_fronts", "format_results", "front_rows", "frontier", "is_comparison", "is_zoo",
+    "load_results",
     "mark_pareto", "network_rows", "pareto_front", "merge_rows", "read_rows", "write_results",
 ]
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
-KINDS = ("anchor", "stitch", "zoo")
+KINDS = ("anchor", "stitch", "zoo", "reference")
+COMPARISON_KINDS = ("zoo", "reference")  # rows plotted beside the network, never part of it
 
 
 @dataclass(frozen=True)
@@ -49,9 +55,11 @@ class StitchResult:
     tools when measured; ``extra`` keeps any further field (saved and loaded unchanged), so
     results files stay readable when tools add columns.
 
-    ``kind`` is "anchor", "stitch" or "zoo"; left empty it follows ``is_anchor`` (files written
-    before zoo rows existed load unchanged). A zoo row has ``id`` None, ``is_anchor`` False, NaN
-    where nothing was reported (top-5, loss), and its ``source`` and ``family`` in ``extra``.
+    ``kind`` is "anchor", "stitch", "zoo" or "reference"; left empty it follows ``is_anchor`` (files
+    written before zoo rows existed load unchanged). A zoo row has ``id`` None, ``is_anchor`` False, NaN
+    where nothing was reported (top-5, loss), and its ``source`` and ``family`` in ``extra``. A
+    reference row has the id of the same network in snnet's space, ``is_anchor`` as that network,
+    and its ``source`` and ``ref_id`` in ``extra``.
     """
 
     id: int | None
@@ -73,7 +81,7 @@ class StitchResult:
         kind = self.kind or ("anchor" if self.is_anchor else "stitch")
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
-        if self.is_anchor != (kind == "anchor"):
+        if kind != "reference" and self.is_anchor != (kind == "anchor"):
             raise ValueError(f"is_anchor={self.is_anchor} contradicts kind={kind!r}")
         if (self.id is None) != (kind == "zoo"):
             raise ValueError("a zoo row has no stitch id (id null) and every other row has one"
@@ -83,6 +91,11 @@ class StitchResult:
     @property
     def is_zoo(self) -> bool:
         return self.kind == "zoo"
+
+    @property
+    def is_comparison(self) -> bool:
+        """A zoo or reference row: plotted beside the network, not one of its networks."""
+        return self.kind in COMPARISON_KINDS
 
     def to_dict(self) -> dict[str, Any]:
         """A flat JSON-ready dict: the fields (optional ones only when set), then ``extra``.
@@ -162,9 +175,14 @@ def is_zoo(row: StitchResult | Mapping[str, Any]) -> bool:
     return (row.get("kind") if isinstance(row, Mapping) else row.kind) == "zoo"
 
 
+def is_comparison(row: StitchResult | Mapping[str, Any]) -> bool:
+    """Whether a result row (object or dict) is there to compare with (zoo, reference), not a network of the space."""
+    return (row.get("kind") if isinstance(row, Mapping) else row.kind) in COMPARISON_KINDS
+
+
 def network_rows(rows: Iterable[Any]) -> list[Any]:
-    """The rows of the stitched network (anchors and stitches): zoo rows left out."""
-    return [r for r in rows if not is_zoo(r)]
+    """The rows of the stitched network (anchors and stitches): zoo and reference rows left out."""
+    return [r for r in rows if not is_comparison(r)]
 
 
 def _staircase(points: Sequence[tuple[float, float, tuple]]) -> list[int]:
@@ -202,17 +220,22 @@ def frontier(rows: Iterable[StitchResult], x: str = "flops", y: str = "acc1") ->
 
 
 def pareto_front(results: Iterable[StitchResult], x: str = "flops", y: str = "acc1") -> set[int]:
-    """Ids of the stitched network's rows on its frontier (:func:`frontier`); zoo rows are left aside."""
+    """Ids of the stitched network's rows on its frontier (:func:`frontier`); zoo and reference rows are left aside."""
     return {r.id for r in frontier(network_rows(results), x, y)}
+
+
+def _group(r: StitchResult) -> tuple[str, str]:
+    """Which rows share a frontier: the network's, the zoo's, each reference table's."""
+    return (r.kind, str(r.value("source"))) if r.kind == "reference" else ("zoo" if r.is_zoo else "network", "")
 
 
 def mark_pareto(results: Sequence[StitchResult], x: str = "flops", y: str = "acc1") -> list[StitchResult]:
     """The results with ``pareto`` set: the stitched network's rows on its own frontier, zoo rows
-    on the zoo's (each group is compared only with itself)."""
+    on the zoo's, a reference table's on its own (each group is compared only with itself)."""
     results = list(results)
     on: set[int] = set()
-    for zoo in (False, True):
-        group = [k for k, r in enumerate(results) if r.is_zoo == zoo]
+    for key in {_group(r) for r in results}:
+        group = [k for k, r in enumerate(results) if _group(r) == key]
         on.update(group[j] for j in _front_positions([results[k] for k in group], x, y))
     return [replace(r, pareto=k in on) for k, r in enumerate(results)]
 
@@ -396,11 +419,12 @@ def load_results(path: str | os.PathLike) -> list[StitchResult]:
     ids = [r.id for r in network_rows(out)]
     if len(set(ids)) != len(ids):
         raise ResultsError(f"{path} holds some stitch ids twice: results of different runs were mixed; re-run `snnet eval`")
-    zoo = [(r.value("source"), r.name) for r in out if r.is_zoo]
-    if len(set(zoo)) != len(zoo):
-        twice = next(k for k in zoo if zoo.count(k) > 1)
-        raise ResultsError(f"{path} holds zoo model {twice[1]!r} (source {twice[0]}) twice: re-write it with "
-                           "`snnet eval --results ... --zoo ...`")
+    for kind, what in (("zoo", "zoo model"), ("reference", "reference network")):
+        seen = [(r.value("source"), r.name) for r in out if r.kind == kind]
+        if len(set(seen)) != len(seen):
+            twice = next(k for k in seen if seen.count(k) > 1)
+            raise ResultsError(f"{path} holds {what} {twice[1]!r} (source {twice[0]}) twice: re-write it with "
+                               f"`snnet eval --results ... --{kind} ...`")
     return out
 
 
@@ -417,21 +441,24 @@ def format_results(results: Sequence[StitchResult], x: str = "flops") -> str:
     """A text table of the stitched network's rows sorted by cost, its Pareto frontier (top-1 vs ``x``)
     marked with ``*``. Zoo rows are counted in a last line, not listed (a zoo can hold a thousand)."""
     zoo = [r for r in results if r.is_zoo]
+    reference = [r for r in results if r.kind == "reference"]
     results = network_rows(results)
     if not results:
-        return f"no stitched networks; {len(zoo)} zoo models"
+        return f"no stitched networks; {len(zoo)} zoo models, {len(reference)} reference rows"
     front = pareto_front(results, x)
     rows = [dict(r.to_dict(), pareto=r.id in front) for r in sorted(results, key=lambda r: (r.value(x), r.id))]
-    columns = [("id", "id"), ("name", "stitch"), ("params", "params"), ("flops", "FLOPs")]
+    columns = [("id", "id")] + [("ref_id", "ref id")] * any(r.value("ref_id") is not None for r in results)
+    columns += [("name", "stitch"), ("params", "params"), ("flops", "FLOPs")]
     columns += [(k, h) for k, h in (("latency_ms", "ms"), ("peak_mem_mb", "MB")) if any(r.value(k) is not None for r in results)]
     columns += [("acc1", "top-1 %"), ("acc5", "top-5 %"), ("loss", "loss"), ("is_anchor", "anchor"), ("pareto", "pareto")]
-    text = table(rows, columns, {"params": human, "flops": human, "loss": lambda v: f"{v:.4f}",
-                                 "pareto": lambda v: "*" if v else ""})
+    text = table(rows, columns, {"params": human, "flops": human, "acc5": lambda v: "" if math.isnan(v) else f"{v:.2f}",
+                                 "loss": lambda v: "" if math.isnan(v) else f"{v:.4f}", "pareto": lambda v: "*" if v else ""})
     best = max(results, key=lambda r: (r.acc1, -r.id))
     zoo_line = ""
-    if zoo:
-        sources = sorted({str(r.value("source")) for r in zoo})
-        zoo_line = f"\n(and {len(zoo)} zoo models from {', '.join(sources)} in the results, not listed: see the plot)"
+    beside = [f"{len(rows)} {what} from {', '.join(sorted({str(r.value('source')) for r in rows}))}"
+              for what, rows in (("zoo models", zoo), ("reference rows", reference)) if rows]
+    if beside:
+        zoo_line = f"\n(and {' and '.join(beside)} in the results, not listed: see the plot)"
     return (f"{text}\n\n{len(results)} networks on {results[0].images} images; {len(front)} on the Pareto "
             f"frontier (*); best top-1 {best.acc1:.2f}% ({best.name}){zoo_line}")
 
@@ -480,8 +507,8 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]] | None:
 def merge_rows(base: list[dict[str, Any]], extra: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
     """``base`` rows updated by id with ``extra`` rows' non-null fields; names must agree.
 
-    Zoo rows have no id: those of ``base`` are kept as they are (after the others), those of
-    ``extra`` are ignored (a profile or a new evaluation measures the stitched network only)."""
+    Zoo and reference rows are not the network's: those of ``base`` are kept as they are (after the others),
+    those of ``extra`` are ignored (a profile or a new evaluation measures the stitched network only)."""
     by_id = {int(r["id"]): dict(r) for r in network_rows(base)}
     for r in network_rows(extra):
         k = int(r["id"])
@@ -490,4 +517,4 @@ def merge_rows(base: list[dict[str, Any]], extra: list[dict[str, Any]], what: st
                              f"{r['name']!r} there. Use the results written for this network.")
         if k in by_id:
             by_id[k].update({key: v for key, v in r.items() if v is not None and key not in ("flops", "params")})
-    return [by_id[k] for k in sorted(by_id)] + [dict(r) for r in base if is_zoo(r)]
+    return [by_id[k] for k in sorted(by_id)] + [dict(r) for r in base if is_comparison(r)]

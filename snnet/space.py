@@ -287,7 +287,15 @@ def unpaired_pairs(src_depth: int, dst_depth: int, mapping: str = "reference") -
     """Block pairs of unpaired stitching (anchors of different depths), one layer each.
 
     ``mapping="reference"``: the authors' rule (their ``unpaired_stitching``), the same as
-    :func:`forward_unpaired_pairs`: 23 stitches for 12→24 blocks.
+    :func:`forward_unpaired_pairs`: 23 stitches for 12→24 blocks. Provenance, for plain ViTs:
+    SN-Net's code (ziplab/SN-Net) calls ``unpaired_stitching`` only in its Swin, ResNet and LeViT
+    folders; its DeiT folder defines it but stitches anchors of one depth only. The one reference
+    code that stitches plain ViTs of different depths is SN-Netv2's (ziplab/SN-Netv2,
+    ``classification/snnet.py``): its SN-Net baseline (``get_stitch_configs_general_unequal``) makes
+    one small->large stitch per block of the small anchor at the matched positions (12 for 12→24,
+    13 networks with the large anchor), and SN-Netv2 itself the two-way space (``two_way=True``).
+    So this rule is SN-Net's hierarchical rule applied to plain ViTs, not a configuration the
+    authors trained.
     ``mapping="progress"``: snnet's earlier rule. Nearest interpolation maps every block of the
     deeper anchor to a block of the shallower; a source cut after block ``i`` resumes the
     target at the first block not mapped to ``0..i`` (the anchors' relative progress through

@@ -28,8 +28,10 @@ default_cfgs = generate_default_cfgs({
 
 
 def _tiny_vit(name: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
-    dim, heads, depth = _TINY_VITS[name]
+    dim, heads, depth = _TINY_VITS[name] if name in _TINY_VITS else _TINY_DEIT3S[name]
     args = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=dim, num_heads=heads, depth=depth, mlp_ratio=2.0)
+    if name in _TINY_DEIT3S:  # DeiT III: layer scale, position embedding without the class token
+        args.update(no_embed_class=True, init_values=1e-4)
     return build_model_with_cfg(VisionTransformer, name, pretrained, **dict(args, **kwargs))
 
 
@@ -154,3 +156,57 @@ def snnet_tiny_convnext_t(pretrained: bool = False, **kwargs: Any) -> ConvNeXt:
 def snnet_tiny_convnext_s(pretrained: bool = False, **kwargs: Any) -> ConvNeXt:
     """ConvNeXt, depths (1, 2, 4, 1): a stand-in for ConvNeXt-S (deeper third stage)."""
     return _tiny_convnext("snnet_tiny_convnext_s", pretrained, **kwargs)
+
+
+# --------------------------------------------------------------------------- LeViT and DeiT III
+# Stand-ins for the paper's LeViT-192/256 family (three stages of four blocks, a 16x stem, two
+# heads averaged at inference: timm's LevitDistilled at 64x64, so the stages are 4x4, 2x2, 1x1
+# tokens) and for SN-Netv2's DeiT3-S/L (layer scale, position embedding without the class token,
+# 4 and 8 blocks: the 1:2 depths of DeiT3-S and -L).
+from timm.models.levit import LevitDistilled  # noqa: E402
+
+# name: (embed_dims, heads)
+_TINY_LEVITS = {
+    "snnet_tiny_levit_a": ((16, 24, 32), (2, 3, 4)),
+    "snnet_tiny_levit_b": ((24, 32, 40), (3, 4, 5)),
+}
+# name: (embed_dim, num_heads, depth)
+_TINY_DEIT3S = {
+    "snnet_tiny_deit3_s": (16, 2, 4),
+    "snnet_tiny_deit3_l": (32, 4, 8),
+}
+default_cfgs.update(generate_default_cfgs({
+    **{n: dict(_TINY_CFG, input_size=(3, 64, 64), first_conv="stem.conv1.linear", classifier=("head.linear", "head_dist.linear"))
+       for n in _TINY_LEVITS},
+    **{n: dict(_TINY_CFG, first_conv="patch_embed.proj", classifier="head") for n in _TINY_DEIT3S},
+}))
+
+
+def _tiny_levit(name: str, pretrained: bool, **kwargs: Any) -> LevitDistilled:
+    dims, heads = _TINY_LEVITS[name]
+    args = dict(img_size=64, num_classes=10, embed_dim=dims, key_dim=4, num_heads=heads, depth=(4, 4, 4))
+    return build_model_with_cfg(LevitDistilled, name, pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def snnet_tiny_levit_a(pretrained: bool = False, **kwargs: Any) -> LevitDistilled:
+    """LeViT, depths (4, 4, 4), widths 16..32, 64x64 input: a stand-in for LeViT-192."""
+    return _tiny_levit("snnet_tiny_levit_a", pretrained, **kwargs)
+
+
+@register_model
+def snnet_tiny_levit_b(pretrained: bool = False, **kwargs: Any) -> LevitDistilled:
+    """LeViT, depths (4, 4, 4), widths 24..40: a stand-in for LeViT-256."""
+    return _tiny_levit("snnet_tiny_levit_b", pretrained, **kwargs)
+
+
+@register_model
+def snnet_tiny_deit3_s(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT III layout (layer scale, no class-token position), 4 blocks, width 16: a stand-in for DeiT3-S."""
+    return _tiny_vit("snnet_tiny_deit3_s", pretrained, **kwargs)
+
+
+@register_model
+def snnet_tiny_deit3_l(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT III layout, 8 blocks, width 32: a stand-in for DeiT3-L (twice the small one's depth)."""
+    return _tiny_vit("snnet_tiny_deit3_l", pretrained, **kwargs)

@@ -30,12 +30,24 @@ FAMILIES = {
     "resnet": ["snnet_tiny_resnet18", "snnet_tiny_resnet50"],
     "resnet_to_swin": ["snnet_tiny_resnet18", "snnet_tiny_swin_t"],
     "convnext": ["snnet_tiny_convnext_t", "snnet_tiny_convnext_s"],
+    "levit": ["snnet_tiny_levit_a", "snnet_tiny_levit_b"],  # 64x64 input
+    "deit3_two_way": (["snnet_tiny_deit3_s", "snnet_tiny_deit3_l"], {"two_way": True}),
+    "vit_reference_routes": (TINY_VITS, {"route_mode": "reference"}),  # stitched routes without the final norm
 }
 
 
-def _net(names: list[str]) -> snnet.StitchedNet:
+def _net(entry: list[str] | tuple[list[str], dict]) -> snnet.StitchedNet:
+    """A family's network: its anchors' names, or (names, create_snnet options)."""
+    names, options = entry if isinstance(entry, tuple) else (entry, {})
     torch.manual_seed(0)
-    return snnet.create_snnet(names).eval()
+    return snnet.create_snnet(names, **options).eval()
+
+
+def _sized(net: snnet.StitchedNet, images: torch.Tensor) -> torch.Tensor:
+    """The fixture's images, or as many random ones of the network's input size where it takes another."""
+    if tuple(images.shape[1:]) == tuple(net.input_size):
+        return images
+    return torch.randn(len(images), *net.input_size, generator=torch.Generator().manual_seed(0))
 
 
 def _in_network(net: snnet.StitchedNet, stitch: snnet.Stitch, x: torch.Tensor) -> torch.Tensor:
@@ -150,13 +162,14 @@ def test_results_of_another_network_are_refused(tiny_net: snnet.StitchedNet) -> 
 
 def test_every_tiny_family_is_covered() -> None:
     """New tiny model families must be added to FAMILIES so the export tests cover their kind."""
-    covered = {n for names in FAMILIES.values() for n in names}
+    covered = {n for entry in FAMILIES.values() for n in (entry[0] if isinstance(entry, tuple) else entry)}
     assert set(timm.list_models("snnet_tiny_*")) <= covered
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_extracted_and_reloaded_stitch_equals_the_stitched_network(family: str, tmp_path: Path, images: torch.Tensor) -> None:
     net = _net(FAMILIES[family])
+    images = _sized(net, images)
     whole = sum(v.numel() for v in net.state_dict().values())
     for s in _routes(net):
         want = _in_network(net, s, images)
@@ -191,6 +204,7 @@ def test_torch_export_and_onnx_equal_the_stitched_network(family: str, tmp_path:
     """torch.export (.pt2) and ONNX (run by onnxruntime) of a stitch through a stitching layer."""
     pytest.importorskip("onnxruntime")
     net = _net(FAMILIES[family])
+    images = _sized(net, images)
     s = _routes(net)[2]
     paths = deploy.export_stitch(net, s, tmp_path, formats=["pt2", "onnx"])
     assert sorted(paths) == ["model.onnx", "model.pt2"]

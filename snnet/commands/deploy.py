@@ -90,8 +90,8 @@ def profile(
 
         results = [StitchResult.from_dict(r) for r in rows]
         paths = list(write_results(results, out))
-        # zoo rows (from `snnet eval --zoo`) have no latency on this device: the plot leaves them out
-        if all(r.latency_ms is not None for r in results if not r.is_zoo):
+        # zoo and reference rows (`snnet eval --zoo/--reference`) have no latency on this device: the plot leaves them out
+        if all(r.latency_ms is not None for r in results if not r.is_comparison):
             paths += plot_pareto(results, out / "pareto_latency.html", out / "pareto_latency.png", x="latency_ms")
         else:
             typer.echo("(profile every stitch to draw the latency frontier)")

@@ -28,9 +28,20 @@ def evaluate(
     calib_images: Annotated[int, typer.Option("--calib-images", min=1, help="Training images for the least-squares "
                                               "fit of the stitching layers (only without --model).")] = 100,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
-    results: Annotated[Optional[Path], typer.Option(
+    results: Annotated[Optional[str], typer.Option(
         "--results", "-r", help="Plot an existing results.json/.csv (or its folder) again instead of evaluating, "
-                                "e.g. with --zoo; writes results and plots into --out.")] = None,
+                                "e.g. with --zoo; writes results and plots into --out. reference:deit (swin, resnet, "
+                                "resnet18-swin_t, levit, snnetv2-deit3-s-l) plots the SN-Net authors' published "
+                                "results: the paper's figure.")] = None,
+    reference: Annotated[Optional[str], typer.Option(
+        "--reference", help="Draw the SN-Net authors' published results beside this run: deit, swin, resnet, "
+                            "resnet18-swin_t, levit or snnetv2-deit3-s-l (rows of kind 'reference' in the results, "
+                            "each with the authors' id).")] = None,
+    eval_protocol: Annotated[Optional[str], typer.Option(
+        "--eval-protocol", help="paper: resize and centre crop as the SN-Net authors evaluate (256 -> 224 bicubic; "
+                                "SN-Netv2 224 -> 224), the default for the families the paper trained; timm: the "
+                                "anchors' own timm data config (crop_pct 0.9 for DeiT, Swin, LeViT). Every results "
+                                "row records the transform used.")] = None,
     zoo: ZooOpt = None,
     zoo_family: ZooFamilyOpt = None,
     zoo_img_size: ZooImgSizeOpt = None,
@@ -40,25 +51,38 @@ def evaluate(
     """Evaluate every stitch (top-1/top-5, loss, FLOPs, params), print a table, write results and Pareto plots.
 
     With --zoo, individually trained networks (e.g. timm's ImageNet models) are plotted beside the stitches
-    and written into results.json/csv as rows of kind 'zoo' (replacing zoo rows already there). With
-    --results, an existing results file is plotted again without evaluating anything.
+    and written into results.json/csv as rows of kind 'zoo' (replacing zoo rows already there); with
+    --reference, the SN-Net authors' published results for a family, as rows of kind 'reference'. With
+    --results, an existing results file (or reference:<family>, the authors' table) is plotted again
+    without evaluating anything.
     """
     from .options import read_zoo_options
     from ..evaluate import check_writable, format_results, load_results
-    from ..results import mark_pareto, network_rows
+    from ..reference import published_rows, read_published, table_name
+    from ..results import mark_pareto
 
     # everything a user can get wrong is checked before the first forward
     out = check_writable(out)
     chosen_zoo = read_zoo_options(zoo, zoo_family, zoo_img_size, zoo_params, zoo_flops, split)
+    if eval_protocol not in (None, "paper", "timm"):
+        raise SnnetError(f"--eval-protocol {eval_protocol!r}: give paper or timm")
+    if reference is not None:
+        read_published(reference)  # an unknown table fails here, before any work
     if results is not None:
-        given = [o for o, v in (("--model", model), ("--stitches", stitches), ("--limit", limit)) if v is not None]
+        given = [o for o, v in (("--model", model), ("--stitches", stitches), ("--limit", limit),
+                                ("--eval-protocol", eval_protocol)) if v is not None]
         if given:
             raise SnnetError(f"--results plots results that exist; {', '.join(given)} would evaluate: drop one or the other")
-        rows = load_results(results)
+        rows = published_rows(results) if table_name(results) is not None else load_results(Path(results))
     else:
-        rows = _evaluate(model, data, split, batch_size, limit, stitches, device, amp, workers, calib_images, progress)
-    if chosen_zoo is not None:
-        rows = mark_pareto(network_rows(rows) + chosen_zoo.rows())  # a new zoo replaces the one already there
+        rows = _evaluate(model, data, split, batch_size, limit, stitches, device, amp, workers, calib_images, progress,
+                         eval_protocol)
+    if chosen_zoo is not None:  # a new zoo replaces the one already there
+        rows = mark_pareto([r for r in rows if not r.is_zoo] + chosen_zoo.rows())
+    if reference is not None:  # and the authors' table the rows of the same table
+        new = published_rows(reference, kind="reference")
+        rows = mark_pareto([r for r in rows if not (r.kind == "reference" and r.value("source") == new[0].value("source"))]
+                           + new)
     typer.echo(format_results(rows))
     if chosen_zoo is not None:
         typer.echo(chosen_zoo.describe())
@@ -79,8 +103,12 @@ def write_plots(rows: list, out: Path) -> list[Path]:
 
 
 def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit: int | None, stitches: str | None,
-              device: str | None, amp: bool, workers: int, calib_images: int, progress: bool) -> list:
-    """Build or load the network, check the data against it, evaluate every chosen stitch."""
+              device: str | None, amp: bool, workers: int, calib_images: int, progress: bool,
+              eval_protocol: str | None = None) -> list:
+    """Build or load the network, check the data against it, evaluate every chosen stitch; each row records
+    the evaluation protocol and the transform it ran."""
+    from dataclasses import replace
+
     from .. import data as sndata
     from .options import DEFAULT_ANCHORS, split_names
     from ..evaluate import evaluate as run_eval
@@ -99,7 +127,7 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     else:
         net = create_snnet(split_names(DEFAULT_ANCHORS), pretrained=True)
     chosen = [net.stitch(k) for k in keys] if keys is not None else None
-    data_config = net.anchors[0].data_config
+    protocol, data_config = _protocol(net, data, eval_protocol)
     dataset = sndata.build_dataset(data, split, data_config, limit=limit)
     classes = sndata.num_classes(dataset)
     if classes != net.num_classes:
@@ -116,4 +144,27 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
         typer.echo(f"fitted {report.layers} stitching layers by least squares on {report.images} training images "
                    f"({report.seconds:.1f}s)", err=True)
     loader = sndata.make_loader(dataset, batch_size, shuffle=False, num_workers=workers)
-    return run_eval(net, loader, chosen, device=dev, progress=progress, amp=amp)
+    rows = run_eval(net, loader, chosen, device=dev, progress=progress, amp=amp)
+    how = {"eval_protocol": protocol, "eval_transform": sndata.describe_transform(dataset)}
+    return [replace(r, extra={**r.extra, **how}) for r in rows]
+
+
+def _protocol(net, data: str, asked: str | None) -> tuple[str, dict]:
+    """(protocol, data config) of the evaluation: the paper's for the families the paper trained (unless timm's
+    is asked for), the anchors' own timm config otherwise; Fashion-MNIST is read as stored ('native')."""
+    from .. import data as sndata
+    from ..reference import paper_data_config
+
+    own = net.anchors[0].data_config
+    if str(data).lower() in sndata.FASHION_MNIST_NAMES:
+        if asked == "paper":
+            raise SnnetError("--eval-protocol paper resizes and crops ImageNet-like images; Fashion-MNIST is read as "
+                             "stored: drop the option")
+        return "native", own
+    paper = paper_data_config({p.kind for p in net.anchors}, net.space.config.two_way, own)
+    if asked == "timm" or (asked is None and paper is None):
+        return "timm", own
+    if paper is None:
+        raise SnnetError(f"--eval-protocol paper: the SN-Net authors evaluated no network of {', '.join(net.labels)} "
+                         "(or trained them with another normalisation); use --eval-protocol timm")
+    return "paper", paper

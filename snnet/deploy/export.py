@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..anchors import ActivationSpec, AnchorSpec, create_anchor, split_model
+from ..anchors import ActivationSpec, AnchorSpec, create_anchor, split_model, without_final_norm
 from ..errors import CheckpointError, ExportError
 from ..io import atomic_write, record_checksum, verify_checksum
 from ..results import check_writable
@@ -119,8 +119,10 @@ STITCH_CONFIG = "config.json"
 STITCH_WEIGHTS = "model.safetensors"
 STITCH_FORMAT = "snnet-stitch"
 # 1: one source, one stitching layer, one target (src/src_end/dst/dst_start/stitching_layer);
-# 2: any route: "anchors" and "segments" (+ "stitching_layers", one between two segments)
-STITCH_VERSION = 2
+# 2: any route: "anchors" and "segments" (+ "stitching_layers", one between two segments);
+# 3: "head": "without_final_norm", a stitched route of a network in the reference route mode (DeiT)
+STITCH_VERSION = 3
+HEAD_WITHOUT_NORM = "without_final_norm"
 FORMATS = ("safetensors", "pt2", "onnx")
 
 
@@ -142,8 +144,11 @@ def stitch_config(net: "StitchedNet", stitch: int | str | Stitch) -> dict[str, A
     used = list(dict.fromkeys(s.anchors))  # each anchor once, in the order the route first enters it
     layers = [{"src_spec": asdict(net.space.layers[k].src_spec), "dst_spec": asdict(net.space.layers[k].dst_spec)}
               for k in s.layers]  # plain layers: a low-rank layer is exported merged
+    # the reference route mode ends some stitched routes without the last anchor's final norm
+    bare = net.head_of(s) is not net.anchors[s.anchors[-1]].head
     return {
-        "format": STITCH_FORMAT, "version": STITCH_VERSION, "id": s.id, "name": s.name,
+        "format": STITCH_FORMAT, "version": STITCH_VERSION if bare else 2, "id": s.id, "name": s.name,
+        **({"head": HEAD_WITHOUT_NORM} if bare else {}),
         "anchors": [anchor(k) for k in used],
         "segments": [{"anchor": used.index(seg.anchor), "start": seg.start, "stop": seg.stop} for seg in s.segments],
         "stitching_layers": layers,
@@ -244,7 +249,11 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
     blocks = [list(parts[seg["anchor"]].blocks[seg["start"]:seg["stop"]]) for seg in segments]
     layers = [StitchingLayer(_spec(d["src_spec"]), _spec(d["dst_spec"])) for d in cfg["stitching_layers"]]
     first, last = parts[segments[0]["anchor"]], parts[segments[-1]["anchor"]]
-    route = StitchRoute(first.stem, blocks[0], layers[0] if layers else None, blocks[-1] if layers else [], last.head,
+    head = without_final_norm(last.head) if cfg.get("head") == HEAD_WITHOUT_NORM else last.head
+    if head is None:
+        raise CheckpointError(f"{cfg_path} ends its route without a final norm, which anchor "
+                              f"{ends[segments[-1]['anchor']]['label']!r} does not have; export the stitch again")
+    route = StitchRoute(first.stem, blocks[0], layers[0] if layers else None, blocks[-1] if layers else [], head,
                         [(blocks[k], layers[k]) for k in range(1, len(blocks) - 1)])
     try:
         state = load_file(str(w_path), device=str(map_location))
