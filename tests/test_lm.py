@@ -169,7 +169,9 @@ def test_anchor_routes_equal_the_models_and_params_are_sums(fam, nets, folders):
 def test_cached_greedy_generation_equals_uncached_forward(fam, nets):
     net = nets[fam]
     prompt = _ids(1, 5, seed=1)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     hf = lm.as_transformers(net)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # wrapping changes no weight
     for s in net.space:
         net.select(s)
         with torch.no_grad():
@@ -362,3 +364,50 @@ def test_text_blocks_count_bytes_and_split_stably(tokenizer, tmp_path):
     again = lm.split_documents(list(reversed(files)), tmp_path / "corpus", held_out=0.25)
     assert sorted(train) == sorted(again[0]) and sorted(val) == sorted(again[1]) and train and val
     assert len(lm.stdlib_sources()) > 100  # the default corpus is there on every Python install
+
+
+def test_two_way_round_trips_generate_and_export(folders, tokenizer, tmp_path):
+    """SN-Netv2's space on LMs: a round trip runs one anchor twice (one cache per anchor, a tied head
+    shared by its stem and head), generates with its cache as without, and exports exactly."""
+    torch.manual_seed(1)
+    paths = []
+    for k, (w, d) in enumerate([(32, 3), (48, 6)]):
+        folder = tmp_path / f"g{k}"
+        AutoModelForCausalLM.from_config(_config("gpt2", w, d, len(tokenizer), 0)).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        paths.append(str(folder))
+    net = lm.create_stitched_lm(",".join(paths), weights=True, load_tokenizers=True, two_way=True, context=64).eval()
+    trips = [s for s in net.space if len(s.segments) == 3]
+    assert len(trips) == 2  # S->L->S and L->S->L through the two matched positions
+    hf = lm.as_transformers(net)
+    prompt = _ids(1, 4, seed=2)
+    for s in trips:
+        net.select(s)
+        with torch.no_grad():
+            got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                              pad_token_id=0, temperature=None, top_p=None, top_k=None)[0, 4:].tolist()
+            seq, want = prompt, []
+            for _ in range(4):
+                nxt = net(seq)[0, -1].argmax()
+                want.append(int(nxt))
+                seq = torch.cat([seq, nxt.view(1, 1)], 1)
+        assert got == want, s.name
+        route = net.route(s)
+        assert net.costs()[s.id].params == sum({id(p): p.numel() for m in route.modules() for p in m.parameters()}.values())
+        out = lm.export_route(net, s, tmp_path / f"trip{s.id}")
+        remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  # the folder's own loader module
+        with torch.no_grad():
+            torch.testing.assert_close(remote(prompt).logits[..., : net.vocab_size], net(prompt), rtol=0, atol=1e-5)
+
+
+def test_plot_and_rows_for_a_language_model(nets, tokenizer, tmp_path):
+    from snnet.plot import plot_pareto
+    from snnet.results import load_results, write_results
+
+    net = nets["smollm2"]
+    rows = lm.evaluate_lm(net, lm.text_loader(lm.token_blocks([_write(TEXT)], tokenizer, 12), 4), progress=False)
+    write_results(rows, tmp_path)
+    back = load_results(tmp_path)
+    assert [r.value("bpb") for r in back] == [r.value("bpb") for r in rows]
+    html, png = plot_pareto(back, tmp_path / "front.html", tmp_path / "front.png", y="bpb")
+    assert "bits per byte" in html.read_text() and png.stat().st_size > 0

@@ -91,6 +91,13 @@ class StitchedLMConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+def _keep_weights(module: nn.Module) -> None:
+    """Mark every submodule as initialised, so ``post_init`` (which initialises whatever transformers
+    did not build itself) leaves the weights of a network being wrapped as they are."""
+    for m in module.modules():
+        m._is_hf_initialized = True
+
+
 class _SnnetCausalLM(PreTrainedModel, GenerationMixin):
     """What both wrappers share: a forward over token ids through ``inner`` (a module taking
     ``(input_ids, attention_mask, position_ids, cache, logits_to_keep)`` with a ``new_cache()``),
@@ -133,6 +140,7 @@ class StitchedLMForCausalLM(_SnnetCausalLM):
             raise SnnetError("StitchedLMForCausalLM wraps a live network: use snnet.lm.as_transformers(net) "
                              "(a saved network loads with StitchedLM.from_pretrained)")
         self.net = net
+        _keep_weights(net)
         self.post_init()
 
     @property
@@ -248,6 +256,8 @@ class SnnetRouteForCausalLM(_SnnetCausalLM):
 
     def __init__(self, config: SnnetRouteConfig, route: LMRoute | None = None) -> None:
         super().__init__(config)
+        if route is not None:
+            _keep_weights(route)
         self.route = route if route is not None else _route_from_config(config)
         self.post_init()
 
@@ -281,11 +291,15 @@ def _route_model(net: StitchedLM, stitch: Stitch) -> SnnetRouteForCausalLM:
     used = list(dict.fromkeys(stitch.anchors))  # each anchor once, in the order the route enters it
     layers = [net.stitch_layers[k].merged() for k in stitch.layers]  # a low-rank layer ships merged
     route = copy.deepcopy(LMRoute({k: net.anchors[k] for k in used}, stitch, layers, net.vocab_size))
+    if route.stem.embed.weight is route.head.lm_head.weight:
+        # a round trip through an anchor with a tied head: written as two tensors (safetensors keeps no
+        # shared ones); the model rebuilt from the config ties them again, both loads give the same values
+        route.head.lm_head.weight = nn.Parameter(route.head.lm_head.weight.detach().clone())
     config = SnnetRouteConfig(
         route=stitch.name, anchors=[net.anchors[k].config.to_dict() for k in used], labels=[net.labels[k] for k in used],
         segments=[[used.index(s.anchor), s.start, s.stop] for s in stitch.segments],
         stitching_layers=[[layer.src_spec.channels, layer.dst_spec.channels] for layer in layers],
-        vocab_size=net.vocab_size, auto_map={"AutoConfig": f"{REMOTE_CODE[:-3]}.SnnetRouteConfig",
+        vocab_size=net.vocab_size, tie_word_embeddings=False, auto_map={"AutoConfig": f"{REMOTE_CODE[:-3]}.SnnetRouteConfig",
                                              "AutoModelForCausalLM": f"{REMOTE_CODE[:-3]}.SnnetRouteForCausalLM"},
         **_token_config(net.anchors[used[0]].config))
     return SnnetRouteForCausalLM(config, route).eval()
