@@ -16,11 +16,13 @@ from .families.lm_catalog import LMSpec, check_tokenizers, lm_families, member_c
 from .families.lm_hf import SnnetRouteForCausalLM, StitchedLMForCausalLM, as_transformers, export_route
 from .generate import Generated, GenerationOptions, generate
 from .lm_eval import evaluate_lm, format_lm_results
-from .text import ByteTokenizer, TokenBlocks, split_documents, stdlib_root, stdlib_sources, text_loader, token_blocks
+from .text import (ByteTokenizer, TokenBlocks, corpus_fingerprint, split_documents, stdlib_root, stdlib_sources, text_files,
+                   text_loader, token_blocks)
 
 __all__ = [
     "DEFAULT_CONTEXT", "ByteTokenizer", "Generated", "GenerationOptions", "LMParts", "LMSpec", "RouteCache",
     "SnnetRouteForCausalLM", "StitchedLM", "StitchedLMForCausalLM", "TokenBlocks", "as_transformers", "check_tokenizers",
     "create_stitched_lm", "evaluate_lm", "export_route", "format_lm_results", "generate", "lm_families", "member_config",
-    "resolve_lm", "split_documents", "split_lm", "stdlib_root", "stdlib_sources", "text_loader", "token_blocks",
+    "corpus_fingerprint", "resolve_lm", "split_documents", "split_lm", "stdlib_root", "stdlib_sources", "text_files",
+    "text_loader", "token_blocks",
 ]
