@@ -89,15 +89,14 @@ def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, sin
     model = as_transformers(net)
     device = next(net.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    side = getattr(tok, "padding_side", "right")
-    tok.padding_side = "left"  # a decoder continues the last real token of every row
-    try:
-        enc = tok(prompts, return_tensors="pt", padding=len(prompts) > 1, add_special_tokens=True)
-    finally:
-        tok.padding_side = side
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    if ids.shape[1] == 0:
-        raise SnnetError("the prompt is empty after tokenisation: give at least one token of text")
+    if pad is None and len(prompts) > 1:
+        raise SnnetError("batching prompts needs a pad or end-of-text token, and this tokenizer has neither")
+    rows = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    if not all(rows):
+        raise SnnetError("a prompt is empty after tokenisation: give at least one token of text")
+    width = max(len(r) for r in rows)  # left padding: a decoder continues the last real token of every row
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     kwargs: dict[str, Any] = dict(max_new_tokens=options.max_new_tokens, do_sample=options.sampling, pad_token_id=pad)
     if options.sampling:
         kwargs.update(temperature=float(options.temperature), top_p=float(options.top_p))

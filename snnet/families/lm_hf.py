@@ -315,8 +315,8 @@ def export_route(net: StitchedLM, stitch: int | str | Stitch, out: str | os.Path
     """
     s = net.space[stitch]
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out} exists and is not empty: export into a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty folder: export into a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     if any(p.device.type == "meta" for p in net.parameters()):
         raise ExportError("this network holds no weights (built on the meta device): build it with weights to export")
@@ -347,7 +347,10 @@ def export_route(net: StitchedLM, stitch: int | str | Stitch, out: str | os.Path
 def verify_export(net: StitchedLM, stitch: Stitch, folder: str | os.PathLike, tokens: int = 16) -> float:
     """Load ``folder`` with ``AutoModelForCausalLM`` and compare its logits with the route's;
     raise :class:`ExportError` beyond :data:`TOLERANCE`. Returns the largest difference."""
-    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ExportError(f"the exported {stitch.name!r} does not load back through AutoModelForCausalLM ({e})") from e
     device = next(net.parameters()).device
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, net.vocab_size, (2, tokens), generator=gen).to(device)
