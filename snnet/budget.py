@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import BudgetError
 from .report import COUNT_PREFIXES as _COUNT, human
-from .results import merge_rows, network_rows, read_rows
+from .results import better, merge_rows, network_rows, read_rows
 from .space import Stitch
 
 __all__ = ["Budget", "MB", "Selection", "parse_budget", "select_stitch"]
@@ -191,17 +191,20 @@ def select_stitch(net_or_costs: Any, budget: Any, results: Any = None) -> Select
         detail = "; ".join(f"the cheapest in {n.split('_')[0]} is {r['name']!r} at {_METRICS[n][1](r[_METRICS[n][0]])}"
                            for n, r in cheapest.items())
         raise BudgetError(f"no stitch meets every bound of {budget} at once ({detail}): loosen one of them")
-    measured = all(isinstance(r.get("acc1"), (int, float)) and not math.isnan(r["acc1"]) for r in within)
+    # a language model's rows rank by bits per byte (lower is better), an image model's by top-1
+    ranked_by = next((m for m in ("bpb", "acc1") if all(isinstance(r.get(m), (int, float)) and not math.isnan(r[m])
+                                                        for r in within)), "flops")
+    measured = ranked_by != "flops"
     if measured:
-        ranked_by = "acc1"
-        best = max(within, key=lambda r: (r["acc1"], -r["flops"], -r["id"]))
+        best = max(within, key=lambda r: (better(ranked_by, r[ranked_by]), -r["flops"], -r["id"]))
     else:
         # FLOPs, whatever is budgeted: they are exact (a measured latency is noisy) and the paper's frontier axis
         ranked_by = "flops"
         best = max(within, key=lambda r: (r["flops"], r["params"], -r["id"]))
-    shown = [f"top-1 {best['acc1']:.2f}%"] if measured else []
+    shown = ([f"{best['bpb']:.4f} bits/byte"] if ranked_by == "bpb" else [f"top-1 {best['acc1']:.2f}%"]) if measured else []
     shown += [_METRICS[n][1](best[_METRICS[n][0]]) for n in _METRICS if best.get(_METRICS[n][0]) is not None]
-    why = ("the most accurate (measured top-1)" if measured else
+    why = ("the best (lowest measured bits per byte)" if ranked_by == "bpb" else "the most accurate (measured top-1)"
+           if measured else
            "no measured accuracy, so by proxy the one with the most FLOPs (more compute buys more "
            "accuracy along the SN-Net frontier)")
     reason = (f"{best['name']} (id {best['id']}): {why} of the {len(within)} of {len(rows)} stitches within "

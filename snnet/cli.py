@@ -48,25 +48,35 @@ def stitches(
     pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="KLAS: download timm weights (default: only snnet's shipped fmnist family loads its weights).")] = None,
     weights: Annotated[Optional[str], typer.Option(help="KLAS: comma-separated local weight files, one per anchor.")] = None,
     seed: Annotated[int, typer.Option(help="KLAS: seed of the calibration images' order.")] = 0,
+    context: Annotated[Optional[int], typer.Option("--context", min=1, help="Language models: the context length (tokens) at which FLOPs per generated token are counted (default 1024).")] = None,
 ) -> None:
     """List the stitch space with params and FLOPs of every stitch (random init, no weights needed).
 
     With --select klas, score every candidate stitch on calibration images and list the kept ones
-    (pass the printed routes to `snnet train --routes`).
+    (pass the printed routes to `snnet train --routes`). Language models (--anchors pythia,
+    qwen2.5, gpt2, smollm2, llama3.2 or their members) are priced per generated token.
     """
+    from .families.lm_catalog import expand_lm
     from .model import create_snnet
     from .report import human, table
 
-    names = split_names(anchors)
     space = dict(kernel_size=kernel_size, stride=stride, nearest=not all_pairs, two_way=two_way, chains=chains)
     result = None
-    if select is not None:
+    lm_names = expand_lm(anchors)
+    if lm_names is not None:
+        from .commands.lm import lm_space
+
+        net = lm_space(lm_names, img_size, select, context, space)
+    elif context is not None:
+        raise SnnetError("--context is for language models; image models are priced at --img-size")
+    elif select is not None:
+        names = split_names(anchors)
         if select != "klas":
             raise SnnetError(f"unknown --select {select!r}: the one selection method is 'klas'")
         net, result = _klas(names, img_size, keep, calib_images, data, data_dir, pretrained, weights, seed)
     else:
         # the meta device builds the anchors without allocating or initialising weights
-        net = create_snnet(names, img_size=img_size, device="meta", **space)
+        net = create_snnet(split_names(anchors), img_size=img_size, device="meta", **space)
     from .reference import net_reference_ids
 
     costs = net.costs()
@@ -79,7 +89,8 @@ def stitches(
         out: Any = rows if result is None else {"routes": list(result.routes), "stitches": rows, **result.to_dict()}
         typer.echo(json.dumps(out, indent=2))
         return
-    size = "x".join(str(s) for s in net.input_size[1:])
+    where = (f"per generated token at a {net.context}-token context" if lm_names is not None
+             else "at " + "x".join(str(s) for s in net.input_size[1:]))
     columns = [("id", "id")] + [("ref_id", "ref id")] * bool(ref)
     columns += [("name", "stitch"), ("params", "params"), ("flops", "FLOPs"), ("is_anchor", "anchor")]
     formats: dict[str, Any] = {"params": human, "flops": human}
@@ -89,7 +100,7 @@ def stitches(
     typer.echo(table(rows, columns, formats))
     flops = [c.flops for c in costs]
     typer.echo(f"\n{len(costs)} networks ({len(net.anchors)} anchors, {len(costs) - len(net.anchors)} stitches, "
-               f"{len(net.stitch_layers)} stitching layers), {human(min(flops))}–{human(max(flops))} FLOPs at {size}")
+               f"{len(net.stitch_layers)} stitching layers), {human(min(flops))}–{human(max(flops))} FLOPs {where}")
     if ref:
         typer.echo(f"ref id: the SN-Net authors' code's id of the same network ({len(ref)} of {len(costs)}; "
                    f"{sum(s != r for s, r in ref.items())} differ from snnet's)")

@@ -163,12 +163,18 @@ def model_costs(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, int
 def part_costs(parts: nn.Module, input_size: tuple[int, ...]) -> PartCosts:
     """Count every part of an :class:`~snnet.anchors.AnchorParts` on one zero image."""
     with _counting(parts, input_size) as x:
-        stem_flops, h = count_macs(parts.stem, x)
-        block_flops = []
-        for blk in parts.blocks:
-            f, h = count_macs(blk, h)
-            block_flops.append(f)
-        head_flops, _ = count_macs(parts.head, h)
+        return count_parts(parts, x)
+
+
+def count_parts(parts: nn.Module, x: torch.Tensor) -> PartCosts:
+    """MACs of the stem on ``x``, of every block on what the one before gave, of the head; and the
+    parameters of each part. Whatever ``x`` is (an image, a language model's next token)."""
+    stem_flops, h = count_macs(parts.stem, x)
+    block_flops = []
+    for blk in parts.blocks:
+        f, h = count_macs(blk, h)
+        block_flops.append(f)
+    head_flops, _ = count_macs(parts.head, h)
     return PartCosts(
         stem_flops, tuple(block_flops), head_flops,
         num_params(parts.stem), tuple(num_params(b) for b in parts.blocks), num_params(parts.head),

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -84,54 +84,25 @@ class InitReport:
     seconds: float
 
 
-class StitchedNet(nn.Module):
-    """Anchors ordered by cost, the stitching layers between them, and the stitch space."""
+class StitchedBase(nn.Module):
+    """What every stitched network does, whatever its anchors read (images, token ids).
 
-    def __init__(
-        self,
-        anchors: Sequence[AnchorParts],
-        labels: Sequence[str],
-        *,
-        config: SpaceConfig = SpaceConfig(),
-        input_size: Sequence[int] | None = None,
-        specs: Sequence[AnchorSpec | None] | None = None,
-        lora_rank: int = 0,
-        lora_alpha: float = 1.0,
-        route_mode: str = "snnet",
-    ) -> None:
-        super().__init__()
-        if route_mode not in ROUTE_MODES:
-            raise ConfigError(f"unknown route mode {route_mode!r}; expected one of {ROUTE_MODES}")
-        if len(anchors) < 2:
-            raise NotStitchableError(f"a family needs at least two anchors to stitch, got {len(anchors)}")
-        specs = list(specs) if specs is not None else [None] * len(anchors)
-        self.input_size = tuple(input_size) if input_size is not None else _common_input_size(anchors, labels)
-        probes = [_probe(p, lab, self.input_size) for p, lab in zip(anchors, labels)]
-        outputs = {lab: n for lab, (_, n) in zip(labels, probes)}
-        if len(set(outputs.values())) > 1:
-            raise NotStitchableError(
-                f"anchors' heads have different numbers of classes {outputs}: a stitch ends in another "
-                "anchor's head, so all heads must predict the same classes (pass num_classes=...)")
-        costs = [part_costs(p, self.input_size) for p in anchors]
-        # anchors in order of cost: stitches go from the cheaper to the dearer neighbour
-        order = sorted(range(len(anchors)), key=lambda k: (costs[k].total[0], costs[k].total[1]))
-        self.anchors = nn.ModuleList([anchors[k] for k in order])
-        self.labels = tuple(labels[k] for k in order)
-        self.specs = tuple(specs[k] for k in order)
-        self.num_classes = next(iter(outputs.values()))
-        self._costs: dict[tuple[int, ...], list[StitchCost]] = {}
-        # per input size: every anchor's activation specs and part costs (filled by _measure)
-        self._measured = {self.input_size: ([probes[k][0] for k in order], [costs[k] for k in order])}
-        infos = [
-            AnchorInfo(self.labels[i], p.stages, p.stitch_stages, tuple(probes[order[i]][0]), p.stitch_rule)
-            for i, p in enumerate(self.anchors)
-        ]
+    A subclass builds, in its ``__init__``: ``anchors`` (:class:`~snnet.anchors.AnchorParts` in
+    order of cost), ``labels``, ``space`` (:class:`~snnet.space.StitchSpace`), ``stitch_layers``,
+    ``lora_rank``/``lora_alpha``, the caches ``_routes`` and ``_costs`` and the ``_active`` stitch
+    (:meth:`_init_space` does the common part), and defines ``forward`` and ``costs``. The verbs
+    here (select, route, least-squares fitting, summing part costs, loading weights) are then
+    one piece of code for :class:`StitchedNet` and for :class:`snnet.families.causal_lm.StitchedLM`.
+    """
+
+    def _init_space(self, infos: Sequence[AnchorInfo], config: SpaceConfig, lora_rank: int, lora_alpha: float) -> None:
+        """The stitch space over ``infos``, a stitching layer per slot, the largest anchor active."""
+        self.route_mode = "snnet"
+        self._stitched_heads: dict[int, nn.Module] = {}  # anchor -> the head stitched routes into it end with
         self.space = StitchSpace(infos, config)
         self.lora_rank, self.lora_alpha = int(lora_rank), float(lora_alpha)
         self.stitch_layers = nn.ModuleList([StitchingLayer(s.src_spec, s.dst_spec, lora_rank, lora_alpha)
                                             for s in self.space.layers])
-        self.route_mode = route_mode
-        self._stitched_heads = self._reference_heads() if route_mode == "reference" else {}
         self._routes: dict[int, tuple[nn.Module, ...]] = {}  # stitch id -> Route.modules(), filled on first use
         self._active: Stitch = self.space.stitches[len(self.anchors) - 1]  # the largest anchor
 
@@ -187,6 +158,198 @@ class StitchedNet(nn.Module):
         last = s.anchors[-1]
         return self._stitched_heads[last] if not s.is_anchor and last in self._stitched_heads else self.anchors[last].head
 
+    def set_lora_rank(self, rank: int, alpha: float = 1.0) -> None:
+        """Make every stitching layer low-rank (``rank`` > 0) or plain (0), keeping the map it computes.
+
+        A low-rank layer takes the current weight as its frozen base and starts a fresh update
+        at zero; going to 0 merges the update in. Do it before building the optimizer.
+        """
+        self.stitch_layers = nn.ModuleList([layer.with_rank(rank, alpha) for layer in self.stitch_layers])
+        self.lora_rank, self.lora_alpha = int(rank), float(alpha)
+        self._routes.clear()  # routes hold the replaced layers
+        self._costs.clear()
+
+    # ------------------------------------------------------------------ costs
+    def _route_costs(self, pcs: Sequence[PartCosts], lflops: Sequence[int], lparams: Sequence[int],
+                     tied: Sequence[int] | None = None) -> list[StitchCost]:
+        """Every network's cost as the sum of its parts: the first anchor's stem, each segment's
+        blocks, the last anchor's head, the stitching layers. ``tied[a]`` params that anchor ``a``'s
+        head shares with its stem (a tied LM head) are counted once when a route starts and ends there."""
+        out = []
+        for s in self.space:
+            last = len(s.segments) - 1
+            flops = params = 0
+            for k, seg in enumerate(s.segments):
+                f, p = pcs[seg.anchor].route(seg.start, seg.stop, stem=k == 0, head=k == last)
+                flops, params = flops + f, params + p
+            if tied is not None and s.segments[0].anchor == s.segments[-1].anchor:
+                params -= tied[s.src]
+            flops += sum(lflops[k] for k in s.layers)
+            params += sum(lparams[k] for k in s.layers)
+            out.append(StitchCost(s.id, s.name, flops, params, s.is_anchor))
+        return out
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def activations(self, anchor: int, x: torch.Tensor) -> list[torch.Tensor]:
+        """The input of every block of one anchor, then its last block's output."""
+        parts = self.anchors[anchor]
+        h = parts.stem(x)
+        acts = [h]
+        for blk in parts.blocks:
+            h = blk(h)
+            acts.append(h)
+        return acts
+
+    @torch.no_grad()
+    def _fit_stitching(self, inputs: Iterable[torch.Tensor]) -> int:
+        """Fit every stitching layer by least squares on the anchors' activations for ``inputs``
+        (batches the stems take); returns how many items were seen (no fit when none).
+
+        A layer maps what the source anchor outputs after its last block on the route onto what
+        the target feeds its first block on the route, position by position; a layer shared by
+        several block pairs gets one fit over all of them.
+        """
+        fits = [LeastSquares(s.src_spec.channels, s.dst_spec.channels) for s in self.space.layers]
+        used = sorted({k for slot in self.space.layers for k in (slot.src, slot.dst)})
+        seen = 0
+        for x in inputs:
+            acts = {k: self.activations(k, x) for k in used}
+            for slot, fit in zip(self.space.layers, fits):
+                src_layout, dst_layout = self.anchors[slot.src].layout, self.anchors[slot.dst].layout
+                for e, st in slot.joins:
+                    fit.update(as_rows(acts[slot.src][e], src_layout), as_rows(acts[slot.dst][st], dst_layout))
+            seen += len(x)
+        if seen:
+            for layer, fit in zip(self.stitch_layers, fits):
+                layer.set_affine(*fit.solve())
+        return seen
+
+    # ------------------------------------------------------------------ save / load
+    _format: ClassVar[str] = "snnet"  # config.json's "format"
+    _version: ClassVar[int] = FORMAT_VERSION  # the newest format version this class reads
+    _what: ClassVar[str] = "stitched network"  # what error messages call it
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (every anchor and stitching layer).
+
+        Both files are written to temporary names and renamed into place, so an interrupted
+        save never leaves a half-written network behind. ``config.json`` records the SHA-256 of
+        ``model.safetensors``; :meth:`from_pretrained` refuses a weights file that does not match.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = _unshared({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()})
+        config = self.config_dict()
+
+        def write_weights(p: Path) -> None:
+            save_file(state, str(p), metadata={"format": "pt", **({} if self._format == "snnet" else {"snnet": self._format})})
+            record_checksum(config, WEIGHTS_NAME, p)  # of the very bytes renamed into place
+
+        atomic_write(directory / WEIGHTS_NAME, write_weights)
+        atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
+        return directory
+
+    @classmethod
+    def _read_saved(cls, directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+        """A saved network's config and weights path, checked: both files present, the config of
+        this kind and version, the weights' checksum (before anything is built)."""
+        directory = Path(directory)
+        cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise CheckpointError(f"{directory} is not a saved {cls._what}: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+            cfg["anchors"]
+            if cfg.get("format") != cls._format:
+                raise KeyError("format")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{cfg_path} is corrupt or not an {cls._format} config ({e})") from e
+        if cfg.get("version", 0) > cls._version:
+            raise CheckpointError(f"{cfg_path} was written by a newer snnet (format {cfg['version']}); upgrade snnet")
+        # damaged weights fail before the anchors are built (files saved before checksums load unverified)
+        verify_checksum(w_path, cfg, cfg_path, "restore it from a backup or save the network again", error=CheckpointError)
+        return cfg, w_path
+
+    def _load_saved(self, cfg: dict[str, Any], w_path: Path, map_location: str | torch.device) -> None:
+        """Load the saved weights into this freshly built network and select the saved stitch."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if [s.name for s in self.space] != cfg.get("stitches"):
+            raise CheckpointError(f"{w_path.parent} was saved with a different stitch space than these anchors give")
+        try:
+            state = load_file(str(w_path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{w_path} is corrupt or unreadable ({e}); re-save it or restore a backup") from e
+        self.load_weights(state, source=str(w_path))
+        self.select(cfg.get("active", self.active.name))
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load a full state dict, failing with a readable summary if it does not fit."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            def few(keys: list[str]) -> str:
+                return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+            parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+                     f"wrong shape {few(wrong)}" if wrong else ""]
+            raise CheckpointError(f"{source} does not match this network: " + "; ".join(p for p in parts if p))
+        self.load_state_dict(state)
+
+
+
+class StitchedNet(StitchedBase):
+    """Anchors ordered by cost, the stitching layers between them, and the stitch space."""
+
+    def __init__(
+        self,
+        anchors: Sequence[AnchorParts],
+        labels: Sequence[str],
+        *,
+        config: SpaceConfig = SpaceConfig(),
+        input_size: Sequence[int] | None = None,
+        specs: Sequence[AnchorSpec | None] | None = None,
+        lora_rank: int = 0,
+        lora_alpha: float = 1.0,
+        route_mode: str = "snnet",
+    ) -> None:
+        super().__init__()
+        if route_mode not in ROUTE_MODES:
+            raise ConfigError(f"unknown route mode {route_mode!r}; expected one of {ROUTE_MODES}")
+        if len(anchors) < 2:
+            raise NotStitchableError(f"a family needs at least two anchors to stitch, got {len(anchors)}")
+        specs = list(specs) if specs is not None else [None] * len(anchors)
+        self.input_size = tuple(input_size) if input_size is not None else _common_input_size(anchors, labels)
+        probes = [_probe(p, lab, self.input_size) for p, lab in zip(anchors, labels)]
+        outputs = {lab: n for lab, (_, n) in zip(labels, probes)}
+        if len(set(outputs.values())) > 1:
+            raise NotStitchableError(
+                f"anchors' heads have different numbers of classes {outputs}: a stitch ends in another "
+                "anchor's head, so all heads must predict the same classes (pass num_classes=...)")
+        costs = [part_costs(p, self.input_size) for p in anchors]
+        # anchors in order of cost: stitches go from the cheaper to the dearer neighbour
+        order = sorted(range(len(anchors)), key=lambda k: (costs[k].total[0], costs[k].total[1]))
+        self.anchors = nn.ModuleList([anchors[k] for k in order])
+        self.labels = tuple(labels[k] for k in order)
+        self.specs = tuple(specs[k] for k in order)
+        self.num_classes = next(iter(outputs.values()))
+        self._costs: dict[tuple[int, ...], list[StitchCost]] = {}
+        # per input size: every anchor's activation specs and part costs (filled by _measure)
+        self._measured = {self.input_size: ([probes[k][0] for k in order], [costs[k] for k in order])}
+        infos = [
+            AnchorInfo(self.labels[i], p.stages, p.stitch_stages, tuple(probes[order[i]][0]), p.stitch_rule)
+            for i, p in enumerate(self.anchors)
+        ]
+        self._init_space(infos, config, lora_rank, lora_alpha)
+        self.route_mode = route_mode
+        self._stitched_heads = self._reference_heads() if route_mode == "reference" else {}
+
     def _reference_heads(self) -> dict[int, nn.Module]:
         """Per anchor, the head the reference code ends stitched routes with, where it is not the anchor's own."""
         from .reference import SKIPS_FINAL_NORM, layout_of
@@ -199,17 +362,6 @@ class StitchedNet(nn.Module):
             return {}
         heads = {k: without_final_norm(p.head) for k, p in enumerate(self.anchors)}
         return {k: h for k, h in heads.items() if h is not None}
-
-    def set_lora_rank(self, rank: int, alpha: float = 1.0) -> None:
-        """Make every stitching layer low-rank (``rank`` > 0) or plain (0), keeping the map it computes.
-
-        A low-rank layer takes the current weight as its frozen base and starts a fresh update
-        at zero; going to 0 merges the update in. Do it before building the optimizer.
-        """
-        self.stitch_layers = nn.ModuleList([layer.with_rank(rank, alpha) for layer in self.stitch_layers])
-        self.lora_rank, self.lora_alpha = int(rank), float(alpha)
-        self._routes.clear()  # routes hold the replaced layers
-        self._costs.clear()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,19 +393,13 @@ class StitchedNet(nn.Module):
             plain = [layer.merged() for layer in self.stitch_layers]
             lflops = [layer_flops(layer, specs[slot.src][slot.joins[0][0]]) for slot, layer in zip(self.space.layers, plain)]
             lparams = [num_params(layer) for layer in plain]
-            out = []
-            for s in self.space:
-                last = len(s.segments) - 1
-                flops = params = 0
-                for k, seg in enumerate(s.segments):
-                    f, p = pcs[seg.anchor].route(seg.start, seg.stop, stem=k == 0, head=k == last)
-                    flops, params = flops + f, params + p
-                flops += sum(lflops[k] for k in s.layers)
-                params += sum(lparams[k] for k in s.layers)
+            out = self._route_costs(pcs, lflops, lparams)
+            for k, c in enumerate(out):
+                s = self.space[c.id]
                 if not s.is_anchor and s.anchors[-1] in self._stitched_heads:  # the reference's head, not the anchor's
-                    f, p = self._stitched_head_costs(s.anchors[-1], specs)
-                    flops, params = flops + f - pcs[s.anchors[-1]].head_flops, params + p - pcs[s.anchors[-1]].head_params
-                out.append(StitchCost(s.id, s.name, flops, params, s.is_anchor))
+                    a = s.anchors[-1]
+                    f, p = self._stitched_head_costs(a, specs)
+                    out[k] = replace(c, flops=c.flops + f - pcs[a].head_flops, params=c.params + p - pcs[a].head_params)
             self._costs[size] = out
         return self._costs[size]
 
@@ -265,18 +411,6 @@ class StitchedNet(nn.Module):
         shape = (1, spec.channels, *spec.spatial) if spec.layout == "nchw" else (1, *spec.spatial, spec.channels)
         flops, _ = count_macs(head, torch.zeros(shape, device=p.device, dtype=p.dtype))
         return flops, num_params(head)
-
-    # ------------------------------------------------------------------ initialisation
-    @torch.no_grad()
-    def activations(self, anchor: int, x: torch.Tensor) -> list[torch.Tensor]:
-        """The input of every block of one anchor, then its last block's output."""
-        parts = self.anchors[anchor]
-        h = parts.stem(x)
-        acts = [h]
-        for blk in parts.blocks:
-            h = blk(h)
-            acts.append(h)
-        return acts
 
     @torch.no_grad()
     def init_stitching(self, batches: Iterable[Any], max_images: int = 100, progress: bool = False) -> InitReport:
@@ -290,21 +424,10 @@ class StitchedNet(nn.Module):
         A low-rank layer takes the fit as its frozen base, its update restarting at zero.
         """
         t0 = time.perf_counter()
-        fits = [LeastSquares(s.src_spec.channels, s.dst_spec.channels) for s in self.space.layers]
-        used = sorted({k for slot in self.space.layers for k in (slot.src, slot.dst)})
-        seen = 0
-        for x in calibration_images(self, batches, max_images, "least-squares init", progress):
-            acts = {k: self.activations(k, x) for k in used}
-            for slot, fit in zip(self.space.layers, fits):
-                src_layout, dst_layout = self.anchors[slot.src].layout, self.anchors[slot.dst].layout
-                for e, st in slot.joins:
-                    fit.update(as_rows(acts[slot.src][e], src_layout), as_rows(acts[slot.dst][st], dst_layout))
-            seen += len(x)
+        seen = self._fit_stitching(calibration_images(self, batches, max_images, "least-squares init", progress))
         if seen == 0:
             raise ValueError("no calibration images: the loader given to init_stitching yielded nothing")
-        for layer, fit in zip(self.stitch_layers, fits):
-            layer.set_affine(*fit.solve())
-        return InitReport(seen, len(fits), time.perf_counter() - t0)
+        return InitReport(seen, len(self.stitch_layers), time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ save / load
     def config_dict(self) -> dict[str, Any]:
@@ -325,28 +448,6 @@ class StitchedNet(nn.Module):
             **({} if self.route_mode == "snnet" else {"route_mode": self.route_mode}),
         }
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (every anchor and stitching layer).
-
-        Both files are written to temporary names and renamed into place, so an interrupted
-        save never leaves a half-written network behind. ``config.json`` records the SHA-256 of
-        ``model.safetensors``; :meth:`from_pretrained` refuses a weights file that does not match.
-        """
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        config = self.config_dict()
-
-        def write_weights(p: Path) -> None:
-            save_file(state, str(p), metadata={"format": "pt"})
-            record_checksum(config, WEIGHTS_NAME, p)  # of the very bytes renamed into place
-
-        atomic_write(directory / WEIGHTS_NAME, write_weights)
-        atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
-        return directory
-
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike, anchors: Sequence[nn.Module | AnchorParts] | None = None,
@@ -357,24 +458,8 @@ class StitchedNet(nn.Module):
         Anchors built from model names are rebuilt from the config; anchors that were the
         user's own modules must be passed again (freshly constructed, in the saved order).
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise CheckpointError(f"{directory} is not a saved stitched network: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-            entries = cfg["anchors"]
-            if cfg.get("format") != "snnet":
-                raise KeyError("format")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{cfg_path} is corrupt or not an snnet config ({e})") from e
-        if cfg.get("version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{cfg_path} was written by a newer snnet (format {cfg['version']}); upgrade snnet")
-        # damaged weights fail before the anchors are built (files saved before checksums load unverified)
-        verify_checksum(w_path, cfg, cfg_path, "restore it from a backup or save the network again", error=CheckpointError)
+        cfg, w_path = cls._read_saved(directory)
+        entries = cfg["anchors"]
         specs = [AnchorSpec.from_dict(e["spec"]) if e.get("spec") else None for e in entries]
         custom = [k for k, s in enumerate(specs) if s is None]
         if custom and anchors is None:
@@ -394,29 +479,19 @@ class StitchedNet(nn.Module):
         net = cls(parts, [e["label"] for e in entries], config=SpaceConfig.from_dict(cfg["space"]),
                   input_size=cfg["input_size"], specs=specs, lora_rank=int(layers.get("lora_rank", 0)),
                   lora_alpha=float(layers.get("lora_alpha", 1.0)), route_mode=cfg.get("route_mode", "snnet"))
-        if [s.name for s in net.space] != cfg.get("stitches"):
-            raise CheckpointError(f"{directory} was saved with a different stitch space than these anchors give")
-        try:
-            state = load_file(str(w_path), device=str(map_location))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{w_path} is corrupt or unreadable ({e}); re-save it or restore a backup") from e
-        net.load_weights(state, source=str(w_path))
-        net.select(cfg.get("active", net.active.name))
+        net._load_saved(cfg, w_path, map_location)
         return net
 
-    def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Load a full state dict, failing with a readable summary if it does not fit."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
-            def few(keys: list[str]) -> str:
-                return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-            parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
-                     f"wrong shape {few(wrong)}" if wrong else ""]
-            raise CheckpointError(f"{source} does not match this network: " + "; ".join(p for p in parts if p))
-        self.load_state_dict(state)
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (a tied LM head): give the repeats their own copy."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
 
 
 def calibration_images(net: nn.Module, batches: Iterable[Any], max_images: int, desc: str, progress: bool = False,

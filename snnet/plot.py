@@ -25,15 +25,17 @@ import math
 from typing import Any, Sequence
 
 from .errors import ResultsError
-from .results import StitchResult, frontier, network_rows
+from .results import LOWER_IS_BETTER, StitchResult, frontier, network_rows
 from .io import atomic_write
 from .report import human
 
-__all__ = ["plot_pareto", "AXES"]
+__all__ = ["plot_pareto", "AXES", "Y_AXES"]
 
 # x-axis key -> axis title; other keys work too (their name is the title)
 AXES = {"flops": "FLOPs (multiply-accumulates)", "params": "parameters", "latency_ms": "latency (ms)",
         "peak_mem_mb": "peak memory (MB)"}
+# y-axis key -> axis title (a language model's rows are plotted on bits per byte or perplexity)
+Y_AXES = {"acc1": "top-1 accuracy (%)", "bpb": "bits per byte (lower is better)", "ppl": "perplexity (lower is better)"}
 
 
 # colours: the stitched network's stand out, the zoo's are muted and drawn beneath them
@@ -47,7 +49,8 @@ _MAX_DOT = 40  # px: the largest network's dot (area proportional to params)
 class _Groups:
     """The plot's groups: anchors, stitches and their frontier; the zoo by family, and its frontier."""
 
-    def __init__(self, results: Sequence[StitchResult], x: str) -> None:
+    def __init__(self, results: Sequence[StitchResult], x: str, y: str = "acc1") -> None:
+        self.y = y
         network = network_rows(results)
         missing = [r.name for r in network if r.value(x) is None]
         if missing:
@@ -62,13 +65,13 @@ class _Groups:
             if r.value(x) is not None:
                 self.references.setdefault(str(r.value("source")), []).append(r)
         self.reference_omitted = len(reference) - sum(map(len, self.references.values()))
-        self.reference_fronts = {src: frontier(rows, x) for src, rows in self.references.items()}
+        self.reference_fronts = {src: frontier(rows, x, y) for src, rows in self.references.items()}
         if not network and not self.zoo and not self.references:
             raise ResultsError("no results to plot")
         self.anchors = [r for r in network if r.is_anchor]
         self.stitches = [r for r in network if not r.is_anchor]
-        self.frontier = frontier(network, x) if network else []
-        self.zoo_frontier = frontier(self.zoo, x) if self.zoo else []
+        self.frontier = frontier(network, x, y) if network else []
+        self.zoo_frontier = frontier(self.zoo, x, y) if self.zoo else []
         self.families: dict[str, list[StitchResult]] = {}
         for r in sorted(self.zoo, key=lambda r: str(r.value("family"))):
             self.families.setdefault(str(r.value("family")), []).append(r)
@@ -79,6 +82,7 @@ class _Groups:
         self.max_params = max((r.params for r in [*network, *self.zoo]), default=1) or 1
 
     def title(self, x: str, xlabel: str, n_network: int) -> str:
+        metric = Y_AXES.get(self.y, self.y).split(" (")[0]
         beside = [f"the authors' {src} ({len(rows)} networks)" for src, rows in self.references.items()]
         beside += [f"zoo {', '.join(self.sources)} ({len(self.zoo)} models)"] if self.sources else []
         # a published table plotted as the network (`snnet eval --results reference:deit`): the paper's figure
@@ -87,10 +91,10 @@ class _Groups:
         if published:
             net = f"SN-Net as its authors published it ({published}, {n_network} networks)"
         elif not beside:
-            return f"SN-Net: top-1 accuracy vs {xlabel} ({n_network} networks)"
+            return f"SN-Net: {metric} vs {xlabel} ({n_network} networks)"
         else:
             net = f"SN-Net ({n_network} networks)"
-        text = f"{net} vs {' and '.join(beside)}: top-1 accuracy vs {xlabel}" if beside else f"{net}: top-1 accuracy vs {xlabel}"
+        text = f"{net} vs {' and '.join(beside)}: {metric} vs {xlabel}" if beside else f"{net}: {metric} vs {xlabel}"
         omitted = [f"{n} {what}" for n, what in ((self.zoo_omitted, "zoo models"),
                                                   (self.reference_omitted, "reference networks")) if n]
         if omitted:
@@ -111,6 +115,8 @@ def _hover(r: StitchResult, x: str) -> str:
         lines.append(f"image size {r.value('img_size')}")
     if r.is_zoo and r.value("flops_from") == "timm GMACs":
         lines.append("FLOPs: timm's GMACs (snnet could not count this model)")
+    if r.value("bpb") is not None:
+        lines.append(f"{r.value('bpb'):.4f} bits/byte, perplexity {r.value('ppl'):.3f}")
     if r.latency_ms is not None:
         lines.append(f"latency {r.latency_ms:.3f} ms")
     if x not in ("flops", "params", "latency_ms"):
@@ -133,8 +139,10 @@ def plot_pareto(
     png_path: str | os.PathLike | None = None,
     x: str = "flops",
     title: str | None = None,
+    y: str = "acc1",
 ) -> list[Path]:
-    """Plot top-1 accuracy against ``x`` ('flops', 'params', 'latency_ms', ...); return the written paths.
+    """Plot ``y`` (top-1 accuracy; a language model's ``bpb`` or ``ppl``) against ``x`` ('flops', 'params',
+    'latency_ms', ...); return the written paths.
 
     Anchors, stitches and the Pareto frontier are separate traces, so clicking a legend entry
     hides that group; hovering a point shows the stitch's name, id, params, FLOPs and accuracies.
@@ -143,7 +151,7 @@ def plot_pareto(
     import plotly.graph_objects as go
 
     results = list(results)
-    g = _Groups(results, x)
+    g = _Groups(results, x, y)
     xlabel = AXES.get(x, x)
     title = title or g.title(x, xlabel, len(network_rows(results)))
     sized = bool(g.zoo)  # with a zoo, a larger dot is a larger network
@@ -156,7 +164,7 @@ def plot_pareto(
                     sizemin=size / 2, **style)
 
     def scatter(rows: list[StitchResult], name: str, rank: int, group: str | None = None, **style: Any) -> go.Scatter:
-        return go.Scatter(x=[r.value(x) for r in rows], y=[r.acc1 for r in rows], name=name,
+        return go.Scatter(x=[r.value(x) for r in rows], y=[r.value(y) for r in rows], name=name,
                           legendgroup=group or name, legendrank=rank,
                           text=[_hover(r, x) for r in rows], hovertemplate="%{text}<extra></extra>", **style)
 
@@ -188,7 +196,7 @@ def plot_pareto(
                 marker=dict(size=16, color="rgba(0,0,0,0)", line=dict(width=2, color=FRONT))),
     ]
     fig = go.Figure(traces)
-    fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title="top-1 accuracy (%)", template="plotly_white",
+    fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=Y_AXES.get(y, y), template="plotly_white",
                       hovermode="closest", legend=dict(itemclick="toggle", itemdoubleclick="toggleothers",
                                                        groupclick="toggleitem"))
     if g.log_x:
@@ -224,35 +232,35 @@ def _png(g: _Groups, path: Path, x: str, xlabel: str, title: str) -> Path:
             colours = _zoo_colours(list(g.families))
             if len(g.families) <= _PNG_FAMILIES:
                 for fam, rows in g.families.items():
-                    ax.scatter([r.value(x) for r in rows], [r.acc1 for r in rows], s=area(rows, 20), c=colours[fam],
+                    ax.scatter([r.value(x) for r in rows], [r.value(g.y) for r in rows], s=area(rows, 20), c=colours[fam],
                                alpha=0.6, edgecolors="#777777", linewidths=0.4, label=f"zoo: {fam}", zorder=1)
             else:
-                ax.scatter([r.value(x) for r in g.zoo], [r.acc1 for r in g.zoo], s=area(g.zoo, 20), c="#bbbbbb",
+                ax.scatter([r.value(x) for r in g.zoo], [r.value(g.y) for r in g.zoo], s=area(g.zoo, 20), c="#bbbbbb",
                            alpha=0.6, edgecolors="#777777", linewidths=0.4, zorder=1,
                            label=f"zoo: {len(g.zoo)} models, {len(g.families)} families")
-            ax.step([r.value(x) for r in g.zoo_frontier], [r.acc1 for r in g.zoo_frontier], where="post",
+            ax.step([r.value(x) for r in g.zoo_frontier], [r.value(g.y) for r in g.zoo_frontier], where="post",
                     c=ZOO_FRONT, lw=1.5, ls="--", label="zoo frontier", zorder=1)
         for src, rows in g.references.items():
-            ax.scatter([r.value(x) for r in rows], [r.acc1 for r in rows], s=area(rows, 40), marker="D",
+            ax.scatter([r.value(x) for r in rows], [r.value(g.y) for r in rows], s=area(rows, 40), marker="D",
                        facecolors="none", edgecolors=REFERENCE, linewidths=1.2, label=f"the authors': {src}", zorder=2)
             front = g.reference_fronts[src]
-            ax.step([r.value(x) for r in front], [r.acc1 for r in front], where="post", c=REFERENCE, lw=1.5, ls=":",
+            ax.step([r.value(x) for r in front], [r.value(g.y) for r in front], where="post", c=REFERENCE, lw=1.5, ls=":",
                     label=f"{src} frontier", zorder=2)
-        ax.scatter([r.value(x) for r in g.stitches], [r.acc1 for r in g.stitches], s=area(g.stitches, 60 if g.zoo else 24),
+        ax.scatter([r.value(x) for r in g.stitches], [r.value(g.y) for r in g.stitches], s=area(g.stitches, 60 if g.zoo else 24),
                    c=STITCH, alpha=0.8, edgecolors="#0b3c5d" if g.zoo else "none", linewidths=0.5, label="stitches",
                    zorder=3)
-        ax.step([r.value(x) for r in g.frontier], [r.acc1 for r in g.frontier], where="post", c=FRONT, lw=2.5,
+        ax.step([r.value(x) for r in g.frontier], [r.value(g.y) for r in g.frontier], where="post", c=FRONT, lw=2.5,
                 label="Pareto frontier", zorder=2, marker="o", markersize=11, markerfacecolor="none")
         stars = [max(160, a) for a in area(g.anchors, 160)] if g.zoo else 160  # a star never smaller than unsized
-        ax.scatter([r.value(x) for r in g.anchors], [r.acc1 for r in g.anchors], s=stars, c=ANCHOR, marker="*",
+        ax.scatter([r.value(x) for r in g.anchors], [r.value(g.y) for r in g.anchors], s=stars, c=ANCHOR, marker="*",
                    edgecolors="black", linewidths=0.6, label="anchors", zorder=4)
         for r in g.anchors:
-            ax.annotate(r.name, (r.value(x), r.acc1), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=8)
+            ax.annotate(r.name, (r.value(x), r.value(g.y)), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=8)
         if g.log_x:
             ax.set_xscale("log")
         if x in ("flops", "params"):
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 10M, 2.5G: like the HTML's SI ticks
-        ax.set(xlabel=xlabel, ylabel="top-1 accuracy (%)")
+        ax.set(xlabel=xlabel, ylabel=Y_AXES.get(g.y, g.y))
         ax.set_title(title, fontsize=10 if g.zoo else None, wrap=True)
         ax.grid(alpha=0.3)
         if g.zoo:
@@ -261,7 +269,7 @@ def _png(g: _Groups, path: Path, x: str, xlabel: str, title: str) -> Path:
                 if hasattr(handle, "set_sizes"):
                     handle.set_sizes([40])
         else:
-            ax.legend(loc="lower right")
+            ax.legend(loc="upper right" if g.y in LOWER_IS_BETTER else "lower right")
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda p: fig.savefig(p, format="png"))

@@ -34,9 +34,9 @@ from .io import atomic_write, probe_write
 from .report import human, table
 
 __all__ = [
-    "KINDS", "RESULTS_JSON", "RESULTS_CSV", "FrontComparison", "FrontStep", "StitchResult", "binomial_se",
-    "check_writable", "compare_fronts", "format_results", "front_rows", "frontier", "is_comparison", "is_zoo",
-    "load_results",
+    "KINDS", "LOWER_IS_BETTER", "RESULTS_JSON", "RESULTS_CSV", "FrontComparison", "FrontStep", "StitchResult",
+    "better", "binomial_se", "check_writable", "compare_fronts", "format_results", "front_rows", "frontier",
+    "is_comparison", "is_zoo", "load_results",
     "mark_pareto", "network_rows", "pareto_front", "merge_rows", "read_rows", "write_results",
 ]
 
@@ -44,6 +44,8 @@ RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 KINDS = ("anchor", "stitch", "zoo", "reference")
 COMPARISON_KINDS = ("zoo", "reference")  # rows plotted beside the network, never part of it
+# metrics where less is better (a language model's loss, perplexity, bits per byte): frontiers negate them
+LOWER_IS_BETTER = frozenset({"loss", "ppl", "bpb"})
 
 
 @dataclass(frozen=True)
@@ -198,13 +200,19 @@ def _staircase(points: Sequence[tuple[float, float, tuple]]) -> list[int]:
     return front
 
 
+def better(y: str, value: float) -> float:
+    """``value`` of metric ``y`` oriented so that higher is better (a loss, perplexity or bits per
+    byte is negated): what every frontier ranks by."""
+    return -value if y in LOWER_IS_BETTER else value
+
+
 def _front_positions(rows: Sequence[StitchResult], x: str, y: str) -> list[int]:
     """Positions in ``rows`` of the frontier's members, by increasing cost (see :func:`frontier`)."""
     for r in rows:
         if r.value(x) is None or r.value(y) is None:
             raise ResultsError(f"result {r.name!r} has no {x if r.value(x) is None else y}: "
                                f"cannot place it on a {y}/{x} frontier")
-    return _staircase([(r.value(x), r.value(y), (r.id is None, r.id or 0, r.name)) for r in rows])
+    return _staircase([(r.value(x), better(y, r.value(y)), (r.id is None, r.id or 0, r.name)) for r in rows])
 
 
 def frontier(rows: Iterable[StitchResult], x: str = "flops", y: str = "acc1") -> list[StitchResult]:
@@ -304,7 +312,7 @@ def front_rows(rows: Iterable[Any], x: str = "flops", y: str = "acc1", side: str
     for r in rows:
         if r.get(x) is None or r.get(y) is None:
             raise ResultsError(f"{side}: row {r.get('name')!r} has no {x if r.get(x) is None else y}")
-    return [rows[k] for k in _staircase([(r[x], r[y], ()) for r in rows])]
+    return [rows[k] for k in _staircase([(r[x], better(y, r[y]), ()) for r in rows])]
 
 
 def compare_fronts(ours: Iterable[Any], theirs: Iterable[Any], x: str = "flops", y: str = "acc1",

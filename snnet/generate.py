@@ -1,0 +1,128 @@
+"""Text generation from a stitched language model, with the options users expect.
+
+:func:`generate` runs transformers' own ``generate()`` on the network presented as a
+``PreTrainedModel`` (:func:`snnet.families.lm_hf.as_transformers`): the prompt
+is prefilled and each new token decoded with the route's KV cache (one slot per layer of each
+anchor on the route). :class:`GenerationOptions` are the knobs: ``max_new_tokens``,
+``temperature`` (0 = greedy), ``top_p``, stop strings and a seed. ``stitch=`` runs one request on
+another network of the space and leaves the active stitch as it was: the stitch can change
+from one request to the next.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .errors import ConfigError, SnnetError
+
+__all__ = ["Generated", "GenerationOptions", "generate"]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to continue a prompt. ``temperature=0`` decodes greedily (and ignores ``top_p``/``seed``)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # stop once the continuation contains one of these strings
+    seed: int | None = None  # sampling seed (the caller's global RNG state is left untouched)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One continuation: its text and tokens, the network that wrote it, and why it stopped."""
+
+    text: str
+    tokens: tuple[int, ...]
+    stitch: str
+    prompt_tokens: int
+    finish: str  # "stop" (a stop string or the end-of-text token) or "length" (max_new_tokens)
+    seconds: float
+
+
+def generate(net: Any, prompt: str | Sequence[str], *, tokenizer: Any = None, options: GenerationOptions | None = None,
+             stitch: Any = None) -> Generated | list[Generated]:
+    """Continue ``prompt`` (one string, or a list: batched, left-padded) with the active stitch
+    of ``net`` (or ``stitch`` for this call only). ``tokenizer`` defaults to the network's own."""
+    options = options or GenerationOptions()
+    tok = tokenizer if tokenizer is not None else getattr(net, "tokenizer", None)
+    if tok is None:
+        raise SnnetError("generating text needs the family's tokenizer: pass tokenizer=... (or build the network "
+                         "with load_tokenizers=True)")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or any(not isinstance(p, str) for p in prompts):
+        raise SnnetError("prompt must be a string or a non-empty list of strings")
+    previous = net.active
+    if stitch is not None:
+        net.select(stitch)
+    try:
+        return _run(net, tok, prompts, options, single=isinstance(prompt, str))
+    finally:
+        net.select(previous)
+
+
+@torch.no_grad()
+def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, single: bool) -> Generated | list[Generated]:
+    from .families.lm_hf import as_transformers
+
+    model = as_transformers(net)
+    device = next(net.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None and len(prompts) > 1:
+        raise SnnetError("batching prompts needs a pad or end-of-text token, and this tokenizer has neither")
+    rows = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    if not all(rows):
+        raise SnnetError("a prompt is empty after tokenisation: give at least one token of text")
+    width = max(len(r) for r in rows)  # left padding: a decoder continues the last real token of every row
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    kwargs: dict[str, Any] = dict(max_new_tokens=options.max_new_tokens, do_sample=options.sampling, pad_token_id=pad)
+    if options.sampling:
+        kwargs.update(temperature=float(options.temperature), top_p=float(options.top_p))
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if options.stop:
+        kwargs.update(stop_strings=list(options.stop), tokenizer=tok)
+    was_training = net.training
+    net.eval()
+    t0 = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            if options.seed is not None:
+                torch.manual_seed(options.seed)
+            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    finally:
+        net.train(was_training)
+    seconds = time.perf_counter() - t0
+    results = []
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    for row in out[:, ids.shape[1]:].tolist():
+        if eos & set(row):  # generation pads a finished row after its end-of-text token
+            row = row[: next(k for k, t in enumerate(row) if t in eos) + 1]
+        full = tok.decode(row, skip_special_tokens=True)
+        hit = min((full.index(s) for s in options.stop if s in full), default=None)
+        text = full if hit is None else full[:hit]
+        finish = "stop" if hit is not None or eos & set(row[-1:]) else "length"
+        results.append(Generated(text, tuple(row), net.active.name, int(ids.shape[1]), finish, seconds))
+    return results[0] if single else results

@@ -1,0 +1,190 @@
+"""Text for language models: documents on disk, tokenised into fixed-length blocks, a held-out split.
+
+The default corpus is the Python standard library's own source (:func:`stdlib_sources`): every
+Python install carries it, so it needs no download, and it is real text written by many people
+over decades (code, comments, docstrings). Its files differ between Python versions, so
+:func:`corpus_fingerprint` names exactly what was read. Any other folder of text files works the
+same way (:func:`text_files`), e.g. a Debian text package's files.
+
+The held-out split is by document (:func:`split_documents`): a file is either trained on or held
+out, decided by a hash of its path relative to the corpus root, so the split is the same on every
+machine and does not move when files are added.
+
+:func:`token_blocks` tokenises the documents (each followed by the end-of-text token), cuts the
+stream into blocks of ``block_size + 1`` tokens (``block_size`` predictions each) and records,
+per block, how many UTF-8 bytes of text its predicted tokens cover: what bits per byte divide by
+(:mod:`snnet.lm_eval`). Tokenisers without offsets are refused rather than guessed at.
+:class:`ByteTokenizer` (one token per byte) needs no vocabulary file at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import SnnetError
+
+__all__ = ["ByteTokenizer", "TokenBlocks", "corpus_fingerprint", "split_documents", "stdlib_root", "stdlib_sources",
+           "text_files", "text_loader", "token_blocks"]
+
+# folders of the standard library that are not its own source text: tests (deliberately odd files,
+# some not valid UTF-8), third-party packages, caches
+_SKIP = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"})
+
+
+def stdlib_root() -> Path:
+    """The folder of this Python's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def text_files(root: str | Path, pattern: str = "*.py", skip: frozenset[str] = _SKIP) -> list[Path]:
+    """Files under ``root`` matching ``pattern``, in a stable order, outside the ``skip`` folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SnnetError(f"no text corpus at {root}: give a folder of text files")
+    files = sorted(p for p in root.rglob(pattern) if p.is_file() and not skip & set(p.relative_to(root).parts[:-1]))
+    if not files:
+        raise SnnetError(f"{root} holds no {pattern} files to read")
+    return files
+
+
+def stdlib_sources() -> list[Path]:
+    """The standard library's ``.py`` files (tests, third-party packages and caches left out)."""
+    return text_files(stdlib_root())
+
+
+def corpus_fingerprint(files: Sequence[Path], root: str | Path) -> str:
+    """A short hash of the corpus's file names and sizes (and the Python version for the stdlib):
+    two runs read the same text if and only if their fingerprints agree."""
+    h = hashlib.sha256(f"python {sys.version_info.major}.{sys.version_info.minor}\n".encode())
+    for p in files:
+        h.update(f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def split_documents(files: Sequence[Path], root: str | Path, held_out: float = 0.1) -> tuple[list[Path], list[Path]]:
+    """(train, held-out) files: a file is held out when the hash of its path relative to ``root``
+    falls in the first ``held_out`` share of hash space. Stable across machines and file additions."""
+    if not 0 < held_out < 1:
+        raise SnnetError(f"the held-out share must be between 0 and 1, got {held_out}")
+    train, val = [], []
+    for p in files:
+        digest = hashlib.sha256(p.relative_to(root).as_posix().encode()).digest()
+        (val if int.from_bytes(digest[:8], "big") / 2 ** 64 < held_out else train).append(p)
+    if not train or not val:
+        raise SnnetError(f"splitting {len(files)} files with held_out={held_out} left one side empty: use more files")
+    return train, val
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (ids 0-255) and an end-of-text token (256): no vocabulary file."""
+
+    eos_token_id = 256
+    bos_token_id = None
+    pad_token_id = 256
+
+    def __len__(self) -> int:
+        return 257
+
+    def encode_bytes(self, text: str) -> tuple[list[int], list[int]]:
+        data = list(text.encode("utf-8"))
+        return data, [1] * len(data)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def _byte_ends(text: str) -> np.ndarray:
+    """UTF-8 byte offset of the end of every character of ``text`` (cumulative byte lengths)."""
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    lengths = 1 + (cps >= 0x80) + (cps >= 0x800) + (cps >= 0x10000)
+    return np.cumsum(lengths)
+
+
+def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` and the UTF-8 bytes each token accounts for (they sum to the bytes
+    up to the last token's end: text between tokens is given to the token after it)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.encode_bytes(text)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError) as e:
+        raise SnnetError(f"{type(tokenizer).__name__} gives no character offsets, which bits per byte need: use a "
+                         "fast (Rust) tokenizer or snnet.text.ByteTokenizer") from e
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if not ids:
+        return [], []
+    ends = np.concatenate([[0], _byte_ends(text)])
+    end_bytes = ends[np.maximum.accumulate(np.array([e for _, e in offsets]))]
+    counts = np.diff(np.concatenate([[0], end_bytes]))
+    return list(ids), counts.tolist()
+
+
+@dataclass(frozen=True)
+class TokenBlocks(torch.utils.data.Dataset):
+    """Blocks of ``block_size + 1`` token ids and the UTF-8 bytes their last ``block_size`` tokens
+    (the predicted ones) cover. Item ``k`` is ``{"input_ids": (block_size + 1,), "bytes": ()}``."""
+
+    ids: torch.Tensor  # (blocks, block_size + 1), long
+    byte_counts: torch.Tensor  # (blocks,), long
+    fingerprint: str = ""
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[k], "bytes": self.byte_counts[k]}
+
+    @property
+    def block_size(self) -> int:
+        return int(self.ids.shape[1]) - 1
+
+    @property
+    def tokens(self) -> int:
+        """Predicted tokens in all blocks."""
+        return len(self) * self.block_size
+
+
+def token_blocks(files: Sequence[Path], tokenizer: Any, block_size: int, *, max_blocks: int | None = None,
+                 fingerprint: str = "") -> TokenBlocks:
+    """Tokenise ``files`` (UTF-8 text; each followed by the end-of-text token) into blocks of
+    ``block_size + 1`` tokens, reading only as many files as ``max_blocks`` needs."""
+    if block_size < 1:
+        raise SnnetError(f"block_size must be >= 1 token, got {block_size}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise SnnetError("the tokenizer has no end-of-text token to separate documents with")
+    need = None if max_blocks is None else max_blocks * (block_size + 1)
+    ids: list[int] = []
+    counts: list[int] = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # not UTF-8 text (or unreadable): not part of the corpus
+        t, c = _encode(tokenizer, text)
+        ids += t + [eos]
+        counts += c + [0]
+        if need is not None and len(ids) >= need:
+            break
+    n = len(ids) // (block_size + 1)
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    if n == 0:
+        raise SnnetError(f"{len(files)} files gave {len(ids)} tokens: not one block of {block_size + 1}")
+    grid = torch.tensor(ids[: n * (block_size + 1)], dtype=torch.long).view(n, block_size + 1)
+    per = torch.tensor(counts[: n * (block_size + 1)], dtype=torch.long).view(n, block_size + 1)
+    return TokenBlocks(grid, per[:, 1:].sum(1), fingerprint)
+
+
+def text_loader(blocks: TokenBlocks, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Any]:
+    """A DataLoader of ``{"input_ids": (batch, block_size + 1), "bytes": (batch,)}`` batches."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(blocks, batch_size=batch_size, shuffle=shuffle, generator=gen)

@@ -1,0 +1,425 @@
+"""Stitchable language models on tiny random-init configs of every supported family.
+
+Each family is built from transformers' own config classes (GPT2Config, GPTNeoXConfig,
+Qwen2Config, LlamaConfig with and without Llama 3's rope scaling), saved with save_pretrained
+and loaded back through AutoModelForCausalLM.from_pretrained, with a tiny byte-level BPE
+tokenizer saved beside each: the real loading path, without a download.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig,  # noqa: E402
+                          PreTrainedTokenizerFast, Qwen2Config)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import snnet.lm as lm  # noqa: E402
+from snnet.errors import CheckpointError, NotStitchableError, SnnetError, StitchNotFoundError, UnknownModelError  # noqa: E402
+from snnet.families.lm_catalog import check_token_ids, lm_families, member_config  # noqa: E402
+from snnet.families.lm_hf import verify_export  # noqa: E402
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    '''A point in the plane.'''\n\n"
+        "    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n") * 4
+
+
+def _tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT + extra], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def _config(family: str, width: int, depth: int, vocab: int, extra_rows: int):
+    common = dict(bos_token_id=0, eos_token_id=0)
+    if family == "gpt2":
+        return GPT2Config(n_embd=width, n_layer=depth, n_head=4, n_positions=64, vocab_size=vocab, **common)
+    if family == "pythia":  # padded embedding matrices, as Pythia's members pad theirs differently
+        return GPTNeoXConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=4, intermediate_size=2 * width,
+                             vocab_size=vocab + extra_rows, rotary_pct=0.25, max_position_embeddings=64, **common)
+    if family == "qwen2.5":
+        return Qwen2Config(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=depth, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=vocab + extra_rows, tie_word_embeddings=extra_rows == 0,
+                           max_position_embeddings=64, **common)
+    scaling = ({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16} if family == "llama3.2" else None)
+    return LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=depth, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=64,
+                       rope_scaling=scaling, rope_theta=500000.0 if scaling else 100000.0, **common)
+
+
+FAMILIES = ["gpt2", "pythia", "qwen2.5", "smollm2", "llama3.2"]
+# (width, depth, extra embedding rows): 2 and 4 layers deep so the space has unpaired stitches too
+SIZES = [(32, 2, 0), (48, 4, 16)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return _tokenizer()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tokenizer) -> dict[str, list[str]]:
+    """Every tiny family saved as model folders (weights + tokenizer), as a user's downloads would be."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("lm")
+    out = {}
+    for fam in FAMILIES:
+        out[fam] = []
+        for k, (w, d, extra) in enumerate(SIZES):
+            folder = root / f"{fam}-{k}"
+            AutoModelForCausalLM.from_config(_config(fam, w, d, len(tokenizer), extra)).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            out[fam].append(str(folder))
+    return out
+
+
+@pytest.fixture(scope="module")
+def nets(folders) -> dict[str, lm.StitchedLM]:
+    return {fam: lm.create_stitched_lm(",".join(paths), weights=True, load_tokenizers=True, context=64).eval()
+            for fam, paths in folders.items()}
+
+
+def _ids(n: int = 2, t: int = 9, vocab: int = 300, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------ shipped configs
+
+
+def test_shipped_configs_build_with_published_sizes():
+    from transformers import AutoConfig
+
+    published = {"gpt2": 124_439_808, "pythia-160m": 162_322_944, "qwen2.5-0.5b": 494_032_768,
+                 "smollm2-135m": 134_515_008, "llama3.2-1b": 1_235_814_400}
+    for fam in lm_families().values():
+        configs = [AutoConfig.for_model(**member_config(m)) for m in fam.names]
+        check_token_ids(configs, fam.names)  # one tokenizer per family: the same special tokens
+        depths = [c.num_hidden_layers for c in configs]
+        assert all(d > 0 for d in depths) and len(configs) >= 2
+    for name, n in published.items():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**member_config(name)))
+        assert sum(p.numel() for p in model.parameters()) == n, name
+
+
+def test_cli_lists_pythia_space_from_shipped_configs(capsys):
+    from snnet.cli import main
+
+    main(["stitches", "--anchors", "pythia-160m,pythia-410m,pythia-1b", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows[:3]] == ["pythia-160m", "pythia-410m", "pythia-1b"]
+    assert sum(r["is_anchor"] for r in rows) == 3
+    # 12 -> 24 layers: every layer of the deeper but the first (23); 24 -> 16: the reverse mapping (22)
+    assert len(rows) == 3 + 23 + 22
+    assert rows[0]["params"] == 162_322_944
+    flops = [r["flops"] for r in rows[:3]]
+    assert flops == sorted(flops) and flops[0] > rows[0]["params"] * 0.8  # ~ one MAC per weight, plus attention
+
+
+def test_cli_errors_are_one_line(capsys):
+    from snnet.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["stitches", "--anchors", "pythia-16m,pythia-410m"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "pythia-160m" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["stitches", "--anchors", "pythia-70m,pythia-160m", "--img-size", "224"])
+    assert "--context" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the space and its costs
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_anchor_routes_equal_the_models_and_params_are_sums(fam, nets, folders):
+    net = nets[fam]
+    ids = _ids()
+    with torch.no_grad():
+        for k, path in enumerate(folders[fam]):
+            model = AutoModelForCausalLM.from_pretrained(path).eval()
+            net.select(Path(path).name)
+            want = model(ids).logits[..., : net.vocab_size]
+            torch.testing.assert_close(net(ids), want, rtol=0, atol=1e-6)
+    assert len(net.space) == 2 + 3  # unpaired 2 -> 4 layers
+    for s, cost in zip(net.space, net.costs()):
+        route = net.route(s)
+        unique = {id(p): p.numel() for m in route.modules() for p in m.parameters()}
+        assert cost.params == sum(unique.values()), s.name
+    assert net.vocab_size == 300  # the shared tokenizer's, below the padded heads of the larger anchor
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_cached_greedy_generation_equals_uncached_forward(fam, nets):
+    net = nets[fam]
+    prompt = _ids(1, 5, seed=1)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    hf = lm.as_transformers(net)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # wrapping changes no weight
+    for s in net.space:
+        net.select(s)
+        with torch.no_grad():
+            got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                              pad_token_id=0, temperature=None, top_p=None, top_k=None)[0, 5:].tolist()
+            seq, want = prompt, []
+            for _ in range(6):  # no cache: the whole sequence through the route every time
+                nxt = net(seq)[0, -1].argmax()
+                want.append(int(nxt))
+                seq = torch.cat([seq, nxt.view(1, 1)], 1)
+        assert got == want, s.name
+
+
+def test_stitch_changes_between_requests_not_within(nets):
+    net = nets["smollm2"]
+    opts = lm.GenerationOptions(max_new_tokens=4)
+    net.select(1)
+    a = lm.generate(net, "def add", options=opts, stitch=0)
+    b = lm.generate(net, "def add", options=opts, stitch=2)
+    assert (a.stitch, b.stitch) == (net.space[0].name, net.space[2].name)
+    assert net.active == net.space[1]  # the call's stitch does not stay selected
+    net.select(0)
+    cache = net.new_cache()
+    net(_ids(1, 3), cache=cache)
+    net.select(2)
+    with pytest.raises(SnnetError, match="belongs to route"):
+        net(_ids(1, 1), cache=cache)
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "pythia"])
+def test_batched_generation_equals_one_prompt_at_a_time(fam, nets):
+    """Prompts of different lengths are left-padded in a batch: positions follow the mask (GPT-2's
+    learned positions, Pythia's rotary angles), so every row continues as it would alone."""
+    net = nets[fam]
+    prompts = ["def add(a, b):", "class"]
+    opts = lm.GenerationOptions(max_new_tokens=5)
+    for s in net.space:
+        batch = lm.generate(net, prompts, options=opts, stitch=s)
+        assert [b.tokens for b in batch] == [lm.generate(net, p, options=opts, stitch=s).tokens for p in prompts], s.name
+
+
+def test_generation_options(nets):
+    net = nets["qwen2.5"]
+    opts = lm.GenerationOptions(max_new_tokens=5, temperature=0.9, top_p=0.8, seed=3)
+    one, two = (lm.generate(net, ["def add", "class Point"], options=opts) for _ in range(2))
+    assert [g.tokens for g in one] == [g.tokens for g in two]  # a seed repeats a sample
+    assert all(len(g.tokens) <= 5 for g in one)
+    greedy = lm.generate(net, "class", options=lm.GenerationOptions(max_new_tokens=8))
+    stop = greedy.text[1:3] if len(greedy.text) > 3 else None
+    if stop:
+        cut = lm.generate(net, "class", options=lm.GenerationOptions(max_new_tokens=8, stop=(stop,)))
+        assert stop not in cut.text and cut.finish == "stop"
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(stop=("",))):
+        with pytest.raises(SnnetError):
+            lm.GenerationOptions(**bad)
+
+
+# ------------------------------------------------------------------ least squares, evaluation, export
+
+
+def test_least_squares_beats_random_layers(nets, tokenizer):
+    net = nets["pythia"]
+    blocks = lm.token_blocks([_write(TEXT)], tokenizer, 16)
+    held = lm.token_blocks([_write(TEXT.replace("Point", "Vector").replace("a + b", "b + a"))], tokenizer, 16).ids
+
+    def errors() -> list[float]:
+        out = []
+        with torch.no_grad():
+            for slot, layer in zip(net.space.layers, net.stitch_layers):
+                (e, st), = slot.joins[:1]
+                src, dst = net.activations(slot.src, held)[e], net.activations(slot.dst, held)[st]
+                out.append(float(((layer(src) - dst) ** 2).mean()))
+        return out
+
+    before = errors()
+    report = net.init_stitching(lm.text_loader(blocks, 4), max_tokens=256)
+    after = errors()
+    assert report.tokens > 0 and report.layers == len(net.stitch_layers)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+
+
+def _write(text: str) -> Path:
+    import tempfile
+
+    p = Path(tempfile.mkdtemp()) / "doc.py"
+    p.write_text(text)
+    return p
+
+
+def test_evaluation_shares_prefixes_and_reports_ppl_and_bpb(nets, tokenizer):
+    net = nets["gpt2"]
+    blocks = lm.token_blocks([_write(TEXT)], tokenizer, 12)
+    rows = lm.evaluate_lm(net, lm.text_loader(blocks, 3), progress=False)
+    assert [r.id for r in rows] == [s.id for s in net.space]
+    ids = blocks.ids
+    for r in rows:  # the shared-prefix pass gives what each network alone gives
+        net.select(r.id)
+        with torch.no_grad():
+            logits = net(ids[:, :-1])
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        assert math.isclose(r.loss, nll / blocks.tokens, rel_tol=1e-5)
+        assert math.isclose(r.value("ppl"), math.exp(r.loss), rel_tol=1e-9)
+        assert math.isclose(r.value("bpb"), nll / math.log(2) / int(blocks.byte_counts.sum()), rel_tol=1e-5)
+    assert any(r.pareto for r in rows)
+    text = lm.format_lm_results(rows)
+    assert "bits/byte" in text and "FLOPs/token" in text
+    chosen = net.select(budget=f"flops<={rows[-1].flops}", results=rows)
+    within = [r for r in rows if r.flops <= rows[-1].flops]
+    assert chosen.ranked_by == "bpb" and chosen.id == min(within, key=lambda r: r.value("bpb")).id
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "llama3.2"])
+def test_export_anchor_and_stitch(fam, nets, tmp_path):
+    net = nets[fam]
+    ids = _ids(seed=7)
+    for s in (net.space[0], net.space[3]):
+        out = lm.export_route(net, s, tmp_path / f"r{s.id}")
+        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert (type(model).__name__ == "SnnetRouteForCausalLM") == (not s.is_anchor)
+        net.select(s)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits[..., : net.vocab_size], net(ids), rtol=0, atol=1e-5)
+        assert verify_export(net, s, out) <= 1e-5
+        if not s.is_anchor:  # only the route's weights are written
+            n = sum(p.numel() for p in model.parameters())
+            assert n == net.costs()[s.id].params
+    with pytest.raises(SnnetError, match="not an empty folder"):
+        lm.export_route(net, net.space[0], tmp_path / "r0")
+
+
+def test_save_and_load_round_trip(nets, tmp_path):
+    net = nets["qwen2.5"]
+    net.select(3)
+    net.save_pretrained(tmp_path / "net")
+    back = lm.StitchedLM.from_pretrained(tmp_path / "net")
+    ids = _ids(seed=9)
+    assert back.active.name == net.active.name and back.labels == net.labels
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), net(ids), rtol=0, atol=0)
+    assert back.tokenizer is not None and len(back.tokenizer) == net.vocab_size
+    (tmp_path / "net" / "model.safetensors").write_bytes(b"broken")
+    with pytest.raises(CheckpointError, match="damaged"):
+        lm.StitchedLM.from_pretrained(tmp_path / "net")
+
+
+# ------------------------------------------------------------------ clear errors
+
+
+def test_tokenizer_mismatch_is_refused(folders, tmp_path):
+    other = tmp_path / "other"
+    AutoModelForCausalLM.from_pretrained(folders["gpt2"][0]).save_pretrained(other)
+    _tokenizer(extra="completely different words here " * 8).save_pretrained(other)
+    with pytest.raises(NotStitchableError, match="do not share a tokenizer") as e:
+        lm.create_stitched_lm(f"{folders['gpt2'][1]},{other}", weights=True, load_tokenizers=True)
+    assert "map to other ids" in str(e.value)
+    with pytest.raises(NotStitchableError, match="special token ids"):
+        lm.create_stitched_lm("gpt2,pythia-160m", device="meta")
+
+
+def test_unknown_names_and_out_of_range_stitches(nets):
+    with pytest.raises(UnknownModelError, match="pythia-160m"):
+        lm.resolve_lm("pythia-16m")
+    with pytest.raises(UnknownModelError, match="qwen2.5"):
+        lm.resolve_lm("qwen25")
+    net = nets["gpt2"]
+    with pytest.raises(StitchNotFoundError, match="0..4"):
+        net.select(99)
+    with pytest.raises(StitchNotFoundError, match="Did you mean"):
+        net.select(net.space[3].name + "x")
+    with pytest.raises(SnnetError, match="outside"):
+        lm.evaluate_lm(net, [{"input_ids": torch.full((1, 4), 5000), "bytes": torch.tensor([4])}], progress=False)
+
+
+# ------------------------------------------------------------------ text
+
+
+def test_text_blocks_count_bytes_and_split_stably(tokenizer, tmp_path):
+    from snnet.text import _encode
+
+    docs = []
+    for k, text in enumerate([TEXT, "x = 'é ü €'  # non-ASCII\n" * 20, "print('hi')\n" * 30]):
+        p = tmp_path / f"d{k}.py"
+        p.write_text(text, encoding="utf-8")
+        docs.append(p)
+    for tok in (tokenizer, lm.ByteTokenizer()):
+        stream, counts = [], []
+        for p in docs:
+            ids, c = _encode(tok, p.read_text())
+            assert len(ids) == len(c) and sum(c) == len(p.read_bytes())  # every byte counted once
+            stream += ids + [tok.eos_token_id]
+            counts += c + [0]
+        blocks = lm.token_blocks(docs, tok, 8)
+        n = len(blocks)
+        assert blocks.ids.flatten().tolist() == stream[: n * 9]
+        want = torch.tensor(counts[: n * 9]).view(n, 9)[:, 1:].sum(1)  # the predicted tokens' bytes
+        assert blocks.byte_counts.tolist() == want.tolist()
+    files = [tmp_path / "corpus" / f"m{k}" / f"f{k}.py" for k in range(40)]
+    for p in files:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("pass\n")
+    train, val = lm.split_documents(files, tmp_path / "corpus", held_out=0.25)
+    again = lm.split_documents(list(reversed(files)), tmp_path / "corpus", held_out=0.25)
+    assert sorted(train) == sorted(again[0]) and sorted(val) == sorted(again[1]) and train and val
+    assert len(lm.stdlib_sources()) > 100  # the default corpus is there on every Python install
+
+
+def test_two_way_round_trips_generate_and_export(folders, tokenizer, tmp_path):
+    """SN-Netv2's space on LMs: a round trip runs one anchor twice (one cache per anchor, a tied head
+    shared by its stem and head), generates with its cache as without, and exports exactly."""
+    torch.manual_seed(1)
+    paths = []
+    for k, (w, d) in enumerate([(32, 3), (48, 6)]):
+        folder = tmp_path / f"g{k}"
+        AutoModelForCausalLM.from_config(_config("gpt2", w, d, len(tokenizer), 0)).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        paths.append(str(folder))
+    net = lm.create_stitched_lm(",".join(paths), weights=True, load_tokenizers=True, two_way=True, context=64).eval()
+    trips = [s for s in net.space if len(s.segments) == 3]
+    assert len(trips) == 2  # S->L->S and L->S->L through the two matched positions
+    hf = lm.as_transformers(net)
+    prompt = _ids(1, 4, seed=2)
+    for s in trips:
+        net.select(s)
+        with torch.no_grad():
+            got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                              pad_token_id=0, temperature=None, top_p=None, top_k=None)[0, 4:].tolist()
+            seq, want = prompt, []
+            for _ in range(4):
+                nxt = net(seq)[0, -1].argmax()
+                want.append(int(nxt))
+                seq = torch.cat([seq, nxt.view(1, 1)], 1)
+        assert got == want, s.name
+        route = net.route(s)
+        assert net.costs()[s.id].params == sum({id(p): p.numel() for m in route.modules() for p in m.parameters()}.values())
+        out = lm.export_route(net, s, tmp_path / f"trip{s.id}")
+        remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  # the folder's own loader module
+        with torch.no_grad():
+            torch.testing.assert_close(remote(prompt).logits[..., : net.vocab_size], net(prompt), rtol=0, atol=1e-5)
+
+
+def test_plot_and_rows_for_a_language_model(nets, tokenizer, tmp_path):
+    from snnet.plot import plot_pareto
+    from snnet.results import load_results, write_results
+
+    net = nets["smollm2"]
+    rows = lm.evaluate_lm(net, lm.text_loader(lm.token_blocks([_write(TEXT)], tokenizer, 12), 4), progress=False)
+    write_results(rows, tmp_path)
+    back = load_results(tmp_path)
+    assert [r.value("bpb") for r in back] == [r.value("bpb") for r in rows]
+    html, png = plot_pareto(back, tmp_path / "front.html", tmp_path / "front.png", y="bpb")
+    assert "bits per byte" in html.read_text() and png.stat().st_size > 0
