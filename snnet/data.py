@@ -10,8 +10,14 @@ Two kinds of data are supported:
   name such as ``torch/cifar10``, transformed with the anchors' own data config
   (input size, mean/std, interpolation, crop_pct) via ``timm.data.create_transform``.
 
-This module deliberately depends only on ``snnet.errors``, so data can be loaded
-without the stitching core.
+Image folders are read in the network's channels (``L`` for a 1-channel network, ``RGB`` for
+3), as ``snnet serve`` converts an upload, so a folder of grayscale PNGs feeds the shipped
+1-channel family. An image that cannot be read stops the run with
+:class:`UnreadableImageError` naming the file, or, with ``skip_unreadable=True``, is found by a
+scan before the run and left out (counted in the dataset's ``skipped``).
+
+This module deliberately depends only on ``snnet.errors`` (and ``snnet.report``'s progress bar),
+so data can be loaded without the stitching core.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from .errors import SnnetError
 
 __all__ = [
     "DatasetError",
+    "UnreadableImageError",
+    "IMAGE_MODES",
     "TRANSFORM_OPTIONS",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
@@ -44,6 +52,9 @@ __all__ = [
     "read_idx",
     "build_dataset",
     "image_transform",
+    "image_mode",
+    "ImageReader",
+    "skipped_images",
     "num_classes",
     "check_source",
     "make_loader",
@@ -88,6 +99,28 @@ TRANSFORM_OPTIONS = ("auto_augment", "re_prob", "re_mode", "re_count", "color_ji
 
 class DatasetError(SnnetError):
     """A dataset is missing, empty or corrupt. The message says how to fix it."""
+
+
+class UnreadableImageError(DatasetError):
+    """One image file of a folder dataset cannot be opened or decoded; ``path`` names it.
+
+    Training catches it to checkpoint before exiting; the message says how to go on (replace the
+    file, or skip unreadable images). Raised in a loader worker, torch re-creates it in the main
+    process from its message alone, so ``path`` is recovered from the message's fixed form.
+    """
+
+    _FORM = ": unreadable image ("
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        text = str(self)  # the one line (SnnetError recovers it from a worker's traceback text)
+        self.path = Path(path) if path is not None else (
+            Path(text.split(self._FORM, 1)[0]) if self._FORM in text else None)
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str], reason: str) -> "UnreadableImageError":
+        return cls(f"{path}{cls._FORM}{reason}); replace or delete the file, or pass --skip-bad-images to "
+                   "leave unreadable images out (skip_unreadable=True in Python)", path)
 
 
 def _how_to_get_fashion_mnist(root: Path) -> str:
@@ -364,6 +397,49 @@ def _image_folder_root(root: Path, split: str) -> Path:
     return root
 
 
+# PIL mode an image is converted to for a network of this many input channels (and the server's uploads)
+IMAGE_MODES: dict[int, str] = {1: "L", 3: "RGB"}
+
+
+def image_mode(data_config: Mapping[str, Any] | None) -> str:
+    """The PIL mode images are read in for a data config's ``input_size`` (RGB without one)."""
+    size = (data_config or {}).get("input_size")
+    channels = int(size[0]) if size else 3
+    if channels not in IMAGE_MODES:
+        raise DatasetError(f"the network takes {channels}-channel images; image files can feed 1 (grayscale) or "
+                           "3 (RGB) channels: give a dataset of tensors instead")
+    return IMAGE_MODES[channels]
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception in a few words: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+@dataclass(frozen=True)
+class ImageReader:
+    """Open an image file fully decoded and converted to ``mode`` (``L`` or ``RGB``), or raise
+    :class:`UnreadableImageError` naming it. A plain picklable object, so loader workers get it."""
+
+    mode: str = "RGB"
+
+    def __call__(self, path: str | os.PathLike[str]) -> Any:
+        try:
+            return self.open(path)
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, ValueError...)
+            raise UnreadableImageError.of(path, _first_line(e)) from e
+
+    def open(self, path: str | os.PathLike[str]) -> Any:
+        """The image, or whatever exception opening or decoding it raises."""
+        from PIL import Image
+
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()  # truncated or corrupt data fails here, not later inside the transform
+        return img.convert(self.mode) if img.mode != self.mode else img
+
+
 def image_transform(data_config: Mapping[str, Any], augment: bool = False,
                     options: Mapping[str, Any] | None = None) -> Any:
     """timm's transform from a PIL image to a normalised tensor for a data config (``input_size``,
@@ -393,6 +469,7 @@ def build_dataset(
     download: bool = False,
     seed: int = 0,
     transform_options: Mapping[str, Any] | None = None,
+    skip_unreadable: bool = False,
 ) -> Dataset:
     """Build a dataset by name or path.
 
@@ -417,9 +494,13 @@ def build_dataset(
             transform (``augment=True``): ``auto_augment`` (RandAugment, e.g.
             ``'rand-m9-mstd0.5-inc1'``), ``re_prob``/``re_mode``/``re_count`` (random erasing),
             ``color_jitter``, ``interpolation``, ``scale``, ``ratio``, ``hflip``, ``vflip``.
+        skip_unreadable: for a folder, decode every image first (the first ``limit`` good ones with
+            ``limit``) and leave out those that cannot be read; :func:`skipped_images` lists them.
+            Without it, an unreadable image raises :class:`UnreadableImageError` when it is read.
 
     Raises:
-        DatasetError: the dataset is missing or empty, or the transform options are not usable.
+        DatasetError: the dataset is missing or empty, or the transform options are not usable;
+            :class:`UnreadableImageError` when an image of a folder cannot be read.
     """
     config = dict(data_config or {})
     options = dict(transform_options or {})
@@ -428,6 +509,9 @@ def build_dataset(
         raise DatasetError(f"unknown transform option(s) {', '.join(unknown)}; use {', '.join(TRANSFORM_OPTIONS)}")
     name = str(name_or_path)
     _check_limit(limit)
+    path = Path(name).expanduser()
+    if skip_unreadable and not path.is_dir():
+        raise DatasetError(f"skipping unreadable images (--skip-bad-images) applies to image folders; {name} is not one")
     if name.lower() in FASHION_MNIST_NAMES:
         if options and augment:
             raise DatasetError(f"Fashion-MNIST is augmented by its own crop and flip, not timm's transform: drop "
@@ -439,16 +523,9 @@ def build_dataset(
     from timm.data import create_dataset
 
     transform = image_transform(config, augment, options)
-    path = Path(name).expanduser()
     if path.is_dir():
-        from torchvision.datasets import ImageFolder
-
-        folder = _image_folder_root(path, split)
-        try:
-            dataset: Dataset = ImageFolder(str(folder), transform=transform)
-        except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
-            raise DatasetError(f"{folder} is not a usable ImageFolder dataset ({e}); expected "
-                               f"{folder}/<class name>/<image files>") from e
+        dataset: Dataset = _image_folder(_image_folder_root(path, split), transform, image_mode(config),
+                                         skip_unreadable, limit)
     elif _is_timm_name(name):
         dataset = _timm_dataset(create_dataset, name, root, split, augment, download, transform)
     else:
@@ -458,6 +535,98 @@ def build_dataset(
     if limit is not None and limit < len(dataset):  # type: ignore[arg-type]
         dataset = Subset(dataset, range(limit))
     return dataset
+
+
+# a folder this big shows a progress bar while its images are checked (smaller ones take under a second)
+_CHECK_PROGRESS_FROM = 1000
+
+
+def _image_folder(folder: Path, transform: Any, mode: str, skip_unreadable: bool, limit: int | None) -> Dataset:
+    """torchvision's ImageFolder reading images with :class:`ImageReader` (the network's channels), after
+    checking that every class folder can be listed; with ``skip_unreadable`` the unreadable images are
+    found first and left out."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    _check_class_folders(folder)
+    try:
+        dataset = ImageFolder(str(folder), transform=transform, loader=ImageReader(mode))
+    except (FileNotFoundError, RuntimeError) as e:  # no class folders / a class without images
+        raise DatasetError(f"{folder} is not a usable ImageFolder dataset: {_first_line(e).partition(': ')[2]}; "
+                           f"expected {folder}/<class name>/<image files> ({', '.join(IMG_EXTENSIONS)}), "
+                           "every class folder with at least one image") from e
+    dataset.skipped = ()  # type: ignore[attr-defined]
+    if skip_unreadable:
+        _drop_unreadable(dataset, limit)
+    return dataset
+
+
+def _check_class_folders(folder: Path) -> None:
+    """Refuse a class folder that cannot be listed (torchvision would say it holds no valid file)."""
+    try:
+        classes = [e for e in os.scandir(folder) if e.is_dir()]
+    except OSError as e:
+        raise DatasetError(f"cannot list {folder} ({e.strerror or e}): make it readable (chmod u+rx)") from e
+    for entry in classes:
+        try:
+            for _ in os.walk(entry.path, onerror=_raise, followlinks=True):
+                break  # the class folder itself can be listed: enough (its files are read later, one by one)
+        except OSError as e:
+            raise DatasetError(f"class folder {entry.path} cannot be read ({e.strerror or e}): make it readable "
+                               f"(chmod -R u+rX '{entry.path}') or move it out of {folder}; skipping it would "
+                               "renumber the classes after it") from e
+
+
+def _raise(e: OSError) -> None:
+    raise e
+
+
+def _drop_unreadable(dataset: Any, limit: int | None) -> None:
+    """Decode the images of an ImageFolder in order (until ``limit`` readable ones) and remove the
+    unreadable ones from it; they are kept, with the reason, in its ``skipped``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .report import progress
+
+    reader: ImageReader = dataset.loader
+    wanted = len(dataset.samples) if limit is None else min(limit, len(dataset.samples))
+
+    def check(sample: tuple[str, int]) -> str | None:
+        try:
+            reader.open(sample[0])
+        except Exception as e:  # noqa: BLE001 - as ImageReader: whatever Pillow raises
+            return _first_line(e)
+        return None
+
+    good: list[tuple[str, int]] = []
+    bad: list[tuple[str, str]] = []
+    samples, seen, chunk = dataset.samples, 0, 64
+    # Pillow decodes without holding the GIL: threads read several files at once
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
+            progress(wanted, "checking images", "img", enabled=wanted >= _CHECK_PROGRESS_FROM) as bar:
+        while seen < len(samples) and len(good) < wanted:
+            batch = samples[seen:seen + chunk]
+            for sample, reason in zip(batch, pool.map(check, batch)):
+                if len(good) == wanted:
+                    break
+                seen += 1
+                if reason is None:
+                    good.append(sample)
+                    bar.update(1)
+                else:
+                    bad.append((sample[0], reason))
+    if not good:
+        raise DatasetError(f"none of the images of {dataset.root} can be read (first: {bad[0][0]}: {bad[0][1]})")
+    dataset.samples = dataset.imgs = good + samples[seen:]
+    dataset.targets = [t for _, t in dataset.samples]
+    dataset.skipped = tuple(bad)
+
+
+def skipped_images(dataset: Dataset) -> tuple[tuple[str, str], ...]:
+    """The ``(file, reason)`` of every image a folder dataset left out as unreadable (``skip_unreadable``)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return tuple(getattr(dataset, "skipped", ()))
 
 
 def _timm_dataset(create_dataset: Any, name: str, root: str | os.PathLike[str] | None, split: str,

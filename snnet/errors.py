@@ -8,7 +8,27 @@ from __future__ import annotations
 
 
 class SnnetError(Exception):
-    """Base class of every error caused by bad input to snnet."""
+    """Base class of every error caused by bad input to snnet.
+
+    Raised in a DataLoader worker, torch re-creates the error in the main process with its whole
+    traceback as the message; the one line it was raised with is taken back from it, so the
+    command line still prints one line.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") \
+                and "\nOriginal Traceback" in args[0]:
+            args = (_raised_message(args[0], type(self)),)
+        super().__init__(*args)
+
+
+def _raised_message(text: str, kind: type) -> str:
+    """The message of the exception a formatted traceback ends with (torch's worker re-raise text)."""
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+    for name in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+        if last.startswith(name):
+            return last[len(name):]
+    return last
 
 
 class UnknownModelError(SnnetError, KeyError):

@@ -28,6 +28,9 @@ def evaluate(
     calib_images: Annotated[int, typer.Option("--calib-images", min=1, help="Training images for the least-squares "
                                               "fit of the stitching layers (only without --model).")] = 100,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    skip_bad_images: Annotated[bool, typer.Option(
+        "--skip-bad-images", help="An image folder: decode every image first and leave out those that cannot be read "
+                                  "(counted and reported) instead of stopping at the first one.")] = False,
     results: Annotated[Optional[Path], typer.Option(
         "--results", "-r", help="Plot an existing results.json/.csv (or its folder) again instead of evaluating, "
                                 "e.g. with --zoo; writes results and plots into --out.")] = None,
@@ -56,7 +59,8 @@ def evaluate(
             raise SnnetError(f"--results plots results that exist; {', '.join(given)} would evaluate: drop one or the other")
         rows = load_results(results)
     else:
-        rows = _evaluate(model, data, split, batch_size, limit, stitches, device, amp, workers, calib_images, progress)
+        rows = _evaluate(model, data, split, batch_size, limit, stitches, device, amp, workers, calib_images, progress,
+                         skip_bad_images)
     if chosen_zoo is not None:
         rows = mark_pareto(network_rows(rows) + chosen_zoo.rows())  # a new zoo replaces the one already there
     typer.echo(format_results(rows))
@@ -79,7 +83,8 @@ def write_plots(rows: list, out: Path) -> list[Path]:
 
 
 def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit: int | None, stitches: str | None,
-              device: str | None, amp: bool, workers: int, calib_images: int, progress: bool) -> list:
+              device: str | None, amp: bool, workers: int, calib_images: int, progress: bool,
+              skip_bad_images: bool = False) -> list:
     """Build or load the network, check the data against it, evaluate every chosen stitch."""
     from .. import data as sndata
     from .options import DEFAULT_ANCHORS, split_names
@@ -100,7 +105,8 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
         net = create_snnet(split_names(DEFAULT_ANCHORS), pretrained=True)
     chosen = [net.stitch(k) for k in keys] if keys is not None else None
     data_config = net.anchors[0].data_config
-    dataset = sndata.build_dataset(data, split, data_config, limit=limit)
+    dataset = sndata.build_dataset(data, split, data_config, limit=limit, skip_unreadable=skip_bad_images)
+    _say_skipped(dataset, data, split)
     classes = sndata.num_classes(dataset)
     if classes != net.num_classes:
         raise SnnetError(f"{data} has {classes} classes but the network predicts {net.num_classes}: "
@@ -110,10 +116,22 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
         raise SnnetError(f"{data} gives images of shape {shape}, the network takes {tuple(net.input_size)}")
     net.to(dev)
     if model is None:
-        calib = sndata.build_dataset(data, "train", data_config, limit=calib_images)
+        calib = sndata.build_dataset(data, "train", data_config, limit=calib_images, skip_unreadable=skip_bad_images)
+        _say_skipped(calib, data, "train")
         report = net.init_stitching(sndata.make_loader(calib, min(batch_size, calib_images), shuffle=False),
                                     max_images=calib_images, progress=progress)
         typer.echo(f"fitted {report.layers} stitching layers by least squares on {report.images} training images "
                    f"({report.seconds:.1f}s)", err=True)
     loader = sndata.make_loader(dataset, batch_size, shuffle=False, num_workers=workers)
     return run_eval(net, loader, chosen, device=dev, progress=progress, amp=amp)
+
+
+def _say_skipped(dataset: object, data: str, split: str) -> None:
+    """One line on stderr when unreadable images were left out (--skip-bad-images)."""
+    from ..data import skipped_images
+
+    skipped = skipped_images(dataset)  # type: ignore[arg-type]
+    if skipped:
+        path, reason = skipped[0]
+        typer.echo(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} of {data} ({split}), "
+                   f"first {path} ({reason}); using the other {len(dataset)}", err=True)  # type: ignore[arg-type]
