@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from .commands.options import DEFAULT_ANCHORS, AnchorsOpt, ImgSizeOpt, split_names
-from .errors import SnnetError
+from .errors import SnnetError, SnnetWarning
 
 app = typer.Typer(
     add_completion=False,
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         from click import exceptions as click_errors
 
     try:
-        code = app(args=argv, prog_name="snnet", standalone_mode=False)
+        with warnings.catch_warnings():  # snnet's warnings as one line each, restored on return
+            warnings.showwarning = _show_warning
+            code = app(args=argv, prog_name="snnet", standalone_mode=False)
     except click_errors.NoArgsIsHelpError as e:  # bare `snnet`: the help, as before
         e.show()
         sys.exit(2)
@@ -158,6 +161,18 @@ def main(argv: list[str] | None = None) -> None:
         if code == 130:
             typer.secho("interrupted", err=True, fg=typer.colors.RED)
         sys.exit(code)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """``warning: ...`` in one line for snnet's own warnings; Python's format for the others."""
+    if issubclass(category, SnnetWarning):
+        typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
 
 
 def _fail(message: str, code: int) -> None:

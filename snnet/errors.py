@@ -94,3 +94,14 @@ class ServeError(SnnetError, ValueError):
 
 class ZooError(SnnetError, ValueError):
     """A zoo of comparison networks that is missing or malformed, or a zoo filter that cannot be read."""
+
+
+class SnnetWarning(UserWarning):
+    """Something the user should know that does not stop the work (the command line prints ``warning: ...``)."""
+
+
+class UnverifiedFileWarning(SnnetWarning):
+    """A file loaded without its checksum checked: none is recorded for it, or the record itself is gone.
+
+    Said once per file and process (Python's default warning filter), never silently.
+    """

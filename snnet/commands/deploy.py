@@ -143,13 +143,14 @@ def export(
     Every file is verified (outputs equal to the stitch inside the stitched network) before it is moved
     into --out; if any format fails, nothing is written.
     """
-    from ..deploy.export import _check_dir, _check_formats, export_stitch
+    from ..deploy.export import _check_dir, _check_formats, check_export_folder, export_stitch
 
     from ..errors import ExportError
     from ..io import check_creatable
 
     chosen_formats = _check_formats(formats)
     check_creatable(out, error=ExportError)  # an unwritable --out fails before any network is built
+    check_export_folder(out, chosen_formats)  # and one whose files the export would mix or overwrite
     # a bad stitch name fails before anything is loaded or written (the space needs no weights)
     if model is not None:
         from ..model import StitchedNet
