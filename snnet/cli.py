@@ -100,12 +100,15 @@ def _klas(names: list[str], img_size: int | None, keep: int, calib_images: int, 
     from .data import build_dataset, make_loader
     from .klas import klas, klas_net
     from .model import create_snnet
+    from .anchors import check_weights_file
 
     if calib_images < 2:
         raise SnnetError(f"--calib-images must be >= 2 (KLAS compares images with each other), got {calib_images}")
     files = [w.strip() for w in weights.split(",")] if weights else None
     if files is not None and len(files) != len(names):
         raise SnnetError(f"--weights gives {len(files)} files for {len(names)} anchors; give one per anchor")
+    for name, file in zip(names, files or []):
+        check_weights_file(file, name)  # every file before the first anchor is built
     net = create_snnet(_specs(names, pretrained, files), img_size=img_size)
     calib = build_dataset(data, "train", net.anchors[0].data_config, limit=calib_images, root=data_dir, seed=seed)
     result = klas(net, make_loader(calib, min(64, calib_images), shuffle=True, seed=seed), keep, max_images=calib_images)
@@ -176,7 +179,8 @@ _PYTHON_SHOWWARNING = warnings.showwarning
 
 
 def _fail(message: str, code: int) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    # one line whatever the message holds (an error of another library quoted in it may span several)
+    typer.secho(f"error: {' '.join(message.split())}", err=True, fg=typer.colors.RED)
     sys.exit(code)
 
 

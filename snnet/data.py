@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .errors import SnnetError
+from .errors import SnnetError, reason
 
 __all__ = [
     "DatasetError",
@@ -58,6 +58,7 @@ __all__ = [
     "num_classes",
     "check_source",
     "make_loader",
+    "check_workers",
     "set_epoch",
 ]
 
@@ -119,8 +120,8 @@ class UnreadableImageError(DatasetError):
 
     @classmethod
     def of(cls, path: str | os.PathLike[str], reason: str) -> "UnreadableImageError":
-        return cls(f"{path}{cls._FORM}{reason}); replace or delete the file, or pass --skip-bad-images to "
-                   "leave unreadable images out (skip_unreadable=True in Python)", path)
+        return cls(f"{path}{cls._FORM}{reason}); replace or delete the file, or leave unreadable images out "
+                   "(`snnet eval --skip-bad-images`, build_dataset(..., skip_unreadable=True))", path)
 
 
 def _how_to_get_fashion_mnist(root: Path) -> str:
@@ -350,6 +351,8 @@ def _fashion_mnist_missing(root: Path, split: str) -> list[str]:
 
 def _locate_fashion_mnist(root: Path, split: str) -> list[Path]:
     """The split's image and label files in ``root``, or a DatasetError saying how to get them."""
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{root} is a file, not a folder: give the folder that holds Fashion-MNIST's four IDX files")
     missing = _fashion_mnist_missing(root, split)
     if missing:
         raise DatasetError(f"missing {', '.join(missing)}[.gz]. " + _how_to_get_fashion_mnist(root))
@@ -362,8 +365,9 @@ def _check_limit(limit: int | None) -> None:
 
 
 def _missing_folder(path: Path) -> DatasetError:
-    return DatasetError(f"dataset folder {path} does not exist (expected an ImageFolder tree, "
-                        "'fashion-mnist', or a timm dataset name such as 'torch/cifar10')")
+    what = f"{path} is a file, not a dataset" if path.is_file() else f"dataset folder {path} does not exist"
+    return DatasetError(f"{what} (expected an ImageFolder tree, 'fashion-mnist', or a timm dataset name such as "
+                        "'torch/cifar10')")
 
 
 def check_source(name_or_path: str | os.PathLike[str], split: str = "train",
@@ -373,12 +377,13 @@ def check_source(name_or_path: str | os.PathLike[str], split: str = "train",
     if name.lower() in FASHION_MNIST_NAMES:
         _locate_fashion_mnist(Path(root).expanduser() if root is not None else default_fashion_mnist_root(),
                               _fashion_mnist_split(split))
-    elif not (_is_timm_name(name) or Path(name).expanduser().is_dir()):
+    elif Path(name).expanduser().is_file() or not (_is_timm_name(name) or Path(name).expanduser().is_dir()):
         raise _missing_folder(Path(name).expanduser())
 
 
 def _is_timm_name(name: str) -> bool:
-    return name.startswith(_TIMM_PREFIXES) or (os.sep not in name and "/" not in name)
+    """A name timm's create_dataset may know (``torch/cifar10``, ``imagenet``), rather than a path."""
+    return name.startswith(_TIMM_PREFIXES) or (os.sep not in name and "/" not in name and not Path(name).exists())
 
 
 def _is_train(split: str) -> bool:
@@ -411,12 +416,6 @@ def image_mode(data_config: Mapping[str, Any] | None) -> str:
     return IMAGE_MODES[channels]
 
 
-def _first_line(e: BaseException) -> str:
-    """An exception in a few words: its type and the first line of its message."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
 @dataclass(frozen=True)
 class ImageReader:
     """Open an image file fully decoded and converted to ``mode`` (``L`` or ``RGB``), or raise
@@ -428,7 +427,7 @@ class ImageReader:
         try:
             return self.open(path)
         except Exception as e:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, ValueError...)
-            raise UnreadableImageError.of(path, _first_line(e)) from e
+            raise UnreadableImageError.of(path, reason(e)) from e
 
     def open(self, path: str | os.PathLike[str]) -> Any:
         """The image, or whatever exception opening or decoding it raises."""
@@ -552,9 +551,10 @@ def _image_folder(folder: Path, transform: Any, mode: str, skip_unreadable: bool
     try:
         dataset = ImageFolder(str(folder), transform=transform, loader=ImageReader(mode))
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / a class without images
-        raise DatasetError(f"{folder} is not a usable ImageFolder dataset: {_first_line(e).partition(': ')[2]}; "
+        raise DatasetError(f"{folder} is not a usable ImageFolder dataset: {reason(e).partition(': ')[2]}; "
                            f"expected {folder}/<class name>/<image files> ({', '.join(IMG_EXTENSIONS)}), "
                            "every class folder with at least one image") from e
+    _check_no_folder_twice(dataset.samples)
     dataset.skipped = ()  # type: ignore[attr-defined]
     if skip_unreadable:
         _drop_unreadable(dataset, limit)
@@ -581,6 +581,18 @@ def _raise(e: OSError) -> None:
     raise e
 
 
+def _check_no_folder_twice(samples: list[tuple[str, int]]) -> None:
+    """Refuse a tree that reaches one folder by two paths (a symbolic link back into it): torchvision follows
+    links, so its images would be read, trained on and counted several times."""
+    seen: dict[str, str] = {}
+    for folder in dict.fromkeys(os.path.dirname(path) for path, _ in samples):
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise DatasetError(f"{folder} is {seen[real]} again (reached through a symbolic link): its images would "
+                               "count more than once; remove the link or copy the images")
+        seen[real] = folder
+
+
 def _drop_unreadable(dataset: Any, limit: int | None) -> None:
     """Decode the images of an ImageFolder in order (until ``limit`` readable ones) and remove the
     unreadable ones from it; they are kept, with the reason, in its ``skipped``."""
@@ -595,7 +607,7 @@ def _drop_unreadable(dataset: Any, limit: int | None) -> None:
         try:
             reader.open(sample[0])
         except Exception as e:  # noqa: BLE001 - as ImageReader: whatever Pillow raises
-            return _first_line(e)
+            return reason(e)
         return None
 
     good: list[tuple[str, int]] = []
@@ -606,15 +618,15 @@ def _drop_unreadable(dataset: Any, limit: int | None) -> None:
             progress(wanted, "checking images", "img", enabled=wanted >= _CHECK_PROGRESS_FROM) as bar:
         while seen < len(samples) and len(good) < wanted:
             batch = samples[seen:seen + chunk]
-            for sample, reason in zip(batch, pool.map(check, batch)):
+            for sample, why in zip(batch, pool.map(check, batch)):
                 if len(good) == wanted:
                     break
                 seen += 1
-                if reason is None:
+                if why is None:
                     good.append(sample)
                     bar.update(1)
                 else:
-                    bad.append((sample[0], reason))
+                    bad.append((sample[0], why))
     if not good:
         raise DatasetError(f"none of the images of {dataset.root} can be read (first: {bad[0][0]}: {bad[0][1]})")
     dataset.samples = dataset.imgs = good + samples[seen:]
@@ -669,6 +681,20 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+# loader worker processes per CPU beyond which more only cost memory and start-up time (reading files
+# from a slow disk can use more than one per CPU; a hundred thousand is a typo that forks until memory ends)
+WORKERS_PER_CPU = 4
+
+
+def check_workers(num_workers: int) -> int:
+    """``num_workers`` if it is a sane number of loader processes for this machine, else a DatasetError."""
+    most = WORKERS_PER_CPU * (os.cpu_count() or 1)
+    if not 0 <= num_workers <= most:
+        raise DatasetError(f"{num_workers} data loader workers: give 0 (load in the main process) to {most} "
+                           f"({WORKERS_PER_CPU} per CPU of this machine)")
+    return num_workers
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -684,6 +710,7 @@ def make_loader(
     across ranks; call :func:`set_epoch` before each epoch so that it, and the
     dataset's augmentation, reshuffle.
     """
+    check_workers(num_workers)
     sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last) if distributed else None
     return DataLoader(
         dataset,

@@ -6,6 +6,8 @@ message (which says what was wrong and what to do) instead of a traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class SnnetError(Exception):
     """Base class of every error caused by bad input to snnet.
@@ -20,6 +22,23 @@ class SnnetError(Exception):
                 and "\nOriginal Traceback" in args[0]:
             args = (_raised_message(args[0], type(self)),)
         super().__init__(*args)
+
+
+def reason(e: BaseException, limit: int = 200, whole: bool = False) -> str:
+    """Another library's exception in one line for a message of ours: its type and first line
+    (``whole``: every line, joined), at most ``limit`` characters of it.
+
+    torch's refusal to unpickle a file (``weights_only``) is said in snnet's words, naming the
+    object it refused, without torch's advice to load it unsafely, which a user cannot take from
+    the command line and should not take for a file of unknown origin.
+    """
+    text = str(e).strip()
+    if re.search(r"weights[_ ]only", text, re.IGNORECASE):
+        blocked = re.search(r"unsupported globals?:?\s+([\w.]+)", text, re.IGNORECASE)
+        what = f" ({blocked.group(1).rstrip('.')})" if blocked else ""
+        return f"it holds Python objects besides tensors{what}, refused: unpickling them could run any code"
+    said = " ".join(text.split()) if whole else (text.splitlines() or [""])[0]
+    return f"{type(e).__name__}: {said[:limit]}" if said else type(e).__name__
 
 
 def _raised_message(text: str, kind: type) -> str:

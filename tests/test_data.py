@@ -342,20 +342,25 @@ def test_a_folder_of_grayscale_pngs_feeds_a_one_channel_network(tmp_path: Path) 
         build_dataset(tmp_path / "l", "val", dict(gray, input_size=(2, 28, 28)))
 
 
+def _refuse_listing(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make listing ``folder`` fail as a chmod-000 folder does for anyone but root."""
+    scandir = os.scandir
+
+    def refusing(path=".", *args):
+        if os.fspath(path) == str(folder):
+            raise PermissionError(13, "Permission denied", str(folder))
+        return scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    return folder
+
+
 def test_a_class_folder_that_cannot_be_read_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torchvision says "Found no valid file" for a class folder it cannot list (chmod 000); snnet names the
     folder and the fix. Root reads any folder, so the refusal of the listing is simulated here (and real in
     test_a_chmod_000_class_folder_is_named when not root)."""
     _folder(tmp_path)
-    locked = tmp_path / "class1"
-    scandir = os.scandir
-
-    def refusing(path=".", *args):
-        if os.fspath(path) == str(locked):
-            raise PermissionError(13, "Permission denied", str(locked))
-        return scandir(path, *args)
-
-    monkeypatch.setattr(os, "scandir", refusing)
+    locked = _refuse_listing(tmp_path / "class1", monkeypatch)
     with pytest.raises(DatasetError) as raised:
         build_dataset(tmp_path, "val", RGB32)
     message = str(raised.value)

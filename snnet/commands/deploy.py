@@ -11,6 +11,8 @@ ModelOpt = Annotated[Optional[Path], typer.Option(
     "--model", "-m", help="A saved stitched network (folder with config.json and model.safetensors). "
                           "Default: the shipped Fashion-MNIST family.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+# forwards per stitch a profile may time (or warm up with): more is a typo, not a measurement
+MAX_RUNS = 1_000_000
 
 
 def _load(model: Path | None, trained: bool) -> Any:
@@ -38,8 +40,8 @@ def profile(
         "--batch-sizes", help="Also time every stitch at each of these batch sizes, e.g. 1,2,4,8,16 (stored as "
                               "latency_by_batch in results.json; `snnet serve` plans its batches with it).")] = None,
     img_size: Annotated[Optional[int], typer.Option("--img-size", min=1, help="Input resolution (default: the network's).")] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed forwards per stitch (median and p90 are reported).")] = 30,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed forwards per stitch first.")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, max=MAX_RUNS, help="Timed forwards per stitch (median and p90 are reported).")] = 30,
+    warmup: Annotated[int, typer.Option(min=0, max=MAX_RUNS, help="Untimed forwards per stitch first.")] = 5,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: torch's).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1... (default: cuda if available).")] = None,
     stitches: Annotated[Optional[str], typer.Option(help="Comma-separated stitch ids or names (default: all).")] = None,
@@ -144,6 +146,7 @@ def export(
     into --out; if any format fails, nothing is written.
     """
     from ..deploy.export import _check_dir, _check_formats, check_export_folder, export_stitch
+    from ..deploy.memory import check_input
 
     from ..errors import ExportError
     from ..io import check_creatable
@@ -161,7 +164,9 @@ def export(
         from .options import DEFAULT_ANCHORS, split_names
         from ..model import create_snnet
 
-        create_snnet(split_names(DEFAULT_ANCHORS), device="meta").stitch(stitch)
+        net = create_snnet(split_names(DEFAULT_ANCHORS), device="meta")
+        net.stitch(stitch)
+    check_input(net, [batch_size], stitches=[stitch], what="the network")  # a --batch-size too big for memory
     out = _check_dir(out)
     if model is None:
         net = _load(None, trained=True)

@@ -96,6 +96,7 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     if keys is not None and not keys:
         raise SnnetError(f"--stitches {stitches!r} names no stitch: give comma-separated ids or names")
     dev = default_device(device)
+    sndata.check_workers(workers)
     sndata.check_source(data, split)  # missing data fails before the network is built
     if model is None:
         sndata.check_source(data, "train")  # the least-squares fit reads training images

@@ -350,9 +350,12 @@ def export_stitch(net: "StitchedNet", stitch: int | str | Stitch, out: str | os.
     ``out`` and verified; the files move into ``out`` only when every format succeeded, so a
     failure leaves ``out`` as it was. The example input is a random batch at the network's input size.
     """
+    from .memory import check_input
+
     formats = _check_formats(formats)
     s = net.space[stitch]  # unknown stitch: fails before any work
     check_export_folder(out, formats)
+    check_input(net, [batch_size], stitches=[s], what="the network")  # a batch_size that cannot fit in memory
     out = _check_dir(out)
     route = extract(net, s).cpu()
     example = torch.randn(batch_size, *net.input_size, generator=torch.Generator().manual_seed(0))
