@@ -1,11 +1,12 @@
 """Whether an input fits: a size the network can take, in a batch this device's memory can hold.
 
-:func:`check_input` runs the chosen stitches once on the ``meta`` device (shapes only, nothing
-allocated), so an image size the anchors refuse (a ViT's patch grid, a kernel larger than the
-image) and a batch or size that cannot fit in memory are refused in one line, before any real
-tensor is made. Without it ``snnet profile --img-size 3`` ended in an AssertionError from
-inside timm and ``--img-size 99999`` in an allocation failure (or, with overcommitted memory,
-the kernel's out-of-memory killer). :func:`available_memory` says how much this device has.
+:func:`check_input` refuses, in one line and before any real tensor is made, an image size the
+anchors cannot take (a ViT's fixed patch grid, a kernel larger than the image: each chosen stitch
+is run once on the ``meta`` device, shapes only) and a batch or size whose input and largest
+activation alone exceed this device's free memory. Without it ``snnet profile --img-size 3``
+ended in an AssertionError from inside timm and ``--img-size 99999`` or ``--batch-size
+100000000`` in an allocation failure (or, with overcommitted memory, the out-of-memory killer).
+:func:`available_memory` says how much this device has.
 """
 
 from __future__ import annotations
@@ -73,43 +74,66 @@ def _meta_forward(net: "StitchedNet", batch: int, size: Sequence[int]) -> int:
     return mode.largest
 
 
+def _largest_activation(net: "StitchedNet", stitches: Sequence["Stitch"]) -> int:
+    """Elements, per image, of the largest activation between two blocks on any of ``stitches``' routes at
+    the network's own input size (from the specs the stitch space was built from: no forward)."""
+    largest = 0
+    for s in stitches:
+        for seg in s.segments:
+            specs = net.space.anchors[seg.anchor].specs
+            for spec in specs[seg.start:len(specs) if seg.stop is None else seg.stop + 1]:
+                largest = max(largest, spec.positions * spec.channels)
+    return largest
+
+
 def check_input(net: "StitchedNet", batch_sizes: Sequence[int], input_size: Sequence[int] | None = None,
                 stitches: Sequence["int | str | Stitch"] | None = None, device: str | torch.device = "cpu",
                 what: str = "--img-size") -> None:
     """Refuse, in one line and before any tensor is allocated, an input size some chosen stitch cannot take,
     or a batch whose input plus largest intermediate tensor cannot fit in ``device``'s free memory.
 
-    The memory figure is a lower bound of what a forward needs (other tensors are alive at the same time),
-    so nothing that could run is refused. ``what`` names the option that set the size, for the message.
+    An input size other than the network's own is tried on every chosen stitch on the meta device
+    (shapes only: a few hundred milliseconds a route for a DeiT); at its own size the activations
+    between blocks are known already. The memory figure is a lower bound of what a forward needs
+    (other tensors are alive at the same time), so nothing that could run is refused. ``what``
+    names the option that set the size, for the message.
     """
-    size = tuple(int(v) for v in (input_size if input_size is not None else net.input_size))
+    own = tuple(int(v) for v in net.input_size)
+    size = tuple(int(v) for v in input_size) if input_size is not None else own
     chosen = [net.space[k] for k in stitches] if stitches is not None else list(net.space)
+    batch = max(batch_sizes)
+    elem = next(net.parameters()).element_size()
+    if size == own:
+        largest: int | None = batch * elem * _largest_activation(net, chosen)
+    else:
+        largest = _try_size(net, chosen, batch, size, what)
+    free = available_memory(device)
+    if largest is None or free is None:
+        return
+    need = batch * elem * int(torch.Size(size).numel()) + largest
+    if need > free:
+        raise SnnetError(f"a batch of {batch} inputs of {'x'.join(map(str, size))} needs at least {need / MB:,.0f} MiB "
+                         f"on {torch.device(device)} (the input and the largest activation of one forward), and "
+                         f"{free / MB:,.0f} MiB are free: choose a smaller batch or input size")
+
+
+def _try_size(net: "StitchedNet", chosen: Sequence["Stitch"], batch: int, size: tuple[int, ...], what: str) -> int | None:
+    """Run every chosen stitch once on the meta device at ``size``: the bytes of the largest tensor any makes,
+    None if some op has no meta kernel (the real run will tell), or an error naming the stitch that fails."""
     active, was_training = net.active, net.training
     net.eval()
-    largest, checked = 0, True
+    largest = 0
     try:
         for s in chosen:
             net.select(s.id)
             try:
-                largest = max(largest, _meta_forward(net, max(batch_sizes), size))
-            except NotImplementedError:  # an op without a meta kernel: the real run will tell
-                checked = False
-                break
+                largest = max(largest, _meta_forward(net, batch, size))
+            except NotImplementedError:
+                return None
             except (RuntimeError, AssertionError, ValueError, IndexError, TypeError) as e:
-                shown = "x".join(map(str, size))
-                own = "x".join(map(str, net.input_size))
-                raise SnnetError(f"{what} gives {shown} inputs, which stitch {s.name!r} cannot take ({reason(e)}); "
-                                 f"this network's own input is {own}") from e
+                raise SnnetError(f"{what} gives {'x'.join(map(str, size))} inputs, which stitch {s.name!r} cannot take "
+                                 f"({reason(e)}); this network's own input is {'x'.join(map(str, net.input_size))}") from e
     finally:
         net.select(active.id)
         net.train(was_training)
-    free = available_memory(device)
-    if not checked or free is None:
-        return
-    p = next(net.parameters())
-    batch = max(batch_sizes)
-    need = batch * p.element_size() * int(torch.Size(size).numel()) + largest
-    if need > free:
-        raise SnnetError(f"a batch of {batch} inputs of {'x'.join(map(str, size))} needs at least {need / MB:,.0f} MiB "
-                         f"on {torch.device(device)} (the input and the largest tensor of one forward), and "
-                         f"{free / MB:,.0f} MiB are free: choose a smaller batch or input size")
+    return largest
