@@ -379,6 +379,8 @@ def check_source(name_or_path: str | os.PathLike[str], split: str = "train",
                               _fashion_mnist_split(split))
     elif Path(name).expanduser().is_file() or not (_is_timm_name(name) or Path(name).expanduser().is_dir()):
         raise _missing_folder(Path(name).expanduser())
+    else:
+        _is_train(split)  # an unknown split name fails now too
 
 
 def _is_timm_name(name: str) -> bool:
@@ -389,7 +391,10 @@ def _is_timm_name(name: str) -> bool:
 def _is_train(split: str) -> bool:
     """Whether a split name means training data, for datasets other than Fashion-MNIST (which
     have their own train/validation folders or splits and no carved validation split)."""
-    return _SPLIT_ALIASES.get(split, split) in ("train", "train+val")
+    if split not in _SPLIT_ALIASES:
+        raise DatasetError(f"unknown split {split!r}; use train, val or test (an image folder's train/ or val/ "
+                           "sub-folder if it has them, else the folder itself)")
+    return _SPLIT_ALIASES[split] in ("train", "train+val")
 
 
 def _image_folder_root(root: Path, split: str) -> Path:

@@ -136,6 +136,8 @@ BAD = [
     ("eval --model TINY --data TXT --out OUT", ["TXT is a file, not a dataset"]),
     ("eval --model TINY --data IMAGES --workers 100000 --out OUT", ["100000 data loader workers"]),
     ("eval --model TINY --data LOOP --out OUT", ["reached through a symbolic link"]),
+    ("eval --model TINY --data IMAGES --split nope --out OUT", ["unknown split 'nope'"]),
+    ("profile --model TINY --stitches ,", ["names no stitch"]),
     (f"convert --from-reference EVIL --anchors {TWO} --out OUT", ["(posix.system), refused", "--trust-checkpoint"]),
 ]
 

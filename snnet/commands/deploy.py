@@ -54,7 +54,7 @@ def profile(
     accuracy/latency frontier is drawn (pareto_latency.html/.png); otherwise a results.json with
     FLOPs, params, latency and memory (accuracy empty) is written.
     """
-    from .options import split_ints
+    from .options import split_ints, split_stitches
     from ..deploy import merge_profile, profile as run_profile, read_rows
     from ..results import RESULTS_JSON, StitchResult, check_writable, write_results
     from ..io import atomic_write
@@ -62,11 +62,11 @@ def profile(
     from ..train import default_device
 
     sizes = split_ints(batch_sizes, "--batch-sizes") if batch_sizes else None
+    keys = split_stitches(stitches)
     out = check_writable(out)
     dev = default_device(device)
     existing = read_rows(out / RESULTS_JSON) if (out / RESULTS_JSON).is_file() else None  # a broken file fails now
     net = _load(model, trained=False)
-    keys = [k.strip() for k in stitches.split(",") if k.strip()] if stitches else None
     for k in keys or []:
         net.stitch(k)  # unknown names fail before any measuring
     size = (net.input_size[0], img_size, img_size) if img_size else None

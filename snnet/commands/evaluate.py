@@ -87,14 +87,12 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
               skip_bad_images: bool = False) -> list:
     """Build or load the network, check the data against it, evaluate every chosen stitch."""
     from .. import data as sndata
-    from .options import DEFAULT_ANCHORS, split_names
+    from .options import DEFAULT_ANCHORS, split_names, split_stitches
     from ..evaluate import evaluate as run_eval
     from ..model import StitchedNet, create_snnet
     from ..train import default_device
 
-    keys = [k.strip() for k in stitches.split(",") if k.strip()] if stitches is not None else None
-    if keys is not None and not keys:
-        raise SnnetError(f"--stitches {stitches!r} names no stitch: give comma-separated ids or names")
+    keys = split_stitches(stitches)
     dev = default_device(device)
     sndata.check_workers(workers)
     sndata.check_source(data, split)  # missing data fails before the network is built
