@@ -54,6 +54,7 @@ __all__ = [
     "image_transform",
     "image_mode",
     "ImageReader",
+    "convert_image",
     "skipped_images",
     "num_classes",
     "check_source",
@@ -441,7 +442,24 @@ class ImageReader:
         with open(path, "rb") as f:
             img = Image.open(f)
             img.load()  # truncated or corrupt data fails here, not later inside the transform
-        return img.convert(self.mode) if img.mode != self.mode else img
+        return convert_image(img, self.mode)
+
+
+# Pillow's modes of 16-bit grayscale (PNG, TIFF): converted to "L" it clips every value above 255
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def convert_image(img: Any, mode: str) -> Any:
+    """A decoded PIL image in ``mode`` (``L`` or ``RGB``), as :class:`ImageReader` reads files and as an
+    uploaded image should be read: RGBA/P/CMYK/LA converted by Pillow, 16-bit grayscale scaled to 8 bits
+    (Pillow would clip it, turning most of a 16-bit image white)."""
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT:
+        import numpy as np
+
+        img = Image.fromarray((np.asarray(img, dtype=np.uint32) * 255 // 65535).astype(np.uint8), mode="L")
+    return img.convert(mode) if img.mode != mode else img
 
 
 def image_transform(data_config: Mapping[str, Any], augment: bool = False,

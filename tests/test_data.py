@@ -338,6 +338,13 @@ def test_a_folder_of_grayscale_pngs_feeds_a_one_channel_network(tmp_path: Path) 
             assert img.mode == mode
             assert torch.equal(x, transform(img.convert("L")))
     assert build_dataset(tmp_path / "l", "val", RGB32)[0][0].shape == (3, 32, 32)  # and L -> RGB for an RGB network
+    # a 16-bit grayscale PNG is scaled to 8 bits, not clipped (Pillow's own conversion turns it nearly white)
+    deep = (torch.arange(28 * 28, dtype=torch.int32).view(28, 28) * 83).numpy().astype("uint16")
+    (tmp_path / "deep" / "c").mkdir(parents=True)
+    Image.fromarray(deep).save(tmp_path / "deep" / "c" / "0.png")
+    x, _ = build_dataset(tmp_path / "deep", "val", gray)[0]
+    want = torch.from_numpy((deep.astype("int64") * 255 // 65535).astype("float32")) / 255
+    assert torch.allclose(x[0], (want - 0.286) / 0.353, atol=1e-5)
     with pytest.raises(DatasetError, match="2-channel"):
         build_dataset(tmp_path / "l", "val", dict(gray, input_size=(2, 28, 28)))
 
