@@ -592,16 +592,12 @@ def _check_class_folders(folder: Path) -> None:
         raise DatasetError(f"cannot list {folder} ({e.strerror or e}): make it readable (chmod u+rx)") from e
     for entry in classes:
         try:
-            for _ in os.walk(entry.path, onerror=_raise, followlinks=True):
-                break  # the class folder itself can be listed: enough (its files are read later, one by one)
+            with os.scandir(entry.path):  # opening the listing is the test: its files are read later, one by one
+                pass
         except OSError as e:
             raise DatasetError(f"class folder {entry.path} cannot be read ({e.strerror or e}): make it readable "
                                f"(chmod -R u+rX '{entry.path}') or move it out of {folder}; skipping it would "
                                "renumber the classes after it") from e
-
-
-def _raise(e: OSError) -> None:
-    raise e
 
 
 def _check_no_folder_twice(samples: list[tuple[str, int]]) -> None:
