@@ -425,20 +425,21 @@ def near_names(arch: str, known: Sequence[str], n: int = 5) -> list[str]:
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
-def check_weights_file(path: str | os.PathLike[str], name: str) -> Path:
-    """Refuse, before any model is built, a weights file timm could only fail on with a traceback.
+def check_weights_file(path: str | os.PathLike[str], what: str) -> Path:
+    """Refuse, before any model is built, a weights file torch or timm could only fail on with a traceback.
 
     Reads a few bytes: a ``.safetensors`` file must have a whole JSON header; any other file must
-    start like a file ``torch.save`` wrote. A folder, an empty file or a text file is named in one line.
+    start like a file ``torch.save`` wrote. A folder, an empty file or a text file is named in one
+    line, which starts with ``what`` (e.g. ``weights for 'deit_tiny'``, ``--from-reference``).
     """
     from .errors import CheckpointError
 
     p = Path(path)
     kinds = "a .safetensors file, or a .pth/.pt/.bin file saved by torch"
     if p.is_dir():
-        raise CheckpointError(f"weights for {name!r}: {p} is a folder; give {kinds}")
+        raise CheckpointError(f"{what}: {p} is a folder; give {kinds}")
     if not p.is_file():
-        raise FileNotFoundError(f"weights file for {name!r} not found: {p}")
+        raise FileNotFoundError(f"{what}: {p} not found")
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(8)
@@ -449,12 +450,12 @@ def check_weights_file(path: str | os.PathLike[str], name: str) -> Path:
                     raise ValueError(f"header length {n} for a file of {size} bytes")
                 json.loads(f.read(n))
             except ValueError as e:
-                raise CheckpointError(f"weights for {name!r}: {p} is not a readable safetensors file ({e}); "
+                raise CheckpointError(f"{what}: {p} is not a readable safetensors file ({e}); "
                                       "download or save it again") from e
             return p
     if not head.startswith(_TORCH_MAGIC):
-        what = "empty" if size == 0 else f"not a weights file: it starts with {head!r}"
-        raise CheckpointError(f"weights for {name!r}: {p} is {what}; give {kinds}")
+        wrong = "empty" if size == 0 else f"not a weights file: it starts with {head!r}"
+        raise CheckpointError(f"{what}: {p} is {wrong}; give {kinds}")
     return p
 
 
@@ -467,7 +468,7 @@ def create_anchor(spec: AnchorSpec) -> nn.Module:
     name = resolve_name(spec.name)
     kwargs: dict[str, Any] = dict(spec.kwargs)
     if spec.file is not None:
-        check_weights_file(spec.file, spec.name)
+        check_weights_file(spec.file, f"weights for {spec.name!r}")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(spec.file))
     pretrained = spec.pretrained or spec.file is not None
     try:

@@ -108,7 +108,7 @@ def _klas(names: list[str], img_size: int | None, keep: int, calib_images: int, 
     if files is not None and len(files) != len(names):
         raise SnnetError(f"--weights gives {len(files)} files for {len(names)} anchors; give one per anchor")
     for name, file in zip(names, files or []):
-        check_weights_file(file, name)  # every file before the first anchor is built
+        check_weights_file(file, f"weights for {name!r}")  # every file before the first anchor is built
     net = create_snnet(_specs(names, pretrained, files), img_size=img_size)
     calib = build_dataset(data, "train", net.anchors[0].data_config, limit=calib_images, root=data_dir, seed=seed)
     result = klas(net, make_loader(calib, min(64, calib_images), shuffle=True, seed=seed), keep, max_images=calib_images)
