@@ -1,6 +1,7 @@
 """Deployment: pick a stitch for the resources at hand, and ship it alone.
 
-* :mod:`snnet.deploy.profiling` measures every stitch's latency and peak memory on this device;
+* :mod:`snnet.deploy.profiling` measures every stitch's latency and peak memory on this device
+  (:mod:`snnet.deploy.memory` first refuses an input size or batch that cannot run or fit);
 * :mod:`snnet.budget` (re-exported here) picks the most accurate stitch within a budget in
   FLOPs, params, latency or memory (``StitchedNet.select(budget=...)``);
 * :mod:`snnet.deploy.export` writes one stitch as a standalone model (safetensors + config,
