@@ -668,8 +668,7 @@ def _timm_dataset(create_dataset: Any, name: str, root: str | os.PathLike[str] |
                               is_training=augment, download=download, transform=transform)
     except (FileNotFoundError, RuntimeError, AssertionError, ValueError, TypeError) as e:
         hint = "" if download else " (download=True in Python fetches it, if it can be downloaded)"
-        reason = str(e) or type(e).__name__
-        raise DatasetError(f"cannot open dataset {name!r} (root={root}, split={timm_split}): {reason}{hint}") from e
+        raise DatasetError(f"cannot open dataset {name!r} (root={root}, split={timm_split}): {reason(e)}{hint}") from e
 
 
 def num_classes(dataset: Dataset) -> int:
