@@ -28,7 +28,7 @@ from torch import nn
 
 from ..anchors import ActivationSpec, AnchorSpec, create_anchor, split_model
 from ..errors import CheckpointError, ExportError
-from ..io import atomic_write, record_checksum, verify_checksum
+from ..io import atomic_write, record_checksum, verify_checksum, warn_unverified
 from ..results import check_writable
 from ..space import Stitch
 from ..stitching import StitchingLayer
@@ -366,9 +366,11 @@ def export_stitch(net: "StitchedNet", stitch: int | str | Stitch, out: str | os.
             save_stitch(route, stage, config)
             config = json.loads((stage / STITCH_CONFIG).read_text())  # with the weights' checksum
         if "pt2" in formats:
-            record_checksum(config, "model.pt2", export_program(route, example, stage / "model.pt2", atol))
+            path = export_program(route, example, stage / FORMAT_FILES["pt2"], atol)
+            record_checksum(config, path.name, path)
         if "onnx" in formats:
-            record_checksum(config, "model.onnx", export_onnx(route, example, stage / "model.onnx", atol))
+            path = export_onnx(route, example, stage / FORMAT_FILES["onnx"], atol)
+            record_checksum(config, path.name, path)
         atomic_write(stage / STITCH_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
         paths = {}
         for name in [FORMAT_FILES[f] for f in formats] + [STITCH_CONFIG]:  # the record of the files last
@@ -406,8 +408,6 @@ def check_export_folder(out: str | os.PathLike, formats: Sequence[str]) -> None:
 def _verified(path: str | os.PathLike, kind: str) -> Path:
     """``path``, an exported file, after checking it against the SHA-256 in the ``config.json`` beside it
     (a warning if there is none to check: never a silent pass)."""
-    from ..io import warn_unverified
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file: give the {kind} file `snnet export` wrote")
@@ -427,7 +427,7 @@ def _verified(path: str | os.PathLike, kind: str) -> Path:
 
 def load_program(path: str | os.PathLike) -> "torch.export.ExportedProgram":
     """An exported ``model.pt2`` (``torch.export``), after verifying its checksum: ``load_program(p).module()(x)``."""
-    path = _verified(path, "model.pt2")
+    path = _verified(path, FORMAT_FILES["pt2"])
     try:
         return torch.export.load(str(path))
     except Exception as e:  # torch raises many kinds for a file that is not a program
@@ -436,7 +436,7 @@ def load_program(path: str | os.PathLike) -> "torch.export.ExportedProgram":
 
 def load_onnx(path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
     """An onnxruntime ``InferenceSession`` of an exported ``model.onnx``, after verifying its checksum."""
-    path = _verified(path, "model.onnx")
+    path = _verified(path, FORMAT_FILES["onnx"])
     try:
         import onnxruntime as ort
     except ImportError as e:
