@@ -14,13 +14,16 @@ activation between unit ``k-1`` and unit ``k`` is always a well-defined tensor.
 from __future__ import annotations
 
 import difflib
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from .errors import NotStitchableError, UnknownModelError
+from .errors import NotStitchableError, SnnetError, UnknownModelError
 
 # The layouts an activation between two blocks can have. The stitching layer maps channels
 # at every position, so it only needs to know where the channel axis is.
@@ -447,17 +450,54 @@ def near_names(arch: str, known: Sequence[str], n: int = 5) -> list[str]:
     return list(dict.fromkeys(ordered))[:n]
 
 
+# what a file of weights starts with when torch.save wrote it: a zip archive, or (before torch 1.6) a pickle
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def check_weights_file(path: str | os.PathLike[str], what: str) -> Path:
+    """Refuse, before any model is built, a weights file torch or timm could only fail on with a traceback.
+
+    Reads a few bytes: a ``.safetensors`` file must have a whole JSON header; any other file must
+    start like a file ``torch.save`` wrote. A folder, an empty file or a text file is named in one
+    line, which starts with ``what`` (e.g. ``weights for 'deit_tiny'``, ``--from-reference``).
+    """
+    from .errors import CheckpointError
+
+    p = Path(path)
+    kinds = "a .safetensors file, or a .pth/.pt/.bin file saved by torch"
+    if p.is_dir():
+        raise CheckpointError(f"{what}: {p} is a folder; give {kinds}")
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: {p} not found")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if p.suffix == ".safetensors":
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                if not 0 < n <= size - 8:
+                    raise ValueError(f"header length {n} for a file of {size} bytes")
+                json.loads(f.read(n))
+            except ValueError as e:
+                raise CheckpointError(f"{what}: {p} is not a readable safetensors file ({e}); "
+                                      "download or save it again") from e
+            return p
+    if not head.startswith(_TORCH_MAGIC):
+        wrong = "empty" if size == 0 else f"not a weights file: it starts with {head!r}"
+        raise CheckpointError(f"{what}: {p} is {wrong}; give {kinds}")
+    return p
+
+
 def create_anchor(spec: AnchorSpec) -> nn.Module:
     """Build one anchor model with timm (weights downloaded, from a file, or random)."""
     import timm
 
+    from .errors import CheckpointError, reason
+
     name = resolve_name(spec.name)
     kwargs: dict[str, Any] = dict(spec.kwargs)
     if spec.file is not None:
-        from pathlib import Path
-
-        if not Path(spec.file).is_file():
-            raise FileNotFoundError(f"weights file for {spec.name!r} not found: {spec.file}")
+        check_weights_file(spec.file, f"weights for {spec.name!r}")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(spec.file))
     pretrained = spec.pretrained or spec.file is not None
     try:
@@ -469,10 +509,13 @@ def create_anchor(spec: AnchorSpec) -> nn.Module:
                 raise
             kwargs.pop("img_size")
             return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as e:  # timm reports missing/unexpected keys as RuntimeError
-        from .errors import CheckpointError
-
-        raise CheckpointError(f"could not load weights for {spec.name!r}: {e}") from e
+    except Exception as e:
+        # timm reports missing/unexpected keys as a RuntimeError of several lines (keep them all); a file
+        # that passed check_weights_file may still be damaged inside, or hold an unsafe pickle
+        if isinstance(e, SnnetError) or not (isinstance(e, RuntimeError) or spec.file is not None):
+            raise
+        source = f" from {spec.file}" if spec.file is not None else ""
+        raise CheckpointError(f"could not load weights for {spec.name!r}{source}: {reason(e, 400, whole=True)}") from e
 
 
 AnchorLike = str | AnchorSpec | nn.Module | AnchorParts

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from .commands.options import DEFAULT_ANCHORS, AnchorsOpt, ImgSizeOpt, split_names
-from .errors import SnnetError
+from .errors import SnnetError, SnnetWarning
 
 app = typer.Typer(
     add_completion=False,
@@ -117,12 +118,15 @@ def _klas(names: list[str], img_size: int | None, keep: int, calib_images: int, 
     from .data import build_dataset, make_loader
     from .klas import klas, klas_net
     from .model import create_snnet
+    from .anchors import check_weights_file
 
     if calib_images < 2:
         raise SnnetError(f"--calib-images must be >= 2 (KLAS compares images with each other), got {calib_images}")
     files = [w.strip() for w in weights.split(",")] if weights else None
     if files is not None and len(files) != len(names):
         raise SnnetError(f"--weights gives {len(files)} files for {len(names)} anchors; give one per anchor")
+    for name, file in zip(names, files or []):
+        check_weights_file(file, f"weights for {name!r}")  # every file before the first anchor is built
     net = create_snnet(_specs(names, pretrained, files), img_size=img_size)
     calib = build_dataset(data, "train", net.anchors[0].data_config, limit=calib_images, root=data_dir, seed=seed)
     result = klas(net, make_loader(calib, min(64, calib_images), shuffle=True, seed=seed), keep, max_images=calib_images)
@@ -160,7 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         from click import exceptions as click_errors
 
     try:
-        code = app(args=argv, prog_name="snnet", standalone_mode=False)
+        with warnings.catch_warnings():  # snnet's warnings as one line each, restored on return
+            warnings.showwarning = _show_warning
+            code = app(args=argv, prog_name="snnet", standalone_mode=False)
     except click_errors.NoArgsIsHelpError as e:  # bare `snnet`: the help, as before
         e.show()
         sys.exit(2)
@@ -178,8 +184,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code)
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """``warning: ...`` in one line for snnet's own warnings; Python's format for the others."""
+    if issubclass(category, SnnetWarning):
+        typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
 def _fail(message: str, code: int) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    # one line whatever the message holds (an error of another library quoted in it may span several)
+    typer.secho(f"error: {' '.join(message.split())}", err=True, fg=typer.colors.RED)
     sys.exit(code)
 
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, reason
 
 __all__ = ["ConversionReport", "convert_reference", "levit_names", "load_reference_state", "reference_layout"]
 
@@ -95,7 +95,7 @@ def load_reference_state(path: str | Path, trust: bool = False) -> dict[str, tor
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several kinds for a file it cannot read
         hint = "" if trust else " (if it holds other Python objects and you trust its source, pass --trust-checkpoint)"
-        raise CheckpointError(f"cannot read {path}: {e}{hint}") from e
+        raise CheckpointError(f"cannot read {path}: {reason(e)}{hint}") from e
     state = ckpt
     if isinstance(ckpt, dict):
         for key in ("model", "state_dict", "model_state"):

@@ -10,8 +10,14 @@ Two kinds of data are supported:
   name such as ``torch/cifar10``, transformed with the anchors' own data config
   (input size, mean/std, interpolation, crop_pct) via ``timm.data.create_transform``.
 
-This module deliberately depends only on ``snnet.errors``, so data can be loaded
-without the stitching core.
+Image folders are read in the network's channels (``L`` for a 1-channel network, ``RGB`` for
+3), as ``snnet serve`` converts an upload, so a folder of grayscale PNGs feeds the shipped
+1-channel family. An image that cannot be read stops the run with
+:class:`UnreadableImageError` naming the file, or, with ``skip_unreadable=True``, is found by a
+scan before the run and left out (counted in the dataset's ``skipped``).
+
+This module deliberately depends only on ``snnet.errors`` (and ``snnet.report``'s progress bar),
+so data can be loaded without the stitching core.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .errors import SnnetError
+from .errors import SnnetError, reason
 
 __all__ = [
     "DatasetError",
+    "UnreadableImageError",
+    "IMAGE_MODES",
     "TRANSFORM_OPTIONS",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
@@ -45,10 +53,15 @@ __all__ = [
     "build_dataset",
     "describe_transform",
     "image_transform",
+    "image_mode",
+    "ImageReader",
+    "convert_image",
+    "skipped_images",
     "num_classes",
     "check_source",
     "erasing_collate",
     "make_loader",
+    "check_workers",
     "set_epoch",
     "split_batch_erasing",
 ]
@@ -91,6 +104,28 @@ TRANSFORM_OPTIONS = ("auto_augment", "re_prob", "re_mode", "re_count", "color_ji
 
 class DatasetError(SnnetError):
     """A dataset is missing, empty or corrupt. The message says how to fix it."""
+
+
+class UnreadableImageError(DatasetError):
+    """One image file of a folder dataset cannot be opened or decoded; ``path`` names it.
+
+    Training catches it to checkpoint before exiting; the message says how to go on (replace the
+    file, or skip unreadable images). Raised in a loader worker, torch re-creates it in the main
+    process from its message alone, so ``path`` is recovered from the message's fixed form.
+    """
+
+    _FORM = ": unreadable image ("
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        text = str(self)  # the one line (SnnetError recovers it from a worker's traceback text)
+        self.path = Path(path) if path is not None else (
+            Path(text.split(self._FORM, 1)[0]) if self._FORM in text else None)
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str], reason: str) -> "UnreadableImageError":
+        return cls(f"{path}{cls._FORM}{reason}); replace or delete the file, or leave unreadable images out "
+                   "(`snnet eval --skip-bad-images`, build_dataset(..., skip_unreadable=True))", path)
 
 
 def _how_to_get_fashion_mnist(root: Path) -> str:
@@ -321,6 +356,8 @@ def _fashion_mnist_missing(root: Path, split: str) -> list[str]:
 
 def _locate_fashion_mnist(root: Path, split: str) -> list[Path]:
     """The split's image and label files in ``root``, or a DatasetError saying how to get them."""
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{root} is a file, not a folder: give the folder that holds Fashion-MNIST's four IDX files")
     missing = _fashion_mnist_missing(root, split)
     if missing:
         raise DatasetError(f"missing {', '.join(missing)}[.gz]. " + _how_to_get_fashion_mnist(root))
@@ -333,8 +370,9 @@ def _check_limit(limit: int | None) -> None:
 
 
 def _missing_folder(path: Path) -> DatasetError:
-    return DatasetError(f"dataset folder {path} does not exist (expected an ImageFolder tree, "
-                        "'fashion-mnist', or a timm dataset name such as 'torch/cifar10')")
+    what = f"{path} is a file, not a dataset" if path.is_file() else f"dataset folder {path} does not exist"
+    return DatasetError(f"{what} (expected an ImageFolder tree, 'fashion-mnist', or a timm dataset name such as "
+                        "'torch/cifar10')")
 
 
 def check_source(name_or_path: str | os.PathLike[str], split: str = "train",
@@ -344,18 +382,24 @@ def check_source(name_or_path: str | os.PathLike[str], split: str = "train",
     if name.lower() in FASHION_MNIST_NAMES:
         _locate_fashion_mnist(Path(root).expanduser() if root is not None else default_fashion_mnist_root(),
                               _fashion_mnist_split(split))
-    elif not (_is_timm_name(name) or Path(name).expanduser().is_dir()):
+    elif Path(name).expanduser().is_file() or not (_is_timm_name(name) or Path(name).expanduser().is_dir()):
         raise _missing_folder(Path(name).expanduser())
+    else:
+        _is_train(split)  # an unknown split name fails now too
 
 
 def _is_timm_name(name: str) -> bool:
-    return name.startswith(_TIMM_PREFIXES) or (os.sep not in name and "/" not in name)
+    """A name timm's create_dataset may know (``torch/cifar10``, ``imagenet``), rather than a path."""
+    return name.startswith(_TIMM_PREFIXES) or (os.sep not in name and "/" not in name and not Path(name).exists())
 
 
 def _is_train(split: str) -> bool:
     """Whether a split name means training data, for datasets other than Fashion-MNIST (which
     have their own train/validation folders or splits and no carved validation split)."""
-    return _SPLIT_ALIASES.get(split, split) in ("train", "train+val")
+    if split not in _SPLIT_ALIASES:
+        raise DatasetError(f"unknown split {split!r}; use train, val or test (an image folder's train/ or val/ "
+                           "sub-folder if it has them, else the folder itself)")
+    return _SPLIT_ALIASES[split] in ("train", "train+val")
 
 
 def _image_folder_root(root: Path, split: str) -> Path:
@@ -366,6 +410,60 @@ def _image_folder_root(root: Path, split: str) -> Path:
         if (root / name).is_dir():
             return root / name
     return root
+
+
+# PIL mode an image is converted to for a network of this many input channels (and the server's uploads)
+IMAGE_MODES: dict[int, str] = {1: "L", 3: "RGB"}
+
+
+def image_mode(data_config: Mapping[str, Any] | None) -> str:
+    """The PIL mode images are read in for a data config's ``input_size`` (RGB without one)."""
+    size = (data_config or {}).get("input_size")
+    channels = int(size[0]) if size else 3
+    if channels not in IMAGE_MODES:
+        raise DatasetError(f"the network takes {channels}-channel images; image files can feed 1 (grayscale) or "
+                           "3 (RGB) channels: give a dataset of tensors instead")
+    return IMAGE_MODES[channels]
+
+
+@dataclass(frozen=True)
+class ImageReader:
+    """Open an image file fully decoded and converted to ``mode`` (``L`` or ``RGB``), or raise
+    :class:`UnreadableImageError` naming it. A plain picklable object, so loader workers get it."""
+
+    mode: str = "RGB"
+
+    def __call__(self, path: str | os.PathLike[str]) -> Any:
+        try:
+            return self.open(path)
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, ValueError...)
+            raise UnreadableImageError.of(path, reason(e)) from e
+
+    def open(self, path: str | os.PathLike[str]) -> Any:
+        """The image, or whatever exception opening or decoding it raises."""
+        from PIL import Image
+
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()  # truncated or corrupt data fails here, not later inside the transform
+        return convert_image(img, self.mode)
+
+
+# Pillow's modes of 16-bit grayscale (PNG, TIFF): converted to "L" it clips every value above 255
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def convert_image(img: Any, mode: str) -> Any:
+    """A decoded PIL image in ``mode`` (``L`` or ``RGB``), as :class:`ImageReader` reads files and as an
+    uploaded image should be read: RGBA/P/CMYK/LA converted by Pillow, 16-bit grayscale scaled to 8 bits
+    (Pillow would clip it, turning most of a 16-bit image white)."""
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT:
+        import numpy as np
+
+        img = Image.fromarray((np.asarray(img, dtype=np.uint32) * 255 // 65535).astype(np.uint8), mode="L")
+    return img.convert(mode) if img.mode != mode else img
 
 
 def image_transform(data_config: Mapping[str, Any], augment: bool = False,
@@ -427,6 +525,7 @@ def build_dataset(
     download: bool = False,
     seed: int = 0,
     transform_options: Mapping[str, Any] | None = None,
+    skip_unreadable: bool = False,
 ) -> Dataset:
     """Build a dataset by name or path.
 
@@ -451,9 +550,13 @@ def build_dataset(
             transform (``augment=True``): ``auto_augment`` (RandAugment, e.g.
             ``'rand-m9-mstd0.5-inc1'``), ``re_prob``/``re_mode``/``re_count`` (random erasing),
             ``color_jitter``, ``interpolation``, ``scale``, ``ratio``, ``hflip``, ``vflip``.
+        skip_unreadable: for a folder, decode every image first (the first ``limit`` good ones with
+            ``limit``) and leave out those that cannot be read; :func:`skipped_images` lists them.
+            Without it, an unreadable image raises :class:`UnreadableImageError` when it is read.
 
     Raises:
-        DatasetError: the dataset is missing or empty, or the transform options are not usable.
+        DatasetError: the dataset is missing or empty, or the transform options are not usable;
+            :class:`UnreadableImageError` when an image of a folder cannot be read.
     """
     config = dict(data_config or {})
     options = dict(transform_options or {})
@@ -462,6 +565,9 @@ def build_dataset(
         raise DatasetError(f"unknown transform option(s) {', '.join(unknown)}; use {', '.join(TRANSFORM_OPTIONS)}")
     name = str(name_or_path)
     _check_limit(limit)
+    path = Path(name).expanduser()
+    if skip_unreadable and not path.is_dir():
+        raise DatasetError(f"skipping unreadable images (--skip-bad-images) applies to image folders; {name} is not one")
     if name.lower() in FASHION_MNIST_NAMES:
         if options and augment:
             raise DatasetError(f"Fashion-MNIST is augmented by its own crop and flip, not timm's transform: drop "
@@ -473,16 +579,9 @@ def build_dataset(
     from timm.data import create_dataset
 
     transform = image_transform(config, augment, options)
-    path = Path(name).expanduser()
     if path.is_dir():
-        from torchvision.datasets import ImageFolder
-
-        folder = _image_folder_root(path, split)
-        try:
-            dataset: Dataset = ImageFolder(str(folder), transform=transform)
-        except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
-            raise DatasetError(f"{folder} is not a usable ImageFolder dataset ({e}); expected "
-                               f"{folder}/<class name>/<image files>") from e
+        dataset: Dataset = _image_folder(_image_folder_root(path, split), transform, image_mode(config),
+                                         skip_unreadable, limit)
     elif _is_timm_name(name):
         dataset = _timm_dataset(create_dataset, name, root, split, augment, download, transform)
     else:
@@ -494,6 +593,107 @@ def build_dataset(
     return dataset
 
 
+# a folder this big shows a progress bar while its images are checked (smaller ones take under a second)
+_CHECK_PROGRESS_FROM = 1000
+
+
+def _image_folder(folder: Path, transform: Any, mode: str, skip_unreadable: bool, limit: int | None) -> Dataset:
+    """torchvision's ImageFolder reading images with :class:`ImageReader` (the network's channels), after
+    checking that every class folder can be listed; with ``skip_unreadable`` the unreadable images are
+    found first and left out."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    _check_class_folders(folder)
+    try:
+        dataset = ImageFolder(str(folder), transform=transform, loader=ImageReader(mode))
+    except (FileNotFoundError, RuntimeError) as e:  # no class folders / a class without images
+        raise DatasetError(f"{folder} is not a usable ImageFolder dataset: {reason(e).partition(': ')[2]}; "
+                           f"expected {folder}/<class name>/<image files> ({', '.join(IMG_EXTENSIONS)}), "
+                           "every class folder with at least one image") from e
+    _check_no_folder_twice(dataset.samples)
+    dataset.skipped = ()  # type: ignore[attr-defined]
+    if skip_unreadable:
+        _drop_unreadable(dataset, limit)
+    return dataset
+
+
+def _check_class_folders(folder: Path) -> None:
+    """Refuse a class folder that cannot be listed (torchvision would say it holds no valid file)."""
+    try:
+        classes = [e for e in os.scandir(folder) if e.is_dir()]
+    except OSError as e:
+        raise DatasetError(f"cannot list {folder} ({e.strerror or e}): make it readable (chmod u+rx)") from e
+    for entry in classes:
+        try:
+            with os.scandir(entry.path):  # opening the listing is the test: its files are read later, one by one
+                pass
+        except OSError as e:
+            raise DatasetError(f"class folder {entry.path} cannot be read ({e.strerror or e}): make it readable "
+                               f"(chmod -R u+rX '{entry.path}') or move it out of {folder}; skipping it would "
+                               "renumber the classes after it") from e
+
+
+def _check_no_folder_twice(samples: list[tuple[str, int]]) -> None:
+    """Refuse a tree that reaches one folder by two paths (a symbolic link back into it): torchvision follows
+    links, so its images would be read, trained on and counted several times."""
+    seen: dict[str, str] = {}
+    for folder in dict.fromkeys(os.path.dirname(path) for path, _ in samples):
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise DatasetError(f"{folder} is {seen[real]} again (reached through a symbolic link): its images would "
+                               "count more than once; remove the link or copy the images")
+        seen[real] = folder
+
+
+def _drop_unreadable(dataset: Any, limit: int | None) -> None:
+    """Decode the images of an ImageFolder in order (until ``limit`` readable ones) and remove the
+    unreadable ones from it; they are kept, with the reason, in its ``skipped``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .report import progress
+
+    reader: ImageReader = dataset.loader
+    wanted = len(dataset.samples) if limit is None else min(limit, len(dataset.samples))
+
+    def check(sample: tuple[str, int]) -> str | None:
+        try:
+            reader.open(sample[0])
+        except Exception as e:  # noqa: BLE001 - as ImageReader: whatever Pillow raises
+            return reason(e)
+        return None
+
+    good: list[tuple[str, int]] = []
+    bad: list[tuple[str, str]] = []
+    samples, seen, chunk = dataset.samples, 0, 64
+    # Pillow decodes without holding the GIL: threads read several files at once
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
+            progress(wanted, "checking images", "img", enabled=wanted >= _CHECK_PROGRESS_FROM) as bar:
+        while seen < len(samples) and len(good) < wanted:
+            batch = samples[seen:seen + chunk]
+            for sample, why in zip(batch, pool.map(check, batch)):
+                if len(good) == wanted:
+                    break
+                seen += 1
+                if why is None:
+                    good.append(sample)
+                    bar.update(1)
+                else:
+                    bad.append((sample[0], why))
+    if not good:
+        raise DatasetError(f"none of the images of {dataset.root} can be read (first: {bad[0][0]}: {bad[0][1]})")
+    dataset.samples = dataset.imgs = good + samples[seen:]
+    dataset.targets = [t for _, t in dataset.samples]
+    dataset.skipped = tuple(bad)
+
+
+def skipped_images(dataset: Dataset) -> tuple[tuple[str, str], ...]:
+    """The ``(file, reason)`` of every image a folder dataset left out as unreadable (``skip_unreadable``)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return tuple(getattr(dataset, "skipped", ()))
+
+
 def _timm_dataset(create_dataset: Any, name: str, root: str | os.PathLike[str] | None, split: str,
                   augment: bool, download: bool, transform: Any) -> Dataset:
     timm_split = "train" if _is_train(split) else "validation"
@@ -502,8 +702,7 @@ def _timm_dataset(create_dataset: Any, name: str, root: str | os.PathLike[str] |
                               is_training=augment, download=download, transform=transform)
     except (FileNotFoundError, RuntimeError, AssertionError, ValueError, TypeError) as e:
         hint = "" if download else " (download=True in Python fetches it, if it can be downloaded)"
-        reason = str(e) or type(e).__name__
-        raise DatasetError(f"cannot open dataset {name!r} (root={root}, split={timm_split}): {reason}{hint}") from e
+        raise DatasetError(f"cannot open dataset {name!r} (root={root}, split={timm_split}): {reason(e)}{hint}") from e
 
 
 def num_classes(dataset: Dataset) -> int:
@@ -566,6 +765,20 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+# loader worker processes per CPU beyond which more only cost memory and start-up time (reading files
+# from a slow disk can use more than one per CPU; a hundred thousand is a typo that forks until memory ends)
+WORKERS_PER_CPU = 4
+
+
+def check_workers(num_workers: int) -> int:
+    """``num_workers`` if it is a sane number of loader processes for this machine, else a DatasetError."""
+    most = WORKERS_PER_CPU * (os.cpu_count() or 1)
+    if not 0 <= num_workers <= most:
+        raise DatasetError(f"{num_workers} data loader workers: give 0 (load in the main process) to {most} "
+                           f"({WORKERS_PER_CPU} per CPU of this machine)")
+    return num_workers
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -581,6 +794,7 @@ def make_loader(
     across ranks; call :func:`set_epoch` before each epoch so that it, and the
     dataset's augmentation, reshuffle.
     """
+    check_workers(num_workers)
     sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last) if distributed else None
     return DataLoader(
         dataset,

@@ -6,9 +6,48 @@ message (which says what was wrong and what to do) instead of a traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class SnnetError(Exception):
-    """Base class of every error caused by bad input to snnet."""
+    """Base class of every error caused by bad input to snnet.
+
+    Raised in a DataLoader worker, torch re-creates the error in the main process with its whole
+    traceback as the message; the one line it was raised with is taken back from it, so the
+    command line still prints one line.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") \
+                and "\nOriginal Traceback" in args[0]:
+            args = (_raised_message(args[0], type(self)),)
+        super().__init__(*args)
+
+
+def reason(e: BaseException, limit: int = 200, whole: bool = False) -> str:
+    """Another library's exception in one line for a message of ours: its type and first line
+    (``whole``: every line, joined), at most ``limit`` characters of it.
+
+    torch's refusal to unpickle a file (``weights_only``) is said in snnet's words, naming the
+    object it refused, without torch's advice to load it unsafely, which a user cannot take from
+    the command line and should not take for a file of unknown origin.
+    """
+    text = str(e).strip()
+    if re.search(r"weights[_ ]only", text, re.IGNORECASE):
+        blocked = re.search(r"unsupported globals?:?\s+([\w.]+)", text, re.IGNORECASE)
+        what = f" ({blocked.group(1).rstrip('.')})" if blocked else ""
+        return f"it holds Python objects besides tensors{what}, refused: unpickling them could run any code"
+    said = " ".join(text.split()) if whole else (text.splitlines() or [""])[0]
+    return f"{type(e).__name__}: {said[:limit]}" if said else type(e).__name__
+
+
+def _raised_message(text: str, kind: type) -> str:
+    """The message of the exception a formatted traceback ends with (torch's worker re-raise text)."""
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+    for name in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+        if last.startswith(name):
+            return last[len(name):]
+    return last
 
 
 class UnknownModelError(SnnetError, KeyError):
@@ -74,3 +113,14 @@ class ServeError(SnnetError, ValueError):
 
 class ZooError(SnnetError, ValueError):
     """A zoo of comparison networks that is missing or malformed, or a zoo filter that cannot be read."""
+
+
+class SnnetWarning(UserWarning):
+    """Something the user should know that does not stop the work (the command line prints ``warning: ...``)."""
+
+
+class UnverifiedFileWarning(SnnetWarning):
+    """A file loaded without its checksum checked: none is recorded for it, or the record itself is gone.
+
+    Said once per file and process (Python's default warning filter), never silently.
+    """

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from .errors import SnnetError
+from .errors import SnnetError, UnverifiedFileWarning
 
 _TMP_SUFFIX = ".tmp"
 # where a saved network's or stitch's config.json records its files' checksums: name -> SHA-256 hex
@@ -91,17 +91,33 @@ def verify_checksum(path: str | os.PathLike, config: Mapping, record: str | os.P
                     error: type[SnnetError] = SnnetError) -> bool:
     """Check file ``path`` against the SHA-256 that ``config`` (read from ``record``) holds for its name.
 
-    A config without one (written before snnet recorded checksums) is accepted unverified:
-    returns False. A mismatch raises ``error`` in one line naming the file; ``fix`` says what to do.
+    A config without one (written before snnet recorded checksums, or with the entry deleted) is
+    accepted unverified, with a warning (:func:`warn_unverified`): returns False. A mismatch raises
+    ``error`` in one line naming the file; ``fix`` says what to do.
     """
     path = Path(path)
-    expected = (config.get(CHECKSUMS_KEY) or {}).get(path.name)
+    checksums = config.get(CHECKSUMS_KEY)
+    expected = checksums.get(path.name) if isinstance(checksums, Mapping) else None
     if expected is None:
+        warn_unverified(path, f"{record} records no SHA-256 for it", fix)
         return False
     if sha256_file(path) != expected:
         raise error(f"{path} is damaged: its SHA-256 differs from the one recorded in {record} "
                     f"(bytes changed on disk or in transfer); {fix}")
     return True
+
+
+def warn_unverified(path: str | os.PathLike, why: str, fix: str) -> None:
+    """Say, once per file and process, that ``path`` is loaded without its checksum checked, and why.
+
+    Verification must never turn off silently: a deleted checksum entry or record file would
+    otherwise let damaged bytes load as a network that is quietly wrong.
+    """
+    import warnings
+
+    warnings.warn(f"{path} is loaded UNVERIFIED: {why} (written before snnet recorded checksums, or the record "
+                  f"was removed), so damaged bytes would go unnoticed; to be safe, {fix}", UnverifiedFileWarning,
+                  stacklevel=3)
 
 
 def check_creatable(path: str | os.PathLike, what: str = "--out", error: type[SnnetError] = SnnetError) -> Path:

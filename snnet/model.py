@@ -259,9 +259,11 @@ class StitchedBase(nn.Module):
         directory = Path(directory)
         cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not cfg_path.is_file() or not w_path.is_file():
-            raise CheckpointError(f"{directory} is not a saved {cls._what}: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise CheckpointError(_not_a_network(directory, what=cls._what))
         try:
             cfg = json.loads(cfg_path.read_text())
+            if isinstance(cfg, dict) and cfg.get("format") not in (None, cls._format):
+                raise CheckpointError(_not_a_network(directory, cfg["format"], what=cls._what))
             cfg["anchors"]
             if cfg.get("format") != cls._format:
                 raise KeyError("format")
@@ -492,6 +494,32 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     return out
+
+
+def _not_a_network(path: Path, kind: object = None, what: str = "stitched network") -> str:
+    """Why ``path`` is not a folder written by :meth:`StitchedNet.save_pretrained`, and where its network is
+    when it is something else snnet wrote (a run folder, a checkpoint, one exported stitch)."""
+    from .checkpoint import CHECKPOINT_NAME
+    from .deploy.export import STITCH_FORMAT
+
+    start = f"{path} is not a saved {what}"
+    needs = f"give a folder with {CONFIG_NAME} and {WEIGHTS_NAME} (save_pretrained; `snnet train` writes RUN/final)"
+    if kind == STITCH_FORMAT:
+        return (f"{start}: it holds one stitch exported alone (`snnet export`), which snnet.deploy.load_stitch loads; "
+                "give the stitched network it was exported from")
+    if kind is not None:
+        return f"{start}: its {CONFIG_NAME} describes a {kind!r}; {needs}"
+    if path.is_file():
+        what = "a training checkpoint (its run's network is in the run's final/ folder)" \
+            if path.name == CHECKPOINT_NAME else "a file"
+        return f"{start} but {what}; {needs}"
+    if (path / "final" / CONFIG_NAME).is_file():
+        return f"{start} but a training run's folder: its network is {path / 'final'}"
+    if (path / CHECKPOINT_NAME).is_file():
+        return f"{start} but the folder of a training run that has not finished: resume it to get its network (final/)"
+    if not path.exists():
+        return f"{start}: it does not exist; {needs}"
+    return f"{start}: it needs {CONFIG_NAME} and {WEIGHTS_NAME}"
 
 
 def calibration_images(net: nn.Module, batches: Iterable[Any], max_images: int, desc: str, progress: bool = False,

@@ -147,12 +147,18 @@ def _check_shipped(name: str) -> None:
     install or a half-copied file would otherwise load as a network that is silently wrong)."""
     import json
 
-    from .io import verify_checksum
+    from .io import verify_checksum, warn_unverified
 
     family = WEIGHTS_DIR / "family.json"
-    if family.is_file():
-        verify_checksum(weights_path(name), json.loads(family.read_text()), family,
-                        "reinstall snnet, or rebuild the weights with `python scripts/train_fmnist_family.py`")
+    fix = "reinstall snnet, or rebuild the weights with `python scripts/train_fmnist_family.py`"
+    if not family.is_file():
+        warn_unverified(weights_path(name), f"{family}, which records the shipped files' SHA-256, is missing", fix)
+        return
+    try:
+        record = json.loads(family.read_text())
+    except ValueError as e:
+        raise SnnetError(f"{family} is corrupt ({e}): the shipped weights cannot be verified; {fix}") from e
+    verify_checksum(weights_path(name), record if isinstance(record, dict) else {}, family, fix)
 
 
 def _create(name: str, pretrained: bool, spec: FmnistVitSpec, **kwargs: Any) -> VisionTransformer:

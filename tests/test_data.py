@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -245,3 +246,152 @@ def test_real_fashion_mnist_validation_split() -> None:
     # results measured on it are compared across runs.
     chosen = validation_indices(build_dataset("fashion-mnist", "train+val").labels)
     assert chosen[:5].tolist() == [3, 7, 9, 18, 23] and int(chosen.sum()) == 300_503_501
+
+
+# ------------------------------------------------------------------ image folders a user really has
+
+
+def _folder(root: Path, classes: int = 3, per_class: int = 3, mode: str = "RGB", size: int = 32) -> Path:
+    """``root/class<c>/<i>.png``: distinct random images, ``per_class`` per class."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels, mode=mode).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def _damage(root: Path) -> tuple[Path, Path]:
+    """A JPEG with 16 bytes of its header zeroed and a PNG cut after 100 bytes, among good images."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, "JPEG")
+    raw = buf.getvalue()
+    corrupt, truncated = root / "class1" / "9-corrupt.jpg", root / "class2" / "9-truncated.png"
+    corrupt.write_bytes(raw[:20] + bytes(16) + raw[36:200])
+    truncated.write_bytes((root / "class2" / "0.png").read_bytes()[:100])
+    return corrupt, truncated
+
+
+RGB32 = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_pct": 1.0}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_image_is_named_in_one_line(tmp_path: Path, workers: int) -> None:
+    """A corrupt JPEG stops the loader with an UnreadableImageError naming the file, in one line, also when
+    a loader worker read it (torch re-creates the error from its traceback text)."""
+    from snnet.data import UnreadableImageError
+
+    corrupt, _ = _damage(_folder(tmp_path))
+    ds = build_dataset(tmp_path, "val", RGB32)
+    with pytest.raises(UnreadableImageError) as raised:
+        for _ in make_loader(ds, batch_size=4, shuffle=False, num_workers=workers):
+            pass
+    assert raised.value.path == corrupt
+    message = str(raised.value)
+    assert message.startswith(f"{corrupt}: unreadable image (") and "--skip-bad-images" in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_skip_unreadable_leaves_out_and_lists_the_bad_images(tmp_path: Path) -> None:
+    from snnet.data import skipped_images
+
+    corrupt, truncated = _damage(_folder(tmp_path))
+    ds = build_dataset(tmp_path, "val", RGB32, skip_unreadable=True)
+    assert len(ds) == 9 and num_classes(ds) == 3
+    assert [p for p, _ in skipped_images(ds)] == [str(corrupt), str(truncated)]
+    assert all(reason for _, reason in skipped_images(ds))
+    assert sorted(y for _, y in make_loader(ds, batch_size=9, shuffle=False) for y in y.tolist()) == [0] * 3 + [1] * 3 + [2] * 3
+    # with a limit, only the images up to the limit's last good one are read (and reported)
+    first = build_dataset(tmp_path, "val", RGB32, skip_unreadable=True, limit=6)
+    assert len(first) == 6 and skipped_images(first) == ()
+    seven = build_dataset(tmp_path, "val", RGB32, skip_unreadable=True, limit=7)
+    assert len(seven) == 7 and [p for p, _ in skipped_images(seven)] == [str(corrupt)]
+    with pytest.raises(DatasetError, match="applies to image folders"):
+        build_dataset("fashion-mnist", "test", skip_unreadable=True)
+
+
+def test_a_folder_of_grayscale_pngs_feeds_a_one_channel_network(tmp_path: Path) -> None:
+    """Images are read in the network's channels, as `snnet serve` converts an upload: an 'L' folder
+    feeds the 1-channel Fashion-MNIST family, an RGB folder is converted to 'L' the way PIL does."""
+    from PIL import Image
+
+    from snnet.data import image_transform
+
+    gray = {"input_size": (1, 28, 28), "mean": (0.286,), "std": (0.353,), "interpolation": "bilinear",
+            "crop_pct": 1.0, "crop_mode": "center"}
+    _folder(tmp_path / "l", mode="L", size=28)
+    _folder(tmp_path / "rgb", mode="RGB", size=28)
+    transform = image_transform(gray)
+    for name, mode in (("l", "L"), ("rgb", "RGB")):
+        ds = build_dataset(tmp_path / name, "val", gray)
+        x, y = ds[4]
+        assert x.shape == (1, 28, 28) and y == 1
+        with Image.open(tmp_path / name / "class1" / "1.png") as img:
+            assert img.mode == mode
+            assert torch.equal(x, transform(img.convert("L")))
+    assert build_dataset(tmp_path / "l", "val", RGB32)[0][0].shape == (3, 32, 32)  # and L -> RGB for an RGB network
+    # a 16-bit grayscale PNG is scaled to 8 bits, not clipped (Pillow's own conversion turns it nearly white)
+    deep = (torch.arange(28 * 28, dtype=torch.int32).view(28, 28) * 83).numpy().astype("uint16")
+    (tmp_path / "deep" / "c").mkdir(parents=True)
+    Image.fromarray(deep).save(tmp_path / "deep" / "c" / "0.png")
+    x, _ = build_dataset(tmp_path / "deep", "val", gray)[0]
+    want = torch.from_numpy((deep.astype("int64") * 255 // 65535).astype("float32")) / 255
+    assert torch.allclose(x[0], (want - 0.286) / 0.353, atol=1e-5)
+    with pytest.raises(DatasetError, match="2-channel"):
+        build_dataset(tmp_path / "l", "val", dict(gray, input_size=(2, 28, 28)))
+
+
+def _refuse_listing(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make listing ``folder`` fail as a chmod-000 folder does for anyone but root."""
+    scandir = os.scandir
+
+    def refusing(path=".", *args):
+        if os.fspath(path) == str(folder):
+            raise PermissionError(13, "Permission denied", str(folder))
+        return scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    return folder
+
+
+def test_a_class_folder_that_cannot_be_read_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision says "Found no valid file" for a class folder it cannot list (chmod 000); snnet names the
+    folder and the fix. Root reads any folder, so the refusal of the listing is simulated here (and real in
+    test_a_chmod_000_class_folder_is_named when not root)."""
+    _folder(tmp_path)
+    locked = _refuse_listing(tmp_path / "class1", monkeypatch)
+    with pytest.raises(DatasetError) as raised:
+        build_dataset(tmp_path, "val", RGB32)
+    message = str(raised.value)
+    assert f"class folder {locked} cannot be read (Permission denied)" in message and "chmod" in message
+    assert "Found no valid file" not in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod-000 folder")
+def test_a_chmod_000_class_folder_is_named(tmp_path: Path) -> None:
+    _folder(tmp_path)
+    (tmp_path / "class1").chmod(0)
+    try:
+        with pytest.raises(DatasetError, match=r"class folder .*class1 cannot be read"):
+            build_dataset(tmp_path, "val", RGB32)
+    finally:
+        (tmp_path / "class1").chmod(0o755)
+
+
+def test_an_empty_class_folder_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    _folder(tmp_path)
+    (tmp_path / "class3").mkdir()
+    (tmp_path / "class3" / "notes.txt").write_text("not an image")
+    with pytest.raises(DatasetError) as raised:
+        build_dataset(tmp_path, "val", RGB32)
+    message = str(raised.value)
+    assert "class3" in message and ".png" in message and "at least one image" in message
+    assert "\n" not in message

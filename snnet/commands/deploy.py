@@ -11,6 +11,8 @@ ModelOpt = Annotated[Optional[Path], typer.Option(
     "--model", "-m", help="A saved stitched network (folder with config.json and model.safetensors). "
                           "Default: the shipped Fashion-MNIST family.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+# forwards per stitch a profile may time (or warm up with): more is a typo, not a measurement
+MAX_RUNS = 1_000_000
 
 
 def _load(model: Path | None, trained: bool) -> Any:
@@ -38,8 +40,8 @@ def profile(
         "--batch-sizes", help="Also time every stitch at each of these batch sizes, e.g. 1,2,4,8,16 (stored as "
                               "latency_by_batch in results.json; `snnet serve` plans its batches with it).")] = None,
     img_size: Annotated[Optional[int], typer.Option("--img-size", min=1, help="Input resolution (default: the network's).")] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed forwards per stitch (median and p90 are reported).")] = 30,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed forwards per stitch first.")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, max=MAX_RUNS, help="Timed forwards per stitch (median and p90 are reported).")] = 30,
+    warmup: Annotated[int, typer.Option(min=0, max=MAX_RUNS, help="Untimed forwards per stitch first.")] = 5,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: torch's).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1... (default: cuda if available).")] = None,
     stitches: Annotated[Optional[str], typer.Option(help="Comma-separated stitch ids or names (default: all).")] = None,
@@ -52,7 +54,7 @@ def profile(
     accuracy/latency frontier is drawn (pareto_latency.html/.png); otherwise a results.json with
     FLOPs, params, latency and memory (accuracy empty) is written.
     """
-    from .options import split_ints
+    from .options import split_ints, split_stitches
     from ..deploy import merge_profile, profile as run_profile, read_rows
     from ..results import RESULTS_JSON, StitchResult, check_writable, write_results
     from ..io import atomic_write
@@ -60,11 +62,11 @@ def profile(
     from ..train import default_device
 
     sizes = split_ints(batch_sizes, "--batch-sizes") if batch_sizes else None
+    keys = split_stitches(stitches)
     out = check_writable(out)
     dev = default_device(device)
     existing = read_rows(out / RESULTS_JSON) if (out / RESULTS_JSON).is_file() else None  # a broken file fails now
     net = _load(model, trained=False)
-    keys = [k.strip() for k in stitches.split(",") if k.strip()] if stitches else None
     for k in keys or []:
         net.stitch(k)  # unknown names fail before any measuring
     size = (net.input_size[0], img_size, img_size) if img_size else None
@@ -143,13 +145,15 @@ def export(
     Every file is verified (outputs equal to the stitch inside the stitched network) before it is moved
     into --out; if any format fails, nothing is written.
     """
-    from ..deploy.export import _check_dir, _check_formats, export_stitch
+    from ..deploy.export import _check_dir, _check_formats, check_export_folder, export_stitch
+    from ..deploy.memory import check_input
 
     from ..errors import ExportError
     from ..io import check_creatable
 
     chosen_formats = _check_formats(formats)
     check_creatable(out, error=ExportError)  # an unwritable --out fails before any network is built
+    check_export_folder(out, chosen_formats)  # and one whose files the export would mix or overwrite
     # a bad stitch name fails before anything is loaded or written (the space needs no weights)
     if model is not None:
         from ..model import StitchedNet
@@ -160,7 +164,9 @@ def export(
         from .options import DEFAULT_ANCHORS, split_names
         from ..model import create_snnet
 
-        create_snnet(split_names(DEFAULT_ANCHORS), device="meta").stitch(stitch)
+        net = create_snnet(split_names(DEFAULT_ANCHORS), device="meta")
+        net.stitch(stitch)
+    check_input(net, [batch_size], stitches=[stitch], what="the network")  # a --batch-size too big for memory
     out = _check_dir(out)
     if model is None:
         net = _load(None, trained=True)

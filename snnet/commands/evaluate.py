@@ -28,6 +28,9 @@ def evaluate(
     calib_images: Annotated[int, typer.Option("--calib-images", min=1, help="Training images for the least-squares "
                                               "fit of the stitching layers (only without --model).")] = 100,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    skip_bad_images: Annotated[bool, typer.Option(
+        "--skip-bad-images", help="An image folder: decode every image first and leave out those that cannot be read "
+                                  "(counted and reported) instead of stopping at the first one.")] = False,
     results: Annotated[Optional[str], typer.Option(
         "--results", "-r", help="Plot an existing results.json/.csv (or its folder) again instead of evaluating, "
                                 "e.g. with --zoo; writes results and plots into --out. reference:deit (swin, resnet, "
@@ -76,7 +79,7 @@ def evaluate(
         rows = published_rows(results) if table_name(results) is not None else load_results(Path(results))
     else:
         rows = _evaluate(model, data, split, batch_size, limit, stitches, device, amp, workers, calib_images, progress,
-                         eval_protocol)
+                         eval_protocol, skip_bad_images)
     if chosen_zoo is not None:  # a new zoo replaces the one already there
         rows = mark_pareto([r for r in rows if not r.is_zoo] + chosen_zoo.rows())
     if reference is not None:  # and the authors' table the rows of the same table
@@ -104,21 +107,20 @@ def write_plots(rows: list, out: Path) -> list[Path]:
 
 def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit: int | None, stitches: str | None,
               device: str | None, amp: bool, workers: int, calib_images: int, progress: bool,
-              eval_protocol: str | None = None) -> list:
+              eval_protocol: str | None = None, skip_bad_images: bool = False) -> list:
     """Build or load the network, check the data against it, evaluate every chosen stitch; each row records
     the evaluation protocol and the transform it ran."""
     from dataclasses import replace
 
     from .. import data as sndata
-    from .options import DEFAULT_ANCHORS, split_names
+    from .options import DEFAULT_ANCHORS, split_names, split_stitches
     from ..evaluate import evaluate as run_eval
     from ..model import StitchedNet, create_snnet
     from ..train import default_device
 
-    keys = [k.strip() for k in stitches.split(",") if k.strip()] if stitches is not None else None
-    if keys is not None and not keys:
-        raise SnnetError(f"--stitches {stitches!r} names no stitch: give comma-separated ids or names")
+    keys = split_stitches(stitches)
     dev = default_device(device)
+    sndata.check_workers(workers)
     sndata.check_source(data, split)  # missing data fails before the network is built
     if model is None:
         sndata.check_source(data, "train")  # the least-squares fit reads training images
@@ -128,7 +130,8 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
         net = create_snnet(split_names(DEFAULT_ANCHORS), pretrained=True)
     chosen = [net.stitch(k) for k in keys] if keys is not None else None
     protocol, data_config = _protocol(net, data, eval_protocol)
-    dataset = sndata.build_dataset(data, split, data_config, limit=limit)
+    dataset = sndata.build_dataset(data, split, data_config, limit=limit, skip_unreadable=skip_bad_images)
+    _say_skipped(dataset, data, split)
     classes = sndata.num_classes(dataset)
     if classes != net.num_classes:
         raise SnnetError(f"{data} has {classes} classes but the network predicts {net.num_classes}: "
@@ -138,7 +141,8 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
         raise SnnetError(f"{data} gives images of shape {shape}, the network takes {tuple(net.input_size)}")
     net.to(dev)
     if model is None:
-        calib = sndata.build_dataset(data, "train", data_config, limit=calib_images)
+        calib = sndata.build_dataset(data, "train", data_config, limit=calib_images, skip_unreadable=skip_bad_images)
+        _say_skipped(calib, data, "train")
         report = net.init_stitching(sndata.make_loader(calib, min(batch_size, calib_images), shuffle=False),
                                     max_images=calib_images, progress=progress)
         typer.echo(f"fitted {report.layers} stitching layers by least squares on {report.images} training images "
@@ -168,3 +172,14 @@ def _protocol(net, data: str, asked: str | None) -> tuple[str, dict]:
         raise SnnetError(f"--eval-protocol paper: the SN-Net authors evaluated no network of {', '.join(net.labels)} "
                          "(or trained them with another normalisation); use --eval-protocol timm")
     return "paper", paper
+
+
+def _say_skipped(dataset: object, data: str, split: str) -> None:
+    """One line on stderr when unreadable images were left out (--skip-bad-images)."""
+    from ..data import skipped_images
+
+    skipped = skipped_images(dataset)  # type: ignore[arg-type]
+    if skipped:
+        path, reason = skipped[0]
+        typer.echo(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} of {data} ({split}), "
+                   f"first {path} ({reason}); using the other {len(dataset)}", err=True)  # type: ignore[arg-type]

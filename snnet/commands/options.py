@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 __all__ = ["DEFAULT_ANCHORS", "AnchorsOpt", "ImgSizeOpt", "ZooFamilyOpt", "ZooFlopsOpt", "ZooImgSizeOpt", "ZooOpt",
-           "ZooParamsOpt", "read_routes", "read_zoo_options", "split_ints", "split_names"]
+           "ZooParamsOpt", "read_routes", "read_zoo_options", "split_ints", "split_names", "split_stitches"]
 
 # The shipped Fashion-MNIST family: the default wherever anchors can be omitted.
 DEFAULT_ANCHORS = "fmnist"
@@ -51,6 +51,18 @@ def split_ints(text: str, option: str) -> list[int]:
     if not values or min(values) < 1:
         raise SnnetError(f"{option} takes comma-separated whole numbers >= 1 such as 1,2,4,8,16; got {text!r}")
     return values
+
+
+def split_stitches(text: str | None) -> list[str] | None:
+    """``--stitches``: comma-separated stitch ids or names; None (every stitch) when the option is not given."""
+    from ..errors import SnnetError
+
+    if text is None:
+        return None
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    if not keys:
+        raise SnnetError(f"--stitches {text!r} names no stitch: give comma-separated ids or names")
+    return keys
 
 
 def read_zoo_options(zoo: str | None, family: str | None, img_size: str | None, params: str | None,

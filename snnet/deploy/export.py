@@ -5,6 +5,10 @@ weights its route uses; :func:`save_stitch`/:func:`load_stitch` (safetensors + c
 without the stitched network), :func:`export_program` (``torch.export``) and :func:`export_onnx`
 (verified with onnxruntime) write it. Every file is written to a temporary name, verified, then
 renamed into place; nothing half-written is left behind.
+
+An exported folder's ``config.json`` records the SHA-256 of every file exported with it;
+:func:`load_stitch`, :func:`load_program` and :func:`load_onnx` refuse a file whose bytes differ
+and warn when no checksum can be found for it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import nn
 
 from ..anchors import ActivationSpec, AnchorSpec, create_anchor, split_model, without_final_norm
 from ..errors import CheckpointError, ExportError
-from ..io import atomic_write, record_checksum, verify_checksum
+from ..io import atomic_write, record_checksum, verify_checksum, warn_unverified
 from ..results import check_writable
 from ..space import Stitch
 from ..stitching import StitchingLayer
@@ -32,8 +36,8 @@ from ..stitching import StitchingLayer
 if TYPE_CHECKING:
     from ..model import Route, StitchedNet
 
-__all__ = ["FORMATS", "STITCH_CONFIG", "STITCH_WEIGHTS", "StitchRoute", "export_onnx", "export_program", "export_stitch", "extract", "load_stitch",
-           "route_bytes", "save_stitch", "stitch_config"]
+__all__ = ["FORMATS", "STITCH_CONFIG", "STITCH_WEIGHTS", "StitchRoute", "export_onnx", "export_program", "export_stitch", "extract",
+           "load_onnx", "load_program", "load_stitch", "route_bytes", "save_stitch", "stitch_config"]
 
 class _Hop(nn.Module):
     """A middle segment of a longer route: its blocks, then the stitching layer out of it."""
@@ -124,6 +128,8 @@ STITCH_FORMAT = "snnet-stitch"
 STITCH_VERSION = 3
 HEAD_WITHOUT_NORM = "without_final_norm"
 FORMATS = ("safetensors", "pt2", "onnx")
+FORMAT_FILES = {"safetensors": STITCH_WEIGHTS, "pt2": "model.pt2", "onnx": "model.onnx"}
+_REEXPORT = "export the stitch again"
 
 
 def _check_dir(out: str | os.PathLike) -> Path:
@@ -236,7 +242,7 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
         raise CheckpointError(f"{cfg_path} was written by a newer snnet (format {cfg['version']}); upgrade snnet")
     if anchors is not None and len(anchors) != len(ends):
         raise CheckpointError(f"this stitch uses {len(ends)} anchors, {len(anchors)} were given")
-    verify_checksum(w_path, cfg, cfg_path, "export the stitch again", error=CheckpointError)
+    verify_checksum(w_path, cfg, cfg_path, _REEXPORT, error=CheckpointError)
     parts = []
     for k, end in enumerate(ends):
         if anchors is not None:
@@ -258,12 +264,12 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
     try:
         state = load_file(str(w_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{w_path} is corrupt or unreadable ({e}); export the stitch again") from e
+        raise CheckpointError(f"{w_path} is corrupt or unreadable ({e}); {_REEXPORT}") from e
     own = route.state_dict()
     bad = sorted(set(own) ^ set(state)) + sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if bad:
         raise CheckpointError(f"{w_path} does not match the route its config describes (first mismatches: "
-                              f"{', '.join(bad[:3])}); export the stitch again")
+                              f"{', '.join(bad[:3])}); {_REEXPORT}")
     route.load_state_dict(state)
     route.snnet_stitch = cfg["name"]  # type: ignore[assignment]
     return route.to(map_location).eval()
@@ -347,33 +353,107 @@ def export_stitch(net: "StitchedNet", stitch: int | str | Stitch, out: str | os.
     """Extract one stitch and write it in each of ``formats`` into ``out``, all or nothing.
 
     Formats: ``safetensors`` (``model.safetensors`` + ``config.json``, :func:`load_stitch`),
-    ``pt2`` (``model.pt2``, ``torch.export.load``), ``onnx`` (``model.onnx``). Every file is
-    staged in a temporary folder inside ``out`` and verified; the files move into ``out`` only
-    when every format succeeded, so a failure leaves ``out`` as it was. The example input is a
-    random batch at the network's input size.
+    ``pt2`` (``model.pt2``, :func:`load_program`), ``onnx`` (``model.onnx``, :func:`load_onnx`).
+    ``config.json`` (the stitch's description) is written with any format and records the SHA-256
+    of every file, which the loaders check. Every file is staged in a temporary folder inside
+    ``out`` and verified; the files move into ``out`` only when every format succeeded, so a
+    failure leaves ``out`` as it was. The example input is a random batch at the network's input size.
     """
+    from .memory import check_input
+
     formats = _check_formats(formats)
     s = net.space[stitch]  # unknown stitch: fails before any work
+    check_export_folder(out, formats)
+    check_input(net, [batch_size], stitches=[s], what="the network")  # a batch_size that cannot fit in memory
     out = _check_dir(out)
     route = extract(net, s).cpu()
     example = torch.randn(batch_size, *net.input_size, generator=torch.Generator().manual_seed(0))
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".snnet-export-"))
     try:
-        written: list[Path] = []
+        config = stitch_config(net, s)
         if "safetensors" in formats:
-            save_stitch(route, stage, stitch_config(net, s))
-            written += [stage / STITCH_WEIGHTS, stage / STITCH_CONFIG]
+            save_stitch(route, stage, config)
+            config = json.loads((stage / STITCH_CONFIG).read_text())  # with the weights' checksum
         if "pt2" in formats:
-            written.append(export_program(route, example, stage / "model.pt2", atol))
+            path = export_program(route, example, stage / FORMAT_FILES["pt2"], atol)
+            record_checksum(config, path.name, path)
         if "onnx" in formats:
-            written.append(export_onnx(route, example, stage / "model.onnx", atol))
+            path = export_onnx(route, example, stage / FORMAT_FILES["onnx"], atol)
+            record_checksum(config, path.name, path)
+        atomic_write(stage / STITCH_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
         paths = {}
-        for p in written:
-            os.replace(p, out / p.name)
-            paths[p.name] = out / p.name
+        for name in [FORMAT_FILES[f] for f in formats] + [STITCH_CONFIG]:  # the record of the files last
+            os.replace(stage / name, out / name)
+            paths[name] = out / name
         return paths
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_export_folder(out: str | os.PathLike, formats: Sequence[str]) -> None:
+    """Refuse, before any work, an ``out`` whose files an export would wrongly mix or overwrite: a saved
+    stitched network's config.json, or files of formats not exported now (they would sit beside a
+    config.json describing, and checksumming, another export)."""
+    out = Path(out)
+    cfg = out / STITCH_CONFIG
+    if cfg.is_dir() or any((out / name).is_dir() for name in FORMAT_FILES.values()):
+        raise ExportError(f"--out {out} holds a folder named like an export file ({STITCH_CONFIG}, "
+                          f"{', '.join(FORMAT_FILES.values())}); choose another --out")
+    if cfg.is_file():
+        try:
+            kind = json.loads(cfg.read_text()).get("format")
+        except (ValueError, AttributeError, OSError):
+            kind = None
+        if kind != STITCH_FORMAT:
+            raise ExportError(f"--out {out} holds a {STITCH_CONFIG} that is not an exported stitch's (a saved network?); "
+                              "exporting there would overwrite it: choose another --out")
+    stale = [name for f, name in FORMAT_FILES.items() if f not in formats and (out / name).exists()]
+    if stale:
+        raise ExportError(f"--out {out} holds {', '.join(stale)} of an earlier export, which this one (--format "
+                          f"{','.join(formats)}) would leave beside its new {STITCH_CONFIG}: export every format "
+                          "again or choose another --out")
+
+
+def _verified(path: str | os.PathLike, kind: str) -> Path:
+    """``path``, an exported file, after checking it against the SHA-256 in the ``config.json`` beside it
+    (a warning if there is none to check: never a silent pass)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file: give the {kind} file `snnet export` wrote")
+    record = path.parent / STITCH_CONFIG
+    if not record.is_file():
+        warn_unverified(path, f"there is no {STITCH_CONFIG} beside it to hold its SHA-256", _REEXPORT)
+        return path
+    try:
+        cfg = json.loads(record.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise CheckpointError(f"{record} is corrupt ({e}), so {path} cannot be verified; {_REEXPORT}") from e
+    verify_checksum(path, cfg, record, _REEXPORT, error=CheckpointError)
+    return path
+
+
+def load_program(path: str | os.PathLike) -> "torch.export.ExportedProgram":
+    """An exported ``model.pt2`` (``torch.export``), after verifying its checksum: ``load_program(p).module()(x)``."""
+    path = _verified(path, FORMAT_FILES["pt2"])
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:  # torch raises many kinds for a file that is not a program
+        raise CheckpointError(f"{path} is not a readable torch.export program ({type(e).__name__}); {_REEXPORT}") from e
+
+
+def load_onnx(path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+    """An onnxruntime ``InferenceSession`` of an exported ``model.onnx``, after verifying its checksum."""
+    path = _verified(path, FORMAT_FILES["onnx"])
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ExportError("running ONNX needs onnxruntime: pip install 'snnet[export]'") from e
+    try:
+        return ort.InferenceSession(str(path), providers=list(providers))
+    except Exception as e:  # onnxruntime raises its own types for a file it cannot parse
+        raise CheckpointError(f"{path} is not a readable ONNX model ({type(e).__name__}); {_REEXPORT}") from e
 
 
 def _check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ rows, so budgets in milliseconds or megabytes can be met (:mod:`snnet.budget`).
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from ..report import progress as report_progress
 from ..results import _row, merge_rows, network_rows, read_rows
 from ..space import Stitch
 from .export import _route_view, route_bytes
+from .memory import check_input
 
 if TYPE_CHECKING:
     from ..model import StitchedNet
@@ -187,14 +189,16 @@ def profile(
     """
     if batch_size < 1 or warmup < 0 or repeats < 1:
         raise SnnetError(f"need batch_size >= 1, warmup >= 0 and repeats >= 1 (got {batch_size}, {warmup}, {repeats})")
-    if threads is not None and threads < 1:
-        raise SnnetError(f"--threads must be >= 1, got {threads}")
+    cpus = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= cpus:
+        raise SnnetError(f"--threads must be between 1 and this machine's {cpus} CPUs, got {threads}")
     if batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1):
         raise SnnetError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     sizes = tuple(sorted(set(batch_sizes) | {batch_size})) if batch_sizes is not None else ()
     chosen = sorted({net.space[k].id for k in stitches}) if stitches is not None else [s.id for s in net.space]
     size = tuple(input_size) if input_size is not None else tuple(net.input_size)
     dev = torch.device(device) if device is not None else next(net.parameters()).device
+    check_input(net, sizes or (batch_size,), size, chosen, dev)  # a size it cannot take, a batch too big: now
     net.to(dev)
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn(b, *size, generator=gen).to(dev) for b in sizes or (batch_size,)}
