@@ -91,12 +91,13 @@ class DatasetError(SnnetError):
 
 
 def _how_to_get_fashion_mnist(root: Path) -> str:
-    # one line, and each option named with the command that has it (`snnet train` has no --download)
+    # one line, and each option named with the commands that have it
     return (
         f"Fashion-MNIST was not found in {root}: `apt-get install dataset-fashion-mnist` (installs to {_DEBIAN_ROOT}), "
         "or give a folder with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-        "t10k-labels-idx1-ubyte (optionally .gz) as `snnet train --data-dir DIR`, `snnet demo --data DIR` or env "
-        "SNNET_FASHION_MNIST=DIR; `snnet demo --download` (download=True in Python) fetches it with torchvision"
+        "t10k-labels-idx1-ubyte (optionally .gz) as `--data.root DIR` (snnet train, snnet demo; `--data-dir DIR` for "
+        "eval and stitches) or env SNNET_FASHION_MNIST=DIR; `snnet train/demo --data.download true` (download=True in "
+        "Python) fetches it with torchvision"
     )
 
 
@@ -329,8 +330,9 @@ def _check_limit(limit: int | None) -> None:
 
 
 def _missing_folder(path: Path) -> DatasetError:
-    return DatasetError(f"dataset folder {path} does not exist (expected an ImageFolder tree, "
-                        "'fashion-mnist', or a timm dataset name such as 'torch/cifar10')")
+    what = f"{path} is a file, not a dataset" if path.is_file() else f"dataset folder {path} does not exist"
+    return DatasetError(f"{what} (expected an ImageFolder tree, 'fashion-mnist', or a timm dataset name such as "
+                        "'torch/cifar10')")
 
 
 def check_source(name_or_path: str | os.PathLike[str], split: str = "train",
@@ -340,7 +342,7 @@ def check_source(name_or_path: str | os.PathLike[str], split: str = "train",
     if name.lower() in FASHION_MNIST_NAMES:
         _locate_fashion_mnist(Path(root).expanduser() if root is not None else default_fashion_mnist_root(),
                               _fashion_mnist_split(split))
-    elif not (_is_timm_name(name) or Path(name).expanduser().is_dir()):
+    elif Path(name).expanduser().is_file() or not (_is_timm_name(name) or Path(name).expanduser().is_dir()):
         raise _missing_folder(Path(name).expanduser())
 
 

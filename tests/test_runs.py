@@ -23,14 +23,14 @@ from snnet.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from snnet.data import build_dataset
 from snnet.deploy import export_stitch, load_stitch
 from snnet.errors import CheckpointError, TrainingInterrupted
-from snnet.train import OptimConfig, train
+from snnet.train import train
 
 from .conftest import TINY_VITS
 from .test_train import Synthetic, _cli, _image_folder, cfg, fresh_net
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ",".join(TINY_VITS[:2])
-OPT = OptimConfig(lr=1e-3, warmup_steps=2)
+OPT = dict(lr=1e-3, warmup_steps=2)  # the learning rate as used (cfg: not scaled)
 
 
 def _train_args(data: Path, out: Path, *more: str) -> list[str]:
@@ -145,14 +145,14 @@ class _CtrlCAt(Synthetic):
 def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path):
     conf = dict(epochs=2, init_images=0)  # 5 steps an epoch: step 4 is mid-epoch
     a = fresh_net()
-    train(a, Synthetic(40), cfg(tmp_path / "a", **conf), OPT)
+    train(a, Synthetic(40), cfg(tmp_path / "a", **conf, **OPT))
     with pytest.raises(TrainingInterrupted) as stopped:
-        train(fresh_net(), _CtrlCAt(40, step=4, batch_size=8), cfg(tmp_path / "b", **conf), OPT)
+        train(fresh_net(), _CtrlCAt(40, step=4, batch_size=8), cfg(tmp_path / "b", **conf, **OPT))
     assert isinstance(stopped.value, KeyboardInterrupt) and (stopped.value.step, stopped.value.total) == (4, 10)
     assert load_checkpoint(tmp_path / "b" / "run" / CHECKPOINT_NAME)["step"] == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C acts at once again
     c = fresh_net(seed=9)
-    train(c, Synthetic(40), cfg(tmp_path / "b", resume="auto", **conf), OPT)
+    train(c, Synthetic(40), cfg(tmp_path / "b", resume="auto", **conf, **OPT))
     assert _same_weights(a, c)
 
 
@@ -181,14 +181,14 @@ def test_mid_epoch_resume_with_loader_workers_is_exact(tmp_path):
     data = build_dataset(str(folder), "train", fresh_net().anchors[0].data_config, augment=True)
     conf = dict(epochs=2, batch_size=4, init_images=8, num_workers=2)
     a = fresh_net()
-    train(a, data, cfg(tmp_path / "a", **conf), OPT)
-    part = train(fresh_net(), data, cfg(tmp_path / "b", **conf), OPT, stop_after=3)
+    train(a, data, cfg(tmp_path / "a", **conf, **OPT))
+    part = train(fresh_net(), data, cfg(tmp_path / "b", **conf, **OPT), stop_after=3)
     assert (load_checkpoint(part.checkpoint)["epoch"], load_checkpoint(part.checkpoint)["epoch_step"]) == (0, 3)
     b = fresh_net(seed=7)
-    train(b, data, cfg(tmp_path / "b", resume="auto", **conf), OPT)
+    train(b, data, cfg(tmp_path / "b", resume="auto", **conf, **OPT))
     assert _same_weights(a, b)
     c = fresh_net()
-    train(c, data, cfg(tmp_path / "c", **{**conf, "num_workers": 0}), OPT)
+    train(c, data, cfg(tmp_path / "c", **{**conf, "num_workers": 0}, **OPT))
     assert _same_weights(a, c)
 
 
