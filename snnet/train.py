@@ -74,7 +74,7 @@ from .space import Stitch
 from .tasks import ImageClassification, get_task
 
 __all__ = ["NOT_RESULT_SETTINGS", "OptimConfig", "Position", "TrainConfig", "TrainResult", "Trainer", "checkpoint_state",
-           "default_device", "load_run_config", "resume_from", "route_modules", "train"]
+           "default_device", "load_run_config", "result_settings", "resume_from", "route_modules", "train"]
 
 # Settings that do not change what a run computes (where it writes, how it reports, where its files come
 # from before the checkpoint replaces them): a resume may change them freely. Every other one is compared.
@@ -338,6 +338,12 @@ def result_changes(saved: dict[str, Any], config: TrainConfig, world: int) -> li
     return [f"{k}: {_show(v)} -> {_show(ours[k])}" for k, v in theirs.items() if k in ours and v != ours[k]]
 
 
+def result_settings(config: TrainConfig, world: int = 1) -> dict[str, Any]:
+    """The settings that decide what a run computes, by path (the learning rates as used on ``world``
+    processes): what a resume must keep, and what tables of runs trained alike record."""
+    return _result_settings(config.to_dict(), config, world)
+
+
 def _result_settings(settings: dict[str, Any], config: TrainConfig, world: int) -> dict[str, Any]:
     flat = flatten(settings)  # only what ``settings`` holds (a partial dict from an old checkpoint)
     rates = config.rates(world)
@@ -453,10 +459,11 @@ def _save(path: Path, state: dict[str, Any], keep: int, rank: int) -> Path:
 
 
 def _already_finished(net: StitchedNet | nn.Module, resumed: Resumed, plan: Plan, out: Path, rank: int) -> TrainResult:
-    """A finished run resumed with its own settings: nothing to train, nothing rewritten (final/ restored if deleted)."""
+    """A finished run resumed with its own settings: nothing to train, nothing rewritten (final/ restored if
+    deleted); the network holds the run's trained weights, as after training."""
     final = out / FINAL_NAME
+    _load_weights(net, resumed.state["model"], str(resumed.path))
     if rank == 0 and not (final / WEIGHTS_NAME).is_file():  # only if someone deleted it
-        _load_weights(net, resumed.state["model"], str(resumed.path))
         _save_final(net, final)
     return TrainResult(resumed.position.step, plan.total, True, float("nan"), 0.0, 0.0, out, resumed.path, final)
 

@@ -36,7 +36,8 @@ class Legacy:
     ``const``: a flag without a value that sets the setting to this (``"true"``, ``"largest"``...);
     otherwise ``kind`` reads the next word: ``value`` as it is, ``list`` a comma-separated list,
     ``routes`` a routes file, read now (snnet.commands.options.read_routes), ``set`` ``FIELD=VALUE``
-    for any setting named as before the tree."""
+    for any setting named as before the tree; ``words`` reads every following word up to the next
+    option, as a list (``--models a b c``)."""
 
     path: str
     const: str | None = None
@@ -149,6 +150,13 @@ def _translate(argv: list[str], legacy: Mapping[str, Legacy],
             i += 1
             return argv[i - 1]
 
+        if name in legacy and legacy[name].kind == "words":
+            items = [inline] if eq else []
+            while i < len(argv) and not argv[i].startswith("-"):
+                items.append(argv[i])
+                i += 1
+            words += [f"--{legacy[name].path}", json.dumps(items)]
+            continue
         if name in legacy:
             words += _legacy_words(name, legacy[name], value)
             continue
