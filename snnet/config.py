@@ -674,7 +674,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         at = f"{where}." if where else ""
-        hint = _did_you_mean(str(unknown[0]), names) or f"; {where or 'the configuration'} has {', '.join(names)}"
+        hint = (_did_you_mean(str(unknown[0]), names, at)
+                or f"; {where or 'the configuration'} has {', '.join(names)}")
         raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(at + str(k) for k in unknown)}"
                           + hint)
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
@@ -724,11 +725,11 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where} must be {_kind_name(kind)}, got {value!r}")
 
 
-def _did_you_mean(name: str, names: list[str]) -> str:
+def _did_you_mean(name: str, names: list[str], prefix: str = "") -> str:
     import difflib
 
     close = difflib.get_close_matches(name, names, n=3)
-    return f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""
 
 
 def _kind_name(kind: Any) -> str:

@@ -335,7 +335,14 @@ def result_changes(saved: dict[str, Any], config: TrainConfig, world: int) -> li
     partial) and ``config``. Learning rates are compared as used (after the linear scaling rule)."""
     ours = _result_settings(config.to_dict(), config, world)
     theirs = _result_settings(saved, TrainConfig().merged(saved), world)  # a partial dict: what it holds
-    return [f"{k}: {_show(v)} -> {_show(ours[k])}" for k, v in theirs.items() if k in ours and v != ours[k]]
+    given_ours, given_theirs = flatten(config.to_dict()), flatten(saved)
+    changes = []
+    for k, v in theirs.items():
+        if k in ours and v != ours[k]:
+            old, new = given_theirs.get(k, v), given_ours.get(k, ours[k])
+            used = f" (used: {_show(v)} -> {_show(ours[k])})" if (old, new) != (v, ours[k]) else ""
+            changes.append(f"{k}: {_show(old)} -> {_show(new)}{used}")
+    return changes
 
 
 def result_settings(config: TrainConfig, world: int = 1) -> dict[str, Any]:

@@ -335,4 +335,6 @@ def resume_command(argv: Sequence[str], command: str, overwrite_set: bool) -> st
         words += ["--run.overwrite", "false"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launcher = ["torchrun", "--nproc_per_node", str(world), "-m", "snnet"] if world > 1 else ["snnet"]
+    if world > 1 and os.environ.get("SNNET_LAUNCHER"):  # started by python -m snnet.launch (snnet.launch)
+        launcher = shlex.split(os.environ["SNNET_LAUNCHER"])
     return shlex.join([*launcher, command, *words, "--resume", "auto"])
