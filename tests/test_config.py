@@ -198,3 +198,17 @@ def test_a_run_saved_before_the_tree_loads_its_settings():
     config = load_run_config(DATA / "run-v1" / "run")  # train_config.json as fa1757f wrote it
     assert (config.schedule.epochs, config.data.batch_size, config.sampling.sampler) == (2, 8, "flops_bucketed")
     assert (config.optim.lr, config.optim.lr_base_batch, config.schedule.warmup_steps) == (1e-3, None, 2)
+
+
+def test_the_earlier_recipe_call_form_still_trains(tmp_path):
+    """README: ``train_config, optim_config = get_recipe("deit").configs(...); train(net, data, train_config, optim_config)``."""
+    from snnet.recipes import get_recipe
+    from snnet.train import train
+
+    from .test_train import Synthetic, fresh_net
+
+    train_config, optim_config = get_recipe("deit").override(mixup=0, cutmix=0, teacher=None).configs(
+        world_size=1, out_dir=str(tmp_path / "run"), batch_size=8, max_steps=2, progress=False, drop_path=0.0)
+    assert optim_config == recipe_config("deit").optim
+    result = train(fresh_net(), Synthetic(16), train_config, optim_config)
+    assert result.finished and result.step == 2

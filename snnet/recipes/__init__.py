@@ -26,7 +26,7 @@ from typing import Any
 from ..config import TrainConfig, read_yaml
 from ..errors import SnnetError
 
-__all__ = ["RECIPES_DIR", "RecipeError", "load_recipe", "recipe_config", "recipe_names", "recipe_path"]
+__all__ = ["RECIPES_DIR", "Recipe", "RecipeError", "get_recipe", "load_recipe", "recipe_config", "recipe_names", "recipe_path"]
 
 RECIPES_DIR = Path(__file__).parent
 
@@ -64,3 +64,27 @@ def recipe_config(name: str | None, base: TrainConfig | None = None) -> TrainCon
     """``base`` (default: the tree's defaults) with recipe ``name`` laid over it (None: ``base`` itself)."""
     base = base if base is not None else TrainConfig()
     return base if name is None else base.merged(load_recipe(name))
+
+
+class Recipe:
+    """A recipe in the earlier call form (``get_recipe("deit").configs(...)``); today's is :func:`recipe_config`.
+
+    ``configs`` returns the configuration and its optimizer section, which :func:`snnet.train.train`
+    takes as ``train(net, data, config, optim)``; the linear scaling rule is applied when the run
+    starts, on its real number of processes (``world_size`` is accepted and not needed)."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    def override(self, **changes: Any) -> "Recipe":
+        """A copy with settings changed by name (``epochs=30``; names before the tree work too)."""
+        return Recipe(self.config.override(**changes))
+
+    def configs(self, *, world_size: int = 1, **run: Any) -> tuple[TrainConfig, Any]:
+        config = self.config.override(**run)
+        return config, config.optim
+
+
+def get_recipe(name: str | None) -> Recipe:
+    """Recipe ``name`` (None: the tree's defaults) in the earlier call form; see :class:`Recipe`."""
+    return Recipe(recipe_config(name))
