@@ -36,7 +36,7 @@ from .errors import CheckpointError
 from .io import atomic_write
 
 __all__ = ["CHECKPOINTS_DIR", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "checkpoint_config", "earlier_checkpoints",
-           "load_checkpoint", "resolve_resume", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state",
+           "load_checkpoint", "peek_checkpoint", "resolve_resume", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state",
            "state_digest"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -157,6 +157,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if state["version"] > CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {path} was written by a newer snnet (version {state['version']})")
     return state
+
+
+def peek_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A checkpoint's small entries (settings, step, version...) without reading its tensors (memory-mapped),
+    unchecked; None if it cannot be read so (:func:`load_checkpoint` then says why)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - load_checkpoint reports it properly
+        return None
+    if not isinstance(state, dict) or not {"config", "step"} <= set(state):
+        return None
+    return {k: v for k, v in state.items() if k not in ("model", "trainer", "sampler", "rng")}
 
 
 def _go_back(path: Path) -> str:

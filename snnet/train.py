@@ -74,7 +74,8 @@ from .space import Stitch
 from .tasks import ImageClassification, get_task
 
 __all__ = ["NOT_RESULT_SETTINGS", "OptimConfig", "Position", "TrainConfig", "TrainResult", "Trainer", "checkpoint_state",
-           "default_device", "load_run_config", "result_settings", "resume_from", "route_modules", "train"]
+           "check_changes", "check_resume", "default_device", "load_run_config", "result_settings", "resume_from",
+           "route_modules", "train"]
 
 # Settings that do not change what a run computes (where it writes, how it reports, where its files come
 # from before the checkpoint replaces them): a resume may change them freely. Every other one is compared.
@@ -313,7 +314,15 @@ def resume_from(config: TrainConfig, out: Path, net: StitchedNet | nn.Module, wo
         raise CheckpointError(f"checkpoint {path} was written by {state.get('world_size')} processes; resume it with "
                               f"the same number (now {world}) so every rank gets its own data shard and sampler back")
     saved = checkpoint_config(state)
-    changes = result_changes(saved, config, world)
+    changes = check_changes(state, config, out, path, world)
+    position = Position(state["step"], state["epoch"], state["epoch_step"])
+    return Resumed(path, state, position, _read_history(out, saved, world), changes)
+
+
+def check_changes(state: dict[str, Any], config: TrainConfig, out: Path, path: Path, world: int) -> list[str]:
+    """The settings a resume from checkpoint ``state`` changes (see :func:`result_changes`), or a refusal in
+    one line naming each unless ``run.resume_with_changes``; a finished run's refusal says how to go on."""
+    changes = result_changes(checkpoint_config(state), config, world)
     if changes and not config.run.resume_with_changes:
         step, total = state["step"], state.get("total_steps")
         ask = ("add --resume-with-changes to continue with these settings (train_config.json keeps each segment's), "
@@ -325,8 +334,18 @@ def resume_from(config: TrainConfig, out: Path, net: StitchedNet | nn.Module, wo
                 f"--model.init {out / FINAL_NAME} and another --out")
         raise CheckpointError(f"cannot resume {path} with different settings ({'; '.join(changes)}): they change what "
                               f"the run computes; {ask}")
-    position = Position(state["step"], state["epoch"], state["epoch_step"])
-    return Resumed(path, state, position, _read_history(out, saved, world), changes)
+    return changes
+
+
+def check_resume(config: TrainConfig, world: int = 1) -> None:
+    """:func:`check_changes` before any work (a command runs it before building its network): the
+    checkpoint's settings are read without its tensors; the full checks come when the run starts."""
+    from .checkpoint import peek_checkpoint
+
+    path = resolve_resume(config.run.resume, config.run.out_dir)
+    state = peek_checkpoint(path) if path is not None else None
+    if state is not None:
+        check_changes(state, config, Path(config.run.out_dir), path, world)  # type: ignore[arg-type]
 
 
 def result_changes(saved: dict[str, Any], config: TrainConfig, world: int) -> list[str]:

@@ -308,7 +308,8 @@ def _bytes(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def test_a_resume_with_changed_settings_is_refused_naming_each_unless_asked_and_keeps_the_history(tmp_path, capsys):
+def test_a_resume_with_changed_settings_is_refused_naming_each_unless_asked_and_keeps_the_history(tmp_path, capsys,
+                                                                                                    monkeypatch):
     """The issue's line: a finished run resumed with another rate, length and label smoothing. Refused in one
     line naming each change (nothing touched); the printed command, run for real, continues it and
     train_config.json then holds both segments."""
@@ -318,8 +319,12 @@ def test_a_resume_with_changed_settings_is_refused_naming_each_unless_asked_and_
     assert _cli(*_train_args(data, out, "--max-steps", "2")) == 0
     before = _bytes(out)
     capsys.readouterr()
-    assert _cli(*_train_args(data, out, "--resume", "auto", "--lr", "5", "--max-steps", "4",
-                             "--set", "label_smoothing=0.9")) == 2
+    built: list[int] = []
+    with monkeypatch.context() as m:
+        m.setattr(snnet.StitchedNet, "__init__", lambda *a, **k: built.append(1))
+        assert _cli(*_train_args(data, out, "--resume", "auto", "--lr", "5", "--max-steps", "4",
+                                 "--set", "label_smoothing=0.9")) == 2
+    assert not built  # refused before the network was built
     line = _one_line(capsys.readouterr().err)
     assert "holds a finished run (2 of 2 steps)" in line
     for change in ("optim.lr: 0.0004 -> 5 (used: 3.125e-06 -> 0.0390625)", "schedule.max_steps: 2 -> 4",

@@ -38,7 +38,7 @@ def run_train(argv: Sequence[str]) -> None:
     from ..model import network_from_config
     from ..runlock import check_run_folder
     from ..tasks import get_task
-    from ..train import train as run
+    from ..train import check_resume, train as run
 
     parsed = parse(argv, "snnet train", flags={"--print-recipe": "Print the recipe's file (its sources and what it "
                                                "does not reproduce) and the learning rates used, then exit."},
@@ -54,6 +54,10 @@ def run_train(argv: Sequence[str]) -> None:
     out = Path(config.run.out_dir)
     if check_run_folder(out, config.run.resume, config.run.overwrite) is None and config.run.resume == "auto":
         typer.echo(f"no checkpoint in {out}: --resume auto starts a fresh run", err=True)
+    try:
+        check_resume(config, world)  # a resume with other settings is refused before the network is built
+    except CheckpointError as e:
+        raise _with_command(e, argv, config) from None
     seed_everything(config.run.seed)  # random-init anchors and heads follow the seed
     net = network_from_config(config.model, config.space)
     started = _init_distributed(config.run.device)
@@ -69,10 +73,7 @@ def run_train(argv: Sequence[str]) -> None:
                        f"{e.checkpoint}. Resume with: {resume_command(argv, 'train', config.run.overwrite)}", err=True)
         sys.exit(143 if e.signal_name == "SIGTERM" else 130)  # 128 + the signal, as if it had killed us
     except CheckpointError as e:
-        if "--resume-with-changes" in str(e):  # a refused resume: the command that asks for it
-            command = resume_command(argv, "train", config.run.overwrite).removesuffix(" --resume auto")
-            raise CheckpointError(f"{e} (the command: {command} --resume auto --resume-with-changes)") from None
-        raise
+        raise _with_command(e, argv, config) from None
     finally:
         if started:
             torch.distributed.destroy_process_group()
@@ -84,6 +85,14 @@ def run_train(argv: Sequence[str]) -> None:
     elif result.final_dir is not None:
         typer.echo(f"trained {result.step} steps in {result.seconds:.0f}s ({result.images_per_second:.0f} img/s), "
                    f"last loss {result.loss:.4f}; network saved to {result.final_dir}, checkpoint {result.checkpoint}")
+
+
+def _with_command(e: CheckpointError, argv: Sequence[str], config: TrainConfig) -> CheckpointError:
+    """A refused resume with the command that asks for it (the same words and --resume-with-changes)."""
+    if "--resume-with-changes" not in str(e):
+        return e
+    command = resume_command(argv, "train", config.run.overwrite)
+    return CheckpointError(f"{e} (the command: {command} --resume-with-changes)")
 
 
 def check_inputs(config: TrainConfig) -> None:
