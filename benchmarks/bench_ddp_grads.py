@@ -32,7 +32,8 @@ import torch
 import torch.multiprocessing as mp
 
 import snnet
-from snnet.train import OptimConfig, TrainConfig, Trainer
+from snnet.config import TrainConfig
+from snnet.train import Trainer
 
 ANCHORS = ["snnet_tiny_vit_ti", "snnet_tiny_vit_s"]
 WORLD = 2
@@ -74,11 +75,11 @@ def fresh_net() -> snnet.StitchedNet:
     return snnet.create_snnet(ANCHORS)
 
 
-def configs(opt: str, lr: float, mode: str = "mean", steps: int = 1) -> tuple[TrainConfig, OptimConfig]:
-    tconf = TrainConfig(progress=False, tensorboard=False, label_smoothing=0.0, ddp_grads=mode)
-    oconf = OptimConfig(lr=lr, optimizer=opt, weight_decay=WEIGHT_DECAY[opt], clip_grad=None, min_lr=lr)
-    # (min_lr = lr: a constant rate, since the comparison is about gradients, not the schedule)
-    return tconf, oconf
+def configs(opt: str, lr: float, mode: str = "mean", steps: int = 1) -> TrainConfig:
+    # (min_lr = lr: a constant rate, since the comparison is about gradients, not the schedule; lr as given)
+    return TrainConfig().override(progress=False, tensorboard=False, label_smoothing=0.0, ddp_grads=mode, lr=lr,
+                                  lr_base_batch=None, optimizer=opt, weight_decay=WEIGHT_DECAY[opt], clip_grad=None,
+                                  min_lr=lr)
 
 
 def snapshot(net: snnet.StitchedNet) -> dict[str, torch.Tensor]:
@@ -105,8 +106,7 @@ def _worker(rank: int, port: int, steps: int, batch: int, out: str) -> None:
         for opt in LR:
             for mode in MODES:
                 net = fresh_net()
-                tconf, oconf = configs(opt, LR[opt], mode)
-                trainer = Trainer(net, tconf, oconf, total_steps=steps)
+                trainer = Trainer(net, configs(opt, LR[opt], mode), total_steps=steps)
                 trail = run(net, trainer, batches[rank], stitches[rank])
                 results[(opt, mode)] = (trail[0], trail[-1])
         if rank == 0:
@@ -119,8 +119,7 @@ def sequential(opt: str, steps: int, batch: int) -> tuple[dict, dict]:
     """One process, the two processes' batches and stitches one after the other, at half the rate."""
     batches, _, stitches = task(steps, batch)
     net = fresh_net()
-    tconf, oconf = configs(opt, LR[opt] / WORLD)
-    trainer = Trainer(net, tconf, oconf, total_steps=steps * WORLD)
+    trainer = Trainer(net, configs(opt, LR[opt] / WORLD), total_steps=steps * WORLD)
     order = [(batches[r][t], stitches[r][t]) for t in range(steps) for r in range(WORLD)]
     trail = run(net, trainer, [b for b, _ in order], [s for _, s in order])
     return trail[WORLD - 1], trail[-1]
@@ -130,8 +129,7 @@ def global_batch(opt: str, steps: int, batch: int) -> tuple[dict, dict, snnet.St
     """One process, each step both processes' batches through their own stitches, losses averaged."""
     batches, _, stitches = task(steps, batch)
     net = fresh_net()
-    tconf, oconf = configs(opt, LR[opt])
-    trainer = Trainer(net, tconf, oconf, total_steps=steps)
+    trainer = Trainer(net, configs(opt, LR[opt]), total_steps=steps)
     trail = []
     for t in range(steps):
         trainer.optimizer.zero_grad(set_to_none=True)

@@ -51,9 +51,10 @@ def peak_mb() -> float:
 
 
 def recipe(args):
-    from snnet.recipes import get_recipe
+    from snnet.recipes import recipe_config
 
-    return get_recipe("deit").override(batch_size=args.batch_size, init_images=args.init_images)
+    return recipe_config("deit").override(batch_size=args.batch_size, init_images=args.init_images,
+                                          num_classes=CLASSES)
 
 
 def teacher():
@@ -65,8 +66,6 @@ def teacher():
 
 def snnet_part(args, data: str, out: str, resume: bool, queue) -> None:
     """Train the SN-Net to --steps (first call) or resume it to 2 x --steps (second call)."""
-    from dataclasses import replace
-
     from torch.utils.data import DataLoader
 
     import snnet
@@ -78,23 +77,23 @@ def snnet_part(args, data: str, out: str, resume: bool, queue) -> None:
     rec = recipe(args)
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    kwargs = (*rec.anchor_kwargs(), ("num_classes", CLASSES))
+    kwargs = rec.model.anchor_kwargs()
     net = snnet.create_snnet([snnet.AnchorSpec(n, False, None, kwargs) for n in expand_family("deit")])
     build = time.perf_counter() - t0
     dataset = build_dataset(data, "train", net.anchors[0].data_config, augment=True, seed=0,
-                            transform_options=rec.transform_options())
-    tconf, oconf = rec.configs(world_size=1, max_steps=2 * args.steps, out_dir=out, progress=False, tensorboard=False,
-                               resume="auto" if resume else None, init_images=0 if resume else rec.init_images)
+                            transform_options=rec.data.transform_options())
+    conf = rec.override(max_steps=2 * args.steps, out_dir=out, progress=False, tensorboard=False,
+                        resume="auto" if resume else None, init_images=0 if resume else rec.model.init_images)
     t1 = time.perf_counter()
     tea = teacher()
-    result = train(net, dataset, tconf, oconf, teacher=tea, stop_after=None if resume else args.steps)
+    result = train(net, dataset, conf, teacher=tea, stop_after=None if resume else args.steps)
     train_s = time.perf_counter() - t1
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     largest = []
     if resume:  # the dearest route, DeiT-B itself, trained inside the SN-Net: the same work as the plain step
         from snnet.train import Trainer
 
-        trainer = Trainer(net, replace(tconf, resume=None), oconf, total_steps=args.steps + 1, teacher=tea)
+        trainer = Trainer(net, conf.override(resume=None), total_steps=args.steps + 1, teacher=tea)
         trainer.sampler = _Always(len(net.anchors) - 1)
         x, y = next(iter(DataLoader(dataset, batch_size=args.batch_size, generator=torch.Generator().manual_seed(1))))
         for step in range(args.steps + 1):  # the first step allocates the optimizer state: not timed
@@ -106,7 +105,7 @@ def snnet_part(args, data: str, out: str, resume: bool, queue) -> None:
                "steps": result.step, "finished": result.finished, "peak_mb": peak_mb(),
                "rows": [r for r in rows if r["step"] > (args.steps if resume else 0)], "largest_s": largest,
                "networks": len(net.space), "params": sum(p.numel() for p in net.parameters()),
-               "lr": oconf.lr})
+               "lr": conf.rates(1).lr})
 
 
 class _Always:
@@ -132,14 +131,15 @@ def plain_part(args, data: str, queue) -> None:
     torch.set_num_threads(args.threads)
     rec = recipe(args)
     torch.manual_seed(0)
-    model = timm.create_model("deit_base_patch16_224", num_classes=CLASSES, drop_path_rate=rec.drop_path)
+    model = timm.create_model("deit_base_patch16_224", num_classes=CLASSES, drop_path_rate=rec.model.drop_path)
     dataset = build_dataset(data, "train", model.pretrained_cfg, augment=True, seed=0,
-                            transform_options=rec.transform_options())
+                            transform_options=rec.data.transform_options())
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(0))
-    mix = Mixup(mixup_alpha=rec.mixup, cutmix_alpha=rec.cutmix, label_smoothing=rec.label_smoothing, num_classes=CLASSES)
+    mix = Mixup(mixup_alpha=rec.data.mixup, cutmix_alpha=rec.data.cutmix, label_smoothing=rec.data.label_smoothing,
+                num_classes=CLASSES)
     crit, tea = SoftTargetCrossEntropy(), teacher().eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=rec.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=rec.optim.weight_decay)
     times = []
     batches = iter(loader)
     for step in range(args.steps + 1):  # the first step warms up allocators and is not timed
@@ -151,7 +151,7 @@ def plain_part(args, data: str, queue) -> None:
         t0 = time.perf_counter()
         x, y = mix(x, y)
         out = model(x)
-        loss = (1 - rec.distill_alpha) * crit(out, y) + rec.distill_alpha * distill_loss(out, teacher_logits(tea, x), "hard")
+        loss = (1 - rec.distill.alpha) * crit(out, y) + rec.distill.alpha * distill_loss(out, teacher_logits(tea, x), "hard")
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -2,9 +2,9 @@
 """SN-Net v1 against SN-Netv2's options and KLAS, under one training budget, on one family.
 
 Every variant starts from the same pretrained anchors and trains with the same recipe (the
-demo's: least-squares init on 100 images, AdamW with warm-up and cosine decay, anchors at a
-tenth of the stitching layers' learning rate, distillation from the largest anchor) for the
-same number of steps, batch size, learning rate and seed. The variants:
+demo's, ``snnet/recipes/demo.yaml``: least-squares init on 100 images, AdamW with warm-up and
+cosine decay, anchors at a tenth of the stitching layers' learning rate, distillation from the
+largest anchor) for the same number of steps, batch size, learning rate and seed. The variants:
 
 * ``v1``: SN-Net (paired windows small->large, full stitching layers, uniform sampling);
 * every combination of SN-Netv2's three options on top: ``2way`` (two-way space with round
@@ -31,23 +31,22 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from snnet.commands.options import split_names
-from snnet.commands.train import _specs
+from snnet.config import ROS_GAP, ModelConfig, SpaceConfig
 from snnet.data import build_dataset, make_loader
-from snnet.demo import DemoConfig, frontier_gap
+from snnet.demo import demo_config, frontier_gap
 from snnet.evaluate import evaluate
 from snnet.klas import klas
-from snnet.model import StitchedNet, create_snnet
+from snnet.model import StitchedNet, network_from_config
 from snnet.report import table
 from snnet.results import compare_fronts, load_results, write_results
-from snnet.sampling import ROS_GAP
 from snnet.train import train
+
+DEMO = demo_config()  # the recipe every variant trains with (its steps, batch size and rate are the defaults here)
 
 OPTIONS = ("2way", "lora", "ros")
 VARIANTS = ["v1"] + ["+".join(c) for n in (1, 2, 3) for c in itertools.combinations(OPTIONS, n)] + ["klas"]
@@ -60,9 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="where the dataset lives")
     p.add_argument("--split", default="test", help="the split every variant is evaluated (and compared) on")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--steps", type=int, default=DemoConfig.steps, help="training steps of every variant")
-    p.add_argument("--batch-size", type=int, default=DemoConfig.batch_size)
-    p.add_argument("--lr", type=float, default=DemoConfig.lr, help="learning rate of the stitching layers")
+    p.add_argument("--steps", type=int, default=DEMO.schedule.max_steps, help="training steps of every variant")
+    p.add_argument("--batch-size", type=int, default=DEMO.data.batch_size)
+    p.add_argument("--lr", type=float, default=DEMO.optim.lr, help="learning rate of the stitching layers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-rank", type=int, default=4, help="rank of the low-rank stitching layers (lora variants)")
     p.add_argument("--lora-alpha", type=float, default=1.0, help="the low-rank update is scaled by alpha / rank")
@@ -86,8 +85,9 @@ def build(args: argparse.Namespace, variant: str, routes: tuple[str, ...] | None
     """A fresh network of the pretrained anchors with this variant's space and stitching layers."""
     opts = set(variant.split("+"))
     torch.manual_seed(args.seed)  # stitching layers (and low-rank A) start the same in every run
-    return create_snnet(_specs(split_names(args.family), args.pretrained, None), two_way="2way" in opts,
-                        routes=routes, lora_rank=args.lora_rank if "lora" in opts else 0, lora_alpha=args.lora_alpha)
+    space = SpaceConfig(two_way="2way" in opts, routes=routes, lora_rank=args.lora_rank if "lora" in opts else 0,
+                        lora_alpha=args.lora_alpha)
+    return network_from_config(ModelConfig(anchors=args.family, pretrained=args.pretrained), space)
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -124,10 +124,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, float
                 vdir.mkdir(parents=True, exist_ok=True)
                 (vdir / "klas.json").write_text(json.dumps(chosen.to_dict(), indent=2) + "\n")
             net = build(args, variant, routes)
-            tcfg, ocfg = DemoConfig(out=str(vdir), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                    progress=progress).train_configs()
-            tcfg = replace(tcfg, sampler="ros" if "ros" in variant.split("+") else "uniform", ros_gap=args.ros_gap)
-            res = train(net, train_set, tcfg, ocfg)
+            config = DEMO.override(out_dir=str(vdir / "train"), max_steps=args.steps, batch_size=args.batch_size,
+                                   lr=args.lr, seed=args.seed, progress=progress, ros_gap=args.ros_gap,
+                                   sampler="ros" if "ros" in variant.split("+") else "uniform")
+            res = train(net, train_set, config)
             results = evaluate(net, loader, progress=progress)
             write_results(results, vdir)
             info = {"variant": variant, "networks": len(net.space), "stitching_layers": len(net.stitch_layers),

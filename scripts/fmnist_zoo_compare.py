@@ -21,18 +21,27 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import snnet
+from snnet.pretrained import FmnistVitSpec
+from snnet.report import human, table
+from snnet.results import compare_fronts, front_rows, load_results, network_rows, pareto_front
+from snnet.zoo import load_zoo
 
-from snnet.pretrained import FmnistVitSpec  # noqa: E402
-from snnet.report import human, table  # noqa: E402
-from snnet.zoo import load_zoo  # noqa: E402
-from snnet.results import compare_fronts, front_rows, load_results, network_rows, pareto_front  # noqa: E402
+WEIGHTS = Path(snnet.__file__).parent / "weights"
+
+
+def demo_settings(summary: dict[str, Any]) -> tuple[int, int, bool]:
+    """(steps, batch size, distilled) of the demo run a summary.json describes: written with the
+    configuration tree (config.train) or before it (a flat DemoConfig)."""
+    cfg = summary["config"]
+    if "train" in cfg:
+        t = cfg["train"]
+        return t["schedule"]["max_steps"], t["data"]["batch_size"], t["distill"]["teacher"] is not None
+    return cfg["steps"], cfg["batch_size"], bool(cfg["distill"])
 
 
 def zoo_rows(zoo: Path, split: str) -> list[dict[str, Any]]:
@@ -48,12 +57,12 @@ def zoo_name(label: str) -> str:
 
 def cost_table(demo: Path, summary: dict[str, Any], results: list, zoo: list[dict[str, Any]],
                lo: float, hi: float) -> str:
-    cfg = summary["config"]
+    steps, batch, distilled = demo_settings(summary)
     by_name = {z["name"]: z for z in zoo}
     anchors = [by_name[zoo_name(r.name)] for r in results if r.is_anchor]
-    joint_images = cfg["steps"] * cfg["batch_size"]
+    joint_images = steps * batch
     mean_flops = statistics.mean(r.flops for r in results)
-    teacher = max(r.flops for r in results if r.is_anchor) if cfg["distill"] else 0
+    teacher = max(r.flops for r in results if r.is_anchor) if distilled else 0
     in_range = [z for z in zoo if lo <= z["flops"] <= hi]
 
     def side(what: str, models: list[dict[str, Any]], extra_s: float = 0, extra_img: int = 0,
@@ -64,7 +73,7 @@ def cost_table(demo: Path, summary: dict[str, Any], results: list, zoo: list[dic
                 "macs": human(sum(3 * m["flops"] * m["image_steps"] for m in models) + extra_macs)}
 
     rows = [side("SN-Net: its anchors' training", anchors),
-            {"what": f"SN-Net: joint training ({cfg['steps']} steps x {cfg['batch_size']})", "n": "-",
+            {"what": f"SN-Net: joint training ({steps} steps x {batch})", "n": "-",
              "s": f"{summary['seconds']['train']:.0f}", "img": human(joint_images),
              "macs": human(joint_images * (3 * mean_flops + teacher))},
             side("SN-Net: total", anchors, summary["seconds"]["train"], joint_images,
@@ -79,7 +88,7 @@ def joint_training(demo: Path, summary: dict[str, Any], results: list) -> str:
     """What the joint training gave each stitch (steps drawn, from metrics.jsonl) and did to the anchors."""
     steps = Counter(json.loads(line)["stitch"] for line in (demo / "train" / "metrics.jsonl").open() if line.strip())
     counts = [steps.get(r.id, 0) for r in results]
-    per = summary["config"]["batch_size"]
+    per = demo_settings(summary)[1]
     drift = ", ".join(f"{k} {v:.2f} -> {summary['anchors_after'][k]:.2f} ({summary['anchors_after'][k] - v:+.2f})"
                       for k, v in summary["anchors_before"].items())
     return (f"Joint training: {sum(counts)} steps over {len(results)} networks: {min(counts)}-{max(counts)} steps "
@@ -94,7 +103,7 @@ def _front_names(rows: list[dict[str, Any]]) -> set[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("demo", type=Path, help="a folder written by `snnet demo --out` (results.json, summary.json)")
-    p.add_argument("--zoo", type=Path, default=REPO / "snnet" / "weights" / "fmnist_zoo.json")
+    p.add_argument("--zoo", type=Path, default=WEIGHTS / "fmnist_zoo.json")
     p.add_argument("--lo", type=float, default=None, help="compare from this many FLOPs (default: the cheapest anchor)")
     p.add_argument("--hi", type=float, default=None, help="compare up to this many FLOPs (default: the dearest anchor)")
     args = p.parse_args()

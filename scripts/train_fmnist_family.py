@@ -1,188 +1,93 @@
 #!/usr/bin/env python
 """Train the shipped Fashion-MNIST anchor family from scratch and write its artifacts.
 
-Trains ``fmnist_vit_ti``, ``fmnist_vit_s`` and ``fmnist_vit_b`` (see ``snnet/pretrained.py``)
-with one shared recipe on the 50,000 training images outside the validation split
-(``--split train+val``: all 60,000), evaluates on the validation split and the 10k test images,
-and writes into ``--out`` (default ``snnet/weights``):
+Trains ``fmnist_vit_ti``, ``fmnist_vit_s`` and ``fmnist_vit_b`` (see ``snnet/pretrained.py``) one
+after the other, each through snnet's training loop (:func:`snnet.members.train_member`) with the
+``fmnist-family`` recipe (``snnet/recipes/fmnist-family.yaml``: 12 epochs, batch 256, AdamW 2e-3...)
+on the 50,000 training images outside the validation split (``--data.split train+val``: all
+60,000). Each model's run lives in ``--family.runs/<model>`` (checkpoints, ``metrics.jsonl``, the
+validation top-1 at every epoch's end in ``evals.jsonl``); a run that was interrupted is resumed
+where it stopped. Then it writes into ``--family.out`` (default ``snnet/weights``):
 
 * ``<model>.safetensors`` -- float16 weights (timm upcasts them into float32 params);
 * ``family.json``         -- measured params, MACs, val and test accuracy *after* the fp16
-  round trip, epochs, wall time, the exact command and library versions;
+  round trip, the validation curve, epochs, wall time, the recipe's settings, the exact command
+  and library versions;
 * ``MODEL_CARD.md``       -- generated from ``family.json`` only.
 
-Everything is seeded and the data order is a function of ``--seed``, so a rerun
-with the same command and library versions reproduces the numbers up to
-floating-point nondeterminism of the CPU kernels.
+Everything is seeded and the data order is a function of the seed, so a rerun with the same
+command and library versions reproduces the numbers up to floating-point nondeterminism of the
+CPU kernels. Settings are snnet train's (``--print-config`` lists them; ``--config FILE``,
+``--recipe NAME`` and ``--optim.lr 1e-3``-style options change them).
 
-    python scripts/train_fmnist_family.py                 # the shipped recipe, one model after another
-    python scripts/train_fmnist_family.py --card-only     # regenerate MODEL_CARD.md
-
-The recipe and training loop (``Recipe``, ``fit``, ``train_one``) also train the zoo of
-``scripts/train_fmnist_zoo.py``.
+    python scripts/train_fmnist_family.py                      # the shipped recipe, one model after another
+    python scripts/train_fmnist_family.py --config better.yaml --family.out runs/family2
+    python scripts/train_fmnist_family.py --card-only          # regenerate MODEL_CARD.md
 """
 
 from __future__ import annotations
 
-import argparse
-import fcntl
-import hashlib
-import json
-import math
 import platform
-import shlex
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
-import timm.optim
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
-from torch import nn
-from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+import snnet
+from snnet.commands.config_cli import Legacy, parse
+from snnet.config import TrainConfig
+from snnet.data import FASHION_MNIST_CLASSES
+from snnet.io import atomic_write, record_checksum, update_json
+from snnet.members import command_line, count_macs, create_member, train_member
+from snnet.pretrained import FMNIST_FAMILY
+from snnet.train import result_settings
 
-from snnet.data import FASHION_MNIST_CLASSES, FashionMNIST, make_loader, set_epoch  # noqa: E402
-from snnet.io import record_checksum  # noqa: E402
-from snnet.pretrained import FMNIST_FAMILY  # noqa: E402  (registers the models in timm)
-
-
+WEIGHTS = Path(snnet.__file__).parent / "weights"  # where the shipped files live
 AUGMENT, NO_AUGMENT = "random crop (2px zero padding) + horizontal flip", "none"
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """The training recipe shared by every member of the family."""
+class FamilyOptions:
+    """Which members to train, and where their runs and artifacts go."""
 
-    epochs: int = 12
-    batch_size: int = 256
-    lr: float = 2e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 0.5
-    label_smoothing: float = 0.1
-    grad_clip: float = 1.0
-    augment: str = AUGMENT
-    seed: int = 0
+    models: tuple[str, ...] = tuple(FMNIST_FAMILY)
+    """The members to train (fmnist_vit_ti, fmnist_vit_s, fmnist_vit_b), one after the other."""
+    out: str = str(WEIGHTS)
+    """Where the float16 weights, family.json and MODEL_CARD.md go."""
+    runs: str = "runs/fmnist_family"
+    """Where each member's training run goes (runs/<model>: checkpoints, metrics, evals)."""
+    threads: int = 2
+    """torch threads."""
 
-
-def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass on one image, in snnet's (the paper's, fvcore's)
-    convention: the same counter ``snnet stitches`` uses, so the card and the CLI agree."""
-    from snnet.flops import count_macs as macs_of, unfused_attention
-
-    with unfused_attention(model), torch.no_grad():
-        return macs_of(model.eval(), torch.zeros(1, *input_size))[0]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
+        unknown = [m for m in self.models if m not in FMNIST_FAMILY]
+        if unknown:
+            raise snnet.SnnetError(f"unknown member(s) {', '.join(unknown)}; the family is {', '.join(FMNIST_FAMILY)}")
 
 
-def lr_lambda(recipe: Recipe, steps_per_epoch: int):
-    """Linear warmup then cosine decay to ``min_lr``, as a multiplier of ``lr`` per step."""
-    warmup = max(1, int(recipe.warmup_epochs * steps_per_epoch))
-    total = recipe.epochs * steps_per_epoch
-    floor = recipe.min_lr / recipe.lr
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
+# the options of this script before the configuration tree -> the settings they set
+LEGACY = {"--epochs": Legacy("schedule.epochs"), "--batch-size": Legacy("data.batch_size"), "--lr": Legacy("optim.lr"),
+          "--weight-decay": Legacy("optim.weight_decay"), "--seed": Legacy("run.seed"),
+          "--augment": Legacy("data.augment", "true"), "--no-augment": Legacy("data.augment", "false"),
+          "--limit": Legacy("data.limit"), "--split": Legacy("data.split"), "--threads": Legacy("family.threads"),
+          "--models": Legacy("family.models", kind="words"), "--out": Legacy("family.out"),
+          "--set": Legacy("", kind="set")}
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader) -> float:
-    """Top-1 accuracy in percent."""
-    model.eval()
-    correct = total = 0
-    for images, labels in loader:
-        correct += int((model(images).argmax(-1) == labels).sum())
-        total += labels.numel()
-    return 100.0 * correct / total
-
-
-def create_model(name: str, kwargs: dict[str, Any], file: Path | None = None) -> nn.Module:
-    """A timm model, randomly initialised or (``file``) loaded through timm's pretrained path."""
-    if file is None:
-        return timm.create_model(name, **kwargs)
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(file)}, **kwargs)
-
-
-def fit(model: nn.Module, label: str, recipe: Recipe, train_set: FashionMNIST) -> tuple[list[float], int]:
-    """Train ``model`` with the recipe; return each epoch's wall seconds and the optimizer steps taken."""
-    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=recipe.lr, weight_decay=recipe.weight_decay)
-    loader = make_loader(train_set, recipe.batch_size, shuffle=True, seed=recipe.seed, drop_last=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, len(loader)))
-
-    epoch_seconds: list[float] = []
-    steps = 0
-    for epoch in range(recipe.epochs):
-        set_epoch(loader, epoch)
-        model.train()
-        start = time.perf_counter()
-        seen = 0
-        bar = tqdm(loader, desc=f"{label} {epoch + 1}/{recipe.epochs}", unit="batch", file=sys.stdout,
-                   mininterval=10, dynamic_ncols=False, ncols=110)
-        for images, labels in bar:
-            loss = F.cross_entropy(model(images), labels, label_smoothing=recipe.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            steps += 1
-            seen += labels.numel()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}",
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
-        bar.close()
-        epoch_seconds.append(time.perf_counter() - start)
-        print(f"{label} epoch {epoch + 1}: {epoch_seconds[-1]:.1f} s, "
-              f"{len(train_set) / epoch_seconds[-1]:.0f} img/s, last loss {loss.item():.3f}", flush=True)
-    return epoch_seconds, steps
-
-
-def train_one(label: str, name: str, kwargs: dict[str, Any], recipe: Recipe, train_set: FashionMNIST,
-              eval_loaders: dict[str, torch.utils.data.DataLoader], out: Path) -> dict[str, Any]:
-    """Train one model (timm ``name`` with ``kwargs``) from scratch, save it as ``out/<label>.safetensors``
-    in float16, and measure it on every loader in ``eval_loaders`` after reloading that file."""
-    torch.manual_seed(recipe.seed)  # same init stream for every model
-    model = create_model(name, kwargs)
-    epoch_seconds, steps = fit(model, label, recipe, train_set)
-    acc_fp32 = {split: evaluate(model, loader) for split, loader in eval_loaders.items()}
-    path = out / f"{label}.safetensors"
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "arch": label, "dtype": "float16"})
-    path.chmod(0o644)  # safetensors writes 0600; the file ships in the wheel
-
-    # Measure what users get: the fp16 file loaded through timm's pretrained path.
-    reloaded = create_model(name, kwargs, path)
-    acc = {split: evaluate(reloaded, loader) for split, loader in eval_loaders.items()}
-    result = {
-        "params": sum(p.numel() for p in reloaded.parameters()),
-        "macs": count_macs(reloaded, (1, 28, 28)),
-        "acc": {k: round(v, 2) for k, v in acc.items()},
-        "acc_fp32": {k: round(v, 2) for k, v in acc_fp32.items()},
-        "epochs": recipe.epochs,
-        "steps": steps,
-        "image_steps": steps * recipe.batch_size,
-        "seconds": round(sum(epoch_seconds), 1),
-        "seconds_per_epoch": round(sum(epoch_seconds) / len(epoch_seconds), 1),
-        "file": path.name,
-        "file_bytes": path.stat().st_size,
-    }
-    print(f"{label}: top-1 " + ", ".join(f"{k} {v:.2f}%" for k, v in acc.items())
-          + f" (fp32 {', '.join(f'{v:.2f}%' for v in acc_fp32.values())}), {result['params']:,} params, "
-          f"{result['macs'] / 1e6:.2f} M MACs", flush=True)
-    return result
+def recipe_summary(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The card's view of family.json's recipe: this script's settings (flat paths), or the flat
+    recipe an earlier version of it recorded."""
+    if "optim.lr" not in recipe:
+        return recipe
+    return {"epochs": recipe["schedule.epochs"], "batch_size": recipe["data.batch_size"], "lr": recipe["optim.lr"],
+            "weight_decay": recipe["optim.weight_decay"], "warmup_epochs": recipe["schedule.warmup_epochs"],
+            "min_lr": recipe["schedule.min_lr"], "label_smoothing": recipe["data.label_smoothing"],
+            "grad_clip": recipe["optim.clip_grad"], "augment": AUGMENT if recipe["data.augment"] else NO_AUGMENT,
+            "seed": recipe["run.seed"]}
 
 
 def _pct(v: float | None) -> str:
@@ -192,7 +97,7 @@ def _pct(v: float | None) -> str:
 def write_model_card(family: dict[str, Any], out: Path) -> None:
     """Render MODEL_CARD.md from family.json, so the card never disagrees with the measurements."""
     models = family["models"]
-    recipe = family["recipe"]
+    recipe = recipe_summary(family["recipe"])
     rows = "\n".join(
         f"| `{name}` | {m['arch']['embed_dim']} | {m['arch']['num_heads']} | {m['arch']['depth']} "
         f"| {m['params'] / 1e6:.3f} M | {m['macs'] / 1e6:.2f} M | {_pct(m.get('val_top1'))} | {m['top1']:.2f} % "
@@ -282,127 +187,81 @@ These are small models trained for only {recipe['epochs']} epoch(s) on a CPU sha
 on a toy dataset; they exist to demonstrate and test stitching, not as state-of-the-art
 Fashion-MNIST classifiers (longer training improves all three).
 """
-    (out / "MODEL_CARD.md").write_text(card)
+    atomic_write(out / "MODEL_CARD.md", lambda tmp: tmp.write_text(card), durable=False)
 
 
-def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    """The recipe's command-line options (shared by the family and the zoo script)."""
-    defaults = Recipe()
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=defaults.augment != NO_AUGMENT,
-                   help="random crops and flips (default: on)")
-    p.add_argument("--data", type=Path, default=None, help="folder with the Fashion-MNIST IDX files")
-    p.add_argument("--limit", type=int, default=None, help="train on the first N images only (smoke test)")
-    p.add_argument("--threads", type=int, default=2)
+def main(argv: list[str] | None = None) -> None:
+    parsed = parse(sys.argv[1:] if argv is None else argv, "train_fmnist_family.py", legacy=LEGACY,
+                   extra={"family": FamilyOptions}, default_recipe="fmnist-family",
+                   flags={"--card-only": "Only regenerate MODEL_CARD.md from family.json.",
+                          "--recount": "Recount params and MACs of the shipped weights into family.json and the card."},
+                   description=__doc__.split("\n\n")[0])
+    config, options = parsed.config, parsed.extra["family"]
+    if parsed.flags["--print-config"]:
+        from snnet.commands.config_cli import dump_yaml
 
-
-def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    return Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                  seed=args.seed, augment=AUGMENT if args.augment else NO_AUGMENT)
-
-
-def command_line() -> str:
-    """The command that is running, as recorded next to its results."""
-    return "python " + shlex.join([str(Path(sys.argv[0]))] + sys.argv[1:])
-
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(FMNIST_FAMILY), choices=list(FMNIST_FAMILY))
-    add_recipe_args(p)
-    # "train" leaves the validation split out (snnet.data.SPLITS): the family, the demo's settings
-    # and the zoo comparison are all chosen on it, so the anchors must not have seen it.
-    p.add_argument("--split", choices=("train", "train+val"), default="train",
-                   help="training images: the 50,000 outside the validation split (default, as shipped) or all 60,000")
-    p.add_argument("--out", type=Path, default=REPO / "snnet" / "weights")
-    p.add_argument("--card-only", action="store_true", help="only regenerate MODEL_CARD.md from family.json")
-    p.add_argument("--recount", action="store_true",
-                   help="recount params and MACs of the shipped weights into family.json and the card (no training)")
-    return p.parse_args()
-
-
-def main() -> None:
-    args = parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.card_only or args.recount:
-        family = json.loads((args.out / "family.json").read_text())
-        for name, entry in family["models"].items() if args.recount else ():
-            model = create_model(name, {}, args.out / entry["file"])
-            entry["params"] = sum(p.numel() for p in model.parameters())
-            entry["macs"] = count_macs(model, (1, 28, 28))
-            entry.pop("sha256", None)  # recorded by file name, as snnet records every checksum
-            record_checksum(family, entry["file"], args.out / entry["file"])
-        (args.out / "family.json").write_text(json.dumps(family, indent=2) + "\n")
-        write_model_card(family, args.out)
+        print(dump_yaml(config, {"family": options}), end="")
         return
-    torch.set_num_threads(args.threads)
-    recipe = recipe_from_args(args)
-    train_set = FashionMNIST(args.data, args.split, augment=args.augment, seed=recipe.seed, limit=args.limit)
-    test_loader = make_loader(FashionMNIST(args.data, "test"), 1000, shuffle=False)
-    loaders = {"test": test_loader}
-    if args.split == "train":  # a family that never saw the validation split is measured on it too
-        loaders = {"val": make_loader(FashionMNIST(args.data, "val"), 1000, shuffle=False)} | loaders
-    run = {"command": command_line(), "threads": args.threads}
-    start = time.perf_counter()
-    for name in args.models:
-        r = train_one(name, name, {}, recipe, train_set, loaders, args.out)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if parsed.flags["--card-only"] or parsed.flags["--recount"]:
+        def recount(family: dict[str, Any]) -> dict[str, Any]:
+            for name, entry in family["models"].items() if parsed.flags["--recount"] else ():
+                model = create_member(name, {}, out / entry["file"])
+                entry["params"] = sum(p.numel() for p in model.parameters())
+                entry["macs"] = count_macs(model, (1, 28, 28))
+                entry.pop("sha256", None)  # recorded by file name, as snnet records every checksum
+                record_checksum(family, entry["file"], out / entry["file"])
+            return family
+
+        write_model_card(update_json(out / "family.json", recount), out)
+        return
+    torch.set_num_threads(options.threads)
+    # "train" leaves the validation split out: the family, the demo's settings and the zoo comparison are all
+    # chosen on it, so the anchors must not have seen it; such a family is measured on it too
+    splits = ("val", "test") if config.data.split == "train" else ("test",)
+    run = {"command": command_line(), "threads": options.threads}
+    for name in options.models:
+        member = config.override(out_dir=str(Path(options.runs) / name))
+        r = train_member(name, name, {}, member, splits, out)
         result = {"arch": asdict(FMNIST_FAMILY[name]), "params": r["params"], "macs": r["macs"],
                   "top1": r["acc"]["test"], "val_top1": r["acc"].get("val"),
-                  "top1_fp32_before_export": r["acc_fp32"]["test"]}
+                  "top1_fp32_before_export": r["acc_fp32"]["test"], "val_curve": r["val_curve"]}
         result |= {k: r[k] for k in ("epochs", "image_steps", "seconds", "seconds_per_epoch", "file", "file_bytes")}
-        # Written after every model so an interrupted run keeps what it finished.
-        update_family(args.out, name, dict(result, **run), recipe, len(train_set), len(test_loader.dataset))
-    print(f"done in {(time.perf_counter() - start) / 60:.1f} min -> {args.out}", flush=True)
+        # written after every model so an interrupted run keeps what it finished
+        update_family(out, name, dict(result, **run), config)
+    print(f"done -> {out}", flush=True)
 
 
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock for a read-modify-write of ``path``.
-
-    Models may be trained by separate processes running at the same time (one per core is
-    the fastest way to train on a busy machine), each recording its result in one JSON
-    file. The lock lives outside the file's folder so that nothing but artifacts lands in
-    the package.
-    """
-    lock_path = Path(tempfile.gettempdir()) / f"snnet-{hashlib.sha1(bytes(path.resolve())).hexdigest()[:12]}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def update_family(out: Path, name: str, result: dict[str, Any], recipe: Recipe,
-                  train_images: int, test_images: int) -> None:
+def update_family(out: Path, name: str, result: dict[str, Any], config: TrainConfig) -> None:
     """Record one model in family.json (and re-render the card), keeping the other members.
 
-    Entries trained with a different recipe are dropped: the family must share one recipe.
-    """
-    path = out / "family.json"
-    with locked(path):
-        family = json.loads(path.read_text()) if path.is_file() else {}
-        if family.get("recipe") != asdict(recipe) or family.get("train_images") != train_images:
+    Entries trained with different settings are dropped: the family must share one recipe."""
+    from snnet.data import FashionMNIST
+
+    recipe = result_settings(config)
+    train_images = len(FashionMNIST(config.data.root, config.data.split, limit=config.data.limit))
+    test_images = len(FashionMNIST(config.data.root, "test"))
+
+    def add(family: dict[str, Any]) -> dict[str, Any]:
+        if family.get("recipe") != recipe or family.get("train_images") != train_images:
             family = {}
-        family.update({
-            "dataset": "fashion-mnist",
-            "train_images": train_images,
-            "test_images": test_images,
-            "recipe": asdict(recipe),
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "python": platform.python_version(),
-            "machine": f"{platform.machine()} CPU",
-        })
+        family.update({"dataset": "fashion-mnist", "train_images": train_images, "test_images": test_images,
+                       "recipe": recipe, "torch": torch.__version__, "timm": timm.__version__,
+                       "python": platform.python_version(), "machine": f"{platform.machine()} CPU"})
         models = family.setdefault("models", {})
         models[name] = result
         record_checksum(family, result["file"], out / result["file"])  # snnet.pretrained refuses a file that differs
         family["models"] = {n: models[n] for n in FMNIST_FAMILY if n in models}  # size order
-        path.write_text(json.dumps(family, indent=2) + "\n")
-        if len(family["models"]) > 1:
-            write_model_card(family, out)
+        return family
+
+    family = update_json(out / "family.json", add)
+    if len(family["models"]) > 1:
+        write_model_card(family, out)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except snnet.SnnetError as e:  # bad settings, a refused resume: one line, as snnet's commands say it
+        sys.exit(f"error: {e}")

@@ -7,12 +7,23 @@
     logits = net(images)
 """
 
-from . import pretrained, tiny  # noqa: F401  (register the shipped and the tiny test families with timm)
-from . import adapters  # noqa: F401  (register the Swin, ResNet and ConvNeXt adapters)
-from .anchors import ActivationSpec, Adapter, AnchorParts, AnchorSpec, register_adapter, split_model
-from .errors import CheckpointError, NotStitchableError, SnnetError, StitchNotFoundError, UnknownModelError
-from .model import InitReport, StitchCost, StitchedNet, create_snnet
-from .space import Segment, SpaceConfig, Stitch, StitchSpace
+import os as _os
+import sys as _sys
+
+try:  # torch and timm load for seconds: Ctrl-C then must not print their import chain from the command line
+    from . import pretrained, tiny  # noqa: F401  (register the shipped and the tiny test families with timm)
+    from . import adapters  # noqa: F401  (register the Swin, ResNet and ConvNeXt adapters)
+    from .anchors import ActivationSpec, Adapter, AnchorParts, AnchorSpec, register_adapter, split_model
+    from .errors import CheckpointError, NotStitchableError, SnnetError, StitchNotFoundError, UnknownModelError
+    from .model import InitReport, StitchCost, StitchedNet, create_snnet
+    from .space import Segment, SpaceConfig, Stitch, StitchSpace
+except KeyboardInterrupt:
+    # `python -m snnet` (argv[0] is "-m" while the package loads) or the `snnet` script: the command's one line.
+    # Imported by a program of yours, the interrupt is yours to handle, as usual.
+    if _sys.argv[:1] == ["-m"] or _os.path.basename(_sys.argv[0] if _sys.argv else "") == "snnet":
+        _sys.stderr.write("error: interrupted\n")
+        raise SystemExit(130) from None
+    raise
 
 load = StitchedNet.from_pretrained
 

@@ -6,27 +6,42 @@ to a temporary file, fsynced and renamed over the old one, so a crash leaves the
 checkpoint or the new one, never a torn file. It carries a SHA-256 of its whole content
 (every tensor's bytes, every number), checked on reading, so damaged bytes are refused
 instead of resuming with a weight off by thousands.
+
+The last ``keep`` checkpoints are kept: ``checkpoint.pt`` is the latest, and ``checkpoints/``
+holds it and the ones before it as ``step-<N>.pt`` (hard links where the filesystem has them, so
+the latest costs no second copy), to go back to when the latest is damaged or a run went wrong.
+A checkpoint that cannot be written (a full disk) is one :class:`CheckpointError` line; the
+previous one stays intact.
+
+Version 2 (the configuration tree, :mod:`snnet.config`) keeps the run's settings as a nested
+dict under ``config``; version 1 kept flat ``config`` and ``optim`` dicts, which
+:func:`checkpoint_config` converts.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .config import TrainConfig, from_legacy
 from .errors import CheckpointError
 from .io import atomic_write
 
-__all__ = ["CHECKPOINT_NAME", "CHECKPOINT_VERSION", "load_checkpoint", "resolve_resume", "rng_state", "save_checkpoint",
-           "seed_everything", "set_rng_state", "state_digest"]
+__all__ = ["CHECKPOINTS_DIR", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "checkpoint_config", "earlier_checkpoints",
+           "load_checkpoint", "peek_checkpoint", "resolve_resume", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state",
+           "state_digest"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
+CHECKPOINTS_DIR = "checkpoints"  # the last few checkpoints, step-<N>.pt (see the module docstring)
+CHECKPOINT_VERSION = 2
 DIGEST_KEY = "sha256"  # the checkpoint's checksum, over everything else in it
 
 
@@ -59,13 +74,15 @@ def state_digest(state: Any) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], keep: int = 1) -> Path:
     """Write ``state`` atomically: temp file in the same folder, fsync, rename over the old one.
 
-    A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
+    A crash at any moment leaves either the previous checkpoint or the new one, never a torn file;
+    a write that fails (a full disk) raises :class:`CheckpointError` in one line. With ``keep > 1``
+    the new checkpoint is also kept as ``checkpoints/step-<N>.pt`` (``state["step"]``), and only
+    the last ``keep`` of those remain.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in state.items() if k != DIGEST_KEY}
     state[DIGEST_KEY] = state_digest(state)
 
@@ -73,7 +90,45 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         with open(tmp, "wb") as f:
             torch.save(state, f)
 
-    return atomic_write(path, write)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, write)
+        if keep > 1:
+            _keep_copy(path, int(state.get("step", 0)), keep)
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise CheckpointError(
+            f"cannot write checkpoint {path} ({e.strerror or e}); the previous checkpoint is intact"
+            + ("; free some disk space and resume with --resume auto" if full else "")) from e
+    return path
+
+
+def _keep_copy(path: Path, step: int, keep: int) -> None:
+    """``path`` also as ``checkpoints/step-<step>.pt`` (a hard link, else a copy); the last ``keep`` stay."""
+    folder = path.parent / CHECKPOINTS_DIR
+    folder.mkdir(exist_ok=True)
+    copy = folder / f"step-{step:08d}.pt"
+    copy.unlink(missing_ok=True)
+    try:
+        os.link(path, copy)
+    except OSError:  # no hard links here (some network and FAT filesystems): a real copy
+        atomic_write(copy, lambda tmp: shutil.copyfile(path, tmp))
+    for old in earlier_checkpoints(path.parent)[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def earlier_checkpoints(run: str | os.PathLike) -> list[Path]:
+    """The checkpoints kept in ``run/checkpoints/``, newest first."""
+    return sorted(Path(run).glob(f"{CHECKPOINTS_DIR}/step-*.pt"), reverse=True)
+
+
+def checkpoint_config(state: dict[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint was written with, as a nested dict of the configuration tree: every
+    setting (those newer than the checkpoint at their defaults), or for a version 1 checkpoint the
+    settings it recorded (it did not record the data, model or space options)."""
+    if state.get("version", 1) >= 2:
+        return TrainConfig().merged(state["config"]).to_dict()
+    return from_legacy(state["config"], state.get("optim"))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -89,12 +144,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError...)
         raise CheckpointError(f"checkpoint {path} is corrupt or not an snnet training checkpoint ({_reason(e)}); "
-                              "resume from an earlier one or start again") from e
+                              f"{_go_back(path)}") from e
     if isinstance(state, dict) and DIGEST_KEY in state:
         digest = state.pop(DIGEST_KEY)
         if digest != state_digest(state):
             raise CheckpointError(f"checkpoint {path} is damaged: its content does not match the SHA-256 stored in it "
-                                  "(bytes changed on disk); resume from an earlier copy or start again")
+                                  f"(bytes changed on disk); {_go_back(path)}")
     need = {"version", "model", "trainer", "sampler", "rng", "epoch", "epoch_step", "step", "config", "stitches"}
     if not isinstance(state, dict) or not need <= set(state):
         raise CheckpointError(f"checkpoint {path} is incomplete: it lacks "
@@ -102,6 +157,27 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if state["version"] > CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {path} was written by a newer snnet (version {state['version']})")
     return state
+
+
+def peek_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A checkpoint's small entries (settings, step, version...) without reading its tensors (memory-mapped),
+    unchecked; None if it cannot be read so (:func:`load_checkpoint` then says why)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - load_checkpoint reports it properly
+        return None
+    if not isinstance(state, dict) or not {"config", "step"} <= set(state):
+        return None
+    return {k: v for k, v in state.items() if k not in ("model", "trainer", "sampler", "rng")}
+
+
+def _go_back(path: Path) -> str:
+    """What to do about a checkpoint that cannot be read: the earlier copies this run kept, if any."""
+    run = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path.parent
+    copies = [p for p in earlier_checkpoints(run) if not p.samefile(path)] if path.exists() else earlier_checkpoints(run)
+    if copies:
+        return f"resume from an earlier copy (--resume {copies[0]}) or start again"
+    return "resume from an earlier copy or start again"
 
 
 def _reason(e: BaseException) -> str:

@@ -114,7 +114,7 @@ def stitches(
 def _klas(names: list[str], img_size: int | None, keep: int, calib_images: int, data: str, data_dir: Path | None,
           pretrained: bool | None, weights: str | None, seed: int) -> Any:
     """The anchors with weights, KLAS's scores on calibration images, and the network of the kept stitches."""
-    from .commands.train import _specs
+    from .model import anchor_specs as _specs
     from .data import build_dataset, make_loader
     from .klas import klas, klas_net
     from .model import create_snnet
@@ -138,13 +138,16 @@ def _klas(names: list[str], img_size: int | None, keep: int, calib_images: int, 
 from .commands import evaluate as _evaluate_cmd  # noqa: E402
 app.command("eval")(_evaluate_cmd.evaluate)
 from .commands import train as _train_cmd  # noqa: E402
-app.command("train")(_train_cmd.train)
+# train and demo parse their own options (generated from snnet.config): typer hands them every word
+_GENERATED = dict(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+                  add_help_option=False)
+app.command("train", **_GENERATED)(_train_cmd.train)
 from .commands import deploy as _deploy_cmd  # noqa: E402
 app.command("profile")(_deploy_cmd.profile)
 app.command("select")(_deploy_cmd.select)
 app.command("export")(_deploy_cmd.export)
 from .commands import demo as _demo_cmd  # noqa: E402
-app.command("demo")(_demo_cmd.demo)
+app.command("demo", **_GENERATED)(_demo_cmd.demo)
 from .commands import serve as _serve_cmd  # noqa: E402
 app.command("serve")(_serve_cmd.serve)
 from .commands import convert as _convert_cmd  # noqa: E402
@@ -174,10 +177,14 @@ def main(argv: list[str] | None = None) -> None:
         ctx = getattr(e, "ctx", None)
         where = ctx.command_path if ctx is not None else "snnet"
         _fail(f"{e.format_message()} (`{where} --help` lists the options)", e.exit_code)
-    except typer.Abort:
-        _fail("aborted", 1)
+    except typer.Abort:  # Ctrl-C outside training (click turns KeyboardInterrupt into Abort)
+        _fail("interrupted", 130)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
     except (SnnetError, FileNotFoundError, PermissionError) as e:
         _fail(str(e), 2)
+    except OSError as e:  # a full disk, a folder gone: what the system said, in one line
+        _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", 2)
     if isinstance(code, int) and code != 0:  # typer.Exit(code) and Ctrl-C (130) end here
         if code == 130:
             typer.secho("interrupted", err=True, fg=typer.colors.RED)

@@ -129,12 +129,13 @@ class UnreadableImageError(DatasetError):
 
 
 def _how_to_get_fashion_mnist(root: Path) -> str:
-    # one line, and each option named with the command that has it (`snnet train` has no --download)
+    # one line, and each option named with the commands that have it
     return (
         f"Fashion-MNIST was not found in {root}: `apt-get install dataset-fashion-mnist` (installs to {_DEBIAN_ROOT}), "
         "or give a folder with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-        "t10k-labels-idx1-ubyte (optionally .gz) as `snnet train --data-dir DIR`, `snnet demo --data DIR` or env "
-        "SNNET_FASHION_MNIST=DIR; `snnet demo --download` (download=True in Python) fetches it with torchvision"
+        "t10k-labels-idx1-ubyte (optionally .gz) as `--data.root DIR` (snnet train, snnet demo; `--data-dir DIR` for "
+        "eval and stitches) or env SNNET_FASHION_MNIST=DIR; `snnet train/demo --data.download true` (download=True in "
+        "Python) fetches it with torchvision"
     )
 
 

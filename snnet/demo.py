@@ -3,8 +3,8 @@
 One network, many budgets, switched instantly:
 
 1. build the SN-Net from the three shipped anchors (``fmnist_vit_ti/s/b``; or anchors of the same
-   design from ``--weights``) and measure each anchor alone on the evaluation split (the test
-   set; ``--eval-split val`` for research runs that choose settings);
+   design from ``--demo.weights``) and measure each anchor alone on the evaluation split (the test
+   set; ``--demo.eval_split val`` for research runs that choose settings);
 2. initialise every stitching layer by least squares on 100 training images, then train the
    whole network briefly on the 50,000 training images outside the validation split, sampling
    one stitch per step (uniformly) and distilling from a frozen copy of the largest anchor;
@@ -16,6 +16,9 @@ One network, many budgets, switched instantly:
    trained one by one with the anchors' recipe) and say how the two frontiers compare at matched
    FLOPs over the anchors' range, with what each side cost to train;
 6. for a few FLOPs budgets, select the best stitch and time the switch.
+
+The training's settings are the ``demo`` recipe (``snnet/recipes/demo.yaml``: every value with
+why it was chosen); :class:`DemoOptions` holds what the demo measures and shows.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ from typing import Any, Callable
 import torch
 
 from .anchors import AnchorSpec
-from .errors import SnnetError
+from .config import TrainConfig
+from .errors import ConfigError, SnnetError
 from .evaluate import evaluate
+from .recipes import recipe_config
 from .results import (FrontComparison, StitchResult, check_writable, compare_fronts, format_results, frontier, mark_pareto,
                       write_results)
-from .model import StitchedNet, create_snnet
+from .model import StitchedNet, create_snnet, network_from_config
 from .report import human, table
-from .train import OptimConfig, TrainConfig, train
+from .tasks import get_task
+from .train import train
 
 FAMILY = "fmnist"
 EVAL_SPLITS = ("test", "val")  # snnet.data's Fashion-MNIST splits the demo may measure on
@@ -73,76 +79,57 @@ def anchor_specs(weights: tuple[str, ...]) -> list[tuple[str, AnchorSpec]]:
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    """What the demo runs. The defaults take a few minutes on a 2-core CPU."""
+class DemoOptions:
+    """What the demo measures and shows, beside its training (whose settings are the ``demo`` recipe)."""
 
-    out: str = "snnet-demo"
-    # The anchors' weights: one folder or files (see anchor_specs); empty = the shipped family.
-    weights: tuple[str, ...] = ()
-    # Where stitches are measured. Choices (steps, learning rates, anchors) are made on "val", the
-    # validation split carved from the training images; "test" is for reporting a chosen setting.
+    weights: tuple[str, ...] | None = None
+    """The anchors' weights instead of the shipped family: a folder of .safetensors files or the files, each named after its architecture (fmnist_vit_s, fmnist_vit_w24_d6_p7, ...)."""
     eval_split: str = "test"
-    data_dir: str | None = None  # folder with the Fashion-MNIST IDX files (default: Debian's)
-    download: bool = False  # fetch Fashion-MNIST with torchvision when it is not on disk
-    steps: int = 3500  # joint training steps, one sampled stitch each
-    batch_size: int = 64
-    # Stitching layers (the anchors get anchor_lr_scale of it). Chosen on the validation split
-    # against the zoo at matched FLOPs over the anchors' range (mean / worst difference):
-    # 1.5e-3 -0.13 / -1.70, 3e-3 +0.46 / -0.73, 6e-3 +0.88 / -0.47, 1.2e-2 +1.15 / -0.32,
-    # 2.4e-2 +1.32 / -0.52 with the largest anchor down 0.63 points: 1.2e-2 has the best worst
-    # case and keeps every anchor (README, "SN-Net against the zoo").
-    lr: float = 1.2e-2
-    # Anchors learn 10x slower: they are already trained, but they must adapt around the cuts
-    # (with frozen anchors, linear stitching layers alone stay below the weaker anchor), and a
-    # brief run at the full rate moves them by more than the point the paper's claim allows.
-    anchor_lr_scale: float = 0.1
-    augment: bool = False  # a brief fine-tune converges faster on plain images
-    # The paper's uniform draw over stitches. FLOPs buckets (``flops_bucketed``) were tried: the
-    # few stitches alone in a bucket got several times the steps of their neighbours, and the
-    # S->B curve came out bumpy (widest frontier gap 15.6 % and 26.1 % on seeds 0 and 1; uniform:
-    # 17.6 % on seeds 0, 1 and 2).
-    sampler: str = "uniform"
-    # Soft targets from a frozen copy of the largest anchor (DeiT's distillation) pull the
-    # stitches towards it in a brief run, and keep the anchors close to where they were.
-    distill: bool = True
-    distill_alpha: float = 0.9  # weight of the distillation term (the rest is cross-entropy)
-    two_way: bool = False  # SN-Netv2's space (small->large, large->small, round trips) instead of SN-Net's
-    lora_rank: int = 0  # SN-Netv2's low-rank stitching layers (0: full layers, SN-Net's)
-    # Individually trained networks of the same design, beside the stitches: the question the
-    # paper's "one SN-Net vs the timm zoo" figure answers, at this scale.
-    zoo: bool = True
-    train_limit: int | None = None  # first N training images (quick runs)
-    eval_limit: int | None = None  # first N evaluation images (default: all 10,000)
+    """Where stitches are measured: test, or val (the 10,000 validation images carved from the training set; make choices there)."""
+    eval_limit: int | None = None
+    """Evaluate on the first N images of the split (default: all 10,000)."""
     eval_batch_size: int = 500
-    budgets: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)  # FLOPs budgets, as fractions of the largest anchor's
-    seed: int = 0
-    device: str | None = None
-    progress: bool = True
+    """Images per evaluation batch."""
+    zoo: bool = True
+    """Compare with the Fashion-MNIST zoo (ViTs of the same design trained alone): rows, plot and verdict."""
+    budgets: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)
+    """FLOPs budgets to switch to, as fractions of the largest anchor's."""
 
     def __post_init__(self) -> None:  # refuse bad settings before minutes of work, not after
-        if self.steps < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
-            raise SnnetError(f"steps and batch sizes must be >= 1 (steps={self.steps}, batch_size={self.batch_size})")
-        for name, limit in (("train_limit", self.train_limit), ("eval_limit", self.eval_limit)):
-            if limit is not None and limit < 1:
-                raise SnnetError(f"{name} must be >= 1 image, got {limit}")
-        if self.lora_rank < 0:
-            raise SnnetError(f"lora_rank must be >= 0 (0: full stitching layers), got {self.lora_rank}")
+        for name in ("weights", "budgets"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.eval_split not in EVAL_SPLITS:
-            raise SnnetError(f"unknown evaluation split {self.eval_split!r}; use {' or '.join(EVAL_SPLITS)}")
-        if self.weights:
-            anchor_specs(self.weights)  # files exist and name an architecture
-        self.train_configs()  # the training configs check the rest (learning rates, sampler, distillation weight, ...)
+            raise ConfigError(f"unknown evaluation split {self.eval_split!r}; use {' or '.join(EVAL_SPLITS)}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ConfigError(f"demo.eval_limit must be >= 1 image, got {self.eval_limit}")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"demo.eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if not all(math.isfinite(b) and b > 0 for b in self.budgets):
+            raise ConfigError(f"demo.budgets must be fractions > 0 of the largest anchor's FLOPs, got {self.budgets}")
 
-    def train_configs(self) -> tuple[TrainConfig, OptimConfig]:
-        """The joint training the demo runs, as ``snnet.train`` configs."""
-        tcfg = TrainConfig(epochs=1_000_000, max_steps=self.steps, batch_size=self.batch_size, seed=self.seed,
-                           out_dir=str(Path(self.out) / "train"), ckpt_every=0, init_images=100, device=self.device,
-                           progress=self.progress, tensorboard=False, log_every=10, sampler=self.sampler,
-                           distill="largest" if self.distill else None, distill_alpha=self.distill_alpha,
-                           overwrite=True)  # out/train is the demo's scratch run: each demo replaces it
-        ocfg = OptimConfig(lr=self.lr, anchor_lr_scale=self.anchor_lr_scale, warmup_steps=max(self.steps // 20, 1),
-                           min_lr=self.lr / 100)
-        return tcfg, ocfg
+
+def demo_config(**changes: Any) -> TrainConfig:
+    """The demo's training settings (the ``demo`` recipe), with ``changes`` by setting name or path."""
+    return recipe_config("demo").override(changes)
+
+
+def check_demo(config: TrainConfig, options: DemoOptions) -> None:
+    """What the demo needs beyond the settings' own checks, before any work: Fashion-MNIST and its
+    files, anchor weights that exist and name an architecture, an output folder it can write."""
+    from .data import FASHION_MNIST_NAMES, check_source
+    from .train import default_device
+
+    if config.data.source.lower() not in FASHION_MNIST_NAMES:
+        raise ConfigError(f"the demo runs on Fashion-MNIST (its anchors and its zoo are trained on it), not "
+                          f"{config.data.source!r}: give the folder of its IDX files as --data.root DIR")
+    default_device(config.run.device)
+    if options.weights:
+        anchor_specs(options.weights)  # files exist and name an architecture
+    check_writable(config.run.out_dir)
+    if not config.data.download:  # missing data fails before the network is built
+        for split in (config.data.split, options.eval_split):
+            check_source(config.data.source, split, config.data.root)
 
 
 @dataclass(frozen=True)
@@ -205,7 +192,7 @@ class DemoResult:
     switches: list[Switch]
     seconds: dict[str, float] = field(default_factory=dict)
     eval_split: str = "test"  # the Fashion-MNIST split every accuracy was measured on
-    config: dict[str, Any] = field(default_factory=dict)  # the DemoConfig that ran (steps, batch size, weights...)
+    config: dict[str, Any] = field(default_factory=dict)  # what ran: {"train": the TrainConfig, "demo": the DemoOptions}
     zoo: ZooVerdict | None = None  # the stitches against the zoo (None: run without it)
 
     @property
@@ -260,58 +247,59 @@ def time_switch(net: StitchedNet, stitch_id: int, reps: int = 1000) -> float:
     return statistics.median(samples)
 
 
-def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print) -> DemoResult:
-    """Run the demo end to end and write its files into ``cfg.out``."""
+def run_demo(config: TrainConfig | None = None, options: DemoOptions = DemoOptions(),
+             echo: Callable[[str], Any] = print) -> DemoResult:
+    """Run the demo end to end and write its files into ``config.run.out_dir`` (its training run into
+    ``OUT/train``). ``config``: the demo's training settings (default: the ``demo`` recipe)."""
     from torch.utils.data import DataLoader
 
-    from .data import FashionMNIST, check_source
-
+    config = config if config is not None else demo_config()
     t0 = time.perf_counter()
-    out = check_writable(cfg.out)  # before any work: a run must not fail at its end
-    if not cfg.download:  # missing data fails before the network is built
-        for split in ("train", "test"):
-            check_source("fashion-mnist", split, cfg.data_dir)
-    torch.manual_seed(cfg.seed)
-    if cfg.weights:  # weights through timm's pretrained path, as for the shipped family
-        labels, specs = zip(*anchor_specs(cfg.weights))
-        net = create_snnet(list(specs), labels=list(labels), two_way=cfg.two_way, lora_rank=cfg.lora_rank)
+    check_demo(config, options)  # before any work: a run must not fail at its end
+    out = check_writable(config.run.out_dir)
+    torch.manual_seed(config.run.seed)
+    if options.weights:  # weights through timm's pretrained path, as for the shipped family
+        labels, specs = zip(*anchor_specs(options.weights))
+        net = create_snnet(list(specs), labels=list(labels), two_way=config.space.two_way,
+                           lora_rank=config.space.lora_rank or 0, lora_alpha=config.space.lora_alpha)
     else:
-        net = create_snnet(FAMILY, pretrained=True, two_way=cfg.two_way, lora_rank=cfg.lora_rank)  # the shipped weights
-    mean, std = tuple(net.anchors[0].data_config["mean"]), tuple(net.anchors[0].data_config["std"])
-    data = dict(root=cfg.data_dir, mean=mean, std=std, download=cfg.download)
-    eval_set = FashionMNIST(split=cfg.eval_split, limit=cfg.eval_limit, **data)
+        net = network_from_config(config.model, config.space)  # the shipped weights
+    task = get_task(config.task, config.data, net)
+    data_config, seed = net.anchors[0].data_config, config.run.seed
+    eval_set = task.dataset(config.data, data_config, seed, split=options.eval_split, train=False,
+                            limit=options.eval_limit)
     # "train" leaves the validation split out, so a run measured on "val" never trained on it.
-    train_set = FashionMNIST(split="train", limit=cfg.train_limit, augment=cfg.augment, seed=cfg.seed, **data)
-    eval_loader = DataLoader(eval_set, batch_size=cfg.eval_batch_size)
+    train_set = task.dataset(config.data, data_config, seed)
+    eval_loader = DataLoader(eval_set, batch_size=options.eval_batch_size)
     costs = net.costs()
     echo(f"SN-Net from {', '.join(net.labels)}: {len(net.space)} networks, "
          f"{human(min(c.flops for c in costs))}–{human(max(c.flops for c in costs))} FLOPs, "
          f"{len(net.stitch_layers)} stitching layers")
     seconds: dict[str, float] = {"build": time.perf_counter() - t0}
+    device, progress = config.run.device, config.run.progress
 
     t = time.perf_counter()
     anchors = [s.id for s in net.space.anchor_stitches()]
-    before = {r.name: r.acc1 for r in evaluate(net, eval_loader, anchors, device=cfg.device, progress=cfg.progress)}
+    before = {r.name: r.acc1 for r in evaluate(net, eval_loader, anchors, device=device, progress=progress)}
     echo("anchors before stitching: " + ", ".join(f"{k} {v:.2f}%" for k, v in before.items()))
     seconds["anchors_before"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tcfg, ocfg = cfg.train_configs()
-    res = train(net, train_set, tcfg, ocfg)
+    res = train(net, train_set, config.override(out_dir=str(out / "train")))
     echo(f"trained {res.step} steps in {res.seconds:.0f}s ({res.images_per_second:.0f} img/s), last loss {res.loss:.3f}")
     seconds["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    results = evaluate(net, eval_loader, device=cfg.device, progress=cfg.progress)
+    results = evaluate(net, eval_loader, device=device, progress=progress)
     seconds["evaluate"] = time.perf_counter() - t
     echo("\n" + format_results(results))
     zoo_rows: list[StitchResult] = []
     verdict = None
-    if cfg.zoo:
+    if options.zoo:
         from .zoo import load_zoo
 
-        zoo_rows = load_zoo("fmnist", split=cfg.eval_split)
-        verdict = compare_with_zoo(results, zoo_rows, res.step * cfg.batch_size, seconds["train"])
+        zoo_rows = load_zoo("fmnist", split=options.eval_split)
+        verdict = compare_with_zoo(results, zoo_rows, res.step * config.data.batch_size, seconds["train"])
         if verdict is None:
             echo("(the zoo's models all cost more than the largest anchor: no comparison)")
     rows = mark_pareto(results + zoo_rows)  # each kind on its own frontier
@@ -327,17 +315,22 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], Any] = print)
     gap = frontier_gap(results)
     switches = []
     largest = max(r.flops for r in results if r.is_anchor)
-    for frac in cfg.budgets:
+    for frac in options.budgets:
         bound = int(frac * largest)
         if bound < min(r.flops for r in results):
             continue
         sel = net.select(budget=f"flops<={bound}", results=[r.to_dict() for r in results])
         row = next(r for r in results if r.id == sel.id)
         switches.append(Switch(bound, sel.id, sel.name, row.flops, row.acc1, time_switch(net, sel.id)))
+    settings = {"train": config.to_dict(), "demo": _plain(asdict(options))}
     summary = DemoResult(results, before, after, gap, sum(r.pareto for r in results), switches,
-                         {**seconds, "total": time.perf_counter() - t0}, cfg.eval_split, asdict(cfg), verdict)
+                         {**seconds, "total": time.perf_counter() - t0}, options.eval_split, settings, verdict)
     _report(summary, out, echo)
     return summary
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def _report(s: DemoResult, out: Path, echo: Callable[[str], Any]) -> None:

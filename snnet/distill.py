@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DISTILL_TYPES
 from .errors import SnnetError
 
 if TYPE_CHECKING:
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DISTILL_TYPES", "TeacherError", "build_teacher", "check_teacher", "distill_loss", "set_two_head_training",
            "teacher_classes", "teacher_logits", "two_head_loss"]
-
-DISTILL_TYPES = ("soft", "hard")
 
 
 class TeacherError(SnnetError, ValueError):
@@ -101,13 +100,14 @@ def teacher_classes(teacher: nn.Module, input_size: tuple[int, ...]) -> int:
     return int(out.shape[-1])
 
 
-def check_teacher(teacher: nn.Module, net: "StitchedNet", name: str = "the teacher") -> None:
+def check_teacher(teacher: nn.Module, net: "StitchedNet | nn.Module", name: str = "the teacher") -> None:
     """Refuse a teacher whose classes are not the network's (its targets would mean nothing),
     or one that shares weights with the network (training would move the teacher too)."""
     if {id(p) for p in teacher.parameters()} & {id(p) for p in net.parameters()}:
         raise TeacherError(f"{name} shares weights with the network being trained: pass a frozen copy "
                            "(distill='largest' makes one of the largest anchor)")
-    classes = teacher_classes(teacher, tuple(net.input_size))
+    size = getattr(net, "input_size", None) or getattr(net, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
+    classes = teacher_classes(teacher, tuple(size))
     if classes != net.num_classes:
         raise TeacherError(
             f"{name} predicts {classes} classes but the network predicts {net.num_classes}: its targets would be "

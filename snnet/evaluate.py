@@ -25,7 +25,7 @@ from collections import defaultdict
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from .errors import SnnetError
 from .model import StitchedNet
@@ -34,10 +34,11 @@ from .report import progress as report_progress
 from .results import (RESULTS_CSV, RESULTS_JSON, StitchResult, check_writable, format_results, load_results,
                       mark_pareto, pareto_front, write_results)
 from .space import Stitch
+from .tasks import ImageClassification, Scores
 
 __all__ = [
-    "RESULTS_JSON", "RESULTS_CSV", "StitchResult", "check_writable", "evaluate", "format_results", "forward_stitches",
-    "load_results", "mark_pareto", "pareto_front", "write_results",
+    "RESULTS_JSON", "RESULTS_CSV", "StitchResult", "check_writable", "evaluate", "evaluate_model", "format_results",
+    "forward_stitches", "load_results", "mark_pareto", "pareto_front", "write_results",
 ]
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -100,23 +101,6 @@ def forward_stitches(net: StitchedNet, x: torch.Tensor, stitches: Iterable[Stitc
         yield from roots[a].run(net, net.anchors[a].stem(x))
 
 
-class _Tally:
-    """Running top-1/top-k hits and summed loss of one stitch, kept on the device (no sync per batch)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.hits1 = torch.zeros((), dtype=torch.long, device=device)
-        self.hits5 = torch.zeros((), dtype=torch.long, device=device)
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        logits = logits.float()
-        k = min(5, logits.shape[-1])
-        hit = logits.topk(k, dim=-1).indices == target[:, None]
-        self.hits1 += hit[:, 0].sum()
-        self.hits5 += hit.any(dim=-1).sum()
-        self.loss += F.cross_entropy(logits, target, reduction="sum").double()
-
-
 def _select(net: StitchedNet, stitches: Sequence[int | str | Stitch] | None) -> list[Stitch]:
     if stitches is None:
         return list(net.space)
@@ -142,58 +126,81 @@ def evaluate(
     device: str | torch.device | None = None,
     progress: bool = True,
     amp: bool = False,
+    task: ImageClassification | None = None,
 ) -> list[StitchResult]:
     """Top-1/top-5 accuracy (top-min(5, classes)) and mean cross-entropy of each selected stitch.
 
     ``loader`` yields ``(images, labels)`` batches; ``stitches`` are ids/names (default: the whole
     space). ``device`` moves the network there (default: where it is). The network's train/eval
     mode and active stitch are left as they were. Results come back in id order, with ``pareto``
-    marking the top-1/FLOPs frontier of the evaluated set. A network the SN-Net authors' code also
+    marking the top-1/FLOPs frontier of the evaluated set. ``task`` reads and scores the batches
+    (default: image classification; :mod:`snnet.tasks`). A network the SN-Net authors' code also
     lists carries their id for it as ``ref_id`` (:mod:`snnet.reference`).
     """
     chosen = _select(net, stitches)  # bad ids fail here, before any work
+    task = task or ImageClassification()
     dev = torch.device(device) if device is not None else next(net.parameters()).device
     net.to(dev)
-    tallies = {s.id: _Tally(dev) for s in chosen}
-    seen, input_size = 0, None
+    tallies = {s.id: task.tally(dev) for s in chosen}
+    input_size: tuple[int, ...] | None = None
+
+    def run(batch: Any) -> int:
+        nonlocal input_size
+        x, y = task.check_batch(net, batch)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        input_size = input_size or tuple(x.shape[1:])
+        for s, logits in forward_stitches(net, x, chosen):
+            tallies[s.id].update(logits, y)
+        return len(y)
+
+    seen = _each_batch(net, loader, run, f"eval {len(chosen)} networks", dev, progress, amp)
+    costs = net.costs(input_size)
+    ref = net_reference_ids(net)  # the authors' id of each network they list, to set a row beside their table
+    out = []
+    for s in chosen:
+        t, c = tallies[s.id].scores(), costs[s.id]
+        out.append(StitchResult(s.id, s.name, c.flops, c.params, t.acc1, t.acc5, t.loss, seen, s.is_anchor,
+                                extra={"ref_id": ref[s.id]} if s.id in ref else {}))
+    return mark_pareto(out)
+
+
+def evaluate_model(model: nn.Module, loader: Iterable[Any], *, device: str | torch.device | None = None,
+                   progress: bool = True, amp: bool = False, task: ImageClassification | None = None) -> Scores:
+    """The scores (top-1, top-5, mean cross-entropy) of one plain model, e.g. a zoo member or a family member.
+
+    Like :func:`evaluate` for a single network: the model's train/eval mode is left as it was."""
+    task = task or ImageClassification()
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(dev)
+    tally = task.tally(dev)
+
+    def run(batch: Any) -> int:
+        x, y = task.check_batch(model, batch)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        tally.update(model(x), y)
+        return len(y)
+
+    _each_batch(model, loader, run, "eval", dev, progress, amp)
+    return tally.scores()
+
+
+def _each_batch(net: nn.Module, loader: Iterable[Any], run: Any, desc: str, dev: torch.device, progress: bool,
+                amp: bool) -> int:
+    """Call ``run(batch)`` (which returns the batch's size) on every batch, in eval mode without gradients."""
+    seen = 0
     total = len(loader.dataset) if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__") else None
-    bar = report_progress(total, f"eval {len(chosen)} networks", "img", progress)
+    bar = report_progress(total, desc, "img", progress)
     was_training = net.training
     net.eval()
     try:
         with torch.inference_mode(), _autocast(dev, amp):
             for batch in loader:
-                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                    raise SnnetError("evaluate needs a loader of (images, labels) batches")
-                x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
-                if input_size is None:
-                    input_size = _check_batch(net, x)
-                bad = y[(y < 0) | (y >= net.num_classes)]
-                if len(bad):  # cross_entropy would fail with an index error (or a CUDA assert)
-                    raise SnnetError(f"label {int(bad[0])} is outside the network's {net.num_classes} classes: "
-                                     "the data does not match this network's head")
-                for s, logits in forward_stitches(net, x, chosen):
-                    tallies[s.id].update(logits, y)
-                seen += len(y)
-                bar.update(len(y))
+                n = run(batch)
+                seen += n
+                bar.update(n)
     finally:
         net.train(was_training)
         bar.close()
     if seen == 0:
         raise SnnetError("the loader yielded no images: nothing to evaluate (is the dataset or --limit empty?)")
-    costs = net.costs(input_size)
-    ref = net_reference_ids(net)  # the authors' id of each network they list, to set a row beside their table
-    out = []
-    for s in chosen:
-        t, c = tallies[s.id], costs[s.id]
-        out.append(StitchResult(s.id, s.name, c.flops, c.params, 100.0 * t.hits1.item() / seen,
-                                100.0 * t.hits5.item() / seen, t.loss.item() / seen, seen, s.is_anchor,
-                                extra={"ref_id": ref[s.id]} if s.id in ref else {}))
-    return mark_pareto(out)
-
-
-def _check_batch(net: StitchedNet, x: torch.Tensor) -> tuple[int, ...]:
-    if x.ndim != 4 or x.shape[1] != net.input_size[0]:
-        raise SnnetError(f"images of shape {tuple(x.shape[1:])} do not fit this network, which takes "
-                         f"{tuple(net.input_size)} (channels, height, width): use the data it was trained on")
-    return tuple(x.shape[1:])
+    return seen

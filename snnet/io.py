@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from .errors import SnnetError, UnverifiedFileWarning
 
@@ -146,3 +147,32 @@ def probe_write(folder: str | os.PathLike) -> None:
     fd, name = tempfile.mkstemp(dir=folder, prefix=".snnet-write-test.")
     os.close(fd)
     os.unlink(name)
+
+
+@contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock for a read-modify-write of ``path`` (see :func:`update_json`).
+
+    Files such as the family's ``family.json`` or a zoo table are written by several processes
+    at once (one model each, one per core). The lock file lives in the temporary folder, keyed
+    by the path, so nothing but artifacts lands beside them. No-op where there is no ``fcntl``.
+    """
+    import fcntl
+
+    key = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
+    with open(Path(tempfile.gettempdir()) / f"snnet-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def update_json(path: str | os.PathLike, change: Callable[[dict], dict]) -> dict:
+    """Read the JSON object in ``path`` (``{}`` if there is none), write ``change(it)`` back atomically,
+    under :func:`locked`; returns what was written."""
+    import json
+
+    path = Path(path)
+    with locked(path):
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        new = change(data)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(new, indent=2) + "\n"), durable=False)
+    return new

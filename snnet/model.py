@@ -29,6 +29,7 @@ from .errors import CheckpointError, ConfigError, NotStitchableError
 from .io import atomic_write, record_checksum, verify_checksum
 from .report import progress as report_progress
 from .flops import PartCosts, count_macs, layer_flops, num_params, part_costs
+from .config import ModelConfig
 from .space import AnchorInfo, SpaceConfig, Stitch, StitchSpace
 from .stitching import LeastSquares, StitchingLayer
 
@@ -658,3 +659,43 @@ def create_snnet(
     net = StitchedNet(parts, labels, config=config, input_size=input_size, specs=specs, lora_rank=lora_rank,
                       lora_alpha=lora_alpha, route_mode=route_mode)
     return net.to(device) if device is not None else net
+
+
+def anchor_specs(names: Sequence[str], pretrained: bool | None = None, files: Sequence[str] | None = None,
+                 kwargs: tuple[tuple[str, Any], ...] = ()) -> list[AnchorSpec]:
+    """One :class:`AnchorSpec` per model name: snnet's shipped fmnist weights load by default, timm's
+    download with ``pretrained=True``, local ``files`` (one per name) load from disk."""
+    from .pretrained import FMNIST_FAMILY, normalize_name
+
+    specs = []
+    for k, name in enumerate(names):
+        shipped = normalize_name(name).partition(".")[0] in FMNIST_FAMILY
+        want = pretrained if pretrained is not None else shipped
+        specs.append(AnchorSpec(name, want and not files, files[k] if files else None, kwargs))
+    return specs
+
+
+def network_from_config(model: ModelConfig, space: SpaceConfig) -> StitchedNet:
+    """The stitched network a training configuration names: its ``model.init`` folder, or its anchors
+    (with their weights, heads and drop-path) stitched into ``space``.
+
+    Anchors that snnet cannot split fail before anything is downloaded."""
+    if model.init is not None:
+        if space.two_way or space.routes is not None or space.chains:
+            raise ConfigError("model.init starts from a saved network, whose stitch space is fixed: drop the "
+                              "space options (two_way, chains, routes)")
+        net = StitchedNet.from_pretrained(model.init)
+        if space.lora_rank is not None and (space.lora_rank, space.lora_alpha) != (net.lora_rank, net.lora_alpha):
+            net.set_lora_rank(space.lora_rank, space.lora_alpha)  # a new rank: the saved layers' map is kept, merged if 0
+        return net
+    names = expand_family(model.anchors)
+    files = list(model.weights) if model.weights else None
+    if files is not None and len(files) != len(names):
+        raise ConfigError(f"model.weights gives {len(files)} files for {len(names)} anchors; give one per anchor")
+    specs = anchor_specs(names, model.pretrained, files, model.anchor_kwargs())
+    if any(s.pretrained for s in specs):  # anchors snnet cannot split fail here, before any download
+        create_snnet([s.name for s in specs], num_classes=model.num_classes, device="meta")
+    return create_snnet(specs, kernel_size=space.kernel_size, stride=space.stride, nearest=space.nearest,
+                        stages=space.stages, rule=space.rule, unpaired=space.unpaired, two_way=space.two_way,
+                        chains=space.chains, routes=space.routes, lora_rank=space.lora_rank or 0,
+                        lora_alpha=space.lora_alpha)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from .checkpoint import CHECKPOINT_NAME, resolve_resume
+from .checkpoint import CHECKPOINT_NAME, CHECKPOINTS_DIR, resolve_resume
 from .errors import ConfigError, RunFolderError
 from .io import check_creatable, remove_stale_temps
 
@@ -33,15 +33,16 @@ try:
 except ImportError:  # Windows: no flock; runs are then not locked (the other checks still hold)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "METRICS_NAME", "RUN_ENTRIES", "RunLock", "StopSignals", "check_run_folder", "claim_run_folder",
+__all__ = ["EVALS_NAME", "LOCK_NAME", "METRICS_NAME", "RUN_ENTRIES", "RunLock", "StopSignals", "check_run_folder", "claim_run_folder",
            "run_entries"]
 
 LOCK_NAME = ".snnet-run.lock"
 METRICS_NAME = "metrics.jsonl"
+EVALS_NAME = "evals.jsonl"  # the evaluations during training (one JSON object per evaluation)
 TRAIN_CONFIG_NAME = "train_config.json"
 FINAL_NAME = "final"
 # everything a training run writes into its folder (and all that --overwrite deletes)
-RUN_ENTRIES = (CHECKPOINT_NAME, METRICS_NAME, TRAIN_CONFIG_NAME, FINAL_NAME, "tb")
+RUN_ENTRIES = (CHECKPOINT_NAME, CHECKPOINTS_DIR, METRICS_NAME, EVALS_NAME, TRAIN_CONFIG_NAME, FINAL_NAME, "tb")
 _LOCK_RETRY_SECONDS = 0.5  # a concurrent check_run_folder holds the lock shared for microseconds
 
 
@@ -162,7 +163,7 @@ def _check(out: Path, resume: str | None, overwrite: bool, locked: bool) -> Path
         raise RunFolderError(_busy_message(out, holder))
     resume_path = resolve_resume(resume, out)
     present = run_entries(out) if out.is_dir() else []
-    continues = resume == "auto" or (resume_path is not None and resume_path.parent.resolve() == out.resolve())
+    continues = resume == "auto" or (resume_path is not None and resume_path.resolve().is_relative_to(out.resolve()))
     if present and not overwrite and not continues:
         finished = FINAL_NAME in present
         what = "a finished" if finished else "an unfinished"
@@ -191,6 +192,7 @@ def claim_run_folder(out: str | os.PathLike, resume: str | None = None, overwrit
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
         remove_stale_temps(out, RUN_ENTRIES)
         remove_stale_temps(out / FINAL_NAME, ("model.safetensors", "config.json"))  # save_pretrained's files
+        remove_stale_temps(out / CHECKPOINTS_DIR, ("step-*.pt",))  # a checkpoint copied where hard links fail
     except BaseException:
         lock.release()
         raise

@@ -24,15 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, Subset, get_worker_info
 
+from .config import ROS_GAP, SAMPLERS
 from .errors import CheckpointError, SnnetError
 
 __all__ = ["ROS_GAP", "SAMPLERS", "EpochSampler", "FlopsBucketSampler", "GroupedSampler", "ResourceSampler",
            "SeededItems", "StitchSampler", "make_stitch_sampler", "mix_seed", "ros_groups"]
-
-SAMPLERS = ("uniform", "flops_bucketed", "ros")
-# ROS's default gap between FLOPs groups, as a share of the space's FLOPs range: the authors'
-# 1 GFLOP on DeiT3-S/L's 4.6-61.6 GFLOPs, which groups that space as theirs does (13 groups).
-ROS_GAP = 0.0175
 
 class StitchSampler:
     """Uniform over the stitch space, with its own generator (so resuming restores it exactly)."""

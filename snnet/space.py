@@ -51,62 +51,12 @@ Options beyond SN-Net (``SpaceConfig``):
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 from .anchors import ActivationSpec, stitchable
-from .errors import ConfigError, NotStitchableError, StitchNotFoundError
-
-# How block pairs are enumerated inside a stage (see the module docstring).
-RULES = ("window", "forward")
-# How plain (window-rule) anchors of different depths are stitched (see the module doc).
-UNPAIRED = ("reference", "progress")
-
-
-@dataclass(frozen=True)
-class SpaceConfig:
-    """Options of the stitch space (the paper's defaults; see the module doc for the others)."""
-
-    kernel_size: int = 2
-    stride: int = 1
-    nearest: bool = True  # stitch each anchor only to the next one in cost
-    stages: tuple[int, ...] | None = None  # stages that may be stitched; None: each adapter's default
-    rule: str | None = None  # "window" | "forward" (see the module doc); None: each adapter's default
-    unpaired: str = "reference"  # "reference" (the authors') | "progress" (snnet's earlier rule)
-    two_way: bool = False  # SN-Netv2: S->L, L->S and the round trips, at matched positions
-    chains: bool = False  # the v1 reference's three-anchor routes (Ti->S->B)
-    routes: tuple[str, ...] | None = None  # explicit route names (KLAS's choice): replace the rules
-
-    def __post_init__(self) -> None:
-        if self.kernel_size < 1 or self.stride < 1:
-            raise ConfigError(f"kernel_size and stride must be >= 1, got {self.kernel_size}, {self.stride}")
-        if self.rule is not None and self.rule not in RULES:
-            raise ConfigError(f"unknown stitching rule {self.rule!r}; expected one of {RULES}")
-        if self.unpaired not in UNPAIRED:
-            raise ConfigError(f"unknown unpaired rule {self.unpaired!r}; expected one of {UNPAIRED}")
-        if self.routes is not None:
-            object.__setattr__(self, "routes", tuple(self.routes))
-            if not self.routes:
-                raise NotStitchableError("an explicit list of routes must name at least one stitch")
-
-    @property
-    def is_v1(self) -> bool:
-        """True when the space is SN-Net's own (what snnet before v2 could save and read)."""
-        return not (self.two_way or self.chains or self.routes is not None)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["routes"] = list(self.routes) if self.routes is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SpaceConfig":
-        stages, routes = d.get("stages"), d.get("routes")
-        # a config saved before the unpaired option existed was built with the "progress" rule
-        return cls(int(d["kernel_size"]), int(d["stride"]), bool(d["nearest"]), tuple(stages) if stages is not None else None,
-                   d.get("rule"), d.get("unpaired", "progress"), bool(d.get("two_way", False)),
-                   bool(d.get("chains", False)), tuple(routes) if routes is not None else None)
-
+from .config import RULES, UNPAIRED, SpaceConfig  # noqa: F401  (SpaceConfig: re-exported, its home before config.py)
+from .errors import NotStitchableError, StitchNotFoundError
 
 @dataclass(frozen=True)
 class Segment:

@@ -113,9 +113,9 @@ def test_missing_folder_explains_how_to_get_it(tmp_path: Path) -> None:
     assert isinstance(info.value, SnnetError)
     assert "train-images-idx3-ubyte" in message
     assert "apt-get install dataset-fashion-mnist" in message
-    assert "snnet train --data-dir DIR" in message and "snnet demo --data DIR" in message
-    # one line, and --download only where a command has it (`snnet train` has none)
-    assert "\n" not in message and message.count("--download") == message.count("snnet demo --download") == 1
+    assert "--data.root DIR` (snnet train, snnet demo" in message and "`--data-dir DIR` for eval" in message
+    # one line, and the download option named with the commands that have it
+    assert "\n" not in message and message.count("download") == message.count("snnet train/demo --data.download") + 1
 
 
 def test_env_var_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,8 @@ import torch
 import torch.multiprocessing as mp
 
 import snnet
-from snnet.train import OptimConfig, TrainConfig, Trainer, train
+from snnet.config import TrainConfig
+from snnet.train import Trainer, train
 
 from .conftest import TINY_VITS
 from .test_train import Synthetic
@@ -50,16 +51,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         for grads_mode in ("mean", "users"):
             net = _net()
-            trainer = Trainer(net, TrainConfig(progress=False, ddp_grads=grads_mode), total_steps=1)
+            trainer = Trainer(net, TrainConfig().override(progress=False, ddp_grads=grads_mode), total_steps=1)
             for k in range(2):  # the second time on the same stitch must give the same gradients
                 trainer.backward(*_batch(rank), STITCHES[rank])
                 grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in net.named_parameters()}
                 torch.save(grads, Path(out) / f"grads_{grads_mode}{rank}{'' if k == 0 else '_again'}.pt")
         for mode in ("per_rank", "shared"):
             net = _net()
-            conf = TrainConfig(max_steps=6, batch_size=4, stitch_sync=mode, out_dir=str(Path(out) / mode),
-                               progress=False, tensorboard=False, init_images=8, ckpt_every=3)
-            result = train(net, Synthetic(48), conf, OptimConfig(lr=1e-3))
+            conf = TrainConfig().override(max_steps=6, batch_size=4, stitch_sync=mode, out_dir=str(Path(out) / mode),
+                                          progress=False, tensorboard=False, init_images=8, ckpt_every=3)
+            result = train(net, Synthetic(48), conf.override(lr=1e-3, lr_base_batch=None))
             torch.save({"state": net.state_dict(), "stitches": result.stitches}, Path(out) / f"{mode}{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -115,10 +116,10 @@ def _killed_or_resumed(rank: int, world: int, port: int, out: str, resume: bool)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         net = _net()
-        conf = TrainConfig(max_steps=6, batch_size=4, out_dir=str(Path(out) / "per_rank"), progress=False,
-                           tensorboard=False, init_images=8, ckpt_every=3, resume="auto" if resume else None)
+        conf = TrainConfig().override(max_steps=6, batch_size=4, out_dir=str(Path(out) / "per_rank"), progress=False,
+                                      tensorboard=False, init_images=8, ckpt_every=3, resume="auto" if resume else None)
         data = Synthetic(48) if resume else _DiesAt(48, step=5, batch_size=4)
-        result = train(net, data, conf, OptimConfig(lr=1e-3))
+        result = train(net, data, conf.override(lr=1e-3, lr_base_batch=None))
         torch.save({"state": net.state_dict(), "stitches": result.stitches}, Path(out) / f"resumed{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -136,7 +137,7 @@ def ddp_resumed(tmp_path_factory) -> Path:
 
 def _single_grads(rank: int) -> dict[str, torch.Tensor | None]:
     net = _net()
-    Trainer(net, TrainConfig(progress=False), total_steps=1).backward(*_batch(rank), STITCHES[rank])
+    Trainer(net, TrainConfig().override(progress=False), total_steps=1).backward(*_batch(rank), STITCHES[rank])
     return {n: (p.grad.clone() if p.grad is not None else None) for n, p in net.named_parameters()}
 
 

@@ -44,7 +44,7 @@ def test_quick_demo_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixt
     anchor_flops = [r["flops"] for r in rows if r["is_anchor"]]
     assert verdict["flops_range"] == [min(anchor_flops), max(anchor_flops)]
     assert verdict["worst"]["diff"] <= verdict["mean_diff"] <= verdict["best"]["diff"]
-    assert verdict["joint_image_steps"] == 6 * summary["config"]["batch_size"]
+    assert verdict["joint_image_steps"] == 6 * summary["config"]["train"]["data"]["batch_size"]
     assert "Against the zoo" in printed and "a smoke run, not a comparison" in printed
     assert set(summary["anchors_before"]) == {"fmnist_vit_ti", "fmnist_vit_s", "fmnist_vit_b"}
     assert summary["switches"] and all(s["flops"] <= s["budget_flops"] for s in summary["switches"])
@@ -68,14 +68,17 @@ def test_unwritable_output_is_refused_before_training(tmp_path: Path) -> None:
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
-    proc = _run("demo", "--quick", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "empty"))
+    proc = _run("demo", "--quick", "--out", str(tmp_path / "out"), "--data.root", str(tmp_path / "empty"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "dataset-fashion-mnist" in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
+    # --data names the dataset, in every command: the demo says where its folder goes instead
+    proc = _run("demo", "--quick", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "empty"))
+    assert proc.returncode == 2 and "give the folder of its IDX files as --data.root DIR" in proc.stderr
 
 
 @pytest.mark.parametrize("args, says", [(["--sampler", "by-luck"], "unknown sampler 'by-luck'"),
-                                        (["--steps", "0"], "steps and batch sizes must be >= 1"),
+                                        (["--steps", "0"], "schedule.max_steps must be >= 1"),
                                         (["--lr", "-1"], "lr must be > 0"),
                                         (["--eval-split", "dev"], "unknown evaluation split 'dev'; use test or val"),
                                         (["--weights", "{tmp}/nowhere.safetensors,{tmp}/b.safetensors"], "is not a file"),

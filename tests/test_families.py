@@ -256,15 +256,16 @@ def test_cnn_to_swin_trains_and_evaluates(tmp_path) -> None:
     from torch.utils.data import TensorDataset
 
     from snnet.evaluate import evaluate
-    from snnet.train import TrainConfig, train
+    from snnet.config import TrainConfig
+    from snnet.train import train
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
     torch.manual_seed(0)
     net = snnet.create_snnet(TINY_FAMILIES["resnet18-swin_t"])
     before = [p.detach().clone() for p in net.stitch_layers.parameters()]
-    cfg = TrainConfig(max_steps=3, batch_size=8, init_images=8, out_dir=str(tmp_path), progress=False,
-                      tensorboard=False, log_every=1, amp="off")
+    cfg = TrainConfig().override(max_steps=3, batch_size=8, init_images=8, out_dir=str(tmp_path), progress=False,
+                                 tensorboard=False, log_every=1, amp="off")
     train(net, data, cfg)
     assert any(not torch.equal(a, b) for a, b in zip(before, net.stitch_layers.parameters()))
     results = evaluate(net, torch.utils.data.DataLoader(data, batch_size=8), progress=False)

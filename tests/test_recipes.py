@@ -7,10 +7,8 @@ reference's numbers (its configs and README commands) for the presets.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,9 +20,10 @@ from torch import nn
 import snnet
 from snnet.data import DatasetError, build_dataset
 from snnet.distill import TeacherError, build_teacher
-from snnet.recipes import DEFAULT_RECIPE, RECIPES, RecipeError, get_recipe
+from snnet.config import TrainConfig
+from snnet.recipes import RecipeError, recipe_config
 from snnet.sampling import EpochSampler
-from snnet.train import OptimConfig, TrainConfig, Trainer, train
+from snnet.train import Trainer, train
 
 from .conftest import TINY_VITS
 from .test_train import Synthetic, _image_folder, _params, cfg
@@ -59,7 +58,7 @@ def test_distillation_changes_the_loss_by_the_intended_amount(kind):
     x, y = Synthetic(8).tensors
     teacher_logits = torch.randn(8, 10, generator=torch.Generator().manual_seed(1)) * 3
     alpha, temp = 0.3, 2.0
-    base_conf = TrainConfig(progress=False, label_smoothing=0.0)
+    base_conf = TrainConfig().override(progress=False, label_smoothing=0.0)
     stitch = net.space[3]
     with torch.no_grad():
         net.select(stitch)
@@ -71,7 +70,7 @@ def test_distillation_changes_the_loss_by_the_intended_amount(kind):
         p_t = torch.softmax(teacher_logits / temp, 1)
         kd = (p_t * (p_t.log() - torch.log_softmax(out / temp, 1))).sum(1).mean().item() * temp ** 2
     plain = Trainer(net, base_conf, total_steps=1).backward(x, y, stitch)
-    conf = replace(base_conf, distill_type=kind, distill_alpha=alpha, distill_temperature=temp)
+    conf = base_conf.override(distill_type=kind, distill_alpha=alpha, distill_temperature=temp)
     with_teacher = Trainer(net, conf, total_steps=1, teacher=Known(teacher_logits)).backward(x, y, stitch)
     assert plain == pytest.approx(ce, rel=1e-5)
     assert with_teacher == pytest.approx((1 - alpha) * ce + alpha * kd, rel=1e-5)
@@ -119,21 +118,22 @@ def timm_curve(lr: float, warmup_lr: float, min_lr: float, t_initial: int, warmu
 
 def rates_by_step(recipe_name: str, world: int, steps_per_epoch: int, epochs: int):
     """Every step's (stitching-layer, anchor) rate from a real Trainer built with the recipe."""
-    recipe = get_recipe(recipe_name).override(epochs=epochs)
-    tconf, oconf = recipe.configs(world_size=1, progress=False)
+    conf = recipe_config(recipe_name).override(epochs=epochs, progress=False)
     # the rule scales to the global batch of `world` processes: resolve there, train here on one
-    _, oconf = recipe.configs(world_size=world)
+    rates = conf.rates(world)
+    conf = conf.override(lr=rates.lr, min_lr=rates.min_lr, warmup_lr=rates.warmup_lr, lr_base_batch=None,
+                         scale_lr_bounds=False)
     net = tiny()
     total = epochs * steps_per_epoch
-    warm = oconf.warmup_steps or round(oconf.warmup_epochs * steps_per_epoch)
-    trainer = Trainer(net, tconf, oconf, total_steps=total, warmup_steps=warm, steps_per_epoch=steps_per_epoch)
+    warm = conf.schedule.warmup(steps_per_epoch, total)
+    trainer = Trainer(net, conf, total_steps=total, warmup_steps=warm, steps_per_epoch=steps_per_epoch)
     out = []
     for _ in range(total):
         groups = trainer.optimizer.param_groups
         out.append((next(g["lr"] for g in groups if not g["anchor"]), next(g["lr"] for g in groups if g["anchor"])))
         trainer.optimizer.step()  # no gradients: nothing moves, only the schedule advances
         trainer.scheduler.step()
-    return oconf, out
+    return rates, out
 
 
 def test_deit_rates_follow_the_reference_curve_on_8x128():
@@ -162,7 +162,8 @@ def test_swin_rates_and_anchor_groups_at_every_step():
 
 def test_param_groups_hold_the_stitching_layers_and_the_anchors():
     net = tiny()
-    trainer = Trainer(net, TrainConfig(progress=False), OptimConfig(lr=1e-3, anchor_lr_scale=0.1), total_steps=4)
+    conf = TrainConfig().override(progress=False, lr=1e-3, lr_base_batch=None, anchor_lr_scale=0.1)
+    trainer = Trainer(net, conf, total_steps=4)
     where = {id(p): g for g in trainer.optimizer.param_groups for p in g["params"]}
     for name, p in net.named_parameters():
         g = where[id(p)]
@@ -174,61 +175,70 @@ def test_param_groups_hold_the_stitching_layers_and_the_anchors():
 
 
 def test_resnet_recipe_is_sgd_at_the_reference_rate():
-    train_conf, optim = get_recipe("resnet").configs(world_size=8)
-    assert optim.lr == pytest.approx(0.05)  # the README's --lr 0.05 on 8 x 128
+    conf = recipe_config("resnet")
+    optim, schedule, rates = conf.optim, conf.schedule, conf.rates(world_size=8)
+    assert rates.lr == pytest.approx(0.05)  # the README's --lr 0.05 on 8 x 128
     assert (optim.optimizer, optim.momentum, optim.nesterov, optim.weight_decay) == ("sgd", 0.9, True, 2e-5)
-    assert (train_conf.epochs, optim.warmup_epochs, optim.warmup_lr, optim.min_lr) == (30, 5, 1e-5, 0.0)
-    trainer = Trainer(tiny(), replace(train_conf, progress=False), optim, total_steps=2)
+    assert (schedule.epochs, schedule.warmup_epochs, rates.warmup_lr, rates.min_lr) == (30, 5, 1e-5, 0.0)
+    trainer = Trainer(tiny(), conf.override(progress=False), total_steps=2)
     assert isinstance(trainer.optimizer, torch.optim.SGD)
     assert all(g["nesterov"] and g["momentum"] == 0.9 for g in trainer.optimizer.param_groups)
 
 
+PAPER = ("deit", "swin", "resnet", "resnet-swin", "levit")  # the recipes of the paper's code
+
+
 def test_presets_hold_the_reference_values():
-    deit, swin, resnet = RECIPES["deit"], RECIPES["swin"], RECIPES["resnet"]
-    assert (deit.epochs, deit.batch_size, deit.lr, deit.warmup_epochs, deit.drop_path) == (50, 128, 5e-5, 5, 0.1)
-    assert (deit.distill_type, deit.distill_alpha, deit.repeated_aug, deit.mixup, deit.cutmix) == ("hard", 0.5, 3, 0.8, 1.0)
-    assert (swin.anchor_lr_scale, swin.drop_path, swin.clip_grad, swin.repeated_aug) == (0.1, 0.2, 5.0, 1)
-    assert all(".ms_in22k_ft_in1k" in n for n in swin.anchors.split(","))  # the paper's ImageNet-22k->1k weights
-    assert resnet.anchors == "resnet18.tv_in1k,resnet50.a1_in1k"  # timm 0.7's default weights in the reference
-    assert all(r.distill == "regnety_160.deit_in1k" for r in RECIPES.values())  # DeiT's RegNetY-160 teacher
-    assert all(r.source.startswith("ziplab/SN-Net@") for r in RECIPES.values())
+    from snnet.recipes import recipe_path
+
+    deit, swin, resnet = (recipe_config(n) for n in ("deit", "swin", "resnet"))
+    assert (deit.schedule.epochs, deit.data.batch_size, deit.optim.lr, deit.schedule.warmup_epochs,
+            deit.model.drop_path) == (50, 128, 5e-5, 5, 0.1)
+    assert (deit.distill.type, deit.distill.alpha, deit.data.repeated_aug, deit.data.mixup,
+            deit.data.cutmix) == ("hard", 0.5, 3, 0.8, 1.0)
+    assert (swin.optim.anchor_lr_scale, swin.model.drop_path, swin.optim.clip_grad, swin.data.repeated_aug) == (
+        0.1, 0.2, 5.0, 1)
+    assert all(".ms_in22k_ft_in1k" in n for n in swin.model.anchors.split(","))  # the paper's ImageNet-22k->1k weights
+    assert resnet.model.anchors == "resnet18.tv_in1k,resnet50.a1_in1k"  # timm 0.7's default weights in the reference
+    assert all(recipe_config(n).distill.teacher == "regnety_160.deit_in1k" for n in PAPER)  # DeiT's RegNetY-160 teacher
+    assert all("ziplab/SN-Net@c2dcf30" in recipe_path(n).read_text() for n in PAPER)  # every recipe says its source
 
 
 # ------------------------------------------------------------------ the command line
 
 
-def test_default_recipe_is_what_train_did_without_one():
-    from snnet.commands import train as command
-
-    defaults = {n: p.default for n, p in inspect.signature(command.train).parameters.items()}
-    for option, field in command._RECIPE_OPTIONS.items():
-        if defaults[option] is not None:  # options defaulting to None mean "the recipe's"
-            assert defaults[option] == getattr(DEFAULT_RECIPE, field), option
-    train_conf, optim = DEFAULT_RECIPE.configs(world_size=1)
-    assert optim.lr == pytest.approx(OptimConfig().lr)  # 4e-4 at 512 = 5e-5 at the default batch of 64
-    assert replace(optim, lr=OptimConfig().lr) == OptimConfig()
-    assert train_conf == TrainConfig(batch_size=64)
+def test_defaults_are_what_train_did_without_a_recipe():
+    conf = TrainConfig()
+    assert conf.rates(1).lr == pytest.approx(5e-5)  # 4e-4 at 512 = 5e-5 at the default batch of 64
+    assert (conf.model.anchors, conf.schedule.epochs, conf.data.batch_size, conf.optim.clip_grad) == ("fmnist", 1, 64, 5.0)
 
 
-def test_print_recipe_resolves_overrides_and_rates(monkeypatch, capsys):
+def test_print_config_resolves_overrides_and_rates(monkeypatch, capsys):
+    import yaml
+
     from snnet.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "8")
-    main(["train", "--recipe", "deit", "--print-recipe", "--set", "mixup=0", "--epochs", "30", "--set", "warmup_lr=none"])
+    main(["train", "--recipe", "deit", "--print-config", "--set", "mixup=0", "--epochs", "30", "--set", "warmup_lr=none"])
     out = capsys.readouterr().out
-    assert "epochs              = 30" in out and "mixup               = 0" in out and "warmup_lr           = none" in out
+    settings = yaml.safe_load(out)
+    assert (settings["schedule"]["epochs"], settings["data"]["mixup"], settings["schedule"]["warmup_lr"]) == (30, 0, None)
     assert "base 5e-05 at batch 512 -> 0.0001 at global batch 1024 (128 x 8 processes)" in out
-    assert "deit_tiny_patch16_224.fb_in1k" in out
+    assert "deit_tiny_patch16_224.fb_in1k" in out  # the family's members, as a comment
+    main(["train", "--recipe", "deit", "--print-recipe"])
+    shown = capsys.readouterr().out
+    assert "not reproduced" in shown.lower() and "ziplab/SN-Net@c2dcf30" in shown
 
 
 @pytest.mark.parametrize("args, message", [
     (["--recipe", "vit"], "unknown recipe 'vit'"),
-    (["--recipe", "deit", "--set", "mixupp=1"], "unknown recipe field 'mixupp'"),
+    (["--recipe", "deit", "--set", "mixupp=1"], "unknown setting 'mixupp'"),
     (["--recipe", "deit", "--set", "mixup"], "FIELD=VALUE"),
-    (["--recipe", "deit", "--set", "drop_path=high"], "drop_path=high: expected float"),
+    (["--recipe", "deit", "--set", "drop_path=high"], "--model.drop_path: expected a number, got 'high'"),
+    (["--recipe", "deit", "--model.drop_path", "high"], "--model.drop_path: expected a number, got 'high'"),
     (["--recipe", "deit", "--set", "drop_path=1.5"], "drop_path must be in"),
     (["--recipe", "deit", "-b", "7"], "even batch size"),
-    (["--recipe", "swin", "--distill-type", "medium"], "unknown distill_type 'medium'"),
+    (["--recipe", "swin", "--distill-type", "medium"], "unknown distill.type 'medium'"),
     (["--recipe", "resnet", "--set", "optimizer=lion"], "unknown optimizer 'lion'"),
 ])
 def test_bad_recipe_options_are_one_line_errors(tmp_path, capsys, args, message):
@@ -251,9 +261,9 @@ def test_cli_recipe_trains_with_mixup_erasing_drop_path_and_a_new_head(tmp_path,
           "--out", str(out), "--no-progress", "--device", "cpu"])
     printed = capsys.readouterr().out
     assert "deit: learning rate: base 5e-05 at batch 512 -> 3.906e-07" in printed
-    config = json.loads((out / "train_config.json").read_text())
-    assert (config["train"]["mixup"], config["train"]["distill_type"], config["train"]["repeated_aug"]) == (0.8, "hard", 2)
-    assert config["optim"]["warmup_lr"] == 1e-7 and config["optim"]["schedule_unit"] == "epoch"
+    config = json.loads((out / "train_config.json").read_text())["segments"][0]["config"]
+    assert (config["data"]["mixup"], config["distill"]["type"], config["data"]["repeated_aug"]) == (0.8, "hard", 2)
+    assert config["schedule"]["warmup_lr"] == 1e-7 and config["schedule"]["unit"] == "epoch"
     saved = json.loads((out / "final" / "config.json").read_text())
     assert all(a["spec"]["kwargs"] == {"drop_path_rate": 0.1, "num_classes": 4} for a in saved["anchors"])
     assert saved["num_classes"] == 4
@@ -263,9 +273,9 @@ def test_cli_recipe_trains_with_mixup_erasing_drop_path_and_a_new_head(tmp_path,
 
 
 def test_drop_path_reaches_the_anchors():
-    from snnet.commands.train import _specs
+    from snnet.model import anchor_specs
 
-    net = snnet.create_snnet(_specs(TINY_VITS[:2], None, None, RECIPES["swin"].anchor_kwargs()))
+    net = snnet.create_snnet(anchor_specs(TINY_VITS[:2], None, None, recipe_config("swin").model.anchor_kwargs()))
     last = net.anchors[0].blocks[-1]
     assert last.drop_path1.drop_prob == pytest.approx(0.2)  # timm's stochastic depth rule: 0 .. rate over depth
 
@@ -275,7 +285,7 @@ def test_recipe_transform_is_timms_randaugment_and_erasing(tmp_path):
     from timm.data.random_erasing import RandomErasing
 
     data = _image_folder(tmp_path / "imgs")
-    options = RECIPES["deit"].transform_options()
+    options = recipe_config("deit").data.transform_options()
     ds = build_dataset(data, "train", {"input_size": (3, 32, 32)}, augment=True, transform_options=options)
     kinds = {type(t) for t in ds.transform.transforms}
     assert RandAugment in kinds and RandomErasing in kinds
@@ -288,8 +298,8 @@ def test_recipe_transform_is_timms_randaugment_and_erasing(tmp_path):
 def test_mixup_trainer_uses_timm_soft_targets():
     from timm.loss import SoftTargetCrossEntropy
 
-    trainer = Trainer(tiny(), TrainConfig(progress=False, mixup=0.8, cutmix=1.0, batch_size=8), total_steps=1)
-    assert isinstance(trainer.criterion, SoftTargetCrossEntropy) and trainer.mixup.mixup_alpha == 0.8
+    trainer = Trainer(tiny(), TrainConfig().override(progress=False, mixup=0.8, cutmix=1.0, batch_size=8), total_steps=1)
+    assert isinstance(trainer.task.criterion, SoftTargetCrossEntropy) and trainer.task.mixup.mixup_alpha == 0.8
     x, y = Synthetic(8).tensors
     assert math.isfinite(trainer.backward(x, y, 0))
 
@@ -308,31 +318,32 @@ def test_repeated_augmentation_puts_copies_on_different_ranks():
 def test_resume_is_exact_with_mixup_repeated_aug_and_hard_distillation(tmp_path):
     data = Synthetic(40)
     conf = dict(epochs=3, ckpt_every=4, mixup=0.8, cutmix=1.0, repeated_aug=3, distill="largest",
-                distill_type="hard")
-    optim = OptimConfig(lr=1e-3, warmup_epochs=1, warmup_lr=1e-5, warmup_prefix=False, schedule_unit="epoch")
+                distill_type="hard", lr=1e-3, warmup_epochs=1, warmup_lr=1e-5, warmup_prefix=False, schedule_unit="epoch")
     # timm's Mixup draws from numpy's global generator: both runs start from the same state (the
     # checkpoint holds it, so the resumed run continues it)
     np.random.seed(0)
     a = tiny()
-    full = train(a, data, cfg(tmp_path / "a", **conf), optim)
+    full = train(a, data, cfg(tmp_path / "a", **conf))
     np.random.seed(0)
     b = tiny()
-    train(b, data, cfg(tmp_path / "b", **conf), optim, stop_after=7)
+    train(b, data, cfg(tmp_path / "b", **conf), stop_after=7)
     np.random.seed(123)  # whatever it is now, the checkpoint's state wins
     c = tiny()
-    rest = train(c, data, cfg(tmp_path / "b", resume="auto", **conf), optim)
+    rest = train(c, data, cfg(tmp_path / "b", resume="auto", **conf))
     assert rest.finished and rest.step == full.step
     pa, pc = _params(a), _params(c)
     assert all(torch.equal(pa[k], pc[k]) for k in pa)
 
 
 def test_recipe_overrides_are_checked():
-    deit = get_recipe("DeiT")
-    assert deit.override(epochs=3).epochs == 3 and deit.epochs == 50
-    with pytest.raises(RecipeError, match="unknown recipe field"):
+    deit = recipe_config("DeiT")
+    assert deit.override(epochs=3).schedule.epochs == 3 and deit.schedule.epochs == 50
+    with pytest.raises(snnet.SnnetError, match="unknown setting 'epoch' \\(did you mean epochs"):
         deit.override(epoch=3)
-    assert deit.override_text(["warmup_lr=none", "clip_grad=1", "nesterov=false"]).warmup_lr is None
-    assert deit.override_text(["betas=0.9,0.95"]).betas == (0.9, 0.95)
+    assert deit.override(warmup_lr=None, clip_grad=1, nesterov=False).schedule.warmup_lr is None
+    assert deit.override(betas=[0.9, 0.95]).optim.betas == (0.9, 0.95)
+    with pytest.raises(RecipeError, match="unknown recipe 'vit'"):
+        recipe_config("vit")
 
 
 def test_checkpoints_from_before_repeated_aug_still_resume(tmp_path):
@@ -342,8 +353,8 @@ def test_checkpoints_from_before_repeated_aug_still_resume(tmp_path):
     train(tiny(), Synthetic(16), conf, stop_after=1)
     path = tmp_path / "run" / CHECKPOINT_NAME
     ckpt = load_checkpoint(path)
-    del ckpt["config"]["repeated_aug"]  # written by a version without the field
+    del ckpt["config"]["data"]["repeated_aug"]  # written by a version without the field
     save_checkpoint(path, ckpt)
-    assert train(tiny(), Synthetic(16), replace(conf, resume="auto")).finished
-    with pytest.raises(snnet.SnnetError, match="repeated_aug: 1 -> 2"):
-        train(tiny(), Synthetic(16), replace(conf, resume=str(path), repeated_aug=2))
+    assert train(tiny(), Synthetic(16), conf.override(resume="auto")).finished
+    with pytest.raises(snnet.SnnetError, match="data.repeated_aug: 1 -> 2"):
+        train(tiny(), Synthetic(16), conf.override(resume=str(path), repeated_aug=2))

@@ -23,14 +23,14 @@ from snnet.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from snnet.data import build_dataset
 from snnet.deploy import export_stitch, load_stitch
 from snnet.errors import CheckpointError, TrainingInterrupted
-from snnet.train import OptimConfig, train
+from snnet.train import train
 
 from .conftest import TINY_VITS
 from .test_train import Synthetic, _cli, _image_folder, cfg, fresh_net
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ",".join(TINY_VITS[:2])
-OPT = OptimConfig(lr=1e-3, warmup_steps=2)
+OPT = dict(lr=1e-3, warmup_steps=2)  # the learning rate as used (cfg: not scaled)
 
 
 def _train_args(data: Path, out: Path, *more: str) -> list[str]:
@@ -55,6 +55,20 @@ def _one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def _signal_after_steps(proc: subprocess.Popen, out: Path, sig: int, steps: int = 3) -> str:
+    """Send ``sig`` to a training process once its run has logged ``steps`` steps; its stderr once it ended."""
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= steps):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        return proc.communicate(timeout=300)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 # ---------------------------------------------------------------------------- one run per folder
@@ -145,14 +159,14 @@ class _CtrlCAt(Synthetic):
 def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path):
     conf = dict(epochs=2, init_images=0)  # 5 steps an epoch: step 4 is mid-epoch
     a = fresh_net()
-    train(a, Synthetic(40), cfg(tmp_path / "a", **conf), OPT)
+    train(a, Synthetic(40), cfg(tmp_path / "a", **conf, **OPT))
     with pytest.raises(TrainingInterrupted) as stopped:
-        train(fresh_net(), _CtrlCAt(40, step=4, batch_size=8), cfg(tmp_path / "b", **conf), OPT)
+        train(fresh_net(), _CtrlCAt(40, step=4, batch_size=8), cfg(tmp_path / "b", **conf, **OPT))
     assert isinstance(stopped.value, KeyboardInterrupt) and (stopped.value.step, stopped.value.total) == (4, 10)
     assert load_checkpoint(tmp_path / "b" / "run" / CHECKPOINT_NAME)["step"] == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C acts at once again
     c = fresh_net(seed=9)
-    train(c, Synthetic(40), cfg(tmp_path / "b", resume="auto", **conf), OPT)
+    train(c, Synthetic(40), cfg(tmp_path / "b", resume="auto", **conf, **OPT))
     assert _same_weights(a, c)
 
 
@@ -181,14 +195,14 @@ def test_mid_epoch_resume_with_loader_workers_is_exact(tmp_path):
     data = build_dataset(str(folder), "train", fresh_net().anchors[0].data_config, augment=True)
     conf = dict(epochs=2, batch_size=4, init_images=8, num_workers=2)
     a = fresh_net()
-    train(a, data, cfg(tmp_path / "a", **conf), OPT)
-    part = train(fresh_net(), data, cfg(tmp_path / "b", **conf), OPT, stop_after=3)
+    train(a, data, cfg(tmp_path / "a", **conf, **OPT))
+    part = train(fresh_net(), data, cfg(tmp_path / "b", **conf, **OPT), stop_after=3)
     assert (load_checkpoint(part.checkpoint)["epoch"], load_checkpoint(part.checkpoint)["epoch_step"]) == (0, 3)
     b = fresh_net(seed=7)
-    train(b, data, cfg(tmp_path / "b", resume="auto", **conf), OPT)
+    train(b, data, cfg(tmp_path / "b", resume="auto", **conf, **OPT))
     assert _same_weights(a, b)
     c = fresh_net()
-    train(c, data, cfg(tmp_path / "c", **{**conf, "num_workers": 0}), OPT)
+    train(c, data, cfg(tmp_path / "c", **{**conf, "num_workers": 0}, **OPT))
     assert _same_weights(a, c)
 
 
@@ -285,3 +299,197 @@ def test_a_damaged_checkpoint_header_is_one_line_without_unsafe_advice(finished_
     assert _cli(*_train_args(data, out, "--max-steps", "4", "--resume", "auto")) == 2
     line = _one_line(capsys.readouterr().err)
     assert f"checkpoint {ckpt} is corrupt" in line and "weights_only" not in line
+
+
+# ---------------------------------------------------------------------------- resuming with other settings
+
+
+def _bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_a_resume_with_changed_settings_is_refused_naming_each_unless_asked_and_keeps_the_history(tmp_path, capsys,
+                                                                                                    monkeypatch):
+    """The issue's line: a finished run resumed with another rate, length and label smoothing. Refused in one
+    line naming each change (nothing touched); the printed command, run for real, continues it and
+    train_config.json then holds both segments."""
+    import shlex
+
+    data, out = _image_folder(tmp_path / "imgs"), tmp_path / "run"
+    assert _cli(*_train_args(data, out, "--max-steps", "2")) == 0
+    before = _bytes(out)
+    capsys.readouterr()
+    built: list[int] = []
+    with monkeypatch.context() as m:
+        m.setattr(snnet.StitchedNet, "__init__", lambda *a, **k: built.append(1))
+        assert _cli(*_train_args(data, out, "--resume", "auto", "--lr", "5", "--max-steps", "4",
+                                 "--set", "label_smoothing=0.9")) == 2
+    assert not built  # refused before the network was built
+    line = _one_line(capsys.readouterr().err)
+    assert "holds a finished run (2 of 2 steps)" in line
+    for change in ("optim.lr: 0.0004 -> 5 (used: 3.125e-06 -> 0.0390625)", "schedule.max_steps: 2 -> 4",
+                   "data.label_smoothing: 0.1 -> 0.9"):
+        assert change in line, change
+    assert _bytes(out) == before  # nothing trained, nothing rewritten
+    command = shlex.split(line.split("(the command: ")[1].rstrip(")"))
+    assert command[:2] == ["snnet", "train"] and command[-3:] == ["--resume", "auto", "--resume-with-changes"]
+    assert _cli(*command[1:]) == 0  # the printed command works
+    assert _steps(out) == [1, 2, 3, 4]
+    segments = json.loads((out / "train_config.json").read_text())["segments"]
+    assert [s["from_step"] for s in segments] == [0, 2] and "changes" not in segments[0]
+    assert segments[0]["config"]["optim"]["lr"] == 4e-4 and segments[1]["config"]["optim"]["lr"] == 5
+    assert any(c.startswith("schedule.max_steps: 2 -> 4") for c in segments[1]["changes"])
+
+
+def test_an_unfinished_run_resumed_with_other_settings(tmp_path):
+    conf = dict(epochs=2, init_images=0, **OPT)
+    train(fresh_net(), Synthetic(40), cfg(tmp_path, **conf), stop_after=3)
+    with pytest.raises(CheckpointError, match=r"cannot resume .* \(optim.lr: 0.001 -> 0.002; "
+                                              r"sampling.sampler: \"uniform\" -> \"flops_bucketed\"\)"):
+        train(fresh_net(), Synthetic(40), cfg(tmp_path, resume="auto", **{**conf, "lr": 2e-3}, sampler="flops_bucketed"))
+    # what does not change the result may change: the folder's display options, the loader's processes
+    done = train(fresh_net(), Synthetic(40), cfg(tmp_path, resume="auto", log_every=1, num_workers=1, **conf))
+    assert done.finished and len(json.loads((tmp_path / "run" / "train_config.json").read_text())["segments"]) == 1
+
+
+# ---------------------------------------------------------------------------- the last checkpoints, a full disk
+
+
+def test_the_last_checkpoints_are_kept_and_an_earlier_one_resumes_exactly(tmp_path, capsys):
+    conf = dict(epochs=2, ckpt_every=2, keep_checkpoints=3, **OPT)  # 5 steps an epoch: checkpoints at 2, 4, 6, 8, 10
+    a = fresh_net()
+    train(a, Synthetic(40), cfg(tmp_path, **conf))
+    run = tmp_path / "run"
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step-00000006.pt", "step-00000008.pt", "step-00000010.pt"]
+    assert (run / "checkpoints" / "step-00000010.pt").samefile(run / CHECKPOINT_NAME)  # the latest costs no copy
+    # going back to step 6 redoes 7..10 to the very same weights
+    b = fresh_net(seed=5)
+    again = train(b, Synthetic(40), cfg(tmp_path, resume=str(run / "checkpoints" / "step-00000006.pt"), **conf))
+    assert again.finished and again.step == 10 and len(again.stitches) == 4 and _same_weights(a, b)
+    assert _steps(run) == list(range(1, 11))
+    # a damaged latest checkpoint points at the copy to go back to
+    _flip_checkpoint_tensor(run / CHECKPOINT_NAME)
+    with pytest.raises(CheckpointError, match=r"resume from an earlier copy \(--resume .*step-00000008.pt\)"):
+        load_checkpoint(run / CHECKPOINT_NAME)
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
+    import errno
+
+    data, out = _image_folder(tmp_path / "imgs"), tmp_path / "run"
+    saves = []
+    real_save = torch.save
+
+    def full_after_one(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) > 1:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_after_one)
+    assert _cli(*_train_args(data, out, "--max-steps", "6", "--ckpt-every", "2")) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "No space left on device" in line and "the previous checkpoint is intact" in line
+    monkeypatch.undo()
+    assert load_checkpoint(out / CHECKPOINT_NAME)["step"] == 2 and _temps(out) == []
+
+
+# ---------------------------------------------------------------------------- training inputs, in one line
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--lr", "-1"], "optim.lr must be > 0 and finite, got -1"),  # what was typed, not the rate scaled from it
+    (["--data", "FILE"], "FILE is a file, not a dataset"),
+    (["--routes", "FOLDER"], "--routes FOLDER is a folder"),
+])
+def test_bad_training_inputs_say_what_is_wrong(tmp_path, capsys, args, says):
+    afile, folder = tmp_path / "afile", tmp_path / "afolder"
+    afile.write_text("x")
+    folder.mkdir()
+    args = [a.replace("FILE", str(afile)).replace("FOLDER", str(folder)) for a in args]
+    assert _cli("train", *args, "--out", str(tmp_path / "o")) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert says.replace("FILE", str(afile)).replace("FOLDER", str(folder)) in line and "-0.125" not in line
+
+
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background shell starts children with Ctrl-C ignored
+
+
+def test_ctrl_c_while_snnet_loads_is_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "snnet", "train", "--out", str(tmp_path / "o")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
+    time.sleep(0.5)  # torch and timm take seconds to load
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and _one_line(err) == "error: interrupted"
+
+
+@pytest.mark.slow
+def test_the_printed_resume_command_works_when_run(tmp_path):
+    """Ctrl-C a run started with --config, --set and old and new options; run the command it prints."""
+    data, out = _image_folder(tmp_path / "imgs"), tmp_path / "run"
+    (tmp_path / "more.yaml").write_text("data:\n  label_smoothing: 0.2\n")
+    args = [sys.executable, "-m", "snnet", *_train_args(data, out, "--epochs", "1000", "--max-steps", "120", "--ckpt-every", "5",
+                                                        "--config", str(tmp_path / "more.yaml"),
+                                                        "--set", "weight_decay=0.01", "--optim.anchor-lr-scale", "0.5")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             preexec_fn=_sigint_default)
+    err = _signal_after_steps(first, out, signal.SIGINT)
+    assert first.returncode == 130, err
+    command = shlex.split(_one_line(err).split("Resume with: ")[1])
+    assert command[0] == "snnet"
+    again = subprocess.run([sys.executable, "-m", "snnet", *command[1:]], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert _steps(out) == list(range(1, 121)) and (out / "final" / "model.safetensors").is_file()
+    config = json.loads((out / "train_config.json").read_text())["segments"]
+    assert len(config) == 1 and config[0]["config"]["data"]["label_smoothing"] == 0.2
+
+
+@pytest.mark.slow
+def test_the_launcher_stops_torchrun_in_one_line(tmp_path):
+    """SIGTERM to torchrun's agent: the workers checkpoint and print the resume command, and nothing else is said."""
+    data, out = _image_folder(tmp_path / "imgs"), tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "snnet.launch", "--nproc_per_node", "2",
+                             *_train_args(data, out, "--epochs", "100000", "--ckpt-every", "5")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    err = _signal_after_steps(proc, out, signal.SIGTERM)
+    assert proc.returncode == 143, err
+    line = _one_line(err)
+    assert line.startswith("stopped by SIGTERM") and "python -m snnet.launch --nproc_per_node 2 train" in line
+    assert load_checkpoint(out / CHECKPOINT_NAME)["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------- runs written before the tree
+
+
+def test_a_run_written_before_the_configuration_tree_resumes_to_the_old_runs_weights(tmp_path):
+    """tests/data/run-v1 was written by snnet at fa1757f: stopped at step 4 of 10, and the weights of the same run
+    left uninterrupted. Today's loop resumes the old checkpoint and ends with those very weights; run from the
+    start it gives them too."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    old = Path(__file__).parent / "data" / "run-v1"
+    shutil.copytree(old / "run", tmp_path / "run")
+    want = load_file(str(old / "uninterrupted.safetensors"))
+    conf = dict(epochs=2, sampler="flops_bucketed", **OPT)
+    b = fresh_net()
+    done = train(b, Synthetic(40), cfg(tmp_path, resume="auto", **conf))
+    assert done.finished and done.step == 10 and all(torch.equal(b.state_dict()[k], want[k]) for k in want)
+    assert _steps(tmp_path / "run") == list(range(1, 11))
+    c = fresh_net()
+    train(c, Synthetic(40), cfg(tmp_path / "fresh", **conf))
+    assert all(torch.equal(c.state_dict()[k], want[k]) for k in want)
+    # another setting than the old run's is named, as for any run
+    with pytest.raises(CheckpointError, match="schedule.warmup_steps: 2 -> 3"):
+        shutil.copytree(old / "run", tmp_path / "again" / "run")
+        train(fresh_net(), Synthetic(40), cfg(tmp_path / "again", resume="auto", **{**conf, "warmup_steps": 3}))

@@ -18,7 +18,8 @@ from snnet.klas import KlasScore, candidates, klas, klas_net, klas_scores, selec
 from snnet.sampling import ResourceSampler, make_stitch_sampler, ros_groups
 from snnet.space import Segment, paired_pairs, parse_route, route_name, two_way_positions
 from snnet.stitching import StitchingLayer
-from snnet.train import TrainConfig, Trainer, route_modules
+from snnet.config import TrainConfig
+from snnet.train import Trainer, route_modules
 
 from .conftest import TINY_VITS
 
@@ -205,7 +206,7 @@ def test_least_squares_fits_both_directions(images: torch.Tensor) -> None:
 
 def test_training_mask_covers_exactly_the_route() -> None:
     net = _net(two_way=True, lora_rank=2)
-    trainer = Trainer(net, TrainConfig(progress=False), total_steps=1)
+    trainer = Trainer(net, TrainConfig().override(progress=False), total_steps=1)
     s = net.stitch("snnet_tiny_vit_s[:1]+snnet_tiny_vit_b[1:3]+snnet_tiny_vit_s[3:]")
     used = trainer._used(s)
     names = [n for n, p in net.named_parameters() if p.requires_grad]
@@ -250,7 +251,7 @@ def test_low_rank_training_moves_only_the_update(tmp_path) -> None:
     base = [layer.proj.weight.clone() for layer in net.stitch_layers]
     lora_b = [layer.lora_b.clone() for layer in net.stitch_layers]
     assert all(torch.count_nonzero(b) == 0 for b in lora_b)
-    trainer = Trainer(net, TrainConfig(progress=False, sampler="uniform"), total_steps=20)
+    trainer = Trainer(net, TrainConfig().override(progress=False, sampler="uniform"), total_steps=20)
     x, y = Synthetic(8).tensors
     for _ in range(20):
         trainer.step(x, y)

@@ -91,6 +91,9 @@ def read_routes(path: "os.PathLike[str] | str") -> tuple[str, ...]:
     from ..errors import SnnetError
 
     p = Path(path)
+    if p.is_dir():
+        raise SnnetError(f"--routes {p} is a folder: give the file `snnet stitches --select klas --json > routes.json` "
+                         "wrote (or one route name per line)")
     if not p.is_file():
         raise SnnetError(f"--routes {p}: no such file (write one with `snnet stitches --select klas --json > {p.name}`)")
     text = p.read_text()

@@ -1,0 +1,340 @@
+"""The command line of the configuration tree: ``snnet train`` and ``snnet demo`` parse it here.
+
+The parser is generated from :class:`snnet.config.TrainConfig` by jsonargparse (one option per
+setting, named by its path: ``--optim.lr``, ``--data.batch_size``; help from each field's
+docstring), so no command declares a setting of its own. What this module adds around it:
+
+* layering: the tree's defaults < ``--recipe NAME`` (or a command's own default recipe) <
+  ``--config FILE`` (repeatable) < the other options, whatever their order on the line;
+* ``-`` and ``_`` are the same in option names (``--data.batch-size`` = ``--data.batch_size``);
+* the options of earlier snnet versions (``--batch-size``, ``--lr``, ``--out``, ``--set``...),
+  translated to the tree's (each command's table below; docs/configuration.md lists them);
+* ``--print-config``: the resolved settings as YAML, with the learning rates used as a comment,
+  which ``--config`` takes back unchanged;
+* errors as one line (:class:`~snnet.errors.ConfigError`), never argparse's usage block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from ..config import SECTIONS, TrainConfig, read_yaml
+from ..errors import ConfigError
+
+__all__ = ["Legacy", "Parsed", "TRAIN_LEGACY", "dump_yaml", "normalise", "parse", "resume_command"]
+
+
+@dataclass(frozen=True)
+class Legacy:
+    """An option of an earlier snnet: the setting it sets, and how its value is read.
+
+    ``const``: a flag without a value that sets the setting to this (``"true"``, ``"largest"``...);
+    otherwise ``kind`` reads the next word: ``value`` as it is, ``list`` a comma-separated list,
+    ``routes`` a routes file, read now (snnet.commands.options.read_routes), ``set`` ``FIELD=VALUE``
+    for any setting named as before the tree; ``words`` reads every following word up to the next
+    option, as a list (``--models a b c``)."""
+
+    path: str
+    const: str | None = None
+    kind: str = "value"
+
+
+# `snnet train`'s options before the configuration tree -> the settings they set
+TRAIN_LEGACY: dict[str, Legacy] = {
+    "--anchors": Legacy("model.anchors"), "-a": Legacy("model.anchors"),
+    "--data": Legacy("data.source"), "--data-dir": Legacy("data.root"), "--limit-train": Legacy("data.limit"),
+    "--batch-size": Legacy("data.batch_size"), "-b": Legacy("data.batch_size"), "--workers": Legacy("data.workers"),
+    "--augment": Legacy("data.augment", "true"), "--no-augment": Legacy("data.augment", "false"),
+    "--epochs": Legacy("schedule.epochs"), "--max-steps": Legacy("schedule.max_steps"),
+    "--warmup-steps": Legacy("schedule.warmup_steps"), "--warmup-epochs": Legacy("schedule.warmup_epochs"),
+    "--lr": Legacy("optim.lr"), "--anchor-lr-scale": Legacy("optim.anchor_lr_scale"),
+    "--weight-decay": Legacy("optim.weight_decay"),
+    "--sampler": Legacy("sampling.sampler"), "--num-buckets": Legacy("sampling.num_buckets"),
+    "--ros-gap": Legacy("sampling.ros_gap"), "--ros-ramp": Legacy("sampling.ros_ramp"),
+    "--stitch-sync": Legacy("sampling.stitch_sync"), "--ddp-grads": Legacy("sampling.ddp_grads"),
+    "--two-way": Legacy("space.two_way", "true"), "--routes": Legacy("space.routes", kind="routes"),
+    "--lora-rank": Legacy("space.lora_rank"), "--lora-alpha": Legacy("space.lora_alpha"),
+    "--distill": Legacy("distill.teacher"), "--distill-type": Legacy("distill.type"),
+    "--pretrained": Legacy("model.pretrained", "true"), "--no-pretrained": Legacy("model.pretrained", "false"),
+    "--weights": Legacy("model.weights", kind="list"), "--init": Legacy("model.init"),
+    "--num-classes": Legacy("model.num_classes"), "--init-images": Legacy("model.init_images"),
+    "--drop-path": Legacy("model.drop_path"),
+    "--out": Legacy("run.out_dir"), "-o": Legacy("run.out_dir"), "--seed": Legacy("run.seed"),
+    "--device": Legacy("run.device"), "--amp": Legacy("run.amp"), "--ckpt-every": Legacy("run.ckpt_every"),
+    "--resume": Legacy("run.resume"), "--overwrite": Legacy("run.overwrite", "true"),
+    "--resume-with-changes": Legacy("run.resume_with_changes", "true"),
+    "--progress": Legacy("run.progress", "true"), "--no-progress": Legacy("run.progress", "false"),
+    "--set": Legacy("", kind="set"),
+}
+# values given as lists on the command line may be comma-separated words as well as YAML lists
+_LISTS = ("model.weights", "space.routes", "space.stages", "optim.betas")
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A parsed command line: the configuration, any extra sections' dataclasses, and the command's own flags."""
+
+    config: TrainConfig
+    extra: dict[str, Any]
+    flags: dict[str, bool]
+    recipe: str | None
+    argv: tuple[str, ...]  # the line as given (for the printed resume command)
+
+
+def parse(argv: Sequence[str], prog: str, *, legacy: Mapping[str, Legacy] = TRAIN_LEGACY,
+          extra: Mapping[str, type] | None = None, flags: Mapping[str, str] | None = None,
+          default_recipe: str | None = None, description: str = "") -> Parsed:
+    """Parse ``argv`` into a :class:`TrainConfig` (and ``extra`` sections), layered as the module says.
+
+    ``flags`` are the command's own switches (``--print-config``...: name -> help), which take no
+    value and are not settings. ``--help`` prints the generated help and exits."""
+    from ..recipes import recipe_path
+
+    extra, flags = dict(extra or {}), {"--print-config": "Print the resolved settings as YAML (the learning "
+                                       "rates used as a comment) and exit; --config takes the file back.",
+                                       **(flags or {})}
+    words, recipe, configs, given = _translate(list(argv), legacy, flags)
+    for path in configs:
+        read_yaml(path)  # a missing or unreadable file is one line naming it
+    layers = [recipe_path(recipe)] if recipe else ([recipe_path(default_recipe)] if default_recipe else [])
+    parser = _parser(prog, extra, flags, description)
+    args = [a for path in (*layers, *configs) for a in ("--config", str(path))] + words
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit:
+        raise
+    except Exception as e:  # jsonargparse's ArgumentError, and what its loaders raise on a bad file
+        raise ConfigError(_one_line(e, configs)) from None
+    values = ns.clone(with_meta=False).as_dict()
+    for key in ("config", "recipe", "print_config", *(f[2:].replace("-", "_") for f in flags)):
+        values.pop(key, None)  # the command's own options, not settings
+    sections = {name: values.pop(name) for name in extra}
+    config = TrainConfig.from_dict(values)
+    built = {name: _build_extra(cls, sections[name], name) for name, cls in extra.items()}
+    return Parsed(config, built, {f: f in given for f in flags}, recipe, tuple(argv))
+
+
+def normalise(option: str) -> str:
+    """``--data.batch-size`` -> ``--data.batch_size``: dashes and underscores are the same in option names."""
+    name, eq, value = option.partition("=")
+    return "--" + name[2:].replace("-", "_") + eq + value
+
+
+def _translate(argv: list[str], legacy: Mapping[str, Legacy],
+               flags: Mapping[str, str]) -> tuple[list[str], str | None, list[str], set[str]]:
+    """The words jsonargparse reads (old options translated, names normalised), the recipe, the config
+    files (in order) and the command's flags that were given."""
+    words: list[str] = []
+    recipe, configs, given = None, [], set()
+    known_flags = {normalise(f): f for f in flags}
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if not word.startswith("-") or word == "-":
+            words.append(word)
+            continue
+        name, eq, inline = word.partition("=")
+
+        def value() -> str:
+            nonlocal i
+            if eq:
+                return inline
+            if i >= len(argv):
+                raise ConfigError(f"{name} needs a value")
+            i += 1
+            return argv[i - 1]
+
+        if name in legacy and legacy[name].kind == "words":
+            items = [inline] if eq else []
+            while i < len(argv) and not argv[i].startswith("-"):
+                items.append(argv[i])
+                i += 1
+            words += [f"--{legacy[name].path}", json.dumps(items)]
+            continue
+        if name in legacy:
+            words += _legacy_words(name, legacy[name], value)
+            continue
+        key = normalise(name) if name.startswith("--") else name
+        if key in known_flags:
+            given.add(known_flags[key])
+        elif key == "--recipe":
+            recipe = value()
+        elif key == "--config":
+            configs.append(value())
+        elif key in ("--help", "-h"):
+            words.append("--help")
+        else:
+            words.append(key)
+            if eq:
+                words.append(inline)
+            path = key[2:]
+            if path in _LISTS and i < len(argv) and not eq:
+                words.append(_as_list(path, argv[i]))
+                i += 1
+            elif path in _LISTS and eq:
+                words[-1] = _as_list(path, inline)
+    return words, recipe, configs, given
+
+
+def _legacy_words(name: str, old: Legacy, value: Callable[[], str]) -> list[str]:
+    if old.const is not None:
+        return [f"--{old.path}", old.const]
+    if old.kind == "set":
+        field, sep, text = value().partition("=")
+        from ..config import setting_path
+
+        path = setting_path(field.strip().replace("-", "_"))
+        if not sep or not field.strip():
+            raise ConfigError(f"--set takes FIELD=VALUE, got {field + sep + text!r}")
+        if path is None:
+            raise ConfigError(f"--set {field}={text}: unknown setting {field.strip()!r}; `snnet train --help` lists them")
+        text = "null" if text.strip().lower() in ("none", "null") else text.strip()
+        return [f"--{path}", _as_list(path, text) if path in _LISTS else text]
+    text = value()
+    if old.kind == "routes":
+        from .options import read_routes
+
+        return [f"--{old.path}", json.dumps(list(read_routes(text)))]
+    if old.kind == "list":
+        return [f"--{old.path}", _as_list(old.path, text)]
+    return [f"--{old.path}", text]
+
+
+def _as_list(path: str, text: str) -> str:
+    """A list value as YAML: ``[...]`` as it is, ``a,b`` as ``["a", "b"]``; a routes file read (space.routes)."""
+    stripped = text.strip()
+    if stripped.startswith("[") or stripped.lower() in ("null", "none"):
+        return "null" if stripped.lower() == "none" else stripped
+    if path == "space.routes" and os.path.exists(stripped):
+        from .options import read_routes
+
+        return json.dumps(list(read_routes(stripped)))
+    items = [w.strip() for w in stripped.split(",") if w.strip()]
+    if path in ("optim.betas", "space.stages"):
+        return "[" + ", ".join(items) + "]"
+    return json.dumps(items)
+
+
+def _parser(prog: str, extra: Mapping[str, type], flags: Mapping[str, str], description: str) -> Any:
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # each setting's help is its docstring
+    parser = ArgumentParser(prog=prog, usage=f"{prog} [--recipe NAME] [--config FILE] [--SECTION.SETTING VALUE ...]",
+                            description=description, exit_on_error=False,
+                            epilog="Options of earlier snnet versions (--batch-size, --lr, --out, --set FIELD=VALUE, "
+                                   "...) still work: docs/configuration.md lists them with the settings they set.")
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="A YAML file of settings (repeatable; later files and other options win).")
+    parser.add_argument("--recipe", type=str, default=None,
+                        help="A recipe (snnet/recipes/NAME.yaml: deit, swin, resnet, resnet-swin, levit, demo, "
+                             "fmnist-family): laid under --config files and options.")
+    for flag, text in flags.items():
+        parser.add_argument(flag, action="store_true", help=text)
+    for action in parser._actions:  # jsonargparse's own --print_config is --print-config's other spelling
+        if "--print_config" in action.option_strings:
+            action.help = "The same as --print-config."
+    parser.add_class_arguments(TrainConfig, as_group=False, skip=set(SECTIONS))
+    for name, cls in {**SECTIONS, **extra}.items():
+        group = parser.add_argument_group(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0].rstrip('.')}")
+        group.add_class_arguments(cls, name, as_group=False)
+    return parser
+
+
+def _build_extra(cls: type, values: Mapping[str, Any], name: str) -> Any:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields})
+
+
+def _one_line(e: BaseException, configs: Sequence[str]) -> str:
+    """jsonargparse's error (several lines) as one: which option, what it expected, what it got."""
+    text = str(e).strip()
+    m = re.search(r'Parser key "([^"]+)":', text)
+    given = re.search(r"(?:Given value|Got value): (.*)$", text, re.M)
+    kinds = re.findall(r"<class '(\w+)'>", text)
+    if m and given:
+        names = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a text",
+                 "tuple": "a list", "NoneType": "null"}
+        wanted = " or ".join(dict.fromkeys(names.get(k, k) for k in kinds)) or "another value"
+        return f"--{m.group(1)}: expected {wanted}, got {given.group(1).strip()!r}"
+    m = re.search(r"Option '([^']+)' is not accepted", text)
+    if m:
+        import difflib
+
+        close = difflib.get_close_matches(m.group(1), _all_paths(), n=2)
+        where = f" in --config {', '.join(configs)}" if configs else ""
+        return f"unknown setting {m.group(1)}{where}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
+    m = re.search(r"[Uu]nrecognized arguments: (.*)", text)
+    if m:
+        import difflib
+
+        bad = m.group(1).split()[0]
+        options = [normalise(f"--{p}") for p in _all_paths()] + list(TRAIN_LEGACY)
+        close = difflib.get_close_matches(normalise(bad) if bad.startswith("--") else bad, options, n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        return f"no such option: {bad}{hint}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _all_paths() -> list[str]:
+    from ..config import leaf_paths
+
+    return list(leaf_paths().values())
+
+
+# ---------------------------------------------------------------------------- writing settings back
+
+
+def dump_yaml(config: TrainConfig, extra: Mapping[str, Any] | None = None, world_size: int = 1) -> str:
+    """The settings as YAML for ``--print-config``: every value, the learning rates used as a comment.
+
+    Only the values decide the text, so printing the file's own settings gives the file back."""
+    import yaml
+
+    from ..model import expand_family
+
+    lines = [f"# snnet settings (--config FILE takes this back); {config.describe_rates(world_size)}"]
+    try:
+        members = expand_family(config.model.anchors)
+    except Exception:  # noqa: BLE001 - a comment only; the anchors are checked when the run starts
+        members = []
+    if members and "," not in config.model.anchors:
+        lines.append(f"# model.anchors {config.model.anchors}: {', '.join(members)}")
+    data = config.to_dict()
+    for name, section in (extra or {}).items():
+        data[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
+    return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False, width=1 << 16)
+
+
+def resume_command(argv: Sequence[str], command: str, overwrite_set: bool) -> str:
+    """The command line that continues this run: the same words without ``--resume``, ``--overwrite`` and
+    ``--resume-with-changes``, then ``--resume auto`` (under torchrun, torchrun's own launcher around it).
+    ``overwrite_set``: the settings ask for ``run.overwrite`` from a file, which the command must turn off."""
+    import shlex
+
+    dropped = {"--resume": True, "--run.resume": True, "--overwrite": False, "--resume-with-changes": False,
+               "--run.overwrite": True, "--run.resume_with_changes": True}
+    words: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        name, eq, _ = word.partition("=")
+        key = normalise(name) if name.startswith("--") and "." in name else name
+        takes_value = dropped.get(key, dropped.get(name))
+        if takes_value is None:
+            words.append(word)
+        elif takes_value and not eq:
+            i += 1  # its value goes too
+        i += 1
+    if overwrite_set:
+        words += ["--run.overwrite", "false"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["torchrun", "--nproc_per_node", str(world), "-m", "snnet"] if world > 1 else ["snnet"]
+    if world > 1 and os.environ.get("SNNET_LAUNCHER"):  # started by python -m snnet.launch (snnet.launch)
+        launcher = shlex.split(os.environ["SNNET_LAUNCHER"])
+    return shlex.join([*launcher, command, *words, "--resume", "auto"])

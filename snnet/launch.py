@@ -1,0 +1,55 @@
+"""``python -m snnet.launch [torchrun options] train ...``: torchrun, saying what happened in one line.
+
+torchrun's own agent answers SIGTERM or Ctrl-C with a traceback of its own (a
+``SignalException``, about thirty lines), and a worker that exits with an error with a
+``ChildFailedError`` report -- after snnet's workers have already said what happened (the
+checkpoint and the command that resumes it, or the bad option). This launcher runs the same
+torchrun (``torch.distributed.run``, its options as they are) and leaves the workers' line as
+the only one::
+
+    python -m snnet.launch --nproc_per_node 2 train --anchors deit --data imagenet/ ...
+
+``torchrun --nproc_per_node 2 -m snnet train ...`` keeps working; only its messages differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# the launcher's own command, for the resume command the workers print (snnet.commands.config_cli.resume_command)
+LAUNCHER_ENV = "SNNET_LAUNCHER"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    argv = sys.argv[1:] if argv is None else argv
+    commands = [i for i, word in enumerate(argv) if word in ("train", "demo")]
+    if not commands:
+        sys.stderr.write("error: give torchrun's options, then the snnet command: python -m snnet.launch "
+                         "--nproc_per_node 2 train ...\n")
+        return 2
+    at = commands[0]
+    options, command = argv[:at], argv[at:]
+    args = get_args_parser().parse_args([*options, "--module", "snnet", *command])
+    launcher = ["python", "-m", "snnet.launch", *options]
+    os.environ[LAUNCHER_ENV] = " ".join(launcher)
+    for name in list(logging.root.manager.loggerDict):  # its "shutting down workers" notes (each module's own level)
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        run(args)
+    except SignalException as e:  # the workers have checkpointed and printed the resume command
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:  # a worker's own message (one line) is above
+        codes = [f.exitcode for f in e.failures.values()]
+        return next((c for c in codes if c and c > 0), 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

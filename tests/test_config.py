@@ -1,0 +1,214 @@
+"""The configuration tree: exact round trips, layering, every recipe, one-line errors, the generated command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from snnet.cli import main
+from snnet.commands.config_cli import TRAIN_LEGACY
+from snnet.commands.demo import DEMO_LEGACY
+from snnet.config import SECTIONS, TrainConfig, leaf_paths, setting_path
+from snnet.errors import ConfigError, SnnetError
+from snnet.recipes import RECIPES_DIR, RecipeError, load_recipe, recipe_config, recipe_names
+from snnet.train import NOT_RESULT_SETTINGS, load_run_config
+
+DATA = Path(__file__).parent / "data"
+
+
+def _printed(capsys, *args: str) -> str:
+    main(list(args))
+    return capsys.readouterr().out
+
+
+def _refused(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+# ---------------------------------------------------------------------------- the tree
+
+
+def test_every_setting_round_trips_through_dicts_and_yaml():
+    changed = TrainConfig().override(lr=1e-3, betas=[0.8, 0.9], routes=["a", "b"], weights=["x.pt", "y.pt"],
+                                     max_steps=7, epochs=None, warmup_lr=None, min_lr_ratio=0.01, amp="bf16")
+    for config in (TrainConfig(), changed, *(recipe_config(n) for n in recipe_names())):
+        assert TrainConfig.from_dict(config.to_dict()) == config
+        assert TrainConfig.from_dict(yaml.safe_load(config.to_yaml())) == config
+        assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_settings_are_named_by_path_or_by_their_unique_leaf_name():
+    paths = leaf_paths()
+    assert len(paths) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values())  # no name in two sections
+    config = TrainConfig().override({"optim.lr": 1e-3}, batch_size=32, distill_alpha=0.3)  # the last: an old name
+    assert (config.optim.lr, config.data.batch_size, config.distill.alpha) == (1e-3, 32, 0.3)
+    assert setting_path("num_workers") == "data.workers" and setting_path("optim.lrr") is None
+    with pytest.raises(ConfigError, match=r"unknown setting 'epoch' \(did you mean epochs"):
+        TrainConfig().override(epoch=3)
+    assert NOT_RESULT_SETTINGS <= {f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
+
+
+@pytest.mark.parametrize("data, says", [
+    ({"optim": {"lr": -1}}, "optim.lr must be > 0 and finite, got -1"),  # the value given, not a scaled one
+    ({"optim": {"lr": "fast"}}, "optim.lr must be a number, got 'fast'"),
+    ({"optim": {"lrr": 1}}, "unknown setting optim.lrr (did you mean optim.lr"),
+    ({"data": {"batch_size": 7, "mixup": 0.8}}, "even batch size"),
+    ({"sampling": {"sampler": "fancy"}}, "unknown sampler 'fancy'"),
+    ({"schedule": {"epochs": None}}, "give schedule.max_steps"),
+    ({"data": {"limit": 1.5}}, "data.limit must be a whole number or null, got 1.5"),
+    ({"space": {"routes": "a.json"}}, "space.routes must be a list of texts or null"),
+    ({"run": {"resume": "auto", "overwrite": True}}, "give one of them"),
+    ({"model": {"init": "saved/", "drop_path": 0.1}}, "model.drop_path is set when the anchors are built"),
+    ({"task": "translation"}, "unknown task 'translation'"),
+    ({"optim": [1, 2]}, "optim must be a mapping of settings"),
+])
+def test_bad_values_are_one_line_naming_the_setting(data, says):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict(data)
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hardware_is_checked_when_a_run_starts_not_when_settings_load(tmp_path):
+    """A configuration written on a GPU machine loads on a CPU one; the run refuses the device."""
+    from snnet.train import train
+
+    config = TrainConfig().override(device="cuda:7", out_dir=str(tmp_path / "run"), progress=False)
+    assert TrainConfig.from_yaml(_write(tmp_path / "gpu.yaml", config.to_yaml())).run.device == "cuda:7"
+    from .test_train import Synthetic, fresh_net
+
+    with pytest.raises(ConfigError, match="cuda"):
+        train(fresh_net(), Synthetic(16), config.override(batch_size=8))
+    assert not (tmp_path / "run").exists()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+def test_every_recipe_loads_sets_only_what_it_needs_and_says_where_each_value_comes_from():
+    assert {"deit", "swin", "resnet", "resnet-swin", "levit", "demo", "fmnist-family"} <= set(recipe_names())
+    for name in recipe_names():
+        settings = load_recipe(name)
+        assert set(settings) <= {"task", *SECTIONS}, name
+        assert len([1 for s in settings.values() for _ in s]) < len(leaf_paths()), name  # partial: the rest defaults
+        lines = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()
+        assert lines[0].startswith(f"# {name}:"), name  # what it is, and its source, first
+        for k, line in enumerate(lines):
+            value = re.match(r"^\s+\w+: \S", line)
+            # every value has its source or reason beside it or in the comment lines just above
+            assert not value or "#" in line or lines[k - 1].lstrip().startswith("#"), (name, line)
+    assert recipe_config("deit").rates(8).lr == pytest.approx(1e-4)  # 5e-5 at 512 -> 8 x 128
+    with pytest.raises(RecipeError, match="unknown recipe 'vit'; use one of"):
+        recipe_config("vit")
+
+
+def test_a_new_recipe_is_a_new_file(tmp_path, monkeypatch, capsys):
+    import snnet.recipes as recipes
+
+    folder = tmp_path / "recipes"
+    shutil.copytree(RECIPES_DIR, folder, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    (folder / "mine.yaml").write_text("# mine: a test recipe\noptim:\n  lr: 1.0e-03  # mine\n")
+    monkeypatch.setattr(recipes, "RECIPES_DIR", folder)
+    assert "mine" in recipe_names() and recipe_config("mine").optim.lr == 1e-3
+    assert yaml.safe_load(_printed(capsys, "train", "--recipe", "mine", "--print-config"))["optim"]["lr"] == 1e-3
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def test_print_config_gives_back_the_same_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command, extra in (("train", []), ("train", ["--recipe", "swin", "--lr", "1e-3", "--two-way"]),
+                           ("demo", ["--quick", "--demo.eval_split", "val"])):
+        first = _printed(capsys, command, *extra, "--print-config")
+        (tmp_path / "a.yaml").write_text(first)
+        again = _printed(capsys, command, "--config", "a.yaml", "--print-config")
+        assert again == first, (command, extra)
+        assert "# snnet settings" in first and "learning rate" in first.splitlines()[0]  # the rates used, as a comment
+
+
+def test_layers_apply_in_order_whatever_their_order_on_the_line(tmp_path, capsys):
+    mine = _write(tmp_path / "mine.yaml", "optim:\n  lr: 2.0e-03\ndata:\n  batch_size: 32\n")
+    printed = _printed(capsys, "train", "--optim.lr", "1e-3", "--config", str(mine), "--recipe", "deit", "--print-config")
+    settings = yaml.safe_load(printed)
+    assert settings["optim"]["lr"] == 1e-3  # the command line over the file
+    assert settings["data"]["batch_size"] == 32  # the file over the recipe
+    assert settings["schedule"]["epochs"] == 50  # the recipe over the defaults
+    assert settings["run"]["out_dir"] == TrainConfig().run.out_dir  # the defaults under everything
+    # dashes and underscores are the same in option names; old options still work
+    dashed = yaml.safe_load(_printed(capsys, "train", "--data.batch-size", "16", "--out", "o", "--print-config"))
+    assert (dashed["data"]["batch_size"], dashed["run"]["out_dir"]) == (16, "o")
+
+
+def test_every_old_option_sets_a_real_setting():
+    for table in (TRAIN_LEGACY, DEMO_LEGACY):
+        for flag, old in table.items():
+            section = old.path.partition(".")[0]
+            assert old.kind == "set" or section == "demo" or setting_path(old.path) == old.path, flag
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--optim.lr", "fast"], "--optim.lr: expected a number, got 'fast'"),
+    (["--lr", "-1"], "optim.lr must be > 0 and finite, got -1"),
+    (["--bogus", "1"], "no such option: --bogus"),
+    (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
+    (["--set", "mixup"], "--set takes FIELD=VALUE"),
+    (["--recipe", "vit"], "unknown recipe 'vit'"),
+])
+def test_bad_command_lines_are_one_line(capsys, tmp_path, args, says):
+    assert says in _refused(capsys, "train", *args, "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_config_file_is_one_line_naming_it(capsys, tmp_path):
+    bad = _write(tmp_path / "bad.yaml", "optim:\n  lrr: 3\n")
+    assert "unknown setting optim.lrr in --config" in _refused(capsys, "train", "--config", str(bad))
+    broken = _write(tmp_path / "broken.yaml", ": : :\n")
+    assert "cannot be read as YAML" in _refused(capsys, "train", "--config", str(broken))
+
+
+def test_help_is_generated_from_the_tree(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert exited.value.code == 0
+    for path in ("--optim.lr", "--data.batch_size", "--schedule.warmup_ratio", "--run.keep_checkpoints"):
+        assert path in out
+    assert "linear scaling rule" in out  # a field's docstring is its help
+
+
+# ---------------------------------------------------------------------------- runs written before the tree
+
+
+def test_a_run_saved_before_the_tree_loads_its_settings():
+    config = load_run_config(DATA / "run-v1" / "run")  # train_config.json as fa1757f wrote it
+    assert (config.schedule.epochs, config.data.batch_size, config.sampling.sampler) == (2, 8, "flops_bucketed")
+    assert (config.optim.lr, config.optim.lr_base_batch, config.schedule.warmup_steps) == (1e-3, None, 2)
+
+
+def test_the_earlier_recipe_call_form_still_trains(tmp_path):
+    """README: ``train_config, optim_config = get_recipe("deit").configs(...); train(net, data, train_config, optim_config)``."""
+    from snnet.recipes import get_recipe
+    from snnet.train import train
+
+    from .test_train import Synthetic, fresh_net
+
+    train_config, optim_config = get_recipe("deit").override(mixup=0, cutmix=0, teacher=None).configs(
+        world_size=1, out_dir=str(tmp_path / "run"), batch_size=8, max_steps=2, progress=False, drop_path=0.0)
+    assert optim_config == recipe_config("deit").optim
+    result = train(fresh_net(), Synthetic(16), train_config, optim_config)
+    assert result.finished and result.step == 2

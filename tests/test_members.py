@@ -1,0 +1,76 @@
+"""Single networks (family and zoo members) trained through snnet's loop, and the scripts that record them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import snnet
+from snnet.config import TrainConfig
+from snnet.members import create_member, train_member
+from snnet.pretrained import FmnistVitSpec
+from snnet.recipes import recipe_config
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = Path(snnet.__file__).parent / "weights"
+TINY = FmnistVitSpec.parse("fmnist_vit_w8_d1_p14_h1")  # 2x2 patches: a member in milliseconds
+
+
+def _script(name: str):
+    """A script of scripts/ as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _quick(tmp_path: Path, **more) -> TrainConfig:
+    return recipe_config("fmnist-family").override(epochs=2, limit=512, batch_size=128, progress=False,
+                                                   out_dir=str(tmp_path / "run"), **more)
+
+
+def test_a_member_trains_through_the_loop_with_its_validation_curve_and_is_measured_as_shipped(tmp_path):
+    row = train_member(TINY.name, "fmnist_vit", TINY.model_kwargs(), _quick(tmp_path), ("val",), tmp_path / "w")
+    assert row["epochs"] == 2 and row["steps"] == 8 and row["image_steps"] == 8 * 128
+    assert len(row["val_curve"]) == 2 and all(0 <= a <= 100 for a in row["val_curve"])  # one top-1 per epoch
+    assert row["val_curve"][-1] == row["acc_fp32"]["val"]  # the last epoch's evaluation is the trained model's
+    run = tmp_path / "run"
+    assert [json.loads(ln)["epoch"] for ln in (run / "evals.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((run / "train_config.json").read_text())["segments"][0]["config"]["optim"]["clip_grad"] == 1.0
+    # what users get: the float16 file through timm's pretrained path
+    reloaded = create_member("fmnist_vit", TINY.model_kwargs(), tmp_path / "w" / f"{TINY.name}.safetensors")
+    assert all(p.dtype == torch.float32 for p in reloaded.parameters())
+    # run again: the finished run is measured again, not retrained
+    again = train_member(TINY.name, "fmnist_vit", TINY.model_kwargs(), _quick(tmp_path), ("val",), tmp_path / "w")
+    assert again["acc"] == row["acc"] and again["val_curve"] == row["val_curve"]
+
+
+def test_the_zoo_script_records_members_through_the_library(tmp_path, capsys):
+    zoo = _script("train_fmnist_zoo")
+    table = tmp_path / "zoo.json"
+    zoo.main(["--models", TINY.name, "--epochs", "1", "--limit", "256", "--json", str(table), "--weights-dir",
+              str(tmp_path / "w"), "--zoo.runs", str(tmp_path / "runs"), "--threads", "1", "--run.progress", "false"])
+    rows = json.loads(table.read_text())
+    assert [m["name"] for m in rows["models"]] == [TINY.name] and rows["recipe"]["optim.lr"] == 0.002
+    assert rows["models"][0]["val_curve"] and rows["split"]["train"] == 256
+    zoo.main(["--show", "--json", str(table)])
+    assert TINY.name in capsys.readouterr().out
+    # a table of models trained otherwise is refused, not mixed
+    with pytest.raises(snnet.SnnetError, match="trained with other settings"):
+        zoo.main(["--models", TINY.name, "--epochs", "1", "--limit", "256", "--lr", "1e-3", "--json", str(table),
+                  "--weights-dir", str(tmp_path / "w"), "--zoo.runs", str(tmp_path / "runs2"), "--threads", "1",
+                  "--run.progress", "false"])
+
+
+def test_the_family_card_renders_from_the_family_file_written_before_the_tree(tmp_path):
+    family = _script("train_fmnist_family")
+    shutil.copy(WEIGHTS / "family.json", tmp_path / "family.json")
+    family.main(["--card-only", "--family.out", str(tmp_path)])
+    assert (tmp_path / "MODEL_CARD.md").read_text() == (WEIGHTS / "MODEL_CARD.md").read_text()
