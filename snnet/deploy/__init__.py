@@ -6,7 +6,7 @@
 * :mod:`snnet.deploy.export` writes one stitch as a standalone model (safetensors + config,
   ``torch.export``, ONNX);
 * :mod:`snnet.deploy.controller` picks the stitch for each batch of a server under a latency SLO
-  (plain, no HTTP), and :mod:`snnet.deploy.serve` is that server (FastAPI + uvicorn; imported
+  (plain, no HTTP), and :mod:`snnet.deploy.serve` (a package) is that server (FastAPI + uvicorn; imported
   only by ``snnet serve``, since its packages are the optional ``serve`` extra).
 """
 
