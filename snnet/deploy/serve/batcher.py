@@ -1,201 +1,190 @@
-"""Dynamic batching: requests queue in a bounded queue, batches run one at a time on one worker thread."""
+"""A server process's side of batching: room in its input ring, jobs out, results back.
+
+The batching loop and the model run in the model process (:mod:`.engine`); each server process
+(one per uvicorn worker) owns a :class:`Batcher`:
+
+* the **input ring**: ``max_queue`` images of the network's input, float32, in a file in
+  ``/dev/shm`` mapped by both processes (unlinked as soon as the model process has mapped it, so
+  nothing is left behind whatever happens). A request's decoded images are written straight into
+  a run of free places (:meth:`Batcher.reserve`); the room is held from decoding until the
+  request's batch has run, and a request that finds no room gets 503 at once, with Retry-After;
+* a **jobs connection**: one small message per request out, one ``done`` message per batch back,
+  read on the event loop as soon as it arrives (``loop.add_reader``), which resolves each
+  request's future with its probabilities and the batch's details (:class:`BatchResult`);
+* a **control connection**, used from a thread so the event loop never waits on it: the policy,
+  pin and auto (the model process answers those at once, from a thread of its own).
+
+Room is counted in images, not requests, and only once a request's body has arrived: a client
+that uploads slowly holds nothing (issue 25).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
+import os
+import tempfile
+import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from multiprocessing.connection import Connection
+from typing import Any, Callable
 
-import torch
+import numpy as np
 
 from ..controller import Decision
-from .config import log
+from .engine import BatchInfo, EngineInfo, open_ring
 from .rejected import Rejected
 
-if TYPE_CHECKING:
-    from .service import Service
-
 __all__ = ["BatchResult", "Batcher"]
-
-
-@dataclass
-class _Job:
-    x: torch.Tensor  # (k, C, H, W)
-    arrived: float  # time.perf_counter() when the request arrived
-    future: asyncio.Future
 
 
 @dataclass(frozen=True)
 class BatchResult:
     """What one request gets back from its batch."""
 
-    probs: torch.Tensor  # (k, classes)
-    decision: Decision
-    batch_id: int
-    batch_size: int
-    compute_ms: float
+    probs: np.ndarray  # (k, classes)
+    info: BatchInfo
+
+    @property
+    def decision(self) -> Decision:
+        return self.info.decision
+
+
+def _shm_folder() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 class Batcher:
-    """Dynamic batching with a bounded queue; batches run one at a time on one worker thread."""
+    """One server process's input ring and connections to the model process."""
 
-    def __init__(self, service: "Service") -> None:
-        self.service = service
-        self.config = service.config
-        self.jobs: deque[_Job] = deque()
-        self.waiting = 0  # images queued, not yet in a batch
-        self.reading = 0  # requests admitted whose images are not counted yet (being read or parsed)
-        self.decoding = 0  # images of admitted requests being decoded, or waiting to be
-        self.batches = 0
-        self.recent: deque[tuple[float, float]] = deque(maxlen=2000)  # (finished at, end-to-end ms)
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._closing = False
-        # torch's thread count is per calling thread: set it in the one thread that runs the model
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snnet-model",
-                                            initializer=torch.set_num_threads, initargs=(service.config.threads,))
-        # One decoding thread: decoding holds the GIL much of the time, and more threads only
-        # contend with the event loop and the model thread (under overload, a pool of 40 threads
-        # decoding at once slowed the whole server until the backlog could not drain).
-        self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snnet-decode",
-                                          initializer=torch.set_num_threads, initargs=(1,))
+    def __init__(self, connect: Callable[..., Connection], info: EngineInfo, max_queue: int,
+                 on_batch: Callable[[BatchInfo, int], None] = lambda info, images: None) -> None:
+        self.info = info
+        self.capacity = max_queue
+        self.on_batch = on_batch  # metrics: called once per batch this process had requests in
+        fd, path = tempfile.mkstemp(prefix="snnet-ring-", dir=_shm_folder())
+        os.close(fd)
+        try:
+            self._buf, self.ring = open_ring(path, max_queue, info.input_size)
+            self.conn = connect("jobs", path, max_queue)
+            self.conn.recv()  # "attached": the model process has mapped the ring
+        finally:
+            os.unlink(path)
+        self._control = connect("control")
+        self._control_lock = threading.Lock()
+        self._used = bytearray(max_queue)  # 1 where an image of a request not yet answered is held
+        self.held = 0
+        self._pending: dict[int, tuple[asyncio.Future, int, int]] = {}  # job id -> (future, offset, images)
+        self._next_id = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.last: BatchInfo | None = None  # the latest batch this process heard of
+        self.closing = False
 
-    def start(self) -> None:
-        self._wake = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="snnet-batcher")
-
-    def check_room(self, images: int) -> None:
-        """:class:`Rejected` (503 with Retry-After) when ``images`` more would overfill the server:
-        images queued, being decoded, and requests still being read (one image each) all count."""
-        held = self.waiting + self.decoding + self.reading
-        if self._closing or held + images > self.config.max_queue:
-            raise Rejected(503, f"server is at capacity ({held} images held, limit {self.config.max_queue}): retry later",
+    # ------------------------------------------------------------------ room
+    def reserve(self, images: int) -> int:
+        """The offset of ``images`` free places in the ring, now held; :class:`Rejected` (503 with
+        Retry-After) when the server holds too many images already."""
+        at = -1 if self.closing or self.held + images > self.capacity else self._used.find(bytes(images))
+        if at < 0:
+            raise Rejected(503, f"server is at capacity ({self.held} images held, limit {self.capacity}): retry later",
                            "queue_full", {"Retry-After": str(self.retry_after())})
+        self._used[at:at + images] = b"\x01" * images
+        self.held += images
+        return at
 
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Admit a request before its body is read (refused at once when the server is full)."""
-        self.check_room(1)
-        self.reading += 1
-        try:
-            yield
-        finally:
-            self.reading -= 1
-
-    @contextlib.contextmanager
-    def reserve(self, images: int) -> Iterator[None]:
-        """Hold room for a request's images while they are decoded, so that a backlog waits as
-        bounded images, not as an unbounded pile of requests in front of the decoder."""
-        self.check_room(images)
-        self.decoding += images
-        try:
-            yield
-        finally:
-            self.decoding -= images
+    def release(self, offset: int, images: int) -> None:
+        self._used[offset:offset + images] = bytes(images)
+        self.held -= images
 
     def retry_after(self) -> int:
-        """Seconds until the queue should have drained, at the current stitch's speed (at least 1)."""
-        c, ctl = self.config, self.service.controller
-        stitch = ctl.current.id
-        per_batch = ctl.table.predict(stitch, c.max_batch) * ctl.slowdown if stitch in ctl.table else 100.0
-        return max(1, math.ceil(self.waiting / c.max_batch * per_batch / 1000))
+        """Seconds until what is held should have run, at the speed of the last batch (at least 1)."""
+        last = self.last
+        if last is None or last.size == 0:
+            return 1
+        return max(1, math.ceil((self.held + last.queue) / last.size * last.compute_ms / 1000))
 
-    def submit(self, x: torch.Tensor, arrived: float) -> asyncio.Future:
-        """Queue a request's decoded images (their room was held by :meth:`reserve`)."""
-        job = _Job(x, arrived, asyncio.get_running_loop().create_future())
-        self.jobs.append(job)
-        self.waiting += len(x)
-        self.service.metrics.queue.set(self.waiting)
-        assert self._wake is not None
-        self._wake.set()
-        return job.future
+    # ------------------------------------------------------------------ jobs
+    def start(self) -> None:
+        """Read results on the running event loop from now on."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.conn.fileno(), self._on_results)
 
-    def _recent_ms(self, now: float, window_s: float = 2.0) -> list[float]:
-        return [ms for t, ms in self.recent if now - t <= window_s]
+    def submit(self, offset: int, images: int, arrived: float) -> asyncio.Future:
+        """Send the model process a request whose images are in the ring at ``offset``; the future
+        gets its :class:`BatchResult` (or the model's error, as a RuntimeError). The room is
+        released when the batch has run, whatever the caller does meanwhile."""
+        assert self._loop is not None, "Batcher.start() first"
+        job_id = self._next_id
+        self._next_id += 1
+        future = self._loop.create_future()
+        self._pending[job_id] = (future, offset, images)
+        try:
+            self.conn.send(("job", job_id, offset, images, arrived))
+        except OSError as e:
+            del self._pending[job_id]
+            raise Rejected(503, f"the model process is gone ({e.__class__.__name__}): the server is shutting down or broken",
+                           "model_gone") from e
+        return future
 
-    async def _next_batch(self) -> list[_Job]:
-        """Wait for a first request, then up to max_wait_ms (from its arrival) for the batch to fill."""
-        assert self._wake is not None
-        c = self.config
-        while not self.jobs:
-            if self._closing:
-                return []
-            self._wake.clear()
-            await self._wake.wait()
-        deadline = self.jobs[0].arrived + c.max_wait_ms / 1e3
-        while self.waiting < c.max_batch and not self._closing and (left := deadline - time.perf_counter()) > 0:
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), left)
-            except asyncio.TimeoutError:
-                break
-        batch, n = [], 0
-        while self.jobs and n + len(self.jobs[0].x) <= c.max_batch:  # whole requests, in arrival order
-            job = self.jobs.popleft()
-            if job.future.done():  # the client went away: nothing to answer
-                self.waiting -= len(job.x)
-                continue
-            batch.append(job)
-            n += len(job.x)
-        return batch
+    def _on_results(self) -> None:
+        try:
+            while self.conn.poll():
+                kind, info, results = self.conn.recv()
+                self.last = info
+                images = 0
+                for job_id, out in results:
+                    future, offset, k = self._pending.pop(job_id)
+                    self.release(offset, k)
+                    images += k
+                    if future.done():
+                        continue
+                    if isinstance(out, str):
+                        future.set_exception(RuntimeError(out))
+                    else:
+                        future.set_result(BatchResult(out, info))
+                self.on_batch(info, images)
+        except (EOFError, OSError):  # the model process is gone: nothing queued will be answered
+            assert self._loop is not None
+            self._loop.remove_reader(self.conn.fileno())
+            for future, offset, k in self._pending.values():
+                self.release(offset, k)
+                if not future.done():
+                    future.set_exception(RuntimeError("the model process exited"))
+            self._pending.clear()
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        svc, ctl, m = self.service, self.service.controller, self.service.metrics
-        while True:
-            batch = await self._next_batch()
-            if not batch:
-                if self._closing and not self.jobs:
-                    return
-                continue
-            now = time.perf_counter()
-            n = sum(len(j.x) for j in batch)
-            decision = ctl.decide(self.waiting, (now - batch[0].arrived) * 1e3, self._recent_ms(now))
-            if decision.switched:  # the latencies seen so far were another stitch's
-                self.recent.clear()
-            self.waiting -= n
-            m.queue.set(self.waiting)
-            x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
-            t0 = time.perf_counter()
-            try:
-                probs = await loop.run_in_executor(self._executor, svc.forward, decision.stitch, x)
-            except Exception as e:  # noqa: BLE001 - answer every waiting request, keep serving
-                log.exception("batch failed")
-                for j in batch:
-                    if not j.future.done():
-                        j.future.set_exception(e)
-                continue
-            done = time.perf_counter()
-            compute_ms = (done - t0) * 1e3
-            self.batches += 1
-            ctl.observe_batch(decision.stitch, n, compute_ms)
-            m.batch_seconds.observe(compute_ms / 1e3)
-            m.batch_size.observe(n)
-            m.stitch.set(decision.stitch)
-            m.pinned.set(1 if decision.pinned else 0)
-            m.slowdown.set(ctl.slowdown)
-            m.switches.inc(decision.switched)
-            m.images.labels(decision.name).inc(n)
-            start = 0
-            for j in batch:
-                k = len(j.x)
-                self.recent.append((done, (done - j.arrived) * 1e3))
-                if not j.future.done():
-                    j.future.set_result(BatchResult(probs[start:start + k], decision, self.batches, n, compute_ms))
-                start += k
+    # ------------------------------------------------------------------ control
+    def control(self, op: str, arg: Any = None) -> Any:
+        """Ask the model process (blocking: call it from a thread). Returns its answer, or raises
+        :class:`Rejected`: 404/400 with the model process's one-line reason, 503 when it is gone."""
+        try:
+            with self._control_lock:
+                self._control.send((op, arg))
+                ok, payload = self._control.recv()
+        except (OSError, EOFError) as e:
+            raise Rejected(503, f"the model process does not answer ({type(e).__name__}): the server is shutting down or broken",
+                           "model_gone") from e
+        if ok:
+            return payload
+        kind, reason = payload
+        raise Rejected(404 if kind == "not_found" else 400, reason, "bad_request")
 
-    async def close(self) -> None:
-        """Finish every queued request, then stop (SIGTERM: uvicorn stops accepting, then this)."""
-        self._closing = True
-        if self._wake is not None:
-            self._wake.set()
-        if self._task is not None:
-            await self._task
-        self._executor.shutdown(wait=True)
-        self.decoder.shutdown(wait=True)
+    async def ask(self, op: str, arg: Any = None) -> Any:
+        return await asyncio.to_thread(self.control, op, arg)
 
+    # ------------------------------------------------------------------ shutdown
+    async def close(self, timeout: float = 600.0) -> None:
+        """Refuse new requests, wait for every request sent to be answered, then disconnect."""
+        self.closing = True
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._loop is not None and not self.conn.closed:
+            self._loop.remove_reader(self.conn.fileno())
+        for conn in (self.conn, self._control):
+            conn.close()
+        self.ring = np.empty((0, *self.info.input_size), np.float32)  # drop the view before the map
+        try:
+            self._buf.close()
+        except BufferError:  # a view of it is still alive somewhere: the mapping goes with the process
+            pass

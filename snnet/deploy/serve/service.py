@@ -1,77 +1,77 @@
-"""The served network: its ladder of stitches, latency table and controller, the batcher and the metrics."""
+"""One server process's view of the served network.
+
+A :class:`Service` holds what the model process said about the network (its stitches, input size
+and data config), this process's :class:`~.batcher.Batcher` (input ring and connections),
+the preprocessing, the metrics and the admin token. :meth:`Service.load` starts a model process
+of its own (:class:`~.engine.EngineProcess`); :meth:`Service.attach` joins one that another
+process started (``snnet serve --workers N``: one model process, N server processes, one stitch
+policy for all of them).
+"""
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import torch
-
-from ...model import StitchedNet
-from ...results import merge_rows, read_rows
-from ..controller import ControllerConfig, LatencyTable, Rung, StitchController, ladder
-from ..profiling import profile
+from .auth import read_admin_token
 from .batcher import Batcher
 from .config import ServeConfig, log
-from .images import Preprocess, decode_image
+from .engine import EngineInfo, EngineProcess, connect
+from .images import Preprocess
 from .metrics import Metrics
 
 __all__ = ["Service"]
 
 
 class Service:
-    """The network, its ladder, latency table and controller, the batcher and the metrics."""
+    """The network as served by this process (see the module)."""
 
-    def __init__(self, config: ServeConfig, net: StitchedNet, rows: Sequence[dict[str, Any]]) -> None:
+    def __init__(self, config: ServeConfig, info: EngineInfo, connect: Callable[..., Any],
+                 engine: EngineProcess | None = None) -> None:
         self.config = config
-        self.net = net.eval()
-        self.rows = {int(r["id"]): r for r in rows}
-        self.input_size = tuple(net.input_size)
-        self.preprocess = Preprocess(net.anchors[0].data_config, self.input_size)
-        table = LatencyTable.from_rows(rows)
-        self.controller = StitchController(ladder(rows), table, ControllerConfig(config.slo_ms, config.max_batch, up_after=config.up_after))
-        if config.stitch not in (None, "auto"):
-            self.pin(config.stitch)
+        self.info = info
+        self.engine = engine  # the model process, when this process started it (it closes it)
+        self.admin_token = read_admin_token(config.admin_token_file)
+        self.rows = {int(r["id"]): r for r in info.rows}
+        self.input_size = info.input_size
+        self.preprocess = Preprocess(info.data_config, info.input_size, resize=config.resize, max_pixels=config.max_pixels)
         self.metrics = Metrics()
-        self.batcher = Batcher(self)
+        self.batcher = Batcher(connect, info, config.max_queue, self.metrics.batch)
 
     @classmethod
     def load(cls, config: ServeConfig, say: Callable[[str], Any] = log.info) -> "Service":
-        """Load the network and results; profile at start the stitches to serve that the results
-        hold no latency table for (at batch sizes 1, 2, 4, ... up to ``max_batch``), saying so."""
-        torch.set_num_threads(config.threads)
-        net = StitchedNet.from_pretrained(config.model).eval()
-        rows = [c.to_dict() for c in net.costs()]
-        if config.results is not None:
-            rows = merge_rows(rows, read_rows(config.results), "the results")
-        table = LatencyTable.from_rows(rows)
-        todo = [r.id for r in ladder(rows) if r.id not in table or len(table.batch_sizes(r.id)) < 2]
-        if todo:
-            sizes = sorted({min(2 ** k, config.max_batch) for k in range(int(math.log2(config.max_batch)) + 2)})
-            say(f"profiling {len(todo)} stitches at batch sizes {sizes} ({config.threads} threads): "
-                f"{config.results or 'no results file'} has no latency_by_batch for them (`snnet profile --batch-sizes` writes it)")
-            measured, settings = profile(net, batch_size=1, warmup=3, repeats=config.profile_repeats, device="cpu",
-                                         threads=config.threads, stitches=todo, progress=False, batch_sizes=sizes)
-            extra = [dict(r.to_dict(), profile=settings.to_dict()) for r in measured]
-            rows = merge_rows(rows, extra, "the profile")
-        return cls(config, net, rows)
+        """Start a model process for ``config`` (it loads the network and profiles what needs it,
+        saying so through ``say``) and connect to it. Bad input fails here, in one line."""
+        read_admin_token(config.admin_token_file)  # a bad token file fails before the network loads
+        engine = EngineProcess(config, say)
+        try:
+            return cls(config, engine.info, engine.connect, engine)
+        except BaseException:
+            engine.close()
+            raise
 
-    def rung(self, key: int | str) -> Rung:
-        """Any stitch of the network as a :class:`Rung` (raises StitchNotFoundError)."""
-        s = self.net.stitch(int(key) if isinstance(key, str) and key.strip().isdigit() else key)
-        r = self.rows[s.id]
-        return Rung(s.id, s.name, int(r["flops"]), r.get("acc1"))
+    @classmethod
+    def attach(cls, config: ServeConfig, address: str, authkey: bytes) -> "Service":
+        """Join the model process listening at ``address`` (started by another process)."""
+        def conn(kind: str, *args: Any) -> Any:
+            return connect(address, authkey, kind, *args)
 
-    def pin(self, key: int | str) -> None:
-        self.controller.pin(self.rung(key))
+        probe = conn("control")
+        try:
+            probe.send(("info", None))
+            ok, info = probe.recv()
+        finally:
+            probe.close()
+        return cls(config, info, conn)
 
-    def forward(self, stitch: int, x: torch.Tensor) -> torch.Tensor:
-        """Run one batch on one stitch (on the worker thread: the only place that selects)."""
-        with torch.inference_mode():
-            self.net.select(stitch)
-            return self.net(x).float().softmax(-1)
+    def start(self) -> None:
+        """Serve on the running event loop."""
+        self.batcher.start()
 
-    def decode(self, blobs: Sequence[bytes]) -> torch.Tensor:
-        c = self.config
-        return self.preprocess([decode_image(b, self.input_size, resize=c.resize, max_pixels=c.max_pixels) for b in blobs])
+    async def stop(self) -> None:
+        """Answer every request already sent to the model, then disconnect from it."""
+        await self.batcher.close()
 
+    def close(self) -> None:
+        """Stop the model process if this process started it (after :meth:`stop`)."""
+        if self.engine is not None:
+            self.engine.close()
