@@ -28,9 +28,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import numpy as np
 import orjson
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException  # what Starlette's form parser raises (FastAPI's is a subclass)
 
 from ...errors import ServeError
 from .auth import check_admin
