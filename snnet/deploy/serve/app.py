@@ -24,7 +24,7 @@ import json
 import os
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 import numpy as np
 import orjson
@@ -42,8 +42,8 @@ from .metrics import Metrics
 from .rejected import Rejected
 from .service import Service
 
-__all__ = ["ADMIN_BODY_LIMIT", "BodyLimits", "ENV_ENGINE", "app_from_env", "create_app", "get_stitch", "health", "metrics", "predict",
-           "put_stitch"]
+__all__ = ["ADMIN_BODY_LIMIT", "BodyLimits", "ENV_ENGINE", "Fleet", "app_from_env", "create_app", "get_stitch", "health", "metrics",
+           "predict", "put_stitch"]
 
 ENV_ENGINE = "SNNET_SERVE_ENGINE"  # "<socket path> <authkey hex>": the model process uvicorn's workers join
 ADMIN_BODY_LIMIT = 4096  # bytes of a PUT /stitch body: {"stitch": <name>} needs a few dozen
@@ -52,6 +52,22 @@ NPY = "application/x-npy"
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Fleet(Protocol):
+    """Replicas that follow one stitch policy (:mod:`snnet.deploy.ray`): a server that is one of
+    several applies the shared setting at start and follows it, publishes a PUT /stitch to the
+    others, and reports /metrics for all of them."""
+
+    name: str  # this replica's, in /health, GET /stitch and the `replica` label of /metrics
+
+    async def start(self, svc: Service) -> None: ...
+
+    async def publish(self, setting: dict[str, Any]) -> None: ...
+
+    async def metrics(self, svc: Service) -> bytes: ...
+
+    async def stop(self) -> None: ...
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -225,7 +241,11 @@ async def predict(svc: Service, request: Request) -> Response:
     })
 
 
-async def health(svc: Service) -> Response:
+def _who(fleet: Fleet | None) -> dict[str, str]:
+    return {"replica": fleet.name} if fleet is not None else {}
+
+
+async def health(svc: Service, fleet: Fleet | None = None) -> Response:
     """200 with the stitch in use while the model process answers; 503 when it does not."""
     try:
         state = await asyncio.wait_for(svc.batcher.ask("state"), 10)
@@ -233,23 +253,24 @@ async def health(svc: Service) -> Response:
         return _json({"status": "the model process did not answer within 10 s"}, 503)
     except Rejected as e:
         return _json({"status": e.reason}, 503)
-    return _json({"status": "ok", **state, "held": svc.batcher.held, "server_pid": os.getpid()})
+    return _json({"status": "ok", **state, "held": svc.batcher.held, "server_pid": os.getpid(), **_who(fleet)})
 
 
-async def metrics(svc: Service) -> Response:
-    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(svc: Service, fleet: Fleet | None = None) -> Response:
+    return Response(await fleet.metrics(svc) if fleet else svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-async def get_stitch(svc: Service) -> Response:
+async def get_stitch(svc: Service, fleet: Fleet | None = None) -> Response:
     try:
-        return _json(await svc.batcher.ask("policy"))
+        return _json({**await svc.batcher.ask("policy"), **_who(fleet)})
     except Rejected as e:
         return _reject(e, svc.metrics)
 
 
-async def put_stitch(svc: Service, request: Request) -> Response:
+async def put_stitch(svc: Service, request: Request, fleet: Fleet | None = None) -> Response:
     """Body {"stitch": <id or name>} pins one; {"stitch": "auto"} returns to automatic choice, with
-    an optional "policy" (controller or last-second). Needs the admin token."""
+    an optional "policy" (controller or last-second). Needs the admin token. Applied here first
+    (an unknown stitch is a 404 here), then published to the other replicas of a fleet."""
     usage = f'send JSON {{"stitch": <id or name>}} to pin one, or {{"stitch": "auto"}} (optionally with "policy": one of {list(POLICIES)})'
     try:
         check_admin(svc.admin_token, request.headers.get("authorization"))
@@ -263,9 +284,11 @@ async def put_stitch(svc: Service, request: Request) -> Response:
         if not isinstance(key, (int, str)) or isinstance(key, bool) or (policy is not None and (key != "auto" or policy not in POLICIES)):
             raise Rejected(400, usage, "bad_request")
         answer = await svc.batcher.ask("auto", policy) if key == "auto" else await svc.batcher.ask("pin", key)
+        if fleet is not None:
+            await fleet.publish({"stitch": key, "policy": policy})
     except Rejected as e:
         return _reject(e, svc.metrics)
-    return _json(answer)
+    return _json({**answer, **_who(fleet)})
 
 
 # =============================================================================== the app
@@ -278,11 +301,11 @@ def body_limit(config: ServeConfig) -> Callable[[str, str], int]:
     return limit
 
 
-def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] | None = None) -> FastAPI:
+def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] | None = None, fleet: Fleet | None = None) -> FastAPI:
     """The FastAPI app. ``source``: a :class:`Service` to serve (its owner closes its model
     process), or a config: then, when the server starts, ``factory`` makes the Service (worker
     processes join a model process that way), or by default a model process of its own is started
-    (and stopped with the server)."""
+    (and stopped with the server). ``fleet``: the replicas this server is one of (Ray Serve)."""
     config = source.config if isinstance(source, Service) else source
 
     @asynccontextmanager
@@ -293,6 +316,8 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
             svc, owned = await asyncio.to_thread(factory or (lambda: Service.load(config))), True
         app.state.service = svc
         svc.start()
+        if fleet is not None:
+            await fleet.start(svc)  # the setting the other replicas follow, before the first request
         policy = await svc.batcher.ask("policy")
         log.info("serving %s: %d stitches, %d on the ladder (%s ... %s), SLO %.1f ms, max batch %d, %s",
                  svc.config.model, len(svc.rows), len(policy["ladder"]), policy["ladder"][0]["name"], policy["ladder"][-1]["name"],
@@ -301,6 +326,8 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
         try:
             yield
         finally:
+            if fleet is not None:
+                await fleet.stop()
             await svc.stop()  # every request already sent to the model is answered first
             if owned:
                 await asyncio.to_thread(svc.close)
@@ -320,24 +347,25 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
 
     @app.get("/health")
     async def _health(request: Request) -> Response:
-        return await health(service(request))
+        return await health(service(request), fleet)
 
     @app.get("/metrics")
     async def _metrics(request: Request) -> Response:
-        return await metrics(service(request))
+        return await metrics(service(request), fleet)
 
     @app.get("/stitch")
     async def _get_stitch(request: Request) -> Response:
-        return await get_stitch(service(request))
+        return await get_stitch(service(request), fleet)
 
     @app.put("/stitch")
     async def _put_stitch(request: Request) -> Response:
         """Pin a stitch or go back to automatic choice (needs `Authorization: Bearer <admin token>`)."""
-        return await put_stitch(service(request), request)
+        return await put_stitch(service(request), request, fleet)
 
     @app.exception_handler(Rejected)
     async def _rejected(request: Request, e: Rejected) -> Response:  # raised while a body is read (413)
         return _reject(e, service(request).metrics)
+
 
     app.add_middleware(BodyLimits, limit=body_limit(config), timeout_s=config.body_timeout_s)
     return app
