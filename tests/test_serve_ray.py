@@ -57,7 +57,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Ser
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServeConfig(str(folder / "net"), str(folder / "results.json"), max_batch=4, admin_token_file=str(folder / "token"))
-        serve.run(application(config, replicas=2), name="snnet", route_prefix="/")
+        # two replicas, three when each has more than one request in flight (quickly: a test)
+        serve.run(application(config, replicas=2, max_replicas=3, target_ongoing=1,
+                              autoscaling={"upscale_delay_s": 1.0, "look_back_period_s": 2.0}), name="snnet", route_prefix="/")
         yield f"http://127.0.0.1:{port}", config
     finally:
         serve.shutdown()
@@ -94,10 +96,23 @@ def test_two_replicas_predict_and_a_pin_reaches_both(cluster: tuple[str, ServeCo
     assert len(pinned) == 2
 
 
-def test_scaling_up_the_new_replica_takes_the_pin(cluster: tuple[str, ServeConfig]) -> None:
-    url, config = cluster
+def test_ray_scales_on_requests_in_flight_and_the_new_replica_takes_the_pin(cluster: tuple[str, ServeConfig]) -> None:
+    url, _ = cluster
     assert httpx.put(url + "/stitch", json={"stitch": 2}, headers=AUTH, timeout=60).status_code == 200
-    serve.run(application(config, replicas=3), name="snnet", route_prefix="/")  # one more replica, the two others kept
+    models = {h["model_pid"] for h in _replicas(url, "/health", 2).values()}
+    for pid in models:  # stalled models: requests stay in flight, over the target of one per replica
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(httpx.post, url + "/predict", content=_png(seed=k), timeout=300) for k in range(8)]
+            _until(lambda: serve.status().applications["snnet"].deployments["snnet"].replica_states.get("RUNNING", 0) >= 3
+                   or any(f.done() for f in futures), 300, "Ray added a third replica")
+            for pid in models:
+                os.kill(pid, signal.SIGCONT)
+            assert {f.result().status_code for f in futures} == {200}
+    finally:
+        for pid in models:
+            os.kill(pid, signal.SIGCONT)
     answers = _replicas(url, "/stitch", 3, seconds=300)
     assert {a["current"]["id"] for a in answers.values()} == {2} and {a["mode"] for a in answers.values()} == {"pinned"}
     assert httpx.put(url + "/stitch", json={"stitch": "auto"}, headers=AUTH, timeout=60).status_code == 200

@@ -40,7 +40,7 @@ from ray.serve.config import DeploymentActorConfig
 from ..errors import ServeError
 from .serve import ServeConfig, Service, create_app
 
-__all__ = ["RayFleet", "StitchPolicy", "app", "application", "merge_metrics"]
+__all__ = ["RayFleet", "StitchPolicy", "StitchPolicyActor", "app", "application", "merge_metrics"]
 
 log = logging.getLogger("ray.serve")
 FOLLOW_S = 0.5  # how often a replica checks the shared setting and reports its metrics
@@ -72,6 +72,9 @@ class StitchPolicy:
     def metrics(self) -> dict[str, str]:
         now = time.time()
         return {r: text for r, (t, text) in self.reports.items() if now - t <= FRESH_S}
+
+
+StitchPolicyActor = ray.remote(StitchPolicy)
 
 
 def merge_metrics(texts: dict[str, str]) -> bytes:
@@ -152,23 +155,23 @@ class SnnetReplica:
 
 
 def application(config: ServeConfig, replicas: int = 1, max_replicas: int | None = None, target_ongoing: float = 2.0,
-                graceful_shutdown_s: float = 60.0) -> serve.Application:
+                graceful_shutdown_s: float = 60.0, autoscaling: dict[str, Any] | None = None) -> serve.Application:
     """The Ray Serve application: ``replicas`` replicas, or from ``replicas`` up to ``max_replicas``
-    scaled by Ray on ongoing requests per replica (``target_ongoing``). Each replica reserves
-    ``config.threads`` CPUs for its model process. On shutdown Ray waits up to
-    ``graceful_shutdown_s`` for the requests in flight."""
+    scaled by Ray on ongoing requests per replica (``target_ongoing``; ``autoscaling``: more of
+    Ray's ``autoscaling_config``). Each replica reserves ``config.threads`` CPUs for its model
+    process. On shutdown Ray waits up to ``graceful_shutdown_s`` for the requests in flight."""
     if replicas < 1 or (max_replicas is not None and max_replicas < replicas):
         raise ServeError(f"need replicas >= 1 and max replicas >= replicas (got {replicas}, {max_replicas})")
     scaling: dict[str, Any] = {"num_replicas": replicas}
     if max_replicas is not None and max_replicas > replicas:
         scaling = {"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas,
-                                          "target_ongoing_requests": target_ongoing, "upscale_delay_s": 3.0}}
+                                          "target_ongoing_requests": target_ongoing, "upscale_delay_s": 3.0, **(autoscaling or {})}}
     deployment = serve.deployment(
         SnnetReplica, name="snnet",
         ray_actor_options={"num_cpus": config.threads},
         max_ongoing_requests=max(8, config.max_queue),  # the server's own bound (503 with Retry-After) decides
         graceful_shutdown_timeout_s=graceful_shutdown_s,
-        deployment_actors=[DeploymentActorConfig(name="stitch_policy", actor_class=ray.remote(StitchPolicy),
+        deployment_actors=[DeploymentActorConfig(name="stitch_policy", actor_class="snnet.deploy.ray:StitchPolicyActor",
                                                  actor_options={"num_cpus": 0})],
         **scaling,
     )
