@@ -100,6 +100,14 @@ def serve(
     docs: Annotated[bool, typer.Option("--docs/--no-docs", help="Serve the API docs at /docs, /redoc and /openapi.json.")] = False,
     ssl_certfile: Annotated[Optional[Path], typer.Option(help="TLS certificate (PEM), with --ssl-keyfile: serve HTTPS.")] = None,
     ssl_keyfile: Annotated[Optional[Path], typer.Option(help="TLS private key (PEM) of --ssl-certfile.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve as a Ray Serve application (the `ray` extra): --replicas model "
+                                                    "processes, one stitch policy for all; Ray's HTTP proxy listens on --host/--port. "
+                                                    "Joins the cluster at $RAY_ADDRESS if set, else starts Ray here.")] = False,
+    replicas: Annotated[int, typer.Option(help="With --ray: replicas to start with.")] = 1,
+    max_replicas: Annotated[Optional[int], typer.Option(help="With --ray: let Ray add replicas up to this many when each has "
+                                                             "more than --target-ongoing requests in flight.")] = None,
+    target_ongoing: Annotated[float, typer.Option(help="With --ray and --max-replicas: requests in flight per replica Ray "
+                                                       "scales to.")] = 2.0,
     timeout_graceful_shutdown: Annotated[int, typer.Option(help="Seconds SIGTERM waits for requests in flight (>= 0).")] = 30,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level: critical, error, warning, info, debug or trace.")] = "info",
 ) -> None:
@@ -130,6 +138,8 @@ def serve(
     if results is not None and not results.is_file():
         raise ServeError(f"--results {results} does not exist: give the results.json of `snnet eval` or `snnet profile`")
     read_admin_token(config.admin_token_file)
+    if ray:
+        return _serve_ray(config, listen, model, results, replicas, max_replicas, target_ongoing)
     uv = dict(timeout_graceful_shutdown=listen.timeout_graceful_shutdown, log_level=listen.log_level,
               ssl_certfile=listen.ssl_certfile, ssl_keyfile=listen.ssl_keyfile)
 
@@ -162,3 +172,43 @@ def serve(
         metrics_dir.mkdir()
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
         uvicorn.run("snnet.deploy.serve:app_from_env", factory=True, fd=sock.fileno(), workers=workers, **uv)
+
+
+def _serve_ray(config: Any, listen: Any, model: Path | None, results: Path | None, replicas: int, max_replicas: int | None,
+               target_ongoing: float) -> None:
+    """``snnet serve --ray``: the Ray Serve application until SIGTERM or Ctrl-C, then a drain."""
+    try:
+        import ray
+        from ray import serve as ray_serve
+
+        from ..deploy.ray import application
+    except ImportError as e:
+        raise ServeError(f"snnet serve --ray needs the `ray` extra ({e.name} is missing): pip install 'snnet[ray]'") from e
+    if listen.workers != 1:
+        raise ServeError("--workers is uvicorn's; with --ray, give --replicas (and --max-replicas to let Ray scale)")
+    if replicas < 1 or (max_replicas is not None and max_replicas < replicas) or not target_ongoing > 0:
+        raise ServeError(f"need --replicas >= 1, --max-replicas >= --replicas and --target-ongoing > 0 "
+                         f"(got {replicas}, {max_replicas}, {target_ongoing})")
+    listen.bind().close()  # a port in use or a bad host fails here, before Ray starts
+    # SIGTERM and Ctrl-C are blocked in every thread (Ray's too, which inherit the mask) and waited
+    # for below: Ray's own handlers would otherwise abort the driver without draining
+    stopping = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+    with contextlib.ExitStack() as stack:
+        stack.callback(signal.pthread_sigmask, signal.SIG_UNBLOCK, stopping)
+        if model is None:  # every replica loads it, including those Ray adds later: kept until the end
+            model, default_results, what = _default_model(stack)
+            results = results or default_results
+        config = replace(config, model=str(Path(model).resolve()), results=str(Path(results).resolve()) if results else None)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+        stack.callback(ray.shutdown)
+        ray_serve.start(http_options={"host": listen.host, "port": listen.port, "ssl_certfile": listen.ssl_certfile,
+                                      "ssl_keyfile": listen.ssl_keyfile})
+        stack.callback(ray_serve.shutdown)
+        ray_serve.run(application(config, replicas, max_replicas, target_ongoing, graceful_shutdown_s=listen.timeout_graceful_shutdown),
+                      name="snnet", route_prefix="/")
+        typer.echo(f"serving {config.model} on Ray Serve at {listen.scheme}://{listen.host}:{listen.port} with {replicas} replica(s)"
+                   + (f", up to {max_replicas}" if max_replicas and max_replicas > replicas else "") + "; Ctrl-C or SIGTERM stops it")
+        got = signal.sigwait(stopping)
+        typer.echo(f"{signal.Signals(got).name}: draining: requests in flight are answered, then the replicas stop")
+        ray_serve.delete("snnet")
