@@ -124,7 +124,7 @@ def prepare(args: argparse.Namespace, folder: Path) -> tuple[str, dict[int, floa
     sizes = sorted({min(2 ** k, args.max_batch) for k in range(int(math.log2(args.max_batch)) + 1)} | {args.max_batch})
     t = time.perf_counter()
     torch.set_num_threads(args.threads)
-    measured, settings = profile(net.eval(), batch_size=1, warmup=1, repeats=args.profile_repeats, device="cpu", threads=args.threads,
+    measured, settings = profile(net.eval(), batch_size=1, warmup=0 if args.scale == "deit" else 1, repeats=args.profile_repeats, device="cpu", threads=args.threads,
                                  stitches=ids, progress=True, batch_sizes=sizes)
     rows = merge_profile(rows, [], measured, settings)
     print(f"latency table of {len(ids)} stitches at batch sizes {sizes} in {time.perf_counter() - t:.0f} s")
@@ -303,7 +303,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=None, help="length of each trace; default: 15 (fmnist), 60 (deit)")
     ap.add_argument("--traces", default="gamma-cv1,gamma-cv4,gamma-cv8,ramp")
     ap.add_argument("--pinned", default="all", help="'all' rungs of the ladder pinned, or N of them evenly spaced (both ends kept)")
-    ap.add_argument("--profile-repeats", type=int, default=5)
+    ap.add_argument("--profile-repeats", type=int, default=None, help="timed forwards per stitch and batch size; default: "
+                                                                        "5 (fmnist), 1 (deit: 40 stitches at seconds a forward)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     deit = args.scale == "deit"
@@ -311,6 +312,7 @@ def main() -> None:
     args.max_batch = args.max_batch or (4 if deit else 32)
     args.threads = args.threads or (2 if deit else 1)
     args.seconds = args.seconds or (60.0 if deit else 15.0)
+    args.profile_repeats = args.profile_repeats or (1 if deit else 5)
     args.top1 = args.top1 or str(ROOT / ("snnet/data_files/reference/deit.json" if deit else "docs/demo/results.json"))
     if not Path(args.top1).is_file():
         raise SystemExit(f"--top1 {args.top1} does not exist" + (" (the authors' per-network table; see the module)" if deit else ""))

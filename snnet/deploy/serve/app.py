@@ -31,13 +31,14 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException  # what Starlette's form parser raises (FastAPI's is a subclass)
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ...errors import ServeError
 from .auth import check_admin
 from .batcher import BatchResult
 from .config import ENV_CONFIG, POLICIES, ServeConfig, log
-from .images import ARRAY_TYPES, read_array
+from .images import ARRAY_TYPES, first_line, read_array
 from .metrics import Metrics
 from .rejected import Rejected
 from .service import Service
@@ -149,29 +150,71 @@ class BodyLimits:
         await send({"type": "http.response.body", "body": body})
 
 
+class _Parts:
+    """The parts of a multipart/form-data body as python-multipart's streaming parser finds them
+    (the parser Starlette's form is built on, driven here directly: Starlette's form makes an
+    UploadFile with a spooled temporary file per part, 26 us of CPU a part on this machine
+    against 8 here, and a 64-image request of Fashion-MNIST PNGs spends more on that than the
+    smallest stitch spends classifying them)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[bytes | None, bytes | None, bytes]] = []  # (name, filename, content)
+        self._field, self._value = b"", b""
+        self._headers: dict[bytes, bytes] = {}
+        self._chunks: list[bytes] = []
+
+    def callbacks(self) -> dict[str, Any]:
+        return {"on_part_begin": self._begin, "on_header_field": self._on_field, "on_header_value": self._on_value,
+                "on_header_end": self._header_end, "on_part_data": self._data, "on_part_end": self._end}
+
+    def _begin(self) -> None:
+        self._headers, self._chunks = {}, []
+
+    def _on_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _on_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field, self._value = b"", b""
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        self._chunks.append(data[start:end])
+
+    def _end(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        self.parts.append((options.get(b"name"), options.get(b"filename"), b"".join(self._chunks)))
+
+
 async def _image_parts(request: Request, max_images: int) -> list[bytes]:
-    """The images of a multipart/form-data body (Starlette's parser): one file part named ``file`` per image."""
+    """The images of a multipart/form-data body: one file part named ``file`` per image."""
     too_many = f"a request carries at most {max_images} images (--max-batch): split the batch"
+    _, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise Rejected(400, "malformed multipart body: the content type has no boundary", "bad_batch")
+    found = _Parts()
+    parser = MultipartParser(boundary, found.callbacks())
     try:
-        form = await request.form(max_files=max_images + 1, max_fields=max_images + 1)
-    except HTTPException as e:
-        if "Too many" in str(e.detail):
-            raise Rejected(413, too_many, "bad_batch") from e
-        raise Rejected(400, f"malformed multipart body: {e.detail}", "bad_batch") from e
-    try:
-        others = sorted(set(form.keys()) - {"file"})
-        if others:
-            raise Rejected(400, f"unexpected form field(s) {', '.join(others)}: send images as file parts named `file`", "bad_batch")
-        parts = form.getlist("file")
-        if not parts:
-            raise Rejected(400, "the form has no `file` part: send each image as a file part named `file`", "bad_batch")
-        if any(isinstance(p, str) for p in parts):
-            raise Rejected(400, "`file` must be a file part (with a filename), not a text field", "bad_batch")
-        if len(parts) > max_images:
-            raise Rejected(413, too_many, "bad_batch")
-        return [await p.read() for p in parts]  # type: ignore[union-attr]
-    finally:
-        await form.close()
+        async for chunk in request.stream():
+            parser.write(chunk)
+            if len(found.parts) > max_images:
+                raise Rejected(413, too_many, "bad_batch")
+        parser.finalize()
+    except MultipartParseError as e:
+        raise Rejected(400, f"malformed multipart body: {first_line(e)}", "bad_batch") from e
+    others = sorted({(name or b"").decode(errors="replace") for name, _, _ in found.parts} - {"file"})
+    if others:
+        raise Rejected(400, f"unexpected form field(s) {', '.join(others)}: send images as file parts named `file`", "bad_batch")
+    if not found.parts:
+        raise Rejected(400, "the form has no `file` part: send each image as a file part named `file`", "bad_batch")
+    if any(filename is None for _, filename, _ in found.parts):
+        raise Rejected(400, "`file` must be a file part (with a filename), not a text field", "bad_batch")
+    if len(found.parts) > max_images:
+        raise Rejected(413, too_many, "bad_batch")
+    return [content for _, _, content in found.parts]
 
 
 # =============================================================================== routes

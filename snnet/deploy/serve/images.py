@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - a torchvision without them: every imag
 from ...data import image_transform
 from .rejected import Rejected
 
-__all__ = ["ARRAY_TYPES", "Preprocess", "decode_image", "read_array"]
+__all__ = ["ARRAY_TYPES", "Preprocess", "decode_image", "first_line", "read_array"]
 
 _FORMATS = ("PNG", "JPEG")
 _MODES = {1: "L", 3: "RGB"}
@@ -48,7 +48,7 @@ _PNG_COLOUR = {1: 0, 3: 2}  # network channels -> the PNG colour type that needs
 ARRAY_TYPES = {"application/x-npy": "npy", "application/x-safetensors": "safetensors"}  # raw-tensor bodies
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
@@ -74,7 +74,7 @@ def decode_image(data: bytes, input_size: Sequence[int], *, resize: bool = True,
     try:
         img.load()
     except Exception as e:  # noqa: BLE001 - truncated data: OSError, SyntaxError, ValueError... by format
-        raise Rejected(400, f"image data is truncated or corrupt ({_first_line(e)}): send the whole file", "truncated") from e
+        raise Rejected(400, f"image data is truncated or corrupt ({first_line(e)}): send the whole file", "truncated") from e
     if mode is None:
         raise Rejected(422, f"this network takes {channels}-channel input; only 1 (grayscale) or 3 (RGB) can be served", "wrong_size")
     return img.convert(mode) if img.mode != mode else img
@@ -129,7 +129,7 @@ class Preprocess:
         try:
             chw = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
         except RuntimeError as e:  # libpng's error for truncated or corrupt data
-            raise Rejected(400, f"image data is truncated or corrupt ({_first_line(e).rsplit(':', 1)[-1].strip()}): "
+            raise Rejected(400, f"image data is truncated or corrupt ({first_line(e).rsplit(':', 1)[-1].strip()}): "
                                 "send the whole file", "truncated") from e
         if chw.shape[0] != c:  # not what the header promised: let Pillow read it as it would
             return self.pixels(decode_image(data, self.input_size, resize=self.resize, max_pixels=self.max_pixels))
@@ -182,7 +182,7 @@ def read_array(body: bytes, kind: str) -> np.ndarray:
     except Rejected:
         raise
     except Exception as e:  # noqa: BLE001 - numpy and safetensors raise several types for a bad file
-        raise Rejected(400, f"cannot read the {kind} body ({_first_line(e)}): send one array as a .npy or safetensors file",
+        raise Rejected(400, f"cannot read the {kind} body ({first_line(e)}): send one array as a .npy or safetensors file",
                        "bad_array") from e
     if not isinstance(arr, np.ndarray) or arr.ndim == 0 or len(arr) == 0:
         raise Rejected(400, "the array is empty: send at least one image", "bad_array")
