@@ -15,6 +15,10 @@ Fashion-MNIST PNGs (multipart), it measures in one run:
   stack (uvicorn with httptools and uvloop, FastAPI, the same body limits and the same decoding)
   that only decodes the image: the server's own cost per request, which must be within 1.5x.
 
+Beside the rates it reports the CPU time per image of the server process, the model process, the
+load generator and the model alone (from /proc): on a shared machine the rates move with
+everyone else's load, and the CPU times say which process limits the server when each has a core.
+
 The load generator is :mod:`loadgen` (lean: raw HTTP/1.1 on keep-alive connections, uvloop), so
 that the client takes as little as possible of the CPU the server and model share.
 
@@ -128,6 +132,18 @@ def pin(port: int, stitch: int) -> None:
     r.raise_for_status()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def model_pid(port: int) -> int:
+    import httpx
+
+    return int(httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["model_pid"])
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -222,19 +238,29 @@ def main() -> None:
         proc = start_server(args.model, str(table), port, size, large.id)
         try:
             wait_ready(port, proc)
+            engine = model_pid(port)
             for anchor in (small, large):
+                c0 = time.process_time()
                 before = model_only(net, anchor.id, size, args.model_seconds)[0]
+                model_cpu = (time.process_time() - c0) / (before * args.model_seconds)  # s of CPU per image, model alone
                 pin(port, anchor.id)
-                results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, bodies, args.clients, args.seconds))
+                cpu0 = [cpu_seconds(proc.pid), cpu_seconds(engine), time.process_time()]
+                results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, bodies, args.clients, args.seconds, warmup=0.0))
+                cpu1 = [cpu_seconds(proc.pid), cpu_seconds(engine), time.process_time()]
                 after = model_only(net, anchor.id, size, args.model_seconds)[0]
                 ok = [r for r in results if r.status == 200]
                 served = sum(r.images for r in ok) / args.seconds
                 model = (before + after) / 2
+                n = max(1, sum(r.images for r in ok))
+                cpu = {"server_us_per_image": round((cpu1[0] - cpu0[0]) / n * 1e6, 1),
+                       "model_process_us_per_image": round((cpu1[1] - cpu0[1]) / n * 1e6, 1),
+                       "client_us_per_image": round((cpu1[2] - cpu0[2]) / n * 1e6, 1),
+                       "model_only_us_per_image": round(model_cpu * 1e6, 1)}
                 row = {"stitch": anchor.name, "images_per_request": size, "model_img_s": round(model, 1),
                        "model_img_s_before_after": [round(before, 1), round(after, 1)], "server_img_s": round(served, 1),
                        "ratio": round(served / model, 3), "requests": len(results), "non_200": len(results) - len(ok),
                        "server_p50_ms": round(statistics.median(r.ms for r in ok), 3) if ok else math.nan,
-                       "clients": args.clients, "load_average": round(os.getloadavg()[0], 2)}
+                       "clients": args.clients, "load_average": round(os.getloadavg()[0], 2), "cpu": cpu}
                 rows_out.append(row)
                 print(f"{anchor.name:>14} x{size:<3} model only {model:8.0f} img/s ({before:.0f} before, {after:.0f} after)   "
                       f"server {served:8.0f} img/s   ratio {served / model:.3f}   ({len(results) - len(ok)} not 200; "
@@ -270,9 +296,11 @@ def main() -> None:
     load.append(os.getloadavg()[0])
     print(f"load average {load[0]:.2f} before, {load[1]:.2f} after")
 
-    lines = ["| stitch | images per request | model only (img/s) | server (img/s) | server / model |", "|---|---|---|---|---|"]
-    lines += [f"| {r['stitch']} | {r['images_per_request']} | {r['model_img_s']:.0f} | {r['server_img_s']:.0f} | {r['ratio']:.2f} |"
-              for r in rows_out]
+    lines = ["| stitch | images per request | model only (img/s) | server (img/s) | server / model | CPU µs per image: server process / "
+             "model process / client / model alone |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['stitch']} | {r['images_per_request']} | {r['model_img_s']:.0f} | {r['server_img_s']:.0f} | {r['ratio']:.2f} | "
+              f"{r['cpu']['server_us_per_image']:.0f} / {r['cpu']['model_process_us_per_image']:.0f} / {r['cpu']['client_us_per_image']:.0f}"
+              f" / {r['cpu']['model_only_us_per_image']:.0f} |" for r in rows_out]
     lines += ["", "| stitch | server p50 (ms) | model p50 (ms) | overhead (ms) | bare endpoint p50 (ms) | overhead / bare |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {r['stitch']} | {r['server_p50_ms']:.3f} | {r['model_p50_ms']:.3f} | {r['overhead_ms']:.3f} | {r['bare_p50_ms']:.3f} | "
