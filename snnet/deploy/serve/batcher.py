@@ -109,6 +109,9 @@ class Batcher:
         """Read results on the running event loop from now on."""
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.conn.fileno(), self._on_results)
+        # libuv (uvloop) makes a polled descriptor non-blocking; a result larger than one read
+        # (4 images x 1000 classes) would then come back as BlockingIOError halfway through
+        os.set_blocking(self.conn.fileno(), True)
 
     def submit(self, offset: int, images: int, arrived: float) -> asyncio.Future:
         """Send the model process a request whose images are in the ring at ``offset``; the future
