@@ -576,6 +576,24 @@ def test_a_dead_model_process_is_a_503_not_a_hang(saved: tuple[Path, Path]) -> N
         assert c.get("/health").status_code == 503
 
 
+def test_results_larger_than_one_socket_read(tmp_path: Path) -> None:
+    """A batch of 8 images over 4,000 classes sends 128 kB of probabilities back: read whole on
+    uvloop (whose add_reader makes the descriptor non-blocking), not cut into a 500."""
+    torch.manual_seed(0)
+    net = snnet.create_snnet(TINY_VITS, num_classes=4000)
+    net.save_pretrained(tmp_path / "net")
+    (tmp_path / "results.json").write_text(json.dumps(_synthetic_rows(net)))
+    with _Server(_service((tmp_path / "net", tmp_path / "results.json"), max_batch=8)) as s, \
+            httpx.Client(base_url=s.url, timeout=60) as c, ThreadPoolExecutor(8) as pool:
+        with _stopped(s.service.engine.pid):  # eight requests queued, so that they run as one batch
+            futures = [pool.submit(c.post, "/predict", content=_png(seed=k)) for k in range(8)]
+            _until(lambda: s.service.batcher.held == 8, 60, "eight images held")
+        answers = [f.result() for f in futures]
+        assert [r.status_code for r in answers] == [200] * 8
+        assert all(len(r.json()["predictions"][0]["probs"]) == 4000 for r in answers)
+        assert max(r.json()["batch"]["size"] for r in answers) == 8
+
+
 def test_serves_https_with_a_certificate(saved: tuple[Path, Path], tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     with _Server(_service(saved, max_batch=2), ssl_certfile=str(cert), ssl_keyfile=str(key)) as s:
