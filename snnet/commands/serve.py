@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import signal
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
@@ -23,7 +23,7 @@ DEMO_RESULTS = Path("snnet-demo") / "results.json"
 def _default_model(stack: contextlib.ExitStack) -> tuple[Path, Path | None, str]:
     """The network to serve when --model is not given: the demo's trained network when it is here,
     else the shipped family with its stitching layers fitted by least squares (saved to a temporary
-    folder so that every worker process loads the same weights)."""
+    folder for the model process to load; the folder goes as soon as it has loaded)."""
     if (DEMO_MODEL / "config.json").is_file():
         results = DEMO_RESULTS if DEMO_RESULTS.is_file() else None
         return DEMO_MODEL, results, f"the demo's trained network ({DEMO_MODEL})"
@@ -37,6 +37,35 @@ def _default_model(stack: contextlib.ExitStack) -> tuple[Path, Path | None, str]
             "from `snnet demo` here; without measured accuracy, FLOPs rank the stitches)")
 
 
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP: unwinds ``snnet serve`` so that every temporary file and the model process go."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _cleanup_on_signals() -> Iterator[None]:
+    """SIGTERM/SIGHUP while loading end ``snnet serve`` at once; while serving, uvicorn drains first
+    and then raises the signal again. Either way the stack unwinds (temporary folders removed, the
+    model process closed) before the process ends with that signal, as uvicorn would."""
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped(signum)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    except _Stopped as e:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        signal.signal(e.signum, signal.SIG_DFL)
+        signal.raise_signal(e.signum)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 def serve(
     model: Annotated[Optional[Path], typer.Option(
         "--model", "-m", help="A saved stitched network (save_pretrained folder). Default: snnet-demo/train/final "
@@ -45,61 +74,141 @@ def serve(
         "--results", "-r", help="results.json from `snnet eval` / `snnet profile --batch-sizes`: top-1 ranks the stitches, "
                                 "latency_by_batch is the latency table (stitches without one are profiled at start).")] = None,
     host: Annotated[str, typer.Option(help="Bind address (uvicorn's --host).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port (uvicorn's --port).")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="Server processes (uvicorn's --workers), each with its own batcher and controller.")] = 1,
+    port: Annotated[int, typer.Option(help="Port (uvicorn's --port), 0 to 65535 (0: any free port).")] = 8000,
+    workers: Annotated[int, typer.Option(help="Server processes (uvicorn's --workers) that read and decode requests; one model "
+                                              "process serves them all, so PUT /stitch reaches every worker.")] = 1,
     slo_ms: Annotated[float, typer.Option(help="p95 end-to-end latency target in ms.")] = 50.0,
-    max_batch: Annotated[int, typer.Option(min=1, help="Images per model batch (also the most one request may carry).")] = 16,
-    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a batch waits to fill after its first request.")] = 2.0,
-    max_queue: Annotated[int, typer.Option(min=1, help="Images waiting at most; past it requests get 503 with Retry-After.")] = 256,
+    max_batch: Annotated[int, typer.Option(help="Images per model batch (also the most one request may carry), at most 4096.")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(help="How long an idle model waits for a batch to fill after its first request "
+                                                    "(0: run at once; batches fill while the model is busy).")] = 0.0,
+    max_queue: Annotated[int, typer.Option(help="Images held at most (decoded and waiting, or in the batch running); past it "
+                                                "requests get 503 with Retry-After.")] = 256,
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body in MiB.")] = 4.0,
-    max_pixels: Annotated[int, typer.Option(min=1, help="Largest image (width x height) accepted, checked before decoding.")] = 4096 * 4096,
+    max_pixels: Annotated[int, typer.Option(help="Largest image (width x height) accepted, checked before decoding.")] = 4096 * 4096,
     resize: Annotated[bool, typer.Option("--resize/--no-resize", help="Resize and convert any image to the network's input "
                                          "(timm's eval transform), or refuse other sizes and channel counts with 422.")] = True,
     stitch: Annotated[Optional[str], typer.Option(help="Pin this stitch (id or name) from the start; PUT /stitch changes it.")] = None,
-    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads per worker process.")] = 1,
-    up_after: Annotated[int, typer.Option(min=1, help="Batches in a row with room to spare before a more accurate stitch is taken.")] = 5,
-    timeout_graceful_shutdown: Annotated[int, typer.Option(help="Seconds SIGTERM waits for requests in flight.")] = 30,
-    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+    policy: Annotated[str, typer.Option(help="Who picks the stitch when none is pinned: controller (per batch, from the queue "
+                                             "and the latency table) or last-second (once a second, from the last second's rate).")] = "controller",
+    threads: Annotated[int, typer.Option(help="torch CPU threads of the model process.")] = 1,
+    up_after: Annotated[int, typer.Option(help="Batches in a row with room to spare before a more accurate stitch is taken.")] = 5,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a request body may take to arrive; then 408 and the connection "
+                                                     "is closed (a slow upload holds no queue room meanwhile).")] = 20.0,
+    admin_token_file: Annotated[Optional[Path], typer.Option(
+        help="A file whose first line is the admin token that PUT /stitch needs (`Authorization: Bearer <token>`); "
+             "else $SNNET_ADMIN_TOKEN; with neither, PUT /stitch answers 403.")] = None,
+    docs: Annotated[bool, typer.Option("--docs/--no-docs", help="Serve the API docs at /docs, /redoc and /openapi.json.")] = False,
+    ssl_certfile: Annotated[Optional[Path], typer.Option(help="TLS certificate (PEM), with --ssl-keyfile: serve HTTPS.")] = None,
+    ssl_keyfile: Annotated[Optional[Path], typer.Option(help="TLS private key (PEM) of --ssl-certfile.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve as a Ray Serve application (the `ray` extra): --replicas model "
+                                                    "processes, one stitch policy for all; Ray's HTTP proxy listens on --host/--port. "
+                                                    "Joins the cluster at $RAY_ADDRESS if set, else starts Ray here.")] = False,
+    replicas: Annotated[int, typer.Option(help="With --ray: replicas to start with.")] = 1,
+    max_replicas: Annotated[Optional[int], typer.Option(help="With --ray: let Ray add replicas up to this many when each has "
+                                                             "more than --target-ongoing requests in flight.")] = None,
+    target_ongoing: Annotated[float, typer.Option(help="With --ray and --max-replicas: requests in flight per replica Ray "
+                                                       "scales to.")] = 2.0,
+    timeout_graceful_shutdown: Annotated[int, typer.Option(help="Seconds SIGTERM waits for requests in flight (>= 0).")] = 30,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level: critical, error, warning, info, debug or trace.")] = "info",
 ) -> None:
     """Serve the network over HTTP: POST /predict, GET /health, GET /metrics, GET/PUT /stitch.
 
-    Requests are batched; before each batch a controller picks the most accurate Pareto-optimal
-    stitch whose latency (from the profile table and the queue) keeps the p95 under --slo-ms.
-    SIGTERM finishes the requests in flight, then exits.
+    Requests are batched in a model process of their own; before each batch a controller picks
+    the most accurate Pareto-optimal stitch whose latency (from the profile table and the queue)
+    keeps the p95 under --slo-ms. SIGTERM finishes the requests in flight, then exits.
     """
     try:
         import uvicorn
 
-        from ..deploy.serve import ENV_CONFIG, ServeConfig, Service, create_app
+        from ..deploy.serve import ENV_CONFIG, EngineProcess, Listen, ServeConfig, Service, create_app, read_admin_token
+        from ..deploy.serve.app import ENV_ENGINE
     except ImportError as e:
         raise ServeError(f"snnet serve needs the `serve` extra ({e.name} is missing): pip install 'snnet[serve]'") from e
 
-    with contextlib.ExitStack() as stack:
-        # settings are checked before any network is built
-        config = ServeConfig(model="", slo_ms=slo_ms, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                             max_upload_bytes=int(max_upload_mb * 2 ** 20), max_pixels=max_pixels, resize=resize,
-                             stitch=stitch, threads=threads, up_after=up_after)
-        if model is None:
-            model, default_results, what = _default_model(stack)
-        else:
-            what = str(model)
-            default_results = None
-        results = results or default_results
-        typer.echo(f"serving {what}" + (f" with results {results}" if results else ""))
-        config = replace(config, model=str(model), results=str(results) if results else None)
-        service = Service.load(config, typer.echo)  # bad model/results fail here with one line; stitches without a table are profiled
+    # Every setting is checked, and the port bound, before any network is built: one line, exit 2.
+    config = ServeConfig.from_mb(max_upload_mb, model="", slo_ms=slo_ms, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                 max_queue=max_queue, max_pixels=max_pixels, resize=resize, stitch=stitch, policy=policy,
+                                 threads=threads, up_after=up_after, body_timeout_s=body_timeout,
+                                 admin_token_file=str(admin_token_file) if admin_token_file else None, docs=docs)
+    listen = Listen(host, port, workers, timeout_graceful_shutdown, log_level,
+                    str(ssl_certfile) if ssl_certfile else None, str(ssl_keyfile) if ssl_keyfile else None)
+    if model is not None and not (model / "config.json").is_file():
+        raise ServeError(f"--model {model} is not a saved stitched network (no config.json): give a folder written by "
+                         "save_pretrained or `snnet train`")
+    if results is not None and not results.is_file():
+        raise ServeError(f"--results {results} does not exist: give the results.json of `snnet eval` or `snnet profile`")
+    read_admin_token(config.admin_token_file)
+    if ray:
+        return _serve_ray(config, listen, model, results, replicas, max_replicas, target_ongoing)
+    uv = dict(timeout_graceful_shutdown=listen.timeout_graceful_shutdown, log_level=listen.log_level,
+              ssl_certfile=listen.ssl_certfile, ssl_keyfile=listen.ssl_keyfile)
+
+    with _cleanup_on_signals(), contextlib.ExitStack() as stack:
+        sock = stack.enter_context(listen.bind())
+        with contextlib.ExitStack() as loading:
+            if model is None:
+                model, default_results, what = _default_model(loading)
+            else:
+                what, default_results = str(model), None
+            results = results or default_results
+            typer.echo(f"serving {what}" + (f" with results {results}" if results else "") + f" on {listen.scheme}://"
+                       f"{host}:{sock.getsockname()[1]}")
+            config = replace(config, model=str(model), results=str(results) if results else None)
+            if workers == 1:
+                service = Service.load(config, typer.echo)  # bad model/results fail here in one line; stitches are profiled
+                stack.callback(service.close)
+            else:
+                engine = EngineProcess(config, typer.echo)
+                stack.callback(engine.close)
+        # the model is loaded: a temporary model folder is gone already
         if workers == 1:
-            uvicorn.run(create_app(service), host=host, port=port, timeout_graceful_shutdown=timeout_graceful_shutdown,
-                        log_level=log_level)
+            uvicorn.Server(uvicorn.Config(create_app(service), **uv)).run(sockets=[sock])
             return
-        # Worker processes import the app and load the network themselves. Give them the rows
-        # with the latency table measured here, so they do not each profile (and disturb each other).
+        # uvicorn's worker processes import the app, and each joins the one model process.
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="snnet-serve-")))
-        (folder / "results.json").write_text(json.dumps(list(service.rows.values())))
-        os.environ[ENV_CONFIG] = replace(config, results=str(folder / "results.json")).to_json()
-        # one metrics folder for all workers, so /metrics reports the whole server whichever worker answers
-        metrics_dir = folder / "prometheus"
+        os.environ[ENV_CONFIG] = config.to_json()
+        os.environ[ENV_ENGINE] = f"{engine.address} {engine.authkey.hex()}"
+        metrics_dir = folder / "prometheus"  # one metrics folder: /metrics reports the whole server whichever worker answers
         metrics_dir.mkdir()
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
-        uvicorn.run("snnet.deploy.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    timeout_graceful_shutdown=timeout_graceful_shutdown, log_level=log_level)
+        uvicorn.run("snnet.deploy.serve:app_from_env", factory=True, fd=sock.fileno(), workers=workers, **uv)
+
+
+def _serve_ray(config: Any, listen: Any, model: Path | None, results: Path | None, replicas: int, max_replicas: int | None,
+               target_ongoing: float) -> None:
+    """``snnet serve --ray``: the Ray Serve application until SIGTERM or Ctrl-C, then a drain."""
+    try:
+        import ray
+        from ray import serve as ray_serve
+
+        from ..deploy.ray import application
+    except ImportError as e:
+        raise ServeError(f"snnet serve --ray needs the `ray` extra ({e.name} is missing): pip install 'snnet[ray]'") from e
+    if listen.workers != 1:
+        raise ServeError("--workers is uvicorn's; with --ray, give --replicas (and --max-replicas to let Ray scale)")
+    if replicas < 1 or (max_replicas is not None and max_replicas < replicas) or not target_ongoing > 0:
+        raise ServeError(f"need --replicas >= 1, --max-replicas >= --replicas and --target-ongoing > 0 "
+                         f"(got {replicas}, {max_replicas}, {target_ongoing})")
+    listen.bind().close()  # a port in use or a bad host fails here, before Ray starts
+    # SIGTERM and Ctrl-C are blocked in every thread (Ray's too, which inherit the mask) and waited
+    # for below: Ray's own handlers would otherwise abort the driver without draining
+    stopping = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+    with contextlib.ExitStack() as stack:
+        stack.callback(signal.pthread_sigmask, signal.SIG_UNBLOCK, stopping)
+        if model is None:  # every replica loads it, including those Ray adds later: kept until the end
+            model, default_results, what = _default_model(stack)
+            results = results or default_results
+        config = replace(config, model=str(Path(model).resolve()), results=str(Path(results).resolve()) if results else None)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+        stack.callback(ray.shutdown)
+        ray_serve.start(http_options={"host": listen.host, "port": listen.port, "ssl_certfile": listen.ssl_certfile,
+                                      "ssl_keyfile": listen.ssl_keyfile})
+        stack.callback(ray_serve.shutdown)
+        ray_serve.run(application(config, replicas, max_replicas, target_ongoing, graceful_shutdown_s=listen.timeout_graceful_shutdown),
+                      name="snnet", route_prefix="/")
+        typer.echo(f"serving {config.model} on Ray Serve at {listen.scheme}://{listen.host}:{listen.port} with {replicas} replica(s)"
+                   + (f", up to {max_replicas}" if max_replicas and max_replicas > replicas else "") + "; Ctrl-C or SIGTERM stops it")
+        got = signal.sigwait(stopping)
+        typer.echo(f"{signal.Signals(got).name}: draining: requests in flight are answered, then the replicas stop")
+        ray_serve.delete("snnet")

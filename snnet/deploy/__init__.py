@@ -7,8 +7,9 @@
 * :mod:`snnet.deploy.export` writes one stitch as a standalone model (safetensors + config,
   ``torch.export``, ONNX, each checksummed) and loads it back verified;
 * :mod:`snnet.deploy.controller` picks the stitch for each batch of a server under a latency SLO
-  (plain, no HTTP), and :mod:`snnet.deploy.serve` is that server (FastAPI + uvicorn; imported
-  only by ``snnet serve``, since its packages are the optional ``serve`` extra).
+  (plain, no HTTP), and :mod:`snnet.deploy.serve` (a package) is that server (FastAPI + uvicorn,
+  the model in a process of its own; imported only by ``snnet serve``, since its packages are the
+  optional ``serve`` extra); :mod:`snnet.deploy.ray` runs it as Ray Serve replicas (the ``ray`` extra).
 """
 
 from ..budget import Budget, Selection, parse_budget, select_stitch

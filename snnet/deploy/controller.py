@@ -15,6 +15,10 @@ A plain object with no HTTP or threads in it, so it can be tested with a synthet
   several decisions in a row with room to spare (a stricter share of the SLO, and the recent p95
   measured under it too): hysteresis, so that a load near a threshold does not make it flap.
 
+* :class:`LastSecond` is the reactive baseline the benchmarks compare it with: once a second, the
+  most accurate rung that the last second's arrival rate would have let meet the SLO, judged from
+  the table alone (no queue, no measured latencies in between).
+
 The controller only names a stitch; the server runs each batch wholly on the stitch named for
 it, one batch after another, so switching never drops or reorders a request.
 """
@@ -23,13 +27,15 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ..errors import ServeError
 from ..results import StitchResult, pareto_front
 
-__all__ = ["ControllerConfig", "Decision", "LatencyTable", "Rung", "StitchController", "ladder"]
+__all__ = ["ControllerConfig", "Decision", "LastSecond", "LatencyTable", "Rung", "StitchController", "ladder", "make_policy"]
 
 
 @dataclass(frozen=True)
@@ -182,11 +188,13 @@ class StitchController:
         self._pinned = None
         self._streak = 0
 
+    name = "controller"
+
     def policy(self) -> dict[str, Any]:
         """What ``GET /stitch`` shows."""
         c = self.config
         return {
-            "mode": "pinned" if self._pinned else "auto",
+            "mode": "pinned" if self._pinned else "auto", "policy": self.name,
             "current": {"id": self.current.id, "name": self.current.name},
             "slo_ms": c.slo_ms, "max_batch": c.max_batch, "headroom": c.headroom, "up_headroom": c.up_headroom,
             "up_after": c.up_after, "slowdown": round(self.slowdown, 3), "switches": self.switches,
@@ -211,6 +219,9 @@ class StitchController:
         clear = full * t(b) + (t(rest) if rest else 0.0)
         return max(oldest_wait_ms + first, clear + first)
 
+    def observe_arrival(self, images: int, now: float) -> None:
+        """Images that arrived at ``now`` (``time.perf_counter()``); this controller reads the queue instead."""
+
     def observe_batch(self, stitch: int, batch: int, ms: float) -> None:
         """A batch's measured compute time: keeps the table's scale in step with the machine's load."""
         if stitch not in self.table or not ms > 0:
@@ -220,15 +231,13 @@ class StitchController:
         self.slowdown = min(max((1 - a) * self.slowdown + a * ratio, 0.25), 20.0)
 
     # ------------------------------------------------------------------ the decision
-    def decide(self, queue: int, oldest_wait_ms: float = 0.0, recent_ms: Sequence[float] = ()) -> Decision:
+    def decide(self, queue: int, oldest_wait_ms: float = 0.0, recent_ms: Sequence[float] = (), now: float | None = None) -> Decision:
         """The stitch for the next batch, given ``queue`` images waiting (the batch included),
         how long the oldest has waited, and recent end-to-end latencies (ms) of requests answered
-        since the last switch."""
+        since the last switch (``now``: the clock, for policies that keep time)."""
         c = self.config
         if self._pinned is not None:
-            s = self._pinned
-            pred = self.predict(s.id, queue, oldest_wait_ms) if s.id in self.table else None
-            return self._record(s, pred, True, "pinned")
+            return self._decide_pinned(queue, oldest_wait_ms)
         preds = [self.predict(r.id, queue, oldest_wait_ms) for r in self.rungs]
         fits = [k for k, p in enumerate(preds) if p <= c.headroom * c.slo_ms]
         cur = self._rung
@@ -262,11 +271,70 @@ class StitchController:
             self._streak = 0
         return self._record(self.rungs[cur], preds[cur], False, "fits")
 
+    def _decide_pinned(self, queue: int, oldest_wait_ms: float) -> Decision:
+        s = self._pinned
+        assert s is not None
+        pred = self.predict(s.id, queue, oldest_wait_ms) if s.id in self.table else None
+        return self._record(s, pred, True, "pinned")
+
     def _record(self, rung: Rung, pred: float | None, pinned: bool, reason: str) -> Decision:
         switched = self._last is not None and self._last != rung.id
         self.switches += switched
         self._last = rung.id
         return Decision(rung.id, rung.name, pred, switched, pinned, reason)
+
+
+class LastSecond(StitchController):
+    """The reactive baseline (as INFaaS-style servers choose a variant): once every ``window_s``
+    it counts the images that arrived in the last window and switches to the most accurate rung
+    that would have met the SLO at that rate, judged from the latency table: a rung meets it when
+    the rate is within ``headroom`` of its full-batch throughput and a request that waits for one
+    full batch and runs in the next finishes within ``headroom`` x SLO. If none would, the
+    fastest. Between those moments it holds its choice whatever the queue does: what a policy
+    sees when it decides from last second's rate instead of from the queue in front of each batch.
+    """
+
+    name = "last-second"
+
+    def __init__(self, rungs: Sequence[Rung], table: LatencyTable, config: ControllerConfig, window_s: float = 1.0) -> None:
+        super().__init__(rungs, table, config)
+        self.window_s = window_s
+        self._arrivals: deque[tuple[float, int]] = deque()
+        self._next: float | None = None
+        self._rate = 0.0
+
+    def observe_arrival(self, images: int, now: float) -> None:
+        self._arrivals.append((now, images))
+
+    def meets(self, stitch: int, rate: float) -> bool:
+        """Whether ``stitch`` serves ``rate`` images/s within the SLO, by the table (scaled by the slowdown)."""
+        c = self.config
+        full = self.table.predict(stitch, c.max_batch) * self.slowdown
+        return rate <= c.headroom * c.max_batch / full * 1e3 and 2 * full <= c.headroom * c.slo_ms
+
+    def decide(self, queue: int, oldest_wait_ms: float = 0.0, recent_ms: Sequence[float] = (), now: float | None = None) -> Decision:
+        if self._pinned is not None:
+            return self._decide_pinned(queue, oldest_wait_ms)
+        now = time.perf_counter() if now is None else now
+        if self._next is None or now >= self._next:
+            while self._arrivals and self._arrivals[0][0] <= now - self.window_s:
+                self._arrivals.popleft()
+            self._rate = sum(k for _, k in self._arrivals) / self.window_s
+            fits = [k for k, r in enumerate(self.rungs) if self.meets(r.id, self._rate)]
+            self._rung = fits[-1] if fits else min(range(len(self.rungs)),
+                                                   key=lambda k: self.table.predict(self.rungs[k].id, self.config.max_batch))
+            self._next = now + self.window_s
+        r = self.rungs[self._rung]
+        return self._record(r, self.predict(r.id, queue, oldest_wait_ms), False,
+                            f"last {self.window_s:g} s: {self._rate:.0f} images/s")
+
+
+def make_policy(name: str, rungs: Sequence[Rung], table: LatencyTable, config: ControllerConfig) -> StitchController:
+    """The stitch policy called ``name``: ``controller`` (:class:`StitchController`) or ``last-second`` (:class:`LastSecond`)."""
+    kinds = {k.name: k for k in (StitchController, LastSecond)}
+    if name not in kinds:
+        raise ServeError(f"unknown stitch policy {name!r}: one of {', '.join(kinds)}")
+    return kinds[name](rungs, table, config)
 
 
 def _p95(values: Sequence[float]) -> float | None:

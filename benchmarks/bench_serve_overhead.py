@@ -1,0 +1,330 @@
+"""Does the server cost less than its model? `snnet serve` against the model alone, side by side.
+
+For the smallest and the largest anchor of a network, and for requests of 16 and of 64
+Fashion-MNIST PNGs (multipart), it measures in one run:
+
+* **model only** — images/s of the pinned stitch's forward (and softmax) on a batch of that
+  size, in this process, one thread: what the model can do, measured before and after the
+  server's run (their mean is the reference; both are reported);
+* **server** — images/s that `snnet serve` (a subprocess: one server process, one model process
+  with one thread, ``--max-batch`` = the images of one request, pinned to that stitch) answers to
+  ``--clients`` closed-loop clients sending PNGs, HTTP, multipart parsing, decoding and JSON
+  included; the ratio server / model only must be >= 0.8 (issue 20);
+* **one image** — the p50 latency of a one-image request to the server (one client, one request
+  at a time) minus the model's p50 for one image, against the p50 of a bare endpoint on the same
+  stack (uvicorn with httptools and uvloop, FastAPI, the same body limits and the same decoding)
+  that only decodes the image: the server's own cost per request, which must be within 1.5x.
+
+Beside the rates it reports the CPU time per image of the server process, the model process, the
+load generator and the model alone (from /proc): on a shared machine the rates move with
+everyone else's load, and the CPU times say which process limits the server when each has a core.
+
+The load generator is :mod:`loadgen` (lean: raw HTTP/1.1 on keep-alive connections, uvloop), so
+that the client takes as little as possible of the CPU the server and model share.
+
+    nice -n 10 python benchmarks/bench_serve_overhead.py --out docs/serve/overhead     # ~4 min
+
+Without ``--model`` it serves the shipped Fashion-MNIST family (random stitching layers: the time
+of a forward does not depend on the weights). It prints the load average before and after: run
+it on a quiet machine, and again if the load was high.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loadgen  # noqa: E402
+
+try:  # the bare endpoint's handler takes a Request by annotation, as FastAPI resolves it from this module
+    from fastapi import Request
+except ImportError:  # the serve extra is missing: `snnet serve` says so
+    pass
+
+TOKEN = "bench-" + os.urandom(16).hex()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fmnist_pngs(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` Fashion-MNIST test images as PNG bytes (what a client would upload)."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from snnet.data import FashionMNIST
+
+    raw = FashionMNIST(split="test").images[:, 0].numpy()
+    out = []
+    for k in random.Random(seed).sample(range(len(raw)), n):
+        buf = io.BytesIO()
+        Image.fromarray(raw[k]).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def model_only(net: Any, stitch: int, batch: int, seconds: float) -> tuple[float, float]:
+    """Images/s of back-to-back forwards (+ softmax) of a batch, and the p50 ms of one forward."""
+    import torch
+
+    x = torch.randn(batch, *net.input_size)
+    times = []
+    with torch.inference_mode():
+        net.select(stitch)
+        for _ in range(3):
+            net(x).float().softmax(-1)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            net(x).float().softmax(-1).numpy()
+            times.append(time.perf_counter() - t0)
+    return batch * len(times) / sum(times), statistics.median(times) * 1e3
+
+
+def start_server(model: str, results: str, port: int, max_batch: int, stitch: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "snnet", "serve", "--model", model, "--results", results, "--port", str(port),
+           "--max-batch", str(max_batch), "--max-queue", str(8 * max_batch), "--threads", "1", "--stitch", str(stitch),
+           "--log-level", "warning"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SNNET_ADMIN_TOKEN=TOKEN)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("server did not start")
+
+
+def pin(port: int, stitch: int) -> None:
+    import httpx
+
+    r = httpx.put(f"http://127.0.0.1:{port}/stitch", json={"stitch": stitch}, headers={"authorization": f"Bearer {TOKEN}"},
+                  timeout=30)
+    r.raise_for_status()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def model_pid(port: int) -> int:
+    import httpx
+
+    return int(httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["model_pid"])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def bare_server(model: str, port: int) -> None:
+    """The bare endpoint (run as ``--bare PORT``): the same stack and decoding, no model."""
+    import numpy as np
+    import orjson
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+
+    from snnet.deploy.serve import BodyLimits, Preprocess, ServeConfig
+    from snnet.deploy.serve.app import body_limit
+    from snnet.model import StitchedNet
+
+    net = StitchedNet.from_pretrained(model)
+    pre = Preprocess(dict(net.anchors[0].data_config), net.input_size)
+    out = np.empty((1, *net.input_size), np.float32)
+    config = ServeConfig(model)
+    del net
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        pre.images([await request.body()], out)
+        return Response(orjson.dumps({"class": int(out.argmax())}), media_type="application/json")
+
+    app.add_middleware(BodyLimits, limit=body_limit(config), timeout_s=config.body_timeout_s)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def one_image_p50(port: int, body: loadgen.Body, seconds: float) -> float:
+    results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, [body], 1, seconds))
+    ok = [r.ms for r in results if r.status == 200]
+    if len(ok) < len(results) or not ok:
+        raise SystemExit(f"one-image requests failed: {[r.status for r in results if r.status != 200][:5]}")
+    return statistics.median(ok)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="saved network (default: the shipped family, random stitching layers)")
+    ap.add_argument("--out", default="bench-serve-overhead")
+    ap.add_argument("--sizes", default="16,64", help="images per request")
+    ap.add_argument("--clients", type=int, default=4, help="closed-loop clients (connections) in flight")
+    ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per server run")
+    ap.add_argument("--model-seconds", type=float, default=4.0, help="seconds per model-only measurement")
+    ap.add_argument("--bare", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.bare is not None:
+        return bare_server(args.model, args.bare)
+
+    import torch
+
+    from snnet.deploy import merge_profile, profile
+    from snnet.deploy.controller import ladder
+    from snnet.model import StitchedNet
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.TemporaryDirectory(prefix="bench-overhead-")
+    if args.model is None:
+        from snnet.commands.deploy import _load
+
+        args.model = str(_load(None, trained=False).save_pretrained(Path(tmp.name) / "model"))
+    net = StitchedNet.from_pretrained(args.model).eval()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    costs = net.costs()
+    anchors = sorted((c for c in costs if c.is_anchor), key=lambda c: c.flops)
+    small, large = anchors[0], anchors[-1]
+    rows = [c.to_dict() for c in costs]
+    ids = sorted({r.id for r in ladder(rows)} | {small.id, large.id})
+    t = time.perf_counter()
+    measured, settings = profile(net, batch_size=1, warmup=2, repeats=3, device="cpu", threads=1, stitches=ids, progress=False,
+                                 batch_sizes=sorted(set(sizes) | {1}))
+    table = Path(tmp.name) / "results.json"
+    table.write_text(json.dumps(merge_profile(None, costs, measured, settings)))
+    load = [os.getloadavg()[0]]
+    print(f"latency table of {len(ids)} stitches in {time.perf_counter() - t:.0f} s; load average {load[0]:.2f} on {os.cpu_count()} CPUs")
+
+    pngs = fmnist_pngs(max(sizes) * 8)
+    rows_out: list[dict[str, Any]] = []
+    for size in sizes:
+        bodies = [loadgen.make_body("/predict", files=pngs[k * size:(k + 1) * size]) for k in range(8)]
+        port = free_port()
+        proc = start_server(args.model, str(table), port, size, large.id)
+        try:
+            wait_ready(port, proc)
+            engine = model_pid(port)
+            for anchor in (small, large):
+                c0 = time.process_time()
+                before = model_only(net, anchor.id, size, args.model_seconds)[0]
+                model_cpu = (time.process_time() - c0) / (before * args.model_seconds)  # s of CPU per image, model alone
+                pin(port, anchor.id)
+                cpu0 = [cpu_seconds(proc.pid), cpu_seconds(engine), time.process_time()]
+                results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, bodies, args.clients, args.seconds, warmup=0.0))
+                cpu1 = [cpu_seconds(proc.pid), cpu_seconds(engine), time.process_time()]
+                after = model_only(net, anchor.id, size, args.model_seconds)[0]
+                ok = [r for r in results if r.status == 200]
+                served = sum(r.images for r in ok) / args.seconds
+                model = (before + after) / 2
+                n = max(1, sum(r.images for r in ok))
+                cpu = {"server_us_per_image": round((cpu1[0] - cpu0[0]) / n * 1e6, 1),
+                       "model_process_us_per_image": round((cpu1[1] - cpu0[1]) / n * 1e6, 1),
+                       "client_us_per_image": round((cpu1[2] - cpu0[2]) / n * 1e6, 1),
+                       "model_only_us_per_image": round(model_cpu * 1e6, 1)}
+                row = {"stitch": anchor.name, "images_per_request": size, "model_img_s": round(model, 1),
+                       "model_img_s_before_after": [round(before, 1), round(after, 1)], "server_img_s": round(served, 1),
+                       "ratio": round(served / model, 3), "requests": len(results), "non_200": len(results) - len(ok),
+                       "server_p50_ms": round(statistics.median(r.ms for r in ok), 3) if ok else math.nan,
+                       "clients": args.clients, "load_average": round(os.getloadavg()[0], 2), "cpu": cpu}
+                rows_out.append(row)
+                print(f"{anchor.name:>14} x{size:<3} model only {model:8.0f} img/s ({before:.0f} before, {after:.0f} after)   "
+                      f"server {served:8.0f} img/s   ratio {served / model:.3f}   ({len(results) - len(ok)} not 200; "
+                      f"load {row['load_average']})")
+        finally:
+            stop(proc)
+
+    # one image: the server's p50 minus the model's, against a bare endpoint that only decodes
+    one = loadgen.make_body("/predict", raw=pngs[0])
+    single: list[dict[str, Any]] = []
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, __file__, "--bare", str(port), "--model", args.model], env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        wait_ready_bare(port, bare)
+        bare_p50 = one_image_p50(port, one, args.seconds)
+    finally:
+        stop(bare)
+    port = free_port()
+    proc = start_server(args.model, str(table), port, max(sizes), small.id)
+    try:
+        wait_ready(port, proc)
+        for anchor in (small, large):
+            pin(port, anchor.id)
+            model_p50 = model_only(net, anchor.id, 1, args.model_seconds)[1]
+            p50 = one_image_p50(port, one, args.seconds)
+            overhead = p50 - model_p50
+            single.append({"stitch": anchor.name, "server_p50_ms": round(p50, 3), "model_p50_ms": round(model_p50, 3),
+                           "overhead_ms": round(overhead, 3), "bare_p50_ms": round(bare_p50, 3), "ratio": round(overhead / bare_p50, 3)})
+            print(f"{anchor.name:>14} one image: server p50 {p50:.3f} ms - model {model_p50:.3f} ms = {overhead:.3f} ms; "
+                  f"bare endpoint p50 {bare_p50:.3f} ms; ratio {overhead / bare_p50:.2f}")
+    finally:
+        stop(proc)
+    load.append(os.getloadavg()[0])
+    print(f"load average {load[0]:.2f} before, {load[1]:.2f} after")
+
+    lines = ["| stitch | images per request | model only (img/s) | server (img/s) | server / model | CPU µs per image: server process / "
+             "model process / client / model alone |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['stitch']} | {r['images_per_request']} | {r['model_img_s']:.0f} | {r['server_img_s']:.0f} | {r['ratio']:.2f} | "
+              f"{r['cpu']['server_us_per_image']:.0f} / {r['cpu']['model_process_us_per_image']:.0f} / {r['cpu']['client_us_per_image']:.0f}"
+              f" / {r['cpu']['model_only_us_per_image']:.0f} |" for r in rows_out]
+    lines += ["", "| stitch | server p50 (ms) | model p50 (ms) | overhead (ms) | bare endpoint p50 (ms) | overhead / bare |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['stitch']} | {r['server_p50_ms']:.3f} | {r['model_p50_ms']:.3f} | {r['overhead_ms']:.3f} | {r['bare_p50_ms']:.3f} | "
+              f"{r['ratio']:.2f} |" for r in single]
+    print("\n" + "\n".join(lines))
+    (out / "overhead.md").write_text("\n".join(lines) + "\n")
+    (out / "overhead.json").write_text(json.dumps({
+        "settings": {k: v for k, v in vars(args).items() if k != "bare"}, "cpus": os.cpu_count(), "load_average": load,
+        "throughput": rows_out, "one_image": single, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, indent=1) + "\n")
+    print(f"wrote {out / 'overhead.json'} and {out / 'overhead.md'}")
+
+
+def wait_ready_bare(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("bare endpoint exited")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit("bare endpoint did not start")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Replicas of one SN-Net server on Ray Serve, all following one stitch policy.
+
+Each replica is the same server as ``snnet serve`` (:func:`snnet.deploy.serve.create_app`: the
+routes, the body limits, the admin token) with a model process of its own, so each has its own
+batcher and controller and decides from its own queue. Ray Serve routes requests to replicas and
+scales them (``autoscaling_config`` on ongoing requests per replica); what Ray does not know about
+is the stitch, and that is what this module adds:
+
+* :class:`StitchPolicy` — a deployment-scoped actor (one per deployment, started and stopped with
+  it by Ray Serve) that holds the shared setting: auto (with the policy's name) or a pinned
+  stitch, with a version number, and each replica's latest metrics;
+* each replica applies the setting when it starts (a replica added by the autoscaler serves the
+  pin from its first request) and checks for a new version twice a second; a ``PUT /stitch`` on
+  any replica is applied there, then published, so it reaches every replica within that time;
+* ``GET /metrics`` on any replica reports every live replica's metrics, each sample labelled with
+  its ``replica``.
+
+Run it with ``snnet serve --ray --replicas N [--max-replicas M]`` or Ray's own command line:
+``serve run snnet.deploy.ray:app model=DIR results=FILE replicas=2`` (any :class:`ServeConfig`
+field as ``name=value``). On a multi-node cluster (KubeRay), the same application runs from a
+RayService manifest: see docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import typing
+from dataclasses import fields
+from typing import Any
+
+import ray
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+from ray import serve
+from ray.serve.config import DeploymentActorConfig
+
+from ..errors import ServeError
+from .serve import ServeConfig, Service, create_app
+
+__all__ = ["RayFleet", "StitchPolicy", "StitchPolicyActor", "app", "application", "merge_metrics"]
+
+log = logging.getLogger("ray.serve")
+FOLLOW_S = 0.5  # how often a replica checks the shared setting and reports its metrics
+FRESH_S = 10.0  # metrics of a replica that has not reported for this long are left out (it is gone)
+
+
+class StitchPolicy:
+    """The setting every replica follows, and every replica's latest metrics (a Ray actor)."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.setting: dict[str, Any] | None = None
+        self.reports: dict[str, tuple[float, str]] = {}
+
+    def publish(self, setting: dict[str, Any]) -> int:
+        self.version += 1
+        self.setting = dict(setting)
+        return self.version
+
+    def current(self) -> tuple[int, dict[str, Any] | None]:
+        return self.version, self.setting
+
+    def report(self, replica: str, metrics: str) -> None:
+        self.reports[replica] = (time.time(), metrics)
+
+    def leave(self, replica: str) -> None:
+        self.reports.pop(replica, None)
+
+    def metrics(self) -> dict[str, str]:
+        now = time.time()
+        return {r: text for r, (t, text) in self.reports.items() if now - t <= FRESH_S}
+
+
+StitchPolicyActor = ray.remote(StitchPolicy)
+
+
+def merge_metrics(texts: dict[str, str]) -> bytes:
+    """Several servers' Prometheus texts as one, every sample labelled with its ``replica``."""
+    families: dict[str, Any] = {}
+    for replica, text in sorted(texts.items()):
+        for fam in text_string_to_metric_families(text):
+            merged = families.setdefault(fam.name, type(fam)(fam.name, fam.documentation, fam.type, fam.unit))
+            merged.samples += [Sample(s.name, {**s.labels, "replica": replica}, s.value, s.timestamp, s.exemplar) for s in fam.samples]
+
+    class _Merged:
+        def collect(self) -> Any:
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())  # type: ignore[arg-type]
+    return generate_latest(registry)
+
+
+class RayFleet:
+    """This replica's part of the fleet (see :class:`snnet.deploy.serve.app.Fleet`)."""
+
+    def __init__(self) -> None:
+        self.name = serve.get_replica_context().replica_id.unique_id
+        self.version = 0
+        self._task: asyncio.Task | None = None
+
+    @staticmethod
+    def _actor() -> Any:
+        return serve.get_deployment_actor("stitch_policy")  # fresh each time: Ray Serve may have recreated it
+
+    async def start(self, svc: Service) -> None:
+        await self._follow_once(svc)
+        self._task = asyncio.get_running_loop().create_task(self._follow(svc), name="snnet-follow")
+
+    async def _follow_once(self, svc: Service) -> None:
+        version, setting = await self._actor().current.remote()
+        if version != self.version and setting is not None:
+            key, policy = setting["stitch"], setting.get("policy")
+            await (svc.batcher.ask("auto", policy) if key == "auto" else svc.batcher.ask("pin", key))
+        self.version = version
+
+    async def _follow(self, svc: Service) -> None:
+        while True:
+            await asyncio.sleep(FOLLOW_S)
+            try:
+                await self._follow_once(svc)
+                await self._actor().report.remote(self.name, svc.metrics.render().decode())
+            except Exception:  # noqa: BLE001 - the actor is being recreated: try again at the next tick
+                log.warning("snnet: could not reach the stitch policy actor; retrying", exc_info=True)
+
+    async def publish(self, setting: dict[str, Any]) -> None:
+        self.version = await self._actor().publish.remote(setting)
+
+    async def metrics(self, svc: Service) -> bytes:
+        actor = self._actor()
+        await actor.report.remote(self.name, svc.metrics.render().decode())
+        return merge_metrics(await actor.metrics.remote())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            await self._actor().leave.remote(self.name)
+        except Exception:  # noqa: BLE001 - the deployment is going away with its actor
+            pass
+
+
+@serve.ingress()
+class SnnetReplica:
+    """One replica: the snnet server app, with its own model process, following the shared policy."""
+
+    def __init__(self, config_json: str) -> None:
+        self.config = ServeConfig.from_json(config_json)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app(self.config, fleet=RayFleet())
+
+
+def application(config: ServeConfig, replicas: int = 1, max_replicas: int | None = None, target_ongoing: float = 2.0,
+                graceful_shutdown_s: float = 60.0, autoscaling: dict[str, Any] | None = None) -> serve.Application:
+    """The Ray Serve application: ``replicas`` replicas, or from ``replicas`` up to ``max_replicas``
+    scaled by Ray on ongoing requests per replica (``target_ongoing``; ``autoscaling``: more of
+    Ray's ``autoscaling_config``). Each replica reserves ``config.threads`` CPUs for its model
+    process. On shutdown Ray waits up to ``graceful_shutdown_s`` for the requests in flight."""
+    if replicas < 1 or (max_replicas is not None and max_replicas < replicas):
+        raise ServeError(f"need replicas >= 1 and max replicas >= replicas (got {replicas}, {max_replicas})")
+    scaling: dict[str, Any] = {"num_replicas": replicas}
+    if max_replicas is not None and max_replicas > replicas:
+        scaling = {"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas,
+                                          "target_ongoing_requests": target_ongoing, "upscale_delay_s": 3.0, **(autoscaling or {})}}
+    deployment = serve.deployment(
+        SnnetReplica, name="snnet",
+        ray_actor_options={"num_cpus": config.threads},
+        max_ongoing_requests=max(8, config.max_queue),  # the server's own bound (503 with Retry-After) decides
+        graceful_shutdown_timeout_s=graceful_shutdown_s,
+        deployment_actors=[DeploymentActorConfig(name="stitch_policy", actor_class="snnet.deploy.ray:StitchPolicyActor",
+                                                 actor_options={"num_cpus": 0})],
+        **scaling,
+    )
+    return deployment.bind(config.to_json())
+
+
+def app(args: dict[str, str]) -> serve.Application:
+    """The application builder for ``serve run snnet.deploy.ray:app model=DIR [name=value ...]``:
+    any :class:`ServeConfig` field, and ``replicas``, ``max_replicas``, ``target_ongoing``."""
+    args = dict(args)
+    scaling = {k: args.pop(k) for k in ("replicas", "max_replicas", "target_ongoing") if k in args}
+    hints = typing.get_type_hints(ServeConfig)
+    known = {f.name for f in fields(ServeConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ServeError(f"unknown setting(s) {', '.join(unknown)}: use the fields of ServeConfig ({', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for name, text in args.items():
+        kind = hints[name]
+        if kind in (bool,):
+            values[name] = text.lower() in ("1", "true", "yes", "on")
+        elif kind in (int, float):
+            values[name] = kind(text)
+        else:
+            values[name] = None if text.lower() in ("none", "null", "") else text
+    return application(ServeConfig(**values), replicas=int(scaling.get("replicas", 1)),
+                       max_replicas=int(scaling["max_replicas"]) if "max_replicas" in scaling else None,
+                       target_ongoing=float(scaling.get("target_ongoing", 2.0)))

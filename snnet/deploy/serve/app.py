@@ -1,0 +1,425 @@
+"""The HTTP side: the FastAPI app, its routes, and the limits every request body is read under.
+
+Routes (the handlers are plain functions of the :class:`~.service.Service` and the request, so
+the Ray Serve deployment (:mod:`snnet.deploy.ray`) serves the very same ones):
+
+* ``POST /predict`` — a PNG/JPEG as the body; a multipart form with one file part named ``file``
+  per image (several: a batch, answered together in order); or a raw tensor (``.npy`` or
+  safetensors body). Answers JSON, or ``.npy`` probabilities when the client asks for
+  ``Accept: application/x-npy``;
+* ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /stitch`` (the policy and ladder);
+* ``PUT /stitch`` — pin a stitch or go back to automatic choice: needs the admin token (:mod:`.auth`).
+
+:class:`BodyLimits` (ASGI middleware) reads every request body under two limits: its size (a
+413 the client can read: the rest of an oversized body is read and dropped, so the client is not
+reset while it is still sending) and the time it may take to arrive (``--body-timeout``: then 408
+and the connection is closed). A request holds no room in the queue until its whole body is here.
+``/docs``, ``/redoc`` and ``/openapi.json`` are off unless ``docs`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from ...errors import ServeError
+from .auth import check_admin
+from .batcher import BatchResult
+from .config import ENV_CONFIG, POLICIES, ServeConfig, log
+from .images import ARRAY_TYPES, first_line, read_array
+from .metrics import Metrics
+from .rejected import Rejected
+from .service import Service
+
+__all__ = ["ADMIN_BODY_LIMIT", "BodyLimits", "ENV_ENGINE", "Fleet", "app_from_env", "create_app", "get_stitch", "health", "metrics",
+           "predict", "put_stitch"]
+
+ENV_ENGINE = "SNNET_SERVE_ENGINE"  # "<socket path> <authkey hex>": the model process uvicorn's workers join
+ADMIN_BODY_LIMIT = 4096  # bytes of a PUT /stitch body: {"stitch": <name>} needs a few dozen
+NPY = "application/x-npy"
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Fleet(Protocol):
+    """Replicas that follow one stitch policy (:mod:`snnet.deploy.ray`): a server that is one of
+    several applies the shared setting at start and follows it, publishes a PUT /stitch to the
+    others, and reports /metrics for all of them."""
+
+    name: str  # this replica's, in /health, GET /stitch and the `replica` label of /metrics
+
+    async def start(self, svc: Service) -> None: ...
+
+    async def publish(self, setting: dict[str, Any]) -> None: ...
+
+    async def metrics(self, svc: Service) -> bytes: ...
+
+    async def stop(self) -> None: ...
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, media_type="application/json")
+
+
+def _reject(e: Rejected, metrics: Metrics) -> Response:
+    metrics.rejected.labels(e.kind).inc()
+    metrics.requests.labels(str(e.status)).inc()
+    return _json({"error": e.reason}, e.status, e.headers)
+
+
+# =============================================================================== request bodies
+
+
+class BodyLimits:
+    """ASGI middleware: every request body within a size limit (by method and path) and a time limit."""
+
+    def __init__(self, app: Any, limit: Callable[[str, str], int], timeout_s: float) -> None:
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        limit = self.limit(scope["method"], scope["path"])
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        too_big = f"over the upload limit of {limit} bytes: send a smaller body (for images: fewer or smaller ones at once)"
+        started = False
+
+        async def tracked_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            async with asyncio.timeout(self.timeout_s) as timer:
+                if declared is not None and (not declared.isdigit() or int(declared) > limit):
+                    if not declared.isdigit():
+                        return await self._answer(send, 400, f"Content-Length {declared.decode(errors='replace')!r} is not a number")
+                    if headers.get(b"expect", b"").lower() != b"100-continue":  # the body is on its way: take it, drop it
+                        await self._drain(receive)
+                    return await self._answer(send, 413, f"body of {int(declared)} bytes is {too_big}")
+                received = 0
+
+                async def limited() -> dict[str, Any]:
+                    nonlocal received
+                    message = await receive()
+                    if message["type"] == "http.request":
+                        received += len(message.get("body", b""))
+                        if received > limit:
+                            if message.get("more_body"):
+                                await self._drain(receive)
+                            raise Rejected(413, f"body is {too_big}", "too_large")
+                        if not message.get("more_body"):
+                            timer.reschedule(None)  # all here: the time limit is for the body only
+                    return message
+
+                await self.app(scope, limited, tracked_send)
+        except TimeoutError:
+            if not started:
+                await self._answer(send, 408, f"the request body did not arrive within {self.timeout_s:g} s (--body-timeout): "
+                                              "send it at once", close=True)
+
+    @staticmethod
+    async def _drain(receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
+
+    @staticmethod
+    async def _answer(send: Send, status: int, reason: str, close: bool = False) -> None:
+        body = orjson.dumps({"error": reason})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _Parts:
+    """The parts of a multipart/form-data body as python-multipart's streaming parser finds them
+    (the parser Starlette's form is built on, driven here directly: Starlette's form makes an
+    UploadFile with a spooled temporary file per part, 26 us of CPU a part on this machine
+    against 8 here, and a 64-image request of Fashion-MNIST PNGs spends more on that than the
+    smallest stitch spends classifying them)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[bytes | None, bytes | None, bytes]] = []  # (name, filename, content)
+        self._field, self._value = b"", b""
+        self._headers: dict[bytes, bytes] = {}
+        self._chunks: list[bytes] = []
+
+    def callbacks(self) -> dict[str, Any]:
+        return {"on_part_begin": self._begin, "on_header_field": self._on_field, "on_header_value": self._on_value,
+                "on_header_end": self._header_end, "on_part_data": self._data, "on_part_end": self._end}
+
+    def _begin(self) -> None:
+        self._headers, self._chunks = {}, []
+
+    def _on_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _on_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field, self._value = b"", b""
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        self._chunks.append(data[start:end])
+
+    def _end(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        self.parts.append((options.get(b"name"), options.get(b"filename"), b"".join(self._chunks)))
+
+
+async def _image_parts(request: Request, max_images: int) -> list[bytes]:
+    """The images of a multipart/form-data body: one file part named ``file`` per image."""
+    too_many = f"a request carries at most {max_images} images (--max-batch): split the batch"
+    _, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise Rejected(400, "malformed multipart body: the content type has no boundary", "bad_batch")
+    found = _Parts()
+    parser = MultipartParser(boundary, found.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+            if len(found.parts) > max_images:
+                raise Rejected(413, too_many, "bad_batch")
+        parser.finalize()
+    except MultipartParseError as e:
+        raise Rejected(400, f"malformed multipart body: {first_line(e)}", "bad_batch") from e
+    others = sorted({(name or b"").decode(errors="replace") for name, _, _ in found.parts} - {"file"})
+    if others:
+        raise Rejected(400, f"unexpected form field(s) {', '.join(others)}: send images as file parts named `file`", "bad_batch")
+    if not found.parts:
+        raise Rejected(400, "the form has no `file` part: send each image as a file part named `file`", "bad_batch")
+    if any(filename is None for _, filename, _ in found.parts):
+        raise Rejected(400, "`file` must be a file part (with a filename), not a text field", "bad_batch")
+    if len(found.parts) > max_images:
+        raise Rejected(413, too_many, "bad_batch")
+    return [content for _, _, content in found.parts]
+
+
+# =============================================================================== routes
+
+
+async def predict(svc: Service, request: Request) -> Response:
+    """A PNG/JPEG as the raw body, multipart file part(s) named `file` (several = a batch), or a
+    raw tensor (.npy / safetensors)."""
+    arrived = time.perf_counter()
+    c, batcher = svc.config, svc.batcher
+    ctype = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    try:
+        array = None
+        if ctype == "multipart/form-data":
+            blobs = await _image_parts(request, c.max_batch)
+        else:
+            body = await request.body()
+            if not body:
+                raise Rejected(400, "empty body: send a PNG or JPEG as the body, multipart file part(s) named `file`, "
+                                    "or an array (application/x-npy)", "empty")
+            if ctype in ARRAY_TYPES:
+                array = read_array(body, ARRAY_TYPES[ctype])
+                if len(array) > c.max_batch:
+                    raise Rejected(413, f"a request carries at most {c.max_batch} images (--max-batch): split the batch", "bad_batch")
+            blobs = [body]
+        n = len(array) if array is not None else len(blobs)
+        offset = batcher.reserve(n)  # a full server refuses here, before decoding; nothing was held while the body arrived
+        try:
+            out = batcher.ring[offset:offset + n]
+            if array is None:
+                svc.preprocess.images(blobs, out)
+            else:
+                svc.preprocess.array(array, out)
+            future = batcher.submit(offset, n, arrived)
+        except BaseException:
+            batcher.release(offset, n)
+            raise
+        svc.metrics.queue.set(batcher.held)
+        try:
+            result: BatchResult = await future
+        except RuntimeError as e:  # the model failed on this batch (logged with its traceback by the model process)
+            raise Rejected(500, f"the model failed on this batch ({e}); the server goes on", "model_error") from e
+    except Rejected as e:
+        svc.metrics.queue.set(batcher.held)
+        return _reject(e, svc.metrics)
+    latency = time.perf_counter() - arrived
+    svc.metrics.latency.observe(latency)
+    svc.metrics.requests.labels("200").inc()
+    svc.metrics.queue.set(batcher.held)
+    info, d = result.info, result.decision
+    row = svc.rows[d.stitch]
+    if NPY in request.headers.get("accept", ""):
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, result.probs, allow_pickle=False)
+        return Response(buf.getvalue(), 200, {"x-snnet-stitch": str(d.stitch), "x-snnet-stitch-name": d.name,
+                                              "x-snnet-mode": "pinned" if d.pinned else "auto",
+                                              "x-snnet-latency-ms": f"{latency * 1e3:.3f}"}, media_type=NPY)
+    return _json({
+        "predictions": [{"class": int(k), "probs": p} for k, p in zip(result.probs.argmax(-1), result.probs)],
+        "stitch": {"id": d.stitch, "name": d.name, "acc1": row.get("acc1"), "flops": row["flops"]},
+        "mode": "pinned" if d.pinned else "auto",
+        "batch": {"id": info.batch_id, "size": info.size, "compute_ms": round(info.compute_ms, 3),
+                  "predicted_ms": None if d.predicted_ms is None else round(d.predicted_ms, 3), "reason": d.reason},
+        "latency_ms": round(latency * 1e3, 3),
+    })
+
+
+def _who(fleet: Fleet | None) -> dict[str, str]:
+    return {"replica": fleet.name} if fleet is not None else {}
+
+
+async def health(svc: Service, fleet: Fleet | None = None) -> Response:
+    """200 with the stitch in use while the model process answers; 503 when it does not."""
+    try:
+        state = await asyncio.wait_for(svc.batcher.ask("state"), 10)
+    except asyncio.TimeoutError:
+        return _json({"status": "the model process did not answer within 10 s"}, 503)
+    except Rejected as e:
+        return _json({"status": e.reason}, 503)
+    return _json({"status": "ok", **state, "held": svc.batcher.held, "server_pid": os.getpid(), **_who(fleet)})
+
+
+async def metrics(svc: Service, fleet: Fleet | None = None) -> Response:
+    return Response(await fleet.metrics(svc) if fleet else svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def get_stitch(svc: Service, fleet: Fleet | None = None) -> Response:
+    try:
+        return _json({**await svc.batcher.ask("policy"), **_who(fleet)})
+    except Rejected as e:
+        return _reject(e, svc.metrics)
+
+
+async def put_stitch(svc: Service, request: Request, fleet: Fleet | None = None) -> Response:
+    """Body {"stitch": <id or name>} pins one; {"stitch": "auto"} returns to automatic choice, with
+    an optional "policy" (controller or last-second). Needs the admin token. Applied here first
+    (an unknown stitch is a 404 here), then published to the other replicas of a fleet."""
+    usage = f'send JSON {{"stitch": <id or name>}} to pin one, or {{"stitch": "auto"}} (optionally with "policy": one of {list(POLICIES)})'
+    try:
+        check_admin(svc.admin_token, request.headers.get("authorization"))
+        raw = await request.body()  # at most ADMIN_BODY_LIMIT bytes (BodyLimits): parsing it is bounded
+        try:
+            body = json.loads(raw or b"null")
+        except (ValueError, RecursionError) as e:
+            raise Rejected(400, f"the body is not JSON ({type(e).__name__}): {usage}", "bad_request") from e
+        key = body.get("stitch") if isinstance(body, dict) else None
+        policy = body.get("policy") if isinstance(body, dict) else None
+        if not isinstance(key, (int, str)) or isinstance(key, bool) or (policy is not None and (key != "auto" or policy not in POLICIES)):
+            raise Rejected(400, usage, "bad_request")
+        answer = await svc.batcher.ask("auto", policy) if key == "auto" else await svc.batcher.ask("pin", key)
+        if fleet is not None:
+            await fleet.publish({"stitch": key, "policy": policy})
+    except Rejected as e:
+        return _reject(e, svc.metrics)
+    return _json({**answer, **_who(fleet)})
+
+
+# =============================================================================== the app
+
+
+def body_limit(config: ServeConfig) -> Callable[[str, str], int]:
+    """Largest body per method and path: images for /predict, a few bytes for admin requests."""
+    def limit(method: str, path: str) -> int:
+        return config.max_upload_bytes if path == "/predict" else ADMIN_BODY_LIMIT
+    return limit
+
+
+def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] | None = None, fleet: Fleet | None = None) -> FastAPI:
+    """The FastAPI app. ``source``: a :class:`Service` to serve (its owner closes its model
+    process), or a config: then, when the server starts, ``factory`` makes the Service (worker
+    processes join a model process that way), or by default a model process of its own is started
+    (and stopped with the server). ``fleet``: the replicas this server is one of (Ray Serve)."""
+    config = source.config if isinstance(source, Service) else source
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if isinstance(source, Service):
+            svc, owned = source, False
+        else:
+            svc, owned = await asyncio.to_thread(factory or (lambda: Service.load(config))), True
+        app.state.service = svc
+        svc.start()
+        if fleet is not None:
+            await fleet.start(svc)  # the setting the other replicas follow, before the first request
+        policy = await svc.batcher.ask("policy")
+        log.info("serving %s: %d stitches, %d on the ladder (%s ... %s), SLO %.1f ms, max batch %d, %s",
+                 svc.config.model, len(svc.rows), len(policy["ladder"]), policy["ladder"][0]["name"], policy["ladder"][-1]["name"],
+                 svc.config.slo_ms, svc.config.max_batch,
+                 "pinned to " + policy["current"]["name"] if policy["mode"] == "pinned" else f"automatic ({policy['policy']})")
+        try:
+            yield
+        finally:
+            if fleet is not None:
+                await fleet.stop()
+            await svc.stop()  # every request already sent to the model is answered first
+            if owned:
+                await asyncio.to_thread(svc.close)
+
+    docs = config.docs
+    app = FastAPI(title="snnet serve", summary="One stitchable network, switching stitches to hold a latency target",
+                  lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
+
+    def service(request: Request) -> Service:
+        return request.app.state.service
+
+    @app.post("/predict")
+    async def _predict(request: Request) -> Response:
+        """A PNG/JPEG as the raw body, multipart file part(s) named `file`, or an array (application/x-npy)."""
+        return await predict(service(request), request)
+
+    @app.get("/health")
+    async def _health(request: Request) -> Response:
+        return await health(service(request), fleet)
+
+    @app.get("/metrics")
+    async def _metrics(request: Request) -> Response:
+        return await metrics(service(request), fleet)
+
+    @app.get("/stitch")
+    async def _get_stitch(request: Request) -> Response:
+        return await get_stitch(service(request), fleet)
+
+    @app.put("/stitch")
+    async def _put_stitch(request: Request) -> Response:
+        """Pin a stitch or go back to automatic choice (needs `Authorization: Bearer <admin token>`)."""
+        return await put_stitch(service(request), request, fleet)
+
+    @app.exception_handler(Rejected)
+    async def _rejected(request: Request, e: Rejected) -> Response:  # raised while a body is read (413)
+        return _reject(e, service(request).metrics)
+
+
+    app.add_middleware(BodyLimits, limit=body_limit(config), timeout_s=config.body_timeout_s)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app for ``uvicorn --factory snnet.deploy.serve:app_from_env`` (worker processes): its
+    config is the JSON in ``$SNNET_SERVE_CONFIG``, and it joins the model process in ``$SNNET_SERVE_ENGINE``."""
+    text, engine = os.environ.get(ENV_CONFIG), os.environ.get(ENV_ENGINE)
+    if not text or not engine:
+        raise ServeError(f"${ENV_CONFIG} and ${ENV_ENGINE} are not set: start the server with `snnet serve --workers N`")
+    config = ServeConfig.from_json(text)
+    address, key = engine.rsplit(" ", 1)
+    return create_app(config, factory=lambda: Service.attach(config, address, bytes.fromhex(key)))

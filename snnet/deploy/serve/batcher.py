@@ -1,0 +1,193 @@
+"""A server process's side of batching: room in its input ring, jobs out, results back.
+
+The batching loop and the model run in the model process (:mod:`.engine`); each server process
+(one per uvicorn worker) owns a :class:`Batcher`:
+
+* the **input ring**: ``max_queue`` images of the network's input, float32, in a file in
+  ``/dev/shm`` mapped by both processes (unlinked as soon as the model process has mapped it, so
+  nothing is left behind whatever happens). A request's decoded images are written straight into
+  a run of free places (:meth:`Batcher.reserve`); the room is held from decoding until the
+  request's batch has run, and a request that finds no room gets 503 at once, with Retry-After;
+* a **jobs connection**: one small message per request out, one ``done`` message per batch back,
+  read on the event loop as soon as it arrives (``loop.add_reader``), which resolves each
+  request's future with its probabilities and the batch's details (:class:`BatchResult`);
+* a **control connection**, used from a thread so the event loop never waits on it: the policy,
+  pin and auto (the model process answers those at once, from a thread of its own).
+
+Room is counted in images, not requests, and only once a request's body has arrived: a client
+that uploads slowly holds nothing (issue 25).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+import numpy as np
+
+from ..controller import Decision
+from .engine import BatchInfo, EngineInfo, open_ring
+from .rejected import Rejected
+
+__all__ = ["BatchResult", "Batcher"]
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one request gets back from its batch."""
+
+    probs: np.ndarray  # (k, classes)
+    info: BatchInfo
+
+    @property
+    def decision(self) -> Decision:
+        return self.info.decision
+
+
+def _shm_folder() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class Batcher:
+    """One server process's input ring and connections to the model process."""
+
+    def __init__(self, connect: Callable[..., Connection], info: EngineInfo, max_queue: int,
+                 on_batch: Callable[[BatchInfo, int], None] = lambda info, images: None) -> None:
+        self.info = info
+        self.capacity = max_queue
+        self.on_batch = on_batch  # metrics: called once per batch this process had requests in
+        fd, path = tempfile.mkstemp(prefix="snnet-ring-", dir=_shm_folder())
+        os.close(fd)
+        try:
+            self._buf, self.ring = open_ring(path, max_queue, info.input_size)
+            self.conn = connect("jobs", path, max_queue)
+            self.conn.recv()  # "attached": the model process has mapped the ring
+        finally:
+            os.unlink(path)
+        self._control = connect("control")
+        self._control_lock = threading.Lock()
+        self._used = bytearray(max_queue)  # 1 where an image of a request not yet answered is held
+        self.held = 0
+        self._pending: dict[int, tuple[asyncio.Future, int, int]] = {}  # job id -> (future, offset, images)
+        self._next_id = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.last: BatchInfo | None = None  # the latest batch this process heard of
+        self.closing = False
+
+    # ------------------------------------------------------------------ room
+    def reserve(self, images: int) -> int:
+        """The offset of ``images`` free places in the ring, now held; :class:`Rejected` (503 with
+        Retry-After) when the server holds too many images already."""
+        at = -1 if self.closing or self.held + images > self.capacity else self._used.find(bytes(images))
+        if at < 0:
+            raise Rejected(503, f"server is at capacity ({self.held} images held, limit {self.capacity}): retry later",
+                           "queue_full", {"Retry-After": str(self.retry_after())})
+        self._used[at:at + images] = b"\x01" * images
+        self.held += images
+        return at
+
+    def release(self, offset: int, images: int) -> None:
+        self._used[offset:offset + images] = bytes(images)
+        self.held -= images
+
+    def retry_after(self) -> int:
+        """Seconds until what is held should have run, at the speed of the last batch (at least 1)."""
+        last = self.last
+        if last is None or last.size == 0:
+            return 1
+        return max(1, math.ceil((self.held + last.queue) / last.size * last.compute_ms / 1000))
+
+    # ------------------------------------------------------------------ jobs
+    def start(self) -> None:
+        """Read results on the running event loop from now on."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.conn.fileno(), self._on_results)
+        # libuv (uvloop) makes a polled descriptor non-blocking; a result larger than one read
+        # (4 images x 1000 classes) would then come back as BlockingIOError halfway through
+        os.set_blocking(self.conn.fileno(), True)
+
+    def submit(self, offset: int, images: int, arrived: float) -> asyncio.Future:
+        """Send the model process a request whose images are in the ring at ``offset``; the future
+        gets its :class:`BatchResult` (or the model's error, as a RuntimeError). The room is
+        released when the batch has run, whatever the caller does meanwhile."""
+        assert self._loop is not None, "Batcher.start() first"
+        job_id = self._next_id
+        self._next_id += 1
+        future = self._loop.create_future()
+        self._pending[job_id] = (future, offset, images)
+        try:
+            self.conn.send(("job", job_id, offset, images, arrived))
+        except OSError as e:
+            del self._pending[job_id]
+            raise Rejected(503, f"the model process is gone ({e.__class__.__name__}): the server is shutting down or broken",
+                           "model_gone") from e
+        return future
+
+    def _on_results(self) -> None:
+        try:
+            while self.conn.poll():
+                kind, info, results = self.conn.recv()
+                self.last = info
+                images = 0
+                for job_id, out in results:
+                    future, offset, k = self._pending.pop(job_id)
+                    self.release(offset, k)
+                    images += k
+                    if future.done():
+                        continue
+                    if isinstance(out, str):
+                        future.set_exception(RuntimeError(out))
+                    else:
+                        future.set_result(BatchResult(out, info))
+                self.on_batch(info, images)
+        except (EOFError, OSError):  # the model process is gone: nothing queued will be answered
+            assert self._loop is not None
+            self._loop.remove_reader(self.conn.fileno())
+            for future, offset, k in self._pending.values():
+                self.release(offset, k)
+                if not future.done():
+                    future.set_exception(RuntimeError("the model process exited"))
+            self._pending.clear()
+
+    # ------------------------------------------------------------------ control
+    def control(self, op: str, arg: Any = None) -> Any:
+        """Ask the model process (blocking: call it from a thread). Returns its answer, or raises
+        :class:`Rejected`: 404/400 with the model process's one-line reason, 503 when it is gone."""
+        try:
+            with self._control_lock:
+                self._control.send((op, arg))
+                ok, payload = self._control.recv()
+        except (OSError, EOFError) as e:
+            raise Rejected(503, f"the model process does not answer ({type(e).__name__}): the server is shutting down or broken",
+                           "model_gone") from e
+        if ok:
+            return payload
+        kind, reason = payload
+        raise Rejected(404 if kind == "not_found" else 400, reason, "bad_request")
+
+    async def ask(self, op: str, arg: Any = None) -> Any:
+        return await asyncio.to_thread(self.control, op, arg)
+
+    # ------------------------------------------------------------------ shutdown
+    async def close(self, timeout: float = 600.0) -> None:
+        """Refuse new requests, wait for every request sent to be answered, then disconnect."""
+        self.closing = True
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._loop is not None and not self.conn.closed:
+            self._loop.remove_reader(self.conn.fileno())
+        for conn in (self.conn, self._control):
+            conn.close()
+        self.ring = np.empty((0, *self.info.input_size), np.float32)  # drop the view before the map
+        try:
+            self._buf.close()
+        except BufferError:  # a view of it is still alive somewhere: the mapping goes with the process
+            pass

@@ -1,0 +1,444 @@
+"""The model process: the network, its stitch policy and the batching loop, apart from HTTP.
+
+Why a process of its own: a small network's forward is much Python (one call per module), and
+so are HTTP parsing, multipart parsing and decoding. In one process they take turns on the GIL,
+and the server answered fewer images a second than the model alone could run (issue 20). Here
+the model process does nothing but batches, on its own core, and the server processes
+(:mod:`.batcher`, one per uvicorn worker) do everything else:
+
+* a server process decodes and normalises a request's images straight into its **input ring**, a
+  shared-memory array of ``max_queue`` images it made, and sends the model process one small
+  message: which images, how many, when the request arrived (``("job", ...)``);
+* the **batching loop** here takes every message waiting, from every server process, and runs the
+  next batch: whole requests in arrival order, up to ``max_batch`` images, on the stitch the
+  policy (:func:`~snnet.deploy.controller.make_policy`) names for it from the queue and the recent
+  latencies. It runs as soon as the model is free (``max_wait_ms`` 0) or waits that long after
+  the first request for the batch to fill. Each request's probabilities go back as a ``done``
+  message with the batch's details; batches run one after another, each wholly on one stitch,
+  so switching never drops or reorders a request;
+* **control** (the policy, pin, unpin) is answered by a thread of its own at once, not after the
+  batch in flight: a pin takes effect from the next batch, for every server process.
+
+The process starts with :class:`EngineProcess` (a fresh interpreter: no inherited threads), loads the network, profiles the stitches the results give no latency table for, then
+listens on a Unix socket for server processes (:class:`multiprocessing.connection.Listener`, with
+an authentication key). It ignores SIGINT and SIGTERM (the servers drain first, then its owner
+closes it) and exits when its owner says so or goes away.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Client, Connection, Listener, wait
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ...errors import ServeError, SnnetError, StitchNotFoundError
+from ..controller import ControllerConfig, Decision, LatencyTable, Rung, StitchController, ladder, make_policy
+from .config import ServeConfig
+
+__all__ = ["BatchInfo", "EngineInfo", "EngineProcess", "connect", "open_ring"]
+
+_RECENT_S = 2.0  # end-to-end latencies the controller judges the last decisions by
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a server process learns from the model process when it connects."""
+
+    rows: list[dict[str, Any]]  # every stitch: id, name, flops, acc1, latency table...
+    input_size: tuple[int, int, int]
+    data_config: dict[str, Any]  # the first anchor's: mean, std, interpolation, crop (how images are read)
+    pid: int
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """One batch, as the server processes whose requests were in it learn of it."""
+
+    batch_id: int
+    size: int  # images
+    compute_ms: float
+    decision: Decision
+    queue: int  # images still waiting in the model process after this batch was taken
+    slowdown: float
+    lead: bool  # this server process records the batch's own metrics (each batch is counted once)
+
+
+def open_ring(path: str, capacity: int, input_size: Sequence[int]) -> tuple[mmap.mmap, np.ndarray]:
+    """The input ring in file ``path`` (in /dev/shm where there is one): ``capacity`` images of
+    float32 ``input_size``, mapped shared, as a numpy array."""
+    shape = (capacity, *(int(v) for v in input_size))
+    nbytes = int(np.prod(shape)) * 4
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if os.fstat(fd).st_size < nbytes:
+            os.ftruncate(fd, nbytes)
+        buf = mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
+    return buf, np.ndarray(shape, np.float32, buffer=buf)
+
+
+@dataclass(eq=False)  # compared and hashed by identity: one per connection
+class _Front:
+    """A server process connected to the model process: its connection and its input ring."""
+
+    conn: Connection
+    buf: mmap.mmap
+    ring: np.ndarray
+
+
+@dataclass
+class _Job:
+    front: _Front
+    job_id: int
+    offset: int
+    images: int
+    arrived: float  # time.perf_counter() of the server process (CLOCK_MONOTONIC, the same for all processes)
+
+
+@dataclass
+class _Engine:
+    """The network and the policy, and the batching loop over every server process's jobs."""
+
+    config: ServeConfig
+    net: Any  # StitchedNet
+    rows: list[dict[str, Any]]
+    policy: StitchController
+    jobs: deque[_Job] = field(default_factory=deque)
+    fronts: list[_Front] = field(default_factory=list)
+    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=4000))  # (finished, end-to-end ms)
+    batches: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the policy: the batching loop and control share it
+
+    # ------------------------------------------------------------------ start
+    @classmethod
+    def load(cls, config: ServeConfig, say: Callable[[str], Any]) -> "_Engine":
+        """Load the network and results; profile at start the stitches to serve that the results
+        hold no latency table for (at batch sizes 1, 2, 4, ... up to ``max_batch``), saying so."""
+        import torch
+
+        from ...model import StitchedNet
+        from ...results import merge_rows, read_rows
+        from ..profiling import profile
+
+        torch.set_num_threads(config.threads)
+        net = StitchedNet.from_pretrained(config.model).eval()
+        rows = [c.to_dict() for c in net.costs()]
+        if config.results is not None:
+            rows = merge_rows(rows, read_rows(config.results), "the results")
+        table = LatencyTable.from_rows(rows)
+        todo = [r.id for r in ladder(rows) if r.id not in table or len(table.batch_sizes(r.id)) < 2]
+        if todo:
+            sizes = sorted({min(2 ** k, config.max_batch) for k in range(int(math.log2(config.max_batch)) + 2)})
+            say(f"profiling {len(todo)} stitches at batch sizes {sizes} ({config.threads} threads): "
+                f"{config.results or 'no results file'} has no latency_by_batch for them (`snnet profile --batch-sizes` writes it)")
+            measured, settings = profile(net, batch_size=1, warmup=3, repeats=config.profile_repeats, device="cpu",
+                                         threads=config.threads, stitches=todo, progress=False, batch_sizes=sizes)
+            extra = [dict(r.to_dict(), profile=settings.to_dict()) for r in measured]
+            rows = merge_rows(rows, extra, "the profile")
+        engine = cls(config, net, rows, _policy(config.policy, rows, config))
+        if config.stitch not in (None, "auto"):
+            engine.policy.pin(engine.rung(config.stitch))
+        return engine
+
+    def info(self) -> EngineInfo:
+        net = self.net
+        return EngineInfo(self.rows, tuple(int(v) for v in net.input_size), dict(net.anchors[0].data_config), os.getpid())
+
+    def rung(self, key: int | str) -> Rung:
+        """Any stitch of the network as a :class:`Rung` (raises StitchNotFoundError)."""
+        s = self.net.stitch(int(key) if isinstance(key, str) and key.strip().isdigit() else key)
+        r = next(r for r in self.rows if int(r["id"]) == s.id)
+        return Rung(s.id, s.name, int(r["flops"]), r.get("acc1"))
+
+    # ------------------------------------------------------------------ control (its own thread)
+    def control(self, op: str, arg: Any) -> Any:
+        """``policy`` (what GET /stitch shows), ``pin`` a stitch, ``auto`` (optionally with another
+        policy name), ``state`` (what GET /health shows) or ``info`` (:class:`EngineInfo`)."""
+        if op == "info":
+            return self.info()
+        with self.lock:
+            if op == "pin":
+                self.policy.pin(self.rung(arg))
+            elif op == "auto":
+                if arg is not None and arg != self.policy.name:
+                    old = self.policy
+                    self.policy = _policy(arg, self.rows, self.config)
+                    self.policy.slowdown = old.slowdown
+                else:
+                    self.policy.unpin()
+            elif op == "state":
+                return self.state()
+            elif op != "policy":
+                raise ServeError(f"unknown control operation {op!r}")
+            return self.policy.policy()
+
+    def state(self) -> dict[str, Any]:
+        p = self.policy
+        return {"stitch": p.current.name, "mode": "pinned" if p.pinned else "auto", "policy": p.name,
+                "queue": sum(j.images for j in self.jobs), "batches": self.batches, "model_pid": os.getpid()}
+
+    # ------------------------------------------------------------------ the batching loop
+    def serve(self, listener: Listener, owner: Connection) -> None:
+        """Run batches until the owner says ``close`` (then finish what is queued) or goes away."""
+        import torch
+
+        torch.set_num_threads(self.config.threads)
+        wake_r, wake_w = os.pipe()
+        arrivals: deque[_Front] = deque()
+        threading.Thread(target=self._accept, args=(listener, arrivals, wake_w), daemon=True, name="snnet-accept").start()
+        closing = False
+        c = self.config
+        while True:
+            if not self.jobs:
+                if closing and not wait([f.conn for f in self.fronts], 0):  # nothing queued, nothing on its way
+                    return
+                timeout: float | None = None
+            elif c.max_wait_ms > 0 and sum(j.images for j in self.jobs) < c.max_batch:
+                timeout = max(0.0, self.jobs[0].arrived + c.max_wait_ms / 1e3 - time.perf_counter())
+            else:
+                timeout = 0.0
+            ready = wait([owner, wake_r, *(f.conn for f in self.fronts)], timeout)
+            for obj in ready:
+                if obj is owner:
+                    try:
+                        msg = owner.recv()
+                    except (EOFError, OSError):  # the owner is gone: nobody will close this process
+                        return
+                    closing = closing or msg[0] == "close"
+                elif obj == wake_r:
+                    os.read(wake_r, 4096)
+                    while arrivals:
+                        self.fronts.append(arrivals.popleft())
+                else:
+                    self._read(next(f for f in self.fronts if f.conn is obj))
+            queued = sum(j.images for j in self.jobs)
+            waited = (time.perf_counter() - self.jobs[0].arrived) * 1e3 if self.jobs else 0.0
+            if self.jobs and (queued >= c.max_batch or waited >= c.max_wait_ms or closing):
+                self._run_batch(torch)
+
+    def _accept(self, listener: Listener, arrivals: deque[_Front], wake_w: int) -> None:
+        """Server processes connect here: a ``jobs`` connection (with its input ring) joins the
+        batching loop; a ``control`` connection gets a thread that answers it."""
+        while True:
+            try:
+                conn = listener.accept()
+                kind, *args = conn.recv()
+            except (OSError, EOFError):
+                continue
+            if kind == "control":
+                threading.Thread(target=self._answer, args=(conn,), daemon=True, name="snnet-control").start()
+                continue
+            path, capacity = args
+            buf, ring = open_ring(path, capacity, self.net.input_size)
+            conn.send(("attached", os.getpid()))
+            arrivals.append(_Front(conn, buf, ring))
+            os.write(wake_w, b"x")
+
+    def _answer(self, conn: Connection) -> None:
+        while True:
+            try:
+                op, arg = conn.recv()
+            except (EOFError, OSError):
+                conn.close()
+                return
+            try:
+                reply: tuple[bool, Any] = (True, self.control(op, arg))
+            except StitchNotFoundError as e:
+                reply = (False, ("not_found", str(e).splitlines()[0]))
+            except SnnetError as e:
+                reply = (False, ("bad_request", str(e).splitlines()[0]))
+            conn.send(reply)
+
+    def _read(self, front: _Front) -> None:
+        """Every message waiting from one server process."""
+        try:
+            while front.conn.poll():
+                kind, *args = front.conn.recv()
+                if kind == "job":
+                    job_id, offset, images, arrived = args
+                    self.jobs.append(_Job(front, job_id, offset, images, arrived))
+                    with self.lock:
+                        self.policy.observe_arrival(images, arrived)
+        except (EOFError, OSError):  # that server process is gone: its requests have nobody to answer
+            self.jobs = deque(j for j in self.jobs if j.front is not front)
+            front.conn.close()
+            self.fronts.remove(front)
+
+    def _run_batch(self, torch: Any) -> None:
+        c = self.config
+        batch, n = [], 0
+        while self.jobs and n + self.jobs[0].images <= c.max_batch:  # whole requests, in arrival order
+            job = self.jobs.popleft()
+            batch.append(job)
+            n += job.images
+        now = time.perf_counter()
+        waiting = n + sum(j.images for j in self.jobs)
+        recent = [ms for t, ms in self.recent if now - t <= _RECENT_S]
+        with self.lock:
+            decision = self.policy.decide(waiting, (now - batch[0].arrived) * 1e3, recent, now)
+        if decision.switched:  # the latencies seen so far were another stitch's
+            self.recent.clear()
+        views = [torch.from_numpy(j.front.ring[j.offset:j.offset + j.images]) for j in batch]
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                x = views[0] if len(views) == 1 else torch.cat(views)
+                self.net.select(decision.stitch)
+                probs = self.net(x).float().softmax(-1).numpy()
+            error = None
+        except Exception as e:  # noqa: BLE001 - answer every request of the batch, keep serving
+            traceback.print_exc()
+            probs, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        done = time.perf_counter()
+        compute_ms = (done - t0) * 1e3
+        self.batches += 1
+        with self.lock:
+            self.policy.observe_batch(decision.stitch, n, compute_ms)
+            slowdown = self.policy.slowdown
+        by_front: dict[int, list[tuple[int, Any]]] = {}
+        start = 0
+        for j in batch:
+            self.recent.append((done, (done - j.arrived) * 1e3))
+            out = probs[start:start + j.images] if probs is not None else error
+            by_front.setdefault(id(j.front), []).append((j.job_id, out))
+            start += j.images
+        queue = sum(j.images for j in self.jobs)
+        for k, front in enumerate(dict.fromkeys(j.front for j in batch)):
+            info = BatchInfo(self.batches, n, compute_ms, decision, queue, slowdown, lead=k == 0)
+            try:
+                front.conn.send(("done", info, by_front[id(front)]))
+            except OSError:
+                pass  # gone: _read drops it at its next message
+
+
+def _policy(name: str, rows: Sequence[dict[str, Any]], config: ServeConfig) -> StitchController:
+    return make_policy(name, ladder(rows), LatencyTable.from_rows(rows),
+                       ControllerConfig(config.slo_ms, config.max_batch, up_after=config.up_after))
+
+
+ENV_KEY, ENV_CONFIG_JSON = "SNNET_MODEL_KEY", "SNNET_MODEL_CONFIG"  # how EngineProcess hands the model process its secret and settings
+
+
+def main() -> None:
+    """The model process (``python -c 'from snnet.deploy.serve.engine import main; main()' FD ADDRESS``):
+    load, say ``ready`` (or one line of ``error``) on the owner's socket FD, serve until closed."""
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole process group: the servers drain first
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    owner, address = Connection(int(sys.argv[1])), sys.argv[2]
+    authkey = bytes.fromhex(os.environ.pop(ENV_KEY))
+    try:
+        config = ServeConfig.from_json(os.environ.pop(ENV_CONFIG_JSON))
+        engine = _Engine.load(config, lambda text: owner.send(("say", text)))
+        listener = Listener(address, "AF_UNIX", authkey=authkey)
+    except SnnetError as e:
+        owner.send(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
+        return
+    except Exception as e:  # noqa: BLE001 - anything else is a bug: say it in one line, with the traceback in the log
+        traceback.print_exc()
+        owner.send(("error", f"the model process failed to start ({type(e).__name__}: {e})"))
+        return
+    owner.send(("ready", engine.info()))
+    engine.serve(listener, owner)
+
+
+class EngineProcess:
+    """Starts the model process and owns it: :meth:`close` lets it finish what is queued, then
+    stops it. Server processes connect with :meth:`connect` (or :func:`connect` with
+    :attr:`address` and :attr:`authkey`).
+
+    A plain subprocess of this interpreter (not :mod:`multiprocessing`), so that it works from
+    any caller: a script without a ``__main__`` guard, a uvicorn worker, a Ray replica. It talks
+    to its owner over a socket pair, and ends when the owner closes it or goes away."""
+
+    def __init__(self, config: ServeConfig, say: Callable[[str], Any] = print, start_timeout: float = 1800.0) -> None:
+        self.config = config
+        self.folder = tempfile.mkdtemp(prefix="snnet-model-")  # 0700: only this user reaches the socket
+        self.address = os.path.join(self.folder, "model.sock")
+        self.authkey = os.urandom(32)
+        mine, theirs = socket.socketpair()
+        env = dict(os.environ, **{ENV_KEY: self.authkey.hex(), ENV_CONFIG_JSON: config.to_json()})
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", "from snnet.deploy.serve.engine import main; main()", str(theirs.fileno()), self.address],
+                pass_fds=[theirs.fileno()], env=env)
+        finally:
+            theirs.close()
+        self._owner = Connection(mine.detach())
+        try:
+            self.info = self._wait_ready(say, start_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_ready(self, say: Callable[[str], Any], timeout: float) -> EngineInfo:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ready = self._owner.poll(max(0.0, min(1.0, deadline - time.monotonic())))
+                message = self._owner.recv() if ready else None
+            except (EOFError, OSError):
+                message = None
+                ready = False
+                self.process.wait(5)
+            if message is None:
+                if self.process.poll() is not None:
+                    raise ServeError(f"the model process exited with code {self.process.returncode} before it was ready "
+                                     "(see the log above)")
+                if time.monotonic() > deadline:
+                    raise ServeError(f"the model process was not ready after {timeout:.0f} s")
+                continue
+            kind, payload = message
+            if kind == "say":
+                say(payload)
+            elif kind == "error":
+                raise ServeError(payload)
+            else:
+                return payload
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def connect(self, kind: str, *args: Any) -> Connection:
+        """A connection to the model process, introduced as ``jobs`` (with the ring) or ``control``."""
+        return connect(self.address, self.authkey, kind, *args)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Let the model process finish every queued batch, then stop it; remove its socket folder."""
+        if self.process.poll() is None:
+            try:
+                self._owner.send(("close",))
+            except OSError:
+                pass
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._owner.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def connect(address: str, authkey: bytes, kind: str, *args: Any) -> Connection:
+    """A connection to the model process at ``address``, introduced as ``jobs`` (with the ring) or ``control``."""
+    conn = Client(address, "AF_UNIX", authkey=authkey)
+    conn.send((kind, *args))
+    return conn

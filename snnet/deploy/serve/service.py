@@ -1,0 +1,77 @@
+"""One server process's view of the served network.
+
+A :class:`Service` holds what the model process said about the network (its stitches, input size
+and data config), this process's :class:`~.batcher.Batcher` (input ring and connections),
+the preprocessing, the metrics and the admin token. :meth:`Service.load` starts a model process
+of its own (:class:`~.engine.EngineProcess`); :meth:`Service.attach` joins one that another
+process started (``snnet serve --workers N``: one model process, N server processes, one stitch
+policy for all of them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .auth import read_admin_token
+from .batcher import Batcher
+from .config import ServeConfig, log
+from .engine import EngineInfo, EngineProcess, connect
+from .images import Preprocess
+from .metrics import Metrics
+
+__all__ = ["Service"]
+
+
+class Service:
+    """The network as served by this process (see the module)."""
+
+    def __init__(self, config: ServeConfig, info: EngineInfo, connect: Callable[..., Any],
+                 engine: EngineProcess | None = None) -> None:
+        self.config = config
+        self.info = info
+        self.engine = engine  # the model process, when this process started it (it closes it)
+        self.admin_token = read_admin_token(config.admin_token_file)
+        self.rows = {int(r["id"]): r for r in info.rows}
+        self.input_size = info.input_size
+        self.preprocess = Preprocess(info.data_config, info.input_size, resize=config.resize, max_pixels=config.max_pixels)
+        self.metrics = Metrics()
+        self.batcher = Batcher(connect, info, config.max_queue, self.metrics.batch)
+
+    @classmethod
+    def load(cls, config: ServeConfig, say: Callable[[str], Any] = log.info) -> "Service":
+        """Start a model process for ``config`` (it loads the network and profiles what needs it,
+        saying so through ``say``) and connect to it. Bad input fails here, in one line."""
+        read_admin_token(config.admin_token_file)  # a bad token file fails before the network loads
+        engine = EngineProcess(config, say)
+        try:
+            return cls(config, engine.info, engine.connect, engine)
+        except BaseException:
+            engine.close()
+            raise
+
+    @classmethod
+    def attach(cls, config: ServeConfig, address: str, authkey: bytes) -> "Service":
+        """Join the model process listening at ``address`` (started by another process)."""
+        def conn(kind: str, *args: Any) -> Any:
+            return connect(address, authkey, kind, *args)
+
+        probe = conn("control")
+        try:
+            probe.send(("info", None))
+            ok, info = probe.recv()
+        finally:
+            probe.close()
+        return cls(config, info, conn)
+
+    def start(self) -> None:
+        """Serve on the running event loop."""
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        """Answer every request already sent to the model, then disconnect from it."""
+        await self.batcher.close()
+
+    def close(self) -> None:
+        """Stop the model process if this process started it (after :meth:`stop`)."""
+        if self.engine is not None:
+            self.engine.close()

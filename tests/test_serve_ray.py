@@ -1,0 +1,146 @@
+"""snnet on Ray Serve: two replicas on a local Ray instance, one stitch policy for both.
+
+Start, predict, a pin that reaches both replicas, scale to three (the new replica takes the pin
+from its start), /metrics for all replicas, and shutdown draining requests in flight. One module
+fixture starts Ray once (it takes most of the time); everything it started is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+import httpx  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+import snnet  # noqa: E402
+from snnet.deploy.ray import application, merge_metrics  # noqa: E402
+from snnet.deploy.serve import ServeConfig  # noqa: E402
+
+from .conftest import TINY_VITS  # noqa: E402
+from .test_serve import TOKEN, _png, _synthetic_rows, _until  # noqa: E402
+
+pytestmark = pytest.mark.slow
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+def test_merge_metrics_labels_every_sample_with_its_replica() -> None:
+    text = '# HELP snnet_requests_total Requests\n# TYPE snnet_requests_total counter\nsnnet_requests_total{code="200"} 3.0\n'
+    merged = merge_metrics({"a": text, "b": text.replace("3.0", "5.0")}).decode()
+    samples = {(s.labels["replica"], s.value) for f in text_string_to_metric_families(merged) for s in f.samples}
+    assert samples == {("a", 3.0), ("b", 5.0)}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServeConfig]]:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ray")
+    net = snnet.create_snnet(TINY_VITS)
+    net.save_pretrained(folder / "net")
+    (folder / "results.json").write_text(json.dumps(_synthetic_rows(net)))
+    (folder / "token").write_text(TOKEN)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = ServeConfig(str(folder / "net"), str(folder / "results.json"), max_batch=4, admin_token_file=str(folder / "token"))
+        # two replicas, three when each has more than one request in flight (quickly: a test)
+        serve.run(application(config, replicas=2, max_replicas=3, target_ongoing=1,
+                              autoscaling={"upscale_delay_s": 1.0, "look_back_period_s": 2.0}), name="snnet", route_prefix="/")
+        yield f"http://127.0.0.1:{port}", config
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _replicas(url: str, path: str, want: int, seconds: float = 120) -> dict[str, Any]:
+    """Ask ``path`` until ``want`` distinct replicas have answered; their last answers by replica."""
+    seen: dict[str, Any] = {}
+    _until(lambda: len(seen.update({(r := httpx.get(url + path, timeout=60).json())["replica"]: r}) or seen) >= want,
+           seconds, f"{want} replicas answering {path}")
+    return seen
+
+
+def test_two_replicas_predict_and_a_pin_reaches_both(cluster: tuple[str, ServeConfig]) -> None:
+    url, _ = cluster
+    r = httpx.post(url + "/predict", content=_png(), headers={"content-type": "image/png"}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+    assert httpx.put(url + "/stitch", json={"stitch": 3}, timeout=60).status_code == 401  # steering needs the token
+    r = httpx.put(url + "/stitch", json={"stitch": 3}, headers=AUTH, timeout=60)
+    assert r.status_code == 200 and r.json()["current"]["id"] == 3
+
+    def both_pinned() -> bool:
+        answers = _replicas(url, "/stitch", 2)
+        return all(a["mode"] == "pinned" and a["current"]["id"] == 3 for a in answers.values())
+
+    _until(both_pinned, 60, "the pin reached both replicas")
+    with ThreadPoolExecutor(8) as pool:  # requests spread over both replicas: all on the pinned stitch
+        served = list(pool.map(lambda k: httpx.post(url + "/predict", content=_png(seed=k), timeout=60).json()["stitch"]["id"], range(16)))
+    assert set(served) == {3}
+    text = httpx.get(url + "/metrics", timeout=60).text  # every replica's metrics, whichever replica answers
+    pinned = {s.labels["replica"]: s.value for f in text_string_to_metric_families(text) if f.name == "snnet_stitch_pinned"
+              for s in f.samples}
+    assert len(pinned) == 2
+
+
+def test_ray_scales_on_requests_in_flight_and_the_new_replica_takes_the_pin(cluster: tuple[str, ServeConfig]) -> None:
+    url, _ = cluster
+    assert httpx.put(url + "/stitch", json={"stitch": 2}, headers=AUTH, timeout=60).status_code == 200
+    models = {h["model_pid"] for h in _replicas(url, "/health", 2).values()}
+    for pid in models:  # stalled models: requests stay in flight, over the target of one per replica
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(httpx.post, url + "/predict", content=_png(seed=k), timeout=300) for k in range(8)]
+            _until(lambda: serve.status().applications["snnet"].deployments["snnet"].replica_states.get("RUNNING", 0) >= 3
+                   or any(f.done() for f in futures), 300, "Ray added a third replica")
+            for pid in models:
+                os.kill(pid, signal.SIGCONT)
+            assert {f.result().status_code for f in futures} == {200}
+    finally:
+        for pid in models:
+            os.kill(pid, signal.SIGCONT)
+    answers = _replicas(url, "/stitch", 3, seconds=300)
+    assert {a["current"]["id"] for a in answers.values()} == {2} and {a["mode"] for a in answers.values()} == {"pinned"}
+    assert httpx.put(url + "/stitch", json={"stitch": "auto"}, headers=AUTH, timeout=60).status_code == 200
+    _until(lambda: {a["mode"] for a in _replicas(url, "/stitch", 3).values()} == {"auto"}, 60, "auto on every replica")
+
+
+def test_shutdown_drains_requests_in_flight(cluster: tuple[str, ServeConfig]) -> None:
+    """Requests held by stopped model processes when the application is deleted are still answered."""
+    url, _ = cluster
+    models = {h["model_pid"] for h in _replicas(url, "/health", 3).values()}
+    for pid in models:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(httpx.post, url + "/predict", content=_png(seed=k), timeout=120) for k in range(6)]
+            time.sleep(2.0)
+            assert not any(f.done() for f in futures)
+            deleting = pool.submit(serve.delete, "snnet")
+            time.sleep(2.0)
+            for pid in models:
+                os.kill(pid, signal.SIGCONT)
+            codes = [f.result().status_code for f in futures]
+            deleting.result(timeout=180)
+    finally:
+        for pid in models:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert codes == [200] * 6
+    _until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in models), 120, "model processes stopped")
