@@ -22,7 +22,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .errors import SnnetError
-from .evaluate import _select, _Tally, forward_stitches
+from .evaluate import _select, forward_stitches
+from .tasks import Tally
 from .report import human, progress as report_progress, table
 from .results import StitchResult, mark_pareto, pareto_front
 
@@ -43,7 +44,7 @@ def evaluate_lm(net: Any, loader: Iterable[Any], stitches: Sequence[Any] | None 
     """
     chosen = _select(net, stitches)
     device = next(net.parameters()).device
-    tallies = {s.id: _Tally(device) for s in chosen}
+    tallies = {s.id: Tally(device) for s in chosen}
     tokens = nbytes = 0
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
     bar = report_progress(total, f"eval {len(chosen)} networks", "seq", progress)
