@@ -245,7 +245,8 @@ def test_flipped_bytes_in_a_checkpoint_are_refused(finished_run, capsys):
     with pytest.raises(CheckpointError, match="is damaged"):
         load_checkpoint(ckpt)
     capsys.readouterr()
-    assert _cli(*_train_args(data, out, "--max-steps", "4", "--resume", "auto")) == 2
+    # extending a finished run is asked for explicitly (else refused before the checkpoint is read)
+    assert _cli(*_train_args(data, out, "--max-steps", "4", "--resume", "auto", "--resume-with-changes")) == 2
     assert f"checkpoint {ckpt} is damaged" in _one_line(capsys.readouterr().err)
 
 
