@@ -381,7 +381,7 @@ def stale_zero_grads(optimizer: Any) -> int:
     """Give every parameter that the optimizer has stepped before but that has no gradient now (no route
     used it in this step) a zero gradient, so the coming step updates it — as the reference's steps do.
 
-    The reference code runs on PyTorch 1.10, whose ``optimizer.zero_grad()`` fills gradients with zeros
+    The reference code runs on PyTorch before 2.0, whose ``optimizer.zero_grad()`` fills gradients with zeros
     rather than dropping them (``set_to_none=False`` was the default until 2.0), and its DDP leaves the
     gradient of a parameter no process used untouched. So once a stitching layer or block has been on a
     route, every later step updates it: AdamW decays it and moves it on its momentum, SGD adds its L2

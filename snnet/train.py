@@ -680,6 +680,7 @@ class Trainer:
         # the targets, the distillation head on the teacher (:meth:`loss`); without a teacher, their average
         self.two_heads = (isinstance(net, StitchedNet) and self.teacher is not None
                           and set_two_head_training(net) > 0)
+        self.unused_stepped = 0  # parameters the last step updated without using them (optim.unused_updates)
 
     # -- the step
     def loss(self, out: torch.Tensor | tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
@@ -720,8 +721,8 @@ class Trainer:
                 raise TrainingError(f"a batch of {b} does not fit in {self.device} memory ({str(e).splitlines()[0]}); "
                                     f"try --data.batch_size {max(b // 2, 1)}") from e
             raise
-        if self.config.optim.unused_updates == "reference":
-            stale_zero_grads(self.optimizer)  # what no route used: decayed and moved on its momentum, as on PyTorch < 2.0
+        if self.config.optim.unused_updates == "reference":  # what no route used: decayed and moved on its momentum,
+            self.unused_stepped = stale_zero_grads(self.optimizer)  # as the reference's steps on PyTorch < 2.0
         if self.config.optim.clip_grad is not None:
             from timm.utils import dispatch_clip_grad
 
