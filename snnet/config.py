@@ -208,7 +208,7 @@ class ModelConfig:
     """Give the anchors a new head with this many classes."""
     drop_path: float | tuple[float, ...] = 0.0
     """Stochastic depth of the anchors (timm's drop_path_rate), set when they are built: one rate for every anchor,
-    or a list of one per anchor. 0 passes none: the anchor's timm default applies (0 but for Swin's 0.1)."""
+    or a list of one per anchor. 0 passes none: the anchor's timm default applies (0 for most; Swin's is 0.1)."""
     init_images: int = 100
     """Calibration images for the least-squares fit of the stitching layers (0: keep them as they are)."""
 

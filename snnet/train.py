@@ -30,7 +30,8 @@ its own stitch (the mean loss over the N (stitch, batch) pairs). That is the def
 (``ddp_grads='mean'``, what the reference code does); with the linear scaling rule, SGD then moves
 every parameter, to first order, as N single-process steps on the same images would. A parameter on no
 rank's route gets no gradient at all (DDP leaves it None; snnet makes sure), so AdamW leaves it
-and its moments untouched, as in single-process training.
+and its moments untouched, as in single-process training (``optim.unused_updates='reference'``
+steps it on a zero gradient instead, once it has been stepped, as the reference's PyTorch did).
 
 ``ddp_grads='users'`` rescales each gradient by N/k to the mean over the ranks that used it.
 That is not a fix for "slow" stitching layers: AdamW's update does not change when a gradient
@@ -314,7 +315,8 @@ def resume_from(config: TrainConfig, out: Path, net: StitchedNet | nn.Module, wo
         raise CheckpointError(
             f"checkpoint {path} was made for another stitch space ({len(theirs)} stitches, e.g. {theirs[:2]}) than this "
             f"network's ({len(ours)} stitches, e.g. {ours[:2]}); resume with the same anchors and space options")
-    mode, saved_mode = getattr(net, "route_mode", None), state.get("route_mode", "snnet" if names else None)
+    mode = getattr(net, "route_mode", None)
+    saved_mode = state.get("route_mode", mode)  # (checkpoints before the mode was recorded: not known, not checked)
     if saved_mode != mode:  # the same stitches run another way: the checkpoint's weights were trained for its mode
         raise CheckpointError(f"checkpoint {path} trained its networks in route mode {saved_mode!r}, this network runs "
                               f"{mode!r}: resume from the same network (--model.init of the folder the run started from)")
