@@ -232,3 +232,28 @@ def test_a_run_from_a_reference_mode_network_keeps_its_route_mode(tmp_path: Path
         train(snnet.create_snnet(LEVITS), data, config.override(resume="auto"))
     result = train(net, data, config.override(resume="auto"))
     assert json.loads((result.final_dir / "config.json").read_text())["route_mode"] == "reference"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"unused_updates": "always"}, "unknown optim.unused_updates 'always'; use one of skip, reference"),
+    ({"re_splits": 0}, "data.re_splits must be >= 1"),
+    ({"three_augment": True, "auto_augment": "rand-m9-mstd0.5-inc1"}, "data.three_augment replaces timm's"),
+    ({"eval_protocol": "imagenet"}, "unknown data.eval_protocol 'imagenet'; use one of paper, timm"),
+    ({"drop_path": [0.1, 1.0]}, "model.drop_path must be in [0, 1)"),
+    ({"optimizer": "lion"}, "use one of adamw, sgd, lamb"),
+])
+def test_the_new_settings_refuse_bad_values_in_one_line(settings: dict, message: str) -> None:
+    from snnet.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        TrainConfig().override(**settings)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_paper_protocol_for_training_validation_of_fashion_mnist_is_refused(tmp_path: Path) -> None:
+    from snnet.errors import SnnetError
+
+    config = cfg(tmp_path, val_split="val", eval_protocol="paper")
+    with pytest.raises(SnnetError, match="--data.eval_protocol paper resizes and crops ImageNet-like images"):
+        train(snnet.create_snnet(TINY_VITS[:2]), Synthetic(16), config)
+    assert not (tmp_path / "run").exists()  # refused before the run's folder was touched
