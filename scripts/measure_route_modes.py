@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from snnet import create_snnet  # noqa: E402
 from snnet.data import build_dataset, make_loader  # noqa: E402
 from snnet.evaluate import evaluate  # noqa: E402
-from snnet.train import OptimConfig, TrainConfig, Trainer  # noqa: E402
+from snnet.train import TrainConfig, Trainer  # noqa: E402
 
 
 def main() -> None:
@@ -50,8 +50,9 @@ def main() -> None:
     net.init_stitching(make_loader(build_dataset("fashion-mnist", "train", cfg, limit=100), 100, shuffle=False),
                        max_images=100)
     if args.steps:
-        trainer = Trainer(net, TrainConfig(seed=args.seed, progress=False, tensorboard=False, device="cpu"),
-                          OptimConfig(lr=args.lr, warmup_steps=args.steps // 10), total_steps=args.steps)
+        config = TrainConfig().override(seed=args.seed, progress=False, tensorboard=False, device="cpu", lr=args.lr,
+                                        lr_base_batch=None, warmup_steps=args.steps // 10)  # the rate as given
+        trainer = Trainer(net, config, total_steps=args.steps)
         train = build_dataset("fashion-mnist", "train", cfg, augment=True, seed=args.seed)
         batches = itertools.chain.from_iterable(make_loader(train, args.batch_size, shuffle=True, seed=args.seed + e,
                                                             drop_last=True) for e in itertools.count())

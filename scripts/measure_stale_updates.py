@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Measure what the reference's updates of parameters no route used do to SN-Net training.
 
-The reference code trains on PyTorch 1.10, whose ``zero_grad`` keeps zero gradients: once a block or
+The reference code trains on PyTorch before 2.0, whose ``zero_grad`` keeps zero gradients: once a block or
 stitching layer has been on a route, every later step decays it and moves it on its momentum, used or
 not. snnet's steps move only what the step's route used. This script trains the shipped Fashion-MNIST
 family's SN-Net twice from the same start — same stitches drawn, same images, same order — once as
-snnet steps and once with :func:`snnet.reference.stale_zero_grads` before every optimizer step (the
-reference's update), then evaluates every network of both on the validation split (10,000 images,
-never the test set) and compares them network by network.
+snnet steps (``optim.unused_updates: skip``) and once as the reference does (``reference``:
+:func:`snnet.reference.stale_zero_grads` before every optimizer step), then evaluates every network of
+both on the validation split (10,000 images, never the test set) and compares them network by network.
 
     nice -n 10 python scripts/measure_stale_updates.py --steps 600 --out /tmp/stale.json
 """
@@ -30,8 +30,7 @@ import torch  # noqa: E402
 from snnet import create_snnet  # noqa: E402
 from snnet.data import build_dataset, make_loader  # noqa: E402
 from snnet.evaluate import evaluate  # noqa: E402
-from snnet.reference import stale_zero_grads  # noqa: E402
-from snnet.train import OptimConfig, TrainConfig, Trainer  # noqa: E402
+from snnet.train import TrainConfig, Trainer  # noqa: E402
 
 
 def run(arm: str, args: argparse.Namespace) -> dict:
@@ -41,19 +40,12 @@ def run(arm: str, args: argparse.Namespace) -> dict:
     calib = build_dataset("fashion-mnist", "train", cfg, limit=100)
     net.init_stitching(make_loader(calib, 100, shuffle=False), max_images=100)
     start = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    trainer = Trainer(net, TrainConfig(seed=args.seed, progress=False, tensorboard=False, device="cpu"),
-                      OptimConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.steps // 10),
-                      total_steps=args.steps)
+    # the same settings in both arms but optim.unused_updates: the rate as given (not scaled by the batch)
+    config = TrainConfig().override(seed=args.seed, progress=False, tensorboard=False, device="cpu", lr=args.lr,
+                                    lr_base_batch=None, weight_decay=args.weight_decay, warmup_steps=args.steps // 10,
+                                    unused_updates="reference" if arm == "reference" else "skip")
+    trainer = Trainer(net, config, total_steps=args.steps)
     filled: list[int] = []
-    if arm == "reference":
-        plain = trainer.backward
-
-        def backward(x, y, stitch):  # the reference's step: zero gradients for what the route did not use
-            loss = plain(x, y, stitch)
-            filled.append(stale_zero_grads(trainer.optimizer))
-            return loss
-
-        trainer.backward = backward
     train = build_dataset("fashion-mnist", "train", cfg, augment=True, seed=args.seed)
     batches = itertools.chain.from_iterable(make_loader(train, args.batch_size, shuffle=True, seed=args.seed + e,
                                                         drop_last=True) for e in itertools.count())
@@ -61,6 +53,7 @@ def run(arm: str, args: argparse.Namespace) -> dict:
     net.train()
     for _, (x, y) in zip(range(args.steps), batches):
         trainer.step(x, y)
+        filled.append(trainer.unused_stepped)
     seconds = time.perf_counter() - t0
     val = build_dataset("fashion-mnist", "val", cfg)
     rows = evaluate(net, make_loader(val, 500, shuffle=False), progress=False)

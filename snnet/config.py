@@ -42,15 +42,19 @@ from typing import Any, Mapping
 
 from .errors import ConfigError, NotStitchableError
 
-__all__ = ["AMP_MODES", "CLIP_MODES", "DDP_GRADS", "DISTILL_TYPES", "MIXUP_MODES", "OPTIMIZERS", "RE_MODES", "ROS_GAP",
-           "RULES", "SAMPLERS", "SCHEDULE_UNITS", "SECTIONS", "STITCH_SYNC", "TASKS", "UNPAIRED", "DataConfig",
+__all__ = ["AMP_MODES", "CLIP_MODES", "DDP_GRADS", "DISTILL_TYPES", "EVAL_PROTOCOLS", "MIXUP_MODES", "OPTIMIZERS",
+           "RE_MODES", "ROS_GAP", "RULES", "SAMPLERS", "SCHEDULE_UNITS", "SECTIONS", "STITCH_SYNC", "TASKS", "UNPAIRED",
+           "UNUSED_UPDATES", "DataConfig",
            "DistillConfig", "ModelConfig", "OptimConfig", "Rates", "RunConfig", "SamplingConfig", "ScheduleConfig",
            "SpaceConfig", "TrainConfig", "flatten", "from_legacy", "leaf_paths", "merge", "nest", "read_yaml",
            "setting_path"]
 
 # The choices of the settings that name one of a few things (the modules that implement them import these).
 TASKS = ("image-classification",)
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "lamb")
+# what a step does to parameters that no route used in it (snnet.train): leave them ('skip'), or decay them and
+# move them on their momentum as the reference's steps on PyTorch < 2.0 did ('reference'; docs/differences.md)
+UNUSED_UPDATES = ("skip", "reference")
 CLIP_MODES = ("norm", "value", "agc")
 SCHEDULE_UNITS = ("step", "epoch")
 SAMPLERS = ("uniform", "flops_bucketed", "ros")
@@ -60,6 +64,8 @@ DISTILL_TYPES = ("soft", "hard")
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 MIXUP_MODES = ("batch", "pair", "elem")
 RE_MODES = ("const", "rand", "pixel")
+# how validation images are resized and cropped: the SN-Net authors' way, or the anchors' own timm data config
+EVAL_PROTOCOLS = ("paper", "timm")
 RULES = ("window", "forward")  # how block pairs are enumerated inside a stage (snnet.space)
 UNPAIRED = ("reference", "progress")  # how plain anchors of different depths are stitched (snnet.space)
 # ROS's default gap between FLOPs groups, as a share of the space's FLOPs range: the authors'
@@ -113,6 +119,12 @@ class DataConfig:
     """Random erasing fill: const, rand or pixel."""
     re_count: int = 1
     """Random erasing: regions per image."""
+    re_splits: int = 1
+    """Random erasing per batch: 1 erases each image in its transform; 2 leaves the first half of every batch clean
+    and erases the rest after normalisation (timm's loader with --resplit, the reference ResNet runs)."""
+    three_augment: bool = False
+    """DeiT III's 3-Augment with simple random crop (SN-Netv2): resize, 4-pixel reflect-padded crop and flip, then
+    one of greyscale, solarisation or blur, and colour jitter; replaces timm's training transform."""
     repeated_aug: int = 1
     """Copies of each image per epoch, consecutive copies on different processes (DeiT's; 1 = off)."""
     mixup: float = 0.0
@@ -127,6 +139,11 @@ class DataConfig:
     """Mixup per batch, pair or element."""
     label_smoothing: float = 0.1
     """Label smoothing of the cross-entropy targets."""
+    val_split: str | None = None
+    """Evaluate every network on this split at each epoch's end (evals.jsonl); None: no validation."""
+    eval_protocol: str | None = None
+    """Validation images resized and cropped as the SN-Net authors did ('paper') or by the anchors' timm config
+    ('timm'); None: the paper's for the families the paper trained, timm's for the rest (as `snnet eval`)."""
 
     def __post_init__(self) -> None:
         _need(self.limit is None or self.limit >= 1, f"data.limit must be >= 1 image, got {self.limit}")
@@ -136,6 +153,9 @@ class DataConfig:
         _need(0.0 <= self.re_prob <= 1.0, f"data.re_prob must be in [0, 1], got {self.re_prob}")
         _one_of("data.re_mode", self.re_mode, RE_MODES)
         _need(self.re_count >= 1, f"data.re_count must be >= 1, got {self.re_count}")
+        _need(self.re_splits >= 1, f"data.re_splits must be >= 1 (1: every image), got {self.re_splits}")
+        _need(not (self.three_augment and (self.auto_augment or self.re_prob > 0)),
+              "data.three_augment replaces timm's training transform: drop data.auto_augment and data.re_prob")
         _need(self.repeated_aug >= 1, f"data.repeated_aug must be >= 1 (1 = off), got {self.repeated_aug}")
         _need(_finite(self.mixup) and _finite(self.cutmix),
               f"data.mixup and data.cutmix must be >= 0 and finite, got {self.mixup}, {self.cutmix}")
@@ -146,6 +166,8 @@ class DataConfig:
         _need(not self.mixing or self.batch_size % 2 == 0,
               f"mixup/cutmix need an even batch size (timm's Mixup pairs images), got {self.batch_size}")
         _need(0.0 <= self.label_smoothing < 1.0, f"data.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.eval_protocol is not None:
+            _one_of("data.eval_protocol", self.eval_protocol, EVAL_PROTOCOLS)
 
     @property
     def mixing(self) -> bool:
@@ -159,7 +181,9 @@ class DataConfig:
         options: dict[str, Any] = {}
         if self.auto_augment:
             options["auto_augment"] = self.auto_augment
-        if self.re_prob > 0:
+        if self.three_augment:
+            options.update(three_augment=True, color_jitter=self.color_jitter)
+        if self.re_prob > 0 and self.re_splits == 1:  # split erasing happens on whole batches (snnet.tasks)
             options.update(re_prob=self.re_prob, re_mode=self.re_mode, re_count=self.re_count)
         if self.color_jitter != DataConfig.color_jitter:
             options["color_jitter"] = self.color_jitter
@@ -182,8 +206,9 @@ class ModelConfig:
     """Start from a saved stitched network (a folder written by save_pretrained) instead of anchors."""
     num_classes: int | None = None
     """Give the anchors a new head with this many classes."""
-    drop_path: float = 0.0
-    """Stochastic depth of the anchors (timm's drop_path_rate), set when they are built."""
+    drop_path: float | tuple[float, ...] = 0.0
+    """Stochastic depth of the anchors (timm's drop_path_rate), set when they are built: one rate for every anchor,
+    or a list of one per anchor. 0 passes none: the anchor's timm default applies (0 for most; Swin's is 0.1)."""
     init_images: int = 100
     """Calibration images for the least-squares fit of the stitching layers (0: keep them as they are)."""
 
@@ -191,15 +216,25 @@ class ModelConfig:
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(self.weights))
         _need(self.num_classes is None or self.num_classes >= 1, f"model.num_classes must be >= 1, got {self.num_classes}")
-        _need(0.0 <= self.drop_path < 1.0, f"model.drop_path must be in [0, 1), got {self.drop_path}")
+        if isinstance(self.drop_path, (list, tuple)):
+            object.__setattr__(self, "drop_path", tuple(self.drop_path))
+        rates = self.drop_path if isinstance(self.drop_path, tuple) else (self.drop_path,)
+        _need(bool(rates) and all(0.0 <= r < 1.0 for r in rates),
+              f"model.drop_path must be in [0, 1) (one rate, or one per anchor), got {self.drop_path}")
         _need(self.init_images >= 0, f"model.init_images must be >= 0, got {self.init_images}")
-        _need(not (self.init is not None and self.drop_path > 0),
+        _need(not (self.init is not None and max(rates) > 0),
               "model.drop_path is set when the anchors are built; a network loaded with model.init keeps its own: "
               "drop one of them")
 
-    def anchor_kwargs(self) -> tuple[tuple[str, Any], ...]:
-        """Keyword arguments for building each anchor (sorted pairs, as an AnchorSpec holds them)."""
-        kwargs = {"drop_path_rate": self.drop_path} if self.drop_path > 0 else {}
+    def anchor_kwargs(self, anchor: int = 0, anchors: int = 1) -> tuple[tuple[str, Any], ...]:
+        """Keyword arguments for building anchor ``anchor`` of ``anchors`` (sorted pairs, as an AnchorSpec holds them)."""
+        if isinstance(self.drop_path, tuple):
+            _need(len(self.drop_path) == anchors,
+                  f"model.drop_path gives {len(self.drop_path)} rates for {anchors} anchors: give one per anchor, or one")
+            rate = self.drop_path[anchor]
+        else:
+            rate = self.drop_path
+        kwargs = {"drop_path_rate": rate} if rate > 0 else {}
         if self.num_classes is not None:
             kwargs["num_classes"] = self.num_classes
         return tuple(sorted(kwargs.items()))
@@ -287,7 +322,7 @@ class OptimConfig:
     anchor_lr_scale: float = 1.0
     """The anchors' own parameters learn at this multiple of lr (0.1 in the reference Swin code)."""
     optimizer: str = "adamw"
-    """adamw (decoupled weight decay) or sgd (timm's: Nesterov momentum, L2 weight decay)."""
+    """adamw (decoupled weight decay), sgd (timm's: Nesterov momentum, L2 weight decay) or lamb (timm's LAMB)."""
     weight_decay: float = 0.05
     """Weight decay of weights (biases, norms, position embeddings and class tokens get none)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -302,6 +337,9 @@ class OptimConfig:
     """Gradient clipping threshold (None: off)."""
     clip_mode: str = "norm"
     """timm's clipping: norm, value or agc (adaptive)."""
+    unused_updates: str = "skip"
+    """Parameters no route used in a step: 'skip' leaves them; 'reference' decays them and moves them on their
+    momentum once they have been stepped, as the reference's runs on PyTorch < 2.0 did (docs/differences.md)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -317,6 +355,7 @@ class OptimConfig:
               f"optim.clip_grad must be > 0 and finite, or null, got {self.clip_grad}")
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("optim.clip_mode", self.clip_mode, CLIP_MODES)
+        _one_of("optim.unused_updates", self.unused_updates, UNUSED_UPDATES)
 
 
 @dataclass(frozen=True)

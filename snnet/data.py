@@ -53,6 +53,7 @@ __all__ = [
     "build_dataset",
     "describe_transform",
     "image_transform",
+    "three_augment_transform",
     "image_mode",
     "ImageReader",
     "convert_image",
@@ -99,7 +100,7 @@ _IDX_TYPES = {0x08: (torch.uint8, 1)}
 
 # Arguments of timm.data.create_transform a training recipe may set (build_dataset's transform_options).
 TRANSFORM_OPTIONS = ("auto_augment", "re_prob", "re_mode", "re_count", "color_jitter", "interpolation", "scale", "ratio",
-                     "hflip", "vflip")
+                     "hflip", "vflip", "three_augment")
 
 
 class DatasetError(SnnetError):
@@ -475,6 +476,8 @@ def image_transform(data_config: Mapping[str, Any], augment: bool = False,
     ``options`` (RandAugment, random erasing...: :data:`TRANSFORM_OPTIONS`) apply when ``augment``."""
     from timm.data import create_transform
 
+    if augment and options and options.get("three_augment"):
+        return three_augment_transform(data_config, options)
     args = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
             if k in data_config}
     if augment and options:
@@ -483,6 +486,36 @@ def image_transform(data_config: Mapping[str, Any], augment: bool = False,
         return create_transform(**args, is_training=augment)
     except (ValueError, AssertionError, KeyError, TypeError) as e:  # e.g. a malformed RandAugment string
         raise DatasetError(f"timm cannot build the training transform from {dict(options or {})}: {e}") from e
+
+
+class _RandomBlur:
+    """A PIL Gaussian blur of radius drawn uniformly from [0.1, 2] (DeiT III's 3-Augment; Python's ``random``)."""
+
+    def __call__(self, img: Any) -> Any:
+        import random
+
+        from PIL import ImageFilter
+
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+
+def three_augment_transform(data_config: Mapping[str, Any], options: Mapping[str, Any]) -> Any:
+    """DeiT III's 3-Augment with simple random crop, as SN-Netv2 trains (``--ThreeAugment --src``): resize the
+    shorter side to the input size (bicubic unless ``options['interpolation']``), a random crop of it from the
+    image padded by 4 reflected pixels, a horizontal flip; then one of greyscale, solarisation or a Gaussian
+    blur, chosen at random; colour jitter ``options['color_jitter']`` (0: none); the anchors' mean/std."""
+    from torchvision import transforms as T
+    from timm.data.transforms import str_to_interp_mode
+
+    channels, size = int(data_config["input_size"][0]), tuple(data_config["input_size"][1:])
+    jitter = float(options.get("color_jitter", 0.0) or 0.0)
+    steps = [T.Resize(size[0], interpolation=str_to_interp_mode(options.get("interpolation") or "bicubic")),
+             T.RandomCrop(size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip(),
+             T.RandomChoice([T.Grayscale(channels), T.RandomSolarize(128, p=1.0), _RandomBlur()])]
+    if jitter > 0:
+        steps.append(T.ColorJitter(jitter, jitter, jitter))
+    steps += [T.ToTensor(), T.Normalize(data_config.get("mean", (0.5,) * channels), data_config.get("std", (0.5,) * channels))]
+    return T.Compose(steps)
 
 
 def describe_transform(dataset: Dataset) -> str:

@@ -662,16 +662,19 @@ def create_snnet(
 
 
 def anchor_specs(names: Sequence[str], pretrained: bool | None = None, files: Sequence[str] | None = None,
-                 kwargs: tuple[tuple[str, Any], ...] = ()) -> list[AnchorSpec]:
+                 kwargs: tuple[tuple[str, Any], ...] = (),
+                 each: Sequence[tuple[tuple[str, Any], ...]] | None = None) -> list[AnchorSpec]:
     """One :class:`AnchorSpec` per model name: snnet's shipped fmnist weights load by default, timm's
-    download with ``pretrained=True``, local ``files`` (one per name) load from disk."""
+    download with ``pretrained=True``, local ``files`` (one per name) load from disk. Every anchor is
+    built with ``kwargs``, or anchor ``k`` with ``each[k]`` (e.g. a drop-path rate per anchor)."""
     from .pretrained import FMNIST_FAMILY, normalize_name
 
     specs = []
     for k, name in enumerate(names):
         shipped = normalize_name(name).partition(".")[0] in FMNIST_FAMILY
         want = pretrained if pretrained is not None else shipped
-        specs.append(AnchorSpec(name, want and not files, files[k] if files else None, kwargs))
+        specs.append(AnchorSpec(name, want and not files, files[k] if files else None,
+                                each[k] if each is not None else kwargs))
     return specs
 
 
@@ -692,7 +695,8 @@ def network_from_config(model: ModelConfig, space: SpaceConfig) -> StitchedNet:
     files = list(model.weights) if model.weights else None
     if files is not None and len(files) != len(names):
         raise ConfigError(f"model.weights gives {len(files)} files for {len(names)} anchors; give one per anchor")
-    specs = anchor_specs(names, model.pretrained, files, model.anchor_kwargs())
+    each = [model.anchor_kwargs(k, len(names)) for k in range(len(names))]  # a drop-path rate per anchor, or one
+    specs = anchor_specs(names, model.pretrained, files, each=each)
     if any(s.pretrained for s in specs):  # anchors snnet cannot split fail here, before any download
         create_snnet([s.name for s in specs], num_classes=model.num_classes, device="meta")
     return create_snnet(specs, kernel_size=space.kernel_size, stride=space.stride, nearest=space.nearest,

@@ -48,11 +48,17 @@ def param_groups(net: nn.Module, optim: OptimConfig, lr: float) -> list[dict[str
 
 
 def build_optimizer(net: nn.Module, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay) or SGD with (Nesterov) momentum, at peak rate ``lr``."""
+    """AdamW (decoupled weight decay), SGD with (Nesterov) momentum or LAMB, at peak rate ``lr``."""
     groups = param_groups(net, optim, lr)
     if optim.optimizer == "sgd":
         # timm's 'sgd' (the reference ResNet script) is Nesterov momentum with L2 weight decay
         return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov)
+    if optim.optimizer == "lamb":
+        from timm.optim import Lamb
+
+        # SN-Netv2's 'fusedlamb' (apex's FusedLAMB): Adam moments, a per-tensor trust ratio, and the gradients'
+        # global norm clipped to 1 inside the step, as timm's Lamb does by default
+        return Lamb(groups, lr=lr, betas=optim.betas, eps=optim.eps)
     return torch.optim.AdamW(groups, lr=lr, betas=optim.betas, eps=optim.eps)
 
 

@@ -38,7 +38,7 @@ from .errors import ResultsError
 from .space import AnchorInfo, Segment, StitchSpace, paired_pairs
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LAYOUTS", "PAPER_EVAL", "PUBLISHED", "Published", "SKIPS_FINAL_NORM",
-           "SOURCES", "Source", "layout_of", "net_reference_ids", "paper_data_config", "published_rows", "read_published",
+           "SOURCES", "Source", "eval_data_config", "layout_of", "net_reference_ids", "paper_data_config", "published_rows", "read_published",
            "reference_ids", "reference_routes", "stale_zero_grads", "table_name"]
 
 
@@ -106,6 +106,30 @@ def paper_data_config(kinds: set[str], two_way: bool, data_config: dict[str, Any
         if len(own) != len(paper[key]) or not all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(own, paper[key])):
             return None
     return {**data_config, **paper}
+
+
+def eval_data_config(net: Any, source: str, asked: str | None = None,
+                     option: str = "--eval-protocol") -> tuple[str, dict[str, Any]]:
+    """(protocol, data config) to evaluate ``net`` on dataset ``source``: the paper's (:func:`paper_data_config`)
+    for the families the paper trained unless ``asked`` is 'timm', the anchors' own timm config otherwise;
+    Fashion-MNIST is read as stored ('native'). ``snnet eval`` and the validation of ``snnet train`` both
+    choose here; ``option`` names the setting in the one-line refusals."""
+    from .data import FASHION_MNIST_NAMES
+    from .errors import SnnetError
+
+    own = net.anchors[0].data_config
+    if str(source).lower() in FASHION_MNIST_NAMES:
+        if asked == "paper":
+            raise SnnetError(f"{option} paper resizes and crops ImageNet-like images; Fashion-MNIST is read as "
+                             "stored: drop the option")
+        return "native", own
+    paper = paper_data_config({p.kind for p in net.anchors}, net.space.config.two_way, own)
+    if asked == "timm" or (asked is None and paper is None):
+        return "timm", own
+    if paper is None:
+        raise SnnetError(f"{option} paper: the SN-Net authors evaluated no network of {', '.join(net.labels)} "
+                         f"(or trained them with another normalisation); use {option} timm")
+    return "paper", paper
 
 
 @dataclass(frozen=True)
@@ -357,7 +381,7 @@ def stale_zero_grads(optimizer: Any) -> int:
     """Give every parameter that the optimizer has stepped before but that has no gradient now (no route
     used it in this step) a zero gradient, so the coming step updates it — as the reference's steps do.
 
-    The reference code runs on PyTorch 1.10, whose ``optimizer.zero_grad()`` fills gradients with zeros
+    The reference code runs on PyTorch before 2.0, whose ``optimizer.zero_grad()`` fills gradients with zeros
     rather than dropping them (``set_to_none=False`` was the default until 2.0), and its DDP leaves the
     gradient of a parameter no process used untouched. So once a stitching layer or block has been on a
     route, every later step updates it: AdamW decays it and moves it on its momentum, SGD adds its L2

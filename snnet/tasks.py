@@ -72,6 +72,9 @@ class ImageClassification:
 
     def __init__(self, data: DataConfig = DataConfig(), num_classes: int = 1000) -> None:
         self.num_classes = num_classes
+        # random erasing of whole batches (data.re_splits > 1): built per device when the first batch comes
+        self._erase_how = (data.re_prob, data.re_mode, data.re_count, data.re_splits) if data.re_splits > 1 else None
+        self._erase: dict[str, Any] = {}
         self.mixup = None
         if data.mixing:
             from timm.data import Mixup
@@ -87,8 +90,21 @@ class ImageClassification:
 
     # -- training
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A training batch as the loss takes it: Mixup/CutMix applied (soft targets), or as it is."""
+        """A training batch as the loss takes it: split-batch random erasing (``data.re_splits``), then Mixup/CutMix
+        (soft targets), as timm's loader and training script apply them; or as it is."""
+        if self._erase_how is not None and self._erase_how[0] > 0:
+            x = self.erase(x)
         return self.mixup(x, y) if self.mixup is not None else (x, y)
+
+    def erase(self, x: torch.Tensor) -> torch.Tensor:
+        """Random erasing of a normalised batch on its device, the first ``1/re_splits`` of it left clean
+        (:func:`snnet.data.split_batch_erasing`); a new tensor, the loader's batch untouched."""
+        from .data import split_batch_erasing
+
+        key = str(x.device)
+        if key not in self._erase:
+            self._erase[key] = split_batch_erasing(*self._erase_how, device=x.device)  # type: ignore[misc]
+        return self._erase[key](x.clone())
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The training loss of ``logits`` against (possibly mixed) targets."""

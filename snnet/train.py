@@ -30,7 +30,8 @@ its own stitch (the mean loss over the N (stitch, batch) pairs). That is the def
 (``ddp_grads='mean'``, what the reference code does); with the linear scaling rule, SGD then moves
 every parameter, to first order, as N single-process steps on the same images would. A parameter on no
 rank's route gets no gradient at all (DDP leaves it None; snnet makes sure), so AdamW leaves it
-and its moments untouched, as in single-process training.
+and its moments untouched, as in single-process training (``optim.unused_updates='reference'``
+steps it on a zero gradient instead, once it has been stepped, as the reference's PyTorch did).
 
 ``ddp_grads='users'`` rescales each gradient by N/k to the mean over the ranks that used it.
 That is not a fix for "slow" stitching layers: AdamW's update does not change when a gradient
@@ -61,11 +62,12 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, checkpoint_config, load_checkpoint, resolve_resume,
                          rng_state, save_checkpoint, seed_everything, set_rng_state)
 from .config import OptimConfig, TrainConfig, flatten  # noqa: F401  (OptimConfig, TrainConfig: public here)
-from .distill import TeacherError, build_teacher, check_teacher, teacher_logits
+from .distill import TeacherError, build_teacher, check_teacher, set_two_head_training, teacher_logits, two_head_loss
 from .errors import CheckpointError, ConfigError, RunFolderError, SnnetError, TrainingError, TrainingInterrupted
 from .io import atomic_write, remove_stale_temps
 from .model import WEIGHTS_NAME, StitchedNet
 from .optim import build_optimizer, lr_factor
+from .reference import stale_zero_grads
 from .report import progress as report_progress
 from .runlock import (EVALS_NAME, FINAL_NAME, METRICS_NAME, RUN_ENTRIES, TRAIN_CONFIG_NAME, RunLock, StopSignals,
                       claim_run_folder)
@@ -73,9 +75,9 @@ from .sampling import EpochSampler, SeededItems, make_stitch_sampler, seed_worke
 from .space import Stitch
 from .tasks import ImageClassification, get_task
 
-__all__ = ["NOT_RESULT_SETTINGS", "OptimConfig", "Position", "TrainConfig", "TrainResult", "Trainer", "checkpoint_state",
-           "check_changes", "check_resume", "default_device", "load_run_config", "result_settings", "resume_from",
-           "route_modules", "train"]
+__all__ = ["NOT_RESULT_SETTINGS", "OptimConfig", "Position", "TrainConfig", "TrainResult", "Trainer", "Validation",
+           "checkpoint_state", "check_changes", "check_resume", "default_device", "load_run_config", "result_settings",
+           "resume_from", "route_modules", "train", "validation_set"]
 
 # Settings that do not change what a run computes (where it writes, how it reports, where its files come
 # from before the checkpoint replaces them): a resume may change them freely. Every other one is compared.
@@ -155,7 +157,8 @@ def train(net: StitchedNet | nn.Module, train_data: Dataset, config: TrainConfig
     after that global step with a checkpoint, without changing the schedule (a planned
     interruption; resume with ``run.resume='auto'``). Ctrl-C (SIGINT) or SIGTERM does the same
     after the step in progress, then raises :class:`TrainingInterrupted`. ``val_data`` is
-    evaluated at the end of every epoch (``out_dir/evals.jsonl``). Under ``torch.distributed``
+    evaluated at the end of every epoch (``out_dir/evals.jsonl``; without it, ``data.val_split`` names a split
+    read with ``data.eval_protocol``'s transform: :func:`validation_set`). Under ``torch.distributed``
     (e.g. torchrun) it trains with DDP.
 
     The run holds a lock on ``out_dir`` while it lasts; a folder holding another run, live or
@@ -167,10 +170,11 @@ def train(net: StitchedNet | nn.Module, train_data: Dataset, config: TrainConfig
     n = task.check_dataset(net, train_data, config.data.batch_size)  # before the folder is touched
     if teacher is not None:
         check_teacher(teacher, net)  # a teacher that cannot teach must not cost a run, nor touch its folder
+    validation = validation_set(net, config, task, val_data)  # a missing split fails before the folder is touched
     device = default_device(config.run.device)  # the hardware is checked when a run starts
     lock = _claim_run_folder(config)
     try:
-        return _train(net, train_data, n, config, task, teacher, device, stop_after, val_data)
+        return _train(net, train_data, n, config, task, teacher, device, stop_after, validation)
     except BaseException:
         if lock is not None:  # no writer is left: nothing a failed write left behind can be in use
             remove_stale_temps(config.run.out_dir, RUN_ENTRIES)
@@ -182,7 +186,7 @@ def train(net: StitchedNet | nn.Module, train_data: Dataset, config: TrainConfig
 
 def _train(net: StitchedNet | nn.Module, train_data: Dataset, n: int, config: TrainConfig, task: ImageClassification,
            teacher: nn.Module | None, device: torch.device, stop_after: int | None,
-           val_data: Dataset | None) -> TrainResult:
+           validation: "Validation | None") -> TrainResult:
     t_start = time.perf_counter()
     rank, world = _dist()
     out = Path(config.run.out_dir)
@@ -217,7 +221,7 @@ def _train(net: StitchedNet | nn.Module, train_data: Dataset, n: int, config: Tr
     if rank == 0:
         _write_history(out, config, world, position.step, resumed)
     log = _Log(out, rank == 0, position.step, config.run.tensorboard)
-    evals = _Log(out, rank == 0 and val_data is not None, position.step, False, EVALS_NAME)
+    evals = _Log(out, rank == 0 and validation is not None, position.step, False, EVALS_NAME)
 
     def save() -> Path:
         state = checkpoint_state(trainer, position, config, world, plan.total)
@@ -255,8 +259,8 @@ def _train(net: StitchedNet | nn.Module, train_data: Dataset, n: int, config: Tr
                 bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{lr:.2e}",
                                 **({"stitch": stitch.id} if stitch is not None else {}),
                                 img_s=f"{images / (time.perf_counter() - t_loop):.0f}")
-            if val_data is not None and position.epoch_step == 0 and rank == 0:  # an epoch's end
-                done_evals.append(_evaluate(net, val_data, config, task, position, device))
+            if validation is not None and position.epoch_step == 0 and rank == 0:  # an epoch's end
+                done_evals.append(_evaluate(net, validation, config, task, position, device))
                 evals.write(done_evals[-1])
             if (stop_after is not None and position.step >= stop_after) or _stop_requested(stops, world, device):
                 break
@@ -293,7 +297,8 @@ def checkpoint_state(trainer: "Trainer", position: Position, config: TrainConfig
             "trainer": trainer.state_dict(), "sampler": _gather(sampler, world), "rng": _gather(rng_state(), world),
             "step": position.step, "epoch": position.epoch, "epoch_step": position.epoch_step,
             "total_steps": total_steps, "world_size": world, "config": config.to_dict(),
-            "stitches": [s.name for s in net.space] if isinstance(net, StitchedNet) else None}
+            "stitches": [s.name for s in net.space] if isinstance(net, StitchedNet) else None,
+            "route_mode": getattr(net, "route_mode", None)}
 
 
 def resume_from(config: TrainConfig, out: Path, net: StitchedNet | nn.Module, world: int) -> Resumed | None:
@@ -310,6 +315,11 @@ def resume_from(config: TrainConfig, out: Path, net: StitchedNet | nn.Module, wo
         raise CheckpointError(
             f"checkpoint {path} was made for another stitch space ({len(theirs)} stitches, e.g. {theirs[:2]}) than this "
             f"network's ({len(ours)} stitches, e.g. {ours[:2]}); resume with the same anchors and space options")
+    mode = getattr(net, "route_mode", None)
+    saved_mode = state.get("route_mode", mode)  # (checkpoints before the mode was recorded: not known, not checked)
+    if saved_mode != mode:  # the same stitches run another way: the checkpoint's weights were trained for its mode
+        raise CheckpointError(f"checkpoint {path} trained its networks in route mode {saved_mode!r}, this network runs "
+                              f"{mode!r}: resume from the same network (--model.init of the folder the run started from)")
     if state.get("world_size", 1) != world:
         raise CheckpointError(f"checkpoint {path} was written by {state.get('world_size')} processes; resume it with "
                               f"the same number (now {world}) so every rank gets its own data shard and sampler back")
@@ -494,12 +504,50 @@ def _already_finished(net: StitchedNet | nn.Module, resumed: Resumed, plan: Plan
     return TrainResult(resumed.position.step, plan.total, True, float("nan"), 0.0, 0.0, out, resumed.path, final)
 
 
-def _evaluate(net: StitchedNet | nn.Module, val_data: Dataset, config: TrainConfig, task: ImageClassification,
+@dataclass(frozen=True)
+class Validation:
+    """The data evaluated at each epoch's end, and how its images are read (recorded in every row of evals.jsonl)."""
+
+    dataset: Dataset
+    protocol: str  # 'paper', 'timm', 'native' (Fashion-MNIST as stored) or 'as given' (the caller's dataset)
+    transform: str  # snnet.data.describe_transform of the dataset
+
+
+def validation_set(net: StitchedNet | nn.Module, config: TrainConfig, task: ImageClassification,
+                   given: Dataset | None = None) -> Validation | None:
+    """What a run validates on: ``given`` as it is, else split ``data.val_split`` of the training source read as
+    ``snnet eval`` reads it (the paper's resize and crop for the families the paper trained, unless
+    ``data.eval_protocol`` says timm: :func:`snnet.reference.eval_data_config`); None: no validation."""
+    from .data import FASHION_MNIST_NAMES, describe_transform
+
+    d = config.data
+    if given is None and d.val_split is None:
+        return None
+    if given is not None:
+        return Validation(given, "as given", describe_transform(given))
+    if isinstance(net, StitchedNet):
+        from .reference import eval_data_config
+
+        protocol, data_config = eval_data_config(net, d.source, d.eval_protocol, "--data.eval_protocol")
+    else:
+        from timm.data import resolve_data_config
+
+        data_config = resolve_data_config(model=net)
+        protocol = "native" if str(d.source).lower() in FASHION_MNIST_NAMES else "timm"
+        if d.eval_protocol == "paper":
+            raise ConfigError("--data.eval_protocol paper applies to stitched networks of the paper's families; "
+                              "use timm for one model")
+    dataset = task.dataset(d, data_config, config.run.seed, split=d.val_split, train=False)
+    return Validation(dataset, protocol, describe_transform(dataset))
+
+
+def _evaluate(net: StitchedNet | nn.Module, validation: Validation, config: TrainConfig, task: ImageClassification,
               position: Position, device: torch.device) -> dict[str, Any]:
-    """One evaluation at an epoch's end: the model's scores, or every stitch's top-1 (mean, anchors)."""
+    """One evaluation at an epoch's end: the model's scores, or every stitch's top-1 (mean, anchors), and the
+    protocol and transform the images were read with."""
     from .evaluate import evaluate, evaluate_model
 
-    loader = DataLoader(val_data, batch_size=max(config.data.batch_size, 256), num_workers=config.data.workers)
+    loader = DataLoader(validation.dataset, batch_size=max(config.data.batch_size, 256), num_workers=config.data.workers)
     row: dict[str, Any] = {"step": position.step, "epoch": position.epoch}
     if isinstance(net, StitchedNet):
         results = evaluate(net, loader, device=device, progress=False, task=task)
@@ -507,7 +555,7 @@ def _evaluate(net: StitchedNet | nn.Module, val_data: Dataset, config: TrainConf
                 "anchors": {r.name: r.acc1 for r in results if r.is_anchor}}
     else:
         row |= dataclasses.asdict(evaluate_model(net, loader, device=device, progress=False, task=task))
-    return row | {"time": time.time()}
+    return row | {"eval_protocol": validation.protocol, "eval_transform": validation.transform, "time": time.time()}
 
 
 # ---------------------------------------------------------------------------- the settings' history
@@ -630,10 +678,21 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(net, device_ids=ids, find_unused_parameters=True)
         self._route_cache: dict[int, torch.Tensor] = {}
+        # LeViT's (and distilled DeiT's) two heads learn as DeiT and the reference train them: the class head on
+        # the targets, the distillation head on the teacher (:meth:`loss`); without a teacher, their average
+        self.two_heads = (isinstance(net, StitchedNet) and self.teacher is not None
+                          and set_two_head_training(net) > 0)
+        self.unused_stepped = 0  # parameters the last step updated without using them (optim.unused_updates)
 
     # -- the step
-    def loss(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The training loss of logits ``out`` on (possibly mixed) inputs ``x`` with targets ``y``."""
+    def loss(self, out: torch.Tensor | tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+             y: torch.Tensor) -> torch.Tensor:
+        """The training loss of logits ``out`` on (possibly mixed) inputs ``x`` with targets ``y``; ``out`` is
+        a (class, distillation) pair from a network with two heads (:func:`snnet.distill.two_head_loss`)."""
+        if isinstance(out, (tuple, list)):
+            d = self.config.distill
+            teacher = teacher_logits(self.teacher, x).float() if self.teacher is not None else None
+            return two_head_loss(out, y, self.task.loss, teacher, d.type, d.alpha, d.temperature)
         loss = self.task.loss(out, y)
         if self.teacher is not None:
             d = self.config.distill
@@ -664,6 +723,8 @@ class Trainer:
                 raise TrainingError(f"a batch of {b} does not fit in {self.device} memory ({str(e).splitlines()[0]}); "
                                     f"try --data.batch_size {max(b // 2, 1)}") from e
             raise
+        if self.config.optim.unused_updates == "reference":  # what no route used: decayed and moved on its momentum,
+            self.unused_stepped = stale_zero_grads(self.optimizer)  # as the reference's steps on PyTorch < 2.0
         if self.config.optim.clip_grad is not None:
             from timm.utils import dispatch_clip_grad
 

@@ -232,7 +232,7 @@ def _parser(prog: str, extra: Mapping[str, type], flags: Mapping[str, str], desc
     parser.add_argument("--config", action=ActionConfigFile,
                         help="A YAML file of settings (repeatable; later files and other options win).")
     parser.add_argument("--recipe", type=str, default=None,
-                        help="A recipe (snnet/recipes/NAME.yaml: deit, swin, resnet, resnet-swin, levit, demo, "
+                        help="A recipe (snnet/recipes/NAME.yaml: deit, swin, resnet, resnet-swin, levit, snnetv2, demo, "
                              "fmnist-family): laid under --config files and options.")
     for flag, text in flags.items():
         parser.add_argument(flag, action="store_true", help=text)
@@ -256,7 +256,7 @@ def _one_line(e: BaseException, configs: Sequence[str]) -> str:
     text = str(e).strip()
     m = re.search(r'Parser key "([^"]+)":', text)
     given = re.search(r"(?:Given value|Got value): (.*)$", text, re.M)
-    kinds = re.findall(r"<class '(\w+)'>", text)
+    kinds = re.findall(r"<class '(\w+)'>", re.sub(r"Given value type: .*", "", text))  # the kinds wanted, not given
     if m and given:
         names = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a text",
                  "tuple": "a list", "NoneType": "null"}

@@ -60,6 +60,7 @@ def evaluate(
     without evaluating anything.
     """
     from .options import read_zoo_options
+    from ..config import EVAL_PROTOCOLS
     from ..evaluate import check_writable, format_results, load_results
     from ..reference import published_rows, read_published, table_name
     from ..results import mark_pareto
@@ -67,8 +68,8 @@ def evaluate(
     # everything a user can get wrong is checked before the first forward
     out = check_writable(out)
     chosen_zoo = read_zoo_options(zoo, zoo_family, zoo_img_size, zoo_params, zoo_flops, split)
-    if eval_protocol not in (None, "paper", "timm"):
-        raise SnnetError(f"--eval-protocol {eval_protocol!r}: give paper or timm")
+    if eval_protocol not in (None, *EVAL_PROTOCOLS):
+        raise SnnetError(f"--eval-protocol {eval_protocol!r}: give {' or '.join(EVAL_PROTOCOLS)}")
     if reference is not None:
         read_published(reference)  # an unknown table fails here, before any work
     if results is not None:
@@ -116,6 +117,7 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     from .options import DEFAULT_ANCHORS, split_names, split_stitches
     from ..evaluate import evaluate as run_eval
     from ..model import StitchedNet, create_snnet
+    from ..reference import eval_data_config
     from ..train import default_device
 
     keys = split_stitches(stitches)
@@ -129,7 +131,7 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     else:
         net = create_snnet(split_names(DEFAULT_ANCHORS), pretrained=True)
     chosen = [net.stitch(k) for k in keys] if keys is not None else None
-    protocol, data_config = _protocol(net, data, eval_protocol)
+    protocol, data_config = eval_data_config(net, data, eval_protocol)
     dataset = sndata.build_dataset(data, split, data_config, limit=limit, skip_unreadable=skip_bad_images)
     _say_skipped(dataset, data, split)
     classes = sndata.num_classes(dataset)
@@ -151,27 +153,6 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     rows = run_eval(net, loader, chosen, device=dev, progress=progress, amp=amp)
     how = {"eval_protocol": protocol, "eval_transform": sndata.describe_transform(dataset)}
     return [replace(r, extra={**r.extra, **how}) for r in rows]
-
-
-def _protocol(net, data: str, asked: str | None) -> tuple[str, dict]:
-    """(protocol, data config) of the evaluation: the paper's for the families the paper trained (unless timm's
-    is asked for), the anchors' own timm config otherwise; Fashion-MNIST is read as stored ('native')."""
-    from .. import data as sndata
-    from ..reference import paper_data_config
-
-    own = net.anchors[0].data_config
-    if str(data).lower() in sndata.FASHION_MNIST_NAMES:
-        if asked == "paper":
-            raise SnnetError("--eval-protocol paper resizes and crops ImageNet-like images; Fashion-MNIST is read as "
-                             "stored: drop the option")
-        return "native", own
-    paper = paper_data_config({p.kind for p in net.anchors}, net.space.config.two_way, own)
-    if asked == "timm" or (asked is None and paper is None):
-        return "timm", own
-    if paper is None:
-        raise SnnetError(f"--eval-protocol paper: the SN-Net authors evaluated no network of {', '.join(net.labels)} "
-                         "(or trained them with another normalisation); use --eval-protocol timm")
-    return "paper", paper
 
 
 def _say_skipped(dataset: object, data: str, split: str) -> None:
