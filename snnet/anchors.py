@@ -13,6 +13,7 @@ activation between unit ``k-1`` and unit ``k`` is always a well-defined tensor.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
@@ -340,6 +341,16 @@ class TimmPart(nn.Module):
         # training); the model is not registered, so train()/eval() reach the piece, not it
         self.model.training = self.training
         return self.fn(self.model, x)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "TimmPart":
+        # A copy holds a copy of the model with this piece's weights and the model's settings only:
+        # copying all of it would copy every block of the anchor (an exported route would carry them).
+        shell = copy.copy(self.model)
+        for slot in ("_modules", "_parameters", "_buffers"):
+            setattr(shell, slot, {n: v for n, v in getattr(self.model, slot).items() if n in self.names})
+        twin = TimmPart(copy.deepcopy(shell, memo), self.names, self.fn)
+        twin.training = self.training
+        return twin
 
     def without(self, name: str, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> "TimmPart":
         """Another piece of the same model, computed by ``fn`` with all this one holds but ``name``."""

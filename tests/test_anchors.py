@@ -73,11 +73,13 @@ def test_replaced_parameters_reach_the_model(images: torch.Tensor) -> None:
 
 
 def test_a_copy_runs_its_own_weights(images: torch.Tensor) -> None:
-    """A deep copy (the distillation teacher, an exported route) holds a copy of the model whose
-    modules are the copied parts' own: changing the copy leaves the original alone."""
+    """A deep copy (the distillation teacher, an exported route) holds a copy of the model with the copied
+    piece's own modules and no others (not the blocks): changing the copy leaves the original alone."""
     parts = split_model(timm.create_model("snnet_tiny_vit_ti").eval())
     twin = copy.deepcopy(parts)
-    assert twin.stem.model.patch_embed is twin.stem.patch_embed and twin.stem.model.blocks[0] is twin.blocks[0]
+    assert twin.stem.model.patch_embed is twin.stem.patch_embed and twin.stem.model is not parts.stem.model
+    assert twin.stem.model.num_prefix_tokens == 1 and not hasattr(twin.stem.model, "blocks")
+    assert twin.head.model.norm is twin.head.norm and not hasattr(twin.head.model, "patch_embed")
     with torch.no_grad():
         want = parts(images)
         twin.stem.cls_token.add_(1.0)
