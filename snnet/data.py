@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .errors import SnnetError, reason
+from .sampling import seed_everything
 
 __all__ = [
     "DatasetError",
@@ -746,18 +747,6 @@ def erasing_collate(erase: Any) -> Any:
     return collate
 
 
-def _seed_worker(worker_id: int) -> None:
-    # Each worker's torch seed is derived from the loader generator; propagate it to
-    # numpy/random, which timm/PIL transforms use.
-    import random
-
-    import numpy as np
-
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 # loader worker processes per CPU beyond which more only cost memory and start-up time (reading files
 # from a slow disk can use more than one per CPU; a hundred thousand is a typo that forks until memory ends)
 WORKERS_PER_CPU = 4
@@ -770,6 +759,12 @@ def check_workers(num_workers: int) -> int:
         raise DatasetError(f"{num_workers} data loader workers: give 0 (load in the main process) to {most} "
                            f"({WORKERS_PER_CPU} per CPU of this machine)")
     return num_workers
+
+
+def _seed_worker(worker_id: int) -> None:
+    # the seed torch gave this worker (drawn from the loader's generator, new every epoch) reaches the
+    # numpy and random that timm's and PIL's transforms draw from; torch's generator stays as it is
+    seed_everything(torch.initial_seed(), cuda=False)
 
 
 def make_loader(
