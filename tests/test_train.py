@@ -4,44 +4,18 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 import snnet
 from snnet.data import DatasetError
 from snnet.errors import CheckpointError
 from snnet.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from snnet.sampling import EpochSampler, FlopsBucketSampler, StitchSampler
-from snnet.config import TrainConfig
 from snnet.train import train
 
-from .conftest import TINY_VITS
-
-
-class Synthetic(TensorDataset):
-    """A learnable task: each class is a fixed random template plus noise."""
-
-    def __init__(self, n: int = 96, classes: int = 10, size: tuple[int, ...] = (3, 32, 32), seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        templates = torch.randn(classes, *size, generator=g)
-        y = torch.arange(n) % classes
-        super().__init__(templates[y] + 0.5 * torch.randn(n, *size, generator=g), y)
-        self.num_classes = classes
-
-
-def cfg(tmp_path: Path, **kw) -> TrainConfig:
-    """A small run's settings; settings named by their leaf name, the learning rate as used (not scaled)."""
-    base = dict(epochs=1, batch_size=8, out_dir=str(tmp_path / "run"), progress=False, tensorboard=False,
-                init_images=16, log_every=5, ckpt_every=0, lr=5e-5, lr_base_batch=None)
-    return TrainConfig().override(**{**base, **kw})
-
-
-def fresh_net(seed: int = 0, **space) -> snnet.StitchedNet:
-    torch.manual_seed(seed)
-    return snnet.create_snnet(TINY_VITS[:2], **space)
+from .conftest import TINY_VITS, Synthetic, cfg, fresh_net, _params, _cli, _image_folder
 
 
 @torch.no_grad()
@@ -104,10 +78,6 @@ def test_epoch_sampler_shards_and_skips():
     assert list(s) == full[4:]
     s.set_epoch(1)
     assert list(s) != full and sorted(s) == list(range(10))
-
-
-def _params(net):
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 # SN-Netv2: two-way space (round trips), low-rank stitching layers, ROS
@@ -219,28 +189,6 @@ def test_oom_becomes_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod.Trainer, "backward", oom)
     with pytest.raises(snnet.SnnetError, match="--data.batch_size 4"):
         train(fresh_net(), Synthetic(16), cfg(tmp_path, init_images=0))
-
-
-def _image_folder(root: Path, classes: int = 10, per_class: int = 2) -> Path:
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
-def _cli(*args: str) -> int:
-    from snnet.cli import main
-
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_cli_train_writes_everything(tmp_path, capsys):

@@ -21,7 +21,7 @@ from snnet.stitching import StitchingLayer
 from snnet.config import TrainConfig
 from snnet.train import Trainer, route_modules
 
-from .conftest import TINY_VITS
+from .conftest import TINY_VITS, Synthetic, _batches, _naive
 
 
 def _net(**kw) -> snnet.StitchedNet:
@@ -244,7 +244,6 @@ def test_low_rank_layer_merges_into_one_plain_layer(layout: str) -> None:
 
 
 def test_low_rank_training_moves_only_the_update(tmp_path) -> None:
-    from .test_train import Synthetic
 
     net = _net(anchors=TINY_VITS[:2], lora_rank=2)
     net.init_stitching([torch.randn(8, 3, 32, 32)], max_images=8)
@@ -333,7 +332,6 @@ def test_v1_stitch_exports_still_load(tiny_net: snnet.StitchedNet, images: torch
 
 
 def test_shared_prefix_eval_equals_each_v2_route_alone() -> None:
-    from .test_evaluate import _batches, _naive
 
     net = _fitted(two_way=True, chains=True)
     blocks = [0]
