@@ -183,6 +183,27 @@ class AnchorParts(nn.Module):
         return specs, int(out.shape[-1])
 
 
+@dataclass(frozen=True)
+class Route:
+    """The modules (no copies) that one stitch runs, by segment: what a network's forward runs
+    (:meth:`snnet.model.StitchedBase.route`) and what an exported stitch holds
+    (:class:`snnet.deploy.export.StitchRoute`)."""
+
+    stem: nn.Module
+    blocks: tuple[tuple[nn.Module, ...], ...]  # the blocks of each segment
+    layers: tuple[nn.Module, ...]  # the stitching layer after each segment but the last
+    head: nn.Module
+
+    def modules(self) -> tuple[nn.Module, ...]:
+        """Everything in the order forward calls it: stem, blocks, layer, blocks, ..., head."""
+        out: list[nn.Module] = [self.stem]
+        for k, blocks in enumerate(self.blocks):
+            if k:
+                out.append(self.layers[k - 1])
+            out += blocks
+        return (*out, self.head)
+
+
 # --------------------------------------------------------------------------- adapters
 
 
