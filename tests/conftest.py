@@ -82,6 +82,40 @@ def fresh_net(seed: int = 0, **space) -> snnet.StitchedNet:
     return snnet.create_snnet(TINY_VITS[:2], **space)
 
 
+def seeded_net(**kw) -> snnet.StitchedNet:
+    """A family built at seed 0: the three tiny ViTs unless ``anchors=`` says otherwise."""
+    torch.manual_seed(0)
+    return snnet.create_snnet(kw.pop("anchors", TINY_VITS), **kw)
+
+
+def fitted_net(**kw) -> snnet.StitchedNet:
+    """Least-squares layers, then a nudge, so that every layer and stitch computes something different."""
+    net = seeded_net(**kw)
+    net.init_stitching([torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))], max_images=16)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(4)
+        for layer in net.stitch_layers:
+            for p in ([layer.lora_a, layer.lora_b] if layer.rank else [layer.proj.weight]):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return net.eval()
+
+
+def route_kind(net: snnet.StitchedNet, s: snnet.Stitch) -> str:
+    """A route as the anchors it runs through, S(mall) and L(arge): ``S-L-S`` for a round trip."""
+    return "-".join("SL"[a] for a in s.anchors)
+
+
+
+def _by_hand(net: snnet.StitchedNet, s: snnet.Stitch, x: torch.Tensor) -> torch.Tensor:
+    h = net.anchors[s.segments[0].anchor].stem(x)
+    for k, seg in enumerate(s.segments):
+        if k:
+            h = net.stitch_layers[s.layers[k - 1]](h)
+        for blk in net.anchors[seg.anchor].blocks[seg.start:seg.stop]:
+            h = blk(h)
+    return net.anchors[s.segments[-1].anchor].head(h)
+
+
 def _params(net):
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 

@@ -14,7 +14,7 @@ from snnet.errors import ResultsError, SnnetError, StitchNotFoundError
 from snnet.evaluate import (StitchResult, check_writable, evaluate, format_results, load_results, pareto_front,
                             write_results)
 
-from .conftest import TINY_VITS, _batches, _naive, _run
+from .conftest import TINY_VITS, _batches, _naive, _run, fitted_net
 
 
 @pytest.mark.parametrize("family", [TINY_VITS, ["snnet_tiny_vit_ti", "snnet_tiny_vit_deep"]], ids=["paired", "unpaired"])
@@ -265,3 +265,24 @@ def test_cli_eval_default_family_fits_stitching_layers(tmp_path: Path, capsys: p
     assert built == [(["snnet_tiny_vit_ti", "snnet_tiny_vit_s"], True)]  # asked for the shipped weights
     assert "least squares on 6 training images" in captured.err
     assert all(r.images == 10 for r in load_results(tmp_path / "o"))
+
+
+# ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers
+
+
+def test_shared_prefix_eval_equals_each_v2_route_alone() -> None:
+
+    net = fitted_net(two_way=True, chains=True)
+    blocks = [0]
+    for a in net.anchors:
+        for blk in a.blocks:
+            blk.register_forward_hook(lambda *_: blocks.__setitem__(0, blocks[0] + 1))
+    batches = _batches()
+    results = evaluate(net, batches, progress=False)
+    shared = blocks[0]
+    for r in results:
+        acc1, acc5, loss = _naive(net, batches, r.id)
+        assert r.acc1 == pytest.approx(acc1, abs=1e-5) and r.acc5 == pytest.approx(acc5, abs=1e-5), r.name
+        assert r.loss == pytest.approx(loss, abs=1e-5), r.name
+    naive = blocks[0] - shared
+    assert shared < 0.75 * naive  # the trie shares prefixes of multi-segment routes too

@@ -15,7 +15,10 @@ from snnet.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from snnet.sampling import EpochSampler, FlopsBucketSampler, StitchSampler
 from snnet.train import train
 
-from .conftest import TINY_VITS, Synthetic, cfg, fresh_net, _params, _cli, _image_folder
+from snnet.config import TrainConfig
+from snnet.train import Trainer
+
+from .conftest import TINY_VITS, Synthetic, cfg, fresh_net, _params, _cli, _image_folder, seeded_net
 
 
 @torch.no_grad()
@@ -226,3 +229,35 @@ def test_cli_train_bad_input_is_a_clear_error(tmp_path, capsys):
                 "--no-progress") == 2
     assert "5 classes but the network predicts 10" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers
+
+
+def test_training_mask_covers_exactly_the_route() -> None:
+    net = seeded_net(two_way=True, lora_rank=2)
+    trainer = Trainer(net, TrainConfig().override(progress=False), total_steps=1)
+    s = net.stitch("snnet_tiny_vit_s[:1]+snnet_tiny_vit_b[1:3]+snnet_tiny_vit_s[3:]")
+    used = trainer._used(s)
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    on = {n for n, u in zip(names, used.tolist()) if u}
+    want_prefixes = ("anchors.1.stem.", "anchors.1.blocks.0.", "anchors.2.blocks.1.", "anchors.2.blocks.2.",
+                     "anchors.1.blocks.3.", "anchors.1.head.") + tuple(f"stitch_layers.{k}." for k in s.layers)
+    assert on == {n for n in names if n.startswith(want_prefixes)}
+    assert any(n.endswith("lora_b") for n in on)
+    assert not any(n.startswith("stitch_layers.") and n.endswith("proj.weight") for n in names)  # frozen
+
+
+def test_low_rank_training_moves_only_the_update(tmp_path) -> None:
+
+    net = seeded_net(anchors=TINY_VITS[:2], lora_rank=2)
+    net.init_stitching([torch.randn(8, 3, 32, 32)], max_images=8)
+    base = [layer.proj.weight.clone() for layer in net.stitch_layers]
+    lora_b = [layer.lora_b.clone() for layer in net.stitch_layers]
+    assert all(torch.count_nonzero(b) == 0 for b in lora_b)
+    trainer = Trainer(net, TrainConfig().override(progress=False, sampler="uniform"), total_steps=20)
+    x, y = Synthetic(8).tensors
+    for _ in range(20):
+        trainer.step(x, y)
+    assert all(torch.equal(a, layer.proj.weight) for a, layer in zip(base, net.stitch_layers))
+    assert any(torch.count_nonzero(layer.lora_b) for layer in net.stitch_layers)
