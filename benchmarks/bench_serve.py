@@ -54,6 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402
 from bench_serve_overhead import TOKEN, fmnist_pngs, free_port, stop, wait_ready  # noqa: E402
 
+from snnet.report import percentile  # noqa: E402
+
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 
 
@@ -181,13 +183,6 @@ def run_trace(port: int, bodies: list[loadgen.Body], times: list[float], timeout
     return out
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]
-
-
 def summarise(samples: list[dict[str, Any]], acc: dict[int, float], slo_ms: float, seconds: float) -> dict[str, Any]:
     ok = [s for s in samples if s["status"] == 200]
     within = [s for s in ok if s["ms"] <= slo_ms]
@@ -198,7 +193,8 @@ def summarise(samples: list[dict[str, Any]], acc: dict[int, float], slo_ms: floa
         "attainment": len(within) / len(samples) if samples else math.nan,
         "mean_acc1": sum(acc[s["stitch"]] * s["images"] for s in ok) / images if images else math.nan,
         "goodput_img_s": sum(s["images"] for s in within) / seconds,
-        "p50_ms": pct(lat, 0.5), "p95_ms": pct(lat, 0.95), "p99_ms": pct(lat, 0.99),
+        "p50_ms": percentile(lat, 0.5, nearest=True), "p95_ms": percentile(lat, 0.95, nearest=True),
+        "p99_ms": percentile(lat, 0.99, nearest=True),
         "rejected_503": sum(s["status"] == 503 for s in samples), "timeouts_or_errors": sum(s["status"] not in (200, 503) for s in samples),
         "stitches": sorted({s["stitch"] for s in ok}),
     }

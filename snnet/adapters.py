@@ -184,10 +184,10 @@ class ResNetAdapter(_StagedAdapter):
         return stem, stages, TimmPart(model, ("global_pool", "fc"), timm_head)
 
 
-def levit_stem(part: TimmPart, x: torch.Tensor) -> torch.Tensor:
+def levit_stem(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """LeViT's convolutional stem, then (unless the model runs on NCHW maps) its maps as tokens."""
-    x = part.stem(x)
-    return x if part.use_conv else x.flatten(2).transpose(1, 2)
+    x = model.stem(x)
+    return x if model.use_conv else x.flatten(2).transpose(1, 2)
 
 
 @register_adapter
@@ -329,12 +329,12 @@ class RopeBlock(nn.Module):
         return self.block(x, rope=rope)
 
 
-def eva_stem(part: TimmPart, x: torch.Tensor) -> torch.Tensor:
+def eva_stem(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Eva's forward_features up to the first block (its own ``_pos_embed``; the rope it also
     returns is recomputed by each :class:`RopeBlock`)."""
-    x = part.patch_embed(x)
-    x, _ = part._pos_embed(x)
-    return part.norm_pre(x)
+    x = model.patch_embed(x)
+    x, _ = model._pos_embed(x)
+    return model.norm_pre(x)
 
 
 @register_adapter

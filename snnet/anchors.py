@@ -13,12 +13,13 @@ activation between unit ``k-1`` and unit ``k`` is always a well-defined tensor.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -182,6 +183,27 @@ class AnchorParts(nn.Module):
         return specs, int(out.shape[-1])
 
 
+@dataclass(frozen=True)
+class Route:
+    """The modules (no copies) that one stitch runs, by segment: what a network's forward runs
+    (:meth:`snnet.model.StitchedBase.route`) and what an exported stitch holds
+    (:class:`snnet.deploy.export.StitchRoute`)."""
+
+    stem: nn.Module
+    blocks: tuple[tuple[nn.Module, ...], ...]  # the blocks of each segment
+    layers: tuple[nn.Module, ...]  # the stitching layer after each segment but the last
+    head: nn.Module
+
+    def modules(self) -> tuple[nn.Module, ...]:
+        """Everything in the order forward calls it: stem, blocks, layer, blocks, ..., head."""
+        out: list[nn.Module] = [self.stem]
+        for k, blocks in enumerate(self.blocks):
+            if k:
+                out.append(self.layers[k - 1])
+            out += blocks
+        return (*out, self.head)
+
+
 # --------------------------------------------------------------------------- adapters
 
 
@@ -255,7 +277,7 @@ def split_model(model: nn.Module) -> AnchorParts:
         return model
     for adapter in _ADAPTERS:
         if adapter.matches(model):
-            return adapter.split(model)
+            return _holding_all(model, adapter.split(model), adapter.kind)
     name = type(model).__name__
     for adapter in _ADAPTERS:
         base = next((c for c in adapter.classes() if isinstance(model, c)), None)
@@ -274,87 +296,111 @@ def split_model(model: nn.Module) -> AnchorParts:
     )
 
 
+def _holding_all(model: nn.Module, parts: AnchorParts, kind: str) -> AnchorParts:
+    """``parts``, once sure they hold every parameter and buffer of ``model``.
+
+    A stem or head runs the model's own code (:class:`TimmPart`), which may read any of its
+    modules; one the parts do not hold would be neither saved, moved to a device nor trained.
+    A timm version that adds such a module is refused here, by name, rather than run half-moved.
+    """
+    held = {id(t) for t in [*parts.parameters(), *parts.buffers()]}
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in held]
+    if missing:
+        raise NotStitchableError(
+            f"snnet's {kind} adapter leaves {len(missing)} weight(s) of {type(model).__name__} in no part "
+            f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): this build or timm version has "
+            "modules the adapter does not know; build the model with its defaults or update the adapter")
+    return parts
+
+
 def _data_config(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", "num_classes")
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k in keys}
 
 
-_SETTING = (bool, int, float, str, tuple, type(None))
-
-
 class TimmPart(nn.Module):
-    """A piece of a timm model that runs the model class's own code.
+    """The stem or the head of a timm model: the model's own methods, run on the model itself.
 
-    It holds the named submodules and parameters of the model (shared, not copied) and its
-    plain settings (pooling type, prefix-token count, flags), and ``fn(part, x)`` computes
-    the piece by calling the class's methods on the part: ``self.pool(...)`` inside a timm
-    method finds the class's ``pool``. So a stem or head computes exactly what timm does,
-    and a timm method reading a module the part does not hold fails loudly.
+    It holds the timm model it came from, as PEFT's wrappers hold their base model, and computes
+    ``fn(model, x)`` (``model._pos_embed``, ``model.forward_head``...): timm's code runs with its
+    own ``self``, whatever attributes a timm version reads, and nothing is copied or re-bound. The
+    model is held, not registered, because it also holds the blocks, which are
+    :class:`AnchorParts`'s. What the piece computes with (``names``) is registered on it under the
+    model's own names, shared, not copied: the piece's parameters, and state-dict keys such as
+    ``stem.patch_embed.proj.weight`` or ``head.norm.weight``. :func:`split_model` checks that an
+    anchor's parts hold every parameter and buffer of its model, so no piece computes with weights
+    that nothing saves, moves or trains.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], fn: Any) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str], fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
-        for k, v in vars(model).items():
-            if not k.startswith("_") and k != "training" and isinstance(v, _SETTING):
-                object.__setattr__(self, k, v)
-        for n in names:
+        self.__dict__["model"] = model  # held, not registered (see above)
+        self.names = tuple(n for n in names if isinstance(getattr(model, n, None), (nn.Module, nn.Parameter)))
+        for n in self.names:
             setattr(self, n, getattr(model, n))
-        object.__setattr__(self, "model_class", type(model))
-        object.__setattr__(self, "fn", fn)
+        self.fn = fn
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            method = getattr(self.__dict__.get("model_class"), name, None)
-            if callable(method) and not isinstance(method, type):
-                return method.__get__(self)
-            raise
+    def _repoint(self) -> None:
+        # The piece's parameters are the model's; where something replaced one on the piece (a load with
+        # assign=True, a conversion that makes new parameters), the model computes with the new one.
+        for n, p in self._parameters.items():
+            if getattr(self.model, n) is not p:
+                setattr(self.model, n, p)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "TimmPart":
+        super()._apply(fn, recurse)
+        self._repoint()
+        return self
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._repoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self, x)
+        # the model's own code reads its training flag (a distilled head returns both logits only in
+        # training); the model is not registered, so train()/eval() reach the piece, not it
+        self.model.training = self.training
+        return self.fn(self.model, x)
 
-    @classmethod
-    def like(cls, part: "TimmPart", fn: Any, drop: Sequence[str] = ()) -> "TimmPart":
-        """Another piece of the same model: ``part``'s settings and submodules (shared, not copied),
-        but those named in ``drop``, computed by ``fn``."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for k, v in vars(part).items():
-            if not k.startswith("_") and k not in ("training", "model_class", "fn") and isinstance(v, _SETTING):
-                object.__setattr__(new, k, v)
-        for name, value in [*part._modules.items(), *part._parameters.items()]:
-            if name not in drop:
-                setattr(new, name, value)
-        object.__setattr__(new, "model_class", part.model_class)
-        object.__setattr__(new, "fn", fn)
-        return new
+    def __deepcopy__(self, memo: dict[int, Any]) -> "TimmPart":
+        # A copy holds a copy of the model with this piece's weights and the model's settings only:
+        # copying all of it would copy every block of the anchor (an exported route would carry them).
+        shell = copy.copy(self.model)
+        for slot in ("_modules", "_parameters", "_buffers"):
+            setattr(shell, slot, {n: v for n, v in getattr(self.model, slot).items() if n in self.names})
+        twin = TimmPart(copy.deepcopy(shell, memo), self.names, self.fn)
+        twin.training = self.training
+        return twin
+
+    def without(self, name: str, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> "TimmPart":
+        """Another piece of the same model, computed by ``fn`` with all this one holds but ``name``."""
+        return TimmPart(self.model, [n for n in self.names if n != name], fn)
 
     def extra_repr(self) -> str:
-        return f"{self.model_class.__name__}: {getattr(self.fn, '__name__', self.fn)}"
+        return f"{type(self.model).__name__}: {getattr(self.fn, '__name__', self.fn)}"
 
 
-def vit_stem(part: TimmPart, x: torch.Tensor) -> torch.Tensor:
+def vit_stem(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm ViT's forward_features up to the first block (its own ``_pos_embed``)."""
-    x = part.patch_embed(x)
-    x = part._pos_embed(x)
-    x = part.patch_drop(x)
-    return part.norm_pre(x)
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
 
 
-def norm_then_head(part: TimmPart, x: torch.Tensor) -> torch.Tensor:
-    """The final norm of forward_features, then the class's own forward_head."""
-    return part.forward_head(part.norm(x))
+def norm_then_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The final norm of forward_features, then the model's own forward_head."""
+    return model.forward_head(model.norm(x))
 
 
-def timm_head(part: TimmPart, x: torch.Tensor) -> torch.Tensor:
-    """The class's own forward_head."""
-    return part.forward_head(x)
+def timm_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's own forward_head."""
+    return model.forward_head(x)
 
 
 def without_final_norm(head: nn.Module) -> nn.Module | None:
-    """A ViT-like head without the final norm of forward_features (the class's forward_head alone),
+    """A ViT-like head without the final norm of forward_features (the model's forward_head alone),
     sharing the head's modules; None when the head has no such norm.
 
     The reference DeiT code ends its stitched routes so (``forward_head`` on the target's last
@@ -363,7 +409,7 @@ def without_final_norm(head: nn.Module) -> nn.Module | None:
     """
     if not (isinstance(head, TimmPart) and head.fn is norm_then_head):
         return None
-    return TimmPart.like(head, timm_head, drop=("norm",))
+    return head.without("norm", timm_head)
 
 
 _VIT_STEM = ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_drop", "patch_drop", "norm_pre")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 from torch import nn
 
 from .errors import BudgetError
-from .report import COUNT_PREFIXES as _COUNT, human
+from .report import COUNT_PREFIXES, NUMBER, human, parse_count
 from .results import better, merge_rows, network_rows, read_rows
 from .space import Stitch
 
@@ -41,7 +41,7 @@ _TIME = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3}
 _MEMORY = {"b": 1 / MB, "kb": 1 / 1024, "kib": 1 / 1024, "mb": 1.0, "mib": 1.0, "gb": 1024.0, "gib": 1024.0}
 _ACCEPTED = ("flops<=2G (K/M/G/T, optional FLOPs/MACs), params<=5M (K/M/G/T), latency<=30ms (us/ms/s), "
              "memory<=200MB (B/KB/MB/GB, binary); the unit alone also says the cost: 2GFLOPs, 30ms, 200MB")
-_ITEM = re.compile(r"^\s*(?:(?P<key>[a-z_]+)\s*(?P<op><=|<|=|:)\s*)?(?P<num>\d+(?:\.\d*)?(?:e[+-]?\d+)?|\.\d+)\s*(?P<unit>[a-zµ]*)\s*$")
+_ITEM = re.compile(rf"^\s*(?:(?P<key>[a-z_]+)\s*(?P<op><=|<|=|:)\s*)?(?P<num>{NUMBER})\s*(?P<unit>[a-zµ]*)\s*$")
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,8 @@ def _parse_item(part: str) -> tuple[str, float]:
         else:
             raise BudgetError(f"budget {part.strip()!r} does not say which cost it bounds; write it like {_ACCEPTED}")
     if metric in ("flops", "params"):
-        if prefix in _COUNT and (not word or _KEYS[word] == metric):
-            return metric, num * _COUNT[prefix]
+        if prefix in COUNT_PREFIXES and (not word or _KEYS[word] == metric):
+            return metric, parse_count(m["num"] + prefix)
         accepted = "K, M, G, T (optionally followed by FLOPs/MACs)" if metric == "flops" else "K, M, G, T"
     elif metric == "latency_ms":
         if unit in _TIME:

@@ -34,6 +34,7 @@ import torch
 from .config import TrainConfig, from_legacy
 from .errors import CheckpointError
 from .io import atomic_write
+from .sampling import seed_everything  # re-exported: the training loop seeds through here
 
 __all__ = ["CHECKPOINTS_DIR", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "checkpoint_config", "earlier_checkpoints",
            "load_checkpoint", "peek_checkpoint", "resolve_resume", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state",
@@ -187,14 +188,6 @@ def _reason(e: BaseException) -> str:
     if not first or "weights_only" in first.lower() or "weights only" in first.lower():
         return f"{type(e).__name__}: not a readable snnet checkpoint"
     return f"{type(e).__name__}: {first[:200]}"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and Python's ``random`` — everything a run draws from
-    outside its own generators (random-init weights, dropout, augmentation)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:

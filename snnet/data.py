@@ -25,7 +25,6 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .errors import SnnetError, reason
+from .sampling import seed_everything
 
 __all__ = [
     "DatasetError",
@@ -94,8 +94,6 @@ SPLITS = ("train", "val", "train+val", "test")
 VAL_SEED = 0
 VAL_FRACTION = 6  # one image in six of each class
 _TIMM_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
-# IDX type code -> (torch dtype, bytes per element); Fashion-MNIST only uses 0x08.
-_IDX_TYPES = {0x08: (torch.uint8, 1)}
 
 
 # Arguments of timm.data.create_transform a training recipe may set (build_dataset's transform_options).
@@ -155,37 +153,32 @@ def default_fashion_mnist_root() -> Path:
 
 
 def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> torch.Tensor:
-    """Read one IDX file (optionally gzipped) into a tensor, validating its header.
+    """Read one IDX file (optionally gzipped) into a tensor with torchvision's reader, the one its
+    MNIST datasets use, and refuse in one line a file it cannot read.
 
-    The IDX format is a 4-byte magic (two zero bytes, a type code, the number of
-    dimensions), the big-endian int32 dimensions, then the raw data. A truncated
-    download is the common failure, so the payload size is checked exactly.
+    torchvision reads plain files only, so a gzipped one is decompressed to a temporary file first;
+    its strict check that the payload fills the header's shape catches a truncated download, the
+    common failure.
     """
+    import tempfile
+
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
     path = Path(path)
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        with tempfile.NamedTemporaryFile(suffix=".idx") as tmp:
+            if path.suffix == ".gz":
+                tmp.write(gzip.decompress(path.read_bytes()))
+                tmp.flush()
+            out = read_sn3_pascalvincent_tensor(tmp.name if path.suffix == ".gz" else str(path), strict=True)
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise DatasetError(f"cannot read IDX file {path}: {e}") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DatasetError(f"{path} is not an IDX file (bad magic number); delete it and re-fetch it")
-    type_code, ndim = raw[2], raw[3]
-    if type_code not in _IDX_TYPES:
-        raise DatasetError(f"{path}: unsupported IDX element type 0x{type_code:02x}")
-    if expected_ndim is not None and ndim != expected_ndim:
-        raise DatasetError(f"{path}: expected a {expected_ndim}-d IDX file, header says {ndim}-d")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetError(f"{path}: IDX header is truncated")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype, itemsize = _IDX_TYPES[type_code]
-    expected = itemsize * int(torch.tensor(shape, dtype=torch.int64).prod().item())
-    if len(raw) - header != expected:
-        raise DatasetError(
-            f"{path}: IDX payload is {len(raw) - header} bytes but the header {tuple(shape)} "
-            f"needs {expected}; the file is corrupt or truncated, re-fetch it"
-        )
-    # bytearray -> writable buffer, so torch does not warn about read-only memory.
-    return torch.frombuffer(bytearray(raw[header:]), dtype=dtype).reshape(shape)
+    except (AssertionError, KeyError, RuntimeError, ValueError, IndexError) as e:  # what torchvision's parser raises
+        raise DatasetError(f"{path} is not a whole IDX file (bad magic number, or truncated or corrupt); "
+                           "delete it and re-fetch it") from e
+    if expected_ndim is not None and out.ndim != expected_ndim:
+        raise DatasetError(f"{path}: expected a {expected_ndim}-d IDX file, header says {out.ndim}-d")
+    return out
 
 
 def _find_idx(root: Path, stem: str) -> Path | None:
@@ -787,18 +780,6 @@ def erasing_collate(erase: Any) -> Any:
     return collate
 
 
-def _seed_worker(worker_id: int) -> None:
-    # Each worker's torch seed is derived from the loader generator; propagate it to
-    # numpy/random, which timm/PIL transforms use.
-    import random
-
-    import numpy as np
-
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 # loader worker processes per CPU beyond which more only cost memory and start-up time (reading files
 # from a slow disk can use more than one per CPU; a hundred thousand is a typo that forks until memory ends)
 WORKERS_PER_CPU = 4
@@ -811,6 +792,12 @@ def check_workers(num_workers: int) -> int:
         raise DatasetError(f"{num_workers} data loader workers: give 0 (load in the main process) to {most} "
                            f"({WORKERS_PER_CPU} per CPU of this machine)")
     return num_workers
+
+
+def _seed_worker(worker_id: int) -> None:
+    # the seed torch gave this worker (drawn from the loader's generator, new every epoch) reaches the
+    # numpy and random that timm's and PIL's transforms draw from; torch's generator stays as it is
+    seed_everything(torch.initial_seed(), cuda=False)
 
 
 def make_loader(

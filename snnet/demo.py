@@ -31,8 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from .anchors import AnchorSpec
 from .config import TrainConfig
 from .errors import ConfigError, SnnetError
@@ -42,6 +40,7 @@ from .results import (FrontComparison, StitchResult, check_writable, compare_fro
                       write_results)
 from .model import StitchedNet, create_snnet, network_from_config
 from .report import human, table
+from .sampling import seed_everything
 from .tasks import get_task
 from .train import train
 
@@ -257,7 +256,7 @@ def run_demo(config: TrainConfig | None = None, options: DemoOptions = DemoOptio
     t0 = time.perf_counter()
     check_demo(config, options)  # before any work: a run must not fail at its end
     out = check_writable(config.run.out_dir)
-    torch.manual_seed(config.run.seed)
+    seed_everything(config.run.seed)
     if options.weights:  # weights through timm's pretrained path, as for the shipped family
         labels, specs = zip(*anchor_specs(options.weights))
         net = create_snnet(list(specs), labels=list(labels), two_way=config.space.two_way,

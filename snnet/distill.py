@@ -71,13 +71,13 @@ def two_head_loss(outputs: tuple[torch.Tensor, torch.Tensor], target: torch.Tens
 
 def set_two_head_training(net: "StitchedNet", enabled: bool = True) -> int:
     """Make every head with a distillation head (LeViT, distilled DeiT) return ``(class, distillation)``
-    logits in training mode, as timm's ``set_distilled_training`` does for a whole model (in eval mode
-    they still return the average). Every head a route can end with is set, the reference route mode's
-    too. Returns how many heads have a distillation head (0: nothing to train two ways)."""
-    heads = {id(h): h for h in (net.head_of(s) for s in net.space)}
-    two = [h for h in heads.values() if hasattr(h, "distilled_training") and hasattr(h, "head_dist")]
-    for h in two:
-        h.distilled_training = enabled
+    logits in training mode, through timm's own ``set_distilled_training`` on the model each head holds
+    (in eval mode they still return the average). Every head a route can end with is set, the reference
+    route mode's too. Returns how many anchors have a distillation head (0: nothing to train two ways)."""
+    models = {id(m): m for m in (getattr(net.head_of(s), "model", None) for s in net.space)}
+    two = [m for m in models.values() if hasattr(m, "set_distilled_training") and hasattr(m, "head_dist")]
+    for m in two:
+        m.set_distilled_training(enabled)
     return len(two)
 
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, anchor_label, as_rows, build_parts, create_anchor,
+from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, Route, anchor_label, as_rows, build_parts, create_anchor,
                       without_final_norm)
 from .errors import CheckpointError, ConfigError, NotStitchableError
 from .io import atomic_write, record_checksum, verify_checksum
@@ -55,25 +55,6 @@ class StitchCost:
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "flops": self.flops, "params": self.params, "is_anchor": self.is_anchor}
-
-
-@dataclass(frozen=True)
-class Route:
-    """The network's own modules (no copies) that one stitch runs, by segment."""
-
-    stem: nn.Module
-    blocks: tuple[tuple[nn.Module, ...], ...]  # the blocks of each segment
-    layers: tuple[nn.Module, ...]  # the stitching layer after each segment but the last
-    head: nn.Module
-
-    def modules(self) -> tuple[nn.Module, ...]:
-        """Everything in the order forward calls it: stem, blocks, layer, blocks, ..., head."""
-        out: list[nn.Module] = [self.stem]
-        for k, blocks in enumerate(self.blocks):
-            if k:
-                out.append(self.layers[k - 1])
-            out += blocks
-        return (*out, self.head)
 
 
 @dataclass(frozen=True)

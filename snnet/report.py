@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+import re
+from typing import Any, Iterable, Sequence
 
+import numpy as np
 
 # what human() writes, read back: lower-case SI prefix -> factor (budgets and zoo filters parse counts with it)
 COUNT_PREFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+# a plain decimal number as counts and budgets are written: 5, 5.5, .5, 1e9
+NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?"
+_COUNT = re.compile(rf"\s*({NUMBER})\s*([kmgt]?)\s*")
+
+
+def parse_count(text: str) -> float:
+    """What :func:`human` writes, read back: ``"20G"`` -> 2e10, ``"5.5m"`` -> 5.5e6, ``"1e9"`` -> 1e9
+    (SI prefixes K, M, G, T, either case). Raises ValueError for anything else."""
+    m = _COUNT.fullmatch(text.lower())
+    if m is None:
+        raise ValueError(text)
+    return float(m[1]) * COUNT_PREFIXES[m[2]]
+
+
+def percentile(values: Iterable[float], q: float, *, nearest: bool = False) -> float:
+    """The ``q``-quantile (0..1) of ``values``; nan when there are none.
+
+    Interpolated between the two nearest values (numpy's default), or with ``nearest=True`` the
+    nearest rank: the smallest value with at least a ``q`` share of the values at or below it, a
+    latency that was actually observed (what a p95 checked against an SLO should be).
+    """
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        return math.nan
+    return float(np.quantile(v, q, method="inverted_cdf" if nearest else "linear"))
 
 
 def human(n: float, unit: str = "") -> str:

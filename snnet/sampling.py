@@ -28,7 +28,7 @@ from .config import ROS_GAP, SAMPLERS
 from .errors import CheckpointError, SnnetError
 
 __all__ = ["ROS_GAP", "SAMPLERS", "EpochSampler", "FlopsBucketSampler", "GroupedSampler", "ResourceSampler",
-           "SeededItems", "StitchSampler", "make_stitch_sampler", "mix_seed", "ros_groups"]
+           "SeededItems", "StitchSampler", "make_stitch_sampler", "mix_seed", "ros_groups", "seed_everything", "seed_worker"]
 
 class StitchSampler:
     """Uniform over the stitch space, with its own generator (so resuming restores it exactly)."""
@@ -234,9 +234,14 @@ def mix_seed(*parts: int) -> int:
     return x >> 1
 
 
-def _seed_all(seed: int) -> None:
-    """Seed torch's CPU generator (not CUDA's: data loading never draws there), numpy and ``random``."""
-    torch.default_generator.manual_seed(seed)
+def seed_everything(seed: int, *, cuda: bool = True) -> None:
+    """Seed torch, numpy and Python's ``random``: everything a run draws from outside its own
+    generators (random-init weights, dropout, augmentation). ``cuda=False`` leaves CUDA's generators
+    alone (data loading never draws there, and :func:`_isolated_rng` restores the CPU ones only)."""
+    if cuda:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
 
@@ -246,7 +251,7 @@ def _isolated_rng(seed: int) -> Iterator[None]:
     """Seed torch's CPU generator, numpy and ``random`` for a block, then put their states back,
     so the draws inside depend on ``seed`` alone and nothing outside sees them."""
     torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    _seed_all(seed)
+    seed_everything(seed, cuda=False)
     try:
         yield
     finally:
@@ -284,7 +289,7 @@ class SeededItems(Subset):
     def __getitem__(self, index: int) -> Any:
         seed = mix_seed(self.seed, self.epoch, index)
         if get_worker_info() is not None:  # a loader worker: its generators serve nothing else, no need to restore
-            _seed_all(seed)
+            seed_everything(seed, cuda=False)
             return self.dataset[index]
         with _isolated_rng(seed):  # the main process: training draws from the same generators
             return self.dataset[index]
@@ -301,4 +306,4 @@ def seed_worker(seed: int, epoch: int) -> Any:
 
 def _init_worker(seed: int, epoch: int, worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _seed_all(mix_seed(seed, epoch, worker_id))
+    seed_everything(mix_seed(seed, epoch, worker_id), cuda=False)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import ZooError
-from .report import COUNT_PREFIXES, human
+from .report import human, parse_count
 from .results import StitchResult
 
 __all__ = ["FMNIST_ZOO_SCRIPT", "ZOOS", "Zoo", "ZooFilter", "ZooModel", "load_zoo", "read_zoo", "zoo_path"]
@@ -79,14 +79,6 @@ class ZooModel:
 
 
 # ====================================================================================== filters
-
-
-def parse_count(text: str) -> float:
-    """``"20G"`` -> 2e10, ``"5.5m"`` -> 5.5e6, ``"1e9"`` -> 1e9 (SI prefixes K, M, G, T)."""
-    m = re.fullmatch(r"\s*((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([kmgt]?)\s*", text.lower())
-    if m is None:
-        raise ValueError(text)
-    return float(m[1]) * COUNT_PREFIXES[m[2]]
 
 
 def _range(text: str | Sequence[float | None] | None, what: str, option: str) -> tuple[float | None, float | None]:

@@ -12,8 +12,7 @@ import snnet
 from snnet.cli import main
 from snnet.results import load_results
 
-from .conftest import TINY_VITS
-from .test_data import _damage, _folder, _refuse_listing
+from .conftest import TINY_VITS, _folder, _damage, _refuse_listing
 
 
 def _run(args: list[str]) -> int:

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from snnet.cli import main
+from .conftest import TINY_VITS
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -118,3 +119,17 @@ def test_every_bad_command_line_is_one_line_and_exit_2(line: str, tmp_path, monk
     assert not built or line in NEEDS_THE_SPACE, f"a network was built before {line!r} was refused"
     if "--data-dir" in line or "demo --data" in line:  # `snnet train` has no --download: do not suggest it there
         assert err.count("--download") == err.count("snnet demo --download")
+
+
+# ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers
+
+
+def test_cli_stitches_two_way_and_klas(capsys, tmp_path) -> None:
+    from snnet.cli import main
+
+    main(["stitches", "--anchors", ",".join(TINY_VITS[:2]), "--two-way", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 14 and rows[8]["name"] == "snnet_tiny_vit_s[:1]+snnet_tiny_vit_ti[1:2]+snnet_tiny_vit_s[2:]"
+    with pytest.raises(SystemExit) as e:
+        main(["stitches", "--anchors", ",".join(TINY_VITS), "--select", "kl"])
+    assert e.value.code == 2 and "klas" in capsys.readouterr().err

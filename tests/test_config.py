@@ -19,6 +19,8 @@ from snnet.errors import ConfigError, SnnetError
 from snnet.recipes import RECIPES_DIR, RecipeError, load_recipe, recipe_config, recipe_names
 from snnet.train import NOT_RESULT_SETTINGS, load_run_config
 
+from .conftest import Synthetic, fresh_net
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -84,7 +86,6 @@ def test_hardware_is_checked_when_a_run_starts_not_when_settings_load(tmp_path):
 
     config = TrainConfig().override(device="cuda:7", out_dir=str(tmp_path / "run"), progress=False)
     assert TrainConfig.from_yaml(_write(tmp_path / "gpu.yaml", config.to_yaml())).run.device == "cuda:7"
-    from .test_train import Synthetic, fresh_net
 
     with pytest.raises(ConfigError, match="cuda"):
         train(fresh_net(), Synthetic(16), config.override(batch_size=8))
@@ -204,8 +205,6 @@ def test_the_earlier_recipe_call_form_still_trains(tmp_path):
     """README: ``train_config, optim_config = get_recipe("deit").configs(...); train(net, data, train_config, optim_config)``."""
     from snnet.recipes import get_recipe
     from snnet.train import train
-
-    from .test_train import Synthetic, fresh_net
 
     train_config, optim_config = get_recipe("deit").override(mixup=0, cutmix=0, teacher=None).configs(
         world_size=1, out_dir=str(tmp_path / "run"), batch_size=8, max_steps=2, progress=False, drop_path=0.0)

@@ -23,6 +23,8 @@ from snnet.data import (
 )
 from snnet.errors import SnnetError
 
+from .conftest import _damage, _folder, _refuse_listing
+
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 requires_fmnist = pytest.mark.skipif(
     not (DEBIAN_ROOT / "t10k-images-idx3-ubyte.gz").is_file(),
@@ -251,35 +253,6 @@ def test_real_fashion_mnist_validation_split() -> None:
 # ------------------------------------------------------------------ image folders a user really has
 
 
-def _folder(root: Path, classes: int = 3, per_class: int = 3, mode: str = "RGB", size: int = 32) -> Path:
-    """``root/class<c>/<i>.png``: distinct random images, ``per_class`` per class."""
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    shape = (size, size) if mode == "L" else (size, size, 3)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).numpy()
-            Image.fromarray(pixels, mode=mode).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
-def _damage(root: Path) -> tuple[Path, Path]:
-    """A JPEG with 16 bytes of its header zeroed and a PNG cut after 100 bytes, among good images."""
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, "JPEG")
-    raw = buf.getvalue()
-    corrupt, truncated = root / "class1" / "9-corrupt.jpg", root / "class2" / "9-truncated.png"
-    corrupt.write_bytes(raw[:20] + bytes(16) + raw[36:200])
-    truncated.write_bytes((root / "class2" / "0.png").read_bytes()[:100])
-    return corrupt, truncated
-
-
 RGB32 = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_pct": 1.0}
 
 
@@ -347,19 +320,6 @@ def test_a_folder_of_grayscale_pngs_feeds_a_one_channel_network(tmp_path: Path) 
     assert torch.allclose(x[0], (want - 0.286) / 0.353, atol=1e-5)
     with pytest.raises(DatasetError, match="2-channel"):
         build_dataset(tmp_path / "l", "val", dict(gray, input_size=(2, 28, 28)))
-
-
-def _refuse_listing(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Make listing ``folder`` fail as a chmod-000 folder does for anyone but root."""
-    scandir = os.scandir
-
-    def refusing(path=".", *args):
-        if os.fspath(path) == str(folder):
-            raise PermissionError(13, "Permission denied", str(folder))
-        return scandir(path, *args)
-
-    monkeypatch.setattr(os, "scandir", refusing)
-    return folder
 
 
 def test_a_class_folder_that_cannot_be_read_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,8 +24,7 @@ import snnet
 from snnet.config import TrainConfig
 from snnet.train import Trainer, train
 
-from .conftest import TINY_VITS
-from .test_train import Synthetic
+from .conftest import TINY_VITS, Synthetic
 
 TIMEOUT = 120
 # rank 0 runs the small anchor, rank 1 a stitch into the big one: they share the small

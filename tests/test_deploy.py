@@ -20,7 +20,9 @@ from snnet.deploy import export as deploy_export, profiling as deploy_profile
 from snnet.deploy import Budget, parse_budget, select_stitch
 from snnet.errors import BudgetError, ExportError, StitchNotFoundError
 
-from .conftest import TINY_VITS
+from snnet.train import route_modules
+
+from .conftest import TINY_VITS, fitted_net, seeded_net
 
 # One family per kind of model snnet supports, including the cross-kind and unpaired cases.
 FAMILIES = {
@@ -335,3 +337,54 @@ def test_profile_command_writes_results_without_accuracy(tmp_path: Path, capsys:
     assert [r["id"] for r in timed] == [0, 3]
     assert all(r["latency_p90_ms"] >= r["latency_ms"] > 0 and r["peak_mem_mb"] > 0 for r in timed)
     assert "no accuracy yet" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers
+
+
+def test_export_of_v2_routes_equals_the_network(images: torch.Tensor, tmp_path) -> None:
+    net = fitted_net(two_way=True, chains=True, lora_rank=2)
+    picks = ["snnet_tiny_vit_b[:2]+snnet_tiny_vit_s[2:]", "snnet_tiny_vit_s[:1]+snnet_tiny_vit_b[1:3]+snnet_tiny_vit_s[3:]",
+             "snnet_tiny_vit_ti[:1]+snnet_tiny_vit_s[1:3]+snnet_tiny_vit_b[3:]", "snnet_tiny_vit_b"]
+    for name in picks:
+        s = net.stitch(name)
+        with torch.no_grad():
+            net.select(s)
+            want = net(images)
+        route = deploy.extract(net, s)
+        assert not any("lora" in k for k in route.state_dict())  # shipped merged
+        assert len(route.via) == len(s.segments) - 2 if len(s.segments) > 1 else not route.via
+        out = tmp_path / str(s.id)
+        deploy.save_stitch(route, out, deploy.stitch_config(net, s))
+        loaded = deploy.load_stitch(out)
+        with torch.inference_mode():
+            assert (route(images) - want).abs().max() <= 1e-5, name
+            assert (loaded(images) - want).abs().max() <= 1e-5, name
+        cfg = json.loads((out / "config.json").read_text())
+        assert len(cfg["segments"]) == len(s.segments) and len(cfg["stitching_layers"]) == len(s.layers)
+        assert len(cfg["anchors"]) == len(set(s.anchors))
+
+
+def test_v1_stitch_exports_still_load(tiny_net: snnet.StitchedNet, images: torch.Tensor, tmp_path) -> None:
+    """A stitch exported before v2 (config version 1) loads into the same route."""
+    s = tiny_net.stitch("snnet_tiny_vit_ti[:2]+snnet_tiny_vit_s[1:]")
+    route = deploy.extract(tiny_net, s)
+    new = deploy.stitch_config(tiny_net, s)
+    old = {k: v for k, v in new.items() if k not in ("anchors", "segments", "stitching_layers")}
+    old.update(version=1, src=new["anchors"][0], src_end=2, dst=new["anchors"][1], dst_start=1,
+               stitching_layer=new["stitching_layers"][0])
+    deploy.save_stitch(route, tmp_path, old)
+    with torch.inference_mode():
+        assert torch.equal(deploy.load_stitch(tmp_path)(images), route(images))
+    assert deploy.route_bytes(deploy_export._route_view(tiny_net, s)) == deploy.route_bytes(route)
+
+
+def test_profile_of_v2_routes() -> None:
+    net = seeded_net(two_way=True, lora_rank=2)
+    names = ["snnet_tiny_vit_b[:2]+snnet_tiny_vit_s[2:]", "snnet_tiny_vit_s[:1]+snnet_tiny_vit_b[1:3]+snnet_tiny_vit_s[3:]"]
+    measured, _ = deploy.profile(net, warmup=0, repeats=2, stitches=names, progress=False)
+    assert [m.name for m in measured] == names and all(m.latency_ms > 0 and m.peak_mem_mb > 0 for m in measured)
+    s = net.stitch(names[1])
+    weights = sum(p.numel() * p.element_size() for m in route_modules(net, s) for p in m.parameters())
+    assert deploy.route_bytes(deploy_export._route_view(net, s)) == weights + sum(
+        b.numel() * b.element_size() for m in route_modules(net, s) for b in m.buffers())

@@ -8,38 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import snnet
-from snnet.cli import main
 from snnet.errors import ResultsError, SnnetError, StitchNotFoundError
 from snnet.evaluate import (StitchResult, check_writable, evaluate, format_results, load_results, pareto_front,
                             write_results)
 
-from .conftest import TINY_VITS
-
-
-def _batches(n: int = 24, batch: int = 16, size: int = 32, classes: int = 10, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
-
-
-def _naive(net: snnet.StitchedNet, batches, stitch) -> tuple[float, float, float]:
-    """Reference: select the stitch and run the whole network, the way a user would."""
-    net.select(stitch)
-    hit1 = hit5 = 0
-    loss = 0.0
-    n = 0
-    with torch.no_grad():
-        for x, y in batches:
-            logits = net(x)
-            top = logits.topk(5, dim=-1).indices
-            hit1 += (top[:, 0] == y).sum().item()
-            hit5 += (top == y[:, None]).any(-1).sum().item()
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            n += len(y)
-    return 100 * hit1 / n, 100 * hit5 / n, loss / n
+from .conftest import TINY_VITS, _batches, _naive, _run, fitted_net
 
 
 @pytest.mark.parametrize("family", [TINY_VITS, ["snnet_tiny_vit_ti", "snnet_tiny_vit_deep"]], ids=["paired", "unpaired"])
@@ -216,14 +191,6 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "net", root / "data"
 
 
-def _run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return e.code or 0
-    return 0
-
-
 def test_cli_eval_writes_all_outputs(saved: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model, data = saved
     out = tmp_path / "out"
@@ -298,3 +265,24 @@ def test_cli_eval_default_family_fits_stitching_layers(tmp_path: Path, capsys: p
     assert built == [(["snnet_tiny_vit_ti", "snnet_tiny_vit_s"], True)]  # asked for the shipped weights
     assert "least squares on 6 training images" in captured.err
     assert all(r.images == 10 for r in load_results(tmp_path / "o"))
+
+
+# ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers
+
+
+def test_shared_prefix_eval_equals_each_v2_route_alone() -> None:
+
+    net = fitted_net(two_way=True, chains=True)
+    blocks = [0]
+    for a in net.anchors:
+        for blk in a.blocks:
+            blk.register_forward_hook(lambda *_: blocks.__setitem__(0, blocks[0] + 1))
+    batches = _batches()
+    results = evaluate(net, batches, progress=False)
+    shared = blocks[0]
+    for r in results:
+        acc1, acc5, loss = _naive(net, batches, r.id)
+        assert r.acc1 == pytest.approx(acc1, abs=1e-5) and r.acc5 == pytest.approx(acc5, abs=1e-5), r.name
+        assert r.loss == pytest.approx(loss, abs=1e-5), r.name
+    naive = blocks[0] - shared
+    assert shared < 0.75 * naive  # the trie shares prefixes of multi-segment routes too

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import pytest
 from snnet.errors import ResultsError
 from snnet.evaluate import StitchResult, mark_pareto
 from snnet.plot import plot_pareto
+
+from .conftest import _traces
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -23,14 +24,6 @@ def _results(latency: bool = False) -> list[StitchResult]:
     return mark_pareto([
         StitchResult(i, n, f, 10 * f, a, a + 10, 1.0, 50, i < 2, latency_ms=f / 100 if latency else None)
         for i, n, f, a in rows])
-
-
-def _traces(html: str) -> list[dict]:
-    """The figure's traces, as plotly wrote them into the page."""
-    start = re.search(r'Plotly\.newPlot\(\s*"[^"]+",\s*', html)
-    assert start, "no Plotly.newPlot call in the HTML"
-    data, _ = json.JSONDecoder().raw_decode(html, start.end())
-    return data
 
 
 def test_html_has_one_trace_per_legend_group_with_hover(tmp_path: Path) -> None:

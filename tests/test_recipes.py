@@ -25,8 +25,7 @@ from snnet.recipes import RecipeError, recipe_config
 from snnet.sampling import EpochSampler
 from snnet.train import Trainer, train
 
-from .conftest import TINY_VITS
-from .test_train import Synthetic, _image_folder, _params, cfg
+from .conftest import TINY_VITS, Synthetic, cfg, _params, _image_folder
 
 
 def tiny(classes: int = 10) -> snnet.StitchedNet:

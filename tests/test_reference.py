@@ -18,8 +18,7 @@ from snnet.reference import (PAPER_EVAL, PUBLISHED, net_reference_ids, paper_dat
                              read_published, reference_routes)
 from snnet.results import load_results, write_results
 
-from .conftest import TINY_VITS
-from .test_evaluate import _run
+from .conftest import TINY_VITS, _run
 
 # ------------------------------------------------------------------ the published tables
 

@@ -25,8 +25,7 @@ from snnet.deploy import export_stitch, load_stitch
 from snnet.errors import CheckpointError, TrainingInterrupted
 from snnet.train import train
 
-from .conftest import TINY_VITS
-from .test_train import Synthetic, _cli, _image_folder, cfg, fresh_net
+from .conftest import TINY_VITS, Synthetic, cfg, fresh_net, _cli, _image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ",".join(TINY_VITS[:2])

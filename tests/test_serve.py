@@ -42,7 +42,7 @@ from snnet.deploy.controller import ControllerConfig, LastSecond, LatencyTable, 
 from snnet.deploy.serve import Preprocess, Rejected, ServeConfig, Service, create_app, decode_image  # noqa: E402
 from snnet.errors import ServeError  # noqa: E402
 
-from .conftest import TINY_VITS  # noqa: E402
+from .conftest import TINY_VITS, _png, TOKEN, _synthetic_rows, _until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,15 +166,6 @@ def test_last_second_policy_follows_last_seconds_rate_and_holds_between() -> Non
 # =============================================================================== images
 
 
-def _png(size=(32, 32), mode="RGB", seed=0) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    chans = len(mode)
-    arr = torch.randint(0, 256, (size[1], size[0], chans), generator=g, dtype=torch.uint8).squeeze(-1).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def _jpeg(size=(32, 32)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (200, 30, 90)).save(buf, "JPEG")
@@ -258,18 +249,7 @@ def test_png_fast_path_refuses_what_pillow_refuses() -> None:
 
 # =============================================================================== the server
 
-TOKEN = "test-admin-token-" + "x" * 16
 AUTH = {"authorization": f"Bearer {TOKEN}"}
-
-
-def _synthetic_rows(net: snnet.StitchedNet) -> list[dict]:
-    """Result rows with a latency table that grows with FLOPs (no profiling in tests)."""
-    rows = []
-    for c in net.costs():
-        per_image = c.flops / 2e5
-        rows.append(dict(c.to_dict(), latency_by_batch=[{"batch_size": b, "latency_ms": 0.5 + per_image * b,
-                                                         "latency_p90_ms": 0.6 + per_image * b} for b in (1, 2, 4, 8)]))
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -312,14 +292,6 @@ class _Server:
         self.thread.join(30)
         self.sock.close()
         self.service.close()
-
-
-def _until(ok: Any, seconds: float, what: str) -> None:
-    """Poll ``ok()`` until it is true (a generous deadline: this machine may be busy)."""
-    deadline = time.monotonic() + seconds
-    while not ok():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def _service(saved: tuple[Path, Path], **kw: Any) -> Service:

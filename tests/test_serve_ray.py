@@ -28,8 +28,7 @@ import snnet  # noqa: E402
 from snnet.deploy.ray import application, merge_metrics  # noqa: E402
 from snnet.deploy.serve import ServeConfig  # noqa: E402
 
-from .conftest import TINY_VITS  # noqa: E402
-from .test_serve import TOKEN, _png, _synthetic_rows, _until  # noqa: E402
+from .conftest import TINY_VITS, _png, TOKEN, _synthetic_rows, _until  # noqa: E402
 
 pytestmark = pytest.mark.slow
 AUTH = {"authorization": f"Bearer {TOKEN}"}

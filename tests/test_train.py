@@ -4,44 +4,21 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 import snnet
 from snnet.data import DatasetError
 from snnet.errors import CheckpointError
 from snnet.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from snnet.sampling import EpochSampler, FlopsBucketSampler, StitchSampler
-from snnet.config import TrainConfig
 from snnet.train import train
 
-from .conftest import TINY_VITS
+from snnet.config import TrainConfig
+from snnet.train import Trainer
 
-
-class Synthetic(TensorDataset):
-    """A learnable task: each class is a fixed random template plus noise."""
-
-    def __init__(self, n: int = 96, classes: int = 10, size: tuple[int, ...] = (3, 32, 32), seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        templates = torch.randn(classes, *size, generator=g)
-        y = torch.arange(n) % classes
-        super().__init__(templates[y] + 0.5 * torch.randn(n, *size, generator=g), y)
-        self.num_classes = classes
-
-
-def cfg(tmp_path: Path, **kw) -> TrainConfig:
-    """A small run's settings; settings named by their leaf name, the learning rate as used (not scaled)."""
-    base = dict(epochs=1, batch_size=8, out_dir=str(tmp_path / "run"), progress=False, tensorboard=False,
-                init_images=16, log_every=5, ckpt_every=0, lr=5e-5, lr_base_batch=None)
-    return TrainConfig().override(**{**base, **kw})
-
-
-def fresh_net(seed: int = 0, **space) -> snnet.StitchedNet:
-    torch.manual_seed(seed)
-    return snnet.create_snnet(TINY_VITS[:2], **space)
+from .conftest import TINY_VITS, Synthetic, cfg, fresh_net, _params, _cli, _image_folder, seeded_net
 
 
 @torch.no_grad()
@@ -104,10 +81,6 @@ def test_epoch_sampler_shards_and_skips():
     assert list(s) == full[4:]
     s.set_epoch(1)
     assert list(s) != full and sorted(s) == list(range(10))
-
-
-def _params(net):
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 # SN-Netv2: two-way space (round trips), low-rank stitching layers, ROS
@@ -221,28 +194,6 @@ def test_oom_becomes_clear_error(tmp_path, monkeypatch):
         train(fresh_net(), Synthetic(16), cfg(tmp_path, init_images=0))
 
 
-def _image_folder(root: Path, classes: int = 10, per_class: int = 2) -> Path:
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
-def _cli(*args: str) -> int:
-    from snnet.cli import main
-
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
 def test_cli_train_writes_everything(tmp_path, capsys):
     data = _image_folder(tmp_path / "imgs")
     out = tmp_path / "out"
@@ -278,3 +229,35 @@ def test_cli_train_bad_input_is_a_clear_error(tmp_path, capsys):
                 "--no-progress") == 2
     assert "5 classes but the network predicts 10" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers
+
+
+def test_training_mask_covers_exactly_the_route() -> None:
+    net = seeded_net(two_way=True, lora_rank=2)
+    trainer = Trainer(net, TrainConfig().override(progress=False), total_steps=1)
+    s = net.stitch("snnet_tiny_vit_s[:1]+snnet_tiny_vit_b[1:3]+snnet_tiny_vit_s[3:]")
+    used = trainer._used(s)
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    on = {n for n, u in zip(names, used.tolist()) if u}
+    want_prefixes = ("anchors.1.stem.", "anchors.1.blocks.0.", "anchors.2.blocks.1.", "anchors.2.blocks.2.",
+                     "anchors.1.blocks.3.", "anchors.1.head.") + tuple(f"stitch_layers.{k}." for k in s.layers)
+    assert on == {n for n in names if n.startswith(want_prefixes)}
+    assert any(n.endswith("lora_b") for n in on)
+    assert not any(n.startswith("stitch_layers.") and n.endswith("proj.weight") for n in names)  # frozen
+
+
+def test_low_rank_training_moves_only_the_update(tmp_path) -> None:
+
+    net = seeded_net(anchors=TINY_VITS[:2], lora_rank=2)
+    net.init_stitching([torch.randn(8, 3, 32, 32)], max_images=8)
+    base = [layer.proj.weight.clone() for layer in net.stitch_layers]
+    lora_b = [layer.lora_b.clone() for layer in net.stitch_layers]
+    assert all(torch.count_nonzero(b) == 0 for b in lora_b)
+    trainer = Trainer(net, TrainConfig().override(progress=False, sampler="uniform"), total_steps=20)
+    x, y = Synthetic(8).tensors
+    for _ in range(20):
+        trainer.step(x, y)
+    assert all(torch.equal(a, layer.proj.weight) for a, layer in zip(base, net.stitch_layers))
+    assert any(torch.count_nonzero(layer.lora_b) for layer in net.stitch_layers)

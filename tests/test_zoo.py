@@ -17,9 +17,7 @@ from snnet.results import (StitchResult, format_results, frontier, load_results,
                            pareto_front, write_results)
 from snnet.zoo import ZOOS, ZooFilter, load_zoo, read_zoo
 
-from .conftest import TINY_VITS
-from .test_evaluate import _run
-from .test_plot import _traces
+from .conftest import TINY_VITS, _run, _traces
 
 
 def _net_rows() -> list[StitchResult]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ..errors import ServeError
+from ..report import percentile
 from ..results import StitchResult, pareto_front
 
 __all__ = ["ControllerConfig", "Decision", "LastSecond", "LatencyTable", "Rung", "StitchController", "ladder", "make_policy"]
@@ -248,8 +249,8 @@ class StitchController:
             why = (f"rung in use predicted {preds[cur]:.1f} ms > {c.headroom:g} x SLO; "
                    + ("stepped down to the most accurate that fits" if fits else "nothing fits: the fastest"))
             return self._record(self.rungs[self._rung], preds[self._rung], False, why)
-        p95 = _p95(recent_ms)
-        if p95 is not None and len(recent_ms) >= c.evidence and p95 > c.headroom * c.slo_ms and cur > 0:
+        p95 = percentile(recent_ms, 0.95, nearest=True)  # nan (no comparison holds) when there are none
+        if len(recent_ms) >= c.evidence and p95 > c.headroom * c.slo_ms and cur > 0:
             # The table says the queue fits, but requests are slower than that: time the table does not
             # see (HTTP, decoding, other processes on the CPU). A cheaper stitch leaves more CPU for it.
             self._streak = 0
@@ -257,7 +258,7 @@ class StitchController:
             return self._record(self.rungs[self._rung], preds[self._rung], False,
                                 f"recent p95 {p95:.1f} ms > {c.headroom:g} x SLO: stepped down a rung")
         roomy = [k for k, p in enumerate(preds) if k > cur and p <= c.up_headroom * c.slo_ms]
-        calm = p95 is not None and len(recent_ms) >= c.evidence and p95 <= c.up_headroom * c.slo_ms
+        calm = len(recent_ms) >= c.evidence and p95 <= c.up_headroom * c.slo_ms
         if roomy and calm:
             self._streak += 1
             if self._streak >= c.up_after:
@@ -335,10 +336,3 @@ def make_policy(name: str, rungs: Sequence[Rung], table: LatencyTable, config: C
     if name not in kinds:
         raise ServeError(f"unknown stitch policy {name!r}: one of {', '.join(kinds)}")
     return kinds[name](rungs, table, config)
-
-
-def _p95(values: Sequence[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]

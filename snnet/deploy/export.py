@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..anchors import ActivationSpec, AnchorSpec, create_anchor, split_model, without_final_norm
+from ..anchors import ActivationSpec, AnchorSpec, Route, create_anchor, split_model, without_final_norm
 from ..errors import CheckpointError, ExportError
 from ..io import atomic_write, record_checksum, verify_checksum, warn_unverified
 from ..results import check_writable
@@ -34,7 +34,7 @@ from ..space import Stitch
 from ..stitching import StitchingLayer
 
 if TYPE_CHECKING:
-    from ..model import Route, StitchedNet
+    from ..model import StitchedNet
 
 __all__ = ["FORMATS", "STITCH_CONFIG", "STITCH_WEIGHTS", "StitchRoute", "export_onnx", "export_program", "export_stitch", "extract",
            "load_onnx", "load_program", "load_stitch", "route_bytes", "save_stitch", "stitch_config"]
@@ -69,8 +69,8 @@ class StitchRoute(nn.Module):
         self.head = head
 
     @classmethod
-    def of(cls, route: "Route") -> "StitchRoute":
-        """From a :class:`snnet.model.Route` (segments' blocks and the layers between them)."""
+    def of(cls, route: Route) -> "StitchRoute":
+        """From a :class:`snnet.anchors.Route` (segments' blocks and the layers between them)."""
         blocks, layers = route.blocks, route.layers
         if len(blocks) == 1:
             return cls(route.stem, blocks[0], None, [], route.head)
@@ -259,8 +259,7 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
     if head is None:
         raise CheckpointError(f"{cfg_path} ends its route without a final norm, which anchor "
                               f"{ends[segments[-1]['anchor']]['label']!r} does not have; export the stitch again")
-    route = StitchRoute(first.stem, blocks[0], layers[0] if layers else None, blocks[-1] if layers else [], head,
-                        [(blocks[k], layers[k]) for k in range(1, len(blocks) - 1)])
+    route = StitchRoute.of(Route(first.stem, tuple(tuple(b) for b in blocks), tuple(layers), head))
     try:
         state = load_file(str(w_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:

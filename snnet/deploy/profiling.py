@@ -18,6 +18,7 @@ from torch import nn
 
 from ..budget import MB
 from ..errors import SnnetError
+from ..report import percentile
 from ..report import progress as report_progress
 from ..results import _row, merge_rows, network_rows, read_rows
 from ..space import Stitch
@@ -142,10 +143,6 @@ def _peak_activation_bytes(net: nn.Module, x: torch.Tensor) -> int:
     return mode.peak
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    return float(torch.tensor(values, dtype=torch.float64).quantile(q))
-
-
 def _timed(net: nn.Module, x: torch.Tensor, warmup: int, repeats: int, sync: Any) -> list[float]:
     """Milliseconds of ``repeats`` forwards of ``x`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -220,8 +217,8 @@ def profile(
                 times = by_batch[batch_size]
                 act = _peak_activation_bytes(net, x)
                 mem = (route_bytes(_route_view(net, s)) + x.numel() * x.element_size() + act) / MB
-                table = tuple(BatchLatency(b, _percentile(t, 0.5), _percentile(t, 0.9)) for b, t in by_batch.items()) if sizes else ()
-                out.append(ProfileResult(s.id, s.name, _percentile(times, 0.5), _percentile(times, 0.9), mem, table))
+                table = tuple(BatchLatency(b, percentile(t, 0.5), percentile(t, 0.9)) for b, t in by_batch.items()) if sizes else ()
+                out.append(ProfileResult(s.id, s.name, percentile(times, 0.5), percentile(times, 0.9), mem, table))
                 bar.update(1)
     finally:
         torch.set_num_threads(old_threads)

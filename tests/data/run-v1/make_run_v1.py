@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, ".")
 import snnet
 from snnet.train import OptimConfig, TrainConfig, train
-from tests.test_train import Synthetic
+from tests.conftest import Synthetic
 torch.set_num_threads(1)
 
 OUT = Path(sys.argv[1])

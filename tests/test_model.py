@@ -1,4 +1,4 @@
-"""The core: stitch space, stitching layers, switching, costs, save/load and bad input."""
+"""snnet.model: the stitched network: switching routes, running them, costs, save/load and bad input."""
 
 from __future__ import annotations
 
@@ -11,103 +11,10 @@ from torch import nn
 import snnet
 from snnet.anchors import AnchorParts, split_model
 from snnet.flops import count_macs, unfused_attention
-from snnet.space import paired_pairs, unpaired_pairs
-from snnet.stitching import LeastSquares, StitchingLayer
 
-from .conftest import TINY_VITS
+from snnet.train import route_modules
 
-
-# ----------------------------------------------------------------- enumeration
-
-
-def test_paired_windows_match_the_paper() -> None:
-    groups = paired_pairs(12, kernel_size=2, stride=1)
-    pairs = [p for g in groups for p in g]
-    assert len(pairs) == 34 and len(set(pairs)) == 34
-    assert len(groups) == 11  # one shared stitching layer per window
-    assert groups[0] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert groups[1] == [(1, 2), (2, 1), (2, 2)]
-    # every pair lies within one window of 2 consecutive blocks
-    assert all(abs(i - j) <= 1 for i, j in pairs)
-
-
-def test_window_options_change_the_space() -> None:
-    assert sum(len(g) for g in paired_pairs(4, kernel_size=2, stride=1)) == 10
-    assert sum(len(g) for g in paired_pairs(4, kernel_size=2, stride=2)) == 8  # disjoint windows
-    assert sum(len(g) for g in paired_pairs(4, kernel_size=3, stride=1)) == 4 * 4 - 2  # |i-j|<=2
-
-
-def _authors_unpaired(front: int, end: int) -> list[tuple[int, int]]:
-    """The authors' unpaired rule, rebuilt from its definition: torch's nearest interpolation
-    maps each of the ``end`` target blocks to a front block; every target block mapped to
-    front block ``i`` and lying after it is a stitch (front through ``i``, target from it)."""
-    mapped = torch.nn.functional.interpolate(torch.arange(front, dtype=torch.float)[None, None], end)[0, 0].long().tolist()
-    return [(i, k) for i in range(front) for k, m in enumerate(mapped) if m == i and k > i]
-
-
-def test_unpaired_default_is_the_authors_rule() -> None:
-    pairs = [p for g in unpaired_pairs(12, 24) for p in g]
-    assert pairs == _authors_unpaired(12, 24)
-    assert len(pairs) == 23 and pairs[:4] == [(0, 1), (1, 2), (1, 3), (2, 4)]
-    assert all(len(g) == 1 for g in unpaired_pairs(12, 24))  # one layer each
-    assert [p for g in unpaired_pairs(6, 18) for p in g] == _authors_unpaired(6, 18)
-    # a deeper source: the same relation transposed, the target resuming inside its depth
-    deeper_first = [p for g in unpaired_pairs(8, 4) for p in g]
-    assert deeper_first[0] == (0, 1) and all(0 < j < 4 for _, j in deeper_first)
-
-
-def test_unpaired_progress_rule_is_still_selectable() -> None:
-    pairs = [p for g in unpaired_pairs(12, 24, "progress") for p in g]
-    # source cut after block i resumes the deeper target where it has done the same share
-    assert len(pairs) == 11 and pairs[:3] == [(0, 2), (1, 4), (2, 6)]
-    assert all(j == 2 * (i + 1) for i, j in pairs)
-    deeper_first = [p for g in unpaired_pairs(8, 4, "progress") for p in g]
-    assert deeper_first[0] == (0, 1) and all(0 < j < 4 for _, j in deeper_first)
-    with pytest.raises(ValueError, match="unknown unpaired rule"):
-        unpaired_pairs(4, 8, "fancy")
-
-
-def test_tiny_family_space(tiny_net: snnet.StitchedNet) -> None:
-    space = tiny_net.space
-    # 3 anchors + 2 pairs x 10 pairs of blocks (depth 4, kernel 2, stride 1)
-    assert len(space) == 3 + 2 * 10
-    assert [s.name for s in space.anchor_stitches()] == TINY_VITS
-    # nearest rule: Ti->S and S->B only
-    assert {(s.src, s.dst) for s in space if not s.is_anchor} == {(0, 1), (1, 2)}
-    # windows share layers: 4 windows... 3 with new pairs per pair of anchors
-    assert len(tiny_net.stitch_layers) == 2 * 3
-    first_layer = space.layer_stitches(0)
-    assert [(s.src_end, s.dst_start) for s in first_layer] == [(1, 0), (1, 1), (2, 0), (2, 1)]
-    assert [s.id for s in space] == list(range(len(space)))
-
-
-def test_all_pairs_option_adds_ti_to_b() -> None:
-    net = snnet.create_snnet(TINY_VITS, nearest=False)
-    assert {(s.src, s.dst) for s in net.space if not s.is_anchor} == {(0, 1), (1, 2), (0, 2)}
-    assert len(net.space) == 3 + 3 * 10
-
-
-def test_unequal_depths_use_the_authors_mapping(tmp_path) -> None:
-    net = snnet.create_snnet(["snnet_tiny_vit_s", "snnet_tiny_vit_deep"])
-    routes = [(s.src_end, s.dst_start) for s in net.space if not s.is_anchor]
-    assert routes == [(i + 1, j) for i, j in _authors_unpaired(4, 8)]
-    assert routes == [(1, 1), (2, 2), (2, 3), (3, 4), (3, 5), (4, 6), (4, 7)]
-    assert len(net.stitch_layers) == 7
-    old = snnet.create_snnet(["snnet_tiny_vit_s", "snnet_tiny_vit_deep"], unpaired="progress")
-    assert [(s.src_end, s.dst_start) for s in old.space if not s.is_anchor] == [(1, 2), (2, 4), (3, 6)]
-    # a network saved before the option existed (no "unpaired" key) loads with the rule it was built with
-    old.save_pretrained(tmp_path / "old")
-    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
-    del cfg["space"]["unpaired"]
-    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
-    assert len(snnet.load(tmp_path / "old").space) == len(old.space)
-
-
-def test_anchors_are_ordered_by_cost_and_stitch_ids_are_stable() -> None:
-    a = snnet.create_snnet(["snnet_tiny_vit_b", "snnet_tiny_vit_ti", "snnet_tiny_vit_s"])
-    b = snnet.create_snnet(TINY_VITS)
-    assert a.labels == b.labels == tuple(TINY_VITS)
-    assert [s.name for s in a.space] == [s.name for s in b.space]
+from .conftest import TINY_VITS, fitted_net, seeded_net, _by_hand
 
 
 # ----------------------------------------------------------------- running
@@ -170,75 +77,6 @@ def test_forward_runs_only_the_active_route(tiny_net: snnet.StitchedNet, images:
         h.remove()
     expected = {f"anchors.1.blocks.{k}" for k in range(s.src_end)} | {f"anchors.2.blocks.{k}" for k in range(s.dst_start, 4)}
     assert called == expected
-
-
-# ----------------------------------------------------------------- least squares
-
-
-def _layer_mse(layer: StitchingLayer, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(((layer(x) - y) ** 2).mean())
-
-
-def test_least_squares_beats_a_random_layer(tiny_net: snnet.StitchedNet) -> None:
-    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    s = tiny_net.stitch("snnet_tiny_vit_ti[:2]+snnet_tiny_vit_s[2:]")
-    layer = tiny_net.stitch_layers[s.layer]
-    # the features of every block pair this shared layer serves, pooled as the fit sees them
-    pairs = [(tiny_net.activations(t.src, calib)[t.src_end], tiny_net.activations(t.dst, calib)[t.dst_start])
-             for t in tiny_net.space.layer_stitches(s.layer)]
-    assert len(pairs) == 3
-
-    def pooled_mse() -> float:
-        return sum(_layer_mse(layer, x, y) for x, y in pairs) / len(pairs)
-
-    random_mse = pooled_mse()
-    report = tiny_net.init_stitching([calib[:8], calib[8:]], max_images=16)
-    assert report.images == 16 and report.layers == len(tiny_net.stitch_layers)
-    fitted_mse = pooled_mse()
-    assert fitted_mse < 0.7 * random_mse
-    # and it is the least-squares optimum: any nudge of the weights makes it worse
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        w = layer.proj.weight.clone()
-        for _ in range(3):
-            layer.proj.weight.copy_(w + 0.01 * torch.randn(w.shape, generator=g))
-            assert pooled_mse() > fitted_mse
-        layer.proj.weight.copy_(w)
-
-
-def test_least_squares_recovers_an_exact_map() -> None:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(500, 6, generator=g) * 3 + 5  # large mean: checks the shifted accumulation
-    w, b = torch.randn(6, 4, generator=g), torch.randn(4, generator=g)
-    fit = LeastSquares(6, 4)
-    for chunk in range(0, 500, 100):
-        fit.update(x[chunk:chunk + 100], x[chunk:chunk + 100] @ w + b)
-    w_hat, b_hat = fit.solve()
-    torch.testing.assert_close(w_hat, w, atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(b_hat, b, atol=1e-3, rtol=1e-3)
-
-
-@pytest.mark.parametrize("rows", [1, 3])
-def test_least_squares_is_finite_when_rank_deficient(rows: int) -> None:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, 32, generator=g)
-    x[:, 5] = 0.0  # a dead channel
-    y = torch.randn(rows, 16, generator=g)
-    fit = LeastSquares(32, 16)
-    fit.update(x, y)
-    w, b = fit.solve()
-    assert torch.isfinite(w).all() and torch.isfinite(b).all()
-    # sensible: it reproduces the few targets it saw
-    torch.testing.assert_close(x @ w + b, y, atol=1e-2, rtol=1e-2)
-
-
-def test_constant_features_give_the_mean() -> None:
-    fit = LeastSquares(4, 3)
-    fit.update(torch.ones(10, 4), torch.arange(30.0).reshape(10, 3))
-    w, b = fit.solve()
-    assert torch.isfinite(w).all()
-    torch.testing.assert_close(torch.ones(1, 4) @ w + b, torch.arange(30.0).reshape(10, 3).mean(0, keepdim=True))
 
 
 # ----------------------------------------------------------------- costs
@@ -398,3 +236,76 @@ def test_custom_parts_are_accepted(images: torch.Tensor) -> None:
     assert len(net.space) == 2 + 7
     net.select(5)
     assert net(images).shape == (6, 10)
+
+
+# ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers
+
+
+def test_large_to_small_and_round_trips_equal_their_segments_by_hand(images: torch.Tensor) -> None:
+    net = fitted_net(two_way=True, chains=True)
+    kinds = set()
+    with torch.no_grad():
+        for s in net.space:
+            net.select(s)
+            assert torch.equal(net(images), _by_hand(net, s, images)), s.name
+            kinds.add(s.anchors)
+    assert {(1, 0), (0, 1, 0), (1, 0, 1), (0, 1, 2)} <= kinds  # L->S, both round trips, Ti->S->B
+
+
+def test_round_trip_runs_only_its_route(images: torch.Tensor) -> None:
+    net = seeded_net(two_way=True)
+    s = net.select("snnet_tiny_vit_s[:1]+snnet_tiny_vit_b[1:3]+snnet_tiny_vit_s[3:]")
+    called: set[str] = set()
+    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: called.add(name))
+             for name, m in net.named_modules() if name.count(".") in (1, 3) and name.startswith(("anchors", "stitch_layers"))]
+    net(images)
+    for h in hooks:
+        h.remove()
+    blocks = {n for n in called if ".blocks." in n}
+    assert blocks == {"anchors.1.blocks.0", "anchors.2.blocks.1", "anchors.2.blocks.2", "anchors.1.blocks.3"}
+    assert {n for n in called if n.startswith("stitch_layers")} == {f"stitch_layers.{k}" for k in s.layers}
+
+
+def test_multi_segment_costs_sum_their_parts() -> None:
+    net = seeded_net(two_way=True, chains=True)
+    pcs, costs = net.part_costs(), net.costs()
+    for s in net.space:
+        modules = route_modules(net, s)
+        assert costs[s.id].params == sum(p.numel() for m in modules for p in m.parameters()), s.name
+        blocks = sum(pcs[seg.anchor].route(seg.start, seg.stop, False, False)[0] for seg in s.segments)
+        ends = pcs[s.src].stem_flops + pcs[s.anchors[-1]].head_flops
+        layers = sum(net.space.layers[k].src_spec.positions * net.space.layers[k].src_spec.channels
+                     * net.space.layers[k].dst_spec.channels for k in s.layers)
+        assert costs[s.id].flops == blocks + ends + layers, s.name
+
+
+def test_least_squares_fits_both_directions(images: torch.Tensor) -> None:
+    net = seeded_net(two_way=True)
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    down = [slot for slot in net.space.layers if slot.src > slot.dst]
+    assert down
+
+    def mse() -> list[float]:
+        out = []
+        for slot in down:
+            (e, st), = slot.joins
+            x, y = net.activations(slot.src, calib)[e], net.activations(slot.dst, calib)[st]
+            with torch.no_grad():
+                out.append(float(((net.stitch_layers[slot.index](x) - y) ** 2).mean()))
+        return out
+
+    before = mse()
+    report = net.init_stitching([calib], max_images=16)
+    assert report.layers == len(net.stitch_layers)
+    assert all(a < 0.7 * b for a, b in zip(mse(), before))
+
+
+def test_v1_configs_still_load(tiny_net: snnet.StitchedNet, images: torch.Tensor, tmp_path) -> None:
+    tiny_net.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["version"] == 1 and "stitching" not in cfg
+    for key in ("two_way", "chains", "routes"):  # what snnet wrote before v2
+        del cfg["space"][key]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = snnet.load(tmp_path)
+    assert [s.name for s in loaded.space] == [s.name for s in tiny_net.space]

@@ -1,0 +1,40 @@
+"""snnet.sampling: the stitch each training step draws (SN-Netv2's ROS)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+import snnet
+from snnet.sampling import make_stitch_sampler, ResourceSampler, ros_groups
+
+
+def test_ros_groups_follow_the_gap() -> None:
+    flops = [10, 0, 2, 11, 30, 1, 3]
+    # from the cheapest: 0,1,2 within 2 of 0; 3 opens; 10,11; 30
+    assert ros_groups(flops, 2) == [[1, 2, 5], [6], [0, 3], [4]]
+    assert ros_groups(flops, 0) == [[1], [5], [2], [6], [0], [3], [4]]
+    assert ros_groups(flops, 100) == [list(range(7))]
+
+
+def test_ros_sampler_frequencies_and_resume() -> None:
+    flops = [0, 1, 2, 10, 11, 30]  # groups {0,1,2}, {3,4}, {5}
+    s = ResourceSampler(flops, gap=2, seed=0)
+    n = 30000
+    picks = Counter(s.sample() for _ in range(n))
+    want = {0: 1 / 9, 1: 1 / 9, 2: 1 / 9, 3: 1 / 6, 4: 1 / 6, 5: 1 / 3}
+    assert all(abs(picks[k] / n - p) < 0.012 for k, p in want.items()), picks
+    ramp = ResourceSampler(flops, gap=2, ramp=1.0, seed=0)  # weights 0+1/3, 1+1/3, 2+1/3
+    picks = Counter(ramp.sample() for _ in range(n))
+    share = [sum(picks[i] for i in g) / n for g in ramp.groups]
+    assert all(abs(a - b) < 0.012 for a, b in zip(share, [1 / 12, 4 / 12, 7 / 12])), share
+    state = s.state_dict()
+    ahead = [s.sample() for _ in range(50)]
+    again = ResourceSampler(flops, gap=2, seed=5)
+    again.load_state_dict(state)
+    assert [again.sample() for _ in range(50)] == ahead
+    with pytest.raises(snnet.CheckpointError, match="grouped"):
+        ResourceSampler(flops, gap=20, seed=0).load_state_dict(state)
+    # from the training config: the gap is a share of the FLOPs range
+    assert make_stitch_sampler("ros", 6, 0, flops, ros_gap=2 / 30).groups == s.groups

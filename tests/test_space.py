@@ -1,0 +1,219 @@
+"""snnet.space: which routes a family has (SN-Net's stitches, SN-Netv2's two-way routes and chains),
+their names and route files."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+import snnet
+from snnet.sampling import make_stitch_sampler, ros_groups
+from snnet.space import Segment, paired_pairs, parse_route, route_name, two_way_positions, unpaired_pairs
+
+from .conftest import TINY_VITS, route_kind, seeded_net, _by_hand
+
+
+def test_matched_positions() -> None:
+    assert two_way_positions(12, 24) == [(k, 2 * k) for k in range(1, 12)]
+    assert two_way_positions(4, 4) == [(1, 1), (2, 2), (3, 3)]
+    assert two_way_positions(8, 4) == [(2, 1), (4, 2), (6, 3)]
+
+
+def test_deit3_small_large_space_matches_snnetv2() -> None:
+    """SN-Netv2's DeiT3-S/L space: 134 networks, 4.61-61.60 GFLOPs at 224 (meta device: no weights)."""
+    net = snnet.create_snnet(["deit3_small_patch16_224", "deit3_large_patch16_224"], two_way=True, device="meta")
+    flops = [c.flops for c in net.costs()]
+    assert len(net.space) == 134
+    assert Counter(route_kind(net, s) for s in net.space) == {"S": 1, "L": 1, "S-L": 11, "L-S": 11, "L-S-L": 55, "S-L-S": 55}
+    assert (round(min(flops) / 1e9, 2), round(max(flops) / 1e9, 2)) == (4.61, 61.60)
+    assert len(net.stitch_layers) == 22  # 11 per direction; round trips reuse them
+    # ROS's default gap (a share of the range) groups this space as the authors' 1 GFLOP does: 13 groups
+    ros = make_stitch_sampler("ros", len(flops), 0, flops)
+    assert ros.groups == ros_groups(flops, 1e9) and len(ros.groups) == 13
+    assert net.stitch("deit3_small_patch16_224[:4]+deit3_large_patch16_224[8:16]+deit3_small_patch16_224[8:]").layers \
+        == (3, 11 + 7)
+
+
+def test_tiny_two_way_space() -> None:
+    net = seeded_net(two_way=True)
+    # 3 anchors, per neighbouring pair (depth 4: positions 1..3): 3 + 3 one-way, 3 + 3 round trips
+    assert len(net.space) == 3 + 2 * 12
+    assert len(net.stitch_layers) == 2 * 6
+    by_kind = Counter(route_kind(net, s) for s in net.space if s.anchors[0] != 2 and 2 not in s.anchors)
+    assert by_kind == {"S": 1, "L": 1, "S-L": 3, "L-S": 3, "L-S-L": 3, "S-L-S": 3}
+    # each direction has its own layers; every route's layers map the anchors it joins
+    for s in net.space:
+        for before, layer, after in s.joins():
+            slot = net.space.layers[layer]
+            assert (slot.src, slot.dst) == (before.anchor, after.anchor)
+            assert (before.stop, after.start) in slot.joins
+    # unequal depths (4 and 8 blocks): the deeper anchor is cut at twice the position
+    deep = seeded_net(anchors=["snnet_tiny_vit_s", "snnet_tiny_vit_deep"], two_way=True)
+    names = [s.name for s in deep.space if len(s.segments) == 2]
+    assert names[:3] == [f"snnet_tiny_vit_s[:{k}]+snnet_tiny_vit_deep[{2 * k}:]" for k in (1, 2, 3)]
+    assert names[3:] == [f"snnet_tiny_vit_deep[:{2 * k}]+snnet_tiny_vit_s[{k}:]" for k in (1, 2, 3)]
+
+
+def test_chains_are_the_references_three_anchor_routes() -> None:
+    v1, net = seeded_net(), seeded_net(chains=True)
+    joins = [(i + 1, j) for g in paired_pairs(4) for i, j in g]
+    # Ti[:e1] + S[s1:e2] + B[s2:], at least one block of S
+    expected = sum(1 for _, s1 in joins for e2, _ in joins if e2 > s1)
+    chains = [s for s in net.space if len(s.segments) == 3]
+    assert len(chains) == expected and len(net.space) == len(v1.space) + expected
+    assert [s.name for s in net.space][:len(v1.space)] == [s.name for s in v1.space]  # v1 ids unchanged
+    assert len(net.stitch_layers) == len(v1.stitch_layers)  # chains reuse the one-way layers
+    for s in chains:
+        first = net.stitch(route_name(net.labels, (s.segments[0], Segment(1, s.segments[1].start, 4))))
+        second = net.stitch(route_name(net.labels, (Segment(1, 0, s.segments[1].stop), s.segments[2])))
+        assert s.layers == (first.layer, second.layer)
+
+
+def test_route_names_read_back() -> None:
+    net = seeded_net(two_way=True, chains=True)
+    depths = [a.depth for a in net.anchors]
+    for s in net.space:
+        assert parse_route(s.name, net.labels, depths) == s.segments
+    for bad in ["snnet_tiny_vit_ti[:2]+snnet_tiny_vit_s[9:]", "snnet_tiny_vit_ti[1:2]+snnet_tiny_vit_s[2:]",
+                "snnet_tiny_vit_ti[:2]+snnet_tiny_vit_s[2:3]", "nope[:1]+snnet_tiny_vit_s[1:]", "snnet_tiny_vit_ti[:2]"]:
+        with pytest.raises(snnet.StitchNotFoundError):
+            parse_route(bad, net.labels, depths)
+
+
+def test_explicit_routes() -> None:
+    routes = ["snnet_tiny_vit_b[:2]+snnet_tiny_vit_ti[2:]", "snnet_tiny_vit_ti[:1]+snnet_tiny_vit_s[1:3]+snnet_tiny_vit_b[3:]",
+              "snnet_tiny_vit_ti[:1]+snnet_tiny_vit_s[1:]"]
+    net = seeded_net(routes=routes)
+    assert [s.name for s in net.space] == TINY_VITS + routes
+    # one layer per distinct join: the Ti->S join at (1, 1) serves two routes
+    assert len(net.stitch_layers) == 3
+    assert net.stitch(routes[1]).layers[0] == net.stitch(routes[2]).layers[0]
+    with pytest.raises(snnet.NotStitchableError, match="listed twice"):
+        seeded_net(routes=routes + routes[:1])
+    with pytest.raises(snnet.NotStitchableError, match="itself"):
+        seeded_net(routes=["snnet_tiny_vit_ti[:1]+snnet_tiny_vit_ti[2:]"])
+
+
+def test_routes_files(tmp_path) -> None:
+    from snnet.commands.options import read_routes
+
+    names = ["snnet_tiny_vit_ti[:1]+snnet_tiny_vit_s[1:]", "snnet_tiny_vit_b[:2]+snnet_tiny_vit_ti[2:]"]
+    (tmp_path / "klas.json").write_text(json.dumps({"routes": names, "candidates": []}))
+    (tmp_path / "list.json").write_text(json.dumps(names))
+    (tmp_path / "routes.txt").write_text("# kept by hand\n" + "\n".join(names) + "\n")
+    for f in ("klas.json", "list.json", "routes.txt"):
+        assert read_routes(tmp_path / f) == tuple(names)
+    assert [s.name for s in seeded_net(routes=read_routes(tmp_path / "routes.txt")).space][3:] == names
+    (tmp_path / "bad.json").write_text(json.dumps({"stitches": []}))
+    for bad in ("bad.json", "missing.json"):
+        with pytest.raises(snnet.SnnetError, match="--routes"):
+            read_routes(tmp_path / bad)
+
+
+def test_two_way_across_kinds_of_model(images: torch.Tensor) -> None:
+    """ResNet-18 <-> Swin-T: two directions through layouts (NCHW maps, NHWC maps), per stage."""
+    net = seeded_net(anchors=["snnet_tiny_resnet18", "snnet_tiny_swin_t"], two_way=True)
+    net.init_stitching([images], max_images=6)
+    net.eval()
+    assert {s.anchors for s in net.space} >= {(0, 1), (1, 0), (0, 1, 0), (1, 0, 1)}
+    with torch.no_grad():
+        for s in net.space:
+            net.select(s)
+            out = net(images)
+            assert out.shape == (6, 10) and torch.isfinite(out).all() and torch.equal(out, _by_hand(net, s, images)), s.name
+
+
+# ----------------------------------------------------------------- enumeration
+
+
+def test_paired_windows_match_the_paper() -> None:
+    groups = paired_pairs(12, kernel_size=2, stride=1)
+    pairs = [p for g in groups for p in g]
+    assert len(pairs) == 34 and len(set(pairs)) == 34
+    assert len(groups) == 11  # one shared stitching layer per window
+    assert groups[0] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert groups[1] == [(1, 2), (2, 1), (2, 2)]
+    # every pair lies within one window of 2 consecutive blocks
+    assert all(abs(i - j) <= 1 for i, j in pairs)
+
+
+def test_window_options_change_the_space() -> None:
+    assert sum(len(g) for g in paired_pairs(4, kernel_size=2, stride=1)) == 10
+    assert sum(len(g) for g in paired_pairs(4, kernel_size=2, stride=2)) == 8  # disjoint windows
+    assert sum(len(g) for g in paired_pairs(4, kernel_size=3, stride=1)) == 4 * 4 - 2  # |i-j|<=2
+
+
+def _authors_unpaired(front: int, end: int) -> list[tuple[int, int]]:
+    """The authors' unpaired rule, rebuilt from its definition: torch's nearest interpolation
+    maps each of the ``end`` target blocks to a front block; every target block mapped to
+    front block ``i`` and lying after it is a stitch (front through ``i``, target from it)."""
+    mapped = torch.nn.functional.interpolate(torch.arange(front, dtype=torch.float)[None, None], end)[0, 0].long().tolist()
+    return [(i, k) for i in range(front) for k, m in enumerate(mapped) if m == i and k > i]
+
+
+def test_unpaired_default_is_the_authors_rule() -> None:
+    pairs = [p for g in unpaired_pairs(12, 24) for p in g]
+    assert pairs == _authors_unpaired(12, 24)
+    assert len(pairs) == 23 and pairs[:4] == [(0, 1), (1, 2), (1, 3), (2, 4)]
+    assert all(len(g) == 1 for g in unpaired_pairs(12, 24))  # one layer each
+    assert [p for g in unpaired_pairs(6, 18) for p in g] == _authors_unpaired(6, 18)
+    # a deeper source: the same relation transposed, the target resuming inside its depth
+    deeper_first = [p for g in unpaired_pairs(8, 4) for p in g]
+    assert deeper_first[0] == (0, 1) and all(0 < j < 4 for _, j in deeper_first)
+
+
+def test_unpaired_progress_rule_is_still_selectable() -> None:
+    pairs = [p for g in unpaired_pairs(12, 24, "progress") for p in g]
+    # source cut after block i resumes the deeper target where it has done the same share
+    assert len(pairs) == 11 and pairs[:3] == [(0, 2), (1, 4), (2, 6)]
+    assert all(j == 2 * (i + 1) for i, j in pairs)
+    deeper_first = [p for g in unpaired_pairs(8, 4, "progress") for p in g]
+    assert deeper_first[0] == (0, 1) and all(0 < j < 4 for _, j in deeper_first)
+    with pytest.raises(ValueError, match="unknown unpaired rule"):
+        unpaired_pairs(4, 8, "fancy")
+
+
+def test_tiny_family_space(tiny_net: snnet.StitchedNet) -> None:
+    space = tiny_net.space
+    # 3 anchors + 2 pairs x 10 pairs of blocks (depth 4, kernel 2, stride 1)
+    assert len(space) == 3 + 2 * 10
+    assert [s.name for s in space.anchor_stitches()] == TINY_VITS
+    # nearest rule: Ti->S and S->B only
+    assert {(s.src, s.dst) for s in space if not s.is_anchor} == {(0, 1), (1, 2)}
+    # windows share layers: 4 windows... 3 with new pairs per pair of anchors
+    assert len(tiny_net.stitch_layers) == 2 * 3
+    first_layer = space.layer_stitches(0)
+    assert [(s.src_end, s.dst_start) for s in first_layer] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [s.id for s in space] == list(range(len(space)))
+
+
+def test_all_pairs_option_adds_ti_to_b() -> None:
+    net = snnet.create_snnet(TINY_VITS, nearest=False)
+    assert {(s.src, s.dst) for s in net.space if not s.is_anchor} == {(0, 1), (1, 2), (0, 2)}
+    assert len(net.space) == 3 + 3 * 10
+
+
+def test_unequal_depths_use_the_authors_mapping(tmp_path) -> None:
+    net = snnet.create_snnet(["snnet_tiny_vit_s", "snnet_tiny_vit_deep"])
+    routes = [(s.src_end, s.dst_start) for s in net.space if not s.is_anchor]
+    assert routes == [(i + 1, j) for i, j in _authors_unpaired(4, 8)]
+    assert routes == [(1, 1), (2, 2), (2, 3), (3, 4), (3, 5), (4, 6), (4, 7)]
+    assert len(net.stitch_layers) == 7
+    old = snnet.create_snnet(["snnet_tiny_vit_s", "snnet_tiny_vit_deep"], unpaired="progress")
+    assert [(s.src_end, s.dst_start) for s in old.space if not s.is_anchor] == [(1, 2), (2, 4), (3, 6)]
+    # a network saved before the option existed (no "unpaired" key) loads with the rule it was built with
+    old.save_pretrained(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    del cfg["space"]["unpaired"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    assert len(snnet.load(tmp_path / "old").space) == len(old.space)
+
+
+def test_anchors_are_ordered_by_cost_and_stitch_ids_are_stable() -> None:
+    a = snnet.create_snnet(["snnet_tiny_vit_b", "snnet_tiny_vit_ti", "snnet_tiny_vit_s"])
+    b = snnet.create_snnet(TINY_VITS)
+    assert a.labels == b.labels == tuple(TINY_VITS)
+    assert [s.name for s in a.space] == [s.name for s in b.space]
