@@ -27,7 +27,11 @@ the stitch serving over time, attainment against accuracy for every server).
     # Fashion-MNIST scale: the shipped family, top-1 per stitch from docs/demo/results.json
     python benchmarks/bench_serve.py --out docs/serve/bursty-fmnist
     # ImageNet scale: DeiT-Ti/S/B at 224 (71 networks, random weights), the authors' top-1 per network
-    python benchmarks/bench_serve.py --scale deit --top1 snnet/data_files/reference/deit.json --out docs/serve/bursty-deit
+    python benchmarks/bench_serve.py --scale deit --out docs/serve/bursty-deit
+
+Each run fits in ``--minutes`` (9.5 for fmnist, 19 for deit by default): when pinning every rung of
+the ladder on every trace would take longer, fewer rungs are pinned (evenly spaced, both ends
+kept) and the run says so.
 
 It prints the load average before and after each run; run it on a quiet machine.
 """
@@ -38,54 +42,17 @@ import argparse
 import json
 import math
 import os
-import random
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from snnet.deploy import loadgen
+from snnet.deploy.loadgen import ServerProcess
 
-import loadgen  # noqa: E402
-from bench_serve_overhead import TOKEN, fmnist_pngs, free_port, stop, wait_ready  # noqa: E402
-
+FMNIST_TOP1 = Path(__file__).resolve().parents[1] / "docs" / "demo" / "results.json"  # the shipped family's measured top-1
+DEIT_TOP1 = "reference:deit"  # the authors' published top-1 per network, shipped with snnet (snnet.reference)
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
-
-
-# =============================================================================== traces
-
-
-def gamma_times(rate: float, cv2: float, seconds: float, seed: int) -> list[float]:
-    """Arrival times with Gamma gaps: mean 1/rate, squared coefficient of variation cv2."""
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    while True:
-        t += rng.gammavariate(1.0 / cv2, cv2 / rate)
-        if t >= seconds:
-            return out
-        out.append(t)
-
-
-def ramp_times(low: float, peak: float, seconds: float, seed: int) -> list[float]:
-    """A Poisson process whose rate climbs linearly from ``low`` to ``peak`` and back (thinning)."""
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    while True:
-        t += rng.expovariate(peak)
-        if t >= seconds:
-            return out
-        rate = low + (peak - low) * (1 - abs(2 * t / seconds - 1))
-        if rng.random() < rate / peak:
-            out.append(t)
-
-
-def ramp_rate(t: float, low: float, peak: float, seconds: float) -> float:
-    return low + (peak - low) * (1 - abs(2 * t / seconds - 1))
 
 
 # =============================================================================== the network
@@ -98,6 +65,7 @@ def prepare(args: argparse.Namespace, folder: Path) -> tuple[str, dict[int, floa
     from snnet.deploy import merge_profile, profile
     from snnet.deploy.controller import ladder
     from snnet.model import StitchedNet, create_snnet
+    from snnet.reference import read_published, table_name
     from snnet.results import network_rows, read_rows
 
     if args.scale == "fmnist":
@@ -105,17 +73,17 @@ def prepare(args: argparse.Namespace, folder: Path) -> tuple[str, dict[int, floa
 
         net = _load(None, trained=False) if args.model is None else StitchedNet.from_pretrained(args.model)
         acc = {int(r["id"]): float(r["acc1"]) for r in network_rows(read_rows(args.top1)) if r.get("acc1") is not None}
-        images = fmnist_pngs(512)
+        images = loadgen.fmnist_pngs(512)
     else:
         net = create_snnet(DEIT, pretrained=False) if args.model is None else StitchedNet.from_pretrained(args.model)
-        ref = json.loads(Path(args.top1).read_text())
+        ref = read_published(args.top1) if table_name(args.top1) else json.loads(Path(args.top1).read_text())
         names = {s.id: s.name for s in net.space}
         acc = {}
         for r in ref["rows"]:
             if names.get(int(r["id"])) != r["name"]:
                 raise SystemExit(f"{args.top1}: network {r['id']} is {r['name']!r} there, {names.get(int(r['id']))!r} here")
             acc[int(r["id"])] = float(r["acc1"])
-        images = synthetic_jpegs(64, tuple(net.input_size[1:]))
+        images = loadgen.synthetic_jpegs(64, tuple(net.input_size[1:]))
     if len(acc) != len(net.space):
         raise SystemExit(f"{args.top1} gives top-1 for {len(acc)} of {len(net.space)} networks")
     model = args.model or str(net.save_pretrained(folder / "model"))
@@ -131,43 +99,7 @@ def prepare(args: argparse.Namespace, folder: Path) -> tuple[str, dict[int, floa
     return model, acc, rows, images
 
 
-def synthetic_jpegs(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
-    """``n`` JPEGs of smooth random colour fields at the network's input size (no ImageNet here;
-    latency does not depend on what the picture shows)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        small = rng.integers(0, 256, (8, 8, 3), np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(small).resize(size[::-1], Image.BICUBIC).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
 # =============================================================================== runs
-
-
-def put_stitch(port: int, setting: dict[str, Any]) -> None:
-    import httpx
-
-    r = httpx.put(f"http://127.0.0.1:{port}/stitch", json=setting, headers={"authorization": f"Bearer {TOKEN}"}, timeout=60)
-    r.raise_for_status()
-
-
-def wait_idle(port: int, seconds: float = 120) -> None:
-    import httpx
-
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        h = httpx.get(f"http://127.0.0.1:{port}/health", timeout=60).json()
-        if h["queue"] == 0 and h["held"] == 0:
-            return
-        time.sleep(0.2)
 
 
 def run_trace(port: int, bodies: list[loadgen.Body], times: list[float], timeout: float) -> list[dict[str, Any]]:
@@ -181,13 +113,6 @@ def run_trace(port: int, bodies: list[loadgen.Body], times: list[float], timeout
     return out
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]
-
-
 def summarise(samples: list[dict[str, Any]], acc: dict[int, float], slo_ms: float, seconds: float) -> dict[str, Any]:
     ok = [s for s in samples if s["status"] == 200]
     within = [s for s in ok if s["ms"] <= slo_ms]
@@ -198,7 +123,7 @@ def summarise(samples: list[dict[str, Any]], acc: dict[int, float], slo_ms: floa
         "attainment": len(within) / len(samples) if samples else math.nan,
         "mean_acc1": sum(acc[s["stitch"]] * s["images"] for s in ok) / images if images else math.nan,
         "goodput_img_s": sum(s["images"] for s in within) / seconds,
-        "p50_ms": pct(lat, 0.5), "p95_ms": pct(lat, 0.95), "p99_ms": pct(lat, 0.99),
+        "p50_ms": loadgen.percentile(lat, 0.5), "p95_ms": loadgen.percentile(lat, 0.95), "p99_ms": loadgen.percentile(lat, 0.99),
         "rejected_503": sum(s["status"] == 503 for s in samples), "timeouts_or_errors": sum(s["status"] not in (200, 503) for s in samples),
         "stitches": sorted({s["stitch"] for s in ok}),
     }
@@ -253,6 +178,11 @@ def figure(trace: str, runs: dict[str, dict[str, Any]], acc: dict[int, float], r
     return path
 
 
+def spaced(rungs: list[Any], n: int) -> list[Any]:
+    """``n`` rungs of the ladder, evenly spaced, the cheapest and the most accurate kept."""
+    return [rungs[round(k * (len(rungs) - 1) / (n - 1))] for k in range(n)] if n > 1 else [rungs[-1]]
+
+
 def verdict(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The goal of issue 20: the controller at least as attained as the best pinned rung that
     reaches 99 %, at a higher mean served accuracy."""
@@ -296,31 +226,37 @@ def main() -> None:
     ap.add_argument("--out", default="bench-serve")
     ap.add_argument("--images-per-request", type=int, default=None, help="default: 16 (fmnist), 1 (deit)")
     ap.add_argument("--max-batch", type=int, default=None, help="default: 32 (fmnist), 4 (deit)")
+    ap.add_argument("--max-queue", type=int, default=None, help="images the server holds; default: 8 x max batch x (images per "
+                                                                "request / 4) (fmnist), 4 x max batch (deit)")
     ap.add_argument("--threads", type=int, default=None, help="model process threads; default: 1 (fmnist), 2 (deit)")
     ap.add_argument("--slo-x", type=float, default=4.0, help="SLO = this x the largest anchor's full-batch time in the table")
     ap.add_argument("--rate-x", type=float, default=1.3, help="mean rate of the Gamma traces, x the largest anchor's capacity")
     ap.add_argument("--ramp-peak", type=float, default=2.5, help="peak of the ramp, x the largest anchor's capacity")
-    ap.add_argument("--seconds", type=float, default=None, help="length of each trace; default: 15 (fmnist), 60 (deit)")
+    ap.add_argument("--seconds", type=float, default=None, help="length of each trace; default: 8 (fmnist), 24 (deit)")
     ap.add_argument("--traces", default="gamma-cv1,gamma-cv4,gamma-cv8,ramp")
     ap.add_argument("--pinned", default="all", help="'all' rungs of the ladder pinned, or N of them evenly spaced (both ends kept)")
     ap.add_argument("--profile-repeats", type=int, default=None, help="timed forwards per stitch and batch size; default: "
                                                                         "5 (fmnist), 1 (deit: 40 stitches at seconds a forward)")
+    ap.add_argument("--minutes", type=float, default=None, help="time for the whole run; fewer rungs are pinned (evenly spaced, "
+                                                                 "both ends kept) to fit; default: 9.5 (fmnist), 19 (deit)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     deit = args.scale == "deit"
     args.images_per_request = args.images_per_request or (1 if deit else 16)
     args.max_batch = args.max_batch or (4 if deit else 32)
     args.threads = args.threads or (2 if deit else 1)
-    args.seconds = args.seconds or (60.0 if deit else 15.0)
+    args.seconds = args.seconds or (24.0 if deit else 8.0)
+    args.minutes = args.minutes or (19.0 if deit else 9.5)
     args.profile_repeats = args.profile_repeats or (1 if deit else 5)
-    args.top1 = args.top1 or str(ROOT / ("snnet/data_files/reference/deit.json" if deit else "docs/demo/results.json"))
-    if not Path(args.top1).is_file():
+    args.top1 = args.top1 or str(DEIT_TOP1 if deit else FMNIST_TOP1)
+    if not (deit and args.top1.startswith("reference:")) and not Path(args.top1).is_file():
         raise SystemExit(f"--top1 {args.top1} does not exist" + (" (the authors' per-network table; see the module)" if deit else ""))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
     folder = Path(tmp.name)
     loads = [os.getloadavg()[0]]
+    started = time.monotonic()
     model, acc, rows, images = prepare(args, folder)
     (folder / "results.json").write_text(json.dumps(rows))
 
@@ -332,24 +268,19 @@ def main() -> None:
     large = anchors[-1]
     full_ms = table_.predict(large["id"], args.max_batch)
     slo_ms = args.slo_x * full_ms
-    if args.pinned == "all":
-        pinned = rungs
-    else:
-        n = int(args.pinned)
-        pinned = [rungs[round(k * (len(rungs) - 1) / (n - 1))] for k in range(n)] if n > 1 else [rungs[-1]]
+    pinned = rungs if args.pinned == "all" else spaced(rungs, int(args.pinned))
     per = args.images_per_request
     bodies = [loadgen.make_body("/predict", files=images[(k * per) % len(images):(k * per) % len(images) + per]) if per > 1
               else loadgen.make_body("/predict", raw=images[k % len(images)], content_type="image/jpeg" if deit else "image/png")
               for k in range(32)]
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "snnet", "serve", "--model", model, "--results", str(folder / "results.json"), "--port", str(port),
-           "--slo-ms", f"{slo_ms:.3f}", "--max-batch", str(args.max_batch), "--max-queue", str(8 * args.max_batch * max(1, per // 4)),
-           "--threads", str(args.threads), "--log-level", "warning", "--stitch", str(large["id"])]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT), SNNET_ADMIN_TOKEN=TOKEN), stdout=subprocess.DEVNULL)
+    max_queue = args.max_queue or (4 * args.max_batch if deit else 8 * args.max_batch * max(1, per // 4))
+    srv = ServerProcess(["--model", model, "--results", str(folder / "results.json"), "--slo-ms", f"{slo_ms:.3f}",
+                         "--max-batch", str(args.max_batch), "--max-queue", str(max_queue),
+                         "--threads", str(args.threads), "--log-level", "warning", "--stitch", str(large["id"])])
     results: dict[str, dict[str, dict[str, Any]]] = {}
-    try:
-        wait_ready(port, proc)
+    with srv:
+        port = srv.port
         probe = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, bodies, 2 * max(1, args.max_batch // per), 6.0 if not deit else 20.0,
                                                         warmup=1.0 if not deit else 5.0))
         capacity = sum(1 for r in probe if r.status == 200) / (6.0 if not deit else 20.0)  # requests/s of the largest anchor, served
@@ -357,14 +288,23 @@ def main() -> None:
               f"{large['name']} pinned answers {capacity:.1f} requests/s of {per} image(s); ladder of {len(rungs)}, "
               f"{len(pinned)} pinned; load average {os.getloadavg()[0]:.2f}")
         mean_rate = args.rate_x * capacity
+        names = args.traces.split(",")
+        # each run: the trace, then what is queued drains (at most --max-queue images at the largest anchor's speed)
+        per_run = args.seconds + max_queue / max(capacity * per, 1e-3) + 0.5
+        fit = int((args.minutes * 60 - (time.monotonic() - started)) / (len(names) * per_run)) - 2
+        if len(pinned) > max(fit, 2):
+            print(f"{len(pinned)} pinned rungs x {len(names)} traces would take past --minutes {args.minutes:g}: "
+                  f"pinning {max(fit, 2)} of the {len(rungs)} rungs, evenly spaced, both ends kept")
+            pinned = spaced(rungs, max(fit, 2))
         traces: dict[str, tuple[list[float], Any]] = {}
-        for name in args.traces.split(","):
+        for name in names:
             if name.startswith("gamma-cv"):
                 cv2 = float(name[len("gamma-cv"):])
-                traces[name] = (gamma_times(mean_rate, cv2, args.seconds, args.seed), lambda t, r=mean_rate: r)
+                traces[name] = (loadgen.gamma_times(mean_rate, cv2, args.seconds, args.seed), lambda t, r=mean_rate: r)
             elif name == "ramp":
                 low, peak = 0.2 * capacity, args.ramp_peak * capacity
-                traces[name] = (ramp_times(low, peak, args.seconds, args.seed), lambda t, a=low, b=peak: ramp_rate(t, a, b, args.seconds))
+                traces[name] = (loadgen.ramp_times(low, peak, args.seconds, args.seed),
+                                 lambda t, a=low, b=peak: loadgen.ramp_rate(t, a, b, args.seconds))
             else:
                 raise SystemExit(f"unknown trace {name}")
         servers = [(f"pinned {r.name}", {"stitch": r.id}) for r in pinned]
@@ -373,8 +313,8 @@ def main() -> None:
         for trace, (times, rate_of) in traces.items():
             results[trace] = {}
             for name, setting in servers:
-                put_stitch(port, setting)
-                wait_idle(port)
+                srv.put_stitch(setting)
+                srv.wait_idle()
                 load0 = os.getloadavg()[0]
                 samples = run_trace(port, bodies, times, timeout)
                 summary = summarise(samples, acc, slo_ms, args.seconds)
@@ -385,8 +325,6 @@ def main() -> None:
             v = verdict(results[trace])
             print(f"{trace}: best pinned rung reaching 99 %: {v['best_pinned_99']}; goal met: {v['met']}")
             figure(trace, results[trace], acc, rate_of, args.seconds, slo_ms, out)
-    finally:
-        stop(proc)
     loads.append(os.getloadavg()[0])
     md = table(results, slo_ms)
     print("\n" + md)
@@ -399,6 +337,13 @@ def main() -> None:
         "summaries": {t: {n: run["summary"] for n, run in r.items()} for t, r in results.items()}}, indent=1) + "\n")
     (out / "bursty_samples.json").write_text(json.dumps({t: {n: run["samples"] for n, run in r.items()} for t, r in results.items()}))
     print(f"wrote {out}/bursty.json, bursty.md, bursty_samples.json and a figure per trace; load average {loads[0]:.2f} -> {loads[1]:.2f}")
+    parts = []
+    for trace, runs in results.items():
+        v, c = verdict(runs), runs["controller"]["summary"]
+        best = (f"best pinned at 99 %: {v['best_pinned_99'][len('pinned '):]} {100 * v['best_attainment']:.1f} % at {v['best_acc1']:.2f}"
+                if v["best_pinned_99"] else "no pinned rung at 99 %")
+        parts.append(f"{trace}: controller {100 * c['attainment']:.1f} % at {c['mean_acc1']:.2f}, {best}, met {v['met']}")
+    print(f"SUMMARY bursty {args.scale} (SLO {slo_ms:.0f} ms): " + "; ".join(parts) + f"; load average {loads[0]:.2f} -> {loads[1]:.2f}")
 
 
 if __name__ == "__main__":

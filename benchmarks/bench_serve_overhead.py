@@ -19,7 +19,7 @@ Beside the rates it reports the CPU time per image of the server process, the mo
 load generator and the model alone (from /proc): on a shared machine the rates move with
 everyone else's load, and the CPU times say which process limits the server when each has a core.
 
-The load generator is :mod:`loadgen` (lean: raw HTTP/1.1 on keep-alive connections, uvloop), so
+The load generator is :mod:`snnet.deploy.loadgen` (lean: raw HTTP/1.1 on keep-alive connections, uvloop), so
 that the client takes as little as possible of the CPU the server and model share.
 
     nice -n 10 python benchmarks/bench_serve_overhead.py --out docs/serve/overhead     # ~4 min
@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,42 +43,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import loadgen  # noqa: E402
+from snnet.deploy import loadgen
+from snnet.deploy.loadgen import ServerProcess
 
 try:  # the bare endpoint's handler takes a Request by annotation, as FastAPI resolves it from this module
     from fastapi import Request
 except ImportError:  # the serve extra is missing: `snnet serve` says so
     pass
-
-TOKEN = "bench-" + os.urandom(16).hex()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fmnist_pngs(n: int, seed: int = 0) -> list[bytes]:
-    """``n`` Fashion-MNIST test images as PNG bytes (what a client would upload)."""
-    import io
-    import random
-
-    from PIL import Image
-
-    from snnet.data import FashionMNIST
-
-    raw = FashionMNIST(split="test").images[:, 0].numpy()
-    out = []
-    for k in random.Random(seed).sample(range(len(raw)), n):
-        buf = io.BytesIO()
-        Image.fromarray(raw[k]).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def model_only(net: Any, stitch: int, batch: int, seconds: float) -> tuple[float, float]:
@@ -100,56 +70,15 @@ def model_only(net: Any, stitch: int, batch: int, seconds: float) -> tuple[float
     return batch * len(times) / sum(times), statistics.median(times) * 1e3
 
 
-def start_server(model: str, results: str, port: int, max_batch: int, stitch: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "snnet", "serve", "--model", model, "--results", results, "--port", str(port),
-           "--max-batch", str(max_batch), "--max-queue", str(8 * max_batch), "--threads", "1", "--stitch", str(stitch),
-           "--log-level", "warning"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), SNNET_ADMIN_TOKEN=TOKEN)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("server did not start")
-
-
-def pin(port: int, stitch: int) -> None:
-    import httpx
-
-    r = httpx.put(f"http://127.0.0.1:{port}/stitch", json={"stitch": stitch}, headers={"authorization": f"Bearer {TOKEN}"},
-                  timeout=30)
-    r.raise_for_status()
+def server(model: str, results: str, max_batch: int, stitch: int) -> ServerProcess:
+    return ServerProcess(["--model", model, "--results", results, "--max-batch", str(max_batch), "--max-queue", str(8 * max_batch),
+                          "--threads", "1", "--stitch", str(stitch), "--log-level", "warning"])
 
 
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def model_pid(port: int) -> int:
-    import httpx
-
-    return int(httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["model_pid"])
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def bare_server(model: str, port: int) -> None:
@@ -175,6 +104,10 @@ def bare_server(model: str, port: int) -> None:
     async def predict(request: Request) -> Response:
         pre.images([await request.body()], out)
         return Response(orjson.dumps({"class": int(out.argmax())}), media_type="application/json")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
 
     app.add_middleware(BodyLimits, limit=body_limit(config), timeout_s=config.body_timeout_s)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
@@ -230,23 +163,20 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     print(f"latency table of {len(ids)} stitches in {time.perf_counter() - t:.0f} s; load average {load[0]:.2f} on {os.cpu_count()} CPUs")
 
-    pngs = fmnist_pngs(max(sizes) * 8)
+    pngs = loadgen.fmnist_pngs(max(sizes) * 8)
     rows_out: list[dict[str, Any]] = []
     for size in sizes:
         bodies = [loadgen.make_body("/predict", files=pngs[k * size:(k + 1) * size]) for k in range(8)]
-        port = free_port()
-        proc = start_server(args.model, str(table), port, size, large.id)
-        try:
-            wait_ready(port, proc)
-            engine = model_pid(port)
+        with server(args.model, str(table), size, large.id) as srv:
+            port, engine = srv.port, int(srv.health()["model_pid"])
             for anchor in (small, large):
                 c0 = time.process_time()
                 before = model_only(net, anchor.id, size, args.model_seconds)[0]
                 model_cpu = (time.process_time() - c0) / (before * args.model_seconds)  # s of CPU per image, model alone
-                pin(port, anchor.id)
-                cpu0 = [cpu_seconds(proc.pid), cpu_seconds(engine), time.process_time()]
+                srv.put_stitch({"stitch": anchor.id})
+                cpu0 = [cpu_seconds(srv.pid), cpu_seconds(engine), time.process_time()]
                 results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, bodies, args.clients, args.seconds, warmup=0.0))
-                cpu1 = [cpu_seconds(proc.pid), cpu_seconds(engine), time.process_time()]
+                cpu1 = [cpu_seconds(srv.pid), cpu_seconds(engine), time.process_time()]
                 after = model_only(net, anchor.id, size, args.model_seconds)[0]
                 ok = [r for r in results if r.status == 200]
                 served = sum(r.images for r in ok) / args.seconds
@@ -265,25 +195,21 @@ def main() -> None:
                 print(f"{anchor.name:>14} x{size:<3} model only {model:8.0f} img/s ({before:.0f} before, {after:.0f} after)   "
                       f"server {served:8.0f} img/s   ratio {served / model:.3f}   ({len(results) - len(ok)} not 200; "
                       f"load {row['load_average']})")
-        finally:
-            stop(proc)
 
     # one image: the server's p50 minus the model's, against a bare endpoint that only decodes
     one = loadgen.make_body("/predict", raw=pngs[0])
     single: list[dict[str, Any]] = []
-    port = free_port()
-    bare = subprocess.Popen([sys.executable, __file__, "--bare", str(port), "--model", args.model], env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    port = loadgen.free_port()
+    bare = subprocess.Popen([sys.executable, __file__, "--bare", str(port), "--model", args.model])
     try:
-        wait_ready_bare(port, bare)
+        loadgen.wait_ready(f"http://127.0.0.1:{port}", bare, 300)
         bare_p50 = one_image_p50(port, one, args.seconds)
     finally:
-        stop(bare)
-    port = free_port()
-    proc = start_server(args.model, str(table), port, max(sizes), small.id)
-    try:
-        wait_ready(port, proc)
+        loadgen.stop(bare)
+    with server(args.model, str(table), max(sizes), small.id) as srv:
+        port = srv.port
         for anchor in (small, large):
-            pin(port, anchor.id)
+            srv.put_stitch({"stitch": anchor.id})
             model_p50 = model_only(net, anchor.id, 1, args.model_seconds)[1]
             p50 = one_image_p50(port, one, args.seconds)
             overhead = p50 - model_p50
@@ -291,8 +217,6 @@ def main() -> None:
                            "overhead_ms": round(overhead, 3), "bare_p50_ms": round(bare_p50, 3), "ratio": round(overhead / bare_p50, 3)})
             print(f"{anchor.name:>14} one image: server p50 {p50:.3f} ms - model {model_p50:.3f} ms = {overhead:.3f} ms; "
                   f"bare endpoint p50 {bare_p50:.3f} ms; ratio {overhead / bare_p50:.2f}")
-    finally:
-        stop(proc)
     load.append(os.getloadavg()[0])
     print(f"load average {load[0]:.2f} before, {load[1]:.2f} after")
 
@@ -311,19 +235,9 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "bare"}, "cpus": os.cpu_count(), "load_average": load,
         "throughput": rows_out, "one_image": single, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, indent=1) + "\n")
     print(f"wrote {out / 'overhead.json'} and {out / 'overhead.md'}")
-
-
-def wait_ready_bare(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("bare endpoint exited")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit("bare endpoint did not start")
+    print("SUMMARY overhead: server/model img/s " + ", ".join(f"{r['stitch']} x{r['images_per_request']} {r['ratio']:.2f}" for r in rows_out)
+          + " (goal >= 0.8); one image overhead/bare " + ", ".join(f"{r['stitch']} {r['ratio']:.2f}" for r in single)
+          + f" (goal <= 1.5); load average {load[0]:.2f} -> {load[1]:.2f} on {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M %Z')}")
 
 
 if __name__ == "__main__":
