@@ -22,7 +22,7 @@ everyone else's load, and the CPU times say which process limits the server when
 The load generator is :mod:`snnet.deploy.loadgen` (lean: raw HTTP/1.1 on keep-alive connections, uvloop), so
 that the client takes as little as possible of the CPU the server and model share.
 
-    nice -n 10 python benchmarks/bench_serve_overhead.py --out docs/serve/overhead     # ~4 min
+    python benchmarks/bench_serve_overhead.py --out docs/serve/overhead     # ~5 min
 
 Without ``--model`` it serves the shipped Fashion-MNIST family (random stitching layers: the time
 of a forward does not depend on the weights). It prints the load average before and after: run
