@@ -28,6 +28,8 @@ the stitch serving over time, attainment against accuracy for every server).
     python benchmarks/bench_serve.py --out docs/serve/bursty-fmnist
     # ImageNet scale: DeiT-Ti/S/B at 224 (71 networks, random weights), the authors' top-1 per network
     python benchmarks/bench_serve.py --scale deit --out docs/serve/bursty-deit
+    # on a busy machine, one model thread (two threads that wait on each other at every layer crawl when cores are oversubscribed)
+    python benchmarks/bench_serve.py --scale deit --threads 1 --out docs/serve/bursty-deit
 
 Each run fits in ``--minutes`` (9.5 for fmnist, 19 for deit by default): when pinning every rung of
 the ladder on every trace would take longer, fewer rungs are pinned (evenly spaced, both ends
@@ -42,6 +44,8 @@ import argparse
 import json
 import math
 import os
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -187,7 +191,8 @@ def spaced(rungs: list[Any], n: int) -> list[Any]:
 
 def verdict(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The goal of issue 20: the controller at least as attained as the best pinned rung that
-    reaches 99 %, at a higher mean served accuracy."""
+    reaches 99 %, at a higher mean served accuracy. When that rung is the most accurate one pinned,
+    nothing can serve more accurately: matching its accuracy (and attainment) is the goal then."""
     pinned = {k: v["summary"] for k, v in runs.items() if k.startswith("pinned")}
     good = {k: s for k, s in pinned.items() if s["attainment"] >= 0.99}
     c = runs["controller"]["summary"]
@@ -195,8 +200,9 @@ def verdict(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {"best_pinned_99": None, "met": None, "why": "no pinned rung reaches 99 % attainment on this trace"}
     best = max(good, key=lambda k: good[k]["mean_acc1"])
     b = good[best]
-    met = c["attainment"] >= b["attainment"] and c["mean_acc1"] > b["mean_acc1"]
-    return {"best_pinned_99": best, "best_attainment": b["attainment"], "best_acc1": b["mean_acc1"], "met": met}
+    top = b["mean_acc1"] >= max(s["mean_acc1"] for s in pinned.values())
+    met = c["attainment"] >= b["attainment"] and (c["mean_acc1"] >= b["mean_acc1"] - 1e-9 if top else c["mean_acc1"] > b["mean_acc1"])
+    return {"best_pinned_99": best, "best_attainment": b["attainment"], "best_acc1": b["mean_acc1"], "best_is_top": top, "met": met}
 
 
 def table(results: dict[str, dict[str, dict[str, Any]]], slo_ms: float) -> str:
@@ -205,7 +211,9 @@ def table(results: dict[str, dict[str, dict[str, Any]]], slo_ms: float) -> str:
         v = verdict(runs)
         goal = ("no pinned rung reaches 99 %, so the goal (the controller at least as attained as the best such rung, more "
                 "accurate) cannot be judged on this run" if v["best_pinned_99"] is None else
-                f"best pinned rung reaching 99 %: {v['best_pinned_99'][len('pinned '):]}; goal " + ("met" if v["met"] else "not met"))
+                f"best pinned rung reaching 99 %: {v['best_pinned_99'][len('pinned '):]}"
+                + (" (the most accurate pinned: the controller can only match it)" if v.get("best_is_top") else "")
+                + "; goal " + ("met" if v["met"] else "not met"))
         lines += [f"#### {trace}", "", f"SLO {slo_ms:.1f} ms; {goal}.", "",
                   "| server | sent | attainment % | mean top-1 % | goodput (img/s) | p50 / p95 / p99 ms | 503 | timeouts/errors | stitches |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -216,6 +224,20 @@ def table(results: dict[str, dict[str, dict[str, Any]]], slo_ms: float) -> str:
                          f"{len(s['stitches'])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def write(out: Path, results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace, slo_ms: float, largest: str,
+          capacity: float, mean_rate: float, rungs: list[Any], table_: Any, loads: list[float]) -> None:
+    """bursty.md (the tables), bursty.json (settings, ladder, summaries) and bursty_samples.json (every request)."""
+    (out / "bursty.md").write_text(table(results, slo_ms))
+    (out / "bursty.json").write_text(json.dumps({
+        "settings": vars(args), "slo_ms": slo_ms, "largest": largest, "largest_capacity_rps": capacity, "mean_rate_rps": mean_rate,
+        "ladder": [{"id": r.id, "name": r.name, "acc1": r.acc1, "full_batch_ms": table_.predict(r.id, args.max_batch)} for r in rungs],
+        "cpus": os.cpu_count(), "load_average": loads, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "verdicts": {t: verdict(r) for t, r in results.items()},
+        "summaries": {t: {n: run["summary"] for n, run in r.items()} for t, r in results.items()}}, indent=1) + "\n")
+    (out / "bursty_samples.json").write_text(json.dumps({t: {n: run["samples"] for n, run in r.items()} for t, r in results.items()}))
+    print(f"wrote {out}/bursty.json, bursty.md, bursty_samples.json and the figures; load average {loads[0]:.2f} -> {loads[-1]:.2f}")
 
 
 # =============================================================================== main
@@ -245,6 +267,7 @@ def main() -> None:
                                                                  "both ends kept) to fit; default: 9.5 (fmnist), 19 (deit)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out (ServerProcess's exit)
     deit = args.scale == "deit"
     args.images_per_request = args.images_per_request or (1 if deit else 16)
     args.max_batch = args.max_batch or (4 if deit else 32)
@@ -335,18 +358,11 @@ def main() -> None:
             v = verdict(results[trace])
             print(f"{trace}: best pinned rung reaching 99 %: {v['best_pinned_99']}; goal met: {v['met']}")
             figure(trace, results[trace], acc, rate_of, args.seconds, slo_ms, out)
+            # after every trace, so that a run stopped early keeps what it measured
+            write(out, results, args, slo_ms, large["name"], capacity, mean_rate, rungs, table_, loads + [os.getloadavg()[0]])
+    write(out, results, args, slo_ms, large["name"], capacity, mean_rate, rungs, table_, loads + [os.getloadavg()[0]])
     loads.append(os.getloadavg()[0])
-    md = table(results, slo_ms)
-    print("\n" + md)
-    (out / "bursty.md").write_text(md)
-    (out / "bursty.json").write_text(json.dumps({
-        "settings": vars(args), "slo_ms": slo_ms, "largest": large["name"], "largest_capacity_rps": capacity, "mean_rate_rps": mean_rate,
-        "ladder": [{"id": r.id, "name": r.name, "acc1": r.acc1, "full_batch_ms": table_.predict(r.id, args.max_batch)} for r in rungs],
-        "cpus": os.cpu_count(), "load_average": loads, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "verdicts": {t: verdict(r) for t, r in results.items()},
-        "summaries": {t: {n: run["summary"] for n, run in r.items()} for t, r in results.items()}}, indent=1) + "\n")
-    (out / "bursty_samples.json").write_text(json.dumps({t: {n: run["samples"] for n, run in r.items()} for t, r in results.items()}))
-    print(f"wrote {out}/bursty.json, bursty.md, bursty_samples.json and a figure per trace; load average {loads[0]:.2f} -> {loads[1]:.2f}")
+    print("\n" + table(results, slo_ms))
     parts = []
     for trace, runs in results.items():
         v, c = verdict(runs), runs["controller"]["summary"]

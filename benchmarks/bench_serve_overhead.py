@@ -113,12 +113,45 @@ def bare_server(model: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def one_image_p50(port: int, body: loadgen.Body, seconds: float) -> float:
+def one_image(port: int, body: loadgen.Body, seconds: float) -> tuple[float, list[bytes]]:
+    """The p50 ms of one-image requests sent one at a time, and the answers' bodies."""
     results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, [body], 1, seconds))
-    ok = [r.ms for r in results if r.status == 200]
+    ok = [r for r in results if r.status == 200]
     if len(ok) < len(results) or not ok:
         raise SystemExit(f"one-image requests failed: {[r.status for r in results if r.status != 200][:5]}")
-    return statistics.median(ok)
+    return statistics.median(r.ms for r in ok), [r.body for r in ok]
+
+
+def server_cpu_parts(net: Any, pngs: list[bytes], size: int, repeats: int = 200) -> dict[str, float]:
+    """CPU µs per image, in this process, of what the server process does for the images of a
+    request: decoding and normalising them (:class:`Preprocess`) and parsing their multipart body."""
+    import numpy as np
+
+    from snnet.deploy.serve import Preprocess
+    pre = Preprocess(dict(net.anchors[0].data_config), net.input_size)
+    out = np.empty((size, *net.input_size), np.float32)
+    raw = loadgen.make_body("/predict", files=pngs[:size]).raw
+    head, body = raw.split(b"\r\n\r\n", 1)
+    ctype = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"content-type:"))
+
+    def per_image(work: Any) -> float:
+        work()
+        t = time.process_time()
+        for _ in range(repeats):
+            work()
+        return round((time.process_time() - t) / repeats / size * 1e6, 1)
+
+    return {"decode_normalise_us_per_image": per_image(lambda: pre.images(pngs[:size], out)),
+            "multipart_us_per_image": per_image(lambda: parse(ctype.decode(), body, size))}
+
+
+def parse(content_type: str, body: bytes, size: int) -> list[bytes]:
+    """A multipart body's images, as the server parses them (whole, not in socket-sized chunks)."""
+    from snnet.deploy.serve.app import MultipartImages
+
+    images = MultipartImages(content_type, size)
+    images.write(body)
+    return images.finish()
 
 
 def main() -> None:
@@ -203,7 +236,7 @@ def main() -> None:
     bare = subprocess.Popen([sys.executable, __file__, "--bare", str(port), "--model", args.model])
     try:
         loadgen.wait_ready(f"http://127.0.0.1:{port}", bare, 300)
-        bare_p50 = one_image_p50(port, one, args.seconds)
+        bare_p50 = one_image(port, one, args.seconds)[0]
     finally:
         loadgen.stop(bare)
     with server(args.model, str(table), max(sizes), small.id) as srv:
@@ -211,12 +244,17 @@ def main() -> None:
         for anchor in (small, large):
             srv.put_stitch({"stitch": anchor.id})
             model_p50 = model_only(net, anchor.id, 1, args.model_seconds)[1]
-            p50 = one_image_p50(port, one, args.seconds)
+            p50, answers = one_image(port, one, args.seconds)
             overhead = p50 - model_p50
+            said = [json.loads(a) for a in answers]  # what the server measured itself: arrival to result, and the forward
             single.append({"stitch": anchor.name, "server_p50_ms": round(p50, 3), "model_p50_ms": round(model_p50, 3),
-                           "overhead_ms": round(overhead, 3), "bare_p50_ms": round(bare_p50, 3), "ratio": round(overhead / bare_p50, 3)})
+                           "overhead_ms": round(overhead, 3), "bare_p50_ms": round(bare_p50, 3), "ratio": round(overhead / bare_p50, 3),
+                           "server_said_latency_p50_ms": round(statistics.median(a["latency_ms"] for a in said), 3),
+                           "server_said_compute_p50_ms": round(statistics.median(a["batch"]["compute_ms"] for a in said), 3)})
             print(f"{anchor.name:>14} one image: server p50 {p50:.3f} ms - model {model_p50:.3f} ms = {overhead:.3f} ms; "
                   f"bare endpoint p50 {bare_p50:.3f} ms; ratio {overhead / bare_p50:.2f}")
+    parts = {size: server_cpu_parts(net, pngs, size) for size in sizes}
+    print(f"server-side work measured alone, CPU µs per image: {parts}")
     load.append(os.getloadavg()[0])
     print(f"load average {load[0]:.2f} before, {load[1]:.2f} after")
 
@@ -225,15 +263,18 @@ def main() -> None:
     lines += [f"| {r['stitch']} | {r['images_per_request']} | {r['model_img_s']:.0f} | {r['server_img_s']:.0f} | {r['ratio']:.2f} | "
               f"{r['cpu']['server_us_per_image']:.0f} / {r['cpu']['model_process_us_per_image']:.0f} / {r['cpu']['client_us_per_image']:.0f}"
               f" / {r['cpu']['model_only_us_per_image']:.0f} |" for r in rows_out]
-    lines += ["", "| stitch | server p50 (ms) | model p50 (ms) | overhead (ms) | bare endpoint p50 (ms) | overhead / bare |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| images per request | decoding and normalising, alone (CPU µs per image) | multipart parsing, alone (CPU µs per image) |",
+              "|---|---|---|"]
+    lines += [f"| {size} | {p['decode_normalise_us_per_image']:.0f} | {p['multipart_us_per_image']:.0f} |" for size, p in parts.items()]
+    lines += ["", "| stitch | server p50 (ms) | model p50 (ms) | overhead (ms) | bare endpoint p50 (ms) | overhead / bare | "
+              "the server's own p50: latency / forward (ms) |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['stitch']} | {r['server_p50_ms']:.3f} | {r['model_p50_ms']:.3f} | {r['overhead_ms']:.3f} | {r['bare_p50_ms']:.3f} | "
-              f"{r['ratio']:.2f} |" for r in single]
+              f"{r['ratio']:.2f} | {r['server_said_latency_p50_ms']:.3f} / {r['server_said_compute_p50_ms']:.3f} |" for r in single]
     print("\n" + "\n".join(lines))
     (out / "overhead.md").write_text("\n".join(lines) + "\n")
     (out / "overhead.json").write_text(json.dumps({
         "settings": {k: v for k, v in vars(args).items() if k != "bare"}, "cpus": os.cpu_count(), "load_average": load,
-        "throughput": rows_out, "one_image": single, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, indent=1) + "\n")
+        "throughput": rows_out, "one_image": single, "server_work_alone": parts, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, indent=1) + "\n")
     print(f"wrote {out / 'overhead.json'} and {out / 'overhead.md'}")
     print("SUMMARY overhead: server/model img/s " + ", ".join(f"{r['stitch']} x{r['images_per_request']} {r['ratio']:.2f}" for r in rows_out)
           + " (goal >= 0.8); one image overhead/bare " + ", ".join(f"{r['stitch']} {r['ratio']:.2f}" for r in single)
