@@ -19,10 +19,10 @@ Beside the rates it reports the CPU time per image of the server process, the mo
 load generator and the model alone (from /proc): on a shared machine the rates move with
 everyone else's load, and the CPU times say which process limits the server when each has a core.
 
-The load generator is :mod:`loadgen` (lean: raw HTTP/1.1 on keep-alive connections, uvloop), so
+The load generator is :mod:`snnet.deploy.loadgen` (lean: raw HTTP/1.1 on keep-alive connections, uvloop), so
 that the client takes as little as possible of the CPU the server and model share.
 
-    nice -n 10 python benchmarks/bench_serve_overhead.py --out docs/serve/overhead     # ~4 min
+    python benchmarks/bench_serve_overhead.py --out docs/serve/overhead     # ~5 min
 
 Without ``--model`` it serves the shipped Fashion-MNIST family (random stitching layers: the time
 of a forward does not depend on the weights). It prints the load average before and after: run
@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,42 +43,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import loadgen  # noqa: E402
+from snnet.deploy import loadgen
+from snnet.deploy.loadgen import ServerProcess
 
 try:  # the bare endpoint's handler takes a Request by annotation, as FastAPI resolves it from this module
     from fastapi import Request
 except ImportError:  # the serve extra is missing: `snnet serve` says so
     pass
-
-TOKEN = "bench-" + os.urandom(16).hex()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fmnist_pngs(n: int, seed: int = 0) -> list[bytes]:
-    """``n`` Fashion-MNIST test images as PNG bytes (what a client would upload)."""
-    import io
-    import random
-
-    from PIL import Image
-
-    from snnet.data import FashionMNIST
-
-    raw = FashionMNIST(split="test").images[:, 0].numpy()
-    out = []
-    for k in random.Random(seed).sample(range(len(raw)), n):
-        buf = io.BytesIO()
-        Image.fromarray(raw[k]).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def model_only(net: Any, stitch: int, batch: int, seconds: float) -> tuple[float, float]:
@@ -100,56 +70,15 @@ def model_only(net: Any, stitch: int, batch: int, seconds: float) -> tuple[float
     return batch * len(times) / sum(times), statistics.median(times) * 1e3
 
 
-def start_server(model: str, results: str, port: int, max_batch: int, stitch: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "snnet", "serve", "--model", model, "--results", results, "--port", str(port),
-           "--max-batch", str(max_batch), "--max-queue", str(8 * max_batch), "--threads", "1", "--stitch", str(stitch),
-           "--log-level", "warning"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), SNNET_ADMIN_TOKEN=TOKEN)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("server did not start")
-
-
-def pin(port: int, stitch: int) -> None:
-    import httpx
-
-    r = httpx.put(f"http://127.0.0.1:{port}/stitch", json={"stitch": stitch}, headers={"authorization": f"Bearer {TOKEN}"},
-                  timeout=30)
-    r.raise_for_status()
+def server(model: str, results: str, max_batch: int, stitch: int) -> ServerProcess:
+    return ServerProcess(["--model", model, "--results", results, "--max-batch", str(max_batch), "--max-queue", str(8 * max_batch),
+                          "--threads", "1", "--stitch", str(stitch), "--log-level", "warning"])
 
 
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def model_pid(port: int) -> int:
-    import httpx
-
-    return int(httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["model_pid"])
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def bare_server(model: str, port: int) -> None:
@@ -176,16 +105,53 @@ def bare_server(model: str, port: int) -> None:
         pre.images([await request.body()], out)
         return Response(orjson.dumps({"class": int(out.argmax())}), media_type="application/json")
 
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
     app.add_middleware(BodyLimits, limit=body_limit(config), timeout_s=config.body_timeout_s)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def one_image_p50(port: int, body: loadgen.Body, seconds: float) -> float:
+def one_image(port: int, body: loadgen.Body, seconds: float) -> tuple[float, list[bytes]]:
+    """The p50 ms of one-image requests sent one at a time, and the answers' bodies."""
     results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, [body], 1, seconds))
-    ok = [r.ms for r in results if r.status == 200]
+    ok = [r for r in results if r.status == 200]
     if len(ok) < len(results) or not ok:
         raise SystemExit(f"one-image requests failed: {[r.status for r in results if r.status != 200][:5]}")
-    return statistics.median(ok)
+    return statistics.median(r.ms for r in ok), [r.body for r in ok]
+
+
+def server_cpu_parts(net: Any, pngs: list[bytes], size: int, repeats: int = 200) -> dict[str, float]:
+    """CPU µs per image, in this process, of what the server process does for the images of a
+    request: decoding and normalising them (:class:`Preprocess`) and parsing their multipart body."""
+    import numpy as np
+
+    from snnet.deploy.serve import Preprocess
+    pre = Preprocess(dict(net.anchors[0].data_config), net.input_size)
+    out = np.empty((size, *net.input_size), np.float32)
+    raw = loadgen.make_body("/predict", files=pngs[:size]).raw
+    head, body = raw.split(b"\r\n\r\n", 1)
+    ctype = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"content-type:"))
+
+    def per_image(work: Any) -> float:
+        work()
+        t = time.process_time()
+        for _ in range(repeats):
+            work()
+        return round((time.process_time() - t) / repeats / size * 1e6, 1)
+
+    return {"decode_normalise_us_per_image": per_image(lambda: pre.images(pngs[:size], out)),
+            "multipart_us_per_image": per_image(lambda: parse(ctype.decode(), body, size))}
+
+
+def parse(content_type: str, body: bytes, size: int) -> list[bytes]:
+    """A multipart body's images, as the server parses them (whole, not in socket-sized chunks)."""
+    from snnet.deploy.serve.app import MultipartImages
+
+    images = MultipartImages(content_type, size)
+    images.write(body)
+    return images.finish()
 
 
 def main() -> None:
@@ -230,23 +196,20 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     print(f"latency table of {len(ids)} stitches in {time.perf_counter() - t:.0f} s; load average {load[0]:.2f} on {os.cpu_count()} CPUs")
 
-    pngs = fmnist_pngs(max(sizes) * 8)
+    pngs = loadgen.fmnist_pngs(max(sizes) * 8)
     rows_out: list[dict[str, Any]] = []
     for size in sizes:
         bodies = [loadgen.make_body("/predict", files=pngs[k * size:(k + 1) * size]) for k in range(8)]
-        port = free_port()
-        proc = start_server(args.model, str(table), port, size, large.id)
-        try:
-            wait_ready(port, proc)
-            engine = model_pid(port)
+        with server(args.model, str(table), size, large.id) as srv:
+            port, engine = srv.port, int(srv.health()["model_pid"])
             for anchor in (small, large):
                 c0 = time.process_time()
                 before = model_only(net, anchor.id, size, args.model_seconds)[0]
                 model_cpu = (time.process_time() - c0) / (before * args.model_seconds)  # s of CPU per image, model alone
-                pin(port, anchor.id)
-                cpu0 = [cpu_seconds(proc.pid), cpu_seconds(engine), time.process_time()]
+                srv.put_stitch({"stitch": anchor.id})
+                cpu0 = [cpu_seconds(srv.pid), cpu_seconds(engine), time.process_time()]
                 results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, bodies, args.clients, args.seconds, warmup=0.0))
-                cpu1 = [cpu_seconds(proc.pid), cpu_seconds(engine), time.process_time()]
+                cpu1 = [cpu_seconds(srv.pid), cpu_seconds(engine), time.process_time()]
                 after = model_only(net, anchor.id, size, args.model_seconds)[0]
                 ok = [r for r in results if r.status == 200]
                 served = sum(r.images for r in ok) / args.seconds
@@ -265,34 +228,33 @@ def main() -> None:
                 print(f"{anchor.name:>14} x{size:<3} model only {model:8.0f} img/s ({before:.0f} before, {after:.0f} after)   "
                       f"server {served:8.0f} img/s   ratio {served / model:.3f}   ({len(results) - len(ok)} not 200; "
                       f"load {row['load_average']})")
-        finally:
-            stop(proc)
 
     # one image: the server's p50 minus the model's, against a bare endpoint that only decodes
     one = loadgen.make_body("/predict", raw=pngs[0])
     single: list[dict[str, Any]] = []
-    port = free_port()
-    bare = subprocess.Popen([sys.executable, __file__, "--bare", str(port), "--model", args.model], env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    port = loadgen.free_port()
+    bare = subprocess.Popen([sys.executable, __file__, "--bare", str(port), "--model", args.model])
     try:
-        wait_ready_bare(port, bare)
-        bare_p50 = one_image_p50(port, one, args.seconds)
+        loadgen.wait_ready(f"http://127.0.0.1:{port}", bare, 300)
+        bare_p50 = one_image(port, one, args.seconds)[0]
     finally:
-        stop(bare)
-    port = free_port()
-    proc = start_server(args.model, str(table), port, max(sizes), small.id)
-    try:
-        wait_ready(port, proc)
+        loadgen.stop(bare)
+    with server(args.model, str(table), max(sizes), small.id) as srv:
+        port = srv.port
         for anchor in (small, large):
-            pin(port, anchor.id)
+            srv.put_stitch({"stitch": anchor.id})
             model_p50 = model_only(net, anchor.id, 1, args.model_seconds)[1]
-            p50 = one_image_p50(port, one, args.seconds)
+            p50, answers = one_image(port, one, args.seconds)
             overhead = p50 - model_p50
+            said = [json.loads(a) for a in answers]  # what the server measured itself: arrival to result, and the forward
             single.append({"stitch": anchor.name, "server_p50_ms": round(p50, 3), "model_p50_ms": round(model_p50, 3),
-                           "overhead_ms": round(overhead, 3), "bare_p50_ms": round(bare_p50, 3), "ratio": round(overhead / bare_p50, 3)})
+                           "overhead_ms": round(overhead, 3), "bare_p50_ms": round(bare_p50, 3), "ratio": round(overhead / bare_p50, 3),
+                           "server_said_latency_p50_ms": round(statistics.median(a["latency_ms"] for a in said), 3),
+                           "server_said_compute_p50_ms": round(statistics.median(a["batch"]["compute_ms"] for a in said), 3)})
             print(f"{anchor.name:>14} one image: server p50 {p50:.3f} ms - model {model_p50:.3f} ms = {overhead:.3f} ms; "
                   f"bare endpoint p50 {bare_p50:.3f} ms; ratio {overhead / bare_p50:.2f}")
-    finally:
-        stop(proc)
+    parts = {size: server_cpu_parts(net, pngs, size) for size in sizes}
+    print(f"server-side work measured alone, CPU µs per image: {parts}")
     load.append(os.getloadavg()[0])
     print(f"load average {load[0]:.2f} before, {load[1]:.2f} after")
 
@@ -301,29 +263,22 @@ def main() -> None:
     lines += [f"| {r['stitch']} | {r['images_per_request']} | {r['model_img_s']:.0f} | {r['server_img_s']:.0f} | {r['ratio']:.2f} | "
               f"{r['cpu']['server_us_per_image']:.0f} / {r['cpu']['model_process_us_per_image']:.0f} / {r['cpu']['client_us_per_image']:.0f}"
               f" / {r['cpu']['model_only_us_per_image']:.0f} |" for r in rows_out]
-    lines += ["", "| stitch | server p50 (ms) | model p50 (ms) | overhead (ms) | bare endpoint p50 (ms) | overhead / bare |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| images per request | decoding and normalising, alone (CPU µs per image) | multipart parsing, alone (CPU µs per image) |",
+              "|---|---|---|"]
+    lines += [f"| {size} | {p['decode_normalise_us_per_image']:.0f} | {p['multipart_us_per_image']:.0f} |" for size, p in parts.items()]
+    lines += ["", "| stitch | server p50 (ms) | model p50 (ms) | overhead (ms) | bare endpoint p50 (ms) | overhead / bare | "
+              "the server's own p50: latency / forward (ms) |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['stitch']} | {r['server_p50_ms']:.3f} | {r['model_p50_ms']:.3f} | {r['overhead_ms']:.3f} | {r['bare_p50_ms']:.3f} | "
-              f"{r['ratio']:.2f} |" for r in single]
+              f"{r['ratio']:.2f} | {r['server_said_latency_p50_ms']:.3f} / {r['server_said_compute_p50_ms']:.3f} |" for r in single]
     print("\n" + "\n".join(lines))
     (out / "overhead.md").write_text("\n".join(lines) + "\n")
     (out / "overhead.json").write_text(json.dumps({
         "settings": {k: v for k, v in vars(args).items() if k != "bare"}, "cpus": os.cpu_count(), "load_average": load,
-        "throughput": rows_out, "one_image": single, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, indent=1) + "\n")
+        "throughput": rows_out, "one_image": single, "server_work_alone": parts, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, indent=1) + "\n")
     print(f"wrote {out / 'overhead.json'} and {out / 'overhead.md'}")
-
-
-def wait_ready_bare(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("bare endpoint exited")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit("bare endpoint did not start")
+    print("SUMMARY overhead: server/model img/s " + ", ".join(f"{r['stitch']} x{r['images_per_request']} {r['ratio']:.2f}" for r in rows_out)
+          + " (goal >= 0.8); one image overhead/bare " + ", ".join(f"{r['stitch']} {r['ratio']:.2f}" for r in single)
+          + f" (goal <= 1.5); load average {load[0]:.2f} -> {load[1]:.2f} on {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M %Z')}")
 
 
 if __name__ == "__main__":

@@ -18,15 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from snnet.io import atomic_write
+from snnet.reference import LAYOUTS, PAPER_EVAL, PUBLISHED, SOURCES, Published, net_reference_ids
 
-from snnet.io import atomic_write  # noqa: E402
-from snnet.reference import LAYOUTS, PAPER_EVAL, PUBLISHED, SOURCES, Published, net_reference_ids  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT = ROOT / "snnet" / "data_files" / "reference"
 IMAGENET_VAL = 50_000

@@ -18,19 +18,15 @@ import argparse
 import itertools
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from snnet import create_snnet  # noqa: E402
-from snnet.data import build_dataset, make_loader  # noqa: E402
-from snnet.evaluate import evaluate  # noqa: E402
-from snnet.train import TrainConfig, Trainer  # noqa: E402
+from snnet import create_snnet
+from snnet.data import build_dataset, make_loader
+from snnet.evaluate import evaluate
+from snnet.train import TrainConfig, Trainer
 
 
 def run(arm: str, args: argparse.Namespace) -> dict:

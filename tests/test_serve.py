@@ -766,3 +766,67 @@ def test_serve_command_refuses_a_bad_stitch_or_token_in_one_line(capsys: pytest.
             main(["serve", *args])
         err = capsys.readouterr().err
         assert e.value.code == 2 and words in err and "Traceback" not in err, err
+
+
+# =============================================================================== the load generator (snnet.deploy.loadgen)
+
+
+@pytest.mark.parametrize("cv2", [1.0, 4.0, 8.0])
+def test_gamma_arrivals_have_the_asked_rate_and_burstiness(cv2: float) -> None:
+    from snnet.deploy.loadgen import gamma_times
+
+    times = gamma_times(rate=50.0, cv2=cv2, seconds=2000.0, seed=1)
+    gaps = np.diff([0.0, *times])
+    assert len(times) / 2000.0 == pytest.approx(50.0, rel=0.05)
+    assert gaps.var() / gaps.mean() ** 2 == pytest.approx(cv2, rel=0.15)
+    assert times == sorted(times) and times[-1] < 2000.0
+    with pytest.raises(ValueError):
+        gamma_times(rate=0.0, cv2=1.0, seconds=1.0)
+
+
+def test_ramp_arrivals_climb_to_the_peak_and_fall_back() -> None:
+    from snnet.deploy.loadgen import percentile, ramp_rate, ramp_times
+
+    times = np.array(ramp_times(low=10.0, peak=100.0, seconds=200.0, seed=2))
+    per_fifth = [int(((times >= a) & (times < a + 40)).sum()) for a in range(0, 200, 40)]
+    expected = [sum(ramp_rate(a + 0.01 * (k + 0.5), 10.0, 100.0, 200.0) for k in range(4000)) * 0.01 for a in range(0, 200, 40)]
+    assert per_fifth == pytest.approx(expected, rel=0.1)
+    assert per_fifth[2] > per_fifth[1] > per_fifth[0] and per_fifth[2] > per_fifth[3] > per_fifth[4]
+    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0 and percentile([1.0, 2.0], 0.99) == 2.0
+    assert np.isnan(percentile([], 0.5))
+
+
+def test_load_generator_open_and_closed_loop_against_the_server(server: _Server) -> None:
+    """The lean client's requests are what httpx sends: a batch of two PNGs is answered as two
+    predictions; open-loop arrivals go out on schedule whatever the server does, and a request
+    the server does not answer within the timeout is a miss (status 0)."""
+    from snnet.deploy import loadgen
+
+    batch = loadgen.make_body("/predict", files=[_png(seed=1), _png(seed=2)])
+    one = loadgen.make_body("/predict", raw=_png(seed=3))
+    closed = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", server.port, [batch, one], clients=2, seconds=1.0, warmup=0.2))
+    assert closed and {r.status for r in closed} == {200}
+    assert {len(json.loads(r.body)["predictions"]) for r in closed} == {1, 2} and {r.images for r in closed} == {1, 2}
+    times = [0.05 * k for k in range(10)]
+    opened = loadgen.run(lambda: loadgen.open_loop("127.0.0.1", server.port, [one], times, timeout=30))
+    assert [r.status for r in opened] == [200] * 10
+    assert all(abs(r.t - t) < 0.25 for r, t in zip(opened, times))
+    with _stopped(server.service.engine.pid):
+        missed = loadgen.run(lambda: loadgen.open_loop("127.0.0.1", server.port, [one], [0.0, 0.01], timeout=0.5))
+    assert [r.status for r in missed] == [0, 0] and all(r.ms >= 500 for r in missed)
+
+
+@pytest.mark.slow
+def test_server_process_starts_steers_and_stops_snnet_serve(saved: tuple[Path, Path]) -> None:
+    from snnet.deploy import loadgen
+
+    model, results = saved
+    with loadgen.ServerProcess(["--model", str(model), "--results", str(results), "--log-level", "warning"]) as srv:
+        assert srv.health()["status"] == "ok"
+        assert srv.put_stitch({"stitch": 3})["current"]["id"] == 3
+        answered = loadgen.run(lambda: loadgen.open_loop("127.0.0.1", srv.port, [loadgen.make_body("/predict", raw=_png())], [0.0, 0.1],
+                                                         timeout=60))
+        assert [json.loads(r.body)["stitch"]["id"] for r in answered] == [3, 3]
+        srv.wait_idle()
+        proc = srv.proc
+    assert proc is not None and proc.poll() is not None

@@ -9,7 +9,9 @@
 * :mod:`snnet.deploy.controller` picks the stitch for each batch of a server under a latency SLO
   (plain, no HTTP), and :mod:`snnet.deploy.serve` (a package) is that server (FastAPI + uvicorn,
   the model in a process of its own; imported only by ``snnet serve``, since its packages are the
-  optional ``serve`` extra); :mod:`snnet.deploy.ray` runs it as Ray Serve replicas (the ``ray`` extra).
+  optional ``serve`` extra); :mod:`snnet.deploy.ray` runs it as Ray Serve replicas (the ``ray`` extra);
+* :mod:`snnet.deploy.loadgen` loads a running server as its users would (closed loop, open loop
+  on bursty or ramping arrival traces) for the serving benchmarks.
 """
 
 from ..budget import Budget, Selection, parse_budget, select_stitch

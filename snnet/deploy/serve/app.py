@@ -188,33 +188,52 @@ class _Parts:
         self.parts.append((options.get(b"name"), options.get(b"filename"), b"".join(self._chunks)))
 
 
+class MultipartImages:
+    """The images of a multipart/form-data body, fed chunk by chunk as it arrives (:meth:`write`),
+    then checked (:meth:`finish`): one file part named ``file`` per image, at most ``max_images``."""
+
+    def __init__(self, content_type: str, max_images: int) -> None:
+        self.max_images = max_images
+        self.too_many = f"a request carries at most {max_images} images (--max-batch): split the batch"
+        _, options = parse_options_header(content_type)
+        boundary = options.get(b"boundary")
+        if not boundary:
+            raise Rejected(400, "malformed multipart body: the content type has no boundary", "bad_batch")
+        self.found = _Parts()
+        self.parser = MultipartParser(boundary, self.found.callbacks())
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self.parser.write(chunk)
+        except MultipartParseError as e:
+            raise Rejected(400, f"malformed multipart body: {first_line(e)}", "bad_batch") from e
+        if len(self.found.parts) > self.max_images:
+            raise Rejected(413, self.too_many, "bad_batch")
+
+    def finish(self) -> list[bytes]:
+        try:
+            self.parser.finalize()
+        except MultipartParseError as e:
+            raise Rejected(400, f"malformed multipart body: {first_line(e)}", "bad_batch") from e
+        parts = self.found.parts
+        others = sorted({(name or b"").decode(errors="replace") for name, _, _ in parts} - {"file"})
+        if others:
+            raise Rejected(400, f"unexpected form field(s) {', '.join(others)}: send images as file parts named `file`", "bad_batch")
+        if not parts:
+            raise Rejected(400, "the form has no `file` part: send each image as a file part named `file`", "bad_batch")
+        if any(filename is None for _, filename, _ in parts):
+            raise Rejected(400, "`file` must be a file part (with a filename), not a text field", "bad_batch")
+        if len(parts) > self.max_images:
+            raise Rejected(413, self.too_many, "bad_batch")
+        return [content for _, _, content in parts]
+
+
 async def _image_parts(request: Request, max_images: int) -> list[bytes]:
-    """The images of a multipart/form-data body: one file part named ``file`` per image."""
-    too_many = f"a request carries at most {max_images} images (--max-batch): split the batch"
-    _, options = parse_options_header(request.headers.get("content-type", ""))
-    boundary = options.get(b"boundary")
-    if not boundary:
-        raise Rejected(400, "malformed multipart body: the content type has no boundary", "bad_batch")
-    found = _Parts()
-    parser = MultipartParser(boundary, found.callbacks())
-    try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-            if len(found.parts) > max_images:
-                raise Rejected(413, too_many, "bad_batch")
-        parser.finalize()
-    except MultipartParseError as e:
-        raise Rejected(400, f"malformed multipart body: {first_line(e)}", "bad_batch") from e
-    others = sorted({(name or b"").decode(errors="replace") for name, _, _ in found.parts} - {"file"})
-    if others:
-        raise Rejected(400, f"unexpected form field(s) {', '.join(others)}: send images as file parts named `file`", "bad_batch")
-    if not found.parts:
-        raise Rejected(400, "the form has no `file` part: send each image as a file part named `file`", "bad_batch")
-    if any(filename is None for _, filename, _ in found.parts):
-        raise Rejected(400, "`file` must be a file part (with a filename), not a text field", "bad_batch")
-    if len(found.parts) > max_images:
-        raise Rejected(413, too_many, "bad_batch")
-    return [content for _, _, content in found.parts]
+    """The images of a multipart/form-data request, parsed as its body streams in."""
+    images = MultipartImages(request.headers.get("content-type", ""), max_images)
+    async for chunk in request.stream():
+        images.write(chunk)
+    return images.finish()
 
 
 # =============================================================================== routes

@@ -289,7 +289,9 @@ class _Engine:
             n += job.images
         now = time.perf_counter()
         waiting = n + sum(j.images for j in self.jobs)
-        recent = [ms for t, ms in self.recent if now - t <= _RECENT_S]
+        while self.recent and now - self.recent[0][0] > _RECENT_S:  # in the order they finished: drop the expired from the left
+            self.recent.popleft()
+        recent = [ms for _, ms in self.recent]
         with self.lock:
             decision = self.policy.decide(waiting, (now - batch[0].arrived) * 1e3, recent, now)
         if decision.switched:  # the latencies seen so far were another stitch's
