@@ -11,6 +11,7 @@ the queue it builds, never from how fast this machine is.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -84,6 +85,18 @@ def test_controller_takes_cheaper_stitches_as_the_queue_grows() -> None:
     assert d.name == "cheap" and not d.fits
 
 
+def test_controller_plans_for_the_request_expected_next() -> None:
+    c = LMController(RUNGS, TABLE, LMControllerConfig(ttft_ms=200.0))
+    assert c.decide(0.0, _queue(1), rate=1.0).name == "dear"  # next expected in 693 ms: "dear" (340 ms) is done by then
+    # 10 a second: the next is expected in 69 ms, and would wait for the rest of a 340 ms generation on "dear";
+    # "mid" (103 ms) lets it start 34 ms late
+    d = c.decide(0.0, _queue(1), rate=10.0)
+    assert d.name == "mid" and d.worst_ttft_ms == pytest.approx(103.0 - 1e3 * math.log(2) / 10 + 10.0)
+    # one waiting behind: "mid" holds it (113 ms), but not it and one more expected 7 ms from now (100 a second)
+    assert c.decide(0.0, _queue(2)).name == "mid"
+    assert c.decide(0.0, _queue(2), rate=100.0).name == "cheap"
+
+
 def test_controller_hysteresis_and_measured_slowdown() -> None:
     c = LMController(RUNGS, TABLE, LMControllerConfig(ttft_ms=200.0, tpot_ms=5.0))
     # the TPOT target rules out "dear" (10 ms a token); "mid" (3 ms) fits within 0.8 x 5 ms
@@ -147,15 +160,16 @@ def reference(saved: Path) -> lm.StitchedLM:
     return lm.StitchedLM.from_pretrained(saved).eval()
 
 
-def _synthetic(net: lm.StitchedLM) -> dict[int, TokenTiming]:
-    """Token timings proportional to FLOPs (what a measurement would roughly give), for every stitch."""
-    return {c.id: _timing(c.flops / 1e4, c.flops / 5e4) for c in net.costs()}
+def _synthetic(net: lm.StitchedLM, scale: float = 1.0) -> dict[int, TokenTiming]:
+    """Token timings proportional to FLOPs (what a measurement would roughly give), for every stitch:
+    the first token in flops/1e4 ms, each further one in flops/5e4 ms, times ``scale``."""
+    return {c.id: _timing(scale * c.flops / 1e4, scale * c.flops / 5e4) for c in net.costs()}
 
 
-def _engine(saved: Path, **kw: Any) -> LMEngine:
+def _engine(saved: Path, scale: float = 1.0, **kw: Any) -> LMEngine:
     net = lm.StitchedLM.from_pretrained(saved).eval()
     config = LMServeConfig(str(saved), **{"slo_ms": 1000.0, **kw})
-    return LMEngine(config, net, timing=_synthetic(net))
+    return LMEngine(config, net, timing=_synthetic(net, scale))
 
 
 def _job(engine: LMEngine, prompt: str = PROMPT, max_tokens: int = 8, **options: Any) -> tuple[Job, list]:
@@ -168,21 +182,24 @@ def _job(engine: LMEngine, prompt: str = PROMPT, max_tokens: int = 8, **options:
 def test_engine_decides_from_the_queue_and_runs_the_decision(saved: Path, reference: lm.StitchedLM) -> None:
     # the worker is not started: the test takes the jobs itself, and decides before any generation has
     # run (a run's measured times would rescale the table given)
-    engine = _engine(saved, slo_ms=30.0)
+    engine = _engine(saved, scale=10.0, slo_ms=400.0)
     ladder = engine.controller.rungs
     assert [r.flops for r in ladder] == sorted(c.flops for c in reference.costs())
     job, events = _job(engine)
     assert engine.submit(job) == 1
     first, d_first = engine.next_job()
-    assert first is job and d_first.stitch == ladder[-1].id and d_first.fits  # alone: the most capable
-    # two more at once: by the timings given (first token flops/1e4 ms, flops/5e4 ms a token) the second waits
-    # 10.4 + 4.3 ms behind the first on the cheapest rung, within 0.8 x 30 ms, but 28.5 ms on the next one
+    assert first is job and d_first.stitch == ladder[-1].id and d_first.fits  # alone: the most capable (152 ms to a token)
+    # two more at once: three arrivals within milliseconds, a rate of hundreds a second, so one more is planned for
+    # as arriving now. By the timings given (first token in flops/1e3 ms, flops/5e3 ms a token) on the cheapest rung
+    # that one's first token comes 2 x 104 + 43 = 250 ms from now, within 0.8 x 400; on the next rung 486 ms
     for _ in range(2):
         engine.submit(_job(engine)[0])
+    assert engine.rate(time.perf_counter()) > 50
     taken, d = engine.next_job()
     assert d.stitch == ladder[0].id and d.waiting == 1 and d.fits and d.switched
-    behind = [Waiting(taken.prompt_tokens, 8, taken.arrived)] * 2
-    assert engine.controller.predict(ladder[1], time.perf_counter(), behind)[1] > 0.8 * 30.0
+    now = time.perf_counter()
+    assert d.worst_ttft_ms == pytest.approx(250.4, abs=30)
+    assert engine.controller.predict(ladder[1], now, [Waiting(taken.prompt_tokens, 8, taken.arrived)] * 3)[1] > 0.8 * 400.0
     assert engine.state()["queue"] == 1
     out = engine.run(first, d_first)
     want = lm.generate(reference, PROMPT, stitch=d_first.stitch, options=lm.GenerationOptions(max_new_tokens=8))

@@ -16,7 +16,8 @@ believe (:mod:`snnet.deploy.serve.lm_engine` measures them on the serving machin
   the request starting now *and of every request queued behind it* if the rung served them all
   (each needs its prefill and up to ``max_tokens`` output tokens), and the rung's TPOT; it takes
   the most capable rung that keeps both within a share of their targets. As the queue grows, only
-  cheaper rungs fit. Two running factors, measured over table (one for the prefill, one per
+  cheaper rungs fit. The request expected next (from the recent arrival rate) is planned for too,
+  so the stitch steps down as the rate rises, before a queue forms. Two running factors, measured over table (one for the prefill, one per
   output token), scale the table to what the machine gives now (other load, longer contexts).
   Hysteresis: a rung above the last one used must fit a stricter share.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -144,7 +146,7 @@ class LMControllerConfig:
 @dataclass(frozen=True)
 class LMDecision:
     """The stitch for one request, and why: the predicted TTFT of this request and the worst of those
-    queued behind it, the predicted TPOT (None when the stitch has no timing: a pin off the
+    queued behind it (and of the one expected next, given a rate), the predicted TPOT (None when the stitch has no timing: a pin off the
     ladder), whether the targets fit, and how many requests were waiting."""
 
     stitch: int
@@ -205,7 +207,7 @@ class LMController:
         tpot = t.tpot_ms * self.decode.value
         free, first, worst = now, math.nan, 0.0
         for k, w in enumerate(queue):
-            start = free + t.first(w.prompt_tokens) * self.prefill.value / 1e3
+            start = max(free, w.arrived) + t.first(w.prompt_tokens) * self.prefill.value / 1e3
             ttft = (start - w.arrived) * 1e3
             first = ttft if k == 0 else first
             worst = max(worst, ttft)
@@ -216,18 +218,28 @@ class LMController:
         c = self.config
         return (c.ttft_ms is None or worst <= share * c.ttft_ms) and (c.tpot_ms is None or tpot <= share * c.tpot_ms)
 
-    def decide(self, now: float, queue: Sequence[Waiting]) -> LMDecision:
-        """The stitch for ``queue[0]``, the request starting now; the rest are waiting behind it in order."""
+    def decide(self, now: float, queue: Sequence[Waiting], rate: float | None = None) -> LMDecision:
+        """The stitch for ``queue[0]``, the request starting now; the rest are waiting behind it in order.
+
+        ``rate``: requests arriving per second of late. The next one is then expected (the median
+        of a Poisson process's gap) ln 2 / rate seconds from now, and planned for as if queued: a
+        rung whose generation would keep it waiting past the target does not fit, before a queue
+        has formed to show it."""
         if not queue:
             raise ServeError("decide needs the request that starts now (queue[0])")
+        waiting = len(queue) - 1
+        if rate is not None and rate > 0:
+            typical = Waiting(round(statistics.mean(w.prompt_tokens for w in queue)),
+                              round(statistics.mean(w.max_tokens for w in queue)), now + math.log(2) / rate)
+            queue = [*queue, typical]
         if self.pinned is not None:
             sid, name = self.pinned
             rung = next((r for r in self.rungs if r.id == sid), None)
             if rung is None:
-                return self._made(LMDecision(sid, name, True, waiting=len(queue) - 1))
+                return self._made(LMDecision(sid, name, True, waiting=waiting))
             first, worst, tpot = self.predict(rung, now, queue)
             return self._made(LMDecision(sid, name, True, first, worst, tpot, self._fits(worst, tpot, self.config.headroom),
-                                         len(queue) - 1))
+                                         waiting))
         chosen, fits = 0, False
         for k in range(len(self.rungs) - 1, -1, -1):
             first, worst, tpot = self.predict(self.rungs[k], now, queue)
@@ -238,7 +250,7 @@ class LMController:
         self.current = chosen
         rung = self.rungs[chosen]
         first, worst, tpot = self.predict(rung, now, queue)
-        return self._made(LMDecision(rung.id, rung.name, False, first, worst, tpot, fits, len(queue) - 1))
+        return self._made(LMDecision(rung.id, rung.name, False, first, worst, tpot, fits, waiting))
 
     def _made(self, d: LMDecision) -> LMDecision:
         switched = self._last is not None and self._last != d.stitch

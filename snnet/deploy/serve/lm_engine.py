@@ -43,6 +43,7 @@ __all__ = ["Event", "Job", "LMEngine", "LMMetrics", "LMServeConfig", "Outcome", 
 log = logging.getLogger("uvicorn.error")
 Event = tuple[str, Any]  # ("start", LMDecision) | ("text", str) | ("done", Outcome) | ("error", str)
 _SECONDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+ARRIVALS = 32  # recent arrivals the request rate is measured over
 _TOKEN_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 
 
@@ -340,6 +341,7 @@ class LMEngine:
         self.metrics = LMMetrics()
         self.metrics.pinned.set(1 if pin is not None else 0)
         self._queue: deque[Job] = deque()
+        self._arrivals: deque[float] = deque(maxlen=ARRIVALS)
         self._cond = threading.Condition()
         self._stopping = False
         self._running: Job | None = None
@@ -381,6 +383,7 @@ class LMEngine:
                 raise Rejected(503, f"{len(self._queue)} requests are waiting (--max-queue): try again later", "queue_full",
                                {"Retry-After": str(max(1, math.ceil(self._backlog_s())))})
             self._queue.append(job)
+            self._arrivals.append(job.arrived)
             self.metrics.queue.set(len(self._queue))
             self._cond.notify()
             return len(self._queue)
@@ -390,6 +393,13 @@ class LMEngine:
         rung = self.controller.rungs[0]
         t = self.timing[rung.id]
         return sum(t.first(j.prompt_tokens) + (j.options.max_new_tokens - 1) * t.tpot_ms for j in self._queue) / 1e3
+
+    def rate(self, now: float) -> float | None:
+        """Requests per second over the last :data:`ARRIVALS` arrivals, up to ``now`` (so it falls
+        when arrivals stop); None with fewer than 3."""
+        if len(self._arrivals) < 3 or now <= self._arrivals[0]:
+            return None
+        return len(self._arrivals) / (now - self._arrivals[0])
 
     def cancel(self, job: Job) -> None:
         """The client has gone: drop ``job`` if it waits, stop it at the next token if it runs."""
@@ -415,6 +425,7 @@ class LMEngine:
     def state(self) -> dict[str, Any]:
         with self._cond:
             return {**self.controller.state(), "queue": len(self._queue), "running": self._running is not None,
+                    "rate": self.rate(time.perf_counter()),
                     "generations": self.generations, "context": self.context}
 
     @property
@@ -452,7 +463,7 @@ class LMEngine:
                 return None
             now = time.perf_counter()
             decision = self.controller.decide(now, [Waiting(j.prompt_tokens, j.options.max_new_tokens, j.arrived)
-                                                     for j in self._queue if not j.cancelled.is_set()])
+                                                     for j in self._queue if not j.cancelled.is_set()], self.rate(now))
             job = self._running = self._queue.popleft()
             self.metrics.queue.set(len(self._queue))
             return job, decision
