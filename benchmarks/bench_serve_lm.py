@@ -79,7 +79,7 @@ async def _one(client: httpx.AsyncClient, body: dict[str, Any], delay: float, t0
                 if "usage" in event:
                     out["tokens"] = event["usage"]["completion_tokens"]
                 if "snnet" in event:
-                    out["stitch"] = event["snnet"]["stitch"]
+                    out["stitch"], out["server_ttft_ms"] = event["snnet"]["stitch"], event["snnet"]["ttft_ms"]
     except httpx.HTTPError as e:
         out["status"], out["error"] = 0, type(e).__name__
     if first is not None:
@@ -112,6 +112,7 @@ def _summary(results: list[dict[str, Any]], slo_ms: float) -> dict[str, Any]:
     mix = Counter(r.get("stitch", "?") for r in ok)
     return {"offered": len(results), "answered": len(ok), "refused": sum(r.get("status") not in (200,) for r in results),
             "ttft_p50_ms": float(np.percentile(ttft, 50)), "ttft_p95_ms": float(np.percentile(ttft, 95)),
+            "server_ttft_p50_ms": float(np.percentile([r.get("server_ttft_ms", np.nan) for r in ok] or [np.nan], 50)),
             "tpot_p50_ms": float(np.percentile(tpot, 50)), "tpot_p95_ms": float(np.percentile(tpot, 95)),
             "within_slo": sum(r["ttft_ms"] <= slo_ms for r in ok) / max(len(results), 1),  # refused: missed
             "tokens_mean": float(np.mean([r.get("tokens", 0) for r in ok])) if ok else 0.0,
@@ -177,10 +178,13 @@ def main() -> None:
                     results = asyncio.run(_run(url, rate, args.duration, args.max_tokens, seed=int(load * 1000)))
                     row = {"load": load, "rate": rate, "mode": mode, "load_average": os.getloadavg()[0],
                            **_summary(results, slo)}
+                    row["controller"] = {k: v for k, v in httpx.get(url + "/stitch").json().items()
+                                         if k in ("slowdown", "rate", "generations")}
                     rows.append(row)
                     print(f"load {load:4.1f}x ({rate:6.2f}/s) {mode:10s}: {row['answered']:4d}/{row['offered']:4d} answered, "
-                          f"TTFT p50 {row['ttft_p50_ms']:8.1f} p95 {row['ttft_p95_ms']:8.1f} ms, TPOT p50 {row['tpot_p50_ms']:6.2f} "
-                          f"p95 {row['tpot_p95_ms']:6.2f} ms, within target {100 * row['within_slo']:5.1f} %, mix {row['mix']}",
+                          f"TTFT p50 {row['ttft_p50_ms']:8.1f} (server {row['server_ttft_p50_ms']:8.1f}) p95 {row['ttft_p95_ms']:8.1f} ms, TPOT p50 {row['tpot_p50_ms']:6.2f} "
+                          f"p95 {row['tpot_p95_ms']:6.2f} ms, within target {100 * row['within_slo']:5.1f} %, mix {row['mix']}, "
+                          f"{row['controller']}",
                           flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
