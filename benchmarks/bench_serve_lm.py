@@ -73,9 +73,9 @@ async def _one(client: httpx.AsyncClient, body: dict[str, Any], delay: float, t0
                     continue
                 event = json.loads(line[6:])
                 now = time.perf_counter()
-                if event.get("choices") and event["choices"][0]["text"]:
+                if event.get("choices"):  # text, or the last chunk of a completion that ended at once
                     first = first or now
-                    last = now
+                    last = now if event["choices"][0]["text"] else last
                 if "usage" in event:
                     out["tokens"] = event["usage"]["completion_tokens"]
                 if "snnet" in event:
@@ -85,7 +85,7 @@ async def _one(client: httpx.AsyncClient, body: dict[str, Any], delay: float, t0
     if first is not None:
         out["ttft_ms"] = (first - sent) * 1e3
         n = out.get("tokens", 0)
-        if n > 1 and last is not None and last > first:
+        if n > 1 and last is not None and last > first:  # between the first and the last piece of text
             out["tpot_ms"] = (last - first) * 1e3 / (n - 1)
     return out
 
@@ -125,7 +125,8 @@ def main() -> None:
     ap.add_argument("--loads", default="0.5,1,2,4", help="offered loads, as multiples of the top rung's capacity")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per run")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--slo-ms", type=float, default=None, help="TTFT target (default: 4 x the top rung's first-token time)")
+    ap.add_argument("--slo-ms", type=float, default=None,
+                    help="TTFT target (default: half the time the top rung takes for a whole request, by its timings)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="write every run's summary here (JSON)")
     args = ap.parse_args()
@@ -155,8 +156,7 @@ def main() -> None:
         try:
             policy = httpx.get(url + "/stitch").json()
             top = policy["ladder"][-1]
-            first = top["first_ms"][0][1]
-            slo = args.slo_ms or round(4 * first, 1)
+            slo = args.slo_ms or round((top["first_ms"][0][1] + (args.max_tokens - 1) * top["tpot_ms"]) / 2, 1)
             if args.slo_ms is None:  # restart with the target derived from this machine's timings
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)

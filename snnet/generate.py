@@ -62,13 +62,14 @@ class Generated:
 
 
 def generate(net: Any, prompt: str | Sequence[str], *, tokenizer: Any = None, options: GenerationOptions | None = None,
-             stitch: Any = None, streamer: Any = None, stopping_criteria: Any = None) -> Generated | list[Generated]:
+             stitch: Any = None, **generate_kwargs: Any) -> Generated | list[Generated]:
     """Continue ``prompt`` (one string, or a list: batched, left-padded) with the active stitch
     of ``net`` (or ``stitch`` for this call only). ``tokenizer`` defaults to the network's own.
 
-    ``streamer`` and ``stopping_criteria`` go to transformers' ``generate()`` as they are: a
-    server streams tokens as they come and stops a generation whose client has gone
-    (:mod:`snnet.deploy.serve.lm_engine`) through the very path that answers here."""
+    Other keyword arguments go to transformers' ``generate()`` as they are (``streamer``,
+    ``stopping_criteria``, ``min_new_tokens`` ...): the server streams tokens as they come, stops a
+    generation whose client has gone, and times each stitch (:mod:`snnet.deploy.serve.lm_engine`)
+    through the very call a user makes."""
     options = options or GenerationOptions()
     tok = tokenizer if tokenizer is not None else getattr(net, "tokenizer", None)
     if tok is None:
@@ -82,7 +83,7 @@ def generate(net: Any, prompt: str | Sequence[str], *, tokenizer: Any = None, op
         net.select(stitch)
     try:
         return _run(net, tok, prompts, options, single=isinstance(prompt, str),
-                    extra={k: v for k, v in (("streamer", streamer), ("stopping_criteria", stopping_criteria)) if v is not None})
+                    extra=generate_kwargs)
     finally:
         net.select(previous)
 

@@ -227,7 +227,9 @@ def test_timing_runs_measure_every_stitch(saved: Path) -> None:
     timing = time_stitches(net, [0, 3], tokens=4, repeats=1, progress=False)
     assert set(timing) == {0, 3}
     for t in timing.values():
-        assert [n for n, _ in t.first_ms] == [8, 59] and t.tpot_ms > 0 and all(ms > 0 for _, ms in t.first_ms)
+        lengths = [n for n, _ in t.first_ms]
+        assert len(lengths) == 2 and 1 <= lengths[0] < lengths[1] <= 64 - 4
+        assert t.tpot_ms > 0 and all(ms > 0 for _, ms in t.first_ms)
     assert net.active.id == before  # the active stitch is left as it was
 
 

@@ -261,53 +261,54 @@ class _Cancelled:
 
 def time_stitches(net: Any, stitches: Sequence[int], *, tokens: int = 16, repeats: int = 3, lengths: Sequence[int] | None = None,
                   progress: bool = True) -> dict[int, TokenTiming]:
-    """Each stitch's :class:`TokenTiming` on this machine: greedy generations of ``tokens`` tokens
-    (no early end) from random prompts of each of ``lengths`` tokens (default 8 and as long as the
-    context allows up to 128), after one warm-up run; the median of ``repeats`` runs."""
+    """Each stitch's :class:`TokenTiming` on this machine, through the call that serves requests
+    (:func:`snnet.generate.generate`, so its per-call work counts as it will): greedy generations of
+    ``tokens`` tokens (no early end) after prompts of about each of ``lengths`` tokens (default 8
+    and as many as the context allows up to 128; random tokens, decoded to text, counted as the
+    tokenizer reads the text back), after one warm-up run; the median of ``repeats`` runs."""
     import torch
 
-    from ...families.lm_hf import as_transformers
+    from ...generate import GenerationOptions, generate
     from ...report import progress as bar_of
 
     context = max_context(net)
+    tok = net.tokenizer
     if lengths is None:
         lengths = sorted({min(8, context - tokens), max(1, min(128, context - tokens - 1))})
-    if min(lengths) < 1 or max(lengths) + tokens > context:
-        raise ServeError(f"cannot time generations of {tokens} tokens after prompts of {list(lengths)} tokens within "
-                         f"the model's context of {context} tokens")
-    model = as_transformers(net)
     gen = torch.Generator().manual_seed(0)
-    prompts = {n: torch.randint(0, net.vocab_size, (1, n), generator=gen) for n in lengths}
-    tok = net.tokenizer
-    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else getattr(tok, "eos_token_id", None)
-    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                  pad_token_id=pad)
-    previous, was_training = net.active, net.training
-    net.eval()
-    bar = bar_of(len(stitches) * (len(lengths) * repeats + 1), "timing stitches", "run", progress)
+    prompts = {}
+    for n in lengths:
+        ids = torch.randint(0, net.vocab_size, (n,), generator=gen).tolist()
+        while True:  # read back, the text may take more tokens than the ids it came from: trim it to fit
+            text = tok.decode(ids, skip_special_tokens=True)
+            count = len(tok(text, add_special_tokens=True)["input_ids"]) if text else 0
+            if count + tokens <= context or len(ids) <= 1:
+                break
+            ids = ids[:-1]
+        if count < 1 or count + tokens > context:
+            raise ServeError(f"cannot time generations of {tokens} tokens after a prompt within the model's context of "
+                             f"{context} tokens")
+        prompts[count] = text
+    options = GenerationOptions(max_new_tokens=tokens)
+    bar = bar_of(len(stitches) * (len(prompts) * repeats + 1), "timing stitches", "run", progress)
     out = {}
     try:
-        with torch.no_grad():
-            for s in stitches:
-                net.select(s)
-                firsts: dict[int, list[float]] = {n: [] for n in lengths}
-                per_token: list[float] = []
-                for k in range(len(lengths) * repeats + 1):
-                    n = lengths[(k - 1) // repeats] if k else lengths[0]
-                    stream = _TokenTimes()
-                    t0 = time.perf_counter()
-                    model.generate(input_ids=prompts[n], attention_mask=torch.ones_like(prompts[n]), streamer=stream, **kwargs)
-                    bar.update(1)
-                    if k == 0:
-                        continue  # warm-up
-                    firsts[n].append((stream.times[0] - t0) * 1e3)
-                    per_token.append((stream.times[-1] - stream.times[0]) * 1e3 / (len(stream.times) - 1))
-                out[int(net.active.id)] = TokenTiming(tuple((n, statistics.median(v)) for n, v in firsts.items()),
-                                                      statistics.median(per_token))
+        for s in stitches:
+            firsts: dict[int, list[float]] = {n: [] for n in prompts}
+            per_token: list[float] = []
+            runs = [next(iter(prompts))] + [n for n in prompts for _ in range(repeats)]  # a warm-up run first
+            for k, n in enumerate(runs):
+                times = _TokenTimes()
+                t0 = time.perf_counter()
+                generate(net, prompts[n], options=options, stitch=s, streamer=times, min_new_tokens=tokens)
+                bar.update(1)
+                if k:
+                    firsts[n].append((times.times[0] - t0) * 1e3)
+                    per_token.append((times.times[-1] - times.times[0]) * 1e3 / (len(times.times) - 1))
+            out[int(net.stitch(s).id)] = TokenTiming(tuple((n, statistics.median(v)) for n, v in firsts.items()),
+                                                     statistics.median(per_token))
     finally:
         bar.close()
-        net.select(previous)
-        net.train(was_training)
     return out
 
 
