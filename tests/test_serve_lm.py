@@ -85,16 +85,17 @@ def test_controller_takes_cheaper_stitches_as_the_queue_grows() -> None:
     assert d.name == "cheap" and not d.fits
 
 
-def test_controller_plans_for_the_request_expected_next() -> None:
+def test_controller_plans_for_requests_still_to_come() -> None:
     c = LMController(RUNGS, TABLE, LMControllerConfig(ttft_ms=200.0))
-    assert c.decide(0.0, _queue(1), rate=1.0).name == "dear"  # next expected in 693 ms: "dear" (340 ms) is done by then
-    # 10 a second: the next is expected in 69 ms, and would wait for the rest of a 340 ms generation on "dear";
-    # "mid" (103 ms) lets it start 34 ms late
-    d = c.decide(0.0, _queue(1), rate=10.0)
-    assert d.name == "mid" and d.worst_ttft_ms == pytest.approx(103.0 - 1e3 * math.log(2) / 10 + 10.0)
-    # one waiting behind: "mid" holds it (113 ms), but not it and one more expected 7 ms from now (100 a second)
-    assert c.decide(0.0, _queue(2)).name == "mid"
-    assert c.decide(0.0, _queue(2), rate=100.0).name == "cheap"
+    # 1 a second: "dear" (340 ms a request) is busy a third of the time; a later arrival waits
+    # 0.34 x 340 / (2 x 0.66) = 88 ms on average, then 30 ms to its first token
+    d = c.decide(0.0, _queue(1), rate=1.0)
+    assert d.name == "dear" and d.worst_ttft_ms == pytest.approx(0.34 * 340 / (2 * 0.66) + 30.0)
+    # 5 a second: "dear" cannot keep up (rho 1.7); "mid" (103 ms) is busy half the time: 55 + 10 ms
+    d = c.decide(0.0, _queue(1), rate=5.0)
+    assert d.name == "mid" and d.worst_ttft_ms == pytest.approx(0.515 * 103 / (2 * 0.485) + 10.0)
+    assert c.decide(0.0, _queue(1), rate=10.0).name == "cheap"  # "mid" cannot keep up with 10 a second
+    assert not c.decide(0.0, _queue(1), rate=100.0).fits  # nor can "cheap" with 100
 
 
 def test_controller_hysteresis_and_measured_slowdown() -> None:
@@ -189,18 +190,18 @@ def test_engine_decides_from_the_queue_and_runs_the_decision(saved: Path, refere
     assert engine.submit(job) == 1
     first, d_first = engine.next_job()
     assert first is job and d_first.stitch == ladder[-1].id and d_first.fits  # alone: the most capable (152 ms to a token)
-    # two more at once: three arrivals within milliseconds, a rate of hundreds a second, so one more is planned for
-    # as arriving now. By the timings given (first token in flops/1e3 ms, flops/5e3 ms a token) on the cheapest rung
-    # that one's first token comes 2 x 104 + 43 = 250 ms from now, within 0.8 x 400; on the next rung 486 ms
-    for _ in range(2):
+    # three more at once (4 arrivals: a rate of 4 a second, over a second at least). By the timings given (the first
+    # token in flops/1e3 ms, then flops/5e3 ms a token) the third of them gets its first token 2 x 104 + 43 = 250 ms
+    # from now on the cheapest rung, within 0.8 x 400; 486 ms on the next rung
+    for _ in range(3):
         engine.submit(_job(engine)[0])
-    assert engine.rate(time.perf_counter()) > 50
+    assert engine.rate(time.perf_counter()) == pytest.approx(4.0)
     taken, d = engine.next_job()
-    assert d.stitch == ladder[0].id and d.waiting == 1 and d.fits and d.switched
-    now = time.perf_counter()
+    assert d.stitch == ladder[0].id and d.waiting == 2 and d.fits and d.switched
     assert d.worst_ttft_ms == pytest.approx(250.4, abs=30)
-    assert engine.controller.predict(ladder[1], now, [Waiting(taken.prompt_tokens, 8, taken.arrived)] * 3)[1] > 0.8 * 400.0
-    assert engine.state()["queue"] == 1
+    behind = [Waiting(taken.prompt_tokens, 8, taken.arrived)] * 3
+    assert engine.controller.predict(ladder[1], time.perf_counter(), behind)[1] > 0.8 * 400.0
+    assert engine.state()["queue"] == 2
     out = engine.run(first, d_first)
     want = lm.generate(reference, PROMPT, stitch=d_first.stitch, options=lm.GenerationOptions(max_new_tokens=8))
     assert out.text == want.text and out.completion_tokens == len(want.tokens) and out.stitch == d_first.stitch

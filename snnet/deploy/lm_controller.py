@@ -16,8 +16,9 @@ believe (:mod:`snnet.deploy.serve.lm_engine` measures them on the serving machin
   the request starting now *and of every request queued behind it* if the rung served them all
   (each needs its prefill and up to ``max_tokens`` output tokens), and the rung's TPOT; it takes
   the most capable rung that keeps both within a share of their targets. As the queue grows, only
-  cheaper rungs fit. The request expected next (from the recent arrival rate) is planned for too,
-  so the stitch steps down as the rate rises, before a queue forms. Two running factors, measured over table (one for the prefill, one per
+  cheaper rungs fit. Requests still to come are planned for too, from the recent arrival rate (the
+  mean wait of a queue with Poisson arrivals served one at a time on the rung), so the stitch
+  steps down as the rate rises, before a queue forms. Two running factors, measured over table (one for the prefill, one per
   output token), scale the table to what the machine gives now (other load, longer contexts).
   Hysteresis: a rung above the last one used must fit a stricter share.
 
@@ -146,7 +147,7 @@ class LMControllerConfig:
 @dataclass(frozen=True)
 class LMDecision:
     """The stitch for one request, and why: the predicted TTFT of this request and the worst of those
-    queued behind it (and of the one expected next, given a rate), the predicted TPOT (None when the stitch has no timing: a pin off the
+    queued behind it (and of one arriving later, given a rate), the predicted TPOT (None when the stitch has no timing: a pin off the
     ladder), whether the targets fit, and how many requests were waiting."""
 
     stitch: int
@@ -200,9 +201,14 @@ class LMController:
         self._last: int | None = None
 
     # ------------------------------------------------------------------ predictions
-    def predict(self, rung: LMRung, now: float, queue: Sequence[Waiting]) -> tuple[float, float, float]:
-        """(TTFT of ``queue[0]``, the worst TTFT over the queue, TPOT) in ms if ``rung`` served the
-        whole queue in order, each request to its ``max_tokens``, on the table scaled by what was measured."""
+    def predict(self, rung: LMRung, now: float, queue: Sequence[Waiting], rate: float | None = None) -> tuple[float, float, float]:
+        """(TTFT of ``queue[0]``, the worst TTFT, TPOT) in ms if ``rung`` served the whole queue in
+        order, each request to its ``max_tokens``, on the table scaled by what was measured.
+
+        With ``rate`` (requests a second of late), the worst includes a request arriving later: its
+        mean wait in an M/D/1 queue on this rung (Pollaczek-Khinchine: rho x S / (2 (1 - rho)),
+        S the time of a request like those queued, rho = rate x S) plus its own first token;
+        infinite when the rung cannot keep up with the rate (rho >= 1)."""
         t = self.table[rung.id]
         tpot = t.tpot_ms * self.decode.value
         free, first, worst = now, math.nan, 0.0
@@ -212,6 +218,11 @@ class LMController:
             first = ttft if k == 0 else first
             worst = max(worst, ttft)
             free = start + max(w.max_tokens - 1, 0) * tpot / 1e3
+        if rate is not None and rate > 0:
+            own = t.first(round(statistics.mean(w.prompt_tokens for w in queue))) * self.prefill.value
+            service = own + (statistics.mean(w.max_tokens for w in queue) - 1) * tpot
+            rho = rate * service / 1e3
+            worst = max(worst, math.inf if rho >= 1 else rho * service / (2 * (1 - rho)) + own)
         return first, worst, tpot
 
     def _fits(self, worst: float, tpot: float, share: float) -> bool:
@@ -219,37 +230,30 @@ class LMController:
         return (c.ttft_ms is None or worst <= share * c.ttft_ms) and (c.tpot_ms is None or tpot <= share * c.tpot_ms)
 
     def decide(self, now: float, queue: Sequence[Waiting], rate: float | None = None) -> LMDecision:
-        """The stitch for ``queue[0]``, the request starting now; the rest are waiting behind it in order.
-
-        ``rate``: requests arriving per second of late. The next one is then expected (the median
-        of a Poisson process's gap) ln 2 / rate seconds from now, and planned for as if queued: a
-        rung whose generation would keep it waiting past the target does not fit, before a queue
-        has formed to show it."""
+        """The stitch for ``queue[0]``, the request starting now; the rest are waiting behind it in
+        order. ``rate``: requests a second of late, so that requests still to come are planned for
+        (see :meth:`predict`): the stitch steps down as the rate rises, before a queue forms."""
         if not queue:
             raise ServeError("decide needs the request that starts now (queue[0])")
         waiting = len(queue) - 1
-        if rate is not None and rate > 0:
-            typical = Waiting(round(statistics.mean(w.prompt_tokens for w in queue)),
-                              round(statistics.mean(w.max_tokens for w in queue)), now + math.log(2) / rate)
-            queue = [*queue, typical]
         if self.pinned is not None:
             sid, name = self.pinned
             rung = next((r for r in self.rungs if r.id == sid), None)
             if rung is None:
                 return self._made(LMDecision(sid, name, True, waiting=waiting))
-            first, worst, tpot = self.predict(rung, now, queue)
+            first, worst, tpot = self.predict(rung, now, queue, rate)
             return self._made(LMDecision(sid, name, True, first, worst, tpot, self._fits(worst, tpot, self.config.headroom),
                                          waiting))
         chosen, fits = 0, False
         for k in range(len(self.rungs) - 1, -1, -1):
-            first, worst, tpot = self.predict(self.rungs[k], now, queue)
+            first, worst, tpot = self.predict(self.rungs[k], now, queue, rate)
             share = self.config.up_headroom if k > self.current else self.config.headroom
             if self._fits(worst, tpot, share):
                 chosen, fits = k, True
                 break
         self.current = chosen
         rung = self.rungs[chosen]
-        first, worst, tpot = self.predict(rung, now, queue)
+        first, worst, tpot = self.predict(rung, now, queue, rate)
         return self._made(LMDecision(rung.id, rung.name, False, first, worst, tpot, fits, waiting))
 
     def _made(self, d: LMDecision) -> LMDecision:

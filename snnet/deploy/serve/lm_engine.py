@@ -397,10 +397,11 @@ class LMEngine:
 
     def rate(self, now: float) -> float | None:
         """Requests per second over the last :data:`ARRIVALS` arrivals, up to ``now`` (so it falls
-        when arrivals stop); None with fewer than 3."""
-        if len(self._arrivals) < 3 or now <= self._arrivals[0]:
+        when arrivals stop) and over a second at least (a burst of a few is not a rate); None with
+        fewer than 3."""
+        if len(self._arrivals) < 3:
             return None
-        return len(self._arrivals) / (now - self._arrivals[0])
+        return len(self._arrivals) / max(now - self._arrivals[0], 1.0)
 
     def cancel(self, job: Job) -> None:
         """The client has gone: drop ``job`` if it waits, stop it at the next token if it runs."""
