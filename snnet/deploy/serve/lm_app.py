@@ -212,10 +212,10 @@ def create_lm_app(engine: LMEngine) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         s = engine.state()
-        log.info("serving %s as %r: %d stitches, %d on the ladder (%s ... %s), TTFT target %s ms, TPOT target %s ms, %s",
-                 config.model, config.served_name, len(engine.net.stitches), len(s["ladder"]), s["ladder"][0]["name"],
-                 s["ladder"][-1]["name"], config.slo_ms, config.tpot_ms,
-                 f"pinned to {s['pinned']['name']}" if s["pinned"] else "automatic")
+        targets = [f"{what} target {v:g} ms" for what, v in (("TTFT", config.slo_ms), ("TPOT", config.tpot_ms)) if v is not None]
+        log.info("serving %s as %r: %d stitches, %d on the ladder (%s ... %s), %s, %s", config.model, config.served_name,
+                 len(engine.net.stitches), len(s["ladder"]), s["ladder"][0]["name"], s["ladder"][-1]["name"],
+                 ", ".join(targets) or "no latency target", f"pinned to {s['pinned']['name']}" if s["pinned"] else "automatic")
         try:
             yield
         finally:
