@@ -11,7 +11,6 @@ the queue it builds, never from how fast this machine is.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import socket
@@ -19,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -283,6 +283,18 @@ def client(server: _Server) -> Iterator[httpx.Client]:
         yield c
 
 
+@contextmanager
+def _pinned(client: httpx.Client, stitch: int) -> Iterator[None]:
+    """Every request on ``stitch`` meanwhile: tests that compare two requests need both on one stitch
+    (the controller may pick another for the second, from the times it measured on the first)."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.put("/stitch", json={"stitch": stitch}, headers=auth).status_code == 200
+    try:
+        yield
+    finally:
+        assert client.put("/stitch", json={"stitch": "auto"}, headers=auth).status_code == 200
+
+
 def _complete(client: httpx.Client, chat: bool = False, **body: Any) -> httpx.Response:
     body = {"model": "tiny-lm", **({"messages": [{"role": "user", "content": PROMPT}]} if chat else {"prompt": PROMPT}), **body}
     return client.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
@@ -328,20 +340,22 @@ def test_streamed_completion_equals_the_whole_one(client: httpx.Client, referenc
         e["choices"][0]["finish_reason"] is None for e in events[:-2])
     want = lm.generate(reference, PROMPT, stitch=last["snnet"]["stitch_id"], options=lm.GenerationOptions(max_new_tokens=12))
     assert _text(events) == want.text and len(events) >= 3  # text came in pieces
-    chat = _stream(client, chat=True, max_tokens=6, temperature=0, stream_options={"include_usage": True})
+    with _pinned(client, 2):
+        chat = _stream(client, chat=True, max_tokens=6, temperature=0, stream_options={"include_usage": True})
+        whole = _complete(client, chat=True, max_tokens=6, temperature=0).json()
     assert chat[0]["object"] == "chat.completion.chunk" and chat[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chat[-2]["choices"] == [] and chat[-2]["usage"]["completion_tokens"] <= 6
-    whole = _complete(client, chat=True, max_tokens=6, temperature=0).json()
     assert whole["object"] == "chat.completion" and whole["choices"][0]["message"]["content"] == _text(chat, chat=True)
 
 
 def test_stop_strings_cut_the_text_streamed_or_not(client: httpx.Client) -> None:
-    full = _complete(client, max_tokens=16, temperature=0).json()["choices"][0]["text"]
-    stop = full[len(full) // 2:len(full) // 2 + 2]
-    assert len(stop) == 2
-    cut = _complete(client, max_tokens=16, temperature=0, stop=[stop, "never-there"]).json()["choices"][0]
+    with _pinned(client, 1):
+        full = _complete(client, max_tokens=16, temperature=0).json()["choices"][0]["text"]
+        stop = full[len(full) // 2:len(full) // 2 + 2]
+        assert len(stop) == 2
+        cut = _complete(client, max_tokens=16, temperature=0, stop=[stop, "never-there"]).json()["choices"][0]
+        events = _stream(client, max_tokens=16, temperature=0, stop=stop)
     assert cut["text"] == full[:full.index(stop)] and cut["finish_reason"] == "stop"
-    events = _stream(client, max_tokens=16, temperature=0, stop=stop)
     assert _text(events) == cut["text"] and events[-2]["choices"][0]["finish_reason"] == "stop"
 
 
@@ -349,9 +363,11 @@ def test_seed_repeats_a_sample(client: httpx.Client) -> None:
     def sample(**kw: Any) -> str:
         return _complete(client, max_tokens=16, temperature=1.0, **kw).json()["choices"][0]["text"]
 
-    a, b, c = sample(seed=7), sample(seed=7), sample(seed=8)
+    with _pinned(client, 3):
+        a, b, c = sample(seed=7), sample(seed=7), sample(seed=8)
+        d, e = sample(), sample()
     assert a == b and a != c
-    assert sample() != sample()  # no seed: a fresh sample each time
+    assert d != e  # no seed: a fresh sample each time
 
 
 @pytest.mark.parametrize("body, status, param", [

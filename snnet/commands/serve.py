@@ -153,7 +153,7 @@ def serve(
                 return serve_lm(replace(config, model=str(model), results=str(results) if results else None), listen,
                                 slo_ms=slo_ms, tpot_ms=tpot_ms, ray=ray)
     if tpot_ms is not None:
-        raise ServeError("--tpot-ms is for language models: --model is not a saved stitched LM")
+        raise ServeError("--tpot-ms is for language models: give --model DIR, a folder written by StitchedLM.save_pretrained")
     if ray:
         return _serve_ray(config, listen, model, results, replicas, max_replicas, target_ongoing)
     uv = dict(timeout_graceful_shutdown=listen.timeout_graceful_shutdown, log_level=listen.log_level,

@@ -27,12 +27,12 @@ import statistics
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ...errors import ServeError, SnnetError
-from ..lm_controller import LMController, LMControllerConfig, LMDecision, LMRung, TokenTiming, Waiting, lm_ladder
+from ..lm_controller import LMController, LMControllerConfig, LMDecision, TokenTiming, Waiting, lm_ladder
 from .auth import read_admin_token
 from .config import _count, _finite
 from .images import first_line
@@ -82,13 +82,6 @@ class LMServeConfig:
     @property
     def served_name(self) -> str:
         return self.name or Path(self.model).resolve().name
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LMServeConfig":
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def is_lm_folder(folder: str | Path) -> bool:
