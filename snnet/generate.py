@@ -62,9 +62,14 @@ class Generated:
 
 
 def generate(net: Any, prompt: str | Sequence[str], *, tokenizer: Any = None, options: GenerationOptions | None = None,
-             stitch: Any = None) -> Generated | list[Generated]:
+             stitch: Any = None, **generate_kwargs: Any) -> Generated | list[Generated]:
     """Continue ``prompt`` (one string, or a list: batched, left-padded) with the active stitch
-    of ``net`` (or ``stitch`` for this call only). ``tokenizer`` defaults to the network's own."""
+    of ``net`` (or ``stitch`` for this call only). ``tokenizer`` defaults to the network's own.
+
+    Other keyword arguments go to transformers' ``generate()`` as they are (``streamer``,
+    ``stopping_criteria``, ``min_new_tokens`` ...): the server streams tokens as they come, stops a
+    generation whose client has gone, and times each stitch (:mod:`snnet.deploy.serve.lm_engine`)
+    through the very call a user makes."""
     options = options or GenerationOptions()
     tok = tokenizer if tokenizer is not None else getattr(net, "tokenizer", None)
     if tok is None:
@@ -77,13 +82,15 @@ def generate(net: Any, prompt: str | Sequence[str], *, tokenizer: Any = None, op
     if stitch is not None:
         net.select(stitch)
     try:
-        return _run(net, tok, prompts, options, single=isinstance(prompt, str))
+        return _run(net, tok, prompts, options, single=isinstance(prompt, str),
+                    extra=generate_kwargs)
     finally:
         net.select(previous)
 
 
 @torch.no_grad()
-def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, single: bool) -> Generated | list[Generated]:
+def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, single: bool,
+         extra: dict[str, Any]) -> Generated | list[Generated]:
     from .families.lm_hf import as_transformers
 
     model = as_transformers(net)
@@ -97,7 +104,7 @@ def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, sin
     width = max(len(r) for r in rows)  # left padding: a decoder continues the last real token of every row
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    kwargs: dict[str, Any] = dict(max_new_tokens=options.max_new_tokens, do_sample=options.sampling, pad_token_id=pad)
+    kwargs: dict[str, Any] = dict(max_new_tokens=options.max_new_tokens, do_sample=options.sampling, pad_token_id=pad, **extra)
     if options.sampling:
         kwargs.update(temperature=float(options.temperature), top_p=float(options.top_p))
     else:

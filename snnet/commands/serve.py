@@ -77,7 +77,10 @@ def serve(
     port: Annotated[int, typer.Option(help="Port (uvicorn's --port), 0 to 65535 (0: any free port).")] = 8000,
     workers: Annotated[int, typer.Option(help="Server processes (uvicorn's --workers) that read and decode requests; one model "
                                               "process serves them all, so PUT /stitch reaches every worker.")] = 1,
-    slo_ms: Annotated[float, typer.Option(help="p95 end-to-end latency target in ms.")] = 50.0,
+    slo_ms: Annotated[Optional[float], typer.Option(help="p95 end-to-end latency target in ms (default 50); for a language "
+                                                         "model, the time-to-first-token target (default 1000).")] = None,
+    tpot_ms: Annotated[Optional[float], typer.Option(help="Language models: time-per-output-token target in ms "
+                                                          "(default: none).")] = None,
     max_batch: Annotated[int, typer.Option(help="Images per model batch (also the most one request may carry), at most 4096.")] = 16,
     max_wait_ms: Annotated[float, typer.Option(help="How long an idle model waits for a batch to fill after its first request "
                                                     "(0: run at once; batches fill while the model is busy).")] = 0.0,
@@ -116,6 +119,8 @@ def serve(
     Requests are batched in a model process of their own; before each batch a controller picks
     the most accurate Pareto-optimal stitch whose latency (from the profile table and the queue)
     keeps the p95 under --slo-ms. SIGTERM finishes the requests in flight, then exits.
+    A saved language model (--model DIR of a StitchedLM) is served with OpenAI's POST /v1/completions
+    and /v1/chat/completions instead (docs/language-models.md, "Serving").
     """
     try:
         import uvicorn
@@ -126,7 +131,7 @@ def serve(
         raise ServeError(f"snnet serve needs the `serve` extra ({e.name} is missing): pip install 'snnet[serve]'") from e
 
     # Every setting is checked, and the port bound, before any network is built: one line, exit 2.
-    config = ServeConfig.from_mb(max_upload_mb, model="", slo_ms=slo_ms, max_batch=max_batch, max_wait_ms=max_wait_ms,
+    config = ServeConfig.from_mb(max_upload_mb, model="", slo_ms=50.0 if slo_ms is None else slo_ms, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                  max_queue=max_queue, max_pixels=max_pixels, resize=resize, stitch=stitch, policy=policy,
                                  threads=threads, up_after=up_after, body_timeout_s=body_timeout,
                                  admin_token_file=str(admin_token_file) if admin_token_file else None, docs=docs)
@@ -138,6 +143,17 @@ def serve(
     if results is not None and not results.is_file():
         raise ServeError(f"--results {results} does not exist: give the results.json of `snnet eval` or `snnet profile`")
     read_admin_token(config.admin_token_file)
+    if model is not None:
+        from ..deploy.serve.lm_engine import is_lm_folder
+
+        if is_lm_folder(model):
+            from .serve_lm import serve_lm
+
+            with _cleanup_on_signals():
+                return serve_lm(replace(config, model=str(model), results=str(results) if results else None), listen,
+                                slo_ms=slo_ms, tpot_ms=tpot_ms, ray=ray)
+    if tpot_ms is not None:
+        raise ServeError("--tpot-ms is for language models: give --model DIR, a folder written by StitchedLM.save_pretrained")
     if ray:
         return _serve_ray(config, listen, model, results, replicas, max_replicas, target_ongoing)
     uv = dict(timeout_graceful_shutdown=listen.timeout_graceful_shutdown, log_level=listen.log_level,

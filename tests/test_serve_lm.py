@@ -1,0 +1,498 @@
+"""snnet serve for a stitched language model: OpenAI-compatible completions, streaming, the controller.
+
+The network is a tiny random-init GPT-2 family (:func:`snnet.families.lm_tiny.tiny_lm`, a
+byte-level BPE tokenizer with a chat template) saved as a user's would be. The server runs
+in-process (uvicorn in a thread on a loopback socket bound to a free port) with token timings
+given to it, so no test waits for timing runs; one test starts `snnet serve` as a subprocess,
+timing included. The controller's decisions are asserted from the timings the test gives it and
+the queue it builds, never from how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("transformers")
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+import snnet.lm as lm  # noqa: E402
+from snnet.deploy.lm_controller import LMController, LMControllerConfig, LMRung, TokenTiming, Waiting, lm_ladder  # noqa: E402
+from snnet.deploy.serve.lm_app import _prompt, create_lm_app  # noqa: E402
+from snnet.deploy.serve.lm_engine import Job, LMEngine, LMServeConfig, _held_back, time_stitches  # noqa: E402
+from snnet.deploy.serve.openai import CompletionRequest  # noqa: E402
+from snnet.errors import ServeError  # noqa: E402
+from snnet.families.lm_tiny import tiny_lm, tiny_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "lm-admin-token-0123456789abcdef"
+PROMPT = "def add(a, b):"
+
+
+# =============================================================================== the controller, on given timings
+
+
+def _timing(first: float, tpot: float) -> TokenTiming:
+    return TokenTiming(((8, first), (64, 2 * first)), tpot)
+
+
+RUNGS = [LMRung(0, "cheap", 100), LMRung(1, "mid", 300), LMRung(2, "dear", 1000)]
+TABLE = {0: _timing(5.0, 1.0), 1: _timing(10.0, 3.0), 2: _timing(30.0, 10.0)}
+
+
+def _queue(n: int, now: float = 0.0, prompt: int = 8, max_tokens: int = 32) -> list[Waiting]:
+    return [Waiting(prompt, max_tokens, now) for _ in range(n)]
+
+
+def test_token_timing_interpolates_and_extrapolates() -> None:
+    t = _timing(4.0, 1.0)
+    assert t.first(1) == 4.0 and t.first(8) == 4.0  # below the shortest prompt: its time
+    assert t.first(36) == pytest.approx(6.0) and t.first(64) == pytest.approx(8.0)
+    assert t.first(120) == pytest.approx(12.0)  # linear beyond the longest
+    with pytest.raises(ServeError):
+        TokenTiming((), 1.0)
+
+
+def test_controller_takes_cheaper_stitches_as_the_queue_grows() -> None:
+    c = LMController(RUNGS, TABLE, LMControllerConfig(ttft_ms=200.0))
+    # alone: the dearest rung's first token (30 ms) is well within 0.8 x 200 ms
+    d = c.decide(0.0, _queue(1))
+    assert (d.name, d.fits, d.waiting) == ("dear", True, 0) and d.ttft_ms == pytest.approx(30.0)
+    # two waiting behind: on "dear" the third would wait 2 x (30 + 31 x 10) ms; "mid" keeps it at 2 x 103 + 10 = 216 > 160;
+    # "cheap" at 2 x 36 + 5 = 77 ms
+    d = c.decide(0.0, _queue(3))
+    assert d.name == "cheap" and d.worst_ttft_ms == pytest.approx(77.0) and d.switched
+    # the queue drains: one waiting behind fits "mid" within the stricter 0.6 x 200 for a step up (103 + 10 = 113)
+    assert c.decide(0.0, _queue(2)).name == "mid"
+    # time already spent waiting counts: a request that arrived 155 ms ago leaves room for the cheapest only
+    assert c.decide(0.0, [Waiting(8, 32, -0.155)]).name == "cheap"
+    # nothing fits: the cheapest, and the decision says so
+    d = c.decide(0.0, _queue(30))
+    assert d.name == "cheap" and not d.fits
+
+
+def test_controller_plans_for_requests_still_to_come() -> None:
+    c = LMController(RUNGS, TABLE, LMControllerConfig(ttft_ms=200.0))
+    # 1 a second: "dear" (340 ms a request) is busy a third of the time; a later arrival waits
+    # 0.34 x 340 / (2 x 0.66) = 88 ms on average, then 30 ms to its first token
+    d = c.decide(0.0, _queue(1), rate=1.0)
+    assert d.name == "dear" and d.worst_ttft_ms == pytest.approx(0.34 * 340 / (2 * 0.66) + 30.0)
+    # 5 a second: "dear" cannot keep up (rho 1.7); "mid" (103 ms) is busy half the time: 55 + 10 ms
+    d = c.decide(0.0, _queue(1), rate=5.0)
+    assert d.name == "mid" and d.worst_ttft_ms == pytest.approx(0.515 * 103 / (2 * 0.485) + 10.0)
+    assert c.decide(0.0, _queue(1), rate=10.0).name == "cheap"  # "mid" cannot keep up with 10 a second
+    assert not c.decide(0.0, _queue(1), rate=100.0).fits  # nor can "cheap" with 100
+
+
+def test_controller_hysteresis_and_measured_slowdown() -> None:
+    c = LMController(RUNGS, TABLE, LMControllerConfig(ttft_ms=200.0, tpot_ms=5.0))
+    # the TPOT target rules out "dear" (10 ms a token); "mid" (3 ms) fits within 0.8 x 5 ms
+    assert c.decide(0.0, _queue(1)).name == "mid"
+    # the worker measures twice the table's time per token on "mid": 6 ms > 4 ms, so down to "cheap"
+    c.observe(1, 8, 10.0, 6.0)
+    assert c.decode.value == pytest.approx(2.0)
+    assert c.decide(0.0, _queue(1)).name == "cheap"
+    # back to the table's speed: "mid" predicts 3.6 ms a token, within 0.8 x 5 but not the 0.6 x 5 a step up needs
+    for _ in range(40):
+        c.observe(1, 8, 10.0, 3.0 * 1.2)
+    assert c.decode.value == pytest.approx(1.2, rel=1e-3)
+    assert c.decide(0.0, _queue(1)).name == "cheap"
+    c.current = 1  # had it been on "mid", it would stay
+    assert c.decide(0.0, _queue(1)).name == "mid"
+
+
+def test_controller_pin_and_auto() -> None:
+    c = LMController(RUNGS, TABLE, LMControllerConfig(ttft_ms=200.0))
+    c.pin(2, "dear")
+    d = c.decide(0.0, _queue(30))
+    assert (d.name, d.pinned, d.fits) == ("dear", True, False)
+    c.pin(7, "off the ladder")  # any stitch may be pinned; it has no timing
+    d = c.decide(0.0, _queue(1))
+    assert (d.stitch, d.pinned, d.ttft_ms) == (7, True, None)
+    c.auto()
+    assert c.decide(0.0, _queue(1)).name == "dear" and c.state()["mode"] == "auto"
+
+
+def test_ladder_by_bits_per_byte_or_flops() -> None:
+    rows = [{"id": 0, "name": "a", "flops": 100, "bpb": 2.0}, {"id": 1, "name": "b", "flops": 200, "bpb": 2.1},
+            {"id": 2, "name": "c", "flops": 300, "extra": {"bpb": 1.5}}]
+    assert [r.id for r in lm_ladder(rows)] == [0, 2]  # b costs more than a and predicts worse
+    plain = [{"id": k, "name": str(k), "flops": f} for k, f in enumerate([500, 100, 300, 300, 200, 400])]
+    assert [r.flops for r in lm_ladder(plain)] == [100, 200, 300, 400, 500]
+    thinned = lm_ladder(plain, most=3)
+    assert [r.flops for r in thinned] == [100, 300, 500]  # both ends kept
+
+
+def test_held_back_text_never_sends_a_stop_string_or_half_a_character() -> None:
+    assert _held_back("hello wor", ("world",)) == (6, False)  # "wor" may begin "world"
+    assert _held_back("hello world!", ("world",)) == (6, True)
+    assert _held_back("abc\ufffd", ()) == (3, False)  # an unfinished UTF-8 character waits for its last byte
+    assert _held_back("abc", ("x", "bc!")) == (1, False)
+
+
+# =============================================================================== the engine, without HTTP
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("serve-lm") / "tiny-lm"
+    tiny_lm().save_pretrained(folder)
+    (folder.parent / "token").write_text(TOKEN + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(saved: Path) -> lm.StitchedLM:
+    """The same network, loaded again: what `lm.generate` gives outside the server."""
+    return lm.StitchedLM.from_pretrained(saved).eval()
+
+
+def _synthetic(net: lm.StitchedLM, scale: float = 1.0) -> dict[int, TokenTiming]:
+    """Token timings proportional to FLOPs (what a measurement would roughly give), for every stitch:
+    the first token in flops/1e4 ms, each further one in flops/5e4 ms, times ``scale``."""
+    return {c.id: _timing(scale * c.flops / 1e4, scale * c.flops / 5e4) for c in net.costs()}
+
+
+def _engine(saved: Path, scale: float = 1.0, **kw: Any) -> LMEngine:
+    net = lm.StitchedLM.from_pretrained(saved).eval()
+    config = LMServeConfig(str(saved), **{"slo_ms": 1000.0, **kw})
+    return LMEngine(config, net, timing=_synthetic(net, scale))
+
+
+def _job(engine: LMEngine, prompt: str = PROMPT, max_tokens: int = 8, **options: Any) -> tuple[Job, list]:
+    events: list = []
+    job = Job(prompt, engine.count_tokens(prompt), lm.GenerationOptions(max_new_tokens=max_tokens, **options),
+              time.perf_counter(), events.append)
+    return job, events
+
+
+def test_engine_decides_from_the_queue_and_runs_the_decision(saved: Path, reference: lm.StitchedLM) -> None:
+    # the worker is not started: the test takes the jobs itself, and decides before any generation has
+    # run (a run's measured times would rescale the table given)
+    engine = _engine(saved, scale=10.0, slo_ms=400.0)
+    ladder = engine.controller.rungs
+    assert [r.flops for r in ladder] == sorted(c.flops for c in reference.costs())
+    job, events = _job(engine)
+    assert engine.submit(job) == 1
+    first, d_first = engine.next_job()
+    assert first is job and d_first.stitch == ladder[-1].id and d_first.fits  # alone: the most capable (152 ms to a token)
+    # three more at once (4 arrivals: a rate of 4 a second, over a second at least). By the timings given (the first
+    # token in flops/1e3 ms, then flops/5e3 ms a token) the third of them gets its first token 2 x 104 + 43 = 250 ms
+    # from now on the cheapest rung, within 0.8 x 400; 486 ms on the next rung
+    for _ in range(3):
+        engine.submit(_job(engine)[0])
+    assert engine.rate(time.perf_counter()) == pytest.approx(4.0)
+    taken, d = engine.next_job()
+    assert d.stitch == ladder[0].id and d.waiting == 2 and d.fits and d.switched
+    assert d.worst_ttft_ms == pytest.approx(250.4, abs=30)
+    behind = [Waiting(taken.prompt_tokens, 8, taken.arrived)] * 3
+    assert engine.controller.predict(ladder[1], time.perf_counter(), behind)[1] > 0.8 * 400.0
+    assert engine.state()["queue"] == 2
+    out = engine.run(first, d_first)
+    want = lm.generate(reference, PROMPT, stitch=d_first.stitch, options=lm.GenerationOptions(max_new_tokens=8))
+    assert out.text == want.text and out.completion_tokens == len(want.tokens) and out.stitch == d_first.stitch
+    assert events[0] == ("start", d_first) and events[-1] == ("done", out)
+    assert "".join(v for k, v in events if k == "text") == out.text
+
+
+def test_engine_stops_a_generation_whose_client_has_gone(saved: Path) -> None:
+    engine = _engine(saved)
+    job, events = _job(engine, max_tokens=30)
+    engine.submit(job)
+    taken, d = engine.next_job()
+    taken.cancelled.set()
+    assert engine.run(taken, d).completion_tokens == 1  # the first token, then the stopping criterion
+    queued, _ = _job(engine)
+    engine.submit(queued)
+    engine.cancel(queued)  # gone while waiting: dropped from the queue
+    assert engine.state()["queue"] == 0
+
+
+def test_timing_runs_measure_every_stitch(saved: Path) -> None:
+    net = lm.StitchedLM.from_pretrained(saved).eval()
+    before = net.active.id
+    timing = time_stitches(net, [0, 3], tokens=4, repeats=1, progress=False)
+    assert set(timing) == {0, 3}
+    for t in timing.values():
+        lengths = [n for n, _ in t.first_ms]
+        assert len(lengths) == 2 and 1 <= lengths[0] < lengths[1] <= 64 - 4
+        assert t.tpot_ms > 0 and all(ms > 0 for _, ms in t.first_ms)
+    assert net.active.id == before  # the active stitch is left as it was
+
+
+def test_chat_prompt_through_the_template_or_refused(saved: Path) -> None:
+    engine = _engine(saved)
+    req = CompletionRequest(chat=True, model="tiny-lm", messages=(("system", "be brief"), ("user", "hi")))
+    assert _prompt(engine, req) == "system: be brief\nuser: hi\nassistant:"
+    engine.tokenizer = tiny_tokenizer(chat_template=None)
+    with pytest.raises(Exception, match="no chat template"):
+        _prompt(engine, req)
+
+
+# =============================================================================== over HTTP
+
+
+class _Server:
+    """uvicorn in a thread, on a loopback socket bound to a free port."""
+
+    def __init__(self, engine: LMEngine) -> None:
+        self.engine = engine
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_lm_app(engine), log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "_Server":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(saved: Path) -> Iterator[_Server]:
+    with _Server(_engine(saved, admin_token_file=str(saved.parent / "token"))) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server: _Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@contextmanager
+def _pinned(client: httpx.Client, stitch: int) -> Iterator[None]:
+    """Every request on ``stitch`` meanwhile: tests that compare two requests need both on one stitch
+    (the controller may pick another for the second, from the times it measured on the first)."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.put("/stitch", json={"stitch": stitch}, headers=auth).status_code == 200
+    try:
+        yield
+    finally:
+        assert client.put("/stitch", json={"stitch": "auto"}, headers=auth).status_code == 200
+
+
+def _complete(client: httpx.Client, chat: bool = False, **body: Any) -> httpx.Response:
+    body = {"model": "tiny-lm", **({"messages": [{"role": "user", "content": PROMPT}]} if chat else {"prompt": PROMPT}), **body}
+    return client.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
+
+
+def _stream(client: httpx.Client, chat: bool = False, **body: Any) -> list[Any]:
+    """The events of a streamed answer, parsed from the server-sent events (the last is "[DONE]")."""
+    body = {"model": "tiny-lm", "stream": True,
+            **({"messages": [{"role": "user", "content": PROMPT}]} if chat else {"prompt": PROMPT}), **body}
+    events = []
+    with client.stream("POST", "/v1/chat/completions" if chat else "/v1/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line:
+                assert line.startswith("data: ")
+                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    return events
+
+
+def _text(events: list[Any], chat: bool = False) -> str:
+    return "".join((c["choices"][0]["delta"].get("content") or "") if chat else c["choices"][0]["text"]
+                   for c in events[:-1] if c.get("choices"))
+
+
+def test_greedy_completion_equals_generate(client: httpx.Client, reference: lm.StitchedLM) -> None:
+    r = _complete(client, max_tokens=12, temperature=0)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    stitch = body["snnet"]["stitch_id"]
+    want = lm.generate(reference, PROMPT, stitch=stitch, options=lm.GenerationOptions(max_new_tokens=12))
+    assert body["object"] == "text_completion" and body["model"] == "tiny-lm"
+    assert body["choices"][0]["text"] == want.text and body["choices"][0]["finish_reason"] == want.finish
+    assert body["usage"] == {"prompt_tokens": want.prompt_tokens, "completion_tokens": len(want.tokens),
+                             "total_tokens": want.prompt_tokens + len(want.tokens)}
+    assert r.headers["x-snnet-stitch"] == str(stitch) and body["snnet"]["ttft_ms"] > 0
+
+
+def test_streamed_completion_equals_the_whole_one(client: httpx.Client, reference: lm.StitchedLM) -> None:
+    events = _stream(client, max_tokens=12, temperature=0)
+    assert events[-1] == "[DONE]"
+    last = events[-2]
+    assert last["choices"][0]["finish_reason"] in ("stop", "length") and all(
+        e["choices"][0]["finish_reason"] is None for e in events[:-2])
+    want = lm.generate(reference, PROMPT, stitch=last["snnet"]["stitch_id"], options=lm.GenerationOptions(max_new_tokens=12))
+    assert _text(events) == want.text and len(events) >= 3  # text came in pieces
+    with _pinned(client, 2):
+        chat = _stream(client, chat=True, max_tokens=6, temperature=0, stream_options={"include_usage": True})
+        whole = _complete(client, chat=True, max_tokens=6, temperature=0).json()
+    assert chat[0]["object"] == "chat.completion.chunk" and chat[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chat[-2]["choices"] == [] and chat[-2]["usage"]["completion_tokens"] <= 6
+    assert whole["object"] == "chat.completion" and whole["choices"][0]["message"]["content"] == _text(chat, chat=True)
+
+
+def test_stop_strings_cut_the_text_streamed_or_not(client: httpx.Client) -> None:
+    with _pinned(client, 1):
+        full = _complete(client, max_tokens=16, temperature=0).json()["choices"][0]["text"]
+        stop = full[len(full) // 2:len(full) // 2 + 2]
+        assert len(stop) == 2
+        cut = _complete(client, max_tokens=16, temperature=0, stop=[stop, "never-there"]).json()["choices"][0]
+        events = _stream(client, max_tokens=16, temperature=0, stop=stop)
+    assert cut["text"] == full[:full.index(stop)] and cut["finish_reason"] == "stop"
+    assert _text(events) == cut["text"] and events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_seed_repeats_a_sample(client: httpx.Client) -> None:
+    def sample(**kw: Any) -> str:
+        return _complete(client, max_tokens=16, temperature=1.0, **kw).json()["choices"][0]["text"]
+
+    with _pinned(client, 3):
+        a, b, c = sample(seed=7), sample(seed=7), sample(seed=8)
+        d, e = sample(), sample()
+    assert a == b and a != c
+    assert d != e  # no seed: a fresh sample each time
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"logprobs": 2}, 400, "logprobs"),
+    ({"n": 2}, 400, "n"),
+    ({"best_of": 3}, 400, "best_of"),
+    ({"max_tokens": "10"}, 400, "max_tokens"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": True}, 400, "max_tokens"),
+    ({"temperature": 3}, 400, "temperature"),
+    ({"temperature": "hot"}, 400, "temperature"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"stop": 5}, 400, "stop"),
+    ({"seed": -1}, 400, "seed"),
+    ({"stream": "yes"}, 400, "stream"),
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"prompt": [1, 2, 3]}, 400, "prompt"),
+    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": None}, 400, "prompt"),
+    ({"model": None}, 400, "model"),
+    ({"model": "gpt-4"}, 404, None),
+    ({"prompt": "x" * 200}, 400, "prompt"),  # more tokens than the context of 64
+    ({"max_tokens": 63}, 400, "max_tokens"),  # the prompt and the tokens asked for exceed it
+])
+def test_bad_requests_get_one_line(client: httpx.Client, body: dict, status: int, param: str | None) -> None:
+    r = _complete(client, **body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "\n" not in err["message"] and err["message"]
+    assert _complete(client, max_tokens=2).status_code == 200  # and the server goes on
+
+
+def test_bad_bodies_and_chat_fields(client: httpx.Client) -> None:
+    for raw in (b"{not json", b"[1, 2]", b""):
+        r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "\n" not in r.json()["error"]["message"]
+    bad = [({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+           ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+           ({"max_tokens": 2, "max_completion_tokens": 2}, "max_completion_tokens"), ({"prompt": "x"}, "prompt")]
+    for body, param in bad:
+        r = _complete(client, chat=True, **body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    r = client.post("/v1/completions", content=b"x" * (2 ** 20 + 1), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_pin_needs_the_admin_token(client: httpx.Client, saved: Path, reference: lm.StitchedLM) -> None:
+    name = reference.stitch(3).name  # a stitched route, not an anchor
+    assert client.put("/stitch", json={"stitch": name}).status_code == 401
+    assert client.put("/stitch", json={"stitch": name}, headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.put("/stitch", json={"stitch": "no-such-stitch"}, headers=auth).status_code == 404
+    assert client.put("/stitch", json={"stitch": name, "policy": "x"}, headers=auth).status_code == 400
+    r = client.put("/stitch", json={"stitch": name}, headers=auth)
+    assert r.status_code == 200 and r.json()["pinned"]["name"] == name
+    body = _complete(client, max_tokens=10, temperature=0).json()
+    assert body["snnet"]["stitch"] == name and body["snnet"]["mode"] == "pinned"
+    want = lm.generate(reference, PROMPT, stitch=3, options=lm.GenerationOptions(max_new_tokens=10))
+    assert body["choices"][0]["text"] == want.text
+    assert client.get("/health").json()["mode"] == "pinned"
+    assert client.put("/stitch", json={"stitch": "auto"}, headers=auth).json()["mode"] == "auto"
+    assert _complete(client, max_tokens=2).json()["snnet"]["mode"] == "auto"
+    # a server without a token: steering is off (403)
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_lm_app(_engine(saved))) as plain:
+        r = plain.put("/stitch", json={"stitch": 0})
+        assert r.status_code == 403 and "--admin-token-file" in r.json()["error"]
+
+
+def test_models_health_stitch_and_metrics(client: httpx.Client) -> None:
+    models = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in models] == ["tiny-lm"] and models[0]["context"] == 64 and models[0]["chat"]
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["queue"] == 0
+    policy = client.get("/stitch").json()
+    assert policy["ttft_ms"] == 1000.0 and len(policy["ladder"]) == 5 and policy["context"] == 64
+    before = _samples(client)
+    body = _complete(client, max_tokens=5, temperature=0).json()
+    after = _samples(client)
+    stitch, n = body["snnet"]["stitch"], body["usage"]["completion_tokens"]
+    key = ("snnet_lm_tokens_total", (("kind", "completion"), ("stitch", stitch)))
+    assert after[key] - before.get(key, 0) == n
+    assert after[("snnet_lm_ttft_seconds_count", ())] == before[("snnet_lm_ttft_seconds_count", ())] + 1
+    assert after[("snnet_lm_tpot_seconds_count", ())] == before[("snnet_lm_tpot_seconds_count", ())] + (n > 1)
+
+
+def _samples(client: httpx.Client) -> dict[tuple, float]:
+    text = client.get("/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+# =============================================================================== the command line
+
+
+def test_command_line_serves_a_saved_lm(saved: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    bad = subprocess.run([sys.executable, "-m", "snnet", "serve", "--model", str(saved), "--max-batch", "4"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--max-batch is for image networks" in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "snnet", "serve", "--model", str(saved), "--port", str(port), "--log-level",
+                             "warning", "--tpot-ms", "1000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny-lm", "prompt": PROMPT, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+        ladder = httpx.get(url + "/stitch").json()["ladder"]
+        assert all(rung["tpot_ms"] > 0 for rung in ladder)  # timed at start, on this machine
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
