@@ -31,8 +31,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from ..report import percentile as report_percentile
 from typing import Any, Callable, Sequence
+
+from ..report import percentile as report_percentile
 
 # ============================================================================== the client
 
