@@ -346,19 +346,28 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     owner, address = Connection(int(sys.argv[1])), sys.argv[2]
     authkey = bytes.fromhex(os.environ.pop(ENV_KEY))
+
+    def tell(message: tuple[str, Any]) -> bool:
+        """Send to the owner; False when it is gone (stopped while this process loaded: nobody to tell)."""
+        try:
+            owner.send(message)
+            return True
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            return False
+
     try:
         config = ServeConfig.from_json(os.environ.pop(ENV_CONFIG_JSON))
-        engine = _Engine.load(config, lambda text: owner.send(("say", text)))
+        engine = _Engine.load(config, lambda text: tell(("say", text)))
         listener = Listener(address, "AF_UNIX", authkey=authkey)
     except SnnetError as e:
-        owner.send(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
+        tell(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
         return
     except Exception as e:  # noqa: BLE001 - anything else is a bug: say it in one line, with the traceback in the log
-        traceback.print_exc()
-        owner.send(("error", f"the model process failed to start ({type(e).__name__}: {e})"))
+        if tell(("error", f"the model process failed to start ({type(e).__name__}: {e})")):
+            traceback.print_exc()
         return
-    owner.send(("ready", engine.info()))
-    engine.serve(listener, owner)
+    if tell(("ready", engine.info())):
+        engine.serve(listener, owner)
 
 
 class EngineProcess:
