@@ -49,7 +49,7 @@ __all__ = ["AMP_MODES", "CLIP_MODES", "DDP_GRADS", "DISTILL_TYPES", "MIXUP_MODES
            "setting_path"]
 
 # The choices of the settings that name one of a few things (the modules that implement them import these).
-TASKS = ("image-classification",)
+TASKS = ("image-classification", "causal-lm")
 OPTIMIZERS = ("adamw", "sgd")
 CLIP_MODES = ("norm", "value", "agc")
 SCHEDULE_UNITS = ("step", "epoch")
@@ -86,15 +86,22 @@ class DataConfig:
     """What a batch is: the dataset and its split, batches, augmentation and the training targets."""
 
     source: str = "fashion-mnist"
-    """The dataset: 'fashion-mnist', an ImageFolder directory, or a timm dataset name (torch/cifar10...)."""
+    """The image dataset: 'fashion-mnist', an ImageFolder directory, or a timm dataset name (torch/cifar10...)."""
+    corpus: str = "stdlib"
+    """causal-lm: the text trained on: 'stdlib' (this Python's standard library source) or a folder of text files."""
+    block_size: int = 256
+    """causal-lm: tokens a training sequence predicts (the context trained at; FLOPs per token are stated at it)."""
+    held_out: float = 0.1
+    """causal-lm: share of the corpus's files held out for validation (by a hash of each file's path)."""
     root: str | None = None
     """Where the dataset lives: the Fashion-MNIST IDX files' folder, a timm dataset's root."""
     split: str = "train"
-    """The split trained on; Fashion-MNIST's 'train' leaves out the 10,000 validation images ('train+val': all)."""
+    """The split trained on; Fashion-MNIST's 'train' leaves out the 10,000 validation images ('train+val': all).
+    causal-lm: 'train' (the files not held out), 'val' (the held-out files) or 'all'."""
     download: bool = False
     """Fetch the dataset when it is not on disk (Fashion-MNIST through torchvision, timm datasets)."""
     limit: int | None = None
-    """Use only the first N images (quick runs)."""
+    """Use only the first N images (causal-lm: token blocks) (quick runs)."""
     batch_size: int = 64
     """Images per step and process (the global batch is batch_size x processes)."""
     workers: int = 0
@@ -131,6 +138,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _need(self.limit is None or self.limit >= 1, f"data.limit must be >= 1 image, got {self.limit}")
         _need(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _need(self.block_size >= 1, f"data.block_size must be >= 1 token, got {self.block_size}")
+        _need(0.0 < self.held_out < 1.0, f"data.held_out must be in (0, 1), got {self.held_out}")
         _need(self.workers >= 0, f"data.workers (data loader processes) must be >= 0, got {self.workers}")
         _need(_finite(self.color_jitter), f"data.color_jitter must be >= 0, got {self.color_jitter}")
         _need(0.0 <= self.re_prob <= 1.0, f"data.re_prob must be in [0, 1], got {self.re_prob}")
@@ -173,11 +182,13 @@ class ModelConfig:
     """The network trained: anchors built by name (or a saved stitched network), and how they start."""
 
     anchors: str = "fmnist"
-    """A family (fmnist, deit, swin, resnet, levit, ...: snnet.adapters.FAMILIES) or comma-separated timm model names."""
+    """A family (fmnist, deit, swin, resnet, levit, ...: snnet.adapters.FAMILIES) or comma-separated timm model names;
+    causal-lm: an LM family (pythia, gpt2, ...) or comma-separated LM names, hub ids or local model folders."""
     weights: tuple[str, ...] | None = None
     """Local weight files, one per anchor (in the order of anchors)."""
     pretrained: bool | None = None
-    """Load timm's pretrained weights (None: only snnet's shipped fmnist family loads its own)."""
+    """Load timm's pretrained weights (None: only snnet's shipped fmnist family loads its own).
+    causal-lm: None or true loads every anchor through from_pretrained (a folder, or the hub); false: random init."""
     init: str | None = None
     """Start from a saved stitched network (a folder written by save_pretrained) instead of anchors."""
     num_classes: int | None = None
@@ -185,7 +196,7 @@ class ModelConfig:
     drop_path: float = 0.0
     """Stochastic depth of the anchors (timm's drop_path_rate), set when they are built."""
     init_images: int = 100
-    """Calibration images for the least-squares fit of the stitching layers (0: keep them as they are)."""
+    """Calibration images (causal-lm: token blocks) for the least-squares fit of the stitching layers (0: keep them)."""
 
     def __post_init__(self) -> None:
         if self.weights is not None:
@@ -378,7 +389,8 @@ class DistillConfig:
     """Knowledge distillation while training (snnet.distill)."""
 
     teacher: str | None = None
-    """None, 'largest' (a frozen copy of the largest anchor) or a timm model name (its own pretrained head)."""
+    """None, 'largest' (a frozen copy of the largest anchor) or a timm model name (its own pretrained head);
+    causal-lm: an LM name, hub id or folder sharing the anchors' tokenizer (KL on every position)."""
     type: str = "soft"
     """'soft' (KL at the temperature) or 'hard' (cross-entropy on the teacher's top class, DeiT's)."""
     alpha: float = 0.5

@@ -675,19 +675,25 @@ def anchor_specs(names: Sequence[str], pretrained: bool | None = None, files: Se
     return specs
 
 
+def saved_network(cls: type[StitchedBase], folder: str, space: SpaceConfig) -> StitchedBase:
+    """The network saved in ``folder`` (``model.init``), to train further: its stitch space is fixed, so
+    space options are refused; a new stitching-layer rank keeps the saved layers' map (merged if 0)."""
+    if space.two_way or space.routes is not None or space.chains:
+        raise ConfigError("model.init starts from a saved network, whose stitch space is fixed: drop the "
+                          "space options (two_way, chains, routes)")
+    net = cls.from_pretrained(folder)  # type: ignore[attr-defined]
+    if space.lora_rank is not None and (space.lora_rank, space.lora_alpha) != (net.lora_rank, net.lora_alpha):
+        net.set_lora_rank(space.lora_rank, space.lora_alpha)
+    return net
+
+
 def network_from_config(model: ModelConfig, space: SpaceConfig) -> StitchedNet:
     """The stitched network a training configuration names: its ``model.init`` folder, or its anchors
     (with their weights, heads and drop-path) stitched into ``space``.
 
     Anchors that snnet cannot split fail before anything is downloaded."""
     if model.init is not None:
-        if space.two_way or space.routes is not None or space.chains:
-            raise ConfigError("model.init starts from a saved network, whose stitch space is fixed: drop the "
-                              "space options (two_way, chains, routes)")
-        net = StitchedNet.from_pretrained(model.init)
-        if space.lora_rank is not None and (space.lora_rank, space.lora_alpha) != (net.lora_rank, net.lora_alpha):
-            net.set_lora_rank(space.lora_rank, space.lora_alpha)  # a new rank: the saved layers' map is kept, merged if 0
-        return net
+        return saved_network(StitchedNet, model.init, space)  # type: ignore[return-value]
     names = expand_family(model.anchors)
     files = list(model.weights) if model.weights else None
     if files is not None and len(files) != len(names):

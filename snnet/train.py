@@ -61,17 +61,17 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, checkpoint_config, load_checkpoint, resolve_resume,
                          rng_state, save_checkpoint, seed_everything, set_rng_state)
 from .config import OptimConfig, TrainConfig, flatten  # noqa: F401  (OptimConfig, TrainConfig: public here)
-from .distill import TeacherError, build_teacher, check_teacher, teacher_logits
+from .distill import teacher_logits
 from .errors import CheckpointError, ConfigError, RunFolderError, SnnetError, TrainingError, TrainingInterrupted
 from .io import atomic_write, remove_stale_temps
-from .model import WEIGHTS_NAME, StitchedNet
+from .model import WEIGHTS_NAME, StitchedBase
 from .optim import build_optimizer, lr_factor
 from .report import progress as report_progress
 from .runlock import (EVALS_NAME, FINAL_NAME, METRICS_NAME, RUN_ENTRIES, TRAIN_CONFIG_NAME, RunLock, StopSignals,
                       claim_run_folder)
 from .sampling import EpochSampler, SeededItems, make_stitch_sampler, seed_worker
 from .space import Stitch
-from .tasks import ImageClassification, get_task
+from .tasks import CausalLM, Task, get_task
 
 __all__ = ["NOT_RESULT_SETTINGS", "OptimConfig", "Position", "TrainConfig", "TrainResult", "Trainer", "checkpoint_state",
            "check_changes", "check_resume", "default_device", "load_run_config", "result_settings", "resume_from",
@@ -143,7 +143,7 @@ class Resumed:
 # ---------------------------------------------------------------------------- the run
 
 
-def train(net: StitchedNet | nn.Module, train_data: Dataset, config: TrainConfig = TrainConfig(),
+def train(net: StitchedBase | nn.Module, train_data: Dataset, config: TrainConfig = TrainConfig(),
           optim: OptimConfig | None = None, *, teacher: nn.Module | None = None, stop_after: int | None = None,
           val_data: Dataset | None = None) -> TrainResult:
     """Train every network of the space at once (or a plain model) on ``train_data``; see the module docstring.
@@ -166,7 +166,7 @@ def train(net: StitchedNet | nn.Module, train_data: Dataset, config: TrainConfig
     task = get_task(config.task, config.data, net)
     n = task.check_dataset(net, train_data, config.data.batch_size)  # before the folder is touched
     if teacher is not None:
-        check_teacher(teacher, net)  # a teacher that cannot teach must not cost a run, nor touch its folder
+        task.check_teacher(teacher, net)  # a teacher that cannot teach must not cost a run, nor touch its folder
     device = default_device(config.run.device)  # the hardware is checked when a run starts
     lock = _claim_run_folder(config)
     try:
@@ -180,13 +180,13 @@ def train(net: StitchedNet | nn.Module, train_data: Dataset, config: TrainConfig
             lock.release()
 
 
-def _train(net: StitchedNet | nn.Module, train_data: Dataset, n: int, config: TrainConfig, task: ImageClassification,
+def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: TrainConfig, task: Task,
            teacher: nn.Module | None, device: torch.device, stop_after: int | None,
            val_data: Dataset | None) -> TrainResult:
     t_start = time.perf_counter()
     rank, world = _dist()
     out = Path(config.run.out_dir)
-    stitched = isinstance(net, StitchedNet)
+    stitched = isinstance(net, StitchedBase)
 
     # where the run starts: a checkpoint, or a fresh run whose every random draw follows the seed
     resumed = resume_from(config, out, net, world)
@@ -200,10 +200,10 @@ def _train(net: StitchedNet | nn.Module, train_data: Dataset, n: int, config: Tr
 
     # the network, its teacher, the optimizer: as they were at the checkpoint, or fresh
     if teacher is None and config.distill.teacher is not None:
-        teacher = _build_teacher(net, config.distill.teacher)  # before any work: a wrong one must not cost a run
+        teacher = task.build_teacher(net, config.distill.teacher)  # before any work: a wrong one must not cost a run
     net.to(device)
     if resumed is None and stitched and config.model.init_images > 0 and rank == 0:
-        _fit_stitching_layers(net, data, config)  # rank 0 fits; DDP broadcasts rank 0's weights when it wraps the network
+        task.fit_stitching(net, data, config)  # rank 0 fits; DDP broadcasts rank 0's weights when it wraps the network
     trainer = Trainer(net, config, total_steps=plan.total, warmup_steps=plan.warmup, teacher=teacher, device=device,
                       steps_per_epoch=plan.steps_per_epoch, task=task)
     position = Position()
@@ -233,8 +233,9 @@ def _train(net: StitchedNet | nn.Module, train_data: Dataset, n: int, config: Tr
     net.train()
     stops = StopSignals().start()  # Ctrl-C: finish the step, checkpoint, then stop
     try:
-        for x, y in _batches(data, order, config, position, plan):
+        for batch in _batches(data, order, config, position, plan):
             t0 = time.perf_counter()
+            x, y = task.inputs(batch)
             loss, stitch = trainer.step(x, y)
             if not math.isfinite(loss):
                 where = f" (stitch {stitch.name})" if stitch is not None else ""
@@ -293,10 +294,10 @@ def checkpoint_state(trainer: "Trainer", position: Position, config: TrainConfig
             "trainer": trainer.state_dict(), "sampler": _gather(sampler, world), "rng": _gather(rng_state(), world),
             "step": position.step, "epoch": position.epoch, "epoch_step": position.epoch_step,
             "total_steps": total_steps, "world_size": world, "config": config.to_dict(),
-            "stitches": [s.name for s in net.space] if isinstance(net, StitchedNet) else None}
+            "stitches": [s.name for s in net.space] if isinstance(net, StitchedBase) else None}
 
 
-def resume_from(config: TrainConfig, out: Path, net: StitchedNet | nn.Module, world: int) -> Resumed | None:
+def resume_from(config: TrainConfig, out: Path, net: StitchedBase | nn.Module, world: int) -> Resumed | None:
     """The checkpoint this run continues from (None: a fresh run), checked against the run: the same
     network and stitch space, the same number of processes, and the same settings wherever they
     change the result, unless ``run.resume_with_changes`` (then each change is recorded)."""
@@ -304,7 +305,7 @@ def resume_from(config: TrainConfig, out: Path, net: StitchedNet | nn.Module, wo
     if path is None:
         return None
     state = load_checkpoint(path)
-    names = [s.name for s in net.space] if isinstance(net, StitchedNet) else None
+    names = [s.name for s in net.space] if isinstance(net, StitchedBase) else None
     if state["stitches"] != names:
         theirs, ours = state["stitches"] or [], names or []
         raise CheckpointError(
@@ -408,7 +409,7 @@ class _DataFailed(Exception):
 
 
 def _batches(data: Dataset, order: EpochSampler, config: TrainConfig, start: Position,
-             plan: Plan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+             plan: Plan) -> Iterator[Any]:
     """The run's batches from ``start`` to its last step, epoch after epoch (each epoch's order and
     augmentation drawn when it starts). A failure to fetch one is raised as :class:`_DataFailed`."""
     step, epoch, skip = start.step, start.epoch, start.epoch_step
@@ -441,23 +442,8 @@ def _epoch_loader(data: Dataset, order: EpochSampler, epoch: int, start_batch: i
     return loader
 
 
-def _fit_stitching_layers(net: StitchedNet, data: Dataset, config: TrainConfig) -> None:
-    """The least-squares init of every stitching layer on ``model.init_images`` training images."""
-    n = config.model.init_images
-    calib = DataLoader(data, batch_size=min(config.data.batch_size, n), shuffle=True,
-                       generator=torch.Generator().manual_seed(config.run.seed), num_workers=config.data.workers)
-    net.init_stitching(calib, max_images=n, progress=config.run.progress)
-
-
-def _build_teacher(net: StitchedNet | nn.Module, name: str) -> nn.Module | None:
-    if not isinstance(net, StitchedNet) and name == "largest":
-        raise TeacherError("distill.teacher 'largest' is a stitched network's largest anchor: give this model a "
-                           "teacher module (train(..., teacher=...)) or a timm model name")
-    return build_teacher(net, name)  # type: ignore[arg-type]
-
-
-def _load_weights(net: StitchedNet | nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    if isinstance(net, StitchedNet):
+def _load_weights(net: StitchedBase | nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    if isinstance(net, StitchedBase):
         net.load_weights(state, source=source)
     else:
         try:
@@ -466,9 +452,9 @@ def _load_weights(net: StitchedNet | nn.Module, state: dict[str, torch.Tensor], 
             raise CheckpointError(f"{source} was written for another model ({str(e).splitlines()[0]})") from e
 
 
-def _save_final(net: StitchedNet | nn.Module, final: Path) -> Path:
+def _save_final(net: StitchedBase | nn.Module, final: Path) -> Path:
     """The trained network: ``save_pretrained`` for a stitched one, ``model.safetensors`` for a plain model."""
-    if isinstance(net, StitchedNet):
+    if isinstance(net, StitchedBase):
         return net.save_pretrained(final)
     from safetensors.torch import save_file
 
@@ -484,7 +470,7 @@ def _save(path: Path, state: dict[str, Any], keep: int, rank: int) -> Path:
     return path
 
 
-def _already_finished(net: StitchedNet | nn.Module, resumed: Resumed, plan: Plan, out: Path, rank: int) -> TrainResult:
+def _already_finished(net: StitchedBase | nn.Module, resumed: Resumed, plan: Plan, out: Path, rank: int) -> TrainResult:
     """A finished run resumed with its own settings: nothing to train, nothing rewritten (final/ restored if
     deleted); the network holds the run's trained weights, as after training."""
     final = out / FINAL_NAME
@@ -494,20 +480,17 @@ def _already_finished(net: StitchedNet | nn.Module, resumed: Resumed, plan: Plan
     return TrainResult(resumed.position.step, plan.total, True, float("nan"), 0.0, 0.0, out, resumed.path, final)
 
 
-def _evaluate(net: StitchedNet | nn.Module, val_data: Dataset, config: TrainConfig, task: ImageClassification,
+def _evaluate(net: StitchedBase | nn.Module, val_data: Dataset, config: TrainConfig, task: Task,
               position: Position, device: torch.device) -> dict[str, Any]:
-    """One evaluation at an epoch's end: the model's scores, or every stitch's top-1 (mean, anchors)."""
-    from .evaluate import evaluate, evaluate_model
+    """One evaluation at an epoch's end: the task's scores of the model, or of every stitch (their means, the anchors')."""
+    from .evaluate import validation_scores
+    from .lm_eval import lm_validation_scores
 
-    loader = DataLoader(val_data, batch_size=max(config.data.batch_size, 256), num_workers=config.data.workers)
-    row: dict[str, Any] = {"step": position.step, "epoch": position.epoch}
-    if isinstance(net, StitchedNet):
-        results = evaluate(net, loader, device=device, progress=False, task=task)
-        row |= {"acc1_mean": sum(r.acc1 for r in results) / len(results), "images": results[0].images,
-                "anchors": {r.name: r.acc1 for r in results if r.is_anchor}}
+    if isinstance(task, CausalLM):
+        scores = lm_validation_scores(net, val_data, config.data.batch_size)
     else:
-        row |= dataclasses.asdict(evaluate_model(net, loader, device=device, progress=False, task=task))
-    return row | {"time": time.time()}
+        scores = validation_scores(net, val_data, config.data.batch_size, config.data.workers, device, task)
+    return {"step": position.step, "epoch": position.epoch} | scores | {"time": time.time()}
 
 
 # ---------------------------------------------------------------------------- the settings' history
@@ -545,7 +528,7 @@ def _write_history(out: Path, config: TrainConfig, world: int, step: int, resume
 # ---------------------------------------------------------------------------- the step engine
 
 
-def route_modules(net: StitchedNet, stitch: Stitch) -> list[nn.Module]:
+def route_modules(net: StitchedBase, stitch: Stitch) -> list[nn.Module]:
     """The modules the route of ``stitch`` runs, flat (exactly what :meth:`StitchedNet.forward` calls)."""
     return list(net.route(stitch).modules())
 
@@ -589,10 +572,10 @@ class Trainer:
     replaces ``config.optim`` (the earlier call form).
     """
 
-    def __init__(self, net: StitchedNet | nn.Module, config: TrainConfig = TrainConfig(),
+    def __init__(self, net: StitchedBase | nn.Module, config: TrainConfig = TrainConfig(),
                  optim: OptimConfig | None = None, *, total_steps: int, warmup_steps: int | None = None,
                  teacher: nn.Module | None = None, device: str | torch.device | None = None,
-                 steps_per_epoch: int | None = None, task: ImageClassification | None = None) -> None:
+                 steps_per_epoch: int | None = None, task: Task | None = None) -> None:
         if optim is not None:
             config = dataclasses.replace(config, optim=optim)
         self.net, self.config = net, config
@@ -602,7 +585,7 @@ class Trainer:
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         self.total_steps = total_steps
         self.sampler = None
-        if isinstance(net, StitchedNet):
+        if isinstance(net, StitchedBase):
             s = config.sampling
             # per_rank: every rank its own stream of stitches; shared: one stream for all ranks
             seed = config.run.seed + (self.rank if s.stitch_sync == "per_rank" else 0)

@@ -55,7 +55,7 @@ from ..space import AnchorInfo, Segment, SpaceConfig, Stitch
 from .lm_catalog import LMSpec, check_token_ids, check_tokenizers, load_model, load_tokenizer, resolve_lm
 
 __all__ = ["DEFAULT_CONTEXT", "LMAdapter", "LMContext", "LMParts", "RouteCache", "Step", "StitchedLM",
-           "create_stitched_lm", "expand_lm_anchors", "lm_part_costs", "split_lm"]
+           "create_stitched_lm", "expand_lm_anchors", "lm_network_from_config", "lm_part_costs", "split_lm"]
 
 # Context length at which FLOPs per generated token are stated unless asked otherwise: every
 # shipped family handles it (GPT-2's 1024 positions are the fewest).
@@ -715,6 +715,32 @@ def create_stitched_lm(
     net = StitchedLM(parts, labels, config=config, specs=specs, context=context, tokenizer=tokenizer,
                      lora_rank=lora_rank, lora_alpha=lora_alpha)
     return net.to(device) if device is not None and torch.device(device).type != "meta" else net
+
+
+def lm_network_from_config(model: Any, space: SpaceConfig, context: int) -> StitchedLM:
+    """The stitched language model a training configuration names (``task: causal-lm``): its
+    ``model.init`` folder, or its anchors (loaded through ``from_pretrained`` unless
+    ``model.pretrained`` is false) with their shared tokenizer, stitched into ``space``, FLOPs per
+    token stated at ``context`` tokens (the block length trained at).
+
+    ``model`` is a :class:`snnet.config.ModelConfig`; the settings that only images have are refused
+    in one line rather than ignored."""
+    given = [name for name, bad in (("model.weights", model.weights is not None), ("model.num_classes",
+             model.num_classes is not None), ("model.drop_path", model.drop_path > 0), ("space.stages",
+             space.stages is not None), ("space.rule", space.rule is not None)) if bad]
+    if given:
+        raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for image models; a causal-lm run "
+                          "names its anchors (folders hold their weights) and stitches every decoder layer: drop "
+                          f"{'it' if len(given) == 1 else 'them'}")
+    if model.init is not None:
+        from ..model import saved_network
+
+        return saved_network(StitchedLM, model.init, space)  # type: ignore[return-value]
+    names = expand_lm_anchors(model.anchors)
+    return create_stitched_lm(names, weights=model.pretrained is not False, load_tokenizers=True, context=context,
+                              kernel_size=space.kernel_size, stride=space.stride, nearest=space.nearest,
+                              unpaired=space.unpaired, two_way=space.two_way, chains=space.chains, routes=space.routes,
+                              lora_rank=space.lora_rank or 0, lora_alpha=space.lora_alpha)
 
 
 def _model_label(model: nn.Module, index: int) -> str:
