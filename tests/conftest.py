@@ -82,3 +82,33 @@ def lm_config(family: str, width: int, depth: int, vocab: int, extra_rows: int):
     return LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=depth, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=64,
                        rope_scaling=scaling, rope_theta=500000.0 if scaling else 100000.0, **common)
+
+
+# ------------------------------------------------------------------ two processes (tests of DDP)
+
+SPAWN_TIMEOUT = 120
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_two(worker, *args) -> None:
+    """Run ``worker(rank, 2, port, *args)`` on two processes (with a timeout, so a DDP hang fails instead of blocking)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    world = 2
+    ctx = mp.start_processes(worker, args=(world, free_port(), *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"two-process DDP run hung for {SPAWN_TIMEOUT}s")

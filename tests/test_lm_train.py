@@ -28,7 +28,7 @@ from snnet.errors import ConfigError  # noqa: E402
 from snnet.tasks import CausalLM, get_task  # noqa: E402
 from snnet.train import train  # noqa: E402
 
-from .conftest import lm_config, lm_tokenizer  # noqa: E402
+from .conftest import lm_config, lm_tokenizer, spawn_two  # noqa: E402
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -114,3 +114,86 @@ def test_images_only_settings_are_refused_for_a_causal_lm_run(folders, corpus, t
     with pytest.raises(Exception, match="lower --data.block_size to at most 64"):
         train(net, task.dataset(config.data), config)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def _trained(folders, corpus, out: Path, stop_after: int | None = None, **changes):
+    config = _config(folders, corpus, out, limit=32, **changes)
+    net, task = _build(config)
+    result = train(net, task.dataset(config.data), config, stop_after=stop_after)
+    return net, result
+
+
+def test_an_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(folders, corpus, tmp_path):
+    full, done = _trained(folders, corpus, tmp_path / "full", distill="largest", ckpt_every=2)
+    _, first = _trained(folders, corpus, tmp_path / "cut", stop_after=3, distill="largest", ckpt_every=2)
+    assert not first.finished and first.step == 3
+    resumed, rest = _trained(folders, corpus, tmp_path / "cut", resume="auto", distill="largest", ckpt_every=2)
+    assert rest.finished and rest.stitches == done.stitches[3:]  # the sampler's stream goes on where it stopped
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # to the bit
+
+
+def test_a_resume_with_another_corpus_setting_is_refused(folders, corpus, tmp_path):
+    from snnet.errors import CheckpointError
+
+    _trained(folders, corpus, tmp_path / "run", stop_after=2)
+    with pytest.raises(CheckpointError, match="data.block_size: 16 -> 8"):
+        _trained(folders, corpus, tmp_path / "run", resume="auto", block_size=8)
+
+
+def test_distillation_is_token_level_from_the_largest_anchor_or_a_named_teacher(folders, corpus, tmp_path):
+    from snnet.train import Trainer
+
+    config = _config(folders, corpus, tmp_path, alpha=1.0, temperature=2.0)
+    net, task = _build(config)
+    x, y = task.inputs(next(iter(lm.text_loader(task.dataset(config.data), 4))))
+    largest = len(net.anchors) - 1  # the largest anchor's own network: it matches its teacher exactly
+    for teacher in ("largest", folders[-1]):  # a copy of it, or the same model loaded by name (a padded head)
+        trainer = Trainer(net, config, total_steps=1, teacher=task.build_teacher(net, teacher), task=task, device="cpu")
+        assert trainer.backward(x, y, largest) == pytest.approx(0.0, abs=1e-5)
+        assert trainer.backward(x, y, 0) > 0.01  # the small anchor does not
+    with pytest.raises(Exception, match="shares weights"):
+        task.check_teacher(net.anchors[-1], net)
+
+
+def test_bf16_autocast_trains_on_cpu(folders, corpus, tmp_path):
+    from snnet.train import Trainer
+
+    losses = {}
+    for amp in ("off", "bf16"):
+        config = _config(folders, corpus, tmp_path, amp=amp)
+        net, task = _build(config)
+        trainer = Trainer(net, config, total_steps=1, task=task, device="cpu")
+        x, y = task.inputs(next(iter(lm.text_loader(task.dataset(config.data), 4))))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            assert net(x).dtype == (torch.bfloat16 if amp == "bf16" else torch.float32)
+        losses[amp] = trainer.backward(x, y, 3)
+        assert trainer.amp_dtype == (torch.bfloat16 if amp == "bf16" else None)
+    assert losses["bf16"] != losses["off"] and losses["bf16"] == pytest.approx(losses["off"], abs=0.05)
+
+
+def _ddp_worker(rank: int, world: int, port: int, folders: list[str], corpus: str, out: str) -> None:
+    """One rank of a two-process run: its own stitch per step, DDP's mean gradient, rank 0 writes the run."""
+    import os
+
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        net, result = _trained(folders, Path(corpus), Path(out) / "run", batch_size=2, max_steps=4, ckpt_every=2)
+        torch.save({"state": net.state_dict(), "stitches": result.stitches}, Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_stitched_lm_with_ddp(folders, corpus, tmp_path):
+    spawn_two(_ddp_worker, folders, str(corpus), str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert len(r0["stitches"]) == 4 and r0["stitches"] != r1["stitches"]  # each rank its own stitch per step
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])  # one network after all
+    saved = lm.StitchedLM.from_pretrained(tmp_path / "run" / "final").state_dict()
+    assert all(torch.equal(saved[k], r0["state"][k]) for k in saved)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 4 and len(ckpt["sampler"]) == 2
