@@ -197,3 +197,46 @@ def test_two_processes_train_one_stitched_lm_with_ddp(folders, corpus, tmp_path)
     assert all(torch.equal(saved[k], r0["state"][k]) for k in saved)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 4 and len(ckpt["sampler"]) == 2
+
+
+def _snnet(*args: str, cwd: Path) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run([sys.executable, "-m", "snnet", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_evaluates_generates_and_exports(folders, corpus, tmp_path, capsys):
+    """`python -m snnet train --task causal-lm ...` in a process of its own, then eval, generate, export on its network."""
+    import json
+
+    from snnet.cli import main
+
+    run = tmp_path / "run"
+    out = _snnet("train", "--task", "causal-lm", "--model.anchors", ",".join(folders), "--data.corpus", str(corpus),
+                 "--data.block_size", str(BLOCK), "--data.batch_size", "4", "--data.limit", "16",
+                 "--schedule.max_steps", "4", "--model.init_images", "4", "--run.out_dir", str(run),
+                 "--run.progress", "false", "--distill.teacher", "largest", cwd=tmp_path)
+    assert "trained 4 steps" in out and "seq/s" in out
+    assert json.loads((run / "train_config.json").read_text())["segments"][0]["config"]["task"] == "causal-lm"
+    main(["eval", "--model", str(run / "final"), "--limit", "8", "--batch-size", "4", "--out", str(tmp_path / "eval"),
+          "--no-progress"])
+    assert "bits/byte" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    net = lm.StitchedLM.from_pretrained(run / "final")
+    assert len(rows) == len(net.space) and all(r["split"] == "val" for r in rows)  # the run's held-out files
+    assert all(math.isclose(r["ppl"], math.exp(r["loss"]), rel_tol=1e-6) for r in rows)
+    assert (tmp_path / "eval" / "frontier.html").is_file()
+    main(["generate", "--model", str(run / "final"), "--prompt", "def add(", "--max-new-tokens", "5", "--stitch", "1"])
+    assert capsys.readouterr().out.startswith("def add(")
+    main(["export", "--model", str(run / "final"), "--stitch", "2", "--out", str(tmp_path / "stitch")])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "stitch").eval()  # snnet.lm registered the class
+    ids = torch.randint(0, net.vocab_size, (1, 8))
+    net.eval().select(2)
+    torch.testing.assert_close(exported(ids).logits[..., :net.vocab_size], net(ids), atol=1e-5, rtol=1e-5)

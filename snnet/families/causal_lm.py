@@ -737,6 +737,8 @@ def lm_network_from_config(model: Any, space: SpaceConfig, context: int) -> Stit
 
         return saved_network(StitchedLM, model.init, space)  # type: ignore[return-value]
     names = expand_lm_anchors(model.anchors)
+    for name in names:
+        resolve_lm(name)  # a name that is no language model (the tree's default 'fmnist') fails with the choices
     return create_stitched_lm(names, weights=model.pretrained is not False, load_tokenizers=True, context=context,
                               kernel_size=space.kernel_size, stride=space.stride, nearest=space.nearest,
                               unpaired=space.unpaired, two_way=space.two_way, chains=space.chains, routes=space.routes,
