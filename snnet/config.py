@@ -443,6 +443,9 @@ class RunConfig:
     """cpu, cuda, cuda:1, mps (None: cuda if there is one). Checked when the run starts."""
     amp: str = "auto"
     """Mixed precision: 'auto' (float16 on CUDA, off elsewhere), 'bf16', 'fp16' or 'off'."""
+    fsdp: bool = False
+    """Several processes: shard parameters, gradients and optimizer state over them (torch's fully_shard, one unit
+    per block) instead of a full copy on each (DDP): anchors that do not fit one device. Needs stitch_sync 'shared'."""
     ckpt_every: int = 500
     """Steps between checkpoints (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -501,6 +504,9 @@ class TrainConfig:
         _one_of("task", self.task, TASKS)
         for name, cls in SECTIONS.items():
             _need(isinstance(getattr(self, name), cls), f"{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
+        _need(not self.run.fsdp or self.sampling.stitch_sync == "shared",
+              "run.fsdp shards every block over the processes, so all of them must run the same route each step: "
+              "set sampling.stitch_sync to 'shared'")
 
     # -- reading and writing
     def to_dict(self) -> dict[str, Any]:

@@ -172,14 +172,19 @@ def test_bf16_autocast_trains_on_cpu(folders, corpus, tmp_path):
     assert losses["bf16"] != losses["off"] and losses["bf16"] == pytest.approx(losses["off"], abs=0.05)
 
 
-def _ddp_worker(rank: int, world: int, port: int, folders: list[str], corpus: str, out: str) -> None:
-    """One rank of a two-process run: its own stitch per step, DDP's mean gradient, rank 0 writes the run."""
+def _join(rank: int, world: int, port: int) -> None:
+    """Join a gloo process group of ``world`` CPU processes, as torchrun's environment would say."""
     import os
 
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _ddp_worker(rank: int, world: int, port: int, folders: list[str], corpus: str, out: str) -> None:
+    """One rank of a two-process run: its own stitch per step, DDP's mean gradient, rank 0 writes the run."""
+    _join(rank, world, port)
     try:
         net, result = _trained(folders, Path(corpus), Path(out) / "run", batch_size=2, max_steps=4, ckpt_every=2)
         torch.save({"state": net.state_dict(), "stitches": result.stitches}, Path(out) / f"rank{rank}.pt")
@@ -240,3 +245,37 @@ def test_the_command_line_trains_evaluates_generates_and_exports(folders, corpus
     ids = torch.randint(0, net.vocab_size, (1, 8))
     net.eval().select(2)
     torch.testing.assert_close(exported(ids).logits[..., :net.vocab_size], net(ids), atol=1e-5, rtol=1e-5)
+
+
+def _fsdp_worker(rank: int, world: int, port: int, folders: list[str], corpus: str, out: str) -> None:
+    """Three runs on one process group: FSDP, the same with DDP, and FSDP stopped at step 2 and resumed."""
+    _join(rank, world, port)
+    try:
+        common = dict(batch_size=2, max_steps=4, ckpt_every=2, stitch_sync="shared", clip_grad=1.0)
+        nets = {}
+        for name, fsdp in (("fsdp", True), ("ddp", False)):
+            _, result = _trained(folders, Path(corpus), Path(out) / name, fsdp=fsdp, **common)
+            nets[name] = result.stitches
+        _trained(folders, Path(corpus), Path(out) / "cut", stop_after=2, fsdp=True, **common)
+        _, result = _trained(folders, Path(corpus), Path(out) / "cut", resume="auto", fsdp=True, **common)
+        nets["cut"] = result.stitches
+        torch.save(nets, Path(out) / f"stitches{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_anchors_trains_as_ddp_does_and_resumes_exactly(folders, corpus, tmp_path):
+    spawn_two(_fsdp_worker, folders, str(corpus), str(tmp_path))
+    stitches = [torch.load(tmp_path / f"stitches{r}.pt") for r in range(2)]
+    assert stitches[0]["fsdp"] == stitches[1]["fsdp"] == stitches[0]["ddp"]  # one route for every rank per step
+    final = {name: lm.StitchedLM.from_pretrained(tmp_path / name / "final").state_dict() for name in ("fsdp", "ddp", "cut")}
+    start = lm.create_stitched_lm(",".join(folders), weights=True).state_dict()
+    moved = 0
+    for k, v in final["fsdp"].items():
+        torch.testing.assert_close(v, final["ddp"][k], atol=2e-6, rtol=1e-5)  # the same optimisation as DDP
+        assert torch.equal(v, final["cut"][k]), k  # and a resumed sharded run ends where the uninterrupted one does
+        moved += k in start and not torch.equal(v, start[k])
+    assert moved > 10  # training moved the anchors' weights
+    ckpt = torch.load(tmp_path / "fsdp" / "checkpoint.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["config"]["run"]["fsdp"] and set(ckpt["model"]) == set(final["fsdp"])

@@ -580,10 +580,10 @@ class StitchedLM(StitchedBase):
             **({} if self.lora_rank == 0 else {"stitching": {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}}),
         }
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, state: Mapping[str, torch.Tensor] | None = None) -> Path:
         """Write ``config.json`` (every anchor's transformers config, the space, the active stitch)
         and ``model.safetensors``, each atomically, and the tokenizer beside them when set."""
-        directory = super().save_pretrained(directory)
+        directory = super().save_pretrained(directory, state)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
         return directory
