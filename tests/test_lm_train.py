@@ -123,11 +123,15 @@ def _trained(folders, corpus, out: Path, stop_after: int | None = None, **change
     return net, result
 
 
-def test_an_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(folders, corpus, tmp_path):
-    full, done = _trained(folders, corpus, tmp_path / "full", distill="largest", ckpt_every=2)
-    _, first = _trained(folders, corpus, tmp_path / "cut", stop_after=3, distill="largest", ckpt_every=2)
+@pytest.mark.parametrize("lora", [0, 4], ids=["whole", "lora"])
+def test_an_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(folders, corpus, tmp_path, lora):
+    if lora:
+        pytest.importorskip("peft")
+    run = dict(distill="largest", ckpt_every=2, anchor_lora_rank=lora)
+    full, done = _trained(folders, corpus, tmp_path / "full", **run)
+    _, first = _trained(folders, corpus, tmp_path / "cut", stop_after=3, **run)
     assert not first.finished and first.step == 3
-    resumed, rest = _trained(folders, corpus, tmp_path / "cut", resume="auto", distill="largest", ckpt_every=2)
+    resumed, rest = _trained(folders, corpus, tmp_path / "cut", resume="auto", **run)
     assert rest.finished and rest.stitches == done.stitches[3:]  # the sampler's stream goes on where it stopped
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # to the bit
@@ -279,3 +283,32 @@ def test_fsdp_shards_the_anchors_trains_as_ddp_does_and_resumes_exactly(folders,
     assert moved > 10  # training moved the anchors' weights
     ckpt = torch.load(tmp_path / "fsdp" / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["config"]["run"]["fsdp"] and set(ckpt["model"]) == set(final["fsdp"])
+
+
+def test_lora_on_the_anchors_trains_only_adapters_and_stitching_layers_and_saves_them_apart(folders, corpus, tmp_path):
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    config = _config(folders, corpus, tmp_path / "run", limit=32, anchor_lora_rank=4, anchor_lora_alpha=8.0)
+    net, task = _build(config)
+    trainable = {k for k, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in k or k.startswith("stitch_layers.") for k in trainable)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    result = train(net, task.dataset(config.data), config)
+    after = net.state_dict()
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed and changed <= trainable  # the anchors' own weights did not move
+    assert any(".lora_B." in k for k in changed)  # the adapters (B starts at zero) did
+    saved = lm.StitchedLM.from_pretrained(result.final_dir)  # a plain network: the adapters merged into its weights
+    assert not any(".lora_" in k for k in saved.state_dict())
+    ids = task.dataset(config.data, split="val", train=False, limit=2).ids[:, :-1]
+    net.eval()
+    for s in range(len(net.space)):
+        net.select(s)
+        saved.select(s)
+        torch.testing.assert_close(saved(ids), net(ids), atol=1e-5, rtol=1e-5)
+    adapters = load_file(str(result.final_dir / "adapters.safetensors"))
+    assert set(adapters) == trainable  # only what training changed, apart
+    assert sum(v.numel() for v in adapters.values()) < sum(v.numel() for v in saved.state_dict().values()) / 4
+    with pytest.raises(ConfigError, match="anchor_lora_rank puts PEFT adapters on language-model anchors"):
+        get_task("image-classification").build_network(TrainConfig().override(anchor_lora_rank=4))
