@@ -228,8 +228,8 @@ def test_the_command_line_trains_evaluates_generates_and_exports(folders, corpus
     from snnet.cli import main
 
     run = tmp_path / "run"
-    out = _snnet("train", "--task", "causal-lm", "--model.anchors", ",".join(folders), "--data.corpus", str(corpus),
-                 "--data.block_size", str(BLOCK), "--data.batch_size", "4", "--data.limit", "16",
+    out = _snnet("train", "--recipe", "causal-lm", "--task", "causal-lm", "--model.anchors", ",".join(folders),
+                 "--data.corpus", str(corpus), "--data.block_size", str(BLOCK), "--data.batch_size", "4", "--data.limit", "16",
                  "--schedule.max_steps", "4", "--model.init_images", "4", "--run.out_dir", str(run),
                  "--run.progress", "false", "--distill.teacher", "largest", cwd=tmp_path)
     assert "trained 4 steps" in out and "seq/s" in out
