@@ -258,8 +258,10 @@ def _fsdp_worker(rank: int, world: int, port: int, folders: list[str], corpus: s
         common = dict(batch_size=2, max_steps=4, ckpt_every=2, stitch_sync="shared", clip_grad=1.0)
         nets = {}
         for name, fsdp in (("fsdp", True), ("ddp", False)):
-            _, result = _trained(folders, Path(corpus), Path(out) / name, fsdp=fsdp, **common)
+            net, result = _trained(folders, Path(corpus), Path(out) / name, fsdp=fsdp, **common)
             nets[name] = result.stitches
+            # what this process holds of the network's parameters
+            nets[f"{name}_held"] = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in net.parameters())
         _trained(folders, Path(corpus), Path(out) / "cut", stop_after=2, fsdp=True, **common)
         _, result = _trained(folders, Path(corpus), Path(out) / "cut", resume="auto", fsdp=True, **common)
         nets["cut"] = result.stitches
@@ -273,6 +275,8 @@ def test_fsdp_shards_the_anchors_trains_as_ddp_does_and_resumes_exactly(folders,
     spawn_two(_fsdp_worker, folders, str(corpus), str(tmp_path))
     stitches = [torch.load(tmp_path / f"stitches{r}.pt") for r in range(2)]
     assert stitches[0]["fsdp"] == stitches[1]["fsdp"] == stitches[0]["ddp"]  # one route for every rank per step
+    whole = stitches[0]["ddp_held"]  # DDP: every process holds the whole network; FSDP: about half of it each
+    assert stitches[0]["fsdp_held"] + stitches[1]["fsdp_held"] >= whole and stitches[0]["fsdp_held"] < 0.6 * whole
     final = {name: lm.StitchedLM.from_pretrained(tmp_path / name / "final").state_dict() for name in ("fsdp", "ddp", "cut")}
     start = lm.create_stitched_lm(",".join(folders), weights=True).state_dict()
     moved = 0
