@@ -718,8 +718,11 @@ class Trainer:
             # here: AdamW starts its moments when it first sees a gradient, as in the uninterrupted run
             set_optimizer_state_dict(self.net, self.optimizer, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True, strict=False))
-            names = {p: name for name, p in self.net.named_parameters()}
-            for p in [p for p in self.optimizer.state if names.get(p) not in state["optimizer"]["state"]]:
+            names: dict[Any, set[str]] = {}
+            for name, p in self.net.named_parameters(remove_duplicate=False):  # a tied weight has two names
+                names.setdefault(p, set()).add(name)
+            saved = state["optimizer"]["state"]
+            for p in [p for p in self.optimizer.state if not names.get(p, set()) & saved.keys()]:
                 del self.optimizer.state[p]
         else:
             self.optimizer.load_state_dict(state["optimizer"])
