@@ -50,7 +50,7 @@ __all__ = ["AMP_MODES", "CLIP_MODES", "DDP_GRADS", "DISTILL_TYPES", "EVAL_PROTOC
            "setting_path"]
 
 # The choices of the settings that name one of a few things (the modules that implement them import these).
-TASKS = ("image-classification",)
+TASKS = ("image-classification", "causal-lm")
 OPTIMIZERS = ("adamw", "sgd", "lamb")
 # what a step does to parameters that no route used in it (snnet.train): leave them ('skip'), or decay them and
 # move them on their momentum as the reference's steps on PyTorch < 2.0 did ('reference'; docs/differences.md)
@@ -92,15 +92,22 @@ class DataConfig:
     """What a batch is: the dataset and its split, batches, augmentation and the training targets."""
 
     source: str = "fashion-mnist"
-    """The dataset: 'fashion-mnist', an ImageFolder directory, or a timm dataset name (torch/cifar10...)."""
+    """The image dataset: 'fashion-mnist', an ImageFolder directory, or a timm dataset name (torch/cifar10...)."""
+    corpus: str = "stdlib"
+    """causal-lm: the text trained on: 'stdlib' (this Python's standard library source) or a folder of text files."""
+    block_size: int = 256
+    """causal-lm: tokens a training sequence predicts (the context trained at; FLOPs per token are stated at it)."""
+    held_out: float = 0.1
+    """causal-lm: share of the corpus's files held out for validation (by a hash of each file's path)."""
     root: str | None = None
     """Where the dataset lives: the Fashion-MNIST IDX files' folder, a timm dataset's root."""
     split: str = "train"
-    """The split trained on; Fashion-MNIST's 'train' leaves out the 10,000 validation images ('train+val': all)."""
+    """The split trained on; Fashion-MNIST's 'train' leaves out the 10,000 validation images ('train+val': all).
+    causal-lm: 'train' (the files not held out), 'val' (the held-out files) or 'all'."""
     download: bool = False
     """Fetch the dataset when it is not on disk (Fashion-MNIST through torchvision, timm datasets)."""
     limit: int | None = None
-    """Use only the first N images (quick runs)."""
+    """Use only the first N images (causal-lm: token blocks) (quick runs)."""
     batch_size: int = 64
     """Images per step and process (the global batch is batch_size x processes)."""
     workers: int = 0
@@ -148,6 +155,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _need(self.limit is None or self.limit >= 1, f"data.limit must be >= 1 image, got {self.limit}")
         _need(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _need(self.block_size >= 1, f"data.block_size must be >= 1 token, got {self.block_size}")
+        _need(0.0 < self.held_out < 1.0, f"data.held_out must be in (0, 1), got {self.held_out}")
         _need(self.workers >= 0, f"data.workers (data loader processes) must be >= 0, got {self.workers}")
         _need(_finite(self.color_jitter), f"data.color_jitter must be >= 0, got {self.color_jitter}")
         _need(0.0 <= self.re_prob <= 1.0, f"data.re_prob must be in [0, 1], got {self.re_prob}")
@@ -197,11 +206,13 @@ class ModelConfig:
     """The network trained: anchors built by name (or a saved stitched network), and how they start."""
 
     anchors: str = "fmnist"
-    """A family (fmnist, deit, swin, resnet, levit, ...: snnet.adapters.FAMILIES) or comma-separated timm model names."""
+    """A family (fmnist, deit, swin, resnet, levit, ...: snnet.adapters.FAMILIES) or comma-separated timm model names;
+    causal-lm: an LM family (pythia, gpt2, ...) or comma-separated LM names, hub ids or local model folders."""
     weights: tuple[str, ...] | None = None
     """Local weight files, one per anchor (in the order of anchors)."""
     pretrained: bool | None = None
-    """Load timm's pretrained weights (None: only snnet's shipped fmnist family loads its own)."""
+    """Load timm's pretrained weights (None: only snnet's shipped fmnist family loads its own).
+    causal-lm: None or true loads every anchor through from_pretrained (a folder, or the hub); false: random init."""
     init: str | None = None
     """Start from a saved stitched network (a folder written by save_pretrained) instead of anchors."""
     num_classes: int | None = None
@@ -210,7 +221,14 @@ class ModelConfig:
     """Stochastic depth of the anchors (timm's drop_path_rate), set when they are built: one rate for every anchor,
     or a list of one per anchor. 0 passes none: the anchor's timm default applies (0 for most; Swin's is 0.1)."""
     init_images: int = 100
-    """Calibration images for the least-squares fit of the stitching layers (0: keep them as they are)."""
+    """Calibration images (causal-lm: token blocks) for the least-squares fit of the stitching layers (0: keep them)."""
+    anchor_lora_rank: int = 0
+    """causal-lm: LoRA adapters of this rank on the anchors through PEFT, the anchors' own weights frozen (ESTA's
+    setting; 0: off, the anchors train whole)."""
+    anchor_lora_alpha: float = 16.0
+    """causal-lm: the anchors' LoRA updates are scaled by anchor_lora_alpha / anchor_lora_rank."""
+    anchor_lora_targets: tuple[str, ...] | None = None
+    """causal-lm: the anchors' modules that get adapters, by name (None: PEFT's defaults for each model type)."""
 
     def __post_init__(self) -> None:
         if self.weights is not None:
@@ -222,6 +240,11 @@ class ModelConfig:
         _need(bool(rates) and all(0.0 <= r < 1.0 for r in rates),
               f"model.drop_path must be in [0, 1) (one rate, or one per anchor), got {self.drop_path}")
         _need(self.init_images >= 0, f"model.init_images must be >= 0, got {self.init_images}")
+        _need(self.anchor_lora_rank >= 0, f"model.anchor_lora_rank must be >= 0 (0: off), got {self.anchor_lora_rank}")
+        _need(_finite(self.anchor_lora_alpha) and self.anchor_lora_alpha > 0,
+              f"model.anchor_lora_alpha must be > 0, got {self.anchor_lora_alpha}")
+        if self.anchor_lora_targets is not None:
+            object.__setattr__(self, "anchor_lora_targets", tuple(self.anchor_lora_targets))
         _need(not (self.init is not None and max(rates) > 0),
               "model.drop_path is set when the anchors are built; a network loaded with model.init keeps its own: "
               "drop one of them")
@@ -417,7 +440,8 @@ class DistillConfig:
     """Knowledge distillation while training (snnet.distill)."""
 
     teacher: str | None = None
-    """None, 'largest' (a frozen copy of the largest anchor) or a timm model name (its own pretrained head)."""
+    """None, 'largest' (a frozen copy of the largest anchor) or a timm model name (its own pretrained head);
+    causal-lm: an LM name, hub id or folder sharing the anchors' tokenizer (KL on every position)."""
     type: str = "soft"
     """'soft' (KL at the temperature) or 'hard' (cross-entropy on the teacher's top class, DeiT's)."""
     alpha: float = 0.5
@@ -470,6 +494,9 @@ class RunConfig:
     """cpu, cuda, cuda:1, mps (None: cuda if there is one). Checked when the run starts."""
     amp: str = "auto"
     """Mixed precision: 'auto' (float16 on CUDA, off elsewhere), 'bf16', 'fp16' or 'off'."""
+    fsdp: bool = False
+    """Several processes: shard parameters, gradients and optimizer state over them (torch's fully_shard, one unit
+    per block) instead of a full copy on each (DDP): anchors that do not fit one device. Needs stitch_sync 'shared'."""
     ckpt_every: int = 500
     """Steps between checkpoints (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -528,6 +555,12 @@ class TrainConfig:
         _one_of("task", self.task, TASKS)
         for name, cls in SECTIONS.items():
             _need(isinstance(getattr(self, name), cls), f"{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
+        _need(not (self.run.fsdp and self.model.anchor_lora_rank),
+              "run.fsdp with model.anchor_lora_rank is not supported: adapters are merged on one process when the "
+              "network is saved; train LoRA adapters with DDP (drop run.fsdp)")
+        _need(not self.run.fsdp or self.sampling.stitch_sync == "shared",
+              "run.fsdp shards every block over the processes, so all of them must run the same route each step: "
+              "set sampling.stitch_sync to 'shared'")
 
     # -- reading and writing
     def to_dict(self) -> dict[str, Any]:

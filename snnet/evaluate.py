@@ -38,7 +38,7 @@ from .tasks import ImageClassification, Scores
 
 __all__ = [
     "RESULTS_JSON", "RESULTS_CSV", "StitchResult", "check_writable", "evaluate", "evaluate_model", "format_results",
-    "forward_stitches", "load_results", "mark_pareto", "pareto_front", "write_results",
+    "forward_stitches", "load_results", "mark_pareto", "pareto_front", "validation_scores", "write_results",
 ]
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -182,6 +182,22 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], *, device: str | tor
 
     _each_batch(model, loader, run, "eval", dev, progress, amp)
     return tally.scores()
+
+
+def validation_scores(net: nn.Module, val_data: Any, batch_size: int, workers: int, device: torch.device,
+                      task: ImageClassification) -> dict[str, Any]:
+    """What a training run records at an epoch's end (``evals.jsonl``): every stitch's top-1 (their mean,
+    and the anchors'), or a plain model's scores."""
+    import dataclasses
+
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(val_data, batch_size=max(batch_size, 256), num_workers=workers)
+    if isinstance(net, StitchedNet):
+        results = evaluate(net, loader, device=device, progress=False, task=task)
+        return {"acc1_mean": sum(r.acc1 for r in results) / len(results), "images": results[0].images,
+                "anchors": {r.name: r.acc1 for r in results if r.is_anchor}}
+    return dataclasses.asdict(evaluate_model(net, loader, device=device, progress=False, task=task))
 
 
 def _each_batch(net: nn.Module, loader: Iterable[Any], run: Any, desc: str, dev: torch.device, progress: bool,

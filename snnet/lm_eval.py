@@ -27,7 +27,7 @@ from .tasks import Tally
 from .report import human, progress as report_progress, table
 from .results import StitchResult, mark_pareto, pareto_front
 
-__all__ = ["LM_FRONT", "evaluate_lm", "format_lm_results"]
+__all__ = ["LM_FRONT", "evaluate_lm", "format_lm_results", "lm_validation_scores"]
 
 LM_FRONT = "bpb"  # the metric a language model's frontier is drawn on (lower is better)
 
@@ -85,6 +85,17 @@ def evaluate_lm(net: Any, loader: Iterable[Any], stitches: Sequence[Any] | None 
         rows.append(StitchResult(s.id, s.name, c.flops, c.params, 100.0 * t.hits1.item() / tokens,
                                  100.0 * t.hits5.item() / tokens, loss, tokens, s.is_anchor, extra=extra))
     return mark_pareto(rows, y=LM_FRONT)
+
+
+def lm_validation_scores(net: Any, val_data: Any, batch_size: int) -> dict[str, Any]:
+    """What a causal-lm training run records at an epoch's end (``evals.jsonl``): the mean over every
+    network of its loss, perplexity, bits per byte and next-token top-1, and each anchor's bits per byte."""
+    from .text import text_loader
+
+    rows = evaluate_lm(net, text_loader(val_data, batch_size), progress=False)
+    mean = {k: sum(r.value(k) for r in rows) / len(rows) for k in ("loss", "ppl", "bpb", "acc1")}
+    return {**{f"{k}_mean": v for k, v in mean.items()}, "tokens": rows[0].images,
+            "anchors": {r.name: {"bpb": r.value("bpb"), "ppl": r.value("ppl")} for r in rows if r.is_anchor}}
 
 
 def format_lm_results(results: Sequence[StitchResult]) -> str:

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -212,18 +212,19 @@ class StitchedBase(nn.Module):
     _version: ClassVar[int] = FORMAT_VERSION  # the newest format version this class reads
     _what: ClassVar[str] = "stitched network"  # what error messages call it
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, state: Mapping[str, torch.Tensor] | None = None) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (every anchor and stitching layer).
 
         Both files are written to temporary names and renamed into place, so an interrupted
         save never leaves a half-written network behind. ``config.json`` records the SHA-256 of
         ``model.safetensors``; :meth:`from_pretrained` refuses a weights file that does not match.
+        ``state`` replaces the network's own state dict (a sharded network's gathered weights).
         """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = _unshared({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()})
+        state = _unshared({k: v.detach().contiguous().cpu() for k, v in (state or self.state_dict()).items()})
         config = self.config_dict()
 
         def write_weights(p: Path) -> None:
@@ -659,19 +660,25 @@ def anchor_specs(names: Sequence[str], pretrained: bool | None = None, files: Se
     return specs
 
 
+def saved_network(cls: type[StitchedBase], folder: str, space: SpaceConfig) -> StitchedBase:
+    """The network saved in ``folder`` (``model.init``), to train further: its stitch space is fixed, so
+    space options are refused; a new stitching-layer rank keeps the saved layers' map (merged if 0)."""
+    if space.two_way or space.routes is not None or space.chains:
+        raise ConfigError("model.init starts from a saved network, whose stitch space is fixed: drop the "
+                          "space options (two_way, chains, routes)")
+    net = cls.from_pretrained(folder)  # type: ignore[attr-defined]
+    if space.lora_rank is not None and (space.lora_rank, space.lora_alpha) != (net.lora_rank, net.lora_alpha):
+        net.set_lora_rank(space.lora_rank, space.lora_alpha)
+    return net
+
+
 def network_from_config(model: ModelConfig, space: SpaceConfig) -> StitchedNet:
     """The stitched network a training configuration names: its ``model.init`` folder, or its anchors
     (with their weights, heads and drop-path) stitched into ``space``.
 
     Anchors that snnet cannot split fail before anything is downloaded."""
     if model.init is not None:
-        if space.two_way or space.routes is not None or space.chains:
-            raise ConfigError("model.init starts from a saved network, whose stitch space is fixed: drop the "
-                              "space options (two_way, chains, routes)")
-        net = StitchedNet.from_pretrained(model.init)
-        if space.lora_rank is not None and (space.lora_rank, space.lora_alpha) != (net.lora_rank, net.lora_alpha):
-            net.set_lora_rank(space.lora_rank, space.lora_alpha)  # a new rank: the saved layers' map is kept, merged if 0
-        return net
+        return saved_network(StitchedNet, model.init, space)  # type: ignore[return-value]
     names = expand_family(model.anchors)
     files = list(model.weights) if model.weights else None
     if files is not None and len(files) != len(names):

@@ -7,11 +7,20 @@ a second class here, not changes to the loop.
 * :class:`ImageClassification` (``"image-classification"``): batches of ``(images, labels)``;
   the training loss is cross-entropy with label smoothing, or timm's soft-target cross-entropy
   on Mixup/CutMix-mixed targets; scored by top-1 and top-5 accuracy and mean cross-entropy.
+* :class:`CausalLM` (``"causal-lm"``): batches of ``{"input_ids", "bytes"}`` token blocks of a
+  text corpus (:mod:`snnet.text`); the loss is next-token cross-entropy at every position,
+  distillation a KL (or the teacher's top token) at every position; scored by perplexity, bits
+  per byte and next-token accuracy of every network (:func:`snnet.lm_eval.evaluate_lm`).
+
+Besides scoring, a task knows what the loop must not assume: how a batch splits into inputs
+and targets (:meth:`inputs`), its network (:meth:`build_network`), its dataset, its teacher and
+how the stitching layers are fitted before training (:meth:`fit_stitching`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,13 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import TASKS, DataConfig, DistillConfig
+from .config import TASKS, DataConfig, DistillConfig, TrainConfig
 from .errors import ConfigError, SnnetError
 
 if TYPE_CHECKING:
-    from .model import StitchedNet
+    from .model import StitchedBase, StitchedNet
 
-__all__ = ["ImageClassification", "Scores", "Tally", "get_task"]
+__all__ = ["CausalLM", "ImageClassification", "Scores", "Tally", "Task", "get_task"]
 
 
 class Tally:
@@ -88,7 +97,23 @@ class ImageClassification:
         else:
             self.criterion = nn.CrossEntropyLoss(label_smoothing=data.label_smoothing)
 
+    # -- the network
+    @staticmethod
+    def build_network(config: TrainConfig) -> "StitchedNet":
+        """The stitched network ``config.model`` and ``config.space`` name (:func:`snnet.model.network_from_config`)."""
+        from .model import network_from_config
+
+        if config.model.anchor_lora_rank:
+            raise ConfigError("model.anchor_lora_rank puts PEFT adapters on language-model anchors (task causal-lm); "
+                              "image networks have low-rank stitching layers: space.lora_rank")
+        return network_from_config(config.model, config.space)
+
     # -- training
+    @staticmethod
+    def inputs(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` of a training batch."""
+        return batch[0], batch[1]
+
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A training batch as the loss takes it: split-batch random erasing (``data.re_splits``), then Mixup/CutMix
         (soft targets), as timm's loader and training script apply them; or as it is."""
@@ -116,6 +141,29 @@ class ImageClassification:
         from .distill import distill_loss
 
         return distill_loss(student.float(), teacher.float(), config.type, config.temperature)
+
+    @staticmethod
+    def build_teacher(net: "StitchedBase | nn.Module", name: str) -> nn.Module | None:
+        """The frozen teacher ``distill.teacher`` names: the largest anchor's copy, or a timm model (checked)."""
+        from .distill import TeacherError, build_teacher
+        from .model import StitchedNet
+
+        if not isinstance(net, StitchedNet) and name == "largest":
+            raise TeacherError("distill.teacher 'largest' is a stitched network's largest anchor: give this model a "
+                               "teacher module (train(..., teacher=...)) or a timm model name")
+        return build_teacher(net, name)  # type: ignore[arg-type]
+
+    @staticmethod
+    def check_teacher(teacher: nn.Module, net: nn.Module) -> None:
+        """Refuse a teacher whose classes are not the network's, or that shares its weights."""
+        from .distill import check_teacher
+
+        check_teacher(teacher, net)
+
+    @staticmethod
+    def fit_stitching(net: "StitchedNet", data: Dataset, config: TrainConfig) -> None:
+        """The least-squares init of every stitching layer on ``model.init_images`` training images."""
+        net.init_stitching(_calibration(data, config), max_images=config.model.init_images, progress=config.run.progress)
 
     # -- data
     @staticmethod
@@ -158,12 +206,7 @@ class ImageClassification:
         """Fail before training if ``dataset`` cannot train ``net``; returns its size."""
         from .data import DatasetError, num_classes as dataset_classes
 
-        try:
-            n = len(dataset)  # type: ignore[arg-type]
-        except TypeError as e:
-            raise DatasetError("the training dataset has no length; snnet needs a map-style dataset") from e
-        if n == 0:
-            raise DatasetError("the training dataset is empty: point --data.source/--data.root at a folder with images")
+        n = _size(dataset, "the training dataset is empty: point --data.source/--data.root at a folder with images")
         try:
             classes = dataset_classes(dataset)
         except DatasetError:
@@ -185,13 +228,189 @@ class ImageClassification:
         return n
 
 
-_TASKS = {ImageClassification.name: ImageClassification}
+
+class CausalLM:
+    """Next-token prediction on text for a :class:`~snnet.families.causal_lm.StitchedLM` (see the module docstring).
+
+    ``data`` gives the corpus, the block length and the held-out share, and the label smoothing of
+    the targets; ``net`` the tokenizer the corpus is read with and the vocabulary (the shared
+    tokenizer's ids: padded rows of an embedding matrix are never targets).
+    """
+
+    name = "causal-lm"
+
+    def __init__(self, data: DataConfig = DataConfig(), net: "nn.Module | None" = None) -> None:
+        if data.mixing:
+            raise ConfigError("data.mixup and data.cutmix mix images; a causal-lm run has none: set them to 0")
+        self.label_smoothing = data.label_smoothing
+        self.tokenizer = getattr(net, "tokenizer", None)
+        self.vocab_size = getattr(net, "vocab_size", None)
+
+    # -- the network
+    @staticmethod
+    def build_network(config: TrainConfig) -> "StitchedBase":
+        """The stitched language model ``config.model`` and ``config.space`` name (its FLOPs at ``data.block_size``)."""
+        from .families.causal_lm import lm_network_from_config
+
+        return lm_network_from_config(config.model, config.space, config.data.block_size)
+
+    # -- training
+    @staticmethod
+    def inputs(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens 0..T-1, tokens 1..T)`` of a batch of ``T + 1``-token blocks: every position predicts the next."""
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[1] < 2:
+            raise SnnetError("a causal-lm batch holds input_ids of shape (batch, tokens >= 2) (snnet.text.text_loader)")
+        return ids[:, :-1], ids[:, 1:]
+
+    @staticmethod
+    def mix(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text is not mixed: the batch as it is."""
+        return x, y
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over every position (in float32 under autocast)."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), label_smoothing=self.label_smoothing)
+
+    @staticmethod
+    def distill(student: torch.Tensor, teacher: torch.Tensor, config: DistillConfig) -> torch.Tensor:
+        """Token-level distillation: at every position, KL at the temperature (soft) or the teacher's top token (hard)."""
+        from .distill import distill_loss
+
+        n = student.shape[-1]  # a teacher with a padded head scores only the shared tokenizer's ids
+        return distill_loss(student.flatten(0, 1).float(), teacher[..., :n].flatten(0, 1).float(), config.type,
+                            config.temperature)
+
+    @staticmethod
+    def build_teacher(net: "StitchedBase | nn.Module", name: str) -> nn.Module:
+        """A frozen teacher: a copy of the largest anchor (``'largest'``), or a language model by name, hub id or
+        folder that shares the network's tokenizer; it maps token ids to logits over the network's vocabulary."""
+        import copy
+
+        from .distill import TeacherError
+
+        anchors = getattr(net, "anchors", None)
+        if name == "largest":
+            if anchors is None:
+                raise TeacherError("distill.teacher 'largest' is a stitched network's largest anchor: give this model "
+                                   "a teacher module (train(..., teacher=...)) or a language model's name")
+            teacher: nn.Module = copy.deepcopy(anchors[-1])
+        else:
+            from .families.causal_lm import split_lm
+            from .families.lm_catalog import check_token_ids, load_model, resolve_lm
+
+            spec = resolve_lm(name)
+            model = load_model(spec, weights=True)
+            if anchors is not None:
+                check_token_ids([anchors[0].config, model.config], [getattr(net, "labels", ("network",))[0], spec.label])
+            teacher = split_lm(model)
+        teacher = teacher.eval().requires_grad_(False)
+        CausalLM.check_teacher(teacher, net, "the largest anchor" if name == "largest" else f"teacher {name!r}")
+        return teacher
+
+    @staticmethod
+    def check_teacher(teacher: nn.Module, net: nn.Module, name: str = "the teacher") -> None:
+        """Refuse a teacher that shares weights with the network, or that has no logit for some of its tokens."""
+        from .distill import TeacherError, teacher_logits
+
+        if {id(p) for p in teacher.parameters()} & {id(p) for p in net.parameters()}:
+            raise TeacherError(f"{name} shares weights with the network being trained: pass a frozen copy "
+                               "(distill.teacher 'largest' makes one of the largest anchor)")
+        vocab = getattr(net, "vocab_size", None)
+        param = next(teacher.parameters(), None)
+        ids = torch.zeros(1, 2, dtype=torch.long, device=param.device if param is not None else "cpu")
+        out = teacher_logits(teacher, ids)
+        if out.ndim != 3 or (isinstance(vocab, int) and out.shape[-1] < vocab):
+            raise TeacherError(f"{name} gives logits of shape {tuple(out.shape)} for 2 tokens; the network predicts "
+                               f"{vocab} token ids at every position: distil from a model with the same tokenizer")
+
+    @staticmethod
+    def fit_stitching(net: "StitchedBase", data: Dataset, config: TrainConfig) -> None:
+        """The least-squares init of every stitching layer on ``model.init_images`` training blocks."""
+        net.init_stitching(_calibration(data, config), max_tokens=config.model.init_images * config.data.block_size,  # type: ignore[call-arg]
+                           progress=config.run.progress)
+
+    # -- data
+    def dataset(self, data: DataConfig, data_config: Any = None, seed: int = 0, *, split: str | None = None,
+                train: bool = True, limit: int | None = None) -> Dataset:
+        """Token blocks of ``data.corpus`` read with the network's tokenizer: the files of ``split`` (default
+        ``data.split``: 'train', 'val' (held out) or 'all'), ``data.block_size`` predictions each, at most
+        ``data.limit`` blocks (training) or ``limit`` (evaluation). ``data_config`` and ``seed`` are not used:
+        text is neither transformed nor augmented."""
+        from .text import corpus_fingerprint, split_documents, stdlib_root, text_files, token_blocks
+
+        if self.tokenizer is None:
+            raise ConfigError("causal-lm reads its corpus with the network's tokenizer, and this network has none: "
+                              "build it from model folders that hold one (load_tokenizers) or pass tokenizer=")
+        root = stdlib_root() if data.corpus == "stdlib" else Path(data.corpus).expanduser()
+        files = text_files(root, "*.py") if data.corpus == "stdlib" else text_files(root, "*")
+        which = split or data.split
+        if which in ("all", "train+val"):
+            chosen = files
+        elif which in ("train", "val", "test", "held-out"):
+            train_files, held = split_documents(files, root, data.held_out)
+            chosen = train_files if which == "train" else held
+        else:
+            raise ConfigError(f"unknown split {which!r} of a text corpus; use train, val (the held-out files) or all")
+        return token_blocks(chosen, self.tokenizer, data.block_size, max_blocks=data.limit if train else limit,
+                            fingerprint=corpus_fingerprint(chosen, root))
+
+    def check_dataset(self, net: nn.Module, dataset: Dataset, batch_size: int) -> int:
+        """Fail before training if ``dataset`` cannot train ``net`` (token ids, block length); returns its size."""
+        from .data import DatasetError
+
+        n = _size(dataset, "the training text gave no token blocks: point --data.corpus at a folder of text files")
+        item = dataset[0]
+        if not isinstance(item, dict) or "input_ids" not in item:
+            raise DatasetError("a causal-lm dataset yields {'input_ids': ...} token blocks (snnet.text.token_blocks)")
+        ids = item["input_ids"]
+        if self.vocab_size is not None and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
+            raise DatasetError(f"token id {int(ids.max())} is outside the network's {self.vocab_size}-token vocabulary: "
+                               "the text was tokenised with another tokenizer")
+        limits = [getattr(getattr(p, "config", None), "max_position_embeddings", None) for p in getattr(net, "anchors", ())]
+        known = [m for m in limits if isinstance(m, int)]
+        if known and len(ids) - 1 > min(known):
+            raise DatasetError(f"blocks of {len(ids) - 1} tokens are longer than the {min(known)} positions an anchor "
+                               f"knows: lower --data.block_size to at most {min(known)}")
+        if n < batch_size:
+            raise DatasetError(f"the text gives {n} blocks, fewer than one batch of {batch_size}: lower "
+                               "--data.batch_size or --data.block_size, or read more text")
+        return n
+
+
+Task = ImageClassification | CausalLM
+
+def _size(dataset: Dataset, empty: str) -> int:
+    """The number of items of a training dataset, or a one-line refusal (no length; ``empty`` when it has none)."""
+    from .data import DatasetError
+
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise DatasetError("the training dataset has no length; snnet needs a map-style dataset") from e
+    if n == 0:
+        raise DatasetError(empty)
+    return n
+
+
+def _calibration(data: Dataset, config: TrainConfig) -> Any:
+    """Batches for the least-squares fit: ``model.init_images`` items of the training data, drawn with the run's seed."""
+    from torch.utils.data import DataLoader
+
+    n = config.model.init_images
+    return DataLoader(data, batch_size=min(config.data.batch_size, n), shuffle=True,
+                      generator=torch.Generator().manual_seed(config.run.seed), num_workers=config.data.workers)
+
+
+_TASKS: dict[str, type] = {ImageClassification.name: ImageClassification, CausalLM.name: CausalLM}
 assert tuple(_TASKS) == TASKS, "snnet.config.TASKS names the tasks implemented here"
 
 
-def get_task(name: str, data: DataConfig = DataConfig(), net: "StitchedNet | nn.Module | None" = None) -> ImageClassification:
-    """The task called ``name``, set up for ``data``'s targets and ``net``'s classes."""
+def get_task(name: str, data: DataConfig = DataConfig(), net: "StitchedBase | nn.Module | None" = None) -> Task:
+    """The task called ``name``, set up for ``data``'s targets and ``net``'s classes (or tokenizer)."""
     if name not in _TASKS:
         raise ConfigError(f"unknown task {name!r}; use one of {', '.join(_TASKS)}")
+    if name == CausalLM.name:
+        return CausalLM(data, net)
     classes = getattr(net, "num_classes", None) if net is not None else None
-    return _TASKS[name](data, classes if isinstance(classes, int) else 1000)
+    return ImageClassification(data, classes if isinstance(classes, int) else 1000)

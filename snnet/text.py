@@ -24,7 +24,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -135,6 +135,7 @@ class TokenBlocks(torch.utils.data.Dataset):
     ids: torch.Tensor  # (blocks, block_size + 1), long
     byte_counts: torch.Tensor  # (blocks,), long
     fingerprint: str = ""
+    deterministic_items: ClassVar[bool] = True  # fetching a block draws no random numbers (snnet.sampling.SeededItems)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])

@@ -62,10 +62,10 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, checkpoint_config, load_checkpoint, resolve_resume,
                          rng_state, save_checkpoint, seed_everything, set_rng_state)
 from .config import OptimConfig, TrainConfig, flatten  # noqa: F401  (OptimConfig, TrainConfig: public here)
-from .distill import TeacherError, build_teacher, check_teacher, set_two_head_training, teacher_logits, two_head_loss
+from .distill import set_two_head_training, teacher_logits, two_head_loss
 from .errors import CheckpointError, ConfigError, RunFolderError, SnnetError, TrainingError, TrainingInterrupted
 from .io import atomic_write, remove_stale_temps
-from .model import WEIGHTS_NAME, StitchedNet
+from .model import WEIGHTS_NAME, StitchedBase, StitchedNet
 from .optim import build_optimizer, lr_factor
 from .reference import stale_zero_grads
 from .report import progress as report_progress
@@ -73,7 +73,7 @@ from .runlock import (EVALS_NAME, FINAL_NAME, METRICS_NAME, RUN_ENTRIES, TRAIN_C
                       claim_run_folder)
 from .sampling import EpochSampler, SeededItems, make_stitch_sampler, seed_worker
 from .space import Stitch
-from .tasks import ImageClassification, get_task
+from .tasks import CausalLM, Task, get_task
 
 __all__ = ["NOT_RESULT_SETTINGS", "OptimConfig", "Position", "TrainConfig", "TrainResult", "Trainer", "Validation",
            "checkpoint_state", "check_changes", "check_resume", "default_device", "load_run_config", "result_settings",
@@ -145,7 +145,7 @@ class Resumed:
 # ---------------------------------------------------------------------------- the run
 
 
-def train(net: StitchedNet | nn.Module, train_data: Dataset, config: TrainConfig = TrainConfig(),
+def train(net: StitchedBase | nn.Module, train_data: Dataset, config: TrainConfig = TrainConfig(),
           optim: OptimConfig | None = None, *, teacher: nn.Module | None = None, stop_after: int | None = None,
           val_data: Dataset | None = None) -> TrainResult:
     """Train every network of the space at once (or a plain model) on ``train_data``; see the module docstring.
@@ -168,8 +168,11 @@ def train(net: StitchedNet | nn.Module, train_data: Dataset, config: TrainConfig
         config = dataclasses.replace(config, optim=optim)
     task = get_task(config.task, config.data, net)
     n = task.check_dataset(net, train_data, config.data.batch_size)  # before the folder is touched
+    if config.run.fsdp and val_data is not None and _dist()[1] > 1:
+        raise ConfigError("validation while training runs on one process, and a network sharded with run.fsdp "
+                          "needs all of them: evaluate the saved network afterwards (snnet eval)")
     if teacher is not None:
-        check_teacher(teacher, net)  # a teacher that cannot teach must not cost a run, nor touch its folder
+        task.check_teacher(teacher, net)  # a teacher that cannot teach must not cost a run, nor touch its folder
     validation = validation_set(net, config, task, val_data)  # a missing split fails before the folder is touched
     device = default_device(config.run.device)  # the hardware is checked when a run starts
     lock = _claim_run_folder(config)
@@ -184,13 +187,13 @@ def train(net: StitchedNet | nn.Module, train_data: Dataset, config: TrainConfig
             lock.release()
 
 
-def _train(net: StitchedNet | nn.Module, train_data: Dataset, n: int, config: TrainConfig, task: ImageClassification,
+def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: TrainConfig, task: Task,
            teacher: nn.Module | None, device: torch.device, stop_after: int | None,
            validation: "Validation | None") -> TrainResult:
     t_start = time.perf_counter()
     rank, world = _dist()
     out = Path(config.run.out_dir)
-    stitched = isinstance(net, StitchedNet)
+    stitched = isinstance(net, StitchedBase)
 
     # where the run starts: a checkpoint, or a fresh run whose every random draw follows the seed
     resumed = resume_from(config, out, net, world)
@@ -204,15 +207,16 @@ def _train(net: StitchedNet | nn.Module, train_data: Dataset, n: int, config: Tr
 
     # the network, its teacher, the optimizer: as they were at the checkpoint, or fresh
     if teacher is None and config.distill.teacher is not None:
-        teacher = _build_teacher(net, config.distill.teacher)  # before any work: a wrong one must not cost a run
+        teacher = task.build_teacher(net, config.distill.teacher)  # before any work: a wrong one must not cost a run
     net.to(device)
     if resumed is None and stitched and config.model.init_images > 0 and rank == 0:
-        _fit_stitching_layers(net, data, config)  # rank 0 fits; DDP broadcasts rank 0's weights when it wraps the network
+        task.fit_stitching(net, data, config)  # rank 0 fits; DDP (or FSDP) broadcasts rank 0's weights
+    if resumed is not None:  # before the trainer: FSDP shards the weights it finds
+        _load_weights(net, resumed.state["model"], str(resumed.path))
     trainer = Trainer(net, config, total_steps=plan.total, warmup_steps=plan.warmup, teacher=teacher, device=device,
                       steps_per_epoch=plan.steps_per_epoch, task=task)
     position = Position()
     if resumed is not None:
-        _load_weights(net, resumed.state["model"], str(resumed.path))
         trainer.load_state_dict(resumed.state["trainer"])
         if trainer.sampler is not None:
             trainer.sampler.load_state_dict(resumed.state["sampler"][rank])
@@ -237,8 +241,9 @@ def _train(net: StitchedNet | nn.Module, train_data: Dataset, n: int, config: Tr
     net.train()
     stops = StopSignals().start()  # Ctrl-C: finish the step, checkpoint, then stop
     try:
-        for x, y in _batches(data, order, config, position, plan):
+        for batch in _batches(data, order, config, position, plan):
             t0 = time.perf_counter()
+            x, y = task.inputs(batch)
             loss, stitch = trainer.step(x, y)
             if not math.isfinite(loss):
                 where = f" (stitch {stitch.name})" if stitch is not None else ""
@@ -279,7 +284,8 @@ def _train(net: StitchedNet | nn.Module, train_data: Dataset, n: int, config: Tr
     if stops.received is not None and position.step < plan.total:
         raise TrainingInterrupted(position.step, plan.total, last_ckpt, stops.received)
     finished = position.step >= plan.total
-    final_dir = _save_final(net, out / FINAL_NAME) if finished and rank == 0 else None
+    gathered = trainer.model_state() if finished and trainer.fsdp else None  # collective: every rank gathers
+    final_dir = _save_final(net, out / FINAL_NAME, gathered) if finished and rank == 0 else None
     seconds = time.perf_counter() - t_start
     return TrainResult(position.step, plan.total, finished, sum(window) / len(window) if window else float("nan"),
                        seconds, images / max(time.perf_counter() - t_loop, 1e-9), out, last_ckpt, final_dir,
@@ -293,15 +299,15 @@ def checkpoint_state(trainer: "Trainer", position: Position, config: TrainConfig
     Collective under DDP (every rank's sampler and RNG states are gathered): call it on every rank."""
     net = trainer.net
     sampler = trainer.sampler.state_dict() if trainer.sampler is not None else None
-    return {"version": CHECKPOINT_VERSION, "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+    return {"version": CHECKPOINT_VERSION, "model": trainer.model_state(),
             "trainer": trainer.state_dict(), "sampler": _gather(sampler, world), "rng": _gather(rng_state(), world),
             "step": position.step, "epoch": position.epoch, "epoch_step": position.epoch_step,
             "total_steps": total_steps, "world_size": world, "config": config.to_dict(),
-            "stitches": [s.name for s in net.space] if isinstance(net, StitchedNet) else None,
+            "stitches": [s.name for s in net.space] if isinstance(net, StitchedBase) else None,
             "route_mode": getattr(net, "route_mode", None)}
 
 
-def resume_from(config: TrainConfig, out: Path, net: StitchedNet | nn.Module, world: int) -> Resumed | None:
+def resume_from(config: TrainConfig, out: Path, net: StitchedBase | nn.Module, world: int) -> Resumed | None:
     """The checkpoint this run continues from (None: a fresh run), checked against the run: the same
     network and stitch space, the same number of processes, and the same settings wherever they
     change the result, unless ``run.resume_with_changes`` (then each change is recorded)."""
@@ -309,7 +315,7 @@ def resume_from(config: TrainConfig, out: Path, net: StitchedNet | nn.Module, wo
     if path is None:
         return None
     state = load_checkpoint(path)
-    names = [s.name for s in net.space] if isinstance(net, StitchedNet) else None
+    names = [s.name for s in net.space] if isinstance(net, StitchedBase) else None
     if state["stitches"] != names:
         theirs, ours = state["stitches"] or [], names or []
         raise CheckpointError(
@@ -418,7 +424,7 @@ class _DataFailed(Exception):
 
 
 def _batches(data: Dataset, order: EpochSampler, config: TrainConfig, start: Position,
-             plan: Plan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+             plan: Plan) -> Iterator[Any]:
     """The run's batches from ``start`` to its last step, epoch after epoch (each epoch's order and
     augmentation drawn when it starts). A failure to fetch one is raised as :class:`_DataFailed`."""
     step, epoch, skip = start.step, start.epoch, start.epoch_step
@@ -451,23 +457,8 @@ def _epoch_loader(data: Dataset, order: EpochSampler, epoch: int, start_batch: i
     return loader
 
 
-def _fit_stitching_layers(net: StitchedNet, data: Dataset, config: TrainConfig) -> None:
-    """The least-squares init of every stitching layer on ``model.init_images`` training images."""
-    n = config.model.init_images
-    calib = DataLoader(data, batch_size=min(config.data.batch_size, n), shuffle=True,
-                       generator=torch.Generator().manual_seed(config.run.seed), num_workers=config.data.workers)
-    net.init_stitching(calib, max_images=n, progress=config.run.progress)
-
-
-def _build_teacher(net: StitchedNet | nn.Module, name: str) -> nn.Module | None:
-    if not isinstance(net, StitchedNet) and name == "largest":
-        raise TeacherError("distill.teacher 'largest' is a stitched network's largest anchor: give this model a "
-                           "teacher module (train(..., teacher=...)) or a timm model name")
-    return build_teacher(net, name)  # type: ignore[arg-type]
-
-
-def _load_weights(net: StitchedNet | nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    if isinstance(net, StitchedNet):
+def _load_weights(net: StitchedBase | nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    if isinstance(net, StitchedBase):
         net.load_weights(state, source=source)
     else:
         try:
@@ -476,14 +467,15 @@ def _load_weights(net: StitchedNet | nn.Module, state: dict[str, torch.Tensor], 
             raise CheckpointError(f"{source} was written for another model ({str(e).splitlines()[0]})") from e
 
 
-def _save_final(net: StitchedNet | nn.Module, final: Path) -> Path:
-    """The trained network: ``save_pretrained`` for a stitched one, ``model.safetensors`` for a plain model."""
-    if isinstance(net, StitchedNet):
-        return net.save_pretrained(final)
+def _save_final(net: StitchedBase | nn.Module, final: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """The trained network: ``save_pretrained`` for a stitched one, ``model.safetensors`` for a plain model
+    (``state``: the weights gathered from a sharded network)."""
+    if isinstance(net, StitchedBase):
+        return net.save_pretrained(final, state)
     from safetensors.torch import save_file
 
     final.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in (state or net.state_dict()).items()}
     atomic_write(final / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
     return final
 
@@ -494,7 +486,7 @@ def _save(path: Path, state: dict[str, Any], keep: int, rank: int) -> Path:
     return path
 
 
-def _already_finished(net: StitchedNet | nn.Module, resumed: Resumed, plan: Plan, out: Path, rank: int) -> TrainResult:
+def _already_finished(net: StitchedBase | nn.Module, resumed: Resumed, plan: Plan, out: Path, rank: int) -> TrainResult:
     """A finished run resumed with its own settings: nothing to train, nothing rewritten (final/ restored if
     deleted); the network holds the run's trained weights, as after training."""
     final = out / FINAL_NAME
@@ -513,7 +505,7 @@ class Validation:
     transform: str  # snnet.data.describe_transform of the dataset
 
 
-def validation_set(net: StitchedNet | nn.Module, config: TrainConfig, task: ImageClassification,
+def validation_set(net: StitchedBase | nn.Module, config: TrainConfig, task: Task,
                    given: Dataset | None = None) -> Validation | None:
     """What a run validates on: ``given`` as it is, else split ``data.val_split`` of the training source read as
     ``snnet eval`` reads it (the paper's resize and crop for the families the paper trained, unless
@@ -525,6 +517,12 @@ def validation_set(net: StitchedNet | nn.Module, config: TrainConfig, task: Imag
         return None
     if given is not None:
         return Validation(given, "as given", describe_transform(given))
+    if isinstance(task, CausalLM):  # text is read as it is: no resize, crop or normalisation to choose
+        if d.eval_protocol is not None:
+            raise ConfigError("--data.eval_protocol chooses how images are resized and cropped; causal-lm reads text: "
+                              "drop it")
+        dataset = task.dataset(d, None, config.run.seed, split=d.val_split, train=False)
+        return Validation(dataset, "text", f"{d.block_size}-token blocks of {d.corpus}")
     if isinstance(net, StitchedNet):
         from .reference import eval_data_config
 
@@ -541,21 +539,20 @@ def validation_set(net: StitchedNet | nn.Module, config: TrainConfig, task: Imag
     return Validation(dataset, protocol, describe_transform(dataset))
 
 
-def _evaluate(net: StitchedNet | nn.Module, validation: Validation, config: TrainConfig, task: ImageClassification,
+def _evaluate(net: StitchedBase | nn.Module, validation: Validation, config: TrainConfig, task: Task,
               position: Position, device: torch.device) -> dict[str, Any]:
-    """One evaluation at an epoch's end: the model's scores, or every stitch's top-1 (mean, anchors), and the
-    protocol and transform the images were read with."""
-    from .evaluate import evaluate, evaluate_model
+    """One evaluation at an epoch's end: the task's scores of the model, or of every stitch (their means, the
+    anchors'), and the protocol and transform the data were read with."""
+    from .evaluate import validation_scores
+    from .lm_eval import lm_validation_scores
 
-    loader = DataLoader(validation.dataset, batch_size=max(config.data.batch_size, 256), num_workers=config.data.workers)
-    row: dict[str, Any] = {"step": position.step, "epoch": position.epoch}
-    if isinstance(net, StitchedNet):
-        results = evaluate(net, loader, device=device, progress=False, task=task)
-        row |= {"acc1_mean": sum(r.acc1 for r in results) / len(results), "images": results[0].images,
-                "anchors": {r.name: r.acc1 for r in results if r.is_anchor}}
+    data = validation.dataset
+    if isinstance(task, CausalLM):
+        scores = lm_validation_scores(net, data, config.data.batch_size)
     else:
-        row |= dataclasses.asdict(evaluate_model(net, loader, device=device, progress=False, task=task))
-    return row | {"eval_protocol": validation.protocol, "eval_transform": validation.transform, "time": time.time()}
+        scores = validation_scores(net, data, config.data.batch_size, config.data.workers, device, task)
+    return ({"step": position.step, "epoch": position.epoch} | scores
+            | {"eval_protocol": validation.protocol, "eval_transform": validation.transform, "time": time.time()})
 
 
 # ---------------------------------------------------------------------------- the settings' history
@@ -593,7 +590,7 @@ def _write_history(out: Path, config: TrainConfig, world: int, step: int, resume
 # ---------------------------------------------------------------------------- the step engine
 
 
-def route_modules(net: StitchedNet, stitch: Stitch) -> list[nn.Module]:
+def route_modules(net: StitchedBase, stitch: Stitch) -> list[nn.Module]:
     """The modules the route of ``stitch`` runs, flat (exactly what :meth:`StitchedNet.forward` calls)."""
     return list(net.route(stitch).modules())
 
@@ -637,10 +634,10 @@ class Trainer:
     replaces ``config.optim`` (the earlier call form).
     """
 
-    def __init__(self, net: StitchedNet | nn.Module, config: TrainConfig = TrainConfig(),
+    def __init__(self, net: StitchedBase | nn.Module, config: TrainConfig = TrainConfig(),
                  optim: OptimConfig | None = None, *, total_steps: int, warmup_steps: int | None = None,
                  teacher: nn.Module | None = None, device: str | torch.device | None = None,
-                 steps_per_epoch: int | None = None, task: ImageClassification | None = None) -> None:
+                 steps_per_epoch: int | None = None, task: Task | None = None) -> None:
         if optim is not None:
             config = dataclasses.replace(config, optim=optim)
         self.net, self.config = net, config
@@ -650,13 +647,16 @@ class Trainer:
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         self.total_steps = total_steps
         self.sampler = None
-        if isinstance(net, StitchedNet):
+        if isinstance(net, StitchedBase):
             s = config.sampling
             # per_rank: every rank its own stream of stitches; shared: one stream for all ranks
             seed = config.run.seed + (self.rank if s.stitch_sync == "per_rank" else 0)
             flops = [c.flops for c in net.costs()] if s.sampler in ("flops_bucketed", "ros") else None
             self.sampler = make_stitch_sampler(s.sampler, len(net.space), seed + 7919, flops, s.num_buckets,
                                                s.ros_gap, s.ros_ramp)
+        self.fsdp = self.world_size > 1 and config.run.fsdp
+        if self.fsdp:
+            _fully_shard(net, self.device)  # before the optimizer: it holds the shards
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.rates = config.rates(self.world_size)
         self.optimizer = build_optimizer(net, config.optim, self.rates.lr)
@@ -670,7 +670,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.task = task if task is not None else get_task(config.task, config.data, net)
         self.model: nn.Module = net
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # A route uses only some parameters: without find_unused_parameters DDP would
@@ -761,14 +761,64 @@ class Trainer:
                 p.grad.mul_(k)
 
     # -- state
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The network's weights on the CPU, whole (gathered from every rank under FSDP: collective, rank 0 gets them)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            return get_model_state_dict(self.net, options=_full_state_options())
+        return {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        """The optimizer (whole, keyed by parameter name under FSDP: collective), schedule and scaler."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            optimizer = get_optimizer_state_dict(self.net, self.optimizer, options=_full_state_options())
+        else:
+            optimizer = self.optimizer.state_dict()
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:  # every rank read the whole checkpoint: each takes its own shards of the optimizer state
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            # a parameter on no route so far has no optimizer state yet (not strict), and must not get one
+            # here: AdamW starts its moments when it first sees a gradient, as in the uninterrupted run
+            set_optimizer_state_dict(self.net, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
+            names: dict[Any, set[str]] = {}
+            for name, p in self.net.named_parameters(remove_duplicate=False):  # a tied weight has two names
+                names.setdefault(p, set()).add(name)
+            saved = state["optimizer"]["state"]
+            for p in [p for p in self.optimizer.state if not names.get(p, set()) & saved.keys()]:
+                del self.optimizer.state[p]
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+
+
+def _fully_shard(net: nn.Module, device: torch.device) -> None:
+    """torch's FSDP2 (``fully_shard``) over every process: each block of each anchor is one unit (gathered
+    just before it runs, freed after), the rest (stems, heads, stitching layers) the root's. Rank 0's weights
+    are broadcast first, as DDP does: it alone fitted the stitching layers."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    for t in [*net.parameters(), *net.buffers()]:
+        torch.distributed.broadcast(t.data, 0)
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for anchor in getattr(net, "anchors", ()):
+        for block in anchor.blocks:
+            fully_shard(block, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+
+
+def _full_state_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _is_oom(e: BaseException) -> bool:

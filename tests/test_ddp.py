@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -24,9 +22,8 @@ import snnet
 from snnet.config import TrainConfig
 from snnet.train import Trainer, train
 
-from .conftest import TINY_VITS, Synthetic
+from .conftest import TINY_VITS, Synthetic, spawn_two
 
-TIMEOUT = 120
 # rank 0 runs the small anchor, rank 1 a stitch into the big one: they share the small
 # anchor's stem and first blocks, each also uses parameters the other does not
 STITCHES = ("snnet_tiny_vit_ti", "snnet_tiny_vit_ti[:2]+snnet_tiny_vit_s[2:]")
@@ -65,29 +62,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(worker, *args) -> None:
-    """Run ``worker(rank, 2, port, *args)`` on two processes (with a timeout, so a DDP hang fails instead of blocking)."""
-    world = 2
-    ctx = mp.start_processes(worker, args=(world, _free_port(), *args), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT
-    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"two-process DDP run hung for {TIMEOUT}s")
-
-
 @pytest.fixture(scope="module")
 def ddp_out(tmp_path_factory) -> Path:
     """Run the two-process job once."""
     out = tmp_path_factory.mktemp("ddp")
-    _spawn(_worker, str(out))
+    spawn_two(_worker, str(out))
     return out
 
 
@@ -129,8 +108,8 @@ def ddp_resumed(tmp_path_factory) -> Path:
     """The two-process per_rank run, rank 1 killed with SIGKILL at step 5, then resumed from step 3."""
     out = tmp_path_factory.mktemp("ddp_kill")
     with pytest.raises(mp.ProcessExitedException, match="SIGKILL|signal"):
-        _spawn(_killed_or_resumed, str(out), False)
-    _spawn(_killed_or_resumed, str(out), True)
+        spawn_two(_killed_or_resumed, str(out), False)
+    spawn_two(_killed_or_resumed, str(out), True)
     return out
 
 

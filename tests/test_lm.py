@@ -17,9 +17,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig,  # noqa: E402
-                          PreTrainedTokenizerFast, Qwen2Config)
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import snnet.lm as lm  # noqa: E402
@@ -27,40 +25,10 @@ from snnet.errors import CheckpointError, NotStitchableError, SnnetError, Stitch
 from snnet.families.lm_catalog import check_token_ids, lm_families, member_config  # noqa: E402
 from snnet.families.lm_hf import verify_export  # noqa: E402
 
+from .conftest import LM_TEXT as TEXT, lm_config as _config, lm_tokenizer as _tokenizer  # noqa: E402
+
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
-
-TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    '''A point in the plane.'''\n\n"
-        "    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n") * 4
-
-
-def _tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT + extra], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-
-
-def _config(family: str, width: int, depth: int, vocab: int, extra_rows: int):
-    common = dict(bos_token_id=0, eos_token_id=0)
-    if family == "gpt2":
-        return GPT2Config(n_embd=width, n_layer=depth, n_head=4, n_positions=64, vocab_size=vocab, **common)
-    if family == "pythia":  # padded embedding matrices, as Pythia's members pad theirs differently
-        return GPTNeoXConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=4, intermediate_size=2 * width,
-                             vocab_size=vocab + extra_rows, rotary_pct=0.25, max_position_embeddings=64, **common)
-    if family == "qwen2.5":
-        return Qwen2Config(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=depth, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=vocab + extra_rows, tie_word_embeddings=extra_rows == 0,
-                           max_position_embeddings=64, **common)
-    scaling = ({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16} if family == "llama3.2" else None)
-    return LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=depth, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=64,
-                       rope_scaling=scaling, rope_theta=500000.0 if scaling else 100000.0, **common)
-
 
 FAMILIES = ["gpt2", "pythia", "qwen2.5", "smollm2", "llama3.2"]
 # (width, depth, extra embedding rows): 2 and 4 layers deep so the space has unpaired stitches too

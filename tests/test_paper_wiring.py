@@ -23,7 +23,7 @@ from snnet.reference import IMAGENET_MEAN, IMAGENET_STD
 from snnet.train import Trainer, train
 
 from .conftest import TINY_VITS
-from .test_train import Synthetic, _image_folder, cfg
+from .conftest import Synthetic, _image_folder, cfg
 
 LEVITS = ["snnet_tiny_levit_a", "snnet_tiny_levit_b"]
 
