@@ -422,7 +422,13 @@ def test_ctrl_c_while_snnet_loads_is_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "snnet", "train", "--out", str(tmp_path / "o")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
-    time.sleep(0.5)  # torch and timm take seconds to load
+    # Ctrl-C once torch's library is mapped: snnet is importing torch (seconds of work). Earlier, while Python
+    # itself starts (its site module), an interrupt ends the interpreter before any code of snnet runs
+    # ("Fatal Python error: init_import_site", exit 1) -- nothing a program can catch; a busy machine makes
+    # that window long, so a fixed delay made this test fail there.
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and "libtorch" not in maps.read_text(errors="ignore"):
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and _one_line(err) == "error: interrupted"
