@@ -456,11 +456,11 @@ def _save_final(net: StitchedBase | nn.Module, final: Path) -> Path:
     """The trained network: ``save_pretrained`` for a stitched one, ``model.safetensors`` for a plain model."""
     if isinstance(net, StitchedBase):
         return net.save_pretrained(final)
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
     final.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    atomic_write(final / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
+    # save_model writes a tensor shared by two names (a tied LM head) once; load_model ties it back
+    atomic_write(final / WEIGHTS_NAME, lambda tmp: save_model(net, str(tmp)))
     return final
 
 
