@@ -182,6 +182,8 @@ def save_member(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
         model.to(torch.float32)
         _load_as_float32(tmp / "config.json")
         tokenizer.save_pretrained(str(tmp))
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # the usual file mode (some writers make private files): the folder ships in the wheel
         old = None
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
