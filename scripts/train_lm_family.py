@@ -5,7 +5,7 @@
    training and held-out parts (a hash of each file's path: ``snnet.text.split_documents``), and
    records the corpus's fingerprint.
 2. Trains one byte-level BPE tokenizer (HF ``tokenizers``, 2,048 tokens) on the training files only.
-3. Trains ``stdlib-lm-s``, ``stdlib-lm-m`` and ``stdlib-lm-l`` (``snnet.lm_family.STDLIB_LM_ARCHS``:
+3. Trains ``stdlib-lm-xs``, ``stdlib-lm-s`` and ``stdlib-lm-m`` (``snnet.lm_family.STDLIB_LM_ARCHS``:
    Llama-style decoders) one after the other, each through snnet's training loop
    (``snnet.lm_family.train_lm_member`` -> ``snnet.train.train``, ``task: causal-lm``) with the
    ``stdlib-lm`` recipe (``snnet/recipes/stdlib-lm.yaml``). Each model's run lives in
@@ -50,7 +50,7 @@ class LMFamilyOptions:
     """Which members to train, where their runs and artifacts go, and what they are measured on."""
 
     models: tuple[str, ...] = tuple(STDLIB_LM_ARCHS)
-    """The members to train (stdlib-lm-s, stdlib-lm-m, stdlib-lm-l), one after the other."""
+    """The members to train (stdlib-lm-xs, stdlib-lm-s, stdlib-lm-m), one after the other."""
     out: str = str(family_dir())
     """Where each member's folder, family.json and MODEL_CARD.md go."""
     runs: str = "runs/lm_family"

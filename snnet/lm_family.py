@@ -53,12 +53,14 @@ class LMArch:
     intermediate: int
 
 
-# Sizes chosen so the three span ~10x in FLOPs per token and the largest trains in minutes on a CPU
-# core (measured: ~0.7k-2k training tokens/s for L on this 2-core machine under load).
+# Sizes chosen so the three span about an order of magnitude in FLOPs per token and each trains in minutes
+# on a CPU core, one depth for all. There is no "l": 192-wide members (6 and 4 layers deep) stayed on the
+# plateau of single-token statistics longer than m in the family's short run, so the family grew downwards
+# instead (snnet/recipes/stdlib-lm.yaml tells the history).
 STDLIB_LM_ARCHS: dict[str, LMArch] = {
+    "stdlib-lm-xs": LMArch(24, 4, 2, 64),
     "stdlib-lm-s": LMArch(48, 4, 3, 128),
     "stdlib-lm-m": LMArch(128, 4, 4, 352),
-    "stdlib-lm-l": LMArch(192, 6, 6, 512),
 }
 
 

@@ -32,7 +32,8 @@ QUICK = {"max_steps": 20, "limit": 5000, "eval_limit": 1000}  # --quick: a smoke
 
 DESCRIPTION = ("Build an SN-Net from the shipped Fashion-MNIST family, train it briefly, evaluate every stitch, plot "
                "the Pareto frontier and switch stitches by budget. The training's settings start from the demo "
-               "recipe (snnet/recipes/demo.yaml); --demo.* are what the demo measures and shows.")
+               "recipe (snnet/recipes/demo.yaml); --demo.* are what the demo measures and shows. snnet demo --lm (or "
+               "--task causal-lm) runs the language-model demo instead: snnet demo --lm --help.")
 
 
 def demo(ctx: typer.Context) -> None:
