@@ -152,6 +152,8 @@ from .commands import serve as _serve_cmd  # noqa: E402
 app.command("serve")(_serve_cmd.serve)
 from .commands import convert as _convert_cmd  # noqa: E402
 app.command("convert")(_convert_cmd.convert)
+from .commands import lm as _lm_cmd  # noqa: E402
+app.command("generate")(_lm_cmd.generate)
 # ---- end of registered commands ----
 
 

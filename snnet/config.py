@@ -197,6 +197,13 @@ class ModelConfig:
     """Stochastic depth of the anchors (timm's drop_path_rate), set when they are built."""
     init_images: int = 100
     """Calibration images (causal-lm: token blocks) for the least-squares fit of the stitching layers (0: keep them)."""
+    anchor_lora_rank: int = 0
+    """causal-lm: LoRA adapters of this rank on the anchors through PEFT, the anchors' own weights frozen (ESTA's
+    setting; 0: off, the anchors train whole)."""
+    anchor_lora_alpha: float = 16.0
+    """causal-lm: the anchors' LoRA updates are scaled by anchor_lora_alpha / anchor_lora_rank."""
+    anchor_lora_targets: tuple[str, ...] | None = None
+    """causal-lm: the anchors' modules that get adapters, by name (None: PEFT's defaults for each model type)."""
 
     def __post_init__(self) -> None:
         if self.weights is not None:
@@ -204,6 +211,11 @@ class ModelConfig:
         _need(self.num_classes is None or self.num_classes >= 1, f"model.num_classes must be >= 1, got {self.num_classes}")
         _need(0.0 <= self.drop_path < 1.0, f"model.drop_path must be in [0, 1), got {self.drop_path}")
         _need(self.init_images >= 0, f"model.init_images must be >= 0, got {self.init_images}")
+        _need(self.anchor_lora_rank >= 0, f"model.anchor_lora_rank must be >= 0 (0: off), got {self.anchor_lora_rank}")
+        _need(_finite(self.anchor_lora_alpha) and self.anchor_lora_alpha > 0,
+              f"model.anchor_lora_alpha must be > 0, got {self.anchor_lora_alpha}")
+        if self.anchor_lora_targets is not None:
+            object.__setattr__(self, "anchor_lora_targets", tuple(self.anchor_lora_targets))
         _need(not (self.init is not None and self.drop_path > 0),
               "model.drop_path is set when the anchors are built; a network loaded with model.init keeps its own: "
               "drop one of them")
@@ -443,6 +455,9 @@ class RunConfig:
     """cpu, cuda, cuda:1, mps (None: cuda if there is one). Checked when the run starts."""
     amp: str = "auto"
     """Mixed precision: 'auto' (float16 on CUDA, off elsewhere), 'bf16', 'fp16' or 'off'."""
+    fsdp: bool = False
+    """Several processes: shard parameters, gradients and optimizer state over them (torch's fully_shard, one unit
+    per block) instead of a full copy on each (DDP): anchors that do not fit one device. Needs stitch_sync 'shared'."""
     ckpt_every: int = 500
     """Steps between checkpoints (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -501,6 +516,12 @@ class TrainConfig:
         _one_of("task", self.task, TASKS)
         for name, cls in SECTIONS.items():
             _need(isinstance(getattr(self, name), cls), f"{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
+        _need(not (self.run.fsdp and self.model.anchor_lora_rank),
+              "run.fsdp with model.anchor_lora_rank is not supported: adapters are merged on one process when the "
+              "network is saved; train LoRA adapters with DDP (drop run.fsdp)")
+        _need(not self.run.fsdp or self.sampling.stitch_sync == "shared",
+              "run.fsdp shards every block over the processes, so all of them must run the same route each step: "
+              "set sampling.stitch_sync to 'shared'")
 
     # -- reading and writing
     def to_dict(self) -> dict[str, Any]:

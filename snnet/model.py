@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -231,18 +231,19 @@ class StitchedBase(nn.Module):
     _version: ClassVar[int] = FORMAT_VERSION  # the newest format version this class reads
     _what: ClassVar[str] = "stitched network"  # what error messages call it
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, state: Mapping[str, torch.Tensor] | None = None) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (every anchor and stitching layer).
 
         Both files are written to temporary names and renamed into place, so an interrupted
         save never leaves a half-written network behind. ``config.json`` records the SHA-256 of
         ``model.safetensors``; :meth:`from_pretrained` refuses a weights file that does not match.
+        ``state`` replaces the network's own state dict (a sharded network's gathered weights).
         """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = _unshared({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()})
+        state = _unshared({k: v.detach().contiguous().cpu() for k, v in (state or self.state_dict()).items()})
         config = self.config_dict()
 
         def write_weights(p: Path) -> None:

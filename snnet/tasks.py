@@ -100,6 +100,9 @@ class ImageClassification:
         """The stitched network ``config.model`` and ``config.space`` name (:func:`snnet.model.network_from_config`)."""
         from .model import network_from_config
 
+        if config.model.anchor_lora_rank:
+            raise ConfigError("model.anchor_lora_rank puts PEFT adapters on language-model anchors (task causal-lm); "
+                              "image networks have low-rank stitching layers: space.lora_rank")
         return network_from_config(config.model, config.space)
 
     # -- training

@@ -165,6 +165,9 @@ def train(net: StitchedBase | nn.Module, train_data: Dataset, config: TrainConfi
         config = dataclasses.replace(config, optim=optim)
     task = get_task(config.task, config.data, net)
     n = task.check_dataset(net, train_data, config.data.batch_size)  # before the folder is touched
+    if config.run.fsdp and val_data is not None and _dist()[1] > 1:
+        raise ConfigError("validation while training runs on one process, and a network sharded with run.fsdp "
+                          "needs all of them: evaluate the saved network afterwards (snnet eval)")
     if teacher is not None:
         task.check_teacher(teacher, net)  # a teacher that cannot teach must not cost a run, nor touch its folder
     device = default_device(config.run.device)  # the hardware is checked when a run starts
@@ -203,12 +206,13 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
         teacher = task.build_teacher(net, config.distill.teacher)  # before any work: a wrong one must not cost a run
     net.to(device)
     if resumed is None and stitched and config.model.init_images > 0 and rank == 0:
-        task.fit_stitching(net, data, config)  # rank 0 fits; DDP broadcasts rank 0's weights when it wraps the network
+        task.fit_stitching(net, data, config)  # rank 0 fits; DDP (or FSDP) broadcasts rank 0's weights
+    if resumed is not None:  # before the trainer: FSDP shards the weights it finds
+        _load_weights(net, resumed.state["model"], str(resumed.path))
     trainer = Trainer(net, config, total_steps=plan.total, warmup_steps=plan.warmup, teacher=teacher, device=device,
                       steps_per_epoch=plan.steps_per_epoch, task=task)
     position = Position()
     if resumed is not None:
-        _load_weights(net, resumed.state["model"], str(resumed.path))
         trainer.load_state_dict(resumed.state["trainer"])
         if trainer.sampler is not None:
             trainer.sampler.load_state_dict(resumed.state["sampler"][rank])
@@ -276,7 +280,8 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
     if stops.received is not None and position.step < plan.total:
         raise TrainingInterrupted(position.step, plan.total, last_ckpt, stops.received)
     finished = position.step >= plan.total
-    final_dir = _save_final(net, out / FINAL_NAME) if finished and rank == 0 else None
+    gathered = trainer.model_state() if finished and trainer.fsdp else None  # collective: every rank gathers
+    final_dir = _save_final(net, out / FINAL_NAME, gathered) if finished and rank == 0 else None
     seconds = time.perf_counter() - t_start
     return TrainResult(position.step, plan.total, finished, sum(window) / len(window) if window else float("nan"),
                        seconds, images / max(time.perf_counter() - t_loop, 1e-9), out, last_ckpt, final_dir,
@@ -290,7 +295,7 @@ def checkpoint_state(trainer: "Trainer", position: Position, config: TrainConfig
     Collective under DDP (every rank's sampler and RNG states are gathered): call it on every rank."""
     net = trainer.net
     sampler = trainer.sampler.state_dict() if trainer.sampler is not None else None
-    return {"version": CHECKPOINT_VERSION, "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+    return {"version": CHECKPOINT_VERSION, "model": trainer.model_state(),
             "trainer": trainer.state_dict(), "sampler": _gather(sampler, world), "rng": _gather(rng_state(), world),
             "step": position.step, "epoch": position.epoch, "epoch_step": position.epoch_step,
             "total_steps": total_steps, "world_size": world, "config": config.to_dict(),
@@ -452,15 +457,20 @@ def _load_weights(net: StitchedBase | nn.Module, state: dict[str, torch.Tensor],
             raise CheckpointError(f"{source} was written for another model ({str(e).splitlines()[0]})") from e
 
 
-def _save_final(net: StitchedBase | nn.Module, final: Path) -> Path:
-    """The trained network: ``save_pretrained`` for a stitched one, ``model.safetensors`` for a plain model."""
+def _save_final(net: StitchedBase | nn.Module, final: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """The trained network: ``save_pretrained`` for a stitched one, ``model.safetensors`` for a plain model
+    (``state``: the weights gathered from a sharded network)."""
     if isinstance(net, StitchedBase):
-        return net.save_pretrained(final)
-    from safetensors.torch import save_model
+        return net.save_pretrained(final, state)
+    from safetensors.torch import save_file, save_model
 
     final.mkdir(parents=True, exist_ok=True)
-    # save_model writes a tensor shared by two names (a tied LM head) once; load_model ties it back
-    atomic_write(final / WEIGHTS_NAME, lambda tmp: save_model(net, str(tmp)))
+    if state is None:
+        # save_model writes a tensor shared by two names (a tied LM head) once; load_model ties it back
+        atomic_write(final / WEIGHTS_NAME, lambda tmp: save_model(net, str(tmp)))
+        return final
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(final / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
     return final
 
 
@@ -592,6 +602,9 @@ class Trainer:
             flops = [c.flops for c in net.costs()] if s.sampler in ("flops_bucketed", "ros") else None
             self.sampler = make_stitch_sampler(s.sampler, len(net.space), seed + 7919, flops, s.num_buckets,
                                                s.ros_gap, s.ros_ramp)
+        self.fsdp = self.world_size > 1 and config.run.fsdp
+        if self.fsdp:
+            _fully_shard(net, self.device)  # before the optimizer: it holds the shards
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.rates = config.rates(self.world_size)
         self.optimizer = build_optimizer(net, config.optim, self.rates.lr)
@@ -605,7 +618,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.task = task if task is not None else get_task(config.task, config.data, net)
         self.model: nn.Module = net
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # A route uses only some parameters: without find_unused_parameters DDP would
@@ -683,14 +696,64 @@ class Trainer:
                 p.grad.mul_(k)
 
     # -- state
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The network's weights on the CPU, whole (gathered from every rank under FSDP: collective, rank 0 gets them)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            return get_model_state_dict(self.net, options=_full_state_options())
+        return {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        """The optimizer (whole, keyed by parameter name under FSDP: collective), schedule and scaler."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            optimizer = get_optimizer_state_dict(self.net, self.optimizer, options=_full_state_options())
+        else:
+            optimizer = self.optimizer.state_dict()
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:  # every rank read the whole checkpoint: each takes its own shards of the optimizer state
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            # a parameter on no route so far has no optimizer state yet (not strict), and must not get one
+            # here: AdamW starts its moments when it first sees a gradient, as in the uninterrupted run
+            set_optimizer_state_dict(self.net, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
+            names: dict[Any, set[str]] = {}
+            for name, p in self.net.named_parameters(remove_duplicate=False):  # a tied weight has two names
+                names.setdefault(p, set()).add(name)
+            saved = state["optimizer"]["state"]
+            for p in [p for p in self.optimizer.state if not names.get(p, set()) & saved.keys()]:
+                del self.optimizer.state[p]
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+
+
+def _fully_shard(net: nn.Module, device: torch.device) -> None:
+    """torch's FSDP2 (``fully_shard``) over every process: each block of each anchor is one unit (gathered
+    just before it runs, freed after), the rest (stems, heads, stitching layers) the root's. Rank 0's weights
+    are broadcast first, as DDP does: it alone fitted the stitching layers."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    for t in [*net.parameters(), *net.buffers()]:
+        torch.distributed.broadcast(t.data, 0)
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for anchor in getattr(net, "anchors", ()):
+        for block in anchor.blocks:
+            fully_shard(block, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+
+
+def _full_state_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _is_oom(e: BaseException) -> bool:

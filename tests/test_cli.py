@@ -76,6 +76,11 @@ BAD_LINES = [
     "demo --steps 0", "demo --batch-size 0", "demo --lr nan", "demo --lr inf", "demo --anchor-lr-scale nan",
     "demo --distill-alpha 2", "demo --distill-alpha nan", "demo --eval-limit 0", "demo --train-limit -5",
     "demo --sampler fancy", "demo --device foo", "demo --seed -1", "demo --data /nonexistent", "demo --out FILE",
+    # language models: train --task causal-lm, generate
+    "train --task fancy", "train --task causal-lm --data.mixup 0.5", "train --task causal-lm --data.corpus /nonexistent",
+    "train --task causal-lm --data.block_size 0", "train --task causal-lm --data.held_out 1",
+    "train --task causal-lm --run.fsdp true", "train --task causal-lm --model.anchor_lora_rank -1",
+    "generate --model /nonexistent --prompt x", "generate --model FILE --prompt x",
 ]
 NEEDS_THE_SPACE = {"export --stitch 999"}  # the stitch ids come from the (meta-device) space
 

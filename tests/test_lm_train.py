@@ -123,11 +123,15 @@ def _trained(folders, corpus, out: Path, stop_after: int | None = None, **change
     return net, result
 
 
-def test_an_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(folders, corpus, tmp_path):
-    full, done = _trained(folders, corpus, tmp_path / "full", distill="largest", ckpt_every=2)
-    _, first = _trained(folders, corpus, tmp_path / "cut", stop_after=3, distill="largest", ckpt_every=2)
+@pytest.mark.parametrize("lora", [0, 4], ids=["whole", "lora"])
+def test_an_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(folders, corpus, tmp_path, lora):
+    if lora:
+        pytest.importorskip("peft")
+    run = dict(distill="largest", ckpt_every=2, anchor_lora_rank=lora)
+    full, done = _trained(folders, corpus, tmp_path / "full", **run)
+    _, first = _trained(folders, corpus, tmp_path / "cut", stop_after=3, **run)
     assert not first.finished and first.step == 3
-    resumed, rest = _trained(folders, corpus, tmp_path / "cut", resume="auto", distill="largest", ckpt_every=2)
+    resumed, rest = _trained(folders, corpus, tmp_path / "cut", resume="auto", **run)
     assert rest.finished and rest.stitches == done.stitches[3:]  # the sampler's stream goes on where it stopped
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # to the bit
@@ -172,14 +176,19 @@ def test_bf16_autocast_trains_on_cpu(folders, corpus, tmp_path):
     assert losses["bf16"] != losses["off"] and losses["bf16"] == pytest.approx(losses["off"], abs=0.05)
 
 
-def _ddp_worker(rank: int, world: int, port: int, folders: list[str], corpus: str, out: str) -> None:
-    """One rank of a two-process run: its own stitch per step, DDP's mean gradient, rank 0 writes the run."""
+def _join(rank: int, world: int, port: int) -> None:
+    """Join a gloo process group of ``world`` CPU processes, as torchrun's environment would say."""
     import os
 
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _ddp_worker(rank: int, world: int, port: int, folders: list[str], corpus: str, out: str) -> None:
+    """One rank of a two-process run: its own stitch per step, DDP's mean gradient, rank 0 writes the run."""
+    _join(rank, world, port)
     try:
         net, result = _trained(folders, Path(corpus), Path(out) / "run", batch_size=2, max_steps=4, ckpt_every=2)
         torch.save({"state": net.state_dict(), "stitches": result.stitches}, Path(out) / f"rank{rank}.pt")
@@ -197,3 +206,113 @@ def test_two_processes_train_one_stitched_lm_with_ddp(folders, corpus, tmp_path)
     assert all(torch.equal(saved[k], r0["state"][k]) for k in saved)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 4 and len(ckpt["sampler"]) == 2
+
+
+def _snnet(*args: str, cwd: Path) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run([sys.executable, "-m", "snnet", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_evaluates_generates_and_exports(folders, corpus, tmp_path, capsys):
+    """`python -m snnet train --task causal-lm ...` in a process of its own, then eval, generate, export on its network."""
+    import json
+
+    from snnet.cli import main
+
+    run = tmp_path / "run"
+    out = _snnet("train", "--recipe", "causal-lm", "--task", "causal-lm", "--model.anchors", ",".join(folders),
+                 "--data.corpus", str(corpus), "--data.block_size", str(BLOCK), "--data.batch_size", "4", "--data.limit", "16",
+                 "--schedule.max_steps", "4", "--model.init_images", "4", "--run.out_dir", str(run),
+                 "--run.progress", "false", "--distill.teacher", "largest", cwd=tmp_path)
+    assert "trained 4 steps" in out and "seq/s" in out
+    assert json.loads((run / "train_config.json").read_text())["segments"][0]["config"]["task"] == "causal-lm"
+    main(["eval", "--model", str(run / "final"), "--limit", "8", "--batch-size", "4", "--out", str(tmp_path / "eval"),
+          "--no-progress"])
+    assert "bits/byte" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    net = lm.StitchedLM.from_pretrained(run / "final")
+    assert len(rows) == len(net.space) and all(r["split"] == "val" for r in rows)  # the run's held-out files
+    assert all(math.isclose(r["ppl"], math.exp(r["loss"]), rel_tol=1e-6) for r in rows)
+    assert (tmp_path / "eval" / "frontier.html").is_file()
+    main(["generate", "--model", str(run / "final"), "--prompt", "def add(", "--max-new-tokens", "5", "--stitch", "1"])
+    assert capsys.readouterr().out.startswith("def add(")
+    main(["export", "--model", str(run / "final"), "--stitch", "2", "--out", str(tmp_path / "stitch")])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "stitch").eval()  # snnet.lm registered the class
+    ids = torch.randint(0, net.vocab_size, (1, 8))
+    net.eval().select(2)
+    torch.testing.assert_close(exported(ids).logits[..., :net.vocab_size], net(ids), atol=1e-5, rtol=1e-5)
+
+
+def _fsdp_worker(rank: int, world: int, port: int, folders: list[str], corpus: str, out: str) -> None:
+    """Three runs on one process group: FSDP, the same with DDP, and FSDP stopped at step 2 and resumed."""
+    _join(rank, world, port)
+    try:
+        common = dict(batch_size=2, max_steps=4, ckpt_every=2, stitch_sync="shared", clip_grad=1.0)
+        nets = {}
+        for name, fsdp in (("fsdp", True), ("ddp", False)):
+            net, result = _trained(folders, Path(corpus), Path(out) / name, fsdp=fsdp, **common)
+            nets[name] = result.stitches
+            # what this process holds of the network's parameters
+            nets[f"{name}_held"] = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in net.parameters())
+        _trained(folders, Path(corpus), Path(out) / "cut", stop_after=2, fsdp=True, **common)
+        _, result = _trained(folders, Path(corpus), Path(out) / "cut", resume="auto", fsdp=True, **common)
+        nets["cut"] = result.stitches
+        torch.save(nets, Path(out) / f"stitches{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_anchors_trains_as_ddp_does_and_resumes_exactly(folders, corpus, tmp_path):
+    spawn_two(_fsdp_worker, folders, str(corpus), str(tmp_path))
+    stitches = [torch.load(tmp_path / f"stitches{r}.pt") for r in range(2)]
+    assert stitches[0]["fsdp"] == stitches[1]["fsdp"] == stitches[0]["ddp"]  # one route for every rank per step
+    whole = stitches[0]["ddp_held"]  # DDP: every process holds the whole network; FSDP: about half of it each
+    assert stitches[0]["fsdp_held"] + stitches[1]["fsdp_held"] >= whole and stitches[0]["fsdp_held"] < 0.6 * whole
+    final = {name: lm.StitchedLM.from_pretrained(tmp_path / name / "final").state_dict() for name in ("fsdp", "ddp", "cut")}
+    start = lm.create_stitched_lm(",".join(folders), weights=True).state_dict()
+    moved = 0
+    for k, v in final["fsdp"].items():
+        torch.testing.assert_close(v, final["ddp"][k], atol=2e-6, rtol=1e-5)  # the same optimisation as DDP
+        assert torch.equal(v, final["cut"][k]), k  # and a resumed sharded run ends where the uninterrupted one does
+        moved += k in start and not torch.equal(v, start[k])
+    assert moved > 10  # training moved the anchors' weights
+    ckpt = torch.load(tmp_path / "fsdp" / "checkpoint.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["config"]["run"]["fsdp"] and set(ckpt["model"]) == set(final["fsdp"])
+
+
+def test_lora_on_the_anchors_trains_only_adapters_and_stitching_layers_and_saves_them_apart(folders, corpus, tmp_path):
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    config = _config(folders, corpus, tmp_path / "run", limit=32, anchor_lora_rank=4, anchor_lora_alpha=8.0)
+    net, task = _build(config)
+    trainable = {k for k, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in k or k.startswith("stitch_layers.") for k in trainable)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    result = train(net, task.dataset(config.data), config)
+    after = net.state_dict()
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed and changed <= trainable  # the anchors' own weights did not move
+    assert any(".lora_B." in k for k in changed)  # the adapters (B starts at zero) did
+    saved = lm.StitchedLM.from_pretrained(result.final_dir)  # a plain network: the adapters merged into its weights
+    assert not any(".lora_" in k for k in saved.state_dict())
+    ids = task.dataset(config.data, split="val", train=False, limit=2).ids[:, :-1]
+    net.eval()
+    for s in range(len(net.space)):
+        net.select(s)
+        saved.select(s)
+        torch.testing.assert_close(saved(ids), net(ids), atol=1e-5, rtol=1e-5)
+    adapters = load_file(str(result.final_dir / "adapters.safetensors"))
+    assert set(adapters) == trainable  # only what training changed, apart
+    assert sum(v.numel() for v in adapters.values()) < sum(v.numel() for v in saved.state_dict().values()) / 4
+    with pytest.raises(ConfigError, match="anchor_lora_rank puts PEFT adapters on language-model anchors"):
+        get_task("image-classification").build_network(TrainConfig().override(anchor_lora_rank=4))

@@ -142,6 +142,9 @@ def export(
 ) -> None:
     """Export one stitch alone: only the weights its route uses, as safetensors + config, torch.export and ONNX.
 
+    A stitched language model's network is written as a transformers model folder instead (an anchor as its
+    own model class, a stitch as SnnetRouteForCausalLM), verified the same way.
+
     Every file is verified (outputs equal to the stitch inside the stitched network) before it is moved
     into --out; if any format fails, nothing is written.
     """
@@ -151,6 +154,12 @@ def export(
     from ..errors import ExportError
     from ..io import check_creatable
 
+    from .lm import export_lm_folder, is_lm_folder
+
+    if is_lm_folder(model):  # a language model's route: a transformers model folder (its own formats)
+        check_creatable(out, error=ExportError)
+        export_lm_folder(model, stitch, out)  # type: ignore[arg-type]
+        return
     chosen_formats = _check_formats(formats)
     check_creatable(out, error=ExportError)  # an unwritable --out fails before any network is built
     check_export_folder(out, chosen_formats)  # and one whose files the export would mix or overwrite

@@ -15,10 +15,15 @@ def evaluate(
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="A saved stitched network (folder with config.json "
                                                   "and model.safetensors). Default: the shipped Fashion-MNIST family, "
                                                   "stitching layers fitted by least squares.")] = None,
-    data: Annotated[str, typer.Option(help="'fashion-mnist', an ImageFolder folder, or a timm dataset name.")] = "fashion-mnist",
-    split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")] = 256,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on the first N images only.")] = None,
+    data: Annotated[str, typer.Option(help="'fashion-mnist', an ImageFolder folder, or a timm dataset name; for a "
+                                      "language model a text corpus: 'stdlib' or a folder (default: its run's "
+                                      "data.corpus).")] = "fashion-mnist",
+    split: Annotated[str, typer.Option(help="Split to evaluate on (a language model's 'test' is its corpus's "
+                                       "held-out files).")] = "test",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images (or token blocks) per batch.")] = 256,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on the first N images (or token blocks) only.")] = None,
+    block_size: Annotated[Optional[int], typer.Option("--block-size", min=1, help="Language models: tokens predicted "
+                                                      "per block (default: its run's data.block_size).")] = None,
     stitches: Annotated[Optional[str], typer.Option(help="Comma-separated stitch ids or names (default: all).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, results.csv, pareto.html, pareto.png.")]
     = Path("snnet-eval"),
@@ -59,13 +64,23 @@ def evaluate(
     --results, an existing results file (or reference:<family>, the authors' table) is plotted again
     without evaluating anything.
     """
-    from .options import read_zoo_options
+    from .lm import evaluate_lm_folder, is_lm_folder
+    from .options import read_zoo_options, split_stitches
     from ..evaluate import check_writable, format_results, load_results
     from ..reference import published_rows, read_published, table_name
     from ..results import mark_pareto
 
     # everything a user can get wrong is checked before the first forward
     out = check_writable(out)
+    if is_lm_folder(model):  # a stitched language model: perplexity and bits per byte on held-out text
+        given = [o for o, v in (("--zoo", zoo), ("--reference", reference), ("--results", results),
+                                ("--eval-protocol", eval_protocol), ("--amp", amp or None)) if v is not None]
+        if given:
+            raise SnnetError(f"{', '.join(given)}: for image networks; {model} is a stitched language model")
+        paths = evaluate_lm_folder(model, data, split, batch_size, block_size, limit, split_stitches(stitches), out,
+                                   device, progress)  # type: ignore[arg-type]
+        typer.echo("\nwrote " + ", ".join(str(p) for p in paths))
+        return
     chosen_zoo = read_zoo_options(zoo, zoo_family, zoo_img_size, zoo_params, zoo_flops, split)
     if eval_protocol not in (None, "paper", "timm"):
         raise SnnetError(f"--eval-protocol {eval_protocol!r}: give paper or timm")

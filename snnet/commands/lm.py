@@ -1,10 +1,19 @@
-"""The language-model side of shared commands (``snnet stitches --anchors pythia``)."""
+"""The language-model side of shared commands: ``snnet stitches --anchors pythia``, ``snnet eval``,
+``snnet export`` and ``snnet generate`` on a saved stitched language model (a folder whose
+``config.json`` says ``"format": "snnet-lm"``, e.g. the ``final/`` of a ``--task causal-lm`` run)."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
 
 from ..errors import SnnetError
+
+# the image default of `snnet eval --data`: for a language model it means "the corpus it was trained on"
+_IMAGE_DEFAULT = "fashion-mnist"
 
 
 def lm_space(names: list[str], img_size: int | None, select: str | None, context: int | None,
@@ -20,3 +29,119 @@ def lm_space(names: list[str], img_size: int | None, select: str | None, context
         raise SnnetError("--select klas scores image models on calibration images; list a language model's whole "
                          "space without it")
     return create_stitched_lm(names, device="meta", context=context or DEFAULT_CONTEXT, **space)
+
+
+def is_lm_folder(path: Path | None) -> bool:
+    """Whether ``path`` holds a saved stitched language model (rather than an image network)."""
+    from ..families.causal_lm import FORMAT
+
+    if path is None or not (path / "config.json").is_file():
+        return False
+    try:
+        return json.loads((path / "config.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False  # the image loader says what is wrong with the file
+
+
+def load_lm(path: Path, device: str | None = None) -> Any:
+    """The stitched language model saved in ``path``, on ``device`` (default: CUDA if there is one)."""
+    from ..families.causal_lm import StitchedLM
+    from ..train import default_device
+
+    return StitchedLM.from_pretrained(path).to(default_device(device)).eval()
+
+
+def text_settings(model: Path, corpus: str | None, block_size: int | None, split: str) -> Any:
+    """The data settings of an evaluation: those of the run that trained ``model`` (its ``train_config.json``
+    beside ``final/``) where not given, else the tree's defaults; the split in the corpus's terms."""
+    import dataclasses
+
+    from ..config import DataConfig
+
+    data = DataConfig()
+    run = model.resolve().parent
+    if (run / "train_config.json").is_file():
+        from ..train import load_run_config
+
+        data = load_run_config(run).data
+    changes: dict[str, Any] = {"split": "val" if split in ("test", "val", "held-out") else split}
+    if corpus is not None and corpus != _IMAGE_DEFAULT:
+        changes["corpus"] = corpus
+    if block_size is not None:
+        changes["block_size"] = block_size
+    return dataclasses.replace(data, **changes)
+
+
+def evaluate_lm_folder(model: Path, corpus: str | None, split: str, batch_size: int, block_size: int | None,
+                       limit: int | None, stitches: list[str] | None, out: Path, device: str | None,
+                       progress: bool) -> list[Path]:
+    """``snnet eval --model LM``: perplexity, bits per byte and next-token accuracy of every chosen network on
+    the held-out text, printed, written as results.json/csv, and the bits-per-byte frontier against FLOPs per
+    token as frontier.html/png."""
+    import dataclasses
+
+    from ..lm_eval import LM_FRONT, evaluate_lm, format_lm_results
+    from ..plot import plot_pareto
+    from ..results import write_results
+    from ..tasks import CausalLM
+    from ..text import text_loader
+
+    net = load_lm(model, device)
+    chosen = [net.stitch(k) for k in stitches] if stitches is not None else None  # bad names fail before reading text
+    data = text_settings(model, corpus, block_size, split)
+    blocks = CausalLM(data, net).dataset(data, train=False, limit=limit)
+    rows = evaluate_lm(net, text_loader(blocks, batch_size), chosen, progress=progress, context=data.block_size)
+    where = {"corpus": data.corpus, "split": data.split, "fingerprint": blocks.fingerprint}
+    rows = [dataclasses.replace(r, extra={**r.extra, **where}) for r in rows]
+    typer.echo(format_lm_results(rows))
+    return [*write_results(rows, out), *plot_pareto(rows, out / "frontier.html", out / "frontier.png", y=LM_FRONT)]
+
+
+def export_lm_folder(model: Path, stitch: str, out: Path) -> Path:
+    """``snnet export --model LM --stitch S``: one network as a standalone transformers model folder (verified)."""
+    from ..families.lm_hf import export_route
+
+    net = load_lm(model, "cpu")
+    s = net.stitch(stitch)
+    path = export_route(net, s, out)
+    typer.echo(f"exported {s.name} to {path} (verified: its logits match the stitched network's within 1e-5)")
+    return path
+
+
+def generate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="A saved stitched language model (e.g. a causal-lm "
+                                        "run's final/ folder).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Text to continue (repeat for a batch).")],
+    stitch: Annotated[Optional[str], typer.Option("--stitch", "-s", help="Stitch id or name (default: the largest "
+                                                  "anchor); or --budget.")] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="A network within a budget, e.g. 'flops<=400M' "
+                                                  "(FLOPs per generated token): the lowest bits per byte in "
+                                                  "--results, else the dearest within it.")] = None,
+    results: Annotated[Optional[Path], typer.Option("--results", "-r", help="results.json of `snnet eval` on this "
+                                                    "network, for --budget.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to add.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy; above 0: sampling.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling's mass.")] = 1.0,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this text (repeatable).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of sampling (the same seed repeats a sample).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1... (default: cuda if available).")] = None,
+) -> None:
+    """Continue text with one network of a saved stitched language model (its own KV cache, greedy or sampled)."""
+    from ..generate import GenerationOptions, generate as run
+
+    if stitch is not None and budget is not None:
+        raise SnnetError("give --stitch or --budget, not both")
+    net = load_lm(model, device)
+    if net.tokenizer is None:
+        raise SnnetError(f"{model} holds no tokenizer: text cannot be encoded for it")
+    if budget is not None:
+        chosen = net.select(budget=budget, results=results).stitch
+    else:
+        chosen = net.stitch(stitch) if stitch is not None else net.active
+    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                stop=tuple(stop or ()), seed=seed)
+    outs = run(net, list(prompt), stitch=chosen, options=options)
+    for p, o in zip(prompt, outs if isinstance(outs, list) else [outs]):
+        typer.echo(p + o.text)
+    typer.echo(f"({chosen.name}: {net.costs()[chosen.id].flops / 1e6:.2f}M FLOPs per token at a {net.context}-token "
+               "context)", err=True)

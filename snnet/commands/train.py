@@ -35,7 +35,6 @@ def run_train(argv: Sequence[str]) -> None:
 
     from ..checkpoint import seed_everything
     from ..errors import TrainingInterrupted
-    from ..model import network_from_config
     from ..runlock import check_run_folder
     from ..tasks import get_task
     from ..train import check_resume, train as run
@@ -59,13 +58,13 @@ def run_train(argv: Sequence[str]) -> None:
     except CheckpointError as e:
         raise _with_command(e, argv, config) from None
     seed_everything(config.run.seed)  # random-init anchors and heads follow the seed
-    net = network_from_config(config.model, config.space)
+    net = get_task(config.task).build_network(config)
     started = _init_distributed(config.run.device)
     try:
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"{parsed.recipe or 'snnet'}: {config.describe_rates(world)}")
-        dataset = get_task(config.task, config.data, net).dataset(config.data, net.anchors[0].data_config,
-                                                                 config.run.seed)
+        dataset = get_task(config.task, config.data, net).dataset(
+            config.data, getattr(net.anchors[0], "data_config", None), config.run.seed)
         result = run(net, dataset, config)
     except TrainingInterrupted as e:
         if int(os.environ.get("RANK", "0")) == 0:  # one message, not one per process
@@ -83,7 +82,8 @@ def run_train(argv: Sequence[str]) -> None:
                    f"--init {result.final_dir} --out NEW_FOLDER, or continue this one with a longer schedule and "
                    "--resume-with-changes")
     elif result.final_dir is not None:
-        typer.echo(f"trained {result.step} steps in {result.seconds:.0f}s ({result.images_per_second:.0f} img/s), "
+        unit = "seq" if config.task == "causal-lm" else "img"
+        typer.echo(f"trained {result.step} steps in {result.seconds:.0f}s ({result.images_per_second:.0f} {unit}/s), "
                    f"last loss {result.loss:.4f}; network saved to {result.final_dir}, checkpoint {result.checkpoint}")
 
 
@@ -102,15 +102,27 @@ def check_inputs(config: TrainConfig) -> None:
     from ..data import check_source
     from ..train import default_device
 
+    from ..tasks import get_task
+
     default_device(config.run.device)  # the hardware: an absent device fails now
+    get_task(config.task, config.data)  # settings the task cannot use (mixup for text) fail now
     missing = [w for w in config.model.weights or () if not Path(w).is_file()]
     if missing:
         raise SnnetError(f"--model.weights: no file {', '.join(missing)}")
-    if config.distill.teacher not in (None, "largest"):
-        resolve_name(config.distill.teacher)  # an unknown teacher fails now, not after the stitching layers are fitted
     if config.model.init is not None and not Path(config.model.init).is_dir():
         raise SnnetError(f"--model.init {config.model.init}: no such folder (give a folder written by save_pretrained, "
                          "e.g. a run's final/)")
+    if config.task == "causal-lm":  # text: a corpus, language models by name or folder
+        from ..families.lm_catalog import resolve_lm
+
+        if config.distill.teacher not in (None, "largest"):
+            resolve_lm(config.distill.teacher)
+        if config.data.corpus != "stdlib" and not Path(config.data.corpus).expanduser().is_dir():
+            raise SnnetError(f"--data.corpus {config.data.corpus}: no such folder (give 'stdlib' or a folder of text "
+                             "files)")
+        return
+    if config.distill.teacher not in (None, "largest"):
+        resolve_name(config.distill.teacher)  # an unknown teacher fails now, not after the stitching layers are fitted
     if not config.data.download:
         check_source(config.data.source, config.data.split, config.data.root)
 

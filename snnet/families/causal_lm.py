@@ -580,10 +580,25 @@ class StitchedLM(StitchedBase):
             **({} if self.lora_rank == 0 else {"stitching": {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}}),
         }
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, state: Mapping[str, torch.Tensor] | None = None) -> Path:
         """Write ``config.json`` (every anchor's transformers config, the space, the active stitch)
-        and ``model.safetensors``, each atomically, and the tokenizer beside them when set."""
-        directory = super().save_pretrained(directory)
+        and ``model.safetensors``, each atomically, and the tokenizer beside them when set.
+
+        With LoRA adapters on the anchors (:mod:`snnet.families.lm_lora`) the weights are written with the
+        adapters merged, and ``adapters.safetensors`` beside them holds only the adapters and stitching layers."""
+        from .lm_lora import ADAPTERS_NAME, adapter_state, has_lora, merged_state
+
+        if has_lora(self):
+            from safetensors.torch import save_file
+
+            from ..io import atomic_write
+
+            full = dict(state or self.state_dict())
+            new = {k: v.detach().contiguous().cpu() for k, v in adapter_state(full).items()}
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            atomic_write(Path(directory) / ADAPTERS_NAME, lambda p: save_file(new, str(p), metadata={"snnet": "lora"}))
+            state = merged_state(self, full)
+        directory = super().save_pretrained(directory, state)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
         return directory
@@ -735,12 +750,20 @@ def lm_network_from_config(model: Any, space: SpaceConfig, context: int) -> Stit
     if model.init is not None:
         from ..model import saved_network
 
-        return saved_network(StitchedLM, model.init, space)  # type: ignore[return-value]
-    names = expand_lm_anchors(model.anchors)
-    return create_stitched_lm(names, weights=model.pretrained is not False, load_tokenizers=True, context=context,
-                              kernel_size=space.kernel_size, stride=space.stride, nearest=space.nearest,
-                              unpaired=space.unpaired, two_way=space.two_way, chains=space.chains, routes=space.routes,
-                              lora_rank=space.lora_rank or 0, lora_alpha=space.lora_alpha)
+        net: StitchedLM = saved_network(StitchedLM, model.init, space)  # type: ignore[assignment]
+    else:
+        names = expand_lm_anchors(model.anchors)
+        for name in names:
+            resolve_lm(name)  # a name that is no language model (the tree's default 'fmnist') fails with the choices
+        net = create_stitched_lm(names, weights=model.pretrained is not False, load_tokenizers=True, context=context,
+                                 kernel_size=space.kernel_size, stride=space.stride, nearest=space.nearest,
+                                 unpaired=space.unpaired, two_way=space.two_way, chains=space.chains,
+                                 routes=space.routes, lora_rank=space.lora_rank or 0, lora_alpha=space.lora_alpha)
+    if model.anchor_lora_rank:
+        from .lm_lora import add_lora
+
+        add_lora(net, model.anchor_lora_rank, model.anchor_lora_alpha, model.anchor_lora_targets)
+    return net
 
 
 def _model_label(model: nn.Module, index: int) -> str:
