@@ -24,7 +24,7 @@ from .io import atomic_write
 from .runlock import EVALS_NAME, METRICS_NAME
 from .tasks import get_task
 
-__all__ = ["command_line", "count_macs", "create_member", "train_member"]
+__all__ = ["command_line", "count_macs", "create_member", "train_member", "train_seconds"]
 
 
 def create_member(name: str, kwargs: Mapping[str, Any], file: str | Path | None = None) -> nn.Module:
@@ -79,7 +79,7 @@ def train_member(label: str, name: str, kwargs: Mapping[str, Any], config: Train
 
     reloaded = create_member(name, kwargs, path)  # what users get: the float16 file through timm's pretrained path
     acc = {s: evaluate_model(reloaded, loader, progress=False, task=task).acc1 for s, loader in loaders.items()}
-    seconds = _train_seconds(run / METRICS_NAME)
+    seconds = train_seconds(run / METRICS_NAME)
     epochs = config.schedule.epochs or 1
     row = {"params": sum(p.numel() for p in reloaded.parameters()), "macs": count_macs(reloaded, tuple(data_config["input_size"])),
            "acc": {k: round(v, 2) for k, v in acc.items()}, "acc_fp32": {k: round(v, 2) for k, v in acc_fp32.items()},
@@ -112,7 +112,7 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _train_seconds(metrics: Path) -> float:
+def train_seconds(metrics: Path) -> float:
     """Wall seconds from the first training step to the last (metrics.jsonl; an interrupted run's idle time included)."""
     times = [r["time"] for r in _rows(metrics)]
     if len(times) < 2:

@@ -472,10 +472,14 @@ def _save_final(net: StitchedBase | nn.Module, final: Path, state: dict[str, tor
     (``state``: the weights gathered from a sharded network)."""
     if isinstance(net, StitchedBase):
         return net.save_pretrained(final, state)
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file, save_model
 
     final.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in (state or net.state_dict()).items()}
+    if state is None:
+        # save_model writes a tensor shared by two names (a tied LM head) once; load_model ties it back
+        atomic_write(final / WEIGHTS_NAME, lambda tmp: save_model(net, str(tmp)))
+        return final
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_write(final / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
     return final
 

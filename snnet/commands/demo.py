@@ -32,7 +32,8 @@ QUICK = {"max_steps": 20, "limit": 5000, "eval_limit": 1000}  # --quick: a smoke
 
 DESCRIPTION = ("Build an SN-Net from the shipped Fashion-MNIST family, train it briefly, evaluate every stitch, plot "
                "the Pareto frontier and switch stitches by budget. The training's settings start from the demo "
-               "recipe (snnet/recipes/demo.yaml); --demo.* are what the demo measures and shows.")
+               "recipe (snnet/recipes/demo.yaml); --demo.* are what the demo measures and shows. snnet demo --lm (or "
+               "--task causal-lm) runs the language-model demo instead: snnet demo --lm --help.")
 
 
 def demo(ctx: typer.Context) -> None:
@@ -40,9 +41,28 @@ def demo(ctx: typer.Context) -> None:
     run_demo_command(ctx.args)
 
 
+LM_FLAG = "--lm"
+LM_QUICK = {"max_steps": 4, "limit": 64, "eval_blocks": 8, "sample_tokens": 8}  # --lm --quick
+LM_DESCRIPTION = ("Build a stitched language model from the shipped stdlib-lm family (three small decoders trained on "
+                  "the Python standard library's source), train it briefly, evaluate every network's perplexity and "
+                  "bits per byte on held-out files, plot the frontier and continue a prompt with the cheapest, a "
+                  "middle and the largest network. The training's settings start from the lm-demo recipe "
+                  "(snnet/recipes/lm-demo.yaml); --demo.* are what the demo measures and shows.")
+
+
+def wants_lm(argv: Sequence[str]) -> bool:
+    """``--lm``, or the tree's spelling ``--task causal-lm``, asks for the language-model demo."""
+    words = list(argv)
+    return LM_FLAG in words or "--task=causal-lm" in words or any(
+        a == "--task" and b == "causal-lm" for a, b in zip(words, words[1:]))
+
+
 def run_demo_command(argv: Sequence[str]) -> None:
     from ..demo import DemoOptions, run_demo
 
+    if wants_lm(argv):
+        run_lm_demo_command([a for a in argv if a != LM_FLAG])
+        return
     parsed = parse(argv, "snnet demo", legacy=DEMO_LEGACY, extra={"demo": DemoOptions}, default_recipe="demo",
                    flags={"--quick": f"A smoke run in seconds: at most {QUICK['max_steps']} steps, the first "
                                      f"{QUICK['limit']:,} training and {QUICK['eval_limit']:,} evaluation images "
@@ -57,3 +77,30 @@ def run_demo_command(argv: Sequence[str]) -> None:
         typer.echo(dump_yaml(config, {"demo": options}), nl=False)
         return
     run_demo(config, options, echo=typer.echo)
+
+
+def run_lm_demo_command(argv: Sequence[str]) -> None:
+    """``snnet demo --lm``: the same option machinery, the ``lm-demo`` recipe and :class:`snnet.lm_demo.LMDemoOptions`."""
+    from ..errors import SnnetError
+
+    try:
+        from ..lm_demo import LMDemoOptions, run_lm_demo
+    except ImportError as e:
+        raise SnnetError(f"snnet demo --lm needs the lm extra (transformers, tokenizers): pip install 'snnet[lm]' ({e})")
+    parsed = parse(argv, "snnet demo --lm", legacy={k: v for k, v in DEMO_LEGACY.items() if v.path.split(".")[0] != "demo"},
+                   extra={"demo": LMDemoOptions}, default_recipe="lm-demo",
+                   flags={"--quick": f"A smoke run in seconds: at most {LM_QUICK['max_steps']} steps on the first "
+                                     f"{LM_QUICK['limit']} training blocks, {LM_QUICK['eval_blocks']} held-out blocks, "
+                                     f"{LM_QUICK['sample_tokens']} sampled tokens (unless given)."},
+                   description=LM_DESCRIPTION)
+    config, options = parsed.config, parsed.extra["demo"]
+    if parsed.flags["--quick"]:
+        config = config.override(max_steps=min(config.schedule.max_steps or LM_QUICK["max_steps"], LM_QUICK["max_steps"]),
+                                 limit=config.data.limit if config.data.limit is not None and config.data.limit < LM_QUICK["limit"]
+                                 else LM_QUICK["limit"])
+        options = dataclasses.replace(options, eval_blocks=min(options.eval_blocks, LM_QUICK["eval_blocks"]),
+                                      sample_tokens=min(options.sample_tokens, LM_QUICK["sample_tokens"]))
+    if parsed.flags["--print-config"]:
+        typer.echo(dump_yaml(config, {"demo": options}), nl=False)
+        return
+    run_lm_demo(config, options, echo=typer.echo)

@@ -2,7 +2,9 @@
 
 snnet ships the ``config.json`` of every member of the families below (package data in
 ``snnet/data_files/lm``; ``SOURCES.md`` there says where each value comes from), so a family's
-stitch space can be built on the meta device and priced without a download. Weights come only
+stitch space can be built on the meta device and priced without a download. One family,
+``stdlib-lm`` (:mod:`snnet.lm_family`), snnet trains and ships whole: its members' sources are
+folders inside the package (``snnet:weights/lm/<member>``), loaded like any local folder. Weights come only
 through transformers' own path: ``AutoModelForCausalLM.from_pretrained`` of a hub id (which
 downloads) or of a local folder (``save_pretrained`` output, or a hub snapshot on disk).
 
@@ -25,10 +27,11 @@ from typing import Any, Sequence
 
 from ..errors import CheckpointError, NotStitchableError, UnknownModelError
 
-__all__ = ["LMFamily", "LMSpec", "check_token_ids", "check_tokenizers", "expand_lm", "load_config", "load_model",
-           "load_tokenizer", "lm_families", "looks_like_lm", "member_config", "resolve_lm"]
+__all__ = ["LMFamily", "LMSpec", "PACKAGE_SOURCE", "check_token_ids", "check_tokenizers", "expand_lm", "load_config",
+           "load_model", "load_tokenizer", "lm_families", "looks_like_lm", "member_config", "package_folder", "resolve_lm"]
 
 _DATA = ("data_files", "lm")
+PACKAGE_SOURCE = "snnet:"  # a member whose files ship inside the package (families.json: "snnet:weights/lm/...")
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,30 @@ def _members() -> dict[str, tuple[str, str]]:
     return {m: (f.name, hub) for f in lm_families().values() for m, hub in f.members}
 
 
+def package_folder(source: str) -> Path | None:
+    """The folder inside the installed package that a member's source ``snnet:<path>`` names (a
+    family snnet trains and ships itself, e.g. ``stdlib-lm``), or None for a hub id."""
+    if not source.startswith(PACKAGE_SOURCE):
+        return None
+    return Path(str(resources.files("snnet").joinpath(*source[len(PACKAGE_SOURCE):].split("/"))))
+
+
+def _shipped_folder(name: str) -> Path:
+    """A shipped member's folder, refused in one line when its files are missing."""
+    folder = package_folder(_members()[name][1])
+    assert folder is not None
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{name!r} ships with snnet in {folder}, but its files are missing: reinstall snnet, "
+                              "or train the family with scripts/train_lm_family.py")
+    return folder
+
+
 def member_config(name: str) -> dict[str, Any]:
     """The shipped ``config.json`` of a member (a fresh dict)."""
     if name not in _members():
         raise UnknownModelError(_unknown(name))
+    if package_folder(_members()[name][1]) is not None:
+        return json.loads((_shipped_folder(name) / "config.json").read_text())
     return json.loads(_data_file(f"{name}.json").read_text())
 
 
@@ -153,6 +176,8 @@ def resolve_lm(name: str) -> LMSpec:
         return LMSpec(path.resolve().name, str(path.resolve()))
     key = _norm(name)
     if key in _members():
+        if package_folder(_members()[key][1]) is not None:  # trained by snnet and shipped: a local folder
+            return LMSpec(key, str(_shipped_folder(key)), key)
         return LMSpec(key, _members()[key][1], key)
     member = _hub_member(name)
     if member is not None:
@@ -185,8 +210,8 @@ def load_model(spec: LMSpec, *, weights: bool, dtype: Any = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     if weights:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(spec.source, dtype=dtype)
+        try:  # no dtype: transformers' default, the config's dtype (dtype=None would keep the file's)
+            model = AutoModelForCausalLM.from_pretrained(spec.source, **({} if dtype is None else {"dtype": dtype}))
         except (OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"cannot load {spec.label!r} from {spec.source}: {_first_line(e)}") from e
     else:

@@ -1,0 +1,260 @@
+#!/usr/bin/env python
+"""Train the shipped language-model family ``stdlib-lm`` from scratch and write its artifacts.
+
+1. Reads this Python's standard library source (``snnet.text.stdlib_sources``), split by file into
+   training and held-out parts (a hash of each file's path: ``snnet.text.split_documents``), and
+   records the corpus's fingerprint.
+2. Trains one byte-level BPE tokenizer (HF ``tokenizers``, 2,048 tokens) on the training files only.
+3. Trains ``stdlib-lm-xs``, ``stdlib-lm-s`` and ``stdlib-lm-m`` (``snnet.lm_family.STDLIB_LM_ARCHS``:
+   Llama-style decoders) one after the other, each through snnet's training loop
+   (``snnet.lm_family.train_lm_member`` -> ``snnet.train.train``, ``task: causal-lm``) with the
+   ``stdlib-lm`` recipe (``snnet/recipes/stdlib-lm.yaml``). Each model's run lives in
+   ``--family.runs/<model>``; an interrupted run resumes where it stopped.
+4. Writes into ``--family.out`` (default ``snnet/weights/lm``): ``<model>/`` (``config.json``,
+   float16 ``model.safetensors``, the tokenizer; loadable with ``AutoModelForCausalLM.from_pretrained``),
+   ``family.json`` (measured params, FLOPs per token, held-out perplexity and bits per byte after
+   the float16 round trip, tokens and wall time, the recipe, the corpus and tokenizer fingerprints,
+   the exact command and library versions) and ``MODEL_CARD.md`` (generated from ``family.json``).
+
+Everything is seeded and the data order is a function of the seed; the tokenizer trainer is
+deterministic. A rerun with the same command, Python (its standard library is the corpus) and
+library versions reproduces the numbers up to floating-point nondeterminism of the CPU kernels.
+
+    python scripts/train_lm_family.py                        # the shipped recipe, one model after another
+    python scripts/train_lm_family.py --schedule.max_steps 20 --family.out /tmp/lm   # a quick try
+    python scripts/train_lm_family.py --card-only            # regenerate MODEL_CARD.md
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import snnet
+from snnet.commands.config_cli import parse
+from snnet.io import atomic_write, update_json
+from snnet.lm_family import (EOS, STDLIB_LM_ARCHS, VOCAB_SIZE, family_dir, tokenizer_fingerprint, train_lm_member,
+                             train_tokenizer)
+from snnet.members import command_line
+from snnet.text import corpus_fingerprint, split_documents, stdlib_root, stdlib_sources, token_blocks
+from snnet.train import result_settings
+
+
+@dataclass(frozen=True)
+class LMFamilyOptions:
+    """Which members to train, where their runs and artifacts go, and what they are measured on."""
+
+    models: tuple[str, ...] = tuple(STDLIB_LM_ARCHS)
+    """The members to train (stdlib-lm-xs, stdlib-lm-s, stdlib-lm-m), one after the other."""
+    out: str = str(family_dir())
+    """Where each member's folder, family.json and MODEL_CARD.md go."""
+    runs: str = "runs/lm_family"
+    """Where each member's training run goes (runs/<model>: checkpoints, metrics)."""
+    vocab_size: int = VOCAB_SIZE
+    """Tokens of the byte-level BPE tokenizer trained on the training files."""
+    eval_blocks: int = 200
+    """Held-out blocks every member is measured on (the first N of the held-out files)."""
+    threads: int = 1
+    """torch threads."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
+        unknown = [m for m in self.models if m not in STDLIB_LM_ARCHS]
+        if unknown:
+            raise snnet.SnnetError(f"unknown member(s) {', '.join(unknown)}; the family is {', '.join(STDLIB_LM_ARCHS)}")
+        if self.eval_blocks < 1:
+            raise snnet.SnnetError(f"family.eval_blocks must be >= 1, got {self.eval_blocks}")
+
+
+def _fmt(v: float) -> str:
+    return f"{v / 1e6:.2f} M" if v >= 1e5 else f"{v / 1e3:.1f} k"
+
+
+def write_model_card(family: dict[str, Any], out: Path) -> None:
+    """Render MODEL_CARD.md from family.json, so the card never disagrees with the measurements."""
+    models = family["models"]
+    rows = "\n".join(
+        f"| `{name}` | {m['arch']['hidden']} | {m['arch']['heads']} x {m['arch']['hidden'] // m['arch']['heads']} | {m['arch']['layers']} | {m['arch']['intermediate']} "
+        f"| {m['params']:,} | {_fmt(m['flops'])} | {m['held_out']['ppl']:.2f} | {m['held_out']['bpb']:.4f} "
+        f"| {m['held_out']['acc1']:.1f} % | {m['seconds'] / 60:.1f} min |"
+        for name, m in models.items())
+    names = list(models)
+    small, large = models[names[0]], models[names[-1]]
+    recipe, corpus = family["recipe"], family["corpus"]
+    commands = "\n".join(dict.fromkeys(m["command"] for m in models.values()))
+    card = f"""# stdlib-lm: a small language-model family trained on Python's standard library (snnet)
+
+Three decoder language models of one design at three sizes, sharing one tokenizer, trained from
+scratch on this machine by snnet's own training loop. They are the default anchors of
+`snnet demo --lm`: small enough to train in minutes on a CPU, yet {large['flops'] / small['flops']:.1f}x apart in
+FLOPs per token and {small['held_out']['bpb'] - large['held_out']['bpb']:.3f} bits per byte apart on held-out text, so
+stitching them is meaningful. They are not useful language models beyond that.
+
+Load one with transformers (the folder is an ordinary `save_pretrained` folder), or by its snnet name:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import snnet.lm as lm
+folder = lm.resolve_lm("stdlib-lm-s").source         # snnet/weights/lm/stdlib-lm-s
+model = AutoModelForCausalLM.from_pretrained(folder)
+tokenizer = AutoTokenizer.from_pretrained(folder)
+net = lm.create_stitched_lm("stdlib-lm", weights=True, load_tokenizers=True, context={recipe['data.block_size']})
+```
+
+## Architecture
+
+transformers `LlamaForCausalLM` (RMSNorm, rotary positions with theta 10,000, SwiGLU MLP, no
+biases), tied input and output embeddings, {recipe['data.block_size']} positions.
+
+| model | width | heads x width | layers | MLP | params | FLOPs / token | held-out ppl | held-out bits/byte | next-token top-1 | training time |
+|---|---|---|---|---|---|---|---|---|---|---|
+{rows}
+
+FLOPs are multiply-accumulates per generated token at a {recipe['data.block_size']}-token context, counted as
+`snnet stitches` counts them (`docs/language-models.md`, "What is counted"). Held-out figures are
+measured on the first {family['eval_blocks']} blocks of {recipe['data.block_size']} predicted tokens of the held-out files
+({family['eval_tokens']:,} tokens, {family['eval_bytes']:,} bytes of text) **after** reloading the shipped float16
+weights through `AutoModelForCausalLM.from_pretrained`; bits per byte are the summed negative
+log-likelihood in bits over the UTF-8 bytes the predicted tokens cover. Training time is wall time
+on {family['machine']} with {family['threads']} torch thread(s), on a machine shared with other jobs (indicative only).
+
+## Data
+
+The `.py` files of the Python {corpus['python']} standard library (`snnet.text.stdlib_sources`: tests,
+`site-packages`, `lib2to3` and caches left out): {corpus['files']:,} files, {corpus['bytes']:,} bytes, fingerprint
+`{corpus['fingerprint']}` (file names and sizes). Every Python install carries this text, so it needs no
+download and no root; it is code, comments and docstrings written by many people under the PSF licence.
+Split by file with `snnet.text.split_documents` (a hash of each file's path, {corpus['held_out_share']:g} held out):
+{corpus['train_files']:,} training files ({corpus['train_bytes']:,} bytes, fingerprint `{corpus['train_fingerprint']}`) and
+{corpus['held_out_files']:,} held-out files ({corpus['held_out_bytes']:,} bytes). Another Python version has other
+files: the fingerprints say whether a machine reads the same text.
+
+## Tokenizer
+
+Byte-level BPE (HF `tokenizers` {family['tokenizers']}) with {family['tokenizer']['vocab_size']:,} tokens, trained on the
+training files only: 256 byte tokens, `{EOS}` (id 0: BOS, EOS and padding; it ends every
+document) and the merges. Fingerprint `{family['tokenizer']['fingerprint']}` (a hash of `tokenizer.json`); the
+same files give the same tokenizer. Every member's folder holds a copy.
+
+## Training (identical for all three)
+
+Each member is trained by `snnet.train.train` (the loop every snnet network trains in) with the
+`stdlib-lm` recipe (`snnet/recipes/stdlib-lm.yaml`): next-token cross-entropy, {recipe['schedule.max_steps']} steps
+of {recipe['data.batch_size']} blocks of {recipe['data.block_size']} tokens ({small['tokens_trained']:,} tokens, about
+{small['tokens_trained'] / corpus['train_tokens']:.0%} of an epoch of the {corpus['train_tokens']:,} training tokens), AdamW lr
+{recipe['optim.lr']:g} (betas {tuple(recipe['optim.betas'])}, weight decay {recipe['optim.weight_decay']:g}, none on
+norm weights), warm-up over {recipe['schedule.warmup_ratio']:g} of the steps then cosine decay to {recipe['schedule.min_lr']:g},
+gradient clipping {recipe['optim.clip_grad']:g}, seed {recipe['run.seed']} (the same initial stream and data order for
+every member). Weights stored in float16; `config.json` says `dtype: float32`, so `from_pretrained`
+loads them into float32 parameters (held-out bits/byte before storing: {', '.join(f"{m['held_out_fp32']['bpb']:.4f}" for m in models.values())}).
+
+The recipe's comments tell how it was chosen: a first learning rate (3e-3) left the larger members
+behind the smallest, and 192-wide members stayed longer than the 128-wide one on the plateau of
+single-token statistics within these 300 steps, so the family has no member wider than 128.
+
+## Reproduce
+
+```bash
+{commands}
+```
+
+torch {family['torch']}, transformers {family['transformers']}, Python {corpus['python']}.
+
+## Limitations
+
+Tiny models trained for minutes on a fraction of an epoch of one kind of text (Python source):
+they complete Python-looking text and nothing else. They exist to demonstrate and test stitching
+of language models on a CPU, not to be used as language models.
+"""
+    atomic_write(out / "MODEL_CARD.md", lambda tmp: tmp.write_text(card), durable=False)
+
+
+def corpus_record(root: Path, files: list[Path], train: list[Path], held: list[Path], held_out: float,
+                  train_tokens: int) -> dict[str, Any]:
+    """What family.json says of the text: the Python, files, bytes and fingerprints of each part."""
+    size = lambda fs: sum(p.stat().st_size for p in fs)  # noqa: E731
+    return {"python": platform.python_version(), "root": str(root), "files": len(files), "bytes": size(files),
+            "fingerprint": corpus_fingerprint(files, root), "held_out_share": held_out, "train_files": len(train),
+            "train_bytes": size(train), "train_fingerprint": corpus_fingerprint(train, root),
+            "train_tokens": train_tokens, "held_out_files": len(held), "held_out_bytes": size(held),
+            "held_out_fingerprint": corpus_fingerprint(held, root)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parsed = parse(sys.argv[1:] if argv is None else argv, "train_lm_family.py", extra={"family": LMFamilyOptions},
+                   default_recipe="stdlib-lm",
+                   flags={"--card-only": "Only regenerate MODEL_CARD.md from family.json."},
+                   description=__doc__.split("\n\n")[0])
+    config, options = parsed.config, parsed.extra["family"]
+    if parsed.flags["--print-config"]:
+        from snnet.commands.config_cli import dump_yaml
+
+        print(dump_yaml(config, {"family": options}), end="")
+        return
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if parsed.flags["--card-only"]:
+        write_model_card(update_json(out / "family.json", lambda f: f), out)
+        return
+    if config.data.corpus != "stdlib":
+        raise snnet.SnnetError("the stdlib-lm family is trained on the standard library: leave data.corpus at 'stdlib'")
+    torch.set_num_threads(options.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-save and per-load bars would bury the script's own lines
+    root, files = stdlib_root(), stdlib_sources()
+    train_files, held = split_documents(files, root, config.data.held_out)
+    tokenizer = train_tokenizer(train_files, options.vocab_size)
+    eval_blocks = token_blocks(held, tokenizer, config.data.block_size, max_blocks=options.eval_blocks)
+    train_tokens = len(token_blocks(train_files, tokenizer, config.data.block_size)) * (config.data.block_size + 1)
+    shared = {"corpus": corpus_record(root, files, train_files, held, config.data.held_out, train_tokens),
+              "tokenizer": {"vocab_size": len(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer), "eos": EOS},
+              "eval_blocks": len(eval_blocks), "eval_tokens": eval_blocks.tokens, "eval_bytes": int(eval_blocks.byte_counts.sum())}
+    print(f"corpus {shared['corpus']['fingerprint']}: {len(train_files)} training files, {len(held)} held out; "
+          f"tokenizer {shared['tokenizer']['fingerprint']} ({len(tokenizer)} tokens)", flush=True)
+    run = {"command": command_line(), "threads": options.threads}
+    for name in options.models:
+        member = config.override(out_dir=str(Path(options.runs) / name))
+        row = train_lm_member(name, tokenizer, member, out, eval_blocks)
+        # written after every model so an interrupted run keeps what it finished
+        update_family(out, name, dict(row, **run), config, dict(shared, threads=options.threads))
+    print(f"done -> {out}", flush=True)
+
+
+def update_family(out: Path, name: str, result: dict[str, Any], config: Any, shared: dict[str, Any]) -> None:
+    """Record one model in family.json (and re-render the card), keeping the other members.
+
+    Members trained with other settings, text or tokenizer are dropped: the family shares them."""
+    import tokenizers
+    import transformers
+
+    recipe = result_settings(config)
+    same = {"recipe": recipe, "corpus": shared["corpus"], "tokenizer": shared["tokenizer"]}
+
+    def add(family: dict[str, Any]) -> dict[str, Any]:
+        if any(family.get(k) != v for k, v in same.items()):
+            family = {}
+        family.update(same, eval_blocks=shared["eval_blocks"], eval_tokens=shared["eval_tokens"],
+                      eval_bytes=shared["eval_bytes"], threads=shared["threads"], torch=torch.__version__,
+                      transformers=transformers.__version__, tokenizers=tokenizers.__version__,
+                      machine=f"{platform.machine()} CPU")
+        models = family.setdefault("models", {})
+        models[name] = result
+        family["models"] = {n: models[n] for n in STDLIB_LM_ARCHS if n in models}  # size order
+        return family
+
+    family = update_json(out / "family.json", add)
+    if len(family["models"]) == len(STDLIB_LM_ARCHS):
+        write_model_card(family, out)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except snnet.SnnetError as e:  # bad settings, a refused resume: one line, as snnet's commands say it
+        sys.exit(f"error: {e}")
