@@ -108,6 +108,9 @@ class DataConfig:
     """Fetch the dataset when it is not on disk (Fashion-MNIST through torchvision, timm datasets)."""
     limit: int | None = None
     """Use only the first N images (causal-lm: token blocks) (quick runs)."""
+    skip_unreadable: bool = False
+    """An image folder: decode every image first and leave out those that cannot be read (counted and reported)
+    instead of stopping at the first one (which stops a run with one line naming the file, after a checkpoint)."""
     batch_size: int = 64
     """Images per step and process (the global batch is batch_size x processes)."""
     workers: int = 0

@@ -175,7 +175,8 @@ class ImageClassification:
 
         return build_dataset(data.source, split or data.split, data_config, augment=train and data.augment,
                              limit=data.limit if train else limit, root=data.root, download=data.download, seed=seed,
-                             transform_options=data.transform_options() if train else None)
+                             transform_options=data.transform_options() if train else None,
+                             skip_unreadable=data.skip_unreadable)
 
     # -- scoring
     @staticmethod

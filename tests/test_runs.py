@@ -25,7 +25,7 @@ from snnet.deploy import export_stitch, load_stitch
 from snnet.errors import CheckpointError, TrainingInterrupted
 from snnet.train import train
 
-from .conftest import TINY_VITS, Synthetic, cfg, fresh_net, _cli, _image_folder
+from .conftest import TINY_VITS, Synthetic, cfg, fresh_net, _cli, _damage, _image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ",".join(TINY_VITS[:2])
@@ -499,3 +499,21 @@ def test_a_run_written_before_the_configuration_tree_resumes_to_the_old_runs_wei
     with pytest.raises(CheckpointError, match="schedule.warmup_steps: 2 -> 3"):
         shutil.copytree(old / "run", tmp_path / "again" / "run")
         train(fresh_net(), Synthetic(40), cfg(tmp_path / "again", resume="auto", **{**conf, "warmup_steps": 3}))
+
+
+def test_an_unreadable_image_stops_training_in_one_line_after_a_checkpoint_or_is_skipped(tmp_path, capsys):
+    """Issue 25, item 7: a corrupt JPEG or a truncated PNG in an image folder stops `snnet train` with one line
+    naming the file, after a checkpoint of the steps done (resumable); `data.skip_unreadable` leaves such
+    images out, says how many, and trains on the rest."""
+    data = _image_folder(tmp_path / "imgs")
+    corrupt, truncated = _damage(data)
+    out = tmp_path / "run"
+    # no least-squares calibration (it reads images before the first step): the bad image is met mid-run
+    assert _cli(*_train_args(data, out, "--epochs", "1", "--init-images", "0")) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("error: ") and (str(corrupt) in line or str(truncated) in line), line
+    assert load_checkpoint(out / CHECKPOINT_NAME)["step"] >= 0  # what was done is kept, and loads
+    skipping = tmp_path / "skipping"
+    assert _cli(*_train_args(data, skipping, "--epochs", "1", "--data.skip_unreadable", "true")) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable images" in err and (skipping / "final" / "model.safetensors").is_file(), err

@@ -129,7 +129,7 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     from dataclasses import replace
 
     from .. import data as sndata
-    from .options import DEFAULT_ANCHORS, split_names, split_stitches
+    from .options import DEFAULT_ANCHORS, say_skipped, split_names, split_stitches
     from ..evaluate import evaluate as run_eval
     from ..model import StitchedNet, create_snnet
     from ..reference import eval_data_config
@@ -148,7 +148,7 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     chosen = [net.stitch(k) for k in keys] if keys is not None else None
     protocol, data_config = eval_data_config(net, data, eval_protocol)
     dataset = sndata.build_dataset(data, split, data_config, limit=limit, skip_unreadable=skip_bad_images)
-    _say_skipped(dataset, data, split)
+    say_skipped(dataset, f"{data} ({split})")
     classes = sndata.num_classes(dataset)
     if classes != net.num_classes:
         raise SnnetError(f"{data} has {classes} classes but the network predicts {net.num_classes}: "
@@ -159,7 +159,7 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     net.to(dev)
     if model is None:
         calib = sndata.build_dataset(data, "train", data_config, limit=calib_images, skip_unreadable=skip_bad_images)
-        _say_skipped(calib, data, "train")
+        say_skipped(calib, f"{data} (train)")
         report = net.init_stitching(sndata.make_loader(calib, min(batch_size, calib_images), shuffle=False),
                                     max_images=calib_images, progress=progress)
         typer.echo(f"fitted {report.layers} stitching layers by least squares on {report.images} training images "
@@ -168,14 +168,3 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     rows = run_eval(net, loader, chosen, device=dev, progress=progress, amp=amp)
     how = {"eval_protocol": protocol, "eval_transform": sndata.describe_transform(dataset)}
     return [replace(r, extra={**r.extra, **how}) for r in rows]
-
-
-def _say_skipped(dataset: object, data: str, split: str) -> None:
-    """One line on stderr when unreadable images were left out (--skip-bad-images)."""
-    from ..data import skipped_images
-
-    skipped = skipped_images(dataset)  # type: ignore[arg-type]
-    if skipped:
-        path, reason = skipped[0]
-        typer.echo(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} of {data} ({split}), "
-                   f"first {path} ({reason}); using the other {len(dataset)}", err=True)  # type: ignore[arg-type]

@@ -106,3 +106,15 @@ def read_routes(path: "os.PathLike[str] | str") -> tuple[str, ...]:
     if not isinstance(data, list) or not data or not all(isinstance(n, str) for n in data):
         raise SnnetError(f"--routes {p}: expected a list of route names (or `snnet stitches --select klas --json` output)")
     return tuple(data)
+
+
+def say_skipped(dataset: object, what: str) -> None:
+    """One line on stderr when unreadable images of ``what`` were left out (``--skip-bad-images``,
+    ``data.skip_unreadable``): how many, the first and why, and how many are used."""
+    from ..data import skipped_images
+
+    skipped = skipped_images(dataset)  # type: ignore[arg-type]
+    if skipped and int(os.environ.get("RANK", "0")) == 0:  # one message, not one per process
+        path, reason = skipped[0]
+        typer.echo(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} of {what}, first "
+                   f"{path} ({reason}); using the other {len(dataset)}", err=True)  # type: ignore[arg-type]

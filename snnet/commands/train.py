@@ -14,6 +14,7 @@ from typing import Sequence
 import typer
 
 from .config_cli import Parsed, dump_yaml, parse, resume_command
+from .options import say_skipped
 from ..config import TrainConfig
 from ..errors import CheckpointError, SnnetError
 from ..model import anchor_specs as _specs  # noqa: F401  (the `stitches` command's KLAS builds its anchors with it)
@@ -65,6 +66,7 @@ def run_train(argv: Sequence[str]) -> None:
             typer.echo(f"{parsed.recipe or 'snnet'}: {config.describe_rates(world)}")
         dataset = get_task(config.task, config.data, net).dataset(
             config.data, getattr(net.anchors[0], "data_config", None), config.run.seed)
+        say_skipped(dataset, str(config.data.source))
         result = run(net, dataset, config)
     except TrainingInterrupted as e:
         if int(os.environ.get("RANK", "0")) == 0:  # one message, not one per process
