@@ -14,6 +14,11 @@ to ``--zoo.runs/<model>``.
 
     python scripts/train_fmnist_zoo.py --threads 1 --models fmnist_vit_w24_d6_p7 fmnist_vit_w48_d6_p7
     python scripts/train_fmnist_zoo.py --show       # print the zoo table from --zoo.json
+    python scripts/train_fmnist_zoo.py --models fmnist_vit_w48_d3_p7 --epochs 24 --no-augment --no-test \
+        --json runs/converge/w48_e24.json --weights-dir runs/converge/w   # a research run: the test split unread
+
+Every row keeps the model's validation curve (``val_curve``: top-1 at each epoch's end, from its
+run's ``evals.jsonl``), so a run shows whether it stopped rising.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class ZooOptions:
     """Where each model's training run goes (runs/<model>)."""
     threads: int = 2
     """torch threads."""
+    test: bool = True
+    """Also measure the test split (false for runs that choose settings: the test split is not read, test top-1 null)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -65,13 +72,14 @@ LEGACY = {"--epochs": Legacy("schedule.epochs"), "--batch-size": Legacy("data.ba
           "--augment": Legacy("data.augment", "true"), "--no-augment": Legacy("data.augment", "false"),
           "--limit": Legacy("data.limit"), "--threads": Legacy("zoo.threads"),
           "--models": Legacy("zoo.models", kind="words"), "--json": Legacy("zoo.json"),
-          "--weights-dir": Legacy("zoo.weights_dir"), "--set": Legacy("", kind="set")}
+          "--weights-dir": Legacy("zoo.weights_dir"), "--test": Legacy("zoo.test", "true"),
+          "--no-test": Legacy("zoo.test", "false"), "--set": Legacy("", kind="set")}
 
 
 def zoo_row(spec: FmnistVitSpec, r: dict[str, Any], threads: int, command: str) -> dict[str, Any]:
     """One model's row in the zoo file (the schema snnet's zoo tables read)."""
     return {"name": spec.name, "arch": asdict(spec), "params": r["params"], "flops": r["macs"],
-            "val_acc1": r["acc"]["val"], "test_acc1": r["acc"]["test"], "epochs": r["epochs"],
+            "val_acc1": r["acc"]["val"], "test_acc1": r["acc"].get("test"), "epochs": r["epochs"],
             "image_steps": r["image_steps"], "seconds": r["seconds"], "threads": threads, "command": command,
             "val_curve": r["val_curve"]}
 
@@ -94,6 +102,10 @@ def update_zoo(path: Path, row: dict[str, Any], config: TrainConfig, split: dict
     update_json(path, add)
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def show(path: Path) -> str:
     """The zoo file as a table."""
     import json
@@ -101,7 +113,7 @@ def show(path: Path) -> str:
     zoo = json.loads(path.read_text())
     rows = [{"name": m["name"], "arch": "w{embed_dim} h{num_heads} d{depth} p{patch_size}".format(**m["arch"]),
              "params": human(m["params"]), "flops": human(m["flops"]), "val": f"{m['val_acc1']:.2f}",
-             "test": f"{m['test_acc1']:.2f}", "sec": f"{m['seconds']:.0f}", "img": human(m["image_steps"])}
+             "test": _pct(m["test_acc1"]), "sec": f"{m['seconds']:.0f}", "img": human(m["image_steps"])}
             for m in zoo["models"]]
     return table(rows, [("name", "model"), ("arch", "arch"), ("params", "params"), ("flops", "FLOPs"),
                         ("val", "val top-1 %"), ("test", "test top-1 %"), ("sec", "train s"),
@@ -124,12 +136,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SnnetError("name the models to train with --models (e.g. --models fmnist_vit_w24_d6_p7)")
     torch.set_num_threads(options.threads)
     d = config.data
+    # runs that choose settings leave the test split unread (--no-test): their rows' test top-1 is null
+    splits = ("val", "test") if options.test else ("val",)
     split = {"train": len(FashionMNIST(d.root, TRAIN_SPLIT, limit=d.limit)), "val": len(FashionMNIST(d.root, "val")),
-             "test": len(FashionMNIST(d.root, "test")), "how": VAL_SPLIT_HOW}
+             "test": len(FashionMNIST(d.root, "test")) if options.test else None, "how": VAL_SPLIT_HOW}
     Path(options.json).parent.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         member = config.override(out_dir=str(Path(options.runs) / spec.name))
-        r = train_member(spec.name, "fmnist_vit", spec.model_kwargs(), member, ("val", "test"), options.weights_dir)
+        r = train_member(spec.name, "fmnist_vit", spec.model_kwargs(), member, splits, options.weights_dir)
         # written after every model so an interrupted run keeps what it finished
         update_zoo(Path(options.json), zoo_row(spec, r, options.threads, command_line()), config, split)
     print(f"done -> {options.json}", flush=True)

@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .anchors import AnchorSpec
-from .config import TrainConfig
+from .config import SpaceConfig, TrainConfig
 from .errors import ConfigError, SnnetError
 from .evaluate import evaluate
 from .recipes import recipe_config
 from .results import (FrontComparison, StitchResult, check_writable, compare_fronts, format_results, frontier, mark_pareto,
                       write_results)
-from .model import StitchedNet, create_snnet, network_from_config
+from .model import StitchedNet, create_snnet, network_from_config, space_options
 from .report import human, table
 from .sampling import seed_everything
 from .tasks import get_task
@@ -75,6 +75,18 @@ def anchor_specs(weights: tuple[str, ...]) -> list[tuple[str, AnchorSpec]]:
     if len(out) < 2:
         raise SnnetError(f"--weights gives {len(out)} anchor(s); an SN-Net needs at least two")
     return out
+
+
+def check_routes(labels: list[str], space: SpaceConfig) -> None:
+    """Explicit routes name their anchors: the recipe's (the shipped family's) are not those of other anchors."""
+    from .space import route_anchors
+
+    for route in space.routes or ():
+        unknown = [a for a in route_anchors(route) if a not in labels]
+        if unknown:
+            raise ConfigError(f"space.routes names {', '.join(dict.fromkeys(unknown))}, not among the anchors of "
+                              f"--demo.weights ({', '.join(labels)}): give routes of those anchors, or "
+                              "--space.routes null for SN-Net's own space")
 
 
 @dataclass(frozen=True)
@@ -123,8 +135,8 @@ def check_demo(config: TrainConfig, options: DemoOptions) -> None:
         raise ConfigError(f"the demo runs on Fashion-MNIST (its anchors and its zoo are trained on it), not "
                           f"{config.data.source!r}: give the folder of its IDX files as --data.root DIR")
     default_device(config.run.device)
-    if options.weights:
-        anchor_specs(options.weights)  # files exist and name an architecture
+    if options.weights:  # files exist and name an architecture; explicit routes name these anchors
+        check_routes([label for label, _ in anchor_specs(options.weights)], config.space)
     check_writable(config.run.out_dir)
     if not config.data.download:  # missing data fails before the network is built
         for split in (config.data.split, options.eval_split):
@@ -259,8 +271,7 @@ def run_demo(config: TrainConfig | None = None, options: DemoOptions = DemoOptio
     seed_everything(config.run.seed)
     if options.weights:  # weights through timm's pretrained path, as for the shipped family
         labels, specs = zip(*anchor_specs(options.weights))
-        net = create_snnet(list(specs), labels=list(labels), two_way=config.space.two_way,
-                           lora_rank=config.space.lora_rank or 0, lora_alpha=config.space.lora_alpha)
+        net = create_snnet(list(specs), labels=list(labels), **space_options(config.space))
     else:
         net = network_from_config(config.model, config.space)  # the shipped weights
     task = get_task(config.task, config.data, net)
@@ -348,6 +359,9 @@ def _report(s: DemoResult, out: Path, echo: Callable[[str], Any]) -> None:
          f"{100 * math.sqrt(p * (1 - p) / n):.2f} points)")
     if s.zoo is not None:
         _report_zoo(s.zoo, s.eval_split, echo)
+    echo("\nVerdict:")
+    for line in verdict_lines(s):
+        echo(f"  {line}")
     echo("\nRun-time switching: the most accurate stitch within each FLOPs budget")
     rows = [{"budget": human(w.budget_flops), "id": w.id, "name": w.name, "flops": human(w.flops), "acc1": w.acc1,
              "us": f"{w.select_us:.2f}"} for w in s.switches]
@@ -356,10 +370,32 @@ def _report(s: DemoResult, out: Path, echo: Callable[[str], Any]) -> None:
     summary = {k: v for k, v in asdict(s).items() if k not in ("results", "zoo")}
     summary["zoo"] = s.zoo.to_dict() if s.zoo is not None else None
     summary |= {"anchors_kept": s.anchors_kept, "anchors_not_hurt": s.anchors_not_hurt,
-                "frontier_filled": s.frontier_filled}
+                "frontier_filled": s.frontier_filled, "verdict": verdict_lines(s)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     echo(f"\nwrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'pareto.html'}, {out / 'pareto.png'}, "
          f"{out / 'summary.json'} in {s.seconds['total']:.0f}s")
+
+
+# The stitches from anchors trained until validation accuracy stops rising, against a zoo trained as far: not
+# measured yet (docs/zoo.md, "Towards a converged recipe (in progress)"); the line the verdict prints once it is.
+CONVERGED_VERDICT: str | None = None
+
+
+def verdict_lines(s: DemoResult) -> list[str]:
+    """The demo's answer in one line each: the range filled, the lead against the zoo as trained, and
+    against a converged zoo."""
+    lines = [f"one network for many budgets: {'yes' if s.frontier_filled else 'NO'} ({len(s.results)} networks, "
+             f"{s.frontier_size} Pareto-optimal, widest FLOPs gap {s.max_frontier_gap:.1%} of the anchors' range; "
+             "needs <= 20%)"]
+    if s.zoo is not None:
+        c = s.zoo.comparison
+        lines.append(f"against the zoo as trained (the anchors' recipe, {s.eval_split} top-1): {s.zoo.verdict()} it, "
+                     f"{c.mean:+.2f} points on average at matched FLOPs, worst {c.worst.diff:+.2f}")
+    else:
+        lines.append("against the zoo as trained: not compared (--no-zoo)")
+    lines.append("against a converged zoo, from converged anchors: "
+                 + (CONVERGED_VERDICT or "not measured yet (docs/zoo.md, \"Towards a converged recipe\")"))
+    return lines
 
 
 def _report_zoo(z: ZooVerdict, split: str, echo: Callable[[str], Any]) -> None:

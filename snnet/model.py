@@ -687,7 +687,11 @@ def network_from_config(model: ModelConfig, space: SpaceConfig) -> StitchedNet:
     specs = anchor_specs(names, model.pretrained, files, each=each)
     if any(s.pretrained for s in specs):  # anchors snnet cannot split fail here, before any download
         create_snnet([s.name for s in specs], num_classes=model.num_classes, device="meta")
-    return create_snnet(specs, kernel_size=space.kernel_size, stride=space.stride, nearest=space.nearest,
-                        stages=space.stages, rule=space.rule, unpaired=space.unpaired, two_way=space.two_way,
-                        chains=space.chains, routes=space.routes, lora_rank=space.lora_rank or 0,
-                        lora_alpha=space.lora_alpha)
+    return create_snnet(specs, **space_options(space))
+
+
+def space_options(space: SpaceConfig) -> dict[str, Any]:
+    """:func:`create_snnet`'s keyword arguments for the stitch space (and stitching layers) ``space`` names."""
+    return {"kernel_size": space.kernel_size, "stride": space.stride, "nearest": space.nearest, "stages": space.stages,
+            "rule": space.rule, "unpaired": space.unpaired, "two_way": space.two_way, "chains": space.chains,
+            "routes": space.routes, "lora_rank": space.lora_rank or 0, "lora_alpha": space.lora_alpha}

@@ -168,6 +168,11 @@ def route_name(labels: Sequence[str], segments: Sequence[Segment]) -> str:
 _PART = re.compile(r"(.+?)\[(\d*):(\d*)\]")
 
 
+def route_anchors(name: str) -> tuple[str, ...]:
+    """The anchor labels a route name mentions, in order (unchecked: :func:`parse_route` checks)."""
+    return tuple(m.group(1).lstrip("+") for m in _PART.finditer(name)) or (name,)
+
+
 def parse_route(name: str, labels: Sequence[str], depths: Sequence[int]) -> tuple[Segment, ...]:
     """The segments a route name describes (the inverse of :func:`route_name`), checked."""
     if name in labels:

@@ -12,6 +12,8 @@ import pytest
 
 import snnet
 from snnet.cli import main
+from snnet.demo import anchor_specs, demo_config
+from snnet.model import space_options
 
 
 def test_quick_demo_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -21,9 +23,10 @@ def test_quick_demo_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
         "pareto.html", "pareto.png", "results.csv", "results.json", "summary.json"]
     all_rows = json.loads((out / "results.json").read_text())
-    space = len(snnet.create_snnet("fmnist").space)
+    space = snnet.create_snnet("fmnist", **space_options(demo_config().space)).space  # the recipe's space
     rows = [r for r in all_rows if r["kind"] != "zoo"]
-    assert len(rows) == space and [r["id"] for r in rows] == list(range(space))
+    assert len(rows) == len(space) and [r["id"] for r in rows] == list(range(len(space)))
+    assert [r["name"] for r in rows] == [s.name for s in space]
     assert [r["kind"] for r in rows] == ["anchor" if r["is_anchor"] else "stitch" for r in rows]
     assert all({"id", "name", "flops", "params", "acc1", "acc5", "is_anchor", "pareto"} <= set(r) for r in rows)
     assert sum(r["is_anchor"] for r in rows) == 3 and any(r["pareto"] for r in rows)
@@ -49,6 +52,12 @@ def test_quick_demo_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert set(summary["anchors_before"]) == {"fmnist_vit_ti", "fmnist_vit_s", "fmnist_vit_b"}
     assert summary["switches"] and all(s["flops"] <= s["budget_flops"] for s in summary["switches"])
     assert "Run-time switching" in printed and "Pareto" in printed and "standard error" in printed
+    # the verdict, one line each: the range, the zoo as trained, a converged zoo (not measured yet)
+    lines = summary["verdict"]
+    assert len(lines) == 3 and all(f"  {line}" in printed for line in lines)
+    assert lines[0].startswith("one network for many budgets: " + ("yes" if summary["frontier_filled"] else "NO"))
+    assert f"{verdict['mean_diff']:+.2f} points on average" in lines[1] and verdict["verdict"] in lines[1]
+    assert lines[2].endswith("not measured yet (docs/zoo.md, \"Towards a converged recipe\")")
     # the training run's own files
     assert (out / "train" / "metrics.jsonl").read_text().count("\n") == 6
     assert (out / "train" / "final" / "model.safetensors").is_file()
@@ -84,10 +93,18 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
                                         (["--weights", "{tmp}/nowhere.safetensors,{tmp}/b.safetensors"], "is not a file"),
                                         (["--weights", "{tmp}/weights"], "holds 1 .safetensors file(s)"),
                                         (["--weights", "{tmp}/weights/resnet9.safetensors,{tmp}/weights/resnet9.safetensors"],
-                                         "cannot tell the architecture of")])
+                                         "cannot tell the architecture of"),
+                                        # explicit routes name their anchors: the shipped family's are not these
+                                        (["--weights", "{tmp}/fmnist_vit_w16_d2_p7.safetensors,"
+                                          "{tmp}/fmnist_vit_w24_d2_p7.safetensors",
+                                          "--space.routes", '["fmnist_vit_ti[:1]+fmnist_vit_s[1:]"]'],
+                                         "space.routes names fmnist_vit_ti, fmnist_vit_s, not among the anchors of "
+                                         "--demo.weights (fmnist_vit_w16_d2_p7, fmnist_vit_w24_d2_p7)")])
 def test_bad_demo_settings_are_refused_before_any_work(tmp_path: Path, args: list[str], says: str) -> None:
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "resnet9.safetensors").write_bytes(b"")
+    for name in ("fmnist_vit_w16_d2_p7", "fmnist_vit_w24_d2_p7"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     proc = _run("demo", "--quick", "--out", str(tmp_path / "out"), *args)
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
@@ -112,8 +129,9 @@ def test_demo_takes_anchor_weights_and_measures_on_val(tmp_path: Path, capsys: p
         files[name] = weights / f"{name}.safetensors"
         save_file(model.state_dict(), str(files[name]))
     out = tmp_path / "demo"
-    main(["demo", "--weights", str(weights), "--eval-split", "val", "--steps", "3", "--eval-limit", "200",
-          "--train-limit", "500", "--out", str(out), "--no-progress"])
+    # the recipe's explicit routes name the shipped family: other anchors take SN-Net's own space
+    main(["demo", "--weights", str(weights), "--space.routes", "null", "--eval-split", "val", "--steps", "3",
+          "--eval-limit", "200", "--train-limit", "500", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_split"] == "val" and "on 200 val images" in printed
@@ -127,10 +145,13 @@ def test_demo_takes_anchor_weights_and_measures_on_val(tmp_path: Path, capsys: p
         assert summary["anchors_before"][name] == pytest.approx(acc, abs=1e-6)
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows if r["is_anchor"]] == ["fmnist_vit_w16_d2_p7", "fmnist_vit_w24_d2_p7"]
+    labels, specs = zip(*anchor_specs((str(weights),)))
+    rule = snnet.create_snnet(list(specs), labels=list(labels)).space  # SN-Net's rule, as the recipe's routes are dropped
+    assert [r["name"] for r in rows if r["kind"] != "zoo"] == [s.name for s in rule]
     assert all(r["images"] == 200 for r in rows if r["kind"] != "zoo")
     # The same files given one by one build the same network.
-    main(["demo", "--weights", ",".join(str(f) for f in files.values()), "--eval-split", "val", "--steps", "3",
-          "--eval-limit", "200", "--train-limit", "500", "--out", str(tmp_path / "again"), "--no-progress"])
+    main(["demo", "--weights", ",".join(str(f) for f in files.values()), "--space.routes", "null", "--eval-split",
+          "val", "--steps", "3", "--eval-limit", "200", "--train-limit", "500", "--out", str(tmp_path / "again"), "--no-progress"])
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert [(r["name"], r["acc1"]) for r in again] == [(r["name"], r["acc1"]) for r in rows]
 

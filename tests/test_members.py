@@ -69,6 +69,25 @@ def test_the_zoo_script_records_members_through_the_library(tmp_path, capsys):
                   "--run.progress", "false"])
 
 
+def test_a_zoo_run_that_chooses_settings_leaves_the_test_split_unread(tmp_path, capsys, monkeypatch):
+    zoo = _script("train_fmnist_zoo")
+    read = []
+    real = zoo.train_member
+    monkeypatch.setattr(zoo, "train_member", lambda *a: read.append(a[4]) or real(*a))
+    table = tmp_path / "zoo.json"
+    zoo.main(["--models", TINY.name, "--epochs", "1", "--limit", "256", "--no-test", "--json", str(table),
+              "--weights-dir", str(tmp_path / "w"), "--zoo.runs", str(tmp_path / "runs"), "--threads", "1",
+              "--run.progress", "false"])
+    assert read == [("val",)]  # the member is measured on the validation split only
+    rows = json.loads(table.read_text())
+    assert rows["models"][0]["test_acc1"] is None and rows["models"][0]["val_acc1"] is not None
+    assert rows["split"]["test"] is None and len(rows["models"][0]["val_curve"]) == 1
+    capsys.readouterr()
+    zoo.main(["--show", "--json", str(table)])
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(TINY.name))
+    assert " - " in line  # no test top-1 to show
+
+
 def test_the_family_card_renders_from_the_family_file_written_before_the_tree(tmp_path):
     family = _script("train_fmnist_family")
     shutil.copy(WEIGHTS / "family.json", tmp_path / "family.json")
