@@ -810,7 +810,9 @@ def test_load_generator_open_and_closed_loop_against_the_server(server: _Server)
     times = [0.05 * k for k in range(10)]
     opened = loadgen.run(lambda: loadgen.open_loop("127.0.0.1", server.port, [one], times, timeout=30))
     assert [r.status for r in opened] == [200] * 10
-    assert all(abs(r.t - t) < 0.25 for r, t in zip(opened, times))
+    # sent in order and never early (how late depends on the machine's load, so it is not asserted; that arrivals
+    # do not wait for answers is shown below, where both go out to a server that answers neither)
+    assert all(r.t >= t - 0.01 for r, t in zip(opened, times)) and [r.t for r in opened] == sorted(r.t for r in opened)
     with _stopped(server.service.engine.pid):
         missed = loadgen.run(lambda: loadgen.open_loop("127.0.0.1", server.port, [one], [0.0, 0.01], timeout=0.5))
     assert [r.status for r in missed] == [0, 0] and all(r.ms >= 500 for r in missed)
