@@ -37,6 +37,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from snnet.report import percentile
+
 PROMPT = "def fibonacci(n):\n    "
 
 
@@ -106,14 +108,13 @@ async def _run(url: str, rate: float, duration: float, max_tokens: int, seed: in
 
 def _summary(results: list[dict[str, Any]], slo_ms: float) -> dict[str, Any]:
     ok = [r for r in results if r.get("status") == 200 and "ttft_ms" in r]
-    ttft = np.array([r["ttft_ms"] for r in ok]) if ok else np.array([np.nan])
-    tpot = np.array([r["tpot_ms"] for r in ok if "tpot_ms" in r]) if ok else np.array([np.nan])
-    tpot = tpot if tpot.size else np.array([np.nan])
+    ttft = [r["ttft_ms"] for r in ok]
+    tpot = [r["tpot_ms"] for r in ok if "tpot_ms" in r]
     mix = Counter(r.get("stitch", "?") for r in ok)
     return {"offered": len(results), "answered": len(ok), "refused": sum(r.get("status") not in (200,) for r in results),
-            "ttft_p50_ms": float(np.percentile(ttft, 50)), "ttft_p95_ms": float(np.percentile(ttft, 95)),
-            "server_ttft_p50_ms": float(np.percentile([r.get("server_ttft_ms", np.nan) for r in ok] or [np.nan], 50)),
-            "tpot_p50_ms": float(np.percentile(tpot, 50)), "tpot_p95_ms": float(np.percentile(tpot, 95)),
+            "ttft_p50_ms": percentile(ttft, 0.5), "ttft_p95_ms": percentile(ttft, 0.95),
+            "server_ttft_p50_ms": percentile([r.get("server_ttft_ms", np.nan) for r in ok], 0.5),
+            "tpot_p50_ms": percentile(tpot, 0.5), "tpot_p95_ms": percentile(tpot, 0.95),
             "within_slo": sum(r["ttft_ms"] <= slo_ms for r in ok) / max(len(results), 1),  # refused: missed
             "tokens_mean": float(np.mean([r.get("tokens", 0) for r in ok])) if ok else 0.0,
             "mix": dict(mix.most_common())}

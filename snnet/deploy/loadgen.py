@@ -23,7 +23,6 @@ Needs the ``serve`` extra (httpx, uvloop, orjson), imported where used.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import random
 import socket
@@ -33,7 +32,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from ..report import percentile as report_percentile
 
 # ============================================================================== the client
 
@@ -182,11 +180,6 @@ async def open_loop(host: str, port: int, bodies: Sequence[Body], times: Sequenc
     for c in idle:
         c.close()
     return sorted(results, key=lambda r: r.t)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The nearest-rank ``q`` quantile of ``values`` (a latency actually observed); NaN when there are none."""
-    return report_percentile(values, q, nearest=True)
 
 
 # ============================================================================== traces
