@@ -816,7 +816,9 @@ def test_load_generator_open_and_closed_loop_against_the_server(server: _Server)
     assert all(r.t >= t - 0.01 for r, t in zip(opened, times)) and [r.t for r in opened] == sorted(r.t for r in opened)
     with _stopped(server.service.engine.pid):
         missed = loadgen.run(lambda: loadgen.open_loop("127.0.0.1", server.port, [one], [0.0, 0.01], timeout=0.5))
-    assert [r.status for r in missed] == [0, 0] and all(r.ms >= 500 for r in missed)
+    # uvloop (libuv) times from the loop's cached clock, so on a loaded machine a 0.5 s timer can fire some ms
+    # before 0.5 s of perf_counter have passed; the point is that the miss waited for the timeout, not for an answer
+    assert [r.status for r in missed] == [0, 0] and all(r.ms >= 400 for r in missed), [(r.status, r.ms) for r in missed]
 
 
 @pytest.mark.slow
