@@ -381,19 +381,22 @@ class EngineProcess:
 
     def __init__(self, config: ServeConfig, say: Callable[[str], Any] = print, start_timeout: float = 1800.0) -> None:
         self.config = config
+        self.process: subprocess.Popen | None = None
+        self._owner: Connection | None = None
         self.folder = tempfile.mkdtemp(prefix="snnet-model-")  # 0700: only this user reaches the socket
         self.address = os.path.join(self.folder, "model.sock")
         self.authkey = os.urandom(32)
-        mine, theirs = socket.socketpair()
-        env = dict(os.environ, **{ENV_KEY: self.authkey.hex(), ENV_CONFIG_JSON: config.to_json()})
+        # from here on anything, a SIGTERM turned exception included, closes what exists so far
         try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", "from snnet.deploy.serve.engine import main; main()", str(theirs.fileno()), self.address],
-                pass_fds=[theirs.fileno()], env=env)
-        finally:
-            theirs.close()
-        self._owner = Connection(mine.detach())
-        try:
+            mine, theirs = socket.socketpair()
+            env = dict(os.environ, **{ENV_KEY: self.authkey.hex(), ENV_CONFIG_JSON: config.to_json()})
+            try:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-c", "from snnet.deploy.serve.engine import main; main()", str(theirs.fileno()), self.address],
+                    pass_fds=[theirs.fileno()], env=env)
+            finally:
+                theirs.close()
+            self._owner = Connection(mine.detach())
             self.info = self._wait_ready(say, start_timeout)
         except BaseException:
             self.close()
@@ -434,18 +437,23 @@ class EngineProcess:
 
     def close(self, timeout: float = 60.0) -> None:
         """Let the model process finish every queued batch, then stop it; remove its socket folder."""
-        if self.process.poll() is None:
-            try:
-                self._owner.send(("close",))
-            except OSError:
-                pass
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self._owner.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            if self.process is not None and self.process.poll() is None:
+                try:
+                    if self._owner is None:
+                        raise OSError("no connection to the model process yet")
+                    self._owner.send(("close",))
+                except OSError:
+                    self.process.terminate()
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(5)
+            if self._owner is not None:
+                self._owner.close()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def connect(address: str, authkey: bytes, kind: str, *args: Any) -> Connection:
