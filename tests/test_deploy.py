@@ -207,7 +207,8 @@ def test_torch_export_and_onnx_equal_the_stitched_network(family: str, tmp_path:
     pytest.importorskip("onnxruntime")
     net = _net(FAMILIES[family])
     images = _sized(net, images)
-    s = _routes(net)[2]
+    # the shortest route through a stitching layer: tracing time grows with the blocks traced
+    s = min((s for s in net.space if not s.is_anchor), key=lambda s: s.src_end + net.anchors[s.dst].depth - s.dst_start)
     paths = deploy.export_stitch(net, s, tmp_path, formats=["pt2", "onnx"])
     assert sorted(paths) == ["config.json", "model.onnx", "model.pt2"]  # config.json records their checksums
     want = _in_network(net, s, images)  # 6 images: the export traced a batch of 2, the batch stays dynamic

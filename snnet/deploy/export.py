@@ -283,17 +283,25 @@ def _batch_dim() -> dict[str, dict[int, Any]]:
     return {"x": {0: torch.export.Dim.AUTO}}
 
 
-def export_program(route: nn.Module, example: torch.Tensor, path: str | os.PathLike, atol: float = 1e-5) -> Path:
-    """Export with ``torch.export`` and save a ``.pt2`` program; verified by reloading and comparing outputs."""
+def trace(route: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` of a route with a free batch size: the one trace both the ``.pt2`` and the
+    ONNX file are made from (tracing is most of an export's time)."""
+    try:
+        return torch.export.export(route.eval(), (example,), dynamic_shapes=_batch_dim())
+    except Exception as e:  # torch raises many kinds here; say which model part failed
+        raise ExportError(f"torch.export could not trace this stitch: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def export_program(route: nn.Module, example: torch.Tensor, path: str | os.PathLike, atol: float = 1e-5,
+                   program: torch.export.ExportedProgram | None = None) -> Path:
+    """Export with ``torch.export`` (or take ``program``, :func:`trace` of ``route``) and save a ``.pt2``
+    program; verified by reloading and comparing outputs."""
     path = Path(path)
     _check_dir(path.parent)
     route = route.eval()
     with torch.inference_mode():
         want = route(example)
-    try:
-        program = torch.export.export(route, (example,), dynamic_shapes=_batch_dim())
-    except Exception as e:  # torch raises many kinds here; say which model part failed
-        raise ExportError(f"torch.export could not trace this stitch: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    program = program if program is not None else trace(route, example)
 
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
@@ -306,8 +314,10 @@ def export_program(route: nn.Module, example: torch.Tensor, path: str | os.PathL
     return path
 
 
-def export_onnx(route: nn.Module, example: torch.Tensor, path: str | os.PathLike, atol: float = 1e-5) -> Path:
-    """Export to ONNX (torch's dynamo exporter) and verify with onnxruntime on CPU.
+def export_onnx(route: nn.Module, example: torch.Tensor, path: str | os.PathLike, atol: float = 1e-5,
+                program: torch.export.ExportedProgram | None = None) -> Path:
+    """Export to ONNX (torch's dynamo exporter, from ``program``, :func:`trace` of ``route``, when
+    given) and verify with onnxruntime on CPU.
 
     The file is written to a temporary name, run with onnxruntime on ``example``, and renamed
     into place only if its outputs are within ``atol`` of PyTorch's; otherwise it is deleted
@@ -329,11 +339,13 @@ def export_onnx(route: nn.Module, example: torch.Tensor, path: str | os.PathLike
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                program = torch.onnx.export(route, (example,), dynamo=True, input_names=["x"], output_names=["logits"],
-                                            dynamic_shapes=_batch_dim(), verbose=False)
+                onnx_program = torch.onnx.export(program if program is not None else trace(route, example), (example,),
+                                                 dynamo=True, input_names=["x"], output_names=["logits"], verbose=False)
+        except ExportError:
+            raise
         except Exception as e:
             raise ExportError(f"ONNX export of this stitch failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-        program.save(str(p), external_data=False)  # one self-contained file
+        onnx_program.save(str(p), external_data=False)  # one self-contained file
         try:
             sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
             got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: example.detach().cpu().numpy()})[0])
@@ -373,11 +385,12 @@ def export_stitch(net: "StitchedNet", stitch: int | str | Stitch, out: str | os.
         if "safetensors" in formats:
             save_stitch(route, stage, config)
             config = json.loads((stage / STITCH_CONFIG).read_text())  # with the weights' checksum
+        program = trace(route, example) if {"pt2", "onnx"} & set(formats) else None
         if "pt2" in formats:
-            path = export_program(route, example, stage / FORMAT_FILES["pt2"], atol)
+            path = export_program(route, example, stage / FORMAT_FILES["pt2"], atol, program)
             record_checksum(config, path.name, path)
         if "onnx" in formats:
-            path = export_onnx(route, example, stage / FORMAT_FILES["onnx"], atol)
+            path = export_onnx(route, example, stage / FORMAT_FILES["onnx"], atol, program)
             record_checksum(config, path.name, path)
         atomic_write(stage / STITCH_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
         paths = {}
