@@ -7,7 +7,7 @@ import math
 import pytest
 
 from snnet.errors import ResultsError
-from snnet.results import StitchResult, binomial_se, compare_fronts, front_rows
+from snnet.results import Row, binomial_se, compare_fronts, front_rows
 
 
 def row(name: str, flops: float, acc1: float, images: int | None = 10_000) -> dict:
@@ -57,7 +57,7 @@ def test_theirs_starting_dearer_raises_lo_and_dominated_rows_change_nothing() ->
 
 
 def test_accepts_result_objects_and_other_columns() -> None:
-    ours = [StitchResult(i, r["name"], r["flops"], 0, r["acc1"], 99.0, 0.5, 10_000, i == 0) for i, r in enumerate(OURS)]
+    ours = [Row(i, r["name"], r["flops"], 0, r["acc1"], 99.0, 0.5, 10_000, i == 0) for i, r in enumerate(OURS)]
     theirs = [{"name": r["name"], "flops": r["flops"], "val_acc1": r["acc1"]} for r in THEIRS]
     c = compare_fronts([{**r.to_dict(), "val_acc1": r.acc1} for r in ours], theirs, y="val_acc1")
     assert c.mean == pytest.approx(-0.75) and c.y == "val_acc1"
