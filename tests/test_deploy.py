@@ -392,3 +392,23 @@ def test_profile_of_v2_routes() -> None:
     weights = sum(p.numel() * p.element_size() for m in route_modules(net, s) for p in m.parameters())
     assert deploy.route_bytes(deploy_export._route_view(net, s)) == weights + sum(
         b.numel() * b.element_size() for m in route_modules(net, s) for b in m.buffers())
+
+
+def test_check_input_refuses_only_what_cannot_run() -> None:
+    """A CNN family takes another image size (so it is let through, and runs); a ViT's fixed patch grid and an
+    input far beyond this machine's memory are refused, without allocating it."""
+    from snnet.deploy.memory import available_memory, check_input
+    from snnet.errors import SnnetError
+
+    cnn = snnet.create_snnet(["snnet_tiny_resnet18", "snnet_tiny_resnet50"]).eval()
+    check_input(cnn, [2], (3, 64, 64))
+    for s in cnn.space:
+        cnn.select(s.id)
+        assert cnn(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    side = int((available_memory() / 4) ** 0.5) + 1  # one 3-channel image of this side exceeds free memory
+    with pytest.raises(SnnetError, match="MiB are free"):
+        check_input(cnn, [1], (3, side, side))
+    vit = snnet.create_snnet(TINY_VITS[:2])
+    with pytest.raises(SnnetError, match="cannot take"):
+        check_input(vit, [1], (3, 64, 64), what="--img-size")
+    check_input(vit, [64])  # its own size, a batch that fits
