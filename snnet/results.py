@@ -75,7 +75,8 @@ class Row:
     (tokens, for a language model, whose ``ppl``/``bpb`` are set too); ``loss`` the mean
     cross-entropy. ``latency_ms``/``latency_p90_ms``/``peak_mem_mb`` are the median, p90 and peak
     memory (MiB) at the profile's batch size and ``latency_by_batch`` the latency at each batch size
-    profiled (``snnet profile``). ``eval_protocol`` says how the images were prepared. Whatever a
+    profiled (``snnet profile --batch-sizes``; given as dicts, as files hold them, they become
+    :class:`BatchLatency`). ``eval_protocol`` says how the images were prepared. Whatever a
     producer did not measure is None. ``extra`` keeps any further field (a zoo model's ``source`` and
     ``family``, a reference's ``ref_id``, the ``profile`` settings...), saved and loaded unchanged,
     so results files stay readable when tools add columns.
