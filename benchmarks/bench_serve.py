@@ -48,6 +48,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from snnet.deploy import loadgen
 from snnet.deploy.loadgen import ServerProcess
 
 from snnet.report import percentile
+from snnet.results import write_results
 
 FMNIST_TOP1 = Path(__file__).resolve().parents[1] / "docs" / "demo" / "results.json"  # the shipped family's measured top-1
 DEIT_TOP1 = "reference:deit"  # the authors' published top-1 per network, shipped with snnet (snnet.reference)
@@ -78,7 +80,7 @@ def prepare(args: argparse.Namespace, folder: Path) -> tuple[str, dict[int, floa
         from snnet.commands.deploy import _load
 
         net = _load(None, trained=False) if args.model is None else StitchedNet.from_pretrained(args.model)
-        acc = {int(r["id"]): float(r["acc1"]) for r in network_rows(read_rows(args.top1)) if r.get("acc1") is not None}
+        acc = {int(r.id): float(r.acc1) for r in network_rows(read_rows(args.top1)) if r.acc1 is not None}  # type: ignore[arg-type]
         images = loadgen.fmnist_pngs(512)
     else:
         net = create_snnet(DEIT, pretrained=False) if args.model is None else StitchedNet.from_pretrained(args.model)
@@ -93,16 +95,16 @@ def prepare(args: argparse.Namespace, folder: Path) -> tuple[str, dict[int, floa
     if len(acc) != len(net.space):
         raise SystemExit(f"{args.top1} gives top-1 for {len(acc)} of {len(net.space)} networks")
     model = args.model or str(net.save_pretrained(folder / "model"))
-    rows = [dict(c.to_dict(), acc1=acc[c.id], acc5=math.nan) for c in net.costs()]  # top-5 is not what is served
+    rows = [replace(c, acc1=acc[c.id], acc5=math.nan) for c in net.costs()]  # top-5 is not what is served
     ids = sorted({r.id for r in ladder(rows)} | {s.id for s in net.space.anchor_stitches()})
     # DeiT: the ends only (a forward takes seconds; the table is linear in between), fmnist: every power of two
     sizes = [1, args.max_batch] if args.scale == "deit" else sorted({min(2 ** k, args.max_batch) for k in range(int(math.log2(args.max_batch)) + 1)}
                                                                    | {args.max_batch})
     t = time.perf_counter()
     torch.set_num_threads(args.threads)
-    measured, settings = profile(net.eval(), batch_size=1, warmup=0 if args.scale == "deit" else 1, repeats=args.profile_repeats, device="cpu", threads=args.threads,
+    measured, _ = profile(net.eval(), batch_size=1, warmup=0 if args.scale == "deit" else 1, repeats=args.profile_repeats, device="cpu", threads=args.threads,
                                  stitches=ids, progress=True, batch_sizes=sizes)
-    rows = merge_profile(rows, [], measured, settings)
+    rows = merge_profile(rows, [], measured)
     print(f"latency table of {len(ids)} stitches at batch sizes {sizes} in {time.perf_counter() - t:.0f} s")
     return model, acc, rows, images
 
@@ -288,15 +290,15 @@ def main() -> None:
     loads = [os.getloadavg()[0]]
     started = time.monotonic()
     model, acc, rows, images = prepare(args, folder)
-    (folder / "results.json").write_text(json.dumps(rows))
+    write_results(rows, folder, csv_file=False)
 
     from snnet.deploy.controller import LatencyTable, ladder
 
     rungs = ladder(rows)
     table_ = LatencyTable.from_rows(rows)
-    anchors = sorted((r for r in rows if r["is_anchor"]), key=lambda r: r["flops"])
+    anchors = sorted((r for r in rows if r.is_anchor), key=lambda r: r.flops)
     large = anchors[-1]
-    full_ms = table_.predict(large["id"], args.max_batch)
+    full_ms = table_.predict(large.id, args.max_batch)
     slo_ms = args.slo_x * full_ms
     pinned = rungs if args.pinned == "all" else spaced(rungs, int(args.pinned))
     per = args.images_per_request
@@ -307,15 +309,15 @@ def main() -> None:
     max_queue = args.max_queue = args.max_queue or (4 * args.max_batch if deit else 8 * args.max_batch * max(1, per // 4))
     srv = ServerProcess(["--model", model, "--results", str(folder / "results.json"), "--slo-ms", f"{slo_ms:.3f}",
                          "--max-batch", str(args.max_batch), "--max-queue", str(max_queue),
-                         "--threads", str(args.threads), "--log-level", "warning", "--stitch", str(large["id"])])
+                         "--threads", str(args.threads), "--log-level", "warning", "--stitch", str(large.id)])
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with srv:
         port = srv.port
         probe = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, bodies, 2 * max(1, args.max_batch // per), 6.0 if not deit else 20.0,
                                                         warmup=1.0 if not deit else 5.0))
         capacity = sum(1 for r in probe if r.status == 200) / (6.0 if not deit else 20.0)  # requests/s of the largest anchor, served
-        print(f"SLO {slo_ms:.1f} ms = {args.slo_x:g} x {large['name']}'s batch of {args.max_batch} ({full_ms:.1f} ms); "
-              f"{large['name']} pinned answers {capacity:.1f} requests/s of {per} image(s); ladder of {len(rungs)}, "
+        print(f"SLO {slo_ms:.1f} ms = {args.slo_x:g} x {large.name}'s batch of {args.max_batch} ({full_ms:.1f} ms); "
+              f"{large.name} pinned answers {capacity:.1f} requests/s of {per} image(s); ladder of {len(rungs)}, "
               f"{len(pinned)} pinned; load average {os.getloadavg()[0]:.2f}")
         mean_rate = args.rate_x * capacity
         names = args.traces.split(",")
@@ -362,8 +364,8 @@ def main() -> None:
             print(f"{trace}: best pinned rung reaching 99 %: {v['best_pinned_99']}; goal met: {v['met']}")
             figure(trace, results[trace], acc, rate_of, args.seconds, slo_ms, out)
             # after every trace, so that a run stopped early keeps what it measured
-            write(out, results, args, slo_ms, large["name"], capacity, mean_rate, rungs, table_, loads + [os.getloadavg()[0]])
-    write(out, results, args, slo_ms, large["name"], capacity, mean_rate, rungs, table_, loads + [os.getloadavg()[0]])
+            write(out, results, args, slo_ms, large.name, capacity, mean_rate, rungs, table_, loads + [os.getloadavg()[0]])
+    write(out, results, args, slo_ms, large.name, capacity, mean_rate, rungs, table_, loads + [os.getloadavg()[0]])
     loads.append(os.getloadavg()[0])
     print("\n" + table(results, slo_ms))
     parts = []

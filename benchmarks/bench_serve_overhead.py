@@ -170,6 +170,7 @@ def main() -> None:
     import torch
 
     from snnet.deploy import merge_profile, profile
+    from snnet.results import write_results
     from snnet.deploy.controller import ladder
     from snnet.model import StitchedNet
 
@@ -186,13 +187,11 @@ def main() -> None:
     costs = net.costs()
     anchors = sorted((c for c in costs if c.is_anchor), key=lambda c: c.flops)
     small, large = anchors[0], anchors[-1]
-    rows = [c.to_dict() for c in costs]
-    ids = sorted({r.id for r in ladder(rows)} | {small.id, large.id})
+    ids = sorted({r.id for r in ladder(costs)} | {small.id, large.id})
     t = time.perf_counter()
-    measured, settings = profile(net, batch_size=1, warmup=2, repeats=3, device="cpu", threads=1, stitches=ids, progress=False,
+    measured, _ = profile(net, batch_size=1, warmup=2, repeats=3, device="cpu", threads=1, stitches=ids, progress=False,
                                  batch_sizes=sorted(set(sizes) | {1}))
-    table = Path(tmp.name) / "results.json"
-    table.write_text(json.dumps(merge_profile(None, costs, measured, settings)))
+    table = write_results(merge_profile(None, costs, measured), tmp.name, csv_file=False)[0]
     load = [os.getloadavg()[0]]
     print(f"latency table of {len(ids)} stitches in {time.perf_counter() - t:.0f} s; load average {load[0]:.2f} on {os.cpu_count()} CPUs")
 

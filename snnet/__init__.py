@@ -16,6 +16,7 @@ try:  # torch and timm load for seconds: Ctrl-C then must not print their import
     from .anchors import ActivationSpec, Adapter, AnchorParts, AnchorSpec, register_adapter, split_model
     from .errors import CheckpointError, NotStitchableError, SnnetError, StitchNotFoundError, UnknownModelError
     from .model import InitReport, StitchCost, StitchedNet, create_snnet
+    from .results import Row
     from .space import Segment, SpaceConfig, Stitch, StitchSpace
 except KeyboardInterrupt:
     # `python -m snnet` (argv[0] is "-m" while the package loads) or the `snnet` script: the command's one line.
@@ -29,7 +30,7 @@ load = StitchedNet.from_pretrained
 
 __all__ = [
     "ActivationSpec", "Adapter", "AnchorParts", "AnchorSpec", "CheckpointError", "InitReport", "NotStitchableError",
-    "Segment", "SnnetError", "SpaceConfig", "Stitch", "StitchCost", "StitchNotFoundError", "StitchSpace", "StitchedNet",
+    "Row", "Segment", "SnnetError", "SpaceConfig", "Stitch", "StitchCost", "StitchNotFoundError", "StitchSpace", "StitchedNet",
     "UnknownModelError", "create_snnet", "load", "register_adapter", "split_model",
 ]
 __version__ = "0.1.0"

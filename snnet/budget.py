@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import BudgetError
 from .report import COUNT_PREFIXES, NUMBER, human, parse_count
-from .results import better, merge_rows, network_rows, read_rows
+from .results import Row, better, merge_rows, network_rows, read_rows
 from .space import Stitch
 
 __all__ = ["Budget", "MB", "Selection", "parse_budget", "select_stitch"]
@@ -147,7 +147,7 @@ class Selection:
     ranked_by: str  # "acc1" (measured) or "flops" (the accuracy proxy)
     reason: str
     candidates: tuple[int, ...]  # ids of every stitch within the budget
-    values: Mapping[str, Any] = field(default_factory=dict, hash=False)  # the chosen stitch's row
+    row: Row | None = field(default=None, hash=False)  # the chosen stitch's row (its costs and measurements)
     stitch: Stitch | None = None  # set when selecting on a StitchedNet
 
     def __str__(self) -> str:
@@ -166,7 +166,7 @@ def select_stitch(net_or_costs: Any, budget: Any, results: Any = None) -> Select
     """
     budget = parse_budget(budget)
     net = net_or_costs if isinstance(net_or_costs, nn.Module) else None
-    rows = [c.to_dict() for c in net.costs()] if net is not None else read_rows(net_or_costs)
+    rows = net.costs() if net is not None else read_rows(net_or_costs)
     if results is not None:
         rows = merge_rows(rows, read_rows(results), "the results")
     rows = network_rows(rows)  # zoo models in a results file are for comparison: never a choice
@@ -174,41 +174,41 @@ def select_stitch(net_or_costs: Any, budget: Any, results: Any = None) -> Select
         raise BudgetError("no stitches to select from")
     for name, bound in budget.limits():
         key = _METRICS[name][0]
-        missing = [r for r in rows if r.get(key) is None]
+        missing = [r for r in rows if r.value(key) is None]
         if missing:
             hint = ("run `snnet profile` first (it measures this device) and pass its results.json"
                     if name in ("latency_ms", "memory_mb") else "pass results that hold it")
             raise BudgetError(f"a {name.split('_')[0]} budget needs the {key} of every stitch, but "
-                              f"{len(missing)} of {len(rows)} have none (e.g. {missing[0]['name']!r}): {hint}")
-        cheapest = min(rows, key=lambda r: (r[key], r["id"]))
-        if bound < cheapest[key]:
+                              f"{len(missing)} of {len(rows)} have none (e.g. {missing[0].name!r}): {hint}")
+        cheapest = min(rows, key=lambda r: (r.value(key), r.id))
+        if bound < cheapest.value(key):
             raise BudgetError(f"budget {Budget(**{name: bound})} is below the cheapest stitch, "
-                              f"{cheapest['name']!r} (id {cheapest['id']}) at {_METRICS[name][1](cheapest[key])}: "
+                              f"{cheapest.name!r} (id {cheapest.id}) at {_METRICS[name][1](cheapest.value(key))}: "
                               "raise the budget")
-    within = [r for r in rows if all(r[_METRICS[n][0]] <= b for n, b in budget.limits())]
+    within = [r for r in rows if all(r.value(_METRICS[n][0]) <= b for n, b in budget.limits())]
     if not within:
-        cheapest = {n: min(rows, key=lambda r: (r[_METRICS[n][0]], r["id"])) for n, _ in budget.limits()}
-        detail = "; ".join(f"the cheapest in {n.split('_')[0]} is {r['name']!r} at {_METRICS[n][1](r[_METRICS[n][0]])}"
+        cheapest = {n: min(rows, key=lambda r: (r.value(_METRICS[n][0]), r.id)) for n, _ in budget.limits()}
+        detail = "; ".join(f"the cheapest in {n.split('_')[0]} is {r.name!r} at {_METRICS[n][1](r.value(_METRICS[n][0]))}"
                            for n, r in cheapest.items())
         raise BudgetError(f"no stitch meets every bound of {budget} at once ({detail}): loosen one of them")
     # a language model's rows rank by bits per byte (lower is better), an image model's by top-1
-    ranked_by = next((m for m in ("bpb", "acc1") if all(isinstance(r.get(m), (int, float)) and not math.isnan(r[m])
+    ranked_by = next((m for m in ("bpb", "acc1") if all(isinstance(r.value(m), (int, float)) and not math.isnan(r.value(m))
                                                         for r in within)), "flops")
     measured = ranked_by != "flops"
     if measured:
-        best = max(within, key=lambda r: (better(ranked_by, r[ranked_by]), -r["flops"], -r["id"]))
+        best = max(within, key=lambda r: (better(ranked_by, r.value(ranked_by)), -r.flops, -r.id))
     else:
         # FLOPs, whatever is budgeted: they are exact (a measured latency is noisy) and the paper's frontier axis
         ranked_by = "flops"
-        best = max(within, key=lambda r: (r["flops"], r["params"], -r["id"]))
-    shown = ([f"{best['bpb']:.4f} bits/byte"] if ranked_by == "bpb" else [f"top-1 {best['acc1']:.2f}%"]) if measured else []
-    shown += [_METRICS[n][1](best[_METRICS[n][0]]) for n in _METRICS if best.get(_METRICS[n][0]) is not None]
+        best = max(within, key=lambda r: (r.flops, r.params, -r.id))
+    shown = ([f"{best.bpb:.4f} bits/byte"] if ranked_by == "bpb" else [f"top-1 {best.acc1:.2f}%"]) if measured else []
+    shown += [_METRICS[n][1](best.value(_METRICS[n][0])) for n in _METRICS if best.value(_METRICS[n][0]) is not None]
     why = ("the best (lowest measured bits per byte)" if ranked_by == "bpb" else "the most accurate (measured top-1)"
            if measured else
            "no measured accuracy, so by proxy the one with the most FLOPs (more compute buys more "
            "accuracy along the SN-Net frontier)")
-    reason = (f"{best['name']} (id {best['id']}): {why} of the {len(within)} of {len(rows)} stitches within "
+    reason = (f"{best.name} (id {best.id}): {why} of the {len(within)} of {len(rows)} stitches within "
               f"{budget}; it has {', '.join(shown)}")
-    stitch = net.space[int(best["id"])] if net is not None else None
-    return Selection(int(best["id"]), best["name"], budget, ranked_by, reason,
-                     tuple(sorted(int(r["id"]) for r in within)), best, stitch)
+    stitch = net.space[int(best.id)] if net is not None else None
+    return Selection(int(best.id), best.name, budget, ranked_by, reason,
+                     tuple(sorted(int(r.id) for r in within)), best, stitch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -82,10 +83,9 @@ def stitches(
 
     costs = net.costs()
     ref = net_reference_ids(net)  # the SN-Net authors' id of every network their code lists (Swin's differ)
-    rows = [dict(c.to_dict(), ref_id=ref.get(c.id)) for c in costs]
-    if result is not None:
-        kl = {s.name: s.kl for s in result.scores}
-        rows = [dict(r, kl=kl.get(r["name"])) for r in rows]
+    kl = {s.name: s.kl for s in result.scores} if result is not None else None
+    rows = [replace(c, extra={"ref_id": ref.get(c.id), **({"kl": kl.get(c.name)} if kl is not None else {})}).to_dict()
+            for c in costs]  # the space's rows, as JSON and as the table
     if as_json:
         out: Any = rows if result is None else {"routes": list(result.routes), "stitches": rows, **result.to_dict()}
         typer.echo(json.dumps(out, indent=2))

@@ -36,7 +36,7 @@ from .config import SpaceConfig, TrainConfig
 from .errors import ConfigError, SnnetError
 from .evaluate import evaluate
 from .recipes import recipe_config
-from .results import (FrontComparison, StitchResult, check_writable, compare_fronts, format_results, frontier, mark_pareto,
+from .results import (FrontComparison, Row, check_writable, compare_fronts, format_results, frontier, mark_pareto,
                       write_results)
 from .model import StitchedNet, create_snnet, network_from_config, space_options
 from .report import human, table
@@ -195,7 +195,7 @@ class ZooVerdict:
 
 @dataclass(frozen=True)
 class DemoResult:
-    results: list[StitchResult]
+    results: list[Row]
     anchors_before: dict[str, float]  # anchor name -> top-1 before stitching
     anchors_after: dict[str, float]
     max_frontier_gap: float  # widest gap between consecutive frontier points, as a share of the anchors' FLOPs range
@@ -221,7 +221,7 @@ class DemoResult:
         return self.max_frontier_gap <= 0.2
 
 
-def frontier_gap(results: list[StitchResult]) -> float:
+def frontier_gap(results: list[Row]) -> float:
     """Widest FLOPs gap between consecutive Pareto-frontier points inside the anchors' range,
     as a fraction of that range (cheapest to dearest anchor)."""
     anchors = [r.flops for r in results if r.is_anchor]
@@ -230,7 +230,7 @@ def frontier_gap(results: list[StitchResult]) -> float:
     return max(b - a for a, b in zip(xs, xs[1:])) / (hi - lo)
 
 
-def compare_with_zoo(results: list[StitchResult], zoo: list[StitchResult], joint_image_steps: int,
+def compare_with_zoo(results: list[Row], zoo: list[Row], joint_image_steps: int,
                      joint_seconds: float) -> ZooVerdict | None:
     """The stitched network's frontier against the zoo's over the anchors' FLOPs range (from the
     zoo's cheapest model, if that is dearer); None if the zoo has nothing that cheap."""
@@ -303,7 +303,7 @@ def run_demo(config: TrainConfig | None = None, options: DemoOptions = DemoOptio
     results = evaluate(net, eval_loader, device=device, progress=progress)
     seconds["evaluate"] = time.perf_counter() - t
     echo("\n" + format_results(results))
-    zoo_rows: list[StitchResult] = []
+    zoo_rows: list[Row] = []
     verdict = None
     if options.zoo:
         from .zoo import load_zoo
@@ -329,7 +329,7 @@ def run_demo(config: TrainConfig | None = None, options: DemoOptions = DemoOptio
         bound = int(frac * largest)
         if bound < min(r.flops for r in results):
             continue
-        sel = net.select(budget=f"flops<={bound}", results=[r.to_dict() for r in results])
+        sel = net.select(budget=f"flops<={bound}", results=results)
         row = next(r for r in results if r.id == sel.id)
         switches.append(Switch(bound, sel.id, sel.name, row.flops, row.acc1, time_switch(net, sel.id)))
     settings = {"train": config.to_dict(), "demo": _plain(asdict(options))}

@@ -13,7 +13,7 @@ way, level by level: the routes form a trie over their segments, and every segme
 from the same activation (same anchor, same start, same stitching layer before it) is run once
 up to each place where one of its routes leaves it.
 
-Results are :class:`StitchResult` rows, written as ``results.json`` (a list of objects that other
+Results are :class:`~snnet.results.Row` s, written as ``results.json`` (a list of objects that other
 tools read back with :func:`load_results`) and ``results.csv``.
 """
 
@@ -31,13 +31,13 @@ from .errors import SnnetError
 from .model import StitchedNet
 from .reference import net_reference_ids
 from .report import progress as report_progress
-from .results import (RESULTS_CSV, RESULTS_JSON, StitchResult, check_writable, format_results, load_results,
+from .results import (RESULTS_CSV, RESULTS_JSON, Row, StitchResult, check_writable, format_results, load_results,
                       mark_pareto, pareto_front, write_results)
 from .space import Stitch
 from .tasks import ImageClassification, Scores
 
 __all__ = [
-    "RESULTS_JSON", "RESULTS_CSV", "StitchResult", "check_writable", "evaluate", "evaluate_model", "format_results",
+    "RESULTS_JSON", "RESULTS_CSV", "Row", "StitchResult", "check_writable", "evaluate", "evaluate_model", "format_results",
     "forward_stitches", "load_results", "mark_pareto", "pareto_front", "validation_scores", "write_results",
 ]
 
@@ -127,7 +127,7 @@ def evaluate(
     progress: bool = True,
     amp: bool = False,
     task: ImageClassification | None = None,
-) -> list[StitchResult]:
+) -> list[Row]:
     """Top-1/top-5 accuracy (top-min(5, classes)) and mean cross-entropy of each selected stitch.
 
     ``loader`` yields ``(images, labels)`` batches; ``stitches`` are ids/names (default: the whole
@@ -159,8 +159,8 @@ def evaluate(
     out = []
     for s in chosen:
         t, c = tallies[s.id].scores(), costs[s.id]
-        out.append(StitchResult(s.id, s.name, c.flops, c.params, t.acc1, t.acc5, t.loss, seen, s.is_anchor,
-                                extra={"ref_id": ref[s.id]} if s.id in ref else {}))
+        out.append(Row(s.id, s.name, c.flops, c.params, t.acc1, t.acc5, t.loss, seen, s.is_anchor,
+                       extra={"ref_id": ref[s.id]} if s.id in ref else {}))
     return mark_pareto(out)
 
 

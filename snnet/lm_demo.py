@@ -34,7 +34,7 @@ from .errors import ConfigError
 from .io import atomic_write
 from .recipes import recipe_config
 from .report import human
-from .results import StitchResult, check_writable, write_results
+from .results import Row, check_writable, write_results
 
 __all__ = ["LMDemoOptions", "LMDemoResult", "Sample", "lm_demo_config", "run_lm_demo"]
 
@@ -85,7 +85,7 @@ class Sample:
 
 @dataclass(frozen=True)
 class LMDemoResult:
-    results: list[StitchResult]
+    results: list[Row]
     anchors_before: dict[str, float]  # anchor name -> held-out bits per byte before stitching
     anchors_after: dict[str, float]
     max_frontier_gap: float  # widest FLOPs gap between consecutive frontier points, share of the anchors' range
@@ -121,7 +121,7 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def pick_samples(results: list[StitchResult]) -> list[tuple[str, StitchResult]]:
+def pick_samples(results: list[Row]) -> list[tuple[str, Row]]:
     """The cheapest network, the frontier network nearest the middle of the FLOPs range (in log
     FLOPs), and the largest anchor."""
     import math

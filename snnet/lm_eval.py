@@ -6,7 +6,7 @@ what it shares with others. Per network it sums, over the held-out blocks of
 :mod:`snnet.text`, the negative log-likelihood of every next token (over the shared tokenizer's
 ids), the top-1/top-5 hits, the tokens and the UTF-8 bytes those tokens cover.
 
-The rows are :class:`snnet.results.StitchResult` s with the fields read as a language model's:
+The rows are :class:`snnet.results.Row` s with the fields read as a language model's:
 ``acc1``/``acc5`` are next-token top-1/top-5 accuracy (%), ``loss`` the mean negative
 log-likelihood per token (nats), ``images`` the number of predicted tokens, ``flops`` the
 multiply-accumulates per generated token at the network's stated context; ``extra`` adds
@@ -25,7 +25,7 @@ from .errors import SnnetError
 from .evaluate import _select, forward_stitches
 from .tasks import Tally
 from .report import human, progress as report_progress, table
-from .results import StitchResult, mark_pareto, pareto_front
+from .results import Row, mark_pareto, pareto_front
 
 __all__ = ["LM_FRONT", "evaluate_lm", "format_lm_results", "lm_validation_scores"]
 
@@ -34,7 +34,7 @@ LM_FRONT = "bpb"  # the metric a language model's frontier is drawn on (lower is
 
 @torch.inference_mode()
 def evaluate_lm(net: Any, loader: Iterable[Any], stitches: Sequence[Any] | None = None, *, progress: bool = True,
-                context: int | None = None) -> list[StitchResult]:
+                context: int | None = None) -> list[Row]:
     """Perplexity, bits per byte and next-token accuracy of each selected network (default: all).
 
     ``loader`` yields ``{"input_ids": (batch, T + 1), "bytes": (batch,)}`` (:func:`snnet.text.text_loader`):
@@ -80,10 +80,10 @@ def evaluate_lm(net: Any, loader: Iterable[Any], stitches: Sequence[Any] | None 
         t, c = tallies[s.id], costs[s.id]
         nll = t.loss.item()  # summed over every predicted token
         loss = nll / tokens
-        extra = {"ppl": math.exp(loss), "bpb": nll / math.log(2) / nbytes, "tokens": tokens, "bytes": nbytes,
-                 "context": ctx, "task": "causal-lm"}
-        rows.append(StitchResult(s.id, s.name, c.flops, c.params, 100.0 * t.hits1.item() / tokens,
-                                 100.0 * t.hits5.item() / tokens, loss, tokens, s.is_anchor, extra=extra))
+        extra = {"tokens": tokens, "bytes": nbytes, "context": ctx, "task": "causal-lm"}
+        rows.append(Row(s.id, s.name, c.flops, c.params, 100.0 * t.hits1.item() / tokens,
+                        100.0 * t.hits5.item() / tokens, loss, tokens, s.is_anchor, ppl=math.exp(loss),
+                        bpb=nll / math.log(2) / nbytes, extra=extra))
     return mark_pareto(rows, y=LM_FRONT)
 
 
@@ -98,7 +98,7 @@ def lm_validation_scores(net: Any, val_data: Any, batch_size: int) -> dict[str, 
             "anchors": {r.name: {"bpb": r.value("bpb"), "ppl": r.value("ppl")} for r in rows if r.is_anchor}}
 
 
-def format_lm_results(results: Sequence[StitchResult]) -> str:
+def format_lm_results(results: Sequence[Row]) -> str:
     """A text table sorted by FLOPs per token, the bits-per-byte frontier marked with ``*``."""
     front = pareto_front(results, y=LM_FRONT)
     rows = [dict(r.to_dict(), pareto=r.id in front) for r in sorted(results, key=lambda r: (r.flops, r.id))]

@@ -29,6 +29,7 @@ from .errors import CheckpointError, ConfigError, NotStitchableError
 from .io import atomic_write, record_checksum, verify_checksum
 from .report import progress as report_progress
 from .flops import PartCosts, count_macs, layer_flops, num_params, part_costs
+from .results import Row
 from .config import ModelConfig
 from .space import AnchorInfo, SpaceConfig, Stitch, StitchSpace
 from .stitching import LeastSquares, StitchingLayer
@@ -43,18 +44,10 @@ FORMAT_VERSION = 3
 ROUTE_MODES = ("snnet", "reference")
 
 
-@dataclass(frozen=True)
-class StitchCost:
-    """Cost of one network of the space at one input size (batch 1)."""
-
-    id: int
-    name: str
-    flops: int  # multiply-accumulates, the paper's "FLOPs"
-    params: int
-    is_anchor: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "flops": self.flops, "params": self.params, "is_anchor": self.is_anchor}
+# What :meth:`StitchedNet.costs` lists: a :class:`~snnet.results.Row` with id, name, flops, params and
+# is_anchor set (the one row type). The name is kept for the public import ``snnet.StitchCost``;
+# build rows with ``Row(id, name, flops=..., params=..., is_anchor=...)``.
+StitchCost = Row
 
 
 @dataclass(frozen=True)
@@ -101,22 +94,23 @@ class StitchedBase(nn.Module):
         """Look a stitch up by id, name or value (raises with the valid range or close names)."""
         return self.space[key]
 
-    def select(self, stitch: int | str | Stitch | None = None, *, budget: Any = None, results: Any = None) -> Any:
-        """Make ``stitch`` the route the next forward runs. O(1); no weight moves.
+    def select(self, stitch: int | str | Stitch | None = None, *, budget: Any = None, results: Any = None) -> Stitch:
+        """Make ``stitch`` the route the next forward runs, and return it. O(1); no weight moves.
 
         Or pass ``budget=`` (``"flops<=2G"``, ``"latency=30ms,memory=200MB"``, a
         :class:`snnet.budget.Budget`) to select the most accurate stitch within it — measured
         top-1 from ``results`` (rows or a ``results.json`` path) when given, else cost as the
-        proxy — and get back the :class:`snnet.budget.Selection`, which says which and why.
+        proxy. Either way the :class:`~snnet.space.Stitch` now active is returned; to learn why a
+        budget chose it, :func:`snnet.budget.select_stitch` gives the :class:`~snnet.budget.Selection`
+        (then ``net.select(selection.stitch)``).
         """
         if budget is not None:
             if stitch is not None:
                 raise ValueError("select takes a stitch or a budget, not both")
             from .budget import select_stitch
 
-            chosen = select_stitch(self, budget, results)
-            self._active = chosen.stitch
-            return chosen
+            self._active = select_stitch(self, budget, results).stitch
+            return self._active
         if stitch is None:
             raise TypeError("select needs a stitch (id, name or Stitch) or budget=...")
         self._active = self.space[stitch]
@@ -153,7 +147,7 @@ class StitchedBase(nn.Module):
 
     # ------------------------------------------------------------------ costs
     def _route_costs(self, pcs: Sequence[PartCosts], lflops: Sequence[int], lparams: Sequence[int],
-                     tied: Sequence[int] | None = None) -> list[StitchCost]:
+                     tied: Sequence[int] | None = None) -> list[Row]:
         """Every network's cost as the sum of its parts: the first anchor's stem, each segment's
         blocks, the last anchor's head, the stitching layers. ``tied[a]`` params that anchor ``a``'s
         head shares with its stem (a tied LM head) are counted once when a route starts and ends there."""
@@ -168,7 +162,7 @@ class StitchedBase(nn.Module):
                 params -= tied[s.src]
             flops += sum(lflops[k] for k in s.layers)
             params += sum(lparams[k] for k in s.layers)
-            out.append(StitchCost(s.id, s.name, flops, params, s.is_anchor))
+            out.append(Row(s.id, s.name, flops, params, is_anchor=s.is_anchor))
         return out
 
     # ------------------------------------------------------------------ initialisation
@@ -324,7 +318,7 @@ class StitchedNet(StitchedBase):
         self.labels = tuple(labels[k] for k in order)
         self.specs = tuple(specs[k] for k in order)
         self.num_classes = next(iter(outputs.values()))
-        self._costs: dict[tuple[int, ...], list[StitchCost]] = {}
+        self._costs: dict[tuple[int, ...], list[Row]] = {}
         # per input size: every anchor's activation specs and part costs (filled by _measure)
         self._measured = {self.input_size: ([probes[k][0] for k in order], [costs[k] for k in order])}
         infos = [
@@ -369,7 +363,7 @@ class StitchedNet(StitchedBase):
     def part_costs(self, input_size: Sequence[int] | None = None) -> list[PartCosts]:
         return self._measure(tuple(input_size) if input_size is not None else self.input_size)[1]
 
-    def costs(self, input_size: Sequence[int] | None = None) -> list[StitchCost]:
+    def costs(self, input_size: Sequence[int] | None = None) -> list[Row]:
         """FLOPs (multiply-accumulates) and params of every stitch, summed from part costs."""
         size = tuple(input_size) if input_size is not None else self.input_size
         if size not in self._costs:

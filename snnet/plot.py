@@ -25,7 +25,7 @@ import math
 from typing import Any, Sequence
 
 from .errors import ResultsError
-from .results import LOWER_IS_BETTER, StitchResult, frontier, network_rows
+from .results import LOWER_IS_BETTER, Row, frontier, network_rows
 from .io import atomic_write
 from .report import human
 
@@ -49,7 +49,7 @@ _MAX_DOT = 40  # px: the largest network's dot (area proportional to params)
 class _Groups:
     """The plot's groups: anchors, stitches and their frontier; the zoo by family, and its frontier."""
 
-    def __init__(self, results: Sequence[StitchResult], x: str, y: str = "acc1") -> None:
+    def __init__(self, results: Sequence[Row], x: str, y: str = "acc1") -> None:
         self.y = y
         network = network_rows(results)
         missing = [r.name for r in network if r.value(x) is None]
@@ -60,7 +60,7 @@ class _Groups:
         self.zoo = [r for r in zoo if r.value(x) is not None]
         self.zoo_omitted = len(zoo) - len(self.zoo)  # e.g. no latency measured on this device
         reference = [r for r in results if r.kind == "reference"]
-        self.references: dict[str, list[StitchResult]] = {}
+        self.references: dict[str, list[Row]] = {}
         for r in reference:
             if r.value(x) is not None:
                 self.references.setdefault(str(r.value("source")), []).append(r)
@@ -72,7 +72,7 @@ class _Groups:
         self.stitches = [r for r in network if not r.is_anchor]
         self.frontier = frontier(network, x, y) if network else []
         self.zoo_frontier = frontier(self.zoo, x, y) if self.zoo else []
-        self.families: dict[str, list[StitchResult]] = {}
+        self.families: dict[str, list[Row]] = {}
         for r in sorted(self.zoo, key=lambda r: str(r.value("family"))):
             self.families.setdefault(str(r.value("family")), []).append(r)
         self.sources = sorted({str(r.value("source")) for r in zoo})
@@ -102,7 +102,7 @@ class _Groups:
         return text
 
 
-def _hover(r: StitchResult, x: str) -> str:
+def _hover(r: Row, x: str) -> str:
     if r.is_zoo:
         lines = [f"<b>{r.name}</b>", f"zoo {r.value('source')}, family {r.value('family')}"]
     elif r.kind == "reference":
@@ -134,7 +134,7 @@ def _zoo_colours(families: Sequence[str]) -> dict[str, str]:
 
 
 def plot_pareto(
-    results: Sequence[StitchResult],
+    results: Sequence[Row],
     html_path: str | os.PathLike,
     png_path: str | os.PathLike | None = None,
     x: str = "flops",
@@ -156,14 +156,14 @@ def plot_pareto(
     title = title or g.title(x, xlabel, len(network_rows(results)))
     sized = bool(g.zoo)  # with a zoo, a larger dot is a larger network
 
-    def marker(rows: list[StitchResult], size: float, **style: Any) -> dict[str, Any]:
+    def marker(rows: list[Row], size: float, **style: Any) -> dict[str, Any]:
         if not sized:
             return dict(size=size, **style)
         # area proportional to params, on one scale for every trace
         return dict(size=[r.params for r in rows], sizemode="area", sizeref=2 * g.max_params / _MAX_DOT ** 2,
                     sizemin=size / 2, **style)
 
-    def scatter(rows: list[StitchResult], name: str, rank: int, group: str | None = None, **style: Any) -> go.Scatter:
+    def scatter(rows: list[Row], name: str, rank: int, group: str | None = None, **style: Any) -> go.Scatter:
         return go.Scatter(x=[r.value(x) for r in rows], y=[r.value(y) for r in rows], name=name,
                           legendgroup=group or name, legendrank=rank,
                           text=[_hover(r, x) for r in rows], hovertemplate="%{text}<extra></extra>", **style)
@@ -222,7 +222,7 @@ def _png(g: _Groups, path: Path, x: str, xlabel: str, title: str) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
 
-    def area(rows: list[StitchResult], fixed: float) -> Any:
+    def area(rows: list[Row], fixed: float) -> Any:
         """Marker areas (pt^2): proportional to params when a zoo is drawn, at least ``fixed`` / 4."""
         return [max(fixed / 4, 600 * r.params / g.max_params) for r in rows] if g.zoo else fixed
 

@@ -351,13 +351,13 @@ def read_published(name: str) -> dict[str, Any]:
 
 
 def published_rows(name: str, kind: str = "network") -> list[Any]:
-    """A shipped table as results rows (:class:`~snnet.results.StitchResult`): FLOPs, top-1 and what
+    """A shipped table as results rows (:class:`~snnet.results.Row`): FLOPs, top-1 and what
     else the authors published, under snnet's id and name of each network, with the reference's id
     (``ref_id``) and the table (``source``) in ``extra``. ``kind="network"`` gives anchor and stitch
     rows (the table is the network plotted: the paper's figure); ``kind="reference"`` gives rows of
     kind "reference", drawn beside a run of snnet. Where the authors published no parameter count,
     snnet's own count of the network stands in (``params_from: snnet``)."""
-    from .results import StitchResult, mark_pareto
+    from .results import Row, mark_pareto
 
     if kind not in ("network", "reference"):
         raise ValueError(f"kind must be 'network' or 'reference', not {kind!r}")
@@ -368,9 +368,9 @@ def published_rows(name: str, kind: str = "network") -> list[Any]:
         if "params" not in r:
             extra["params_from"] = "snnet"
         row_kind = ("anchor" if r["is_anchor"] else "stitch") if kind == "network" else "reference"
-        rows.append(StitchResult(r["id"], r["name"], r["flops"], r.get("params", r["snnet_params"]), r["acc1"],
-                                 r.get("acc5", math.nan), r.get("loss", math.nan), data["images"], r["is_anchor"],
-                                 kind=row_kind, extra=extra))
+        rows.append(Row(r["id"], r["name"], r["flops"], r.get("params", r["snnet_params"]), r["acc1"],
+                        r.get("acc5", math.nan), r.get("loss", math.nan), data["images"], r["is_anchor"],
+                        kind=row_kind, extra=extra))
     return mark_pareto(rows)
 
 

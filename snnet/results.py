@@ -1,14 +1,21 @@
-"""Result rows of a stitch space: what each network scored and cost, on disk and on a frontier.
+"""Result rows: what each network of a stitch space (or beside it) scored and cost, on disk and on a frontier.
 
-:class:`StitchResult` is one row: an anchor, a stitch, a *zoo* model (an individually trained
-network plotted beside the stitches for comparison, see :mod:`snnet.zoo`), or a *reference* row (a
-network of the same space as the authors published it, see :mod:`snnet.reference`, plotted beside
-a run of snnet); its ``kind`` says which.
+:class:`Row` is the one row type of snnet. It holds whatever is known of one network: its cost
+(``flops``, ``params``: :meth:`snnet.StitchedNet.costs`), its scores from an evaluation (``acc1``,
+``acc5``, ``loss``; a language model's ``ppl`` and ``bpb``), its latency and memory on a device
+(``latency_ms``, ``latency_p90_ms``, ``peak_mem_mb``, ``latency_by_batch``: :mod:`snnet.deploy.profiling`),
+and what it is (``kind``): an anchor, a stitch, a *zoo* model (an individually trained network
+plotted beside the stitches for comparison, see :mod:`snnet.zoo`), or a *reference* row (a network
+of the same space as the authors published it, see :mod:`snnet.reference`). Every field that a
+producer did not measure is ``None``. The same row is a stitch-space listing, an evaluation, a
+profile, a zoo member and a serving ladder's rung (:mod:`snnet.deploy.controller`).
+
 Rows are written as ``results.json`` (a list of objects) and ``results.csv`` by
-:func:`write_results` and read back by :func:`load_results`. :func:`pareto_front` finds the
-stitched network's accuracy/cost frontier, :func:`frontier` that of any rows (a zoo's),
-:func:`compare_fronts` compares two sets' frontiers at matched cost, and :func:`format_results`
-prints the table. Evaluation itself lives in :mod:`snnet.evaluate`.
+:func:`write_results` and read back by :func:`load_results` (any file an earlier snnet wrote:
+evaluations, profile-only files, JSON or CSV; the format is recognised, not guessed by trial).
+:func:`pareto_front` finds the stitched network's accuracy/cost frontier, :func:`frontier` that of
+any rows (a zoo's), :func:`compare_fronts` compares two sets' frontiers at matched cost, and
+:func:`format_results` prints the table. Evaluation itself lives in :mod:`snnet.evaluate`.
 
 A zoo model is not a network of the stitch space: it cannot be selected or exported, so it has no
 stitch ``id`` (``None``; null in JSON, empty in CSV) and is known by its ``name`` (unique within
@@ -20,12 +27,13 @@ compare with (:func:`is_comparison`): :func:`network_rows` keeps the rest.
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -34,8 +42,8 @@ from .io import atomic_write, probe_write
 from .report import human, table
 
 __all__ = [
-    "KINDS", "LOWER_IS_BETTER", "RESULTS_JSON", "RESULTS_CSV", "FrontComparison", "FrontStep", "StitchResult",
-    "better", "binomial_se", "check_writable", "compare_fronts", "format_results", "front_rows", "frontier",
+    "KINDS", "LOWER_IS_BETTER", "RESULTS_JSON", "RESULTS_CSV", "BatchLatency", "FrontComparison", "FrontStep", "Row",
+    "StitchResult", "better", "binomial_se", "check_writable", "compare_fronts", "format_results", "front_rows", "frontier",
     "is_comparison", "is_zoo", "load_results",
     "mark_pareto", "network_rows", "pareto_front", "merge_rows", "read_rows", "write_results",
 ]
@@ -49,34 +57,53 @@ LOWER_IS_BETTER = frozenset({"loss", "ppl", "bpb"})
 
 
 @dataclass(frozen=True)
-class StitchResult:
-    """Accuracy and cost of one network of the space on one dataset.
+class BatchLatency:
+    """Median and p90 milliseconds of one forward of ``batch_size`` inputs (one entry of a row's
+    ``latency_by_batch``: what ``snnet serve`` plans its batches with)."""
 
-    ``flops`` are multiply-accumulates at the evaluated input size (the paper's "FLOPs");
-    accuracies are percentages. ``latency_ms``/``peak_mem_mb`` are filled in by benchmarking
-    tools when measured; ``extra`` keeps any further field (saved and loaded unchanged), so
-    results files stay readable when tools add columns.
+    batch_size: int
+    latency_ms: float
+    latency_p90_ms: float
 
-    ``kind`` is "anchor", "stitch", "zoo" or "reference"; left empty it follows ``is_anchor`` (files
-    written before zoo rows existed load unchanged). A zoo row has ``id`` None, ``is_anchor`` False, NaN
-    where nothing was reported (top-5, loss), and its ``source`` and ``family`` in ``extra``. A
-    reference row has the id of the same network in snnet's space, ``is_anchor`` as that network,
-    and its ``source`` and ``ref_id`` in ``extra``.
+
+@dataclass(frozen=True)
+class Row:
+    """One network — anchor, stitch, zoo model or reference — and whatever is known of it.
+
+    ``flops`` are multiply-accumulates at the evaluated input size (the paper's "FLOPs", batch 1;
+    per generated token for a language model); accuracies are percentages on ``images`` images
+    (tokens, for a language model, whose ``ppl``/``bpb`` are set too); ``loss`` the mean
+    cross-entropy. ``latency_ms``/``latency_p90_ms``/``peak_mem_mb`` are the median, p90 and peak
+    memory (MiB) at the profile's batch size and ``latency_by_batch`` the latency at each batch size
+    profiled (``snnet profile --batch-sizes``; given as dicts, as files hold them, they become
+    :class:`BatchLatency`). ``eval_protocol`` says how the images were prepared. Whatever a
+    producer did not measure is None. ``extra`` keeps any further field (a zoo model's ``source`` and
+    ``family``, a reference's ``ref_id``, the ``profile`` settings...), saved and loaded unchanged,
+    so results files stay readable when tools add columns.
+
+    ``kind`` is "anchor", "stitch", "zoo" or "reference"; left empty it follows ``is_anchor``. A zoo
+    row has ``id`` None, ``is_anchor`` False, NaN where its source reported nothing (top-5, loss).
+    A reference row has the id of the same network in snnet's space and ``is_anchor`` as that network.
     """
 
     id: int | None
     name: str
-    flops: int
-    params: int
-    acc1: float
-    acc5: float
-    loss: float
-    images: int
-    is_anchor: bool
-    pareto: bool = False
+    flops: int | None = None
+    params: int | None = None
+    acc1: float | None = None
+    acc5: float | None = None
+    loss: float | None = None
+    images: int | None = None
+    is_anchor: bool = False
+    pareto: bool | None = None
     latency_ms: float | None = None
     peak_mem_mb: float | None = None
     kind: str = ""
+    latency_p90_ms: float | None = None
+    latency_by_batch: tuple[BatchLatency, ...] | None = None
+    ppl: float | None = None
+    bpb: float | None = None
+    eval_protocol: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
@@ -89,6 +116,11 @@ class StitchResult:
             raise ValueError("a zoo row has no stitch id (id null) and every other row has one"
                              if kind == "zoo" else f"a {kind} row needs a stitch id")
         object.__setattr__(self, "kind", kind)  # frozen: the derived kind is set once, here
+        if self.latency_by_batch is not None:
+            object.__setattr__(self, "latency_by_batch", tuple(
+                b if isinstance(b, BatchLatency) else BatchLatency(int(b["batch_size"]), float(b["latency_ms"]),
+                                                                   float(b["latency_p90_ms"]))
+                for b in self.latency_by_batch))
 
     @property
     def is_zoo(self) -> bool:
@@ -100,31 +132,41 @@ class StitchResult:
         return self.kind in COMPARISON_KINDS
 
     def to_dict(self) -> dict[str, Any]:
-        """A flat JSON-ready dict: the fields (optional ones only when set), then ``extra``.
+        """A flat JSON-ready dict: the fields that are set (not None), then ``extra``.
 
         ``kind`` comes right after ``name``, where a reader of the CSV looks for it."""
         d: dict[str, Any] = {"id": self.id, "name": self.name, "kind": self.kind}
         for f in fields(self):
-            if f.name == "extra" or f.name in d:
-                continue
             v = getattr(self, f.name)
-            if v is None and f.name in _OPTIONAL:
+            if f.name == "extra" or f.name in d or v is None:
                 continue
-            d[f.name] = v
+            d[f.name] = [vars(b) for b in v] if f.name == "latency_by_batch" else v
         d.update({k: v for k, v in self.extra.items() if k not in d})
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "StitchResult":
-        """Inverse of :meth:`to_dict`; unknown keys go to ``extra``. Raises KeyError/ValueError/TypeError."""
-        zoo = d.get("kind") == "zoo"
-        missing = [k for k in (_REQUIRED_ZOO if zoo else _REQUIRED) if k not in d]
+    def from_dict(cls, d: Mapping[str, Any]) -> "Row":
+        """Inverse of :meth:`to_dict`, for every row an earlier snnet wrote; unknown keys go to ``extra``.
+
+        Which fields a row must have depends on what it is, recognised from its content: a zoo model
+        (``kind`` zoo) needs name, cost and top-1; an evaluated network (a top-1) also its id, top-5
+        and whether it is an anchor, and reads what older files left out as they did (loss NaN, 0
+        images, not on the frontier); a listing or profile (no top-1) needs id, name and cost.
+        Raises KeyError/ValueError/TypeError."""
+        zoo, scored = d.get("kind") == "zoo", d.get("acc1") not in (None, "")
+        required = _REQUIRED_ZOO if zoo else _REQUIRED if scored else _REQUIRED_COST
+        missing = [k for k in required if k not in d]
         if missing:
             raise KeyError(f"missing {', '.join(missing)}")
-        defaults = _ZOO_DEFAULTS if zoo else _DEFAULTS
-        known = {k: _convert(k, d.get(k), defaults) for k in _TYPES if k in d or k in defaults}
+        defaults = _ZOO_DEFAULTS if zoo else _DEFAULTS if scored else {}
+        known = {k: _convert(k, d.get(k), defaults) for k in _TYPES if d.get(k) not in (None, "") or k in defaults}
         extra = {k: v for k, v in d.items() if k not in _TYPES}
         return cls(**known, extra=extra)
+
+    @classmethod
+    def of(cls, row: "Row | Mapping[str, Any]") -> "Row":
+        """``row`` as a :class:`Row` (a dict is read with :meth:`from_dict`)."""
+        return row if isinstance(row, Row) else cls.from_dict(row)
 
     def value(self, key: str) -> Any:
         """A field or an ``extra`` entry by name (None if absent): what plots and frontiers sort by."""
@@ -132,17 +174,29 @@ class StitchResult:
             return getattr(self, key)
         return self.extra.get(key)
 
+    def merged(self, other: "Row") -> "Row":
+        """This row with what ``other`` measured added: every field ``other`` has set except what
+        the network is (id, name, kind, cost), and its ``extra`` entries."""
+        new = {f: getattr(other, f) for f in _MEASURED if getattr(other, f) is not None}
+        return replace(self, **new, extra={**self.extra, **other.extra})
+
+
+# alias of :class:`Row` kept for the public import ``from snnet.results import StitchResult``
+StitchResult = Row
 
 # field name -> type used to read it back from JSON/CSV text
-_TYPES: dict[str, type] = {"id": int, "name": str, "flops": int, "params": int, "acc1": float, "acc5": float,
-                           "loss": float, "images": int, "is_anchor": bool, "pareto": bool,
-                           "latency_ms": float, "peak_mem_mb": float, "kind": str}
-_OPTIONAL = ("latency_ms", "peak_mem_mb")
+_TYPES: dict[str, Any] = {"id": int, "name": str, "flops": int, "params": int, "acc1": float, "acc5": float,
+                          "loss": float, "images": int, "is_anchor": bool, "pareto": bool,
+                          "latency_ms": float, "peak_mem_mb": float, "kind": str, "latency_p90_ms": float,
+                          "latency_by_batch": tuple, "ppl": float, "bpb": float, "eval_protocol": str}
+assert set(_TYPES) == {f.name for f in fields(Row)} - {"extra"}
+# what a measurement (evaluation, profile) adds to a row, as opposed to what the network is
+_MEASURED = tuple(k for k in _TYPES if k not in ("id", "name", "kind", "flops", "params", "is_anchor"))
 _REQUIRED = ("id", "name", "flops", "params", "acc1", "acc5", "is_anchor")
 _REQUIRED_ZOO = ("name", "flops", "params", "acc1")
-# what a file may leave out (or leave empty, in CSV); an empty kind is derived from is_anchor
-_DEFAULTS: dict[str, Any] = {"loss": math.nan, "images": 0, "pareto": False, "latency_ms": None, "peak_mem_mb": None,
-                             "kind": ""}
+_REQUIRED_COST = ("id", "name", "flops", "params")
+# what an evaluated row's file may leave out (or leave empty, in CSV); an empty kind is derived from is_anchor
+_DEFAULTS: dict[str, Any] = {"loss": math.nan, "images": 0, "pareto": False, "kind": ""}
 # a zoo model reports what its source published: no stitch id, often no top-5 or loss
 _ZOO_DEFAULTS: dict[str, Any] = dict(_DEFAULTS, id=None, acc5=math.nan, is_anchor=False)
 
@@ -153,6 +207,13 @@ def _convert(key: str, v: Any, defaults: Mapping[str, Any] = _DEFAULTS) -> Any:
         if key in defaults:
             return defaults[key]
         raise ValueError(f"{key} is empty")
+    if kind is tuple:  # latency_by_batch: a list in JSON, that list as text in CSV
+        if isinstance(v, str):
+            # JSON text since this row type; a Python literal (single quotes) in CSVs written before it
+            v = ast.literal_eval(v) if v.lstrip("[ {").startswith("'") else json.loads(v)
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"{key}={v!r} is not a list")
+        return tuple(v)
     if kind is bool:
         if isinstance(v, str):
             if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -172,12 +233,12 @@ def _convert(key: str, v: Any, defaults: Mapping[str, Any] = _DEFAULTS) -> Any:
 # ---------------------------------------------------------------------------------- frontier
 
 
-def is_zoo(row: StitchResult | Mapping[str, Any]) -> bool:
+def is_zoo(row: Row | Mapping[str, Any]) -> bool:
     """Whether a result row (object or dict) is a zoo model rather than a network of the stitch space."""
     return (row.get("kind") if isinstance(row, Mapping) else row.kind) == "zoo"
 
 
-def is_comparison(row: StitchResult | Mapping[str, Any]) -> bool:
+def is_comparison(row: Row | Mapping[str, Any]) -> bool:
     """Whether a result row (object or dict) is there to compare with (zoo, reference), not a network of the space."""
     return (row.get("kind") if isinstance(row, Mapping) else row.kind) in COMPARISON_KINDS
 
@@ -206,7 +267,7 @@ def better(y: str, value: float) -> float:
     return -value if y in LOWER_IS_BETTER else value
 
 
-def _front_positions(rows: Sequence[StitchResult], x: str, y: str) -> list[int]:
+def _front_positions(rows: Sequence[Row], x: str, y: str) -> list[int]:
     """Positions in ``rows`` of the frontier's members, by increasing cost (see :func:`frontier`)."""
     for r in rows:
         if r.value(x) is None or r.value(y) is None:
@@ -215,7 +276,7 @@ def _front_positions(rows: Sequence[StitchResult], x: str, y: str) -> list[int]:
     return _staircase([(r.value(x), better(y, r.value(y)), (r.id is None, r.id or 0, r.name)) for r in rows])
 
 
-def frontier(rows: Iterable[StitchResult], x: str = "flops", y: str = "acc1") -> list[StitchResult]:
+def frontier(rows: Iterable[Row], x: str = "flops", y: str = "acc1") -> list[Row]:
     """The rows no other of them beats (nothing costs as little or less and is more accurate), by cost.
 
     Strict staircase: sweeping by cost (ties: higher accuracy, then lower id, then name first), a row
@@ -227,17 +288,17 @@ def frontier(rows: Iterable[StitchResult], x: str = "flops", y: str = "acc1") ->
     return [rows[k] for k in _front_positions(rows, x, y)]
 
 
-def pareto_front(results: Iterable[StitchResult], x: str = "flops", y: str = "acc1") -> set[int]:
+def pareto_front(results: Iterable[Row], x: str = "flops", y: str = "acc1") -> set[int]:
     """Ids of the stitched network's rows on its frontier (:func:`frontier`); zoo and reference rows are left aside."""
     return {r.id for r in frontier(network_rows(results), x, y)}
 
 
-def _group(r: StitchResult) -> tuple[str, str]:
+def _group(r: Row) -> tuple[str, str]:
     """Which rows share a frontier: the network's, the zoo's, each reference table's."""
     return (r.kind, str(r.value("source"))) if r.kind == "reference" else ("zoo" if r.is_zoo else "network", "")
 
 
-def mark_pareto(results: Sequence[StitchResult], x: str = "flops", y: str = "acc1") -> list[StitchResult]:
+def mark_pareto(results: Sequence[Row], x: str = "flops", y: str = "acc1") -> list[Row]:
     """The results with ``pareto`` set: the stitched network's rows on its own frontier, zoo rows
     on the zoo's, a reference table's on its own (each group is compared only with itself)."""
     results = list(results)
@@ -377,29 +438,34 @@ def check_writable(out_dir: str | os.PathLike, error: type[SnnetError] = SnnetEr
     return out
 
 
-def _columns(results: Sequence[StitchResult]) -> list[str]:
+def _columns(results: Sequence[Row]) -> list[str]:
     cols: list[str] = []
     for r in results:
         cols += [k for k in r.to_dict() if k not in cols]
     return cols
 
 
-def write_results(results: Sequence[StitchResult], out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``results.json`` (a list, one object per stitch) and ``results.csv``; each atomically."""
+def write_results(results: Sequence[Row], out_dir: str | os.PathLike, csv_file: bool = True) -> tuple[Path, ...]:
+    """Write ``results.json`` (a list, one object per row) and, unless ``csv_file`` is False,
+    ``results.csv`` (nested values, such as ``latency_by_batch``, as JSON text); each atomically.
+    Returns the paths written. :func:`load_results` reads either back."""
     out = check_writable(out_dir)
     rows = [r.to_dict() for r in results]
     json_path, csv_path = out / RESULTS_JSON, out / RESULTS_CSV
     atomic_write(json_path, lambda p: p.write_text(json.dumps(rows, indent=2) + "\n"))
+    if not csv_file:
+        return (json_path,)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=_columns(results), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows)
     atomic_write(csv_path, lambda p: p.write_text(buf.getvalue()))
     return json_path, csv_path
 
 
-def load_results(path: str | os.PathLike) -> list[StitchResult]:
-    """Read results written by :func:`write_results`: a ``results.json``/``.csv`` file or their folder."""
+def load_results(path: str | os.PathLike) -> list[Row]:
+    """Read rows written by :func:`write_results` (or by any earlier snnet: evaluations, profile-only
+    files, listings; see :meth:`Row.from_dict`): a ``results.json``/``.csv`` file or their folder."""
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_JSON
@@ -420,7 +486,7 @@ def load_results(path: str | os.PathLike) -> list[StitchResult]:
     out = []
     for k, row in enumerate(rows):
         try:
-            out.append(StitchResult.from_dict(row))
+            out.append(Row.from_dict(row))
         except (KeyError, ValueError, TypeError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise ResultsError(f"{path} is not an snnet results file: entry {k} is invalid ({msg})") from e
@@ -445,7 +511,7 @@ def _from_text(v: str) -> Any:
     return v
 
 
-def format_results(results: Sequence[StitchResult], x: str = "flops") -> str:
+def format_results(results: Sequence[Row], x: str = "flops") -> str:
     """A text table of the stitched network's rows sorted by cost, its Pareto frontier (top-1 vs ``x``)
     marked with ``*``. Zoo rows are counted in a last line, not listed (a zoo can hold a thousand)."""
     zoo = [r for r in results if r.is_zoo]
@@ -475,54 +541,30 @@ def format_results(results: Sequence[StitchResult], x: str = "flops") -> str:
 
 
 def _row(obj: Any) -> dict[str, Any]:
-    """A cost/result object (StitchCost, StitchResult, ProfileResult or dict) as a plain dict."""
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    return asdict(obj)
+    """A row (:class:`Row` or dict) as a plain dict: what the frontier comparisons read by key."""
+    return dict(obj) if isinstance(obj, Mapping) else Row.of(obj).to_dict()
 
 
-def read_rows(results: Any) -> list[dict[str, Any]]:
-    """Results as dict rows: a path (``results.json`` or its folder), or a sequence of rows/objects.
-
-    Files are read with :func:`load_results` when they hold accuracies; a file
-    written by ``snnet profile`` alone (accuracy null) is read as plain rows.
-    """
+def read_rows(results: Any) -> list[Row]:
+    """Results as rows: a path (``results.json``/``.csv`` or its folder, read by :func:`load_results`),
+    or a sequence of rows or dicts (each read as :meth:`Row.from_dict` reads a file's)."""
     if isinstance(results, (str, os.PathLike)):
-        path = Path(results)
-        path = path / RESULTS_JSON if path.is_dir() else path
-        try:
-            return [r.to_dict() for r in load_results(path)]
-        except ResultsError:
-            rows = _read_json_rows(path)
-            if rows is None or any(r.get("acc1") is not None for r in rows):
-                raise  # a real evaluation file that is broken: report what load_results found
-            return rows
-    return [_row(r) for r in results]
+        return load_results(results)
+    return [Row.of(r) for r in results]
 
 
-def _read_json_rows(path: Path) -> list[dict[str, Any]] | None:
-    try:
-        rows = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if isinstance(rows, list) and rows and all(isinstance(r, dict) and "id" in r and "name" in r for r in rows):
-        return rows
-    return None
-
-
-def merge_rows(base: list[dict[str, Any]], extra: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
-    """``base`` rows updated by id with ``extra`` rows' non-null fields; names must agree.
+def merge_rows(base: Sequence[Any], extra: Sequence[Any], what: str) -> list[Row]:
+    """``base`` rows, by id, with what ``extra`` rows measured added (:meth:`Row.merged`); names must agree.
 
     Zoo and reference rows are not the network's: those of ``base`` are kept as they are (after the others),
     those of ``extra`` are ignored (a profile or a new evaluation measures the stitched network only)."""
-    by_id = {int(r["id"]): dict(r) for r in network_rows(base)}
+    base, extra = read_rows(base), read_rows(extra)
+    by_id = {int(r.id): r for r in network_rows(base)}  # type: ignore[arg-type]
     for r in network_rows(extra):
-        k = int(r["id"])
-        if k in by_id and by_id[k]["name"] != r["name"]:
-            raise SnnetError(f"{what} do not belong to this network: stitch {k} is {by_id[k]['name']!r} here but "
-                             f"{r['name']!r} there. Use the results written for this network.")
+        k = int(r.id)  # type: ignore[arg-type]
+        if k in by_id and by_id[k].name != r.name:
+            raise SnnetError(f"{what} do not belong to this network: stitch {k} is {by_id[k].name!r} here but "
+                             f"{r.name!r} there. Use the results written for this network.")
         if k in by_id:
-            by_id[k].update({key: v for key, v in r.items() if v is not None and key not in ("flops", "params")})
-    return [by_id[k] for k in sorted(by_id)] + [dict(r) for r in base if is_comparison(r)]
+            by_id[k] = by_id[k].merged(r)
+    return [by_id[k] for k in sorted(by_id)] + [r for r in base if r.is_comparison]

@@ -12,7 +12,7 @@ SN-Net's claim is that one stitched network is worth as much as many individuall
 Any JSON file of the same shape is a zoo too: ``{"models": [{"name", "params", "flops", "acc1", ...}]}``,
 where a model may report one accuracy per split instead (``"val_acc1"``, ``"test_acc1"``).
 
-:func:`load_zoo` gives result rows of kind "zoo" (:class:`~snnet.results.StitchResult`), which
+:func:`load_zoo` gives result rows of kind "zoo" (:class:`~snnet.results.Row`), which
 :func:`~snnet.results.write_results` and :func:`~snnet.plot.plot_pareto` take beside the stitches;
 :func:`read_zoo` gives the :class:`Zoo` itself (its models, provenance and license), and
 :class:`ZooFilter` narrows one by family, image size, params or FLOPs.
@@ -31,9 +31,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import ZooError
 from .report import human, parse_count
-from .results import StitchResult
+from .results import Row
 
-__all__ = ["FMNIST_ZOO_SCRIPT", "ZOOS", "Zoo", "ZooFilter", "ZooModel", "load_zoo", "read_zoo", "zoo_path"]
+__all__ = ["FMNIST_ZOO_SCRIPT", "ZOOS", "Zoo", "ZooFilter", "load_zoo", "read_zoo", "zoo_path"]
 
 _PACKAGE = Path(__file__).resolve().parent
 # the zoos that ship with snnet, by name
@@ -45,37 +45,6 @@ ZOOS: dict[str, Path] = {
 FMNIST_ZOO_SCRIPT = "scripts/train_fmnist_zoo.py"
 _MAKERS = {"timm-in1k": "scripts/build_timm_zoo.py", "fmnist": FMNIST_ZOO_SCRIPT}
 _SPLITS = ("val", "test", "train")
-
-
-@dataclass(frozen=True)
-class ZooModel:
-    """One individually trained network: what it scored and what it costs.
-
-    ``flops`` are multiply-accumulates at ``img_size`` (batch 1), the stitches' convention;
-    accuracies are percentages on ``images`` evaluation images (0: not stated); ``extra`` keeps
-    whatever else the zoo file says about the model (architecture, training time, ...).
-    """
-
-    name: str
-    family: str
-    params: int
-    flops: int
-    acc1: float
-    source: str
-    acc5: float | None = None
-    loss: float | None = None
-    img_size: int | None = None
-    images: int = 0
-    extra: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
-
-    def to_result(self) -> StitchResult:
-        """The model as a results row of kind "zoo" (NaN where the zoo reports nothing)."""
-        info = {"source": self.source, "family": self.family}
-        if self.img_size is not None:
-            info["img_size"] = self.img_size
-        return StitchResult(None, self.name, self.flops, self.params, self.acc1,
-                            math.nan if self.acc5 is None else self.acc5, math.nan if self.loss is None else self.loss,
-                            self.images, False, kind="zoo", extra={**info, **self.extra})
 
 
 # ====================================================================================== filters
@@ -131,12 +100,12 @@ class ZooFilter:
         return cls(_words(family), sizes, _range(params, "parameters", "--zoo-params"),
                    _range(flops, "FLOPs", "--zoo-flops"))
 
-    def accepts(self, m: ZooModel) -> bool:
+    def accepts(self, m: Row) -> bool:
         def within(v: float, bounds: tuple[float | None, float | None]) -> bool:
             return (bounds[0] is None or v >= bounds[0]) and (bounds[1] is None or v <= bounds[1])
 
-        return ((not self.families or m.family.lower() in self.families)
-                and (not self.img_sizes or m.img_size in self.img_sizes)
+        return ((not self.families or str(m.value("family")).lower() in self.families)
+                and (not self.img_sizes or m.value("img_size") in self.img_sizes)
                 and within(m.params, self.params) and within(m.flops, self.flops))
 
     def __bool__(self) -> bool:
@@ -158,10 +127,11 @@ class ZooFilter:
 
 @dataclass(frozen=True)
 class Zoo:
-    """A zoo: its models, the split their accuracy is on, and where the numbers come from."""
+    """A zoo: its models (rows of kind "zoo", their ``family``, ``source`` and ``img_size`` in
+    ``extra``), the split their accuracy is on, and where the numbers come from."""
 
     name: str
-    models: tuple[ZooModel, ...]
+    models: tuple[Row, ...]
     path: Path
     split: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)  # the file's header
@@ -175,7 +145,8 @@ class Zoo:
         """Family -> number of models, largest first."""
         counts: dict[str, int] = {}
         for m in self.models:
-            counts[m.family] = counts.get(m.family, 0) + 1
+            family = str(m.value("family"))
+            counts[family] = counts.get(family, 0) + 1
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def select(self, where: ZooFilter) -> "Zoo":
@@ -188,16 +159,16 @@ class Zoo:
                 raise ZooError(f"zoo {self.name} has no family {f!r}.{hint} Its families: {', '.join(sorted(known))}")
         chosen = tuple(m for m in self.models if where.accepts(m))
         if not chosen:
-            sizes = sorted({m.img_size for m in self.models if m.img_size is not None})
+            sizes = sorted({m.value("img_size") for m in self.models if m.value("img_size") is not None})
             span = (f"FLOPs {human(min(m.flops for m in self.models))}-{human(max(m.flops for m in self.models))}, "
                     f"params {human(min(m.params for m in self.models))}-{human(max(m.params for m in self.models))}"
                     + (f", image sizes {','.join(map(str, sizes))}" if sizes else ""))
             raise ZooError(f"no model of zoo {self.name} passes {where}: loosen the filters (it spans {span})")
         return replace(self, models=chosen)
 
-    def rows(self) -> list[StitchResult]:
+    def rows(self) -> list[Row]:
         """The models as results rows of kind "zoo"."""
-        return [m.to_result() for m in self.models]
+        return list(self.models)
 
     def describe(self) -> str:
         """One line: name, size, families, split, provenance and license."""
@@ -258,7 +229,8 @@ def read_zoo(zoo: str | os.PathLike, split: str | None = None) -> Zoo:
 _OWN = {"name", "family", "params", "flops", "acc1", "acc5", "loss", "img_size", "images"}
 
 
-def _model(m: Mapping[str, Any], source: str, family: str, split: str | None, images: Any) -> ZooModel:
+def _model(m: Mapping[str, Any], source: str, family: str, split: str | None, images: Any) -> Row:
+    """One model of a zoo file as a row of kind "zoo" (NaN where the zoo reports nothing)."""
     def acc(key: str) -> float | None:
         v = m.get(f"{split}_{key}", m.get(key)) if split else m.get(key)
         return None if v is None else float(v)
@@ -272,18 +244,22 @@ def _model(m: Mapping[str, Any], source: str, family: str, split: str | None, im
     if params <= 0 or flops <= 0:
         raise ValueError("params and flops must be positive")
     own = {k for k in m if k in _OWN or re.fullmatch(rf"(?:{'|'.join(_SPLITS)})_(?:acc1|acc5|loss)", k)}
+    info: dict[str, Any] = {"source": source, "family": str(m.get("family") or family)}
+    if m.get("img_size") is not None:
+        info["img_size"] = int(m["img_size"])
     extra = {k: v for k, v in m.items() if k not in own}
     if split:
         extra["split"] = split
-    return ZooModel(str(m["name"]), str(m.get("family") or family), params, flops, acc1, source, acc("acc5"),
-                    acc("loss"), int(m["img_size"]) if m.get("img_size") is not None else None,
-                    int(m.get("images") or images or 0), extra)
+    acc5, loss = acc("acc5"), acc("loss")
+    return Row(None, str(m["name"]), flops, params, acc1, math.nan if acc5 is None else acc5,
+               math.nan if loss is None else loss, int(m.get("images") or images or 0), False, kind="zoo",
+               extra={**info, **extra})
 
 
 def load_zoo(zoo: str | os.PathLike, split: str | None = None, *, where: ZooFilter | None = None,
              family: str | Iterable[str] | None = None, img_size: str | int | Iterable[int] | None = None,
              params: str | Sequence[float | None] | None = None,
-             flops: str | Sequence[float | None] | None = None) -> list[StitchResult]:
+             flops: str | Sequence[float | None] | None = None) -> list[Row]:
     """A zoo's models as results rows of kind "zoo", filtered: what the results files and plots take.
 
     ``load_zoo("fmnist", split="val")``; ``load_zoo("timm-in1k", family="deit,swin", img_size=224,

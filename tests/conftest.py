@@ -159,6 +159,23 @@ def _cli(*args: str) -> int:
     return _run(list(args))
 
 
+def _one_line(err: str) -> str:
+    """The one line ``error: ...`` a refused command prints (no traceback); fails the test otherwise."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved 3-class stitched network of two tiny ViTs (32x32 RGB)."""
+    root = tmp_path_factory.mktemp("tiny3")
+    torch.manual_seed(0)
+    snnet.create_snnet(TINY_VITS[:2], num_classes=3).save_pretrained(root / "net")
+    return root / "net"
+
+
+
 # ------------------------------------------------------------------ image folders and files
 
 

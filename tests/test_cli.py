@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
+import snnet
 from snnet.cli import main
-from .conftest import TINY_VITS
+from .conftest import TINY_VITS, _folder, _one_line, _run
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -138,3 +141,96 @@ def test_cli_stitches_two_way_and_klas(capsys, tmp_path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["stitches", "--anchors", ",".join(TINY_VITS), "--select", "kl"])
     assert e.value.code == 2 and "klas" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ options pointed at the wrong thing
+
+@pytest.fixture(scope="module")
+def things(tiny3: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """What a user may point an option at: files of every wrong kind, and folders snnet wrote."""
+    import os
+
+    from snnet.deploy import export_stitch
+
+    root = tmp_path_factory.mktemp("things")
+    (root / "notes.txt").write_text("hello\n")
+    (root / "empty.safetensors").write_bytes(b"")
+    (root / "folder").mkdir()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo PWNED",))
+
+    torch.save({"model": Evil()}, root / "evil.pth")
+    export_stitch(snnet.load(tiny3), 1, root / "export", ["safetensors"])
+    run = root / "run"  # the files a training run leaves
+    (run / "final").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (run / "final" / name).write_bytes((tiny3 / name).read_bytes())
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04")
+    data = _folder(root / "images")
+    loop = _folder(root / "loop")
+    (loop / "class0" / "again").symlink_to(loop, target_is_directory=True)
+    return {"TINY": tiny3, "TXT": root / "notes.txt", "EMPTY": root / "empty.safetensors", "DIR": root / "folder",
+            "EVIL": root / "evil.pth", "EXPORT": root / "export", "RUN": run, "IMAGES": data, "LOOP": loop}
+
+
+TWO = ",".join(TINY_VITS[:2])
+# a command line, and words its one-line error must hold (each was a traceback, a hang or a wrong message)
+BAD = [
+    ("stitches --select klas --anchors TWO --weights TXT,TXT", ["TXT is not a weights file", "starts with b'hello"]),
+    ("stitches --select klas --anchors TWO --weights EMPTY,EMPTY", ["EMPTY is not a readable safetensors file"]),
+    ("stitches --select klas --anchors TWO --weights DIR,DIR", ["DIR is a folder"]),
+    ("stitches --select klas --anchors TWO --weights EVIL,EVIL",
+     ["from EVIL: it holds Python objects besides tensors (posix.system), refused"]),
+    ("stitches --select klas --anchors TWO --data-dir TXT", ["TXT is a file, not a folder"]),
+    ("profile --model TINY --img-size 3", ["--img-size gives 3x3x3 inputs", "cannot take", "own input is 3x32x32"]),
+    ("profile --model TINY --img-size 99999", ["3x99999x99999 inputs", "cannot take"]),
+    ("profile --model TINY --batch-size 100000000", ["a batch of 100000000 inputs", "MiB are free"]),
+    ("profile --model TINY --batch-sizes 1,100000000", ["a batch of 100000000 inputs", "MiB are free"]),
+    ("profile --model TINY --threads 100000", ["--threads must be between 1 and this machine's"]),
+    ("profile --model TINY --repeats 99999999999", ["--repeats"]),
+    ("export --model TINY --stitch 1 --batch-size 100000000 --out OUT", ["a batch of 100000000 inputs"]),
+    ("export --model TINY --stitch 1 --out TINY", ["not an exported stitch's", "would overwrite it"]),
+    ("eval --model EXPORT --data IMAGES --out OUT", ["EXPORT is not a saved stitched network",
+                                                      "one stitch exported alone", "load_stitch"]),
+    ("select flops<=1G --model RUN", ["RUN is not a saved stitched network but a training run's folder",
+                                       "its network is RUN/final"]),
+    ("select flops<=1G --model RUN/checkpoint.pt", ["a training checkpoint"]),
+    ("eval --model TINY --data TXT --out OUT", ["TXT is a file, not a dataset"]),
+    ("eval --model TINY --data IMAGES --workers 100000 --out OUT", ["100000 data loader workers"]),
+    ("eval --model TINY --data LOOP --out OUT", ["reached through a symbolic link"]),
+    ("eval --model TINY --data IMAGES --split nope --out OUT", ["unknown split 'nope'"]),
+    ("profile --model TINY --stitches ,", ["names no stitch"]),
+    (f"convert --from-reference EVIL --anchors {TWO} --out OUT", ["(posix.system), refused", "--trust-checkpoint"]),
+]
+
+
+@pytest.mark.parametrize("line, words", BAD, ids=[b[0] for b in BAD])
+def test_each_bad_command_line_is_one_line_before_any_work(line: str, words: list[str], things: dict[str, Path],
+                                                           tmp_path: Path, capsys, monkeypatch) -> None:
+    import shlex
+
+    import snnet.deploy.export
+    import snnet.deploy.profiling
+    import snnet.evaluate
+    import snnet.klas
+
+    worked: list[str] = []
+    for module, name in ((snnet.deploy.profiling, "_timed"), (snnet.deploy.export, "extract"),
+                         (snnet.evaluate, "evaluate"), (snnet.klas, "klas")):
+        monkeypatch.setattr(module, name, lambda *a, _n=name, **k: worked.append(_n))
+    names = {**things, "OUT": tmp_path / "out", "TWO": TWO}
+
+    def fill(text: str) -> str:
+        for key in sorted(names, key=len, reverse=True):  # TINY before TXT... longest first
+            text = text.replace(key, str(names[key]))
+        return text
+
+    capsys.readouterr()
+    assert _run(shlex.split(fill(line))) == 2
+    err = _one_line(capsys.readouterr().err)
+    for w in words:
+        assert fill(w) in err, err
+    assert "weights_only" not in err and "Weights only" not in err  # no advice to unpickle unsafely
+    assert not worked, f"{worked} ran before {line!r} was refused"

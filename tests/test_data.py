@@ -22,8 +22,9 @@ from snnet.data import (
     validation_indices,
 )
 from snnet.errors import SnnetError
+from snnet.results import load_results
 
-from .conftest import _damage, _folder, _refuse_listing
+from .conftest import _damage, _folder, _one_line, _refuse_listing, _run
 
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 requires_fmnist = pytest.mark.skipif(
@@ -355,3 +356,43 @@ def test_an_empty_class_folder_is_refused_with_what_to_do(tmp_path: Path) -> Non
     message = str(raised.value)
     assert "class3" in message and ".png" in message and "at least one image" in message
     assert "\n" not in message
+
+
+# ------------------------------------------------------------------ damaged image folders, through `snnet eval`
+
+
+def test_eval_names_the_unreadable_image_and_skips_it_on_request(tiny3: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    data = _folder(tmp_path / "data")
+    corrupt, truncated = _damage(data)
+    out = tmp_path / "out"
+    base = ["eval", "--model", tiny3, "--data", data, "--out", out, "--no-progress", "--batch-size", "4"]
+    assert _run(base) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert str(corrupt) in line and "--skip-bad-images" in line
+    assert not (out / "results.json").exists()  # nothing half-written
+    assert _run(base + ["--skip-bad-images"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped 2 unreadable images of {data}" in err and str(corrupt) in err
+    assert all(r.images == 9 for r in load_results(out))
+
+
+def test_eval_of_grayscale_pngs_with_the_shipped_one_channel_family(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The shipped Fashion-MNIST family (1 channel) evaluates a folder of 28x28 grayscale PNGs (it refused
+    them: the folder was read as RGB)."""
+    data = _folder(tmp_path / "gray", classes=10, per_class=1, mode="L", size=28)
+    code = _run(["eval", "--data", data, "--calib-images", "4", "--stitches", "0", "--out", tmp_path / "o",
+                 "--no-progress", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert [r.images for r in load_results(tmp_path / "o")] == [10]
+
+
+def test_a_class_folder_that_cannot_be_listed_is_one_line_in_eval(tiny3: Path, tmp_path: Path, capsys,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chmod-000 class folder (simulated: root reads anything) is named instead of "Found no valid file"."""
+    data = _folder(tmp_path / "data")
+    locked = _refuse_listing(data / "class1", monkeypatch)
+    assert _run(["eval", "--model", tiny3, "--data", data, "--out", tmp_path / "o", "--no-progress"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"class folder {locked} cannot be read (Permission denied)" in line and "Found no valid file" not in line

@@ -116,12 +116,15 @@ def test_select_by_measured_accuracy_within_budget(tiny_net: snnet.StitchedNet) 
     results = _fake_results(tiny_net)
     costs = tiny_net.costs()
     bound = sorted(c.flops for c in costs)[len(costs) // 2]
-    chosen = tiny_net.select(budget=f"flops<={bound}", results=results)
+    chosen = select_stitch(tiny_net, f"flops<={bound}", results)
     within = [r for r in results if r["flops"] <= bound]
     best = max(within, key=lambda r: (r["acc1"], -r["flops"], -r["id"]))
-    assert chosen.id == best["id"] and tiny_net.active.id == best["id"]
+    assert chosen.id == best["id"] and chosen.stitch == tiny_net.stitch(best["id"]) and chosen.row.acc1 == best["acc1"]
     assert chosen.ranked_by == "acc1" and set(chosen.candidates) == {r["id"] for r in within}
     assert best["name"] in chosen.reason and f"top-1 {best['acc1']:.2f}%" in chosen.reason
+    # the network's select makes the same stitch active and returns it (a Stitch, whatever it was given)
+    assert tiny_net.select(budget=f"flops<={bound}", results=results) == chosen.stitch == tiny_net.active
+    assert isinstance(tiny_net.select(3), snnet.Stitch)
     # latency and memory budgets use the measured columns
     lat = tiny_net.select(budget=f"latency<={bound / 1e5}ms,memory=100MB", results=results)
     assert lat.id == best["id"]
@@ -284,9 +287,10 @@ def test_profile_measures_sane_numbers(tiny_net: snnet.StitchedNet) -> None:
     # the largest anchor needs more memory than the smallest
     assert measured[1].peak_mem_mb > measured[0].peak_mem_mb
     assert settings.batch_size == 2 and settings.repeats == 3
-    rows = deploy.merge_profile(None, costs, measured, settings)
-    assert len(rows) == len(costs) and rows[5]["latency_ms"] == measured[2].latency_ms and rows[1].get("latency_ms") is None
-    assert rows[0]["acc1"] is None and rows[0]["profile"]["device"] == "cpu"
+    rows = deploy.merge_profile(None, costs, measured)
+    assert len(rows) == len(costs) and rows[5].latency_ms == measured[2].latency_ms and rows[1].latency_ms is None
+    assert rows[0].acc1 is None and rows[0].value("profile")["device"] == "cpu"
+    assert (rows[5].flops, rows[5].params) == (costs[5].flops, costs[5].params) and measured[2].flops == costs[5].flops
 
 
 def test_profile_by_batch_size_is_stored_and_read_back(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -333,7 +337,7 @@ def test_profile_command_writes_results_without_accuracy(tmp_path: Path, capsys:
 
     main(["profile", "--stitches", "0,3", "--repeats", "2", "--warmup", "0", "--out", str(tmp_path), "--no-progress"])
     rows = json.loads((tmp_path / "results.json").read_text())
-    assert len(rows) == len(snnet.create_snnet("fmnist").space) and all(r["acc1"] is None for r in rows)
+    assert len(rows) == len(snnet.create_snnet("fmnist").space) and all(r.get("acc1") is None for r in rows)
     timed = [r for r in rows if r.get("latency_ms") is not None]
     assert [r["id"] for r in timed] == [0, 3]
     assert all(r["latency_p90_ms"] >= r["latency_ms"] > 0 and r["peak_mem_mb"] > 0 for r in timed)
@@ -389,3 +393,23 @@ def test_profile_of_v2_routes() -> None:
     weights = sum(p.numel() * p.element_size() for m in route_modules(net, s) for p in m.parameters())
     assert deploy.route_bytes(deploy_export._route_view(net, s)) == weights + sum(
         b.numel() * b.element_size() for m in route_modules(net, s) for b in m.buffers())
+
+
+def test_check_input_refuses_only_what_cannot_run() -> None:
+    """A CNN family takes another image size (so it is let through, and runs); a ViT's fixed patch grid and an
+    input far beyond this machine's memory are refused, without allocating it."""
+    from snnet.deploy.memory import available_memory, check_input
+    from snnet.errors import SnnetError
+
+    cnn = snnet.create_snnet(["snnet_tiny_resnet18", "snnet_tiny_resnet50"]).eval()
+    check_input(cnn, [2], (3, 64, 64))
+    for s in cnn.space:
+        cnn.select(s.id)
+        assert cnn(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    side = int((available_memory() / 4) ** 0.5) + 1  # one 3-channel image of this side exceeds free memory
+    with pytest.raises(SnnetError, match="MiB are free"):
+        check_input(cnn, [1], (3, side, side))
+    vit = snnet.create_snnet(TINY_VITS[:2])
+    with pytest.raises(SnnetError, match="cannot take"):
+        check_input(vit, [1], (3, 64, 64), what="--img-size")
+    check_input(vit, [64])  # its own size, a batch that fits

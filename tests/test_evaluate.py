@@ -11,7 +11,7 @@ import torch
 
 import snnet
 from snnet.errors import ResultsError, SnnetError, StitchNotFoundError
-from snnet.evaluate import (StitchResult, check_writable, evaluate, format_results, load_results, pareto_front,
+from snnet.evaluate import (Row, check_writable, evaluate, format_results, load_results, pareto_front,
                             write_results)
 
 from .conftest import TINY_VITS, _batches, _naive, _run, fitted_net
@@ -85,8 +85,8 @@ def test_top5_with_fewer_than_five_classes() -> None:
 # ------------------------------------------------------------------ Pareto frontier
 
 
-def _r(id: int, flops: int, acc1: float, **kw) -> StitchResult:
-    return StitchResult(id, f"net{id}", flops, 10 * flops, acc1, min(100.0, acc1 + 20), 1.0, 100, id < 2, **kw)
+def _r(id: int, flops: int, acc1: float, **kw) -> Row:
+    return Row(id, f"net{id}", flops, 10 * flops, acc1, min(100.0, acc1 + 20), 1.0, 100, id < 2, **kw)
 
 
 def test_pareto_front_hand_made() -> None:
@@ -118,7 +118,7 @@ def test_pareto_front_hand_made() -> None:
 
 def test_results_json_schema_and_round_trips(tmp_path: Path, tiny_net: snnet.StitchedNet) -> None:
     results = evaluate(tiny_net, _batches(), progress=False)
-    results[3] = StitchResult(**{**results[3].__dict__, "latency_ms": 1.25, "extra": {"device": "cpu", "batch": 8}})
+    results[3] = Row(**{**results[3].__dict__, "latency_ms": 1.25, "extra": {"device": "cpu", "batch": 8}})
     json_path, csv_path = write_results(results, tmp_path / "out")
     rows = json.loads(json_path.read_text())
     assert isinstance(rows, list) and len(rows) == len(tiny_net.space)

@@ -246,9 +246,12 @@ def test_evaluation_shares_prefixes_and_reports_ppl_and_bpb(nets, tokenizer):
     assert any(r.pareto for r in rows)
     text = lm.format_lm_results(rows)
     assert "bits/byte" in text and "FLOPs/token" in text
-    chosen = net.select(budget=f"flops<={rows[-1].flops}", results=rows)
+    from snnet.budget import select_stitch
+
+    chosen = select_stitch(net, f"flops<={rows[-1].flops}", rows)
     within = [r for r in rows if r.flops <= rows[-1].flops]
-    assert chosen.ranked_by == "bpb" and chosen.id == min(within, key=lambda r: r.value("bpb")).id
+    assert chosen.ranked_by == "bpb" and chosen.id == min(within, key=lambda r: r.bpb).id
+    assert net.select(budget=f"flops<={rows[-1].flops}", results=rows) == chosen.stitch == net.active
 
 
 @pytest.mark.parametrize("fam", ["gpt2", "llama3.2"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from snnet.errors import ResultsError
-from snnet.evaluate import StitchResult, mark_pareto
+from snnet.evaluate import Row, mark_pareto
 from snnet.plot import plot_pareto
 
 from .conftest import _traces
@@ -16,13 +16,13 @@ from .conftest import _traces
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _results(latency: bool = False) -> list[StitchResult]:
+def _results(latency: bool = False) -> list[Row]:
     rows = [  # id, name, flops, acc1: two anchors, four stitches (two of them on the frontier)
         (0, "ti", 100, 60.0), (1, "b", 400, 80.0), (2, "ti[:1]+b[1:]", 350, 79.0),
         (3, "ti[:2]+b[2:]", 250, 75.0), (4, "ti[:3]+b[3:]", 200, 55.0), (5, "ti[:3]+b[2:]", 300, 70.0),
     ]
     return mark_pareto([
-        StitchResult(i, n, f, 10 * f, a, a + 10, 1.0, 50, i < 2, latency_ms=f / 100 if latency else None)
+        Row(i, n, f, 10 * f, a, a + 10, 1.0, 50, i < 2, latency_ms=f / 100 if latency else None)
         for i, n, f, a in rows])
 
 

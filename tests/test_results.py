@@ -1,13 +1,23 @@
-"""compare_fronts: two sets of networks compared at matched cost, frontier against frontier."""
+"""snnet.results: the one row type, its files (every older format still loading), and compare_fronts
+(two sets of networks compared at matched cost, frontier against frontier)."""
 
 from __future__ import annotations
 
+import ast
+import csv
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from snnet.errors import ResultsError
-from snnet.results import StitchResult, binomial_se, compare_fronts, front_rows
+from snnet.results import BatchLatency, Row, binomial_se, compare_fronts, front_rows, load_results, read_rows, write_results
+from snnet.zoo import ZOOS, load_zoo
+
+REPO = Path(__file__).resolve().parents[1]
+OLD = REPO / "tests" / "data" / "results-v0"
 
 
 def row(name: str, flops: float, acc1: float, images: int | None = 10_000) -> dict:
@@ -57,7 +67,7 @@ def test_theirs_starting_dearer_raises_lo_and_dominated_rows_change_nothing() ->
 
 
 def test_accepts_result_objects_and_other_columns() -> None:
-    ours = [StitchResult(i, r["name"], r["flops"], 0, r["acc1"], 99.0, 0.5, 10_000, i == 0) for i, r in enumerate(OURS)]
+    ours = [Row(i, r["name"], r["flops"], 0, r["acc1"], 99.0, 0.5, 10_000, i == 0) for i, r in enumerate(OURS)]
     theirs = [{"name": r["name"], "flops": r["flops"], "val_acc1": r["acc1"]} for r in THEIRS]
     c = compare_fronts([{**r.to_dict(), "val_acc1": r.acc1} for r in ours], theirs, y="val_acc1")
     assert c.mean == pytest.approx(-0.75) and c.y == "val_acc1"
@@ -78,3 +88,125 @@ def test_bad_input() -> None:
 def test_binomial_se() -> None:
     assert binomial_se(50, 10_000) == pytest.approx(0.5)
     assert binomial_se(86.4, 10_000) == pytest.approx(100 * math.sqrt(0.864 * 0.136 / 10_000))
+
+
+# ------------------------------------------------------------------ the row and its files, old and new
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, NaN equal to NaN, a list of batch latencies equal to its rows."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    a, b = ([vars(x) for x in v] if isinstance(v, tuple) and v and isinstance(v[0], BatchLatency) else v for v in (a, b))
+    return a == b
+
+
+def _check(rows: list[Row], raw: list[dict[str, Any]], text: bool = False) -> None:
+    """Every value a file's row holds is the loaded row's (text: read as a CSV cell is read)."""
+    assert len(rows) == len(raw)
+    for r, d in zip(rows, raw):
+        for k, v in d.items():
+            got = r.value(k)
+            if text and v == "":
+                continue  # an empty cell: not given
+            if text:
+                got = {True: "True", False: "False"}.get(got, got) if isinstance(got, bool) else got
+                if isinstance(got, tuple):
+                    v = ast.literal_eval(v) if v.startswith("[{'") else json.loads(v)
+                elif isinstance(got, (int, float)) and not isinstance(got, bool):
+                    v = type(got)(v)
+            assert _same(got, v), (r.name, k, got, v)
+        if "kind" not in d or (text and d["kind"] == ""):
+            assert r.kind == ("anchor" if r.is_anchor else "stitch")  # older rows had no kind: it follows is_anchor
+
+
+def _agree(a_rows: list[Row], b_rows: list[Row]) -> None:
+    """Two readings of the same rows have the same typed fields."""
+    assert len(a_rows) == len(b_rows)
+    for a, b in zip(a_rows, b_rows):
+        for k in ("id", "name", "kind", "flops", "params", "acc1", "acc5", "loss", "images", "is_anchor", "pareto",
+                  "latency_ms", "latency_p90_ms", "peak_mem_mb", "latency_by_batch", "bpb", "ppl", "eval_protocol"):
+            assert _same(a.value(k), b.value(k)), (a.name, k)
+
+
+def _text(rows: list[Row]) -> str:
+    """Rows as JSON text: equal rows give equal text (NaN included, which compares unequal to itself)."""
+    return json.dumps([r.to_dict() for r in rows])
+
+
+SHIPPED = ["docs/demo", "docs/lm-demo", "docs/v1-v2/v1", "docs/v1-v2/2way+lora+ros"]
+
+
+@pytest.mark.parametrize("folder", SHIPPED + ["tests/data/results-v0/eval-profile"])
+def test_older_results_files_load_with_the_same_values(folder: str, tmp_path: Path) -> None:
+    """What earlier versions wrote (the demo's, the LM demo's, the v1/v2 study's, an evaluation
+    profiled by batch size with its CSV's nested cells as Python literals): the JSON and the CSV load
+    into the same rows, each value as the file has it, and write back unchanged."""
+    base = REPO / folder
+    json_path, csv_path = (base / "results.json", base / "results.csv") if base.is_dir() else \
+        (base.with_suffix(".json"), base.with_suffix(".csv"))
+    rows = load_results(json_path)
+    _check(rows, json.loads(json_path.read_text()))
+    from_csv = load_results(csv_path)
+    _check(from_csv, list(csv.DictReader(csv_path.open())), text=True)
+    _agree(rows, from_csv)
+    write_results(rows, tmp_path)
+    assert _text(load_results(tmp_path)) == _text(rows)  # JSON: every value back, extra entries included
+    _agree(rows, load_results(tmp_path / "results.csv"))  # CSV: nested extra cells are JSON text now, not Python literals
+
+
+def test_a_profile_only_file_loads_as_rows_without_accuracy(tmp_path: Path) -> None:
+    """`snnet profile` before any evaluation wrote accuracy null: the same reader takes it (it was read
+    by a fallback behind a caught error), and reading rows, budgets and the server's table all work."""
+    path = OLD / "profile-only.json"
+    raw = json.loads(path.read_text())
+    rows = load_results(path)
+    _check(rows, [{k: v for k, v in d.items()} for d in raw])
+    assert all(r.acc1 is None and r.pareto is None for r in rows)
+    assert [r.id for r in rows if r.latency_by_batch] == [0, 2]
+    assert [b.batch_size for b in rows[0].latency_by_batch] == [1, 2]
+    assert read_rows(path) == rows == read_rows(raw)
+    from snnet.budget import select_stitch
+    from snnet.deploy.controller import LatencyTable
+
+    assert LatencyTable.from_rows(rows).batch_sizes(2) == (1, 2)
+    assert select_stitch(rows, "flops<=1M").ranked_by == "flops"
+    write_results(rows, tmp_path, csv_file=False)
+    assert load_results(tmp_path) == rows and not (tmp_path / "results.csv").exists()
+
+
+@pytest.mark.parametrize("zoo", sorted(ZOOS))
+def test_zoo_files_load_as_rows_with_the_same_values(zoo: str) -> None:
+    """A zoo JSON (``{"models": [...]}``) gives rows of kind zoo, each value as the file has it."""
+    data = json.loads(ZOOS[zoo].read_text())
+    rows = load_zoo(zoo)
+    assert len(rows) == len(data["models"]) and all(r.kind == "zoo" and r.id is None for r in rows)
+    split = "test" if any("test_acc1" in m for m in data["models"]) else None
+    for r, m in zip(rows, data["models"]):
+        assert (r.name, r.flops, r.params) == (m["name"], m["flops"], m["params"])
+        assert r.acc1 == m[f"{split}_acc1" if split else "acc1"]
+        assert r.value("family") == m.get("family", data.get("family", zoo)) and r.value("source") == zoo
+        assert r.value("img_size") == m.get("img_size")
+        assert _same(r.acc5, m.get(f"{split}_acc5" if split else "acc5", math.nan))
+
+
+def test_a_row_from_a_dict_needs_what_its_kind_needs() -> None:
+    """The format of a row is recognised from its content: a listing needs id, name and cost; an
+    evaluated row also top-5 and is_anchor (older files' missing loss/images/pareto read as before);
+    a zoo row its name, cost and top-1. Whatever else is kept in ``extra``."""
+    listing = Row.from_dict({"id": 3, "name": "a", "flops": 10, "params": 2, "is_anchor": False, "kl": 0.5})
+    assert (listing.acc1, listing.loss, listing.pareto, listing.value("kl")) == (None, None, None, 0.5)
+    old = Row.from_dict({"id": 3, "name": "a", "flops": 10, "params": 2, "acc1": 50, "acc5": 90, "is_anchor": True})
+    assert old.kind == "anchor" and math.isnan(old.loss) and old.images == 0 and old.pareto is False
+    with pytest.raises(KeyError, match="params"):
+        Row.from_dict({"id": 3, "name": "a", "flops": 10})
+    with pytest.raises(KeyError, match="acc5"):
+        Row.from_dict({"id": 3, "name": "a", "flops": 10, "params": 2, "acc1": 50, "is_anchor": True})
+    with pytest.raises(ValueError, match="zoo row has no stitch id"):
+        Row(3, "z", kind="zoo")
+    # what a profile adds to an evaluated row: its measurements and settings, never the network's cost or name
+    measured = Row(3, "a", 99, 99, latency_ms=2.0, latency_by_batch=({"batch_size": 1, "latency_ms": 2.0,
+                                                                      "latency_p90_ms": 3.0},), extra={"profile": {}})
+    both = old.merged(measured)
+    assert (both.flops, both.acc1, both.latency_ms, both.latency_by_batch[0].latency_p90_ms) == (10, 50, 2.0, 3.0)
+    assert both.value("profile") == {}

@@ -24,6 +24,7 @@ import time
 import zlib
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,7 +39,8 @@ from PIL import Image  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 import snnet  # noqa: E402
-from snnet.deploy.controller import ControllerConfig, LastSecond, LatencyTable, Rung, StitchController, ladder, make_policy  # noqa: E402
+from snnet.deploy.controller import ControllerConfig, LastSecond, LatencyTable, StitchController, ladder, make_policy  # noqa: E402
+from snnet.results import Row  # noqa: E402
 from snnet.deploy.serve import Preprocess, Rejected, ServeConfig, Service, create_app, decode_image  # noqa: E402
 from snnet.errors import ServeError  # noqa: E402
 
@@ -55,7 +57,7 @@ def _table(per_image: dict[int, float], overhead: float = 1.0, sizes=(1, 2, 4, 8
     return LatencyTable({k: tuple((b, overhead + c * b) for b in sizes) for k, c in per_image.items()})
 
 
-RUNGS = [Rung(0, "cheap", 100, 80.0), Rung(1, "mid", 300, 83.0), Rung(2, "dear", 1000, 86.0)]
+RUNGS = [Row(0, "cheap", 100, acc1=80.0), Row(1, "mid", 300, acc1=83.0), Row(2, "dear", 1000, acc1=86.0)]
 TABLE = _table({0: 0.5, 1: 1.5, 2: 5.0})
 
 
@@ -64,9 +66,9 @@ def _controller(**kw) -> StitchController:
 
 
 def test_latency_table_interpolates_and_extrapolates() -> None:
-    t = LatencyTable.from_rows([{"id": 3, "latency_by_batch": [{"batch_size": 4, "latency_ms": 8.0, "latency_p90_ms": 9.0},
-                                                               {"batch_size": 1, "latency_ms": 2.0, "latency_p90_ms": 3.0}]},
-                                {"id": 4, "latency_ms": 5.0, "profile": {"batch_size": 2}}, {"id": 5, "flops": 1}])
+    t = LatencyTable.from_rows([Row(3, "a", latency_by_batch=({"batch_size": 4, "latency_ms": 8.0, "latency_p90_ms": 9.0},
+                                                              {"batch_size": 1, "latency_ms": 2.0, "latency_p90_ms": 3.0})),
+                                Row(4, "b", latency_ms=5.0, extra={"profile": {"batch_size": 2}}), Row(5, "c", 1)])
     assert 3 in t and 4 in t and 5 not in t
     assert t.predict(3, 1) == 2.0 and t.predict(3, 4) == 8.0
     assert t.predict(3, 2) == pytest.approx(4.0)  # linear between measured sizes
@@ -75,11 +77,12 @@ def test_latency_table_interpolates_and_extrapolates() -> None:
 
 
 def test_ladder_keeps_only_pareto_stitches() -> None:
-    rows = [{"id": 0, "name": "a", "flops": 100, "acc1": 80.0}, {"id": 1, "name": "b", "flops": 200, "acc1": 79.0},
-            {"id": 2, "name": "c", "flops": 300, "acc1": 85.0}]
-    assert [r.id for r in ladder(rows)] == [0, 2]  # b costs more than a and is less accurate
+    rows = [Row(0, "a", 100, acc1=80.0), Row(1, "b", 200, acc1=79.0), Row(2, "c", 300, acc1=85.0)]
+    assert ladder(rows) == [rows[0], rows[2]]  # b costs more than a and is less accurate; each rung is the stitch's row
     # without measured accuracy FLOPs are the proxy: every distinct cost is a rung, cheapest first
-    assert [r.id for r in ladder([dict(r, acc1=None) for r in rows])] == [0, 1, 2]
+    assert [r.id for r in ladder([replace(r, acc1=None) for r in rows])] == [0, 1, 2]
+    # a file's rows work as well (read as results files are)
+    assert [r.id for r in ladder([dict(r.to_dict(), params=1, acc5=1.0) for r in rows])] == [0, 2]
 
 
 def test_controller_steps_down_as_the_queue_grows_and_back_when_it_falls() -> None:
@@ -593,7 +596,7 @@ def test_profiles_the_ladder_at_start_when_results_have_no_table(saved: tuple[Pa
         assert len(said) == 1 and "profiling 3 stitches at batch sizes [1, 2]" in said[0]
         assert [r["id"] for r in service.batcher.control("policy")["ladder"]] == [0, 1, 2]
         for k in (0, 1, 2):
-            assert [p["batch_size"] for p in service.rows[k]["latency_by_batch"]] == [1, 2]
+            assert [p.batch_size for p in service.rows[k].latency_by_batch] == [1, 2]
     finally:
         service.close()
 

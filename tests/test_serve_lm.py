@@ -31,7 +31,8 @@ import uvicorn  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 import snnet.lm as lm  # noqa: E402
-from snnet.deploy.lm_controller import LMController, LMControllerConfig, LMRung, TokenTiming, Waiting, lm_ladder  # noqa: E402
+from snnet.deploy.lm_controller import LMController, LMControllerConfig, TokenTiming, Waiting, lm_ladder  # noqa: E402
+from snnet.results import Row  # noqa: E402
 from snnet.deploy.serve.lm_app import _prompt, create_lm_app  # noqa: E402
 from snnet.deploy.serve.lm_engine import Job, LMEngine, LMServeConfig, _held_back, time_stitches  # noqa: E402
 from snnet.deploy.serve.openai import CompletionRequest  # noqa: E402
@@ -50,7 +51,7 @@ def _timing(first: float, tpot: float) -> TokenTiming:
     return TokenTiming(((8, first), (64, 2 * first)), tpot)
 
 
-RUNGS = [LMRung(0, "cheap", 100), LMRung(1, "mid", 300), LMRung(2, "dear", 1000)]
+RUNGS = [Row(0, "cheap", 100), Row(1, "mid", 300), Row(2, "dear", 1000)]
 TABLE = {0: _timing(5.0, 1.0), 1: _timing(10.0, 3.0), 2: _timing(30.0, 10.0)}
 
 
@@ -128,10 +129,9 @@ def test_controller_pin_and_auto() -> None:
 
 
 def test_ladder_by_bits_per_byte_or_flops() -> None:
-    rows = [{"id": 0, "name": "a", "flops": 100, "bpb": 2.0}, {"id": 1, "name": "b", "flops": 200, "bpb": 2.1},
-            {"id": 2, "name": "c", "flops": 300, "extra": {"bpb": 1.5}}]
-    assert [r.id for r in lm_ladder(rows)] == [0, 2]  # b costs more than a and predicts worse
-    plain = [{"id": k, "name": str(k), "flops": f} for k, f in enumerate([500, 100, 300, 300, 200, 400])]
+    rows = [Row(0, "a", 100, bpb=2.0), Row(1, "b", 200, bpb=2.1), Row(2, "c", 300, loss=1.5)]
+    assert [r.id for r in lm_ladder(rows)] == [0, 2]  # b costs more than a and predicts worse (c: its loss stands in)
+    plain = [Row(k, str(k), f) for k, f in enumerate([500, 100, 300, 300, 200, 400])]
     assert [r.flops for r in lm_ladder(plain)] == [100, 200, 300, 400, 500]
     thinned = lm_ladder(plain, most=3)
     assert [r.flops for r in thinned] == [100, 300, 500]  # both ends kept

@@ -13,22 +13,22 @@ import torch
 import snnet
 from snnet.budget import select_stitch
 from snnet.errors import ResultsError, ZooError
-from snnet.results import (StitchResult, format_results, frontier, load_results, mark_pareto, merge_rows, network_rows,
+from snnet.results import (Row, format_results, frontier, load_results, mark_pareto, merge_rows, network_rows,
                            pareto_front, write_results)
 from snnet.zoo import ZOOS, ZooFilter, load_zoo, read_zoo
 
 from .conftest import TINY_VITS, _run, _traces
 
 
-def _net_rows() -> list[StitchResult]:
+def _net_rows() -> list[Row]:
     """Two anchors and three stitches: ids 0..4."""
     rows = [(0, "ti", 100, 60.0), (1, "b", 400, 80.0), (2, "ti[:1]+b[1:]", 350, 79.0), (3, "ti[:2]+b[2:]", 250, 75.0),
             (4, "ti[:3]+b[3:]", 200, 55.0)]
-    return [StitchResult(i, n, f, 10 * f, a, a + 10, 1.0, 50, i < 2) for i, n, f, a in rows]
+    return [Row(i, n, f, 10 * f, a, a + 10, 1.0, 50, i < 2) for i, n, f, a in rows]
 
 
-def _zoo_row(name: str, flops: int, acc1: float, family: str = "fam", **kw) -> StitchResult:
-    return StitchResult(None, name, flops, 10 * flops, acc1, math.nan, math.nan, 50, False, kind="zoo",
+def _zoo_row(name: str, flops: int, acc1: float, family: str = "fam", **kw) -> Row:
+    return Row(None, name, flops, 10 * flops, acc1, math.nan, math.nan, 50, False, kind="zoo",
                         extra={"source": "test-zoo", "family": family, **kw})
 
 
@@ -67,7 +67,7 @@ def test_kind_is_derived_for_old_files_and_round_trips(tmp_path: Path) -> None:
 def test_inconsistent_rows_are_rejected(kw: dict, message: str) -> None:
     base = dict(name="x", flops=1, params=1, acc1=1.0, acc5=1.0, loss=1.0, images=1, is_anchor=False)
     with pytest.raises(ValueError, match=message):
-        StitchResult(**{**base, **kw})
+        Row(**{**base, **kw})
 
 
 def test_load_results_rejects_a_zoo_model_twice(tmp_path: Path) -> None:
@@ -100,10 +100,10 @@ def test_selecting_by_budget_never_returns_a_zoo_model() -> None:
 
 def test_merge_and_format_leave_zoo_rows_aside() -> None:
     base = [r.to_dict() for r in _net_rows() + [_zoo_row("z", 120, 99.0)]]
-    merged = merge_rows(base, [{"id": 2, "name": "ti[:1]+b[1:]", "latency_ms": 3.0}, _zoo_row("z2", 1, 1.0).to_dict()],
-                        "the profile")
-    assert [r["name"] for r in merged] == ["ti", "b", "ti[:1]+b[1:]", "ti[:2]+b[2:]", "ti[:3]+b[3:]", "z"]
-    assert merged[2]["latency_ms"] == 3.0 and "latency_ms" not in merged[-1]
+    merged = merge_rows(base, [Row(2, "ti[:1]+b[1:]", latency_ms=3.0), _zoo_row("z2", 1, 1.0).to_dict()], "the profile")
+    assert [r.name for r in merged] == ["ti", "b", "ti[:1]+b[1:]", "ti[:2]+b[2:]", "ti[:3]+b[3:]", "z"]
+    assert merged[2].latency_ms == 3.0 and merged[-1].latency_ms is None
+    assert merged[2].acc1 == _net_rows()[2].acc1 and merged[2].flops == _net_rows()[2].flops  # the rest kept
     text = format_results(_net_rows() + [_zoo_row("z", 120, 99.0)])
     assert "z " not in text.replace("zoo", "") and "1 zoo models from test-zoo" in text
     assert "best top-1 80.00% (b)" in text
@@ -187,15 +187,15 @@ def test_timm_table_has_the_papers_families_and_snnets_counts() -> None:
     # the paper's DeiT FLOPs, counted like the stitches (snnet stitches --anchors deit prints the same)
     assert by_name["deit_tiny_patch16_224.fb_in1k"].flops == 1_258_411_200
     assert by_name["deit_base_patch16_224.fb_in1k"].acc1 == pytest.approx(81.98, abs=0.001)
-    assert all(m.images == 50000 and m.img_size for m in zoo.models)
+    assert all(m.images == 50000 and m.value("img_size") for m in zoo.models)
     # the table is what snnet's counter says today: rebuild one model on the meta device and count
     from snnet.anchors import AnchorSpec, create_anchor
     from snnet.flops import model_costs
 
     m = by_name["swin_tiny_patch4_window7_224.ms_in1k"]
     with torch.device("meta"):
-        model = create_anchor(AnchorSpec(m.extra["model"], kwargs=(("img_size", m.img_size),)))
-    assert model_costs(model, (3, m.img_size, m.img_size)) == (m.flops, m.params)
+        model = create_anchor(AnchorSpec(m.extra["model"], kwargs=(("img_size", m.value("img_size")),)))
+    assert model_costs(model, (3, m.value("img_size"), m.value("img_size"))) == (m.flops, m.params)
 
 
 def test_timm_filters_select_families_sizes_and_ranges() -> None:
@@ -299,15 +299,12 @@ def test_cli_eval_zoo_mistakes_are_one_line(tiny_results: Path, tmp_path: Path, 
 
 def test_profile_keeps_zoo_rows_and_eval_draws_latency_without_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from snnet.deploy import merge_profile
-    from snnet.deploy.profiling import ProfileResult, ProfileSettings
-
     # `snnet profile` into a folder whose results.json already holds a zoo
     rows = [r.to_dict() for r in _net_rows() + [_zoo_row("z", 120, 99.0)]]
-    measured = [ProfileResult(r.id, r.name, r.flops / 100, r.flops / 90, 1.0) for r in _net_rows()]
-    settings = ProfileSettings("cpu", 1, (3, 32, 32), 1, 1, 3, "test")
-    merged = merge_profile(rows, [], measured, settings)
-    assert [r["name"] for r in merged][-1] == "z" and "latency_ms" not in merged[-1]
-    write_results([StitchResult.from_dict(r) for r in merged], tmp_path / "prof")
+    measured = [Row(r.id, r.name, latency_ms=r.flops / 100, latency_p90_ms=r.flops / 90, peak_mem_mb=1.0) for r in _net_rows()]
+    merged = merge_profile(rows, [], measured)
+    assert merged[-1].name == "z" and merged[-1].latency_ms is None
+    write_results(merged, tmp_path / "prof")
     # re-plotted with another zoo: the latency plot is drawn too, its zoo left out
     code = _run(["eval", "--results", str(tmp_path / "prof"), "--zoo", str(_fmnist_zoo(tmp_path / "f.json")),
                  "--out", str(tmp_path / "out")])

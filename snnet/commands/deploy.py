@@ -56,8 +56,7 @@ def profile(
     """
     from .options import split_ints, split_stitches
     from ..deploy import merge_profile, profile as run_profile, read_rows
-    from ..results import RESULTS_JSON, StitchResult, check_writable, write_results
-    from ..io import atomic_write
+    from ..results import RESULTS_JSON, check_writable, write_results
     from ..report import human, table
     from ..train import default_device
 
@@ -71,26 +70,25 @@ def profile(
         net.stitch(k)  # unknown names fail before any measuring
     size = (net.input_size[0], img_size, img_size) if img_size else None
     measured, settings = run_profile(net, batch_size, size, warmup, repeats, dev, threads, keys, progress, sizes)
-    rows = merge_profile(existing, net.costs(size) if existing is None else [], measured, settings)
-    shown = [r for r in rows if r.get("latency_ms") is not None]
+    rows = merge_profile(existing, net.costs(size), measured)
+    shown = [r.to_dict() for r in rows if r.latency_ms is not None]
     typer.echo(table(shown, [("id", "id"), ("name", "stitch"), ("params", "params"), ("flops", "FLOPs"),
                              ("latency_ms", "median ms"), ("latency_p90_ms", "p90 ms"), ("peak_mem_mb", "peak MB"),
                              ("acc1", "top-1 %")],
                      {"params": human, "flops": human, "latency_ms": lambda v: f"{v:.3f}",
                       "latency_p90_ms": lambda v: f"{v:.3f}"}))
     if sizes:
-        typer.echo(table([dict(id=r.id, name=r.name, **{f"b{b.batch_size}": b.latency_ms for b in r.by_batch}) for r in measured],
+        typer.echo(table([dict(id=r.id, name=r.name, **{f"b{b.batch_size}": b.latency_ms for b in r.latency_by_batch or ()})
+                          for r in measured],
                          [("id", "id"), ("name", "stitch")] + [(f"b{b}", f"batch {b} ms") for b in settings.batch_sizes],
                          {f"b{b}": (lambda v: f"{v:.3f}") for b in settings.batch_sizes}))
     typer.echo(f"\n{len(measured)} networks on {settings.device} (threads={settings.threads}), batch {batch_size}, "
                f"input {'x'.join(map(str, settings.input_size))}, {repeats} timed runs after {warmup} warm-up. "
                "Peak MB = route weights + input + peak live intermediate tensors.")
-    import json
-
-    if all(r.get("acc1") is not None for r in rows):
+    if all(r.acc1 is not None for r in rows):
         from ..plot import plot_pareto
 
-        results = [StitchResult.from_dict(r) for r in rows]
+        results = rows
         paths = list(write_results(results, out))
         # zoo and reference rows (`snnet eval --zoo/--reference`) have no latency on this device: the plot leaves them out
         if all(r.latency_ms is not None for r in results if not r.is_comparison):
@@ -98,9 +96,7 @@ def profile(
         else:
             typer.echo("(profile every stitch to draw the latency frontier)")
     else:
-        path = out / RESULTS_JSON
-        atomic_write(path, lambda p: p.write_text(json.dumps(rows, indent=2) + "\n"))
-        paths = [path]
+        paths = list(write_results(rows, out, csv_file=False))  # as before: a profile alone is written as JSON only
         typer.echo("(no accuracy yet: run `snnet eval --out` into the same folder, then profile again, to draw the "
                    "accuracy/latency frontier)")
     typer.echo("wrote " + ", ".join(str(p) for p in paths))

@@ -166,5 +166,5 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
                    f"({report.seconds:.1f}s)", err=True)
     loader = sndata.make_loader(dataset, batch_size, shuffle=False, num_workers=workers)
     rows = run_eval(net, loader, chosen, device=dev, progress=progress, amp=amp)
-    how = {"eval_protocol": protocol, "eval_transform": sndata.describe_transform(dataset)}
-    return [replace(r, extra={**r.extra, **how}) for r in rows]
+    how = {"eval_transform": sndata.describe_transform(dataset)}
+    return [replace(r, eval_protocol=protocol, extra={**r.extra, **how}) for r in rows]

@@ -135,7 +135,7 @@ def generate(
     if net.tokenizer is None:
         raise SnnetError(f"{model} holds no tokenizer: text cannot be encoded for it")
     if budget is not None:
-        chosen = net.select(budget=budget, results=results).stitch
+        chosen = net.select(budget=budget, results=results)
     else:
         chosen = net.stitch(stitch) if stitch is not None else net.active
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

@@ -29,14 +29,14 @@ import bisect
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from ..errors import ServeError
 from ..report import percentile
-from ..results import StitchResult, pareto_front
+from ..results import Row, pareto_front, read_rows
 
-__all__ = ["ControllerConfig", "Decision", "LastSecond", "LatencyTable", "Rung", "StitchController", "ladder", "make_policy"]
+__all__ = ["ControllerConfig", "Decision", "LastSecond", "LatencyTable", "StitchController", "ladder", "make_policy"]
 
 
 @dataclass(frozen=True)
@@ -46,16 +46,16 @@ class LatencyTable:
     ms: Mapping[int, tuple[tuple[int, float], ...]]
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> "LatencyTable":
+    def from_rows(cls, rows: Sequence[Row | Mapping[str, Any]]) -> "LatencyTable":
         """The ``latency_by_batch`` entries of result rows (``snnet profile --batch-sizes``); a
         row profiled at one batch size only gives that size. Rows without latency are left out."""
         table: dict[int, tuple[tuple[int, float], ...]] = {}
-        for r in rows:
-            points = [(int(p["batch_size"]), float(p["latency_ms"])) for p in r.get("latency_by_batch") or ()]
-            if not points and r.get("latency_ms") is not None:
-                points = [(int((r.get("profile") or {}).get("batch_size", 1)), float(r["latency_ms"]))]
+        for r in read_rows(rows):
+            points = [(b.batch_size, b.latency_ms) for b in r.latency_by_batch or ()]
+            if not points and r.latency_ms is not None:
+                points = [(int((r.value("profile") or {}).get("batch_size", 1)), r.latency_ms)]
             if points:
-                table[int(r["id"])] = tuple(sorted(points))
+                table[int(r.id)] = tuple(sorted(points))  # type: ignore[arg-type]
         return cls(table)
 
     def __contains__(self, stitch: int) -> bool:
@@ -79,31 +79,21 @@ class LatencyTable:
         return t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
 
 
-@dataclass(frozen=True)
-class Rung:
-    """One stitch worth serving: its id, name, FLOPs and measured top-1 (None: unmeasured)."""
-
-    id: int
-    name: str
-    flops: int
-    acc1: float | None = None
-
-
-def ladder(rows: Sequence[Mapping[str, Any]]) -> list[Rung]:
-    """The Pareto-optimal stitches of ``rows`` (id, name, flops, optional acc1), least accurate first.
+def ladder(rows: Sequence[Row | Mapping[str, Any]]) -> list[Row]:
+    """The Pareto-optimal stitches of ``rows`` (id, name, flops, optional acc1), least accurate first:
+    the rungs a controller climbs, each the stitch's own row (its ``acc1`` None unless every row has one).
 
     Ranked by measured top-1 when every row has it; otherwise by FLOPs (more compute buys
     accuracy along SN-Net's frontier), which keeps every stitch of distinct FLOPs. A stitch that
     costs more FLOPs than another and is no more accurate is never worth its latency.
     """
+    rows = read_rows(rows)
     if not rows:
         raise ServeError("no stitches to serve")
-    measured = all(isinstance(r.get("acc1"), (int, float)) and not math.isnan(r["acc1"]) for r in rows)
-    proxy = [StitchResult(int(r["id"]), str(r["name"]), int(r["flops"]), 0, float(r["acc1"] if measured else r["flops"]),
-                          0.0, math.nan, 0, False) for r in rows]
+    measured = all(r.acc1 is not None and not math.isnan(r.acc1) for r in rows)
+    proxy = [Row(r.id, r.name, r.flops, acc1=float(r.acc1 if measured else r.flops)) for r in rows]  # type: ignore[arg-type]
     front = pareto_front(proxy)
-    rungs = [Rung(int(r["id"]), str(r["name"]), int(r["flops"]), float(r["acc1"]) if measured else None)
-             for r in rows if int(r["id"]) in front]
+    rungs = [r if measured else replace(r, acc1=None) for r in rows if r.id in front]
     return sorted(rungs, key=lambda r: (r.acc1 if measured else r.flops, r.flops))
 
 
@@ -153,7 +143,7 @@ class Decision:
 class StitchController:
     """Picks each batch's stitch from the ladder, the latency table, the queue and recent latencies."""
 
-    def __init__(self, rungs: Sequence[Rung], table: LatencyTable, config: ControllerConfig) -> None:
+    def __init__(self, rungs: Sequence[Row], table: LatencyTable, config: ControllerConfig) -> None:
         if not rungs:
             raise ServeError("the ladder of stitches to serve is empty")
         missing = [r.name for r in rungs if r.id not in table]
@@ -166,21 +156,21 @@ class StitchController:
         self.slowdown = 1.0  # measured batch time / table time, smoothed
         self.switches = 0
         self._rung = len(self.rungs) - 1  # start on the most accurate: an idle server can afford it
-        self._pinned: Rung | None = None
+        self._pinned: Row | None = None
         self._streak = 0  # decisions in a row that had room for a more accurate rung
         self._last: int | None = None  # stitch of the previous decision
 
     # ------------------------------------------------------------------ policy
     @property
-    def pinned(self) -> Rung | None:
+    def pinned(self) -> Row | None:
         return self._pinned
 
     @property
-    def current(self) -> Rung:
+    def current(self) -> Row:
         """The stitch the next batch would get if nothing changed."""
         return self._pinned or self.rungs[self._rung]
 
-    def pin(self, stitch: Rung) -> None:
+    def pin(self, stitch: Row) -> None:
         """Serve every batch with ``stitch`` (any stitch of the network, on the ladder or not)."""
         self._pinned = stitch
 
@@ -278,7 +268,7 @@ class StitchController:
         pred = self.predict(s.id, queue, oldest_wait_ms) if s.id in self.table else None
         return self._record(s, pred, True, "pinned")
 
-    def _record(self, rung: Rung, pred: float | None, pinned: bool, reason: str) -> Decision:
+    def _record(self, rung: Row, pred: float | None, pinned: bool, reason: str) -> Decision:
         switched = self._last is not None and self._last != rung.id
         self.switches += switched
         self._last = rung.id
@@ -297,7 +287,7 @@ class LastSecond(StitchController):
 
     name = "last-second"
 
-    def __init__(self, rungs: Sequence[Rung], table: LatencyTable, config: ControllerConfig, window_s: float = 1.0) -> None:
+    def __init__(self, rungs: Sequence[Row], table: LatencyTable, config: ControllerConfig, window_s: float = 1.0) -> None:
         super().__init__(rungs, table, config)
         self.window_s = window_s
         self._arrivals: deque[tuple[float, int]] = deque()
@@ -330,7 +320,7 @@ class LastSecond(StitchController):
                             f"last {self.window_s:g} s: {self._rate:.0f} images/s")
 
 
-def make_policy(name: str, rungs: Sequence[Rung], table: LatencyTable, config: ControllerConfig) -> StitchController:
+def make_policy(name: str, rungs: Sequence[Row], table: LatencyTable, config: ControllerConfig) -> StitchController:
     """The stitch policy called ``name``: ``controller`` (:class:`StitchController`) or ``last-second`` (:class:`LastSecond`)."""
     kinds = {k.name: k for k in (StitchController, LastSecond)}
     if name not in kinds:

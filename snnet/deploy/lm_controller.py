@@ -31,13 +31,14 @@ from __future__ import annotations
 import bisect
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 from ..errors import ServeError
+from ..results import Row, read_rows
 from .controller import ladder
 
-__all__ = ["LMController", "LMControllerConfig", "LMDecision", "LMRung", "TokenTiming", "Waiting", "lm_ladder"]
+__all__ = ["LMController", "LMControllerConfig", "LMDecision", "TokenTiming", "Waiting", "lm_ladder"]
 
 
 @dataclass(frozen=True)
@@ -69,38 +70,31 @@ class TokenTiming:
         return {"first_ms": [list(p) for p in self.first_ms], "tpot_ms": self.tpot_ms}
 
 
-@dataclass(frozen=True)
-class LMRung:
-    """One stitch worth serving: id, name, FLOPs per token and, when measured, bits per byte (lower is better)."""
-
-    id: int
-    name: str
-    flops: int
-    bpb: float | None = None
-
-
-def _quality(row: Mapping[str, Any]) -> float | None:
+def _quality(row: Row) -> float | None:
     """Bits per byte of a result row, else its loss (both lower-is-better), else None."""
-    for key in ("bpb", "loss"):
-        v = row.get(key, (row.get("extra") or {}).get(key))
+    for v in (row.bpb, row.loss):
         if isinstance(v, (int, float)) and math.isfinite(v):
             return float(v)
     return None
 
 
-def lm_ladder(rows: Sequence[Mapping[str, Any]], most: int | None = None) -> list[LMRung]:
-    """The stitches of ``rows`` (id, name, flops, optional bpb/loss) worth serving, cheapest first.
+def lm_ladder(rows: Sequence[Row | Mapping[str, Any]], most: int | None = None) -> list[Row]:
+    """The stitches of ``rows`` (id, name, flops, optional bpb/loss) worth serving, cheapest first:
+    each the stitch's own row, its ``bpb`` the quality it was ranked by (bits per byte, else the loss
+    where a row has no bits per byte; None unless every row has one).
 
     With a measured bits per byte (or loss) for every row: the Pareto front (no stitch costs more
     and is worse). Otherwise every stitch of distinct FLOPs (the cheapest name of equal FLOPs).
     ``most`` thins a long ladder to that many rungs spread evenly over it, both ends kept: each
     rung is timed when the server starts.
     """
-    scores = [_quality(r) for r in rows]
-    measured = all(s is not None for s in scores)
-    front = ladder([{"id": r["id"], "name": r["name"], "flops": r["flops"], "acc1": -s if measured else None}  # type: ignore[operator]
-                    for r, s in zip(rows, scores)])  # the image ladder, with bits per byte as negative accuracy
-    rungs = sorted((LMRung(r.id, r.name, r.flops, -r.acc1 if r.acc1 is not None else None) for r in front),
+    rows = read_rows(rows)
+    scores = {r.id: _quality(r) for r in rows}
+    measured = all(s is not None for s in scores.values())
+    front = ladder([Row(r.id, r.name, r.flops, acc1=-scores[r.id] if measured else None)  # type: ignore[operator]
+                    for r in rows])  # the image ladder, with bits per byte as negative accuracy
+    by_id = {r.id: r for r in rows}
+    rungs = sorted((replace(by_id[r.id], bpb=scores[r.id] if measured else None) for r in front),
                    key=lambda r: (r.flops, r.id))
     if most is not None and len(rungs) > most >= 2:
         picks = sorted({round(k * (len(rungs) - 1) / (most - 1)) for k in range(most)})
@@ -183,7 +177,7 @@ class _Scale:
 class LMController:
     """Picks the stitch of each request as it starts (see the module)."""
 
-    rungs: Sequence[LMRung]
+    rungs: Sequence[Row]
     table: Mapping[int, TokenTiming]
     config: LMControllerConfig = field(default_factory=LMControllerConfig)
 
@@ -201,7 +195,7 @@ class LMController:
         self._last: int | None = None
 
     # ------------------------------------------------------------------ predictions
-    def predict(self, rung: LMRung, now: float, queue: Sequence[Waiting], rate: float | None = None) -> tuple[float, float, float]:
+    def predict(self, rung: Row, now: float, queue: Sequence[Waiting], rate: float | None = None) -> tuple[float, float, float]:
         """(TTFT of ``queue[0]``, the worst TTFT, TPOT) in ms if ``rung`` served the whole queue in
         order, each request to its ``max_tokens``, on the table scaled by what was measured.
 

@@ -1,8 +1,8 @@
 """Latency and peak memory of every stitch, measured on this device.
 
 :func:`profile` times every stitch's forward (median and p90 after warm-up) and measures its peak
-memory; :func:`merge_profile` stores the figures beside FLOPs, params and accuracy in the result
-rows, so budgets in milliseconds or megabytes can be met (:mod:`snnet.budget`).
+memory, as result rows (:class:`~snnet.results.Row`); :func:`merge_profile` adds the figures to rows
+holding FLOPs, params and accuracy, so budgets in milliseconds or megabytes can be met (:mod:`snnet.budget`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..budget import MB
 from ..errors import SnnetError
 from ..report import percentile
 from ..report import progress as report_progress
-from ..results import _row, merge_rows, network_rows, read_rows
+from ..results import BatchLatency, Row, merge_rows, network_rows, read_rows
 from ..space import Stitch
 from .export import _route_view, route_bytes
 from .memory import check_input
@@ -31,41 +31,10 @@ if TYPE_CHECKING:
 __all__ = ["BatchLatency", "ProfileResult", "ProfileSettings", "merge_profile", "profile"]
 
 
-@dataclass(frozen=True)
-class BatchLatency:
-    """Median and p90 milliseconds of one forward of ``batch_size`` images."""
-
-    batch_size: int
-    latency_ms: float
-    latency_p90_ms: float
-
-
-@dataclass(frozen=True)
-class ProfileResult:
-    """Latency and peak memory of one stitch on one device.
-
-    ``latency_ms`` is the median and ``latency_p90_ms`` the 90th percentile of ``repeats``
-    timed forwards after warm-up. ``peak_mem_mb`` (MiB) is what running this stitch alone
-    needs at once: its weights, the input batch and the peak of intermediate tensors alive
-    during one forward (see :func:`profile`). All three are at the profile's ``batch_size``.
-    ``by_batch`` holds the latency at every size of ``batch_sizes`` when several were asked
-    for (what ``snnet serve`` plans its batches with); in ``results.json`` it is the row's
-    ``latency_by_batch`` list of ``{"batch_size", "latency_ms", "latency_p90_ms"}``.
-    """
-
-    id: int
-    name: str
-    latency_ms: float
-    latency_p90_ms: float
-    peak_mem_mb: float
-    by_batch: tuple[BatchLatency, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        del d["by_batch"]
-        if self.by_batch:
-            d["latency_by_batch"] = [asdict(b) for b in self.by_batch]
-        return d
+# A profile's row: a :class:`~snnet.results.Row` with latency_ms (median), latency_p90_ms, peak_mem_mb
+# and, when several batch sizes were asked for, latency_by_batch set, and the settings in extra["profile"].
+# The name is kept for the public import ``snnet.deploy.ProfileResult``.
+ProfileResult = Row
 
 
 @dataclass(frozen=True)
@@ -168,14 +137,14 @@ def profile(
     stitches: Sequence[int | str | Stitch] | None = None,
     progress: bool = True,
     batch_sizes: Sequence[int] | None = None,
-) -> tuple[list[ProfileResult], ProfileSettings]:
+) -> tuple[list[Row], ProfileSettings]:
     """Measure latency and peak memory of every stitch (or of ``stitches``) on one device.
 
     Each stitch is selected and run ``warmup`` times, then timed over ``repeats`` forwards
     under ``torch.inference_mode`` on a random batch (CUDA is synchronised around each one).
     ``threads`` sets torch's CPU threads for the run. ``device`` moves the network there.
     ``batch_sizes`` also times every stitch at each of these batch sizes (and ``batch_size``),
-    into :attr:`ProfileResult.by_batch`: a server batches requests, and a stitch's cost grows
+    into each row's ``latency_by_batch``: a server batches requests, and a stitch's cost grows
     with the batch at a rate of its own (fixed per-call overhead dominates small batches).
 
     Peak memory (MiB) = the route's weight bytes + the input batch + the peak of intermediate
@@ -204,6 +173,7 @@ def profile(
     active, was_training, old_threads = net.active, net.training, torch.get_num_threads()
     settings = ProfileSettings(str(dev), batch_size, size, threads if threads is not None else old_threads, warmup, repeats,
                                "cuda allocator peak" if dev.type == "cuda" else "live tensor bytes (torch dispatch)", sizes)
+    costs = net.costs(size)
     bar = report_progress(len(chosen), f"profile on {dev}", "stitch", progress)
     out = []
     net.eval()
@@ -217,8 +187,10 @@ def profile(
                 times = by_batch[batch_size]
                 act = _peak_activation_bytes(net, x)
                 mem = (route_bytes(_route_view(net, s)) + x.numel() * x.element_size() + act) / MB
-                table = tuple(BatchLatency(b, percentile(t, 0.5), percentile(t, 0.9)) for b, t in by_batch.items()) if sizes else ()
-                out.append(ProfileResult(s.id, s.name, percentile(times, 0.5), percentile(times, 0.9), mem, table))
+                table = tuple(BatchLatency(b, percentile(t, 0.5), percentile(t, 0.9)) for b, t in by_batch.items()) if sizes else None
+                out.append(Row(s.id, s.name, costs[s.id].flops, costs[s.id].params, is_anchor=s.is_anchor,
+                               latency_ms=percentile(times, 0.5), latency_p90_ms=percentile(times, 0.9), peak_mem_mb=mem,
+                               latency_by_batch=table, extra={"profile": settings.to_dict()}))
                 bar.update(1)
     finally:
         torch.set_num_threads(old_threads)
@@ -228,14 +200,13 @@ def profile(
     return out, settings
 
 
-def merge_profile(rows: Sequence[Any] | None, costs: Sequence[Any], measured: Sequence[ProfileResult],
-                  settings: ProfileSettings) -> list[dict[str, Any]]:
-    """Results rows with the profile added: ``rows`` (e.g. from ``snnet eval``) when given, else
-    ``costs`` rows (id/name/flops/params) with accuracy null. Each row gets ``latency_ms``,
-    ``latency_p90_ms``, ``peak_mem_mb`` and the ``profile`` settings."""
-    base = read_rows(rows) if rows is not None else [dict(_row(c), acc1=None, acc5=None) for c in costs]
-    extra = [dict(r.to_dict(), profile=settings.to_dict()) for r in measured]
-    ids = {int(r["id"]) for r in network_rows(base)}
-    if any(r["id"] not in ids for r in extra):
+def merge_profile(rows: Sequence[Any] | str | os.PathLike | None, costs: Sequence[Any],
+                  measured: Sequence[Row]) -> list[Row]:
+    """Result rows with the profile added: ``rows`` (e.g. from ``snnet eval``) when given, else
+    ``costs`` rows (id/name/flops/params, accuracy unmeasured). Each profiled row gets ``latency_ms``,
+    ``latency_p90_ms``, ``peak_mem_mb`` (``latency_by_batch``) and the ``profile`` settings."""
+    base = read_rows(rows if rows is not None else costs)
+    ids = {r.id for r in network_rows(base)}
+    if any(r.id not in ids for r in measured):
         raise SnnetError("the results file lists fewer stitches than this network has: profile the network it was written for")
-    return merge_rows(base, extra, "the results")
+    return merge_rows(base, measured, "the results")

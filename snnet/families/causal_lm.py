@@ -49,7 +49,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from ..anchors import ActivationSpec, AnchorParts
 from ..errors import CheckpointError, ConfigError, NotStitchableError, SnnetError
 from ..flops import PartCosts, count_parts, layer_flops, num_params
-from ..model import StitchCost, StitchedBase
+from ..model import StitchedBase
+from ..results import Row
 from ..report import progress as report_progress
 from ..space import AnchorInfo, Segment, SpaceConfig, Stitch
 from .lm_catalog import LMSpec, check_token_ids, check_tokenizers, load_model, load_tokenizer, resolve_lm
@@ -442,7 +443,7 @@ class StitchedLM(StitchedBase):
         self.labels = tuple(labels[k] for k in order)
         self.specs = tuple(specs[k] for k in order)
         self._part_costs: dict[int, list[tuple[PartCosts, int]]] = {self.context: [costs[k] for k in order]}
-        self._costs: dict[int, list[StitchCost]] = {}
+        self._costs: dict[int, list[Row]] = {}
         for k, p in enumerate(self.anchors):
             p.ctx.anchor = k
         self.tokenizer = tokenizer
@@ -516,7 +517,7 @@ class StitchedLM(StitchedBase):
             self._part_costs[context] = [lm_part_costs(p.config, context) for p in self.anchors]
         return self._part_costs[context]
 
-    def costs(self, context: int | None = None) -> list[StitchCost]:
+    def costs(self, context: int | None = None) -> list[Row]:
         """MACs per generated token at ``context`` tokens (default :attr:`context`) and params of every
         network, each the sum of its parts (a tied head and embedding counted once)."""
         context = int(context or self.context)

@@ -295,7 +295,7 @@ async def predict(svc: Service, request: Request) -> Response:
                                               "x-snnet-latency-ms": f"{latency * 1e3:.3f}"}, media_type=NPY)
     return _json({
         "predictions": [{"class": int(k), "probs": p} for k, p in zip(result.probs.argmax(-1), result.probs)],
-        "stitch": {"id": d.stitch, "name": d.name, "acc1": row.get("acc1"), "flops": row["flops"]},
+        "stitch": {"id": d.stitch, "name": d.name, "acc1": row.acc1, "flops": row.flops},
         "mode": "pinned" if d.pinned else "auto",
         "batch": {"id": info.batch_id, "size": info.size, "compute_ms": round(info.compute_ms, 3),
                   "predicted_ms": None if d.predicted_ms is None else round(d.predicted_ms, 3), "reason": d.reason},

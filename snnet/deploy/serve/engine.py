@@ -47,7 +47,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ...errors import ServeError, SnnetError, StitchNotFoundError
-from ..controller import ControllerConfig, Decision, LatencyTable, Rung, StitchController, ladder, make_policy
+from ...results import Row
+from ..controller import ControllerConfig, Decision, LatencyTable, StitchController, ladder, make_policy
 from .config import ServeConfig
 
 __all__ = ["BatchInfo", "EngineInfo", "EngineProcess", "connect", "open_ring"]
@@ -59,7 +60,7 @@ _RECENT_S = 2.0  # end-to-end latencies the controller judges the last decisions
 class EngineInfo:
     """What a server process learns from the model process when it connects."""
 
-    rows: list[dict[str, Any]]  # every stitch: id, name, flops, acc1, latency table...
+    rows: list[Row]  # every stitch: id, name, flops, acc1, latency table...
     input_size: tuple[int, int, int]
     data_config: dict[str, Any]  # the first anchor's: mean, std, interpolation, crop (how images are read)
     pid: int
@@ -117,7 +118,7 @@ class _Engine:
 
     config: ServeConfig
     net: Any  # StitchedNet
-    rows: list[dict[str, Any]]
+    rows: list[Row]
     policy: StitchController
     jobs: deque[_Job] = field(default_factory=deque)
     fronts: list[_Front] = field(default_factory=list)
@@ -138,7 +139,7 @@ class _Engine:
 
         torch.set_num_threads(config.threads)
         net = StitchedNet.from_pretrained(config.model).eval()
-        rows = [c.to_dict() for c in net.costs()]
+        rows = net.costs()
         if config.results is not None:
             rows = merge_rows(rows, read_rows(config.results), "the results")
         table = LatencyTable.from_rows(rows)
@@ -149,8 +150,7 @@ class _Engine:
                 f"{config.results or 'no results file'} has no latency_by_batch for them (`snnet profile --batch-sizes` writes it)")
             measured, settings = profile(net, batch_size=1, warmup=3, repeats=config.profile_repeats, device="cpu",
                                          threads=config.threads, stitches=todo, progress=False, batch_sizes=sizes)
-            extra = [dict(r.to_dict(), profile=settings.to_dict()) for r in measured]
-            rows = merge_rows(rows, extra, "the profile")
+            rows = merge_rows(rows, measured, "the profile")
         engine = cls(config, net, rows, _policy(config.policy, rows, config))
         if config.stitch not in (None, "auto"):
             engine.policy.pin(engine.rung(config.stitch))
@@ -160,11 +160,10 @@ class _Engine:
         net = self.net
         return EngineInfo(self.rows, tuple(int(v) for v in net.input_size), dict(net.anchors[0].data_config), os.getpid())
 
-    def rung(self, key: int | str) -> Rung:
-        """Any stitch of the network as a :class:`Rung` (raises StitchNotFoundError)."""
+    def rung(self, key: int | str) -> Row:
+        """Any stitch of the network: its row (raises StitchNotFoundError)."""
         s = self.net.stitch(int(key) if isinstance(key, str) and key.strip().isdigit() else key)
-        r = next(r for r in self.rows if int(r["id"]) == s.id)
-        return Rung(s.id, s.name, int(r["flops"]), r.get("acc1"))
+        return next(r for r in self.rows if r.id == s.id)
 
     # ------------------------------------------------------------------ control (its own thread)
     def control(self, op: str, arg: Any) -> Any:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ...errors import ServeError, SnnetError
+from ...results import read_rows
 from ..lm_controller import LMController, LMControllerConfig, LMDecision, TokenTiming, Waiting, lm_ladder
 from .auth import read_admin_token
 from .config import _count, _finite
@@ -312,7 +313,7 @@ class LMEngine:
     """The network, its controller, the queue and the one generation worker (see the module)."""
 
     def __init__(self, config: LMServeConfig, net: Any, timing: Mapping[int, TokenTiming] | None = None,
-                 say: Callable[[str], Any] = log.info, rows: Sequence[Mapping[str, Any]] | None = None) -> None:
+                 say: Callable[[str], Any] = log.info, rows: Sequence[Any] | None = None) -> None:
         if net.tokenizer is None:
             raise ServeError(f"{config.model} has no tokenizer: save the network with its tokenizer "
                              "(create_stitched_lm(..., load_tokenizers=True) or tokenizer=...) to serve text")
@@ -320,7 +321,7 @@ class LMEngine:
         self.admin_token = read_admin_token(config.admin_token_file)  # PUT /stitch needs it (see .auth)
         self.tokenizer = copy.deepcopy(net.tokenizer)  # the HTTP side's own: the worker's is used only by the worker
         self.context = max_context(net)
-        self.rows = [dict(r) for r in rows] if rows is not None else [c.to_dict() for c in net.costs()]
+        self.rows = read_rows(rows) if rows is not None else net.costs()
         rungs = lm_ladder(self.rows, config.rungs)
         pin = net.stitch(config.stitch) if config.stitch is not None else None
         if timing is None:
@@ -354,7 +355,7 @@ class LMEngine:
             raise
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise ServeError(f"cannot load the language model in {config.model} ({type(e).__name__}: {first_line(e)})") from e
-        rows = [c.to_dict() for c in net.costs()]
+        rows = net.costs()
         if config.results:
             rows = merge_rows(rows, read_rows(config.results), "the results")
         import torch

@@ -31,7 +31,7 @@ class Service:
         self.info = info
         self.engine = engine  # the model process, when this process started it (it closes it)
         self.admin_token = read_admin_token(config.admin_token_file)
-        self.rows = {int(r["id"]): r for r in info.rows}
+        self.rows = {int(r.id): r for r in info.rows}  # type: ignore[arg-type]
         self.input_size = info.input_size
         self.preprocess = Preprocess(info.data_config, info.input_size, resize=config.resize, max_pixels=config.max_pixels)
         self.metrics = Metrics()
