@@ -286,7 +286,10 @@ def update_zoo(out: Path, name: str, result: dict[str, Any], config: Any, shared
             zoo_file = {}
         zoo_file.update(same, **{k: v for k, v in shared.items() if k not in same}, torch=torch.__version__)
         models = dict(zoo_file.get("models", {}), **{name: dict(result, source="zoo")})
-        if all(family.get(k) == v for k, v in same.items()):  # the shipped members, trained the same way
+        # the shipped members, trained the same way: the same text and tokenizer, and every setting family.json
+        # records equal (settings added to snnet since then are absent there and left at their defaults)
+        if (family.get("corpus"), family.get("tokenizer")) == (same["corpus"], same["tokenizer"]) and all(
+                recipe.get(k) == v for k, v in family.get("recipe", {}).items()):
             for member, row in family["models"].items():
                 if member not in models:
                     folder = family_dir() / member

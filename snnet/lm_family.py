@@ -65,15 +65,17 @@ STDLIB_LM_ARCHS: dict[str, LMArch] = {
 
 # The LM zoo (issue 21 item 8): members of the same design trained alone with the same recipe, data and steps
 # (scripts/train_lm_family.py --zoo), at widths whose FLOPs per token fall between and around the stitched
-# networks' (w32 between xs and s; w64, w80, w96 and w112 between s and m, w64 in the frontier's widest hole).
-# MLP 8/3 of the width rounded up to 16 as in the family; heads of 16 wide (32 for w96, as m). They are
-# measured, not shipped: their weights stay in the run's folder (runs/lm_zoo).
+# networks' (w32 and w40 between xs and s; w64, w80, w96 and w112 between s and m, w64 in the frontier's widest
+# hole; w160 beyond m). MLP 8/3 of the width rounded up to 16 as in the family; heads of 16 or 20 wide (32 for w96
+# and w160, as m). They are measured, not shipped: their weights stay in the run's folder (runs/lm_zoo).
 STDLIB_LM_ZOO_ARCHS: dict[str, LMArch] = {
     "stdlib-lm-w32": LMArch(32, 4, 2, 96),
+    "stdlib-lm-w40": LMArch(40, 4, 2, 112),
     "stdlib-lm-w64": LMArch(64, 4, 4, 176),
     "stdlib-lm-w80": LMArch(80, 4, 5, 224),
     "stdlib-lm-w96": LMArch(96, 4, 3, 256),
     "stdlib-lm-w112": LMArch(112, 4, 7, 304),
+    "stdlib-lm-w160": LMArch(160, 4, 5, 432),
 }
 
 
