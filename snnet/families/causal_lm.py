@@ -374,8 +374,8 @@ def stated_context(context: int | None, configs: Sequence[Any], labels: Sequence
     if context is None:
         return min(DEFAULT_CONTEXT, limit) if limit is not None else DEFAULT_CONTEXT
     if limit is not None and context > limit:
-        raise ConfigError(f"a {context}-token context is longer than the {limit} positions {who} knows: "
-                          f"state costs at a context of at most {limit} (--context {limit})")
+        raise ConfigError(f"a {context}-token context is longer than the {limit} positions {who} knows: use at most "
+                          f"{limit} tokens (--context {limit}; in training, lower --data.block_size to at most {limit})")
     return int(context)
 
 
