@@ -139,6 +139,8 @@ def cost_rows(members: list[Member], network: list[StitchResult], joint: tuple[s
     by_name = {m.row.name: m for m in members}
     anchors = [by_name.get(r.name) or Member(r, pretrain_tokens, None) for r in network if r.is_anchor]
     others = [m for m in members if m.row.value("family") != FAMILY_ROWS]
+    lo, hi = min(r.flops for r in network if r.is_anchor), max(r.flops for r in network if r.is_anchor)
+    within = [m for m in others if lo <= m.row.flops <= hi]  # the ones the stitches stand in for
     what, tokens, macs, seconds = joint
 
     def total(values: list[float | None]) -> float | None:
@@ -154,7 +156,9 @@ def cost_rows(members: list[Member], network: list[StitchResult], joint: tuple[s
     return [side(f"SN-Net: its {len(anchors)} anchors, trained alone", anchors, str(len(anchors))),
             side(f"SN-Net: joint training ({what})", [], "-", (tokens, macs, seconds)),
             side("SN-Net: total", anchors, f"{len(network)} networks", (tokens, macs, seconds)),
-            side("zoo: the other sizes", others, str(len(others))),
+            side(f"zoo: the other sizes within the anchors' {human(lo)}-{human(hi)} FLOPs", within, str(len(within))),
+            side("zoo: every member in that range (the anchors alone too)", anchors + within,
+                 str(len(anchors + within))),
             side("zoo: every member", members, str(len(members)))]
 
 

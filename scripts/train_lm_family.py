@@ -16,6 +16,12 @@
    the float16 round trip, tokens and wall time, the recipe, the corpus and tokenizer fingerprints,
    the exact command and library versions) and ``MODEL_CARD.md`` (generated from ``family.json``).
 
+With ``--zoo`` it trains the LM zoo instead (``snnet.lm_family.STDLIB_LM_ZOO_ARCHS``: the same design at
+other widths, each alone, with the same recipe, data, steps and loop) into ``--family.zoo_out`` (default
+``runs/lm_zoo``: results only, nothing is shipped) and writes ``zoo.json`` there: every member measured on
+the held-out blocks above and on the first ``--family.demo_blocks`` (those ``snnet demo --lm`` measures its
+stitches on), beside the shipped members measured the same way. ``scripts/lm_zoo_compare.py`` compares them.
+
 Everything is seeded and the data order is a function of the seed; the tokenizer trainer is
 deterministic. A rerun with the same command, Python (its standard library is the corpus) and
 library versions reproduces the numbers up to floating-point nondeterminism of the CPU kernels.
@@ -23,6 +29,7 @@ library versions reproduces the numbers up to floating-point nondeterminism of t
     python scripts/train_lm_family.py                        # the shipped recipe, one model after another
     python scripts/train_lm_family.py --schedule.max_steps 20 --family.out /tmp/lm   # a quick try
     python scripts/train_lm_family.py --card-only            # regenerate MODEL_CARD.md
+    python scripts/train_lm_family.py --zoo                  # the LM zoo -> runs/lm_zoo/zoo.json
 """
 
 from __future__ import annotations
@@ -224,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         print(dump_yaml(config, {"family": options}), end="")
         return
     zoo = parsed.flags["--zoo"]
+    if zoo and parsed.flags["--card-only"]:
+        raise snnet.SnnetError("the zoo has no model card (it is not shipped): --card-only is for the family")
     models = options.members(zoo)
     out = Path(options.zoo_out if zoo else options.out)
     out.mkdir(parents=True, exist_ok=True)
