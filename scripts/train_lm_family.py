@@ -16,6 +16,12 @@
    the float16 round trip, tokens and wall time, the recipe, the corpus and tokenizer fingerprints,
    the exact command and library versions) and ``MODEL_CARD.md`` (generated from ``family.json``).
 
+With ``--zoo`` it trains the LM zoo instead (``snnet.lm_family.STDLIB_LM_ZOO_ARCHS``: the same design at
+other widths, each alone, with the same recipe, data, steps and loop) into ``--family.zoo_out`` (default
+``runs/lm_zoo``: results only, nothing is shipped) and writes ``zoo.json`` there: every member measured on
+the held-out blocks above and on the first ``--family.demo_blocks`` (those ``snnet demo --lm`` measures its
+stitches on), beside the shipped members measured the same way. ``scripts/lm_zoo_compare.py`` compares them.
+
 Everything is seeded and the data order is a function of the seed; the tokenizer trainer is
 deterministic. A rerun with the same command, Python (its standard library is the corpus) and
 library versions reproduces the numbers up to floating-point nondeterminism of the CPU kernels.
@@ -23,10 +29,12 @@ library versions reproduces the numbers up to floating-point nondeterminism of t
     python scripts/train_lm_family.py                        # the shipped recipe, one model after another
     python scripts/train_lm_family.py --schedule.max_steps 20 --family.out /tmp/lm   # a quick try
     python scripts/train_lm_family.py --card-only            # regenerate MODEL_CARD.md
+    python scripts/train_lm_family.py --zoo                  # the LM zoo -> runs/lm_zoo/zoo.json
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 from dataclasses import dataclass
@@ -38,8 +46,9 @@ import torch
 import snnet
 from snnet.commands.config_cli import parse
 from snnet.io import atomic_write, update_json
-from snnet.lm_family import (EOS, STDLIB_LM_ARCHS, VOCAB_SIZE, family_dir, tokenizer_fingerprint, train_lm_member,
-                             train_tokenizer)
+from snnet.lm_demo import LMDemoOptions
+from snnet.lm_family import (EOS, STDLIB_LM_ARCHS, STDLIB_LM_ZOO_ARCHS, VOCAB_SIZE, family_dir, score_lm,
+                             tokenizer_fingerprint, train_lm_member, train_tokenizer)
 from snnet.members import command_line
 from snnet.text import corpus_fingerprint, split_documents, stdlib_root, stdlib_sources, token_blocks
 from snnet.train import result_settings
@@ -50,7 +59,8 @@ class LMFamilyOptions:
     """Which members to train, where their runs and artifacts go, and what they are measured on."""
 
     models: tuple[str, ...] = tuple(STDLIB_LM_ARCHS)
-    """The members to train (stdlib-lm-xs, stdlib-lm-s, stdlib-lm-m), one after the other."""
+    """The members to train (stdlib-lm-xs, stdlib-lm-s, stdlib-lm-m), one after the other; with --zoo, the
+    zoo members (default: all of snnet.lm_family.STDLIB_LM_ZOO_ARCHS)."""
     out: str = str(family_dir())
     """Where each member's folder, family.json and MODEL_CARD.md go."""
     runs: str = "runs/lm_family"
@@ -59,16 +69,38 @@ class LMFamilyOptions:
     """Tokens of the byte-level BPE tokenizer trained on the training files."""
     eval_blocks: int = 200
     """Held-out blocks every member is measured on (the first N of the held-out files)."""
+    zoo_out: str = "runs/lm_zoo"
+    """Where --zoo writes each zoo member's folder and zoo.json (results only: the zoo is not shipped)."""
+    demo_blocks: int = LMDemoOptions().eval_blocks
+    """--zoo also measures every member on the first N held-out blocks, the ones snnet demo --lm measures
+    its stitches on, so the two results compare at equal text."""
     threads: int = 1
     """torch threads."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
-        unknown = [m for m in self.models if m not in STDLIB_LM_ARCHS]
+        unknown = [m for m in self.models if m not in STDLIB_LM_ARCHS and m not in STDLIB_LM_ZOO_ARCHS]
         if unknown:
-            raise snnet.SnnetError(f"unknown member(s) {', '.join(unknown)}; the family is {', '.join(STDLIB_LM_ARCHS)}")
-        if self.eval_blocks < 1:
-            raise snnet.SnnetError(f"family.eval_blocks must be >= 1, got {self.eval_blocks}")
+            raise snnet.SnnetError(f"unknown member(s) {', '.join(unknown)}; the family is {', '.join(STDLIB_LM_ARCHS)}, "
+                                   f"the zoo (--zoo) {', '.join(STDLIB_LM_ZOO_ARCHS)}")
+        if self.eval_blocks < 1 or self.demo_blocks < 1:
+            raise snnet.SnnetError(f"family.eval_blocks and family.demo_blocks must be >= 1, got {self.eval_blocks}, "
+                                   f"{self.demo_blocks}")
+
+    def members(self, zoo: bool) -> tuple[str, ...]:
+        """The members this run trains: the family's, or with ``zoo`` the zoo's (never a mix: they go to
+        different places)."""
+        if not zoo:
+            wrong = [m for m in self.models if m not in STDLIB_LM_ARCHS]
+            if wrong:
+                raise snnet.SnnetError(f"{', '.join(wrong)} belong(s) to the zoo: add --zoo")
+            return self.models
+        if self.models == tuple(STDLIB_LM_ARCHS):
+            return tuple(STDLIB_LM_ZOO_ARCHS)
+        wrong = [m for m in self.models if m not in STDLIB_LM_ZOO_ARCHS]
+        if wrong:
+            raise snnet.SnnetError(f"--zoo trains the zoo ({', '.join(STDLIB_LM_ZOO_ARCHS)}), not {', '.join(wrong)}")
+        return self.models
 
 
 def _fmt(v: float) -> str:
@@ -188,7 +220,9 @@ def corpus_record(root: Path, files: list[Path], train: list[Path], held: list[P
 def main(argv: list[str] | None = None) -> None:
     parsed = parse(sys.argv[1:] if argv is None else argv, "train_lm_family.py", extra={"family": LMFamilyOptions},
                    default_recipe="stdlib-lm",
-                   flags={"--card-only": "Only regenerate MODEL_CARD.md from family.json."},
+                   flags={"--card-only": "Only regenerate MODEL_CARD.md from family.json.",
+                          "--zoo": "Train the LM zoo instead (same recipe, data and steps; snnet.lm_family."
+                                   "STDLIB_LM_ZOO_ARCHS) into --family.zoo_out and write zoo.json there."},
                    description=__doc__.split("\n\n")[0])
     config, options = parsed.config, parsed.extra["family"]
     if parsed.flags["--print-config"]:
@@ -196,7 +230,11 @@ def main(argv: list[str] | None = None) -> None:
 
         print(dump_yaml(config, {"family": options}), end="")
         return
-    out = Path(options.out)
+    zoo = parsed.flags["--zoo"]
+    if zoo and parsed.flags["--card-only"]:
+        raise snnet.SnnetError("the zoo has no model card (it is not shipped): --card-only is for the family")
+    models = options.members(zoo)
+    out = Path(options.zoo_out if zoo else options.out)
     out.mkdir(parents=True, exist_ok=True)
     if parsed.flags["--card-only"]:
         write_model_card(update_json(out / "family.json", lambda f: f), out)
@@ -218,12 +256,57 @@ def main(argv: list[str] | None = None) -> None:
     print(f"corpus {shared['corpus']['fingerprint']}: {len(train_files)} training files, {len(held)} held out; "
           f"tokenizer {shared['tokenizer']['fingerprint']} ({len(tokenizer)} tokens)", flush=True)
     run = {"command": command_line(), "threads": options.threads}
-    for name in options.models:
+    if zoo:
+        demo_blocks = token_blocks(held, tokenizer, config.data.block_size, max_blocks=options.demo_blocks)
+        shared.update(demo_blocks=len(demo_blocks), demo_tokens=demo_blocks.tokens,
+                      demo_bytes=int(demo_blocks.byte_counts.sum()))
+    for name in models:
         member = config.override(out_dir=str(Path(options.runs) / name))
         row = train_lm_member(name, tokenizer, member, out, eval_blocks)
         # written after every model so an interrupted run keeps what it finished
-        update_family(out, name, dict(row, **run), config, dict(shared, threads=options.threads))
+        if zoo:
+            update_zoo(out, name, dict(row, **run, held_out_demo=measure(out / name, demo_blocks)), config, shared,
+                       demo_blocks)
+        else:
+            update_family(out, name, dict(row, **run), config, dict(shared, threads=options.threads))
     print(f"done -> {out}", flush=True)
+
+
+def measure(folder: Path, blocks: Any) -> dict[str, Any]:
+    """A saved member's held-out figures on ``blocks``, reloaded through ``from_pretrained`` as users load it."""
+    from transformers import AutoModelForCausalLM
+
+    return {k: round(v, 4) if isinstance(v, float) else v
+            for k, v in score_lm(AutoModelForCausalLM.from_pretrained(str(folder)), blocks).items()}
+
+
+def update_zoo(out: Path, name: str, result: dict[str, Any], config: Any, shared: dict[str, Any],
+               demo_blocks: Any) -> None:
+    """Record one zoo member in zoo.json, keeping the others trained with the same recipe, text and tokenizer.
+
+    The shipped family's members are measured on the same blocks and listed beside them (``family``
+    rows, their training figures from family.json): they are the zoo's members at xs, s and m."""
+    recipe = result_settings(config)
+    same = {"recipe": recipe, "corpus": shared["corpus"], "tokenizer": shared["tokenizer"]}
+    family = json.loads((family_dir() / "family.json").read_text())
+
+    def add(zoo_file: dict[str, Any]) -> dict[str, Any]:
+        if any(zoo_file.get(k) != v for k, v in same.items()):
+            zoo_file = {}
+        zoo_file.update(same, **{k: v for k, v in shared.items() if k not in same}, torch=torch.__version__)
+        models = dict(zoo_file.get("models", {}), **{name: dict(result, source="zoo")})
+        # the shipped members, trained the same way: the same text and tokenizer, and every setting family.json
+        # records equal (settings added to snnet since then are absent there and left at their defaults)
+        if (family.get("corpus"), family.get("tokenizer")) == (same["corpus"], same["tokenizer"]) and all(
+                recipe.get(k) == v for k, v in family.get("recipe", {}).items()):
+            for member, row in family["models"].items():
+                if member not in models:
+                    folder = family_dir() / member
+                    models[member] = dict(row, source="family", held_out_demo=measure(folder, demo_blocks))
+        zoo_file["models"] = dict(sorted(models.items(), key=lambda kv: kv[1]["flops"]))
+        return zoo_file
+
+    update_json(out / "zoo.json", add)
 
 
 def update_family(out: Path, name: str, result: dict[str, Any], config: Any, shared: dict[str, Any]) -> None:

@@ -50,7 +50,7 @@ def stitches(
     pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="KLAS: download timm weights (default: only snnet's shipped fmnist family loads its weights).")] = None,
     weights: Annotated[Optional[str], typer.Option(help="KLAS: comma-separated local weight files, one per anchor.")] = None,
     seed: Annotated[int, typer.Option(help="KLAS: seed of the calibration images' order.")] = 0,
-    context: Annotated[Optional[int], typer.Option("--context", min=1, help="Language models: the context length (tokens) at which FLOPs per generated token are counted (default 1024).")] = None,
+    context: Annotated[Optional[int], typer.Option("--context", min=1, help="Language models: the context length (tokens) at which FLOPs per generated token are counted (default 1024, or the anchors' positions if fewer: 256 for stdlib-lm; more than they know is refused).")] = None,
 ) -> None:
     """List the stitch space with params and FLOPs of every stitch (random init, no weights needed).
 

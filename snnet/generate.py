@@ -31,7 +31,10 @@ class GenerationOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # stop once the continuation contains one of these strings
-    seed: int | None = None  # sampling seed (the caller's global RNG state is left untouched)
+    seed: int | None = None
+    """Sampling seed: the same seed repeats a sample and leaves the caller's global RNG state untouched. Without
+    one, sampling draws from torch's global RNG and advances it, as transformers' ``generate`` does: every call
+    gives a new sample, and ``torch.manual_seed`` (or transformers' ``set_seed``) before a call repeats it."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -115,10 +118,12 @@ def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, sin
     net.eval()
     t0 = time.perf_counter()
     try:
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-            if options.seed is not None:
-                torch.manual_seed(options.seed)
+        if options.seed is None:  # the global RNG, advanced: a new sample per call (forking it repeated one)
             out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        else:
+            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+                torch.manual_seed(options.seed)
+                out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     finally:
         net.train(was_training)
     seconds = time.perf_counter() - t0

@@ -34,8 +34,8 @@ from .errors import SnnetError
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-__all__ = ["CONTEXT", "EOS", "LMArch", "LogitsOnly", "STDLIB_LM", "STDLIB_LM_ARCHS", "VOCAB_SIZE", "family_dir",
-           "llama_config", "member_dir", "save_member", "score_lm", "train_lm_member", "train_tokenizer", "tokenizer_fingerprint"]
+__all__ = ["CONTEXT", "EOS", "LMArch", "LogitsOnly", "STDLIB_LM", "STDLIB_LM_ARCHS", "STDLIB_LM_ZOO_ARCHS", "VOCAB_SIZE",
+           "family_dir", "llama_config", "lm_arch", "member_dir", "save_member", "score_lm", "train_lm_member", "train_tokenizer", "tokenizer_fingerprint"]
 
 STDLIB_LM = "stdlib-lm"  # the family's name (snnet/data_files/lm/families.json)
 VOCAB_SIZE = 2048  # byte-level BPE: 256 bytes, one special token, 1,791 merges
@@ -62,6 +62,30 @@ STDLIB_LM_ARCHS: dict[str, LMArch] = {
     "stdlib-lm-s": LMArch(48, 4, 3, 128),
     "stdlib-lm-m": LMArch(128, 4, 4, 352),
 }
+
+# The LM zoo (issue 21 item 8): members of the same design trained alone with the same recipe, data and steps
+# (scripts/train_lm_family.py --zoo), at widths whose FLOPs per token fall between and around the stitched
+# networks' (w32 and w40 between xs and s; w64, w80, w96 and w112 between s and m, w64 in the frontier's widest
+# hole; w160 beyond m). MLP 8/3 of the width rounded up to 16 as in the family; heads of 16 or 20 wide (32 for w96
+# and w160, as m). They are measured, not shipped: their weights stay in the run's folder (runs/lm_zoo).
+STDLIB_LM_ZOO_ARCHS: dict[str, LMArch] = {
+    "stdlib-lm-w32": LMArch(32, 4, 2, 96),
+    "stdlib-lm-w40": LMArch(40, 4, 2, 112),
+    "stdlib-lm-w64": LMArch(64, 4, 4, 176),
+    "stdlib-lm-w80": LMArch(80, 4, 5, 224),
+    "stdlib-lm-w96": LMArch(96, 4, 3, 256),
+    "stdlib-lm-w112": LMArch(112, 4, 7, 304),
+    "stdlib-lm-w160": LMArch(160, 4, 5, 432),
+}
+
+
+def lm_arch(name: str) -> LMArch:
+    """The shape of a family or zoo member, by name."""
+    arch = STDLIB_LM_ARCHS.get(name) or STDLIB_LM_ZOO_ARCHS.get(name)
+    if arch is None:
+        raise SnnetError(f"unknown stdlib-lm member {name!r}; the family is {', '.join(STDLIB_LM_ARCHS)}, "
+                         f"the zoo {', '.join(STDLIB_LM_ZOO_ARCHS)}")
+    return arch
 
 
 def family_dir() -> Path:
@@ -219,7 +243,7 @@ def train_lm_member(name: str, tokenizer: Any, config: "TrainConfig", out: str |
 
     if config.task != "causal-lm":
         raise SnnetError(f"the stdlib-lm family trains with task causal-lm, not {config.task!r}")
-    arch = STDLIB_LM_ARCHS[name]
+    arch = lm_arch(name)
     torch.manual_seed(config.run.seed)  # the same init stream for every member
     model = LlamaForCausalLM(llama_config(arch, tokenizer, config.data.block_size))
     net = LogitsOnly(model, tokenizer)

@@ -345,19 +345,22 @@ class FrontComparison:
     lo: float
     hi: float
     steps: tuple[FrontStep, ...]
-    mean: float  # ours - theirs, averaged over log(cost) on [lo, hi]
+    mean: float  # ours - theirs in y's units, averaged over log(cost) on [lo, hi] (for bits per byte, < 0: ours better)
     worst: FrontStep  # where ours trails most (or leads least)
     best: FrontStep  # where ours leads most (or trails least)
-    ahead: float  # share of the log-cost range where ours is more accurate
+    ahead: float  # share of the log-cost range where ours is better (more accurate; lower bits per byte)
     se: float | None  # binomial standard error of one accuracy on the frontiers (largest), if rows say their images
 
     def describe(self, ours: str = "ours", theirs: str = "theirs") -> str:
         """The comparison in plain words."""
+        unit, digits = ("points", 2) if self.y not in LOWER_IS_BETTER else (self.y, 4)
+
         def at(step: FrontStep) -> str:
             where = human(step.start) if step.end == step.start else f"{human(step.start)}-{human(step.end)}"
-            return f"{step.diff:+.2f} points at {where} {self.x} ({step.ours} {step.ours_y:.2f} vs {step.theirs} {step.theirs_y:.2f})"
+            return (f"{step.diff:+.{digits}f} {unit} at {where} {self.x} ({step.ours} {step.ours_y:.{digits}f} vs "
+                    f"{step.theirs} {step.theirs_y:.{digits}f})")
         lines = [f"{ours} vs {theirs}, best {self.y} at matched {self.x}, over {human(self.lo)}-{human(self.hi)}:",
-                 f"  mean {self.mean:+.2f} points (averaged over log {self.x}); {ours} ahead on {self.ahead:.0%} of the range",
+                 f"  mean {self.mean:+.{digits}f} {unit} (averaged over log {self.x}); {ours} ahead on {self.ahead:.0%} of the range",
                  f"  worst {at(self.worst)}",
                  f"  best  {at(self.best)}"]
         if self.se is not None:
@@ -386,7 +389,9 @@ def compare_fronts(ours: Iterable[Any], theirs: Iterable[Any], x: str = "flops",
     weighs each piece by its length in log(cost), so every factor of cost counts alike however
     densely either side samples it; the worst and best are over the pieces and the point ``hi``.
     ``lo``/``hi`` default to the range of ``ours``; ``lo`` is raised to the cheapest row of
-    ``theirs`` if that is dearer (below it they have nothing to compare with).
+    ``theirs`` if that is dearer (below it they have nothing to compare with). Differences are in
+    ``y``'s units; for a lower-is-better ``y`` (bits per byte, perplexity) "worst", "best" and
+    "ahead" follow that orientation, and there is no binomial standard error (``se`` None).
 
     Rows are mappings or result objects with ``name``, ``x``, ``y`` and, for the standard error,
     ``images`` (the number of images the accuracy was measured on).
@@ -414,11 +419,12 @@ def compare_fronts(ours: Iterable[Any], theirs: Iterable[Any], x: str = "flops",
         used += [r for r in (o, t) if r.get("images")]
     span = math.log(hi / lo)
     weights = [math.log(s.end / s.start) / span for s in steps] if span > 0 else [0.0] * (len(steps) - 1) + [1.0]
-    se = max((binomial_se(r[y], int(r["images"])) for r in used), default=None)
+    gain = lambda s: better(y, s.diff)  # noqa: E731  ours' advantage, higher is better
+    se = None if y in LOWER_IS_BETTER else max((binomial_se(r[y], int(r["images"])) for r in used), default=None)
     return FrontComparison(
         x, y, lo, hi, tuple(steps), mean=sum(w * s.diff for w, s in zip(weights, steps)),
-        worst=min(steps, key=lambda s: s.diff), best=max(steps, key=lambda s: s.diff),
-        ahead=sum(w for w, s in zip(weights, steps) if s.diff > 0), se=se)
+        worst=min(steps, key=gain), best=max(steps, key=gain),
+        ahead=sum(w for w, s in zip(weights, steps) if gain(s) > 0), se=se)
 
 
 # ---------------------------------------------------------------------------------- files

@@ -368,8 +368,9 @@ class CausalLM:
         if self.vocab_size is not None and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
             raise DatasetError(f"token id {int(ids.max())} is outside the network's {self.vocab_size}-token vocabulary: "
                                "the text was tokenised with another tokenizer")
-        limits = [getattr(getattr(p, "config", None), "max_position_embeddings", None) for p in getattr(net, "anchors", ())]
-        known = [m for m in limits if isinstance(m, int)]
+        from .families.causal_lm import max_positions
+
+        known = [m for m in (max_positions(getattr(p, "config", None)) for p in getattr(net, "anchors", ())) if m is not None]
         if known and len(ids) - 1 > min(known):
             raise DatasetError(f"blocks of {len(ids) - 1} tokens are longer than the {min(known)} positions an anchor "
                                f"knows: lower --data.block_size to at most {min(known)}")

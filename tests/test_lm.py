@@ -112,6 +112,20 @@ def test_cli_errors_are_one_line(capsys):
     assert "--context" in capsys.readouterr().err
 
 
+def test_default_context_is_capped_at_the_anchors_positions(capsys):
+    """stdlib-lm knows 256 positions: its costs are stated at 256 by default, and a longer context is refused
+    (no route could run it) with one line saying what to pass."""
+    from snnet.cli import main
+
+    main(["stitches", "--anchors", "stdlib-lm"])
+    assert "at a 256-token context" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["stitches", "--anchors", "stdlib-lm", "--context", "1024"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "256 positions" in err and "--context 256" in err and "Traceback" not in err
+    assert lm.create_stitched_lm("pythia-70m,pythia-160m", device="meta").context == 1024  # 2,048 positions: the default
+
+
 # ------------------------------------------------------------------ the space and its costs
 
 
@@ -186,6 +200,13 @@ def test_generation_options(nets):
     opts = lm.GenerationOptions(max_new_tokens=5, temperature=0.9, top_p=0.8, seed=3)
     one, two = (lm.generate(net, ["def add", "class Point"], options=opts) for _ in range(2))
     assert [g.tokens for g in one] == [g.tokens for g in two]  # a seed repeats a sample
+    # without a seed, sampling draws from (and advances) torch's global RNG, as transformers' generate does:
+    # two calls differ, and torch.manual_seed before a call repeats it
+    hot = lm.GenerationOptions(max_new_tokens=8, temperature=5.0)
+    torch.manual_seed(11)
+    first, second = (lm.generate(net, "def add", options=hot).tokens for _ in range(2))
+    torch.manual_seed(11)
+    assert first != second and lm.generate(net, "def add", options=hot).tokens == first
     assert all(len(g.tokens) <= 5 for g in one)
     greedy = lm.generate(net, "class", options=lm.GenerationOptions(max_new_tokens=8))
     stop = greedy.text[1:3] if len(greedy.text) > 3 else None

@@ -59,6 +59,19 @@ def test_range_mean_is_over_log_cost_and_sides_are_antisymmetric() -> None:
     assert single.mean == pytest.approx(1) and len(single.steps) == 1
 
 
+def test_lower_is_better_metrics_keep_their_orientation() -> None:
+    """Bits per byte (lower is better): the same fronts as top-1 = 100 - bpb give the same pieces, with
+    the differences in bits per byte (so of the opposite sign), the same worst and best pieces and share ahead."""
+    bpb = lambda rows: [{"name": r["name"], "flops": r["flops"], "bpb": 100 - r["acc1"], "images": r["images"]}  # noqa: E731
+                        for r in rows]
+    acc, low = compare_fronts(OURS, THEIRS), compare_fronts(bpb(OURS), bpb(THEIRS), y="bpb")
+    assert [(s.ours, s.theirs, s.diff) for s in low.steps] == [(s.ours, s.theirs, -s.diff) for s in acc.steps]
+    assert low.mean == pytest.approx(-acc.mean) and low.ahead == pytest.approx(acc.ahead)
+    assert (low.worst.start, low.worst.diff) == (2, 3) and (low.best.start, low.best.diff) == (4, -1)
+    assert low.se is None  # a binomial error is an accuracy's, not a bits-per-byte figure's
+    assert "mean +0.7500 bpb" in low.describe("stitches", "zoo")
+
+
 def test_theirs_starting_dearer_raises_lo_and_dominated_rows_change_nothing() -> None:
     c = compare_fronts(OURS, THEIRS[1:])  # theirs' cheapest is now Q at 2
     assert c.lo == 2 and c.steps[0].theirs == "Q"

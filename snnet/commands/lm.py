@@ -19,8 +19,9 @@ _IMAGE_DEFAULT = "fashion-mnist"
 def lm_space(names: list[str], img_size: int | None, select: str | None, context: int | None,
              space: dict[str, Any]) -> Any:
     """The stitch space of language-model anchors, built on the meta device (no weights, no download
-    for the families snnet ships configs of), priced per generated token at ``context`` tokens."""
-    from ..families.causal_lm import DEFAULT_CONTEXT, create_stitched_lm
+    for the families snnet ships configs of), priced per generated token at ``context`` tokens (default: 1024 or
+    the fewest positions an anchor knows, if fewer; a longer context is refused)."""
+    from ..families.causal_lm import create_stitched_lm
 
     if img_size is not None:
         raise SnnetError("--img-size is for image models; a language model's FLOPs are per generated token at a "
@@ -28,7 +29,7 @@ def lm_space(names: list[str], img_size: int | None, select: str | None, context
     if select is not None:
         raise SnnetError("--select klas scores image models on calibration images; list a language model's whole "
                          "space without it")
-    return create_stitched_lm(names, device="meta", context=context or DEFAULT_CONTEXT, **space)
+    return create_stitched_lm(names, device="meta", context=context, **space)
 
 
 def is_lm_folder(path: Path | None) -> bool:

@@ -28,7 +28,8 @@ transformers attention module indexes the cache by its own ``layer_idx``, so lay
 anchors must not share a slot. A cache belongs to the route that filled it; the stitch can
 change between requests (a new cache each), not in the middle of one.
 
-Costs are per generated token at a stated context length (:data:`DEFAULT_CONTEXT`): the
+Costs are per generated token at a stated context length (:data:`DEFAULT_CONTEXT`, capped at the
+fewest positions an anchor knows: :func:`stated_context`): the
 multiply-accumulates of decoding one token at position ``context - 1`` over a KV cache of the
 ``context - 1`` tokens before it (``docs/language-models.md`` lists exactly what is counted).
 """
@@ -56,7 +57,8 @@ from ..space import AnchorInfo, Segment, SpaceConfig, Stitch
 from .lm_catalog import LMSpec, check_token_ids, check_tokenizers, load_model, load_tokenizer, resolve_lm
 
 __all__ = ["DEFAULT_CONTEXT", "LMAdapter", "LMContext", "LMParts", "RouteCache", "Step", "StitchedLM",
-           "create_stitched_lm", "expand_lm_anchors", "lm_network_from_config", "lm_part_costs", "split_lm"]
+           "create_stitched_lm", "expand_lm_anchors", "lm_network_from_config", "lm_part_costs", "max_positions", "split_lm",
+           "stated_context"]
 
 # Context length at which FLOPs per generated token are stated unless asked otherwise: every
 # shipped family handles it (GPT-2's 1024 positions are the fewest).
@@ -359,6 +361,25 @@ def _eager_attention(configs: Iterable[Any]) -> Iterator[None]:
 
 
 @torch.no_grad()
+def max_positions(config: Any) -> int | None:
+    """The positions a model's config says it knows (``max_position_embeddings``, GPT-2's ``n_positions``), if any."""
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def stated_context(context: int | None, configs: Sequence[Any], labels: Sequence[str]) -> int:
+    """The context length costs are stated at: ``context``, or by default :data:`DEFAULT_CONTEXT` capped at the
+    fewest positions any anchor knows. A context longer than that is refused: no route could run it."""
+    limits = [(n, lab) for n, lab in zip((max_positions(c) for c in configs), labels) if n is not None]
+    limit, who = min(limits) if limits else (None, "")
+    if context is None:
+        return min(DEFAULT_CONTEXT, limit) if limit is not None else DEFAULT_CONTEXT
+    if limit is not None and context > limit:
+        raise ConfigError(f"a {context}-token context is longer than the {limit} positions {who} knows: use at most "
+                          f"{limit} tokens (--context {limit}; in training, lower --data.block_size to at most {limit})")
+    return int(context)
+
+
 def lm_part_costs(config: Any, context: int) -> tuple[PartCosts, int]:
     """MACs per generated token at ``context`` and params of an anchor's parts, and its tied params.
 
@@ -422,7 +443,7 @@ class StitchedLM(StitchedBase):
         *,
         config: SpaceConfig = SpaceConfig(),
         specs: Sequence[LMSpec | None] | None = None,
-        context: int = DEFAULT_CONTEXT,
+        context: int | None = None,
         vocab_size: int | None = None,
         tokenizer: Any = None,
         lora_rank: int = 0,
@@ -435,7 +456,7 @@ class StitchedLM(StitchedBase):
             raise NotStitchableError(f"two anchors have the same name in {list(labels)}; give each a distinct label")
         check_token_ids([p.config for p in anchors], labels)
         specs = list(specs) if specs is not None else [None] * len(anchors)
-        self.context = int(context)
+        self.context = stated_context(context, [p.config for p in anchors], labels)
         costs = [lm_part_costs(p.config, self.context) for p in anchors]
         # anchors in order of cost: stitches go from the cheaper to the dearer neighbour
         order = sorted(range(len(anchors)), key=lambda k: (costs[k][0].total[0], costs[k][0].total[1]))
@@ -675,7 +696,7 @@ def create_stitched_lm(
     device: str | torch.device | None = None,
     dtype: Any = None,
     labels: Sequence[str] | None = None,
-    context: int = DEFAULT_CONTEXT,
+    context: int | None = None,
     tokenizer: Any = None,
     load_tokenizers: bool = False,
     kernel_size: int = 2,

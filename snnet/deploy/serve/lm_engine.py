@@ -99,8 +99,9 @@ def is_lm_folder(folder: str | Path) -> bool:
 
 def max_context(net: Any) -> int:
     """Tokens (prompt + output) every route can attend over: the fewest positions of any anchor."""
-    limits = [getattr(p.config, "max_position_embeddings", None) or getattr(p.config, "n_positions", None) for p in net.anchors]
-    known = [int(n) for n in limits if n]
+    from ...families.causal_lm import max_positions
+
+    known = [n for n in (max_positions(p.config) for p in net.anchors) if n is not None]
     return min(known) if known else int(net.context)
 
 
