@@ -57,8 +57,8 @@ class Member:
 
 def _zoo_row(name: str, flops: int, params: int, m: dict[str, Any], family: str) -> StitchResult:
     return StitchResult(None, name, int(flops), int(params), m["acc1"], math.nan, m["loss"], int(m["tokens"]), False,
-                        kind="zoo", extra={"source": "trained alone", "family": family, "bpb": m["bpb"],
-                                           "ppl": m["ppl"], "tokens": m["tokens"], "bytes": m["bytes"]})
+                        kind="zoo", ppl=m["ppl"], bpb=m["bpb"],
+                        extra={"source": "trained alone", "family": family, "tokens": m["tokens"], "bytes": m["bytes"]})
 
 
 def load_members(path: Path, anchors: set[str], pretrain_tokens: float | None) -> list[Member]:

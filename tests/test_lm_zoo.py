@@ -34,7 +34,7 @@ def _script():
 
 
 def _row(name: str, flops: int, bpb: float) -> StitchResult:
-    return StitchResult(0, name, flops, 1, 0.0, 0.0, 0.0, 1, False, extra={"bpb": bpb})
+    return StitchResult(0, name, flops, 1, 0.0, 0.0, 0.0, 1, False, bpb=bpb)
 
 
 def test_zoo_members_are_the_family_design_at_other_widths() -> None:
