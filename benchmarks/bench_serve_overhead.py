@@ -18,6 +18,10 @@ Fashion-MNIST PNGs (multipart), it measures in one run:
 Beside the rates it reports the CPU time per image of the server process, the model process, the
 load generator and the model alone (from /proc): on a shared machine the rates move with
 everyone else's load, and the CPU times say which process limits the server when each has a core.
+From them it prints a bound: the highest ratio those CPU times allow on an idle machine (server and
+model process each on at most one core, the three processes within the machine's cores, against
+the model alone's CPU time per image); a ratio near its bound is limited by what each process
+spends per image, not by the processes waiting for one another.
 
 The load generator is :mod:`snnet.deploy.loadgen` (lean: raw HTTP/1.1 on keep-alive connections, uvloop), so
 that the client takes as little as possible of the CPU the server and model share.
@@ -68,6 +72,16 @@ def model_only(net: Any, stitch: int, batch: int, seconds: float) -> tuple[float
             net(x).float().softmax(-1).numpy()
             times.append(time.perf_counter() - t0)
     return batch * len(times) / sum(times), statistics.median(times) * 1e3
+
+
+def cpu_bound(cpu: dict[str, float], cpus: int) -> float:
+    """The most server / model-only ratio these CPU times allow on an otherwise idle machine: the
+    model alone runs an image in ``model_only_us_per_image`` of one core, while the server needs
+    the server process and the model process each on at most one core and the three processes
+    (client included) within the machine's ``cpus``. A measured ratio near this bound is limited by
+    what each process spends per image, not by waiting for one another or for the machine."""
+    server, model, client = cpu["server_us_per_image"], cpu["model_process_us_per_image"], cpu["client_us_per_image"]
+    return cpu["model_only_us_per_image"] / max(server, model, (server + model + client) / cpus, 1e-9)
 
 
 def server(model: str, results: str, max_batch: int, stitch: int) -> ServerProcess:
@@ -218,14 +232,16 @@ def main() -> None:
                        "model_process_us_per_image": round((cpu1[1] - cpu0[1]) / n * 1e6, 1),
                        "client_us_per_image": round((cpu1[2] - cpu0[2]) / n * 1e6, 1),
                        "model_only_us_per_image": round(model_cpu * 1e6, 1)}
+                bound = cpu_bound(cpu, os.cpu_count() or 1)  # a ratio
                 row = {"stitch": anchor.name, "images_per_request": size, "model_img_s": round(model, 1),
                        "model_img_s_before_after": [round(before, 1), round(after, 1)], "server_img_s": round(served, 1),
                        "ratio": round(served / model, 3), "requests": len(results), "non_200": len(results) - len(ok),
                        "server_p50_ms": round(statistics.median(r.ms for r in ok), 3) if ok else math.nan,
-                       "clients": args.clients, "load_average": round(os.getloadavg()[0], 2), "cpu": cpu}
+                       "clients": args.clients, "load_average": round(os.getloadavg()[0], 2), "cpu": cpu,
+                       "cpu_bound_ratio": round(bound, 3)}
                 rows_out.append(row)
                 print(f"{anchor.name:>14} x{size:<3} model only {model:8.0f} img/s ({before:.0f} before, {after:.0f} after)   "
-                      f"server {served:8.0f} img/s   ratio {served / model:.3f}   ({len(results) - len(ok)} not 200; "
+                      f"server {served:8.0f} img/s   ratio {served / model:.3f} (bound by CPU times {bound:.2f})   ({len(results) - len(ok)} not 200; "
                       f"load {row['load_average']})")
 
     # one image: the server's p50 minus the model's, against a bare endpoint that only decodes
@@ -257,9 +273,10 @@ def main() -> None:
     load.append(os.getloadavg()[0])
     print(f"load average {load[0]:.2f} before, {load[1]:.2f} after")
 
-    lines = ["| stitch | images per request | model only (img/s) | server (img/s) | server / model | CPU µs per image: server process / "
-             "model process / client / model alone |", "|---|---|---|---|---|---|"]
+    lines = ["| stitch | images per request | model only (img/s) | server (img/s) | server / model | bound by CPU times | "
+             "CPU µs per image: server process / model process / client / model alone |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['stitch']} | {r['images_per_request']} | {r['model_img_s']:.0f} | {r['server_img_s']:.0f} | {r['ratio']:.2f} | "
+              f"{r['cpu_bound_ratio']:.2f} | "
               f"{r['cpu']['server_us_per_image']:.0f} / {r['cpu']['model_process_us_per_image']:.0f} / {r['cpu']['client_us_per_image']:.0f}"
               f" / {r['cpu']['model_only_us_per_image']:.0f} |" for r in rows_out]
     lines += ["", "| images per request | decoding and normalising, alone (CPU µs per image) | multipart parsing, alone (CPU µs per image) |",

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import selectors
 import shutil
 import signal
 import socket
@@ -125,6 +126,7 @@ class _Engine:
     recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=4000))  # (finished, end-to-end ms)
     batches: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)  # the policy: the batching loop and control share it
+    selector: selectors.BaseSelector | None = None  # what the batching loop waits on (set by serve)
 
     # ------------------------------------------------------------------ start
     @classmethod
@@ -201,6 +203,10 @@ class _Engine:
         wake_r, wake_w = os.pipe()
         arrivals: deque[_Front] = deque()
         threading.Thread(target=self._accept, args=(listener, arrivals, wake_w), daemon=True, name="snnet-accept").start()
+        # one poll set for the life of the loop: multiprocessing's wait() builds and fills one at every call
+        sel = self.selector = selectors.DefaultSelector()
+        sel.register(owner, selectors.EVENT_READ, owner)
+        sel.register(wake_r, selectors.EVENT_READ, wake_r)
         closing = False
         c = self.config
         while True:
@@ -212,8 +218,8 @@ class _Engine:
                 timeout = max(0.0, self.jobs[0].arrived + c.max_wait_ms / 1e3 - time.perf_counter())
             else:
                 timeout = 0.0
-            ready = wait([owner, wake_r, *(f.conn for f in self.fronts)], timeout)
-            for obj in ready:
+            for key, _ in sel.select(timeout):
+                obj = key.data
                 if obj is owner:
                     try:
                         msg = owner.recv()
@@ -223,9 +229,11 @@ class _Engine:
                 elif obj == wake_r:
                     os.read(wake_r, 4096)
                     while arrivals:
-                        self.fronts.append(arrivals.popleft())
+                        front = arrivals.popleft()
+                        self.fronts.append(front)
+                        sel.register(front.conn, selectors.EVENT_READ, front)
                 else:
-                    self._read(next(f for f in self.fronts if f.conn is obj))
+                    self._read(obj)
             queued = sum(j.images for j in self.jobs)
             waited = (time.perf_counter() - self.jobs[0].arrived) * 1e3 if self.jobs else 0.0
             if self.jobs and (queued >= c.max_batch or waited >= c.max_wait_ms or closing):
@@ -276,6 +284,8 @@ class _Engine:
                         self.policy.observe_arrival(images, arrived)
         except (EOFError, OSError):  # that server process is gone: its requests have nobody to answer
             self.jobs = deque(j for j in self.jobs if j.front is not front)
+            if self.selector is not None:
+                self.selector.unregister(front.conn)
             front.conn.close()
             self.fronts.remove(front)
 
