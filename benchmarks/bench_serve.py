@@ -77,10 +77,20 @@ def prepare(args: argparse.Namespace, folder: Path) -> tuple[str, dict[int, floa
     from snnet.results import network_rows, read_rows
 
     if args.scale == "fmnist":
-        from snnet.commands.deploy import _load
+        from snnet.commands.options import DEFAULT_ANCHORS, split_names
+        from snnet.model import space_options
+        from snnet.recipes import recipe_config
 
-        net = _load(None, trained=False) if args.model is None else StitchedNet.from_pretrained(args.model)
-        acc = {int(r.id): float(r.acc1) for r in network_rows(read_rows(args.top1)) if r.acc1 is not None}  # type: ignore[arg-type]
+        # the demo's network (its recipe's stitch space: SN-Net's stitches and the large->small routes), whose
+        # test top-1 per network docs/demo/results.json holds; random weights: latency does not depend on them
+        net = (create_snnet(split_names(DEFAULT_ANCHORS), **space_options(recipe_config("demo").space))
+               if args.model is None else StitchedNet.from_pretrained(args.model))
+        top1 = network_rows(read_rows(args.top1))
+        names = {s.id: s.name for s in net.space}
+        if any(names.get(r.id) != r.name for r in top1):
+            raise SystemExit(f"{args.top1} holds other networks than these ({len(top1)} there, {len(net.space)} here): "
+                             "give --top1 the results of this network (snnet eval)")
+        acc = {int(r.id): float(r.acc1) for r in top1 if r.acc1 is not None}  # type: ignore[arg-type]
         images = loadgen.fmnist_pngs(512)
     else:
         net = create_snnet(DEIT, pretrained=False) if args.model is None else StitchedNet.from_pretrained(args.model)
