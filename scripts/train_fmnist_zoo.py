@@ -119,15 +119,26 @@ def _pct(v: float | None) -> str:
 
 
 def show(path: Path) -> str:
-    """The zoo file as a table."""
+    """The zoo file as a table; with validation curves, each one's best epoch and its last three epochs too
+    (whether the member had stopped rising)."""
     zoo = json.loads(path.read_text())
     rows = [{"name": m["name"], "arch": "w{embed_dim} h{num_heads} d{depth} p{patch_size}".format(**m["arch"]),
              "params": human(m["params"]), "flops": human(m["flops"]), "val": f"{m['val_acc1']:.2f}",
-             "test": _pct(m["test_acc1"]), "sec": f"{m['seconds']:.0f}", "img": human(m["image_steps"])}
+             "test": _pct(m["test_acc1"]), "sec": f"{m['seconds']:.0f}", "img": human(m["image_steps"]),
+             **_curve_end(m.get("val_curve") or [])}
             for m in zoo["models"]]
+    curves = [("best", "best val (epoch)"), ("end", "last 3 epochs")] if any(m.get("val_curve") for m in zoo["models"]) else []
     return table(rows, [("name", "model"), ("arch", "arch"), ("params", "params"), ("flops", "FLOPs"),
-                        ("val", "val top-1 %"), ("test", "test top-1 %"), ("sec", "train s"),
+                        ("val", "val top-1 %"), ("test", "test top-1 %"), *curves, ("sec", "train s"),
                         ("img", "image-steps")])
+
+
+def _curve_end(curve: list[float]) -> dict[str, str]:
+    """A validation curve's best top-1 with its epoch (the first, on ties) and its last three epochs."""
+    if not curve:
+        return {"best": "-", "end": "-"}
+    best = max(range(len(curve)), key=lambda k: (curve[k], -k))
+    return {"best": f"{curve[best]:.2f} ({best + 1})", "end": " ".join(f"{a:.2f}" for a in curve[-3:])}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -60,8 +61,12 @@ def test_the_zoo_script_records_members_through_the_library(tmp_path, capsys):
     rows = json.loads(table.read_text())
     assert [m["name"] for m in rows["models"]] == [TINY.name] and rows["recipe"]["optim.lr"] == 0.002
     assert rows["models"][0]["val_curve"] and rows["split"]["train"] == 256
+    rows["models"][0]["val_curve"] = [50.0, 61.5, 61.5, 60.25]
+    table.write_text(json.dumps(rows))
     zoo.main(["--show", "--json", str(table)])
-    assert TINY.name in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # where the curve peaked (the first epoch of a tie) and how it ended
+    assert "best val (epoch)" in out and re.search(r"61\.50 \(2\) +61\.50 61\.50 60\.25", out)
     # a table of models trained otherwise is refused, not mixed
     with pytest.raises(snnet.SnnetError, match="trained with other settings"):
         zoo.main(["--models", TINY.name, "--epochs", "1", "--limit", "256", "--lr", "1e-3", "--json", str(table),
