@@ -46,6 +46,7 @@ from snnet.train import result_settings
 
 WEIGHTS = Path(snnet.__file__).parent / "weights"
 TRAIN_SPLIT = "train"  # the zoo never sees the validation images
+PER_MEMBER = ("schedule.epochs",)  # settings each row records for itself, not the zoo file's recipe
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,11 @@ def update_zoo(path: Path, row: dict[str, Any], config: TrainConfig, split: dict
 
     A zoo compares models trained alike: a file holding another recipe or split is refused, not overwritten.
     A setting the file's recipe does not hold (added to snnet after it was written) counts as its default.
+    The epochs are each member's own (:data:`PER_MEMBER`, in its row): trained until it stops improving,
+    a small member needs more than a large one.
     """
-    recipe = json.loads(json.dumps(result_settings(config)))  # as the file holds it (lists, not tuples)
+    settings = json.loads(json.dumps(result_settings(config)))  # as the file holds it (lists, not tuples)
+    recipe = {k: v for k, v in settings.items() if k not in PER_MEMBER}
 
     def add(zoo: dict[str, Any]) -> dict[str, Any]:
         changed = recipe_changes(zoo.get("recipe", recipe), recipe) if zoo else []
@@ -110,7 +114,7 @@ def recipe_changes(recorded: dict[str, Any], recipe: dict[str, Any]) -> list[str
     """The settings (by path) on which two recipes as zoo files record them differ; one missing from either
     side counts as the tree's default (a setting snnet did not have when the row was written)."""
     default = json.loads(json.dumps(result_settings(TrainConfig())))
-    return sorted(k for k in recorded.keys() | recipe.keys()
+    return sorted(k for k in (recorded.keys() | recipe.keys()) - set(PER_MEMBER)
                   if recorded.get(k, default.get(k)) != recipe.get(k, default.get(k)))
 
 

@@ -77,20 +77,25 @@ def test_the_zoo_script_records_members_through_the_library(tmp_path, capsys):
 def test_the_zoo_trains_with_the_converged_recipe_and_reads_files_older_than_a_setting(tmp_path):
     zoo = _script("train_fmnist_zoo")
     table = tmp_path / "zoo.json"
-    common = ["--epochs", "1", "--limit", "256", "--json", str(table), "--weights-dir", str(tmp_path / "w"),
-              "--threads", "1", "--run.progress", "false"]
-    zoo.main(["--recipe", "fmnist-converged", "--models", TINY.name, "--zoo.runs", str(tmp_path / "r1"), *common])
+    common = ["--limit", "256", "--json", str(table), "--weights-dir", str(tmp_path / "w"), "--threads", "1",
+              "--run.progress", "false"]
+    zoo.main(["--recipe", "fmnist-converged", "--epochs", "1", "--models", TINY.name, "--zoo.runs", str(tmp_path / "r1"),
+              *common])
     rows = json.loads(table.read_text())
     assert rows["recipe"]["data.augment"] is False and rows["recipe"]["data.crop_padding"] is None
     # a file written before data.crop_padding existed: the missing setting is its default, not a change
     rows["recipe"].pop("data.crop_padding")
     table.write_text(json.dumps(rows))
     other = FmnistVitSpec.parse("fmnist_vit_w8_d1_p14_h2")
-    zoo.main(["--recipe", "fmnist-converged", "--models", other.name, "--zoo.runs", str(tmp_path / "r2"), *common])
-    assert len(json.loads(table.read_text())["models"]) == 2
+    # each member at its own epochs (a small one needs more): recorded in its row, not the file's recipe
+    zoo.main(["--recipe", "fmnist-converged", "--epochs", "2", "--models", other.name, "--zoo.runs", str(tmp_path / "r2"),
+              *common])
+    rows = json.loads(table.read_text())
+    assert {m["name"]: m["epochs"] for m in rows["models"]} == {TINY.name: 1, other.name: 2}
+    assert "schedule.epochs" not in rows["recipe"]
     with pytest.raises(snnet.SnnetError, match=r"other settings \(data.augment, data.crop_padding\)"):
-        zoo.main(["--models", TINY.name, "--augment", "--data.crop_padding", "0", "--zoo.runs", str(tmp_path / "r3"),
-                  *common])
+        zoo.main(["--models", TINY.name, "--epochs", "1", "--augment", "--data.crop_padding", "0", "--zoo.runs",
+                  str(tmp_path / "r3"), *common])
 
 
 def test_a_zoo_run_that_chooses_settings_leaves_the_test_split_unread(tmp_path, capsys, monkeypatch):
