@@ -3,7 +3,7 @@
 
 Each model (any width, heads, depth, patch size or MLP ratio of the DeiT-style design in
 ``snnet/pretrained.py``, named like ``fmnist_vit_w24_d6_p7``) is trained from scratch with the
-family's recipe (``snnet/recipes/fmnist-family.yaml``) through snnet's training loop
+family's recipe (``snnet/recipes/fmnist-family.yaml``; ``--recipe fmnist-converged``: no augmentation, 24 epochs) through snnet's training loop
 (:func:`snnet.members.train_member`, as ``scripts/train_fmnist_family.py`` trains the family) on
 the 50,000 training images outside the validation split, then measured on the validation split
 and on the test set after a float16 round trip, like the shipped family. Results are merged, one
@@ -14,8 +14,9 @@ to ``--zoo.runs/<model>``.
 
     python scripts/train_fmnist_zoo.py --threads 1 --models fmnist_vit_w24_d6_p7 fmnist_vit_w48_d6_p7
     python scripts/train_fmnist_zoo.py --show       # print the zoo table from --zoo.json
-    python scripts/train_fmnist_zoo.py --models fmnist_vit_w48_d3_p7 --epochs 24 --no-augment --no-test \
-        --json runs/converge/w48_e24.json --weights-dir runs/converge/w   # a research run: the test split unread
+    python scripts/train_fmnist_zoo.py --recipe fmnist-converged --no-test --models fmnist_vit_w48_d3_p7 \
+        --json runs/converge/e24.json --weights-dir runs/converge/w_e24 --zoo.runs runs/converge/runs_e24
+        # a run that chooses settings (here the converged recipe's epochs): the test split unread
 
 Every row keeps the model's validation curve (``val_curve``: top-1 at each epoch's end, from its
 run's ``evals.jsonl``), so a run shows whether it stopped rising.
@@ -23,6 +24,7 @@ run's ``evals.jsonl``), so a run shows whether it stopped rising.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +46,7 @@ from snnet.train import result_settings
 
 WEIGHTS = Path(snnet.__file__).parent / "weights"
 TRAIN_SPLIT = "train"  # the zoo never sees the validation images
+PER_MEMBER = ("schedule.epochs",)  # settings each row records for itself, not the zoo file's recipe
 
 
 @dataclass(frozen=True)
@@ -88,13 +91,18 @@ def update_zoo(path: Path, row: dict[str, Any], config: TrainConfig, split: dict
     """Merge one model's row into the zoo file (under a lock), ordered by FLOPs.
 
     A zoo compares models trained alike: a file holding another recipe or split is refused, not overwritten.
+    A setting the file's recipe does not hold (added to snnet after it was written) counts as its default.
+    The epochs are each member's own (:data:`PER_MEMBER`, in its row): trained until it stops improving,
+    a small member needs more than a large one.
     """
-    recipe = result_settings(config)
+    settings = json.loads(json.dumps(result_settings(config)))  # as the file holds it (lists, not tuples)
+    recipe = {k: v for k, v in settings.items() if k not in PER_MEMBER}
 
     def add(zoo: dict[str, Any]) -> dict[str, Any]:
-        if zoo and (zoo.get("recipe") != recipe or zoo.get("split") != split):
-            raise SnnetError(f"{path} holds models trained with other settings or another split: write to another "
-                             "--zoo.json or delete it")
+        changed = recipe_changes(zoo.get("recipe", recipe), recipe) if zoo else []
+        if zoo and (changed or zoo.get("split") != split):
+            what = f"other settings ({', '.join(changed)})" if changed else "another split"
+            raise SnnetError(f"{path} holds models trained with {what}: write to another --zoo.json or delete it")
         models = {m["name"]: m for m in zoo.get("models", [])} | {row["name"]: row}
         return {"dataset": "fashion-mnist", "split": split, "recipe": recipe, "torch": torch.__version__,
                 "timm": timm.__version__, "models": sorted(models.values(), key=lambda m: (m["flops"], m["name"]))}
@@ -102,22 +110,39 @@ def update_zoo(path: Path, row: dict[str, Any], config: TrainConfig, split: dict
     update_json(path, add)
 
 
+def recipe_changes(recorded: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
+    """The settings (by path) on which two recipes as zoo files record them differ; one missing from either
+    side counts as the tree's default (a setting snnet did not have when the row was written)."""
+    default = json.loads(json.dumps(result_settings(TrainConfig())))
+    return sorted(k for k in (recorded.keys() | recipe.keys()) - set(PER_MEMBER)
+                  if recorded.get(k, default.get(k)) != recipe.get(k, default.get(k)))
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
 def show(path: Path) -> str:
-    """The zoo file as a table."""
-    import json
-
+    """The zoo file as a table; with validation curves, each one's best epoch and its last three epochs too
+    (whether the member had stopped rising)."""
     zoo = json.loads(path.read_text())
     rows = [{"name": m["name"], "arch": "w{embed_dim} h{num_heads} d{depth} p{patch_size}".format(**m["arch"]),
              "params": human(m["params"]), "flops": human(m["flops"]), "val": f"{m['val_acc1']:.2f}",
-             "test": _pct(m["test_acc1"]), "sec": f"{m['seconds']:.0f}", "img": human(m["image_steps"])}
+             "test": _pct(m["test_acc1"]), "sec": f"{m['seconds']:.0f}", "img": human(m["image_steps"]),
+             **_curve_end(m.get("val_curve") or [])}
             for m in zoo["models"]]
+    curves = [("best", "best val (epoch)"), ("end", "last 3 epochs")] if any(m.get("val_curve") for m in zoo["models"]) else []
     return table(rows, [("name", "model"), ("arch", "arch"), ("params", "params"), ("flops", "FLOPs"),
-                        ("val", "val top-1 %"), ("test", "test top-1 %"), ("sec", "train s"),
+                        ("val", "val top-1 %"), ("test", "test top-1 %"), *curves, ("sec", "train s"),
                         ("img", "image-steps")])
+
+
+def _curve_end(curve: list[float]) -> dict[str, str]:
+    """A validation curve's best top-1 with its epoch (the first, on ties) and its last three epochs."""
+    if not curve:
+        return {"best": "-", "end": "-"}
+    best = max(range(len(curve)), key=lambda k: (curve[k], -k))
+    return {"best": f"{curve[best]:.2f} ({best + 1})", "end": " ".join(f"{a:.2f}" for a in curve[-3:])}
 
 
 def main(argv: list[str] | None = None) -> None:

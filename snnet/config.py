@@ -117,6 +117,9 @@ class DataConfig:
     """Data loader worker processes (results do not depend on it)."""
     augment: bool = True
     """Train-time augmentation: timm's training transform, or Fashion-MNIST's crop and flip."""
+    crop_padding: int | None = None
+    """Fashion-MNIST's random crop: pixels of zero padding the 28x28 crop is cut from (0: no crop, flips only;
+    None: the dataset's 2). With ``augment`` false nothing is augmented; other datasets take timm's transform."""
     auto_augment: str | None = None
     """timm RandAugment/AutoAugment policy, e.g. 'rand-m9-mstd0.5-inc1'."""
     color_jitter: float = 0.4
@@ -158,6 +161,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _need(self.limit is None or self.limit >= 1, f"data.limit must be >= 1 image, got {self.limit}")
         _need(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _need(self.crop_padding is None or self.crop_padding >= 0,
+              f"data.crop_padding must be >= 0 pixels (0: flips only), got {self.crop_padding}")
         _need(self.block_size >= 1, f"data.block_size must be >= 1 token, got {self.block_size}")
         _need(0.0 < self.held_out < 1.0, f"data.held_out must be in (0, 1), got {self.held_out}")
         _need(self.workers >= 0, f"data.workers (data loader processes) must be >= 0, got {self.workers}")

@@ -45,6 +45,7 @@ __all__ = [
     "FASHION_MNIST_STD",
     "FASHION_MNIST_CLASSES",
     "FashionMNIST",
+    "CROP_PADDING",
     "SPLITS",
     "VAL_SPLIT_HOW",
     "default_fashion_mnist_root",
@@ -240,11 +241,15 @@ def _select_split(split: str, images: torch.Tensor, labels: torch.Tensor) -> tup
     return images[keep], labels[keep]
 
 
+CROP_PADDING = 2
+"""Fashion-MNIST's random crop, by default: a 28x28 crop of the image zero-padded by 2 pixels (shifts of up to 2)."""
+
+
 @dataclass(frozen=True)
 class _Augment:
-    """Train-time augmentation: random crop from a zero-padded image + horizontal flip."""
+    """Train-time augmentation: random crop from a zero-padded image (``padding`` 0: none) + horizontal flip."""
 
-    padding: int = 2
+    padding: int = CROP_PADDING
     hflip: float = 0.5
 
 
@@ -276,9 +281,12 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
         std: tuple[float, ...] = FASHION_MNIST_STD,
         limit: int | None = None,
         augment: bool = False,
+        crop_padding: int = CROP_PADDING,
         seed: int = 0,
         download: bool = False,
     ) -> None:
+        if crop_padding < 0:
+            raise DatasetError(f"Fashion-MNIST's crop padding must be >= 0 pixels (0: flips only), got {crop_padding}")
         self.split = _fashion_mnist_split(split)
         self.root = Path(root).expanduser() if root is not None else default_fashion_mnist_root()
         _check_limit(limit)
@@ -304,7 +312,7 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
         # Folding 1/255 into the normalization lets __getitem__ do one fused affine op.
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(-1, 1, 1)
         self._shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
-        self.augment = _Augment() if augment else None
+        self.augment = _Augment(padding=crop_padding) if augment else None
         self.seed = seed
         if self.augment is not None:
             p = self.augment.padding
@@ -335,8 +343,9 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
         return image.float() * self._scale - self._shift, int(self.labels[index])
 
     def __repr__(self) -> str:
-        return (f"FashionMNIST(split={self.split!r}, n={len(self)}, root='{self.root}', "
-                f"augment={self.augment is not None})")
+        augment = "none" if self.augment is None else ("flip" if self.augment.padding == 0 else
+                                                       f"crop{self.augment.padding}+flip")
+        return f"FashionMNIST(split={self.split!r}, n={len(self)}, root='{self.root}', augment={augment})"
 
 
 def _fashion_mnist_split(split: str) -> str:
@@ -553,6 +562,7 @@ def build_dataset(
     seed: int = 0,
     transform_options: Mapping[str, Any] | None = None,
     skip_unreadable: bool = False,
+    crop_padding: int | None = None,
 ) -> Dataset:
     """Build a dataset by name or path.
 
@@ -580,6 +590,8 @@ def build_dataset(
         skip_unreadable: for a folder, decode every image first (the first ``limit`` good ones with
             ``limit``) and leave out those that cannot be read; :func:`skipped_images` lists them.
             Without it, an unreadable image raises :class:`UnreadableImageError` when it is read.
+        crop_padding: Fashion-MNIST's random crop with ``augment``: pixels of zero padding
+            (0: flips only; None: :data:`CROP_PADDING`). Other datasets refuse it (timm's transform).
 
     Raises:
         DatasetError: the dataset is missing or empty, or the transform options are not usable;
@@ -601,7 +613,12 @@ def build_dataset(
                                f"{', '.join(sorted(options))} (e.g. --set auto_augment=none --set re_prob=0) or use "
                                "an ImageFolder / timm dataset")
         stats = {k: tuple(config[k]) for k in ("mean", "std") if k in config}
-        return FashionMNIST(root, split, limit=limit, augment=augment, seed=seed, download=download, **stats)
+        padding = CROP_PADDING if crop_padding is None else crop_padding
+        return FashionMNIST(root, split, limit=limit, augment=augment, crop_padding=padding, seed=seed,
+                            download=download, **stats)
+    if crop_padding is not None:
+        raise DatasetError(f"crop padding {crop_padding} is Fashion-MNIST's own crop; {name} is augmented by timm's "
+                           "transform: drop it (--data.crop_padding null)")
 
     from timm.data import create_dataset
 

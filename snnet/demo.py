@@ -377,7 +377,7 @@ def _report(s: DemoResult, out: Path, echo: Callable[[str], Any]) -> None:
 
 
 # The stitches from anchors trained until validation accuracy stops rising, against a zoo trained as far: not
-# measured yet (docs/zoo.md, "Towards a converged recipe (in progress)"); the line the verdict prints once it is.
+# measured yet (docs/zoo.md, "Towards a converged recipe"); the line the verdict prints once it is.
 CONVERGED_VERDICT: str | None = None
 
 

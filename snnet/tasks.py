@@ -176,7 +176,7 @@ class ImageClassification:
         return build_dataset(data.source, split or data.split, data_config, augment=train and data.augment,
                              limit=data.limit if train else limit, root=data.root, download=data.download, seed=seed,
                              transform_options=data.transform_options() if train else None,
-                             skip_unreadable=data.skip_unreadable)
+                             skip_unreadable=data.skip_unreadable, crop_padding=data.crop_padding if train else None)
 
     # -- scoring
     @staticmethod

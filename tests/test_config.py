@@ -128,6 +128,24 @@ def test_a_new_recipe_is_a_new_file(tmp_path, monkeypatch, capsys):
     assert yaml.safe_load(_printed(capsys, "train", "--recipe", "mine", "--print-config"))["optim"]["lr"] == 1e-3
 
 
+def test_a_recipe_laid_over_another_sets_only_what_differs(tmp_path, monkeypatch, capsys):
+    import snnet.recipes as recipes
+
+    converged, family = recipe_config("fmnist-converged"), recipe_config("fmnist-family")
+    assert [p.stem for p in recipes.recipe_layers("fmnist-converged")] == ["fmnist-family", "fmnist-converged"]
+    assert not converged.data.augment and converged.schedule.epochs == 24 and family.data.augment
+    assert converged.override(augment=True, epochs=12) == family  # nothing else differs
+    printed = yaml.safe_load(_printed(capsys, "train", "--recipe", "fmnist-converged", "--print-config"))
+    assert printed["data"]["augment"] is False and printed["optim"]["lr"] == 0.002 and "recipe" not in printed
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("# a: loops\nrecipe: b  # b\n")
+    (folder / "b.yaml").write_text("# b: loops\nrecipe: a  # a\n")
+    monkeypatch.setattr(recipes, "RECIPES_DIR", folder)
+    with pytest.raises(RecipeError, match="builds on itself"):
+        recipe_config("a")
+
+
 # ---------------------------------------------------------------------------- the command line
 
 

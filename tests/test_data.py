@@ -143,6 +143,30 @@ def test_augmentation_is_seeded(tmp_path: Path) -> None:
     assert first.shape == (16, 1, 28, 28)
 
 
+def test_crop_padding_zero_augments_by_flips_alone(tmp_path: Path) -> None:
+    """data.crop_padding: 0 is 'flip' (the converged recipe's search: the crop shifts the image against the 7x7
+    patch grid), the default 2 shifts images too; other datasets refuse it (timm's transform augments them)."""
+    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(torch.zeros(32, dtype=torch.uint8)))
+    plain = FashionMNIST(tmp_path, "test")
+    flips = build_dataset("fashion-mnist", "test", augment=True, root=tmp_path, crop_padding=0)
+    crops = build_dataset("fashion-mnist", "test", augment=True, root=tmp_path)  # None: the dataset's 2 pixels
+    kinds = []
+    for i in range(len(plain)):
+        x, f, c = plain[i][0], flips[i][0], crops[i][0]
+        assert torch.equal(f, x) or torch.equal(f, x.flip(-1))  # never shifted
+        kinds.append(torch.equal(f, x))
+        assert torch.equal(f, c) or not (torch.equal(c, x) or torch.equal(c, x.flip(-1)))  # shifted unless (0, 0)
+    assert 0 < sum(kinds) < len(kinds)  # some flipped, some not
+    assert not all(torch.equal(crops[i][0], flips[i][0]) for i in range(len(plain)))
+    assert "augment=flip" in repr(flips) and "augment=crop2+flip" in repr(crops) and "augment=none" in repr(plain)
+    with pytest.raises(DatasetError, match="crop padding must be >= 0"):
+        FashionMNIST(tmp_path, "test", augment=True, crop_padding=-1)
+    with pytest.raises(DatasetError, match="crop padding 0 is Fashion-MNIST's own crop"):
+        build_dataset(str(tmp_path / "nowhere"), "train", augment=True, crop_padding=0)
+
+
 def test_loader_is_reproducible(tmp_path: Path) -> None:
     write_fake_fmnist(tmp_path, n=20)
     ds = FashionMNIST(tmp_path, "test", augment=True, seed=0)

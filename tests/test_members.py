@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -60,13 +61,41 @@ def test_the_zoo_script_records_members_through_the_library(tmp_path, capsys):
     rows = json.loads(table.read_text())
     assert [m["name"] for m in rows["models"]] == [TINY.name] and rows["recipe"]["optim.lr"] == 0.002
     assert rows["models"][0]["val_curve"] and rows["split"]["train"] == 256
+    rows["models"][0]["val_curve"] = [50.0, 61.5, 61.5, 60.25]
+    table.write_text(json.dumps(rows))
     zoo.main(["--show", "--json", str(table)])
-    assert TINY.name in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # where the curve peaked (the first epoch of a tie) and how it ended
+    assert "best val (epoch)" in out and re.search(r"61\.50 \(2\) +61\.50 61\.50 60\.25", out)
     # a table of models trained otherwise is refused, not mixed
     with pytest.raises(snnet.SnnetError, match="trained with other settings"):
         zoo.main(["--models", TINY.name, "--epochs", "1", "--limit", "256", "--lr", "1e-3", "--json", str(table),
                   "--weights-dir", str(tmp_path / "w"), "--zoo.runs", str(tmp_path / "runs2"), "--threads", "1",
                   "--run.progress", "false"])
+
+
+def test_the_zoo_trains_with_the_converged_recipe_and_reads_files_older_than_a_setting(tmp_path):
+    zoo = _script("train_fmnist_zoo")
+    table = tmp_path / "zoo.json"
+    common = ["--limit", "256", "--json", str(table), "--weights-dir", str(tmp_path / "w"), "--threads", "1",
+              "--run.progress", "false"]
+    zoo.main(["--recipe", "fmnist-converged", "--epochs", "1", "--models", TINY.name, "--zoo.runs", str(tmp_path / "r1"),
+              *common])
+    rows = json.loads(table.read_text())
+    assert rows["recipe"]["data.augment"] is False and rows["recipe"]["data.crop_padding"] is None
+    # a file written before data.crop_padding existed: the missing setting is its default, not a change
+    rows["recipe"].pop("data.crop_padding")
+    table.write_text(json.dumps(rows))
+    other = FmnistVitSpec.parse("fmnist_vit_w8_d1_p14_h2")
+    # each member at its own epochs (a small one needs more): recorded in its row, not the file's recipe
+    zoo.main(["--recipe", "fmnist-converged", "--epochs", "2", "--models", other.name, "--zoo.runs", str(tmp_path / "r2"),
+              *common])
+    rows = json.loads(table.read_text())
+    assert {m["name"]: m["epochs"] for m in rows["models"]} == {TINY.name: 1, other.name: 2}
+    assert "schedule.epochs" not in rows["recipe"]
+    with pytest.raises(snnet.SnnetError, match=r"other settings \(data.augment, data.crop_padding\)"):
+        zoo.main(["--models", TINY.name, "--epochs", "1", "--augment", "--data.crop_padding", "0", "--zoo.runs",
+                  str(tmp_path / "r3"), *common])
 
 
 def test_a_zoo_run_that_chooses_settings_leaves_the_test_split_unread(tmp_path, capsys, monkeypatch):

@@ -93,7 +93,7 @@ def parse(argv: Sequence[str], prog: str, *, legacy: Mapping[str, Legacy] = TRAI
 
     ``flags`` are the command's own switches (``--print-config``...: name -> help), which take no
     value and are not settings. ``--help`` prints the generated help and exits."""
-    from ..recipes import recipe_path
+    from ..recipes import recipe_layers
 
     extra, flags = dict(extra or {}), {"--print-config": "Print the resolved settings as YAML (the learning "
                                        "rates used as a comment) and exit; --config takes the file back.",
@@ -101,7 +101,7 @@ def parse(argv: Sequence[str], prog: str, *, legacy: Mapping[str, Legacy] = TRAI
     words, recipe, configs, given = _translate(list(argv), legacy, flags)
     for path in configs:
         read_yaml(path)  # a missing or unreadable file is one line naming it
-    layers = [recipe_path(recipe)] if recipe else ([recipe_path(default_recipe)] if default_recipe else [])
+    layers = recipe_layers(recipe or default_recipe) if (recipe or default_recipe) else []
     parser = _parser(prog, extra, flags, description)
     args = [a for path in (*layers, *configs) for a in ("--config", str(path))] + words
     try:

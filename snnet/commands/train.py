@@ -131,9 +131,10 @@ def check_inputs(config: TrainConfig) -> None:
 
 def _recipe_text(parsed: Parsed, world: int) -> str:
     """``--print-recipe``: the recipe's file as shipped, then the learning rates of these settings."""
-    from ..recipes import recipe_path
+    from ..recipes import recipe_layers
 
-    text = recipe_path(parsed.recipe).read_text() if parsed.recipe else "# no --recipe: the tree's defaults\n"
+    text = ("".join(p.read_text() for p in recipe_layers(parsed.recipe)) if parsed.recipe
+            else "# no --recipe: the tree's defaults\n")
     return text.rstrip() + f"\n# with these settings: {parsed.config.describe_rates(world)}"
 
 

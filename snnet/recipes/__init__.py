@@ -3,9 +3,11 @@
 A recipe sets only what it needs (the rest keeps the tree's defaults) and says in YAML comments
 where every value comes from and what of its source snnet does not reproduce. The paper's
 recipes (``deit``, ``swin``, ``resnet``, ``resnet-swin``, ``levit``) hold the authors' released
-code's values (ziplab/SN-Net at commit c2dcf30); ``demo`` is ``snnet demo``'s training and
-``fmnist-family`` how the shipped Fashion-MNIST family and zoo are trained. Adding a recipe is
-adding a YAML file here.
+code's values (ziplab/SN-Net at commit c2dcf30); ``demo`` is ``snnet demo``'s training,
+``fmnist-family`` how the shipped Fashion-MNIST family and zoo were trained and
+``fmnist-converged`` the recipe chosen on the validation split that trains them until they stop
+improving. Adding a recipe is adding a YAML file here; a recipe that is another one with a few
+changes says so with a top-level ``recipe: BASE`` and sets only what differs.
 
 Settings are layered, each over the one before: the tree's defaults < a recipe < config files <
 the command line (``snnet train --recipe deit --config mine.yaml --optim.lr 1e-4``).
@@ -23,12 +25,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig, read_yaml
+from ..config import TrainConfig, merge, read_yaml
 from ..errors import SnnetError
 
-__all__ = ["RECIPES_DIR", "Recipe", "RecipeError", "get_recipe", "load_recipe", "recipe_config", "recipe_names", "recipe_path"]
+__all__ = ["BASE_KEY", "RECIPES_DIR", "Recipe", "RecipeError", "get_recipe", "load_recipe", "recipe_config", "recipe_layers",
+           "recipe_names", "recipe_path"]
 
 RECIPES_DIR = Path(__file__).parent
+BASE_KEY = "recipe"
+"""A recipe's top-level key naming the recipe it is laid over (the command line's ``--recipe``, in the file)."""
 
 
 class RecipeError(SnnetError, ValueError):
@@ -49,14 +54,27 @@ def recipe_path(name: str) -> Path:
     return path
 
 
+def recipe_layers(name: str) -> list[Path]:
+    """The files recipe ``name`` is made of, each laid over the one before: its base's (``recipe: BASE``,
+    recursively) first, its own last."""
+    chain = [recipe_path(name)]
+    while (base := read_yaml(chain[0]).get(BASE_KEY)) is not None:
+        path = recipe_path(str(base))
+        if path in chain:
+            raise RecipeError(f"recipe {name!r} builds on itself ({' <- '.join(p.stem for p in [path, *chain])})")
+        chain.insert(0, path)
+    return chain
+
+
 def load_recipe(name: str) -> dict[str, Any]:
-    """Recipe ``name``'s settings as a partial nested dict, checked against the tree."""
-    path = recipe_path(name)
-    settings = read_yaml(path)
+    """Recipe ``name``'s settings (its base's with its own laid over) as a partial nested dict, checked against the tree."""
+    settings: dict[str, Any] = {}
+    for path in recipe_layers(name):
+        settings = merge(settings, {k: v for k, v in read_yaml(path).items() if k != BASE_KEY})
     try:
         TrainConfig().merged(settings)
     except SnnetError as e:
-        raise RecipeError(f"recipe {name!r} ({path}): {e}") from e
+        raise RecipeError(f"recipe {name!r} ({recipe_path(name)}): {e}") from e
     return settings
 
 
