@@ -144,27 +144,50 @@ async def open_loop(host: str, port: int, bodies: Sequence[Body], times: Sequenc
                     max_connections: int = 512, keep_body: bool = True) -> list[Result]:
     """Send ``bodies[k % len]`` at ``times[k]`` seconds from the start, each on an idle connection
     (a new one if none is idle, up to ``max_connections``; past that the request is not sent:
-    status -1). A request not answered within ``timeout`` s is a miss (status 0)."""
+    status -1). A request not answered within ``timeout`` s is a miss (status 0). An idle connection
+    the server closed meanwhile (keep-alive expiry: nothing of an answer came) is replaced and the
+    request sent again, once, as HTTP clients do; a connection closed mid-answer is a miss."""
     idle: list[Connection] = []
     opened = 0
     results: list[Result] = []
     t0 = time.perf_counter()
 
-    async def one(k: int, sent: float) -> None:
+    async def exchange(conn: Connection | None, raw: bytes) -> tuple[Connection, int, bytes]:
+        """Send on ``conn`` (an idle one) or a new connection; a connection that fails is closed here."""
         nonlocal opened
-        body = bodies[k % len(bodies)]
-        conn = idle.pop() if idle else None
+        if conn is not None:
+            try:
+                return (conn, *await conn.send(raw))
+            except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as e:
+                conn.close()
+                opened -= 1
+                if isinstance(e, asyncio.IncompleteReadError) and e.partial:
+                    raise  # the server closed it mid-answer: that is the server's doing
+                # closed before a byte of the answer: the server ended an idle keep-alive connection
+                # (uvicorn does after 5 s) while it sat in the pool; as HTTP clients do, send it again,
+                # once, on a new connection, within the same timeout
+            except BaseException:
+                conn.close()
+                opened -= 1
+                raise
+        opened += 1
+        fresh = None
         try:
-            if conn is None:
-                opened += 1
-                conn = await Connection.open(host, port)
-            status, data = await asyncio.wait_for(conn.send(body.raw), timeout)
+            fresh = await Connection.open(host, port)
+            return (fresh, *await fresh.send(raw))
+        except BaseException:
+            if fresh is not None:
+                fresh.close()
+            opened -= 1
+            raise
+
+    async def one(k: int, sent: float) -> None:
+        body = bodies[k % len(bodies)]
+        try:
+            conn, status, data = await asyncio.wait_for(exchange(idle.pop() if idle else None, body.raw), timeout)
             idle.append(conn)
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             status, data = 0, b""
-            if conn is not None:
-                conn.close()
-            opened -= 1
         results.append(Result(sent - t0, (time.perf_counter() - sent) * 1e3, status, body.images, data if keep_body else b""))
 
     tasks = []

@@ -1,0 +1,52 @@
+"""The load generator against a raw asyncio server whose behaviour the test sets: keep-alive
+connections the server closes while they sit idle are not counted as the server's misses."""
+
+from __future__ import annotations
+
+import asyncio
+
+from snnet.deploy import loadgen
+
+
+async def _serve_and_send(close_after_answer: bool, cut_mid_answer: bool) -> tuple[list[loadgen.Result], int]:
+    accepted = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = next((int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:"), 0)
+            await reader.readexactly(length)
+            if cut_mid_answer:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")  # 2 of 10 bytes, then gone
+                await writer.drain()
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            if close_after_answer:  # as a server whose keep-alive timeout ends the idle connection
+                break
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    body = loadgen.make_body("/predict", raw=b"x" * 10)
+    async with server:
+        results = await loadgen.open_loop("127.0.0.1", port, [body], [0.0, 0.2, 0.4], timeout=5.0)
+    return results, accepted
+
+
+def test_an_idle_connection_the_server_closed_is_replaced_not_counted_as_a_miss() -> None:
+    results, accepted = asyncio.run(_serve_and_send(close_after_answer=True, cut_mid_answer=False))
+    assert [r.status for r in results] == [200, 200, 200] and [r.body for r in results] == [b"ok"] * 3
+    assert accepted == 3  # each later request found its pooled connection closed and opened another
+
+
+def test_keep_alive_connections_are_reused_and_a_cut_answer_is_a_miss() -> None:
+    results, accepted = asyncio.run(_serve_and_send(close_after_answer=False, cut_mid_answer=False))
+    assert [r.status for r in results] == [200, 200, 200] and accepted == 1
+    results, _ = asyncio.run(_serve_and_send(close_after_answer=False, cut_mid_answer=True))
+    assert [r.status for r in results] == [0, 0, 0]
