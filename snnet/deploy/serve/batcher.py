@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..controller import Decision
-from .engine import BatchInfo, EngineInfo, open_ring
+from .engine import BatchInfo, EngineInfo, open_ring, recv, send
 from .rejected import Rejected
 
 __all__ = ["BatchResult", "Batcher"]
@@ -123,7 +123,7 @@ class Batcher:
         future = self._loop.create_future()
         self._pending[job_id] = (future, offset, images)
         try:
-            self.conn.send(("job", job_id, offset, images, arrived))
+            send(self.conn, ("job", job_id, offset, images, arrived))
         except OSError as e:
             del self._pending[job_id]
             raise Rejected(503, f"the model process is gone ({e.__class__.__name__}): the server is shutting down or broken",
@@ -133,8 +133,8 @@ class Batcher:
     def _on_results(self) -> None:
         try:
             while self.conn.poll():
-                kind, info, results = self.conn.recv()
-                self.last = info
+                kind, wire, results = recv(self.conn)
+                self.last = info = BatchInfo.from_wire(wire)
                 images = 0
                 for job_id, out in results:
                     future, offset, k = self._pending.pop(job_id)

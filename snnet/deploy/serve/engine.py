@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import pickle
 import selectors
 import shutil
 import signal
@@ -78,6 +79,28 @@ class BatchInfo:
     queue: int  # images still waiting in the model process after this batch was taken
     slowdown: float
     lead: bool  # this server process records the batch's own metrics (each batch is counted once)
+
+    # On the wire a batch's details are a plain tuple: pickling two dataclasses (and multiprocessing's
+    # own pickler, which Connection.send uses) cost ~20 us a batch on each side, more than the
+    # rest of the message handling together (issue 20: the model process is the server's bottleneck).
+    def wire(self) -> tuple:
+        d = self.decision
+        return (self.batch_id, self.size, self.compute_ms, (d.stitch, d.name, d.predicted_ms, d.switched, d.pinned, d.reason),
+                self.queue, self.slowdown, self.lead)
+
+    @classmethod
+    def from_wire(cls, t: tuple) -> "BatchInfo":
+        batch_id, size, compute_ms, d, queue, slowdown, lead = t
+        return cls(batch_id, size, compute_ms, Decision(*d), queue, slowdown, lead)
+
+
+def send(conn: Connection, message: tuple) -> None:
+    """A job or a batch's results, as the standard pickle of plain values (Connection.recv reads it too)."""
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def recv(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
 
 
 def open_ring(path: str, capacity: int, input_size: Sequence[int]) -> tuple[mmap.mmap, np.ndarray]:
@@ -276,7 +299,7 @@ class _Engine:
         """Every message waiting from one server process."""
         try:
             while front.conn.poll():
-                kind, *args = front.conn.recv()
+                kind, *args = recv(front.conn)
                 if kind == "job":
                     job_id, offset, images, arrived = args
                     self.jobs.append(_Job(front, job_id, offset, images, arrived))
@@ -300,7 +323,7 @@ class _Engine:
         waiting = n + sum(j.images for j in self.jobs)
         while self.recent and now - self.recent[0][0] > _RECENT_S:  # in the order they finished: drop the expired from the left
             self.recent.popleft()
-        recent = [ms for _, ms in self.recent]
+        recent = [ms for _, ms in self.recent] if self.policy.pinned is None else []  # a pin reads no latencies
         with self.lock:
             decision = self.policy.decide(waiting, (now - batch[0].arrived) * 1e3, recent, now)
         if decision.switched:  # the latencies seen so far were another stitch's
@@ -333,7 +356,7 @@ class _Engine:
         for k, front in enumerate(dict.fromkeys(j.front for j in batch)):
             info = BatchInfo(self.batches, n, compute_ms, decision, queue, slowdown, lead=k == 0)
             try:
-                front.conn.send(("done", info, by_front[id(front)]))
+                send(front.conn, ("done", info.wire(), by_front[id(front)]))
             except OSError:
                 pass  # gone: _read drops it at its next message
 
