@@ -247,7 +247,9 @@ def write(out: Path, results: dict[str, dict[str, dict[str, Any]]], args: argpar
     (out / "bursty.md").write_text(table(results, slo_ms))
     (out / "bursty.json").write_text(json.dumps({
         "settings": vars(args), "slo_ms": slo_ms, "largest": largest, "largest_capacity_rps": capacity, "mean_rate_rps": mean_rate,
-        "ladder": [{"id": r.id, "name": r.name, "acc1": r.acc1, "full_batch_ms": table_.predict(r.id, args.max_batch)} for r in rungs],
+        # the whole latency table of the ladder, so that snnet.deploy.simulate can replay the run's traces on it
+        "ladder": [{"id": r.id, "name": r.name, "acc1": r.acc1, "full_batch_ms": table_.predict(r.id, args.max_batch),
+                    "latency_ms_by_batch": [list(p) for p in table_.ms[r.id]]} for r in rungs],
         "cpus": os.cpu_count(), "load_average": loads, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "verdicts": {t: verdict(r) for t, r in results.items()},
         "summaries": {t: {n: run["summary"] for n, run in r.items()} for t, r in results.items()}}, indent=1) + "\n")
@@ -344,17 +346,10 @@ def main() -> None:
             if seconds < args.seconds:
                 print(f"traces shortened from {args.seconds:g} to {seconds:.0f} s to end within --minutes {args.minutes:g}")
                 args.seconds = round(seconds)
-        traces: dict[str, tuple[list[float], Any]] = {}
-        for name in names:
-            if name.startswith("gamma-cv"):
-                cv2 = float(name[len("gamma-cv"):])
-                traces[name] = (loadgen.gamma_times(mean_rate, cv2, args.seconds, args.seed), lambda t, r=mean_rate: r)
-            elif name == "ramp":
-                low, peak = 0.2 * capacity, args.ramp_peak * capacity
-                traces[name] = (loadgen.ramp_times(low, peak, args.seconds, args.seed),
-                                 lambda t, a=low, b=peak: loadgen.ramp_rate(t, a, b, args.seconds))
-            else:
-                raise SystemExit(f"unknown trace {name}")
+        try:
+            traces = {name: loadgen.trace(name, capacity, args.seconds, args.rate_x, args.ramp_peak, args.seed) for name in names}
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         servers = [(f"pinned {r.name}", {"stitch": r.id}) for r in pinned]
         servers += [("last-second", {"stitch": "auto", "policy": "last-second"}), ("controller", {"stitch": "auto", "policy": "controller"})]
         timeout = max(10 * slo_ms / 1e3, 5.0)

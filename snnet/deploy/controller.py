@@ -36,7 +36,10 @@ from ..errors import ServeError
 from ..report import percentile
 from ..results import Row, pareto_front, read_rows
 
-__all__ = ["ControllerConfig", "Decision", "LastSecond", "LatencyTable", "StitchController", "ladder", "make_policy"]
+__all__ = ["RECENT_S", "ControllerConfig", "Decision", "LastSecond", "LatencyTable", "StitchController", "ladder", "make_policy"]
+
+
+RECENT_S = 2.0  # seconds of end-to-end latencies the server passes to ``decide`` (since the last switch)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class ControllerConfig:
     up_after: int = 5
     calibration: float = 0.2
     evidence: int = 8  # recent latencies needed before their p95 alone moves the controller down
+    max_queue: int | None = None  # images the server holds before it answers 503 (its input ring); None: unbounded
 
     def __post_init__(self) -> None:
         if not self.slo_ms > 0 or self.max_batch < 1 or self.up_after < 1:

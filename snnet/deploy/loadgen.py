@@ -13,7 +13,8 @@ bytes. httpx costs several times more CPU per request.
   wait for answers): what a server sees from many independent users. A request not answered
   within ``timeout`` is a miss, and its connection is closed;
 * :func:`gamma_times`, :func:`ramp_times` — arrival times as the serving papers draw them
-  (Gamma gaps of a given burstiness; a rate that climbs and falls back);
+  (Gamma gaps of a given burstiness; a rate that climbs and falls back); :func:`trace` names the
+  four the bursty benchmark and the simulator (:mod:`snnet.deploy.simulate`) both replay;
 * :class:`ServerProcess` — ``snnet serve`` started in a subprocess, waited for, steered with the
   admin token and stopped: what the serving benchmarks in ``benchmarks/`` run against.
 
@@ -237,6 +238,28 @@ def ramp_times(low: float, peak: float, seconds: float, seed: int = 0) -> list[f
             return out
         if rng.random() < ramp_rate(t, low, peak, seconds) / peak:
             out.append(t)
+
+
+TRACES = ("gamma-cv1", "gamma-cv4", "gamma-cv8", "ramp")  # the bursty benchmark's traces, in its order
+
+
+def trace(name: str, capacity: float, seconds: float, rate_x: float = 1.3, ramp_peak: float = 2.5,
+          seed: int = 0) -> tuple[list[float], Callable[[float], float]]:
+    """Arrival times of the trace called ``name`` and its mean rate over time, for a server whose
+    largest anchor answers ``capacity`` requests/s: ``gamma-cvX`` (Gamma gaps of squared
+    coefficient of variation X at ``rate_x`` x capacity) or ``ramp`` (0.2 x capacity up to
+    ``ramp_peak`` x capacity at mid-trace and back). ValueError for another name."""
+    if name.startswith("gamma-cv"):
+        try:
+            cv2 = float(name[len("gamma-cv"):])
+        except ValueError:
+            raise ValueError(f"unknown trace {name!r}: gamma-cv<number> or ramp") from None
+        mean = rate_x * capacity
+        return gamma_times(mean, cv2, seconds, seed), lambda t: mean
+    if name == "ramp":
+        low, peak = 0.2 * capacity, ramp_peak * capacity
+        return ramp_times(low, peak, seconds, seed), lambda t: ramp_rate(t, low, peak, seconds)
+    raise ValueError(f"unknown trace {name!r}: gamma-cv<number> or ramp")
 
 
 # ============================================================================== request images

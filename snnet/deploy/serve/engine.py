@@ -50,12 +50,10 @@ import numpy as np
 
 from ...errors import ServeError, SnnetError, StitchNotFoundError
 from ...results import Row
-from ..controller import ControllerConfig, Decision, LatencyTable, StitchController, ladder, make_policy
+from ..controller import RECENT_S, ControllerConfig, Decision, LatencyTable, StitchController, ladder, make_policy
 from .config import ServeConfig
 
 __all__ = ["BatchInfo", "EngineInfo", "EngineProcess", "connect", "open_ring"]
-
-_RECENT_S = 2.0  # end-to-end latencies the controller judges the last decisions by
 
 
 @dataclass(frozen=True)
@@ -321,7 +319,7 @@ class _Engine:
             n += job.images
         now = time.perf_counter()
         waiting = n + sum(j.images for j in self.jobs)
-        while self.recent and now - self.recent[0][0] > _RECENT_S:  # in the order they finished: drop the expired from the left
+        while self.recent and now - self.recent[0][0] > RECENT_S:  # in the order they finished: drop the expired from the left
             self.recent.popleft()
         recent = [ms for _, ms in self.recent] if self.policy.pinned is None else []  # a pin reads no latencies
         with self.lock:
@@ -362,8 +360,10 @@ class _Engine:
 
 
 def _policy(name: str, rows: Sequence[dict[str, Any]], config: ServeConfig) -> StitchController:
+    # max_queue: one server process's ring; with several (--workers) the queue here spans them all, so
+    # the controller keeps the whole queue within one ring's room: cautious, never past any ring's
     return make_policy(name, ladder(rows), LatencyTable.from_rows(rows),
-                       ControllerConfig(config.slo_ms, config.max_batch, up_after=config.up_after))
+                       ControllerConfig(config.slo_ms, config.max_batch, up_after=config.up_after, max_queue=config.max_queue))
 
 
 ENV_KEY, ENV_CONFIG_JSON = "SNNET_MODEL_KEY", "SNNET_MODEL_CONFIG"  # how EngineProcess hands the model process its secret and settings

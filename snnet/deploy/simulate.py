@@ -1,0 +1,186 @@
+"""A deterministic simulation of the model process under a trace: how a stitch policy would do, in milliseconds of CPU.
+
+The bursty benchmark (``benchmarks/bench_serve.py``) takes minutes a run and its figures move by
+several points from run to run on a shared 2-core machine. To design and test a policy, this
+module replays the same traces (:func:`snnet.deploy.loadgen.trace`) on a model of what the model
+process does (:mod:`snnet.deploy.serve.engine`), event by event:
+
+* a request of ``k`` images arrives at its time and takes ``k`` places in the input ring of
+  ``max_queue`` images, or gets a 503 when they are not free (a miss);
+* as soon as the model is free and something is queued, a batch starts: whole requests in arrival
+  order up to ``max_batch`` images, on the stitch the policy's ``decide`` names (given the queue,
+  the oldest request's wait and the latencies of requests answered in the last
+  :data:`~snnet.deploy.controller.RECENT_S` seconds since the last switch, as the engine passes them);
+* the batch takes the latency table's time for that stitch and size, times ``slowdown`` (a machine
+  busier than when it was profiled); its requests are answered at its end, when their places in
+  the ring are freed, and ``observe_batch`` is told the time.
+
+What it leaves out: HTTP, decoding and the load generator (which share the CPU with the model on
+the real machine), and noise: a simulated run says what a policy does against the table, not
+what the server measures. ``benchmarks/sim_serve.py`` runs it on the tables of a bursty run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import ServeError
+from ..results import Row
+from .controller import RECENT_S, ControllerConfig, LatencyTable, StitchController, make_policy
+
+__all__ = ["Bursty", "Served", "Summary", "load_bursty", "simulate", "summarise"]
+
+
+@dataclass(frozen=True)
+class Served:
+    """One request: when it arrived (s), its latency (ms; None when it got a 503) and its stitch."""
+
+    t: float
+    images: int
+    ms: float | None
+    stitch: int | None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A simulated run as the benchmark summarises a measured one."""
+
+    sent: int
+    attainment: float  # share of the requests sent answered within the SLO
+    mean_acc1: float  # over answered images
+    rejected: int  # 503s
+    p95_ms: float
+    stitches: int  # distinct stitches used
+
+
+def simulate(policy: StitchController, times: Sequence[float], images: int, max_queue: int,
+             slowdown: float = 1.0) -> list[Served]:
+    """Replay arrivals at ``times`` (s) of ``images`` images each through the model process with
+    ``policy`` (its table, ``max_batch`` and SLO); deterministic. ``slowdown``: the batches' real
+    time over the table's."""
+    b = policy.config.max_batch
+    if images > b or images > max_queue:
+        raise ServeError(f"a request of {images} images fits neither a batch of {b} nor a ring of {max_queue}")
+    table = policy.table
+    queue: deque[tuple[int, float]] = deque()  # (request index, arrival)
+    queued = 0  # images waiting
+    recent: deque[tuple[float, float]] = deque()  # (finished, ms) since the last switch
+    out: list[Served | None] = [None] * len(times)
+    free, running_end, running = 0.0, 0.0, 0  # the model is free at; the batch in flight ends at, holds images
+
+    def advance(until: float) -> None:
+        """Run every batch that starts before ``until``."""
+        nonlocal free, running_end, running, queued
+        while queue and (start := max(free, queue[0][1])) < until:
+            batch = []
+            n = 0
+            while queue and n + images <= b:
+                batch.append(queue.popleft())
+                n += images
+            while recent and start - recent[0][0] > RECENT_S:
+                recent.popleft()
+            d = policy.decide(queued, (start - batch[0][1]) * 1e3, [ms for _, ms in recent] if policy.pinned is None else [],
+                              start)
+            if d.switched:
+                recent.clear()
+            ms = table.predict(d.stitch, n) * slowdown
+            end = start + ms / 1e3
+            policy.observe_batch(d.stitch, n, ms)
+            for k, t in batch:
+                lat = (end - t) * 1e3
+                out[k] = Served(t, images, lat, d.stitch)
+                recent.append((end, lat))
+            queued -= n
+            free, running_end, running = end, end, n
+
+    for k, t in enumerate(times):
+        advance(t)
+        held = queued + (running if running_end > t else 0)
+        if held + images > max_queue:
+            out[k] = Served(t, images, None, None)
+            continue
+        queue.append((k, t))
+        queued += images
+        policy.observe_arrival(images, t)
+    advance(math.inf)
+    return [s for s in out if s is not None]
+
+
+def summarise(served: Sequence[Served], acc: Mapping[int, float], slo_ms: float) -> Summary:
+    ok = [s for s in served if s.ms is not None]
+    lat = sorted(s.ms for s in ok)  # type: ignore[misc]
+    n_img = sum(s.images for s in ok)
+    return Summary(
+        sent=len(served), attainment=sum(1 for s in ok if s.ms <= slo_ms) / len(served) if served else math.nan,  # type: ignore[operator]
+        mean_acc1=sum(acc[s.stitch] * s.images for s in ok) / n_img if n_img else math.nan,  # type: ignore[index]
+        rejected=len(served) - len(ok), p95_ms=lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)] if lat else math.nan,
+        stitches=len({s.stitch for s in ok}))
+
+
+# ------------------------------------------------------------------ a bursty run's settings
+
+
+@dataclass(frozen=True)
+class Bursty:
+    """What a bursty run (``bursty.json``) says about the server it measured: enough to replay its traces."""
+
+    rungs: list[Row]  # the ladder, least accurate first, with top-1
+    table: LatencyTable
+    slo_ms: float
+    max_batch: int
+    max_queue: int
+    images: int  # per request
+    capacity: float  # requests/s of the largest anchor pinned, as measured
+    seconds: float
+    rate_x: float
+    ramp_peak: float
+    seed: int
+    full_batch_only: bool  # the file holds each rung's full-batch time only (runs before the table was saved)
+
+    def policies(self, up_after: int = 5) -> dict[str, Callable[[], StitchController]]:
+        """Every rung pinned, the last-second policy and the controller, as the benchmark compares them: name -> a fresh policy."""
+        config = ControllerConfig(self.slo_ms, self.max_batch, up_after=up_after, max_queue=self.max_queue)
+        made: dict[str, Callable[[], StitchController]] = {}
+        for r in self.rungs:
+            made[f"pinned {r.name}"] = lambda r=r: _pinned(self.rungs, self.table, config, r)
+        for name in ("last-second", "controller"):
+            made[name] = lambda name=name: make_policy(name, self.rungs, self.table, config)
+        return made
+
+
+def _pinned(rungs: Sequence[Row], table: LatencyTable, config: ControllerConfig, rung: Row) -> StitchController:
+    p = StitchController(rungs, table, config)
+    p.pin(rung)
+    return p
+
+
+def load_bursty(path: str | Path) -> Bursty:
+    """The settings, ladder and latency table of a bursty run's ``bursty.json``.
+
+    Runs before the table was saved in it hold each rung's time for a full batch only; then a
+    batch of ``n`` images is taken to cost ``n / max_batch`` of it (compute-bound: true of DeiT
+    at 224, optimistic for a tiny network's part-full batches) and ``full_batch_only`` says so."""
+    path = Path(path)
+    try:
+        d: dict[str, Any] = json.loads(path.read_text())
+        s = d["settings"]
+        b = int(s["max_batch"])
+        ms: dict[int, tuple[tuple[int, float], ...]] = {}
+        for r in d["ladder"]:
+            points = r.get("latency_ms_by_batch")
+            ms[int(r["id"])] = (tuple((int(n), float(t)) for n, t in points) if points
+                                else tuple((n, float(r["full_batch_ms"]) * n / b) for n in range(1, b + 1)))
+        return Bursty(
+            rungs=[Row(int(r["id"]), r["name"], acc1=float(r["acc1"])) for r in d["ladder"]], table=LatencyTable(ms),
+            slo_ms=float(d["slo_ms"]), max_batch=b, max_queue=int(s["max_queue"]), images=int(s["images_per_request"]),
+            capacity=float(d["largest_capacity_rps"]), seconds=float(s["seconds"]), rate_x=float(s["rate_x"]),
+            ramp_peak=float(s["ramp_peak"]), seed=int(s["seed"]),
+            full_batch_only=not all(r.get("latency_ms_by_batch") for r in d["ladder"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ServeError(f"{path} is not a bursty run's bursty.json ({type(e).__name__}: {e}): "
+                         "benchmarks/bench_serve.py writes one") from None

@@ -1,0 +1,86 @@
+"""The simulated model process (snnet.deploy.simulate): its mechanics on hand-checked cases, and the
+stitch policies on the bursty benchmark's four traces over a synthetic 3-rung ladder (issue 20)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from snnet.deploy import loadgen
+from snnet.deploy.controller import ControllerConfig, LatencyTable, StitchController, make_policy
+from snnet.deploy.simulate import load_bursty, simulate, summarise
+from snnet.errors import ServeError
+from snnet.results import Row
+
+RUNGS = [Row(0, "cheap", 100, acc1=80.0), Row(1, "mid", 300, acc1=83.0), Row(2, "dear", 1000, acc1=86.0)]
+
+
+def _table(per_image: dict[int, float], overhead: float = 1.0, sizes=(1, 2, 4, 8)) -> LatencyTable:
+    return LatencyTable({k: tuple((b, overhead + c * b) for b in sizes) for k, c in per_image.items()})
+
+
+def _pinned(rung: int, table: LatencyTable, config: ControllerConfig) -> StitchController:
+    p = StitchController(RUNGS, table, config)
+    p.pin(RUNGS[rung])
+    return p
+
+
+def test_batches_whole_requests_as_soon_as_the_model_is_free() -> None:
+    table = _table({0: 1.0, 1: 1.0, 2: 1.0})  # 1 + b ms
+    pol = _pinned(0, table, ControllerConfig(slo_ms=100.0, max_batch=4))
+    out = simulate(pol, [0.0, 0.0, 0.0, 0.001, 0.0015], images=1, max_queue=8)
+    # the first three start together at 0 and take 4 ms; the next two wait for them and run as one batch of 2 (3 ms)
+    assert [round(s.ms, 6) for s in out] == [4.0, 4.0, 4.0, 6.0, 5.5]
+    assert {s.stitch for s in out} == {0}
+    # a slower machine: every batch takes twice the table's time
+    assert [round(s.ms, 6) for s in simulate(_pinned(0, table, ControllerConfig(100.0, 4)), [0.0, 0.0], 1, 8, slowdown=2.0)] == [6.0, 6.0]
+
+
+def test_a_full_ring_answers_503_and_a_batch_holds_its_room_until_it_ends() -> None:
+    table = _table({0: 10.0, 1: 10.0, 2: 10.0})  # a batch of 2 images: 21 ms
+    pol = _pinned(0, table, ControllerConfig(slo_ms=100.0, max_batch=2))
+    # requests of 2 images into a ring of 4: the first runs at once (holding 2 until 21 ms), the second waits, the third finds no room;
+    # the fourth comes after the first batch ended and finds room again
+    out = simulate(pol, [0.0, 0.001, 0.002, 0.022], images=2, max_queue=4)
+    assert [s.ms is None for s in out] == [False, False, True, False]
+    s = summarise(out, {0: 80.0}, slo_ms=30.0)
+    # only the first within 30 ms: the second waits 20 ms for it, the fourth 20 ms for the second
+    assert s.sent == 4 and s.rejected == 1 and s.attainment == 0.25 and s.p95_ms == pytest.approx(41.0)
+    with pytest.raises(ServeError, match="fits neither"):
+        simulate(pol, [0.0], images=3, max_queue=4)
+
+
+def test_load_bursty_reads_a_runs_settings_and_table(tmp_path) -> None:
+    run = {"settings": {"max_batch": 4, "max_queue": 16, "images_per_request": 1, "seconds": 24.0, "rate_x": 1.3,
+                        "ramp_peak": 2.5, "seed": 0},
+           "slo_ms": 5000.0, "largest_capacity_rps": 3.6,
+           "ladder": [{"id": 0, "name": "a", "acc1": 70.0, "full_batch_ms": 200.0},
+                      {"id": 5, "name": "b", "acc1": 80.0, "full_batch_ms": 800.0}]}
+    path = tmp_path / "bursty.json"
+    path.write_text(json.dumps(run))
+    b = load_bursty(path)
+    assert b.full_batch_only and [r.id for r in b.rungs] == [0, 5] and b.max_queue == 16
+    assert b.table.predict(5, 4) == 800.0 and b.table.predict(5, 1) == 200.0  # part-full batches: proportional
+    run["ladder"][1]["latency_ms_by_batch"] = [[1, 300.0], [4, 800.0]]
+    run["ladder"][0]["latency_ms_by_batch"] = [[1, 60.0], [4, 200.0]]
+    path.write_text(json.dumps(run))
+    b = load_bursty(path)
+    assert not b.full_batch_only and b.table.predict(5, 1) == 300.0
+    assert set(b.policies()) == {"pinned a", "pinned b", "last-second", "controller"}
+    path.write_text("{}")
+    with pytest.raises(ServeError, match="bench_serve.py writes one"):
+        load_bursty(path)
+
+
+def test_the_trace_generator_is_the_benchmarks_and_the_simulation_deterministic() -> None:
+    times, rate = loadgen.trace("gamma-cv4", capacity=100.0, seconds=5.0, seed=3)
+    assert times == loadgen.gamma_times(130.0, 4.0, 5.0, 3) and rate(1.0) == 130.0
+    ramp, rate = loadgen.trace("ramp", capacity=100.0, seconds=5.0)
+    assert ramp == loadgen.ramp_times(20.0, 250.0, 5.0, 0) and rate(2.5) == pytest.approx(250.0)
+    with pytest.raises(ValueError, match="unknown trace"):
+        loadgen.trace("poisson", 1.0, 1.0)
+    table = _table({0: 0.5, 1: 1.5, 2: 5.0})
+    config = ControllerConfig(slo_ms=50.0, max_batch=8, max_queue=64)
+    runs = [simulate(make_policy("controller", RUNGS, table, config), times, 2, 64) for _ in range(2)]
+    assert runs[0] == runs[1]
