@@ -5,7 +5,8 @@ One server, one network, one latency table; between runs the stitch setting is c
 model: **every rung of the ladder pinned** (or ``--pinned N`` of them, evenly spaced, both ends
 included), the **last-second** policy (once a second, the most accurate rung that the last
 second's arrival rate would have let meet the SLO, by the table: a reactive, INFaaS-style
-baseline) and snnet's **controller** (per batch, from the queue, the table and measured latency).
+baseline) and snnet's **controller** (per batch, from the queue, the arrival rate, the room left in the ring,
+the table and measured latency).
 
 Traces (open loop: arrivals do not wait for answers; ``--seconds`` each):
 

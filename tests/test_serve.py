@@ -90,9 +90,9 @@ def test_controller_steps_down_as_the_queue_grows_and_back_when_it_falls() -> No
     assert ctl.decide(1).stitch == 2  # idle: the most accurate
     seen = [ctl.decide(q).stitch for q in (8, 16, 32, 64)]
     assert seen[-1] == 0 and seen == sorted(seen, reverse=True)  # cheaper as the queue grows, never dearer
-    # while the queue is short again, it waits up_after decisions before each step up, one rung at a time
+    # while the queue is short again, it waits up_after decisions, then climbs to the most accurate rung with room to spare
     back = [ctl.decide(1, recent_ms=[5.0] * 20).stitch for _ in range(6)]
-    assert back == [0, 0, 1, 1, 1, 2]
+    assert back == [0, 0, 2, 2, 2, 2]
     assert [ctl.decide(1, recent_ms=[5.0] * 20).stitch for _ in range(5)] == [2] * 5  # and stays on the top
     # with too few latencies measured since the last switch it does not climb
     ctl2 = _controller(up_after=1)

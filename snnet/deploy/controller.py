@@ -8,12 +8,18 @@ A plain object with no HTTP or threads in it, so it can be tested with a synthet
   (measured top-1 when every row has it, else FLOPs as the accuracy proxy, as
   :mod:`snnet.budget` does), least accurate first;
 * :class:`StitchController` is asked, before each batch, for the stitch to run it with, given
-  the queue and the recent end-to-end latencies. It predicts the latency each rung of the
-  ladder would give the queued requests and picks the most accurate rung that fits within a
-  share of the SLO. It steps down at once when the rung in use no longer fits (or, a rung, when the
-  recent p95 is over that share although the queue fits), and up one rung at a time, only after
-  several decisions in a row with room to spare (a stricter share of the SLO, and the recent p95
-  measured under it too): hysteresis, so that a load near a threshold does not make it flap.
+  the queue, the recent end-to-end latencies and the arrivals it was told of. A rung **fits** when
+  three limits hold, by the table: the latency it predicts for the queued requests is within a
+  share of the SLO; at the arrival rate (an exponentially weighted average over a few SLOs) its
+  utilisation stays under 1, so that it keeps up; and at the short-term rate the room left in
+  the server's ring (``max_queue``) lasts longer than the rung takes to serve the queue, since a
+  full ring answers 503. It steps down at once to the most accurate rung that fits when the one in
+  use no longer does (or, a rung, when the recent p95 is over that share although the queue
+  fits), and up only after several decisions in a row with room to spare on every limit (a
+  stricter share, and the recent p95 measured under it too), then straight to the most accurate
+  such rung: hysteresis, so that a load near a threshold does not make it flap.
+  (Without the rate and the ring it stayed on the most accurate rungs and shed bursts with 503s
+  once the ring was full: the bursty benchmark at DeiT scale, issue 20.)
 
 * :class:`LastSecond` is the reactive baseline the benchmarks compare it with: once a second, the
   most accurate rung that the last second's arrival rate would have let meet the SLO, judged from
@@ -104,10 +110,14 @@ def ladder(rows: Sequence[Row | Mapping[str, Any]]) -> list[Row]:
 class ControllerConfig:
     """The SLO and how closely the controller works to it.
 
+    ``max_queue``: the images the server holds before it answers 503 (its ring); the controller
+    keeps the queue clear of it. ``rate_windows``: time constants of the short and the long
+    average of the arrival rate, in SLOs (1 and 8: a burst is seen within an SLO, a busy spell
+    remembered for several).
     ``headroom``: predictions must fit within this share of the SLO (the rest absorbs HTTP and
     decoding time, requests that arrive while a batch runs, and noise in the p95).
-    ``up_headroom`` and ``up_after``: the next more accurate stitch is taken only when it fits
-    within this stricter share, at least ``evidence`` recent latencies have a p95 under it too,
+    ``up_headroom`` and ``up_after``: a more accurate stitch is taken only when it fits
+    within this stricter share on every limit, at least ``evidence`` recent latencies have a p95 under it too,
     and that held for ``up_after`` decisions in a row. ``evidence``: when at least this many recent latencies have a p95 over
     ``headroom`` x SLO although the prediction fits, the controller steps one rung down (the
     server passes only latencies of requests answered since the last switch, so each step waits
@@ -123,6 +133,7 @@ class ControllerConfig:
     calibration: float = 0.2
     evidence: int = 8  # recent latencies needed before their p95 alone moves the controller down
     max_queue: int | None = None  # images the server holds before it answers 503 (its input ring); None: unbounded
+    rate_windows: tuple[float, float] = (1.0, 8.0)  # time constants of the two arrival-rate averages, in SLOs
 
     def __post_init__(self) -> None:
         if not self.slo_ms > 0 or self.max_batch < 1 or self.up_after < 1:
@@ -130,6 +141,10 @@ class ControllerConfig:
                                   f"{self.max_batch}, {self.up_after})")
         if not 0 < self.up_headroom <= self.headroom <= 1 or not 0 < self.calibration <= 1:
             raise ServeError("need 0 < up_headroom <= headroom <= 1 and 0 < calibration <= 1")
+        if self.max_queue is not None and self.max_queue < self.max_batch:
+            raise ServeError(f"need max_queue >= max_batch (got {self.max_queue} < {self.max_batch})")
+        if len(self.rate_windows) != 2 or not 0 < self.rate_windows[0] <= self.rate_windows[1]:
+            raise ServeError(f"need rate_windows (short, long) with 0 < short <= long, got {self.rate_windows}")
 
 
 @dataclass(frozen=True)
@@ -163,6 +178,12 @@ class StitchController:
         self._pinned: Row | None = None
         self._streak = 0  # decisions in a row that had room for a more accurate rung
         self._last: int | None = None  # stitch of the previous decision
+        # arrival rate (images/s), two exponentially weighted averages: a short one that sees a burst
+        # begin and a long one that remembers a busy spell; each is a decayed count over its time constant
+        self._taus = tuple(w * config.slo_ms / 1e3 for w in config.rate_windows)
+        self._rates = [0.0, 0.0]
+        self._rate_t: float | None = None  # the clock the averages were last decayed to
+        self._rate_start: float | None = None  # the first arrival: averages younger than their time constant are scaled up
 
     # ------------------------------------------------------------------ policy
     @property
@@ -192,7 +213,8 @@ class StitchController:
             "mode": "pinned" if self._pinned else "auto", "policy": self.name,
             "current": {"id": self.current.id, "name": self.current.name},
             "slo_ms": c.slo_ms, "max_batch": c.max_batch, "headroom": c.headroom, "up_headroom": c.up_headroom,
-            "up_after": c.up_after, "slowdown": round(self.slowdown, 3), "switches": self.switches,
+            "up_after": c.up_after, "slowdown": round(self.slowdown, 3), "switches": self.switches, "max_queue": c.max_queue,
+            "arrival_rate_images_s": [round(r, 1) for r in self.rates()],  # short, long average (as of the last arrival)
             "ladder": [{"id": r.id, "name": r.name, "flops": r.flops, "acc1": r.acc1,
                         "ms_at_max_batch": round(self.table.predict(r.id, c.max_batch), 3)} for r in self.rungs],
         }
@@ -206,16 +228,70 @@ class StitchController:
         when the queue is cleared, and a request that arrives now waits for the queue to clear
         and then runs in a batch like the first: the prediction is the largest of these.
         """
-        b = self.config.max_batch
         q = max(queue, 1)
-        t = lambda n: self.table.predict(stitch, n) * self.slowdown  # noqa: E731
-        full, rest = divmod(q, b)
-        first = t(min(q, b))
-        clear = full * t(b) + (t(rest) if rest else 0.0)
-        return max(oldest_wait_ms + first, clear + first)
+        first = self.table.predict(stitch, min(q, self.config.max_batch)) * self.slowdown
+        return max(oldest_wait_ms + first, self.serve_ms(stitch, q) + first)
+
+    def serve_ms(self, stitch: int, images: int) -> float:
+        """Milliseconds ``stitch`` takes to serve ``images`` queued images: full batches, then the rest (scaled by the slowdown)."""
+        full, rest = divmod(images, self.config.max_batch)
+        t = self.table.predict
+        return (full * t(stitch, self.config.max_batch) + (t(stitch, rest) if rest else 0.0)) * self.slowdown
 
     def observe_arrival(self, images: int, now: float) -> None:
-        """Images that arrived at ``now`` (``time.perf_counter()``); this controller reads the queue instead."""
+        """Images that arrived at ``now`` (``time.perf_counter()``): into both arrival-rate averages."""
+        if self._rate_start is None:
+            self._rate_start = now
+        self._decay(now)
+        self._rates = [r + images / tau for r, tau in zip(self._rates, self._taus)]
+
+    def _decay(self, now: float | None) -> None:
+        if now is None:
+            return
+        if self._rate_t is not None and now > self._rate_t:
+            dt = now - self._rate_t
+            self._rates = [r * math.exp(-dt / tau) for r, tau in zip(self._rates, self._taus)]
+        if self._rate_t is None or now > self._rate_t:
+            self._rate_t = now
+
+    def rates(self, now: float | None = None) -> tuple[float, float]:
+        """The short and the long average of the arrival rate (images/s) at ``now`` (default: as last updated)."""
+        self._decay(now)
+        if self._rate_start is None or self._rate_t is None:
+            return 0.0, 0.0
+        # an average started from nothing at the first arrival holds (1 - exp(-elapsed/tau)) of the
+        # rate: divided by that, it is the mean rate since then (else a long average would read a
+        # busy start as idle for tens of seconds); elapsed is counted from one short time constant
+        # on, so that the first arrivals alone do not read as a flood
+        elapsed = max(self._rate_t - self._rate_start, self._taus[0])
+        short, long = (r / (1 - math.exp(-elapsed / tau)) for r, tau in zip(self._rates, self._taus))
+        return short, long
+
+    def fits(self, stitch: int, queue: int, oldest_wait_ms: float, rates: tuple[float, float], share: float) -> bool:
+        """Whether ``stitch`` serves the queue and the arrivals within ``share`` of the limits, by the table:
+
+        * **latency**: :meth:`predict` for the queue within ``share`` x SLO;
+        * **rate**: at the long average of the arrival rate, its utilisation (rate x full-batch
+          time per image) is under 1 (``share`` / ``headroom``: 0.75 by default to step up): a rung
+          that cannot keep up with the arrivals builds a queue that no later decision clears in
+          time, however short the queue is when it is chosen;
+        * **room** (with ``max_queue``): the images that arrive at the short average of the rate
+          while the rung serves the queue fit, with ``share`` to spare, in the room left in the
+          server's ring; counted as if none of the queue's room were freed before the queue is
+          served (batches free theirs only as they end; and the short average lags the start of a
+          burst: simulated, the finer estimate that credits each batch's room as it ends shed
+          requests at DeiT scale). Past the ring, arrivals get 503s, which miss the SLO as surely
+          as a late answer.
+        """
+        c = self.config
+        if self.predict(stitch, queue, oldest_wait_ms) > share * c.slo_ms:
+            return False
+        per_image_s = self.table.predict(stitch, c.max_batch) * self.slowdown / c.max_batch / 1e3
+        if rates[1] * per_image_s > share / c.headroom:
+            return False
+        if c.max_queue is not None and rates[0] > 0 and self.serve_ms(stitch, queue) / 1e3 * rates[0] > share * (c.max_queue - queue):
+            return False
+        return True
 
     def observe_batch(self, stitch: int, batch: int, ms: float) -> None:
         """A batch's measured compute time: keeps the table's scale in step with the machine's load."""
@@ -228,43 +304,51 @@ class StitchController:
     # ------------------------------------------------------------------ the decision
     def decide(self, queue: int, oldest_wait_ms: float = 0.0, recent_ms: Sequence[float] = (), now: float | None = None) -> Decision:
         """The stitch for the next batch, given ``queue`` images waiting (the batch included),
-        how long the oldest has waited, and recent end-to-end latencies (ms) of requests answered
-        since the last switch (``now``: the clock, for policies that keep time)."""
+        how long the oldest has waited, recent end-to-end latencies (ms) of requests answered
+        since the last switch, and ``now`` (the clock of :meth:`observe_arrival`; the arrival
+        rates are taken as last updated when it is None)."""
         c = self.config
         if self._pinned is not None:
             return self._decide_pinned(queue, oldest_wait_ms)
-        preds = [self.predict(r.id, queue, oldest_wait_ms) for r in self.rungs]
-        fits = [k for k, p in enumerate(preds) if p <= c.headroom * c.slo_ms]
+        rates = self.rates(now)
         cur = self._rung
-        if cur not in fits:
+        fit = lambda k, share: self.fits(self.rungs[k].id, queue, oldest_wait_ms, rates, share)  # noqa: E731
+        pred = lambda k: self.predict(self.rungs[k].id, queue, oldest_wait_ms)  # noqa: E731
+        if not fit(cur, c.headroom):
             self._streak = 0
-            # the most accurate rung that fits; if none does, the fastest one
-            self._rung = fits[-1] if fits else min(range(len(preds)), key=lambda k: preds[k])
-            why = (f"rung in use predicted {preds[cur]:.1f} ms > {c.headroom:g} x SLO; "
-                   + ("stepped down to the most accurate that fits" if fits else "nothing fits: the fastest"))
-            return self._record(self.rungs[self._rung], preds[self._rung], False, why)
-        p95 = percentile(recent_ms, 0.95, nearest=True)  # nan (no comparison holds) when there are none
-        if len(recent_ms) >= c.evidence and p95 > c.headroom * c.slo_ms and cur > 0:
+            # the most accurate rung that fits (searched from the top: most decisions stop at once); if none does, the fastest
+            best = next((k for k in range(len(self.rungs) - 1, -1, -1) if fit(k, c.headroom)), None)
+            self._rung = best if best is not None else min(range(len(self.rungs)), key=pred)
+            r0, r1 = rates
+            why = (f"rung in use does not fit (predicted {pred(cur):.1f} ms, {r0:.0f}/{r1:.0f} images/s, queue {queue}) "
+                   f"within {c.headroom:g} of the limits; "
+                   + ("stepped down to the most accurate that fits" if best is not None else "nothing fits: the fastest"))
+            return self._record(self.rungs[self._rung], pred(self._rung), False, why)
+        enough = len(recent_ms) >= c.evidence
+        p95 = percentile(recent_ms, 0.95, nearest=True) if enough else math.nan
+        if enough and p95 > c.headroom * c.slo_ms and cur > 0:
             # The table says the queue fits, but requests are slower than that: time the table does not
             # see (HTTP, decoding, other processes on the CPU). A cheaper stitch leaves more CPU for it.
             self._streak = 0
-            self._rung = max([k for k in fits if k < cur] or [cur - 1])
-            return self._record(self.rungs[self._rung], preds[self._rung], False,
+            self._rung = next((k for k in range(cur - 1, -1, -1) if fit(k, c.headroom)), cur - 1)
+            return self._record(self.rungs[self._rung], pred(self._rung), False,
                                 f"recent p95 {p95:.1f} ms > {c.headroom:g} x SLO: stepped down a rung")
-        roomy = [k for k, p in enumerate(preds) if k > cur and p <= c.up_headroom * c.slo_ms]
-        calm = len(recent_ms) >= c.evidence and p95 <= c.up_headroom * c.slo_ms
-        if roomy and calm:
+        # the most accurate rung above with room to spare on every limit (the ladder's latencies need not rise with accuracy)
+        up = (next((k for k in range(len(self.rungs) - 1, cur, -1) if fit(k, c.up_headroom)), None)
+              if enough and p95 <= c.up_headroom * c.slo_ms else None)
+        if up is None:
+            self._streak = 0
+        else:
             self._streak += 1
             if self._streak >= c.up_after:
-                # one rung at a time, each on the evidence of its own latencies: climbing straight
-                # back to where the latency was too high would make it oscillate
+                # straight there, not one rung at a time: a ladder of 39 DeiT rungs climbed a rung per
+                # round of evidence stays low for most of a lull; the stricter share and the streak
+                # keep it from flapping near a threshold
                 self._streak = 0
-                self._rung = roomy[0]
-                return self._record(self.rungs[self._rung], preds[self._rung], False,
-                                    f"room for {c.up_after} decisions in a row: stepped up a rung")
-        else:
-            self._streak = 0
-        return self._record(self.rungs[cur], preds[cur], False, "fits")
+                self._rung = up
+                return self._record(self.rungs[up], pred(up), False,
+                                    f"room for {c.up_after} decisions in a row: stepped up to the most accurate rung with room")
+        return self._record(self.rungs[cur], pred(cur), False, "fits")
 
     def _decide_pinned(self, queue: int, oldest_wait_ms: float) -> Decision:
         s = self._pinned
@@ -300,6 +384,7 @@ class LastSecond(StitchController):
 
     def observe_arrival(self, images: int, now: float) -> None:
         self._arrivals.append((now, images))
+        super().observe_arrival(images, now)  # the averages GET /stitch shows
 
     def meets(self, stitch: int, rate: float) -> bool:
         """Whether ``stitch`` serves ``rate`` images/s within the SLO, by the table (scaled by the slowdown)."""
