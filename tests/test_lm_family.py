@@ -146,7 +146,9 @@ def test_family_script_trains_a_member_through_the_loop(tmp_path: Path, monkeypa
 @pytest.mark.slow
 def test_lm_demo_runs_as_a_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"
-    r = _run("-m", "snnet", "demo", "--lm", "--quick", "--run.out_dir", str(out), "--run.progress", "false")
+    # --quick, measured on 2 held-out blocks and continuing for 4 tokens (the quick mode's 8 and 8 add seconds, no check)
+    r = _run("-m", "snnet", "demo", "--lm", "--quick", "--demo.eval_blocks", "2", "--demo.sample_tokens", "4",
+             "--run.out_dir", str(out), "--run.progress", "false")
     assert r.returncode == 0, r.stderr[-2000:]
     printed = r.stdout
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
@@ -162,6 +164,7 @@ def test_lm_demo_runs_as_a_command(tmp_path: Path, capsys: pytest.CaptureFixture
     assert summary["config"]["train"]["task"] == "causal-lm"
     assert (out / "train" / "metrics.jsonl").read_text().count("\n") == 4  # --quick: 4 steps through the loop
     assert "bits/byte" in printed and "Greedy continuations" in printed and "frontier" in printed
+    assert f"{len(rows)} networks on {2 * CONTEXT} tokens" in printed  # --demo.eval_blocks 2 beside --quick
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the tree's spelling is the same demo; a bad option is one line (in this process: the command ran above)
     capsys.readouterr()
