@@ -5,32 +5,50 @@
     net.init_stitching(calibration_loader)   # least-squares fit of every stitching layer
     net.select("deit_tiny_patch16_224[:4]+deit_small_patch16_224[3:]")
     logits = net(images)
+
+``import snnet`` loads torch and timm and registers snnet's model families with timm. The ``snnet``
+command line does not: it imports the package without them (seconds of CPU that ``snnet --help`` or a
+refused option does not need), each command imports what it uses, and a name below is imported
+from its module on first use.
 """
 
 import os as _os
 import sys as _sys
+from importlib import import_module as _import_module
+from typing import Any as _Any
 
-try:  # torch and timm load for seconds: Ctrl-C then must not print their import chain from the command line
-    from . import pretrained, tiny  # noqa: F401  (register the shipped and the tiny test families with timm)
-    from . import adapters  # noqa: F401  (register the Swin, ResNet and ConvNeXt adapters)
-    from .anchors import ActivationSpec, Adapter, AnchorParts, AnchorSpec, register_adapter, split_model
-    from .errors import CheckpointError, NotStitchableError, SnnetError, StitchNotFoundError, UnknownModelError
-    from .model import InitReport, StitchCost, StitchedNet, create_snnet
-    from .results import Row
-    from .space import Segment, SpaceConfig, Stitch, StitchSpace
-except KeyboardInterrupt:
-    # `python -m snnet` (argv[0] is "-m" while the package loads) or the `snnet` script: the command's one line.
-    # Imported by a program of yours, the interrupt is yours to handle, as usual.
-    if _sys.argv[:1] == ["-m"] or _os.path.basename(_sys.argv[0] if _sys.argv else "") == "snnet":
-        _sys.stderr.write("error: interrupted\n")
-        raise SystemExit(130) from None
-    raise
-
-load = StitchedNet.from_pretrained
-
-__all__ = [
-    "ActivationSpec", "Adapter", "AnchorParts", "AnchorSpec", "CheckpointError", "InitReport", "NotStitchableError",
-    "Row", "Segment", "SnnetError", "SpaceConfig", "Stitch", "StitchCost", "StitchNotFoundError", "StitchSpace", "StitchedNet",
-    "UnknownModelError", "create_snnet", "load", "register_adapter", "split_model",
-]
+# each public name and the module it lives in (errors, results and config need no torch)
+_HOMES = {
+    **dict.fromkeys(["ActivationSpec", "Adapter", "AnchorParts", "AnchorSpec", "register_adapter", "split_model"], "anchors"),
+    **dict.fromkeys(["CheckpointError", "NotStitchableError", "SnnetError", "StitchNotFoundError", "UnknownModelError"],
+                    "errors"),
+    **dict.fromkeys(["InitReport", "StitchCost", "StitchedNet", "create_snnet"], "model"),
+    "Row": "results", "SpaceConfig": "config", **dict.fromkeys(["Segment", "Stitch", "StitchSpace"], "space"),
+}
+__all__ = sorted([*_HOMES, "load"])
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> _Any:
+    """PEP 562: a public name, imported from its module on first use (the command line's lazy loading)."""
+    if name == "load":
+        value = __getattr__("StitchedNet").from_pretrained
+    elif name in _HOMES:
+        value = getattr(_import_module(f".{_HOMES[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module 'snnet' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def _loading_as_command() -> bool:
+    """True while ``python -m snnet`` (argv[0] is "-m" while the package loads) or the ``snnet`` script starts."""
+    return _sys.argv[:1] == ["-m"] or _os.path.basename(_sys.argv[0] if _sys.argv else "") == "snnet"
+
+
+if not _loading_as_command():  # a program's `import snnet`: the library, with snnet's families registered in timm
+    from . import adapters, pretrained, tiny  # noqa: F401  (the shipped, the tiny test families; the Swin, ResNet... adapters)
+
+    for _name in __all__:
+        __getattr__(_name)
+    del _name

@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:  # a full disk, a folder gone: what the system said, in one line
         _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", 2)
     if isinstance(code, int) and code != 0:  # typer.Exit(code) and Ctrl-C (130) end here
-        if code == 130:
-            typer.secho("interrupted", err=True, fg=typer.colors.RED)
+        if code == 130:  # typer turns a Ctrl-C inside a command (while it imports torch, say) into exit code 130
+            _fail("interrupted", 130)
         sys.exit(code)
 
 

@@ -284,6 +284,7 @@ def _copy_layer(layer: Any, state: dict[str, torch.Tensor], src: str, index: int
 def convert_reference(net: Any, state: dict[str, torch.Tensor], anchor_names: list[str]) -> ConversionReport:
     """Load a reference SN-Net ``state`` into ``net`` (built from ``anchor_names``, the reference's
     anchor order); raises :class:`CheckpointError` naming every key it cannot place."""
+    from . import adapters  # noqa: F401  (registers snnet's adapters: the command line imports the package without them)
     from .anchors import AnchorSpec, create_anchor, split_model
     from .reference import SKIPS_FINAL_NORM, reference_ids
 

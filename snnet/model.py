@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from . import adapters  # noqa: F401  (registers snnet's adapters: the command line imports the package without them)
 from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, Route, anchor_label, as_rows, build_parts, create_anchor,
                       without_final_norm)
 from .errors import CheckpointError, ConfigError, NotStitchableError

@@ -17,7 +17,6 @@ from .config_cli import Parsed, dump_yaml, parse, resume_command
 from .options import say_skipped
 from ..config import TrainConfig
 from ..errors import CheckpointError, SnnetError
-from ..model import anchor_specs as _specs  # noqa: F401  (the `stitches` command's KLAS builds its anchors with it)
 
 DESCRIPTION = ("Train all stitches of a family jointly (SN-Net); checkpoints resume to the identical run. Settings: "
                "the tree's defaults < --recipe < --config files < options. Many processes: torchrun --nproc_per_node "
@@ -32,14 +31,6 @@ def train(ctx: typer.Context) -> None:
 
 def run_train(argv: Sequence[str]) -> None:
     """``snnet train ARGV``: parse, check everything that can be checked, build, train, report."""
-    import torch
-
-    from ..checkpoint import seed_everything
-    from ..errors import TrainingInterrupted
-    from ..runlock import check_run_folder
-    from ..tasks import get_task
-    from ..train import check_resume, train as run
-
     parsed = parse(argv, "snnet train", flags={"--print-recipe": "Print the recipe's file (its sources and what it "
                                                "does not reproduce) and the learning rates used, then exit."},
                    description=DESCRIPTION)
@@ -50,6 +41,14 @@ def run_train(argv: Sequence[str]) -> None:
     if parsed.flags["--print-recipe"]:
         typer.echo(_recipe_text(parsed, world))
         return
+    import torch  # after the parse: --help and a refused option need none of the library's imports
+
+    from ..checkpoint import seed_everything
+    from ..errors import TrainingInterrupted
+    from ..runlock import check_run_folder
+    from ..tasks import get_task
+    from ..train import check_resume, train as run
+
     check_inputs(config)
     out = Path(config.run.out_dir)
     if check_run_folder(out, config.run.resume, config.run.overwrite) is None and config.run.resume == "auto":

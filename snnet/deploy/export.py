@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from .. import adapters  # noqa: F401  (registers snnet's adapters: the command line imports the package without them)
 from ..anchors import ActivationSpec, AnchorSpec, Route, create_anchor, split_model, without_final_norm
 from ..errors import CheckpointError, ExportError
 from ..io import atomic_write, record_checksum, verify_checksum, warn_unverified
