@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import ServeError
+from ..report import percentile
 from ..results import Row
 from .controller import RECENT_S, ControllerConfig, LatencyTable, StitchController, make_policy
 
@@ -113,12 +114,11 @@ def simulate(policy: StitchController, times: Sequence[float], images: int, max_
 
 def summarise(served: Sequence[Served], acc: Mapping[int, float], slo_ms: float) -> Summary:
     ok = [s for s in served if s.ms is not None]
-    lat = sorted(s.ms for s in ok)  # type: ignore[misc]
     n_img = sum(s.images for s in ok)
     return Summary(
         sent=len(served), attainment=sum(1 for s in ok if s.ms <= slo_ms) / len(served) if served else math.nan,  # type: ignore[operator]
         mean_acc1=sum(acc[s.stitch] * s.images for s in ok) / n_img if n_img else math.nan,  # type: ignore[index]
-        rejected=len(served) - len(ok), p95_ms=lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)] if lat else math.nan,
+        rejected=len(served) - len(ok), p95_ms=percentile((s.ms for s in ok), 0.95, nearest=True),  # type: ignore[misc]
         stitches=len({s.stitch for s in ok}))
 
 
