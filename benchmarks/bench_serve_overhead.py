@@ -17,6 +17,10 @@ Fashion-MNIST PNGs (multipart), it measures in one run:
   at a time) minus the model's p50 for one image, against the p50 of a bare endpoint on the same
   stack (uvicorn with httptools and uvloop, FastAPI, the same body limits and the same decoding)
   that only decodes the image: the server's own cost per request, which must be within 1.5x.
+  A lone one-image request runs in the server process (the latency path, ``--inline-max-images``,
+  default 1: docs/serving.md); the same is measured with ``--inline-max-images 0`` (every request
+  through the model process) beside it, with both server processes' resident memory (the latency
+  path's copy of the network).
 
 Beside the rates it reports the CPU time per image of the server process, the model process, the
 load generator and the model alone (from /proc): on a shared machine the rates move with
@@ -30,6 +34,7 @@ The load generator is :mod:`snnet.deploy.loadgen` (lean: raw HTTP/1.1 on keep-al
 that the client takes as little as possible of the CPU the server and model share.
 
     python benchmarks/bench_serve_overhead.py --out docs/serve/overhead     # ~5 min
+    python benchmarks/bench_serve_overhead.py --only-one-image --out docs/serve/inline   # ~1 min
 
 Without ``--model`` it serves the shipped Fashion-MNIST family (random stitching layers: the time
 of a forward does not depend on the weights). It prints the load average before and after: run
@@ -86,9 +91,15 @@ def cpu_bound(cpu: dict[str, float], cpus: int) -> float:
     return cpu["model_only_us_per_image"] / max(server, model, (server + model + client) / cpus, 1e-9)
 
 
-def server(model: str, results: str, max_batch: int, stitch: int) -> ServerProcess:
+def server(model: str, results: str, max_batch: int, stitch: int, *extra: str) -> ServerProcess:
     return ServerProcess(["--model", model, "--results", results, "--max-batch", str(max_batch), "--max-queue", str(8 * max_batch),
-                          "--threads", "1", "--stitch", str(stitch), "--log-level", "warning"])
+                          "--threads", "1", "--stitch", str(stitch), "--log-level", "warning", *extra])
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (Linux /proc), MiB."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return round(int(line.split()[1]) / 1024, 1)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -179,6 +190,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="measured seconds of the server per round")
     ap.add_argument("--model-seconds", type=float, default=2.0, help="seconds of the model alone per round")
     ap.add_argument("--rounds", type=int, default=7, help="rounds of (model alone, server) per stitch and request size")
+    ap.add_argument("--only-one-image", action="store_true", help="measure only the one-image requests (no throughput rounds)")
     ap.add_argument("--bare", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare is not None:
@@ -214,7 +226,7 @@ def main() -> None:
 
     pngs = loadgen.fmnist_pngs(max(sizes) * 8)
     rows_out: list[dict[str, Any]] = []
-    for size in sizes:
+    for size in [] if args.only_one_image else sizes:
         bodies = [loadgen.make_body("/predict", files=pngs[k * size:(k + 1) * size]) for k in range(8)]
         with server(args.model, str(table), size, large.id) as srv:
             port, engine = srv.port, int(srv.health()["model_pid"])
@@ -267,38 +279,48 @@ def main() -> None:
         bare_p50 = one_image(port, one, args.seconds)[0]
     finally:
         loadgen.stop(bare)
-    with server(args.model, str(table), max(sizes), small.id) as srv:
-        port = srv.port
-        for anchor in (small, large):
-            srv.put_stitch({"stitch": anchor.id})
-            model_p50 = model_only(net, anchor.id, 1, args.model_seconds)[1]
-            p50, answers = one_image(port, one, args.seconds)
-            overhead = p50 - model_p50
-            said = [json.loads(a) for a in answers]  # what the server measured itself: arrival to result, and the forward
-            single.append({"stitch": anchor.name, "server_p50_ms": round(p50, 3), "model_p50_ms": round(model_p50, 3),
-                           "overhead_ms": round(overhead, 3), "bare_p50_ms": round(bare_p50, 3), "ratio": round(overhead / bare_p50, 3),
-                           "server_said_latency_p50_ms": round(statistics.median(a["latency_ms"] for a in said), 3),
-                           "server_said_compute_p50_ms": round(statistics.median(a["batch"]["compute_ms"] for a in said), 3)})
-            print(f"{anchor.name:>14} one image: server p50 {p50:.3f} ms - model {model_p50:.3f} ms = {overhead:.3f} ms; "
-                  f"bare endpoint p50 {bare_p50:.3f} ms; ratio {overhead / bare_p50:.2f}")
-    parts = {size: server_cpu_parts(net, pngs, size) for size in sizes}
-    print(f"server-side work measured alone, CPU µs per image: {parts}")
+    for path, extra in (("inline", ()), ("batched", ("--inline-max-images", "0"))):
+        with server(args.model, str(table), max(sizes), small.id, *extra) as srv:
+            port, engine = srv.port, int(srv.health()["model_pid"])
+            for anchor in (small, large):
+                srv.put_stitch({"stitch": anchor.id})
+                model_p50 = model_only(net, anchor.id, 1, args.model_seconds)[1]
+                p50, answers = one_image(port, one, args.seconds)
+                overhead = p50 - model_p50
+                said = [json.loads(a) for a in answers]  # what the server measured itself: arrival to result, and the forward
+                single.append({"path": path, "stitch": anchor.name, "server_p50_ms": round(p50, 3), "model_p50_ms": round(model_p50, 3),
+                               "overhead_ms": round(overhead, 3), "bare_p50_ms": round(bare_p50, 3), "ratio": round(overhead / bare_p50, 3),
+                               "server_said_latency_p50_ms": round(statistics.median(a["latency_ms"] for a in said), 3),
+                               "server_said_compute_p50_ms": round(statistics.median(a["batch"]["compute_ms"] for a in said), 3),
+                               "ran_inline": round(sum(bool(a.get("inline")) for a in said) / len(said), 3),
+                               "server_rss_mb": rss_mb(srv.pid), "model_process_rss_mb": rss_mb(engine)})
+                print(f"{anchor.name:>14} one image ({path}): server p50 {p50:.3f} ms - model {model_p50:.3f} ms = {overhead:.3f} ms; "
+                      f"bare endpoint p50 {bare_p50:.3f} ms; ratio {overhead / bare_p50:.2f}; "
+                      f"{single[-1]['ran_inline']:.0%} ran inline; server process RSS {single[-1]['server_rss_mb']} MiB")
+    parts = {} if args.only_one_image else {size: server_cpu_parts(net, pngs, size) for size in sizes}
+    if parts:
+        print(f"server-side work measured alone, CPU µs per image: {parts}")
     load.append(os.getloadavg()[0])
     print(f"load average {load[0]:.2f} before, {load[1]:.2f} after")
 
-    lines = ["| stitch | images per request | model only (img/s) | server (img/s) | server / model | bound by CPU times | "
+    lines: list[str] = []
+    if rows_out:
+        lines += ["| stitch | images per request | model only (img/s) | server (img/s) | server / model | bound by CPU times | "
              "CPU µs per image: server process / model process / client / model alone |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['stitch']} | {r['images_per_request']} | {r['model_img_s']:.0f} | {r['server_img_s']:.0f} | {r['ratio']:.2f} | "
+        lines += [f"| {r['stitch']} | {r['images_per_request']} | {r['model_img_s']:.0f} | {r['server_img_s']:.0f} | {r['ratio']:.2f} | "
               f"{r['cpu_bound_ratio']:.2f} | "
               f"{r['cpu']['server_us_per_image']:.0f} / {r['cpu']['model_process_us_per_image']:.0f} / {r['cpu']['client_us_per_image']:.0f}"
               f" / {r['cpu']['model_only_us_per_image']:.0f} |" for r in rows_out]
-    lines += ["", "| images per request | decoding and normalising, alone (CPU µs per image) | multipart parsing, alone (CPU µs per image) |",
-              "|---|---|---|"]
-    lines += [f"| {size} | {p['decode_normalise_us_per_image']:.0f} | {p['multipart_us_per_image']:.0f} |" for size, p in parts.items()]
-    lines += ["", "| stitch | server p50 (ms) | model p50 (ms) | overhead (ms) | bare endpoint p50 (ms) | overhead / bare | "
-              "the server's own p50: latency / forward (ms) |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['stitch']} | {r['server_p50_ms']:.3f} | {r['model_p50_ms']:.3f} | {r['overhead_ms']:.3f} | {r['bare_p50_ms']:.3f} | "
-              f"{r['ratio']:.2f} | {r['server_said_latency_p50_ms']:.3f} / {r['server_said_compute_p50_ms']:.3f} |" for r in single]
+    if parts:
+        lines += ["", "| images per request | decoding and normalising, alone (CPU µs per image) | multipart parsing, alone (CPU µs per image) |",
+                  "|---|---|---|"]
+        lines += [f"| {size} | {p['decode_normalise_us_per_image']:.0f} | {p['multipart_us_per_image']:.0f} |" for size, p in parts.items()]
+    lines += ["", "| path | stitch | server p50 (ms) | model p50 (ms) | overhead (ms) | bare endpoint p50 (ms) | overhead / bare | "
+              "the server's own p50: latency / forward (ms) | ran inline | RSS (MiB): server process / model process |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['path']} | {r['stitch']} | {r['server_p50_ms']:.3f} | {r['model_p50_ms']:.3f} | {r['overhead_ms']:.3f} | "
+              f"{r['bare_p50_ms']:.3f} | {r['ratio']:.2f} | {r['server_said_latency_p50_ms']:.3f} / {r['server_said_compute_p50_ms']:.3f} | "
+              f"{r['ran_inline']:.0%} | {r['server_rss_mb']:.0f} / {r['model_process_rss_mb']:.0f} |" for r in single]
     print("\n" + "\n".join(lines))
     (out / "overhead.md").write_text("\n".join(lines) + "\n")
     (out / "overhead.json").write_text(json.dumps({
@@ -306,7 +328,7 @@ def main() -> None:
         "throughput": rows_out, "one_image": single, "server_work_alone": parts, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, indent=1) + "\n")
     print(f"wrote {out / 'overhead.json'} and {out / 'overhead.md'}")
     print("SUMMARY overhead: server/model img/s " + ", ".join(f"{r['stitch']} x{r['images_per_request']} {r['ratio']:.2f}" for r in rows_out)
-          + " (goal >= 0.8); one image overhead/bare " + ", ".join(f"{r['stitch']} {r['ratio']:.2f}" for r in single)
+          + " (goal >= 0.8); one image overhead/bare " + ", ".join(f"{r['stitch']} ({r['path']}) {r['ratio']:.2f}" for r in single)
           + f" (goal <= 1.5); load average {load[0]:.2f} -> {load[1]:.2f} on {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M %Z')}")
 
 

@@ -499,7 +499,7 @@ def _stopped(pid: int) -> Iterator[None]:
 
 
 def test_503_with_retry_after_past_the_queue_bound_and_no_steering_without_a_token(saved: tuple[Path, Path]) -> None:
-    service = _service(saved, max_batch=2, max_queue=4)
+    service = _service(saved, max_batch=2, max_queue=4, inline_max_images=0)  # every request waits for the (stopped) model process
     with _Server(service) as s, httpx.Client(base_url=s.url, timeout=60) as c, ThreadPoolExecutor(8) as pool:
         r = c.put("/stitch", json={"stitch": 0})  # no admin token configured: off, and it says how to turn it on
         assert r.status_code == 403 and "--admin-token-file" in r.json()["error"]

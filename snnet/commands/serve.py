@@ -95,6 +95,11 @@ def serve(
                                              "and the latency table) or last-second (once a second, from the last second's rate).")] = "controller",
     threads: Annotated[int, typer.Option(help="torch CPU threads of the model process.")] = 1,
     up_after: Annotated[int, typer.Option(help="Batches in a row with room to spare before a more accurate stitch is taken.")] = 5,
+    inline_max_images: Annotated[int, typer.Option(help="A lone request of at most this many images, arriving while the model "
+                                                        "process has nothing to do, runs in the server process (no hand-off; "
+                                                        "0: never). From 0 to --max-batch.")] = 1,
+    inline_max_ms: Annotated[float, typer.Option(help="... and only on a stitch whose forward of that many images takes at most "
+                                                      "this many ms by the latency table (it holds the event loop meanwhile).")] = 5.0,
     body_timeout: Annotated[float, typer.Option(help="Seconds a request body may take to arrive; then 408 and the connection "
                                                      "is closed (a slow upload holds no queue room meanwhile).")] = 20.0,
     admin_token_file: Annotated[Optional[Path], typer.Option(
@@ -134,6 +139,7 @@ def serve(
     config = ServeConfig.from_mb(max_upload_mb, model="", slo_ms=50.0 if slo_ms is None else slo_ms, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                  max_queue=max_queue, max_pixels=max_pixels, resize=resize, stitch=stitch, policy=policy,
                                  threads=threads, up_after=up_after, body_timeout_s=body_timeout,
+                                 inline_max_images=inline_max_images, inline_max_ms=inline_max_ms,
                                  admin_token_file=str(admin_token_file) if admin_token_file else None, docs=docs)
     listen = Listen(host, port, workers, timeout_graceful_shutdown, log_level,
                     str(ssl_certfile) if ssl_certfile else None, str(ssl_keyfile) if ssl_keyfile else None)

@@ -14,7 +14,8 @@ __all__ = ["serve_lm"]
 DEFAULT_TTFT_MS = 1000.0
 # image-server settings with no meaning for a language model: changing one is refused, not ignored
 _IMAGE_ONLY = {"max_batch": "--max-batch", "max_wait_ms": "--max-wait-ms", "max_pixels": "--max-pixels", "resize": "--no-resize",
-               "policy": "--policy", "up_after": "--up-after"}
+               "policy": "--policy", "up_after": "--up-after",
+               "inline_max_images": "--inline-max-images", "inline_max_ms": "--inline-max-ms"}
 
 
 def serve_lm(config: Any, listen: Any, *, slo_ms: float | None, tpot_ms: float | None, ray: bool) -> None:

@@ -310,6 +310,39 @@ async def _image_parts(request: Request, max_images: int) -> list[bytes]:
 async def predict(svc: Service, request: Request) -> Response:
     """A PNG/JPEG as the raw body, multipart file part(s) named `file` (several = a batch), or a
     raw tensor (.npy / safetensors)."""
+    svc.handling += 1  # from before its body arrives: the latency path runs a request only when it is alone
+    try:
+        return await _predict(svc, request)
+    finally:
+        svc.handling -= 1
+
+
+def _decode(svc: Service, blobs: list[bytes], array: np.ndarray | None, out: np.ndarray) -> None:
+    if array is None:
+        svc.preprocess.images(blobs, out)
+    else:
+        svc.preprocess.array(array, out)
+
+
+async def _run_inline(svc: Service, blobs: list[bytes], array: np.ndarray | None, n: int) -> BatchResult | None:
+    """The request run in this process (:mod:`.inline`), or None when it must go to the model process."""
+    inline = svc.inline
+    assert inline is not None
+    await asyncio.sleep(0)  # one turn of the event loop: requests that arrived meanwhile start, and count in svc.handling
+    decision = inline.choose(n, svc.batcher, svc.handling)
+    if decision is None:
+        return None
+    x = inline.x[:n]
+    _decode(svc, blobs, array, x)
+    try:
+        return inline.run(x, decision)
+    except Exception as e:  # noqa: BLE001 - as a failed batch: this request gets a 500, the server goes on
+        log.exception("the model failed on a request run in the server process")
+        raise Rejected(500, f"the model failed on this batch ({type(e).__name__}: {first_line(e)}); the server goes on",
+                       "model_error") from e
+
+
+async def _predict(svc: Service, request: Request) -> Response:
     arrived = time.perf_counter()
     c, batcher = svc.config, svc.batcher
     ctype = request.headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -328,26 +361,29 @@ async def predict(svc: Service, request: Request) -> Response:
                     raise Rejected(413, f"a request carries at most {c.max_batch} images (--max-batch): split the batch", "bad_batch")
             blobs = [body]
         n = len(array) if array is not None else len(blobs)
-        offset = batcher.reserve(n)  # a full server refuses here, before decoding; nothing was held while the body arrived
-        try:
-            out = batcher.ring[offset:offset + n]
-            if array is None:
-                svc.preprocess.images(blobs, out)
-            else:
-                svc.preprocess.array(array, out)
-            future = batcher.submit(offset, n, arrived)
-        except BaseException:
-            batcher.release(offset, n)
-            raise
-        svc.metrics.queue.set(batcher.held)
-        try:
-            result: BatchResult = await future
-        except RuntimeError as e:  # the model failed on this batch (logged with its traceback by the model process)
-            raise Rejected(500, f"the model failed on this batch ({e}); the server goes on", "model_error") from e
+        result = await _run_inline(svc, blobs, array, n) if svc.inline is not None and n <= c.inline_max_images else None
+        inline = result is not None
+        if result is None:
+            offset = batcher.reserve(n)  # a full server refuses here, before decoding; nothing was held while the body arrived
+            try:
+                _decode(svc, blobs, array, batcher.ring[offset:offset + n])
+                future = batcher.submit(offset, n, arrived)
+            except BaseException:
+                batcher.release(offset, n)
+                raise
+            svc.metrics.queue.set(batcher.held)
+            try:
+                result = await future
+            except RuntimeError as e:  # the model failed on this batch (logged with its traceback by the model process)
+                raise Rejected(500, f"the model failed on this batch ({e}); the server goes on", "model_error") from e
     except Rejected as e:
         svc.metrics.queue.set(batcher.held)
         return _reject(e, svc.metrics)
     latency = time.perf_counter() - arrived
+    if inline:
+        svc.metrics.ran_inline(result.info)
+        # after the answer is written (the handler returns first): the model process's policy sees the request
+        asyncio.get_running_loop().call_soon(batcher.observe_inline, n, arrived, latency * 1e3)
     svc.metrics.latency.observe(latency)
     svc.metrics.requests.labels("200").inc()
     svc.metrics.queue.set(batcher.held)
@@ -360,12 +396,14 @@ async def predict(svc: Service, request: Request) -> Response:
         np.save(buf, result.probs, allow_pickle=False)
         return Response(buf.getvalue(), 200, {"x-snnet-stitch": str(d.stitch), "x-snnet-stitch-name": d.name,
                                               "x-snnet-mode": "pinned" if d.pinned else "auto",
+                                              "x-snnet-inline": "1" if inline else "0",
                                               "x-snnet-latency-ms": f"{latency * 1e3:.3f}"}, media_type=NPY)
     return _json({
         "predictions": [{"class": int(k), "probs": p} for k, p in zip(result.probs.argmax(-1), result.probs)],
         "stitch": {"id": d.stitch, "name": d.name, "acc1": row.acc1, "flops": row.flops},
         "mode": "pinned" if d.pinned else "auto",
-        "batch": {"id": info.batch_id, "size": info.size, "compute_ms": round(info.compute_ms, 3),
+        "inline": inline,  # run in the server process (the latency path), not in a batch of the model process
+        "batch": {"id": None if inline else info.batch_id, "size": info.size, "compute_ms": round(info.compute_ms, 3),
                   "predicted_ms": None if d.predicted_ms is None else round(d.predicted_ms, 3), "reason": d.reason},
         "latency_ms": round(latency * 1e3, 3),
     })

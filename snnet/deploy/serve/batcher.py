@@ -66,7 +66,7 @@ class Batcher:
         fd, path = tempfile.mkstemp(prefix="snnet-ring-", dir=_shm_folder())
         os.close(fd)
         try:
-            self._buf, self.ring = open_ring(path, max_queue, info.input_size)
+            self._buf, self.ring, self.state = open_ring(path, max_queue, info.input_size)
             self.conn = connect("jobs", path, max_queue)
             self.conn.recv()  # "attached": the model process has mapped the ring
         finally:
@@ -80,6 +80,7 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.last: BatchInfo | None = None  # the latest batch this process heard of
         self.closing = False
+        self.gone = False  # the model process's connection ended
 
     # ------------------------------------------------------------------ room
     def reserve(self, images: int) -> int:
@@ -130,6 +131,21 @@ class Batcher:
                            "model_gone") from e
         return future
 
+    @property
+    def idle(self) -> bool:
+        """Nothing of this process's waits for the model process, and the model process has nothing
+        queued or running from any server process (as it last published): a lone request may run
+        here (:mod:`.inline`)."""
+        return not self._pending and not self.closing and not self.gone and self.state.busy == 0
+
+    def observe_inline(self, images: int, arrived: float, latency_ms: float) -> None:
+        """Tell the model process of a request this process ran itself (its policy sees it as a batch's)."""
+        if not (self.gone or self.closing):
+            try:
+                send(self.conn, ("inline", images, arrived, latency_ms))
+            except OSError:
+                pass  # gone: the next read finds out
+
     def _on_results(self) -> None:
         try:
             while self.conn.poll():
@@ -148,6 +164,7 @@ class Batcher:
                         future.set_result(BatchResult(out, info))
                 self.on_batch(info, images)
         except (EOFError, OSError):  # the model process is gone: nothing queued will be answered
+            self.gone = True
             assert self._loop is not None
             self._loop.remove_reader(self.conn.fileno())
             for future, offset, k in self._pending.values():

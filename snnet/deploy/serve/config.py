@@ -62,6 +62,10 @@ class ServeConfig:
     body_timeout_s: float = 20.0  # a request body must arrive within this (else 408): slow uploads hold nothing for long
     admin_token_file: str | None = None  # a file holding the admin token (else $SNNET_ADMIN_TOKEN; neither: admin endpoints off)
     docs: bool = False  # serve /docs, /redoc and /openapi.json
+    # the latency path (snnet.deploy.serve.inline): a lone request of at most this many images runs in the
+    # server process while the model process has nothing to do (0: every request goes through the model process)
+    inline_max_images: int = 1
+    inline_max_ms: float = 5.0  # ... on a stitch whose forward of that many images takes at most this (the latency table)
 
     def __post_init__(self) -> None:
         _finite(self.slo_ms, "--slo-ms", 0)
@@ -78,6 +82,8 @@ class ServeConfig:
         _count(self.up_after, "--up-after", 1, 10 ** 6)
         _count(self.profile_repeats, "profile_repeats", 1, 10 ** 6)
         _finite(self.body_timeout_s, "--body-timeout", 0)
+        _count(self.inline_max_images, "--inline-max-images", 0, self.max_batch)
+        _finite(self.inline_max_ms, "--inline-max-ms", 0)
 
     @classmethod
     def from_mb(cls, max_upload_mb: float, **kw: object) -> "ServeConfig":

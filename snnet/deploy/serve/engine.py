@@ -17,7 +17,12 @@ the model process does nothing but batches, on its own core, and the server proc
   message with the batch's details; batches run one after another, each wholly on one stitch,
   so switching never drops or reorders a request;
 * **control** (the policy, pin, unpin) is answered by a thread of its own at once, not after the
-  batch in flight: a pin takes effect from the next batch, for every server process.
+  batch in flight: a pin takes effect from the next batch, for every server process;
+* the **state** it publishes in every ring's last bytes (:class:`RingState`): the stitch the next
+  batch would get (pinned or the policy's current rung) and how many images are queued or in the
+  batch running. A server process reads it to run a lone request itself while this process has
+  nothing to do (:mod:`.inline`), on the very stitch this process would have used, and tells it
+  afterwards (``("inline", ...)``: its arrival and latency reach the policy as a batch's would).
 
 The process starts with :class:`EngineProcess` (a fresh interpreter: no inherited threads), loads the network, profiles the stitches the results give no latency table for, then
 listens on a Unix socket for server processes (:class:`multiprocessing.connection.Listener`, with
@@ -53,7 +58,7 @@ from ...results import Row
 from ..controller import RECENT_S, ControllerConfig, Decision, LatencyTable, StitchController, ladder, make_policy
 from .config import ServeConfig
 
-__all__ = ["BatchInfo", "EngineInfo", "EngineProcess", "connect", "open_ring"]
+__all__ = ["BatchInfo", "EngineInfo", "EngineProcess", "RingState", "connect", "open_ring"]
 
 
 @dataclass(frozen=True)
@@ -101,11 +106,43 @@ def recv(conn: Connection) -> Any:
     return pickle.loads(conn.recv_bytes())
 
 
-def open_ring(path: str, capacity: int, input_size: Sequence[int]) -> tuple[mmap.mmap, np.ndarray]:
+class RingState:
+    """What the model process publishes to a server process, in the last bytes of its ring: three
+    int64 that the model process writes (under its policy lock) and the server process only reads.
+    Each is one aligned 8-byte word, so a reader never sees half of one."""
+
+    STITCH, PINNED, BUSY = range(3)
+    WORDS = 8  # 64 bytes: a cache line of its own
+
+    def __init__(self, words: np.ndarray) -> None:
+        self.words = words
+
+    def publish(self, stitch: int, pinned: bool, busy: int) -> None:
+        w = self.words
+        w[self.STITCH], w[self.PINNED], w[self.BUSY] = stitch, pinned, busy
+
+    @property
+    def stitch(self) -> int:
+        """The stitch the model process's next batch would get: pinned, or the policy's current rung."""
+        return int(self.words[self.STITCH])
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.words[self.PINNED])
+
+    @property
+    def busy(self) -> int:
+        """Images queued in the model process or in the batch it is running (from every server process)."""
+        return int(self.words[self.BUSY])
+
+
+def open_ring(path: str, capacity: int, input_size: Sequence[int]) -> tuple[mmap.mmap, np.ndarray, RingState]:
     """The input ring in file ``path`` (in /dev/shm where there is one): ``capacity`` images of
-    float32 ``input_size``, mapped shared, as a numpy array."""
+    float32 ``input_size``, mapped shared, as a numpy array; and after them the model process's
+    published :class:`RingState`."""
     shape = (capacity, *(int(v) for v in input_size))
-    nbytes = int(np.prod(shape)) * 4
+    images = -(-int(np.prod(shape)) * 4 // 64) * 64  # the state starts on a 64-byte boundary
+    nbytes = images + RingState.WORDS * 8
     fd = os.open(path, os.O_RDWR)
     try:
         if os.fstat(fd).st_size < nbytes:
@@ -113,7 +150,8 @@ def open_ring(path: str, capacity: int, input_size: Sequence[int]) -> tuple[mmap
         buf = mmap.mmap(fd, nbytes)
     finally:
         os.close(fd)
-    return buf, np.ndarray(shape, np.float32, buffer=buf)
+    return (buf, np.ndarray(shape, np.float32, buffer=buf),
+            RingState(np.ndarray((RingState.WORDS,), np.int64, buffer=buf, offset=images)))
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one per connection
@@ -123,6 +161,7 @@ class _Front:
     conn: Connection
     buf: mmap.mmap
     ring: np.ndarray
+    state: RingState
 
 
 @dataclass
@@ -146,6 +185,9 @@ class _Engine:
     fronts: list[_Front] = field(default_factory=list)
     recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=4000))  # (finished, end-to-end ms)
     batches: int = 0
+    inline: int = 0  # requests the server processes ran themselves (and told this process of)
+    running: int = 0  # images in the batch running now
+    busy: int = 0  # images queued or running, as last published
     lock: threading.Lock = field(default_factory=threading.Lock)  # the policy: the batching loop and control share it
     selector: selectors.BaseSelector | None = None  # what the batching loop waits on (set by serve)
 
@@ -208,12 +250,26 @@ class _Engine:
                 return self.state()
             elif op != "policy":
                 raise ServeError(f"unknown control operation {op!r}")
-            return self.policy.policy()
+            answer = self.policy.policy()
+        if op in ("pin", "auto"):
+            self.publish(control=True)  # before the answer: a lone request sent after it runs on the new stitch
+        return answer
 
     def state(self) -> dict[str, Any]:
         p = self.policy
         return {"stitch": p.current.name, "mode": "pinned" if p.pinned else "auto", "policy": p.name,
-                "queue": sum(j.images for j in self.jobs), "batches": self.batches, "model_pid": os.getpid()}
+                "queue": sum(j.images for j in self.jobs), "batches": self.batches, "inline": self.inline, "model_pid": os.getpid()}
+
+    def publish(self, fronts: Sequence[_Front] | None = None, *, control: bool = False) -> None:
+        """Tell every server process (or ``fronts``) the stitch of the next batch and the images
+        queued or running. The batching loop counts those; the control thread (``control``, after a
+        pin) repeats the loop's last count rather than read the queue the loop is changing."""
+        if not control:
+            self.busy = self.running + sum(j.images for j in self.jobs)
+        with self.lock:
+            current, pinned = self.policy.current.id, self.policy.pinned is not None
+            for front in list(self.fronts) if fronts is None else fronts:
+                front.state.publish(current, pinned, self.busy)
 
     # ------------------------------------------------------------------ the batching loop
     def serve(self, listener: Listener, owner: Connection) -> None:
@@ -253,6 +309,7 @@ class _Engine:
                         front = arrivals.popleft()
                         self.fronts.append(front)
                         sel.register(front.conn, selectors.EVENT_READ, front)
+                        self.publish([front])
                 else:
                     self._read(obj)
             queued = sum(j.images for j in self.jobs)
@@ -273,9 +330,11 @@ class _Engine:
                 threading.Thread(target=self._answer, args=(conn,), daemon=True, name="snnet-control").start()
                 continue
             path, capacity = args
-            buf, ring = open_ring(path, capacity, self.net.input_size)
+            buf, ring, state = open_ring(path, capacity, self.net.input_size)
+            with self.lock:
+                state.publish(self.policy.current.id, self.policy.pinned is not None, 1)  # busy until the loop publishes
             conn.send(("attached", os.getpid()))
-            arrivals.append(_Front(conn, buf, ring))
+            arrivals.append(_Front(conn, buf, ring, state))
             os.write(wake_w, b"x")
 
     def _answer(self, conn: Connection) -> None:
@@ -296,6 +355,7 @@ class _Engine:
     def _read(self, front: _Front) -> None:
         """Every message waiting from one server process."""
         try:
+            jobs = False
             while front.conn.poll():
                 kind, *args = recv(front.conn)
                 if kind == "job":
@@ -303,12 +363,41 @@ class _Engine:
                     self.jobs.append(_Job(front, job_id, offset, images, arrived))
                     with self.lock:
                         self.policy.observe_arrival(images, arrived)
+                    jobs = True
+                elif kind == "inline":
+                    self._inline(*args)
+            if jobs:
+                self.publish()
         except (EOFError, OSError):  # that server process is gone: its requests have nobody to answer
             self.jobs = deque(j for j in self.jobs if j.front is not front)
             if self.selector is not None:
                 self.selector.unregister(front.conn)
             front.conn.close()
             self.fronts.remove(front)
+
+    def _decide(self, waiting: int, oldest_wait_ms: float, now: float) -> Decision:
+        """The policy's decision for ``waiting`` images, from the latencies of the last RECENT_S seconds."""
+        while self.recent and now - self.recent[0][0] > RECENT_S:  # in the order they finished: drop the expired from the left
+            self.recent.popleft()
+        recent = [ms for _, ms in self.recent] if self.policy.pinned is None else []  # a pin reads no latencies
+        with self.lock:
+            decision = self.policy.decide(waiting, oldest_wait_ms, recent, now)
+        if decision.switched:  # the latencies seen so far were another stitch's
+            self.recent.clear()
+        return decision
+
+    def _inline(self, images: int, arrived: float, latency_ms: float) -> None:
+        """A request a server process ran itself (:mod:`.inline`): its arrival and latency reach the
+        policy as a batch's requests would, and the policy decides as after a batch of it (so it
+        climbs, or steps down, on lone requests too); the stitch it names is published."""
+        now = time.perf_counter()
+        with self.lock:
+            self.policy.observe_arrival(images, arrived)
+        self.inline += 1
+        self.recent.append((now, latency_ms))
+        if self.policy.pinned is None:
+            self._decide(images, 0.0, now)
+            self.publish()
 
     def _run_batch(self, torch: Any) -> None:
         c = self.config
@@ -319,13 +408,9 @@ class _Engine:
             n += job.images
         now = time.perf_counter()
         waiting = n + sum(j.images for j in self.jobs)
-        while self.recent and now - self.recent[0][0] > RECENT_S:  # in the order they finished: drop the expired from the left
-            self.recent.popleft()
-        recent = [ms for _, ms in self.recent] if self.policy.pinned is None else []  # a pin reads no latencies
-        with self.lock:
-            decision = self.policy.decide(waiting, (now - batch[0].arrived) * 1e3, recent, now)
-        if decision.switched:  # the latencies seen so far were another stitch's
-            self.recent.clear()
+        decision = self._decide(waiting, (now - batch[0].arrived) * 1e3, now)
+        self.running = n
+        self.publish()
         views = [torch.from_numpy(j.front.ring[j.offset:j.offset + j.images]) for j in batch]
         t0 = time.perf_counter()
         try:
@@ -340,6 +425,7 @@ class _Engine:
         done = time.perf_counter()
         compute_ms = (done - t0) * 1e3
         self.batches += 1
+        self.running = 0
         with self.lock:
             self.policy.observe_batch(decision.stitch, n, compute_ms)
             slowdown = self.policy.slowdown
@@ -357,6 +443,8 @@ class _Engine:
                 send(front.conn, ("done", info.wire(), by_front[id(front)]))
             except OSError:
                 pass  # gone: _read drops it at its next message
+        if not self.jobs:
+            self.publish()  # idle: the next lone request may run in its server process
 
 
 def _policy(name: str, rows: Sequence[dict[str, Any]], config: ServeConfig) -> StitchController:

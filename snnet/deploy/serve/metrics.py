@@ -52,20 +52,33 @@ class Metrics:
         self.pinned = Gauge("snnet_stitch_pinned", "1 when the stitch is pinned, 0 when chosen automatically", registry=reg,
                             multiprocess_mode="livemostrecent")
         self.switches = Counter("snnet_stitch_switches", "Batches served by another stitch than the batch before", registry=reg)
+        self.inline = Counter("snnet_inline_requests", "Requests the server process ran itself, the model process being idle "
+                              "(the latency path; also counted in snnet_images)", registry=reg)
+        self.inline_seconds = Histogram("snnet_inline_seconds", "Model time of requests run in the server process",
+                                        buckets=_SECONDS, registry=reg)
         self.slowdown = Gauge("snnet_latency_table_slowdown", "Measured batch time over the latency table's", registry=reg,
                               multiprocess_mode="livemostrecent")
 
     def batch(self, info: BatchInfo, images: int) -> None:
         """A batch that served ``images`` of this process's images (see the module for who counts what)."""
-        d = info.decision
-        self.images.labels(d.name).inc(images)
-        self.stitch.set(d.stitch)
-        self.pinned.set(1 if d.pinned else 0)
+        self._served(info, images)
         self.slowdown.set(info.slowdown)
         if info.lead:
             self.batch_seconds.observe(info.compute_ms / 1e3)
             self.batch_size.observe(info.size)
-            self.switches.inc(d.switched)
+            self.switches.inc(info.decision.switched)
+
+    def ran_inline(self, info: BatchInfo) -> None:
+        """A request this process ran itself (:mod:`.inline`)."""
+        self._served(info, info.size)
+        self.inline.inc()
+        self.inline_seconds.observe(info.compute_ms / 1e3)
+
+    def _served(self, info: BatchInfo, images: int) -> None:
+        d = info.decision
+        self.images.labels(d.name).inc(images)
+        self.stitch.set(d.stitch)
+        self.pinned.set(1 if d.pinned else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

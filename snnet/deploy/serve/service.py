@@ -2,7 +2,8 @@
 
 A :class:`Service` holds what the model process said about the network (its stitches, input size
 and data config), this process's :class:`~.batcher.Batcher` (input ring and connections),
-the preprocessing, the metrics and the admin token. :meth:`Service.load` starts a model process
+the preprocessing, the metrics, the admin token and, where lone requests run here, the
+latency path's copy of the network (:mod:`.inline`). :meth:`Service.load` starts a model process
 of its own (:class:`~.engine.EngineProcess`); :meth:`Service.attach` joins one that another
 process started (``snnet serve --workers N``: one model process, N server processes, one stitch
 policy for all of them).
@@ -17,6 +18,7 @@ from .batcher import Batcher
 from .config import ServeConfig, log
 from .engine import EngineInfo, EngineProcess, connect
 from .images import Preprocess
+from .inline import InlineModel
 from .metrics import Metrics
 
 __all__ = ["Service"]
@@ -36,6 +38,8 @@ class Service:
         self.preprocess = Preprocess(info.data_config, info.input_size, resize=config.resize, max_pixels=config.max_pixels)
         self.metrics = Metrics()
         self.batcher = Batcher(connect, info, config.max_queue, self.metrics.batch)
+        self.inline = InlineModel.load(config, info)  # None: every request goes through the model process
+        self.handling = 0  # /predict requests this process is handling now (the latency path runs only alone)
 
     @classmethod
     def load(cls, config: ServeConfig, say: Callable[[str], Any] = log.info) -> "Service":

@@ -1,0 +1,134 @@
+"""snnet serve's latency path: a lone small request runs in the server process (snnet.deploy.serve.inline).
+
+The server runs in-process as in tests/test_serve.py (uvicorn in a thread, the model process a
+real subprocess) on a tiny saved network with a synthetic latency table. Nothing here times the
+machine: which path a request took is read from its answer (``inline``) and from /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+import snnet  # noqa: E402
+from snnet.deploy import loadgen  # noqa: E402
+from snnet.deploy.serve import EngineInfo, ServeConfig, Service  # noqa: E402
+from snnet.deploy.serve.inline import InlineModel  # noqa: E402
+from snnet.errors import ServeError  # noqa: E402
+from snnet.results import read_rows  # noqa: E402
+
+from .conftest import TINY_VITS, TOKEN, _png, _synthetic_rows, _until  # noqa: E402
+from .test_serve import _Server, _multipart  # noqa: E402
+
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    torch.manual_seed(0)
+    net = snnet.create_snnet(TINY_VITS)
+    folder = tmp_path_factory.mktemp("inline")
+    net.save_pretrained(folder / "net")
+    (folder / "results.json").write_text(json.dumps(_synthetic_rows(net)))
+    (folder / "token").write_text(TOKEN + "\n")
+    return folder / "net", folder / "results.json"
+
+
+def _service(saved: tuple[Path, Path], **kw: Any) -> Service:
+    model, results = saved
+    kw.setdefault("inline_max_ms", 1e6)  # every stitch of the synthetic table may run inline
+    return Service.load(ServeConfig(str(model), str(results), max_batch=8, admin_token_file=str(model.parent / "token"), **kw))
+
+
+@pytest.fixture(scope="module")
+def server(saved: tuple[Path, Path]) -> Iterator[_Server]:
+    with _Server(_service(saved)) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server: _Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def _metric(client: httpx.Client, name: str) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_lone_request_runs_inline_with_the_batched_paths_answer(server: _Server, client: httpx.Client) -> None:
+    before = _metric(client, "snnet_inline_requests_total")
+    image, other = _png(seed=3), _png(seed=4)
+    for stitch in (1, 3):  # pinned: the two answers below come from one stitch whatever the policy would do
+        assert client.put("/stitch", json={"stitch": stitch}, headers=AUTH).status_code == 200
+        alone = client.post("/predict", content=image, headers={"content-type": "image/png"}).json()
+        assert alone["inline"] is True and alone["batch"]["id"] is None and alone["batch"]["size"] == 1
+        assert alone["batch"]["reason"].startswith("inline") and alone["latency_ms"] > 0 and alone["stitch"]["id"] == stitch
+        # two images are more than --inline-max-images (1): the model process runs them
+        body, ctype = _multipart([("file", image, "a.png"), ("file", other, "b.png")])
+        batched = client.post("/predict", content=body, headers={"content-type": ctype}).json()
+        assert batched["inline"] is False and batched["batch"]["id"] is not None and batched["stitch"]["id"] == stitch
+        np.testing.assert_allclose(alone["predictions"][0]["probs"], batched["predictions"][0]["probs"], rtol=1e-5, atol=1e-6)
+    assert client.put("/stitch", json={"stitch": "auto"}, headers=AUTH).status_code == 200
+    assert _metric(client, "snnet_inline_requests_total") == before + 2
+    # the model process heard of the inline request (its policy saw its arrival and latency)
+    _until(lambda: client.get("/health").json()["inline"] >= 1, 30, "the model process counts inline requests")
+
+
+def test_a_pinned_stitch_is_honoured_inline(server: _Server, client: httpx.Client) -> None:
+    try:
+        for stitch in (0, 2):
+            assert client.put("/stitch", json={"stitch": stitch}, headers=AUTH).status_code == 200
+            r = client.post("/predict", content=_png(seed=stitch), headers={"content-type": "image/png"}).json()
+            assert r["inline"] is True and r["stitch"]["id"] == stitch and r["mode"] == "pinned"
+    finally:
+        assert client.put("/stitch", json={"stitch": "auto"}, headers=AUTH).json()["mode"] == "auto"
+    current = client.get("/stitch").json()["current"]["id"]  # the model process's next batch's stitch: a lone request's too
+    r = client.post("/predict", content=_png(seed=1), headers={"content-type": "image/png"}).json()
+    assert r["inline"] is True and r["mode"] == "auto" and r["stitch"]["id"] == current
+
+
+def test_under_concurrent_requests_batches_still_form(server: _Server) -> None:
+    """16 closed-loop clients of one-image requests (the load generator of the benchmarks): the model
+    process's batches carry them; a request runs inline only when it finds the server idle."""
+    bodies = [loadgen.make_body("/predict", raw=_png(seed=k)) for k in range(16)]
+    results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", server.port, bodies, 16, 1.5, warmup=0.3))
+    assert results and all(r.status == 200 for r in results)
+    answers = [json.loads(r.body) for r in results]
+    batched = [a for a in answers if not a["inline"]]
+    assert len(batched) > 0.8 * len(answers), f"{len(answers) - len(batched)} of {len(answers)} ran inline"
+    assert np.mean([a["batch"]["size"] for a in batched]) > 2
+
+
+def test_off_when_set_to_zero_or_when_no_stitch_is_short_enough(saved: tuple[Path, Path]) -> None:
+    service = _service(saved, inline_max_images=0)
+    assert service.inline is None
+    with _Server(service) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        r = c.post("/predict", content=_png(), headers={"content-type": "image/png"}).json()
+        assert r["inline"] is False and r["batch"]["id"] is not None
+        assert _metric(c, "snnet_inline_requests_total") == 0
+    rows = read_rows(json.loads(saved[1].read_text()))
+    info = EngineInfo(rows, (3, 32, 32), {}, 0)
+    fastest = min(r.latency_by_batch[0].latency_ms for r in rows)
+    assert InlineModel.load(ServeConfig(str(saved[0]), inline_max_ms=fastest / 2), info) is None  # no copy loaded
+    loaded = InlineModel.load(ServeConfig(str(saved[0]), inline_max_ms=fastest), info)
+    assert loaded is not None and set(loaded.rungs) == {r.id for r in rows if r.latency_by_batch[0].latency_ms <= fastest}
+
+
+@pytest.mark.parametrize("bad", [{"inline_max_images": -1}, {"inline_max_images": 9}, {"inline_max_ms": 0}])
+def test_bad_inline_settings_are_refused_in_one_line(bad: dict) -> None:
+    with pytest.raises(ServeError, match="--inline-max"):
+        ServeConfig("m", max_batch=8, **bad)
