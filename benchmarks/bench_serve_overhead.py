@@ -63,8 +63,10 @@ except ImportError:  # the serve extra is missing: `snnet serve` says so
     pass
 
 
-def model_only(net: Any, stitch: int, batch: int, seconds: float) -> tuple[float, float]:
-    """Images/s of back-to-back forwards (+ softmax) of a batch, and the p50 ms of one forward."""
+def model_only(net: Any, stitch: int, batch: int, seconds: float) -> tuple[float, float, float]:
+    """Images/s of back-to-back forwards (+ softmax) of a batch, the p50 ms of one forward, and
+    the CPU µs of one forward (this process's CPU time over the forwards: unlike the wall time,
+    it does not grow when other processes hold the CPUs)."""
     import torch
 
     x = torch.randn(batch, *net.input_size)
@@ -74,11 +76,13 @@ def model_only(net: Any, stitch: int, batch: int, seconds: float) -> tuple[float
         for _ in range(3):
             net(x).float().softmax(-1)
         end = time.perf_counter() + seconds
+        cpu = time.process_time()
         while time.perf_counter() < end:
             t0 = time.perf_counter()
             net(x).float().softmax(-1).numpy()
             times.append(time.perf_counter() - t0)
-    return batch * len(times) / sum(times), statistics.median(times) * 1e3
+        cpu = time.process_time() - cpu
+    return batch * len(times) / sum(times), statistics.median(times) * 1e3, cpu / len(times) * 1e6
 
 
 def cpu_bound(cpu: dict[str, float], cpus: int) -> float:
@@ -140,13 +144,18 @@ def bare_server(model: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def one_image(port: int, body: loadgen.Body, seconds: float) -> tuple[float, list[bytes]]:
-    """The p50 ms of one-image requests sent one at a time, and the answers' bodies."""
-    results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, [body], 1, seconds))
+def one_image(port: int, body: loadgen.Body, seconds: float, pids: tuple[int, ...]) -> tuple[float, list[bytes], list[float]]:
+    """The p50 ms of one-image requests sent one at a time, the answers' bodies, and the CPU µs per
+    request of each process of ``pids`` (the server's: on a busy machine the wall times grow with
+    everyone else's load, the CPU times much less)."""
+    loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, [body], 1, min(1.0, seconds), warmup=0.0))  # warm up
+    c0 = [cpu_seconds(p) for p in pids]
+    results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, [body], 1, seconds, warmup=0.0))
+    cpu = [round((cpu_seconds(p) - c) / max(1, len(results)) * 1e6, 1) for p, c in zip(pids, c0)]
     ok = [r for r in results if r.status == 200]
     if len(ok) < len(results) or not ok:
         raise SystemExit(f"one-image requests failed: {[r.status for r in results if r.status != 200][:5]}")
-    return statistics.median(r.ms for r in ok), [r.body for r in ok]
+    return statistics.median(r.ms for r in ok), [r.body for r in ok], cpu
 
 
 def server_cpu_parts(net: Any, pngs: list[bytes], size: int, repeats: int = 200) -> dict[str, float]:
@@ -276,7 +285,7 @@ def main() -> None:
     bare = subprocess.Popen([sys.executable, __file__, "--bare", str(port), "--model", args.model])
     try:
         loadgen.wait_ready(f"http://127.0.0.1:{port}", bare, 300)
-        bare_p50 = one_image(port, one, args.seconds)[0]
+        bare_p50, _, (bare_cpu,) = one_image(port, one, args.seconds, (bare.pid,))
     finally:
         loadgen.stop(bare)
     for path, extra in (("inline", ()), ("batched", ("--inline-max-images", "0"))):
@@ -284,19 +293,25 @@ def main() -> None:
             port, engine = srv.port, int(srv.health()["model_pid"])
             for anchor in (small, large):
                 srv.put_stitch({"stitch": anchor.id})
-                model_p50 = model_only(net, anchor.id, 1, args.model_seconds)[1]
-                p50, answers = one_image(port, one, args.seconds)
+                _, model_p50, model_cpu = model_only(net, anchor.id, 1, args.model_seconds)
+                p50, answers, (server_cpu, engine_cpu) = one_image(port, one, args.seconds, (srv.pid, engine))
                 overhead = p50 - model_p50
+                cpu_overhead = server_cpu + engine_cpu - model_cpu  # CPU the server spends on a request beyond the forward
                 said = [json.loads(a) for a in answers]  # what the server measured itself: arrival to result, and the forward
                 single.append({"path": path, "stitch": anchor.name, "server_p50_ms": round(p50, 3), "model_p50_ms": round(model_p50, 3),
                                "overhead_ms": round(overhead, 3), "bare_p50_ms": round(bare_p50, 3), "ratio": round(overhead / bare_p50, 3),
                                "server_said_latency_p50_ms": round(statistics.median(a["latency_ms"] for a in said), 3),
                                "server_said_compute_p50_ms": round(statistics.median(a["batch"]["compute_ms"] for a in said), 3),
                                "ran_inline": round(sum(bool(a.get("inline")) for a in said) / len(said), 3),
-                               "server_rss_mb": rss_mb(srv.pid), "model_process_rss_mb": rss_mb(engine)})
+                               "server_rss_mb": rss_mb(srv.pid), "model_process_rss_mb": rss_mb(engine),
+                               "cpu_us": {"server_process": server_cpu, "model_process": engine_cpu, "model_alone": round(model_cpu, 1),
+                                          "bare_endpoint": bare_cpu},
+                               "cpu_overhead_us": round(cpu_overhead, 1), "cpu_ratio": round(cpu_overhead / bare_cpu, 3)})
                 print(f"{anchor.name:>14} one image ({path}): server p50 {p50:.3f} ms - model {model_p50:.3f} ms = {overhead:.3f} ms; "
                       f"bare endpoint p50 {bare_p50:.3f} ms; ratio {overhead / bare_p50:.2f}; "
-                      f"{single[-1]['ran_inline']:.0%} ran inline; server process RSS {single[-1]['server_rss_mb']} MiB")
+                      f"{single[-1]['ran_inline']:.0%} ran inline; server process RSS {single[-1]['server_rss_mb']} MiB; CPU µs a request: "
+                      f"server {server_cpu:.0f} + model process {engine_cpu:.0f} - model alone {model_cpu:.0f} = {cpu_overhead:.0f} "
+                      f"against the bare endpoint's {bare_cpu:.0f}: {cpu_overhead / bare_cpu:.2f}")
     parts = {} if args.only_one_image else {size: server_cpu_parts(net, pngs, size) for size in sizes}
     if parts:
         print(f"server-side work measured alone, CPU µs per image: {parts}")
@@ -316,11 +331,14 @@ def main() -> None:
                   "|---|---|---|"]
         lines += [f"| {size} | {p['decode_normalise_us_per_image']:.0f} | {p['multipart_us_per_image']:.0f} |" for size, p in parts.items()]
     lines += ["", "| path | stitch | server p50 (ms) | model p50 (ms) | overhead (ms) | bare endpoint p50 (ms) | overhead / bare | "
-              "the server's own p50: latency / forward (ms) | ran inline | RSS (MiB): server process / model process |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "the server's own p50: latency / forward (ms) | ran inline | RSS (MiB): server process / model process | "
+              "CPU µs a request: server process + model process - model alone (bare endpoint) | CPU overhead / bare |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['path']} | {r['stitch']} | {r['server_p50_ms']:.3f} | {r['model_p50_ms']:.3f} | {r['overhead_ms']:.3f} | "
               f"{r['bare_p50_ms']:.3f} | {r['ratio']:.2f} | {r['server_said_latency_p50_ms']:.3f} / {r['server_said_compute_p50_ms']:.3f} | "
-              f"{r['ran_inline']:.0%} | {r['server_rss_mb']:.0f} / {r['model_process_rss_mb']:.0f} |" for r in single]
+              f"{r['ran_inline']:.0%} | {r['server_rss_mb']:.0f} / {r['model_process_rss_mb']:.0f} | "
+              f"{r['cpu_us']['server_process']:.0f} + {r['cpu_us']['model_process']:.0f} - {r['cpu_us']['model_alone']:.0f} "
+              f"({r['cpu_us']['bare_endpoint']:.0f}) | {r['cpu_ratio']:.2f} |" for r in single]
     print("\n" + "\n".join(lines))
     (out / "overhead.md").write_text("\n".join(lines) + "\n")
     (out / "overhead.json").write_text(json.dumps({

@@ -13,34 +13,21 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-import snnet  # noqa: E402
 from snnet.deploy import loadgen  # noqa: E402
 from snnet.deploy.serve import EngineInfo, ServeConfig, Service  # noqa: E402
 from snnet.deploy.serve.inline import InlineModel  # noqa: E402
 from snnet.errors import ServeError  # noqa: E402
 from snnet.results import read_rows  # noqa: E402
 
-from .conftest import TINY_VITS, TOKEN, _png, _synthetic_rows, _until  # noqa: E402
-from .test_serve import _Server, _multipart  # noqa: E402
+from .conftest import TOKEN, _png, _until  # noqa: E402
+from .test_serve import _multipart, _Server, saved  # noqa: E402,F401 - saved: the tiny network and its results, a fixture
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    torch.manual_seed(0)
-    net = snnet.create_snnet(TINY_VITS)
-    folder = tmp_path_factory.mktemp("inline")
-    net.save_pretrained(folder / "net")
-    (folder / "results.json").write_text(json.dumps(_synthetic_rows(net)))
-    (folder / "token").write_text(TOKEN + "\n")
-    return folder / "net", folder / "results.json"
 
 
 def _service(saved: tuple[Path, Path], **kw: Any) -> Service:

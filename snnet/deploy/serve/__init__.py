@@ -6,7 +6,9 @@ Two kinds of process, so that HTTP and the model never take turns on one interpr
   their images straight into shared memory and answer when the batch has run —
   :mod:`.app` (the FastAPI routes, body limits), :mod:`.images` (decoding and normalising a
   request at once), :mod:`.batcher` (the input ring, jobs out, results back), :mod:`.auth` (the
-  admin token), :mod:`.metrics` (Prometheus), :mod:`.service` (what a server process holds);
+  admin token), :mod:`.metrics` (Prometheus), :mod:`.service` (what a server process holds),
+  :mod:`.inline` (the latency path: a lone small request run in the server process while the
+  model process has nothing to do);
 * **one model process** (:mod:`.engine`): the network, the stitch policy
   (:mod:`snnet.deploy.controller`) and the batching loop; it takes the waiting requests of every
   server process, runs each batch wholly on the stitch named for it, and sends the results back.

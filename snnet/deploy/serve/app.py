@@ -328,6 +328,8 @@ async def _run_inline(svc: Service, blobs: list[bytes], array: np.ndarray | None
     """The request run in this process (:mod:`.inline`), or None when it must go to the model process."""
     inline = svc.inline
     assert inline is not None
+    if svc.handling > 1 or not svc.batcher.idle:
+        return None
     await asyncio.sleep(0)  # one turn of the event loop: requests that arrived meanwhile start, and count in svc.handling
     decision = inline.choose(n, svc.batcher, svc.handling)
     if decision is None:
@@ -382,8 +384,7 @@ async def _predict(svc: Service, request: Request) -> Response:
     latency = time.perf_counter() - arrived
     if inline:
         svc.metrics.ran_inline(result.info)
-        # after the answer is written (the handler returns first): the model process's policy sees the request
-        asyncio.get_running_loop().call_soon(batcher.observe_inline, n, arrived, latency * 1e3)
+        batcher.observe_inline(n, arrived, latency * 1e3)  # the model process's policy sees the request
     svc.metrics.latency.observe(latency)
     svc.metrics.requests.labels("200").inc()
     svc.metrics.queue.set(batcher.held)

@@ -22,7 +22,8 @@ the model process does nothing but batches, on its own core, and the server proc
   batch would get (pinned or the policy's current rung) and how many images are queued or in the
   batch running. A server process reads it to run a lone request itself while this process has
   nothing to do (:mod:`.inline`), on the very stitch this process would have used, and tells it
-  afterwards (``("inline", ...)``: its arrival and latency reach the policy as a batch's would).
+  afterwards (``("inline", [...])``, a few such requests at once: their arrivals and latencies
+  reach the policy as a batch's would).
 
 The process starts with :class:`EngineProcess` (a fresh interpreter: no inherited threads), loads the network, profiles the stitches the results give no latency table for, then
 listens on a Unix socket for server processes (:class:`multiprocessing.connection.Listener`, with
@@ -386,17 +387,19 @@ class _Engine:
             self.recent.clear()
         return decision
 
-    def _inline(self, images: int, arrived: float, latency_ms: float) -> None:
-        """A request a server process ran itself (:mod:`.inline`): its arrival and latency reach the
-        policy as a batch's requests would, and the policy decides as after a batch of it (so it
-        climbs, or steps down, on lone requests too); the stitch it names is published."""
+    def _inline(self, ran: list[tuple[int, float, float]]) -> None:
+        """Requests a server process ran itself (:mod:`.inline`), as (images, arrived, latency ms):
+        their arrivals and latencies reach the policy as a batch's requests would, and the policy
+        decides as after a batch (so it climbs, or steps down, on lone requests too); the stitch it
+        names is published."""
         now = time.perf_counter()
         with self.lock:
-            self.policy.observe_arrival(images, arrived)
-        self.inline += 1
-        self.recent.append((now, latency_ms))
+            for images, arrived, _ in ran:
+                self.policy.observe_arrival(images, arrived)
+        self.inline += len(ran)
+        self.recent.extend((now, ms) for _, _, ms in ran)
         if self.policy.pinned is None:
-            self._decide(images, 0.0, now)
+            self._decide(max(images for images, _, _ in ran), 0.0, now)
             self.publish()
 
     def _run_batch(self, torch: Any) -> None:
