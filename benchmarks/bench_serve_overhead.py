@@ -20,7 +20,9 @@ Fashion-MNIST PNGs (multipart), it measures in one run:
   A lone one-image request runs in the server process (the latency path, ``--inline-max-images``,
   default 1: docs/serving.md); the same is measured with ``--inline-max-images 0`` (every request
   through the model process) beside it, with both server processes' resident memory (the latency
-  path's copy of the network).
+  path's copy of the network). Like the rates, by rounds (``--one-image-rounds``: the bare
+  endpoint, the model alone and the server back to back), the figure the rounds' median; with the
+  CPU µs a request of each process, which a busy machine inflates much less than wall times.
 
 Beside the rates it reports the CPU time per image of the server process, the model process, the
 load generator and the model alone (from /proc): on a shared machine the rates move with
@@ -158,6 +160,43 @@ def one_image(port: int, body: loadgen.Body, seconds: float, pids: tuple[int, ..
     return statistics.median(r.ms for r in ok), [r.body for r in ok], cpu
 
 
+def one_image_rounds(args: argparse.Namespace, net: Any, anchor: Any, path: str, one: loadgen.Body, srv: ServerProcess, engine: int,
+                     bare_port: int, bare_pid: int) -> dict[str, Any]:
+    """One-image requests to the server against the model alone and the bare endpoint, in
+    ``--one-image-rounds`` rounds of the three back to back (this machine's speed drifts between
+    few-second windows: each round's ratio compares neighbours); the figures are the rounds' medians."""
+    rounds = []
+    for _ in range(args.one_image_rounds):
+        bare_p50, _, (bare_cpu,) = one_image(bare_port, one, args.seconds, (bare_pid,))
+        _, model_p50, model_cpu = model_only(net, anchor.id, 1, args.model_seconds)
+        p50, answers, (server_cpu, engine_cpu) = one_image(srv.port, one, args.seconds, (srv.pid, engine))
+        said = [json.loads(a) for a in answers]  # what the server measured itself: arrival to result, and the forward
+        rounds.append({"server_p50_ms": p50, "model_p50_ms": model_p50, "bare_p50_ms": bare_p50, "ratio": (p50 - model_p50) / bare_p50,
+                       "server_said_latency_p50_ms": statistics.median(a["latency_ms"] for a in said),
+                       "server_said_compute_p50_ms": statistics.median(a["batch"]["compute_ms"] for a in said),
+                       "ran_inline": sum(bool(a.get("inline")) for a in said) / len(said),
+                       "cpu_server": server_cpu, "cpu_model_process": engine_cpu, "cpu_model_alone": model_cpu, "cpu_bare": bare_cpu,
+                       "cpu_ratio": (server_cpu + engine_cpu - model_cpu) / bare_cpu})
+    med = {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]}
+    row = {"path": path, "stitch": anchor.name, **{k: med[k] for k in ("server_p50_ms", "model_p50_ms", "bare_p50_ms")},
+           "overhead_ms": round(med["server_p50_ms"] - med["model_p50_ms"], 3), "ratio": med["ratio"],
+           "ratio_per_round": [round(r["ratio"], 3) for r in rounds],
+           **{k: med[k] for k in ("server_said_latency_p50_ms", "server_said_compute_p50_ms", "ran_inline")},
+           "server_rss_mb": rss_mb(srv.pid), "model_process_rss_mb": rss_mb(engine),
+           "cpu_us": {"server_process": med["cpu_server"], "model_process": med["cpu_model_process"],
+                      "model_alone": round(med["cpu_model_alone"], 1), "bare_endpoint": med["cpu_bare"]},
+           "cpu_ratio": med["cpu_ratio"], "cpu_ratio_per_round": [round(r["cpu_ratio"], 3) for r in rounds],
+           "load_average": round(os.getloadavg()[0], 2)}
+    c = row["cpu_us"]
+    print(f"{anchor.name:>14} one image ({path}): server p50 {row['server_p50_ms']:.3f} ms - model {row['model_p50_ms']:.3f} ms = "
+          f"{row['overhead_ms']:.3f} ms; bare endpoint p50 {row['bare_p50_ms']:.3f} ms; ratio {row['ratio']:.2f} (median of "
+          f"{len(rounds)} rounds: {min(row['ratio_per_round']):.2f}..{max(row['ratio_per_round']):.2f}); {row['ran_inline']:.0%} ran inline; "
+          f"server process RSS {row['server_rss_mb']} MiB; CPU µs a request: server {c['server_process']:.0f} + model process "
+          f"{c['model_process']:.0f} - model alone {c['model_alone']:.0f} against the bare endpoint's {c['bare_endpoint']:.0f}: "
+          f"{row['cpu_ratio']:.2f}; load {row['load_average']}")
+    return row
+
+
 def server_cpu_parts(net: Any, pngs: list[bytes], size: int, repeats: int = 200) -> dict[str, float]:
     """CPU µs per image, in this process, of what the server process does for the images of a
     request: decoding and normalising them (:class:`Preprocess`) and parsing their multipart body."""
@@ -199,6 +238,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="measured seconds of the server per round")
     ap.add_argument("--model-seconds", type=float, default=2.0, help="seconds of the model alone per round")
     ap.add_argument("--rounds", type=int, default=7, help="rounds of (model alone, server) per stitch and request size")
+    ap.add_argument("--one-image-rounds", type=int, default=5, help="rounds of (bare endpoint, model alone, server) per one-image row")
     ap.add_argument("--only-one-image", action="store_true", help="measure only the one-image requests (no throughput rounds)")
     ap.add_argument("--bare", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -281,37 +321,18 @@ def main() -> None:
     # one image: the server's p50 minus the model's, against a bare endpoint that only decodes
     one = loadgen.make_body("/predict", raw=pngs[0])
     single: list[dict[str, Any]] = []
-    port = loadgen.free_port()
-    bare = subprocess.Popen([sys.executable, __file__, "--bare", str(port), "--model", args.model])
+    bare_port = loadgen.free_port()
+    bare = subprocess.Popen([sys.executable, __file__, "--bare", str(bare_port), "--model", args.model])
     try:
-        loadgen.wait_ready(f"http://127.0.0.1:{port}", bare, 300)
-        bare_p50, _, (bare_cpu,) = one_image(port, one, args.seconds, (bare.pid,))
+        loadgen.wait_ready(f"http://127.0.0.1:{bare_port}", bare, 300)
+        for path, extra in (("inline", ()), ("batched", ("--inline-max-images", "0"))):
+            with server(args.model, str(table), max(sizes), small.id, *extra) as srv:
+                engine = int(srv.health()["model_pid"])
+                for anchor in (small, large):
+                    srv.put_stitch({"stitch": anchor.id})
+                    single.append(one_image_rounds(args, net, anchor, path, one, srv, engine, bare_port, bare.pid))
     finally:
         loadgen.stop(bare)
-    for path, extra in (("inline", ()), ("batched", ("--inline-max-images", "0"))):
-        with server(args.model, str(table), max(sizes), small.id, *extra) as srv:
-            port, engine = srv.port, int(srv.health()["model_pid"])
-            for anchor in (small, large):
-                srv.put_stitch({"stitch": anchor.id})
-                _, model_p50, model_cpu = model_only(net, anchor.id, 1, args.model_seconds)
-                p50, answers, (server_cpu, engine_cpu) = one_image(port, one, args.seconds, (srv.pid, engine))
-                overhead = p50 - model_p50
-                cpu_overhead = server_cpu + engine_cpu - model_cpu  # CPU the server spends on a request beyond the forward
-                said = [json.loads(a) for a in answers]  # what the server measured itself: arrival to result, and the forward
-                single.append({"path": path, "stitch": anchor.name, "server_p50_ms": round(p50, 3), "model_p50_ms": round(model_p50, 3),
-                               "overhead_ms": round(overhead, 3), "bare_p50_ms": round(bare_p50, 3), "ratio": round(overhead / bare_p50, 3),
-                               "server_said_latency_p50_ms": round(statistics.median(a["latency_ms"] for a in said), 3),
-                               "server_said_compute_p50_ms": round(statistics.median(a["batch"]["compute_ms"] for a in said), 3),
-                               "ran_inline": round(sum(bool(a.get("inline")) for a in said) / len(said), 3),
-                               "server_rss_mb": rss_mb(srv.pid), "model_process_rss_mb": rss_mb(engine),
-                               "cpu_us": {"server_process": server_cpu, "model_process": engine_cpu, "model_alone": round(model_cpu, 1),
-                                          "bare_endpoint": bare_cpu},
-                               "cpu_overhead_us": round(cpu_overhead, 1), "cpu_ratio": round(cpu_overhead / bare_cpu, 3)})
-                print(f"{anchor.name:>14} one image ({path}): server p50 {p50:.3f} ms - model {model_p50:.3f} ms = {overhead:.3f} ms; "
-                      f"bare endpoint p50 {bare_p50:.3f} ms; ratio {overhead / bare_p50:.2f}; "
-                      f"{single[-1]['ran_inline']:.0%} ran inline; server process RSS {single[-1]['server_rss_mb']} MiB; CPU µs a request: "
-                      f"server {server_cpu:.0f} + model process {engine_cpu:.0f} - model alone {model_cpu:.0f} = {cpu_overhead:.0f} "
-                      f"against the bare endpoint's {bare_cpu:.0f}: {cpu_overhead / bare_cpu:.2f}")
     parts = {} if args.only_one_image else {size: server_cpu_parts(net, pngs, size) for size in sizes}
     if parts:
         print(f"server-side work measured alone, CPU µs per image: {parts}")
@@ -330,7 +351,7 @@ def main() -> None:
         lines += ["", "| images per request | decoding and normalising, alone (CPU µs per image) | multipart parsing, alone (CPU µs per image) |",
                   "|---|---|---|"]
         lines += [f"| {size} | {p['decode_normalise_us_per_image']:.0f} | {p['multipart_us_per_image']:.0f} |" for size, p in parts.items()]
-    lines += ["", "| path | stitch | server p50 (ms) | model p50 (ms) | overhead (ms) | bare endpoint p50 (ms) | overhead / bare | "
+    lines += ["", "| path | stitch | server p50 (ms) | model p50 (ms) | overhead (ms) | bare endpoint p50 (ms) | overhead / bare (median of rounds) | "
               "the server's own p50: latency / forward (ms) | ran inline | RSS (MiB): server process / model process | "
               "CPU µs a request: server process + model process - model alone (bare endpoint) | CPU overhead / bare |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
