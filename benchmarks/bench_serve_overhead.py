@@ -35,8 +35,8 @@ spends per image, not by the processes waiting for one another.
 The load generator is :mod:`snnet.deploy.loadgen` (lean: raw HTTP/1.1 on keep-alive connections, uvloop), so
 that the client takes as little as possible of the CPU the server and model share.
 
-    python benchmarks/bench_serve_overhead.py --out docs/serve/overhead     # ~5 min
-    python benchmarks/bench_serve_overhead.py --only-one-image --out docs/serve/inline   # ~1 min
+    python benchmarks/bench_serve_overhead.py --out docs/serve/overhead     # ~8 min (the one-image rounds ~3 of them)
+    python benchmarks/bench_serve_overhead.py --only-one-image --out docs/serve/inline   # ~4 min
 
 Without ``--model`` it serves the shipped Fashion-MNIST family (random stitching layers: the time
 of a forward does not depend on the weights). It prints the load average before and after: run
