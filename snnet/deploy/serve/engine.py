@@ -19,7 +19,7 @@ the model process does nothing but batches, on its own core, and the server proc
 * **control** (the policy, pin, unpin) is answered by a thread of its own at once, not after the
   batch in flight: a pin takes effect from the next batch, for every server process;
 * the **state** it publishes in every ring's last bytes (:class:`RingState`): the stitch the next
-  batch would get (pinned or the policy's current rung) and how many images are queued or in the
+  batch would get (pinned or the policy's current rung) and whether images are queued or in the
   batch running. A server process reads it to run a lone request itself while this process has
   nothing to do (:mod:`.inline`), on the very stitch this process would have used, and tells it
   afterwards (``("inline", [...])``, a few such requests at once: their arrivals and latencies
@@ -118,7 +118,7 @@ class RingState:
     def __init__(self, words: np.ndarray) -> None:
         self.words = words
 
-    def publish(self, stitch: int, pinned: bool, busy: int) -> None:
+    def publish(self, stitch: int, pinned: bool, busy: bool) -> None:
         w = self.words
         w[self.STITCH], w[self.PINNED], w[self.BUSY] = stitch, pinned, busy
 
@@ -132,9 +132,9 @@ class RingState:
         return bool(self.words[self.PINNED])
 
     @property
-    def busy(self) -> int:
-        """Images queued in the model process or in the batch it is running (from every server process)."""
-        return int(self.words[self.BUSY])
+    def busy(self) -> bool:
+        """Whether the model process has images queued or a batch running (from any server process)."""
+        return bool(self.words[self.BUSY])
 
 
 def open_ring(path: str, capacity: int, input_size: Sequence[int]) -> tuple[mmap.mmap, np.ndarray, RingState]:
@@ -188,7 +188,8 @@ class _Engine:
     batches: int = 0
     inline: int = 0  # requests the server processes ran themselves (and told this process of)
     running: int = 0  # images in the batch running now
-    busy: int = 0  # images queued or running, as last published
+    busy: bool = False  # images queued or running, as last published
+    published: tuple[int, bool, bool] | None = None  # (stitch, pinned, busy) as last written to every ring
     lock: threading.Lock = field(default_factory=threading.Lock)  # the policy: the batching loop and control share it
     selector: selectors.BaseSelector | None = None  # what the batching loop waits on (set by serve)
 
@@ -262,15 +263,21 @@ class _Engine:
                 "queue": sum(j.images for j in self.jobs), "batches": self.batches, "inline": self.inline, "model_pid": os.getpid()}
 
     def publish(self, fronts: Sequence[_Front] | None = None, *, control: bool = False) -> None:
-        """Tell every server process (or ``fronts``) the stitch of the next batch and the images
-        queued or running. The batching loop counts those; the control thread (``control``, after a
-        pin) repeats the loop's last count rather than read the queue the loop is changing."""
+        """Tell every server process (or ``fronts``) the stitch of the next batch and whether
+        anything is queued or running, when that changed (under load nothing does from one batch
+        to the next: a compare a batch). The batching loop counts the queue; the control thread
+        (``control``, after a pin) repeats the loop's last count rather than read the queue the
+        loop is changing."""
         if not control:
-            self.busy = self.running + sum(j.images for j in self.jobs)
+            self.busy = self.running > 0 or bool(self.jobs)
         with self.lock:
-            current, pinned = self.policy.current.id, self.policy.pinned is not None
-            for front in list(self.fronts) if fronts is None else fronts:
-                front.state.publish(current, pinned, self.busy)
+            state = (self.policy.current.id, self.policy.pinned is not None, self.busy)
+            if fronts is None:
+                if state == self.published:
+                    return
+                self.published, fronts = state, list(self.fronts)
+            for front in fronts:
+                front.state.publish(*state)
 
     # ------------------------------------------------------------------ the batching loop
     def serve(self, listener: Listener, owner: Connection) -> None:
@@ -333,7 +340,7 @@ class _Engine:
             path, capacity = args
             buf, ring, state = open_ring(path, capacity, self.net.input_size)
             with self.lock:
-                state.publish(self.policy.current.id, self.policy.pinned is not None, 1)  # busy until the loop publishes
+                state.publish(self.policy.current.id, self.policy.pinned is not None, True)  # busy until the loop publishes
             conn.send(("attached", os.getpid()))
             arrivals.append(_Front(conn, buf, ring, state))
             os.write(wake_w, b"x")
