@@ -55,7 +55,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Ser
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = ServeConfig(str(folder / "net"), str(folder / "results.json"), max_batch=4, admin_token_file=str(folder / "token"))
+        # inline_max_images=0: the tests below hold requests in flight by stopping the model processes, and a lone
+        # request to an idle replica would otherwise run in its server process (the latency path)
+        config = ServeConfig(str(folder / "net"), str(folder / "results.json"), max_batch=4, admin_token_file=str(folder / "token"),
+                             inline_max_images=0)
         # two replicas, three when each has more than one request in flight (quickly: a test)
         serve.run(application(config, replicas=2, max_replicas=3, target_ongoing=1,
                               autoscaling={"upscale_delay_s": 1.0, "look_back_period_s": 2.0}), name="snnet", route_prefix="/")

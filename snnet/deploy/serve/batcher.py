@@ -144,7 +144,7 @@ class Batcher:
         """Nothing of this process's waits for the model process, and the model process has nothing
         queued or running from any server process (as it last published): a lone request may run
         here (:mod:`.inline`)."""
-        return not self._pending and not self.closing and not self.gone and self.state.busy == 0
+        return not self._pending and not self.closing and not self.gone and not self.state.busy
 
     def observe_inline(self, images: int, arrived: float, latency_ms: float) -> None:
         """A request this process ran itself: the model process's policy sees it as a batch's, told
