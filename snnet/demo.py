@@ -234,8 +234,13 @@ def frontier_gap(results: list[Row]) -> float:
     """Widest FLOPs gap between consecutive Pareto-frontier points inside the anchors' range,
     as a fraction of that range (cheapest to dearest anchor)."""
     anchors = [r.flops for r in results if r.is_anchor]
-    lo, hi = min(anchors), max(anchors)
-    xs = sorted({lo, hi} | {r.flops for r in results if r.pareto and lo <= r.flops <= hi})
+    return widest_gap([r.flops for r in results if r.pareto], min(anchors), max(anchors))
+
+
+def widest_gap(front_flops: list[float], lo: float, hi: float) -> float:
+    """Widest gap between consecutive frontier points (FLOPs) inside ``[lo, hi]``, both ends counted
+    as points, as a fraction of ``hi - lo``."""
+    xs = sorted({lo, hi} | {f for f in front_flops if lo <= f <= hi})
     return max(b - a for a, b in zip(xs, xs[1:])) / (hi - lo)
 
 
