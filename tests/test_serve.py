@@ -835,6 +835,12 @@ def test_server_process_starts_steers_and_stops_snnet_serve(saved: tuple[Path, P
         answered = loadgen.run(lambda: loadgen.open_loop("127.0.0.1", srv.port, [loadgen.make_body("/predict", raw=_png())], [0.0, 0.1],
                                                          timeout=60))
         assert [json.loads(r.body)["stitch"]["id"] for r in answered] == [3, 3]
+        # the bursty benchmark's warm-up: each rung pinned in turn answers closed-loop load, then nothing is left queued
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+        from bench_serve import warm_up
+
+        took = warm_up(srv, [loadgen.make_body("/predict", raw=_png())], [Row(0, "a", 1), Row(3, "b", 1)], clients=2, seconds=0.2)
+        assert took >= 0.4 and srv.health()["queue"] == 0 and srv.put_stitch({"stitch": "auto"})["current"]["id"] is not None
         srv.wait_idle()
         proc = srv.proc
     assert proc is not None and proc.poll() is not None
