@@ -26,7 +26,7 @@ import itertools
 import json
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -146,6 +146,11 @@ class Bursty:
     def policies(self, **settings: Any) -> dict[str, Callable[[], StitchController]]:
         """Every rung pinned, the last-second policy and the controller, as the benchmark compares them: name -> a fresh
         policy. ``settings``: other :class:`~snnet.deploy.controller.ControllerConfig` values than its defaults (the server's)."""
+        free = [f.name for f in fields(ControllerConfig) if f.name not in ("slo_ms", "max_batch", "max_queue")]  # the run fixed these
+        unknown = sorted(set(settings) - set(free))
+        if unknown:
+            raise ServeError(f"{', '.join(unknown)}: not a controller setting to change here (the run fixed the SLO, batch and "
+                             f"ring): one of {', '.join(free)}")
         config = ControllerConfig(self.slo_ms, self.max_batch, max_queue=self.max_queue, **settings)
         made: dict[str, Callable[[], StitchController]] = {}
         for r in self.rungs:
