@@ -68,6 +68,9 @@ def test_load_bursty_reads_a_runs_settings_and_table(tmp_path) -> None:
     b = load_bursty(path)
     assert not b.full_batch_only and b.table.predict(5, 1) == 300.0
     assert set(b.policies()) == {"pinned a", "pinned b", "last-second", "controller"}
+    assert b.policies(utilisation=0.9)["controller"]().config.utilisation == 0.9  # another controller setting (sim_serve --set)
+    with pytest.raises(ServeError, match="not a controller setting"):
+        b.policies(slo_ms=100.0)
     path.write_text("{}")
     with pytest.raises(ServeError, match="bench_serve.py writes one"):
         load_bursty(path)
