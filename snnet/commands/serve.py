@@ -94,7 +94,7 @@ def serve(
     policy: Annotated[str, typer.Option(help="Who picks the stitch when none is pinned: controller (per batch, from the queue "
                                              "and the latency table) or last-second (once a second, from the last second's rate).")] = "controller",
     threads: Annotated[int, typer.Option(help="torch CPU threads of the model process.")] = 1,
-    up_after: Annotated[int, typer.Option(help="Batches in a row with room to spare before a more accurate stitch is taken.")] = 5,
+    up_after: Annotated[int, typer.Option(help="Batches in a row a dearer stitch must fit before it is taken (1: at once).")] = 1,
     body_timeout: Annotated[float, typer.Option(help="Seconds a request body may take to arrive; then 408 and the connection "
                                                      "is closed (a slow upload holds no queue room meanwhile).")] = 20.0,
     admin_token_file: Annotated[Optional[Path], typer.Option(

@@ -27,6 +27,7 @@ closes it) and exits when its owner says so or goes away.
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import os
@@ -352,7 +353,8 @@ class _Engine:
             self.recent.popleft()
         recent = [ms for _, ms in self.recent] if self.policy.pinned is None else []  # a pin reads no latencies
         with self.lock:
-            decision = self.policy.decide(waiting, (now - batch[0].arrived) * 1e3, recent, now)
+            decision = self.policy.decide(waiting, (now - batch[0].arrived) * 1e3, recent, now,
+                                          [(j.arrived, j.images) for j in itertools.chain(batch, self.jobs)])
         if decision.switched:  # the latencies seen so far were another stitch's
             self.recent.clear()
         views = [torch.from_numpy(j.front.ring[j.offset:j.offset + j.images]) for j in batch]
