@@ -10,6 +10,8 @@ benchmark judges it (its own ``verdict``). A simulation: no HTTP, decoding or no
 
     python benchmarks/sim_serve.py docs/serve/bursty-deit/bursty.json docs/serve/bursty-fmnist/bursty.json
     python benchmarks/sim_serve.py --slowdown 1.5 docs/serve/bursty-fmnist/bursty.json   # the model 1.5x slower than its table
+    python benchmarks/sim_serve.py --seeds 0,1,2,3 docs/serve/bursty-deit/bursty.json    # the same settings, four draws of each trace
+    python benchmarks/sim_serve.py --set utilisation=0.9 docs/serve/bursty-deit/bursty.json   # another controller setting
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench_serve import verdict  # the benchmark's own judgement of the goal
 
@@ -25,25 +28,37 @@ from snnet.deploy.simulate import load_bursty, simulate, summarise
 from snnet.errors import SnnetError
 
 
-def run(path: str, slowdown: float) -> list[str]:
+def run(path: str, slowdown: float, seeds: list[int] | None = None, settings: dict[str, Any] | None = None) -> list[str]:
+    """The table of one bursty run, on its own trace seed or on each of ``seeds`` (then a row per trace and seed,
+    and a last line that counts the goal over them); ``settings``: ControllerConfig values other than the server's."""
     b = load_bursty(path)
     acc = {r.id: float(r.acc1) for r in b.rungs}  # type: ignore[arg-type]
-    lines = [f"#### {Path(path).parent.name} (simulated{f', slowdown {slowdown:g}' if slowdown != 1 else ''})", "",
+    seeds = seeds or [b.seed]
+    extra = "".join(f", {k} {v}" for k, v in (settings or {}).items())
+    lines = [f"#### {Path(path).parent.name} (simulated{f', slowdown {slowdown:g}' if slowdown != 1 else ''}{extra})", "",
              f"SLO {b.slo_ms:.1f} ms, max batch {b.max_batch}, max queue {b.max_queue} images, {b.images} image(s) a request, "
              f"{len(b.rungs)} rungs" + ("; latency table: full batch only, part-full batches proportional" if b.full_batch_only else ""), "",
              "| trace | best pinned rung reaching 99 % | last-second | controller | goal |", "|---|---|---|---|---|"]
-    for name in loadgen.TRACES:
-        times, _ = loadgen.trace(name, b.capacity, b.seconds, b.rate_x, b.ramp_peak, b.seed)
-        runs = {}
-        for policy, make in b.policies().items():
-            s = summarise(simulate(make(), times, b.images, b.max_queue, slowdown), acc, b.slo_ms)
-            runs[policy] = {"summary": {"attainment": s.attainment, "mean_acc1": s.mean_acc1, "rejected": s.rejected}}
-        v = verdict(runs)
-        cell = lambda s: f"{100 * s['attainment']:.1f} % at {s['mean_acc1']:.2f} ({s['rejected']} 503)"  # noqa: E731
-        best = (f"{v['best_pinned_99'][len('pinned '):]}: {cell(runs[v['best_pinned_99']]['summary'])}"
-                if v["best_pinned_99"] else "none")
-        lines.append(f"| {name} ({len(times)} requests) | {best} | {cell(runs['last-second']['summary'])} | "
-                     f"{cell(runs['controller']['summary'])} | {'met' if v['met'] else 'not met' if v['met'] is False else 'n/a'} |")
+    met, short = [], 0
+    for seed in seeds:
+        for name in loadgen.TRACES:
+            times, _ = loadgen.trace(name, b.capacity, b.seconds, b.rate_x, b.ramp_peak, seed)
+            runs = {}
+            for policy, make in b.policies(**(settings or {})).items():
+                s = summarise(simulate(make(), times, b.images, b.max_queue, slowdown), acc, b.slo_ms)
+                runs[policy] = {"summary": {"attainment": s.attainment, "mean_acc1": s.mean_acc1, "rejected": s.rejected}}
+            v = verdict(runs)
+            met.append(v["met"])
+            short += bool(v["best_pinned_99"]) and runs["controller"]["summary"]["attainment"] < v["best_attainment"]
+            cell = lambda s: f"{100 * s['attainment']:.1f} % at {s['mean_acc1']:.2f} ({s['rejected']} 503)"  # noqa: E731
+            best = (f"{v['best_pinned_99'][len('pinned '):]}: {cell(runs[v['best_pinned_99']]['summary'])}"
+                    if v["best_pinned_99"] else "none")
+            label = name + (f", seed {seed}" if len(seeds) > 1 else "")
+            lines.append(f"| {label} ({len(times)} requests) | {best} | {cell(runs['last-second']['summary'])} | "
+                         f"{cell(runs['controller']['summary'])} | {'met' if v['met'] else 'not met' if v['met'] is False else 'n/a'} |")
+    if len(seeds) > 1:
+        lines += ["", f"Seeds {', '.join(map(str, seeds))}: goal met on {sum(m is True for m in met)} of {len(met)} traces; "
+                      f"the controller's attainment under the best pinned rung's on {short}."]
     return lines + [""]
 
 
@@ -51,10 +66,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="bursty.json files of bench_serve.py runs")
     ap.add_argument("--slowdown", type=float, default=1.0, help="the model's time over its table's (a busier machine)")
+    ap.add_argument("--seeds", default=None, help="comma-separated trace seeds to replay instead of the run's own (one trace "
+                                                  "is one sample)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a controller setting other than the server's (snnet.deploy.controller.ControllerConfig), e.g. "
+                         "utilisation=0.9 or burst=0.025,1.0; repeatable")
     args = ap.parse_args()
+    settings: dict[str, Any] = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        try:
+            numbers = tuple(float(v) for v in value.split(","))
+        except ValueError:
+            sys.exit(f"error: --set {item}: give NAME=NUMBER or NAME=NUMBER,NUMBER")
+        settings[name] = numbers[0] if len(numbers) == 1 else numbers
     try:
         for path in args.runs:
-            print("\n".join(run(path, args.slowdown)))
+            print("\n".join(run(path, args.slowdown, [int(k) for k in args.seeds.split(",")] if args.seeds else None, settings)))
     except SnnetError as e:
         sys.exit(f"error: {e}")
 

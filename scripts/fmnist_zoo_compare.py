@@ -4,6 +4,7 @@ networks, at matched FLOPs over the range its anchors span, and what each side c
 
     python scripts/fmnist_zoo_compare.py runs/demo-val-16-32-96          # a demo's --out folder
     python scripts/fmnist_zoo_compare.py runs/demo-val-16-32-96 --zoo snnet/weights/fmnist_zoo.json
+    python scripts/fmnist_zoo_compare.py RUN --zoo docs/zoo/fmnist_zoo_converged.json --verdict snnet/weights/fmnist_converged.json
 
 The accuracies compared are on the split the demo measured (``summary.json``'s ``eval_split``:
 ``val`` for research runs) and the zoo's column of the same split. Frontiers are compared with
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import snnet
+from snnet.demo import widest_gap
+from snnet.io import atomic_write
 from snnet.pretrained import FmnistVitSpec
 from snnet.report import human, table
 from snnet.results import compare_fronts, front_rows, load_results, network_rows, pareto_front
@@ -106,6 +109,9 @@ def main() -> None:
     p.add_argument("--zoo", type=Path, default=WEIGHTS / "fmnist_zoo.json")
     p.add_argument("--lo", type=float, default=None, help="compare from this many FLOPs (default: the cheapest anchor)")
     p.add_argument("--hi", type=float, default=None, help="compare up to this many FLOPs (default: the dearest anchor)")
+    p.add_argument("--verdict", type=Path, default=None,
+                   help="also write the comparison as the JSON `snnet demo` prints its converged line from "
+                        "(snnet/weights/fmnist_converged.json ships the best run's)")
     args = p.parse_args()
 
     results = network_rows(load_results(args.demo / "results.json"))  # the demo writes the zoo's rows too
@@ -120,6 +126,10 @@ def main() -> None:
     print(table([{"name": z["name"], "params": human(z["params"]), "flops": human(z["flops"]), "acc1": f"{z['acc1']:.2f}",
                   "f": "*" if z["name"] in front else ""} for z in zoo],
                 [("name", "model"), ("params", "params"), ("flops", "FLOPs"), ("acc1", f"{split} top-1 %"), ("f", "")]))
+
+    zoo_gap = widest_gap([z["flops"] for z in front_rows(zoo)], lo, hi)
+    print(f"The zoo's own frontier over the anchors' range {human(lo)}-{human(hi)}: widest FLOPs gap {zoo_gap:.1%} "
+          "of the range (the demo asks <= 20% of its networks)")
 
     n_front = len(pareto_front(results))
     print(f"\nThe SN-Net ({args.demo}): {len(results)} networks, {n_front} on its frontier; anchors "
@@ -157,6 +167,28 @@ def main() -> None:
     print("\n" + joint_training(args.demo, summary, results))
     print("\nTraining cost:")
     print(cost_table(args.demo, summary, results, zoo, lo, hi))
+    if args.verdict is not None:
+        write_verdict(args.verdict, args.demo, args.zoo, summary, c, zoo, lo, hi, len(results), n_front)
+        print(f"\nwrote {args.verdict}")
+
+
+def write_verdict(path: Path, demo: Path, zoo_file: Path, summary: dict[str, Any], c: Any,
+                  zoo: list[dict[str, Any]], lo: float, hi: float, networks: int, on_front: int) -> None:
+    """The comparison in the form ``snnet demo`` reads (:func:`snnet.demo.converged_verdict`)."""
+    steps, batch, distilled = demo_settings(summary)
+    optim = summary["config"]["train"]["optim"]
+    in_range = [z for z in zoo if lo <= z["flops"] <= hi]
+    worst = c.worst
+    data = {"split": summary.get("eval_split", "test"), "zoo": zoo_file.name, "zoo_models": len(zoo),
+            "zoo_in_range": len(in_range), "zoo_in_range_image_steps": sum(z["image_steps"] for z in in_range),
+            "flops_range": [lo, hi], "mean_diff": round(c.mean, 4), "ahead": round(c.ahead, 4), "se": c.se,
+            "worst": {"diff": round(worst.diff, 4), "from_flops": worst.start, "to_flops": worst.end,
+                      "stitch": worst.ours, "stitch_acc1": worst.ours_y, "zoo": worst.theirs, "zoo_acc1": worst.theirs_y},
+            "setting": {"steps": steps, "batch_size": batch, "distilled": distilled, "lr": optim["lr"],
+                        "anchor_lr_scale": optim["anchor_lr_scale"]},
+            "joint_image_steps": steps * batch, "networks": networks, "on_frontier": on_front, "run": str(demo),
+            "command": f"python scripts/fmnist_zoo_compare.py {demo} --zoo {zoo_file} --verdict {path}"}
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
 
 
 if __name__ == "__main__":

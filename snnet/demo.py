@@ -155,6 +155,18 @@ class Switch:
     select_us: float
 
 
+def noise(se: float | None) -> float:
+    """Two standard errors of a difference of two accuracies, each with binomial standard error ``se``."""
+    return 2 * math.sqrt(2) * (se or 0.0)
+
+
+def verdict_word(mean: float, se: float | None) -> str:
+    """A mean gap at matched FLOPs in words: within the noise it is no lead either way."""
+    if abs(mean) <= noise(se):
+        return "on par with"
+    return "ahead of" if mean > 0 else "behind"
+
+
 @dataclass(frozen=True)
 class ZooVerdict:
     """The stitches' frontier against the zoo's, at matched FLOPs over the anchors' range, and
@@ -172,13 +184,10 @@ class ZooVerdict:
     @property
     def noise(self) -> float:
         """Two standard errors of a difference of two accuracies: smaller gaps are not evidence."""
-        return 2 * math.sqrt(2) * (self.comparison.se or 0.0)
+        return noise(self.comparison.se)
 
     def verdict(self) -> str:
-        c = self.comparison
-        if abs(c.mean) <= self.noise:
-            return "on par with"
-        return "ahead of" if c.mean > 0 else "behind"
+        return verdict_word(self.comparison.mean, self.comparison.se)
 
     def to_dict(self) -> dict[str, Any]:
         c = self.comparison
@@ -225,8 +234,13 @@ def frontier_gap(results: list[Row]) -> float:
     """Widest FLOPs gap between consecutive Pareto-frontier points inside the anchors' range,
     as a fraction of that range (cheapest to dearest anchor)."""
     anchors = [r.flops for r in results if r.is_anchor]
-    lo, hi = min(anchors), max(anchors)
-    xs = sorted({lo, hi} | {r.flops for r in results if r.pareto and lo <= r.flops <= hi})
+    return widest_gap([r.flops for r in results if r.pareto], min(anchors), max(anchors))
+
+
+def widest_gap(front_flops: list[float], lo: float, hi: float) -> float:
+    """Widest gap between consecutive frontier points (FLOPs) inside ``[lo, hi]``, both ends counted
+    as points, as a fraction of ``hi - lo``."""
+    xs = sorted({lo, hi} | {f for f in front_flops if lo <= f <= hi})
     return max(b - a for a, b in zip(xs, xs[1:])) / (hi - lo)
 
 
@@ -376,9 +390,25 @@ def _report(s: DemoResult, out: Path, echo: Callable[[str], Any]) -> None:
          f"{out / 'summary.json'} in {s.seconds['total']:.0f}s")
 
 
-# The stitches from anchors trained until validation accuracy stops rising, against a zoo trained as far: not
-# measured yet (docs/zoo.md, "Towards a converged recipe"); the line the verdict prints once it is.
-CONVERGED_VERDICT: str | None = None
+# The stitches from anchors trained until validation accuracy stops rising, against a zoo trained as far
+# (docs/zoo.md, "Towards a converged recipe"): the best run's comparison, as
+# `scripts/fmnist_zoo_compare.py RUN --zoo docs/zoo/fmnist_zoo_converged.json --verdict F` writes it.
+CONVERGED_FILE = Path(__file__).parent / "weights" / "fmnist_converged.json"
+
+
+def converged_verdict(path: Path = CONVERGED_FILE) -> str:
+    """The verdict's line on the converged comparison, from the file the comparison script wrote (a
+    measurement too long for the demo to repeat: 13 networks trained for 24 epochs)."""
+    try:
+        v = json.loads(path.read_text())
+        w, st = v["worst"], v["setting"]
+        return (f"{verdict_word(v['mean_diff'], v['se'])} it ({v['split']} top-1, {v['zoo_in_range']} zoo members in the range), "
+                f"{v['mean_diff']:+.2f} points on average at matched FLOPs, worst {w['diff']:+.2f} at {human(w['from_flops'])}; "
+                f"{st['steps']:,} joint steps ({human(v['joint_image_steps'])} image-steps against "
+                f"{human(v['zoo_in_range_image_steps'])} for those members); {v['on_frontier']} of its {v['networks']} "
+                "networks on its frontier (docs/zoo.md)")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"not available ({path.name}: {type(e).__name__}; docs/zoo.md, \"Towards a converged recipe\")"
 
 
 def verdict_lines(s: DemoResult) -> list[str]:
@@ -393,8 +423,7 @@ def verdict_lines(s: DemoResult) -> list[str]:
                      f"{c.mean:+.2f} points on average at matched FLOPs, worst {c.worst.diff:+.2f}")
     else:
         lines.append("against the zoo as trained: not compared (--no-zoo)")
-    lines.append("against a converged zoo, from converged anchors: "
-                 + (CONVERGED_VERDICT or "not measured yet (docs/zoo.md, \"Towards a converged recipe\")"))
+    lines.append("against a converged zoo, from converged anchors: " + converged_verdict())
     return lines
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from snnet.deploy.controller import ControllerConfig, LatencyTable, StitchController
+from snnet.deploy.controller import ControllerConfig, LatencyTable, StitchController, batch_heads
 from snnet.errors import ServeError
 from snnet.results import Row
 
@@ -48,24 +48,60 @@ def test_a_rung_that_cannot_keep_up_with_the_arrivals_is_not_chosen_however_shor
     assert ctl.predict(2, 1) < 0.8 * 200
 
 
-def test_the_controller_steps_down_before_the_ring_fills() -> None:
-    # a ring of 64 images, 40 queued, arrivals at 1,000 images/s: the mid rung takes 5 batches x 13 ms to serve the queue,
-    # in which 65 images arrive for 24 places: the cheap one (25 ms, 25 images) it is, though the SLO would allow the mid one
+def test_the_controller_steps_down_before_a_burst_fills_the_ring() -> None:
+    # 100 images/s for 2 s, then 30 images within 2 ms into a ring of 64. Serving those 30 on the mid rung takes
+    # 4 batches (49 ms): at the burst's pace (its fast average peaks near 2,800 images/s; half of that is planned for)
+    # 68 images would arrive meanwhile for 34 places, so the cheap rung (19 ms, 26 images) it is, though the SLO
+    # would allow the mid one. The controller before read the burst through a one-SLO average (244 images/s) and
+    # stayed on the mid rung: the ring filled and answered 503s (CV² 8 at DeiT scale, issue 20).
     ctl = _controller(max_queue=64)
-    now = _steady(ctl, 1000.0, 0.3, start=10.0)
-    assert ctl.predict(1, 40) < 0.8 * 200 and ctl.fits(1, 40, 0.0, ctl.rates(now), 0.8) is False
-    assert ctl.decide(40, now=now).stitch == 0
-    assert _controller().decide(40, now=now).stitch == 1  # by the SLO alone (no ring, no arrival seen), the mid one
+    t = _steady(ctl, 100.0, 2.0)
+    arrivals = [(t + k * 1.3e-4, 2) for k in range(15)]
+    for a, n in arrivals:
+        ctl.observe_arrival(n, a)
+    now = arrivals[-1][0]
+    assert ctl.burst_peak(now) > 2000.0
+    assert ctl.decide(30, now=now, arrivals=arrivals).stitch == 0
+    calm = _controller()  # no ring: by the deadlines alone, the mid rung
+    _steady(calm, 100.0, 2.0)
+    for a, n in arrivals:
+        calm.observe_arrival(n, a)
+    assert calm.decide(30, now=now, arrivals=arrivals).stitch == 1
     with pytest.raises(ServeError, match="max_queue >= max_batch"):
         ControllerConfig(50.0, 8, max_queue=4)
     with pytest.raises(ServeError, match="rate_windows"):
         ControllerConfig(50.0, 8, rate_windows=(2.0, 1.0))
+    with pytest.raises(ServeError, match="burst"):
+        ControllerConfig(50.0, 8, burst=(0.05, 2.0))
 
 
-def test_after_a_burst_it_climbs_straight_to_the_most_accurate_rung_with_room() -> None:
-    ctl = _controller(max_queue=64, up_after=2)
+def test_the_plan_gives_each_batch_of_the_queue_its_own_deadline() -> None:
+    # 16 images queued: the first batch's oldest request has waited 100 ms, the second's 95 ms. On the dear rung the
+    # first batch ends at 141 ms, within 0.8 x 200, but the second (on the dear rung too, what it falls back to when
+    # nothing else is arriving) at 95 + 82 = 177: past it. The mid rung ends both by 121 ms.
+    ctl = _controller()
+    now = 10.0
+    arrivals = [(now - 0.100, 8), (now - 0.095, 8)]
+    assert [w for w, _ in [((now - t) * 1e3, n) for t, n in batch_heads(arrivals, 8)]] == pytest.approx([100.0, 95.0])
+    assert ctl.plan(2, 2, [(100.0, 8), (95.0, 8)], 0.0, 64) is None
+    assert ctl.plan(1, 1, [(100.0, 8), (95.0, 8)], 0.0, 64) == pytest.approx(121.0)
+    assert ctl.decide(16, 100.0, now=now, arrivals=arrivals).stitch == 1
+    # the controller before judged the queue by its oldest request alone (100 + 41 ms, or 82 ms to clear it + 41) and
+    # took the dear rung; without the arrivals this one still plans every batch as old as the oldest
+    assert ctl.predict(2, 16, 100.0) <= 0.8 * 200
+    assert _controller().decide(16, 100.0).stitch == 1
+
+
+def test_after_a_burst_it_climbs_straight_back_without_waiting_for_evidence() -> None:
+    ctl = _controller(max_queue=64)
     now = _steady(ctl, 1000.0, 0.3)
     assert ctl.decide(40, now=now).stitch == 0
     later = now + 5.0  # the burst is long over: both averages near nothing
-    picks = [ctl.decide(1, recent_ms=[10.0] * 10, now=later).stitch for _ in range(3)]
-    assert picks == [0, 2, 2]  # after up_after decisions with room on every limit, straight to the top
+    # the first decision with a short queue takes the most accurate rung: the controller before waited for five
+    # decisions in a row with room, each with at least eight latencies measured under 0.6 x SLO
+    assert [ctl.decide(1, now=later).stitch for _ in range(3)] == [2, 2, 2]
+
+
+def test_batch_heads_groups_whole_requests_as_the_server_batches_them() -> None:
+    assert batch_heads([(0.0, 3), (0.1, 3), (0.2, 3), (0.3, 8), (0.4, 1)], 8) == [(0.0, 6), (0.2, 3), (0.3, 8), (0.4, 1)]
+    assert batch_heads([], 8) == []

@@ -12,7 +12,7 @@ import pytest
 
 import snnet
 from snnet.cli import main
-from snnet.demo import anchor_specs, demo_config
+from snnet.demo import CONVERGED_FILE, anchor_specs, converged_verdict, demo_config
 from snnet.model import space_options
 from .conftest import _cli, _one_line
 
@@ -53,12 +53,14 @@ def test_quick_demo_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert set(summary["anchors_before"]) == {"fmnist_vit_ti", "fmnist_vit_s", "fmnist_vit_b"}
     assert summary["switches"] and all(s["flops"] <= s["budget_flops"] for s in summary["switches"])
     assert "Run-time switching" in printed and "Pareto" in printed and "standard error" in printed
-    # the verdict, one line each: the range, the zoo as trained, a converged zoo (not measured yet)
+    # the verdict, one line each: the range, the zoo as trained, a converged zoo (the shipped comparison)
     lines = summary["verdict"]
     assert len(lines) == 3 and all(f"  {line}" in printed for line in lines)
     assert lines[0].startswith("one network for many budgets: " + ("yes" if summary["frontier_filled"] else "NO"))
     assert f"{verdict['mean_diff']:+.2f} points on average" in lines[1] and verdict["verdict"] in lines[1]
-    assert lines[2].endswith("not measured yet (docs/zoo.md, \"Towards a converged recipe\")")
+    converged = json.loads(CONVERGED_FILE.read_text())
+    assert lines[2].startswith("against a converged zoo, from converged anchors: ")
+    assert f"{converged['mean_diff']:+.2f} points on average" in lines[2] and f"worst {converged['worst']['diff']:+.2f}" in lines[2]
     # the training run's own files
     assert (out / "train" / "metrics.jsonl").read_text().count("\n") == 6
     assert (out / "train" / "final" / "model.safetensors").is_file()
@@ -167,3 +169,18 @@ def test_demo_without_the_zoo(tmp_path: Path) -> None:
           "--no-progress"])
     assert {r["kind"] for r in json.loads((out / "results.json").read_text())} == {"anchor", "stitch"}
     assert json.loads((out / "summary.json").read_text())["zoo"] is None
+
+
+def test_converged_line_reads_the_comparison_file(tmp_path: Path) -> None:
+    """The verdict's converged line is the comparison script's file, in words; a missing or broken
+    file says so in the line instead of failing the demo at its end."""
+    v = json.loads(CONVERGED_FILE.read_text())
+    line = converged_verdict()
+    assert f"{v['mean_diff']:+.2f} points on average" in line and f"{v['on_frontier']} of its {v['networks']}" in line
+    behind = tmp_path / "behind.json"
+    behind.write_text(json.dumps({**v, "mean_diff": -3.0}))
+    assert converged_verdict(behind).startswith("behind it")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"split": "val"')
+    assert converged_verdict(broken).startswith("not available (broken.json: JSONDecodeError")
+    assert converged_verdict(tmp_path / "missing.json").startswith("not available (missing.json: FileNotFoundError")

@@ -94,7 +94,7 @@ def serve(
     policy: Annotated[str, typer.Option(help="Who picks the stitch when none is pinned: controller (per batch, from the queue "
                                              "and the latency table) or last-second (once a second, from the last second's rate).")] = "controller",
     threads: Annotated[int, typer.Option(help="torch CPU threads of the model process.")] = 1,
-    up_after: Annotated[int, typer.Option(help="Batches in a row with room to spare before a more accurate stitch is taken.")] = 5,
+    up_after: Annotated[int, typer.Option(help="Batches in a row a dearer stitch must fit before it is taken (1: at once).")] = 1,
     inline_max_images: Annotated[int, typer.Option(help="A lone request of at most this many images, arriving while the model "
                                                         "process has nothing to do, runs in the server process (no hand-off; "
                                                         "0: never). From 0 to --max-batch.")] = 1,

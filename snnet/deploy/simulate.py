@@ -22,10 +22,11 @@ what the server measures. ``benchmarks/sim_serve.py`` runs it on the tables of a
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -86,7 +87,7 @@ def simulate(policy: StitchController, times: Sequence[float], images: int, max_
             while recent and start - recent[0][0] > RECENT_S:
                 recent.popleft()
             d = policy.decide(queued, (start - batch[0][1]) * 1e3, [ms for _, ms in recent] if policy.pinned is None else [],
-                              start)
+                              start, [(t, images) for _, t in itertools.chain(batch, queue)])
             if d.switched:
                 recent.clear()
             ms = table.predict(d.stitch, n) * slowdown
@@ -142,9 +143,15 @@ class Bursty:
     seed: int
     full_batch_only: bool  # the file holds each rung's full-batch time only (runs before the table was saved)
 
-    def policies(self, up_after: int = 5) -> dict[str, Callable[[], StitchController]]:
-        """Every rung pinned, the last-second policy and the controller, as the benchmark compares them: name -> a fresh policy."""
-        config = ControllerConfig(self.slo_ms, self.max_batch, up_after=up_after, max_queue=self.max_queue)
+    def policies(self, **settings: Any) -> dict[str, Callable[[], StitchController]]:
+        """Every rung pinned, the last-second policy and the controller, as the benchmark compares them: name -> a fresh
+        policy. ``settings``: other :class:`~snnet.deploy.controller.ControllerConfig` values than its defaults (the server's)."""
+        free = [f.name for f in fields(ControllerConfig) if f.name not in ("slo_ms", "max_batch", "max_queue")]  # the run fixed these
+        unknown = sorted(set(settings) - set(free))
+        if unknown:
+            raise ServeError(f"{', '.join(unknown)}: not a controller setting to change here (the run fixed the SLO, batch and "
+                             f"ring): one of {', '.join(free)}")
+        config = ControllerConfig(self.slo_ms, self.max_batch, max_queue=self.max_queue, **settings)
         made: dict[str, Callable[[], StitchController]] = {}
         for r in self.rungs:
             made[f"pinned {r.name}"] = lambda r=r: _pinned(self.rungs, self.table, config, r)

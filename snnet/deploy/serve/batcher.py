@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..controller import Decision
-from .engine import BatchInfo, EngineInfo, open_ring, recv, send
+from .engine import BatchInfo, EngineInfo, open_ring, recv, send, unpack_results, waiting
 from .rejected import Rejected
 
 __all__ = ["BatchResult", "Batcher", "TELL_INLINE_S"]
@@ -76,6 +76,7 @@ class Batcher:
             self.conn.recv()  # "attached": the model process has mapped the ring
         finally:
             os.unlink(path)
+        self._waiting = waiting(self.conn)
         self._control = connect("control")
         self._control_lock = threading.Lock()
         self._used = bytearray(max_queue)  # 1 where an image of a request not yet answered is held
@@ -163,9 +164,14 @@ class Batcher:
 
     def _on_results(self) -> None:
         try:
-            while self.conn.poll():
-                kind, wire, results = recv(self.conn)
+            while self._waiting():
+                kind, wire, *rest = recv(self.conn)
                 self.last = info = BatchInfo.from_wire(wire)
+                if kind == "done":
+                    results: list[tuple[int, Any]] = unpack_results(*rest)
+                else:  # "failed": the model's error for every request of the batch
+                    jobs, error = rest
+                    results = [(job_id, error) for job_id, _, _ in jobs]
                 images = 0
                 for job_id, out in results:
                     future, offset, k = self._pending.pop(job_id)

@@ -57,7 +57,7 @@ class ServeConfig:
     stitch: str | None = None  # pin this stitch (id or name) from the start; None: automatic
     policy: str = "controller"  # who picks the stitch when none is pinned: one of POLICIES
     threads: int = 1  # torch CPU threads of the model process
-    up_after: int = 5  # decisions in a row with room to spare before a more accurate stitch is taken
+    up_after: int = 1  # decisions in a row a dearer stitch must fit before it is taken (1: at once; see ControllerConfig)
     profile_repeats: int = 10  # timed forwards per stitch and batch size when profiling at start
     body_timeout_s: float = 20.0  # a request body must arrive within this (else 408): slow uploads hold nothing for long
     admin_token_file: str | None = None  # a file holding the admin token (else $SNNET_ADMIN_TOKEN; neither: admin endpoints off)
