@@ -8,6 +8,7 @@ machine: which path a request took is read from its answer (``inline``) and from
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from snnet.deploy import loadgen  # noqa: E402
 from snnet.deploy.serve import EngineInfo, ServeConfig, Service  # noqa: E402
+from snnet.deploy.serve.batcher import TELL_INLINE_S  # noqa: E402
 from snnet.deploy.serve.inline import InlineModel  # noqa: E402
 from snnet.errors import ServeError  # noqa: E402
 from snnet.results import read_rows  # noqa: E402
@@ -83,6 +85,7 @@ def test_a_pinned_stitch_is_honoured_inline(server: _Server, client: httpx.Clien
             assert r["inline"] is True and r["stitch"]["id"] == stitch and r["mode"] == "pinned"
     finally:
         assert client.put("/stitch", json={"stitch": "auto"}, headers=AUTH).json()["mode"] == "auto"
+    time.sleep(4 * TELL_INLINE_S)  # the model process has heard of the requests above (it decides again on them in auto mode)
     current = client.get("/stitch").json()["current"]["id"]  # the model process's next batch's stitch: a lone request's too
     r = client.post("/predict", content=_png(seed=1), headers={"content-type": "image/png"}).json()
     assert r["inline"] is True and r["mode"] == "auto" and r["stitch"]["id"] == current
