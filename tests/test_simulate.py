@@ -140,3 +140,21 @@ def test_the_controller_keeps_a_small_ring_from_filling() -> None:
         served = simulate(make_policy("controller", rungs, table, ControllerConfig(slo, 4, max_queue=16)), times, 1, 16)
         s = summarise(served, {r.id: float(r.acc1) for r in rungs}, slo)  # type: ignore[arg-type]
         assert s.attainment >= floor and s.rejected <= 2 and s.mean_acc1 > 77.0 and s.stitches >= 3, (trace, s)
+
+
+def test_the_bursty_benchmark_pins_the_rungs_that_could_reach_99_percent() -> None:
+    """When not every rung fits in the run, the ones pinned are both ends and the most accurate
+    that can keep up with ~the mean rate: the best pinned rung at 99 % is then among them."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_serve import contenders
+
+    rungs = [SimpleNamespace(id=k, name=f"r{k}") for k in range(10)]  # least accurate first
+    rates = {k: 10.0 - k for k in range(10)}  # requests/s: the accurate rungs are slow
+    picked = [r.id for r in contenders(rungs, 4, rates, mean_rate=5.0)]
+    assert picked == [0, 5, 6, 9]  # capacity >= 0.8 x 5 = 4: rungs 0-6; the two most accurate of 1-8: 6 and 5
+    assert [r.id for r in contenders(rungs, 5, rates, mean_rate=50.0)] == [0, 2, 4, 7, 9]  # none able: evenly spaced
+    assert contenders(rungs, 10, rates, 5.0) == rungs
