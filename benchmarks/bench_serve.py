@@ -37,9 +37,10 @@ the stitch serving over time, attainment against accuracy for every server).
 
 Each run fits in ``--minutes`` (9.5 for fmnist, 19 for deit by default): when pinning every rung of
 the ladder on every trace would take longer, fewer rungs are pinned and the run says which: both
-ends, then the most accurate rungs that could reach 99 % attainment (capacity at least 0.8x the
-traces' mean rate: the largest anchor's measured capacity scaled by the latency table), then
-evenly spaced others (:func:`contenders`). The goal is judged against the best pinned rung that
+ends, then the most accurate rungs that could reach 99 % attainment (for each of 0.8, 1, 1.25,
+1.6 and 2x the traces' mean rate, the most accurate rung with at least that capacity: the largest
+anchor's measured capacity scaled by the latency table), then evenly spaced others
+(:func:`contenders`). The goal is judged against the best pinned rung that
 reaches 99 %, so that rung must be among those pinned (evenly spaced rungs missed it: the DeiT
 run pinned 3 of 39, none of them deit_small, which the simulator says holds every trace).
 
@@ -225,19 +226,25 @@ def spaced(rungs: list[Any], n: int) -> list[Any]:
     return [rungs[round(k * (len(rungs) - 1) / (n - 1))] for k in range(n)] if n > 1 else [rungs[-1]]
 
 
-def contenders(rungs: list[Any], n: int, rates: dict[int, float], mean_rate: float, reach: float = 0.8) -> list[Any]:
-    """``n`` rungs to pin when all of them do not fit: the cheapest and the most accurate (the ends), and
-    the most accurate of those that could reach 99 % attainment — the rungs whose capacity (``rates``:
-    requests/s by id) is at least ``reach`` x the traces' mean rate (a rung a little short of the mean
-    rate can still hold a trace of a few dozen seconds) — then, if places are left, evenly spaced
-    others. The goal compares the controller with the best pinned rung reaching 99 %: that rung is
-    among the contenders, where evenly spaced rungs may all miss it."""
+def contenders(rungs: list[Any], n: int, rates: dict[int, float], mean_rate: float,
+               reach: tuple[float, ...] = (0.8, 1.0, 1.25, 1.6, 2.0)) -> list[Any]:
+    """``n`` rungs to pin when all of them do not fit: the cheapest and the most accurate (the ends),
+    then for each margin in ``reach`` the most accurate rung whose capacity (``rates``: requests/s by
+    id) is at least that many times the traces' mean rate — the rungs that could reach 99 % attainment,
+    from the boldest (a rung a little short of the mean rate can hold a trace of a few dozen seconds)
+    to the safest — then, if places are left, evenly spaced others. The goal compares the controller
+    with the best pinned rung reaching 99 %: that rung is then among those pinned, where evenly
+    spaced rungs may all miss it, and so is a safe one if the bold ones miss."""
     if n >= len(rungs):
         return list(rungs)
-    ends = [rungs[0], rungs[-1]]
-    able = [r for r in reversed(rungs[1:-1]) if rates[r.id] >= reach * mean_rate][:max(0, n - 2)]
-    chosen = ends + able
-    fill = [r for r in spaced(rungs, n - len(able)) if r not in chosen]  # evenly spaced over the ladder
+    chosen = [rungs[0], rungs[-1]]
+    for x in reach:
+        if len(chosen) >= n:
+            break
+        able = [r for r in reversed(rungs[1:-1]) if rates[r.id] >= x * mean_rate and r not in chosen]
+        if able:
+            chosen.append(able[0])
+    fill = [r for r in spaced(rungs, n) if r not in chosen][:max(0, n - len(chosen))]  # evenly spaced over the ladder
     return sorted(chosen + fill, key=rungs.index)
 
 
@@ -387,7 +394,7 @@ def main() -> None:
             pinned = contenders(rungs, max(fit, 2), rates, mean_rate)
             print(f"{len(rungs)} pinned rungs x {len(names)} traces would take past --minutes {args.minutes:g}: pinning "
                   f"{len(pinned)} of the {len(rungs)} rungs: both ends and the most accurate whose capacity is at least "
-                  f"0.8 x the mean rate ({mean_rate:.2f} requests/s): " + ", ".join(r.name for r in pinned))
+                  f"0.8, 1, 1.25, 1.6, 2 x the mean rate ({mean_rate:.2f} requests/s): " + ", ".join(r.name for r in pinned))
         if fit < 2:  # not even both ends at this length: shorter traces (at least 10 s)
             seconds = max(10.0, left / (len(names) * (len(pinned) + 2)) - (per_run - args.seconds))
             if seconds < args.seconds:

@@ -154,7 +154,7 @@ def test_the_bursty_benchmark_pins_the_rungs_that_could_reach_99_percent() -> No
 
     rungs = [SimpleNamespace(id=k, name=f"r{k}") for k in range(10)]  # least accurate first
     rates = {k: 10.0 - k for k in range(10)}  # requests/s: the accurate rungs are slow
-    picked = [r.id for r in contenders(rungs, 4, rates, mean_rate=5.0)]
-    assert picked == [0, 5, 6, 9]  # capacity >= 0.8 x 5 = 4: rungs 0-6; the two most accurate of 1-8: 6 and 5
+    # mean rate 4: capacity >= 3.2 (rungs 0-6) -> 6; >= 4 (0-6) -> 5 (6 taken); >= 5 (0-5) -> 4
+    assert [r.id for r in contenders(rungs, 5, rates, mean_rate=4.0)] == [0, 4, 5, 6, 9]
     assert [r.id for r in contenders(rungs, 5, rates, mean_rate=50.0)] == [0, 2, 4, 7, 9]  # none able: evenly spaced
     assert contenders(rungs, 10, rates, 5.0) == rungs
