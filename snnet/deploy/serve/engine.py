@@ -61,7 +61,7 @@ from ...results import Row
 from ..controller import RECENT_S, ControllerConfig, Decision, LatencyTable, StitchController, ladder, make_policy
 from .config import ServeConfig
 
-__all__ = ["BatchInfo", "EngineInfo", "EngineProcess", "RingState", "connect", "open_ring", "pack_results", "unpack_results",
+__all__ = ["BatchInfo", "EngineInfo", "EngineProcess", "RingState", "connect", "open_ring", "pack_results", "probabilities", "unpack_results",
            "waiting"]
 
 
@@ -99,6 +99,16 @@ class BatchInfo:
     def from_wire(cls, t: tuple) -> "BatchInfo":
         batch_id, size, compute_ms, d, queue, slowdown, lead = t
         return cls(batch_id, size, compute_ms, Decision(*d), queue, slowdown, lead)
+
+
+def probabilities(net: Any, stitch: int, x: Any) -> np.ndarray:
+    """The served forward, wherever it runs (a batch in the model process, a lone request in a server
+    process): select the stitch (O(1)), run its route, softmax, as float32 numpy."""
+    import torch
+
+    with torch.inference_mode():
+        net.select(stitch)
+        return net(x).float().softmax(-1).numpy()
 
 
 def send(conn: Connection, message: tuple) -> None:
@@ -458,10 +468,7 @@ class _Engine:
         views = [torch.from_numpy(j.front.ring[j.offset:j.offset + j.images]) for j in batch]
         t0 = time.perf_counter()
         try:
-            with torch.inference_mode():
-                x = views[0] if len(views) == 1 else torch.cat(views)
-                self.net.select(decision.stitch)
-                probs = self.net(x).float().softmax(-1).numpy()
+            probs = probabilities(self.net, decision.stitch, views[0] if len(views) == 1 else torch.cat(views))
             error = None
         except Exception as e:  # noqa: BLE001 - answer every request of the batch, keep serving
             traceback.print_exc()

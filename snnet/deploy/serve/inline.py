@@ -38,7 +38,7 @@ import numpy as np
 from ..controller import Decision, LatencyTable, ladder
 from .batcher import BatchResult, Batcher
 from .config import ServeConfig, log
-from .engine import BatchInfo, EngineInfo
+from .engine import BatchInfo, EngineInfo, probabilities
 
 __all__ = ["InlineModel"]
 
@@ -96,8 +96,6 @@ class InlineModel:
         import torch
 
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            self.net.select(decision.stitch)
-            probs = self.net(torch.from_numpy(x)).float().softmax(-1).numpy()
+        probs = probabilities(self.net, decision.stitch, torch.from_numpy(x))
         ms = (time.perf_counter() - t0) * 1e3
         return BatchResult(probs, BatchInfo(0, len(x), ms, decision, 0, 1.0, True))
