@@ -5,6 +5,11 @@ networks, at matched FLOPs over the range its anchors span, and what each side c
     python scripts/fmnist_zoo_compare.py runs/demo-val-16-32-96          # a demo's --out folder
     python scripts/fmnist_zoo_compare.py runs/demo-val-16-32-96 --zoo snnet/weights/fmnist_zoo.json
     python scripts/fmnist_zoo_compare.py RUN --zoo docs/zoo/fmnist_zoo_converged.json --verdict snnet/weights/fmnist_converged.json
+    python scripts/fmnist_zoo_compare.py RUN1 RUN2 ... --zoo Z --curve docs/zoo/joint-steps.png   # runs differing in joint steps
+
+With several runs (one setting, different numbers of joint steps) it prints one line each and,
+with ``--curve``, plots the trade-off: the gap to the zoo (mean and worst) against the joint
+training's image-steps, beside the image-steps of the zoo members in the range.
 
 The accuracies compared are on the split the demo measured (``summary.json``'s ``eval_split``:
 ``val`` for research runs) and the zoo's column of the same split. Frontiers are compared with
@@ -103,23 +108,80 @@ def _front_names(rows: list[dict[str, Any]]) -> set[str]:
     return {r["name"] for r in front_rows(rows)}
 
 
+def load_run(demo: Path, zoo_file: Path, lo: float | None, hi: float | None) -> tuple[list, dict[str, Any], str, list[dict[str, Any]], float, float]:
+    """A demo run's networks, its summary, the split it measured, the zoo on that split, and the FLOPs
+    range compared (the anchors' unless ``lo``/``hi`` are given)."""
+    results = network_rows(load_results(demo / "results.json"))  # the demo writes the zoo's rows too
+    summary = json.loads((demo / "summary.json").read_text())
+    split = summary.get("eval_split", "test")
+    anchors = [r.flops for r in results if r.is_anchor]
+    return results, summary, split, zoo_rows(zoo_file, split), lo or min(anchors), hi or max(anchors)
+
+
+def trade_off(args: argparse.Namespace) -> None:
+    """Runs of one setting at different joint steps: each one's gap to the zoo, and the curve."""
+    rows = []
+    for demo in args.demo:
+        results, summary, split, zoo, lo, hi = load_run(demo, args.zoo, args.lo, args.hi)
+        steps, batch, _ = demo_settings(summary)
+        c = compare_fronts(results, zoo, lo=lo, hi=hi)
+        in_range = [z for z in zoo if lo <= z["flops"] <= hi]
+        rows.append({"run": str(demo), "split": split, "steps": steps, "image_steps": steps * batch, "mean": round(c.mean, 4),
+                     "worst": round(c.worst.diff, 4), "worst_at": c.worst.start, "ahead": round(c.ahead, 4),
+                     "zoo_in_range": len(in_range), "zoo_in_range_image_steps": sum(z["image_steps"] for z in in_range)})
+    rows.sort(key=lambda r: r["image_steps"])
+    print(table([{**r, "img": human(r["image_steps"]), "m": f"{r['mean']:+.2f}", "w": f"{r['worst']:+.2f} at {human(r['worst_at'])}",
+                  "a": f"{r['ahead']:.0%}", "z": f"{r['zoo_in_range']} / {human(r['zoo_in_range_image_steps'])}"} for r in rows],
+                [("run", "run"), ("steps", "joint steps"), ("img", "image-steps"), ("m", "mean vs zoo"), ("w", "worst"),
+                 ("a", "ahead on"), ("z", "zoo in range / image-steps")]))
+    if args.curve is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    xs = [max(r["image_steps"], 1) for r in rows]
+    ax.plot(xs, [r["mean"] for r in rows], "o-", label="mean gap at matched FLOPs")
+    ax.plot(xs, [r["worst"] for r in rows], "s--", label="worst gap")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axhline(-0.3, color="tab:blue", lw=0.8, ls=":", label="goal for the mean (-0.3)")
+    ax.axhline(-1.0, color="tab:orange", lw=0.8, ls=":", label="goal for the worst (-1.0)")
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{r['steps']:,}" for r in rows], fontsize=8)
+    ax.minorticks_off()
+    batch = rows[-1]["image_steps"] // max(rows[-1]["steps"], 1)
+    ax.set_xlabel(f"joint steps, batch {batch} (the {rows[-1]['zoo_in_range']} zoo members in the range: "
+                  f"{human(rows[-1]['zoo_in_range_image_steps'])} image-steps)", fontsize=9)
+    ax.set_ylabel(f"SN-Net - zoo, {rows[-1]['split']} top-1 points", fontsize=9)
+    ax.set_title("SN-Net against the zoo at matched FLOPs, by joint training", fontsize=10)
+    ax.legend(loc="lower left", fontsize=7)
+    fig.tight_layout()
+    args.curve.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.curve, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    data = args.curve.with_suffix(".json")
+    atomic_write(data, lambda tmp: tmp.write_text(json.dumps({"zoo": str(args.zoo), "runs": rows}, indent=1) + "\n"))
+    print(f"wrote {args.curve} and {data}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("demo", type=Path, help="a folder written by `snnet demo --out` (results.json, summary.json)")
+    p.add_argument("demo", type=Path, nargs="+", help="a folder written by `snnet demo --out` (results.json, summary.json); several for --curve")
     p.add_argument("--zoo", type=Path, default=WEIGHTS / "fmnist_zoo.json")
     p.add_argument("--lo", type=float, default=None, help="compare from this many FLOPs (default: the cheapest anchor)")
     p.add_argument("--hi", type=float, default=None, help="compare up to this many FLOPs (default: the dearest anchor)")
     p.add_argument("--verdict", type=Path, default=None,
                    help="also write the comparison as the JSON `snnet demo` prints its converged line from "
                         "(snnet/weights/fmnist_converged.json ships the best run's)")
+    p.add_argument("--curve", type=Path, default=None,
+                   help="with several runs: plot their gap to the zoo against joint image-steps into this PNG (and .json)")
     args = p.parse_args()
+    if len(args.demo) > 1 or args.curve is not None:
+        return trade_off(args)
+    args.demo = args.demo[0]
 
-    results = network_rows(load_results(args.demo / "results.json"))  # the demo writes the zoo's rows too
-    summary = json.loads((args.demo / "summary.json").read_text())
-    split = summary.get("eval_split", "test")
-    zoo = zoo_rows(args.zoo, split)
-    anchors = [r.flops for r in results if r.is_anchor]
-    lo, hi = args.lo or min(anchors), args.hi or max(anchors)
+    results, summary, split, zoo, lo, hi = load_run(args.demo, args.zoo, args.lo, args.hi)
 
     front = _front_names(zoo)
     print(f"The zoo on {split} ({args.zoo.name}; * = on its frontier):")
