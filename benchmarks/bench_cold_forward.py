@@ -4,8 +4,9 @@
 model alone's p50, the model alone running its forwards back to back. In the server a forward
 follows HTTP work and a wait for the next request, and is slower for it (docs/serving.md, "One
 image: the latency path"). This script measures that part alone, in one process, with the served
-forward (:func:`snnet.deploy.serve.engine.probabilities`: select, the route, softmax) on one
-image, for the smallest and the largest anchor, each forward preceded by:
+forward on one image, eager (:func:`snnet.deploy.serve.engine.probabilities`: select, the route,
+softmax, as the model process runs it) and traced (:class:`snnet.deploy.serve.inline.RouteGraphs`,
+as the latency path runs it), for the smallest and the largest anchor, each forward preceded by:
 
 * nothing (back to back: the goal's reference);
 * ``--pause-ms`` of sleep (the core idles, as a server's does between requests);
@@ -55,6 +56,7 @@ def main() -> None:
 
     from snnet.commands.deploy import _load
     from snnet.deploy.serve.engine import probabilities
+    from snnet.deploy.serve.inline import RouteGraphs
     from snnet.model import StitchedNet
 
     torch.set_num_threads(1)  # as the server process's latency path
@@ -82,18 +84,23 @@ def main() -> None:
                                                  f"after {args.pause_ms:g} ms spinning": spin, f"after writing {args.touch_mb:g} MiB": touch,
                                                  f"after {args.pause_ms:g} ms of other Python work": other_work}
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; one torch thread; {args.rounds} rounds x {args.forwards} forwards")
+    graphs = RouteGraphs(net)  # the latency path's forward: each stitch's traced graph
     for anchor in (anchors[0], anchors[-1]):
         x = torch.randn(1, *net.input_size)
-        forward = lambda: probabilities(net, anchor.id, x)  # noqa: E731
-        for _ in range(50):
-            forward()
-        per: dict[str, list[float]] = {name: [] for name in conditions}
-        for _ in range(args.rounds):
-            for name, before in conditions.items():
-                per[name].append(p50_ms(forward, before, args.forwards))
-        base = statistics.median(per["back to back"])
-        cells = [f"{name} {statistics.median(v):.3f} ms ({statistics.median(v) / base:.2f}x)" for name, v in per.items()]
-        print(f"{anchor.name:>14} one-image forward p50: " + "; ".join(cells))
+        graphs.probabilities(anchor.id, x)
+        graphs.trace_pending()
+        forwards = {"eager (the model process's)": lambda: probabilities(net, anchor.id, x),
+                    "traced (the latency path's)": lambda: graphs.probabilities(anchor.id, x)}
+        for kind, forward in forwards.items():
+            for _ in range(50):
+                forward()
+            per: dict[str, list[float]] = {name: [] for name in conditions}
+            for _ in range(args.rounds):
+                for name, before in conditions.items():
+                    per[name].append(p50_ms(forward, before, args.forwards))
+            base = statistics.median(per["back to back"])
+            cells = [f"{name} {statistics.median(v):.3f} ms ({statistics.median(v) / base:.2f}x)" for name, v in per.items()]
+            print(f"{anchor.name:>14} {kind} one-image forward p50: " + "; ".join(cells))
     print(f"load average {os.getloadavg()[0]:.2f} after")
 
 

@@ -14,7 +14,8 @@ Fashion-MNIST PNGs (multipart), it measures in one run:
   virtual machine sharing its host), so each round's ratio compares two windows next to each
   other, and the figure is the median of the rounds (all are reported);
 * **one image** — the p50 latency of a one-image request to the server (one client, one request
-  at a time) minus the model's p50 for one image, against the p50 of a bare endpoint on the same
+  at a time) minus the model's p50 for one image (the forward the request ran: on the latency
+  path the stitch's traced graph, through the model process the eager route), against the p50 of a bare endpoint on the same
   stack (uvicorn with httptools and uvloop, FastAPI, the same body limits and the same decoding)
   that only decodes the image: the server's own cost per request, which must be within 1.5x.
   A lone one-image request runs in the server process (the latency path, ``--inline-max-images``,
@@ -65,25 +66,27 @@ except ImportError:  # the serve extra is missing: `snnet serve` says so
     pass
 
 
-def model_only(net: Any, stitch: int, batch: int, seconds: float) -> tuple[float, float, float]:
-    """Images/s of back-to-back forwards (+ softmax) of a batch, the p50 ms of one forward, and
-    the CPU µs of one forward (this process's CPU time over the forwards: unlike the wall time,
-    it does not grow when other processes hold the CPUs)."""
+def model_only(net: Any, stitch: int, batch: int, seconds: float, forward: Any = None) -> tuple[float, float, float]:
+    """Images/s of back-to-back served forwards (select, the route, softmax: ``forward(stitch, x)``,
+    by default the model process's :func:`~snnet.deploy.serve.engine.probabilities`) of a batch, the
+    p50 ms of one forward, and the CPU µs of one forward (this process's CPU time over the forwards:
+    unlike the wall time, it does not grow when other processes hold the CPUs)."""
     import torch
 
+    from snnet.deploy.serve.engine import probabilities
+
+    forward = forward or (lambda s, x: probabilities(net, s, x))
     x = torch.randn(batch, *net.input_size)
     times = []
-    with torch.inference_mode():
-        net.select(stitch)
-        for _ in range(3):
-            net(x).float().softmax(-1)
-        end = time.perf_counter() + seconds
-        cpu = time.process_time()
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            net(x).float().softmax(-1).numpy()
-            times.append(time.perf_counter() - t0)
-        cpu = time.process_time() - cpu
+    for _ in range(3):
+        forward(stitch, x)
+    end = time.perf_counter() + seconds
+    cpu = time.process_time()
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        forward(stitch, x)
+        times.append(time.perf_counter() - t0)
+    cpu = time.process_time() - cpu
     return batch * len(times) / sum(times), statistics.median(times) * 1e3, cpu / len(times) * 1e6
 
 
@@ -165,10 +168,20 @@ def one_image_rounds(args: argparse.Namespace, net: Any, anchor: Any, path: str,
     """One-image requests to the server against the model alone and the bare endpoint, in
     ``--one-image-rounds`` rounds of the three back to back (this machine's speed drifts between
     few-second windows: each round's ratio compares neighbours); the figures are the rounds' medians."""
+    forward = None  # the model process's forward (a batch of one)
+    if path == "inline":  # the latency path's: the stitch's traced graph, as the server process runs it (snnet.deploy.serve.inline)
+        import torch
+
+        from snnet.deploy.serve.inline import RouteGraphs
+
+        graphs = RouteGraphs(net)
+        graphs.probabilities(anchor.id, torch.zeros(1, *net.input_size))
+        graphs.trace_pending()
+        forward = graphs.probabilities
     rounds = []
     for _ in range(args.one_image_rounds):
         bare_p50, _, (bare_cpu,) = one_image(bare_port, one, args.seconds, (bare_pid,))
-        _, model_p50, model_cpu = model_only(net, anchor.id, 1, args.model_seconds)
+        _, model_p50, model_cpu = model_only(net, anchor.id, 1, args.model_seconds, forward)
         p50, answers, (server_cpu, engine_cpu) = one_image(srv.port, one, args.seconds, (srv.pid, engine))
         said = [json.loads(a) for a in answers]  # what the server measured itself: arrival to result, and the forward
         rounds.append({"server_p50_ms": p50, "model_p50_ms": model_p50, "bare_p50_ms": bare_p50, "ratio": (p50 - model_p50) / bare_p50,

@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from snnet.deploy import loadgen  # noqa: E402
 from snnet.deploy.serve import EngineInfo, ServeConfig, Service  # noqa: E402
 from snnet.deploy.serve.batcher import TELL_INLINE_S  # noqa: E402
-from snnet.deploy.serve.inline import InlineModel  # noqa: E402
+from snnet.deploy.serve.engine import probabilities  # noqa: E402
+from snnet.deploy.serve.inline import InlineModel, RouteGraphs  # noqa: E402
 from snnet.errors import ServeError  # noqa: E402
 from snnet.results import read_rows  # noqa: E402
 
@@ -63,8 +64,10 @@ def test_a_lone_request_runs_inline_with_the_batched_paths_answer(server: _Serve
     image, other = _png(seed=3), _png(seed=4)
     for stitch in (1, 3):  # pinned: the two answers below come from one stitch whatever the policy would do
         assert client.put("/stitch", json={"stitch": stitch}, headers=AUTH).status_code == 200
-        alone = client.post("/predict", content=image, headers={"content-type": "image/png"}).json()
-        assert alone["inline"] is True and alone["batch"]["id"] is None and alone["batch"]["size"] == 1
+        first = client.post("/predict", content=image, headers={"content-type": "image/png"}).json()  # eager; traced after
+        alone = client.post("/predict", content=image, headers={"content-type": "image/png"}).json()  # the traced graph
+        np.testing.assert_allclose(first["predictions"][0]["probs"], alone["predictions"][0]["probs"], rtol=1e-5, atol=1e-6)
+        assert first["inline"] is True and alone["inline"] is True and alone["batch"]["id"] is None and alone["batch"]["size"] == 1
         assert alone["batch"]["reason"].startswith("inline") and alone["latency_ms"] > 0 and alone["stitch"]["id"] == stitch
         # two images are more than --inline-max-images (1): the model process runs them
         body, ctype = _multipart([("file", image, "a.png"), ("file", other, "b.png")])
@@ -72,7 +75,7 @@ def test_a_lone_request_runs_inline_with_the_batched_paths_answer(server: _Serve
         assert batched["inline"] is False and batched["batch"]["id"] is not None and batched["stitch"]["id"] == stitch
         np.testing.assert_allclose(alone["predictions"][0]["probs"], batched["predictions"][0]["probs"], rtol=1e-5, atol=1e-6)
     assert client.put("/stitch", json={"stitch": "auto"}, headers=AUTH).status_code == 200
-    assert _metric(client, "snnet_inline_requests_total") == before + 2
+    assert _metric(client, "snnet_inline_requests_total") == before + 4
     # the model process heard of the inline request (its policy saw its arrival and latency)
     _until(lambda: client.get("/health").json()["inline"] >= 1, 30, "the model process counts inline requests")
 
@@ -122,3 +125,51 @@ def test_off_when_set_to_zero_or_when_no_stitch_is_short_enough(saved: tuple[Pat
 def test_bad_inline_settings_are_refused_in_one_line(bad: dict) -> None:
     with pytest.raises(ServeError, match="--inline-max"):
         ServeConfig("m", max_batch=8, **bad)
+
+
+def test_route_graphs_trace_a_stitch_after_its_first_eager_answer(saved: tuple[Path, Path]) -> None:
+    import torch
+
+    from snnet.model import StitchedNet
+
+    net = StitchedNet.from_pretrained(str(saved[0])).eval()
+    graphs = RouteGraphs(net, max_images=2)
+    x = torch.randn(1, *net.input_size)
+    stitches = [0, len(net.space) - 1]
+    for s in stitches:
+        np.testing.assert_allclose(graphs.probabilities(s, x), probabilities(net, s, x), rtol=1e-6)  # eager, and noted
+    assert graphs.graphs == {} and sorted(graphs.pending) == stitches
+    graphs.trace_pending()
+    assert sorted(graphs.graphs) == stitches and graphs.pending == []
+    for s in stitches:  # a graph per stitch, each the stitch's own route, at one and at two images
+        for n in (1, 2):
+            xs = torch.randn(n, *net.input_size)
+            np.testing.assert_allclose(graphs.probabilities(s, xs), probabilities(net, s, xs), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(graphs.probabilities(stitches[0], x), graphs.probabilities(stitches[1], x))
+
+
+def test_a_graph_that_fails_or_disagrees_leaves_its_stitch_eager(saved: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from snnet.model import StitchedNet
+
+    net = StitchedNet.from_pretrained(str(saved[0])).eval()
+    x = torch.randn(1, *net.input_size)
+    graphs = RouteGraphs(net)
+    graphs.probabilities(0, x)
+    graphs.trace_pending()
+
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("a graph that fails")
+
+    graphs.graphs[0] = broken
+    np.testing.assert_allclose(graphs.probabilities(0, x), probabilities(net, 0, x), rtol=1e-6)  # eager answers
+    assert 0 not in graphs.graphs and 0 in graphs.eager
+    graphs.probabilities(0, x)
+    assert graphs.pending == []  # not traced again
+
+    wrong = RouteGraphs(net)
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: (lambda inp: torch.zeros(len(inp), 10)))  # a graph with other answers
+    wrong.probabilities(1, x)
+    wrong.trace_pending()
+    assert wrong.graphs == {} and wrong.eager == {1}

@@ -350,6 +350,8 @@ def _answered(svc: Service, result: BatchResult, latency: float, inline_arrived:
     if inline_arrived is not None:
         svc.metrics.ran_inline(result.info)
         svc.batcher.observe_inline(result.info.size, inline_arrived, latency * 1e3)
+        assert svc.inline is not None
+        svc.inline.forwards.trace_pending()  # a stitch run eager here for the first time becomes a graph, after its answer
     svc.metrics.latency.observe(latency)
     svc.metrics.requests.labels("200").inc()
     svc.metrics.queue.set(svc.batcher.held)
@@ -499,15 +501,9 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
                  svc.config.model, len(svc.rows), len(policy["ladder"]), policy["ladder"][0]["name"], policy["ladder"][-1]["name"],
                  svc.config.slo_ms, svc.config.max_batch,
                  "pinned to " + policy["current"]["name"] if policy["mode"] == "pinned" else f"automatic ({policy['policy']})")
-        if os.environ.get("H16_CPROFILE"):
-            import cProfile
-            _p = cProfile.Profile(time.thread_time)
-            _p.enable()
         try:
             yield
         finally:
-            if os.environ.get("H16_CPROFILE"):
-                _p.disable(); _p.dump_stats(os.environ["H16_CPROFILE"])
             if fleet is not None:
                 await fleet.stop()
             await svc.stop()  # every request already sent to the model is answered first

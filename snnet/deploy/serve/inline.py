@@ -19,19 +19,22 @@ So a server process runs a request itself when all of these hold:
   by the latency table (``--inline-max-ms``, default 5 ms): the forward holds this process's
   event loop, so only short ones run here.
 
-The forward is the model process's (``net.select``, forward, softmax under
-``torch.inference_mode``) on a copy of the network this process loads at start, with one torch
-thread; it is loaded only when some stitch of the ladder is short enough to run inline, so a
-network whose one-image forward takes hundreds of milliseconds (DeiT-B at 224x224) costs no second
-copy. Afterwards the model process is told (``("inline", ...)``): its policy sees the arrival and
+The forward runs on a copy of the network this process loads at start, with one torch thread;
+it is loaded only when some stitch of the ladder is short enough to run inline, so a network whose
+one-image forward takes hundreds of milliseconds (DeiT-B at 224x224) costs no second copy. A
+stitch run here becomes a graph traced from its route after its first answer (:class:`RouteGraphs`): at one image a small
+network's eager forward is mostly Python (module calls, dispatch: 0.58 ms for the shipped Ti
+against 0.25 ms traced, ``benchmarks/bench_cold_forward.py``), and a request alone is where that
+shows. Afterwards the model process is told (``("inline", ...)``): its policy sees the arrival and
 the latency as a batch's, and decides as after a batch.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -40,7 +43,7 @@ from .batcher import BatchResult, Batcher
 from .config import ServeConfig, log
 from .engine import BatchInfo, EngineInfo, probabilities
 
-__all__ = ["InlineModel"]
+__all__ = ["InlineModel", "RouteGraphs"]
 
 REASON = "inline: the model process had nothing to do, so the server process ran the request"
 
@@ -51,6 +54,81 @@ class _Rung:
     predicted_ms: float
 
 
+class RouteGraphs:
+    """The served forward of a network's stitches, each as a TorchScript graph traced from its route.
+
+    Tracing runs the route once and records its tensor operations; calling the graph runs them
+    without the modules' Python (``nn.Module`` calls, hooks, argument handling), which is most of a
+    one-image forward of a small network. A graph shares the network's parameters (no copy).
+
+    A stitch is traced after its first request has been answered (:meth:`trace_pending`, ~0.2 s for
+    the shipped family's, holding this process's event loop: once per stitch, when the process was
+    idle enough to run a lone request; tracing every stitch at start would add seconds to it);
+    until then it runs eager. A stitch whose trace fails, or whose graph does not give the eager
+    forward's probabilities (to 1e-5) at one and at ``max_images`` images, stays eager, as does one
+    whose graph ever raises. TorchScript is deprecated in favour of ``torch.compile`` and
+    ``torch.export``; neither serves here (compile needs a C++ toolchain and seconds per graph on a
+    CPU; an exported module runs slower than eager at this size), and eager is the fallback wherever
+    tracing stops working."""
+
+    def __init__(self, net: Any, max_images: int = 1) -> None:
+        import torch
+
+        self.net = net
+        self.graphs: dict[int, Any] = {}
+        self.pending: list[int] = []  # stitches served eager, to trace once idle
+        self.eager: set[int] = set()  # stitches that failed to trace, or whose graph failed
+        shape = tuple(int(v) for v in net.input_size)
+        self.checks = [torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)) for n in sorted({1, max_images})]
+
+    def probabilities(self, stitch: int, x: Any) -> np.ndarray:
+        """As :func:`~.engine.probabilities` (softmax, float32 numpy), through the stitch's graph if it has one."""
+        graph = self.graphs.get(stitch)
+        if graph is not None:
+            import torch
+
+            try:
+                with torch.inference_mode():
+                    return graph(x).float().softmax(-1).numpy()
+            except Exception:  # noqa: BLE001 - a graph that fails once serves no more; eager answers
+                log.exception("the traced graph of stitch %d failed; it runs eager from now on", stitch)
+                del self.graphs[stitch]
+                self.eager.add(stitch)
+        elif stitch not in self.eager and stitch not in self.pending:
+            self.pending.append(stitch)
+        return probabilities(self.net, stitch, x)
+
+    def trace_pending(self) -> None:
+        """Trace the stitches served eager so far (see the class)."""
+        while self.pending:
+            stitch = self.pending.pop()
+            t0 = time.perf_counter()
+            graph = self._trace(stitch)
+            if graph is None:
+                self.eager.add(stitch)
+            else:
+                self.graphs[stitch] = graph
+                log.info("stitch %d traced for the latency path in %.0f ms", stitch, (time.perf_counter() - t0) * 1e3)
+
+    def _trace(self, stitch: int) -> Any | None:
+        import torch
+
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TorchScript's deprecation notice and tracer warnings: the check below decides
+                self.net.select(stitch)
+                graph = torch.jit.trace(self.net, self.checks[0], check_trace=False)
+                same = all(np.allclose(graph(x).float().softmax(-1).numpy(), probabilities(self.net, stitch, x), atol=1e-5)
+                           for x in self.checks)
+        except Exception as e:  # noqa: BLE001 - any failure to trace leaves the stitch eager
+            log.info("stitch %d runs eager on the latency path: tracing failed (%s: %s)", stitch, type(e).__name__, e)
+            return None
+        if not same:
+            log.info("stitch %d runs eager on the latency path: its traced graph differs from the eager forward", stitch)
+            return None
+        return graph
+
+
 class InlineModel:
     """The network in a server process, for lone requests (see the module)."""
 
@@ -58,6 +136,7 @@ class InlineModel:
         self.net = net
         self.max_images = config.inline_max_images
         self.rungs = rungs  # the stitches short enough to run inline, by id
+        self.forwards = RouteGraphs(net, self.max_images)  # the forward of each stitch run here
         self.x = np.empty((self.max_images, *(int(v) for v in net.input_size)), np.float32)  # a request's decoded images
 
     @classmethod
@@ -96,6 +175,6 @@ class InlineModel:
         import torch
 
         t0 = time.perf_counter()
-        probs = probabilities(self.net, decision.stitch, torch.from_numpy(x))
+        probs = self.forwards.probabilities(decision.stitch, torch.from_numpy(x))
         ms = (time.perf_counter() - t0) * 1e3
         return BatchResult(probs, BatchInfo(0, len(x), ms, decision, 0, 1.0, True))
