@@ -162,8 +162,10 @@ def serve(
         raise ServeError("--tpot-ms is for language models: give --model DIR, a folder written by StitchedLM.save_pretrained")
     if ray:
         return _serve_ray(config, listen, model, results, replicas, max_replicas, target_ongoing)
+    from ..deploy.serve.upstream import StampedProtocol  # stamps each request's arrival, counts those not yet in the ring
+
     uv = dict(timeout_graceful_shutdown=listen.timeout_graceful_shutdown, log_level=listen.log_level,
-              ssl_certfile=listen.ssl_certfile, ssl_keyfile=listen.ssl_keyfile)
+              ssl_certfile=listen.ssl_certfile, ssl_keyfile=listen.ssl_keyfile, http=StampedProtocol)
 
     with _cleanup_on_signals(), contextlib.ExitStack() as stack:
         sock = stack.enter_context(listen.bind())
