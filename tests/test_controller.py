@@ -139,15 +139,15 @@ def test_waiting_requests_become_batches_that_start_when_their_last_request_is_i
 def test_steady_arrivals_let_the_controller_load_a_rung_past_the_burst_margin() -> None:
     # 170 images/s: the dear rung (195 images/s) would be loaded 0.87, over the 0.75 kept for bursts. Evenly
     # spaced arrivals (gaps' CV² 0) are steady: it is taken; the same mean rate in bursts (CV² well over 2) is not.
-    # The controller before kept 0.75 whatever the arrivals (DeiT CV² 1 a rung low, issue 20).
-    steady = _controller()
+    # The controller before kept 0.75 whatever the arrivals (DeiT CV² 1 a rung low, issue 20); `steady` is off by default.
+    steady = _controller(steady=(2.0, 1.0))
     now = _steady(steady, 170.0, 3.0)
     assert steady.gaps_cv2() < 0.1
     assert steady.decide(2, now=now, arrivals=[(now, 2)]).stitch == 2
-    old = _controller(steady=(0.0, 0.75))  # the threshold 0: never steady, the burst margin always (the controller before)
+    old = _controller()  # the default: the burst margin always, as the controller before
     now = _steady(old, 170.0, 3.0)
     assert old.decide(2, now=now, arrivals=[(now, 2)]).stitch == 1
-    bursty = _controller()
+    bursty = _controller(steady=(2.0, 1.0))
     t = 0.0
     for k in range(170 * 3 // 20):  # 10 requests of 2 images within 1 ms every 20/170 s: the same 170 images/s
         for j in range(10):
