@@ -332,6 +332,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=None, help="time for the whole run; fewer rungs are pinned (evenly spaced, "
                                                                  "both ends kept) to fit; default: 9.5 (fmnist), 19 (deit)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steady-cv2", type=float, default=None, help="the server's --steady-cv2: steady arrivals (gaps' CV² at most "
+                                                                     "this) may load a stitch to 1.0; default off")
     ap.add_argument("--warmup", type=float, default=None, help="seconds of closed-loop load each rung pinned answers before the "
                                                                  "first trace, not counted (0: none); default: 1 (deit), 0.3 (fmnist)")
     args = ap.parse_args()
@@ -373,7 +375,8 @@ def main() -> None:
     max_queue = args.max_queue = args.max_queue or (4 * args.max_batch if deit else 8 * args.max_batch * max(1, per // 4))
     srv = ServerProcess(["--model", model, "--results", str(folder / "results.json"), "--slo-ms", f"{slo_ms:.3f}",
                          "--max-batch", str(args.max_batch), "--max-queue", str(max_queue),
-                         "--threads", str(args.threads), "--log-level", "warning", "--stitch", str(large.id)])
+                         "--threads", str(args.threads), "--log-level", "warning", "--stitch", str(large.id)]
+                        + (["--steady-cv2", str(args.steady_cv2)] if args.steady_cv2 is not None else []))
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with srv:
         port = srv.port

@@ -107,3 +107,16 @@ def test_a_served_request_reports_its_time_before_the_ring_and_leaves_nothing_wa
         assert service.batcher.state.upstream() is None  # what the model process reads: nothing waits
         assert "snnet_before_ring_seconds_count 1.0" in c.get("/metrics").text
     assert StampedProtocol.upstream is None
+
+
+def test_steady_cv2_reaches_the_controller_and_is_checked(saved: tuple[Path, Path]) -> None:
+    from snnet.deploy.serve.engine import _policy
+    from snnet.errors import ServeError
+    from snnet.results import read_rows
+
+    model, results = saved
+    rows = read_rows(results)
+    assert _policy("controller", rows, ServeConfig(str(model), max_batch=8)).config.steady is None  # off by default
+    assert _policy("controller", rows, ServeConfig(str(model), max_batch=8, steady_cv2=2.0)).config.steady == (2.0, 1.0)
+    with pytest.raises(ServeError, match="--steady-cv2"):
+        ServeConfig(str(model), steady_cv2=-1.0)
