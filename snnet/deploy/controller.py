@@ -149,8 +149,9 @@ class ControllerConfig:
     gaps between requests (a running estimate over the last few dozen) is at most the first, arrivals
     are steady (Poisson traffic has 1) and a rung may be loaded up to the second instead of
     ``utilisation``. Simulated, (2, 1.0) serves the DeiT Poisson traces more accurately at no loss of
-    attainment; in the one real Fashion-MNIST check it let the controller onto rungs the server could
-    not feed as the ramp climbed (docs/serving.md), so it is not the default.
+    attainment; in the one real Fashion-MNIST check, with it on, the controller lost the ramp (26.2 %
+    against 97.5 % in the run before; it had put 56 of the ramp's second-1 requests on rungs the table
+    loads 0.79-0.97 at that second's rate: docs/serving.md), so it is not the default.
     ``calibration``: weight of each new measured/table ratio in the running slowdown factor that
     scales the table (the machine may be busier than when it was profiled).
     """
