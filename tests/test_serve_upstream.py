@@ -84,6 +84,13 @@ def test_the_protocol_stamps_arrivals_and_admits_predictions_before_any_handler_
         proto.data_received(b"ngth: 3\r\n\r\nabc")
         assert proto.scope is first and first[KEY] is not None and len(up) == 1
         assert up.oldest() == first[ARRIVED] < time.perf_counter() - 0.01  # admitted with the time of its first bytes
+        slow = stamped(up)(config=config, server_state=ServerState(), app_state={})
+        slow.connection_made(_Transport())
+        slow.data_received(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nab")  # its body still arriving
+        assert KEY not in slow.scope and len(up) == 1
+        slow.data_received(b"cdef")
+        assert slow.scope[KEY] is not None and len(up) == 2 and up.oldest() == first[ARRIVED]
+        up.leave(slow.scope[KEY])
         other = stamped(up)(config=config, server_state=ServerState(), app_state={})
         other.connection_made(_Transport())
         other.data_received(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # not a prediction: stamped, not admitted
@@ -96,7 +103,7 @@ def test_the_protocol_stamps_arrivals_and_admits_predictions_before_any_handler_
 
 def test_a_served_request_reports_its_time_before_the_ring_and_leaves_nothing_waiting(saved: tuple[Path, Path]) -> None:
     model, results = saved
-    service = Service.load(ServeConfig(str(model), str(results), max_batch=8, inline_max_images=0))
+    service = Service.load(ServeConfig(str(model), str(results), max_batch=8, inline_max_images=0, max_upload_bytes=2 ** 20))
     with _Server(service, http=StampedProtocol) as s, httpx.Client(base_url=s.url, timeout=60) as c:
         assert StampedProtocol.upstream is service.upstream
         body, ctype = _multipart([("file", _png(seed=k), f"{k}.png") for k in range(3)])
@@ -106,6 +113,9 @@ def test_a_served_request_reports_its_time_before_the_ring_and_leaves_nothing_wa
         assert h["before_ring"] == 0 and h["server_work_ms"] > 0
         assert service.batcher.state.upstream() is None  # what the model process reads: nothing waits
         assert "snnet_before_ring_seconds_count 1.0" in c.get("/metrics").text
+        # an oversized body gets its 413 before it is all read: never counted as waiting for the ring
+        big = c.post("/predict", content=b"x" * (3 * 2 ** 20), headers={"content-type": "image/png"})
+        assert big.status_code == 413 and len(service.upstream) == 0 and c.get("/health").json()["before_ring"] == 0
     assert StampedProtocol.upstream is None
 
 

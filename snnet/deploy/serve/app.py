@@ -43,7 +43,7 @@ from .images import ARRAY_TYPES, first_line, read_array
 from .metrics import Metrics
 from .rejected import Rejected
 from .service import Service
-from .upstream import ARRIVED, KEY
+from .upstream import ARRIVED, release
 
 __all__ = ["ADMIN_BODY_LIMIT", "BodyLimits", "ENV_ENGINE", "Fleet", "app_from_env", "create_app", "get_stitch", "health", "metrics",
            "predict", "put_stitch"]
@@ -134,6 +134,8 @@ class BodyLimits:
             if not started:
                 await self._answer(send, 408, f"the request body did not arrive within {self.timeout_s:g} s (--body-timeout): "
                                               "send it at once", close=True)
+        finally:
+            release(scope)  # answered here (a 413 after its body was drained): it no longer waits for the ring
 
     @staticmethod
     async def _drain(receive: Receive) -> None:
@@ -316,7 +318,7 @@ async def predict(svc: Service, request: Request) -> Response:
         return await _predict(svc, request)
     finally:
         svc.handling -= 1
-        svc.upstream.leave(request.scope.get(KEY))  # refused or failed before the ring: no longer waiting for it
+        release(request.scope)  # refused or failed before the ring: no longer waiting for it
 
 
 def _decode(svc: Service, blobs: list[bytes], array: np.ndarray | None, out: np.ndarray) -> None:
@@ -390,7 +392,7 @@ async def _predict(svc: Service, request: Request) -> Response:
                 batcher.release(offset, n)
                 raise
             in_ring = time.perf_counter()
-            svc.upstream.leave(request.scope.get(KEY))
+            release(request.scope)
             svc.upstream.worked((in_ring - started) * 1e3, n)
             svc.metrics.before_ring.observe(in_ring - arrived)
             svc.metrics.queue.set(batcher.held)

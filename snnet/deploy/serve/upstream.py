@@ -9,8 +9,9 @@ see this wait too, or a burst queued here looks to it like a short queue (issue 
 * :class:`StampedProtocol`: uvicorn's HTTP protocol, plus one thing: when a request's first bytes
   are parsed, their time goes into the request's ASGI scope (``scope["snnet.arrived"]``: the
   arrival the server measures latency and deadlines from, rather than the handler's start, which
-  a burst delays by every request read before it), and a ``POST /predict`` is admitted to the
-  process's :class:`Upstream`. A handler starts only when the requests before it have been
+  a burst delays by every request read before it), and a ``POST /predict`` whose body has all
+  arrived is admitted to the process's :class:`Upstream` (a slow upload is not waiting on this
+  process; one answered before its body was all read, a 413, never is). A handler starts only when the requests before it have been
   decoded: the time a request waits for the event loop is visible only from here.
 * :class:`Upstream`: the requests admitted and not yet in the ring (their count and the oldest
   arrival), the running mean of the server's own work per request (handler start to ring submit)
@@ -31,9 +32,10 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from .engine import RingState
 
-__all__ = ["ARRIVED", "StampedProtocol", "Upstream", "stamped"]
+__all__ = ["ARRIVED", "KEY", "StampedProtocol", "Upstream", "release", "stamped"]
 
-ARRIVED, KEY = "snnet.arrived", "snnet.upstream"  # scope keys: perf_counter() of the first bytes; the Upstream entry
+ARRIVED, KEY, TRACKER = "snnet.arrived", "snnet.upstream", "snnet.tracker"  # scope keys: perf_counter() of the first bytes;
+# the request's Upstream entry and the Upstream it is in
 MEAN_WEIGHT = 0.1  # weight of each request in the running means of the server's work and images per request
 
 
@@ -97,9 +99,26 @@ class StampedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if scope is None or KEY in scope:
             return
         arrived = scope.setdefault(ARRIVED, t)  # the first bytes of a request whose head spans reads
-        if "path" in scope:  # the head is complete: a /predict waits for the ring from now on
-            up = type(self).upstream
-            scope[KEY] = up.admit(arrived) if up is not None and scope["path"] == "/predict" and scope.get("method") == "POST" else None
+        if "path" not in scope:  # the head is not complete yet
+            return
+        up = type(self).upstream
+        if up is None or scope["path"] != "/predict" or scope.get("method") != "POST":
+            scope[KEY] = None
+            return
+        cycle = getattr(self, "cycle", None)
+        if cycle is None or getattr(cycle, "scope", None) is not scope:
+            return
+        if getattr(cycle, "response_started", False):  # answered before its body was all here (413, 408): never waits
+            scope[KEY] = None
+        elif not getattr(cycle, "more_body", True):  # all here: it waits for this process from now on (a slow upload holds nothing)
+            scope[KEY], scope[TRACKER] = up.admit(arrived), up
+
+
+def release(scope: dict[str, Any]) -> None:
+    """The request of ``scope`` no longer waits for the ring (in it, answered, or refused), whoever answered it."""
+    up = scope.get(TRACKER)
+    if up is not None:
+        up.leave(scope.get(KEY))
 
 
 def stamped(upstream: Upstream) -> type[StampedProtocol]:
