@@ -137,8 +137,10 @@ def run_trace(port: int, bodies: list[loadgen.Body], times: list[float], timeout
     results = loadgen.run(lambda: loadgen.open_loop("127.0.0.1", port, bodies, times, timeout))
     out = []
     for r in results:
-        stitch = orjson.loads(r.body)["stitch"]["id"] if r.status == 200 else None
-        out.append({"t": round(r.t, 4), "ms": round(r.ms, 2), "status": r.status, "images": r.images, "stitch": stitch})
+        body = orjson.loads(r.body) if r.status == 200 else {}
+        out.append({"t": round(r.t, 4), "ms": round(r.ms, 2), "status": r.status, "images": r.images, "stitch": body.get("stitch", {}).get("id"),
+                    # the server's own figures: arrival to the ring (reading, decoding, the wait for its event loop), and to the answer
+                    "before_ring_ms": body.get("before_ring_ms"), "server_ms": body.get("latency_ms")})
     return out
 
 
@@ -156,6 +158,9 @@ def summarise(samples: list[dict[str, Any]], acc: dict[int, float], slo_ms: floa
         "p99_ms": percentile(lat, 0.99, nearest=True),
         "rejected_503": sum(s["status"] == 503 for s in samples), "timeouts_or_errors": sum(s["status"] not in (200, 503) for s in samples),
         "stitches": sorted({s["stitch"] for s in ok}),
+        # arrival to the ring in the server process (answered requests the model process ran), p50 / p95 / p99
+        "before_ring_ms": [percentile(ring, q, nearest=True) for q in (0.5, 0.95, 0.99)]
+        if (ring := [s["before_ring_ms"] for s in ok if s.get("before_ring_ms") is not None]) else None,
     }
 
 
@@ -327,6 +332,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=None, help="time for the whole run; fewer rungs are pinned (evenly spaced, "
                                                                  "both ends kept) to fit; default: 9.5 (fmnist), 19 (deit)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steady-cv2", type=float, default=None, help="the server's --steady-cv2: steady arrivals (gaps' CV² at most "
+                                                                     "this) may load a stitch to 1.0; default off")
     ap.add_argument("--warmup", type=float, default=None, help="seconds of closed-loop load each rung pinned answers before the "
                                                                  "first trace, not counted (0: none); default: 1 (deit), 0.3 (fmnist)")
     args = ap.parse_args()
@@ -368,16 +375,21 @@ def main() -> None:
     max_queue = args.max_queue = args.max_queue or (4 * args.max_batch if deit else 8 * args.max_batch * max(1, per // 4))
     srv = ServerProcess(["--model", model, "--results", str(folder / "results.json"), "--slo-ms", f"{slo_ms:.3f}",
                          "--max-batch", str(args.max_batch), "--max-queue", str(max_queue),
-                         "--threads", str(args.threads), "--log-level", "warning", "--stitch", str(large.id)])
+                         "--threads", str(args.threads), "--log-level", "warning", "--stitch", str(large.id)]
+                        + (["--steady-cv2", str(args.steady_cv2)] if args.steady_cv2 is not None else []))
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with srv:
         port = srv.port
         probe = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, bodies, 2 * max(1, args.max_batch // per), 6.0 if not deit else 20.0,
                                                         warmup=1.0 if not deit else 5.0))
         capacity = sum(1 for r in probe if r.status == 200) / (6.0 if not deit else 20.0)  # requests/s of the largest anchor, served
+        # the server process's own work per request before the ring (its running mean after the probe): what the simulator's
+        # server stage costs (snnet.deploy.simulate, --server-ms)
+        args.server_work_ms = srv.health().get("server_work_ms")
         print(f"SLO {slo_ms:.1f} ms = {args.slo_x:g} x {large.name}'s batch of {args.max_batch} ({full_ms:.1f} ms); "
               f"{large.name} pinned answers {capacity:.1f} requests/s of {per} image(s); ladder of {len(rungs)}, "
-              f"{len(pinned)} pinned; load average {os.getloadavg()[0]:.2f}")
+              f"{len(pinned)} pinned; the server's work per request before the ring {args.server_work_ms} ms; "
+              f"load average {os.getloadavg()[0]:.2f}")
         if args.warmup > 0:
             took = warm_up(srv, bodies, rungs, 2 * max(1, args.max_batch // per), args.warmup)
             print(f"warm-up: each of the {len(rungs)} rungs pinned in turn answered {args.warmup:g} s of closed-loop load "
@@ -417,8 +429,10 @@ def main() -> None:
                 summary = summarise(samples, acc, slo_ms, args.seconds)
                 summary["load_average"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
                 results[trace][name] = {"summary": summary, "samples": samples}
+                ring = summary["before_ring_ms"]
                 print(f"{trace:>9} {name:>48}: attainment {100 * summary['attainment']:5.1f} %  top-1 {summary['mean_acc1']:.2f}  "
-                      f"p95 {summary['p95_ms']:7.0f} ms  503 {summary['rejected_503']:4d}  load {summary['load_average']}")
+                      f"p95 {summary['p95_ms']:7.0f} ms  503 {summary['rejected_503']:4d}  before the ring p50/p95 "
+                      + (f"{ring[0]:.1f}/{ring[1]:.1f} ms" if ring else "-") + f"  load {summary['load_average']}")
             v = verdict(results[trace])
             print(f"{trace}: best pinned rung reaching 99 %: {v['best_pinned_99']}; goal met: {v['met']}")
             figure(trace, results[trace], acc, rate_of, args.seconds, slo_ms, out)

@@ -12,6 +12,7 @@ benchmark judges it (its own ``verdict``). A simulation: no HTTP, decoding or no
     python benchmarks/sim_serve.py --slowdown 1.5 docs/serve/bursty-fmnist/bursty.json   # the model 1.5x slower than its table
     python benchmarks/sim_serve.py --seeds 0,1,2,3 docs/serve/bursty-deit/bursty.json    # the same settings, four draws of each trace
     python benchmarks/sim_serve.py --set utilisation=0.9 docs/serve/bursty-deit/bursty.json   # another controller setting
+    python benchmarks/sim_serve.py --server-ms 1.9 docs/serve/bursty-fmnist/bursty.json   # a server stage of 1.9 ms a request before the ring
 """
 
 from __future__ import annotations
@@ -28,14 +29,18 @@ from snnet.deploy.simulate import load_bursty, simulate, summarise
 from snnet.errors import SnnetError
 
 
-def run(path: str, slowdown: float, seeds: list[int] | None = None, settings: dict[str, Any] | None = None) -> list[str]:
+def run(path: str, slowdown: float, seeds: list[int] | None = None, settings: dict[str, Any] | None = None,
+        server_ms: float | None = None) -> list[str]:
     """The table of one bursty run, on its own trace seed or on each of ``seeds`` (then a row per trace and seed,
-    and a last line that counts the goal over them); ``settings``: ControllerConfig values other than the server's."""
+    and a last line that counts the goal over them); ``settings``: ControllerConfig values other than the server's;
+    ``server_ms``: the server stage's work per request (default: what the run measured, else none)."""
     b = load_bursty(path)
+    server_ms = (b.server_ms or 0.0) if server_ms is None else server_ms
     acc = {r.id: float(r.acc1) for r in b.rungs}  # type: ignore[arg-type]
     seeds = seeds or [b.seed]
     extra = "".join(f", {k} {v}" for k, v in (settings or {}).items())
-    lines = [f"#### {Path(path).parent.name} (simulated{f', slowdown {slowdown:g}' if slowdown != 1 else ''}{extra})", "",
+    stage = f", server {server_ms:g} ms a request" if server_ms else ""
+    lines = [f"#### {Path(path).parent.name} (simulated{f', slowdown {slowdown:g}' if slowdown != 1 else ''}{stage}{extra})", "",
              f"SLO {b.slo_ms:.1f} ms, max batch {b.max_batch}, max queue {b.max_queue} images, {b.images} image(s) a request, "
              f"{len(b.rungs)} rungs" + ("; latency table: full batch only, part-full batches proportional" if b.full_batch_only else ""), "",
              "| trace | best pinned rung reaching 99 % | last-second | controller | goal |", "|---|---|---|---|---|"]
@@ -45,7 +50,7 @@ def run(path: str, slowdown: float, seeds: list[int] | None = None, settings: di
             times, _ = loadgen.trace(name, b.capacity, b.seconds, b.rate_x, b.ramp_peak, seed)
             runs = {}
             for policy, make in b.policies(**(settings or {})).items():
-                s = summarise(simulate(make(), times, b.images, b.max_queue, slowdown), acc, b.slo_ms)
+                s = summarise(simulate(make(), times, b.images, b.max_queue, slowdown, server_ms), acc, b.slo_ms)
                 runs[policy] = {"summary": {"attainment": s.attainment, "mean_acc1": s.mean_acc1, "rejected": s.rejected}}
             v = verdict(runs)
             met.append(v["met"])
@@ -66,6 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="bursty.json files of bench_serve.py runs")
     ap.add_argument("--slowdown", type=float, default=1.0, help="the model's time over its table's (a busier machine)")
+    ap.add_argument("--server-ms", type=float, default=None, help="the server process's work per request before the ring "
+                                                                  "(default: what the run measured, server_work_ms, else 0: none)")
     ap.add_argument("--seeds", default=None, help="comma-separated trace seeds to replay instead of the run's own (one trace "
                                                   "is one sample)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -82,7 +89,8 @@ def main() -> None:
         settings[name] = numbers[0] if len(numbers) == 1 else numbers
     try:
         for path in args.runs:
-            print("\n".join(run(path, args.slowdown, [int(k) for k in args.seeds.split(",")] if args.seeds else None, settings)))
+            print("\n".join(run(path, args.slowdown, [int(k) for k in args.seeds.split(",")] if args.seeds else None, settings,
+                                 args.server_ms)))
     except SnnetError as e:
         sys.exit(f"error: {e}")
 

@@ -105,3 +105,54 @@ def test_after_a_burst_it_climbs_straight_back_without_waiting_for_evidence() ->
 def test_batch_heads_groups_whole_requests_as_the_server_batches_them() -> None:
     assert batch_heads([(0.0, 3), (0.1, 3), (0.2, 3), (0.3, 8), (0.4, 1)], 8) == [(0.0, 6), (0.2, 3), (0.3, 8), (0.4, 1)]
     assert batch_heads([], 8) == []
+
+
+# ------------------------------------------------------------------ the wait before the ring, steady arrivals (issue 20)
+
+
+def test_requests_waiting_before_the_ring_move_the_controller_down() -> None:
+    # one 2-image request in the ring, arrived 1 ms ago: by the ring alone the dear rung fits (1 + 11 ms of 160).
+    # But 20 requests of 2 images arrived over the last 40 ms and wait in the server process (5 ms of work each
+    # before the ring): the last reaches the ring in 100 ms and, on the dear rung, they end far past their deadlines
+    # (their oldest waited 40 ms already). The controller before saw the ring only and stayed on the dear rung.
+    from snnet.deploy.controller import Waiting
+
+    now = 10.0
+    waiting = [Waiting(requests=20, oldest=now - 0.040, work_ms=5.0, images=2.0)]
+    blind = _controller(before_ring=False)
+    assert blind.decide(2, 1.0, now=now, arrivals=[(now - 0.001, 2)], upstream=waiting).stitch == 2
+    ctl = _controller()
+    d = ctl.decide(2, 1.0, now=now, arrivals=[(now - 0.001, 2)], upstream=waiting)
+    assert d.stitch < 2 and "before the ring" in d.reason
+    # and with nothing before the ring, the same queue gets the dear rung again
+    assert _controller().decide(2, 1.0, now=now, arrivals=[(now - 0.001, 2)], upstream=[]).stitch == 2
+
+
+def test_waiting_requests_become_batches_that_start_when_their_last_request_is_in_the_ring() -> None:
+    from snnet.deploy.controller import Waiting
+
+    heads = Waiting(requests=5, oldest=0.0, work_ms=2.0, images=3.0).heads(now=0.008, max_batch=8)
+    # 3 images each, 2 a batch of 8: waits spread from the oldest (8 ms) to now, ready as the server finishes each
+    assert heads == [(8.0, 4.0, 6), (4.0, 8.0, 6), (0.0, 10.0, 3)]
+
+
+def test_steady_arrivals_let_the_controller_load_a_rung_past_the_burst_margin() -> None:
+    # 170 images/s: the dear rung (195 images/s) would be loaded 0.87, over the 0.75 kept for bursts. Evenly
+    # spaced arrivals (gaps' CV² 0) are steady: it is taken; the same mean rate in bursts (CV² well over 2) is not.
+    # The controller before kept 0.75 whatever the arrivals (DeiT CV² 1 a rung low, issue 20); `steady` is off by default.
+    steady = _controller(steady=(2.0, 1.0))
+    now = _steady(steady, 170.0, 3.0)
+    assert steady.gaps_cv2() < 0.1
+    assert steady.decide(2, now=now, arrivals=[(now, 2)]).stitch == 2
+    old = _controller()  # the default: the burst margin always, as the controller before
+    now = _steady(old, 170.0, 3.0)
+    assert old.decide(2, now=now, arrivals=[(now, 2)]).stitch == 1
+    bursty = _controller(steady=(2.0, 1.0))
+    t = 0.0
+    for k in range(170 * 3 // 20):  # 10 requests of 2 images within 1 ms every 20/170 s: the same 170 images/s
+        for j in range(10):
+            bursty.observe_arrival(2, t + j * 1e-4)
+        t += 20 / 170
+    assert bursty.gaps_cv2() > 2
+    now = t - 20 / 170 + 0.002  # just after the last burst
+    assert bursty.decide(2, now=now, arrivals=[(now, 2)]).stitch == 1

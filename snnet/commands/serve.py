@@ -95,6 +95,9 @@ def serve(
                                              "and the latency table) or last-second (once a second, from the last second's rate).")] = "controller",
     threads: Annotated[int, typer.Option(help="torch CPU threads of the model process.")] = 1,
     up_after: Annotated[int, typer.Option(help="Batches in a row a dearer stitch must fit before it is taken (1: at once).")] = 1,
+    steady_cv2: Annotated[Optional[float], typer.Option(help="While the gaps between requests have a CV² at most this (Poisson: "
+                                                              "1), the controller may load a stitch to 1.0 instead of 0.75; "
+                                                              "off by default (docs/serving.md).")] = None,
     inline_max_images: Annotated[int, typer.Option(help="A lone request of at most this many images, arriving while the model "
                                                         "process has nothing to do, runs in the server process (no hand-off; "
                                                         "0: never). From 0 to --max-batch.")] = 1,
@@ -138,7 +141,7 @@ def serve(
     # Every setting is checked, and the port bound, before any network is built: one line, exit 2.
     config = ServeConfig.from_mb(max_upload_mb, model="", slo_ms=50.0 if slo_ms is None else slo_ms, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                  max_queue=max_queue, max_pixels=max_pixels, resize=resize, stitch=stitch, policy=policy,
-                                 threads=threads, up_after=up_after, body_timeout_s=body_timeout,
+                                 threads=threads, up_after=up_after, steady_cv2=steady_cv2, body_timeout_s=body_timeout,
                                  inline_max_images=inline_max_images, inline_max_ms=inline_max_ms,
                                  admin_token_file=str(admin_token_file) if admin_token_file else None, docs=docs)
     listen = Listen(host, port, workers, timeout_graceful_shutdown, log_level,
@@ -162,8 +165,10 @@ def serve(
         raise ServeError("--tpot-ms is for language models: give --model DIR, a folder written by StitchedLM.save_pretrained")
     if ray:
         return _serve_ray(config, listen, model, results, replicas, max_replicas, target_ongoing)
+    from ..deploy.serve.upstream import StampedProtocol  # stamps each request's arrival, counts those not yet in the ring
+
     uv = dict(timeout_graceful_shutdown=listen.timeout_graceful_shutdown, log_level=listen.log_level,
-              ssl_certfile=listen.ssl_certfile, ssl_keyfile=listen.ssl_keyfile)
+              ssl_certfile=listen.ssl_certfile, ssl_keyfile=listen.ssl_keyfile, http=StampedProtocol)
 
     with _cleanup_on_signals(), contextlib.ExitStack() as stack:
         sock = stack.enter_context(listen.bind())

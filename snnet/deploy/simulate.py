@@ -15,13 +15,20 @@ process does (:mod:`snnet.deploy.serve.engine`), event by event:
   busier than when it was profiled); its requests are answered at its end, when their places in
   the ring are freed, and ``observe_batch`` is told the time.
 
-What it leaves out: HTTP, decoding and the load generator (which share the CPU with the model on
-the real machine), and noise: a simulated run says what a policy does against the table, not
-what the server measures. ``benchmarks/sim_serve.py`` runs it on the tables of a bursty run.
+* optionally, the **server process's stage** before the ring (``server_ms``: reading, parsing
+  and decoding a request, the same for every stitch, measured by the server as its mean work per
+  request): requests are taken up one after another; under a burst they wait there, and the
+  policy is told of them as the model process is (:class:`~snnet.deploy.controller.Waiting`).
+
+What it leaves out: the load generator and the server process competing with the model for the
+two cores (the stage is as long whatever the model does), and noise: a simulated run says what a
+policy does against the table, not what the server measures. ``benchmarks/sim_serve.py`` runs it
+on the tables of a bursty run.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import math
@@ -33,7 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..errors import ServeError
 from ..report import percentile
 from ..results import Row
-from .controller import RECENT_S, ControllerConfig, LatencyTable, StitchController, make_policy
+from .controller import RECENT_S, ControllerConfig, LatencyTable, StitchController, Waiting, make_policy
 
 __all__ = ["Bursty", "Served", "Summary", "load_bursty", "simulate", "summarise"]
 
@@ -61,10 +68,14 @@ class Summary:
 
 
 def simulate(policy: StitchController, times: Sequence[float], images: int, max_queue: int,
-             slowdown: float = 1.0) -> list[Served]:
-    """Replay arrivals at ``times`` (s) of ``images`` images each through the model process with
+             slowdown: float = 1.0, server_ms: float = 0.0) -> list[Served]:
+    """Replay arrivals at ``times`` (s, ascending) of ``images`` images each through the model process with
     ``policy`` (its table, ``max_batch`` and SLO); deterministic. ``slowdown``: the batches' real
-    time over the table's."""
+    time over the table's. ``server_ms``: the server process's work per request before the ring
+    (reading, parsing, decoding: one request after another, whatever the stitch); a request takes
+    its places in the ring when that work starts (or gets a 503 then, at no cost), is in the ring
+    when it ends, and until then is one of the requests the policy is told wait before the ring
+    (:class:`~snnet.deploy.controller.Waiting`). 0: requests are in the ring as they arrive."""
     b = policy.config.max_batch
     if images > b or images > max_queue:
         raise ServeError(f"a request of {images} images fits neither a batch of {b} nor a ring of {max_queue}")
@@ -74,6 +85,12 @@ def simulate(policy: StitchController, times: Sequence[float], images: int, max_
     recent: deque[tuple[float, float]] = deque()  # (finished, ms) since the last switch
     out: list[Served | None] = [None] * len(times)
     free, running_end, running = 0.0, 0.0, 0  # the model is free at; the batch in flight ends at, holds images
+    first_out = 0  # the first request not yet in the ring (nor refused): those from here that arrived wait before it
+    reserved = 0  # images of the request in the server's hands: their places are held
+
+    def upstream(now: float) -> list[Waiting]:
+        n = bisect.bisect_right(times, now) - first_out
+        return [Waiting(n, times[first_out], server_ms, float(images))] if server_ms > 0 and n > 0 else []
 
     def advance(until: float) -> None:
         """Run every batch that starts before ``until``."""
@@ -86,27 +103,38 @@ def simulate(policy: StitchController, times: Sequence[float], images: int, max_
                 n += images
             while recent and start - recent[0][0] > RECENT_S:
                 recent.popleft()
-            d = policy.decide(queued, (start - batch[0][1]) * 1e3, [ms for _, ms in recent] if policy.pinned is None else [],
-                              start, [(t, images) for _, t in itertools.chain(batch, queue)])
+            d = policy.decide(queued, (start - times[batch[0][0]]) * 1e3, [ms for _, ms in recent] if policy.pinned is None else [],
+                              start, [(times[k], images) for k, _ in itertools.chain(batch, queue)],
+                              upstream(start) if policy.pinned is None else [])
             if d.switched:
                 recent.clear()
             ms = table.predict(d.stitch, n) * slowdown
             end = start + ms / 1e3
             policy.observe_batch(d.stitch, n, ms)
-            for k, t in batch:
+            for k, _ in batch:
+                t = times[k]
                 lat = (end - t) * 1e3
                 out[k] = Served(t, images, lat, d.stitch)
                 recent.append((end, lat))
             queued -= n
             free, running_end, running = end, end, n
 
+    server_free = 0.0
     for k, t in enumerate(times):
-        advance(t)
-        held = queued + (running if running_end > t else 0)
+        begin = max(t, server_free)  # the server process takes it up
+        advance(begin)
+        held = queued + reserved + (running if running_end > begin else 0)
         if held + images > max_queue:
             out[k] = Served(t, images, None, None)
+            first_out = k + 1
             continue
-        queue.append((k, t))
+        in_ring = server_free = begin + server_ms / 1e3
+        if server_ms > 0:
+            reserved = images
+            advance(in_ring)
+            reserved = 0
+        first_out = k + 1
+        queue.append((k, in_ring))  # a batch takes it from when it is in the ring; its latency counts from its arrival
         queued += images
         policy.observe_arrival(images, t)
     advance(math.inf)
@@ -142,6 +170,7 @@ class Bursty:
     ramp_peak: float
     seed: int
     full_batch_only: bool  # the file holds each rung's full-batch time only (runs before the table was saved)
+    server_ms: float | None = None  # the server process's measured work per request before the ring (None: runs before it was)
 
     def policies(self, **settings: Any) -> dict[str, Callable[[], StitchController]]:
         """Every rung pinned, the last-second policy and the controller, as the benchmark compares them: name -> a fresh
@@ -187,7 +216,8 @@ def load_bursty(path: str | Path) -> Bursty:
             slo_ms=float(d["slo_ms"]), max_batch=b, max_queue=int(s["max_queue"]), images=int(s["images_per_request"]),
             capacity=float(d["largest_capacity_rps"]), seconds=float(s["seconds"]), rate_x=float(s["rate_x"]),
             ramp_peak=float(s["ramp_peak"]), seed=int(s["seed"]),
-            full_batch_only=not all(r.get("latency_ms_by_batch") for r in d["ladder"]))
+            full_batch_only=not all(r.get("latency_ms_by_batch") for r in d["ladder"]),
+            server_ms=float(s["server_work_ms"]) if s.get("server_work_ms") is not None else None)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ServeError(f"{path} is not a bursty run's bursty.json ({type(e).__name__}: {e}): "
                          "benchmarks/bench_serve.py writes one") from None

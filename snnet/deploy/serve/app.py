@@ -43,6 +43,7 @@ from .images import ARRAY_TYPES, first_line, read_array
 from .metrics import Metrics
 from .rejected import Rejected
 from .service import Service
+from .upstream import ARRIVED, release
 
 __all__ = ["ADMIN_BODY_LIMIT", "BodyLimits", "ENV_ENGINE", "Fleet", "app_from_env", "create_app", "get_stitch", "health", "metrics",
            "predict", "put_stitch"]
@@ -133,6 +134,8 @@ class BodyLimits:
             if not started:
                 await self._answer(send, 408, f"the request body did not arrive within {self.timeout_s:g} s (--body-timeout): "
                                               "send it at once", close=True)
+        finally:
+            release(scope)  # answered here (a 413 after its body was drained): it no longer waits for the ring
 
     @staticmethod
     async def _drain(receive: Receive) -> None:
@@ -315,6 +318,7 @@ async def predict(svc: Service, request: Request) -> Response:
         return await _predict(svc, request)
     finally:
         svc.handling -= 1
+        release(request.scope)  # refused or failed before the ring: no longer waiting for it
 
 
 def _decode(svc: Service, blobs: list[bytes], array: np.ndarray | None, out: np.ndarray) -> None:
@@ -358,7 +362,9 @@ def _answered(svc: Service, result: BatchResult, latency: float, inline_arrived:
 
 
 async def _predict(svc: Service, request: Request) -> Response:
-    arrived = time.perf_counter()
+    started = time.perf_counter()
+    # when its first bytes were read (.upstream): a burst delays the handler's start by every request read before it
+    arrived = request.scope.get(ARRIVED, started)
     c, batcher = svc.config, svc.batcher
     ctype = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     try:
@@ -378,6 +384,7 @@ async def _predict(svc: Service, request: Request) -> Response:
         n = len(array) if array is not None else len(blobs)
         result = await _run_inline(svc, blobs, array, n) if svc.inline is not None and n <= c.inline_max_images else None
         inline = result is not None
+        in_ring = started  # inline: no ring (set again when the request is put in it)
         if result is None:
             offset = batcher.reserve(n)  # a full server refuses here, before decoding; nothing was held while the body arrived
             try:
@@ -386,6 +393,10 @@ async def _predict(svc: Service, request: Request) -> Response:
             except BaseException:
                 batcher.release(offset, n)
                 raise
+            in_ring = time.perf_counter()
+            release(request.scope)
+            svc.upstream.worked((in_ring - started) * 1e3, n)
+            svc.metrics.before_ring.observe(in_ring - arrived)
             svc.metrics.queue.set(batcher.held)
             try:
                 result = await future
@@ -416,6 +427,8 @@ async def _predict(svc: Service, request: Request) -> Response:
         "batch": {"id": None if inline else info.batch_id, "size": info.size, "compute_ms": round(info.compute_ms, 3),
                   "predicted_ms": None if d.predicted_ms is None else round(d.predicted_ms, 3), "reason": d.reason},
         "latency_ms": round(latency * 1e3, 3),
+        # from its arrival (first bytes read) to its place in the ring: the wait and work in this process before the model
+        "before_ring_ms": round((in_ring - arrived) * 1e3, 3),
     })
 
 
@@ -431,7 +444,9 @@ async def health(svc: Service, fleet: Fleet | None = None) -> Response:
         return _json({"status": "the model process did not answer within 10 s"}, 503)
     except Rejected as e:
         return _json({"status": e.reason}, 503)
-    return _json({"status": "ok", **state, "held": svc.batcher.held, "server_pid": os.getpid(), **_who(fleet)})
+    return _json({"status": "ok", **state, "held": svc.batcher.held, "server_pid": os.getpid(),
+                  # this process's mean work per request, handler start to the ring, and the requests read and not yet there
+                  "server_work_ms": round(svc.upstream.work_ms, 3), "before_ring": len(svc.upstream), **_who(fleet)})
 
 
 async def metrics(svc: Service, fleet: Fleet | None = None) -> Response:

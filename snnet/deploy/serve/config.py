@@ -58,6 +58,7 @@ class ServeConfig:
     policy: str = "controller"  # who picks the stitch when none is pinned: one of POLICIES
     threads: int = 1  # torch CPU threads of the model process
     up_after: int = 1  # decisions in a row a dearer stitch must fit before it is taken (1: at once; see ControllerConfig)
+    steady_cv2: float | None = None  # arrivals whose gaps' CV² is at most this may load a rung to 1.0 (ControllerConfig.steady); None: off
     profile_repeats: int = 10  # timed forwards per stitch and batch size when profiling at start
     body_timeout_s: float = 20.0  # a request body must arrive within this (else 408): slow uploads hold nothing for long
     admin_token_file: str | None = None  # a file holding the admin token (else $SNNET_ADMIN_TOKEN; neither: admin endpoints off)
@@ -80,6 +81,8 @@ class ServeConfig:
             raise ServeError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         _count(self.threads, "--threads", 1, 1024)
         _count(self.up_after, "--up-after", 1, 10 ** 6)
+        if self.steady_cv2 is not None:
+            _finite(self.steady_cv2, "--steady-cv2", 0, inclusive=True)
         _count(self.profile_repeats, "profile_repeats", 1, 10 ** 6)
         _finite(self.body_timeout_s, "--body-timeout", 0)
         _count(self.inline_max_images, "--inline-max-images", 0, self.max_batch)

@@ -58,7 +58,7 @@ import numpy as np
 
 from ...errors import ServeError, SnnetError, StitchNotFoundError
 from ...results import Row
-from ..controller import RECENT_S, ControllerConfig, Decision, LatencyTable, StitchController, ladder, make_policy
+from ..controller import RECENT_S, ControllerConfig, Decision, LatencyTable, StitchController, Waiting, ladder, make_policy
 from .config import ServeConfig
 
 __all__ = ["BatchInfo", "EngineInfo", "EngineProcess", "RingState", "connect", "open_ring", "pack_results", "probabilities", "unpack_results",
@@ -148,12 +148,21 @@ def unpack_results(index: Sequence[tuple[int, int, int]], block: bytes, classes:
 
 
 class RingState:
-    """What the model process publishes to a server process, in the last bytes of its ring: three
-    int64 that the model process writes (under its policy lock) and the server process only reads.
-    Each is one aligned 8-byte word, so a reader never sees half of one."""
+    """What the two processes publish to each other in the last bytes of a server process's ring:
+    int64 words, each aligned (a reader never sees half of one).
+
+    * the model process writes (under its policy lock) the first cache line: the stitch of its next
+      batch, whether it is pinned, whether it is busy; the server process reads them (:mod:`.inline`);
+    * the server process writes the second: the requests it has read but not yet put in the ring,
+      the oldest one's arrival (ns of ``time.perf_counter``, the same clock in every process), its
+      mean work per request (µs) and mean images per request (x1000) (:mod:`.upstream`); the model
+      process reads them before each batch (:meth:`upstream`), so that its policy plans on the
+      whole wait. The words are written one by one: a reader may see a count and an arrival of
+      consecutive updates, which is as good as either for planning."""
 
     STITCH, PINNED, BUSY = range(3)
-    WORDS = 8  # 64 bytes: a cache line of its own
+    UP_REQUESTS, UP_OLDEST_NS, UP_WORK_US, UP_IMAGES_MILLI = range(8, 12)
+    WORDS = 16  # two cache lines: one each process writes
 
     def __init__(self, words: np.ndarray) -> None:
         self.words = words
@@ -161,6 +170,21 @@ class RingState:
     def publish(self, stitch: int, pinned: bool, busy: bool) -> None:
         w = self.words
         w[self.STITCH], w[self.PINNED], w[self.BUSY] = stitch, pinned, busy
+
+    def publish_upstream(self, requests: int, oldest: float | None, work_ms: float, images: float) -> None:
+        w = self.words
+        w[self.UP_OLDEST_NS] = 0 if oldest is None else int(oldest * 1e9)
+        w[self.UP_WORK_US], w[self.UP_IMAGES_MILLI] = int(work_ms * 1e3), int(images * 1e3)
+        w[self.UP_REQUESTS] = requests
+
+    def upstream(self) -> Waiting | None:
+        """The server process's requests not yet in the ring, or None when there are none."""
+        w = self.words
+        n = int(w[self.UP_REQUESTS])
+        if n <= 0:
+            return None
+        oldest = int(w[self.UP_OLDEST_NS])
+        return Waiting(n, oldest / 1e9 if oldest else None, int(w[self.UP_WORK_US]) / 1e3, max(int(w[self.UP_IMAGES_MILLI]) / 1e3, 1.0))
 
     @property
     def stitch(self) -> int:
@@ -430,8 +454,10 @@ class _Engine:
         while self.recent and now - self.recent[0][0] > RECENT_S:  # in the order they finished: drop the expired from the left
             self.recent.popleft()
         recent = [ms for _, ms in self.recent] if self.policy.pinned is None else []  # a pin reads no latencies
+        # what each server process has read and not yet put in its ring (a few integer reads a ring)
+        upstream = [w for f in self.fronts if (w := f.state.upstream()) is not None] if self.policy.pinned is None else []
         with self.lock:
-            decision = self.policy.decide(waiting, oldest_wait_ms, recent, now, arrivals)
+            decision = self.policy.decide(waiting, oldest_wait_ms, recent, now, arrivals, upstream)
         if decision.switched:  # the latencies seen so far were another stitch's
             self.recent.clear()
         return decision
@@ -503,7 +529,8 @@ def _policy(name: str, rows: Sequence[dict[str, Any]], config: ServeConfig) -> S
     # max_queue: one server process's ring; with several (--workers) the queue here spans them all, so
     # the controller keeps the whole queue within one ring's room: cautious, never past any ring's
     return make_policy(name, ladder(rows), LatencyTable.from_rows(rows),
-                       ControllerConfig(config.slo_ms, config.max_batch, up_after=config.up_after, max_queue=config.max_queue))
+                       ControllerConfig(config.slo_ms, config.max_batch, up_after=config.up_after, max_queue=config.max_queue,
+                                        steady=None if config.steady_cv2 is None else (config.steady_cv2, 1.0)))
 
 
 ENV_KEY, ENV_CONFIG_JSON = "SNNET_MODEL_KEY", "SNNET_MODEL_CONFIG"  # how EngineProcess hands the model process its secret and settings

@@ -42,6 +42,9 @@ class Metrics:
         self.images = Counter("snnet_images", "Images classified, by the stitch that served them", ["stitch"], registry=reg)
         self.latency = Histogram("snnet_request_latency_seconds", "End-to-end latency of answered predictions (arrival to result)",
                                  buckets=_SECONDS, registry=reg)
+        self.before_ring = Histogram("snnet_before_ring_seconds", "Arrival (first bytes read) to the input ring of requests the "
+                                     "model process ran: reading, parsing, decoding and the wait for this process's event loop",
+                                     buckets=_SECONDS, registry=reg)
         self.batch_seconds = Histogram("snnet_batch_seconds", "Model time per batch", buckets=_SECONDS, registry=reg)
         self.batch_size = Histogram("snnet_batch_size", "Images per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
                                     registry=reg)

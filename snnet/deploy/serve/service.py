@@ -20,6 +20,7 @@ from .engine import EngineInfo, EngineProcess, connect
 from .images import Preprocess
 from .inline import InlineModel
 from .metrics import Metrics
+from .upstream import StampedProtocol, Upstream
 
 __all__ = ["Service"]
 
@@ -40,6 +41,8 @@ class Service:
         self.batcher = Batcher(connect, info, config.max_queue, self.metrics.batch)
         self.inline = InlineModel.load(config, info)  # None: every request goes through the model process
         self.handling = 0  # /predict requests this process is handling now (the latency path runs only alone)
+        # requests read and not yet in the ring, published to the model process (uvicorn's protocol admits them: .upstream)
+        self.upstream = Upstream(self.batcher.state, stale_s=config.body_timeout_s + 5)
 
     @classmethod
     def load(cls, config: ServeConfig, say: Callable[[str], Any] = log.info) -> "Service":
@@ -68,11 +71,16 @@ class Service:
         return cls(config, info, conn)
 
     def start(self) -> None:
-        """Serve on the running event loop."""
+        """Serve on the running event loop; requests read by :class:`~.upstream.StampedProtocol` in
+        this process are admitted to this service's :attr:`upstream` (one service per server process)."""
         self.batcher.start()
+        if StampedProtocol.upstream is None:
+            StampedProtocol.upstream = self.upstream
 
     async def stop(self) -> None:
         """Answer every request already sent to the model, then disconnect from it."""
+        if StampedProtocol.upstream is self.upstream:
+            StampedProtocol.upstream = None
         await self.batcher.close()
 
     def close(self) -> None:
