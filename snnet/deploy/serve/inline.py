@@ -24,7 +24,7 @@ it is loaded only when some stitch of the ladder is short enough to run inline, 
 one-image forward takes hundreds of milliseconds (DeiT-B at 224x224) costs no second copy. A
 stitch run here becomes a graph traced from its route after its first answer (:class:`RouteGraphs`): at one image a small
 network's eager forward is mostly Python (module calls, dispatch: 0.58 ms for the shipped Ti
-against 0.25 ms traced, ``benchmarks/bench_cold_forward.py``), and a request alone is where that
+against 0.27 ms traced, ``benchmarks/bench_cold_forward.py``), and a request alone is where that
 shows. Afterwards the model process is told (``("inline", ...)``): its policy sees the arrival and
 the latency as a batch's, and decides as after a batch.
 """
