@@ -87,8 +87,7 @@ def main() -> None:
     graphs = RouteGraphs(net)  # the latency path's forward: each stitch's traced graph
     for anchor in (anchors[0], anchors[-1]):
         x = torch.randn(1, *net.input_size)
-        graphs.probabilities(anchor.id, x)
-        graphs.trace_pending()
+        graphs.trace(anchor.id)
         forwards = {"eager (the model process's)": lambda: probabilities(net, anchor.id, x),
                     "traced (the latency path's)": lambda: graphs.probabilities(anchor.id, x)}
         for kind, forward in forwards.items():

@@ -170,13 +170,10 @@ def one_image_rounds(args: argparse.Namespace, net: Any, anchor: Any, path: str,
     few-second windows: each round's ratio compares neighbours); the figures are the rounds' medians."""
     forward = None  # the model process's forward (a batch of one)
     if path == "inline":  # the latency path's: the stitch's traced graph, as the server process runs it (snnet.deploy.serve.inline)
-        import torch
-
         from snnet.deploy.serve.inline import RouteGraphs
 
         graphs = RouteGraphs(net)
-        graphs.probabilities(anchor.id, torch.zeros(1, *net.input_size))
-        graphs.trace_pending()
+        graphs.trace(anchor.id)
         forward = graphs.probabilities
     rounds = []
     for _ in range(args.one_image_rounds):

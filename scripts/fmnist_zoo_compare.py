@@ -108,6 +108,13 @@ def _front_names(rows: list[dict[str, Any]]) -> set[str]:
     return {r["name"] for r in front_rows(rows)}
 
 
+def zoo_in_range(zoo: list[dict[str, Any]], lo: float, hi: float) -> dict[str, int]:
+    """How many zoo members cost ``lo``-``hi`` FLOPs and the image-steps they were trained for (what
+    the SN-Net's joint training is set against)."""
+    in_range = [z for z in zoo if lo <= z["flops"] <= hi]
+    return {"zoo_in_range": len(in_range), "zoo_in_range_image_steps": sum(z["image_steps"] for z in in_range)}
+
+
 def load_run(demo: Path, zoo_file: Path, lo: float | None, hi: float | None) -> tuple[list, dict[str, Any], str, list[dict[str, Any]], float, float]:
     """A demo run's networks, its summary, the split it measured, the zoo on that split, and the FLOPs
     range compared (the anchors' unless ``lo``/``hi`` are given)."""
@@ -125,10 +132,9 @@ def trade_off(args: argparse.Namespace) -> None:
         results, summary, split, zoo, lo, hi = load_run(demo, args.zoo, args.lo, args.hi)
         steps, batch, _ = demo_settings(summary)
         c = compare_fronts(results, zoo, lo=lo, hi=hi)
-        in_range = [z for z in zoo if lo <= z["flops"] <= hi]
         rows.append({"run": str(demo), "split": split, "steps": steps, "image_steps": steps * batch, "mean": round(c.mean, 4),
                      "worst": round(c.worst.diff, 4), "worst_at": c.worst.start, "ahead": round(c.ahead, 4),
-                     "zoo_in_range": len(in_range), "zoo_in_range_image_steps": sum(z["image_steps"] for z in in_range)})
+                     **zoo_in_range(zoo, lo, hi)})
     rows.sort(key=lambda r: r["image_steps"])
     print(table([{**r, "img": human(r["image_steps"]), "m": f"{r['mean']:+.2f}", "w": f"{r['worst']:+.2f} at {human(r['worst_at'])}",
                   "a": f"{r['ahead']:.0%}", "z": f"{r['zoo_in_range']} / {human(r['zoo_in_range_image_steps'])}"} for r in rows],
@@ -239,10 +245,8 @@ def write_verdict(path: Path, demo: Path, zoo_file: Path, summary: dict[str, Any
     """The comparison in the form ``snnet demo`` reads (:func:`snnet.demo.converged_verdict`)."""
     steps, batch, distilled = demo_settings(summary)
     optim = summary["config"]["train"]["optim"]
-    in_range = [z for z in zoo if lo <= z["flops"] <= hi]
     worst = c.worst
-    data = {"split": summary.get("eval_split", "test"), "zoo": zoo_file.name, "zoo_models": len(zoo),
-            "zoo_in_range": len(in_range), "zoo_in_range_image_steps": sum(z["image_steps"] for z in in_range),
+    data = {"split": summary.get("eval_split", "test"), "zoo": zoo_file.name, "zoo_models": len(zoo), **zoo_in_range(zoo, lo, hi),
             "flops_range": [lo, hi], "mean_diff": round(c.mean, 4), "ahead": round(c.ahead, 4), "se": c.se,
             "worst": {"diff": round(worst.diff, 4), "from_flops": worst.start, "to_flops": worst.end,
                       "stitch": worst.ours, "stitch_acc1": worst.ours_y, "zoo": worst.theirs, "zoo_acc1": worst.theirs_y},

@@ -332,7 +332,7 @@ async def _run_inline(svc: Service, blobs: list[bytes], array: np.ndarray | None
     """The request run in this process (:mod:`.inline`), or None when it must go to the model process."""
     inline = svc.inline
     assert inline is not None
-    if svc.handling > 1 or not svc.batcher.idle:
+    if inline.choose(n, svc.batcher, svc.handling) is None:  # not a lone small request, or the model process is busy
         return None
     await asyncio.sleep(0)  # one turn of the event loop: requests that arrived meanwhile start, and count in svc.handling
     decision = inline.choose(n, svc.batcher, svc.handling)
@@ -382,7 +382,7 @@ async def _predict(svc: Service, request: Request) -> Response:
                     raise Rejected(413, f"a request carries at most {c.max_batch} images (--max-batch): split the batch", "bad_batch")
             blobs = [body]
         n = len(array) if array is not None else len(blobs)
-        result = await _run_inline(svc, blobs, array, n) if svc.inline is not None and n <= c.inline_max_images else None
+        result = await _run_inline(svc, blobs, array, n) if svc.inline is not None else None
         inline = result is not None
         in_ring = started  # inline: no ring (set again when the request is put in it)
         if result is None:

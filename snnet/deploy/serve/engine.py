@@ -101,14 +101,17 @@ class BatchInfo:
         return cls(batch_id, size, compute_ms, Decision(*d), queue, slowdown, lead)
 
 
-def probabilities(net: Any, stitch: int, x: Any) -> np.ndarray:
+def probabilities(net: Any, stitch: int, x: Any, graph: Any = None) -> np.ndarray:
     """The served forward, wherever it runs (a batch in the model process, a lone request in a server
-    process): select the stitch (O(1)), run its route, softmax, as float32 numpy."""
+    process): select the stitch (O(1)), run its route, softmax, as float32 numpy. ``graph``: the
+    stitch's route traced into a graph (:class:`~.inline.RouteGraphs`), run instead of the network."""
     import torch
 
     with torch.inference_mode():
-        net.select(stitch)
-        return net(x).float().softmax(-1).numpy()
+        if graph is None:
+            net.select(stitch)
+            graph = net
+        return graph(x).float().softmax(-1).numpy()
 
 
 def send(conn: Connection, message: tuple) -> None:

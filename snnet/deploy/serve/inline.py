@@ -85,11 +85,8 @@ class RouteGraphs:
         """As :func:`~.engine.probabilities` (softmax, float32 numpy), through the stitch's graph if it has one."""
         graph = self.graphs.get(stitch)
         if graph is not None:
-            import torch
-
             try:
-                with torch.inference_mode():
-                    return graph(x).float().softmax(-1).numpy()
+                return probabilities(self.net, stitch, x, graph)
             except Exception:  # noqa: BLE001 - a graph that fails once serves no more; eager answers
                 log.exception("the traced graph of stitch %d failed; it runs eager from now on", stitch)
                 del self.graphs[stitch]
@@ -100,8 +97,12 @@ class RouteGraphs:
 
     def trace_pending(self) -> None:
         """Trace the stitches served eager so far (see the class)."""
-        while self.pending:
-            stitch = self.pending.pop()
+        pending, self.pending = self.pending, []
+        self.trace(*pending)
+
+    def trace(self, *stitches: int) -> None:
+        """Trace these stitches now (a stitch that fails stays eager)."""
+        for stitch in stitches:
             t0 = time.perf_counter()
             graph = self._trace(stitch)
             if graph is None:
@@ -118,7 +119,7 @@ class RouteGraphs:
                 warnings.simplefilter("ignore")  # TorchScript's deprecation notice and tracer warnings: the check below decides
                 self.net.select(stitch)
                 graph = torch.jit.trace(self.net, self.checks[0], check_trace=False)
-                same = all(np.allclose(graph(x).float().softmax(-1).numpy(), probabilities(self.net, stitch, x), atol=1e-5)
+                same = all(np.allclose(probabilities(self.net, stitch, x, graph), probabilities(self.net, stitch, x), atol=1e-5)
                            for x in self.checks)
         except Exception as e:  # noqa: BLE001 - any failure to trace leaves the stitch eager
             log.info("stitch %d runs eager on the latency path: tracing failed (%s: %s)", stitch, type(e).__name__, e)
