@@ -5,8 +5,9 @@ model alone's p50, the model alone running its forwards back to back. In the ser
 follows HTTP work and a wait for the next request, and is slower for it (docs/serving.md, "One
 image: the latency path"). This script measures that part alone, in one process, with the served
 forward on one image, eager (:func:`snnet.deploy.serve.engine.probabilities`: select, the route,
-softmax, as the model process runs it) and traced (:class:`snnet.deploy.serve.inline.RouteGraphs`,
-as the latency path runs it), for the smallest and the largest anchor, each forward preceded by:
+softmax, as the model process runs it) and compiled (:class:`snnet.deploy.serve.inline.RouteGraphs`:
+an ONNX Runtime session where onnxruntime is installed, else a TorchScript graph, as the latency
+path runs it), for the smallest and the largest anchor, each forward preceded by:
 
 * nothing (back to back: the goal's reference);
 * ``--pause-ms`` of sleep (the core idles, as a server's does between requests);
@@ -84,12 +85,12 @@ def main() -> None:
                                                  f"after {args.pause_ms:g} ms spinning": spin, f"after writing {args.touch_mb:g} MiB": touch,
                                                  f"after {args.pause_ms:g} ms of other Python work": other_work}
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; one torch thread; {args.rounds} rounds x {args.forwards} forwards")
-    graphs = RouteGraphs(net)  # the latency path's forward: each stitch's traced graph
+    graphs = RouteGraphs(net)  # the latency path's forward: each stitch compiled
     for anchor in (anchors[0], anchors[-1]):
         x = torch.randn(1, *net.input_size)
         graphs.trace(anchor.id)
         forwards = {"eager (the model process's)": lambda: probabilities(net, anchor.id, x),
-                    "traced (the latency path's)": lambda: graphs.probabilities(anchor.id, x)}
+                    f"compiled, {graphs.runtime.get(anchor.id, 'eager')} (the latency path's)": lambda: graphs.probabilities(anchor.id, x)}
         for kind, forward in forwards.items():
             for _ in range(50):
                 forward()

@@ -15,7 +15,7 @@ Fashion-MNIST PNGs (multipart), it measures in one run:
   other, and the figure is the median of the rounds (all are reported);
 * **one image** — the p50 latency of a one-image request to the server (one client, one request
   at a time) minus the model's p50 for one image (the forward the request ran: on the latency
-  path the stitch's traced graph, through the model process the eager route), against the p50 of a bare endpoint on the same
+  path the stitch compiled (ONNX Runtime or TorchScript), through the model process the eager route), against the p50 of a bare endpoint on the same
   stack (uvicorn with httptools and uvloop, FastAPI, the same body limits and the same decoding)
   that only decodes the image: the server's own cost per request, which must be within 1.5x.
   A lone one-image request runs in the server process (the latency path, ``--inline-max-images``,
@@ -168,13 +168,13 @@ def one_image_rounds(args: argparse.Namespace, net: Any, anchor: Any, path: str,
     """One-image requests to the server against the model alone and the bare endpoint, in
     ``--one-image-rounds`` rounds of the three back to back (this machine's speed drifts between
     few-second windows: each round's ratio compares neighbours); the figures are the rounds' medians."""
-    forward = None  # the model process's forward (a batch of one)
-    if path == "inline":  # the latency path's: the stitch's traced graph, as the server process runs it (snnet.deploy.serve.inline)
+    forward, runtime = None, "eager"  # the model process's forward (a batch of one)
+    if path == "inline":  # the latency path's: the stitch compiled (ONNX Runtime where installed, else TorchScript), as the server process runs it (snnet.deploy.serve.inline)
         from snnet.deploy.serve.inline import RouteGraphs
 
         graphs = RouteGraphs(net)
         graphs.trace(anchor.id)
-        forward = graphs.probabilities
+        forward, runtime = graphs.probabilities, graphs.runtime.get(anchor.id, "eager")
     rounds = []
     for _ in range(args.one_image_rounds):
         bare_p50, _, (bare_cpu,) = one_image(bare_port, one, args.seconds, (bare_pid,))
@@ -188,7 +188,7 @@ def one_image_rounds(args: argparse.Namespace, net: Any, anchor: Any, path: str,
                        "cpu_server": server_cpu, "cpu_model_process": engine_cpu, "cpu_model_alone": model_cpu, "cpu_bare": bare_cpu,
                        "cpu_ratio": (server_cpu + engine_cpu - model_cpu) / bare_cpu})
     med = {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]}
-    row = {"path": path, "stitch": anchor.name, **{k: med[k] for k in ("server_p50_ms", "model_p50_ms", "bare_p50_ms")},
+    row = {"path": path, "stitch": anchor.name, "runtime": runtime, **{k: med[k] for k in ("server_p50_ms", "model_p50_ms", "bare_p50_ms")},
            "overhead_ms": round(med["server_p50_ms"] - med["model_p50_ms"], 3), "ratio": med["ratio"],
            "ratio_per_round": [round(r["ratio"], 3) for r in rounds],
            **{k: med[k] for k in ("server_said_latency_p50_ms", "server_said_compute_p50_ms", "ran_inline")},
@@ -198,7 +198,7 @@ def one_image_rounds(args: argparse.Namespace, net: Any, anchor: Any, path: str,
            "cpu_ratio": med["cpu_ratio"], "cpu_ratio_per_round": [round(r["cpu_ratio"], 3) for r in rounds],
            "load_average": round(os.getloadavg()[0], 2)}
     c = row["cpu_us"]
-    print(f"{anchor.name:>14} one image ({path}): server p50 {row['server_p50_ms']:.3f} ms - model {row['model_p50_ms']:.3f} ms = "
+    print(f"{anchor.name:>14} one image ({path}, {runtime}): server p50 {row['server_p50_ms']:.3f} ms - model {row['model_p50_ms']:.3f} ms = "
           f"{row['overhead_ms']:.3f} ms; bare endpoint p50 {row['bare_p50_ms']:.3f} ms; ratio {row['ratio']:.2f} (median of "
           f"{len(rounds)} rounds: {min(row['ratio_per_round']):.2f}..{max(row['ratio_per_round']):.2f}); {row['ran_inline']:.0%} ran inline; "
           f"server process RSS {row['server_rss_mb']} MiB; CPU µs a request: server {c['server_process']:.0f} + model process "
@@ -365,7 +365,7 @@ def main() -> None:
               "the server's own p50: latency / forward (ms) | ran inline | RSS (MiB): server process / model process | "
               "CPU µs a request: server process + model process - model alone (bare endpoint) | CPU overhead / bare |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['path']} | {r['stitch']} | {r['server_p50_ms']:.3f} | {r['model_p50_ms']:.3f} | {r['overhead_ms']:.3f} | "
+    lines += [f"| {r['path']} ({r.get('runtime', 'eager')}) | {r['stitch']} | {r['server_p50_ms']:.3f} | {r['model_p50_ms']:.3f} | {r['overhead_ms']:.3f} | "
               f"{r['bare_p50_ms']:.3f} | {r['ratio']:.2f} | {r['server_said_latency_p50_ms']:.3f} / {r['server_said_compute_p50_ms']:.3f} | "
               f"{r['ran_inline']:.0%} | {r['server_rss_mb']:.0f} / {r['model_process_rss_mb']:.0f} | "
               f"{r['cpu_us']['server_process']:.0f} + {r['cpu_us']['model_process']:.0f} - {r['cpu_us']['model_alone']:.0f} "

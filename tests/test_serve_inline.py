@@ -23,7 +23,8 @@ from snnet.deploy import loadgen  # noqa: E402
 from snnet.deploy.serve import EngineInfo, ServeConfig, Service  # noqa: E402
 from snnet.deploy.serve.batcher import TELL_INLINE_S  # noqa: E402
 from snnet.deploy.serve.engine import probabilities  # noqa: E402
-from snnet.deploy.serve.inline import InlineModel, RouteGraphs  # noqa: E402
+from snnet.deploy.serve.inline import RUNTIMES, InlineModel, RouteGraphs  # noqa: E402
+from snnet.deploy.serve.upstream import stamped  # noqa: E402
 from snnet.errors import ServeError  # noqa: E402
 from snnet.results import read_rows  # noqa: E402
 
@@ -94,11 +95,19 @@ def test_a_pinned_stitch_is_honoured_inline(server: _Server, client: httpx.Clien
     assert r["inline"] is True and r["mode"] == "auto" and r["stitch"]["id"] == current
 
 
-def test_under_concurrent_requests_batches_still_form(server: _Server) -> None:
+@pytest.mark.parametrize("stamping", [False, True], ids=["plain-protocol", "stamping-protocol"])
+def test_under_concurrent_requests_batches_still_form(saved: tuple[Path, Path], server: _Server, stamping: bool) -> None:
     """16 closed-loop clients of one-image requests (the load generator of the benchmarks): the model
-    process's batches carry them; a request runs inline only when it finds the server idle."""
+    process's batches carry them; a request runs inline only when it finds the server idle. Under
+    `snnet serve` (the stamping protocol) the requests read and waiting say so; under a plain
+    protocol, the requests that start during one turn of the event loop."""
     bodies = [loadgen.make_body("/predict", raw=_png(seed=k)) for k in range(16)]
-    results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", server.port, bodies, 16, 1.5, warmup=0.3))
+    if stamping:
+        svc = _service(saved)  # its own protocol class: the module's server already claimed StampedProtocol.upstream
+        with _Server(svc, http=stamped(svc.upstream)) as s:
+            results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", s.port, bodies, 16, 1.5, warmup=0.3))
+    else:
+        results = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", server.port, bodies, 16, 1.5, warmup=0.3))
     assert results and all(r.status == 200 for r in results)
     answers = [json.loads(r.body) for r in results]
     batched = [a for a in answers if not a["inline"]]
@@ -127,13 +136,15 @@ def test_bad_inline_settings_are_refused_in_one_line(bad: dict) -> None:
         ServeConfig("m", max_batch=8, **bad)
 
 
-def test_route_graphs_trace_a_stitch_after_its_first_eager_answer(saved: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("runtimes", [RUNTIMES, ("torchscript",)], ids=["onnxruntime-first", "torchscript"])
+def test_route_graphs_compile_a_stitch_after_its_first_eager_answer(saved: tuple[Path, Path], runtimes: tuple[str, ...]) -> None:
     import torch
 
     from snnet.model import StitchedNet
 
+    pytest.importorskip("onnxruntime")  # snnet[export], part of the dev install
     net = StitchedNet.from_pretrained(str(saved[0])).eval()
-    graphs = RouteGraphs(net, max_images=2)
+    graphs = RouteGraphs(net, max_images=2, runtimes=runtimes)
     x = torch.randn(1, *net.input_size)
     stitches = [0, len(net.space) - 1]
     for s in stitches:
@@ -141,6 +152,7 @@ def test_route_graphs_trace_a_stitch_after_its_first_eager_answer(saved: tuple[P
     assert graphs.graphs == {} and sorted(graphs.pending) == stitches
     graphs.trace_pending()
     assert sorted(graphs.graphs) == stitches and graphs.pending == []
+    assert graphs.runtime == {s: runtimes[0] for s in stitches}
     for s in stitches:  # a graph per stitch, each the stitch's own route, at one and at two images
         for n in (1, 2):
             xs = torch.randn(n, *net.input_size)
@@ -173,3 +185,23 @@ def test_a_graph_that_fails_or_disagrees_leaves_its_stitch_eager(saved: tuple[Pa
     wrong.probabilities(1, x)
     wrong.trace_pending()
     assert wrong.graphs == {} and wrong.eager == {1}
+
+
+def test_a_stitch_onnx_cannot_export_runs_as_its_torchscript_graph(saved: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from snnet.model import StitchedNet
+
+    net = StitchedNet.from_pretrained(str(saved[0])).eval()
+    x = torch.randn(1, *net.input_size)
+
+    def no_export(*_: Any, **__: Any) -> None:
+        raise RuntimeError("an operator the exporter lacks")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    graphs = RouteGraphs(net)
+    graphs.trace(0)
+    assert graphs.runtime == {0: "torchscript"}
+    np.testing.assert_allclose(graphs.probabilities(0, x), probabilities(net, 0, x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown runtime"):
+        RouteGraphs(net, runtimes=("tensorrt",))

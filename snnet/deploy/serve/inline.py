@@ -10,23 +10,29 @@ So a server process runs a request itself when all of these hold:
 
 * it carries at most ``inline_max_images`` images (``--inline-max-images``; 0 turns the path off);
 * nothing waits: the model process published nothing queued or running (from any server
-  process: :class:`~.engine.RingState`), none of this process's requests waits for it, and no
-  other request is being handled here (checked after one turn of the event loop, so requests that
-  arrived meanwhile are counted: under concurrent load every request goes through the model
-  process and its batches);
+  process: :class:`~.engine.RingState`), none of this process's requests waits for it, no other
+  request is being handled here and none other has been read whole (:class:`~.upstream.Upstream`:
+  uvicorn's protocol counts a request as soon as its body is in, before its handler starts), so
+  under concurrent load every request goes through the model process and its batches. A request
+  whose bytes are still in the kernel's buffers is not seen: it waits for this one forward (a
+  few tenths of a millisecond; ``--inline-max-ms`` bounds it). A request that did not come
+  through the stamping protocol (Ray Serve's proxy, the app under another server) has no such
+  count, and takes one turn of the event loop first (~10 µs), after which the requests read
+  meanwhile have started and count as handled;
 * the stitch the model process would serve now (its published pinned stitch or the policy's
   current rung, so the two never disagree) takes at most ``inline_max_ms`` for that many images
   by the latency table (``--inline-max-ms``, default 5 ms): the forward holds this process's
   event loop, so only short ones run here.
 
-The forward runs on a copy of the network this process loads at start, with one torch thread;
+The forward runs on a copy of the network this process loads at start, with one thread;
 it is loaded only when some stitch of the ladder is short enough to run inline, so a network whose
 one-image forward takes hundreds of milliseconds (DeiT-B at 224x224) costs no second copy. A
-stitch run here becomes a graph traced from its route after its first answer (:class:`RouteGraphs`): at one image a small
-network's eager forward is mostly Python (module calls, dispatch: 0.58 ms for the shipped Ti
-against 0.27 ms traced, ``benchmarks/bench_cold_forward.py``), and a request alone is where that
-shows. Afterwards the model process is told (``("inline", ...)``): its policy sees the arrival and
-the latency as a batch's, and decides as after a batch.
+stitch run here is compiled from its route after its first answer (:class:`RouteGraphs`): an ONNX
+Runtime session where onnxruntime is installed (``snnet[export]``), else a TorchScript graph. At one
+image a small network's eager forward is mostly Python and dispatch (the shipped Ti: 0.58 ms eager,
+0.27 ms as a TorchScript graph, 0.09 ms in ONNX Runtime; ``benchmarks/bench_cold_forward.py``), and
+a request alone is where that shows. Afterwards the model process is told (``("inline", ...)``):
+its policy sees the arrival and the latency as a batch's, and decides as after a batch.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -43,7 +49,7 @@ from .batcher import BatchResult, Batcher
 from .config import ServeConfig, log
 from .engine import BatchInfo, EngineInfo, probabilities
 
-__all__ = ["InlineModel", "RouteGraphs"]
+__all__ = ["RUNTIMES", "InlineModel", "OrtGraph", "RouteGraphs"]
 
 REASON = "inline: the model process had nothing to do, so the server process ran the request"
 
@@ -54,30 +60,79 @@ class _Rung:
     predicted_ms: float
 
 
-class RouteGraphs:
-    """The served forward of a network's stitches, each as a TorchScript graph traced from its route.
+RUNTIMES = ("onnxruntime", "torchscript")  # what RouteGraphs compiles a stitch's route for, first choice first
 
-    Tracing runs the route once and records its tensor operations; calling the graph runs them
-    without the modules' Python (``nn.Module`` calls, hooks, argument handling), which is most of a
-    one-image forward of a small network. A graph shares the network's parameters (no copy).
 
-    A stitch is traced after its first request has been answered (:meth:`trace_pending`, ~0.2 s for
-    the shipped family's, holding this process's event loop: once per stitch, when the process was
-    idle enough to run a lone request; tracing every stitch at start would add seconds to it);
-    until then it runs eager. A stitch whose trace fails, or whose graph does not give the eager
-    forward's probabilities (to 1e-5) at one and at ``max_images`` images, stays eager, as does one
-    whose graph ever raises. TorchScript is deprecated in favour of ``torch.compile`` and
-    ``torch.export``; neither serves here (compile needs a C++ toolchain and seconds per graph on a
-    CPU; an exported module runs slower than eager at this size), and eager is the fallback wherever
-    tracing stops working."""
+class OrtGraph:
+    """A stitch's route as an ONNX Runtime session on the CPU, called like the network (a float32
+    tensor of images in, logits out). The session holds its own copy of the stitch's weights (a
+    TorchScript graph shares the network's): only stitches short enough to run inline get one."""
 
-    def __init__(self, net: Any, max_images: int = 1) -> None:
+    def __init__(self, model: bytes) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1  # this process's work stays on one core
+        options.log_severity_level = 3  # errors only: a failed session raises, and RouteGraphs logs why
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: Any) -> Any:
         import torch
 
+        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+
+
+def _onnx(traced: Any, example: Any) -> OrtGraph:
+    """``traced`` (a TorchScript graph of a route) as an ONNX Runtime session, any number of images.
+
+    torch's TorchScript-based exporter (``dynamo=False``) writes it in ~0.1 s, from the graph just
+    traced; the dynamo exporter that ``snnet export --format onnx`` uses takes 1.5-3 s a stitch,
+    which here would hold the event loop. Deprecated upstream like TorchScript itself: if it goes,
+    the export raises and the stitch runs as its TorchScript graph."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(traced, (example,), buffer, dynamo=False, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "images"}, "logits": {0: "images"}})
+    return OrtGraph(buffer.getvalue())
+
+
+class RouteGraphs:
+    """The served forward of a network's stitches, each compiled from its route.
+
+    Tracing runs the route once and records its tensor operations as a TorchScript graph; calling
+    the graph runs them without the modules' Python (``nn.Module`` calls, hooks, argument
+    handling), which is most of a one-image forward of a small network. Where onnxruntime is
+    installed the graph is exported to ONNX and run by an ONNX Runtime session, whose per-operator
+    cost is a fraction of TorchScript's (the shipped Ti at one image: 0.09 against 0.27 ms). The
+    first of ``runtimes`` that works serves the stitch (:attr:`runtime` says which).
+
+    A stitch is compiled after its first request has been answered (:meth:`trace_pending`, ~0.3 s
+    for the shipped family's, holding this process's event loop: once per stitch, when the process
+    was idle enough to run a lone request; compiling every stitch at start would add seconds to
+    it); until then it runs eager. A stitch whose compilation fails, or whose graph does not give
+    the eager forward's probabilities (to 1e-5) at one and at ``max_images`` images, falls to the
+    next runtime and at last stays eager, as does one whose graph ever raises. TorchScript is
+    deprecated in favour of ``torch.compile`` and ``torch.export``; neither serves here (compile
+    takes seconds per graph on a CPU; an exported program runs slower than eager at this size), and
+    eager is the fallback wherever compiling stops working."""
+
+    def __init__(self, net: Any, max_images: int = 1, runtimes: Sequence[str] = RUNTIMES) -> None:
+        import torch
+
+        unknown = set(runtimes) - set(RUNTIMES)
+        if unknown:
+            raise ValueError(f"unknown runtime(s) {sorted(unknown)}: use some of {RUNTIMES}")
         self.net = net
+        self.runtimes = tuple(runtimes)
         self.graphs: dict[int, Any] = {}
-        self.pending: list[int] = []  # stitches served eager, to trace once idle
-        self.eager: set[int] = set()  # stitches that failed to trace, or whose graph failed
+        self.runtime: dict[int, str] = {}  # the runtime of each stitch's graph
+        self.pending: list[int] = []  # stitches served eager, to compile once idle
+        self.eager: set[int] = set()  # stitches that failed to compile, or whose graph failed
         shape = tuple(int(v) for v in net.input_size)
         self.checks = [torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)) for n in sorted({1, max_images})]
 
@@ -88,7 +143,7 @@ class RouteGraphs:
             try:
                 return probabilities(self.net, stitch, x, graph)
             except Exception:  # noqa: BLE001 - a graph that fails once serves no more; eager answers
-                log.exception("the traced graph of stitch %d failed; it runs eager from now on", stitch)
+                log.exception("the %s graph of stitch %d failed; it runs eager from now on", self.runtime.get(stitch), stitch)
                 del self.graphs[stitch]
                 self.eager.add(stitch)
         elif stitch not in self.eager and stitch not in self.pending:
@@ -96,38 +151,45 @@ class RouteGraphs:
         return probabilities(self.net, stitch, x)
 
     def trace_pending(self) -> None:
-        """Trace the stitches served eager so far (see the class)."""
+        """Compile the stitches served eager so far (see the class)."""
         pending, self.pending = self.pending, []
         self.trace(*pending)
 
     def trace(self, *stitches: int) -> None:
-        """Trace these stitches now (a stitch that fails stays eager)."""
+        """Compile these stitches now (a stitch that fails in every runtime stays eager)."""
         for stitch in stitches:
             t0 = time.perf_counter()
-            graph = self._trace(stitch)
-            if graph is None:
+            compiled = self._compile(stitch)
+            if compiled is None:
                 self.eager.add(stitch)
             else:
-                self.graphs[stitch] = graph
-                log.info("stitch %d traced for the latency path in %.0f ms", stitch, (time.perf_counter() - t0) * 1e3)
+                self.graphs[stitch], self.runtime[stitch] = compiled
+                log.info("stitch %d compiled for the latency path (%s) in %.0f ms", stitch, compiled[1], (time.perf_counter() - t0) * 1e3)
 
-    def _trace(self, stitch: int) -> Any | None:
+    def _compile(self, stitch: int) -> tuple[Any, str] | None:
         import torch
 
-        try:
-            with torch.inference_mode(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TorchScript's deprecation notice and tracer warnings: the check below decides
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's and the exporter's deprecation notices, tracer warnings: the check decides
+            try:
                 self.net.select(stitch)
-                graph = torch.jit.trace(self.net, self.checks[0], check_trace=False)
-                same = all(np.allclose(probabilities(self.net, stitch, x, graph), probabilities(self.net, stitch, x), atol=1e-5)
-                           for x in self.checks)
-        except Exception as e:  # noqa: BLE001 - any failure to trace leaves the stitch eager
-            log.info("stitch %d runs eager on the latency path: tracing failed (%s: %s)", stitch, type(e).__name__, e)
-            return None
-        if not same:
-            log.info("stitch %d runs eager on the latency path: its traced graph differs from the eager forward", stitch)
-            return None
-        return graph
+                traced = torch.jit.trace(self.net, self.checks[0], check_trace=False)
+            except Exception as e:  # noqa: BLE001 - any failure to trace leaves the stitch eager
+                log.info("stitch %d runs eager on the latency path: tracing failed (%s: %s)", stitch, type(e).__name__, e)
+                return None
+            for runtime in self.runtimes:
+                try:
+                    graph = traced if runtime == "torchscript" else _onnx(traced, self.checks[0])
+                    same = all(np.allclose(probabilities(self.net, stitch, x, graph), probabilities(self.net, stitch, x), atol=1e-5)
+                               for x in self.checks)
+                except Exception as e:  # noqa: BLE001 - onnxruntime missing, an operator it lacks: the next runtime
+                    log.info("stitch %d: no %s graph for the latency path (%s: %s)", stitch, runtime, type(e).__name__, e)
+                    continue
+                if same:
+                    return graph, runtime
+                log.info("stitch %d: its %s graph differs from the eager forward; not used", stitch, runtime)
+        log.info("stitch %d runs eager on the latency path", stitch)
+        return None
 
 
 class InlineModel:
@@ -160,10 +222,11 @@ class InlineModel:
         torch.set_num_threads(1)  # this process's own work stays on one core; the model process has the other
         return cls(StitchedNet.from_pretrained(config.model).eval(), config, rungs)
 
-    def choose(self, images: int, batcher: Batcher, handling: int) -> Decision | None:
+    def choose(self, images: int, batcher: Batcher, handling: int, read: int = 1) -> Decision | None:
         """The decision to run a request of ``images`` here now, or None (then it is batched).
-        ``handling``: the requests this process is handling, this one included."""
-        if images > self.max_images or handling > 1 or not batcher.idle:
+        ``handling``: the requests this process is handling, this one included; ``read``: those
+        read whole and not yet in the ring or answered, this one included (:class:`~.upstream.Upstream`)."""
+        if images > self.max_images or handling > 1 or read > 1 or not batcher.idle:
             return None
         state = batcher.state
         rung = self.rungs.get(state.stitch)
