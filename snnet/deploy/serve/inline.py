@@ -112,7 +112,7 @@ class RouteGraphs:
     first of ``runtimes`` that works serves the stitch (:attr:`runtime` says which).
 
     A stitch is compiled after its first request has been answered (:meth:`trace_pending`, ~0.3 s
-    for the shipped family's, holding this process's event loop: once per stitch, when the process
+    for the shipped family's, the first ~1 s with the exporter's start-up, holding this process's event loop: once per stitch, when the process
     was idle enough to run a lone request; compiling every stitch at start would add seconds to
     it); until then it runs eager. A stitch whose compilation fails, or whose graph does not give
     the eager forward's probabilities (to 1e-5) at one and at ``max_images`` images, falls to the
