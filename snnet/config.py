@@ -57,7 +57,7 @@ OPTIMIZERS = ("adamw", "sgd", "lamb")
 UNUSED_UPDATES = ("skip", "reference")
 CLIP_MODES = ("norm", "value", "agc")
 SCHEDULE_UNITS = ("step", "epoch")
-SAMPLERS = ("uniform", "flops_bucketed", "ros")
+SAMPLERS = ("uniform", "flops_bucketed", "ros", "weighted")
 STITCH_SYNC = ("per_rank", "shared")
 DDP_GRADS = ("mean", "users")
 DISTILL_TYPES = ("soft", "hard")
@@ -469,13 +469,18 @@ class SamplingConfig:
     """Which stitch each step trains, and how processes share that (snnet.sampling, snnet.train)."""
 
     sampler: str = "uniform"
-    """'uniform' (the paper's), 'flops_bucketed' or 'ros' (SN-Netv2's resource-constrained sampling)."""
+    """'uniform' (the paper's), 'flops_bucketed', 'ros' (SN-Netv2's resource-constrained sampling) or 'weighted'
+    (uniform but for the weighted_stitches, drawn stitch_weight times as often)."""
     num_buckets: int = 4
     """FLOPs buckets of the flops_bucketed sampler."""
     ros_gap: float = ROS_GAP
     """ROS: FLOPs gap that opens a new group, as a share of the space's FLOPs range."""
     ros_ramp: float | None = None
     """ROS: draw the i-th cheapest of G groups with weight i/K + 1/G (None: uniformly)."""
+    weighted_stitches: tuple[int | str, ...] | None = None
+    """Weighted sampler: the stitches (ids or names, as `snnet stitches` lists them) drawn more often."""
+    stitch_weight: float = 2.0
+    """Weighted sampler: how many times as often each of those is drawn as each other stitch."""
     stitch_sync: str = "per_rank"
     """Several processes: each its own stitch per step ('per_rank', the paper's) or one for all ('shared')."""
     ddp_grads: str = "mean"
@@ -486,6 +491,10 @@ class SamplingConfig:
         _need(self.num_buckets >= 1, f"sampling.num_buckets must be >= 1, got {self.num_buckets}")
         _need(_finite(self.ros_gap) and (self.ros_ramp is None or (_finite(self.ros_ramp) and self.ros_ramp > 0)),
               f"sampling.ros_gap must be >= 0 and ros_ramp > 0 (or null), got {self.ros_gap}, {self.ros_ramp}")
+        _need(_finite(self.stitch_weight) and self.stitch_weight > 0,
+              f"sampling.stitch_weight must be > 0, got {self.stitch_weight}")
+        _need(self.sampler != "weighted" or bool(self.weighted_stitches),
+              "the weighted sampler needs sampling.weighted_stitches: the ids or names of the stitches to draw more often")
         _one_of("stitch_sync", self.stitch_sync, STITCH_SYNC)
         _one_of("ddp_grads", self.ddp_grads, DDP_GRADS)
 

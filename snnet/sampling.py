@@ -3,7 +3,7 @@
 * :class:`StitchSampler` draws a stitch uniformly (the paper's rule); :class:`FlopsBucketSampler`
   first draws a FLOPs bucket, then a stitch in it; :class:`ResourceSampler` is SN-Netv2's
   resource-constrained sampling (ROS), which groups stitches by a FLOPs gap instead of a fixed
-  number of buckets. Each has its own generator, saved in checkpoints, so a resumed run draws
+  number of buckets; :class:`WeightedSampler` draws named stitches more often than the rest. Each has its own generator, saved in checkpoints, so a resumed run draws
   the same stitches.
 * :class:`EpochSampler` orders the images: a shuffle that is a pure function of (seed, epoch),
   sharded over ranks and resumable mid-epoch.
@@ -28,7 +28,7 @@ from .config import ROS_GAP, SAMPLERS
 from .errors import CheckpointError, SnnetError
 
 __all__ = ["ROS_GAP", "SAMPLERS", "EpochSampler", "FlopsBucketSampler", "GroupedSampler", "ResourceSampler",
-           "SeededItems", "StitchSampler", "make_stitch_sampler", "mix_seed", "ros_groups", "seed_everything", "seed_worker"]
+           "SeededItems", "StitchSampler", "WeightedSampler", "make_stitch_sampler", "mix_seed", "ros_groups", "seed_everything", "seed_worker"]
 
 class StitchSampler:
     """Uniform over the stitch space, with its own generator (so resuming restores it exactly)."""
@@ -53,6 +53,34 @@ class StitchSampler:
                 f"the checkpoint's stitch sampler ({state.get('kind')}, {state.get('num_stitches')} stitches) does not "
                 f"match this one ({self.kind}, {self.num_stitches})")
         self.generator.set_state(state["generator"])
+
+
+class WeightedSampler(StitchSampler):
+    """Each stitch drawn with probability proportional to its weight (all 1: :class:`StitchSampler`'s draw).
+
+    For a space where some stitches need more steps than a uniform share gives them (the demo's
+    large->small routes, the top of its FLOPs range): name them in ``sampling.weighted_stitches``.
+    """
+
+    kind = "weighted"
+
+    def __init__(self, weights: Sequence[float], seed: int = 0) -> None:
+        super().__init__(len(weights), seed)
+        self.weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+        if not (torch.isfinite(self.weights).all() and (self.weights >= 0).all() and float(self.weights.sum()) > 0):
+            raise SnnetError(f"need one finite non-negative weight per stitch ({len(weights)}), not all zero")
+
+    def sample(self) -> int:
+        return int(torch.multinomial(self.weights, 1, generator=self.generator))
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(super().state_dict(), weights=self.weights.tolist())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "weights" in state and list(state["weights"]) != self.weights.tolist():
+            raise CheckpointError(f"the checkpoint's weighted sampler weighted the stitches differently: resume with "
+                                  f"the same sampling.weighted_stitches and stitch_weight")
+        super().load_state_dict(state)
 
 
 class GroupedSampler(StitchSampler):
@@ -159,12 +187,17 @@ class ResourceSampler(GroupedSampler):
 
 
 def make_stitch_sampler(kind: str, num_stitches: int, seed: int = 0, flops: Sequence[int] | None = None,
-                        num_buckets: int = 4, ros_gap: float = ROS_GAP, ros_ramp: float | None = None) -> StitchSampler:
+                        num_buckets: int = 4, ros_gap: float = ROS_GAP, ros_ramp: float | None = None,
+                        weights: Sequence[float] | None = None) -> StitchSampler:
     """The stitch sampler called ``kind`` (one of :data:`SAMPLERS`); ``flops`` (one per stitch)
-    is needed by the samplers that group stitches by cost. ``ros_gap`` is ROS's gap as a share
-    of the space's FLOPs range (see :data:`ROS_GAP`)."""
+    is needed by the samplers that group stitches by cost, ``weights`` (one per stitch) by the
+    weighted one. ``ros_gap`` is ROS's gap as a share of the space's FLOPs range (see :data:`ROS_GAP`)."""
     if kind not in SAMPLERS:
         raise SnnetError(f"unknown sampler {kind!r}; use one of {SAMPLERS}")
+    if kind == "weighted":
+        if weights is None or len(weights) != num_stitches:
+            raise SnnetError("the weighted sampler needs a weight for every stitch")
+        return WeightedSampler(weights, seed)
     if kind in ("flops_bucketed", "ros"):
         if flops is None or len(flops) != num_stitches:
             raise SnnetError(f"the {kind} sampler needs the FLOPs of every stitch")

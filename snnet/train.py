@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, checkpoint_config, load_checkpoint, resolve_resume,
                          rng_state, save_checkpoint, seed_everything, set_rng_state)
-from .config import OptimConfig, TrainConfig, flatten  # noqa: F401  (OptimConfig, TrainConfig: public here)
+from .config import OptimConfig, SamplingConfig, TrainConfig, flatten  # noqa: F401  (OptimConfig, TrainConfig: public here)
 from .distill import set_two_head_training, teacher_logits, two_head_loss
 from .errors import CheckpointError, ConfigError, RunFolderError, SnnetError, TrainingError, TrainingInterrupted
 from .io import atomic_write, remove_stale_temps
@@ -628,6 +628,15 @@ def default_device(name: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def stitch_weights(net: StitchedBase, sampling: SamplingConfig) -> list[float]:
+    """The weighted sampler's weight of every stitch of ``net``: ``sampling.stitch_weight`` for the
+    ``weighted_stitches`` (ids or names; an unknown one is refused in one line), 1 for the others."""
+    ids = [net.space[key].id for key in sampling.weighted_stitches or ()]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("sampling.weighted_stitches names a stitch twice; list each once")
+    return [sampling.stitch_weight if i in ids else 1.0 for i in range(len(net.space))]
+
+
 class Trainer:
     """One optimisation step at a time: stitch sampling, the task's loss, AMP, distillation, DDP, the optimizer.
 
@@ -656,8 +665,9 @@ class Trainer:
             # per_rank: every rank its own stream of stitches; shared: one stream for all ranks
             seed = config.run.seed + (self.rank if s.stitch_sync == "per_rank" else 0)
             flops = [c.flops for c in net.costs()] if s.sampler in ("flops_bucketed", "ros") else None
+            weights = stitch_weights(net, s) if s.sampler == "weighted" else None
             self.sampler = make_stitch_sampler(s.sampler, len(net.space), seed + 7919, flops, s.num_buckets,
-                                               s.ros_gap, s.ros_ramp)
+                                               s.ros_gap, s.ros_ramp, weights)
         self.fsdp = self.world_size > 1 and config.run.fsdp
         if self.fsdp:
             _fully_shard(net, self.device)  # before the optimizer: it holds the shards

@@ -1,4 +1,4 @@
-"""snnet.sampling: the stitch each training step draws (SN-Netv2's ROS)."""
+"""snnet.sampling: the stitch each training step draws (SN-Netv2's ROS, the weighted draw)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ from collections import Counter
 import pytest
 
 import snnet
-from snnet.sampling import make_stitch_sampler, ResourceSampler, ros_groups
+from snnet.config import TrainConfig
+from snnet.errors import ConfigError
+from snnet.sampling import make_stitch_sampler, ResourceSampler, WeightedSampler, ros_groups
+from snnet.train import Trainer
+
+from .conftest import TINY_VITS, seeded_net
 
 
 def test_ros_groups_follow_the_gap() -> None:
@@ -38,3 +43,40 @@ def test_ros_sampler_frequencies_and_resume() -> None:
         ResourceSampler(flops, gap=20, seed=0).load_state_dict(state)
     # from the training config: the gap is a share of the FLOPs range
     assert make_stitch_sampler("ros", 6, 0, flops, ros_gap=2 / 30).groups == s.groups
+
+
+def test_weighted_sampler_draws_in_proportion_and_resumes() -> None:
+    s = make_stitch_sampler("weighted", 4, 0, weights=[1, 1, 2, 0])
+    assert isinstance(s, WeightedSampler)
+    n = 30000
+    picks = Counter(s.sample() for _ in range(n))
+    assert picks[3] == 0 and all(abs(picks[k] / n - p) < 0.012 for k, p in {0: 0.25, 1: 0.25, 2: 0.5}.items()), picks
+    state = s.state_dict()
+    ahead = [s.sample() for _ in range(50)]
+    again = WeightedSampler([1, 1, 2, 0], seed=9)
+    again.load_state_dict(state)
+    assert [again.sample() for _ in range(50)] == ahead
+    with pytest.raises(snnet.CheckpointError, match="weighted the stitches differently"):
+        WeightedSampler([1, 1, 3, 0]).load_state_dict(state)
+    for bad in ([0, 0], [1, -1], [1, float("nan")]):
+        with pytest.raises(snnet.SnnetError, match="non-negative weight"):
+            WeightedSampler(bad)
+    with pytest.raises(snnet.SnnetError, match="a weight for every stitch"):
+        make_stitch_sampler("weighted", 4, 0, weights=[1, 2])
+
+
+def test_weighted_stitches_by_name_or_id_from_the_config() -> None:
+    net = seeded_net(anchors=TINY_VITS[:2])
+    name = net.space[3].name
+    conf = TrainConfig().override(progress=False, sampler="weighted", weighted_stitches=[name, 1], stitch_weight=3)
+    trainer = Trainer(net, conf, total_steps=1)
+    want = [3.0 if i in (1, 3) else 1.0 for i in range(len(net.space))]
+    assert trainer.sampler.weights.tolist() == want
+    with pytest.raises(ConfigError, match="needs sampling.weighted_stitches"):
+        TrainConfig().override(sampler="weighted")
+    with pytest.raises(ConfigError, match="stitch_weight must be > 0"):
+        TrainConfig().override(stitch_weight=0)
+    with pytest.raises(ConfigError, match="names a stitch twice"):
+        Trainer(net, conf.override(weighted_stitches=[name, 3]), total_steps=1)
+    with pytest.raises(snnet.StitchNotFoundError, match="no stitch named 'nope'"):
+        Trainer(net, conf.override(weighted_stitches=["nope"]), total_steps=1)
