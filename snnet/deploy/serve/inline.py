@@ -40,7 +40,8 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from functools import partial
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -64,9 +65,11 @@ RUNTIMES = ("onnxruntime", "torchscript")  # what RouteGraphs compiles a stitch'
 
 
 class OrtGraph:
-    """A stitch's route as an ONNX Runtime session on the CPU, called like the network (a float32
-    tensor of images in, logits out). The session holds its own copy of the stitch's weights (a
-    TorchScript graph shares the network's): only stitches short enough to run inline get one."""
+    """A stitch's route as an ONNX Runtime session on the CPU: a float32 tensor of images in, the
+    served probabilities out (softmax in numpy, as float32: no torch op on this path, whose
+    dispatch is a good part of a one-image forward that follows HTTP work). The session holds its
+    own copy of the stitch's weights (a TorchScript graph shares the network's): only stitches
+    short enough to run inline get one."""
 
     def __init__(self, model: bytes) -> None:
         import onnxruntime as ort
@@ -77,10 +80,11 @@ class OrtGraph:
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
-    def __call__(self, x: Any) -> Any:
-        import torch
-
-        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+    def __call__(self, x: Any) -> np.ndarray:
+        z = self.session.run(None, {self.input: x.numpy()})[0]
+        z = np.exp(z - z.max(-1, keepdims=True))
+        z /= z.sum(-1, keepdims=True)
+        return z
 
 
 def _onnx(traced: Any, example: Any) -> OrtGraph:
@@ -129,7 +133,7 @@ class RouteGraphs:
             raise ValueError(f"unknown runtime(s) {sorted(unknown)}: use some of {RUNTIMES}")
         self.net = net
         self.runtimes = tuple(runtimes)
-        self.graphs: dict[int, Any] = {}
+        self.graphs: dict[int, Callable[[Any], np.ndarray]] = {}  # stitch -> its compiled forward, images to probabilities
         self.runtime: dict[int, str] = {}  # the runtime of each stitch's graph
         self.pending: list[int] = []  # stitches served eager, to compile once idle
         self.eager: set[int] = set()  # stitches that failed to compile, or whose graph failed
@@ -141,7 +145,7 @@ class RouteGraphs:
         graph = self.graphs.get(stitch)
         if graph is not None:
             try:
-                return probabilities(self.net, stitch, x, graph)
+                return graph(x)
             except Exception:  # noqa: BLE001 - a graph that fails once serves no more; eager answers
                 log.exception("the %s graph of stitch %d failed; it runs eager from now on", self.runtime.get(stitch), stitch)
                 del self.graphs[stitch]
@@ -178,10 +182,12 @@ class RouteGraphs:
                 log.info("stitch %d runs eager on the latency path: tracing failed (%s: %s)", stitch, type(e).__name__, e)
                 return None
             for runtime in self.runtimes:
-                try:
-                    graph = traced if runtime == "torchscript" else _onnx(traced, self.checks[0])
-                    same = all(np.allclose(probabilities(self.net, stitch, x, graph), probabilities(self.net, stitch, x), atol=1e-5)
-                               for x in self.checks)
+                try:  # a graph here is the stitch's served forward: images in, probabilities out
+                    if runtime == "torchscript":
+                        graph = partial(probabilities, self.net, stitch, graph=traced)
+                    else:
+                        graph = _onnx(traced, self.checks[0])
+                    same = all(np.allclose(graph(x), probabilities(self.net, stitch, x), atol=1e-5) for x in self.checks)
                 except Exception as e:  # noqa: BLE001 - onnxruntime missing, an operator it lacks: the next runtime
                     log.info("stitch %d: no %s graph for the latency path (%s: %s)", stitch, runtime, type(e).__name__, e)
                     continue
