@@ -3,8 +3,8 @@
 * :class:`StitchSampler` draws a stitch uniformly (the paper's rule); :class:`FlopsBucketSampler`
   first draws a FLOPs bucket, then a stitch in it; :class:`ResourceSampler` is SN-Netv2's
   resource-constrained sampling (ROS), which groups stitches by a FLOPs gap instead of a fixed
-  number of buckets; :class:`WeightedSampler` draws named stitches more often than the rest. Each has its own generator, saved in checkpoints, so a resumed run draws
-  the same stitches.
+  number of buckets; :class:`WeightedSampler` draws named stitches more often than the rest.
+  Each has its own generator, saved in checkpoints, so a resumed run draws the same stitches.
 * :class:`EpochSampler` orders the images: a shuffle that is a pure function of (seed, epoch),
   sharded over ranks and resumable mid-epoch.
 * :class:`SeededItems` makes each image's random augmentation a pure function of (seed, epoch,
