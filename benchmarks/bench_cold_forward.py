@@ -88,9 +88,10 @@ def main() -> None:
     graphs = RouteGraphs(net)  # the latency path's forward: each stitch compiled
     for anchor in (anchors[0], anchors[-1]):
         x = torch.randn(1, *net.input_size)
+        a = x.numpy()  # the latency path's input: the images as the server process decodes them
         graphs.trace(anchor.id)
         forwards = {"eager (the model process's)": lambda: probabilities(net, anchor.id, x),
-                    f"compiled, {graphs.runtime.get(anchor.id, 'eager')} (the latency path's)": lambda: graphs.probabilities(anchor.id, x)}
+                    f"compiled, {graphs.runtime.get(anchor.id, 'eager')} (the latency path's)": lambda: graphs.probabilities(anchor.id, a)}
         for kind, forward in forwards.items():
             for _ in range(50):
                 forward()

@@ -66,9 +66,10 @@ except ImportError:  # the serve extra is missing: `snnet serve` says so
     pass
 
 
-def model_only(net: Any, stitch: int, batch: int, seconds: float, forward: Any = None) -> tuple[float, float, float]:
+def model_only(net: Any, stitch: int, batch: int, seconds: float, forward: Any = None, numpy: bool = False) -> tuple[float, float, float]:
     """Images/s of back-to-back served forwards (select, the route, softmax: ``forward(stitch, x)``,
-    by default the model process's :func:`~snnet.deploy.serve.engine.probabilities`) of a batch, the
+    by default the model process's :func:`~snnet.deploy.serve.engine.probabilities`; ``numpy``: ``x``
+    as a numpy array, as the latency path takes it, else a tensor) of a batch, the
     p50 ms of one forward, and the CPU µs of one forward (this process's CPU time over the forwards:
     unlike the wall time, it does not grow when other processes hold the CPUs)."""
     import torch
@@ -77,6 +78,7 @@ def model_only(net: Any, stitch: int, batch: int, seconds: float, forward: Any =
 
     forward = forward or (lambda s, x: probabilities(net, s, x))
     x = torch.randn(batch, *net.input_size)
+    x = x.numpy() if numpy else x
     times = []
     for _ in range(3):
         forward(stitch, x)
@@ -178,7 +180,7 @@ def one_image_rounds(args: argparse.Namespace, net: Any, anchor: Any, path: str,
     rounds = []
     for _ in range(args.one_image_rounds):
         bare_p50, _, (bare_cpu,) = one_image(bare_port, one, args.seconds, (bare_pid,))
-        _, model_p50, model_cpu = model_only(net, anchor.id, 1, args.model_seconds, forward)
+        _, model_p50, model_cpu = model_only(net, anchor.id, 1, args.model_seconds, forward, numpy=path == "inline")
         p50, answers, (server_cpu, engine_cpu) = one_image(srv.port, one, args.seconds, (srv.pid, engine))
         said = [json.loads(a) for a in answers]  # what the server measured itself: arrival to result, and the forward
         rounds.append({"server_p50_ms": p50, "model_p50_ms": model_p50, "bare_p50_ms": bare_p50, "ratio": (p50 - model_p50) / bare_p50,

@@ -148,7 +148,7 @@ def test_route_graphs_compile_a_stitch_after_its_first_eager_answer(saved: tuple
     x = torch.randn(1, *net.input_size)
     stitches = [0, len(net.space) - 1]
     for s in stitches:
-        np.testing.assert_allclose(graphs.probabilities(s, x), probabilities(net, s, x), rtol=1e-6)  # eager, and noted
+        np.testing.assert_allclose(graphs.probabilities(s, x.numpy()), probabilities(net, s, x), rtol=1e-6)  # eager, and noted
     assert graphs.graphs == {} and sorted(graphs.pending) == stitches
     graphs.trace_pending()
     assert sorted(graphs.graphs) == stitches and graphs.pending == []
@@ -156,8 +156,8 @@ def test_route_graphs_compile_a_stitch_after_its_first_eager_answer(saved: tuple
     for s in stitches:  # a graph per stitch, each the stitch's own route, at one and at two images
         for n in (1, 2):
             xs = torch.randn(n, *net.input_size)
-            np.testing.assert_allclose(graphs.probabilities(s, xs), probabilities(net, s, xs), rtol=1e-5, atol=1e-6)
-    assert not np.allclose(graphs.probabilities(stitches[0], x), graphs.probabilities(stitches[1], x))
+            np.testing.assert_allclose(graphs.probabilities(s, xs.numpy()), probabilities(net, s, xs), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(graphs.probabilities(stitches[0], x.numpy()), graphs.probabilities(stitches[1], x.numpy()))
 
 
 def test_a_graph_that_fails_or_disagrees_leaves_its_stitch_eager(saved: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,21 +168,21 @@ def test_a_graph_that_fails_or_disagrees_leaves_its_stitch_eager(saved: tuple[Pa
     net = StitchedNet.from_pretrained(str(saved[0])).eval()
     x = torch.randn(1, *net.input_size)
     graphs = RouteGraphs(net)
-    graphs.probabilities(0, x)
+    graphs.probabilities(0, x.numpy())
     graphs.trace_pending()
 
     def broken(*_: Any) -> Any:
         raise RuntimeError("a graph that fails")
 
     graphs.graphs[0] = broken
-    np.testing.assert_allclose(graphs.probabilities(0, x), probabilities(net, 0, x), rtol=1e-6)  # eager answers
+    np.testing.assert_allclose(graphs.probabilities(0, x.numpy()), probabilities(net, 0, x), rtol=1e-6)  # eager answers
     assert 0 not in graphs.graphs and 0 in graphs.eager
-    graphs.probabilities(0, x)
+    graphs.probabilities(0, x.numpy())
     assert graphs.pending == []  # not traced again
 
     wrong = RouteGraphs(net)
     monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: (lambda inp: torch.zeros(len(inp), 10)))  # a graph with other answers
-    wrong.probabilities(1, x)
+    wrong.probabilities(1, x.numpy())
     wrong.trace_pending()
     assert wrong.graphs == {} and wrong.eager == {1}
 
@@ -202,6 +202,6 @@ def test_a_stitch_onnx_cannot_export_runs_as_its_torchscript_graph(saved: tuple[
     graphs = RouteGraphs(net)
     graphs.trace(0)
     assert graphs.runtime == {0: "torchscript"}
-    np.testing.assert_allclose(graphs.probabilities(0, x), probabilities(net, 0, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(graphs.probabilities(0, x.numpy()), probabilities(net, 0, x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown runtime"):
         RouteGraphs(net, runtimes=("tensorrt",))

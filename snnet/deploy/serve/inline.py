@@ -65,7 +65,7 @@ RUNTIMES = ("onnxruntime", "torchscript")  # what RouteGraphs compiles a stitch'
 
 
 class OrtGraph:
-    """A stitch's route as an ONNX Runtime session on the CPU: a float32 tensor of images in, the
+    """A stitch's route as an ONNX Runtime session on the CPU: a float32 array of images in, the
     served probabilities out (softmax in numpy, as float32: no torch op on this path, whose
     dispatch is a good part of a one-image forward that follows HTTP work). The session holds its
     own copy of the stitch's weights (a TorchScript graph shares the network's): only stitches
@@ -80,8 +80,8 @@ class OrtGraph:
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
-    def __call__(self, x: Any) -> np.ndarray:
-        z = self.session.run(None, {self.input: x.numpy()})[0]
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        z = self.session.run(None, {self.input: x})[0]
         z = np.exp(z - z.max(-1, keepdims=True))
         z /= z.sum(-1, keepdims=True)
         return z
@@ -133,15 +133,16 @@ class RouteGraphs:
             raise ValueError(f"unknown runtime(s) {sorted(unknown)}: use some of {RUNTIMES}")
         self.net = net
         self.runtimes = tuple(runtimes)
-        self.graphs: dict[int, Callable[[Any], np.ndarray]] = {}  # stitch -> its compiled forward, images to probabilities
+        self.graphs: dict[int, Callable[[np.ndarray], np.ndarray]] = {}  # stitch -> its compiled forward, images to probabilities
         self.runtime: dict[int, str] = {}  # the runtime of each stitch's graph
         self.pending: list[int] = []  # stitches served eager, to compile once idle
         self.eager: set[int] = set()  # stitches that failed to compile, or whose graph failed
         shape = tuple(int(v) for v in net.input_size)
-        self.checks = [torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)) for n in sorted({1, max_images})]
+        self.checks = [torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)).numpy() for n in sorted({1, max_images})]
 
-    def probabilities(self, stitch: int, x: Any) -> np.ndarray:
-        """As :func:`~.engine.probabilities` (softmax, float32 numpy), through the stitch's graph if it has one."""
+    def probabilities(self, stitch: int, x: np.ndarray) -> np.ndarray:
+        """As :func:`~.engine.probabilities` (softmax, float32 numpy) of the float32 images ``x`` (numpy, as the server
+        process decodes them: an ONNX Runtime graph takes them as they are), through the stitch's graph if it has one."""
         graph = self.graphs.get(stitch)
         if graph is not None:
             try:
@@ -152,7 +153,12 @@ class RouteGraphs:
                 self.eager.add(stitch)
         elif stitch not in self.eager and stitch not in self.pending:
             self.pending.append(stitch)
-        return probabilities(self.net, stitch, x)
+        return self._eager(stitch, x)
+
+    def _eager(self, stitch: int, x: np.ndarray, graph: Any = None) -> np.ndarray:
+        import torch
+
+        return probabilities(self.net, stitch, torch.from_numpy(x), graph)
 
     def trace_pending(self) -> None:
         """Compile the stitches served eager so far (see the class)."""
@@ -177,17 +183,17 @@ class RouteGraphs:
             warnings.simplefilter("ignore")  # TorchScript's and the exporter's deprecation notices, tracer warnings: the check decides
             try:
                 self.net.select(stitch)
-                traced = torch.jit.trace(self.net, self.checks[0], check_trace=False)
+                traced = torch.jit.trace(self.net, torch.from_numpy(self.checks[0]), check_trace=False)
             except Exception as e:  # noqa: BLE001 - any failure to trace leaves the stitch eager
                 log.info("stitch %d runs eager on the latency path: tracing failed (%s: %s)", stitch, type(e).__name__, e)
                 return None
             for runtime in self.runtimes:
                 try:  # a graph here is the stitch's served forward: images in, probabilities out
                     if runtime == "torchscript":
-                        graph = partial(probabilities, self.net, stitch, graph=traced)
+                        graph = partial(self._eager, stitch, graph=traced)
                     else:
-                        graph = _onnx(traced, self.checks[0])
-                    same = all(np.allclose(graph(x), probabilities(self.net, stitch, x), atol=1e-5) for x in self.checks)
+                        graph = _onnx(traced, torch.from_numpy(self.checks[0]))
+                    same = all(np.allclose(graph(x), self._eager(stitch, x), atol=1e-5) for x in self.checks)
                 except Exception as e:  # noqa: BLE001 - onnxruntime missing, an operator it lacks: the next runtime
                     log.info("stitch %d: no %s graph for the latency path (%s: %s)", stitch, runtime, type(e).__name__, e)
                     continue
@@ -242,9 +248,7 @@ class InlineModel:
 
     def run(self, x: np.ndarray, decision: Decision) -> BatchResult:
         """The probabilities of the images ``x`` (a view of :attr:`x`) on the decision's stitch."""
-        import torch
-
         t0 = time.perf_counter()
-        probs = self.forwards.probabilities(decision.stitch, torch.from_numpy(x))
+        probs = self.forwards.probabilities(decision.stitch, x)
         ms = (time.perf_counter() - t0) * 1e3
         return BatchResult(probs, BatchInfo(0, len(x), ms, decision, 0, 1.0, True))
