@@ -50,3 +50,22 @@ def test_keep_alive_connections_are_reused_and_a_cut_answer_is_a_miss() -> None:
     assert [r.status for r in results] == [200, 200, 200] and accepted == 1
     results, _ = asyncio.run(_serve_and_send(close_after_answer=False, cut_mid_answer=True))
     assert [r.status for r in results] == [0, 0, 0]
+
+
+def test_the_client_runs_without_its_garbage_collector_and_gives_it_back() -> None:
+    # a full collection in the benchmarks' client (torch and a network loaded) stops it for 100-150 ms:
+    # every request in flight would be counted that much late (snnet.deploy.loadgen.run)
+    import gc
+
+    async def inside() -> bool:
+        return gc.isenabled()
+
+    assert gc.isenabled()
+    assert loadgen.run(inside) is False
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        loadgen.run(inside)
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()

@@ -189,7 +189,7 @@ def serve(
                 stack.callback(engine.close)
         # the model is loaded: a temporary model folder is gone already
         if workers == 1:
-            uvicorn.Server(uvicorn.Config(create_app(service), **uv)).run(sockets=[sock])
+            uvicorn.Server(uvicorn.Config(create_app(service, freeze=True), **uv)).run(sockets=[sock])
             return
         # uvicorn's worker processes import the app, and each joins the one model process.
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="snnet-serve-")))

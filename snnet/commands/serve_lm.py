@@ -24,6 +24,7 @@ def serve_lm(config: Any, listen: Any, *, slo_ms: float | None, tpot_ms: float |
     taken from it, those for images alone must be left at their defaults."""
     import uvicorn
 
+    from ..deploy.heap import freeze_heap
     from ..deploy.serve import ServeConfig
     from ..deploy.serve.lm_app import create_lm_app
     from ..deploy.serve.lm_engine import LMEngine, LMServeConfig
@@ -48,4 +49,5 @@ def serve_lm(config: Any, listen: Any, *, slo_ms: float | None, tpot_ms: float |
         typer.echo(f"serving the language model {lm.model} as {lm.served_name!r} on {listen.scheme}://{listen.host}:"
                    f"{sock.getsockname()[1]}")
         engine = LMEngine.load(lm, typer.echo)  # a bad model or results fail here in one line; the ladder is timed
+        freeze_heap()  # this process only serves: no full collection of torch and the model between two tokens
         uvicorn.Server(uvicorn.Config(create_lm_app(engine), **uv)).run(sockets=[sock])

@@ -24,6 +24,7 @@ Needs the ``serve`` extra (httpx, uvloop, orjson), imported where used.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import socket
@@ -103,12 +104,22 @@ class Connection:
 
 
 def run(coro: Callable[[], Any]) -> Any:
-    """Run a coroutine function on uvloop when it is installed (it is, with the serve extra)."""
+    """Run a coroutine function on uvloop when it is installed (it is, with the serve extra), with
+    this process's garbage collector off meanwhile: the benchmarks' client process holds torch and
+    a network, so a full collection stops it for 100-150 ms (measured with ``gc.callbacks`` during
+    a bursty trace: 8 such pauses), and every request in flight would be counted that much late
+    although the server had answered in time (:mod:`snnet.deploy.heap` says the same of servers)."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro())
-    return uvloop.run(coro())
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(coro())
+        return uvloop.run(coro())
+    finally:
+        if enabled:
+            gc.enable()
 
 
 async def closed_loop(host: str, port: int, bodies: Sequence[Body], clients: int, seconds: float,

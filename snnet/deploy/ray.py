@@ -151,7 +151,7 @@ class SnnetReplica:
         self.config = ServeConfig.from_json(config_json)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.config, fleet=RayFleet())
+        return create_app(self.config, fleet=RayFleet(), freeze=True)
 
 
 def application(config: ServeConfig, replicas: int = 1, max_replicas: int | None = None, target_ongoing: float = 2.0,

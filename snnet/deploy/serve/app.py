@@ -20,6 +20,7 @@ and the connection is closed). A request holds no room in the queue until its wh
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -36,6 +37,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
 
 from ...errors import ServeError
+from ..heap import freeze_heap
 from .auth import check_admin
 from .batcher import BatchResult
 from .config import ENV_CONFIG, POLICIES, ServeConfig, log
@@ -449,7 +451,8 @@ async def health(svc: Service, fleet: Fleet | None = None) -> Response:
         return _json({"status": e.reason}, 503)
     return _json({"status": "ok", **state, "held": svc.batcher.held, "server_pid": os.getpid(),
                   # this process's mean work per request, handler start to the ring, and the requests read and not yet there
-                  "server_work_ms": round(svc.upstream.work_ms, 3), "before_ring": len(svc.upstream), **_who(fleet)})
+                  "server_work_ms": round(svc.upstream.work_ms, 3), "before_ring": len(svc.upstream),
+                  "gc_frozen": gc.get_freeze_count(), **_who(fleet)})  # objects kept out of full collections (snnet.deploy.heap)
 
 
 async def metrics(svc: Service, fleet: Fleet | None = None) -> Response:
@@ -497,11 +500,15 @@ def body_limit(config: ServeConfig) -> Callable[[str, str], int]:
     return limit
 
 
-def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] | None = None, fleet: Fleet | None = None) -> FastAPI:
+def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] | None = None, fleet: Fleet | None = None,
+               freeze: bool = False) -> FastAPI:
     """The FastAPI app. ``source``: a :class:`Service` to serve (its owner closes its model
     process), or a config: then, when the server starts, ``factory`` makes the Service (worker
     processes join a model process that way), or by default a model process of its own is started
-    (and stopped with the server). ``fleet``: the replicas this server is one of (Ray Serve)."""
+    (and stopped with the server). ``fleet``: the replicas this server is one of (Ray Serve).
+    ``freeze``: this process only serves (``snnet serve``, a worker, a Ray replica): once started,
+    what it has loaded is kept out of the garbage collector's full passes (:mod:`snnet.deploy.heap`),
+    not done for an app run inside another program (a test, a notebook)."""
     config = source.config if isinstance(source, Service) else source
 
     @asynccontextmanager
@@ -519,6 +526,8 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
                  svc.config.model, len(svc.rows), len(policy["ladder"]), policy["ladder"][0]["name"], policy["ladder"][-1]["name"],
                  svc.config.slo_ms, svc.config.max_batch,
                  "pinned to " + policy["current"]["name"] if policy["mode"] == "pinned" else f"automatic ({policy['policy']})")
+        if freeze:
+            freeze_heap()  # no full collection of torch, the network and its graphs mid-request: a 100 ms pause each
         try:
             yield
         finally:
@@ -575,4 +584,4 @@ def app_from_env() -> FastAPI:
         raise ServeError(f"${ENV_CONFIG} and ${ENV_ENGINE} are not set: start the server with `snnet serve --workers N`")
     config = ServeConfig.from_json(text)
     address, key = engine.rsplit(" ", 1)
-    return create_app(config, factory=lambda: Service.attach(config, address, bytes.fromhex(key)))
+    return create_app(config, factory=lambda: Service.attach(config, address, bytes.fromhex(key)), freeze=True)

@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..controller import Decision, LatencyTable, ladder
+from ..heap import refreeze
 from .batcher import BatchResult, Batcher
 from .config import ServeConfig, log
 from .engine import BatchInfo, EngineInfo, probabilities
@@ -174,6 +175,7 @@ class RouteGraphs:
                 self.eager.add(stitch)
             else:
                 self.graphs[stitch], self.runtime[stitch] = compiled
+                refreeze()  # the new graph and session out of full collections too, where the process froze its heap
                 log.info("stitch %d compiled for the latency path (%s) in %.0f ms", stitch, compiled[1], (time.perf_counter() - t0) * 1e3)
 
     def _compile(self, stitch: int) -> tuple[Any, str] | None:
