@@ -28,8 +28,9 @@ def freeze_heap(collect: bool = True) -> int:
 
 def refreeze() -> None:
     """In a process that froze its heap (:func:`freeze_heap`), freeze what it has loaded since (a
-    stitch compiled for the latency path) after a young-generation collection only, which takes
-    microseconds; in any other process (a test that runs the app in its own interpreter) nothing."""
+    stitch compiled for the latency path), after a full collection, which walks only what is not
+    frozen (about a millisecond then); in any other process (a test that runs the app in its own
+    interpreter) nothing."""
     if gc.get_freeze_count():
-        gc.collect(1)
+        gc.collect()
         gc.freeze()
