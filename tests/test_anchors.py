@@ -25,7 +25,10 @@ _spec.loader.exec_module(make)
 def test_routes_compute_what_they_did_before_anchors_held_their_model(name: str) -> None:
     """Every anchor route and a stitch of every layer, on each kind of family in snnet.tiny: the same
     state-dict keys and shapes as before the change, and (under the timm version whose initialisation
-    made the recorded weights) the same logits, bit for bit."""
+    made the recorded weights) the same logits: bit for bit on the CPU that recorded them, within
+    1e-3 of their scale on another (float kernels differ by instruction set, AVX-512 and AMX against
+    AVX2, in the last bits, which the stitching layers' least-squares fit amplifies: the worst seen
+    was 1e-4 of the scale, on a machine with AMX; a wrong route is off by the scale itself)."""
     net = make.build(name)
     x = make.images(name)
     net.init_stitching([x])
@@ -41,7 +44,8 @@ def test_routes_compute_what_they_did_before_anchors_held_their_model(name: str)
     with torch.no_grad():
         for s in routes:
             net.select(s)
-            assert torch.equal(net(x), recorded[f"logits/{s.name}"]), s.name
+            want = recorded[f"logits/{s.name}"]
+            torch.testing.assert_close(net(x), want, rtol=0, atol=1e-3 * want.abs().max().item(), msg=s.name)
 
 
 def test_stem_and_head_hold_the_model_and_only_their_own_weights() -> None:
