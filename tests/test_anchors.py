@@ -25,10 +25,11 @@ _spec.loader.exec_module(make)
 def test_routes_compute_what_they_did_before_anchors_held_their_model(name: str) -> None:
     """Every anchor route and a stitch of every layer, on each kind of family in snnet.tiny: the same
     state-dict keys and shapes as before the change, and (under the timm version whose initialisation
-    made the recorded weights) the same logits: bit for bit on the CPU that recorded them, within
-    1e-3 of their scale on another (float kernels differ by instruction set, AVX-512 and AMX against
-    AVX2, in the last bits, which the stitching layers' least-squares fit amplifies: the worst seen
-    was 1e-4 of the scale, on a machine with AMX; a wrong route is off by the scale itself)."""
+    made the recorded weights) the same logits, to float rounding: within 1e-3 of their scale (they
+    are bit for bit the same on the CPU that recorded them; float kernels of another instruction set,
+    AVX-512 and AMX against AVX2, round otherwise in the last bits, which the stitching layers'
+    least-squares fit amplifies: the worst seen was 1e-4 of the scale, on a machine with AMX; a
+    wrong route is off by the scale itself)."""
     net = make.build(name)
     x = make.images(name)
     net.init_stitching([x])

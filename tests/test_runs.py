@@ -477,11 +477,11 @@ def test_the_launcher_stops_torchrun_in_one_line(tmp_path):
 
 
 def _assert_recorded_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    """The weights a recorded run ended with: equal on the CPU that recorded them; on another, float kernels
+    """The weights a recorded run ended with, to float rounding (equal on the CPU that recorded them; on another, float kernels
     of another instruction set (AVX-512 and AMX against AVX2) round otherwise in the last bits, and ten steps
     grow that to at most 2.5e-3 of a tensor's largest value (a machine with AMX; the median tensor 1e-7). So
     each tensor within 1e-2 of its largest value: one epoch fewer, the uniform sampler or a learning rate 10 %
-    off each leave some tensor more than 1.29 of it away, and the median tensor over 1e-2."""
+    off each leave some tensor more than 1.29 of it away, and the median tensor over 1e-2)."""
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-2 * want[k].abs().max().item() + 1e-12, msg=k)
 
