@@ -2,10 +2,11 @@
 
 Now and then CPython's cyclic collector runs a full (generation-2) collection, which walks every
 container object the process holds. A serving process holds torch, timm, the network and, on the
-latency path, ONNX Runtime: a full collection then stops it for 100-170 ms on this machine
-(measured with ``gc.callbacks`` in the server process, the model process and the load generator
-of ``benchmarks/bench_serve.py``: 6-8 such pauses in each during a minute of bursty traffic, none
-under 100 ms). Under a 20 ms SLO one pause misses every request in flight. ``gc.freeze()`` moves
+latency path, ONNX Runtime: a full collection then stops it for 150-190 ms on the project's
+CPU (timed with ``gc.callbacks`` during a quick run of ``benchmarks/bench_serve.py``: the server
+process made two while serving, 157 and 188 ms, and the benchmark's client two, 148 and 155 ms;
+``benchmarks/bench_heap.py`` times one). Under a 20 ms SLO one pause misses every request in
+flight. ``gc.freeze()`` moves
 everything alive into a permanent generation that collections skip, so once a process has loaded
 what it serves, a full collection walks only the objects made since (Instagram's fix for their
 Django servers, and CPython's documented use of it, before fork, is the same idea).

@@ -106,8 +106,8 @@ class Connection:
 def run(coro: Callable[[], Any]) -> Any:
     """Run a coroutine function on uvloop when it is installed (it is, with the serve extra), with
     this process's garbage collector off meanwhile: the benchmarks' client process holds torch and
-    a network, so a full collection stops it for 100-150 ms (measured with ``gc.callbacks`` during
-    a bursty trace: 8 such pauses), and every request in flight would be counted that much late
+    a network, so a full collection stops it for ~150 ms (timed with ``gc.callbacks``: two during
+    one quick bursty run's traces), and every request in flight would be counted that much late
     although the server had answered in time (:mod:`snnet.deploy.heap` says the same of servers)."""
     enabled = gc.isenabled()
     gc.disable()
