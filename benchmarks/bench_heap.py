@@ -37,15 +37,15 @@ def main() -> None:
 
     import torch
 
-    from snnet.commands.options import DEFAULT_ANCHORS, split_names
     from snnet.deploy.heap import freeze_heap
     from snnet.deploy.serve.inline import RouteGraphs
-    from snnet.model import create_snnet, space_options
+    from snnet.model import network_from_config
     from snnet.recipes import recipe_config
 
     torch.set_num_threads(1)
     t = time.perf_counter()
-    net = create_snnet(split_names(DEFAULT_ANCHORS), **space_options(recipe_config("demo").space)).eval()
+    demo = recipe_config("demo")  # the demo's network: the shipped family, its weights, the recipe's stitches
+    net = network_from_config(demo.model, demo.space).eval()
     graphs = RouteGraphs(net, max_images=1)
     ids = [s.id for s in net.space][: args.stitches]  # every stitch: the ladder depends on accuracies
     graphs.trace(*ids)

@@ -17,21 +17,18 @@ from __future__ import annotations
 import gc
 
 
-def freeze_heap(collect: bool = True) -> int:
-    """Keep every object alive now out of later collections; returns how many are frozen in all.
-    ``collect``: a full collection first, so that no garbage is kept for good (a pause as long as
-    those this prevents: at start-up, not while requests wait)."""
-    if collect:
-        gc.collect()
+def freeze_heap() -> int:
+    """Keep every object alive now out of later collections, after a full collection so that no
+    garbage is kept for good; returns how many objects are frozen in all. At start-up that
+    collection is as long as the pauses this prevents; once frozen, it walks only what is not."""
+    gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
 
 
 def refreeze() -> None:
     """In a process that froze its heap (:func:`freeze_heap`), freeze what it has loaded since (a
-    stitch compiled for the latency path), after a full collection, which walks only what is not
-    frozen (about a millisecond then); in any other process (a test that runs the app in its own
-    interpreter) nothing."""
+    stitch compiled for the latency path; the collection first walks only what is not frozen, about
+    a millisecond); in any other process (a test that runs the app in its own interpreter) nothing."""
     if gc.get_freeze_count():
-        gc.collect()
-        gc.freeze()
+        freeze_heap()

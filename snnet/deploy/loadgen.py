@@ -109,14 +109,14 @@ def run(coro: Callable[[], Any]) -> Any:
     a network, so a full collection stops it for ~150 ms (timed with ``gc.callbacks``: two during
     one quick bursty run's traces), and every request in flight would be counted that much late
     although the server had answered in time (:mod:`snnet.deploy.heap` says the same of servers)."""
+    try:
+        from uvloop import run as run_loop
+    except ImportError:
+        run_loop = asyncio.run
     enabled = gc.isenabled()
     gc.disable()
     try:
-        try:
-            import uvloop
-        except ImportError:
-            return asyncio.run(coro())
-        return uvloop.run(coro())
+        return run_loop(coro())
     finally:
         if enabled:
             gc.enable()
