@@ -8,7 +8,10 @@ so supporting a new kind of model means writing one adapter and registering it.
 
 Blocks are *units*: anything a hierarchical model does between two blocks (Swin's patch
 merging, a ResNet stage's downsampling) is folded into the block that follows it, so the
-activation between unit ``k-1`` and unit ``k`` is always a well-defined tensor.
+activation between unit ``k-1`` and unit ``k`` is always a well-defined tensor. A ViT may also be
+cut inside its blocks (``cut="sublayer"``, :func:`cut_parts`): each block becomes two units, its
+attention and its MLP, each with the residual around it, as the transformer papers call them
+sublayers.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
+from .config import CUTS
 from .errors import NotStitchableError, SnnetError, UnknownModelError
 
 # The layouts an activation between two blocks can have. The stitching layer maps channels
@@ -107,7 +111,8 @@ class AnchorParts(nn.Module):
     gives the number of blocks in each stage (one stage for a plain ViT); ``stitch_stages`` the
     stages in which the paper's recipe stitches this kind of model by default, and
     ``stitch_rule`` how block pairs are enumerated in them (``snnet.space.RULES``);
-    ``prefix_tokens`` how many leading tokens are not patches (ViT's class token: 1).
+    ``prefix_tokens`` how many leading tokens are not patches (ViT's class token: 1); ``cut``
+    what a unit in ``blocks`` is, a whole block or a sublayer (:func:`cut_parts`).
     """
 
     def __init__(
@@ -123,6 +128,7 @@ class AnchorParts(nn.Module):
         data_config: dict[str, Any] | None = None,
         stitch_rule: str = "window",
         prefix_tokens: int = 0,
+        cut: str = "block",
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
@@ -139,6 +145,7 @@ class AnchorParts(nn.Module):
         self.kind = kind
         self.prefix_tokens = prefix_tokens if layout == "tokens" else 0
         self.data_config = dict(data_config or {})
+        self.cut = cut  # what a unit is: a block, or a sublayer (see cut_parts)
 
     @property
     def depth(self) -> int:
@@ -432,6 +439,59 @@ class ViTAdapter(Adapter):
         head = TimmPart(model, _VIT_HEAD + (("head_dist",) if distilled else ()), norm_then_head)
         return AnchorParts(stem, list(model.blocks), head, layout="tokens", kind=cls.kind,
                            data_config=_data_config(model), prefix_tokens=model.num_prefix_tokens)
+
+
+_SUBLAYERS = (("norm1", "attn", "ls1", "drop_path1"), ("norm2", "mlp", "ls2", "drop_path2"))
+
+
+class Sublayer(nn.Module):
+    """One residual sublayer of a timm ViT block: ``x + drop_path(ls(fn(norm(x))))``, with ``fn``
+    its attention or its MLP.
+
+    It registers the block's own modules under the block's names (shared, not copied), so a
+    sublayer's state-dict keys are the block's (``norm1.weight``, ``attn.qkv.weight``...) and the two
+    sublayers of a block hold all of it between them. The computation is timm's ``Block.forward``
+    split at its one internal residual sum; :func:`cut_parts` refuses block classes it does not know.
+    """
+
+    def __init__(self, block: nn.Module, names: tuple[str, str, str, str]) -> None:
+        super().__init__()
+        self.names = names
+        for n in names:
+            setattr(self, n, getattr(block, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm, fn, scale, drop = (getattr(self, n) for n in self.names)
+        return x + drop(scale(fn(norm(x))))
+
+    def extra_repr(self) -> str:
+        return self.names[1]
+
+
+def cut_parts(parts: AnchorParts, cut: str, label: str = "anchor") -> AnchorParts:
+    """``parts`` with the units ``cut`` names: as split (``"block"``), or every ViT block as its two
+    sublayers (``"sublayer"``: attention, then MLP), which doubles the places a stitch can cut.
+
+    Only timm's own pre-norm ``Block`` is cut (exactly that class: another block computes
+    something else between its sublayers); parts already cut are returned as they are.
+    """
+    if cut not in CUTS:
+        raise NotStitchableError(f"unknown cut {cut!r}; expected one of {', '.join(CUTS)}")
+    if cut == parts.cut:
+        return parts
+    if parts.cut != "block":
+        raise NotStitchableError(f"{label} is already cut into {parts.cut}s; it cannot be cut into {cut}s")
+    block_cls = timm_class("vision_transformer.Block")
+    odd = next((type(b).__name__ for b in parts.blocks if type(b) is not block_cls), None)
+    if parts.layout != "tokens" or odd is not None:
+        found = f"its blocks are {odd}" if odd is not None else f"it is a {parts.kind} ({parts.layout} activations)"
+        raise NotStitchableError(
+            f"cut='sublayer' cuts timm ViT blocks (vision_transformer.Block) between attention and MLP, "
+            f"but {label} cannot be cut so: {found}; use cut='block'")
+    units = [Sublayer(b, names) for b in parts.blocks for names in _SUBLAYERS]
+    return AnchorParts(parts.stem, units, parts.head, layout=parts.layout, stages=[2 * n for n in parts.stages],
+                       stitch_stages=parts.stitch_stages, kind=parts.kind, data_config=parts.data_config,
+                       stitch_rule=parts.stitch_rule, prefix_tokens=parts.prefix_tokens, cut=cut)
 
 
 # --------------------------------------------------------------------------- building

@@ -42,6 +42,7 @@ def stitches(
     all_pairs: Annotated[bool, typer.Option("--all-pairs", help="Stitch every pair of anchors, not only nearest neighbours in cost.")] = False,
     two_way: Annotated[bool, typer.Option("--two-way", help="SN-Netv2's space: small->large, large->small and the round trips S->L->S, L->S->L.")] = False,
     chains: Annotated[bool, typer.Option("--chains", help="Add routes through three anchors (Ti->S->B), as the SN-Net reference.")] = False,
+    cut: Annotated[str, typer.Option("--cut", help="Where stitches cut the anchors: 'block' (the paper) or 'sublayer' (ViTs: also between each block's attention and MLP; route indices count sublayers).")] = "block",
     select: Annotated[Optional[str], typer.Option("--select", help="'klas': score every candidate stitch by KL divergence between the anchors' representations and keep --keep of them (needs weights and calibration images).")] = None,
     keep: Annotated[int, typer.Option("--keep", help="How many stitches KLAS keeps (besides the anchors).")] = 20,
     calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images KLAS scores on.")] = 256,
@@ -68,6 +69,9 @@ def stitches(
     if lm_names is not None:
         from .commands.lm import lm_space
 
+        if cut != "block":
+            raise SnnetError("--cut sublayer cuts ViT blocks; a language model is stitched between its decoder layers")
+
         net = lm_space(lm_names, img_size, select, context, space)
     elif context is not None:
         raise SnnetError("--context is for language models; image models are priced at --img-size")
@@ -75,10 +79,10 @@ def stitches(
         names = split_names(anchors)
         if select != "klas":
             raise SnnetError(f"unknown --select {select!r}: the one selection method is 'klas'")
-        net, result = _klas(names, img_size, keep, calib_images, data, data_dir, pretrained, weights, seed)
+        net, result = _klas(names, img_size, keep, calib_images, data, data_dir, pretrained, weights, seed, cut)
     else:
         # the meta device builds the anchors without allocating or initialising weights
-        net = create_snnet(split_names(anchors), img_size=img_size, device="meta", **space)
+        net = create_snnet(split_names(anchors), img_size=img_size, device="meta", cut=cut, **space)
     from .reference import net_reference_ids
 
     costs = net.costs()
@@ -112,7 +116,7 @@ def stitches(
 
 
 def _klas(names: list[str], img_size: int | None, keep: int, calib_images: int, data: str, data_dir: Path | None,
-          pretrained: bool | None, weights: str | None, seed: int) -> Any:
+          pretrained: bool | None, weights: str | None, seed: int, cut: str = "block") -> Any:
     """The anchors with weights, KLAS's scores on calibration images, and the network of the kept stitches."""
     from .model import anchor_specs as _specs
     from .data import build_dataset, make_loader
@@ -127,7 +131,7 @@ def _klas(names: list[str], img_size: int | None, keep: int, calib_images: int, 
         raise SnnetError(f"--weights gives {len(files)} files for {len(names)} anchors; give one per anchor")
     for name, file in zip(names, files or []):
         check_weights_file(file, f"weights for {name!r}")  # every file before the first anchor is built
-    net = create_snnet(_specs(names, pretrained, files), img_size=img_size)
+    net = create_snnet(_specs(names, pretrained, files), img_size=img_size, cut=cut)
     calib = build_dataset(data, "train", net.anchors[0].data_config, limit=calib_images, root=data_dir, seed=seed)
     result = klas(net, make_loader(calib, min(64, calib_images), shuffle=True, seed=seed), keep, max_images=calib_images)
     return klas_net(net, result.routes), result

@@ -42,7 +42,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError, NotStitchableError
 
-__all__ = ["AMP_MODES", "CLIP_MODES", "DDP_GRADS", "DISTILL_TYPES", "EVAL_PROTOCOLS", "MIXUP_MODES", "OPTIMIZERS",
+__all__ = ["AMP_MODES", "CLIP_MODES", "CUTS", "DDP_GRADS", "DISTILL_TYPES", "EVAL_PROTOCOLS", "MIXUP_MODES", "OPTIMIZERS",
            "RE_MODES", "ROS_GAP", "RULES", "SAMPLERS", "SCHEDULE_UNITS", "SECTIONS", "STITCH_SYNC", "TASKS", "UNPAIRED",
            "UNUSED_UPDATES", "DataConfig",
            "DistillConfig", "ModelConfig", "OptimConfig", "Rates", "RunConfig", "SamplingConfig", "ScheduleConfig",
@@ -68,6 +68,9 @@ RE_MODES = ("const", "rand", "pixel")
 EVAL_PROTOCOLS = ("paper", "timm")
 RULES = ("window", "forward")  # how block pairs are enumerated inside a stage (snnet.space)
 UNPAIRED = ("reference", "progress")  # how plain anchors of different depths are stitched (snnet.space)
+# Where a stitch may cut an anchor: between its blocks (the paper), or also between a ViT block's attention
+# and MLP sublayers (snnet.anchors.cut_parts): twice the cut points, in steps of half a block's FLOPs.
+CUTS = ("block", "sublayer")
 # ROS's default gap between FLOPs groups, as a share of the space's FLOPs range: the authors'
 # 1 GFLOP on DeiT3-S/L's 4.6-61.6 GFLOPs, which groups that space as theirs does (13 groups).
 ROS_GAP = 0.0175
@@ -297,6 +300,9 @@ class SpaceConfig:
     """Low-rank stitching layers (SN-Netv2) of this rank (0: full layers; None: 0, or as saved with model.init)."""
     lora_alpha: float = 1.0
     """The low-rank update is scaled by lora_alpha / lora_rank."""
+    cut: str = "block"
+    """Where stitches cut the anchors: 'block' (between blocks, the paper) or 'sublayer' (ViTs only: also
+    between a block's attention and its MLP, so route indices count sublayers, two a block)."""
 
     def __post_init__(self) -> None:
         _need(self.kernel_size >= 1 and self.stride >= 1,
@@ -304,6 +310,7 @@ class SpaceConfig:
         if self.rule is not None:
             _one_of("stitching rule", self.rule, RULES)
         _one_of("unpaired rule", self.unpaired, UNPAIRED)
+        _one_of("space.cut", self.cut, CUTS)
         for name in ("stages", "routes"):
             value = getattr(self, name)
             if value is not None:
@@ -328,6 +335,8 @@ class SpaceConfig:
         d = {k: getattr(self, k) for k in self._SAVED}
         d["stages"] = list(self.stages) if self.stages is not None else None
         d["routes"] = list(self.routes) if self.routes is not None else None
+        if self.cut != "block":  # written only when set: a network cut between blocks is saved as before
+            d["cut"] = self.cut
         return d
 
     @classmethod
@@ -337,7 +346,8 @@ class SpaceConfig:
         # a config saved before the unpaired option existed was built with the "progress" rule
         return cls(int(d["kernel_size"]), int(d["stride"]), bool(d["nearest"]), tuple(stages) if stages is not None else None,
                    d.get("rule"), d.get("unpaired", "progress"), bool(d.get("two_way", False)),
-                   bool(d.get("chains", False)), tuple(routes) if routes is not None else None)
+                   bool(d.get("chains", False)), tuple(routes) if routes is not None else None,
+                   cut=d.get("cut", "block"))
 
 
 @dataclass(frozen=True)

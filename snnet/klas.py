@@ -175,6 +175,7 @@ def klas(net: StitchedNet, batches: Iterable[Any], keep: int, *, max_images: int
 def klas_net(net: StitchedNet, routes: Sequence[str]) -> StitchedNet:
     """A new network of copies of ``net``'s anchors whose space is exactly ``routes`` (plus the
     anchors), with fresh stitching layers of ``net``'s rank and its route mode: fit them with ``init_stitching``."""
-    return StitchedNet([copy.deepcopy(a) for a in net.anchors], net.labels, config=SpaceConfig(routes=tuple(routes)),
+    space = SpaceConfig(routes=tuple(routes), cut=net.space.config.cut)  # the routes' indices count the same units
+    return StitchedNet([copy.deepcopy(a) for a in net.anchors], net.labels, config=space,
                        input_size=net.input_size, specs=net.specs, lora_rank=net.lora_rank, lora_alpha=net.lora_alpha,
                        route_mode=net.route_mode)

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import adapters  # noqa: F401  (registers snnet's adapters: the command line imports the package without them)
 from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, Route, anchor_label, as_rows, build_parts, create_anchor,
-                      without_final_norm)
+                      cut_parts, without_final_norm)
 from .errors import CheckpointError, ConfigError, NotStitchableError
 from .io import atomic_write, record_checksum, verify_checksum
 from .report import progress as report_progress
@@ -38,8 +38,9 @@ from .stitching import LeastSquares, StitchingLayer
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # 1: SN-Net's spaces; 2: also two-way/chained/explicit routes and low-rank stitching layers;
-# 3: also the reference route mode. A network is written with the lowest version that holds it.
-FORMAT_VERSION = 3
+# 3: also the reference route mode; 4: also anchors cut between sublayers (space.cut). A network is
+# written with the lowest version that holds it.
+FORMAT_VERSION = 4
 # How stitched routes end (see StitchedNet): "snnet", with the target anchor's own tail; "reference",
 # as the authors' code runs them (the DeiT code skips the final norm on stitched routes).
 ROUTE_MODES = ("snnet", "reference")
@@ -304,6 +305,10 @@ class StitchedNet(StitchedBase):
             raise ConfigError(f"unknown route mode {route_mode!r}; expected one of {ROUTE_MODES}")
         if len(anchors) < 2:
             raise NotStitchableError(f"a family needs at least two anchors to stitch, got {len(anchors)}")
+        if route_mode == "reference" and config.cut != "block":
+            raise ConfigError("route_mode='reference' runs the authors' networks, which cut between blocks: "
+                              "use space cut='block' with it")
+        anchors = [cut_parts(p, config.cut, lab) for p, lab in zip(anchors, labels)]  # a ViT's sublayers as units
         specs = list(specs) if specs is not None else [None] * len(anchors)
         self.input_size = tuple(input_size) if input_size is not None else _common_input_size(anchors, labels)
         probes = [_probe(p, lab, self.input_size) for p, lab in zip(anchors, labels)]
@@ -414,7 +419,7 @@ class StitchedNet(StitchedBase):
         v1 = self.space.config.is_v1 and self.lora_rank == 0
         return {
             "format": "snnet",
-            "version": 3 if self.route_mode != "snnet" else 1 if v1 else 2,
+            "version": 4 if self.space.config.cut != "block" else 3 if self.route_mode != "snnet" else 1 if v1 else 2,
             "anchors": [
                 {"label": lab, "kind": p.kind, "spec": spec.to_dict() if spec else None}
                 for lab, p, spec in zip(self.labels, self.anchors, self.specs)
@@ -585,6 +590,7 @@ def create_snnet(
     lora_rank: int = 0,
     lora_alpha: float = 1.0,
     route_mode: str = "snnet",
+    cut: str = "block",
     device: str | torch.device | None = None,
 ) -> StitchedNet:
     """Stitch a family of anchors into one switchable network.
@@ -599,7 +605,9 @@ def create_snnet(
     SN-Netv2 and KLAS options (see :mod:`snnet.space`): ``two_way=True`` for SN-Netv2's space
     (S->L, L->S and the round trips), ``chains=True`` for three-anchor routes, ``routes=[...]``
     for an explicit list of stitches (e.g. :func:`snnet.klas.select_klas`'s), and
-    ``lora_rank=r`` for low-rank stitching layers (0: full layers, SN-Net's).
+    ``lora_rank=r`` for low-rank stitching layers (0: full layers, SN-Net's). ``cut="sublayer"`` cuts
+    ViT anchors between each block's attention and MLP too (twice the cut points; route indices then
+    count sublayers, two a block).
 
     ``route_mode="reference"`` runs the stitched routes exactly as the authors' code does (its DeiT
     code ends them without the target's final LayerNorm; snnet's default, ``"snnet"``, ends every
@@ -616,11 +624,11 @@ def create_snnet(
             return create_snnet(anchors, img_size=img_size, num_classes=num_classes, labels=labels,
                                 kernel_size=kernel_size, stride=stride, nearest=nearest, stages=stages, rule=rule,
                                 unpaired=unpaired, two_way=two_way, chains=chains, routes=routes, lora_rank=lora_rank,
-                                lora_alpha=lora_alpha, route_mode=route_mode)
+                                lora_alpha=lora_alpha, route_mode=route_mode, cut=cut)
     if isinstance(anchors, str):
         anchors = expand_family(anchors)
     config = SpaceConfig(kernel_size, stride, nearest, tuple(stages) if stages is not None else None, rule, unpaired,
-                         two_way, chains, tuple(routes) if routes is not None else None)
+                         two_way, chains, tuple(routes) if routes is not None else None, cut=cut)
     kwargs: dict[str, Any] = {}
     if img_size is not None:
         kwargs["img_size"] = img_size
@@ -658,9 +666,9 @@ def anchor_specs(names: Sequence[str], pretrained: bool | None = None, files: Se
 def saved_network(cls: type[StitchedBase], folder: str, space: SpaceConfig) -> StitchedBase:
     """The network saved in ``folder`` (``model.init``), to train further: its stitch space is fixed, so
     space options are refused; a new stitching-layer rank keeps the saved layers' map (merged if 0)."""
-    if space.two_way or space.routes is not None or space.chains:
+    if space.two_way or space.routes is not None or space.chains or space.cut != "block":
         raise ConfigError("model.init starts from a saved network, whose stitch space is fixed: drop the "
-                          "space options (two_way, chains, routes)")
+                          "space options (two_way, chains, routes, cut)")
     net = cls.from_pretrained(folder)  # type: ignore[attr-defined]
     if space.lora_rank is not None and (space.lora_rank, space.lora_alpha) != (net.lora_rank, net.lora_alpha):
         net.set_lora_rank(space.lora_rank, space.lora_alpha)
@@ -689,4 +697,4 @@ def space_options(space: SpaceConfig) -> dict[str, Any]:
     """:func:`create_snnet`'s keyword arguments for the stitch space (and stitching layers) ``space`` names."""
     return {"kernel_size": space.kernel_size, "stride": space.stride, "nearest": space.nearest, "stages": space.stages,
             "rule": space.rule, "unpaired": space.unpaired, "two_way": space.two_way, "chains": space.chains,
-            "routes": space.routes, "lora_rank": space.lora_rank or 0, "lora_alpha": space.lora_alpha}
+            "routes": space.routes, "lora_rank": space.lora_rank or 0, "lora_alpha": space.lora_alpha, "cut": space.cut}

@@ -307,10 +307,10 @@ def reference_ids(space: StitchSpace, kinds: set[str], order: Sequence[int] | No
     """snnet's id -> the reference's id, for every network of ``space`` that the reference code
     lists (an SN-Net of these anchors built with the reference's code and options; ``kinds`` are
     the anchors' adapter kinds, ``order`` as in :func:`reference_routes`). Empty when no
-    reference code builds such an SN-Net."""
+    reference code builds such an SN-Net (or the anchors are cut between sublayers, which it never does)."""
     cfg = space.config
     layout = layout_of(kinds, cfg.two_way)
-    if layout is None:
+    if layout is None or cfg.cut != "block":
         return {}
     routes = reference_routes(space.anchors, layout, kernel_size=cfg.kernel_size, stride=cfg.stride,
                               nearest=cfg.nearest, order=order)

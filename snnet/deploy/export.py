@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import adapters  # noqa: F401  (registers snnet's adapters: the command line imports the package without them)
-from ..anchors import ActivationSpec, AnchorSpec, Route, create_anchor, split_model, without_final_norm
+from ..anchors import ActivationSpec, AnchorSpec, Route, create_anchor, cut_parts, split_model, without_final_norm
 from ..errors import CheckpointError, ExportError
 from ..io import atomic_write, record_checksum, verify_checksum, warn_unverified
 from ..results import check_writable
@@ -125,8 +125,9 @@ STITCH_WEIGHTS = "model.safetensors"
 STITCH_FORMAT = "snnet-stitch"
 # 1: one source, one stitching layer, one target (src/src_end/dst/dst_start/stitching_layer);
 # 2: any route: "anchors" and "segments" (+ "stitching_layers", one between two segments);
-# 3: "head": "without_final_norm", a stitched route of a network in the reference route mode (DeiT)
-STITCH_VERSION = 3
+# 3: "head": "without_final_norm", a stitched route of a network in the reference route mode (DeiT);
+# 4: "cut": "sublayer", segments that count a ViT's sublayers (snnet.anchors.cut_parts)
+STITCH_VERSION = 4
 HEAD_WITHOUT_NORM = "without_final_norm"
 FORMATS = ("safetensors", "pt2", "onnx")
 FORMAT_FILES = {"safetensors": STITCH_WEIGHTS, "pt2": "model.pt2", "onnx": "model.onnx"}
@@ -153,9 +154,11 @@ def stitch_config(net: "StitchedNet", stitch: int | str | Stitch) -> dict[str, A
               for k in s.layers]  # plain layers: a low-rank layer is exported merged
     # the reference route mode ends some stitched routes without the last anchor's final norm
     bare = net.head_of(s) is not net.anchors[s.anchors[-1]].head
+    cut = net.space.config.cut
     return {
-        "format": STITCH_FORMAT, "version": STITCH_VERSION if bare else 2, "id": s.id, "name": s.name,
+        "format": STITCH_FORMAT, "version": 4 if cut != "block" else 3 if bare else 2, "id": s.id, "name": s.name,
         **({"head": HEAD_WITHOUT_NORM} if bare else {}),
+        **({"cut": cut} if cut != "block" else {}),
         "anchors": [anchor(k) for k in used],
         "segments": [{"anchor": used.index(seg.anchor), "start": seg.start, "stop": seg.stop} for seg in s.segments],
         "stitching_layers": layers,
@@ -252,7 +255,7 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
             raise CheckpointError(f"anchor {end['label']!r} was your own module: pass it again with load_stitch(dir, anchors=[...])")
         else:
             module = create_anchor(AnchorSpec.from_dict(end["spec"]))
-        parts.append(split_model(module))
+        parts.append(cut_parts(split_model(module), cfg.get("cut", "block"), end["label"]))
     blocks = [list(parts[seg["anchor"]].blocks[seg["start"]:seg["stop"]]) for seg in segments]
     layers = [StitchingLayer(_spec(d["src_spec"]), _spec(d["dst_spec"])) for d in cfg["stitching_layers"]]
     first, last = parts[segments[0]["anchor"]], parts[segments[-1]["anchor"]]

@@ -764,7 +764,8 @@ def lm_network_from_config(model: Any, space: SpaceConfig, context: int) -> Stit
     in one line rather than ignored."""
     given = [name for name, bad in (("model.weights", model.weights is not None), ("model.num_classes",
              model.num_classes is not None), ("model.drop_path", model.drop_path > 0), ("space.stages",
-             space.stages is not None), ("space.rule", space.rule is not None)) if bad]
+             space.stages is not None), ("space.rule", space.rule is not None), ("space.cut", space.cut != "block"))
+             if bad]
     if given:
         raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for image models; a causal-lm run "
                           "names its anchors (folders hold their weights) and stitches every decoder layer: drop "
