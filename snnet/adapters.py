@@ -40,6 +40,7 @@ from .errors import NotStitchableError
 # ConvNeXt, DeiT and LeViT, Google's TensorFlow ports for MobileNetV3).
 FAMILIES: dict[str, list[str]] = {
     "fmnist": ["fmnist_vit_ti", "fmnist_vit_s", "fmnist_vit_b"],  # shipped with snnet (snnet/pretrained.py)
+    "fmnist-converged": ["fmnist_vit_ti.converged", "fmnist_vit_s.converged", "fmnist_vit_b.converged"],  # the same, converged
     "deit": ["deit_tiny_patch16_224.fb_in1k", "deit_small_patch16_224.fb_in1k", "deit_base_patch16_224.fb_in1k"],
     "swin": ["swin_tiny_patch4_window7_224.ms_in1k", "swin_small_patch4_window7_224.ms_in1k",
              "swin_base_patch4_window7_224.ms_in1k"],

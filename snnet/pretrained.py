@@ -8,7 +8,10 @@ pretrained path (``pretrained_cfg['file']`` -> ``timm.models.load_state_dict``,
 which reads ``.safetensors``), so every timm tool (data config resolution,
 ``features_only``, ``num_classes`` override...) works on them unchanged.
 
-The weights are produced by ``scripts/train_fmnist_family.py``.
+The weights are produced by ``scripts/train_fmnist_family.py``. Each member also ships trained
+with the converged recipe (``snnet/recipes/fmnist-converged.yaml``: no augmentation, 24 epochs),
+under the pretrained tag ``converged``: ``timm.create_model('fmnist_vit_s.converged',
+pretrained=True)``, or the family ``fmnist-converged`` (files in ``snnet/weights/converged/``).
 
 Any other member of the same design (another width, depth, patch size: the Fashion-MNIST
 *zoo* of ``scripts/train_fmnist_zoo.py``) is ``timm.create_model('fmnist_vit', embed_dim=...,
@@ -28,9 +31,13 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from .errors import SnnetError
 
-__all__ = ["FMNIST_FAMILY", "FmnistVitSpec", "WEIGHTS_DIR", "default_heads", "normalize_name", "weights_path"]
+__all__ = ["FMNIST_FAMILY", "FmnistVitSpec", "TAGS", "WEIGHTS_DIR", "default_heads", "normalize_name", "weights_path"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# The shipped trainings of the family, as timm pretrained tags: the default (no tag: the family's recipe,
+# the demo's anchors) and "converged" (trained until the validation top-1 stopped rising), each with its
+# own folder under WEIGHTS_DIR, its family.json (checksums, accuracies) and model card.
+TAGS = {"": "", "converged": "converged"}
 
 
 IMG_SIZE = 28
@@ -112,11 +119,14 @@ def normalize_name(name: str) -> str:
 
 
 def weights_path(name: str) -> Path:
-    """The shipped ``.safetensors`` file of a family member."""
-    return WEIGHTS_DIR / f"{normalize_name(name).partition('.')[0]}.safetensors"
+    """The shipped ``.safetensors`` file of a family member (``fmnist_vit_s``, ``fmnist_vit_s.converged``)."""
+    arch, _, tag = normalize_name(name).partition(".")
+    return WEIGHTS_DIR / TAGS.get(tag, tag) / f"{arch}.safetensors"
 
 
 def _cfg(name: str) -> dict[str, Any]:
+    tag = name.partition(".")[2]
+    recipe = "with the converged recipe (snnet/recipes/fmnist-converged.yaml) " if tag else ""
     return {
         "file": str(weights_path(name)),
         "num_classes": 10,
@@ -131,13 +141,15 @@ def _cfg(name: str) -> dict[str, Any]:
         "classifier": "head",
         "license": "apache-2.0",
         "paper_ids": "arXiv:2302.06586",
-        "notes": ("Trained from scratch on Fashion-MNIST by scripts/train_fmnist_family.py; "
-                  "see snnet/weights/MODEL_CARD.md"),
+        "notes": (f"Trained from scratch on Fashion-MNIST {recipe}by scripts/train_fmnist_family.py; "
+                  f"see {(weights_path(name).parent / 'MODEL_CARD.md').relative_to(WEIGHTS_DIR.parent.parent)}"),
     }
 
 
 # ``fmnist_vit`` (any architecture of the design) has no shipped weights: only a file overlay.
-default_cfgs = generate_default_cfgs({name: _cfg(name) for name in FMNIST_FAMILY} | {"fmnist_vit": dict(
+# The untagged cfg comes first, so it stays each member's default.
+default_cfgs = generate_default_cfgs({name + (f".{tag}" if tag else ""): _cfg(name + (f".{tag}" if tag else ""))
+                                      for name in FMNIST_FAMILY for tag in TAGS} | {"fmnist_vit": dict(
     _cfg("fmnist_vit"), file=None, notes="Any width/depth/patch of the Fashion-MNIST ViT design; weights from a "
                                           "file written by scripts/train_fmnist_zoo.py")})
 
@@ -149,8 +161,9 @@ def _check_shipped(name: str) -> None:
 
     from .io import verify_checksum, warn_unverified
 
-    family = WEIGHTS_DIR / "family.json"
-    fix = "reinstall snnet, or rebuild the weights with `python scripts/train_fmnist_family.py`"
+    family = weights_path(name).parent / "family.json"
+    fix = "reinstall snnet, or rebuild the weights with `python scripts/train_fmnist_family.py`" + (
+        " --recipe fmnist-converged" if name.partition(".")[2] else "")
     if not family.is_file():
         warn_unverified(weights_path(name), f"{family}, which records the shipped files' SHA-256, is missing", fix)
         return
@@ -163,16 +176,23 @@ def _check_shipped(name: str) -> None:
 
 def _create(name: str, pretrained: bool, spec: FmnistVitSpec, **kwargs: Any) -> VisionTransformer:
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    tag = kwargs.get("pretrained_cfg")  # timm passes the tag of "fmnist_vit_s.converged" here
+    if isinstance(tag, str) and tag:
+        if tag not in TAGS:
+            raise SnnetError(f"{name} has no pretrained tag {tag!r}; its shipped trainings are "
+                             f"{', '.join(repr(t) for t in TAGS if t)} and the default (no tag)")
+        name = f"{name}.{tag}"
     if pretrained and not overlay and not weights_path(name).is_file():
         # timm would raise a bare FileNotFoundError; say where the weights come from.
-        if name not in FMNIST_FAMILY:
+        if name.partition(".")[0] not in FMNIST_FAMILY:
             raise SnnetError(f"{name} has no shipped weights; pass a file written by scripts/train_fmnist_zoo.py "
                              "(pretrained_cfg_overlay=dict(file=...))")
+        converged = " --recipe fmnist-converged --family.out snnet/weights/converged" if "." in name else ""
         raise SnnetError(
             f"pretrained weights for {name} are missing ({weights_path(name)}); they are shipped with "
-            "snnet and built by `python scripts/train_fmnist_family.py`"
+            f"snnet and built by `python scripts/train_fmnist_family.py{converged}`"
         )
-    if pretrained and not overlay and name in FMNIST_FAMILY:
+    if pretrained and not overlay and name.partition(".")[0] in FMNIST_FAMILY:
         _check_shipped(name)
     model_args: dict[str, Any] = dict(
         img_size=IMG_SIZE,
@@ -188,7 +208,7 @@ def _create(name: str, pretrained: bool, spec: FmnistVitSpec, **kwargs: Any) -> 
     )
     return build_model_with_cfg(
         VisionTransformer,
-        name,
+        name.partition(".")[0],
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         **dict(model_args, **kwargs),

@@ -122,3 +122,14 @@ def test_the_family_card_renders_from_the_family_file_written_before_the_tree(tm
     shutil.copy(WEIGHTS / "family.json", tmp_path / "family.json")
     family.main(["--card-only", "--family.out", str(tmp_path)])
     assert (tmp_path / "MODEL_CARD.md").read_text() == (WEIGHTS / "MODEL_CARD.md").read_text()
+
+
+def test_the_converged_family_card_renders_from_its_family_file(tmp_path):
+    family = _script("train_fmnist_family")
+    shutil.copy(WEIGHTS / "converged" / "family.json", tmp_path / "family.json")
+    family.main(["--card-only", "--family.tag", "converged", "--family.out", str(tmp_path)])
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert card == (WEIGHTS / "converged" / "MODEL_CARD.md").read_text()
+    assert 'timm.create_model("fmnist_vit_ti.converged", pretrained=True)' in card and "fmnist-converged" in card
+    with pytest.raises(snnet.SnnetError, match="unknown tag 'best'"):
+        family.main(["--card-only", "--family.tag", "best", "--family.out", str(tmp_path)])

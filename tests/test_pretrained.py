@@ -41,12 +41,25 @@ def test_architecture(name: str, width: int, heads: int) -> None:
     assert data_config["input_size"] == (1, 28, 28)
 
 
-@pytest.mark.skipif(not FAMILY_JSON.is_file() or not pretrained.weights_path("fmnist_vit_s").is_file(),
-                    reason="shipped weights not built yet (python scripts/train_fmnist_family.py)")
+def test_the_converged_training_is_a_pretrained_tag() -> None:
+    from snnet.adapters import family
+    from snnet.errors import SnnetError
+
+    cfg = timm.models.get_pretrained_cfg("fmnist_vit_b.converged")
+    assert Path(cfg.file) == pretrained.WEIGHTS_DIR / "converged" / "fmnist_vit_b.safetensors"
+    assert "converged" in cfg.notes and cfg.input_size == (1, 28, 28)
+    assert timm.models.get_pretrained_cfg("fmnist_vit_b").file == str(pretrained.WEIGHTS_DIR / "fmnist_vit_b.safetensors")
+    assert family("FMNIST-converged") == [f"fmnist_vit_{m}.converged" for m in ("ti", "s", "b")]
+    with pytest.raises(SnnetError, match="no pretrained tag 'best'; its shipped trainings are 'converged'"):
+        timm.create_model("fmnist_vit_b.best", pretrained=True)
+
+
+@pytest.mark.parametrize("tag", ["", "converged"])
 @pytest.mark.skipif(not DEBIAN_ROOT.is_dir(), reason="Debian package dataset-fashion-mnist is not installed")
-def test_pretrained_weights_match_family_json() -> None:
-    expected = json.loads(FAMILY_JSON.read_text())["models"]["fmnist_vit_s"]["top1"]
-    model = timm.create_model("fmnist_vit_s", pretrained=True).eval()
+def test_pretrained_weights_match_family_json(tag: str) -> None:
+    name = "fmnist_vit_s" + (f".{tag}" if tag else "")
+    expected = json.loads((pretrained.weights_path(name).parent / "family.json").read_text())["models"]["fmnist_vit_s"]["top1"]
+    model = timm.create_model(name, pretrained=True).eval()
     assert model.patch_embed.proj.weight.dtype == torch.float32  # fp16 file upcast into fp32 params
     # The test split is shuffled, so its first 1,000 images are a fair sample
     # (binomial std ~1.4 points, hence the 3-point tolerance).

@@ -14,7 +14,7 @@ __all__ = ["DEFAULT_ANCHORS", "AnchorsOpt", "ImgSizeOpt", "ZooFamilyOpt", "ZooFl
 DEFAULT_ANCHORS = "fmnist"
 
 AnchorsOpt = Annotated[str, typer.Option(
-    "--anchors", "-a", help="A family (fmnist, deit, deit-distilled, eva02, swin, swinv2, convnext, levit, resnet, resnet18-swin_t, regnety, mobilenetv3: snnet.adapters.FAMILIES) or comma-separated timm model names, in any order. Language models: a family (gpt2, pythia, qwen2.5, smollm2, llama3.2) or comma-separated member names (pythia-160m,...), hub ids or local model folders.")]
+    "--anchors", "-a", help="A family (fmnist, fmnist-converged, deit, deit-distilled, eva02, swin, swinv2, convnext, levit, resnet, resnet18-swin_t, regnety, mobilenetv3: snnet.adapters.FAMILIES) or comma-separated timm model names, in any order. Language models: a family (gpt2, pythia, qwen2.5, smollm2, llama3.2) or comma-separated member names (pythia-160m,...), hub ids or local model folders.")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Input resolution (default: the anchors' own).")]
 
 # A zoo of individually trained networks to plot beside the stitches (snnet.zoo), and its filters.
