@@ -46,7 +46,7 @@ from snnet.commands.config_cli import Legacy, parse
 from snnet.config import TrainConfig
 from snnet.data import FASHION_MNIST_CLASSES
 from snnet.io import atomic_write, record_checksum, update_json
-from snnet.members import command_line, count_macs, create_member, train_member
+from snnet.members import command_line, count_macs, create_member, recipe_changes, train_member
 from snnet.pretrained import FMNIST_FAMILY, TAGS
 from snnet.train import result_settings
 
@@ -276,7 +276,8 @@ def update_family(out: Path, name: str, result: dict[str, Any], config: TrainCon
     test_images = len(FashionMNIST(config.data.root, "test"))
 
     def add(family: dict[str, Any]) -> dict[str, Any]:
-        if family.get("recipe") != recipe or family.get("train_images") != train_images:
+        # a setting snnet gained since the file was written counts as its default, not as another recipe
+        if recipe_changes(family.get("recipe", {}), recipe) or family.get("train_images") != train_images:
             family = {}
         family.update({"dataset": "fashion-mnist", "train_images": train_images, "test_images": test_images,
                        "recipe": recipe, "torch": torch.__version__, "timm": timm.__version__,

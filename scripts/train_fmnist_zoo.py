@@ -39,7 +39,7 @@ from snnet.config import TrainConfig
 from snnet.data import VAL_SPLIT_HOW, FashionMNIST
 from snnet.errors import SnnetError
 from snnet.io import update_json
-from snnet.members import command_line, train_member
+from snnet.members import command_line, recipe_changes, train_member
 from snnet.pretrained import FmnistVitSpec
 from snnet.report import human, table
 from snnet.train import result_settings
@@ -99,7 +99,7 @@ def update_zoo(path: Path, row: dict[str, Any], config: TrainConfig, split: dict
     recipe = {k: v for k, v in settings.items() if k not in PER_MEMBER}
 
     def add(zoo: dict[str, Any]) -> dict[str, Any]:
-        changed = recipe_changes(zoo.get("recipe", recipe), recipe) if zoo else []
+        changed = recipe_changes(zoo.get("recipe", recipe), recipe, PER_MEMBER) if zoo else []
         if zoo and (changed or zoo.get("split") != split):
             what = f"other settings ({', '.join(changed)})" if changed else "another split"
             raise SnnetError(f"{path} holds models trained with {what}: write to another --zoo.json or delete it")
@@ -108,14 +108,6 @@ def update_zoo(path: Path, row: dict[str, Any], config: TrainConfig, split: dict
                 "timm": timm.__version__, "models": sorted(models.values(), key=lambda m: (m["flops"], m["name"]))}
 
     update_json(path, add)
-
-
-def recipe_changes(recorded: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
-    """The settings (by path) on which two recipes as zoo files record them differ; one missing from either
-    side counts as the tree's default (a setting snnet did not have when the row was written)."""
-    default = json.loads(json.dumps(result_settings(TrainConfig())))
-    return sorted(k for k in (recorded.keys() | recipe.keys()) - set(PER_MEMBER)
-                  if recorded.get(k, default.get(k)) != recipe.get(k, default.get(k)))
 
 
 def _pct(v: float | None) -> str:

@@ -92,6 +92,17 @@ def train_member(label: str, name: str, kwargs: Mapping[str, Any], config: Train
     return row
 
 
+def recipe_changes(recorded: Mapping[str, Any], recipe: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """The settings (by path, ``ignore`` aside) on which two recipes as a zoo or family file records them
+    (``snnet.train.result_settings``) differ; one missing from either side counts as the tree's default:
+    a setting snnet did not have when the file was written changes nothing."""
+    from .train import result_settings
+
+    default = json.loads(json.dumps(result_settings(TrainConfig())))
+    return sorted(k for k in (recorded.keys() | recipe.keys()) - set(ignore)
+                  if recorded.get(k, default.get(k)) != recipe.get(k, default.get(k)))
+
+
 def command_line() -> str:
     """The command that is running, as recorded next to its results."""
     return "python " + shlex.join([str(Path(sys.argv[0]))] + sys.argv[1:])

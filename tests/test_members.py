@@ -133,3 +133,19 @@ def test_the_converged_family_card_renders_from_its_family_file(tmp_path):
     assert 'timm.create_model("fmnist_vit_ti.converged", pretrained=True)' in card and "fmnist-converged" in card
     with pytest.raises(snnet.SnnetError, match="unknown tag 'best'"):
         family.main(["--card-only", "--family.tag", "best", "--family.out", str(tmp_path)])
+
+
+def test_a_family_file_older_than_a_setting_keeps_its_members(tmp_path):
+    """A setting snnet gained after a family was trained (here space.cut) is its default, not another recipe:
+    training one more member keeps the others (and a real change of recipe still starts the file anew)."""
+    family = _script("train_fmnist_family")
+    common = ["--limit", "256", "--epochs", "1", "--family.out", str(tmp_path), "--family.threads", "1",
+              "--run.progress", "false"]
+    family.main(["--models", "fmnist_vit_ti", "--family.runs", str(tmp_path / "r1"), *common])
+    record = json.loads((tmp_path / "family.json").read_text())
+    record["recipe"].pop("space.cut")  # as written before the setting existed
+    (tmp_path / "family.json").write_text(json.dumps(record))
+    family.main(["--models", "fmnist_vit_s", "--family.runs", str(tmp_path / "r2"), *common])
+    assert list(json.loads((tmp_path / "family.json").read_text())["models"]) == ["fmnist_vit_ti", "fmnist_vit_s"]
+    family.main(["--models", "fmnist_vit_ti", "--family.runs", str(tmp_path / "r3"), "--optim.lr", "1e-3", *common])
+    assert list(json.loads((tmp_path / "family.json").read_text())["models"]) == ["fmnist_vit_ti"]
