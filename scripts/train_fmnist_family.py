@@ -77,7 +77,7 @@ class FamilyOptions:
         if self.tag not in TAGS:
             raise snnet.SnnetError(f"unknown tag {self.tag!r}; snnet ships {', '.join(repr(t) for t in TAGS)}")
         if self.out is None:
-            object.__setattr__(self, "out", str(WEIGHTS / TAGS[self.tag]))
+            object.__setattr__(self, "out", str(WEIGHTS / self.tag))
 
 
 # the options of this script before the configuration tree -> the settings they set
@@ -120,7 +120,7 @@ def write_model_card(family: dict[str, Any], out: Path, tag: str = "") -> None:
     commands = "\n".join(dict.fromkeys(m["command"] for m in models.values()))
     times = ", ".join(f"`{n}` {m['seconds'] / 60:.1f} min ({m['threads']} torch thread(s))" for n, m in models.items())
     small, large = models[names[0]], models[names[-1]]
-    folder = f"snnet/weights/{TAGS[tag] + '/' if tag else ''}"
+    folder = f"snnet/weights/{tag + '/' if tag else ''}"
     if tag:
         intro = f"""# Fashion-MNIST anchor family, converged (snnet)
 

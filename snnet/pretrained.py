@@ -36,8 +36,8 @@ __all__ = ["FMNIST_FAMILY", "FmnistVitSpec", "TAGS", "WEIGHTS_DIR", "default_hea
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # The shipped trainings of the family, as timm pretrained tags: the default (no tag: the family's recipe,
 # the demo's anchors) and "converged" (trained until the validation top-1 stopped rising), each with its
-# own folder under WEIGHTS_DIR, its family.json (checksums, accuracies) and model card.
-TAGS = {"": "", "converged": "converged"}
+# own folder under WEIGHTS_DIR (named as the tag), its family.json (checksums, accuracies) and model card.
+TAGS = ("", "converged")
 
 
 IMG_SIZE = 28
@@ -121,7 +121,13 @@ def normalize_name(name: str) -> str:
 def weights_path(name: str) -> Path:
     """The shipped ``.safetensors`` file of a family member (``fmnist_vit_s``, ``fmnist_vit_s.converged``)."""
     arch, _, tag = normalize_name(name).partition(".")
-    return WEIGHTS_DIR / TAGS.get(tag, tag) / f"{arch}.safetensors"
+    return WEIGHTS_DIR / tag / f"{arch}.safetensors"
+
+
+def _build_command(name: str) -> str:
+    """The command that builds a shipped member's weights (of its tag)."""
+    tag = name.partition(".")[2]
+    return "python scripts/train_fmnist_family.py" + (f" --recipe fmnist-{tag} --family.tag {tag}" if tag else "")
 
 
 def _cfg(name: str) -> dict[str, Any]:
@@ -162,8 +168,7 @@ def _check_shipped(name: str) -> None:
     from .io import verify_checksum, warn_unverified
 
     family = weights_path(name).parent / "family.json"
-    fix = "reinstall snnet, or rebuild the weights with `python scripts/train_fmnist_family.py`" + (
-        " --recipe fmnist-converged" if name.partition(".")[2] else "")
+    fix = f"reinstall snnet, or rebuild the weights with `{_build_command(name)}`"
     if not family.is_file():
         warn_unverified(weights_path(name), f"{family}, which records the shipped files' SHA-256, is missing", fix)
         return
@@ -187,10 +192,9 @@ def _create(name: str, pretrained: bool, spec: FmnistVitSpec, **kwargs: Any) -> 
         if name.partition(".")[0] not in FMNIST_FAMILY:
             raise SnnetError(f"{name} has no shipped weights; pass a file written by scripts/train_fmnist_zoo.py "
                              "(pretrained_cfg_overlay=dict(file=...))")
-        converged = " --recipe fmnist-converged --family.out snnet/weights/converged" if "." in name else ""
         raise SnnetError(
             f"pretrained weights for {name} are missing ({weights_path(name)}); they are shipped with "
-            f"snnet and built by `python scripts/train_fmnist_family.py{converged}`"
+            f"snnet and built by `{_build_command(name)}`"
         )
     if pretrained and not overlay and name.partition(".")[0] in FMNIST_FAMILY:
         _check_shipped(name)
