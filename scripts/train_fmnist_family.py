@@ -47,7 +47,7 @@ from snnet.config import TrainConfig
 from snnet.data import FASHION_MNIST_CLASSES
 from snnet.io import atomic_write, record_checksum, update_json
 from snnet.members import command_line, count_macs, create_member, recipe_changes, train_member
-from snnet.pretrained import FMNIST_FAMILY, TAGS
+from snnet.pretrained import FMNIST_FAMILY, TAGS, tagged_name
 from snnet.train import result_settings
 
 WEIGHTS = Path(snnet.__file__).parent / "weights"  # where the shipped files live
@@ -124,7 +124,7 @@ def write_model_card(family: dict[str, Any], out: Path, tag: str = "") -> None:
     if tag:
         intro = f"""# Fashion-MNIST anchor family, converged (snnet)
 
-The three DeiT-style Vision Transformers of snnet's demo ({folder.replace(tag + '/', '')}MODEL_CARD.md), trained
+The three DeiT-style Vision Transformers of snnet's demo (snnet/weights/MODEL_CARD.md), trained
 from scratch on Fashion-MNIST with the converged recipe: until their validation top-1 stopped
 rising. They ship under timm's pretrained tag `{tag}` (the family `fmnist-{tag}`); the untagged
 weights, trained with the family's shorter recipe, stay the demo's default anchors. Here the largest
@@ -154,7 +154,7 @@ chosen from demo runs measured on the test set; this one replaces it. The recipe
 epochs included, is carried over from it unchanged: the zoo and the family share it, and it was
 not tuned on either split.)"""
         limits = "trained for only {epochs} epoch(s) (longer training improves all three)"
-    load = names[0] + (f".{tag}" if tag else "")
+    load = tagged_name(names[0], tag)
     card = f"""{intro}
 
 Load one with timm once `snnet` is imported:

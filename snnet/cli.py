@@ -63,14 +63,11 @@ def stitches(
     from .model import create_snnet
     from .report import human, table
 
-    space = dict(kernel_size=kernel_size, stride=stride, nearest=not all_pairs, two_way=two_way, chains=chains)
+    space = dict(kernel_size=kernel_size, stride=stride, nearest=not all_pairs, two_way=two_way, chains=chains, cut=cut)
     result = None
     lm_names = expand_lm(anchors)
     if lm_names is not None:
         from .commands.lm import lm_space
-
-        if cut != "block":
-            raise SnnetError("--cut sublayer cuts ViT blocks; a language model is stitched between its decoder layers")
 
         net = lm_space(lm_names, img_size, select, context, space)
     elif context is not None:
@@ -82,7 +79,7 @@ def stitches(
         net, result = _klas(names, img_size, keep, calib_images, data, data_dir, pretrained, weights, seed, cut)
     else:
         # the meta device builds the anchors without allocating or initialising weights
-        net = create_snnet(split_names(anchors), img_size=img_size, device="meta", cut=cut, **space)
+        net = create_snnet(split_names(anchors), img_size=img_size, device="meta", **space)
     from .reference import net_reference_ids
 
     costs = net.costs()

@@ -31,7 +31,8 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from .errors import SnnetError
 
-__all__ = ["FMNIST_FAMILY", "FmnistVitSpec", "TAGS", "WEIGHTS_DIR", "default_heads", "normalize_name", "weights_path"]
+__all__ = ["FMNIST_FAMILY", "FmnistVitSpec", "TAGS", "WEIGHTS_DIR", "default_heads", "normalize_name", "tagged_name",
+           "weights_path"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # The shipped trainings of the family, as timm pretrained tags: the default (no tag: the family's recipe,
@@ -130,9 +131,14 @@ def _build_command(name: str) -> str:
     return "python scripts/train_fmnist_family.py" + (f" --recipe fmnist-{tag} --family.tag {tag}" if tag else "")
 
 
+def tagged_name(name: str, tag: str) -> str:
+    """A member's name with a pretrained tag (``fmnist_vit_s.converged``); the untagged name for ``""``."""
+    return f"{name}.{tag}" if tag else name
+
+
 def _cfg(name: str) -> dict[str, Any]:
     tag = name.partition(".")[2]
-    recipe = "with the converged recipe (snnet/recipes/fmnist-converged.yaml) " if tag else ""
+    recipe = f"with the {tag} recipe (snnet/recipes/fmnist-{tag}.yaml) " if tag else ""
     return {
         "file": str(weights_path(name)),
         "num_classes": 10,
@@ -154,8 +160,8 @@ def _cfg(name: str) -> dict[str, Any]:
 
 # ``fmnist_vit`` (any architecture of the design) has no shipped weights: only a file overlay.
 # The untagged cfg comes first, so it stays each member's default.
-default_cfgs = generate_default_cfgs({name + (f".{tag}" if tag else ""): _cfg(name + (f".{tag}" if tag else ""))
-                                      for name in FMNIST_FAMILY for tag in TAGS} | {"fmnist_vit": dict(
+default_cfgs = generate_default_cfgs({tagged_name(name, tag): _cfg(tagged_name(name, tag)) for name in FMNIST_FAMILY
+                                      for tag in TAGS} | {"fmnist_vit": dict(
     _cfg("fmnist_vit"), file=None, notes="Any width/depth/patch of the Fashion-MNIST ViT design; weights from a "
                                           "file written by scripts/train_fmnist_zoo.py")})
 
@@ -186,7 +192,7 @@ def _create(name: str, pretrained: bool, spec: FmnistVitSpec, **kwargs: Any) -> 
         if tag not in TAGS:
             raise SnnetError(f"{name} has no pretrained tag {tag!r}; its shipped trainings are "
                              f"{', '.join(repr(t) for t in TAGS if t)} and the default (no tag)")
-        name = f"{name}.{tag}"
+        name = tagged_name(name, tag)
     if pretrained and not overlay and not weights_path(name).is_file():
         # timm would raise a bare FileNotFoundError; say where the weights come from.
         if name.partition(".")[0] not in FMNIST_FAMILY:

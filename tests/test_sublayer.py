@@ -102,6 +102,8 @@ def test_cuts_that_do_not_fit_are_refused_in_one_line(capsys):
         snnet.create_snnet(TINY_VITS[:2], cut="sublayer", route_mode="reference", device="meta")
     assert _cli("stitches", "--anchors", "snnet_tiny_resnet18,snnet_tiny_resnet50", "--cut", "sublayer") == 2
     assert "use cut='block'" in _one_line(capsys.readouterr().err)
+    assert _cli("stitches", "--anchors", "stdlib-lm", "--cut", "sublayer") == 2
+    assert "a language model is stitched between its decoder layers" in _one_line(capsys.readouterr().err)
     # language models are stitched between decoder layers; a saved network keeps the cut it was saved with
     from snnet.config import ModelConfig
     from snnet.families.causal_lm import lm_network_from_config

@@ -29,6 +29,9 @@ def lm_space(names: list[str], img_size: int | None, select: str | None, context
     if select is not None:
         raise SnnetError("--select klas scores image models on calibration images; list a language model's whole "
                          "space without it")
+    space = dict(space)
+    if space.pop("cut", "block") != "block":
+        raise SnnetError("--cut sublayer cuts ViT blocks; a language model is stitched between its decoder layers")
     return create_stitched_lm(names, device="meta", context=context, **space)
 
 
