@@ -709,6 +709,43 @@ def test_the_temporary_model_folder_goes_on_every_exit(tmp_path: Path, when: str
     assert not list(tmp.iterdir()), list(tmp.iterdir())
 
 
+def test_a_sigterm_as_the_model_folder_is_made_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race the test above once lost in CI: SIGTERM delivered just after the model process's
+    socket folder was made, before the engine owned it. Held until the engine owns it, the
+    signal unwinds through its cleanup instead of leaving the folder behind."""
+    import tempfile
+
+    from snnet.deploy.serve import engine
+    from snnet.deploy.serve.config import ServeConfig
+
+    class Stopped(BaseException):
+        pass
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped
+
+    made = []
+    real = tempfile.mkdtemp
+
+    def mkdtemp_then_sigterm(*a: Any, **k: Any) -> str:
+        made.append(real(*a, dir=tmp_path, **k))
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once unless held: then it would escape with the folder made
+        return made[-1]
+
+    def no_process(*a: Any, **k: Any) -> None:
+        raise AssertionError("the SIGTERM should have stopped the engine before its process started")
+
+    monkeypatch.setattr(engine.tempfile, "mkdtemp", mkdtemp_then_sigterm)
+    monkeypatch.setattr(engine.subprocess, "Popen", no_process)
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stopped):
+            engine.EngineProcess(ServeConfig(model=str(tmp_path)))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert made and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("args, words", [
     (["--slo-ms", "0"], "--slo-ms must be a finite number > 0"),
     (["--slo-ms", "nan"], "--slo-ms must be a finite number > 0"),

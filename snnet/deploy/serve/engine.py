@@ -576,6 +576,9 @@ def main() -> None:
         engine.serve(listener, owner)
 
 
+_STOPPING = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}  # the signals a server turns into an unwinding exception
+
+
 class EngineProcess:
     """Starts the model process and owns it: :meth:`close` lets it finish what is queued, then
     stops it. Server processes connect with :meth:`connect` (or :func:`connect` with
@@ -589,11 +592,18 @@ class EngineProcess:
         self.config = config
         self.process: subprocess.Popen | None = None
         self._owner: Connection | None = None
-        self.folder = tempfile.mkdtemp(prefix="snnet-model-")  # 0700: only this user reaches the socket
-        self.address = os.path.join(self.folder, "model.sock")
-        self.authkey = os.urandom(32)
-        # from here on anything, a SIGTERM turned exception included, closes what exists so far
+        self.folder: str | None = None
+        # anything from here on, a SIGTERM that `snnet serve` turns into an exception included, closes
+        # what exists so far. The folder is made with those signals held: one delivered between
+        # mkdir and the assignment would leave a folder nobody removes.
         try:
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
+            try:
+                self.folder = tempfile.mkdtemp(prefix="snnet-model-")  # 0700: only this user reaches the socket
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            self.address = os.path.join(self.folder, "model.sock")
+            self.authkey = os.urandom(32)
             mine, theirs = socket.socketpair()
             env = dict(os.environ, **{ENV_KEY: self.authkey.hex(), ENV_CONFIG_JSON: config.to_json()})
             try:
@@ -659,7 +669,8 @@ class EngineProcess:
             if self._owner is not None:
                 self._owner.close()
         finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def connect(address: str, authkey: bytes, kind: str, *args: Any) -> Connection:
