@@ -44,7 +44,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     t = time.perf_counter()
-    demo = recipe_config("demo")  # the demo's network: the shipped family, its weights, the recipe's stitches
+    demo = recipe_config("demo-blocks")  # the serving benchmarks' network: the shipped family, its weights, the recipe's stitches
     net = network_from_config(demo.model, demo.space).eval()
     graphs = RouteGraphs(net, max_images=1)
     ids = [s.id for s in net.space][: args.stitches]  # every stitch: the ladder depends on accuracies

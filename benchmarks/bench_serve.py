@@ -28,7 +28,7 @@ of the stitch that served each answered image), goodput (images answered within 
 second), p50/p95/p99 of answered requests; one figure per trace (offered load, the accuracy of
 the stitch serving over time, attainment against accuracy for every server).
 
-    # Fashion-MNIST scale: the shipped family, top-1 per stitch from docs/demo/results.json
+    # Fashion-MNIST scale: the shipped family, top-1 per stitch from docs/demo-blocks/results.json
     python benchmarks/bench_serve.py --out docs/serve/bursty-fmnist
     # ImageNet scale: DeiT-Ti/S/B at 224 (71 networks, random weights), the authors' top-1 per network
     python benchmarks/bench_serve.py --scale deit --out docs/serve/bursty-deit
@@ -67,7 +67,7 @@ from snnet.deploy.loadgen import ServerProcess
 from snnet.report import percentile
 from snnet.results import write_results
 
-FMNIST_TOP1 = Path(__file__).resolve().parents[1] / "docs" / "demo" / "results.json"  # the shipped family's measured top-1
+FMNIST_TOP1 = Path(__file__).resolve().parents[1] / "docs" / "demo-blocks" / "results.json"  # the shipped family's measured top-1
 DEIT_TOP1 = "reference:deit"  # the authors' published top-1 per network, shipped with snnet (snnet.reference)
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 
@@ -90,9 +90,10 @@ def prepare(args: argparse.Namespace, folder: Path) -> tuple[str, dict[int, floa
         from snnet.model import space_options
         from snnet.recipes import recipe_config
 
-        # the demo's network (its recipe's stitch space: SN-Net's stitches and the large->small routes), whose
-        # test top-1 per network docs/demo/results.json holds; random weights: latency does not depend on them
-        net = (create_snnet(split_names(DEFAULT_ANCHORS), **space_options(recipe_config("demo").space))
+        # the demo's network until it cut inside blocks (the demo-blocks recipe's space: SN-Net's stitches and the
+        # large->small routes), whose test top-1 per network docs/demo-blocks/results.json holds; the serving figures
+        # were measured on it. Random weights: latency does not depend on them
+        net = (create_snnet(split_names(DEFAULT_ANCHORS), **space_options(recipe_config("demo-blocks").space))
                if args.model is None else StitchedNet.from_pretrained(args.model))
         top1 = network_rows(read_rows(args.top1))
         names = {s.id: s.name for s in net.space}
@@ -313,7 +314,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", choices=("fmnist", "deit"), default="fmnist")
     ap.add_argument("--model", default=None, help="a saved network instead of the scale's default")
-    ap.add_argument("--top1", default=None, help="top-1 per stitch: a results.json (fmnist; default docs/demo/results.json) or the "
+    ap.add_argument("--top1", default=None, help="top-1 per stitch: a results.json (fmnist; default docs/demo-blocks/results.json) or the "
                                                  "reference table of the authors' results (deit; snnet/data_files/reference/deit.json)")
     ap.add_argument("--out", default="bench-serve")
     ap.add_argument("--images-per-request", type=int, default=None, help="default: 16 (fmnist), 1 (deit)")

@@ -2,7 +2,7 @@
 """SN-Net v1 against SN-Netv2's options and KLAS, under one training budget, on one family.
 
 Every variant starts from the same pretrained anchors and trains with the same recipe (the
-demo's, ``snnet/recipes/demo.yaml``: least-squares init on 100 images, AdamW with warm-up and
+demo's until it cut inside blocks, ``snnet/recipes/demo-blocks.yaml``: least-squares init on 100 images, AdamW with warm-up and
 cosine decay, anchors at a tenth of the stitching layers' learning rate, distillation from the
 largest anchor) for the same number of steps, batch size, learning rate and seed. The variants:
 
@@ -38,15 +38,16 @@ import torch
 
 from snnet.config import ROS_GAP, ModelConfig, SpaceConfig
 from snnet.data import build_dataset, make_loader
-from snnet.demo import demo_config, frontier_gap
+from snnet.demo import frontier_gap
 from snnet.evaluate import evaluate
 from snnet.klas import klas
 from snnet.model import StitchedNet, network_from_config
+from snnet.recipes import recipe_config
 from snnet.report import table
 from snnet.results import compare_fronts, load_results, write_results
 from snnet.train import train
 
-DEMO = demo_config()  # the recipe every variant trains with (its steps, batch size and rate are the defaults here)
+DEMO = recipe_config("demo-blocks")  # the recipe every variant trains with (its steps, batch size and rate are the defaults here)
 
 OPTIONS = ("2way", "lora", "ros")
 VARIANTS = ["v1"] + ["+".join(c) for n in (1, 2, 3) for c in itertools.combinations(OPTIONS, n)] + ["klas"]

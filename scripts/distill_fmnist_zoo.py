@@ -4,8 +4,8 @@
 An SN-Net's stitches are compared with networks trained once (``fmnist_zoo.json``). But joint
 training also distils from the largest anchor, and that alone lifts a small network: would a
 zoo member fine-tuned the same way do as well as the stitches? This script fine-tunes each
-chosen zoo member exactly as the demo fine-tunes its anchors -- the ``demo`` recipe
-(``snnet/recipes/demo.yaml``) through snnet's training loop: AdamW at the anchors' rate (the
+chosen zoo member exactly as the demo fine-tuned its anchors when this was measured -- the
+``demo-blocks`` recipe (``snnet/recipes/demo-blocks.yaml``) through snnet's training loop: AdamW at the anchors' rate (the
 member is all anchor: ``optim.lr`` x ``optim.anchor_lr_scale``), weight decay on weights only,
 warm-up then cosine to a hundredth, gradient clipping, label smoothing 0.1, soft distillation
 (weight 0.9, temperature 1) from a frozen zoo member (``--teacher``, the demo family's largest
@@ -94,7 +94,7 @@ def load(name: str, weights_dir: Path) -> torch.nn.Module:
 
 def main(argv: list[str] | None = None) -> None:
     parsed = parse(sys.argv[1:] if argv is None else argv, "distill_fmnist_zoo.py", legacy=LEGACY,
-                   extra={"distill_zoo": DistillOptions}, default_recipe="demo", description=__doc__.split("\n\n")[0])
+                   extra={"distill_zoo": DistillOptions}, default_recipe="demo-blocks", description=__doc__.split("\n\n")[0])
     config, args = parsed.config, parsed.extra["distill_zoo"]
     if parsed.flags["--print-config"]:
         print(dump_yaml(config, {"distill_zoo": args}), end="")

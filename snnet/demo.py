@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .anchors import AnchorSpec
-from .config import SpaceConfig, TrainConfig
+from .config import TrainConfig
 from .errors import ConfigError, SnnetError
 from .evaluate import evaluate
 from .recipes import recipe_config
@@ -77,16 +77,19 @@ def anchor_specs(weights: tuple[str, ...]) -> list[tuple[str, AnchorSpec]]:
     return out
 
 
-def check_routes(labels: list[str], space: SpaceConfig) -> None:
-    """Explicit routes name their anchors: the recipe's (the shipped family's) are not those of other anchors."""
+def check_names(labels: list[str], config: TrainConfig) -> None:
+    """Explicit routes and weighted stitches name their anchors: the recipe's (the shipped family's)
+    are not those of other anchors."""
     from .space import route_anchors
 
-    for route in space.routes or ():
-        unknown = [a for a in route_anchors(route) if a not in labels]
+    named = [("space.routes", config.space.routes or (), "--space.routes null for SN-Net's own space"),
+             ("sampling.weighted_stitches", [n for n in config.sampling.weighted_stitches or () if isinstance(n, str)]
+              if config.sampling.sampler == "weighted" else (), "--sampling.sampler uniform for the paper's draw")]
+    for setting, names, instead in named:
+        unknown = [a for name in names for a in route_anchors(name) if a not in labels]
         if unknown:
-            raise ConfigError(f"space.routes names {', '.join(dict.fromkeys(unknown))}, not among the anchors of "
-                              f"--demo.weights ({', '.join(labels)}): give routes of those anchors, or "
-                              "--space.routes null for SN-Net's own space")
+            raise ConfigError(f"{setting} names {', '.join(dict.fromkeys(unknown))}, not among the anchors of "
+                              f"--demo.weights ({', '.join(labels)}): give names of those anchors, or {instead}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ def check_demo(config: TrainConfig, options: DemoOptions) -> None:
                           f"{config.data.source!r}: give the folder of its IDX files as --data.root DIR")
     default_device(config.run.device)
     if options.weights:  # files exist and name an architecture; explicit routes name these anchors
-        check_routes([label for label, _ in anchor_specs(options.weights)], config.space)
+        check_names([label for label, _ in anchor_specs(options.weights)], config)
     check_writable(config.run.out_dir)
     if not config.data.download:  # missing data fails before the network is built
         for split in (config.data.split, options.eval_split):

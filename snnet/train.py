@@ -63,7 +63,7 @@ from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, checkpoint_config,
                          rng_state, save_checkpoint, seed_everything, set_rng_state)
 from .config import OptimConfig, SamplingConfig, TrainConfig, flatten  # noqa: F401  (OptimConfig, TrainConfig: public here)
 from .distill import set_two_head_training, teacher_logits, two_head_loss
-from .errors import CheckpointError, ConfigError, RunFolderError, SnnetError, TrainingError, TrainingInterrupted
+from .errors import CheckpointError, ConfigError, RunFolderError, SnnetError, StitchNotFoundError, TrainingError, TrainingInterrupted
 from .io import atomic_write, remove_stale_temps
 from .model import WEIGHTS_NAME, StitchedBase, StitchedNet
 from .optim import build_optimizer, lr_factor
@@ -631,7 +631,13 @@ def default_device(name: str | torch.device | None = None) -> torch.device:
 def stitch_weights(net: StitchedBase, sampling: SamplingConfig) -> list[float]:
     """The weighted sampler's weight of every stitch of ``net``: ``sampling.stitch_weight`` for the
     ``weighted_stitches`` (ids or names; an unknown one is refused in one line), 1 for the others."""
-    ids = [net.space[key].id for key in sampling.weighted_stitches or ()]
+    ids = []
+    for key in sampling.weighted_stitches or ():
+        try:
+            ids.append(net.space[key].id)
+        except StitchNotFoundError as e:  # the space says which names are near; say which setting holds it
+            raise ConfigError(f"sampling.weighted_stitches: {e} (`snnet stitches` lists this space's stitches; "
+                              "--sampling.sampler uniform draws them all alike)") from None
     if len(set(ids)) != len(ids):
         raise ConfigError("sampling.weighted_stitches names a stitch twice; list each once")
     return [sampling.stitch_weight if i in ids else 1.0 for i in range(len(net.space))]

@@ -101,7 +101,7 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_every_recipe_loads_sets_only_what_it_needs_and_says_where_each_value_comes_from():
-    assert {"deit", "swin", "resnet", "resnet-swin", "levit", "demo", "fmnist-family"} <= set(recipe_names())
+    assert {"deit", "swin", "resnet", "resnet-swin", "levit", "demo", "demo-blocks", "fmnist-family"} <= set(recipe_names())
     for name in recipe_names():
         settings = load_recipe(name)
         assert set(settings) <= {"task", *SECTIONS}, name

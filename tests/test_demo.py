@@ -105,7 +105,13 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path, capsys: pytest.Captu
                                           "{tmp}/fmnist_vit_w24_d2_p7.safetensors",
                                           "--space.routes", '["fmnist_vit_ti[:1]+fmnist_vit_s[1:]"]'],
                                          "space.routes names fmnist_vit_ti, fmnist_vit_s, not among the anchors of "
-                                         "--demo.weights (fmnist_vit_w16_d2_p7, fmnist_vit_w24_d2_p7)")])
+                                         "--demo.weights (fmnist_vit_w16_d2_p7, fmnist_vit_w24_d2_p7)"),
+                                        # so do the stitches the recipe draws more often
+                                        (["--weights", "{tmp}/fmnist_vit_w16_d2_p7.safetensors,"
+                                          "{tmp}/fmnist_vit_w24_d2_p7.safetensors"],
+                                         "sampling.weighted_stitches names fmnist_vit_s, fmnist_vit_b, not among the "
+                                         "anchors of --demo.weights (fmnist_vit_w16_d2_p7, fmnist_vit_w24_d2_p7): give "
+                                         "names of those anchors, or --sampling.sampler uniform")])
 def test_bad_demo_settings_are_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],
                                                       says: str) -> None:
     (tmp_path / "weights").mkdir()
@@ -136,8 +142,8 @@ def test_demo_takes_anchor_weights_and_measures_on_val(tmp_path: Path, capsys: p
         files[name] = weights / f"{name}.safetensors"
         save_file(model.state_dict(), str(files[name]))
     out = tmp_path / "demo"
-    # the recipe's explicit routes name the shipped family: other anchors take SN-Net's own space
-    main(["demo", "--weights", str(weights), "--space.routes", "null", "--eval-split", "val", "--steps", "3",
+    # the stitches the recipe draws more often name the shipped family: other anchors are drawn uniformly
+    main(["demo", "--weights", str(weights), "--sampling.sampler", "uniform", "--eval-split", "val", "--steps", "3",
           "--eval-limit", "200", "--train-limit", "500", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
@@ -153,11 +159,11 @@ def test_demo_takes_anchor_weights_and_measures_on_val(tmp_path: Path, capsys: p
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows if r["is_anchor"]] == ["fmnist_vit_w16_d2_p7", "fmnist_vit_w24_d2_p7"]
     labels, specs = zip(*anchor_specs((str(weights),)))
-    rule = snnet.create_snnet(list(specs), labels=list(labels)).space  # SN-Net's rule, as the recipe's routes are dropped
+    rule = snnet.create_snnet(list(specs), labels=list(labels), **space_options(demo_config().space)).space  # the recipe's rule
     assert [r["name"] for r in rows if r["kind"] != "zoo"] == [s.name for s in rule]
     assert all(r["images"] == 200 for r in rows if r["kind"] != "zoo")
     # The same files given one by one build the same network.
-    main(["demo", "--weights", ",".join(str(f) for f in files.values()), "--space.routes", "null", "--eval-split",
+    main(["demo", "--weights", ",".join(str(f) for f in files.values()), "--sampling.sampler", "uniform", "--eval-split",
           "val", "--steps", "3", "--eval-limit", "200", "--train-limit", "500", "--out", str(tmp_path / "again"), "--no-progress"])
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert [(r["name"], r["acc1"]) for r in again] == [(r["name"], r["acc1"]) for r in rows]

@@ -78,5 +78,7 @@ def test_weighted_stitches_by_name_or_id_from_the_config() -> None:
         TrainConfig().override(stitch_weight=0)
     with pytest.raises(ConfigError, match="names a stitch twice"):
         Trainer(net, conf.override(weighted_stitches=[name, 3]), total_steps=1)
-    with pytest.raises(snnet.StitchNotFoundError, match="no stitch named 'nope'"):
+    with pytest.raises(ConfigError, match="sampling.weighted_stitches: no stitch named 'nope'.*uniform"):
         Trainer(net, conf.override(weighted_stitches=["nope"]), total_steps=1)
+    with pytest.raises(ConfigError, match="sampling.weighted_stitches: stitch id 99 is out of range"):
+        Trainer(net, conf.override(weighted_stitches=[99]), total_steps=1)

@@ -224,6 +224,8 @@ def _as_list(path: str, text: str) -> str:
 def _parser(prog: str, extra: Mapping[str, type], flags: Mapping[str, str], description: str) -> Any:
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+    from ..recipes import recipe_names
+
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # each setting's help is its docstring
     parser = ArgumentParser(prog=prog, usage=f"{prog} [--recipe NAME] [--config FILE] [--SECTION.SETTING VALUE ...]",
                             description=description, exit_on_error=False,
@@ -232,8 +234,8 @@ def _parser(prog: str, extra: Mapping[str, type], flags: Mapping[str, str], desc
     parser.add_argument("--config", action=ActionConfigFile,
                         help="A YAML file of settings (repeatable; later files and other options win).")
     parser.add_argument("--recipe", type=str, default=None,
-                        help="A recipe (snnet/recipes/NAME.yaml: deit, swin, resnet, resnet-swin, levit, snnetv2, demo, "
-                             "fmnist-family): laid under --config files and options.")
+                        help=f"A recipe (snnet/recipes/NAME.yaml: {', '.join(recipe_names())}): laid under --config "
+                             "files and options.")
     for flag, text in flags.items():
         parser.add_argument(flag, action="store_true", help=text)
     for action in parser._actions:  # jsonargparse's own --print_config is --print-config's other spelling

@@ -3,7 +3,8 @@
 A recipe sets only what it needs (the rest keeps the tree's defaults) and says in YAML comments
 where every value comes from and what of its source snnet does not reproduce. The paper's
 recipes (``deit``, ``swin``, ``resnet``, ``resnet-swin``, ``levit``) hold the authors' released
-code's values (ziplab/SN-Net at commit c2dcf30); ``demo`` is ``snnet demo``'s training,
+code's values (ziplab/SN-Net at commit c2dcf30); ``demo`` is ``snnet demo``'s training
+(laid over ``demo-blocks``, the demo's training before it cut inside blocks),
 ``fmnist-family`` how the shipped Fashion-MNIST family and zoo were trained and
 ``fmnist-converged`` the recipe chosen on the validation split that trains them until they stop
 improving. Adding a recipe is adding a YAML file here; a recipe that is another one with a few
