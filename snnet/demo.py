@@ -232,6 +232,17 @@ class DemoResult:
     def frontier_filled(self) -> bool:
         return self.max_frontier_gap <= 0.2
 
+    @property
+    def widest_gap_between(self) -> tuple[tuple[str, float], tuple[str, float]]:
+        """The two Pareto-optimal networks (or ends of the anchors' range) around the widest gap, by name and FLOPs."""
+        anchors = sorted((r.flops, r.name) for r in self.results if r.is_anchor)
+        lo, hi = anchors[0][0], anchors[-1][0]
+        points = {lo: anchors[0][1], hi: anchors[-1][1]} | {r.flops: r.name for r in self.results
+                                                           if r.pareto and lo <= r.flops <= hi}
+        xs = sorted(points)
+        a, b = max(zip(xs, xs[1:]), key=lambda ab: ab[1] - ab[0])
+        return (points[a], a), (points[b], b)
+
 
 def frontier_gap(results: list[Row]) -> float:
     """Widest FLOPs gap between consecutive Pareto-frontier points inside the anchors' range,
@@ -362,8 +373,10 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 
 def _report(s: DemoResult, out: Path, echo: Callable[[str], Any]) -> None:
     echo("\nThe paper's claim at this scale:")
+    (a, fa), (b, fb) = s.widest_gap_between
     echo(f"  stitches fill the range: {s.frontier_size} Pareto-optimal networks; widest FLOPs gap between "
-         f"them {s.max_frontier_gap:.1%} of the anchors' range (needs <= 20%): {'yes' if s.frontier_filled else 'NO'}")
+         f"them {s.max_frontier_gap:.1%} of the anchors' range, {a} ({human(fa)}) to {b} ({human(fb)}) "
+         f"(needs <= 20%): {'yes' if s.frontier_filled else 'NO'}")
     kept = ", ".join(f"{k} {s.anchors_before[k]:.2f}% -> {s.anchors_after[k]:.2f}% "
                      f"({s.anchors_after[k] - s.anchors_before[k]:+.2f})" for k in s.anchors_before)
     echo(f"  anchors before -> after: {kept}")
@@ -387,7 +400,8 @@ def _report(s: DemoResult, out: Path, echo: Callable[[str], Any]) -> None:
     summary = {k: v for k, v in asdict(s).items() if k not in ("results", "zoo")}
     summary["zoo"] = s.zoo.to_dict() if s.zoo is not None else None
     summary |= {"anchors_kept": s.anchors_kept, "anchors_not_hurt": s.anchors_not_hurt,
-                "frontier_filled": s.frontier_filled, "verdict": verdict_lines(s)}
+                "frontier_filled": s.frontier_filled, "widest_gap_between": [list(p) for p in s.widest_gap_between],
+                "verdict": verdict_lines(s)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     echo(f"\nwrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'pareto.html'}, {out / 'pareto.png'}, "
          f"{out / 'summary.json'} in {s.seconds['total']:.0f}s")

@@ -57,6 +57,12 @@ def test_quick_demo_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixt
     lines = summary["verdict"]
     assert len(lines) == 3 and all(f"  {line}" in printed for line in lines)
     assert lines[0].startswith("one network for many budgets: " + ("yes" if summary["frontier_filled"] else "NO"))
+    # the widest gap is named: two Pareto-optimal networks (or the range's ends) that far apart, none between them
+    (a, fa), (b, fb) = summary["widest_gap_between"]
+    assert (fb - fa) / (max(anchor_flops) - min(anchor_flops)) == pytest.approx(summary["max_frontier_gap"])
+    by_name = {r["name"]: r for r in rows}
+    assert all(by_name[n]["pareto"] or by_name[n]["is_anchor"] for n in (a, b)) and by_name[a]["flops"] == fa
+    assert not any(r["pareto"] and fa < r["flops"] < fb for r in rows) and f"{a} (" in printed
     assert f"{verdict['mean_diff']:+.2f} points on average" in lines[1] and verdict["verdict"] in lines[1]
     converged = json.loads(CONVERGED_FILE.read_text())
     assert lines[2].startswith("against a converged zoo, from converged anchors: ")
