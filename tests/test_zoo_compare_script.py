@@ -16,7 +16,8 @@ ZOO = ROOT / "snnet" / "weights" / "fmnist_zoo.json"
 def _run_copy(tmp: Path, name: str, steps: int, shift: float) -> Path:
     """The shipped demo run (docs/demo) as if trained ``steps`` joint steps, every stitch ``shift`` points off."""
     out = tmp / name
-    shutil.copytree(ROOT / "docs" / "demo", out)
+    # the run's files, not its training folder (`snnet demo --out docs/demo` leaves one, git-ignored)
+    shutil.copytree(ROOT / "docs" / "demo", out, ignore=shutil.ignore_patterns("train"))
     rows = json.loads((out / "results.json").read_text())
     for r in rows:
         if r.get("kind") == "stitch":
