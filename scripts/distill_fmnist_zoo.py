@@ -23,7 +23,8 @@ By default the members are the zoo's validation frontier between the shipped fam
 smallest and largest anchor, the teacher excluded (it is kept as it is, undistilled).
 ``--alpha 0`` is the control without a teacher: the same fine-tuning, cross-entropy only (the
 teacher may then be fine-tuned too). ``--save-dir`` keeps the fine-tuned weights, named like the
-zoo's, so that ``snnet demo --demo.weights`` can stitch them:
+zoo's, so that ``snnet demo --demo.weights`` can stitch them (with ``--recipe demo-blocks
+--space.routes null``, the space and training these were measured with):
 
     python scripts/distill_fmnist_zoo.py --alpha 0 --members fmnist_vit_w24_d3_p7 ... fmnist_vit_w96_d3_p7 \\
         --save-dir runs/fmnist_zoo_ft --out runs/fmnist_zoo_ft.json

@@ -710,9 +710,11 @@ def test_the_temporary_model_folder_goes_on_every_exit(tmp_path: Path, when: str
 
 
 def test_a_sigterm_as_the_model_folder_is_made_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The race the test above once lost in CI: SIGTERM delivered just after the model process's
-    socket folder was made, before the engine owned it. Held until the engine owns it, the
-    signal unwinds through its cleanup instead of leaving the folder behind."""
+    """The race the test above once lost in CI: SIGTERM handled just after the model process's
+    socket folder was made, before the engine knew of it. The engine names the folder before it
+    makes it, so the signal unwinds through its cleanup wherever it lands, with another Python
+    thread alive too (the kernel may hand the signal to it; Python runs the handler in the main
+    thread at its next step, which blocking it in one thread does not stop)."""
     import tempfile
 
     from snnet.deploy.serve import engine
@@ -725,25 +727,31 @@ def test_a_sigterm_as_the_model_folder_is_made_leaves_no_folder(tmp_path: Path, 
         raise Stopped
 
     made = []
-    real = tempfile.mkdtemp
+    real = os.mkdir
 
-    def mkdtemp_then_sigterm(*a: Any, **k: Any) -> str:
-        made.append(real(*a, dir=tmp_path, **k))
-        os.kill(os.getpid(), signal.SIGTERM)  # handled at once unless held: then it would escape with the folder made
-        return made[-1]
+    def mkdir_then_sigterm(path: str, mode: int = 0o777) -> None:
+        real(path, mode)
+        made.append(path)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once: the engine must already know the folder
 
     def no_process(*a: Any, **k: Any) -> None:
         raise AssertionError("the SIGTERM should have stopped the engine before its process started")
 
-    monkeypatch.setattr(engine.tempfile, "mkdtemp", mkdtemp_then_sigterm)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(engine.os, "mkdir", mkdir_then_sigterm)
     monkeypatch.setattr(engine.subprocess, "Popen", no_process)
+    idle = threading.Event()
+    other = threading.Thread(target=idle.wait, daemon=True)
+    other.start()
     old = signal.signal(signal.SIGTERM, stop)
     try:
-        with pytest.raises(Stopped):
-            engine.EngineProcess(ServeConfig(model=str(tmp_path)))
+        for _ in range(4):
+            with pytest.raises(Stopped):
+                engine.EngineProcess(ServeConfig(model=str(tmp_path)))
     finally:
         signal.signal(signal.SIGTERM, old)
-    assert made and not list(tmp_path.iterdir())
+        idle.set()
+    assert len(made) == 4 and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("args, words", [

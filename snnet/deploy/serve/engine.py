@@ -39,6 +39,7 @@ import math
 import mmap
 import os
 import pickle
+import secrets
 import select
 import selectors
 import shutil
@@ -576,9 +577,6 @@ def main() -> None:
         engine.serve(listener, owner)
 
 
-_STOPPING = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}  # the signals a server turns into an unwinding exception
-
-
 class EngineProcess:
     """Starts the model process and owns it: :meth:`close` lets it finish what is queued, then
     stops it. Server processes connect with :meth:`connect` (or :func:`connect` with
@@ -594,14 +592,21 @@ class EngineProcess:
         self._owner: Connection | None = None
         self.folder: str | None = None
         # anything from here on, a SIGTERM that `snnet serve` turns into an exception included, closes
-        # what exists so far. The folder is made with those signals held: one delivered between
-        # mkdir and the assignment would leave a folder nobody removes.
+        # what exists so far. So the folder is named before it is made, as mkdtemp does it but in
+        # the open: a signal handled between mkdtemp's mkdir and its return would leave a folder
+        # nobody knows of. (A short name: a socket's path is limited to 107 bytes.)
         try:
-            held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
-            try:
-                self.folder = tempfile.mkdtemp(prefix="snnet-model-")  # 0700: only this user reaches the socket
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            for _ in range(100):
+                self.folder = os.path.join(tempfile.gettempdir(), f"snnet-model-{secrets.token_hex(4)}")
+                try:
+                    os.mkdir(self.folder, 0o700)  # 0700: only this user reaches the socket
+                    break
+                except OSError as e:
+                    self.folder = None  # not ours to remove
+                    if not isinstance(e, FileExistsError):
+                        raise
+            else:
+                raise ServeError(f"no free name for the model process's folder in {tempfile.gettempdir()}")
             self.address = os.path.join(self.folder, "model.sock")
             self.authkey = os.urandom(32)
             mine, theirs = socket.socketpair()
