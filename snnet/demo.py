@@ -31,7 +31,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .anchors import AnchorSpec
 from .config import TrainConfig
@@ -238,12 +238,10 @@ class DemoResult:
     def widest_gap_between(self) -> tuple[tuple[str, float], tuple[str, float]]:
         """The two Pareto-optimal networks (or ends of the anchors' range) around the widest gap, by name and FLOPs."""
         anchors = sorted((r.flops, r.name) for r in self.results if r.is_anchor)
-        lo, hi = anchors[0][0], anchors[-1][0]
-        points = {lo: anchors[0][1], hi: anchors[-1][1]} | {r.flops: r.name for r in self.results
-                                                           if r.pareto and lo <= r.flops <= hi}
-        xs = sorted(points)
-        a, b = max(zip(xs, xs[1:]), key=lambda ab: ab[1] - ab[0])
-        return (points[a], a), (points[b], b)
+        (lo, lo_name), (hi, hi_name) = anchors[0], anchors[-1]
+        names = {lo: lo_name, hi: hi_name} | {r.flops: r.name for r in self.results if r.pareto}
+        a, b = widest_pair(names, lo, hi)
+        return (names[a], a), (names[b], b)
 
 
 def frontier_gap(results: list[Row]) -> float:
@@ -253,11 +251,18 @@ def frontier_gap(results: list[Row]) -> float:
     return widest_gap([r.flops for r in results if r.pareto], min(anchors), max(anchors))
 
 
-def widest_gap(front_flops: list[float], lo: float, hi: float) -> float:
+def widest_gap(front_flops: Iterable[float], lo: float, hi: float) -> float:
     """Widest gap between consecutive frontier points (FLOPs) inside ``[lo, hi]``, both ends counted
     as points, as a fraction of ``hi - lo``."""
+    a, b = widest_pair(front_flops, lo, hi)
+    return (b - a) / (hi - lo)
+
+
+def widest_pair(front_flops: Iterable[float], lo: float, hi: float) -> tuple[float, float]:
+    """The two consecutive frontier points (FLOPs) inside ``[lo, hi]``, both ends counted as points,
+    with the widest gap between them."""
     xs = sorted({lo, hi} | {f for f in front_flops if lo <= f <= hi})
-    return max(b - a for a, b in zip(xs, xs[1:])) / (hi - lo)
+    return max(zip(xs, xs[1:]), key=lambda ab: ab[1] - ab[0])
 
 
 def compare_with_zoo(results: list[Row], zoo: list[Row], joint_image_steps: int,

@@ -419,7 +419,7 @@ class StitchedNet(StitchedBase):
         v1 = self.space.config.is_v1 and self.lora_rank == 0
         return {
             "format": "snnet",
-            "version": 4 if self.space.config.cut != "block" else 3 if self.route_mode != "snnet" else 1 if v1 else 2,
+            "version": FORMAT_VERSION if self.space.config.cut != "block" else 3 if self.route_mode != "snnet" else 1 if v1 else 2,
             "anchors": [
                 {"label": lab, "kind": p.kind, "spec": spec.to_dict() if spec else None}
                 for lab, p, spec in zip(self.labels, self.anchors, self.specs)

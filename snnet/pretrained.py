@@ -187,22 +187,23 @@ def _check_shipped(name: str) -> None:
 
 def _create(name: str, pretrained: bool, spec: FmnistVitSpec, **kwargs: Any) -> VisionTransformer:
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    arch = name  # the architecture; ``name`` gains the pretrained tag, which names the weights
     tag = kwargs.get("pretrained_cfg")  # timm passes the tag of "fmnist_vit_s.converged" here
     if isinstance(tag, str) and tag:
         if tag not in TAGS:
             raise SnnetError(f"{name} has no pretrained tag {tag!r}; its shipped trainings are "
                              f"{', '.join(repr(t) for t in TAGS if t)} and the default (no tag)")
-        name = tagged_name(name, tag)
+        name = tagged_name(arch, tag)
     if pretrained and not overlay and not weights_path(name).is_file():
         # timm would raise a bare FileNotFoundError; say where the weights come from.
-        if name.partition(".")[0] not in FMNIST_FAMILY:
+        if arch not in FMNIST_FAMILY:
             raise SnnetError(f"{name} has no shipped weights; pass a file written by scripts/train_fmnist_zoo.py "
                              "(pretrained_cfg_overlay=dict(file=...))")
         raise SnnetError(
             f"pretrained weights for {name} are missing ({weights_path(name)}); they are shipped with "
             f"snnet and built by `{_build_command(name)}`"
         )
-    if pretrained and not overlay and name.partition(".")[0] in FMNIST_FAMILY:
+    if pretrained and not overlay and arch in FMNIST_FAMILY:
         _check_shipped(name)
     model_args: dict[str, Any] = dict(
         img_size=IMG_SIZE,
@@ -218,7 +219,7 @@ def _create(name: str, pretrained: bool, spec: FmnistVitSpec, **kwargs: Any) -> 
     )
     return build_model_with_cfg(
         VisionTransformer,
-        name.partition(".")[0],
+        arch,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         **dict(model_args, **kwargs),

@@ -156,7 +156,7 @@ def stitch_config(net: "StitchedNet", stitch: int | str | Stitch) -> dict[str, A
     bare = net.head_of(s) is not net.anchors[s.anchors[-1]].head
     cut = net.space.config.cut
     return {
-        "format": STITCH_FORMAT, "version": 4 if cut != "block" else 3 if bare else 2, "id": s.id, "name": s.name,
+        "format": STITCH_FORMAT, "version": STITCH_VERSION if cut != "block" else 3 if bare else 2, "id": s.id, "name": s.name,
         **({"head": HEAD_WITHOUT_NORM} if bare else {}),
         **({"cut": cut} if cut != "block" else {}),
         "anchors": [anchor(k) for k in used],
