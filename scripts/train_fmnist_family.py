@@ -147,7 +147,8 @@ validation top-1 stopped rising ship under the tag `converged` (snnet/weights/co
 architectures are members of the Fashion-MNIST zoo's accuracy/FLOPs frontier on the validation
 split (`snnet/weights/fmnist_zoo.json`: 18 ViTs of this design trained one by one with this
 recipe by `scripts/train_fmnist_zoo.py`), and the demo's learning rate was chosen on it (five
-rates from 1.5e-3 to 2.4e-2, each a `snnet demo --eval-split val` run compared with the zoo:
+rates from 1.5e-3 to 2.4e-2, each a `snnet demo --recipe demo-blocks --eval-split val` run (the demo's recipe until
+2026-12-05; today's lays its changes over it and keeps that rate) compared with the zoo:
 README, "SN-Net against the zoo"). The test split is read once, to report. (An earlier family,
 16/32/96 wide and 6 deep, trained on all 60,000 images, had its width of S and its epoch count
 chosen from demo runs measured on the test set; this one replaces it. The recipe below, its 12
