@@ -48,6 +48,7 @@ from .train import stitch_weights, train
 
 FAMILY = "fmnist"
 EVAL_SPLITS = ("test", "val")  # snnet.data's Fashion-MNIST splits the demo may measure on
+MAX_FRONTIER_GAP = 0.2  # the range is filled when no two neighbouring Pareto-optimal networks are further apart
 
 
 def anchor_specs(weights: tuple[str, ...]) -> list[tuple[str, AnchorSpec]]:
@@ -207,8 +208,34 @@ class ZooVerdict:
                 "joint_seconds": round(self.joint_seconds, 1), "eval_images": self.eval_images}
 
 
+class FrontierRange:
+    """The check both demos (images and ``--lm``) make of their frontier: does it fill the anchors' FLOPs range?"""
+
+    results: list[Row]
+    max_frontier_gap: float  # widest gap between consecutive frontier points, as a share of the anchors' FLOPs range
+
+    @property
+    def frontier_filled(self) -> bool:
+        return self.max_frontier_gap <= MAX_FRONTIER_GAP
+
+    @property
+    def widest_gap_between(self) -> tuple[tuple[str, float], tuple[str, float]]:
+        """The two Pareto-optimal networks (or ends of the anchors' range) around the widest gap, by name and FLOPs."""
+        anchors = sorted((r.flops, r.name) for r in self.results if r.is_anchor)
+        (lo, lo_name), (hi, hi_name) = anchors[0], anchors[-1]
+        names = {lo: lo_name, hi: hi_name} | {r.flops: r.name for r in self.results if r.pareto}
+        a, b = widest_pair(names, lo, hi)
+        return (names[a], a), (names[b], b)
+
+    def gap_text(self) -> str:
+        """'widest FLOPs gap between them X% of the anchors' range, A (FLOPs) to B (FLOPs) (needs <= 20%): yes' (or NO)."""
+        (a, fa), (b, fb) = self.widest_gap_between
+        return (f"widest FLOPs gap between them {self.max_frontier_gap:.1%} of the anchors' range, {a} ({human(fa)}) "
+                f"to {b} ({human(fb)}) (needs <= {MAX_FRONTIER_GAP:.0%}): {'yes' if self.frontier_filled else 'NO'}")
+
+
 @dataclass(frozen=True)
-class DemoResult:
+class DemoResult(FrontierRange):
     results: list[Row]
     anchors_before: dict[str, float]  # anchor name -> top-1 before stitching
     anchors_after: dict[str, float]
@@ -229,19 +256,6 @@ class DemoResult:
     def anchors_not_hurt(self) -> bool:
         """No anchor lost more than one point: stitching did not cost the anchors accuracy."""
         return all(self.anchors_after[k] - v >= -1.0 for k, v in self.anchors_before.items())
-
-    @property
-    def frontier_filled(self) -> bool:
-        return self.max_frontier_gap <= 0.2
-
-    @property
-    def widest_gap_between(self) -> tuple[tuple[str, float], tuple[str, float]]:
-        """The two Pareto-optimal networks (or ends of the anchors' range) around the widest gap, by name and FLOPs."""
-        anchors = sorted((r.flops, r.name) for r in self.results if r.is_anchor)
-        (lo, lo_name), (hi, hi_name) = anchors[0], anchors[-1]
-        names = {lo: lo_name, hi: hi_name} | {r.flops: r.name for r in self.results if r.pareto}
-        a, b = widest_pair(names, lo, hi)
-        return (names[a], a), (names[b], b)
 
 
 def frontier_gap(results: list[Row]) -> float:
@@ -382,10 +396,7 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 
 def _report(s: DemoResult, out: Path, echo: Callable[[str], Any]) -> None:
     echo("\nThe paper's claim at this scale:")
-    (a, fa), (b, fb) = s.widest_gap_between
-    echo(f"  stitches fill the range: {s.frontier_size} Pareto-optimal networks; widest FLOPs gap between "
-         f"them {s.max_frontier_gap:.1%} of the anchors' range, {a} ({human(fa)}) to {b} ({human(fb)}) "
-         f"(needs <= 20%): {'yes' if s.frontier_filled else 'NO'}")
+    echo(f"  stitches fill the range: {s.frontier_size} Pareto-optimal networks; {s.gap_text()}")
     kept = ", ".join(f"{k} {s.anchors_before[k]:.2f}% -> {s.anchors_after[k]:.2f}% "
                      f"({s.anchors_after[k] - s.anchors_before[k]:+.2f})" for k in s.anchors_before)
     echo(f"  anchors before -> after: {kept}")
@@ -442,7 +453,7 @@ def verdict_lines(s: DemoResult) -> list[str]:
     against a converged zoo."""
     lines = [f"one network for many budgets: {'yes' if s.frontier_filled else 'NO'} ({len(s.results)} networks, "
              f"{s.frontier_size} Pareto-optimal, widest FLOPs gap {s.max_frontier_gap:.1%} of the anchors' range; "
-             "needs <= 20%)"]
+             f"needs <= {MAX_FRONTIER_GAP:.0%})"]
     if s.zoo is not None:
         c = s.zoo.comparison
         lines.append(f"against the zoo as trained (the anchors' recipe, {s.eval_split} top-1): {s.zoo.verdict()} it, "

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .config import TrainConfig
+from .demo import FrontierRange, frontier_gap
 from .errors import ConfigError
 from .io import atomic_write
 from .recipes import recipe_config
@@ -84,7 +85,7 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class LMDemoResult:
+class LMDemoResult(FrontierRange):
     results: list[Row]
     anchors_before: dict[str, float]  # anchor name -> held-out bits per byte before stitching
     anchors_after: dict[str, float]
@@ -93,10 +94,6 @@ class LMDemoResult:
     samples: list[Sample]
     seconds: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # {"train": the TrainConfig, "demo": the LMDemoOptions}
-
-    @property
-    def frontier_filled(self) -> bool:
-        return self.max_frontier_gap <= 0.2
 
     @property
     def anchors_not_hurt(self) -> bool:
@@ -139,7 +136,6 @@ def run_lm_demo(config: TrainConfig | None = None, options: LMDemoOptions = LMDe
     """Run the language-model demo end to end and write its files into ``config.run.out_dir`` (its
     training run into ``OUT/train``). ``config``: its training settings (default: the ``lm-demo`` recipe)."""
     from . import lm
-    from .demo import frontier_gap
     from .plot import plot_pareto
     from .tasks import get_task
     from .train import train
@@ -201,9 +197,7 @@ def run_lm_demo(config: TrainConfig | None = None, options: LMDemoOptions = LMDe
 
 def _report(s: LMDemoResult, prompt: str, out: Path, echo: Callable[[str], Any]) -> None:
     echo("\nThe paper's claim at this scale:")
-    echo(f"  stitches fill the range: {s.frontier_size} networks on the bits-per-byte frontier; widest FLOPs gap "
-         f"between them {s.max_frontier_gap:.1%} of the anchors' range (needs <= 20%): "
-         f"{'yes' if s.frontier_filled else 'NO'}")
+    echo(f"  stitches fill the range: {s.frontier_size} networks on the bits-per-byte frontier; {s.gap_text()}")
     kept = ", ".join(f"{k} {s.anchors_before[k]:.4f} -> {s.anchors_after[k]:.4f} "
                      f"({s.anchors_after[k] - s.anchors_before[k]:+.4f})" for k in s.anchors_before)
     echo(f"  anchors' bits/byte before -> after: {kept}")
@@ -213,7 +207,8 @@ def _report(s: LMDemoResult, prompt: str, out: Path, echo: Callable[[str], Any])
         echo(f"--- {x.role}: network {x.id} {x.name} ({human(x.flops)} FLOPs/token, {x.bpb:.4f} bits/byte)")
         echo(prompt + x.text)
     summary = {k: v for k, v in asdict(s).items() if k != "results"}
-    summary |= {"frontier_filled": s.frontier_filled, "anchors_not_hurt": s.anchors_not_hurt}
+    summary |= {"frontier_filled": s.frontier_filled, "widest_gap_between": [list(p) for p in s.widest_gap_between],
+                "anchors_not_hurt": s.anchors_not_hurt}
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     echo(f"\nwrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'pareto.html'}, {out / 'pareto.png'}, "
          f"{out / 'summary.json'} in {s.seconds['total']:.0f}s")

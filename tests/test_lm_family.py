@@ -162,6 +162,9 @@ def test_lm_demo_runs_as_a_command(tmp_path: Path, capsys: pytest.CaptureFixture
     assert set(summary["anchors_before"]) == set(STDLIB_LM_ARCHS)
     assert [s["role"] for s in summary["samples"]] == ["cheapest", "middle", "largest"]
     assert summary["config"]["train"]["task"] == "causal-lm"
+    # the frontier line names the two networks around its widest gap, as the image demo's does
+    (a, fa), (b, fb) = summary["widest_gap_between"]
+    assert fa < fb and {a, b} <= {r["name"] for r in rows} and f"{a} (" in printed and f"to {b} (" in printed
     assert (out / "train" / "metrics.jsonl").read_text().count("\n") == 4  # --quick: 4 steps through the loop
     assert "bits/byte" in printed and "Greedy continuations" in printed and "frontier" in printed
     assert f"{len(rows)} networks on {2 * CONTEXT} tokens" in printed  # --demo.eval_blocks 2 beside --quick
