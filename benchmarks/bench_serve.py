@@ -291,6 +291,25 @@ def table(results: dict[str, dict[str, dict[str, Any]]], slo_ms: float) -> str:
     return "\n".join(lines)
 
 
+def overview(summaries: dict[str, dict[str, dict[str, Any]]], verdicts: dict[str, dict[str, Any]]) -> str:
+    """Every server of a run on one table (attainment and mean top-1 per trace), the best pinned rung reaching 99 %
+    marked on each trace and the goal's verdict under it: the README's view of a run (``--render``)."""
+    traces = list(summaries)
+    servers = list(dict.fromkeys(n for t in traces for n in summaries[t]))
+    lines = ["| server | " + " | ".join(f"{t}: attainment %, top-1 %" for t in traces) + " |",
+             "|---|" + "---|" * len(traces)]
+    for name in servers:
+        cells = []
+        for t in traces:
+            s = summaries[t].get(name)
+            mark = " (best at 99 %)" if verdicts[t].get("best_pinned_99") == name else ""
+            cells.append("—" if s is None else f"{100 * s['attainment']:.1f}, {s['mean_acc1']:.2f}{mark}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    goal = {True: "met", False: "not met", None: "no pinned rung reaches 99 %"}
+    lines.append("| goal | " + " | ".join(goal[verdicts[t]["met"]] for t in traces) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write(out: Path, results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace, slo_ms: float, largest: str,
           capacity: float, mean_rate: float, rungs: list[Any], table_: Any, loads: list[float]) -> None:
     """bursty.md (the tables), bursty.json (settings, ladder, summaries) and bursty_samples.json (every request)."""
@@ -303,8 +322,10 @@ def write(out: Path, results: dict[str, dict[str, dict[str, Any]]], args: argpar
         "cpus": os.cpu_count(), "load_average": loads, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "verdicts": {t: verdict(r) for t, r in results.items()},
         "summaries": {t: {n: run["summary"] for n, run in r.items()} for t, r in results.items()}}, indent=1) + "\n")
+    (out / "overview.md").write_text(overview({t: {n: run["summary"] for n, run in r.items()} for t, r in results.items()},
+                                              {t: verdict(r) for t, r in results.items()}))
     (out / "bursty_samples.json").write_text(json.dumps({t: {n: run["samples"] for n, run in r.items()} for t, r in results.items()}))
-    print(f"wrote {out}/bursty.json, bursty.md, bursty_samples.json and the figures; load average {loads[0]:.2f} -> {loads[-1]:.2f}")
+    print(f"wrote {out}/bursty.json, bursty.md, overview.md, bursty_samples.json and the figures; load average {loads[0]:.2f} -> {loads[-1]:.2f}")
 
 
 # =============================================================================== main
@@ -337,7 +358,13 @@ def main() -> None:
                                                                      "this) may load a stitch to 1.0; default off")
     ap.add_argument("--warmup", type=float, default=None, help="seconds of closed-loop load each rung pinned answers before the "
                                                                  "first trace, not counted (0: none); default: 1 (deit), 0.3 (fmnist)")
+    ap.add_argument("--render", metavar="DIR", default=None, help="print the overview table of a run's DIR/bursty.json "
+                    "(every server, every trace) and stop; nothing is measured")
     args = ap.parse_args()
+    if args.render is not None:
+        saved = json.loads((Path(args.render) / "bursty.json").read_text())
+        print(overview(saved["summaries"], saved["verdicts"]), end="")
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out (ServerProcess's exit)
     deit = args.scale == "deit"
     args.images_per_request = args.images_per_request or (1 if deit else 16)

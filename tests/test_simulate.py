@@ -158,3 +158,31 @@ def test_the_bursty_benchmark_pins_the_rungs_that_could_reach_99_percent() -> No
     assert [r.id for r in contenders(rungs, 5, rates, mean_rate=4.0)] == [0, 4, 5, 6, 9]
     assert [r.id for r in contenders(rungs, 5, rates, mean_rate=50.0)] == [0, 2, 4, 7, 9]  # none able: evenly spaced
     assert contenders(rungs, 10, rates, 5.0) == rungs
+
+
+def test_the_bursty_overview_puts_every_server_of_every_trace_on_one_table(tmp_path, capsys, monkeypatch) -> None:
+    """``bench_serve.py --render DIR`` prints the README's table from a run's bursty.json: a row per
+    server (one missing from a trace is a dash), the best pinned rung at 99 % marked, the verdicts."""
+    import json
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_serve
+
+    def run(att: float, acc: float) -> dict:
+        return {"attainment": att, "mean_acc1": acc}
+
+    summaries = {"cv1": {"pinned a": run(1.0, 80.0), "pinned b": run(0.995, 82.5), "controller": run(1.0, 83.0)},
+                 "ramp": {"pinned a": run(0.9, 80.0), "controller": run(0.98, 81.0)}}
+    saved = {"summaries": summaries, "verdicts": {
+        t: bench_serve.verdict({n: {"summary": s} for n, s in runs.items()}) for t, runs in summaries.items()}}
+    (tmp_path / "bursty.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(sys, "argv", ["bench_serve.py", "--render", str(tmp_path)])
+    bench_serve.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| server | cv1: attainment %, top-1 % | ramp: attainment %, top-1 % |"
+    assert lines[2:] == ["| pinned a | 100.0, 80.00 | 90.0, 80.00 |",
+                         "| pinned b | 99.5, 82.50 (best at 99 %) | — |",
+                         "| controller | 100.0, 83.00 | 98.0, 81.00 |",
+                         "| goal | met | no pinned rung reaches 99 % |"]
