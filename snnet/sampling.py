@@ -333,10 +333,14 @@ class SeededItems(Subset):
 
 def seed_worker(seed: int, epoch: int) -> Any:
     """A DataLoader ``worker_init_fn``: each worker's generators seeded from (seed, epoch, worker),
-    and Ctrl-C left to the main process (which stops at a step boundary and checkpoints)."""
+    and Ctrl-C and SIGTERM left to the main process (which stops at a step boundary and checkpoints).
+    A SIGTERM sent to the whole process group (systemd, Slurm, ``timeout``, ``kill -- -PGID``) reaches
+    the workers too: had they died of it, torch would raise "DataLoader worker killed" anywhere in the
+    main process, even inside a backward pass, before the run could checkpoint."""
     return functools.partial(_init_worker, seed, epoch)  # a partial, not a closure: spawned workers pickle it
 
 
 def _init_worker(seed: int, epoch: int, worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed_everything(mix_seed(seed, epoch, worker_id), cuda=False)

@@ -273,7 +273,9 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
                 last_ckpt = save()
     except _DataFailed as failed:  # between two steps everything is consistent: keep them before stopping
         if world == 1:  # (under DDP the other ranks wait in a collective: the last checkpoint stays)
-            save()
+            last_ckpt = save()
+            if stops.received is not None:  # the stop also reached the loader's workers: the stop is what happened
+                raise TrainingInterrupted(position.step, plan.total, last_ckpt, stops.received) from None
         raise failed.__cause__ from None  # type: ignore[misc]
     finally:
         stops.stop()
