@@ -340,7 +340,14 @@ def resume_from(config: TrainConfig, out: Path, net: StitchedBase | nn.Module, w
 def check_changes(state: dict[str, Any], config: TrainConfig, out: Path, path: Path, world: int) -> list[str]:
     """The settings a resume from checkpoint ``state`` changes (see :func:`result_changes`), or a refusal in
     one line naming each unless ``run.resume_with_changes``; a finished run's refusal says how to go on."""
-    changes = result_changes(checkpoint_config(state), config, world)
+    saved = checkpoint_config(state)
+    changes = result_changes(saved, config, world)
+    kind = (saved.get("optim") or {}).get("optimizer")
+    if kind is not None and kind != config.optim.optimizer:
+        raise CheckpointError(f"cannot resume {path} with optim.optimizer {config.optim.optimizer!r}: its state is "
+                              f"{kind!r}'s (its moments do not carry over to another optimizer): resume with "
+                              f"--optim.optimizer {kind}, or start a new run from the network it ends with "
+                              f"(--model.init {out / FINAL_NAME}) and another --out")
     if changes and not config.run.resume_with_changes:
         step, total = state["step"], state.get("total_steps")
         ask = ("add --resume-with-changes to continue with these settings (train_config.json keeps each segment's), "
@@ -802,6 +809,10 @@ class Trainer:
         return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The checkpoint's optimizer state (moments, step counts), schedule position and scaler. The
+        settings stay this run's: a resume with changes (``run.resume_with_changes``: another rate,
+        weight decay, betas) takes them from here on, where loading alone would bring back the saved ones."""
+        ours = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if self.fsdp:  # every rank read the whole checkpoint: each takes its own shards of the optimizer state
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -817,7 +828,13 @@ class Trainer:
                 del self.optimizer.state[p]
         else:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for group, settings in zip(self.optimizer.param_groups, ours):
+            group.update(settings)
+        sched = self.scheduler
+        sched.load_state_dict({**state["scheduler"], "base_lrs": sched.base_lrs})
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)  # where this run's schedule is at the saved step
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.scaler.load_state_dict(state["scaler"])
 
 
