@@ -494,7 +494,7 @@ class StitchSpace:
             if key.id < len(self.stitches) and self.stitches[key.id] == key:
                 return key
             raise StitchNotFoundError(f"stitch {key.name!r} is not in this stitch space")
-        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        if isinstance(key, str) and key.strip().lstrip("-").isdecimal():
             key = int(key)
         if isinstance(key, int) and not isinstance(key, bool):
             if 0 <= key < len(self.stitches):

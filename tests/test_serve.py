@@ -250,6 +250,19 @@ def test_png_fast_path_refuses_what_pillow_refuses() -> None:
     assert e.value.status == 422
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"], ids=["png-fast-path", "through-pillow"])
+def test_a_thin_image_that_its_resize_would_blow_up_is_refused_before_any_work(mode: str) -> None:
+    """A 1 x 100,000 PNG is 100,000 pixels, within --max-pixels, but the resize scales its shorter side
+    to the input's: 28 x 2.8M pixels here (a review measured 670 MB and a second; 1 x 1M took 6 GB and
+    17 s of the event loop). Refused from the PNG's header (or the decoded size) with a 413."""
+    pre = Preprocess(FMNIST_LIKE, FMNIST_LIKE["input_size"], max_pixels=1_000_000)
+    for size in [(1, 100_000), (100_000, 1)]:
+        with pytest.raises(Rejected) as e:
+            pre.decode(_png(size, mode))
+        assert e.value.status == 413 and "closer to square" in e.value.reason
+    assert pre.decode(_png((40, 30), mode)).shape == (28, 28, 1)  # an ordinary one is resized as before
+
+
 # =============================================================================== the server
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -445,6 +458,13 @@ def test_health_stitch_policy_and_pinning(server: _Server, net: snnet.StitchedNe
     for bad in ({"stitch": "auto", "policy": "fastest"}, {"stitch": 3, "policy": "controller"}, {"stitch": True}, [1]):
         assert client.put("/stitch", json=bad, headers=AUTH).status_code == 400
     assert client.put("/stitch", content=b"{not json", headers=AUTH).status_code == 400
+    # a name str.isdigit() accepts and int() does not: once the model process's control thread died on it, and
+    # every later GET or PUT /stitch waited forever (found by review); now a 404, and steering goes on
+    for odd in ("²", "-²", "½"):
+        r = client.put("/stitch", json={"stitch": odd}, headers=AUTH, timeout=30)
+        assert r.status_code == 404 and odd in r.json()["error"], r.text
+    assert client.get("/stitch", timeout=30).json()["mode"] == "auto"
+    assert client.put("/stitch", json={"stitch": "auto"}, headers=AUTH, timeout=30).status_code == 200
 
 
 def test_steering_needs_the_admin_token(server: _Server, client: httpx.Client) -> None:

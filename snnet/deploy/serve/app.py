@@ -32,9 +32,10 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
+from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, MultipartState, parse_options_header
 
 from ...errors import ServeError
 from ..heap import freeze_heap
@@ -285,6 +286,8 @@ class MultipartImages:
             parser.finalize()
         except MultipartParseError as e:
             raise Rejected(400, f"malformed multipart body: {first_line(e)}", "bad_batch") from e
+        if parser.state != MultipartState.END:  # python-multipart's finalize() does not check (its TODO)
+            raise Rejected(400, "malformed multipart body: it ends before its closing boundary", "bad_batch")
         return found.parts
 
     def finish(self) -> list[bytes]:
@@ -571,6 +574,10 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
     async def _rejected(request: Request, e: Rejected) -> Response:  # raised while a body is read (413)
         return _reject(e, service(request).metrics)
 
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, e: ClientDisconnect) -> Response:  # the client left mid-upload: nobody to answer
+        return Response(status_code=400)
 
     app.add_middleware(BodyLimits, limit=body_limit(config), timeout_s=config.body_timeout_s)
     return app

@@ -300,7 +300,7 @@ class _Engine:
 
     def rung(self, key: int | str) -> Row:
         """Any stitch of the network: its row (raises StitchNotFoundError)."""
-        s = self.net.stitch(int(key) if isinstance(key, str) and key.strip().isdigit() else key)
+        s = self.net.stitch(int(key) if isinstance(key, str) and key.strip().isdecimal() else key)
         return next(r for r in self.rows if r.id == s.id)
 
     # ------------------------------------------------------------------ control (its own thread)
@@ -430,6 +430,8 @@ class _Engine:
                 reply = (False, ("not_found", str(e).splitlines()[0]))
             except SnnetError as e:
                 reply = (False, ("bad_request", str(e).splitlines()[0]))
+            except Exception as e:  # noqa: BLE001 - any other failure is answered too: a silent thread hangs every later control call
+                reply = (False, ("bad_request", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
             conn.send(reply)
 
     def _read(self, front: _Front) -> None:

@@ -28,6 +28,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import Resize
 
 # torchvision 0.29 deprecates its image decoders for TorchCodec's (and warns at every call); Pillow serves without them
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
@@ -99,6 +100,11 @@ class Preprocess:
         if cut is None:
             raise ValueError(f"timm's eval transform has no ToTensor step to split at: {self.transform}")
         self.pil_steps = steps[:cut]  # Resize, CenterCrop...: on the Pillow image
+        # timm's Resize to one int scales the shorter side to it: a 1 x 100,000 image would become 28 x 2.8M
+        # pixels (224 x 22M at DeiT's size), past --max-pixels that the decoded image itself respects
+        short = next((t.size for t in self.pil_steps if isinstance(t, Resize)), None)
+        short = short[0] if isinstance(short, (list, tuple)) and len(short) == 1 else short
+        self.resize_short: int | None = short if isinstance(short, int) else None
         mean = np.broadcast_to(np.asarray(data_config.get("mean", (0.0,) * c), np.float32), (c,))
         std = np.broadcast_to(np.asarray(data_config.get("std", (1.0,) * c), np.float32), (c,))
         # (x / 255 - mean) / std = x * (1 / (255 std)) - mean / std: one multiply-add over the batch
@@ -113,6 +119,14 @@ class Preprocess:
             img = step(img)
         return img
 
+    def check_resized(self, w: int, h: int) -> None:
+        """413 for a ``w`` x ``h`` image whose resize (its shorter side to the transform's size) would exceed
+        ``max_pixels``: checked before any work, from a PNG's header or the decoded image's size."""
+        s = self.resize_short
+        if s is not None and s * s * max(w, h) > self.max_pixels * max(1, min(w, h)):
+            raise Rejected(413, f"an image of {w}x{h} pixels would be resized to over {self.max_pixels} pixels (its shorter side "
+                                f"to {s}): send one closer to square", "too_many_pixels")
+
     def pixels(self, img: Image.Image) -> np.ndarray:
         """One decoded image as (H, W, C) uint8 at the input size, through the transform's Pillow steps."""
         c, h, w = self.input_size
@@ -124,8 +138,12 @@ class Preprocess:
         """One PNG/JPEG body as (H, W, C) uint8 at the input size (see the module), or :class:`Rejected`."""
         c, h, w = self.input_size
         head = data[:33]
+        if head[:8] == _PNG and head[12:16] == b"IHDR" and len(head) >= 33:
+            self.check_resized(*struct.unpack(">II", head[16:24]))
         if decode_png is None or head[:8] != _PNG or head[12:16] != b"IHDR" or len(head) < 33:
-            return self.pixels(decode_image(data, self.input_size, resize=self.resize, max_pixels=self.max_pixels))
+            img = decode_image(data, self.input_size, resize=self.resize, max_pixels=self.max_pixels)
+            self.check_resized(*img.size)
+            return self.pixels(img)
         width, height = struct.unpack(">II", head[16:24])
         depth, colour, interlace = head[24], head[25], head[28]
         if depth != 8 or interlace != 0 or colour != _PNG_COLOUR.get(c) or width * height > self.max_pixels or (
