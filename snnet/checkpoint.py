@@ -105,9 +105,16 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], keep: int = 
 
 
 def _keep_copy(path: Path, step: int, keep: int) -> None:
-    """``path`` also as ``checkpoints/step-<step>.pt`` (a hard link, else a copy); the last ``keep`` stay."""
+    """``path`` also as ``checkpoints/step-<step>.pt`` (a hard link, else a copy); the last ``keep`` stay.
+
+    Copies of later steps are of a run resumed from an earlier copy since: they belong to the part it
+    abandoned (as the lines of metrics.jsonl after its checkpoint, dropped on resume) and go, so the
+    copies kept are this run's latest and the way back from a damaged checkpoint (:func:`_go_back`) never lands after it."""
     folder = path.parent / CHECKPOINTS_DIR
     folder.mkdir(exist_ok=True)
+    for later in earlier_checkpoints(path.parent):
+        if _copy_step(later) > step:
+            later.unlink(missing_ok=True)
     copy = folder / f"step-{step:08d}.pt"
     copy.unlink(missing_ok=True)
     try:
@@ -116,6 +123,12 @@ def _keep_copy(path: Path, step: int, keep: int) -> None:
         atomic_write(copy, lambda tmp: shutil.copyfile(path, tmp))
     for old in earlier_checkpoints(path.parent)[keep:]:
         old.unlink(missing_ok=True)
+
+
+def _copy_step(copy: Path) -> int:
+    """The step a ``checkpoints/step-<step>.pt`` copy holds, by its name (-1 when the name is not one)."""
+    digits = copy.stem.removeprefix("step-")
+    return int(digits) if digits.isdecimal() else -1
 
 
 def earlier_checkpoints(run: str | os.PathLike) -> list[Path]:

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, checkpoint_config, load_checkpoint, resolve_resume,
+from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, checkpoint_config, load_checkpoint, resolve_resume, state_digest,
                          rng_state, save_checkpoint, seed_everything, set_rng_state)
 from .config import OptimConfig, SamplingConfig, TrainConfig, flatten  # noqa: F401  (OptimConfig, TrainConfig: public here)
 from .distill import set_two_head_training, teacher_logits, two_head_loss
@@ -215,13 +215,15 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
         _load_weights(net, resumed.state["model"], str(resumed.path))
     trainer = Trainer(net, config, total_steps=plan.total, warmup_steps=plan.warmup, teacher=teacher, device=device,
                       steps_per_epoch=plan.steps_per_epoch, task=task)
+    if resumed is not None:
+        _check_teacher(resumed, trainer.teacher_digest, config)
     position = Position()
     if resumed is not None:
         trainer.load_state_dict(resumed.state["trainer"])
         if trainer.sampler is not None:
             trainer.sampler.load_state_dict(resumed.state["sampler"][rank])
         set_rng_state(resumed.state["rng"][rank])
-        position = resumed.position
+        position = _carried_position(resumed, config, plan)
     if rank == 0:
         _write_history(out, config, world, position.step, resumed)
     log = _Log(out, rank == 0, position.step, config.run.tensorboard)
@@ -294,6 +296,37 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
                        tuple(history), tuple(done_evals))
 
 
+def _check_teacher(resumed: Resumed, digest: str | None, config: TrainConfig) -> None:
+    """A resume is taught by the teacher its run was (checkpoints record its digest; older ones do not, and
+    pass): a copy of the largest anchor is taken from the network as built, before the checkpoint's weights
+    are loaded, so a network built from other weights or another seed would teach something else, with no
+    setting changed. Refused in one line, or with ``run.resume_with_changes`` recorded as a change."""
+    saved = resumed.state.get("teacher_sha256", digest)
+    if saved is None or saved == digest:
+        return
+    what = "no teacher" if digest is None else "another teacher"
+    if not config.run.resume_with_changes:
+        raise CheckpointError(f"cannot resume {resumed.path} with {what}: its run was distilled from a teacher this one "
+                              f"is not (distill.teacher {config.distill.teacher or 'given to train()'}; 'largest' copies the "
+                              "largest anchor as the network is built): build the network as the run did (the same "
+                              "--model.weights, --model.pretrained or --model.init, the same seed), or add --resume-with-changes")
+    if not any(c.startswith("distill.teacher:") for c in resumed.changes):
+        resumed.changes.append(f"the teacher: {what} (weights sha256 {saved[:12]} -> {(digest or 'none')[:12]})")
+
+
+def _carried_position(resumed: Resumed, config: TrainConfig, plan: Plan) -> Position:
+    """Where a resumed run goes on in its epoch: the saved position, unless the resume changed the batch
+    size (``run.resume_with_changes``, as a batch that does not fit in memory asks for); then the epoch goes
+    on from the first batch of the new size that holds no image seen in it (rounded up: none twice), or with
+    the next epoch when none is left. The epoch's order does not depend on the batch size."""
+    p = resumed.position
+    saved = checkpoint_config(resumed.state).get("data", {}).get("batch_size", config.data.batch_size)
+    if saved == config.data.batch_size or p.epoch_step == 0:
+        return p
+    k = -(-p.epoch_step * saved // config.data.batch_size)
+    return Position(p.step, p.epoch + 1, 0) if k >= plan.steps_per_epoch else Position(p.step, p.epoch, k)
+
+
 def checkpoint_state(trainer: "Trainer", position: Position, config: TrainConfig, world: int,
                      total_steps: int) -> dict[str, Any]:
     """Everything a checkpoint holds: all that decides the rest of the run, and what it was run with.
@@ -306,7 +339,7 @@ def checkpoint_state(trainer: "Trainer", position: Position, config: TrainConfig
             "step": position.step, "epoch": position.epoch, "epoch_step": position.epoch_step,
             "total_steps": total_steps, "world_size": world, "config": config.to_dict(),
             "stitches": [s.name for s in net.space] if isinstance(net, StitchedBase) else None,
-            "route_mode": getattr(net, "route_mode", None)}
+            "route_mode": getattr(net, "route_mode", None), "teacher_sha256": trainer.teacher_digest}
 
 
 def resume_from(config: TrainConfig, out: Path, net: StitchedBase | nn.Module, world: int) -> Resumed | None:
@@ -673,6 +706,9 @@ class Trainer:
         self.device = default_device(device or config.run.device)
         net.to(self.device)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
+        # what the teacher is, recorded in checkpoints: a copy of the largest anchor is made from the network as
+        # built, before a resume loads its weights, so a network built otherwise would teach something else
+        self.teacher_digest = state_digest(self.teacher.state_dict()) if self.teacher is not None else None
         self.total_steps = total_steps
         self.sampler = None
         if isinstance(net, StitchedBase):
@@ -926,7 +962,8 @@ class _Log:
             return
         self.path = out_dir / name
         if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and _line_step(ln) <= start_step]
+            # errors="replace": a line garbled by a crash mid-write is dropped by _line_step, not a traceback
+            keep = [ln for ln in self.path.read_text(errors="replace").splitlines() if ln.strip() and _line_step(ln) <= start_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         self.file = open(self.path, "a")
         if tensorboard:

@@ -204,6 +204,68 @@ def test_a_resume_with_changes_trains_with_the_new_settings(tmp_path):
                                               **{**conf, "optimizer": "sgd"}))
 
 
+def test_a_resume_is_taught_by_the_teacher_its_run_was(tmp_path):
+    """distill.teacher 'largest' copies the largest anchor of the network as built, before a resume loads
+    its weights: resumed from a network built the same way the run is exact; built otherwise (other
+    weights, another seed), the teacher would differ with no setting changed (found by review): refused
+    in one line, or recorded as a change with --resume-with-changes."""
+    conf = dict(epochs=3, ckpt_every=4, lr=1e-3, warmup_steps=3, distill="largest", distill_alpha=0.5, init_images=0)
+    a = fresh_net()
+    train(a, Synthetic(40), cfg(tmp_path / "a", **conf))
+    train(fresh_net(), Synthetic(40), cfg(tmp_path / "b", **conf), stop_after=7)
+    with pytest.raises(CheckpointError, match="with another teacher.*the same seed\\), or add --resume-with-changes"):
+        train(fresh_net(seed=123), Synthetic(40), cfg(tmp_path / "b", resume="auto", **conf))
+    c = fresh_net()
+    train(c, Synthetic(40), cfg(tmp_path / "b", resume="auto", **conf))
+    assert _same_weights(a, c)
+    train(fresh_net(), Synthetic(40), cfg(tmp_path / "c", **conf), stop_after=7)
+    train(fresh_net(seed=123), Synthetic(40), cfg(tmp_path / "c", resume="auto", resume_with_changes=True, **conf))
+    segments = json.loads((tmp_path / "c" / "run" / "train_config.json").read_text())["segments"]
+    assert any(c.startswith("the teacher: another teacher") for c in segments[-1]["changes"])
+
+
+def test_a_resume_with_another_batch_size_goes_on_in_its_epoch(tmp_path):
+    """Stopped at step 7 of an epoch of 10 batches of 8 (56 images seen); resumed with batches of 16, as
+    an out-of-memory error suggests: the epoch goes on at its 4th batch of 16 (the 57th image on), ends a
+    step later and every later epoch ends where it should, each with its validation (the saved batch
+    count of the old size skipped the whole epoch and no epoch ever ended again: found by review)."""
+    conf = dict(epochs=4, lr=1e-3, warmup_steps=3, batch_size=8, init_images=0)
+    val = Synthetic(16, seed=5)
+    train(fresh_net(), Synthetic(80), cfg(tmp_path, **conf), stop_after=7, val_data=val)
+    r = train(fresh_net(), Synthetic(80), cfg(tmp_path, resume="auto", resume_with_changes=True, **{**conf, "batch_size": 16}),
+              val_data=val)
+    assert r.finished and r.step == 20  # 4 epochs of 5 batches of 16
+    assert [e["step"] for e in r.evals] == [8, 13, 18] and [e["epoch"] for e in r.evals] == [1, 2, 3]
+    saved = load_checkpoint(r.checkpoint)
+    assert (saved["epoch"], saved["epoch_step"]) == (3, 2)
+
+
+def test_going_back_to_a_kept_copy_keeps_it_and_drops_the_abandoned_later_ones(tmp_path):
+    """Resumed from checkpoints/step-4 (the run went wrong after it) with another rate: the copies of the
+    abandoned steps 5-6 go, as their lines of metrics.jsonl do, and the copy gone back to stays (the
+    rotation kept the two highest steps, step 6 of the abandoned part among them: found by review)."""
+    conf = dict(epochs=2, ckpt_every=2, keep_checkpoints=2, lr=1e-3, init_images=0)
+    run = tmp_path / "run"
+    train(fresh_net(), Synthetic(80), cfg(tmp_path, **conf), stop_after=6)
+    copies = lambda: sorted(p.name for p in (run / "checkpoints").iterdir())  # noqa: E731
+    assert copies() == ["step-00000004.pt", "step-00000006.pt"]
+    train(fresh_net(), Synthetic(80), cfg(tmp_path, **{**conf, "lr": 1e-4}, resume=str(run / "checkpoints" / "step-00000004.pt"),
+                                          resume_with_changes=True), stop_after=5)
+    assert copies() == ["step-00000004.pt", "step-00000005.pt"]
+    assert _steps(run) == [1, 2, 3, 4, 5]
+
+
+def test_a_garbled_metrics_line_does_not_stop_a_resume(tmp_path):
+    """A crash mid-write can leave bytes that are not UTF-8 at the end of metrics.jsonl: the resume drops
+    the line as it drops a torn one (it was a UnicodeDecodeError traceback)."""
+    conf = dict(epochs=2, init_images=0, **OPT)
+    train(fresh_net(), Synthetic(40), cfg(tmp_path, **conf), stop_after=4)
+    with open(tmp_path / "run" / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 5, "loss": \xff\xfe garbage\n')
+    train(fresh_net(), Synthetic(40), cfg(tmp_path, resume="auto", **conf))
+    assert _steps(tmp_path / "run") == list(range(1, 11))
+
+
 # ---------------------------------------------------------------------------- --seed
 
 
