@@ -242,8 +242,9 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
     images, t_loop = 0, time.perf_counter()
     net.train()
     stops = StopSignals().start()  # Ctrl-C: finish the step, checkpoint, then stop
+    batches = _batches(data, order, config, position, plan)
     try:
-        for batch in _batches(data, order, config, position, plan):
+        for batch in batches:
             t0 = time.perf_counter()
             x, y = task.inputs(batch)
             loss, stitch = trainer.step(x, y)
@@ -280,6 +281,7 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
                 raise TrainingInterrupted(position.step, plan.total, last_ckpt, stops.received) from None
         raise failed.__cause__ from None  # type: ignore[misc]
     finally:
+        batches.close()  # its loader's workers stop now, not when (or if) the generator is collected
         stops.stop()
         bar.close()
         log.close()
@@ -472,15 +474,23 @@ def _batches(data: Dataset, order: EpochSampler, config: TrainConfig, start: Pos
     step, epoch, skip = start.step, start.epoch, start.epoch_step
     while step < plan.total:
         batches = iter(_epoch_loader(data, order, epoch, skip, config))
-        while step < plan.total:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except Exception as e:
-                raise _DataFailed() from e
-            yield batch
-            step += 1
+        try:
+            while step < plan.total:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except Exception as e:
+                    raise _DataFailed() from e
+                yield batch
+                step += 1
+        finally:
+            # the loader's workers told to stop and joined now, whatever ends the epoch: they ignore SIGTERM
+            # (seed_worker), so one left for the interpreter's exit (which terminates daemonic children and
+            # joins them) would hang it; a traceback that holds this frame would otherwise keep them alive
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         epoch, skip = epoch + 1, 0
 
 
