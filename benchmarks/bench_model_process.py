@@ -18,7 +18,6 @@ is in ``GET /health`` as ``model_pid``).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -29,14 +28,15 @@ from bench_serve_overhead import cpu_seconds, model_only, server  # noqa: E402
 
 
 def histogram(url: str, name: str) -> tuple[float, float]:
-    """(sum, count) of a Prometheus histogram on ``url``/metrics."""
+    """(sum, count) of a Prometheus histogram on ``url``/metrics (prometheus_client's own parser)."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(url + "/metrics", timeout=30).text
-    found = [re.search(rf"^{name}_{part} (\S+)", text, re.M) for part in ("sum", "count")]
-    if not all(found):
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) if f.name == name for s in f.samples}
+    if f"{name}_sum" not in samples or f"{name}_count" not in samples:
         raise SystemExit(f"{name} is not on {url}/metrics")
-    return float(found[0].group(1)), float(found[1].group(1))  # type: ignore[union-attr]
+    return samples[f"{name}_sum"], samples[f"{name}_count"]
 
 
 def main() -> None:

@@ -112,10 +112,10 @@ def _keep_copy(path: Path, step: int, keep: int) -> None:
     copies kept are this run's latest and the way back from a damaged checkpoint (:func:`_go_back`) never lands after it."""
     folder = path.parent / CHECKPOINTS_DIR
     folder.mkdir(exist_ok=True)
-    for later in earlier_checkpoints(path.parent):
-        if _copy_step(later) > step:
-            later.unlink(missing_ok=True)
     copy = folder / f"step-{step:08d}.pt"
+    for later in earlier_checkpoints(path.parent):
+        if later.name > copy.name:  # zero-padded steps: the names sort as the steps do
+            later.unlink(missing_ok=True)
     copy.unlink(missing_ok=True)
     try:
         os.link(path, copy)
@@ -123,12 +123,6 @@ def _keep_copy(path: Path, step: int, keep: int) -> None:
         atomic_write(copy, lambda tmp: shutil.copyfile(path, tmp))
     for old in earlier_checkpoints(path.parent)[keep:]:
         old.unlink(missing_ok=True)
-
-
-def _copy_step(copy: Path) -> int:
-    """The step a ``checkpoints/step-<step>.pt`` copy holds, by its name (-1 when the name is not one)."""
-    digits = copy.stem.removeprefix("step-")
-    return int(digits) if digits.isdecimal() else -1
 
 
 def earlier_checkpoints(run: str | os.PathLike) -> list[Path]:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .config import TrainConfig
-from .demo import FrontierRange, frontier_gap
+from .demo import FrontierRange
 from .errors import ConfigError
 from .io import atomic_write
 from .recipes import recipe_config
@@ -89,7 +89,6 @@ class LMDemoResult(FrontierRange):
     results: list[Row]
     anchors_before: dict[str, float]  # anchor name -> held-out bits per byte before stitching
     anchors_after: dict[str, float]
-    max_frontier_gap: float  # widest FLOPs gap between consecutive frontier points, share of the anchors' range
     frontier_size: int
     samples: list[Sample]
     seconds: dict[str, float] = field(default_factory=dict)
@@ -188,7 +187,7 @@ def run_lm_demo(config: TrainConfig | None = None, options: LMDemoOptions = LMDe
     seconds["samples"] = time.perf_counter() - t
 
     after = {r.name: r.value("bpb") for r in results if r.is_anchor}
-    summary = LMDemoResult(results, before, after, frontier_gap(results), sum(r.pareto for r in results), samples,
+    summary = LMDemoResult(results, before, after, sum(r.pareto for r in results), samples,
                            {**seconds, "total": time.perf_counter() - t0},
                            {"train": config.to_dict(), "demo": asdict(options)})
     _report(summary, options.prompt, out, echo)
@@ -207,7 +206,8 @@ def _report(s: LMDemoResult, prompt: str, out: Path, echo: Callable[[str], Any])
         echo(f"--- {x.role}: network {x.id} {x.name} ({human(x.flops)} FLOPs/token, {x.bpb:.4f} bits/byte)")
         echo(prompt + x.text)
     summary = {k: v for k, v in asdict(s).items() if k != "results"}
-    summary |= {"frontier_filled": s.frontier_filled, "widest_gap_between": [list(p) for p in s.widest_gap_between],
+    summary |= {"max_frontier_gap": s.max_frontier_gap, "frontier_filled": s.frontier_filled,
+                "widest_gap_between": [list(p) for p in s.widest_gap_between],
                 "anchors_not_hurt": s.anchors_not_hurt}
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     echo(f"\nwrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'pareto.html'}, {out / 'pareto.png'}, "

@@ -140,6 +140,7 @@ class Resumed:
     position: Position
     history: list[dict[str, Any]]  # the settings of every segment of the run so far (train_config.json)
     changes: list[str]  # the settings this segment changes, "path: old -> new" ([] when none)
+    settings: dict[str, Any] = field(default_factory=dict)  # what the checkpoint was written with (checkpoint_config)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -322,7 +323,7 @@ def _carried_position(resumed: Resumed, config: TrainConfig, plan: Plan) -> Posi
     on from the first batch of the new size that holds no image seen in it (rounded up: none twice), or with
     the next epoch when none is left. The epoch's order does not depend on the batch size."""
     p = resumed.position
-    saved = checkpoint_config(resumed.state).get("data", {}).get("batch_size", config.data.batch_size)
+    saved = resumed.settings.get("data", {}).get("batch_size", config.data.batch_size)
     if saved == config.data.batch_size or p.epoch_step == 0:
         return p
     k = -(-p.epoch_step * saved // config.data.batch_size)
@@ -369,7 +370,7 @@ def resume_from(config: TrainConfig, out: Path, net: StitchedBase | nn.Module, w
     saved = checkpoint_config(state)
     changes = check_changes(state, config, out, path, world)
     position = Position(state["step"], state["epoch"], state["epoch_step"])
-    return Resumed(path, state, position, _read_history(out, saved, world), changes)
+    return Resumed(path, state, position, _read_history(out, saved, world), changes, saved)
 
 
 def check_changes(state: dict[str, Any], config: TrainConfig, out: Path, path: Path, world: int) -> list[str]:

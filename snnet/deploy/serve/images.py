@@ -138,13 +138,15 @@ class Preprocess:
         """One PNG/JPEG body as (H, W, C) uint8 at the input size (see the module), or :class:`Rejected`."""
         c, h, w = self.input_size
         head = data[:33]
-        if head[:8] == _PNG and head[12:16] == b"IHDR" and len(head) >= 33:
-            self.check_resized(*struct.unpack(">II", head[16:24]))
-        if decode_png is None or head[:8] != _PNG or head[12:16] != b"IHDR" or len(head) < 33:
+        png = head[:8] == _PNG and head[12:16] == b"IHDR" and len(head) >= 33
+        if png:  # its size from the header: a resize past max_pixels is refused before any decoding
+            width, height = struct.unpack(">II", head[16:24])
+            self.check_resized(width, height)
+        if decode_png is None or not png:
             img = decode_image(data, self.input_size, resize=self.resize, max_pixels=self.max_pixels)
-            self.check_resized(*img.size)
+            if not png:
+                self.check_resized(*img.size)
             return self.pixels(img)
-        width, height = struct.unpack(">II", head[16:24])
         depth, colour, interlace = head[24], head[25], head[28]
         if depth != 8 or interlace != 0 or colour != _PNG_COLOUR.get(c) or width * height > self.max_pixels or (
                 not self.resize and (width, height) != (w, h)):
