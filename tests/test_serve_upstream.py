@@ -130,3 +130,30 @@ def test_steady_cv2_reaches_the_controller_and_is_checked(saved: tuple[Path, Pat
     assert _policy("controller", rows, ServeConfig(str(model), max_batch=8, steady_cv2=2.0)).config.steady == (2.0, 1.0)
     with pytest.raises(ServeError, match="--steady-cv2"):
         ServeConfig(str(model), steady_cv2=-1.0)
+
+
+def test_a_pipelining_client_that_leaves_leaves_nothing_waiting_and_no_traceback(saved: tuple[Path, Path], capfd: Any) -> None:
+    """HTTP/1.1 pipelining, then the client goes: uvicorn never starts the requests queued behind the one
+    being answered, and marks only the newest read as disconnected. The queued ones must leave the
+    Upstream with the connection (else each counts as waiting, the latency path off and the controller
+    planning for it, until it goes stale a minute later), and the one being answered must not write to
+    the closed socket (uvloop's RuntimeError, logged as "Exception in ASGI application")."""
+    import socket
+    from urllib.parse import urlsplit
+
+    model, results = saved
+    service = Service.load(ServeConfig(str(model), str(results), max_batch=8, inline_max_images=0, max_upload_bytes=2 ** 20))
+    png = _png(seed=1)
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(png)}\r\n\r\n".encode()
+    with _Server(service, http=StampedProtocol) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        url = urlsplit(s.url)
+        for _ in range(3):
+            with socket.create_connection((url.hostname, url.port)) as sock:
+                sock.sendall((head + png) * 3)  # one write: the first being answered when the client has gone
+            time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while (waiting := c.get("/health").json()["before_ring"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waiting == 0 and len(service.upstream) == 0
+        assert c.post("/predict", content=png, headers={"content-type": "image/png"}).status_code == 200
+    assert "Exception in ASGI application" not in capfd.readouterr().err

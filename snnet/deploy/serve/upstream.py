@@ -114,6 +114,26 @@ class StampedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             scope[KEY], scope[TRACKER] = up.admit(arrived), up
 
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._running = cycle  # the request being answered (uvicorn's `cycle` is the newest read, pipelined or not)
+        super()._start_asgi_task(cycle, app)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # HTTP/1.1 pipelining (requests sent before the answer to the one before), two things uvicorn leaves:
+        # * the requests queued behind the one being answered are never started once the client is gone, so no
+        #   handler of theirs leaves the Upstream: each would count as waiting for this process (the latency path
+        #   off, the controller planning for it) until it went stale;
+        # * it marks only the newest request read as disconnected, so the one being answered writes its answer to
+        #   the closed transport, and uvloop's RuntimeError lands in the log as "Exception in ASGI application"
+        for cycle, _ in getattr(self, "pipeline", ()):
+            release(cycle.scope)
+        running = getattr(self, "_running", None)
+        if running is not None and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
+        super().connection_lost(exc)
+
+
 def release(scope: dict[str, Any]) -> None:
     """The request of ``scope`` no longer waits for the ring (in it, answered, or refused), whoever answered it."""
     up = scope.get(TRACKER)
