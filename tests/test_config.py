@@ -229,3 +229,15 @@ def test_the_earlier_recipe_call_form_still_trains(tmp_path):
     assert optim_config == recipe_config("deit").optim
     result = train(fresh_net(), Synthetic(16), train_config, optim_config)
     assert result.finished and result.step == 2
+
+
+@pytest.mark.parametrize("command, switch", [("train", "--overwrite=false"), ("train", "--augment=false"),
+                                             ("train", "--two-way=no"), ("demo", "--distill=false")])
+def test_an_old_switch_given_a_value_is_refused_not_turned_on(capsys, tmp_path, command, switch):
+    """`--overwrite=false` set run.overwrite to true (deleting the run in --out): the value was dropped."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"kept")
+    says = _refused(capsys, command, switch, "--out", str(run), "--print-config")
+    assert f"{switch.partition('=')[0]} is a switch and takes no value" in says
+    assert (run / "checkpoint.pt").read_bytes() == b"kept"

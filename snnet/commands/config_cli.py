@@ -158,6 +158,9 @@ def _translate(argv: list[str], legacy: Mapping[str, Legacy],
             words += [f"--{legacy[name].path}", json.dumps(items)]
             continue
         if name in legacy:
+            if eq and legacy[name].const is not None:  # a switch: `--overwrite=false` must not turn it on
+                raise ConfigError(f"{name} is a switch and takes no value, got {word!r}: give {name} alone, or "
+                                  f"--{legacy[name].path} VALUE")
             words += _legacy_words(name, legacy[name], value)
             continue
         key = normalise(name) if name.startswith("--") else name
