@@ -241,3 +241,11 @@ def test_an_old_switch_given_a_value_is_refused_not_turned_on(capsys, tmp_path, 
     says = _refused(capsys, command, switch, "--out", str(run), "--print-config")
     assert f"{switch.partition('=')[0]} is a switch and takes no value" in says
     assert (run / "checkpoint.pt").read_bytes() == b"kept"
+
+
+def test_an_empty_or_all_comments_config_file_sets_nothing(capsys, tmp_path):
+    """An empty --config file (or one whose settings are all commented out) was refused: `error: Unexpected config:`."""
+    default = _printed(capsys, "train", "--print-config")
+    for text in ("", "# optim:\n#   lr: 1.0e-03\n"):
+        empty = _write(tmp_path / "empty.yaml", text)
+        assert _printed(capsys, "train", "--config", str(empty), "--print-config") == default

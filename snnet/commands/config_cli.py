@@ -99,11 +99,12 @@ def parse(argv: Sequence[str], prog: str, *, legacy: Mapping[str, Legacy] = TRAI
                                        "rates used as a comment) and exit; --config takes the file back.",
                                        **(flags or {})}
     words, recipe, configs, given = _translate(list(argv), legacy, flags)
-    for path in configs:
-        read_yaml(path)  # a missing or unreadable file is one line naming it
+    # a missing or unreadable file is one line naming it; an empty one (or all comments) sets nothing
+    # (jsonargparse refuses it: "Unexpected config")
+    filled = [path for path in configs if read_yaml(path)]
     layers = recipe_layers(recipe or default_recipe) if (recipe or default_recipe) else []
     parser = _parser(prog, extra, flags, description)
-    args = [a for path in (*layers, *configs) for a in ("--config", str(path))] + words
+    args = [a for path in (*layers, *filled) for a in ("--config", str(path))] + words
     try:
         ns = parser.parse_args(args)
     except SystemExit:
