@@ -249,3 +249,18 @@ def test_an_empty_or_all_comments_config_file_sets_nothing(capsys, tmp_path):
     for text in ("", "# optim:\n#   lr: 1.0e-03\n"):
         empty = _write(tmp_path / "empty.yaml", text)
         assert _printed(capsys, "train", "--config", str(empty), "--print-config") == default
+
+
+def test_a_config_file_that_names_a_recipe_is_laid_over_it(capsys, tmp_path):
+    """`recipe: deit` in a --config file was accepted and silently ignored (the tree's defaults, or the demo's)."""
+    mine = _write(tmp_path / "mine.yaml", "recipe: deit\ndata:\n  batch_size: 32\n")
+    settings = yaml.safe_load(_printed(capsys, "train", "--config", str(mine), "--print-config"))
+    assert settings["data"]["batch_size"] == 32 and settings["schedule"]["epochs"] == 50  # the file over deit
+    assert settings == yaml.safe_load(_printed(capsys, "train", "--recipe", "deit", "--config", str(mine),
+                                               "--print-config"))
+    blocks = _write(tmp_path / "blocks.yaml", "recipe: demo-blocks\n")  # the demo's own recipe replaced
+    demo = yaml.safe_load(_printed(capsys, "demo", "--config", str(blocks), "--print-config"))
+    assert demo["schedule"]["max_steps"] == recipe_config("demo-blocks").schedule.max_steps != \
+        recipe_config("demo").schedule.max_steps
+    assert "name different recipes" in _refused(capsys, "train", "--recipe", "swin", "--config", str(mine))
+    assert "unknown recipe 'nope'" in _refused(capsys, "train", "--config", str(_write(tmp_path / "n.yaml", "recipe: nope\n")))

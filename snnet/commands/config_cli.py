@@ -101,7 +101,9 @@ def parse(argv: Sequence[str], prog: str, *, legacy: Mapping[str, Legacy] = TRAI
     words, recipe, configs, given = _translate(list(argv), legacy, flags)
     # a missing or unreadable file is one line naming it; an empty one (or all comments) sets nothing
     # (jsonargparse refuses it: "Unexpected config")
-    filled = [path for path in configs if read_yaml(path)]
+    read = {path: read_yaml(path) for path in configs}
+    filled = [path for path in configs if read[path]]
+    recipe = _file_recipe(recipe, read)
     layers = recipe_layers(recipe or default_recipe) if (recipe or default_recipe) else []
     parser = _parser(prog, extra, flags, description)
     args = [a for path in (*layers, *filled) for a in ("--config", str(path))] + words
@@ -118,6 +120,19 @@ def parse(argv: Sequence[str], prog: str, *, legacy: Mapping[str, Legacy] = TRAI
     config = TrainConfig.from_dict(values)
     built = {name: _build_extra(cls, sections[name], name) for name, cls in extra.items()}
     return Parsed(config, built, {f: f in given for f in flags}, recipe, tuple(argv))
+
+
+def _file_recipe(recipe: str | None, files: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The recipe of the command line, or the one a ``--config`` file names (``recipe: NAME``, as a recipe names
+    its base): laid under the files. Two different ones are refused in one line."""
+    from ..recipes import BASE_KEY, recipe_path
+
+    named = {path: str(data[BASE_KEY]) for path, data in files.items() if data.get(BASE_KEY) is not None}
+    given = [("--recipe", recipe)] if recipe is not None else []
+    given += [(f"--config {path} (recipe: {name})", name) for path, name in named.items()]
+    if len({recipe_path(name) for _, name in given}) > 1:
+        raise ConfigError(f"{' and '.join(where for where, _ in given)} name different recipes: give one")
+    return given[0][1] if given else None
 
 
 def normalise(option: str) -> str:
