@@ -264,3 +264,17 @@ def test_a_config_file_that_names_a_recipe_is_laid_over_it(capsys, tmp_path):
         recipe_config("demo").schedule.max_steps
     assert "name different recipes" in _refused(capsys, "train", "--recipe", "swin", "--config", str(mine))
     assert "unknown recipe 'nope'" in _refused(capsys, "train", "--config", str(_write(tmp_path / "n.yaml", "recipe: nope\n")))
+
+
+def test_every_list_setting_takes_comma_separated_words_and_demo_weights_a_folder(capsys, tmp_path):
+    """docs/configuration.md: lists are YAML or comma-separated words. Only four settings took words: `--demo.weights
+    FOLDER` (the documented form of the demo's `--weights FOLDER`) was refused, `expected null or a list`."""
+    demo = yaml.safe_load(_printed(capsys, "demo", "--demo.weights", str(tmp_path), "--demo.budgets", "0.1,0.5",
+                                   "--print-config"))["demo"]
+    assert demo["weights"] == [str(tmp_path)] and demo["budgets"] == [0.1, 0.5]
+    assert demo["weights"] == yaml.safe_load(_printed(capsys, "demo", "--weights", str(tmp_path), "--print-config"))[
+        "demo"]["weights"]
+    train = yaml.safe_load(_printed(capsys, "train", "--model.drop_path", "0.1,0.2", "--sampling.sampler", "weighted",
+                                    "--sampling.weighted_stitches", "1,fmnist_vit_s", "--print-config"))
+    assert train["model"]["drop_path"] == [0.1, 0.2] and train["sampling"]["weighted_stitches"] == [1, "fmnist_vit_s"]
+    assert yaml.safe_load(_printed(capsys, "train", "--model.drop_path=0.1", "--print-config"))["model"]["drop_path"] == 0.1

@@ -71,8 +71,23 @@ TRAIN_LEGACY: dict[str, Legacy] = {
     "--progress": Legacy("run.progress", "true"), "--no-progress": Legacy("run.progress", "false"),
     "--set": Legacy("", kind="set"),
 }
-# values given as lists on the command line may be comma-separated words as well as YAML lists
-_LISTS = ("model.weights", "space.routes", "space.stages", "optim.betas")
+
+
+def _lists(extra: Mapping[str, type] | None = None) -> dict[str, bool]:
+    """Every setting (of the tree, and of ``extra`` sections) that takes a list, which the command line may
+    give as comma-separated words as well as a YAML list -> whether one word may also be a single value
+    (``model.drop_path 0.1``: one rate, or one per anchor)."""
+    import types
+    import typing
+
+    out: dict[str, bool] = {}
+    for section, cls in {**SECTIONS, **(extra or {})}.items():
+        for name, kind in typing.get_type_hints(cls).items():
+            union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+            kinds = [k for k in (typing.get_args(kind) if union else (kind,)) if k is not type(None)]
+            if any(typing.get_origin(k) is tuple for k in kinds):
+                out[f"{section}.{name}"] = any(typing.get_origin(k) is not tuple for k in kinds)
+    return out
 
 
 @dataclass(frozen=True)
@@ -98,7 +113,7 @@ def parse(argv: Sequence[str], prog: str, *, legacy: Mapping[str, Legacy] = TRAI
     extra, flags = dict(extra or {}), {"--print-config": "Print the resolved settings as YAML (the learning "
                                        "rates used as a comment) and exit; --config takes the file back.",
                                        **(flags or {})}
-    words, recipe, configs, given = _translate(list(argv), legacy, flags)
+    words, recipe, configs, given = _translate(list(argv), legacy, flags, _lists(extra))
     # a missing or unreadable file is one line naming it; an empty one (or all comments) sets nothing
     # (jsonargparse refuses it: "Unexpected config")
     read = {path: read_yaml(path) for path in configs}
@@ -141,8 +156,8 @@ def normalise(option: str) -> str:
     return "--" + name[2:].replace("-", "_") + eq + value
 
 
-def _translate(argv: list[str], legacy: Mapping[str, Legacy],
-               flags: Mapping[str, str]) -> tuple[list[str], str | None, list[str], set[str]]:
+def _translate(argv: list[str], legacy: Mapping[str, Legacy], flags: Mapping[str, str],
+               lists: Mapping[str, bool]) -> tuple[list[str], str | None, list[str], set[str]]:
     """The words jsonargparse reads (old options translated, names normalised), the recipe, the config
     files (in order) and the command's flags that were given."""
     words: list[str] = []
@@ -193,11 +208,11 @@ def _translate(argv: list[str], legacy: Mapping[str, Legacy],
             if eq:
                 words.append(inline)
             path = key[2:]
-            if path in _LISTS and i < len(argv) and not eq:
-                words.append(_as_list(path, argv[i]))
+            if path in lists and i < len(argv) and not eq:
+                words.append(_as_list(path, argv[i], lists[path]))
                 i += 1
-            elif path in _LISTS and eq:
-                words[-1] = _as_list(path, inline)
+            elif path in lists and eq:
+                words[-1] = _as_list(path, inline, lists[path])
     return words, recipe, configs, given
 
 
@@ -214,7 +229,8 @@ def _legacy_words(name: str, old: Legacy, value: Callable[[], str]) -> list[str]
         if path is None:
             raise ConfigError(f"--set {field}={text}: unknown setting {field.strip()!r}; `snnet train --help` lists them")
         text = "null" if text.strip().lower() in ("none", "null") else text.strip()
-        return [f"--{path}", _as_list(path, text) if path in _LISTS else text]
+        lists = _lists()
+        return [f"--{path}", _as_list(path, text, lists[path]) if path in lists else text]
     text = value()
     if old.kind == "routes":
         from .options import read_routes
@@ -225,10 +241,11 @@ def _legacy_words(name: str, old: Legacy, value: Callable[[], str]) -> list[str]
     return [f"--{old.path}", text]
 
 
-def _as_list(path: str, text: str) -> str:
-    """A list value as YAML: ``[...]`` as it is, ``a,b`` as ``["a", "b"]``; a routes file read (space.routes)."""
+def _as_list(path: str, text: str, or_single: bool = False) -> str:
+    """A list value as YAML: ``[...]`` as it is, ``a,b`` as ``["a", "b"]``; a routes file read (space.routes).
+    ``or_single``: a word without a comma is one value, not a list of one."""
     stripped = text.strip()
-    if stripped.startswith("[") or stripped.lower() in ("null", "none"):
+    if stripped.startswith("[") or stripped.lower() in ("null", "none") or (or_single and "," not in stripped):
         return "null" if stripped.lower() == "none" else stripped
     if path == "space.routes" and os.path.exists(stripped):
         from .options import read_routes
