@@ -278,3 +278,23 @@ def test_every_list_setting_takes_comma_separated_words_and_demo_weights_a_folde
                                     "--sampling.weighted_stitches", "1,fmnist_vit_s", "--print-config"))
     assert train["model"]["drop_path"] == [0.1, 0.2] and train["sampling"]["weighted_stitches"] == [1, "fmnist_vit_s"]
     assert yaml.safe_load(_printed(capsys, "train", "--model.drop_path=0.1", "--print-config"))["model"]["drop_path"] == 0.1
+
+
+def _help(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_the_defaults_of_the_recipe_the_command_starts_from(capsys):
+    """`snnet demo --help` said `--optim.lr ... (default: 0.0004)` and `--schedule.max_steps ... (default: null)`: the
+    tree's defaults, while the demo trains at the demo recipe's 0.012 for 5000 steps."""
+    demo = recipe_config("demo")
+    out = _help(capsys, "demo", "--help")
+    assert re.search(r"--optim\.lr LR .*?\(type: float, default: ([^)]*)\)", out)[1] == f"{demo.optim.lr:g}"
+    assert re.search(r"--schedule\.max_steps MAX_STEPS .*?default: ([^)]*)\)", out)[1] == str(demo.schedule.max_steps)
+    deit = _help(capsys, "train", "--recipe", "deit", "--help")
+    assert re.search(r"--optim\.lr LR .*?default: ([^)]*)\)", deit)[1] == f"{recipe_config('deit').optim.lr:g}"
+    plain = _help(capsys, "train", "--help")
+    assert re.search(r"--optim\.lr LR .*?default: ([^)]*)\)", plain)[1] == f"{TrainConfig().optim.lr:g}"

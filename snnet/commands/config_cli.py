@@ -121,6 +121,11 @@ def parse(argv: Sequence[str], prog: str, *, legacy: Mapping[str, Legacy] = TRAI
     recipe = _file_recipe(recipe, read)
     layers = recipe_layers(recipe or default_recipe) if (recipe or default_recipe) else []
     parser = _parser(prog, extra, flags, description)
+    if layers and "--help" in words:  # the help's defaults are the recipe's values where it sets them
+        from ..config import flatten
+        from ..recipes import load_recipe
+
+        parser.set_defaults(flatten(load_recipe(recipe or default_recipe)))  # type: ignore[arg-type]
     args = [a for path in (*layers, *filled) for a in ("--config", str(path))] + words
     try:
         ns = parser.parse_args(args)
