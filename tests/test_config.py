@@ -298,3 +298,13 @@ def test_help_shows_the_defaults_of_the_recipe_the_command_starts_from(capsys):
     assert re.search(r"--optim\.lr LR .*?default: ([^)]*)\)", deit)[1] == f"{recipe_config('deit').optim.lr:g}"
     plain = _help(capsys, "train", "--help")
     assert re.search(r"--optim\.lr LR .*?default: ([^)]*)\)", plain)[1] == f"{TrainConfig().optim.lr:g}"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--rec", "deit"], "no such option: --rec (did you mean --recipe"),
+    (["--data.batch", "8"], "no such option: --data.batch (did you mean --data.batch_size"),
+])
+def test_an_option_is_named_in_full_not_by_a_prefix(capsys, args, says):
+    """argparse took prefixes: `--rec deit` matched --recipe, which the parse then dropped, so the recipe was
+    silently ignored (the tree's defaults trained)."""
+    assert says in _refused(capsys, "train", *args, "--print-config")

@@ -270,6 +270,8 @@ def _parser(prog: str, extra: Mapping[str, type], flags: Mapping[str, str], desc
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # each setting's help is its docstring
     parser = ArgumentParser(prog=prog, usage=f"{prog} [--recipe NAME] [--config FILE] [--SECTION.SETTING VALUE ...]",
                             description=description, exit_on_error=False,
+                            # no prefixes: `--rec deit` matched --recipe, which the parse drops (the recipe ignored)
+                            allow_abbrev=False,
                             epilog="Options of earlier snnet versions (--batch-size, --lr, --out, --set FIELD=VALUE, "
                                    "...) still work: docs/configuration.md lists them with the settings they set.")
     parser.add_argument("--config", action=ActionConfigFile,
@@ -317,7 +319,7 @@ def _one_line(e: BaseException, configs: Sequence[str]) -> str:
         import difflib
 
         bad = m.group(1).split()[0]
-        options = [normalise(f"--{p}") for p in _all_paths()] + list(TRAIN_LEGACY)
+        options = [normalise(f"--{p}") for p in _all_paths()] + list(TRAIN_LEGACY) + ["--recipe", "--config"]
         close = difflib.get_close_matches(normalise(bad) if bad.startswith("--") else bad, options, n=2)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         return f"no such option: {bad}{hint}"
