@@ -91,6 +91,21 @@ def generate(net: Any, prompt: str | Sequence[str], *, tokenizer: Any = None, op
         net.select(previous)
 
 
+class _StopStrings:
+    """A stopping criterion: true for a row once the text of its new tokens (after the prompt's ``start``
+    tokens) holds a stop string. Only the last tokens that can hold the longest stop string are decoded
+    (a token decodes to at least a byte, a character to at most 4)."""
+
+    def __init__(self, tok: Any, stops: Sequence[str], start: int) -> None:
+        self.tok, self.stops, self.start = tok, tuple(stops), start
+        self.window = 4 * max(len(s) for s in self.stops) + 4
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        rows = input_ids[:, max(self.start, input_ids.shape[1] - self.window):].tolist()
+        hit = [any(s in self.tok.decode(r, skip_special_tokens=True) for s in self.stops) for r in rows]
+        return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, single: bool,
          extra: dict[str, Any]) -> Generated | list[Generated]:
@@ -112,8 +127,11 @@ def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, sin
         kwargs.update(temperature=float(options.temperature), top_p=float(options.top_p))
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    if options.stop:
-        kwargs.update(stop_strings=list(options.stop), tokenizer=tok)
+    if options.stop:  # the continuation's text alone is searched (transformers' stop_strings reach into the prompt)
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(extra.get("stopping_criteria") or ()),
+                                                            _StopStrings(tok, options.stop, int(ids.shape[1]))])
     was_training = net.training
     net.eval()
     t0 = time.perf_counter()

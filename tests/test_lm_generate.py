@@ -1,0 +1,25 @@
+"""snnet.generate on a tiny random-init stitched LM (snnet.families.lm_tiny): edge cases of the options."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+import snnet.lm as lm  # noqa: E402
+from snnet.families.lm_tiny import tiny_lm  # noqa: E402
+
+PROMPT = "def add(a, b):"
+
+
+@pytest.fixture(scope="module")
+def net() -> lm.StitchedLM:
+    return tiny_lm()
+
+
+def test_a_stop_string_is_looked_for_in_the_continuation_not_the_prompt(net):
+    free = lm.generate(net, PROMPT, options=lm.GenerationOptions(max_new_tokens=8))
+    first = net.tokenizer.decode(free.tokens[:1])
+    stop = PROMPT[-3:] + first  # ends in the first new token, begins in the prompt: never in the continuation
+    assert stop not in free.text
+    cut = lm.generate(net, PROMPT, options=lm.GenerationOptions(max_new_tokens=8, stop=(stop,)))
+    assert (cut.text, cut.tokens, cut.finish) == (free.text, free.tokens, "length")
