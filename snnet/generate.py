@@ -147,12 +147,12 @@ def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, sin
     seconds = time.perf_counter() - t0
     results = []
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    for row in out[:, ids.shape[1]:].tolist():
+    for prompt_row, row in zip(rows, out[:, ids.shape[1]:].tolist()):
         if eos & set(row):  # generation pads a finished row after its end-of-text token
             row = row[: next(k for k, t in enumerate(row) if t in eos) + 1]
         full = tok.decode(row, skip_special_tokens=True)
         hit = min((full.index(s) for s in options.stop if s in full), default=None)
         text = full if hit is None else full[:hit]
         finish = "stop" if hit is not None or eos & set(row[-1:]) else "length"
-        results.append(Generated(text, tuple(row), net.active.name, int(ids.shape[1]), finish, seconds))
+        results.append(Generated(text, tuple(row), net.active.name, len(prompt_row), finish, seconds))
     return results[0] if single else results

@@ -23,3 +23,10 @@ def test_a_stop_string_is_looked_for_in_the_continuation_not_the_prompt(net):
     assert stop not in free.text
     cut = lm.generate(net, PROMPT, options=lm.GenerationOptions(max_new_tokens=8, stop=(stop,)))
     assert (cut.text, cut.tokens, cut.finish) == (free.text, free.tokens, "length")
+
+
+def test_each_prompt_of_a_batch_counts_its_own_tokens_not_the_padding(net):
+    prompts = ["a", PROMPT + "\n    return a + b"]
+    batch = lm.generate(net, prompts, options=lm.GenerationOptions(max_new_tokens=2))
+    assert [g.prompt_tokens for g in batch] == [len(net.tokenizer(p)["input_ids"]) for p in prompts]
+    assert batch[0].prompt_tokens == lm.generate(net, "a", options=lm.GenerationOptions(max_new_tokens=2)).prompt_tokens
