@@ -457,6 +457,46 @@ def test_models_health_stitch_and_metrics(client: httpx.Client) -> None:
     assert after[("snnet_lm_tpot_seconds_count", ())] == before[("snnet_lm_tpot_seconds_count", ())] + (n > 1)
 
 
+def _until(check: Any, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _send_and_leave(url: str, body: dict) -> socket.socket:
+    """A request sent on a raw connection (closed by the caller: a client that goes before its answer)."""
+    data = json.dumps(body).encode()
+    c = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    c.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+              b"content-length: %d\r\n\r\n" % len(data) + data)
+    return c
+
+
+def test_a_whole_answer_whose_client_has_gone_is_dropped_or_stopped(saved: Path) -> None:
+    """Not streamed: a client gone while its request waits takes it out of the queue; one gone while it
+    generates stops it at the next token (they ran to max_tokens for nobody, holding the one worker)."""
+    engine = _engine(saved, stitch="0")
+    gate, real = threading.Event(), engine.run
+    engine.run = lambda job, decision: (gate.wait(10), real(job, decision))[1]  # the worker holds each job at the gate
+    body = {"model": "tiny-lm", "prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+    with _Server(engine) as server:
+        running = _send_and_leave(server.url, body)
+        _until(lambda: engine.state()["running"])
+        waiting = _send_and_leave(server.url, body)
+        _until(lambda: engine.state()["queue"] == 1)
+        waiting.close()
+        _until(lambda: engine.state()["queue"] == 0)
+        job = engine._running
+        running.close()
+        _until(job.cancelled.is_set)
+        gate.set()
+        _until(lambda: engine.generations == 1)
+        with httpx.Client(base_url=server.url) as c:
+            key = ("snnet_lm_tokens_total", (("kind", "completion"), ("stitch", engine.net.stitch(0).name)))
+            assert _samples(c)[key] == 1  # the first token, then the stopping criterion saw the client gone
+
+
 def _samples(client: httpx.Client) -> dict[tuple, float]:
     text = client.get("/metrics").text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}

@@ -69,8 +69,17 @@ class _Request:
         self.id, self.created = new_id(req.chat), int(time.time())
         self.model = engine.config.served_name
 
-    async def whole(self) -> Response:
+    async def _watch(self, receive: Any) -> None:
+        """Wait for the client to go (its body is read: the next message is ``http.disconnect``), then drop
+        its job (waiting: out of the queue; running: stopped at the next token) and end the wait for events."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.engine.cancel(self.job)
+        self.events.put_nowait(("gone", None))
+
+    async def whole(self, receive: Any) -> Response:
         parts: list[str] = []
+        watch = asyncio.create_task(self._watch(receive))
         try:
             while True:
                 kind, value = await self.events.get()
@@ -78,10 +87,13 @@ class _Request:
                     parts.append(value)
                 elif kind == "error":
                     return _error(Rejected(500, value, "model_error"), self.engine)
+                elif kind == "gone":  # nobody to answer
+                    return Response(status_code=499)
                 elif kind == "done":
                     out: Outcome = value
                     break
         finally:
+            watch.cancel()
             self.engine.cancel(self.job)  # a client gone before the end: the worker stops at the next token
         self.engine.metrics.requests.labels("200").inc()
         return _json(completion(self.id, self.req.chat, self.model, "".join(parts), out.finish, out.usage(), out.snnet()),
@@ -173,7 +185,7 @@ async def _complete(engine: LMEngine, request: Request, chat: bool) -> Response:
         return _error(e, engine)
     run = _Request(engine, req, job, events)
     if not req.stream:
-        return await run.whole()
+        return await run.whole(request.receive)
     engine.metrics.requests.labels("200").inc()
     return StreamingResponse(run.stream(), media_type="text/event-stream",
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
