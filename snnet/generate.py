@@ -46,6 +46,9 @@ class GenerationOptions:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2 ** 63 <= self.seed < 2 ** 64):  # what torch.manual_seed takes
+            raise ConfigError(f"seed must be a whole number from -2**63 to 2**64 - 1, got {self.seed!r}")
 
     @property
     def sampling(self) -> bool:

@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("transformers")
 import snnet.lm as lm  # noqa: E402
+from snnet.errors import ConfigError  # noqa: E402
 from snnet.families.lm_tiny import tiny_lm  # noqa: E402
 
 PROMPT = "def add(a, b):"
@@ -30,3 +31,21 @@ def test_each_prompt_of_a_batch_counts_its_own_tokens_not_the_padding(net):
     batch = lm.generate(net, prompts, options=lm.GenerationOptions(max_new_tokens=2))
     assert [g.prompt_tokens for g in batch] == [len(net.tokenizer(p)["input_ids"]) for p in prompts]
     assert batch[0].prompt_tokens == lm.generate(net, "a", options=lm.GenerationOptions(max_new_tokens=2)).prompt_tokens
+
+
+
+@pytest.mark.parametrize("seed", [2 ** 64, -2 ** 63 - 1, 1.5, "7", True])
+def test_a_seed_torch_cannot_take_is_refused_in_one_line(seed):
+    with pytest.raises(ConfigError, match="seed must be a whole number"):
+        lm.GenerationOptions(temperature=1.0, seed=seed)
+    assert lm.GenerationOptions(temperature=1.0, seed=2 ** 64 - 1).seed == 2 ** 64 - 1  # the largest torch takes
+
+
+def test_cli_refuses_a_seed_out_of_range_in_one_line(net, tmp_path, capsys):
+    from snnet.cli import main
+
+    net.save_pretrained(tmp_path / "lm")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(tmp_path / "lm"), "-p", "def", "-n", "2", "--temperature", "1", "--seed", str(2 ** 64)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "seed must be a whole number" in err and "Traceback" not in err
