@@ -32,6 +32,15 @@ __all__ = ["LM_FRONT", "evaluate_lm", "format_lm_results", "lm_validation_scores
 LM_FRONT = "bpb"  # the metric a language model's frontier is drawn on (lower is better)
 
 
+def positions(net: Any) -> tuple[int, str] | None:
+    """The fewest positions any anchor of ``net`` knows, and that anchor's label (None: no anchor says)."""
+    from .families.causal_lm import max_positions
+
+    known = [(n, lab) for n, lab in zip((max_positions(a.config) for a in getattr(net, "anchors", ())),
+                                        getattr(net, "labels", ())) if n is not None]
+    return min(known) if known else None
+
+
 @torch.inference_mode()
 def evaluate_lm(net: Any, loader: Iterable[Any], stitches: Sequence[Any] | None = None, *, progress: bool = True,
                 context: int | None = None) -> list[Row]:
@@ -44,6 +53,7 @@ def evaluate_lm(net: Any, loader: Iterable[Any], stitches: Sequence[Any] | None 
     """
     chosen = _select(net, stitches)
     device = next(net.parameters()).device
+    limit = positions(net)
     tallies = {s.id: Tally(device) for s in chosen}
     tokens = nbytes = 0
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
@@ -60,6 +70,9 @@ def evaluate_lm(net: Any, loader: Iterable[Any], stitches: Sequence[Any] | None 
             if int(ids.max()) >= net.vocab_size or int(ids.min()) < 0:
                 raise SnnetError(f"token id {int(ids.max())} is outside the network's {net.vocab_size}-token vocabulary: "
                                  "the text was tokenised with another tokenizer")
+            if limit is not None and ids.shape[1] - 1 > limit[0]:
+                raise SnnetError(f"blocks of {ids.shape[1] - 1} predicted tokens are longer than the {limit[0]} positions "
+                                 f"{limit[1]} knows: cut the text into blocks of at most {limit[0]} tokens")
             x, y = ids[:, :-1], ids[:, 1:]
             for s, logits in forward_stitches(net, x, chosen):
                 tallies[s.id].update(logits.flatten(0, 1), y.flatten())  # every position is one prediction

@@ -415,3 +415,21 @@ def test_plot_and_rows_for_a_language_model(nets, tokenizer, tmp_path):
     assert [r.value("bpb") for r in back] == [r.value("bpb") for r in rows]
     html, png = plot_pareto(back, tmp_path / "front.html", tmp_path / "front.png", y="bpb")
     assert "bits per byte" in html.read_text() and png.stat().st_size > 0
+
+
+def test_blocks_longer_than_the_positions_are_refused_in_one_line(tmp_path, capsys):
+    from snnet.cli import main
+    from snnet.families.lm_tiny import tiny_lm
+
+    net = tiny_lm(positions=16)
+    ok = lm.TokenBlocks(torch.zeros(2, 17, dtype=torch.long), torch.ones(2, dtype=torch.long))
+    assert lm.evaluate_lm(net, lm.text_loader(ok, 2), progress=False)[0].images == 32
+    long = lm.TokenBlocks(torch.zeros(2, 18, dtype=torch.long), torch.ones(2, dtype=torch.long))
+    with pytest.raises(SnnetError, match="17 predicted tokens are longer than the 16 positions"):
+        lm.evaluate_lm(net, lm.text_loader(long, 2), progress=False)  # was an IndexError in GPT-2's position embedding
+    net.save_pretrained(tmp_path / "lm")
+    for flags in ([], ["--block-size", "17"]):  # the default block (256) too: a saved network has no run's settings
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--model", str(tmp_path / "lm"), "--out", str(tmp_path / "ev"), "--no-progress", *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "give --block-size 16 or less" in err and "Traceback" not in err
