@@ -123,6 +123,15 @@ def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, sin
     if not all(rows):
         raise SnnetError("a prompt is empty after tokenisation: give at least one token of text")
     width = max(len(r) for r in rows)  # left padding: a decoder continues the last real token of every row
+    from .families.causal_lm import max_positions
+
+    known = [(n, lab) for n, lab in zip((max_positions(a.config) for a in getattr(net, "anchors", ())),
+                                        getattr(net, "labels", ())) if n is not None]
+    if known and width + options.max_new_tokens - 1 > min(known)[0]:  # the last new token is never read
+        limit, who = min(known)
+        raise SnnetError(f"the prompt has {width} tokens and max_new_tokens asks for {options.max_new_tokens}: the model would "
+                         f"read more than the {limit} positions {who} knows; shorten the prompt or lower max_new_tokens "
+                         f"(to {max(limit + 1 - width, 0)})")
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     kwargs: dict[str, Any] = dict(max_new_tokens=options.max_new_tokens, do_sample=options.sampling, pad_token_id=pad, **extra)

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("transformers")
 import snnet.lm as lm  # noqa: E402
-from snnet.errors import ConfigError  # noqa: E402
+from snnet.errors import ConfigError, SnnetError  # noqa: E402
 from snnet.families.lm_tiny import tiny_lm  # noqa: E402
 
 PROMPT = "def add(a, b):"
@@ -49,3 +49,13 @@ def test_cli_refuses_a_seed_out_of_range_in_one_line(net, tmp_path, capsys):
         main(["generate", "--model", str(tmp_path / "lm"), "-p", "def", "-n", "2", "--temperature", "1", "--seed", str(2 ** 64)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "seed must be a whole number" in err and "Traceback" not in err
+
+
+def test_a_generation_past_the_positions_is_refused_in_one_line(net):
+    n = len(net.tokenizer(PROMPT)["input_ids"])
+    most = 65 - n  # the last new token is never read: 64 positions read
+    assert len(lm.generate(net, PROMPT, options=lm.GenerationOptions(max_new_tokens=most)).tokens) == most
+    with pytest.raises(SnnetError, match="more than the 64 positions"):  # was an IndexError in the position embedding
+        lm.generate(net, PROMPT, options=lm.GenerationOptions(max_new_tokens=most + 1))
+    with pytest.raises(SnnetError, match="more than the 64 positions"):
+        lm.generate(net, [PROMPT, "a"], options=lm.GenerationOptions(max_new_tokens=most + 1))
