@@ -123,12 +123,11 @@ def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, sin
     if not all(rows):
         raise SnnetError("a prompt is empty after tokenisation: give at least one token of text")
     width = max(len(r) for r in rows)  # left padding: a decoder continues the last real token of every row
-    from .families.causal_lm import max_positions
+    from .families.causal_lm import net_positions
 
-    known = [(n, lab) for n, lab in zip((max_positions(a.config) for a in getattr(net, "anchors", ())),
-                                        getattr(net, "labels", ())) if n is not None]
-    if known and width + options.max_new_tokens - 1 > min(known)[0]:  # the last new token is never read
-        limit, who = min(known)
+    known = net_positions(net)
+    if known and width + options.max_new_tokens - 1 > known[0]:  # the last new token is never read
+        limit, who = known
         raise SnnetError(f"the prompt has {width} tokens and max_new_tokens asks for {options.max_new_tokens}: the model would "
                          f"read more than the {limit} positions {who} knows; shorten the prompt or lower max_new_tokens "
                          f"(to {max(limit + 1 - width, 0)})")

@@ -32,15 +32,6 @@ __all__ = ["LM_FRONT", "evaluate_lm", "format_lm_results", "lm_validation_scores
 LM_FRONT = "bpb"  # the metric a language model's frontier is drawn on (lower is better)
 
 
-def positions(net: Any) -> tuple[int, str] | None:
-    """The fewest positions any anchor of ``net`` knows, and that anchor's label (None: no anchor says)."""
-    from .families.causal_lm import max_positions
-
-    known = [(n, lab) for n, lab in zip((max_positions(a.config) for a in getattr(net, "anchors", ())),
-                                        getattr(net, "labels", ())) if n is not None]
-    return min(known) if known else None
-
-
 @torch.inference_mode()
 def evaluate_lm(net: Any, loader: Iterable[Any], stitches: Sequence[Any] | None = None, *, progress: bool = True,
                 context: int | None = None) -> list[Row]:
@@ -53,7 +44,9 @@ def evaluate_lm(net: Any, loader: Iterable[Any], stitches: Sequence[Any] | None 
     """
     chosen = _select(net, stitches)
     device = next(net.parameters()).device
-    limit = positions(net)
+    from .families.causal_lm import net_positions
+
+    limit = net_positions(net)
     tallies = {s.id: Tally(device) for s in chosen}
     tokens = nbytes = 0
     total = len(loader.dataset) if hasattr(loader, "dataset") else None

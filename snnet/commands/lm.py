@@ -84,7 +84,8 @@ def evaluate_lm_folder(model: Path, corpus: str | None, split: str, batch_size: 
     token as frontier.html/png."""
     import dataclasses
 
-    from ..lm_eval import LM_FRONT, evaluate_lm, format_lm_results, positions
+    from ..families.causal_lm import net_positions
+    from ..lm_eval import LM_FRONT, evaluate_lm, format_lm_results
     from ..plot import plot_pareto
     from ..results import write_results
     from ..tasks import CausalLM
@@ -93,7 +94,7 @@ def evaluate_lm_folder(model: Path, corpus: str | None, split: str, batch_size: 
     net = load_lm(model, device)
     chosen = [net.stitch(k) for k in stitches] if stitches is not None else None  # bad names fail before reading text
     data = text_settings(model, corpus, block_size, split)
-    room = positions(net)
+    room = net_positions(net)
     if room is not None and data.block_size > room[0]:  # before the text is read
         given = "" if block_size is not None else " (the data.block_size of the run that wrote it, or the default)"
         raise SnnetError(f"blocks of {data.block_size} tokens{given} are longer than the {room[0]} positions {room[1]} "

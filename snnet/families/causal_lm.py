@@ -367,11 +367,21 @@ def max_positions(config: Any) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
+def fewest_positions(configs: Sequence[Any], labels: Sequence[str]) -> tuple[int, str] | None:
+    """The fewest positions any of these anchors' configs knows, and that anchor's label (None: no config says)."""
+    known = [(n, lab) for n, lab in zip((max_positions(c) for c in configs), labels) if n is not None]
+    return min(known) if known else None
+
+
+def net_positions(net: Any) -> tuple[int, str] | None:
+    """:func:`fewest_positions` of a stitched language model's anchors: no route runs past it."""
+    return fewest_positions([a.config for a in getattr(net, "anchors", ())], getattr(net, "labels", ()))
+
+
 def stated_context(context: int | None, configs: Sequence[Any], labels: Sequence[str]) -> int:
     """The context length costs are stated at: ``context``, or by default :data:`DEFAULT_CONTEXT` capped at the
     fewest positions any anchor knows. A context longer than that is refused: no route could run it."""
-    limits = [(n, lab) for n, lab in zip((max_positions(c) for c in configs), labels) if n is not None]
-    limit, who = min(limits) if limits else (None, "")
+    limit, who = fewest_positions(configs, labels) or (None, "")
     if context is None:
         return min(DEFAULT_CONTEXT, limit) if limit is not None else DEFAULT_CONTEXT
     if limit is not None and context > limit:
