@@ -427,6 +427,11 @@ def test_blocks_longer_than_the_positions_are_refused_in_one_line(tmp_path, caps
     long = lm.TokenBlocks(torch.zeros(2, 18, dtype=torch.long), torch.ones(2, dtype=torch.long))
     with pytest.raises(SnnetError, match="17 predicted tokens are longer than the 16 positions"):
         lm.evaluate_lm(net, lm.text_loader(long, 2), progress=False)  # was an IndexError in GPT-2's position embedding
+    for bad in (-3, 10 ** 6):  # a token id outside the vocabulary is named, the negative one too
+        ids = torch.zeros(2, 17, dtype=torch.long)
+        ids[1, 5] = bad
+        with pytest.raises(SnnetError, match=f"token id {bad} is outside"):
+            lm.evaluate_lm(net, lm.text_loader(lm.TokenBlocks(ids, torch.ones(2, dtype=torch.long)), 2), progress=False)
     net.save_pretrained(tmp_path / "lm")
     for flags in ([], ["--block-size", "17"]):  # the default block (256) too: a saved network has no run's settings
         with pytest.raises(SystemExit) as e:
