@@ -509,11 +509,23 @@ def load_results(path: str | os.PathLike) -> list[Row]:
 
 
 def _from_text(v: str) -> Any:
+    """An extra column's CSV cell as the value written: a number, a boolean, a nested value (a dict or
+    list, written as JSON text; as a Python literal by older snnet), else the text itself."""
     for kind in (int, float):
         try:
             return kind(v)
         except ValueError:
             pass
+    if v in ("True", "False"):  # how csv writes a boolean
+        return v == "True"
+    if v.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(v)
+        except ValueError:
+            try:
+                return ast.literal_eval(v)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                pass
     return v
 
 

@@ -124,8 +124,8 @@ def _check(rows: list[Row], raw: list[dict[str, Any]], text: bool = False) -> No
                 continue  # an empty cell: not given
             if text:
                 got = {True: "True", False: "False"}.get(got, got) if isinstance(got, bool) else got
-                if isinstance(got, tuple):
-                    v = ast.literal_eval(v) if v.startswith("[{'") else json.loads(v)
+                if isinstance(got, (tuple, list, dict)):  # nested: JSON text, or a Python literal in older CSVs
+                    v = ast.literal_eval(v) if v.startswith(("[{'", "{'")) else json.loads(v)
                 elif isinstance(got, (int, float)) and not isinstance(got, bool):
                     v = type(got)(v)
             assert _same(got, v), (r.name, k, got, v)
@@ -223,3 +223,19 @@ def test_a_row_from_a_dict_needs_what_its_kind_needs() -> None:
     both = old.merged(measured)
     assert (both.flops, both.acc1, both.latency_ms, both.latency_by_batch[0].latency_p90_ms) == (10, 50, 2.0, 3.0)
     assert both.value("profile") == {}
+
+
+def test_csv_gives_back_nested_and_boolean_extra_entries(tmp_path: Path) -> None:
+    """A profile's settings (a dict), a zoo model's arch (a dict), a list, a boolean: written into
+    results.csv as JSON text and read back as they were, as from results.json. Read back as text,
+    the server's latency table failed on a CSV profiled at one batch size ('str' has no 'get')."""
+    from snnet.deploy.controller import LatencyTable
+
+    extra = {"profile": {"device": "cpu", "batch_size": 8}, "arch": [16, 2], "flag": True, "note": "{not json"}
+    rows = [Row(0, "a", 10, 5, 50.0, 90.0, 1.2, 100, True, pareto=True, latency_ms=2.0, extra=extra),
+            Row(1, "b", 20, 6, 60.0, 95.0, 1.0, 100, False, pareto=True, latency_ms=3.0, extra=extra)]
+    write_results(rows, tmp_path)
+    for name in ("results.json", "results.csv"):
+        back = load_results(tmp_path / name)
+        assert [dict(r.extra) for r in back] == [extra, extra], name
+        assert LatencyTable.from_rows(back).ms == {0: ((8, 2.0),), 1: ((8, 3.0),)}
