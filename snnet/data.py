@@ -162,6 +162,7 @@ def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> 
     common failure.
     """
     import tempfile
+    import zlib
 
     from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
@@ -172,8 +173,8 @@ def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> 
                 tmp.write(gzip.decompress(path.read_bytes()))
                 tmp.flush()
             out = read_sn3_pascalvincent_tensor(tmp.name if path.suffix == ".gz" else str(path), strict=True)
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise DatasetError(f"cannot read IDX file {path}: {e}") from e
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a damaged body a zlib.error
+        raise DatasetError(f"cannot read IDX file {path}: {e}; delete it and re-fetch it") from e
     except (AssertionError, KeyError, RuntimeError, ValueError, IndexError) as e:  # what torchvision's parser raises
         raise DatasetError(f"{path} is not a whole IDX file (bad magic number, or truncated or corrupt); "
                            "delete it and re-fetch it") from e

@@ -102,6 +102,18 @@ def test_corrupt_gzip(tmp_path: Path) -> None:
         FashionMNIST(tmp_path, "test")
 
 
+def test_gzip_with_a_corrupt_body_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A gzip header followed by damaged compressed data (a bad download, a bad disk): zlib.error, which
+    is not an OSError, came through as a traceback instead of the one line saying to re-fetch the file."""
+    write_fake_fmnist(tmp_path)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:10] + b"\xff" * 8 + raw[18:])  # the header kept, the first deflate block broken
+    with pytest.raises(DatasetError, match="cannot read IDX file") as info:
+        FashionMNIST(tmp_path, "test")
+    assert str(path) in str(info.value)
+
+
 def test_label_count_mismatch(tmp_path: Path) -> None:
     write_fake_fmnist(tmp_path, gz=False)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(torch.zeros(3, dtype=torch.uint8)))
