@@ -196,7 +196,8 @@ _REQUIRED = ("id", "name", "flops", "params", "acc1", "acc5", "is_anchor")
 _REQUIRED_ZOO = ("name", "flops", "params", "acc1")
 _REQUIRED_COST = ("id", "name", "flops", "params")
 # what an evaluated row's file may leave out (or leave empty, in CSV); an empty kind is derived from is_anchor
-_DEFAULTS: dict[str, Any] = {"loss": math.nan, "images": 0, "pareto": False, "kind": ""}
+# (top-5 and loss null: NaN, not reported, written as JSON's null)
+_DEFAULTS: dict[str, Any] = {"acc5": math.nan, "loss": math.nan, "images": 0, "pareto": False, "kind": ""}
 # a zoo model reports what its source published: no stitch id, often no top-5 or loss
 _ZOO_DEFAULTS: dict[str, Any] = dict(_DEFAULTS, id=None, acc5=math.nan, is_anchor=False)
 
@@ -458,7 +459,8 @@ def write_results(results: Sequence[Row], out_dir: str | os.PathLike, csv_file: 
     out = check_writable(out_dir)
     rows = [r.to_dict() for r in results]
     json_path, csv_path = out / RESULTS_JSON, out / RESULTS_CSV
-    atomic_write(json_path, lambda p: p.write_text(json.dumps(rows, indent=2) + "\n"))
+    # strict JSON: NaN and infinities (a zoo model's unreported top-5 or loss) as null, which reads back as NaN
+    atomic_write(json_path, lambda p: p.write_text(json.dumps(_finite(rows), indent=2, allow_nan=False) + "\n"))
     if not csv_file:
         return (json_path,)
     buf = io.StringIO()
@@ -467,6 +469,17 @@ def write_results(results: Sequence[Row], out_dir: str | os.PathLike, csv_file: 
     writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows)
     atomic_write(csv_path, lambda p: p.write_text(buf.getvalue()))
     return json_path, csv_path
+
+
+def _finite(v: Any) -> Any:
+    """``v`` with every NaN or infinite float, however nested, replaced by None (JSON's null)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def load_results(path: str | os.PathLike) -> list[Row]:

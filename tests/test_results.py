@@ -239,3 +239,21 @@ def test_csv_gives_back_nested_and_boolean_extra_entries(tmp_path: Path) -> None
         back = load_results(tmp_path / name)
         assert [dict(r.extra) for r in back] == [extra, extra], name
         assert LatencyTable.from_rows(back).ms == {0: ((8, 2.0),), 1: ((8, 3.0),)}
+
+
+def test_results_json_is_strict_json_and_reads_back_nan(tmp_path: Path) -> None:
+    """A zoo or reference row without top-5 or loss (NaN), a NaN in an extra entry: results.json held
+    bare NaN, which no strict JSON reader takes (JavaScript's JSON.parse, Go, serde). They are written
+    as null now and read back as NaN where the row has NaN for "not reported"."""
+    rows = [Row(0, "a", 10, 5, 50.0, 90.0, math.nan, 100, True, pareto=True, extra={"kl": math.inf}),
+            Row(1, "a[:1]+b[1:]", 12, 6, 40.0, math.nan, 1.0, 100, False, kind="reference",
+                extra={"source": "reference:deit", "ref_id": 3}),
+            Row(None, "z", 20, 7, 60.0, math.nan, math.nan, 10, False, kind="zoo",
+                extra={"source": "fmnist", "family": "vit", "arch": {"ratio": math.nan}})]
+    json_path, _ = write_results(rows, tmp_path)
+    text = json_path.read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))  # strict JSON
+    back = load_results(json_path)
+    assert math.isnan(back[0].loss) and math.isnan(back[1].acc5) and math.isnan(back[2].acc5) and math.isnan(back[2].loss)
+    assert back[0].value("kl") is None and back[2].value("arch") == {"ratio": None}
+    assert [(r.id, r.name, r.kind, r.acc1) for r in back] == [(r.id, r.name, r.kind, r.acc1) for r in rows]
