@@ -402,15 +402,20 @@ def _is_train(split: str) -> bool:
     """Whether a split name means training data, for datasets other than Fashion-MNIST (which
     have their own train/validation folders or splits and no carved validation split)."""
     if split not in _SPLIT_ALIASES:
-        raise DatasetError(f"unknown split {split!r}; use train, val or test (an image folder's train/ or val/ "
+        raise DatasetError(f"unknown split {split!r}; use train, val or test (an image folder's train/, val/ or test/ "
                            "sub-folder if it has them, else the folder itself)")
     return _SPLIT_ALIASES[split] in ("train", "train+val")
 
 
 def _image_folder_root(root: Path, split: str) -> Path:
-    """Pick ``root/train`` or ``root/val`` (and synonyms) if present, else ``root`` itself."""
-    names = ("train", "training") if _is_train(split) \
-        else ("val", "validation", "test", "eval")
+    """Pick ``root/train``, ``root/val`` or ``root/test`` (and synonyms) as ``split`` asks if present, else
+    the other held-out folder (a test split reads ``val/`` when there is no ``test/``, and back), else ``root``."""
+    if _is_train(split):
+        names: tuple[str, ...] = ("train", "training")
+    elif _SPLIT_ALIASES[split] == "test":
+        names = ("test", "eval", "val", "validation")
+    else:
+        names = ("val", "validation", "test", "eval")
     for name in names:
         if (root / name).is_dir():
             return root / name

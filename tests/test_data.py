@@ -215,6 +215,24 @@ def test_image_folder(tmp_path: Path) -> None:
     assert len(build_dataset(tmp_path, "train", config, augment=True, limit=2)) == 2
 
 
+def test_an_image_folder_with_val_and_test_gives_each_split_its_own(tmp_path: Path) -> None:
+    """root/train, root/val and root/test: --split test (snnet eval's default) read val/, so the
+    accuracy reported as the test set's was the validation set's."""
+    from PIL import Image
+
+    for split, n in (("train", 1), ("val", 2), ("test", 3)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for k in range(n):
+                Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / split / cls / f"{k}.png")
+    config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
+              "crop_pct": 1.0}
+    sizes = {split: len(build_dataset(tmp_path, split, config)) for split in ("train", "val", "validation", "test", "eval")}
+    assert sizes == {"train": 2, "val": 4, "validation": 4, "test": 6, "eval": 6}
+    (tmp_path / "test").rename(tmp_path / "held-out")  # no test/: a test split is the validation folder, as before
+    assert len(build_dataset(tmp_path, "test", config)) == 4
+
+
 def test_empty_or_missing_dataset(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="ImageFolder"):
