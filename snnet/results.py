@@ -491,7 +491,7 @@ def load_results(path: str | os.PathLike) -> list[Row]:
     if not path.is_file():
         raise ResultsError(f"no results file at {path}: write one with `snnet eval --out DIR`")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (a spreadsheet's "CSV UTF-8") is not data
         if path.suffix.lower() == ".csv":
             # CSV has no types and no "absent": empty cells are absent, extra columns numbers where they parse
             rows: Any = [{k: _from_text(v) if k not in _TYPES else v for k, v in row.items() if v not in ("", None)}

@@ -257,3 +257,16 @@ def test_results_json_is_strict_json_and_reads_back_nan(tmp_path: Path) -> None:
     assert math.isnan(back[0].loss) and math.isnan(back[1].acc5) and math.isnan(back[2].acc5) and math.isnan(back[2].loss)
     assert back[0].value("kl") is None and back[2].value("arch") == {"ratio": None}
     assert [(r.id, r.name, r.kind, r.acc1) for r in back] == [(r.id, r.name, r.kind, r.acc1) for r in rows]
+
+
+def test_a_results_file_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    """A results.csv edited in a spreadsheet and saved as "CSV UTF-8" (Excel) starts with a byte order
+    mark: it was refused as "not an snnet results file: entry 0 is invalid (missing id)"."""
+    rows = [Row(0, "a", 10, 5, 50.0, 90.0, 1.2, 100, True, pareto=True),
+            Row(1, "b", 20, 6, 60.0, 95.0, 1.0, 100, False, pareto=True)]
+    write_results(rows, tmp_path)
+    for name in ("results.csv", "results.json"):
+        marked = tmp_path / "bom" / name
+        marked.parent.mkdir(exist_ok=True)
+        marked.write_bytes(b"\xef\xbb\xbf" + (tmp_path / name).read_bytes())
+        assert load_results(marked) == rows, name
