@@ -243,10 +243,10 @@ class StitchedBase(nn.Module):
             cfg = json.loads(cfg_path.read_text())
             if isinstance(cfg, dict) and cfg.get("format") not in (None, cls._format):
                 raise CheckpointError(_not_a_network(directory, cfg["format"], what=cls._what))
-            cfg["anchors"]
+            cfg["anchors"], cfg["space"]
             if cfg.get("format") != cls._format:
                 raise KeyError("format")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, or not UTF-8 text at all
             raise CheckpointError(f"{cfg_path} is corrupt or not an {cls._format} config ({e})") from e
         if cfg.get("version", 0) > cls._version:
             raise CheckpointError(f"{cfg_path} was written by a newer snnet (format {cfg['version']}); upgrade snnet")

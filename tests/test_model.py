@@ -224,6 +224,19 @@ def test_corrupt_and_mismatched_checkpoints(tiny_net: snnet.StitchedNet, tmp_pat
         snnet.load(tmp_path / "nothing")
 
 
+def test_a_config_json_of_binary_bytes_or_without_its_space_is_a_clear_error(tiny_net: snnet.StitchedNet, tmp_path) -> None:
+    """A damaged config.json (bytes that are not UTF-8, e.g. a weights file copied over it) or one missing
+    its "space" ended loading in a UnicodeDecodeError / KeyError traceback instead of one CheckpointError line."""
+    tiny_net.save_pretrained(tmp_path)
+    cfg = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe\x00" + (tmp_path / "model.safetensors").read_bytes()[:64])
+    with pytest.raises(snnet.CheckpointError, match="corrupt"):
+        snnet.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in json.loads(cfg).items() if k != "space"}))
+    with pytest.raises(snnet.CheckpointError, match="corrupt"):
+        snnet.load(tmp_path)
+
+
 def test_custom_parts_are_accepted(images: torch.Tensor) -> None:
     """A model no adapter knows can still be stitched by splitting it by hand."""
     def make(width: int) -> AnchorParts:
