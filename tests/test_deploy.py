@@ -22,7 +22,7 @@ from snnet.errors import BudgetError, ExportError, StitchNotFoundError
 
 from snnet.train import route_modules
 
-from .conftest import TINY_VITS, fitted_net, seeded_net
+from .conftest import TINY_VITS, fitted_net, fresh_net, seeded_net
 
 # One family per kind of model snnet supports, including the cross-kind and unpaired cases.
 FAMILIES = {
@@ -224,6 +224,26 @@ def test_torch_export_and_onnx_equal_the_stitched_network(family: str, tmp_path:
     got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: images.numpy()})[0])
     assert (got - want).abs().max() <= 1e-5
     assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_an_export_traced_at_batch_1_takes_any_batch(fmt: str, tmp_path: Path, images: torch.Tensor) -> None:
+    """`snnet export --batch-size 1`: torch.export specialised the batch of one to the constant 1, so the
+    .pt2 program and the ONNX file refused (a guard error, an invalid-dimensions error) every other batch."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    net = fresh_net().eval()
+    s = net.space[0]  # the smallest anchor: the fewest blocks to trace
+    paths = deploy.export_stitch(net, s, tmp_path, formats=[fmt], batch_size=1)
+    for x in (images[:1], images[:3]):
+        want = _in_network(net, s, x)
+        if fmt == "pt2":
+            with torch.inference_mode():
+                got = deploy.load_program(paths["model.pt2"]).module()(x)
+        else:
+            sess = deploy.load_onnx(paths["model.onnx"])
+            got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
 
 
 def test_unwritable_export_path_fails_before_work_and_leaves_nothing(tiny_net: snnet.StitchedNet, tmp_path: Path) -> None:

@@ -289,7 +289,12 @@ def _batch_dim() -> dict[str, dict[int, Any]]:
 
 def trace(route: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
     """``torch.export`` of a route with a free batch size: the one trace both the ``.pt2`` and the
-    ONNX file are made from (tracing is most of an export's time)."""
+    ONNX file are made from (tracing is most of an export's time).
+
+    An example of one item is traced as two (the same item twice): torch.export specialises a
+    dimension of size 1 to the constant 1, which would leave a program that refuses other batches."""
+    if example.shape[0] == 1:
+        example = example.expand(2, *example.shape[1:]).contiguous()
     try:
         return torch.export.export(route.eval(), (example,), dynamic_shapes=_batch_dim())
     except Exception as e:  # torch raises many kinds here; say which model part failed
