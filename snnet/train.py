@@ -65,7 +65,7 @@ from .config import OptimConfig, SamplingConfig, TrainConfig, flatten  # noqa: F
 from .distill import set_two_head_training, teacher_logits, two_head_loss
 from .errors import CheckpointError, ConfigError, RunFolderError, SnnetError, StitchNotFoundError, TrainingError, TrainingInterrupted
 from .io import atomic_write, remove_stale_temps
-from .model import WEIGHTS_NAME, StitchedBase, StitchedNet
+from .model import CONFIG_NAME, WEIGHTS_NAME, StitchedBase, StitchedNet
 from .optim import build_optimizer, lr_factor
 from .reference import stale_zero_grads
 from .report import progress as report_progress
@@ -548,7 +548,9 @@ def _already_finished(net: StitchedBase | nn.Module, resumed: Resumed, plan: Pla
     deleted); the network holds the run's trained weights, as after training."""
     final = out / FINAL_NAME
     _load_weights(net, resumed.state["model"], str(resumed.path))
-    if rank == 0 and not (final / WEIGHTS_NAME).is_file():  # only if someone deleted it
+    # only if someone deleted it, or a save was interrupted between its files (the weights in, config.json not)
+    names = (WEIGHTS_NAME, CONFIG_NAME) if isinstance(net, StitchedBase) else (WEIGHTS_NAME,)
+    if rank == 0 and not all((final / name).is_file() for name in names):
         _save_final(net, final)
     return TrainResult(resumed.position.step, plan.total, True, float("nan"), 0.0, 0.0, out, resumed.path, final)
 

@@ -127,6 +127,33 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temp file left behind
 
 
+def test_a_final_save_interrupted_between_its_files_is_completed_on_resume(tmp_path, monkeypatch):
+    """Ctrl-C while final/ was written, after model.safetensors but before config.json: resuming the finished
+    run restored final/ only when model.safetensors was missing, so final/ stayed without config.json for good
+    (`snnet.load RUN/final`: 'is not a saved stitched network')."""
+    import snnet.model
+
+    data = Synthetic(16)
+    conf = cfg(tmp_path, epochs=1)
+    real = snnet.model.atomic_write
+
+    def interrupted(path, write, durable=True):
+        if path.name == "config.json":
+            raise KeyboardInterrupt
+        return real(path, write, durable)
+
+    monkeypatch.setattr(snnet.model, "atomic_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_net(), data, conf)
+    monkeypatch.undo()
+    final = tmp_path / "run" / "final"
+    assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"]
+    net = fresh_net(seed=1)
+    assert train(net, data, conf.override(resume="auto")).finished
+    loaded = snnet.load(final)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
 def test_failure_mid_run_keeps_last_good_checkpoint(tmp_path):
     class Breaks(Synthetic):
         armed = False
