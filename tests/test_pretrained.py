@@ -39,6 +39,9 @@ def test_architecture(name: str, width: int, heads: int) -> None:
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     data_config = timm.data.resolve_data_config({}, model=model)
     assert data_config["input_size"] == (1, 28, 28)
+    # its docstring (help(), timm's registry) says the same; it described the family before it was re-chosen
+    doc = getattr(pretrained, name).__doc__
+    assert f"width {width}, {heads} heads, depth 3" in doc, doc
 
 
 def test_the_converged_training_is_a_pretrained_tag() -> None:
