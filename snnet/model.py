@@ -266,6 +266,10 @@ class StitchedBase(nn.Module):
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{w_path} is corrupt or unreadable ({e}); re-save it or restore a backup") from e
         self.load_weights(state, source=str(w_path))
+        # the network is built in float32: one saved in another floating dtype (bfloat16, float16) comes back in it
+        saved = {v.dtype for v in state.values() if v.is_floating_point()}
+        if len(saved) == 1 and saved != {v.dtype for v in self.state_dict().values() if v.is_floating_point()}:
+            self.to(saved.pop())
         self.select(cfg.get("active", self.active.name))
 
     # ------------------------------------------------------------------ weights

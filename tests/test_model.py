@@ -237,6 +237,19 @@ def test_a_config_json_of_binary_bytes_or_without_its_space_is_a_clear_error(tin
         snnet.load(tmp_path)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_network_loads_back_in_its_dtype(dtype: torch.dtype, tmp_path) -> None:
+    """A network saved in bfloat16/float16 (model.safetensors holds that dtype) came back as float32: twice the
+    memory, and not the network that was saved."""
+    net = seeded_net(anchors=TINY_VITS[:2]).to(dtype)
+    net.select(4)
+    net.save_pretrained(tmp_path)
+    back = snnet.load(tmp_path)
+    assert {v.dtype for v in back.state_dict().values() if v.is_floating_point()} == {dtype}
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in back.state_dict().items())
+    assert back.active == net.active
+
+
 def test_custom_parts_are_accepted(images: torch.Tensor) -> None:
     """A model no adapter knows can still be stitched by splitting it by hand."""
     def make(width: int) -> AnchorParts:
