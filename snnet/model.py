@@ -265,6 +265,7 @@ class StitchedBase(nn.Module):
             state = load_file(str(w_path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{w_path} is corrupt or unreadable ({e}); re-save it or restore a backup") from e
+        self.to(map_location)  # built on the CPU: the network goes where its weights were asked to be loaded
         self.load_weights(state, source=str(w_path))
         # the network is built in float32: one saved in another floating dtype (bfloat16, float16) comes back in it
         saved = {v.dtype for v in state.values() if v.is_floating_point()}

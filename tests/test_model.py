@@ -250,6 +250,26 @@ def test_a_half_precision_network_loads_back_in_its_dtype(dtype: torch.dtype, tm
     assert back.active == net.active
 
 
+def test_from_pretrained_puts_the_network_where_map_location_says(tmp_path, monkeypatch) -> None:
+    """from_pretrained(map_location="cuda") loaded the tensors there and copied them into a network left on the
+    CPU. No GPU here: the device move is recorded (the weights themselves load on the CPU)."""
+    import safetensors.torch
+
+    from snnet.model import StitchedNet
+
+    seeded_net(anchors=TINY_VITS[:2]).save_pretrained(tmp_path)
+    real_load, real_to, moved = safetensors.torch.load_file, StitchedNet.to, []
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, device="cpu": real_load(path))
+
+    def to(self, *args, **kwargs):
+        moved.append(args[0] if args else kwargs.get("device"))
+        return self if moved[-1] == "cuda" else real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(StitchedNet, "to", to)
+    StitchedNet.from_pretrained(tmp_path, map_location="cuda")
+    assert "cuda" in moved
+
+
 def test_custom_parts_are_accepted(images: torch.Tensor) -> None:
     """A model no adapter knows can still be stitched by splitting it by hand."""
     def make(width: int) -> AnchorParts:
