@@ -244,6 +244,9 @@ def test_the_command_line_trains_evaluates_generates_and_exports(folders, corpus
     assert (tmp_path / "eval" / "frontier.html").is_file()
     main(["generate", "--model", str(run / "final"), "--prompt", "def add(", "--max-new-tokens", "5", "--stitch", "1"])
     assert capsys.readouterr().out.startswith("def add(")
+    with pytest.raises(SystemExit) as refused:  # the image export's options are refused, not ignored
+        main(["export", "--model", str(run / "final"), "--stitch", "2", "--format", "onnx", "--out", str(tmp_path / "stitch")])
+    assert refused.value.code == 2 and "--format is for image networks" in capsys.readouterr().err
     main(["export", "--model", str(run / "final"), "--stitch", "2", "--out", str(tmp_path / "stitch")])
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "stitch").eval()  # snnet.lm registered the class
     ids = torch.randint(0, net.vocab_size, (1, 8))

@@ -153,6 +153,12 @@ def export(
     from .lm import export_lm_folder, is_lm_folder
 
     if is_lm_folder(model):  # a language model's route: a transformers model folder (its own formats)
+        changed = [flag for flag, given, default in (("--format", formats, "safetensors,pt2,onnx"), ("--batch-size", batch_size, 2))
+                   if given != default]
+        if changed:  # refused, not ignored
+            raise ExportError(f"{' and '.join(changed)} {'is' if len(changed) == 1 else 'are'} for image networks: a language "
+                              "model's stitch is written as a transformers model folder (safetensors and config.json), "
+                              "verified on a few tokens; drop them")
         check_creatable(out, error=ExportError)
         export_lm_folder(model, stitch, out)  # type: ignore[arg-type]
         return
