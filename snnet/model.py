@@ -267,10 +267,7 @@ class StitchedBase(nn.Module):
             raise CheckpointError(f"{w_path} is corrupt or unreadable ({e}); re-save it or restore a backup") from e
         self.to(map_location)  # built on the CPU: the network goes where its weights were asked to be loaded
         self.load_weights(state, source=str(w_path))
-        # the network is built in float32: one saved in another floating dtype (bfloat16, float16) comes back in it
-        saved = {v.dtype for v in state.values() if v.is_floating_point()}
-        if len(saved) == 1 and saved != {v.dtype for v in self.state_dict().values() if v.is_floating_point()}:
-            self.to(saved.pop())
+        in_saved_dtype(self, state)
         self.select(cfg.get("active", self.active.name))
 
     # ------------------------------------------------------------------ weights
@@ -471,6 +468,15 @@ class StitchedNet(StitchedBase):
                   lora_alpha=float(layers.get("lora_alpha", 1.0)), route_mode=cfg.get("route_mode", "snnet"))
         net._load_saved(cfg, w_path, map_location)
         return net
+
+
+def in_saved_dtype(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """``module`` (built in float32, its weights loaded from ``state``) in the floating dtype it was saved in,
+    where all of ``state``'s floating tensors share one (bfloat16, float16): it comes back as it was saved."""
+    saved = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(saved) == 1 and saved != {v.dtype for v in module.state_dict().values() if v.is_floating_point()}:
+        module.to(saved.pop())
+    return module
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -246,6 +246,28 @@ def test_an_export_traced_at_batch_1_takes_any_batch(fmt: str, tmp_path: Path, i
         assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
 
 
+def test_a_half_precision_stitch_exports_and_loads_back_in_its_dtype(tmp_path: Path) -> None:
+    """A float16 network (as snnet.load now gives one saved in float16) was traced with a float32 example: the
+    export failed ("Input type (float) and bias type ... should be the same"), and load_stitch gave float32."""
+    formats = ["safetensors", "pt2"] + (["onnx"] if _has("onnxruntime") else [])
+    net = seeded_net(anchors=TINY_VITS[:2]).to(torch.float16).eval()
+    s = net.space[4]
+    paths = deploy.export_stitch(net, s, tmp_path, formats=formats)
+    route = deploy.load_stitch(tmp_path)
+    assert {p.dtype for p in route.parameters()} == {torch.float16}
+    x = torch.randn(3, *net.input_size).half()
+    with torch.inference_mode():
+        want = _in_network(net, s, x)
+        assert torch.equal(route(x), want)
+        assert torch.equal(deploy.load_program(paths["model.pt2"]).module()(x), want)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def test_unwritable_export_path_fails_before_work_and_leaves_nothing(tiny_net: snnet.StitchedNet, tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()

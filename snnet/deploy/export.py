@@ -275,7 +275,9 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
                               f"{', '.join(bad[:3])}); {_REEXPORT}")
     route.load_state_dict(state)
     route.snnet_stitch = cfg["name"]  # type: ignore[assignment]
-    return route.to(map_location).eval()
+    from ..model import in_saved_dtype
+
+    return in_saved_dtype(route, state).to(map_location).eval()
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -387,7 +389,10 @@ def export_stitch(net: "StitchedNet", stitch: int | str | Stitch, out: str | os.
     check_input(net, [batch_size], stitches=[s], what="the network")  # a batch_size that cannot fit in memory
     out = _check_dir(out)
     route = extract(net, s).cpu()
-    example = torch.randn(batch_size, *net.input_size, generator=torch.Generator().manual_seed(0))
+    # a half-precision network is traced and checked in its own dtype, to within that dtype's rounding
+    dtype = next((p.dtype for p in route.parameters() if p.is_floating_point()), torch.float32)
+    example = torch.randn(batch_size, *net.input_size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    atol = max(atol, 4 * torch.finfo(dtype).eps) if dtype != torch.float32 else atol
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".snnet-export-"))
     try:
         config = stitch_config(net, s)
