@@ -121,6 +121,7 @@ def test_every_bad_command_line_is_one_line_and_exit_2(line: str, tmp_path, monk
     monkeypatch.chdir(tmp_path)  # default output folders land here
     with pytest.raises(SystemExit) as exited:
         main(shlex.split(line.replace("FILE", str(afile))))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"], f"{line!r} left files behind"  # nothing made
     err = capsys.readouterr().err
     assert exited.value.code == 2, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err

@@ -223,7 +223,8 @@ def test_cli_eval_unwritable_out_fails_before_work(saved: tuple[Path, Path], tmp
     code = _run(["eval", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "file" / "out")])
     assert code == 2 and not ran
     err = capsys.readouterr().err
-    assert "cannot write to" in err and "--out" in err and "Traceback" not in err
+    assert "is a file, not a folder" in err and "--out" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_cli_eval_class_mismatch(saved: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture,

@@ -56,13 +56,14 @@ def profile(
     """
     from .options import split_ints, split_stitches
     from ..deploy import merge_profile, profile as run_profile, read_rows
-    from ..results import RESULTS_JSON, check_writable, write_results
+    from ..io import check_creatable
+    from ..results import RESULTS_JSON, write_results
     from ..report import human, table
     from ..train import default_device
 
     sizes = split_ints(batch_sizes, "--batch-sizes") if batch_sizes else None
     keys = split_stitches(stitches)
-    out = check_writable(out)
+    out = check_creatable(out)  # made when the results are written: a command refused below leaves no empty folder
     dev = default_device(device)
     existing = read_rows(out / RESULTS_JSON) if (out / RESULTS_JSON).is_file() else None  # a broken file fails now
     net = _load(model, trained=False)

@@ -67,12 +67,13 @@ def evaluate(
     from .lm import evaluate_lm_folder, is_lm_folder
     from .options import read_zoo_options, split_stitches
     from ..config import EVAL_PROTOCOLS
-    from ..evaluate import check_writable, format_results, load_results
+    from ..evaluate import format_results, load_results
+    from ..io import check_creatable
     from ..reference import published_rows, read_published, table_name
     from ..results import mark_pareto
 
     # everything a user can get wrong is checked before the first forward
-    out = check_writable(out)
+    out = check_creatable(out)  # made when the results are written: a command refused below leaves no empty folder
     if is_lm_folder(model):  # a stitched language model: perplexity and bits per byte on held-out text
         given = [o for o, v in (("--zoo", zoo), ("--reference", reference), ("--results", results),
                                 ("--eval-protocol", eval_protocol), ("--amp", amp or None)) if v is not None]
