@@ -27,7 +27,7 @@ from . import adapters  # noqa: F401  (registers snnet's adapters: the command l
 from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, Route, anchor_label, as_rows, build_parts, create_anchor,
                       cut_parts, without_final_norm)
 from .errors import CheckpointError, ConfigError, NotStitchableError
-from .io import atomic_write, record_checksum, verify_checksum
+from .io import CHECKSUMS_KEY, atomic_write, record_checksum, verify_checksum
 from .report import progress as report_progress
 from .flops import PartCosts, count_macs, layer_flops, num_params, part_costs
 from .results import Row
@@ -37,6 +37,9 @@ from .stitching import LeastSquares, StitchingLayer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# the weights of the network a save is replacing, kept (a hard link) until the new config.json is in: a save
+# interrupted between its two files leaves the old config beside the new weights, and the old network loadable
+PREVIOUS_WEIGHTS = WEIGHTS_NAME + ".previous"
 # 1: SN-Net's spaces; 2: also two-way/chained/explicit routes and low-rank stitching layers;
 # 3: also the reference route mode; 4: also anchors cut between sublayers (space.cut). A network is
 # written with the lowest version that holds it.
@@ -214,6 +217,9 @@ class StitchedBase(nn.Module):
         Both files are written to temporary names and renamed into place, so an interrupted
         save never leaves a half-written network behind. ``config.json`` records the SHA-256 of
         ``model.safetensors``; :meth:`from_pretrained` refuses a weights file that does not match.
+        Over a saved network, its weights stay (as ``model.safetensors.previous``) until the new
+        ``config.json`` is in: a save interrupted between the two files leaves the network saved
+        before it, which :meth:`from_pretrained` then loads.
         ``state`` replaces the network's own state dict (a sharded network's gathered weights).
         """
         from safetensors.torch import save_file
@@ -227,8 +233,16 @@ class StitchedBase(nn.Module):
             save_file(state, str(p), metadata={"format": "pt", **({} if self._format == "snnet" else {"snnet": self._format})})
             record_checksum(config, WEIGHTS_NAME, p)  # of the very bytes renamed into place
 
+        previous = directory / PREVIOUS_WEIGHTS
+        if (directory / WEIGHTS_NAME).is_file() and (directory / CONFIG_NAME).is_file():
+            previous.unlink(missing_ok=True)
+            try:
+                os.link(directory / WEIGHTS_NAME, previous)  # no copy: the old bytes stay where they are
+            except OSError:  # a file system without hard links: the save is as before, two renames
+                pass
         atomic_write(directory / WEIGHTS_NAME, write_weights)
         atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
+        previous.unlink(missing_ok=True)
         return directory
 
     @classmethod
@@ -251,7 +265,20 @@ class StitchedBase(nn.Module):
         if cfg.get("version", 0) > cls._version:
             raise CheckpointError(f"{cfg_path} was written by a newer snnet (format {cfg['version']}); upgrade snnet")
         # damaged weights fail before the anchors are built (files saved before checksums load unverified)
-        verify_checksum(w_path, cfg, cfg_path, "restore it from a backup or save the network again", error=CheckpointError)
+        fix = "restore it from a backup or save the network again"
+        try:
+            verify_checksum(w_path, cfg, cfg_path, fix, error=CheckpointError)
+        except CheckpointError:
+            previous = directory / PREVIOUS_WEIGHTS  # a save interrupted between its files: the network before it
+            if not previous.is_file():
+                raise
+            verify_checksum(previous, {CHECKSUMS_KEY: {previous.name: cfg[CHECKSUMS_KEY][w_path.name]}}, cfg_path, fix,
+                            error=CheckpointError)
+            import warnings
+
+            warnings.warn(f"{directory}: a save was interrupted between its two files; loading the network saved before "
+                          f"it ({previous.name}). Save the network again to finish the interrupted save", stacklevel=3)
+            w_path = previous
         return cfg, w_path
 
     def _load_saved(self, cfg: dict[str, Any], w_path: Path, map_location: str | torch.device) -> None:

@@ -250,6 +250,38 @@ def test_a_half_precision_network_loads_back_in_its_dtype(dtype: torch.dtype, tm
     assert back.active == net.active
 
 
+def test_a_save_interrupted_between_its_files_keeps_the_network_saved_before(tmp_path, monkeypatch) -> None:
+    """Overwriting a saved network renames the new weights in, then the new config.json. Stopped between the
+    two (Ctrl-C, a kill), the folder held new weights beside the old config, and the network saved before was
+    refused as damaged: lost. Its weights are now kept until the new config is in, and load."""
+    import snnet.model as model_module
+
+    from pathlib import Path
+
+    old = seeded_net(anchors=TINY_VITS[:2])
+    torch.manual_seed(1)
+    new = snnet.create_snnet(TINY_VITS[:2])
+    old.select(4)
+    old.save_pretrained(tmp_path)
+    real = model_module.atomic_write
+
+    def stop_before_the_config(path, write, *args, **kwargs):
+        if Path(path).name == model_module.CONFIG_NAME:
+            raise KeyboardInterrupt
+        return real(path, write, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "atomic_write", stop_before_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(tmp_path)
+    monkeypatch.setattr(model_module, "atomic_write", real)
+    with pytest.warns(UserWarning, match="interrupted between its two files"):
+        back = snnet.load(tmp_path)
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in back.state_dict().items()) and back.active == old.active
+    new.save_pretrained(tmp_path)  # saving again finishes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in snnet.load(tmp_path).state_dict().items())
+
+
 def test_from_pretrained_puts_the_network_where_map_location_says(tmp_path, monkeypatch) -> None:
     """from_pretrained(map_location="cuda") loaded the tensors there and copied them into a network left on the
     CPU. No GPU here: the device move is recorded (the weights themselves load on the CPU)."""
