@@ -208,6 +208,10 @@ def read_zoo(zoo: str | os.PathLike, split: str | None = None) -> Zoo:
     if not isinstance(entries, list) or not entries or not all(isinstance(m, dict) for m in entries):
         raise ZooError(f"{path} is not a zoo file: expected an object with a non-empty list of models")
     per_split = any(f"{s}_acc1" in m for m in entries for s in _SPLITS)
+    if split is not None:  # the aliases snnet eval --split takes (validation, eval, ...) name the same splits
+        from .data import _SPLIT_ALIASES
+
+        split = _SPLIT_ALIASES.get(split, split)
     if per_split and split is not None and split not in _SPLITS:
         raise ZooError(f"zoo {name} reports accuracy per split: {split!r} is not one of {', '.join(_SPLITS)}")
     used = (split or "test") if per_split else None

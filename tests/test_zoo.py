@@ -132,6 +132,8 @@ def test_fmnist_zoo_file_by_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     test = load_zoo("fmnist")  # the test split by default
     assert [r.acc1 for r in test] == [70.6, 71.4, 73.8] and all(r.kind == "zoo" and r.id is None for r in test)
     assert [r.acc1 for r in load_zoo("fmnist", split="val")] == [71.6, 72.4, 74.8]
+    assert [r.acc1 for r in load_zoo("fmnist", split="validation")] == [71.6, 72.4, 74.8]  # snnet eval's aliases too
+    assert [r.acc1 for r in load_zoo("fmnist", split="eval")] == [70.6, 71.4, 73.8]
     assert test[0].images == 10000 and test[0].value("source") == "fmnist" and test[0].value("split") == "test"
     assert test[0].value("seconds") == 160.0 and test[0].value("arch")["embed_dim"] == 16
     assert [r.name for r in load_zoo(path, flops="400K-", params="-30K")] == ["fmnist_vit_w24_d6_p7"]
