@@ -14,9 +14,12 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
 from .errors import SnnetError, UnverifiedFileWarning
+
+if TYPE_CHECKING:  # annotations only: this module does not load torch
+    import torch
 
 _TMP_SUFFIX = ".tmp"
 # where a saved network's or stitch's config.json records its files' checksums: name -> SHA-256 hex
@@ -176,3 +179,12 @@ def update_json(path: str | os.PathLike, change: Callable[[dict], dict]) -> dict
         new = change(data)
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(new, indent=2) + "\n"), durable=False)
     return new
+
+
+def in_saved_dtype(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """``module`` (built in float32, its weights loaded from ``state``) in the floating dtype it was saved in,
+    where all of ``state``'s floating tensors share one (bfloat16, float16): it comes back as it was saved."""
+    saved = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(saved) == 1 and saved != {v.dtype for v in module.state_dict().values() if v.is_floating_point()}:
+        module.to(saved.pop())
+    return module

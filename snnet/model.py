@@ -27,7 +27,7 @@ from . import adapters  # noqa: F401  (registers snnet's adapters: the command l
 from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, Route, anchor_label, as_rows, build_parts, create_anchor,
                       cut_parts, without_final_norm)
 from .errors import CheckpointError, ConfigError, NotStitchableError
-from .io import CHECKSUMS_KEY, atomic_write, record_checksum, verify_checksum
+from .io import CHECKSUMS_KEY, atomic_write, in_saved_dtype, record_checksum, verify_checksum
 from .report import progress as report_progress
 from .flops import PartCosts, count_macs, layer_flops, num_params, part_costs
 from .results import Row
@@ -495,15 +495,6 @@ class StitchedNet(StitchedBase):
                   lora_alpha=float(layers.get("lora_alpha", 1.0)), route_mode=cfg.get("route_mode", "snnet"))
         net._load_saved(cfg, w_path, map_location)
         return net
-
-
-def in_saved_dtype(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """``module`` (built in float32, its weights loaded from ``state``) in the floating dtype it was saved in,
-    where all of ``state``'s floating tensors share one (bfloat16, float16): it comes back as it was saved."""
-    saved = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(saved) == 1 and saved != {v.dtype for v in module.state_dict().values() if v.is_floating_point()}:
-        module.to(saved.pop())
-    return module
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from torch import nn
 from .. import adapters  # noqa: F401  (registers snnet's adapters: the command line imports the package without them)
 from ..anchors import ActivationSpec, AnchorSpec, Route, create_anchor, cut_parts, split_model, without_final_norm
 from ..errors import CheckpointError, ExportError
-from ..io import atomic_write, record_checksum, verify_checksum, warn_unverified
+from ..io import atomic_write, in_saved_dtype, record_checksum, verify_checksum, warn_unverified
 from ..results import check_writable
 from ..space import Stitch
 from ..stitching import StitchingLayer
@@ -275,8 +275,6 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
                               f"{', '.join(bad[:3])}); {_REEXPORT}")
     route.load_state_dict(state)
     route.snnet_stitch = cfg["name"]  # type: ignore[assignment]
-    from ..model import in_saved_dtype
-
     return in_saved_dtype(route, state).to(map_location).eval()
 
 
