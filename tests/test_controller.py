@@ -156,3 +156,21 @@ def test_steady_arrivals_let_the_controller_load_a_rung_past_the_burst_margin() 
     assert bursty.gaps_cv2() > 2
     now = t - 20 / 170 + 0.002  # just after the last burst
     assert bursty.decide(2, now=now, arrivals=[(now, 2)]).stitch == 1
+
+
+# ------------------------------------------------------------------ the safety net for time the table does not see
+
+
+def test_late_answers_step_down_to_a_rung_that_fits_not_to_one_the_table_says_misses() -> None:
+    # a ladder whose middle rung is slower than the top one (DeiT tables measured once a stitch have 6 such pairs):
+    # cheap 5, mid 65 and dear 41 ms a full batch. At 100 images/s the dear rung is loaded 0.51, the mid one 0.81 (it
+    # cannot keep up). Late answers on the dear rung cap the controller below it: it must take the cheap rung (the
+    # most accurate under the cap that keeps up), not the mid one, which the table says would build a queue.
+    table = LatencyTable({0: tuple((b, 1.0 + 0.5 * b) for b in (1, 8)), 1: tuple((b, 1.0 + 8.0 * b) for b in (1, 8)),
+                          2: tuple((b, 1.0 + 5.0 * b) for b in (1, 8))})
+    ctl = StitchController(RUNGS, table, ControllerConfig(slo_ms=200.0, max_batch=8))
+    now = _steady(ctl, 100.0, 2.0)
+    assert ctl.decide(2, now=now, arrivals=[(now, 2)]).stitch == 2
+    assert not ctl.sustains(1, min(ctl.rates(now)))
+    d = ctl.decide(2, recent_ms=[300.0] * 10, now=now, arrivals=[(now, 2)])
+    assert d.stitch == 0 and "over the SLO" in d.reason

@@ -467,11 +467,23 @@ class StitchController:
         rate = min(short, long)  # a lull lets a dearer rung in, a busy spell keeps it out until the short average falls
         room = math.inf if c.max_queue is None else c.max_queue - queue - sum(n for _, _, n in up)
         full_ms = [t[b] for t in self._ms]
-        fastest = min(range(len(self.rungs)), key=full_ms.__getitem__)
+        cur, capped = self._rung, None
+        if len(recent_ms) >= c.evidence:
+            # the plan fits, yet more than 5 % of the recent requests took longer than the SLO: time the table does
+            # not see (HTTP, decoding, other processes on the CPU). A cheaper stitch leaves more CPU for it: no rung
+            # above the one below this is taken until enough latencies measured on a later stitch are back within the SLO
+            late = sum(1 for ms in recent_ms if ms > c.slo_ms)
+            if late <= 0.05 * len(recent_ms):
+                self._cap = len(self.rungs) - 1
+            elif cur > 0:
+                self._cap = min(self._cap, cur - 1)
+                capped = f"{late} of {len(recent_ms)} recent requests over the SLO: a rung below it"
+        # the rungs under the cap only (one below in accuracy may be slower by the table: the most accurate that fits)
+        fastest = min(range(self._cap + 1), key=full_ms.__getitem__)
         limit = c.steady[1] if c.steady is not None and self.gaps_cv2() <= c.steady[0] else c.utilisation  # steady: no burst margin
-        steady = next((k for k in range(len(self.rungs) - 1, -1, -1) if self.sustains(k, rate, limit)), fastest)
+        steady = next((k for k in range(self._cap, -1, -1) if self.sustains(k, rate, limit)), fastest)
         pick, planned = fastest, None
-        for k in range(len(self.rungs) - 1, -1, -1):
+        for k in range(self._cap, -1, -1):
             if not self.sustains(k, rate, limit):
                 continue
             planned = self.plan(k, k if full_ms[k] <= full_ms[steady] else steady, heads, room_rate, room, up)
@@ -482,20 +494,9 @@ class StitchController:
         waiting = f" (+{sum(w.requests for w in upstream)} requests before the ring)" if up else ""
         why = (f"the most accurate rung that keeps up with {rate:.0f} images/s and plans {queue} queued{waiting} within "
                f"{c.headroom:g} x SLO" if planned is not None else f"no rung's plan of {queue} queued{waiting} fits: the fastest")
-        cur = self._rung
-        if len(recent_ms) >= c.evidence:
-            # the plan fits, yet more than 5 % of the recent requests took longer than the SLO: time the table does
-            # not see (HTTP, decoding, other processes on the CPU). A cheaper stitch leaves more CPU for it: no rung
-            # above the one below this is taken until enough latencies measured on a later stitch are back within the SLO
-            late = sum(1 for ms in recent_ms if ms > c.slo_ms)
-            if late <= 0.05 * len(recent_ms):
-                self._cap = len(self.rungs) - 1
-            elif cur > 0:
-                self._cap = min(self._cap, cur - 1)
-                why = f"{late} of {len(recent_ms)} recent requests over the SLO: a rung below it"
-        if pick > self._cap:
-            pick = self._cap
-        if full_ms[pick] > full_ms[cur] and c.up_after > 1:
+        if capped is not None:
+            why = capped
+        if full_ms[pick] > full_ms[cur] and c.up_after > 1 and cur <= self._cap:
             self._streak += 1
             if self._streak < c.up_after:
                 pick, why = cur, f"room for a dearer rung {self._streak} of {c.up_after} decisions in a row"
