@@ -174,3 +174,23 @@ def test_late_answers_step_down_to_a_rung_that_fits_not_to_one_the_table_says_mi
     assert not ctl.sustains(1, min(ctl.rates(now)))
     d = ctl.decide(2, recent_ms=[300.0] * 10, now=now, arrivals=[(now, 2)])
     assert d.stitch == 0 and "over the SLO" in d.reason
+
+
+def test_after_late_answers_a_light_load_lets_the_controller_climb_back() -> None:
+    # late answers on the dear rung cap it below; then the load falls to one 2-image request a second, all answered
+    # well within the SLO. The server passes the latencies of the last RECENT_S (2 s) since the switch: never the
+    # eight the net needs to judge, so the controller before stayed capped on the mid rung for as long as the load
+    # stayed light, though nothing was late any more and the table says the dear rung keeps up many times over.
+    from snnet.deploy.controller import RECENT_S
+
+    ctl = _controller()
+    assert ctl.decide(1, now=0.0).stitch == 2
+    assert ctl.decide(1, recent_ms=[300.0] * 10, now=0.0).stitch == 1  # over the SLO: a rung below
+    picks = []
+    for k in range(1, 31):
+        t = float(k)
+        ctl.observe_arrival(2, t)
+        recent = [10.0] * min(k, int(RECENT_S))  # answered since the switch, within the last RECENT_S
+        picks.append(ctl.decide(2, recent_ms=recent, now=t, arrivals=[(t, 2)]).stitch)
+    assert picks[0] == 1  # not at once: the first answers on the rung below are not yet a window's worth
+    assert picks[-1] == 2 and picks.index(2) <= RECENT_S + 1, picks

@@ -140,7 +140,8 @@ class ControllerConfig:
     once; simulated, waiting cost accuracy and bought no attainment: a stitch switch is free).
     ``evidence``: when at least this many latencies measured since the last switch include more
     than 5 % over the SLO although the plan fits (time the table does not see), no rung above
-    the one below the rung in use is taken until as many are back within the SLO.
+    the one below the rung in use is taken until as many are back within the SLO (or, under a load too light
+    to answer that many within ``RECENT_S``, until ``RECENT_S`` since the step down passed without a late answer).
     ``before_ring``: plan on the requests the server processes have read and not yet put in the
     ring (``decide``'s ``upstream``): under a burst they wait there (reading, parsing, decoding one
     after another), and a plan of the ring alone sees a short queue and climbs (False: the ring only,
@@ -264,6 +265,7 @@ class StitchController:
         self._pinned: Row | None = None
         self._streak = 0  # decisions in a row that had room for a more expensive rung
         self._cap = len(self.rungs) - 1  # the most accurate rung allowed: lowered when measured latencies overrun the SLO
+        self._capped_at: float | None = None  # the clock of decide when the cap was last lowered
         self._last: int | None = None  # stitch of the previous decision
         # arrival rate (images/s), exponentially weighted averages: a short one that sees a burst begin, a long one
         # that remembers a busy spell, and a fast one whose peak (decaying over the long window) says how hard bursts come
@@ -448,7 +450,7 @@ class StitchController:
         for the larger of the two averages and ``burst[1]`` of the recent burst peak. If no rung
         fits, the fastest. ``recent_ms`` is a safety net for time the table does not see: with
         ``evidence`` of them and over 5 % above the SLO, no rung above the one below the rung in
-        use, until ``evidence`` latencies are back within it.
+        use, until ``evidence`` latencies are back within it (or ``RECENT_S`` without a late one, under a lighter load).
         """
         c = self.config
         if self._pinned is not None:
@@ -477,7 +479,13 @@ class StitchController:
                 self._cap = len(self.rungs) - 1
             elif cur > 0:
                 self._cap = min(self._cap, cur - 1)
+                self._capped_at = now
                 capped = f"{late} of {len(recent_ms)} recent requests over the SLO: a rung below it"
+        elif (self._cap < len(self.rungs) - 1 and now is not None and self._capped_at is not None
+              and now - self._capped_at >= RECENT_S and not any(ms > c.slo_ms for ms in recent_ms)):
+            # a load too light to answer ``evidence`` requests within RECENT_S: a whole window since the step down
+            # without a late answer lifts the cap (else it would hold for as long as the load stays light)
+            self._cap = len(self.rungs) - 1
         # the rungs under the cap only (one below in accuracy may be slower by the table: the most accurate that fits)
         fastest = min(range(self._cap + 1), key=full_ms.__getitem__)
         limit = c.steady[1] if c.steady is not None and self.gaps_cv2() <= c.steady[0] else c.utilisation  # steady: no burst margin
