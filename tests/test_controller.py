@@ -194,3 +194,18 @@ def test_after_late_answers_a_light_load_lets_the_controller_climb_back() -> Non
         picks.append(ctl.decide(2, recent_ms=recent, now=t, arrivals=[(t, 2)]).stitch)
     assert picks[0] == 1  # not at once: the first answers on the rung below are not yet a window's worth
     assert picks[-1] == 2 and picks.index(2) <= RECENT_S + 1, picks
+
+
+def test_a_lone_request_before_the_ring_is_planned_with_the_wait_it_has_had() -> None:
+    from snnet.deploy.controller import Waiting
+
+    # one request the server process has read 150 ms ago and not yet put in the ring: it is the oldest, so it has waited
+    # 150 ms (spread "evenly between the oldest and now", one request is the oldest). It was planned as just arrived.
+    now = 10.0
+    assert Waiting(requests=1, oldest=now - 0.150, work_ms=1.0, images=2.0).heads(now, 8) == [(pytest.approx(150.0), 1.0, 2)]
+    assert Waiting(requests=2, oldest=now - 0.150, work_ms=1.0, images=2.0).heads(now, 8) == [(pytest.approx(150.0), 2.0, 4)]
+    # behind a fresh request in the ring, on the dear rung it would end at 150 + 11 + 11 = 172 ms, past 0.8 x 200;
+    # the mid rung ends it at 158
+    waiting = [Waiting(requests=1, oldest=now - 0.150, work_ms=1.0, images=2.0)]
+    d = _controller().decide(2, 0.0, now=now, arrivals=[(now, 2)], upstream=waiting)
+    assert d.stitch == 1, d

@@ -218,7 +218,7 @@ class Waiting:
         waited = 0.0 if self.oldest is None else max((now - self.oldest) * 1e3, 0.0)
         out: list[tuple[float, float, int]] = []
         for i in range(n):
-            wait, ready = waited * (n - 1 - i) / max(n - 1, 1), (i + 1) * self.work_ms
+            wait, ready = (waited * (n - 1 - i) / (n - 1) if n > 1 else waited), (i + 1) * self.work_ms  # one: the oldest
             if out and out[-1][2] + k <= max_batch:
                 out[-1] = (out[-1][0], ready, out[-1][2] + k)
             else:
