@@ -69,3 +69,15 @@ def test_the_client_runs_without_its_garbage_collector_and_gives_it_back() -> No
         assert not gc.isenabled()  # a caller that had it off keeps it off
     finally:
         gc.enable()
+
+
+def test_a_ramp_whose_peak_is_under_its_low_rate_dips_and_comes_back() -> None:
+    # ramp_rate falls from `low` to `peak` at mid-trace and back when peak < low (bench_serve --ramp-peak under 0.2).
+    # The thinning drew candidates at the peak rate, never more: every second came at the peak rate, a flat trace
+    times = loadgen.ramp_times(100.0, 20.0, 20.0, seed=0)
+    first = sum(1 for t in times if t < 2.0)  # the rate there is 92-100 a second
+    middle = sum(1 for t in times if 9.0 <= t < 11.0)  # about 20-28
+    assert 160 < first < 230 and 25 < middle < 70, (first, middle)
+    # the usual ramp (low to a higher peak) is drawn as before
+    up = loadgen.ramp_times(20.0, 100.0, 20.0, seed=0)
+    assert sum(1 for t in up if t < 2.0) < 70 < 160 < sum(1 for t in up if 9.0 <= t < 11.0)

@@ -242,12 +242,13 @@ def ramp_rate(t: float, low: float, peak: float, seconds: float) -> float:
 def ramp_times(low: float, peak: float, seconds: float, seed: int = 0) -> list[float]:
     """Arrival times of a Poisson process whose rate follows :func:`ramp_rate` (drawn by thinning)."""
     rng = random.Random(seed)
+    top = max(low, peak)  # candidates at the highest rate of the trace (its start and end when peak < low)
     t, out = 0.0, []
     while True:
-        t += rng.expovariate(peak)
+        t += rng.expovariate(top)
         if t >= seconds:
             return out
-        if rng.random() < ramp_rate(t, low, peak, seconds) / peak:
+        if rng.random() < ramp_rate(t, low, peak, seconds) / top:
             out.append(t)
 
 
