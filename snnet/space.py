@@ -306,6 +306,10 @@ class StitchSpace:
         labels = [a.label for a in anchors]
         if len(set(labels)) != len(labels):
             raise NotStitchableError("two anchors have the same name; give each anchor a distinct label")
+        empty = next((a.label for a in anchors if a.depth == 0), None)
+        if empty is not None:
+            raise NotStitchableError(f"anchor {empty!r} has no blocks: a stitch cuts anchors between their blocks, "
+                                     "so every anchor needs at least one")
         self._stitches = [Stitch(k, a.label, (Segment(k, 0, a.depth),)) for k, a in enumerate(anchors)]
         self._layers: list[LayerSlot] = []
         self._join_layer: dict[tuple[int, int, int, int], int] = {}  # (src, cut, dst, resume) -> layer
@@ -356,6 +360,8 @@ class StitchSpace:
 
     def _groups(self, na: int, nb: int, rule: str) -> list[list[tuple[int, int]]]:
         """Block pairs (i, j) of one stage, grouped by shared layer: source through i, target from j."""
+        if not na or not nb:  # a stage without blocks has no cut point
+            return []
         if na != nb:
             return unpaired_pairs(na, nb, self.config.unpaired) if rule == "window" else forward_unpaired_pairs(na, nb)
         groups = paired_pairs(na, self.config.kernel_size, self.config.stride)
@@ -477,6 +483,10 @@ class StitchSpace:
                             for st in range(b0, b0 + B.stages[s])} - {""})
             where = f"in stage {s}, " if len(A.stages) > 1 or len(B.stages) > 1 else ""
             reasons += [where + r for r in found[:2]]
+        if stages and not reasons:  # every position lines up, but the rule pairs none of them
+            reasons = [f"the {self._rule(A, B)!r} rule pairs no blocks of stage(s) {', '.join(map(str, stages))} "
+                       f"({A.label} has {', '.join(str(A.stages[s]) for s in stages)} block(s) there, "
+                       f"{B.label} {', '.join(str(B.stages[s]) for s in stages)})"]
         detail = "; ".join(reasons[:4]) if stages else f"they share no stitchable stage (stages {A.stitch_stages} vs {B.stitch_stages})"
         return (f"anchors {A.label!r} and {B.label!r} cannot be stitched anywhere: {detail}. "
                 "Stitching maps activations position by position, so both anchors need the same "

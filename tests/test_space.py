@@ -217,3 +217,28 @@ def test_anchors_are_ordered_by_cost_and_stitch_ids_are_stable() -> None:
     b = snnet.create_snnet(TINY_VITS)
     assert a.labels == b.labels == tuple(TINY_VITS)
     assert [s.name for s in a.space] == [s.name for s in b.space]
+
+
+def _stacked(stages: tuple[int, ...], rule: str = "window") -> snnet.AnchorParts:
+    """An anchor of identity units on 2x2 maps, with ``stages`` blocks per stage."""
+    from torch import nn
+
+    return snnet.AnchorParts(nn.Identity(), [nn.Identity() for _ in range(sum(stages))],
+                             nn.Sequential(nn.Flatten(1), nn.Linear(12, 3)), layout="nchw", stages=stages, stitch_rule=rule)
+
+
+def test_anchors_without_blocks_are_refused_in_one_line() -> None:
+    """An anchor (or a stage) with no blocks: no IndexError from the unpaired rule, no empty reason."""
+    import timm
+
+    from snnet.errors import NotStitchableError
+
+    vit = [timm.create_model("vit_tiny_patch16_224", img_size=32, depth=d) for d in (0, 2)]
+    with pytest.raises(NotStitchableError, match=r"^anchor 'visiontransformer0' has no blocks"):
+        snnet.create_snnet(vit, img_size=32)
+    # a stage without blocks in one anchor: the other stages are still stitched
+    net = snnet.StitchedNet([_stacked((2, 0)), _stacked((2, 2))], ["a", "b"], input_size=(3, 2, 2))
+    assert {(s.src_end, s.dst_start) for s in net.space if not s.is_anchor} <= {(e, st) for e in (1, 2) for st in (0, 1)}
+    # positions that line up but that the rule pairs none of: the reason says so
+    with pytest.raises(NotStitchableError, match=r"cannot be stitched anywhere: the 'forward' rule pairs no blocks of stage"):
+        snnet.StitchedNet([_stacked((1,), "forward"), _stacked((1,), "forward")], ["a", "b"], input_size=(3, 2, 2))
