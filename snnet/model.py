@@ -86,6 +86,14 @@ class StitchedBase(nn.Module):
         self._routes: dict[int, tuple[nn.Module, ...]] = {}  # stitch id -> Route.modules(), filled on first use
         self._active: Stitch = self.space.stitches[len(self.anchors) - 1]  # the largest anchor
 
+    def train(self, mode: bool = True) -> "StitchedBase":
+        """As :meth:`nn.Module.train`, the reference route mode's stitched heads included: they are not
+        submodules (they share the anchors' head modules), and their model runs in their mode."""
+        super().train(mode)
+        for head in getattr(self, "_stitched_heads", {}).values():
+            head.train(mode)
+        return self
+
     # ------------------------------------------------------------------ switching
     @property
     def active(self) -> Stitch:

@@ -192,6 +192,27 @@ def test_reference_route_mode_drops_the_final_norm_on_stitched_deit_routes_only(
     assert json.loads((ours.save_pretrained(tmp_path / "ours") / "config.json").read_text())["version"] == 1
 
 
+def test_reference_heads_follow_train_and_eval() -> None:
+    """A stitched route's reference head is not a submodule; it must still follow net.eval(): a distilled
+    DeiT family trained with two heads returned (class, distillation) tuples from stitched routes in eval."""
+    import timm
+
+    from snnet.distill import set_two_head_training
+
+    torch.manual_seed(0)
+    ms = [timm.create_model(n, img_size=32, depth=2, num_classes=5)
+          for n in ("deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224")]
+    net = snnet.create_snnet(ms, img_size=32, route_mode="reference")
+    assert set_two_head_training(net) == 2
+    x = torch.randn(2, 3, 32, 32)
+    for s in net.space:
+        net.select(s)
+        with torch.no_grad():
+            assert isinstance(net.train()(x), tuple), s.name
+            out = net.eval()(x)
+        assert isinstance(out, torch.Tensor) and out.shape == (2, 5), s.name
+
+
 def test_reference_route_mode_is_the_default_elsewhere_and_refused_without_a_reference() -> None:
     torch.manual_seed(0)
     swin = snnet.create_snnet(["snnet_tiny_swin_t", "snnet_tiny_swin_s"], route_mode="reference")
