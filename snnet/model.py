@@ -342,6 +342,8 @@ class StitchedNet(StitchedBase):
             raise ConfigError(f"unknown route mode {route_mode!r}; expected one of {ROUTE_MODES}")
         if len(anchors) < 2:
             raise NotStitchableError(f"a family needs at least two anchors to stitch, got {len(anchors)}")
+        if len(labels) != len(anchors):  # zip() below would drop the anchors without a label
+            raise ConfigError(f"{len(labels)} labels for {len(anchors)} anchors: give one label per anchor")
         if route_mode == "reference" and config.cut != "block":
             raise ConfigError("route_mode='reference' runs the authors' networks, which cut between blocks: "
                               "use space cut='block' with it")

@@ -167,6 +167,16 @@ def test_fewer_than_two_anchors() -> None:
         snnet.create_snnet(["snnet_tiny_vit_ti"])
 
 
+def test_labels_must_name_every_anchor() -> None:
+    """Fewer labels than anchors silently dropped the anchors past the last label (a family of 3 became 2)."""
+    from snnet.errors import ConfigError
+
+    for labels in (["ti", "s"], ["ti", "s", "b", "x"]):
+        with pytest.raises(ConfigError, match=f"{len(labels)} labels for 3 anchors"):
+            snnet.create_snnet(TINY_VITS, labels=labels)
+    assert snnet.create_snnet(TINY_VITS, labels=["ti", "s", "b"]).labels == ("ti", "s", "b")
+
+
 def test_different_token_counts_are_refused_with_the_shapes() -> None:
     import timm
 
