@@ -86,12 +86,23 @@ def candidates(net: StitchedNet) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def _flops(net: StitchedNet, a: int, e: int, b: int, st: int) -> int:
-    """A candidate's FLOPs from part costs: source prefix, a plain stitching layer, target suffix."""
+def _flops(net: StitchedNet, a: int, e: int, b: int, st: int, heads: dict[int, int]) -> int:
+    """A candidate's FLOPs from part costs: source prefix, a plain stitching layer, target suffix, and
+    the head a stitched route into ``b`` ends with (``heads[b]``: the reference route mode's may differ)."""
     pcs, spec = net.part_costs(), net.space.anchors[a].specs[e]
     layer = spec.positions * spec.channels * net.space.anchors[b].specs[st].channels  # a Linear/1x1 conv: MACs
     return (pcs[a].route(0, e, stem=True, head=False)[0] + layer
-            + pcs[b].route(st, net.anchors[b].depth, stem=False, head=True)[0])
+            + pcs[b].route(st, net.anchors[b].depth, stem=False, head=False)[0] + heads[b])
+
+
+def _stitched_head_flops(net: StitchedNet) -> dict[int, int]:
+    """Per anchor, the MACs of the head that stitched routes into it end with (:meth:`StitchedNet.head_of`)."""
+    pcs = net.part_costs()
+    heads = {b: pcs[b].head_flops for b in range(len(net.anchors))}
+    if net._stitched_heads:
+        specs = net._measure(net.input_size)[0]
+        heads.update({b: net._stitched_head_costs(b, specs)[0] for b in net._stitched_heads})
+    return heads
 
 
 def _log_relations(h: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -132,9 +143,9 @@ def _score(net: StitchedNet, batches: Iterable[Any], max_images: int, temperatur
         seen += len(x)
     if seen == 0:
         raise SnnetError("KLAS needs calibration batches of at least two images; the loader gave none")
-    labels = net.labels
+    labels, heads = net.labels, _stitched_head_flops(net)
     return [KlasScore(route_name(labels, (Segment(a, 0, e), Segment(b, st, net.anchors[b].depth))), a, e, b, st,
-                      _flops(net, a, e, b, st), float(total[i]) / seen) for i, (a, e, b, st) in enumerate(cands)], seen
+                      _flops(net, a, e, b, st, heads), float(total[i]) / seen) for i, (a, e, b, st) in enumerate(cands)], seen
 
 
 def select_klas(scores: Sequence[KlasScore], keep: int, lo: float, hi: float, spread: bool = True) -> list[KlasScore]:

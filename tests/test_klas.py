@@ -32,6 +32,15 @@ def test_klas_keeps_n_deterministically() -> None:
     assert a.to_dict()["routes"] == list(a.routes) and len(a.to_dict()["candidates"]) == len(cands)
 
 
+def test_klas_flops_are_the_kept_networks_in_the_reference_route_mode() -> None:
+    """The reference route mode ends stitched DeiT routes without the final norm: KLAS priced them with it."""
+    net = seeded_net(route_mode="reference")
+    result = klas(net, _batches_of_images(), keep=3)
+    chosen = klas_net(net, [s.name for s in result.scores])
+    costs = {c.name: c.flops for c in chosen.costs()}
+    assert {s.name: s.flops for s in result.scores} == {s.name: costs[s.name] for s in result.scores}
+
+
 def test_klas_scores_identical_representations_zero() -> None:
     import timm
 
