@@ -666,8 +666,7 @@ def create_snnet(
                                 lora_alpha=lora_alpha, route_mode=route_mode, cut=cut)
     if isinstance(anchors, str):
         anchors = expand_family(anchors)
-    config = SpaceConfig(kernel_size, stride, nearest, tuple(stages) if stages is not None else None, rule, unpaired,
-                         two_way, chains, tuple(routes) if routes is not None else None, cut=cut)
+    config = SpaceConfig(kernel_size, stride, nearest, stages, rule, unpaired, two_way, chains, routes, cut=cut)  # it makes lists tuples
     kwargs: dict[str, Any] = {}
     if img_size is not None:
         kwargs["img_size"] = img_size

@@ -242,3 +242,13 @@ def test_anchors_without_blocks_are_refused_in_one_line() -> None:
     # positions that line up but that the rule pairs none of: the reason says so
     with pytest.raises(NotStitchableError, match=r"cannot be stitched anywhere: the 'forward' rule pairs no blocks of stage"):
         snnet.StitchedNet([_stacked((1,), "forward"), _stacked((1,), "forward")], ["a", "b"], input_size=(3, 2, 2))
+
+
+def test_one_route_given_as_text_is_refused_clearly() -> None:
+    """routes="a[:2]+b[2:]" was read letter by letter: "cannot read route 's'"."""
+    from snnet.errors import ConfigError
+
+    route = "snnet_tiny_vit_ti[:2]+snnet_tiny_vit_s[2:]"
+    with pytest.raises(ConfigError, match=r"routes is a list, got the text .*: pass \['snnet_tiny_vit_ti\[:2\]"):
+        snnet.create_snnet(TINY_VITS[:2], routes=route)
+    assert [s.name for s in snnet.create_snnet(TINY_VITS[:2], routes=[route]).space][2:] == [route]
