@@ -488,6 +488,9 @@ class StitchSpace:
                        f"({A.label} has {', '.join(str(A.stages[s]) for s in stages)} block(s) there, "
                        f"{B.label} {', '.join(str(B.stages[s]) for s in stages)})"]
         detail = "; ".join(reasons[:4]) if stages else f"they share no stitchable stage (stages {A.stitch_stages} vs {B.stitch_stages})"
+        if not stages and self.config.stages is not None:  # the stages asked for, not the adapters' defaults
+            detail = (f"stages={list(self.config.stages)} names no stage both have ({A.label} has {len(A.stages)}, "
+                      f"{B.label} {len(B.stages)}, numbered from 0)")
         return (f"anchors {A.label!r} and {B.label!r} cannot be stitched anywhere: {detail}. "
                 "Stitching maps activations position by position, so both anchors need the same "
                 "token count (same patch size and input size) or the same feature-map size somewhere.")

@@ -252,3 +252,9 @@ def test_one_route_given_as_text_is_refused_clearly() -> None:
     with pytest.raises(ConfigError, match=r"routes is a list, got the text .*: pass \['snnet_tiny_vit_ti\[:2\]"):
         snnet.create_snnet(TINY_VITS[:2], routes=route)
     assert [s.name for s in snnet.create_snnet(TINY_VITS[:2], routes=[route]).space][2:] == [route]
+
+
+def test_stages_that_do_not_exist_are_named_in_the_error() -> None:
+    """stages=[7] on one-stage ViTs said "they share no stitchable stage (stages (0,) vs (0,))"."""
+    with pytest.raises(snnet.NotStitchableError, match=r"stages=\[7\] names no stage both have \(snnet_tiny_vit_ti has 1"):
+        snnet.create_snnet(TINY_VITS[:2], stages=[7])
