@@ -315,6 +315,8 @@ class SpaceConfig:
             value = getattr(self, name)
             if isinstance(value, str):  # tuple() would read it as a list of one-letter routes
                 raise ConfigError(f"{name} is a list, got the text {value!r}: pass [{value!r}]")
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{name} is a list, got {value!r}: pass [{value!r}]")
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
         if self.routes is not None and not self.routes:

@@ -50,6 +50,8 @@ Options beyond SN-Net (``SpaceConfig``):
 
 from __future__ import annotations
 
+import operator
+
 import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -509,6 +511,8 @@ class StitchSpace:
             raise StitchNotFoundError(f"stitch {key.name!r} is not in this stitch space")
         if isinstance(key, str) and key.strip().lstrip("-").isdecimal():
             key = int(key)
+        if not isinstance(key, (int, str, bool)) and hasattr(key, "__index__"):  # numpy's and torch's integers
+            key = operator.index(key)
         if isinstance(key, int) and not isinstance(key, bool):
             if 0 <= key < len(self.stitches):
                 return self.stitches[key]

@@ -252,6 +252,18 @@ def test_one_route_given_as_text_is_refused_clearly() -> None:
     with pytest.raises(ConfigError, match=r"routes is a list, got the text .*: pass \['snnet_tiny_vit_ti\[:2\]"):
         snnet.create_snnet(TINY_VITS[:2], routes=route)
     assert [s.name for s in snnet.create_snnet(TINY_VITS[:2], routes=[route]).space][2:] == [route]
+    with pytest.raises(ConfigError, match=r"stages is a list, got 1: pass \[1\]"):  # was a bare TypeError
+        snnet.create_snnet(TINY_VITS[:2], stages=1)
+
+
+def test_numpy_and_torch_integers_name_a_stitch() -> None:
+    """net.select(numpy.int64(3)) (an id from an argmax, a results array) was refused: "not int64"."""
+    import numpy as np
+
+    net = snnet.create_snnet(TINY_VITS[:2])
+    assert net.select(np.int64(3)).id == 3 and net.stitch(torch.tensor(2)).id == 2
+    with pytest.raises(snnet.StitchNotFoundError, match="out of range"):
+        net.select(np.int32(99))
 
 
 def test_stages_that_do_not_exist_are_named_in_the_error() -> None:
