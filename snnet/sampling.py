@@ -221,12 +221,17 @@ class EpochSampler(Sampler[int]):
     shuffled index is repeated ``repeats`` times in a row before sharding, so consecutive copies
     of an image land on different ranks (each augmented differently), and every rank keeps the
     first ``ceil(size / world)`` indices of its shard, so an epoch still has ``size`` images.
+    ``distinct_copies=True`` (for a :class:`SeededItems` dataset) yields the ``c``-th copy of image ``i``
+    as ``i + c * size``: SeededItems reads image ``i`` with its own augmentation draw for each copy,
+    which the plain index (one seed per image and epoch) would make identical.
     """
 
-    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, repeats: int = 1) -> None:
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, repeats: int = 1,
+                 distinct_copies: bool = False) -> None:
         if repeats < 1:
             raise SnnetError(f"repeats must be >= 1, got {repeats}")
         self.size, self.seed, self.rank, self.world_size, self.repeats = size, seed, rank, world_size, repeats
+        self.distinct_copies = distinct_copies
         self.epoch = 0
         self.start = 0
 
@@ -241,7 +246,8 @@ class EpochSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=g).tolist()
         if self.repeats > 1:
-            order = [i for i in order for _ in range(self.repeats)]
+            step = self.size if self.distinct_copies else 0
+            order = [i + c * step for i in order for c in range(self.repeats)]
         total = math.ceil(len(order) / self.world_size) * self.world_size
         order += order[: total - len(order)]
         return order[self.rank:total:self.world_size][: self.shard_size()]
@@ -320,7 +326,10 @@ class SeededItems(Subset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> Any:
+        # index i + c * len: the c-th copy of image i under repeated augmentation (EpochSampler's distinct_copies),
+        # drawn with a seed of its own
         seed = mix_seed(self.seed, self.epoch, index)
+        index = index % len(self.indices)
         if get_worker_info() is not None:  # a loader worker: its generators serve nothing else, no need to restore
             seed_everything(seed, cuda=False)
             return self.dataset[index]

@@ -201,7 +201,8 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
     if resumed is None:
         seed_everything(config.run.seed + rank)
     data = SeededItems.wrap(train_data, config.run.seed)
-    order = EpochSampler(n, config.run.seed, rank, world, repeats=config.data.repeated_aug)
+    order = EpochSampler(n, config.run.seed, rank, world, repeats=config.data.repeated_aug,
+                         distinct_copies=isinstance(data, SeededItems))  # each copy its own augmentation
     plan = _plan(config, order, world)
     if resumed is not None and resumed.position.step >= plan.total:
         return _already_finished(net, resumed, plan, out, rank)

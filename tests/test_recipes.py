@@ -314,6 +314,38 @@ def test_repeated_augmentation_puts_copies_on_different_ranks():
     assert list(resumed) == shards[1][2:]
 
 
+class _RecordsAugmentation(Synthetic):
+    """Each fetch adds a random "augmentation" (a draw from torch's generator, as timm's transforms make) and
+    records (image, draw)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.fetched: list[tuple[int, float]] = []
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        shift = float(torch.rand(()))
+        self.fetched.append((int(i), shift))
+        return x + shift, y
+
+
+def test_repeated_augmentation_augments_each_copy_differently(tmp_path):
+    """DeiT's repeated augmentation: the copies of an image are augmented independently (the same draw for
+    each copy would only repeat the image). The augmentation stays a pure function of the seed."""
+    draws = []
+    for run in ("a", "b"):
+        data = _RecordsAugmentation(16)
+        train(tiny(), data, cfg(tmp_path / run, repeated_aug=3, init_images=0, max_steps=2))
+        draws.append(data.fetched)
+    assert draws[0] == draws[1]  # reproducible
+    by_image: dict[int, list[float]] = {}
+    for i, shift in draws[0]:
+        assert 0 <= i < 16
+        by_image.setdefault(i, []).append(shift)
+    repeated = [s for s in by_image.values() if len(s) > 1]
+    assert repeated and all(len(set(s)) == len(s) for s in repeated), by_image
+
+
 def test_resume_is_exact_with_mixup_repeated_aug_and_hard_distillation(tmp_path):
     data = Synthetic(40)
     conf = dict(epochs=3, ckpt_every=4, mixup=0.8, cutmix=1.0, repeated_aug=3, distill="largest",
