@@ -130,6 +130,29 @@ def test_every_bad_command_line_is_one_line_and_exit_2(line: str, tmp_path, monk
         assert err.count("--download") == err.count("snnet demo --download")
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT are not set: start the 2 processes with torchrun"),
+    ({"WORLD_SIZE": "2", "RANK": "one", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "RANK='one' is not the rank"),
+])
+def test_a_half_torchrun_environment_is_one_line_before_any_work(env, message, tmp_path, monkeypatch, capsys) -> None:
+    """WORLD_SIZE without the rest of torchrun's environment (exported by hand, or left by a job script): joining the
+    process group raised "environment variable RANK expected, but not set" with a traceback, after the network was built."""
+    import snnet.model
+
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(snnet.model.StitchedNet, "__init__", lambda *a, **k: pytest.fail("a network was built"))
+    data = _folder(tmp_path / "images")
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--anchors", ",".join(TINY_VITS[:2]), "--data", str(data), "--device", "cpu", "--no-progress",
+              "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in _one_line(err)
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers
 
 

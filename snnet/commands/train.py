@@ -49,6 +49,7 @@ def run_train(argv: Sequence[str]) -> None:
     from ..tasks import get_task
     from ..train import check_resume, train as run
 
+    _check_launch_env(world)  # before any work: init_process_group would fail with a traceback, or wait forever
     check_inputs(config)
     out = Path(config.run.out_dir)
     if check_run_folder(out, config.run.resume, config.run.overwrite) is None and config.run.resume == "auto":
@@ -143,6 +144,21 @@ def _world_size() -> int:
     if not text.isdigit() or int(text) < 1:
         raise SnnetError(f"WORLD_SIZE={text!r} is not a number of processes")
     return int(text)
+
+
+def _check_launch_env(world: int) -> None:
+    """WORLD_SIZE > 1 means a torchrun launch: the rest of torchrun's environment (this process's rank, where
+    rank 0 listens) must be there and make sense, or joining the process group fails with a traceback."""
+    if world <= 1:
+        return
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise SnnetError(f"WORLD_SIZE={world} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
+                         f"start the {world} processes with torchrun --nproc_per_node {world} -m snnet train ... (or "
+                         "python -m snnet.launch), or unset WORLD_SIZE to train in one process")
+    rank = os.environ["RANK"]
+    if not rank.isdigit() or int(rank) >= world:
+        raise SnnetError(f"RANK={rank!r} is not the rank of one of the WORLD_SIZE={world} processes (0 to {world - 1})")
 
 
 def _init_distributed(device: str | None) -> bool:
