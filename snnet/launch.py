@@ -25,7 +25,7 @@ LAUNCHER_ENV = "SNNET_LAUNCHER"
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+    from torch.distributed.run import determine_local_world_size, get_args_parser, parse_min_max_nnodes, run
 
     argv = sys.argv[1:] if argv is None else argv
     commands = [i for i, word in enumerate(argv) if word in ("train", "demo")]
@@ -36,6 +36,23 @@ def main(argv: list[str] | None = None) -> int:
     at = commands[0]
     options, command = argv[:at], argv[at:]
     args = get_args_parser().parse_args([*options, "--module", "snnet", *command])
+    # torchrun takes any word for these and fails on a bad one with a traceback (a bare AssertionError for 0 processes)
+    try:
+        low, high = parse_min_max_nnodes(args.nnodes)
+    except ValueError:
+        low, high = 0, 0
+    if not 0 < low <= high:
+        sys.stderr.write(f"error: --nnodes {args.nnodes}: give a number of nodes >= 1, or MIN:MAX with 1 <= MIN <= MAX\n")
+        return 2
+    try:
+        nproc = determine_local_world_size(args.nproc_per_node)
+    except ValueError as e:
+        sys.stderr.write(f"error: --nproc_per_node {args.nproc_per_node}: {str(e).splitlines()[0]} (give a number of "
+                         "processes >= 1, or auto, cpu, gpu)\n")
+        return 2
+    if nproc < 1:
+        sys.stderr.write(f"error: --nproc_per_node {args.nproc_per_node}: give a number of processes >= 1\n")
+        return 2
     launcher = ["python", "-m", "snnet.launch", *options]
     os.environ[LAUNCHER_ENV] = " ".join(launcher)
     for name in list(logging.root.manager.loggerDict):  # its "shutting down workers" notes (each module's own level)

@@ -570,6 +570,22 @@ def test_the_launcher_stops_torchrun_in_one_line(tmp_path):
     assert load_checkpoint(out / CHECKPOINT_NAME)["world_size"] == 2
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--nproc_per_node", "0"], "--nproc_per_node 0: give a number of processes >= 1"),
+    (["--nproc_per_node", "two"], "--nproc_per_node two: Unsupported nproc_per_node value"),
+    (["--nnodes", "0"], "--nnodes 0: give a number of nodes >= 1"),
+    (["--nnodes", "3:1"], "--nnodes 3:1"),
+])
+def test_the_launcher_refuses_a_bad_number_of_processes_in_one_line(options, message, monkeypatch, capsys):
+    """torchrun's own checks fail with a traceback (for 0 processes a bare AssertionError); nothing is started."""
+    from snnet.launch import LAUNCHER_ENV, main
+
+    monkeypatch.delenv(LAUNCHER_ENV, raising=False)
+    assert main([*options, "train", "--anchors", TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err, err
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_in_one_line(tmp_path):
     """systemd, Slurm and `timeout` send SIGTERM to the whole process group, the DataLoader's workers
