@@ -52,6 +52,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -78,6 +79,9 @@ from .tasks import CausalLM, Task, get_task
 __all__ = ["NOT_RESULT_SETTINGS", "OptimConfig", "Position", "TrainConfig", "TrainResult", "Trainer", "Validation",
            "checkpoint_state", "check_changes", "check_resume", "default_device", "load_run_config", "result_settings",
            "resume_from", "route_modules", "train", "validation_set"]
+
+# How long the other processes wait for rank 0's evaluation at an epoch's end (every stitch on the validation split)
+EVAL_WAIT = timedelta(hours=24)
 
 # Settings that do not change what a run computes (where it writes, how it reports, where its files come
 # from before the checkpoint replaces them): a resume may change them freely. Every other one is compared.
@@ -243,6 +247,9 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
     done_evals: list[dict[str, Any]] = []
     images, t_loop = 0, time.perf_counter()
     net.train()
+    # rank 0 evaluates alone at an epoch's end: the others wait for it in a group of their own, whose timeout an
+    # evaluation of every stitch does not outlast (in the next step's collective they timed out: 30 min with gloo)
+    eval_wait = torch.distributed.new_group(backend="gloo", timeout=EVAL_WAIT) if world > 1 else None
     stops = StopSignals().start()  # Ctrl-C: finish the step, checkpoint, then stop
     batches = _batches(data, order, config, position, plan)
     try:
@@ -272,6 +279,8 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
             if validation is not None and position.epoch_step == 0 and rank == 0:  # an epoch's end
                 done_evals.append(_evaluate(net, validation, config, task, position, device))
                 evals.write(done_evals[-1])
+            if eval_wait is not None and position.epoch_step == 0:
+                torch.distributed.barrier(group=eval_wait)
             if (stop_after is not None and position.step >= stop_after) or _stop_requested(stops, world, device):
                 break
             if config.run.ckpt_every and position.step % config.run.ckpt_every == 0 and position.step < plan.total:
@@ -284,6 +293,8 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
         raise failed.__cause__ from None  # type: ignore[misc]
     finally:
         batches.close()  # its loader's workers stop now, not when (or if) the generator is collected
+        if eval_wait is not None:
+            torch.distributed.destroy_process_group(eval_wait)
         stops.stop()
         bar.close()
         log.close()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,33 @@ def test_kill_and_resume_ends_with_the_uninterrupted_weights(ddp_out, ddp_resume
     steps = [int(ln.split('"step": ')[1].split(",")[0]) for ln in
              (ddp_resumed / "per_rank" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))  # the killed run's step 4 was dropped and redone
+
+
+class _SlowToRead(Synthetic):
+    def __getitem__(self, i):
+        time.sleep(0.5)
+        return super().__getitem__(i)
+
+
+def _validates(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 0 evaluates every stitch at the epoch's end for longer than the process group's timeout (4 s against 2 s:
+    a stand-in for ImageNet's validation split against gloo's 30 minutes, NCCL's 10)."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=2))
+    try:
+        conf = TrainConfig().override(epochs=1, batch_size=4, out_dir=str(Path(out) / "run"), progress=False,
+                                      tensorboard=False, init_images=0, lr=1e-3, lr_base_batch=None)
+        result = train(_net(), Synthetic(16), conf, val_data=_SlowToRead(8))
+        torch.save({"finished": result.finished, "evals": len(result.evals)}, Path(out) / f"validated{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_other_ranks_wait_for_rank_0s_evaluation_however_long(tmp_path):
+    """They waited in the next step's collective, which timed out ('Timed out waiting 2000ms'): a run validating each
+    epoch on a real validation split crashed at the end of its first epoch."""
+    spawn_two(_validates, str(tmp_path))
+    got = [torch.load(tmp_path / f"validated{rank}.pt", weights_only=True) for rank in range(2)]
+    assert got == [{"finished": True, "evals": 1}, {"finished": True, "evals": 0}]
+    assert len((tmp_path / "run" / "evals.jsonl").read_text().splitlines()) == 1
