@@ -39,7 +39,7 @@ from .errors import ConfigError, SnnetError
 from .evaluate import evaluate
 from .recipes import recipe_config
 from .results import (FrontComparison, Row, check_writable, compare_fronts, format_results, frontier, mark_pareto,
-                      write_results)
+                      network_rows, write_results)
 from .model import StitchedNet, create_snnet, network_from_config, space_options
 from .report import human, table
 from .sampling import seed_everything
@@ -266,7 +266,9 @@ def frontier_gap(results: list[Row]) -> float:
 
 def gap_ends(results: list[Row]) -> tuple[tuple[str, float], tuple[str, float], float]:
     """The two Pareto-optimal networks (or ends of the anchors' range) around the widest FLOPs gap inside
-    the anchors' range, by name and FLOPs, and that gap as a fraction of the range."""
+    the anchors' range, by name and FLOPs, and that gap as a fraction of the range. Zoo and reference rows
+    (a results file holds them, marked on their own frontiers) are left aside: the gap is the network's."""
+    results = network_rows(results)
     anchors = sorted((r.flops, r.name) for r in results if r.is_anchor)
     (lo, lo_name), (hi, hi_name) = anchors[0], anchors[-1]
     names = {lo: lo_name, hi: hi_name} | {r.flops: r.name for r in results if r.pareto}

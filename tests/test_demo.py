@@ -196,3 +196,24 @@ def test_converged_line_reads_the_comparison_file(tmp_path: Path) -> None:
     broken.write_text('{"split": "val"')
     assert converged_verdict(broken).startswith("not available (broken.json: JSONDecodeError")
     assert converged_verdict(tmp_path / "missing.json").startswith("not available (missing.json: FileNotFoundError")
+
+
+def _net_row(id: int, flops: int, acc1: float, pareto: bool, anchor: bool = False) -> "Row":
+    from snnet.results import Row
+
+    return Row(id, f"n{id}", flops, 1, acc1, 99.0, 0.5, 10_000, anchor, pareto)
+
+
+def test_frontier_gap_leaves_zoo_and_reference_rows_aside() -> None:
+    """A results.json the demo wrote holds the zoo too, each zoo model marked on the zoo's own frontier:
+    the gap is the stitched network's, so zoo (and reference) rows must neither fill it nor set the range."""
+    from snnet.demo import frontier_gap, gap_ends
+    from snnet.results import Row
+
+    net = [_net_row(0, 100, 80.0, True, anchor=True), _net_row(1, 200, 81.0, True), _net_row(2, 1100, 85.0, True, anchor=True)]
+    zoo = [Row(None, "z600", 600, 1, 82.0, kind="zoo", pareto=True),
+           Row(None, "z50", 50, 1, 70.0, kind="zoo", pareto=True)]
+    ref = [Row(2, "ref_b", 2000, 1, 86.0, kind="reference", is_anchor=True, pareto=True)]
+    assert frontier_gap(net) == pytest.approx(0.9)
+    assert frontier_gap(net + zoo + ref) == pytest.approx(0.9)
+    assert gap_ends(net + zoo + ref) == (("n1", 200), ("n2", 1100), pytest.approx(0.9))
