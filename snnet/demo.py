@@ -468,6 +468,8 @@ def verdict_lines(s: DemoResult) -> list[str]:
         c = s.zoo.comparison
         lines.append(f"against the zoo as trained (the anchors' recipe, {s.eval_split} top-1): {s.zoo.verdict()} it, "
                      f"{c.mean:+.2f} points on average at matched FLOPs, worst {c.worst.diff:+.2f}")
+    elif s.config.get("demo", {}).get("zoo"):  # asked for, but compare_with_zoo found nothing as cheap
+        lines.append("against the zoo as trained: not compared (the zoo's models all cost more than the largest anchor)")
     else:
         lines.append("against the zoo as trained: not compared (--no-zoo)")
     lines.append("against a converged zoo, from converged anchors: " + converged_verdict())

@@ -217,3 +217,21 @@ def test_frontier_gap_leaves_zoo_and_reference_rows_aside() -> None:
     assert frontier_gap(net) == pytest.approx(0.9)
     assert frontier_gap(net + zoo + ref) == pytest.approx(0.9)
     assert gap_ends(net + zoo + ref) == (("n1", 200), ("n2", 1100), pytest.approx(0.9))
+
+
+def test_verdict_says_why_the_zoo_was_not_compared() -> None:
+    """With the zoo asked for but dearer than every anchor (compare_with_zoo gives None), the verdict
+    must not claim the user passed --no-zoo."""
+    from snnet.demo import DemoResult, compare_with_zoo, verdict_lines
+    from snnet.results import Row
+
+    net = [_net_row(0, 100, 80.0, True, anchor=True), _net_row(1, 150, 81.0, True), _net_row(2, 200, 85.0, True, anchor=True)]
+    zoo = [Row(None, "z600", 600, 1, 82.0, kind="zoo")]
+    assert compare_with_zoo(net, zoo, 1000, 1.0) is None
+
+    def line(zoo_on: bool) -> str:
+        s = DemoResult(net, {"n0": 80.0, "n2": 85.0}, {"n0": 80.0, "n2": 85.0}, 3, [],
+                       config={"train": {}, "demo": {"zoo": zoo_on}}, zoo=None)
+        return verdict_lines(s)[1]
+    assert "--no-zoo" in line(False)
+    assert "--no-zoo" not in line(True) and "not compared" in line(True)
