@@ -273,21 +273,21 @@ def gap_ends(results: list[Row]) -> tuple[tuple[str, float], tuple[str, float], 
     (lo, lo_name), (hi, hi_name) = anchors[0], anchors[-1]
     names = {lo: lo_name, hi: hi_name} | {r.flops: r.name for r in results if r.pareto}
     a, b = widest_pair(names, lo, hi)
-    return (names[a], a), (names[b], b), (b - a) / (hi - lo)
+    return (names[a], a), (names[b], b), (b - a) / (hi - lo) if hi > lo else 0.0  # anchors of one cost: no range
 
 
 def widest_gap(front_flops: Iterable[float], lo: float, hi: float) -> float:
     """Widest gap between consecutive frontier points (FLOPs) inside ``[lo, hi]``, both ends counted
     as points, as a fraction of ``hi - lo``."""
     a, b = widest_pair(front_flops, lo, hi)
-    return (b - a) / (hi - lo)
+    return (b - a) / (hi - lo) if hi > lo else 0.0
 
 
 def widest_pair(front_flops: Iterable[float], lo: float, hi: float) -> tuple[float, float]:
     """The two consecutive frontier points (FLOPs) inside ``[lo, hi]``, both ends counted as points,
     with the widest gap between them."""
     xs = sorted({lo, hi} | {f for f in front_flops if lo <= f <= hi})
-    return max(zip(xs, xs[1:]), key=lambda ab: ab[1] - ab[0])
+    return max(zip(xs, xs[1:]), key=lambda ab: ab[1] - ab[0]) if len(xs) > 1 else (lo, hi)
 
 
 def compare_with_zoo(results: list[Row], zoo: list[Row], joint_image_steps: int,

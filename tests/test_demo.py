@@ -219,6 +219,15 @@ def test_frontier_gap_leaves_zoo_and_reference_rows_aside() -> None:
     assert gap_ends(net + zoo + ref) == (("n1", 200), ("n2", 1100), pytest.approx(0.9))
 
 
+def test_frontier_gap_of_anchors_of_one_cost_is_zero_not_a_crash() -> None:
+    """Two anchors of the same architecture (`--demo.weights` of one model twice) have no FLOPs range:
+    the gap divided by zero."""
+    from snnet.demo import frontier_gap, widest_gap
+
+    net = [_net_row(0, 100, 80.0, True, anchor=True), _net_row(1, 100, 81.0, True, anchor=True)]
+    assert frontier_gap(net) == 0.0 and widest_gap([100], 100, 100) == 0.0
+
+
 def test_verdict_says_why_the_zoo_was_not_compared() -> None:
     """With the zoo asked for but dearer than every anchor (compare_with_zoo gives None), the verdict
     must not claim the user passed --no-zoo."""
