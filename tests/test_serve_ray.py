@@ -45,6 +45,19 @@ def test_merge_metrics_labels_every_sample_with_its_replica() -> None:
     assert samples == {("a", 3.0), ("b", 5.0)}
 
 
+def test_serve_run_builder_parses_optional_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve run snnet.deploy.ray:app ... steady_cv2=0.5`: an optional number (float | None) is a number, not a string
+    that ServeConfig then refuses ("--steady-cv2 must be a finite number >= 0, got 0.5")."""
+    import snnet.deploy.ray as snray
+
+    got: dict[str, Any] = {}
+    monkeypatch.setattr(snray, "application", lambda config, **kw: got.update(config=config, **kw))
+    snray.app({"model": "DIR", "steady_cv2": "0.5", "replicas": "2"})
+    assert got["config"].steady_cv2 == 0.5 and got["replicas"] == 2
+    snray.app({"model": "DIR", "steady_cv2": "none"})
+    assert got["config"].steady_cv2 is None
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServeConfig]]:
     torch.manual_seed(0)

@@ -191,6 +191,12 @@ def app(args: dict[str, str]) -> serve.Application:
     values: dict[str, Any] = {}
     for name, text in args.items():
         kind = hints[name]
+        kinds = [k for k in typing.get_args(kind) if k is not type(None)]
+        if kinds and type(None) in typing.get_args(kind):  # an optional setting: "none" (or nothing) is None
+            if text.lower() in ("none", "null", ""):
+                values[name] = None
+                continue
+            kind = kinds[0] if len(kinds) == 1 else str
         if kind in (bool,):
             values[name] = text.lower() in ("1", "true", "yes", "on")
         elif kind in (int, float):
