@@ -931,3 +931,25 @@ def test_server_process_starts_steers_and_stops_snnet_serve(saved: tuple[Path, P
         srv.wait_idle()
         proc = srv.proc
     assert proc is not None and proc.poll() is not None
+
+
+def test_a_non_ascii_admin_token_can_steer(tmp_path: Path) -> None:
+    """A token file in UTF-8 with letters outside ASCII (accepted at start) is matched by the same bytes sent as
+    `Authorization: Bearer ...` (curl sends them as they are; the server sees the header decoded as Latin-1):
+    it used to be refused with 401 whatever the client sent."""
+    from starlette.requests import Request
+
+    from snnet.deploy.serve import check_admin, read_admin_token
+
+    secret = "clé-d'administration-ü-0123456789-à"  # "à" ends in byte 0xA0, a blank in Latin-1
+    (tmp_path / "token").write_text(secret + "\n", encoding="utf-8")
+    token = read_admin_token(str(tmp_path / "token"))
+
+    def authorization(raw: bytes) -> str | None:  # the header as the app reads it
+        return Request({"type": "http", "headers": [(b"authorization", raw)]}).headers.get("authorization")
+
+    check_admin(token, authorization(b"Bearer " + secret.encode("utf-8")))
+    for wrong in (b"Bearer " + secret.encode("latin-1"), b"Bearer " + secret[:-1].encode("utf-8"), b"Bearer x"):
+        with pytest.raises(Rejected) as e:
+            check_admin(token, authorization(wrong))
+        assert e.value.status == 401

@@ -49,6 +49,10 @@ def check_admin(token: str | None, authorization: str | None) -> None:
         raise Rejected(403, f"changing the server is turned off: start snnet serve with --admin-token-file FILE or "
                             f"${ADMIN_TOKEN_ENV} set, then send `Authorization: Bearer <token>`", "forbidden")
     scheme, _, sent = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), token.encode()):
+    try:  # the bytes the client sent (the server decodes a header as Latin-1), against the token's UTF-8
+        raw = sent.strip(" \t").encode("latin-1")  # only HTTP's own blanks: \xa0 may end a UTF-8 letter
+    except UnicodeEncodeError:  # not a header as read off the wire
+        raw = sent.strip().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(raw, token.encode()):
         raise Rejected(401, "this endpoint needs the admin token: send `Authorization: Bearer <token>`", "unauthorized",
                        {"WWW-Authenticate": 'Bearer realm="snnet"'})
