@@ -58,6 +58,33 @@ def test_serve_run_builder_parses_optional_numbers(monkeypatch: pytest.MonkeyPat
     assert got["config"].steady_cv2 is None
 
 
+def test_serve_ray_gives_the_replicas_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`snnet serve --ray --admin-token-file admin.token` (relative, as the docs show) passed the token's path on
+    as given, while the model's and the results' were made absolute: a replica on another node, or started
+    from another working directory, could not read it. No Ray is started: its calls are stood in for."""
+    import snnet.deploy.ray as snray
+    from snnet.commands import serve as serve_cmd
+    from snnet.deploy.serve import Listen
+
+    (tmp_path / "admin.token").write_text(TOKEN)
+    monkeypatch.chdir(tmp_path)
+    got: dict[str, Any] = {}
+
+    def stop(config: ServeConfig, *args: Any, **kw: Any) -> None:
+        got["config"] = config
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: None)
+    monkeypatch.setattr(serve, "start", lambda *a, **k: None)
+    monkeypatch.setattr(serve, "shutdown", lambda *a, **k: None)
+    monkeypatch.setattr(snray, "application", stop)
+    config = ServeConfig("", admin_token_file="admin.token")
+    with pytest.raises(KeyboardInterrupt):
+        serve_cmd._serve_ray(config, Listen(port=0), Path("net"), None, 1, None, 2.0)
+    assert got["config"].admin_token_file == str(tmp_path / "admin.token") and Path(got["config"].model).is_absolute()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServeConfig]]:
     torch.manual_seed(0)

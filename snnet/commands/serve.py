@@ -226,7 +226,9 @@ def _serve_ray(config: Any, listen: Any, model: Path | None, results: Path | Non
         if model is None:  # every replica loads it, including those Ray adds later: kept until the end
             model, default_results, what = _default_model(stack)
             results = results or default_results
-        config = replace(config, model=str(Path(model).resolve()), results=str(Path(results).resolve()) if results else None)
+        # every replica reads these files on its own node, from its own working directory: absolute paths
+        config = replace(config, model=str(Path(model).resolve()), results=str(Path(results).resolve()) if results else None,
+                         admin_token_file=str(Path(config.admin_token_file).resolve()) if config.admin_token_file else None)
         ray.init(address=os.environ.get("RAY_ADDRESS") or None)
         stack.callback(ray.shutdown)
         ray_serve.start(http_options={"host": listen.host, "port": listen.port, "ssl_certfile": listen.ssl_certfile,
