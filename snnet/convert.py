@@ -305,12 +305,19 @@ def convert_reference(net: Any, state: dict[str, torch.Tensor], anchor_names: li
         spec = net.specs[k]
         model = create_anchor(AnchorSpec(spec.name, False, None, spec.kwargs))
         own, names = _anchor_state(net.anchors[k].kind, model, own)
-        result = model.load_state_dict(own, strict=False)
-        if result.missing_keys or result.unexpected_keys:
+        expected = model.state_dict()
+        wrong = [f"{prefix}{names.get(key, key)} {tuple(v.shape)} (needs {tuple(expected[key].shape)})"
+                 for key, v in own.items() if key in expected and v.shape != expected[key].shape]
+        missing = [key for key in expected if key not in own]
+        unexpected = [key for key in own if key not in expected]
+        if missing or unexpected or wrong:  # load_state_dict raises a multi-line RuntimeError on a wrong shape
             raise CheckpointError(
                 f"anchor {ref_index} ({name}) of the checkpoint does not fit: "
-                + "; ".join(f"{what} {_few([prefix + names.get(key, key) for key in keys])}" for what, keys in
-                            (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys))
+                + "; ".join(f"{what} {_few(keys)}" for what, keys in
+                            (("missing", [prefix + names.get(key, key) for key in missing]),
+                             ("unexpected", [prefix + names.get(key, key) for key in unexpected]),
+                             ("wrong shape", wrong)) if keys))
+        model.load_state_dict(own)
         net.anchors[k].load_state_dict(split_model(model).state_dict())
         placed += len(own)
 

@@ -567,3 +567,17 @@ def test_cli_refuses_snnet_files_and_bad_out_in_one_line(tmp_path, capsys):
     code, io = _run(["convert", "--from-reference", str(tmp_path / "none.pth"), *anchors, "--out",
                      str(tmp_path / "a-file")], capsys)
     assert code == 2 and "is a file" in io.err and len(io.err.strip().splitlines()) == 1
+
+
+def test_anchors_of_the_wrong_size_are_refused_in_one_line(tmp_path, capsys):
+    """Anchors given in another order than the checkpoint's (or of another size): each wrong shape named, one
+    line; load_state_dict raised its multi-line RuntimeError (a traceback from the command line)."""
+    ms, state = deit_reference()
+    swapped = [TINY_VITS[1], TINY_VITS[0], TINY_VITS[2]]
+    with pytest.raises(CheckpointError, match=r"anchor 0 .*wrong shape anchors\.0\.cls_token \(1, 1, 16\) \(needs \(1, 1, 32\)\)"):
+        convert_reference(snnet.create_snnet(swapped, route_mode="reference"), state, swapped)
+    ckpt = tmp_path / "snnet_deit.pth"
+    torch.save({"model": state}, ckpt)
+    code, io = _run(["convert", "--from-reference", str(ckpt), "--anchors", ",".join(swapped), "--out",
+                     str(tmp_path / "o")], capsys)
+    assert code == 2 and "wrong shape" in io.err and len(io.err.strip().splitlines()) == 1, io.err
