@@ -169,13 +169,14 @@ def levit_names(model: torch.nn.Module) -> dict[str, str]:
     return out
 
 
-def _anchor_state(kind: str, model: torch.nn.Module, own: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _anchor_state(kind: str, model: torch.nn.Module, own: dict[str, torch.Tensor],
+                  label: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """An anchor's checkpoint entries in its timm model's layout, and timm key -> checkpoint key for messages."""
     names = {k: k for k in own}
     if kind == "swin":  # Microsoft's layout (patch merging at a stage's end) -> timm's
         from timm.models.swin_transformer import checkpoint_filter_fn
 
-        return checkpoint_filter_fn(own, model), {}
+        return _unresampled(own, checkpoint_filter_fn(own, model), {}, label), {}
     if kind == "levit" and any(k.startswith("patch_embed.") for k in own):  # Facebook's layout -> timm's
         names = levit_names(model)
         to_timm = {fb: k for k, fb in names.items()}
@@ -184,8 +185,24 @@ def _anchor_state(kind: str, model: torch.nn.Module, own: dict[str, torch.Tensor
         from timm.models.vision_transformer import checkpoint_filter_fn as vit_filter
 
         renamed = {k: re.sub(r"gamma_([0-9])$", r"ls\1.gamma", k) for k in own}
-        return vit_filter(own, model, adapt_layer_scale=True), {v: k for k, v in renamed.items()}
+        names = {v: k for k, v in renamed.items()}
+        return _unresampled(own, vit_filter(own, model, adapt_layer_scale=True), names, label), names
     return own, names
+
+
+def _unresampled(own: dict[str, torch.Tensor], out: dict[str, torch.Tensor], names: dict[str, str],
+                 label: str) -> dict[str, torch.Tensor]:
+    """``out``, timm's filter of ``own``, unless the filter resampled a tensor to the model's shape (position
+    embedding, patch embedding, relative-position table): the anchor is then not the checkpoint's (another
+    image or window size), and its network would not be the authors' one."""
+    originals = {id(v) for v in own.values()}
+    changed = [f"{label}{names.get(k, k)} {tuple(own[names.get(k, k)].shape) if names.get(k, k) in own else ''} -> "
+               f"{tuple(v.shape)}" for k, v in out.items() if id(v) not in originals]
+    if changed:
+        raise CheckpointError(f"the checkpoint's {label.rstrip('.') or 'anchor'} is not this model: timm would resample "
+                              f"{_few(changed)} to fit it (another image, patch or window size); give the anchors "
+                              "the authors trained")
+    return out
 
 
 # ------------------------------------------------------------------ stitching layers
@@ -304,7 +321,7 @@ def convert_reference(net: Any, state: dict[str, torch.Tensor], anchor_names: li
         k = order[name]
         spec = net.specs[k]
         model = create_anchor(AnchorSpec(spec.name, False, None, spec.kwargs))
-        own, names = _anchor_state(net.anchors[k].kind, model, own)
+        own, names = _anchor_state(net.anchors[k].kind, model, own, prefix)
         expected = model.state_dict()
         wrong = [f"{prefix}{names.get(key, key)} {tuple(v.shape)} (needs {tuple(expected[key].shape)})"
                  for key, v in own.items() if key in expected and v.shape != expected[key].shape]

@@ -581,3 +581,14 @@ def test_anchors_of_the_wrong_size_are_refused_in_one_line(tmp_path, capsys):
     code, io = _run(["convert", "--from-reference", str(ckpt), "--anchors", ",".join(swapped), "--out",
                      str(tmp_path / "o")], capsys)
     assert code == 2 and "wrong shape" in io.err and len(io.err.strip().splitlines()) == 1, io.err
+
+
+def test_an_anchor_timm_would_resample_is_refused():
+    """An SN-Netv2 (DeiT III) checkpoint converted into anchors of another image size: timm's filter resampled the
+    position embedding to fit and the conversion went through silently, into a network the authors never ran
+    (the same mistake with DeiT anchors, which need no filter, was refused)."""
+    ms, state = deit3_reference()
+    net = snnet.create_snnet(DEIT3S, two_way=True, lora_rank=2, route_mode="reference", img_size=64)
+    with pytest.raises(CheckpointError, match=r"anchors\.0 is not this model: timm would resample "
+                                              r"anchors\.0\.pos_embed \(1, 16, 16\) -> \(1, 64, 16\)"):
+        convert_reference(net, state, DEIT3S)
