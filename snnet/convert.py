@@ -344,7 +344,9 @@ def convert_reference(net: Any, state: dict[str, torch.Tensor], anchor_names: li
         if layout == "snnetv2":
             src = _two_way_layer(net.space, slot, ref)
         else:
-            sources = {_reference_layer(net.space, s, layout, ref) for s in net.space.layer_stitches(slot.index)}
+            # a three-anchor route (chains) reuses the layers of two-anchor stitches: those say which layer it is
+            sources = {_reference_layer(net.space, s, layout, ref) for s in net.space.layer_stitches(slot.index)
+                       if len(s.segments) == 2}
             if len(sources) != 1:
                 raise CheckpointError(f"snnet layer {slot.index} serves stitches that the reference gives different "
                                       f"layers ({', '.join(sorted(sources))}); keep the reference's kernel_size/stride")

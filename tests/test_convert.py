@@ -592,3 +592,47 @@ def test_an_anchor_timm_would_resample_is_refused():
     with pytest.raises(CheckpointError, match=r"anchors\.0 is not this model: timm would resample "
                                               r"anchors\.0\.pos_embed \(1, 16, 16\) -> \(1, 64, 16\)"):
         convert_reference(net, state, DEIT3S)
+
+
+def test_an_all_pairs_deit_checkpoint_runs_the_reference_three_anchor_networks_too(tmp_path, capsys):
+    """``nearest_stitching=False``: the reference lists Ti->B and the Ti->S->B routes (its second stitch leaving S at
+    or after the block the first entered it), through the layers of their pairs. Converting into a network with
+    chains raised StopIteration (the three-anchor routes were looked up as pairs), and ``--all-pairs`` built none
+    of the 63 three-anchor networks."""
+    from snnet.cli import main
+
+    ms = models(TINY_VITS)
+    state = with_prefix(ms)
+    g = torch.Generator().manual_seed(2)
+    dims = [m.embed_dim for m in ms]
+    combos = [(0, 1), (0, 2), (1, 2)]
+    for pair, (a, b) in enumerate(combos):
+        add_layers(state, f"stitch_layers.{pair}.", 3, (dims[b], dims[a]), g)
+    cfgs, layers = paired(4, forward=False)
+    configs = [dict(comb=(a,)) for a in range(3)]
+    for comb in combos:
+        configs += [dict(comb=comb, cfgs=[c], layers=[n]) for c, n in zip(cfgs, layers)]
+    configs += [dict(comb=(0, 1, 2), cfgs=[c1, c2], layers=[n1, n2]) for c1, n1 in zip(cfgs, layers)
+                for c2, n2 in zip(cfgs, layers) if c2[0] >= c1[1]]
+
+    def forward(c, x):  # stitching_deit's SNNet.forward
+        if len(c["comb"]) == 1:
+            return ms[c["comb"][0]](x)
+        h, start = ms[c["comb"][0]]._pos_embed(ms[c["comb"][0]].patch_embed(x)), 0
+        for i, ((j, k), n) in enumerate(zip(c["cfgs"], c["layers"])):
+            for blk in ms[c["comb"][i]].blocks[start:j + 1]:
+                h = blk(h)
+            key = f"stitch_layers.{combos.index(c['comb'][i:i + 2])}.{n}.transform."
+            h, start = F.linear(h, state[key + "weight"], state[key + "bias"]), k
+        for blk in ms[c["comb"][-1]].blocks[start:]:
+            h = blk(h)
+        return ms[c["comb"][-1]].forward_head(h)
+
+    net = snnet.create_snnet(TINY_VITS, nearest=False, chains=True, route_mode="reference")
+    convert_reference(net, state, TINY_VITS)
+    assert check_every_reference_network(net, configs, forward, X) == len(configs) == 96
+    ckpt = tmp_path / "snnet_deit_all.pth"
+    torch.save({"model": state}, ckpt)
+    main(["convert", "--from-reference", str(ckpt), "--anchors", ",".join(TINY_VITS), "--all-pairs", "--out",
+          str(tmp_path / "o")])
+    assert check_every_reference_network(snnet.load(tmp_path / "o"), configs, forward, X) == 96

@@ -16,7 +16,7 @@ def convert(
     from_reference: Annotated[Path, typer.Option("--from-reference", help="A checkpoint saved by the authors' code (ziplab/SN-Net: snnet_deit.pth, snnet_swin.pth, resnet_18_50.pth, snnet_levit.pth; ziplab/SN-Netv2: snnetv2_deit3_s_l.pth, ...).")],
     anchors: Annotated[str, typer.Option("--anchors", "-a", help="Its anchors, in the reference's order: deit, swin, resnet, resnet18-swin_t, levit, or comma-separated timm names (SN-Netv2: deit3_small_patch16_224.fb_in22k_ft_in1k,deit3_large_patch16_224.fb_in22k_ft_in1k).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the converted network (config.json, model.safetensors).")],
-    all_pairs: Annotated[bool, typer.Option("--all-pairs", help="The checkpoint stitched every pair of anchors (the reference's nearest_stitching=False).")] = False,
+    all_pairs: Annotated[bool, typer.Option("--all-pairs", help="The checkpoint stitched every pair of anchors (the reference's nearest_stitching=False, which also runs three-anchor routes).")] = False,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle any Python object in the file (only for files you trust).")] = False,
 ) -> None:
     """Convert a reference SN-Net checkpoint (anchors and stitching layers) into snnet's format.
@@ -41,7 +41,7 @@ def convert(
     if len(ranks) > 1:
         raise SnnetError(f"{from_reference} holds low-rank stitching layers of ranks {sorted(ranks)}; snnet gives all "
                          "layers of a network one rank")
-    net = create_snnet(names, num_classes=heads[0] if heads else None, nearest=not all_pairs, two_way=two_way,
+    net = create_snnet(names, num_classes=heads[0] if heads else None, nearest=not all_pairs, chains=all_pairs, two_way=two_way,
                        lora_rank=ranks.pop() if ranks else 0, route_mode="reference")
     report = convert_reference(net, state, names)
     net.save_pretrained(out)
