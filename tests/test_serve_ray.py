@@ -58,6 +58,55 @@ def test_serve_run_builder_parses_optional_numbers(monkeypatch: pytest.MonkeyPat
     assert got["config"].steady_cv2 is None
 
 
+def test_a_pin_here_while_the_follower_applies_an_older_setting_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica's follower read setting B (version 6) from the policy actor and was applying it when a PUT on
+    this replica pinned C and published it (version 7). C landed first, B over it, and the PUT recorded version
+    7: the replica served B while counting itself up to date, until the next PUT. No Ray: the actor and the
+    model process are stood in for, with the delays that give that order."""
+    import asyncio
+
+    from snnet.deploy.ray import RayFleet
+
+    applied: list[str] = []
+    state = {"version": 6, "setting": {"stitch": "B", "policy": None}}
+
+    class Remote:
+        def __init__(self, fn: Any) -> None:
+            self.remote = fn
+
+    async def current() -> tuple[int, dict[str, Any]]:
+        return state["version"], state["setting"]
+
+    async def publish(setting: dict[str, Any]) -> int:
+        await asyncio.sleep(0.05)
+        state.update(version=state["version"] + 1, setting=setting)
+        return state["version"]
+
+    class Batcher:
+        async def ask(self, op: str, key: Any) -> dict[str, Any]:
+            await asyncio.sleep(0.02 if key == "B" else 0.0)  # the follower's older setting lands after the PUT's
+            applied.append(key)
+            return {"current": key}
+
+    class Svc:
+        batcher = Batcher()
+
+    actor = type("Actor", (), {"current": Remote(current), "publish": Remote(publish)})()
+    monkeypatch.setattr(RayFleet, "_actor", staticmethod(lambda: actor))
+    fleet = RayFleet.__new__(RayFleet)
+    fleet.version, fleet._task, fleet._lock = 5, None, asyncio.Lock()
+
+    async def main() -> None:
+        follow = asyncio.create_task(fleet._follow_once(Svc()))
+        await asyncio.sleep(0)  # the follower has read version 6 (B) and is applying it
+        await fleet.steer(Svc(), {"stitch": "C", "policy": None})
+        await follow
+        await fleet._follow_once(Svc())  # the next tick
+
+    asyncio.run(main())
+    assert applied[-1] == "C" and fleet.version == state["version"] == 7
+
+
 def test_serve_ray_gives_the_replicas_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`snnet serve --ray --admin-token-file admin.token` (relative, as the docs show) passed the token's path on
     as given, while the model's and the results' were made absolute: a replica on another node, or started

@@ -39,6 +39,7 @@ from ray.serve.config import DeploymentActorConfig
 
 from ..errors import ServeError
 from .serve import ServeConfig, Service, create_app
+from .serve.app import apply_setting
 
 __all__ = ["RayFleet", "StitchPolicy", "StitchPolicyActor", "app", "application", "merge_metrics"]
 
@@ -99,8 +100,12 @@ class RayFleet:
 
     def __init__(self) -> None:
         self.name = serve.get_replica_context().replica_id.unique_id
-        self.version = 0
+        self.version = 0  # of the setting this replica applied last
         self._task: asyncio.Task | None = None
+        # a setting is applied and its version recorded as one step: a PUT here while the follower applied an
+        # older setting read from the actor could otherwise land first, the older one over it, and the PUT's
+        # newer version be recorded: this replica on the older stitch, counting itself up to date
+        self._lock = asyncio.Lock()
 
     @staticmethod
     def _actor() -> Any:
@@ -111,11 +116,11 @@ class RayFleet:
         self._task = asyncio.get_running_loop().create_task(self._follow(svc), name="snnet-follow")
 
     async def _follow_once(self, svc: Service) -> None:
-        version, setting = await self._actor().current.remote()
-        if version != self.version and setting is not None:
-            key, policy = setting["stitch"], setting.get("policy")
-            await (svc.batcher.ask("auto", policy) if key == "auto" else svc.batcher.ask("pin", key))
-        self.version = version
+        async with self._lock:
+            version, setting = await self._actor().current.remote()
+            if version != self.version and setting is not None:
+                await apply_setting(svc, setting)
+            self.version = version
 
     async def _follow(self, svc: Service) -> None:
         while True:
@@ -126,8 +131,11 @@ class RayFleet:
             except Exception:  # noqa: BLE001 - the actor is being recreated: try again at the next tick
                 log.warning("snnet: could not reach the stitch policy actor; retrying", exc_info=True)
 
-    async def publish(self, setting: dict[str, Any]) -> None:
-        self.version = await self._actor().publish.remote(setting)
+    async def steer(self, svc: Service, setting: dict[str, Any]) -> dict[str, Any]:
+        async with self._lock:
+            answer = await apply_setting(svc, setting)  # refused here (an unknown stitch: 404): published nowhere
+            self.version = await self._actor().publish.remote(setting)
+        return answer
 
     async def metrics(self, svc: Service) -> bytes:
         actor = self._actor()

@@ -69,7 +69,9 @@ class Fleet(Protocol):
 
     async def start(self, svc: Service) -> None: ...
 
-    async def publish(self, setting: dict[str, Any]) -> None: ...
+    async def steer(self, svc: Service, setting: dict[str, Any]) -> dict[str, Any]:
+        """Apply ``setting`` here (:func:`apply_setting`, its answer returned), then publish it to the others."""
+        ...
 
     async def metrics(self, svc: Service) -> bytes: ...
 
@@ -469,6 +471,13 @@ async def get_stitch(svc: Service, fleet: Fleet | None = None) -> Response:
         return _reject(e, svc.metrics)
 
 
+async def apply_setting(svc: Service, setting: dict[str, Any]) -> dict[str, Any]:
+    """Pin ``setting["stitch"]``, or with "auto" return to automatic choice (``setting["policy"]``, if given), in this
+    server's model process; its answer."""
+    key = setting["stitch"]
+    return await (svc.batcher.ask("auto", setting.get("policy")) if key == "auto" else svc.batcher.ask("pin", key))
+
+
 async def put_stitch(svc: Service, request: Request, fleet: Fleet | None = None) -> Response:
     """Body {"stitch": <id or name>} pins one; {"stitch": "auto"} returns to automatic choice, with
     an optional "policy" (controller or last-second). Needs the admin token. Applied here first
@@ -485,9 +494,8 @@ async def put_stitch(svc: Service, request: Request, fleet: Fleet | None = None)
         policy = body.get("policy") if isinstance(body, dict) else None
         if not isinstance(key, (int, str)) or isinstance(key, bool) or (policy is not None and (key != "auto" or policy not in POLICIES)):
             raise Rejected(400, usage, "bad_request")
-        answer = await svc.batcher.ask("auto", policy) if key == "auto" else await svc.batcher.ask("pin", key)
-        if fleet is not None:
-            await fleet.publish({"stitch": key, "policy": policy})
+        setting = {"stitch": key, "policy": policy}
+        answer = await (fleet.steer(svc, setting) if fleet is not None else apply_setting(svc, setting))
     except Rejected as e:
         return _reject(e, svc.metrics)
     return _json({**answer, **_who(fleet)})
