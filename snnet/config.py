@@ -313,10 +313,9 @@ class SpaceConfig:
         _one_of("space.cut", self.cut, CUTS)
         for name in ("stages", "routes"):
             value = getattr(self, name)
-            if isinstance(value, str):  # tuple() would read it as a list of one-letter routes
-                raise ConfigError(f"{name} is a list, got the text {value!r}: pass [{value!r}]")
-            if value is not None and not isinstance(value, (list, tuple)):
-                raise ConfigError(f"{name} is a list, got {value!r}: pass [{value!r}]")
+            if value is not None and not isinstance(value, (list, tuple)):  # tuple() would read text letter by letter
+                got = f"the text {value!r}" if isinstance(value, str) else repr(value)
+                raise ConfigError(f"{name} is a list, got {got}: pass [{value!r}]")
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
         if self.routes is not None and not self.routes:

@@ -273,13 +273,17 @@ def gap_ends(results: list[Row]) -> tuple[tuple[str, float], tuple[str, float], 
     (lo, lo_name), (hi, hi_name) = anchors[0], anchors[-1]
     names = {lo: lo_name, hi: hi_name} | {r.flops: r.name for r in results if r.pareto}
     a, b = widest_pair(names, lo, hi)
-    return (names[a], a), (names[b], b), (b - a) / (hi - lo) if hi > lo else 0.0  # anchors of one cost: no range
+    return (names[a], a), (names[b], b), _share(a, b, lo, hi)
 
 
 def widest_gap(front_flops: Iterable[float], lo: float, hi: float) -> float:
     """Widest gap between consecutive frontier points (FLOPs) inside ``[lo, hi]``, both ends counted
     as points, as a fraction of ``hi - lo``."""
-    a, b = widest_pair(front_flops, lo, hi)
+    return _share(*widest_pair(front_flops, lo, hi), lo, hi)
+
+
+def _share(a: float, b: float, lo: float, hi: float) -> float:
+    """The gap from ``a`` to ``b`` as a fraction of the range ``lo``..``hi`` (0 for anchors of one cost: no range)."""
     return (b - a) / (hi - lo) if hi > lo else 0.0
 
 

@@ -95,16 +95,6 @@ def _flops(net: StitchedNet, a: int, e: int, b: int, st: int, heads: dict[int, i
             + pcs[b].route(st, net.anchors[b].depth, stem=False, head=False)[0] + heads[b])
 
 
-def _stitched_head_flops(net: StitchedNet) -> dict[int, int]:
-    """Per anchor, the MACs of the head that stitched routes into it end with (:meth:`StitchedNet.head_of`)."""
-    pcs = net.part_costs()
-    heads = {b: pcs[b].head_flops for b in range(len(net.anchors))}
-    if net._stitched_heads:
-        specs = net._measure(net.input_size)[0]
-        heads.update({b: net._stitched_head_costs(b, specs)[0] for b in net._stitched_heads})
-    return heads
-
-
 def _log_relations(h: torch.Tensor, temperature: float) -> torch.Tensor:
     """Row i: log of image i's distribution over the other images of the batch (diagonal -inf)."""
     f = h.flatten(1).double()
@@ -143,7 +133,7 @@ def _score(net: StitchedNet, batches: Iterable[Any], max_images: int, temperatur
         seen += len(x)
     if seen == 0:
         raise SnnetError("KLAS needs calibration batches of at least two images; the loader gave none")
-    labels, heads = net.labels, _stitched_head_flops(net)
+    labels, heads = net.labels, {b: net.stitched_head_costs(b)[0] for b in range(len(net.anchors))}
     return [KlasScore(route_name(labels, (Segment(a, 0, e), Segment(b, st, net.anchors[b].depth))), a, e, b, st,
                       _flops(net, a, e, b, st, heads), float(total[i]) / seen) for i, (a, e, b, st) in enumerate(cands)], seen
 

@@ -60,9 +60,9 @@ def evaluate_lm(net: Any, loader: Iterable[Any], stitches: Sequence[Any] | None 
             ids = batch["input_ids"].to(device)
             if ids.ndim != 2 or ids.shape[1] < 2:
                 raise SnnetError(f"input_ids must be (batch, tokens >= 2), got {tuple(ids.shape)}")
-            if int(ids.max()) >= net.vocab_size or int(ids.min()) < 0:
-                bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-                raise SnnetError(f"token id {bad} is outside the network's {net.vocab_size}-token vocabulary: "
+            lo, hi = int(ids.min()), int(ids.max())
+            if hi >= net.vocab_size or lo < 0:
+                raise SnnetError(f"token id {lo if lo < 0 else hi} is outside the network's {net.vocab_size}-token vocabulary: "
                                  "the text was tokenised with another tokenizer")
             if limit is not None and ids.shape[1] - 1 > limit[0]:
                 raise SnnetError(f"blocks of {ids.shape[1] - 1} predicted tokens are longer than the {limit[0]} positions "

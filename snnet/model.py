@@ -27,7 +27,7 @@ from . import adapters  # noqa: F401  (registers snnet's adapters: the command l
 from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, Route, anchor_label, as_rows, build_parts, create_anchor,
                       cut_parts, without_final_norm)
 from .errors import CheckpointError, ConfigError, NotStitchableError
-from .io import CHECKSUMS_KEY, atomic_write, in_saved_dtype, record_checksum, verify_checksum
+from .io import CHECKSUMS_KEY, atomic_write, in_saved_dtype, record_checksum, sha256_file, verify_checksum
 from .report import progress as report_progress
 from .flops import PartCosts, count_macs, layer_flops, num_params, part_costs
 from .results import Row
@@ -278,10 +278,8 @@ class StitchedBase(nn.Module):
             verify_checksum(w_path, cfg, cfg_path, fix, error=CheckpointError)
         except CheckpointError:
             previous = directory / PREVIOUS_WEIGHTS  # a save interrupted between its files: the network before it
-            if not previous.is_file():
+            if not previous.is_file() or sha256_file(previous) != cfg[CHECKSUMS_KEY][w_path.name]:
                 raise
-            verify_checksum(previous, {CHECKSUMS_KEY: {previous.name: cfg[CHECKSUMS_KEY][w_path.name]}}, cfg_path, fix,
-                            error=CheckpointError)
             import warnings
 
             warnings.warn(f"{directory}: a save was interrupted between its two files; loading the network saved before "
@@ -422,14 +420,18 @@ class StitchedNet(StitchedBase):
                 s = self.space[c.id]
                 if not s.is_anchor and s.anchors[-1] in self._stitched_heads:  # the reference's head, not the anchor's
                     a = s.anchors[-1]
-                    f, p = self._stitched_head_costs(a, specs)
+                    f, p = self.stitched_head_costs(a, size)
                     out[k] = replace(c, flops=c.flops + f - pcs[a].head_flops, params=c.params + p - pcs[a].head_params)
             self._costs[size] = out
         return self._costs[size]
 
     @torch.no_grad()
-    def _stitched_head_costs(self, anchor: int, specs: list[list[ActivationSpec]]) -> tuple[int, int]:
-        """(MACs, params) of the head stitched routes into ``anchor`` end with, on its last block's output."""
+    def stitched_head_costs(self, anchor: int, input_size: Sequence[int] | None = None) -> tuple[int, int]:
+        """(MACs, params) of the head stitched routes into ``anchor`` end with: the anchor's own, or in the
+        reference route mode the authors' (:meth:`head_of`), on its last block's output."""
+        specs, pcs = self._measure(tuple(input_size) if input_size is not None else self.input_size)
+        if anchor not in self._stitched_heads:
+            return pcs[anchor].head_flops, pcs[anchor].head_params
         head, spec = self._stitched_heads[anchor], specs[anchor][-1]
         p = next(self.anchors[anchor].parameters())
         shape = (1, spec.channels, *spec.spatial) if spec.layout == "nchw" else (1, *spec.spatial, spec.channels)

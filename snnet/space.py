@@ -51,7 +51,6 @@ Options beyond SN-Net (``SpaceConfig``):
 from __future__ import annotations
 
 import operator
-
 import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -511,7 +510,7 @@ class StitchSpace:
             raise StitchNotFoundError(f"stitch {key.name!r} is not in this stitch space")
         if isinstance(key, str) and key.strip().lstrip("-").isdecimal():
             key = int(key)
-        if not isinstance(key, (int, str, bool)) and hasattr(key, "__index__"):  # numpy's and torch's integers
+        if not isinstance(key, (int, str)) and hasattr(key, "__index__"):  # numpy's and torch's integers
             key = operator.index(key)
         if isinstance(key, int) and not isinstance(key, bool):
             if 0 <= key < len(self.stitches):

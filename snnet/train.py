@@ -249,7 +249,7 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
     net.train()
     # rank 0 evaluates alone at an epoch's end: the others wait for it in a group of their own, whose timeout an
     # evaluation of every stitch does not outlast (in the next step's collective they timed out: 30 min with gloo)
-    eval_wait = torch.distributed.new_group(backend="gloo", timeout=EVAL_WAIT) if world > 1 else None
+    eval_wait = torch.distributed.new_group(backend="gloo", timeout=EVAL_WAIT) if world > 1 and validation is not None else None
     stops = StopSignals().start()  # Ctrl-C: finish the step, checkpoint, then stop
     batches = _batches(data, order, config, position, plan)
     try:

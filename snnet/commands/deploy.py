@@ -130,12 +130,15 @@ def select(
     typer.echo(f"{chosen.name}\n  id {chosen.id}; why: {chosen.reason}")
 
 
+_EXPORT_FORMATS, _EXPORT_BATCH = "safetensors,pt2,onnx", 2  # export's defaults (a language model's export takes neither)
+
+
 def export(
     stitch: Annotated[str, typer.Option("--stitch", "-s", help="Stitch id or name (`snnet stitches` lists them).")],
     model: ModelOpt = None,
-    formats: Annotated[str, typer.Option("--format", "-f", help="Comma-separated: safetensors, pt2, onnx.")] = "safetensors,pt2,onnx",
+    formats: Annotated[str, typer.Option("--format", "-f", help="Comma-separated: safetensors, pt2, onnx.")] = _EXPORT_FORMATS,
     out: OutOpt = Path("snnet-export"),
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch of the example input used to trace and verify.")] = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch of the example input used to trace and verify.")] = _EXPORT_BATCH,
 ) -> None:
     """Export one stitch alone: only the weights its route uses, as safetensors + config, torch.export and ONNX.
 
@@ -154,7 +157,7 @@ def export(
     from .lm import export_lm_folder, is_lm_folder
 
     if is_lm_folder(model):  # a language model's route: a transformers model folder (its own formats)
-        changed = [flag for flag, given, default in (("--format", formats, "safetensors,pt2,onnx"), ("--batch-size", batch_size, 2))
+        changed = [flag for flag, given, default in (("--format", formats, _EXPORT_FORMATS), ("--batch-size", batch_size, _EXPORT_BATCH))
                    if given != default]
         if changed:  # refused, not ignored
             raise ExportError(f"{' and '.join(changed)} {'is' if len(changed) == 1 else 'are'} for image networks: a language "

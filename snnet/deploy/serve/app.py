@@ -582,7 +582,6 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
     async def _rejected(request: Request, e: Rejected) -> Response:  # raised while a body is read (413)
         return _reject(e, service(request).metrics)
 
-
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, e: ClientDisconnect) -> Response:  # the client left mid-upload: nobody to answer
         return Response(status_code=400)

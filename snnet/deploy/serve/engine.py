@@ -300,7 +300,7 @@ class _Engine:
 
     def rung(self, key: int | str) -> Row:
         """Any stitch of the network: its row (raises StitchNotFoundError)."""
-        s = self.net.stitch(int(key) if isinstance(key, str) and key.strip().isdecimal() else key)
+        s = self.net.stitch(key)  # an id given as text ("3") is read by the space
         return next(r for r in self.rows if r.id == s.id)
 
     # ------------------------------------------------------------------ control (its own thread)

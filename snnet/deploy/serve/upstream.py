@@ -113,7 +113,6 @@ class StampedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         elif not getattr(cycle, "more_body", True):  # all here: it waits for this process from now on (a slow upload holds nothing)
             scope[KEY], scope[TRACKER] = up.admit(arrived), up
 
-
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         self._running = cycle  # the request being answered (uvicorn's `cycle` is the newest read, pipelined or not)
         super()._start_asgi_task(cycle, app)
