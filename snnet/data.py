@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .errors import SnnetError, reason
-from .sampling import seed_everything
+from .sampling import WorkerLoader, seed_everything
 
 __all__ = [
     "DatasetError",
@@ -840,7 +840,7 @@ def make_loader(
     """
     check_workers(num_workers)
     sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last) if distributed else None
-    return DataLoader(
+    return WorkerLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,

@@ -190,9 +190,9 @@ def validation_scores(net: nn.Module, val_data: Any, batch_size: int, workers: i
     and the anchors'), or a plain model's scores."""
     import dataclasses
 
-    from torch.utils.data import DataLoader
+    from .sampling import WorkerLoader
 
-    loader = DataLoader(val_data, batch_size=max(batch_size, 256), num_workers=workers)
+    loader = WorkerLoader(val_data, batch_size=max(batch_size, 256), num_workers=workers)
     if isinstance(net, StitchedNet):
         results = evaluate(net, loader, device=device, progress=False, task=task)
         return {"acc1_mean": sum(r.acc1 for r in results) / len(results), "images": results[0].images,

@@ -16,19 +16,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import random
 import signal
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, Subset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
 
 from .config import ROS_GAP, SAMPLERS
 from .errors import CheckpointError, SnnetError
 
 __all__ = ["ROS_GAP", "SAMPLERS", "EpochSampler", "FlopsBucketSampler", "GroupedSampler", "ResourceSampler",
-           "SeededItems", "StitchSampler", "WeightedSampler", "make_stitch_sampler", "mix_seed", "ros_groups", "seed_everything", "seed_worker"]
+           "SeededItems", "StitchSampler", "WeightedSampler", "make_stitch_sampler", "mix_seed", "ros_groups", "seed_everything", "seed_worker",
+           "WorkerLoader", "held_signals"]
 
 class StitchSampler:
     """Uniform over the stitch space, with its own generator (so resuming restores it exactly)."""
@@ -341,15 +343,62 @@ class SeededItems(Subset):
 
 
 def seed_worker(seed: int, epoch: int) -> Any:
-    """A DataLoader ``worker_init_fn``: each worker's generators seeded from (seed, epoch, worker),
-    and Ctrl-C and SIGTERM left to the main process (which stops at a step boundary and checkpoints).
-    A SIGTERM sent to the whole process group (systemd, Slurm, ``timeout``, ``kill -- -PGID``) reaches
-    the workers too: had they died of it, torch would raise "DataLoader worker killed" anywhere in the
-    main process, even inside a backward pass, before the run could checkpoint."""
+    """A DataLoader ``worker_init_fn``: each worker's generators seeded from (seed, epoch, worker)
+    (give it to a :class:`WorkerLoader`, which leaves Ctrl-C and SIGTERM to the main process)."""
     return functools.partial(_init_worker, seed, epoch)  # a partial, not a closure: spawned workers pickle it
 
 
 def _init_worker(seed: int, epoch: int, worker_id: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed_everything(mix_seed(seed, epoch, worker_id), cuda=False)
+
+
+# Ctrl-C and SIGTERM are the main process's: it stops at a step boundary and checkpoints. A SIGTERM sent
+# to the whole process group (systemd, Slurm, `timeout`, `kill -- -PGID`) also reached the workers, and a
+# worker killed by it made torch raise "DataLoader worker killed" anywhere in the main process (inside a
+# backward pass too) before the run could checkpoint. Ignoring SIGTERM in the worker left two holes: the
+# signal could land between the worker's start and its init function (torch's own handler kills a worker
+# that a process other than its parent signals), and a worker that ignores SIGTERM survives the terminate()
+# of the interpreter's exit, which then waits for it for ever (an exception that escapes with the loader
+# alive hung the run). So the main process holds the two signals while it starts workers (a fork keeps
+# them pending in the worker), and each worker drops them, leaves the process group, and takes torch's
+# handler back (its parent's SIGTERM, on shutdown, ends it).
+_HELD = (signal.SIGINT, signal.SIGTERM)
+_CAN_HOLD = hasattr(signal, "pthread_sigmask") and hasattr(os, "setpgid")
+
+
+def _detached_worker(init: Any, worker_id: int) -> None:
+    if _CAN_HOLD:
+        for s in _HELD:  # ignoring a signal discards it if pending: one sent to the group while held
+            signal.signal(s, signal.SIG_IGN)
+        os.setpgid(0, 0)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+        torch._C._set_worker_signal_handlers()  # SIGTERM from the parent ends the worker; from anyone else, ignored now (another group)
+    if init is not None:
+        init(worker_id)
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held pending in this thread (and in processes forked meanwhile) until the block ends."""
+    if not _CAN_HOLD:
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+class WorkerLoader(DataLoader):
+    """A :class:`~torch.utils.data.DataLoader` whose workers leave Ctrl-C and SIGTERM to the main process,
+    even when the signal is sent to the whole process group (the note above ``_HELD``)."""
+
+    def __init__(self, *args: Any, worker_init_fn: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, worker_init_fn=functools.partial(_detached_worker, worker_init_fn), **kwargs)
+
+    def _get_iterator(self) -> Any:
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        with held_signals():
+            return super()._get_iterator()

@@ -72,7 +72,7 @@ from .reference import stale_zero_grads
 from .report import progress as report_progress
 from .runlock import (EVALS_NAME, FINAL_NAME, METRICS_NAME, RUN_ENTRIES, TRAIN_CONFIG_NAME, RunLock, StopSignals,
                       claim_run_folder)
-from .sampling import EpochSampler, SeededItems, make_stitch_sampler, seed_worker
+from .sampling import EpochSampler, SeededItems, WorkerLoader, make_stitch_sampler, seed_worker
 from .space import Stitch
 from .tasks import CausalLM, Task, get_task
 
@@ -498,9 +498,8 @@ def _batches(data: Dataset, order: EpochSampler, config: TrainConfig, start: Pos
                 yield batch
                 step += 1
         finally:
-            # the loader's workers told to stop and joined now, whatever ends the epoch: they ignore SIGTERM
-            # (seed_worker), so one left for the interpreter's exit (which terminates daemonic children and
-            # joins them) would hang it; a traceback that holds this frame would otherwise keep them alive
+            # the loader's workers told to stop and joined now, whatever ends the epoch: a traceback that holds
+            # this frame would otherwise keep them alive until the interpreter's exit
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
@@ -512,7 +511,7 @@ def _epoch_loader(data: Dataset, order: EpochSampler, epoch: int, start_batch: i
     from .data import set_epoch
 
     d, seed = config.data, config.run.seed
-    loader = DataLoader(data, batch_size=d.batch_size, sampler=order, drop_last=True, num_workers=d.workers,
+    loader = WorkerLoader(data, batch_size=d.batch_size, sampler=order, drop_last=True, num_workers=d.workers,
                         pin_memory=torch.cuda.is_available(),
                         # own generator: creating an iterator must not touch the global RNG
                         generator=torch.Generator().manual_seed(seed * 7 + epoch),

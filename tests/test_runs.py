@@ -606,6 +606,52 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_in_one_lin
         assert load_checkpoint(out / CHECKPOINT_NAME)["step"] >= 3 + 4 * k
 
 
+_WORKERS_SCRIPT = """
+import os, signal, sys, time, torch
+from snnet.sampling import WorkerLoader, held_signals, seed_worker
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self): return 24
+    def __getitem__(self, i):
+        time.sleep(0.01)
+        return torch.tensor([i, os.getpgid(0)])
+
+got = []
+signal.signal(signal.SIGTERM, lambda *_: got.append("SIGTERM"))
+loader = WorkerLoader(Items(), batch_size=4, num_workers=2, worker_init_fn=seed_worker(0, 0))
+if sys.argv[1] == "group-sigterm":
+    for _ in range(3):
+        with held_signals():  # the signal lands while the workers start (or just after)
+            batches = iter(loader)
+            os.killpg(0, signal.SIGTERM)
+        items = torch.cat(list(batches))
+        assert sorted(items[:, 0].tolist()) == list(range(24)), items
+        assert os.getpgid(0) not in items[:, 1].tolist(), "a worker in the main process's group"
+    print(got)
+else:
+    batches = iter(loader)
+    next(batches)
+    raise RuntimeError("escaped with the workers alive")
+"""
+
+
+@pytest.mark.parametrize("case", ["group-sigterm", "escape"])
+def test_loader_workers_leave_signals_to_the_main_process_and_never_hang_its_exit(tmp_path, case):
+    """A SIGTERM sent to the process group while a loader's workers start reaches only the main process
+    (before, a worker could die of it, between its start and its init function); and an exception that escapes
+    with the workers alive ends the process (before, workers ignored SIGTERM and the interpreter's exit, which
+    terminates and joins them, waited for ever: the CI run of 962f39e hung in the test below)."""
+    script = tmp_path / "workers.py"
+    script.write_text(_WORKERS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), case], capture_output=True, text=True, env=env, timeout=60,
+                          start_new_session=True)
+    if case == "group-sigterm":
+        assert proc.returncode == 0 and proc.stdout.strip() == str(["SIGTERM"] * 3), proc.stderr
+    else:
+        assert proc.returncode == 1 and "escaped with the workers alive" in proc.stderr, proc.stderr
+
+
 # ---------------------------------------------------------------------------- runs written before the tree
 
 
