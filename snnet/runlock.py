@@ -21,6 +21,7 @@ import shutil
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 from types import FrameType
 
@@ -44,6 +45,23 @@ FINAL_NAME = "final"
 # everything a training run writes into its folder (and all that --overwrite deletes)
 RUN_ENTRIES = (CHECKPOINT_NAME, CHECKPOINTS_DIR, METRICS_NAME, EVALS_NAME, TRAIN_CONFIG_NAME, FINAL_NAME, "tb")
 _LOCK_RETRY_SECONDS = 0.5  # a concurrent check_run_folder holds the lock shared for microseconds
+# The locks this process holds. A forked child (a DataLoader worker) shares a flock with its parent
+# through the inherited descriptor, so after `kill -9` of the run the lock stayed held, and a new run on
+# the folder was refused naming a dead PID, until the workers noticed (seconds later); each child
+# closes its copies at once and forgets them (a release there must not delete the parent's lock file).
+_HELD_LOCKS: "weakref.WeakSet[RunLock]" = weakref.WeakSet()
+
+
+def _forget_locks_in_child() -> None:
+    for lock in list(_HELD_LOCKS):
+        if lock.fd is not None:
+            os.close(lock.fd)
+            lock.fd = None
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def run_entries(folder: str | os.PathLike) -> list[str]:
@@ -91,7 +109,9 @@ class RunLock:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return cls(fd, path)
+        lock = cls(fd, path)
+        _HELD_LOCKS.add(lock)
+        return lock
 
     def release(self) -> None:
         """Delete the lock file and drop the lock (the file goes first, while still locked: see acquire)."""
@@ -103,6 +123,7 @@ class RunLock:
             pass
         os.close(self.fd)
         self.fd = None
+        _HELD_LOCKS.discard(self)
 
     def __enter__(self) -> "RunLock":
         return self

@@ -77,6 +77,34 @@ def _signal_after_steps(proc: subprocess.Popen, out: Path, sig: int, steps: int 
 # ---------------------------------------------------------------------------- one run per folder
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork: POSIX only")
+def test_a_forked_child_neither_holds_the_run_lock_nor_deletes_it(tmp_path):
+    """A DataLoader worker is a fork of the run: it held the run's flock through the inherited descriptor,
+    so after `kill -9` of the run a new run was refused, naming the dead PID, for as long as the workers
+    lived. Here the run ends without releasing (as killed) while its child lives: the folder is free."""
+    from snnet.runlock import LOCK_NAME, RunLock, lock_holder
+
+    child_r, parent_w = os.pipe()
+    run = os.fork()
+    if run == 0:  # the run: holds the lock, forks a worker, dies without a release
+        lock = RunLock.acquire(tmp_path)
+        worker = os.fork()
+        if worker == 0:
+            lock.release()  # a worker's release (e.g. by a finally) must leave the run's lock file alone
+            os.read(child_r, 1)  # lives until the test is done
+            os._exit(0)
+        os._exit(0)
+    os.waitpid(run, 0)
+    try:
+        assert (tmp_path / LOCK_NAME).is_file()  # left by the killed run, as kill -9 leaves it
+        assert lock_holder(tmp_path) is None
+        RunLock.acquire(tmp_path).release()
+    finally:
+        os.write(parent_w, b"x")
+        os.close(parent_w)
+        os.close(child_r)
+
+
 @pytest.mark.slow
 def test_a_second_run_on_a_live_folder_is_refused_and_ctrl_c_leaves_the_first_intact(tmp_path):
     """Two real `snnet train` processes on one --out: the second is refused with the first's PID;
