@@ -4,9 +4,9 @@ SN-Net reports fvcore's numbers: one multiply-accumulate counts as one FLOP, att
 matmuls included, normalisation layers count ~5 FLOPs per element (fvcore's rough estimate),
 and a 2-D adaptive average pool one FLOP per input element. torch's FlopCounterMode counts a
 multiply-accumulate as two FLOPs, does not count normalisation, and does not see inside the
-fused attention kernel timm uses on the CPU; so we halve its count, add fvcore's rules for
-norms, switch fused attention off while counting, and count 2-D adaptive average pools where
-fvcore sees them.
+fused attention kernel of the CPU; so we halve its count, add fvcore's rules for norms and
+for that kernel (timm's fused attention is also switched off while counting), and count 2-D
+adaptive average pools where fvcore sees them.
 
 That last point is why a ResNet's head used to come out short: fvcore traces the model and
 counts the call ``aten::adaptive_avg_pool2d`` (512 x 7 x 7 = 25,088 FLOPs for ResNet-18),
@@ -67,6 +67,15 @@ def _bn_eval_flops(x_shape, weight=None, *args, out_shape=None, **kwargs) -> int
     return 2 * _numel(x_shape) * (2 if weight is not None else 1)
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    # torch prices the GPU attention kernels (QK^T and AV, as fvcore prices the explicit matmuls) but
+    # not the CPU one, which its scaled_dot_product_attention takes from about a hundred tokens on: a
+    # module calling it directly was priced without its attention (DeiT-Ti 1.08 G instead of 1.26)
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def _fvcore_mapping() -> dict:
     aten = torch.ops.aten
     mapping = {
@@ -74,6 +83,8 @@ def _fvcore_mapping() -> dict:
         aten.native_group_norm: _group_norm_flops,
         aten._native_batch_norm_legit_no_training: _bn_eval_flops,
     }
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
     return mapping
 
 

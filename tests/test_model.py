@@ -82,6 +82,17 @@ def test_forward_runs_only_the_active_route(tiny_net: snnet.StitchedNet, images:
 # ----------------------------------------------------------------- costs
 
 
+def test_fused_attention_on_the_cpu_is_priced_as_its_two_matmuls() -> None:
+    """From about a hundred tokens torch runs scaled_dot_product_attention on the CPU in a kernel its counter
+    did not price: a module calling it directly lost its attention (timm's DeiT-Ti: 1.08 G, not 1.26)."""
+    from torch.nn import functional as F
+
+    q, k, v = torch.randn(1, 3, 197, 64), torch.randn(1, 3, 197, 64), torch.randn(1, 3, 197, 64)
+    fused, _ = count_macs(F.scaled_dot_product_attention, q, k, v)
+    explicit, _ = count_macs(lambda q, k, v: (q @ k.transpose(-2, -1)).softmax(-1) @ v, q, k, v)
+    assert fused == explicit == 3 * 197 * 197 * (64 + 64)
+
+
 def test_stitch_flops_equal_flops_counted_on_the_running_route(tiny_net: snnet.StitchedNet) -> None:
     x = torch.zeros(1, 3, 32, 32)
     tiny_net.eval()
