@@ -320,6 +320,11 @@ class SpaceConfig:
                 object.__setattr__(self, name, tuple(value))
         if self.routes is not None and not self.routes:
             raise NotStitchableError("an explicit list of routes must name at least one stitch")
+        if self.stages is not None:
+            # a repeated stage listed its stitches twice, and the space blamed the routes ("name each stitch once")
+            _need(all(isinstance(s, int) and not isinstance(s, bool) for s in self.stages)
+                  and len(set(self.stages)) == len(self.stages),
+                  f"stages are distinct stage numbers (the first stage is 0), got {list(self.stages)}")
         _need(self.lora_rank is None or self.lora_rank >= 0,
               f"space.lora_rank must be >= 0 (0: full stitching layers), got {self.lora_rank}")
         _need(_finite(self.lora_alpha) and self.lora_alpha > 0, f"space.lora_alpha must be > 0, got {self.lora_alpha}")

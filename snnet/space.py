@@ -351,7 +351,17 @@ class StitchSpace:
     # -- SN-Net's rules
     def _stages(self, a: AnchorInfo, b: AnchorInfo) -> list[int]:
         if self.config.stages is not None:
-            return [s for s in self.config.stages if s < len(a.stages) and s < len(b.stages)]
+            # A negative stage counts from each anchor's end, as a Python index (what networks saved with one
+            # were built with); one beyond either end is dropped like a too large one (it raised an IndexError),
+            # and one that names a stage already listed ([2, -2] of four stages) once only (its stitches twice).
+            out, seen = [], set()
+            for s in self.config.stages:
+                if -len(a.stages) <= s < len(a.stages) and -len(b.stages) <= s < len(b.stages):
+                    key = (s % len(a.stages), s % len(b.stages))
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(s)
+            return out
         return [s for s in a.stitch_stages if s in b.stitch_stages and s < len(b.stages)]
 
     def _rule(self, a: AnchorInfo, b: AnchorInfo) -> str:

@@ -270,3 +270,19 @@ def test_stages_that_do_not_exist_are_named_in_the_error() -> None:
     """stages=[7] on one-stage ViTs said "they share no stitchable stage (stages (0,) vs (0,))"."""
     with pytest.raises(snnet.NotStitchableError, match=r"stages=\[7\] names no stage both have \(snnet_tiny_vit_ti has 1"):
         snnet.create_snnet(TINY_VITS[:2], stages=[7])
+
+
+def test_negative_or_repeated_stages_give_a_clear_error_or_their_stage_once() -> None:
+    """stages=[-5] failed with a bare IndexError inside StitchSpace, and a stage named twice ([2, 2], or [2, -2]
+    of four stages) with "the route ... is listed twice; name each stitch once", as if routes had been listed."""
+    from snnet.errors import ConfigError, NotStitchableError
+
+    swins = ["snnet_tiny_swin_t", "snnet_tiny_swin_s"]
+    with pytest.raises(ConfigError, match=r"stages are distinct stage numbers \(the first stage is 0\), got \[2, 2\]"):
+        snnet.create_snnet(swins, stages=[2, 2])
+    with pytest.raises(NotStitchableError, match=r"stages=\[-5\] names no stage both have"):
+        snnet.create_snnet(swins, stages=[-5])
+    names = [s.name for s in snnet.create_snnet(swins, stages=[2]).space]
+    assert len(names) == 2 + 5
+    assert [s.name for s in snnet.create_snnet(swins, stages=[2, -2]).space] == names
+    assert [s.name for s in snnet.create_snnet(swins, stages=[-2]).space] == names  # as saved networks were built
