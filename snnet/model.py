@@ -233,8 +233,12 @@ class StitchedBase(nn.Module):
         from safetensors.torch import save_file
 
         directory = Path(directory)
+        state = state or self.state_dict()
+        if any(v.is_meta for v in state.values()):  # torch's "Cannot copy out of meta tensor" from deep inside
+            raise ConfigError(f"cannot save to {directory}: the {self._what} is on the meta device, which holds no "
+                              "weights; build it without device='meta' (or load weights into it first)")
         directory.mkdir(parents=True, exist_ok=True)
-        state = _unshared({k: v.detach().contiguous().cpu() for k, v in (state or self.state_dict()).items()})
+        state = _unshared({k: v.detach().contiguous().cpu() for k, v in state.items()})
         config = self.config_dict()
 
         def write_weights(p: Path) -> None:

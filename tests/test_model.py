@@ -408,3 +408,14 @@ def test_v1_configs_still_load(tiny_net: snnet.StitchedNet, images: torch.Tensor
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     loaded = snnet.load(tmp_path)
     assert [s.name for s in loaded.space] == [s.name for s in tiny_net.space]
+
+
+def test_saving_a_network_on_the_meta_device_is_refused_clearly(tmp_path: Path) -> None:
+    """save_pretrained of a network built with device="meta" (for planning) failed deep inside torch:
+    "NotImplementedError: Cannot copy out of meta tensor; no data!"; it now says why, writing nothing."""
+    from snnet.errors import ConfigError
+
+    net = snnet.create_snnet(TINY_VITS[:2], device="meta")
+    with pytest.raises(ConfigError, match=r"is on the meta device, which holds no weights; build it without device='meta'"):
+        net.save_pretrained(tmp_path / "net")
+    assert not (tmp_path / "net").exists()
