@@ -272,9 +272,10 @@ class StitchedBase(nn.Module):
             cfg["anchors"], cfg["space"]
             if cfg.get("format") != cls._format:
                 raise KeyError("format")
+            newer = int(cfg.get("version", 0)) > cls._version  # int(): a version written as text compared with >
         except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, or not UTF-8 text at all
             raise CheckpointError(f"{cfg_path} is corrupt or not an {cls._format} config ({e})") from e
-        if cfg.get("version", 0) > cls._version:
+        if newer:
             raise CheckpointError(f"{cfg_path} was written by a newer snnet (format {cfg['version']}); upgrade snnet")
         # damaged weights fail before the anchors are built (files saved before checksums load unverified)
         fix = "restore it from a backup or save the network again"
@@ -489,8 +490,17 @@ class StitchedNet(StitchedBase):
         user's own modules must be passed again (freshly constructed, in the saved order).
         """
         cfg, w_path = cls._read_saved(directory)
-        entries = cfg["anchors"]
-        specs = [AnchorSpec.from_dict(e["spec"]) if e.get("spec") else None for e in entries]
+        try:  # every field read before anything is built: a damaged config.json fails here, in one line
+            entries = cfg["anchors"]
+            labels = [str(e["label"]) for e in entries]
+            specs = [AnchorSpec.from_dict(e["spec"]) if e.get("spec") else None for e in entries]
+            space = SpaceConfig.from_dict(cfg["space"])
+            input_size = tuple(int(n) for n in cfg["input_size"])
+            layers = cfg.get("stitching", {})
+            lora_rank, lora_alpha = int(layers.get("lora_rank", 0)), float(layers.get("lora_alpha", 1.0))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{Path(directory) / CONFIG_NAME} is corrupt ({type(e).__name__}: {e}); "
+                                  "restore it from a backup or save the network again") from e
         custom = [k for k, s in enumerate(specs) if s is None]
         if custom and anchors is None:
             raise CheckpointError(
@@ -505,10 +515,8 @@ class StitchedNet(StitchedBase):
             else:  # random init: the weights come from the file below
                 module = create_anchor(AnchorSpec(spec.name, False, None, spec.kwargs))
             parts.append(_split(module))
-        layers = cfg.get("stitching", {})
-        net = cls(parts, [e["label"] for e in entries], config=SpaceConfig.from_dict(cfg["space"]),
-                  input_size=cfg["input_size"], specs=specs, lora_rank=int(layers.get("lora_rank", 0)),
-                  lora_alpha=float(layers.get("lora_alpha", 1.0)), route_mode=cfg.get("route_mode", "snnet"))
+        net = cls(parts, labels, config=space, input_size=input_size, specs=specs, lora_rank=lora_rank,
+                  lora_alpha=lora_alpha, route_mode=cfg.get("route_mode", "snnet"))
         net._load_saved(cfg, w_path, map_location)
         return net
 

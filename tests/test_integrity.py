@@ -166,3 +166,23 @@ def test_export_refuses_a_folder_it_would_mix_or_overwrite(exported, tmp_path: P
     with pytest.raises(ExportError, match="not an exported stitch's"):
         deploy.export_stitch(net, 3, saved, ["onnx"])
     assert snnet.load(saved)  # intact
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["anchors"][0].pop("label"),
+    lambda c: c["anchors"][0]["spec"].pop("name"),
+    lambda c: c["space"].pop("kernel_size"),
+    lambda c: c.pop("input_size"),
+    lambda c: c.__setitem__("stitching", {"lora_rank": "x"}),
+    lambda c: c.__setitem__("anchors", 3),
+    lambda c: c.__setitem__("version", "four"),
+], ids=["label", "spec-name", "space-key", "input_size", "lora_rank", "anchors", "version"])
+def test_a_damaged_config_of_a_saved_network_is_named_in_one_line(tmp_path: Path, edit) -> None:
+    """A config.json with a field missing or of the wrong type failed with a bare KeyError/TypeError/ValueError
+    from inside from_pretrained (KeyError: 'label', TypeError: '>' not supported between 'str' and 'int'...)."""
+    snnet.create_snnet(TINY_VITS[:2]).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    edit(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json is corrupt"):
+        snnet.StitchedNet.from_pretrained(tmp_path)
