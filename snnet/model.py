@@ -570,7 +570,7 @@ def calibration_images(net: nn.Module, batches: Iterable[Any], max_images: int, 
     bar = report_progress(max_images, desc, "img", progress)
     try:
         for batch in batches:
-            if seen >= max_images:
+            if max_images - seen < max(min_batch, 1):  # what is left fits no batch: skipping them read the whole loader
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             x = x[: max_images - seen].to(device)

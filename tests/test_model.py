@@ -419,3 +419,22 @@ def test_saving_a_network_on_the_meta_device_is_refused_clearly(tmp_path: Path) 
     with pytest.raises(ConfigError, match=r"is on the meta device, which holds no weights; build it without device='meta'"):
         net.save_pretrained(tmp_path / "net")
     assert not (tmp_path / "net").exists()
+
+
+def test_calibration_stops_when_what_is_left_fits_no_batch() -> None:
+    """With min_batch=2 (KLAS) and one image left to take (max_images=9, batches of 4), every later batch was cut
+    to one image and skipped, so the whole loader was read (a training set's) for nothing."""
+    from snnet.model import calibration_images
+
+    net = snnet.create_snnet(TINY_VITS[:2])
+    drawn = []
+
+    def loader():
+        for k in range(1000):
+            drawn.append(k)
+            yield torch.zeros(4, 3, 32, 32)
+
+    assert sum(len(x) for x in calibration_images(net, loader(), 9, "test", min_batch=2)) == 8
+    assert len(drawn) <= 3
+    assert [len(x) for x in calibration_images(net, [torch.zeros(1, 3, 32, 32), torch.zeros(3, 3, 32, 32)], 9, "test",
+                                               min_batch=2)] == [3]  # a small batch of the loader is still skipped
