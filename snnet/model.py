@@ -246,7 +246,10 @@ class StitchedBase(nn.Module):
             record_checksum(config, WEIGHTS_NAME, p)  # of the very bytes renamed into place
 
         previous = directory / PREVIOUS_WEIGHTS
-        if (directory / WEIGHTS_NAME).is_file() and (directory / CONFIG_NAME).is_file():
+        # After a save stopped between its files, the previous weights are the only ones the config.json in place
+        # records: they stay (replacing them with the unmatched weights lost the network at a second such stop).
+        if (directory / WEIGHTS_NAME).is_file() and (directory / CONFIG_NAME).is_file() \
+                and not (previous.is_file() and not _weights_recorded(directory)):
             previous.unlink(missing_ok=True)
             try:
                 os.link(directory / WEIGHTS_NAME, previous)  # no copy: the old bytes stay where they are
@@ -519,6 +522,15 @@ class StitchedNet(StitchedBase):
                   lora_alpha=lora_alpha, route_mode=cfg.get("route_mode", "snnet"))
         net._load_saved(cfg, w_path, map_location)
         return net
+
+
+def _weights_recorded(directory: Path) -> bool:
+    """Whether the folder's weights are the ones its config.json records (True when it records none)."""
+    try:
+        want = json.loads((directory / CONFIG_NAME).read_text())[CHECKSUMS_KEY][WEIGHTS_NAME]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    return sha256_file(directory / WEIGHTS_NAME) == want
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -438,3 +438,36 @@ def test_calibration_stops_when_what_is_left_fits_no_batch() -> None:
     assert len(drawn) <= 3
     assert [len(x) for x in calibration_images(net, [torch.zeros(1, 3, 32, 32), torch.zeros(3, 3, 32, 32)], 9, "test",
                                                min_batch=2)] == [3]  # a small batch of the loader is still skipped
+
+
+def test_a_second_save_stopped_between_its_files_keeps_the_network_saved_before(tmp_path, monkeypatch) -> None:
+    """After a save stopped between its files, the next save replaced model.safetensors.previous (the only weights
+    the config.json in place records) with the unmatched new weights: stopped there too, the folder held nothing
+    that loads ("model.safetensors is damaged"), and the network saved before was lost."""
+    import snnet.model as model_module
+
+    from pathlib import Path
+
+    old = seeded_net(anchors=TINY_VITS[:2])
+    old.save_pretrained(tmp_path)
+    real = model_module.atomic_write
+
+    def stop_before_the_config(path, write, *args, **kwargs):
+        if Path(path).name == model_module.CONFIG_NAME:
+            raise KeyboardInterrupt
+        return real(path, write, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "atomic_write", stop_before_the_config)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with pytest.raises(KeyboardInterrupt):
+            snnet.create_snnet(TINY_VITS[:2]).save_pretrained(tmp_path)
+    monkeypatch.setattr(model_module, "atomic_write", real)
+    with pytest.warns(UserWarning, match="interrupted between its two files"):
+        back = snnet.load(tmp_path)
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in back.state_dict().items())
+    torch.manual_seed(3)
+    new = snnet.create_snnet(TINY_VITS[:2])
+    new.save_pretrained(tmp_path)  # saving again finishes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in snnet.load(tmp_path).state_dict().items())
