@@ -20,7 +20,7 @@ import copy
 import difflib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -647,6 +647,8 @@ def build_parts(anchors: Sequence[AnchorLike], *, pretrained: bool = False, file
     for i, a in enumerate(anchors):
         if isinstance(a, str):
             a = AnchorSpec(a, pretrained, files[i] if files else None, tuple(sorted((model_kwargs or {}).items())))
+        elif isinstance(a, AnchorSpec) and model_kwargs:  # img_size, num_classes asked for every anchor: specs too
+            a = replace(a, kwargs=tuple(sorted({**dict(a.kwargs), **model_kwargs}.items())))
         specs.append(a if isinstance(a, AnchorSpec) else None)
     for s in specs:  # validate every name before building anything
         if s is not None:

@@ -471,3 +471,16 @@ def test_a_second_save_stopped_between_its_files_keeps_the_network_saved_before(
     new.save_pretrained(tmp_path)  # saving again finishes it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     assert all(torch.equal(v, new.state_dict()[k]) for k, v in snnet.load(tmp_path).state_dict().items())
+
+
+def test_img_size_and_num_classes_reach_anchors_given_as_specs() -> None:
+    """create_snnet([AnchorSpec(...), ...], num_classes=5) built 10-class heads without a word, and img_size=64 failed
+    ("cannot take an input of size (3, 64, 64)"): both were applied to anchors given by name only (`snnet stitches
+    --select klas --img-size 64` passes specs)."""
+    from snnet.anchors import AnchorSpec
+
+    net = snnet.create_snnet([AnchorSpec(TINY_VITS[0], kwargs=(("drop_path_rate", 0.1),)), AnchorSpec(TINY_VITS[1])],
+                             num_classes=5, img_size=64)
+    assert net.num_classes == 5 and net.input_size == (3, 64, 64)
+    assert dict(net.specs[0].kwargs) == {"drop_path_rate": 0.1, "img_size": 64, "num_classes": 5}
+    assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 5)
