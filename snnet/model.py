@@ -357,6 +357,8 @@ class StitchedNet(StitchedBase):
         specs = list(specs) if specs is not None else [None] * len(anchors)
         self.input_size = tuple(input_size) if input_size is not None else _common_input_size(anchors, labels)
         probes = [_probe(p, lab, self.input_size) for p, lab in zip(anchors, labels)]
+        for p in anchors:  # built at another size (img_size=...), an anchor's timm config still names its default, which
+            p.data_config["input_size"] = list(self.input_size)  # the data pipelines read (images resized to it)
         outputs = {lab: n for lab, (_, n) in zip(labels, probes)}
         if len(set(outputs.values())) > 1:
             raise NotStitchableError(

@@ -484,3 +484,18 @@ def test_img_size_and_num_classes_reach_anchors_given_as_specs() -> None:
     assert net.num_classes == 5 and net.input_size == (3, 64, 64)
     assert dict(net.specs[0].kwargs) == {"drop_path_rate": 0.1, "img_size": 64, "num_classes": 5}
     assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 5)
+
+
+def test_anchors_built_at_img_size_say_so_to_the_data_pipelines(tmp_path) -> None:
+    """create_snnet(img_size=64) left each anchor's data_config at its timm default (32): the images the data
+    pipelines made from it (KLAS's calibration, evaluation) were 32x32, and the network failed deep in timm's patch
+    embedding ("Input height (32) doesn't match model (64)")."""
+    from snnet.data import build_dataset
+
+    from .conftest import _folder
+
+    net = snnet.create_snnet(TINY_VITS[:2], img_size=64)
+    assert [tuple(p.data_config["input_size"]) for p in net.anchors] == [(3, 64, 64)] * 2
+    images = build_dataset(str(_folder(tmp_path / "imgs", size=48)), "train", net.anchors[0].data_config, limit=2)
+    assert tuple(images[0][0].shape) == (3, 64, 64)
+    assert net(images[0][0][None]).shape == (1, 10)
