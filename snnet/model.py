@@ -459,6 +459,8 @@ class StitchedNet(StitchedBase):
         (SN-Netv2's large-to-small layers too); round trips reuse the layers of one-way joins.
         A low-rank layer takes the fit as its frozen base, its update restarting at zero.
         """
+        if max_images < 1:  # else "the loader yielded nothing", of a loader that was never read
+            raise ConfigError(f"init_stitching needs max_images >= 1 calibration images, got {max_images}")
         t0 = time.perf_counter()
         seen = self._fit_stitching(calibration_images(self, batches, max_images, "least-squares init", progress))
         if seen == 0:

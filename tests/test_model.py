@@ -499,3 +499,12 @@ def test_anchors_built_at_img_size_say_so_to_the_data_pipelines(tmp_path) -> Non
     images = build_dataset(str(_folder(tmp_path / "imgs", size=48)), "train", net.anchors[0].data_config, limit=2)
     assert tuple(images[0][0].shape) == (3, 64, 64)
     assert net(images[0][0][None]).shape == (1, 10)
+
+
+def test_init_stitching_with_no_images_to_take_says_so() -> None:
+    """init_stitching(loader, max_images=0) blamed the loader: "the loader given to init_stitching yielded nothing"."""
+    from snnet.errors import ConfigError
+
+    net = snnet.create_snnet(TINY_VITS[:2])
+    with pytest.raises(ConfigError, match=r"init_stitching needs max_images >= 1 calibration images, got 0"):
+        net.init_stitching([torch.zeros(4, 3, 32, 32)], max_images=0)
