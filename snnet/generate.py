@@ -103,10 +103,17 @@ class _StopStrings:
         self.tok, self.stops, self.start = tok, tuple(stops), start
         self.window = 4 * max(len(s) for s in self.stops) + 4
 
+    def _hit(self, tokens: Sequence[int]) -> bool:
+        return any(s in self.tok.decode(tokens, skip_special_tokens=True) for s in self.stops)
+
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         rows = input_ids[:, max(self.start, input_ids.shape[1] - self.window):].tolist()
-        hit = [any(s in self.tok.decode(r, skip_special_tokens=True) for s in self.stops) for r in rows]
-        return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
+        return torch.tensor([self._hit(r) for r in rows], dtype=torch.bool, device=input_ids.device)
+
+    def end(self, row: Sequence[int]) -> int | None:
+        """How many of the new tokens ``row`` a generation had when this criterion stopped it (None: it did
+        not). In a batch, generation pads a stopped row to the longest one; those pads were never generated."""
+        return next((k for k in range(1, len(row) + 1) if self._hit(row[max(0, k - self.window):k])), None)
 
 
 @torch.no_grad()
@@ -138,11 +145,11 @@ def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, sin
         kwargs.update(temperature=float(options.temperature), top_p=float(options.top_p))
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    if options.stop:  # the continuation's text alone is searched (transformers' stop_strings reach into the prompt)
+    stops = _StopStrings(tok, options.stop, int(ids.shape[1])) if options.stop else None
+    if stops is not None:  # the continuation's text alone is searched (transformers' stop_strings reach into the prompt)
         from transformers import StoppingCriteriaList
 
-        kwargs["stopping_criteria"] = StoppingCriteriaList([*(extra.get("stopping_criteria") or ()),
-                                                            _StopStrings(tok, options.stop, int(ids.shape[1]))])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(extra.get("stopping_criteria") or ()), stops])
     was_training = net.training
     net.eval()
     t0 = time.perf_counter()
@@ -161,6 +168,9 @@ def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, sin
     for prompt_row, row in zip(rows, out[:, ids.shape[1]:].tolist()):
         if eos & set(row):  # generation pads a finished row after its end-of-text token
             row = row[: next(k for k, t in enumerate(row) if t in eos) + 1]
+        end = stops.end(row) if stops is not None else None
+        if end is not None:  # ... and after the token that completed a stop string
+            row = row[:end]
         full = tok.decode(row, skip_special_tokens=True)
         hit = min((full.index(s) for s in options.stop if s in full), default=None)
         text = full if hit is None else full[:hit]

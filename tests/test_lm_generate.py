@@ -34,6 +34,21 @@ def test_each_prompt_of_a_batch_counts_its_own_tokens_not_the_padding(net):
 
 
 
+def test_a_row_a_stop_string_ends_in_a_batch_keeps_no_padding(net):
+    """A stop string ends one row of a batch early: generation pads that row to the others' length; those pads
+    were never generated and must not be among its tokens (the row is what the prompt gives alone)."""
+    prompts = ["a", PROMPT]
+    opts = lm.GenerationOptions(max_new_tokens=8)
+    free = [lm.generate(net, p, options=opts) for p in prompts]
+    stop = net.tokenizer.decode(free[0].tokens[:2])
+    assert stop not in free[1].text  # the second row runs on: the first is padded in the batch
+    opts = lm.GenerationOptions(max_new_tokens=8, stop=(stop,))
+    alone = [lm.generate(net, p, options=opts) for p in prompts]
+    batch = lm.generate(net, prompts, options=opts)
+    assert [(g.tokens, g.text, g.finish) for g in batch] == [(g.tokens, g.text, g.finish) for g in alone]
+    assert len(batch[0].tokens) <= 2 and batch[0].finish == "stop"
+
+
 @pytest.mark.parametrize("seed", [2 ** 64, -2 ** 63 - 1, 1.5, "7", True])
 def test_a_seed_torch_cannot_take_is_refused_in_one_line(seed):
     with pytest.raises(ConfigError, match="seed must be a whole number"):
