@@ -143,6 +143,9 @@ def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, sin
     kwargs: dict[str, Any] = dict(max_new_tokens=options.max_new_tokens, do_sample=options.sampling, pad_token_id=pad, **extra)
     if options.sampling:
         kwargs.update(temperature=float(options.temperature), top_p=float(options.top_p))
+        # no top-k cut unless the caller asks for one: transformers fills an unset top_k with 50, which would
+        # sample from the 50 likeliest tokens whatever top_p says (top_k=0 turns its warper off; None means unset)
+        kwargs.setdefault("top_k", 0)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     stops = _StopStrings(tok, options.stop, int(ids.shape[1])) if options.stop else None

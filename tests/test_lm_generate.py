@@ -49,6 +49,13 @@ def test_a_row_a_stop_string_ends_in_a_batch_keeps_no_padding(net):
     assert len(batch[0].tokens) <= 2 and batch[0].finish == "stop"
 
 
+def test_sampling_draws_from_every_token_top_p_keeps(net):
+    """top_p=1 samples from the whole vocabulary: transformers' default top_k of 50 is not applied behind it."""
+    opts = [lm.GenerationOptions(max_new_tokens=1, temperature=100.0, top_p=1.0, seed=k) for k in range(150)]
+    seen = {lm.generate(net, "def", options=o).tokens[0] for o in opts}
+    assert net.vocab_size > 100 and len(seen) > 60  # near uniform: about 120 distinct tokens; at most 50 with top_k=50
+
+
 @pytest.mark.parametrize("seed", [2 ** 64, -2 ** 63 - 1, 1.5, "7", True])
 def test_a_seed_torch_cannot_take_is_refused_in_one_line(seed):
     with pytest.raises(ConfigError, match="seed must be a whole number"):
