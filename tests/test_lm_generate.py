@@ -73,6 +73,20 @@ def test_cli_refuses_a_seed_out_of_range_in_one_line(net, tmp_path, capsys):
     assert e.value.code == 2 and "seed must be a whole number" in err and "Traceback" not in err
 
 
+def test_cli_generates_with_the_largest_anchor_by_default_whatever_stitch_was_saved(net, tmp_path, capsys):
+    from snnet.cli import main
+
+    largest = max(net.space.anchor_stitches(), key=lambda s: net.costs()[s.id].flops)
+    previous = net.active
+    net.select(next(s for s in net.space if not s.is_anchor))  # what training leaves: the stitch its last step sampled
+    try:
+        net.save_pretrained(tmp_path / "lm")
+    finally:
+        net.select(previous)
+    main(["generate", "--model", str(tmp_path / "lm"), "-p", "def", "-n", "2"])
+    assert capsys.readouterr().err.startswith(f"({largest.name}: ")  # what --stitch's help says
+
+
 def test_a_generation_past_the_positions_is_refused_in_one_line(net):
     n = len(net.tokenizer(PROMPT)["input_ids"])
     most = 65 - n  # the last new token is never read: 64 positions read

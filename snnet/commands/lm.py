@@ -147,7 +147,9 @@ def generate(
     if budget is not None:
         chosen = net.select(budget=budget, results=results)
     else:
-        chosen = net.stitch(stitch) if stitch is not None else net.active
+        # not the saved active stitch: a trained network is saved on whichever stitch its last step sampled
+        chosen = net.stitch(stitch) if stitch is not None else max(net.space.anchor_stitches(),
+                                                                   key=lambda s: (net.costs()[s.id].flops, s.id))
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=tuple(stop or ()), seed=seed)
     outs = run(net, list(prompt), stitch=chosen, options=options)
