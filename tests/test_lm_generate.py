@@ -56,6 +56,14 @@ def test_sampling_draws_from_every_token_top_p_keeps(net):
     assert net.vocab_size > 100 and len(seen) > 60  # near uniform: about 120 distinct tokens; at most 50 with top_k=50
 
 
+def test_one_stop_string_is_one_string_not_its_characters(net):
+    free = lm.generate(net, PROMPT, options=lm.GenerationOptions(max_new_tokens=8))
+    never = free.text[:1] + "\x00"  # begins like the continuation, never in it
+    assert lm.GenerationOptions(stop=never).stop == (never,)
+    cut = lm.generate(net, PROMPT, options=lm.GenerationOptions(max_new_tokens=8, stop=never))
+    assert (cut.text, cut.finish) == (free.text, "length")  # was cut at its first character
+
+
 @pytest.mark.parametrize("seed", [2 ** 64, -2 ** 63 - 1, 1.5, "7", True])
 def test_a_seed_torch_cannot_take_is_refused_in_one_line(seed):
     with pytest.raises(ConfigError, match="seed must be a whole number"):
