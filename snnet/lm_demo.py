@@ -130,6 +130,18 @@ def pick_samples(results: list[Row]) -> list[tuple[str, Row]]:
     return [("cheapest", cheapest), ("middle", middle), ("largest", largest)]
 
 
+def _check_samples_fit(net: Any, options: LMDemoOptions) -> None:
+    """Refuse a prompt and ``sample_tokens`` that together read more positions than an anchor knows."""
+    from .families.causal_lm import net_positions
+
+    known = net_positions(net)
+    n = len(net.tokenizer(options.prompt, add_special_tokens=True)["input_ids"])
+    if known is not None and n + options.sample_tokens - 1 > known[0]:  # as snnet.generate counts: the last token is never read
+        raise ConfigError(f"demo.sample_tokens {options.sample_tokens} after the {n}-token demo.prompt would read more than "
+                          f"the {known[0]} positions {known[1]} knows: lower demo.sample_tokens to at most "
+                          f"{max(known[0] + 1 - n, 1)} (or shorten demo.prompt)")
+
+
 def run_lm_demo(config: TrainConfig | None = None, options: LMDemoOptions = LMDemoOptions(),
                 echo: Callable[[str], Any] = print) -> LMDemoResult:
     """Run the language-model demo end to end and write its files into ``config.run.out_dir`` (its
@@ -147,6 +159,7 @@ def run_lm_demo(config: TrainConfig | None = None, options: LMDemoOptions = LMDe
     torch.manual_seed(config.run.seed)
     task = get_task(config.task, config.data)
     net = task.build_network(config)
+    _check_samples_fit(net, options)  # before minutes of training, not at the samples after them
     task = get_task(config.task, config.data, net)  # reads the text with the anchors' shared tokenizer
     train_set = task.dataset(config.data, split=config.data.split)
     eval_set = task.dataset(config.data, split="val", train=False, limit=options.eval_blocks)

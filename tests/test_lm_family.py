@@ -175,3 +175,20 @@ def test_lm_demo_runs_as_a_command(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "anchors: stdlib-lm" in capsys.readouterr().out
     assert _cli("demo", "--lm", "--demo.eval_blocks", "0") == 2
     assert "eval_blocks" in _one_line(capsys.readouterr().err)
+
+
+def test_lm_demo_refuses_samples_longer_than_the_context_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """demo.sample_tokens that would read past the anchors' positions fail in one line before any training, not at
+    the samples after minutes of it (with the results written and summary.json not)."""
+    import snnet.train
+    from snnet.errors import ConfigError
+    from snnet.lm_demo import LMDemoOptions, lm_demo_config, run_lm_demo
+
+    def trained(*args, **kwargs):
+        raise AssertionError("the demo trained before refusing its settings")
+
+    monkeypatch.setattr(snnet.train, "train", trained)
+    config = lm_demo_config(max_steps=2, limit=64, out_dir=str(tmp_path / "demo"), progress=False)
+    with pytest.raises(ConfigError, match="demo.sample_tokens") as e:
+        run_lm_demo(config, LMDemoOptions(eval_blocks=2, sample_tokens=CONTEXT + 1), echo=lambda _: None)
+    assert "\n" not in str(e.value) and not (tmp_path / "demo" / "results.json").exists()
