@@ -309,6 +309,13 @@ def test_save_and_load_round_trip(nets, tmp_path):
         lm.StitchedLM.from_pretrained(tmp_path / "net")
 
 
+def test_a_network_on_the_meta_device_is_refused_by_save_in_one_line(tmp_path):
+    net = lm.create_stitched_lm("pythia-70m,pythia-160m", device="meta")  # shipped configs: no download, no weights
+    with pytest.raises(CheckpointError, match="holds no weights"):  # was torch's NotImplementedError from a meta tensor
+        net.save_pretrained(tmp_path / "net")
+    assert not (tmp_path / "net").exists()
+
+
 # ------------------------------------------------------------------ clear errors
 
 

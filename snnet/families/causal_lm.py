@@ -620,6 +620,9 @@ class StitchedLM(StitchedBase):
         adapters merged, and ``adapters.safetensors`` beside them holds only the adapters and stitching layers."""
         from .lm_lora import ADAPTERS_NAME, adapter_state, has_lora, merged_state
 
+        if state is None and any(p.device.type == "meta" for p in self.parameters()):  # before a folder is made
+            raise CheckpointError("this network holds no weights (built on the meta device, to list and price its "
+                                  "space): build it with weights to save it")
         if has_lora(self):
             from safetensors.torch import save_file
 
