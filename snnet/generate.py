@@ -68,6 +68,12 @@ class Generated:
     seconds: float
 
 
+# transformers generate() arguments GenerationOptions sets (-> its field), and those generate() makes itself
+_OPTIONS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "do_sample": "temperature", "top_p": "top_p",
+            "seed": "seed", "stop": "stop"}
+_MADE_HERE = {"input_ids", "attention_mask", "pad_token_id"}
+
+
 def generate(net: Any, prompt: str | Sequence[str], *, tokenizer: Any = None, options: GenerationOptions | None = None,
              stitch: Any = None, **generate_kwargs: Any) -> Generated | list[Generated]:
     """Continue ``prompt`` (one string, or a list: batched, left-padded) with the active stitch
@@ -77,6 +83,12 @@ def generate(net: Any, prompt: str | Sequence[str], *, tokenizer: Any = None, op
     ``stopping_criteria``, ``min_new_tokens`` ...): the server streams tokens as they come, stops a
     generation whose client has gone, and times each stitch (:mod:`snnet.deploy.serve.lm_engine`)
     through the very call a user makes."""
+    owned = sorted(set(generate_kwargs) & (_OPTIONS.keys() | _MADE_HERE))
+    if owned:  # else a TypeError from deep inside, or (temperature=) an option silently replaced by options'
+        k = owned[0]
+        raise ConfigError(f"{k}= is a GenerationOptions setting here: pass options=GenerationOptions({_OPTIONS[k]}=...)"
+                          if k in _OPTIONS else f"{k}= is made by snnet's generate from the prompt and the tokenizer: "
+                          "pass the prompt as text (and tokenizer=)")
     options = options or GenerationOptions()
     tok = tokenizer if tokenizer is not None else getattr(net, "tokenizer", None)
     if tok is None:

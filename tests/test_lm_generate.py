@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 pytest.importorskip("transformers")
@@ -62,6 +64,19 @@ def test_one_stop_string_is_one_string_not_its_characters(net):
     assert lm.GenerationOptions(stop=never).stop == (never,)
     cut = lm.generate(net, PROMPT, options=lm.GenerationOptions(max_new_tokens=8, stop=never))
     assert (cut.text, cut.finish) == (free.text, "length")  # was cut at its first character
+
+
+@pytest.mark.parametrize("kw, says", [({"max_new_tokens": 5}, "GenerationOptions(max_new_tokens"),
+                                      ({"temperature": 0.7}, "GenerationOptions(temperature"),
+                                      ({"do_sample": True}, "GenerationOptions(temperature"),
+                                      ({"attention_mask": None}, "from the prompt")])
+def test_a_keyword_the_options_own_is_refused_in_one_line(net, kw, says):
+    """transformers' spelling of an option: was a TypeError (max_new_tokens=, do_sample=, attention_mask=) or, for
+    temperature=, silently replaced by the options' greedy decoding."""
+    with pytest.raises(ConfigError, match=re.escape(says)) as e:
+        lm.generate(net, PROMPT, **kw)
+    assert "\n" not in str(e.value)
+    assert len(lm.generate(net, PROMPT, options=lm.GenerationOptions(max_new_tokens=2), top_k=5).tokens) == 2  # others pass
 
 
 @pytest.mark.parametrize("seed", [2 ** 64, -2 ** 63 - 1, 1.5, "7", True])
