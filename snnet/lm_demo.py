@@ -135,8 +135,10 @@ def _check_samples_fit(net: Any, options: LMDemoOptions) -> None:
     from .families.causal_lm import net_positions
 
     known = net_positions(net)
+    if known is None or getattr(net, "tokenizer", None) is None:  # no tokenizer: reading the text says so next
+        return
     n = len(net.tokenizer(options.prompt, add_special_tokens=True)["input_ids"])
-    if known is not None and n + options.sample_tokens - 1 > known[0]:  # as snnet.generate counts: the last token is never read
+    if n + options.sample_tokens - 1 > known[0]:  # as snnet.generate counts: the last token is never read
         raise ConfigError(f"demo.sample_tokens {options.sample_tokens} after the {n}-token demo.prompt would read more than "
                           f"the {known[0]} positions {known[1]} knows: lower demo.sample_tokens to at most "
                           f"{max(known[0] + 1 - n, 1)} (or shorten demo.prompt)")
