@@ -309,6 +309,13 @@ def test_save_and_load_round_trip(nets, tmp_path):
         lm.StitchedLM.from_pretrained(tmp_path / "net")
 
 
+@pytest.mark.parametrize("labels", [["small"], ["a", "b", "c"]])
+def test_labels_that_do_not_match_the_anchors_are_refused(nets, labels):
+    models = [p.model for p in nets["gpt2"].anchors]
+    with pytest.raises(NotStitchableError, match="labels .* for 2 anchors"):  # was an IndexError, or a label dropped
+        lm.create_stitched_lm(models, labels=labels, context=64)
+
+
 def test_a_network_on_the_meta_device_is_refused_by_save_in_one_line(tmp_path):
     net = lm.create_stitched_lm("pythia-70m,pythia-160m", device="meta")  # shipped configs: no download, no weights
     with pytest.raises(CheckpointError, match="holds no weights"):  # was torch's NotImplementedError from a meta tensor

@@ -462,6 +462,8 @@ class StitchedLM(StitchedBase):
         super().__init__()
         if len(anchors) < 2:
             raise NotStitchableError(f"a family needs at least two anchors to stitch, got {len(anchors)}")
+        if len(labels) != len(anchors):  # else an IndexError below, or (more labels) the extra ones dropped silently
+            raise NotStitchableError(f"{len(labels)} labels {list(labels)} for {len(anchors)} anchors: give one label per anchor")
         if len(set(labels)) != len(labels):
             raise NotStitchableError(f"two anchors have the same name in {list(labels)}; give each a distinct label")
         check_token_ids([p.config for p in anchors], labels)
