@@ -180,7 +180,11 @@ def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, sin
         net.train(was_training)
     seconds = time.perf_counter() - t0
     results = []
+    # generation stops at the model's end-of-text ids (its config's, one or a list: Llama 3.2 Instruct's are three),
+    # which need not be the tokenizer's alone
+    stop_ids = model.generation_config.eos_token_id
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    eos |= set(stop_ids if isinstance(stop_ids, (list, tuple)) else [] if stop_ids is None else [stop_ids])
     for prompt_row, row in zip(rows, out[:, ids.shape[1]:].tolist()):
         if eos & set(row):  # generation pads a finished row after its end-of-text token
             row = row[: next(k for k, t in enumerate(row) if t in eos) + 1]

@@ -79,6 +79,21 @@ def test_a_keyword_the_options_own_is_refused_in_one_line(net, kw, says):
     assert len(lm.generate(net, PROMPT, options=lm.GenerationOptions(max_new_tokens=2), top_k=5).tokens) == 2  # others pass
 
 
+def test_the_models_own_end_of_text_ids_end_a_row_as_the_tokenizers_does():
+    """A model's config may name end-of-text ids the tokenizer's eos is not (Llama 3.2 Instruct: three): generation
+    stops there, so that is a "stop", and a batch's padding after it is not among the row's tokens."""
+    net = tiny_lm()
+    opts = lm.GenerationOptions(max_new_tokens=6)
+    first = lm.generate(net, "a", options=opts).tokens[0]
+    assert first != net.tokenizer.eos_token_id
+    for p in net.anchors:
+        p.config.eos_token_id = [first, net.tokenizer.eos_token_id]
+    alone = lm.generate(net, "a", options=opts)
+    batch = lm.generate(net, ["a", PROMPT], options=opts)
+    assert (alone.tokens, alone.finish) == ((first,), "stop")  # was "length"
+    assert (batch[0].tokens, batch[0].finish) == ((first,), "stop")  # was (first, pad)
+
+
 @pytest.mark.parametrize("seed", [2 ** 64, -2 ** 63 - 1, 1.5, "7", True])
 def test_a_seed_torch_cannot_take_is_refused_in_one_line(seed):
     with pytest.raises(ConfigError, match="seed must be a whole number"):
