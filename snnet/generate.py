@@ -188,7 +188,7 @@ def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, sin
     for prompt_row, row in zip(rows, out[:, ids.shape[1]:].tolist()):
         if eos & set(row):  # generation pads a finished row after its end-of-text token
             row = row[: next(k for k, t in enumerate(row) if t in eos) + 1]
-        end = stops.end(row) if stops is not None else None
+        end = stops.end(row) if stops is not None and stops._hit(row) else None  # one decode for a row without a stop
         if end is not None:  # ... and after the token that completed a stop string
             row = row[:end]
         full = tok.decode(row, skip_special_tokens=True)
