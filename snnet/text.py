@@ -63,7 +63,9 @@ def stdlib_sources() -> list[Path]:
 def corpus_fingerprint(files: Sequence[Path], root: str | Path) -> str:
     """A short hash of the corpus's file names and sizes (and the Python version for the stdlib):
     two runs read the same text if and only if their fingerprints agree."""
-    h = hashlib.sha256(f"python {sys.version_info.major}.{sys.version_info.minor}\n".encode())
+    h = hashlib.sha256()
+    if Path(root).resolve() == stdlib_root().resolve():  # its files differ between Python versions; another corpus's do not
+        h.update(f"python {sys.version_info.major}.{sys.version_info.minor}\n".encode())
     for p in files:
         h.update(f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}\n".encode())
     return h.hexdigest()[:16]

@@ -384,6 +384,21 @@ def test_text_blocks_count_bytes_and_split_stably(tokenizer, tmp_path):
     assert len(lm.stdlib_sources()) > 100  # the default corpus is there on every Python install
 
 
+def test_a_corpus_fingerprint_names_the_python_version_only_for_the_stdlib(tmp_path, monkeypatch):
+    """Another folder's text is the same on every Python: its fingerprint does not change with the version
+    (the docstring: the same text if and only if the fingerprints agree); the standard library's does."""
+    import types
+
+    import snnet.text as text
+
+    (tmp_path / "a.txt").write_text("hello\n")
+    files, std = [tmp_path / "a.txt"], lm.stdlib_sources()[:3]
+    before = lm.corpus_fingerprint(files, tmp_path), lm.corpus_fingerprint(std, lm.stdlib_root())
+    monkeypatch.setattr(text, "sys", types.SimpleNamespace(version_info=types.SimpleNamespace(major=3, minor=99)))
+    after = lm.corpus_fingerprint(files, tmp_path), lm.corpus_fingerprint(std, lm.stdlib_root())
+    assert after[0] == before[0] and after[1] != before[1]
+
+
 def test_two_way_round_trips_generate_and_export(folders, tokenizer, tmp_path):
     """SN-Netv2's space on LMs: a round trip runs one anchor twice (one cache per anchor, a tied head
     shared by its stem and head), generates with its cache as without, and exports exactly."""
