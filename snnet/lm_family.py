@@ -17,6 +17,7 @@ all of it and writes ``family.json`` and ``MODEL_CARD.md``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -204,8 +205,8 @@ def save_member(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
-        model.to(torch.float16).save_pretrained(str(tmp))
-        model.to(torch.float32)
+        # a float16 copy: casting the model itself and back would leave the caller's weights rounded to float16
+        copy.deepcopy(model).to(torch.float16).save_pretrained(str(tmp))
         _load_as_float32(tmp / "config.json")
         tokenizer.save_pretrained(str(tmp))
         for f in tmp.iterdir():

@@ -192,3 +192,19 @@ def test_lm_demo_refuses_samples_longer_than_the_context_before_training(tmp_pat
     with pytest.raises(ConfigError, match="demo.sample_tokens") as e:
         run_lm_demo(config, LMDemoOptions(eval_blocks=2, sample_tokens=CONTEXT + 1), echo=lambda _: None)
     assert "\n" not in str(e.value) and not (tmp_path / "demo" / "results.json").exists()
+
+
+def test_saving_a_member_in_float16_leaves_the_callers_weights_as_they_were(tmp_path: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    from snnet.lm_family import LMArch, llama_config, save_member
+
+    tok = train_tokenizer([ROOT / "snnet" / "text.py"], vocab_size=300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(LMArch(24, 2, 2, 64), tok, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folder = save_member(model, tok, tmp_path / "m")
+    # was rounded to float16 and cast back: the model in memory no longer what it was
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    back = AutoModelForCausalLM.from_pretrained(str(folder))
+    assert all(torch.equal(v, before[k].half().float()) for k, v in back.state_dict().items())  # the file: float16
