@@ -142,6 +142,10 @@ def _run(net: Any, tok: Any, prompts: list[str], options: GenerationOptions, sin
     rows = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
     if not all(rows):
         raise SnnetError("a prompt is empty after tokenisation: give at least one token of text")
+    vocab, top = getattr(net, "vocab_size", None), max(max(r) for r in rows)
+    if isinstance(vocab, int) and top >= vocab:  # else an IndexError from inside the embedding
+        raise SnnetError(f"the tokenizer gives token id {top}, outside the network's {vocab}-token vocabulary: use the "
+                         "tokenizer the family shares (the network's own: leave tokenizer= out)")
     width = max(len(r) for r in rows)  # left padding: a decoder continues the last real token of every row
     from .families.causal_lm import net_positions
 

@@ -94,6 +94,19 @@ def test_the_models_own_end_of_text_ids_end_a_row_as_the_tokenizers_does():
     assert (batch[0].tokens, batch[0].finish) == ((first,), "stop")  # was (first, pad)
 
 
+def test_another_tokenizers_ids_beyond_the_vocabulary_are_refused_in_one_line(net):
+    from pathlib import Path
+
+    from snnet.families.lm_tiny import tiny_tokenizer
+
+    big = tiny_tokenizer(Path(lm.__file__).with_name("text.py").read_text(), vocab_size=2 * net.vocab_size)
+    text = "def token_blocks(files, tokenizer, block_size): return"
+    assert max(big(text)["input_ids"]) >= net.vocab_size
+    with pytest.raises(SnnetError, match="outside the network's") as e:  # was an IndexError from the embedding
+        lm.generate(net, text, tokenizer=big, options=lm.GenerationOptions(max_new_tokens=2))
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("seed", [2 ** 64, -2 ** 63 - 1, 1.5, "7", True])
 def test_a_seed_torch_cannot_take_is_refused_in_one_line(seed):
     with pytest.raises(ConfigError, match="seed must be a whole number"):
