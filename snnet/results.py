@@ -493,9 +493,15 @@ def load_results(path: str | os.PathLike) -> list[Row]:
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte order mark (a spreadsheet's "CSV UTF-8") is not data
         if path.suffix.lower() == ".csv":
+            records = list(csv.DictReader(io.StringIO(text)))
+            # csv puts the cells beyond the header under the key None: no column to read them as
+            surplus = next((k for k, row in enumerate(records) if row.get(None)), None)  # type: ignore[call-overload]
+            if surplus is not None:
+                raise ResultsError(f"{path} is not an snnet results file: entry {surplus} has more cells than the "
+                                   "header has columns; fix the file or re-run `snnet eval`")
             # CSV has no types and no "absent": empty cells are absent, extra columns numbers where they parse
             rows: Any = [{k: _from_text(v) if k not in _TYPES else v for k, v in row.items() if v not in ("", None)}
-                         for row in csv.DictReader(io.StringIO(text))]
+                         for row in records]
         else:
             rows = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:

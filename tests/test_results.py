@@ -272,3 +272,12 @@ def test_a_results_file_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> No
         marked.parent.mkdir(exist_ok=True)
         marked.write_bytes(b"\xef\xbb\xbf" + (tmp_path / name).read_bytes())
         assert load_results(marked) == rows, name
+
+
+def test_a_csv_row_with_more_cells_than_the_header_is_refused_in_one_line(tmp_path: Path) -> None:
+    """csv puts the cells beyond the header under the key None, as a list: reading it as an extra
+    column ended in a TypeError from int() instead of saying what is wrong with the file."""
+    path = tmp_path / "results.csv"
+    path.write_text("id,name,flops,params\n0,a,100,10\n1,b,200,20,stray\n")
+    with pytest.raises(ResultsError, match="entry 1 has more cells than the header"):
+        load_results(path)
