@@ -194,6 +194,12 @@ class ImageClassification:
         if size and (x.ndim != 4 or x.shape[1] != size[0]):
             raise SnnetError(f"images of shape {tuple(x.shape[1:])} do not fit this network, which takes "
                              f"{size} (channels, height, width): use the data it was trained on")
+        integer = isinstance(y, torch.Tensor) and not (y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool)
+        if not integer or y.ndim != 1 or len(y) != len(x):
+            got = f"a {tuple(y.shape)} tensor of {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise SnnetError(f"labels must be one class index (an integer) per image, but a batch of {len(x)} images "
+                             f"came with {got}: give a tensor of {len(x)} integer labels")
+        y = y.long()  # cross_entropy takes int64 class indices; an int32 or uint8 label tensor is as good
         classes = getattr(net, "num_classes", None)
         if isinstance(classes, int):
             bad = y[(y < 0) | (y >= classes)]

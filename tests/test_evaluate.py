@@ -75,6 +75,19 @@ def test_labels_outside_the_head_are_rejected(tiny_net: snnet.StitchedNet) -> No
         evaluate(tiny_net, _batches(classes=20, seed=3), progress=False)
 
 
+def test_labels_of_any_integer_type_score_as_int64_and_others_are_refused(tiny_net: snnet.StitchedNet) -> None:
+    """int32 labels (a dataset built from numpy) ended in cross_entropy's "expected target dtype to be
+    Long", float or one-hot labels and a label count other than the batch's in deeper torch errors."""
+    batches = _batches()
+    expected = [(r.acc1, r.acc5, r.loss) for r in evaluate(tiny_net, batches, [0, 3], progress=False)]
+    as_int32 = [(x, y.to(torch.int32)) for x, y in batches]
+    assert [(r.acc1, r.acc5, r.loss) for r in evaluate(tiny_net, as_int32, [0, 3], progress=False)] == expected
+    x, y = batches[0]
+    for bad in (y.float(), y[:, None], y[:-1]):
+        with pytest.raises(SnnetError, match="labels must be one class index"):
+            evaluate(tiny_net, [(x, bad)], [0], progress=False)
+
+
 def test_top5_with_fewer_than_five_classes() -> None:
     torch.manual_seed(0)
     net = snnet.create_snnet(TINY_VITS, num_classes=3)
