@@ -148,6 +148,12 @@ def evaluate(
         nonlocal input_size
         x, y = task.check_batch(net, batch)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        if input_size is None and tuple(x.shape[1:]) != tuple(net.input_size):
+            # another resolution is fine where every chosen stitch takes it (a CNN); else a one-line refusal
+            # naming the stitch, not an assertion from inside timm (a ViT's fixed patch grid)
+            from .deploy.memory import check_input
+
+            check_input(net, [len(x)], tuple(x.shape[1:]), [s.id for s in chosen], dev, what="the loader")
         input_size = input_size or tuple(x.shape[1:])
         for s, logits in forward_stitches(net, x, chosen):
             tallies[s.id].update(logits, y)

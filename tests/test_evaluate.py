@@ -88,6 +88,20 @@ def test_labels_of_any_integer_type_score_as_int64_and_others_are_refused(tiny_n
             evaluate(tiny_net, [(x, bad)], [0], progress=False)
 
 
+def test_images_of_a_size_a_stitch_cannot_take_are_refused_in_one_line(tiny_net: snnet.StitchedNet) -> None:
+    """28x28 images for a ViT of 32x32 ended in timm's AssertionError from inside the patch embedding;
+    a size every stitch takes (a CNN's) is still evaluated, priced at that size."""
+    active, ran = tiny_net.active, []
+    tiny_net.anchors[0].stem.register_forward_hook(lambda *_: ran.append(1))
+    with pytest.raises(SnnetError, match=r"the loader gives 3x28x28 inputs, which stitch .* cannot take.*own input is 3x32x32"):
+        evaluate(tiny_net, _batches(size=28), progress=False)
+    assert not ran and tiny_net.active == active and tiny_net.training
+    torch.manual_seed(0)
+    cnn = snnet.create_snnet(["snnet_tiny_resnet18", "snnet_tiny_resnet50"])
+    results = evaluate(cnn, _batches(n=4, size=48), progress=False)
+    assert [r.flops for r in results] == [c.flops for c in cnn.costs((3, 48, 48))]
+
+
 def test_top5_with_fewer_than_five_classes() -> None:
     torch.manual_seed(0)
     net = snnet.create_snnet(TINY_VITS, num_classes=3)
