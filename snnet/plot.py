@@ -216,17 +216,19 @@ _PNG_FAMILIES = 12  # more zoo families than this share one colour and one legen
 
 
 def _png(g: _Groups, path: Path, x: str, xlabel: str, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+    # a Figure on its own Agg canvas, not pyplot: matplotlib.use("Agg") switched the caller's backend (a
+    # notebook's inline figures stopped showing) and pyplot would keep the figure in its global registry
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
     def area(rows: list[Row], fixed: float) -> Any:
         """Marker areas (pt^2): proportional to params when a zoo is drawn, at least ``fixed`` / 4."""
         return [max(fixed / 4, 600 * r.params / g.max_params) for r in rows] if g.zoo else fixed
 
-    fig, ax = plt.subplots(figsize=(12, 6.5) if g.zoo else (9, 6), dpi=120)
+    fig = Figure(figsize=(12, 6.5) if g.zoo else (9, 6), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     try:
         if g.zoo:
             colours = _zoo_colours(list(g.families))
@@ -274,5 +276,5 @@ def _png(g: _Groups, path: Path, x: str, xlabel: str, title: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda p: fig.savefig(p, format="png"))
     finally:
-        plt.close(fig)
+        fig.clear()  # its artists go now, not whenever the garbage collector finds them
     return path

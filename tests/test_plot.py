@@ -64,3 +64,22 @@ def test_latency_axis(tmp_path: Path) -> None:
     with pytest.raises(ResultsError, match="latency_ms"):
         plot_pareto(_results(), tmp_path / "q.html", x="latency_ms")
     assert not (tmp_path / "q.html").exists()
+
+
+def test_the_png_leaves_the_callers_matplotlib_backend_and_figures_alone(tmp_path: Path) -> None:
+    """The PNG was drawn with pyplot after ``matplotlib.use("Agg")``: a notebook's backend switched to
+    Agg under it (its inline figures stopped showing), and an interactive backend closes every open
+    figure on a switch. It is drawn on a Figure of its own now."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    plt.switch_backend("svg")
+    try:
+        mine = plt.figure()
+        plot_pareto(_results(), tmp_path / "p.html", tmp_path / "p.png")
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [mine.number]
+        assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
+    finally:
+        plt.close("all")
+        plt.switch_backend(before)
