@@ -190,6 +190,12 @@ class ImageClassification:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise SnnetError("evaluate needs a loader of (images, labels) batches")
         x, y = batch[0], batch[1]
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            got = f"tensors of {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise SnnetError(f"images must be float tensors, normalised as the network expects, but came as {got}: "
+                             "convert them (e.g. torchvision's ToTensor and the anchors' Normalize)")
+        # float64 (numpy's default) or float16 images would stop at the first layer's float32 weights
+        x = x.to(next(net.parameters()).dtype)
         size = tuple(getattr(net, "input_size", ()) or ())
         if size and (x.ndim != 4 or x.shape[1] != size[0]):
             raise SnnetError(f"images of shape {tuple(x.shape[1:])} do not fit this network, which takes "

@@ -88,6 +88,19 @@ def test_labels_of_any_integer_type_score_as_int64_and_others_are_refused(tiny_n
             evaluate(tiny_net, [(x, bad)], [0], progress=False)
 
 
+def test_float64_images_are_scored_as_float32_and_integer_images_refused(tiny_net: snnet.StitchedNet) -> None:
+    """float64 images (a dataset built from numpy) ended in "Input type (double) and bias type (float)
+    should be the same" from the first convolution; uint8 pixels (unnormalised) the same way."""
+    batches = _batches()
+    expected = [(r.acc1, r.acc5, r.loss) for r in evaluate(tiny_net, batches, [0, 3], progress=False)]
+    as_double = [(x.double(), y) for x, y in batches]
+    got = [(r.acc1, r.acc5, r.loss) for r in evaluate(tiny_net, as_double, [0, 3], progress=False)]
+    assert got == expected  # float32 images made float64 and back: the same numbers
+    x, y = batches[0]
+    with pytest.raises(SnnetError, match="images must be float tensors.*torch.uint8"):
+        evaluate(tiny_net, [((x * 50).clamp(0, 255).to(torch.uint8), y)], [0], progress=False)
+
+
 def test_images_of_a_size_a_stitch_cannot_take_are_refused_in_one_line(tiny_net: snnet.StitchedNet) -> None:
     """28x28 images for a ViT of 32x32 ended in timm's AssertionError from inside the patch embedding;
     a size every stitch takes (a CNN's) is still evaluated, priced at that size."""
