@@ -244,6 +244,26 @@ def test_cli_eval_writes_all_outputs(saved: tuple[Path, Path], tmp_path: Path, c
     assert "Pareto frontier" in printed and results[0].name in printed
 
 
+def test_cli_eval_keeps_a_profile_written_into_its_folder(saved: tuple[Path, Path], tmp_path: Path) -> None:
+    """`snnet profile --out DIR` then `snnet eval --out DIR` (the order the profile's own hint gave) replaced
+    results.json with the evaluation alone: every latency and peak memory measured was lost."""
+    model, data = saved
+    out = tmp_path / "out"
+    assert _run(["profile", "--model", str(model), "--repeats", "1", "--warmup", "0", "--stitches", "0,3",
+                 "--batch-sizes", "1,2", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    profiled = {r.id: r for r in load_results(out) if r.latency_ms is not None}
+    assert sorted(profiled) == [0, 3]
+    assert _run(["eval", "--model", str(model), "--data", str(data), "--batch-size", "4", "--limit", "7",
+                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    rows = {r.id: r for r in load_results(out)}
+    assert all(r.acc1 is not None and r.images == 7 for r in rows.values())
+    for k, before in profiled.items():
+        assert (rows[k].latency_ms, rows[k].peak_mem_mb, rows[k].latency_by_batch) == \
+            (before.latency_ms, before.peak_mem_mb, before.latency_by_batch)
+        assert rows[k].value("profile") == before.value("profile")
+    assert all(r.latency_ms is None for k, r in rows.items() if k not in profiled)
+
+
 def test_cli_eval_subset(saved: tuple[Path, Path], tmp_path: Path) -> None:
     model, data = saved
     net = snnet.load(model)

@@ -98,8 +98,8 @@ def profile(
             typer.echo("(profile every stitch to draw the latency frontier)")
     else:
         paths = list(write_results(rows, out, csv_file=False))  # as before: a profile alone is written as JSON only
-        typer.echo("(no accuracy yet: run `snnet eval --out` into the same folder, then profile again, to draw the "
-                   "accuracy/latency frontier)")
+        typer.echo("(no accuracy yet: run `snnet eval --out` into the same folder, which keeps these measurements, to "
+                   "draw the accuracy/latency frontier)")
     typer.echo("wrote " + ", ".join(str(p) for p in paths))
 
 

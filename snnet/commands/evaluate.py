@@ -97,6 +97,7 @@ def evaluate(
     else:
         rows = _evaluate(model, data, split, batch_size, limit, stitches, device, amp, workers, calib_images, progress,
                          eval_protocol, skip_bad_images)
+        rows = _keep_profile(rows, out)
     if chosen_zoo is not None:  # a new zoo replaces the one already there
         rows = mark_pareto([r for r in rows if not r.is_zoo] + chosen_zoo.rows())
     if reference is not None:  # and the authors' table the rows of the same table
@@ -120,6 +121,38 @@ def write_plots(rows: list, out: Path) -> list[Path]:
     if network and all(r.latency_ms is not None for r in network):
         paths += plot_pareto(rows, out / "pareto_latency.html", out / "pareto_latency.png", x="latency_ms")
     return paths
+
+
+_PROFILED = ("latency_ms", "latency_p90_ms", "peak_mem_mb", "latency_by_batch")  # what `snnet profile` adds to a row
+
+
+def _keep_profile(rows: list, out: Path) -> list:
+    """The evaluated rows with the latency and memory that `snnet profile` measured for the same networks into
+    ``out``'s results.json before (re-evaluating replaced that file, and so lost them). A file of another
+    network (a stitch's name differs) or one that cannot be read is replaced as it was."""
+    from dataclasses import replace
+
+    from ..errors import ResultsError
+    from ..results import RESULTS_JSON, load_results, network_rows
+
+    path = out / RESULTS_JSON
+    if not path.is_file():
+        return rows
+    try:
+        before = {r.id: r for r in network_rows(load_results(path))}
+    except ResultsError:
+        return rows
+    if any(r.id in before and before[r.id].name != r.name for r in rows):
+        return rows
+    kept = []
+    for r in rows:
+        old = before.get(r.id)
+        measured = {f: getattr(old, f) for f in _PROFILED if getattr(old, f) is not None} if old is not None else {}
+        if measured:
+            settings = {"profile": old.value("profile")} if old.value("profile") is not None else {}  # type: ignore[union-attr]
+            r = replace(r, **measured, extra={**r.extra, **settings})
+        kept.append(r)
+    return kept
 
 
 def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit: int | None, stitches: str | None,
