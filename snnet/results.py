@@ -445,11 +445,26 @@ def check_writable(out_dir: str | os.PathLike, error: type[SnnetError] = SnnetEr
     return out
 
 
-def _columns(results: Sequence[Row]) -> list[str]:
+def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     cols: list[str] = []
-    for r in results:
-        cols += [k for k in r.to_dict() if k not in cols]
+    for r in rows:
+        cols += [k for k in r if k not in cols]
     return cols
+
+
+def _record(row: Row) -> dict[str, Any]:
+    """``row.to_dict()`` as a file holds it, so :func:`load_results` reads it back: an evaluated network's row
+    (a top-1) carries a top-5, NaN (null in JSON) when unknown. A row built as ``Row(3, "a", ..., acc1=81.5)``
+    was written without one and refused on reading ("missing acc5")."""
+    d = row.to_dict()
+    if row.acc1 is None or row.is_zoo or row.acc5 is not None:
+        return d
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out[k] = v
+        if k == "acc1":
+            out["acc5"] = math.nan  # beside the top-1, where an evaluation writes it
+    return out
 
 
 def write_results(results: Sequence[Row], out_dir: str | os.PathLike, csv_file: bool = True) -> tuple[Path, ...]:
@@ -457,14 +472,14 @@ def write_results(results: Sequence[Row], out_dir: str | os.PathLike, csv_file: 
     ``results.csv`` (nested values, such as ``latency_by_batch``, as JSON text); each atomically.
     Returns the paths written. :func:`load_results` reads either back."""
     out = check_writable(out_dir)
-    rows = [r.to_dict() for r in results]
+    rows = [_record(r) for r in results]
     json_path, csv_path = out / RESULTS_JSON, out / RESULTS_CSV
     # strict JSON: NaN and infinities (a zoo model's unreported top-5 or loss) as null, which reads back as NaN
     atomic_write(json_path, lambda p: p.write_text(json.dumps(_finite(rows), indent=2, allow_nan=False) + "\n"))
     if not csv_file:
         return (json_path,)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_columns(results), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=_columns(rows), lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows)
     atomic_write(csv_path, lambda p: p.write_text(buf.getvalue()))

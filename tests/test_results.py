@@ -281,3 +281,16 @@ def test_a_csv_row_with_more_cells_than_the_header_is_refused_in_one_line(tmp_pa
     path.write_text("id,name,flops,params\n0,a,100,10\n1,b,200,20,stray\n")
     with pytest.raises(ResultsError, match="entry 1 has more cells than the header"):
         load_results(path)
+
+
+def test_an_evaluated_row_without_top5_is_written_so_that_it_reads_back(tmp_path: Path) -> None:
+    """A row built by hand as the docs show (``Row(3, "mine", flops=..., acc1=81.5)``) was written without
+    a top-5, which load_results requires of an evaluated row: snnet refused the file it had just written."""
+    rows = [Row(3, "mine", flops=2_000_000, params=5, acc1=81.5), Row(4, "b", 10, 2, 70.0, 90.0, 1.0, 8, False)]
+    write_results(rows, tmp_path)
+    for name in ("results.json", "results.csv"):
+        back = load_results(tmp_path / name)
+        assert math.isnan(back[0].acc5) and back[1].acc5 == 90.0, name
+        assert [(r.id, r.name, r.flops, r.params, r.acc1) for r in back] == [(3, "mine", 2_000_000, 5, 81.5),
+                                                                           (4, "b", 10, 2, 70.0)], name
+    assert next(csv.reader((tmp_path / "results.csv").open()))[5:7] == ["acc1", "acc5"]
