@@ -6,6 +6,7 @@ import json
 import math
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -384,6 +385,26 @@ def test_profile_command_writes_results_without_accuracy(tmp_path: Path, capsys:
     assert [r["id"] for r in timed] == [0, 3]
     assert all(r["latency_p90_ms"] >= r["latency_ms"] > 0 and r["peak_mem_mb"] > 0 for r in timed)
     assert "no accuracy yet" in capsys.readouterr().out
+
+
+def test_profile_command_refuses_results_it_cannot_add_to_before_measuring(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A results.json of two stitches (`snnet eval --stitches 0,1`) made `snnet profile` time every stitch and
+    then refuse with "lists fewer stitches than this network has: profile the network it was written for" (the
+    network it was written for): the time was lost. Now it refuses first, saying which stitch is missing."""
+    from snnet.cli import main
+    from snnet.results import write_results
+
+    costs = snnet.create_snnet("fmnist", device="meta").costs()
+    write_results([replace(c, acc1=50.0, acc5=90.0) for c in costs[:2]], tmp_path)
+    before = (tmp_path / "results.json").read_text()
+    timed = []
+    monkeypatch.setattr("snnet.deploy.profile", lambda *a, **k: timed.append(1))
+    with pytest.raises(SystemExit):
+        main(["profile", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert not timed and "hold 2 stitches of this network but not" in err and repr(costs[2].name) in err
+    assert (tmp_path / "results.json").read_text() == before
 
 
 # ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers

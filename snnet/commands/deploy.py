@@ -70,6 +70,10 @@ def profile(
     for k in keys or []:
         net.stitch(k)  # unknown names fail before any measuring
     size = (net.input_size[0], img_size, img_size) if img_size else None
+    from ..deploy.profiling import check_base
+
+    # results the measurements cannot be added to (a subset's evaluation, another network's) fail before any measuring
+    check_base(existing, [net.stitch(k) for k in keys] if keys else net.space)
     measured, settings = run_profile(net, batch_size, size, warmup, repeats, dev, threads, keys, progress, sizes)
     rows = merge_profile(existing, net.costs(size), measured)
     shown = [r.to_dict() for r in rows if r.latency_ms is not None]

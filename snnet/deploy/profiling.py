@@ -28,7 +28,7 @@ from .memory import check_input
 if TYPE_CHECKING:
     from ..model import StitchedNet
 
-__all__ = ["BatchLatency", "ProfileResult", "ProfileSettings", "merge_profile", "profile"]
+__all__ = ["BatchLatency", "ProfileResult", "ProfileSettings", "check_base", "merge_profile", "profile"]
 
 
 # A profile's row: a :class:`~snnet.results.Row` with latency_ms (median), latency_p90_ms, peak_mem_mb
@@ -206,7 +206,21 @@ def merge_profile(rows: Sequence[Any] | str | os.PathLike | None, costs: Sequenc
     ``costs`` rows (id/name/flops/params, accuracy unmeasured). Each profiled row gets ``latency_ms``,
     ``latency_p90_ms``, ``peak_mem_mb`` (``latency_by_batch``) and the ``profile`` settings."""
     base = read_rows(rows if rows is not None else costs)
-    ids = {r.id for r in network_rows(base)}
-    if any(r.id not in ids for r in measured):
-        raise SnnetError("the results file lists fewer stitches than this network has: profile the network it was written for")
+    check_base(base, measured)
     return merge_rows(base, measured, "the results")
+
+
+def check_base(rows: Sequence[Any] | str | os.PathLike | None, stitches: Iterable[Row | Stitch]) -> None:
+    """Refuse results ``rows`` that a profile of ``stitches`` (rows or stitches: id and name) cannot be added to
+    (:func:`merge_profile`), before any is measured: ``snnet profile`` checked only after timing every
+    stitch, and so lost that time."""
+    if rows is None:
+        return
+    base = {r.id: r for r in network_rows(read_rows(rows))}
+    for s in stitches:
+        if s.id not in base:
+            raise SnnetError(f"the results hold {len(base)} stitches of this network but not {s.name!r} (id {s.id}): "
+                             "profile only the stitches they hold (--stitches), or evaluate every stitch into them first")
+        if base[s.id].name != s.name:
+            raise SnnetError(f"the results do not belong to this network: stitch {s.id} is {s.name!r} here but "
+                             f"{base[s.id].name!r} there. Use the results written for this network.")
