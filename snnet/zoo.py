@@ -175,8 +175,9 @@ class Zoo:
         fams = self.families()
         shown = ", ".join(f"{f} {n}" for f, n in list(fams.items())[:8]) + (", ..." if len(fams) > 8 else "")
         src = self.meta.get("source")
-        where = (f"{src['repository']}@{src['commit'][:10]}" if isinstance(src, Mapping) and "repository" in src
-                 else str(self.path))
+        where = str(self.path)
+        if isinstance(src, Mapping) and src.get("repository"):  # a zoo file of one's own may name no commit
+            where = str(src["repository"]) + (f"@{str(src['commit'])[:10]}" if src.get("commit") else "")
         return (f"zoo {self.name}: {len(self.models)} models, {len(fams)} families ({shown})"
                 f"{f', {self.split} split' if self.split else ''}; from {where}"
                 f"{f', license {self.license}' if self.license else ''}")

@@ -315,3 +315,14 @@ def test_profile_keeps_zoo_rows_and_eval_draws_latency_without_them(tmp_path: Pa
     text = (tmp_path / "out" / "pareto_latency.html").read_text()
     assert "3 zoo models left out: no latency_ms measured" in text
     assert {r.value("source") for r in load_results(tmp_path / "out") if r.is_zoo} == {"f"}  # the old zoo replaced
+
+
+def test_describe_a_zoo_whose_source_names_no_commit(tmp_path: Path) -> None:
+    # "any JSON file of the same shape is a zoo": its source may name a repository without a commit
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"source": {"repository": "me/my-models"},
+                                "models": [{"name": "a", "params": 10, "flops": 100, "acc1": 50}]}))
+    assert read_zoo(path).describe().endswith("from me/my-models")
+    path.write_text(json.dumps({"source": {"repository": "me/my-models", "commit": "0123456789abcdef"},
+                                "models": [{"name": "a", "params": 10, "flops": 100, "acc1": 50}]}))
+    assert read_zoo(path).describe().endswith("from me/my-models@0123456789")
