@@ -112,7 +112,7 @@ class ImageClassification:
     @staticmethod
     def inputs(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images, labels)`` of a training batch."""
-        return batch[0], batch[1]
+        return batch[0], _class_ids(batch[1])
 
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A training batch as the loss takes it: split-batch random erasing (``data.re_splits``), then Mixup/CutMix
@@ -393,6 +393,14 @@ class CausalLM:
 
 
 Task = ImageClassification | CausalLM
+
+
+def _class_ids(y: Any) -> Any:
+    """Integer labels as int64: cross-entropy takes no other integer type, and labels read from numpy
+    arrays or other files often come as int32 or int16 (float labels, soft targets, are left as they are)."""
+    if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.dtype not in (torch.int64, torch.bool):
+        return y.long()
+    return y
 
 def _size(dataset: Dataset, empty: str) -> int:
     """The number of items of a training dataset, or a one-line refusal (no length; ``empty`` when it has none)."""

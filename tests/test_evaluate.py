@@ -347,3 +347,20 @@ def test_shared_prefix_eval_equals_each_v2_route_alone() -> None:
         assert r.loss == pytest.approx(loss, abs=1e-5), r.name
     naive = blocks[0] - shared
     assert shared < 0.75 * naive  # the trie shares prefixes of multi-segment routes too
+
+
+def test_labels_of_any_integer_type_are_scored_and_trained_on(tmp_path: Path) -> None:
+    # labels read from numpy often come as int32: cross-entropy takes int64 only, and failed deep inside torch
+    from snnet.train import train
+
+    from .conftest import Synthetic, cfg, fresh_net
+
+    net = fitted_net().eval()
+    batches = _batches()
+    as_int32 = [(x, y.to(torch.int32)) for x, y in batches]
+    want = evaluate(net, batches, stitches=[0, 3], progress=False)
+    got = evaluate(net, as_int32, stitches=[0, 3], progress=False)
+    assert [(r.acc1, r.loss) for r in got] == [(r.acc1, r.loss) for r in want]
+    data = Synthetic(n=16)
+    data.tensors = (data.tensors[0], data.tensors[1].to(torch.int32))
+    assert train(fresh_net(), data, cfg(tmp_path, init_images=0)).step == 2
