@@ -106,8 +106,21 @@ def check_teacher(teacher: nn.Module, net: "StitchedNet | nn.Module", name: str 
     if {id(p) for p in teacher.parameters()} & {id(p) for p in net.parameters()}:
         raise TeacherError(f"{name} shares weights with the network being trained: pass a frozen copy "
                            "(distill='largest' makes one of the largest anchor)")
-    size = getattr(net, "input_size", None) or getattr(net, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
-    classes = teacher_classes(teacher, tuple(size))
+    size = tuple(getattr(net, "input_size", None) or getattr(net, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+    # one probe forward on the network's input size, even where the teacher says its classes: a teacher built
+    # for other images (a ViT at 224 for a network at 32) would otherwise fail inside the first training step
+    param = next(teacher.parameters(), None)
+    try:
+        out = teacher_logits(teacher, torch.zeros(1, *size, device=param.device if param is not None else "cpu"))
+    except Exception as e:  # whatever the teacher's own forward raises on the wrong input
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TeacherError(f"{name} cannot run on the network's images of shape {size} ({why}): distil from a "
+                           "teacher built for the images this network takes") from e
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise TeacherError(f"{name} does not return a batch of logits (got {type(out).__name__}"
+                           f"{f' of shape {tuple(out.shape)}' if isinstance(out, torch.Tensor) else ''}): "
+                           "distil from a classifier")
+    classes = int(out.shape[-1])
     if classes != net.num_classes:
         raise TeacherError(
             f"{name} predicts {classes} classes but the network predicts {net.num_classes}: its targets would be "

@@ -80,7 +80,7 @@ def test_teacher_runs_in_eval_mode_without_gradients(tmp_path):
     teacher = Known(torch.randn(8, 10)).train()  # handed over in training mode on purpose
     net = tiny()
     train(net, Synthetic(16), cfg(tmp_path, max_steps=2, init_images=0, distill_type="hard"), teacher=teacher)
-    assert len(teacher.calls) == 2 and set(teacher.calls) == {(False, False)}
+    assert len(teacher.calls) == 3 and set(teacher.calls) == {(False, False)}  # the check's probe, then a call a step
     assert not teacher.weight.requires_grad and teacher.weight.grad is None and teacher.weight.item() == 1.0
 
 
@@ -102,6 +102,17 @@ def test_a_teacher_that_cannot_teach_is_refused_before_any_work(tmp_path):
     assert build_teacher(tiny(), "snnet_tiny_vit_b", file=str(path)).num_classes == 10
     with pytest.raises(TeacherError, match="random weights"):
         build_teacher(net, "snnet_tiny_vit_b", pretrained=False)
+
+
+def test_a_teacher_for_other_images_is_refused_before_any_work(tmp_path):
+    # a teacher with the network's classes but built for another image size failed inside the first step
+    import timm
+
+    teacher = timm.create_model("snnet_tiny_vit_b", img_size=64)
+    assert teacher.num_classes == 10
+    with pytest.raises(TeacherError, match=r"cannot run on the network's images of shape \(3, 32, 32\)"):
+        train(tiny(), Synthetic(16), cfg(tmp_path, max_steps=1, init_images=0), teacher=teacher)
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ learning rates
