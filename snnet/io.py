@@ -160,8 +160,11 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
     at once (one model each, one per core). The lock file lives in the temporary folder, keyed
     by the path, so nothing but artifacts lands beside them. No-op where there is no ``fcntl``.
     """
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the write itself stays atomic (as runlock does without fcntl)
+        yield
+        return
     key = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
     with open(Path(tempfile.gettempdir()) / f"snnet-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -288,3 +288,16 @@ def test_low_rank_training_moves_only_the_update(tmp_path) -> None:
         trainer.step(x, y)
     assert all(torch.equal(a, layer.proj.weight) for a, layer in zip(base, net.stitch_layers))
     assert any(torch.count_nonzero(layer.lora_b) for layer in net.stitch_layers)
+
+
+def test_update_json_without_fcntl_writes_unlocked(tmp_path, monkeypatch):
+    # io.locked says it is a no-op where there is no fcntl (Windows); it raised ImportError there instead
+    import sys
+
+    from snnet.io import update_json
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # what `import fcntl` meets on Windows
+    path = tmp_path / "family.json"
+    assert update_json(path, lambda d: {**d, "a": 1}) == {"a": 1}
+    assert update_json(path, lambda d: {**d, "b": 2}) == {"a": 1, "b": 2}
+    assert json.loads(path.read_text()) == {"a": 1, "b": 2}
