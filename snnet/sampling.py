@@ -269,6 +269,7 @@ def mix_seed(*parts: int) -> int:
     (seed, epoch, index) tuples give unrelated random streams."""
     x = 0x9E3779B97F4A7C15
     for p in parts:
+        p = int(p)  # a numpy or torch integer (a sampler's index) would overflow or wrap in its own 64 bits
         x = (x ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
         x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
         x ^= x >> 29

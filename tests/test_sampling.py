@@ -82,3 +82,25 @@ def test_weighted_stitches_by_name_or_id_from_the_config() -> None:
         Trainer(net, conf.override(weighted_stitches=["nope"]), total_steps=1)
     with pytest.raises(ConfigError, match="sampling.weighted_stitches: stitch id 99 is out of range"):
         Trainer(net, conf.override(weighted_stitches=[99]), total_steps=1)
+
+
+def test_seeded_items_take_numpy_and_torch_indices() -> None:
+    # a sampler over a numpy array of indices (SubsetRandomSampler) hands out numpy integers: mix_seed overflowed
+    # on them, and a torch integer wrapped in 64 bits and drew another augmentation than the same int index
+    import numpy as np
+    import torch
+    from torch.utils.data import Dataset
+
+    from snnet.sampling import SeededItems, mix_seed
+
+    class Noisy(Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return torch.rand(3)
+
+    items = SeededItems(Noisy(), seed=3)
+    want = items[5]
+    assert torch.equal(items[np.int64(5)], want) and torch.equal(items[torch.tensor(5)], want)
+    assert mix_seed(np.int64(1), torch.tensor(2), 3) == mix_seed(1, 2, 3)
