@@ -377,8 +377,10 @@ class CausalLM:
         if not isinstance(item, dict) or "input_ids" not in item:
             raise DatasetError("a causal-lm dataset yields {'input_ids': ...} token blocks (snnet.text.token_blocks)")
         ids = item["input_ids"]
-        if self.vocab_size is not None and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
-            raise DatasetError(f"token id {int(ids.max())} is outside the network's {self.vocab_size}-token vocabulary: "
+        low, high = int(ids.min()), int(ids.max())
+        if self.vocab_size is not None and (high >= self.vocab_size or low < 0):
+            bad = low if low < 0 else high  # the id that is outside, not merely the largest
+            raise DatasetError(f"token id {bad} is outside the network's {self.vocab_size}-token vocabulary: "
                                "the text was tokenised with another tokenizer")
         from .families.causal_lm import max_positions
 

@@ -319,3 +319,15 @@ def test_lora_on_the_anchors_trains_only_adapters_and_stitching_layers_and_saves
     assert sum(v.numel() for v in adapters.values()) < sum(v.numel() for v in saved.state_dict().values()) / 4
     with pytest.raises(ConfigError, match="anchor_lora_rank puts PEFT adapters on language-model anchors"):
         get_task("image-classification").build_network(TrainConfig().override(anchor_lora_rank=4))
+
+
+def test_a_token_id_outside_the_vocabulary_is_named() -> None:
+    # a negative id was refused under the largest id of the block, which may well be inside the vocabulary
+    import types
+
+    from snnet.data import DatasetError
+
+    task = CausalLM(net=types.SimpleNamespace(vocab_size=100, tokenizer=None))
+    for ids, bad in (([5, -1, 7, 9], -1), ([5, 100, 7, 9], 100)):
+        with pytest.raises(DatasetError, match=rf"^token id {bad} is outside the network's 100-token vocabulary"):
+            task.check_dataset(torch.nn.Linear(1, 1), [{"input_ids": torch.tensor(ids)}] * 4, 2)
