@@ -230,7 +230,13 @@ class ImageClassification:
                 f"the dataset has {classes} classes but the network predicts {predicts}: rebuild the "
                 f"network with num_classes={classes} (--model.num_classes {classes}) or use matching data")
         size = tuple(getattr(net, "input_size", ()) or ())
-        x = dataset[0][0]
+        item = dataset[0]
+        # an item is (image, label): a dict (Hugging Face style) or a bare image would fail deep in the first step
+        if not isinstance(item, (tuple, list)) or len(item) < 2 or not hasattr(item[0], "shape"):  # numpy arrays collate too
+            got = type(item).__name__ + (f" of shape {tuple(item.shape)}" if hasattr(item, "shape") else "")
+            raise DatasetError(f"an image-classification dataset yields (image tensor, label) pairs; its first item "
+                               f"is a {got}: wrap it to return (image, label)")
+        x = item[0]
         if size and tuple(x.shape) != size:
             raise DatasetError(
                 f"the dataset's images are {tuple(x.shape)} but the network takes {size}; "

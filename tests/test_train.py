@@ -301,3 +301,19 @@ def test_update_json_without_fcntl_writes_unlocked(tmp_path, monkeypatch):
     assert update_json(path, lambda d: {**d, "a": 1}) == {"a": 1}
     assert update_json(path, lambda d: {**d, "b": 2}) == {"a": 1, "b": 2}
     assert json.loads(path.read_text()) == {"a": 1, "b": 2}
+
+
+@pytest.mark.parametrize("item, got", [({"image": torch.zeros(3, 32, 32), "label": 1}, "is a dict"),
+                                       (torch.zeros(3, 32, 32), r"is a Tensor of shape \(3, 32, 32\)")])
+def test_a_dataset_that_does_not_yield_image_label_pairs_is_refused_in_one_line(tmp_path, item, got):
+    # a dict item failed with KeyError: 0, a bare image as "the dataset's images are (32, 32)" (its first channel)
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 16
+
+        def __getitem__(self, i: int):
+            return item
+
+    with pytest.raises(DatasetError, match=f"yields \\(image tensor, label\\) pairs; its first item {got}"):
+        train(fresh_net(), Items(), cfg(tmp_path, init_images=0))
+    assert not (tmp_path / "run").exists()
