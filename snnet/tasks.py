@@ -79,8 +79,10 @@ class ImageClassification:
 
     name = "image-classification"
 
-    def __init__(self, data: DataConfig = DataConfig(), num_classes: int = 1000) -> None:
+    def __init__(self, data: DataConfig = DataConfig(), num_classes: int = 1000, check_labels: bool = True) -> None:
         self.num_classes = num_classes
+        # refuse training labels outside the network's classes (False: a model that does not say how many it predicts)
+        self.check_labels = check_labels
         # random erasing of whole batches (data.re_splits > 1): built per device when the first batch comes
         self._erase_how = (data.re_prob, data.re_mode, data.re_count, data.re_splits) if data.re_splits > 1 else None
         self._erase: dict[str, Any] = {}
@@ -109,10 +111,18 @@ class ImageClassification:
         return network_from_config(config.model, config.space)
 
     # -- training
-    @staticmethod
-    def inputs(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(images, labels)`` of a training batch."""
-        return batch[0], _class_ids(batch[1])
+    def inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` of a training batch; a label outside the network's classes is refused in one line."""
+        y = _class_ids(batch[1])
+        # on the loader's CPU batch (no device sync): cross_entropy would fail with "Target 17 is out of bounds"
+        if (self.check_labels and isinstance(y, torch.Tensor) and y.device.type == "cpu" and y.ndim == 1
+                and not y.is_floating_point() and len(y)):
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= self.num_classes:
+                raise SnnetError(f"training label {low if low < 0 else high} is outside the network's {self.num_classes} "
+                                 f"classes (0 to {self.num_classes - 1}): number the classes from 0, or build the "
+                                 "network with as many classes as the data has (--model.num_classes)")
+        return batch[0], y
 
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A training batch as the loss takes it: split-batch random erasing (``data.re_splits``), then Mixup/CutMix
@@ -443,4 +453,4 @@ def get_task(name: str, data: DataConfig = DataConfig(), net: "StitchedBase | nn
     if name == CausalLM.name:
         return CausalLM(data, net)
     classes = getattr(net, "num_classes", None) if net is not None else None
-    return ImageClassification(data, classes if isinstance(classes, int) else 1000)
+    return ImageClassification(data, classes if isinstance(classes, int) else 1000, check_labels=isinstance(classes, int))

@@ -317,3 +317,15 @@ def test_a_dataset_that_does_not_yield_image_label_pairs_is_refused_in_one_line(
     with pytest.raises(DatasetError, match=f"yields \\(image tensor, label\\) pairs; its first item {got}"):
         train(fresh_net(), Items(), cfg(tmp_path, init_images=0))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_training_label_outside_the_networks_classes_is_refused_in_one_line(tmp_path):
+    # labels numbered from 1 (or more classes than the head has) failed inside cross_entropy: "Target 17 is out of bounds"
+    from torch.utils.data import TensorDataset
+
+    from snnet.errors import SnnetError
+
+    data = Synthetic(16)
+    labels = data.tensors[1] + 1  # 1..10 for a 10-class head
+    with pytest.raises(SnnetError, match=r"^training label 10 is outside the network's 10 classes \(0 to 9\)"):
+        train(fresh_net(), TensorDataset(data.tensors[0], labels), cfg(tmp_path, init_images=0, batch_size=16))
