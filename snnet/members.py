@@ -74,8 +74,7 @@ def train_member(label: str, name: str, kwargs: Mapping[str, Any], config: Train
                    val_data=loaders["val"].dataset if "val" in loaders else None)
     acc_fp32 = {s: evaluate_model(model, loader, progress=False, task=task).acc1 for s, loader in loaders.items()}
     path = Path(out) / f"{label}.safetensors"
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    _save_fp16(state, path, label)
+    _save_fp16(fp16_state(model), path, label)
 
     reloaded = create_member(name, kwargs, path)  # what users get: the float16 file through timm's pretrained path
     acc = {s: evaluate_model(reloaded, loader, progress=False, task=task).acc1 for s, loader in loaders.items()}
@@ -106,6 +105,13 @@ def recipe_changes(recorded: Mapping[str, Any], recipe: Mapping[str, Any], ignor
 def command_line() -> str:
     """The command that is running, as recorded next to its results."""
     return "python " + shlex.join([str(Path(sys.argv[0]))] + sys.argv[1:])
+
+
+def fp16_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights in float16, as a member ships; integer buffers (BatchNorm's num_batches_tracked, index
+    tables) stay as they are: float16 holds integers exactly only up to 2048."""
+    return {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous()
+            for k, v in model.state_dict().items()}
 
 
 def _save_fp16(state: dict[str, torch.Tensor], path: Path, label: str) -> None:

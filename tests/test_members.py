@@ -149,3 +149,14 @@ def test_a_family_file_older_than_a_setting_keeps_its_members(tmp_path):
     assert list(json.loads((tmp_path / "family.json").read_text())["models"]) == ["fmnist_vit_ti", "fmnist_vit_s"]
     family.main(["--models", "fmnist_vit_ti", "--family.runs", str(tmp_path / "r3"), "--optim.lr", "1e-3", *common])
     assert list(json.loads((tmp_path / "family.json").read_text())["models"]) == ["fmnist_vit_ti"]
+
+
+def test_the_float16_file_keeps_integer_buffers_exact():
+    # every tensor was cast to float16: BatchNorm's step count 4097 came back as 4096
+    from snnet.members import fp16_state
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    model[1].num_batches_tracked.fill_(4097)
+    state = fp16_state(model)
+    assert state["1.num_batches_tracked"].dtype == torch.int64 and int(state["1.num_batches_tracked"]) == 4097
+    assert state["0.weight"].dtype == torch.float16 and state["1.running_var"].dtype == torch.float16
