@@ -113,12 +113,17 @@ class GroupedSampler(StitchSampler):
         return group[int(torch.randint(len(group), (1,), generator=self.generator))]
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(super().state_dict(), groups=self.groups)
+        probs = None if self.probs is None else self.probs.tolist()
+        return dict(super().state_dict(), groups=self.groups, probs=probs)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "groups" in state and [list(g) for g in state["groups"]] != self.groups:
             raise CheckpointError(f"the checkpoint's {self.kind} sampler grouped the stitches differently "
                                   f"({len(state['groups'])} groups, now {len(self.groups)}): resume with the same options")
+        # the groups' weights (ROS's ramp) decide the draws as much as the groups; older checkpoints do not record them
+        if "probs" in state and state["probs"] != (None if self.probs is None else self.probs.tolist()):
+            raise CheckpointError(f"the checkpoint's {self.kind} sampler weighted its groups differently "
+                                  "(sampling.ros_ramp): resume with the same options")
         super().load_state_dict(state)
 
 

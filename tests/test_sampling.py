@@ -41,6 +41,13 @@ def test_ros_sampler_frequencies_and_resume() -> None:
     assert [again.sample() for _ in range(50)] == ahead
     with pytest.raises(snnet.CheckpointError, match="grouped"):
         ResourceSampler(flops, gap=20, seed=0).load_state_dict(state)
+    # the same groups drawn with other weights (another ros_ramp) are not the run that was saved
+    with pytest.raises(snnet.CheckpointError, match="weighted its groups differently"):
+        ResourceSampler(flops, gap=2, ramp=1.0, seed=0).load_state_dict(state)
+    with pytest.raises(snnet.CheckpointError, match="weighted its groups differently"):
+        ResourceSampler(flops, gap=2, seed=0).load_state_dict(ramp.state_dict())
+    resumed = ResourceSampler(flops, gap=2, ramp=1.0, seed=3)
+    resumed.load_state_dict(ramp.state_dict())  # the same ramp resumes
     # from the training config: the gap is a share of the FLOPs range
     assert make_stitch_sampler("ros", 6, 0, flops, ros_gap=2 / 30).groups == s.groups
 
