@@ -253,6 +253,8 @@ def _model(m: Mapping[str, Any], source: str, family: str, split: str | None, im
     if m.get("img_size") is not None:
         info["img_size"] = int(m["img_size"])
     extra = {k: v for k, v in m.items() if k not in own}
+    if "source" in extra:  # "source" names the zoo (plots, results); a model's own source is kept beside it
+        extra["model_source"] = extra.pop("source")
     if split:
         extra["split"] = split
     acc5, loss = acc("acc5"), acc("loss")

@@ -326,3 +326,12 @@ def test_describe_a_zoo_whose_source_names_no_commit(tmp_path: Path) -> None:
     path.write_text(json.dumps({"source": {"repository": "me/my-models", "commit": "0123456789abcdef"},
                                 "models": [{"name": "a", "params": 10, "flops": 100, "acc1": 50}]}))
     assert read_zoo(path).describe().endswith("from me/my-models@0123456789")
+
+
+def test_a_models_own_source_does_not_replace_the_zoos_name(tmp_path: Path) -> None:
+    # a model's "source" (where its numbers come from) overrode the zoo's name that plots and results group by
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"models": [{"name": "a", "params": 10, "flops": 100, "acc1": 50,
+                                            "source": "https://paper-a"}]}))
+    row = load_zoo(path)[0]
+    assert row.value("source") == "mine" and row.value("model_source") == "https://paper-a"
