@@ -522,6 +522,26 @@ def test_metrics_parse_as_prometheus_text(client: httpx.Client) -> None:
     assert count[0] >= 1
 
 
+def _counted(client: httpx.Client) -> dict[tuple[str, str], float]:
+    """snnet_requests_total by code and snnet_rejected_total by reason, from /metrics."""
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    return {(s.name, s.labels.get("code") or s.labels.get("reason")): s.value for f in families
+            if f.name in ("snnet_requests", "snnet_rejected") for s in f.samples if s.name.endswith("_total")}
+
+
+def test_refusals_answered_before_the_app_are_in_the_metrics(client: httpx.Client) -> None:
+    """A body over the upload limit that says so in its Content-Length (with and without Expect:
+    100-continue) is answered by the body limits before the app: it is counted in /metrics as the
+    same body sent chunked is (a 413 by its reason), not left out of snnet_requests_total."""
+    for headers in ({}, {"expect": "100-continue"}):
+        before = _counted(client)
+        r = client.post("/predict", content=b"0" * 300_000, headers={"content-type": "image/png", **headers})
+        assert r.status_code == 413
+        after = _counted(client)
+        assert after.get(("snnet_requests_total", "413"), 0) == before.get(("snnet_requests_total", "413"), 0) + 1
+        assert after.get(("snnet_rejected_total", "too_large"), 0) == before.get(("snnet_rejected_total", "too_large"), 0) + 1
+
+
 @contextmanager
 def _stopped(pid: int) -> Iterator[None]:
     """The model process stopped (SIGSTOP) meanwhile: a model that takes as long as the test needs."""
@@ -572,6 +592,8 @@ def test_slow_uploads_hold_no_room_and_time_out(saved: tuple[Path, Path]) -> Non
             for sock in stalled:
                 sock.close()
         assert c.post("/predict", content=_png()).status_code == 200
+        counted = _counted(c)  # answered before the app, counted as its refusals are
+        assert counted[("snnet_requests_total", "408")] == 16 and counted[("snnet_rejected_total", "timeout")] == 16
 
 
 def test_a_dead_model_process_is_a_503_not_a_hang(saved: tuple[Path, Path]) -> None:

@@ -82,9 +82,13 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, media_type="application/json")
 
 
-def _reject(e: Rejected, metrics: Metrics) -> Response:
+def _count(e: Rejected, metrics: Metrics) -> None:
     metrics.rejected.labels(e.kind).inc()
     metrics.requests.labels(str(e.status)).inc()
+
+
+def _reject(e: Rejected, metrics: Metrics) -> Response:
+    _count(e, metrics)
     return _json({"error": e.reason}, e.status, e.headers)
 
 
@@ -92,10 +96,12 @@ def _reject(e: Rejected, metrics: Metrics) -> Response:
 
 
 class BodyLimits:
-    """ASGI middleware: every request body within a size limit (by method and path) and a time limit."""
+    """ASGI middleware: every request body within a size limit (by method and path) and a time limit.
+    ``refused`` is told of each request answered here (not by the app), to count it like the app's refusals."""
 
-    def __init__(self, app: Any, limit: Callable[[str, str], int], timeout_s: float) -> None:
-        self.app, self.limit, self.timeout_s = app, limit, timeout_s
+    def __init__(self, app: Any, limit: Callable[[str, str], int], timeout_s: float,
+                 refused: Callable[[Rejected], None] | None = None) -> None:
+        self.app, self.limit, self.timeout_s, self.refused = app, limit, timeout_s, refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -115,10 +121,11 @@ class BodyLimits:
             async with asyncio.timeout(self.timeout_s) as timer:
                 if declared is not None and (not declared.isdigit() or int(declared) > limit):
                     if not declared.isdigit():
-                        return await self._answer(send, 400, f"Content-Length {declared.decode(errors='replace')!r} is not a number")
+                        return await self._answer(send, Rejected(400, f"Content-Length {declared.decode(errors='replace')!r} is not a number",
+                                                                      "bad_request"))
                     if headers.get(b"expect", b"").lower() != b"100-continue":  # the body is on its way: take it, drop it
                         await self._drain(receive)
-                    return await self._answer(send, 413, f"body of {int(declared)} bytes is {too_big}")
+                    return await self._answer(send, Rejected(413, f"body of {int(declared)} bytes is {too_big}", "too_large"))
                 received = 0
 
                 async def limited() -> dict[str, Any]:
@@ -137,8 +144,8 @@ class BodyLimits:
                 await self.app(scope, limited, tracked_send)
         except TimeoutError:
             if not started:
-                await self._answer(send, 408, f"the request body did not arrive within {self.timeout_s:g} s (--body-timeout): "
-                                              "send it at once", close=True)
+                await self._answer(send, Rejected(408, f"the request body did not arrive within {self.timeout_s:g} s "
+                                                       "(--body-timeout): send it at once", "timeout"), close=True)
         finally:
             release(scope)  # answered here (a 413 after its body was drained): it no longer waits for the ring
 
@@ -149,9 +156,10 @@ class BodyLimits:
             if message["type"] != "http.request" or not message.get("more_body"):
                 return
 
-    @staticmethod
-    async def _answer(send: Send, status: int, reason: str, close: bool = False) -> None:
-        body = orjson.dumps({"error": reason})
+    async def _answer(self, send: Send, e: Rejected, close: bool = False) -> None:
+        if self.refused is not None:  # in /metrics like every refusal the app answers
+            self.refused(e)
+        status, body = e.status, orjson.dumps({"error": e.reason})
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if close:
             headers.append((b"connection", b"close"))
@@ -586,7 +594,8 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
     async def _gone(request: Request, e: ClientDisconnect) -> Response:  # the client left mid-upload: nobody to answer
         return Response(status_code=400)
 
-    app.add_middleware(BodyLimits, limit=body_limit(config), timeout_s=config.body_timeout_s)
+    app.add_middleware(BodyLimits, limit=body_limit(config), timeout_s=config.body_timeout_s,
+                       refused=lambda e: _count(e, app.state.service.metrics))
     return app
 
 
