@@ -201,6 +201,12 @@ def _npy(arr: Any) -> bytes:
     return buf.getvalue()
 
 
+def _npz(arr: Any) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, x=arr)
+    return buf.getvalue()
+
+
 def test_decode_refuses_other_sizes_when_not_resizing() -> None:
     assert decode_image(_png(), (3, 32, 32), resize=False).size == (32, 32)
     for data in (_png((40, 32)), _png(mode="L")):
@@ -391,6 +397,9 @@ def test_raw_tensor_bodies_and_npy_answers(net: snnet.StitchedNet, client: httpx
         (_npy(np.zeros((9, 32, 32, 3), np.uint8)), "application/x-npy", 413, "at most 8"),
         (b"not an array", "application/x-npy", 400, "cannot read the npy body"),
         (save({"a": pixels, "b": pixels}), "application/x-safetensors", 400, "exactly one"),
+        (_npz(pixels), "application/x-npy", 400, ".npz archive"),  # np.load reads it too: not "the array is empty"
+        (_npy(np.float32(0.5)), "application/x-npy", 400, "single float32 value"),
+        (_npy(np.zeros((0, 32, 32, 3), np.uint8)), "application/x-npy", 400, "empty"),
     ]:
         r = client.post("/predict", content=body, headers={"content-type": ctype})
         assert r.status_code == status and words in r.json()["error"], r.text

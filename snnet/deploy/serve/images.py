@@ -197,6 +197,9 @@ def read_array(body: bytes, kind: str) -> np.ndarray:
     try:
         if kind == "npy":
             arr = np.load(io.BytesIO(body), allow_pickle=False)
+            if not isinstance(arr, np.ndarray):  # np.load reads a .npz archive too (an NpzFile of arrays)
+                arr.close()
+                raise Rejected(400, "the npy body is a .npz archive: send one array as a .npy file (np.save)", "bad_array")
         else:
             from safetensors.numpy import load
 
@@ -209,6 +212,8 @@ def read_array(body: bytes, kind: str) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - numpy and safetensors raise several types for a bad file
         raise Rejected(400, f"cannot read the {kind} body ({first_line(e)}): send one array as a .npy or safetensors file",
                        "bad_array") from e
-    if not isinstance(arr, np.ndarray) or arr.ndim == 0 or len(arr) == 0:
+    if arr.ndim == 0:
+        raise Rejected(400, f"the array is a single {arr.dtype} value: send a batch of images, (N, ...)", "bad_array")
+    if len(arr) == 0:
         raise Rejected(400, "the array is empty: send at least one image", "bad_array")
     return arr
