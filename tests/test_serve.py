@@ -394,6 +394,8 @@ def test_raw_tensor_bodies_and_npy_answers(net: snnet.StitchedNet, client: httpx
     for body, ctype, status, words in [
         (_npy(pixels[:, :16]), "application/x-npy", 422, "send uint8 pixels"),
         (_npy(np.full((1, 3, 32, 32), np.nan, np.float32)), "application/x-npy", 422, "NaN"),
+        (_npy(np.full((1, 3, 32, 32), 3e38, np.float32)), "application/x-npy", 422, "not finite"),  # finite, but overflows
+        (_npy(np.full((2, 3, 32, 32), 3e38, np.float32)), "application/x-npy", 422, "not finite"),  # through the model process
         (_npy(np.zeros((9, 32, 32, 3), np.uint8)), "application/x-npy", 413, "at most 8"),
         (b"not an array", "application/x-npy", 400, "cannot read the npy body"),
         (save({"a": pixels, "b": pixels}), "application/x-safetensors", 400, "exactly one"),

@@ -420,6 +420,11 @@ async def _predict(svc: Service, request: Request) -> Response:
                 result = await future
             except RuntimeError as e:  # the model failed on this batch (logged with its traceback by the model process)
                 raise Rejected(500, f"the model failed on this batch ({e}); the server goes on", "model_error") from e
+        if array is not None and array.dtype == np.float32 and not np.isfinite(result.probs).all():
+            # finite input far outside normalised images (1e38) overflows in the network: no class to answer
+            raise Rejected(422, "the network's output for this array is not finite: its values are far outside normalised "
+                                "images; send float32 input normalised with the network's mean and std, or uint8 pixels",
+                           "bad_array")
     except Rejected as e:
         svc.metrics.queue.set(batcher.held)
         return _reject(e, svc.metrics)
