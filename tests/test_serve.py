@@ -432,6 +432,15 @@ def test_bad_input_gets_a_4xx_with_a_reason_and_the_server_keeps_serving(client:
     _ok(client)
 
 
+def test_a_wrong_path_or_method_gets_the_error_shape_every_refusal_has(client: httpx.Client) -> None:
+    """docs/serving.md: everything a client can get wrong is answered with a one-line {"error": ...};
+    Starlette's own 404 and 405 answered {"detail": ...}."""
+    for r, status in [(client.post("/predcit", content=_png()), 404), (client.get("/predict"), 405), (client.post("/health"), 405)]:
+        assert r.status_code == status and set(r.json()) == {"error"}, r.text
+        assert "POST /predict" in r.json()["error"] and "\n" not in r.json()["error"]
+    assert "POST" in client.get("/predict").headers["allow"]  # 405 keeps its Allow header
+
+
 def test_an_upload_of_any_size_gets_a_413_the_client_reads(server: _Server, client: httpx.Client) -> None:
     """40 MB over a 200 kB limit: the rest of the body is read and dropped, so the client is not
     reset while still sending and reads the 413 (issue 20); without Content-Length (chunked) too."""

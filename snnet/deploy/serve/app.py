@@ -32,6 +32,7 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST
 from python_multipart.exceptions import MultipartParseError
@@ -594,6 +595,12 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
     @app.exception_handler(Rejected)
     async def _rejected(request: Request, e: Rejected) -> Response:  # raised while a body is read (413)
         return _reject(e, service(request).metrics)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException) -> Response:  # Starlette's own 404, 405: the same error shape
+        routes = "POST /predict, GET /health, GET /metrics, GET /stitch, PUT /stitch"
+        return _json({"error": f"{e.detail}: {request.method} {request.url.path}; this server answers {routes}"},
+                     e.status_code, e.headers)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, e: ClientDisconnect) -> Response:  # the client left mid-upload: nobody to answer
