@@ -995,3 +995,14 @@ def test_a_non_ascii_admin_token_can_steer(tmp_path: Path) -> None:
         with pytest.raises(Rejected) as e:
             check_admin(token, authorization(wrong))
         assert e.value.status == 401
+
+
+def test_an_admin_token_file_with_a_byte_order_mark_is_read_without_it(tmp_path: Path) -> None:
+    """A token file saved by a Windows editor (UTF-8 with a BOM, CRLF): the token is what follows the BOM;
+    the BOM used to be kept as its first character, so the token as typed was refused with 401."""
+    from snnet.deploy.serve import check_admin, read_admin_token
+
+    (tmp_path / "token").write_bytes(b"\xef\xbb\xbf" + TOKEN.encode() + b"\r\n")
+    token = read_admin_token(str(tmp_path / "token"))
+    assert token == TOKEN
+    check_admin(token, f"Bearer {TOKEN}")

@@ -28,7 +28,9 @@ def read_admin_token(path: str | None) -> str | None:
     where = f"--admin-token-file {path}"
     if path is not None:
         try:
-            text = Path(path).read_text().strip()
+            # UTF-8 whatever the locale, and without the byte-order mark Windows editors write first: it is not
+            # whitespace to strip(), and would be part of a token no client sends
+            text = Path(path).read_text(encoding="utf-8-sig").strip()
         except (OSError, UnicodeDecodeError) as e:
             raise ServeError(f"{where}: cannot read it ({getattr(e, 'strerror', None) or e})") from e
     else:
