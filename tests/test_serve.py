@@ -218,6 +218,19 @@ def test_decode_refuses_other_sizes_when_not_resizing() -> None:
     assert e.value.status == 413 and "4096 pixels" in e.value.reason
 
 
+def test_max_pixels_above_pillows_own_limit_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-pixels 400M: an image of 225M pixels (over twice Pillow's default limit, which Pillow refuses at
+    open) is within it; it was refused with 413 "send at most 400000000 pixels". Refused here only as damaged
+    (the bomb's data is 8x8), and one over the limit still gets the 413 from its header."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    with pytest.raises(Rejected) as e:
+        decode_image(_bomb(15000, 15000), (3, 32, 32), max_pixels=400_000_000)
+    assert e.value.status == 400 and "truncated" in e.value.reason
+    with pytest.raises(Rejected) as e:
+        decode_image(_bomb(25000, 25000), (3, 32, 32), max_pixels=400_000_000)
+    assert e.value.status == 413 and "over the limit of 400000000" in e.value.reason
+
+
 DEIT_LIKE = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
              "crop_pct": 0.9, "crop_mode": "center"}
 FMNIST_LIKE = {"input_size": (1, 28, 28), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center", "mean": (0.286,),

@@ -63,6 +63,10 @@ def decode_image(data: bytes, input_size: Sequence[int], *, resize: bool = True,
     if not data:
         raise Rejected(400, "an image is empty (0 bytes): send the bytes of a PNG or JPEG", "empty")
     channels, height, width = (int(v) for v in input_size)
+    if Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < max_pixels:
+        # Pillow refuses at open what declares over twice its limit (179M pixels by default): a --max-pixels above
+        # that would not be honoured (an image within it refused, told to send "at most max_pixels"); ours follows
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         img = Image.open(io.BytesIO(data), formats=_FORMATS)  # reads the header only
     except Image.DecompressionBombError as e:  # Pillow's own guard (over twice its MAX_IMAGE_PIXELS)
