@@ -640,6 +640,20 @@ def test_a_dead_model_process_is_a_503_not_a_hang(saved: tuple[Path, Path]) -> N
         assert c.get("/health").status_code == 503
 
 
+def test_requests_in_flight_when_the_model_process_dies_get_a_503(saved: tuple[Path, Path]) -> None:
+    """A request waiting for its batch when the model process dies is answered 503 like one sent after
+    (docs/serving.md: the model process gone), not 500 "the model failed on this batch; the server goes on"."""
+    service = _service(saved, max_batch=2, inline_max_images=0)
+    with _Server(service) as s, httpx.Client(base_url=s.url, timeout=60) as c, ThreadPoolExecutor(1) as pool:
+        _ok(c)
+        with _stopped(service.engine.pid):
+            waiting = pool.submit(c.post, "/predict", content=_png())
+            _until(lambda: service.batcher.held == 1, 60, "the request is in the ring")
+            os.kill(service.engine.pid, signal.SIGKILL)
+        r = waiting.result()
+        assert r.status_code == 503 and "model process exited" in r.json()["error"], r.text
+
+
 def test_results_larger_than_one_socket_read(tmp_path: Path) -> None:
     """A batch of 8 images over 4,000 classes sends 128 kB of probabilities back: read whole on
     uvloop (whose add_reader makes the descriptor non-blocking), not cut into a 500."""

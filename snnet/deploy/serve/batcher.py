@@ -190,8 +190,9 @@ class Batcher:
             self._loop.remove_reader(self.conn.fileno())
             for future, offset, k in self._pending.values():
                 self.release(offset, k)
-                if not future.done():
-                    future.set_exception(RuntimeError("the model process exited"))
+                if not future.done():  # a 503 as for a request sent after it went, not the 500 of a batch the model failed
+                    future.set_exception(Rejected(503, "the model process exited before answering: the server is shutting "
+                                                       "down or broken", "model_gone"))
             self._pending.clear()
 
     # ------------------------------------------------------------------ control
