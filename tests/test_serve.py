@@ -862,6 +862,46 @@ def test_a_sigterm_as_the_model_folder_is_made_leaves_no_folder(tmp_path: Path, 
     assert len(made) == 20 and not list(tmp_path.iterdir())
 
 
+def test_workers_find_the_default_model_folder_when_they_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`snnet serve --workers 2` without --model: each worker loads the network again for its latency
+    path when it starts, from the temporary folder the shipped family was saved to. The folder was
+    removed as soon as the model process had loaded it, before uvicorn started the workers, and every
+    worker failed to start (CheckpointError: ... it does not exist). It stays until the server exits."""
+    import tempfile
+
+    import snnet.deploy.serve as serve_pkg
+    import snnet.commands.deploy as deploy_cmd
+    from snnet.commands.serve import serve
+    from snnet.deploy.serve import ENV_CONFIG
+    from snnet.deploy.serve.app import ENV_ENGINE
+
+    class Engine:  # the model process, not started: only the workers' side is looked at here
+        address, authkey = "unused", b"k"
+
+        def __init__(self, config: ServeConfig, say: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    seen = []
+
+    def run(*args: Any, **kw: Any) -> None:  # what each worker would do first with the config it is given
+        seen.append((Path(json.loads(os.environ[ENV_CONFIG])["model"]) / "config.json").is_file())
+
+    monkeypatch.chdir(tmp_path)  # no snnet-demo here
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(deploy_cmd, "_load", lambda *a, **k: snnet.create_snnet(TINY_VITS))
+    monkeypatch.setattr(serve_pkg, "EngineProcess", Engine)
+    monkeypatch.setattr(uvicorn, "run", run)
+    for name in (ENV_CONFIG, ENV_ENGINE, "PROMETHEUS_MULTIPROC_DIR"):
+        monkeypatch.setenv(name, "")  # set by serve(): restored after the test
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    serve(port=0, workers=2, log_level="warning")
+    assert seen == [True]
+    assert not list(tmp_path.glob("snnet-serve-*"))  # and gone once the server has exited
+
+
 @pytest.mark.parametrize("args, words", [
     (["--slo-ms", "0"], "--slo-ms must be a finite number > 0"),
     (["--slo-ms", "nan"], "--slo-ms must be a finite number > 0"),

@@ -23,7 +23,8 @@ DEMO_RESULTS = Path("snnet-demo") / "results.json"
 def _default_model(stack: contextlib.ExitStack) -> tuple[Path, Path | None, str]:
     """The network to serve when --model is not given: the demo's trained network when it is here,
     else the shipped family with its stitching layers fitted by least squares (saved to a temporary
-    folder for the model process to load; the folder goes as soon as it has loaded)."""
+    folder for the model process to load; the folder goes as soon as it has loaded, or with --workers, whose
+    server processes load it too, when the server exits)."""
     if (DEMO_MODEL / "config.json").is_file():
         results = DEMO_RESULTS if DEMO_RESULTS.is_file() else None
         return DEMO_MODEL, results, f"the demo's trained network ({DEMO_MODEL})"
@@ -174,7 +175,9 @@ def serve(
         sock = stack.enter_context(listen.bind())
         with contextlib.ExitStack() as loading:
             if model is None:
-                model, default_results, what = _default_model(loading)
+                # one server process: its model process has loaded the network once `loading` ends, and the folder goes;
+                # --workers: every worker loads it too (its latency path, .inline) after that, so it stays until the end
+                model, default_results, what = _default_model(loading if workers == 1 else stack)
             else:
                 what, default_results = str(model), None
             results = results or default_results
@@ -187,7 +190,7 @@ def serve(
             else:
                 engine = EngineProcess(config, typer.echo)
                 stack.callback(engine.close)
-        # the model is loaded: a temporary model folder is gone already
+        # the model is loaded: a temporary model folder is gone already (kept for the workers under --workers)
         if workers == 1:
             uvicorn.Server(uvicorn.Config(create_app(service, freeze=True), **uv)).run(sockets=[sock])
             return
