@@ -654,6 +654,42 @@ def test_requests_in_flight_when_the_model_process_dies_get_a_503(saved: tuple[P
         assert r.status_code == 503 and "model process exited" in r.json()["error"], r.text
 
 
+def test_a_start_that_fails_after_the_model_process_started_stops_it(saved: tuple[Path, Path]) -> None:
+    """An app that starts its own model process (a config, not a Service) and then fails to start
+    (here its fleet's start raises; a model process that does not answer the first policy question
+    does the same) stops that model process and removes its socket folder: it used to leave them
+    to the process's exit (the folder in /tmp for good)."""
+    import asyncio
+
+    model, results = saved
+    started: list[Service] = []
+
+    class Broken:
+        name = "r0"
+
+        async def start(self, svc: Service) -> None:
+            started.append(svc)
+            raise RuntimeError("the policy actor is unreachable")
+
+        async def stop(self) -> None:
+            raise AssertionError("never started")
+
+    app = create_app(ServeConfig(str(model), str(results)), fleet=Broken())  # type: ignore[arg-type]
+
+    async def start() -> None:
+        async with app.router.lifespan_context(app):
+            raise AssertionError("the start should have failed")
+
+    with pytest.raises(RuntimeError, match="unreachable"):
+        asyncio.run(start())
+    engine = started[0].engine
+    assert engine is not None
+    try:
+        assert engine.process.poll() is not None and not os.path.exists(str(engine.folder))
+    finally:
+        engine.close()
+
+
 def test_results_larger_than_one_socket_read(tmp_path: Path) -> None:
     """A batch of 8 images over 4,000 classes sends 128 kB of probabilities back: read whole on
     uvloop (whose add_reader makes the descriptor non-blocking), not cut into a 500."""

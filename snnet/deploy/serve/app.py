@@ -543,10 +543,16 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
         else:
             svc, owned = await asyncio.to_thread(factory or (lambda: Service.load(config))), True
         app.state.service = svc
-        svc.start()
-        if fleet is not None:
-            await fleet.start(svc)  # the setting the other replicas follow, before the first request
-        policy = await svc.batcher.ask("policy")
+        try:
+            svc.start()
+            if fleet is not None:
+                await fleet.start(svc)  # the setting the other replicas follow, before the first request
+            policy = await svc.batcher.ask("policy")
+        except BaseException:  # a failed start: the model process this app started goes now, not at the process's exit
+            await svc.stop()
+            if owned:
+                await asyncio.to_thread(svc.close)
+            raise
         log.info("serving %s: %d stitches, %d on the ladder (%s ... %s), SLO %.1f ms, max batch %d, %s",
                  svc.config.model, len(svc.rows), len(policy["ladder"]), policy["ladder"][0]["name"], policy["ladder"][-1]["name"],
                  svc.config.slo_ms, svc.config.max_batch,
