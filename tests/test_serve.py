@@ -454,6 +454,16 @@ def test_a_wrong_path_or_method_gets_the_error_shape_every_refusal_has(client: h
     assert "POST" in client.get("/predict").headers["allow"]  # 405 keeps its Allow header
 
 
+def test_predict_with_a_trailing_slash_is_redirected_whatever_the_image_size(client: httpx.Client) -> None:
+    """POST /predict/ is redirected to /predict (307); an image over 4 KiB got 413 "over the upload
+    limit of 4096 bytes" instead (the admin endpoints' limit), though the upload limit is 200 kB here."""
+    image = _png((64, 64), seed=5) + b"\0" * 8000  # 8 kB: a PNG's trailing bytes are ignored
+    r = client.post("/predict/", content=image, headers={"content-type": "image/png"})
+    assert r.status_code == 307 and r.headers["location"].endswith("/predict"), r.text
+    r = client.post("/predict/", content=image, headers={"content-type": "image/png"}, follow_redirects=True)
+    assert r.status_code == 200, r.text
+
+
 def test_an_upload_of_any_size_gets_a_413_the_client_reads(server: _Server, client: httpx.Client) -> None:
     """40 MB over a 200 kB limit: the rest of the body is read and dropped, so the client is not
     reset while still sending and reads the 413 (issue 20); without Content-Length (chunked) too."""

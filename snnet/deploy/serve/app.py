@@ -521,7 +521,8 @@ async def put_stitch(svc: Service, request: Request, fleet: Fleet | None = None)
 def body_limit(config: ServeConfig) -> Callable[[str, str], int]:
     """Largest body per method and path: images for /predict, a few bytes for admin requests."""
     def limit(method: str, path: str) -> int:
-        return config.max_upload_bytes if path == "/predict" else ADMIN_BODY_LIMIT
+        # "/predict/" too: the app redirects it to /predict (307), which an image over the admin limit never reached
+        return config.max_upload_bytes if path.rstrip("/") == "/predict" else ADMIN_BODY_LIMIT
     return limit
 
 
