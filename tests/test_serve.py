@@ -428,6 +428,8 @@ BAD = {
     "over the upload limit": (lambda: (b"\x89PNG" + b"0" * 300_000, "image/png"), 413, "upload limit"),
     "text field as file": (lambda: _multipart([("file", b"just text", None)]), 400, "file part"),
     "no file field": (lambda: _multipart([("image", _png(), "a.png")]), 400, "unexpected form field"),
+    "part without a name": (lambda: (b"--B\r\nContent-Type: image/png\r\n\r\n" + _png() + b"\r\n--B--\r\n",
+                                     "multipart/form-data; boundary=B"), 400, "form field(s) (a part without a name): send"),
     "too many images": (lambda: _multipart([("file", _png(), f"{k}.png") for k in range(9)]), 413, "at most 8 images"),
     "no boundary": (lambda: (b"--x\r\n\r\n", "multipart/form-data"), 400, "malformed multipart"),
     "empty part in a batch": (lambda: _multipart([("file", _png(), "a.png"), ("file", b"", "b.png")]), 400, "empty"),

@@ -303,7 +303,9 @@ class MultipartImages:
 
     def finish(self) -> list[bytes]:
         parts = self._parsed()
-        others = sorted({(name or b"").decode(errors="replace") for name, _, _ in parts} - {"file"})
+        # a part without a name (no Content-Disposition) is named as such, not listed as an empty name
+        others = sorted({"(a part without a name)" if name is None else name.decode(errors="replace") for name, _, _ in parts}
+                        - {"file"})
         if others:
             raise Rejected(400, f"unexpected form field(s) {', '.join(others)}: send images as file parts named `file`", "bad_batch")
         if not parts:
