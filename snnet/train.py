@@ -72,7 +72,7 @@ from .reference import stale_zero_grads
 from .report import progress as report_progress
 from .runlock import (EVALS_NAME, FINAL_NAME, METRICS_NAME, RUN_ENTRIES, TRAIN_CONFIG_NAME, RunLock, StopSignals,
                       claim_run_folder)
-from .sampling import EpochSampler, SeededItems, WorkerLoader, make_stitch_sampler, seed_worker
+from .sampling import EpochSampler, SeededItems, StitchSampler, WorkerLoader, make_stitch_sampler, mix_seed, seed_worker
 from .space import Stitch
 from .tasks import CausalLM, Task, get_task
 
@@ -227,7 +227,7 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
     if resumed is not None:
         trainer.load_state_dict(resumed.state["trainer"])
         if trainer.sampler is not None:
-            trainer.sampler.load_state_dict(resumed.state["sampler"][rank])
+            _load_sampler(trainer.sampler, resumed, config, rank)
         set_rng_state(resumed.state["rng"][rank])
         position = _carried_position(resumed, config, plan)
     if rank == 0:
@@ -327,6 +327,24 @@ def _check_teacher(resumed: Resumed, digest: str | None, config: TrainConfig) ->
                               "--model.weights, --model.pretrained or --model.init, the same seed), or add --resume-with-changes")
     if not any(c.startswith("distill.teacher:") for c in resumed.changes):
         resumed.changes.append(f"the teacher: {what} (weights sha256 {saved[:12]} -> {(digest or 'none')[:12]})")
+
+
+def _load_sampler(sampler: StitchSampler, resumed: Resumed, config: TrainConfig, rank: int) -> None:
+    """The checkpoint's stitch sampler of this rank, unless the resume changed ``sampling.stitch_sync``
+    (``run.resume_with_changes``): then every rank goes on with rank 0's stream (now 'shared': one stitch for
+    all, as :meth:`Trainer._sync_grads` then takes for granted), or rank 0 goes on with the stream all shared
+    and each other rank draws its own from here (now 'per_rank'), seeded by the seed, its rank and the step."""
+    saved = resumed.state["sampler"]
+    now = config.sampling.stitch_sync
+    before = resumed.settings.get("sampling", {}).get("stitch_sync", now)
+    if before == now:
+        sampler.load_state_dict(saved[rank])
+    elif now == "shared":
+        sampler.load_state_dict(saved[0])
+    else:
+        sampler.load_state_dict(saved[rank])
+        if rank > 0:
+            sampler.generator.manual_seed(mix_seed(config.run.seed + rank + 7919, resumed.position.step))
 
 
 def _carried_position(resumed: Resumed, config: TrainConfig, plan: Plan) -> Position:
