@@ -329,22 +329,29 @@ def _check_teacher(resumed: Resumed, digest: str | None, config: TrainConfig) ->
         resumed.changes.append(f"the teacher: {what} (weights sha256 {saved[:12]} -> {(digest or 'none')[:12]})")
 
 
+# the settings that make the stitch sampler (make_stitch_sampler's arguments); stitch_sync and ddp_grads do not
+_SAMPLER_SETTINGS = frozenset({"sampler", "num_buckets", "ros_gap", "ros_ramp", "weighted_stitches", "stitch_weight"})
+
+
 def _load_sampler(sampler: StitchSampler, resumed: Resumed, config: TrainConfig, rank: int) -> None:
-    """The checkpoint's stitch sampler of this rank, unless the resume changed ``sampling.stitch_sync``
-    (``run.resume_with_changes``): then every rank goes on with rank 0's stream (now 'shared': one stitch for
-    all, as :meth:`Trainer._sync_grads` then takes for granted), or rank 0 goes on with the stream all shared
-    and each other rank draws its own from here (now 'per_rank'), seeded by the seed, its rank and the step."""
+    """The checkpoint's stitch sampler of this rank (only its random stream when the resume changed the
+    sampler, ``run.resume_with_changes``), unless the resume changed ``sampling.stitch_sync``: then every rank
+    goes on with rank 0's stream (now 'shared': one stitch for all, as :meth:`Trainer._sync_grads` then takes
+    for granted), or rank 0 goes on with the stream all shared and each other rank draws its own from here (now
+    'per_rank'), seeded by the seed, its rank and the step."""
     saved = resumed.state["sampler"]
     now = config.sampling.stitch_sync
-    before = resumed.settings.get("sampling", {}).get("stitch_sync", now)
-    if before == now:
-        sampler.load_state_dict(saved[rank])
-    elif now == "shared":
-        sampler.load_state_dict(saved[0])
+    settings = resumed.settings.get("sampling", {})
+    before = settings.get("stitch_sync", now)
+    state = saved[0] if before != now and now == "shared" else saved[rank]
+    if any(settings.get(k, v) != v for k, v in config.to_dict()["sampling"].items() if k in _SAMPLER_SETTINGS):
+        # another sampler, or the same one grouping or weighting the stitches otherwise (a change the resume asked
+        # for: check_changes refuses it otherwise): the new one draws from here on with the saved random stream
+        sampler.generator.set_state(state["generator"])
     else:
-        sampler.load_state_dict(saved[rank])
-        if rank > 0:
-            sampler.generator.manual_seed(mix_seed(config.run.seed + rank + 7919, resumed.position.step))
+        sampler.load_state_dict(state)
+    if before != now and now == "per_rank" and rank > 0:
+        sampler.generator.manual_seed(mix_seed(config.run.seed + rank + 7919, resumed.position.step))
 
 
 def _carried_position(resumed: Resumed, config: TrainConfig, plan: Plan) -> Position:

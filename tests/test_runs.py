@@ -735,3 +735,23 @@ def test_an_unreadable_image_stops_training_in_one_line_after_a_checkpoint_or_is
     assert _cli(*_train_args(data, skipping, "--epochs", "1", "--data.skip_unreadable", "true")) == 0
     err = capsys.readouterr().err
     assert "skipped 2 unreadable images" in err and (skipping / "final" / "model.safetensors").is_file(), err
+
+
+def test_a_resume_with_changes_can_change_the_sampler(tmp_path):
+    """--resume-with-changes --sampler flops_bucketed on a uniform run: accepted by the checks before the network
+    is built, then refused when the checkpoint's sampler was loaded ('the checkpoint's stitch sampler (uniform, 12
+    stitches) does not match this one'): the new sampler now draws from the saved random stream."""
+    from snnet.sampling import make_stitch_sampler
+
+    conf = dict(epochs=2, lr=1e-3, init_images=0)
+    train(fresh_net(), Synthetic(40), cfg(tmp_path, **conf), stop_after=3)
+    saved = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
+    net = fresh_net()
+    r = train(net, Synthetic(40), cfg(tmp_path, resume="auto", resume_with_changes=True,
+                                      **{**conf, "sampler": "flops_bucketed"}))
+    assert r.finished and len(r.stitches) == r.total_steps - 3
+    want = make_stitch_sampler("flops_bucketed", len(net.space), flops=[c.flops for c in net.costs()])
+    want.generator.set_state(saved["sampler"][0]["generator"])
+    assert list(r.stitches) == [want.sample() for _ in r.stitches]
+    segments = json.loads((tmp_path / "run" / "train_config.json").read_text())["segments"]
+    assert segments[-1]["changes"] == ['sampling.sampler: "uniform" -> "flops_bucketed"']
