@@ -185,6 +185,14 @@ def _check(out: Path, resume: str | None, overwrite: bool, locked: bool) -> Path
     resume_path = resolve_resume(resume, out)
     present = run_entries(out) if out.is_dir() else []
     continues = resume == "auto" or (resume_path is not None and resume_path.resolve().is_relative_to(out.resolve()))
+    if resume == "auto" and resume_path is None and (FINAL_NAME in present or CHECKPOINTS_DIR in present):
+        # a fresh start here would write over the run's network and drop the copies it kept (a later step's go
+        # when a checkpoint is written): checkpoint.pt was deleted (after the run ended, to free the space) or moved
+        copies = sorted((out / CHECKPOINTS_DIR).glob("step-*.pt"), reverse=True)
+        back = f"resume from a kept copy with --resume {copies[0]}, " if copies else ""
+        raise RunFolderError(f"--resume auto: {out} holds a training run ({', '.join(present)}) but no "
+                             f"{CHECKPOINT_NAME} to continue it from: {back}replace the run with --overwrite (deletes "
+                             "those files), or choose another --out")
     if present and not overwrite and not continues:
         finished = FINAL_NAME in present
         what = "a finished" if finished else "an unfinished"

@@ -755,3 +755,20 @@ def test_a_resume_with_changes_can_change_the_sampler(tmp_path):
     assert list(r.stitches) == [want.sample() for _ in r.stitches]
     segments = json.loads((tmp_path / "run" / "train_config.json").read_text())["segments"]
     assert segments[-1]["changes"] == ['sampling.sampler: "uniform" -> "flops_bucketed"']
+
+
+def test_resume_auto_without_checkpoint_does_not_start_over_a_run_it_would_destroy(tmp_path):
+    """A finished run whose checkpoint.pt was deleted (to free the space), run again with --resume auto: it
+    started a fresh run over it, truncating metrics.jsonl, deleting the kept copies of later steps at its first
+    checkpoint and writing over final/ at its end; now refused in one line that names a kept copy."""
+    conf = dict(epochs=1, lr=1e-3, init_images=0, ckpt_every=2, keep_checkpoints=3)
+    train(fresh_net(), Synthetic(40), cfg(tmp_path, **conf))
+    run = tmp_path / "run"
+    (run / CHECKPOINT_NAME).unlink()
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    with pytest.raises(snnet.errors.RunFolderError, match="no checkpoint.pt to continue it from: resume from a kept copy "
+                       "with --resume .*step-00000005.pt"):
+        train(fresh_net(seed=5), Synthetic(40), cfg(tmp_path, resume="auto", **conf), stop_after=2)
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    r = train(fresh_net(), Synthetic(40), cfg(tmp_path, resume=str(run / "checkpoints" / "step-00000005.pt"), **conf))
+    assert r.finished and r.step == 5
