@@ -920,7 +920,10 @@ class Trainer:
         for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * factor(sched.last_epoch)  # where this run's schedule is at the saved step
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        # else: saved without fp16 loss scaling (amp off or bf16, or 'auto' on another device: run.device is not a
+        # result setting), resumed with it: the scaler starts as a fresh fp16 run's (torch refuses the empty state)
 
 
 def _fully_shard(net: nn.Module, device: torch.device) -> None:

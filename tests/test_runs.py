@@ -772,3 +772,15 @@ def test_resume_auto_without_checkpoint_does_not_start_over_a_run_it_would_destr
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
     r = train(fresh_net(), Synthetic(40), cfg(tmp_path, resume=str(run / "checkpoints" / "step-00000005.pt"), **conf))
     assert r.finished and r.step == 5
+
+
+@pytest.mark.parametrize("before", ["off", "bf16"])
+def test_a_resume_that_turns_fp16_loss_scaling_on_starts_the_scaler_afresh(tmp_path, before):
+    """A checkpoint saved without fp16 loss scaling (amp off or bf16; also --amp auto on CPU resumed on a GPU, no
+    setting changed) resumed with it: torch's 'The source state dict is empty, possibly because it was saved
+    from a disabled instance of GradScaler' traceback; now the run goes on, its scaler as a fresh fp16 run's."""
+    conf = dict(epochs=1, lr=1e-3, init_images=0)
+    train(fresh_net(), Synthetic(40), cfg(tmp_path, amp=before, **conf), stop_after=2)
+    r = train(fresh_net(), Synthetic(40), cfg(tmp_path, amp="fp16", resume="auto", resume_with_changes=True, **conf))
+    assert r.finished and r.step == 5
+    assert load_checkpoint(r.checkpoint)["trainer"]["scaler"]["scale"] > 0
