@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 
 # the launcher's own command, for the resume command the workers print (snnet.commands.config_cli.resume_command)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: --nproc_per_node {args.nproc_per_node}: give a number of processes >= 1\n")
         return 2
     launcher = ["python", "-m", "snnet.launch", *options]
-    os.environ[LAUNCHER_ENV] = " ".join(launcher)
+    os.environ[LAUNCHER_ENV] = shlex.join(launcher)  # resume_command splits it with shlex: a value with a space stays one
     for name in list(logging.root.manager.loggerDict):  # its "shutting down workers" notes (each module's own level)
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.ERROR)

@@ -784,3 +784,19 @@ def test_a_resume_that_turns_fp16_loss_scaling_on_starts_the_scaler_afresh(tmp_p
     r = train(fresh_net(), Synthetic(40), cfg(tmp_path, amp="fp16", resume="auto", resume_with_changes=True, **conf))
     assert r.finished and r.step == 5
     assert load_checkpoint(r.checkpoint)["trainer"]["scaler"]["scale"] > 0
+
+
+def test_the_launchers_resume_command_keeps_an_option_value_with_a_space(monkeypatch):
+    """torchrun's options were joined with spaces and split with shlex: '--log-dir "/tmp/my logs"' came back in the
+    printed resume command as --log-dir /tmp/my logs, a command that does not run."""
+    import torch.distributed.run as torchrun
+
+    from snnet.commands.config_cli import resume_command
+    from snnet.launch import LAUNCHER_ENV, main
+
+    monkeypatch.delenv(LAUNCHER_ENV, raising=False)
+    monkeypatch.setattr(torchrun, "run", lambda args: None)  # the workers are not started
+    assert main(["--log-dir", "/tmp/my logs", "--nproc_per_node", "2", "train", "--anchors", TINY]) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    command = shlex.split(resume_command(["--anchors", TINY], "train", False))
+    assert command[:6] == ["python", "-m", "snnet.launch", "--log-dir", "/tmp/my logs", "--nproc_per_node"]
