@@ -29,12 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import determine_local_world_size, get_args_parser, parse_min_max_nnodes, run
 
     argv = sys.argv[1:] if argv is None else argv
-    commands = [i for i, word in enumerate(argv) if word in ("train", "demo")]
-    if not commands:
-        sys.stderr.write("error: give torchrun's options, then the snnet command: python -m snnet.launch "
-                         "--nproc_per_node 2 train ...\n")
-        return 2
-    at = commands[0]
+    if not any(word in ("train", "demo") for word in argv):
+        return _no_command()
+    # the command is where torchrun's parser puts its script: the first word that is no option's value (an option
+    # can take the word as its value: --rdzv-id train)
+    script = get_args_parser().parse_args(argv)
+    if script.training_script not in ("train", "demo"):
+        return _no_command()
+    at = len(argv) - len(script.training_script_args) - 1
     options, command = argv[:at], argv[at:]
     args = get_args_parser().parse_args([*options, "--module", "snnet", *command])
     # torchrun takes any word for these and fails on a bad one with a traceback (a bare AssertionError for 0 processes)
@@ -67,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         codes = [f.exitcode for f in e.failures.values()]
         return next((c for c in codes if c and c > 0), 1)
     return 0
+
+
+def _no_command() -> int:
+    sys.stderr.write("error: give torchrun's options, then the snnet command: python -m snnet.launch "
+                     "--nproc_per_node 2 train ...\n")
+    return 2
 
 
 if __name__ == "__main__":

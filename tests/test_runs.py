@@ -800,3 +800,18 @@ def test_the_launchers_resume_command_keeps_an_option_value_with_a_space(monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     command = shlex.split(resume_command(["--anchors", TINY], "train", False))
     assert command[:6] == ["python", "-m", "snnet.launch", "--log-dir", "/tmp/my logs", "--nproc_per_node"]
+
+
+def test_the_launcher_finds_the_command_after_an_option_whose_value_is_train(monkeypatch):
+    """The command was the first word 'train' or 'demo' anywhere: --rdzv-id train (a job named after what it does)
+    split the line there, and torchrun's parser failed with its usage ('--rdzv-id: expected one argument')."""
+    import torch.distributed.run as torchrun
+
+    from snnet.launch import LAUNCHER_ENV, main
+
+    monkeypatch.delenv(LAUNCHER_ENV, raising=False)
+    got = []
+    monkeypatch.setattr(torchrun, "run", got.append)  # the workers are not started
+    assert main(["--rdzv-id", "train", "--nproc_per_node", "2", "train", "--anchors", TINY]) == 0
+    assert got[0].rdzv_id == "train" and got[0].nproc_per_node == "2"
+    assert got[0].training_script == "snnet" and got[0].training_script_args == ["train", "--anchors", TINY]
