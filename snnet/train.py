@@ -675,7 +675,13 @@ def _write_history(out: Path, config: TrainConfig, world: int, step: int, resume
     if resumed is None:
         segments = [segment]
     else:  # the same settings: the last segment goes on; changed ones: a new segment
-        segments = resumed.history + ([{**segment, "changes": resumed.changes}] if resumed.changes else [])
+        # a segment from this step on or later trained none of the checkpoint's steps: it belongs to a part of the run
+        # given up (a resume with changes killed before its first checkpoint, or a run gone back to an earlier copy)
+        kept = [s for s in resumed.history if s.get("from_step", 0) < step] or resumed.history[:1]
+        changes = resumed.changes
+        if not changes and len(kept) < len(resumed.history):  # one given up may have rewritten the checkpoint (its
+            changes = result_changes(kept[-1]["config"], config, world)  # settings): what differs from the last kept
+        segments = kept + ([{**segment, "changes": changes}] if changes else [])
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"segments": segments}, indent=2)
     # atomically, like every other file of a run: an interrupted write never leaves half a config

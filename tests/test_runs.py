@@ -815,3 +815,35 @@ def test_the_launcher_finds_the_command_after_an_option_whose_value_is_train(mon
     assert main(["--rdzv-id", "train", "--nproc_per_node", "2", "train", "--anchors", TINY]) == 0
     assert got[0].rdzv_id == "train" and got[0].nproc_per_node == "2"
     assert got[0].training_script == "snnet" and got[0].training_script_args == ["train", "--anchors", TINY]
+
+
+class _KilledAfter(Synthetic):
+    """Stands in for a kill -9 after ``fetches`` images: the run stops where it is, saving nothing."""
+
+    def __init__(self, n: int, fetches: int) -> None:
+        super().__init__(n)
+        self.left = fetches
+
+    def __getitem__(self, i):
+        self.left -= 1
+        if self.left < 0:
+            raise KeyboardInterrupt
+        return super().__getitem__(i)
+
+
+def test_a_resume_with_changes_killed_before_its_first_checkpoint_leaves_no_segment(tmp_path):
+    """Resumed at step 3 with another rate, killed before its first checkpoint, then resumed with the run's own
+    settings: train_config.json kept the killed segment ('optim.lr: 0.001 -> 0.05' from step 3) as the last,
+    though steps 4-10 were trained at 0.001, and load_run_config said 0.05."""
+    from snnet.train import load_run_config
+
+    conf = dict(epochs=2, lr=1e-3, init_images=0)
+    train(fresh_net(), Synthetic(40), cfg(tmp_path, **conf), stop_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_net(), _KilledAfter(40, 20), cfg(tmp_path, resume="auto", resume_with_changes=True,
+                                                     **{**conf, "lr": 5e-2}))
+    segments = lambda: json.loads((tmp_path / "run" / "train_config.json").read_text())["segments"]  # noqa: E731
+    assert [s["from_step"] for s in segments()] == [0, 3]  # the killed one was written as it started
+    r = train(fresh_net(), Synthetic(40), cfg(tmp_path, resume="auto", **conf))
+    assert r.finished and [s["from_step"] for s in segments()] == [0]
+    assert load_run_config(tmp_path / "run").optim.lr == 1e-3
