@@ -89,7 +89,14 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], keep: int = 
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            try:
+                torch.save(state, f)
+            except RuntimeError as e:
+                # torch's zip writer turns the file's failed write (a full disk) into its own RuntimeError ("unexpected
+                # pos 704 vs 598"); the OSError it swallowed says what happened
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
