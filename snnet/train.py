@@ -304,7 +304,7 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
         raise TrainingInterrupted(position.step, plan.total, last_ckpt, stops.received)
     finished = position.step >= plan.total
     gathered = trainer.model_state() if finished and trainer.fsdp else None  # collective: every rank gathers
-    final_dir = _save_final(net, out / FINAL_NAME, gathered) if finished and rank == 0 else None
+    final_dir = _save_final_or_say(net, out / FINAL_NAME, gathered, last_ckpt) if finished and rank == 0 else None
     seconds = time.perf_counter() - t_start
     return TrainResult(position.step, plan.total, finished, sum(window) / len(window) if window else float("nan"),
                        seconds, images / max(time.perf_counter() - t_loop, 1e-9), out, last_ckpt, final_dir,
@@ -573,6 +573,20 @@ def _save_final(net: StitchedBase | nn.Module, final: Path, state: dict[str, tor
     return final
 
 
+def _save_final_or_say(net: StitchedBase | nn.Module, final: Path, state: dict[str, torch.Tensor] | None,
+                       checkpoint: Path) -> Path:
+    """:func:`_save_final` at a run's end, a write that fails (a full disk) one line: safetensors raises its own
+    error, not an OSError. The checkpoint just written holds the network; a resume of the finished run writes it."""
+    from safetensors import SafetensorError
+
+    try:
+        return _save_final(net, final, state)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot write the trained network to {final} ({str(e).splitlines()[0] if str(e) else e}); "
+                              f"checkpoint {checkpoint} holds it: free some disk space and run the same command with "
+                              "--resume auto, which writes it") from e
+
+
 def _save(path: Path, state: dict[str, Any], keep: int, rank: int) -> Path:
     if rank == 0:
         save_checkpoint(path, state, keep)
@@ -587,7 +601,7 @@ def _already_finished(net: StitchedBase | nn.Module, resumed: Resumed, plan: Pla
     # only if someone deleted it, or a save was interrupted between its files (the weights in, config.json not)
     names = (WEIGHTS_NAME, CONFIG_NAME) if isinstance(net, StitchedBase) else (WEIGHTS_NAME,)
     if rank == 0 and not all((final / name).is_file() for name in names):
-        _save_final(net, final)
+        _save_final_or_say(net, final, None, resumed.path)
     return TrainResult(resumed.position.step, plan.total, True, float("nan"), 0.0, 0.0, out, resumed.path, final)
 
 

@@ -886,3 +886,24 @@ def test_a_full_disk_under_torchs_own_writer_is_one_line(tmp_path, monkeypatch):
         checkpoint_module.save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)})
     monkeypatch.undo()
     assert path.read_bytes() == before and _temps(tmp_path) == []
+
+
+def test_a_full_disk_when_the_trained_network_is_saved_is_one_line_and_a_resume_writes_it(tmp_path, monkeypatch):
+    """safetensors reports a failed write as its own SafetensorError ('Error while serializing: I/O error: File too
+    large (os error 27)' under RLIMIT_FSIZE), not an OSError: a run's last act, writing final/, ended in a traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    conf = dict(epochs=1, lr=1e-3, init_images=0)
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(CheckpointError, match=r"cannot write the trained network to .*final \(Error while serializing: "
+                       r"I/O error: No space left on device \(os error 28\)\); checkpoint .* holds it: free some disk "
+                       r"space and run the same command with --resume auto"):
+        train(fresh_net(), Synthetic(40), cfg(tmp_path, **conf))
+    monkeypatch.undo()
+    r = train(fresh_net(), Synthetic(40), cfg(tmp_path, resume="auto", **conf))
+    assert r.finished and (tmp_path / "run" / "final" / "model.safetensors").is_file()
