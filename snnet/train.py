@@ -254,6 +254,8 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
     batches = _batches(data, order, config, position, plan)
     try:
         for batch in batches:
+            if stop_after is not None and position.step >= stop_after:
+                break  # resumed at or past it: no step (the check after each step comes one step late here)
             t0 = time.perf_counter()
             x, y = task.inputs(batch)
             loss, stitch = trainer.step(x, y)

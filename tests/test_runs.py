@@ -907,3 +907,13 @@ def test_a_full_disk_when_the_trained_network_is_saved_is_one_line_and_a_resume_
     monkeypatch.undo()
     r = train(fresh_net(), Synthetic(40), cfg(tmp_path, resume="auto", **conf))
     assert r.finished and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_stop_after_a_step_the_run_is_already_at_trains_no_further(tmp_path):
+    """stop_after ends the call after that global step: a run resumed at step 5 with stop_after=5 trained step 6."""
+    conf = dict(epochs=2, lr=1e-3, init_images=0)
+    train(fresh_net(), Synthetic(40), cfg(tmp_path, **conf), stop_after=5)
+    r = train(fresh_net(), Synthetic(40), cfg(tmp_path, resume="auto", **conf), stop_after=5)
+    assert (r.step, r.stitches, r.finished) == (5, (), False)
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["step"] == 5 and _steps(tmp_path / "run") == [1, 2, 3, 4, 5]
+    assert train(fresh_net(), Synthetic(40), cfg(tmp_path, resume="auto", **conf)).step == 10
