@@ -412,8 +412,11 @@ def test_bad_bodies_and_chat_fields(client: httpx.Client) -> None:
     for body, param in bad:
         r = _complete(client, chat=True, **body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    too_large = ("snnet_lm_requests_total", (("code", "413"),))
+    before = _samples(client).get(too_large, 0)
     r = client.post("/v1/completions", content=b"x" * (2 ** 20 + 1), headers={"content-type": "application/json"})
     assert r.status_code == 413
+    assert _samples(client)[too_large] == before + 1  # answered by the body limits, before the app: counted all the same
 
 
 def test_pin_needs_the_admin_token(client: httpx.Client, saved: Path, reference: lm.StitchedLM) -> None:

@@ -45,7 +45,7 @@ from .batcher import BatchResult
 from .config import ENV_CONFIG, POLICIES, ServeConfig, log
 from .images import ARRAY_TYPES, first_line, read_array
 from .metrics import Metrics
-from .rejected import Rejected
+from .rejected import Rejected, count_refusal
 from .service import Service
 from .upstream import ARRIVED, KEY, release
 
@@ -83,13 +83,8 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, media_type="application/json")
 
 
-def _count(e: Rejected, metrics: Metrics) -> None:
-    metrics.rejected.labels(e.kind).inc()
-    metrics.requests.labels(str(e.status)).inc()
-
-
 def _reject(e: Rejected, metrics: Metrics) -> Response:
-    _count(e, metrics)
+    count_refusal(e, metrics)
     return _json({"error": e.reason}, e.status, e.headers)
 
 
@@ -616,7 +611,7 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
         return Response(status_code=400)
 
     app.add_middleware(BodyLimits, limit=body_limit(config), timeout_s=config.body_timeout_s,
-                       refused=lambda e: _count(e, app.state.service.metrics))
+                       refused=lambda e: count_refusal(e, app.state.service.metrics))
     return app
 
 

@@ -37,7 +37,7 @@ from .auth import check_admin
 from .config import log
 from .lm_engine import Event, Job, LMEngine, Outcome
 from .openai import MAX_SEED, BadRequest, CompletionRequest, chunk, completion, error_body, new_id, parse_request
-from .rejected import Rejected
+from .rejected import Rejected, count_refusal
 
 __all__ = ["create_lm_app"]
 
@@ -50,8 +50,7 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 def _error(e: Rejected, engine: LMEngine, openai: bool = True) -> Response:
     """A refusal: OpenAI's error shape on /v1 routes, the image server's ``{"error": ...}`` elsewhere."""
-    engine.metrics.rejected.labels(e.kind).inc()
-    engine.metrics.requests.labels(str(e.status)).inc()
+    count_refusal(e, engine.metrics)
     kind = "invalid_request_error" if e.status < 500 else "server_error"
     body = error_body(e.reason, getattr(e, "param", None), kind) if openai else {"error": e.reason}
     return _json(body, e.status, e.headers)
@@ -280,5 +279,6 @@ def create_lm_app(engine: LMEngine) -> FastAPI:
     def limit(method: str, path: str) -> int:
         return config.max_upload_bytes if path.startswith("/v1/") else ADMIN_BODY_LIMIT
 
-    app.add_middleware(BodyLimits, limit=limit, timeout_s=config.body_timeout_s)
+    # the refusals the middleware answers itself (413 by Content-Length, 408) counted like the app's
+    app.add_middleware(BodyLimits, limit=limit, timeout_s=config.body_timeout_s, refused=lambda e: count_refusal(e, engine.metrics))
     return app

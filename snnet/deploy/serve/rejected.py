@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["Rejected"]
+from typing import Any
+
+__all__ = ["Rejected", "count_refusal"]
 
 
 class Rejected(Exception):
@@ -12,3 +14,9 @@ class Rejected(Exception):
         super().__init__(reason)
         self.status, self.reason, self.kind, self.headers = status, reason, kind, headers or {}
 
+
+
+def count_refusal(e: Rejected, metrics: Any) -> None:
+    """A refusal in /metrics (image or language-model server: each has ``rejected`` and ``requests`` counters)."""
+    metrics.rejected.labels(e.kind).inc()
+    metrics.requests.labels(str(e.status)).inc()
