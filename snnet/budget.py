@@ -176,7 +176,12 @@ def select_stitch(net_or_costs: Any, budget: Any, results: Any = None) -> Select
         key = _METRICS[name][0]
         missing = [r for r in rows if r.value(key) is None]
         if missing:
-            hint = ("run `snnet profile` first (it measures this device) and pass its results.json"
+            # `snnet profile` measures image networks only: a language model's networks have no latency or memory
+            # snnet can measure, so sending its user there would send them to a refusal
+            lm = getattr(net, "_format", "snnet") != "snnet"
+            hint = ("pass results that hold it, or give a flops or params budget (FLOPs per generated token): "
+                    "`snnet profile` measures image networks only" if lm and name in ("latency_ms", "memory_mb")
+                    else "run `snnet profile` first (it measures this device) and pass its results.json"
                     if name in ("latency_ms", "memory_mb") else "pass results that hold it")
             raise BudgetError(f"a {name.split('_')[0]} budget needs the {key} of every stitch, but "
                               f"{len(missing)} of {len(rows)} have none (e.g. {missing[0].name!r}): {hint}")

@@ -146,3 +146,17 @@ def test_a_generation_past_the_positions_is_refused_in_one_line(net):
         lm.generate(net, PROMPT, options=lm.GenerationOptions(max_new_tokens=most + 1))
     with pytest.raises(SnnetError, match="more than the 64 positions"):
         lm.generate(net, [PROMPT, "a"], options=lm.GenerationOptions(max_new_tokens=most + 1))
+
+
+@pytest.mark.parametrize("budget", ["latency<=30ms", "memory<=200MB"])
+def test_cli_latency_budget_of_a_language_model_does_not_send_to_snnet_profile(net, tmp_path, capsys, budget):
+    """`snnet profile` refuses a language model: the refusal of a latency or memory budget must not send its
+    user there (it did: "run `snnet profile` first"), but say what a language model's budget can be."""
+    from snnet.cli import main
+
+    net.save_pretrained(tmp_path / "lm")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(tmp_path / "lm"), "-p", "def", "-n", "2", "--budget", budget])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "snnet profile` first" not in err and "flops or params budget" in err
