@@ -407,6 +407,35 @@ def test_profile_command_refuses_results_it_cannot_add_to_before_measuring(tmp_p
     assert (tmp_path / "results.json").read_text() == before
 
 
+def test_profile_into_an_evaluation_of_some_stitches_is_refused_before_measuring(tmp_path: Path, tiny3: Path,
+                                                                                 capsys: pytest.CaptureFixture,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results of `snnet eval --stitches 0,1` of this very network: profiling every stitch into them was refused
+    only after measuring all of them, telling the user to "profile the network it was written for" (they had);
+    now refused first, with the stitches the file lists (a profile of those adds to it)."""
+    from snnet.cli import main
+    from snnet.deploy import profiling
+
+    net = snnet.StitchedNet.from_pretrained(tiny3)
+    rows = [deploy.merge_profile(None, net.costs(), [])[k] for k in (0, 1)]
+    from dataclasses import replace
+    from snnet.results import write_results
+
+    write_results([replace(r, acc1=50.0, acc5=100.0) for r in rows], tmp_path)
+    before = (tmp_path / "results.json").read_bytes()
+    measured: list = []
+    real = profiling.profile
+    monkeypatch.setattr(deploy, "profile", lambda *a, **k: measured.append(1) or real(*a, **k))
+    args = ["profile", "--model", str(tiny3), "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "--stitches 0,1" in err and "written for" not in err and not measured
+    assert (tmp_path / "results.json").read_bytes() == before  # nothing saved is touched
+    main(args + ["--stitches", "0,1"])  # the stitches it lists: added to it
+    assert all(r["latency_ms"] > 0 and r["acc1"] == 50.0 for r in json.loads((tmp_path / "results.json").read_text()))
+
 # ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers
 
 

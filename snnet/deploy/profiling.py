@@ -219,8 +219,9 @@ def check_base(rows: Sequence[Any] | str | os.PathLike | None, stitches: Iterabl
     base = {r.id: r for r in network_rows(read_rows(rows))}
     for s in stitches:
         if s.id not in base:
+            held = ",".join(str(i) for i in sorted(base))
             raise SnnetError(f"the results hold {len(base)} stitches of this network but not {s.name!r} (id {s.id}): "
-                             "profile only the stitches they hold (--stitches), or evaluate every stitch into them first")
+                             f"profile only the stitches they hold (--stitches {held}), or evaluate every stitch into them first")
         if base[s.id].name != s.name:
             raise SnnetError(f"the results do not belong to this network: stitch {s.id} is {s.name!r} here but "
                              f"{base[s.id].name!r} there. Use the results written for this network.")
