@@ -76,6 +76,15 @@ def stitches(
         names = split_names(anchors)
         if select != "klas":
             raise SnnetError(f"unknown --select {select!r}: the one selection method is 'klas'")
+        # KLAS scores every binary stitch of every ordered pair of anchors itself: the options of SN-Net's
+        # rule-based space have no effect on it, so giving one is refused, not ignored
+        shaped = [flag for flag, given, default in (("--kernel-size", kernel_size, 2), ("--stride", stride, 1),
+                                                    ("--all-pairs", all_pairs, False), ("--two-way", two_way, False),
+                                                    ("--chains", chains, False)) if given != default]
+        if shaped:
+            raise SnnetError(f"{', '.join(shaped)} shape{'s' * (len(shaped) == 1)} SN-Net's rule-based space; --select "
+                             "klas scores every binary stitch of every ordered pair of anchors (both directions) and "
+                             f"keeps --keep of them: drop {'it' if len(shaped) == 1 else 'them'}")
         net, result = _klas(names, img_size, keep, calib_images, data, data_dir, pretrained, weights, seed, cut)
     else:
         # the meta device builds the anchors without allocating or initialising weights

@@ -167,6 +167,16 @@ def test_cli_stitches_two_way_and_klas(capsys, tmp_path) -> None:
     assert e.value.code == 2 and "klas" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("space", [["--two-way"], ["--all-pairs"], ["--chains"], ["--kernel-size", "3"], ["--stride", "2"]])
+def test_cli_klas_refuses_the_options_of_the_rule_based_space(capsys, tmp_path, space) -> None:
+    """KLAS scores every binary stitch of every pair of anchors itself: --two-way, --chains, ... changed nothing and
+    were silently ignored (the same 32 candidates, the same kept routes); refused in one line before any work."""
+    assert _run(["stitches", "--anchors", ",".join(TINY_VITS[:2]), "--select", "klas", "--data",
+                 str(tmp_path / "nowhere"), *space]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert space[0] in line and "drop it" in line
+
+
 # ------------------------------------------------------------------ options pointed at the wrong thing
 
 @pytest.fixture(scope="module")
