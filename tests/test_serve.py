@@ -131,6 +131,18 @@ def test_controller_steps_down_on_observed_latency_the_table_does_not_see() -> N
     assert ctl.decide(1, recent_ms=[20.0] * 10).stitch == 2  # back within it: the plan decides again
 
 
+def test_a_pinned_stitch_the_network_lacks_fails_before_profiling(tiny3: Path) -> None:
+    """`snnet serve --stitch 99`: refused after every stitch was profiled at every batch size (minutes on a
+    real network); now refused as soon as the network is loaded."""
+    from snnet.deploy.serve.engine import _Engine
+    from snnet.errors import StitchNotFoundError
+
+    said: list[str] = []
+    with pytest.raises(StitchNotFoundError, match="out of range"):
+        _Engine.load(ServeConfig(model=str(tiny3), stitch="99"), said.append)
+    assert not any("profiling" in m for m in said), said
+
+
 def test_a_pinned_stitch_stays_pinned() -> None:
     ctl = _controller()
     ctl.pin(RUNGS[2])

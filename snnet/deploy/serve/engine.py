@@ -277,6 +277,8 @@ class _Engine:
 
         torch.set_num_threads(config.threads)
         net = StitchedNet.from_pretrained(config.model).eval()
+        if config.stitch not in (None, "auto"):
+            net.stitch(config.stitch)  # a --stitch the network lacks fails before minutes of profiling, not after
         rows = net.costs()
         if config.results is not None:
             rows = merge_rows(rows, read_rows(config.results), "the results")
