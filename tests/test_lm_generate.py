@@ -160,3 +160,16 @@ def test_cli_latency_budget_of_a_language_model_does_not_send_to_snnet_profile(n
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "snnet profile` first" not in err and "flops or params budget" in err
+
+
+def test_cli_select_takes_a_saved_language_model(net, tmp_path, capsys):
+    """`snnet select --model LM`: refused with "LM/config.json is corrupt or not an snnet config" (a sound
+    language model folder); now the network within the budget, as `snnet generate --budget` picks it."""
+    from snnet.cli import main
+
+    net.save_pretrained(tmp_path / "lm")
+    costs = net.costs()
+    bound = sorted(c.flops for c in costs)[1]
+    main(["select", f"flops<={bound}", "--model", str(tmp_path / "lm")])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == net.select(budget=f"flops<={bound}").name

@@ -118,7 +118,8 @@ def select(
 
     Accuracy comes from --results when they hold it; otherwise the stitch with the most FLOPs within the
     budget is taken (more compute buys accuracy along the SN-Net frontier). Without --model,
-    the stitches of --results are used, or else the shipped family's space.
+    the stitches of --results are used, or else the shipped family's space. A stitched language model
+    (--model DIR) is priced per generated token and ranked by bits per byte from --results.
     """
     from ..budget import parse_budget, select_stitch
 
@@ -129,7 +130,12 @@ def select(
         from .options import DEFAULT_ANCHORS, split_names
         from ..model import StitchedNet, create_snnet
 
-        net = StitchedNet.from_pretrained(model) if model is not None else create_snnet(split_names(DEFAULT_ANCHORS), device="meta")
+        from .lm import is_lm_folder, load_lm
+
+        if is_lm_folder(model):  # a stitched language model selects by FLOPs per generated token (and bits per byte)
+            net = load_lm(model, "cpu")  # type: ignore[arg-type]
+        else:
+            net = StitchedNet.from_pretrained(model) if model is not None else create_snnet(split_names(DEFAULT_ANCHORS), device="meta")
         chosen = select_stitch(net, parsed, results)
     typer.echo(f"{chosen.name}\n  id {chosen.id}; why: {chosen.reason}")
 
