@@ -173,3 +173,15 @@ def test_cli_select_takes_a_saved_language_model(net, tmp_path, capsys):
     main(["select", f"flops<={bound}", "--model", str(tmp_path / "lm")])
     out = capsys.readouterr().out
     assert out.splitlines()[0] == net.select(budget=f"flops<={bound}").name
+
+
+def test_cli_profile_of_a_language_model_says_so(net, tmp_path, capsys):
+    """`snnet profile --model LM` said the sound folder's config.json was "corrupt or not an snnet config"."""
+    from snnet.cli import main
+
+    net.save_pretrained(tmp_path / "lm")
+    with pytest.raises(SystemExit) as e:
+        main(["profile", "--model", str(tmp_path / "lm"), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "language model" in err and "corrupt" not in err and not (tmp_path / "out").exists()

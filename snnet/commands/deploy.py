@@ -61,6 +61,12 @@ def profile(
     from ..report import human, table
     from ..train import default_device
 
+    from ..errors import SnnetError
+    from .lm import is_lm_folder
+
+    if is_lm_folder(model):  # said as such, not as "config.json is corrupt" of a sound folder
+        raise SnnetError(f"--model {model} is a stitched language model: snnet profile times image networks (`snnet serve "
+                         "--model` times a language model's networks on this device when it starts)")
     sizes = split_ints(batch_sizes, "--batch-sizes") if batch_sizes else None
     keys = split_stitches(stitches)
     out = check_creatable(out)  # made when the results are written: a command refused below leaves no empty folder
