@@ -185,3 +185,19 @@ def test_cli_profile_of_a_language_model_says_so(net, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "language model" in err and "corrupt" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", [["--workers", "2"], ["--skip-bad-images"], ["--calib-images", "5"],
+                                    ["--zoo-family", "deit"]])
+def test_cli_eval_of_a_language_model_refuses_image_options(net, tmp_path, capsys, option):
+    """Options of image evaluation had no effect on a language model's and were silently ignored (the run went on
+    as without them); refused in one line, as --zoo and --amp were, before any text is read."""
+    from snnet.cli import main
+
+    net.save_pretrained(tmp_path / "lm")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(tmp_path / "lm"), "--block-size", "16", "--limit", "2", "--no-progress",
+              "--out", str(tmp_path / "out"), *option])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and option[0] in err
+    assert not (tmp_path / "out").exists()

@@ -76,7 +76,11 @@ def evaluate(
     out = check_creatable(out)  # made when the results are written: a command refused below leaves no empty folder
     if is_lm_folder(model):  # a stitched language model: perplexity and bits per byte on held-out text
         given = [o for o, v in (("--zoo", zoo), ("--reference", reference), ("--results", results),
-                                ("--eval-protocol", eval_protocol), ("--amp", amp or None)) if v is not None]
+                                ("--eval-protocol", eval_protocol), ("--amp", amp or None),
+                                ("--zoo-family", zoo_family), ("--zoo-img-size", zoo_img_size), ("--zoo-params", zoo_params),
+                                ("--zoo-flops", zoo_flops), ("--workers", workers or None),
+                                ("--calib-images", None if calib_images == 100 else calib_images),
+                                ("--skip-bad-images", skip_bad_images or None)) if v is not None]
         if given:
             raise SnnetError(f"{', '.join(given)}: for image networks; {model} is a stitched language model")
         paths = evaluate_lm_folder(model, data, split, batch_size, block_size, limit, split_stitches(stitches), out,
