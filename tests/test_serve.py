@@ -143,6 +143,19 @@ def test_a_pinned_stitch_the_network_lacks_fails_before_profiling(tiny3: Path) -
     assert not any("profiling" in m for m in said), said
 
 
+def test_serve_takes_the_folder_of_results(tiny3: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`snnet serve --results DIR` (the folder of results.json, as select and eval take it) said "--results DIR does
+    not exist"; now its results.json is read (here up to the refusal of a stitch the network lacks)."""
+    from snnet.cli import main
+    from snnet.results import write_results
+
+    write_results(snnet.StitchedNet.from_pretrained(tiny3).costs(), tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", str(tiny3), "--results", str(tmp_path), "--port", "0", "--stitch", "99"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "does not exist" not in err and "out of range" in err
+
+
 def test_a_pinned_stitch_stays_pinned() -> None:
     ctl = _controller()
     ctl.pin(RUNGS[2])

@@ -72,7 +72,7 @@ def serve(
         "--model", "-m", help="A saved stitched network (save_pretrained folder). Default: snnet-demo/train/final "
                               "from `snnet demo` if present, else the shipped family with least-squares stitching layers.")] = None,
     results: Annotated[Optional[Path], typer.Option(
-        "--results", "-r", help="results.json from `snnet eval` / `snnet profile --batch-sizes`: top-1 ranks the stitches, "
+        "--results", "-r", help="results.json (or its folder) from `snnet eval` / `snnet profile --batch-sizes`: top-1 ranks the stitches, "
                                 "latency_by_batch is the latency table (stitches without one are profiled at start).")] = None,
     host: Annotated[str, typer.Option(help="Bind address (uvicorn's --host).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (uvicorn's --port), 0 to 65535 (0: any free port).")] = 8000,
@@ -150,6 +150,10 @@ def serve(
     if model is not None and not (model / "config.json").is_file():
         raise ServeError(f"--model {model} is not a saved stitched network (no config.json): give a folder written by "
                          "save_pretrained or `snnet train`")
+    if results is not None and results.is_dir():  # its folder, as `snnet select --results` and `snnet eval --results` take
+        from ..results import RESULTS_JSON
+
+        results = results / RESULTS_JSON
     if results is not None and not results.is_file():
         raise ServeError(f"--results {results} does not exist: give the results.json of `snnet eval` or `snnet profile`")
     read_admin_token(config.admin_token_file)
