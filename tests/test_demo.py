@@ -244,3 +244,16 @@ def test_verdict_says_why_the_zoo_was_not_compared() -> None:
         return verdict_lines(s)[1]
     assert "--no-zoo" in line(False)
     assert "--no-zoo" not in line(True) and "not compared" in line(True)
+
+
+def test_lm_quick_help_says_what_it_does_with_a_given_limit(capsys: pytest.CaptureFixture) -> None:
+    """`snnet demo --lm --quick` lowers a larger --train-limit or --demo.eval_blocks to its smoke-run caps: its help
+    said "(unless given)", which the run contradicted."""
+    pytest.importorskip("transformers")
+    main(["demo", "--lm", "--quick", "--train-limit", "100", "--demo.eval_blocks", "20", "--print-config"])
+    printed = capsys.readouterr().out
+    assert "limit: 64" in printed and "eval_blocks: 8" in printed
+    with pytest.raises(SystemExit):
+        main(["demo", "--lm", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "unless given" not in help_text and "more are lowered" in help_text

@@ -89,9 +89,10 @@ def run_lm_demo_command(argv: Sequence[str]) -> None:
         raise SnnetError(f"snnet demo --lm needs the lm extra (transformers, tokenizers): pip install 'snnet[lm]' ({e})")
     parsed = parse(argv, "snnet demo --lm", legacy={k: v for k, v in DEMO_LEGACY.items() if v.path.split(".")[0] != "demo"},
                    extra={"demo": LMDemoOptions}, default_recipe="lm-demo",
-                   flags={"--quick": f"A smoke run in seconds: at most {LM_QUICK['max_steps']} steps on the first "
-                                     f"{LM_QUICK['limit']} training blocks, {LM_QUICK['eval_blocks']} held-out blocks, "
-                                     f"{LM_QUICK['sample_tokens']} sampled tokens (unless given)."},
+                   # caps, not defaults: the recipe sets the limit, so a value given cannot be told from its own
+                   flags={"--quick": f"A smoke run in seconds: at most {LM_QUICK['max_steps']} steps, "
+                                     f"{LM_QUICK['limit']} training blocks, {LM_QUICK['eval_blocks']} held-out blocks and "
+                                     f"{LM_QUICK['sample_tokens']} sampled tokens (fewer if given; more are lowered)."},
                    description=LM_DESCRIPTION)
     config, options = parsed.config, parsed.extra["demo"]
     if parsed.flags["--quick"]:
