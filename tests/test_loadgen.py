@@ -81,3 +81,35 @@ def test_a_ramp_whose_peak_is_under_its_low_rate_dips_and_comes_back() -> None:
     # the usual ramp (low to a higher peak) is drawn as before
     up = loadgen.ramp_times(20.0, 100.0, 20.0, seed=0)
     assert sum(1 for t in up if t < 2.0) < 70 < 160 < sum(1 for t in up if 9.0 <= t < 11.0)
+
+
+def test_a_burst_opens_no_more_than_max_connections_and_the_rest_are_not_sent() -> None:
+    # arrivals due at once were all scheduled before any of their tasks ran, and each task then opened a
+    # connection of its own: 20 connections for max_connections=4, none of the requests counted as not sent
+    accepted = 0
+
+    async def main() -> list[loadgen.Result]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal accepted
+            accepted += 1
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = next((int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:"), 0)
+                    await reader.readexactly(length)
+                    await asyncio.sleep(0.2)  # busy: the burst cannot reuse an answered connection
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await loadgen.open_loop("127.0.0.1", port, [loadgen.make_body("/predict", raw=b"x")], [0.0] * 10,
+                                           timeout=5.0, max_connections=4)
+
+    results = asyncio.run(main())
+    assert accepted == 4
+    assert sorted(r.status for r in results) == [-1] * 6 + [200] * 4

@@ -165,24 +165,24 @@ async def open_loop(host: str, port: int, bodies: Sequence[Body], times: Sequenc
     t0 = time.perf_counter()
 
     async def exchange(conn: Connection | None, raw: bytes) -> tuple[Connection, int, bytes]:
-        """Send on ``conn`` (an idle one) or a new connection; a connection that fails is closed here."""
+        """Send on ``conn`` (an idle one) or a new connection (None: its place in ``opened`` was taken
+        when the request was sent); a connection that fails is closed here and its place given back."""
         nonlocal opened
         if conn is not None:
             try:
                 return (conn, *await conn.send(raw))
             except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as e:
                 conn.close()
-                opened -= 1
                 if isinstance(e, asyncio.IncompleteReadError) and e.partial:
+                    opened -= 1
                     raise  # the server closed it mid-answer: that is the server's doing
                 # closed before a byte of the answer: the server ended an idle keep-alive connection
                 # (uvicorn does after 5 s) while it sat in the pool; as HTTP clients do, send it again,
-                # once, on a new connection, within the same timeout
+                # once, on a new connection (in its place), within the same timeout
             except BaseException:
                 conn.close()
                 opened -= 1
                 raise
-        opened += 1
         fresh = None
         try:
             fresh = await Connection.open(host, port)
@@ -193,10 +193,10 @@ async def open_loop(host: str, port: int, bodies: Sequence[Body], times: Sequenc
             opened -= 1
             raise
 
-    async def one(k: int, sent: float) -> None:
+    async def one(k: int, sent: float, conn: Connection | None) -> None:
         body = bodies[k % len(bodies)]
         try:
-            conn, status, data = await asyncio.wait_for(exchange(idle.pop() if idle else None, body.raw), timeout)
+            conn, status, data = await asyncio.wait_for(exchange(conn, body.raw), timeout)
             idle.append(conn)
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             status, data = 0, b""
@@ -207,10 +207,16 @@ async def open_loop(host: str, port: int, bodies: Sequence[Body], times: Sequenc
         delay = t0 + t - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        if not idle and opened >= max_connections:
-            results.append(Result(time.perf_counter() - t0, 0.0, -1, bodies[k % len(bodies)].images))
-            continue
-        tasks.append(asyncio.create_task(one(k, time.perf_counter())))
+        # the connection is taken (or its place counted) here, not when the task first runs: the tasks of
+        # a burst (arrivals due at once) all start after this loop next sleeps, and each would have
+        # found the same idle connection, or opened one of its own past max_connections
+        conn = idle.pop() if idle else None
+        if conn is None:
+            if opened >= max_connections:
+                results.append(Result(time.perf_counter() - t0, 0.0, -1, bodies[k % len(bodies)].images))
+                continue
+            opened += 1
+        tasks.append(asyncio.create_task(one(k, time.perf_counter(), conn)))
     await asyncio.gather(*tasks)
     for c in idle:
         c.close()
