@@ -113,3 +113,41 @@ def test_a_burst_opens_no_more_than_max_connections_and_the_rest_are_not_sent() 
     results = asyncio.run(main())
     assert accepted == 4
     assert sorted(r.status for r in results) == [-1] * 6 + [200] * 4
+
+
+def test_closed_loop_closes_the_connections_it_opened_in_place_of_failed_ones(monkeypatch) -> None:
+    # a connection the server closed was replaced, but the replacement was left out of the list closed at
+    # the end: the last one of every client stayed open (a socket per client leaked each run)
+    opened: list[loadgen.Connection] = []
+    closed: list[loadgen.Connection] = []
+    real_open, real_close = loadgen.Connection.open.__func__, loadgen.Connection.close  # type: ignore[attr-defined]
+
+    async def counted_open(cls: type, host: str, port: int) -> loadgen.Connection:
+        opened.append(conn := await real_open(cls, host, port))
+        return conn
+
+    def counted_close(self: loadgen.Connection) -> None:
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(loadgen.Connection, "open", classmethod(counted_open))
+    monkeypatch.setattr(loadgen.Connection, "close", counted_close)
+
+    async def main() -> list[loadgen.Result]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            writer.close()  # one answer a connection, then closed
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await loadgen.closed_loop("127.0.0.1", port, [loadgen.make_body("/predict")], 2, 0.2, warmup=0.0)
+
+    results = asyncio.run(main())
+    assert {r.status for r in results} == {0, 200} and len(opened) > 2
+    assert all(c in closed for c in opened)

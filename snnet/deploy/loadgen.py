@@ -140,7 +140,7 @@ async def closed_loop(host: str, port: int, bodies: Sequence[Body], clients: int
             except (OSError, asyncio.IncompleteReadError):
                 status, data = 0, b""
                 conn.close()
-                conn = await Connection.open(host, port)
+                conn = conns[k] = await Connection.open(host, port)  # in the list, so that it is closed at the end
             done = time.perf_counter()
             if now >= start:
                 results.append(Result(now - start, (done - now) * 1e3, status, body.images, data))
