@@ -151,3 +151,17 @@ def test_closed_loop_closes_the_connections_it_opened_in_place_of_failed_ones(mo
     results = asyncio.run(main())
     assert {r.status for r in results} == {0, 200} and len(opened) > 2
     assert all(c in closed for c in opened)
+
+
+def test_a_ramp_at_no_rate_is_refused_with_a_value_error_as_a_gamma_trace_is() -> None:
+    # bench_serve.py turns trace()'s ValueError into a message; a server that answered nothing in the capacity
+    # probe (capacity 0) gave the ramp a ZeroDivisionError from the thinning instead (a traceback)
+    import pytest
+
+    with pytest.raises(ValueError, match="ramp's rates"):
+        loadgen.trace("ramp", 0.0, 5.0)
+    with pytest.raises(ValueError, match="ramp's rates"):
+        loadgen.ramp_times(-1.0, 5.0, 5.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        loadgen.trace("gamma-cv1", 0.0, 5.0)
+    assert loadgen.ramp_times(0.0, 50.0, 2.0)  # a ramp from nothing is fine

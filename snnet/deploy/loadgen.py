@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
 import random
 import socket
@@ -247,6 +248,9 @@ def ramp_rate(t: float, low: float, peak: float, seconds: float) -> float:
 
 def ramp_times(low: float, peak: float, seconds: float, seed: int = 0) -> list[float]:
     """Arrival times of a Poisson process whose rate follows :func:`ramp_rate` (drawn by thinning)."""
+    if not (low >= 0 and peak >= 0 and max(low, peak) > 0 and math.isfinite(low) and math.isfinite(peak)):
+        # as gamma_times: a ValueError the callers turn into a message (a zero rate divided by zero below)
+        raise ValueError(f"the ramp's rates must be >= 0 and finite, one of them > 0, not {low} and {peak}")
     rng = random.Random(seed)
     top = max(low, peak)  # candidates at the highest rate of the trace (its start and end when peak < low)
     t, out = 0.0, []
