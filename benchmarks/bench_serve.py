@@ -63,6 +63,7 @@ from typing import Any
 
 from snnet.deploy import loadgen
 from snnet.deploy.loadgen import ServerProcess
+from snnet.io import atomic_write
 
 from snnet.report import percentile
 from snnet.results import write_results
@@ -209,7 +210,7 @@ def figure(trace: str, runs: dict[str, dict[str, Any]], acc: dict[int, float], r
     ax_front.legend(fontsize=7)
     fig.tight_layout()
     path = out / f"{trace}.png"
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
     return path
 
@@ -312,19 +313,24 @@ def overview(summaries: dict[str, dict[str, dict[str, Any]]], verdicts: dict[str
 
 def write(out: Path, results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace, slo_ms: float, largest: str,
           capacity: float, mean_rate: float, rungs: list[Any], table_: Any, loads: list[float]) -> None:
-    """bursty.md (the tables), bursty.json (settings, ladder, summaries) and bursty_samples.json (every request)."""
-    (out / "bursty.md").write_text(table(results, slo_ms))
-    (out / "bursty.json").write_text(json.dumps({
+    """bursty.md (the tables), bursty.json (settings, ladder, summaries) and bursty_samples.json (every request).
+
+    Each atomically: they are rewritten after every trace, and a run stopped meanwhile (SIGTERM exits at
+    once) must keep the previous trace's files, not a truncated one in their place."""
+    atomic_write(out / "bursty.md", lambda p: p.write_text(table(results, slo_ms)))
+    bursty = json.dumps({
         "settings": vars(args), "slo_ms": slo_ms, "largest": largest, "largest_capacity_rps": capacity, "mean_rate_rps": mean_rate,
         # the whole latency table of the ladder, so that snnet.deploy.simulate can replay the run's traces on it
         "ladder": [{"id": r.id, "name": r.name, "acc1": r.acc1, "full_batch_ms": table_.predict(r.id, args.max_batch),
                     "latency_ms_by_batch": [list(p) for p in table_.ms[r.id]]} for r in rungs],
         "cpus": os.cpu_count(), "load_average": loads, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "verdicts": {t: verdict(r) for t, r in results.items()},
-        "summaries": {t: {n: run["summary"] for n, run in r.items()} for t, r in results.items()}}, indent=1) + "\n")
-    (out / "overview.md").write_text(overview({t: {n: run["summary"] for n, run in r.items()} for t, r in results.items()},
-                                              {t: verdict(r) for t, r in results.items()}))
-    (out / "bursty_samples.json").write_text(json.dumps({t: {n: run["samples"] for n, run in r.items()} for t, r in results.items()}))
+        "summaries": {t: {n: run["summary"] for n, run in r.items()} for t, r in results.items()}}, indent=1) + "\n"
+    atomic_write(out / "bursty.json", lambda p: p.write_text(bursty))
+    view = overview({t: {n: run["summary"] for n, run in r.items()} for t, r in results.items()}, {t: verdict(r) for t, r in results.items()})
+    atomic_write(out / "overview.md", lambda p: p.write_text(view))
+    samples = json.dumps({t: {n: run["samples"] for n, run in r.items()} for t, r in results.items()})
+    atomic_write(out / "bursty_samples.json", lambda p: p.write_text(samples))
     print(f"wrote {out}/bursty.json, bursty.md, overview.md, bursty_samples.json and the figures; load average {loads[0]:.2f} -> {loads[-1]:.2f}")
 
 

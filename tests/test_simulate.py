@@ -186,3 +186,40 @@ def test_the_bursty_overview_puts_every_server_of_every_trace_on_one_table(tmp_p
                          "| pinned b | 99.5, 82.50 (best at 99 %) | — |",
                          "| controller | 100.0, 83.00 | 98.0, 81.00 |",
                          "| goal | met | no pinned rung reaches 99 % |"]
+
+
+def test_the_bursty_benchmark_keeps_the_last_traces_files_when_stopped_mid_write(tmp_path, monkeypatch) -> None:
+    """bench_serve.py rewrites its files after every trace so that a run stopped early keeps what it measured;
+    SIGTERM exits at once, so a stop during a rewrite truncated bursty.json (everything measured so far) in place."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_serve
+
+    def summary(att: float) -> dict:
+        return {"sent": 10, "attainment": att, "mean_acc1": 80.0, "goodput_img_s": 1.0, "p50_ms": 1.0, "p95_ms": 2.0,
+                "p99_ms": 3.0, "rejected_503": 0, "timeouts_or_errors": 0, "stitches": [0]}
+
+    results = {"ramp": {"pinned a": {"summary": summary(1.0), "samples": []}, "controller": {"summary": summary(1.0), "samples": []}}}
+    table = LatencyTable({0: ((1, 1.0), (4, 2.0))})
+    args = SimpleNamespace(max_batch=4)
+    rungs = [Row(0, "a", 100, acc1=80.0)]
+    bench_serve.write(tmp_path, results, args, 10.0, "a", 5.0, 6.5, rungs, table, [0.1, 0.2])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    real_write_text = Path.write_text
+
+    def stopped(self: Path, data: str, *a, **k) -> int:  # the SIGTERM handler's SystemExit, part-way through a file
+        real_write_text(self, data[: len(data) // 3])
+        raise SystemExit(143)
+
+    monkeypatch.setattr(Path, "write_text", stopped)
+    results["cv1"] = results["ramp"]
+    with pytest.raises(SystemExit):
+        bench_serve.write(tmp_path, results, args, 10.0, "a", 5.0, 6.5, rungs, table, [0.1, 0.2])
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert json.loads((tmp_path / "bursty.json").read_text())["summaries"]["ramp"]["controller"]["attainment"] == 1.0
+    del sys.modules["bench_serve"]
