@@ -88,9 +88,12 @@ def main() -> None:
             sys.exit(f"error: --set {item}: give NAME=NUMBER or NAME=NUMBER,NUMBER")
         settings[name] = numbers[0] if len(numbers) == 1 else numbers
     try:
+        seeds = [int(k) for k in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        sys.exit(f"error: --seeds {args.seeds}: give comma-separated whole numbers, e.g. 0,1,2,3")
+    try:
         for path in args.runs:
-            print("\n".join(run(path, args.slowdown, [int(k) for k in args.seeds.split(",")] if args.seeds else None, settings,
-                                 args.server_ms)))
+            print("\n".join(run(path, args.slowdown, seeds, settings, args.server_ms)))
     except SnnetError as e:
         sys.exit(f"error: {e}")
 

@@ -223,3 +223,16 @@ def test_the_bursty_benchmark_keeps_the_last_traces_files_when_stopped_mid_write
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert json.loads((tmp_path / "bursty.json").read_text())["summaries"]["ramp"]["controller"]["attainment"] == 1.0
     del sys.modules["bench_serve"]
+
+
+def test_sim_serve_refuses_seeds_that_are_not_numbers_in_one_line(monkeypatch) -> None:
+    # `--seeds 0,x` was a ValueError traceback from int(); the script's other bad input is one "error:" line
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sim_serve
+
+    monkeypatch.setattr(sys, "argv", ["sim_serve.py", "--seeds", "0,x", "bursty.json"])
+    with pytest.raises(SystemExit, match=r"^error: --seeds 0,x: give comma-separated whole numbers"):
+        sim_serve.main()
