@@ -368,8 +368,13 @@ def main() -> None:
                     "(every server, every trace) and stop; nothing is measured")
     args = ap.parse_args()
     if args.render is not None:
-        saved = json.loads((Path(args.render) / "bursty.json").read_text())
-        print(overview(saved["summaries"], saved["verdicts"]), end="")
+        try:
+            saved = json.loads((Path(args.render) / "bursty.json").read_text())
+            summaries, verdicts = saved["summaries"], saved["verdicts"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--render {args.render}: no bursty run's bursty.json there ({type(e).__name__}: {e}): "
+                             "give the --out folder of a run of this script") from None
+        print(overview(summaries, verdicts), end="")
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out (ServerProcess's exit)
     deit = args.scale == "deit"

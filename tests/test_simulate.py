@@ -236,3 +236,19 @@ def test_sim_serve_refuses_seeds_that_are_not_numbers_in_one_line(monkeypatch) -
     monkeypatch.setattr(sys, "argv", ["sim_serve.py", "--seeds", "0,x", "bursty.json"])
     with pytest.raises(SystemExit, match=r"^error: --seeds 0,x: give comma-separated whole numbers"):
         sim_serve.main()
+
+
+def test_the_bursty_overview_of_a_folder_without_a_run_is_a_one_line_error(tmp_path, monkeypatch) -> None:
+    # `bench_serve.py --render DIR` on a folder with no (or another) bursty.json was a FileNotFoundError traceback
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_serve
+
+    monkeypatch.setattr(sys, "argv", ["bench_serve.py", "--render", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no bursty run's bursty.json there .FileNotFoundError"):
+        bench_serve.main()
+    (tmp_path / "bursty.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no bursty run's bursty.json there .KeyError"):
+        bench_serve.main()
