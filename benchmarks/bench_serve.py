@@ -490,4 +490,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from snnet.errors import SnnetError
+
+    try:
+        main()
+    except SnnetError as e:  # bad input (a --model that is not a saved network, ...): its message, not a traceback
+        sys.exit(f"error: {e}")

@@ -252,3 +252,20 @@ def test_the_bursty_overview_of_a_folder_without_a_run_is_a_one_line_error(tmp_p
     (tmp_path / "bursty.json").write_text("{}")
     with pytest.raises(SystemExit, match="no bursty run's bursty.json there .KeyError"):
         bench_serve.main()
+
+
+def test_the_bursty_benchmark_refuses_a_model_that_is_not_a_saved_network_in_one_line(tmp_path, monkeypatch) -> None:
+    # `bench_serve.py --model FOLDER` with no network there ended in a CheckpointError traceback
+    import runpy
+    import signal
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
+    monkeypatch.setattr(sys, "argv", ["bench_serve.py", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    handler = signal.getsignal(signal.SIGTERM)  # the script sets its own
+    try:
+        with pytest.raises(SystemExit, match=r"^error: .*missing is not a saved stitched network"):
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        signal.signal(signal.SIGTERM, handler)
