@@ -376,6 +376,8 @@ def main() -> None:
                              "give the --out folder of a run of this script") from None
         print(overview(summaries, verdicts), end="")
         return
+    if args.pinned != "all" and not (args.pinned.isdigit() and int(args.pinned) > 0):  # here, not after minutes of profiling
+        raise SystemExit(f"--pinned {args.pinned}: give 'all' or how many rungs to pin (a whole number > 0)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out (ServerProcess's exit)
     deit = args.scale == "deit"
     args.images_per_request = args.images_per_request or (1 if deit else 16)

@@ -269,3 +269,17 @@ def test_the_bursty_benchmark_refuses_a_model_that_is_not_a_saved_network_in_one
             runpy.run_path(str(script), run_name="__main__")
     finally:
         signal.signal(signal.SIGTERM, handler)
+
+
+def test_the_bursty_benchmark_checks_pinned_before_it_profiles(tmp_path, monkeypatch) -> None:
+    # `--pinned x` was read by int() only after the network was loaded and profiled (minutes): a ValueError traceback then
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_serve
+
+    for bad in ("x", "0", "-2"):
+        monkeypatch.setattr(sys, "argv", ["bench_serve.py", "--pinned", bad, "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+        with pytest.raises(SystemExit, match=rf"^--pinned {bad}: give 'all' or how many rungs"):
+            bench_serve.main()
