@@ -283,3 +283,20 @@ def test_the_bursty_benchmark_checks_pinned_before_it_profiles(tmp_path, monkeyp
         monkeypatch.setattr(sys, "argv", ["bench_serve.py", "--pinned", bad, "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
         with pytest.raises(SystemExit, match=rf"^--pinned {bad}: give 'all' or how many rungs"):
             bench_serve.main()
+
+
+def test_a_controller_setting_of_the_wrong_shape_is_a_serve_error(tmp_path) -> None:
+    # sim_serve.py --set utilisation=0.5,1 (a pair for a number) or burst=2 (a number for a pair) was a TypeError
+    # traceback from the controller's checks; sim_serve turns a ServeError into one line
+    run = {"settings": {"max_batch": 4, "max_queue": 16, "images_per_request": 1, "seconds": 4.0, "rate_x": 1.3,
+                        "ramp_peak": 2.5, "seed": 0},
+           "slo_ms": 5000.0, "largest_capacity_rps": 3.0, "ladder": [{"id": 0, "name": "a", "acc1": 70.0, "full_batch_ms": 200.0}]}
+    (tmp_path / "bursty.json").write_text(json.dumps(run))
+    b = load_bursty(tmp_path / "bursty.json")
+    with pytest.raises(ServeError, match=r"utilisation=\(0.5, 1.0\): give one number"):
+        b.policies(utilisation=(0.5, 1.0))
+    with pytest.raises(ServeError, match="burst=2.0: give two numbers, burst=A,B"):
+        b.policies(burst=2.0)
+    with pytest.raises(ServeError, match="steady=0.5: give two numbers"):
+        b.policies(steady=0.5)
+    assert b.policies(burst=(0.025, 1.0), utilisation=0.9)["controller"]().config.burst == (0.025, 1.0)

@@ -180,6 +180,11 @@ class Bursty:
         if unknown:
             raise ServeError(f"{', '.join(unknown)}: not a controller setting to change here (the run fixed the SLO, batch and "
                              f"ring): one of {', '.join(free)}")
+        pairs = {f.name for f in fields(ControllerConfig) if "tuple" in str(f.type)}  # (A, B) settings; the others one number
+        for name, value in settings.items():
+            pair = name in pairs
+            if isinstance(value, tuple) != pair or (pair and len(value) != 2):  # else a TypeError deep in the controller's checks
+                raise ServeError(f"{name}={value}: give {'two numbers, ' + name + '=A,B' if pair else 'one number'}")
         config = ControllerConfig(self.slo_ms, self.max_batch, max_queue=self.max_queue, **settings)
         made: dict[str, Callable[[], StitchController]] = {}
         for r in self.rungs:
