@@ -300,3 +300,11 @@ def test_a_controller_setting_of_the_wrong_shape_is_a_serve_error(tmp_path) -> N
     with pytest.raises(ServeError, match="steady=0.5: give two numbers"):
         b.policies(steady=0.5)
     assert b.policies(burst=(0.025, 1.0), utilisation=0.9)["controller"]().config.burst == (0.025, 1.0)
+
+
+def test_a_slowdown_or_server_stage_that_is_not_a_time_is_refused() -> None:
+    # sim_serve.py --slowdown -1 gave batches of negative time (latencies of -40 ms: every SLO met), --server-ms -5 the same
+    table = _table({0: 1.0, 1: 1.0, 2: 1.0})
+    for bad in ({"slowdown": -1.0}, {"slowdown": 0.0}, {"server_ms": -5.0}, {"slowdown": float("nan")}):
+        with pytest.raises(ServeError, match="need slowdown > 0 and server_ms >= 0"):
+            simulate(_pinned(0, table, ControllerConfig(100.0, 4)), [0.0, 0.0], 1, 8, **bad)

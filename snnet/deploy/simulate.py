@@ -77,6 +77,9 @@ def simulate(policy: StitchController, times: Sequence[float], images: int, max_
     when it ends, and until then is one of the requests the policy is told wait before the ring
     (:class:`~snnet.deploy.controller.Waiting`). 0: requests are in the ring as they arrive."""
     b = policy.config.max_batch
+    if not (slowdown > 0 and math.isfinite(slowdown) and server_ms >= 0 and math.isfinite(server_ms)):
+        # else batches of no or negative time: latencies under zero, every SLO met
+        raise ServeError(f"need slowdown > 0 and server_ms >= 0 (finite), not {slowdown} and {server_ms}")
     if images > b or images > max_queue:
         raise ServeError(f"a request of {images} images fits neither a batch of {b} nor a ring of {max_queue}")
     table = policy.table
