@@ -378,6 +378,11 @@ def main() -> None:
         return
     if args.pinned != "all" and not (args.pinned.isdigit() and int(args.pinned) > 0):  # here, not after minutes of profiling
         raise SystemExit(f"--pinned {args.pinned}: give 'all' or how many rungs to pin (a whole number > 0)")
+    try:  # the names too (drawn only after the profile, the probe and the warm-up: minutes)
+        for name in args.traces.split(","):
+            loadgen.trace(name, 1.0, 0.0)
+    except ValueError as e:
+        raise SystemExit(f"--traces {args.traces}: {e}") from None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out (ServerProcess's exit)
     deit = args.scale == "deit"
     args.images_per_request = args.images_per_request or (1 if deit else 16)

@@ -308,3 +308,17 @@ def test_a_slowdown_or_server_stage_that_is_not_a_time_is_refused() -> None:
     for bad in ({"slowdown": -1.0}, {"slowdown": 0.0}, {"server_ms": -5.0}, {"slowdown": float("nan")}):
         with pytest.raises(ServeError, match="need slowdown > 0 and server_ms >= 0"):
             simulate(_pinned(0, table, ControllerConfig(100.0, 4)), [0.0, 0.0], 1, 8, **bad)
+
+
+def test_the_bursty_benchmark_checks_trace_names_before_it_profiles(tmp_path, monkeypatch) -> None:
+    # an unknown --traces name was found only when the traces were drawn, after the profile, probe and warm-up (minutes)
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_serve
+
+    monkeypatch.setattr(sys, "argv", ["bench_serve.py", "--traces", "gamma-cv1,gamma-cvx", "--model", str(tmp_path / "missing"),
+                                      "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"^--traces gamma-cv1,gamma-cvx: unknown trace 'gamma-cvx'"):
+        bench_serve.main()
