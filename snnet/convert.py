@@ -176,7 +176,13 @@ def _anchor_state(kind: str, model: torch.nn.Module, own: dict[str, torch.Tensor
     if kind == "swin":  # Microsoft's layout (patch merging at a stage's end) -> timm's
         from timm.models.swin_transformer import checkpoint_filter_fn
 
-        return _unresampled(own, checkpoint_filter_fn(own, model), {}, label), {}
+        # timm's filter looks up the block of every relative-position table and raises AttributeError for a block
+        # the model lacks (a deeper anchor's checkpoint): keep those out of it, to be refused as unexpected keys
+        modules = dict(model.named_modules())
+        stray = {k: v for k, v in own.items()
+                 if k.endswith(".relative_position_bias_table") and k.rsplit(".", 1)[0] not in modules}
+        kept = {k: v for k, v in own.items() if k not in stray}
+        return {**_unresampled(kept, checkpoint_filter_fn(kept, model), {}, label), **stray}, {}
     if kind == "levit" and any(k.startswith("patch_embed.") for k in own):  # Facebook's layout -> timm's
         names = levit_names(model)
         to_timm = {fb: k for k, fb in names.items()}

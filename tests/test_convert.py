@@ -274,6 +274,16 @@ def test_swin_checkpoint_runs_the_reference_networks():
     assert net_reference_ids(net)[net.stitch("snnet_tiny_swin_s[:1]+snnet_tiny_swin_b[1:]").id] == 4
 
 
+def test_a_deeper_swin_anchor_in_the_checkpoint_is_refused_by_name():
+    """Swin anchors given in another order than the checkpoint's: the checkpoint's Swin-S holds blocks Swin-T lacks,
+    and timm's filter raised AttributeError ("Sequential has no attribute `2`") looking up their relative-position
+    tables; now those keys are named as unexpected, in one line."""
+    swapped = [SWINS[1], SWINS[0], SWINS[2]]
+    state = with_prefix(models(swapped), microsoft_key)
+    with pytest.raises(CheckpointError, match=r"anchor 0 \(snnet_tiny_swin_t\) .*unexpected anchors\.0\.layers\.2\.blocks\.2\."):
+        convert_reference(snnet.create_snnet(SWINS, route_mode="reference"), state, SWINS)
+
+
 # ------------------------------------------------------------------ ResNet and ResNet -> Swin (stitching_resnet_swin)
 
 
