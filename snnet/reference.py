@@ -392,10 +392,15 @@ def stale_zero_grads(optimizer: Any) -> int:
     """
     import torch
 
+    # SGD without momentum keeps no state for a parameter it stepped: the parameters that had a gradient at an
+    # earlier call are remembered here (by id; the optimizer holds them), so their weight decay still applies
+    had_grad: set[int] = optimizer.__dict__.setdefault("_snnet_had_grad", set())
     filled = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if p.grad is None and optimizer.state.get(p):
+            if p.grad is not None:
+                had_grad.add(id(p))
+            elif optimizer.state.get(p) or id(p) in had_grad:
                 p.grad = torch.zeros_like(p)
                 filled += 1
     return filled

@@ -299,3 +299,21 @@ def test_stale_zero_grads_update_what_the_route_did_not_use_as_the_reference_doe
     assert step(2, False) == 0 and torch.equal(layer, before)  # snnet: a route that does not use it leaves it
     filled = step(2, True)  # the reference: decayed and moved on its momentum
     assert filled == sum(1 for p in net.anchors[0].parameters()) and not torch.equal(layer, before)
+
+
+def test_stale_zero_grads_decay_what_momentum_free_sgd_stepped() -> None:
+    """SGD without momentum keeps no state for the parameters it stepped, so stale_zero_grads (which looked at the
+    optimizer's state alone) gave them no zero gradient: under optim.unused_updates 'reference' they were not
+    decayed, where PyTorch < 2.0's zero_grad kept their zero gradients and the step applied the weight decay."""
+    from snnet.reference import stale_zero_grads
+
+    used, unused = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([used, unused], lr=0.1, momentum=0.0, weight_decay=0.5)
+    for params in ([used, unused], [used]):  # both learn once, then a route that leaves `unused` out
+        opt.zero_grad(set_to_none=True)
+        sum(p.sum() for p in params).backward()
+        filled = stale_zero_grads(opt)
+        opt.step()
+    assert filled == 1
+    # after the first step 1 - 0.1 * (1 + 0.5), then decayed alone: times 1 - 0.1 * 0.5
+    torch.testing.assert_close(unused.detach(), torch.full((2,), 0.85 * 0.95))
