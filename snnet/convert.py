@@ -318,6 +318,11 @@ def convert_reference(net: Any, state: dict[str, torch.Tensor], anchor_names: li
     if sorted(order) != sorted(anchor_names):
         raise CheckpointError(f"the network's anchors {sorted(order)} are not {sorted(anchor_names)}")
     ref = [anchor_names.index(spec.name) for spec in net.specs]
+    held = {int(m[1]) for k in pending if (m := re.match(r"anchors\.(\d+)\.", k))}
+    if held and max(held) >= len(anchor_names):  # before the layers: they would be read as another space's
+        raise CheckpointError(f"the checkpoint holds {max(held) + 1} anchors (anchors.0 to anchors.{max(held)}) but "
+                              f"{len(anchor_names)} were given ({', '.join(anchor_names)}): give all of them, in the "
+                              "reference's order")
 
     # anchors: each through its timm model (and timm's own filter for older layouts), then split like the net's
     placed = 0

@@ -579,6 +579,19 @@ def test_cli_refuses_snnet_files_and_bad_out_in_one_line(tmp_path, capsys):
     assert code == 2 and "is a file" in io.err and len(io.err.strip().splitlines()) == 1
 
 
+def test_a_checkpoint_of_more_anchors_than_given_is_refused_as_such(tmp_path, capsys):
+    """A three-anchor DeiT checkpoint given two anchors: its second bank of layers (stitch_layers.1) made the command
+    build SN-Netv2's two-way space, and the refusal was a layer's shape ("stitch_layers.1.0.transform.weight has
+    shape (64, 32); snnet layer 3 needs (16, 32)"), which says nothing of the anchor left out."""
+    ms, state = deit_reference()
+    ckpt = tmp_path / "snnet_deit.pth"
+    torch.save({"model": state}, ckpt)
+    code, io = _run(["convert", "--from-reference", str(ckpt), "--anchors", ",".join(TINY_VITS[:2]), "--out",
+                     str(tmp_path / "o")], capsys)
+    assert code == 2 and "holds 3 anchors (anchors.0 to anchors.2) but 2 were given" in io.err, io.err
+    assert len(io.err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_anchors_of_the_wrong_size_are_refused_in_one_line(tmp_path, capsys):
     """Anchors given in another order than the checkpoint's (or of another size): each wrong shape named, one
     line; load_state_dict raised its multi-line RuntimeError (a traceback from the command line)."""
