@@ -60,6 +60,19 @@ def test_the_published_tables_number_their_networks_as_the_reference_code() -> N
     assert len(routes) == 135 and routes[13] is None and sum(r is not None for r in routes) == 134
 
 
+def test_the_tables_readme_states_each_deit_difference_the_table_holds() -> None:
+    """snnet/data_files/reference/README.md said +378,240 FLOPs and +38,016 params "on every stitched network" of
+    DeiT; the stitches from DeiT-S into DeiT-B (half of them) differ by +756,480 and +76,032."""
+    from snnet.reference import _TABLES
+
+    text = (_TABLES / "README.md").read_text()
+    rows = read_published("deit")["rows"]
+    for column in ("flops", "params"):
+        for diff in sorted({r[f"snnet_{column}"] - r[column] for r in rows} - {0}):
+            assert f"+{diff:,}" in text, (column, diff)
+    assert "on every stitched network" not in text
+
+
 def test_published_rows_as_the_network_or_beside_it() -> None:
     rows = published_rows("reference:deit")
     assert [r.kind for r in rows[:4]] == ["anchor", "anchor", "anchor", "stitch"] and len(rows) == 71
