@@ -227,7 +227,11 @@ def _reference_layer(space: Any, stitch: Any, layout: str, ref: list[int]) -> st
         groups = paired_pairs(na, space.config.kernel_size, space.config.stride)
         if layout != "deit":  # the hierarchical code keeps only the pairs that move forward in depth
             groups = [g for g in ([(a, b) for a, b in g if b > a] for g in groups) if g]
-        layer = next(n for n, g in enumerate(groups) if (i, j) in g)
+        layer = next((n for n, g in enumerate(groups) if (i, j) in g), None)
+        if layer is None:  # a network built with another rule (e.g. rule='window' on Swin: backward pairs)
+            raise CheckpointError(f"stitch {stitch.name} is not one of the reference's stitches (its {layout} code "
+                                  "stitches forward in depth only): build the network with the reference's stitching "
+                                  "options (the defaults)")
     elif na < nb:
         mapped = [k * na // nb for k in range(nb)]  # torch's nearest interpolation of na blocks onto nb
         if j < 1 or mapped[j] != i:

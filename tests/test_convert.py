@@ -274,6 +274,16 @@ def test_swin_checkpoint_runs_the_reference_networks():
     assert net_reference_ids(net)[net.stitch("snnet_tiny_swin_s[:1]+snnet_tiny_swin_b[1:]").id] == 4
 
 
+def test_a_swin_network_with_backward_stitches_is_refused_in_one_line():
+    """A Swin network built with rule='window' has stitches back in depth, which the reference's hierarchical code
+    never builds: looking up their reference layer raised a bare StopIteration."""
+    state = with_prefix(models(SWINS), microsoft_key)
+    net = snnet.create_snnet(SWINS, rule="window", route_mode="reference")
+    with pytest.raises(CheckpointError, match=r"stitch snnet_tiny_swin_t\[:1\]\+snnet_tiny_swin_s\[0:\] is not one of the "
+                                              r"reference's stitches"):
+        convert_reference(net, state, SWINS)
+
+
 def test_a_deeper_swin_anchor_in_the_checkpoint_is_refused_by_name():
     """Swin anchors given in another order than the checkpoint's: the checkpoint's Swin-S holds blocks Swin-T lacks,
     and timm's filter raised AttributeError ("Sequential has no attribute `2`") looking up their relative-position
