@@ -403,6 +403,9 @@ class OptimConfig:
         _need(self.clip_grad is None or (_finite(self.clip_grad) and self.clip_grad > 0),
               f"optim.clip_grad must be > 0 and finite, or null, got {self.clip_grad}")
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        # torch's SGD refuses Nesterov without momentum, from deep inside the optimizer, when the run starts
+        _need(not (self.optimizer == "sgd" and self.nesterov and self.momentum == 0),
+              "optim.nesterov needs optim.momentum > 0: for plain SGD give --optim.nesterov false too")
         _one_of("optim.clip_mode", self.clip_mode, CLIP_MODES)
         _one_of("optim.unused_updates", self.unused_updates, UNUSED_UPDATES)
 

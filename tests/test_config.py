@@ -73,6 +73,7 @@ def test_settings_are_named_by_path_or_by_their_unique_leaf_name():
     ({"model": {"init": "saved/", "drop_path": 0.1}}, "model.drop_path is set when the anchors are built"),
     ({"task": "translation"}, "unknown task 'translation'"),
     ({"optim": [1, 2]}, "optim must be a mapping of settings"),
+    ({"optim": {"optimizer": "sgd", "momentum": 0}}, "optim.nesterov needs optim.momentum > 0"),  # torch refused it at the first step
 ])
 def test_bad_values_are_one_line_naming_the_setting(data, says):
     with pytest.raises(ConfigError) as e:
