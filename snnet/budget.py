@@ -39,6 +39,8 @@ _KEYS = {"flops": "flops", "flop": "flops", "macs": "flops", "mac": "flops",
          "memory": "memory_mb", "memory_mb": "memory_mb", "mem": "memory_mb", "peak_mem_mb": "memory_mb"}
 _TIME = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3}
 _MEMORY = {"b": 1 / MB, "kb": 1 / 1024, "kib": 1 / 1024, "mb": 1.0, "mib": 1.0, "gb": 1024.0, "gib": 1024.0}
+# keys that name their unit, so a bare number after them is in that unit
+_KEY_UNITS = {"latency_ms": "ms", "memory_mb": "mb", "peak_mem_mb": "mb"}
 _ACCEPTED = ("flops<=2G (K/M/G/T, optional FLOPs/MACs), params<=5M (K/M/G/T), latency<=30ms (us/ms/s), "
              "memory<=200MB (B/KB/MB/GB, binary); the unit alone also says the cost: 2GFLOPs, 30ms, 200MB")
 _ITEM = re.compile(rf"^\s*(?:(?P<key>[a-z_]+)\s*(?P<op><=|<|=|:)\s*)?(?P<num>{NUMBER})\s*(?P<unit>[a-zµ]*)\s*$")
@@ -107,6 +109,8 @@ def _parse_item(part: str) -> tuple[str, float]:
         raise BudgetError(f"unknown cost {key!r} in budget {part.strip()!r}; the costs are flops, params, latency, memory")
     metric = _KEYS[key] if key else None
     num, unit = float(m["num"]), m["unit"]
+    if not unit and key in _KEY_UNITS:  # "latency_ms<=30": the key names the unit, as Budget(latency_ms=30) does
+        unit = _KEY_UNITS[key]
     # a count with an optional word: "2g", "2gflops", "5m", "5mparams"
     word = next((w for w in ("flops", "flop", "macs", "mac", "params", "param") if unit.endswith(w)), "")
     prefix = unit[: len(unit) - len(word)]

@@ -80,6 +80,9 @@ def _routes(net: snnet.StitchedNet) -> list[snnet.Stitch]:
     ("memory=200MB", Budget(memory_mb=200)),
     ("mem:1GB", Budget(memory_mb=1024)),
     ("flops<=2G, latency=30ms", Budget(flops=2e9, latency_ms=30)),
+    ("latency_ms<=30", Budget(latency_ms=30)),  # the key names the unit
+    ("memory_mb<=200", Budget(memory_mb=200)),
+    ("peak_mem_mb=1.5", Budget(memory_mb=1.5)),
 ])
 def test_budget_parsing(text: str, expected: Budget) -> None:
     assert parse_budget(text) == expected
