@@ -544,12 +544,19 @@ def load_results(path: str | os.PathLike) -> list[Row]:
 
 def _from_text(v: str) -> Any:
     """An extra column's CSV cell as the value written: a number, a boolean, a nested value (a dict or
-    list, written as JSON text; as a Python literal by older snnet), else the text itself."""
+    list, written as JSON text; as a Python literal by older snnet), else the text itself.
+
+    A cell is a number only if it is written as that number is ("7", "0.5", "1e+20"): text such as
+    "007", "1_000" or "+5" is no number's written form, so it was text and stays text (int() and float()
+    would take it). Text that is exactly a number's written form cannot be told from it: results.json
+    keeps the types."""
     for kind in (int, float):
         try:
-            return kind(v)
+            number = kind(v)
         except ValueError:
-            pass
+            continue
+        if str(number) == v:
+            return number
     if v in ("True", "False"):  # how csv writes a boolean
         return v == "True"
     if v.lstrip()[:1] in ("{", "["):

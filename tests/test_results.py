@@ -243,6 +243,16 @@ def test_csv_gives_back_nested_and_boolean_extra_entries(tmp_path: Path) -> None
         assert LatencyTable.from_rows(back).ms == {0: ((8, 2.0),), 1: ((8, 3.0),)}
 
 
+def test_csv_keeps_text_that_int_or_float_would_read_as_a_number(tmp_path: Path) -> None:
+    """An extra text cell such as "007", "1_000" or "+5" came back from results.csv as the number 7, 1000
+    or 5 (int() takes them), though no number is written that way. Only a number's own written form is
+    read as a number; results.json keeps every type as it was."""
+    extra = {"code": "007", "batch": "1_000", "delta": "+5", "ref_id": 5, "kl": 0.25, "big": 1e20, "neg": -3}
+    write_results([Row(0, "a", 10, 5, 50.0, 90.0, 1.2, 100, True, extra=extra)], tmp_path)
+    for name in ("results.json", "results.csv"):
+        assert dict(load_results(tmp_path / name)[0].extra) == extra, name
+
+
 def test_results_json_is_strict_json_and_reads_back_nan(tmp_path: Path) -> None:
     """A zoo or reference row without top-5 or loss (NaN), a NaN in an extra entry: results.json held
     bare NaN, which no strict JSON reader takes (JavaScript's JSON.parse, Go, serde). They are written
