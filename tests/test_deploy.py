@@ -147,6 +147,17 @@ def test_select_by_proxy_without_accuracy(tiny_net: snnet.StitchedNet) -> None:
     assert select_stitch(tiny_net, f"params<={pb}").id == max((c for c in costs if c.params <= pb), key=lambda c: c.flops).id
 
 
+def test_proxy_reason_names_the_unmeasured_candidate(tiny_net: snnet.StitchedNet) -> None:
+    """One candidate without a measured top-1 (NaN) ranks by the FLOPs proxy, as documented, but the reason
+    said "no measured accuracy" though every other candidate was measured; it now names the unmeasured one."""
+    results = _fake_results(tiny_net)
+    results[2]["acc1"] = math.nan
+    chosen = select_stitch(tiny_net, f"flops<={max(r['flops'] for r in results)}", results)
+    assert chosen.ranked_by == "flops" and "no measured accuracy" not in chosen.reason
+    assert f"1 of the {len(results)} candidates has no measured top-1 (e.g. {results[2]['name']!r})" in chosen.reason
+    assert "no measured accuracy" in select_stitch(tiny_net, f"flops<={max(r['flops'] for r in results)}").reason
+
+
 def test_budget_below_the_cheapest_names_it(tiny_net: snnet.StitchedNet) -> None:
     cheapest = min(tiny_net.costs(), key=lambda c: c.flops)
     with pytest.raises(BudgetError) as e:
