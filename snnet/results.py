@@ -586,14 +586,17 @@ def format_results(results: Sequence[Row], x: str = "flops") -> str:
     columns += [("acc1", "top-1 %"), ("acc5", "top-5 %"), ("loss", "loss"), ("is_anchor", "anchor"), ("pareto", "pareto")]
     text = table(rows, columns, {"params": human, "flops": human, "acc5": lambda v: "" if math.isnan(v) else f"{v:.2f}",
                                  "loss": lambda v: "" if math.isnan(v) else f"{v:.4f}", "pareto": lambda v: "*" if v else ""})
-    best = max(results, key=lambda r: (r.acc1, -r.id))
+    # a NaN top-1 (not measured) is no best: max() keeps a NaN first row, which every comparison loses to
+    scored = [r for r in results if not math.isnan(r.acc1)]
+    best = max(scored, key=lambda r: (r.acc1, -r.id)) if scored else None
     zoo_line = ""
     beside = [f"{len(rows)} {what} from {', '.join(sorted({str(r.value('source')) for r in rows}))}"
               for what, rows in (("zoo models", zoo), ("reference rows", reference)) if rows]
     if beside:
         zoo_line = f"\n(and {' and '.join(beside)} in the results, not listed: see the plot)"
     return (f"{text}\n\n{len(results)} networks on {results[0].images} images; {len(front)} on the Pareto "
-            f"frontier (*); best top-1 {best.acc1:.2f}% ({best.name}){zoo_line}")
+            f"frontier (*); " + (f"best top-1 {best.acc1:.2f}% ({best.name})" if best else "no measured top-1")
+            + zoo_line)
 
 
 # ---------------------------------------------------------------------------------- rows as dicts

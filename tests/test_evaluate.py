@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -201,6 +202,14 @@ def test_format_results_marks_the_frontier() -> None:
     assert lines["net0"].rstrip().endswith("*") and lines["net1"].rstrip().endswith("*")
     assert not lines["net2"].rstrip().endswith("*")
     assert "2 on the Pareto frontier" in text and "best top-1 50.00% (net1)" in text
+
+
+def test_format_results_best_top1_skips_a_nan_row() -> None:
+    """A first row with a NaN top-1 (not measured) was reported as the best ("best top-1 nan%"): max() keeps
+    the first item when every comparison with NaN is False."""
+    text = format_results([_r(0, 5, math.nan), _r(1, 10, 50.0), _r(2, 20, 40.0)])
+    assert "best top-1 50.00% (net1)" in text and "nan" not in text.splitlines()[-1]
+    assert "no measured top-1" in format_results([_r(0, 5, math.nan)])
 
 
 def test_check_writable(tmp_path: Path) -> None:
