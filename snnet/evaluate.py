@@ -154,6 +154,11 @@ def evaluate(
             from .deploy.memory import check_input
 
             check_input(net, [len(x)], tuple(x.shape[1:]), [s.id for s in chosen], dev, what="the loader")
+        if input_size is not None and tuple(x.shape[1:]) != input_size:
+            # the rows are priced at one size, and a later batch of another size would reach timm's assertion on a ViT
+            raise SnnetError(f"the loader gives {'x'.join(map(str, x.shape[1:]))} inputs after "
+                             f"{'x'.join(map(str, input_size))} ones: every image must have the same size "
+                             "(resize them to one size in the dataset's transform)")
         input_size = input_size or tuple(x.shape[1:])
         for s, logits in forward_stitches(net, x, chosen):
             tallies[s.id].update(logits, y)

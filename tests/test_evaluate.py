@@ -116,6 +116,19 @@ def test_images_of_a_size_a_stitch_cannot_take_are_refused_in_one_line(tiny_net:
     assert [r.flops for r in results] == [c.flops for c in cnn.costs((3, 48, 48))]
 
 
+def test_a_later_batch_of_another_size_is_refused_in_one_line(tiny_net: snnet.StitchedNet) -> None:
+    """Only the first batch's size was checked: a later 28x28 batch for a 32x32 ViT ended in timm's
+    AssertionError, and on a CNN the rows were priced at the first batch's size only."""
+    active = tiny_net.active
+    with pytest.raises(SnnetError, match=r"the loader gives 3x28x28 inputs after 3x32x32 ones: every image must have"):
+        evaluate(tiny_net, _batches(n=16, size=32) + _batches(n=4, size=28), progress=False)
+    assert tiny_net.active == active and tiny_net.training
+    torch.manual_seed(0)
+    cnn = snnet.create_snnet(["snnet_tiny_resnet18", "snnet_tiny_resnet50"])
+    with pytest.raises(SnnetError, match="3x40x40 inputs after 3x48x48 ones"):
+        evaluate(cnn, _batches(n=4, size=48) + _batches(n=4, size=40), progress=False)
+
+
 def test_top5_with_fewer_than_five_classes() -> None:
     torch.manual_seed(0)
     net = snnet.create_snnet(TINY_VITS, num_classes=3)
