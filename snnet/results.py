@@ -473,6 +473,12 @@ def write_results(results: Sequence[Row], out_dir: str | os.PathLike, csv_file: 
     Returns the paths written. :func:`load_results` reads either back."""
     out = check_writable(out_dir)
     rows = [_record(r) for r in results]
+    for r in rows:  # a row load_results would refuse ("missing params") is refused here, before any file is replaced
+        try:
+            Row.from_dict(_finite(r))
+        except KeyError as e:
+            raise ResultsError(f"row {r['name']!r} has no {e.args[0].removeprefix('missing ')}, so its results could not be "
+                               "read back: set them when building the row (Row(id, name, flops=..., params=..., ...))") from None
     json_path, csv_path = out / RESULTS_JSON, out / RESULTS_CSV
     # strict JSON: NaN and infinities (a zoo model's unreported top-5 or loss) as null, which reads back as NaN
     atomic_write(json_path, lambda p: p.write_text(json.dumps(_finite(rows), indent=2, allow_nan=False) + "\n"))

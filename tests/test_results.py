@@ -243,6 +243,20 @@ def test_csv_gives_back_nested_and_boolean_extra_entries(tmp_path: Path) -> None
         assert LatencyTable.from_rows(back).ms == {0: ((8, 2.0),), 1: ((8, 3.0),)}
 
 
+def test_a_row_that_could_not_be_read_back_is_refused_before_writing(tmp_path: Path) -> None:
+    """docs/python.md built ``Row(3, "mine", flops=..., acc1=81.5)``: write_results wrote it, and load_results
+    refused the file ("missing params"). It is refused before anything is written (an earlier file stays);
+    the documented example, with params, round-trips."""
+    row = Row(3, "mine", flops=2_000_000, params=5_000_000, acc1=81.5)
+    write_results([row], tmp_path)
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(ResultsError, match="row 'mine' has no params, so its results could not be read back"):
+        write_results([Row(3, "mine", flops=2_000_000, acc1=81.5)], tmp_path)
+    assert (tmp_path / "results.json").read_text() == before
+    (back,) = load_results(tmp_path)
+    assert (back.id, back.name, back.flops, back.params, back.acc1) == (3, "mine", 2_000_000, 5_000_000, 81.5)
+
+
 def test_csv_keeps_text_that_int_or_float_would_read_as_a_number(tmp_path: Path) -> None:
     """An extra text cell such as "007", "1_000" or "+5" came back from results.csv as the number 7, 1000
     or 5 (int() takes them), though no number is written that way. Only a number's own written form is
