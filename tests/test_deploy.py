@@ -450,6 +450,31 @@ def test_profile_into_an_evaluation_of_some_stitches_is_refused_before_measuring
     main(args + ["--stitches", "0,1"])  # the stitches it lists: added to it
     assert all(r["latency_ms"] > 0 and r["acc1"] == 50.0 for r in json.loads((tmp_path / "results.json").read_text()))
 
+def test_profile_at_another_img_size_than_the_results_is_refused_first(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`snnet profile --img-size 48` into an evaluation's results.json (FLOPs at 32x32) merged latency measured at
+    48x48 onto rows priced at 32x32. Refused before any measuring, leaving the file as it was."""
+    from dataclasses import replace
+
+    from snnet.cli import main
+    from snnet.results import write_results
+
+    torch.manual_seed(0)
+    net = snnet.create_snnet(["snnet_tiny_resnet18", "snnet_tiny_resnet50"])
+    net.save_pretrained(tmp_path / "net")
+    write_results([replace(r, acc1=50.0, acc5=100.0) for r in deploy.merge_profile(None, net.costs(), [])], tmp_path / "out")
+    before = (tmp_path / "out" / "results.json").read_bytes()
+    args = ["profile", "--model", str(tmp_path / "net"), "--stitches", "0", "--repeats", "1", "--warmup", "0",
+            "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--img-size", "48"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "at input 3x48x48 it costs" in err and "another input size" in err
+    assert (tmp_path / "out" / "results.json").read_bytes() == before
+    main(args + ["--img-size", str(net.input_size[1])])  # the size the results were written at: added to them
+    assert json.loads((tmp_path / "out" / "results.json").read_text())[0]["latency_ms"] > 0
+
+
 # ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers
 
 

@@ -80,6 +80,20 @@ def profile(
 
     # results the measurements cannot be added to (a subset's evaluation, another network's) fail before any measuring
     check_base(existing, [net.stitch(k) for k in keys] if keys else net.space)
+    if existing is not None and size is not None:
+        from ..deploy.memory import check_input
+
+        check_input(net, [1], size, keys)  # a size it cannot take is said as such, not by pricing the stitches at it
+        priced = {c.id: c.flops for c in net.costs(size)}
+    else:
+        priced = {}
+    # latency measured at --img-size must not be added to rows priced at another input size (an evaluation's)
+    other = next((r for r in existing or [] if not r.is_comparison and r.id in priced and r.flops != priced[r.id]), None)
+    if other is not None:
+        raise SnnetError(f"{out / RESULTS_JSON} prices {other.name!r} at {human(other.flops)} FLOPs, but at input "
+                         f"{'x'.join(map(str, size or net.input_size))} it costs {human(priced[other.id])}: "
+                         "the results were written at another input size. Profile at theirs (drop or change --img-size) "
+                         "or into another --out")
     measured, settings = run_profile(net, batch_size, size, warmup, repeats, dev, threads, keys, progress, sizes)
     rows = merge_profile(existing, net.costs(size), measured)
     shown = [r.to_dict() for r in rows if r.latency_ms is not None]
