@@ -508,6 +508,17 @@ def _samples(client: httpx.Client) -> dict[tuple, float]:
 # =============================================================================== the command line
 
 
+def test_command_line_max_queue_is_not_held_to_the_image_max_batch(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from .conftest import _cli, _one_line
+
+    # --max-queue counts requests here, and --max-batch (16 by default) is not a language model's setting: a queue of 4
+    # passes (the image-only --max-wait-ms is then the one refused, before anything is loaded)
+    assert _cli("serve", "--model", str(saved), "--max-queue", "4", "--max-wait-ms", "5", "--port", "0") == 2
+    assert "--max-wait-ms is for image networks" in _one_line(capsys.readouterr().err)
+    assert _cli("serve", "--model", str(saved), "--max-queue", "0", "--port", "0") == 2
+    assert "--max-queue" in _one_line(capsys.readouterr().err)
+
+
 def test_command_line_serves_a_saved_lm(saved: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     bad = subprocess.run([sys.executable, "-m", "snnet", "serve", "--model", str(saved), "--max-batch", "4"], env=env,

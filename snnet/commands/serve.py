@@ -139,9 +139,13 @@ def serve(
     except ImportError as e:
         raise ServeError(f"snnet serve needs the `serve` extra ({e.name} is missing): pip install 'snnet[serve]'") from e
 
+    from ..deploy.serve.lm_engine import is_lm_folder
+
+    lm = model is not None and is_lm_folder(model)
     # Every setting is checked, and the port bound, before any network is built: one line, exit 2.
+    # (A language model's --max-queue counts requests and has no --max-batch to be at least: LMServeConfig checks it.)
     config = ServeConfig.from_mb(max_upload_mb, model="", slo_ms=50.0 if slo_ms is None else slo_ms, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                 max_queue=max_queue, max_pixels=max_pixels, resize=resize, stitch=stitch, policy=policy,
+                                 max_queue=max(max_queue, max_batch) if lm else max_queue, max_pixels=max_pixels, resize=resize, stitch=stitch, policy=policy,
                                  threads=threads, up_after=up_after, steady_cv2=steady_cv2, body_timeout_s=body_timeout,
                                  inline_max_images=inline_max_images, inline_max_ms=inline_max_ms,
                                  admin_token_file=str(admin_token_file) if admin_token_file else None, docs=docs)
@@ -157,15 +161,12 @@ def serve(
     if results is not None and not results.is_file():
         raise ServeError(f"--results {results} does not exist: give the results.json of `snnet eval` or `snnet profile`")
     read_admin_token(config.admin_token_file)
-    if model is not None:
-        from ..deploy.serve.lm_engine import is_lm_folder
+    if lm:
+        from .serve_lm import serve_lm
 
-        if is_lm_folder(model):
-            from .serve_lm import serve_lm
-
-            with _cleanup_on_signals():
-                return serve_lm(replace(config, model=str(model), results=str(results) if results else None), listen,
-                                slo_ms=slo_ms, tpot_ms=tpot_ms, ray=ray)
+        with _cleanup_on_signals():
+            return serve_lm(replace(config, model=str(model), results=str(results) if results else None), listen,
+                            slo_ms=slo_ms, tpot_ms=tpot_ms, ray=ray, max_queue=max_queue)
     if tpot_ms is not None:
         raise ServeError("--tpot-ms is for language models: give --model DIR, a folder written by StitchedLM.save_pretrained")
     if ray:

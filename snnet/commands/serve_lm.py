@@ -18,10 +18,11 @@ _IMAGE_ONLY = {"max_batch": "--max-batch", "max_wait_ms": "--max-wait-ms", "max_
                "inline_max_images": "--inline-max-images", "inline_max_ms": "--inline-max-ms"}
 
 
-def serve_lm(config: Any, listen: Any, *, slo_ms: float | None, tpot_ms: float | None, ray: bool) -> None:
+def serve_lm(config: Any, listen: Any, *, slo_ms: float | None, tpot_ms: float | None, ray: bool, max_queue: int | None = None) -> None:
     """Serve the language model of ``config.model`` on ``listen``. ``config`` is the image server's
     :class:`ServeConfig` as the command line made it (checked): the settings that mean the same are
-    taken from it, those for images alone must be left at their defaults."""
+    taken from it, those for images alone must be left at their defaults. ``max_queue``: the requests
+    waiting at most as given (the config's own is held to at least --max-batch, an image setting)."""
     import uvicorn
 
     from ..deploy.heap import freeze_heap
@@ -40,7 +41,7 @@ def serve_lm(config: Any, listen: Any, *, slo_ms: float | None, tpot_ms: float |
                          "is served by one process with one generation worker: drop "
                          f"{'it' if len(changed) == 1 else 'them'}")
     lm = LMServeConfig(model=config.model, results=config.results, slo_ms=DEFAULT_TTFT_MS if slo_ms is None else slo_ms,
-                       tpot_ms=tpot_ms, max_queue=config.max_queue, max_upload_bytes=config.max_upload_bytes,
+                       tpot_ms=tpot_ms, max_queue=config.max_queue if max_queue is None else max_queue, max_upload_bytes=config.max_upload_bytes,
                        stitch=config.stitch, threads=config.threads, body_timeout_s=config.body_timeout_s,
                        admin_token_file=config.admin_token_file, docs=config.docs)
     uv = dict(timeout_graceful_shutdown=listen.timeout_graceful_shutdown, log_level=listen.log_level,
