@@ -519,6 +519,15 @@ def test_command_line_max_queue_is_not_held_to_the_image_max_batch(saved: Path, 
     assert "--max-queue" in _one_line(capsys.readouterr().err)
 
 
+def test_command_line_refuses_steady_cv2(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from .conftest import _cli, _one_line
+
+    # the image controller's steady-arrivals setting has no meaning here: refused like the other image-only ones
+    # (with one of those, so that the command never serves)
+    assert _cli("serve", "--model", str(saved), "--max-wait-ms", "5", "--steady-cv2", "0.5", "--port", "0") == 2
+    assert "--max-wait-ms, --steady-cv2 are for image networks" in _one_line(capsys.readouterr().err)
+
+
 def test_command_line_serves_a_saved_lm(saved: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     bad = subprocess.run([sys.executable, "-m", "snnet", "serve", "--model", str(saved), "--max-batch", "4"], env=env,
