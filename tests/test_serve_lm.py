@@ -402,6 +402,15 @@ def test_bad_requests_get_one_line(client: httpx.Client, body: dict, status: int
     assert _complete(client, max_tokens=2).status_code == 200  # and the server goes on
 
 
+def test_max_tokens_null_beside_max_completion_tokens_is_not_both() -> None:
+    from snnet.deploy.serve.openai import parse_request
+
+    # null is the default, as for every other field: one of the two given is not "both"
+    messages = [{"role": "user", "content": "hi"}]
+    assert parse_request({"model": "m", "messages": messages, "max_tokens": None, "max_completion_tokens": 5}, True).max_tokens == 5
+    assert parse_request({"model": "m", "messages": messages, "max_tokens": 5, "max_completion_tokens": None}, True).max_tokens == 5
+
+
 def test_bad_bodies_and_chat_fields(client: httpx.Client) -> None:
     for raw in (b"{not json", b"[1, 2]", b""):
         r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})

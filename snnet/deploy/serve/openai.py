@@ -180,7 +180,7 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     need = "messages" if chat else "prompt"
     if need not in body:
         raise _bad(f"`{need}` is required", need)
-    if chat and "max_tokens" in body and "max_completion_tokens" in body:
+    if chat and body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:  # null: not given
         raise _bad("give `max_tokens` or `max_completion_tokens`, not both", "max_completion_tokens")
     values: dict[str, Any] = {}
     for name, v in body.items():
