@@ -426,6 +426,10 @@ def test_bad_bodies_and_chat_fields(client: httpx.Client) -> None:
     r = client.post("/v1/completions", content=b"x" * (2 ** 20 + 1), headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert _samples(client)[too_large] == before + 1  # answered by the body limits, before the app: counted all the same
+    err = r.json()["error"]  # ... and in OpenAI's error shape, as the app's own refusals on /v1
+    assert isinstance(err, dict) and "upload limit" in err["message"] and err["type"] == "invalid_request_error"
+    r = client.put("/stitch", content=b"x" * (2 ** 20 + 1))
+    assert r.status_code == 413 and isinstance(r.json()["error"], str)  # the image server's shape off /v1
 
 
 def test_pin_needs_the_admin_token(client: httpx.Client, saved: Path, reference: lm.StitchedLM) -> None:

@@ -93,11 +93,14 @@ def _reject(e: Rejected, metrics: Metrics) -> Response:
 
 class BodyLimits:
     """ASGI middleware: every request body within a size limit (by method and path) and a time limit.
-    ``refused`` is told of each request answered here (not by the app), to count it like the app's refusals."""
+    ``refused`` is told of each request answered here (not by the app), to count it like the app's refusals;
+    ``error`` gives the JSON body of such an answer from the path and the refusal (default ``{"error": reason}``;
+    the language-model server answers its /v1 routes in OpenAI's error shape, as its app does)."""
 
     def __init__(self, app: Any, limit: Callable[[str, str], int], timeout_s: float,
-                 refused: Callable[[Rejected], None] | None = None) -> None:
-        self.app, self.limit, self.timeout_s, self.refused = app, limit, timeout_s, refused
+                 refused: Callable[[Rejected], None] | None = None,
+                 error: Callable[[str, Rejected], Any] | None = None) -> None:
+        self.app, self.limit, self.timeout_s, self.refused, self.error = app, limit, timeout_s, refused, error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -118,10 +121,11 @@ class BodyLimits:
                 if declared is not None and (not declared.isdigit() or int(declared) > limit):
                     if not declared.isdigit():
                         return await self._answer(send, Rejected(400, f"Content-Length {declared.decode(errors='replace')!r} is not a number",
-                                                                      "bad_request"))
+                                                                      "bad_request"), path=scope["path"])
                     if headers.get(b"expect", b"").lower() != b"100-continue":  # the body is on its way: take it, drop it
                         await self._drain(receive)
-                    return await self._answer(send, Rejected(413, f"body of {int(declared)} bytes is {too_big}", "too_large"))
+                    return await self._answer(send, Rejected(413, f"body of {int(declared)} bytes is {too_big}", "too_large"),
+                                              path=scope["path"])
                 received = 0
 
                 async def limited() -> dict[str, Any]:
@@ -141,7 +145,7 @@ class BodyLimits:
         except TimeoutError:
             if not started:
                 await self._answer(send, Rejected(408, f"the request body did not arrive within {self.timeout_s:g} s "
-                                                       "(--body-timeout): send it at once", "timeout"), close=True)
+                                                       "(--body-timeout): send it at once", "timeout"), close=True, path=scope["path"])
         finally:
             release(scope)  # answered here (a 413 after its body was drained): it no longer waits for the ring
 
@@ -152,10 +156,10 @@ class BodyLimits:
             if message["type"] != "http.request" or not message.get("more_body"):
                 return
 
-    async def _answer(self, send: Send, e: Rejected, close: bool = False) -> None:
+    async def _answer(self, send: Send, e: Rejected, close: bool = False, path: str = "") -> None:
         if self.refused is not None:  # in /metrics like every refusal the app answers
             self.refused(e)
-        status, body = e.status, orjson.dumps({"error": e.reason})
+        status, body = e.status, orjson.dumps({"error": e.reason} if self.error is None else self.error(path, e))
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if close:
             headers.append((b"connection", b"close"))

@@ -48,12 +48,15 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(orjson.dumps(data), status, headers, media_type="application/json")
 
 
+def _error_body(e: Rejected, openai: bool) -> dict[str, Any]:
+    kind = "invalid_request_error" if e.status < 500 else "server_error"
+    return error_body(e.reason, getattr(e, "param", None), kind) if openai else {"error": e.reason}
+
+
 def _error(e: Rejected, engine: LMEngine, openai: bool = True) -> Response:
     """A refusal: OpenAI's error shape on /v1 routes, the image server's ``{"error": ...}`` elsewhere."""
     count_refusal(e, engine.metrics)
-    kind = "invalid_request_error" if e.status < 500 else "server_error"
-    body = error_body(e.reason, getattr(e, "param", None), kind) if openai else {"error": e.reason}
-    return _json(body, e.status, e.headers)
+    return _json(_error_body(e, openai), e.status, e.headers)
 
 
 def _sse(data: Any) -> bytes:
@@ -279,6 +282,7 @@ def create_lm_app(engine: LMEngine) -> FastAPI:
     def limit(method: str, path: str) -> int:
         return config.max_upload_bytes if path.startswith("/v1/") else ADMIN_BODY_LIMIT
 
-    # the refusals the middleware answers itself (413 by Content-Length, 408) counted like the app's
-    app.add_middleware(BodyLimits, limit=limit, timeout_s=config.body_timeout_s, refused=lambda e: count_refusal(e, engine.metrics))
+    # the refusals the middleware answers itself (413 by Content-Length, 408) counted like the app's, and in its shapes
+    app.add_middleware(BodyLimits, limit=limit, timeout_s=config.body_timeout_s, refused=lambda e: count_refusal(e, engine.metrics),
+                       error=lambda path, e: _error_body(e, path.startswith("/v1/")))
     return app
