@@ -402,6 +402,14 @@ def test_bad_requests_get_one_line(client: httpx.Client, body: dict, status: int
     assert _complete(client, max_tokens=2).status_code == 200  # and the server goes on
 
 
+def test_an_empty_stop_string_is_named_as_such() -> None:
+    from snnet.deploy.serve.openai import BadRequest, parse_request
+
+    for stop in ("", ["a", ""]):
+        with pytest.raises(BadRequest, match="must not be empty"):
+            parse_request({"model": "m", "prompt": "x", "stop": stop}, False)
+
+
 def test_max_tokens_null_beside_max_completion_tokens_is_not_both() -> None:
     from snnet.deploy.serve.openai import parse_request
 

@@ -81,8 +81,10 @@ def _stop(v: Any) -> tuple[str, ...]:
     stops = [v] if isinstance(v, str) else v
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise _bad(f"`stop` must be a string or a list of strings, got {_show(v)}", "stop")
-    if len(stops) > MAX_STOP or any(not s for s in stops):
-        raise _bad(f"`stop` takes at most {MAX_STOP} non-empty strings, got {len(stops)}", "stop")
+    if len(stops) > MAX_STOP:
+        raise _bad(f"`stop` takes at most {MAX_STOP} strings, got {len(stops)}", "stop")
+    if any(not s for s in stops):  # (its own message: "at most 4 ..., got 1" did not say what was wrong)
+        raise _bad("`stop` strings must not be empty: drop the empty one", "stop")
     return tuple(stops)
 
 
