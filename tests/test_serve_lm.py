@@ -419,6 +419,14 @@ def test_max_tokens_null_beside_max_completion_tokens_is_not_both() -> None:
     assert parse_request({"model": "m", "messages": messages, "max_tokens": 5, "max_completion_tokens": None}, True).max_tokens == 5
 
 
+def test_a_chat_prompt_filling_the_context_is_refused_for_what_it_is(client: httpx.Client) -> None:
+    # no max_tokens given: the default (the rest of the context) is none; the answer said "max_tokens asks for -152"
+    r = _complete(client, chat=True, messages=[{"role": "user", "content": "hello " * 40}])
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "messages" and "leaves none to generate" in err["message"], r.text
+    assert "max_tokens" not in err["message"]
+
+
 def test_bad_bodies_and_chat_fields(client: httpx.Client) -> None:
     for raw in (b"{not json", b"[1, 2]", b""):
         r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})

@@ -166,7 +166,10 @@ async def _complete(engine: LMEngine, request: Request, chat: bool) -> Response:
             raise BadRequest("the prompt is empty after tokenisation: give at least one token of text", "prompt")
         context = engine.context
         limit = req.max_tokens if req.max_tokens is not None else (context - n if chat else COMPLETIONS_DEFAULT_TOKENS)
-        if n + max(limit, 1) > context:
+        if limit < 1:  # chat's default, the rest of the context, is nothing: no max_tokens was asked for to lower
+            raise BadRequest(f"the prompt has {n} tokens: this model's context of {context} tokens leaves none to generate; "
+                             "shorten the messages", "messages")
+        if n + limit > context:
             raise BadRequest(f"the prompt has {n} tokens and max_tokens asks for {limit}: more than this model's context of "
                              f"{context} tokens; shorten the prompt or lower max_tokens",
                              "max_tokens" if req.max_tokens is not None and n < context else "prompt")
