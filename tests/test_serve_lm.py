@@ -427,6 +427,21 @@ def test_a_chat_prompt_filling_the_context_is_refused_for_what_it_is(client: htt
     assert "max_tokens" not in err["message"]
 
 
+def test_a_client_gone_mid_body_is_not_an_error_in_the_log(server: _Server, client: httpx.Client,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.ERROR):
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:  # 100 bytes promised, 4 sent, then gone
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"mo")
+            time.sleep(0.2)
+        assert _complete(client, max_tokens=2).status_code == 200  # the server goes on
+        time.sleep(0.2)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
 def test_bad_bodies_and_chat_fields(client: httpx.Client) -> None:
     for raw in (b"{not json", b"[1, 2]", b""):
         r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})

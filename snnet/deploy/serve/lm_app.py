@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ...errors import SnnetError, StitchNotFoundError
@@ -281,6 +282,10 @@ def create_lm_app(engine: LMEngine) -> FastAPI:
     @app.exception_handler(Rejected)
     async def _rejected(request: Request, e: Rejected) -> Response:  # raised while a body is read (413)
         return _error(e, engine, openai=request.url.path.startswith("/v1/"))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, e: ClientDisconnect) -> Response:  # the client left mid-body: nobody to answer,
+        return Response(status_code=400)  # and nothing broken (not an "Exception in ASGI application" traceback in the log)
 
     def limit(method: str, path: str) -> int:
         return config.max_upload_bytes if path.startswith("/v1/") else ADMIN_BODY_LIMIT
