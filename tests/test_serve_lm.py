@@ -442,6 +442,13 @@ def test_a_client_gone_mid_body_is_not_an_error_in_the_log(server: _Server, clie
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
+def test_unknown_routes_and_methods_in_the_error_shape(client: httpx.Client) -> None:
+    for r in (client.post("/v1/embeddings", json={}), client.get("/v1/completions")):  # 404, 405
+        assert r.status_code in (404, 405) and "/v1/completions" in r.json()["error"]["message"], r.text
+    r = client.get("/nowhere")
+    assert r.status_code == 404 and isinstance(r.json()["error"], str)  # the image server's shape off /v1
+
+
 def test_bad_bodies_and_chat_fields(client: httpx.Client) -> None:
     for raw in (b"{not json", b"[1, 2]", b""):
         r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})

@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -282,6 +283,14 @@ def create_lm_app(engine: LMEngine) -> FastAPI:
     @app.exception_handler(Rejected)
     async def _rejected(request: Request, e: Rejected) -> Response:  # raised while a body is read (413)
         return _error(e, engine, openai=request.url.path.startswith("/v1/"))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException) -> Response:  # Starlette's own 404, 405: the server's error shapes
+        routes = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, GET/PUT /stitch"
+        path = request.url.path
+        message = f"{e.detail}: {request.method} {path}; this server answers {routes}"
+        body = error_body(message, kind="invalid_request_error") if path.startswith("/v1/") else {"error": message}
+        return _json(body, e.status_code, e.headers)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, e: ClientDisconnect) -> Response:  # the client left mid-body: nobody to answer,
