@@ -372,7 +372,11 @@ def test_seed_repeats_a_sample(client: httpx.Client) -> None:
 
 @pytest.mark.parametrize("body, status, param", [
     ({"logprobs": 2}, 400, "logprobs"),
+    ({"logprobs": True}, 400, "logprobs"),
+    ({"presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"logit_bias": {"50256": -100}}, 400, "logit_bias"),
     ({"n": 2}, 400, "n"),
+    ({"n": 1.0}, 400, "n"),
     ({"best_of": 3}, 400, "best_of"),
     ({"max_tokens": "10"}, 400, "max_tokens"),
     ({"max_tokens": 0}, 400, "max_tokens"),
@@ -447,6 +451,17 @@ def test_unknown_routes_and_methods_in_the_error_shape(client: httpx.Client) -> 
         assert r.status_code in (404, 405) and "/v1/completions" in r.json()["error"]["message"], r.text
     r = client.get("/nowhere")
     assert r.status_code == 404 and isinstance(r.json()["error"], str)  # the image server's shape off /v1
+
+
+def test_unsupported_fields_at_their_defaults_are_served(client: httpx.Client) -> None:
+    """Clients send OpenAI's defaults explicitly (LangChain: "logprobs": false, "presence_penalty": 0): refused by name,
+    they could not talk to the server at all."""
+    defaults = {"logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "n": 1}
+    for chat in (False, True):
+        r = _complete(client, chat=chat, max_tokens=2, **defaults)
+        assert r.status_code == 200, r.text
+        r = _complete(client, chat=chat, max_tokens=2, **{k: None for k in defaults})
+        assert r.status_code == 200, r.text
 
 
 def test_bad_bodies_and_chat_fields(client: httpx.Client) -> None:

@@ -3,8 +3,8 @@
 :func:`parse_request` reads the JSON body of ``POST /v1/completions`` or ``POST
 /v1/chat/completions`` into a :class:`CompletionRequest`, checking every field the way OpenAI's
 API documents it; anything else is refused with one line that names the field (a :class:`Rejected`
-400): an unknown or unsupported field (``logprobs``, ``n`` other than 1 ...), a wrong type, a value
-out of range. :func:`completion`, :func:`chunk` and :func:`error_body` build the answers in
+400): an unknown field, an unsupported one other than at its default (``logprobs``, ``n`` other than
+1, ``presence_penalty`` other than 0 ...), a wrong type, a value out of range. :func:`completion`, :func:`chunk` and :func:`error_body` build the answers in
 OpenAI's shapes, so OpenAI's own client libraries read them; each answer also carries an
 ``snnet`` object (the stitch that served, its mode, the measured TTFT and TPOT).
 """
@@ -132,7 +132,7 @@ def _stream_options(v: Any) -> bool:
 
 
 def _n(v: Any) -> None:
-    if isinstance(v, bool) or v != 1:
+    if isinstance(v, bool) or not isinstance(v, int) or v != 1:  # 1.0 too: whole-number fields refuse floats
         raise _bad(f"`n` must be 1 (one completion per request), got {_show(v)}", "n")
 
 
@@ -148,6 +148,28 @@ def _bool(name: str) -> Callable[[Any], bool]:
         return v
     return check
 
+
+def _default_only(name: str, is_default: Callable[[Any], bool], default: str) -> Callable[[Any], None]:
+    """Fields this server does not implement, taken at their defaults only: clients (OpenAI's own, LangChain)
+    send ``"logprobs": false`` or ``"presence_penalty": 0`` explicitly, which a refusal by name broke."""
+    def check(v: Any) -> None:
+        if not is_default(v):
+            raise _bad(f"`{name}` is not supported here: only its default ({default}) is accepted, got {_show(v)}", name)
+    return check
+
+
+def _zero(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+
+
+# taken at their defaults (a null is the default and skipped before any check)
+_DEFAULT_ONLY: dict[str, tuple[None, Callable[[Any], Any]]] = {
+    "logprobs": (None, _default_only("logprobs", lambda v: v is False, "null or false")),
+    "top_logprobs": (None, _default_only("top_logprobs", _zero, "null or 0")),
+    "presence_penalty": (None, _default_only("presence_penalty", _zero, "0")),
+    "frequency_penalty": (None, _default_only("frequency_penalty", _zero, "0")),
+    "logit_bias": (None, _default_only("logit_bias", lambda v: v == {}, "null or {}")),
+}
 
 # field -> (CompletionRequest attribute or None, checker); fields that carry nothing here (n=1, user) map to None
 _COMMON: dict[str, tuple[str | None, Callable[[Any], Any]]] = {
@@ -174,7 +196,7 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
         raise _bad(f"the body must be a JSON object with `model` and `{'messages' if chat else 'prompt'}`, got {_show(body)}")
     known = _FIELDS[chat]
     for name in body:
-        if name != "model" and name not in known:
+        if name != "model" and name not in known and name not in _DEFAULT_ONLY:
             raise _bad(f"`{name}` is not supported by /v1/{what} here; it accepts: model, {', '.join(known)}", name)
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -188,7 +210,7 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     for name, v in body.items():
         if name == "model" or (v is None and name not in (need,)):
             continue  # null means the default, as OpenAI reads it
-        attr, check = known[name]
+        attr, check = known[name] if name in known else _DEFAULT_ONLY[name]
         checked = check(v)
         if attr is not None:
             values[attr] = checked
