@@ -387,15 +387,30 @@ def check_source(name_or_path: str | os.PathLike[str], split: str = "train",
     if name.lower() in FASHION_MNIST_NAMES:
         _locate_fashion_mnist(Path(root).expanduser() if root is not None else default_fashion_mnist_root(),
                               _fashion_mnist_split(split))
-    elif Path(name).expanduser().is_file() or not (_is_timm_name(name) or Path(name).expanduser().is_dir()):
+    elif Path(name).expanduser().is_file() or not (_is_timm_name(name, root) or Path(name).expanduser().is_dir()):
         raise _missing_folder(Path(name).expanduser())
     else:
+        if not Path(name).expanduser().is_dir():
+            _check_timm_root(name, root)
         _is_train(split)  # an unknown split name fails now too
 
 
-def _is_timm_name(name: str) -> bool:
-    """A name timm's create_dataset may know (``torch/cifar10``, ``imagenet``), rather than a path."""
-    return name.startswith(_TIMM_PREFIXES) or (os.sep not in name and "/" not in name and not Path(name).exists())
+def _is_timm_name(name: str, root: str | os.PathLike[str] | None = None) -> bool:
+    """A name timm's create_dataset may know (``torch/cifar10``, ``imagenet``), rather than a path.
+
+    timm reads a name without one of its prefixes (``imagenet``) from the folder or ``.tar`` at ``root``:
+    without a root such a name is a folder that does not exist (a typo), not a dataset timm can open."""
+    if name.startswith(_TIMM_PREFIXES):
+        return True
+    return root is not None and os.sep not in name and "/" not in name and not Path(name).exists()
+
+
+def _check_timm_root(name: str, root: str | os.PathLike[str] | None) -> None:
+    """Refuse a name without a timm prefix whose ``root`` (where timm reads it from) does not exist: timm's
+    own check is a bare ``assert``, which says nothing."""
+    if not name.startswith(_TIMM_PREFIXES) and root is not None and not Path(root).expanduser().exists():
+        raise DatasetError(f"dataset {name!r} is read from its root folder {root}, which does not exist: give the "
+                           "folder (or .tar) that holds it, or a timm dataset name such as 'torch/cifar10'")
 
 
 def _is_train(split: str) -> bool:
@@ -632,7 +647,8 @@ def build_dataset(
     if path.is_dir():
         dataset: Dataset = _image_folder(_image_folder_root(path, split), transform, image_mode(config),
                                          skip_unreadable, limit)
-    elif _is_timm_name(name):
+    elif _is_timm_name(name, root):
+        _check_timm_root(name, root)
         dataset = _timm_dataset(create_dataset, name, root, split, augment, download, transform)
     else:
         raise _missing_folder(path)

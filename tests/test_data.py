@@ -241,6 +241,27 @@ def test_empty_or_missing_dataset(tmp_path: Path) -> None:
         build_dataset(str(tmp_path / "missing" / "dir"), "train")
 
 
+def test_typoed_folder_name_is_called_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A bare name that is no folder (a typo) was passed to timm, which reads such a name from ``root``:
+    without one it said "TypeError: stat: path should be string ... not NoneType", with a missing one
+    "AssertionError"."""
+    from snnet.data import check_source
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match="dataset folder nonexist does not exist"):
+        check_source("nonexist", "val")
+    with pytest.raises(DatasetError, match="dataset folder nonexist does not exist"):
+        build_dataset("nonexist", "val", {"input_size": (3, 32, 32)})
+    with pytest.raises(DatasetError, match="root folder .*gone, which does not exist"):
+        check_source("imagenet", "val", root=tmp_path / "gone")
+    with pytest.raises(DatasetError, match="root folder .*gone, which does not exist"):
+        build_dataset("imagenet", "val", {"input_size": (3, 32, 32)}, root=tmp_path / "gone")
+    capsys.readouterr()
+    assert _run(["eval", "--data", "nonexist"]) != 0
+    assert "dataset folder nonexist does not exist" in _one_line(capsys.readouterr().err)
+
+
 @requires_fmnist
 def test_real_fashion_mnist_test_split() -> None:
     ds = build_dataset("fashion-mnist", "test")
