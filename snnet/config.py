@@ -46,7 +46,7 @@ __all__ = ["AMP_MODES", "CLIP_MODES", "CUTS", "DDP_GRADS", "DISTILL_TYPES", "EVA
            "RE_MODES", "ROS_GAP", "RULES", "SAMPLERS", "SCHEDULE_UNITS", "SECTIONS", "STITCH_SYNC", "TASKS", "UNPAIRED",
            "UNUSED_UPDATES", "DataConfig",
            "DistillConfig", "ModelConfig", "OptimConfig", "Rates", "RunConfig", "SamplingConfig", "ScheduleConfig",
-           "SpaceConfig", "TrainConfig", "flatten", "from_legacy", "leaf_paths", "merge", "nest", "read_yaml",
+           "SpaceConfig", "TrainConfig", "dump_yaml_text", "flatten", "from_legacy", "leaf_paths", "merge", "nest", "read_yaml",
            "setting_path"]
 
 # The choices of the settings that name one of a few things (the modules that implement them import these).
@@ -613,9 +613,7 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         """YAML of every setting, in the tree's order (:meth:`from_yaml` reads it back exactly)."""
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, width=1 << 16)
+        return dump_yaml_text(self.to_dict())
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -741,6 +739,25 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+# YAML 1.2's floats with an unsigned exponent (1e3, 1.5e3, -2E5), which jsonargparse's loader (`--config FILE`) reads as numbers
+# though PyYAML's YAML 1.1 resolver writes them bare as strings
+_FLOAT_OF_YAML_1_2 = r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"
+
+
+def dump_yaml_text(data: Any) -> str:
+    """``data`` as YAML, a text setting that reads as a number in YAML 1.2 (a folder named ``1e3``) quoted, so
+    that `--config` (jsonargparse's loader) reads the file back as it was written, not as a number."""
+    import re
+
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT_OF_YAML_1_2), list("-+0123456789"))
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, width=1 << 16)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -161,6 +161,18 @@ def test_print_config_gives_back_the_same_file(tmp_path, capsys, monkeypatch):
         assert "# snnet settings" in first and "learning rate" in first.splitlines()[0]  # the rates used, as a comment
 
 
+def test_print_config_quotes_a_text_setting_that_reads_as_a_number(tmp_path, capsys, monkeypatch):
+    """A folder named 1e3 was printed bare (`source: 1e3`, a string to PyYAML), and --config (jsonargparse's
+    YAML 1.2 loader) read it back as the number 1000.0: "--data.source: expected a text, got '1000.0'"."""
+    monkeypatch.chdir(tmp_path)
+    first = _printed(capsys, "train", "--data.source", "1e3", "--run.out_dir", "1.5e3", "--print-config")
+    assert "source: '1e3'" in first and "out_dir: '1.5e3'" in first
+    (tmp_path / "a.yaml").write_text(first)
+    assert _printed(capsys, "train", "--config", "a.yaml", "--print-config") == first
+    config = TrainConfig().override(source="1e3")
+    assert TrainConfig.from_yaml(_write(tmp_path / "b.yaml", config.to_yaml())) == config
+
+
 def test_layers_apply_in_order_whatever_their_order_on_the_line(tmp_path, capsys):
     mine = _write(tmp_path / "mine.yaml", "optim:\n  lr: 2.0e-03\ndata:\n  batch_size: 32\n")
     printed = _printed(capsys, "train", "--optim.lr", "1e-3", "--config", str(mine), "--recipe", "deit", "--print-config")

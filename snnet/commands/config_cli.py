@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from ..config import SECTIONS, TrainConfig, read_yaml
+from ..config import SECTIONS, TrainConfig, dump_yaml_text, read_yaml
 from ..errors import ConfigError
 
 __all__ = ["Legacy", "Parsed", "TRAIN_LEGACY", "dump_yaml", "normalise", "parse", "resume_command"]
@@ -339,8 +339,6 @@ def dump_yaml(config: TrainConfig, extra: Mapping[str, Any] | None = None, world
     """The settings as YAML for ``--print-config``: every value, the learning rates used as a comment.
 
     Only the values decide the text, so printing the file's own settings gives the file back."""
-    import yaml
-
     from ..model import expand_family
 
     lines = [f"# snnet settings (--config FILE takes this back); {config.describe_rates(world_size)}"]
@@ -353,7 +351,7 @@ def dump_yaml(config: TrainConfig, extra: Mapping[str, Any] | None = None, world
     data = config.to_dict()
     for name, section in (extra or {}).items():
         data[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
-    return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False, width=1 << 16)
+    return "\n".join(lines) + "\n" + dump_yaml_text(data)
 
 
 def resume_command(argv: Sequence[str], command: str, overwrite_set: bool) -> str:
