@@ -474,8 +474,9 @@ class ImageReader:
         return convert_image(img, self.mode)
 
 
-# Pillow's modes of 16-bit grayscale (PNG, TIFF): converted to "L" it clips every value above 255
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+# Pillow's modes of 16-bit grayscale (PNG, TIFF; "I": a 16-bit PGM, which Pillow scales to 0-65535 whatever its
+# maxval): converted to "L" it clips every value above 255
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def convert_image(img: Any, mode: str) -> Any:
@@ -487,7 +488,9 @@ def convert_image(img: Any, mode: str) -> Any:
     if img.mode in _SIXTEEN_BIT:
         import numpy as np
 
-        img = Image.fromarray((np.asarray(img, dtype=np.uint32) * 255 // 65535).astype(np.uint8), mode="L")
+        # "I" holds 32-bit integers: values outside 16 bits are clipped rather than wrapped around
+        pixels = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray((pixels * 255 // 65535).astype(np.uint8), mode="L")
     return img.convert(mode) if img.mode != mode else img
 
 

@@ -394,6 +394,11 @@ def test_a_folder_of_grayscale_pngs_feeds_a_one_channel_network(tmp_path: Path) 
     x, _ = build_dataset(tmp_path / "deep", "val", gray)[0]
     want = torch.from_numpy((deep.astype("int64") * 255 // 65535).astype("float32")) / 255
     assert torch.allclose(x[0], (want - 0.286) / 0.353, atol=1e-5)
+    # so is a 16-bit PGM (maxval 65535), which Pillow opens in mode "I" (it was clipped: nearly white)
+    (tmp_path / "pgm" / "c").mkdir(parents=True)
+    (tmp_path / "pgm" / "c" / "0.pgm").write_bytes(b"P5\n28 28\n65535\n" + deep.astype(">u2").tobytes())
+    x, _ = build_dataset(tmp_path / "pgm", "val", gray)[0]
+    assert torch.allclose(x[0], (want - 0.286) / 0.353, atol=1e-5)
     with pytest.raises(DatasetError, match="2-channel"):
         build_dataset(tmp_path / "l", "val", dict(gray, input_size=(2, 28, 28)))
 
