@@ -42,7 +42,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError, NotStitchableError
 
-__all__ = ["AMP_MODES", "CLIP_MODES", "CUTS", "DDP_GRADS", "DISTILL_TYPES", "EVAL_PROTOCOLS", "MIXUP_MODES", "OPTIMIZERS",
+__all__ = ["AMP_MODES", "CLIP_MODES", "CUTS", "DDP_GRADS", "DISTILL_TYPES", "EVAL_PROTOCOLS", "INTERPOLATIONS", "MIXUP_MODES", "OPTIMIZERS",
            "RE_MODES", "ROS_GAP", "RULES", "SAMPLERS", "SCHEDULE_UNITS", "SECTIONS", "STITCH_SYNC", "TASKS", "UNPAIRED",
            "UNUSED_UPDATES", "DataConfig",
            "DistillConfig", "ModelConfig", "OptimConfig", "Rates", "RunConfig", "SamplingConfig", "ScheduleConfig",
@@ -64,6 +64,9 @@ DISTILL_TYPES = ("soft", "hard")
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 MIXUP_MODES = ("batch", "pair", "elem")
 RE_MODES = ("const", "rand", "pixel")
+# timm's resize interpolations (timm.data.transforms.str_to_interp_mode), and its training transform's 'random'
+# (bilinear or bicubic, drawn per image), which 3-Augment's resize cannot take
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
 # how validation images are resized and cropped: the SN-Net authors' way, or the anchors' own timm data config
 EVAL_PROTOCOLS = ("paper", "timm")
 RULES = ("window", "forward")  # how block pairs are enumerated inside a stage (snnet.space)
@@ -176,6 +179,11 @@ class DataConfig:
         _need(self.re_splits >= 1, f"data.re_splits must be >= 1 (1: every image), got {self.re_splits}")
         _need(not (self.three_augment and (self.auto_augment or self.re_prob > 0)),
               "data.three_augment replaces timm's training transform: drop data.auto_augment and data.re_prob")
+        if self.interpolation:  # an unknown name failed only when the transform was built, 3-Augment's in a traceback
+            _one_of("data.interpolation", self.interpolation, INTERPOLATIONS)
+            _need(not (self.three_augment and self.interpolation == "random"),
+                  "data.three_augment resizes with one interpolation: give data.interpolation bicubic (its default), "
+                  "bilinear, ... not random")
         _need(self.repeated_aug >= 1, f"data.repeated_aug must be >= 1 (1 = off), got {self.repeated_aug}")
         _need(_finite(self.mixup) and _finite(self.cutmix),
               f"data.mixup and data.cutmix must be >= 0 and finite, got {self.mixup}, {self.cutmix}")

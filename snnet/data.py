@@ -535,7 +535,13 @@ def three_augment_transform(data_config: Mapping[str, Any], options: Mapping[str
 
     channels, size = int(data_config["input_size"][0]), tuple(data_config["input_size"][1:])
     jitter = float(options.get("color_jitter", 0.0) or 0.0)
-    steps = [T.Resize(size[0], interpolation=str_to_interp_mode(options.get("interpolation") or "bicubic")),
+    interpolation = options.get("interpolation") or "bicubic"
+    try:
+        resize_mode = str_to_interp_mode(interpolation)
+    except KeyError as e:  # timm's table of names ('random' is not in it: one resize of the short side)
+        raise DatasetError(f"3-Augment cannot resize with interpolation {interpolation!r}: give bicubic (its default), "
+                           "bilinear, nearest, box, hamming or lanczos") from e
+    steps = [T.Resize(size[0], interpolation=resize_mode),
              T.RandomCrop(size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip(),
              T.RandomChoice([T.Grayscale(channels), T.RandomSolarize(128, p=1.0), _RandomBlur()])]
     if jitter > 0:

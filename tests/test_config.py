@@ -74,6 +74,9 @@ def test_settings_are_named_by_path_or_by_their_unique_leaf_name():
     ({"task": "translation"}, "unknown task 'translation'"),
     ({"optim": [1, 2]}, "optim must be a mapping of settings"),
     ({"optim": {"optimizer": "sgd", "momentum": 0}}, "optim.nesterov needs optim.momentum > 0"),  # torch refused it at the first step
+    # an unknown interpolation failed only when the training transform was built, 3-Augment's in a KeyError traceback
+    ({"data": {"interpolation": "bogus"}}, "unknown data.interpolation 'bogus'; use one of nearest, bilinear"),
+    ({"data": {"three_augment": True, "interpolation": "random"}}, "data.three_augment resizes with one interpolation"),
 ])
 def test_bad_values_are_one_line_naming_the_setting(data, says):
     with pytest.raises(ConfigError) as e:

@@ -403,6 +403,16 @@ def test_a_folder_of_grayscale_pngs_feeds_a_one_channel_network(tmp_path: Path) 
         build_dataset(tmp_path / "l", "val", dict(gray, input_size=(2, 28, 28)))
 
 
+def test_three_augment_refuses_an_unknown_interpolation_in_one_line() -> None:
+    """3-Augment's resize looked its interpolation up in timm's table outside the transform's checks: KeyError."""
+    from snnet.data import image_transform
+
+    for bad in ("bogus", "random"):
+        with pytest.raises(DatasetError, match=f"3-Augment cannot resize with interpolation '{bad}'"):
+            image_transform(RGB32, True, {"three_augment": True, "interpolation": bad})
+    assert image_transform(RGB32, True, {"three_augment": True, "interpolation": "bilinear"}) is not None
+
+
 def test_a_class_folder_that_cannot_be_read_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torchvision says "Found no valid file" for a class folder it cannot list (chmod 000); snnet names the
     folder and the fix. Root reads any folder, so the refusal of the listing is simulated here (and real in
