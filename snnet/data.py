@@ -424,7 +424,8 @@ def _is_train(split: str) -> bool:
 
 def _image_folder_root(root: Path, split: str) -> Path:
     """Pick ``root/train``, ``root/val`` or ``root/test`` (and synonyms) as ``split`` asks if present, else
-    the other held-out folder (a test split reads ``val/`` when there is no ``test/``, and back), else ``root``."""
+    the other held-out folder (a test split reads ``val/`` when there is no ``test/``, and back), else ``root``;
+    a held-out split of a folder that has only ``train/`` is refused."""
     if _is_train(split):
         names: tuple[str, ...] = ("train", "training")
     elif _SPLIT_ALIASES[split] == "test":
@@ -434,7 +435,17 @@ def _image_folder_root(root: Path, split: str) -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
+    present = [f"{name}/" for name in _SPLIT_FOLDERS if (root / name).is_dir()]
+    # root itself would be read with its split folders as the classes: a held-out split would be the training
+    # images, all of class 'train' (a training split still reads it: calibration images need no labels)
+    if present and not _is_train(split):
+        raise DatasetError(f"{root} has {', '.join(present)} but no folder for the {split!r} split "
+                           f"({' or '.join(n + '/' for n in names)}): add it, or ask for a split the folder has")
     return root
+
+
+# the sub-folders of an image folder that hold a split (_image_folder_root), not a class
+_SPLIT_FOLDERS = ("train", "training", "val", "validation", "test", "eval")
 
 
 # PIL mode an image is converted to for a network of this many input channels (and the server's uploads)

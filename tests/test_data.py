@@ -231,6 +231,12 @@ def test_an_image_folder_with_val_and_test_gives_each_split_its_own(tmp_path: Pa
     assert sizes == {"train": 2, "val": 4, "validation": 4, "test": 6, "eval": 6}
     (tmp_path / "test").rename(tmp_path / "held-out")  # no test/: a test split is the validation folder, as before
     assert len(build_dataset(tmp_path, "test", config)) == 4
+    # a split the folder has no folder for was read from the folder itself: its split folders as one class each
+    # (snnet eval on a tree with only train/ said "has 1 classes", the class 'train')
+    (tmp_path / "val").rename(tmp_path / "held-out-too")
+    for split in ("val", "test"):
+        with pytest.raises(DatasetError, match=f"has train/ but no folder for the '{split}' split"):
+            build_dataset(tmp_path, split, config)
 
 
 def test_empty_or_missing_dataset(tmp_path: Path) -> None:
