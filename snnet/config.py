@@ -809,7 +809,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         at = f"{where}." if where else ""
-        hint = (_did_you_mean(str(unknown[0]), names, at)
+        leaf = setting_path(str(unknown[0])) if not where and "." not in str(unknown[0]) else None  # lr: at the top
+        hint = (_did_you_mean(str(unknown[0]), names, at) or (f" (did you mean {leaf}?)" if leaf else "")
                 or f"; {where or 'the configuration'} has {', '.join(names)}")
         raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(at + str(k) for k in unknown)}"
                           + hint)

@@ -212,6 +212,12 @@ def test_bad_command_lines_are_one_line(capsys, tmp_path, args, says):
 def test_a_bad_config_file_is_one_line_naming_it(capsys, tmp_path):
     bad = _write(tmp_path / "bad.yaml", "optim:\n  lrr: 3\n")
     assert "unknown setting optim.lrr in --config" in _refused(capsys, "train", "--config", str(bad))
+    # a setting's own name at the top of a file had no hint where it goes
+    flat = _write(tmp_path / "flat.yaml", "lr: 1.0e-3\n")
+    assert "unknown setting lr in --config" in (says := _refused(capsys, "train", "--config", str(flat)))
+    assert "(did you mean optim.lr?)" in says
+    with pytest.raises(ConfigError, match=r"unknown setting lr \(did you mean optim.lr\?\)"):
+        TrainConfig.from_dict({"lr": 1e-3})
     broken = _write(tmp_path / "broken.yaml", ": : :\n")
     assert "cannot be read as YAML" in _refused(capsys, "train", "--config", str(broken))
 

@@ -311,7 +311,11 @@ def _one_line(e: BaseException, configs: Sequence[str]) -> str:
     if m:
         import difflib
 
-        close = difflib.get_close_matches(m.group(1), _all_paths(), n=2)
+        from ..config import setting_path
+
+        # a setting's own name at the top of a file (lr: 1e-3) is its path's leaf, which difflib does not match
+        leaf = setting_path(m.group(1)) if "." not in m.group(1) else None
+        close = [leaf] if leaf and leaf != m.group(1) else difflib.get_close_matches(m.group(1), _all_paths(), n=2)
         where = f" in --config {', '.join(configs)}" if configs else ""
         return f"unknown setting {m.group(1)}{where}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
     m = re.search(r"[Uu]nrecognized arguments: (.*)", text)
