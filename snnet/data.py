@@ -783,9 +783,15 @@ def skipped_images(dataset: Dataset) -> tuple[tuple[str, str], ...]:
 def _timm_dataset(create_dataset: Any, name: str, root: str | os.PathLike[str] | None, split: str,
                   augment: bool, download: bool, transform: Any) -> Dataset:
     timm_split = "train" if _is_train(split) else "validation"
+    if root is None and name.lower().startswith("torch/"):  # torchvision's datasets take no root of None (TypeError)
+        raise DatasetError(f"dataset {name!r} is read from (or downloaded to) a folder: give it as --data.root DIR "
+                           "(snnet train) or root= in Python")
     try:
         return create_dataset(name, root=str(root) if root is not None else None, split=timm_split,
                               is_training=augment, download=download, transform=transform)
+    except ImportError as e:  # hfds/ needs `datasets`, tfds/ `tensorflow_datasets`, wds/ `webdataset`
+        raise DatasetError(f"dataset {name!r} needs the Python package {e.name or reason(e)!s}, which is not "
+                           f"installed: pip install {(e.name or '').replace('_', '-') or 'it'}") from e
     except (FileNotFoundError, RuntimeError, AssertionError, ValueError, TypeError) as e:
         hint = "" if download else " (download=True in Python fetches it, if it can be downloaded)"
         raise DatasetError(f"cannot open dataset {name!r} (root={root}, split={timm_split}): {reason(e)}{hint}") from e

@@ -268,6 +268,19 @@ def test_typoed_folder_name_is_called_missing(tmp_path: Path, monkeypatch: pytes
     assert "dataset folder nonexist does not exist" in _one_line(capsys.readouterr().err)
 
 
+def test_a_timm_dataset_that_cannot_be_read_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch/ names without a root said "TypeError: expected str, bytes or os.PathLike object, not NoneType";
+    hfds/ names without the `datasets` package ended in a ModuleNotFoundError traceback."""
+    import sys
+
+    with pytest.raises(DatasetError, match="'torch/cifar10' is read from .*a folder: give it as --data.root DIR"):
+        build_dataset("torch/cifar10", "val", RGB32)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.delitem(sys.modules, "timm.data.readers.reader_hfds", raising=False)
+    with pytest.raises(DatasetError, match="'hfds/x' needs the Python package datasets, .*pip install datasets"):
+        build_dataset("hfds/x", "val", RGB32)
+
+
 @requires_fmnist
 def test_real_fashion_mnist_test_split() -> None:
     ds = build_dataset("fashion-mnist", "test")
