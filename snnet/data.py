@@ -134,8 +134,8 @@ def _how_to_get_fashion_mnist(root: Path) -> str:
         f"Fashion-MNIST was not found in {root}: `apt-get install dataset-fashion-mnist` (installs to {_DEBIAN_ROOT}), "
         "or give a folder with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
         "t10k-labels-idx1-ubyte (optionally .gz) as `--data.root DIR` (snnet train, snnet demo; `--data-dir DIR` for "
-        "eval and stitches) or env SNNET_FASHION_MNIST=DIR; `snnet train/demo --data.download true` (download=True in "
-        "Python) fetches it with torchvision"
+        "snnet stitches) or env SNNET_FASHION_MNIST=DIR (every command); `snnet train/demo --data.download true` "
+        "(download=True in Python) fetches it with torchvision"
     )
 
 

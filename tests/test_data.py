@@ -128,7 +128,10 @@ def test_missing_folder_explains_how_to_get_it(tmp_path: Path) -> None:
     assert isinstance(info.value, SnnetError)
     assert "train-images-idx3-ubyte" in message
     assert "apt-get install dataset-fashion-mnist" in message
-    assert "--data.root DIR` (snnet train, snnet demo" in message and "`--data-dir DIR` for eval" in message
+    assert "--data.root DIR` (snnet train, snnet demo" in message and "`--data-dir DIR` for snnet stitches" in message
+    # snnet eval has no --data-dir (the message told it to use one): the env var is its way
+    assert "for eval" not in message and "SNNET_FASHION_MNIST=DIR (every command)" in message
+    assert _run(["eval", "--data-dir", str(tmp_path)]) == 2
     # one line, and the download option named with the commands that have it
     assert "\n" not in message and message.count("download") == message.count("snnet train/demo --data.download") + 1
 
