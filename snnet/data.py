@@ -173,6 +173,9 @@ def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> 
                 tmp.write(gzip.decompress(path.read_bytes()))
                 tmp.flush()
             out = read_sn3_pascalvincent_tensor(tmp.name if path.suffix == ".gz" else str(path), strict=True)
+    except PermissionError as e:  # the file may be whole: deleting it, as the message below says, would lose it
+        raise DatasetError(f"cannot read IDX file {path}: permission denied; make it readable (chmod u+r "
+                           f"'{path}')") from e
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a damaged body a zlib.error
         raise DatasetError(f"cannot read IDX file {path}: {e}; delete it and re-fetch it") from e
     except (AssertionError, KeyError, RuntimeError, ValueError, IndexError) as e:  # what torchvision's parser raises

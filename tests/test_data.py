@@ -114,6 +114,25 @@ def test_gzip_with_a_corrupt_body_is_refused_in_one_line(tmp_path: Path) -> None
     assert str(path) in str(info.value)
 
 
+def test_an_idx_file_that_cannot_be_read_for_permissions_is_not_called_damaged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole file this user may not read was met with "delete it and re-fetch it", which loses it. Root reads
+    any file, so the refusal is simulated."""
+    write_fake_fmnist(tmp_path)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    real = Path.read_bytes
+
+    def refusing(self: Path) -> bytes:
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refusing)
+    with pytest.raises(DatasetError, match="permission denied; make it readable") as info:
+        FashionMNIST(tmp_path, "test")
+    assert "delete" not in str(info.value) and str(path) in str(info.value)
+
+
 def test_label_count_mismatch(tmp_path: Path) -> None:
     write_fake_fmnist(tmp_path, gz=False)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(torch.zeros(3, dtype=torch.uint8)))
