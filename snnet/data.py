@@ -386,7 +386,7 @@ def _missing_folder(path: Path) -> DatasetError:
 def check_source(name_or_path: str | os.PathLike[str], split: str = "train",
                  root: str | os.PathLike[str] | None = None) -> None:
     """Fail fast — before any model is built — if a dataset is plainly not there (nothing is read or downloaded)."""
-    name = str(name_or_path)
+    name = _dataset_name(name_or_path)
     if name.lower() in FASHION_MNIST_NAMES:
         _locate_fashion_mnist(Path(root).expanduser() if root is not None else default_fashion_mnist_root(),
                               _fashion_mnist_split(split))
@@ -396,6 +396,16 @@ def check_source(name_or_path: str | os.PathLike[str], split: str = "train",
         if not Path(name).expanduser().is_dir():
             _check_timm_root(name, root)
         _is_train(split)  # an unknown split name fails now too
+
+
+def _dataset_name(name_or_path: str | os.PathLike[str]) -> str:
+    """The dataset's name, refused if empty: Path('') is the current folder, which was read as an image folder
+    (an unset variable in `--data "$DATA"`)."""
+    name = str(name_or_path)
+    if not name.strip():
+        raise DatasetError("the dataset name is empty: give 'fashion-mnist', an image folder (. for this one) or a "
+                           "timm dataset name such as 'torch/cifar10'")
+    return name
 
 
 def _is_timm_name(name: str, root: str | os.PathLike[str] | None = None) -> bool:
@@ -646,7 +656,7 @@ def build_dataset(
     unknown = sorted(set(options) - set(TRANSFORM_OPTIONS))
     if unknown:
         raise DatasetError(f"unknown transform option(s) {', '.join(unknown)}; use {', '.join(TRANSFORM_OPTIONS)}")
-    name = str(name_or_path)
+    name = _dataset_name(name_or_path)
     _check_limit(limit)
     path = Path(name).expanduser()
     if skip_unreadable and not path.is_dir():

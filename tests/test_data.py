@@ -274,6 +274,8 @@ def test_typoed_folder_name_is_called_missing(tmp_path: Path, monkeypatch: pytes
     """A bare name that is no folder (a typo) was passed to timm, which reads such a name from ``root``:
     without one it said "TypeError: stat: path should be string ... not NoneType", with a missing one
     "AssertionError"."""
+    from PIL import Image
+
     from snnet.data import check_source
 
     monkeypatch.chdir(tmp_path)
@@ -288,6 +290,14 @@ def test_typoed_folder_name_is_called_missing(tmp_path: Path, monkeypatch: pytes
     capsys.readouterr()
     assert _run(["eval", "--data", "nonexist"]) != 0
     assert "dataset folder nonexist does not exist" in _one_line(capsys.readouterr().err)
+    # an empty name (`--data "$DATA"`, the variable unset) was the current folder, read as an image folder
+    (tmp_path / "c0").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "c0" / "0.png")
+    for empty in ("", " "):
+        with pytest.raises(DatasetError, match="the dataset name is empty"):
+            check_source(empty, "val")
+        with pytest.raises(DatasetError, match="the dataset name is empty"):
+            build_dataset(empty, "val", {"input_size": (3, 32, 32)})
 
 
 def test_a_timm_dataset_that_cannot_be_read_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
