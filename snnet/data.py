@@ -305,6 +305,10 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
                 f"{paths[0]} / {paths[1]}: {tuple(images.shape)} images do not match "
                 f"{tuple(labels.shape)} labels of 28x28 Fashion-MNIST; re-fetch the files"
             )
+        if images.dtype != torch.uint8:  # pixels are normalised from 0-255: floats in [0, 1] would all be black
+            raise DatasetError(f"{paths[0]}: IDX pixels of type {str(images.dtype).removeprefix('torch.')}, "
+                               "Fashion-MNIST's are unsigned bytes 0-255 (IDX type 0x08); re-fetch the file or "
+                               "write it as bytes")
         if labels.numel() and int(labels.max()) >= self.num_classes:
             raise DatasetError(f"{paths[1]}: label {int(labels.max())} is out of range [0, 10)")
         images, labels = _select_split(self.split, images, labels)

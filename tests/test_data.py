@@ -133,6 +133,16 @@ def test_an_idx_file_that_cannot_be_read_for_permissions_is_not_called_damaged(
     assert "delete" not in str(info.value) and str(path) in str(info.value)
 
 
+def test_images_that_are_not_bytes_are_refused(tmp_path: Path) -> None:
+    """A float IDX file (type 0x0D, pixels in [0, 1]) was read and normalised as 0-255: every image near black."""
+    write_fake_fmnist(tmp_path, gz=False)
+    pixels = torch.rand(8, 28, 28)
+    header = bytes([0, 0, 0x0D, 3]) + struct.pack(">3I", 8, 28, 28)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(header + pixels.numpy().astype(">f4").tobytes())
+    with pytest.raises(DatasetError, match="IDX pixels of type float32, Fashion-MNIST's are unsigned bytes"):
+        FashionMNIST(tmp_path, "test")
+
+
 def test_label_count_mismatch(tmp_path: Path) -> None:
     write_fake_fmnist(tmp_path, gz=False)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(torch.zeros(3, dtype=torch.uint8)))
