@@ -625,8 +625,15 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        """A configuration file (every setting, or only some: the rest at their defaults)."""
-        return cls().merged(read_yaml(path))
+        """A configuration file (every setting, or only some: the rest at their defaults). A file that names its
+        recipe (``recipe: deit``, which `snnet train --config` reads as ``--recipe deit``) is laid over it."""
+        data = read_yaml(path)
+        base = data.pop("recipe", None)  # snnet.recipes.BASE_KEY
+        if base is not None:
+            from .recipes import recipe_config  # imported here: snnet.recipes builds on this module
+
+            return recipe_config(str(base)).merged(data)
+        return cls().merged(data)
 
     def merged(self, changes: Mapping[str, Any]) -> "TrainConfig":
         """A copy with the settings of a partial nested dict (a recipe, a config file) laid over these."""

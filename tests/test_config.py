@@ -176,6 +176,16 @@ def test_print_config_quotes_a_text_setting_that_reads_as_a_number(tmp_path, cap
     assert TrainConfig.from_yaml(_write(tmp_path / "b.yaml", config.to_yaml())) == config
 
 
+def test_from_yaml_reads_a_file_that_names_its_recipe_as_the_command_line_does(tmp_path, capsys):
+    """`recipe: deit` in a file is `--recipe deit` to `snnet train --config`; TrainConfig.from_yaml refused the
+    same file ("unknown setting recipe")."""
+    mine = _write(tmp_path / "mine.yaml", "recipe: deit\noptim:\n  lr: 1.0e-03\n")
+    config = TrainConfig.from_yaml(mine)
+    assert config == recipe_config("deit").override(lr=1e-3)
+    assert config == TrainConfig.from_dict(yaml.safe_load(_printed(capsys, "train", "--config", str(mine),
+                                                                   "--print-config")))
+
+
 def test_layers_apply_in_order_whatever_their_order_on_the_line(tmp_path, capsys):
     mine = _write(tmp_path / "mine.yaml", "optim:\n  lr: 2.0e-03\ndata:\n  batch_size: 32\n")
     printed = _printed(capsys, "train", "--optim.lr", "1e-3", "--config", str(mine), "--recipe", "deit", "--print-config")
