@@ -243,6 +243,16 @@ def test_decode_refuses_other_sizes_when_not_resizing() -> None:
     assert e.value.status == 413 and "4096 pixels" in e.value.reason
 
 
+def test_a_16_bit_png_is_read_as_a_folder_reads_it() -> None:
+    """A 16-bit grayscale PNG at mid-grey: Pillow's convert clipped it to white (254), so the server classified
+    another image than `snnet eval` on a folder holding the same file (127)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(buf, format="PNG")
+    for channels in (1, 3):
+        pixels = np.asarray(decode_image(buf.getvalue(), (channels, 32, 32)))
+        assert pixels.mean() == pytest.approx(127, abs=1), channels
+
+
 def test_max_pixels_above_pillows_own_limit_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     """--max-pixels 400M: an image of 225M pixels (over twice Pillow's default limit, which Pillow refuses at
     open) is within it; it was refused with 413 "send at most 400000000 pixels". Refused here only as damaged

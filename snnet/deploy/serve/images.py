@@ -42,7 +42,7 @@ try:
 except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - a torchvision without them: every image through Pillow
     decode_png = None
 
-from ...data import image_transform
+from ...data import convert_image, image_transform
 from .rejected import Rejected
 
 __all__ = ["ARRAY_TYPES", "Preprocess", "decode_image", "first_line", "read_array"]
@@ -87,7 +87,7 @@ def decode_image(data: bytes, input_size: Sequence[int], *, resize: bool = True,
         raise Rejected(400, f"image data is truncated or corrupt ({first_line(e)}): send the whole file", "truncated") from e
     if mode is None:
         raise Rejected(422, f"this network takes {channels}-channel input; only 1 (grayscale) or 3 (RGB) can be served", "wrong_size")
-    return img.convert(mode) if img.mode != mode else img
+    return convert_image(img, mode)  # as a folder's images are read: 16-bit grey scaled, not clipped to white
 
 
 class Preprocess:
