@@ -625,14 +625,12 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        """A configuration file (every setting, or only some: the rest at their defaults). A file that names its
-        recipe (``recipe: deit``, which `snnet train --config` reads as ``--recipe deit``) is laid over it."""
+        """A configuration file (every setting, or only some: the rest at their defaults). A file that names
+        its recipe (``recipe: deit``) is read by :func:`snnet.recipes.read_config`, which lays it over it."""
         data = read_yaml(path)
-        base = data.pop("recipe", None)  # snnet.recipes.BASE_KEY
-        if base is not None:
-            from .recipes import recipe_config  # imported here: snnet.recipes builds on this module
-
-            return recipe_config(str(base)).merged(data)
+        if "recipe" in data:  # snnet.recipes.BASE_KEY; the recipes build on this module, which does not read them
+            raise ConfigError(f"{path} names recipe {data['recipe']!r}: read it with snnet.recipes.read_config, which lays "
+                              "it over that recipe (as snnet train --config does)")
         return cls().merged(data)
 
     def merged(self, changes: Mapping[str, Any]) -> "TrainConfig":

@@ -176,11 +176,15 @@ def test_print_config_quotes_a_text_setting_that_reads_as_a_number(tmp_path, cap
     assert TrainConfig.from_yaml(_write(tmp_path / "b.yaml", config.to_yaml())) == config
 
 
-def test_from_yaml_reads_a_file_that_names_its_recipe_as_the_command_line_does(tmp_path, capsys):
+def test_a_file_that_names_its_recipe_is_read_as_the_command_line_reads_it(tmp_path, capsys):
     """`recipe: deit` in a file is `--recipe deit` to `snnet train --config`; TrainConfig.from_yaml refused the
-    same file ("unknown setting recipe")."""
+    same file with "unknown setting recipe": it now says which function reads it, and that one does."""
+    from snnet.recipes import read_config
+
     mine = _write(tmp_path / "mine.yaml", "recipe: deit\noptim:\n  lr: 1.0e-03\n")
-    config = TrainConfig.from_yaml(mine)
+    with pytest.raises(ConfigError, match="names recipe 'deit': read it with snnet.recipes.read_config"):
+        TrainConfig.from_yaml(mine)
+    config = read_config(mine)
     assert config == recipe_config("deit").override(lr=1e-3)
     assert config == TrainConfig.from_dict(yaml.safe_load(_printed(capsys, "train", "--config", str(mine),
                                                                    "--print-config")))

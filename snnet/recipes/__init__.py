@@ -30,7 +30,7 @@ from ..config import TrainConfig, merge, read_yaml
 from ..errors import SnnetError
 
 __all__ = ["BASE_KEY", "RECIPES_DIR", "Recipe", "RecipeError", "get_recipe", "load_recipe", "recipe_config", "recipe_layers",
-           "recipe_names", "recipe_path"]
+           "recipe_names", "recipe_path", "read_config"]
 
 RECIPES_DIR = Path(__file__).parent
 BASE_KEY = "recipe"
@@ -83,6 +83,14 @@ def recipe_config(name: str | None, base: TrainConfig | None = None) -> TrainCon
     """``base`` (default: the tree's defaults) with recipe ``name`` laid over it (None: ``base`` itself)."""
     base = base if base is not None else TrainConfig()
     return base if name is None else base.merged(load_recipe(name))
+
+
+def read_config(path: str | Path) -> TrainConfig:
+    """A configuration file laid over the recipe it names (``recipe: NAME``), if it names one, else over the
+    tree's defaults: the file as ``snnet train --config`` reads it."""
+    data = read_yaml(path)
+    base = data.pop(BASE_KEY, None)
+    return recipe_config(None if base is None else str(base)).merged(data)
 
 
 class Recipe:
