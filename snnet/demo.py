@@ -37,6 +37,7 @@ from .anchors import AnchorSpec
 from .config import TrainConfig
 from .errors import ConfigError, SnnetError
 from .evaluate import evaluate
+from .io import atomic_write
 from .recipes import recipe_config
 from .results import (FrontComparison, Row, check_writable, compare_fronts, format_results, frontier, mark_pareto,
                       network_rows, write_results)
@@ -436,7 +437,8 @@ def _report(s: DemoResult, out: Path, echo: Callable[[str], Any]) -> None:
     summary |= {"max_frontier_gap": s.max_frontier_gap, "anchors_kept": s.anchors_kept,
                 "anchors_not_hurt": s.anchors_not_hurt, "frontier_filled": s.frontier_filled,
                 "widest_gap_between": [list(p) for p in s.widest_gap_between], "verdict": verdict_lines(s)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(out / "summary.json", lambda p: p.write_text(text))  # as every other file of the run: never half written
     echo(f"\nwrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'pareto.html'}, {out / 'pareto.png'}, "
          f"{out / 'summary.json'} in {s.seconds['total']:.0f}s")
 

@@ -558,6 +558,11 @@ def test_cli_converts_a_reference_file_into_the_reference_networks(tmp_path, cap
     assert check_every_reference_network(net, deit_configs(4), deit_forward(ms, state), X) == 23
     code, io = _run(["convert", "--from-reference", str(ckpt), "--anchors", ",".join(TINY_VITS), "--out", str(out)], capsys)
     assert code == 2 and "already holds" in io.err  # a second conversion into the same folder is refused
+    (out / "config.json").unlink()  # the weights alone (a save cut before its config): replaced without a word before
+    weights = (out / "model.safetensors").read_bytes()
+    code, io = _run(["convert", "--from-reference", str(ckpt), "--anchors", ",".join(TINY_VITS), "--out", str(out)], capsys)
+    assert code == 2 and "already holds a saved network (model.safetensors)" in io.err
+    assert (out / "model.safetensors").read_bytes() == weights
 
 
 def test_cli_converts_an_snnetv2_file(tmp_path, capsys):

@@ -60,8 +60,9 @@ def _check_out(out: Path) -> None:
     a network, or a place nothing can be written."""
     if out.exists() and not out.is_dir():
         raise SnnetError(f"--out {out} is a file; give a folder for the converted network")
-    if (out / "config.json").exists():
-        raise SnnetError(f"{out} already holds a saved network; choose another --out")
+    held = [name for name in ("config.json", "model.safetensors") if (out / name).exists()]
+    if held:  # the weights alone too (a save interrupted before its config, or copied by hand): they would be replaced
+        raise SnnetError(f"{out} already holds a saved network ({', '.join(held)}); choose another --out")
     parent = next(p for p in [out, *out.parents] if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SnnetError(f"cannot write to {out}: {parent} is not a writable folder; choose another --out")
