@@ -165,3 +165,34 @@ def test_a_ramp_at_no_rate_is_refused_with_a_value_error_as_a_gamma_trace_is() -
     with pytest.raises(ValueError, match="must be > 0"):
         loadgen.trace("gamma-cv1", 0.0, 5.0)
     assert loadgen.ramp_times(0.0, 50.0, 2.0)  # a ramp from nothing is fine
+
+
+def test_closed_loop_against_a_server_that_hangs_or_goes_misses_and_then_stops_in_one_error() -> None:
+    """A server that never answers held a closed loop for ever (no timeout); one that stopped taking connections
+    made the reconnect's OSError escape from inside gather, the other connections left open."""
+    import pytest
+
+    from snnet.errors import ServeError
+
+    async def main(answer: bool) -> list[loadgen.Result]:
+        server: asyncio.AbstractServer | None = None
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                if not answer:
+                    await asyncio.sleep(30)  # hangs
+                server.close()  # answers nothing and takes no more connections: gone
+            except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+                pass
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        return await loadgen.closed_loop("127.0.0.1", port, [loadgen.make_body("/predict")], 1, 0.6 if not answer else 5.0,
+                                         warmup=0.0, timeout=0.2)
+
+    hung = asyncio.run(main(answer=False))
+    assert hung and {r.status for r in hung} == {0} and all(150 <= r.ms < 2000 for r in hung)
+    with pytest.raises(ServeError, match="no longer takes connections"):
+        asyncio.run(main(answer=True))

@@ -124,32 +124,44 @@ def run(coro: Callable[[], Any]) -> Any:
 
 
 async def closed_loop(host: str, port: int, bodies: Sequence[Body], clients: int, seconds: float,
-                      warmup: float = 1.0) -> list[Result]:
+                      warmup: float = 1.0, timeout: float = 120.0) -> list[Result]:
     """Each of ``clients`` connections sends the next request when the last is answered, for
-    ``warmup`` + ``seconds``; the results of the last ``seconds`` (t from their start)."""
-    conns = [await Connection.open(host, port) for _ in range(clients)]
+    ``warmup`` + ``seconds``; the results of the last ``seconds`` (t from their start). A request not
+    answered within ``timeout`` s is a miss (status 0) on a new connection; a server that no longer takes
+    connections ends the run with a :class:`~snnet.errors.ServeError` (every connection closed)."""
+    from ..errors import ServeError
+
+    conns: list[Connection] = []
     results: list[Result] = []
-    t0 = time.perf_counter()
-    start, end = t0 + warmup, t0 + warmup + seconds
 
     async def loop(k: int, conn: Connection) -> None:
         i = k
         while (now := time.perf_counter()) < end:
             body = bodies[i % len(bodies)]
             try:
-                status, data = await conn.send(body.raw)
-            except (OSError, asyncio.IncompleteReadError):
+                status, data = await asyncio.wait_for(conn.send(body.raw), timeout)
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
                 status, data = 0, b""
                 conn.close()
-                conn = conns[k] = await Connection.open(host, port)  # in the list, so that it is closed at the end
+                try:
+                    conn = conns[k] = await Connection.open(host, port)  # in the list, so that it is closed at the end
+                except OSError as e:  # the server is gone: a traceback from inside gather, the other connections left open
+                    raise ServeError(f"the server at {host}:{port} no longer takes connections ({e.strerror or e}): "
+                                     "it stopped or crashed during the load") from e
             done = time.perf_counter()
             if now >= start:
                 results.append(Result(now - start, (done - now) * 1e3, status, body.images, data))
             i += clients
 
-    await asyncio.gather(*(loop(k, c) for k, c in enumerate(conns)))
-    for c in conns:
-        c.close()
+    try:
+        for _ in range(clients):
+            conns.append(await Connection.open(host, port))
+        t0 = time.perf_counter()
+        start, end = t0 + warmup, t0 + warmup + seconds
+        await asyncio.gather(*(loop(k, c) for k, c in enumerate(conns)))
+    finally:
+        for c in conns:
+            c.close()
     return results
 
 
