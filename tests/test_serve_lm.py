@@ -232,6 +232,9 @@ def test_timing_runs_measure_every_stitch(saved: Path) -> None:
         assert len(lengths) == 2 and 1 <= lengths[0] < lengths[1] <= 64 - 4
         assert t.tpot_ms > 0 and all(ms > 0 for _, ms in t.first_ms)
     assert net.active.id == before  # the active stitch is left as it was
+    for tokens in (64, 70):  # no room for a prompt: one line, not torch's "negative dimension" from randint
+        with pytest.raises(ServeError, match="give profile_tokens of at most 63"):
+            time_stitches(net, [0], tokens=tokens, repeats=1, progress=False)
 
 
 def test_chat_prompt_through_the_template_or_refused(saved: Path) -> None:

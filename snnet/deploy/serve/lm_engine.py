@@ -268,6 +268,9 @@ def time_stitches(net: Any, stitches: Sequence[int], *, tokens: int = 16, repeat
 
     context = max_context(net)
     tok = net.tokenizer
+    if context - tokens < 1:  # room for a prompt of 1 token and the ones generated (else a negative length in torch)
+        raise ServeError(f"cannot time generations of {tokens} tokens within the model's context of {context} tokens: "
+                         f"give profile_tokens of at most {context - 1}")
     if lengths is None:
         lengths = sorted({min(8, context - tokens), max(1, min(128, context - tokens - 1))})
     gen = torch.Generator().manual_seed(0)
