@@ -7,8 +7,8 @@ save space per extra plot but breaks as soon as the HTML is moved without its ``
 The PNG is drawn with matplotlib (plotly's own image export needs kaleido and a browser).
 
 Zoo rows (individually trained networks, :mod:`snnet.zoo`) are drawn beside the stitches: one
-legend entry per zoo family (a click hides it; a click on the group's title hides the whole zoo),
-muted and beneath the stitched network's points, with the zoo's own frontier as a dashed line.
+legend entry per zoo family (a click hides that family; the group's title only labels the zoo: with
+``groupclick="toggleitem"`` plotly.js gives a group title no click), muted and beneath the stitched network's points, with the zoo's own frontier as a dashed line.
 With a zoo every dot's area is proportional to the network's parameters, and a cost axis
 that spans more than two decades turns logarithmic. Zoo models have no latency or memory measured
 on this device, so a plot against those leaves them out and says so in its title.

@@ -83,3 +83,25 @@ def test_the_png_leaves_the_callers_matplotlib_backend_and_figures_alone(tmp_pat
     finally:
         plt.close("all")
         plt.switch_backend(before)
+
+
+def test_the_docs_promise_no_legend_group_title_click_the_figure_does_not_have(tmp_path: Path) -> None:
+    # with legend.groupclick "toggleitem" (a click on a zoo family hides that family alone) plotly.js
+    # draws no click target on a legend group's title: a click on "zoo: ..." hides nothing
+    import json
+
+    import snnet.plot
+
+    from snnet.zoo import load_zoo
+
+    html = plot_pareto([*_results(), *load_zoo("fmnist")[:3]], tmp_path / "p.html")[0].read_text()
+    start = re.search(r'Plotly\.newPlot\(\s*"[^"]+",\s*', html)
+    decoder = json.JSONDecoder()
+    _, end = decoder.raw_decode(html, start.end())
+    layout, _ = decoder.raw_decode(html, re.search(r",\s*", html[end:]).end() + end)
+    assert layout["legend"]["groupclick"] == "toggleitem"
+    assert any(t.get("legendgrouptitle") for t in _traces(html))
+    docs = Path(__file__).resolve().parents[1] / "docs" / "zoo.md"
+    for text in (snnet.plot.__doc__, docs.read_text()):
+        flat = " ".join(text.split())
+        assert not re.search(r"click on the (zoo's )?group'?s? title hides", flat), flat
