@@ -252,8 +252,11 @@ def network_rows(rows: Iterable[Any]) -> list[Any]:
 def _staircase(points: Sequence[tuple[float, float, tuple]]) -> list[int]:
     """Positions of the frontier among ``(cost, accuracy, tie-break)`` points, by increasing cost:
     sweeping by cost (ties: higher accuracy, then the tie-break), each point more accurate than
-    everything before it. The one rule behind :func:`frontier` and :func:`front_rows`."""
-    order = sorted(range(len(points)), key=lambda k: (points[k][0], -points[k][1], points[k][2]))
+    everything before it. The one rule behind :func:`frontier` and :func:`front_rows`. A point with a NaN
+    cost or accuracy (not measured) is never on it, and is left out before sorting: NaN compares false
+    with everything, so among the sort keys it put rows of one cost out of order (a dominated one on the front)."""
+    measured = [k for k, (cost, acc, _) in enumerate(points) if not (math.isnan(cost) or math.isnan(acc))]
+    order = sorted(measured, key=lambda k: (points[k][0], -points[k][1], points[k][2]))
     front, best = [], -math.inf
     for k in order:
         if points[k][1] > best:

@@ -105,3 +105,20 @@ def test_the_docs_promise_no_legend_group_title_click_the_figure_does_not_have(t
     for text in (snnet.plot.__doc__, docs.read_text()):
         flat = " ".join(text.split())
         assert not re.search(r"click on the (zoo's )?group'?s? title hides", flat), flat
+
+
+def test_a_nan_top1_does_not_put_a_dominated_stitch_on_the_plotted_frontier(tmp_path: Path) -> None:
+    import math
+
+    from snnet.results import frontier
+
+    def row(i: int, name: str, flops: int, acc: float, anchor: bool = False) -> Row:
+        return Row(i, name, flops, 10 * flops, acc, acc + 10, 1.0, 50, anchor)
+
+    # s3 and s1 cost the same; s1 is more accurate, s2's top-1 was not measured
+    rows = [row(0, "t", 50, 40.0, True), row(3, "s3", 100, 50.0), row(2, "s2", 100, math.nan), row(1, "s1", 100, 60.0),
+            row(4, "b", 200, 70.0, True)]
+    assert [r.name for r in frontier(rows)] == ["t", "s1", "b"]
+    assert [r.name for r in mark_pareto(rows) if r.pareto] == ["t", "s1", "b"]
+    front = next(t for t in _traces(plot_pareto(rows, tmp_path / "p.html")[0].read_text()) if t["name"] == "Pareto frontier")
+    assert front["x"] == [50, 100, 200] and front["y"] == [40.0, 60.0, 70.0]
