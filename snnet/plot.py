@@ -84,19 +84,20 @@ class _Groups:
     def title(self, x: str, xlabel: str, n_network: int) -> str:
         metric = Y_AXES.get(self.y, self.y).split(" (")[0]
         beside = [f"the authors' {src} ({len(rows)} networks)" for src, rows in self.references.items()]
-        beside += [f"zoo {', '.join(self.sources)} ({len(self.zoo)} models)"] if self.sources else []
+        # a zoo none of whose models is drawn (no latency for them) is not named as what the network is plotted beside
+        beside += [f"zoo {', '.join(self.sources)} ({len(self.zoo)} models)"] if self.zoo else []
+        omitted = [f"{n} {what}" for n, what in ((self.zoo_omitted, "zoo models"),
+                                                  (self.reference_omitted, "reference networks")) if n]
         # a published table plotted as the network (`snnet eval --results reference:deit`): the paper's figure
         sources = {str(r.value("source")) for r in [*self.anchors, *self.stitches]}
         published = sources.pop() if len(sources) == 1 and next(iter(sources)).startswith("reference:") else None
         if published:
             net = f"SN-Net as its authors published it ({published}, {n_network} networks)"
-        elif not beside:
+        elif not beside and not omitted:
             return f"SN-Net: {metric} vs {xlabel} ({n_network} networks)"
         else:
             net = f"SN-Net ({n_network} networks)"
         text = f"{net} vs {' and '.join(beside)}: {metric} vs {xlabel}" if beside else f"{net}: {metric} vs {xlabel}"
-        omitted = [f"{n} {what}" for n, what in ((self.zoo_omitted, "zoo models"),
-                                                  (self.reference_omitted, "reference networks")) if n]
         if omitted:
             text += f" - {' and '.join(omitted)} left out: no {x} measured for them on this device"
         return text

@@ -243,6 +243,19 @@ def test_latency_plot_leaves_zoo_models_out_and_says_so(tmp_path: Path) -> None:
     assert "1 zoo models left out: no latency_ms measured" in text
 
 
+def test_a_plot_that_draws_no_zoo_model_is_not_titled_as_beside_the_zoo(tmp_path: Path) -> None:
+    # every zoo model left out of a latency plot: its title read "SN-Net (6 networks) vs zoo f (0 models)"
+    from dataclasses import replace
+
+    from snnet.plot import plot_pareto
+
+    timed = [replace(r, latency_ms=r.flops / 100) for r in _net_rows()] + [_zoo_row("z", 120, 99.0)]
+    (html,) = plot_pareto(timed, tmp_path / "lat.html", x="latency_ms")
+    text = html.read_text()
+    assert "0 models" not in text and " vs zoo " not in text
+    assert "1 zoo models left out: no latency_ms measured" in text
+
+
 # ------------------------------------------------------------------ snnet eval --zoo
 
 
