@@ -79,7 +79,8 @@ class _Groups:
         compared = [r for rows in self.references.values() for r in rows]
         shown = [r.value(x) for r in [*network, *self.zoo, *compared] if r.value(x) is not None and r.value(x) > 0]
         self.log_x = bool(self.zoo or self.references) and bool(shown) and max(shown) > _LOG_SPAN * min(shown)
-        self.max_params = max((r.params for r in [*network, *self.zoo]), default=1) or 1
+        # every sized dot (the reference rows' too) on one scale: the largest network's is _MAX_DOT
+        self.max_params = max((r.params for r in [*network, *self.zoo, *compared]), default=1) or 1
 
     def title(self, x: str, xlabel: str, n_network: int) -> str:
         metric = Y_AXES.get(self.y, self.y).split(" (")[0]

@@ -122,3 +122,22 @@ def test_a_nan_top1_does_not_put_a_dominated_stitch_on_the_plotted_frontier(tmp_
     assert [r.name for r in mark_pareto(rows) if r.pareto] == ["t", "s1", "b"]
     front = next(t for t in _traces(plot_pareto(rows, tmp_path / "p.html")[0].read_text()) if t["name"] == "Pareto frontier")
     assert front["x"] == [50, 100, 200] and front["y"] == [40.0, 60.0, 70.0]
+
+
+def test_with_a_zoo_no_dot_is_larger_than_the_largest_size_the_reference_rows_included(tmp_path: Path) -> None:
+    # the dots' scale was set by the network's and the zoo's params alone: a reference table of larger
+    # networks drew diamonds past the largest size (79 px against 40 for deit beside a small zoo)
+    from dataclasses import replace
+
+    from snnet.plot import _MAX_DOT
+
+    net = _results()
+    zoo = [replace(r, id=None, name=f"z{k}", kind="zoo", is_anchor=False, extra={"source": "z", "family": "f"})
+           for k, r in enumerate(net[:2])]
+    ref = [replace(r, kind="reference", params=100 * r.params, extra={"source": "reference:t", "ref_id": r.id})
+           for r in net]
+    traces = _traces(plot_pareto([*net, *zoo, *ref], tmp_path / "p.html")[0].read_text())
+    largest = {t["name"]: 2 * max(t["marker"]["size"]) / t["marker"]["sizeref"]
+               for t in traces if isinstance(t.get("marker", {}).get("size"), list) and t["marker"]["size"]}
+    assert "reference:t" in largest  # area sizeref: diameter**2 = 2 * size / sizeref
+    assert max(largest.values()) ** 0.5 == pytest.approx(_MAX_DOT)
