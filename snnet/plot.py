@@ -111,14 +111,18 @@ def _hover(r: Row, x: str) -> str:
         lines = [f"<b>{r.name}</b>", f"{r.value('source')}: the authors' id {r.value('ref_id')} (snnet id {r.id})"]
     else:
         lines = [f"<b>{r.name}</b>", f"id {r.id}{' (anchor)' if r.is_anchor else ''}"]
-    lines += [f"FLOPs {human(r.flops)}", f"params {human(r.params)}",
-              f"top-1 {r.acc1:.2f}%" + (f"  top-5 {r.acc5:.2f}%" if not math.isnan(r.acc5) else "")]
+    lines += [f"FLOPs {human(r.flops)}", f"params {human(r.params)}"]
+    # what a producer did not measure is None (a Row built with a top-1 alone, a language model's with bits per byte)
+    top = [f"top-{k} {v:.2f}%" for k, v in ((1, r.acc1), (5, r.acc5)) if v is not None and not math.isnan(v)]
+    if top:
+        lines.append("  ".join(top))
     if r.is_zoo and r.value("img_size") is not None:
         lines.append(f"image size {r.value('img_size')}")
     if r.is_zoo and r.value("flops_from") == "timm GMACs":
         lines.append("FLOPs: timm's GMACs (snnet could not count this model)")
     if r.value("bpb") is not None:
-        lines.append(f"{r.value('bpb'):.4f} bits/byte, perplexity {r.value('ppl'):.3f}")
+        ppl = r.value("ppl")
+        lines.append(f"{r.value('bpb'):.4f} bits/byte" + (f", perplexity {ppl:.3f}" if ppl is not None else ""))
     if r.latency_ms is not None:
         lines.append(f"latency {r.latency_ms:.3f} ms")
     if x not in ("flops", "params", "latency_ms"):

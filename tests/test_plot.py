@@ -141,3 +141,15 @@ def test_with_a_zoo_no_dot_is_larger_than_the_largest_size_the_reference_rows_in
                for t in traces if isinstance(t.get("marker", {}).get("size"), list) and t["marker"]["size"]}
     assert "reference:t" in largest  # area sizeref: diameter**2 = 2 * size / sizeref
     assert max(largest.values()) ** 0.5 == pytest.approx(_MAX_DOT)
+
+
+def test_rows_without_a_top5_or_a_top1_are_plotted(tmp_path: Path) -> None:
+    # a Row's unmeasured fields are None: the hover text's NaN checks raised TypeError on them
+    rows = [Row(0, "a", 100, 1000, acc1=50.0, is_anchor=True), Row(1, "s", 150, 1500, acc1=55.0)]
+    traces = {t["name"]: t for t in _traces(plot_pareto(rows, tmp_path / "p.html", tmp_path / "p.png")[0].read_text())}
+    assert "top-1 55.00%" in traces["stitches"]["text"][0] and "top-5" not in traces["stitches"]["text"][0]
+    lm = [Row(0, "a", 100, 1000, is_anchor=True, bpb=2.0, ppl=4.0), Row(1, "s", 150, 1500, bpb=1.9, ppl=3.9)]
+    traces = {t["name"]: t for t in _traces(plot_pareto(lm, tmp_path / "q.html", tmp_path / "q.png", y="bpb")[0].read_text())}
+    assert "1.9000 bits/byte" in traces["stitches"]["text"][0] and "top-1" not in traces["stitches"]["text"][0]
+    (html,) = plot_pareto([Row(0, "a", 100, 1000, is_anchor=True, bpb=2.0)], tmp_path / "r.html", y="bpb")
+    assert "2.0000 bits/byte" in " ".join(t["text"][0] for t in _traces(html.read_text()) if t["text"])
