@@ -593,10 +593,12 @@ def format_results(results: Sequence[Row], x: str = "flops") -> str:
     columns += [("name", "stitch"), ("params", "params"), ("flops", "FLOPs")]
     columns += [(k, h) for k, h in (("latency_ms", "ms"), ("peak_mem_mb", "MB")) if any(r.value(k) is not None for r in results)]
     columns += [("acc1", "top-1 %"), ("acc5", "top-5 %"), ("loss", "loss"), ("is_anchor", "anchor"), ("pareto", "pareto")]
-    text = table(rows, columns, {"params": human, "flops": human, "acc5": lambda v: "" if math.isnan(v) else f"{v:.2f}",
-                                 "loss": lambda v: "" if math.isnan(v) else f"{v:.4f}", "pareto": lambda v: "*" if v else ""})
+    # not measured: NaN (a file's null) or None (a Row's default), left blank
+    unmeasured = lambda v: v is None or math.isnan(v)  # noqa: E731
+    text = table(rows, columns, {"params": human, "flops": human, "acc5": lambda v: "" if unmeasured(v) else f"{v:.2f}",
+                                 "loss": lambda v: "" if unmeasured(v) else f"{v:.4f}", "pareto": lambda v: "*" if v else ""})
     # a NaN top-1 (not measured) is no best: max() keeps a NaN first row, which every comparison loses to
-    scored = [r for r in results if not math.isnan(r.acc1)]
+    scored = [r for r in results if not unmeasured(r.acc1)]
     best = max(scored, key=lambda r: (r.acc1, -r.id)) if scored else None
     zoo_line = ""
     beside = [f"{len(rows)} {what} from {', '.join(sorted({str(r.value('source')) for r in rows}))}"

@@ -318,3 +318,12 @@ def test_an_evaluated_row_without_top5_is_written_so_that_it_reads_back(tmp_path
         assert [(r.id, r.name, r.flops, r.params, r.acc1) for r in back] == [(3, "mine", 2_000_000, 5, 81.5),
                                                                            (4, "b", 10, 2, 70.0)], name
     assert next(csv.reader((tmp_path / "results.csv").open()))[5:7] == ["acc1", "acc5"]
+
+
+def test_format_results_leaves_unmeasured_none_fields_blank() -> None:
+    # a Row's unmeasured fields are None (Row(0, "a", 100, 1000, acc1=50.0)): the table's NaN checks raised TypeError
+    from snnet.results import format_results
+
+    rows = [Row(0, "a", 100, 1000, acc1=50.0, is_anchor=True, images=10), Row(1, "s", 150, 1500, acc1=55.0, images=10)]
+    text = format_results(rows)
+    assert "best top-1 55.00% (s)" in text and "nan" not in text.lower()
