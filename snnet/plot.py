@@ -99,6 +99,8 @@ class _Groups:
         else:
             net = f"SN-Net ({n_network} networks)"
         text = f"{net} vs {' and '.join(beside)}: {metric} vs {xlabel}" if beside else f"{net}: {metric} vs {xlabel}"
+        if not n_network:  # a zoo or published table alone: no stitched network in it to name
+            text = f"{' and '.join(beside)}: {metric} vs {xlabel}"
         if omitted:
             text += f" - {' and '.join(omitted)} left out: no {x} measured for them on this device"
         return text
@@ -191,7 +193,7 @@ def plot_pareto(
             scatter(g.reference_fronts[src], f"{src} frontier", 6 + 2 * k, src, mode="lines",
                     line=dict(color=REFERENCE, width=2, dash="dot", shape="hv")),
         ]
-    traces += [
+    network = [
         scatter(g.stitches, "stitches", 1, mode="markers", marker=marker(g.stitches, 8, color=STITCH, opacity=0.8)),
         # anchors are also labelled on the plot itself (the hover text stays the full description)
         scatter(g.anchors, "anchors", 2, mode="markers+text", textposition="top center",
@@ -201,6 +203,7 @@ def plot_pareto(
         scatter(g.frontier, "Pareto frontier", 3, mode="lines+markers", line=dict(color=FRONT, width=3, shape="hv"),
                 marker=dict(size=16, color="rgba(0,0,0,0)", line=dict(width=2, color=FRONT))),
     ]
+    traces += [t for t in network if t.x]  # no legend entry for what is not there (a zoo alone, no anchors among the rows)
     fig = go.Figure(traces)
     fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=Y_AXES.get(y, y), template="plotly_white",
                       hovermode="closest", legend=dict(itemclick="toggle", itemdoubleclick="toggleothers",
@@ -254,14 +257,17 @@ def _png(g: _Groups, path: Path, x: str, xlabel: str, title: str) -> Path:
             front = g.reference_fronts[src]
             ax.step([r.value(x) for r in front], [r.value(g.y) for r in front], where="post", c=REFERENCE, lw=1.5, ls=":",
                     label=f"{src} frontier", zorder=2)
-        ax.scatter([r.value(x) for r in g.stitches], [r.value(g.y) for r in g.stitches], s=area(g.stitches, 60 if g.zoo else 24),
-                   c=STITCH, alpha=0.8, edgecolors="#0b3c5d" if g.zoo else "none", linewidths=0.5, label="stitches",
-                   zorder=3)
-        ax.step([r.value(x) for r in g.frontier], [r.value(g.y) for r in g.frontier], where="post", c=FRONT, lw=2.5,
-                label="Pareto frontier", zorder=2, marker="o", markersize=11, markerfacecolor="none")
-        stars = [max(160, a) for a in area(g.anchors, 160)] if g.zoo else 160  # a star never smaller than unsized
-        ax.scatter([r.value(x) for r in g.anchors], [r.value(g.y) for r in g.anchors], s=stars, c=ANCHOR, marker="*",
-                   edgecolors="black", linewidths=0.6, label="anchors", zorder=4)
+        if g.stitches:  # as in the HTML, no legend entry for what is not there
+            ax.scatter([r.value(x) for r in g.stitches], [r.value(g.y) for r in g.stitches],
+                       s=area(g.stitches, 60 if g.zoo else 24), c=STITCH, alpha=0.8,
+                       edgecolors="#0b3c5d" if g.zoo else "none", linewidths=0.5, label="stitches", zorder=3)
+        if g.frontier:
+            ax.step([r.value(x) for r in g.frontier], [r.value(g.y) for r in g.frontier], where="post", c=FRONT, lw=2.5,
+                    label="Pareto frontier", zorder=2, marker="o", markersize=11, markerfacecolor="none")
+        if g.anchors:
+            stars = [max(160, a) for a in area(g.anchors, 160)] if g.zoo else 160  # a star never smaller than unsized
+            ax.scatter([r.value(x) for r in g.anchors], [r.value(g.y) for r in g.anchors], s=stars, c=ANCHOR, marker="*",
+                       edgecolors="black", linewidths=0.6, label="anchors", zorder=4)
         for r in g.anchors:
             ax.annotate(r.name, (r.value(x), r.value(g.y)), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=8)
         if g.log_x:

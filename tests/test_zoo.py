@@ -348,3 +348,15 @@ def test_a_models_own_source_does_not_replace_the_zoos_name(tmp_path: Path) -> N
                                             "source": "https://paper-a"}]}))
     row = load_zoo(path)[0]
     assert row.value("source") == "mine" and row.value("model_source") == "https://paper-a"
+
+
+def test_a_zoo_alone_is_plotted_without_empty_network_entries_or_title(tmp_path: Path) -> None:
+    # zoo rows only: the legend had "stitches", "anchors" and "Pareto frontier" entries with nothing
+    # behind them (the PNG's too), and the title read "SN-Net (0 networks) vs zoo ..."
+    from snnet.plot import plot_pareto
+
+    html, png = plot_pareto(load_zoo("fmnist")[:5], tmp_path / "z.html", tmp_path / "z.png")
+    text = html.read_text()
+    assert [t["name"] for t in _traces(text)] == ["zoo frontier", "fmnist"]
+    assert "SN-Net" not in text and "zoo fmnist (5 models): top-1 accuracy vs FLOPs" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
