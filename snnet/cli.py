@@ -130,8 +130,8 @@ def _klas(names: list[str], img_size: int | None, keep: int, calib_images: int, 
     from .model import create_snnet
     from .anchors import check_weights_file
 
-    if calib_images < 2:
-        raise SnnetError(f"--calib-images must be >= 2 (KLAS compares images with each other), got {calib_images}")
+    if calib_images < 3:  # with two, each image's one neighbour is certain: every candidate would score 0
+        raise SnnetError(f"--calib-images must be >= 3 (KLAS compares each image with the others), got {calib_images}")
     files = [w.strip() for w in weights.split(",")] if weights else None
     if files is not None and len(files) != len(names):
         raise SnnetError(f"--weights gives {len(files)} files for {len(names)} anchors; give one per anchor")

@@ -15,7 +15,8 @@ these are snnet's choices, documented so they can be checked against the paper):
   so they are compared through the relations they induce between images: on a calibration
   batch, each activation (flattened per image, centred over the batch) gives every image a
   distribution over the *other* images of the batch, ``softmax(cosine similarity /
-  temperature)``. Widths and token layouts need not match; the batch size must be >= 2.
+  temperature)``. Widths and token layouts need not match; the batch size must be >= 3 (with two
+  images each one's distribution over the other is certain, and every candidate scores 0).
 * **Score.** ``KL(P_target || P_source)`` averaged over the images of every calibration batch:
   how badly the source's view of the data at the cut explains the view the target expects
   at the resume point. Lower is more similar, a more promising stitch.
@@ -95,6 +96,11 @@ def _flops(net: StitchedNet, a: int, e: int, b: int, st: int, heads: dict[int, i
             + pcs[b].route(st, net.anchors[b].depth, stem=False, head=False)[0] + heads[b])
 
 
+# the fewest images a batch needs for its relations to say anything: with two, each image's distribution
+# over the other images is certain (one image), so every candidate's KL is 0
+_MIN_BATCH = 3
+
+
 def _log_relations(h: torch.Tensor, temperature: float) -> torch.Tensor:
     """Row i: log of image i's distribution over the other images of the batch (diagonal -inf)."""
     f = h.flatten(1).double()
@@ -108,8 +114,8 @@ def klas_scores(net: StitchedNet, batches: Iterable[Any], max_images: int = 256,
                 progress: bool = False) -> list[KlasScore]:
     """Score every candidate binary stitch of ``net``'s anchors on a few calibration batches.
 
-    ``batches`` yields images (or ``(images, labels)``); batches of fewer than two images
-    are skipped (one image has no relations). Only the anchors run, once per batch.
+    ``batches`` yields images (or ``(images, labels)``); batches of fewer than three images
+    are skipped (one image has no relations; two have one each, the same for every candidate). Only the anchors run, once per batch.
     """
     return _score(net, batches, max_images, temperature, progress)[0]
 
@@ -124,7 +130,7 @@ def _score(net: StitchedNet, batches: Iterable[Any], max_images: int, temperatur
         raise SnnetError("these anchors have no pair of positions whose activations line up: nothing to score")
     total = torch.zeros(len(cands), dtype=torch.float64)
     seen = 0
-    for x in calibration_images(net, batches, max_images, "KLAS scores", progress, min_batch=2):
+    for x in calibration_images(net, batches, max_images, "KLAS scores", progress, min_batch=_MIN_BATCH):
         rel = [[_log_relations(h, temperature) for h in net.activations(k, x)] for k in range(len(net.anchors))]
         off = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
         for i, (a, e, b, st) in enumerate(cands):
@@ -132,7 +138,7 @@ def _score(net: StitchedNet, batches: Iterable[Any], max_images: int, temperatur
             total[i] += float((p_dst.exp() * (p_dst - p_src)).sum())  # sum over images of KL(dst || src)
         seen += len(x)
     if seen == 0:
-        raise SnnetError("KLAS needs calibration batches of at least two images; the loader gave none")
+        raise SnnetError(f"KLAS needs calibration batches of at least {_MIN_BATCH} images; the loader gave none")
     labels, heads = net.labels, {b: net.stitched_head_costs(b)[0] for b in range(len(net.anchors))}
     return [KlasScore(route_name(labels, (Segment(a, 0, e), Segment(b, st, net.anchors[b].depth))), a, e, b, st,
                       _flops(net, a, e, b, st, heads), float(total[i]) / seen) for i, (a, e, b, st) in enumerate(cands)], seen

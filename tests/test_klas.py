@@ -79,3 +79,14 @@ def test_klas_space_saves_and_loads(images: torch.Tensor, tmp_path) -> None:
     for s in chosen.space:
         chosen.select(s), loaded.select(s)
         assert torch.equal(chosen(images), loaded(images))
+
+
+def test_klas_skips_batches_of_two_images() -> None:
+    """With two images each one's distribution over the other is certain: every candidate scored KL 0, so
+    `--calib-images 2` kept stitches by candidate order alone. Such batches are skipped, like a lone image."""
+    net = seeded_net()
+    x = _batches_of_images()[0]
+    with pytest.raises(snnet.SnnetError, match="at least 3 images"):
+        klas_scores(net, [x[:2]])
+    assert klas_scores(net, [x[:2], x[2:8]]) == klas_scores(net, [x[2:8]])
+    assert len({s.kl for s in klas_scores(net, [x[:3]])}) > 1  # three images already tell candidates apart
