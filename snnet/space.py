@@ -494,6 +494,11 @@ class StitchSpace:
                             for st in range(b0, b0 + B.stages[s])} - {""})
             where = f"in stage {s}, " if len(A.stages) > 1 or len(B.stages) > 1 else ""
             reasons += [where + r for r in found[:2]]
+        if stages and not reasons and self.config.two_way:  # two-way ignores the rule: it cuts at matched positions
+            reasons = [f"the two-way space cuts at the matched positions 1 .. d-1 of a stage's shallower depth d, and "
+                       f"stage(s) {', '.join(map(str, stages))} have none ({A.label} has "
+                       f"{', '.join(str(A.stages[s]) for s in stages)} block(s) there, "
+                       f"{B.label} {', '.join(str(B.stages[s]) for s in stages)})"]
         if stages and not reasons:  # every position lines up, but the rule pairs none of them
             reasons = [f"the {self._rule(A, B)!r} rule pairs no blocks of stage(s) {', '.join(map(str, stages))} "
                        f"({A.label} has {', '.join(str(A.stages[s]) for s in stages)} block(s) there, "

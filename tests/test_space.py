@@ -286,3 +286,16 @@ def test_negative_or_repeated_stages_give_a_clear_error_or_their_stage_once() ->
     assert len(names) == 2 + 5
     assert [s.name for s in snnet.create_snnet(swins, stages=[2, -2]).space] == names
     assert [s.name for s in snnet.create_snnet(swins, stages=[-2]).space] == names  # as saved networks were built
+
+
+def test_two_way_space_with_no_matched_position_says_so() -> None:
+    """Anchors of one block each have no matched position (k = 1 .. d-1): the reason blamed the 'window' rule,
+    which the two-way space does not use (the same anchors without two_way have a stitch)."""
+    from snnet.errors import NotStitchableError
+
+    anchors = [_stacked((1,)), _stacked((1,))]
+    assert len(snnet.StitchedNet(anchors, ["a", "b"], input_size=(3, 2, 2)).space) == 3
+    with pytest.raises(NotStitchableError, match=r"cannot be stitched anywhere: the two-way space cuts at the matched "
+                                                 r"positions 1 \.\. d-1") as e:
+        snnet.StitchedNet(anchors, ["a", "b"], config=snnet.SpaceConfig(two_way=True), input_size=(3, 2, 2))
+    assert "rule" not in str(e.value)
