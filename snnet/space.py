@@ -431,14 +431,21 @@ class StitchSpace:
         for k, layer in down.items():  # L -> S
             ea, eb = positions[k]
             self._add_route((Segment(b, 0, eb), Segment(a, ea, A.depth)), (layer,))
+
+        def later(k1: int, k2: int) -> bool:
+            """Position k2 comes after k1 in both anchors. Not k2 > k1: the positions follow the order the
+            stages are listed in (stages=[2, 1]), and a round trip back through an earlier one ran no block."""
+            return all(p2 > p1 for p1, p2 in zip(positions[k1], positions[k2]))
+
+
         for k1, l1 in down.items():  # L -> S -> L: leave L at k1, come back at a later k2
             for k2, l2 in up.items():
-                if k2 > k1:
+                if later(k1, k2):
                     (ea1, eb1), (ea2, eb2) = positions[k1], positions[k2]
                     self._add_route((Segment(b, 0, eb1), Segment(a, ea1, ea2), Segment(b, eb2, B.depth)), (l1, l2))
         for k1, l1 in up.items():  # S -> L -> S
             for k2, l2 in down.items():
-                if k2 > k1:
+                if later(k1, k2):
                     (ea1, eb1), (ea2, eb2) = positions[k1], positions[k2]
                     self._add_route((Segment(a, 0, ea1), Segment(b, eb1, eb2), Segment(a, ea2, A.depth)), (l1, l2))
         return len(self._stitches) - before

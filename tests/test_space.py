@@ -299,3 +299,14 @@ def test_two_way_space_with_no_matched_position_says_so() -> None:
                                                  r"positions 1 \.\. d-1") as e:
         snnet.StitchedNet(anchors, ["a", "b"], config=snnet.SpaceConfig(two_way=True), input_size=(3, 2, 2))
     assert "rule" not in str(e.value)
+
+
+def test_two_way_round_trips_follow_depth_whatever_the_order_of_stages() -> None:
+    """stages=[2, 1] listed stage 2's positions first: round trips went back to an earlier position
+    (snnet_tiny_swin_s[:7]+snnet_tiny_swin_t[5:3]+..., a segment of no block whose name does not read back;
+    forward raised a shape error) and the valid trips from stage 1 to stage 2 were missing."""
+    ordered = snnet.create_snnet(["snnet_tiny_swin_t", "snnet_tiny_swin_s"], two_way=True, stages=[1, 2])
+    reverse = snnet.create_snnet(["snnet_tiny_swin_t", "snnet_tiny_swin_s"], two_way=True, stages=[2, 1])
+    assert all(seg.start < seg.stop for s in reverse.space for seg in s.segments)
+    assert sorted(s.name for s in reverse.space) == sorted(s.name for s in ordered.space)
+    assert any(len(s.segments) == 3 for s in reverse.space)
