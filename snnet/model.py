@@ -624,11 +624,12 @@ def _common_input_size(anchors: Sequence[AnchorParts], labels: Sequence[str]) ->
     sizes = {lab: tuple(p.data_config.get("input_size", ())) for p, lab in zip(anchors, labels)}
     known = {s for s in sizes.values() if s}
     if not known:
-        raise NotStitchableError("the anchors do not say their input size: pass input_size=(C, H, W)")
+        raise NotStitchableError("the anchors do not say their input size: give create_snnet img_size=H (or StitchedNet "
+                                 "input_size=(C, H, W))")
     if len(known) > 1:
         raise NotStitchableError(
             f"anchors expect different input sizes {sizes}; stitching needs one input for all: "
-            "build them at one img_size (or pass input_size=...)")
+            "build them at one img_size (create_snnet's img_size=H, or StitchedNet's input_size=(C, H, W))")
     return known.pop()
 
 

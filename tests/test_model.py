@@ -508,3 +508,15 @@ def test_init_stitching_with_no_images_to_take_says_so() -> None:
     net = snnet.create_snnet(TINY_VITS[:2])
     with pytest.raises(ConfigError, match=r"init_stitching needs max_images >= 1 calibration images, got 0"):
         net.init_stitching([torch.zeros(4, 3, 32, 32)], max_images=0)
+
+
+def test_anchors_that_do_not_say_their_input_size_are_told_the_argument_that_does() -> None:
+    """Plain timm modules built directly carry no input size: the refusal said "pass input_size=(C, H, W)", which
+    create_snnet does not take (TypeError); it names img_size, which works."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    a, b = (VisionTransformer(img_size=32, patch_size=8, embed_dim=d, depth=2, num_heads=2, num_classes=10) for d in (32, 48))
+    with pytest.raises(snnet.NotStitchableError, match="give create_snnet img_size=H") as e:
+        snnet.create_snnet([a, b])
+    assert "\n" not in str(e.value)
+    assert snnet.create_snnet([a, b], img_size=32).input_size == (3, 32, 32)
