@@ -328,6 +328,20 @@ def test_load_stitch_rejects_what_it_cannot_rebuild(tmp_path: Path) -> None:
         deploy.load_stitch(tmp_path)
 
 
+
+def test_load_stitch_on_a_device_this_machine_lacks_says_so(tiny_net: snnet.StitchedNet, tmp_path: Path) -> None:
+    """map_location of a device that is not here was torch's RuntimeError (no NVIDIA driver) or a sound file called
+    "corrupt or unreadable ... export the stitch again"."""
+    from snnet.errors import ConfigError
+
+    s = tiny_net.space[4]
+    deploy.save_stitch(deploy.extract(tiny_net, s), tmp_path, deploy.stitch_config(tiny_net, s))
+    bad = ["bogus", "meta"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(ConfigError, match="device"):
+            deploy.load_stitch(tmp_path, map_location=device)
+    assert deploy.load_stitch(tmp_path, map_location=torch.device("cpu")).head is not None
+
 # ------------------------------------------------------------------------- profile
 
 
