@@ -329,6 +329,24 @@ def test_load_stitch_rejects_what_it_cannot_rebuild(tmp_path: Path) -> None:
 
 
 
+def test_load_stitch_refuses_a_damaged_config_in_one_line(tiny_net: snnet.StitchedNet, tmp_path: Path) -> None:
+    """config.json carries no checksum of its own: one damaged into other JSON was an AttributeError, KeyError,
+    TypeError or IndexError from inside load_stitch, not the one line saying the file is corrupt."""
+    s = tiny_net.stitch("snnet_tiny_vit_ti[:2]+snnet_tiny_vit_s[1:]")
+    deploy.save_stitch(deploy.extract(tiny_net, s), tmp_path, deploy.stitch_config(tiny_net, s))
+    cfg = json.loads((tmp_path / deploy.STITCH_CONFIG).read_text())
+    seg = cfg["segments"]
+    for damaged in ([], {**cfg, "anchors": "x"}, {**cfg, "segments": [{"anchor": 0}, seg[1]]},
+                    {**cfg, "segments": [seg[0], {**seg[1], "anchor": 5}]}, {**cfg, "stitching_layers": [{}]},
+                    {**cfg, "anchors": [{"label": "a"}, cfg["anchors"][1]]}):
+        (tmp_path / deploy.STITCH_CONFIG).write_text(json.dumps(damaged))
+        with pytest.raises(snnet.CheckpointError, match="corrupt"):
+            deploy.load_stitch(tmp_path)
+    (tmp_path / deploy.STITCH_CONFIG).write_text(json.dumps({**cfg, "version": 99, "anchors": [{"name": "renamed"}]}))
+    with pytest.raises(snnet.CheckpointError, match="newer snnet"):  # not called corrupt: a newer format may differ
+        deploy.load_stitch(tmp_path)
+
+
 def test_load_stitch_on_a_device_this_machine_lacks_says_so(tiny_net: snnet.StitchedNet, tmp_path: Path) -> None:
     """map_location of a device that is not here was torch's RuntimeError (no NVIDIA driver) or a sound file called
     "corrupt or unreadable ... export the stitch again"."""

@@ -235,38 +235,49 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
     if not cfg_path.is_file() or not w_path.is_file():
         raise CheckpointError(f"{directory} is not an exported stitch: it needs {STITCH_CONFIG} and {STITCH_WEIGHTS} "
                               "(written by `snnet export --format safetensors`)")
-    try:
+    try:  # every field read before anything is built: a damaged config.json fails here, in one line
         cfg = json.loads(cfg_path.read_text())
-        if cfg.get("format") != STITCH_FORMAT:
+        if not isinstance(cfg, dict) or cfg.get("format") != STITCH_FORMAT:
             raise KeyError("format")
+        newer = cfg.get("version", 0) > STITCH_VERSION
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path} is corrupt or not an exported snnet stitch ({type(e).__name__}: {e})") from e
+    if newer:  # before its fields are read: a newer format may name them otherwise
+        raise CheckpointError(f"{cfg_path} was written by a newer snnet (format {cfg['version']}); upgrade snnet")
+    try:
         if cfg.get("version", 0) <= 1:
             cfg = _v2_config(cfg)
         ends, segments = cfg["anchors"], cfg["segments"]
         if not segments or len(cfg["stitching_layers"]) != len(segments) - 1:
             raise KeyError("stitching_layers")
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{cfg_path} is corrupt or not an exported snnet stitch ({e})") from e
-    if cfg.get("version", 0) > STITCH_VERSION:
-        raise CheckpointError(f"{cfg_path} was written by a newer snnet (format {cfg['version']}); upgrade snnet")
+        labels = [str(end["label"]) for end in ends]
+        specs = [AnchorSpec.from_dict(end["spec"]) if end["spec"] is not None else None for end in ends]
+        cuts = [(int(seg["anchor"]), *(None if seg[k] is None else int(seg[k]) for k in ("start", "stop"))) for seg in segments]
+        if any(not 0 <= a < len(ends) for a, _, _ in cuts):
+            raise IndexError(f"a segment names an anchor beyond the {len(ends)} listed")
+        layer_specs = [(_spec(d["src_spec"]), _spec(d["dst_spec"])) for d in cfg["stitching_layers"]]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{cfg_path} is corrupt or not an exported snnet stitch ({type(e).__name__}: {e}); "
+                              f"{_REEXPORT}") from e
     if anchors is not None and len(anchors) != len(ends):
         raise CheckpointError(f"this stitch uses {len(ends)} anchors, {len(anchors)} were given")
     verify_checksum(w_path, cfg, cfg_path, _REEXPORT, error=CheckpointError)
     parts = []
-    for k, end in enumerate(ends):
+    for k, (label, spec) in enumerate(zip(labels, specs)):
         if anchors is not None:
             module = anchors[k]
-        elif end["spec"] is None:
-            raise CheckpointError(f"anchor {end['label']!r} was your own module: pass it again with load_stitch(dir, anchors=[...])")
+        elif spec is None:
+            raise CheckpointError(f"anchor {label!r} was your own module: pass it again with load_stitch(dir, anchors=[...])")
         else:
-            module = create_anchor(AnchorSpec.from_dict(end["spec"]))
-        parts.append(cut_parts(split_model(module), cfg.get("cut", "block"), end["label"]))
-    blocks = [list(parts[seg["anchor"]].blocks[seg["start"]:seg["stop"]]) for seg in segments]
-    layers = [StitchingLayer(_spec(d["src_spec"]), _spec(d["dst_spec"])) for d in cfg["stitching_layers"]]
-    first, last = parts[segments[0]["anchor"]], parts[segments[-1]["anchor"]]
+            module = create_anchor(spec)
+        parts.append(cut_parts(split_model(module), cfg.get("cut", "block"), label))
+    blocks = [list(parts[a].blocks[start:stop]) for a, start, stop in cuts]
+    layers = [StitchingLayer(src, dst) for src, dst in layer_specs]
+    first, last = parts[cuts[0][0]], parts[cuts[-1][0]]
     head = without_final_norm(last.head) if cfg.get("head") == HEAD_WITHOUT_NORM else last.head
     if head is None:
         raise CheckpointError(f"{cfg_path} ends its route without a final norm, which anchor "
-                              f"{ends[segments[-1]['anchor']]['label']!r} does not have; export the stitch again")
+                              f"{labels[cuts[-1][0]]!r} does not have; export the stitch again")
     route = StitchRoute.of(Route(first.stem, tuple(tuple(b) for b in blocks), tuple(layers), head))
     try:
         state = load_file(str(w_path), device=str(map_location))
