@@ -329,6 +329,23 @@ def test_load_stitch_rejects_what_it_cannot_rebuild(tmp_path: Path) -> None:
 
 
 
+def test_export_refuses_a_networks_weights_left_without_their_config(tiny_net: snnet.StitchedNet, tmp_path: Path) -> None:
+    """A saved network's model.safetensors without its config.json (a save cut before it, or copied by hand) was
+    replaced by the stitch's weights without a word; an export's own weights left so (an export cut before its
+    config.json) are still exported over."""
+    tiny_net.save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    before = (tmp_path / deploy.STITCH_WEIGHTS).read_bytes()
+    with pytest.raises(ExportError, match="not an exported stitch's"):
+        deploy.export_stitch(tiny_net, 4, tmp_path, formats=["safetensors"])
+    assert (tmp_path / deploy.STITCH_WEIGHTS).read_bytes() == before and not (tmp_path / "config.json").exists()
+    cut = tmp_path / "cut"
+    deploy.export_stitch(tiny_net, 4, cut, formats=["safetensors"])
+    (cut / "config.json").unlink()
+    deploy.export_stitch(tiny_net, 3, cut, formats=["safetensors"])
+    assert deploy.load_stitch(cut).snnet_stitch == tiny_net.space[3].name
+
+
 def test_load_stitch_refuses_a_damaged_config_in_one_line(tiny_net: snnet.StitchedNet, tmp_path: Path) -> None:
     """config.json carries no checksum of its own: one damaged into other JSON was an AttributeError, KeyError,
     TypeError or IndexError from inside load_stitch, not the one line saying the file is corrupt."""
