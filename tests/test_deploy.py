@@ -346,6 +346,17 @@ def test_export_refuses_a_networks_weights_left_without_their_config(tiny_net: s
     assert deploy.load_stitch(cut).snnet_stitch == tiny_net.space[3].name
 
 
+def test_save_stitch_refuses_a_folder_holding_a_saved_network(tiny_net: snnet.StitchedNet, tmp_path: Path) -> None:
+    """save_stitch replaced a saved network's config.json and model.safetensors without a word (the network lost);
+    it refuses such a folder, as export_stitch does."""
+    saved = tiny_net.save_pretrained(tmp_path / "net")
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    with pytest.raises(ExportError, match="not an exported stitch's"):
+        deploy.save_stitch(deploy.extract(tiny_net, 4), saved, deploy.stitch_config(tiny_net, 4))
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert snnet.StitchedNet.from_pretrained(saved).space[4].name == tiny_net.space[4].name
+
+
 def test_load_stitch_refuses_a_damaged_config_in_one_line(tiny_net: snnet.StitchedNet, tmp_path: Path) -> None:
     """config.json carries no checksum of its own: one damaged into other JSON was an AttributeError, KeyError,
     TypeError or IndexError from inside load_stitch, not the one line saying the file is corrupt."""

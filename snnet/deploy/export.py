@@ -184,6 +184,7 @@ def save_stitch(route: StitchRoute, directory: str | os.PathLike, config: Mappin
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    check_export_folder(directory, ("safetensors",))  # a saved network's files, or an export's it would mix with
     out = _check_dir(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in route.state_dict().items()}
     # safetensors refuses tensors sharing memory; clone the rare shared ones
