@@ -277,6 +277,17 @@ def test_a_half_precision_stitch_exports_and_loads_back_in_its_dtype(tmp_path: P
         assert torch.equal(deploy.load_program(paths["model.pt2"]).module()(x), want)
 
 
+def test_a_bfloat16_network_to_onnx_is_refused_before_work_in_one_line(tmp_path: Path) -> None:
+    """ONNX of a bfloat16 network was traced and exported, then failed as onnxruntime's InvalidGraph naming a
+    temporary file (bfloat16 Conv), with nothing to say what to do; safetensors and pt2 export it."""
+    net = seeded_net(anchors=TINY_VITS[:2]).to(torch.bfloat16).eval()
+    with pytest.raises(ExportError, match="bfloat16 network cannot be exported to ONNX.*--format safetensors,pt2"):
+        deploy.export_stitch(net, 4, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    deploy.export_stitch(net, 4, tmp_path / "out", formats=["safetensors"])
+    assert {p.dtype for p in deploy.load_stitch(tmp_path / "out").parameters()} == {torch.bfloat16}
+
+
 def _has(module: str) -> bool:
     import importlib.util
 

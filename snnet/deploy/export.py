@@ -399,6 +399,9 @@ def export_stitch(net: "StitchedNet", stitch: int | str | Stitch, out: str | os.
 
     formats = _check_formats(formats)
     s = net.space[stitch]  # unknown stitch: fails before any work
+    if "onnx" in formats and next(net.parameters()).dtype == torch.bfloat16:  # not after tracing, as onnxruntime's InvalidGraph
+        raise ExportError("a bfloat16 network cannot be exported to ONNX: onnxruntime, which verifies the file, has no "
+                          "bfloat16 convolutions on CPU; export --format safetensors,pt2, or convert the network to float16 first")
     check_export_folder(out, formats)
     check_input(net, [batch_size], stitches=[s], what="the network")  # a batch_size that cannot fit in memory
     out = _check_dir(out)
