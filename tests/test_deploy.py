@@ -261,6 +261,16 @@ def test_an_export_traced_at_batch_1_takes_any_batch(fmt: str, tmp_path: Path, i
         assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
 
 
+def test_an_example_batch_below_1_is_refused_before_work(tmp_path: Path) -> None:
+    """batch_size=0 wrote a model.pt2 "verified" on no input, specialised to batch 0 (a guard error on every real
+    batch); -1 was torch's "negative dimension" RuntimeError."""
+    net = fresh_net().eval()
+    for bad in (0, -1):
+        with pytest.raises(ExportError, match="batch_size must be at least 1"):
+            deploy.export_stitch(net, 0, tmp_path / "out", formats=["pt2"], batch_size=bad)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_half_precision_stitch_exports_and_loads_back_in_its_dtype(tmp_path: Path) -> None:
     """A float16 network (as snnet.load now gives one saved in float16) was traced with a float32 example: the
     export failed ("Input type (float) and bias type ... should be the same"), and load_stitch gave float32."""

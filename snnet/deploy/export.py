@@ -398,6 +398,8 @@ def export_stitch(net: "StitchedNet", stitch: int | str | Stitch, out: str | os.
     from .memory import check_input
 
     formats = _check_formats(formats)
+    if batch_size < 1:  # a batch of 0 traced a program that refuses every real batch, "verified" on no input at all
+        raise ExportError(f"batch_size must be at least 1 (the example batch traced and verified), got {batch_size}")
     s = net.space[stitch]  # unknown stitch: fails before any work
     if "onnx" in formats and next(net.parameters()).dtype == torch.bfloat16:  # not after tracing, as onnxruntime's InvalidGraph
         raise ExportError("a bfloat16 network cannot be exported to ONNX: onnxruntime, which verifies the file, has no "
