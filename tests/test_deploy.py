@@ -340,6 +340,27 @@ def test_failed_verification_leaves_no_file(tiny_net: snnet.StitchedNet, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_export_leaves_no_empty_out_folder(tmp_path: Path, monkeypatch) -> None:
+    """A failed export left the --out folder it had created (and its parents), empty: "a failure leaves nothing
+    behind" (the API and `snnet export`); a folder that was there stays."""
+    from .conftest import _run
+
+    net = fresh_net().eval()
+    net.save_pretrained(tmp_path / "net")
+    real = deploy_export._max_diff
+    monkeypatch.setattr(deploy_export, "_max_diff", lambda a, b: real(a, b) + 1.0)  # as if the reloaded program differed
+    with pytest.raises(ExportError, match="differ"):
+        deploy.export_stitch(net, 0, tmp_path / "new" / "out", formats=["pt2"])
+    assert not (tmp_path / "new").exists()
+    assert _run(["export", "--model", str(tmp_path / "net"), "--stitch", "0", "--format", "pt2",
+                 "--out", str(tmp_path / "cli" / "out")]) != 0
+    assert not (tmp_path / "cli").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ExportError, match="differ"):
+        deploy.export_stitch(net, 0, tmp_path / "kept", formats=["pt2"])
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
+
+
 def test_load_stitch_rejects_what_it_cannot_rebuild(tmp_path: Path) -> None:
     with pytest.raises(snnet.CheckpointError, match="not an exported stitch"):
         deploy.load_stitch(tmp_path)

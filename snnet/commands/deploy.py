@@ -178,7 +178,7 @@ def export(
     Every file is verified (outputs equal to the stitch inside the stitched network) before it is moved
     into --out; if any format fails, nothing is written.
     """
-    from ..deploy.export import _check_dir, _check_formats, check_export_folder, export_stitch
+    from ..deploy.export import _check_dir, _check_formats, _missing_dirs, _remove_empty, check_export_folder, export_stitch
     from ..deploy.memory import check_input
 
     from ..errors import ExportError
@@ -212,10 +212,15 @@ def export(
         net = create_snnet(split_names(DEFAULT_ANCHORS), device="meta")
         net.stitch(stitch)
     check_input(net, [batch_size], stitches=[stitch], what="the network")  # a --batch-size too big for memory
+    made = _missing_dirs(out)  # a failure leaves no empty --out behind
     out = _check_dir(out)
-    if model is None:
-        net = _load(None, trained=True)
-    paths = export_stitch(net, stitch, out, chosen_formats, batch_size)
+    try:
+        if model is None:
+            net = _load(None, trained=True)
+        paths = export_stitch(net, stitch, out, chosen_formats, batch_size)
+    except BaseException:
+        _remove_empty(made)
+        raise
     for name, p in paths.items():
         typer.echo(f"{p}  {p.stat().st_size / 1024:.1f} KiB")
     typer.echo(f"exported {net.stitch(stitch).name} (verified: outputs match the stitched network's)")

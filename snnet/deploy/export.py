@@ -134,6 +134,20 @@ FORMAT_FILES = {"safetensors": STITCH_WEIGHTS, "pt2": "model.pt2", "onnx": "mode
 _REEXPORT = "export the stitch again"
 
 
+def _missing_dirs(out: str | os.PathLike) -> list[Path]:
+    """``out`` and those of its parents that do not exist yet, deepest first: what a failed export removes again."""
+    return [p for p in [Path(out), *Path(out).parents] if not p.exists()]
+
+
+def _remove_empty(dirs: Sequence[Path]) -> None:
+    """Remove the folders ``dirs`` (deepest first) that are empty; the others stay."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
 def _check_dir(out: str | os.PathLike) -> Path:
     """Create ``out`` and prove a file can be written there, before any work."""
     return check_writable(out, error=ExportError)
@@ -406,7 +420,17 @@ def export_stitch(net: "StitchedNet", stitch: int | str | Stitch, out: str | os.
                           "bfloat16 convolutions on CPU; export --format safetensors,pt2, or convert the network to float16 first")
     check_export_folder(out, formats)
     check_input(net, [batch_size], stitches=[s], what="the network")  # a batch_size that cannot fit in memory
+    made = _missing_dirs(out)  # a failure leaves no empty --out behind
     out = _check_dir(out)
+    try:
+        return _export_staged(net, s, out, formats, batch_size, atol)
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
+def _export_staged(net: "StitchedNet", s: Stitch, out: Path, formats: Sequence[str], batch_size: int,
+                   atol: float) -> dict[str, Path]:
     route = extract(net, s).cpu()
     # a half-precision network is traced and checked in its own dtype, to within that dtype's rounding
     dtype = next((p.dtype for p in route.parameters() if p.is_floating_point()), torch.float32)
