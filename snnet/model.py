@@ -300,8 +300,13 @@ class StitchedBase(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from .devices import default_device
+
         if [s.name for s in self.space] != cfg.get("stitches"):
             raise CheckpointError(f"{w_path.parent} was saved with a different stitch space than these anchors give")
+        # a device this machine lacks is named as such: 'cuda' without a GPU was torch's driver traceback, a typo
+        # or 'meta' called a sound weights file corrupt
+        map_location = default_device(map_location)
         try:
             state = load_file(str(w_path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as e:

@@ -64,6 +64,7 @@ from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, checkpoint_config,
                          rng_state, save_checkpoint, seed_everything, set_rng_state)
 from .config import OptimConfig, SamplingConfig, TrainConfig, flatten  # noqa: F401  (OptimConfig, TrainConfig: public here)
 from .distill import set_two_head_training, teacher_logits, two_head_loss
+from .devices import default_device
 from .errors import CheckpointError, ConfigError, RunFolderError, SnnetError, StitchNotFoundError, TrainingError, TrainingInterrupted
 from .io import atomic_write, remove_stale_temps
 from .model import CONFIG_NAME, WEIGHTS_NAME, StitchedBase, StitchedNet
@@ -716,29 +717,6 @@ def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def default_device(name: str | torch.device | None = None) -> torch.device:
-    """``name``, else CUDA if there is one, else CPU; a bare 'cuda' becomes this process's GPU (LOCAL_RANK).
-
-    A name torch does not know, or a device this machine does not have, raises :class:`ConfigError`.
-    """
-    try:
-        device = torch.device(name) if name is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r}: torch sees no CUDA GPU here; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r}: MPS is not available here; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device {name!r}: snnet runs on cpu, cuda or mps")
-    return device
 
 
 def stitch_weights(net: StitchedBase, sampling: SamplingConfig) -> list[float]:

@@ -520,3 +520,16 @@ def test_anchors_that_do_not_say_their_input_size_are_told_the_argument_that_doe
         snnet.create_snnet([a, b])
     assert "\n" not in str(e.value)
     assert snnet.create_snnet([a, b], img_size=32).input_size == (3, 32, 32)
+
+
+@pytest.mark.parametrize("where, says", [("cdua", "unknown device 'cdua'"), ("meta", "snnet runs on cpu, cuda or mps")]
+                         + ([("cuda", "torch sees no CUDA GPU here")] if not torch.cuda.is_available() else []))
+def test_loading_onto_a_device_this_machine_lacks_names_the_device(tmp_path, where: str, says: str) -> None:
+    """from_pretrained(map_location='cuda') without a GPU was torch's 'Found no NVIDIA driver' traceback; a typo or
+    'meta' called the sound weights file 'corrupt or unreadable ... re-save it'."""
+    snnet.create_snnet(TINY_VITS[:2]).save_pretrained(tmp_path)
+    from snnet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says) as e:
+        snnet.StitchedNet.from_pretrained(tmp_path, map_location=where)
+    assert "corrupt" not in str(e.value)

@@ -241,7 +241,7 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..train import default_device
+    from ..devices import default_device
 
     # a device this machine lacks (or a typo) is said as such, before any work: not as a corrupt file or torch's traceback
     map_location = default_device(map_location)
