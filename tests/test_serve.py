@@ -687,6 +687,33 @@ def test_a_dead_model_process_is_a_503_not_a_hang(saved: tuple[Path, Path]) -> N
         assert c.get("/health").status_code == 503
 
 
+def test_a_failed_connection_to_the_model_process_leaves_it_taking_others(server: _Server, tmp_path: Path,
+                                                                          client: httpx.Client) -> None:
+    """A client without the key, and a server process gone before the model process mapped its ring, fail
+    alone: the model process goes on taking connections (its accept thread once died on either, and every
+    later connection, a new worker's or a control one, waited for ever)."""
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+
+    engine = server.service.engine
+    answers: list[Any] = []
+
+    def ask() -> None:  # in a thread: a connection nobody accepts waits for ever
+        with pytest.raises(AuthenticationError):
+            Client(engine.address, "AF_UNIX", authkey=b"not the key")
+        engine.connect("jobs", str(tmp_path / "unlinked-ring"), 8).close()
+        conn = engine.connect("control")
+        conn.send(("state", None))
+        answers.append(conn.recv())
+        conn.close()
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert answers and answers[0][0] is True, "a control connection after a failed one was never answered"
+    _ok(client)
+
+
 def test_requests_in_flight_when_the_model_process_dies_get_a_503(saved: tuple[Path, Path]) -> None:
     """A request waiting for its batch when the model process dies is answered 503 like one sent after
     (docs/serving.md: the model process gone), not 500 "the model failed on this batch; the server goes on"."""

@@ -53,6 +53,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener, wait
 from typing import Any, Callable, Sequence
 
@@ -405,17 +406,24 @@ class _Engine:
         while True:
             try:
                 conn = listener.accept()
+            except (OSError, EOFError, AuthenticationError):  # a client gone mid-handshake, or without the key
+                continue
+            try:
                 kind, *args = conn.recv()
-            except (OSError, EOFError):
+                if kind == "control":
+                    threading.Thread(target=self._answer, args=(conn,), daemon=True, name="snnet-control").start()
+                    continue
+                path, capacity = args
+                buf, ring, state = open_ring(path, capacity, self.net.input_size)
+                with self.lock:
+                    state.publish(self.policy.current.id, self.policy.pinned is not None, True)  # busy until the loop publishes
+                conn.send(("attached", os.getpid()))
+            except Exception as e:  # noqa: BLE001 - that connection only (its server process gone before its ring was mapped...):
+                # a dead accept thread would leave every later connection, control included, unanswered for good
+                print(f"snnet model process: a server process's connection failed ({type(e).__name__}: {e})", file=sys.stderr)
+                ring = state = buf = None  # a ring mapped for it is unmapped with its last view
+                conn.close()
                 continue
-            if kind == "control":
-                threading.Thread(target=self._answer, args=(conn,), daemon=True, name="snnet-control").start()
-                continue
-            path, capacity = args
-            buf, ring, state = open_ring(path, capacity, self.net.input_size)
-            with self.lock:
-                state.publish(self.policy.current.id, self.policy.pinned is not None, True)  # busy until the loop publishes
-            conn.send(("attached", os.getpid()))
             arrivals.append(_Front(conn, buf, ring, state, waiting(conn)))
             os.write(wake_w, b"x")
 
