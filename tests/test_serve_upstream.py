@@ -45,6 +45,24 @@ def test_the_ring_words_carry_what_waits_before_the_ring() -> None:
     assert len(up) == 1 and up.oldest() == 200.0
 
 
+def test_the_oldest_waiting_is_the_oldest_arrival_whatever_the_order_admitted() -> None:
+    """A slow upload is admitted when its body is in, after requests that arrived after its first bytes: the
+    oldest published is still its arrival (it was the first admitted's, later than it)."""
+    state = RingState(np.zeros(RingState.WORDS, np.int64))
+    up = Upstream(state)
+    fast = up.admit(100.5)  # first bytes at 100.5, all here at once
+    slow = up.admit(100.0)  # first bytes at 100.0, the rest of its body in after the fast one's
+    w = state.upstream()
+    assert up.oldest() == 100.0 and w is not None and w.oldest == pytest.approx(100.0)
+    up.leave(slow)
+    assert up.oldest() == 100.5
+    up.leave(fast)
+    up.admit(10.0)
+    up.admit(9.0)
+    up.admit(100.0)  # both older than stale_s (60 s) are dropped, not only the first admitted
+    assert len(up) == 1 and up.oldest() == 100.0
+
+
 class _Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()

@@ -45,7 +45,9 @@ class Upstream:
     def __init__(self, state: RingState | None = None, stale_s: float = 60.0) -> None:
         self.state = state  # where the model process reads them (None: kept here only)
         self.stale_s = stale_s  # an entry older than this is dropped (a request whose handler never ran)
-        self._admitted: dict[int, float] = {}  # key -> arrival, oldest first
+        # key -> arrival, in the order admitted: not the order of arrival (a slow upload is admitted after
+        # requests that arrived after its first bytes)
+        self._admitted: dict[int, float] = {}
         self._next = 0
         self.work_ms = 0.0  # running mean of the server's work per request, handler start to ring submit
         self.images = 1.0  # running mean of images per request
@@ -55,15 +57,16 @@ class Upstream:
         return len(self._admitted)
 
     def oldest(self) -> float | None:
-        return next(iter(self._admitted.values()), None)
+        return min(self._admitted.values(), default=None)
 
     def admit(self, arrived: float) -> int:
         """A request read at ``arrived`` (perf_counter): its key for :meth:`leave`."""
         key = self._next
         self._next += 1
         self._admitted[key] = arrived
-        while self._admitted and next(iter(self._admitted.values())) < arrived - self.stale_s:
-            del self._admitted[next(iter(self._admitted))]
+        stale = [k for k, t in self._admitted.items() if t < arrived - self.stale_s]
+        for k in stale:
+            del self._admitted[k]
         self._publish()
         return key
 
