@@ -714,6 +714,27 @@ def test_a_failed_connection_to_the_model_process_leaves_it_taking_others(server
     _ok(client)
 
 
+def test_a_failed_batch_teaches_the_policy_nothing(saved: tuple[Path, Path]) -> None:
+    """A batch whose forward fails gets its requests the error; its time (the forward stopped at once) and their
+    latencies are no measure of the stitch: the policy's slowdown and recent latencies stay as they were (the
+    failed batch once made the machine look faster, and the policy climb to slower stitches)."""
+    from multiprocessing import Pipe
+
+    from snnet.deploy.serve.engine import RingState, _Engine, _Front, _Job, recv
+
+    model, results = saved
+    engine = _Engine.load(ServeConfig(str(model), str(results), max_batch=8), print)
+    mine, theirs = Pipe()
+    ring = np.zeros((8, 3, 16, 16), np.float32)  # not the network's input size: its forward fails at once
+    front = _Front(mine, None, ring, RingState(np.zeros(RingState.WORDS, np.int64)))
+    engine.fronts.append(front)
+    engine.jobs.append(_Job(front, 0, 0, 4, time.perf_counter()))
+    engine._run_batch(torch)
+    kind, _, jobs, error = recv(theirs)
+    assert kind == "failed" and jobs == [(0, 0, 4)] and "32" in error
+    assert engine.policy.slowdown == 1.0 and not engine.recent
+
+
 def test_requests_in_flight_when_the_model_process_dies_get_a_503(saved: tuple[Path, Path]) -> None:
     """A request waiting for its batch when the model process dies is answered 503 like one sent after
     (docs/serving.md: the model process gone), not 500 "the model failed on this batch; the server goes on"."""

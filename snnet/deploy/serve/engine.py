@@ -523,12 +523,14 @@ class _Engine:
         self.batches += 1
         self.running = 0
         with self.lock:
-            self.policy.observe_batch(decision.stitch, n, compute_ms)
+            if probs is not None:  # a failed forward's time (often at once) is no measure of the stitch's speed
+                self.policy.observe_batch(decision.stitch, n, compute_ms)
             slowdown = self.policy.slowdown
         by_front: dict[int, list[tuple[int, int, int]]] = {}
         start = 0
         for j in batch:
-            self.recent.append((done, (done - j.arrived) * 1e3))
+            if probs is not None:  # nor is a failed request's latency
+                self.recent.append((done, (done - j.arrived) * 1e3))
             by_front.setdefault(id(j.front), []).append((j.job_id, start, j.images))
             start += j.images
         queue = sum(j.images for j in self.jobs)
