@@ -735,6 +735,33 @@ def test_a_failed_batch_teaches_the_policy_nothing(saved: tuple[Path, Path]) -> 
     assert engine.policy.slowdown == 1.0 and not engine.recent
 
 
+def test_a_server_process_gone_with_the_only_queued_request_leaves_the_model_process_idle(saved: tuple[Path, Path]) -> None:
+    """When the server process whose request was all that was queued goes, the model process publishes that it
+    is idle: the other server processes' lone requests run in their processes again (they read it busy until
+    some request of theirs went through a batch)."""
+    from multiprocessing import Pipe
+
+    from snnet.deploy.serve.engine import RingState, _Engine, _Front, send, waiting
+
+    model, results = saved
+    engine = _Engine.load(ServeConfig(str(model), str(results), max_batch=8, max_wait_ms=50), print)
+    fronts = []
+    for _ in range(2):
+        mine, theirs = Pipe()
+        front = _Front(mine, None, np.zeros((8, 3, 32, 32), np.float32), RingState(np.zeros(RingState.WORDS, np.int64)),
+                       waiting(mine))
+        engine.fronts.append(front)
+        fronts.append((front, theirs))
+    (gone, gone_end), (other, _) = fronts
+    send(gone_end, ("job", 0, 0, 1, time.perf_counter()))
+    engine._read(gone)
+    assert other.state.busy
+    gone_end.close()
+    engine._read(gone)
+    assert engine.fronts == [other] and not engine.jobs
+    assert not other.state.busy
+
+
 def test_requests_in_flight_when_the_model_process_dies_get_a_503(saved: tuple[Path, Path]) -> None:
     """A request waiting for its batch when the model process dies is answered 503 like one sent after
     (docs/serving.md: the model process gone), not 500 "the model failed on this batch; the server goes on"."""

@@ -466,6 +466,7 @@ class _Engine:
                 self.selector.unregister(front.conn)
             front.conn.close()
             self.fronts.remove(front)
+            self.publish()  # its requests were all that was queued: the others' lone requests may run in their processes again
 
     def _decide(self, waiting: int, oldest_wait_ms: float, now: float, arrivals: Sequence[tuple[float, int]]) -> Decision:
         """The policy's decision for ``waiting`` images (``arrivals``: each request's arrival and
