@@ -313,6 +313,7 @@ def test_from_pretrained_puts_the_network_where_map_location_says(tmp_path, monk
     seeded_net(anchors=TINY_VITS[:2]).save_pretrained(tmp_path)
     real_load, real_to, moved = safetensors.torch.load_file, StitchedNet.to, []
     monkeypatch.setattr(safetensors.torch, "load_file", lambda path, device="cpu": real_load(path))
+    monkeypatch.setattr("snnet.devices.default_device", lambda name: name)  # no GPU here: let 'cuda' through the check
 
     def to(self, *args, **kwargs):
         moved.append(args[0] if args else kwargs.get("device"))

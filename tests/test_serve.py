@@ -1231,3 +1231,34 @@ def test_an_admin_token_file_with_a_byte_order_mark_is_read_without_it(tmp_path:
     token = read_admin_token(str(tmp_path / "token"))
     assert token == TOKEN
     check_admin(token, f"Bearer {TOKEN}")
+
+
+def test_health_probes_share_one_question_to_the_model_process() -> None:
+    """A stopped model process answers no health probe; each probe asked anew and left a thread blocked, one a
+    probe, until the default executor was full. Probes waiting together now share one question."""
+    import asyncio
+    import types
+
+    from snnet.deploy.serve.app import health
+    from snnet.deploy.serve.batcher import Batcher
+
+    async def main() -> tuple[int, list[int]]:
+        asked, answer = [], asyncio.Event()
+
+        async def ask(op: str, arg: object = None) -> dict:
+            asked.append(op)
+            await answer.wait()  # the model process, stopped until the test lets it answer
+            return {"stitch": 0}
+
+        batcher = types.SimpleNamespace(_state=None, ask=ask, held=0)
+        batcher.model_state = types.MethodType(Batcher.model_state, batcher)
+        upstream = type("Upstream", (), {"work_ms": 0.0, "__len__": lambda self: 0})()  # nothing read and not yet in the ring
+        svc = types.SimpleNamespace(batcher=batcher, upstream=upstream)
+        probes = [asyncio.create_task(health(svc)) for _ in range(8)]
+        await asyncio.sleep(0.05)
+        waiting = len(asked)
+        answer.set()
+        return waiting, [r.status_code for r in await asyncio.gather(*probes)]
+
+    waiting, codes = asyncio.run(main())
+    assert waiting == 1 and codes == [200] * 8

@@ -88,6 +88,7 @@ class Batcher:
         self.closing = False
         self.gone = False  # the model process's connection ended
         self._ran_inline: list[tuple[int, float, float]] = []  # (images, arrived, latency ms) not yet told
+        self._state: asyncio.Future | None = None  # the state asked of the model process, shared by who waits for it
 
     # ------------------------------------------------------------------ room
     def reserve(self, images: int) -> int:
@@ -213,6 +214,15 @@ class Batcher:
 
     async def ask(self, op: str, arg: Any = None) -> Any:
         return await asyncio.to_thread(self.control, op, arg)
+
+    def model_state(self) -> asyncio.Future:
+        """The model process's state, asked once however many wait for it: each health probe asking anew left a
+        thread blocked on a stopped model process, one a probe, until the default executor (six threads here)
+        was full and every other call made in a thread waited behind them."""
+        if self._state is None or self._state.done():
+            self._state = asyncio.ensure_future(self.ask("state"))
+            self._state.add_done_callback(lambda f: f.cancelled() or f.exception())  # read by someone, or dropped
+        return self._state
 
     # ------------------------------------------------------------------ shutdown
     async def close(self, timeout: float = 600.0) -> None:
