@@ -117,9 +117,9 @@ class ImageClassification:
         # on the loader's CPU batch (no device sync): cross_entropy would fail with "Target 17 is out of bounds"
         if (self.check_labels and isinstance(y, torch.Tensor) and y.device.type == "cpu" and y.ndim == 1
                 and not y.is_floating_point() and len(y)):
-            low, high = int(y.min()), int(y.max())
-            if low < 0 or high >= self.num_classes:
-                raise SnnetError(f"training label {low if low < 0 else high} is outside the network's {self.num_classes} "
+            bad = _label_outside(y, self.num_classes)
+            if bad is not None:
+                raise SnnetError(f"training label {bad} is outside the network's {self.num_classes} "
                                  f"classes (0 to {self.num_classes - 1}): number the classes from 0, or build the "
                                  "network with as many classes as the data has (--model.num_classes)")
         return batch[0], y
@@ -217,11 +217,10 @@ class ImageClassification:
                              f"came with {got}: give a tensor of {len(x)} integer labels")
         y = y.long()  # cross_entropy takes int64 class indices; an int32 or uint8 label tensor is as good
         classes = getattr(net, "num_classes", None)
-        if isinstance(classes, int):
-            bad = y[(y < 0) | (y >= classes)]
-            if len(bad):  # cross_entropy would fail with an index error (or a CUDA assert)
-                raise SnnetError(f"label {int(bad[0])} is outside the network's {classes} classes: "
-                                 "the data does not match this network's head")
+        if isinstance(classes, int) and len(y) and (bad := _label_outside(y, classes)) is not None:
+            # cross_entropy would fail with an index error (or a CUDA assert)
+            raise SnnetError(f"label {bad} is outside the network's {classes} classes: "
+                             "the data does not match this network's head")
         return x, y
 
     @staticmethod
@@ -419,6 +418,12 @@ def _class_ids(y: Any) -> Any:
     if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.dtype not in (torch.int64, torch.bool):
         return y.long()
     return y
+
+def _label_outside(y: torch.Tensor, classes: int) -> int | None:
+    """A class index of ``y`` (non-empty) outside ``0 .. classes - 1``, or None: two reads, the smallest and the largest."""
+    low, high = int(y.min()), int(y.max())
+    return low if low < 0 else high if high >= classes else None
+
 
 def _size(dataset: Dataset, empty: str) -> int:
     """The number of items of a training dataset, or a one-line refusal (no length; ``empty`` when it has none)."""

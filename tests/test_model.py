@@ -271,19 +271,12 @@ def test_a_half_precision_network_loads_back_in_its_dtype(dtype: torch.dtype, tm
     assert back.active == net.active
 
 
-def test_a_save_interrupted_between_its_files_keeps_the_network_saved_before(tmp_path, monkeypatch) -> None:
-    """Overwriting a saved network renames the new weights in, then the new config.json. Stopped between the
-    two (Ctrl-C, a kill), the folder held new weights beside the old config, and the network saved before was
-    refused as damaged: lost. Its weights are now kept until the new config is in, and load."""
-    import snnet.model as model_module
-
+def _stop_saves_before_the_config(monkeypatch) -> None:
+    """Every save_pretrained from here on stops (as Ctrl-C would) between its weights and its config.json."""
     from pathlib import Path
 
-    old = seeded_net(anchors=TINY_VITS[:2])
-    torch.manual_seed(1)
-    new = snnet.create_snnet(TINY_VITS[:2])
-    old.select(4)
-    old.save_pretrained(tmp_path)
+    import snnet.model as model_module
+
     real = model_module.atomic_write
 
     def stop_before_the_config(path, write, *args, **kwargs):
@@ -292,9 +285,21 @@ def test_a_save_interrupted_between_its_files_keeps_the_network_saved_before(tmp
         return real(path, write, *args, **kwargs)
 
     monkeypatch.setattr(model_module, "atomic_write", stop_before_the_config)
+
+
+def test_a_save_interrupted_between_its_files_keeps_the_network_saved_before(tmp_path, monkeypatch) -> None:
+    """Overwriting a saved network renames the new weights in, then the new config.json. Stopped between the
+    two (Ctrl-C, a kill), the folder held new weights beside the old config, and the network saved before was
+    refused as damaged: lost. Its weights are now kept until the new config is in, and load."""
+    old = seeded_net(anchors=TINY_VITS[:2])
+    torch.manual_seed(1)
+    new = snnet.create_snnet(TINY_VITS[:2])
+    old.select(4)
+    old.save_pretrained(tmp_path)
+    _stop_saves_before_the_config(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         new.save_pretrained(tmp_path)
-    monkeypatch.setattr(model_module, "atomic_write", real)
+    monkeypatch.undo()  # saves finish again
     with pytest.warns(UserWarning, match="interrupted between its two files"):
         back = snnet.load(tmp_path)
     assert all(torch.equal(v, old.state_dict()[k]) for k, v in back.state_dict().items()) and back.active == old.active
@@ -445,25 +450,14 @@ def test_a_second_save_stopped_between_its_files_keeps_the_network_saved_before(
     """After a save stopped between its files, the next save replaced model.safetensors.previous (the only weights
     the config.json in place records) with the unmatched new weights: stopped there too, the folder held nothing
     that loads ("model.safetensors is damaged"), and the network saved before was lost."""
-    import snnet.model as model_module
-
-    from pathlib import Path
-
     old = seeded_net(anchors=TINY_VITS[:2])
     old.save_pretrained(tmp_path)
-    real = model_module.atomic_write
-
-    def stop_before_the_config(path, write, *args, **kwargs):
-        if Path(path).name == model_module.CONFIG_NAME:
-            raise KeyboardInterrupt
-        return real(path, write, *args, **kwargs)
-
-    monkeypatch.setattr(model_module, "atomic_write", stop_before_the_config)
+    _stop_saves_before_the_config(monkeypatch)
     for seed in (1, 2):
         torch.manual_seed(seed)
         with pytest.raises(KeyboardInterrupt):
             snnet.create_snnet(TINY_VITS[:2]).save_pretrained(tmp_path)
-    monkeypatch.setattr(model_module, "atomic_write", real)
+    monkeypatch.undo()  # saves finish again
     with pytest.warns(UserWarning, match="interrupted between its two files"):
         back = snnet.load(tmp_path)
     assert all(torch.equal(v, old.state_dict()[k]) for k, v in back.state_dict().items())
