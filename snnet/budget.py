@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import BudgetError
 from .report import COUNT_PREFIXES, NUMBER, human, parse_count
-from .results import Row, better, merge_rows, network_rows, read_rows
+from .results import Row, better, measured, merge_rows, network_rows, read_rows
 from .space import Stitch
 
 __all__ = ["Budget", "MB", "Selection", "parse_budget", "select_stitch"]
@@ -201,24 +201,24 @@ def select_stitch(net_or_costs: Any, budget: Any, results: Any = None) -> Select
                            for n, r in cheapest.items())
         raise BudgetError(f"no stitch meets every bound of {budget} at once ({detail}): loosen one of them")
     # a language model's rows rank by bits per byte (lower is better), an image model's by top-1
-    ranked_by = next((m for m in ("bpb", "acc1") if all(_measured(r.value(m)) for r in within)), "flops")
-    measured = ranked_by != "flops"
-    if measured:
+    ranked_by = next((m for m in ("bpb", "acc1") if all(measured(r.value(m)) for r in within)), "flops")
+    by_accuracy = ranked_by != "flops"
+    if by_accuracy:
         best = max(within, key=lambda r: (better(ranked_by, r.value(ranked_by)), -r.flops, -r.id))
     else:
         # FLOPs, whatever is budgeted: they are exact (a measured latency is noisy) and the paper's frontier axis
         ranked_by = "flops"
         best = max(within, key=lambda r: (r.flops, r.params, -r.id))
-    shown = ([f"{best.bpb:.4f} bits/byte"] if ranked_by == "bpb" else [f"top-1 {best.acc1:.2f}%"]) if measured else []
+    shown = ([f"{best.bpb:.4f} bits/byte"] if ranked_by == "bpb" else [f"top-1 {best.acc1:.2f}%"]) if by_accuracy else []
     shown += [_METRICS[n][1](best.value(_METRICS[n][0])) for n in _METRICS if best.value(_METRICS[n][0]) is not None]
     # a proxy because some candidates were measured and others not is said as such, not as "no measured accuracy"
     metric = "bpb" if any(r.value("bpb") is not None for r in within) else "acc1"
-    unmeasured = [r for r in within if not _measured(r.value(metric))]
+    unmeasured = [r for r in within if not measured(r.value(metric))]
     lack = ("no measured accuracy" if len(unmeasured) == len(within) else
             f"{len(unmeasured)} of the {len(within)} candidates {'has' if len(unmeasured) == 1 else 'have'} no measured "
             f"{'bits per byte' if metric == 'bpb' else 'top-1'} (e.g. {unmeasured[0].name!r})" if unmeasured else "")
     why = ("the best (lowest measured bits per byte)" if ranked_by == "bpb" else "the most accurate (measured top-1)"
-           if measured else
+           if by_accuracy else
            f"{lack}, so by proxy the one with the most FLOPs (more compute buys more "
            "accuracy along the SN-Net frontier)")
     reason = (f"{best.name} (id {best.id}): {why} of the {len(within)} of {len(rows)} stitches within "
@@ -228,6 +228,3 @@ def select_stitch(net_or_costs: Any, budget: Any, results: Any = None) -> Select
                      tuple(sorted(int(r.id) for r in within)), best, stitch)
 
 
-def _measured(v: Any) -> bool:
-    """Whether a row's accuracy value was measured (a number, not None or NaN)."""
-    return isinstance(v, (int, float)) and not math.isnan(v)

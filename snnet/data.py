@@ -462,7 +462,7 @@ def _image_folder_root(root: Path, split: str) -> Path:
 
 
 # the sub-folders of an image folder that hold a split (_image_folder_root), not a class
-_SPLIT_FOLDERS = ("train", "training", "val", "validation", "test", "eval")
+_SPLIT_FOLDERS = tuple(name for name, split in _SPLIT_ALIASES.items() if split != "train+val")
 
 
 # PIL mode an image is converted to for a network of this many input channels (and the server's uploads)

@@ -25,7 +25,7 @@ import math
 from typing import Any, Sequence
 
 from .errors import ResultsError
-from .results import LOWER_IS_BETTER, Row, frontier, network_rows
+from .results import LOWER_IS_BETTER, Row, frontier, measured, network_rows
 from .io import atomic_write
 from .report import human
 
@@ -115,7 +115,7 @@ def _hover(r: Row, x: str) -> str:
         lines = [f"<b>{r.name}</b>", f"id {r.id}{' (anchor)' if r.is_anchor else ''}"]
     lines += [f"FLOPs {human(r.flops)}", f"params {human(r.params)}"]
     # what a producer did not measure is None (a Row built with a top-1 alone, a language model's with bits per byte)
-    top = [f"top-{k} {v:.2f}%" for k, v in ((1, r.acc1), (5, r.acc5)) if v is not None and not math.isnan(v)]
+    top = [f"top-{k} {v:.2f}%" for k, v in ((1, r.acc1), (5, r.acc5)) if measured(v)]
     if top:
         lines.append("  ".join(top))
     if r.is_zoo and r.value("img_size") is not None:

@@ -45,7 +45,7 @@ __all__ = [
     "KINDS", "LOWER_IS_BETTER", "RESULTS_JSON", "RESULTS_CSV", "BatchLatency", "FrontComparison", "FrontStep", "Row",
     "StitchResult", "better", "binomial_se", "check_writable", "compare_fronts", "format_results", "front_rows", "frontier",
     "is_comparison", "is_zoo", "load_results",
-    "mark_pareto", "network_rows", "pareto_front", "merge_rows", "read_rows", "write_results",
+    "mark_pareto", "measured", "network_rows", "pareto_front", "merge_rows", "read_rows", "write_results",
 ]
 
 RESULTS_JSON = "results.json"
@@ -579,6 +579,11 @@ def _from_text(v: str) -> Any:
     return v
 
 
+def measured(v: Any) -> bool:
+    """Whether a row's value was measured: a number, not None (a Row's default) or NaN (a file's null)."""
+    return isinstance(v, (int, float)) and not math.isnan(v)
+
+
 def format_results(results: Sequence[Row], x: str = "flops") -> str:
     """A text table of the stitched network's rows sorted by cost, its Pareto frontier (top-1 vs ``x``)
     marked with ``*``. Zoo rows are counted in a last line, not listed (a zoo can hold a thousand)."""
@@ -594,11 +599,10 @@ def format_results(results: Sequence[Row], x: str = "flops") -> str:
     columns += [(k, h) for k, h in (("latency_ms", "ms"), ("peak_mem_mb", "MB")) if any(r.value(k) is not None for r in results)]
     columns += [("acc1", "top-1 %"), ("acc5", "top-5 %"), ("loss", "loss"), ("is_anchor", "anchor"), ("pareto", "pareto")]
     # not measured: NaN (a file's null) or None (a Row's default), left blank
-    unmeasured = lambda v: v is None or math.isnan(v)  # noqa: E731
-    text = table(rows, columns, {"params": human, "flops": human, "acc5": lambda v: "" if unmeasured(v) else f"{v:.2f}",
-                                 "loss": lambda v: "" if unmeasured(v) else f"{v:.4f}", "pareto": lambda v: "*" if v else ""})
+    text = table(rows, columns, {"params": human, "flops": human, "acc5": lambda v: f"{v:.2f}" if measured(v) else "",
+                                 "loss": lambda v: f"{v:.4f}" if measured(v) else "", "pareto": lambda v: "*" if v else ""})
     # a NaN top-1 (not measured) is no best: max() keeps a NaN first row, which every comparison loses to
-    scored = [r for r in results if not unmeasured(r.acc1)]
+    scored = [r for r in results if measured(r.acc1)]
     best = max(scored, key=lambda r: (r.acc1, -r.id)) if scored else None
     zoo_line = ""
     beside = [f"{len(rows)} {what} from {', '.join(sorted({str(r.value('source')) for r in rows}))}"
