@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -519,6 +520,14 @@ async def put_stitch(svc: Service, request: Request, fleet: Fleet | None = None)
 # =============================================================================== the app
 
 
+def not_served(request: Request, e: HTTPException) -> str:
+    """The message of Starlette's own 404 or 405, with the routes the app serves (read from the app: never a list
+    that falls behind it)."""
+    routes = ", ".join(f"{method} {route.path}" for route in request.app.routes if isinstance(route, APIRoute)
+                       for method in sorted(route.methods - {"HEAD"}))
+    return f"{e.detail}: {request.method} {request.url.path}; this server answers {routes}"
+
+
 def body_limit(config: ServeConfig) -> Callable[[str, str], int]:
     """Largest body per method and path: images for /predict, a few bytes for admin requests."""
     def limit(method: str, path: str) -> int:
@@ -606,9 +615,7 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException) -> Response:  # Starlette's own 404, 405: the same error shape
-        routes = "POST /predict, GET /health, GET /metrics, GET /stitch, PUT /stitch"
-        return _json({"error": f"{e.detail}: {request.method} {request.url.path}; this server answers {routes}"},
-                     e.status_code, e.headers)
+        return _json({"error": not_served(request, e)}, e.status_code, e.headers)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, e: ClientDisconnect) -> Response:  # the client left mid-upload: nobody to answer

@@ -34,7 +34,7 @@ from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ...errors import SnnetError, StitchNotFoundError
-from .app import ADMIN_BODY_LIMIT, BodyLimits
+from .app import ADMIN_BODY_LIMIT, BodyLimits, not_served
 from .auth import check_admin
 from .config import log
 from .lm_engine import Event, Job, LMEngine, Outcome
@@ -286,11 +286,8 @@ def create_lm_app(engine: LMEngine) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException) -> Response:  # Starlette's own 404, 405: the server's error shapes
-        routes = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, GET/PUT /stitch"
-        path = request.url.path
-        message = f"{e.detail}: {request.method} {path}; this server answers {routes}"
-        body = error_body(message, kind="invalid_request_error") if path.startswith("/v1/") else {"error": message}
-        return _json(body, e.status_code, e.headers)
+        refusal = Rejected(e.status_code, not_served(request, e), "not_found")
+        return _json(_error_body(refusal, request.url.path.startswith("/v1/")), e.status_code, e.headers)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, e: ClientDisconnect) -> Response:  # the client left mid-body: nobody to answer,
