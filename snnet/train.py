@@ -332,8 +332,8 @@ def _check_teacher(resumed: Resumed, digest: str | None, config: TrainConfig) ->
         resumed.changes.append(f"the teacher: {what} (weights sha256 {saved[:12]} -> {(digest or 'none')[:12]})")
 
 
-# the settings that make the stitch sampler (make_stitch_sampler's arguments); stitch_sync and ddp_grads do not
-_SAMPLER_SETTINGS = frozenset({"sampler", "num_buckets", "ros_gap", "ros_ramp", "weighted_stitches", "stitch_weight"})
+# the settings that make the stitch sampler (make_stitch_sampler's); the other two say how processes share it
+_SAMPLER_SETTINGS = frozenset(f.name for f in dataclasses.fields(SamplingConfig)) - {"stitch_sync", "ddp_grads"}
 
 
 def _load_sampler(sampler: StitchSampler, resumed: Resumed, config: TrainConfig, rank: int) -> None:
