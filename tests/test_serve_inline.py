@@ -23,6 +23,7 @@ from snnet.deploy import loadgen  # noqa: E402
 from snnet.deploy.serve import EngineInfo, ServeConfig, Service  # noqa: E402
 from snnet.deploy.serve.batcher import TELL_INLINE_S  # noqa: E402
 from snnet.deploy.serve.engine import probabilities  # noqa: E402
+from snnet.deploy.serve import inline  # noqa: E402
 from snnet.deploy.serve.inline import RUNTIMES, InlineModel, RouteGraphs  # noqa: E402
 from snnet.deploy.serve.upstream import stamped  # noqa: E402
 from snnet.errors import ServeError  # noqa: E402
@@ -181,7 +182,9 @@ def test_a_graph_that_fails_or_disagrees_leaves_its_stitch_eager(saved: tuple[Pa
     assert graphs.pending == []  # not traced again
 
     wrong = RouteGraphs(net)
-    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: (lambda inp: torch.zeros(len(inp), 10)))  # a graph with other answers
+    # graphs with other answers, in both runtimes
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: (lambda inp: torch.zeros(len(inp), 10)))
+    monkeypatch.setattr(inline, "_onnx", lambda *a: (lambda inp: np.full((len(inp), 10), 0.1, np.float32)))
     wrong.probabilities(1, x.numpy())
     wrong.trace_pending()
     assert wrong.graphs == {} and wrong.eager == {1}
@@ -205,3 +208,28 @@ def test_a_stitch_onnx_cannot_export_runs_as_its_torchscript_graph(saved: tuple[
     np.testing.assert_allclose(graphs.probabilities(0, x.numpy()), probabilities(net, 0, x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown runtime"):
         RouteGraphs(net, runtimes=("tensorrt",))
+
+
+def test_an_onnx_graph_answers_what_its_array_holds_now_in_a_reused_buffer_or_a_new_one(saved: tuple[Path, Path]) -> None:
+    """OrtGraph binds an array's memory once and reads it at each run (the server decodes every lone
+    request into one buffer): new contents, a new array of the same shape, another size, a strided view."""
+    import torch
+
+    from snnet.model import StitchedNet
+
+    pytest.importorskip("onnxruntime")
+    net = StitchedNet.from_pretrained(str(saved[0])).eval()
+    graphs = RouteGraphs(net, max_images=2)
+    graphs.trace(0)
+    assert graphs.runtime == {0: "onnxruntime"}
+    graph, rng = graphs.graphs[0], np.random.default_rng(0)
+    buffer = np.empty((4, *net.input_size), np.float32)
+    answers = []
+    for _ in range(3):
+        buffer[...] = rng.standard_normal(buffer.shape, np.float32)
+        for x in (buffer[:1], buffer[:2], buffer[::2], rng.standard_normal((2, *net.input_size), np.float32)):
+            got = graph(x)
+            np.testing.assert_allclose(got, probabilities(net, 0, torch.from_numpy(np.array(x))), rtol=1e-5, atol=1e-6)
+            answers.append(got)
+    assert not np.shares_memory(answers[0], answers[4])  # an answer is the caller's: the next run does not overwrite it
+    np.testing.assert_allclose(answers[0].sum(-1), 1.0, rtol=1e-5)

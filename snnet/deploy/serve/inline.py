@@ -67,10 +67,15 @@ RUNTIMES = ("onnxruntime", "torchscript")  # what RouteGraphs compiles a stitch'
 
 class OrtGraph:
     """A stitch's route as an ONNX Runtime session on the CPU: a float32 array of images in, the
-    served probabilities out (softmax in numpy, as float32: no torch op on this path, whose
-    dispatch is a good part of a one-image forward that follows HTTP work). The session holds its
-    own copy of the stitch's weights (a TorchScript graph shares the network's): only stitches
-    short enough to run inline get one."""
+    served probabilities out. The softmax is in the graph and each array is bound once (below): no
+    numpy or torch op on this path, whose dispatch is a good part of a one-image forward that
+    follows HTTP work (``benchmarks/bench_cold_forward.py``, the shipped Ti after 0.4 ms asleep:
+    0.080 ms this way, 0.105 with ``session.run`` and the softmax in numpy; B 0.236 against 0.276).
+    The session holds its own copy of the stitch's
+    weights (a TorchScript graph shares the network's): only stitches short enough to run inline
+    get one."""
+
+    MAX_BINDINGS = 16  # arrays bound at once; past that the oldest binding is dropped
 
     def __init__(self, model: bytes) -> None:
         import onnxruntime as ort
@@ -79,30 +84,54 @@ class OrtGraph:
         options.intra_op_num_threads = options.inter_op_num_threads = 1  # this process's work stays on one core
         options.log_severity_level = 3  # errors only: a failed session raises, and RouteGraphs logs why
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
+        self.input, self.output = self.session.get_inputs()[0].name, self.session.get_outputs()[0].name
+        self.classes = int(self.session.get_outputs()[0].shape[-1])
+        # The server process decodes a request into the same buffer each time (InlineModel.x), so an
+        # I/O binding made for that memory (its address and shape) and an output array of its own
+        # serves every later request of that size: ``session.run``'s checks, dict and allocations are
+        # the rest of a forward this small.
+        self.bindings: dict[tuple[int, tuple[int, ...]], tuple[Any, np.ndarray]] = {}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        z = self.session.run(None, {self.input: x})[0]
-        z = np.exp(z - z.max(-1, keepdims=True))
-        z /= z.sum(-1, keepdims=True)
-        return z
+        x = np.ascontiguousarray(x, np.float32)
+        key = (x.ctypes.data, x.shape)
+        bound = self.bindings.get(key)
+        if bound is None:
+            if len(self.bindings) >= self.MAX_BINDINGS:
+                del self.bindings[next(iter(self.bindings))]
+            binding, out = self.session.io_binding(), np.empty((len(x), self.classes), np.float32)
+            binding.bind_cpu_input(self.input, x)
+            binding.bind_output(self.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+            bound = self.bindings[key] = (binding, out)
+        # the binding reads whatever the array's memory holds at this run: the key says that memory is ``x``'s
+        self.session.run_with_iobinding(bound[0])
+        return bound[1].copy()  # the next run of this size overwrites the bound output
 
 
-def _onnx(traced: Any, example: Any) -> OrtGraph:
-    """``traced`` (a TorchScript graph of a route) as an ONNX Runtime session, any number of images.
+def _onnx(net: Any, example: Any) -> OrtGraph:
+    """The network's selected route and the served softmax after it (:func:`~.engine.probabilities`)
+    as an ONNX Runtime session, any number of images.
 
-    torch's TorchScript-based exporter (``dynamo=False``) writes it in ~0.1 s, from the graph just
-    traced; the dynamo exporter that ``snnet export --format onnx`` uses takes 1.5-3 s a stitch,
-    which here would hold the event loop. Deprecated upstream like TorchScript itself: if it goes,
-    the export raises and the stitch runs as its TorchScript graph."""
+    torch's TorchScript-based exporter (``dynamo=False``) traces and writes it in ~0.1 s; the
+    dynamo exporter that ``snnet export --format onnx`` uses takes 1.5-3 s a stitch, which here
+    would hold the event loop. Deprecated upstream like TorchScript itself: if it goes, the export
+    raises and the stitch runs as its TorchScript graph."""
     import io
 
     import torch
 
+    class Probabilities(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).float().softmax(-1)
+
     buffer = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(traced, (example,), buffer, dynamo=False, input_names=["x"], output_names=["logits"],
-                          dynamic_axes={"x": {0: "images"}, "logits": {0: "images"}})
+        torch.onnx.export(Probabilities(), (example,), buffer, dynamo=False, input_names=["x"], output_names=["probs"],
+                          dynamic_axes={"x": {0: "images"}, "probs": {0: "images"}})
     return OrtGraph(buffer.getvalue())
 
 
@@ -183,20 +212,16 @@ class RouteGraphs:
 
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript's and the exporter's deprecation notices, tracer warnings: the check decides
-            try:
-                self.net.select(stitch)
-                traced = torch.jit.trace(self.net, torch.from_numpy(self.checks[0]), check_trace=False)
-            except Exception as e:  # noqa: BLE001 - any failure to trace leaves the stitch eager
-                log.info("stitch %d runs eager on the latency path: tracing failed (%s: %s)", stitch, type(e).__name__, e)
-                return None
+            example = torch.from_numpy(self.checks[0])
             for runtime in self.runtimes:
                 try:  # a graph here is the stitch's served forward: images in, probabilities out
+                    self.net.select(stitch)
                     if runtime == "torchscript":
-                        graph = partial(self._eager, stitch, graph=traced)
+                        graph = partial(self._eager, stitch, graph=torch.jit.trace(self.net, example, check_trace=False))
                     else:
-                        graph = _onnx(traced, torch.from_numpy(self.checks[0]))
+                        graph = _onnx(self.net, example)
                     same = all(np.allclose(graph(x), self._eager(stitch, x), atol=1e-5) for x in self.checks)
-                except Exception as e:  # noqa: BLE001 - onnxruntime missing, an operator it lacks: the next runtime
+                except Exception as e:  # noqa: BLE001 - a route that cannot be traced, onnxruntime missing, an operator it lacks: the next runtime
                     log.info("stitch %d: no %s graph for the latency path (%s: %s)", stitch, runtime, type(e).__name__, e)
                     continue
                 if same:
