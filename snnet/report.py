@@ -39,10 +39,14 @@ def percentile(values: Iterable[float], q: float, *, nearest: bool = False) -> f
 
 def human(n: float, unit: str = "") -> str:
     """1234567 -> '1.23M' (with an optional unit: '1.23 GFLOPs')."""
-    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{' ' if unit else ''}{suffix}{unit}"
-    return f"{n:.0f}{' ' if unit else ''}{unit}"
+    units = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"), (1.0, ""))
+    for k, (div, suffix) in enumerate(units):
+        if abs(n) >= div or div == 1.0:
+            if k > 0 and abs(round(n / div, 0 if div == 1.0 else 2)) >= 1000:  # 999,999 prints 1.00M, not 1000.00K
+                div, suffix = units[k - 1]
+            text = f"{n / div:.0f}" if div == 1.0 else f"{n / div:.2f}"
+            return f"{text}{' ' if unit else ''}{suffix}{unit}"
+    raise AssertionError("unreachable: the last unit takes every number")
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], formats: dict[str, Any] | None = None) -> str:

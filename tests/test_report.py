@@ -23,6 +23,12 @@ def test_what_human_writes_reads_back(n: float) -> None:
     assert parse_count(human(n)) == pytest.approx(n, rel=5e-3)
 
 
+@pytest.mark.parametrize("n, text", [(999_999, "1.00M"), (999_994, "999.99K"), (999_000, "999.00K"), (999.6, "1.00K"), (999.4, "999"), (-999_999, "-1.00M"),
+                                     (1_234_567, "1.23M"), (999_999_999, "1.00G")])
+def test_a_count_that_rounds_up_to_the_next_unit_is_written_in_it(n: float, text: str) -> None:
+    assert human(n) == text  # not "1000.00K"
+
+
 @pytest.mark.parametrize("text", ["", "G", "1.2.3", "5 MB", "-3", "1x"])
 def test_what_is_not_a_count_is_refused(text: str) -> None:
     with pytest.raises(ValueError):
