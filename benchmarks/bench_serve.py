@@ -140,7 +140,8 @@ def run_trace(port: int, bodies: list[loadgen.Body], times: list[float], timeout
     out = []
     for r in results:
         body = orjson.loads(r.body) if r.status == 200 else {}
-        out.append({"t": round(r.t, 4), "ms": round(r.ms, 2), "status": r.status, "images": r.images, "stitch": body.get("stitch", {}).get("id"),
+        out.append({"t": round(r.t, 4), "ms": round(r.ms, 2), "lag_ms": round(r.lag_ms, 3), "status": r.status, "images": r.images,
+                    "stitch": body.get("stitch", {}).get("id"),
                     # the server's own figures: arrival to the ring (reading, decoding, the wait for its event loop), and to the answer
                     "before_ring_ms": body.get("before_ring_ms"), "server_ms": body.get("latency_ms")})
     return out
@@ -163,6 +164,9 @@ def summarise(samples: list[dict[str, Any]], acc: dict[int, float], slo_ms: floa
         # arrival to the ring in the server process (answered requests the model process ran), p50 / p95 / p99
         "before_ring_ms": [percentile(ring, q, nearest=True) for q in (0.5, 0.95, 0.99)]
         if (ring := [s["before_ring_ms"] for s in ok if s.get("before_ring_ms") is not None]) else None,
+        # how late the load generator sent requests after their arrival times (in the latencies above), p50 / p99 / max
+        "client_lag_ms": [percentile(lag, 0.5, nearest=True), percentile(lag, 0.99, nearest=True), max(lag)]
+        if (lag := [s["lag_ms"] for s in samples if "lag_ms" in s]) else None,
     }
 
 

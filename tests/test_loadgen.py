@@ -196,3 +196,33 @@ def test_closed_loop_against_a_server_that_hangs_or_goes_misses_and_then_stops_i
     assert hung and {r.status for r in hung} == {0} and all(150 <= r.ms < 2000 for r in hung)
     with pytest.raises(ServeError, match="no longer takes connections"):
         asyncio.run(main(answer=True))
+
+
+def test_open_loop_latency_counts_from_the_scheduled_arrival_when_the_generator_falls_behind() -> None:
+    """A request due while the generator's loop is held (0.3 s here) is sent late; its latency counts the
+    delay (coordinated omission: timed from its send, the late request looked as fast as the server's answer)."""
+    import time
+
+    async def main() -> list[loadgen.Result]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    break
+                length = next((int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:"), 0)
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            asyncio.get_running_loop().call_later(0.15, time.sleep, 0.3)  # the generator's loop held from 0.15 to 0.45 s
+            return await loadgen.open_loop("127.0.0.1", port, [loadgen.make_body("/predict", raw=b"x")], [0.0, 0.2], timeout=5.0)
+
+    first, late = asyncio.run(main())
+    assert first.status == late.status == 200 and late.t == 0.2
+    assert late.lag_ms >= 200 and late.ms >= late.lag_ms  # sent ~0.25 s late, and its latency says so
+    assert first.lag_ms < 100

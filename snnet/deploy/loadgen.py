@@ -49,14 +49,17 @@ class Body:
 
 @dataclass(frozen=True)
 class Result:
-    """One request: when it was sent (s from the start), its latency, status (0: transport error or
-    timeout, -1: not sent, the generator's connection bound was hit) and the response body."""
+    """One request: when it was due (s from the start: its scheduled arrival in an open loop, its send in
+    a closed one), its latency from then, status (0: transport error or timeout, -1: not sent, the
+    generator's connection bound was hit), the response body, and ``lag_ms``: how late the generator
+    sent it (counted in ``ms``: a client that falls behind does not hide the wait, coordinated omission)."""
 
     t: float
     ms: float
     status: int
     images: int
     body: bytes = b""
+    lag_ms: float = 0.0
 
 
 def make_body(path: str, files: Sequence[bytes] | None = None, raw: bytes | None = None, content_type: str = "image/png",
@@ -171,7 +174,9 @@ async def open_loop(host: str, port: int, bodies: Sequence[Body], times: Sequenc
     (a new one if none is idle, up to ``max_connections``; past that the request is not sent:
     status -1). A request not answered within ``timeout`` s is a miss (status 0). An idle connection
     the server closed meanwhile (keep-alive expiry: nothing of an answer came) is replaced and the
-    request sent again, once, as HTTP clients do; a connection closed mid-answer is a miss."""
+    request sent again, once, as HTTP clients do; a connection closed mid-answer is a miss. Latencies
+    are timed from each request's arrival time in ``times``, so a generator that falls behind its
+    schedule adds its delay to them (each result's ``lag_ms`` says how much) instead of hiding it."""
     idle: list[Connection] = []
     opened = 0
     results: list[Result] = []
@@ -206,14 +211,16 @@ async def open_loop(host: str, port: int, bodies: Sequence[Body], times: Sequenc
             opened -= 1
             raise
 
-    async def one(k: int, sent: float, conn: Connection | None) -> None:
-        body = bodies[k % len(bodies)]
+    async def one(k: int, t: float, conn: Connection | None) -> None:
+        body, due = bodies[k % len(bodies)], t0 + t
+        lag = time.perf_counter() - due  # the generator's own delay (its loop busy, a burst sent in turn)
         try:
             conn, status, data = await asyncio.wait_for(exchange(conn, body.raw), timeout)
             idle.append(conn)
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             status, data = 0, b""
-        results.append(Result(sent - t0, (time.perf_counter() - sent) * 1e3, status, body.images, data if keep_body else b""))
+        # timed from when it was due, not from when it went out: a late send is the request's wait too
+        results.append(Result(t, (time.perf_counter() - due) * 1e3, status, body.images, data if keep_body else b"", lag * 1e3))
 
     tasks = []
     for k, t in enumerate(times):
@@ -226,10 +233,10 @@ async def open_loop(host: str, port: int, bodies: Sequence[Body], times: Sequenc
         conn = idle.pop() if idle else None
         if conn is None:
             if opened >= max_connections:
-                results.append(Result(time.perf_counter() - t0, 0.0, -1, bodies[k % len(bodies)].images))
+                results.append(Result(t, 0.0, -1, bodies[k % len(bodies)].images))
                 continue
             opened += 1
-        tasks.append(asyncio.create_task(one(k, time.perf_counter(), conn)))
+        tasks.append(asyncio.create_task(one(k, t, conn)))
     await asyncio.gather(*tasks)
     for c in idle:
         c.close()
