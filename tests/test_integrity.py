@@ -80,6 +80,15 @@ def test_every_exported_file_is_checksummed_and_loads_verified(exported, images:
     assert (got_pt2 - want).abs().max() <= 1e-5 and (got_onnx - want).abs().max() <= 1e-5
 
 
+def test_onnx_providers_given_as_one_string_or_missing_here(exported) -> None:
+    from snnet.errors import ExportError
+
+    out, _ = exported
+    assert deploy.load_onnx(out / "model.onnx", providers="CPUExecutionProvider").get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(ExportError, match="no execution provider 'NoSuchExecutionProvider'; it has .*CPUExecutionProvider"):
+        deploy.load_onnx(out / "model.onnx", providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
+
+
 def test_sixteen_flipped_bytes_in_pt2_and_onnx_are_refused(exported, tmp_path: Path, images: torch.Tensor) -> None:
     """torch.export and onnxruntime load the damaged files without a word, and compute other outputs;
     snnet's loaders refuse them in one line naming the file."""
@@ -166,6 +175,14 @@ def test_export_refuses_a_folder_it_would_mix_or_overwrite(exported, tmp_path: P
     with pytest.raises(ExportError, match="not an exported stitch's"):
         deploy.export_stitch(net, 3, saved, ["onnx"])
     assert snnet.load(saved)  # intact
+    own = tmp_path / "own"  # a program and an ONNX file of the user's own, no export's config.json beside them
+    own.mkdir()
+    for name in ("model.pt2", "model.onnx"):
+        (own / name).write_bytes(b"mine")
+        with pytest.raises(ExportError, match=f"holds {name} without an export's config.json"):
+            deploy.export_stitch(net, 3, own, ["safetensors", "pt2", "onnx"])
+        assert sorted(p.name for p in own.iterdir()) == [name] and (own / name).read_bytes() == b"mine"
+        (own / name).unlink()
 
 
 @pytest.mark.parametrize("edit", [

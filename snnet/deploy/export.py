@@ -480,6 +480,12 @@ def check_export_folder(out: str | os.PathLike, formats: Sequence[str]) -> None:
         # weights without their config.json (a network's save cut before it, or copied by hand): they would be replaced
         raise ExportError(f"--out {out} holds a {STITCH_WEIGHTS} that is not an exported stitch's (a saved network's "
                           f"weights without its {STITCH_CONFIG}?); exporting there would overwrite it: choose another --out")
+    else:  # no config.json: a program or ONNX file here is no export's record (one of the user's own, or an export cut short)
+        strays = [FORMAT_FILES[f] for f in ("pt2", "onnx") if (out / FORMAT_FILES[f]).exists()]
+        if strays:
+            raise ExportError(f"--out {out} holds {', '.join(strays)} without an export's {STITCH_CONFIG} (a file of your own, "
+                              "or an export stopped before its end); exporting there would overwrite it: delete it if it "
+                              "is a leftover, or choose another --out")
     stale = [name for f, name in FORMAT_FILES.items() if f not in formats and (out / name).exists()]
     if stale:
         raise ExportError(f"--out {out} holds {', '.join(stale)} of an earlier export, which this one (--format "
@@ -527,15 +533,22 @@ def load_program(path: str | os.PathLike) -> "torch.export.ExportedProgram":
         raise CheckpointError(f"{path} is not a readable torch.export program ({type(e).__name__}); {_REEXPORT}") from e
 
 
-def load_onnx(path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
-    """An onnxruntime ``InferenceSession`` of an exported ``model.onnx``, after verifying its checksum."""
+def load_onnx(path: str | os.PathLike, providers: Sequence[str] | str = ("CPUExecutionProvider",)) -> Any:
+    """An onnxruntime ``InferenceSession`` of an exported ``model.onnx``, after verifying its checksum.
+    ``providers``: onnxruntime's execution providers, first choice first (one may be given as a string)."""
     path = _verified(path, FORMAT_FILES["onnx"])
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise ExportError("running ONNX needs onnxruntime: pip install 'snnet[export]'") from e
+    chosen = [providers] if isinstance(providers, str) else list(providers)  # a string is one provider, not its letters
+    available = ort.get_available_providers()
+    missing = [p for p in chosen if p not in available]
+    if missing or not chosen:
+        raise ExportError(f"this onnxruntime has no execution provider {', '.join(map(repr, missing)) or '(none given)'}; "
+                          f"it has {', '.join(available)} (a GPU's needs onnxruntime-gpu)")
     try:
-        return ort.InferenceSession(str(path), providers=list(providers))
+        return ort.InferenceSession(str(path), providers=chosen)
     except Exception as e:  # onnxruntime raises its own types for a file it cannot parse
         raise CheckpointError(f"{path} is not a readable ONNX model ({type(e).__name__}); {_REEXPORT}") from e
 
