@@ -569,6 +569,53 @@ def test_a_whole_answer_whose_client_has_gone_is_dropped_or_stopped(saved: Path)
             assert _samples(c)[key] == 1  # the first token, then the stopping criterion saw the client gone
 
 
+def test_a_request_still_queued_when_the_server_stops_gets_503_not_500(saved: Path) -> None:
+    """It never started: the model did not fail, and another replica (or this one restarted) can take it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = _engine(saved, stitch="0")
+    gate, real = threading.Event(), engine.run
+    engine.run = lambda job, decision: (gate.wait(10), real(job, decision))[1]
+    body = {"model": "tiny-lm", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    with _Server(engine) as server, httpx.Client(base_url=server.url, timeout=60) as c, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(c.post, "/v1/completions", json=body)
+        _until(lambda: engine.state()["running"])
+        queued = pool.submit(c.post, "/v1/completions", json=body)
+        _until(lambda: engine.state()["queue"] == 1)
+        engine.stop(timeout=0.1)
+        r = queued.result(30)
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"], r.text
+        gate.set()
+        running.result(30)
+
+
+def test_a_long_prompt_is_tokenised_off_the_event_loop(saved: Path) -> None:
+    """A body past LONG_BODY_BYTES is templated and tokenised in a thread: /health answers meanwhile (a 1 MiB
+    prompt held the event loop, and every other client, for its whole tokenisation)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from snnet.deploy.serve.lm_app import LONG_BODY_BYTES
+
+    engine = _engine(saved)
+    answered, real = threading.Event(), engine.count_tokens
+
+    def slow(prompt: str) -> int:
+        if len(prompt) > LONG_BODY_BYTES:
+            answered.wait(20)  # a tokenisation that lasts until /health has answered (20 s if it cannot)
+        return real(prompt)
+
+    engine.count_tokens = slow
+    body = {"model": "tiny-lm", "prompt": "a" * (LONG_BODY_BYTES + 10), "max_tokens": 4}
+    with _Server(engine) as server, httpx.Client(base_url=server.url, timeout=60) as c, ThreadPoolExecutor(1) as pool:
+        long = pool.submit(c.post, "/v1/completions", json=body)
+        time.sleep(0.5)  # the long request is being tokenised
+        t0 = time.monotonic()
+        assert c.get("/health").status_code == 200
+        assert time.monotonic() - t0 < 10 and not long.done()
+        answered.set()
+        assert long.result(60).status_code in (200, 400)  # answered, or refused for the context: either way not held
+
+
 def _samples(client: httpx.Client) -> dict[tuple, float]:
     text = client.get("/metrics").text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}

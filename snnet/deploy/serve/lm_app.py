@@ -43,6 +43,7 @@ from .rejected import Rejected, count_refusal
 
 __all__ = ["create_lm_app"]
 
+LONG_BODY_BYTES = 64 * 1024  # a request body past this is templated and tokenised off the event loop
 COMPLETIONS_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions (chat: the rest of the context)
 
 
@@ -91,6 +92,8 @@ class _Request:
                     parts.append(value)
                 elif kind == "error":
                     return _error(Rejected(500, value, "model_error"), self.engine)
+                elif kind == "stopped":
+                    return _error(Rejected(503, value, "stopped"), self.engine)
                 elif kind == "gone":  # nobody to answer
                     return Response(status_code=499)
                 elif kind == "done":
@@ -112,7 +115,7 @@ class _Request:
                     yield _sse(chunk(self.id, chat, self.model, self.created, "", role=True))
                 elif kind == "text":
                     yield _sse(chunk(self.id, chat, self.model, self.created, value))
-                elif kind == "error":
+                elif kind in ("error", "stopped"):
                     yield _sse(error_body(value, kind="server_error"))
                     yield b"data: [DONE]\n\n"
                     return
@@ -125,6 +128,12 @@ class _Request:
                     return
         finally:
             self.engine.cancel(self.job)
+
+
+def _tokens(engine: LMEngine, req: CompletionRequest) -> tuple[str, int]:
+    """The text generation continues and its number of tokens."""
+    prompt = _prompt(engine, req)
+    return prompt, engine.count_tokens(prompt)
 
 
 def _prompt(engine: LMEngine, req: CompletionRequest) -> str:
@@ -162,8 +171,9 @@ async def _complete(engine: LMEngine, request: Request, chat: bool) -> Response:
         if req.model != name:
             raise Rejected(404, f"model {req.model!r} is not served here; this server serves {name!r} (GET /v1/models)",
                            "model_not_found")
-        prompt = _prompt(engine, req)
-        n = engine.count_tokens(prompt)
+        # a long body's template and tokenisation (up to the body limit) in a thread: the event loop keeps answering
+        # meanwhile; a short one here, where the thread's hand-off would cost more than it saves
+        prompt, n = await asyncio.to_thread(_tokens, engine, req) if len(raw) > LONG_BODY_BYTES else _tokens(engine, req)
         if n == 0:
             raise BadRequest("the prompt is empty after tokenisation: give at least one token of text", "prompt")
         context = engine.context

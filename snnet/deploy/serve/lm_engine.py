@@ -42,7 +42,7 @@ from .rejected import Rejected
 __all__ = ["Event", "Job", "LMEngine", "LMMetrics", "LMServeConfig", "Outcome", "is_lm_folder", "max_context", "time_stitches"]
 
 log = logging.getLogger("uvicorn.error")
-Event = tuple[str, Any]  # ("start", LMDecision) | ("text", str) | ("done", Outcome) | ("error", str)
+Event = tuple[str, Any]  # ("start", LMDecision) | ("text", str) | ("done", Outcome) | ("error", str) | ("stopped", str): not started
 _SECONDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 ARRIVALS = 32  # recent arrivals the request rate is measured over
 _TOKEN_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
@@ -445,8 +445,8 @@ class LMEngine:
             if self._running is not None:
                 self._running.cancelled.set()
             self._cond.notify_all()
-        for job in waiting:
-            job.emit(("error", "the server is shutting down"))
+        for job in waiting:  # never started: 503, as a request arriving now would get (not the model's 500)
+            job.emit(("stopped", "the server is shutting down before this request started: send it again"))
         if self._thread is not None:
             self._thread.join(timeout)
 
