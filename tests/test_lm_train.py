@@ -242,6 +242,10 @@ def test_the_command_line_trains_evaluates_generates_and_exports(folders, corpus
     assert len(rows) == len(net.space) and all(r["split"] == "val" for r in rows)  # the run's held-out files
     assert all(math.isclose(r["ppl"], math.exp(r["loss"]), rel_tol=1e-6) for r in rows)
     assert (tmp_path / "eval" / "frontier.html").is_file()
+    # drawn again from the file: bits per byte as above (it was tabled and drawn as top-1 of "images")
+    main(["eval", "--results", str(tmp_path / "eval"), "--out", str(tmp_path / "again")])
+    assert "bits/byte" in capsys.readouterr().out and (tmp_path / "again" / "frontier.html").is_file()
+    assert not (tmp_path / "again" / "pareto.html").exists()
     main(["generate", "--model", str(run / "final"), "--prompt", "def add(", "--max-new-tokens", "5", "--stitch", "1"])
     assert capsys.readouterr().out.startswith("def add(")
     with pytest.raises(SystemExit) as refused:  # the image export's options are refused, not ignored

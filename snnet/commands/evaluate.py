@@ -64,7 +64,7 @@ def evaluate(
     --results, an existing results file (or reference:<family>, the authors' table) is plotted again
     without evaluating anything.
     """
-    from .lm import evaluate_lm_folder, is_lm_folder
+    from .lm import evaluate_lm_folder, is_lm_folder, report_lm
     from .options import read_zoo_options, split_stitches
     from ..config import EVAL_PROTOCOLS
     from ..evaluate import format_results, load_results
@@ -98,6 +98,12 @@ def evaluate(
         if given:
             raise SnnetError(f"--results plots results that exist; {', '.join(given)} would evaluate: drop one or the other")
         rows = published_rows(results) if table_name(results) is not None else load_results(Path(results))
+        if any(r.value("task") == "causal-lm" for r in rows):  # a language model's: bits per byte, not top-1
+            image_only = [o for o, v in (("--zoo", zoo), ("--reference", reference)) if v is not None]
+            if image_only:
+                raise SnnetError(f"{', '.join(image_only)}: for image networks; {results} holds a stitched language model's results")
+            typer.echo("\nwrote " + ", ".join(str(p) for p in report_lm(rows, out)))
+            return
     else:
         rows = _evaluate(model, data, split, batch_size, limit, stitches, device, amp, workers, calib_images, progress,
                          eval_protocol, skip_bad_images)

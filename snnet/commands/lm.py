@@ -85,9 +85,7 @@ def evaluate_lm_folder(model: Path, corpus: str | None, split: str, batch_size: 
     import dataclasses
 
     from ..families.causal_lm import net_positions
-    from ..lm_eval import LM_FRONT, evaluate_lm, format_lm_results
-    from ..plot import plot_pareto
-    from ..results import write_results
+    from ..lm_eval import evaluate_lm
     from ..tasks import CausalLM
     from ..text import text_loader
 
@@ -102,7 +100,16 @@ def evaluate_lm_folder(model: Path, corpus: str | None, split: str, batch_size: 
     blocks = CausalLM(data, net).dataset(data, train=False, limit=limit)
     rows = evaluate_lm(net, text_loader(blocks, batch_size), chosen, progress=progress, context=data.block_size)
     where = {"corpus": data.corpus, "split": data.split, "fingerprint": blocks.fingerprint}
-    rows = [dataclasses.replace(r, extra={**r.extra, **where}) for r in rows]
+    return report_lm([dataclasses.replace(r, extra={**r.extra, **where}) for r in rows], out)
+
+
+def report_lm(rows: list, out: Path) -> list[Path]:
+    """A language model's results printed, written as results.json/csv, and their bits-per-byte frontier
+    against FLOPs per token drawn as frontier.html/png (``snnet eval``, of a model or of ``--results``)."""
+    from ..lm_eval import LM_FRONT, format_lm_results
+    from ..plot import plot_pareto
+    from ..results import write_results
+
     typer.echo(format_lm_results(rows))
     return [*write_results(rows, out), *plot_pareto(rows, out / "frontier.html", out / "frontier.png", y=LM_FRONT)]
 
