@@ -118,7 +118,8 @@ def stitches(
     if result is not None:
         typer.echo(f"KLAS scored {len(result.scores)} candidate stitches on {result.images} images and kept "
                    f"{len(result.routes)} (lowest KL per FLOPs interval); --json lists every candidate's score. "
-                   "Train this space with `snnet train --routes FILE` (FILE: this command's --json output).")
+                   f"Train this space with `snnet train --routes FILE{' --space.cut ' + cut if cut != 'block' else ''}` "
+                   "(FILE: this command's --json output, which records the cut).")
 
 
 def _klas(names: list[str], img_size: int | None, keep: int, calib_images: int, data: str, data_dir: Path | None,

@@ -68,9 +68,13 @@ class KlasResult:
     scores: tuple[KlasScore, ...]
     routes: tuple[str, ...]  # the kept stitches, by FLOPs
     images: int
+    # the net's space.cut: what the routes' indices count (blocks or sublayers). Recorded in the JSON, so a
+    # routes file read by `snnet train --routes` is not built with another cut, where the names mean other networks
+    cut: str = "block"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"routes": list(self.routes), "images": self.images, "candidates": [s.to_dict() for s in self.scores]}
+        return {"routes": list(self.routes), "cut": self.cut, "images": self.images,
+                "candidates": [s.to_dict() for s in self.scores]}
 
 
 def candidates(net: StitchedNet) -> list[tuple[int, int, int, int]]:
@@ -176,7 +180,7 @@ def klas(net: StitchedNet, batches: Iterable[Any], keep: int, *, max_images: int
     kept = select_klas(scores, keep, min(anchors), max(anchors), spread)
     names = {s.name for s in kept}
     return KlasResult(tuple(KlasScore(**{**asdict(s), "kept": s.name in names}) for s in scores),
-                      tuple(s.name for s in kept), images)
+                      tuple(s.name for s in kept), images, net.space.config.cut)
 
 
 def klas_net(net: StitchedNet, routes: Sequence[str]) -> StitchedNet:

@@ -177,6 +177,28 @@ def test_cli_klas_refuses_the_options_of_the_rule_based_space(capsys, tmp_path, 
     assert space[0] in line and "drop it" in line
 
 
+def test_klas_routes_file_records_its_cut_and_train_refuses_another(capsys, tmp_path) -> None:
+    """`stitches --select klas --cut sublayer --json` did not record the cut, and `train --routes FILE` built the
+    space with its own space.cut ('block'), where the same names (a[:3]+b[3:]) count blocks: other networks, trained
+    silently. The file records the cut; a run of another cut is refused in one line naming the --space.cut to give."""
+    import yaml
+
+    data = _folder(tmp_path / "calib", classes=2, per_class=4)
+    assert _run(["stitches", "--anchors", ",".join(TINY_VITS[:2]), "--select", "klas", "--cut", "sublayer", "--data",
+                 str(data), "--calib-images", "8", "--keep", "3", "--json"]) == 0
+    chosen = json.loads(capsys.readouterr().out)
+    assert chosen["cut"] == "sublayer"
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps(chosen))
+    train = ["train", "--anchors", ",".join(TINY_VITS[:2]), "--routes", str(routes), "--print-config"]
+    assert _run(train) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert str(routes) in line and "--cut sublayer" in line and "add --space.cut sublayer" in line
+    assert _run([*train, "--space.cut", "sublayer"]) == 0
+    space = yaml.safe_load(capsys.readouterr().out)["space"]
+    assert space["cut"] == "sublayer" and space["routes"] == chosen["routes"]
+
+
 # ------------------------------------------------------------------ options pointed at the wrong thing
 
 @pytest.fixture(scope="module")

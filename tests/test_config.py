@@ -344,3 +344,31 @@ def test_an_option_is_named_in_full_not_by_a_prefix(capsys, args, says):
     """argparse took prefixes: `--rec deit` matched --recipe, which the parse then dropped, so the recipe was
     silently ignored (the tree's defaults trained)."""
     assert says in _refused(capsys, "train", *args, "--print-config")
+
+
+def test_the_routes_file_whose_cut_is_checked(tmp_path) -> None:
+    """Which routes file space.routes comes from, whichever option gave it (the last one that sets the routes wins),
+    and the check of the cut it records (`snnet stitches --select klas --json`'s) against the run's space.cut."""
+    from snnet.commands.config_cli import _check_routes_cut, _lists, _translate
+
+    names = ["snnet_tiny_vit_ti[:3]+snnet_tiny_vit_s[3:]"]
+    klas, plain = tmp_path / "klas.json", tmp_path / "plain.json"
+    klas.write_text(json.dumps({"routes": names, "cut": "sublayer"}))
+    plain.write_text(json.dumps(names))
+
+    def source(*argv: str):
+        file = _translate(list(argv), TRAIN_LEGACY, {}, _lists())[4]
+        return file and (Path(file.path).name, file.cut)
+
+    for given in (["--routes", str(klas)], ["--space.routes", str(klas)], [f"--space.routes={klas}"],
+                  ["--set", f"routes={klas}"], ["--routes", str(plain), "--routes", str(klas)]):
+        assert source(*given) == ("klas.json", "sublayer"), given
+    assert source("--routes", str(plain)) == ("plain.json", None)  # a plain list: read with the run's own cut
+    assert source("--routes", str(klas), "--space.routes", json.dumps(names)) is None  # replaced by a later list
+    assert source("--lr", "0.1") is None
+    file = _translate(["--routes", str(klas)], TRAIN_LEGACY, {}, _lists())[4]
+    _check_routes_cut(file, "sublayer")
+    with pytest.raises(ConfigError, match="add --space.cut sublayer"):
+        _check_routes_cut(file, "block")
+    _check_routes_cut(_translate(["--routes", str(plain)], TRAIN_LEGACY, {}, _lists())[4], "block")
+

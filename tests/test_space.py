@@ -98,7 +98,7 @@ def test_explicit_routes() -> None:
 
 
 def test_routes_files(tmp_path) -> None:
-    from snnet.commands.options import read_routes
+    from snnet.commands.options import read_routes, read_routes_file
 
     names = ["snnet_tiny_vit_ti[:1]+snnet_tiny_vit_s[1:]", "snnet_tiny_vit_b[:2]+snnet_tiny_vit_ti[2:]"]
     (tmp_path / "klas.json").write_text(json.dumps({"routes": names, "candidates": []}))
@@ -107,8 +107,13 @@ def test_routes_files(tmp_path) -> None:
     for f in ("klas.json", "list.json", "routes.txt"):
         assert read_routes(tmp_path / f) == tuple(names)
     assert [s.name for s in seeded_net(routes=read_routes(tmp_path / "routes.txt")).space][3:] == names
+    # the cut KLAS chose them with: what `snnet train --routes` checks against space.cut; none in a plain list
+    (tmp_path / "sublayer.json").write_text(json.dumps({"routes": names, "cut": "sublayer"}))
+    assert [read_routes_file(tmp_path / f).cut for f in ("sublayer.json", "klas.json", "list.json", "routes.txt")] == \
+        ["sublayer", None, None, None]
     (tmp_path / "bad.json").write_text(json.dumps({"stitches": []}))
-    for bad in ("bad.json", "missing.json"):
+    (tmp_path / "badcut.json").write_text(json.dumps({"routes": names, "cut": "layer"}))
+    for bad in ("bad.json", "missing.json", "badcut.json"):
         with pytest.raises(snnet.SnnetError, match="--routes"):
             read_routes(tmp_path / bad)
 

@@ -21,10 +21,13 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..config import SECTIONS, TrainConfig, dump_yaml_text, read_yaml
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .options import RoutesFile
 
 __all__ = ["Legacy", "Parsed", "TRAIN_LEGACY", "dump_yaml", "normalise", "parse", "resume_command"]
 
@@ -113,7 +116,7 @@ def parse(argv: Sequence[str], prog: str, *, legacy: Mapping[str, Legacy] = TRAI
     extra, flags = dict(extra or {}), {"--print-config": "Print the resolved settings as YAML (the learning "
                                        "rates used as a comment) and exit; --config takes the file back.",
                                        **(flags or {})}
-    words, recipe, configs, given = _translate(list(argv), legacy, flags, _lists(extra))
+    words, recipe, configs, given, routes = _translate(list(argv), legacy, flags, _lists(extra))
     # a missing or unreadable file is one line naming it; an empty one (or all comments) sets nothing
     # (jsonargparse refuses it: "Unexpected config")
     read = {path: read_yaml(path) for path in configs}
@@ -138,8 +141,24 @@ def parse(argv: Sequence[str], prog: str, *, legacy: Mapping[str, Legacy] = TRAI
         values.pop(key, None)  # the command's own options, not settings
     sections = {name: values.pop(name) for name in extra}
     config = TrainConfig.from_dict(values)
+    _check_routes_cut(routes, config.space.cut)
     built = {name: _build_extra(cls, sections[name], name) for name, cls in extra.items()}
     return Parsed(config, built, {f: f in given for f in flags}, recipe, tuple(argv))
+
+
+def _check_routes_cut(routes: "RoutesFile | None", cut: str) -> None:
+    """A routes file chosen with one cut (``snnet stitches --select klas --cut``) in a run of another: refused.
+
+    A route's indices count blocks or sublayers, so ``a[:3]+b[3:]`` names another network under the other
+    cut, most often one that exists: the run trained networks nobody chose. Refused, not the file's cut
+    applied: space.cut may come from a recipe (the demo's is 'sublayer'), a --config file or an option,
+    and which of those a file should silently override has no clean answer; naming the cut is one option."""
+    if routes is None or routes.cut is None or routes.cut == cut:
+        return
+    units = {"block": "blocks", "sublayer": "sublayers (two a block)"}
+    raise ConfigError(f"--routes {routes.path}: its routes were chosen with `snnet stitches --cut {routes.cut}`, whose "
+                      f"indices count {units.get(routes.cut, routes.cut)}, but this run's space.cut is {cut!r}, where "
+                      f"the same names are other networks: add --space.cut {routes.cut}")
 
 
 def _file_recipe(recipe: str | None, files: Mapping[str, Mapping[str, Any]]) -> str | None:
@@ -162,12 +181,14 @@ def normalise(option: str) -> str:
 
 
 def _translate(argv: list[str], legacy: Mapping[str, Legacy], flags: Mapping[str, str],
-               lists: Mapping[str, bool]) -> tuple[list[str], str | None, list[str], set[str]]:
+               lists: Mapping[str, bool]) -> tuple[list[str], str | None, list[str], set[str], "RoutesFile | None"]:
     """The words jsonargparse reads (old options translated, names normalised), the recipe, the config
-    files (in order) and the command's flags that were given."""
+    files (in order), the command's flags that were given, and the routes file space.routes was read
+    from (None: no file, or a later option gave the routes)."""
     words: list[str] = []
     recipe, configs, given = None, [], set()
     known_flags = {normalise(f): f for f in flags}
+    routes: dict[str, RoutesFile | None] = {}  # "space.routes": the file of the last option that set them
     i = 0
     while i < len(argv):
         word = argv[i]
@@ -197,7 +218,7 @@ def _translate(argv: list[str], legacy: Mapping[str, Legacy], flags: Mapping[str
             if eq and legacy[name].const is not None:  # a switch: `--overwrite=false` must not turn it on
                 raise ConfigError(f"{name} is a switch and takes no value, got {word!r}: give {name} alone, or "
                                   f"--{legacy[name].path} VALUE")
-            words += _legacy_words(name, legacy[name], value)
+            words += _legacy_words(name, legacy[name], value, routes)
             continue
         key = normalise(name) if name.startswith("--") else name
         if key in known_flags:
@@ -214,14 +235,15 @@ def _translate(argv: list[str], legacy: Mapping[str, Legacy], flags: Mapping[str
                 words.append(inline)
             path = key[2:]
             if path in lists and i < len(argv) and not eq:
-                words.append(_as_list(path, argv[i], lists[path]))
+                words.append(_as_list(path, argv[i], lists[path], routes))
                 i += 1
             elif path in lists and eq:
-                words[-1] = _as_list(path, inline, lists[path])
-    return words, recipe, configs, given
+                words[-1] = _as_list(path, inline, lists[path], routes)
+    return words, recipe, configs, given, routes.get("space.routes")
 
 
-def _legacy_words(name: str, old: Legacy, value: Callable[[], str]) -> list[str]:
+def _legacy_words(name: str, old: Legacy, value: Callable[[], str],
+                  routes: dict[str, RoutesFile | None] | None = None) -> list[str]:
     if old.const is not None:
         return [f"--{old.path}", old.const]
     if old.kind == "set":
@@ -235,27 +257,36 @@ def _legacy_words(name: str, old: Legacy, value: Callable[[], str]) -> list[str]
             raise ConfigError(f"--set {field}={text}: unknown setting {field.strip()!r}; `snnet train --help` lists them")
         text = "null" if text.strip().lower() in ("none", "null") else text.strip()
         lists = _lists()
-        return [f"--{path}", _as_list(path, text, lists[path]) if path in lists else text]
+        return [f"--{path}", _as_list(path, text, lists[path], routes) if path in lists else text]
     text = value()
     if old.kind == "routes":
-        from .options import read_routes
+        from .options import read_routes_file
 
-        return [f"--{old.path}", json.dumps(list(read_routes(text)))]
+        file = read_routes_file(text)
+        if routes is not None:
+            routes[old.path] = file
+        return [f"--{old.path}", json.dumps(list(file.routes))]
     if old.kind == "list":
         return [f"--{old.path}", _as_list(old.path, text)]
     return [f"--{old.path}", text]
 
 
-def _as_list(path: str, text: str, or_single: bool = False) -> str:
+def _as_list(path: str, text: str, or_single: bool = False, routes: dict[str, RoutesFile | None] | None = None) -> str:
     """A list value as YAML: ``[...]`` as it is, ``a,b`` as ``["a", "b"]``; a routes file read (space.routes).
-    ``or_single``: a word without a comma is one value, not a list of one."""
+    ``or_single``: a word without a comma is one value, not a list of one. ``routes``: where the routes
+    file read is kept (None when the routes are not a file), for the check of its cut."""
     stripped = text.strip()
+    if path == "space.routes" and routes is not None:
+        routes[path] = None  # routes given here replace an earlier option's file
     if stripped.startswith("[") or stripped.lower() in ("null", "none") or (or_single and "," not in stripped):
         return "null" if stripped.lower() == "none" else stripped
     if path == "space.routes" and os.path.exists(stripped):
-        from .options import read_routes
+        from .options import read_routes_file
 
-        return json.dumps(list(read_routes(stripped)))
+        file = read_routes_file(stripped)
+        if routes is not None:
+            routes[path] = file
+        return json.dumps(list(file.routes))
     items = [w.strip() for w in stripped.split(",") if w.strip()]
     if path in ("optim.betas", "space.stages"):
         return "[" + ", ".join(items) + "]"

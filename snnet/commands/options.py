@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Annotated, Optional
 
 import typer
 
 __all__ = ["DEFAULT_ANCHORS", "AnchorsOpt", "ImgSizeOpt", "ZooFamilyOpt", "ZooFlopsOpt", "ZooImgSizeOpt", "ZooOpt",
-           "ZooParamsOpt", "read_routes", "read_zoo_options", "split_ints", "split_names", "split_stitches"]
+           "ZooParamsOpt", "RoutesFile", "read_routes", "read_routes_file", "read_zoo_options", "split_ints",
+           "split_names", "split_stitches"]
 
 # The shipped Fashion-MNIST family: the default wherever anchors can be omitted.
 DEFAULT_ANCHORS = "fmnist"
@@ -82,12 +84,29 @@ def read_zoo_options(zoo: str | None, family: str | None, img_size: str | None, 
     return read_zoo(zoo, split).select(where)
 
 
+@dataclass(frozen=True)
+class RoutesFile:
+    """A ``--routes`` file read: its route names, and the cut they were chosen with."""
+
+    path: str
+    routes: tuple[str, ...]
+    # `snnet stitches --select klas --json`'s "cut" (space.cut: what the routes' indices count, blocks or
+    # sublayers); None for a plain list or text file, which is read with the run's own cut
+    cut: str | None = None
+
+
 def read_routes(path: "os.PathLike[str] | str") -> tuple[str, ...]:
     """``--routes``: the JSON ``snnet stitches --select klas --json`` prints (its ``routes``), a
     JSON list of route names, or a text file with one route name per line."""
+    return read_routes_file(path).routes
+
+
+def read_routes_file(path: "os.PathLike[str] | str") -> RoutesFile:
+    """:func:`read_routes` with the cut the file records (``snnet stitches --select klas --json``'s)."""
     import json
     from pathlib import Path
 
+    from ..config import CUTS
     from ..errors import SnnetError
 
     p = Path(path)
@@ -101,11 +120,15 @@ def read_routes(path: "os.PathLike[str] | str") -> tuple[str, ...]:
         data = json.loads(text)
     except ValueError:
         data = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    cut = None
     if isinstance(data, dict):
-        data = data.get("routes")
+        data, cut = data.get("routes"), data.get("cut")
+        if cut is not None and cut not in CUTS:
+            raise SnnetError(f"--routes {p}: its cut {cut!r} is not one of {', '.join(CUTS)} (write the file again "
+                             "with `snnet stitches --select klas --cut CUT --json`)")
     if not isinstance(data, list) or not data or not all(isinstance(n, str) for n in data):
         raise SnnetError(f"--routes {p}: expected a list of route names (or `snnet stitches --select klas --json` output)")
-    return tuple(data)
+    return RoutesFile(str(path), tuple(data), cut)
 
 
 def say_skipped(dataset: object, what: str) -> None:
