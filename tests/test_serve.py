@@ -342,14 +342,17 @@ def net(saved: tuple[Path, Path]) -> snnet.StitchedNet:
 class _Server:
     """uvicorn in a thread, on a loopback socket bound to a free port (the service's model process is its own)."""
 
-    def __init__(self, service: Service, **uvicorn_options: Any) -> None:
+    def __init__(self, service: Service, graceful_shutdown_s: int | None = None, **uvicorn_options: Any) -> None:
         self.service = service
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         scheme = "https" if uvicorn_options.get("ssl_certfile") else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", **uvicorn_options))
+        # graceful_shutdown_s: uvicorn's and the app's, as `snnet serve --timeout-graceful-shutdown` gives both
+        bound = {} if graceful_shutdown_s is None else {"graceful_shutdown_s": graceful_shutdown_s}
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service, **bound), log_level="warning",
+                                                   timeout_graceful_shutdown=graceful_shutdown_s, **uvicorn_options))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "_Server":
@@ -776,6 +779,25 @@ def test_requests_in_flight_when_the_model_process_dies_get_a_503(saved: tuple[P
         assert r.status_code == 503 and "model process exited" in r.json()["error"], r.text
 
 
+def test_a_model_process_that_hangs_holds_the_shutdown_no_longer_than_the_graceful_bound(saved: tuple[Path, Path]) -> None:
+    """A request sent to a model process that hangs (here: stopped) held the server's shutdown for 10 minutes, whatever
+    --timeout-graceful-shutdown said: the app waited for its answer under a bound of its own. With the setting at 1 s,
+    the server is gone within seconds, and the request is not answered."""
+    service = _service(saved, max_batch=2, inline_max_images=0)  # the request goes to the model process
+    with _Server(service, graceful_shutdown_s=1) as s, httpx.Client(base_url=s.url, timeout=60) as c, \
+            ThreadPoolExecutor(1) as pool:
+        with _stopped(service.engine.pid):
+            waiting = pool.submit(c.post, "/predict", content=_png())
+            _until(lambda: service.batcher.held == 1, 60, "the request is in the ring")
+            s.server.should_exit = True
+            s.thread.join(15)  # 1 s for uvicorn's requests, 1 s for the app's: 15 is generous, 600 is the bug
+            assert not s.thread.is_alive(), "the shutdown still waits for the stopped model process"
+        try:
+            assert waiting.result().status_code != 200  # uvicorn cancelled it at the bound (its 500)
+        except httpx.TransportError:
+            pass  # or the connection closed unanswered
+
+
 def test_a_start_that_fails_after_the_model_process_started_stops_it(saved: tuple[Path, Path]) -> None:
     """An app that starts its own model process (a config, not a Service) and then fails to start
     (here its fleet's start raises; a model process that does not answer the first policy question
@@ -1031,7 +1053,7 @@ def test_workers_find_the_default_model_folder_when_they_start(tmp_path: Path, m
     import snnet.commands.deploy as deploy_cmd
     from snnet.commands.serve import serve
     from snnet.deploy.serve import ENV_CONFIG
-    from snnet.deploy.serve.app import ENV_ENGINE
+    from snnet.deploy.serve.app import ENV_ENGINE, ENV_GRACEFUL
 
     class Engine:  # the model process, not started: only the workers' side is looked at here
         address, authkey = "unused", b"k"
@@ -1052,12 +1074,68 @@ def test_workers_find_the_default_model_folder_when_they_start(tmp_path: Path, m
     monkeypatch.setattr(deploy_cmd, "_load", lambda *a, **k: snnet.create_snnet(TINY_VITS))
     monkeypatch.setattr(serve_pkg, "EngineProcess", Engine)
     monkeypatch.setattr(uvicorn, "run", run)
-    for name in (ENV_CONFIG, ENV_ENGINE, "PROMETHEUS_MULTIPROC_DIR"):
+    for name in (ENV_CONFIG, ENV_ENGINE, ENV_GRACEFUL, "PROMETHEUS_MULTIPROC_DIR"):
         monkeypatch.setenv(name, "")  # set by serve(): restored after the test
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
     serve(port=0, workers=2, log_level="warning")
     assert seen == [True]
     assert not list(tmp_path.glob("snnet-serve-*"))  # and gone once the server has exited
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_snnet_serve_bounds_each_server_process_s_shutdown_by_its_graceful_setting(saved: tuple[Path, Path], workers: int,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`snnet serve --timeout-graceful-shutdown 7` gives the app its bound (the wait for the model process at shutdown),
+    in its own process and, under --workers, in each worker (from the environment, as the config): only uvicorn got it,
+    and the app waited up to 10 minutes for a model process that hangs. No model process or server is started."""
+    import snnet.deploy.serve as serve_pkg
+    import snnet.deploy.serve.app as app_module
+    from snnet.commands.serve import serve
+    from snnet.deploy.serve import ENV_CONFIG
+    from snnet.deploy.serve.app import ENV_ENGINE, ENV_GRACEFUL
+
+    class Engine:  # the model process of --workers, not started
+        address, authkey = "unused", b"k"
+
+        def __init__(self, config: ServeConfig, say: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    class Loaded:  # the single process's Service, no model process
+        @classmethod
+        def load(cls, config: ServeConfig, say: Any) -> "Loaded":
+            return cls()
+
+        def close(self) -> None:
+            pass
+
+    class Server:  # uvicorn's, not run
+        def __init__(self, config: Any) -> None:
+            pass
+
+        def run(self, sockets: Any) -> None:
+            pass
+
+    bounds = []
+
+    def create_app(source: Any, **kw: Any) -> object:
+        bounds.append(kw.get("graceful_shutdown_s"))
+        return object()
+
+    monkeypatch.setattr(serve_pkg, "EngineProcess", Engine)
+    monkeypatch.setattr(serve_pkg, "Service", Loaded)
+    monkeypatch.setattr(serve_pkg, "create_app", create_app)  # what the single process serves
+    monkeypatch.setattr(app_module, "create_app", create_app)  # what each worker's app_from_env makes
+    monkeypatch.setattr(uvicorn, "Server", Server)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: app_module.app_from_env())  # one worker, started
+    for name in (ENV_CONFIG, ENV_ENGINE, ENV_GRACEFUL, "PROMETHEUS_MULTIPROC_DIR"):
+        monkeypatch.setenv(name, "")  # set by serve(): restored after the test
+        monkeypatch.delenv(name)
+    model, results = saved
+    serve(model=model, results=results, port=0, workers=workers, timeout_graceful_shutdown=7, log_level="warning")
+    assert bounds == [7]
 
 
 @pytest.mark.parametrize("args, words", [

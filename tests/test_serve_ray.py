@@ -14,6 +14,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
@@ -132,6 +133,26 @@ def test_serve_ray_gives_the_replicas_absolute_paths(tmp_path: Path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         serve_cmd._serve_ray(config, Listen(port=0), Path("net"), None, 1, None, 2.0)
     assert got["config"].admin_token_file == str(tmp_path / "admin.token") and Path(got["config"].model).is_absolute()
+
+
+def test_each_replica_bounds_its_shutdown_by_the_deployment_s_graceful_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`application(graceful_shutdown_s=7)`: Ray waits 7 s for a replica's requests, and the replica's app waits as long
+    at most for its model process (it waited up to 10 minutes for one that hangs, and Ray killed it meanwhile). No Ray
+    is started: the replica is built as Ray's replica builds it, its app and fleet stood in for."""
+    import asyncio
+
+    import snnet.deploy.ray as snray
+
+    deployment = application(ServeConfig("DIR"), graceful_shutdown_s=7)._bound_deployment
+    assert deployment._deployment_config.graceful_shutdown_timeout_s == 7
+    got: dict[str, Any] = {}
+    monkeypatch.setattr(snray, "RayFleet", lambda: None)
+    monkeypatch.setattr(snray, "create_app", lambda config, **kw: got.update(kw))
+    cls = deployment.func_or_class
+    replica = SimpleNamespace()  # not an instance: Ray's ingress class has an async __del__, Ray's to await
+    asyncio.run(cls.__init__(replica, *deployment.init_args, **deployment.init_kwargs))  # and an async __init__
+    cls.__serve_build_asgi_app__(replica)
+    assert got["graceful_shutdown_s"] == 7
 
 
 @pytest.fixture(scope="module")

@@ -135,7 +135,7 @@ def serve(
         import uvicorn
 
         from ..deploy.serve import ENV_CONFIG, EngineProcess, Listen, ServeConfig, Service, create_app, read_admin_token
-        from ..deploy.serve.app import ENV_ENGINE
+        from ..deploy.serve.app import ENV_ENGINE, ENV_GRACEFUL
     except ImportError as e:
         raise ServeError(f"snnet serve needs the `serve` extra ({e.name} is missing): pip install 'snnet[serve]'") from e
 
@@ -197,12 +197,14 @@ def serve(
                 stack.callback(engine.close)
         # the model is loaded: a temporary model folder is gone already (kept for the workers under --workers)
         if workers == 1:
-            uvicorn.Server(uvicorn.Config(create_app(service, freeze=True), **uv)).run(sockets=[sock])
+            app = create_app(service, freeze=True, graceful_shutdown_s=listen.timeout_graceful_shutdown)
+            uvicorn.Server(uvicorn.Config(app, **uv)).run(sockets=[sock])
             return
         # uvicorn's worker processes import the app, and each joins the one model process.
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="snnet-serve-")))
         os.environ[ENV_CONFIG] = config.to_json()
         os.environ[ENV_ENGINE] = f"{engine.address} {engine.authkey.hex()}"
+        os.environ[ENV_GRACEFUL] = str(listen.timeout_graceful_shutdown)  # each worker's wait for the model process at shutdown
         metrics_dir = folder / "prometheus"  # one metrics folder: /metrics reports the whole server whichever worker answers
         metrics_dir.mkdir()
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))

@@ -155,11 +155,12 @@ class RayFleet:
 class SnnetReplica:
     """One replica: the snnet server app, with its own model process, following the shared policy."""
 
-    def __init__(self, config_json: str) -> None:
+    def __init__(self, config_json: str, graceful_shutdown_s: float) -> None:
         self.config = ServeConfig.from_json(config_json)
+        self.graceful_shutdown_s = graceful_shutdown_s  # the deployment's: the replica waits for its model process no longer
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.config, fleet=RayFleet(), freeze=True)
+        return create_app(self.config, fleet=RayFleet(), freeze=True, graceful_shutdown_s=self.graceful_shutdown_s)
 
 
 def application(config: ServeConfig, replicas: int = 1, max_replicas: int | None = None, target_ongoing: float = 2.0,
@@ -183,7 +184,7 @@ def application(config: ServeConfig, replicas: int = 1, max_replicas: int | None
                                                  actor_options={"num_cpus": 0})],
         **scaling,
     )
-    return deployment.bind(config.to_json())
+    return deployment.bind(config.to_json(), graceful_shutdown_s)
 
 
 def app(args: dict[str, str]) -> serve.Application:

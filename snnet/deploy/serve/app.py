@@ -43,17 +43,18 @@ from ...errors import ServeError
 from ..heap import freeze_heap
 from .auth import check_admin
 from .batcher import BatchResult
-from .config import ENV_CONFIG, POLICIES, ServeConfig, log
+from .config import ENV_CONFIG, POLICIES, Listen, ServeConfig, log
 from .images import ARRAY_TYPES, first_line, read_array
 from .metrics import Metrics
 from .rejected import Rejected, count_refusal
 from .service import Service
 from .upstream import ARRIVED, KEY, release
 
-__all__ = ["ADMIN_BODY_LIMIT", "BodyLimits", "ENV_ENGINE", "Fleet", "app_from_env", "create_app", "get_stitch", "health", "metrics",
-           "predict", "put_stitch"]
+__all__ = ["ADMIN_BODY_LIMIT", "BodyLimits", "ENV_ENGINE", "ENV_GRACEFUL", "Fleet", "app_from_env", "create_app", "get_stitch",
+           "health", "metrics", "predict", "put_stitch"]
 
 ENV_ENGINE = "SNNET_SERVE_ENGINE"  # "<socket path> <authkey hex>": the model process uvicorn's workers join
+ENV_GRACEFUL = "SNNET_SERVE_GRACEFUL_S"  # --timeout-graceful-shutdown, for uvicorn's workers (create_app's graceful_shutdown_s)
 ADMIN_BODY_LIMIT = 4096  # bytes of a PUT /stitch body: {"stitch": <name>} needs a few dozen
 NPY = "application/x-npy"
 
@@ -537,14 +538,17 @@ def body_limit(config: ServeConfig) -> Callable[[str, str], int]:
 
 
 def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] | None = None, fleet: Fleet | None = None,
-               freeze: bool = False) -> FastAPI:
+               freeze: bool = False, graceful_shutdown_s: float = Listen.timeout_graceful_shutdown) -> FastAPI:
     """The FastAPI app. ``source``: a :class:`Service` to serve (its owner closes its model
     process), or a config: then, when the server starts, ``factory`` makes the Service (worker
     processes join a model process that way), or by default a model process of its own is started
     (and stopped with the server). ``fleet``: the replicas this server is one of (Ray Serve).
     ``freeze``: this process only serves (``snnet serve``, a worker, a Ray replica): once started,
     what it has loaded is kept out of the garbage collector's full passes (:mod:`snnet.deploy.heap`),
-    not done for an app run inside another program (a test, a notebook)."""
+    not done for an app run inside another program (a test, a notebook). ``graceful_shutdown_s``: the
+    server's graceful shutdown (uvicorn's ``--timeout-graceful-shutdown``, Ray's ``graceful_shutdown_timeout_s``):
+    at shutdown, requests already sent to the model process are waited for this long at most (a model process
+    that hangs held the shutdown for 10 minutes, whatever the server's setting)."""
     config = source.config if isinstance(source, Service) else source
 
     @asynccontextmanager
@@ -560,7 +564,7 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
                 await fleet.start(svc)  # the setting the other replicas follow, before the first request
             policy = await svc.batcher.ask("policy")
         except BaseException:  # a failed start: the model process this app started goes now, not at the process's exit
-            await svc.stop()
+            await svc.stop(graceful_shutdown_s)
             if owned:
                 await asyncio.to_thread(svc.close)
             raise
@@ -575,7 +579,7 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
         finally:
             if fleet is not None:
                 await fleet.stop()
-            await svc.stop()  # every request already sent to the model is answered first
+            await svc.stop(graceful_shutdown_s)  # every request already sent to the model is answered first (within the bound)
             if owned:
                 await asyncio.to_thread(svc.close)
 
@@ -628,10 +632,13 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
 
 def app_from_env() -> FastAPI:
     """The app for ``uvicorn --factory snnet.deploy.serve:app_from_env`` (worker processes): its
-    config is the JSON in ``$SNNET_SERVE_CONFIG``, and it joins the model process in ``$SNNET_SERVE_ENGINE``."""
-    text, engine = os.environ.get(ENV_CONFIG), os.environ.get(ENV_ENGINE)
-    if not text or not engine:
-        raise ServeError(f"${ENV_CONFIG} and ${ENV_ENGINE} are not set: start the server with `snnet serve --workers N`")
+    config is the JSON in ``$SNNET_SERVE_CONFIG``, it joins the model process in ``$SNNET_SERVE_ENGINE``,
+    and its shutdown is bounded by ``$SNNET_SERVE_GRACEFUL_S`` (the server's --timeout-graceful-shutdown)."""
+    text, engine, graceful = os.environ.get(ENV_CONFIG), os.environ.get(ENV_ENGINE), os.environ.get(ENV_GRACEFUL)
+    if not text or not engine or not graceful:
+        raise ServeError(f"${ENV_CONFIG}, ${ENV_ENGINE} and ${ENV_GRACEFUL} are not all set: start the server with "
+                         "`snnet serve --workers N`")
     config = ServeConfig.from_json(text)
     address, key = engine.rsplit(" ", 1)
-    return create_app(config, factory=lambda: Service.attach(config, address, bytes.fromhex(key)), freeze=True)
+    return create_app(config, factory=lambda: Service.attach(config, address, bytes.fromhex(key)), freeze=True,
+                      graceful_shutdown_s=float(graceful))

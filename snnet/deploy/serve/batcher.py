@@ -225,10 +225,11 @@ class Batcher:
         return self._state
 
     # ------------------------------------------------------------------ shutdown
-    async def close(self, timeout: float = 600.0) -> None:
-        """Refuse new requests, wait for every request sent to be answered, then disconnect."""
+    async def close(self, timeout_s: float) -> None:
+        """Refuse new requests, wait up to ``timeout_s`` for every request sent to be answered (the server's
+        graceful shutdown: a model process that hangs holds the shutdown no longer), then disconnect."""
         self.closing = True
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_s
         while self._pending and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self._loop is not None and not self.conn.closed:

@@ -77,11 +77,12 @@ class Service:
         if StampedProtocol.upstream is None:
             StampedProtocol.upstream = self.upstream
 
-    async def stop(self) -> None:
-        """Answer every request already sent to the model, then disconnect from it."""
+    async def stop(self, timeout_s: float) -> None:
+        """Answer every request already sent to the model (waiting up to ``timeout_s``: the server's graceful
+        shutdown), then disconnect from it."""
         if StampedProtocol.upstream is self.upstream:
             StampedProtocol.upstream = None
-        await self.batcher.close()
+        await self.batcher.close(timeout_s)
 
     def close(self) -> None:
         """Stop the model process if this process started it (after :meth:`stop`)."""
