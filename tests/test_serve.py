@@ -798,6 +798,23 @@ def test_a_model_process_that_hangs_holds_the_shutdown_no_longer_than_the_gracef
             pass  # or the connection closed unanswered
 
 
+def test_a_model_process_that_hangs_is_stopped_within_the_graceful_bound(saved: tuple[Path, Path]) -> None:
+    """The server's last step, closing its model process, waited 60 s for one that hangs (here: stopped) to finish what
+    it had queued, whatever --timeout-graceful-shutdown said: with the bound at 1 s it is killed after that."""
+    service = _service(saved)
+    process = service.engine.process
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        service.close(1)
+        took = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGCONT)
+            service.close()
+    assert process.returncode == -signal.SIGKILL and took < 15, took  # 1 s, then killed: 15 is generous, 60 is the bug
+
+
 def test_a_start_that_fails_after_the_model_process_started_stops_it(saved: tuple[Path, Path]) -> None:
     """An app that starts its own model process (a config, not a Service) and then fails to start
     (here its fleet's start raises; a model process that does not answer the first policy question
@@ -1061,7 +1078,7 @@ def test_workers_find_the_default_model_folder_when_they_start(tmp_path: Path, m
         def __init__(self, config: ServeConfig, say: Any) -> None:
             pass
 
-        def close(self) -> None:
+        def close(self, timeout: float) -> None:
             pass
 
     seen = []
@@ -1087,12 +1104,15 @@ def test_snnet_serve_bounds_each_server_process_s_shutdown_by_its_graceful_setti
                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """`snnet serve --timeout-graceful-shutdown 7` gives the app its bound (the wait for the model process at shutdown),
     in its own process and, under --workers, in each worker (from the environment, as the config): only uvicorn got it,
-    and the app waited up to 10 minutes for a model process that hangs. No model process or server is started."""
+    and the app waited up to 10 minutes for a model process that hangs. Closing the model process is bounded by it too
+    (it waited 60 s). No model process or server is started."""
     import snnet.deploy.serve as serve_pkg
     import snnet.deploy.serve.app as app_module
     from snnet.commands.serve import serve
     from snnet.deploy.serve import ENV_CONFIG
     from snnet.deploy.serve.app import ENV_ENGINE, ENV_GRACEFUL
+
+    closes = []
 
     class Engine:  # the model process of --workers, not started
         address, authkey = "unused", b"k"
@@ -1100,16 +1120,16 @@ def test_snnet_serve_bounds_each_server_process_s_shutdown_by_its_graceful_setti
         def __init__(self, config: ServeConfig, say: Any) -> None:
             pass
 
-        def close(self) -> None:
-            pass
+        def close(self, timeout: float) -> None:
+            closes.append(timeout)
 
     class Loaded:  # the single process's Service, no model process
         @classmethod
         def load(cls, config: ServeConfig, say: Any) -> "Loaded":
             return cls()
 
-        def close(self) -> None:
-            pass
+        def close(self, timeout_s: float) -> None:
+            closes.append(timeout_s)
 
     class Server:  # uvicorn's, not run
         def __init__(self, config: Any) -> None:
@@ -1135,7 +1155,7 @@ def test_snnet_serve_bounds_each_server_process_s_shutdown_by_its_graceful_setti
         monkeypatch.delenv(name)
     model, results = saved
     serve(model=model, results=results, port=0, workers=workers, timeout_graceful_shutdown=7, log_level="warning")
-    assert bounds == [7]
+    assert bounds == [7] and closes == [7]  # the app's wait, then the model process's close
 
 
 @pytest.mark.parametrize("args, words", [

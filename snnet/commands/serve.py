@@ -191,10 +191,10 @@ def serve(
             config = replace(config, model=str(model), results=str(results) if results else None)
             if workers == 1:
                 service = Service.load(config, typer.echo)  # bad model/results fail here in one line; stitches are profiled
-                stack.callback(service.close)
+                stack.callback(service.close, listen.timeout_graceful_shutdown)  # a model process that hangs: killed then
             else:
                 engine = EngineProcess(config, typer.echo)
-                stack.callback(engine.close)
+                stack.callback(engine.close, listen.timeout_graceful_shutdown)
         # the model is loaded: a temporary model folder is gone already (kept for the workers under --workers)
         if workers == 1:
             app = create_app(service, freeze=True, graceful_shutdown_s=listen.timeout_graceful_shutdown)

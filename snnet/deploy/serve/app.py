@@ -566,7 +566,7 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
         except BaseException:  # a failed start: the model process this app started goes now, not at the process's exit
             await svc.stop(graceful_shutdown_s)
             if owned:
-                await asyncio.to_thread(svc.close)
+                await asyncio.to_thread(svc.close, graceful_shutdown_s)
             raise
         log.info("serving %s: %d stitches, %d on the ladder (%s ... %s), SLO %.1f ms, max batch %d, %s",
                  svc.config.model, len(svc.rows), len(policy["ladder"]), policy["ladder"][0]["name"], policy["ladder"][-1]["name"],
@@ -581,7 +581,7 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
                 await fleet.stop()
             await svc.stop(graceful_shutdown_s)  # every request already sent to the model is answered first (within the bound)
             if owned:
-                await asyncio.to_thread(svc.close)
+                await asyncio.to_thread(svc.close, graceful_shutdown_s)
 
     docs = config.docs
     app = FastAPI(title="snnet serve", summary="One stitchable network, switching stitches to hold a latency target",

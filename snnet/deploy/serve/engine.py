@@ -65,8 +65,10 @@ from ..controller import RECENT_S, ControllerConfig, Decision, LatencyTable, Sti
 from ..heap import freeze_heap
 from .config import ServeConfig
 
-__all__ = ["BatchInfo", "EngineInfo", "EngineProcess", "RingState", "connect", "open_ring", "pack_results", "probabilities", "unpack_results",
-           "waiting"]
+__all__ = ["BatchInfo", "CLOSE_S", "EngineInfo", "EngineProcess", "RingState", "connect", "open_ring", "pack_results", "probabilities",
+           "unpack_results", "waiting"]
+
+CLOSE_S = 60.0  # how long closing waits, unless told, for the model process to finish what is queued (then it is killed)
 
 
 @dataclass(frozen=True)
@@ -671,8 +673,9 @@ class EngineProcess:
         """A connection to the model process, introduced as ``jobs`` (with the ring) or ``control``."""
         return connect(self.address, self.authkey, kind, *args)
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Let the model process finish every queued batch, then stop it; remove its socket folder."""
+    def close(self, timeout: float = CLOSE_S) -> None:
+        """Let the model process finish every queued batch (within ``timeout``, else it is killed), then stop it;
+        remove its socket folder."""
         try:
             if self.process is not None and self.process.poll() is None:
                 try:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from .auth import read_admin_token
 from .batcher import Batcher
 from .config import ServeConfig, log
-from .engine import EngineInfo, EngineProcess, connect
+from .engine import CLOSE_S, EngineInfo, EngineProcess, connect
 from .images import Preprocess
 from .inline import InlineModel
 from .metrics import Metrics
@@ -84,7 +84,8 @@ class Service:
             StampedProtocol.upstream = None
         await self.batcher.close(timeout_s)
 
-    def close(self) -> None:
-        """Stop the model process if this process started it (after :meth:`stop`)."""
+    def close(self, timeout_s: float = CLOSE_S) -> None:
+        """Stop the model process if this process started it (after :meth:`stop`), waiting up to ``timeout_s`` (the
+        server's graceful shutdown) for it to finish what is queued: one that hangs is killed then."""
         if self.engine is not None:
-            self.engine.close()
+            self.engine.close(timeout_s)
