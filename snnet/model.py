@@ -237,6 +237,7 @@ class StitchedBase(nn.Module):
         if any(v.is_meta for v in state.values()):  # torch's "Cannot copy out of meta tensor" from deep inside
             raise ConfigError(f"cannot save to {directory}: the {self._what} is on the meta device, which holds no "
                               "weights; build it without device='meta' (or load weights into it first)")
+        _check_overwrite(directory, self._format, self._what)
         directory.mkdir(parents=True, exist_ok=True)
         state = _unshared({k: v.detach().contiguous().cpu() for k, v in state.items()})
         config = self.config_dict()
@@ -531,6 +532,24 @@ class StitchedNet(StitchedBase):
                   lora_alpha=lora_alpha, route_mode=cfg.get("route_mode", "snnet"))
         net._load_saved(cfg, w_path, map_location)
         return net
+
+
+def _check_overwrite(directory: Path, kind: str, what: str) -> None:
+    """Refuse a folder whose config.json is not a saved network of this kind: a save replaces config.json and
+    model.safetensors, which there are something else's (a Hugging Face model, an exported stitch, another
+    kind of stitched network), and the user's files were overwritten without a word."""
+    cfg = directory / CONFIG_NAME
+    if not cfg.is_file():
+        return
+    try:
+        found = json.loads(cfg.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):  # not JSON, not UTF-8, or not an object
+        found = None
+    if found != kind:
+        held = f"a {found!r} config" if isinstance(found, str) else f"a {CONFIG_NAME} that snnet did not write"
+        raise CheckpointError(f"cannot save to {directory}: it holds {held}, not a saved {what}'s, which the save would "
+                              f"overwrite (with its {WEIGHTS_NAME}); choose another folder, or delete them if they are "
+                              "not needed")
 
 
 def _weights_recorded(directory: Path) -> bool:

@@ -258,6 +258,23 @@ def test_a_config_json_of_binary_bytes_or_without_its_space_is_a_clear_error(tin
         snnet.load(tmp_path)
 
 
+@pytest.mark.parametrize("config", [{"model_type": "vit", "hidden_size": 768}, {"format": "snnet-stitch"}, "not json"])
+def test_saving_over_a_folder_of_another_model_is_refused_and_leaves_its_files(tiny_net: snnet.StitchedNet, tmp_path,
+                                                                                config) -> None:
+    """save_pretrained replaced the config.json and model.safetensors of whatever the folder held (a Hugging Face
+    model, an exported stitch, a file of the user's own) without a word; a network saved there before is replaced."""
+    (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"someone else's weights")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(snnet.CheckpointError, match="cannot save to .*choose another folder"):
+        tiny_net.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    tiny_net.save_pretrained(tmp_path / "net")
+    tiny_net.select(3)
+    tiny_net.save_pretrained(tmp_path / "net")  # over a network of its own kind: saved, as before
+    assert snnet.load(tmp_path / "net").active.id == 3
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_network_loads_back_in_its_dtype(dtype: torch.dtype, tmp_path) -> None:
     """A network saved in bfloat16/float16 (model.safetensors holds that dtype) came back as float32: twice the
