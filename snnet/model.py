@@ -756,6 +756,10 @@ def anchor_specs(names: Sequence[str], pretrained: bool | None = None, files: Se
     return specs
 
 
+# the settings of SN-Net's rules a saved network's space was built with (SpaceConfig.to_dict keeps them)
+_RULE_SETTINGS = ("kernel_size", "stride", "nearest", "stages", "rule", "unpaired")
+
+
 def saved_network(cls: type[StitchedBase], folder: str, space: SpaceConfig) -> StitchedBase:
     """The network saved in ``folder`` (``model.init``), to train further: its stitch space is fixed, so
     space options are refused; a new stitching-layer rank keeps the saved layers' map (merged if 0)."""
@@ -763,6 +767,13 @@ def saved_network(cls: type[StitchedBase], folder: str, space: SpaceConfig) -> S
         raise ConfigError("model.init starts from a saved network, whose stitch space is fixed: drop the "
                           "space options (two_way, chains, routes, cut)")
     net = cls.from_pretrained(folder)  # type: ignore[attr-defined]
+    # SN-Net's own rules too: a setting the user changed (not the default) that the saved space was not built
+    # with was dropped without a word (--space.stride 2 trained the saved stride-1 space, recorded as stride 2)
+    default, saved = SpaceConfig(), net.space.config
+    changed = [f"space.{k}={getattr(space, k)!r} (it was built with {getattr(saved, k)!r})" for k in _RULE_SETTINGS
+               if getattr(space, k) != getattr(default, k) and getattr(space, k) != getattr(saved, k)]
+    if changed:
+        raise ConfigError(f"model.init starts from a saved network, whose stitch space is fixed: drop {', '.join(changed)}")
     if space.lora_rank is not None and (space.lora_rank, space.lora_alpha) != (net.lora_rank, net.lora_alpha):
         net.set_lora_rank(space.lora_rank, space.lora_alpha)
     return net

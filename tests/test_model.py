@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -273,6 +274,24 @@ def test_saving_over_a_folder_of_another_model_is_refused_and_leaves_its_files(t
     tiny_net.select(3)
     tiny_net.save_pretrained(tmp_path / "net")  # over a network of its own kind: saved, as before
     assert snnet.load(tmp_path / "net").active.id == 3
+
+
+def test_model_init_refuses_rule_settings_its_saved_space_was_not_built_with(tmp_path) -> None:
+    """With model.init, two_way/chains/routes/cut were refused but SN-Net's own settings (stride, kernel_size,
+    nearest, stages, rule, unpaired) were dropped without a word: `--space.stride 2` trained the saved stride-1
+    space, and the run's settings recorded stride 2."""
+    from snnet.config import SpaceConfig
+    from snnet.model import saved_network
+
+    snnet.create_snnet(TINY_VITS[:2], stride=2).save_pretrained(tmp_path)
+    for space, said in ((SpaceConfig(stride=3), "space.stride=3 (it was built with 2)"),
+                        (SpaceConfig(stride=2, kernel_size=3), "space.kernel_size=3 (it was built with 2)"),
+                        (SpaceConfig(rule="forward"), "space.rule='forward' (it was built with None)")):
+        with pytest.raises(snnet.SnnetError, match=f"stitch space is fixed: drop {re.escape(said)}$"):
+            saved_network(snnet.StitchedNet, str(tmp_path), space)
+    # the defaults (a recipe that sets none of them) and the saved settings themselves are what it was built with
+    for space in (SpaceConfig(), SpaceConfig(stride=2), SpaceConfig(lora_rank=2)):
+        assert saved_network(snnet.StitchedNet, str(tmp_path), space).space.config.stride == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
