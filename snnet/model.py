@@ -785,7 +785,16 @@ def network_from_config(model: ModelConfig, space: SpaceConfig) -> StitchedNet:
 
     Anchors that snnet cannot split fail before anything is downloaded."""
     if model.init is not None:
-        return saved_network(StitchedNet, model.init, space)  # type: ignore[return-value]
+        # what builds anchors does not apply to a saved network: files or a new head asked for were dropped without
+        # a word (a 5-class dataset then trained the saved 10-class head)
+        if model.weights is not None:
+            raise ConfigError("model.weights are loaded into anchors built by name; a network loaded with model.init "
+                              "keeps its own weights: drop one of them")
+        net = saved_network(StitchedNet, model.init, space)
+        if model.num_classes is not None and model.num_classes != net.num_classes:
+            raise ConfigError(f"model.num_classes={model.num_classes} gives anchors built by name a new head; the network "
+                              f"of model.init predicts {net.num_classes} classes and keeps its heads: drop one of them")
+        return net  # type: ignore[return-value]
     names = expand_family(model.anchors)
     files = list(model.weights) if model.weights else None
     if files is not None and len(files) != len(names):

@@ -294,6 +294,21 @@ def test_model_init_refuses_rule_settings_its_saved_space_was_not_built_with(tmp
         assert saved_network(snnet.StitchedNet, str(tmp_path), space).space.config.stride == 2
 
 
+def test_model_init_refuses_weights_files_and_a_new_head_it_would_drop(tmp_path) -> None:
+    """With model.init, model.weights (files that need not even exist) and model.num_classes were dropped without a
+    word: a run asked for a 5-class head trained the saved network's 10-class one."""
+    from snnet.config import ModelConfig, SpaceConfig
+    from snnet.model import network_from_config
+
+    snnet.create_snnet(TINY_VITS[:2]).save_pretrained(tmp_path)
+    with pytest.raises(snnet.SnnetError, match="model.weights are loaded into anchors built by name"):
+        network_from_config(ModelConfig(init=str(tmp_path), weights=("a.safetensors", "b.safetensors")), SpaceConfig())
+    with pytest.raises(snnet.SnnetError, match="model.num_classes=5 .* predicts 10 classes and keeps its heads"):
+        network_from_config(ModelConfig(init=str(tmp_path), num_classes=5), SpaceConfig())
+    for model in (ModelConfig(init=str(tmp_path)), ModelConfig(init=str(tmp_path), num_classes=10)):
+        assert network_from_config(model, SpaceConfig()).num_classes == 10
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_network_loads_back_in_its_dtype(dtype: torch.dtype, tmp_path) -> None:
     """A network saved in bfloat16/float16 (model.safetensors holds that dtype) came back as float32: twice the
