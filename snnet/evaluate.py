@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import SnnetError
-from .model import StitchedNet
+from .model import StitchedNet, check_has_weights
 from .reference import net_reference_ids
 from .report import progress as report_progress
 from .results import (RESULTS_CSV, RESULTS_JSON, Row, StitchResult, check_writable, format_results, load_results,
@@ -138,6 +138,7 @@ def evaluate(
     lists carries their id for it as ``ref_id`` (:mod:`snnet.reference`).
     """
     chosen = _select(net, stitches)  # bad ids fail here, before any work
+    check_has_weights(net, "an evaluation")
     task = task or ImageClassification()
     dev = torch.device(device) if device is not None else next(net.parameters()).device
     net.to(dev)

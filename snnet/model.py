@@ -598,12 +598,22 @@ def _not_a_network(path: Path, kind: object = None, what: str = "stitched networ
     return f"{start}: it needs {CONFIG_NAME} and {WEIGHTS_NAME}"
 
 
+def check_has_weights(net: nn.Module, what: str) -> None:
+    """Refuse to run a network built on the meta device (``create_snnet(device="meta")``: enough to list and price
+    its space), which holds no weights: torch failed deep inside ("Cannot copy out of meta tensor", "Tensor.item()
+    cannot be called on meta tensors")."""
+    if any(p.is_meta for p in net.parameters()):
+        raise ConfigError(f"cannot run {what}: the network is on the meta device, which holds no weights (it lists and "
+                          "prices the space only); build it without device='meta', or load weights into it first")
+
+
 def calibration_images(net: nn.Module, batches: Iterable[Any], max_images: int, desc: str, progress: bool = False,
                        min_batch: int = 1) -> Iterator[torch.Tensor]:
     """The images of ``batches`` (tensors or ``(images, labels)``) on the network's device, at
     most ``max_images`` in all, while the network is in eval mode (its mode is restored after);
     batches smaller than ``min_batch`` are skipped. Shows progress."""
     device = next(net.parameters()).device
+    check_has_weights(net, desc)  # before the loader is read
     was_training = net.training
     net.eval()
     seen = 0

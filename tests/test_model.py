@@ -478,6 +478,31 @@ def test_saving_a_network_on_the_meta_device_is_refused_clearly(tmp_path: Path) 
     assert not (tmp_path / "net").exists()
 
 
+def test_running_a_network_on_the_meta_device_is_refused_clearly() -> None:
+    """A network built with device="meta" lists and prices its space; fitting its stitching layers, scoring KLAS
+    or evaluating it failed deep inside torch ("Cannot copy out of meta tensor", "Tensor.item() cannot be called
+    on meta tensors"). Each now says why, before reading the loader."""
+    from snnet.errors import ConfigError
+    from snnet.evaluate import evaluate
+    from snnet.klas import klas
+
+    net = snnet.create_snnet(TINY_VITS[:2], device="meta")
+    assert len(net.costs()) == len(net.space)  # what it is for still works
+
+    def batches():
+        raise AssertionError("the loader was read")
+        yield
+
+    said = r"cannot run {}: the network is on the meta device, which holds no weights .* build it without device='meta'"
+    with pytest.raises(ConfigError, match=said.format("least-squares init")):
+        net.init_stitching(batches())
+    with pytest.raises(ConfigError, match=said.format("KLAS scores")):
+        klas(net, batches(), keep=2)
+    for device in (None, "cpu"):
+        with pytest.raises(ConfigError, match=said.format("an evaluation")):
+            evaluate(net, batches(), device=device, progress=False)
+
+
 def test_calibration_stops_when_what_is_left_fits_no_batch() -> None:
     """With min_batch=2 (KLAS) and one image left to take (max_images=9, batches of 4), every later batch was cut
     to one image and skipped, so the whole loader was read (a training set's) for nothing."""
