@@ -471,9 +471,9 @@ def _record(row: Row) -> dict[str, Any]:
 
 
 def write_results(results: Sequence[Row], out_dir: str | os.PathLike, csv_file: bool = True) -> tuple[Path, ...]:
-    """Write ``results.json`` (a list, one object per row) and, unless ``csv_file`` is False,
-    ``results.csv`` (nested values, such as ``latency_by_batch``, as JSON text); each atomically.
-    Returns the paths written. :func:`load_results` reads either back."""
+    """Write ``results.json`` (a list, one object per row) and, unless ``csv_file`` is False and the folder
+    holds no ``results.csv`` yet, ``results.csv`` (nested values, such as ``latency_by_batch``, as JSON text);
+    each atomically. Returns the paths written. :func:`load_results` reads either back."""
     out = check_writable(out_dir)
     rows = [_record(r) for r in results]
     for r in rows:  # a row load_results would refuse ("missing params") is refused here, before any file is replaced
@@ -485,7 +485,9 @@ def write_results(results: Sequence[Row], out_dir: str | os.PathLike, csv_file: 
     json_path, csv_path = out / RESULTS_JSON, out / RESULTS_CSV
     # strict JSON: NaN and infinities (a zoo model's unreported top-5 or loss) as null, which reads back as NaN
     atomic_write(json_path, lambda p: p.write_text(json.dumps(_finite(rows), indent=2, allow_nan=False) + "\n"))
-    if not csv_file:
+    # a results.csv already there is rewritten too: left as it was, it contradicted results.json (`snnet profile`
+    # into an evaluation's folder updated the JSON alone, and the CSV kept the rows without their latency)
+    if not csv_file and not csv_path.is_file():
         return (json_path,)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=_columns(rows), lineterminator="\n")

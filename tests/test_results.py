@@ -7,6 +7,7 @@ import ast
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,21 @@ def test_a_profile_only_file_loads_as_rows_without_accuracy(tmp_path: Path) -> N
     assert select_stitch(rows, "flops<=1M").ranked_by == "flops"
     write_results(rows, tmp_path, csv_file=False)
     assert load_results(tmp_path) == rows and not (tmp_path / "results.csv").exists()
+
+
+def test_a_json_only_write_keeps_a_results_csv_already_there_in_step(tmp_path: Path) -> None:
+    """write_results(csv_file=False) (what `snnet profile` writes when some rows have no accuracy) replaced
+    results.json alone: an evaluation's results.csv beside it went on holding the rows before the profile
+    (fewer, without their latency), contradicting the JSON."""
+    evaluated = [Row(0, "a", 10, 5, 50.0, 80.0, 1.0, 100, True), Row(1, "b", 20, 6, 60.0, 85.0, 1.0, 100, False)]
+    write_results(evaluated, tmp_path)
+    profiled = [replace(evaluated[0], latency_ms=1.0), Row(1, "b", 20, 6, latency_ms=2.0), Row(2, "c", 30, 7, latency_ms=3.0)]
+    assert write_results(profiled, tmp_path, csv_file=False) == (tmp_path / "results.json", tmp_path / "results.csv")
+    back = load_results(tmp_path / "results.csv")
+    assert back == load_results(tmp_path / "results.json") and [r.latency_ms for r in back] == [1.0, 2.0, 3.0]
+    (tmp_path / "results.csv").unlink()  # none there: the JSON alone, as before
+    assert write_results(profiled, tmp_path, csv_file=False) == (tmp_path / "results.json",)
+    assert not (tmp_path / "results.csv").exists()
 
 
 @pytest.mark.parametrize("zoo", sorted(ZOOS))
