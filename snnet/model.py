@@ -26,7 +26,7 @@ from torch import nn
 from . import adapters  # noqa: F401  (registers snnet's adapters: the command line imports the package without them)
 from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, Route, anchor_label, as_rows, build_parts, create_anchor,
                       cut_parts, without_final_norm)
-from .errors import CheckpointError, ConfigError, NotStitchableError
+from .errors import CheckpointError, ConfigError, NotStitchableError, SnnetError
 from .io import CHECKSUMS_KEY, atomic_write, in_saved_dtype, record_checksum, sha256_file, verify_checksum
 from .report import progress as report_progress
 from .flops import PartCosts, count_macs, layer_flops, num_params, part_costs
@@ -609,10 +609,13 @@ def check_has_weights(net: nn.Module, what: str) -> None:
 
 def calibration_images(net: nn.Module, batches: Iterable[Any], max_images: int, desc: str, progress: bool = False,
                        min_batch: int = 1) -> Iterator[torch.Tensor]:
-    """The images of ``batches`` (tensors or ``(images, labels)``) on the network's device, at
+    """The images of ``batches`` (tensors or ``(images, labels)``) on the network's device and in its dtype, at
     most ``max_images`` in all, while the network is in eval mode (its mode is restored after);
-    batches smaller than ``min_batch`` are skipped. Shows progress."""
-    device = next(net.parameters()).device
+    batches smaller than ``min_batch`` are skipped. Shows progress. Images that are no float tensors, or
+    have another number of channels than the network takes, are refused in one line."""
+    first = next(net.parameters())
+    device, dtype = first.device, first.dtype
+    channels = (getattr(net, "input_size", None) or (None,))[0]
     check_has_weights(net, desc)  # before the loader is read
     was_training = net.training
     net.eval()
@@ -623,7 +626,16 @@ def calibration_images(net: nn.Module, batches: Iterable[Any], max_images: int, 
             if max_images - seen < max(min_batch, 1):  # what is left fits no batch: skipping them read the whole loader
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            x = x[: max_images - seen].to(device)
+            # as evaluate reads them: float64 (numpy's default) images are cast, where they stopped at the first
+            # layer with torch's "Input type (double) and bias type (float) should be the same"
+            if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+                got = f"tensors of {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+                raise SnnetError(f"{desc}: images must be float tensors, normalised as the network expects, but came "
+                                 f"as {got}: convert them (e.g. torchvision's ToTensor and the anchors' Normalize)")
+            if channels is not None and (x.ndim != 4 or x.shape[1] != channels):
+                raise SnnetError(f"{desc}: images of shape {tuple(x.shape[1:])} do not fit this network, which takes "
+                                 f"{tuple(net.input_size)} (channels, height, width): use the data it was trained on")
+            x = x[: max_images - seen].to(device, dtype)
             if len(x) < max(min_batch, 1):
                 continue
             yield x

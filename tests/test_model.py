@@ -503,6 +503,27 @@ def test_running_a_network_on_the_meta_device_is_refused_clearly() -> None:
             evaluate(net, batches(), device=device, progress=False)
 
 
+def test_calibration_images_are_read_as_evaluation_reads_them() -> None:
+    """init_stitching and KLAS stopped at the first layer with torch's "Input type (double) and bias type (float)
+    should be the same" on float64 images (numpy's default), which evaluate casts; uint8 images or images of
+    another channel count failed deep inside torch too."""
+    from snnet.klas import klas
+
+    torch.manual_seed(0)
+    net = snnet.create_snnet(TINY_VITS[:2])
+    x = torch.randn(4, 3, 32, 32)
+    assert net.init_stitching([x.double()]).images == 4
+    fitted = [p.clone() for p in net.stitch_layers.parameters()]
+    net.init_stitching([x])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fitted, net.stitch_layers.parameters()))
+    assert klas(net, [(x.double(), torch.zeros(4))], keep=2).images == 4
+    with pytest.raises(snnet.SnnetError, match=r"least-squares init: images must be float tensors, .* torch\.uint8"):
+        net.init_stitching([(x * 50).to(torch.uint8)])
+    with pytest.raises(snnet.SnnetError, match=r"KLAS scores: images of shape \(1, 32, 32\) do not fit this network, "
+                                               r"which takes \(3, 32, 32\)"):
+        klas(net, [x[:, :1]], keep=2)
+
+
 def test_calibration_stops_when_what_is_left_fits_no_batch() -> None:
     """With min_batch=2 (KLAS) and one image left to take (max_images=9, batches of 4), every later batch was cut
     to one image and skipped, so the whole loader was read (a training set's) for nothing."""
