@@ -142,6 +142,15 @@ def check_demo(config: TrainConfig, options: DemoOptions) -> None:
         raise ConfigError(f"the demo runs on Fashion-MNIST (its anchors and its zoo are trained on it), not "
                           f"{config.data.source!r}: give the folder of its IDX files as --data.root DIR")
     default_device(config.run.device)
+    # the demo's accuracies are of images it never trained on (docs/demo.md): a training split that holds the
+    # measured one (train+val or val itself, measured on val; test measured on test) reported training accuracy
+    from .data import _fashion_mnist_split
+
+    trained = _fashion_mnist_split(config.data.split)
+    if options.eval_split == trained or (trained == "train+val" and options.eval_split == "val"):
+        raise ConfigError(f"data.split {config.data.split!r} trains on the {options.eval_split} images the demo "
+                          f"measures on (demo.eval_split {options.eval_split}): its accuracies would be of images it "
+                          "trained on; train on 'train' (the default), or measure on another split")
     if options.weights:  # files exist and name an architecture; explicit routes name these anchors
         check_names([label for label, _ in anchor_specs(options.weights)], config)
     check_writable(config.run.out_dir)

@@ -102,6 +102,11 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path, capsys: pytest.Captu
                                         (["--steps", "0"], "schedule.max_steps must be >= 1"),
                                         (["--lr", "-1"], "lr must be > 0"),
                                         (["--eval-split", "dev"], "unknown evaluation split 'dev'; use test or val"),
+                                        # measured on images it trained on: training accuracy, reported as the demo's
+                                        (["--data.split", "train+val", "--eval-split", "val"],
+                                         "data.split 'train+val' trains on the val images the demo measures on"),
+                                        (["--data.split", "test"], "data.split 'test' trains on the test images the demo "
+                                                                   "measures on (demo.eval_split test)"),
                                         (["--weights", "{tmp}/nowhere.safetensors,{tmp}/b.safetensors"], "is not a file"),
                                         (["--weights", "{tmp}/weights"], "holds 1 .safetensors file(s)"),
                                         (["--weights", "{tmp}/weights/resnet9.safetensors,{tmp}/weights/resnet9.safetensors"],
