@@ -513,7 +513,10 @@ def load_results(path: str | os.PathLike) -> list[Row]:
     files, listings; see :meth:`Row.from_dict`): a ``results.json``/``.csv`` file or their folder."""
     path = Path(path)
     if path.is_dir():
-        path = path / RESULTS_JSON
+        # results.json, or the results.csv written beside it when it is alone (kept, copied or edited on its own: the
+        # folder was refused as holding "no results file")
+        alone = not (path / RESULTS_JSON).is_file() and (path / RESULTS_CSV).is_file()
+        path = path / (RESULTS_CSV if alone else RESULTS_JSON)
     if not path.is_file():
         raise ResultsError(f"no results file at {path}: write one with `snnet eval --out DIR`")
     try:

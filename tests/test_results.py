@@ -206,6 +206,19 @@ def test_a_json_only_write_keeps_a_results_csv_already_there_in_step(tmp_path: P
     assert not (tmp_path / "results.csv").exists()
 
 
+def test_a_folder_holding_results_csv_alone_loads_it(tmp_path: Path) -> None:
+    """load_results reads "a results.json/.csv file or their folder", but a folder holding the results.csv alone
+    (the JSON not copied, or the CSV edited on its own) was refused: "no results file at DIR/results.json"."""
+    rows = [Row(0, "a", 10, 5, 50.0, 80.0, 1.0, 100, True), Row(1, "b", 20, 6, 60.0, 85.0, 1.0, 100, False)]
+    write_results(rows, tmp_path)
+    both = load_results(tmp_path)
+    (tmp_path / "results.json").unlink()
+    assert load_results(tmp_path) == load_results(tmp_path / "results.csv") and [r.acc1 for r in both] == [50.0, 60.0]
+    (tmp_path / "results.csv").unlink()
+    with pytest.raises(ResultsError, match="no results file at .*results.json"):
+        load_results(tmp_path)
+
+
 @pytest.mark.parametrize("zoo", sorted(ZOOS))
 def test_zoo_files_load_as_rows_with_the_same_values(zoo: str) -> None:
     """A zoo JSON (``{"models": [...]}``) gives rows of kind zoo, each value as the file has it."""
