@@ -201,3 +201,29 @@ def test_cli_eval_of_a_language_model_refuses_image_options(net, tmp_path, capsy
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and option[0] in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_network_with_lora_on_its_anchors_exports_anchors_and_stitches_merged(tmp_path):
+    """export_route of a live network with PEFT adapters on its anchors (a causal-lm run's network before saving)
+    wrote the adapter layers under names the plain model class does not have: its check refused every export."""
+    pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from snnet.families.lm_lora import add_lora, has_lora
+
+    net = tiny_lm()
+    add_lora(net, 4, 8.0)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if ".lora_B." in name:  # zero at injection: adapters that change nothing would hide the bug
+                p.normal_(std=0.2)
+    ids = torch.randint(0, net.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    for s in (net.stitch(0), net.stitches[-1]):
+        folder = lm.export_route(net, s, tmp_path / str(s.id))
+        net.select(s)
+        want = net(ids)
+        got = AutoModelForCausalLM.from_pretrained(str(folder)).eval()(input_ids=ids).logits[..., : net.vocab_size]
+        assert torch.allclose(got, want, atol=1e-5)
+    assert has_lora(net)  # the network itself keeps its adapters
+

@@ -283,14 +283,17 @@ _REMOTE_MODULE = ('"""Loads an snnet route exported by snnet.families.lm_hf.expo
 def _route_model(net: StitchedLM, stitch: Stitch) -> SnnetRouteForCausalLM:
     """A standalone copy of a stitch's modules (and nothing else) as :class:`SnnetRouteForCausalLM`.
 
-    One deep copy of a route over the network's own modules: the copy keeps what the network
+    One deep copy of a route over the network's own modules (LoRA adapters merged): the copy keeps what the network
     shares (an anchor's context, used by its stem and every block of it, and its rotary module).
     """
     import copy
 
+    from .lm_lora import merged_copy
+
     used = list(dict.fromkeys(stitch.anchors))  # each anchor once, in the order the route enters it
     layers = [net.stitch_layers[k].merged() for k in stitch.layers]  # a low-rank layer ships merged
-    route = copy.deepcopy(LMRoute({k: net.anchors[k] for k in used}, stitch, layers, net.vocab_size))
+    # LoRA adapters on the anchors ship merged too: the route rebuilt from its config has plain layers
+    route = merged_copy(LMRoute({k: net.anchors[k] for k in used}, stitch, layers, net.vocab_size))
     if route.stem.embed.weight is route.head.lm_head.weight:
         # a round trip through an anchor with a tied head: written as two tensors (safetensors keeps no
         # shared ones); the model rebuilt from the config ties them again, both loads give the same values
@@ -323,8 +326,11 @@ def export_route(net: StitchedLM, stitch: int | str | Stitch, out: str | os.Path
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         if s.is_anchor:
+            from .lm_lora import has_lora, merged_copy
+
             model = net.anchors[s.src].model
-            model.save_pretrained(str(tmp))
+            # LoRA adapters on the anchor merged into a copy: the plain model class has no place for them
+            (merged_copy(model) if has_lora(model) else model).save_pretrained(str(tmp))
         else:
             _route_model(net, s).save_pretrained(str(tmp))
             (tmp / REMOTE_CODE).write_text(_REMOTE_MODULE)

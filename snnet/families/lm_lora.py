@@ -15,6 +15,7 @@ weight (:func:`merged_state`: a plain stitched network that every command loads)
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["ADAPTERS_NAME", "adapter_state", "add_lora", "has_lora", "merged_state"]
+__all__ = ["ADAPTERS_NAME", "adapter_state", "add_lora", "has_lora", "merged_copy", "merged_state"]
 
 ADAPTERS_NAME = "adapters.safetensors"
 
@@ -70,6 +71,18 @@ def merged_state(net: nn.Module, state: Mapping[str, torch.Tensor] | None = None
         with torch.no_grad():
             delta = sum(m.get_delta_weight(a) for a in m.active_adapters)
             out[f"{name}.weight"] = out[f"{name}.weight"] + delta.to(out[f"{name}.weight"])
+    return out
+
+
+def merged_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every LoRA adapter merged into the layer it adapts, that plain layer in the
+    adapter's place: what transformers' ``save_pretrained`` writes and ``from_pretrained`` reads back (the module
+    itself keeps its adapters). Without adapters, the copy only."""
+    out = copy.deepcopy(module)
+    for name, m in _lora_layers(out).items():
+        m.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent), child, m.get_base_layer())
     return out
 
 
