@@ -227,3 +227,22 @@ def test_a_network_with_lora_on_its_anchors_exports_anchors_and_stitches_merged(
         assert torch.allclose(got, want, atol=1e-5)
     assert has_lora(net)  # the network itself keeps its adapters
 
+
+
+def test_anchors_in_bfloat16_run_every_stitch(net):
+    """create_stitched_lm(..., dtype=torch.bfloat16) (the docs: "passes through") made float32 stitching layers
+    between bfloat16 anchors: every stitched route failed in torch ("mat1 and mat2 must have the same dtype")."""
+    import copy
+
+    import torch
+
+    models = [copy.deepcopy(a.model).to(torch.bfloat16) for a in net.anchors]
+    half = lm.create_stitched_lm(models, labels=list(net.labels), tokenizer=net.tokenizer, context=64).eval()
+    ids = torch.randint(0, half.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    half.init_stitching([ids])
+    for s in half.stitches:
+        half.select(s)
+        assert half(ids).dtype == torch.bfloat16
+    rows = lm.evaluate_lm(half, [{"input_ids": ids, "bytes": torch.tensor([8, 8])}], progress=False)
+    assert len(rows) == len(half.stitches)
+    assert lm.generate(half, PROMPT, stitch=half.stitches[-1].id, options=lm.GenerationOptions(max_new_tokens=2)).tokens

@@ -487,6 +487,11 @@ class StitchedLM(StitchedBase):
                  for lab, p in zip(self.labels, self.anchors)]
         with torch.device(next(self.anchors[0].parameters()).device):  # meta anchors: meta stitching layers too
             self._init_space(infos, config, lora_rank, lora_alpha)
+        # anchors loaded in one dtype (dtype=torch.bfloat16): stitching layers in it too, else a stitched route's
+        # matmul fails on the dtypes (a least-squares fit is solved in float64 and cast on loading)
+        dtypes = {q.dtype for p in self.anchors for q in p.parameters() if q.is_floating_point()}
+        if len(dtypes) == 1:
+            self.stitch_layers.to(dtype=dtypes.pop())
 
     def _vocab_size(self, vocab_size: int | None, tokenizer: Any) -> int:
         smallest = min(p.vocab_size for p in self.anchors)
