@@ -246,3 +246,16 @@ def test_anchors_in_bfloat16_run_every_stitch(net):
     rows = lm.evaluate_lm(half, [{"input_ids": ids, "bytes": torch.tensor([8, 8])}], progress=False)
     assert len(rows) == len(half.stitches)
     assert lm.generate(half, PROMPT, stitch=half.stitches[-1].id, options=lm.GenerationOptions(max_new_tokens=2)).tokens
+
+
+def test_cli_results_without_a_budget_is_refused_not_ignored(net, tmp_path, capsys):
+    """`snnet generate --results R` without --budget generated with the largest anchor as if R were not given."""
+    from snnet.cli import main
+
+    net.save_pretrained(tmp_path / "lm")
+    (tmp_path / "results.json").write_text("[]")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(tmp_path / "lm"), "-p", "def", "-n", "2", "--results", str(tmp_path / "results.json")])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and len(captured.err.strip().splitlines()) == 1 and "--budget" in captured.err
+    assert captured.out == ""

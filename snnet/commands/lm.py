@@ -148,6 +148,8 @@ def generate(
 
     if stitch is not None and budget is not None:
         raise SnnetError("give --stitch or --budget, not both")
+    if results is not None and budget is None:  # else ignored: the largest anchor (or --stitch) ran, whatever it said
+        raise SnnetError("--results ranks the networks within a --budget: give --budget too (or drop --results)")
     net = load_lm(model, device)
     if net.tokenizer is None:
         raise SnnetError(f"{model} holds no tokenizer: text cannot be encoded for it")
