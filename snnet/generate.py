@@ -89,6 +89,10 @@ def generate(net: Any, prompt: str | Sequence[str], *, tokenizer: Any = None, op
         raise ConfigError(f"{k}= is a GenerationOptions setting here: pass options=GenerationOptions({_OPTIONS[k]}=...)"
                           if k in _OPTIONS else f"{k}= is made by snnet's generate from the prompt and the tokenizer: "
                           "pass the prompt as text (and tokenizer=)")
+    n = generate_kwargs.get("num_return_sequences")
+    if n not in (None, 1):  # transformers returns n rows a prompt: they were paired with the prompts in order, mislabelled
+        raise ConfigError(f"num_return_sequences={n!r} is not supported here (one continuation a prompt): pass the prompt "
+                          "that many times in a list, with sampling (temperature > 0)")
     options = options or GenerationOptions()
     tok = tokenizer if tokenizer is not None else getattr(net, "tokenizer", None)
     if tok is None:

@@ -259,3 +259,13 @@ def test_cli_results_without_a_budget_is_refused_not_ignored(net, tmp_path, caps
     captured = capsys.readouterr()
     assert e.value.code == 2 and len(captured.err.strip().splitlines()) == 1 and "--budget" in captured.err
     assert captured.out == ""
+
+
+def test_more_than_one_sequence_a_prompt_is_refused_not_paired_with_the_wrong_prompt(net):
+    """num_return_sequences=2 (passed on to transformers' generate) gave 2 rows a prompt, zipped with the prompts in
+    order: the second prompt was answered with the first prompt's second sample, and the rest dropped."""
+    options = lm.GenerationOptions(max_new_tokens=2, temperature=1.0, seed=0)
+    with pytest.raises(ConfigError, match="num_return_sequences=2 is not supported"):
+        lm.generate(net, [PROMPT, "class"], options=options, num_return_sequences=2)
+    one = lm.generate(net, PROMPT, options=options, num_return_sequences=1)
+    assert one.tokens == lm.generate(net, PROMPT, options=options).tokens
