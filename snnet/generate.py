@@ -89,6 +89,9 @@ def generate(net: Any, prompt: str | Sequence[str], *, tokenizer: Any = None, op
         raise ConfigError(f"{k}= is a GenerationOptions setting here: pass options=GenerationOptions({_OPTIONS[k]}=...)"
                           if k in _OPTIONS else f"{k}= is made by snnet's generate from the prompt and the tokenizer: "
                           "pass the prompt as text (and tokenizer=)")
+    if generate_kwargs.get("return_dict_in_generate"):  # else "tuple indices must be integers" from reading its rows
+        raise ConfigError("return_dict_in_generate=True is not supported here (this generate returns Generated): for "
+                          "transformers' own output (scores, ...) call snnet.lm.as_transformers(net).generate(...)")
     n = generate_kwargs.get("num_return_sequences")
     if n not in (None, 1):  # transformers returns n rows a prompt: they were paired with the prompts in order, mislabelled
         raise ConfigError(f"num_return_sequences={n!r} is not supported here (one continuation a prompt): pass the prompt "

@@ -269,3 +269,9 @@ def test_more_than_one_sequence_a_prompt_is_refused_not_paired_with_the_wrong_pr
         lm.generate(net, [PROMPT, "class"], options=options, num_return_sequences=2)
     one = lm.generate(net, PROMPT, options=options, num_return_sequences=1)
     assert one.tokens == lm.generate(net, PROMPT, options=options).tokens
+
+
+def test_transformers_dict_output_is_refused_in_one_line(net):
+    """return_dict_in_generate=True (passed on to transformers) failed with "tuple indices must be integers"."""
+    with pytest.raises(ConfigError, match="return_dict_in_generate=True is not supported here"):
+        lm.generate(net, PROMPT, options=lm.GenerationOptions(max_new_tokens=2), return_dict_in_generate=True)
