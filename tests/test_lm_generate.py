@@ -275,3 +275,19 @@ def test_transformers_dict_output_is_refused_in_one_line(net):
     """return_dict_in_generate=True (passed on to transformers) failed with "tuple indices must be integers"."""
     with pytest.raises(ConfigError, match="return_dict_in_generate=True is not supported here"):
         lm.generate(net, PROMPT, options=lm.GenerationOptions(max_new_tokens=2), return_dict_in_generate=True)
+
+
+def test_a_damaged_tokenizer_file_of_a_saved_network_is_named_in_one_line(net, tmp_path, capsys):
+    """A saved network whose tokenizer.json was cut short failed in json's decoder, a traceback through
+    transformers (snnet generate, eval, serve), rather than saying which file of which folder is damaged."""
+    from snnet.cli import main
+    from snnet.errors import CheckpointError
+
+    net.save_pretrained(tmp_path / "lm")
+    (tmp_path / "lm" / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    with pytest.raises(CheckpointError, match="the tokenizer saved in .* does not load"):
+        lm.StitchedLM.from_pretrained(tmp_path / "lm")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(tmp_path / "lm"), "-p", "def", "-n", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err

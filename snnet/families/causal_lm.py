@@ -691,7 +691,13 @@ def _saved_tokenizer(directory: Path) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory))
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as e:  # noqa: BLE001 -- a damaged file fails in json, transformers or tokenizers (plain Exception)
+        text = str(e).strip()
+        raise CheckpointError(f"the tokenizer saved in {directory} does not load ({type(e).__name__}: "
+                              f"{text.splitlines()[0] if text else 'no message'}): restore its tokenizer files from a "
+                              "backup, or copy those of its anchors (they share one)") from e
 
 
 # =================================================================================== building
