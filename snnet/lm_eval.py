@@ -47,6 +47,7 @@ def evaluate_lm(net: Any, loader: Iterable[Any], stitches: Sequence[Any] | None 
     from .families.causal_lm import net_positions
 
     limit = net_positions(net)
+    costs = net.costs(context)  # a context no route can run is refused before the text is read
     tallies = {s.id: Tally(device) for s in chosen}
     tokens = nbytes = 0
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
@@ -80,7 +81,6 @@ def evaluate_lm(net: Any, loader: Iterable[Any], stitches: Sequence[Any] | None 
         raise SnnetError("the loader yielded no text: nothing to evaluate")
     if nbytes == 0:
         raise SnnetError("the evaluated tokens cover no bytes of text: cannot compute bits per byte")
-    costs = net.costs(context)
     ctx = int(context or net.context)
     rows = []
     for s in chosen:

@@ -291,3 +291,18 @@ def test_a_damaged_tokenizer_file_of_a_saved_network_is_named_in_one_line(net, t
         main(["generate", "--model", str(tmp_path / "lm"), "-p", "def", "-n", "2"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_costs_at_a_context_no_route_can_run_are_refused(net):
+    """net.costs(context) and evaluate_lm(context=) priced any context, past the 64 positions the anchors know
+    (rows said "FLOPs per token at a 100000-token context"), while building the network at it is refused."""
+    assert net.costs(64) == net.costs()
+    with pytest.raises(ConfigError, match="longer than the 64 positions"):
+        net.costs(100_000)
+
+    def text():  # the refusal comes before any text is read
+        raise AssertionError("the loader was read")
+        yield
+
+    with pytest.raises(ConfigError, match="longer than the 64 positions"):
+        lm.evaluate_lm(net, text(), progress=False, context=65)

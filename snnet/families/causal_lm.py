@@ -550,7 +550,8 @@ class StitchedLM(StitchedBase):
     # ------------------------------------------------------------------ costs
     def part_costs(self, context: int | None = None) -> list[tuple[PartCosts, int]]:
         """Every anchor's part costs (per generated token at ``context``) and tied params."""
-        context = int(context or self.context)
+        # a context past the positions an anchor knows is refused, as at construction: no route could run it
+        context = stated_context(int(context or self.context), [p.config for p in self.anchors], self.labels)
         if context not in self._part_costs:
             self._part_costs[context] = [lm_part_costs(p.config, context) for p in self.anchors]
         return self._part_costs[context]
@@ -558,7 +559,7 @@ class StitchedLM(StitchedBase):
     def costs(self, context: int | None = None) -> list[Row]:
         """MACs per generated token at ``context`` tokens (default :attr:`context`) and params of every
         network, each the sum of its parts (a tied head and embedding counted once)."""
-        context = int(context or self.context)
+        context = stated_context(int(context or self.context), [p.config for p in self.anchors], self.labels)
         if context not in self._costs:
             pcs = self.part_costs(context)
             plain = [layer.merged() for layer in self.stitch_layers]
