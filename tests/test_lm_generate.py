@@ -306,3 +306,18 @@ def test_costs_at_a_context_no_route_can_run_are_refused(net):
 
     with pytest.raises(ConfigError, match="longer than the 64 positions"):
         lm.evaluate_lm(net, text(), progress=False, context=65)
+
+
+def test_an_anchor_folder_with_a_damaged_tokenizer_is_named_in_one_line(net, tmp_path):
+    """An anchor folder whose tokenizer.json holds no tokenizer failed with a bare KeyError('added_tokens')."""
+    from snnet.errors import CheckpointError
+
+    folders = []
+    for k, part in enumerate(net.anchors):
+        folder = tmp_path / f"m{k}"
+        part.model.save_pretrained(folder)
+        net.tokenizer.save_pretrained(folder)
+        folders.append(str(folder))
+    (tmp_path / "m1" / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="cannot load the tokenizer of 'm1'"):
+        lm.create_stitched_lm(folders, weights=True, load_tokenizers=True)
