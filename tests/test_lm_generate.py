@@ -321,3 +321,17 @@ def test_an_anchor_folder_with_a_damaged_tokenizer_is_named_in_one_line(net, tmp
     (tmp_path / "m1" / "tokenizer.json").write_text("{}")
     with pytest.raises(CheckpointError, match="cannot load the tokenizer of 'm1'"):
         lm.create_stitched_lm(folders, weights=True, load_tokenizers=True)
+
+
+def test_a_network_trained_from_model_init_states_its_flops_at_the_block_length(net, tmp_path):
+    """model.init kept the saved network's context (64): its FLOPs, evaluations and final/ were stated at 64
+    tokens, not at the data.block_size trained at, as the docs and a network built from its anchors do."""
+    from snnet.config import TrainConfig
+    from snnet.families.causal_lm import lm_network_from_config
+
+    net.save_pretrained(tmp_path / "init")
+    config = TrainConfig().override(task="causal-lm", init=str(tmp_path / "init"), block_size=16)
+    again = lm_network_from_config(config.model, config.space, config.data.block_size)
+    assert again.context == 16 and again.costs() == net.costs(16)
+    with pytest.raises(ConfigError, match="longer than the 64 positions"):
+        lm_network_from_config(config.model, config.space, 65)

@@ -801,6 +801,8 @@ def lm_network_from_config(model: Any, space: SpaceConfig, context: int) -> Stit
         from ..model import saved_network
 
         net: StitchedLM = saved_network(StitchedLM, model.init, space)  # type: ignore[assignment]
+        # stated at the block length trained at, as for a network built from its anchors (not the saved one's)
+        net.context = stated_context(context, [p.config for p in net.anchors], net.labels)
     else:
         names = expand_lm_anchors(model.anchors)
         for name in names:
