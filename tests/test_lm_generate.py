@@ -335,3 +335,14 @@ def test_a_network_trained_from_model_init_states_its_flops_at_the_block_length(
     assert again.context == 16 and again.costs() == net.costs(16)
     with pytest.raises(ConfigError, match="longer than the 64 positions"):
         lm_network_from_config(config.model, config.space, 65)
+
+
+@pytest.mark.parametrize("bad", [-1, 10_000])
+def test_calibration_ids_outside_the_vocabulary_are_refused_in_one_line(net, bad):
+    """init_stitching on text tokenised with another tokenizer failed with torch's "index out of range in self"."""
+    import torch
+
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    ids[1, 3] = bad
+    with pytest.raises(SnnetError, match=f"calibration token id {bad} is outside the network's"):
+        net.init_stitching([ids])

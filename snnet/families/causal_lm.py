@@ -589,6 +589,10 @@ class StitchedLM(StitchedBase):
                 if left <= 0:
                     return
                 ids = _ids(batch)
+                if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):  # else an IndexError
+                    bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())  # from inside an embedding
+                    raise SnnetError(f"calibration token id {bad} is outside the network's {self.vocab_size}-token "
+                                     "vocabulary: tokenise the text with the network's own tokenizer (net.tokenizer)")
                 ids = ids[: max(1, left // ids.shape[1])].to(device)
                 seen["tokens"] += ids.numel()
                 bar.update(ids.numel())
