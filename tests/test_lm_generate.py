@@ -346,3 +346,14 @@ def test_calibration_ids_outside_the_vocabulary_are_refused_in_one_line(net, bad
     ids[1, 3] = bad
     with pytest.raises(SnnetError, match=f"calibration token id {bad} is outside the network's"):
         net.init_stitching([ids])
+
+
+def test_calibration_sequences_longer_than_the_positions_are_refused_in_one_line():
+    """init_stitching on blocks longer than the 64 positions GPT-2 knows failed with "index out of range in self"."""
+    import torch
+
+    fresh = tiny_lm()  # fitted below: not the module's network
+    ids = torch.randint(0, fresh.vocab_size, (2, 65), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(SnnetError, match="calibration sequences of 65 tokens are longer than the 64 positions"):
+        fresh.init_stitching([ids])
+    assert fresh.init_stitching([ids[:, :64]]).sequences == 2

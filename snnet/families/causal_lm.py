@@ -580,6 +580,7 @@ class StitchedLM(StitchedBase):
         """
         t0 = time.perf_counter()
         device = next(self.parameters()).device
+        room = net_positions(self)
         seen = {"tokens": 0}
         bar = report_progress(max_tokens, "least-squares init", "tok", progress)
 
@@ -593,6 +594,9 @@ class StitchedLM(StitchedBase):
                     bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())  # from inside an embedding
                     raise SnnetError(f"calibration token id {bad} is outside the network's {self.vocab_size}-token "
                                      "vocabulary: tokenise the text with the network's own tokenizer (net.tokenizer)")
+                if room is not None and ids.shape[1] > room[0]:  # else an IndexError from a position embedding
+                    raise SnnetError(f"calibration sequences of {ids.shape[1]} tokens are longer than the {room[0]} "
+                                     f"positions {room[1]} knows: cut the text into blocks of at most {room[0]} tokens")
                 ids = ids[: max(1, left // ids.shape[1])].to(device)
                 seen["tokens"] += ids.numel()
                 bar.update(ids.numel())
