@@ -37,8 +37,12 @@ class GenerationOptions:
     gives a new sample, and ``torch.manual_seed`` (or transformers' ``set_seed``) before a call repeats it."""
 
     def __post_init__(self) -> None:
-        # one string is one stop string (as OpenAI's "stop" takes it), not a tuple of its characters
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        # one string is one stop string (as OpenAI's "stop" takes it), not a tuple of its characters; None is none (as
+        # OpenAI's null)
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)):  # else "'int' object is not iterable" (a set would lose its order)
+            raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):

@@ -357,3 +357,12 @@ def test_calibration_sequences_longer_than_the_positions_are_refused_in_one_line
     with pytest.raises(SnnetError, match="calibration sequences of 65 tokens are longer than the 64 positions"):
         fresh.init_stitching([ids])
     assert fresh.init_stitching([ids[:, :64]]).sequences == 2
+
+
+def test_stop_none_is_no_stop_and_a_stop_of_another_type_is_refused_in_one_line(net):
+    """GenerationOptions(stop=None) (OpenAI's null) failed with "'NoneType' object is not iterable", stop=5 with
+    "'int' object is not iterable"."""
+    assert lm.GenerationOptions(stop=None).stop == ()
+    assert lm.GenerationOptions(stop=["a", "b"]).stop == ("a", "b")
+    with pytest.raises(ConfigError, match="stop must be a string or a list of strings, got 5"):
+        lm.GenerationOptions(stop=5)
