@@ -366,3 +366,12 @@ def test_stop_none_is_no_stop_and_a_stop_of_another_type_is_refused_in_one_line(
     assert lm.GenerationOptions(stop=["a", "b"]).stop == ("a", "b")
     with pytest.raises(ConfigError, match="stop must be a string or a list of strings, got 5"):
         lm.GenerationOptions(stop=5)
+
+
+@pytest.mark.parametrize("kw", [{"temperature": True}, {"top_p": True}])
+def test_a_boolean_temperature_or_top_p_is_refused_in_one_line(kw):
+    """temperature=True sampled at temperature 1 and top_p=True meant 1.0, silently (max_new_tokens and seed refuse
+    booleans already)."""
+    with pytest.raises(ConfigError, match=f"{next(iter(kw))} must be"):
+        lm.GenerationOptions(**kw)
+    assert lm.GenerationOptions(temperature=1, top_p=1).sampling
