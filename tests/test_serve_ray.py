@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -58,6 +59,32 @@ def test_serve_run_builder_parses_optional_numbers(monkeypatch: pytest.MonkeyPat
     snray.app({"model": "DIR", "steady_cv2": "none"})
     assert got["config"].steady_cv2 is None
 
+
+@pytest.mark.parametrize("args, says", [({"max_batch": "abc"}, "max_batch='abc' is not a whole number"),
+                                        ({"replicas": "two"}, "replicas='two' is not a whole number"),
+                                        ({"slo_ms": "fast"}, "slo_ms='fast' is not a number"),
+                                        ({"resize": "flase"}, "resize='flase' is not true or false")])
+def test_serve_run_builder_refuses_a_bad_value_in_one_line(monkeypatch: pytest.MonkeyPatch, args: dict[str, str],
+                                                          says: str) -> None:
+    """`serve run snnet.deploy.ray:app max_batch=abc` raised int()'s bare ValueError, and `resize=flase` was read as
+    False (the server refused other image sizes): each is a ServeError naming the setting."""
+    import snnet.deploy.ray as snray
+    from snnet.errors import ServeError
+
+    monkeypatch.setattr(snray, "application", lambda config, **kw: None)
+    with pytest.raises(ServeError, match=re.escape(says)):
+        snray.app({"model": "DIR", **args})
+
+
+def test_serve_run_builder_takes_yaml_numbers_and_booleans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Serve config file's args are YAML: `replicas: 2`, `resize: false` arrive as an int and a bool, not text."""
+    import snnet.deploy.ray as snray
+
+    got: dict[str, Any] = {}
+    monkeypatch.setattr(snray, "application", lambda config, **kw: got.update(config=config, **kw))
+    snray.app({"model": "DIR", "replicas": 2, "resize": False, "steady_cv2": 0.5, "max_batch": 8})
+    c = got["config"]
+    assert got["replicas"] == 2 and c.resize is False and c.steady_cv2 == 0.5 and c.max_batch == 8
 
 def test_a_pin_here_while_the_follower_applies_an_older_setting_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
     """A replica's follower read setting B (version 6) from the policy actor and was applying it when a PUT on

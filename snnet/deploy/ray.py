@@ -187,10 +187,30 @@ def application(config: ServeConfig, replicas: int = 1, max_replicas: int | None
     return deployment.bind(config.to_json(), graceful_shutdown_s)
 
 
-def app(args: dict[str, str]) -> serve.Application:
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parse(name: str, text: str, kind: Any) -> Any:
+    """``text`` of the ``serve run`` setting ``name`` as ``kind`` (bool, int, float or str), or a one-line
+    :class:`ServeError` (int("abc") raised a bare ValueError; "resize=flase" was read as False)."""
+    if kind is bool:
+        if text.lower() not in _TRUE + _FALSE:
+            raise ServeError(f"{name}={text!r} is not true or false: give one of {', '.join(_TRUE + _FALSE)}")
+        return text.lower() in _TRUE
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ServeError(f"{name}={text!r} is not {'a whole number' if kind is int else 'a number'}: "
+                             f"give e.g. {name}={'2' if kind is int else '0.5'}") from None
+    return text
+
+
+def app(args: dict[str, Any]) -> serve.Application:
     """The application builder for ``serve run snnet.deploy.ray:app model=DIR [name=value ...]``:
     any :class:`ServeConfig` field, and ``replicas``, ``max_replicas``, ``target_ongoing``."""
-    args = dict(args)
+    # as text: a Serve config file's YAML args may be numbers or booleans (replicas: 2, resize: false)
+    args = {name: str(value) for name, value in args.items()}
     scaling = {k: args.pop(k) for k in ("replicas", "max_replicas", "target_ongoing") if k in args}
     hints = typing.get_type_hints(ServeConfig)
     known = {f.name for f in fields(ServeConfig)}
@@ -206,12 +226,7 @@ def app(args: dict[str, str]) -> serve.Application:
                 values[name] = None
                 continue
             kind = kinds[0] if len(kinds) == 1 else str
-        if kind in (bool,):
-            values[name] = text.lower() in ("1", "true", "yes", "on")
-        elif kind in (int, float):
-            values[name] = kind(text)
-        else:
-            values[name] = None if text.lower() in ("none", "null", "") else text
-    return application(ServeConfig(**values), replicas=int(scaling.get("replicas", 1)),
-                       max_replicas=int(scaling["max_replicas"]) if "max_replicas" in scaling else None,
-                       target_ongoing=float(scaling.get("target_ongoing", 2.0)))
+        values[name] = _parse(name, text, kind)
+    return application(ServeConfig(**values), replicas=_parse("replicas", scaling.get("replicas", "1"), int),
+                       max_replicas=_parse("max_replicas", scaling["max_replicas"], int) if "max_replicas" in scaling else None,
+                       target_ongoing=_parse("target_ongoing", scaling.get("target_ongoing", "2.0"), float))
