@@ -135,6 +135,58 @@ def test_a_pin_here_while_the_follower_applies_an_older_setting_is_not_lost(monk
     assert applied[-1] == "C" and fleet.version == state["version"] == 7
 
 
+def test_a_replica_that_starts_after_a_return_to_auto_follows_the_fleets_policy(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """PUT {"stitch": "auto", "policy": "last-second"}, a pin, then PUT {"stitch": "auto"}: the running replicas
+    return to last-second, but the actor held {"stitch": "auto", "policy": None}, and a replica that started
+    afterwards (the autoscaler's) applied only that: it stayed on its config's controller, the fleet on two
+    policies. The setting published names the policy the "auto" returned to. No Ray: the actor is stood in for;
+    each replica's model process is a real engine, asked directly."""
+    import asyncio
+
+    from snnet.deploy.ray import RayFleet, StitchPolicy
+    from snnet.deploy.serve.engine import _Engine
+
+    torch.manual_seed(0)
+    net = snnet.create_snnet(TINY_VITS)
+    net.save_pretrained(tmp_path / "net")
+    (tmp_path / "results.json").write_text(json.dumps(_synthetic_rows(net)))
+    config = ServeConfig(str(tmp_path / "net"), str(tmp_path / "results.json"), max_batch=8)
+    policy = StitchPolicy()
+
+    class Remote:
+        def __init__(self, fn: Any) -> None:
+            self.remote = fn
+
+    async def call(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    actor = type("Actor", (), {name: Remote(lambda *a, fn=getattr(policy, name): call(fn, *a)) for name in ("current", "publish")})()
+    monkeypatch.setattr(RayFleet, "_actor", staticmethod(lambda: actor))
+
+    def replica() -> tuple[RayFleet, Any, _Engine]:
+        engine = _Engine.load(config, print)
+
+        class Batcher:
+            async def ask(self, op: str, arg: Any = None) -> Any:
+                return engine.control(op, arg)
+
+        fleet = RayFleet.__new__(RayFleet)
+        fleet.version, fleet._task, fleet._lock = 0, None, asyncio.Lock()
+        return fleet, type("Svc", (), {"batcher": Batcher()})(), engine
+
+    first, svc, engine = replica()
+
+    async def main() -> None:
+        for setting in ({"stitch": "auto", "policy": "last-second"}, {"stitch": 3, "policy": None}, {"stitch": "auto", "policy": None}):
+            await first.steer(svc, setting)
+        later, later_svc, later_engine = replica()
+        await later._follow_once(later_svc)
+        assert engine.policy.name == later_engine.policy.name == "last-second"
+        assert later_engine.policy.pinned is None
+
+    asyncio.run(main())
+
 def test_serve_ray_gives_the_replicas_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`snnet serve --ray --admin-token-file admin.token` (relative, as the docs show) passed the token's path on
     as given, while the model's and the results' were made absolute: a replica on another node, or started

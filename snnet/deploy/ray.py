@@ -134,6 +134,10 @@ class RayFleet:
     async def steer(self, svc: Service, setting: dict[str, Any]) -> dict[str, Any]:
         async with self._lock:
             answer = await apply_setting(svc, setting)  # refused here (an unknown stitch: 404): published nowhere
+            if setting["stitch"] == "auto":
+                # the policy it returned to, by name: a replica that starts later applies only the latest setting, and
+                # "auto" without one would leave it on its config's policy while the others went back to theirs
+                setting = {**setting, "policy": answer["policy"]}
             self.version = await self._actor().publish.remote(setting)
         return answer
 
