@@ -738,6 +738,44 @@ def test_a_failed_batch_teaches_the_policy_nothing(saved: tuple[Path, Path]) -> 
     assert engine.policy.slowdown == 1.0 and not engine.recent
 
 
+def test_a_failed_batch_is_not_counted_as_images_classified(saved: tuple[Path, Path]) -> None:
+    """The server process counted a failed batch's images in snnet_images_total{stitch} ("images classified", what
+    docs/serving.md suggests scaling on) and its time in snnet_batch_seconds; its requests got a 500. The model
+    process's real "failed" message, read by a server process's batcher (its connection and metrics only)."""
+    import asyncio
+    from multiprocessing import Pipe
+
+    from snnet.deploy.serve.batcher import Batcher
+    from snnet.deploy.serve.engine import RingState, _Engine, _Front, _Job, waiting
+    from snnet.deploy.serve.metrics import Metrics
+
+    model, results = saved
+    engine = _Engine.load(ServeConfig(str(model), str(results), max_batch=8), print)
+    mine, theirs = Pipe()
+    ring = np.zeros((8, 3, 16, 16), np.float32)  # not the network's input size: its forward fails at once
+    front = _Front(mine, None, ring, RingState(np.zeros(RingState.WORDS, np.int64)))
+    engine.fronts.append(front)
+    engine.jobs.append(_Job(front, 0, 0, 4, time.perf_counter()))
+    engine._run_batch(torch)
+
+    async def main() -> Metrics:
+        metrics = Metrics()
+        batcher = Batcher.__new__(Batcher)  # its connection to the model process only: no ring, no control
+        batcher.conn, batcher._waiting, batcher.on_batch, batcher.capacity = theirs, waiting(theirs), metrics.batch, 8
+        batcher._used, batcher.held, batcher._pending, batcher.closing, batcher.last = bytearray(8), 0, {}, False, None
+        batcher._loop = asyncio.get_running_loop()
+        future = batcher._loop.create_future()
+        batcher._pending[0] = (future, batcher.reserve(4), 4)
+        batcher._on_results()
+        with pytest.raises(RuntimeError, match="32"):
+            future.result()
+        assert batcher.held == 0 and batcher.last is None
+        return metrics
+
+    samples = {s.name: s.value for f in text_string_to_metric_families(asyncio.run(main()).render().decode()) for s in f.samples}
+    assert not any(name.startswith("snnet_images_total") for name in samples)
+    assert samples["snnet_batch_seconds_count"] == 0 and samples["snnet_batch_size_count"] == 0
+
 def test_a_server_process_gone_with_the_only_queued_request_leaves_the_model_process_idle(saved: tuple[Path, Path]) -> None:
     """When the server process whose request was all that was queued goes, the model process publishes that it
     is idle: the other server processes' lone requests run in their processes again (they read it busy until

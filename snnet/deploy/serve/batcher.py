@@ -167,8 +167,9 @@ class Batcher:
         try:
             while self._waiting():
                 kind, wire, *rest = recv(self.conn)
-                self.last = info = BatchInfo.from_wire(wire)
+                info = BatchInfo.from_wire(wire)
                 if kind == "done":
+                    self.last = info  # a failed forward's time (often at once) says nothing of how soon the ring drains
                     results: list[tuple[int, Any]] = unpack_results(*rest)
                 else:  # "failed": the model's error for every request of the batch
                     jobs, error = rest
@@ -184,7 +185,8 @@ class Batcher:
                         future.set_exception(RuntimeError(out))
                     else:
                         future.set_result(BatchResult(out, info))
-                self.on_batch(info, images)
+                if kind == "done":  # a failed batch classified nothing: not in snnet_images_total, its time not a batch's
+                    self.on_batch(info, images)
         except (EOFError, OSError):  # the model process is gone: nothing queued will be answered
             self.gone = True
             assert self._loop is not None
