@@ -939,6 +939,24 @@ def test_profiles_the_ladder_at_start_when_results_have_no_table(saved: tuple[Pa
         service.close()
 
 
+def test_threads_past_the_cpus_profile_at_start_as_they_serve(saved: tuple[Path, Path], tmp_path: Path) -> None:
+    """--threads above this machine's CPUs is served with a latency table in the results, but without one the
+    model process loaded the network, then failed on `snnet profile`'s own check ("--threads must be between 1 and
+    this machine's N CPUs"). The stitches are now profiled with the threads the batches run with."""
+    from snnet.deploy.serve.engine import _Engine
+
+    model, _ = saved
+    net = snnet.StitchedNet.from_pretrained(model)
+    rows = [dict(c.to_dict(), acc1=60.0 + 10 * c.id if c.is_anchor else 50.0, acc5=99.0) for c in net.costs()]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    threads = (os.cpu_count() or 1) + 1
+    engine = _Engine.load(ServeConfig(str(model), str(tmp_path / "results.json"), max_batch=1, profile_repeats=1,
+                                      threads=threads), print)
+    try:
+        assert {r.value("profile")["threads"] for r in engine.rows if r.latency_by_batch} == {threads}
+    finally:
+        torch.set_num_threads(1)
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

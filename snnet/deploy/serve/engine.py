@@ -291,8 +291,10 @@ class _Engine:
             sizes = sorted({min(2 ** k, config.max_batch) for k in range(int(math.log2(config.max_batch)) + 2)})
             say(f"profiling {len(todo)} stitches at batch sizes {sizes} ({config.threads} threads): "
                 f"{config.results or 'no results file'} has no latency_by_batch for them (`snnet profile --batch-sizes` writes it)")
+            # threads=None: the --threads set above, as the batches will run (profile's own --threads check, at most this
+            # machine's CPUs, refused after loading a setting the server takes with a latency table in the results)
             measured, settings = profile(net, batch_size=1, warmup=3, repeats=config.profile_repeats, device="cpu",
-                                         threads=config.threads, stitches=todo, progress=False, batch_sizes=sizes)
+                                         threads=None, stitches=todo, progress=False, batch_sizes=sizes)
             rows = merge_rows(rows, measured, "the profile")
         engine = cls(config, net, rows, _policy(config.policy, rows, config))
         if config.stitch not in (None, "auto"):
