@@ -234,6 +234,26 @@ def test_each_replica_bounds_its_shutdown_by_the_deployment_s_graceful_timeout(m
     assert got["graceful_shutdown_s"] == 7
 
 
+def test_serve_ray_on_port_0_serves_and_says_one_free_port(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`snnet serve --ray --port 0` handed Ray's proxy port 0 (a port of its own choosing, said nowhere) and printed
+    "serving ... at http://127.0.0.1:0". The free port is found first, given to Ray and said. No Ray is started."""
+    import snnet.deploy.ray as snray
+    from snnet.commands import serve as serve_cmd
+    from snnet.deploy.serve import Listen
+
+    got: dict[str, Any] = {}
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: None)
+    monkeypatch.setattr(serve, "start", lambda *a, http_options, **k: got.update(http_options))
+    monkeypatch.setattr(serve, "shutdown", lambda *a, **k: None)
+    monkeypatch.setattr(serve, "run", lambda *a, **k: None)
+    monkeypatch.setattr(snray, "application", lambda *a, **k: None)
+    monkeypatch.setattr(signal, "sigwait", lambda signals: signal.SIGTERM)
+    monkeypatch.setattr(serve, "delete", lambda *a, **k: None)
+    serve_cmd._serve_ray(ServeConfig(""), Listen(port=0), Path("net"), None, 1, None, 2.0)
+    assert 0 < got["port"] < 65536
+    assert f"at http://127.0.0.1:{got['port']} with" in capsys.readouterr().out
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServeConfig]]:
     torch.manual_seed(0)

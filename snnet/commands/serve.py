@@ -226,7 +226,10 @@ def _serve_ray(config: Any, listen: Any, model: Path | None, results: Path | Non
     if replicas < 1 or (max_replicas is not None and max_replicas < replicas) or not target_ongoing > 0:
         raise ServeError(f"need --replicas >= 1, --max-replicas >= --replicas and --target-ongoing > 0 "
                          f"(got {replicas}, {max_replicas}, {target_ongoing})")
-    listen.bind().close()  # a port in use or a bad host fails here, before Ray starts
+    with listen.bind() as sock:  # a port in use or a bad host fails here, before Ray starts
+        # --port 0: the free port found now, for Ray's proxy and the address said (Ray's proxy would take another
+        # one of its own, said nowhere, and "serving on ...:0" was printed)
+        listen = replace(listen, port=sock.getsockname()[1])
     # SIGTERM and Ctrl-C are blocked in every thread (Ray's too, which inherit the mask) and waited
     # for below: Ray's own handlers would otherwise abort the driver without draining
     stopping = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
