@@ -776,6 +776,33 @@ def test_a_failed_batch_is_not_counted_as_images_classified(saved: tuple[Path, P
     assert not any(name.startswith("snnet_images_total") for name in samples)
     assert samples["snnet_batch_seconds_count"] == 0 and samples["snnet_batch_size_count"] == 0
 
+def test_a_switch_decided_after_a_lone_request_is_counted_on_the_next_batch(saved: tuple[Path, Path]) -> None:
+    """snnet_stitch_switches_total counts batches served by another stitch than the batch before. The policy decides
+    after lone requests run in a server process too, and a switch made there was the policy's last decision: the
+    next batch, on another stitch than the batch before, said it had not switched, and the counter missed it."""
+    from multiprocessing import Pipe
+
+    from snnet.deploy.serve.engine import BatchInfo, RingState, _Engine, _Front, _Job, recv
+
+    model, results = saved
+    engine = _Engine.load(ServeConfig(str(model), str(results), max_batch=8), print)
+    mine, theirs = Pipe()
+    front = _Front(mine, None, np.zeros((8, 3, 32, 32), np.float32), RingState(np.zeros(RingState.WORDS, np.int64)))
+    engine.fronts.append(front)
+
+    def batch() -> Any:
+        engine.jobs.append(_Job(front, 0, 0, 1, time.perf_counter()))
+        engine._run_batch(torch)
+        return BatchInfo.from_wire(recv(theirs)[1]).decision
+
+    first = batch()
+    engine._inline([(1, time.perf_counter() - 1.0, 1000.0)] * 20)  # lone requests far over the SLO: the policy steps down
+    assert engine.policy.current.id != first.stitch
+    second = batch()
+    assert second.stitch != first.stitch and second.switched
+    third = batch()
+    assert third.switched == (third.stitch != second.stitch)  # each batch against the batch before
+
 def test_a_server_process_gone_with_the_only_queued_request_leaves_the_model_process_idle(saved: tuple[Path, Path]) -> None:
     """When the server process whose request was all that was queued goes, the model process publishes that it
     is idle: the other server processes' lone requests run in their processes again (they read it busy until

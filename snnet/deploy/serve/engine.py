@@ -52,7 +52,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener, wait
 from typing import Any, Callable, Sequence
@@ -264,6 +264,7 @@ class _Engine:
     running: int = 0  # images in the batch running now
     busy: bool = False  # images queued or running, as last published
     published: tuple[int, bool, bool] | None = None  # (stitch, pinned, busy) as last written to every ring
+    batch_stitch: int | None = None  # the stitch of the last batch run (snnet_stitch_switches counts batches, not decisions)
     lock: threading.Lock = field(default_factory=threading.Lock)  # the policy: the batching loop and control share it
     selector: selectors.BaseSelector | None = None  # what the batching loop waits on (set by serve)
 
@@ -513,6 +514,12 @@ class _Engine:
         waiting = n + sum(j.images for j in self.jobs)
         decision = self._decide(waiting, (now - batch[0].arrived) * 1e3, now,
                                 [(j.arrived, j.images) for j in itertools.chain(batch, self.jobs)])
+        # against the batch before, not the policy's last decision: one made after a lone request run in a server
+        # process (_inline) may have switched, and the batch after it, on another stitch than the batch before, said it had not
+        switched = self.batch_stitch is not None and decision.stitch != self.batch_stitch
+        if switched != decision.switched:
+            decision = replace(decision, switched=switched)
+        self.batch_stitch = decision.stitch
         self.running = n
         self.publish()
         views = [torch.from_numpy(j.front.ring[j.offset:j.offset + j.images]) for j in batch]
