@@ -1241,6 +1241,55 @@ def test_snnet_serve_bounds_each_server_process_s_shutdown_by_its_graceful_setti
     assert bounds == [7] and closes == [7]  # the app's wait, then the model process's close
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_metrics_read_no_multiprocess_folder_the_shell_had_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               saved: tuple[Path, Path], workers: int) -> None:
+    """With $PROMETHEUS_MULTIPROC_DIR set in the shell, `snnet serve` kept it: /metrics summed the files of every
+    process that ever wrote there (an earlier server's requests, another running server's) with its own. One
+    server process now keeps its own registry, and workers share a folder of this run's alone. The network and
+    uvicorn are stood in for: what is looked at is the folder the server's metrics would read."""
+    import snnet.deploy.serve as serve_pkg
+    from snnet.commands.serve import serve
+    from snnet.deploy.serve import ENV_CONFIG
+    from snnet.deploy.serve.app import ENV_ENGINE
+
+    class Loaded(Exception):
+        pass
+
+    seen: list[str | None] = []
+
+    class Svc:  # one server process: its metrics are made when the service is
+        @staticmethod
+        def load(*args: Any, **kw: Any) -> None:
+            seen.append(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+            raise Loaded
+
+    class Engine:  # --workers: the model process, not started
+        address, authkey = "unused", b"k"
+
+        def __init__(self, *args: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    shell = tmp_path / "shell-prometheus"
+    shell.mkdir()
+    for name in (ENV_CONFIG, ENV_ENGINE):
+        monkeypatch.setenv(name, "")  # set by serve(): restored after the test
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shell))
+    monkeypatch.setattr(serve_pkg, "Service", Svc)
+    monkeypatch.setattr(serve_pkg, "EngineProcess", Engine)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: seen.append(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
+    model, results = saved
+    if workers == 1:
+        with pytest.raises(Loaded):
+            serve(model=model, results=results, port=0, workers=1, log_level="warning")
+        assert seen == [None]
+    else:
+        serve(model=model, results=results, port=0, workers=2, log_level="warning")
+        assert len(seen) == 1 and seen[0] != str(shell) and Path(seen[0]).name == "prometheus"
+
 @pytest.mark.parametrize("args, words", [
     (["--slo-ms", "0"], "--slo-ms must be a finite number > 0"),
     (["--slo-ms", "nan"], "--slo-ms must be a finite number > 0"),

@@ -190,6 +190,9 @@ def serve(
                        f"{host}:{sock.getsockname()[1]}")
             config = replace(config, model=str(model), results=str(results) if results else None)
             if workers == 1:
+                # its own registry: a $PROMETHEUS_MULTIPROC_DIR from the shell made /metrics sum the files of every
+                # process that ever wrote there (an earlier server's counts, another server's)
+                os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
                 service = Service.load(config, typer.echo)  # bad model/results fail here in one line; stitches are profiled
                 stack.callback(service.close, listen.timeout_graceful_shutdown)  # a model process that hangs: killed then
             else:
@@ -207,7 +210,7 @@ def serve(
         os.environ[ENV_GRACEFUL] = str(listen.timeout_graceful_shutdown)  # each worker's wait for the model process at shutdown
         metrics_dir = folder / "prometheus"  # one metrics folder: /metrics reports the whole server whichever worker answers
         metrics_dir.mkdir()
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # this run's alone, whatever the shell had set
         uvicorn.run("snnet.deploy.serve:app_from_env", factory=True, fd=sock.fileno(), workers=workers, **uv)
 
 
