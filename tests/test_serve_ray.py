@@ -254,6 +254,33 @@ def test_serve_ray_on_port_0_serves_and_says_one_free_port(monkeypatch: pytest.M
     assert 0 < got["port"] < 65536
     assert f"at http://127.0.0.1:{got['port']} with" in capsys.readouterr().out
 
+def test_serve_ray_gives_rays_proxy_absolute_tls_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`snnet serve --ray --ssl-certfile cert.pem --ssl-keyfile key.pem` (relative) was checked here, then handed to
+    Ray's proxies as given: they read them from their own working directory (a cluster's, joined at $RAY_ADDRESS).
+    No Ray is started: its calls are stood in for."""
+    import subprocess
+
+    import snnet.deploy.ray as snray
+    from snnet.commands import serve as serve_cmd
+    from snnet.deploy.serve import Listen
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem"), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    monkeypatch.chdir(tmp_path)
+    got: dict[str, Any] = {}
+
+    def start(*args: Any, http_options: dict[str, Any], **kw: Any) -> None:
+        got.update(http_options)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: None)
+    monkeypatch.setattr(serve, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        serve_cmd._serve_ray(ServeConfig(""), Listen(port=0, ssl_certfile="cert.pem", ssl_keyfile="key.pem"), Path("net"),
+                             None, 1, None, 2.0)
+    assert got["ssl_certfile"] == str(tmp_path / "cert.pem") and got["ssl_keyfile"] == str(tmp_path / "key.pem")
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServeConfig]]:
     torch.manual_seed(0)

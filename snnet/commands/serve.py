@@ -247,8 +247,10 @@ def _serve_ray(config: Any, listen: Any, model: Path | None, results: Path | Non
                          admin_token_file=str(Path(config.admin_token_file).resolve()) if config.admin_token_file else None)
         ray.init(address=os.environ.get("RAY_ADDRESS") or None)
         stack.callback(ray.shutdown)
-        ray_serve.start(http_options={"host": listen.host, "port": listen.port, "ssl_certfile": listen.ssl_certfile,
-                                      "ssl_keyfile": listen.ssl_keyfile})
+        # Ray's proxies read the TLS files from their own working directory too (a cluster's, with $RAY_ADDRESS)
+        tls = {name: str(Path(path).resolve()) if path else None
+               for name, path in (("ssl_certfile", listen.ssl_certfile), ("ssl_keyfile", listen.ssl_keyfile))}
+        ray_serve.start(http_options={"host": listen.host, "port": listen.port, **tls})
         stack.callback(ray_serve.shutdown)
         ray_serve.run(application(config, replicas, max_replicas, target_ongoing, graceful_shutdown_s=listen.timeout_graceful_shutdown),
                       name="snnet", route_prefix="/")
