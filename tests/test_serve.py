@@ -1290,6 +1290,39 @@ def test_metrics_read_no_multiprocess_folder_the_shell_had_set(tmp_path: Path, m
         serve(model=model, results=results, port=0, workers=2, log_level="warning")
         assert len(seen) == 1 and seen[0] != str(shell) and Path(seen[0]).name == "prometheus"
 
+def test_workers_get_longer_than_a_torch_import_to_answer_uvicorns_health_check(monkeypatch: pytest.MonkeyPatch,
+                                                                                saved: tuple[Path, Path]) -> None:
+    """uvicorn's supervisor kills a worker that has not answered its health check within 5 s (its default), and a
+    worker answers only once it has unpickled its config, whose protocol class imports snnet and torch. On a busy
+    2-CPU machine that took longer: every worker was killed and restarted, for ever, and the server never ready.
+    The check is given a start's time; what uvicorn's supervisor would wait is read from the config it gets."""
+    import snnet.deploy.serve as serve_pkg
+    from snnet.commands.serve import serve
+    from snnet.deploy.serve import ENV_CONFIG
+    from snnet.deploy.serve.app import ENV_ENGINE
+
+    class Engine:  # the model process, not started
+        address, authkey = "unused", b"k"
+
+        def __init__(self, *args: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    waits: list[int] = []
+
+    def run(app: str, **kw: Any) -> None:  # the supervisor's wait for each worker, as uvicorn.run would configure it
+        waits.append(uvicorn.Config(app, **kw).timeout_worker_healthcheck)
+
+    for name in (ENV_CONFIG, ENV_ENGINE, "PROMETHEUS_MULTIPROC_DIR"):
+        monkeypatch.setenv(name, "")  # set by serve(): restored after the test
+    monkeypatch.setattr(serve_pkg, "EngineProcess", Engine)
+    monkeypatch.setattr(uvicorn, "run", run)
+    model, results = saved
+    serve(model=model, results=results, port=0, workers=2, log_level="warning")
+    assert len(waits) == 1 and waits[0] >= 60
+
 @pytest.mark.parametrize("args, words", [
     (["--slo-ms", "0"], "--slo-ms must be a finite number > 0"),
     (["--slo-ms", "nan"], "--slo-ms must be a finite number > 0"),

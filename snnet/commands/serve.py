@@ -18,6 +18,10 @@ from ..errors import ServeError
 # <out>/train/final) and every stitch's measured accuracy.
 DEMO_MODEL = Path("snnet-demo") / "train" / "final"
 DEMO_RESULTS = Path("snnet-demo") / "results.json"
+# Seconds a uvicorn worker may take to answer its supervisor's health check. uvicorn's 5 s default counts the
+# worker's start: importing torch before it can answer took longer on a busy 2-CPU machine, and uvicorn killed
+# and restarted every worker, for ever, the server never ready (and nothing said at --log-level warning).
+WORKER_HEALTHCHECK_S = 120
 
 
 def _default_model(stack: contextlib.ExitStack) -> tuple[Path, Path | None, str]:
@@ -211,7 +215,8 @@ def serve(
         metrics_dir = folder / "prometheus"  # one metrics folder: /metrics reports the whole server whichever worker answers
         metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # this run's alone, whatever the shell had set
-        uvicorn.run("snnet.deploy.serve:app_from_env", factory=True, fd=sock.fileno(), workers=workers, **uv)
+        uvicorn.run("snnet.deploy.serve:app_from_env", factory=True, fd=sock.fileno(), workers=workers,
+                    timeout_worker_healthcheck=WORKER_HEALTHCHECK_S, **uv)
 
 
 def _serve_ray(config: Any, listen: Any, model: Path | None, results: Path | None, replicas: int, max_replicas: int | None,
