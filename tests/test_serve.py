@@ -1251,7 +1251,7 @@ def test_metrics_read_no_multiprocess_folder_the_shell_had_set(tmp_path: Path, m
     import snnet.deploy.serve as serve_pkg
     from snnet.commands.serve import serve
     from snnet.deploy.serve import ENV_CONFIG
-    from snnet.deploy.serve.app import ENV_ENGINE
+    from snnet.deploy.serve.app import ENV_ENGINE, ENV_GRACEFUL
 
     class Loaded(Exception):
         pass
@@ -1270,12 +1270,12 @@ def test_metrics_read_no_multiprocess_folder_the_shell_had_set(tmp_path: Path, m
         def __init__(self, *args: Any) -> None:
             pass
 
-        def close(self) -> None:
+        def close(self, timeout: float) -> None:
             pass
 
     shell = tmp_path / "shell-prometheus"
     shell.mkdir()
-    for name in (ENV_CONFIG, ENV_ENGINE):
+    for name in (ENV_CONFIG, ENV_ENGINE, ENV_GRACEFUL):
         monkeypatch.setenv(name, "")  # set by serve(): restored after the test
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shell))
     monkeypatch.setattr(serve_pkg, "Service", Svc)
@@ -1290,6 +1290,7 @@ def test_metrics_read_no_multiprocess_folder_the_shell_had_set(tmp_path: Path, m
         serve(model=model, results=results, port=0, workers=2, log_level="warning")
         assert len(seen) == 1 and seen[0] != str(shell) and Path(seen[0]).name == "prometheus"
 
+
 def test_workers_get_longer_than_a_torch_import_to_answer_uvicorns_health_check(monkeypatch: pytest.MonkeyPatch,
                                                                                 saved: tuple[Path, Path]) -> None:
     """uvicorn's supervisor kills a worker that has not answered its health check within 5 s (its default), and a
@@ -1299,7 +1300,7 @@ def test_workers_get_longer_than_a_torch_import_to_answer_uvicorns_health_check(
     import snnet.deploy.serve as serve_pkg
     from snnet.commands.serve import serve
     from snnet.deploy.serve import ENV_CONFIG
-    from snnet.deploy.serve.app import ENV_ENGINE
+    from snnet.deploy.serve.app import ENV_ENGINE, ENV_GRACEFUL
 
     class Engine:  # the model process, not started
         address, authkey = "unused", b"k"
@@ -1307,7 +1308,7 @@ def test_workers_get_longer_than_a_torch_import_to_answer_uvicorns_health_check(
         def __init__(self, *args: Any) -> None:
             pass
 
-        def close(self) -> None:
+        def close(self, timeout: float) -> None:
             pass
 
     waits: list[int] = []
@@ -1315,13 +1316,14 @@ def test_workers_get_longer_than_a_torch_import_to_answer_uvicorns_health_check(
     def run(app: str, **kw: Any) -> None:  # the supervisor's wait for each worker, as uvicorn.run would configure it
         waits.append(uvicorn.Config(app, **kw).timeout_worker_healthcheck)
 
-    for name in (ENV_CONFIG, ENV_ENGINE, "PROMETHEUS_MULTIPROC_DIR"):
+    for name in (ENV_CONFIG, ENV_ENGINE, ENV_GRACEFUL, "PROMETHEUS_MULTIPROC_DIR"):
         monkeypatch.setenv(name, "")  # set by serve(): restored after the test
     monkeypatch.setattr(serve_pkg, "EngineProcess", Engine)
     monkeypatch.setattr(uvicorn, "run", run)
     model, results = saved
     serve(model=model, results=results, port=0, workers=2, log_level="warning")
     assert len(waits) == 1 and waits[0] >= 60
+
 
 @pytest.mark.parametrize("args, words", [
     (["--slo-ms", "0"], "--slo-ms must be a finite number > 0"),
