@@ -372,3 +372,24 @@ def test_the_routes_file_whose_cut_is_checked(tmp_path) -> None:
         _check_routes_cut(file, "block")
     _check_routes_cut(_translate(["--routes", str(plain)], TRAIN_LEGACY, {}, _lists())[4], "block")
 
+
+def test_a_refused_resume_from_another_runs_checkpoint_prints_a_command_that_resumes_from_it(capsys, tmp_path):
+    """`--resume a/checkpoint.pt --out b` with a change was refused with a command ending `--resume auto`, which finds
+    no checkpoint in b and trains a fresh run there instead of continuing a's."""
+    import shlex
+
+    from snnet.commands.config_cli import parse
+    from snnet.runlock import check_run_folder
+    from snnet.train import train
+
+    from .conftest import TINY_VITS, _image_folder, cfg
+
+    first = train(fresh_net(), Synthetic(16), cfg(tmp_path, max_steps=2, init_images=0))
+    checkpoint = first.checkpoint
+    says = _refused(capsys, "train", "--anchors", ",".join(TINY_VITS[:2]), "--data", str(_image_folder(tmp_path / "i")),
+                    "--device", "cpu", "--out", str(tmp_path / "b"), "--resume", str(checkpoint), "--max-steps", "4")
+    command = shlex.split(says.split("(the command: ")[1].rstrip().rstrip(")"))
+    assert command[:2] == ["snnet", "train"] and command[-1] == "--resume-with-changes"
+    run = parse(command[2:], "snnet train").config.run
+    # the printed command continues the checkpoint it was refused for, not a fresh run in --out
+    assert check_run_folder(run.out_dir, run.resume, run.overwrite) == Path(checkpoint)

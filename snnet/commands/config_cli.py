@@ -389,10 +389,12 @@ def dump_yaml(config: TrainConfig, extra: Mapping[str, Any] | None = None, world
     return "\n".join(lines) + "\n" + dump_yaml_text(data)
 
 
-def resume_command(argv: Sequence[str], command: str, overwrite_set: bool) -> str:
+def resume_command(argv: Sequence[str], command: str, overwrite_set: bool, resume: str = "auto") -> str:
     """The command line that continues this run: the same words without ``--resume``, ``--overwrite`` and
-    ``--resume-with-changes``, then ``--resume auto`` (under torchrun, torchrun's own launcher around it).
-    ``overwrite_set``: the settings ask for ``run.overwrite`` from a file, which the command must turn off."""
+    ``--resume-with-changes``, then ``--resume RESUME`` (under torchrun, torchrun's own launcher around it).
+    ``overwrite_set``: the settings ask for ``run.overwrite`` from a file, which the command must turn off.
+    ``resume``: ``auto`` once the run has checkpointed into its folder; the checkpoint it was given before
+    (which may be another run's: ``--resume a/checkpoint.pt --out b``)."""
     import shlex
 
     dropped = {"--resume": True, "--run.resume": True, "--overwrite": False, "--resume-with-changes": False,
@@ -415,4 +417,4 @@ def resume_command(argv: Sequence[str], command: str, overwrite_set: bool) -> st
     launcher = ["torchrun", "--nproc_per_node", str(world), "-m", "snnet"] if world > 1 else ["snnet"]
     if world > 1 and os.environ.get("SNNET_LAUNCHER"):  # started by python -m snnet.launch (snnet.launch)
         launcher = shlex.split(os.environ["SNNET_LAUNCHER"])
-    return shlex.join([*launcher, command, *words, "--resume", "auto"])
+    return shlex.join([*launcher, command, *words, "--resume", resume])

@@ -93,7 +93,9 @@ def _with_command(e: CheckpointError, argv: Sequence[str], config: TrainConfig) 
     """A refused resume with the command that asks for it (the same words and --resume-with-changes)."""
     if "--resume-with-changes" not in str(e):
         return e
-    command = resume_command(argv, "train", config.run.overwrite)
+    # nothing is written yet: the checkpoint to continue is the one given, which `--resume auto` would not find when
+    # it is another folder's (`--resume a/checkpoint.pt --out b` then started a fresh run in b)
+    command = resume_command(argv, "train", config.run.overwrite, config.run.resume or "auto")
     return CheckpointError(f"{e} (the command: {command} --resume-with-changes)")
 
 
