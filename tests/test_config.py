@@ -279,6 +279,17 @@ def test_an_old_switch_given_a_value_is_refused_not_turned_on(capsys, tmp_path, 
     assert (run / "checkpoint.pt").read_bytes() == b"kept"
 
 
+@pytest.mark.parametrize("command, switch, more", [("demo", "--quick=false", ["--print-config"]),
+                                                   ("train", "--print-config=no", []),
+                                                   ("train", "--print_config=false", []),
+                                                   ("train", "--print-recipe=0", ["--print-config"])])
+def test_a_commands_own_switch_given_a_value_is_refused_not_turned_on(capsys, command, switch, more):
+    """`snnet demo --quick=false` ran the 20-step smoke demo and `snnet train --print-config=no` printed the settings
+    instead of training: the value of the command's own switches was dropped, as that of the old ones had been."""
+    says = _refused(capsys, command, switch, *more)
+    assert f"{switch.partition('=')[0]} is a switch and takes no value, got {switch!r}" in says
+
+
 def test_an_empty_or_all_comments_config_file_sets_nothing(capsys, tmp_path):
     """An empty --config file (or one whose settings are all commented out) was refused: `error: Unexpected config:`."""
     default = _printed(capsys, "train", "--print-config")

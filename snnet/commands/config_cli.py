@@ -222,6 +222,9 @@ def _translate(argv: list[str], legacy: Mapping[str, Legacy], flags: Mapping[str
             continue
         key = normalise(name) if name.startswith("--") else name
         if key in known_flags:
+            if eq:  # `--quick=false` turned the switch on: the value was dropped
+                raise ConfigError(f"{name} is a switch and takes no value, got {word!r}: give {known_flags[key]} alone, "
+                                  "or leave it out")
             given.add(known_flags[key])
         elif key == "--recipe":
             recipe = value()
