@@ -404,3 +404,12 @@ def test_a_refused_resume_from_another_runs_checkpoint_prints_a_command_that_res
     run = parse(command[2:], "snnet train").config.run
     # the printed command continues the checkpoint it was refused for, not a fresh run in --out
     assert check_run_folder(run.out_dir, run.resume, run.overwrite) == Path(checkpoint)
+
+
+@pytest.mark.parametrize("args, option", [(["demo", "--epochs", "3"], "--epochs"), (["demo", "--set", "seed=1"], "--set"),
+                                          (["demo", "--lm", "--weights", "w"], "--weights")])
+def test_an_unknown_option_is_never_answered_with_itself(capsys, args, option):
+    """`snnet demo --epochs 3` said "no such option: --epochs (did you mean --epochs or ...?)": the hints came from
+    `snnet train`'s old options, which the demo does not take."""
+    says = _refused(capsys, *args, "--print-config")
+    assert f"no such option: {option}" in says and option not in says.partition("did you mean")[2]

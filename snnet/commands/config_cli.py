@@ -135,7 +135,7 @@ def parse(argv: Sequence[str], prog: str, *, legacy: Mapping[str, Legacy] = TRAI
     except SystemExit:
         raise
     except Exception as e:  # jsonargparse's ArgumentError, and what its loaders raise on a bad file
-        raise ConfigError(_one_line(e, configs)) from None
+        raise ConfigError(_one_line(e, configs, legacy)) from None
     values = ns.clone(with_meta=False).as_dict()
     for key in ("config", "recipe", "print_config", *(f[2:].replace("-", "_") for f in flags)):
         values.pop(key, None)  # the command's own options, not settings
@@ -330,8 +330,10 @@ def _build_extra(cls: type, values: Mapping[str, Any], name: str) -> Any:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields})
 
 
-def _one_line(e: BaseException, configs: Sequence[str]) -> str:
-    """jsonargparse's error (several lines) as one: which option, what it expected, what it got."""
+def _one_line(e: BaseException, configs: Sequence[str], legacy: Mapping[str, Legacy] = TRAIN_LEGACY) -> str:
+    """jsonargparse's error (several lines) as one: which option, what it expected, what it got. ``legacy``:
+    the command's own old options, the only ones a hint may name (`snnet demo --epochs` was told "did you mean
+    --epochs?", which the demo refuses)."""
     text = str(e).strip()
     m = re.search(r'Parser key "([^"]+)":', text)
     given = re.search(r"(?:Given value|Got value): (.*)$", text, re.M)
@@ -357,7 +359,7 @@ def _one_line(e: BaseException, configs: Sequence[str]) -> str:
         import difflib
 
         bad = m.group(1).split()[0]
-        options = [normalise(f"--{p}") for p in _all_paths()] + list(TRAIN_LEGACY) + ["--recipe", "--config"]
+        options = [normalise(f"--{p}") for p in _all_paths()] + list(legacy) + ["--recipe", "--config"]
         close = difflib.get_close_matches(normalise(bad) if bad.startswith("--") else bad, options, n=2)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         return f"no such option: {bad}{hint}"
