@@ -413,3 +413,15 @@ def test_an_unknown_option_is_never_answered_with_itself(capsys, args, option):
     `snnet train`'s old options, which the demo does not take."""
     says = _refused(capsys, *args, "--print-config")
     assert f"no such option: {option}" in says and option not in says.partition("did you mean")[2]
+
+
+def test_the_language_model_demos_settings_file_runs_the_language_model_demo(capsys, tmp_path):
+    """`snnet demo --lm --print-config > lm.yaml; snnet demo --config lm.yaml` was refused ("unknown setting
+    demo.eval_blocks"), and `snnet demo --recipe lm-demo` ran the image demo on 'stdlib-lm' ("neither a family"):
+    only `--lm` and `--task causal-lm` on the line asked for the language-model demo, not the task a file set."""
+    pytest.importorskip("transformers")
+    first = _printed(capsys, "demo", "--lm", "--print-config")
+    lm = _write(tmp_path / "lm.yaml", first)
+    assert _printed(capsys, "demo", "--config", str(lm), "--print-config") == first
+    assert _printed(capsys, "demo", "--recipe", "lm-demo", "--print-config") == first
+    assert "eval_blocks" not in _printed(capsys, "demo", "--print-config")  # the image demo still by default

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 __all__ = ["Legacy", "Parsed", "TRAIN_LEGACY", "dump_yaml", "normalise", "parse", "resume_command"]
 
 
+__all__ = ["Legacy", "Parsed", "TRAIN_LEGACY", "dump_yaml", "given_task", "normalise", "parse", "resume_command"]
+
+
 @dataclass(frozen=True)
 class Legacy:
     """An option of an earlier snnet: the setting it sets, and how its value is read.
@@ -159,6 +162,23 @@ def _check_routes_cut(routes: "RoutesFile | None", cut: str) -> None:
     raise ConfigError(f"--routes {routes.path}: its routes were chosen with `snnet stitches --cut {routes.cut}`, whose "
                       f"indices count {units.get(routes.cut, routes.cut)}, but this run's space.cut is {cut!r}, where "
                       f"the same names are other networks: add --space.cut {routes.cut}")
+
+
+def given_task(argv: Sequence[str], legacy: Mapping[str, Legacy] = TRAIN_LEGACY) -> str | None:
+    """The task a command line sets in any of its layers (an option, else the last ``--config`` file that names
+    one, else the recipe), or None: what a command that runs another program per task must know before it parses."""
+    from ..recipes import load_recipe
+
+    words, recipe, configs, _ = _translate(list(argv), legacy, {}, {})
+    given = [value for word, value in zip(words, words[1:]) if word == "--task"]
+    if given:
+        return given[-1]
+    read = {path: read_yaml(path) for path in configs}
+    named = [data["task"] for data in read.values() if data.get("task") is not None]
+    if named:
+        return str(named[-1])
+    recipe = _file_recipe(recipe, read)
+    return None if recipe is None else load_recipe(recipe).get("task")
 
 
 def _file_recipe(recipe: str | None, files: Mapping[str, Mapping[str, Any]]) -> str | None:

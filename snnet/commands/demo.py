@@ -12,7 +12,7 @@ from typing import Sequence
 
 import typer
 
-from .config_cli import TRAIN_LEGACY, Legacy, dump_yaml, parse
+from .config_cli import TRAIN_LEGACY, Legacy, dump_yaml, given_task, parse
 
 # `snnet demo`'s options before the configuration tree -> the settings they set (`--data` now names the
 # dataset everywhere: the folder of the IDX files is --data.root)
@@ -51,10 +51,10 @@ LM_DESCRIPTION = ("Build a stitched language model from the shipped stdlib-lm fa
 
 
 def wants_lm(argv: Sequence[str]) -> bool:
-    """``--lm``, or the tree's spelling ``--task causal-lm``, asks for the language-model demo."""
-    words = list(argv)
-    return LM_FLAG in words or "--task=causal-lm" in words or any(
-        a == "--task" and b == "causal-lm" for a, b in zip(words, words[1:]))
+    """``--lm``, or the tree's spelling ``task: causal-lm`` in any layer (``--task causal-lm``, ``--set task=...``,
+    a ``--config`` file such as ``snnet demo --lm --print-config`` writes, ``--recipe lm-demo``), asks for the
+    language-model demo (the image demo refused that file: "unknown setting demo.eval_blocks")."""
+    return LM_FLAG in argv or given_task([a for a in argv if a != LM_FLAG], DEMO_LEGACY) == "causal-lm"
 
 
 def run_demo_command(argv: Sequence[str]) -> None:
