@@ -153,6 +153,20 @@ def test_a_half_torchrun_environment_is_one_line_before_any_work(env, message, t
     assert not (tmp_path / "run").exists()
 
 
+def test_an_unknown_validation_split_is_refused_before_the_network_is_built(tmp_path, monkeypatch, capsys) -> None:
+    """`--data.val_split nope` (or a split the image folder lacks) was refused only once the network was built and
+    its stitching layers set up: with pretrained anchors, after their download."""
+    import snnet.model
+
+    monkeypatch.setattr(snnet.model.StitchedNet, "__init__", lambda *a, **k: pytest.fail("a network was built"))
+    data = _folder(tmp_path / "images")
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--anchors", ",".join(TINY_VITS[:2]), "--data", str(data), "--device", "cpu", "--no-progress",
+              "--out", str(tmp_path / "run"), "--data.val_split", "nope"])
+    assert exited.value.code == 2 and "unknown split 'nope'" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers
 
 

@@ -128,7 +128,9 @@ def check_inputs(config: TrainConfig) -> None:
     if config.distill.teacher not in (None, "largest"):
         resolve_name(config.distill.teacher)  # an unknown teacher fails now, not after the stitching layers are fitted
     if not config.data.download:
-        check_source(config.data.source, config.data.split, config.data.root)
+        # the validation split too: an unknown or absent one failed only once the network was built
+        for split in dict.fromkeys(s for s in (config.data.split, config.data.val_split) if s is not None):
+            check_source(config.data.source, split, config.data.root)
 
 
 def _recipe_text(parsed: Parsed, world: int) -> str:
