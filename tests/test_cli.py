@@ -167,6 +167,26 @@ def test_an_unknown_validation_split_is_refused_before_the_network_is_built(tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_an_evaluation_of_some_stitches_does_not_drop_the_results_of_the_others(tiny3, tmp_path, capsys) -> None:
+    """`snnet eval --stitches 1,2 --out DIR` into the folder of an evaluation of every stitch wrote results.json anew
+    with those two rows: the other networks' accuracies (and latencies `snnet profile` had added) were lost."""
+    from dataclasses import replace
+
+    from snnet.results import write_results
+
+    data, out = _folder(tmp_path / "images"), tmp_path / "out"
+    write_results([replace(r, acc1=50.0, images=9) for r in snnet.load(tiny3).costs()], out)  # every stitch evaluated
+    before = (out / "results.json").read_bytes()
+    assert _run(["eval", "--model", str(tiny3), "--data", str(data), "--out", str(out), "--no-progress", "--device",
+                 "cpu", "--stitches", "1,2"]) == 2
+    assert "not among --stitches" in _one_line(capsys.readouterr().err)
+    assert (out / "results.json").read_bytes() == before
+    listed = tmp_path / "listed"  # rows with nothing measured (a profile's listing of the others) are not kept from it
+    write_results(snnet.load(tiny3).costs(), listed, csv_file=False)
+    assert _run(["eval", "--model", str(tiny3), "--data", str(data), "--out", str(listed), "--no-progress", "--device",
+                 "cpu", "--stitches", "1"]) == 0
+
+
 # ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers
 
 

@@ -106,7 +106,7 @@ def evaluate(
             return
     else:
         rows = _evaluate(model, data, split, batch_size, limit, stitches, device, amp, workers, calib_images, progress,
-                         eval_protocol, skip_bad_images)
+                         eval_protocol, skip_bad_images, out)
         rows = _keep_profile(rows, out)
     if chosen_zoo is not None:  # a new zoo replaces the one already there
         rows = mark_pareto([r for r in rows if not r.is_zoo] + chosen_zoo.rows())
@@ -165,11 +165,34 @@ def _keep_profile(rows: list, out: Path) -> list:
     return kept
 
 
+def _check_subset(out: Path, chosen: list) -> None:
+    """Refuse an evaluation of some stitches into a folder whose results.json holds other networks' results: the
+    file is written anew with the chosen ones only, and the rest (an evaluation of every stitch, the latencies
+    `snnet profile` measured) was lost. Rows do not say what data they were measured on, so they are not merged."""
+    from ..errors import ResultsError
+    from ..results import RESULTS_JSON, load_results, network_rows
+
+    path = out / RESULTS_JSON
+    if not path.is_file():
+        return
+    try:
+        held = network_rows(load_results(path))
+    except ResultsError:  # a file that cannot be read is replaced, as before
+        return
+    ids = {s.id for s in chosen}
+    # rows with nothing measured (the FLOPs and params a profile of some stitches lists for every one) lose nothing
+    others = [r for r in held if r.id not in ids and (r.acc1 is not None or any(getattr(r, f) is not None for f in _PROFILED))]
+    if others:
+        raise SnnetError(f"{path} holds the results of {len(held)} networks, {len(others)} of them not among --stitches "
+                         f"(e.g. {others[0].name!r}): writing these {len(ids)} would drop them; evaluate every stitch "
+                         "into it (drop --stitches), or choose another --out")
+
+
 def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit: int | None, stitches: str | None,
               device: str | None, amp: bool, workers: int, calib_images: int, progress: bool,
-              eval_protocol: str | None = None, skip_bad_images: bool = False) -> list:
+              eval_protocol: str | None = None, skip_bad_images: bool = False, out: Path | None = None) -> list:
     """Build or load the network, check the data against it, evaluate every chosen stitch; each row records
-    the evaluation protocol and the transform it ran."""
+    the evaluation protocol and the transform it ran. ``out``: where the rows will be written (checked first)."""
     from dataclasses import replace
 
     from .. import data as sndata
@@ -190,6 +213,8 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     else:
         net = create_snnet(split_names(DEFAULT_ANCHORS), pretrained=True)
     chosen = [net.stitch(k) for k in keys] if keys is not None else None
+    if chosen is not None and out is not None:
+        _check_subset(out, chosen)
     protocol, data_config = eval_data_config(net, data, eval_protocol)
     dataset = sndata.build_dataset(data, split, data_config, limit=limit, skip_unreadable=skip_bad_images)
     say_skipped(dataset, f"{data} ({split})")
