@@ -428,3 +428,12 @@ def test_the_language_model_demos_settings_file_runs_the_language_model_demo(cap
     assert _printed(capsys, "demo", "--config", str(lm), "--print-config") == first
     assert _printed(capsys, "demo", "--recipe", "lm-demo", "--print-config") == first
     assert "eval_blocks" not in _printed(capsys, "demo", "--print-config")  # the image demo still by default
+
+
+@pytest.mark.parametrize("words", [["--routes", "R"], ["--space.routes", "R"], ["--set", "routes=R"]])
+def test_a_routes_file_that_is_not_text_is_one_line(capsys, tmp_path, words):
+    """`--routes model.safetensors` (a binary file given by mistake) ended in a UnicodeDecodeError traceback."""
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(bytes(range(128, 256)) * 4)
+    says = _refused(capsys, "train", *[w.replace("R", str(binary)) for w in words], "--print-config")
+    assert f"--routes {binary} is not a text file" in says

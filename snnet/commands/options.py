@@ -115,7 +115,11 @@ def read_routes_file(path: "os.PathLike[str] | str") -> RoutesFile:
                          "wrote (or one route name per line)")
     if not p.is_file():
         raise SnnetError(f"--routes {p}: no such file (write one with `snnet stitches --select klas --json > {p.name}`)")
-    text = p.read_text()
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:  # a weights file or checkpoint given by mistake: a traceback before
+        raise SnnetError(f"--routes {p} is not a text file: give the JSON `snnet stitches --select klas --json` wrote "
+                         "(or one route name per line)") from None
     try:
         data = json.loads(text)
     except ValueError:
