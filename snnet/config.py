@@ -574,7 +574,8 @@ class RunConfig:
         _need(self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _need(self.log_every >= 1, f"run.log_every must be >= 1, got {self.log_every}")
         _need(not (self.overwrite and self.resume is not None),
-              "--overwrite deletes the run that --resume would continue: give one of them")
+              "--overwrite deletes the run that --resume would continue: give one of them (run.overwrite may come "
+              "from a recipe or --config file, as the demo's does: then add --run.overwrite false)")
 
 
 @dataclass(frozen=True)

@@ -437,3 +437,13 @@ def test_a_routes_file_that_is_not_text_is_one_line(capsys, tmp_path, words):
     binary.write_bytes(bytes(range(128, 256)) * 4)
     says = _refused(capsys, "train", *[w.replace("R", str(binary)) for w in words], "--print-config")
     assert f"--routes {binary} is not a text file" in says
+
+
+def test_a_resume_refused_for_an_overwrite_the_recipe_set_says_how_to_resume(capsys):
+    """`snnet train --recipe demo --resume auto` was refused with "--overwrite deletes the run that --resume would
+    continue: give one of them", an --overwrite nobody gave (the demo recipe sets run.overwrite), and no way on."""
+    says = _refused(capsys, "train", "--recipe", "demo", "--resume", "auto", "--print-config")
+    assert "give one of them" in says and "add --run.overwrite false" in says
+    resumed = yaml.safe_load(_printed(capsys, "train", "--recipe", "demo", "--resume", "auto", "--run.overwrite", "false",
+                                      "--print-config"))["run"]
+    assert (resumed["resume"], resumed["overwrite"]) == ("auto", False)  # the way it names works
