@@ -447,3 +447,15 @@ def test_a_resume_refused_for_an_overwrite_the_recipe_set_says_how_to_resume(cap
     resumed = yaml.safe_load(_printed(capsys, "train", "--recipe", "demo", "--resume", "auto", "--run.overwrite", "false",
                                       "--print-config"))["run"]
     assert (resumed["resume"], resumed["overwrite"]) == ("auto", False)  # the way it names works
+
+
+def test_a_config_file_section_with_every_setting_commented_out_sets_nothing(capsys, tmp_path):
+    """`data:` with the settings under it commented out set the whole section to null ("error: data must be a
+    mapping of settings, got None"), the recipe's values of it included; an empty file already set nothing."""
+    mine = _write(tmp_path / "mine.yaml", "recipe: deit\ndata:\n#  batch_size: 32\noptim:\n  lr: 1.0e-03\n")
+    settings = yaml.safe_load(_printed(capsys, "train", "--config", str(mine), "--print-config"))
+    assert settings == yaml.safe_load(_printed(capsys, "train", "--recipe", "deit", "--optim.lr", "1e-3",
+                                               "--print-config"))
+    assert settings["data"]["batch_size"] == recipe_config("deit").data.batch_size
+    demo = _write(tmp_path / "demo.yaml", "demo:\n#  zoo: false\n")  # a command's own section: a traceback
+    assert _printed(capsys, "demo", "--config", str(demo), "--print-config") == _printed(capsys, "demo", "--print-config")

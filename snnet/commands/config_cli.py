@@ -132,7 +132,8 @@ def parse(argv: Sequence[str], prog: str, *, legacy: Mapping[str, Legacy] = TRAI
         from ..recipes import load_recipe
 
         parser.set_defaults(flatten(load_recipe(recipe or default_recipe)))  # type: ignore[arg-type]
-    args = [a for path in (*layers, *filled) for a in ("--config", str(path))] + words
+    named = {*SECTIONS, *extra}
+    args = [a for path in (*layers, *filled) for a in ("--config", _as_given(path, read.get(path), named))] + words
     try:
         ns = parser.parse_args(args)
     except SystemExit:
@@ -179,6 +180,15 @@ def given_task(argv: Sequence[str], legacy: Mapping[str, Legacy] = TRAIN_LEGACY)
         return str(named[-1])
     recipe = _file_recipe(recipe, read)
     return None if recipe is None else load_recipe(recipe).get("task")
+
+
+def _as_given(path: str | os.PathLike[str], data: Mapping[str, Any] | None, sections: set[str]) -> str:
+    """A --config file for jsonargparse: its path, or, when a section of it is empty (``data:`` with every setting
+    under it commented out), its settings without that section as YAML text: jsonargparse set the whole section
+    to null, the recipe's and the tree's values of it included ("data must be a mapping of settings, got None")."""
+    if data is None or all(value is not None or key not in sections for key, value in data.items()):
+        return str(path)
+    return json.dumps({key: value for key, value in data.items() if not (value is None and key in sections)})
 
 
 def _file_recipe(recipe: str | None, files: Mapping[str, Mapping[str, Any]]) -> str | None:
