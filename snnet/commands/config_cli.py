@@ -170,7 +170,7 @@ def given_task(argv: Sequence[str], legacy: Mapping[str, Legacy] = TRAIN_LEGACY)
     one, else the recipe), or None: what a command that runs another program per task must know before it parses."""
     from ..recipes import load_recipe
 
-    words, recipe, configs, _ = _translate(list(argv), legacy, {}, {})
+    words, recipe, configs, _, _ = _translate(list(argv), legacy, {}, {})
     given = [value for word, value in zip(words, words[1:]) if word == "--task"]
     if given:
         return given[-1]
