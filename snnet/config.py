@@ -267,13 +267,11 @@ class ModelConfig:
         _need(not (self.init is not None and max(rates) > 0),
               "model.drop_path is set when the anchors are built; a network loaded with model.init keeps its own: "
               "drop one of them")
-        # a network loaded with model.init keeps its anchors' weights and heads: these were ignored (a 3-class network
-        # trained on, with --model.num_classes 5 given)
-        ignored = [k for k, v in (("model.weights", self.weights), ("model.num_classes", self.num_classes)) if v is not None]
-        _need(not (self.init is not None and ignored),
-              f"{' and '.join(ignored)} {'are' if len(ignored) > 1 else 'is'} set when the anchors are built; a network "
-              f"loaded with model.init keeps its own weights and head: drop {'them' if len(ignored) > 1 else 'it'} "
-              "or model.init")
+        # a network loaded with model.init keeps its anchors' weights: files given were ignored (a num_classes other
+        # than the saved network's is refused when it is loaded: snnet.model.network_from_config)
+        _need(not (self.init is not None and self.weights is not None),
+              "model.weights is set when the anchors are built; a network loaded with model.init keeps its own weights: "
+              "drop it or model.init")
 
     def anchor_kwargs(self, anchor: int = 0, anchors: int = 1) -> tuple[tuple[str, Any], ...]:
         """Keyword arguments for building anchor ``anchor`` of ``anchors`` (sorted pairs, as an AnchorSpec holds them)."""

@@ -807,11 +807,8 @@ def network_from_config(model: ModelConfig, space: SpaceConfig) -> StitchedNet:
 
     Anchors that snnet cannot split fail before anything is downloaded."""
     if model.init is not None:
-        # what builds anchors does not apply to a saved network: files or a new head asked for were dropped without
-        # a word (a 5-class dataset then trained the saved 10-class head)
-        if model.weights is not None:
-            raise ConfigError("model.weights are loaded into anchors built by name; a network loaded with model.init "
-                              "keeps its own weights: drop one of them")
+        # a new head asked for was dropped without a word (a 5-class dataset then trained the saved 10-class head);
+        # model.weights beside model.init is refused by ModelConfig itself
         net = saved_network(StitchedNet, model.init, space)
         if model.num_classes is not None and model.num_classes != net.num_classes:
             raise ConfigError(f"model.num_classes={model.num_classes} gives anchors built by name a new head; the network "

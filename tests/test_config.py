@@ -72,7 +72,6 @@ def test_settings_are_named_by_path_or_by_their_unique_leaf_name():
     ({"run": {"resume": "auto", "overwrite": True}}, "give one of them"),
     ({"model": {"init": "saved/", "drop_path": 0.1}}, "model.drop_path is set when the anchors are built"),
     # the saved network's own head and weights were trained on, the settings given ignored
-    ({"model": {"init": "saved/", "num_classes": 5}}, "model.num_classes is set when the anchors are built"),
     ({"model": {"init": "saved/", "weights": ["a.pt", "b.pt"]}}, "model.weights is set when the anchors are built"),
     ({"task": "translation"}, "unknown task 'translation'"),
     ({"optim": [1, 2]}, "optim must be a mapping of settings"),

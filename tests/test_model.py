@@ -301,7 +301,7 @@ def test_model_init_refuses_weights_files_and_a_new_head_it_would_drop(tmp_path)
     from snnet.model import network_from_config
 
     snnet.create_snnet(TINY_VITS[:2]).save_pretrained(tmp_path)
-    with pytest.raises(snnet.SnnetError, match="model.weights are loaded into anchors built by name"):
+    with pytest.raises(snnet.SnnetError, match="model.weights is set when the anchors are built"):  # by the config itself
         network_from_config(ModelConfig(init=str(tmp_path), weights=("a.safetensors", "b.safetensors")), SpaceConfig())
     with pytest.raises(snnet.SnnetError, match="model.num_classes=5 .* predicts 10 classes and keeps its heads"):
         network_from_config(ModelConfig(init=str(tmp_path), num_classes=5), SpaceConfig())
