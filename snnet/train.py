@@ -134,6 +134,7 @@ class Plan:
     steps_per_epoch: int
     total: int
     warmup: int
+    offset: int = 0  # steps done minus the steps of the epochs done at this batch size (0 unless the batch size changed)
 
 
 @dataclass(frozen=True)
@@ -209,8 +210,12 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
     order = EpochSampler(n, config.run.seed, rank, world, repeats=config.data.repeated_aug,
                          distinct_copies=isinstance(data, SeededItems))  # each copy its own augmentation
     plan = _plan(config, order, world)
-    if resumed is not None and resumed.position.step >= plan.total:
-        return _already_finished(net, resumed, plan, out, rank)
+    position = Position()
+    if resumed is not None:
+        position = _carried_position(resumed, config, plan)
+        plan = _resumed_plan(plan, position, config)
+        if position.step >= plan.total:
+            return _already_finished(net, resumed, plan, out, rank)
 
     # the network, its teacher, the optimizer: as they were at the checkpoint, or fresh
     if teacher is None and config.distill.teacher is not None:
@@ -220,17 +225,17 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
         task.fit_stitching(net, data, config)  # rank 0 fits; DDP (or FSDP) broadcasts rank 0's weights
     if resumed is not None:  # before the trainer: FSDP shards the weights it finds
         _load_weights(net, resumed.state["model"], str(resumed.path))
-    trainer = Trainer(net, config, total_steps=plan.total, warmup_steps=plan.warmup, teacher=teacher, device=device,
-                      steps_per_epoch=plan.steps_per_epoch, task=task)
+    # the schedule runs on the epoch grid of this run's batch size (plan.offset: see _resumed_plan)
+    trainer = Trainer(net, config, total_steps=plan.total - plan.offset, warmup_steps=plan.warmup, teacher=teacher,
+                      device=device, steps_per_epoch=plan.steps_per_epoch, task=task)
     if resumed is not None:
         _check_teacher(resumed, trainer.teacher_digest, config)
-    position = Position()
     if resumed is not None:
-        trainer.load_state_dict(resumed.state["trainer"])
+        saved = resumed.state["trainer"]
+        trainer.load_state_dict({**saved, "scheduler": {**saved["scheduler"], "last_epoch": position.step - plan.offset}})
         if trainer.sampler is not None:
             _load_sampler(trainer.sampler, resumed, config, rank)
         set_rng_state(resumed.state["rng"][rank])
-        position = _carried_position(resumed, config, plan)
     if rank == 0:
         _write_history(out, config, world, position.step, resumed)
     log = _Log(out, rank == 0, position.step, config.run.tensorboard)
@@ -368,6 +373,20 @@ def _carried_position(resumed: Resumed, config: TrainConfig, plan: Plan) -> Posi
         return p
     k = -(-p.epoch_step * saved // config.data.batch_size)
     return Position(p.step, p.epoch + 1, 0) if k >= plan.steps_per_epoch else Position(p.step, p.epoch, k)
+
+
+def _resumed_plan(plan: Plan, position: Position, config: TrainConfig) -> Plan:
+    """The plan of a run resumed at ``position`` (:func:`_carried_position`). After a change of batch size the
+    steps done are not the epoch grid's of the new size: the run still ends after ``schedule.epochs`` epochs (not
+    after as many steps of the new size, which cut the last epochs short, or ended a run with epochs left at once),
+    and its rate schedule goes on where those epochs are; ``max_steps`` still caps the steps done."""
+    offset = position.step - (position.epoch * plan.steps_per_epoch + position.epoch_step)
+    if offset == 0:
+        return plan
+    s = config.schedule
+    total = s.epochs * plan.steps_per_epoch + offset if s.epochs is not None else s.max_steps
+    total = min(total, s.max_steps) if s.max_steps is not None else total  # type: ignore[type-var]
+    return Plan(plan.steps_per_epoch, total, s.warmup(plan.steps_per_epoch, total - offset), offset)  # type: ignore[arg-type]
 
 
 def checkpoint_state(trainer: "Trainer", position: Position, config: TrainConfig, world: int,

@@ -256,16 +256,33 @@ def test_a_resume_with_another_batch_size_goes_on_in_its_epoch(tmp_path):
     """Stopped at step 7 of an epoch of 10 batches of 8 (56 images seen); resumed with batches of 16, as
     an out-of-memory error suggests: the epoch goes on at its 4th batch of 16 (the 57th image on), ends a
     step later and every later epoch ends where it should, each with its validation (the saved batch
-    count of the old size skipped the whole epoch and no epoch ever ended again: found by review)."""
+    count of the old size skipped the whole epoch and no epoch ever ended again: found by review), the
+    last one included (the run ended after 20 steps, 4 epochs' worth of batches of 16, 2 batches into
+    its 4th epoch: found by review)."""
     conf = dict(epochs=4, lr=1e-3, warmup_steps=3, batch_size=8, init_images=0)
     val = Synthetic(16, seed=5)
     train(fresh_net(), Synthetic(80), cfg(tmp_path, **conf), stop_after=7, val_data=val)
     r = train(fresh_net(), Synthetic(80), cfg(tmp_path, resume="auto", resume_with_changes=True, **{**conf, "batch_size": 16}),
               val_data=val)
-    assert r.finished and r.step == 20  # 4 epochs of 5 batches of 16
-    assert [e["step"] for e in r.evals] == [8, 13, 18] and [e["epoch"] for e in r.evals] == [1, 2, 3]
+    assert r.finished and r.step == r.total_steps == 23  # 7 of 8, then 1 + 3 epochs of 5 batches of 16
+    assert [e["step"] for e in r.evals] == [8, 13, 18, 23] and [e["epoch"] for e in r.evals] == [1, 2, 3, 4]
     saved = load_checkpoint(r.checkpoint)
-    assert (saved["epoch"], saved["epoch_step"]) == (3, 2)
+    assert (saved["epoch"], saved["epoch_step"]) == (4, 0)
+
+
+def test_a_resume_with_a_larger_batch_trains_the_epochs_left(tmp_path):
+    """Stopped at step 7 of 3 epochs of 5 batches of 8 (1.4 epochs done), resumed with batches of 16: the
+    run said it had finished (7 steps >= 3 epochs of 2 batches) and wrote final/ untrained further (found
+    by review). It trains the 1.6 epochs left, the per-epoch rate of each as a run with batches of 16 has it."""
+    conf = dict(epochs=3, lr=1e-3, warmup_steps=1, unit="epoch", batch_size=8, init_images=0)
+    train(fresh_net(), Synthetic(40), cfg(tmp_path / "a", **conf), stop_after=7)
+    r = train(fresh_net(), Synthetic(40), cfg(tmp_path / "a", resume="auto", resume_with_changes=True,
+                                              **{**conf, "batch_size": 16}))
+    assert r.finished and r.step == 10 and len(r.stitches) == 3  # epoch 1's second batch of 16, epoch 2's two
+    train(fresh_net(), Synthetic(40), cfg(tmp_path / "b", **{**conf, "batch_size": 16}))  # batches of 16 throughout
+    rows = [json.loads(ln) for ln in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    fresh = [json.loads(ln) for ln in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows[7:]] == [r["lr"] for r in fresh[3:]] and [r["epoch"] for r in rows[7:]] == [1, 2, 2]
 
 
 def test_going_back_to_a_kept_copy_keeps_it_and_drops_the_abandoned_later_ones(tmp_path):
