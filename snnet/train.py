@@ -678,10 +678,16 @@ def _evaluate(net: StitchedBase | nn.Module, validation: Validation, config: Tra
     from .lm_eval import lm_validation_scores
 
     data = validation.dataset
-    if isinstance(task, CausalLM):
-        scores = lm_validation_scores(net, data, config.data.batch_size)
-    else:
-        scores = validation_scores(net, data, config.data.batch_size, config.data.workers, device, task)
+    # the training's random streams put back afterwards: a loader draws its workers' seed from torch's (a dataset
+    # may draw too), so a run with validation trained other weights (drop-path, erasing) than the same run without
+    rng = rng_state()
+    try:
+        if isinstance(task, CausalLM):
+            scores = lm_validation_scores(net, data, config.data.batch_size)
+        else:
+            scores = validation_scores(net, data, config.data.batch_size, config.data.workers, device, task)
+    finally:
+        set_rng_state(rng)
     return ({"step": position.step, "epoch": position.epoch} | scores
             | {"eval_protocol": validation.protocol, "eval_transform": validation.transform, "time": time.time()})
 

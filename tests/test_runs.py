@@ -270,6 +270,18 @@ def test_a_resume_with_another_batch_size_goes_on_in_its_epoch(tmp_path):
     assert (saved["epoch"], saved["epoch_step"]) == (4, 0)
 
 
+def test_validation_at_each_epochs_end_does_not_change_what_is_trained(tmp_path):
+    """A run with val_data trains the weights the same run without it does: each evaluation's loader drew its
+    seed from torch's generator, which the training draws from (random erasing here, drop-path), so the
+    validation changed the trained network (found by review)."""
+    conf = dict(epochs=2, lr=1e-3, init_images=0, re_prob=0.5, re_splits=2)
+    a, b = fresh_net(), fresh_net()
+    train(a, Synthetic(40), cfg(tmp_path / "a", **conf))
+    r = train(b, Synthetic(40), cfg(tmp_path / "b", **conf), val_data=Synthetic(16, seed=5))
+    assert [e["step"] for e in r.evals] == [5, 10]
+    assert _same_weights(a, b)
+
+
 def test_a_resume_with_a_larger_batch_trains_the_epochs_left(tmp_path):
     """Stopped at step 7 of 3 epochs of 5 batches of 8 (1.4 epochs done), resumed with batches of 16: the
     run said it had finished (7 steps >= 3 epochs of 2 batches) and wrote final/ untrained further (found
