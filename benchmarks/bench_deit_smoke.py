@@ -93,7 +93,8 @@ def snnet_part(args, data: str, out: str, resume: bool, queue) -> None:
     if resume:  # the dearest route, DeiT-B itself, trained inside the SN-Net: the same work as the plain step
         from snnet.train import Trainer
 
-        trainer = Trainer(net, conf.override(resume=None), total_steps=args.steps + 1, teacher=tea)
+        trainer = Trainer(net, conf.override(resume=None), total_steps=args.steps + 1, steps_per_epoch=args.steps + 1,
+                          teacher=tea)
         trainer.sampler = _Always(len(net.anchors) - 1)
         x, y = next(iter(DataLoader(dataset, batch_size=args.batch_size, generator=torch.Generator().manual_seed(1))))
         for step in range(args.steps + 1):  # the first step allocates the optimizer state: not timed

@@ -775,6 +775,13 @@ class Trainer:
                  steps_per_epoch: int | None = None, task: Task | None = None) -> None:
         if optim is not None:
             config = dataclasses.replace(config, optim=optim)
+        sch = config.schedule
+        if not steps_per_epoch and (sch.unit == "epoch" or (warmup_steps is None and not sch.warmup_steps
+                                                           and sch.warmup_epochs)):
+            # without it the rate would change every step, and a warm-up in epochs would be none: silently
+            what = "schedule.unit 'epoch'" if sch.unit == "epoch" else f"schedule.warmup_epochs {sch.warmup_epochs:g}"
+            raise ConfigError(f"{what} needs the length of an epoch: give Trainer(..., steps_per_epoch=N) (or "
+                              "warmup_steps=N and schedule.unit 'step')")
         self.net, self.config = net, config
         self.rank, self.world_size = _dist()
         self.device = default_device(device or config.run.device)

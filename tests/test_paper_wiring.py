@@ -85,7 +85,7 @@ def _seen_batch(config: TrainConfig, x: torch.Tensor) -> torch.Tensor:
             return inputs
 
     model = nn.Sequential(Record(), nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
-    Trainer(model, config, total_steps=1, device="cpu").step(x, torch.arange(len(x)))
+    Trainer(model, config, total_steps=1, steps_per_epoch=1, device="cpu").step(x, torch.arange(len(x)))
     return seen[0]
 
 
@@ -188,7 +188,7 @@ def test_the_snnetv2_recipe_prints_round_trips_and_builds(tmp_path: Path, capsys
     assert (v2.model.drop_path, v2.data.mixup, v2.data.cutmix, v2.data.three_augment, v2.data.repeated_aug,
             v2.sampling.sampler, v2.distill.teacher) == ((0.05, 0.4), 0.0, 1.0, True, 1, "ros", None)
     net = snnet.create_snnet(["snnet_tiny_deit3_s", "snnet_tiny_deit3_l"], two_way=True, lora_rank=2)
-    assert isinstance(Trainer(net, v2.override(progress=False), total_steps=2, device="cpu").optimizer, Lamb)
+    assert isinstance(Trainer(net, v2.override(progress=False), total_steps=2, steps_per_epoch=1, device="cpu").optimizer, Lamb)
     ds = build_dataset(_image_folder(tmp_path / "imgs"), "train", {"input_size": (3, 32, 32)}, augment=True,
                        transform_options=v2.data.transform_options())
     steps = ds.transform.transforms

@@ -190,7 +190,7 @@ def test_resnet_recipe_is_sgd_at_the_reference_rate():
     assert rates.lr == pytest.approx(0.05)  # the README's --lr 0.05 on 8 x 128
     assert (optim.optimizer, optim.momentum, optim.nesterov, optim.weight_decay) == ("sgd", 0.9, True, 2e-5)
     assert (schedule.epochs, schedule.warmup_epochs, rates.warmup_lr, rates.min_lr) == (30, 5, 1e-5, 0.0)
-    trainer = Trainer(tiny(), conf.override(progress=False), total_steps=2)
+    trainer = Trainer(tiny(), conf.override(progress=False), total_steps=2, steps_per_epoch=1)
     assert isinstance(trainer.optimizer, torch.optim.SGD)
     assert all(g["nesterov"] and g["momentum"] == 0.9 for g in trainer.optimizer.param_groups)
 

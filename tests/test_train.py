@@ -258,6 +258,19 @@ def test_cli_train_bad_input_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_trainer_with_an_epoch_schedule_needs_the_epochs_length() -> None:
+    """A Trainer built without steps_per_epoch changed a per-epoch rate every step and made a warm-up in
+    epochs (the deit, levit, resnet and snnetv2 recipes') none at all, silently (found by review)."""
+    from snnet.errors import ConfigError
+
+    for setting in (dict(warmup_epochs=2.0), dict(unit="epoch")):
+        with pytest.raises(ConfigError, match="needs the length of an epoch: give Trainer\\(..., steps_per_epoch=N\\)"):
+            Trainer(fresh_net(), TrainConfig().override(progress=False, lr_base_batch=None, **setting), total_steps=100)
+    trainer = Trainer(fresh_net(), TrainConfig().override(progress=False, lr_base_batch=None, lr=1e-3, warmup_epochs=2.0,
+                                                          unit="epoch"), total_steps=100, steps_per_epoch=10)
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(1e-3 / 21)  # the first of 20 warm-up steps
+
+
 # ----------------------------------------------------------------- SN-Netv2: two-way routes, low-rank stitching layers
 
 
