@@ -1045,11 +1045,18 @@ class _Log:
         if not active:
             return
         self.path = out_dir / name
-        if self.path.exists():
-            # errors="replace": a line garbled by a crash mid-write is dropped by _line_step, not a traceback
-            keep = [ln for ln in self.path.read_text(errors="replace").splitlines() if ln.strip() and _line_step(ln) <= start_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        self.file = open(self.path, "a")
+        try:
+            if self.path.exists():
+                # errors="replace": a line garbled by a crash mid-write is dropped by _line_step, not a traceback
+                lines = self.path.read_text(errors="replace").splitlines()
+                keep = [ln for ln in lines if ln.strip() and _line_step(ln) <= start_step]
+                if len(keep) < len(lines):  # atomically: a write that fails (a full disk) lost every line before
+                    text = "".join(ln + "\n" for ln in keep)
+                    atomic_write(self.path, lambda tmp: tmp.write_text(text), durable=False)
+            self.file = open(self.path, "a")
+        except OSError as e:
+            raise TrainingError(f"cannot write {self.path} ({e.strerror or e}); it and the checkpoint are kept: free "
+                                "some disk space and resume with --resume auto") from e
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

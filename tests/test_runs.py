@@ -312,6 +312,37 @@ def test_going_back_to_a_kept_copy_keeps_it_and_drops_the_abandoned_later_ones(t
     assert _steps(run) == [1, 2, 3, 4, 5]
 
 
+def test_a_full_disk_when_a_resume_rewrites_metrics_keeps_them(tmp_path, monkeypatch):
+    """A resume drops the lines of the steps after its checkpoint by rewriting metrics.jsonl in place: a
+    full disk then left it empty (every step's record of the run lost) and stopped with an OSError
+    traceback (found by review). The rewrite is atomic and the failure one line."""
+    import errno
+
+    from snnet.errors import TrainingError
+
+    conf = dict(epochs=2, init_images=0, **OPT)
+    train(fresh_net(), Synthetic(40), cfg(tmp_path, **conf), stop_after=4)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "loss": 2.0}\n')  # a step after the checkpoint (killed before the next one)
+    before = metrics.read_text()
+    real = Path.write_text
+
+    def full(self: Path, *a, **k):
+        if "metrics" in self.name:
+            open(self, "w").close()  # truncated, then nothing fits
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(TrainingError, match="cannot write .*metrics.jsonl \\(No space left on device\\); it and the"):
+        train(fresh_net(), Synthetic(40), cfg(tmp_path, resume="auto", **conf))
+    assert metrics.read_text() == before
+    monkeypatch.undo()
+    train(fresh_net(), Synthetic(40), cfg(tmp_path, resume="auto", **conf))
+    assert _steps(tmp_path / "run") == list(range(1, 11))
+
+
 def test_a_garbled_metrics_line_does_not_stop_a_resume(tmp_path):
     """A crash mid-write can leave bytes that are not UTF-8 at the end of metrics.jsonl: the resume drops
     the line as it drops a torn one (it was a UnicodeDecodeError traceback)."""
