@@ -367,12 +367,13 @@ def _carried_position(resumed: Resumed, config: TrainConfig, plan: Plan) -> Posi
     """Where a resumed run goes on in its epoch: the saved position, unless the resume changed the batch
     size (``run.resume_with_changes``, as a batch that does not fit in memory asks for); then the epoch goes
     on from the first batch of the new size that holds no image seen in it (rounded up: none twice), or with
-    the next epoch when none is left. The epoch's order does not depend on the batch size."""
+    the next epoch when none is left, as when the data shrank (``data.limit``, another dataset): its epochs never
+    ended again otherwise. The epoch's order does not depend on the batch size."""
     p = resumed.position
     saved = resumed.settings.get("data", {}).get("batch_size", config.data.batch_size)
-    if saved == config.data.batch_size or p.epoch_step == 0:
+    k = p.epoch_step if saved == config.data.batch_size else -(-p.epoch_step * saved // config.data.batch_size)
+    if k == p.epoch_step and k < plan.steps_per_epoch:
         return p
-    k = -(-p.epoch_step * saved // config.data.batch_size)
     return Position(p.step, p.epoch + 1, 0) if k >= plan.steps_per_epoch else Position(p.step, p.epoch, k)
 
 

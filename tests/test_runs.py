@@ -282,6 +282,22 @@ def test_validation_at_each_epochs_end_does_not_change_what_is_trained(tmp_path)
     assert _same_weights(a, b)
 
 
+def test_a_resume_on_fewer_images_than_its_epoch_had_seen_goes_on_with_the_next_epoch(tmp_path):
+    """Stopped at step 7 of an epoch of 10 batches, resumed on 40 images (5 batches; --data.limit lowered, or
+    images gone from the folder): the position (epoch 0, batch 7) was kept, so no epoch ever ended again (no
+    validation, every step logged in epoch 0, the last checkpoint at batch 15 of 5: found by review). The
+    run goes on with the next epoch and trains the epochs left."""
+    conf = dict(epochs=3, lr=1e-3, init_images=0)
+    val = Synthetic(16, seed=5)
+    train(fresh_net(), Synthetic(80), cfg(tmp_path, **conf), stop_after=7, val_data=val)
+    r = train(fresh_net(), Synthetic(40), cfg(tmp_path, resume="auto", **conf), val_data=val)
+    assert r.finished and r.step == 17 and [e["epoch"] for e in r.evals] == [2, 3]  # epochs 1 and 2 of 5 batches
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows[7:]] == [1] * 5 + [2] * 5
+    saved = load_checkpoint(r.checkpoint)
+    assert (saved["epoch"], saved["epoch_step"]) == (3, 0)
+
+
 def test_a_resume_with_a_larger_batch_trains_the_epochs_left(tmp_path):
     """Stopped at step 7 of 3 epochs of 5 batches of 8 (1.4 epochs done), resumed with batches of 16: the
     run said it had finished (7 steps >= 3 epochs of 2 batches) and wrote final/ untrained further (found
