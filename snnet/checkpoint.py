@@ -103,6 +103,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], keep: int = 
         atomic_write(path, write)
         if keep > 1:
             _keep_copy(path, int(state.get("step", 0)), keep)
+        else:  # no copy of this one (keep_checkpoints 1, maybe lowered on resume): still, later ones are abandoned
+            _drop_later_copies(path.parent, int(state.get("step", 0)))
     except OSError as e:
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         raise CheckpointError(
@@ -120,9 +122,7 @@ def _keep_copy(path: Path, step: int, keep: int) -> None:
     folder = path.parent / CHECKPOINTS_DIR
     folder.mkdir(exist_ok=True)
     copy = folder / f"step-{step:08d}.pt"
-    for later in earlier_checkpoints(path.parent):
-        if later.name > copy.name:  # zero-padded steps: the names sort as the steps do
-            later.unlink(missing_ok=True)
+    _drop_later_copies(path.parent, step)
     copy.unlink(missing_ok=True)
     try:
         os.link(path, copy)
@@ -130,6 +130,14 @@ def _keep_copy(path: Path, step: int, keep: int) -> None:
         atomic_write(copy, lambda tmp: shutil.copyfile(path, tmp))
     for old in earlier_checkpoints(path.parent)[keep:]:
         old.unlink(missing_ok=True)
+
+
+def _drop_later_copies(run: Path, step: int) -> None:
+    """Delete the copies in ``run/checkpoints/`` of steps after ``step``: a part of the run given up (:func:`_keep_copy`)."""
+    name = f"step-{step:08d}.pt"
+    for later in earlier_checkpoints(run):
+        if later.name > name:  # zero-padded steps: the names sort as the steps do
+            later.unlink(missing_ok=True)
 
 
 def earlier_checkpoints(run: str | os.PathLike) -> list[Path]:

@@ -328,6 +328,24 @@ def test_going_back_to_a_kept_copy_keeps_it_and_drops_the_abandoned_later_ones(t
     assert _steps(run) == [1, 2, 3, 4, 5]
 
 
+def test_going_back_with_fewer_checkpoints_kept_drops_the_abandoned_copies(tmp_path):
+    """Gone back to checkpoints/step-2 with --keep-checkpoints 1 (to save space): the copies of the abandoned
+    steps 4 and 6 stayed, and with checkpoint.pt gone the way back offered was step 6, after the run's own
+    step 3 (found by review)."""
+    from snnet.runlock import check_run_folder
+    from snnet.errors import RunFolderError
+
+    conf = dict(epochs=2, ckpt_every=2, keep_checkpoints=3, lr=1e-3, init_images=0)
+    run = tmp_path / "run"
+    train(fresh_net(), Synthetic(80), cfg(tmp_path, **conf), stop_after=6)
+    train(fresh_net(), Synthetic(80), cfg(tmp_path, **{**conf, "keep_checkpoints": 1},
+                                          resume=str(run / "checkpoints" / "step-00000002.pt")), stop_after=3)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002.pt"]
+    (run / CHECKPOINT_NAME).unlink()
+    with pytest.raises(RunFolderError, match="--resume .*step-00000002.pt,"):
+        check_run_folder(run, "auto")
+
+
 def test_a_full_disk_when_a_resume_rewrites_metrics_keeps_them(tmp_path, monkeypatch):
     """A resume drops the lines of the steps after its checkpoint by rewriting metrics.jsonl in place: a
     full disk then left it empty (every step's record of the run lost) and stopped with an OSError
