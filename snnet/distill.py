@@ -100,13 +100,16 @@ def teacher_classes(teacher: nn.Module, input_size: tuple[int, ...]) -> int:
     return int(out.shape[-1])
 
 
-def check_teacher(teacher: nn.Module, net: "StitchedNet | nn.Module", name: str = "the teacher") -> None:
+def check_teacher(teacher: nn.Module, net: "StitchedNet | nn.Module", name: str = "the teacher",
+                  input_size: tuple[int, ...] | None = None) -> None:
     """Refuse a teacher whose classes are not the network's (its targets would mean nothing),
-    or one that shares weights with the network (training would move the teacher too)."""
+    or one that shares weights with the network (training would move the teacher too). Both are run on
+    one image of ``input_size`` (the training data's; else the network's own, else 3x224x224)."""
     if {id(p) for p in teacher.parameters()} & {id(p) for p in net.parameters()}:
         raise TeacherError(f"{name} shares weights with the network being trained: pass a frozen copy "
                            "(distill='largest' makes one of the largest anchor)")
-    size = tuple(getattr(net, "input_size", None) or getattr(net, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+    size = tuple(input_size or getattr(net, "input_size", None)
+                 or getattr(net, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
     # one probe forward on the network's input size, even where the teacher says its classes: a teacher built
     # for other images (a ViT at 224 for a network at 32) would otherwise fail inside the first training step
     param = next(teacher.parameters(), None)
@@ -121,11 +124,29 @@ def check_teacher(teacher: nn.Module, net: "StitchedNet | nn.Module", name: str 
                            f"{f' of shape {tuple(out.shape)}' if isinstance(out, torch.Tensor) else ''}): "
                            "distil from a classifier")
     classes = int(out.shape[-1])
-    if classes != net.num_classes:
+    predicts = getattr(net, "num_classes", None)
+    if not isinstance(predicts, int):  # a plain model that does not say: what it returns (it was an AttributeError)
+        predicts = _classes_of(net, size)
+    if predicts is not None and classes != predicts:
         raise TeacherError(
-            f"{name} predicts {classes} classes but the network predicts {net.num_classes}: its targets would be "
+            f"{name} predicts {classes} classes but the network predicts {predicts}: its targets would be "
             "noise. Distil from the network's own largest anchor (--distill largest) or from a teacher trained on "
             "these classes")
+
+
+def _classes_of(net: nn.Module, size: tuple[int, ...]) -> int | None:
+    """How many logits ``net`` returns for one image of ``size`` (None: it cannot say; the first step will)."""
+    param = next(net.parameters(), None)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(1, *size, device=param.device if param is not None else "cpu"))
+    except Exception:  # noqa: BLE001 - the network's own error comes, with its context, in the first step
+        return None
+    finally:
+        net.train(was_training)
+    return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None
 
 
 def build_teacher(net: "StitchedNet", distill: str | None, pretrained: bool = True,

@@ -81,6 +81,7 @@ class ImageClassification:
 
     def __init__(self, data: DataConfig = DataConfig(), num_classes: int = 1000, check_labels: bool = True) -> None:
         self.num_classes = num_classes
+        self.input_size: tuple[int, ...] | None = None  # of a training image, once check_dataset has read one
         # refuse training labels outside the network's classes (False: a model that does not say how many it predicts)
         self.check_labels = check_labels
         # random erasing of whole batches (data.re_splits > 1): built per device when the first batch comes
@@ -163,12 +164,12 @@ class ImageClassification:
                                "teacher module (train(..., teacher=...)) or a timm model name")
         return build_teacher(net, name)  # type: ignore[arg-type]
 
-    @staticmethod
-    def check_teacher(teacher: nn.Module, net: nn.Module) -> None:
-        """Refuse a teacher whose classes are not the network's, or that shares its weights."""
+    def check_teacher(self, teacher: nn.Module, net: nn.Module) -> None:
+        """Refuse a teacher whose classes are not the network's, or that shares its weights (probed on the training
+        images' shape once :meth:`check_dataset` has seen them: a plain model does not say what it takes)."""
         from .distill import check_teacher
 
-        check_teacher(teacher, net)
+        check_teacher(teacher, net, input_size=self.input_size)
 
     @staticmethod
     def fit_stitching(net: "StitchedNet", data: Dataset, config: TrainConfig) -> None:
@@ -223,8 +224,7 @@ class ImageClassification:
                              "the data does not match this network's head")
         return x, y
 
-    @staticmethod
-    def check_dataset(net: nn.Module, dataset: Dataset, batch_size: int) -> int:
+    def check_dataset(self, net: nn.Module, dataset: Dataset, batch_size: int) -> int:
         """Fail before training if ``dataset`` cannot train ``net``; returns its size."""
         from .data import DatasetError, num_classes as dataset_classes
 
@@ -246,6 +246,7 @@ class ImageClassification:
             raise DatasetError(f"an image-classification dataset yields (image tensor, label) pairs; its first item "
                                f"is a {got}: wrap it to return (image, label)")
         x = item[0]
+        self.input_size = tuple(x.shape)
         if size and tuple(x.shape) != size:
             raise DatasetError(
                 f"the dataset's images are {tuple(x.shape)} but the network takes {size}; "

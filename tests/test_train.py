@@ -258,6 +258,25 @@ def test_cli_train_bad_input_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_plain_model_distils_from_a_teacher_of_its_images(tmp_path) -> None:
+    """A plain model (no input_size, no num_classes) with a teacher: the teacher was probed on 3x224x224 images
+    and refused though built for the data's 3x32x32, and one that ran raised AttributeError 'num_classes'
+    (found by review). The probe takes the training images' shape; the classes are what the model returns."""
+    from torch import nn
+
+    from snnet.distill import TeacherError
+
+    def mlp(classes: int = 10) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, classes))
+
+    pooled = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10))  # runs on any size
+    for name, teacher in (("a", mlp()), ("b", pooled)):
+        assert train(mlp(), Synthetic(16), cfg(tmp_path / name, init_images=0), teacher=teacher).finished
+    with pytest.raises(TeacherError, match="predicts 5 classes but the network predicts 10"):
+        train(mlp(), Synthetic(16), cfg(tmp_path / "c", init_images=0), teacher=mlp(5))
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_trainer_with_an_epoch_schedule_needs_the_epochs_length() -> None:
     """A Trainer built without steps_per_epoch changed a per-epoch rate every step and made a warm-up in
     epochs (the deit, levit, resnet and snnetv2 recipes') none at all, silently (found by review)."""
