@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .errors import SnnetError, reason
-from .sampling import WorkerLoader, mix_seed, seed_everything
+from .sampling import WorkerLoader, seed_everything
 
 __all__ = [
     "DatasetError",
@@ -275,8 +275,6 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
     classes = FASHION_MNIST_CLASSES
     # __getitem__ draws no random numbers (set_epoch does): training need not seed each item
     deterministic_items = True
-    # item i + c * len is the c-th copy of image i, augmented on its own (repeated augmentation: EpochSampler)
-    distinct_copies = True
 
     def __init__(
         self,
@@ -334,7 +332,6 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
         """Draw this epoch's augmentation parameters (no-op without augmentation)."""
         if self.augment is None:
             return
-        self._epoch = epoch
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n = len(self)
         self._offsets = torch.randint(0, 2 * self.augment.padding + 1, (n, 2), generator=g)
@@ -344,20 +341,12 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
         return self.labels.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        copy = 0
-        if index >= len(self):  # the copy-th copy of an image (distinct_copies): every copy was the same crop and flip
-            copy, index = divmod(index, len(self))
         if self.augment is None:
             image = self.images[index]
         else:
             dy, dx = self._offsets[index].tolist()
-            flip = bool(self._flips[index])
-            if copy:  # a crop and flip of its own, drawn from (seed, epoch, copy, image) alone
-                g = torch.Generator().manual_seed(mix_seed(self.seed, self._epoch, copy, index))
-                dy, dx = torch.randint(0, 2 * self.augment.padding + 1, (2,), generator=g).tolist()
-                flip = bool(torch.rand(1, generator=g) < self.augment.hflip)
             image = self._padded[index, :, dy:dy + 28, dx:dx + 28]
-            if flip:
+            if self._flips[index]:
                 image = image.flip(-1)
         return image.float() * self._scale - self._shift, int(self.labels[index])
 

@@ -207,9 +207,8 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
     if resumed is None:
         seed_everything(config.run.seed + rank)
     data = SeededItems.wrap(train_data, config.run.seed)
-    # each copy its own augmentation: SeededItems seeds each, a dataset that draws per epoch says it augments copies
     order = EpochSampler(n, config.run.seed, rank, world, repeats=config.data.repeated_aug,
-                         distinct_copies=isinstance(data, SeededItems) or getattr(data, "distinct_copies", False))
+                         distinct_copies=isinstance(data, SeededItems))  # each copy its own augmentation
     plan = _plan(config, order, world)
     position = Position()
     if resumed is not None:

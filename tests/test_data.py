@@ -187,42 +187,6 @@ def test_augmentation_is_seeded(tmp_path: Path) -> None:
     assert first.shape == (16, 1, 28, 28)
 
 
-def test_repeated_augmentation_of_fashion_mnist_augments_each_copy(tmp_path: Path) -> None:
-    """data.repeated_aug 3 on Fashion-MNIST: a step saw three copies of one image with the same crop and flip (its
-    augmentation is drawn per epoch, not per item, so the copies were one image three times: found by review);
-    each copy is now cropped and flipped on its own, the same in every run."""
-    from torch import nn
-
-    from snnet.config import TrainConfig
-    from snnet.train import train
-
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8, generator=g)
-    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images))
-    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(torch.arange(6, dtype=torch.uint8)))
-    seen: list[torch.Tensor] = []
-
-    class Record(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            seen.append(x.detach().clone())
-            return x
-
-    def run(name: str) -> list[torch.Tensor]:
-        seen.clear()
-        torch.manual_seed(0)
-        model = nn.Sequential(Record(), nn.Flatten(), nn.Linear(28 * 28, 10))
-        data = FashionMNIST(tmp_path, "test", augment=True, seed=0)
-        train(model, data, TrainConfig().override(batch_size=3, repeated_aug=3, max_steps=2, epochs=None, progress=False,
-                                                  tensorboard=False, out_dir=str(tmp_path / name)))
-        return list(seen)
-
-    batches = run("a")
-    assert len(batches) == 2
-    for batch in batches:  # one image's three copies: no two alike
-        assert not any(torch.equal(batch[i], batch[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
-    assert all(torch.equal(a, b) for a, b in zip(batches, run("b")))
-
-
 def test_crop_padding_zero_augments_by_flips_alone(tmp_path: Path) -> None:
     """data.crop_padding: 0 is 'flip' (the converged recipe's search: the crop shifts the image against the 7x7
     patch grid), the default 2 shifts images too; other datasets refuse it (timm's transform augments them)."""
