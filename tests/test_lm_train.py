@@ -186,19 +186,33 @@ def _join(rank: int, world: int, port: int) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
 
 
-def _ddp_worker(rank: int, world: int, port: int, folders: list[str], corpus: str, out: str) -> None:
-    """One rank of a two-process run: its own stitch per step, DDP's mean gradient, rank 0 writes the run."""
+def _ddp_runs(rank: int, folders: list[str], corpus: str, out: str) -> None:
+    """One rank of a two-process run into ``out/run``: its own stitch per step, DDP's mean gradient, rank 0 writes the run."""
+    net, result = _trained(folders, Path(corpus), Path(out) / "run", batch_size=2, max_steps=4, ckpt_every=2)
+    torch.save({"state": net.state_dict(), "stitches": result.stitches}, Path(out) / f"rank{rank}.pt")
+
+
+def _two_process_worker(rank: int, world: int, port: int, folders: list[str], corpus: str, out: str) -> None:
+    """The runs of _ddp_runs and _fsdp_runs (their own folders) on one process group: spawning is the slow part."""
     _join(rank, world, port)
     try:
-        net, result = _trained(folders, Path(corpus), Path(out) / "run", batch_size=2, max_steps=4, ckpt_every=2)
-        torch.save({"state": net.state_dict(), "stitches": result.stitches}, Path(out) / f"rank{rank}.pt")
+        _ddp_runs(rank, folders, corpus, out)
+        _fsdp_runs(rank, folders, corpus, out)
     finally:
         torch.distributed.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def two_process_runs(folders, corpus, tmp_path_factory) -> Path:
+    """Run the two-process job of _two_process_worker once."""
+    out = tmp_path_factory.mktemp("lm_two_processes")
+    spawn_two(_two_process_worker, folders, str(corpus), str(out))
+    return out
+
+
 @pytest.mark.slow
-def test_two_processes_train_one_stitched_lm_with_ddp(folders, corpus, tmp_path):
-    spawn_two(_ddp_worker, folders, str(corpus), str(tmp_path))
+def test_two_processes_train_one_stitched_lm_with_ddp(two_process_runs):
+    tmp_path = two_process_runs
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert len(r0["stitches"]) == 4 and r0["stitches"] != r1["stitches"]  # each rank its own stitch per step
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])  # one network after all
@@ -258,28 +272,24 @@ def test_the_command_line_trains_evaluates_generates_and_exports(folders, corpus
     torch.testing.assert_close(exported(ids).logits[..., :net.vocab_size], net(ids), atol=1e-5, rtol=1e-5)
 
 
-def _fsdp_worker(rank: int, world: int, port: int, folders: list[str], corpus: str, out: str) -> None:
-    """Three runs on one process group: FSDP, the same with DDP, and FSDP stopped at step 2 and resumed."""
-    _join(rank, world, port)
-    try:
-        common = dict(batch_size=2, max_steps=4, ckpt_every=2, stitch_sync="shared", clip_grad=1.0)
-        nets = {}
-        for name, fsdp in (("fsdp", True), ("ddp", False)):
-            net, result = _trained(folders, Path(corpus), Path(out) / name, fsdp=fsdp, **common)
-            nets[name] = result.stitches
-            # what this process holds of the network's parameters
-            nets[f"{name}_held"] = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in net.parameters())
-        _trained(folders, Path(corpus), Path(out) / "cut", stop_after=2, fsdp=True, **common)
-        _, result = _trained(folders, Path(corpus), Path(out) / "cut", resume="auto", fsdp=True, **common)
-        nets["cut"] = result.stitches
-        torch.save(nets, Path(out) / f"stitches{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _fsdp_runs(rank: int, folders: list[str], corpus: str, out: str) -> None:
+    """Three runs into ``out/fsdp``, ``out/ddp``, ``out/cut``: FSDP, the same with DDP, and FSDP stopped at step 2 and resumed."""
+    common = dict(batch_size=2, max_steps=4, ckpt_every=2, stitch_sync="shared", clip_grad=1.0)
+    nets = {}
+    for name, fsdp in (("fsdp", True), ("ddp", False)):
+        net, result = _trained(folders, Path(corpus), Path(out) / name, fsdp=fsdp, **common)
+        nets[name] = result.stitches
+        # what this process holds of the network's parameters
+        nets[f"{name}_held"] = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in net.parameters())
+    _trained(folders, Path(corpus), Path(out) / "cut", stop_after=2, fsdp=True, **common)
+    _, result = _trained(folders, Path(corpus), Path(out) / "cut", resume="auto", fsdp=True, **common)
+    nets["cut"] = result.stitches
+    torch.save(nets, Path(out) / f"stitches{rank}.pt")
 
 
 @pytest.mark.slow
-def test_fsdp_shards_the_anchors_trains_as_ddp_does_and_resumes_exactly(folders, corpus, tmp_path):
-    spawn_two(_fsdp_worker, folders, str(corpus), str(tmp_path))
+def test_fsdp_shards_the_anchors_trains_as_ddp_does_and_resumes_exactly(folders, two_process_runs):
+    tmp_path = two_process_runs
     stitches = [torch.load(tmp_path / f"stitches{r}.pt") for r in range(2)]
     assert stitches[0]["fsdp"] == stitches[1]["fsdp"] == stitches[0]["ddp"]  # one route for every rank per step
     whole = stitches[0]["ddp_held"]  # DDP: every process holds the whole network; FSDP: about half of it each
