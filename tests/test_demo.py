@@ -19,7 +19,8 @@ from .conftest import _cli, _one_line
 
 def test_quick_demo_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"
-    main(["demo", "--quick", "--steps", "6", "--eval-limit", "300", "--train-limit", "2000", "--out", str(out), "--no-progress"])
+    # 100 test images: every stitch is evaluated on them, and no check below depends on how many (300 cost seconds)
+    main(["demo", "--quick", "--steps", "6", "--eval-limit", "100", "--train-limit", "2000", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
         "pareto.html", "pareto.png", "results.csv", "results.json", "summary.json"]
@@ -31,7 +32,7 @@ def test_quick_demo_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert [r["kind"] for r in rows] == ["anchor" if r["is_anchor"] else "stitch" for r in rows]
     assert all({"id", "name", "flops", "params", "acc1", "acc5", "is_anchor", "pareto"} <= set(r) for r in rows)
     assert sum(r["is_anchor"] for r in rows) == 3 and any(r["pareto"] for r in rows)
-    assert all(0 <= r["acc1"] <= 100 and r["images"] == 300 for r in rows)
+    assert all(0 <= r["acc1"] <= 100 and r["images"] == 100 for r in rows)
     # the zoo beside them: every model of the shipped zoo table, with its test top-1, on its own frontier
     zoo_table = json.loads((Path(snnet.__file__).parent / "weights" / "fmnist_zoo.json").read_text())["models"]
     zoo = {r["name"]: r for r in all_rows if r["kind"] == "zoo"}
