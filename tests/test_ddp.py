@@ -60,8 +60,24 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                                           progress=False, tensorboard=False, init_images=8, ckpt_every=3)
             result = train(net, Synthetic(48), conf.override(lr=1e-3, lr_base_batch=None))
             torch.save({"state": net.state_dict(), "stitches": result.stitches}, Path(out) / f"{mode}{rank}.pt")
+        _sync_changed(rank, Path(out) / "sync")
     finally:
         torch.distributed.destroy_process_group()
+
+
+SYNC_CHANGES = [("per_rank", "shared"), ("shared", "per_rank")]
+
+
+def _sync_changed(rank: int, out: Path) -> None:
+    """For each (before, after) of SYNC_CHANGES, into ``out/<before>-<after>``: three steps with stitch_sync ``before``,
+    then the run resumed with ``after`` (--resume-with-changes)."""
+    for before, after in SYNC_CHANGES:
+        case = out / f"{before}-{after}"
+        conf = TrainConfig().override(max_steps=6, batch_size=4, out_dir=str(case / "run"), progress=False,
+                                      tensorboard=False, init_images=0, lr=1e-3, lr_base_batch=None)
+        train(_net(), Synthetic(48), conf.override(stitch_sync=before), stop_after=3)
+        result = train(_net(), Synthetic(48), conf.override(stitch_sync=after, resume="auto", resume_with_changes=True))
+        torch.save(list(result.stitches), case / f"stitches{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -207,41 +223,12 @@ def test_the_other_ranks_wait_for_rank_0s_evaluation_however_long(tmp_path):
     assert len((tmp_path / "run" / "evals.jsonl").read_text().splitlines()) == 1
 
 
-SYNC_CHANGES = [("per_rank", "shared"), ("shared", "per_rank")]
-
-
-def _sync_changed(rank: int, world: int, port: int, out: str) -> None:
-    """For each (before, after) of SYNC_CHANGES, into ``out/<before>-<after>``: three steps with stitch_sync ``before``,
-    then the run resumed with ``after`` (--resume-with-changes). One process group for both: spawning is the slow part."""
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for before, after in SYNC_CHANGES:
-            case = Path(out) / f"{before}-{after}"
-            conf = TrainConfig().override(max_steps=6, batch_size=4, out_dir=str(case / "run"), progress=False,
-                                          tensorboard=False, init_images=0, lr=1e-3, lr_base_batch=None)
-            train(_net(), Synthetic(48), conf.override(stitch_sync=before), stop_after=3)
-            result = train(_net(), Synthetic(48), conf.override(stitch_sync=after, resume="auto", resume_with_changes=True))
-            torch.save(list(result.stitches), case / f"stitches{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def sync_changed(tmp_path_factory) -> Path:
-    """Run the two-process job of _sync_changed once."""
-    out = tmp_path_factory.mktemp("ddp_sync")
-    spawn_two(_sync_changed, str(out))
-    return out
-
-
 @pytest.mark.parametrize("before,after", SYNC_CHANGES)
-def test_a_resume_that_changes_stitch_sync_samples_as_the_new_setting_says(sync_changed, before, after):
+def test_a_resume_that_changes_stitch_sync_samples_as_the_new_setting_says(ddp_out, before, after):
     """Each rank took its saved sampler back whatever stitch_sync now said: per_rank -> shared went on drawing
     a stitch per rank (and _sync_grads, taking them for one, left DDP's mean over two routes); shared ->
     per_rank went on drawing one stitch for both."""
-    case = sync_changed / f"{before}-{after}"
+    case = ddp_out / "sync" / f"{before}-{after}"
     s0, s1 = (torch.load(case / f"stitches{rank}.pt", weights_only=True) for rank in range(2))
     assert len(s0) == len(s1) == 3
     if after == "shared":
