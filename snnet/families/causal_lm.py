@@ -594,9 +594,11 @@ class StitchedLM(StitchedBase):
                     bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())  # from inside an embedding
                     raise SnnetError(f"calibration token id {bad} is outside the network's {self.vocab_size}-token "
                                      "vocabulary: tokenise the text with the network's own tokenizer (net.tokenizer)")
-                if room is not None and ids.shape[1] > room[0]:  # else an IndexError from a position embedding
-                    raise SnnetError(f"calibration sequences of {ids.shape[1]} tokens are longer than the {room[0]} "
-                                     f"positions {room[1]} knows: cut the text into blocks of at most {room[0]} tokens")
+                if room is not None and ids.shape[1] > room[0]:
+                    # the fit needs hidden states at positions the anchors know: a longer sequence (a text loader's
+                    # block of block_size + 1 ids, its targets included) is fitted on its first ones; past them a
+                    # learned position embedding failed with "index out of range in self"
+                    ids = ids[:, :room[0]]
                 ids = ids[: max(1, left // ids.shape[1])].to(device)
                 seen["tokens"] += ids.numel()
                 bar.update(ids.numel())
