@@ -8,19 +8,24 @@ import asyncio
 from snnet.deploy import loadgen
 
 
+async def _read_request(reader: asyncio.StreamReader) -> bool:
+    """Read one request (head and body) from a client; False once it has closed the connection."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return False
+    length = next((int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:"), 0)
+    await reader.readexactly(length)
+    return True
+
+
 async def _serve_and_send(close_after_answer: bool, cut_mid_answer: bool) -> tuple[list[loadgen.Result], int]:
     accepted = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal accepted
         accepted += 1
-        while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError:
-                break
-            length = next((int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:"), 0)
-            await reader.readexactly(length)
+        while await _read_request(reader):
             if cut_mid_answer:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")  # 2 of 10 bytes, then gone
                 await writer.drain()
@@ -205,13 +210,7 @@ def test_open_loop_latency_counts_from_the_scheduled_arrival_when_the_generator_
 
     async def main() -> list[loadgen.Result]:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    break
-                length = next((int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:"), 0)
-                await reader.readexactly(length)
+            while await _read_request(reader):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 await writer.drain()
             writer.close()

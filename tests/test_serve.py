@@ -717,13 +717,12 @@ def test_a_failed_connection_to_the_model_process_leaves_it_taking_others(server
     _ok(client)
 
 
-def test_a_failed_batch_teaches_the_policy_nothing(saved: tuple[Path, Path]) -> None:
-    """A batch whose forward fails gets its requests the error; its time (the forward stopped at once) and their
-    latencies are no measure of the stitch: the policy's slowdown and recent latencies stay as they were (the
-    failed batch once made the machine look faster, and the policy climb to slower stitches)."""
+def _failed_batch(saved: tuple[Path, Path]) -> tuple[Any, Any]:
+    """A model process's engine (in this process) that has run one batch of 4 images whose forward failed, and the
+    server process's end of its connection, holding the "failed" message."""
     from multiprocessing import Pipe
 
-    from snnet.deploy.serve.engine import RingState, _Engine, _Front, _Job, recv
+    from snnet.deploy.serve.engine import RingState, _Engine, _Front, _Job
 
     model, results = saved
     engine = _Engine.load(ServeConfig(str(model), str(results), max_batch=8), print)
@@ -733,6 +732,16 @@ def test_a_failed_batch_teaches_the_policy_nothing(saved: tuple[Path, Path]) -> 
     engine.fronts.append(front)
     engine.jobs.append(_Job(front, 0, 0, 4, time.perf_counter()))
     engine._run_batch(torch)
+    return engine, theirs
+
+
+def test_a_failed_batch_teaches_the_policy_nothing(saved: tuple[Path, Path]) -> None:
+    """A batch whose forward fails gets its requests the error; its time (the forward stopped at once) and their
+    latencies are no measure of the stitch: the policy's slowdown and recent latencies stay as they were (the
+    failed batch once made the machine look faster, and the policy climb to slower stitches)."""
+    from snnet.deploy.serve.engine import recv
+
+    engine, theirs = _failed_batch(saved)
     kind, _, jobs, error = recv(theirs)
     assert kind == "failed" and jobs == [(0, 0, 4)] and "32" in error
     assert engine.policy.slowdown == 1.0 and not engine.recent
@@ -743,20 +752,12 @@ def test_a_failed_batch_is_not_counted_as_images_classified(saved: tuple[Path, P
     docs/serving.md suggests scaling on) and its time in snnet_batch_seconds; its requests got a 500. The model
     process's real "failed" message, read by a server process's batcher (its connection and metrics only)."""
     import asyncio
-    from multiprocessing import Pipe
 
     from snnet.deploy.serve.batcher import Batcher
-    from snnet.deploy.serve.engine import RingState, _Engine, _Front, _Job, waiting
+    from snnet.deploy.serve.engine import waiting
     from snnet.deploy.serve.metrics import Metrics
 
-    model, results = saved
-    engine = _Engine.load(ServeConfig(str(model), str(results), max_batch=8), print)
-    mine, theirs = Pipe()
-    ring = np.zeros((8, 3, 16, 16), np.float32)  # not the network's input size: its forward fails at once
-    front = _Front(mine, None, ring, RingState(np.zeros(RingState.WORDS, np.int64)))
-    engine.fronts.append(front)
-    engine.jobs.append(_Job(front, 0, 0, 4, time.perf_counter()))
-    engine._run_batch(torch)
+    engine, theirs = _failed_batch(saved)
 
     async def main() -> Metrics:
         metrics = Metrics()
