@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import shutil
 import signal
@@ -35,7 +36,7 @@ except ImportError:  # Windows: no flock; runs are then not locked (the other ch
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["EVALS_NAME", "LOCK_NAME", "METRICS_NAME", "RUN_ENTRIES", "RunLock", "StopSignals", "check_run_folder", "claim_run_folder",
-           "run_entries"]
+           "foreign_files", "run_entries"]
 
 LOCK_NAME = ".snnet-run.lock"
 METRICS_NAME = "metrics.jsonl"
@@ -44,6 +45,16 @@ TRAIN_CONFIG_NAME = "train_config.json"
 FINAL_NAME = "final"
 # everything a training run writes into its folder (and all that --overwrite deletes)
 RUN_ENTRIES = (CHECKPOINT_NAME, CHECKPOINTS_DIR, METRICS_NAME, EVALS_NAME, TRAIN_CONFIG_NAME, FINAL_NAME, "tb")
+# What a run writes inside its folders (the others of RUN_ENTRIES are files): the saved network (save_pretrained's
+# files, a language model's adapters and tokenizer), the kept checkpoints, TensorBoard's event files. A folder by
+# one of these names holding anything else holds the user's files, which --overwrite must not delete with the run's.
+_RUN_FOLDER_FILES = {
+    FINAL_NAME: ("config.json", "model.safetensors", "model.safetensors.previous", "adapters.safetensors", "tokenizer*",
+                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                 "chat_template.jinja", "chat_template.json"),
+    CHECKPOINTS_DIR: ("step-*.pt",),
+    "tb": ("events.out.tfevents.*",),
+}
 _LOCK_RETRY_SECONDS = 0.5  # a concurrent check_run_folder holds the lock shared for microseconds
 # The locks this process holds. A forked child (a DataLoader worker) shares a flock with its parent
 # through the inherited descriptor, so after `kill -9` of the run the lock stayed held, and a new run on
@@ -68,6 +79,24 @@ def run_entries(folder: str | os.PathLike) -> list[str]:
     """The names of a training run's files present in ``folder`` (empty: no run there)."""
     folder = Path(folder)
     return [name for name in RUN_ENTRIES if (folder / name).exists()]
+
+
+def foreign_files(folder: str | os.PathLike) -> list[Path]:
+    """What a training run does not write but ``folder``'s run entries hold (empty: --overwrite deletes only the
+    run's): files in its final/, checkpoints/ or tb/ other than the run's (and their writers' temporary files),
+    and an entry of another kind than the run's (a folder named metrics.jsonl, a file named final)."""
+    folder = Path(folder)
+    found = []
+    for name in run_entries(folder):
+        path, patterns = folder / name, _RUN_FOLDER_FILES.get(name)
+        if patterns is None or not path.is_dir():
+            if (patterns is None) == path.is_dir():
+                found.append(path)
+            continue
+        ours = [*patterns, *(f".{p}.*.tmp" for p in patterns)]  # io.atomic_write's temporary names
+        found += [p for p in sorted(path.iterdir())
+                  if p.is_dir() or not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in ours)]
+    return found
 
 
 class RunLock:
@@ -168,8 +197,9 @@ def check_run_folder(out: str | os.PathLike, resume: str | None = None, overwrit
     """Everything about ``out`` that can stop a run, checked before any work; creates nothing.
 
     Refuses (one line each) ``resume`` with ``overwrite``; an ``out`` that is a file or cannot be
-    written; a folder a live run holds; a missing ``resume`` checkpoint; and a folder that holds a
-    run which neither ``resume`` continues nor ``overwrite`` replaces. Returns the checkpoint to
+    written; a folder a live run holds; a missing ``resume`` checkpoint; a folder that holds a
+    run which neither ``resume`` continues nor ``overwrite`` replaces; and an ``overwrite`` of a run
+    whose folders hold files it did not write (:func:`foreign_files`). Returns the checkpoint to
     resume from (None: a fresh start).
     """
     return _check(Path(out), resume, overwrite, locked=False)
@@ -200,6 +230,12 @@ def _check(out: Path, resume: str | None, overwrite: bool, locked: bool) -> Path
                  else "continue it with --resume auto")
         raise RunFolderError(f"{out} already holds {what} training run ({', '.join(present)}): {go_on}, replace it "
                              "with --overwrite (deletes those files), or choose another --out")
+    foreign = foreign_files(out) if present and overwrite else []
+    if foreign:  # --overwrite deletes the run's files: these are not, and would have gone with them
+        shown = ", ".join(str(p.relative_to(out)) for p in foreign[:3]) + (f" and {len(foreign) - 3} more"
+                                                                           if len(foreign) > 3 else "")
+        raise RunFolderError(f"--overwrite: {out} holds files a training run does not write ({shown}), which deleting "
+                             "the run's would delete too: move them out of the run's folders, or choose another --out")
     return resume_path
 
 

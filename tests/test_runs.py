@@ -22,7 +22,8 @@ import snnet
 from snnet.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from snnet.data import build_dataset
 from snnet.deploy import export_stitch, load_stitch
-from snnet.errors import CheckpointError, TrainingInterrupted
+from snnet.errors import CheckpointError, RunFolderError, TrainingInterrupted
+from snnet.runlock import check_run_folder
 from snnet.train import train
 
 from .conftest import TINY_VITS, Synthetic, cfg, fresh_net, _cli, _damage, _image_folder
@@ -171,6 +172,28 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path, capsys):
     capsys.readouterr()
     assert _cli(*_train_args(data, tmp_path / "new", "--max-steps", "1", "--resume", "auto")) == 0
     assert "--resume auto starts a fresh run" in capsys.readouterr().err
+
+
+def test_overwrite_deletes_the_runs_files_and_refuses_to_delete_the_users_beside_them(tmp_path):
+    """--overwrite deleted final/ and tb/ whole, with the user's own files in them (notes beside the network,
+    their own plots: found by review). It deletes a run's folders holding only what a run writes, and refuses
+    one holding anything else in one line naming it, before anything is deleted."""
+    conf = dict(max_steps=2, ckpt_every=1, init_images=0, tensorboard=True)
+    train(fresh_net(), Synthetic(16), cfg(tmp_path, **conf))
+    out = tmp_path / "run"
+    assert {p.name for p in (out / "tb").iterdir()} and (out / "checkpoints").is_dir()
+    train(fresh_net(), Synthetic(16), cfg(tmp_path, overwrite=True, **conf))  # the run's files only: replaced
+    assert _steps(out) == [1, 2]
+
+    (out / "final" / "notes.txt").write_text("mine")
+    (out / "tb" / "plots").mkdir()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".snnet-run.lock"}
+    for check in (lambda: check_run_folder(out, overwrite=True),
+                  lambda: train(fresh_net(), Synthetic(16), cfg(tmp_path, overwrite=True, **conf))):
+        with pytest.raises(RunFolderError, match="--overwrite: .* holds files a training run does not write "
+                                                 "\\(final/notes.txt, tb/plots\\).*move them out"):
+            check()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 class _CtrlCAt(Synthetic):
