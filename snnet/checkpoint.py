@@ -37,7 +37,7 @@ from .io import atomic_write
 from .sampling import seed_everything  # re-exported: the training loop seeds through here
 
 __all__ = ["CHECKPOINTS_DIR", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "checkpoint_config", "earlier_checkpoints",
-           "load_checkpoint", "peek_checkpoint", "resolve_resume", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state",
+           "load_checkpoint", "peek_checkpoint", "resolve_resume", "rng_state", "run_folder", "save_checkpoint", "seed_everything", "set_rng_state",
            "state_digest"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -194,9 +194,16 @@ def peek_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
     return {k: v for k, v in state.items() if k not in ("model", "trainer", "sampler", "rng")}
 
 
+def run_folder(path: str | os.PathLike) -> Path:
+    """The folder of the run that wrote checkpoint ``path``: the one holding it, or for a kept copy
+    (``checkpoints/step-<N>.pt``) the one above (a resume may write elsewhere: ``--resume a/checkpoint.pt --out b``)."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path.parent
+
+
 def _go_back(path: Path) -> str:
     """What to do about a checkpoint that cannot be read: the earlier copies this run kept, if any."""
-    run = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path.parent
+    run = run_folder(path)
     copies = [p for p in earlier_checkpoints(run) if not p.samefile(path)] if path.exists() else earlier_checkpoints(run)
     if copies:
         return f"resume from an earlier copy (--resume {copies[0]}) or start again"

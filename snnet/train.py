@@ -61,7 +61,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, checkpoint_config, load_checkpoint, resolve_resume, state_digest,
-                         rng_state, save_checkpoint, seed_everything, set_rng_state)
+                         rng_state, run_folder, save_checkpoint, seed_everything, set_rng_state)
 from .config import OptimConfig, SamplingConfig, TrainConfig, flatten  # noqa: F401  (OptimConfig, TrainConfig: public here)
 from .distill import set_two_head_training, teacher_logits, two_head_loss
 from .devices import default_device
@@ -434,25 +434,28 @@ def resume_from(config: TrainConfig, out: Path, net: StitchedBase | nn.Module, w
 
 
 def check_changes(state: dict[str, Any], config: TrainConfig, out: Path, path: Path, world: int) -> list[str]:
-    """The settings a resume from checkpoint ``state`` changes (see :func:`result_changes`), or a refusal in
-    one line naming each unless ``run.resume_with_changes``; a finished run's refusal says how to go on."""
+    """The settings a resume from checkpoint ``state`` (read from ``path``) changes (see :func:`result_changes`), or
+    a refusal in one line naming each unless ``run.resume_with_changes``; a finished run's refusal says how to go on.
+    The refusals name the run ``path`` belongs to, not ``out`` (this run's folder), which ``--resume a/checkpoint.pt
+    --out b`` makes another: b holds no run, and b/final no network to start from."""
     saved = checkpoint_config(state)
     changes = result_changes(saved, config, world)
+    source = run_folder(path)
     kind = (saved.get("optim") or {}).get("optimizer")
     if kind is not None and kind != config.optim.optimizer:
         raise CheckpointError(f"cannot resume {path} with optim.optimizer {config.optim.optimizer!r}: its state is "
                               f"{kind!r}'s (its moments do not carry over to another optimizer): resume with "
                               f"--optim.optimizer {kind}, or start a new run from the network it ends with "
-                              f"(--model.init {out / FINAL_NAME}) and another --out")
+                              f"(--model.init {source / FINAL_NAME}) and another --out")
     if changes and not config.run.resume_with_changes:
         step, total = state["step"], state.get("total_steps")
         ask = ("add --resume-with-changes to continue with these settings (train_config.json keeps each segment's), "
                "or use the original values")
         if total is not None and step >= total:
             raise CheckpointError(
-                f"{out} holds a finished run ({step} of {total} steps); training it further changes its settings "
+                f"{source} holds a finished run ({step} of {total} steps); training it further changes its settings "
                 f"({'; '.join(changes)}): that is a deliberate act: {ask}; or start a new run from its network with "
-                f"--model.init {out / FINAL_NAME} and another --out")
+                f"--model.init {source / FINAL_NAME} and another --out")
         raise CheckpointError(f"cannot resume {path} with different settings ({'; '.join(changes)}): they change what "
                               f"the run computes; {ask}")
     return changes

@@ -24,7 +24,7 @@ from snnet.data import build_dataset
 from snnet.deploy import export_stitch, load_stitch
 from snnet.errors import CheckpointError, RunFolderError, TrainingInterrupted
 from snnet.runlock import check_run_folder
-from snnet.train import train
+from snnet.train import check_resume, train
 
 from .conftest import TINY_VITS, Synthetic, cfg, fresh_net, _cli, _damage, _image_folder
 
@@ -581,6 +581,22 @@ def test_a_resume_with_changed_settings_is_refused_naming_each_unless_asked_and_
     assert [s["from_step"] for s in segments] == [0, 2] and "changes" not in segments[0]
     assert segments[0]["config"]["optim"]["lr"] == 4e-4 and segments[1]["config"]["optim"]["lr"] == 5
     assert any(c.startswith("schedule.max_steps: 2 -> 4") for c in segments[1]["changes"])
+
+
+def test_a_refused_resume_from_another_folder_names_the_run_the_checkpoint_came_from(tmp_path):
+    """--resume a/checkpoint.pt --out b with another rate: the refusal said b held a finished run and offered
+    --model.init b/final, which does not exist (found by review); it names a, from its checkpoint or a kept copy."""
+    conf = dict(max_steps=2, ckpt_every=1, init_images=0)
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "a", **conf))
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    for checkpoint, change, says in [(a / CHECKPOINT_NAME, dict(lr=1e-3), f"{a} holds a finished run"),
+                                     (a / CHECKPOINT_NAME, dict(optimizer="sgd"), "optim.optimizer 'sgd'"),
+                                     (a / "checkpoints" / "step-00000001.pt", dict(optimizer="sgd"), "'sgd'")]:
+        with pytest.raises(CheckpointError) as refused:
+            check_resume(cfg(tmp_path / "b", resume=str(checkpoint), **{**conf, **change}))
+        said = str(refused.value)
+        assert says in said and f"--model.init {a / 'final'}" in said and str(b) not in said, said
+    assert not b.exists()
 
 
 def test_an_unfinished_run_resumed_with_other_settings(tmp_path):
