@@ -239,7 +239,8 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
     if rank == 0:
         _write_history(out, config, world, position.step, resumed)
     log = _Log(out, rank == 0, position.step, config.run.tensorboard)
-    evals = _Log(out, rank == 0 and validation is not None, position.step, False, EVALS_NAME)
+    # pruned on a resume with validation or without: the rows after the checkpoint's step are of steps about to be redone
+    evals = _Log(out, rank == 0, position.step, False, EVALS_NAME, create=validation is not None)
 
     def save() -> Path:
         state = checkpoint_state(trainer, position, config, world, plan.total)
@@ -1040,11 +1041,12 @@ class _Log:
 
     On resume the lines of steps after the checkpoint (written by the interrupted run, and
     about to be redone) are dropped, so the file always describes one run. A write that fails
-    (a full disk) is one :class:`TrainingError` line.
+    (a full disk) is one :class:`TrainingError` line. Without ``create`` (evals.jsonl of a run without
+    validation) the file is only pruned: none is made, nothing written.
     """
 
     def __init__(self, out_dir: Path, active: bool, start_step: int, tensorboard: bool,
-                 name: str = METRICS_NAME) -> None:
+                 name: str = METRICS_NAME, create: bool = True) -> None:
         self.file = self.writer = None
         if not active:
             return
@@ -1057,7 +1059,8 @@ class _Log:
                 if len(keep) < len(lines):  # atomically: a write that fails (a full disk) lost every line before
                     text = "".join(ln + "\n" for ln in keep)
                     atomic_write(self.path, lambda tmp: tmp.write_text(text), durable=False)
-            self.file = open(self.path, "a")
+            if create:
+                self.file = open(self.path, "a")
         except OSError as e:
             raise TrainingError(f"cannot write {self.path} ({e.strerror or e}); it and the checkpoint are kept: free "
                                 "some disk space and resume with --resume auto") from e

@@ -351,6 +351,24 @@ def test_going_back_to_a_kept_copy_keeps_it_and_drops_the_abandoned_later_ones(t
     assert _steps(run) == [1, 2, 3, 4, 5]
 
 
+def test_going_back_without_validation_drops_the_abandoned_evaluations_as_with_it(tmp_path):
+    """Resumed from checkpoints/step-2 without validation: evals.jsonl kept the evaluations of steps 4 and 8,
+    which the run goes back before (found by review); they are dropped as with validation, where each is made
+    again. A run without validation writes no evals.jsonl."""
+    conf = dict(epochs=2, ckpt_every=2, keep_checkpoints=5, init_images=0)
+    run, val = tmp_path / "run", Synthetic(16, seed=5)
+    evals = lambda: [json.loads(ln)["step"] for ln in (run / "evals.jsonl").read_text().splitlines()]  # noqa: E731
+    train(fresh_net(), Synthetic(32), cfg(tmp_path, **conf), val_data=val)
+    assert evals() == [4, 8]
+    back = str(run / "checkpoints" / "step-00000002.pt")
+    train(fresh_net(), Synthetic(32), cfg(tmp_path, resume=back, **conf), val_data=val, stop_after=5)
+    assert evals() == [4]  # with validation: step 8's dropped, step 4's made again
+    train(fresh_net(), Synthetic(32), cfg(tmp_path, resume=back, **conf), stop_after=3)
+    assert evals() == [] and _steps(run) == [1, 2, 3]  # without: the same rows dropped
+    train(fresh_net(), Synthetic(32), cfg(tmp_path / "none", **conf), stop_after=1)
+    assert not (tmp_path / "none" / "run" / "evals.jsonl").exists()
+
+
 def test_going_back_with_fewer_checkpoints_kept_drops_the_abandoned_copies(tmp_path):
     """Gone back to checkpoints/step-2 with --keep-checkpoints 1 (to save space): the copies of the abandoned
     steps 4 and 6 stayed, and with checkpoint.pt gone the way back offered was step 6, after the run's own
