@@ -211,10 +211,14 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
                          distinct_copies=isinstance(data, SeededItems))  # each copy its own augmentation
     plan = _plan(config, order, world)
     position = Position()
+    # the resume ended the checkpoint's epoch (no batch of a new size left in it, or fewer images: _carried_position),
+    # where no step ends it: its evaluation is made before the first step (or, the run then over, before it ends)
+    ended_epoch = False
     if resumed is not None:
         position = _carried_position(resumed, config, plan)
         plan = _resumed_plan(plan, position, config)
-        if position.step >= plan.total:
+        ended_epoch = validation is not None and position.epoch > resumed.position.epoch
+        if position.step >= plan.total and not ended_epoch:
             return _already_finished(net, resumed, plan, out, rank)
 
     # the network, its teacher, the optimizer: as they were at the checkpoint, or fresh
@@ -257,9 +261,19 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
     # rank 0 evaluates alone at an epoch's end: the others wait for it in a group of their own, whose timeout an
     # evaluation of every stitch does not outlast (in the next step's collective they timed out: 30 min with gloo)
     eval_wait = torch.distributed.new_group(backend="gloo", timeout=EVAL_WAIT) if world > 1 and validation is not None else None
+
+    def epoch_end() -> None:  # rank 0 evaluates the network as the epoch ended it (with validation), the others wait
+        if validation is not None and rank == 0:
+            done_evals.append(_evaluate(net, validation, config, task, position, device))
+            evals.write(done_evals[-1])
+        if eval_wait is not None:
+            torch.distributed.barrier(group=eval_wait)
+
     stops = StopSignals().start()  # Ctrl-C: finish the step, checkpoint, then stop
     batches = _batches(data, order, config, position, plan)
     try:
+        if ended_epoch:
+            epoch_end()
         for batch in batches:
             if stop_after is not None and position.step >= stop_after:
                 break  # resumed at or past it: no step (the check after each step comes one step late here)
@@ -285,11 +299,8 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
                 bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{lr:.2e}",
                                 **({"stitch": stitch.id} if stitch is not None else {}),
                                 img_s=f"{images / (time.perf_counter() - t_loop):.0f}")
-            if validation is not None and position.epoch_step == 0 and rank == 0:  # an epoch's end
-                done_evals.append(_evaluate(net, validation, config, task, position, device))
-                evals.write(done_evals[-1])
-            if eval_wait is not None and position.epoch_step == 0:
-                torch.distributed.barrier(group=eval_wait)
+            if position.epoch_step == 0:
+                epoch_end()
             if (stop_after is not None and position.step >= stop_after) or _stop_requested(stops, world, device):
                 break
             if config.run.ckpt_every and position.step % config.run.ckpt_every == 0 and position.step < plan.total:

@@ -293,6 +293,25 @@ def test_a_resume_with_another_batch_size_goes_on_in_its_epoch(tmp_path):
     assert (saved["epoch"], saved["epoch_step"]) == (4, 0)
 
 
+@pytest.mark.parametrize("epochs", [2, 1])
+def test_an_epoch_a_resume_with_a_larger_batch_ends_is_evaluated(tmp_path, epochs):
+    """Stopped at step 5 of an epoch of 6 batches of 8 (40 images seen), resumed with batches of 16: no batch of
+    16 is left in the epoch, so the resume ends it, and its evaluation was never made (found by review), nor,
+    when it was the last epoch, any (the run said it had finished). Made as the run goes on, or before it ends."""
+    conf = dict(epochs=epochs, lr=1e-3, warmup_steps=1, batch_size=8, init_images=0)
+    val = Synthetic(16, seed=5)
+    train(fresh_net(), Synthetic(48), cfg(tmp_path, **conf), stop_after=5, val_data=val)
+    r = train(fresh_net(), Synthetic(48), cfg(tmp_path, resume="auto", resume_with_changes=True,
+                                              **{**conf, "batch_size": 16}), val_data=val)
+    want = [(5, 1), (8, 2)][:epochs]  # (step, epochs done): then epoch 2's 3 batches of 16
+    assert r.finished and r.step == want[-1][0] and [(e["step"], e["epoch"]) for e in r.evals] == want
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["epoch"]) for e in rows] == want and (tmp_path / "run" / "final").is_dir()
+    again = train(fresh_net(), Synthetic(48), cfg(tmp_path, resume="auto", resume_with_changes=True,
+                                                  **{**conf, "batch_size": 16}), val_data=val)
+    assert again.finished and again.evals == ()  # nothing left to train, nothing evaluated twice
+
+
 def test_validation_at_each_epochs_end_does_not_change_what_is_trained(tmp_path):
     """A run with val_data trains the weights the same run without it does: each evaluation's loader drew its
     seed from torch's generator, which the training draws from (random erasing here, drop-path), so the
@@ -309,12 +328,12 @@ def test_a_resume_on_fewer_images_than_its_epoch_had_seen_goes_on_with_the_next_
     """Stopped at step 7 of an epoch of 10 batches, resumed on 40 images (5 batches; --data.limit lowered, or
     images gone from the folder): the position (epoch 0, batch 7) was kept, so no epoch ever ended again (no
     validation, every step logged in epoch 0, the last checkpoint at batch 15 of 5: found by review). The
-    run goes on with the next epoch and trains the epochs left."""
+    run goes on with the next epoch, evaluates the one the resume ended, and trains the epochs left."""
     conf = dict(epochs=3, lr=1e-3, init_images=0)
     val = Synthetic(16, seed=5)
     train(fresh_net(), Synthetic(80), cfg(tmp_path, **conf), stop_after=7, val_data=val)
     r = train(fresh_net(), Synthetic(40), cfg(tmp_path, resume="auto", **conf), val_data=val)
-    assert r.finished and r.step == 17 and [e["epoch"] for e in r.evals] == [2, 3]  # epochs 1 and 2 of 5 batches
+    assert r.finished and r.step == 17 and [e["epoch"] for e in r.evals] == [1, 2, 3]  # then epochs 1, 2 of 5 batches
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows[7:]] == [1] * 5 + [2] * 5
     saved = load_checkpoint(r.checkpoint)
