@@ -750,9 +750,12 @@ def leaf_paths() -> dict[str, str]:
 
 
 def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` laid onto ``base``: nested dicts merged key by key, any other value replaced."""
+    """``over`` laid onto ``base``: nested dicts merged key by key, any other value replaced; a None over a dict
+    (a section of a YAML file with every setting under it commented out, ``data:`` alone) changes nothing."""
     out = dict(base)
     for key, value in over.items():
+        if value is None and isinstance(out.get(key), Mapping):
+            continue  # no setting holds a dict: it is a section, which the empty one set to null, its values lost
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = merge(out[key], value)
         else:
