@@ -10,6 +10,7 @@ Weight files are checksummed (:func:`sha256_file`) so damaged bytes are refused 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -22,6 +23,9 @@ if TYPE_CHECKING:  # annotations only: this module does not load torch
     import torch
 
 _TMP_SUFFIX = ".tmp"
+# a file's bytes before a save replaced it, kept (a hard link, no copy) until the save's record of checksums (its
+# config.json, written last) is in: a save stopped between the two leaves the old record beside these old bytes
+PREVIOUS_SUFFIX = ".previous"
 # where a saved network's or stitch's config.json records its files' checksums: name -> SHA-256 hex
 CHECKSUMS_KEY = "sha256"
 _UMASK = os.umask(0o022)
@@ -111,6 +115,48 @@ def verify_checksum(path: str | os.PathLike, config: Mapping, record: str | os.P
     return True
 
 
+def previous_of(path: str | os.PathLike) -> Path:
+    """Where :func:`keep_previous` keeps ``path``'s bytes while a save replaces it: ``<name>.previous`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + PREVIOUS_SUFFIX)
+
+
+def keep_previous(path: str | os.PathLike, record: str | os.PathLike) -> Path:
+    """Before a save replaces ``path`` and then ``record`` (the config.json holding its SHA-256), hard-link the
+    bytes ``record`` names to :func:`previous_of` ``path``: a save stopped between the two files leaves the old
+    record beside them, and the old save loadable (:func:`recorded_previous`). The caller deletes the link once
+    the new record is in. Returns the link's path.
+
+    After a save stopped between its files, the previous bytes are the only ones the record in place names:
+    they stay (replacing them with the unmatched new ones lost the old save at a second such stop).
+    """
+    path, record = Path(path), Path(record)
+    previous = previous_of(path)
+    if not path.is_file() or not record.is_file():
+        return previous
+    try:
+        want = json.loads(record.read_text())[CHECKSUMS_KEY][path.name]
+    except (OSError, ValueError, KeyError, TypeError):  # a record without checksums: the file in place is its own
+        want = None
+    if previous.is_file() and want is not None and sha256_file(path) != want:
+        return previous
+    previous.unlink(missing_ok=True)
+    try:
+        os.link(path, previous)  # no copy: the old bytes stay where they are
+    except OSError:  # a file system without hard links: the save is as before, renames only
+        pass
+    return previous
+
+
+def recorded_previous(path: str | os.PathLike, config: Mapping) -> Path | None:
+    """The bytes a stopped save kept for ``path`` (:func:`keep_previous`) if they are the ones ``config`` (the
+    record still in place) checksums, else None: what to load instead of a ``path`` that fails its checksum."""
+    previous = previous_of(path)
+    checksums = config.get(CHECKSUMS_KEY)
+    want = checksums.get(Path(path).name) if isinstance(checksums, Mapping) else None
+    return previous if want is not None and previous.is_file() and sha256_file(previous) == want else None
+
+
 def warn_unverified(path: str | os.PathLike, why: str, fix: str) -> None:
     """Say, once per file and process, that ``path`` is loaded without its checksum checked, and why.
 
@@ -174,8 +220,6 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
 def update_json(path: str | os.PathLike, change: Callable[[dict], dict]) -> dict:
     """Read the JSON object in ``path`` (``{}`` if there is none), write ``change(it)`` back atomically,
     under :func:`locked`; returns what was written."""
-    import json
-
     path = Path(path)
     with locked(path):
         data = json.loads(path.read_text()) if path.is_file() else {}

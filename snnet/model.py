@@ -27,7 +27,7 @@ from . import adapters  # noqa: F401  (registers snnet's adapters: the command l
 from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, Route, anchor_label, as_rows, build_parts, create_anchor,
                       cut_parts, without_final_norm)
 from .errors import CheckpointError, ConfigError, NotStitchableError, SnnetError
-from .io import CHECKSUMS_KEY, atomic_write, in_saved_dtype, record_checksum, sha256_file, verify_checksum
+from .io import atomic_write, in_saved_dtype, keep_previous, record_checksum, recorded_previous, verify_checksum
 from .report import progress as report_progress
 from .flops import PartCosts, count_macs, layer_flops, num_params, part_costs
 from .results import Row
@@ -37,9 +37,6 @@ from .stitching import LeastSquares, StitchingLayer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# the weights of the network a save is replacing, kept (a hard link) until the new config.json is in: a save
-# interrupted between its two files leaves the old config beside the new weights, and the old network loadable
-PREVIOUS_WEIGHTS = WEIGHTS_NAME + ".previous"
 # 1: SN-Net's spaces; 2: also two-way/chained/explicit routes and low-rank stitching layers;
 # 3: also the reference route mode; 4: also anchors cut between sublayers (space.cut). A network is
 # written with the lowest version that holds it.
@@ -246,16 +243,7 @@ class StitchedBase(nn.Module):
             save_file(state, str(p), metadata={"format": "pt", **({} if self._format == "snnet" else {"snnet": self._format})})
             record_checksum(config, WEIGHTS_NAME, p)  # of the very bytes renamed into place
 
-        previous = directory / PREVIOUS_WEIGHTS
-        # After a save stopped between its files, the previous weights are the only ones the config.json in place
-        # records: they stay (replacing them with the unmatched weights lost the network at a second such stop).
-        if (directory / WEIGHTS_NAME).is_file() and (directory / CONFIG_NAME).is_file() \
-                and not (previous.is_file() and not _weights_recorded(directory)):
-            previous.unlink(missing_ok=True)
-            try:
-                os.link(directory / WEIGHTS_NAME, previous)  # no copy: the old bytes stay where they are
-            except OSError:  # a file system without hard links: the save is as before, two renames
-                pass
+        previous = keep_previous(directory / WEIGHTS_NAME, directory / CONFIG_NAME)
         atomic_write(directory / WEIGHTS_NAME, write_weights)
         atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
         previous.unlink(missing_ok=True)
@@ -286,8 +274,8 @@ class StitchedBase(nn.Module):
         try:
             verify_checksum(w_path, cfg, cfg_path, fix, error=CheckpointError)
         except CheckpointError:
-            previous = directory / PREVIOUS_WEIGHTS  # a save interrupted between its files: the network before it
-            if not previous.is_file() or sha256_file(previous) != cfg[CHECKSUMS_KEY][w_path.name]:
+            previous = recorded_previous(w_path, cfg)  # a save interrupted between its files: the network before it
+            if previous is None:
                 raise
             import warnings
 
@@ -550,15 +538,6 @@ def _check_overwrite(directory: Path, kind: str, what: str) -> None:
         raise CheckpointError(f"cannot save to {directory}: it holds {held}, not a saved {what}'s, which the save would "
                               f"overwrite (with its {WEIGHTS_NAME}); choose another folder, or delete them if they are "
                               "not needed")
-
-
-def _weights_recorded(directory: Path) -> bool:
-    """Whether the folder's weights are the ones its config.json records (True when it records none)."""
-    try:
-        want = json.loads((directory / CONFIG_NAME).read_text())[CHECKSUMS_KEY][WEIGHTS_NAME]
-    except (OSError, ValueError, KeyError, TypeError):
-        return True
-    return sha256_file(directory / WEIGHTS_NAME) == want
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

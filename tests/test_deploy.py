@@ -388,6 +388,52 @@ def test_export_refuses_a_networks_weights_left_without_their_config(tiny_net: s
     assert deploy.load_stitch(cut).snnet_stitch == tiny_net.space[3].name
 
 
+def _stop_exports_before_the_config(monkeypatch, out: Path) -> None:
+    """Make exports into ``out`` stop (as if killed) once their model files are moved in, before their config.json."""
+    real = os.replace
+
+    def replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+        if Path(dst) == out / deploy.STITCH_CONFIG and Path(src).name == deploy.STITCH_CONFIG:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_an_export_over_an_export_stopped_between_its_files_keeps_the_old_one_loadable(
+        tiny_net: snnet.StitchedNet, tmp_path: Path, monkeypatch) -> None:
+    """An export over another moved its new files in one by one, config.json last: stopped between them, the new
+    weights sat beside the old config.json, which refused them ("model.safetensors is damaged"), and the old export
+    was lost. The old bytes stay until the new config.json is in, even after a second stop."""
+    deploy.export_stitch(tiny_net, 4, tmp_path, formats=["safetensors"])
+    _stop_exports_before_the_config(monkeypatch, tmp_path)
+    for stitch in (3, 2):
+        with pytest.raises(KeyboardInterrupt):
+            deploy.export_stitch(tiny_net, stitch, tmp_path, formats=["safetensors"])
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="interrupted before its config.json"):
+        assert deploy.load_stitch(tmp_path).snnet_stitch == tiny_net.space[4].name
+    deploy.export_stitch(tiny_net, 3, tmp_path, formats=["safetensors"])  # exporting again finishes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert deploy.load_stitch(tmp_path).snnet_stitch == tiny_net.space[3].name
+
+
+@pytest.mark.slow
+def test_a_program_export_stopped_before_its_config_keeps_the_old_program(
+        tiny_net: snnet.StitchedNet, images: torch.Tensor, tmp_path: Path, monkeypatch) -> None:
+    """As above for model.pt2: the old program, kept under another name, still loads (torch.export.load takes a
+    file by name only if it ends in .pt2)."""
+    deploy.export_stitch(tiny_net, 4, tmp_path, formats=["pt2"])
+    with torch.inference_mode():
+        old = deploy.load_program(tmp_path / "model.pt2").module()(images)
+    _stop_exports_before_the_config(monkeypatch, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        deploy.export_stitch(tiny_net, 3, tmp_path, formats=["pt2"])
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="interrupted before its config.json"), torch.inference_mode():
+        assert torch.equal(deploy.load_program(tmp_path / "model.pt2").module()(images), old)
+
+
 def test_save_stitch_refuses_a_folder_holding_a_saved_network(tiny_net: snnet.StitchedNet, tmp_path: Path) -> None:
     """save_stitch replaced a saved network's config.json and model.safetensors without a word (the network lost);
     it refuses such a folder, as export_stitch does."""

@@ -29,7 +29,7 @@ from torch import nn
 from .. import adapters  # noqa: F401  (registers snnet's adapters: the command line imports the package without them)
 from ..anchors import ActivationSpec, AnchorSpec, Route, create_anchor, cut_parts, split_model, without_final_norm
 from ..errors import CheckpointError, ExportError
-from ..io import atomic_write, in_saved_dtype, record_checksum, verify_checksum, warn_unverified
+from ..io import atomic_write, in_saved_dtype, keep_previous, record_checksum, recorded_previous, verify_checksum, warn_unverified
 from ..results import check_writable
 from ..space import Stitch
 from ..stitching import StitchingLayer
@@ -220,8 +220,10 @@ def save_stitch(route: StitchRoute, directory: str | os.PathLike, config: Mappin
         verify(p)
         record_checksum(saved, STITCH_WEIGHTS, p)
 
+    previous = keep_previous(out / STITCH_WEIGHTS, out / STITCH_CONFIG)  # the stitch saved before stays loadable
     atomic_write(out / STITCH_WEIGHTS, write)
     atomic_write(out / STITCH_CONFIG, lambda p: p.write_text(json.dumps(saved, indent=2) + "\n"))
+    previous.unlink(missing_ok=True)
     return out
 
 
@@ -276,7 +278,7 @@ def load_stitch(directory: str | os.PathLike, anchors: Sequence[nn.Module] | Non
                               f"{_REEXPORT}") from e
     if anchors is not None and len(anchors) != len(ends):
         raise CheckpointError(f"this stitch uses {len(ends)} anchors, {len(anchors)} were given")
-    verify_checksum(w_path, cfg, cfg_path, _REEXPORT, error=CheckpointError)
+    w_path = _checked(w_path, cfg, cfg_path)
     parts = []
     for k, (label, spec) in enumerate(zip(labels, specs)):
         if anchors is not None:
@@ -407,7 +409,8 @@ def export_stitch(net: "StitchedNet", stitch: int | str | Stitch, out: str | os.
     ``config.json`` (the stitch's description) is written with any format and records the SHA-256
     of every file, which the loaders check. Every file is staged in a temporary folder inside
     ``out`` and verified; the files move into ``out`` only when every format succeeded, so a
-    failure leaves ``out`` as it was. The example input is a random batch at the network's input size.
+    failure leaves ``out`` as it was. Over an earlier export, its files' bytes stay until the new
+    ``config.json`` is in: stopped between the files, the earlier export still loads. The example input is a random batch at the network's input size.
     """
     from .memory import check_input
 
@@ -450,10 +453,16 @@ def _export_staged(net: "StitchedNet", s: Stitch, out: Path, formats: Sequence[s
             path = export_onnx(route, example, stage / FORMAT_FILES["onnx"], atol, program)
             record_checksum(config, path.name, path)
         atomic_write(stage / STITCH_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+        names = [FORMAT_FILES[f] for f in formats]
+        # over an export, each file's old bytes stay (hard links) until the new config.json is in: an export stopped
+        # between its files leaves the old config.json beside them, and the old export loadable (_checked)
+        kept = [keep_previous(out / name, out / STITCH_CONFIG) for name in names]
         paths = {}
-        for name in [FORMAT_FILES[f] for f in formats] + [STITCH_CONFIG]:  # the record of the files last
+        for name in names + [STITCH_CONFIG]:  # the record of the files last
             os.replace(stage / name, out / name)
             paths[name] = out / name
+        for previous in kept:
+            previous.unlink(missing_ok=True)
         return paths
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -520,7 +529,23 @@ def _verified(path: str | os.PathLike, kind: str) -> Path:
             raise ValueError("not a JSON object")
     except ValueError as e:
         raise CheckpointError(f"{record} is corrupt ({e}), so {path} cannot be verified; {_REEXPORT}") from e
-    verify_checksum(path, cfg, record, _REEXPORT, error=CheckpointError)
+    return _checked(path, cfg, record)
+
+
+def _checked(path: Path, cfg: Mapping[str, Any], record: Path) -> Path:
+    """``path`` after checking it against the SHA-256 ``cfg`` (read from ``record``) holds, or, when an export over
+    another stopped between its files, the bytes of the export before it that ``record`` still describes."""
+    try:
+        verify_checksum(path, cfg, record, _REEXPORT, error=CheckpointError)
+    except CheckpointError:
+        previous = recorded_previous(path, cfg)
+        if previous is None:
+            raise
+        import warnings
+
+        warnings.warn(f"{path.parent}: an export was interrupted before its {STITCH_CONFIG}; loading the stitch exported "
+                      f"before it ({previous.name}). Export the stitch again to finish the interrupted export", stacklevel=3)
+        return previous
     return path
 
 
@@ -528,7 +553,8 @@ def load_program(path: str | os.PathLike) -> "torch.export.ExportedProgram":
     """An exported ``model.pt2`` (``torch.export``), after verifying its checksum: ``load_program(p).module()(x)``."""
     path = _verified(path, FORMAT_FILES["pt2"])
     try:
-        return torch.export.load(str(path))
+        # torch.export.load takes a file by name only if it ends in .pt2: the one kept by a stopped export is read as bytes
+        return torch.export.load(str(path) if path.suffix == ".pt2" else io.BytesIO(path.read_bytes()))
     except Exception as e:  # torch raises many kinds for a file that is not a program
         raise CheckpointError(f"{path} is not a readable torch.export program ({type(e).__name__}); {_REEXPORT}") from e
 
