@@ -228,6 +228,18 @@ def update_json(path: str | os.PathLike, change: Callable[[dict], dict]) -> dict
     return new
 
 
+def safetensors_kind(path: str | os.PathLike) -> str | None:
+    """The ``snnet`` entry of a safetensors file's metadata (what snnet wrote it as: ``snnet-stitch``, ``lora``, ...),
+    None if it has none or is unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("snnet")
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
 def in_saved_dtype(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     """``module`` (built in float32, its weights loaded from ``state``) in the floating dtype it was saved in,
     where all of ``state``'s floating tensors share one (bfloat16, float16): it comes back as it was saved."""

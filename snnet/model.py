@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -216,7 +216,8 @@ class StitchedBase(nn.Module):
     _version: ClassVar[int] = FORMAT_VERSION  # the newest format version this class reads
     _what: ClassVar[str] = "stitched network"  # what error messages call it
 
-    def save_pretrained(self, directory: str | os.PathLike, state: Mapping[str, torch.Tensor] | None = None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, state: Mapping[str, torch.Tensor] | None = None,
+                        extra: Mapping[str, Callable[[Path], object]] | None = None) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (every anchor and stitching layer).
 
         Both files are written to temporary names and renamed into place, so an interrupted
@@ -226,6 +227,8 @@ class StitchedBase(nn.Module):
         ``config.json`` is in: a save interrupted between the two files leaves the network saved
         before it, which :meth:`from_pretrained` then loads.
         ``state`` replaces the network's own state dict (a sharded network's gathered weights).
+        ``extra`` names more files to write beside the weights (name -> a function writing it to the path
+        it is given): written, recorded in ``config.json`` and kept over a save as the weights are.
         """
         from safetensors.torch import save_file
 
@@ -241,12 +244,20 @@ class StitchedBase(nn.Module):
 
         def write_weights(p: Path) -> None:
             save_file(state, str(p), metadata={"format": "pt", **({} if self._format == "snnet" else {"snnet": self._format})})
-            record_checksum(config, WEIGHTS_NAME, p)  # of the very bytes renamed into place
 
-        previous = keep_previous(directory / WEIGHTS_NAME, directory / CONFIG_NAME)
-        atomic_write(directory / WEIGHTS_NAME, write_weights)
+        def recorded(name: str, write: Callable[[Path], object]) -> Callable[[Path], None]:
+            def write_and_record(p: Path) -> None:
+                write(p)
+                record_checksum(config, name, p)  # of the very bytes renamed into place
+            return write_and_record
+
+        files = {**(extra or {}), WEIGHTS_NAME: write_weights}
+        kept = [keep_previous(directory / name, directory / CONFIG_NAME) for name in files]
+        for name, write in files.items():
+            atomic_write(directory / name, recorded(name, write))
         atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
-        previous.unlink(missing_ok=True)
+        for previous in kept:
+            previous.unlink(missing_ok=True)
         return directory
 
     @classmethod

@@ -309,6 +309,38 @@ def test_save_and_load_round_trip(nets, tmp_path):
         lm.StitchedLM.from_pretrained(tmp_path / "net")
 
 
+def test_a_save_without_adapters_over_a_lora_save_removes_its_adapters(nets, folders, tmp_path):
+    """A network saved without LoRA adapters over a LoRA save left the old adapters.safetensors beside it, taken for
+    the new network's; and a LoRA save into another model's folder wrote its adapters there before being refused."""
+    pytest.importorskip("peft")
+    import copy
+
+    from safetensors.torch import save_file
+
+    from snnet.families.lm_lora import ADAPTERS_NAME, add_lora
+
+    plain = nets["gpt2"]
+    adapted = copy.deepcopy(plain)
+    add_lora(adapted, 2, 4.0)
+    out = tmp_path / "net"
+    adapted.save_pretrained(out)
+    assert set(json.loads((out / "config.json").read_text())["sha256"]) == {"model.safetensors", ADAPTERS_NAME}
+    plain.save_pretrained(out)
+    assert not (out / ADAPTERS_NAME).exists() and not list(out.glob("*.previous"))
+    assert set(json.loads((out / "config.json").read_text())["sha256"]) == {"model.safetensors"}
+    own = tmp_path / "own"  # an adapters.safetensors snnet did not write stays
+    own.mkdir()
+    save_file({"x": torch.zeros(1)}, str(own / ADAPTERS_NAME))
+    plain.save_pretrained(own)
+    assert (own / ADAPTERS_NAME).is_file()
+    other = tmp_path / "other"
+    AutoModelForCausalLM.from_pretrained(folders["gpt2"][0]).save_pretrained(other)
+    before = sorted(p.name for p in other.iterdir())
+    with pytest.raises(CheckpointError, match="cannot save to"):
+        adapted.save_pretrained(other)
+    assert sorted(p.name for p in other.iterdir()) == before
+
+
 @pytest.mark.parametrize("labels", [["small"], ["a", "b", "c"]])
 def test_labels_that_do_not_match_the_anchors_are_refused(nets, labels):
     models = [p.model for p in nets["gpt2"].anchors]

@@ -29,7 +29,8 @@ from torch import nn
 from .. import adapters  # noqa: F401  (registers snnet's adapters: the command line imports the package without them)
 from ..anchors import ActivationSpec, AnchorSpec, Route, create_anchor, cut_parts, split_model, without_final_norm
 from ..errors import CheckpointError, ExportError
-from ..io import atomic_write, in_saved_dtype, keep_previous, record_checksum, recorded_previous, verify_checksum, warn_unverified
+from ..io import (atomic_write, in_saved_dtype, keep_previous, record_checksum, recorded_previous, safetensors_kind,
+                  verify_checksum, warn_unverified)
 from ..results import check_writable
 from ..space import Stitch
 from ..stitching import StitchingLayer
@@ -485,7 +486,7 @@ def check_export_folder(out: str | os.PathLike, formats: Sequence[str]) -> None:
         if kind != STITCH_FORMAT:
             raise ExportError(f"--out {out} holds a {STITCH_CONFIG} that is not an exported stitch's (a saved network?); "
                               "exporting there would overwrite it: choose another --out")
-    elif (out / STITCH_WEIGHTS).is_file() and _weights_kind(out / STITCH_WEIGHTS) != STITCH_FORMAT:
+    elif (out / STITCH_WEIGHTS).is_file() and safetensors_kind(out / STITCH_WEIGHTS) != STITCH_FORMAT:
         # weights without their config.json (a network's save cut before it, or copied by hand): they would be replaced
         raise ExportError(f"--out {out} holds a {STITCH_WEIGHTS} that is not an exported stitch's (a saved network's "
                           f"weights without its {STITCH_CONFIG}?); exporting there would overwrite it: choose another --out")
@@ -500,17 +501,6 @@ def check_export_folder(out: str | os.PathLike, formats: Sequence[str]) -> None:
         raise ExportError(f"--out {out} holds {', '.join(stale)} of an earlier export, which this one (--format "
                           f"{','.join(formats)}) would leave beside its new {STITCH_CONFIG}: export every format "
                           "again or choose another --out")
-
-
-def _weights_kind(path: Path) -> str | None:
-    """The ``snnet`` entry of a safetensors file's metadata (:func:`save_stitch` writes ``snnet-stitch``), None if unreadable."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("snnet")
-    except (SafetensorError, OSError, ValueError):
-        return None
 
 
 def _verified(path: str | os.PathLike, kind: str) -> Path:

@@ -630,28 +630,35 @@ class StitchedLM(StitchedBase):
             **({} if self.lora_rank == 0 else {"stitching": {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}}),
         }
 
-    def save_pretrained(self, directory: str | os.PathLike, state: Mapping[str, torch.Tensor] | None = None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, state: Mapping[str, torch.Tensor] | None = None,
+                        extra: Mapping[str, Callable[[Path], object]] | None = None) -> Path:
         """Write ``config.json`` (every anchor's transformers config, the space, the active stitch)
         and ``model.safetensors``, each atomically, and the tokenizer beside them when set.
 
         With LoRA adapters on the anchors (:mod:`snnet.families.lm_lora`) the weights are written with the
-        adapters merged, and ``adapters.safetensors`` beside them holds only the adapters and stitching layers."""
+        adapters merged, and ``adapters.safetensors`` beside them holds only the adapters and stitching layers.
+        Without adapters, the ``adapters.safetensors`` of a save this one replaces is removed once the new
+        ``config.json`` is in (it was taken for the new network's)."""
+        from ..io import previous_of, safetensors_kind
         from .lm_lora import ADAPTERS_NAME, adapter_state, has_lora, merged_state
 
         if state is None and any(p.device.type == "meta" for p in self.parameters()):  # before a folder is made
             raise CheckpointError("this network holds no weights (built on the meta device, to list and price its "
                                   "space): build it with weights to save it")
-        if has_lora(self):
+        extra = dict(extra or {})
+        lora = has_lora(self)
+        if lora:
             from safetensors.torch import save_file
 
-            from ..io import atomic_write
-
             full = dict(state or self.state_dict())
-            new = {k: v.detach().contiguous().cpu() for k, v in adapter_state(full).items()}
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            atomic_write(Path(directory) / ADAPTERS_NAME, lambda p: save_file(new, str(p), metadata={"snnet": "lora"}))
+            trained = {k: v.detach().contiguous().cpu() for k, v in adapter_state(full).items()}
+            extra[ADAPTERS_NAME] = lambda p: save_file(trained, str(p), metadata={"snnet": _ADAPTERS_KIND})
             state = merged_state(self, full)
-        directory = super().save_pretrained(directory, state)
+        directory = super().save_pretrained(directory, state, extra)
+        stale = directory / ADAPTERS_NAME
+        if not lora and stale.is_file() and safetensors_kind(stale) == _ADAPTERS_KIND:  # snnet's only: never a user's file
+            stale.unlink()
+            previous_of(stale).unlink(missing_ok=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
         return directory
@@ -674,6 +681,10 @@ class StitchedLM(StitchedBase):
                   lora_alpha=float(layers.get("lora_alpha", 1.0)))
         net._load_saved(cfg, w_path, map_location)
         return net
+
+
+# the "snnet" entry of adapters.safetensors' metadata: what tells snnet's file from one of the user's own
+_ADAPTERS_KIND = "lora"
 
 
 def _ids(batch: Any) -> torch.Tensor:
