@@ -674,6 +674,36 @@ def test_profile_of_v2_routes() -> None:
         b.numel() * b.element_size() for m in route_modules(net, s) for b in m.buffers())
 
 
+def test_available_memory_respects_a_cgroup_memory_limit(tmp_path: Path) -> None:
+    """The memory checks read /proc/meminfo's MemAvailable only: a container limited to 4 GiB on a 24 GiB host was
+    said to have the host's 20 GiB free, and a batch that could not fit ran into the out-of-memory killer. The
+    tightest limit of the process's cgroup and those above it counts (v2 and v1; its reclaimable cache is free)."""
+    from snnet.deploy.memory import available_memory
+
+    GiB = 1 << 30
+
+    def system(cgroup: str, files: dict[str, str]) -> Path:
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        for name, text in {"proc/meminfo": f"MemTotal: {24 * GiB // 1024} kB\nMemAvailable: {20 * GiB // 1024} kB\n",
+                           "proc/self/cgroup": cgroup, **files}.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        return root
+
+    v2 = "sys/fs/cgroup/"
+    assert available_memory(root=system("0::/\n", {})) == 20 * GiB  # no cgroup files: the host's figure
+    assert available_memory(root=system("0::/\n", {v2 + "memory.max": "max\n", v2 + "memory.current": "5\n"})) == 20 * GiB
+    assert available_memory(root=system("0::/\n", {v2 + "memory.max": f"{4 * GiB}\n", v2 + "memory.current": f"{GiB}\n",
+                                                    v2 + "memory.stat": f"anon 1\ninactive_file {GiB // 2}\n"})) == 3.5 * GiB
+    nested = {v2 + "app/memory.max": f"{2 * GiB}\n", v2 + "app/memory.current": "0\n",  # the parent holds the limit
+              v2 + "app/job/memory.max": "max\n", v2 + "app/job/memory.current": "0\n"}
+    assert available_memory(root=system("0::/app/job\n", nested)) == 2 * GiB
+    v1 = "sys/fs/cgroup/memory/"  # v1 bind-mounts the container's own cgroup where the host's path does not exist
+    assert available_memory(root=system("4:memory:/docker/abc\n0::/\n", {
+        v1 + "memory.limit_in_bytes": f"{4 * GiB}\n", v1 + "memory.usage_in_bytes": f"{3 * GiB}\n",
+        v1 + "memory.stat": f"inactive_file 7\ntotal_inactive_file {GiB}\n"})) == 2 * GiB
+
+
 def test_check_input_refuses_only_what_cannot_run() -> None:
     """A CNN family takes another image size (so it is let through, and runs); a ViT's fixed patch grid and an
     input far beyond this machine's memory are refused, without allocating it."""

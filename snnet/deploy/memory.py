@@ -6,12 +6,14 @@ is run once on the ``meta`` device, shapes only) and a batch or size whose input
 activation alone exceed this device's free memory. Without it ``snnet profile --img-size 3``
 ended in an AssertionError from inside timm and ``--img-size 99999`` or ``--batch-size
 100000000`` in an allocation failure (or, with overcommitted memory, the out-of-memory killer).
-:func:`available_memory` says how much this device has.
+:func:`available_memory` says how much this device has (on the CPU, within the cgroup's memory limit:
+a container's ``--memory``).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -25,26 +27,94 @@ if TYPE_CHECKING:
     from ..model import StitchedNet
     from ..space import Stitch
 
-__all__ = ["available_memory", "check_input"]
+__all__ = ["available_memory", "cgroup_memory_left", "check_input"]
 
 
-def available_memory(device: str | torch.device = "cpu") -> int | None:
+def available_memory(device: str | torch.device = "cpu", root: str | os.PathLike = "/") -> int | None:
     """Bytes this device can still allocate: free memory on a GPU, MemAvailable (what the kernel can give
-    without swapping) on Linux, free physical pages elsewhere; None where the system does not say."""
+    without swapping) on Linux, free physical pages elsewhere; None where the system does not say.
+
+    On the CPU, a cgroup's memory limit (a container's ``--memory``, :func:`cgroup_memory_left`) caps the
+    figure: a 4 GiB container on a 24 GiB host has 4 GiB, not the host's MemAvailable. ``root`` is where
+    ``/proc`` and ``/sys`` are read (a test's fake tree).
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    known = [v for v in (cgroup_memory_left(root), _host_available(Path(root))) if v is not None]
+    return min(known) if known else None
+
+
+def _host_available(root: Path) -> int | None:
     try:
-        with open("/proc/meminfo") as f:
+        with open(root / "proc" / "meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+# cgroup v2's and v1's files: the limit ("max": none), the usage, and the memory.stat entry of the page cache the
+# kernel reclaims before it kills for the limit (counted in the usage, but free to take)
+_CGROUP_V2 = ("memory.max", "memory.current", "inactive_file")
+_CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def cgroup_memory_left(root: str | os.PathLike = "/") -> int | None:
+    """Bytes this process can still allocate before its cgroup's memory limit (a container's ``--memory``):
+    the tightest of its own memory cgroup and those above it, v2 (``memory.max``) or v1
+    (``memory.limit_in_bytes``), their reclaimable page cache counted as free; None without a limit.
+
+    The process's cgroup is read from ``/proc/self/cgroup`` under ``root``; a container that sees its
+    own cgroup as the root of ``/sys/fs/cgroup`` (cgroup namespaces, or v1's bind mounts) is found there."""
+    root = Path(root)
+    own = {"v2": "/", "v1": "/"}
+    try:
+        for line in (root / "proc" / "self" / "cgroup").read_text().splitlines():
+            number, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+            if number == "0" and not controllers:
+                own["v2"] = path
+            elif "memory" in controllers.split(","):
+                own["v1"] = path
+    except OSError:
+        pass
+    mount = root / "sys" / "fs" / "cgroup"
+    left = []
+    for base, path, files in ((mount, own["v2"], _CGROUP_V2), (mount / "memory", own["v1"], _CGROUP_V1)):
+        parts = [p for p in Path(path).parts if p not in ("/", "..")]
+        for k in range(len(parts), -1, -1):  # the process's own cgroup, then each above it: any may hold the limit
+            room = _cgroup_room(base.joinpath(*parts[:k]), files)
+            if room is not None:
+                left.append(room)
+    return min(left) if left else None
+
+
+def _cgroup_room(folder: Path, files: tuple[str, str, str]) -> int | None:
+    """Bytes left under the memory limit of the cgroup ``folder``, None if it sets none (or is not there)."""
+    limit_name, usage_name, cache_name = files
+    try:
+        limit = (folder / limit_name).read_text().strip()
+        if limit == "max":
+            return None
+        usage = int((folder / usage_name).read_text())
+        limit_bytes = int(limit)
+    except (OSError, ValueError):
+        return None
+    cache = 0
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == cache_name:
+                cache = int(value)
+                break
+    except (OSError, ValueError):
+        pass
+    return max(0, limit_bytes - max(0, usage - cache))
 
 
 class _Largest(TorchDispatchMode):
