@@ -182,7 +182,21 @@ def _check_shipped(name: str) -> None:
         record = json.loads(family.read_text())
     except ValueError as e:
         raise SnnetError(f"{family} is corrupt ({e}): the shipped weights cannot be verified; {fix}") from e
-    verify_checksum(weights_path(name), record if isinstance(record, dict) else {}, family, fix)
+    verify_checksum(weights_path(name), _checksums(record), family, fix)
+
+
+def _checksums(record: Any) -> dict[str, Any]:
+    """``family.json``'s checksums as :func:`~snnet.io.verify_checksum` reads them: its ``sha256`` table (by file name)
+    and, from a family.json written before that table, each model's own ``sha256`` entry: such a file was read as
+    recording none, and a damaged weights file loaded with only a warning."""
+    from .io import CHECKSUMS_KEY
+
+    if not isinstance(record, dict):
+        return {}
+    models, table = record.get("models"), record.get(CHECKSUMS_KEY)
+    older = {str(m.get("file") or f"{n}.safetensors"): m["sha256"] for n, m in models.items()
+             if isinstance(m, dict) and isinstance(m.get("sha256"), str)} if isinstance(models, dict) else {}
+    return {CHECKSUMS_KEY: {**older, **(table if isinstance(table, dict) else {})}}
 
 
 def _create(name: str, pretrained: bool, spec: FmnistVitSpec, **kwargs: Any) -> VisionTransformer:

@@ -93,3 +93,30 @@ def test_damaged_shipped_weights_are_refused(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(pretrained, "WEIGHTS_DIR", copy)
     with pytest.raises(SnnetError, match="damaged.*reinstall snnet"):
         timm.create_model("fmnist_vit_ti", pretrained=True)
+
+
+def test_a_family_json_of_the_older_layout_still_verifies_the_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A family.json written before the checksums were kept by file name (each model's own "sha256") was read as
+    recording none: a damaged weights file loaded, with only a warning that family.json records no SHA-256."""
+    import warnings
+
+    from snnet.errors import SnnetError
+
+    family = json.loads(FAMILY_JSON.read_text())
+    table = family.pop("sha256")
+    for entry in family["models"].values():
+        entry["sha256"] = table[entry["file"]]
+    shipped = pretrained.weights_path("fmnist_vit_ti")
+    copy = tmp_path / "weights"
+    copy.mkdir()
+    (copy / "family.json").write_text(json.dumps(family))
+    (copy / shipped.name).write_bytes(shipped.read_bytes())
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the intact file is verified: no "UNVERIFIED" warning
+        timm.create_model("fmnist_vit_ti", pretrained=True)
+    damaged = bytearray(shipped.read_bytes())
+    damaged[-1] ^= 0xFF
+    (copy / shipped.name).write_bytes(bytes(damaged))
+    with pytest.raises(SnnetError, match="damaged.*reinstall snnet"):
+        timm.create_model("fmnist_vit_ti", pretrained=True)
