@@ -42,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 import snnet  # noqa: E402
 from snnet.deploy.controller import ControllerConfig, LastSecond, LatencyTable, StitchController, ladder, make_policy  # noqa: E402
 from snnet.results import Row  # noqa: E402
-from snnet.deploy.serve import Preprocess, Rejected, ServeConfig, Service, create_app, decode_image  # noqa: E402
+from snnet.deploy.serve import Preprocess, Rejected, ServeConfig, Service, create_app, decode_image, read_array  # noqa: E402
 from snnet.errors import ServeError  # noqa: E402
 
 from .conftest import TINY_VITS, _png, TOKEN, _synthetic_rows, _until  # noqa: E402
@@ -456,6 +456,18 @@ def test_raw_tensor_bodies_and_npy_answers(net: snnet.StitchedNet, client: httpx
     ]:
         r = client.post("/predict", content=body, headers={"content-type": ctype})
         assert r.status_code == status and words in r.json()["error"], r.text
+
+
+def test_big_endian_npy_is_read_as_native_float32() -> None:
+    """A .npy of big-endian float32 (">f4": np.save on such a machine, or a cast) is the same input as a
+    little-endian one, not a 422."""
+    x = np.random.default_rng(0).standard_normal((2, *FMNIST_LIKE["input_size"])).astype(np.float32)
+    pre = Preprocess(FMNIST_LIKE, FMNIST_LIKE["input_size"])
+    for body in (_npy(x), _npy(x.astype(">f4"))):
+        arr = read_array(body, "npy")
+        assert arr.dtype == np.float32 and arr.dtype.isnative
+        out = pre.array(arr, np.empty_like(x))
+        assert np.array_equal(out, x)
 
 
 BAD = {

@@ -197,7 +197,7 @@ class Preprocess:
 
 
 def read_array(body: bytes, kind: str) -> np.ndarray:
-    """The one array of a ``.npy`` or safetensors body (never unpickled), or :class:`Rejected`."""
+    """The one array of a ``.npy`` or safetensors body (never unpickled) in the machine's byte order, or :class:`Rejected`."""
     try:
         if kind == "npy":
             arr = np.load(io.BytesIO(body), allow_pickle=False)
@@ -220,4 +220,6 @@ def read_array(body: bytes, kind: str) -> np.ndarray:
         raise Rejected(400, f"the array is a single {arr.dtype} value: send a batch of images, (N, ...)", "bad_array")
     if len(arr) == 0:
         raise Rejected(400, "the array is empty: send at least one image", "bad_array")
+    if not arr.dtype.isnative:  # a big-endian .npy (">f4", from np.save on such a machine or a ">f4" cast) is the same numbers
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr
