@@ -12,9 +12,10 @@ Two kinds of data are supported:
 
 Image folders are read in the network's channels (``L`` for a 1-channel network, ``RGB`` for
 3), as ``snnet serve`` converts an upload, so a folder of grayscale PNGs feeds the shipped
-1-channel family. An image that cannot be read stops the run with
-:class:`UnreadableImageError` naming the file, or, with ``skip_unreadable=True``, is found by a
-scan before the run and left out (counted in the dataset's ``skipped``).
+1-channel family; a photo is turned upright as its EXIF orientation says, as viewers show it. An
+image that cannot be read stops the run with :class:`UnreadableImageError` naming the file, or,
+with ``skip_unreadable=True``, is found by a scan before the run and left out (counted in the
+dataset's ``skipped``).
 
 This module deliberately depends only on ``snnet.errors`` (and ``snnet.report``'s progress bar),
 so data can be loaded without the stitching core.
@@ -58,6 +59,8 @@ __all__ = [
     "image_mode",
     "ImageReader",
     "convert_image",
+    "exif_orientation",
+    "QUARTER_TURNS",
     "skipped_images",
     "num_classes",
     "check_source",
@@ -507,12 +510,36 @@ class ImageReader:
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+# where Pillow keeps the metadata an orientation can be in (JPEG/PNG EXIF, a PNG's old text EXIF, XMP): an image
+# with none of them (a PNG as Pillow, numpy or torchvision write it) is upright without parsing anything
+_ORIENTATION_INFO = ("exif", "Raw profile type exif", "xmp", "XML:com.adobe.xmp")
+# EXIF orientations that turn the stored image a quarter (a phone held upright writes 6): width and height swap
+QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+def exif_orientation(img: Any) -> int:
+    """The EXIF Orientation (1-8) of an opened PIL image, 1 (as stored) without one. Read from the header, so
+    known before decoding; a damaged EXIF block counts as none (the pixels are still the picture)."""
+    if not any(key in img.info for key in _ORIENTATION_INFO):
+        return 1
+    from PIL import ExifTags
+
+    try:
+        orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # noqa: BLE001 - Pillow's EXIF parser raises several types for a broken block
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
 def convert_image(img: Any, mode: str) -> Any:
     """A decoded PIL image in ``mode`` (``L`` or ``RGB``), as :class:`ImageReader` reads files and as an
-    uploaded image should be read: RGBA/P/CMYK/LA converted by Pillow, 16-bit grayscale scaled to 8 bits
-    (Pillow would clip it, turning most of a 16-bit image white)."""
-    from PIL import Image
+    uploaded image should be read: turned upright as its EXIF orientation says (a phone photo is stored
+    sideways with Orientation 6, as browsers and viewers show it), RGBA/P/CMYK/LA converted by Pillow, 16-bit
+    grayscale scaled to 8 bits (Pillow would clip it, turning most of a 16-bit image white)."""
+    from PIL import Image, ImageOps
 
+    if exif_orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)  # a new image: the caller's is left as it is
     if img.mode in _SIXTEEN_BIT:
         import numpy as np
 

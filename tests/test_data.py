@@ -464,6 +464,25 @@ def test_a_folder_of_grayscale_pngs_feeds_a_one_channel_network(tmp_path: Path) 
         build_dataset(tmp_path / "l", "val", dict(gray, input_size=(2, 28, 28)))
 
 
+def test_a_folders_jpeg_is_read_upright_as_its_exif_orientation_says(tmp_path: Path) -> None:
+    """A phone photo (EXIF Orientation 6: stored turned a quarter) was read as stored, sideways; it is read upright,
+    as viewers show it and `snnet serve` decodes it."""
+    import numpy as np
+    from PIL import Image
+
+    from snnet.data import ImageReader
+
+    upright = np.zeros((32, 24), np.uint8)
+    upright[:16] = 255  # top half white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "c").mkdir()
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "c" / "0.jpg", quality=95,
+                                                                         exif=exif.tobytes())
+    pixels = np.asarray(ImageReader("L")(tmp_path / "c" / "0.jpg"))
+    assert pixels.shape == upright.shape and np.abs(pixels.astype(int) - upright).mean() < 8
+
+
 def test_three_augment_refuses_an_unknown_interpolation_in_one_line() -> None:
     """3-Augment's resize looked its interpolation up in timm's table outside the transform's checks: KeyError."""
     from snnet.data import image_transform

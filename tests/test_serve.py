@@ -253,6 +253,29 @@ def test_a_16_bit_png_is_read_as_a_folder_reads_it() -> None:
         assert pixels.mean() == pytest.approx(127, abs=1), channels
 
 
+def _sideways_jpeg(orientation: int = 6) -> tuple[bytes, np.ndarray]:
+    """A JPEG stored as a phone held upright writes it (turned a quarter, EXIF Orientation 6), and the upright
+    32 x 24 picture (top half white) a viewer shows."""
+    upright = np.zeros((32, 24), np.uint8)
+    upright[:16] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue(), upright
+
+
+def test_a_jpeg_is_decoded_upright_as_its_exif_orientation_says() -> None:
+    """A phone photo with EXIF Orientation 6 was classified sideways (its pixels as stored); it is turned upright,
+    as a folder's images are read, and --no-resize compares the upright size."""
+    data, upright = _sideways_jpeg()
+    for resize in (True, False):
+        pixels = np.asarray(decode_image(data, (1, 32, 24), resize=resize))
+        assert pixels.shape == upright.shape and np.abs(pixels.astype(int) - upright).mean() < 8, resize
+    with pytest.raises(Rejected, match="image is 24x32"):
+        decode_image(data, (1, 24, 32), resize=False)
+
+
 def test_max_pixels_above_pillows_own_limit_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     """--max-pixels 400M: an image of 225M pixels (over twice Pillow's default limit, which Pillow refuses at
     open) is within it; it was refused with 413 "send at most 400000000 pixels". Refused here only as damaged

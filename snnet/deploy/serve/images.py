@@ -2,7 +2,8 @@
 
 * :func:`decode_image` — one PNG/JPEG, checked before it is decoded: a header that declares more
   than ``max_pixels`` (a decompression bomb) is refused from its few bytes; truncated data and
-  what is not an image are refused with a reason; the result is in the network's channels.
+  what is not an image are refused with a reason; the result is in the network's channels, turned
+  upright as its EXIF orientation says (a phone photo), as a folder's images are read.
 * :class:`Preprocess` — images, as ``snnet eval`` reads an image folder: timm's eval transform for
   the network's data config, split where it leaves Pillow. Its Pillow part (resize, centre crop)
   runs per image and is skipped where it would not change the image (an image of the input size
@@ -42,7 +43,7 @@ try:
 except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - a torchvision without them: every image through Pillow
     decode_png = None
 
-from ...data import convert_image, image_transform
+from ...data import QUARTER_TURNS, convert_image, exif_orientation, image_transform
 from .rejected import Rejected
 
 __all__ = ["ARRAY_TYPES", "Preprocess", "decode_image", "first_line", "read_array"]
@@ -77,6 +78,8 @@ def decode_image(data: bytes, input_size: Sequence[int], *, resize: bool = True,
     if w * h > max_pixels:  # before decoding: the header of a few bytes can declare gigapixels
         raise Rejected(413, f"image declares {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (--max-pixels); "
                             f"send a smaller image (this network reads {width}x{height})", "too_many_pixels")
+    if exif_orientation(img) in QUARTER_TURNS:  # decoded upright (convert_image): a sideways photo is h x w
+        w, h = h, w
     mode = _MODES.get(channels)
     if not resize and ((w, h) != (width, height) or img.mode != mode):
         raise Rejected(422, f"image is {w}x{h} {img.mode}, this network takes {width}x{height} {mode} and the server "
@@ -87,7 +90,7 @@ def decode_image(data: bytes, input_size: Sequence[int], *, resize: bool = True,
         raise Rejected(400, f"image data is truncated or corrupt ({first_line(e)}): send the whole file", "truncated") from e
     if mode is None:
         raise Rejected(422, f"this network takes {channels}-channel input; only 1 (grayscale) or 3 (RGB) can be served", "wrong_size")
-    return convert_image(img, mode)  # as a folder's images are read: 16-bit grey scaled, not clipped to white
+    return convert_image(img, mode)  # as a folder's images are read: upright, 16-bit grey scaled, not clipped to white
 
 
 class Preprocess:
