@@ -45,12 +45,12 @@ def stitches(
     cut: Annotated[str, typer.Option("--cut", help="Where stitches cut the anchors: 'block' (the paper) or 'sublayer' (ViTs: also between each block's attention and MLP; route indices count sublayers).")] = "block",
     select: Annotated[Optional[str], typer.Option("--select", help="'klas': score every candidate stitch by KL divergence between the anchors' representations and keep --keep of them (needs weights and calibration images).")] = None,
     keep: Annotated[int, typer.Option("--keep", help="How many stitches KLAS keeps (besides the anchors).")] = 20,
-    calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images KLAS scores on.")] = 256,
+    calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images KLAS scores on, drawn with --seed, spread over the classes.")] = 256,
     data: Annotated[str, typer.Option("--data", help="KLAS's calibration data: 'fashion-mnist', an ImageFolder directory, or a timm dataset name.")] = "fashion-mnist",
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Where the calibration dataset lives.")] = None,
     pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="KLAS: download timm weights (default: only snnet's shipped fmnist family loads its weights).")] = None,
     weights: Annotated[Optional[str], typer.Option(help="KLAS: comma-separated local weight files, one per anchor.")] = None,
-    seed: Annotated[int, typer.Option(help="KLAS: seed of the calibration images' order.")] = 0,
+    seed: Annotated[int, typer.Option(help="KLAS: seed of the calibration images' choice and order.")] = 0,
     context: Annotated[Optional[int], typer.Option("--context", min=1, help="Language models: the context length (tokens) at which FLOPs per generated token are counted (default 1024, or the anchors' positions if fewer: 256 for stdlib-lm; more than they know is refused).")] = None,
 ) -> None:
     """List the stitch space with params and FLOPs of every stitch (random init, no weights needed).
@@ -139,7 +139,8 @@ def _klas(names: list[str], img_size: int | None, keep: int, calib_images: int, 
     for name, file in zip(names, files or []):
         check_weights_file(file, f"weights for {name!r}")  # every file before the first anchor is built
     net = create_snnet(_specs(names, pretrained, files), img_size=img_size, cut=cut)
-    calib = build_dataset(data, "train", net.anchors[0].data_config, limit=calib_images, root=data_dir, seed=seed)
+    calib = build_dataset(data, "train", net.anchors[0].data_config, limit=calib_images, root=data_dir, seed=seed,
+                          limit_seed=seed)  # not a folder's first images: its first class
     result = klas(net, make_loader(calib, min(64, calib_images), shuffle=True, seed=seed), keep, max_images=calib_images)
     return klas_net(net, result.routes), result
 

@@ -53,6 +53,7 @@ __all__ = [
     "validation_indices",
     "read_idx",
     "build_dataset",
+    "spread_order",
     "describe_transform",
     "image_transform",
     "three_augment_transform",
@@ -648,6 +649,7 @@ def build_dataset(
     transform_options: Mapping[str, Any] | None = None,
     skip_unreadable: bool = False,
     crop_padding: int | None = None,
+    limit_seed: int | None = None,
 ) -> Dataset:
     """Build a dataset by name or path.
 
@@ -664,7 +666,7 @@ def build_dataset(
             Fashion-MNIST only ``mean``/``std`` are used.
         augment: apply train-time augmentation (timm's training transform for
             folders and named datasets; crop+flip for Fashion-MNIST).
-        limit: keep only the first ``limit`` samples (quick modes, tests).
+        limit: keep only the first ``limit`` samples (quick modes, tests); see ``limit_seed``.
         root: data folder for Fashion-MNIST / named datasets.
         download: allow downloading when the data is not on disk.
         seed: seed of the Fashion-MNIST augmentation.
@@ -677,6 +679,10 @@ def build_dataset(
             Without it, an unreadable image raises :class:`UnreadableImageError` when it is read.
         crop_padding: Fashion-MNIST's random crop with ``augment``: pixels of zero padding
             (0: flips only; None: :data:`CROP_PADDING`). Other datasets refuse it (timm's transform).
+        limit_seed: with ``limit``, keep the first ``limit`` samples of a permutation seeded with it
+            (:func:`spread_order`) instead of the first ones: calibration and ``--limit`` subsets, spread
+            over the classes of a folder that lists them one after another (the same samples for the same
+            seed). Fashion-MNIST keeps its first ``limit`` either way: its files are stored shuffled.
 
     Raises:
         DatasetError: the dataset is missing or empty, or the transform options are not usable;
@@ -710,7 +716,7 @@ def build_dataset(
     transform = image_transform(config, augment, options)
     if path.is_dir():
         dataset: Dataset = _image_folder(_image_folder_root(path, split), transform, image_mode(config),
-                                         skip_unreadable, limit)
+                                         skip_unreadable, limit, limit_seed)
     elif _is_timm_name(name, root):
         _check_timm_root(name, root)
         dataset = _timm_dataset(create_dataset, name, root, split, augment, download, transform)
@@ -719,18 +725,29 @@ def build_dataset(
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DatasetError(f"dataset {name} ({split}) is empty")
     if limit is not None and limit < len(dataset):  # type: ignore[arg-type]
-        dataset = Subset(dataset, range(limit))
+        # a folder's samples are in spread order already (_image_folder): its first `limit` are the spread ones
+        spread = limit_seed is not None and not path.is_dir()
+        dataset = Subset(dataset, spread_order(len(dataset), limit_seed)[:limit] if spread else range(limit))  # type: ignore[arg-type]
     return dataset
+
+
+def spread_order(size: int, seed: int) -> list[int]:
+    """``range(size)`` in an order that is a pure function of ``seed``: its first ``n`` are ``n`` samples spread
+    over the whole dataset, where the first ``n`` of an image folder (its classes one after another) are all of
+    its first class."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 # a folder this big shows a progress bar while its images are checked (smaller ones take under a second)
 _CHECK_PROGRESS_FROM = 1000
 
 
-def _image_folder(folder: Path, transform: Any, mode: str, skip_unreadable: bool, limit: int | None) -> Dataset:
+def _image_folder(folder: Path, transform: Any, mode: str, skip_unreadable: bool, limit: int | None,
+                  limit_seed: int | None = None) -> Dataset:
     """torchvision's ImageFolder reading images with :class:`ImageReader` (the network's channels), after
-    checking that every class folder can be listed; with ``skip_unreadable`` the unreadable images are
-    found first and left out."""
+    checking that every class folder can be listed; with ``limit`` and ``limit_seed`` its samples in
+    :func:`spread_order`; with ``skip_unreadable`` the unreadable images are found first (in that order,
+    until ``limit`` good ones) and left out."""
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -742,6 +759,9 @@ def _image_folder(folder: Path, transform: Any, mode: str, skip_unreadable: bool
                            f"expected {folder}/<class name>/<image files> ({', '.join(IMG_EXTENSIONS)}), "
                            "every class folder with at least one image") from e
     _check_no_folder_twice(dataset.samples)
+    if limit is not None and limit_seed is not None:  # before the scan: only the images kept are decoded
+        dataset.samples = dataset.imgs = [dataset.samples[i] for i in spread_order(len(dataset.samples), limit_seed)]
+        dataset.targets = [t for _, t in dataset.samples]
     dataset.skipped = ()  # type: ignore[attr-defined]
     if skip_unreadable:
         _drop_unreadable(dataset, limit)

@@ -428,6 +428,24 @@ def test_skip_unreadable_leaves_out_and_lists_the_bad_images(tmp_path: Path) -> 
         build_dataset("fashion-mnist", "test", skip_unreadable=True)
 
 
+def test_a_seeded_limit_of_a_folder_is_spread_over_its_classes(tmp_path: Path) -> None:
+    """A folder lists its classes one after another: its first 6 images (a plain limit) are all class0; with
+    limit_seed (the calibration images and --limit of `snnet eval`, KLAS's) they come from several classes, the
+    same for the same seed, also when unreadable images are skipped (only the images kept are decoded)."""
+    from snnet.data import skipped_images
+
+    _damage(_folder(tmp_path, per_class=6))
+
+    def labels(ds) -> list[int]:
+        return [y for _, ys in make_loader(ds, batch_size=64, shuffle=False) for y in ys.tolist()]
+
+    assert labels(build_dataset(tmp_path, "val", RGB32, limit=6)) == [0] * 6
+    spread = build_dataset(tmp_path, "val", RGB32, limit=6, limit_seed=0, skip_unreadable=True)
+    assert len(spread) == 6 and len(set(labels(spread))) > 1
+    assert labels(spread) == labels(build_dataset(tmp_path, "val", RGB32, limit=6, limit_seed=0, skip_unreadable=True))
+    assert len(build_dataset(tmp_path, "val", RGB32, limit=100, limit_seed=0, skip_unreadable=True)) == 18
+
+
 def test_a_folder_of_grayscale_pngs_feeds_a_one_channel_network(tmp_path: Path) -> None:
     """Images are read in the network's channels, as `snnet serve` converts an upload: an 'L' folder
     feeds the 1-channel Fashion-MNIST family, an RGB folder is converted to 'L' the way PIL does."""

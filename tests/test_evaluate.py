@@ -15,7 +15,7 @@ from snnet.errors import ResultsError, SnnetError, StitchNotFoundError
 from snnet.evaluate import (Row, check_writable, evaluate, format_results, load_results, pareto_front,
                             write_results)
 
-from .conftest import TINY_VITS, _batches, _naive, _run, fitted_net
+from .conftest import TINY_VITS, _batches, _folder, _naive, _run, fitted_net
 
 
 @pytest.mark.parametrize("family", [TINY_VITS, ["snnet_tiny_vit_ti", "snnet_tiny_vit_deep"]], ids=["paired", "unpaired"])
@@ -264,6 +264,35 @@ def test_cli_eval_writes_all_outputs(saved: tuple[Path, Path], tmp_path: Path, c
     results = load_results(out)
     assert len(results) == len(snnet.load(model).space) and all(r.images == 7 for r in results)
     assert "Pareto frontier" in printed and results[0].name in printed
+
+
+def test_cli_eval_calibrates_and_limits_on_images_of_every_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder lists its classes one after another: `snnet eval --calib-images 10 --limit 10` fitted the
+    stitching layers on, and evaluated, the first ten images, all of class0. Both are now a seeded choice spread
+    over the classes, the same in every run."""
+    import snnet.evaluate as snnet_evaluate
+    from snnet.model import StitchedNet
+
+    data = _folder(tmp_path / "data", classes=10, per_class=5, mode="L", size=28)
+    seen: dict[str, list[list[int]]] = {"calibration": [], "evaluation": []}
+    fit, run = StitchedNet.init_stitching, snnet_evaluate.evaluate
+
+    def recording_fit(self, batches, *args, **kwargs):
+        seen["calibration"].append([int(y) for _, labels in batches for y in labels])
+        return fit(self, batches, *args, **kwargs)
+
+    def recording_eval(net, loader, *args, **kwargs):
+        seen["evaluation"].append([int(y) for _, labels in loader for y in labels])
+        return run(net, loader, *args, **kwargs)
+
+    monkeypatch.setattr(StitchedNet, "init_stitching", recording_fit)
+    monkeypatch.setattr(snnet_evaluate, "evaluate", recording_eval)
+    for k in range(2):
+        assert _run(["eval", "--data", str(data), "--split", "train", "--calib-images", "10", "--limit", "10",
+                     "--stitches", "0", "--out", str(tmp_path / f"o{k}"), "--no-progress", "--device", "cpu"]) == 0
+    for what, (first, again) in seen.items():
+        assert len(first) == 10 and len(set(first)) >= 4, (what, first)  # not ten images of class0
+        assert again == first, what  # the same images in every run
 
 
 def test_cli_eval_keeps_a_profile_written_into_its_folder(saved: tuple[Path, Path], tmp_path: Path) -> None:

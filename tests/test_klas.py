@@ -90,3 +90,26 @@ def test_klas_skips_batches_of_two_images() -> None:
         klas_scores(net, [x[:2]])
     assert klas_scores(net, [x[:2], x[2:8]]) == klas_scores(net, [x[2:8]])
     assert len({s.kl for s in klas_scores(net, [x[:3]])}) > 1  # three images already tell candidates apart
+
+
+def test_cli_klas_calibrates_on_images_of_every_class(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`snnet stitches --select klas --data FOLDER --calib-images 6` scored on the folder's first 6 images, all of
+    its first class; they are a choice spread over the classes, drawn with --seed (the same for the same seed)."""
+    import snnet.klas as snnet_klas
+
+    from .conftest import TINY_VITS, _folder, _run
+
+    data = _folder(tmp_path / "calib", classes=4, per_class=8)
+    seen: list[list[int]] = []
+    score = snnet_klas.klas
+
+    def recording(net, batches, *args, **kwargs):
+        seen.append([int(y) for _, labels in batches for y in labels])
+        return score(net, batches, *args, **kwargs)
+
+    monkeypatch.setattr(snnet_klas, "klas", recording)
+    for _ in range(2):
+        assert _run(["stitches", "--anchors", ",".join(TINY_VITS[:2]), "--select", "klas", "--data", str(data),
+                     "--calib-images", "6", "--keep", "3", "--json"]) == 0
+    assert len(seen[0]) == 6 and len(set(seen[0])) > 1, seen[0]  # not six images of class0
+    assert sorted(seen[1]) == sorted(seen[0])  # the same images for the same seed

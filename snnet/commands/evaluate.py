@@ -21,7 +21,10 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Split to evaluate on (a language model's 'test' is its corpus's "
                                        "held-out files).")] = "test",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images (or token blocks) per batch.")] = 256,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on the first N images (or token blocks) only.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on N images only: of an image folder or timm "
+                                                 "dataset, N drawn with a fixed seed, spread over the classes (the "
+                                                 "same N every time); Fashion-MNIST's (shuffled) and a language "
+                                                 "model's: the first N (token blocks).")] = None,
     block_size: Annotated[Optional[int], typer.Option("--block-size", min=1, help="Language models: tokens predicted "
                                                       "per block (default: its run's data.block_size).")] = None,
     stitches: Annotated[Optional[str], typer.Option(help="Comma-separated stitch ids or names (default: all).")] = None,
@@ -31,7 +34,8 @@ def evaluate(
     amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU).")] = False,
     workers: Annotated[int, typer.Option(min=0, help="Data loader worker processes.")] = 0,
     calib_images: Annotated[int, typer.Option("--calib-images", min=1, help="Training images for the least-squares "
-                                              "fit of the stitching layers (only without --model).")] = 100,
+                                              "fit of the stitching layers (only without --model), drawn with a "
+                                              "fixed seed, spread over the classes.")] = 100,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
     skip_bad_images: Annotated[bool, typer.Option(
         "--skip-bad-images", help="An image folder: decode every image first and leave out those that cannot be read "
@@ -188,6 +192,10 @@ def _check_subset(out: Path, chosen: list) -> None:
                          "into it (drop --stitches), or choose another --out")
 
 
+# the seed of the images --limit and --calib-images choose (snnet.data.spread_order): fixed, so results repeat
+_SUBSET_SEED = 0
+
+
 def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit: int | None, stitches: str | None,
               device: str | None, amp: bool, workers: int, calib_images: int, progress: bool,
               eval_protocol: str | None = None, skip_bad_images: bool = False, out: Path | None = None) -> list:
@@ -216,7 +224,9 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     if chosen is not None and out is not None:
         _check_subset(out, chosen)
     protocol, data_config = eval_data_config(net, data, eval_protocol)
-    dataset = sndata.build_dataset(data, split, data_config, limit=limit, skip_unreadable=skip_bad_images)
+    # --limit and the calibration images: a seeded choice, not the first N (a folder's first class)
+    dataset = sndata.build_dataset(data, split, data_config, limit=limit, skip_unreadable=skip_bad_images,
+                                   limit_seed=_SUBSET_SEED)
     say_skipped(dataset, f"{data} ({split})")
     classes = sndata.num_classes(dataset)
     if classes != net.num_classes:
@@ -227,7 +237,8 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
         raise SnnetError(f"{data} gives images of shape {shape}, the network takes {tuple(net.input_size)}")
     net.to(dev)
     if model is None:
-        calib = sndata.build_dataset(data, "train", data_config, limit=calib_images, skip_unreadable=skip_bad_images)
+        calib = sndata.build_dataset(data, "train", data_config, limit=calib_images, skip_unreadable=skip_bad_images,
+                                     limit_seed=_SUBSET_SEED)
         say_skipped(calib, f"{data} (train)")
         report = net.init_stitching(sndata.make_loader(calib, min(batch_size, calib_images), shuffle=False),
                                     max_images=calib_images, progress=progress)
