@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .errors import SnnetError, reason
-from .sampling import WorkerLoader, seed_everything
+from .sampling import WorkerLoader, mix_seed, seed_everything
 
 __all__ = [
     "DatasetError",
@@ -273,12 +273,18 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
     at once in :meth:`set_epoch` from a generator seeded with ``(seed, epoch)``,
     so an epoch's augmentations do not depend on the number of loader workers or
     on iteration order: the same seed and epoch always give the same images.
+    Item ``(i, c)`` is the ``c``-th copy of image ``i`` under repeated augmentation
+    (``snnet.sampling.EpochSampler``'s ``distinct_copies``): copy 0 is item ``i``,
+    each other copy is cropped and flipped by a draw for the whole split seeded
+    with ``(seed, epoch, c)``.
     """
 
     num_classes = 10
     classes = FASHION_MNIST_CLASSES
     # __getitem__ draws no random numbers (set_epoch does): training need not seed each item
     deterministic_items = True
+    # item (i, c): copy c of image i, with a crop and flip of its own (repeated augmentation)
+    distinct_copies = True
 
     def __init__(
         self,
@@ -336,21 +342,36 @@ class FashionMNIST(Dataset[tuple[torch.Tensor, int]]):
         """Draw this epoch's augmentation parameters (no-op without augmentation)."""
         if self.augment is None:
             return
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        self._epoch = epoch
+        # copy 0's draws; the other copies' are drawn when first read (_draws), the sampler alone knows how many
+        self._copies = {0: self._draw(torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))}
+
+    def _draw(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop offsets (N x 2) and flips (N) for every image of the split, from ``g``."""
+        assert self.augment is not None
         n = len(self)
-        self._offsets = torch.randint(0, 2 * self.augment.padding + 1, (n, 2), generator=g)
-        self._flips = torch.rand(n, generator=g) < self.augment.hflip
+        offsets = torch.randint(0, 2 * self.augment.padding + 1, (n, 2), generator=g)
+        return offsets, torch.rand(n, generator=g) < self.augment.hflip
+
+    def _draws(self, copy: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This epoch's crop offsets and flips of every image's ``copy``-th copy: a pure function of
+        (seed, epoch, copy), whichever worker reads it first."""
+        if copy not in self._copies:
+            self._copies[copy] = self._draw(torch.Generator().manual_seed(mix_seed(self.seed, self._epoch, copy)))
+        return self._copies[copy]
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, copy = index if isinstance(index, tuple) else (index, 0)
         if self.augment is None:
-            image = self.images[index]
+            image = self.images[index]  # past the end: IndexError, which ends iterating the dataset directly
         else:
-            dy, dx = self._offsets[index].tolist()
+            offsets, flips = self._draws(copy)
+            dy, dx = offsets[index].tolist()
             image = self._padded[index, :, dy:dy + 28, dx:dx + 28]
-            if self._flips[index]:
+            if flips[index]:
                 image = image.flip(-1)
         return image.float() * self._scale - self._shift, int(self.labels[index])
 

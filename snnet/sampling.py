@@ -217,7 +217,7 @@ def make_stitch_sampler(kind: str, num_stitches: int, seed: int = 0, flops: Sequ
 # ---------------------------------------------------------------------------- data order
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler[Any]):
     """A shuffle that is a pure function of (seed, epoch), sharded over ranks, resumable mid-epoch.
 
     Like :class:`~torch.utils.data.DistributedSampler` (pad to a multiple of the world size,
@@ -228,9 +228,11 @@ class EpochSampler(Sampler[int]):
     shuffled index is repeated ``repeats`` times in a row before sharding, so consecutive copies
     of an image land on different ranks (each augmented differently), and every rank keeps the
     first ``ceil(size / world)`` indices of its shard, so an epoch still has ``size`` images.
-    ``distinct_copies=True`` (for a :class:`SeededItems` dataset) yields the ``c``-th copy of image ``i``
-    as ``i + c * size``: SeededItems reads image ``i`` with its own augmentation draw for each copy,
-    which the plain index (one seed per image and epoch) would make identical.
+    ``distinct_copies=True`` (for a dataset that says ``distinct_copies = True``: :class:`SeededItems`,
+    Fashion-MNIST) yields the ``c``-th copy of image ``i`` as the pair ``(i, c)``, which such a dataset
+    reads with an augmentation draw of its own; the plain index (one draw per image and epoch) would
+    make the copies identical. A pair, not an index past the dataset's end: those stay an IndexError,
+    which is what ends iterating a dataset directly.
     """
 
     def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, repeats: int = 1,
@@ -249,17 +251,16 @@ class EpochSampler(Sampler[int]):
     def shard_size(self) -> int:
         return math.ceil(self.size / self.world_size)
 
-    def _indices(self) -> list[int]:
+    def _indices(self) -> list[Any]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()
+        order: list[Any] = torch.randperm(self.size, generator=g).tolist()
         if self.repeats > 1:
-            step = self.size if self.distinct_copies else 0
-            order = [i + c * step for i in order for c in range(self.repeats)]
+            order = [(i, c) if self.distinct_copies else i for i in order for c in range(self.repeats)]
         total = math.ceil(len(order) / self.world_size) * self.world_size
         order += order[: total - len(order)]
         return order[self.rank:total:self.world_size][: self.shard_size()]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:  # an index, or (index, copy) with distinct_copies
         return iter(self._indices()[self.start:])
 
     def __len__(self) -> int:
@@ -319,7 +320,13 @@ class SeededItems(Subset):
     A :class:`~torch.utils.data.Subset` of every index, so ``snnet.data.set_epoch`` reaches
     the dataset inside (and its own per-epoch draws). Use :meth:`wrap`, which leaves alone
     datasets that say (``deterministic_items = True``) that their items draw nothing.
+
+    Item ``(i, c)`` is the ``c``-th copy of image ``i`` under repeated augmentation
+    (:class:`EpochSampler`'s ``distinct_copies``), drawn with a seed of its own.
     """
+
+    # item (i, c): copy c of image i, augmented on its own (EpochSampler's distinct_copies)
+    distinct_copies = True
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         super().__init__(dataset, range(len(dataset)))  # type: ignore[arg-type]
@@ -333,18 +340,18 @@ class SeededItems(Subset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> Any:
-        # index i + c * len: the c-th copy of image i under repeated augmentation (EpochSampler's distinct_copies),
-        # drawn with a seed of its own
-        seed = mix_seed(self.seed, self.epoch, index)
-        index = index % len(self.indices)
+    def __getitem__(self, index: int | tuple[int, int]) -> Any:
+        index, copy = index if isinstance(index, tuple) else (index, 0)
+        index = self.indices[index]  # past the end: IndexError, which ends iterating the dataset directly
+        # copy c seeded as the index i + c * len, so the draws are those of the runs that numbered copies so
+        seed = mix_seed(self.seed, self.epoch, index + copy * len(self.indices))
         if get_worker_info() is not None:  # a loader worker: its generators serve nothing else, no need to restore
             seed_everything(seed, cuda=False)
             return self.dataset[index]
         with _isolated_rng(seed):  # the main process: training draws from the same generators
             return self.dataset[index]
 
-    def __getitems__(self, indices: list[int]) -> list[Any]:  # Subset's batched fetch would skip the seeding
+    def __getitems__(self, indices: list[Any]) -> list[Any]:  # Subset's batched fetch would skip the seeding
         return [self[i] for i in indices]
 
 

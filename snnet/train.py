@@ -207,8 +207,9 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
     if resumed is None:
         seed_everything(config.run.seed + rank)
     data = SeededItems.wrap(train_data, config.run.seed)
+    # each copy its own augmentation: SeededItems seeds each, Fashion-MNIST (drawn per epoch) draws one per copy
     order = EpochSampler(n, config.run.seed, rank, world, repeats=config.data.repeated_aug,
-                         distinct_copies=isinstance(data, SeededItems))  # each copy its own augmentation
+                         distinct_copies=getattr(data, "distinct_copies", False))
     plan = _plan(config, order, world)
     position = Position()
     # the resume ended the checkpoint's epoch (no batch of a new size left in it, or fewer images: _carried_position),

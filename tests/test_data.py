@@ -211,6 +211,62 @@ def test_crop_padding_zero_augments_by_flips_alone(tmp_path: Path) -> None:
         build_dataset(str(tmp_path / "nowhere"), "train", augment=True, crop_padding=0)
 
 
+def _random_fmnist(root: Path, n: int = 16) -> None:
+    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    (root / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    (root / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(torch.arange(n, dtype=torch.uint8) % 10))
+
+
+def test_repeated_augmentation_crops_and_flips_each_fashion_mnist_copy_on_its_own(tmp_path: Path) -> None:
+    """--data.repeated_aug 3 (the deit and levit recipes): the three copies of a Fashion-MNIST image were one
+    image three times (its crop and flip are drawn per epoch and index). The epoch sampler gives each copy as
+    (index, copy), drawn on its own; an epoch keeps its length, and iterating the dataset directly still ends
+    (indices past the end are an IndexError: a loop that never ended took all memory)."""
+    import itertools
+
+    from snnet.sampling import EpochSampler, SeededItems
+
+    _random_fmnist(tmp_path)
+    ds = FashionMNIST(tmp_path, "test", augment=True, seed=1)
+    assert SeededItems.wrap(ds, 1) is ds and ds.distinct_copies
+    order = EpochSampler(len(ds), seed=1, repeats=3, distinct_copies=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, sampler=order)
+    batches = [x for x, _ in loader]
+    assert len(order) == len(ds) and sum(len(x) for x in batches) == len(ds)  # an epoch is still 16 images
+    full = [x for x in batches if len(x) == 3]  # each batch: the three copies of one image
+    assert all(not (torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])) for x in full)
+    assert sum(torch.equal(x[0], x[1]) or torch.equal(x[1], x[2]) or torch.equal(x[0], x[2]) for x in full) <= 1
+    assert all(torch.equal(ds[i][0], ds[(i, 0)][0]) for i in range(len(ds)))  # copy 0: the image as before
+    again = FashionMNIST(tmp_path, "test", augment=True, seed=1)
+    assert all(torch.equal(again[(i, 2)][0], ds[(i, 2)][0]) for i in range(len(ds)))  # a pure function of the seed
+    for data in (ds, SeededItems(ds, 1)):
+        assert len(list(itertools.islice(iter(data), 3 * len(ds)))) == len(ds)  # not an endless loop
+        with pytest.raises(IndexError):
+            data[len(ds)]
+
+
+def test_training_with_repeated_augmentation_reads_each_fashion_mnist_copy(tmp_path: Path) -> None:
+    """train() gives a Fashion-MNIST dataset the copies of its images as (index, copy), not one index three times."""
+    import snnet
+    from snnet.train import train
+
+    from .conftest import TINY_VITS, cfg
+
+    class Recording(FashionMNIST):
+        def __getitem__(self, index):
+            self.read.append(index)
+            return super().__getitem__(index)
+
+    _random_fmnist(tmp_path)
+    ds = Recording(tmp_path, "test", augment=True, mean=(0.5,) * 3, std=(0.5,) * 3)
+    ds.read = []
+    torch.manual_seed(0)
+    train(snnet.create_snnet(TINY_VITS[:2], img_size=28), ds,
+          cfg(tmp_path, repeated_aug=3, init_images=0, max_steps=2, batch_size=6))
+    copies = [k for k in ds.read if isinstance(k, tuple)]  # (train reads image 0 once to check its shape)
+    assert len(copies) == 2 * 6 and copies[:3] == [(copies[0][0], c) for c in range(3)], ds.read
+
+
 def test_loader_is_reproducible(tmp_path: Path) -> None:
     write_fake_fmnist(tmp_path, n=20)
     ds = FashionMNIST(tmp_path, "test", augment=True, seed=0)
