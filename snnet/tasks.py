@@ -181,13 +181,17 @@ class ImageClassification:
     def dataset(data: DataConfig, data_config: Any, seed: int, *, split: str | None = None,
                 train: bool = True, limit: int | None = None) -> Dataset:
         """The dataset ``data`` names, read with the anchors' ``data_config``: its training split,
-        augmented as ``data`` says (``train``), or another ``split`` as it is (evaluation; ``limit``)."""
+        augmented as ``data`` says (``train``), or another ``split`` as it is (evaluation; ``limit``).
+        A limit keeps images drawn with ``seed`` (the run's), spread over the classes: the same ones on a resume."""
         from .data import build_dataset
 
+        # limit_seed: a class-sorted folder's first N images are its first class or classes (Fashion-MNIST, stored
+        # shuffled, keeps its first N)
         return build_dataset(data.source, split or data.split, data_config, augment=train and data.augment,
                              limit=data.limit if train else limit, root=data.root, download=data.download, seed=seed,
                              transform_options=data.transform_options() if train else None,
-                             skip_unreadable=data.skip_unreadable, crop_padding=data.crop_padding if train else None)
+                             skip_unreadable=data.skip_unreadable, crop_padding=data.crop_padding if train else None,
+                             limit_seed=seed)
 
     # -- scoring
     @staticmethod

@@ -361,3 +361,40 @@ def test_a_training_label_outside_the_networks_classes_is_refused_in_one_line(tm
     labels = data.tensors[1] + 1  # 1..10 for a 10-class head
     with pytest.raises(SnnetError, match=r"^training label 10 is outside the network's 10 classes \(0 to 9\)"):
         train(fresh_net(), TensorDataset(data.tensors[0], labels), cfg(tmp_path, init_images=0, batch_size=16))
+
+
+def test_a_training_limit_of_a_folder_is_spread_over_its_classes(tmp_path, monkeypatch) -> None:
+    """`snnet train --data.limit 6` on a folder that lists its classes one after another trained on its first 6
+    images: all of class0 (the validation limit too). They are drawn with the run's seed, spread over the classes,
+    the same 6 for the same seed (a resume); Fashion-MNIST, stored shuffled, keeps its first N."""
+    import snnet.train as train_mod
+    from snnet.data import make_loader
+    from snnet.tasks import ImageClassification
+
+    from .conftest import _folder
+    from .test_data import write_fake_fmnist
+
+    data = _folder(tmp_path / "imgs", classes=4, per_class=6)
+    trained: list[list[int]] = []
+
+    def labels(ds) -> list[int]:
+        return [y for _, ys in make_loader(ds, batch_size=64, shuffle=False) for y in ys.tolist()]
+
+    def recording(net, dataset, config, **kwargs):
+        trained.append(labels(dataset))
+        raise SystemExit(0)  # what `snnet train` would train on is all this test needs
+
+    monkeypatch.setattr(train_mod, "train", recording)
+    assert _cli("train", "--anchors", ",".join(TINY_VITS[:2]), "--data", str(data), "--data.limit", "6",
+                "--data.augment", "false", "--model.num_classes", "4", "--run.seed", "3", "--out", str(tmp_path / "o"),
+                "--no-progress") == 0
+    assert len(trained[0]) == 6 and len(set(trained[0])) > 1, trained[0]  # not six images of class0
+    config = cfg(tmp_path, source=str(data), augment=False, limit=6)
+    data_config = fresh_net().anchors[0].data_config
+    assert labels(ImageClassification.dataset(config.data, data_config, 3)) == trained[0]  # a resume's (seed 3)
+    val = labels(ImageClassification.dataset(config.data, data_config, 3, split="val", train=False, limit=6))
+    assert len(val) == 6 and len(set(val)) > 1, val
+    (tmp_path / "fmnist").mkdir()
+    write_fake_fmnist(tmp_path / "fmnist", n=8)
+    fmnist = cfg(tmp_path, root=str(tmp_path / "fmnist"), augment=False)
+    assert labels(ImageClassification.dataset(fmnist.data, {}, 1, split="test", train=False, limit=5)) == [0, 1, 2, 3, 4]
