@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
-from .errors import SnnetError, UnverifiedFileWarning
+from .errors import SnnetError, UnverifiedFileWarning, reason
 
 if TYPE_CHECKING:  # annotations only: this module does not load torch
     import torch
@@ -146,6 +146,49 @@ def keep_previous(path: str | os.PathLike, record: str | os.PathLike) -> Path:
     except OSError:  # a file system without hard links: the save is as before, renames only
         pass
     return previous
+
+
+@contextmanager
+def replacing(paths: Iterable[str | os.PathLike], record: str | os.PathLike) -> Iterator[None]:
+    """Around a save that replaces ``paths`` and then, last, ``record`` (the config.json holding their SHA-256):
+    each file's old bytes are kept (:func:`keep_previous`) until the block ends, then dropped.
+
+    Killed inside the block, the old record and the kept bytes still load (:func:`recorded_previous`). An
+    exception inside it, before ``record`` is replaced, puts every file back as it was (files the save added are
+    removed) and propagates: a failed save leaves the save before it whole, not one loading with a warning."""
+    paths, record = [Path(p) for p in paths], Path(record)
+    added = [p for p in paths if not p.exists()]
+    before = _identity(record)
+    kept = [keep_previous(p, record) for p in paths]
+    try:
+        yield
+    except Exception as e:
+        if _identity(record) == before:  # the new record is not in: the files it would have named go back
+            stuck = []
+            for path, previous in zip(paths, kept):
+                try:
+                    if before is not None and previous.is_file():
+                        os.replace(previous, path)
+                    elif path in added:
+                        path.unlink(missing_ok=True)
+                except OSError as err:
+                    stuck.append(f"{path.name} ({reason(err)}; " + (f"its earlier bytes, which the loaders read, stay "
+                                 f"in {previous.name})" if previous.is_file() else "remove it by hand)"))
+            if stuck:
+                raise SnnetError(f"a save into {record.parent} failed ({reason(e)}) and could not put back "
+                                 f"{', '.join(stuck)}") from e
+        raise
+    for previous in kept:
+        previous.unlink(missing_ok=True)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """What tells a file from the one renamed over it (inode and change time), None if there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_ctime_ns
 
 
 def recorded_previous(path: str | os.PathLike, config: Mapping) -> Path | None:

@@ -27,7 +27,7 @@ from . import adapters  # noqa: F401  (registers snnet's adapters: the command l
 from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, Route, anchor_label, as_rows, build_parts, create_anchor,
                       cut_parts, without_final_norm)
 from .errors import CheckpointError, ConfigError, NotStitchableError, SnnetError
-from .io import atomic_write, in_saved_dtype, keep_previous, record_checksum, recorded_previous, verify_checksum
+from .io import atomic_write, in_saved_dtype, record_checksum, recorded_previous, replacing, verify_checksum
 from .report import progress as report_progress
 from .flops import PartCosts, count_macs, layer_flops, num_params, part_costs
 from .results import Row
@@ -225,7 +225,7 @@ class StitchedBase(nn.Module):
         ``model.safetensors``; :meth:`from_pretrained` refuses a weights file that does not match.
         Over a saved network, its weights stay (as ``model.safetensors.previous``) until the new
         ``config.json`` is in: a save interrupted between the two files leaves the network saved
-        before it, which :meth:`from_pretrained` then loads.
+        before it, which :meth:`from_pretrained` then loads; a save that fails with an error puts it back.
         ``state`` replaces the network's own state dict (a sharded network's gathered weights).
         ``extra`` names more files to write beside the weights (name -> a function writing it to the path
         it is given): written, recorded in ``config.json`` and kept over a save as the weights are.
@@ -252,12 +252,10 @@ class StitchedBase(nn.Module):
             return write_and_record
 
         files = {**(extra or {}), WEIGHTS_NAME: write_weights}
-        kept = [keep_previous(directory / name, directory / CONFIG_NAME) for name in files]
-        for name, write in files.items():
-            atomic_write(directory / name, recorded(name, write))
-        atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
-        for previous in kept:
-            previous.unlink(missing_ok=True)
+        with replacing([directory / name for name in files], directory / CONFIG_NAME):
+            for name, write in files.items():
+                atomic_write(directory / name, recorded(name, write))
+            atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
         return directory
 
     @classmethod

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import stat
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -388,13 +389,14 @@ def test_export_refuses_a_networks_weights_left_without_their_config(tiny_net: s
     assert deploy.load_stitch(cut).snnet_stitch == tiny_net.space[3].name
 
 
-def _stop_exports_before_the_config(monkeypatch, out: Path) -> None:
-    """Make exports into ``out`` stop (as if killed) once their model files are moved in, before their config.json."""
+def _stop_exports_before_the_config(monkeypatch, out: Path, error: BaseException = KeyboardInterrupt()) -> None:
+    """Make exports into ``out`` stop (as if killed, or with ``error``) once their model files are moved in, before
+    their config.json."""
     real = os.replace
 
     def replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         if Path(dst) == out / deploy.STITCH_CONFIG and Path(src).name == deploy.STITCH_CONFIG:
-            raise KeyboardInterrupt
+            raise error
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
@@ -416,6 +418,23 @@ def test_an_export_over_an_export_stopped_between_its_files_keeps_the_old_one_lo
     deploy.export_stitch(tiny_net, 3, tmp_path, formats=["safetensors"])  # exporting again finishes it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     assert deploy.load_stitch(tmp_path).snnet_stitch == tiny_net.space[3].name
+
+
+def test_an_export_failing_between_its_files_puts_the_old_one_back(
+        tiny_net: snnet.StitchedNet, tmp_path: Path, monkeypatch) -> None:
+    """An export over another that failed with an error (a full disk) while moving its files in left the folder as
+    an interrupted export: new weights beside the old config.json, the old export loading with a warning until the
+    next export. The old files are put back as they were, and the error says so."""
+    deploy.export_stitch(tiny_net, 4, tmp_path, formats=["safetensors"])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    _stop_exports_before_the_config(monkeypatch, tmp_path, OSError(28, "No space left on device"))
+    with pytest.raises(ExportError, match=r"No space left on device.*left as it was before this export"):
+        deploy.export_stitch(tiny_net, 3, tmp_path, formats=["safetensors"])
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the old export, whole: no fallback warning
+        assert deploy.load_stitch(tmp_path).snnet_stitch == tiny_net.space[4].name
 
 
 @pytest.mark.slow

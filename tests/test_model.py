@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -322,8 +323,9 @@ def test_a_half_precision_network_loads_back_in_its_dtype(dtype: torch.dtype, tm
     assert back.active == net.active
 
 
-def _stop_saves_before_the_config(monkeypatch) -> None:
-    """Every save_pretrained from here on stops (as Ctrl-C would) between its weights and its config.json."""
+def _stop_saves_before_the_config(monkeypatch, error: BaseException = KeyboardInterrupt()) -> None:
+    """Every save_pretrained from here on stops (as Ctrl-C would, or with ``error``) between its weights and its
+    config.json."""
     from pathlib import Path
 
     import snnet.model as model_module
@@ -332,7 +334,7 @@ def _stop_saves_before_the_config(monkeypatch) -> None:
 
     def stop_before_the_config(path, write, *args, **kwargs):
         if Path(path).name == model_module.CONFIG_NAME:
-            raise KeyboardInterrupt
+            raise error
         return real(path, write, *args, **kwargs)
 
     monkeypatch.setattr(model_module, "atomic_write", stop_before_the_config)
@@ -357,6 +359,24 @@ def test_a_save_interrupted_between_its_files_keeps_the_network_saved_before(tmp
     new.save_pretrained(tmp_path)  # saving again finishes it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     assert all(torch.equal(v, new.state_dict()[k]) for k, v in snnet.load(tmp_path).state_dict().items())
+
+
+def test_a_save_failing_between_its_files_puts_the_network_saved_before_back(tmp_path, monkeypatch) -> None:
+    """A save over a saved network that failed with an error (a full disk writing config.json) left new weights
+    beside the old config, the old network loading with a warning until the next save: it is put back as it was."""
+    old = seeded_net(anchors=TINY_VITS[:2])
+    old.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    _stop_saves_before_the_config(monkeypatch, OSError(28, "No space left on device"))
+    torch.manual_seed(1)
+    with pytest.raises(OSError, match="No space left"):
+        snnet.create_snnet(TINY_VITS[:2]).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the old network, whole: no fallback warning
+        back = snnet.load(tmp_path)
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in back.state_dict().items())
 
 
 def test_from_pretrained_puts_the_network_where_map_location_says(tmp_path, monkeypatch) -> None:

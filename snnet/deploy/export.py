@@ -28,8 +28,8 @@ from torch import nn
 
 from .. import adapters  # noqa: F401  (registers snnet's adapters: the command line imports the package without them)
 from ..anchors import ActivationSpec, AnchorSpec, Route, create_anchor, cut_parts, split_model, without_final_norm
-from ..errors import CheckpointError, ExportError
-from ..io import (atomic_write, in_saved_dtype, keep_previous, record_checksum, recorded_previous, safetensors_kind,
+from ..errors import CheckpointError, ExportError, SnnetError, reason
+from ..io import (atomic_write, in_saved_dtype, record_checksum, recorded_previous, replacing, safetensors_kind,
                   verify_checksum, warn_unverified)
 from ..results import check_writable
 from ..space import Stitch
@@ -221,10 +221,9 @@ def save_stitch(route: StitchRoute, directory: str | os.PathLike, config: Mappin
         verify(p)
         record_checksum(saved, STITCH_WEIGHTS, p)
 
-    previous = keep_previous(out / STITCH_WEIGHTS, out / STITCH_CONFIG)  # the stitch saved before stays loadable
-    atomic_write(out / STITCH_WEIGHTS, write)
-    atomic_write(out / STITCH_CONFIG, lambda p: p.write_text(json.dumps(saved, indent=2) + "\n"))
-    previous.unlink(missing_ok=True)
+    with replacing([out / STITCH_WEIGHTS], out / STITCH_CONFIG):  # the stitch saved before stays loadable
+        atomic_write(out / STITCH_WEIGHTS, write)
+        atomic_write(out / STITCH_CONFIG, lambda p: p.write_text(json.dumps(saved, indent=2) + "\n"))
     return out
 
 
@@ -411,7 +410,8 @@ def export_stitch(net: "StitchedNet", stitch: int | str | Stitch, out: str | os.
     of every file, which the loaders check. Every file is staged in a temporary folder inside
     ``out`` and verified; the files move into ``out`` only when every format succeeded, so a
     failure leaves ``out`` as it was. Over an earlier export, its files' bytes stay until the new
-    ``config.json`` is in: stopped between the files, the earlier export still loads. The example input is a random batch at the network's input size.
+    ``config.json`` is in: stopped between the files, the earlier export still loads; failing between them
+    with an error, it is put back as it was. The example input is a random batch at the network's input size.
     """
     from .memory import check_input
 
@@ -456,14 +456,19 @@ def _export_staged(net: "StitchedNet", s: Stitch, out: Path, formats: Sequence[s
         atomic_write(stage / STITCH_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
         names = [FORMAT_FILES[f] for f in formats]
         # over an export, each file's old bytes stay (hard links) until the new config.json is in: an export stopped
-        # between its files leaves the old config.json beside them, and the old export loadable (_checked)
-        kept = [keep_previous(out / name, out / STITCH_CONFIG) for name in names]
+        # between its files leaves the old config.json beside them, and the old export loadable (_checked); one that
+        # fails there puts them back
         paths = {}
-        for name in names + [STITCH_CONFIG]:  # the record of the files last
-            os.replace(stage / name, out / name)
-            paths[name] = out / name
-        for previous in kept:
-            previous.unlink(missing_ok=True)
+        try:
+            with replacing([out / name for name in names], out / STITCH_CONFIG):
+                for name in names + [STITCH_CONFIG]:  # the record of the files last
+                    os.replace(stage / name, out / name)
+                    paths[name] = out / name
+        except SnnetError:  # the earlier export could not be put back: the message says where it is
+            raise
+        except Exception as e:
+            raise ExportError(f"moving the export into {out} failed ({reason(e)}); {out} is left as it was before "
+                              "this export: fix that and export again") from e
         return paths
     finally:
         shutil.rmtree(stage, ignore_errors=True)
