@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ _TMP_SUFFIX = ".tmp"
 PREVIOUS_SUFFIX = ".previous"
 # where a saved network's or stitch's config.json records its files' checksums: name -> SHA-256 hex
 CHECKSUMS_KEY = "sha256"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # as sha256_file writes it
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # reading the umask sets it: set it back
 
@@ -101,14 +103,21 @@ def verify_checksum(path: str | os.PathLike, config: Mapping, record: str | os.P
 
     A config without one (written before snnet recorded checksums, or with the entry deleted) is
     accepted unverified, with a warning (:func:`warn_unverified`): returns False. A mismatch raises
-    ``error`` in one line naming the file; ``fix`` says what to do.
+    ``error`` in one line naming the file, a checksum that is not one (a number, a list) one naming the
+    record as corrupt; ``fix`` says what to do.
     """
     path = Path(path)
     checksums = config.get(CHECKSUMS_KEY)
-    expected = checksums.get(path.name) if isinstance(checksums, Mapping) else None
+    if checksums is not None and not isinstance(checksums, Mapping):
+        raise error(f"{record} is corrupt (its {CHECKSUMS_KEY} is {checksums!r}, not a table of file names and SHA-256s), "
+                    f"so {path} cannot be verified; {fix}")
+    expected = checksums.get(path.name) if checksums is not None else None
     if expected is None:
         warn_unverified(path, f"{record} records no SHA-256 for it", fix)
         return False
+    if not (isinstance(expected, str) and _SHA256_HEX.fullmatch(expected)):  # else the file was called damaged
+        raise error(f"{record} is corrupt (its SHA-256 for {path.name} is {expected!r}, not 64 hex digits), so {path} "
+                    f"cannot be verified; {fix}")
     if sha256_file(path) != expected:
         raise error(f"{path} is damaged: its SHA-256 differs from the one recorded in {record} "
                     f"(bytes changed on disk or in transfer); {fix}")

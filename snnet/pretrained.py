@@ -194,9 +194,12 @@ def _checksums(record: Any) -> dict[str, Any]:
     if not isinstance(record, dict):
         return {}
     models, table = record.get("models"), record.get(CHECKSUMS_KEY)
+    if table is not None and not isinstance(table, dict):
+        return {CHECKSUMS_KEY: table}  # refused as corrupt, not read as recording none
+    # an entry that is not a checksum (a number) is kept: verify_checksum calls the record corrupt, not the weights
     older = {str(m.get("file") or f"{n}.safetensors"): m["sha256"] for n, m in models.items()
-             if isinstance(m, dict) and isinstance(m.get("sha256"), str)} if isinstance(models, dict) else {}
-    return {CHECKSUMS_KEY: {**older, **(table if isinstance(table, dict) else {})}}
+             if isinstance(m, dict) and m.get("sha256") is not None} if isinstance(models, dict) else {}
+    return {CHECKSUMS_KEY: {**older, **(table or {})}}
 
 
 def _create(name: str, pretrained: bool, spec: FmnistVitSpec, **kwargs: Any) -> VisionTransformer:

@@ -147,6 +147,23 @@ def test_a_saved_network_without_its_checksum_warns_on_the_command_line(tmp_path
     assert len(err) == 1 and err[0].startswith(f"warning: {folder / 'model.safetensors'} is loaded UNVERIFIED"), err
 
 
+@pytest.mark.parametrize("entry", [5, ["0" * 64], "not a digest"])
+def test_a_checksum_entry_that_is_not_one_calls_the_record_corrupt(entry, tmp_path: Path) -> None:
+    """A config.json whose SHA-256 entry was not a checksum (a number, a list) called the intact weights "damaged"
+    (bytes changed on disk): the record itself is said to be corrupt, for a saved network and an export."""
+    torch.manual_seed(0)
+    net = snnet.create_snnet(TINY_VITS[:2])
+    folders = {net.save_pretrained(tmp_path / "net"): snnet.load, tmp_path / "stitch": deploy.load_stitch}
+    deploy.export_stitch(net, 2, tmp_path / "stitch", formats=["safetensors"])
+    for folder, load in folders.items():
+        config = json.loads((folder / "config.json").read_text())
+        config["sha256"]["model.safetensors"] = entry
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=r"config\.json is corrupt \(its SHA-256 for model\.safetensors is "
+                                                  r".*cannot be verified; (restore it|export the stitch again)"):
+            load(folder)
+
+
 def test_shipped_weights_without_family_json_warn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deleting family.json (the shipped files' checksums) does not turn verification off silently."""
     shipped = pretrained.weights_path("fmnist_vit_ti")

@@ -120,3 +120,29 @@ def test_a_family_json_of_the_older_layout_still_verifies_the_weights(tmp_path: 
     (copy / shipped.name).write_bytes(bytes(damaged))
     with pytest.raises(SnnetError, match="damaged.*reinstall snnet"):
         timm.create_model("fmnist_vit_ti", pretrained=True)
+
+
+@pytest.mark.parametrize("layout", ["table", "older", "not a table"])
+def test_a_family_json_whose_checksum_is_not_one_is_called_corrupt(layout: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A family.json whose SHA-256 entry was not a string (a number) called the intact shipped weights "damaged",
+    and one whose older-layout entry was not a string, or whose table was not one, loaded them unverified:
+    the record itself is said to be corrupt, and what to do."""
+    from snnet.errors import SnnetError
+
+    family = json.loads(FAMILY_JSON.read_text())
+    shipped = pretrained.weights_path("fmnist_vit_ti")
+    if layout == "table":
+        family["sha256"][shipped.name] = 5
+    elif layout == "older":
+        family.pop("sha256")
+        family["models"]["fmnist_vit_ti"]["sha256"] = 5
+    else:
+        family["sha256"] = 5
+    copy = tmp_path / "weights"
+    copy.mkdir()
+    (copy / "family.json").write_text(json.dumps(family))
+    (copy / shipped.name).write_bytes(shipped.read_bytes())
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", copy)
+    with pytest.raises(SnnetError, match=r"family\.json is corrupt \(.*5.*cannot be verified; reinstall snnet"):
+        timm.create_model("fmnist_vit_ti", pretrained=True)
