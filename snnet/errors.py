@@ -6,7 +6,9 @@ message (which says what was wrong and what to do) instead of a traceback.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 
 class SnnetError(Exception):
@@ -117,6 +119,20 @@ class ZooError(SnnetError, ValueError):
 
 class SnnetWarning(UserWarning):
     """Something the user should know that does not stop the work (the command line prints ``warning: ...``)."""
+
+
+# snnet's own files: a warning names the first line outside them (user_stacklevel)
+_PACKAGE_DIR = os.path.dirname(__file__) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the function calling this that names the first caller outside
+    snnet, the user's own line, however deep inside snnet the warning is raised (a fixed number named a line of
+    snnet's once the call went through one more of its functions). Python 3.12's ``skip_file_prefixes``, on 3.11."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class UnverifiedFileWarning(SnnetWarning):

@@ -26,7 +26,7 @@ from torch import nn
 from . import adapters  # noqa: F401  (registers snnet's adapters: the command line imports the package without them)
 from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, Route, anchor_label, as_rows, build_parts, create_anchor,
                       cut_parts, without_final_norm)
-from .errors import CheckpointError, ConfigError, NotStitchableError, SnnetError
+from .errors import CheckpointError, ConfigError, NotStitchableError, SnnetError, user_stacklevel
 from .io import atomic_write, in_saved_dtype, record_checksum, recorded_previous, replacing, verify_checksum
 from .report import progress as report_progress
 from .flops import PartCosts, count_macs, layer_flops, num_params, part_costs
@@ -289,7 +289,8 @@ class StitchedBase(nn.Module):
             import warnings
 
             warnings.warn(f"{directory}: a save was interrupted between its two files; loading the network saved before "
-                          f"it ({previous.name}). Save the network again to finish the interrupted save", stacklevel=3)
+                          f"it ({previous.name}). Save the network again to finish the interrupted save",
+                          stacklevel=user_stacklevel())
             w_path = previous
         return cfg, w_path
 

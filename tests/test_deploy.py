@@ -437,6 +437,27 @@ def test_an_export_failing_between_its_files_puts_the_old_one_back(
         assert deploy.load_stitch(tmp_path).snnet_stitch == tiny_net.space[4].name
 
 
+@pytest.mark.parametrize("name", ["model.pt2", "model.onnx"])
+def test_the_interrupted_export_warning_names_the_callers_line(name: str, tmp_path: Path) -> None:
+    """load_program's and load_onnx's warning that they fall back to the export before an interrupted one named a
+    line inside snnet (stacklevel counted from a helper), not the caller's, so filters by module and the location
+    shown pointed at snnet. A folder as such an export leaves it: the record names the kept bytes, not the new ones."""
+    import hashlib
+
+    from snnet.errors import SnnetError
+
+    old = b"the earlier export's bytes"
+    (tmp_path / f"{name}.previous").write_bytes(old)
+    (tmp_path / name).write_bytes(b"the interrupted export's bytes")
+    (tmp_path / deploy.STITCH_CONFIG).write_text(json.dumps({"sha256": {name: hashlib.sha256(old).hexdigest()}}))
+    load = deploy.load_program if name == "model.pt2" else deploy.load_onnx
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SnnetError):  # not a real program: refused after
+        warnings.simplefilter("always")
+        load(tmp_path / name)
+    said = [w for w in caught if "interrupted before its config.json" in str(w.message)]
+    assert [w.filename for w in said] == [__file__]
+
+
 @pytest.mark.slow
 def test_a_program_export_stopped_before_its_config_keeps_the_old_program(
         tiny_net: snnet.StitchedNet, images: torch.Tensor, tmp_path: Path, monkeypatch) -> None:

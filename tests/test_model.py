@@ -361,6 +361,25 @@ def test_a_save_interrupted_between_its_files_keeps_the_network_saved_before(tmp
     assert all(torch.equal(v, new.state_dict()[k]) for k, v in snnet.load(tmp_path).state_dict().items())
 
 
+def test_the_interrupted_save_warning_names_the_callers_line(tmp_path, monkeypatch) -> None:
+    """The warning that the network saved before an interrupted save is loaded named a line inside snnet whenever
+    the load went through another of its functions (a model.init network: saved_network), not the caller's."""
+    from snnet.config import SpaceConfig
+    from snnet.model import saved_network
+
+    seeded_net(anchors=TINY_VITS[:2]).save_pretrained(tmp_path)
+    _stop_saves_before_the_config(monkeypatch)
+    torch.manual_seed(1)
+    with pytest.raises(KeyboardInterrupt):
+        snnet.create_snnet(TINY_VITS[:2]).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    for load in (lambda: snnet.load(tmp_path), lambda: saved_network(snnet.StitchedNet, str(tmp_path), SpaceConfig())):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load()
+        assert [w.filename for w in caught if "interrupted between its two files" in str(w.message)] == [__file__]
+
+
 def test_a_save_failing_between_its_files_puts_the_network_saved_before_back(tmp_path, monkeypatch) -> None:
     """A save over a saved network that failed with an error (a full disk writing config.json) left new weights
     beside the old config, the old network loading with a warning until the next save: it is put back as it was."""

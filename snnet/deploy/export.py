@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import adapters  # noqa: F401  (registers snnet's adapters: the command line imports the package without them)
 from ..anchors import ActivationSpec, AnchorSpec, Route, create_anchor, cut_parts, split_model, without_final_norm
-from ..errors import CheckpointError, ExportError, SnnetError, reason
+from ..errors import CheckpointError, ExportError, SnnetError, reason, user_stacklevel
 from ..io import (atomic_write, in_saved_dtype, record_checksum, recorded_previous, replacing, safetensors_kind,
                   verify_checksum, warn_unverified)
 from ..results import check_writable
@@ -539,7 +539,8 @@ def _checked(path: Path, cfg: Mapping[str, Any], record: Path) -> Path:
         import warnings
 
         warnings.warn(f"{path.parent}: an export was interrupted before its {STITCH_CONFIG}; loading the stitch exported "
-                      f"before it ({previous.name}). Export the stitch again to finish the interrupted export", stacklevel=3)
+                      f"before it ({previous.name}). Export the stitch again to finish the interrupted export",
+                      stacklevel=user_stacklevel())
         return previous
     return path
 
