@@ -177,7 +177,10 @@ def replacing(paths: Iterable[str | os.PathLike], record: str | os.PathLike) -> 
             for path, previous in zip(paths, kept):
                 try:
                     if before is not None and previous.is_file():
-                        os.replace(previous, path)
+                        if path.is_file() and os.path.samefile(previous, path):  # failed before it was replaced:
+                            previous.unlink()  # a rename of a file onto another link of it does nothing, and left it
+                        else:
+                            os.replace(previous, path)
                     elif path in added:
                         path.unlink(missing_ok=True)
                 except OSError as err:

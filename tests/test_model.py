@@ -398,6 +398,25 @@ def test_a_save_failing_between_its_files_puts_the_network_saved_before_back(tmp
     assert all(torch.equal(v, old.state_dict()[k]) for k, v in back.state_dict().items())
 
 
+def test_a_save_failing_before_its_weights_are_in_leaves_no_previous_file(tmp_path, monkeypatch) -> None:
+    """A save over a saved network that failed writing its weights (a full disk) left model.safetensors.previous
+    behind: the kept link was only dropped once the new config.json was in."""
+    import snnet.model as model_module
+
+    old = seeded_net(anchors=TINY_VITS[:2])
+    old.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full_disk(path, write, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_module, "atomic_write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        old.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_from_pretrained_puts_the_network_where_map_location_says(tmp_path, monkeypatch) -> None:
     """from_pretrained(map_location="cuda") loaded the tensors there and copied them into a network left on the
     CPU. No GPU here: the device move is recorded (the weights themselves load on the CPU)."""
