@@ -1563,3 +1563,58 @@ def test_health_probes_share_one_question_to_the_model_process() -> None:
 
     waiting, codes = asyncio.run(main())
     assert waiting == 1 and codes == [200] * 8
+
+
+def _standin(max_queue: int = 8) -> tuple[Any, Any, Any]:
+    """A server process's real Batcher whose model process is a stand-in: the test holds the model's ends of the
+    jobs and control connections, and reads and answers them, or does not (a model process that hangs)."""
+    from multiprocessing import Pipe
+
+    from snnet.deploy.serve.batcher import Batcher
+    from snnet.deploy.serve.engine import EngineInfo
+
+    ends = {}
+
+    def connect(kind: str, *args: Any) -> Any:
+        mine, theirs = Pipe()
+        ends[kind] = theirs
+        if kind == "jobs":
+            theirs.send("attached")  # the ring "mapped"
+        return mine
+
+    batcher = Batcher(connect, EngineInfo([], (3, 4, 4), {}, 0), max_queue)
+    return batcher, ends["jobs"], ends["control"]
+
+
+def test_steering_a_model_process_that_does_not_answer_is_a_503_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET and PUT /stitch waited for ever for a model process that does not answer (stopped or hung): the client
+    hung with them. Now a 503 after CONTROL_TIMEOUT_S, saying so; its late answer is not taken for the next question's."""
+    import asyncio
+    import types
+
+    import snnet.deploy.serve.batcher as batcher_module
+    from snnet.deploy.serve.app import get_stitch
+    from snnet.deploy.serve.metrics import Metrics
+
+    monkeypatch.setattr(batcher_module, "CONTROL_TIMEOUT_S", 0.3, raising=False)
+    batcher, _, control = _standin()
+    svc = types.SimpleNamespace(batcher=batcher, metrics=Metrics())
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(asyncio.run(get_stitch(svc))), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert result, "GET /stitch still waits for the model process"
+    assert result[0].status_code == 503 and "not answering" in json.loads(result[0].body)["error"]
+    with pytest.raises(Rejected, match="not answering") as refused:  # PUT /stitch's question: not sent while one waits
+        batcher.control("pin", 0)
+    assert refused.value.status == 503
+    assert control.recv() == ("policy", None) and not control.poll(0)
+    control.send((True, {"late": "policy"}))  # the model process answers at last
+
+    def model() -> None:
+        op, _ = control.recv()
+        control.send((True, {"answer to": op}))
+
+    threading.Thread(target=model, daemon=True).start()
+    assert batcher.control("state") == {"answer to": "state"}
+    asyncio.run(batcher.close(0))

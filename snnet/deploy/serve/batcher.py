@@ -36,12 +36,16 @@ from ..controller import Decision
 from .engine import BatchInfo, EngineInfo, open_ring, recv, send, unpack_results, waiting
 from .rejected import Rejected
 
-__all__ = ["BatchResult", "Batcher", "TELL_INLINE_S"]
+__all__ = ["BatchResult", "Batcher", "CONTROL_TIMEOUT_S", "TELL_INLINE_S"]
 
 # Requests run in the server process (.inline) reach the model process's policy in one message at
 # most this often, or just before the next job: a message per request would wake the model
 # process at every lone request (tens of µs of CPU each side, on a machine whose other core it shares).
 TELL_INLINE_S = 0.05
+
+# How long a control question (GET/PUT /stitch, /health's state) waits for the model process: its control thread
+# answers at once, so a longer wait means the process is stopped or hung (the client used to wait for ever).
+CONTROL_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class Batcher:
         self._waiting = waiting(self.conn)
         self._control = connect("control")
         self._control_lock = threading.Lock()
+        self._unanswered = 0  # control questions given up on (CONTROL_TIMEOUT_S): their late answers are read and dropped
         self._used = bytearray(max_queue)  # 1 where an image of a request not yet answered is held
         self.held = 0
         self._pending: dict[int, tuple[asyncio.Future, int, int]] = {}  # job id -> (future, offset, images)
@@ -200,12 +205,29 @@ class Batcher:
 
     # ------------------------------------------------------------------ control
     def control(self, op: str, arg: Any = None) -> Any:
-        """Ask the model process (blocking: call it from a thread). Returns its answer, or raises
-        :class:`Rejected`: 404/400 with the model process's one-line reason, 503 when it is gone."""
+        """Ask the model process (blocking: call it from a thread), waiting CONTROL_TIMEOUT_S at most. Returns its
+        answer, or raises :class:`Rejected`: 404/400 with the model process's one-line reason, 503 when it is gone
+        or does not answer in time."""
+        deadline = time.monotonic() + CONTROL_TIMEOUT_S
+        not_answering = Rejected(503, f"the model process is not answering (nothing within {CONTROL_TIMEOUT_S:g} s): "
+                                      "it is hung or overloaded; retry later", "model_gone")
         try:
-            with self._control_lock:
+            if not self._control_lock.acquire(timeout=CONTROL_TIMEOUT_S):  # another question waits on it
+                raise not_answering
+            try:
+                while self._unanswered:  # answers come in the order asked: first those of questions given up on
+                    if not self._control.poll(max(0.0, deadline - time.monotonic())):
+                        raise not_answering
+                    self._control.recv()
+                    self._unanswered -= 1
                 self._control.send((op, arg))
+                self._unanswered += 1
+                if not self._control.poll(max(0.0, deadline - time.monotonic())):
+                    raise not_answering
                 ok, payload = self._control.recv()
+                self._unanswered -= 1
+            finally:
+                self._control_lock.release()
         except (OSError, EOFError) as e:
             raise Rejected(503, f"the model process does not answer ({type(e).__name__}): the server is shutting down or broken",
                            "model_gone") from e
