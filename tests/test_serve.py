@@ -1618,3 +1618,45 @@ def test_steering_a_model_process_that_does_not_answer_is_a_503_within_a_bound(m
     threading.Thread(target=model, daemon=True).start()
     assert batcher.control("state") == {"answer to": "state"}
     asyncio.run(batcher.close(0))
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_model_process_that_stops_reading_does_not_block_the_server(loop: str) -> None:
+    """Jobs went to the model process by a blocking write from the event loop: one that stops reading (hung) filled
+    the socket after about 280 small messages, and the server process's event loop blocked for good (no request,
+    /health or shutdown answered). What the socket does not take now waits, and goes whole and in order once the model
+    process reads again; the loop never waits for it."""
+    import asyncio
+
+    from snnet.deploy.serve.engine import recv
+
+    factory = pytest.importorskip("uvloop").new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    batcher, jobs, _ = _standin(max_queue=1000)
+    read: list[int] = []
+
+    async def main() -> None:
+        batcher.start()
+        for _ in range(1000):  # far more than the socket holds, none read
+            batcher.submit(batcher.reserve(1), 1, time.perf_counter())
+        await asyncio.sleep(0.05)  # the loop goes on
+        reader = threading.Thread(target=lambda: read.extend(recv(jobs)[1] for _ in range(1000)), daemon=True)
+        reader.start()  # the model process reads again
+        while reader.is_alive():
+            await asyncio.sleep(0.01)
+        assert os.get_blocking(batcher.conn.fileno())  # results are read whole (test_results_larger_than_one_socket_read)
+        await batcher.close(0)
+
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.Runner(loop_factory=factory).run(main())
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            failed.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the event loop blocked on a model process that stopped reading"
+    assert not failed, failed[0]
+    assert read == list(range(1000))

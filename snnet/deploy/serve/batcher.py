@@ -23,6 +23,9 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import pickle
+import socket
+import struct
 import tempfile
 import threading
 import time
@@ -33,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..controller import Decision
-from .engine import BatchInfo, EngineInfo, open_ring, recv, send, unpack_results, waiting
+from .engine import BatchInfo, EngineInfo, open_ring, recv, unpack_results, waiting
 from .rejected import Rejected
 
 __all__ = ["BatchResult", "Batcher", "CONTROL_TIMEOUT_S", "TELL_INLINE_S"]
@@ -81,6 +84,12 @@ class Batcher:
         finally:
             os.unlink(path)
         self._waiting = waiting(self.conn)
+        # jobs go out without blocking the event loop (MSG_DONTWAIT on a copy of the descriptor: reads stay blocking);
+        # what the socket does not take waits here, in order, until the model process reads again. Bounded by the ring:
+        # every job not yet answered holds at least one image of it
+        self._sock = socket.socket(fileno=os.dup(self.conn.fileno()))
+        self._out = bytearray()
+        self._writing = False  # a loop writer sends _out as the socket takes it
         self._control = connect("control")
         self._control_lock = threading.Lock()
         self._unanswered = 0  # control questions given up on (CONTROL_TIMEOUT_S): their late answers are read and dropped
@@ -139,7 +148,7 @@ class Batcher:
         if self._ran_inline:
             self._tell_inline()  # the policy sees the earlier arrivals before this one
         try:
-            send(self.conn, ("job", job_id, offset, images, arrived))
+            self._send(("job", job_id, offset, images, arrived))
         except OSError as e:
             del self._pending[job_id]
             raise Rejected(503, f"the model process is gone ({e.__class__.__name__}): the server is shutting down or broken",
@@ -162,11 +171,45 @@ class Batcher:
 
     def _tell_inline(self) -> None:
         ran, self._ran_inline = self._ran_inline, []
-        if ran and not (self.gone or self.conn.closed):
+        # dropped while jobs wait to be sent: a model process that stopped reading would have them pile up without bound
+        if ran and not (self.gone or self.conn.closed or self._out):
             try:
-                send(self.conn, ("inline", ran))
+                self._send(("inline", ran))
             except OSError:
                 pass  # gone: the next read finds out
+
+    def _send(self, message: tuple) -> None:
+        """Send ``message`` to the model process without blocking the event loop: what the socket does not take now
+        waits in ``_out`` (after anything already waiting) and goes as the model process reads. OSError: it is gone."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self._out += struct.pack("!i", len(data)) + data  # Connection.send_bytes's framing: the model process's recv reads it
+        if not self._writing:
+            self._flush()
+
+    def _flush(self) -> None:
+        try:
+            while self._out:
+                del self._out[:self._sock.send(self._out, socket.MSG_DONTWAIT)]
+        except BlockingIOError:  # the model process is not reading now: the loop sends the rest when it can
+            if not self._writing:
+                assert self._loop is not None
+                self._loop.add_writer(self._sock.fileno(), self._flush)
+                # the copy shares the descriptor's blocking flag, which libuv just cleared: reads stay whole (start())
+                os.set_blocking(self._sock.fileno(), True)
+                self._writing = True
+            return
+        except OSError:  # gone: nothing waiting will be read
+            self._out.clear()
+            if not self._writing:
+                raise  # sending from submit: its request is refused
+            # found while the loop sent the rest: the reader fails what waits
+        self._stop_writing()
+
+    def _stop_writing(self) -> None:
+        if self._writing:
+            assert self._loop is not None
+            self._loop.remove_writer(self._sock.fileno())
+            self._writing = False
 
     def _on_results(self) -> None:
         try:
@@ -196,6 +239,8 @@ class Batcher:
             self.gone = True
             assert self._loop is not None
             self._loop.remove_reader(self.conn.fileno())
+            self._stop_writing()
+            self._out.clear()
             for future, offset, k in self._pending.values():
                 self.release(offset, k)
                 if not future.done():  # a 503 as for a request sent after it went, not the 500 of a batch the model failed
@@ -258,7 +303,8 @@ class Batcher:
             await asyncio.sleep(0.01)
         if self._loop is not None and not self.conn.closed:
             self._loop.remove_reader(self.conn.fileno())
-        for conn in (self.conn, self._control):
+            self._stop_writing()
+        for conn in (self.conn, self._control, self._sock):
             conn.close()
         self.ring = np.empty((0, *self.info.input_size), np.float32)  # drop the view before the map
         try:
