@@ -589,6 +589,39 @@ def test_a_request_still_queued_when_the_server_stops_gets_503_not_500(saved: Pa
         running.result(30)
 
 
+def test_the_engine_stop_is_bounded_by_the_graceful_shutdown_setting(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app's shutdown waited 30 s of its own for a generation that does not stop (a hung worker), whatever
+    --timeout-graceful-shutdown said: it follows that setting, as the image server's does (create_app)."""
+    import asyncio
+
+    import snnet.deploy.serve.lm_app as lm_app
+    from snnet.commands.serve_lm import serve_lm
+    from snnet.deploy.serve import Listen, ServeConfig
+
+    engine = _engine(saved, stitch="0")
+    hung, running = threading.Event(), threading.Event()
+    engine.run = lambda job, decision: (running.set(), hung.wait(60))  # a generation that never ends
+    app = create_lm_app(engine, graceful_shutdown_s=1)
+
+    async def serve_and_stop() -> float:
+        async with app.router.lifespan_context(app):
+            engine.submit(_job(engine)[0])
+            await asyncio.to_thread(running.wait, 30)
+            started = time.monotonic()
+        return time.monotonic() - started
+
+    took = asyncio.run(serve_and_stop())
+    hung.set()
+    assert took < 10, took  # 1 s: 10 is generous, 30 is the bug
+
+    made = []  # `snnet serve` gives the app its --timeout-graceful-shutdown (nothing loaded or served)
+    monkeypatch.setattr(LMEngine, "load", classmethod(lambda cls, config, say: engine))
+    monkeypatch.setattr(lm_app, "create_lm_app", lambda engine, **kw: made.append(kw))
+    monkeypatch.setattr(uvicorn, "Server", lambda config: type("Server", (), {"run": lambda self, sockets: None})())
+    serve_lm(ServeConfig(str(saved)), Listen(port=0, timeout_graceful_shutdown=7), slo_ms=None, tpot_ms=None, ray=False)
+    assert made == [{"graceful_shutdown_s": 7}]
+
+
 def test_a_long_prompt_is_tokenised_off_the_event_loop(saved: Path) -> None:
     """A body past LONG_BODY_BYTES is templated and tokenised in a thread: /health answers meanwhile (a 1 MiB
     prompt held the event loop, and every other client, for its whole tokenisation)."""

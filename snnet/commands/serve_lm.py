@@ -51,4 +51,5 @@ def serve_lm(config: Any, listen: Any, *, slo_ms: float | None, tpot_ms: float |
                    f"{sock.getsockname()[1]}")
         engine = LMEngine.load(lm, typer.echo)  # a bad model or results fail here in one line; the ladder is timed
         freeze_heap()  # this process only serves: no full collection of torch and the model between two tokens
-        uvicorn.Server(uvicorn.Config(create_lm_app(engine), **uv)).run(sockets=[sock])
+        app = create_lm_app(engine, graceful_shutdown_s=listen.timeout_graceful_shutdown)  # the worker's stop: bounded as uvicorn's wait
+        uvicorn.Server(uvicorn.Config(app, **uv)).run(sockets=[sock])

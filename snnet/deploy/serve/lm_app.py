@@ -36,7 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ...errors import SnnetError, StitchNotFoundError
 from .app import ADMIN_BODY_LIMIT, BodyLimits, not_served
 from .auth import check_admin
-from .config import log
+from .config import Listen, log
 from .lm_engine import Event, Job, LMEngine, Outcome
 from .openai import MAX_SEED, BadRequest, CompletionRequest, chunk, completion, error_body, new_id, parse_request
 from .rejected import Rejected, count_refusal
@@ -232,9 +232,10 @@ async def _put_stitch(engine: LMEngine, request: Request) -> Response:
     return _json(state)
 
 
-def create_lm_app(engine: LMEngine) -> FastAPI:
+def create_lm_app(engine: LMEngine, *, graceful_shutdown_s: float = Listen.timeout_graceful_shutdown) -> FastAPI:
     """The FastAPI app serving ``engine`` (see the module): the worker starts with the server, and
-    stops with it after the requests in flight (uvicorn's graceful shutdown) are answered."""
+    stops with it after the requests in flight (uvicorn's graceful shutdown) are answered, waiting
+    ``graceful_shutdown_s`` at most (the server's --timeout-graceful-shutdown, as :func:`.app.create_app`)."""
     config = engine.config
 
     @asynccontextmanager
@@ -248,7 +249,7 @@ def create_lm_app(engine: LMEngine) -> FastAPI:
         try:
             yield
         finally:
-            await asyncio.to_thread(engine.stop)
+            await asyncio.to_thread(engine.stop, graceful_shutdown_s)
 
     docs = config.docs
     app = FastAPI(title="snnet serve (language model)", summary="OpenAI-compatible completions from one stitchable LM",

@@ -35,7 +35,7 @@ from ...errors import ServeError, SnnetError
 from ...results import read_rows
 from ..lm_controller import LMController, LMControllerConfig, LMDecision, TokenTiming, Waiting, lm_ladder
 from .auth import read_admin_token
-from .config import _count, _finite
+from .config import Listen, _count, _finite
 from .images import first_line
 from .rejected import Rejected
 
@@ -437,8 +437,9 @@ class LMEngine:
         self._thread = threading.Thread(target=self._loop, name="snnet-lm-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking requests; those still waiting get an error event; the running one is stopped."""
+    def stop(self, timeout: float = Listen.timeout_graceful_shutdown) -> None:
+        """Stop taking requests; those still waiting get an error event; the running one is stopped (waiting
+        ``timeout`` at most for it: the server's graceful shutdown)."""
         with self._cond:
             self._stopping = True
             waiting, self._queue = list(self._queue), deque()
