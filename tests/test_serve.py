@@ -899,6 +899,35 @@ def test_a_model_process_that_hangs_holds_the_shutdown_no_longer_than_the_gracef
             pass  # or the connection closed unanswered
 
 
+def test_a_model_process_that_hangs_holds_the_whole_shutdown_about_once_the_graceful_bound(saved: tuple[Path, Path]) -> None:
+    """With a request sent to a model process that hangs (here: stopped), the shutdown took three times
+    --timeout-graceful-shutdown: uvicorn's wait for the request, the app's for its answer, then the model process's
+    close. A request uvicorn cancelled at its bound has nobody to answer, and a model process that did not answer
+    within the bound is not waited for again: about once the bound in all."""
+    bound = 3
+    service = _service(saved, max_batch=2, inline_max_images=0)  # the request goes to the model process
+    process = service.engine.process
+    try:
+        with _Server(service, graceful_shutdown_s=bound) as s, httpx.Client(base_url=s.url, timeout=60) as c, \
+                ThreadPoolExecutor(1) as pool:
+            os.kill(process.pid, signal.SIGSTOP)
+            waiting = pool.submit(c.post, "/predict", content=_png())
+            _until(lambda: service.batcher.held == 1, 60, "the request is in the ring")
+            started = time.monotonic()
+            s.server.should_exit = True
+            s.thread.join(30)
+            service.close(bound)  # as `snnet serve` does once uvicorn returns
+            took = time.monotonic() - started
+            try:
+                assert waiting.result().status_code != 200  # uvicorn cancelled it at the bound (its 500)
+            except httpx.TransportError:
+                pass  # or the connection closed unanswered
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGCONT)
+    assert process.returncode == -signal.SIGKILL and took < 2 * bound, took  # 3 s and a little; 9 s was the bug
+
+
 def test_a_model_process_that_hangs_is_stopped_within_the_graceful_bound(saved: tuple[Path, Path]) -> None:
     """The server's last step, closing its model process, waited 60 s for one that hangs (here: stopped) to finish what
     it had queued, whatever --timeout-graceful-shutdown said: with the bound at 1 s it is killed after that."""

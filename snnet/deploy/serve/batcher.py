@@ -101,6 +101,7 @@ class Batcher:
         self.last: BatchInfo | None = None  # the latest batch this process heard of
         self.closing = False
         self.gone = False  # the model process's connection ended
+        self.unanswered = 0  # requests sent that the model process had not answered when close() gave up on them
         self._ran_inline: list[tuple[int, float, float]] = []  # (images, arrived, latency ms) not yet told
         self._state: asyncio.Future | None = None  # the state asked of the model process, shared by who waits for it
 
@@ -296,11 +297,14 @@ class Batcher:
     # ------------------------------------------------------------------ shutdown
     async def close(self, timeout_s: float) -> None:
         """Refuse new requests, wait up to ``timeout_s`` for every request sent to be answered (the server's
-        graceful shutdown: a model process that hangs holds the shutdown no longer), then disconnect."""
+        graceful shutdown: a model process that hangs holds the shutdown no longer), then disconnect. Requests
+        whose handler is gone (uvicorn cancels them at its own graceful bound) are not waited for: nobody reads
+        their answer, and the shutdown had already waited that bound once for them."""
         self.closing = True
         deadline = time.monotonic() + timeout_s
-        while self._pending and time.monotonic() < deadline:
+        while any(not future.done() for future, _, _ in self._pending.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        self.unanswered = len(self._pending)
         if self._loop is not None and not self.conn.closed:
             self._loop.remove_reader(self.conn.fileno())
             self._stop_writing()

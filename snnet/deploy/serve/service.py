@@ -86,6 +86,8 @@ class Service:
 
     def close(self, timeout_s: float = CLOSE_S) -> None:
         """Stop the model process if this process started it (after :meth:`stop`), waiting up to ``timeout_s`` (the
-        server's graceful shutdown) for it to finish what is queued: one that hangs is killed then."""
+        server's graceful shutdown) for it to finish what is queued: one that hangs is killed then. One that left
+        requests unanswered at :meth:`stop` has had the whole graceful bound already, and what it holds has nobody
+        to answer: it is killed at once (the shutdown took three times the bound)."""
         if self.engine is not None:
-            self.engine.close(timeout_s)
+            self.engine.close(0 if self.batcher.unanswered else timeout_s)
