@@ -234,6 +234,39 @@ def test_each_replica_bounds_its_shutdown_by_the_deployment_s_graceful_timeout(m
     assert got["graceful_shutdown_s"] == 7
 
 
+def test_serve_ray_gives_the_replicas_its_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`snnet serve --ray --log-level warning` logged at the default level in every replica: the setting reached neither
+    Ray's logging of the deployment nor the app's log in the replica. No Ray is started: the replica is built as Ray's
+    replica builds it, and Ray's calls are stood in for."""
+    import asyncio
+    import logging
+
+    import snnet.deploy.ray as snray
+    from snnet.commands import serve as serve_cmd
+    from snnet.deploy.serve import Listen
+    from snnet.deploy.serve.config import log
+
+    deployment = application(ServeConfig("DIR"), log_level="warning")._bound_deployment
+    assert deployment._deployment_config.logging_config["log_level"] == "WARNING"
+    assert application(ServeConfig("DIR"), log_level="trace")._bound_deployment._deployment_config.logging_config["log_level"] == "DEBUG"
+    before = log.level
+    try:
+        replica = SimpleNamespace()  # not an instance: Ray's ingress class has an async __del__, Ray's to await
+        asyncio.run(deployment.func_or_class.__init__(replica, *deployment.init_args, **deployment.init_kwargs))
+        assert log.level == logging.WARNING
+    finally:
+        log.setLevel(before)
+    got: dict[str, Any] = {}
+    for name in ("init", "shutdown"):
+        monkeypatch.setattr(ray, name, lambda *a, **k: None)
+    for name in ("start", "shutdown", "run", "delete"):
+        monkeypatch.setattr(serve, name, lambda *a, **k: None)
+    monkeypatch.setattr(snray, "application", lambda *a, **k: got.update(k))
+    monkeypatch.setattr(signal, "sigwait", lambda signals: signal.SIGTERM)
+    serve_cmd._serve_ray(ServeConfig(""), Listen(port=0, log_level="warning"), Path("net"), None, 1, None, 2.0)
+    assert got["log_level"] == "warning"
+
+
 def test_serve_ray_on_port_0_serves_and_says_one_free_port(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """`snnet serve --ray --port 0` handed Ray's proxy port 0 (a port of its own choosing, said nowhere) and printed
     "serving ... at http://127.0.0.1:0". The free port is found first, given to Ray and said. No Ray is started."""

@@ -257,7 +257,8 @@ def _serve_ray(config: Any, listen: Any, model: Path | None, results: Path | Non
                for name, path in (("ssl_certfile", listen.ssl_certfile), ("ssl_keyfile", listen.ssl_keyfile))}
         ray_serve.start(http_options={"host": listen.host, "port": listen.port, **tls})
         stack.callback(ray_serve.shutdown)
-        ray_serve.run(application(config, replicas, max_replicas, target_ongoing, graceful_shutdown_s=listen.timeout_graceful_shutdown),
+        ray_serve.run(application(config, replicas, max_replicas, target_ongoing, graceful_shutdown_s=listen.timeout_graceful_shutdown,
+                                  log_level=listen.log_level),
                       name="snnet", route_prefix="/")
         typer.echo(f"serving {config.model} on Ray Serve at {listen.scheme}://{listen.host}:{listen.port} with {replicas} replica(s)"
                    + (f", up to {max_replicas}" if max_replicas and max_replicas > replicas else "") + "; Ctrl-C or SIGTERM stops it")

@@ -40,6 +40,7 @@ from ray.serve.config import DeploymentActorConfig
 from ..errors import ServeError
 from .serve import ServeConfig, Service, create_app
 from .serve.app import apply_setting
+from .serve.config import log as serve_log
 
 __all__ = ["RayFleet", "StitchPolicy", "StitchPolicyActor", "app", "application", "merge_metrics"]
 
@@ -159,20 +160,25 @@ class RayFleet:
 class SnnetReplica:
     """One replica: the snnet server app, with its own model process, following the shared policy."""
 
-    def __init__(self, config_json: str, graceful_shutdown_s: float) -> None:
+    def __init__(self, config_json: str, graceful_shutdown_s: float, log_level: str = "info") -> None:
+        from uvicorn.config import LOG_LEVELS
+
         self.config = ServeConfig.from_json(config_json)
         self.graceful_shutdown_s = graceful_shutdown_s  # the deployment's: the replica waits for its model process no longer
+        serve_log.setLevel(LOG_LEVELS[log_level])  # the app's log (uvicorn's logger, which no uvicorn configures here)
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.config, fleet=RayFleet(), freeze=True, graceful_shutdown_s=self.graceful_shutdown_s)
 
 
 def application(config: ServeConfig, replicas: int = 1, max_replicas: int | None = None, target_ongoing: float = 2.0,
-                graceful_shutdown_s: float = 60.0, autoscaling: dict[str, Any] | None = None) -> serve.Application:
+                graceful_shutdown_s: float = 60.0, autoscaling: dict[str, Any] | None = None,
+                log_level: str = "info") -> serve.Application:
     """The Ray Serve application: ``replicas`` replicas, or from ``replicas`` up to ``max_replicas``
     scaled by Ray on ongoing requests per replica (``target_ongoing``; ``autoscaling``: more of
     Ray's ``autoscaling_config``). Each replica reserves ``config.threads`` CPUs for its model
-    process. On shutdown Ray waits up to ``graceful_shutdown_s`` for the requests in flight."""
+    process. On shutdown Ray waits up to ``graceful_shutdown_s`` for the requests in flight.
+    ``log_level`` (uvicorn's names, as ``--log-level``): the replicas' logs, Ray's and the app's."""
     if replicas < 1 or (max_replicas is not None and max_replicas < replicas):
         raise ServeError(f"need replicas >= 1 and max replicas >= replicas (got {replicas}, {max_replicas})")
     scaling: dict[str, Any] = {"num_replicas": replicas}
@@ -184,11 +190,12 @@ def application(config: ServeConfig, replicas: int = 1, max_replicas: int | None
         ray_actor_options={"num_cpus": config.threads},
         max_ongoing_requests=max(8, config.max_queue),  # the server's own bound (503 with Retry-After) decides
         graceful_shutdown_timeout_s=graceful_shutdown_s,
+        logging_config={"log_level": "DEBUG" if log_level == "trace" else log_level.upper()},  # Ray has no "trace"
         deployment_actors=[DeploymentActorConfig(name="stitch_policy", actor_class="snnet.deploy.ray:StitchPolicyActor",
                                                  actor_options={"num_cpus": 0})],
         **scaling,
     )
-    return deployment.bind(config.to_json(), graceful_shutdown_s)
+    return deployment.bind(config.to_json(), graceful_shutdown_s, log_level)
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
