@@ -443,7 +443,8 @@ def resume_from(config: TrainConfig, out: Path, net: StitchedBase | nn.Module, w
     saved = checkpoint_config(state)
     changes = check_changes(state, config, out, path, world)
     position = Position(state["step"], state["epoch"], state["epoch_step"])
-    return Resumed(path, state, position, _read_history(out, saved, world), changes, saved)
+    # the history is the checkpoint's run's: with --resume a/checkpoint.pt --out b, b holds none yet
+    return Resumed(path, state, position, _read_history(run_folder(path), saved, world), changes, saved)
 
 
 def check_changes(state: dict[str, Any], config: TrainConfig, out: Path, path: Path, world: int) -> list[str]:

@@ -636,6 +636,22 @@ def test_a_refused_resume_from_another_folder_names_the_run_the_checkpoint_came_
     assert not b.exists()
 
 
+def test_a_resume_into_another_folder_keeps_the_history_of_the_run_the_checkpoint_came_from(tmp_path):
+    """--resume a/checkpoint.pt --out b read the settings' history from b (none there): b's train_config.json began
+    at step 0 with a's last rate, and a's first segment (steps 0-2 at 5e-5) was lost. b holds a's segments (here
+    resumed from a copy a kept, step 3: both segments trained some of its steps)."""
+    conf = dict(epochs=None, ckpt_every=1, init_images=0)
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "a", max_steps=2, **conf))
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "a", max_steps=4, lr=1e-3, resume="auto", resume_with_changes=True,
+                                          **conf))
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "b", max_steps=4, lr=1e-3,
+                                          resume=str(a / "checkpoints" / "step-00000003.pt"), **conf))
+    history = json.loads((a / "train_config.json").read_text())["segments"]
+    assert [(s["from_step"], s["config"]["optim"]["lr"]) for s in history] == [(0, 5e-5), (2, 1e-3)]
+    assert json.loads((b / "train_config.json").read_text())["segments"] == history
+
+
 def test_an_unfinished_run_resumed_with_other_settings(tmp_path):
     conf = dict(epochs=2, init_images=0, **OPT)
     train(fresh_net(), Synthetic(40), cfg(tmp_path, **conf), stop_after=3)
