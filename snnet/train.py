@@ -459,8 +459,7 @@ def check_changes(state: dict[str, Any], config: TrainConfig, out: Path, path: P
     if kind is not None and kind != config.optim.optimizer:
         raise CheckpointError(f"cannot resume {path} with optim.optimizer {config.optim.optimizer!r}: its state is "
                               f"{kind!r}'s (its moments do not carry over to another optimizer): resume with "
-                              f"--optim.optimizer {kind}, or start a new run from the network it ends with "
-                              f"(--model.init {source / FINAL_NAME}) and another --out")
+                              f"--optim.optimizer {kind}, or {_new_run_from(source)}")
     if changes and not config.run.resume_with_changes:
         step, total = state["step"], state.get("total_steps")
         ask = ("add --resume-with-changes to continue with these settings (train_config.json keeps each segment's), "
@@ -468,11 +467,20 @@ def check_changes(state: dict[str, Any], config: TrainConfig, out: Path, path: P
         if total is not None and step >= total:
             raise CheckpointError(
                 f"{source} holds a finished run ({step} of {total} steps); training it further changes its settings "
-                f"({'; '.join(changes)}): that is a deliberate act: {ask}; or start a new run from its network with "
-                f"--model.init {source / FINAL_NAME} and another --out")
+                f"({'; '.join(changes)}): that is a deliberate act: {ask}; or {_new_run_from(source)}")
         raise CheckpointError(f"cannot resume {path} with different settings ({'; '.join(changes)}): they change what "
                               f"the run computes; {ask}")
     return changes
+
+
+def _new_run_from(run: Path) -> str:
+    """How to start a new run from the network ``run`` ends with: ``--model.init run/final``, which an unfinished run
+    (or one whose final/ was deleted) does not have yet: resumed in its own folder, the run writes it when it ends."""
+    final = run / FINAL_NAME
+    if final.is_dir():
+        return f"start a new run from its network with --model.init {final} and another --out"
+    return (f"once the run has finished (resumed in {run} with its own settings; it then writes its network to {final}), "
+            f"start a new run from that network with --model.init {final} and another --out")
 
 
 def check_resume(config: TrainConfig, world: int = 1) -> None:

@@ -636,6 +636,22 @@ def test_a_refused_resume_from_another_folder_names_the_run_the_checkpoint_came_
     assert not b.exists()
 
 
+def test_a_refusal_offers_the_network_of_an_unfinished_run_only_once_it_exists(tmp_path):
+    """The wrong-optimizer refusal of an unfinished run offered --model.init run/final, which it does not have yet
+    (found by review): it says the run writes it when it finishes; once it has, it offers it as before."""
+    conf = dict(epochs=None, max_steps=2, ckpt_every=1, init_images=0)
+    train(fresh_net(), Synthetic(16), cfg(tmp_path, **conf), stop_after=1)
+    out = tmp_path / "run"
+    assert not (out / "final").exists()
+    with pytest.raises(CheckpointError, match=f"or once the run has finished \\(resumed in {out} with its own settings; "
+                                              f"it then writes its network to {out / 'final'}\\), start a new run"):
+        check_resume(cfg(tmp_path, resume="auto", optimizer="sgd", **conf))
+    train(fresh_net(), Synthetic(16), cfg(tmp_path, resume="auto", **conf))
+    with pytest.raises(CheckpointError, match=f"or start a new run from its network with --model.init {out / 'final'} "
+                                              "and another --out$"):
+        check_resume(cfg(tmp_path, resume="auto", optimizer="sgd", **conf))
+
+
 def test_a_resume_into_another_folder_keeps_the_history_of_the_run_the_checkpoint_came_from(tmp_path):
     """--resume a/checkpoint.pt --out b read the settings' history from b (none there): b's train_config.json began
     at step 0 with a's last rate, and a's first segment (steps 0-2 at 5e-5) was lost. b holds a's segments (here
