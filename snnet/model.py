@@ -532,6 +532,21 @@ class StitchedNet(StitchedBase):
         return net
 
 
+# The keys every stitched network's config.json holds, whatever its kind (config_dict: an image network's, a language
+# model's): what tells a network snnet saved from another program's config.json (a Hugging Face model's has none of
+# them; one stitch exported alone has no space), without reading the weights beside it.
+SAVED_NETWORK_KEYS = ("format", "anchors", "space", "stitches")
+
+
+def is_saved_network(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds the config.json of a stitched network snnet saved (:data:`SAVED_NETWORK_KEYS`)."""
+    try:
+        cfg = json.loads((Path(directory) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
+        return False
+    return isinstance(cfg, dict) and all(key in cfg for key in SAVED_NETWORK_KEYS)
+
+
 def _check_overwrite(directory: Path, kind: str, what: str) -> None:
     """Refuse a folder whose config.json is not a saved network of this kind: a save replaces config.json and
     model.safetensors, which there are something else's (a Hugging Face model, an exported stitch, another

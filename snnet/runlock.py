@@ -29,6 +29,7 @@ from types import FrameType
 from .checkpoint import CHECKPOINT_NAME, CHECKPOINTS_DIR, resolve_resume
 from .errors import ConfigError, RunFolderError
 from .io import check_creatable, remove_stale_temps
+from .model import CONFIG_NAME, is_saved_network
 
 try:
     import fcntl
@@ -84,6 +85,7 @@ def run_entries(folder: str | os.PathLike) -> list[str]:
 def foreign_files(folder: str | os.PathLike) -> list[Path]:
     """What a training run does not write but ``folder``'s run entries hold (empty: --overwrite deletes only the
     run's): files in its final/, checkpoints/ or tb/ other than the run's (and their writers' temporary files),
+    every file of a final/ whose config.json snnet did not write (another program's network, by the same names),
     and an entry of another kind than the run's (a folder named metrics.jsonl, a file named final)."""
     folder = Path(folder)
     found = []
@@ -94,6 +96,8 @@ def foreign_files(folder: str | os.PathLike) -> list[Path]:
                 found.append(path)
             continue
         ours = [*patterns, *(f".{p}.*.tmp" for p in patterns)]  # io.atomic_write's temporary names
+        if name == FINAL_NAME and (path / CONFIG_NAME).exists() and not is_saved_network(path):
+            ours = []  # a Hugging Face model's config.json and model.safetensors: the names are a run's, the files not
         found += [p for p in sorted(path.iterdir())
                   if p.is_dir() or not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in ours)]
     return found

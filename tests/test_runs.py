@@ -196,6 +196,25 @@ def test_overwrite_deletes_the_runs_files_and_refuses_to_delete_the_users_beside
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_overwrite_refuses_a_network_of_another_program_in_final_by_the_names_of_the_runs(tmp_path):
+    """--overwrite told the run's files in final/ by name only: a Hugging Face model's config.json and
+    model.safetensors put there counted as the run's and were deleted (found by review). A config.json snnet did not
+    write makes every file beside it the user's; the run's own final/ is still replaced."""
+    conf = dict(max_steps=2, init_images=0)
+    train(fresh_net(), Synthetic(16), cfg(tmp_path, **conf))
+    out, final = tmp_path / "run", tmp_path / "run" / "final"
+    assert check_run_folder(out, overwrite=True) is None  # snnet's own network: the run's
+    (final / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    (final / "model.safetensors").write_bytes(b"their weights")
+    before = _bytes(out)
+    for check in (lambda: check_run_folder(out, overwrite=True),
+                  lambda: train(fresh_net(), Synthetic(16), cfg(tmp_path, overwrite=True, **conf))):
+        with pytest.raises(RunFolderError, match="holds files a training run does not write "
+                                                 "\\(final/config.json, final/model.safetensors\\)"):
+            check()
+    assert _bytes(out) == before
+
+
 class _CtrlCAt(Synthetic):
     """Sends Ctrl-C (SIGINT) to this process while the batch of step ``step`` is fetched."""
 
