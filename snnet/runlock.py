@@ -29,7 +29,8 @@ from types import FrameType
 from .checkpoint import CHECKPOINT_NAME, CHECKPOINTS_DIR, resolve_resume
 from .errors import ConfigError, RunFolderError
 from .io import check_creatable, remove_stale_temps
-from .model import CONFIG_NAME, is_saved_network
+from .families.lm_lora import ADAPTERS_NAME
+from .model import CONFIG_NAME, PREVIOUS_WEIGHTS, WEIGHTS_NAME, is_saved_network
 
 try:
     import fcntl
@@ -46,14 +47,17 @@ TRAIN_CONFIG_NAME = "train_config.json"
 FINAL_NAME = "final"
 # everything a training run writes into its folder (and all that --overwrite deletes)
 RUN_ENTRIES = (CHECKPOINT_NAME, CHECKPOINTS_DIR, METRICS_NAME, EVALS_NAME, TRAIN_CONFIG_NAME, FINAL_NAME, "tb")
+# What a run writes atomically (io.atomic_write: a temporary file renamed into place) inside its folders: the saved
+# network (save_pretrained's files, a plain model's weights, a language model's adapters) and a checkpoint copied where
+# hard links fail. A writer killed mid-write leaves their temporary files, removed when the folder is next claimed.
+_ATOMIC_FILES = {FINAL_NAME: (WEIGHTS_NAME, CONFIG_NAME, ADAPTERS_NAME), CHECKPOINTS_DIR: ("step-*.pt",)}
 # What a run writes inside its folders (the others of RUN_ENTRIES are files): the saved network (save_pretrained's
 # files, a language model's adapters and tokenizer), the kept checkpoints, TensorBoard's event files. A folder by
 # one of these names holding anything else holds the user's files, which --overwrite must not delete with the run's.
 _RUN_FOLDER_FILES = {
-    FINAL_NAME: ("config.json", "model.safetensors", "model.safetensors.previous", "adapters.safetensors", "tokenizer*",
-                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-                 "chat_template.jinja", "chat_template.json"),
-    CHECKPOINTS_DIR: ("step-*.pt",),
+    FINAL_NAME: (*_ATOMIC_FILES[FINAL_NAME], PREVIOUS_WEIGHTS, "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+                 "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json"),
+    CHECKPOINTS_DIR: _ATOMIC_FILES[CHECKPOINTS_DIR],
     "tb": ("events.out.tfevents.*",),
 }
 _LOCK_RETRY_SECONDS = 0.5  # a concurrent check_run_folder holds the lock shared for microseconds
@@ -260,8 +264,8 @@ def claim_run_folder(out: str | os.PathLike, resume: str | None = None, overwrit
                 target = out / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
         remove_stale_temps(out, RUN_ENTRIES)
-        remove_stale_temps(out / FINAL_NAME, ("model.safetensors", "config.json"))  # save_pretrained's files
-        remove_stale_temps(out / CHECKPOINTS_DIR, ("step-*.pt",))  # a checkpoint copied where hard links fail
+        for folder, names in _ATOMIC_FILES.items():
+            remove_stale_temps(out / folder, names)
     except BaseException:
         lock.release()
         raise

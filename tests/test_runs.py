@@ -23,7 +23,7 @@ from snnet.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from snnet.data import build_dataset
 from snnet.deploy import export_stitch, load_stitch
 from snnet.errors import CheckpointError, RunFolderError, TrainingInterrupted
-from snnet.runlock import check_run_folder
+from snnet.runlock import check_run_folder, claim_run_folder
 from snnet.train import check_resume, train
 
 from .conftest import TINY_VITS, Synthetic, cfg, fresh_net, _cli, _damage, _image_folder
@@ -172,6 +172,19 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path, capsys):
     capsys.readouterr()
     assert _cli(*_train_args(data, tmp_path / "new", "--max-steps", "1", "--resume", "auto")) == 0
     assert "--resume auto starts a fresh run" in capsys.readouterr().err
+
+
+def test_claiming_a_run_folder_removes_the_temporary_files_of_every_file_a_run_writes_atomically(tmp_path):
+    """A writer killed mid-write leaves its temporary file; claiming the folder removed those of model.safetensors and
+    config.json in final/ but not of a language model's adapters.safetensors (found by review): all go now."""
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / "checkpoints").mkdir()
+    (out / CHECKPOINT_NAME).write_bytes(b"a run's")  # a run to resume (only its presence is checked on claiming)
+    for name in ("final/model.safetensors", "final/config.json", "final/adapters.safetensors", "checkpoints/step-00000002.pt"):
+        (out / name).with_name(f".{Path(name).name}.k3j4h5g6.tmp").write_bytes(b"torn")
+    claim_run_folder(out, resume="auto").release()
+    assert _temps(out) == []
 
 
 def test_overwrite_deletes_the_runs_files_and_refuses_to_delete_the_users_beside_them(tmp_path):
