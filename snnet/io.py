@@ -97,6 +97,18 @@ def record_checksum(config: dict, name: str, path: str | os.PathLike) -> None:
     config[CHECKSUMS_KEY] = {**(config.get(CHECKSUMS_KEY) or {}), name: sha256_file(path)}
 
 
+def recorded_checksums(record: str | os.PathLike) -> dict[str, str]:
+    """The file names and SHA-256s a saved config.json ``record`` holds ({} when there is none, or it is unreadable):
+    the files that save wrote."""
+    try:
+        checksums = json.loads(Path(record).read_text()).get(CHECKSUMS_KEY)
+    except (OSError, ValueError, AttributeError):  # no file, not JSON or not UTF-8, not an object
+        return {}
+    if not isinstance(checksums, Mapping):
+        return {}
+    return {k: v for k, v in checksums.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 def verify_checksum(path: str | os.PathLike, config: Mapping, record: str | os.PathLike, fix: str,
                     error: type[SnnetError] = SnnetError) -> bool:
     """Check file ``path`` against the SHA-256 that ``config`` (read from ``record``) holds for its name.

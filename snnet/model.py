@@ -27,7 +27,8 @@ from . import adapters  # noqa: F401  (registers snnet's adapters: the command l
 from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, Route, anchor_label, as_rows, build_parts, create_anchor,
                       cut_parts, without_final_norm)
 from .errors import CheckpointError, ConfigError, NotStitchableError, SnnetError, user_stacklevel
-from .io import atomic_write, in_saved_dtype, record_checksum, recorded_previous, replacing, verify_checksum
+from .io import (atomic_write, in_saved_dtype, previous_of, record_checksum, recorded_checksums, recorded_previous,
+                 replacing, sha256_file, verify_checksum)
 from .report import progress as report_progress
 from .flops import PartCosts, count_macs, layer_flops, num_params, part_costs
 from .results import Row
@@ -228,7 +229,9 @@ class StitchedBase(nn.Module):
         before it, which :meth:`from_pretrained` then loads; a save that fails with an error puts it back.
         ``state`` replaces the network's own state dict (a sharded network's gathered weights).
         ``extra`` names more files to write beside the weights (name -> a function writing it to the path
-        it is given): written, recorded in ``config.json`` and kept over a save as the weights are.
+        it is given): written, recorded in ``config.json`` and kept over a save as the weights are. A file the
+        save this one replaces recorded and this one does not write is removed once the new ``config.json`` is
+        in, unless its bytes are no longer the recorded ones (the user's own, copied in since).
         """
         from safetensors.torch import save_file
 
@@ -252,10 +255,17 @@ class StitchedBase(nn.Module):
             return write_and_record
 
         files = {**(extra or {}), WEIGHTS_NAME: write_weights}
+        earlier = recorded_checksums(directory / CONFIG_NAME)  # what the save being replaced wrote
         with replacing([directory / name for name in files], directory / CONFIG_NAME):
             for name, write in files.items():
                 atomic_write(directory / name, recorded(name, write))
             atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
+        for name, digest in earlier.items():  # left beside the new network, they were taken for its own (a tokenizer)
+            stale = directory / name
+            if (name not in (*files, CONFIG_NAME) and Path(name).name == name and stale.is_file()
+                    and sha256_file(stale) == digest):  # bytes changed since: the user's, never removed
+                stale.unlink()
+                previous_of(stale).unlink(missing_ok=True)
         return directory
 
     @classmethod

@@ -324,10 +324,12 @@ def test_a_save_without_adapters_over_a_lora_save_removes_its_adapters(nets, fol
     add_lora(adapted, 2, 4.0)
     out = tmp_path / "net"
     adapted.save_pretrained(out)
-    assert set(json.loads((out / "config.json").read_text())["sha256"]) == {"model.safetensors", ADAPTERS_NAME}
+    assert set(json.loads((out / "config.json").read_text())["sha256"]) - {"tokenizer.json", "tokenizer_config.json"} \
+        == {"model.safetensors", ADAPTERS_NAME}
     plain.save_pretrained(out)
     assert not (out / ADAPTERS_NAME).exists() and not list(out.glob("*.previous"))
-    assert set(json.loads((out / "config.json").read_text())["sha256"]) == {"model.safetensors"}
+    assert set(json.loads((out / "config.json").read_text())["sha256"]) - {"tokenizer.json", "tokenizer_config.json"} \
+        == {"model.safetensors"}
     own = tmp_path / "own"  # an adapters.safetensors snnet did not write stays
     own.mkdir()
     save_file({"x": torch.zeros(1)}, str(own / ADAPTERS_NAME))
@@ -339,6 +341,50 @@ def test_a_save_without_adapters_over_a_lora_save_removes_its_adapters(nets, fol
     with pytest.raises(CheckpointError, match="cannot save to"):
         adapted.save_pretrained(other)
     assert sorted(p.name for p in other.iterdir()) == before
+
+
+def test_a_save_without_a_tokenizer_over_one_with_removes_snnets_tokenizer_files_only(nets, folders, tmp_path,
+                                                                                       monkeypatch):
+    """A network saved without a tokenizer over a save with one left the old tokenizer files, which from_pretrained
+    then loaded as the new network's; and the tokenizer was written after config.json, so a save stopped between
+    them left the old network with the new tokenizer."""
+    import copy
+    import shutil
+
+    import snnet.model
+
+    net = nets["gpt2"]
+    bare = copy.deepcopy(net)
+    bare.tokenizer = None
+    out = tmp_path / "net"
+    net.save_pretrained(out)
+    bare.save_pretrained(out)
+    assert lm.StitchedLM.from_pretrained(out).tokenizer is None
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    net.save_pretrained(out)  # recorded in config.json, as the weights are
+    assert {"tokenizer.json", "model.safetensors"} <= set(json.loads((out / "config.json").read_text())["sha256"])
+    own = tmp_path / "own"  # tokenizer files the user copied in (as the error for a broken tokenizer says) stay
+    bare.save_pretrained(own)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(folders["gpt2"][0]) / name, own / name)
+    bare.save_pretrained(own)
+    assert lm.StitchedLM.from_pretrained(own).tokenizer is not None
+    other = copy.deepcopy(net)  # a save with another tokenizer, stopped before its config.json is in
+    other.tokenizer = _tokenizer("def other(): return 1\n" * 50)
+    write = snnet.model.atomic_write
+
+    def stopped(path, *a, **k):
+        if Path(path).name == "config.json":
+            raise KeyboardInterrupt
+        return write(path, *a, **k)
+
+    monkeypatch.setattr(snnet.model, "atomic_write", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        other.save_pretrained(out)
+    monkeypatch.undo()
+    assert (out / "tokenizer.json").read_text() != (out / "tokenizer.json.previous").read_text()
+    back = lm.StitchedLM.from_pretrained(out).tokenizer  # the earlier save's, saved with the weights that load
+    assert back.backend_tokenizer.to_str() == net.tokenizer.backend_tokenizer.to_str()
 
 
 @pytest.mark.parametrize("labels", [["small"], ["a", "b", "c"]])

@@ -37,7 +37,10 @@ multiply-accumulates of decoding one token at position ``context - 1`` over a KV
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +53,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from ..anchors import ActivationSpec, AnchorParts
 from ..errors import CheckpointError, ConfigError, NotStitchableError, SnnetError
 from ..flops import PartCosts, count_parts, layer_flops, num_params
-from ..model import StitchedBase
+from ..io import PREVIOUS_SUFFIX, recorded_previous
+from ..model import WEIGHTS_NAME, StitchedBase
 from ..results import Row
 from ..report import progress as report_progress
 from ..space import AnchorInfo, Segment, SpaceConfig, Stitch
@@ -633,7 +637,10 @@ class StitchedLM(StitchedBase):
     def save_pretrained(self, directory: str | os.PathLike, state: Mapping[str, torch.Tensor] | None = None,
                         extra: Mapping[str, Callable[[Path], object]] | None = None) -> Path:
         """Write ``config.json`` (every anchor's transformers config, the space, the active stitch)
-        and ``model.safetensors``, each atomically, and the tokenizer beside them when set.
+        and ``model.safetensors``, each atomically, and the tokenizer's files beside them when set: written
+        before ``config.json`` and recorded in it, as the weights are (a save stopped between its files loads
+        the earlier save's tokenizer with its weights), and, when this save has no tokenizer, the files of the
+        earlier save's removed (:meth:`StitchedBase.save_pretrained`): they were taken for the new network's.
 
         With LoRA adapters on the anchors (:mod:`snnet.families.lm_lora`) the weights are written with the
         adapters merged, and ``adapters.safetensors`` beside them holds only the adapters and stitching layers.
@@ -654,13 +661,16 @@ class StitchedLM(StitchedBase):
             trained = {k: v.detach().contiguous().cpu() for k, v in adapter_state(full).items()}
             extra[ADAPTERS_NAME] = lambda p: save_file(trained, str(p), metadata={"snnet": _ADAPTERS_KIND})
             state = merged_state(self, full)
-        directory = super().save_pretrained(directory, state, extra)
-        stale = directory / ADAPTERS_NAME
+        with tempfile.TemporaryDirectory() as tmp:  # the tokenizer names its files as it writes them
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+                for p in sorted(Path(tmp).iterdir()):
+                    extra[p.name] = functools.partial(shutil.copyfile, p)
+            directory = super().save_pretrained(directory, state, extra)
+        stale = directory / ADAPTERS_NAME  # (a save from before adapters were recorded in config.json)
         if not lora and stale.is_file() and safetensors_kind(stale) == _ADAPTERS_KIND:  # snnet's only: never a user's file
             stale.unlink()
             previous_of(stale).unlink(missing_ok=True)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(directory))
         return directory
 
     @classmethod
@@ -677,7 +687,7 @@ class StitchedLM(StitchedBase):
         net = cls(parts, [e["label"] for e in entries], config=SpaceConfig.from_dict(cfg["space"]),
                   specs=[LMSpec.from_dict(e["spec"]) if e.get("spec") else None for e in entries],
                   context=int(cfg.get("context", DEFAULT_CONTEXT)), vocab_size=cfg.get("vocab_size"),
-                  tokenizer=_saved_tokenizer(Path(directory)), lora_rank=int(layers.get("lora_rank", 0)),
+                  tokenizer=_saved_tokenizer(Path(directory), cfg), lora_rank=int(layers.get("lora_rank", 0)),
                   lora_alpha=float(layers.get("lora_alpha", 1.0)))
         net._load_saved(cfg, w_path, map_location)
         return net
@@ -708,13 +718,24 @@ def _model_from_config(config: Mapping[str, Any]) -> nn.Module:
         return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def _saved_tokenizer(directory: Path) -> Any:
+def _saved_tokenizer(directory: Path, cfg: Mapping[str, Any]) -> Any:
+    """The tokenizer saved in ``directory`` (None without one). After a save stopped between its files and its
+    config.json (``cfg``, the one in place), the tokenizer files that config.json records are read from the bytes
+    the save kept (``<name>.previous``): the tokenizer saved with the weights that load."""
     if not any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
 
+    kept = {p.name: previous for p in directory.iterdir() if p.name != WEIGHTS_NAME
+            and (previous := recorded_previous(p, cfg)) is not None}
     try:
-        return AutoTokenizer.from_pretrained(str(directory))
+        if not kept:
+            return AutoTokenizer.from_pretrained(str(directory))
+        with tempfile.TemporaryDirectory() as tmp:  # the folder as the earlier save left it, linked, not copied
+            for p in directory.iterdir():
+                if p.is_file() and not p.name.endswith(PREVIOUS_SUFFIX):
+                    os.symlink((kept.get(p.name) or p).resolve(), Path(tmp) / p.name)
+            return AutoTokenizer.from_pretrained(tmp)
     except Exception as e:  # noqa: BLE001 -- a damaged file fails in json, transformers or tokenizers (plain Exception)
         text = str(e).strip()
         raise CheckpointError(f"the tokenizer saved in {directory} does not load ({type(e).__name__}: "
