@@ -28,9 +28,9 @@ from types import FrameType
 
 from .checkpoint import CHECKPOINT_NAME, CHECKPOINTS_DIR, resolve_resume
 from .errors import ConfigError, RunFolderError
-from .io import check_creatable, remove_stale_temps
+from .io import PREVIOUS_SUFFIX, check_creatable, remove_stale_temps
 from .families.lm_lora import ADAPTERS_NAME
-from .model import CONFIG_NAME, PREVIOUS_WEIGHTS, WEIGHTS_NAME, is_saved_network
+from .model import CONFIG_NAME, WEIGHTS_NAME, is_saved_network
 
 try:
     import fcntl
@@ -55,7 +55,7 @@ _ATOMIC_FILES = {FINAL_NAME: (WEIGHTS_NAME, CONFIG_NAME, ADAPTERS_NAME), CHECKPO
 # files, a language model's adapters and tokenizer), the kept checkpoints, TensorBoard's event files. A folder by
 # one of these names holding anything else holds the user's files, which --overwrite must not delete with the run's.
 _RUN_FOLDER_FILES = {
-    FINAL_NAME: (*_ATOMIC_FILES[FINAL_NAME], PREVIOUS_WEIGHTS, "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+    FINAL_NAME: (*_ATOMIC_FILES[FINAL_NAME], "tokenizer*", "special_tokens_map.json", "added_tokens.json",
                  "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json"),
     CHECKPOINTS_DIR: _ATOMIC_FILES[CHECKPOINTS_DIR],
     "tb": ("events.out.tfevents.*",),
@@ -99,7 +99,9 @@ def foreign_files(folder: str | os.PathLike) -> list[Path]:
             if (patterns is None) == path.is_dir():
                 found.append(path)
             continue
-        ours = [*patterns, *(f".{p}.*.tmp" for p in patterns)]  # io.atomic_write's temporary names
+        # io.atomic_write's temporary names, and the bytes io.keep_previous keeps while a save replaces a file (all of
+        # a save's files since they are recorded in config.json: a save killed in between leaves them)
+        ours = [*patterns, *(f".{p}.*.tmp" for p in patterns), *(p + PREVIOUS_SUFFIX for p in patterns)]
         if name == FINAL_NAME and (path / CONFIG_NAME).exists() and not is_saved_network(path):
             ours = []  # a Hugging Face model's config.json and model.safetensors: the names are a run's, the files not
         found += [p for p in sorted(path.iterdir())

@@ -228,6 +228,23 @@ def test_overwrite_refuses_a_network_of_another_program_in_final_by_the_names_of
     assert _bytes(out) == before
 
 
+def test_overwrite_takes_the_bytes_a_killed_save_of_final_kept_for_the_runs(tmp_path):
+    """A language model's save into final/ killed between its files leaves each replaced file's earlier bytes as
+    <name>.previous (adapters, tokenizer files); --overwrite called them the user's files and refused."""
+    from snnet.model import SAVED_NETWORK_KEYS
+    from snnet.runlock import foreign_files
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "config.json").write_text(json.dumps(dict.fromkeys(SAVED_NETWORK_KEYS, 1)))  # snnet's own save
+    for name in ("model.safetensors", "model.safetensors.previous", "adapters.safetensors.previous",
+                 "tokenizer.json.previous", "vocab.json.previous", "merges.txt.previous"):
+        (final / name).write_text("x")
+    assert foreign_files(tmp_path) == []
+    (final / "notes.txt.previous").write_text("mine")
+    assert foreign_files(tmp_path) == [final / "notes.txt.previous"]
+
+
 class _CtrlCAt(Synthetic):
     """Sends Ctrl-C (SIGINT) to this process while the batch of step ``step`` is fetched."""
 
