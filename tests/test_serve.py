@@ -1002,6 +1002,22 @@ def test_results_larger_than_one_socket_read(tmp_path: Path) -> None:
         assert max(r.json()["batch"]["size"] for r in answers) == 8
 
 
+def test_a_temporary_folder_too_deep_for_a_socket_still_starts_the_model_process(saved: tuple[Path, Path], tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model process's socket was made under $TMPDIR whatever its depth: a deep one (pytest's own under xdist,
+    macOS's /var/folders/...) failed the start with "AF_UNIX path too long". It goes to /tmp then, and is removed."""
+    import tempfile
+
+    deep = tmp_path / ("d" * max(1, 100 - len(str(tmp_path))))  # with snnet-model-xxxxxxxx/model.sock: past 107 bytes
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with _Server(_service(saved, max_batch=2)) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        assert not Path(s.service.engine.folder).is_relative_to(deep)
+        _ok(c)
+        folder = s.service.engine.folder
+    assert not list(deep.iterdir()) and not os.path.exists(folder)
+
+
 def test_serves_https_with_a_certificate(saved: tuple[Path, Path], tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     with _Server(_service(saved, max_batch=2), ssl_certfile=str(cert), ssl_keyfile=str(key)) as s:

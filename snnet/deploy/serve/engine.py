@@ -603,6 +603,22 @@ def main() -> None:
         engine.serve(listener, owner)
 
 
+SOCKET_PATH_MAX = 103  # bytes of a Unix socket's path: 107 on Linux, 103 on macOS and the BSDs
+_SOCKET_NAME = os.path.join("snnet-model-00000000", "model.sock")  # the longest tail EngineProcess adds
+
+
+def socket_base() -> str:
+    """The folder to make the model process's socket folder in: the temporary folder, or where its
+    path is too long for a socket (a deep $TMPDIR, pytest's own under xdist, macOS's /var/folders/...:
+    "AF_UNIX path too long"), the first of /tmp and /var/tmp that is short enough and writable."""
+    for base in (tempfile.gettempdir(), "/tmp", "/var/tmp"):
+        if len(os.fsencode(os.path.join(base, _SOCKET_NAME))) <= SOCKET_PATH_MAX and os.access(base, os.W_OK | os.X_OK):
+            return base
+    raise ServeError(f"the temporary folder {tempfile.gettempdir()} is too deep for the model process's socket "
+                     f"(a Unix socket's path is at most {SOCKET_PATH_MAX} bytes) and /tmp is not writable: "
+                     "set TMPDIR to a shorter folder")
+
+
 class EngineProcess:
     """Starts the model process and owns it: :meth:`close` lets it finish what is queued, then
     stops it. Server processes connect with :meth:`connect` (or :func:`connect` with
@@ -622,8 +638,9 @@ class EngineProcess:
         # the open: a signal handled between mkdtemp's mkdir and its return would leave a folder
         # nobody knows of. (A short name: a socket's path is limited to 107 bytes.)
         try:
+            base = socket_base()
             for _ in range(100):
-                self.folder = os.path.join(tempfile.gettempdir(), f"snnet-model-{secrets.token_hex(4)}")
+                self.folder = os.path.join(base, f"snnet-model-{secrets.token_hex(4)}")
                 try:
                     os.mkdir(self.folder, 0o700)  # 0700: only this user reaches the socket
                     break
@@ -632,7 +649,7 @@ class EngineProcess:
                     if not isinstance(e, FileExistsError):
                         raise
             else:
-                raise ServeError(f"no free name for the model process's folder in {tempfile.gettempdir()}")
+                raise ServeError(f"no free name for the model process's folder in {base}")
             self.address = os.path.join(self.folder, "model.sock")
             self.authkey = os.urandom(32)
             mine, theirs = socket.socketpair()
