@@ -1665,6 +1665,9 @@ def test_steering_a_model_process_that_does_not_answer_is_a_503_within_a_bound(m
 
     threading.Thread(target=model, daemon=True).start()
     assert batcher.control("state") == {"answer to": "state"}
+    with pytest.raises(Rejected, match="the change was sent and takes effect if it resumes: read GET /stitch"):
+        batcher.control("pin", 3)  # sent this time, unanswered: it still pins when the model process reads it
+    assert control.recv() == ("pin", 3)
     asyncio.run(batcher.close(0))
 
 

@@ -255,8 +255,8 @@ class Batcher:
         answer, or raises :class:`Rejected`: 404/400 with the model process's one-line reason, 503 when it is gone
         or does not answer in time."""
         deadline = time.monotonic() + CONTROL_TIMEOUT_S
-        not_answering = Rejected(503, f"the model process is not answering (nothing within {CONTROL_TIMEOUT_S:g} s): "
-                                      "it is hung or overloaded; retry later", "model_gone")
+        hung = f"the model process is not answering (nothing within {CONTROL_TIMEOUT_S:g} s): it is hung or overloaded"
+        not_answering = Rejected(503, f"{hung}; retry later", "model_gone")
         try:
             if not self._control_lock.acquire(timeout=CONTROL_TIMEOUT_S):  # another question waits on it
                 raise not_answering
@@ -269,7 +269,11 @@ class Batcher:
                 self._control.send((op, arg))
                 self._unanswered += 1
                 if not self._control.poll(max(0.0, deadline - time.monotonic())):
-                    raise not_answering
+                    if op in ("state", "policy"):  # questions, not changes
+                        raise not_answering
+                    # sent, not refused: a change (a pin) still takes effect if the model process comes back to it
+                    raise Rejected(503, f"{hung}; the change was sent and takes effect if it resumes: read GET /stitch "
+                                        "before sending it again", "model_gone")
                 ok, payload = self._control.recv()
                 self._unanswered -= 1
             finally:
