@@ -298,8 +298,9 @@ class StitchedBase(nn.Module):
                 raise
             import warnings
 
-            warnings.warn(f"{directory}: a save was interrupted between its two files; loading the network saved before "
-                          f"it ({previous.name}). Save the network again to finish the interrupted save",
+            warnings.warn(f"{directory}: a save was interrupted between its files (new ones in, config.json not yet); "
+                          f"loading the network saved before it ({previous.name}). Save the network again to finish "
+                          "the interrupted save",
                           stacklevel=user_stacklevel())
             w_path = previous
         return cfg, w_path
