@@ -99,7 +99,9 @@ def evaluate_lm_folder(model: Path, corpus: str | None, split: str, batch_size: 
                          f"knows: give --block-size {room[0]} or less")
     blocks = CausalLM(data, net).dataset(data, train=False, limit=limit)
     rows = evaluate_lm(net, text_loader(blocks, batch_size), chosen, progress=progress, context=data.block_size)
-    where = {"corpus": data.corpus, "split": data.split, "fingerprint": blocks.fingerprint}
+    # the fingerprint names the files read, not how much of them: with --limit, the blocks say it (rows of --limit 4
+    # and --limit 8 looked alike)
+    where = {"corpus": data.corpus, "split": data.split, "fingerprint": blocks.fingerprint, "blocks": len(blocks)}
     return report_lm([dataclasses.replace(r, extra={**r.extra, **where}) for r in rows], out)
 
 
