@@ -97,13 +97,20 @@ def record_checksum(config: dict, name: str, path: str | os.PathLike) -> None:
     config[CHECKSUMS_KEY] = {**(config.get(CHECKSUMS_KEY) or {}), name: sha256_file(path)}
 
 
+def read_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in ``path`` (a saved config.json), or None when it is missing, unreadable, not UTF-8,
+    not JSON or not an object: the files of a folder that snnet may not have written."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def recorded_checksums(record: str | os.PathLike) -> dict[str, str]:
     """The file names and SHA-256s a saved config.json ``record`` holds ({} when there is none, or it is unreadable):
     the files that save wrote."""
-    try:
-        checksums = json.loads(Path(record).read_text()).get(CHECKSUMS_KEY)
-    except (OSError, ValueError, AttributeError):  # no file, not JSON or not UTF-8, not an object
-        return {}
+    checksums = (read_object(record) or {}).get(CHECKSUMS_KEY)
     if not isinstance(checksums, Mapping):
         return {}
     return {k: v for k, v in checksums.items() if isinstance(k, str) and isinstance(v, str)}

@@ -27,8 +27,8 @@ from . import adapters  # noqa: F401  (registers snnet's adapters: the command l
 from .anchors import (AnchorLike, AnchorParts, AnchorSpec, ActivationSpec, Route, anchor_label, as_rows, build_parts, create_anchor,
                       cut_parts, without_final_norm)
 from .errors import CheckpointError, ConfigError, NotStitchableError, SnnetError, user_stacklevel
-from .io import (atomic_write, in_saved_dtype, previous_of, record_checksum, recorded_checksums, recorded_previous,
-                 replacing, sha256_file, verify_checksum)
+from .io import (atomic_write, in_saved_dtype, previous_of, read_object, record_checksum, recorded_checksums,
+                 recorded_previous, replacing, sha256_file, verify_checksum)
 from .report import progress as report_progress
 from .flops import PartCosts, count_macs, layer_flops, num_params, part_costs
 from .results import Row
@@ -551,11 +551,8 @@ SAVED_NETWORK_KEYS = ("format", "anchors", "space", "stitches")
 
 def is_saved_network(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds the config.json of a stitched network snnet saved (:data:`SAVED_NETWORK_KEYS`)."""
-    try:
-        cfg = json.loads((Path(directory) / CONFIG_NAME).read_text())
-    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
-        return False
-    return isinstance(cfg, dict) and all(key in cfg for key in SAVED_NETWORK_KEYS)
+    cfg = read_object(Path(directory) / CONFIG_NAME)
+    return cfg is not None and all(key in cfg for key in SAVED_NETWORK_KEYS)
 
 
 def _check_overwrite(directory: Path, kind: str, what: str) -> None:
@@ -565,10 +562,7 @@ def _check_overwrite(directory: Path, kind: str, what: str) -> None:
     cfg = directory / CONFIG_NAME
     if not cfg.is_file():
         return
-    try:
-        found = json.loads(cfg.read_text()).get("format")
-    except (OSError, ValueError, AttributeError):  # not JSON, not UTF-8, or not an object
-        found = None
+    found = (read_object(cfg) or {}).get("format")
     if found != kind:
         held = f"a {found!r} config" if isinstance(found, str) else f"a {CONFIG_NAME} that snnet did not write"
         raise CheckpointError(f"cannot save to {directory}: it holds {held}, not a saved {what}'s, which the save would "
