@@ -686,6 +686,41 @@ def test_503_with_retry_after_past_the_queue_bound_and_no_steering_without_a_tok
         assert service.batcher.held == 0 and c.post("/predict", content=_png()).status_code == 200
 
 
+def test_a_request_split_across_the_ring_gets_the_probabilities_it_gets_in_one_run(saved: tuple[Path, Path],
+                                                                                   net: snnet.StitchedNet) -> None:
+    """A request whose images go to several runs of the ring (the ring fragmented) is read by the model process run
+    by run, in order: each image gets the probabilities it gets when the request is in one run, images and arrays."""
+    service = _service(saved, max_batch=4, max_queue=6, inline_max_images=0, stitch="0")  # every request through the ring
+    batcher = service.batcher
+    reserve, taken = batcher.reserve, []
+    batcher.reserve = lambda n: taken.append(reserve(n)) or taken[-1]  # the places each request was given
+    images = [_png(seed=k) for k in range(4)]
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(d))) for d in images])
+
+    def probs(c: httpx.Client) -> list[np.ndarray]:
+        r = c.post("/predict", files=[("file", (f"{k}.png", d, "image/png")) for k, d in enumerate(images)])
+        assert r.status_code == 200, r.text
+        a = c.post("/predict", content=_npy(pixels), headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
+        assert a.status_code == 200, a.text
+        return [np.array([p["probs"] for p in r.json()["predictions"]], np.float32), np.load(io.BytesIO(a.content))]
+
+    with _Server(service) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        whole = probs(c)
+        # the server is idle between requests: hold the second and fourth places of six, so that no run of 4 is left
+        held = [reserve(1) for _ in range(4)]
+        batcher.release(held[0])
+        batcher.release(held[2])
+        split = probs(c)
+        assert batcher.held == 2
+        for h in held[1::2]:
+            batcher.release(h)
+    assert taken == [((0, 4),)] * 2 + [((0, 1), (2, 1), (4, 2))] * 2
+    expected = torch.stack([_expected(net, d, 0) for d in images]).numpy()
+    assert not np.allclose(expected[0], expected[1:], atol=1e-3)  # images told apart: one in the wrong place would show
+    for one_run, runs in zip(whole, split):
+        assert np.allclose(runs, one_run, atol=1e-6) and np.allclose(runs, expected, atol=1e-4)
+
+
 def test_slow_uploads_hold_no_room_and_time_out(saved: tuple[Path, Path]) -> None:
     """16 sockets that send headers promising 1 MB, 4 bytes, then stall do not lock out a server
     with room for 16 images (issue 25): real requests are answered meanwhile, and the stalled
@@ -765,7 +800,7 @@ def _failed_batch(saved: tuple[Path, Path]) -> tuple[Any, Any]:
     ring = np.zeros((8, 3, 16, 16), np.float32)  # not the network's input size: its forward fails at once
     front = _Front(mine, None, ring, RingState(np.zeros(RingState.WORDS, np.int64)))
     engine.fronts.append(front)
-    engine.jobs.append(_Job(front, 0, 0, 4, time.perf_counter()))
+    engine.jobs.append(_Job(front, 0, ((0, 4),), 4, time.perf_counter()))
     engine._run_batch(torch)
     return engine, theirs
 
@@ -827,7 +862,7 @@ def test_a_switch_decided_after_a_lone_request_is_counted_on_the_next_batch(save
     engine.fronts.append(front)
 
     def batch() -> Any:
-        engine.jobs.append(_Job(front, 0, 0, 1, time.perf_counter()))
+        engine.jobs.append(_Job(front, 0, ((0, 1),), 1, time.perf_counter()))
         engine._run_batch(torch)
         return BatchInfo.from_wire(recv(theirs)[1]).decision
 
@@ -857,7 +892,7 @@ def test_a_server_process_gone_with_the_only_queued_request_leaves_the_model_pro
         engine.fronts.append(front)
         fronts.append((front, theirs))
     (gone, gone_end), (other, _) = fronts
-    send(gone_end, ("job", 0, 0, 1, time.perf_counter()))
+    send(gone_end, ("job", 0, ((0, 1),), 1, time.perf_counter()))
     engine._read(gone)
     assert other.state.busy
     gone_end.close()
@@ -1711,3 +1746,36 @@ def test_a_model_process_that_stops_reading_does_not_block_the_server(loop: str)
     assert not thread.is_alive(), "the event loop blocked on a model process that stopped reading"
     assert not failed, failed[0]
     assert read == list(range(1000))
+
+
+def test_a_request_that_fits_in_the_free_places_is_held_however_the_ring_is_fragmented() -> None:
+    """reserve() wanted a request's images in one run of free places: in a ring of 5, with 2 + 2 held, the first 2
+    answered and 1 then held at the start, a request of 2 got 503 "server is at capacity" with 2 places free (the
+    second and the last). It now holds the free places wherever they are, and its job names their runs in order."""
+    import asyncio
+
+    from snnet.deploy.serve.engine import recv
+
+    batcher, jobs, _ = _standin(max_queue=5)
+    first, second = batcher.reserve(2), batcher.reserve(2)
+    assert (first, second) == (((0, 2),), ((2, 2),))  # one run each while there is one
+    batcher.release(first)
+    one = batcher.reserve(1)
+    assert one == ((0, 1),)
+    split = batcher.reserve(2)
+    assert split == ((1, 1), (4, 1)) and batcher.held == 5
+    with pytest.raises(Rejected, match="at capacity"):  # full: only fewer free places than images refuse
+        batcher.reserve(1)
+    batcher.release(one)
+    batcher.release(split)
+    assert batcher.held == 2 and bytes(batcher._used) == b"\x00\x00\x01\x01\x00"
+    scattered = batcher.reserve(3)
+    assert scattered == ((0, 2), (4, 1)) and batcher.held == 5  # the lowest free places first, run by run
+
+    async def main() -> None:
+        batcher.start()
+        batcher.submit(scattered, 3, 1.5)
+        assert recv(jobs) == ("job", 0, ((0, 2), (4, 1)), 3, 1.5)  # what the model process reads
+        await batcher.close(0)
+
+    asyncio.run(main())

@@ -408,12 +408,15 @@ async def _predict(svc: Service, request: Request) -> Response:
         inline = result is not None
         in_ring = started  # inline: no ring (set again when the request is put in it)
         if result is None:
-            offset = batcher.reserve(n)  # a full server refuses here, before decoding; nothing was held while the body arrived
+            segments = batcher.reserve(n)  # a full server refuses here, before decoding; nothing was held while the body arrived
             try:
-                _decode(svc, blobs, array, batcher.ring[offset:offset + n])
-                future = batcher.submit(offset, n, arrived)
+                at = 0
+                for offset, k in segments:  # one run of the ring unless it is fragmented: each run its share, in order
+                    _decode(svc, blobs[at:at + k], None if array is None else array[at:at + k], batcher.ring[offset:offset + k])
+                    at += k
+                future = batcher.submit(segments, n, arrived)
             except BaseException:
-                batcher.release(offset, n)
+                batcher.release(segments)
                 raise
             in_ring = time.perf_counter()
             release(request.scope)

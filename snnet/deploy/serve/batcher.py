@@ -6,8 +6,10 @@ The batching loop and the model run in the model process (:mod:`.engine`); each 
 * the **input ring**: ``max_queue`` images of the network's input, float32, in a file in
   ``/dev/shm`` mapped by both processes (unlinked as soon as the model process has mapped it, so
   nothing is left behind whatever happens). A request's decoded images are written straight into
-  a run of free places (:meth:`Batcher.reserve`); the room is held from decoding until the
-  request's batch has run, and a request that finds no room gets 503 at once, with Retry-After;
+  free places (:meth:`Batcher.reserve`): one run of them when there is one long enough, else the
+  first free places wherever they are, in runs the model process reads in order; the room is held
+  from decoding until the request's batch has run, and a request that finds fewer free places than
+  it has images gets 503 at once, with Retry-After;
 * a **jobs connection**: one small message per request out, one ``done`` message per batch back,
   read on the event loop as soon as it arrives (``loop.add_reader``), which resolves each
   request's future with its probabilities and the batch's details (:class:`BatchResult`);
@@ -36,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..controller import Decision
-from .engine import BatchInfo, EngineInfo, open_ring, recv, unpack_results, waiting
+from .engine import BatchInfo, EngineInfo, Segments, open_ring, recv, unpack_results, waiting
 from .rejected import Rejected
 
 __all__ = ["BatchResult", "Batcher", "CONTROL_TIMEOUT_S", "TELL_INLINE_S"]
@@ -95,7 +97,7 @@ class Batcher:
         self._unanswered = 0  # control questions given up on (CONTROL_TIMEOUT_S): their late answers are read and dropped
         self._used = bytearray(max_queue)  # 1 where an image of a request not yet answered is held
         self.held = 0
-        self._pending: dict[int, tuple[asyncio.Future, int, int]] = {}  # job id -> (future, offset, images)
+        self._pending: dict[int, tuple[asyncio.Future, Segments, int]] = {}  # job id -> (future, its places, images)
         self._next_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.last: BatchInfo | None = None  # the latest batch this process heard of
@@ -106,20 +108,37 @@ class Batcher:
         self._state: asyncio.Future | None = None  # the state asked of the model process, shared by who waits for it
 
     # ------------------------------------------------------------------ room
-    def reserve(self, images: int) -> int:
-        """The offset of ``images`` free places in the ring, now held; :class:`Rejected` (503 with
-        Retry-After) when the server holds too many images already."""
-        at = -1 if self.closing or self.held + images > self.capacity else self._used.find(bytes(images))
-        if at < 0:
+    def reserve(self, images: int) -> Segments:
+        """``images`` free places in the ring, now held, as the runs they make (:data:`~.engine.Segments`): the first
+        run long enough, else the first free places wherever they are. Only a ring with fewer free places than
+        ``images`` refuses (it needed one run as long as the request: a fragmented ring answered 503 with room left):
+        :class:`Rejected`, 503 with Retry-After."""
+        if self.closing or self.held + images > self.capacity:
             raise Rejected(503, f"server is at capacity ({self.held} images held, limit {self.capacity}): retry later",
                            "queue_full", {"Retry-After": str(self.retry_after())})
-        self._used[at:at + images] = b"\x01" * images
+        at = self._used.find(bytes(images))
+        segments = ((at, images),) if at >= 0 else self._scattered(images)
+        for at, k in segments:
+            self._used[at:at + k] = b"\x01" * k
         self.held += images
-        return at
+        return segments
 
-    def release(self, offset: int, images: int) -> None:
-        self._used[offset:offset + images] = bytes(images)
-        self.held -= images
+    def _scattered(self, images: int) -> Segments:
+        """The first ``images`` free places, run by run (a loop a run, not an image); the ring has that many free."""
+        used, runs, at = self._used, [], 0
+        while images:
+            at = used.find(0, at)  # the next free place
+            end = used.find(1, at, at + images)  # where its run ends, if before the request does
+            k = (end if end >= 0 else at + images) - at
+            runs.append((at, k))
+            images -= k
+            at += k
+        return tuple(runs)
+
+    def release(self, segments: Segments) -> None:
+        for at, k in segments:
+            self._used[at:at + k] = bytes(k)
+            self.held -= k
 
     def retry_after(self) -> int:
         """Seconds until what is held should have run, at the speed of the last batch (at least 1)."""
@@ -137,19 +156,19 @@ class Batcher:
         # (4 images x 1000 classes) would then come back as BlockingIOError halfway through
         os.set_blocking(self.conn.fileno(), True)
 
-    def submit(self, offset: int, images: int, arrived: float) -> asyncio.Future:
-        """Send the model process a request whose images are in the ring at ``offset``; the future
-        gets its :class:`BatchResult` (or the model's error, as a RuntimeError). The room is
-        released when the batch has run, whatever the caller does meanwhile."""
+    def submit(self, segments: Segments, images: int, arrived: float) -> asyncio.Future:
+        """Send the model process a request whose images are in the ring's places ``segments`` (from
+        :meth:`reserve`); the future gets its :class:`BatchResult` (or the model's error, as a
+        RuntimeError). The room is released when the batch has run, whatever the caller does meanwhile."""
         assert self._loop is not None, "Batcher.start() first"
         job_id = self._next_id
         self._next_id += 1
         future = self._loop.create_future()
-        self._pending[job_id] = (future, offset, images)
+        self._pending[job_id] = (future, segments, images)
         if self._ran_inline:
             self._tell_inline()  # the policy sees the earlier arrivals before this one
         try:
-            self._send(("job", job_id, offset, images, arrived))
+            self._send(("job", job_id, segments, images, arrived))
         except OSError as e:
             del self._pending[job_id]
             raise Rejected(503, f"the model process is gone ({e.__class__.__name__}): the server is shutting down or broken",
@@ -225,8 +244,8 @@ class Batcher:
                     results = [(job_id, error) for job_id, _, _ in jobs]
                 images = 0
                 for job_id, out in results:
-                    future, offset, k = self._pending.pop(job_id)
-                    self.release(offset, k)
+                    future, segments, k = self._pending.pop(job_id)
+                    self.release(segments)
                     images += k
                     if future.done():
                         continue
@@ -242,8 +261,8 @@ class Batcher:
             self._loop.remove_reader(self.conn.fileno())
             self._stop_writing()
             self._out.clear()
-            for future, offset, k in self._pending.values():
-                self.release(offset, k)
+            for future, segments, _ in self._pending.values():
+                self.release(segments)
                 if not future.done():  # a 503 as for a request sent after it went, not the 500 of a batch the model failed
                     future.set_exception(Rejected(503, "the model process exited before answering: the server is shutting "
                                                        "down or broken", "model_gone"))

@@ -8,7 +8,8 @@ the model process does nothing but batches, on its own core, and the server proc
 
 * a server process decodes and normalises a request's images straight into its **input ring**, a
   shared-memory array of ``max_queue`` images it made, and sends the model process one small
-  message: which images, how many, when the request arrived (``("job", ...)``);
+  message: which places of the ring hold its images (:data:`Segments`: one run, or several when
+  the ring is fragmented, read in order), how many, when the request arrived (``("job", ...)``);
 * the **batching loop** here takes every message waiting, from every server process, and runs the
   next batch: whole requests in arrival order, up to ``max_batch`` images, on the stitch the
   policy (:func:`~snnet.deploy.controller.make_policy`) names for it from the queue and the recent
@@ -65,10 +66,15 @@ from ..controller import RECENT_S, ControllerConfig, Decision, LatencyTable, Sti
 from ..heap import freeze_heap
 from .config import ServeConfig
 
-__all__ = ["BatchInfo", "CLOSE_S", "EngineInfo", "EngineProcess", "RingState", "connect", "open_ring", "pack_results", "probabilities",
-           "unpack_results", "waiting"]
+__all__ = ["BatchInfo", "CLOSE_S", "EngineInfo", "EngineProcess", "RingState", "Segments", "connect", "open_ring", "pack_results",
+           "probabilities", "unpack_results", "waiting"]
 
 CLOSE_S = 60.0  # how long closing waits, unless told, for the model process to finish what is queued (then it is killed)
+
+# The places of a server process's ring that hold one request's images: runs of (offset, images), in the request's order.
+# One run unless the ring is fragmented (requests answered leave holes between those still held): a request that fits in
+# the free places is not refused for want of a run as long as itself.
+Segments = tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -243,7 +249,7 @@ class _Front:
 class _Job:
     front: _Front
     job_id: int
-    offset: int
+    segments: Segments  # where its images are in its front's ring, in order
     images: int
     arrived: float  # time.perf_counter() of the server process (CLOCK_MONOTONIC, the same for all processes)
 
@@ -456,8 +462,8 @@ class _Engine:
             while front.waiting():
                 kind, *args = recv(front.conn)
                 if kind == "job":
-                    job_id, offset, images, arrived = args
-                    self.jobs.append(_Job(front, job_id, offset, images, arrived))
+                    job_id, segments, images, arrived = args
+                    self.jobs.append(_Job(front, job_id, segments, images, arrived))
                     with self.lock:
                         self.policy.observe_arrival(images, arrived)
                     jobs = True
@@ -522,7 +528,7 @@ class _Engine:
         self.batch_stitch = decision.stitch
         self.running = n
         self.publish()
-        views = [torch.from_numpy(j.front.ring[j.offset:j.offset + j.images]) for j in batch]
+        views = [torch.from_numpy(j.front.ring[at:at + k]) for j in batch for at, k in j.segments]
         t0 = time.perf_counter()
         try:
             probs = probabilities(self.net, decision.stitch, views[0] if len(views) == 1 else torch.cat(views))
