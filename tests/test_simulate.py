@@ -9,7 +9,7 @@ import pytest
 
 from snnet.deploy import loadgen
 from snnet.deploy.controller import ControllerConfig, LatencyTable, StitchController, make_policy
-from snnet.deploy.simulate import load_bursty, simulate, summarise
+from snnet.deploy.simulate import Clairvoyant, load_bursty, simulate, summarise
 from snnet.errors import ServeError
 from snnet.results import Row
 
@@ -140,6 +140,37 @@ def test_the_controller_keeps_a_small_ring_from_filling() -> None:
         served = simulate(make_policy("controller", rungs, table, ControllerConfig(slo, 4, max_queue=16)), times, 1, 16)
         s = summarise(served, {r.id: float(r.acc1) for r in rungs}, slo)  # type: ignore[arg-type]
         assert s.attainment >= floor and s.rejected <= 2 and s.mean_acc1 > 77.0 and s.stitches >= 3, (trace, s)
+
+
+def test_the_clairvoyant_policy_steps_down_before_a_burst_it_knows_of() -> None:
+    # two rungs, a batch of 4 at most, a ring of 4: one lone request at 0, then a burst of 4 at 5 ms. The dear rung
+    # (40 ms a batch) on the lone request would hold the burst's 4 images behind it in a ring with 3 places free;
+    # the cheap one (4 ms) has ended when the burst comes. The clairvoyant policy knows, so it runs the lone request cheap and
+    # the burst, with nothing behind it, dear
+    rungs = [Row(0, "cheap", 1, acc1=70.0), Row(1, "dear", 2, acc1=80.0)]
+    table = LatencyTable({0: ((1, 4.0), (4, 4.0)), 1: ((1, 40.0), (4, 40.0))})
+    config = ControllerConfig(slo_ms=100.0, max_batch=4, max_queue=4)
+    times = [0.0, 0.005, 0.005, 0.005, 0.005]
+    knows = Clairvoyant(rungs, table, config, times, images=1)
+    assert knows.fallback == 0  # the dear rung pinned refuses a request of the burst: the cheap one is the safe fallback
+    out = simulate(knows, times, images=1, max_queue=4)
+    assert [s.stitch for s in out] == [0, 1, 1, 1, 1] and all(s.ms is not None and s.ms <= 100.0 for s in out)
+    dear = StitchController(rungs, table, config)
+    dear.pin(rungs[1])
+    assert [s.ms is None for s in simulate(dear, times, images=1, max_queue=4)] == [False, False, False, False, True]
+    with pytest.raises(ServeError, match="needs the clock"):
+        Clairvoyant(rungs, table, config, times, images=1).decide(1)
+
+
+@pytest.mark.parametrize("trace", ["gamma-cv1", "gamma-cv8"])
+def test_the_clairvoyant_policy_never_misses_where_its_fallback_does_not_and_serves_at_least_as_well(trace: str) -> None:
+    times, _ = loadgen.trace(trace, CAPACITY, seconds=10.0)
+    config = ControllerConfig(SLO, 8, max_queue=64)
+    knows = Clairvoyant(RUNGS, TABLE, config, times, images=2)
+    fallback = summarise(simulate(_pinned(knows.fallback, TABLE, config), times, 2, 64), ACC, SLO)
+    assert fallback.attainment == 1.0  # the synthetic ladder's safe rung exists on both traces
+    s = summarise(simulate(knows, times, 2, 64), ACC, SLO)
+    assert s.attainment == 1.0 and s.rejected == 0 and s.mean_acc1 >= fallback.mean_acc1 and s.stitches >= 2, (trace, s)
 
 
 def test_the_bursty_benchmark_pins_the_rungs_that_could_reach_99_percent() -> None:
@@ -322,3 +353,24 @@ def test_the_bursty_benchmark_checks_trace_names_before_it_profiles(tmp_path, mo
                                       "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"^--traces gamma-cv1,gamma-cvx: unknown trace 'gamma-cvx'"):
         bench_serve.main()
+
+
+def test_sim_serve_prints_the_clairvoyant_policy_beside_the_policies(tmp_path, monkeypatch) -> None:
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sim_serve
+
+    run = {"settings": {"max_batch": 4, "max_queue": 16, "images_per_request": 1, "seconds": 6.0, "rate_x": 1.3,
+                        "ramp_peak": 2.5, "seed": 0},
+           "slo_ms": 4 * 800.0, "largest_capacity_rps": 5.0,
+           "ladder": [{"id": 0, "name": "a", "acc1": 70.0, "latency_ms_by_batch": [[1, 60.0], [4, 200.0]]},
+                      {"id": 5, "name": "b", "acc1": 80.0, "latency_ms_by_batch": [[1, 300.0], [4, 800.0]]}]}
+    path = tmp_path / "bursty.json"
+    path.write_text(json.dumps(run))
+    lines = sim_serve.run(str(path), 1.0, clairvoyant=True)
+    rows = [line for line in lines if line.startswith("| gamma") or line.startswith("| ramp")]
+    assert "clairvoyant (knows the future)" in lines[4] and len(rows) == 4
+    assert all(row.count("|") == 7 and row.rstrip(" |").endswith("503)") for row in rows), rows  # one more cell a trace
+    assert "clairvoyant" not in "\n".join(sim_serve.run(str(path), 1.0))

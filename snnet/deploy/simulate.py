@@ -40,9 +40,9 @@ from typing import Any, Callable, Mapping, Sequence
 from ..errors import ServeError
 from ..report import percentile
 from ..results import Row
-from .controller import RECENT_S, ControllerConfig, LatencyTable, StitchController, Waiting, make_policy
+from .controller import RECENT_S, ControllerConfig, Decision, LatencyTable, StitchController, Waiting, make_policy
 
-__all__ = ["Bursty", "Served", "Summary", "load_bursty", "simulate", "summarise"]
+__all__ = ["Bursty", "Clairvoyant", "Served", "Summary", "load_bursty", "simulate", "summarise"]
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,97 @@ def summarise(served: Sequence[Served], acc: Mapping[int, float], slo_ms: float)
         mean_acc1=sum(acc[s.stitch] * s.images for s in ok) / n_img if n_img else math.nan,  # type: ignore[index]
         rejected=len(served) - len(ok), p95_ms=percentile((s.ms for s in ok), 0.95, nearest=True),  # type: ignore[misc]
         stitches=len({s.stitch for s in ok}))
+
+
+# ------------------------------------------------------------------ what foresight reaches: a policy that knows the future
+
+
+def _answers_all(times: Sequence[float], first: int, queue: Sequence[float], held: deque, free: float, images: int,
+                 ms: Sequence[float], max_batch: int, max_queue: int, slo_ms: float) -> bool:
+    """Whether one stitch of batch times ``ms[n]`` (ms), pinned from this state on, answers every request within
+    ``slo_ms`` and refuses none: ``queue``, the arrivals of the queued requests; ``first``, the index of the first
+    request not yet arrived; ``held``, (end s, images) of the batches that hold places; ``free``, when the model is
+    free. The same mechanics as :func:`simulate` without a server stage."""
+    q, held, n = deque(queue), deque(held), len(times)
+    occupied = len(q) * images + sum(k for _, k in held)
+    j = first
+    while j < n or q:
+        if q and (j >= n or max(free, q[0]) <= times[j]):
+            start, oldest, k = max(free, q[0]), q[0], 0
+            while q and k + images <= max_batch:
+                q.popleft()
+                k += images
+            free = start + ms[k] / 1e3
+            if (free - oldest) * 1e3 > slo_ms:
+                return False
+            held.append((free, k))
+        else:
+            while held and held[0][0] <= times[j]:
+                occupied -= held.popleft()[1]
+            if occupied + images > max_queue:
+                return False
+            occupied += images
+            q.append(times[j])
+            j += 1
+    return True
+
+
+class Clairvoyant(StitchController):
+    """A policy that knows every arrival to come: **not a server's policy, but what foresight reaches**.
+
+    Its fallback is the most accurate rung that, pinned, answers the whole trace within the SLO and
+    refuses nothing (else the fastest rung). Before each batch it takes the most accurate rung such that
+    this batch on it, and every later batch on the fallback, still answers every request within the SLO
+    without a 503: where the fallback pinned misses nothing, neither does it, and it serves at least the
+    fallback's top-1. A scheduler that plans every batch at once could do better still (this one only
+    looks one batch ahead of its fallback), so where it meets the benchmark's goal the goal can be met;
+    where an online controller serves below it, the difference is the price of not knowing when the next
+    burst comes (:func:`simulate` with no server stage only; ``slowdown`` as given to it)."""
+
+    name = "clairvoyant"
+
+    def __init__(self, rungs: Sequence[Row], table: LatencyTable, config: ControllerConfig, times: Sequence[float],
+                 images: int, slowdown: float = 1.0) -> None:
+        super().__init__(rungs, table, config)
+        self.times, self.images = list(times), images
+        b, cap = config.max_batch, config.max_queue if config.max_queue is not None else math.inf
+        self._scaled = [[t * slowdown for t in row] for row in self._ms]
+        self._max_queue = cap
+        safe = [k for k in range(len(self.rungs))
+                if _answers_all(self.times, 0, (), deque(), 0.0, images, self._scaled[k], b, cap, config.slo_ms)]  # type: ignore[arg-type]
+        self.fallback = safe[-1] if safe else min(range(len(self.rungs)), key=lambda k: self._ms[k][b])
+        self._held: deque[tuple[float, int]] = deque()  # (end, images) of the batches this policy ran: their places
+
+    def decide(self, queue: int, oldest_wait_ms: float = 0.0, recent_ms: Sequence[float] = (), now: float | None = None,
+               arrivals: Sequence[tuple[float, int]] | None = None, upstream: Sequence[Waiting] = ()) -> Decision:
+        if self._pinned is not None:
+            return self._decide_pinned(queue, oldest_wait_ms)
+        if now is None or arrivals is None:
+            raise ServeError("the clairvoyant policy needs the clock and the queue's arrivals (simulate passes them)")
+        c, b, ms = self.config, self.config.max_batch, self._scaled
+        while self._held and self._held[0][0] <= now:
+            self._held.popleft()
+        heads = [t for t, _ in arrivals]
+        first = bisect.bisect_right(self.times, now)
+        n = min(len(heads), b // self.images)  # the batch: whole requests up to max_batch images, as simulate makes it
+        batch, rest = heads[:n], heads[n:]
+        pick = self.fallback
+        for k in range(len(self.rungs) - 1, -1, -1):
+            if self.rungs[k].acc1 is not None and self.rungs[self.fallback].acc1 is not None and k != self.fallback \
+                    and float(self.rungs[k].acc1) <= float(self.rungs[self.fallback].acc1):
+                continue  # no more accurate than the fallback: not worth a risk
+            end = now + ms[k][n * self.images] / 1e3
+            if any((end - t) * 1e3 > c.slo_ms for t in batch):
+                continue
+            held = deque(self._held)
+            held.append((end, n * self.images))
+            if _answers_all(self.times, first, rest, held, end, self.images, ms[self.fallback], b,
+                            self._max_queue, c.slo_ms):  # type: ignore[arg-type]
+                pick = k
+                break
+        self._held.append((now + ms[pick][n * self.images] / 1e3, n * self.images))
+        self._rung = pick
+        return self._record(self.rungs[pick], None, False, "knows the arrivals to come")
 
 
 # ------------------------------------------------------------------ a bursty run's settings
