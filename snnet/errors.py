@@ -128,15 +128,26 @@ _PACKAGE_DIR = os.path.dirname(__file__) + os.sep
 def user_stacklevel() -> int:
     """The ``stacklevel`` for a ``warnings.warn`` in the function calling this that names the first caller outside
     snnet, the user's own line, however deep inside snnet the warning is raised (a fixed number named a line of
-    snnet's once the call went through one more of its functions). Python 3.12's ``skip_file_prefixes``, on 3.11."""
+    snnet's once the call went through one more of its functions). Python 3.12's ``skip_file_prefixes``, on 3.11.
+
+    timm's files are passed over too: it calls snnet's registered models (``timm.create_model('fmnist_vit_ti',
+    pretrained=True)``), and a line of its factory is not the user's either."""
+    skipped = (_PACKAGE_DIR, *_library_dirs("timm"))
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(skipped):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _library_dirs(*names: str) -> tuple[str, ...]:
+    """The folders of those packages ``names`` that are imported (one that is not has no frame to pass over: this
+    module imports none of them)."""
+    modules = (sys.modules.get(name) for name in names)
+    return tuple(os.path.dirname(m.__file__) + os.sep for m in modules if m is not None and m.__file__)
 
 
 class UnverifiedFileWarning(SnnetWarning):
     """A file loaded without its checksum checked: none is recorded for it, or the record itself is gone.
 
-    Said once per file and process (Python's default warning filter), never silently.
+    Said once per file and line of the caller's that loads it (Python's default warning filter), never silently.
     """

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
-from .errors import SnnetError, UnverifiedFileWarning, reason
+from .errors import SnnetError, UnverifiedFileWarning, reason, user_stacklevel
 
 if TYPE_CHECKING:  # annotations only: this module does not load torch
     import torch
@@ -241,7 +241,7 @@ def warn_unverified(path: str | os.PathLike, why: str, fix: str) -> None:
 
     warnings.warn(f"{path} is loaded UNVERIFIED: {why} (written before snnet recorded checksums, or the record "
                   f"was removed), so damaged bytes would go unnoticed; to be safe, {fix}", UnverifiedFileWarning,
-                  stacklevel=3)
+                  stacklevel=user_stacklevel())  # the user's line: a fixed count named one of snnet's
 
 
 def check_creatable(path: str | os.PathLike, what: str = "--out", error: type[SnnetError] = SnnetError) -> Path:

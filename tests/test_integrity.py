@@ -180,6 +180,36 @@ def test_shipped_weights_without_family_json_warn(tmp_path: Path, monkeypatch: p
         timm.create_model("fmnist_vit_ti", pretrained=True)
 
 
+def test_the_unverified_warning_names_the_callers_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """UnverifiedFileWarning named a line inside snnet (a fixed stacklevel counted from a helper), not the line that
+    loaded the file, so the location shown and filters by module pointed at snnet: for a saved network, an exported
+    stitch, and shipped weights loaded through timm (its factory is not the user's line either) or create_snnet."""
+    torch.manual_seed(0)
+    net = snnet.create_snnet(TINY_VITS[:2])
+    folder = net.save_pretrained(tmp_path / "net")
+    deploy.export_stitch(net, 2, tmp_path / "stitch", formats=["safetensors"])
+    for record in (folder / "config.json", tmp_path / "stitch" / "config.json"):
+        config = json.loads(record.read_text())
+        del config["sha256"]
+        record.write_text(json.dumps(config))
+    loads = {"snnet.load": lambda: snnet.load(folder), "deploy.load_stitch": lambda: deploy.load_stitch(tmp_path / "stitch")}
+    shipped = pretrained.weights_path("fmnist_vit_ti")
+    if shipped.is_file():  # the shipped weights are built: family.json, their record, taken away
+        copy = tmp_path / "weights"
+        copy.mkdir()
+        for name in ("fmnist_vit_ti", "fmnist_vit_s"):
+            (copy / pretrained.weights_path(name).name).write_bytes(pretrained.weights_path(name).read_bytes())
+        monkeypatch.setattr(pretrained, "WEIGHTS_DIR", copy)
+        loads["timm.create_model"] = lambda: timm.create_model("fmnist_vit_ti", pretrained=True)
+        loads["snnet.create_snnet"] = lambda: snnet.create_snnet(["fmnist_vit_ti", "fmnist_vit_s"], pretrained=True)
+    for entry, load in loads.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load()
+        said = [w for w in caught if issubclass(w.category, UnverifiedFileWarning)]
+        assert said and all(w.filename == __file__ for w in said), (entry, [(w.filename, w.lineno) for w in said])
+
+
 def test_export_refuses_a_folder_it_would_mix_or_overwrite(exported, tmp_path: Path) -> None:
     """A saved network's config.json is not overwritten, and an export of fewer formats does not leave the
     files of an earlier export beside a config.json that no longer records them."""
