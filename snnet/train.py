@@ -243,6 +243,8 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
         set_rng_state(resumed.state["rng"][rank])
     if rank == 0:
         _write_history(out, config, world, position.step, resumed)
+        if resumed is not None:
+            _carry_logs(run_folder(resumed.path), out, resumed.position.step)
     log = _Log(out, rank == 0, position.step, config.run.tensorboard)
     # pruned on a resume with validation or without: the rows after the checkpoint's step are of steps about to be redone
     evals = _Log(out, rank == 0, position.step, False, EVALS_NAME, create=validation is not None)
@@ -754,6 +756,26 @@ def _write_history(out: Path, config: TrainConfig, world: int, step: int, resume
     text = json.dumps({"segments": segments}, indent=2)
     # atomically, like every other file of a run: an interrupted write never leaves half a config
     atomic_write(out / TRAIN_CONFIG_NAME, lambda tmp: tmp.write_text(text), durable=False)
+
+
+def _carry_logs(source: Path, out: Path, step: int) -> None:
+    """With ``--resume a/checkpoint.pt --out b``, b continues a's run, as its train_config.json says (a's segments):
+    a's metrics.jsonl and evals.jsonl rows up to the checkpoint's ``step`` are copied to b (those after it are of steps
+    b redoes, or of a's own later part); TensorBoard's event files stay in a. Nothing to do when the checkpoint is
+    ``out``'s own."""
+    if source.resolve() == out.resolve():
+        return
+    for name in (METRICS_NAME, EVALS_NAME):
+        try:
+            if not (source / name).is_file():
+                continue
+            # errors="replace": a line garbled by a crash mid-write is dropped by _line_step (as _Log does)
+            rows = [ln for ln in (source / name).read_text(errors="replace").splitlines()
+                    if ln.strip() and _line_step(ln) <= step]
+            atomic_write(out / name, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in rows)), durable=False)
+        except OSError as e:
+            raise TrainingError(f"cannot copy {source / name} to {out / name} ({e.strerror or e}); free some disk "
+                                f"space, delete {out} (nothing of it is trained yet) and run the same command again") from e
 
 
 # ---------------------------------------------------------------------------- the step engine

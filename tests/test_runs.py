@@ -717,6 +717,23 @@ def test_a_resume_into_another_folder_keeps_the_history_of_the_run_the_checkpoin
     assert json.loads((b / "train_config.json").read_text())["segments"] == history
 
 
+def test_a_resume_into_another_folder_carries_the_logs_of_the_run_up_to_its_checkpoint(tmp_path):
+    """--resume a/checkpoint.pt --out b began b's metrics.jsonl and evals.jsonl at the checkpoint's step, while its
+    train_config.json holds a's segments from step 0: the curve of a's first steps and their evaluation were in a
+    only. b's logs hold a's rows up to the checkpoint (resumed from a copy a kept, step 2: a's later rows are not b's)."""
+    conf = dict(epochs=2, ckpt_every=1, init_images=0)
+    val = Synthetic(8, seed=5)
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "a", **conf), stop_after=3, val_data=val)
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert _steps(a) == [1, 2, 3]
+    r = train(fresh_net(), Synthetic(16), cfg(tmp_path / "b", resume=str(a / "checkpoints" / "step-00000002.pt"), **conf),
+              val_data=val)
+    assert r.finished and _steps(b) == [1, 2, 3, 4]
+    assert (b / "metrics.jsonl").read_text().splitlines()[:2] == (a / "metrics.jsonl").read_text().splitlines()[:2]
+    assert [json.loads(ln)["step"] for ln in (b / "evals.jsonl").read_text().splitlines()] == [2, 4]
+    assert _steps(a) == [1, 2, 3]  # a is left as it was
+
+
 def test_an_unfinished_run_resumed_with_other_settings(tmp_path):
     conf = dict(epochs=2, init_images=0, **OPT)
     train(fresh_net(), Synthetic(40), cfg(tmp_path, **conf), stop_after=3)
