@@ -220,7 +220,7 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
         plan = _resumed_plan(plan, position, config)
         ended_epoch = validation is not None and position.epoch > resumed.position.epoch
         if position.step >= plan.total and not ended_epoch:
-            return _already_finished(net, resumed, plan, out, rank)
+            return _already_finished(net, resumed, plan, out, rank, config, world)
 
     # the network, its teacher, the optimizer: as they were at the checkpoint, or fresh
     if teacher is None and config.distill.teacher is not None:
@@ -643,16 +643,25 @@ def _save(path: Path, state: dict[str, Any], keep: int, rank: int) -> Path:
     return path
 
 
-def _already_finished(net: StitchedBase | nn.Module, resumed: Resumed, plan: Plan, out: Path, rank: int) -> TrainResult:
+def _already_finished(net: StitchedBase | nn.Module, resumed: Resumed, plan: Plan, out: Path, rank: int,
+                      config: TrainConfig, world: int) -> TrainResult:
     """A finished run resumed with its own settings: nothing to train, nothing rewritten (final/ restored if
-    deleted); the network holds the run's trained weights, as after training."""
-    final = out / FINAL_NAME
+    deleted); the network holds the run's trained weights, as after training. Resumed into another folder
+    (``--resume a/checkpoint.pt --out b``), b holds the run as a resume of an unfinished one leaves it: its settings'
+    history, logs, checkpoint and network (with b/final alone, ``--resume auto --out b`` found nothing to continue)."""
+    final, checkpoint = out / FINAL_NAME, resumed.path
     _load_weights(net, resumed.state["model"], str(resumed.path))
+    if run_folder(resumed.path).resolve() != out.resolve():
+        checkpoint = out / CHECKPOINT_NAME
+        if rank == 0:
+            _write_history(out, config, world, resumed.position.step, resumed)
+            _carry_logs(run_folder(resumed.path), out, resumed.position.step)
+            save_checkpoint(checkpoint, resumed.state, config.run.keep_checkpoints)
     # only if someone deleted it, or a save was interrupted between its files (the weights in, config.json not)
     names = (WEIGHTS_NAME, CONFIG_NAME) if isinstance(net, StitchedBase) else (WEIGHTS_NAME,)
     if rank == 0 and not all((final / name).is_file() for name in names):
-        _save_final_or_say(net, final, None, resumed.path)
-    return TrainResult(resumed.position.step, plan.total, True, float("nan"), 0.0, 0.0, out, resumed.path, final)
+        _save_final_or_say(net, final, None, checkpoint)
+    return TrainResult(resumed.position.step, plan.total, True, float("nan"), 0.0, 0.0, out, checkpoint, final)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import snnet
-from snnet.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from snnet.checkpoint import CHECKPOINT_NAME, load_checkpoint, state_digest
 from snnet.data import build_dataset
 from snnet.deploy import export_stitch, load_stitch
 from snnet.errors import CheckpointError, RunFolderError, TrainingInterrupted
@@ -161,6 +161,13 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "had already finished (2 of 2 steps)" in said and "nan" not in said and "img/s" not in said
     assert [p.read_bytes() for p in run_files] == before and _temps(out) == []
+    # resumed into another folder, which then holds the run (test_a_finished_run_resumed_into_another_folder...)
+    b = tmp_path / "b"
+    assert _cli(*_train_args(data, b, "--max-steps", "2", "--resume", str(out / CHECKPOINT_NAME))) == 0
+    said = capsys.readouterr().out
+    assert f"the run of {out / CHECKPOINT_NAME} had already finished (2 of 2 steps), which {b} now holds" in said
+    assert f"Its network is in {b / 'final'}" in said and (b / CHECKPOINT_NAME).is_file()
+    assert [p.read_bytes() for p in run_files] == before
 
     # --overwrite deletes the old run's files on purpose (and only those)
     (out / "notes.txt").write_text("mine")
@@ -732,6 +739,33 @@ def test_a_resume_into_another_folder_carries_the_logs_of_the_run_up_to_its_chec
     assert (b / "metrics.jsonl").read_text().splitlines()[:2] == (a / "metrics.jsonl").read_text().splitlines()[:2]
     assert [json.loads(ln)["step"] for ln in (b / "evals.jsonl").read_text().splitlines()] == [2, 4]
     assert _steps(a) == [1, 2, 3]  # a is left as it was
+
+
+def test_a_finished_run_resumed_into_another_folder_is_held_there_as_an_unfinished_ones_resume_is(tmp_path):
+    """--resume a/checkpoint.pt --out b of a run that had ended wrote only b/final: b had no checkpoint, settings or
+    logs (an unfinished run's resume into b leaves them all), and `--resume auto --out b`, which the command then
+    offers to train it further, was refused. b holds the run as it ended, a is left as it was."""
+    conf = dict(epochs=None, max_steps=2, ckpt_every=1, init_images=0)
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "a", **conf))
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    before = _bytes(a)
+    r = train(fresh_net(), Synthetic(16), cfg(tmp_path / "b", resume=str(a / CHECKPOINT_NAME), **conf))
+    assert r.finished and not r.stitches and r.checkpoint == b / CHECKPOINT_NAME and r.final_dir == b / "final"
+    assert _bytes(a) == before
+    for name in ("train_config.json", "metrics.jsonl"):
+        assert (b / name).read_text() == (a / name).read_text(), name
+    assert state_digest(load_checkpoint(b / CHECKPOINT_NAME)) == state_digest(load_checkpoint(a / CHECKPOINT_NAME))
+    assert _same_weights(snnet.load(b / "final"), snnet.load(a / "final"))
+    again = train(fresh_net(), Synthetic(16), cfg(tmp_path / "b", resume="auto", **conf))
+    assert again.finished and again.checkpoint == b / CHECKPOINT_NAME
+    longer = train(fresh_net(), Synthetic(16), cfg(tmp_path / "b", resume="auto", resume_with_changes=True,
+                                                   **{**conf, "max_steps": 3}))
+    assert longer.step == 3 and _steps(b) == [1, 2, 3]
+    # from a copy kept at the end of a's first schedule, since trained further: b holds a's run as it was then
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "c", resume=str(b / "checkpoints" / "step-00000002.pt"), **conf))
+    c = tmp_path / "c" / "run"
+    assert _steps(c) == [1, 2] and load_checkpoint(c / CHECKPOINT_NAME)["step"] == 2
+    assert [s["from_step"] for s in json.loads((c / "train_config.json").read_text())["segments"]] == [0]
 
 
 def test_an_unfinished_run_resumed_with_other_settings(tmp_path):

@@ -52,7 +52,8 @@ def run_train(argv: Sequence[str]) -> None:
     _check_launch_env(world)  # before any work: init_process_group would fail with a traceback, or wait forever
     check_inputs(config)
     out = Path(config.run.out_dir)
-    if check_run_folder(out, config.run.resume, config.run.overwrite) is None and config.run.resume == "auto":
+    resume = check_run_folder(out, config.run.resume, config.run.overwrite)
+    if resume is None and config.run.resume == "auto":
         typer.echo(f"no checkpoint in {out}: --resume auto starts a fresh run", err=True)
     try:
         check_resume(config, world)  # a resume with other settings is refused before the network is built
@@ -79,7 +80,11 @@ def run_train(argv: Sequence[str]) -> None:
         if started:
             torch.distributed.destroy_process_group()
     if result.finished and not result.stitches:  # resumed a run that had already ended
-        typer.echo(f"the run in {out} had already finished ({result.step} of {result.total_steps} steps): nothing to "
+        # --resume a/checkpoint.pt --out b: b now holds a's run as it ended (checkpoint, settings, logs, network)
+        elsewhere = resume is not None and not resume.resolve().is_relative_to(out.resolve())
+        run = f"of {resume}" if elsewhere else f"in {out}"
+        held = f", which {out} now holds as it ended" if elsewhere else ""
+        typer.echo(f"the run {run} had already finished ({result.step} of {result.total_steps} steps){held}: nothing to "
                    f"train. Its network is in {result.final_dir}; to train it further, start a new run from it with "
                    f"--init {result.final_dir} --out NEW_FOLDER, or continue this one with a longer schedule and "
                    "--resume-with-changes")
