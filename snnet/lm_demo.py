@@ -163,8 +163,11 @@ def run_lm_demo(config: TrainConfig | None = None, options: LMDemoOptions = LMDe
     net = task.build_network(config)
     _check_samples_fit(net, options)  # before minutes of training, not at the samples after them
     task = get_task(config.task, config.data, net)  # reads the text with the anchors' shared tokenizer
-    train_set = task.dataset(config.data, split=config.data.split)
-    eval_set = task.dataset(config.data, split="val", train=False, limit=options.eval_blocks)
+    # seed None: the first blocks of the sorted files, not a seeded spread of them (what --data.limit reads in
+    # `snnet train`): docs/lm-demo's results were measured so, and the zoo it is compared with (zoo.json,
+    # scripts/train_lm_family.py --zoo) on the same first held-out blocks
+    train_set = task.dataset(config.data, seed=None, split=config.data.split)
+    eval_set = task.dataset(config.data, seed=None, split="val", train=False, limit=options.eval_blocks)
     loader = lm.text_loader(eval_set, options.eval_batch_size)
     costs = net.costs()
     echo(f"SN-Net from {', '.join(net.labels)}: {len(net.space)} networks, {human(min(c.flops for c in costs))}–"

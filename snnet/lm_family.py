@@ -248,7 +248,7 @@ def train_lm_member(name: str, tokenizer: Any, config: "TrainConfig", out: str |
     torch.manual_seed(config.run.seed)  # the same init stream for every member
     model = LlamaForCausalLM(llama_config(arch, tokenizer, config.data.block_size))
     net = LogitsOnly(model, tokenizer)
-    data = get_task(config.task, config.data, net).dataset(config.data, split=config.data.split)
+    data = get_task(config.task, config.data, net).dataset(config.data, seed=config.run.seed, split=config.data.split)
     config = config if config.run.overwrite else config.override(resume="auto")
     result = train(net, data, config)
     before = score_lm(model, held_out)

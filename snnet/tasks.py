@@ -364,12 +364,14 @@ class CausalLM:
                            progress=config.run.progress)
 
     # -- data
-    def dataset(self, data: DataConfig, data_config: Any = None, seed: int = 0, *, split: str | None = None,
+    def dataset(self, data: DataConfig, data_config: Any = None, seed: int | None = 0, *, split: str | None = None,
                 train: bool = True, limit: int | None = None) -> Dataset:
         """Token blocks of ``data.corpus`` read with the network's tokenizer: the files of ``split`` (default
         ``data.split``: 'train', 'val' (held out) or 'all'), ``data.block_size`` predictions each, at most
-        ``data.limit`` blocks (training) or ``limit`` (evaluation). ``data_config`` and ``seed`` are not used:
-        text is neither transformed nor augmented."""
+        ``data.limit`` blocks (training) or ``limit`` (evaluation). A limit reads the split's files in an order
+        drawn with ``seed`` (the run's: the same blocks on a resume), spread over the corpus (None: in sorted
+        order, the first files' blocks); without one every file is read, in sorted order. ``data_config`` is not
+        used: text is neither transformed nor augmented."""
         from .text import corpus_fingerprint, split_documents, stdlib_root, text_files, token_blocks
 
         if self.tokenizer is None:
@@ -385,8 +387,12 @@ class CausalLM:
             chosen = train_files if which == "train" else held
         else:
             raise ConfigError(f"unknown split {which!r} of a text corpus; use train, val (the held-out files) or all")
-        return token_blocks(chosen, self.tokenizer, data.block_size, max_blocks=data.limit if train else limit,
-                            fingerprint=corpus_fingerprint(chosen, root))
+        most = data.limit if train else limit
+        # the split first, then the order: a limited read of one split never reaches into the other. The files are
+        # sorted by path, so without the seeded order a few blocks of the standard library were __future__.py,
+        # _aix_support.py, ... asyncio/ alone
+        return token_blocks(chosen, self.tokenizer, data.block_size, max_blocks=most,
+                            fingerprint=corpus_fingerprint(chosen, root), seed=None if most is None else seed)
 
     def check_dataset(self, net: nn.Module, dataset: Dataset, batch_size: int) -> int:
         """Fail before training if ``dataset`` cannot train ``net`` (token ids, block length); returns its size."""

@@ -13,7 +13,9 @@ machine and does not move when files are added.
 :func:`token_blocks` tokenises the documents (each followed by the end-of-text token), cuts the
 stream into blocks of ``block_size + 1`` tokens (``block_size`` predictions each) and records,
 per block, how many UTF-8 bytes of text its predicted tokens cover: what bits per byte divide by
-(:mod:`snnet.lm_eval`). Tokenisers without offsets are refused rather than guessed at.
+(:mod:`snnet.lm_eval`). With a ``seed`` it reads the documents in a seeded order
+(:func:`snnet.data.spread_order`): the first ``max_blocks`` blocks then come from documents spread
+over the whole corpus, where the sorted files' first ones are a few modules of one package. Tokenisers without offsets are refused rather than guessed at.
 :class:`ByteTokenizer` (one token per byte) needs no vocabulary file at all.
 """
 
@@ -29,6 +31,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 import numpy as np
 import torch
 
+from .data import spread_order
 from .errors import SnnetError
 
 __all__ = ["ByteTokenizer", "TokenBlocks", "corpus_fingerprint", "split_documents", "stdlib_root", "stdlib_sources",
@@ -137,6 +140,7 @@ class TokenBlocks(torch.utils.data.Dataset):
     ids: torch.Tensor  # (blocks, block_size + 1), long
     byte_counts: torch.Tensor  # (blocks,), long
     fingerprint: str = ""
+    seed: int | None = None  # the seed of the documents' order (spread_order), None: as given (sorted)
     deterministic_items: ClassVar[bool] = True  # fetching a block draws no random numbers (snnet.sampling.SeededItems)
 
     def __len__(self) -> int:
@@ -156,11 +160,15 @@ class TokenBlocks(torch.utils.data.Dataset):
 
 
 def token_blocks(files: Sequence[Path], tokenizer: Any, block_size: int, *, max_blocks: int | None = None,
-                 fingerprint: str = "") -> TokenBlocks:
+                 fingerprint: str = "", seed: int | None = None) -> TokenBlocks:
     """Tokenise ``files`` (UTF-8 text; each followed by the end-of-text token) into blocks of
-    ``block_size + 1`` tokens, reading only as many files as ``max_blocks`` needs."""
+    ``block_size + 1`` tokens, reading only as many files as ``max_blocks`` needs: in the order given, or with
+    ``seed`` in :func:`snnet.data.spread_order` (the same files for the same seed), so that a few blocks are
+    not all of the first files."""
     if block_size < 1:
         raise SnnetError(f"block_size must be >= 1 token, got {block_size}")
+    if seed is not None:
+        files = [files[i] for i in spread_order(len(files), seed)]
     eos = tokenizer.eos_token_id
     if eos is None:
         raise SnnetError("the tokenizer has no end-of-text token to separate documents with")
@@ -184,7 +192,7 @@ def token_blocks(files: Sequence[Path], tokenizer: Any, block_size: int, *, max_
         raise SnnetError(f"{len(files)} files gave {len(ids)} tokens: not one block of {block_size + 1}")
     grid = torch.tensor(ids[: n * (block_size + 1)], dtype=torch.long).view(n, block_size + 1)
     per = torch.tensor(counts[: n * (block_size + 1)], dtype=torch.long).view(n, block_size + 1)
-    return TokenBlocks(grid, per[:, 1:].sum(1), fingerprint)
+    return TokenBlocks(grid, per[:, 1:].sum(1), fingerprint, seed)
 
 
 def text_loader(blocks: TokenBlocks, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Any]:

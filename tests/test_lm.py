@@ -462,6 +462,47 @@ def test_text_blocks_count_bytes_and_split_stably(tokenizer, tmp_path):
     assert len(lm.stdlib_sources()) > 100  # the default corpus is there on every Python install
 
 
+def test_a_limited_corpus_reads_files_spread_over_it_not_its_first(tmp_path):
+    """--data.limit on the standard library read its first files only (sorted by path: __future__.py, _aix_support.py,
+    ... asyncio/): a quick run trained on a few modules of one package. A limit now reads the split's files in an
+    order drawn with the seed: across the corpus, the same for the same seed, never from the other split; without a
+    limit every file is read in sorted order, as before."""
+    import dataclasses
+    import re
+    import types
+
+    from snnet.config import DataConfig
+    from snnet.tasks import CausalLM
+
+    root = tmp_path / "corpus"
+    for pkg in "abcdef":
+        for k in range(8):
+            p = root / f"pkg_{pkg}" / f"m{k}.py"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(f"# {p.relative_to(root).as_posix()}\nx = {k}\n")
+    tok = lm.ByteTokenizer()
+    task = CausalLM(DataConfig(), types.SimpleNamespace(tokenizer=tok, vocab_size=len(tok)))
+    train_files, held = lm.split_documents(lm.text_files(root, "*"), root, 0.25)
+    names = {k: [p.relative_to(root).as_posix() for p in files] for k, files in (("train", train_files), ("val", held))}
+
+    def read(blocks: lm.TokenBlocks) -> list[str]:  # each file starts with its own name
+        return re.findall(r"# (pkg_\w/m\d\.py)", tok.decode(blocks.ids.flatten().tolist()))
+
+    data = DataConfig(corpus=str(root), block_size=15, held_out=0.25, limit=8)  # 128 tokens: about 5 of 48 files
+    blocks = task.dataset(data, seed=0)
+    got = read(blocks)
+    assert len(got) >= 3 and len({n.split("/")[0] for n in got}) > 1  # not pkg_a's first modules alone
+    assert got != names["train"][: len(got)] and set(got) <= set(names["train"])
+    assert task.dataset(data, seed=0).ids.equal(blocks.ids) and blocks.seed == 0  # the same files for the seed
+    assert not task.dataset(data, seed=1).ids.equal(blocks.ids)
+    held_read = read(task.dataset(data, seed=0, split="val", train=False, limit=4))
+    assert held_read and set(held_read) <= set(names["val"])  # the held-out files only
+    everything = task.dataset(dataclasses.replace(data, limit=None), seed=0)  # no limit: every file, sorted
+    assert everything.ids.equal(lm.token_blocks(train_files, tok, 15).ids) and everything.seed is None
+    first = task.dataset(data, seed=None)  # None: the sorted files' first blocks (the demo's, as it measured them)
+    assert read(first) == names["train"][: len(read(first))]
+
+
 def test_a_corpus_fingerprint_names_the_python_version_only_for_the_stdlib(tmp_path, monkeypatch):
     """Another folder's text is the same on every Python: its fingerprint does not change with the version
     (the docstring: the same text if and only if the fingerprints agree); the standard library's does."""

@@ -255,6 +255,7 @@ def test_the_command_line_trains_evaluates_generates_and_exports(folders, corpus
     net = lm.StitchedLM.from_pretrained(run / "final")
     assert len(rows) == len(net.space) and all(r["split"] == "val" for r in rows)  # the run's held-out files
     assert {r["blocks"] for r in rows} == {8}  # what --limit read: the fingerprint names only the files
+    assert {r["limit_seed"] for r in rows} == {0}  # read in the order drawn with eval's fixed seed, not sorted
     assert all(math.isclose(r["ppl"], math.exp(r["loss"]), rel_tol=1e-6) for r in rows)
     assert (tmp_path / "eval" / "frontier.html").is_file()
     # drawn again from the file: bits per byte as above (it was tabled and drawn as top-1 of "images")

@@ -23,8 +23,9 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images (or token blocks) per batch.")] = 256,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on N images only: of an image folder or timm "
                                                  "dataset, N drawn with a fixed seed, spread over the classes (the "
-                                                 "same N every time); Fashion-MNIST's (shuffled) and a language "
-                                                 "model's: the first N (token blocks).")] = None,
+                                                 "same N every time); Fashion-MNIST's (shuffled): the first N; a language "
+                                                 "model's: N token blocks of its files read in an order drawn with "
+                                                 "that seed, spread over the corpus.")] = None,
     block_size: Annotated[Optional[int], typer.Option("--block-size", min=1, help="Language models: tokens predicted "
                                                       "per block (default: its run's data.block_size).")] = None,
     stitches: Annotated[Optional[str], typer.Option(help="Comma-separated stitch ids or names (default: all).")] = None,
@@ -192,10 +193,6 @@ def _check_subset(out: Path, chosen: list) -> None:
                          "into it (drop --stitches), or choose another --out")
 
 
-# the seed of the images --limit and --calib-images choose (snnet.data.spread_order): fixed, so results repeat
-_SUBSET_SEED = 0
-
-
 def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit: int | None, stitches: str | None,
               device: str | None, amp: bool, workers: int, calib_images: int, progress: bool,
               eval_protocol: str | None = None, skip_bad_images: bool = False, out: Path | None = None) -> list:
@@ -204,7 +201,7 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     from dataclasses import replace
 
     from .. import data as sndata
-    from .options import DEFAULT_ANCHORS, say_skipped, split_names, split_stitches
+    from .options import DEFAULT_ANCHORS, SUBSET_SEED, say_skipped, split_names, split_stitches
     from ..evaluate import evaluate as run_eval
     from ..model import StitchedNet, create_snnet
     from ..reference import eval_data_config
@@ -226,7 +223,7 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     protocol, data_config = eval_data_config(net, data, eval_protocol)
     # --limit and the calibration images: a seeded choice, not the first N (a folder's first class)
     dataset = sndata.build_dataset(data, split, data_config, limit=limit, skip_unreadable=skip_bad_images,
-                                   limit_seed=_SUBSET_SEED)
+                                   limit_seed=SUBSET_SEED)
     say_skipped(dataset, f"{data} ({split})")
     classes = sndata.num_classes(dataset)
     if classes != net.num_classes:
@@ -238,7 +235,7 @@ def _evaluate(model: Path | None, data: str, split: str, batch_size: int, limit:
     net.to(dev)
     if model is None:
         calib = sndata.build_dataset(data, "train", data_config, limit=calib_images, skip_unreadable=skip_bad_images,
-                                     limit_seed=_SUBSET_SEED)
+                                     limit_seed=SUBSET_SEED)
         say_skipped(calib, f"{data} (train)")
         report = net.init_stitching(sndata.make_loader(calib, min(batch_size, calib_images), shuffle=False),
                                     max_images=calib_images, progress=progress)

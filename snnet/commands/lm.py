@@ -97,11 +97,14 @@ def evaluate_lm_folder(model: Path, corpus: str | None, split: str, batch_size: 
         given = "" if block_size is not None else " (the data.block_size of the run that wrote it, or the default)"
         raise SnnetError(f"blocks of {data.block_size} tokens{given} are longer than the {room[0]} positions {room[1]} "
                          f"knows: give --block-size {room[0]} or less")
-    blocks = CausalLM(data, net).dataset(data, train=False, limit=limit)
+    from .options import SUBSET_SEED
+
+    blocks = CausalLM(data, net).dataset(data, seed=SUBSET_SEED, train=False, limit=limit)
     rows = evaluate_lm(net, text_loader(blocks, batch_size), chosen, progress=progress, context=data.block_size)
-    # the fingerprint names the files read, not how much of them: with --limit, the blocks say it (rows of --limit 4
-    # and --limit 8 looked alike)
-    where = {"corpus": data.corpus, "split": data.split, "fingerprint": blocks.fingerprint, "blocks": len(blocks)}
+    # the fingerprint names the split's files, not which of them were read nor how much: with --limit, the seed of
+    # the files' order (None: sorted, every file) and the blocks say it (rows of --limit 4 and --limit 8 looked alike)
+    where = {"corpus": data.corpus, "split": data.split, "fingerprint": blocks.fingerprint, "blocks": len(blocks),
+             "limit_seed": blocks.seed}
     return report_lm([dataclasses.replace(r, extra={**r.extra, **where}) for r in rows], out)
 
 

@@ -8,12 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-__all__ = ["DEFAULT_ANCHORS", "AnchorsOpt", "ImgSizeOpt", "ZooFamilyOpt", "ZooFlopsOpt", "ZooImgSizeOpt", "ZooOpt",
-           "ZooParamsOpt", "RoutesFile", "read_routes", "read_routes_file", "read_zoo_options", "split_ints",
+__all__ = ["DEFAULT_ANCHORS", "SUBSET_SEED", "AnchorsOpt", "ImgSizeOpt", "ZooFamilyOpt", "ZooFlopsOpt", "ZooImgSizeOpt",
+           "ZooOpt", "ZooParamsOpt", "RoutesFile", "read_routes", "read_routes_file", "read_zoo_options", "split_ints",
            "split_names", "split_stitches"]
 
 # The shipped Fashion-MNIST family: the default wherever anchors can be omitted.
 DEFAULT_ANCHORS = "fmnist"
+
+# The seed of what `snnet eval --limit` and --calib-images choose (snnet.data.spread_order: images; a language model's
+# files, snnet.text.token_blocks): fixed, so results repeat
+SUBSET_SEED = 0
 
 AnchorsOpt = Annotated[str, typer.Option(
     "--anchors", "-a", help="A family (fmnist, fmnist-converged, deit, deit-distilled, eva02, swin, swinv2, convnext, levit, resnet, resnet18-swin_t, regnety, mobilenetv3: snnet.adapters.FAMILIES) or comma-separated timm model names, in any order. Language models: a family (gpt2, pythia, qwen2.5, smollm2, llama3.2) or comma-separated member names (pythia-160m,...), hub ids or local model folders.")]
