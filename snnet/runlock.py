@@ -29,6 +29,7 @@ from types import FrameType
 from .checkpoint import CHECKPOINT_NAME, CHECKPOINTS_DIR, resolve_resume
 from .errors import ConfigError, RunFolderError
 from .io import PREVIOUS_SUFFIX, check_creatable, remove_stale_temps
+from .families.lm_catalog import TOKENIZER_FILES
 from .families.lm_lora import ADAPTERS_NAME
 from .model import CONFIG_NAME, WEIGHTS_NAME, is_saved_network
 
@@ -55,8 +56,7 @@ _ATOMIC_FILES = {FINAL_NAME: (WEIGHTS_NAME, CONFIG_NAME, ADAPTERS_NAME), CHECKPO
 # files, a language model's adapters and tokenizer), the kept checkpoints, TensorBoard's event files. A folder by
 # one of these names holding anything else holds the user's files, which --overwrite must not delete with the run's.
 _RUN_FOLDER_FILES = {
-    FINAL_NAME: (*_ATOMIC_FILES[FINAL_NAME], "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-                 "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json"),
+    FINAL_NAME: (*_ATOMIC_FILES[FINAL_NAME], *TOKENIZER_FILES),
     CHECKPOINTS_DIR: _ATOMIC_FILES[CHECKPOINTS_DIR],
     "tb": ("events.out.tfevents.*",),
 }

@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import snnet.lm as lm  # noqa: E402
-from snnet.errors import CheckpointError, NotStitchableError, SnnetError, StitchNotFoundError, UnknownModelError  # noqa: E402
+from snnet.errors import (CheckpointError, NotStitchableError, SnnetError, StitchNotFoundError, UnknownModelError,  # noqa: E402
+                          UnverifiedFileWarning)
 from snnet.families.lm_catalog import check_token_ids, lm_families, member_config  # noqa: E402
 from snnet.families.lm_hf import verify_export  # noqa: E402
 
@@ -368,7 +369,8 @@ def test_a_save_without_a_tokenizer_over_one_with_removes_snnets_tokenizer_files
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(folders["gpt2"][0]) / name, own / name)
     bare.save_pretrained(own)
-    assert lm.StitchedLM.from_pretrained(own).tokenizer is not None
+    with pytest.warns(UnverifiedFileWarning, match=r"tokenizer\S* is loaded UNVERIFIED"):  # not recorded: said
+        assert lm.StitchedLM.from_pretrained(own).tokenizer is not None
     other = copy.deepcopy(net)  # a save with another tokenizer, stopped before its config.json is in
     other.tokenizer = _tokenizer("def other(): return 1\n" * 50)
     write = snnet.model.atomic_write
@@ -385,6 +387,43 @@ def test_a_save_without_a_tokenizer_over_one_with_removes_snnets_tokenizer_files
     assert (out / "tokenizer.json").read_text() != (out / "tokenizer.json.previous").read_text()
     back = lm.StitchedLM.from_pretrained(out).tokenizer  # the earlier save's, saved with the weights that load
     assert back.backend_tokenizer.to_str() == net.tokenizer.backend_tokenizer.to_str()
+
+
+def test_a_folder_saved_before_tokenizer_files_were_recorded_loads_with_a_warning_and_a_save_records_them(nets,
+                                                                                                       tmp_path):
+    """A save made before session 15 wrote its tokenizer after config.json, which records no SHA-256 for its files:
+    they loaded unchecked and unnamed (a changed byte, or a leftover file read with them, went unnoticed). They now
+    load with an UnverifiedFileWarning each; a save with the tokenizer records its files, which then load checked (a
+    damaged one refused as damaged weights are), and one it does not write keeps its warning."""
+    import warnings
+
+    net = nets["gpt2"]
+    out = tmp_path / "old"
+    net.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())  # the old layout, written by hand:
+    config["sha256"] = {"model.safetensors": config["sha256"]["model.safetensors"]}  # the weights' checksum only
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}  # transformers 4 wrote it too
+    (out / "special_tokens_map.json").write_text(json.dumps(special))
+    names = ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+
+    def load() -> tuple[lm.StitchedLM, list[str]]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            back = lm.StitchedLM.from_pretrained(out)
+        said = [str(w.message) for w in caught if issubclass(w.category, UnverifiedFileWarning)]
+        return back, sorted(Path(m.split(" is loaded UNVERIFIED")[0]).name for m in said)
+
+    back, warned = load()
+    assert warned == names and back.tokenizer.backend_tokenizer.to_str() == net.tokenizer.backend_tokenizer.to_str()
+    back.save_pretrained(out)  # a save with the tokenizer records the files it writes
+    assert set(json.loads((out / "config.json").read_text())["sha256"]) == {"model.safetensors", *names[1:]}
+    assert load()[1] == ["special_tokens_map.json"]  # not written by that save: not its tokenizer's, said again
+    (out / "special_tokens_map.json").unlink()
+    assert load()[1] == []
+    (out / "tokenizer.json").write_text((out / "tokenizer.json").read_text() + "\n")  # still a tokenizer, not the saved
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json is damaged.*restore its tokenizer files"):
+        lm.StitchedLM.from_pretrained(out)
 
 
 @pytest.mark.parametrize("labels", [["small"], ["a", "b", "c"]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -281,16 +282,21 @@ def test_a_damaged_tokenizer_file_of_a_saved_network_is_named_in_one_line(net, t
     """A saved network whose tokenizer.json was cut short failed in json's decoder, a traceback through
     transformers (snnet generate, eval, serve), rather than saying which file of which folder is damaged."""
     from snnet.cli import main
-    from snnet.errors import CheckpointError
+    from snnet.errors import CheckpointError, UnverifiedFileWarning
 
     net.save_pretrained(tmp_path / "lm")
     (tmp_path / "lm" / "tokenizer.json").write_text('{"version": "1.0", "trunc')
-    with pytest.raises(CheckpointError, match="the tokenizer saved in .* does not load"):
+    with pytest.raises(CheckpointError, match=r"lm/tokenizer\.json is damaged"):  # its checksum, in config.json
         lm.StitchedLM.from_pretrained(tmp_path / "lm")
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(tmp_path / "lm"), "-p", "def", "-n", "2"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())  # a save that did not record it
+    del config["sha256"]["tokenizer.json"]
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UnverifiedFileWarning), pytest.raises(CheckpointError, match="the tokenizer saved in .* does not load"):
+        lm.StitchedLM.from_pretrained(tmp_path / "lm")
 
 
 def test_costs_at_a_context_no_route_can_run_are_refused(net):

@@ -37,6 +37,7 @@ multiply-accumulates of decoding one token at position ``context - 1`` over a KV
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import os
 import shutil
@@ -53,12 +54,13 @@ from transformers.cache_utils import Cache, DynamicCache
 from ..anchors import ActivationSpec, AnchorParts
 from ..errors import CheckpointError, ConfigError, NotStitchableError, SnnetError
 from ..flops import PartCosts, count_parts, layer_flops, num_params
-from ..io import PREVIOUS_SUFFIX, recorded_previous
-from ..model import WEIGHTS_NAME, StitchedBase
+from ..io import CHECKSUMS_KEY, PREVIOUS_SUFFIX, recorded_previous, verify_checksum
+from ..model import CONFIG_NAME, WEIGHTS_NAME, StitchedBase
 from ..results import Row
 from ..report import progress as report_progress
 from ..space import AnchorInfo, Segment, SpaceConfig, Stitch
-from .lm_catalog import LMSpec, check_token_ids, check_tokenizers, load_model, load_tokenizer, resolve_lm
+from .lm_catalog import (TOKENIZER_FILES, LMSpec, check_token_ids, check_tokenizers, load_model, load_tokenizer,
+                         resolve_lm)
 
 __all__ = ["DEFAULT_CONTEXT", "LMAdapter", "LMContext", "LMParts", "RouteCache", "Step", "StitchedLM",
            "create_stitched_lm", "expand_lm_anchors", "lm_network_from_config", "lm_part_costs", "max_positions", "split_lm",
@@ -721,13 +723,15 @@ def _model_from_config(config: Mapping[str, Any]) -> nn.Module:
 def _saved_tokenizer(directory: Path, cfg: Mapping[str, Any]) -> Any:
     """The tokenizer saved in ``directory`` (None without one). After a save stopped between its files and its
     config.json (``cfg``, the one in place), the tokenizer files that config.json records are read from the bytes
-    the save kept (``<name>.previous``): the tokenizer saved with the weights that load."""
+    the save kept (``<name>.previous``): the tokenizer saved with the weights that load. Every other tokenizer file
+    is checked against config.json's SHA-256 (:func:`_check_tokenizer_files`)."""
     if not any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
 
     kept = {p.name: previous for p in directory.iterdir() if p.name != WEIGHTS_NAME
             and (previous := recorded_previous(p, cfg)) is not None}
+    _check_tokenizer_files(directory, cfg, set(kept))
     try:
         if not kept:
             return AutoTokenizer.from_pretrained(str(directory))
@@ -739,8 +743,26 @@ def _saved_tokenizer(directory: Path, cfg: Mapping[str, Any]) -> Any:
     except Exception as e:  # noqa: BLE001 -- a damaged file fails in json, transformers or tokenizers (plain Exception)
         text = str(e).strip()
         raise CheckpointError(f"the tokenizer saved in {directory} does not load ({type(e).__name__}: "
-                              f"{text.splitlines()[0] if text else 'no message'}): restore its tokenizer files from a "
-                              "backup, or copy those of its anchors (they share one)") from e
+                              f"{text.splitlines()[0] if text else 'no message'}): {_RESTORE_TOKENIZER}") from e
+
+
+_RESTORE_TOKENIZER = "restore its tokenizer files from a backup, or copy those of its anchors (they share one)"
+
+
+def _check_tokenizer_files(directory: Path, cfg: Mapping[str, Any], kept: set[str]) -> None:
+    """Check the tokenizer files in ``directory`` (those AutoTokenizer reads, but the ``kept`` ones: an interrupted
+    save's earlier bytes, checked already) against the SHA-256s config.json (``cfg``) records, as the weights are: a
+    damaged one is refused. One it records none for (saved before snnet recorded tokenizer files, or put in since)
+    loads with an UnverifiedFileWarning naming it, once per process. It is not removed by a save: nothing tells the
+    earlier save's file from one the user copied in (as the error of a tokenizer that does not load says to)."""
+    recorded = cfg.get(CHECKSUMS_KEY)
+    for p in sorted(directory.iterdir()):
+        if (p.name not in kept and not p.name.endswith(PREVIOUS_SUFFIX) and p.is_file()
+                and any(fnmatch.fnmatchcase(p.name, pattern) for pattern in TOKENIZER_FILES)):
+            fix = (_RESTORE_TOKENIZER if isinstance(recorded, Mapping) and p.name in recorded else
+                   "save the network again (save_pretrained records its tokenizer's files; a tokenizer file that save "
+                   "does not write is not its tokenizer's: delete it)")
+            verify_checksum(p, cfg, directory / CONFIG_NAME, fix, error=CheckpointError)
 
 
 # =================================================================================== building

@@ -27,11 +27,16 @@ from typing import Any, Sequence
 
 from ..errors import CheckpointError, NotStitchableError, UnknownModelError
 
-__all__ = ["LMFamily", "LMSpec", "PACKAGE_SOURCE", "check_token_ids", "check_tokenizers", "expand_lm", "load_config",
-           "load_model", "load_tokenizer", "lm_families", "looks_like_lm", "member_config", "package_folder", "resolve_lm"]
+__all__ = ["LMFamily", "LMSpec", "PACKAGE_SOURCE", "TOKENIZER_FILES", "check_token_ids", "check_tokenizers", "expand_lm",
+           "load_config", "load_model", "load_tokenizer", "lm_families", "looks_like_lm", "member_config", "package_folder",
+           "resolve_lm"]
 
 _DATA = ("data_files", "lm")
 PACKAGE_SOURCE = "snnet:"  # a member whose files ship inside the package (families.json: "snnet:weights/lm/...")
+# the names (fnmatch patterns) of the files a transformers tokenizer is saved as and read from: what a saved language
+# model holds beside its weights (a run's final/: snnet.runlock), all read together by AutoTokenizer.from_pretrained
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
 
 
 @dataclass(frozen=True)
