@@ -1185,6 +1185,65 @@ def test_workers_share_one_model_process_so_a_pin_reaches_every_worker(saved: tu
     assert not list(tmp_path.glob("snnet-*")), list(tmp_path.iterdir())  # socket folder, metrics folder: all gone
 
 
+def _model_process(server: subprocess.Popen) -> int:
+    """The pid of `snnet serve`'s model process (its child running the engine, not a uvicorn worker)."""
+    for folder in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (folder / "cmdline").read_bytes()
+            ppid = int((folder / "stat").read_text().rsplit(")", 1)[1].split()[1])  # after the name, which may hold spaces
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == server.pid and b"snnet.deploy.serve.engine" in cmdline:
+            return int(folder.name)
+    raise AssertionError(f"no model process under {server.pid}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the model process in /proc")
+def test_workers_shutdown_with_a_model_process_that_hangs_takes_about_once_the_graceful_bound(saved: tuple[Path, Path],
+                                                                                             tmp_path: Path) -> None:
+    """`--workers 2` with a request sent to a model process that hangs (here: stopped): each worker waits the bound
+    for it, then the main process closed the model process after the workers had gone, waiting the bound again
+    (twice the bound in all). A worker that gave up on requests now says so, and the model process is killed at once,
+    as with one server process."""
+    model, results = saved
+    bound, port = 5, _free_port()
+    proc = _start(["--model", str(model), "--results", str(results), "--port", str(port), "--workers", "2",
+                   "--inline-max-images", "0", "--timeout-graceful-shutdown", str(bound), "--log-level", "warning"],
+                  env={"TMPDIR": str(tmp_path)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_health(url, proc)
+        engine = _model_process(proc)
+        with ThreadPoolExecutor(1) as pool:
+            os.kill(engine, signal.SIGSTOP)
+            try:
+                waiting = pool.submit(httpx.post, url + "/predict", content=_png(), timeout=60)
+                time.sleep(2)  # read, decoded and sent to the model process (which answers nothing now)
+                assert not waiting.done()
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                while Path(f"/proc/{engine}").exists() and time.monotonic() < started + 6 * bound:
+                    time.sleep(0.05)
+                killed = time.monotonic() - started
+                proc.wait(60)
+                took = time.monotonic() - started
+            finally:
+                if Path(f"/proc/{engine}").exists():
+                    os.kill(engine, signal.SIGCONT)
+            try:
+                assert waiting.result().status_code != 200  # uvicorn cancelled it at the bound
+            except httpx.TransportError:
+                pass  # or the connection closed unanswered
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()  # uvicorn logs the request it cancelled, with its traceback
+    # the bound and a little (twice it was the bug); the server process exits soon after, past its interpreter's teardown
+    assert killed < 1.3 * bound and took < 2 * bound, (killed, took)
+    assert not list(tmp_path.glob("snnet-*")), list(tmp_path.iterdir())  # socket folder, metrics folder: all gone
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["loading", "serving"])
 def test_the_temporary_model_folder_goes_on_every_exit(tmp_path: Path, when: str) -> None:

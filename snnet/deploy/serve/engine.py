@@ -625,6 +625,20 @@ def socket_base() -> str:
                      "set TMPDIR to a shorter folder")
 
 
+UNANSWERED = "unanswered"  # the file a server process leaves in the model process's folder when it gave up on requests
+
+
+def tell_unanswered(address: str) -> None:
+    """Tell the owner of the model process listening at ``address`` (another process: ``snnet serve --workers``)
+    that this server process gave up on requests it had sent, at its graceful shutdown: the model process did not
+    answer them within the bound. A file in the folder of its socket, as the model process, which would be told on
+    the socket, is the one not answering; :meth:`EngineProcess.close` reads it."""
+    try:
+        open(os.path.join(os.path.dirname(address), UNANSWERED), "a").close()
+    except OSError:
+        pass  # the folder is gone: its owner has closed the model process already
+
+
 class EngineProcess:
     """Starts the model process and owns it: :meth:`close` lets it finish what is queued, then
     stops it. Server processes connect with :meth:`connect` (or :func:`connect` with
@@ -707,7 +721,11 @@ class EngineProcess:
 
     def close(self, timeout: float = CLOSE_S) -> None:
         """Let the model process finish every queued batch (within ``timeout``, else it is killed), then stop it;
-        remove its socket folder."""
+        remove its socket folder. One a server process gave up on (:func:`tell_unanswered`) is killed at once: it
+        has had the whole graceful bound already, and what it holds has nobody to answer (under --workers, closed
+        after the workers had gone, it held the shutdown twice the bound)."""
+        if self.folder is not None and os.path.exists(os.path.join(self.folder, UNANSWERED)):
+            timeout = 0
         try:
             if self.process is not None and self.process.poll() is None:
                 try:

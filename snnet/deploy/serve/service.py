@@ -16,7 +16,7 @@ from typing import Any, Callable
 from .auth import read_admin_token
 from .batcher import Batcher
 from .config import ServeConfig, log
-from .engine import CLOSE_S, EngineInfo, EngineProcess, connect
+from .engine import CLOSE_S, EngineInfo, EngineProcess, connect, tell_unanswered
 from .images import Preprocess
 from .inline import InlineModel
 from .metrics import Metrics
@@ -29,10 +29,11 @@ class Service:
     """The network as served by this process (see the module)."""
 
     def __init__(self, config: ServeConfig, info: EngineInfo, connect: Callable[..., Any],
-                 engine: EngineProcess | None = None) -> None:
+                 engine: EngineProcess | None = None, address: str | None = None) -> None:
         self.config = config
         self.info = info
         self.engine = engine  # the model process, when this process started it (it closes it)
+        self.address = address  # its socket, when another process started it (and closes it)
         self.admin_token = read_admin_token(config.admin_token_file)
         self.rows = {int(r.id): r for r in info.rows}  # type: ignore[arg-type]
         self.input_size = info.input_size
@@ -68,7 +69,7 @@ class Service:
             ok, info = probe.recv()
         finally:
             probe.close()
-        return cls(config, info, conn)
+        return cls(config, info, conn, address=address)
 
     def start(self) -> None:
         """Serve on the running event loop; requests read by :class:`~.upstream.StampedProtocol` in
@@ -79,10 +80,13 @@ class Service:
 
     async def stop(self, timeout_s: float) -> None:
         """Answer every request already sent to the model (waiting up to ``timeout_s``: the server's graceful
-        shutdown), then disconnect from it."""
+        shutdown), then disconnect from it. Requests left unanswered are told to the process that closes the model
+        process when it is another one (:func:`~.engine.tell_unanswered`): it kills it at once, as :meth:`close` does."""
         if StampedProtocol.upstream is self.upstream:
             StampedProtocol.upstream = None
         await self.batcher.close(timeout_s)
+        if self.batcher.unanswered and self.address is not None:
+            tell_unanswered(self.address)
 
     def close(self, timeout_s: float = CLOSE_S) -> None:
         """Stop the model process if this process started it (after :meth:`stop`), waiting up to ``timeout_s`` (the
