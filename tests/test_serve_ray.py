@@ -1,8 +1,9 @@
 """snnet on Ray Serve: two replicas on a local Ray instance, one stitch policy for both.
 
-Start, predict, a pin that reaches both replicas, scale to three (the new replica takes the pin
-from its start), /metrics for all replicas, and shutdown draining requests in flight. One module
-fixture starts Ray once (it takes most of the time); everything it started is stopped at the end.
+Start, predict, a pin that reaches both replicas and outlives the stitch policy actor, scale to
+three (the new replica takes the pin from its start), /metrics for all replicas, and shutdown
+draining requests in flight. One module fixture starts Ray once (it takes most of the time);
+everything it started is stopped at the end.
 """
 
 from __future__ import annotations
@@ -105,9 +106,9 @@ def test_a_pin_here_while_the_follower_applies_an_older_setting_is_not_lost(monk
     async def current() -> tuple[int, dict[str, Any]]:
         return state["version"], state["setting"]
 
-    async def publish(setting: dict[str, Any]) -> int:
+    async def publish(setting: dict[str, Any], known: int) -> int:
         await asyncio.sleep(0.05)
-        state.update(version=state["version"] + 1, setting=setting)
+        state.update(version=max(state["version"], known) + 1, setting=setting)
         return state["version"]
 
     class Batcher:
@@ -122,7 +123,7 @@ def test_a_pin_here_while_the_follower_applies_an_older_setting_is_not_lost(monk
     actor = type("Actor", (), {"current": Remote(current), "publish": Remote(publish)})()
     monkeypatch.setattr(RayFleet, "_actor", staticmethod(lambda: actor))
     fleet = RayFleet.__new__(RayFleet)
-    fleet.version, fleet._task, fleet._lock = 5, None, asyncio.Lock()
+    fleet.version, fleet.setting, fleet._task, fleet._lock = 5, {"stitch": "A", "policy": None}, None, asyncio.Lock()
 
     async def main() -> None:
         follow = asyncio.create_task(fleet._follow_once(Svc()))
@@ -172,7 +173,7 @@ def test_a_replica_that_starts_after_a_return_to_auto_follows_the_fleets_policy(
                 return engine.control(op, arg)
 
         fleet = RayFleet.__new__(RayFleet)
-        fleet.version, fleet._task, fleet._lock = 0, None, asyncio.Lock()
+        fleet.version, fleet.setting, fleet._task, fleet._lock = 0, None, None, asyncio.Lock()
         return fleet, type("Svc", (), {"batcher": Batcher()})(), engine
 
     first, svc, engine = replica()
@@ -186,6 +187,58 @@ def test_a_replica_that_starts_after_a_return_to_auto_follows_the_fleets_policy(
         assert later_engine.policy.pinned is None
 
     asyncio.run(main())
+
+def test_a_pin_outlives_the_policy_actor_that_ray_serve_recreates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Serve recreates the stitch policy actor when it dies, empty: a replica that started after that went back to
+    its config's policy (the pin lost), and a pin published to the new actor got version 1 again, which a replica
+    still counting the dead actor's version 1 took for the setting it had (and did not apply). The replicas give the
+    new actor their setting back, and a setting is numbered past the one its replica followed. No Ray: the actor is
+    stood in for, and so are the model processes."""
+    import asyncio
+
+    from snnet.deploy.ray import RayFleet, StitchPolicy
+
+    actors = [StitchPolicy()]  # the live one last
+
+    class Remote:
+        def __init__(self, fn: Any) -> None:
+            self.remote = fn
+
+    async def call(name: str, *args: Any) -> Any:
+        return getattr(actors[-1], name)(*args)
+
+    actor = type("Actor", (), {name: Remote(lambda *a, name=name: call(name, *a)) for name in ("current", "publish", "restore")})()
+    monkeypatch.setattr(RayFleet, "_actor", staticmethod(lambda: actor))
+
+    class Batcher:
+        stitch: Any = "auto"  # what the model process serves
+
+        async def ask(self, op: str, arg: Any = None) -> dict[str, Any]:
+            self.stitch = arg if op == "pin" else "auto"
+            return {"current": arg, "policy": "controller"}
+
+    def replica() -> tuple[RayFleet, Any]:
+        fleet = RayFleet.__new__(RayFleet)
+        fleet.version, fleet.setting, fleet._task, fleet._lock = 0, None, None, asyncio.Lock()
+        return fleet, type("Svc", (), {"batcher": Batcher()})()
+
+    async def main() -> None:
+        (a, a_svc), (b, b_svc) = replica(), replica()
+        await a.steer(a_svc, {"stitch": 3, "policy": None})
+        await b._follow_once(b_svc)
+        actors.append(StitchPolicy())  # the actor died, and Ray Serve started another
+        await b._follow_once(b_svc)
+        later, later_svc = replica()  # started after that (the autoscaler's, or one Ray Serve replaced)
+        await later._follow_once(later_svc)
+        assert later_svc.batcher.stitch == 3 and actors[-1].current() == (1, {"stitch": 3, "policy": None})
+        actors.append(StitchPolicy())  # again, and a pin on one replica before the others have followed
+        await a.steer(a_svc, {"stitch": 4, "policy": None})
+        for fleet, svc in ((b, b_svc), (later, later_svc)):
+            await fleet._follow_once(svc)
+        assert [svc.batcher.stitch for svc in (a_svc, b_svc, later_svc)] == [4, 4, 4]
+
+    asyncio.run(main())
+
 
 def test_serve_ray_gives_the_replicas_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`snnet serve --ray --admin-token-file admin.token` (relative, as the docs show) passed the token's path on
@@ -369,6 +422,38 @@ def test_two_replicas_predict_and_a_pin_reaches_both(cluster: tuple[str, ServeCo
     pinned = {s.labels["replica"]: s.value for f in text_string_to_metric_families(text) if f.name == "snnet_stitch_pinned"
               for s in f.samples}
     assert len(pinned) == 2
+
+
+def test_a_pin_outlives_the_stitch_policy_actor(cluster: tuple[str, ServeConfig]) -> None:
+    """The stitch policy actor killed: Ray Serve starts another, empty (no restart of Ray's own), and the replicas
+    give it the pin back: they still serve it, GET /stitch says pinned, and the new actor holds it for a replica
+    that starts later. Before, the new actor held no setting: replicas started from then on served automatically."""
+    url, _ = cluster
+    assert httpx.put(url + "/stitch", json={"stitch": 4}, headers=AUTH, timeout=60).status_code == 200
+    _until(lambda: all(a["mode"] == "pinned" and a["current"]["id"] == 4 for a in _replicas(url, "/stitch", 2).values()),
+           60, "the pin reached both replicas")
+    named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("::stitch_policy")]
+    assert len(named) == 1, named
+    name, namespace = named[0]["name"], named[0]["namespace"]
+    dead = ray.get_actor(name, namespace=namespace)
+    ray.kill(dead)
+
+    def restored() -> bool:
+        try:
+            actor = ray.get_actor(name, namespace=namespace)
+            if actor._actor_id == dead._actor_id:
+                return False  # not recreated yet
+            version, setting = ray.get(actor.current.remote(), timeout=30)
+        except (ValueError, ray.exceptions.RayError):  # not there yet, or not ready
+            return False
+        return setting is not None and setting["stitch"] == 4
+
+    _until(restored, 180, "the new stitch policy actor holds the pin")  # Ray Serve checks its actors every 10 s
+    answers = _replicas(url, "/stitch", 2)
+    assert {a["mode"] for a in answers.values()} == {"pinned"} and {a["current"]["id"] for a in answers.values()} == {4}
+    with ThreadPoolExecutor(4) as pool:
+        served = list(pool.map(lambda k: httpx.post(url + "/predict", content=_png(seed=k), timeout=60).json()["stitch"]["id"], range(8)))
+    assert set(served) == {4}
 
 
 def test_ray_scales_on_requests_in_flight_and_the_new_replica_takes_the_pin(cluster: tuple[str, ServeConfig]) -> None:

@@ -8,7 +8,9 @@ is the stitch, and that is what this module adds:
 
 * :class:`StitchPolicy` — a deployment-scoped actor (one per deployment, started and stopped with
   it by Ray Serve) that holds the shared setting: auto (with the policy's name) or a pinned
-  stitch, with a version number, and each replica's latest metrics;
+  stitch, with a version number, and each replica's latest metrics. Ray Serve recreates it when it
+  dies, empty: the replicas hold the setting they follow, and the first to reach the new actor gives
+  it theirs back (:meth:`StitchPolicy.restore`), so a pin outlives the actor;
 * each replica applies the setting when it starts (a replica added by the autoscaler serves the
   pin from its first request) and checks for a new version twice a second; a ``PUT /stitch`` on
   any replica is applied there, then published, so it reaches every replica within that time;
@@ -57,10 +59,20 @@ class StitchPolicy:
         self.setting: dict[str, Any] | None = None
         self.reports: dict[str, tuple[float, str]] = {}
 
-    def publish(self, setting: dict[str, Any]) -> int:
-        self.version += 1
+    def publish(self, setting: dict[str, Any], known: int = 0) -> int:
+        """A new setting, from a replica that followed up to version ``known``: it is numbered past both (an actor
+        Ray Serve recreated counts from 0 again, and a replica still holding the dead actor's version, 3 say,
+        took this actor's 3 for the one it had and did not apply it)."""
+        self.version = max(self.version, known) + 1
         self.setting = dict(setting)
         return self.version
+
+    def restore(self, version: int, setting: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        """A replica's setting, for an actor that has an older one (Ray Serve recreated it after it died: it has
+        none); the setting then. A pin outlives the actor: the replicas follow it, and new ones start on it."""
+        if version > self.version:
+            self.version, self.setting = version, dict(setting)
+        return self.version, self.setting
 
     def current(self) -> tuple[int, dict[str, Any] | None]:
         return self.version, self.setting
@@ -102,6 +114,7 @@ class RayFleet:
     def __init__(self) -> None:
         self.name = serve.get_replica_context().replica_id.unique_id
         self.version = 0  # of the setting this replica applied last
+        self.setting: dict[str, Any] | None = None  # that setting, for an actor that lost it (StitchPolicy.restore)
         self._task: asyncio.Task | None = None
         # a setting is applied and its version recorded as one step: a PUT here while the follower applied an
         # older setting read from the actor could otherwise land first, the older one over it, and the PUT's
@@ -118,9 +131,15 @@ class RayFleet:
 
     async def _follow_once(self, svc: Service) -> None:
         async with self._lock:
-            version, setting = await self._actor().current.remote()
+            actor = self._actor()
+            version, setting = await actor.current.remote()
+            if version < self.version and self.setting is not None:
+                # an actor behind this replica's setting: Ray Serve recreated it, empty (replicas started from then on
+                # took their config's policy: the pin was lost). It gets ours back, unless another gave it a newer one
+                version, setting = await actor.restore.remote(self.version, self.setting)
             if version != self.version and setting is not None:
                 await apply_setting(svc, setting)
+                self.setting = setting
             self.version = version
 
     async def _follow(self, svc: Service) -> None:
@@ -139,7 +158,8 @@ class RayFleet:
                 # the policy it returned to, by name: a replica that starts later applies only the latest setting, and
                 # "auto" without one would leave it on its config's policy while the others went back to theirs
                 setting = {**setting, "policy": answer["policy"]}
-            self.version = await self._actor().publish.remote(setting)
+            self.version = await self._actor().publish.remote(setting, self.version)
+            self.setting = setting
         return answer
 
     async def metrics(self, svc: Service) -> bytes:
