@@ -1207,7 +1207,7 @@ def test_workers_shutdown_with_a_model_process_that_hangs_takes_about_once_the_g
     (twice the bound in all). A worker that gave up on requests now says so, and the model process is killed at once,
     as with one server process."""
     model, results = saved
-    bound, port = 5, _free_port()
+    bound, port = 8, _free_port()  # long enough that a busy machine's few seconds of start-up and teardown do not blur once and twice it
     proc = _start(["--model", str(model), "--results", str(results), "--port", str(port), "--workers", "2",
                    "--inline-max-images", "0", "--timeout-graceful-shutdown", str(bound), "--log-level", "warning"],
                   env={"TMPDIR": str(tmp_path)})
@@ -1239,8 +1239,9 @@ def test_workers_shutdown_with_a_model_process_that_hangs_takes_about_once_the_g
         if proc.poll() is None:
             proc.kill()
         proc.communicate()  # uvicorn logs the request it cancelled, with its traceback
-    # the bound and a little (twice it was the bug); the server process exits soon after, past its interpreter's teardown
-    assert killed < 1.3 * bound and took < 2 * bound, (killed, took)
+    # the bound and a little (twice it, and the exit past 2.2x, was the bug); the server process exits soon after, past its
+    # interpreter's teardown (seconds on a busy machine)
+    assert killed < 1.4 * bound and took < 1.9 * bound, (killed, took)
     assert not list(tmp_path.glob("snnet-*")), list(tmp_path.iterdir())  # socket folder, metrics folder: all gone
 
 
