@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import json
 import os
 import shutil
 import signal
@@ -38,7 +39,7 @@ try:
 except ImportError:  # Windows: no flock; runs are then not locked (the other checks still hold)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["EVALS_NAME", "LOCK_NAME", "METRICS_NAME", "RUN_ENTRIES", "RunLock", "StopSignals", "check_run_folder", "claim_run_folder",
+__all__ = ["EVALS_NAME", "LOCK_NAME", "METRICS_NAME", "RESUMED_FROM", "RUN_ENTRIES", "RunLock", "StopSignals", "check_run_folder", "claim_run_folder",
            "foreign_files", "run_entries"]
 
 LOCK_NAME = ".snnet-run.lock"
@@ -48,6 +49,10 @@ TRAIN_CONFIG_NAME = "train_config.json"
 FINAL_NAME = "final"
 # everything a training run writes into its folder (and all that --overwrite deletes)
 RUN_ENTRIES = (CHECKPOINT_NAME, CHECKPOINTS_DIR, METRICS_NAME, EVALS_NAME, TRAIN_CONFIG_NAME, FINAL_NAME, "tb")
+# train_config.json's record of the checkpoint a resume into another folder (--resume a/checkpoint.pt --out b) came from
+RESUMED_FROM = "resumed_from"
+# what such a resume writes into b before its first checkpoint (a failure in between leaves them: a full disk, Ctrl-C)
+_RESUME_START = (TRAIN_CONFIG_NAME, METRICS_NAME, EVALS_NAME, "tb")
 # What a run writes atomically (io.atomic_write: a temporary file renamed into place) inside its folders: the saved
 # network (save_pretrained's files, a plain model's weights, a language model's adapters) and a checkpoint copied where
 # hard links fail. A writer killed mid-write leaves their temporary files, removed when the folder is next claimed.
@@ -107,6 +112,19 @@ def foreign_files(folder: str | os.PathLike) -> list[Path]:
         found += [p for p in sorted(path.iterdir())
                   if p.is_dir() or not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in ours)]
     return found
+
+
+def _resume_started(folder: Path) -> Path | None:
+    """The checkpoint whose resume into ``folder`` failed before its first checkpoint, if ``folder``'s run entries are
+    only what that resume writes until then (and train_config.json records it); None if they are anything else."""
+    present = run_entries(folder)
+    if not present or not set(present) <= set(_RESUME_START) or foreign_files(folder):
+        return None
+    try:
+        recorded = json.loads((folder / TRAIN_CONFIG_NAME).read_text()).get(RESUMED_FROM)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(recorded) if isinstance(recorded, str) else None
 
 
 class RunLock:
@@ -208,7 +226,8 @@ def check_run_folder(out: str | os.PathLike, resume: str | None = None, overwrit
 
     Refuses (one line each) ``resume`` with ``overwrite``; an ``out`` that is a file or cannot be
     written; a folder a live run holds; a missing ``resume`` checkpoint; a folder that holds a
-    run which neither ``resume`` continues nor ``overwrite`` replaces; and an ``overwrite`` of a run
+    run which neither ``resume`` continues nor ``overwrite`` replaces (a resume into ``out`` from another folder that
+    failed before its first checkpoint is continued by the same ``resume``: ``auto`` says so); and an ``overwrite`` of a run
     whose folders hold files it did not write (:func:`foreign_files`). Returns the checkpoint to
     resume from (None: a fresh start).
     """
@@ -225,6 +244,14 @@ def _check(out: Path, resume: str | None, overwrite: bool, locked: bool) -> Path
     resume_path = resolve_resume(resume, out)
     present = run_entries(out) if out.is_dir() else []
     continues = resume == "auto" or (resume_path is not None and resume_path.resolve().is_relative_to(out.resolve()))
+    started = _resume_started(out) if present and not overwrite else None
+    if resume_path is not None and started is not None and started == resume_path.resolve():
+        continues = True  # the same command again, after it failed before its first checkpoint: taken over
+    if resume == "auto" and resume_path is None and started is not None:
+        # a fresh start here would write over the history the resume copied: the run it holds is the checkpoint's
+        raise RunFolderError(f"--resume auto: {out} holds the start of a resume of {started}, which ended before its "
+                             f"first checkpoint: run it again with --resume {started}, replace it with --overwrite, or "
+                             "choose another --out")
     if resume == "auto" and resume_path is None and (FINAL_NAME in present or CHECKPOINTS_DIR in present):
         # a fresh start here would write over the run's network and drop the copies it kept (a later step's go
         # when a checkpoint is written): checkpoint.pt was deleted (after the run ended, to free the space) or moved
@@ -251,8 +278,9 @@ def _check(out: Path, resume: str | None, overwrite: bool, locked: bool) -> Path
 
 def claim_run_folder(out: str | os.PathLike, resume: str | None = None, overwrite: bool = False) -> RunLock:
     """Create ``out``, lock it for this run, and make it ready: :func:`check_run_folder` again under
-    the lock (nothing can change in between), the old run's files deleted if ``overwrite``, and the
-    temporary files of writers killed mid-write removed. Release the lock when the run ends."""
+    the lock (nothing can change in between), the old run's files deleted if ``overwrite`` (or if they are only
+    the start of this same resume, failed before its first checkpoint), and the temporary files of writers killed
+    mid-write removed. Release the lock when the run ends."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -260,8 +288,10 @@ def claim_run_folder(out: str | os.PathLike, resume: str | None = None, overwrit
         raise RunFolderError(f"--out {out}: cannot create it ({e.strerror or e}); choose a writable folder") from e
     lock = RunLock.acquire(out)
     try:
-        _check(out, resume, overwrite, locked=True)
-        if overwrite:
+        resume_path = _check(out, resume, overwrite, locked=True)
+        # the start of this same resume, failed before its first checkpoint: begun again from nothing, like --overwrite
+        retried = resume_path is not None and _resume_started(out) == resume_path.resolve()
+        if overwrite or retried:
             for name in run_entries(out):
                 target = out / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()

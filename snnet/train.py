@@ -71,8 +71,8 @@ from .model import CONFIG_NAME, WEIGHTS_NAME, StitchedBase, StitchedNet
 from .optim import build_optimizer, lr_factor
 from .reference import stale_zero_grads
 from .report import progress as report_progress
-from .runlock import (EVALS_NAME, FINAL_NAME, METRICS_NAME, RUN_ENTRIES, TRAIN_CONFIG_NAME, RunLock, StopSignals,
-                      claim_run_folder)
+from .runlock import (EVALS_NAME, FINAL_NAME, METRICS_NAME, RESUMED_FROM, RUN_ENTRIES, TRAIN_CONFIG_NAME, RunLock,
+                      StopSignals, claim_run_folder)
 from .sampling import EpochSampler, SeededItems, StitchSampler, WorkerLoader, make_stitch_sampler, mix_seed, seed_worker
 from .space import Stitch
 from .tasks import CausalLM, Task, get_task
@@ -762,7 +762,12 @@ def _write_history(out: Path, config: TrainConfig, world: int, step: int, resume
             changes = result_changes(kept[-1]["config"], config, world)  # settings): what differs from the last kept
         segments = kept + ([{**segment, "changes": changes}] if changes else [])
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"segments": segments}, indent=2)
+    record: dict[str, Any] = {"segments": segments}
+    if resumed is not None and run_folder(resumed.path).resolve() != out.resolve():
+        # which checkpoint this folder's run came from: the same command, failed before the folder's first checkpoint
+        # (the logs' copy, a full disk), takes the folder over again (runlock.check_run_folder)
+        record[RESUMED_FROM] = str(resumed.path.resolve())
+    text = json.dumps(record, indent=2)
     # atomically, like every other file of a run: an interrupted write never leaves half a config
     atomic_write(out / TRAIN_CONFIG_NAME, lambda tmp: tmp.write_text(text), durable=False)
 
@@ -784,7 +789,7 @@ def _carry_logs(source: Path, out: Path, step: int) -> None:
             atomic_write(out / name, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in rows)), durable=False)
         except OSError as e:
             raise TrainingError(f"cannot copy {source / name} to {out / name} ({e.strerror or e}); free some disk "
-                                f"space, delete {out} (nothing of it is trained yet) and run the same command again") from e
+                                "space and run the same command again") from e
 
 
 # ---------------------------------------------------------------------------- the step engine

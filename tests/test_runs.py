@@ -22,7 +22,7 @@ import snnet
 from snnet.checkpoint import CHECKPOINT_NAME, load_checkpoint, state_digest
 from snnet.data import build_dataset
 from snnet.deploy import export_stitch, load_stitch
-from snnet.errors import CheckpointError, RunFolderError, TrainingInterrupted
+from snnet.errors import CheckpointError, RunFolderError, TrainingError, TrainingInterrupted
 from snnet.runlock import check_run_folder, claim_run_folder
 from snnet.train import check_resume, train
 
@@ -741,6 +741,50 @@ def test_a_resume_into_another_folder_carries_the_logs_of_the_run_up_to_its_chec
     assert _steps(a) == [1, 2, 3]  # a is left as it was
 
 
+def test_a_resume_into_another_folder_that_failed_before_its_first_checkpoint_is_retried_by_the_same_command(
+        tmp_path, monkeypatch):
+    """--resume a/checkpoint.pt --out b that failed after writing b's train_config.json, before b's first checkpoint
+    (here: the copy of a's logs), could not be retried: the same command was refused (b 'already holds an
+    unfinished training run') and --resume auto --out b started a fresh run over a's copied history. The same command
+    now takes b over; auto says to run it; b holding anything else is refused as before."""
+    import snnet.train as train_module
+
+    conf = dict(epochs=None, max_steps=4, ckpt_every=1, init_images=0)
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "a", **conf), stop_after=2)
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    resume = cfg(tmp_path / "b", resume=str(a / CHECKPOINT_NAME), **conf)
+
+    def full_disk(*args, **kwargs):
+        raise TrainingError("cannot copy: no space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "_carry_logs", full_disk)
+        with pytest.raises(TrainingError, match="no space left"):
+            train(fresh_net(), Synthetic(16), resume)
+    assert (b / "train_config.json").is_file() and not (b / CHECKPOINT_NAME).exists()
+    with pytest.raises(RunFolderError, match=f"--resume auto: {b} holds the start of a resume of {a / CHECKPOINT_NAME}"):
+        check_run_folder(b, "auto")
+    r = train(fresh_net(), Synthetic(16), resume)
+    assert r.finished and _steps(b) == [1, 2, 3, 4]
+    history = json.loads((a / "train_config.json").read_text())["segments"]
+    assert json.loads((b / "train_config.json").read_text())["segments"] == history
+    # a folder holding more than such a start (a checkpoint of its own), or another checkpoint's start, is refused
+    with pytest.raises(RunFolderError, match="already holds a finished training run"):
+        check_run_folder(b, str(a / CHECKPOINT_NAME))
+    c = tmp_path / "c" / "run"
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "_carry_logs", full_disk)
+        with pytest.raises(TrainingError):
+            train(fresh_net(), Synthetic(16), cfg(tmp_path / "c", resume=str(a / CHECKPOINT_NAME), **conf))
+    with pytest.raises(RunFolderError, match="already holds an unfinished training run"):
+        check_run_folder(c, str(a / "checkpoints" / "step-00000001.pt"))
+    (c / "notes.txt").write_text("mine")  # not a run entry: b's start is still only the resume's
+    (c / "tb").mkdir()
+    (c / "tb" / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="already holds an unfinished training run"):
+        check_run_folder(c, str(a / CHECKPOINT_NAME))
+
+
 def test_a_finished_run_resumed_into_another_folder_is_held_there_as_an_unfinished_ones_resume_is(tmp_path):
     """--resume a/checkpoint.pt --out b of a run that had ended wrote only b/final: b had no checkpoint, settings or
     logs (an unfinished run's resume into b leaves them all), and `--resume auto --out b`, which the command then
@@ -752,8 +796,9 @@ def test_a_finished_run_resumed_into_another_folder_is_held_there_as_an_unfinish
     r = train(fresh_net(), Synthetic(16), cfg(tmp_path / "b", resume=str(a / CHECKPOINT_NAME), **conf))
     assert r.finished and not r.stitches and r.checkpoint == b / CHECKPOINT_NAME and r.final_dir == b / "final"
     assert _bytes(a) == before
-    for name in ("train_config.json", "metrics.jsonl"):
-        assert (b / name).read_text() == (a / name).read_text(), name
+    assert (b / "metrics.jsonl").read_text() == (a / "metrics.jsonl").read_text()
+    assert json.loads((b / "train_config.json").read_text())["segments"] == \
+        json.loads((a / "train_config.json").read_text())["segments"]
     assert state_digest(load_checkpoint(b / CHECKPOINT_NAME)) == state_digest(load_checkpoint(a / CHECKPOINT_NAME))
     assert _same_weights(snnet.load(b / "final"), snnet.load(a / "final"))
     again = train(fresh_net(), Synthetic(16), cfg(tmp_path / "b", resume="auto", **conf))
