@@ -114,8 +114,9 @@ class DataConfig:
     """Fetch the dataset when it is not on disk (Fashion-MNIST through torchvision, timm datasets)."""
     limit: int | None = None
     """Use only N images (quick runs): of an image folder or timm dataset, N drawn with run.seed, spread over the
-    classes (the same N on a resume); Fashion-MNIST's (stored shuffled): the first N. causal-lm: N token blocks of
-    the split's files read in an order drawn with run.seed, spread over the corpus (the same on a resume)."""
+    classes (the same N on a resume); Fashion-MNIST's (stored shuffled): the first N. causal-lm: N token blocks, the
+    first blocks of the split's files, an even share of each, read in an order drawn with run.seed, spread over the
+    corpus (the same on a resume)."""
     skip_unreadable: bool = False
     """An image folder: decode every image first and leave out those that cannot be read (counted and reported)
     instead of stopping at the first one (which stops a run with one line naming the file, after a checkpoint)."""

@@ -368,10 +368,10 @@ class CausalLM:
                 train: bool = True, limit: int | None = None) -> Dataset:
         """Token blocks of ``data.corpus`` read with the network's tokenizer: the files of ``split`` (default
         ``data.split``: 'train', 'val' (held out) or 'all'), ``data.block_size`` predictions each, at most
-        ``data.limit`` blocks (training) or ``limit`` (evaluation). A limit reads the split's files in an order
-        drawn with ``seed`` (the run's: the same blocks on a resume), spread over the corpus (None: in sorted
-        order, the first files' blocks); without one every file is read, in sorted order. ``data_config`` is not
-        used: text is neither transformed nor augmented."""
+        ``data.limit`` blocks (training) or ``limit`` (evaluation). A limit takes the first blocks of the split's
+        files, an even share of each, in an order drawn with ``seed`` (the run's: the same blocks on a resume),
+        spread over the corpus (None: in sorted order, the first files' blocks); without one every file is read,
+        in sorted order. ``data_config`` is not used: text is neither transformed nor augmented."""
         from .text import corpus_fingerprint, split_documents, stdlib_root, text_files, token_blocks
 
         if self.tokenizer is None:
@@ -390,7 +390,7 @@ class CausalLM:
         most = data.limit if train else limit
         # the split first, then the order: a limited read of one split never reaches into the other. The files are
         # sorted by path, so without the seeded order a few blocks of the standard library were __future__.py,
-        # _aix_support.py, ... asyncio/ alone
+        # _aix_support.py, ... asyncio/ alone, and without the share of each file one large module
         return token_blocks(chosen, self.tokenizer, data.block_size, max_blocks=most,
                             fingerprint=corpus_fingerprint(chosen, root), seed=None if most is None else seed)
 

@@ -14,8 +14,10 @@ machine and does not move when files are added.
 stream into blocks of ``block_size + 1`` tokens (``block_size`` predictions each) and records,
 per block, how many UTF-8 bytes of text its predicted tokens cover: what bits per byte divide by
 (:mod:`snnet.lm_eval`). With a ``seed`` it reads the documents in a seeded order
-(:func:`snnet.data.spread_order`): the first ``max_blocks`` blocks then come from documents spread
-over the whole corpus, where the sorted files' first ones are a few modules of one package. Tokenisers without offsets are refused rather than guessed at.
+(:func:`snnet.data.spread_order`), and ``max_blocks`` blocks take an even share of each document's
+first blocks: they come from documents spread over the whole corpus, where the sorted files' first
+blocks are a few modules of one package, and the seeded files' all of one or two large files.
+Tokenisers without offsets are refused rather than guessed at.
 :class:`ByteTokenizer` (one token per byte) needs no vocabulary file at all.
 """
 
@@ -140,7 +142,7 @@ class TokenBlocks(torch.utils.data.Dataset):
     ids: torch.Tensor  # (blocks, block_size + 1), long
     byte_counts: torch.Tensor  # (blocks,), long
     fingerprint: str = ""
-    seed: int | None = None  # the seed of the documents' order (spread_order), None: as given (sorted)
+    seed: int | None = None  # the seed of the documents' order (spread_order) and share, None: as given (sorted)
     deterministic_items: ClassVar[bool] = True  # fetching a block draws no random numbers (snnet.sampling.SeededItems)
 
     def __len__(self) -> int:
@@ -163,36 +165,105 @@ def token_blocks(files: Sequence[Path], tokenizer: Any, block_size: int, *, max_
                  fingerprint: str = "", seed: int | None = None) -> TokenBlocks:
     """Tokenise ``files`` (UTF-8 text; each followed by the end-of-text token) into blocks of
     ``block_size + 1`` tokens, reading only as many files as ``max_blocks`` needs: in the order given, or with
-    ``seed`` in :func:`snnet.data.spread_order` (the same files for the same seed), so that a few blocks are
-    not all of the first files."""
+    ``seed`` in :func:`snnet.data.spread_order` (the same files for the same seed). With both, a file gives at
+    most ``ceil(max_blocks / len(files))`` blocks (its first ones; one when there are more files than blocks),
+    so that a few blocks come from as many files, not from the first one or two: a file cut short ends at a
+    block's end, without its end-of-text token. When that reads every file and is still short (small files),
+    they are read again with the fewest blocks each that can make up ``max_blocks`` (:func:`_fewest_blocks`)."""
     if block_size < 1:
         raise SnnetError(f"block_size must be >= 1 token, got {block_size}")
     if seed is not None:
         files = [files[i] for i in spread_order(len(files), seed)]
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    if tokenizer.eos_token_id is None:
         raise SnnetError("the tokenizer has no end-of-text token to separate documents with")
-    need = None if max_blocks is None else max_blocks * (block_size + 1)
-    ids: list[int] = []
-    counts: list[int] = []
-    for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue  # not UTF-8 text (or unreadable): not part of the corpus
-        t, c = _encode(tokenizer, text)
-        ids += t + [eos]
-        counts += c + [0]
-        if need is not None and len(ids) >= need:
+    step = block_size + 1
+    need = None if max_blocks is None else max_blocks * step
+    per = None if max_blocks is None or seed is None else -(-max_blocks // max(len(files), 1))
+    whole: dict[Path, tuple[list[int], list[int]]] = {}  # files read to their end: not tokenised again
+    while True:
+        ids, counts, sizes = _read(files, tokenizer, step, need, per, whole)
+        if per is None or len(ids) >= need or None not in sizes:  # type: ignore[operator]
             break
-    n = len(ids) // (block_size + 1)
+        per = _fewest_blocks(sizes, step, need, per)  # every file read, some cut short, and too few blocks
+    n = len(ids) // step
     if max_blocks is not None:
         n = min(n, max_blocks)
     if n == 0:
-        raise SnnetError(f"{len(files)} files gave {len(ids)} tokens: not one block of {block_size + 1}")
-    grid = torch.tensor(ids[: n * (block_size + 1)], dtype=torch.long).view(n, block_size + 1)
-    per = torch.tensor(counts[: n * (block_size + 1)], dtype=torch.long).view(n, block_size + 1)
-    return TokenBlocks(grid, per[:, 1:].sum(1), fingerprint, seed)
+        raise SnnetError(f"{len(files)} files gave {len(ids)} tokens: not one block of {step}")
+    grid = torch.tensor(ids[: n * step], dtype=torch.long).view(n, step)
+    per_token = torch.tensor(counts[: n * step], dtype=torch.long).view(n, step)
+    return TokenBlocks(grid, per_token[:, 1:].sum(1), fingerprint, seed)
+
+
+def _read(files: Sequence[Path], tokenizer: Any, step: int, need: int | None, per: int | None,
+          whole: dict[Path, tuple[list[int], list[int]]]) -> tuple[list[int], list[int], list[int | None]]:
+    """The token stream of ``files`` (each followed by the end-of-text token) and the bytes of each token, until
+    ``need`` tokens; with ``per``, a file fills at most ``per`` blocks of ``step`` tokens (the one it starts in
+    counted), cut short at the last one's end, and the files it reads to their end are kept in ``whole`` (a
+    pass with more blocks per file takes them whole again, without tokenising them again). The third value:
+    the tokens of each file read, None for one cut short."""
+    ids: list[int] = []
+    counts: list[int] = []
+    sizes: list[int | None] = []
+    for path in files:
+        room = None if per is None else (len(ids) // step + per) * step - len(ids)
+        if path in whole:
+            t, c = whole[path]
+        else:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue  # not UTF-8 text (or unreadable): not part of the corpus
+            t, c = _encode(tokenizer, text) if room is None else _first_tokens(tokenizer, text, room)
+        ended = room is None or len(t) < room  # else no room for its end-of-text token: the next file begins a block
+        if ended and room is not None:
+            whole[path] = t, c
+        ids += t + [tokenizer.eos_token_id] if ended else t
+        counts += c + [0] if ended else c
+        sizes.append(len(t) if ended else None)
+        if need is not None and len(ids) >= need:
+            break
+    return ids, counts, sizes
+
+
+def _fewest_blocks(sizes: Sequence[int | None], step: int, need: int, per: int) -> int:
+    """The fewest blocks per file, more than ``per``, with which files of these ``sizes`` in tokens (None: cut
+    short at ``per``, taken to be long enough) give ``need`` tokens: the share of each file stays as even as
+    the small files let it (doubling it instead gave the first large files twice what they needed to)."""
+    def reaches(most: int) -> bool:
+        at = 0
+        for size in sizes:
+            room = (at // step + most) * step - at
+            at += room if size is None or size >= room else size + 1
+        return at >= need
+
+    low, high = per, 2 * per
+    while not reaches(high):  # ends: the files cut short take all that is asked of them
+        low, high = high, 2 * high
+    while high - low > 1:  # reaches() grows with the blocks per file: the first that reaches
+        mid = (low + high) // 2
+        low, high = (low, mid) if reaches(mid) else (mid, high)
+    return high
+
+
+# characters at the end of a tokenised prefix whose tokens the text after it could change (a word, a run of
+# spaces or symbols cut in two): the tokens ending in them are not used
+_PREFIX_MARGIN = 256
+
+
+def _first_tokens(tokenizer: Any, text: str, n: int) -> tuple[list[int], list[int]]:
+    """The first ``n`` tokens of ``text`` (all of them when it has fewer) and their bytes, as :func:`_encode`
+    gives them, tokenising only as much of a long text as they need: a limit's first blocks of a large file
+    (the standard library's largest is 750 kB) cost what the blocks do, not what the file does."""
+    chars = 4 * n + _PREFIX_MARGIN
+    while chars < len(text):
+        t, c = _encode(tokenizer, text[:chars])
+        settled = len(text[: chars - _PREFIX_MARGIN].encode("utf-8"))
+        if int(np.searchsorted(np.cumsum(c), settled, side="right")) >= n:  # n tokens end before the margin
+            return t[:n], c[:n]
+        chars *= 2
+    t, c = _encode(tokenizer, text)
+    return t[:n], c[:n]
 
 
 def text_loader(blocks: TokenBlocks, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Any]:

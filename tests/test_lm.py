@@ -542,6 +542,75 @@ def test_a_limited_corpus_reads_files_spread_over_it_not_its_first(tmp_path):
     assert read(first) == names["train"][: len(read(first))]
 
 
+def test_a_small_limit_of_the_standard_library_takes_blocks_of_many_files():
+    """A limit read the seeded files' blocks one file after another: the standard library's median file is about
+    twelve 256-token blocks, so --data.limit 8 (or eval --limit 8) was one file, not a spread of the corpus. A
+    file now gives at most ceil(N / files) of the N blocks, for training and for the held-out files alike."""
+    import types
+
+    from snnet.config import DataConfig
+    from snnet.tasks import CausalLM
+
+    tok = lm.ByteTokenizer()
+    task = CausalLM(DataConfig(), types.SimpleNamespace(tokenizer=tok, vocab_size=len(tok)))
+    root = lm.stdlib_root()
+    train_files, held = lm.split_documents(lm.stdlib_sources(), root, 0.1)
+
+    def sources(blocks: lm.TokenBlocks, files: list) -> set[str]:
+        """The files the blocks' text comes from: each block's longest run between end-of-text tokens, found."""
+        texts = {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
+        found = set()
+        for row in blocks.ids.tolist():
+            runs, run = [], []
+            for i in [*row, tok.eos_token_id]:
+                if i == tok.eos_token_id:
+                    runs.append(bytes(run))
+                    run = []
+                else:
+                    run.append(i)
+            owners = [name for name, text in texts.items() if max(runs, key=len) in text]
+            assert owners  # in the split's files, not the other split's
+            found.add(owners[0])
+        return found
+
+    data = DataConfig(block_size=255, limit=8)
+    for seed in (0, 1):
+        blocks = task.dataset(data, seed=seed)
+        assert len(blocks) == 8 and len(sources(blocks, train_files)) >= 4
+        assert task.dataset(data, seed=seed).ids.equal(blocks.ids)  # the same blocks for the seed
+    held_blocks = task.dataset(data, seed=0, split="val", train=False, limit=8)
+    assert len(held_blocks) == 8 and len(sources(held_blocks, held)) >= 4
+
+
+def test_a_limit_takes_a_share_of_each_file_and_more_when_small_files_leave_it_short(tmp_path, tokenizer):
+    """A file gives at most ceil(N / files) blocks, cut at a block's end (no end-of-text token there, so no block
+    joins two files' text without one); when small files leave the N short, each gives more, and a limit past the
+    corpus reads all of it. The first tokens of a long file come from a prefix of it, as the whole file's do."""
+    import re
+
+    from snnet.text import _encode, _first_tokens
+
+    tok = lm.ByteTokenizer()
+    files = []
+    for k, size in enumerate([3, 200, 5, 90, 4, 300]):
+        files.append(tmp_path / f"f{k}.txt")
+        files[-1].write_text(chr(ord("a") + k) * size)
+    everything = lm.token_blocks(files, tok, 15)  # 608 tokens: 38 blocks of 16
+
+    def shares(n: int) -> list[int]:  # how many blocks hold each file's text
+        blocks = lm.token_blocks(files, tok, 15, max_blocks=n, seed=0)
+        rows = [bytes(i if i != tok.eos_token_id else ord(".") for i in row).decode() for row in blocks.ids.tolist()]
+        assert len(blocks) == n and not any(re.search(r"([a-f])(?!\1)[a-f]", row) for row in rows)  # joined: '.'
+        return [sum(ch in row for row in rows) for ch in "abcdef"]
+
+    assert max(shares(3)) == 1
+    assert max(shares(24)) == 10  # 4 each left it short: 10 do (twice as many gave the first large file 16)
+    assert len(lm.token_blocks(files, tok, 15, max_blocks=1000, seed=0)) == len(everything)
+    text = (TEXT + "x = '" + "=" * 300 + "'\n") * 20
+    for n in (1, 37, 200, 5000):
+        assert _first_tokens(tokenizer, text, n) == tuple(v[:n] for v in _encode(tokenizer, text))
+
+
 def test_a_corpus_fingerprint_names_the_python_version_only_for_the_stdlib(tmp_path, monkeypatch):
     """Another folder's text is the same on every Python: its fingerprint does not change with the version
     (the docstring: the same text if and only if the fingerprints agree); the standard library's does."""

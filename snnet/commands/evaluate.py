@@ -24,8 +24,9 @@ def evaluate(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on N images only: of an image folder or timm "
                                                  "dataset, N drawn with a fixed seed, spread over the classes (the "
                                                  "same N every time); Fashion-MNIST's (shuffled): the first N; a language "
-                                                 "model's: N token blocks of its files read in an order drawn with "
-                                                 "that seed, spread over the corpus.")] = None,
+                                                 "model's: N token blocks, the first blocks of its files, an even "
+                                                 "share of each, read in an order drawn with that seed, spread over "
+                                                 "the corpus.")] = None,
     block_size: Annotated[Optional[int], typer.Option("--block-size", min=1, help="Language models: tokens predicted "
                                                       "per block (default: its run's data.block_size).")] = None,
     stitches: Annotated[Optional[str], typer.Option(help="Comma-separated stitch ids or names (default: all).")] = None,
