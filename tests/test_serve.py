@@ -1240,7 +1240,7 @@ def test_workers_shutdown_with_a_model_process_that_hangs_takes_about_once_the_g
             proc.kill()
         output = proc.communicate()[0]
     assert "Traceback" not in output, output
-    assert output.count("POST /predict: the model process did not answer it within --timeout-graceful-shutdown") == 1, output
+    assert output.count("POST /predict: the model did not answer it within --timeout-graceful-shutdown") == 1, output
     # the bound and a little (twice it, and the exit past 2.2x, was the bug); the server process exits soon after, past its
     # interpreter's teardown (seconds on a busy machine)
     assert killed < 1.4 * bound and took < 1.9 * bound, (killed, took)

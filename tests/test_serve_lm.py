@@ -708,3 +708,46 @@ def test_command_line_serves_a_saved_lm(saved: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_completion_the_model_did_not_finish_by_the_graceful_bound_is_a_503_not_a_traceback(saved: Path, caplog) -> None:
+    """uvicorn cancels a handler still waiting when --timeout-graceful-shutdown ends: the completion's handler was
+    cancelled mid-wait (uvicorn's 500 and a traceback in the log); it answers 503 saying why and logs one line, as
+    the image server's /predict does. A cancellation from anything else goes on as it came."""
+    import asyncio
+
+    from snnet.deploy.serve.rejected import GRACEFUL_CANCEL
+
+    engine = _engine(saved, stitch="0")
+    gate, running = threading.Semaphore(0), threading.Event()
+    engine.run = lambda job, decision: (running.set(), gate.acquire(timeout=60))  # a generation that ends when let go
+    app = create_lm_app(engine, graceful_shutdown_s=1)
+    body = {"model": engine.config.served_name, "prompt": PROMPT, "max_tokens": 4}
+
+    async def cancelled(msg: str) -> httpx.Response:
+        running.clear()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://snnet") as c:
+            call = asyncio.create_task(c.post("/v1/completions", json=body))
+            await asyncio.to_thread(running.wait, 30)
+            call.cancel(msg)
+            return await call
+
+    async def serve() -> tuple[httpx.Response, BaseException | None]:
+        async with app.router.lifespan_context(app):
+            at_shutdown = await cancelled(GRACEFUL_CANCEL)
+            gate.release()  # the first generation ends: the next one runs
+            try:
+                await cancelled("something else")
+                other = None
+            except asyncio.CancelledError as e:
+                other = e
+            gate.release()
+        return at_shutdown, other
+
+    try:
+        r, other = asyncio.run(serve())
+    finally:
+        gate.release()
+    assert r.status_code == 503 and "graceful shutdown" in r.json()["error"]["message"], r.text
+    assert isinstance(other, asyncio.CancelledError)
+    assert sum("did not answer it within --timeout-graceful-shutdown" in m for m in caplog.messages) == 1, caplog.messages

@@ -46,7 +46,7 @@ from .batcher import BatchResult
 from .config import ENV_CONFIG, POLICIES, Listen, ServeConfig, log
 from .images import ARRAY_TYPES, first_line, read_array
 from .metrics import Metrics
-from .rejected import Rejected, count_refusal
+from .rejected import Rejected, count_refusal, unanswered_at_shutdown
 from .service import Service
 from .upstream import ARRIVED, KEY, release
 
@@ -428,9 +428,10 @@ async def _predict(svc: Service, request: Request) -> Response:
             except RuntimeError as e:  # the model failed on this batch (logged with its traceback by the model process)
                 raise Rejected(500, f"the model failed on this batch ({e}); the server goes on", "model_error") from e
             except asyncio.CancelledError as e:
-                if not _given_up_at_shutdown(e):
+                refusal = unanswered_at_shutdown(e, f"{request.method} {request.url.path}", log)
+                if refusal is None:
                     raise
-                raise _unanswered_at_shutdown(request) from None
+                raise refusal from None
         if array is not None and array.dtype == np.float32 and not np.isfinite(result.probs).all():
             # finite input far outside normalised images (1e38) overflows in the network: no class to answer
             raise Rejected(422, "the network's output for this array is not finite: its values are far outside normalised "
@@ -464,29 +465,6 @@ async def _predict(svc: Service, request: Request) -> Response:
         # from its arrival (first bytes read) to its place in the ring: the wait and work in this process before the model
         "before_ring_ms": round((in_ring - arrived) * 1e3, 3),
     })
-
-
-# what uvicorn cancels a request's task with when its graceful shutdown (--timeout-graceful-shutdown) is over
-_GRACEFUL_CANCEL = "timeout graceful shutdown exceeded"
-
-
-def _given_up_at_shutdown(e: asyncio.CancelledError) -> bool:
-    return any(_GRACEFUL_CANCEL in str(arg) for arg in e.args)
-
-
-def _unanswered_at_shutdown(request: Request) -> Rejected:
-    """A request the model process had not answered when the server's graceful shutdown ended. uvicorn cancels its
-    handler then, and a cancelled handler was logged with a traceback and answered 500, though the server knows why:
-    one warning line instead, and a 503 saying so to a client still connected. The cancellation is taken back (the
-    handler answers and ends as any other); one from anything else (Ray Serve's, a test's) goes on as it came."""
-    task = asyncio.current_task()
-    if task is not None:
-        task.uncancel()
-    log.warning("%s %s: the model process did not answer it within --timeout-graceful-shutdown; answered 503",
-                request.method, request.url.path)
-    return Rejected(503, "the server is shutting down and the model process did not answer this request within its "
-                         "graceful shutdown bound (--timeout-graceful-shutdown): send it again to a running server",
-                    "shutdown")
 
 
 def _who(fleet: Fleet | None) -> dict[str, str]:

@@ -39,7 +39,7 @@ from .auth import check_admin
 from .config import Listen, log
 from .lm_engine import Event, Job, LMEngine, Outcome
 from .openai import MAX_SEED, BadRequest, CompletionRequest, chunk, completion, error_body, new_id, parse_request
-from .rejected import Rejected, count_refusal
+from .rejected import Rejected, count_refusal, unanswered_at_shutdown
 
 __all__ = ["create_lm_app"]
 
@@ -87,7 +87,13 @@ class _Request:
         watch = asyncio.create_task(self._watch(receive))
         try:
             while True:
-                kind, value = await self.events.get()
+                try:
+                    kind, value = await self.events.get()
+                except asyncio.CancelledError as e:  # uvicorn's graceful shutdown ended before the model did
+                    refusal = unanswered_at_shutdown(e, f"completion {self.id}", log)
+                    if refusal is None:
+                        raise
+                    return _error(refusal, self.engine)
                 if kind == "text":
                     parts.append(value)
                 elif kind == "error":
