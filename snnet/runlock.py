@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-import json
 import os
 import shutil
 import signal
@@ -29,7 +28,7 @@ from types import FrameType
 
 from .checkpoint import CHECKPOINT_NAME, CHECKPOINTS_DIR, resolve_resume
 from .errors import ConfigError, RunFolderError
-from .io import PREVIOUS_SUFFIX, check_creatable, remove_stale_temps
+from .io import PREVIOUS_SUFFIX, check_creatable, read_object, remove_stale_temps
 from .families.lm_catalog import TOKENIZER_FILES
 from .families.lm_lora import ADAPTERS_NAME
 from .model import CONFIG_NAME, WEIGHTS_NAME, is_saved_network
@@ -120,10 +119,7 @@ def _resume_started(folder: Path) -> Path | None:
     present = run_entries(folder)
     if not present or not set(present) <= set(_RESUME_START) or foreign_files(folder):
         return None
-    try:
-        recorded = json.loads((folder / TRAIN_CONFIG_NAME).read_text()).get(RESUMED_FROM)
-    except (OSError, ValueError, AttributeError):
-        return None
+    recorded = (read_object(folder / TRAIN_CONFIG_NAME) or {}).get(RESUMED_FROM)
     return Path(recorded) if isinstance(recorded, str) else None
 
 

@@ -243,8 +243,8 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
         set_rng_state(resumed.state["rng"][rank])
     if rank == 0:
         _write_history(out, config, world, position.step, resumed)
-        if resumed is not None:
-            _carry_logs(run_folder(resumed.path), out, resumed.position.step)
+        if resumed is not None and (source := _resumed_from_elsewhere(resumed, out)) is not None:
+            _carry_logs(source, out, resumed.position.step)
     log = _Log(out, rank == 0, position.step, config.run.tensorboard)
     # pruned on a resume with validation or without: the rows after the checkpoint's step are of steps about to be redone
     evals = _Log(out, rank == 0, position.step, False, EVALS_NAME, create=validation is not None)
@@ -651,11 +651,11 @@ def _already_finished(net: StitchedBase | nn.Module, resumed: Resumed, plan: Pla
     history, logs, checkpoint and network (with b/final alone, ``--resume auto --out b`` found nothing to continue)."""
     final, checkpoint = out / FINAL_NAME, resumed.path
     _load_weights(net, resumed.state["model"], str(resumed.path))
-    if run_folder(resumed.path).resolve() != out.resolve():
+    if (source := _resumed_from_elsewhere(resumed, out)) is not None:
         checkpoint = out / CHECKPOINT_NAME
         if rank == 0:
             _write_history(out, config, world, resumed.position.step, resumed)
-            _carry_logs(run_folder(resumed.path), out, resumed.position.step)
+            _carry_logs(source, out, resumed.position.step)
             save_checkpoint(checkpoint, resumed.state, config.run.keep_checkpoints)
     # only if someone deleted it, or a save was interrupted between its files (the weights in, config.json not)
     names = (WEIGHTS_NAME, CONFIG_NAME) if isinstance(net, StitchedBase) else (WEIGHTS_NAME,)
@@ -763,7 +763,7 @@ def _write_history(out: Path, config: TrainConfig, world: int, step: int, resume
         segments = kept + ([{**segment, "changes": changes}] if changes else [])
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"segments": segments}
-    if resumed is not None and run_folder(resumed.path).resolve() != out.resolve():
+    if resumed is not None and _resumed_from_elsewhere(resumed, out) is not None:
         # which checkpoint this folder's run came from: the same command, failed before the folder's first checkpoint
         # (the logs' copy, a full disk), takes the folder over again (runlock.check_run_folder)
         record[RESUMED_FROM] = str(resumed.path.resolve())
@@ -772,13 +772,17 @@ def _write_history(out: Path, config: TrainConfig, world: int, step: int, resume
     atomic_write(out / TRAIN_CONFIG_NAME, lambda tmp: tmp.write_text(text), durable=False)
 
 
+def _resumed_from_elsewhere(resumed: Resumed, out: Path) -> Path | None:
+    """The folder of the run ``resumed`` came from when it is not ``out`` (``--resume a/checkpoint.pt --out b``: a),
+    else None."""
+    source = run_folder(resumed.path)
+    return None if source.resolve() == out.resolve() else source
+
+
 def _carry_logs(source: Path, out: Path, step: int) -> None:
-    """With ``--resume a/checkpoint.pt --out b``, b continues a's run, as its train_config.json says (a's segments):
-    a's metrics.jsonl and evals.jsonl rows up to the checkpoint's ``step`` are copied to b (those after it are of steps
-    b redoes, or of a's own later part); TensorBoard's event files stay in a. Nothing to do when the checkpoint is
-    ``out``'s own."""
-    if source.resolve() == out.resolve():
-        return
+    """With ``--resume a/checkpoint.pt --out b``, b continues a's run (``source``), as its train_config.json says (a's
+    segments): a's metrics.jsonl and evals.jsonl rows up to the checkpoint's ``step`` are copied to b (those after it
+    are of steps b redoes, or of a's own later part); TensorBoard's event files stay in a."""
     for name in (METRICS_NAME, EVALS_NAME):
         try:
             if not (source / name).is_file():

@@ -211,7 +211,6 @@ class Clairvoyant(StitchController):
         safe = [k for k in range(len(self.rungs))
                 if _answers_all(self.times, 0, (), deque(), 0.0, images, self._scaled[k], b, cap, config.slo_ms)]  # type: ignore[arg-type]
         self.fallback = safe[-1] if safe else min(range(len(self.rungs)), key=lambda k: self._ms[k][b])
-        self._held: deque[tuple[float, int]] = deque()  # (end, images) of the batches this policy ran: their places
 
     def decide(self, queue: int, oldest_wait_ms: float = 0.0, recent_ms: Sequence[float] = (), now: float | None = None,
                arrivals: Sequence[tuple[float, int]] | None = None, upstream: Sequence[Waiting] = ()) -> Decision:
@@ -220,27 +219,21 @@ class Clairvoyant(StitchController):
         if now is None or arrivals is None:
             raise ServeError("the clairvoyant policy needs the clock and the queue's arrivals (simulate passes them)")
         c, b, ms = self.config, self.config.max_batch, self._scaled
-        while self._held and self._held[0][0] <= now:
-            self._held.popleft()
         heads = [t for t, _ in arrivals]
         first = bisect.bisect_right(self.times, now)
         n = min(len(heads), b // self.images)  # the batch: whole requests up to max_batch images, as simulate makes it
         batch, rest = heads[:n], heads[n:]
         pick = self.fallback
-        for k in range(len(self.rungs) - 1, -1, -1):
-            if self.rungs[k].acc1 is not None and self.rungs[self.fallback].acc1 is not None and k != self.fallback \
-                    and float(self.rungs[k].acc1) <= float(self.rungs[self.fallback].acc1):
-                continue  # no more accurate than the fallback: not worth a risk
+        # the rungs more accurate than the fallback (the ladder is least accurate first), the most accurate first;
+        # the model is free (simulate asks before each batch once the last has ended): only this batch will hold places
+        for k in range(len(self.rungs) - 1, self.fallback, -1):
             end = now + ms[k][n * self.images] / 1e3
             if any((end - t) * 1e3 > c.slo_ms for t in batch):
                 continue
-            held = deque(self._held)
-            held.append((end, n * self.images))
-            if _answers_all(self.times, first, rest, held, end, self.images, ms[self.fallback], b,
-                            self._max_queue, c.slo_ms):  # type: ignore[arg-type]
+            if _answers_all(self.times, first, rest, deque([(end, n * self.images)]), end, self.images, ms[self.fallback],
+                            b, self._max_queue, c.slo_ms):  # type: ignore[arg-type]
                 pick = k
                 break
-        self._held.append((now + ms[pick][n * self.images] / 1e3, n * self.images))
         self._rung = pick
         return self._record(self.rungs[pick], None, False, "knows the arrivals to come")
 
