@@ -150,6 +150,27 @@ def test_steady_cv2_reaches_the_controller_and_is_checked(saved: tuple[Path, Pat
         ServeConfig(str(model), steady_cv2=-1.0)
 
 
+def test_utilisation_reaches_the_controller_and_is_checked(saved: tuple[Path, Path]) -> None:
+    """--utilisation (the DeiT benchmark serves with 1): what the controller may load a stitch to, its default the
+    controller's own, on the command line too (which does not import the controller to say so)."""
+    import inspect
+
+    from snnet.commands.serve import serve
+    from snnet.deploy.controller import ControllerConfig
+    from snnet.deploy.serve.engine import _policy
+    from snnet.errors import ServeError
+    from snnet.results import read_rows
+
+    model, results = saved
+    rows = read_rows(results)
+    assert _policy("controller", rows, ServeConfig(str(model), max_batch=8)).config.utilisation == ControllerConfig.utilisation
+    assert _policy("controller", rows, ServeConfig(str(model), max_batch=8, utilisation=1.0)).config.utilisation == 1.0
+    assert inspect.signature(serve).parameters["utilisation"].default == ControllerConfig.utilisation
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ServeError, match="--utilisation must be a number above 0 and at most 1"):
+            ServeConfig(str(model), utilisation=bad)
+
+
 def test_a_pipelining_client_that_leaves_leaves_nothing_waiting_and_no_traceback(saved: tuple[Path, Path], capfd: Any) -> None:
     """HTTP/1.1 pipelining, then the client goes: uvicorn never starts the requests queued behind the one
     being answered, and marks only the newest read as disconnected. The queued ones must leave the

@@ -69,6 +69,12 @@ def test_load_bursty_reads_a_runs_settings_and_table(tmp_path) -> None:
     assert not b.full_batch_only and b.table.predict(5, 1) == 300.0
     assert set(b.policies()) == {"pinned a", "pinned b", "last-second", "controller"}
     assert b.policies(utilisation=0.9)["controller"]().config.utilisation == 0.9  # another controller setting (sim_serve --set)
+    assert b.utilisation is None and b.policies()["controller"]().config.utilisation == ControllerConfig.utilisation
+    run["settings"]["utilisation"] = 1.0  # the server's --utilisation (the DeiT runs since 2026-12-06): replayed as the run had it
+    path.write_text(json.dumps(run))
+    b = load_bursty(path)
+    assert b.policies()["controller"]().config.utilisation == 1.0 and b.policies()["pinned a"]().config.utilisation == 1.0
+    assert b.policies(utilisation=0.75)["controller"]().config.utilisation == 0.75  # --set still changes it
     with pytest.raises(ServeError, match="not a controller setting"):
         b.policies(slo_ms=100.0)
     path.write_text("{}")

@@ -100,8 +100,11 @@ def serve(
                                              "and the latency table) or last-second (once a second, from the last second's rate).")] = "controller",
     threads: Annotated[int, typer.Option(help="torch CPU threads of the model process.")] = 1,
     up_after: Annotated[int, typer.Option(help="Batches in a row a dearer stitch must fit before it is taken (1: at once).")] = 1,
+    utilisation: Annotated[float, typer.Option(help="The most the controller may load a stitch at the arrivals' rate (rate x "
+                                                    "its time per image): lower keeps a margin for bursts; 1 for a model whose own "
+                                                    "time dominates the server's, as at DeiT scale (docs/serving.md).")] = 0.75,
     steady_cv2: Annotated[Optional[float], typer.Option(help="While the gaps between requests have a CV² at most this (Poisson: "
-                                                              "1), the controller may load a stitch to 1.0 instead of 0.75; "
+                                                              "1), the controller may load a stitch to 1.0 instead of --utilisation; "
                                                               "off by default (docs/serving.md).")] = None,
     inline_max_images: Annotated[int, typer.Option(help="A lone request of at most this many images, arriving while the model "
                                                         "process has nothing to do, runs in the server process (no hand-off; "
@@ -150,7 +153,7 @@ def serve(
     # (A language model's --max-queue counts requests and has no --max-batch to be at least: LMServeConfig checks it.)
     config = ServeConfig.from_mb(max_upload_mb, model="", slo_ms=50.0 if slo_ms is None else slo_ms, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                  max_queue=max(max_queue, max_batch) if lm else max_queue, max_pixels=max_pixels, resize=resize, stitch=stitch, policy=policy,
-                                 threads=threads, up_after=up_after, steady_cv2=steady_cv2, body_timeout_s=body_timeout,
+                                 threads=threads, up_after=up_after, utilisation=utilisation, steady_cv2=steady_cv2, body_timeout_s=body_timeout,
                                  inline_max_images=inline_max_images, inline_max_ms=inline_max_ms,
                                  admin_token_file=str(admin_token_file) if admin_token_file else None, docs=docs)
     listen = Listen(host, port, workers, timeout_graceful_shutdown, log_level,

@@ -258,6 +258,7 @@ class Bursty:
     seed: int
     full_batch_only: bool  # the file holds each rung's full-batch time only (runs before the table was saved)
     server_ms: float | None = None  # the server process's measured work per request before the ring (None: runs before it was)
+    utilisation: float | None = None  # the server's --utilisation if the run set it (None: the controller's default)
 
     def policies(self, **settings: Any) -> dict[str, Callable[[], StitchController]]:
         """Every rung pinned, the last-second policy and the controller, as the benchmark compares them: name -> a fresh
@@ -272,7 +273,8 @@ class Bursty:
             pair = name in pairs
             if isinstance(value, tuple) != pair or (pair and len(value) != 2):  # else a TypeError deep in the controller's checks
                 raise ServeError(f"{name}={value}: give {'two numbers, ' + name + '=A,B' if pair else 'one number'}")
-        config = ControllerConfig(self.slo_ms, self.max_batch, max_queue=self.max_queue, **settings)
+        run = {"utilisation": self.utilisation} if self.utilisation is not None else {}  # the server's, unless changed here
+        config = ControllerConfig(self.slo_ms, self.max_batch, max_queue=self.max_queue, **(run | settings))
         made: dict[str, Callable[[], StitchController]] = {}
         for r in self.rungs:
             made[f"pinned {r.name}"] = lambda r=r: _pinned(self.rungs, self.table, config, r)
@@ -309,7 +311,8 @@ def load_bursty(path: str | Path) -> Bursty:
             capacity=float(d["largest_capacity_rps"]), seconds=float(s["seconds"]), rate_x=float(s["rate_x"]),
             ramp_peak=float(s["ramp_peak"]), seed=int(s["seed"]),
             full_batch_only=not all(r.get("latency_ms_by_batch") for r in d["ladder"]),
-            server_ms=float(s["server_work_ms"]) if s.get("server_work_ms") is not None else None)
+            server_ms=float(s["server_work_ms"]) if s.get("server_work_ms") is not None else None,
+            utilisation=float(s["utilisation"]) if s.get("utilisation") is not None else None)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ServeError(f"{path} is not a bursty run's bursty.json ({type(e).__name__}: {e}): "
                          "benchmarks/bench_serve.py writes one") from None

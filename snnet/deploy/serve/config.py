@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ...errors import ServeError
+from ..controller import ControllerConfig
 
 __all__ = ["ENV_CONFIG", "LOG_LEVELS", "Listen", "MAX_BATCH", "MAX_QUEUE", "POLICIES", "ServeConfig", "log"]
 
@@ -58,6 +59,8 @@ class ServeConfig:
     policy: str = "controller"  # who picks the stitch when none is pinned: one of POLICIES
     threads: int = 1  # torch CPU threads of the model process
     up_after: int = 1  # decisions in a row a dearer stitch must fit before it is taken (1: at once; see ControllerConfig)
+    # the most the controller may load a stitch at the arrivals' rate (ControllerConfig.utilisation, its default defined there)
+    utilisation: float = ControllerConfig.utilisation
     steady_cv2: float | None = None  # arrivals whose gaps' CV² is at most this may load a rung to 1.0 (ControllerConfig.steady); None: off
     profile_repeats: int = 10  # timed forwards per stitch and batch size when profiling at start
     body_timeout_s: float = 20.0  # a request body must arrive within this (else 408): slow uploads hold nothing for long
@@ -81,6 +84,8 @@ class ServeConfig:
             raise ServeError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         _count(self.threads, "--threads", 1, 1024)
         _count(self.up_after, "--up-after", 1, 10 ** 6)
+        if not (isinstance(self.utilisation, (int, float)) and 0 < self.utilisation <= 1):
+            raise ServeError(f"--utilisation must be a number above 0 and at most 1, got {self.utilisation}")
         if self.steady_cv2 is not None:
             _finite(self.steady_cv2, "--steady-cv2", 0, inclusive=True)
         _count(self.profile_repeats, "profile_repeats", 1, 10 ** 6)
