@@ -14,6 +14,7 @@ benchmark judges it (its own ``verdict``). A simulation: no HTTP, decoding or no
     python benchmarks/sim_serve.py --set utilisation=0.9 docs/serve/bursty-deit/bursty.json   # another controller setting
     python benchmarks/sim_serve.py --server-ms 1.9 docs/serve/bursty-fmnist/bursty.json   # a server stage of 1.9 ms a request before the ring
     python benchmarks/sim_serve.py --clairvoyant docs/serve/bursty-deit/bursty.json   # and a policy that knows the arrivals to come
+    python benchmarks/sim_serve.py --max-queue 64 --set utilisation=1 docs/serve/bursty-deit/bursty.json   # another ring, for every server
 
 ``--clairvoyant`` adds a column: :class:`snnet.deploy.simulate.Clairvoyant`, a policy that knows every arrival to
 come (no server stage): not one a server can run, but what foresight reaches. Where it meets the goal, the goal can be
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +38,17 @@ from snnet.errors import SnnetError
 
 
 def run(path: str, slowdown: float, seeds: list[int] | None = None, settings: dict[str, Any] | None = None,
-        server_ms: float | None = None, clairvoyant: bool = False) -> list[str]:
+        server_ms: float | None = None, clairvoyant: bool = False, max_queue: int | None = None) -> list[str]:
     """The table of one bursty run, on its own trace seed or on each of ``seeds`` (then a row per trace and seed,
     and a last line that counts the goal over them); ``settings``: ControllerConfig values other than the server's;
     ``server_ms``: the server stage's work per request (default: what the run measured, else none); ``clairvoyant``:
-    a column for :class:`~snnet.deploy.simulate.Clairvoyant` (what foresight reaches; run without the server stage)."""
+    a column for :class:`~snnet.deploy.simulate.Clairvoyant` (what foresight reaches; run without the server stage);
+    ``max_queue``: another ring than the run's, in images, for every server alike."""
     b = load_bursty(path)
+    if max_queue is not None:
+        if max_queue < b.max_batch:
+            raise SnnetError(f"--max-queue {max_queue}: the ring must hold at least a batch ({b.max_batch} images)")
+        b = replace(b, max_queue=max_queue)
     server_ms = (b.server_ms or 0.0) if server_ms is None else server_ms
     acc = {r.id: float(r.acc1) for r in b.rungs}  # type: ignore[arg-type]
     seeds = seeds or [b.seed]
@@ -94,6 +101,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a controller setting other than the server's (snnet.deploy.controller.ControllerConfig), e.g. "
                          "utilisation=0.9 or burst=0.025,1.0; repeatable")
+    ap.add_argument("--max-queue", type=int, default=None, help="the ring in images, for every server alike (default: the run's)")
     ap.add_argument("--clairvoyant", action="store_true", help="add a policy that knows every arrival to come: what "
                                                                    "foresight reaches (no server stage; ~20 s a Fashion-MNIST trace)")
     args = ap.parse_args()
@@ -111,7 +119,7 @@ def main() -> None:
         sys.exit(f"error: --seeds {args.seeds}: give comma-separated whole numbers, e.g. 0,1,2,3")
     try:
         for path in args.runs:
-            print("\n".join(run(path, args.slowdown, seeds, settings, args.server_ms, args.clairvoyant)))
+            print("\n".join(run(path, args.slowdown, seeds, settings, args.server_ms, args.clairvoyant, args.max_queue)))
     except SnnetError as e:
         sys.exit(f"error: {e}")
 

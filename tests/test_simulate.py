@@ -10,7 +10,7 @@ import pytest
 from snnet.deploy import loadgen
 from snnet.deploy.controller import ControllerConfig, LatencyTable, StitchController, make_policy
 from snnet.deploy.simulate import Clairvoyant, load_bursty, simulate, summarise
-from snnet.errors import ServeError
+from snnet.errors import ServeError, SnnetError
 from snnet.results import Row
 
 RUNGS = [Row(0, "cheap", 100, acc1=80.0), Row(1, "mid", 300, acc1=83.0), Row(2, "dear", 1000, acc1=86.0)]
@@ -380,3 +380,30 @@ def test_sim_serve_prints_the_clairvoyant_policy_beside_the_policies(tmp_path, m
     assert "clairvoyant (knows the future)" in lines[4] and len(rows) == 4
     assert all(row.count("|") == 7 and row.rstrip(" |").endswith("503)") for row in rows), rows  # one more cell a trace
     assert "clairvoyant" not in "\n".join(sim_serve.run(str(path), 1.0))
+
+
+def test_sim_serve_replays_another_ring_for_every_server(tmp_path, monkeypatch) -> None:
+    """sim_serve.py --max-queue: the DeiT benchmark's ring was chosen by replaying its runs with larger ones."""
+    import re
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sim_serve
+
+    run = {"settings": {"max_batch": 4, "max_queue": 4, "images_per_request": 1, "seconds": 6.0, "rate_x": 1.3,
+                        "ramp_peak": 2.5, "seed": 0},
+           "slo_ms": 4 * 800.0, "largest_capacity_rps": 5.0,
+           "ladder": [{"id": 0, "name": "a", "acc1": 70.0, "latency_ms_by_batch": [[1, 60.0], [4, 200.0]]},
+                      {"id": 5, "name": "b", "acc1": 80.0, "latency_ms_by_batch": [[1, 300.0], [4, 800.0]]}]}
+    path = tmp_path / "bursty.json"
+    path.write_text(json.dumps(run))
+
+    def refused(lines: list[str]) -> int:  # every 503 of every server and trace
+        return sum(int(n) for line in lines for n in re.findall(r"\((\d+) 503\)", line))
+
+    small, large = sim_serve.run(str(path), 1.0), sim_serve.run(str(path), 1.0, max_queue=64)
+    assert "max queue 4 images" in small[2] and "max queue 64 images" in large[2]
+    assert refused(small) > 0 and refused(large) < refused(small)  # a ring of one batch refuses bursts that 64 places hold
+    with pytest.raises(SnnetError, match="--max-queue 2: the ring must hold at least a batch"):
+        sim_serve.run(str(path), 1.0, max_queue=2)
