@@ -4,6 +4,7 @@ stitch policies on the bursty benchmark's four traces over a synthetic 3-rung la
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -361,49 +362,44 @@ def test_the_bursty_benchmark_checks_trace_names_before_it_profiles(tmp_path, mo
         bench_serve.main()
 
 
-def test_sim_serve_prints_the_clairvoyant_policy_beside_the_policies(tmp_path, monkeypatch) -> None:
+def _sim_serve_and_a_tiny_run(tmp_path, monkeypatch, max_queue: int) -> tuple[Any, str]:
+    """benchmarks/sim_serve.py as a module, and a bursty.json of two rungs (DeiT-like: batches of 4, an image a request)."""
     import sys
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import sim_serve
 
-    run = {"settings": {"max_batch": 4, "max_queue": 16, "images_per_request": 1, "seconds": 6.0, "rate_x": 1.3,
+    run = {"settings": {"max_batch": 4, "max_queue": max_queue, "images_per_request": 1, "seconds": 6.0, "rate_x": 1.3,
                         "ramp_peak": 2.5, "seed": 0},
            "slo_ms": 4 * 800.0, "largest_capacity_rps": 5.0,
            "ladder": [{"id": 0, "name": "a", "acc1": 70.0, "latency_ms_by_batch": [[1, 60.0], [4, 200.0]]},
                       {"id": 5, "name": "b", "acc1": 80.0, "latency_ms_by_batch": [[1, 300.0], [4, 800.0]]}]}
     path = tmp_path / "bursty.json"
     path.write_text(json.dumps(run))
-    lines = sim_serve.run(str(path), 1.0, clairvoyant=True)
+    return sim_serve, str(path)
+
+
+def test_sim_serve_prints_the_clairvoyant_policy_beside_the_policies(tmp_path, monkeypatch) -> None:
+    sim_serve, path = _sim_serve_and_a_tiny_run(tmp_path, monkeypatch, max_queue=16)
+    lines = sim_serve.run(path, 1.0, clairvoyant=True)
     rows = [line for line in lines if line.startswith("| gamma") or line.startswith("| ramp")]
     assert "clairvoyant (knows the future)" in lines[4] and len(rows) == 4
     assert all(row.count("|") == 7 and row.rstrip(" |").endswith("503)") for row in rows), rows  # one more cell a trace
-    assert "clairvoyant" not in "\n".join(sim_serve.run(str(path), 1.0))
+    assert "clairvoyant" not in "\n".join(sim_serve.run(path, 1.0))
 
 
 def test_sim_serve_replays_another_ring_for_every_server(tmp_path, monkeypatch) -> None:
     """sim_serve.py --max-queue: the DeiT benchmark's ring was chosen by replaying its runs with larger ones."""
     import re
-    import sys
-    from pathlib import Path
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import sim_serve
-
-    run = {"settings": {"max_batch": 4, "max_queue": 4, "images_per_request": 1, "seconds": 6.0, "rate_x": 1.3,
-                        "ramp_peak": 2.5, "seed": 0},
-           "slo_ms": 4 * 800.0, "largest_capacity_rps": 5.0,
-           "ladder": [{"id": 0, "name": "a", "acc1": 70.0, "latency_ms_by_batch": [[1, 60.0], [4, 200.0]]},
-                      {"id": 5, "name": "b", "acc1": 80.0, "latency_ms_by_batch": [[1, 300.0], [4, 800.0]]}]}
-    path = tmp_path / "bursty.json"
-    path.write_text(json.dumps(run))
+    sim_serve, path = _sim_serve_and_a_tiny_run(tmp_path, monkeypatch, max_queue=4)
 
     def refused(lines: list[str]) -> int:  # every 503 of every server and trace
         return sum(int(n) for line in lines for n in re.findall(r"\((\d+) 503\)", line))
 
-    small, large = sim_serve.run(str(path), 1.0), sim_serve.run(str(path), 1.0, max_queue=64)
+    small, large = sim_serve.run(path, 1.0), sim_serve.run(path, 1.0, max_queue=64)
     assert "max queue 4 images" in small[2] and "max queue 64 images" in large[2]
     assert refused(small) > 0 and refused(large) < refused(small)  # a ring of one batch refuses bursts that 64 places hold
     with pytest.raises(SnnetError, match="--max-queue 2: the ring must hold at least a batch"):
-        sim_serve.run(str(path), 1.0, max_queue=2)
+        sim_serve.run(path, 1.0, max_queue=2)
