@@ -192,8 +192,13 @@ def test_the_bursty_benchmark_pins_the_rungs_that_could_reach_99_percent() -> No
 
     rungs = [SimpleNamespace(id=k, name=f"r{k}") for k in range(10)]  # least accurate first
     rates = {k: 10.0 - k for k in range(10)}  # requests/s: the accurate rungs are slow
-    # mean rate 4: capacity >= 3.2 (rungs 0-6) -> 6; >= 4 (0-6) -> 5 (6 taken); >= 5 (0-5) -> 4
-    assert [r.id for r in contenders(rungs, 5, rates, mean_rate=4.0)] == [0, 4, 5, 6, 9]
+    # mean rate 4, margins safest first, then boldest, inwards: capacity >= 8 (rungs 0-2) -> 2; >= 3.2 (0-6) -> 6;
+    # >= 6.4 (0-3) -> 3; >= 4 (0-6) -> 5; >= 5 (0-5) -> 4
+    assert [r.id for r in contenders(rungs, 5, rates, mean_rate=4.0)] == [0, 2, 3, 6, 9]
+    # two places besides the ends: the safest and the boldest (the bold two alone left the bursty traces judged
+    # against the cheapest rung: a DeiT run pinned 4 of 39, no deit_small)
+    assert [r.id for r in contenders(rungs, 4, rates, mean_rate=4.0)] == [0, 2, 6, 9]
+    assert [r.id for r in contenders(rungs, 7, rates, mean_rate=4.0)] == [0, 2, 3, 4, 5, 6, 9]
     assert [r.id for r in contenders(rungs, 5, rates, mean_rate=50.0)] == [0, 2, 4, 7, 9]  # none able: evenly spaced
     assert contenders(rungs, 10, rates, 5.0) == rungs
 
