@@ -496,6 +496,9 @@ def main() -> None:
                 samples = run_trace(port, bodies, times, timeout)
                 summary = summarise(samples, acc, slo_ms, args.seconds)
                 summary["load_average"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+                # the model's time over its latency table's as the policy last measured it (a smoothed running factor):
+                # how much slower than its profile the machine ran, for replaying the run (sim_serve --slowdown measured)
+                summary["table_slowdown"] = srv.stitch().get("slowdown")
                 results[trace][name] = {"summary": summary, "samples": samples}
                 ring = summary["before_ring_ms"]
                 print(f"{trace:>9} {name:>48}: attainment {100 * summary['attainment']:5.1f} %  top-1 {summary['mean_acc1']:.2f}  "

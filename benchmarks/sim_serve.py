@@ -10,6 +10,7 @@ benchmark judges it (its own ``verdict``). A simulation: no HTTP, decoding or no
 
     python benchmarks/sim_serve.py docs/serve/bursty-deit/bursty.json docs/serve/bursty-fmnist/bursty.json
     python benchmarks/sim_serve.py --slowdown 1.5 docs/serve/bursty-fmnist/bursty.json   # the model 1.5x slower than its table
+    python benchmarks/sim_serve.py --slowdown measured RUN/bursty.json   # each trace as slow as the run measured it
     python benchmarks/sim_serve.py --seeds 0,1,2,3 docs/serve/bursty-deit/bursty.json    # the same settings, four draws of each trace
     python benchmarks/sim_serve.py --set utilisation=0.9 docs/serve/bursty-deit/bursty.json   # another controller setting
     python benchmarks/sim_serve.py --server-ms 1.9 docs/serve/bursty-fmnist/bursty.json   # a server stage of 1.9 ms a request before the ring
@@ -37,14 +38,20 @@ from snnet.deploy.simulate import Clairvoyant, load_bursty, simulate, summarise
 from snnet.errors import SnnetError
 
 
-def run(path: str, slowdown: float, seeds: list[int] | None = None, settings: dict[str, Any] | None = None,
+def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settings: dict[str, Any] | None = None,
         server_ms: float | None = None, clairvoyant: bool = False, max_queue: int | None = None) -> list[str]:
     """The table of one bursty run, on its own trace seed or on each of ``seeds`` (then a row per trace and seed,
     and a last line that counts the goal over them); ``settings``: ControllerConfig values other than the server's;
     ``server_ms``: the server stage's work per request (default: what the run measured, else none); ``clairvoyant``:
     a column for :class:`~snnet.deploy.simulate.Clairvoyant` (what foresight reaches; run without the server stage);
-    ``max_queue``: another ring than the run's, in images, for every server alike."""
+    ``max_queue``: another ring than the run's, in images, for every server alike. ``slowdown``: the model's time over
+    its table's, or ``"measured"``: each trace's as the run measured it (its servers' median, ``table_slowdown``)."""
     b = load_bursty(path)
+    if slowdown == "measured" and not all(name in b.measured_slowdown for name in loadgen.TRACES):
+        raise SnnetError(f"{path} records no measured slowdown for every trace (bench_serve.py runs record it since "
+                         "2026-12-06): give --slowdown a number, e.g. 1.1")
+    elif slowdown != "measured" and not isinstance(slowdown, (int, float)):
+        raise SnnetError(f"--slowdown {slowdown}: give a number (the model's time over its table's) or 'measured'")
     if max_queue is not None:
         if max_queue < b.max_batch:
             raise SnnetError(f"--max-queue {max_queue}: the ring must hold at least a batch ({b.max_batch} images)")
@@ -54,7 +61,9 @@ def run(path: str, slowdown: float, seeds: list[int] | None = None, settings: di
     seeds = seeds or [b.seed]
     extra = "".join(f", {k} {v}" for k, v in (settings or {}).items())
     stage = f", server {server_ms:g} ms a request" if server_ms else ""
-    lines = [f"#### {Path(path).parent.name} (simulated{f', slowdown {slowdown:g}' if slowdown != 1 else ''}{stage}{extra})", "",
+    said = ("measured (" + ", ".join(f"{n} {b.measured_slowdown[n]:.2f}" for n in loadgen.TRACES) + ")"
+            if slowdown == "measured" else f"{slowdown:g}")
+    lines = [f"#### {Path(path).parent.name} (simulated{f', slowdown {said}' if slowdown != 1 else ''}{stage}{extra})", "",
              f"SLO {b.slo_ms:.1f} ms, max batch {b.max_batch}, max queue {b.max_queue} images, {b.images} image(s) a request, "
              f"{len(b.rungs)} rungs" + ("; latency table: full batch only, part-full batches proportional" if b.full_batch_only else ""), "",
              "| trace | best pinned rung reaching 99 % | last-second | controller | goal |" + (" clairvoyant (knows the future) |" if clairvoyant else ""),
@@ -63,9 +72,10 @@ def run(path: str, slowdown: float, seeds: list[int] | None = None, settings: di
     for seed in seeds:
         for name in loadgen.TRACES:
             times, _ = loadgen.trace(name, b.capacity, b.seconds, b.rate_x, b.ramp_peak, seed)
+            slow = b.measured_slowdown[name] if slowdown == "measured" else float(slowdown)
             runs = {}
             for policy, make in b.policies(**(settings or {})).items():
-                s = summarise(simulate(make(), times, b.images, b.max_queue, slowdown, server_ms), acc, b.slo_ms)
+                s = summarise(simulate(make(), times, b.images, b.max_queue, slow, server_ms), acc, b.slo_ms)
                 runs[policy] = {"summary": {"attainment": s.attainment, "mean_acc1": s.mean_acc1, "rejected": s.rejected}}
             v = verdict(runs)
             met.append(v["met"])
@@ -77,8 +87,8 @@ def run(path: str, slowdown: float, seeds: list[int] | None = None, settings: di
             bound = ""
             if clairvoyant:
                 knows = Clairvoyant(b.rungs, b.table, ControllerConfig(b.slo_ms, b.max_batch, max_queue=b.max_queue), times,
-                                    b.images, slowdown)
-                k = vars(summarise(simulate(knows, times, b.images, b.max_queue, slowdown), acc, b.slo_ms))
+                                    b.images, slow)
+                k = vars(summarise(simulate(knows, times, b.images, b.max_queue, slow), acc, b.slo_ms))
                 bound = f" {cell(k)} |"
                 foresight_met.append(verdict(runs | {"controller": {"summary": k}})["met"])  # the goal, judged of the clairvoyant policy
             lines.append(f"| {label} ({len(times)} requests) | {best} | {cell(runs['last-second']['summary'])} | "
@@ -93,7 +103,8 @@ def run(path: str, slowdown: float, seeds: list[int] | None = None, settings: di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="bursty.json files of bench_serve.py runs")
-    ap.add_argument("--slowdown", type=float, default=1.0, help="the model's time over its table's (a busier machine)")
+    ap.add_argument("--slowdown", default="1", help="the model's time over its table's (a busier machine), or 'measured': "
+                                                     "each trace's as the run measured it (runs since 2026-12-06)")
     ap.add_argument("--server-ms", type=float, default=None, help="the server process's work per request before the ring "
                                                                   "(default: what the run measured, server_work_ms, else 0: none)")
     ap.add_argument("--seeds", default=None, help="comma-separated trace seeds to replay instead of the run's own (one trace "
@@ -114,12 +125,16 @@ def main() -> None:
             sys.exit(f"error: --set {item}: give NAME=NUMBER or NAME=NUMBER,NUMBER")
         settings[name] = numbers[0] if len(numbers) == 1 else numbers
     try:
+        slowdown: float | str = args.slowdown if args.slowdown == "measured" else float(args.slowdown)
+    except ValueError:
+        sys.exit(f"error: --slowdown {args.slowdown}: give a number (the model's time over its table's) or 'measured'")
+    try:
         seeds = [int(k) for k in args.seeds.split(",")] if args.seeds else None
     except ValueError:
         sys.exit(f"error: --seeds {args.seeds}: give comma-separated whole numbers, e.g. 0,1,2,3")
     try:
         for path in args.runs:
-            print("\n".join(run(path, args.slowdown, seeds, settings, args.server_ms, args.clairvoyant, args.max_queue)))
+            print("\n".join(run(path, slowdown, seeds, settings, args.server_ms, args.clairvoyant, args.max_queue)))
     except SnnetError as e:
         sys.exit(f"error: {e}")
 

@@ -1635,6 +1635,8 @@ def test_server_process_starts_steers_and_stops_snnet_serve(saved: tuple[Path, P
         answered = loadgen.run(lambda: loadgen.open_loop("127.0.0.1", srv.port, [loadgen.make_body("/predict", raw=_png())], [0.0, 0.1],
                                                          timeout=60))
         assert [json.loads(r.body)["stitch"]["id"] for r in answered] == [3, 3]
+        # what the bursty benchmark records after each run: the policy's measured time over its table's
+        assert srv.stitch()["slowdown"] > 0
         # the bursty benchmark's warm-up: each rung pinned in turn answers closed-loop load, then nothing is left queued
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
         from bench_serve import warm_up

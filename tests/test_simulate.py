@@ -4,6 +4,7 @@ stitch policies on the bursty benchmark's four traces over a synthetic 3-rung la
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -76,6 +77,11 @@ def test_load_bursty_reads_a_runs_settings_and_table(tmp_path) -> None:
     b = load_bursty(path)
     assert b.policies()["controller"]().config.utilisation == 1.0 and b.policies()["pinned a"]().config.utilisation == 1.0
     assert b.policies(utilisation=0.75)["controller"]().config.utilisation == 0.75  # --set still changes it
+    assert b.measured_slowdown == {}  # runs before 2026-12-06 recorded none
+    run["summaries"] = {"ramp": {"pinned a": {"table_slowdown": 1.1}, "pinned b": {"table_slowdown": 1.3},
+                                 "controller": {"table_slowdown": 1.2}, "last-second": {}}}
+    path.write_text(json.dumps(run))
+    assert load_bursty(path).measured_slowdown == {"ramp": 1.2}  # the median over the servers that recorded it
     with pytest.raises(ServeError, match="not a controller setting"):
         b.policies(slo_ms=100.0)
     path.write_text("{}")
@@ -408,3 +414,20 @@ def test_sim_serve_replays_another_ring_for_every_server(tmp_path, monkeypatch) 
     assert refused(small) > 0 and refused(large) < refused(small)  # a ring of one batch refuses bursts that 64 places hold
     with pytest.raises(SnnetError, match="--max-queue 2: the ring must hold at least a batch"):
         sim_serve.run(path, 1.0, max_queue=2)
+
+
+def test_sim_serve_replays_each_trace_as_slow_as_the_run_measured_it(tmp_path, monkeypatch) -> None:
+    """sim_serve.py --slowdown measured: the runs record the policy's measured time over the table's (table_slowdown);
+    a replay on the table's own times had pinned rungs holding traces they lost in the run."""
+    sim_serve, path = _sim_serve_and_a_tiny_run(tmp_path, monkeypatch, max_queue=16)
+    with pytest.raises(SnnetError, match="records no measured slowdown for every trace"):
+        sim_serve.run(path, "measured")
+    with pytest.raises(SnnetError, match="--slowdown fast: give a number"):
+        sim_serve.run(path, "fast")
+    run = json.loads(Path(path).read_text())
+    run["summaries"] = {t: {"controller": {"table_slowdown": 2.0}} for t in loadgen.TRACES}
+    Path(path).write_text(json.dumps(run))
+    measured, doubled = sim_serve.run(path, "measured"), sim_serve.run(path, 2.0)
+    assert "slowdown measured (gamma-cv1 2.00" in measured[0]
+    assert measured[4:] == doubled[4:]  # every trace replayed at 2x: the same rows as --slowdown 2
+    assert measured[4:] != sim_serve.run(path, 1.0)[4:]

@@ -394,6 +394,12 @@ class ServerProcess:
         r.raise_for_status()
         return r.json()
 
+    def stitch(self) -> dict[str, Any]:
+        """``GET /stitch``: the policy's state (its stitch, mode and ``slowdown``, measured batch time over the table's)."""
+        import httpx
+
+        return httpx.get(self.url + "/stitch", timeout=60).json()
+
     def wait_idle(self, seconds: float = 120) -> None:
         """Until nothing is queued or held (what an earlier run left has been answered)."""
         deadline = time.monotonic() + seconds

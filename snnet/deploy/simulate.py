@@ -32,8 +32,9 @@ import bisect
 import itertools
 import json
 import math
+import statistics
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -259,6 +260,9 @@ class Bursty:
     full_batch_only: bool  # the file holds each rung's full-batch time only (runs before the table was saved)
     server_ms: float | None = None  # the server process's measured work per request before the ring (None: runs before it was)
     utilisation: float | None = None  # the server's --utilisation if the run set it (None: the controller's default)
+    # per trace, the median over its servers of the model's time over the table's as each server's policy last measured
+    # it (the runs since 2026-12-06 record it; empty before): how much slower than its profile the machine ran
+    measured_slowdown: dict[str, float] = field(default_factory=dict)
 
     def policies(self, **settings: Any) -> dict[str, Callable[[], StitchController]]:
         """Every rung pinned, the last-second policy and the controller, as the benchmark compares them: name -> a fresh
@@ -312,7 +316,9 @@ def load_bursty(path: str | Path) -> Bursty:
             ramp_peak=float(s["ramp_peak"]), seed=int(s["seed"]),
             full_batch_only=not all(r.get("latency_ms_by_batch") for r in d["ladder"]),
             server_ms=float(s["server_work_ms"]) if s.get("server_work_ms") is not None else None,
-            utilisation=float(s["utilisation"]) if s.get("utilisation") is not None else None)
+            utilisation=float(s["utilisation"]) if s.get("utilisation") is not None else None,
+            measured_slowdown={trace: statistics.median(seen) for trace, runs in d.get("summaries", {}).items()
+                               if (seen := [float(r["table_slowdown"]) for r in runs.values() if r.get("table_slowdown")])})
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ServeError(f"{path} is not a bursty run's bursty.json ({type(e).__name__}: {e}): "
                          "benchmarks/bench_serve.py writes one") from None
