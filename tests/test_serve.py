@@ -980,6 +980,32 @@ def test_a_model_process_that_hangs_is_stopped_within_the_graceful_bound(saved: 
     assert process.returncode == -signal.SIGKILL and took < 15, took  # 1 s, then killed: 15 is generous, 60 is the bug
 
 
+def test_a_mark_of_requests_given_up_on_goes_once_the_model_process_answers_again(saved: tuple[Path, Path]) -> None:
+    """`snnet serve --workers N`: a worker that gives up on requests leaves a mark, and the main process kills the model
+    process at once when it closes it. Under SIGHUP (uvicorn restarts the workers; the model process is shared and keeps
+    running) the mark of a worker that gave up during the restart stayed, and a model process that recovered and served
+    on was killed at once by the final shutdown much later instead of closed. The mark now goes once the model process
+    runs again. Here in one process: the owner's server, a worker's server attached to its model process that stops
+    while the model process hangs (here: stopped), then the model process answers again. (uvicorn's restart itself does
+    not reproduce reliably: a stopped model process holds the new workers' start, which asks it first.)"""
+    from snnet.deploy.serve.engine import UNANSWERED
+
+    owner = _service(saved, max_batch=2, inline_max_images=0)  # `snnet serve`'s main process: it closes the model process
+    process, mark = owner.engine.process, Path(owner.engine.folder) / UNANSWERED
+    with _Server(owner) as main, httpx.Client(base_url=main.url, timeout=60) as c:
+        worker = Service.attach(owner.config, owner.engine.address, owner.engine.authkey)
+        with _Server(worker, graceful_shutdown_s=1) as w, ThreadPoolExecutor(1) as pool:
+            with _stopped(process.pid):
+                pool.submit(httpx.post, w.url + "/predict", content=_png(), timeout=60)
+                _until(lambda: worker.batcher.held == 1, 60, "the request is in the worker's ring")
+                w.server.should_exit = True  # the worker restarted: it gives up on its request at the bound
+                w.thread.join(15)
+                assert not w.thread.is_alive() and mark.exists()
+        _ok(c)  # the model process answers again (it read the worker's departure first)
+        assert not mark.exists()
+    assert process.returncode == 0  # closed when the owner's server stopped, not killed (-SIGKILL: the stale mark)
+
+
 def test_a_start_that_fails_after_the_model_process_started_stops_it(saved: tuple[Path, Path]) -> None:
     """An app that starts its own model process (a config, not a Service) and then fails to start
     (here its fleet's start raises; a model process that does not answer the first policy question

@@ -318,16 +318,19 @@ class Batcher:
         return self._state
 
     # ------------------------------------------------------------------ shutdown
-    async def close(self, timeout_s: float) -> None:
+    async def close(self, timeout_s: float, gave_up: Callable[[], Any] | None = None) -> None:
         """Refuse new requests, wait up to ``timeout_s`` for every request sent to be answered (the server's
         graceful shutdown: a model process that hangs holds the shutdown no longer), then disconnect. Requests
         whose handler is gone (uvicorn cancels them at its own graceful bound) are not waited for: nobody reads
-        their answer, and the shutdown had already waited that bound once for them."""
+        their answer, and the shutdown had already waited that bound once for them. ``gave_up`` is called when
+        requests were left unanswered, before the disconnect (the model process reads it once it runs again)."""
         self.closing = True
         deadline = time.monotonic() + timeout_s
         while any(not future.done() for future, _, _ in self._pending.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self.unanswered = len(self._pending)
+        if self.unanswered and gave_up is not None:
+            gave_up()
         if self._loop is not None and not self.conn.closed:
             self._loop.remove_reader(self.conn.fileno())
             self._stop_writing()

@@ -273,6 +273,7 @@ class _Engine:
     batch_stitch: int | None = None  # the stitch of the last batch run (snnet_stitch_switches counts batches, not decisions)
     lock: threading.Lock = field(default_factory=threading.Lock)  # the policy: the batching loop and control share it
     selector: selectors.BaseSelector | None = None  # what the batching loop waits on (set by serve)
+    mark: str | None = None  # where a server process that gave up on requests says so (tell_unanswered; set by serve)
 
     # ------------------------------------------------------------------ start
     @classmethod
@@ -372,6 +373,7 @@ class _Engine:
 
         torch.set_num_threads(self.config.threads)
         wake_r, wake_w = os.pipe()
+        self.mark = os.path.join(os.path.dirname(listener.address), UNANSWERED)
         arrivals: deque[_Front] = deque()
         threading.Thread(target=self._accept, args=(listener, arrivals, wake_w), daemon=True, name="snnet-accept").start()
         # one poll set for the life of the loop: multiprocessing's wait() builds and fills one at every call
@@ -472,6 +474,14 @@ class _Engine:
             if jobs:
                 self.publish()
         except (EOFError, OSError):  # that server process is gone: its requests have nobody to answer
+            if self.mark is not None:
+                # it left its mark, if it gave up on requests, before it disconnected: this process runs again after that,
+                # so the owner's close need not kill it at once (under --workers the model process outlives a SIGHUP's
+                # restarted workers, and the mark of one that gave up during the restart killed it at the final shutdown)
+                try:
+                    os.unlink(self.mark)
+                except OSError:
+                    pass  # none: it answered or left without requests
             self.jobs = deque(j for j in self.jobs if j.front is not front)
             if self.selector is not None:
                 self.selector.unregister(front.conn)
@@ -632,7 +642,9 @@ def tell_unanswered(address: str) -> None:
     """Tell the owner of the model process listening at ``address`` (another process: ``snnet serve --workers``)
     that this server process gave up on requests it had sent, at its graceful shutdown: the model process did not
     answer them within the bound. A file in the folder of its socket, as the model process, which would be told on
-    the socket, is the one not answering; :meth:`EngineProcess.close` reads it."""
+    the socket, is the one not answering; :meth:`EngineProcess.close` reads it. Told before this server process
+    disconnects: the model process removes it when it reads a disconnect, running again (a worker restarted on
+    SIGHUP gives up on a model process that later recovers and serves on, to be closed, not killed, at the end)."""
     try:
         open(os.path.join(os.path.dirname(address), UNANSWERED), "a").close()
     except OSError:

@@ -81,12 +81,12 @@ class Service:
     async def stop(self, timeout_s: float) -> None:
         """Answer every request already sent to the model (waiting up to ``timeout_s``: the server's graceful
         shutdown), then disconnect from it. Requests left unanswered are told to the process that closes the model
-        process when it is another one (:func:`~.engine.tell_unanswered`): it kills it at once, as :meth:`close` does."""
+        process when it is another one (:func:`~.engine.tell_unanswered`): it kills it at once, as :meth:`close` does,
+        unless the model process runs again before (it reads this disconnect then: told before it)."""
         if StampedProtocol.upstream is self.upstream:
             StampedProtocol.upstream = None
-        await self.batcher.close(timeout_s)
-        if self.batcher.unanswered and self.address is not None:
-            tell_unanswered(self.address)
+        address = self.address
+        await self.batcher.close(timeout_s, None if address is None else lambda: tell_unanswered(address))
 
     def close(self, timeout_s: float = CLOSE_S) -> None:
         """Stop the model process if this process started it (after :meth:`stop`), waiting up to ``timeout_s`` (the
