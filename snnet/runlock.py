@@ -38,7 +38,7 @@ try:
 except ImportError:  # Windows: no flock; runs are then not locked (the other checks still hold)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["EVALS_NAME", "LOCK_NAME", "METRICS_NAME", "RESUMED_FROM", "RUN_ENTRIES", "RunLock", "StopSignals", "check_run_folder", "claim_run_folder",
+__all__ = ["EVALS_NAME", "LOCK_NAME", "METRICS_NAME", "RESUMED_FROM", "RUN_ENTRIES", "TB_NAME", "RunLock", "StopSignals", "check_run_folder", "claim_run_folder",
            "foreign_files", "run_entries"]
 
 LOCK_NAME = ".snnet-run.lock"
@@ -46,23 +46,26 @@ METRICS_NAME = "metrics.jsonl"
 EVALS_NAME = "evals.jsonl"  # the evaluations during training (one JSON object per evaluation)
 TRAIN_CONFIG_NAME = "train_config.json"
 FINAL_NAME = "final"
+TB_NAME = "tb"  # TensorBoard's event files (run.tensorboard)
 # everything a training run writes into its folder (and all that --overwrite deletes)
-RUN_ENTRIES = (CHECKPOINT_NAME, CHECKPOINTS_DIR, METRICS_NAME, EVALS_NAME, TRAIN_CONFIG_NAME, FINAL_NAME, "tb")
+RUN_ENTRIES = (CHECKPOINT_NAME, CHECKPOINTS_DIR, METRICS_NAME, EVALS_NAME, TRAIN_CONFIG_NAME, FINAL_NAME, TB_NAME)
 # train_config.json's record of the checkpoint a resume into another folder (--resume a/checkpoint.pt --out b) came from
 RESUMED_FROM = "resumed_from"
 # what such a resume writes into b before its first checkpoint (a failure in between leaves them: a full disk, Ctrl-C)
-_RESUME_START = (TRAIN_CONFIG_NAME, METRICS_NAME, EVALS_NAME, "tb")
+_RESUME_START = (TRAIN_CONFIG_NAME, METRICS_NAME, EVALS_NAME, TB_NAME)
 # What a run writes atomically (io.atomic_write: a temporary file renamed into place) inside its folders: the saved
-# network (save_pretrained's files, a plain model's weights, a language model's adapters) and a checkpoint copied where
-# hard links fail. A writer killed mid-write leaves their temporary files, removed when the folder is next claimed.
-_ATOMIC_FILES = {FINAL_NAME: (WEIGHTS_NAME, CONFIG_NAME, ADAPTERS_NAME), CHECKPOINTS_DIR: ("step-*.pt",)}
+# network (save_pretrained's files, a plain model's weights, a language model's adapters), a checkpoint copied where
+# hard links fail, and the event files a resume into another folder copies (TensorBoard's writer appends to its own).
+# A writer killed mid-write leaves their temporary files, removed when the folder is next claimed.
+_ATOMIC_FILES = {FINAL_NAME: (WEIGHTS_NAME, CONFIG_NAME, ADAPTERS_NAME), CHECKPOINTS_DIR: ("step-*.pt",),
+                 TB_NAME: ("events.out.tfevents.*",)}
 # What a run writes inside its folders (the others of RUN_ENTRIES are files): the saved network (save_pretrained's
 # files, a language model's adapters and tokenizer), the kept checkpoints, TensorBoard's event files. A folder by
 # one of these names holding anything else holds the user's files, which --overwrite must not delete with the run's.
 _RUN_FOLDER_FILES = {
     FINAL_NAME: (*_ATOMIC_FILES[FINAL_NAME], *TOKENIZER_FILES),
     CHECKPOINTS_DIR: _ATOMIC_FILES[CHECKPOINTS_DIR],
-    "tb": ("events.out.tfevents.*",),
+    TB_NAME: _ATOMIC_FILES[TB_NAME],
 }
 _LOCK_RETRY_SECONDS = 0.5  # a concurrent check_run_folder holds the lock shared for microseconds
 # The locks this process holds. A forked child (a DataLoader worker) shares a flock with its parent

@@ -50,6 +50,7 @@ import io
 import json
 import math
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -71,8 +72,8 @@ from .model import CONFIG_NAME, WEIGHTS_NAME, StitchedBase, StitchedNet
 from .optim import build_optimizer, lr_factor
 from .reference import stale_zero_grads
 from .report import progress as report_progress
-from .runlock import (EVALS_NAME, FINAL_NAME, METRICS_NAME, RESUMED_FROM, RUN_ENTRIES, TRAIN_CONFIG_NAME, RunLock,
-                      StopSignals, claim_run_folder)
+from .runlock import (EVALS_NAME, FINAL_NAME, METRICS_NAME, RESUMED_FROM, RUN_ENTRIES, TB_NAME, TRAIN_CONFIG_NAME,
+                      RunLock, StopSignals, claim_run_folder)
 from .sampling import EpochSampler, SeededItems, StitchSampler, WorkerLoader, make_stitch_sampler, mix_seed, seed_worker
 from .space import Stitch
 from .tasks import CausalLM, Task, get_task
@@ -782,7 +783,7 @@ def _resumed_from_elsewhere(resumed: Resumed, out: Path) -> Path | None:
 def _carry_logs(source: Path, out: Path, step: int) -> None:
     """With ``--resume a/checkpoint.pt --out b``, b continues a's run (``source``), as its train_config.json says (a's
     segments): a's metrics.jsonl and evals.jsonl rows up to the checkpoint's ``step`` are copied to b (those after it
-    are of steps b redoes, or of a's own later part); TensorBoard's event files stay in a."""
+    are of steps b redoes, or of a's own later part), and so are a's TensorBoard event files (:func:`_carry_events`)."""
     for name in (METRICS_NAME, EVALS_NAME):
         try:
             if not (source / name).is_file():
@@ -794,6 +795,52 @@ def _carry_logs(source: Path, out: Path, step: int) -> None:
         except OSError as e:
             raise TrainingError(f"cannot copy {source / name} to {out / name} ({e.strerror or e}); free some disk "
                                 "space and run the same command again") from e
+    _carry_events(source / TB_NAME, out / TB_NAME, step)
+
+
+def _carry_events(source: Path, out: Path, step: int) -> None:
+    """a's TensorBoard event files (``source``: a/tb) into b's (``out``), each under its name (older than the file b's
+    writer opens: TensorBoard reads a's curve first), with the events of steps up to the checkpoint's ``step`` only.
+    Copied whole, a file holds a's steps after the checkpoint too, which b redoes or never trains (a's own later part;
+    a finished run resumed into b writes nothing more): b's writer records a purge from the step after the checkpoint,
+    which TensorBoard's Python loader applies and not every reader does, and none where b trains nothing. So those
+    steps showed twice in b, or a's later curve as b's. A file left with no scalar (written by a resume of a after the
+    checkpoint) is not copied. Without tensorboard installed none can be read (nor written): they stay in a."""
+    files = sorted(source.glob("events.out.tfevents.*")) if source.is_dir() else []
+    try:
+        from google.protobuf.message import DecodeError
+        from tensorboard.compat.proto.event_pb2 import Event
+    except ImportError:  # tensorboard is optional
+        return
+    for path in files:
+        try:
+            kept, scalars = [], False
+            for record in _event_records(path.read_bytes()):
+                try:
+                    event = Event.FromString(record[12:-4])
+                except DecodeError:  # a record garbled by a crash mid-write ends the file
+                    break
+                if event.step <= step:
+                    kept.append(record)  # as written: its checksums stay valid
+                    scalars = scalars or event.HasField("summary")
+            if scalars:
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write(out / path.name, lambda tmp: tmp.write_bytes(b"".join(kept)), durable=False)
+        except OSError as e:
+            raise TrainingError(f"cannot copy {path} to {out / path.name} ({e.strerror or e}); free some disk space "
+                                "and run the same command again") from e
+
+
+def _event_records(data: bytes) -> Iterator[bytes]:
+    """The records of an event file (TFRecord: the data's length, its checksum, the data, its checksum), whole, up to
+    a torn last one (a writer killed mid-write)."""
+    at = 0
+    while at + 12 <= len(data):
+        end = at + 12 + struct.unpack_from("<Q", data, at)[0] + 4
+        if end > len(data):
+            break
+        yield data[at:end]
+        at = end
 
 
 # ---------------------------------------------------------------------------- the step engine
@@ -1131,7 +1178,7 @@ class _Log:
             except ImportError:  # tensorboard is optional
                 pass
             else:
-                self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
+                self.writer = SummaryWriter(str(out_dir / TB_NAME), purge_step=start_step + 1)
 
     def write(self, row: dict[str, Any]) -> None:
         if self.file is None:

@@ -741,6 +741,45 @@ def test_a_resume_into_another_folder_carries_the_logs_of_the_run_up_to_its_chec
     assert _steps(a) == [1, 2, 3]  # a is left as it was
 
 
+def _tb_losses(tb: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every train/loss event in ``tb``'s event files, as they were written (no purge applied)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [(e.step, v.simple_value) for path in sorted(tb.glob("events.out.tfevents.*"))
+            for e in EventFileLoader(str(path)).Load() for v in e.summary.value if v.tag == "train/loss"]
+
+
+def test_a_resume_into_another_folder_carries_the_tensorboard_curve_of_the_run_up_to_its_checkpoint(tmp_path):
+    """--resume a/checkpoint.pt --out b carried a's metrics.jsonl and evals.jsonl into b, not its TensorBoard event
+    files: TensorBoard on b showed the curve from the checkpoint on. b holds a's events up to the checkpoint (here a
+    copy a kept, step 2), not a's step 3 (copied whole, a reader that does not apply b's purge showed step 3 twice);
+    a is left as it was."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    conf = dict(epochs=None, max_steps=4, ckpt_every=1, init_images=0, tensorboard=True)
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "a", **conf), stop_after=3)
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    before = _bytes(a)
+    assert [s for s, _ in _tb_losses(a / "tb")] == [1, 2, 3]
+    r = train(fresh_net(), Synthetic(16), cfg(tmp_path / "b", resume=str(a / "checkpoints" / "step-00000002.pt"), **conf))
+    assert r.finished and _bytes(a) == before
+    assert [s for s, _ in _tb_losses(b / "tb")] == [1, 2, 3, 4]
+    assert _tb_losses(b / "tb")[:2] == _tb_losses(a / "tb")[:2]
+    shown = EventAccumulator(str(b / "tb"))
+    shown.Reload()  # TensorBoard's view of b: the whole run, each step once
+    assert [e.step for e in shown.Scalars("train/loss")] == [1, 2, 3, 4]
+    # a finished run, since trained further, resumed into c from its copy at the end (nothing to train: c's writer
+    # records no purge): c shows its curve up to that copy, not the later step, nor the later resume's file
+    d, c = tmp_path / "d" / "run", tmp_path / "c" / "run"
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "d", **{**conf, "max_steps": 2}))
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "d", resume="auto", resume_with_changes=True, **{**conf, "max_steps": 3}))
+    assert [s for s, _ in _tb_losses(d / "tb")] == [1, 2, 3] and len(list((d / "tb").iterdir())) == 2
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "c", resume=str(d / "checkpoints" / "step-00000002.pt"),
+                                          **{**conf, "max_steps": 2}))
+    assert [s for s, _ in _tb_losses(c / "tb")] == [1, 2] and len(list((c / "tb").iterdir())) == 1
+
+
 def test_a_resume_into_another_folder_that_failed_before_its_first_checkpoint_is_retried_by_the_same_command(
         tmp_path, monkeypatch):
     """--resume a/checkpoint.pt --out b that failed after writing b's train_config.json, before b's first checkpoint
