@@ -649,13 +649,15 @@ def _already_finished(net: StitchedBase | nn.Module, resumed: Resumed, plan: Pla
     """A finished run resumed with its own settings: nothing to train, nothing rewritten (final/ restored if
     deleted); the network holds the run's trained weights, as after training. Resumed into another folder
     (``--resume a/checkpoint.pt --out b``), b holds the run as a resume of an unfinished one leaves it: its settings'
-    history, logs, checkpoint and network (with b/final alone, ``--resume auto --out b`` found nothing to continue)."""
+    history, logs, checkpoint and network (with b/final alone, ``--resume auto --out b`` found nothing to continue).
+    Resumed with changes (``run.resume_with_changes``, no longer schedule), it is the same: no step is trained with
+    them, so no segment records them (one from the last step trained none, and the next resume dropped it)."""
     final, checkpoint = out / FINAL_NAME, resumed.path
     _load_weights(net, resumed.state["model"], str(resumed.path))
     if (source := _resumed_from_elsewhere(resumed, out)) is not None:
         checkpoint = out / CHECKPOINT_NAME
         if rank == 0:
-            _write_history(out, config, world, resumed.position.step, resumed)
+            _write_history(out, config, world, resumed.position.step, resumed, trains=False)
             _carry_logs(source, out, resumed.position.step)
             save_checkpoint(checkpoint, resumed.state, config.run.keep_checkpoints)
     # only if someone deleted it, or a save was interrupted between its files (the weights in, config.json not)
@@ -749,8 +751,10 @@ def _read_history(out: Path, saved: dict[str, Any], world: int) -> list[dict[str
              "config": from_legacy(data.get("train", {}), data.get("optim"))}]
 
 
-def _write_history(out: Path, config: TrainConfig, world: int, step: int, resumed: Resumed | None) -> None:
-    """``train_config.json``: every segment's settings; a resume with changes adds one (what changed, from which step)."""
+def _write_history(out: Path, config: TrainConfig, world: int, step: int, resumed: Resumed | None,
+                   trains: bool = True) -> None:
+    """``train_config.json``: every segment's settings; a resume with changes adds one (what changed, from which step),
+    unless it ``trains`` no step (a finished run's: the history is the run's up to ``step``)."""
     segment = {"from_step": step, "world_size": world, "config": config.to_dict()}
     if resumed is None:
         segments = [segment]
@@ -761,7 +765,7 @@ def _write_history(out: Path, config: TrainConfig, world: int, step: int, resume
         changes = resumed.changes
         if not changes and len(kept) < len(resumed.history):  # one given up may have rewritten the checkpoint (its
             changes = result_changes(kept[-1]["config"], config, world)  # settings): what differs from the last kept
-        segments = kept + ([{**segment, "changes": changes}] if changes else [])
+        segments = kept + ([{**segment, "changes": changes}] if changes and trains else [])
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"segments": segments}
     if resumed is not None and _resumed_from_elsewhere(resumed, out) is not None:

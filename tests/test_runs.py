@@ -852,6 +852,29 @@ def test_a_finished_run_resumed_into_another_folder_is_held_there_as_an_unfinish
     assert [s["from_step"] for s in json.loads((c / "train_config.json").read_text())["segments"]] == [0]
 
 
+def test_a_finished_run_resumed_with_changes_and_nothing_to_train_records_no_segment(tmp_path):
+    """A finished run resumed with --resume-with-changes (another rate) and no longer schedule trains nothing: in its
+    own folder train_config.json was left as it was, but resumed into b, b's recorded a segment of the new rate from
+    the last step that trained no step (the next resume dropped it). b holds the run as it ended, a's segments, as a
+    resume in a's folder leaves a's; so from a copy kept at the end of a first schedule since trained further."""
+    conf = dict(epochs=None, max_steps=2, ckpt_every=1, init_images=0)
+    changed = dict(resume_with_changes=True, **{**conf, "lr": 1e-3})
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "a", **conf))
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    segments = lambda run: json.loads((run / "train_config.json").read_text())["segments"]  # noqa: E731
+    before = _bytes(a)
+    assert train(fresh_net(), Synthetic(16), cfg(tmp_path / "a", resume="auto", **changed)).finished
+    assert _bytes(a) == before
+    r = train(fresh_net(), Synthetic(16), cfg(tmp_path / "b", resume=str(a / CHECKPOINT_NAME), **changed))
+    assert r.finished and not r.stitches and segments(b) == segments(a)
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "a", resume="auto", **{**changed, "max_steps": 3}))
+    assert [s["from_step"] for s in segments(a)] == [0, 2]
+    c = tmp_path / "c" / "run"
+    train(fresh_net(), Synthetic(16), cfg(tmp_path / "c", resume=str(a / "checkpoints" / "step-00000002.pt"),
+                                          **{**changed, "lr": 2e-3}))
+    assert segments(c) == segments(b)
+
+
 def test_an_unfinished_run_resumed_with_other_settings(tmp_path):
     conf = dict(epochs=2, init_images=0, **OPT)
     train(fresh_net(), Synthetic(40), cfg(tmp_path, **conf), stop_after=3)
