@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -266,6 +267,35 @@ def _until(ok: Any, seconds: float, what: str) -> None:
     while not ok():
         assert time.monotonic() < deadline, what
         time.sleep(0.02)
+
+
+class UvicornLog(logging.Handler):
+    """The records of uvicorn's log meanwhile (``uvicorn.error``: the servers' lines and uvicorn's own, tracebacks
+    included), read where they are logged: once uvicorn has configured its logging they stop at its ``uvicorn``
+    logger (no propagation), short of the root logger caplog reads. Enter it after that (``uvicorn.Config`` does
+    it), which drops the handlers it finds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.logger = logging.getLogger("uvicorn.error")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> "UvicornLog":
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+
+    def lines(self) -> list[str]:
+        return [r.getMessage() for r in self.records]
+
+    def tracebacks(self) -> list[str]:
+        return [r.getMessage() for r in self.records if r.exc_info]
+
 
 # ------------------------------------------------------------------ tiny language models (tests/test_lm*.py)
 

@@ -45,7 +45,7 @@ from snnet.results import Row  # noqa: E402
 from snnet.deploy.serve import Preprocess, Rejected, ServeConfig, Service, create_app, decode_image, read_array  # noqa: E402
 from snnet.errors import ServeError  # noqa: E402
 
-from .conftest import TINY_VITS, _png, TOKEN, _synthetic_rows, _until  # noqa: E402
+from .conftest import TINY_VITS, _png, TOKEN, UvicornLog, _synthetic_rows, _until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -961,6 +961,27 @@ def test_a_model_process_that_hangs_holds_the_whole_shutdown_about_once_the_grac
         if process.poll() is None:
             os.kill(process.pid, signal.SIGCONT)
     assert process.returncode == -signal.SIGKILL and took < 2 * bound, took  # 3 s and a little; 9 s was the bug
+
+
+def test_a_put_stitch_the_model_process_did_not_answer_by_the_graceful_bound_is_a_503_not_a_traceback(
+        saved: tuple[Path, Path]) -> None:
+    """A PUT /stitch waiting for a model process that hangs (here: stopped) when --timeout-graceful-shutdown ran out
+    was uvicorn's cancellation, a 500 and a traceback in the log; it answers 503 saying why and logs one line, as
+    /predict does."""
+    service = _service(saved, inline_max_images=0, admin_token_file=str(saved[0].parent / "token"))
+    s = _Server(service, graceful_shutdown_s=1)
+    with s, UvicornLog() as log, httpx.Client(base_url=s.url, timeout=60) as c, ThreadPoolExecutor(1) as pool:
+        with _stopped(service.engine.pid):
+            waiting = pool.submit(c.put, "/stitch", json={"stitch": 0}, headers=AUTH)
+            _until(lambda: service.batcher._control_lock.locked(), 60, "the pin is asked of the model process")
+            s.server.should_exit = True  # as SIGTERM does; the model process answers within 5 s (CONTROL_TIMEOUT_S): never
+            s.thread.join(15)
+            assert not s.thread.is_alive(), "the shutdown still waits for the stopped model process"
+        r = waiting.result()
+    assert r.status_code == 503 and "--timeout-graceful-shutdown" in r.json()["error"], r.text
+    lines = log.lines()
+    assert not log.tracebacks(), lines
+    assert sum("PUT /stitch: the model did not answer it within --timeout-graceful-shutdown" in m for m in lines) == 1, lines
 
 
 def test_a_model_process_that_hangs_is_stopped_within_the_graceful_bound(saved: tuple[Path, Path]) -> None:

@@ -519,7 +519,13 @@ async def put_stitch(svc: Service, request: Request, fleet: Fleet | None = None)
         if not isinstance(key, (int, str)) or isinstance(key, bool) or (policy is not None and (key != "auto" or policy not in POLICIES)):
             raise Rejected(400, usage, "bad_request")
         setting = {"stitch": key, "policy": policy}
-        answer = await (fleet.steer(svc, setting) if fleet is not None else apply_setting(svc, setting))
+        try:
+            answer = await (fleet.steer(svc, setting) if fleet is not None else apply_setting(svc, setting))
+        except asyncio.CancelledError as e:  # a model process that hangs: uvicorn's graceful shutdown ended first
+            refusal = unanswered_at_shutdown(e, f"{request.method} {request.url.path}", log)
+            if refusal is None:
+                raise
+            raise refusal from None
     except Rejected as e:
         return _reject(e, svc.metrics)
     return _json({**answer, **_who(fleet)})
