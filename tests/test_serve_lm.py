@@ -39,6 +39,8 @@ from snnet.deploy.serve.openai import CompletionRequest  # noqa: E402
 from snnet.errors import ServeError  # noqa: E402
 from snnet.families.lm_tiny import tiny_lm, tiny_tokenizer  # noqa: E402
 
+from .conftest import UvicornLog  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "lm-admin-token-0123456789abcdef"
 PROMPT = "def add(a, b):"
@@ -252,12 +254,15 @@ def test_chat_prompt_through_the_template_or_refused(saved: Path) -> None:
 class _Server:
     """uvicorn in a thread, on a loopback socket bound to a free port."""
 
-    def __init__(self, engine: LMEngine) -> None:
+    def __init__(self, engine: LMEngine, graceful_shutdown_s: int | None = None) -> None:
         self.engine = engine
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_lm_app(engine), log_level="warning"))
+        # graceful_shutdown_s: uvicorn's and the app's, as `snnet serve --timeout-graceful-shutdown` gives both
+        bound = {} if graceful_shutdown_s is None else {"graceful_shutdown_s": graceful_shutdown_s}
+        self.server = uvicorn.Server(uvicorn.Config(create_lm_app(engine, **bound), log_level="warning",
+                                                    timeout_graceful_shutdown=graceful_shutdown_s))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "_Server":
@@ -751,3 +756,38 @@ def test_a_completion_the_model_did_not_finish_by_the_graceful_bound_is_a_503_no
     assert r.status_code == 503 and "graceful shutdown" in r.json()["error"]["message"], r.text
     assert isinstance(other, asyncio.CancelledError)
     assert sum("did not answer it within --timeout-graceful-shutdown" in m for m in caplog.messages) == 1, caplog.messages
+
+
+def test_a_streamed_completion_the_model_did_not_finish_by_the_graceful_bound_ends_with_an_error_event(saved: Path) -> None:
+    """A streamed completion the model had not finished when --timeout-graceful-shutdown ran out was uvicorn's
+    cancellation: a traceback in the log and the stream cut mid-chunk (OpenAI's clients: a broken connection). Its
+    status was sent already: it ends as a stream the model failed on does, an error event saying why and [DONE],
+    and one line in the log."""
+    engine = _engine(saved, stitch="0")
+    gate, running = threading.Semaphore(0), threading.Event()
+
+    def run(job: Job, decision: Any) -> None:  # a generation that has begun, and ends when let go
+        job.emit(("text", "x"))
+        running.set()
+        gate.acquire(timeout=60)
+
+    engine.run = run
+    s = _Server(engine, graceful_shutdown_s=1)
+    events: list[Any] = []
+    try:
+        with s, UvicornLog() as log, httpx.Client(base_url=s.url, timeout=60) as c:
+            body = {"model": engine.config.served_name, "prompt": PROMPT, "max_tokens": 4, "stream": True}
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                lines = (line for line in r.iter_lines() if line)
+                events.append(json.loads(next(lines)[6:]))  # the first piece of text: the stream has begun
+                assert running.wait(30)
+                s.server.should_exit = True  # as SIGTERM does
+                events += [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines]
+            s.thread.join(15)
+            assert not s.thread.is_alive(), "the shutdown still waits for the generation"
+    finally:
+        gate.release()
+    assert events[0]["choices"][0]["text"] == "x" and events[-1] == "[DONE]", events
+    assert "--timeout-graceful-shutdown" in events[-2]["error"]["message"], events
+    assert not log.tracebacks(), log.lines()
+    assert sum("(streamed): the model did not answer it within --timeout-graceful-shutdown" in m for m in log.lines()) == 1, log.lines()

@@ -93,6 +93,17 @@ def _reject(e: Rejected, metrics: Metrics) -> Response:
 # =============================================================================== request bodies
 
 
+class TrackedSend:
+    """An ASGI ``send`` that notes when the answer's status has gone: from then on an answer can end, not change."""
+
+    def __init__(self, send: Send) -> None:
+        self.send, self.started = send, False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self.send(message)
+
+
 class BodyLimits:
     """ASGI middleware: every request body within a size limit (by method and path) and a time limit.
     ``refused`` is told of each request answered here (not by the app), to count it like the app's refusals;
@@ -111,13 +122,7 @@ class BodyLimits:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         too_big = f"over the upload limit of {limit} bytes: send a smaller body (for images: fewer or smaller ones at once)"
-        started = False
-
-        async def tracked_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked_send = TrackedSend(send)
         try:
             async with asyncio.timeout(self.timeout_s) as timer:
                 if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -145,7 +150,7 @@ class BodyLimits:
 
                 await self.app(scope, limited, tracked_send)
         except TimeoutError:
-            if not started:
+            if not tracked_send.started:
                 await self._answer(send, Rejected(408, f"the request body did not arrive within {self.timeout_s:g} s "
                                                        "(--body-timeout): send it at once", "timeout"), close=True, path=scope["path"])
         finally:

@@ -34,7 +34,7 @@ from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ...errors import SnnetError, StitchNotFoundError
-from .app import ADMIN_BODY_LIMIT, BodyLimits, not_served
+from .app import ADMIN_BODY_LIMIT, BodyLimits, TrackedSend, not_served
 from .auth import check_admin
 from .config import Listen, log
 from .lm_engine import Event, Job, LMEngine, Outcome
@@ -136,6 +136,33 @@ class _Request:
             self.engine.cancel(self.job)
 
 
+class _Streamed(StreamingResponse):
+    """A streamed completion: :meth:`_Request.stream`'s server-sent events. One the model had not finished when the
+    server's graceful shutdown (--timeout-graceful-shutdown) ran out was uvicorn's cancellation: a traceback in the
+    log and the connection cut mid-stream, which OpenAI's clients report as a broken connection. Its status (200) is
+    sent by then, so it ends as a stream the model failed on does: an error event saying why, then ``[DONE]``, and
+    one line in the log."""
+
+    def __init__(self, run: _Request) -> None:
+        super().__init__(run.stream(), media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self.run = run
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        tracked = TrackedSend(send)
+        try:
+            await super().__call__(scope, receive, tracked)
+        except asyncio.CancelledError as e:  # uvicorn's, here: the events were read in a task of Starlette's, cancelled with it
+            refusal = unanswered_at_shutdown(e, f"completion {self.run.id} (streamed)", log,
+                                             "its stream ended with an error event" if tracked.started else "answered 503")
+            if refusal is None:
+                raise
+            if not tracked.started:  # cancelled before its first event: a status can still say it
+                return await _json(_error_body(refusal, True), refusal.status, refusal.headers)(scope, receive, send)
+            end = _sse(error_body(refusal.reason, kind="server_error")) + b"data: [DONE]\n\n"
+            await send({"type": "http.response.body", "body": end, "more_body": False})
+
+
 def _tokens(engine: LMEngine, req: CompletionRequest) -> tuple[str, int]:
     """The text generation continues and its number of tokens."""
     prompt = _prompt(engine, req)
@@ -210,8 +237,7 @@ async def _complete(engine: LMEngine, request: Request, chat: bool) -> Response:
     if not req.stream:
         return await run.whole(request.receive)
     engine.metrics.requests.labels("200").inc()
-    return StreamingResponse(run.stream(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    return _Streamed(run)
 
 
 async def _put_stitch(engine: LMEngine, request: Request) -> Response:

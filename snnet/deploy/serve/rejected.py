@@ -27,17 +27,19 @@ def count_refusal(e: Rejected, metrics: Any) -> None:
     metrics.requests.labels(str(e.status)).inc()
 
 
-def unanswered_at_shutdown(e: asyncio.CancelledError, what: str, log: logging.Logger) -> Rejected | None:
+def unanswered_at_shutdown(e: asyncio.CancelledError, what: str, log: logging.Logger,
+                           answered: str = "answered 503") -> Rejected | None:
     """The refusal for a request whose handler uvicorn cancelled (``e``) because the server's graceful shutdown
     ended before the model answered it, or None for a cancellation from anything else (Ray Serve's, a test's: it
     goes on as it came). A cancelled handler was logged with a traceback and answered 500, though the server knows
     why: one warning line instead, and a 503 saying so to a client still connected. The cancellation is taken back,
-    so that the handler answers and ends as any other."""
+    so that the handler answers and ends as any other. ``answered``: how, in the log line (a stream whose status
+    was sent already ends with the refusal's reason as an error event instead)."""
     if not any(GRACEFUL_CANCEL in str(arg) for arg in e.args):
         return None
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
-    log.warning("%s: the model did not answer it within --timeout-graceful-shutdown; answered 503", what)
+    log.warning("%s: the model did not answer it within --timeout-graceful-shutdown; %s", what, answered)
     return Rejected(503, "the server is shutting down and the model did not answer this request within its graceful "
                          "shutdown bound (--timeout-graceful-shutdown): send it again to a running server", "shutdown")
