@@ -12,7 +12,7 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -295,6 +295,18 @@ class UvicornLog(logging.Handler):
 
     def tracebacks(self) -> list[str]:
         return [r.getMessage() for r in self.records if r.exc_info]
+
+    def errors(self) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= logging.ERROR]
+
+
+@pytest.fixture
+def uvicorn_log() -> Iterator[UvicornLog]:
+    """uvicorn's log for the test's duration, entered after the module's server configured uvicorn's logging.
+    Not caplog: pytest < 9.2 reads the root logger alone, which uvicorn's lines do not reach once it has (a test of
+    a line's absence then passes whatever is logged)."""
+    with UvicornLog() as log:
+        yield log
 
 
 # ------------------------------------------------------------------ tiny language models (tests/test_lm*.py)

@@ -440,18 +440,15 @@ def test_a_chat_prompt_filling_the_context_is_refused_for_what_it_is(client: htt
 
 
 def test_a_client_gone_mid_body_is_not_an_error_in_the_log(server: _Server, client: httpx.Client,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
-    import logging
-
-    with caplog.at_level(logging.ERROR):
-        port = int(server.url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port)) as s:  # 100 bytes promised, 4 sent, then gone
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: 100\r\n\r\n{\"mo")
-            time.sleep(0.2)
-        assert _complete(client, max_tokens=2).status_code == 200  # the server goes on
+                                                            uvicorn_log: UvicornLog) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:  # 100 bytes promised, 4 sent, then gone
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"mo")
         time.sleep(0.2)
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    assert _complete(client, max_tokens=2).status_code == 200  # the server goes on
+    time.sleep(0.2)
+    assert not uvicorn_log.errors(), uvicorn_log.lines()
 
 
 def test_unknown_routes_and_methods_in_the_error_shape(client: httpx.Client) -> None:
@@ -715,7 +712,8 @@ def test_command_line_serves_a_saved_lm(saved: Path) -> None:
             proc.wait()
 
 
-def test_a_completion_the_model_did_not_finish_by_the_graceful_bound_is_a_503_not_a_traceback(saved: Path, caplog) -> None:
+def test_a_completion_the_model_did_not_finish_by_the_graceful_bound_is_a_503_not_a_traceback(saved: Path,
+                                                                                            uvicorn_log: UvicornLog) -> None:
     """uvicorn cancels a handler still waiting when --timeout-graceful-shutdown ends: the completion's handler was
     cancelled mid-wait (uvicorn's 500 and a traceback in the log); it answers 503 saying why and logs one line, as
     the image server's /predict does. A cancellation from anything else goes on as it came."""
@@ -755,7 +753,7 @@ def test_a_completion_the_model_did_not_finish_by_the_graceful_bound_is_a_503_no
         gate.release()
     assert r.status_code == 503 and "graceful shutdown" in r.json()["error"]["message"], r.text
     assert isinstance(other, asyncio.CancelledError)
-    assert sum("did not answer it within --timeout-graceful-shutdown" in m for m in caplog.messages) == 1, caplog.messages
+    assert sum("did not answer it within --timeout-graceful-shutdown" in m for m in uvicorn_log.lines()) == 1, uvicorn_log.lines()
 
 
 def test_a_streamed_completion_the_model_did_not_finish_by_the_graceful_bound_ends_with_an_error_event(saved: Path) -> None:
