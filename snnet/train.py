@@ -50,7 +50,6 @@ import io
 import json
 import math
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -811,40 +810,30 @@ def _carry_events(source: Path, out: Path, step: int) -> None:
     steps showed twice in b, or a's later curve as b's. A file left with no scalar (written by a resume of a after the
     checkpoint) is not copied. Without tensorboard installed none can be read (nor written): they stay in a."""
     files = sorted(source.glob("events.out.tfevents.*")) if source.is_dir() else []
-    try:
-        from google.protobuf.message import DecodeError
+    try:  # TensorBoard's own reader and writer of event files (records framed with checksums)
+        from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
         from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
     except ImportError:  # tensorboard is optional
         return
+
+    def write(tmp: Path, records: list[bytes]) -> None:
+        with open(tmp, "wb") as f:
+            w = RecordWriter(f)
+            for record in records:
+                w.write(record)
+
     for path in files:
         try:
-            kept, scalars = [], False
-            for record in _event_records(path.read_bytes()):
-                try:
-                    event = Event.FromString(record[12:-4])
-                except DecodeError:  # a record garbled by a crash mid-write ends the file
-                    break
-                if event.step <= step:
-                    kept.append(record)  # as written: its checksums stay valid
-                    scalars = scalars or event.HasField("summary")
-            if scalars:
+            # a torn last record (a writer killed mid-write) ends the file, as TensorBoard reads it
+            events = [(data, Event.FromString(data)) for data in RawEventFileLoader(str(path)).Load()]
+            kept = [(data, e) for data, e in events if e.step <= step]
+            if any(e.HasField("summary") for _, e in kept):
                 out.mkdir(parents=True, exist_ok=True)
-                atomic_write(out / path.name, lambda tmp: tmp.write_bytes(b"".join(kept)), durable=False)
+                atomic_write(out / path.name, lambda tmp: write(tmp, [data for data, _ in kept]), durable=False)
         except OSError as e:
             raise TrainingError(f"cannot copy {path} to {out / path.name} ({e.strerror or e}); free some disk space "
                                 "and run the same command again") from e
-
-
-def _event_records(data: bytes) -> Iterator[bytes]:
-    """The records of an event file (TFRecord: the data's length, its checksum, the data, its checksum), whole, up to
-    a torn last one (a writer killed mid-write)."""
-    at = 0
-    while at + 12 <= len(data):
-        end = at + 12 + struct.unpack_from("<Q", data, at)[0] + 4
-        if end > len(data):
-            break
-        yield data[at:end]
-        at = end
 
 
 # ---------------------------------------------------------------------------- the step engine
