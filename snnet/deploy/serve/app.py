@@ -46,7 +46,7 @@ from .batcher import BatchResult
 from .config import ENV_CONFIG, POLICIES, Listen, ServeConfig, log
 from .images import ARRAY_TYPES, first_line, read_array
 from .metrics import Metrics
-from .rejected import Rejected, count_refusal, unanswered_at_shutdown
+from .rejected import Rejected, count_refusal, refused_at_shutdown
 from .service import Service
 from .upstream import ARRIVED, KEY, release
 
@@ -429,14 +429,10 @@ async def _predict(svc: Service, request: Request) -> Response:
             svc.metrics.before_ring.observe(in_ring - arrived)
             svc.metrics.queue.set(batcher.held)
             try:
-                result = await future
+                with refused_at_shutdown(f"{request.method} {request.url.path}", log):
+                    result = await future
             except RuntimeError as e:  # the model failed on this batch (logged with its traceback by the model process)
                 raise Rejected(500, f"the model failed on this batch ({e}); the server goes on", "model_error") from e
-            except asyncio.CancelledError as e:
-                refusal = unanswered_at_shutdown(e, f"{request.method} {request.url.path}", log)
-                if refusal is None:
-                    raise
-                raise refusal from None
         if array is not None and array.dtype == np.float32 and not np.isfinite(result.probs).all():
             # finite input far outside normalised images (1e38) overflows in the network: no class to answer
             raise Rejected(422, "the network's output for this array is not finite: its values are far outside normalised "
@@ -524,13 +520,8 @@ async def put_stitch(svc: Service, request: Request, fleet: Fleet | None = None)
         if not isinstance(key, (int, str)) or isinstance(key, bool) or (policy is not None and (key != "auto" or policy not in POLICIES)):
             raise Rejected(400, usage, "bad_request")
         setting = {"stitch": key, "policy": policy}
-        try:
+        with refused_at_shutdown(f"{request.method} {request.url.path}", log):  # a model process that hangs
             answer = await (fleet.steer(svc, setting) if fleet is not None else apply_setting(svc, setting))
-        except asyncio.CancelledError as e:  # a model process that hangs: uvicorn's graceful shutdown ended first
-            refusal = unanswered_at_shutdown(e, f"{request.method} {request.url.path}", log)
-            if refusal is None:
-                raise
-            raise refusal from None
     except Rejected as e:
         return _reject(e, svc.metrics)
     return _json({**answer, **_who(fleet)})

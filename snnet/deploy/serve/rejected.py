@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["GRACEFUL_CANCEL", "Rejected", "count_refusal", "unanswered_at_shutdown"]
+__all__ = ["GRACEFUL_CANCEL", "Rejected", "count_refusal", "refused_at_shutdown", "unanswered_at_shutdown"]
 
 # what uvicorn cancels a request's task with when its graceful shutdown (--timeout-graceful-shutdown) is over
 GRACEFUL_CANCEL = "timeout graceful shutdown exceeded"
@@ -43,3 +44,17 @@ def unanswered_at_shutdown(e: asyncio.CancelledError, what: str, log: logging.Lo
     log.warning("%s: the model did not answer it within --timeout-graceful-shutdown; %s", what, answered)
     return Rejected(503, "the server is shutting down and the model did not answer this request within its graceful "
                          "shutdown bound (--timeout-graceful-shutdown): send it again to a running server", "shutdown")
+
+
+@contextlib.contextmanager
+def refused_at_shutdown(what: str, log: logging.Logger) -> Iterator[None]:
+    """Around a handler's wait for the model: uvicorn's cancellation at the graceful bound raised as the
+    :class:`Rejected` of :func:`unanswered_at_shutdown` (a 503 through the handler's own refusals), any other
+    cancellation as it came."""
+    try:
+        yield
+    except asyncio.CancelledError as e:
+        refusal = unanswered_at_shutdown(e, what, log)
+        if refusal is None:
+            raise
+        raise refusal from None
