@@ -403,6 +403,7 @@ def main() -> None:
     # deit: 30 minutes pin 8 of the 39 rungs, deit_small and the safer capacity margins among them; 19 (the default before
     # the ring of 16 batches, whose drain each run allows for) pinned 4, the bold margins only
     args.minutes = args.minutes or (30.0 if deit else 9.5)
+    args.utilisation = (1.0 if deit else None) if args.utilisation is None else args.utilisation  # None: the server's default
     args.profile_repeats = args.profile_repeats or (1 if deit else 5)
     args.warmup = (1.0 if deit else 0.3) if args.warmup is None else args.warmup
     args.top1 = args.top1 or str(DEIT_TOP1 if deit else FMNIST_TOP1)
@@ -434,12 +435,10 @@ def main() -> None:
     # DeiT: a ring of 16 batches. With 4 (the runs before 2026-12-06) a burst filled it and got 503s that the cheaper rungs
     # could have answered in time; simulated on the three DeiT runs' tables (four seeds, slowdown 1.0-1.2), a ring of 64 or
     # of 192 images (what the cheapest rung answers within an SLO) never left the controller short of the best pinned rung's
-    # attainment, where 16 did on 18 of 144 traces. And a utilisation limit of 1: the model's own time is what the
+    # attainment, where 16 did on 18 of 144 traces. And a utilisation limit of 1 (args.utilisation): the model's own time is what the
     # server does at this scale, and with a margin kept for bursts the controller stayed under the best pinned rung's
     # accuracy (goal met on 105 of 144 simulated traces at 1, on 27 at 0.75 with the same ring; docs/serving.md).
     max_queue = args.max_queue = args.max_queue or (16 * args.max_batch if deit else 8 * args.max_batch * max(1, per // 4))
-    if args.utilisation is None and deit:
-        args.utilisation = 1.0
     srv = ServerProcess(["--model", model, "--results", str(folder / "results.json"), "--slo-ms", f"{slo_ms:.3f}",
                          "--max-batch", str(args.max_batch), "--max-queue", str(max_queue),
                          "--threads", str(args.threads), "--log-level", "warning", "--stitch", str(large.id)]

@@ -373,7 +373,7 @@ class _Engine:
 
         torch.set_num_threads(self.config.threads)
         wake_r, wake_w = os.pipe()
-        self.mark = os.path.join(os.path.dirname(listener.address), UNANSWERED)
+        self.mark = _unanswered_mark(os.path.dirname(listener.address))
         arrivals: deque[_Front] = deque()
         threading.Thread(target=self._accept, args=(listener, arrivals, wake_w), daemon=True, name="snnet-accept").start()
         # one poll set for the life of the loop: multiprocessing's wait() builds and fills one at every call
@@ -638,6 +638,11 @@ def socket_base() -> str:
 UNANSWERED = "unanswered"  # the file a server process leaves in the model process's folder when it gave up on requests
 
 
+def _unanswered_mark(folder: str) -> str:
+    """Where the mark of requests given up on is, in the model process's folder (that of its socket)."""
+    return os.path.join(folder, UNANSWERED)
+
+
 def tell_unanswered(address: str) -> None:
     """Tell the owner of the model process listening at ``address`` (another process: ``snnet serve --workers``)
     that this server process gave up on requests it had sent, at its graceful shutdown: the model process did not
@@ -646,7 +651,7 @@ def tell_unanswered(address: str) -> None:
     disconnects: the model process removes it when it reads a disconnect, running again (a worker restarted on
     SIGHUP gives up on a model process that later recovers and serves on, to be closed, not killed, at the end)."""
     try:
-        open(os.path.join(os.path.dirname(address), UNANSWERED), "a").close()
+        open(_unanswered_mark(os.path.dirname(address)), "a").close()
     except OSError:
         pass  # the folder is gone: its owner has closed the model process already
 
@@ -736,7 +741,7 @@ class EngineProcess:
         remove its socket folder. One a server process gave up on (:func:`tell_unanswered`) is killed at once: it
         has had the whole graceful bound already, and what it holds has nobody to answer (under --workers, closed
         after the workers had gone, it held the shutdown twice the bound)."""
-        if self.folder is not None and os.path.exists(os.path.join(self.folder, UNANSWERED)):
+        if self.folder is not None and os.path.exists(_unanswered_mark(self.folder)):
             timeout = 0
         try:
             if self.process is not None and self.process.poll() is None:
