@@ -63,6 +63,7 @@ from typing import Any
 
 from snnet.deploy import loadgen
 from snnet.deploy.loadgen import ServerProcess
+from snnet.deploy.simulate import SERVER_SETTINGS  # the controller settings a run gives its server (bursty.json names them so)
 from snnet.io import atomic_write
 
 from snnet.report import percentile
@@ -371,6 +372,8 @@ def main() -> None:
     ap.add_argument("--utilisation", type=float, default=None, help="the server's --utilisation (the most the controller loads "
                                                                       "a stitch at the arrivals' rate); default: 1 (deit), the "
                                                                       "server's (fmnist)")
+    ap.add_argument("--headroom", type=float, default=None, help="the server's --headroom (the share of the SLO the controller "
+                                                                   "plans each queued request to finish within); default: the server's")
     ap.add_argument("--steady-cv2", type=float, default=None, help="the server's --steady-cv2: steady arrivals (gaps' CV² at most "
                                                                      "this) may load a stitch to 1.0; default off")
     ap.add_argument("--warmup", type=float, default=None, help="seconds of closed-loop load each rung pinned answers before the "
@@ -443,7 +446,7 @@ def main() -> None:
                          "--max-batch", str(args.max_batch), "--max-queue", str(max_queue),
                          "--threads", str(args.threads), "--log-level", "warning", "--stitch", str(large.id)]
                         + (["--steady-cv2", str(args.steady_cv2)] if args.steady_cv2 is not None else [])
-                        + (["--utilisation", str(args.utilisation)] if args.utilisation is not None else []))
+                        + [f"--{name}={getattr(args, name)}" for name in SERVER_SETTINGS if getattr(args, name) is not None])
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with srv:
         port = srv.port

@@ -677,6 +677,9 @@ def test_command_line_refuses_steady_cv2(saved: Path, capsys: pytest.CaptureFixt
     # (with one of those, so that the command never serves)
     assert _cli("serve", "--model", str(saved), "--max-wait-ms", "5", "--steady-cv2", "0.5", "--port", "0") == 2
     assert "--max-wait-ms, --steady-cv2 are for image networks" in _one_line(capsys.readouterr().err)
+    # the image controller's --utilisation and --headroom alike (this one has its own headroom for TTFT and TPOT)
+    assert _cli("serve", "--model", str(saved), "--utilisation", "1", "--headroom", "0.95", "--port", "0") == 2
+    assert "--utilisation, --headroom are for image networks" in _one_line(capsys.readouterr().err)
 
 
 def test_command_line_serves_a_saved_lm(saved: Path) -> None:

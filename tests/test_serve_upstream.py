@@ -150,9 +150,11 @@ def test_steady_cv2_reaches_the_controller_and_is_checked(saved: tuple[Path, Pat
         ServeConfig(str(model), steady_cv2=-1.0)
 
 
-def test_utilisation_reaches_the_controller_and_is_checked(saved: tuple[Path, Path]) -> None:
-    """--utilisation (the DeiT benchmark serves with 1): what the controller may load a stitch to, its default the
-    controller's own, on the command line too (which does not import the controller to say so)."""
+@pytest.mark.parametrize("name, value", [("utilisation", 1.0), ("headroom", 0.95)])
+def test_controller_settings_reach_the_controller_and_are_checked(saved: tuple[Path, Path], name: str, value: float) -> None:
+    """--utilisation (the DeiT benchmark serves with 1: what the controller may load a stitch to) and --headroom (the
+    share of the SLO it plans within): their defaults the controller's own, on the command line too (which does not
+    import the controller to say so)."""
     import inspect
 
     from snnet.commands.serve import serve
@@ -163,12 +165,13 @@ def test_utilisation_reaches_the_controller_and_is_checked(saved: tuple[Path, Pa
 
     model, results = saved
     rows = read_rows(results)
-    assert _policy("controller", rows, ServeConfig(str(model), max_batch=8)).config.utilisation == ControllerConfig.utilisation
-    assert _policy("controller", rows, ServeConfig(str(model), max_batch=8, utilisation=1.0)).config.utilisation == 1.0
-    assert inspect.signature(serve).parameters["utilisation"].default == ControllerConfig.utilisation
+    default = getattr(ControllerConfig, name)
+    assert getattr(_policy("controller", rows, ServeConfig(str(model), max_batch=8)).config, name) == default != value
+    assert getattr(_policy("controller", rows, ServeConfig(str(model), max_batch=8, **{name: value})).config, name) == value
+    assert inspect.signature(serve).parameters[name].default == default
     for bad in (0.0, 1.5, float("nan")):
-        with pytest.raises(ServeError, match="--utilisation must be a number above 0 and at most 1"):
-            ServeConfig(str(model), utilisation=bad)
+        with pytest.raises(ServeError, match=f"--{name} must be a number above 0 and at most 1"):
+            ServeConfig(str(model), **{name: bad})
 
 
 def test_a_pipelining_client_that_leaves_leaves_nothing_waiting_and_no_traceback(saved: tuple[Path, Path], capfd: Any) -> None:

@@ -71,12 +71,16 @@ def test_load_bursty_reads_a_runs_settings_and_table(tmp_path) -> None:
     assert not b.full_batch_only and b.table.predict(5, 1) == 300.0
     assert set(b.policies()) == {"pinned a", "pinned b", "last-second", "controller"}
     assert b.policies(utilisation=0.9)["controller"]().config.utilisation == 0.9  # another controller setting (sim_serve --set)
-    assert b.utilisation is None and b.policies()["controller"]().config.utilisation == ControllerConfig.utilisation
-    run["settings"]["utilisation"] = 1.0  # the server's --utilisation (the DeiT runs since 2026-12-06): replayed as the run had it
+    assert b.server == {} and b.policies()["controller"]().config.utilisation == ControllerConfig.utilisation
+    assert b.policies()["controller"]().config.headroom == ControllerConfig.headroom
+    # the server's --utilisation (the DeiT runs since 2026-12-06) and --headroom: replayed as the run had them
+    run["settings"] |= {"utilisation": 1.0, "headroom": 0.95}
     path.write_text(json.dumps(run))
     b = load_bursty(path)
-    assert b.policies()["controller"]().config.utilisation == 1.0 and b.policies()["pinned a"]().config.utilisation == 1.0
+    for name in ("controller", "pinned a"):
+        assert (b.policies()[name]().config.utilisation, b.policies()[name]().config.headroom) == (1.0, 0.95)
     assert b.policies(utilisation=0.75)["controller"]().config.utilisation == 0.75  # --set still changes it
+    assert b.policies(headroom=0.8)["controller"]().config.headroom == 0.8
     assert b.measured_slowdown == {}  # runs before 2026-12-06 recorded none
     run["summaries"] = {"ramp": {"pinned a": {"table_slowdown": 1.1}, "pinned b": {"table_slowdown": 1.3},
                                  "controller": {"table_slowdown": 1.2}, "last-second": {}}}

@@ -103,6 +103,9 @@ def serve(
     utilisation: Annotated[float, typer.Option(help="The most the controller may load a stitch at the arrivals' rate (rate x "
                                                     "its time per image): lower keeps a margin for bursts; 1 for a model whose own "
                                                     "time dominates the server's, as at DeiT scale (docs/serving.md).")] = 0.75,
+    headroom: Annotated[float, typer.Option(help="The share of the SLO the controller plans every queued request to finish "
+                                                 "within; the rest is the margin for time its latency table does not see (HTTP, "
+                                                 "decoding, noise): closer to 1 where the model's time dominates (docs/serving.md).")] = 0.8,
     steady_cv2: Annotated[Optional[float], typer.Option(help="While the gaps between requests have a CV² at most this (Poisson: "
                                                               "1), the controller may load a stitch to 1.0 instead of --utilisation; "
                                                               "off by default (docs/serving.md).")] = None,
@@ -153,7 +156,7 @@ def serve(
     # (A language model's --max-queue counts requests and has no --max-batch to be at least: LMServeConfig checks it.)
     config = ServeConfig.from_mb(max_upload_mb, model="", slo_ms=50.0 if slo_ms is None else slo_ms, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                  max_queue=max(max_queue, max_batch) if lm else max_queue, max_pixels=max_pixels, resize=resize, stitch=stitch, policy=policy,
-                                 threads=threads, up_after=up_after, utilisation=utilisation, steady_cv2=steady_cv2, body_timeout_s=body_timeout,
+                                 threads=threads, up_after=up_after, utilisation=utilisation, headroom=headroom, steady_cv2=steady_cv2, body_timeout_s=body_timeout,
                                  inline_max_images=inline_max_images, inline_max_ms=inline_max_ms,
                                  admin_token_file=str(admin_token_file) if admin_token_file else None, docs=docs)
     listen = Listen(host, port, workers, timeout_graceful_shutdown, log_level,

@@ -15,7 +15,7 @@ DEFAULT_TTFT_MS = 1000.0
 # image-server settings with no meaning for a language model: changing one is refused, not ignored
 _IMAGE_ONLY = {"max_batch": "--max-batch", "max_wait_ms": "--max-wait-ms", "max_pixels": "--max-pixels", "resize": "--no-resize",
                "policy": "--policy", "up_after": "--up-after", "utilisation": "--utilisation",
-               "steady_cv2": "--steady-cv2",
+               "headroom": "--headroom", "steady_cv2": "--steady-cv2",
                "inline_max_images": "--inline-max-images", "inline_max_ms": "--inline-max-ms"}
 
 

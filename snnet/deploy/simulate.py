@@ -241,6 +241,8 @@ class Clairvoyant(StitchController):
 
 # ------------------------------------------------------------------ a bursty run's settings
 
+SERVER_SETTINGS = ("utilisation", "headroom")  # controller settings of `snnet serve` a bursty run may set, as bursty.json names them
+
 
 @dataclass(frozen=True)
 class Bursty:
@@ -259,7 +261,9 @@ class Bursty:
     seed: int
     full_batch_only: bool  # the file holds each rung's full-batch time only (runs before the table was saved)
     server_ms: float | None = None  # the server process's measured work per request before the ring (None: runs before it was)
-    utilisation: float | None = None  # the server's --utilisation if the run set it (None: the controller's default)
+    # the controller settings the run gave its server (--utilisation, --headroom), by ControllerConfig name; the others are
+    # the controller's defaults
+    server: dict[str, float] = field(default_factory=dict)
     # per trace, the median over its servers of the model's time over the table's as each server's policy last measured
     # it (the runs since 2026-12-06 record it; empty before): how much slower than its profile the machine ran
     measured_slowdown: dict[str, float] = field(default_factory=dict)
@@ -277,8 +281,7 @@ class Bursty:
             pair = name in pairs
             if isinstance(value, tuple) != pair or (pair and len(value) != 2):  # else a TypeError deep in the controller's checks
                 raise ServeError(f"{name}={value}: give {'two numbers, ' + name + '=A,B' if pair else 'one number'}")
-        run = {"utilisation": self.utilisation} if self.utilisation is not None else {}  # the server's, unless changed here
-        config = ControllerConfig(self.slo_ms, self.max_batch, max_queue=self.max_queue, **(run | settings))
+        config = ControllerConfig(self.slo_ms, self.max_batch, max_queue=self.max_queue, **(self.server | settings))  # --set wins
         made: dict[str, Callable[[], StitchController]] = {}
         for r in self.rungs:
             made[f"pinned {r.name}"] = lambda r=r: _pinned(self.rungs, self.table, config, r)
@@ -316,7 +319,7 @@ def load_bursty(path: str | Path) -> Bursty:
             ramp_peak=float(s["ramp_peak"]), seed=int(s["seed"]),
             full_batch_only=not all(r.get("latency_ms_by_batch") for r in d["ladder"]),
             server_ms=float(s["server_work_ms"]) if s.get("server_work_ms") is not None else None,
-            utilisation=float(s["utilisation"]) if s.get("utilisation") is not None else None,
+            server={name: float(s[name]) for name in SERVER_SETTINGS if s.get(name) is not None},
             measured_slowdown={trace: statistics.median(seen) for trace, runs in d.get("summaries", {}).items()
                                if (seen := [float(r["table_slowdown"]) for r in runs.values() if r.get("table_slowdown")])})
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -61,6 +61,9 @@ class ServeConfig:
     up_after: int = 1  # decisions in a row a dearer stitch must fit before it is taken (1: at once; see ControllerConfig)
     # the most the controller may load a stitch at the arrivals' rate (ControllerConfig.utilisation, its default defined there)
     utilisation: float = ControllerConfig.utilisation
+    # the share of the SLO the controller plans every queued request to finish within (ControllerConfig.headroom): the rest
+    # is the margin for time its latency table does not see (HTTP, decoding, noise)
+    headroom: float = ControllerConfig.headroom
     steady_cv2: float | None = None  # arrivals whose gaps' CV² is at most this may load a rung to 1.0 (ControllerConfig.steady); None: off
     profile_repeats: int = 10  # timed forwards per stitch and batch size when profiling at start
     body_timeout_s: float = 20.0  # a request body must arrive within this (else 408): slow uploads hold nothing for long
@@ -84,8 +87,9 @@ class ServeConfig:
             raise ServeError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         _count(self.threads, "--threads", 1, 1024)
         _count(self.up_after, "--up-after", 1, 10 ** 6)
-        if not (isinstance(self.utilisation, (int, float)) and 0 < self.utilisation <= 1):
-            raise ServeError(f"--utilisation must be a number above 0 and at most 1, got {self.utilisation}")
+        for flag, share in (("--utilisation", self.utilisation), ("--headroom", self.headroom)):
+            if not (isinstance(share, (int, float)) and 0 < share <= 1):
+                raise ServeError(f"{flag} must be a number above 0 and at most 1, got {share}")
         if self.steady_cv2 is not None:
             _finite(self.steady_cv2, "--steady-cv2", 0, inclusive=True)
         _count(self.profile_repeats, "profile_repeats", 1, 10 ** 6)

@@ -579,7 +579,7 @@ def _policy(name: str, rows: Sequence[dict[str, Any]], config: ServeConfig) -> S
     # the controller keeps the whole queue within one ring's room: cautious, never past any ring's
     return make_policy(name, ladder(rows), LatencyTable.from_rows(rows),
                        ControllerConfig(config.slo_ms, config.max_batch, up_after=config.up_after, max_queue=config.max_queue,
-                                        utilisation=config.utilisation, steady=None if config.steady_cv2 is None else (config.steady_cv2, 1.0)))
+                                        utilisation=config.utilisation, headroom=config.headroom, steady=None if config.steady_cv2 is None else (config.steady_cv2, 1.0)))
 
 
 ENV_KEY, ENV_CONFIG_JSON = "SNNET_MODEL_KEY", "SNNET_MODEL_CONFIG"  # how EngineProcess hands the model process its secret and settings
