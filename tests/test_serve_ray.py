@@ -189,7 +189,7 @@ def test_a_replica_that_starts_after_a_return_to_auto_follows_the_fleets_policy(
     asyncio.run(main())
 
 def test_a_pin_outlives_the_policy_actor_that_ray_serve_recreates(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ray Serve recreates the stitch policy actor when it dies, empty: a replica that started after that went back to
+    """The stitch policy actor is started again when it dies, empty: a replica that started after that went back to
     its config's policy (the pin lost), and a pin published to the new actor got version 1 again, which a replica
     still counting the dead actor's version 1 took for the setting it had (and did not apply). The replicas give the
     new actor their setting back, and a setting is numbered past the one its replica followed. No Ray: the actor is
@@ -226,7 +226,7 @@ def test_a_pin_outlives_the_policy_actor_that_ray_serve_recreates(monkeypatch: p
         (a, a_svc), (b, b_svc) = replica(), replica()
         await a.steer(a_svc, {"stitch": 3, "policy": None})
         await b._follow_once(b_svc)
-        actors.append(StitchPolicy())  # the actor died, and Ray Serve started another
+        actors.append(StitchPolicy())  # the actor died, and a replica started another
         await b._follow_once(b_svc)
         later, later_svc = replica()  # started after that (the autoscaler's, or one Ray Serve replaced)
         await later._follow_once(later_svc)
@@ -238,6 +238,38 @@ def test_a_pin_outlives_the_policy_actor_that_ray_serve_recreates(monkeypatch: p
         assert [svc.batcher.stitch for svc in (a_svc, b_svc, later_svc)] == [4, 4, 4]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("looks, gone_at", [(["RUNNING", "DEPLOYING", "RUNNING", None], 4),
+                                             (["RUNNING", "DELETING", "DELETING", None], 4),
+                                             (["RUNNING", "DELETING", "DEPLOYING"], 3),
+                                             ([OSError, "RUNNING", "DELETING", OSError], 4)])
+def test_the_stitch_policy_actor_leaves_with_its_application(looks: list[Any], gone_at: int) -> None:
+    """The policy actor is detached (Ray Serve's deployment actors are per code version, so a redeploy lost the pin):
+    nothing of Ray Serve's stops it, and it stops itself once its application is gone: not there, or deleted and
+    deployed again between two looks (the new application on auto, not on this pin). An unreachable controller is
+    not gone, unless the application was being deleted (serve shutdown); while it is, the actor gives out no setting
+    and takes none back from the replicas still draining. No Ray: Ray Serve's status is stood in for."""
+    from snnet.deploy.ray import StitchPolicy
+
+    policy = StitchPolicy()
+    policy.publish({"stitch": 4, "policy": None})
+    asked: list[Any] = []
+
+    def status() -> Any:
+        look = looks[len(asked)]
+        asked.append(look)
+        if isinstance(look, type):
+            raise look("the Serve controller does not answer")
+        return look
+
+    left: list[int] = []
+    policy.watch(status, lambda: left.append(len(asked)), period_s=0)
+    assert left == [gone_at]
+    if "DELETING" in looks:
+        assert policy.restore(9, {"stitch": 4, "policy": None}) == (0, None)  # a draining replica's pin: not taken back
+    else:
+        assert policy.current() == (1, {"stitch": 4, "policy": None})
 
 
 def test_serve_ray_gives_the_replicas_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -425,7 +457,7 @@ def test_two_replicas_predict_and_a_pin_reaches_both(cluster: tuple[str, ServeCo
 
 
 def test_a_pin_outlives_the_stitch_policy_actor(cluster: tuple[str, ServeConfig]) -> None:
-    """The stitch policy actor killed: Ray Serve starts another, empty (no restart of Ray's own), and the replicas
+    """The stitch policy actor killed: the next replica to call starts another, empty (no restart of Ray's own), and the replicas
     give it the pin back: they still serve it, GET /stitch says pinned, and the new actor holds it for a replica
     that starts later. Before, the new actor held no setting: replicas started from then on served automatically."""
     url, _ = cluster
@@ -448,12 +480,31 @@ def test_a_pin_outlives_the_stitch_policy_actor(cluster: tuple[str, ServeConfig]
             return False
         return setting is not None and setting["stitch"] == 4
 
-    _until(restored, 180, "the new stitch policy actor holds the pin")  # Ray Serve checks its actors every 10 s
+    _until(restored, 60, "the new stitch policy actor holds the pin")
     answers = _replicas(url, "/stitch", 2)
     assert {a["mode"] for a in answers.values()} == {"pinned"} and {a["current"]["id"] for a in answers.values()} == {4}
     with ThreadPoolExecutor(4) as pool:
         served = list(pool.map(lambda k: httpx.post(url + "/predict", content=_png(seed=k), timeout=60).json()["stitch"]["id"], range(8)))
     assert set(served) == {4}
+
+
+def test_a_pin_survives_a_redeploy_of_the_application(cluster: tuple[str, ServeConfig]) -> None:
+    """`serve.run` again (or `serve deploy` with changed args: a new code version) replaces every replica. Ray Serve
+    names a deployment-scoped actor by code version, so the new replicas found a new, empty stitch policy actor and
+    served automatically: the operator's pin was lost without a word. The policy actor is the application's, not
+    the code version's: the new replicas start on the pin (and the one actor is all there is)."""
+    url, config = cluster
+    assert httpx.put(url + "/stitch", json={"stitch": 5}, headers=AUTH, timeout=60).status_code == 200
+    _until(lambda: {a["current"]["id"] for a in _replicas(url, "/stitch", 2).values()} == {5}, 60,
+           "the pin reached both replicas")
+    before = _replicas(url, "/stitch", 2)
+    # serve.run without a version: a new code version, as `serve deploy` with a changed config gives
+    serve.run(application(config, replicas=2, max_replicas=3, target_ongoing=1,
+                          autoscaling={"upscale_delay_s": 1.0, "look_back_period_s": 2.0}), name="snnet", route_prefix="/")
+    after = _replicas(url, "/stitch", 2)
+    assert not set(after) & set(before), "the redeploy did not replace the replicas"
+    assert {a["mode"] for a in after.values()} == {"pinned"} and {a["current"]["id"] for a in after.values()} == {5}
+    assert len([a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("::stitch_policy")]) == 1
 
 
 def test_ray_scales_on_requests_in_flight_and_the_new_replica_takes_the_pin(cluster: tuple[str, ServeConfig]) -> None:
@@ -504,3 +555,6 @@ def test_shutdown_drains_requests_in_flight(cluster: tuple[str, ServeConfig]) ->
                 pass
     assert codes == [200] * 6
     _until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in models), 120, "model processes stopped")
+    # the policy actor is detached (it outlives a code version): it leaves with the application, not with Ray
+    _until(lambda: not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("::stitch_policy")],
+           30, "the stitch policy actor left with the application")

@@ -6,11 +6,15 @@ batcher and controller and decides from its own queue. Ray Serve routes requests
 scales them (``autoscaling_config`` on ongoing requests per replica); what Ray does not know about
 is the stitch, and that is what this module adds:
 
-* :class:`StitchPolicy` — a deployment-scoped actor (one per deployment, started and stopped with
-  it by Ray Serve) that holds the shared setting: auto (with the policy's name) or a pinned
-  stitch, with a version number, and each replica's latest metrics. Ray Serve recreates it when it
-  dies, empty: the replicas hold the setting they follow, and the first to reach the new actor gives
-  it theirs back (:meth:`StitchPolicy.restore`), so a pin outlives the actor;
+* :class:`StitchPolicy` — a detached actor named after the application and its deployment (one per
+  application) that holds the shared setting: auto (with the policy's name) or a pinned stitch,
+  with a version number, and each replica's latest metrics. Not one of Ray Serve's deployment
+  actors: Serve names those by code version, so every redeploy (``serve deploy`` with changed
+  args, ``serve run`` again) started an empty one and the new replicas dropped the pin. The first
+  replica to need it creates it (``get_if_exists``); it leaves when its application is deleted
+  (``serve delete``, ``serve shutdown``), which it watches for. If it dies, the next replica to
+  call starts another, empty: the replicas hold the setting they follow, and the first to reach
+  the new actor gives it theirs back (:meth:`StitchPolicy.restore`), so a pin outlives the actor;
 * each replica applies the setting when it starts (a replica added by the autoscaler serves the
   pin from its first request) and checks for a new version twice a second; a ``PUT /stitch`` on
   any replica is applied there, then published, so it reaches every replica within that time;
@@ -27,17 +31,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import typing
 from dataclasses import fields
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from ray import serve
-from ray.serve.config import DeploymentActorConfig
+from ray.serve.schema import ApplicationStatus
 
 from ..errors import ServeError
 from .serve import ServeConfig, Service, create_app
@@ -49,28 +54,62 @@ __all__ = ["RayFleet", "StitchPolicy", "StitchPolicyActor", "app", "application"
 log = logging.getLogger("ray.serve")
 FOLLOW_S = 0.5  # how often a replica checks the shared setting and reports its metrics
 FRESH_S = 10.0  # metrics of a replica that has not reported for this long are left out (it is gone)
+WATCH_S = 1.0  # how often the policy actor asks Ray Serve whether its application is still there
+POLICY_NAMESPACE = "snnet"  # the Ray namespace of the policy actors
+
+
+def policy_actor_name(app: str, deployment: str) -> str:
+    """The name of the stitch policy actor of ``deployment`` in application ``app``: by application, not by
+    code version, so the replicas of a redeploy find the one the replicas before them followed."""
+    return f"{app}::{deployment}::stitch_policy"
 
 
 class StitchPolicy:
-    """The setting every replica follows, and every replica's latest metrics (a Ray actor)."""
+    """The setting every replica follows, and every replica's latest metrics (a Ray actor). Given its ``app``
+    (the actor the replicas start), it watches that application and leaves with it (:meth:`watch`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, app: str | None = None) -> None:
         self.version = 0
         self.setting: dict[str, Any] | None = None
         self.reports: dict[str, tuple[float, str]] = {}
+        self.ending = False  # its application is being deleted: it gives out no setting, and takes none back
+        if app is not None:
+            threading.Thread(target=self.watch, args=(lambda: _app_status(app), _leave), name="snnet-watch",
+                             daemon=True).start()
+
+    def watch(self, status: Callable[[], str | None], leave: Callable[[], None], period_s: float = WATCH_S) -> None:
+        """Every ``period_s``, ``status()`` of the application (None: not there, or Ray Serve is not); ``leave()``
+        once it is gone. It is detached (it outlives a code version, so nothing of Ray Serve's stops it): it
+        stops itself. Gone is not there, or no longer being deleted after it was (deleted and deployed again
+        between two looks: the new application starts on auto, not on this pin). A Serve controller that does
+        not answer is not gone (Ray restarts it), unless the application was being deleted (serve shutdown)."""
+        while True:
+            time.sleep(period_s)
+            try:
+                now = status()
+            except Exception:  # noqa: BLE001 - the controller restarting, or gone with serve shutdown
+                if not self.ending:
+                    continue
+                now = None
+            if now is None or (self.ending and now != ApplicationStatus.DELETING):
+                leave()
+                return
+            if now == ApplicationStatus.DELETING and not self.ending:
+                # replicas still draining keep calling it: they get no setting, and cannot give theirs back
+                self.ending, self.version, self.setting = True, 0, None
 
     def publish(self, setting: dict[str, Any], known: int = 0) -> int:
         """A new setting, from a replica that followed up to version ``known``: it is numbered past both (an actor
-        Ray Serve recreated counts from 0 again, and a replica still holding the dead actor's version, 3 say,
+        started again after one died counts from 0 again, and a replica still holding the dead actor's version, 3 say,
         took this actor's 3 for the one it had and did not apply it)."""
         self.version = max(self.version, known) + 1
         self.setting = dict(setting)
         return self.version
 
     def restore(self, version: int, setting: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
-        """A replica's setting, for an actor that has an older one (Ray Serve recreated it after it died: it has
+        """A replica's setting, for an actor that has an older one (started again after one died: it has
         none); the setting then. A pin outlives the actor: the replicas follow it, and new ones start on it."""
-        if version > self.version:
+        if version > self.version and not self.ending:
             self.version, self.setting = version, dict(setting)
         return self.version, self.setting
 
@@ -89,6 +128,16 @@ class StitchPolicy:
 
 
 StitchPolicyActor = ray.remote(StitchPolicy)
+
+
+def _app_status(app: str) -> str | None:
+    """Ray Serve's status of application ``app``; None if it has none (deleted, or Serve shut down)."""
+    found = serve.status().applications.get(app)
+    return found.status if found is not None else None
+
+
+def _leave() -> None:
+    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
 def merge_metrics(texts: dict[str, str]) -> bytes:
@@ -122,8 +171,15 @@ class RayFleet:
         self._lock = asyncio.Lock()
 
     @staticmethod
-    def _actor() -> Any:
-        return serve.get_deployment_actor("stitch_policy")  # fresh each time: Ray Serve may have recreated it
+    def _actor(create: bool = True) -> Any:
+        """The application's policy actor, looked up each time (it may have died and been started again); started
+        here if there is none (``get_if_exists``: one however many replicas ask at once), unless not ``create``."""
+        context = serve.get_replica_context()
+        name = policy_actor_name(context.app_name, context.deployment)
+        if not create:
+            return ray.get_actor(name, namespace=POLICY_NAMESPACE)
+        return StitchPolicyActor.options(name=name, namespace=POLICY_NAMESPACE, lifetime="detached", get_if_exists=True,
+                                         num_cpus=0).remote(context.app_name)
 
     async def start(self, svc: Service) -> None:
         await self._follow_once(svc)
@@ -134,8 +190,8 @@ class RayFleet:
             actor = self._actor()
             version, setting = await actor.current.remote()
             if version < self.version and self.setting is not None:
-                # an actor behind this replica's setting: Ray Serve recreated it, empty (replicas started from then on
-                # took their config's policy: the pin was lost). It gets ours back, unless another gave it a newer one
+                # an actor behind this replica's setting: started again after one died, empty (replicas started from then
+                # on took their config's policy: the pin was lost). It gets ours back, unless another gave it a newer one
                 version, setting = await actor.restore.remote(self.version, self.setting)
             if version != self.version and setting is not None:
                 await apply_setting(svc, setting)
@@ -148,7 +204,7 @@ class RayFleet:
             try:
                 await self._follow_once(svc)
                 await self._actor().report.remote(self.name, svc.metrics.render().decode())
-            except Exception:  # noqa: BLE001 - the actor is being recreated: try again at the next tick
+            except Exception:  # noqa: BLE001 - the actor is being started again: try again at the next tick
                 log.warning("snnet: could not reach the stitch policy actor; retrying", exc_info=True)
 
     async def steer(self, svc: Service, setting: dict[str, Any]) -> dict[str, Any]:
@@ -171,8 +227,8 @@ class RayFleet:
         if self._task is not None:
             self._task.cancel()
         try:
-            await self._actor().leave.remote(self.name)
-        except Exception:  # noqa: BLE001 - the deployment is going away with its actor
+            await self._actor(create=False).leave.remote(self.name)  # not started again by a replica that stops
+        except Exception:  # noqa: BLE001 - the application is going away with its actor
             pass
 
 
@@ -211,8 +267,6 @@ def application(config: ServeConfig, replicas: int = 1, max_replicas: int | None
         max_ongoing_requests=max(8, config.max_queue),  # the server's own bound (503 with Retry-After) decides
         graceful_shutdown_timeout_s=graceful_shutdown_s,
         logging_config={"log_level": "DEBUG" if log_level == "trace" else log_level.upper()},  # Ray has no "trace"
-        deployment_actors=[DeploymentActorConfig(name="stitch_policy", actor_class="snnet.deploy.ray:StitchPolicyActor",
-                                                 actor_options={"num_cpus": 0})],
         **scaling,
     )
     return deployment.bind(config.to_json(), graceful_shutdown_s, log_level)
