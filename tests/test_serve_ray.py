@@ -240,6 +240,50 @@ def test_a_pin_outlives_the_policy_actor_that_ray_serve_recreates(monkeypatch: p
     asyncio.run(main())
 
 
+def test_a_kept_pin_the_redeployed_network_lacks_leaves_the_replica_on_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pin outlives a redeploy; one with another network, without that stitch, made the new replica's model process
+    refuse it (404) as the replica started: the replica failed to start, again at every retry, and the redeploy
+    failed. The replica starts on its config's policy and says why in its log, once. No Ray: the actor and the model
+    process are stood in for."""
+    import asyncio
+
+    import snnet.deploy.ray as snray
+    from snnet.deploy.ray import RayFleet, StitchPolicy
+    from snnet.deploy.serve.rejected import Rejected
+
+    policy = StitchPolicy()
+    policy.publish({"stitch": 20, "policy": None})  # pinned before the redeploy, in the network before it
+    asked: list[Any] = []
+
+    class Remote:
+        def __init__(self, fn: Any) -> None:
+            self.remote = fn
+
+    async def current() -> tuple[int, dict[str, Any] | None]:
+        return policy.current()
+
+    class Batcher:
+        async def ask(self, op: str, arg: Any = None) -> Any:
+            asked.append((op, arg))
+            raise Rejected(404, f"no stitch {arg!r} in this network (23 stitches)", "bad_request")
+
+    actor = type("Actor", (), {"current": Remote(current)})()
+    monkeypatch.setattr(RayFleet, "_actor", staticmethod(lambda create=True: actor))
+    fleet = RayFleet.__new__(RayFleet)
+    fleet.version, fleet.setting, fleet._task, fleet._lock = 0, None, None, asyncio.Lock()
+    svc = type("Svc", (), {"batcher": Batcher()})()
+
+    async def main() -> None:
+        await fleet._follow_once(svc)  # the replica's start
+        await fleet._follow_once(svc)  # the next tick: not asked again
+
+    warned: list[str] = []
+    monkeypatch.setattr(snray.log, "warning", lambda msg, *args: warned.append(msg % args))
+    asyncio.run(main())
+    assert asked == [("pin", 20)] and fleet.version == 1 and fleet.setting is None
+    assert len(warned) == 1 and "no stitch 20 in this network" in warned[0] and "PUT /stitch" in warned[0]
+
+
 @pytest.mark.parametrize("looks, gone_at", [(["RUNNING", "DEPLOYING", "RUNNING", None], 4),
                                              (["RUNNING", "DELETING", "DELETING", None], 4),
                                              (["RUNNING", "DELETING", "DEPLOYING"], 3),

@@ -48,6 +48,7 @@ from ..errors import ServeError
 from .serve import ServeConfig, Service, create_app
 from .serve.app import apply_setting
 from .serve.config import log as serve_log
+from .serve.rejected import Rejected
 
 __all__ = ["RayFleet", "StitchPolicy", "StitchPolicyActor", "app", "application", "merge_metrics"]
 
@@ -194,8 +195,17 @@ class RayFleet:
                 # on took their config's policy: the pin was lost). It gets ours back, unless another gave it a newer one
                 version, setting = await actor.restore.remote(self.version, self.setting)
             if version != self.version and setting is not None:
-                await apply_setting(svc, setting)
-                self.setting = setting
+                try:
+                    await apply_setting(svc, setting)
+                    self.setting = setting
+                except Rejected as e:
+                    if e.status not in (400, 404):
+                        raise  # the model process not answering: asked again at the next tick
+                    # a setting this network does not have: a pin kept through a redeploy with another network. The
+                    # replica serves on its config's policy (refusing to start would fail the redeploy, at every retry)
+                    log.warning("snnet: the fleet's stitch setting %s does not apply to this replica's network (%s): "
+                                "it serves on its configured policy; send PUT /stitch to set one for every replica",
+                                setting, e.reason)
             self.version = version
 
     async def _follow(self, svc: Service) -> None:
