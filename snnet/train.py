@@ -213,13 +213,14 @@ def _train(net: StitchedBase | nn.Module, train_data: Dataset, n: int, config: T
     plan = _plan(config, order, world)
     position = Position()
     # the resume ended the checkpoint's epoch (no batch of a new size left in it, or fewer images: _carried_position),
-    # where no step ends it: its evaluation is made before the first step (or, the run then over, before it ends)
+    # where no step ends it: its evaluation is made before the first step (or, the run then over, before it ends).
+    # Not a finished run's: it ended mid-epoch as its schedule had it, and with no step to train it is held as it ended
     ended_epoch = False
     if resumed is not None:
         position = _carried_position(resumed, config, plan)
         plan = _resumed_plan(plan, position, config)
         ended_epoch = validation is not None and position.epoch > resumed.position.epoch
-        if position.step >= plan.total and not ended_epoch:
+        if position.step >= plan.total and (not ended_epoch or _finished(resumed.state)):
             return _already_finished(net, resumed, plan, out, rank, config, world)
 
     # the network, its teacher, the optimizer: as they were at the checkpoint, or fresh
@@ -466,13 +467,20 @@ def check_changes(state: dict[str, Any], config: TrainConfig, out: Path, path: P
         step, total = state["step"], state.get("total_steps")
         ask = ("add --resume-with-changes to continue with these settings (train_config.json keeps each segment's), "
                "or use the original values")
-        if total is not None and step >= total:
+        if _finished(state):
             raise CheckpointError(
                 f"{source} holds a finished run ({step} of {total} steps); training it further changes its settings "
                 f"({'; '.join(changes)}): that is a deliberate act: {ask}; or {_new_run_from(source)}")
         raise CheckpointError(f"cannot resume {path} with different settings ({'; '.join(changes)}): they change what "
                               f"the run computes; {ask}")
     return changes
+
+
+def _finished(state: dict[str, Any]) -> bool:
+    """Whether checkpoint ``state`` is of a run that had done all its steps (checkpoints before the total was
+    recorded: not known, taken as unfinished)."""
+    total = state.get("total_steps")
+    return total is not None and state["step"] >= total
 
 
 def _new_run_from(run: Path) -> str:

@@ -875,6 +875,27 @@ def test_a_finished_run_resumed_with_changes_and_nothing_to_train_records_no_seg
     assert segments(c) == segments(b)
 
 
+def test_a_finished_run_resumed_with_a_batch_size_that_ends_its_epoch_trains_evaluates_and_records_nothing(tmp_path):
+    """A run that ended at its max_steps 5 of an epoch of 6 batches of 8, resumed in its own folder with
+    --resume-with-changes and batches of 16: no batch of 16 is left in the epoch, so the resume ends it, and the run,
+    finished, still evaluated that epoch and recorded a segment of batches of 16 from step 5 that trained no step,
+    and rewrote its checkpoint (as resumed into another folder before 71b7d8d). It is held as it ended: nothing
+    trained, evaluated or rewritten; into another folder b holds it as it ended too, a's segments alone."""
+    conf = dict(epochs=None, max_steps=5, lr=1e-3, warmup_steps=1, batch_size=8, init_images=0)
+    changed = dict(resume_with_changes=True, **{**conf, "batch_size": 16})
+    val = Synthetic(16, seed=5)
+    train(fresh_net(), Synthetic(48), cfg(tmp_path / "a", **conf), val_data=val)
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    before = _bytes(a)
+    r = train(fresh_net(), Synthetic(48), cfg(tmp_path / "a", resume="auto", **changed), val_data=val)
+    assert r.finished and r.step == 5 and not r.stitches and r.evals == ()
+    assert _bytes(a) == before
+    r = train(fresh_net(), Synthetic(48), cfg(tmp_path / "b", resume=str(a / CHECKPOINT_NAME), **changed), val_data=val)
+    assert r.finished and not r.stitches and r.evals == () and not (b / "evals.jsonl").read_text()
+    assert json.loads((b / "train_config.json").read_text())["segments"] == \
+        json.loads((a / "train_config.json").read_text())["segments"]
+
+
 def test_an_unfinished_run_resumed_with_other_settings(tmp_path):
     conf = dict(epochs=2, init_images=0, **OPT)
     train(fresh_net(), Synthetic(40), cfg(tmp_path, **conf), stop_after=3)
