@@ -368,10 +368,11 @@ class CausalLM:
                 train: bool = True, limit: int | None = None) -> Dataset:
         """Token blocks of ``data.corpus`` read with the network's tokenizer: the files of ``split`` (default
         ``data.split``: 'train', 'val' (held out) or 'all'), ``data.block_size`` predictions each, at most
-        ``data.limit`` blocks (training) or ``limit`` (evaluation). A limit takes the first blocks of the split's
-        files, an even share of each, in an order drawn with ``seed`` (the run's: the same blocks on a resume),
-        spread over the corpus (None: in sorted order, the first files' blocks); without one every file is read,
-        in sorted order. ``data_config`` is not used: text is neither transformed nor augmented."""
+        ``data.limit`` blocks (training) or ``limit`` (evaluation). A limit takes an even share of each of the
+        split's files, in blocks from places spread through it, the files in an order and the places drawn with
+        ``seed`` (the run's: the same blocks on a resume), spread over the corpus (None: in sorted order, the
+        first files' first blocks); without one every file is read, in sorted order. ``data_config`` is not
+        used: text is neither transformed nor augmented."""
         from .text import corpus_fingerprint, split_documents, stdlib_root, text_files, token_blocks
 
         if self.tokenizer is None:

@@ -14,9 +14,11 @@ machine and does not move when files are added.
 stream into blocks of ``block_size + 1`` tokens (``block_size`` predictions each) and records,
 per block, how many UTF-8 bytes of text its predicted tokens cover: what bits per byte divide by
 (:mod:`snnet.lm_eval`). With a ``seed`` it reads the documents in a seeded order
-(:func:`snnet.data.spread_order`), and ``max_blocks`` blocks take an even share of each document's
-first blocks: they come from documents spread over the whole corpus, where the sorted files' first
-blocks are a few modules of one package, and the seeded files' all of one or two large files.
+(:func:`snnet.data.spread_order`), and ``max_blocks`` blocks take an even share of each document, from
+places spread through it drawn with the seed: they come from documents spread over the whole corpus, where
+the sorted files' first blocks are a few modules of one package, the seeded files' all of one or two large
+files, and each file's first blocks mostly its docstring and imports. Without a seed ``max_blocks`` are the
+first blocks of the stream (what ``snnet demo --lm`` and the ``stdlib-lm`` zoo were measured on).
 Tokenisers without offsets are refused rather than guessed at.
 :class:`ByteTokenizer` (one token per byte) needs no vocabulary file at all.
 """
@@ -142,7 +144,8 @@ class TokenBlocks(torch.utils.data.Dataset):
     ids: torch.Tensor  # (blocks, block_size + 1), long
     byte_counts: torch.Tensor  # (blocks,), long
     fingerprint: str = ""
-    seed: int | None = None  # the seed of the documents' order (spread_order) and share, None: as given (sorted)
+    seed: int | None = None  # the seed of the documents' order (spread_order) and of the places of their shares,
+    # None: as given (sorted), the first blocks
     deterministic_items: ClassVar[bool] = True  # fetching a block draws no random numbers (snnet.sampling.SeededItems)
 
     def __len__(self) -> int:
@@ -166,10 +169,12 @@ def token_blocks(files: Sequence[Path], tokenizer: Any, block_size: int, *, max_
     """Tokenise ``files`` (UTF-8 text; each followed by the end-of-text token) into blocks of
     ``block_size + 1`` tokens, reading only as many files as ``max_blocks`` needs: in the order given, or with
     ``seed`` in :func:`snnet.data.spread_order` (the same files for the same seed). With both, a file gives at
-    most ``ceil(max_blocks / len(files))`` blocks (its first ones; one when there are more files than blocks),
-    so that a few blocks come from as many files, not from the first one or two: a file cut short ends at a
-    block's end, without its end-of-text token. When that reads every file and is still short (small files),
-    they are read again with the fewest blocks each that can make up ``max_blocks`` (:func:`_fewest_blocks`)."""
+    most ``ceil(max_blocks / len(files))`` blocks (one when there are more files than blocks), so that a few
+    blocks come from as many files, not from the first one or two: a file cut short ends at a block's end,
+    without its end-of-text token, and its blocks are pieces of it from places spread through it, drawn with
+    ``seed`` (:func:`_spread_tokens`), not its first ones. When that reads every file and is still short (small
+    files), they are read again with the fewest blocks each that can make up ``max_blocks``
+    (:func:`_fewest_blocks`). Without ``seed``, ``max_blocks`` are the first blocks of the files' stream."""
     if block_size < 1:
         raise SnnetError(f"block_size must be >= 1 token, got {block_size}")
     if seed is not None:
@@ -181,7 +186,7 @@ def token_blocks(files: Sequence[Path], tokenizer: Any, block_size: int, *, max_
     per = None if max_blocks is None or seed is None else -(-max_blocks // max(len(files), 1))
     whole: dict[Path, tuple[list[int], list[int]]] = {}  # files read to their end: not tokenised again
     while True:
-        ids, counts, sizes = _read(files, tokenizer, step, need, per, whole)
+        ids, counts, sizes = _read(files, tokenizer, step, need, per, whole, seed)
         if per is None or len(ids) >= need or None not in sizes:  # type: ignore[operator]
             break
         per = _fewest_blocks(sizes, step, need, per)  # every file read, some cut short, and too few blocks
@@ -196,16 +201,18 @@ def token_blocks(files: Sequence[Path], tokenizer: Any, block_size: int, *, max_
 
 
 def _read(files: Sequence[Path], tokenizer: Any, step: int, need: int | None, per: int | None,
-          whole: dict[Path, tuple[list[int], list[int]]]) -> tuple[list[int], list[int], list[int | None]]:
+          whole: dict[Path, tuple[list[int], list[int]]],
+          seed: int | None = None) -> tuple[list[int], list[int], list[int | None]]:
     """The token stream of ``files`` (each followed by the end-of-text token) and the bytes of each token, until
     ``need`` tokens; with ``per``, a file fills at most ``per`` blocks of ``step`` tokens (the one it starts in
     counted), cut short at the last one's end, and the files it reads to their end are kept in ``whole`` (a
-    pass with more blocks per file takes them whole again, without tokenising them again). The third value:
-    the tokens of each file read, None for one cut short."""
+    pass with more blocks per file takes them whole again, without tokenising them again). With ``seed`` too, a
+    file cut short gives pieces spread through it (:func:`_spread_tokens`), not its first tokens. The third
+    value: the tokens of each file read, None for one cut short."""
     ids: list[int] = []
     counts: list[int] = []
     sizes: list[int | None] = []
-    for path in files:
+    for index, path in enumerate(files):
         room = None if per is None else (len(ids) // step + per) * step - len(ids)
         if path in whole:
             t, c = whole[path]
@@ -214,7 +221,8 @@ def _read(files: Sequence[Path], tokenizer: Any, step: int, need: int | None, pe
                 text = path.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):
                 continue  # not UTF-8 text (or unreadable): not part of the corpus
-            t, c = _encode(tokenizer, text) if room is None else _first_tokens(tokenizer, text, room)
+            t, c = (_encode(tokenizer, text) if room is None else
+                    _spread_tokens(tokenizer, text, room, step, np.random.default_rng((seed, index))))
         ended = room is None or len(t) < room  # else no room for its end-of-text token: the next file begins a block
         if ended and room is not None:
             whole[path] = t, c
@@ -244,6 +252,52 @@ def _fewest_blocks(sizes: Sequence[int | None], step: int, need: int, per: int) 
         mid = (low + high) // 2
         low, high = (low, mid) if reaches(mid) else (mid, high)
     return high
+
+
+def _spread_tokens(tokenizer: Any, text: str, room: int, step: int,
+                   rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """``room`` tokens of ``text`` and their bytes (all of them when it has fewer), as :func:`_first_tokens` gives
+    them, but taken in pieces spread through it, not its first tokens (mostly a file's docstring and imports):
+    one filling the block the file starts in, then one per whole block of ``step`` tokens, so that no block joins
+    two places of the file. Each piece starts at a line's start, one in each of as many even shares of the text
+    at a place drawn with ``rng``; a file not much longer than its pieces is shared out as the text its first
+    ``room`` tokens leave over, and one whose pieces still run past its end (its end has fewer tokens per
+    character than its start) gives its first tokens. Only the pieces' text is tokenised (and, for a file not
+    much longer than them, its first ``room`` tokens' too)."""
+    head = room % step or step
+    pieces = [head] + [step] * ((room - head) // step)
+    ends = np.concatenate([[0], _byte_ends(text)])  # the UTF-8 bytes before each character
+    draws = (np.arange(len(pieces)) + rng.random(len(pieces))) / len(pieces)  # one in each of the even shares
+    spread = _pieces(tokenizer, text, ends, pieces, draws * len(text))
+    if spread is not None:
+        return spread
+    first = _first_tokens(tokenizer, text, room)
+    if len(first[0]) < room:
+        return first  # the whole file: it ends within its share
+    covered = int(np.searchsorted(ends, sum(first[1]), side="right")) - 1  # the characters of its first tokens
+    before = np.cumsum([0] + pieces[:-1]) * covered / room  # the characters of the pieces before each, about
+    return _pieces(tokenizer, text, ends, pieces, draws * (len(text) - covered) + before) or first
+
+
+def _pieces(tokenizer: Any, text: str, ends: np.ndarray, pieces: Sequence[int],
+            places: np.ndarray) -> tuple[list[int], list[int]] | None:
+    """The tokens of ``text`` in ``pieces`` (so many tokens each) from the start of the line at each of ``places``
+    (characters; the place itself when the line began before the last piece ended), and their bytes; None when one
+    runs past the text's end. ``ends``: the UTF-8 bytes before each character."""
+    ids: list[int] = []
+    counts: list[int] = []
+    end = 0  # the character after the last piece
+    for n, place in zip(pieces, places):
+        at = max(int(place), end)
+        line = text.rfind("\n", 0, at) + 1
+        start = line if line >= end else at
+        t, c = _first_tokens(tokenizer, text[start:], n)
+        if len(t) < n:
+            return None
+        end = int(np.searchsorted(ends, ends[start] + sum(c), side="right")) - 1
+        ids += t
+        counts += c
+    return ids, counts
 
 
 # characters at the end of a tokenised prefix whose tokens the text after it could change (a word, a run of

@@ -611,6 +611,61 @@ def test_a_limit_takes_a_share_of_each_file_and_more_when_small_files_leave_it_s
         assert _first_tokens(tokenizer, text, n) == tuple(v[:n] for v in _encode(tokenizer, text))
 
 
+def test_a_limit_takes_blocks_spread_through_each_file_and_no_seed_reads_the_first_ones_as_before(tmp_path, tokenizer):
+    """A limit took each seeded file's first blocks, mostly a module's docstring and imports. Its blocks now come
+    from places spread through each file, drawn with the seed (the same blocks for it), each block of one place
+    (a whole line on), their bytes counted as before. Without a seed (snnet demo --lm and the zoo: their results
+    were measured on them) a limit still reads the files' first blocks, the unlimited stream's."""
+    import re
+    import types
+
+    from snnet.config import DataConfig
+    from snnet.tasks import CausalLM
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for k in range(6):
+        (root / f"f{k}.py").write_text("".join(f"f{k} line {i:03d} = {i * 7 % 10}\n" for i in range(200)))
+    files = lm.text_files(root, "*")
+    byte = lm.ByteTokenizer()
+
+    def places(blocks: lm.TokenBlocks) -> list[list[tuple[int, int]]]:  # the (file, line) of each block's lines
+        return [[(int(f), int(i)) for f, i in re.findall(r"f(\d) line (\d{3})", byte.decode(row))]
+                for row in blocks.ids.tolist()]
+
+    small = lm.token_blocks(files, byte, 31, max_blocks=6, seed=0)  # a block of each file
+    lines = [row[0][1] for row in places(small)]
+    assert len(small) == 6 and len({f for row in places(small) for f, _ in row}) == 6
+    assert sum(lines) / len(lines) > 40  # the first blocks: line 0 of each
+    assert lm.token_blocks(files, byte, 31, max_blocks=6, seed=0).ids.equal(small.ids)
+    assert not lm.token_blocks(files, byte, 31, max_blocks=6, seed=1).ids.equal(small.ids)
+    many = lm.token_blocks(files, byte, 31, max_blocks=36, seed=0)  # six places of each file
+    by_file: dict[int, list[int]] = {}
+    for row in places(many)[1:]:
+        assert {f for f, _ in row} == {row[0][0]}  # one file's
+        assert [i for _, i in row] == list(range(row[0][1], row[0][1] + len(row)))  # one place of it
+        by_file.setdefault(row[0][0], []).append(row[0][1])
+    assert all(v == sorted(v) and v[-1] - v[0] > 100 for v in by_file.values())  # in order, through the file
+    texts = "".join(p.read_text() for p in files)
+    for tok in (byte, tokenizer):
+        blocks = lm.token_blocks(files, tok, 31, max_blocks=36, seed=0)
+        for row, count in zip(blocks.ids.tolist(), blocks.byte_counts.tolist()):
+            text = tok.decode(row[1:])
+            assert count == len(text.encode()) and text.strip("\n").split("\n")[-2] in texts  # its text, its bytes
+    # no seed: the first blocks, as the unlimited stream has them, as snnet demo --lm reads them (seed None)
+    task = CausalLM(DataConfig(), types.SimpleNamespace(tokenizer=tokenizer, vocab_size=len(tokenizer)))
+    for tok in (byte, tokenizer):
+        stream = lm.token_blocks(files, tok, 31)
+        for n in (1, 6, 36, 1000):
+            first = lm.token_blocks(files, tok, 31, max_blocks=n)
+            assert first.ids.equal(stream.ids[:n]) and first.byte_counts.equal(stream.byte_counts[:n])
+    data = DataConfig(corpus=str(root), block_size=31, held_out=0.25, limit=20)
+    train_files, held = lm.split_documents(files, root, 0.25)
+    assert task.dataset(data, seed=None).ids.equal(lm.token_blocks(train_files, tokenizer, 31).ids[:20])
+    assert task.dataset(data, seed=None, split="val", train=False, limit=5).ids.equal(
+        lm.token_blocks(held, tokenizer, 31).ids[:5])
+
+
 def test_a_corpus_fingerprint_names_the_python_version_only_for_the_stdlib(tmp_path, monkeypatch):
     """Another folder's text is the same on every Python: its fingerprint does not change with the version
     (the docstring: the same text if and only if the fingerprints agree); the standard library's does."""
