@@ -25,6 +25,7 @@ Tokenisers without offsets are refused rather than guessed at.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import sys
 import sysconfig
@@ -245,13 +246,10 @@ def _fewest_blocks(sizes: Sequence[int | None], step: int, need: int, per: int) 
             at += room if size is None or size >= room else size + 1
         return at >= need
 
-    low, high = per, 2 * per
-    while not reaches(high):  # ends: the files cut short take all that is asked of them
-        low, high = high, 2 * high
-    while high - low > 1:  # reaches() grows with the blocks per file: the first that reaches
-        mid = (low + high) // 2
-        low, high = (low, mid) if reaches(mid) else (mid, high)
-    return high
+    # reaches() grows with the blocks per file, and a file cut short (there is one) given one block more than
+    # ``need`` fills holds all of it: the first that reaches, by bisection
+    most = -(-need // step) + 1
+    return bisect.bisect_left(range(per + 1, most + 1), True, key=reaches) + per + 1
 
 
 def _spread_tokens(tokenizer: Any, text: str, room: int, step: int,

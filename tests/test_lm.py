@@ -611,6 +611,35 @@ def test_a_limit_takes_a_share_of_each_file_and_more_when_small_files_leave_it_s
         assert _first_tokens(tokenizer, text, n) == tuple(v[:n] for v in _encode(tokenizer, text))
 
 
+def test_the_refill_of_a_limit_small_files_left_short_takes_the_fewest_blocks_per_file_that_make_it_up(tmp_path):
+    """_fewest_blocks (a bisection up to the blocks one file cut short then holds all of the limit, where it was a
+    doubling search then a bisection: the same answers) against the reader itself: the passes token_blocks makes
+    with the blocks per file it gives (each the fewest with which the files read so far, those cut short taken to
+    be long enough, give the limit) end with the fewest with which the files give it."""
+    from snnet.text import _fewest_blocks, _read
+
+    tok = lm.ByteTokenizer()
+    files = []
+    for k, size in enumerate([3, 200, 5, 90, 4, 300, 7, 1000]):
+        files.append(tmp_path / f"f{k}.txt")
+        files[-1].write_text(chr(ord("a") + k) * size)
+    step, found = 16, []
+
+    def gives(per: int) -> tuple[int, list[int | None]]:
+        ids, _, sizes = _read(files, tok, step, need, per, {}, 0)
+        return len(ids), sizes
+
+    for n in (9, 24, 30, 37, 50, 90):
+        need, per = n * step, -(-n // len(files))
+        passes = [per]
+        while gives(per)[0] < need:
+            assert None in gives(per)[1]  # small files left it short, and a file was cut short
+            per = _fewest_blocks(gives(per)[1], step, need, per)
+            passes.append(per)
+        assert passes[0] == per or gives(per - 1)[0] < need  # the fewest
+        found.append(passes)
+    assert found == [[2, 3], [3, 6], [4, 8], [5, 10, 11], [7, 15, 16], [12, 28, 52]]  # the doubling search's too
+
 def test_a_limit_takes_blocks_spread_through_each_file_and_no_seed_reads_the_first_ones_as_before(tmp_path, tokenizer):
     """A limit took each seeded file's first blocks, mostly a module's docstring and imports. Its blocks now come
     from places spread through each file, drawn with the seed (the same blocks for it), each block of one place
