@@ -16,6 +16,12 @@ benchmark judges it (its own ``verdict``). A simulation: no HTTP, decoding or no
     python benchmarks/sim_serve.py --server-ms 1.9 docs/serve/bursty-fmnist/bursty.json   # a server stage of 1.9 ms a request before the ring
     python benchmarks/sim_serve.py --clairvoyant docs/serve/bursty-deit/bursty.json   # and a policy that knows the arrivals to come
     python benchmarks/sim_serve.py --max-queue 64 --set utilisation=1 docs/serve/bursty-deit/bursty.json   # another ring, for every server
+    python benchmarks/sim_serve.py --noise 0.05 --outside-ms 30 RUN/bursty.json   # batch times 5 % around the table's, 30 ms outside
+    python benchmarks/sim_serve.py --slowdown 1,1.1,1.2 --seeds 0,1,2,3 RUN1/bursty.json RUN2/bursty.json   # and a count over all
+
+``--noise`` and ``--outside-ms`` add what the table does not say (:class:`snnet.deploy.simulate.Noise`, drawn with each trace's
+seed): batch times drawn around the table's, and time outside the model process on each answer, which the policies are not
+told of. With them, a setting that plans close to the SLO pays for it in late answers, as on a real machine.
 
 ``--clairvoyant`` adds a column: :class:`snnet.deploy.simulate.Clairvoyant`, a policy that knows every arrival to
 come (no server stage): not one a server can run, but what foresight reaches. Where it meets the goal, the goal can be
@@ -34,18 +40,21 @@ from bench_serve import verdict  # the benchmark's own judgement of the goal
 
 from snnet.deploy import loadgen
 from snnet.deploy.controller import ControllerConfig
-from snnet.deploy.simulate import Clairvoyant, load_bursty, simulate, summarise
+from snnet.deploy.simulate import Clairvoyant, Noise, load_bursty, simulate, summarise
 from snnet.errors import SnnetError
 
 
 def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settings: dict[str, Any] | None = None,
-        server_ms: float | None = None, clairvoyant: bool = False, max_queue: int | None = None) -> list[str]:
+        server_ms: float | None = None, clairvoyant: bool = False, max_queue: int | None = None, noise: Noise = Noise(),
+        tally: dict[str, int] | None = None) -> list[str]:
     """The table of one bursty run, on its own trace seed or on each of ``seeds`` (then a row per trace and seed,
     and a last line that counts the goal over them); ``settings``: ControllerConfig values other than the server's;
     ``server_ms``: the server stage's work per request (default: what the run measured, else none); ``clairvoyant``:
     a column for :class:`~snnet.deploy.simulate.Clairvoyant` (what foresight reaches; run without the server stage);
     ``max_queue``: another ring than the run's, in images, for every server alike. ``slowdown``: the model's time over
-    its table's, or ``"measured"``: each trace's as the run measured it (its servers' median, ``table_slowdown``)."""
+    its table's, or ``"measured"``: each trace's as the run measured it (its servers' median, ``table_slowdown``).
+    ``noise``: what the table does not say (its seed replaced by each trace's); ``tally``: counts added to (traces, goal
+    met, controller short of the best pinned rung's attainment), for a total over several runs."""
     b = load_bursty(path)
     if slowdown == "measured" and not all(name in b.measured_slowdown for name in loadgen.TRACES):
         raise SnnetError(f"{path} records no measured slowdown for every trace (bench_serve.py runs record it since "
@@ -60,6 +69,8 @@ def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settin
     acc = {r.id: float(r.acc1) for r in b.rungs}  # type: ignore[arg-type]
     seeds = seeds or [b.seed]
     extra = "".join(f", {k} {v}" for k, v in (settings or {}).items())
+    if noise.batch or noise.outside_ms:
+        extra += f", noise: batches {noise.batch:g} (log sd), {noise.outside_ms:g} ms outside the model (mean)"
     stage = f", server {server_ms:g} ms a request" if server_ms else ""
     said = ("measured (" + ", ".join(f"{n} {b.measured_slowdown[n]:.2f}" for n in loadgen.TRACES) + ")"
             if slowdown == "measured" else f"{slowdown:g}")
@@ -75,7 +86,8 @@ def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settin
             slow = b.measured_slowdown[name] if slowdown == "measured" else float(slowdown)
             runs = {}
             for policy, make in b.policies(**(settings or {})).items():
-                s = summarise(simulate(make(), times, b.images, b.max_queue, slow, server_ms), acc, b.slo_ms)
+                s = summarise(simulate(make(), times, b.images, b.max_queue, slow, server_ms, replace(noise, seed=seed)), acc,
+                              b.slo_ms)
                 runs[policy] = {"summary": {"attainment": s.attainment, "mean_acc1": s.mean_acc1, "rejected": s.rejected}}
             v = verdict(runs)
             met.append(v["met"])
@@ -93,6 +105,9 @@ def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settin
                 foresight_met.append(verdict(runs | {"controller": {"summary": k}})["met"])  # the goal, judged of the clairvoyant policy
             lines.append(f"| {label} ({len(times)} requests) | {best} | {cell(runs['last-second']['summary'])} | "
                          f"{cell(runs['controller']['summary'])} | {'met' if v['met'] else 'not met' if v['met'] is False else 'n/a'} |{bound}")
+    if tally is not None:
+        for key, count in (("traces", len(met)), ("met", sum(m is True for m in met)), ("short", short)):
+            tally[key] = tally.get(key, 0) + count
     if len(seeds) > 1:
         lines += ["", f"Seeds {', '.join(map(str, seeds))}: goal met on {sum(m is True for m in met)} of {len(met)} traces; "
                       f"the controller's attainment under the best pinned rung's on {short}"
@@ -104,7 +119,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="bursty.json files of bench_serve.py runs")
     ap.add_argument("--slowdown", default="1", help="the model's time over its table's (a busier machine), or 'measured': "
-                                                     "each trace's as the run measured it (runs since 2026-12-06)")
+                                                     "each trace's as the run measured it (runs since 2026-12-06); "
+                                                     "comma-separated: each in turn, and a count over all")
+    ap.add_argument("--noise", type=float, default=0.0, help="standard deviation of the log of each batch's time over the "
+                                                              "table's (0.05: most within 5 %%); default 0: none")
+    ap.add_argument("--outside-ms", type=float, default=0.0, help="mean of an exponential time outside the model process "
+                                                                   "added to each answer, not told to the policies; default 0")
     ap.add_argument("--server-ms", type=float, default=None, help="the server process's work per request before the ring "
                                                                   "(default: what the run measured, server_work_ms, else 0: none)")
     ap.add_argument("--seeds", default=None, help="comma-separated trace seeds to replay instead of the run's own (one trace "
@@ -125,18 +145,26 @@ def main() -> None:
             sys.exit(f"error: --set {item}: give NAME=NUMBER or NAME=NUMBER,NUMBER")
         settings[name] = numbers[0] if len(numbers) == 1 else numbers
     try:
-        slowdown: float | str = args.slowdown if args.slowdown == "measured" else float(args.slowdown)
+        slowdowns: list[float | str] = [v if v == "measured" else float(v) for v in args.slowdown.split(",")]
     except ValueError:
-        sys.exit(f"error: --slowdown {args.slowdown}: give a number (the model's time over its table's) or 'measured'")
+        sys.exit(f"error: --slowdown {args.slowdown}: give a number (the model's time over its table's), 'measured', or "
+                 "several, comma-separated")
     try:
         seeds = [int(k) for k in args.seeds.split(",")] if args.seeds else None
     except ValueError:
         sys.exit(f"error: --seeds {args.seeds}: give comma-separated whole numbers, e.g. 0,1,2,3")
+    tally: dict[str, int] = {}
     try:
+        noise = Noise(args.noise, args.outside_ms)
         for path in args.runs:
-            print("\n".join(run(path, slowdown, seeds, settings, args.server_ms, args.clairvoyant, args.max_queue)))
+            for slowdown in slowdowns:
+                print("\n".join(run(path, slowdown, seeds, settings, args.server_ms, args.clairvoyant, args.max_queue, noise,
+                                     tally)))
     except SnnetError as e:
         sys.exit(f"error: {e}")
+    if len(args.runs) * len(slowdowns) > 1:
+        print(f"In all ({len(args.runs)} run(s), slowdown {args.slowdown}): goal met on {tally['met']} of {tally['traces']} "
+              f"traces; the controller's attainment under the best pinned rung's on {tally['short']}.")
 
 
 if __name__ == "__main__":

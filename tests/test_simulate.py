@@ -11,7 +11,7 @@ import pytest
 
 from snnet.deploy import loadgen
 from snnet.deploy.controller import ControllerConfig, LatencyTable, StitchController, make_policy
-from snnet.deploy.simulate import Clairvoyant, load_bursty, simulate, summarise
+from snnet.deploy.simulate import Clairvoyant, Noise, load_bursty, simulate, summarise
 from snnet.errors import ServeError, SnnetError
 from snnet.results import Row
 
@@ -37,6 +37,37 @@ def test_batches_whole_requests_as_soon_as_the_model_is_free() -> None:
     assert {s.stitch for s in out} == {0}
     # a slower machine: every batch takes twice the table's time
     assert [round(s.ms, 6) for s in simulate(_pinned(0, table, ControllerConfig(100.0, 4)), [0.0, 0.0], 1, 8, slowdown=2.0)] == [6.0, 6.0]
+
+
+def test_noise_draws_batch_times_around_the_table_and_adds_time_the_policy_is_not_told_of() -> None:
+    """Noise: each batch's time lognormal around the table's (seeded), and time outside the model process added to the
+    answers only: the latencies the policy reads (the evidence it steps down on) stay the model process's own."""
+    table = _table({0: 1.0, 1: 1.0, 2: 1.0})
+    times = [0.01 * k for k in range(400)]  # one request every 10 ms, each a batch of its own of 2 ms by the table
+
+    def run(noise: Noise) -> list[float]:
+        return [s.ms for s in simulate(_pinned(0, table, ControllerConfig(100.0, 4)), times, 1, 8, noise=noise)]
+
+    assert run(Noise()) == [pytest.approx(2.0)] * 400
+    batch = run(Noise(batch=0.1, seed=1))
+    assert batch == run(Noise(batch=0.1, seed=1)) != run(Noise(batch=0.1, seed=2))  # seeded
+    ratios = sorted(ms / 2.0 for ms in batch)
+    assert 0.97 < ratios[200] < 1.03 and 0.8 < ratios[20] < 0.9 and 1.1 < ratios[380] < 1.25  # median 1, about 10 % each way
+    outside = run(Noise(outside_ms=5.0, seed=1))
+    assert min(outside) >= 2.0 and 6.0 < sum(outside) / 400 < 8.0  # 2 ms of model, 5 ms outside it on average
+
+    class Reads(StitchController):  # the latencies decide is given, as the engine gives its own
+        seen: list[float] = []
+
+        def decide(self, queue, oldest_wait_ms=0.0, recent_ms=(), now=None, arrivals=None, upstream=()):
+            self.seen.extend(recent_ms)
+            return super().decide(queue, oldest_wait_ms, recent_ms, now, arrivals, upstream)
+
+    reads = Reads(RUNGS[:1], table, ControllerConfig(100.0, 4))
+    answered = simulate(reads, times[:50], 1, 8, noise=Noise(outside_ms=50.0, seed=3))
+    assert max(s.ms for s in answered) > 60.0 and reads.seen and max(reads.seen) == pytest.approx(2.0)
+    with pytest.raises(ServeError, match="need noise batch >= 0 and outside_ms >= 0"):
+        Noise(batch=-0.1)
 
 
 def test_a_full_ring_answers_503_and_a_batch_holds_its_room_until_it_ends() -> None:
@@ -418,6 +449,30 @@ def test_sim_serve_replays_another_ring_for_every_server(tmp_path, monkeypatch) 
     assert refused(small) > 0 and refused(large) < refused(small)  # a ring of one batch refuses bursts that 64 places hold
     with pytest.raises(SnnetError, match="--max-queue 2: the ring must hold at least a batch"):
         sim_serve.run(path, 1.0, max_queue=2)
+
+
+def test_sim_serve_adds_noise_and_counts_over_runs_and_slowdowns(tmp_path, monkeypatch, capsys) -> None:
+    """sim_serve.py --noise/--outside-ms: what the table does not say (the DeiT benchmark's --headroom was chosen on
+    replays with it); --slowdown 1,1.1 with two runs: each in turn, and a count over all."""
+    import re
+    import sys
+
+    sim_serve, path = _sim_serve_and_a_tiny_run(tmp_path, monkeypatch, max_queue=16)
+    quiet, noisy = sim_serve.run(path, 1.0), sim_serve.run(path, 1.0, noise=Noise(0.2, 400.0))
+    assert "noise: batches 0.2 (log sd), 400 ms outside the model (mean)" in noisy[0] and "noise:" not in quiet[0]
+    assert noisy[4:] != quiet[4:] and noisy[4:] == sim_serve.run(path, 1.0, noise=Noise(0.2, 400.0, seed=9))[4:]  # each trace's seed
+    tally: dict[str, int] = {}
+    sim_serve.run(path, 1.0, seeds=[0, 1], tally=tally)
+    assert tally["traces"] == 8 and 0 <= tally["short"] <= tally["traces"] - tally["met"]
+    monkeypatch.setattr(sys, "argv", ["sim_serve.py", "--slowdown", "1,1.1", "--noise", "0.1", path, path])
+    sim_serve.main()
+    out = capsys.readouterr().out
+    assert out.count("#### ") == 4 and out.count("slowdown 1.1") == 2
+    counted = re.search(r"In all \(2 run\(s\), slowdown 1,1.1\): goal met on (\d+) of 16 traces", out)
+    assert counted is not None
+    monkeypatch.setattr(sys, "argv", ["sim_serve.py", "--slowdown", "1,x", path])
+    with pytest.raises(SystemExit, match="--slowdown 1,x: give a number"):
+        sim_serve.main()
 
 
 def test_sim_serve_replays_each_trace_as_slow_as_the_run_measured_it(tmp_path, monkeypatch) -> None:

@@ -20,10 +20,15 @@ process does (:mod:`snnet.deploy.serve.engine`), event by event:
   request): requests are taken up one after another; under a burst they wait there, and the
   policy is told of them as the model process is (:class:`~snnet.deploy.controller.Waiting`).
 
+* optionally, **noise** (:class:`Noise`, off by default): each batch's time drawn around the
+  table's (lognormal), and time outside the model process added to each answer (exponential:
+  sending the answer, the client's side, the scheduler), which the policy is not told of, as the
+  server does not measure it. Seeded: a policy, a trace and a seed give one result.
+
 What it leaves out: the load generator and the server process competing with the model for the
-two cores (the stage is as long whatever the model does), and noise: a simulated run says what a
-policy does against the table, not what the server measures. ``benchmarks/sim_serve.py`` runs it
-on the tables of a bursty run.
+two cores (the stage is as long whatever the model does): a simulated run says what a policy does
+against the table (and the noise it is given), not what the server measures.
+``benchmarks/sim_serve.py`` runs it on the tables of a bursty run.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import bisect
 import itertools
 import json
 import math
+import random
 import statistics
 from collections import deque
 from dataclasses import dataclass, field, fields
@@ -43,7 +49,7 @@ from ..report import percentile
 from ..results import Row
 from .controller import RECENT_S, ControllerConfig, Decision, LatencyTable, StitchController, Waiting, make_policy
 
-__all__ = ["Bursty", "Clairvoyant", "Served", "Summary", "load_bursty", "simulate", "summarise"]
+__all__ = ["Bursty", "Clairvoyant", "Noise", "Served", "Summary", "load_bursty", "simulate", "summarise"]
 
 
 @dataclass(frozen=True)
@@ -68,15 +74,32 @@ class Summary:
     stitches: int  # distinct stitches used
 
 
+@dataclass(frozen=True)
+class Noise:
+    """What the latency table does not say, for :func:`simulate`: ``batch``, the standard deviation of the log of
+    each batch's time over the table's (0.05: most batches within 5 % of it; the median stays the table's);
+    ``outside_ms``, the mean of an exponential time added to each answer outside the model process (its tail
+    makes a few answers late whatever the plan); ``seed`` of the draws."""
+
+    batch: float = 0.0
+    outside_ms: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.batch >= 0 and self.outside_ms >= 0 and math.isfinite(self.batch) and math.isfinite(self.outside_ms)):
+            raise ServeError(f"need noise batch >= 0 and outside_ms >= 0 (finite), not {self.batch} and {self.outside_ms}")
+
+
 def simulate(policy: StitchController, times: Sequence[float], images: int, max_queue: int,
-             slowdown: float = 1.0, server_ms: float = 0.0) -> list[Served]:
+             slowdown: float = 1.0, server_ms: float = 0.0, noise: Noise = Noise()) -> list[Served]:
     """Replay arrivals at ``times`` (s, ascending) of ``images`` images each through the model process with
     ``policy`` (its table, ``max_batch`` and SLO); deterministic. ``slowdown``: the batches' real
     time over the table's. ``server_ms``: the server process's work per request before the ring
     (reading, parsing, decoding: one request after another, whatever the stitch); a request takes
     its places in the ring when that work starts (or gets a 503 then, at no cost), is in the ring
     when it ends, and until then is one of the requests the policy is told wait before the ring
-    (:class:`~snnet.deploy.controller.Waiting`). 0: requests are in the ring as they arrive."""
+    (:class:`~snnet.deploy.controller.Waiting`). 0: requests are in the ring as they arrive. ``noise``: batch times
+    drawn around the table's and time outside the model added to each answer (:class:`Noise`; none by default)."""
     b = policy.config.max_batch
     if not (slowdown > 0 and math.isfinite(slowdown) and server_ms >= 0 and math.isfinite(server_ms)):
         # else batches of no or negative time: latencies under zero, every SLO met
@@ -84,6 +107,7 @@ def simulate(policy: StitchController, times: Sequence[float], images: int, max_
     if images > b or images > max_queue:
         raise ServeError(f"a request of {images} images fits neither a batch of {b} nor a ring of {max_queue}")
     table = policy.table
+    draw = random.Random(noise.seed)
     queue: deque[tuple[int, float]] = deque()  # (request index, arrival)
     queued = 0  # images waiting
     recent: deque[tuple[float, float]] = deque()  # (finished, ms) since the last switch
@@ -112,13 +136,14 @@ def simulate(policy: StitchController, times: Sequence[float], images: int, max_
                               upstream(start) if policy.pinned is None else [])
             if d.switched:
                 recent.clear()
-            ms = table.predict(d.stitch, n) * slowdown
+            ms = table.predict(d.stitch, n) * slowdown * (math.exp(draw.gauss(0.0, noise.batch)) if noise.batch else 1.0)
             end = start + ms / 1e3
             policy.observe_batch(d.stitch, n, ms)
             for k, _ in batch:
                 t = times[k]
                 lat = (end - t) * 1e3
-                out[k] = Served(t, images, lat, d.stitch)
+                # the time outside the model process reaches the client, not the policy (the server does not measure it)
+                out[k] = Served(t, images, lat + (draw.expovariate(1 / noise.outside_ms) if noise.outside_ms else 0.0), d.stitch)
                 recent.append((end, lat))
             queued -= n
             free, running_end, running = end, end, n
