@@ -373,7 +373,8 @@ def main() -> None:
                                                                       "a stitch at the arrivals' rate); default: 1 (deit), the "
                                                                       "server's (fmnist)")
     ap.add_argument("--headroom", type=float, default=None, help="the server's --headroom (the share of the SLO the controller "
-                                                                   "plans each queued request to finish within); default: the server's")
+                                                                   "plans each queued request to finish within); default: 0.9 "
+                                                                   "(deit), the server's (fmnist)")
     ap.add_argument("--steady-cv2", type=float, default=None, help="the server's --steady-cv2: steady arrivals (gaps' CV² at most "
                                                                      "this) may load a stitch to 1.0; default off")
     ap.add_argument("--warmup", type=float, default=None, help="seconds of closed-loop load each rung pinned answers before the "
@@ -407,6 +408,12 @@ def main() -> None:
     # the ring of 16 batches, whose drain each run allows for) pinned 4, the bold margins only
     args.minutes = args.minutes or (30.0 if deit else 9.5)
     args.utilisation = (1.0 if deit else None) if args.utilisation is None else args.utilisation  # None: the server's default
+    # deit: plan within 0.9 of the SLO, not 0.8. The margin is for time the latency table does not see; here the server's own
+    # work is ~2.5 ms a request against an SLO of ~3.3 s. Replayed on the four DeiT runs' tables (sim_serve.py, four seeds,
+    # slowdown 1.0-1.2, batch times drawn 0-10 % around the table's, 0 or 30 ms outside the model), 0.9 met the goal on
+    # 125-137 of 192 traces against 116-122 at 0.8, and was never under the best pinned rung's attainment; 0.95 and 1 were,
+    # with noise (docs/serving.md)
+    args.headroom = (0.9 if deit else None) if args.headroom is None else args.headroom
     args.profile_repeats = args.profile_repeats or (1 if deit else 5)
     args.warmup = (1.0 if deit else 0.3) if args.warmup is None else args.warmup
     args.top1 = args.top1 or str(DEIT_TOP1 if deit else FMNIST_TOP1)
