@@ -19,6 +19,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -1025,6 +1026,64 @@ def test_a_mark_of_requests_given_up_on_goes_once_the_model_process_answers_agai
     assert process.returncode == 0  # closed when the owner's server stopped, not killed (-SIGKILL: the stale mark)
 
 
+def _gave_up_joining(join: Callable[[], Any]) -> BaseException | None:
+    """What ``join()``, joining a model process that hangs, raised; it must give up within the join bound. In a daemon
+    thread: without the bound it waited for ever (until the test's end freed it)."""
+    from snnet.deploy.serve.engine import JOIN_TIMEOUT_S
+
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            join()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - the test reads it
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    thread.join(6 * JOIN_TIMEOUT_S)
+    took = time.monotonic() - started
+    assert outcome, f"joining a model process that hangs still waits after {took:.0f} s"
+    assert took < 4 * JOIN_TIMEOUT_S, took
+    return outcome[0]
+
+
+def test_a_server_process_joining_a_model_process_that_hangs_gives_up_within_a_bound(saved: tuple[Path, Path]) -> None:
+    """A server process joining a model process that hangs (here: stopped) waited for ever in the handshake, and its
+    SIGTERM with it: under `snnet serve --workers` a worker that started then (the last one up as the server came up,
+    one uvicorn restarted or added) held the whole shutdown until the model process ran again. It gives up within
+    the join bound, saying why."""
+    owner = _service(saved)
+    try:
+        with _stopped(owner.engine.pid):
+            error = _gave_up_joining(lambda: Service.attach(owner.config, owner.engine.address, owner.engine.authkey))
+    finally:
+        owner.close()
+    assert isinstance(error, ServeError) and "did not answer within" in str(error) and "(connecting to it)" in str(error), error
+
+
+def test_a_model_process_that_takes_a_server_process_but_never_answers_it_is_given_up_on() -> None:
+    """Past the handshake too: a model process that took the connection and then hangs before its first answer (here
+    a listener that answers nothing) is given up on within the join bound, as one that hangs in the handshake."""
+    from multiprocessing.connection import Listener
+
+    from snnet.deploy.serve.engine import socket_base
+
+    key, taken = os.urandom(32), []
+    with tempfile.TemporaryDirectory(dir=socket_base()) as folder, \
+            Listener(os.path.join(folder, "model.sock"), "AF_UNIX", authkey=key) as listener:
+        threading.Thread(target=lambda: taken.append(listener.accept()), daemon=True).start()  # the handshake, then nothing
+        try:
+            error = _gave_up_joining(lambda: Service.attach(ServeConfig("unused", None), listener.address, key))
+        finally:
+            for conn in taken:
+                conn.close()
+    assert isinstance(error, ServeError) and "(asking for the network it serves)" in str(error), error
+    assert taken  # the handshake was done: it was the answer that never came
+
+
 def test_a_start_that_fails_after_the_model_process_started_stops_it(saved: tuple[Path, Path]) -> None:
     """An app that starts its own model process (a config, not a Service) and then fails to start
     (here its fleet's start raises; a model process that does not answer the first policy question
@@ -1208,12 +1267,8 @@ def test_workers_share_one_model_process_so_a_pin_reaches_every_worker(saved: tu
         _wait_health(url, proc)
         r = httpx.put(url + "/stitch", json={"stitch": 5}, headers=AUTH, timeout=60)
         assert r.status_code == 200 and r.json()["current"]["id"] == 5
-        workers, stitches = set(), set()
-        deadline = time.monotonic() + 120
-        while len(workers) < 2 or len(stitches) < 1:  # fresh connections: the kernel spreads them over both workers
-            assert time.monotonic() < deadline, f"saw workers {workers}"
-            workers.add(httpx.get(url + "/health", timeout=30).json()["server_pid"])
-            stitches.add(httpx.post(url + "/predict", content=_png(), timeout=30).json()["stitch"]["id"])
+        workers = _workers_up(url, 2)
+        stitches = {httpx.post(url + "/predict", content=_png(), timeout=30).json()["stitch"]["id"]}
         for k in range(8):
             stitches.add(httpx.post(url + "/predict", content=_png(seed=k), timeout=30).json()["stitch"]["id"])
         assert stitches == {5} and len(workers) == 2
@@ -1228,6 +1283,17 @@ def test_workers_share_one_model_process_so_a_pin_reaches_every_worker(saved: tu
         output = proc.communicate()[0]
     assert "Traceback" not in output, output
     assert not list(tmp_path.glob("snnet-*")), list(tmp_path.iterdir())  # socket folder, metrics folder: all gone
+
+
+def _workers_up(url: str, workers: int, seconds: float = 120) -> set[int]:
+    """The pids of the server's workers once all ``workers`` answer (/health's server_pid): fresh connections, which
+    the kernel spreads over the workers. The first answer says one worker is up, not all of them."""
+    pids: set[int] = set()
+    deadline = time.monotonic() + seconds
+    while len(pids) < workers:
+        assert time.monotonic() < deadline, f"saw workers {pids}"
+        pids.add(httpx.get(url + "/health", timeout=30).json()["server_pid"])
+    return pids
 
 
 def _model_process(server: subprocess.Popen) -> int:
@@ -1260,6 +1326,9 @@ def test_workers_shutdown_with_a_model_process_that_hangs_takes_about_once_the_g
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_health(url, proc)
+        # both workers serving before the model process stops: the first answer says one is. One still joining it waited
+        # for ever, and the whole shutdown with it (it gives up now: test_a_server_process_joining_a_model_process_that_hangs...)
+        _workers_up(url, 2)
         engine = _model_process(proc)
         with ThreadPoolExecutor(1) as pool:
             os.kill(engine, signal.SIGSTOP)

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..controller import Decision
-from .engine import BatchInfo, EngineInfo, Segments, open_ring, recv, unpack_results, waiting
+from .engine import BatchInfo, EngineInfo, Segments, joining, open_ring, recv, unpack_results, waiting
 from .rejected import Rejected
 
 __all__ = ["BatchResult", "Batcher", "CONTROL_TIMEOUT_S", "TELL_INLINE_S"]
@@ -82,7 +82,8 @@ class Batcher:
         try:
             self._buf, self.ring, self.state = open_ring(path, max_queue, info.input_size)
             self.conn = connect("jobs", path, max_queue)
-            self.conn.recv()  # "attached": the model process has mapped the ring
+            with joining(self.conn, "mapping this server process's input ring"):
+                self.conn.recv()  # "attached": the model process has mapped the ring
         finally:
             os.unlink(path)
         self._waiting = waiting(self.conn)

@@ -34,6 +34,7 @@ closes it) and exits when its owner says so or goes away.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import math
@@ -46,6 +47,7 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -55,8 +57,8 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field, replace
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, Listener, wait
-from typing import Any, Callable, Sequence
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge, wait
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -66,10 +68,13 @@ from ..controller import RECENT_S, ControllerConfig, Decision, LatencyTable, Sti
 from ..heap import freeze_heap
 from .config import ServeConfig
 
-__all__ = ["BatchInfo", "CLOSE_S", "EngineInfo", "EngineProcess", "RingState", "Segments", "connect", "open_ring", "pack_results",
-           "probabilities", "unpack_results", "waiting"]
+__all__ = ["BatchInfo", "CLOSE_S", "EngineInfo", "EngineProcess", "JOIN_TIMEOUT_S", "RingState", "Segments", "connect", "joining",
+           "open_ring", "pack_results", "probabilities", "unpack_results", "waiting"]
 
 CLOSE_S = 60.0  # how long closing waits, unless told, for the model process to finish what is queued (then it is killed)
+# How long a server process joining the model process waits for each of its answers (the handshake, its ring mapped, its
+# info): its accept and control threads answer at once, so a longer wait means it is stopped or hung (see joining).
+JOIN_TIMEOUT_S = 5.0
 
 # The places of a server process's ring that hold one request's images: runs of (offset, images), in the request's order.
 # One run unless the ring is fragmented (requests answered leave holes between those still held): a request that fits in
@@ -764,7 +769,47 @@ class EngineProcess:
 
 
 def connect(address: str, authkey: bytes, kind: str, *args: Any) -> Connection:
-    """A connection to the model process at ``address``, introduced as ``jobs`` (with the ring) or ``control``."""
-    conn = Client(address, "AF_UNIX", authkey=authkey)
-    conn.send((kind, *args))
+    """A connection to the model process at ``address``, introduced as ``jobs`` (with the ring) or ``control``: the
+    handshake of :func:`multiprocessing.connection.Client` (which waits for ever) on a socket made here, each step
+    waiting JOIN_TIMEOUT_S at most (:func:`joining`)."""
+    conn = Connection(socket.socket(socket.AF_UNIX).detach())
+    with joining(conn, "connecting to it"):
+        sock = socket.socket(socket.AF_UNIX, fileno=conn.fileno())  # the same descriptor, to connect it; conn keeps it
+        try:
+            sock.connect(address)
+        finally:
+            sock.detach()
+        answer_challenge(conn, authkey)
+        deliver_challenge(conn, authkey)
+        conn.send((kind, *args))
     return conn
+
+
+@contextlib.contextmanager
+def joining(conn: Connection, what: str) -> Iterator[Connection]:
+    """Within, each read and write on ``conn`` (a socket to the model process) waits JOIN_TIMEOUT_S at most; past
+    that ``conn`` is closed and :class:`ServeError` says the model process did not answer (``what``: what it was
+    asked). A server process that joined a model process that hangs waited for ever, and its SIGTERM with it: under
+    `snnet serve --workers`, a worker starting then (the last of them as the server came up, one uvicorn restarted or
+    added) held the whole shutdown until the model process ran again, however long --timeout-graceful-shutdown was."""
+    try:
+        _give_up_after(conn, JOIN_TIMEOUT_S)
+        yield conn
+    except BaseException as e:
+        conn.close()
+        if isinstance(e, BlockingIOError):  # EAGAIN from a blocking socket: its time ran out
+            raise ServeError(f"the model process did not answer within {JOIN_TIMEOUT_S:g} s ({what}): it is stopped or hung, "
+                             "and this server process cannot join it") from e
+        raise
+    _give_up_after(conn, 0)  # joined: from here a read waits, as it always did, for the rest of a message that has begun
+
+
+def _give_up_after(conn: Connection, timeout: float) -> None:
+    """Reads and writes on socket ``conn`` wait ``timeout`` s at most (then BlockingIOError); 0: no bound."""
+    sock = socket.socket(socket.AF_UNIX, fileno=conn.fileno())  # the same descriptor, to set its options; conn keeps it
+    try:
+        limit = struct.pack("ll", int(timeout), round(timeout % 1 * 1e6))  # a struct timeval
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+    finally:
+        sock.detach()

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from .auth import read_admin_token
 from .batcher import Batcher
 from .config import ServeConfig, log
-from .engine import CLOSE_S, EngineInfo, EngineProcess, connect, tell_unanswered
+from .engine import CLOSE_S, EngineInfo, EngineProcess, connect, joining, tell_unanswered
 from .images import Preprocess
 from .inline import InlineModel
 from .metrics import Metrics
@@ -65,8 +65,9 @@ class Service:
 
         probe = conn("control")
         try:
-            probe.send(("info", None))
-            ok, info = probe.recv()
+            with joining(probe, "asking for the network it serves"):
+                probe.send(("info", None))
+                ok, info = probe.recv()
         finally:
             probe.close()
         return cls(config, info, conn, address=address)
