@@ -1296,16 +1296,25 @@ def _workers_up(url: str, workers: int, seconds: float = 120) -> set[int]:
     return pids
 
 
-def _model_process(server: subprocess.Popen) -> int:
-    """The pid of `snnet serve`'s model process (its child running the engine, not a uvicorn worker)."""
+def _children(pid: int) -> list[tuple[int, str, str]]:
+    """The processes whose parent is ``pid``, from /proc: (pid, state (S asleep, T stopped, Z exited), command line)."""
+    found = []
     for folder in Path("/proc").glob("[0-9]*"):
         try:
-            cmdline = (folder / "cmdline").read_bytes()
-            ppid = int((folder / "stat").read_text().rsplit(")", 1)[1].split()[1])  # after the name, which may hold spaces
-        except (OSError, ValueError, IndexError):
+            cmdline = (folder / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            state, ppid = (folder / "stat").read_text().rsplit(")", 1)[1].split()[:2]  # after the name, which may hold spaces
+        except (OSError, ValueError):
             continue  # gone meanwhile
-        if ppid == server.pid and b"snnet.deploy.serve.engine" in cmdline:
-            return int(folder.name)
+        if int(ppid) == pid:
+            found.append((int(folder.name), state, cmdline))
+    return found
+
+
+def _model_process(server: subprocess.Popen) -> int:
+    """The pid of `snnet serve`'s model process (its child running the engine, not a uvicorn worker)."""
+    for pid, _, cmdline in _children(server.pid):
+        if "snnet.deploy.serve.engine" in cmdline:
+            return pid
     raise AssertionError(f"no model process under {server.pid}")
 
 
@@ -1318,6 +1327,8 @@ def test_workers_shutdown_with_a_model_process_that_hangs_takes_about_once_the_g
     (twice the bound in all). A worker that gave up on requests now says so, and the model process is killed at once,
     as with one server process. The request given up on is answered 503 saying why, and logged in one line (it was
     uvicorn's 500 and a traceback)."""
+    from snnet.deploy.serve.engine import UNANSWERED
+
     model, results = saved
     bound, port = 8, _free_port()  # long enough that a busy machine's few seconds of start-up and teardown do not blur once and twice it
     proc = _start(["--model", str(model), "--results", str(results), "--port", str(port), "--workers", "2",
@@ -1330,6 +1341,7 @@ def test_workers_shutdown_with_a_model_process_that_hangs_takes_about_once_the_g
         # for ever, and the whole shutdown with it (it gives up now: test_a_server_process_joining_a_model_process_that_hangs...)
         _workers_up(url, 2)
         engine = _model_process(proc)
+        mark = Path(Path(f"/proc/{engine}/cmdline").read_bytes().split(b"\0")[-2].decode()).parent / UNANSWERED  # by its socket
         with ThreadPoolExecutor(1) as pool:
             os.kill(engine, signal.SIGSTOP)
             try:
@@ -1341,7 +1353,12 @@ def test_workers_shutdown_with_a_model_process_that_hangs_takes_about_once_the_g
                 while Path(f"/proc/{engine}").exists() and time.monotonic() < started + 6 * bound:
                     time.sleep(0.05)
                 killed = time.monotonic() - started
-                proc.wait(60)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:  # what it waits for: a worker that does not exit, the model process...
+                    pytest.fail(f"the server had not exited {time.monotonic() - started:.0f} s after SIGTERM; the model process "
+                                f"{'still runs' if Path(f'/proc/{engine}').exists() else 'is gone'} (watched {killed:.1f} s); "
+                                f"the server's processes: {_children(proc.pid)}; the mark of requests given up on: {mark.exists()}")
                 took = time.monotonic() - started
             finally:
                 if Path(f"/proc/{engine}").exists():
@@ -1351,6 +1368,8 @@ def test_workers_shutdown_with_a_model_process_that_hangs_takes_about_once_the_g
             assert answer.status_code == 503 and "--timeout-graceful-shutdown" in answer.json()["error"], answer.text
     finally:
         if proc.poll() is None:
+            for pid, _, _ in _children(proc.pid):  # a worker left running would hold the output's pipe open: no end to read
+                os.kill(pid, signal.SIGKILL)
             proc.kill()
         output = proc.communicate()[0]
     assert "Traceback" not in output, output
