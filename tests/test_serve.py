@@ -1008,10 +1008,10 @@ def test_a_mark_of_requests_given_up_on_goes_once_the_model_process_answers_agai
     runs again. Here in one process: the owner's server, a worker's server attached to its model process that stops
     while the model process hangs (here: stopped), then the model process answers again. (uvicorn's restart itself does
     not reproduce reliably: a stopped model process holds the new workers' start, which asks it first.)"""
-    from snnet.deploy.serve.engine import UNANSWERED
+    from snnet.deploy.serve.engine import _unanswered_mark
 
     owner = _service(saved, max_batch=2, inline_max_images=0)  # `snnet serve`'s main process: it closes the model process
-    process, mark = owner.engine.process, Path(owner.engine.folder) / UNANSWERED
+    process, mark = owner.engine.process, Path(_unanswered_mark(owner.engine.folder))
     with _Server(owner) as main, httpx.Client(base_url=main.url, timeout=60) as c:
         worker = Service.attach(owner.config, owner.engine.address, owner.engine.authkey)
         with _Server(worker, graceful_shutdown_s=1) as w, ThreadPoolExecutor(1) as pool:
@@ -1327,7 +1327,7 @@ def test_workers_shutdown_with_a_model_process_that_hangs_takes_about_once_the_g
     (twice the bound in all). A worker that gave up on requests now says so, and the model process is killed at once,
     as with one server process. The request given up on is answered 503 saying why, and logged in one line (it was
     uvicorn's 500 and a traceback)."""
-    from snnet.deploy.serve.engine import UNANSWERED
+    from snnet.deploy.serve.engine import _unanswered_mark
 
     model, results = saved
     bound, port = 8, _free_port()  # long enough that a busy machine's few seconds of start-up and teardown do not blur once and twice it
@@ -1341,7 +1341,7 @@ def test_workers_shutdown_with_a_model_process_that_hangs_takes_about_once_the_g
         # for ever, and the whole shutdown with it (it gives up now: test_a_server_process_joining_a_model_process_that_hangs...)
         _workers_up(url, 2)
         engine = _model_process(proc)
-        mark = Path(Path(f"/proc/{engine}/cmdline").read_bytes().split(b"\0")[-2].decode()).parent / UNANSWERED  # by its socket
+        mark = Path(_unanswered_mark(os.path.dirname(Path(f"/proc/{engine}/cmdline").read_bytes().split(b"\0")[-2].decode())))  # by its socket
         with ThreadPoolExecutor(1) as pool:
             os.kill(engine, signal.SIGSTOP)
             try:
