@@ -105,11 +105,12 @@ def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settin
                 foresight_met.append(verdict(runs | {"controller": {"summary": k}})["met"])  # the goal, judged of the clairvoyant policy
             lines.append(f"| {label} ({len(times)} requests) | {best} | {cell(runs['last-second']['summary'])} | "
                          f"{cell(runs['controller']['summary'])} | {'met' if v['met'] else 'not met' if v['met'] is False else 'n/a'} |{bound}")
+    met_count = sum(m is True for m in met)
     if tally is not None:
-        for key, count in (("traces", len(met)), ("met", sum(m is True for m in met)), ("short", short)):
+        for key, count in (("traces", len(met)), ("met", met_count), ("short", short)):
             tally[key] = tally.get(key, 0) + count
     if len(seeds) > 1:
-        lines += ["", f"Seeds {', '.join(map(str, seeds))}: goal met on {sum(m is True for m in met)} of {len(met)} traces; "
+        lines += ["", f"Seeds {', '.join(map(str, seeds))}: goal met on {met_count} of {len(met)} traces; "
                       f"the controller's attainment under the best pinned rung's on {short}"
                       + (f"; the clairvoyant policy meets it on {sum(m is True for m in foresight_met)}." if clairvoyant else ".")]
     return lines + [""]
