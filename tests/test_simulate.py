@@ -490,3 +490,21 @@ def test_sim_serve_replays_each_trace_as_slow_as_the_run_measured_it(tmp_path, m
     assert "slowdown measured (gamma-cv1 2.00" in measured[0]
     assert measured[4:] == doubled[4:]  # every trace replayed at 2x: the same rows as --slowdown 2
     assert measured[4:] != sim_serve.run(path, 1.0)[4:]
+
+
+def test_the_bursty_summary_tells_late_answers_the_server_saw_from_those_late_outside_it(monkeypatch) -> None:
+    """A late answer whose time the server's own clock (first bytes read to the answer) has within the SLO lost it
+    outside the server process, where no policy of the server sees: the summary counts both kinds."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_serve
+
+    def answer(ms: float, server_ms: float | None) -> dict:
+        return {"t": 0.0, "ms": ms, "status": 200, "images": 1, "stitch": 0, "before_ring_ms": 1.0, "server_ms": server_ms}
+
+    samples = [answer(5.0, 4.0), answer(25.0, 24.0), answer(25.0, 15.0), answer(30.0, None),
+               {"t": 0.0, "ms": 1.0, "status": 503, "images": 1, "stitch": None}]
+    s = bench_serve.summarise(samples, {0: 80.0}, slo_ms=20.0, seconds=1.0)
+    assert (s["within_slo"], s["late"], s["late_by_server_clock"]) == (1, 3, 1)
+    assert s["attainment"] == 0.2 and s["rejected_503"] == 1
