@@ -1084,6 +1084,42 @@ def test_a_model_process_that_takes_a_server_process_but_never_answers_it_is_giv
     assert taken  # the handshake was done: it was the answer that never came
 
 
+@pytest.mark.parametrize("error", [ServeError("the model process did not answer within 5 s (connecting to it): it is "
+                                              "stopped or hung, and this server process cannot join it"),
+                                   RuntimeError("not the server's own words")])
+def test_a_start_that_fails_with_a_serve_error_is_reported_in_its_one_line(saved: tuple[Path, Path], error: Exception) -> None:
+    """A worker of `snnet serve --workers N` that cannot join the model process fails its start with a ServeError
+    that says why and what to do; Starlette reported it as its whole traceback (the reason uvicorn logs), thirty
+    lines of frames around that sentence. A ServeError's reason is now its one line; any other failure keeps the
+    traceback that locates it."""
+    import asyncio
+
+    model, results = saved
+
+    def factory() -> Service:
+        raise error
+
+    app = create_app(ServeConfig(str(model), str(results)), factory=factory)
+    sent: list[dict] = []
+
+    async def start() -> None:
+        async def receive() -> dict:
+            return {"type": "lifespan.startup"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        with pytest.raises(type(error)):
+            await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+
+    asyncio.run(start())
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    if isinstance(error, ServeError):
+        assert sent[0]["message"] == str(error)
+    else:
+        assert "Traceback" in sent[0]["message"] and "not the server's own words" in sent[0]["message"]
+
+
 def test_a_start_that_fails_after_the_model_process_started_stops_it(saved: tuple[Path, Path]) -> None:
     """An app that starts its own model process (a config, not a Service) and then fails to start
     (here its fleet's start raises; a model process that does not answer the first policy question

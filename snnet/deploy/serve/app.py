@@ -90,6 +90,43 @@ def _reject(e: Rejected, metrics: Metrics) -> Response:
     return _json({"error": e.reason}, e.status, e.headers)
 
 
+# =============================================================================== start-up
+
+
+class OneLineStartFailure:
+    """ASGI middleware: a start that fails with a :class:`ServeError` is reported in its one line. Starlette sends a
+    failed lifespan's whole traceback as the reason (``lifespan.startup.failed``), which uvicorn logs as the error: a
+    worker of `snnet serve --workers N` that could not join a model process that hangs logged thirty lines of
+    Starlette's and asyncio's frames around the sentence that says what happened and what to do."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+        held: list[dict[str, Any]] = []
+
+        async def hold_failure(message: dict[str, Any]) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)  # sent below, once the exception says what it was
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, hold_failure)
+        except ServeError as e:
+            if held:
+                await send({**held[0], "message": str(e)})
+            raise
+        except BaseException:
+            for message in held:
+                await send(message)
+            raise
+        for message in held:  # sent without the exception (a lifespan app that does not raise after it)
+            await send(message)
+
+
 # =============================================================================== request bodies
 
 
@@ -636,6 +673,7 @@ def create_app(source: ServeConfig | Service, *, factory: Callable[[], Service] 
 
     app.add_middleware(BodyLimits, limit=body_limit(config), timeout_s=config.body_timeout_s,
                        refused=lambda e: count_refusal(e, app.state.service.metrics))
+    app.add_middleware(OneLineStartFailure)
     return app
 
 
