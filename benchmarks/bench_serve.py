@@ -64,6 +64,7 @@ from typing import Any
 from snnet.deploy import loadgen
 from snnet.deploy.loadgen import ServerProcess
 from snnet.deploy.simulate import SERVER_SETTINGS  # the controller settings a run gives its server (bursty.json names them so)
+from snnet.devices import cpu_model  # the record says which CPU: same-size machines differ in speed
 from snnet.io import atomic_write
 
 from snnet.report import percentile
@@ -337,7 +338,7 @@ def write(out: Path, results: dict[str, dict[str, dict[str, Any]]], args: argpar
         # the whole latency table of the ladder, so that snnet.deploy.simulate can replay the run's traces on it
         "ladder": [{"id": r.id, "name": r.name, "acc1": r.acc1, "full_batch_ms": table_.predict(r.id, args.max_batch),
                     "latency_ms_by_batch": [list(p) for p in table_.ms[r.id]]} for r in rungs],
-        "cpus": os.cpu_count(), "load_average": loads, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpus": os.cpu_count(), "cpu": cpu_model(), "load_average": loads, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "verdicts": {t: verdict(r) for t, r in results.items()},
         "summaries": {t: {n: run["summary"] for n, run in r.items()} for t, r in results.items()}}, indent=1) + "\n"
     atomic_write(out / "bursty.json", lambda p: p.write_text(bursty))

@@ -59,6 +59,7 @@ from typing import Any
 
 from snnet.deploy import loadgen
 from snnet.deploy.loadgen import ServerProcess
+from snnet.devices import cpu_model
 
 try:  # the bare endpoint's handler takes a Request by annotation, as FastAPI resolves it from this module
     from fastapi import Request
@@ -375,7 +376,7 @@ def main() -> None:
     print("\n" + "\n".join(lines))
     (out / "overhead.md").write_text("\n".join(lines) + "\n")
     (out / "overhead.json").write_text(json.dumps({
-        "settings": {k: v for k, v in vars(args).items() if k != "bare"}, "cpus": os.cpu_count(), "load_average": load,
+        "settings": {k: v for k, v in vars(args).items() if k != "bare"}, "cpus": os.cpu_count(), "cpu": cpu_model(), "load_average": load,
         "throughput": rows_out, "one_image": single, "server_work_alone": parts, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, indent=1) + "\n")
     print(f"wrote {out / 'overhead.json'} and {out / 'overhead.md'}")
     print("SUMMARY overhead: server/model img/s " + ", ".join(f"{r['stitch']} x{r['images_per_request']} {r['ratio']:.2f}" for r in rows_out)

@@ -7,12 +7,13 @@ import training) checks a device the same way a run does.
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 
 from .errors import ConfigError
 
-__all__ = ["default_device"]
+__all__ = ["cpu_model", "default_device"]
 
 
 def default_device(name: str | torch.device | None = None) -> torch.device:
@@ -36,3 +37,19 @@ def default_device(name: str | torch.device | None = None) -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device {name!r}: snnet runs on cpu, cuda or mps")
     return device
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name as the OS reports it ("AMD EPYC", "Intel(R) Xeon(R) Platinum ..."), for benchmark
+    records: runs on machines of the same size but another CPU differ in speed and in the last digits of a training
+    (another kernel sums in another order), and a record without it cannot say which it was. Linux's
+    ``/proc/cpuinfo``, else :func:`platform.processor` (macOS, Windows), else ``"unknown"``."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -683,3 +683,19 @@ def test_loading_onto_a_device_this_machine_lacks_names_the_device(tmp_path, whe
     with pytest.raises(ConfigError, match=says) as e:
         snnet.StitchedNet.from_pretrained(tmp_path, map_location=where)
     assert "corrupt" not in str(e.value)
+
+
+def test_cpu_model_reads_the_model_name_and_falls_back_where_there_is_none(tmp_path) -> None:
+    """Benchmark records name the CPU (same-size machines differ in speed and in a training's last digits): the
+    first non-empty ``model name`` of /proc/cpuinfo, else the platform's processor string, never an exception."""
+    import platform
+
+    from snnet.devices import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: \nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14 96-Core\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 9R14 96-Core\n")
+    assert cpu_model(str(info)) == "AMD EPYC 9R14 96-Core"
+    info.write_text("processor\t: 0\nflags\t: fpu\n")
+    assert cpu_model(str(info)) == (platform.processor() or "unknown")
+    assert cpu_model(str(tmp_path / "absent")) == (platform.processor() or "unknown")
