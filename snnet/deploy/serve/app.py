@@ -116,15 +116,11 @@ class OneLineStartFailure:
         try:
             await self.app(scope, receive, hold_failure)
         except ServeError as e:
-            if held:
-                await send({**held[0], "message": str(e)})
+            held[:] = [{**message, "message": str(e)} for message in held]
             raise
-        except BaseException:
+        finally:  # whatever the app raised (or if it did not raise after it), the failure is reported
             for message in held:
                 await send(message)
-            raise
-        for message in held:  # sent without the exception (a lifespan app that does not raise after it)
-            await send(message)
 
 
 # =============================================================================== request bodies
