@@ -15,6 +15,7 @@ benchmark judges it (its own ``verdict``). A simulation: no HTTP, decoding or no
     python benchmarks/sim_serve.py --set utilisation=0.9 docs/serve/bursty-deit/bursty.json   # another controller setting
     python benchmarks/sim_serve.py --server-ms 1.9 docs/serve/bursty-fmnist/bursty.json   # a server stage of 1.9 ms a request before the ring
     python benchmarks/sim_serve.py --clairvoyant docs/serve/bursty-deit/bursty.json   # and a policy that knows the arrivals to come
+    python benchmarks/sim_serve.py --knows-level --slowdown measured RUN/bursty.json   # and the controller told the level only
     python benchmarks/sim_serve.py --max-queue 64 --set utilisation=1 docs/serve/bursty-deit/bursty.json   # another ring, for every server
     python benchmarks/sim_serve.py --noise 0.05 --outside-ms 30 RUN/bursty.json   # batch times 5 % around the table's, 30 ms outside
     python benchmarks/sim_serve.py --slowdown 1,1.1,1.2 --seeds 0,1,2,3 RUN1/bursty.json RUN2/bursty.json   # and a count over all
@@ -26,6 +27,10 @@ told of. With them, a setting that plans close to the SLO pays for it in late an
 ``--clairvoyant`` adds a column: :class:`snnet.deploy.simulate.Clairvoyant`, a policy that knows every arrival to
 come (no server stage): not one a server can run, but what foresight reaches. Where it meets the goal, the goal can be
 met; a controller that falls short there falls short for not knowing when the next burst comes.
+
+``--knows-level`` adds another: :class:`snnet.deploy.simulate.KnowsLevel`, the controller told only the level the
+clairvoyant policy falls back to (the most accurate rung that, pinned, answers the whole trace), which it plans the
+rest of each queue on. Where it does no better than the controller, the level is not what the controller lacks.
 """
 
 from __future__ import annotations
@@ -40,13 +45,13 @@ from bench_serve import verdict  # the benchmark's own judgement of the goal
 
 from snnet.deploy import loadgen
 from snnet.deploy.controller import ControllerConfig
-from snnet.deploy.simulate import Clairvoyant, Noise, load_bursty, simulate, summarise
+from snnet.deploy.simulate import Clairvoyant, KnowsLevel, Noise, load_bursty, simulate, summarise
 from snnet.errors import SnnetError
 
 
 def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settings: dict[str, Any] | None = None,
         server_ms: float | None = None, clairvoyant: bool = False, max_queue: int | None = None, noise: Noise = Noise(),
-        tally: dict[str, int] | None = None) -> list[str]:
+        tally: dict[str, int] | None = None, knows_level: bool = False) -> list[str]:
     """The table of one bursty run, on its own trace seed or on each of ``seeds`` (then a row per trace and seed,
     and a last line that counts the goal over them); ``settings``: ControllerConfig values other than the server's;
     ``server_ms``: the server stage's work per request (default: what the run measured, else none); ``clairvoyant``:
@@ -54,7 +59,9 @@ def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settin
     ``max_queue``: another ring than the run's, in images, for every server alike. ``slowdown``: the model's time over
     its table's, or ``"measured"``: each trace's as the run measured it (its servers' median, ``table_slowdown``).
     ``noise``: what the table does not say (its seed replaced by each trace's); ``tally``: counts added to (traces, goal
-    met, controller short of the best pinned rung's attainment), for a total over several runs."""
+    met, controller short of the best pinned rung's attainment, and the goal met by each knowing policy), for a total over
+    several runs. ``knows_level``: a column for :class:`~snnet.deploy.simulate.KnowsLevel`, the controller told the level
+    the clairvoyant policy falls back to (with the server stage and noise, as the controller)."""
     b = load_bursty(path)
     if slowdown == "measured" and not all(name in b.measured_slowdown for name in loadgen.TRACES):
         raise SnnetError(f"{path} records no measured slowdown for every trace (bench_serve.py runs record it since "
@@ -77,9 +84,11 @@ def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settin
     lines = [f"#### {Path(path).parent.name} (simulated{f', slowdown {said}' if slowdown != 1 else ''}{stage}{extra})", "",
              f"SLO {b.slo_ms:.1f} ms, max batch {b.max_batch}, max queue {b.max_queue} images, {b.images} image(s) a request, "
              f"{len(b.rungs)} rungs" + ("; latency table: full batch only, part-full batches proportional" if b.full_batch_only else ""), "",
-             "| trace | best pinned rung reaching 99 % | last-second | controller | goal |" + (" clairvoyant (knows the future) |" if clairvoyant else ""),
-             "|---|---|---|---|---|" + ("---|" if clairvoyant else "")]
-    met, short, foresight_met = [], 0, []
+             "| trace | best pinned rung reaching 99 % | last-second | controller | goal |" + (" knows the level: goal |" if knows_level else "")
+             + (" clairvoyant (knows the future) |" if clairvoyant else ""),
+             "|---|---|---|---|---|" + ("---|" if knows_level else "") + ("---|" if clairvoyant else "")]
+    met, short = [], 0
+    knowing_met: dict[str, list[bool | None]] = {"knows the level": [], "clairvoyant": []}
     for seed in seeds:
         for name in loadgen.TRACES:
             times, _ = loadgen.trace(name, b.capacity, b.seconds, b.rate_x, b.ramp_peak, seed)
@@ -97,23 +106,36 @@ def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settin
                     if v["best_pinned_99"] else "none")
             label = name + (f", seed {seed}" if len(seeds) > 1 else "")
             bound = ""
+            if knows_level:
+                told = KnowsLevel(b.rungs, b.table, b.config(**(settings or {})), times, b.images, slow)
+                k = vars(summarise(simulate(told, times, b.images, b.max_queue, slow, server_ms, replace(noise, seed=seed)), acc,
+                                   b.slo_ms))
+                knowing_met["knows the level"].append(verdict(runs | {"controller": {"summary": k}})["met"])
+                said = knowing_met["knows the level"][-1]
+                bound += f" {cell(k)}: {'met' if said else 'not met' if said is False else 'n/a'} |"
             if clairvoyant:
                 knows = Clairvoyant(b.rungs, b.table, ControllerConfig(b.slo_ms, b.max_batch, max_queue=b.max_queue), times,
                                     b.images, slow)
                 k = vars(summarise(simulate(knows, times, b.images, b.max_queue, slow), acc, b.slo_ms))
-                bound = f" {cell(k)} |"
-                foresight_met.append(verdict(runs | {"controller": {"summary": k}})["met"])  # the goal, judged of the clairvoyant policy
+                bound += f" {cell(k)} |"
+                knowing_met["clairvoyant"].append(verdict(runs | {"controller": {"summary": k}})["met"])  # the goal, judged of it
             lines.append(f"| {label} ({len(times)} requests) | {best} | {cell(runs['last-second']['summary'])} | "
                          f"{cell(runs['controller']['summary'])} | {'met' if v['met'] else 'not met' if v['met'] is False else 'n/a'} |{bound}")
     met_count = sum(m is True for m in met)
+    knowing = {name: sum(m is True for m in ms) for name, ms in knowing_met.items() if ms}
     if tally is not None:
-        for key, count in (("traces", len(met)), ("met", met_count), ("short", short)):
+        for key, count in (("traces", len(met)), ("met", met_count), ("short", short), *knowing.items()):
             tally[key] = tally.get(key, 0) + count
     if len(seeds) > 1:
         lines += ["", f"Seeds {', '.join(map(str, seeds))}: goal met on {met_count} of {len(met)} traces; "
-                      f"the controller's attainment under the best pinned rung's on {short}"
-                      + (f"; the clairvoyant policy meets it on {sum(m is True for m in foresight_met)}." if clairvoyant else ".")]
+                      f"the controller's attainment under the best pinned rung's on {short}" + knew(knowing) + "."]
     return lines + [""]
+
+
+def knew(met: dict[str, int]) -> str:
+    """'; the controller told the level meets it on N; the clairvoyant policy on M' for the knowing policies replayed."""
+    said = {"knows the level": "the controller told the level meets it on {}", "clairvoyant": "the clairvoyant policy meets it on {}"}
+    return "".join(f"; {said[name].format(n)}" for name, n in met.items())
 
 
 def main() -> None:
@@ -136,6 +158,9 @@ def main() -> None:
     ap.add_argument("--max-queue", type=int, default=None, help="the ring in images, for every server alike (default: the run's)")
     ap.add_argument("--clairvoyant", action="store_true", help="add a policy that knows every arrival to come: what "
                                                                    "foresight reaches (no server stage; ~20 s a Fashion-MNIST trace)")
+    ap.add_argument("--knows-level", action="store_true", help="add the controller told the level the clairvoyant policy "
+                                                                 "falls back to (the most accurate rung that pinned answers the "
+                                                                 "whole trace): is the level what the controller lacks?")
     args = ap.parse_args()
     settings: dict[str, Any] = {}
     for item in args.set:
@@ -160,12 +185,13 @@ def main() -> None:
         for path in args.runs:
             for slowdown in slowdowns:
                 print("\n".join(run(path, slowdown, seeds, settings, args.server_ms, args.clairvoyant, args.max_queue, noise,
-                                     tally)))
+                                     tally, args.knows_level)))
     except SnnetError as e:
         sys.exit(f"error: {e}")
     if len(args.runs) * len(slowdowns) > 1:
+        knowing = {name: tally[name] for name in ("knows the level", "clairvoyant") if name in tally}
         print(f"In all ({len(args.runs)} run(s), slowdown {args.slowdown}): goal met on {tally['met']} of {tally['traces']} "
-              f"traces; the controller's attainment under the best pinned rung's on {tally['short']}.")
+              f"traces; the controller's attainment under the best pinned rung's on {tally['short']}" + knew(knowing) + ".")
 
 
 if __name__ == "__main__":

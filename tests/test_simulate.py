@@ -11,7 +11,7 @@ import pytest
 
 from snnet.deploy import loadgen
 from snnet.deploy.controller import ControllerConfig, LatencyTable, StitchController, make_policy
-from snnet.deploy.simulate import Clairvoyant, Noise, load_bursty, simulate, summarise
+from snnet.deploy.simulate import Clairvoyant, KnowsLevel, Noise, load_bursty, simulate, summarise
 from snnet.errors import ServeError, SnnetError
 from snnet.results import Row
 
@@ -219,6 +219,26 @@ def test_the_clairvoyant_policy_never_misses_where_its_fallback_does_not_and_ser
     assert fallback.attainment == 1.0  # the synthetic ladder's safe rung exists on both traces
     s = summarise(simulate(knows, times, 2, 64), ACC, SLO)
     assert s.attainment == 1.0 and s.rejected == 0 and s.mean_acc1 >= fallback.mean_acc1 and s.stitches >= 2, (trace, s)
+
+
+@pytest.mark.parametrize("trace", ["gamma-cv4", "ramp"])
+def test_the_controller_told_the_level_plans_on_the_most_accurate_rung_that_holds_the_trace_pinned(trace: str) -> None:
+    """KnowsLevel (sim_serve.py --knows-level) asks whether knowing the level would close the gap between the controller
+    and the clairvoyant policy: its level must be the rung that holds the trace pinned and the next one up must not,
+    and the level must be what it plans the rest of a queue on, where the controller plans on the rate."""
+    times, _ = loadgen.trace(trace, CAPACITY, seconds=10.0)
+    config = ControllerConfig(SLO, 8, max_queue=64)
+    told = KnowsLevel(RUNGS, TABLE, config, times, images=2, slowdown=1.2)
+    assert told.level == Clairvoyant(RUNGS, TABLE, config, times, images=2, slowdown=1.2).fallback
+    holds = [summarise(simulate(_pinned(k, TABLE, config), times, 2, 64, slowdown=1.2), ACC, SLO) for k in range(len(RUNGS))]
+    assert holds[told.level].attainment == 1.0 and holds[told.level].rejected == 0
+    assert told.level == len(RUNGS) - 1 or holds[told.level + 1].attainment < 1.0 or holds[told.level + 1].rejected > 0
+    assert told.level < len(RUNGS) - 1  # the dear rung, pinned, misses on these traces: the level is below it
+    plain = StitchController(RUNGS, TABLE, config)
+    assert plain.fallback_rung(0.0, 1.0, 0) == len(RUNGS) - 1  # no arrivals: the controller plans on the top rung
+    assert told.fallback_rung(0.0, 1.0, 0) == told.level  # told the level, on the level whatever the rate
+    s = summarise(simulate(told, times, 2, 64, slowdown=1.2), ACC, SLO)
+    assert s.sent == len(times) and s.stitches >= 2
 
 
 def test_the_bursty_benchmark_pins_the_rungs_that_could_reach_99_percent() -> None:
@@ -433,6 +453,19 @@ def test_sim_serve_prints_the_clairvoyant_policy_beside_the_policies(tmp_path, m
     assert "clairvoyant (knows the future)" in lines[4] and len(rows) == 4
     assert all(row.count("|") == 7 and row.rstrip(" |").endswith("503)") for row in rows), rows  # one more cell a trace
     assert "clairvoyant" not in "\n".join(sim_serve.run(path, 1.0))
+
+
+def test_sim_serve_prints_the_controller_told_the_level_and_counts_it(tmp_path, monkeypatch) -> None:
+    sim_serve, path = _sim_serve_and_a_tiny_run(tmp_path, monkeypatch, max_queue=16)
+    tally: dict[str, int] = {}
+    lines = sim_serve.run(path, 1.0, seeds=[0, 1], knows_level=True, clairvoyant=True, tally=tally)
+    rows = [line for line in lines if line.startswith("| gamma") or line.startswith("| ramp")]
+    assert "| knows the level: goal | clairvoyant (knows the future) |" in lines[4] and len(rows) == 8
+    said = [row.split("|")[6].strip() for row in rows]  # the knows-the-level cell, after the controller's goal
+    assert all(cell.endswith(": met") or cell.endswith(": not met") or cell.endswith(": n/a") for cell in said), said
+    assert tally["knows the level"] == sum(cell.endswith(": met") for cell in said) and "clairvoyant" in tally
+    assert f"the controller told the level meets it on {tally['knows the level']}" in lines[-2]
+    assert "knows the level" not in "\n".join(sim_serve.run(path, 1.0))
 
 
 def test_sim_serve_replays_another_ring_for_every_server(tmp_path, monkeypatch) -> None:

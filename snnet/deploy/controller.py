@@ -394,6 +394,12 @@ class StitchController:
         c = self.config
         return rate * self._ms[k][c.max_batch] * self.slowdown / c.max_batch / 1e3 <= (c.utilisation if limit is None else limit)
 
+    def fallback_rung(self, rate: float, limit: float, fastest: int) -> int:
+        """The rung the plan serves the rest of the queue on when the next batch's rung is slower: the most accurate
+        under the cap that keeps up with ``rate`` at ``limit`` utilisation, else ``fastest``. (A replay may tell it
+        more: :class:`snnet.deploy.simulate.KnowsLevel`.)"""
+        return next((k for k in range(self._cap, -1, -1) if self.sustains(k, rate, limit)), fastest)
+
     def plan(self, k: int, fallback: int, heads: Sequence[tuple[float, int]], room_rate: float,
              room: float, upstream: Sequence[tuple[float, float, int]] = ()) -> float | None:
         """The plan's worst end-to-end milliseconds if rung ``k`` serves the next batch and
@@ -497,7 +503,7 @@ class StitchController:
         # the rungs under the cap only (one below in accuracy may be slower by the table: the most accurate that fits)
         fastest = min(range(self._cap + 1), key=full_ms.__getitem__)
         limit = c.steady[1] if c.steady is not None and self.gaps_cv2() <= c.steady[0] else c.utilisation  # steady: no burst margin
-        steady = next((k for k in range(self._cap, -1, -1) if self.sustains(k, rate, limit)), fastest)
+        steady = self.fallback_rung(rate, limit, fastest)
         pick, planned = fastest, None
         for k in range(self._cap, -1, -1):
             if not self.sustains(k, rate, limit):

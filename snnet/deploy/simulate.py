@@ -49,7 +49,7 @@ from ..report import percentile
 from ..results import Row
 from .controller import RECENT_S, ControllerConfig, Decision, LatencyTable, StitchController, Waiting, make_policy
 
-__all__ = ["Bursty", "Clairvoyant", "Noise", "Served", "Summary", "load_bursty", "simulate", "summarise"]
+__all__ = ["Bursty", "Clairvoyant", "KnowsLevel", "Noise", "Served", "Summary", "load_bursty", "simulate", "summarise"]
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,37 @@ def _answers_all(times: Sequence[float], first: int, queue: Sequence[float], hel
     return True
 
 
+def _level(policy: StitchController, times: Sequence[float], images: int, slowdown: float) -> int:
+    """The most accurate rung of ``policy``'s ladder that, pinned, answers every request of ``times`` within the SLO and
+    refuses none (its batches ``slowdown`` times the table's); the fastest rung when none does."""
+    c = policy.config
+    b, cap = c.max_batch, c.max_queue if c.max_queue is not None else math.inf
+    for k in range(len(policy.rungs) - 1, -1, -1):
+        if _answers_all(times, 0, (), deque(), 0.0, images, [t * slowdown for t in policy._ms[k]], b, cap, c.slo_ms):  # type: ignore[arg-type]
+            return k
+    return min(range(len(policy.rungs)), key=lambda k: policy._ms[k][b])
+
+
+class KnowsLevel(StitchController):
+    """The controller told one thing about the future: **the level**, the most accurate rung that, pinned, answers the
+    whole trace within the SLO and refuses nothing (what :class:`Clairvoyant` falls back to). It plans the rest of each
+    queue on that rung (:meth:`~snnet.deploy.controller.StitchController.fallback_rung`) where the controller plans it on
+    the most accurate rung that keeps up with the arrival rate; everything else is the controller's. Not a server's
+    policy: it says whether knowing the level would close the gap between the controller and the clairvoyant policy
+    (it does not, on the DeiT runs' tables: ``benchmarks/sim_serve.py --knows-level``), or whether what the controller
+    lacks is when the arrivals come."""
+
+    name = "knows the level"
+
+    def __init__(self, rungs: Sequence[Row], table: LatencyTable, config: ControllerConfig, times: Sequence[float],
+                 images: int, slowdown: float = 1.0) -> None:
+        super().__init__(rungs, table, config)
+        self.level = _level(self, list(times), images, slowdown)
+
+    def fallback_rung(self, rate: float, limit: float, fastest: int) -> int:
+        return min(self.level, self._cap)
+
+
 class Clairvoyant(StitchController):
     """A policy that knows every arrival to come: **not a server's policy, but what foresight reaches**.
 
@@ -231,12 +262,9 @@ class Clairvoyant(StitchController):
                  images: int, slowdown: float = 1.0) -> None:
         super().__init__(rungs, table, config)
         self.times, self.images = list(times), images
-        b, cap = config.max_batch, config.max_queue if config.max_queue is not None else math.inf
         self._scaled = [[t * slowdown for t in row] for row in self._ms]
-        self._max_queue = cap
-        safe = [k for k in range(len(self.rungs))
-                if _answers_all(self.times, 0, (), deque(), 0.0, images, self._scaled[k], b, cap, config.slo_ms)]  # type: ignore[arg-type]
-        self.fallback = safe[-1] if safe else min(range(len(self.rungs)), key=lambda k: self._ms[k][b])
+        self._max_queue = config.max_queue if config.max_queue is not None else math.inf
+        self.fallback = _level(self, self.times, images, slowdown)
 
     def decide(self, queue: int, oldest_wait_ms: float = 0.0, recent_ms: Sequence[float] = (), now: float | None = None,
                arrivals: Sequence[tuple[float, int]] | None = None, upstream: Sequence[Waiting] = ()) -> Decision:
@@ -296,6 +324,16 @@ class Bursty:
     def policies(self, **settings: Any) -> dict[str, Callable[[], StitchController]]:
         """Every rung pinned, the last-second policy and the controller, as the benchmark compares them: name -> a fresh
         policy. ``settings``: other :class:`~snnet.deploy.controller.ControllerConfig` values than its defaults (the server's)."""
+        config = self.config(**settings)
+        made: dict[str, Callable[[], StitchController]] = {}
+        for r in self.rungs:
+            made[f"pinned {r.name}"] = lambda r=r: _pinned(self.rungs, self.table, config, r)
+        for name in ("last-second", "controller"):
+            made[name] = lambda name=name: make_policy(name, self.rungs, self.table, config)
+        return made
+
+    def config(self, **settings: Any) -> ControllerConfig:
+        """The controller's settings in this run (the SLO, batch and ring it fixed, the server's settings), ``settings`` over them."""
         free = [f.name for f in fields(ControllerConfig) if f.name not in ("slo_ms", "max_batch", "max_queue")]  # the run fixed these
         unknown = sorted(set(settings) - set(free))
         if unknown:
@@ -306,13 +344,7 @@ class Bursty:
             pair = name in pairs
             if isinstance(value, tuple) != pair or (pair and len(value) != 2):  # else a TypeError deep in the controller's checks
                 raise ServeError(f"{name}={value}: give {'two numbers, ' + name + '=A,B' if pair else 'one number'}")
-        config = ControllerConfig(self.slo_ms, self.max_batch, max_queue=self.max_queue, **(self.server | settings))  # --set wins
-        made: dict[str, Callable[[], StitchController]] = {}
-        for r in self.rungs:
-            made[f"pinned {r.name}"] = lambda r=r: _pinned(self.rungs, self.table, config, r)
-        for name in ("last-second", "controller"):
-            made[name] = lambda name=name: make_policy(name, self.rungs, self.table, config)
-        return made
+        return ControllerConfig(self.slo_ms, self.max_batch, max_queue=self.max_queue, **(self.server | settings))  # --set wins
 
 
 def _pinned(rungs: Sequence[Row], table: LatencyTable, config: ControllerConfig, rung: Row) -> StitchController:
