@@ -89,6 +89,7 @@ def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settin
              "|---|---|---|---|---|" + ("---|" if knows_level else "") + ("---|" if clairvoyant else "")]
     met, short = [], 0
     knowing_met: dict[str, list[bool | None]] = {"knows the level": [], "clairvoyant": []}
+    config = b.config(**(settings or {}))  # the controller's, as the policies below are given it
     for seed in seeds:
         for name in loadgen.TRACES:
             times, _ = loadgen.trace(name, b.capacity, b.seconds, b.rate_x, b.ramp_peak, seed)
@@ -107,12 +108,11 @@ def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settin
             label = name + (f", seed {seed}" if len(seeds) > 1 else "")
             bound = ""
             if knows_level:
-                told = KnowsLevel(b.rungs, b.table, b.config(**(settings or {})), times, b.images, slow)
+                told = KnowsLevel(b.rungs, b.table, config, times, b.images, slow)
                 k = vars(summarise(simulate(told, times, b.images, b.max_queue, slow, server_ms, replace(noise, seed=seed)), acc,
                                    b.slo_ms))
                 knowing_met["knows the level"].append(verdict(runs | {"controller": {"summary": k}})["met"])
-                said = knowing_met["knows the level"][-1]
-                bound += f" {cell(k)}: {'met' if said else 'not met' if said is False else 'n/a'} |"
+                bound += f" {cell(k)}: {goal(knowing_met['knows the level'][-1])} |"
             if clairvoyant:
                 knows = Clairvoyant(b.rungs, b.table, ControllerConfig(b.slo_ms, b.max_batch, max_queue=b.max_queue), times,
                                     b.images, slow)
@@ -120,7 +120,7 @@ def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settin
                 bound += f" {cell(k)} |"
                 knowing_met["clairvoyant"].append(verdict(runs | {"controller": {"summary": k}})["met"])  # the goal, judged of it
             lines.append(f"| {label} ({len(times)} requests) | {best} | {cell(runs['last-second']['summary'])} | "
-                         f"{cell(runs['controller']['summary'])} | {'met' if v['met'] else 'not met' if v['met'] is False else 'n/a'} |{bound}")
+                         f"{cell(runs['controller']['summary'])} | {goal(v['met'])} |{bound}")
     met_count = sum(m is True for m in met)
     knowing = {name: sum(m is True for m in ms) for name, ms in knowing_met.items() if ms}
     if tally is not None:
@@ -130,6 +130,11 @@ def run(path: str, slowdown: float | str, seeds: list[int] | None = None, settin
         lines += ["", f"Seeds {', '.join(map(str, seeds))}: goal met on {met_count} of {len(met)} traces; "
                       f"the controller's attainment under the best pinned rung's on {short}" + knew(knowing) + "."]
     return lines + [""]
+
+
+def goal(met: bool | None) -> str:
+    """The goal's verdict in a cell: met, not met, or n/a (no pinned rung reaches 99 %)."""
+    return "met" if met else "not met" if met is False else "n/a"
 
 
 def knew(met: dict[str, int]) -> str:

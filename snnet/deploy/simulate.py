@@ -213,15 +213,14 @@ def _answers_all(times: Sequence[float], first: int, queue: Sequence[float], hel
     return True
 
 
-def _level(policy: StitchController, times: Sequence[float], images: int, slowdown: float) -> int:
-    """The most accurate rung of ``policy``'s ladder that, pinned, answers every request of ``times`` within the SLO and
-    refuses none (its batches ``slowdown`` times the table's); the fastest rung when none does."""
-    c = policy.config
-    b, cap = c.max_batch, c.max_queue if c.max_queue is not None else math.inf
-    for k in range(len(policy.rungs) - 1, -1, -1):
-        if _answers_all(times, 0, (), deque(), 0.0, images, [t * slowdown for t in policy._ms[k]], b, cap, c.slo_ms):  # type: ignore[arg-type]
+def _level(config: ControllerConfig, ms: Sequence[Sequence[float]], times: Sequence[float], images: int) -> int:
+    """The most accurate rung (``ms``: each rung's batch times by size, as the machine runs them, least accurate rung
+    first) that, pinned, answers every request of ``times`` within the SLO and refuses none; the fastest when none does."""
+    b, cap = config.max_batch, config.max_queue if config.max_queue is not None else math.inf
+    for k in range(len(ms) - 1, -1, -1):
+        if _answers_all(times, 0, (), deque(), 0.0, images, ms[k], b, cap, config.slo_ms):  # type: ignore[arg-type]
             return k
-    return min(range(len(policy.rungs)), key=lambda k: policy._ms[k][b])
+    return min(range(len(ms)), key=lambda k: ms[k][b])
 
 
 class KnowsLevel(StitchController):
@@ -238,7 +237,7 @@ class KnowsLevel(StitchController):
     def __init__(self, rungs: Sequence[Row], table: LatencyTable, config: ControllerConfig, times: Sequence[float],
                  images: int, slowdown: float = 1.0) -> None:
         super().__init__(rungs, table, config)
-        self.level = _level(self, list(times), images, slowdown)
+        self.level = _level(config, [[t * slowdown for t in row] for row in self._ms], list(times), images)
 
     def fallback_rung(self, rate: float, limit: float, fastest: int) -> int:
         return min(self.level, self._cap)
@@ -264,7 +263,7 @@ class Clairvoyant(StitchController):
         self.times, self.images = list(times), images
         self._scaled = [[t * slowdown for t in row] for row in self._ms]
         self._max_queue = config.max_queue if config.max_queue is not None else math.inf
-        self.fallback = _level(self, self.times, images, slowdown)
+        self.fallback = _level(config, self._scaled, self.times, images)
 
     def decide(self, queue: int, oldest_wait_ms: float = 0.0, recent_ms: Sequence[float] = (), now: float | None = None,
                arrivals: Sequence[tuple[float, int]] | None = None, upstream: Sequence[Waiting] = ()) -> Decision:
